@@ -1,0 +1,1 @@
+"""retnet-train: distributed pretraining of RetNet language models."""

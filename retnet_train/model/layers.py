@@ -1,0 +1,158 @@
+"""Building blocks shared by RetNet and the Transformer baseline."""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Any, Optional
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.utils.checkpoint import checkpoint
+
+from .config import DecoderConfig
+
+ACTIVATION_FNS = {"gelu": F.gelu, "silu": F.silu, "relu": F.relu}
+
+
+class RMSNorm(nn.Module):
+    """RMSNorm computed in fp32 (as torchscale does), optional elementwise scale."""
+
+    def __init__(self, dim: int, eps: float, affine: bool = True):
+        super().__init__()
+        self.eps = eps
+        self.weight = nn.Parameter(torch.ones(dim)) if affine else None
+
+    def forward(self, x):
+        y = x.float()
+        y = (y * torch.rsqrt(y.pow(2).mean(-1, keepdim=True) + self.eps)).type_as(x)
+        return y if self.weight is None else y * self.weight
+
+
+def make_norm(kind: str, dim: int, eps: float, affine: bool = True) -> nn.Module:
+    if kind == "rmsnorm":
+        return RMSNorm(dim, eps, affine)
+    return nn.LayerNorm(dim, eps=eps, elementwise_affine=affine)
+
+
+class FeedForward(nn.Module):
+    """mlp: fc2(act(fc1 x)) (paper); glu: fc2(act(fc1 x) * gate x) (torchscale's GLU)."""
+
+    def __init__(self, d_model: int, ffn_dim: int, ffn_type: str, activation: str):
+        super().__init__()
+        self.act = ACTIVATION_FNS[activation]
+        self.fc1 = nn.Linear(d_model, ffn_dim, bias=False)
+        self.gate = nn.Linear(d_model, ffn_dim, bias=False) if ffn_type == "glu" else None
+        self.fc2 = nn.Linear(ffn_dim, d_model, bias=False)
+
+    def forward(self, x):
+        h = self.act(self.fc1(x))
+        if self.gate is not None:
+            h = h * self.gate(x)
+        return self.fc2(h)
+
+
+def rotate_every_two(x):
+    x1, x2 = x[..., ::2], x[..., 1::2]
+    return torch.stack((-x2, x1), dim=-1).flatten(-2)
+
+
+def apply_rotary(x, sin, cos):
+    """Rotate pairs (2i, 2i+1) of the last dim by position-dependent angles (xPos/RoPE style)."""
+    return x * cos + rotate_every_two(x) * sin
+
+
+def rotary_sin_cos(inv_freq: torch.Tensor, start: int, length: int, dtype) -> tuple:
+    """sin/cos [length, dim] for positions start..start+length-1, computed in float64 so that
+    large absolute positions keep relative angles exact to fp32 rounding."""
+    pos = torch.arange(start, start + length, device=inv_freq.device, dtype=torch.float64)
+    angles = pos[:, None] * inv_freq.double().repeat_interleave(2)[None, :]
+    return angles.sin().to(dtype), angles.cos().to(dtype)
+
+
+@dataclass
+class CausalLMOutput:
+    logits: Optional[torch.Tensor]
+    loss: Optional[torch.Tensor] = None
+    state: Any = None
+
+
+def init_weights(model: nn.Module, config: DecoderConfig, gains: dict) -> None:
+    """Initialize every Linear/Embedding/norm of `model`.
+
+    torchscale: embeddings and LM head N(0, d^-1/2); projections named in `gains` use
+    xavier_uniform with that gain (RetNet: q/k/v/g 2^-2.5, out 1); other linears keep torch's
+    default (kaiming uniform), as in the reference code.
+    scaled_normal (GPT-NeoX small_init + wang_init): std sqrt(2 / 5d) everywhere, residual
+    output projections (out_proj, fc2) std 2 / (L sqrt d).
+    """
+    d, L = config.d_model, config.n_layers
+    small = math.sqrt(2 / (5 * d))
+    for name, module in model.named_modules():
+        leaf = name.rsplit(".", 1)[-1]
+        if isinstance(module, nn.Embedding) or leaf == "lm_head":
+            std = d ** -0.5 if config.init == "torchscale" else small
+            nn.init.normal_(module.weight, 0.0, std)
+        elif isinstance(module, nn.Linear):
+            if config.init == "scaled_normal":
+                std = 2 / (L * math.sqrt(d)) if leaf in ("out_proj", "fc2") else small
+                nn.init.normal_(module.weight, 0.0, std)
+            elif leaf in gains:
+                nn.init.xavier_uniform_(module.weight, gain=gains[leaf])
+            else:
+                module.reset_parameters()
+        elif isinstance(module, (nn.LayerNorm, RMSNorm)):
+            if module.weight is not None:
+                nn.init.ones_(module.weight)
+            if getattr(module, "bias", None) is not None:
+                nn.init.zeros_(module.bias)
+
+
+class DecoderLM(nn.Module):
+    """Token embedding -> blocks -> final norm -> LM head, shared by both architectures."""
+
+    def __init__(self, config: DecoderConfig, blocks: list):
+        super().__init__()
+        config.validate()
+        self.config = config
+        self.embed_tokens = nn.Embedding(config.vocab_size, config.d_model)
+        self.layers = nn.ModuleList(blocks)
+        self.norm = make_norm(config.norm, config.d_model, config.norm_eps)
+        self.lm_head = None if config.tie_embeddings else nn.Linear(config.d_model, config.vocab_size, bias=False)
+        self.activation_checkpointing = False
+        self.check_inputs = True  # off for CUDA-graph decoding, where a host sync is not allowed
+
+    def set_activation_checkpointing(self, enabled: bool = True) -> None:
+        """Recompute each block in the backward pass instead of keeping its activations."""
+        self.activation_checkpointing = enabled
+
+    def num_params(self, exclude_embeddings: bool = False) -> int:
+        n = sum(p.numel() for p in self.parameters())
+        return n - self.embed_tokens.weight.numel() if exclude_embeddings else n
+
+    def embed(self, input_ids: torch.Tensor) -> torch.Tensor:
+        if input_ids.dim() != 2:
+            raise ValueError(f"input_ids must be [batch, seq], got shape {tuple(input_ids.shape)}")
+        if self.check_inputs and input_ids.numel():
+            lo, hi = int(input_ids.min()), int(input_ids.max())
+            if lo < 0 or hi >= self.config.vocab_size:
+                raise ValueError(f"input_ids out of range: min {lo}, max {hi}, vocab_size {self.config.vocab_size}")
+        x = self.embed_tokens(input_ids)
+        return x * math.sqrt(self.config.d_model) if self.config.embed_scale else x
+
+    def run_block(self, block: nn.Module, x: torch.Tensor, *args):
+        if self.activation_checkpointing and self.training and torch.is_grad_enabled():
+            return checkpoint(block, x, *args, use_reentrant=False)
+        return block(x, *args)
+
+    def head(self, x: torch.Tensor, labels: Optional[torch.Tensor]) -> CausalLMOutput:
+        x = self.norm(x)
+        weight = self.embed_tokens.weight if self.lm_head is None else self.lm_head.weight
+        logits = F.linear(x, weight)
+        loss = None
+        if labels is not None:
+            if labels.shape != logits.shape[:2]:
+                raise ValueError(f"labels shape {tuple(labels.shape)} != input_ids shape {tuple(logits.shape[:2])}")
+            # labels are aligned with input_ids (the loader shifts them); -100 is ignored.
+            loss = F.cross_entropy(logits.float().flatten(0, 1), labels.flatten(), ignore_index=-100)
+        return CausalLMOutput(logits=logits, loss=loss)

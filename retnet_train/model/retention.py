@@ -1,0 +1,101 @@
+"""Retention in plain torch: the three equivalent forms, with document resets and state.
+
+Shapes: q, k [B, H, T, K]; v [B, H, T, V]; log_gamma [H] (log of each head's decay);
+reset [B, T] bool, True where a new document starts (the state is cleared *before* that
+token); state [B, H, K, V]. Every form returns (o, final_state) with the unnormalized
+o_t = sum_{m <= t, same document} gamma^(t-m) (q_t . k_m) v_m, so the forms are equal up
+to rounding. (Normalization lives in the MSR module; it needs only position-wise factors.)
+
+This is the reference path (CPU, tests) and the fallback on GPU without fla.
+"""
+from __future__ import annotations
+
+import torch
+
+
+def recurrent_retention(q, k, v, log_gamma, reset=None, state=None):
+    """S_t = gamma S_{t-1} + k_t^T v_t ;  o_t = q_t S_t. One token at a time (decoding)."""
+    B, H, T, K = q.shape
+    gamma = log_gamma.float().exp().view(1, H, 1, 1).to(q.dtype)
+    S = q.new_zeros(B, H, K, v.shape[-1]) if state is None else state
+    outs = []
+    for t in range(T):
+        decay = gamma if reset is None else gamma * (~reset[:, t]).to(q.dtype).view(B, 1, 1, 1)
+        S = S * decay + k[:, :, t, :, None] * v[:, :, t, None, :]
+        outs.append(torch.einsum("bhk,bhkv->bhv", q[:, :, t], S))
+    return torch.stack(outs, dim=2), S
+
+
+def _chunks(x, C):
+    B, H, T, D = x.shape
+    return x.reshape(B, H, T // C, C, D)
+
+
+def _equal_full_chunks(q, k, v, log_gamma, reset, state, C):
+    """Chunkwise retention for T divisible by C: parallel inside each chunk, recurrent across."""
+    B, H, T, _ = q.shape
+    N = T // C
+    qc, kc, vc = _chunks(q, C), _chunks(k, C), _chunks(v, C)
+    lg = log_gamma.float().view(H, 1, 1)
+    idx = torch.arange(C, device=q.device, dtype=torch.float32)
+    diff = idx.view(C, 1) - idx.view(1, C)
+    causal = diff >= 0
+    # D[h, j, i] = gamma_h^(j - i) for i <= j (masked before exp so nothing overflows)
+    decay = torch.exp(lg * diff.masked_fill(~causal, 0)) * causal  # [H, C, C]
+    q_decay = torch.exp(lg * (idx + 1)).view(1, H, 1, C, 1)  # gamma^(j+1): state -> token j
+    k_decay = torch.exp(lg * (C - 1 - idx)).view(1, H, 1, C, 1)  # gamma^(C-1-i): token i -> chunk end
+    chunk_decay = torch.exp(lg.view(1, H, 1) * C).expand(B, H, N)  # gamma^C: state -> next chunk
+
+    mask = decay.view(1, H, 1, C, C)
+    if reset is not None:
+        seg = torch.cumsum(reset.view(B, N, C).to(torch.int32), dim=-1)  # resets so far in chunk
+        same_doc = (seg.unsqueeze(-1) == seg.unsqueeze(-2)).view(B, 1, N, C, C)
+        mask = mask * same_doc
+        q_decay = q_decay * (seg == 0).view(B, 1, N, C, 1)  # state reaches j only if no reset up to j
+        k_decay = k_decay * (seg == seg[..., -1:]).view(B, 1, N, C, 1)  # only the chunk's last document
+        chunk_decay = chunk_decay * (seg[..., -1] == 0).view(B, 1, N)
+
+    dtype = q.dtype
+    scores = (qc @ kc.transpose(-1, -2)) * mask.to(dtype)
+    o = scores @ vc  # intra-chunk: the parallel form on each chunk
+    chunk_kv = (kc * k_decay.to(dtype)).transpose(-1, -2) @ vc  # [B, H, N, K, V]
+
+    S = q.new_zeros(B, H, q.shape[-1], v.shape[-1]) if state is None else state
+    states_in = []
+    for n in range(N):  # the only sequential part: N = T / C steps
+        states_in.append(S)
+        S = S * chunk_decay[:, :, n, None, None].to(dtype) + chunk_kv[:, :, n]
+    states_in = torch.stack(states_in, dim=2)  # [B, H, N, K, V]
+    o = o + (qc * q_decay.to(dtype)) @ states_in
+    return o.reshape(B, H, T, -1), S
+
+
+def chunkwise_retention(q, k, v, log_gamma, chunk_size, reset=None, state=None):
+    """Chunkwise-recurrent form: O(T C) work, linear in T. A last partial chunk runs on its own."""
+    T = q.shape[2]
+    full = (T // chunk_size) * chunk_size
+    outs = []
+    if full:
+        o, state = _equal_full_chunks(q[:, :, :full], k[:, :, :full], v[:, :, :full], log_gamma,
+                                      None if reset is None else reset[:, :full], state, chunk_size)
+        outs.append(o)
+    if full < T:
+        o, state = _equal_full_chunks(q[:, :, full:], k[:, :, full:], v[:, :, full:], log_gamma,
+                                      None if reset is None else reset[:, full:], state, T - full)
+        outs.append(o)
+    return torch.cat(outs, dim=2) if len(outs) > 1 else outs[0], state
+
+
+def parallel_retention(q, k, v, log_gamma, reset=None, state=None):
+    """Parallel form (Q K^T ⊙ D) V over the whole sequence: the single-chunk case."""
+    return _equal_full_chunks(q, k, v, log_gamma, reset, state, q.shape[2])
+
+
+def retention(q, k, v, log_gamma, mode, chunk_size, reset=None, state=None):
+    if mode == "parallel":
+        return parallel_retention(q, k, v, log_gamma, reset, state)
+    if mode == "chunkwise":
+        return chunkwise_retention(q, k, v, log_gamma, chunk_size, reset, state)
+    if mode == "recurrent":
+        return recurrent_retention(q, k, v, log_gamma, reset, state)
+    raise ValueError(f"mode: {mode!r} is not one of ['parallel', 'chunkwise', 'recurrent']")

@@ -1,0 +1,138 @@
+"""RetNet decoder: multi-scale retention (MSR) blocks on the shared decoder skeleton."""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import List, Optional
+
+import torch
+from torch import nn
+
+from .config import RetNetConfig
+from .layers import ACTIVATION_FNS, DecoderLM, FeedForward, CausalLMOutput, apply_rotary, init_weights, make_norm, rotary_sin_cos
+from .retention import retention
+
+
+@dataclass
+class RetNetState:
+    """Recurrent state after `position` tokens: per layer [B, H, K, V(+1)] plus, per sequence,
+    the tokens seen since its current document started (for the decay normalization)."""
+
+    layers: List[torch.Tensor]
+    position: int
+    doc_position: torch.Tensor  # [B] int64
+
+
+def decay_log_gammas(n_heads: int) -> torch.Tensor:
+    """log(gamma_h), gamma_h = 1 - 2^(-5-h): one fixed decay per head (paper, torchscale)."""
+    return torch.log(1 - 2.0 ** (-5 - torch.arange(n_heads, dtype=torch.float64))).float()
+
+
+def document_positions(doc_starts: Optional[torch.Tensor], T: int, start: torch.Tensor) -> torch.Tensor:
+    """Position of each token inside its document, [B, T]; `start` [B] continues a state."""
+    idx = torch.arange(T, device=start.device)
+    pos = start[:, None] + idx[None, :]
+    if doc_starts is None:
+        return pos
+    last_start = torch.where(doc_starts, idx[None, :], -1).cummax(dim=1).values
+    return torch.where(last_start >= 0, idx[None, :] - last_start, pos)
+
+
+class MultiScaleRetention(nn.Module):
+    def __init__(self, config: RetNetConfig):
+        super().__init__()
+        d, vd = config.d_model, config.value_dim
+        self.n_heads, self.key_dim, self.head_dim = config.n_heads, config.key_head_dim, config.value_head_dim
+        self.normalize = config.normalize_retention
+        self.q_proj = nn.Linear(d, d, bias=False)
+        self.k_proj = nn.Linear(d, d, bias=False)
+        self.v_proj = nn.Linear(d, vd, bias=False)
+        self.g_proj = nn.Linear(d, vd, bias=False)
+        self.out_proj = nn.Linear(vd, d, bias=False)
+        self.group_norm = make_norm(config.norm, self.head_dim, config.norm_eps, affine=False)
+        self.group_norm_weight = nn.Parameter(torch.ones(vd)) if config.head_norm_affine else None
+        self.gate_fn = ACTIVATION_FNS[config.gate_activation]
+
+    def _heads(self, x, dim):
+        B, T, _ = x.shape
+        return x.view(B, T, self.n_heads, dim).transpose(1, 2)
+
+    def forward(self, x, sin, cos, log_gamma, doc_pos, reset, mode, chunk_size, state=None):
+        B, T, _ = x.shape
+        q = apply_rotary(self._heads(self.q_proj(x), self.key_dim), sin, cos)
+        k = apply_rotary(self._heads(self.k_proj(x) * self.key_dim ** -0.5, self.key_dim), sin, cos)
+        v = self._heads(self.v_proj(x), self.head_dim)
+        if self.normalize:
+            # A column of ones makes retention also return the score row sums s_t exactly.
+            v = torch.cat([v, v.new_ones(B, self.n_heads, T, 1)], dim=-1)
+        o, state = retention(q, k, v, log_gamma, mode, chunk_size, reset, state)
+        if self.normalize:
+            o, row_sum = o[..., :-1], o[..., -1]
+            # Paper 2.2: D~ = D / sqrt(sum_i D_ti) -> factor c_t = (sum_{i<=p_t} gamma^i)^-1/2;
+            # scores / max(|sum of scaled scores|, 1), the sum detached as in torchscale.
+            lg = log_gamma.view(1, -1, 1)
+            c = torch.sqrt(torch.expm1(lg) / torch.expm1(lg * (doc_pos[:, None, :].float() + 1)))
+            factor = c / (c * row_sum.detach().float()).abs().clamp(min=1)
+            o = o * factor.unsqueeze(-1).to(o.dtype)
+        o = self.group_norm(o.transpose(1, 2))  # [B, T, H, V]: a norm per head
+        o = o.reshape(B, T, -1)
+        if self.group_norm_weight is not None:
+            o = o * self.group_norm_weight
+        return self.out_proj(self.gate_fn(self.g_proj(x)) * o), state
+
+
+class RetNetBlock(nn.Module):
+    def __init__(self, config: RetNetConfig):
+        super().__init__()
+        self.retention_norm = make_norm(config.norm, config.d_model, config.norm_eps)
+        self.retention = MultiScaleRetention(config)
+        self.ffn_norm = make_norm(config.norm, config.d_model, config.norm_eps)
+        self.ffn = FeedForward(config.d_model, config.ffn_dim, config.ffn_type, config.activation)
+
+    def forward(self, x, sin, cos, log_gamma, doc_pos, reset, mode, chunk_size, state=None):
+        h, state = self.retention(self.retention_norm(x), sin, cos, log_gamma, doc_pos, reset, mode, chunk_size, state)
+        x = x + h
+        return x + self.ffn(self.ffn_norm(x)), state
+
+
+class RetNetForCausalLM(DecoderLM):
+    """RetNet language model with parallel, chunkwise and recurrent forms over one set of weights."""
+
+    def __init__(self, config: RetNetConfig):
+        super().__init__(config, [RetNetBlock(config) for _ in range(config.n_layers)])
+        K = config.key_head_dim
+        # torchscale's angles: 1 / 10000^linspace(0, 1, K/2), one per rotation pair.
+        self.register_buffer("inv_freq", 1.0 / config.rotary_base ** torch.linspace(0, 1, K // 2, dtype=torch.float64), persistent=False)
+        self.register_buffer("log_gamma", decay_log_gammas(config.n_heads), persistent=False)
+        init_weights(self, config, gains={"q_proj": 2 ** -2.5, "k_proj": 2 ** -2.5, "v_proj": 2 ** -2.5, "g_proj": 2 ** -2.5, "out_proj": 1.0})
+
+    def forward(self, input_ids, labels=None, doc_starts=None, mode: Optional[str] = None,
+                chunk_size: Optional[int] = None, state: Optional[RetNetState] = None,
+                return_state: bool = False) -> CausalLMOutput:
+        cfg = self.config
+        mode = cfg.mode if mode is None else mode
+        chunk_size = cfg.chunk_size if chunk_size is None else chunk_size
+        if mode not in ("parallel", "chunkwise", "recurrent"):
+            raise ValueError(f"mode: {mode!r} is not one of ['parallel', 'chunkwise', 'recurrent']")
+        if not isinstance(chunk_size, int) or chunk_size < 1:
+            raise ValueError(f"chunk_size: must be an integer >= 1, got {chunk_size!r}")
+        x = self.embed(input_ids)
+        B, T = input_ids.shape
+        if doc_starts is not None:
+            if doc_starts.shape != input_ids.shape:
+                raise ValueError(f"doc_starts shape {tuple(doc_starts.shape)} != input_ids shape {tuple(input_ids.shape)}")
+            doc_starts = doc_starts.bool() if cfg.document_masking else None
+        if state is not None and (len(state.layers) != cfg.n_layers or state.layers[0].shape[0] != B):
+            raise ValueError(f"state has {len(state.layers)} layers of batch {state.layers[0].shape[0]}; model needs {cfg.n_layers} of batch {B}")
+        start = 0 if state is None else state.position
+        doc_start_pos = torch.zeros(B, dtype=torch.long, device=x.device) if state is None else state.doc_position
+        doc_pos = document_positions(doc_starts, T, doc_start_pos)
+        sin, cos = rotary_sin_cos(self.inv_freq, start, T, x.dtype)
+        new_layers = []
+        for i, block in enumerate(self.layers):
+            layer_state = None if state is None else state.layers[i]
+            x, layer_state = self.run_block(block, x, sin, cos, self.log_gamma, doc_pos, doc_starts, mode, chunk_size, layer_state)
+            new_layers.append(layer_state)
+        out = self.head(x, labels)
+        if return_state:
+            out.state = RetNetState(new_layers, start + T, doc_pos[:, -1] + 1)
+        return out

@@ -1,0 +1,63 @@
+"""Transformer baseline: pre-norm, RoPE, PyTorch SDPA attention (flash when no mask)."""
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .config import TransformerConfig
+from .layers import DecoderLM, FeedForward, CausalLMOutput, apply_rotary, init_weights, make_norm, rotary_sin_cos
+
+
+class Attention(nn.Module):
+    def __init__(self, config: TransformerConfig):
+        super().__init__()
+        d = config.d_model
+        self.n_heads, self.head_dim = config.n_heads, config.head_dim
+        self.qkv_proj = nn.Linear(d, 3 * d, bias=False)
+        self.out_proj = nn.Linear(d, d, bias=False)
+
+    def forward(self, x, sin, cos, doc_mask):
+        B, T, _ = x.shape
+        q, k, v = self.qkv_proj(x).view(B, T, 3, self.n_heads, self.head_dim).permute(2, 0, 3, 1, 4)
+        q, k = apply_rotary(q, sin, cos), apply_rotary(k, sin, cos)
+        if doc_mask is None:
+            o = F.scaled_dot_product_attention(q, k, v, is_causal=True)
+        else:
+            o = F.scaled_dot_product_attention(q, k, v, attn_mask=doc_mask)
+        return self.out_proj(o.transpose(1, 2).reshape(B, T, -1))
+
+
+class TransformerBlock(nn.Module):
+    def __init__(self, config: TransformerConfig):
+        super().__init__()
+        self.attention_norm = make_norm(config.norm, config.d_model, config.norm_eps)
+        self.attention = Attention(config)
+        self.ffn_norm = make_norm(config.norm, config.d_model, config.norm_eps)
+        self.ffn = FeedForward(config.d_model, config.ffn_dim, config.ffn_type, config.activation)
+
+    def forward(self, x, sin, cos, doc_mask):
+        x = x + self.attention(self.attention_norm(x), sin, cos, doc_mask)
+        return x + self.ffn(self.ffn_norm(x))
+
+
+class TransformerForCausalLM(DecoderLM):
+    def __init__(self, config: TransformerConfig):
+        super().__init__(config, [TransformerBlock(config) for _ in range(config.n_layers)])
+        hd = config.head_dim
+        # Standard RoPE frequencies base^(-2i/d), one per rotation pair.
+        self.register_buffer("inv_freq", 1.0 / config.rotary_base ** (torch.arange(0, hd, 2, dtype=torch.float64) / hd), persistent=False)
+        init_weights(self, config, gains={"qkv_proj": 2 ** -0.5, "out_proj": 1.0})
+
+    def forward(self, input_ids, labels=None, doc_starts=None) -> CausalLMOutput:
+        x = self.embed(input_ids)
+        T = input_ids.shape[1]
+        sin, cos = rotary_sin_cos(self.inv_freq, 0, T, x.dtype)
+        doc_mask = None
+        if doc_starts is not None and self.config.document_masking:
+            seg = torch.cumsum(doc_starts.long(), dim=1)
+            causal = torch.ones(T, T, dtype=torch.bool, device=x.device).tril()
+            doc_mask = ((seg[:, :, None] == seg[:, None, :]) & causal)[:, None]  # [B, 1, T, T]
+        for block in self.layers:
+            x = self.run_block(block, x, sin, cos, doc_mask)
+        return self.head(x, labels)
