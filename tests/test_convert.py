@@ -1,0 +1,60 @@
+"""torchscale 0.3.0 RetNetDecoder weights load into our model with equal logits in every form."""
+import pytest
+import torch
+
+torchscale_retnet = pytest.importorskip("torchscale.architecture.retnet")
+from torchscale.architecture.config import RetNetConfig as TorchscaleConfig  # noqa: E402
+
+from retnet_train.convert import from_torchscale  # noqa: E402
+
+BASE = dict(decoder_embed_dim=64, decoder_value_embed_dim=128, decoder_retention_heads=2,
+            decoder_ffn_embed_dim=96, decoder_layers=2, vocab_size=61)
+
+
+def torchscale_decoder(ts_config, weight_scale):
+    args = TorchscaleConfig(**ts_config)
+    embed = torch.nn.Embedding(ts_config["vocab_size"], ts_config["decoder_embed_dim"])
+    decoder = torchscale_retnet.RetNetDecoder(args, embed_tokens=embed).eval()
+    with torch.no_grad():
+        for name, p in decoder.named_parameters():
+            if "q_proj" in name or "k_proj" in name:
+                p.mul_(weight_scale)  # > 1 makes the score-sum normalization clamp
+            elif p.dim() == 1:
+                p.add_(0.1 * torch.randn_like(p))  # non-trivial norm weights
+    return decoder
+
+
+@pytest.mark.parametrize("ts_config,scale", [
+    ({}, 1.0),
+    ({}, 8.0),
+    (dict(activation_fn="swish", no_scale_embedding=False), 4.0),
+    (dict(share_decoder_input_output_embed=True, decoder_value_embed_dim=64, layernorm_eps=1e-5), 4.0),
+    (dict(decoder_retention_heads=4, decoder_layers=3, activation_fn="relu"), 6.0),
+])
+def test_logits_equal_torchscale_parallel(ts_config, scale):
+    cfg = {**BASE, **ts_config}
+    decoder = torchscale_decoder(cfg, scale)
+    model = from_torchscale(decoder.state_dict(), cfg).eval()
+    ids = torch.randint(0, cfg["vocab_size"], (2, 41))
+    with torch.no_grad():
+        ref = decoder(ids)[0]
+        for mode in ("parallel", "chunkwise", "recurrent"):
+            out = model(ids, mode=mode, chunk_size=8).logits
+            assert (out - ref).abs().max() <= 1e-4, mode
+    assert ref.abs().max() > 0.5
+
+
+@pytest.mark.parametrize("option,value", [
+    ("moe_freq", 2), ("multiway", True), ("deepnorm", True), ("layernorm_embedding", True), ("no_output_layer", True),
+])
+def test_unsupported_options_raise_naming_them(option, value):
+    with pytest.raises(ValueError, match=option):
+        from_torchscale({}, {**BASE, option: value})
+
+
+def test_mismatched_state_dict_raises():
+    decoder = torchscale_decoder(BASE, 1.0)
+    with pytest.raises(ValueError, match="shape|missing"):
+        from_torchscale(decoder.state_dict(), {**BASE, "decoder_ffn_embed_dim": 128})
+    with pytest.raises(ValueError, match="unknown option 'decoder_dim'"):
+        from_torchscale(decoder.state_dict(), {**BASE, "decoder_dim": 3})
