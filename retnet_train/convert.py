@@ -77,8 +77,6 @@ def from_torchscale(state_dict: Mapping[str, torch.Tensor], ts_config: Mapping[s
     for key, value in state_dict.items():
         if key.startswith("retnet_rel_pos."):
             continue  # angle/decay buffers: we derive the same values from the config
-        if config.tie_embeddings and key == "output_projection.weight":
-            continue  # the same tensor as embed_tokens.weight
         ours[_rename(key)] = value
     expected = model.state_dict()
     missing = sorted(set(expected) - set(ours))

@@ -11,6 +11,7 @@ from torch import nn
 from torch.utils.checkpoint import checkpoint
 
 from .config import DecoderConfig
+from .loss import linear_cross_entropy
 
 ACTIVATION_FNS = {"gelu": F.gelu, "silu": F.silu, "relu": F.relu}
 
@@ -108,6 +109,17 @@ def init_weights(model: nn.Module, config: DecoderConfig, gains: dict) -> None:
                 nn.init.zeros_(module.bias)
 
 
+class LMHead(nn.Linear):
+    """Logits, or with labels the chunked loss (model/loss.py). Inside the module's own forward
+    so that ZeRO-3 gathers the weight for either use."""
+
+    def __init__(self, d_model: int, vocab_size: int):
+        super().__init__(d_model, vocab_size, bias=False)
+
+    def forward(self, x, labels=None):
+        return super().forward(x) if labels is None else linear_cross_entropy(x, self.weight, labels)
+
+
 class DecoderLM(nn.Module):
     """Token embedding -> blocks -> final norm -> LM head, shared by both architectures."""
 
@@ -118,7 +130,9 @@ class DecoderLM(nn.Module):
         self.embed_tokens = nn.Embedding(config.vocab_size, config.d_model)
         self.layers = nn.ModuleList(blocks)
         self.norm = make_norm(config.norm, config.d_model, config.norm_eps)
-        self.lm_head = None if config.tie_embeddings else nn.Linear(config.d_model, config.vocab_size, bias=False)
+        self.lm_head = LMHead(config.d_model, config.vocab_size)
+        if config.tie_embeddings:
+            self.lm_head.weight = self.embed_tokens.weight  # one Parameter, listed once
         self.activation_checkpointing = False
         self.check_inputs = True  # off for CUDA-graph decoding, where a host sync is not allowed
 
@@ -127,7 +141,7 @@ class DecoderLM(nn.Module):
         self.activation_checkpointing = enabled
 
     def num_params(self, exclude_embeddings: bool = False) -> int:
-        n = sum(p.numel() for p in self.parameters())
+        n = sum(p.numel() for p in self.parameters())  # a tied weight counts once
         return n - self.embed_tokens.weight.numel() if exclude_embeddings else n
 
     def embed(self, input_ids: torch.Tensor) -> torch.Tensor:
@@ -145,14 +159,18 @@ class DecoderLM(nn.Module):
             return checkpoint(block, x, *args, use_reentrant=False)
         return block(x, *args)
 
-    def head(self, x: torch.Tensor, labels: Optional[torch.Tensor]) -> CausalLMOutput:
+    def head(self, x: torch.Tensor, labels: Optional[torch.Tensor], return_logits: bool = True) -> CausalLMOutput:
+        """Final norm, LM head and loss. With labels and return_logits=False the loss is computed
+        chunk by chunk (model/loss.py) and the [B, T, vocab] logits never exist whole."""
         x = self.norm(x)
-        weight = self.embed_tokens.weight if self.lm_head is None else self.lm_head.weight
-        logits = F.linear(x, weight)
+        if labels is not None and labels.shape != x.shape[:2]:
+            raise ValueError(f"labels shape {tuple(labels.shape)} != input_ids shape {tuple(x.shape[:2])}")
+        if labels is not None and not return_logits:
+            return CausalLMOutput(logits=None, loss=self.lm_head(x, labels))
+        logits = self.lm_head(x)
         loss = None
         if labels is not None:
-            if labels.shape != logits.shape[:2]:
-                raise ValueError(f"labels shape {tuple(labels.shape)} != input_ids shape {tuple(logits.shape[:2])}")
             # labels are aligned with input_ids (the loader shifts them); -100 is ignored.
             loss = F.cross_entropy(logits.float().flatten(0, 1), labels.flatten(), ignore_index=-100)
         return CausalLMOutput(logits=logits, loss=loss)
+

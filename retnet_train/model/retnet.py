@@ -9,7 +9,7 @@ from torch import nn
 
 from .config import RetNetConfig
 from .layers import ACTIVATION_FNS, DecoderLM, FeedForward, CausalLMOutput, apply_rotary, init_weights, make_norm, rotary_sin_cos
-from .retention import retention
+from ..kernels import resolve_backend, retention_op
 
 
 @dataclass
@@ -43,6 +43,7 @@ class MultiScaleRetention(nn.Module):
         d, vd = config.d_model, config.value_dim
         self.n_heads, self.key_dim, self.head_dim = config.n_heads, config.key_head_dim, config.value_head_dim
         self.normalize = config.normalize_retention
+        self.backend = config.retention_backend
         self.q_proj = nn.Linear(d, d, bias=False)
         self.k_proj = nn.Linear(d, d, bias=False)
         self.v_proj = nn.Linear(d, vd, bias=False)
@@ -52,29 +53,22 @@ class MultiScaleRetention(nn.Module):
         self.group_norm_weight = nn.Parameter(torch.ones(vd)) if config.head_norm_affine else None
         self.gate_fn = ACTIVATION_FNS[config.gate_activation]
 
-    def _heads(self, x, dim):
-        B, T, _ = x.shape
-        return x.view(B, T, self.n_heads, dim).transpose(1, 2)
-
     def forward(self, x, sin, cos, log_gamma, doc_pos, reset, mode, chunk_size, state=None):
         B, T, _ = x.shape
-        q = apply_rotary(self._heads(self.q_proj(x), self.key_dim), sin, cos)
-        k = apply_rotary(self._heads(self.k_proj(x) * self.key_dim ** -0.5, self.key_dim), sin, cos)
-        v = self._heads(self.v_proj(x), self.head_dim)
+        H = self.n_heads
+        q = apply_rotary(self.q_proj(x).view(B, T, H, self.key_dim), sin, cos)
+        k = apply_rotary((self.k_proj(x) * self.key_dim ** -0.5).view(B, T, H, self.key_dim), sin, cos)
+        v = self.v_proj(x).view(B, T, H, self.head_dim)
+        backend = resolve_backend(self.backend, x.device)
+        o, row_sum, state = retention_op(backend, q, k, v, log_gamma, mode, chunk_size, reset, state, self.normalize)
         if self.normalize:
-            # A column of ones makes retention also return the score row sums s_t exactly.
-            v = torch.cat([v, v.new_ones(B, self.n_heads, T, 1)], dim=-1)
-        o, state = retention(q, k, v, log_gamma, mode, chunk_size, reset, state)
-        if self.normalize:
-            o, row_sum = o[..., :-1], o[..., -1]
             # Paper 2.2: D~ = D / sqrt(sum_i D_ti) -> factor c_t = (sum_{i<=p_t} gamma^i)^-1/2;
             # scores / max(|sum of scaled scores|, 1), the sum detached as in torchscale.
-            lg = log_gamma.view(1, -1, 1)
-            c = torch.sqrt(torch.expm1(lg) / torch.expm1(lg * (doc_pos[:, None, :].float() + 1)))
-            factor = c / (c * row_sum.detach().float()).abs().clamp(min=1)
+            lg = log_gamma.view(1, 1, -1)
+            c = torch.sqrt(torch.expm1(lg) / torch.expm1(lg * (doc_pos[:, :, None].float() + 1)))
+            factor = c / (c * row_sum.float()).abs().clamp(min=1)
             o = o * factor.unsqueeze(-1).to(o.dtype)
-        o = self.group_norm(o.transpose(1, 2))  # [B, T, H, V]: a norm per head
-        o = o.reshape(B, T, -1)
+        o = self.group_norm(o).reshape(B, T, -1)  # [B, T, H, V]: a norm per head
         if self.group_norm_weight is not None:
             o = o * self.group_norm_weight
         return self.out_proj(self.gate_fn(self.g_proj(x)) * o), state
@@ -107,7 +101,7 @@ class RetNetForCausalLM(DecoderLM):
 
     def forward(self, input_ids, labels=None, doc_starts=None, mode: Optional[str] = None,
                 chunk_size: Optional[int] = None, state: Optional[RetNetState] = None,
-                return_state: bool = False) -> CausalLMOutput:
+                return_state: bool = False, return_logits: bool = True) -> CausalLMOutput:
         cfg = self.config
         mode = cfg.mode if mode is None else mode
         chunk_size = cfg.chunk_size if chunk_size is None else chunk_size
@@ -126,13 +120,13 @@ class RetNetForCausalLM(DecoderLM):
         start = 0 if state is None else state.position
         doc_start_pos = torch.zeros(B, dtype=torch.long, device=x.device) if state is None else state.doc_position
         doc_pos = document_positions(doc_starts, T, doc_start_pos)
-        sin, cos = rotary_sin_cos(self.inv_freq, start, T, x.dtype)
+        sin, cos = (t.unsqueeze(1) for t in rotary_sin_cos(self.inv_freq, start, T, x.dtype))  # [T, 1, K]
         new_layers = []
         for i, block in enumerate(self.layers):
             layer_state = None if state is None else state.layers[i]
             x, layer_state = self.run_block(block, x, sin, cos, self.log_gamma, doc_pos, doc_starts, mode, chunk_size, layer_state)
             new_layers.append(layer_state)
-        out = self.head(x, labels)
+        out = self.head(x, labels, return_logits)
         if return_state:
             out.state = RetNetState(new_layers, start + T, doc_pos[:, -1] + 1)
         return out

@@ -49,7 +49,7 @@ class TransformerForCausalLM(DecoderLM):
         self.register_buffer("inv_freq", 1.0 / config.rotary_base ** (torch.arange(0, hd, 2, dtype=torch.float64) / hd), persistent=False)
         init_weights(self, config, gains={"qkv_proj": 2 ** -0.5, "out_proj": 1.0})
 
-    def forward(self, input_ids, labels=None, doc_starts=None) -> CausalLMOutput:
+    def forward(self, input_ids, labels=None, doc_starts=None, return_logits: bool = True) -> CausalLMOutput:
         x = self.embed(input_ids)
         T = input_ids.shape[1]
         sin, cos = rotary_sin_cos(self.inv_freq, 0, T, x.dtype)
@@ -60,4 +60,4 @@ class TransformerForCausalLM(DecoderLM):
             doc_mask = ((seg[:, :, None] == seg[:, None, :]) & causal)[:, None]  # [B, 1, T, T]
         for block in self.layers:
             x = self.run_block(block, x, sin, cos, doc_mask)
-        return self.head(x, labels)
+        return self.head(x, labels, return_logits)

@@ -42,17 +42,17 @@ def test_clamp_is_exercised(monkeypatch):
 
     model = make_model()
     sums = []
-    real = retnet_module.retention
+    real = retnet_module.retention_op
 
     def spy(*args):
-        o, state = real(*args)
-        sums.append(o[..., -1])  # the ones column: score row sums s_t
-        return o, state
+        o, row_sums, state = real(*args)
+        sums.append(row_sums)  # [B, T, H]
+        return o, row_sums, state
 
-    monkeypatch.setattr(retnet_module, "retention", spy)
+    monkeypatch.setattr(retnet_module, "retention_op", spy)
     logits(model, torch.randint(0, VOCAB, (2, 50)), mode="parallel")
-    lg = model.log_gamma.view(1, -1, 1)
-    c = torch.sqrt(torch.expm1(lg) / torch.expm1(lg * torch.arange(1, 51)))
+    lg = model.log_gamma.view(-1, 1)
+    c = torch.sqrt(torch.expm1(lg) / torch.expm1(lg * torch.arange(1, 51))).t()  # [T, H]
     assert max((c * s).abs().max().item() for s in sums) > 2
 
 
@@ -139,8 +139,9 @@ def test_options_keep_forms_equal_and_train(overrides):
 
 def test_tied_embeddings_share_storage():
     model = make_model(tie_embeddings=True)
-    assert model.lm_head is None
+    assert model.lm_head.weight is model.embed_tokens.weight
     assert "lm_head.weight" not in dict(model.named_parameters())
+    assert model.num_params() == sum(p.numel() for p in model.parameters())
 
 
 def test_activation_checkpointing_same_gradients():
@@ -180,3 +181,36 @@ def test_out_of_range_ids_raise(bad):
 def test_bad_call_arguments_raise(kw, match):
     with pytest.raises(ValueError, match=match):
         make_model()(torch.zeros(1, 4, dtype=torch.long), **kw)
+
+
+def test_chunked_loss_equals_full_logits_loss():
+    import retnet_train.model.loss as loss_module
+
+    model = make_model().train()
+    ids = torch.randint(0, VOCAB, (3, 21))
+    labels = torch.roll(ids, -1, 1)
+    labels[1, 4:9] = -100
+    results = []
+    for return_logits in (True, False):
+        model.zero_grad()
+        out = model(ids, labels=labels, return_logits=return_logits)
+        out.loss.backward()
+        results.append((out.loss.detach(), [p.grad.clone() for p in model.parameters()]))
+        assert (out.logits is None) == (not return_logits)
+    old = loss_module.CHUNK_BYTES
+    loss_module.CHUNK_BYTES = 4 * VOCAB * 5  # 5 tokens per chunk: exercises the chunk loop
+    try:
+        model.zero_grad()
+        out = model(ids, labels=labels, return_logits=False)
+        out.loss.backward()
+        results.append((out.loss.detach(), [p.grad.clone() for p in model.parameters()]))
+        with torch.no_grad():
+            eval_loss = model(ids, labels=labels, return_logits=False).loss
+    finally:
+        loss_module.CHUNK_BYTES = old
+    ref_loss, ref_grads = results[0]
+    assert abs(eval_loss - ref_loss) < 1e-5
+    for loss, grads in results[1:]:
+        assert abs(loss - ref_loss) < 1e-5
+        for a, b in zip(grads, ref_grads):
+            assert (a - b).abs().max() < 1e-5
