@@ -12,7 +12,7 @@ import functools
 
 import torch
 
-from ..model.retention import retention as torch_retention
+from .torch_retention import retention as torch_retention
 
 
 @functools.lru_cache(maxsize=None)

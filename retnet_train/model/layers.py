@@ -140,6 +140,12 @@ class DecoderLM(nn.Module):
         """Recompute each block in the backward pass instead of keeping its activations."""
         self.activation_checkpointing = enabled
 
+    def compile_blocks(self) -> None:
+        """torch.compile each block in place: fuses norms, rotation, gate and FFN elementwise
+        work; fla's kernels are excluded from compilation by fla itself."""
+        for block in self.layers:
+            block.compile()
+
     def num_params(self, exclude_embeddings: bool = False) -> int:
         n = sum(p.numel() for p in self.parameters())  # a tied weight counts once
         return n - self.embed_tokens.weight.numel() if exclude_embeddings else n

@@ -2,7 +2,7 @@
 import pytest
 import torch
 
-from retnet_train.model.retention import chunkwise_retention, parallel_retention, recurrent_retention
+from retnet_train.kernels.torch_retention import chunkwise_retention, parallel_retention, recurrent_retention
 from retnet_train.model.retnet import decay_log_gammas
 
 B, H, K, V = 2, 3, 8, 6

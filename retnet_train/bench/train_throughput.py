@@ -1,0 +1,199 @@
+"""Training throughput of RetNet, the Transformer baseline and (if installed) fla's RetNet,
+measured in one process on one GPU with the real DeepSpeed training step.
+
+    python -m retnet_train.bench.train_throughput --preset 1.3b --seq-len 8192 --micro-batch 1
+
+Prints one JSON line per model: tokens/s, peak GiB, MFU (6N and model FLOPs), final loss.
+"""
+from __future__ import annotations
+
+import argparse
+import gc
+import json
+import os
+import time
+
+import torch
+import yaml
+
+from ..model import build_model, model_config_from_dict
+from ..model.flops import flops_per_token
+
+CONFIG_DIR = os.path.join(os.path.dirname(__file__), "..", "..", "configs", "model")
+# Dense bf16 peak FLOP/s by device name (as in the trainer's MFU).
+PEAK_FLOPS = {"H100": 989e12, "H200": 989e12, "A100": 312e12, "MI250X": 383e12, "MI300X": 1307e12}
+
+
+def peak_flops() -> float | None:
+    name = torch.cuda.get_device_name() if torch.cuda.is_available() else ""
+    return next((v for k, v in PEAK_FLOPS.items() if k in name), None)
+
+
+def load_preset(name: str, **overrides):
+    path = os.path.join(CONFIG_DIR, f"{name}.yaml")
+    if not os.path.exists(path):
+        raise SystemExit(f"--preset: no model preset {path}")
+    with open(path) as f:
+        return model_config_from_dict({**yaml.safe_load(f), **overrides})
+
+
+def fla_reference(cfg):
+    """fla's HF RetNetForCausalLM at our preset's size (swiglu FFN of ~the same parameters)."""
+    from fla.models import RetNetConfig as FlaConfig, RetNetForCausalLM as FlaRetNet
+
+    return FlaRetNet(FlaConfig(hidden_size=cfg.d_model, num_hidden_layers=cfg.n_layers, num_heads=cfg.n_heads,
+                               expand_v=cfg.value_factor, hidden_ratio=2, vocab_size=cfg.vocab_size,
+                               fuse_cross_entropy=True))
+
+
+def make_engine(model, args):
+    import deepspeed
+
+    ds_config = {
+        "train_micro_batch_size_per_gpu": args.micro_batch,
+        "gradient_accumulation_steps": 1,
+        "gradient_clipping": 1.0,
+        "bf16": {"enabled": True},
+        "zero_optimization": {"stage": args.zero_stage},
+        "steps_per_print": 10 ** 9,
+        "wall_clock_breakdown": False,
+    }
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4, betas=(0.9, 0.98), weight_decay=0.05, fused=True)
+    engine, *_ = deepspeed.initialize(model=model, optimizer=optimizer, config=ds_config)
+    return engine
+
+
+def train_step(engine, batch, ours: bool):
+    if ours:
+        loss = engine(batch["input_ids"], labels=batch["labels"], doc_starts=batch.get("doc_starts"), return_logits=False).loss
+    else:  # HF convention: labels are shifted inside
+        loss = engine(input_ids=batch["input_ids"], labels=batch["input_ids"]).loss
+    engine.backward(loss)
+    engine.step()
+    return loss
+
+
+def measure(name, build, cfg, args):
+    torch.cuda.empty_cache()
+    torch.cuda.reset_peak_memory_stats()
+    torch.manual_seed(0)
+    model = build().to(device="cuda", dtype=torch.bfloat16)
+    ours = name != "fla"
+    if ours and args.activation_checkpointing:
+        model.set_activation_checkpointing(True)
+    if ours and args.compile:
+        model.compile_blocks()
+    engine = make_engine(model, args)
+    B, T = args.micro_batch, args.seq_len
+    g = torch.Generator(device="cuda").manual_seed(0)
+    batch = {"input_ids": torch.randint(0, cfg.vocab_size, (B, T), device="cuda", generator=g)}
+    batch["labels"] = torch.roll(batch["input_ids"], -1, 1)
+    if args.doc_len:
+        batch["doc_starts"] = torch.rand(B, T, device="cuda", generator=g) < 1.0 / args.doc_len
+    for _ in range(args.warmup):  # includes Triton autotuning and torch.compile
+        train_step(engine, batch, ours)
+    torch.cuda.synchronize()
+    prof = None
+    if args.profile:
+        prof = torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA])
+        prof.__enter__()
+    start = time.perf_counter()
+    for _ in range(args.steps):
+        loss = train_step(engine, batch, ours)
+    torch.cuda.synchronize()
+    elapsed = time.perf_counter() - start
+    if prof is not None:
+        prof.__exit__(None, None, None)
+    tokens_per_s = args.steps * B * T / elapsed
+    flops = flops_per_token(cfg, T)
+    peak = peak_flops()
+    result = {
+        "model": name, "preset": args.preset, "seq_len": T, "micro_batch": B, "zero_stage": args.zero_stage,
+        "activation_checkpointing": args.activation_checkpointing, "compile": args.compile,
+        "params": sum(p.numel() for p in model.parameters()),
+        "tokens_per_s": round(tokens_per_s, 1), "step_s": round(elapsed / args.steps, 4),
+        "peak_gib": round(torch.cuda.max_memory_allocated() / 2 ** 30, 2),
+        "mfu_6n": round(tokens_per_s * flops["six_n"] / peak, 4) if peak else None,
+        "mfu_model": round(tokens_per_s * flops["model"] / peak, 4) if peak else None,
+        "loss": round(float(loss), 4), "device": torch.cuda.get_device_name(),
+        "torch": torch.__version__,
+    }
+    if prof is not None:
+        result["profile"] = time_breakdown(prof)
+    del engine, model
+    gc.collect()
+    torch.cuda.empty_cache()
+    return result
+
+
+CATEGORIES = [  # first match wins, by CUDA kernel name
+    ("retention", ("chunk", "simple_gla", "recurrent", "retention")),
+    ("gemm", ("gemm", "cutlass", "xmma", "nvjet", "matmul", "sm90")),
+    ("cross_entropy", ("cross_entropy", "softmax", "logsumexp", "nll")),
+    ("norm", ("norm",)),
+    ("optimizer", ("adam", "multi_tensor", "foreach")),
+    ("flash_attention", ("flash", "fmha", "attention")),
+]
+
+
+def time_breakdown(prof) -> dict:
+    totals = {}
+    for evt in prof.key_averages():
+        us = getattr(evt, "device_time_total", 0) or getattr(evt, "cuda_time_total", 0)
+        if not us:
+            continue
+        name = evt.key.lower()
+        cat = next((c for c, keys in CATEGORIES if any(k in name for k in keys)), "elementwise_other")
+        totals[cat] = totals.get(cat, 0.0) + us
+    all_us = sum(totals.values()) or 1.0
+    return {k: round(v / all_us, 3) for k, v in sorted(totals.items(), key=lambda kv: -kv[1])}
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--preset", default="1.3b", help="configs/model/<preset>.yaml; the Transformer uses transformer_<preset>")
+    p.add_argument("--models", default="retnet,transformer,fla", help="comma list of retnet, transformer, fla")
+    p.add_argument("--seq-len", type=int, default=8192)
+    p.add_argument("--micro-batch", type=int, default=1)
+    p.add_argument("--steps", type=int, default=10)
+    p.add_argument("--warmup", type=int, default=3)
+    p.add_argument("--zero-stage", type=int, default=0, choices=[0, 1, 2, 3])
+    p.add_argument("--activation-checkpointing", action="store_true")
+    p.add_argument("--compile", action="store_true", help="torch.compile the non-kernel parts of each block")
+    p.add_argument("--doc-len", type=int, default=0, help="mean document length for doc_starts (0: none)")
+    p.add_argument("--backend", default="auto", choices=["auto", "torch", "fla"], help="RetNet retention backend")
+    p.add_argument("--profile", action="store_true", help="add a GPU time breakdown by kernel category")
+    args = p.parse_args(argv)
+    if not torch.cuda.is_available():
+        raise SystemExit("train_throughput needs a GPU")
+    for key, default in (("MASTER_ADDR", "127.0.0.1"), ("MASTER_PORT", "29511"), ("RANK", "0"), ("LOCAL_RANK", "0"), ("WORLD_SIZE", "1")):
+        os.environ.setdefault(key, default)
+    import deepspeed
+
+    deepspeed.init_distributed(dist_backend="nccl")
+    retnet_cfg = load_preset(args.preset, retention_backend=args.backend)
+    builders = {
+        "retnet": (lambda: build_model(retnet_cfg), retnet_cfg),
+        "transformer": (lambda: build_model(tf_cfg), tf_cfg) if (tf_cfg := load_preset(f"transformer_{args.preset}")) else None,
+        "fla": (lambda: fla_reference(retnet_cfg), retnet_cfg),
+    }
+    for name in args.models.split(","):
+        if name not in builders:
+            raise SystemExit(f"--models: unknown model {name!r} (retnet, transformer, fla)")
+        if name == "fla":
+            try:
+                import fla.models  # noqa: F401
+            except ImportError:
+                print(json.dumps({"model": "fla", "skipped": "flash-linear-attention is not installed"}), flush=True)
+                continue
+        build, cfg = builders[name]
+        try:
+            print(json.dumps(measure(name, build, cfg, args)), flush=True)
+        except torch.cuda.OutOfMemoryError as e:
+            print(json.dumps({"model": name, "preset": args.preset, "micro_batch": args.micro_batch, "oom": str(e)[:200]}), flush=True)
+            gc.collect()
+            torch.cuda.empty_cache()
+
+
+if __name__ == "__main__":
+    main()
