@@ -1,0 +1,164 @@
+"""Train a sentencepiece tokenizer on a deterministic sample of documents.
+
+    python -m data_prep.train_tokenizer --source web=corpus/*.jsonl --out tok/tokenizer.model \
+        --vocab-size 32000 --num-docs 200000
+
+Writes the .model and its card (`tokenizer.card.json`: vocab size, special ids, sha256, settings).
+Defaults are chosen for lossless round trips of any UTF-8 text, code included: identity
+normalization, whitespace kept as is, byte fallback for characters outside the vocabulary, and
+"\n" as a piece of its own (sentencepiece trains on lines, so it never sees one otherwise).
+"""
+from __future__ import annotations
+
+import argparse
+import io
+import os
+from pathlib import Path
+from typing import Iterable, Iterator, Sequence
+
+import datasets
+import numpy as np
+import sentencepiece as spm
+
+from data_prep.atomic import write_bytes_atomic, write_json_atomic
+from data_prep.sources import Source, SourceError, load_source, parse_source
+from data_prep.tokenizer_card import Tokenizer, TokenizerError, card_path_for, load_tokenizer
+
+MODEL_TYPES = ("bpe", "unigram")
+MAX_LINE_CHARS = 4096  # sentencepiece drops longer sentences; split them instead
+
+
+def sample_documents(corpus: datasets.Dataset, num_docs: int, seed: int) -> datasets.Dataset:
+    """Uniform sample without replacement, kept in corpus order, a function of (corpus, seed) only."""
+    if num_docs >= len(corpus):
+        return corpus
+    rng = np.random.default_rng(seed)
+    return corpus.select(np.sort(rng.choice(len(corpus), size=num_docs, replace=False)))
+
+
+def training_lines(texts: Iterable[str]) -> Iterator[str]:
+    for text in texts:
+        for line in text.split("\n"):
+            if line.strip():
+                for start in range(0, len(line), MAX_LINE_CHARS):
+                    yield line[start:start + MAX_LINE_CHARS]
+
+
+def _iter_text(corpus: datasets.Dataset, batch_size: int = 1000) -> Iterator[str]:
+    for batch in corpus.iter(batch_size=batch_size):
+        yield from (t for t in batch["text"] if t)
+
+
+def train_tokenizer(
+    sources: Sequence[Source],
+    out: str | Path,
+    vocab_size: int = 8192,
+    model_type: str = "bpe",
+    num_docs: int = 100_000,
+    seed: int = 0,
+    character_coverage: float = 0.9995,
+    byte_fallback: bool = True,
+    max_sentences: int = 2_000_000,
+    ids: tuple[int, int, int, int] = (0, 1, 2, 3),  # unk, bos, eos, pad
+    num_threads: int | None = None,
+    overwrite: bool = False,
+    cache_dir: str | None = None,
+) -> Tokenizer:
+    out = Path(out)
+    card_path = card_path_for(out)
+    if not overwrite:
+        for existing in (out, card_path):
+            if existing.exists():
+                raise TokenizerError(f"{existing}: already exists; pass --overwrite to replace it")
+    if model_type not in MODEL_TYPES:
+        raise TokenizerError(f"model_type {model_type!r} is not one of {MODEL_TYPES}")
+    corpus = datasets.concatenate_datasets([load_source(s, cache_dir) for s in sources])
+    sample = sample_documents(corpus, num_docs, seed)
+    lines = training_lines(_iter_text(sample))
+    first = next(lines, None)
+    if first is None:
+        raise SourceError(f"sources {[s.spec for s in sources]}: no non-blank text to train a tokenizer on")
+
+    def all_lines() -> Iterator[str]:
+        yield first
+        yield from lines
+
+    unk_id, bos_id, eos_id, pad_id = ids
+    spm.set_random_generator_seed(seed)  # sentencepiece's own sentence shuffling
+    model = io.BytesIO()
+    spm.SentencePieceTrainer.train(
+        sentence_iterator=all_lines(),
+        model_writer=model,
+        vocab_size=vocab_size,
+        model_type=model_type,
+        character_coverage=character_coverage,
+        byte_fallback=byte_fallback,
+        unk_id=unk_id,
+        bos_id=bos_id,
+        eos_id=eos_id,
+        pad_id=pad_id,
+        normalization_rule_name="identity",
+        remove_extra_whitespaces=False,
+        add_dummy_prefix=False,
+        allow_whitespace_only_pieces=True,
+        split_digits=True,
+        user_defined_symbols=["\n"],
+        input_sentence_size=max_sentences,
+        shuffle_input_sentence=True,
+        max_sentence_length=4 * MAX_LINE_CHARS,
+        num_threads=num_threads or os.cpu_count() or 1,
+        minloglevel=2,
+    )
+    out.parent.mkdir(parents=True, exist_ok=True)
+    write_bytes_atomic(out, model.getvalue())
+    card_path.unlink(missing_ok=True)  # the old card (if any) describes the old model
+    tok = load_tokenizer(out)
+    write_json_atomic(
+        card_path,
+        tok.card(
+            model_type=model_type,
+            character_coverage=character_coverage,
+            byte_fallback=byte_fallback,
+            normalization="identity",
+            num_docs=len(sample),
+            seed=seed,
+            sources=[s.describe() for s in sources],
+        ),
+    )
+    return tok
+
+
+def main(argv: Sequence[str] | None = None) -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--source", action="append", required=True, help="[NAME=]SPEC, repeatable (see data_prep.sources)")
+    p.add_argument("--out", required=True, help="path of the .model file to write")
+    p.add_argument("--text-field", default="text")
+    p.add_argument("--text-unit", default="document", choices=("document", "line", "paragraph"))
+    p.add_argument("--vocab-size", type=int, default=8192)
+    p.add_argument("--model-type", default="bpe", choices=MODEL_TYPES)
+    p.add_argument("--num-docs", type=int, default=100_000, help="documents sampled for training")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--character-coverage", type=float, default=0.9995)
+    p.add_argument("--no-byte-fallback", action="store_true")
+    p.add_argument("--max-sentences", type=int, default=2_000_000, help="lines sentencepiece keeps")
+    p.add_argument("--unk-id", type=int, default=0)
+    p.add_argument("--bos-id", type=int, default=1)
+    p.add_argument("--eos-id", type=int, default=2)
+    p.add_argument("--pad-id", type=int, default=3)
+    p.add_argument("--cache-dir", default=None, help="datasets cache directory")
+    p.add_argument("--overwrite", action="store_true")
+    a = p.parse_args(argv)
+    try:
+        sources = [parse_source(s, a.text_field, a.text_unit) for s in a.source]
+        tok = train_tokenizer(
+            sources, a.out, a.vocab_size, a.model_type, a.num_docs, a.seed, a.character_coverage,
+            not a.no_byte_fallback, a.max_sentences, (a.unk_id, a.bos_id, a.eos_id, a.pad_id),
+            overwrite=a.overwrite, cache_dir=a.cache_dir,
+        )
+    except (SourceError, TokenizerError) as e:
+        raise SystemExit(f"error: {e}")
+    print(f"wrote {tok.path} (vocab {tok.vocab_size}, sha256 {tok.sha256[:12]}...) and {card_path_for(tok.path)}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,58 @@
+"""Re-check shard directories against their manifests.
+
+    python -m data_prep.verify DIR [DIR ...] [--sizes-only]
+
+DIR is a shard directory (with manifest.json) or a root whose subdirectories are. Prints one line
+per bad file (missing, wrong size, wrong sha256) and exits 1 if there is any.
+"""
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+from typing import Sequence
+
+from retnet_train.data.manifest import MANIFEST_NAME, ManifestError, read_manifest, verify_shards
+
+
+def shard_dirs(root: Path) -> list[Path]:
+    if (root / MANIFEST_NAME).is_file():
+        return [root]
+    found = sorted(p.parent for p in root.glob(f"*/{MANIFEST_NAME}"))
+    if not found:
+        raise ManifestError(f"{root}: no {MANIFEST_NAME} here or in its subdirectories")
+    return found
+
+
+def verify_directory(directory: str | Path, checksums: bool = True) -> list[str]:
+    """All problems of all shard directories under `directory` (manifest errors included)."""
+    problems = []
+    try:
+        dirs = shard_dirs(Path(directory))
+    except ManifestError as e:
+        return [str(e)]
+    for d in dirs:
+        try:
+            problems += verify_shards(read_manifest(d), checksums=checksums)
+        except ManifestError as e:
+            problems.append(str(e))
+    return problems
+
+
+def main(argv: Sequence[str] | None = None) -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("dirs", nargs="+", type=Path)
+    p.add_argument("--sizes-only", action="store_true", help="skip the sha256 pass (fast)")
+    a = p.parse_args(argv)
+    bad = 0
+    for d in a.dirs:
+        problems = verify_directory(d, checksums=not a.sizes_only)
+        for problem in problems:
+            print(f"BAD {problem}")
+        if not problems:
+            print(f"ok  {d}")
+        bad += len(problems)
+    raise SystemExit(1 if bad else 0)
+
+
+if __name__ == "__main__":
+    main()

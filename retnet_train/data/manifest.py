@@ -1,0 +1,209 @@
+"""The token-shard manifest: one JSON file per source directory, written by data_prep.tokenize.
+
+It is the single description of a shard directory that both the writer and the loader trust:
+tokenizer identity (sha256, vocab size, special ids), the token dtype, and per split the shard
+files with their token counts, document counts and sha256. Everything here is plain data so the
+format can be read without importing data_prep (the trainer only needs this package).
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+MANIFEST_NAME = "manifest.json"
+FORMAT_NAME = "retnet-train-token-shards"
+FORMAT_VERSION = 1
+SPLITS = ("train", "validation")
+DTYPES = {"uint16": np.dtype("<u2"), "uint32": np.dtype("<u4")}
+
+
+class ManifestError(ValueError):
+    """A manifest or shard file is missing, malformed, corrupt or does not match the model."""
+
+
+def token_dtype_for(vocab_size: int) -> str:
+    """Smallest flat dtype that holds every id (uint16 halves disk and page-cache use)."""
+    return "uint16" if vocab_size <= 2**16 else "uint32"
+
+
+def sha256_file(path: str | os.PathLike, chunk_bytes: int = 1 << 22) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        while block := f.read(chunk_bytes):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+@dataclass(frozen=True)
+class ShardInfo:
+    file: str  # relative to the manifest's directory
+    tokens: int
+    documents: int  # number of EOS tokens in the shard (documents that end in it)
+    sha256: str
+
+
+@dataclass(frozen=True)
+class SplitInfo:
+    tokens: int
+    documents: int
+    shards: tuple[ShardInfo, ...]
+
+
+@dataclass(frozen=True)
+class Manifest:
+    """A parsed, validated manifest.json. `directory` is where the shard files live."""
+
+    directory: Path
+    vocab_size: int
+    eos_id: int
+    bos_id: int
+    pad_id: int
+    unk_id: int
+    tokenizer_sha256: str
+    dtype: str
+    shard_tokens: int
+    splits: dict[str, SplitInfo]
+    extra: dict[str, Any] = field(default_factory=dict)  # provenance: source spec, split seed, ...
+
+    @property
+    def path(self) -> Path:
+        return self.directory / MANIFEST_NAME
+
+    @property
+    def np_dtype(self) -> np.dtype:
+        return DTYPES[self.dtype]
+
+    def shard_paths(self, split: str) -> list[Path]:
+        return [self.directory / s.file for s in self.split(split).shards]
+
+    def split(self, split: str) -> SplitInfo:
+        if split not in self.splits:
+            raise ManifestError(f"{self.path}: no split {split!r} (has {sorted(self.splits)})")
+        return self.splits[split]
+
+    def check_tokenizer(self, tokenizer_sha256: str | None = None, vocab_size: int | None = None) -> None:
+        """Refuse shards made with another tokenizer than the model/tokenizer in use."""
+        if vocab_size is not None and vocab_size != self.vocab_size:
+            raise ManifestError(
+                f"{self.path}: shards have vocab_size {self.vocab_size}, but the model expects {vocab_size}"
+            )
+        if tokenizer_sha256 is not None and tokenizer_sha256 != self.tokenizer_sha256:
+            raise ManifestError(
+                f"{self.path}: shards were tokenized with tokenizer sha256 {self.tokenizer_sha256[:12]}..., "
+                f"but the expected tokenizer has sha256 {tokenizer_sha256[:12]}..."
+            )
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "format": FORMAT_NAME,
+            "format_version": FORMAT_VERSION,
+            "tokenizer": {
+                "sha256": self.tokenizer_sha256,
+                "vocab_size": self.vocab_size,
+                "eos_id": self.eos_id,
+                "bos_id": self.bos_id,
+                "pad_id": self.pad_id,
+                "unk_id": self.unk_id,
+            },
+            "dtype": self.dtype,
+            "shard_tokens": self.shard_tokens,
+            "splits": {
+                name: {"tokens": s.tokens, "documents": s.documents, "shards": [asdict(x) for x in s.shards]}
+                for name, s in self.splits.items()
+            },
+            **self.extra,
+        }
+
+
+def _require(cond: bool, path: Path, msg: str) -> None:
+    if not cond:
+        raise ManifestError(f"{path}: {msg}")
+
+
+def _int(d: dict, key: str, path: Path, minimum: int = 0) -> int:
+    value = d.get(key)
+    _require(isinstance(value, int) and not isinstance(value, bool) and value >= minimum, path,
+             f"key {key!r} must be an integer >= {minimum}, got {value!r}")
+    return value
+
+
+def parse_manifest(data: Any, directory: Path) -> Manifest:
+    path = directory / MANIFEST_NAME
+    _require(isinstance(data, dict), path, "top level is not a JSON object")
+    _require(data.get("format") == FORMAT_NAME, path, f"key 'format' is {data.get('format')!r}, expected {FORMAT_NAME!r}")
+    _require(data.get("format_version") == FORMAT_VERSION, path,
+             f"format_version {data.get('format_version')!r} is not supported (this reader knows {FORMAT_VERSION})")
+    tok = data.get("tokenizer")
+    _require(isinstance(tok, dict), path, "key 'tokenizer' missing or not an object")
+    sha = tok.get("sha256")
+    _require(isinstance(sha, str) and len(sha) == 64, path, "key 'tokenizer.sha256' is not a sha256 hex digest")
+    vocab_size = _int(tok, "vocab_size", path, 1)
+    ids = {k: tok.get(k, -1) for k in ("eos_id", "bos_id", "pad_id", "unk_id")}
+    _require(isinstance(ids["eos_id"], int) and 0 <= ids["eos_id"] < vocab_size, path,
+             f"key 'tokenizer.eos_id' must be an id below vocab_size {vocab_size}, got {ids['eos_id']!r}")
+    dtype = data.get("dtype")
+    _require(dtype in DTYPES, path, f"key 'dtype' is {dtype!r}, expected one of {sorted(DTYPES)}")
+    _require(vocab_size <= np.iinfo(DTYPES[dtype]).max + 1, path, f"vocab_size {vocab_size} does not fit dtype {dtype}")
+    splits_raw = data.get("splits")
+    _require(isinstance(splits_raw, dict) and "train" in splits_raw, path, "key 'splits' missing or has no 'train'")
+    splits = {}
+    for name, raw in splits_raw.items():
+        _require(name in SPLITS and isinstance(raw, dict), path, f"split {name!r} is not one of {SPLITS}")
+        shards = []
+        for i, s in enumerate(raw.get("shards", [])):
+            where = f"splits.{name}.shards[{i}]"
+            _require(isinstance(s, dict) and isinstance(s.get("file"), str), path, f"{where}.file missing")
+            _require(os.sep not in s["file"] and "/" not in s["file"], path, f"{where}.file must be a plain file name")
+            _require(isinstance(s.get("sha256"), str) and len(s["sha256"]) == 64, path, f"{where}.sha256 missing")
+            shards.append(ShardInfo(s["file"], _int(s, "tokens", path, 1), _int(s, "documents", path), s["sha256"]))
+        split = SplitInfo(_int(raw, "tokens", path), _int(raw, "documents", path), tuple(shards))
+        _require(split.tokens == sum(s.tokens for s in shards), path, f"splits.{name}.tokens != sum of its shards")
+        splits[name] = split
+    known = {"format", "format_version", "tokenizer", "dtype", "shard_tokens", "splits"}
+    return Manifest(
+        directory=directory,
+        vocab_size=vocab_size,
+        tokenizer_sha256=sha,
+        dtype=dtype,
+        shard_tokens=_int(data, "shard_tokens", path, 1),
+        splits=splits,
+        extra={k: v for k, v in data.items() if k not in known},
+        **ids,
+    )
+
+
+def read_manifest(directory: str | os.PathLike) -> Manifest:
+    """Read and validate `<directory>/manifest.json` (no shard I/O; see verify_shards)."""
+    directory = Path(directory)
+    path = directory / MANIFEST_NAME
+    if not path.is_file():
+        raise ManifestError(f"{path}: no manifest (is {directory} a shard directory written by data_prep.tokenize?)")
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise ManifestError(f"{path}: not valid JSON ({e})") from None
+    return parse_manifest(data, directory)
+
+
+def verify_shards(manifest: Manifest, checksums: bool = True, splits: tuple[str, ...] | None = None) -> list[str]:
+    """Return one message per bad shard (missing, wrong size, wrong sha256); empty when all is well."""
+    problems = []
+    itemsize = manifest.np_dtype.itemsize
+    for name in splits or tuple(manifest.splits):
+        for shard in manifest.split(name).shards:
+            path = manifest.directory / shard.file
+            if not path.is_file():
+                problems.append(f"{path}: missing")
+                continue
+            size, expected = path.stat().st_size, shard.tokens * itemsize
+            if size != expected:
+                problems.append(f"{path}: size {size} bytes, manifest says {expected} ({shard.tokens} {manifest.dtype} tokens)")
+            elif checksums and (digest := sha256_file(path)) != shard.sha256:
+                problems.append(f"{path}: sha256 {digest[:12]}... does not match manifest {shard.sha256[:12]}...")
+    return problems
