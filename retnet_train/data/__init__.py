@@ -1,0 +1,34 @@
+"""Data loading for pretraining: memory-mapped token shards -> packed, resumable micro-batches.
+
+    loader = TokenLoader({"web": ("data/web", 0.7), "code": ("data/code", 0.3)}, seq_len=2048,
+                         micro_batch_size=8, dp_rank=rank, dp_world_size=world, seed=0,
+                         tokenizer_sha256=card["sha256"], vocab_size=8192)
+    batch = next(loader)  # input_ids, labels (shifted), doc_starts: [B, seq_len]
+    ckpt["data"] = loader.state_dict()   # JSON; counts global sequences consumed
+
+Shards are written by `python -m data_prep.tokenize` (format: manifest.py).
+"""
+from retnet_train.data.loader import (
+    TokenLoader,
+    ValidationLoader,
+    build_validation_loader,
+    make_batch,
+    normalize_sources,
+)
+from retnet_train.data.manifest import Manifest, ManifestError, read_manifest, verify_shards
+from retnet_train.data.megatron import read_megatron_index
+from retnet_train.data.mixing import MixingSchedule
+
+__all__ = [
+    "Manifest",
+    "ManifestError",
+    "MixingSchedule",
+    "TokenLoader",
+    "ValidationLoader",
+    "build_validation_loader",
+    "make_batch",
+    "normalize_sources",
+    "read_manifest",
+    "read_megatron_index",
+    "verify_shards",
+]

@@ -1,0 +1,72 @@
+"""A source's token stream for one split: memory-mapped files read as one flat sequence.
+
+Shard directories (manifest.json) and Megatron indexed datasets look the same to the loader:
+`num_tokens` and `gather(starts, length)`, which copies windows out of the page cache without
+any per-token Python work.
+"""
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+
+from retnet_train.data.manifest import Manifest, ManifestError, read_manifest, verify_shards
+from retnet_train.data.megatron import megatron_prefix, open_megatron_tokens
+
+
+class TokenStream:
+    def __init__(self, name: str, origin: Path, parts: list[np.ndarray], eos_id: int,
+                 manifest: Manifest | None = None):
+        self.name, self.origin, self.eos_id, self.manifest = name, origin, eos_id, manifest
+        self._parts = parts
+        lengths = np.array([len(p) for p in parts], dtype=np.int64)
+        self._starts = np.concatenate([[0], np.cumsum(lengths)])  # part i covers [starts[i], starts[i+1])
+        self.num_tokens = int(self._starts[-1])
+
+    def gather(self, starts: np.ndarray, length: int) -> np.ndarray:
+        """Rows tokens[s : s + length] for each s in starts, as int64 [len(starts), length]."""
+        out = np.empty((len(starts), length), dtype=np.int64)
+        for row, start in enumerate(np.asarray(starts, dtype=np.int64)):
+            if start < 0 or start + length > self.num_tokens:
+                raise IndexError(f"{self.origin}: window [{start}, {start + length}) outside {self.num_tokens} tokens")
+            part = int(np.searchsorted(self._starts, start, side="right")) - 1
+            filled = 0
+            while filled < length:  # a window spans at most a few parts (usually one)
+                lo = start + filled - self._starts[part]
+                take = min(length - filled, len(self._parts[part]) - lo)
+                out[row, filled:filled + take] = self._parts[part][lo:lo + take]
+                filled += take
+                part += 1
+        return out
+
+
+def open_shard_stream(name: str, directory: Path, split: str, verify_checksums: bool = False) -> TokenStream:
+    manifest = read_manifest(directory)
+    info = manifest.split(split)
+    if info.tokens == 0:
+        raise ManifestError(f"{manifest.path}: split {split!r} has no tokens (source {name!r})")
+    # sizes always (cheap, catches truncation); sha256 on request (reads everything)
+    problems = verify_shards(manifest, checksums=verify_checksums, splits=(split,))
+    if problems:
+        raise ManifestError(f"source {name!r}: damaged shards (run `python -m data_prep.verify {directory}`):\n  "
+                            + "\n  ".join(problems))
+    parts = [np.memmap(p, dtype=manifest.np_dtype, mode="r") for p in manifest.shard_paths(split)]
+    return TokenStream(name, manifest.path, parts, manifest.eos_id, manifest)
+
+
+def open_stream(name: str, path: str | Path, split: str, eos_id: int | None = None,
+                verify_checksums: bool = False) -> TokenStream:
+    """A shard directory, or a Megatron `.bin`/`.idx` prefix (train split only: it has no split)."""
+    path = Path(path)
+    if path.is_dir():
+        return open_shard_stream(name, path, split, verify_checksums)
+    prefix = megatron_prefix(path)
+    if prefix is None:
+        raise ManifestError(f"source {name!r}: {path} is neither a shard directory nor a Megatron .bin/.idx prefix")
+    if split != "train":
+        raise ManifestError(f"source {name!r}: Megatron dataset {prefix} has no {split!r} split; "
+                            "give the validation data as its own source")
+    if eos_id is None:
+        raise ManifestError(f"source {name!r}: Megatron dataset {prefix} does not record the EOS id; pass eos_id")
+    tokens, _ = open_megatron_tokens(prefix, eos_id)
+    return TokenStream(name, prefix.with_name(prefix.name + ".idx"), [tokens], eos_id)
