@@ -74,8 +74,6 @@ def open_streams(
     first: TokenStream | None = None
     for name in sorted(sources):
         path, _ = sources[name]
-        if not path.exists():
-            raise ManifestError(f"data source {name!r}: {path} does not exist")
         stream = open_stream(name, path, split, eos_id if eos_id is not None else _eos_of(first), verify_checksums)
         if stream.manifest is not None:
             stream.manifest.check_tokenizer(tokenizer_sha256, vocab_size)

@@ -61,6 +61,8 @@ def open_stream(name: str, path: str | Path, split: str, eos_id: int | None = No
     if path.is_dir():
         return open_shard_stream(name, path, split, verify_checksums)
     prefix = megatron_prefix(path)
+    if prefix is None and not path.exists():
+        raise ManifestError(f"data source {name!r}: {path} does not exist")
     if prefix is None:
         raise ManifestError(f"source {name!r}: {path} is neither a shard directory nor a Megatron .bin/.idx prefix")
     if split != "train":

@@ -1,0 +1,90 @@
+"""Bad data must fail loudly, naming the file and what is wrong."""
+import json
+
+import pytest
+
+from retnet_train.data import ManifestError, TokenLoader, read_manifest
+from shard_fixtures import TOKENIZER_SHA, VOCAB, position_tokens, write_shard_dir
+
+SEQ = 8
+
+
+@pytest.fixture
+def shard_dir(tmp_path):
+    write_shard_dir(tmp_path / "src", position_tokens(1000), position_tokens(100), shard_tokens=300)
+    return tmp_path / "src"
+
+
+def loader(path, **kw):
+    return TokenLoader({"src": (str(path), 1.0)}, kw.pop("seq_len", SEQ), 2, **kw)
+
+
+def test_read_manifest_fields(shard_dir):
+    m = read_manifest(shard_dir)
+    assert (m.vocab_size, m.eos_id, m.tokenizer_sha256, m.dtype) == (VOCAB, 2, TOKENIZER_SHA, "uint32")
+    assert m.split("train").tokens == 1000 and len(m.split("train").shards) == 4
+    assert m.split("validation").tokens == 100
+
+
+def test_tokenizer_mismatch_names_the_manifest(shard_dir):
+    with pytest.raises(ManifestError, match=rf"{shard_dir}/manifest.json.*sha256"):
+        loader(shard_dir, tokenizer_sha256="cd" * 32)
+    with pytest.raises(ManifestError, match=rf"{shard_dir}/manifest.json.*vocab_size {VOCAB}.*expects 8192"):
+        loader(shard_dir, vocab_size=8192)
+    loader(shard_dir, tokenizer_sha256=TOKENIZER_SHA, vocab_size=VOCAB)  # the right ones pass
+
+
+def test_sources_from_different_tokenizers_are_refused(shard_dir, tmp_path):
+    write_shard_dir(tmp_path / "other", position_tokens(1000), tokenizer_sha="cd" * 32)
+    with pytest.raises(ManifestError, match="other/manifest.json"):
+        TokenLoader({"a": (str(shard_dir), 1), "b": (str(tmp_path / "other"), 1)}, SEQ, 2)
+
+
+def test_truncated_shard_names_the_file(shard_dir):
+    shard = shard_dir / "train_00001.bin"
+    shard.write_bytes(shard.read_bytes()[:-4])
+    with pytest.raises(ManifestError, match=r"train_00001.bin: size 1196 bytes, manifest says 1200"):
+        loader(shard_dir)
+
+
+def test_corrupt_shard_found_when_checksums_are_verified(shard_dir):
+    shard = shard_dir / "train_00002.bin"
+    data = bytearray(shard.read_bytes())
+    data[5] ^= 0xFF
+    shard.write_bytes(bytes(data))
+    loader(shard_dir)  # same size: the cheap check cannot see it
+    with pytest.raises(ManifestError, match=r"train_00002.bin: sha256 .* does not match"):
+        loader(shard_dir, verify_checksums=True)
+
+
+def test_seq_len_longer_than_source(shard_dir):
+    with pytest.raises(ManifestError, match=r"seq_len 1000 is longer than source 'src'.*1000 tokens"):
+        loader(shard_dir, seq_len=1000)
+    loader(shard_dir, seq_len=999)  # 1000 tokens hold exactly one window of 999 + 1
+
+
+def test_missing_and_malformed_manifests(shard_dir, tmp_path):
+    with pytest.raises(ManifestError, match="does not exist"):
+        loader(tmp_path / "nope")
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(ManifestError, match="empty/manifest.json: no manifest"):
+        loader(tmp_path / "empty")
+    path = shard_dir / "manifest.json"
+    data = json.loads(path.read_text())
+    data["splits"]["train"]["tokens"] += 1
+    path.write_text(json.dumps(data))
+    with pytest.raises(ManifestError, match="splits.train.tokens != sum of its shards"):
+        read_manifest(shard_dir)
+    del data["tokenizer"]["sha256"]
+    path.write_text(json.dumps(data))
+    with pytest.raises(ManifestError, match="tokenizer.sha256"):
+        read_manifest(shard_dir)
+    path.write_text("{not json")
+    with pytest.raises(ManifestError, match="manifest.json: not valid JSON"):
+        read_manifest(shard_dir)
+
+
+def test_missing_split(tmp_path):
+    write_shard_dir(tmp_path / "t", position_tokens(100))
+    with pytest.raises(ManifestError, match="no split 'validation'"):
+        loader(tmp_path / "t", split="validation")

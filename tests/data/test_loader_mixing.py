@@ -1,0 +1,65 @@
+import numpy as np
+import pytest
+
+from retnet_train.data import MixingSchedule, TokenLoader
+from shard_fixtures import FIRST_ID, position_tokens, write_shard_dir
+
+SEQ = 8
+OFFSETS = {"web": 0, "code": 100_000, "books": 200_000}
+
+
+def source_of(row: np.ndarray) -> str:
+    value = int(row.max()) - FIRST_ID  # the largest token is never EOS; offsets tell sources apart
+    return max((o, n) for n, o in OFFSETS.items() if o <= value)[1]
+
+
+@pytest.fixture
+def sources(tmp_path):
+    for name, offset in OFFSETS.items():
+        # 'code' is small so it wraps into later epochs during the test
+        n = 400 if name == "code" else 5000
+        write_shard_dir(tmp_path / name, position_tokens(n, offset=offset), shard_tokens=700)
+    return lambda weights: {n: (str(tmp_path / n), w) for n, w in weights.items()}
+
+
+@pytest.mark.parametrize("weights", [{"web": 0.7, "code": 0.3}, {"web": 5, "code": 3, "books": 2},
+                                     {"web": 0.97, "books": 0.03}])
+def test_proportions_within_two_percent_over_1000_sequences(sources, weights):
+    loader = TokenLoader(sources(weights), SEQ, 50, seed=11)
+    rows = np.concatenate([next(loader)["input_ids"].numpy() for _ in range(20)])  # 1,000
+    names = [source_of(r) for r in rows]
+    total = sum(weights.values())
+    for name, w in weights.items():
+        assert abs(names.count(name) / 1000 - w / total) <= 0.02, (name, names.count(name))
+    # also over a later window of 1,000 (not just from the start)
+    rows = np.concatenate([next(loader)["input_ids"].numpy() for _ in range(20)])
+    names = [source_of(r) for r in rows]
+    for name, w in weights.items():
+        assert abs(names.count(name) / 1000 - w / total) <= 0.02
+
+
+def test_each_source_keeps_its_own_epoch_order(sources):
+    # mixed with web, code's sequences must still be a permutation of its windows per epoch
+    loader = TokenLoader(sources({"web": 0.5, "code": 0.5}), SEQ, 100, seed=2)
+    rows = np.concatenate([next(loader)["input_ids"].numpy() for _ in range(2)])
+    code = [r for r in rows if source_of(r) == "code"]
+    n_windows = (400 - 1) // SEQ
+    assert len(code) == 100 >= 2 * n_windows
+    firsts = sorted(int(r[r != 2][0]) for r in code[:n_windows])
+    assert len(set(firsts)) == n_windows  # first epoch: each window once
+
+
+def test_schedule_counts_and_bijection():
+    schedule = MixingSchedule({"a": 1, "b": 2})
+    assert schedule.names == ["a", "b"]
+    assert schedule.counts.tolist() == [5461, 10923]
+    src, k = schedule.assign(np.arange(3 * schedule.period + 17))
+    for s in range(2):
+        np.testing.assert_array_equal(k[src == s], np.arange((src == s).sum()))  # no gaps, no repeats
+
+
+@pytest.mark.parametrize("weights,msg", [({"a": 0}, "'a'.*positive"), ({"a": -1, "b": 1}, "'a'"),
+                                         ({"a": 1, "b": 1e-9}, "'b'.*resolution"), ({}, "no data sources")])
+def test_bad_weights(weights, msg):
+    with pytest.raises(ValueError, match=msg):
+        MixingSchedule(weights)

@@ -1,0 +1,94 @@
+"""Megatron-LM / GPT-NeoX MMIDIDX datasets as loader sources, written here from the documented
+format (magic, version, dtype code, counts, sizes int32, pointers int64, document indices int64)."""
+import struct
+
+import numpy as np
+import pytest
+
+from retnet_train.data import ManifestError, TokenLoader, build_validation_loader, read_megatron_index
+
+EOS = 0  # GPT-2 style EOD id, unlike our shards'
+SEQ = 8
+
+
+def write_mmidx(prefix, documents, dtype=np.uint16, code=8, magic=b"MMIDIDX\x00\x00"):
+    """One sequence per document (Megatron's layout for GPT pretraining data)."""
+    sizes = np.array([len(d) for d in documents], dtype="<i4")
+    itemsize = np.dtype(dtype).itemsize
+    pointers = np.concatenate([[0], np.cumsum(sizes)[:-1]]).astype("<i8") * itemsize
+    doc_idx = np.arange(len(documents) + 1, dtype="<i8")
+    with open(f"{prefix}.idx", "wb") as f:
+        f.write(magic + struct.pack("<Q", 1) + struct.pack("<B", code))
+        f.write(struct.pack("<Q", len(sizes)) + struct.pack("<Q", len(doc_idx)))
+        f.write(sizes.tobytes() + pointers.tobytes() + doc_idx.tobytes())
+    with open(f"{prefix}.bin", "wb") as f:
+        f.write(np.concatenate(documents).astype(np.dtype(dtype).newbyteorder("<")).tobytes())
+
+
+def documents(n_docs=9, seed=0):
+    rng = np.random.default_rng(seed)
+    return [np.append(rng.integers(1, 50_000, size=int(rng.integers(3, 30))), EOS) for _ in range(n_docs)]
+
+
+def test_reads_index_fields(tmp_path):
+    docs = documents()
+    write_mmidx(tmp_path / "c_text_document", docs)
+    idx = read_megatron_index(tmp_path / "c_text_document.idx")
+    assert idx.dtype == np.uint16
+    np.testing.assert_array_equal(idx.sizes, [len(d) for d in docs])
+    np.testing.assert_array_equal(idx.pointers[1:] // 2, np.cumsum([len(d) for d in docs])[:-1])
+    np.testing.assert_array_equal(idx.document_indices, np.arange(len(docs) + 1))
+
+
+@pytest.mark.parametrize("spelling", ["c_text_document", "c_text_document.bin", "c_text_document.idx"])
+def test_loader_reads_the_concatenated_documents(tmp_path, spelling):
+    docs = documents()
+    write_mmidx(tmp_path / "c_text_document", docs)
+    stream = np.concatenate(docs)
+    n_windows = (len(stream) - 1) // SEQ
+    loader = TokenLoader({"meg": (str(tmp_path / spelling), 1.0)}, SEQ, n_windows, seed=0, eos_id=EOS)
+    batch = next(loader)
+    ids, labels = batch["input_ids"].numpy(), batch["labels"].numpy()
+    windows = {tuple(stream[i * SEQ:i * SEQ + SEQ + 1]) for i in range(n_windows)}
+    got = {tuple(np.append(i, l[-1])) for i, l in zip(ids, labels)}
+    assert got == windows  # one epoch = every window once
+    np.testing.assert_array_equal(batch["doc_starts"].numpy()[:, 1:], ids[:, :-1] == EOS)
+
+
+def test_int32_tokens(tmp_path):
+    docs = [np.array([70_000, 70_001, EOS]), np.array([5, 6, 7, 8, EOS])]
+    write_mmidx(tmp_path / "big", docs, dtype=np.int32, code=4)
+    batch = next(TokenLoader({"m": (str(tmp_path / "big"), 1.0)}, 7, 1, eos_id=EOS))
+    assert batch["input_ids"].numpy().tolist() == [[70_000, 70_001, EOS, 5, 6, 7, 8]]
+
+
+def test_needs_eos_and_rejects_documents_without_it(tmp_path):
+    docs = documents()
+    docs[3] = docs[3][:-1]  # a document without EOD (tokenized without --append-eod)
+    write_mmidx(tmp_path / "m", docs)
+    with pytest.raises(ManifestError, match=r"m.idx: 1 of 9 documents do not end with EOS id 0 \(first: document 3\)"):
+        TokenLoader({"m": (str(tmp_path / "m"), 1.0)}, SEQ, 2, eos_id=EOS)
+    with pytest.raises(ManifestError, match="does not record the EOS id; pass eos_id"):
+        TokenLoader({"m": (str(tmp_path / "m"), 1.0)}, SEQ, 2)
+
+
+def test_corrupt_files(tmp_path):
+    write_mmidx(tmp_path / "bad", documents(), magic=b"NOTMMIDX\x00")
+    with pytest.raises(ManifestError, match=r"bad.idx: not an MMIDIDX index"):
+        TokenLoader({"m": (str(tmp_path / "bad"), 1.0)}, SEQ, 2, eos_id=EOS)
+    write_mmidx(tmp_path / "short", documents())
+    with open(tmp_path / "short.bin", "r+b") as f:
+        f.truncate(10)
+    with pytest.raises(ManifestError, match=r"short.bin: size 10 bytes"):
+        TokenLoader({"m": (str(tmp_path / "short"), 1.0)}, SEQ, 2, eos_id=EOS)
+    write_mmidx(tmp_path / "float", documents(), dtype=np.float32, code=7)
+    with pytest.raises(ManifestError, match="dtype code 7 is not an integer"):
+        TokenLoader({"m": (str(tmp_path / "float"), 1.0)}, SEQ, 2, eos_id=EOS)
+
+
+def test_has_no_validation_split(tmp_path):
+    write_mmidx(tmp_path / "m", documents())
+    with pytest.raises(ManifestError, match="has no 'validation' split"):
+        TokenLoader({"m": (str(tmp_path / "m"), 1.0)}, SEQ, 2, split="validation", eos_id=EOS)
+    with pytest.warns(UserWarning, match="'m'"), pytest.raises(ManifestError, match="no data source"):
+        build_validation_loader({"m": (str(tmp_path / "m"), 1.0)}, SEQ, 2, eos_id=EOS)
