@@ -162,14 +162,20 @@ def tokenize_source(
     try:
         for lo in range(start_doc, len(corpus), chunk_docs):
             hi = min(lo + chunk_docs, len(corpus))
-            encoded = corpus.select(range(lo, hi)).map(
-                encoder, batched=True, batch_size=batch_size, num_proc=min(num_proc, hi - lo),
+            doc_ids = np.arange(lo, hi)
+            in_val = validation_mask(doc_ids, validation_fraction, seed)
+            # after a resume, skip documents whose split already has them on disk
+            needed = np.where(in_val, doc_ids >= writers["validation"].resume.doc, doc_ids >= writers["train"].resume.doc)
+            doc_ids, in_val = doc_ids[needed], in_val[needed]
+            if not doc_ids.size:
+                continue
+            encoded = corpus.select(doc_ids).map(
+                encoder, batched=True, batch_size=batch_size,
+                num_proc=workers if (workers := min(num_proc, doc_ids.size)) > 1 else None,  # None: in-process
                 remove_columns=["text"], keep_in_memory=True, desc=None,
             )
             flat, lengths = _flatten_ids(encoded.data.column("ids"))
-            doc_ids = np.arange(lo, hi)
             nonempty = lengths > 0  # an empty text is not a document: no lone EOS
-            in_val = validation_mask(doc_ids, validation_fraction, seed)
             for split, member in (("train", ~in_val & nonempty), ("validation", in_val & nonempty)):
                 tokens, framed = frame_documents(flat[np.repeat(member, lengths)], lengths[member], tok.eos_id, bos_id)
                 writers[split].add(tokens, doc_ids[member], framed)

@@ -1,0 +1,187 @@
+import json
+import os
+
+import numpy as np
+import pytest
+
+import data_prep.shard_writer as shard_writer
+import data_prep.tokenize as tokenize_mod
+from data_prep.doc_split import validation_mask
+from data_prep.tokenize import tokenize_source
+from prep_helpers import corpus_texts, jsonl_source, make_tokenizer, read_split_docs, write_jsonl
+from retnet_train.data import TokenLoader, read_manifest, verify_shards
+from retnet_train.data.manifest import sha256_file
+
+SHARD = 4000  # small: the corpus spans several shards and documents straddle shard edges
+FRACTION = 0.2
+
+
+@pytest.fixture(scope="module")
+def tok(tmp_path_factory):
+    return make_tokenizer(tmp_path_factory.mktemp("tok"))
+
+
+@pytest.fixture
+def corpus(tmp_path):
+    return write_jsonl(tmp_path / "in" / "corpus.jsonl", corpus_texts())
+
+
+def run(source_path, tok, out, **kw):
+    kw = {"validation_fraction": FRACTION, "seed": 3, "shard_tokens": SHARD, "num_proc": 1, "chunk_docs": 7,
+          "progress": False, "cache_dir": str(out.parent / "hf_cache"), **kw}
+    return tokenize_source(jsonl_source(source_path), tok, out, **kw)
+
+
+def shard_digests(manifest):
+    return {name: [(s.file, s.tokens, s.documents, s.sha256) for s in split.shards]
+            for name, split in manifest.splits.items()}
+
+
+def test_round_trip_decode_equals_input(tok, corpus, tmp_path):
+    manifest = run(corpus, tok, tmp_path / "out")
+    texts = corpus_texts()
+    in_val = validation_mask(np.arange(len(texts)), FRACTION, 3)
+    for split, member in (("train", ~in_val), ("validation", in_val)):
+        expected = [t for t, m in zip(texts, member) if m and t]  # empty texts are not documents
+        docs = read_split_docs(tmp_path / "out", split, tok.eos_id)
+        assert [tok.processor.decode(d[:-1].tolist()) for d in docs] == expected
+        assert manifest.split(split).documents == len(expected)
+    assert 0 < manifest.split("validation").documents < manifest.split("train").documents
+
+
+def test_manifest_and_shard_files(tok, corpus, tmp_path):
+    m = run(corpus, tok, tmp_path / "out")
+    on_disk = read_manifest(tmp_path / "out")
+    assert shard_digests(on_disk) == shard_digests(m)
+    assert (m.vocab_size, m.eos_id, m.tokenizer_sha256, m.dtype) == (1000, 2, tok.sha256, "uint16")
+    raw = json.loads(m.path.read_text())
+    assert raw["format_version"] == 1 and raw["split_rule"] == {"validation_fraction": FRACTION, "seed": 3, "unit": "document"}
+    train = m.split("train").shards
+    assert len(train) >= 3
+    assert all(s.tokens == SHARD for s in train[:-1]) and 0 < train[-1].tokens <= SHARD
+    for split in m.splits.values():
+        for s in split.shards:
+            path = tmp_path / "out" / s.file
+            assert path.stat().st_size == 2 * s.tokens
+            assert sha256_file(path) == s.sha256
+            assert np.count_nonzero(np.fromfile(path, np.uint16) == tok.eos_id) == s.documents
+    assert verify_shards(m) == []
+    assert sorted(p.name for p in (tmp_path / "out").iterdir()) == sorted(
+        ["manifest.json"] + [s.file for sp in m.splits.values() for s in sp.shards])  # no journal/tmp left
+
+
+def test_same_shards_for_num_proc_1_and_2(tok, corpus, tmp_path):
+    one = run(corpus, tok, tmp_path / "p1", num_proc=1, chunk_docs=1000)
+    two = run(corpus, tok, tmp_path / "p2", num_proc=2, chunk_docs=1000, batch_size=3)
+    assert shard_digests(one) == shard_digests(two)
+    assert shard_digests(one) == shard_digests(run(corpus, tok, tmp_path / "p3"))  # and other chunking
+
+
+def test_bos_option(tok, corpus, tmp_path):
+    m = run(corpus, tok, tmp_path / "out", add_bos=True)
+    docs = read_split_docs(tmp_path / "out", "train", tok.eos_id)
+    assert all(d[0] == tok.bos_id and d[-1] == tok.eos_id for d in docs)
+    assert json.loads(m.path.read_text())["add_bos"] is True
+
+
+class Killed(Exception):
+    pass
+
+
+def test_resume_after_kill_keeps_verified_shards(tok, corpus, tmp_path, monkeypatch):
+    reference = shard_digests(run(corpus, tok, tmp_path / "ref"))
+    out = tmp_path / "out"
+    real_write = shard_writer.SplitShardWriter._write_shard
+    written = []
+
+    def dying_write(self, n):
+        if len(written) == 3:
+            # die half-way through the 4th shard: a temporary file is all that is left of it
+            (out / f".{self.split}_{len(self.shards):05d}.bin.999.tmp").write_bytes(b"partial")
+            raise Killed
+        real_write(self, n)
+        written.append(self.shards[-1].file)
+
+    monkeypatch.setattr(shard_writer.SplitShardWriter, "_write_shard", dying_write)
+    with pytest.raises(Killed):
+        run(corpus, tok, out)
+    assert not (out / "manifest.json").exists() and (out / "progress.jsonl").exists()
+    kept = {f: os.stat(out / f) for f in written}
+    records = [json.loads(line) for line in (out / "progress.jsonl").read_text().splitlines()[1:]]
+    resume = {split: max([r["resume"][0] for r in records if r["split"] == split], default=0)
+              for split in ("train", "validation")}
+    in_val = validation_mask(np.arange(len(corpus_texts())), FRACTION, 3)
+    must_redo = sum(i >= resume["validation" if v else "train"] for i, v in enumerate(in_val))
+    monkeypatch.setattr(shard_writer.SplitShardWriter, "_write_shard", real_write)
+
+    encoded = []  # documents tokenized by the second run (num_proc=1 maps in this process)
+    real_call = tokenize_mod._Encoder.__call__
+    monkeypatch.setattr(tokenize_mod._Encoder, "__call__",
+                        lambda self, batch: encoded.append(len(batch["text"])) or real_call(self, batch))
+    m = run(corpus, tok, out)
+    assert shard_digests(m) == reference
+    for f, st in kept.items():  # finished shards were kept, not rewritten
+        now = os.stat(out / f)
+        assert (now.st_ino, now.st_mtime_ns) == (st.st_ino, st.st_mtime_ns)
+    # only documents not yet on disk were tokenized again (the one cut by the last kept shard included)
+    assert sum(encoded) == must_redo < len(corpus_texts())
+    assert not list(out.glob(".*.tmp")) and not (out / "progress.jsonl").exists()
+
+
+def test_resume_regenerates_a_damaged_kept_shard(tok, corpus, tmp_path, monkeypatch):
+    reference = shard_digests(run(corpus, tok, tmp_path / "ref"))
+    out = tmp_path / "out"
+    real_write = shard_writer.SplitShardWriter._write_shard
+    count = []
+
+    def dying_write(self, n):
+        if len(count) == 4:
+            raise Killed
+        real_write(self, n)
+        count.append(1)
+
+    monkeypatch.setattr(shard_writer.SplitShardWriter, "_write_shard", dying_write)
+    with pytest.raises(Killed):
+        run(corpus, tok, out)
+    monkeypatch.setattr(shard_writer.SplitShardWriter, "_write_shard", real_write)
+    victim = out / "train_00001.bin"
+    data = bytearray(victim.read_bytes())
+    data[10] ^= 1
+    victim.write_bytes(bytes(data))
+    assert shard_digests(run(corpus, tok, out)) == reference
+
+
+def test_existing_output_is_never_overwritten_without_flag(tok, corpus, tmp_path):
+    out = tmp_path / "out"
+    first = run(corpus, tok, out)
+    before = {p.name: p.read_bytes() for p in out.iterdir()}
+    with pytest.raises(FileExistsError, match=rf"{out}/manifest.json: output already exists; pass --overwrite"):
+        run(corpus, tok, out, seed=4)
+    assert {p.name: p.read_bytes() for p in out.iterdir()} == before
+    (out / "notes.txt").write_text("mine")
+    second = run(corpus, tok, out, seed=4, overwrite=True)
+    assert shard_digests(second) != shard_digests(first)  # another split seed -> other shards
+    assert (out / "notes.txt").read_text() == "mine"  # only the tool's own files were replaced
+
+
+def test_unfinished_run_with_other_settings_is_not_resumed(tok, corpus, tmp_path, monkeypatch):
+    out = tmp_path / "out"
+    monkeypatch.setattr(shard_writer.SplitShardWriter, "_write_shard", lambda self, n: (_ for _ in ()).throw(Killed))
+    with pytest.raises(Killed):
+        run(corpus, tok, out)
+    monkeypatch.undo()
+    with pytest.raises(FileExistsError, match=r"progress.jsonl: an unfinished run with different inputs or settings"):
+        run(corpus, tok, out, shard_tokens=SHARD * 2)
+
+
+def test_loader_reads_tokenized_shards(tok, corpus, tmp_path):
+    m = run(corpus, tok, tmp_path / "out")
+    loader = TokenLoader({"c": (str(tmp_path / "out"), 1.0)}, 64, 4, tokenizer_sha256=tok.sha256, vocab_size=1000,
+                         verify_checksums=True)
+    batch = next(loader)
+    ids = batch["input_ids"].numpy()
+    stream = np.concatenate([np.fromfile(p, np.uint16) for p in m.shard_paths("train")]).astype(np.int64)
+    for row in ids:  # every row is a stride-aligned window of the train stream
+        starts = [s for s in range(0, len(stream) - 64, 64) if np.array_equal(stream[s:s + 64], row)]
+        assert starts
+    assert batch["doc_starts"].numpy()[:, 1:].tolist() == (ids[:, :-1] == tok.eos_id).tolist()

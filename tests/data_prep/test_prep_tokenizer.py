@@ -1,0 +1,72 @@
+import json
+
+import pytest
+
+from data_prep.sources import parse_source
+from data_prep.tokenizer_card import TokenizerError, card_path_for, load_tokenizer
+from data_prep.train_tokenizer import train_tokenizer
+from prep_helpers import SPECIAL_DOCS, corpus_texts, make_tokenizer, write_jsonl
+from retnet_train.data.manifest import sha256_file
+
+
+@pytest.fixture(scope="module")
+def tok(tmp_path_factory):
+    return make_tokenizer(tmp_path_factory.mktemp("tok"))
+
+
+def test_card_describes_the_model(tok):
+    card = json.loads(card_path_for(tok.path).read_text())
+    assert card["sha256"] == sha256_file(tok.path)
+    assert card["vocab_size"] == tok.processor.get_piece_size() == 1000
+    assert (card["unk_id"], card["bos_id"], card["eos_id"], card["pad_id"]) == (0, 1, 2, 3)
+    assert card["model_type"] == "bpe" and card["byte_fallback"] is True
+    assert card["num_docs"] == len(corpus_texts())
+
+
+def test_lossless_round_trip(tok):
+    for text in SPECIAL_DOCS + corpus_texts()[:5]:
+        ids = tok.processor.encode(text)
+        assert tok.eos_id not in ids and tok.bos_id not in ids
+        assert tok.processor.decode(ids) == text
+    assert tok.processor.encode("\n") == [tok.processor.piece_to_id("\n")]  # newline is one piece
+
+
+def test_training_is_deterministic(tok, tmp_path):
+    again = make_tokenizer(tmp_path)
+    assert again.sha256 == tok.sha256
+
+
+def test_sample_of_n_documents_is_seeded(tmp_path):
+    corpus = write_jsonl(tmp_path / "c.jsonl", corpus_texts())
+    kw = dict(vocab_size=600, num_docs=20, cache_dir=str(tmp_path / "cache"))
+    a = train_tokenizer([parse_source(str(corpus))], tmp_path / "a.model", seed=1, **kw)
+    b = train_tokenizer([parse_source(str(corpus))], tmp_path / "b.model", seed=1, **kw)
+    c = train_tokenizer([parse_source(str(corpus))], tmp_path / "c.model", seed=2, **kw)
+    assert a.sha256 == b.sha256 != c.sha256
+    assert json.loads(card_path_for(a.path).read_text())["num_docs"] == 20
+
+
+def test_never_overwrites_without_flag(tok, tmp_path):
+    corpus = write_jsonl(tmp_path / "c.jsonl", ["some text here"] * 50)
+    before = tok.path.read_bytes()
+    with pytest.raises(TokenizerError, match=rf"{tok.path}: already exists; pass --overwrite"):
+        train_tokenizer([parse_source(str(corpus))], tok.path, vocab_size=300)
+    assert tok.path.read_bytes() == before
+
+
+def test_card_of_another_model_is_refused(tok, tmp_path):
+    model = tmp_path / "copy.model"
+    model.write_bytes(tok.path.read_bytes())
+    card = json.loads(card_path_for(tok.path).read_text())
+    card["sha256"] = "0" * 64
+    card_path_for(model).write_text(json.dumps(card))
+    with pytest.raises(TokenizerError, match=r"copy.card.json: sha256 is '0000.*copy.model has"):
+        load_tokenizer(model)
+
+
+def test_cli_errors_are_one_line(tmp_path, capsys):
+    from data_prep.train_tokenizer import main
+
+    with pytest.raises(SystemExit, match=rf"error: {tmp_path}/missing.jsonl: no such file or directory"):
+        main(["--source", str(tmp_path / "missing.jsonl"), "--out", str(tmp_path / "t.model")])
+    assert not (tmp_path / "t.model").exists()
