@@ -127,7 +127,10 @@ def load_source(source: Source, cache_dir: str | None = None) -> datasets.Datase
             # parquet strings are validated UTF-8 by Arrow; compressed files are checked by their reader
             if kind != "parquet" and not path.name.endswith(".gz"):
                 check_utf8(path)
-        files = [str(p) for p in source.files]
+        # zero-byte files hold no documents (and crash datasets' JSON schema inference)
+        files = [str(p) for p in source.files if p.stat().st_size > 0]
+        if not files:
+            raise SourceError(f"source {source.name!r} ({source.spec}): empty corpus (all {len(source.files)} files are empty)")
         kwargs = {"sample_by": source.text_unit} if kind == "text" else {}
         ds = datasets.load_dataset(kind, data_files=files, split="train", cache_dir=cache_dir, **kwargs)
         if kind == "text":

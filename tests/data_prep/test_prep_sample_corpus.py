@@ -1,0 +1,71 @@
+"""`make data`: tokenizer + shards from the standard library's sources, then quick reuse."""
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from data_prep.sample_corpus import VOCAB_SIZE, stdlib_source_files
+from retnet_train.data import TokenLoader, build_validation_loader, read_manifest, verify_shards
+from retnet_train.data.manifest import sha256_file
+
+REPO = Path(__file__).resolve().parents[2]
+MAX_BYTES = "2000000"  # a slice of the default corpus: same code path, a few seconds
+
+
+def build(out, *extra):
+    return subprocess.run([sys.executable, "-m", "data_prep.sample_corpus", "--out", str(out), "--max-bytes",
+                           MAX_BYTES, *extra], cwd=REPO, capture_output=True, text=True)
+
+
+@pytest.fixture(scope="module")
+def sample(tmp_path_factory):
+    out = tmp_path_factory.mktemp("sample")
+    result = build(out)
+    assert result.returncode == 0, result.stderr[-2000:]
+    return out
+
+
+def test_corpus_is_sorted_utf8_and_capped():
+    files = stdlib_source_files(int(MAX_BYTES))
+    assert files == sorted(files) and all(f.suffix == ".py" for f in files)
+    assert sum(f.stat().st_size for f in files) <= int(MAX_BYTES)
+    for f in files:
+        f.read_text(encoding="utf-8")
+
+
+def test_outputs_match_the_tiny_preset(sample):
+    card = json.loads((sample / "tokenizer.card.json").read_text())
+    assert card["vocab_size"] == VOCAB_SIZE == 8192
+    assert card["sha256"] == sha256_file(sample / "tokenizer.model")
+    assert (card["bos_id"], card["eos_id"], card["pad_id"], card["unk_id"]) == (1, 2, 3, 0)
+    manifest = read_manifest(sample / "shards")
+    assert (manifest.vocab_size, manifest.eos_id, manifest.tokenizer_sha256) == (8192, 2, card["sha256"])
+    assert manifest.split("train").tokens > 300_000 and manifest.split("validation").tokens > 1_000
+    assert verify_shards(manifest) == []
+    loader = TokenLoader({"sample": (str(sample / "shards"), 1.0)}, 128, 4, tokenizer_sha256=card["sha256"],
+                         vocab_size=8192)
+    assert next(loader)["input_ids"].max() < 8192
+    assert len(build_validation_loader({"sample": (str(sample / "shards"), 1.0)}, 128, 4)) > 0
+
+
+def test_rerun_reuses_without_rebuilding(sample):
+    before = {p: p.stat().st_mtime_ns for p in sample.rglob("*") if p.is_file()}
+    result = build(sample)
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert "reusing tokenizer" in result.stdout and "reusing verified shards" in result.stdout
+    assert {p: p.stat().st_mtime_ns for p in sample.rglob("*") if p.is_file()} == before
+
+
+def test_damaged_sample_is_reported_not_replaced(sample, tmp_path):
+    copy = tmp_path / "copy"
+    subprocess.run(["cp", "-r", str(sample), str(copy)], check=True)
+    shard = copy / "shards" / "train_00000.bin"
+    data = bytearray(shard.read_bytes())
+    data[100] ^= 1
+    shard.write_bytes(bytes(data))
+    result = build(copy)
+    assert result.returncode != 0
+    assert "train_00000.bin: sha256" in result.stderr and "--overwrite" in result.stderr
+    assert shard.read_bytes() == bytes(data)  # left as is for inspection
