@@ -193,9 +193,11 @@ class TokenLoader:
             "windows": dict(self.windows),
         }
 
-    def load_state_dict(self, state: Mapping[str, Any]) -> None:
+    def load_state_dict(self, state: Mapping[str, Any], strict: bool = True) -> None:
         """Continue after `state["consumed_sequences"]`. Everything that defines the stream must be
-        unchanged (else the run would silently repeat or skip data); B and W may differ."""
+        unchanged (else the run would silently repeat or skip data); B and W may differ.
+        strict=False accepts a changed stream on purpose (new data or mix): only the counter is
+        carried over, with a warning."""
         if state.get("version") != STATE_VERSION:
             raise ValueError(f"loader state version {state.get('version')!r} is not {STATE_VERSION}")
         mine = self.state_dict()
@@ -204,10 +206,11 @@ class TokenLoader:
             if key == "weights" and isinstance(theirs, Mapping):
                 theirs = {k: float(v) for k, v in theirs.items()}
             if theirs != mine[key]:
-                raise ValueError(
-                    f"loader state key {key!r} is {theirs!r} but this loader has {mine[key]!r}: "
-                    "the data stream changed since the checkpoint (different data, seed, seq_len or mix)"
-                )
+                msg = (f"loader state key {key!r} is {theirs!r} but this loader has {mine[key]!r}: "
+                       "the data stream changed since the checkpoint (different data, seed, seq_len or mix)")
+                if strict:
+                    raise ValueError(msg)
+                warnings.warn(msg + "; continuing the new stream at the same sequence count", stacklevel=2)
         consumed = state.get("consumed_sequences")
         if not isinstance(consumed, int) or consumed < 0:
             raise ValueError(f"loader state key 'consumed_sequences' must be an integer >= 0, got {consumed!r}")

@@ -88,14 +88,15 @@ class Killed(Exception):
     pass
 
 
-def test_resume_after_kill_keeps_verified_shards(tok, corpus, tmp_path, monkeypatch):
+@pytest.mark.parametrize("kill_after", [1, 3, 7])
+def test_resume_after_kill_keeps_verified_shards(tok, corpus, tmp_path, monkeypatch, kill_after):
     reference = shard_digests(run(corpus, tok, tmp_path / "ref"))
     out = tmp_path / "out"
     real_write = shard_writer.SplitShardWriter._write_shard
     written = []
 
     def dying_write(self, n):
-        if len(written) == 3:
+        if len(written) == kill_after:
             # die half-way through the 4th shard: a temporary file is all that is left of it
             (out / f".{self.split}_{len(self.shards):05d}.bin.999.tmp").write_bytes(b"partial")
             raise Killed
