@@ -110,6 +110,8 @@ def tokenize_source(
     dtype = token_dtype_for(tok.vocab_size)
     if shard_tokens < 1:
         raise ValueError(f"shard_tokens must be >= 1, got {shard_tokens}")
+    if not 0.0 <= validation_fraction < 1.0:
+        raise ValueError(f"validation_fraction must be in [0, 1), got {validation_fraction}")
     if (out_dir / MANIFEST_NAME).exists():
         if not overwrite:
             raise FileExistsError(f"{out_dir / MANIFEST_NAME}: output already exists; pass --overwrite to rebuild it")
@@ -125,6 +127,8 @@ def tokenize_source(
         "format_version": FORMAT_VERSION,
         "tokenizer_sha256": tok.sha256,
         "source": source.describe(),
+        # an input edited in place must not be resumed into shards made from its old content
+        "mtimes": [p.stat().st_mtime_ns for p in source.files],
         "documents": len(corpus),
         "validation_fraction": validation_fraction,
         "seed": seed,
