@@ -72,7 +72,8 @@ def open_streams(
     """Open every source, checking that all agree with each other and with the model's tokenizer."""
     streams: dict[str, TokenStream] = {}
     first: TokenStream | None = None
-    for name in sorted(sources):
+    # shard directories first: their manifests supply the EOS id that Megatron sources lack
+    for name in sorted(sources, key=lambda n: (not sources[n][0].is_dir(), n)):
         path, _ = sources[name]
         stream = open_stream(name, path, split, eos_id if eos_id is not None else _eos_of(first), verify_checksums)
         if stream.manifest is not None:
@@ -86,7 +87,7 @@ def open_streams(
             raise ManifestError(f"{stream.origin}: EOS id {stream.eos_id} differs from {first.origin} ({first.eos_id})")
         first = first or stream
         streams[name] = stream
-    return streams
+    return dict(sorted(streams.items()))
 
 
 def _eos_of(stream: TokenStream | None) -> int | None:

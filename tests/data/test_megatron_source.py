@@ -92,3 +92,15 @@ def test_has_no_validation_split(tmp_path):
         TokenLoader({"m": (str(tmp_path / "m"), 1.0)}, SEQ, 2, split="validation", eos_id=EOS)
     with pytest.warns(UserWarning, match="'m'"), pytest.raises(ManifestError, match="no data source"):
         build_validation_loader({"m": (str(tmp_path / "m"), 1.0)}, SEQ, 2, eos_id=EOS)
+
+
+def test_eos_id_comes_from_a_shard_source_when_mixed(tmp_path):
+    from shard_fixtures import EOS as SHARD_EOS, position_tokens, write_shard_dir
+
+    docs = [np.append(np.arange(20, 40 + i), SHARD_EOS) for i in range(8)]
+    write_mmidx(tmp_path / "meg", docs)
+    write_shard_dir(tmp_path / "shards", position_tokens(500), vocab_size=50_000)
+    loader = TokenLoader({"a_meg": (str(tmp_path / "meg"), 1.0), "b_shards": (str(tmp_path / "shards"), 1.0)}, SEQ, 4)
+    assert loader.eos_id == SHARD_EOS
+    assert list(loader.streams) == ["a_meg", "b_shards"]
+    next(loader)
