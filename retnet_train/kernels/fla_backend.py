@@ -33,6 +33,7 @@ def _packed(reset):
 def fla_retention(q, k, v, mode, chunk_size, reset, state, row_sums):
     B, T, H, K = q.shape
     V = v.shape[-1]
+    q, k = q.to(v.dtype), k.to(v.dtype)  # under autocast the rotation may leave q, k in fp32
     cu_seqlens = last_doc = None
     if reset is not None:  # (no incoming state: the dispatcher sends that case to torch)
         cu_seqlens, last_doc = _packed(reset)

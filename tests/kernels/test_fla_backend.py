@@ -86,3 +86,17 @@ def test_model_backends_agree_bf16():
         grads.append(torch.cat([p.grad.flatten() for p in model.parameters()]))
     assert abs(losses[0] - losses[1]) < 2e-2 * losses[0]
     assert rel_err(grads[1], grads[0]) < 5e-2
+
+
+@needs_fla
+def test_fla_model_is_causal_at_paper_head_dims():
+    """Key head dim 256, value head dim 512 (the paper's), bf16: no information from the future."""
+    cfg = RetNetConfig(vocab_size=512, d_model=512, n_layers=2, n_heads=2, ffn_dim=1024, retention_backend="fla")
+    model = RetNetForCausalLM(cfg).cuda().bfloat16().eval()
+    ids = torch.randint(0, 512, (1, 4096), device="cuda")
+    changed = ids.clone()
+    changed[:, 3000:] = (changed[:, 3000:] + 1) % 512
+    with torch.no_grad():
+        a, b = model(ids).logits.float(), model(changed).logits.float()
+    assert (a[:, :3000] - b[:, :3000]).abs().max() == 0
+    assert (a[:, 3000:] - b[:, 3000:]).abs().max() > 1e-2

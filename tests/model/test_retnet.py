@@ -214,3 +214,15 @@ def test_chunked_loss_equals_full_logits_loss():
         assert abs(loss - ref_loss) < 1e-5
         for a, b in zip(grads, ref_grads):
             assert (a - b).abs().max() < 1e-5
+
+
+@pytest.mark.parametrize("mode", ["parallel", "chunkwise", "recurrent"])
+def test_causal(mode):
+    """Changing tokens from position 10 on leaves earlier logits untouched."""
+    model = make_model()
+    ids = torch.randint(0, VOCAB, (2, 30))
+    changed = ids.clone()
+    changed[:, 10:] = (changed[:, 10:] + 1) % VOCAB
+    a, b = logits(model, ids, mode=mode), logits(model, changed, mode=mode)
+    assert (a[:, :10] - b[:, :10]).abs().max() < 1e-5
+    assert (a[:, 10:] - b[:, 10:]).abs().max() > 1e-3
