@@ -32,9 +32,6 @@ class ResumePoint:
     doc: int  # global document index (corpus order) of the next token to write
     offset: int  # tokens of that document already written
 
-    def __le__(self, other: "ResumePoint") -> bool:
-        return (self.doc, self.offset) <= (other.doc, other.offset)
-
 
 class Journal:
     """Append-only log of finished shards. The first line fingerprints the settings: a journal

@@ -59,7 +59,7 @@ def frame_documents(flat: np.ndarray, lengths: np.ndarray, eos_id: int, bos_id: 
     """Concatenate documents as [BOS] tokens EOS, vectorized. Returns (tokens, framed lengths)."""
     extra = 1 + (bos_id is not None)
     out_lengths = lengths + extra
-    out = np.empty(int(out_lengths.sum()), dtype=np.int64)
+    out = np.empty(int(out_lengths.sum()), dtype=flat.dtype)
     ends = np.cumsum(out_lengths)
     special = np.zeros(out.size, dtype=bool)
     special[ends - 1] = True
@@ -74,8 +74,9 @@ def frame_documents(flat: np.ndarray, lengths: np.ndarray, eos_id: int, bos_id: 
 def _flatten_ids(table_column: pa.ChunkedArray) -> tuple[np.ndarray, np.ndarray]:
     chunks = table_column.chunks
     if not chunks:
-        return np.zeros(0, np.int64), np.zeros(0, np.int64)
-    flat = np.concatenate([c.flatten().to_numpy(zero_copy_only=False) for c in chunks]).astype(np.int64)
+        return np.zeros(0, np.int32), np.zeros(0, np.int64)
+    # int32 as encoded (ids < 2**31): half the memory of int64 for a chunk of documents
+    flat = np.concatenate([c.flatten().to_numpy(zero_copy_only=False) for c in chunks]).astype(np.int32, copy=False)
     lengths = np.concatenate([c.value_lengths().to_numpy(zero_copy_only=False) for c in chunks]).astype(np.int64)
     return flat, lengths
 
@@ -99,7 +100,7 @@ def tokenize_source(
     shard_tokens: int = DEFAULT_SHARD_TOKENS,
     add_bos: bool = False,
     num_proc: int | None = None,
-    chunk_docs: int = 50_000,
+    chunk_docs: int = 20_000,
     batch_size: int = 256,
     overwrite: bool = False,
     cache_dir: str | None = None,
@@ -230,7 +231,8 @@ def main(argv: Sequence[str] | None = None) -> None:
     p.add_argument("--shard-tokens", type=int, default=DEFAULT_SHARD_TOKENS)
     p.add_argument("--bos", action="store_true", help="also put BOS before every document")
     p.add_argument("--num-proc", type=int, default=os.cpu_count())
-    p.add_argument("--chunk-docs", type=int, default=50_000, help="documents per map call (resume granularity)")
+    p.add_argument("--chunk-docs", type=int, default=20_000,
+                   help="documents per map call: resume granularity and peak memory (lower it for very long documents)")
     p.add_argument("--cache-dir", default=None, help="datasets cache directory")
     p.add_argument("--overwrite", action="store_true")
     a = p.parse_args(argv)
