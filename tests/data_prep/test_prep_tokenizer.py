@@ -70,3 +70,17 @@ def test_cli_errors_are_one_line(tmp_path, capsys):
     with pytest.raises(SystemExit, match=rf"error: {tmp_path}/missing.jsonl: no such file or directory"):
         main(["--source", str(tmp_path / "missing.jsonl"), "--out", str(tmp_path / "t.model")])
     assert not (tmp_path / "t.model").exists()
+
+
+def test_unigram_via_cli(tmp_path, capsys):
+    from data_prep.train_tokenizer import main
+
+    corpus = write_jsonl(tmp_path / "c.jsonl", corpus_texts())
+    main(["--source", f"c={corpus}", "--out", str(tmp_path / "u.model"), "--model-type", "unigram",
+          "--vocab-size", "700", "--cache-dir", str(tmp_path / "cache")])
+    assert "wrote" in capsys.readouterr().out
+    tok = load_tokenizer(tmp_path / "u.model")
+    card = json.loads(card_path_for(tok.path).read_text())
+    assert card["model_type"] == "unigram" and card["vocab_size"] == 700
+    for text in SPECIAL_DOCS:
+        assert tok.processor.decode(tok.processor.encode(text)) == text
