@@ -117,7 +117,11 @@ def load_source(source: Source, cache_dir: str | None = None) -> datasets.Datase
     elif source.spec.startswith("hf:"):
         rest, _, split = source.spec[len("hf:"):].partition("@")
         path, _, config = rest.partition(":")
-        ds = datasets.load_dataset(path, config or None, split=split or "train", cache_dir=cache_dir)
+        try:
+            ds = datasets.load_dataset(path, config or None, split=split or "train", cache_dir=cache_dir)
+        except Exception as e:  # hub/network/script errors come in many types; name the source
+            raise SourceError(f"source {source.name!r} ({source.spec}): datasets.load_dataset failed: "
+                              f"{type(e).__name__}: {e}") from e
     else:
         kinds = {_file_kind(p) for p in source.files}
         if len(kinds) > 1:

@@ -67,6 +67,8 @@ def test_missing_inputs_name_the_path(tmp_path):
         parse_source(str(tmp_path / "empty"))
     with pytest.raises(SourceError, match="no such dataset directory"):
         load_source(parse_source(f"disk:{tmp_path / 'none'}"))
+    with pytest.raises(SourceError, match=rf"'none' \(hf:{tmp_path}/none\): datasets.load_dataset failed"):
+        load_source(parse_source(f"hf:{tmp_path / 'none'}"), cache_dir=str(tmp_path / "c"))
 
 
 def test_undecodable_bytes_name_file_and_offset(tmp_path):
