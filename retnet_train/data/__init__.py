@@ -2,9 +2,10 @@
 
     loader = TokenLoader({"web": ("data/web", 0.7), "code": ("data/code", 0.3)}, seq_len=2048,
                          micro_batch_size=8, dp_rank=rank, dp_world_size=world, seed=0,
-                         tokenizer_sha256=card["sha256"], vocab_size=8192)
+                         tokenizer_sha256=sha256_file("tok/tokenizer.model"), vocab_size=32000)
     batch = next(loader)  # input_ids, labels (shifted), doc_starts: [B, seq_len]
     ckpt["data"] = loader.state_dict()   # JSON; counts global sequences consumed
+    val = build_validation_loader({"web": ("data/web", 1.0)}, 2048, 8, rank, world)  # one pass
 
 Shards are written by `python -m data_prep.tokenize` (format: manifest.py).
 """
@@ -15,7 +16,7 @@ from retnet_train.data.loader import (
     make_batch,
     normalize_sources,
 )
-from retnet_train.data.manifest import Manifest, ManifestError, read_manifest, verify_shards
+from retnet_train.data.manifest import Manifest, ManifestError, read_manifest, sha256_file, verify_shards
 from retnet_train.data.megatron import read_megatron_index
 from retnet_train.data.mixing import MixingSchedule
 
@@ -30,5 +31,6 @@ __all__ = [
     "normalize_sources",
     "read_manifest",
     "read_megatron_index",
+    "sha256_file",
     "verify_shards",
 ]
