@@ -97,7 +97,7 @@ def main(argv: Sequence[str] | None = None) -> None:
     try:
         out = build_sample(a.out, a.max_bytes, a.num_proc, a.overwrite)
     except (SourceError, TokenizerError, ManifestError, FileExistsError) as e:
-        raise SystemExit(f"error: {e}")
+        raise SystemExit(f"error: {e}") from None
     print(f"sample data ready in {out} (tokenizer {out / 'tokenizer.model'}, card {card_path_for(out / 'tokenizer.model')})")
 
 

@@ -250,7 +250,7 @@ def main(argv: Sequence[str] | None = None) -> None:
             counts = ", ".join(f"{k} {v.tokens:,} tokens / {v.documents:,} docs" for k, v in m.splits.items())
             print(f"{m.path}: {counts}")
     except (SourceError, TokenizerError, FileExistsError, ValueError) as e:
-        raise SystemExit(f"error: {e}")
+        raise SystemExit(f"error: {e}") from None
 
 
 if __name__ == "__main__":

@@ -156,7 +156,7 @@ def main(argv: Sequence[str] | None = None) -> None:
             overwrite=a.overwrite, cache_dir=a.cache_dir,
         )
     except (SourceError, TokenizerError) as e:
-        raise SystemExit(f"error: {e}")
+        raise SystemExit(f"error: {e}") from None
     print(f"wrote {tok.path} (vocab {tok.vocab_size}, sha256 {tok.sha256[:12]}...) and {card_path_for(tok.path)}")
 
 

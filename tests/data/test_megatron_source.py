@@ -50,7 +50,7 @@ def test_loader_reads_the_concatenated_documents(tmp_path, spelling):
     batch = next(loader)
     ids, labels = batch["input_ids"].numpy(), batch["labels"].numpy()
     windows = {tuple(stream[i * SEQ:i * SEQ + SEQ + 1]) for i in range(n_windows)}
-    got = {tuple(np.append(i, l[-1])) for i, l in zip(ids, labels)}
+    got = {tuple(np.append(row, lab[-1])) for row, lab in zip(ids, labels)}
     assert got == windows  # one epoch = every window once
     np.testing.assert_array_equal(batch["doc_starts"].numpy()[:, 1:], ids[:, :-1] == EOS)
 
