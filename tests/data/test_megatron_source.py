@@ -11,12 +11,12 @@ EOS = 0  # GPT-2 style EOD id, unlike our shards'
 SEQ = 8
 
 
-def write_mmidx(prefix, documents, dtype=np.uint16, code=8, magic=b"MMIDIDX\x00\x00"):
-    """One sequence per document (Megatron's layout for GPT pretraining data)."""
+def write_mmidx(prefix, documents, dtype=np.uint16, code=8, magic=b"MMIDIDX\x00\x00", doc_idx=None):
+    """`documents` are the sequences; by default one per document (Megatron's GPT layout)."""
     sizes = np.array([len(d) for d in documents], dtype="<i4")
     itemsize = np.dtype(dtype).itemsize
     pointers = np.concatenate([[0], np.cumsum(sizes)[:-1]]).astype("<i8") * itemsize
-    doc_idx = np.arange(len(documents) + 1, dtype="<i8")
+    doc_idx = np.arange(len(documents) + 1, dtype="<i8") if doc_idx is None else np.asarray(doc_idx, dtype="<i8")
     with open(f"{prefix}.idx", "wb") as f:
         f.write(magic + struct.pack("<Q", 1) + struct.pack("<B", code))
         f.write(struct.pack("<Q", len(sizes)) + struct.pack("<Q", len(doc_idx)))
@@ -104,3 +104,16 @@ def test_eos_id_comes_from_a_shard_source_when_mixed(tmp_path):
     assert loader.eos_id == SHARD_EOS
     assert list(loader.streams) == ["a_meg", "b_shards"]
     next(loader)
+
+
+def test_documents_of_several_sequences(tmp_path):
+    # sentence-split data: documents [s0 s1] [s2] [s3 s4]; EOD only after a document's last sentence
+    seqs = [np.array([5, 6]), np.array([7, EOS]), np.array([8, 9, EOS]), np.array([10]), np.array([11, 12, EOS])]
+    write_mmidx(tmp_path / "s", seqs, doc_idx=[0, 2, 3, 5])
+    batch = next(TokenLoader({"m": (str(tmp_path / "s"), 1.0)}, 10, 1, eos_id=EOS))
+    assert batch["input_ids"].tolist() == [[5, 6, 7, EOS, 8, 9, EOS, 10, 11, 12]]
+    assert batch["labels"].tolist() == [[6, 7, EOS, 8, 9, EOS, 10, 11, 12, EOS]]
+    assert batch["doc_starts"].tolist() == [[False] * 4 + [True] + [False] * 2 + [True] + [False] * 2]
+    write_mmidx(tmp_path / "bad", seqs, doc_idx=[0, 1, 3, 5])  # document 0 would end with sentence s0: no EOD
+    with pytest.raises(ManifestError, match=r"1 of 3 documents do not end with EOS id 0 \(first: document 0\)"):
+        TokenLoader({"m": (str(tmp_path / "bad"), 1.0)}, 4, 1, eos_id=EOS)
