@@ -49,6 +49,34 @@ def _iter_text(corpus: datasets.Dataset, batch_size: int = 1000) -> Iterator[str
         yield from (t for t in batch["text"] if t)
 
 
+def _train(lines: Iterator[str], writer: io.BytesIO, vocab_size: int, model_type: str, character_coverage: float,
+           byte_fallback: bool, ids: tuple[int, int, int, int], max_sentences: int, num_threads: int | None) -> None:
+    unk_id, bos_id, eos_id, pad_id = ids
+    spm.SentencePieceTrainer.train(
+        sentence_iterator=lines,
+        model_writer=writer,
+        vocab_size=vocab_size,
+        model_type=model_type,
+        character_coverage=character_coverage,
+        byte_fallback=byte_fallback,
+        unk_id=unk_id,
+        bos_id=bos_id,
+        eos_id=eos_id,
+        pad_id=pad_id,
+        normalization_rule_name="identity",
+        remove_extra_whitespaces=False,
+        add_dummy_prefix=False,
+        allow_whitespace_only_pieces=True,
+        split_digits=True,
+        user_defined_symbols=["\n"],
+        input_sentence_size=max_sentences,
+        shuffle_input_sentence=True,
+        max_sentence_length=4 * MAX_LINE_CHARS,
+        num_threads=num_threads or os.cpu_count() or 1,
+        minloglevel=2,
+    )
+
+
 def train_tokenizer(
     sources: Sequence[Source],
     out: str | Path,
@@ -83,32 +111,13 @@ def train_tokenizer(
         yield first
         yield from lines
 
-    unk_id, bos_id, eos_id, pad_id = ids
     spm.set_random_generator_seed(seed)  # sentencepiece's own sentence shuffling
     model = io.BytesIO()
-    spm.SentencePieceTrainer.train(
-        sentence_iterator=all_lines(),
-        model_writer=model,
-        vocab_size=vocab_size,
-        model_type=model_type,
-        character_coverage=character_coverage,
-        byte_fallback=byte_fallback,
-        unk_id=unk_id,
-        bos_id=bos_id,
-        eos_id=eos_id,
-        pad_id=pad_id,
-        normalization_rule_name="identity",
-        remove_extra_whitespaces=False,
-        add_dummy_prefix=False,
-        allow_whitespace_only_pieces=True,
-        split_digits=True,
-        user_defined_symbols=["\n"],
-        input_sentence_size=max_sentences,
-        shuffle_input_sentence=True,
-        max_sentence_length=4 * MAX_LINE_CHARS,
-        num_threads=num_threads or os.cpu_count() or 1,
-        minloglevel=2,
-    )
+    try:
+        _train(all_lines(), model, vocab_size, model_type, character_coverage, byte_fallback, ids,
+               max_sentences, num_threads)
+    except RuntimeError as e:  # e.g. "Vocabulary size too high": the corpus is too small for it
+        raise TokenizerError(f"sentencepiece training on {[s.spec for s in sources]} failed: {e}") from None
     out.parent.mkdir(parents=True, exist_ok=True)
     write_bytes_atomic(out, model.getvalue())
     card_path.unlink(missing_ok=True)  # the old card (if any) describes the old model

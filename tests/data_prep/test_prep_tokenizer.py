@@ -84,3 +84,11 @@ def test_unigram_via_cli(tmp_path, capsys):
     assert card["model_type"] == "unigram" and card["vocab_size"] == 700
     for text in SPECIAL_DOCS:
         assert tok.processor.decode(tok.processor.encode(text)) == text
+
+
+def test_corpus_too_small_for_the_vocab(tmp_path):
+    (tmp_path / "tiny.txt").write_text("a b c\n")
+    with pytest.raises(TokenizerError, match=r"tiny.txt'\] failed: .*Vocabulary size too high \(8192\)"):
+        train_tokenizer([parse_source(str(tmp_path / "tiny.txt"))], tmp_path / "t.model", model_type="unigram",
+                        cache_dir=str(tmp_path / "c"))
+    assert not (tmp_path / "t.model").exists()
