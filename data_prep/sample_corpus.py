@@ -55,8 +55,10 @@ def build_sample(out: str | Path, max_bytes: int = DEFAULT_MAX_BYTES, num_proc: 
     out = Path(out)
     model_path = out / "tokenizer.model"
     shard_dir = out / "shards"
-    files = stdlib_source_files(max_bytes)
-    source = Source("python_stdlib", f"stdlib:{sysconfig.get_paths()['stdlib']}", files, "text", "document")
+
+    def corpus() -> Source:  # scanned only when something has to be built
+        files = stdlib_source_files(max_bytes)
+        return Source("python_stdlib", f"stdlib:{sysconfig.get_paths()['stdlib']}", files, "text", "document")
 
     # a .model without its card is a killed earlier run (the card is written second): retrain
     if model_path.exists() and card_path_for(model_path).exists() and not overwrite:
@@ -66,8 +68,9 @@ def build_sample(out: str | Path, max_bytes: int = DEFAULT_MAX_BYTES, num_proc: 
         print(f"reusing tokenizer {model_path} (sha256 {tok.sha256[:12]}...)")
     else:
         t0 = time.time()
-        tok = train_tokenizer([source], model_path, vocab_size=VOCAB_SIZE, num_docs=len(files), overwrite=True)
-        print(f"trained tokenizer {model_path} on {len(files)} files in {time.time() - t0:.1f}s")
+        source = corpus()
+        tok = train_tokenizer([source], model_path, vocab_size=VOCAB_SIZE, num_docs=len(source.files), overwrite=True)
+        print(f"trained tokenizer {model_path} on {len(source.files)} files in {time.time() - t0:.1f}s")
         overwrite = True  # shards of an older tokenizer are useless now
 
     if (shard_dir / MANIFEST_NAME).exists() and not overwrite:
@@ -80,7 +83,7 @@ def build_sample(out: str | Path, max_bytes: int = DEFAULT_MAX_BYTES, num_proc: 
         print(f"reusing verified shards {shard_dir} ({manifest.split('train').tokens:,} train tokens)")
         return out
     t0 = time.time()
-    manifest = tokenize_source(source, tok, shard_dir, validation_fraction=0.02, seed=0, shard_tokens=SHARD_TOKENS,
+    manifest = tokenize_source(corpus(), tok, shard_dir, validation_fraction=0.02, seed=0, shard_tokens=SHARD_TOKENS,
                                num_proc=num_proc, overwrite=overwrite, progress=progress)
     counts = ", ".join(f"{k} {v.tokens:,} tokens / {v.documents} docs" for k, v in manifest.splits.items())
     print(f"wrote {manifest.path} in {time.time() - t0:.1f}s: {counts}")
