@@ -186,3 +186,38 @@ def test_loader_reads_tokenized_shards(tok, corpus, tmp_path):
         starts = [s for s in range(0, len(stream) - 64, 64) if np.array_equal(stream[s:s + 64], row)]
         assert starts
     assert batch["doc_starts"].numpy()[:, 1:].tolist() == (ids[:, :-1] == tok.eos_id).tolist()
+
+
+KILL_SCRIPT = """
+import os, signal, sys
+import data_prep.shard_writer as sw
+from data_prep.sources import parse_source
+from data_prep.tokenize import tokenize_source
+real, done = sw.SplitShardWriter._write_shard, []
+def write_then_die(self, n):
+    if len(done) == 4:
+        os.kill(os.getpid(), signal.SIGKILL)  # no finally blocks, no cleanup: a real crash
+    real(self, n)
+    done.append(1)
+sw.SplitShardWriter._write_shard = write_then_die
+corpus, tok, out, cache = sys.argv[1:]
+tokenize_source(parse_source("corpus=" + corpus), tok, out, validation_fraction=0.2, seed=3, shard_tokens=4000,
+                num_proc=1, chunk_docs=7, progress=False, cache_dir=cache)
+"""
+
+
+def test_resume_after_sigkill(tok, corpus, tmp_path):
+    import signal
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    reference = shard_digests(run(corpus, tok, tmp_path / "ref"))
+    out = tmp_path / "out"
+    repo = Path(__file__).resolve().parents[2]
+    proc = subprocess.run([sys.executable, "-c", KILL_SCRIPT, str(corpus), str(tok.path), str(out),
+                           str(tmp_path / "hf_cache")], cwd=repo, capture_output=True, text=True)
+    assert proc.returncode == -signal.SIGKILL, proc.stderr[-2000:]
+    assert not (out / "manifest.json").exists()
+    assert len((out / "progress.jsonl").read_text().splitlines()) == 1 + 4  # header + 4 finished shards
+    assert shard_digests(run(corpus, tok, out)) == reference
