@@ -11,6 +11,7 @@ import argparse
 import gc
 import json
 import os
+import sys
 import time
 
 import torch
@@ -90,8 +91,11 @@ def measure(name, build, cfg, args):
     batch["labels"] = torch.roll(batch["input_ids"], -1, 1)
     if args.doc_len:
         batch["doc_starts"] = torch.rand(B, T, device="cuda", generator=g) < 1.0 / args.doc_len
+    t0 = time.perf_counter()
     for _ in range(args.warmup):  # includes Triton autotuning and torch.compile
         train_step(engine, batch, ours)
+    torch.cuda.synchronize()
+    print(f"[{name}] warm-up took {time.perf_counter() - t0:.0f} s", file=sys.stderr, flush=True)
     torch.cuda.synchronize()
     prof = None
     if args.profile:
@@ -120,10 +124,25 @@ def measure(name, build, cfg, args):
     }
     if prof is not None:
         result["profile"] = time_breakdown(prof)
+    if ours:
+        result["causal_leak"] = causal_leak(model, batch["input_ids"])
     del engine, model
     gc.collect()
     torch.cuda.empty_cache()
     return result
+
+
+@torch.no_grad()
+def causal_leak(model, ids) -> float:
+    """Max |change| of the logits before position T/2 when the tokens from T/2 on change: 0 for a
+    causal model (a cheap guard against a kernel reading the future)."""
+    model.eval()
+    half = ids.shape[1] // 2
+    changed = ids.clone()
+    changed[:, half:] = (changed[:, half:] + 1) % model.config.vocab_size
+    a, b = model(ids).logits[:, :half].float(), model(changed).logits[:, :half].float()
+    model.train()
+    return float((a - b).abs().max())
 
 
 CATEGORIES = [  # first match wins, by CUDA kernel name
