@@ -1,0 +1,171 @@
+"""Incremental decoding: chunkwise prefill, then one token per step with O(1) memory (RetNet).
+
+`RetNetDecoder` keeps the recurrent state in static, preallocated buffers [B, H, K, V+1] (fp32,
+as fla keeps it) and updates them in place, with the position as a device tensor, so one step
+is capturable in a CUDA graph (`CudaGraphStep`). The step re-uses the model's own modules and
+computes exactly what `RetNetForCausalLM.forward(mode="recurrent")` computes for one token
+(tests/generation checks logits against the parallel form).
+
+Batches of prompts of different lengths are left-padded; the first real token of each row is a
+document start, so the state is cleared before it and the pads leave no trace (rotation is
+relative, decay normalization uses the position inside the document).
+"""
+from __future__ import annotations
+
+from typing import List, Optional, Sequence
+
+import torch
+
+from .model import RetNetForCausalLM
+from .model.layers import apply_rotary
+
+
+def left_pad(prompts: Sequence[Sequence[int]], pad_id: int, device) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """[B, T] ids, doc_starts (True at each row's first real token) and prompt lengths."""
+    lengths = torch.tensor([len(p) for p in prompts], dtype=torch.long)
+    T = int(lengths.max())
+    ids = torch.full((len(prompts), T), pad_id, dtype=torch.long)
+    starts = torch.zeros((len(prompts), T), dtype=torch.bool)
+    for i, p in enumerate(prompts):
+        if len(p):
+            ids[i, T - len(p):] = torch.as_tensor(list(p), dtype=torch.long)
+            starts[i, T - len(p)] = True
+    return ids.to(device), starts.to(device), lengths.to(device)
+
+
+def rotary_at(inv_freq: torch.Tensor, position: torch.Tensor, dtype) -> tuple[torch.Tensor, torch.Tensor]:
+    """sin/cos [1, D] at a position held in a device tensor (no host sync; float64 as the model)."""
+    angles = position.double().view(1, 1) * inv_freq.double().repeat_interleave(2)[None, :]
+    return angles.sin().to(dtype), angles.cos().to(dtype)
+
+
+class RetNetDecoder:
+    """Prefill + in-place recurrent step for a RetNetForCausalLM (see module docstring)."""
+
+    def __init__(self, model: RetNetForCausalLM, batch_size: int, state_dtype: torch.dtype = torch.float32):
+        if not isinstance(model, RetNetForCausalLM):
+            raise TypeError(f"RetNetDecoder needs a RetNetForCausalLM, got {type(model).__name__}")
+        cfg = model.config
+        self.model, self.cfg, self.batch_size = model, cfg, batch_size
+        p = next(model.parameters())
+        self.device, self.dtype = p.device, p.dtype
+        width = cfg.value_head_dim + (1 if cfg.normalize_retention else 0)  # +1: score row sums
+        self.states = [torch.zeros(batch_size, cfg.n_heads, cfg.key_head_dim, width, device=self.device, dtype=state_dtype)
+                       for _ in range(cfg.n_layers)]
+        self.position = torch.zeros((), dtype=torch.long, device=self.device)  # tokens consumed (incl. pads)
+        self.doc_position = torch.zeros(batch_size, dtype=torch.long, device=self.device)
+        self.gamma = model.log_gamma.float().exp().view(1, -1, 1, 1).to(self.device)
+
+    def buffers(self) -> List[torch.Tensor]:
+        return [*self.states, self.position, self.doc_position]
+
+    def snapshot(self) -> List[torch.Tensor]:
+        return [t.clone() for t in self.buffers()]
+
+    def restore(self, snap: List[torch.Tensor]) -> None:
+        for t, s in zip(self.buffers(), snap):
+            t.copy_(s)
+
+    def state_bytes(self) -> int:
+        return sum(s.numel() * s.element_size() for s in self.states)
+
+    @torch.no_grad()
+    def prefill(self, input_ids: torch.Tensor, doc_starts: Optional[torch.Tensor] = None,
+                chunk_size: Optional[int] = None, piece: int = 0) -> torch.Tensor:
+        """Run the prompt (chunkwise form) into the static state; returns last-token logits [B, V].
+        piece > 0 feeds the prompt in pieces of that many tokens (bounds activation memory)."""
+        B, T = input_ids.shape
+        if B != self.batch_size:
+            raise ValueError(f"prefill: batch of {B} prompts, decoder was built for {self.batch_size}")
+        if T < 1:
+            raise ValueError("prefill: empty prompt")
+        state, out = None, None
+        step = T if piece <= 0 else piece
+        for lo in range(0, T, step):
+            ids = input_ids[:, lo:lo + step]
+            ds = None if doc_starts is None else doc_starts[:, lo:lo + step]
+            if ds is not None and not bool(ds.any()):
+                ds = None  # no document start in this piece: lets fla take it with a state
+            out = self.model(ids, doc_starts=ds, mode="chunkwise", chunk_size=chunk_size, state=state, return_state=True)
+            state = out.state
+            out.logits = out.logits[:, -1]
+        for buf, s in zip(self.states, state.layers):
+            buf.copy_(s.to(buf.dtype))
+        self.position.fill_(state.position)
+        self.doc_position.copy_(state.doc_position)
+        return out.logits
+
+    def step(self, tokens: torch.Tensor) -> torch.Tensor:
+        """One token per row [B] -> logits [B, V]; updates the state in place. Capturable."""
+        model, cfg = self.model, self.cfg
+        B = tokens.shape[0]
+        H, K, V = cfg.n_heads, cfg.key_head_dim, cfg.value_head_dim
+        x = model.embed_tokens(tokens.view(B, 1))
+        if cfg.embed_scale:
+            x = x * cfg.d_model ** 0.5
+        sin, cos = rotary_at(model.inv_freq, self.position, x.dtype)
+        sin, cos = sin.unsqueeze(1), cos.unsqueeze(1)  # [1, 1, K] against [B, 1, H, K]
+        lg = model.log_gamma.view(1, -1)
+        c = None
+        if cfg.normalize_retention:  # the model's factor c_t at this document position
+            c = torch.sqrt(torch.expm1(lg) / torch.expm1(lg * (self.doc_position[:, None].float() + 1)))  # [B, H]
+        for block, S in zip(model.layers, self.states):
+            ret = block.retention
+            h = block.retention_norm(x)
+            q = apply_rotary(ret.q_proj(h).view(B, 1, H, K), sin, cos)[:, 0]
+            k = apply_rotary((ret.k_proj(h) * K ** -0.5).view(B, 1, H, K), sin, cos)[:, 0]
+            v = ret.v_proj(h).view(B, H, V)
+            if cfg.normalize_retention:
+                v = torch.cat([v, v.new_ones(B, H, 1)], dim=-1)
+            S.mul_(self.gamma).add_(k.to(S.dtype)[..., :, None] * v.to(S.dtype)[..., None, :])
+            o = torch.einsum("bhk,bhkv->bhv", q.to(S.dtype), S)
+            if cfg.normalize_retention:
+                o, row_sum = o[..., :-1], o[..., -1]
+                o = o * (c / (c * row_sum).abs().clamp(min=1)).unsqueeze(-1)
+            o = ret.group_norm(o.to(x.dtype)).reshape(B, 1, -1)
+            if ret.group_norm_weight is not None:
+                o = o * ret.group_norm_weight
+            x = x + ret.out_proj(ret.gate_fn(ret.g_proj(h)) * o)
+            x = x + block.ffn(block.ffn_norm(x))
+        self.position.add_(1)
+        self.doc_position.add_(1)
+        return model.lm_head(model.norm(x))[:, 0]
+
+
+class CudaGraphStep:
+    """`decoder.step` captured once in a CUDA graph and replayed: no per-kernel launch cost.
+    The decoder's state and position buffers are the graph's static inputs and are updated in
+    place by every replay, so nothing is copied but the B token ids."""
+
+    def __init__(self, decoder, warmup: int = 2):
+        if decoder.device.type != "cuda":
+            raise ValueError("cuda_graph: needs the model on a CUDA device")
+        self.decoder = decoder
+        self.tokens = torch.zeros(decoder.batch_size, dtype=torch.long, device=decoder.device)
+        snapshot = decoder.snapshot()  # warm-up and capture run the step: undo their effect
+        stream = torch.cuda.Stream()
+        stream.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(stream), torch.no_grad():
+            for _ in range(warmup):
+                decoder.step(self.tokens)
+        torch.cuda.current_stream().wait_stream(stream)
+        self.graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(self.graph), torch.no_grad():
+            self.logits = decoder.step(self.tokens)
+        decoder.restore(snapshot)
+
+    def __call__(self, tokens: torch.Tensor) -> torch.Tensor:
+        self.tokens.copy_(tokens)
+        self.graph.replay()
+        return self.logits
+
+
+def make_decoder(model, batch_size: int, max_length: int):
+    """The incremental decoder for either architecture (max_length: prompt + new tokens, the
+    Transformer's KV cache size; RetNet's state does not depend on it)."""
+    if isinstance(model, RetNetForCausalLM):
+        return RetNetDecoder(model, batch_size)
+    from .kv_cache import KVCacheDecoder
+
+    return KVCacheDecoder(model, batch_size, max_length)
+
