@@ -1,0 +1,146 @@
+#!/usr/bin/env bash
+# Launch retnet_train.train with torchrun on this node: one node (--standalone) or one node of a
+# multi-node job (c10d rendezvous at MASTER_ADDR:MASTER_PORT). Runs the preflight first.
+#
+#   launch/torchrun.sh [options] [--] [hydra overrides ...]
+#
+#   launch/torchrun.sh experiment=tiny_cpu model=tiny train.max_steps=3
+#   # node 0 and node 1 of a two-node job (same command on both, only --node-rank differs):
+#   launch/torchrun.sh --nnodes 2 --node-rank 0 --master-addr gpu001 --nproc-per-node 8 model=1.3b
+#
+# Options (environment variable in brackets; an option wins over the variable):
+#   --nproc-per-node N  processes on this node [NPROC_PER_NODE]; default: visible GPUs, 1 on CPU
+#   --nnodes N          nodes in the job [NNODES]; default 1
+#   --node-rank R       this node's rank, 0..N-1 [NODE_RANK]; default 0
+#   --master-addr A     node 0's address, hosts the c10d store [MASTER_ADDR]; default 127.0.0.1
+#   --master-port P     rendezvous port [MASTER_PORT]; default 29500
+#   --rdzv-id ID        rendezvous id, equal on all nodes [RDZV_ID]; default retnet
+#   --slurm             take nnodes, node rank, master addr/port and GPUs per node from SLURM
+#                       (python -m retnet_train.launch_env); used by launch/slurm/*.sbatch via srun
+#   --module M          python module to run; default retnet_train.train
+#   --checkpoint-dir D  checked by the preflight (writable, shared, free space) [CHECKPOINT_DIR]
+#   --params N          parameter count for the free-space check (else from model=... override)
+#   --require-gpu       preflight fails without a GPU
+#   --no-preflight      skip the preflight
+#   --dry-run           print this node's environment and exact commands; start nothing
+# Everything from the first argument that is not an option (or after --) goes to the program
+# verbatim: Hydra overrides, or e.g. `--module retnet_train.preflight -- --dist-check`.
+set -euo pipefail
+
+die() { echo "launch/torchrun.sh: error: $*" >&2; exit 2; }
+
+ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
+if [[ -z "${PYTHON:-}" ]]; then
+  if [[ -x "$ROOT/.venv/bin/python" ]]; then PYTHON="$ROOT/.venv/bin/python"; else PYTHON=python3; fi
+fi
+
+nproc="${NPROC_PER_NODE:-}"
+nnodes="${NNODES:-1}"
+node_rank="${NODE_RANK:-0}"
+master_addr="${MASTER_ADDR:-127.0.0.1}"
+master_port="${MASTER_PORT:-29500}"
+rdzv_id="${RDZV_ID:-retnet}"
+module="retnet_train.train"
+checkpoint_dir="${CHECKPOINT_DIR:-}"
+params=""
+require_gpu=0
+preflight=1
+dry_run=0
+use_slurm=0
+
+need_value() { [[ $# -ge 2 && -n "$2" ]] || die "$1 needs a value"; }
+while [[ $# -gt 0 ]]; do
+  case "$1" in
+    --nproc-per-node) need_value "$@"; nproc="$2"; shift 2 ;;
+    --nnodes) need_value "$@"; nnodes="$2"; shift 2 ;;
+    --node-rank) need_value "$@"; node_rank="$2"; shift 2 ;;
+    --master-addr) need_value "$@"; master_addr="$2"; shift 2 ;;
+    --master-port) need_value "$@"; master_port="$2"; shift 2 ;;
+    --rdzv-id) need_value "$@"; rdzv_id="$2"; shift 2 ;;
+    --module) need_value "$@"; module="$2"; shift 2 ;;
+    --checkpoint-dir) need_value "$@"; checkpoint_dir="$2"; shift 2 ;;
+    --params) need_value "$@"; params="$2"; shift 2 ;;
+    --slurm) use_slurm=1; shift ;;
+    --require-gpu) require_gpu=1; shift ;;
+    --no-preflight) preflight=0; shift ;;
+    --dry-run) dry_run=1; shift ;;
+    -h|--help) sed -n '2,/^set -euo/p' "${BASH_SOURCE[0]}" | sed -e '$d' -e 's/^# \{0,1\}//'; exit 0 ;;
+    --) shift; break ;;
+    -*) die "unknown option $1 (program arguments that start with - go after --)" ;;
+    *) break ;;
+  esac
+done
+prog_args=("$@")
+
+if [[ "$use_slurm" == 1 ]]; then
+  slurm_args=(env --format shell)
+  [[ -n "$nproc" ]] && slurm_args+=(--nproc-per-node "$nproc")
+  exports="$("$PYTHON" -m retnet_train.launch_env "${slurm_args[@]}")" || die "cannot derive the launch environment from SLURM (see above)"
+  eval "$exports"
+  nproc="$NPROC_PER_NODE"; nnodes="$NNODES"; node_rank="$NODE_RANK"
+  master_addr="$MASTER_ADDR"; master_port="$MASTER_PORT"; rdzv_id="$RDZV_ID"
+fi
+
+# check_int WHAT VALUE MIN MAX: VALUE is an integer in [MIN, MAX] or the script stops naming WHAT.
+check_int() {
+  if ! [[ "$2" =~ ^[0-9]+$ ]] || (( 10#$2 < $3 || 10#$2 > $4 )); then
+    die "$1 must be an integer in [$3, $4], got '$2'"
+  fi
+}
+if [[ -z "$nproc" ]]; then
+  nproc="$("$PYTHON" -c 'import torch; print(torch.cuda.device_count() or 1)')" \
+    || die "cannot count GPUs with $PYTHON (torch import failed); pass --nproc-per-node"
+fi
+check_int "--nproc-per-node/NPROC_PER_NODE" "$nproc" 1 1024
+check_int "--nnodes/NNODES" "$nnodes" 1 100000
+check_int "--node-rank/NODE_RANK" "$node_rank" 0 $((10#$nnodes - 1))
+check_int "--master-port/MASTER_PORT" "$master_port" 1 65535
+[[ -n "$master_addr" && "$master_addr" != *[[:space:]]* ]] || die "--master-addr/MASTER_ADDR is empty or has spaces: '$master_addr'"
+[[ "$rdzv_id" =~ ^[A-Za-z0-9_.-]+$ ]] || die "--rdzv-id/RDZV_ID may only contain letters, digits, _ . -, got '$rdzv_id'"
+[[ "$module" =~ ^[A-Za-z_][A-Za-z0-9_.]*$ ]] || die "--module must be a python module name, got '$module'"
+if [[ -n "$params" ]]; then
+  [[ "$params" =~ ^[0-9.]+([eE][0-9]+)?$ ]] || die "--params must be a number like 1.3e9, got '$params'"
+fi
+
+run=("$PYTHON" -m torch.distributed.run --nproc_per_node="$nproc")
+if (( nnodes == 1 )); then
+  run+=(--standalone)
+else
+  if (( node_rank == 0 )); then is_host=1; else is_host=0; fi
+  run+=(--nnodes="$nnodes" --node_rank="$node_rank" --rdzv_backend=c10d
+        --rdzv_endpoint="$master_addr:$master_port" --rdzv_id="$rdzv_id" --rdzv_conf="is_host=$is_host"
+        --max_restarts=0)
+fi
+run+=(-m "$module" "${prog_args[@]}")
+
+check=("$PYTHON" -m retnet_train.preflight --nproc-per-node "$nproc" --nnodes "$nnodes" --node-rank "$node_rank"
+       --shared-id "$rdzv_id")
+[[ -n "$checkpoint_dir" ]] && check+=(--checkpoint-dir "$checkpoint_dir")
+[[ -n "$params" ]] && check+=(--params "$params")
+[[ "$require_gpu" == 1 ]] && check+=(--require-gpu)
+check+=(-- "${prog_args[@]}")
+
+quote() { local out="" a; for a in "$@"; do out+="$(printf '%q' "$a") "; done; echo "${out% }"; }
+
+if [[ "$dry_run" == 1 ]]; then
+  echo "# node $node_rank of $nnodes: $nproc process(es), world size $((nnodes * nproc)), rendezvous $master_addr:$master_port id=$rdzv_id"
+  echo "# environment:"
+  echo "MASTER_ADDR=$(printf '%q' "$master_addr")"
+  echo "MASTER_PORT=$master_port"
+  echo "NNODES=$nnodes"
+  echo "NODE_RANK=$node_rank"
+  echo "NPROC_PER_NODE=$nproc"
+  echo "WORLD_SIZE=$((nnodes * nproc))"
+  env | LC_ALL=C sort | grep -E '^(NCCL|RCCL|TORCH_NCCL|CUDA|HIP|ROCR|HSA|MIOPEN|PYTORCH|TRITON|FI|OMP)_[A-Z0-9_]*=' \
+    | while IFS='=' read -r k v; do echo "$k=$(printf '%q' "$v")"; done || true
+  if [[ "$preflight" == 1 ]]; then echo "# preflight:"; quote "${check[@]}"; fi
+  echo "# command:"
+  quote "${run[@]}"
+  exit 0
+fi
+
+if [[ "$preflight" == 1 ]]; then
+  "${check[@]}" || die "preflight failed on node $node_rank (host $(hostname)); nothing was started"
+fi
+export MASTER_ADDR="$master_addr" MASTER_PORT="$master_port"
+exec "${run[@]}"
