@@ -1,0 +1,91 @@
+"""Shared pieces for tests/generation: a real sentencepiece tokenizer, tiny models, and a real
+DeepSpeed checkpoint written in-process (gloo, world size 1)."""
+from __future__ import annotations
+
+import os
+import socket
+from pathlib import Path
+
+import torch
+
+from retnet_train.model import build_model, model_config_from_dict
+
+VOCAB = 256
+TEXT = ("The quick brown fox jumps over the lazy dog. A retentive network keeps a state. "
+        "def add(a, b):\n    return a + b\n" "Numbers: one two three four five six seven eight nine ten.\n")
+
+
+def train_tokenizer(directory: Path, vocab_size: int = VOCAB) -> Path:
+    import sentencepiece as spm
+
+    corpus = directory / "corpus.txt"
+    # the repo's own model sources: varied enough text for a few hundred pieces
+    src = Path(__file__).resolve().parents[2] / "retnet_train" / "model"
+    corpus.write_text(TEXT * 5 + "".join(p.read_text() for p in sorted(src.glob("*.py"))))
+    spm.SentencePieceTrainer.train(input=str(corpus), model_prefix=str(directory / "tok"), vocab_size=vocab_size,
+                                   model_type="unigram", character_coverage=1.0, minloglevel=2,
+                                   hard_vocab_limit=True, num_threads=1)
+    return directory / "tok.model"
+
+
+def tiny_config(arch: str = "retnet", **kw) -> dict:
+    d = dict(arch=arch, vocab_size=VOCAB, d_model=32, n_layers=2, n_heads=2, ffn_dim=64, norm_eps=1e-6)
+    if arch == "retnet":
+        d.update(chunk_size=4, retention_backend="torch")
+    d.update(kw)
+    return d
+
+
+def tiny_model(arch: str = "retnet", **kw):
+    return build_model(model_config_from_dict(tiny_config(arch, **kw))).eval()
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def init_dist() -> None:
+    import deepspeed
+
+    if torch.distributed.is_initialized():
+        return
+    os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
+    os.environ.setdefault("MASTER_PORT", str(_free_port()))
+    os.environ.setdefault("RANK", "0")
+    os.environ.setdefault("LOCAL_RANK", "0")
+    os.environ.setdefault("WORLD_SIZE", "1")
+    deepspeed.init_distributed(dist_backend="gloo", verbose=False)
+
+
+def write_deepspeed_checkpoint(save_dir: Path, model_cfg: dict, stage: int, client_state: dict, steps: int = 2,
+                               tag: str | None = None) -> torch.nn.Module:
+    """Train `steps` Adam steps under ZeRO `stage` and save_checkpoint; returns the trained model
+    (its weights are what a loader must reproduce)."""
+    import deepspeed
+
+    init_dist()
+    model = build_model(model_config_from_dict(model_cfg))
+    ds_config = {"train_micro_batch_size_per_gpu": 2, "gradient_accumulation_steps": 1,
+                 "optimizer": {"type": "Adam", "params": {"lr": 1e-2, "torch_adam": True}},
+                 "zero_optimization": {"stage": stage}, "steps_per_print": 10 ** 9}
+    engine, *_ = deepspeed.initialize(model=model, model_parameters=model.parameters(), config=ds_config)
+    g = torch.Generator().manual_seed(0)
+    for _ in range(steps):
+        ids = torch.randint(0, model_cfg["vocab_size"], (2, 9), generator=g)
+        loss = engine(ids[:, :-1], labels=ids[:, 1:]).loss
+        engine.backward(loss)
+        engine.step()
+    engine.save_checkpoint(str(save_dir), tag=tag, client_state=client_state)
+    if stage == 3:
+        from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint  # noqa: F401
+
+        with deepspeed.zero.GatheredParameters(list(engine.module.parameters())):
+            sd = {k: v.detach().clone().float() for k, v in engine.module.state_dict().items()}
+    else:
+        sd = {k: v.detach().clone().float() for k, v in engine.module.state_dict().items()}
+    ref = build_model(model_config_from_dict(model_cfg))
+    ref.load_state_dict(sd)
+    engine.destroy() if hasattr(engine, "destroy") else None
+    return ref.eval()

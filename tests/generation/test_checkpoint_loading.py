@@ -1,0 +1,73 @@
+"""Loading a model from a real DeepSpeed checkpoint (ZeRO 0/2/3, consolidated with
+deepspeed.utils.zero_to_fp32) and from our export; bad paths and mismatches are clear errors."""
+import json
+
+import pytest
+import torch
+
+from gen_fixtures import VOCAB, tiny_config, tiny_model, train_tokenizer, write_deepspeed_checkpoint
+from retnet_train.checkpoint_io import CheckpointError, load_model
+from retnet_train.export import save_native
+
+
+@pytest.fixture(scope="module")
+def tokenizer(tmp_path_factory):
+    return str(train_tokenizer(tmp_path_factory.mktemp("tok")))
+
+
+@pytest.mark.parametrize("stage,arch", [(0, "retnet"), (2, "retnet"), (3, "retnet"), (2, "transformer")])
+def test_deepspeed_checkpoint_round_trip(tmp_path, tokenizer, stage, arch):
+    cfg = tiny_config(arch, tie_embeddings=(stage == 2 and arch == "retnet"))
+    client = {"config": {"model": cfg, "data": {"tokenizer": tokenizer}}, "step": 2}
+    ref = write_deepspeed_checkpoint(tmp_path / "ckpt", cfg, stage, client)
+    loaded = load_model(str(tmp_path / "ckpt"))
+    assert loaded.source == "deepspeed" and loaded.tokenizer_path == tokenizer
+    assert loaded.config.to_dict() == ref.config.to_dict()
+    for k, v in ref.state_dict().items():
+        torch.testing.assert_close(loaded.model.state_dict()[k], v, rtol=0, atol=0, msg=k)
+    ids = torch.randint(0, VOCAB, (1, 7))
+    torch.testing.assert_close(loaded.model(ids).logits, ref(ids).logits)
+    # the weights really changed in training (so a fresh init would not pass the check above)
+    fresh = tiny_model(arch)
+    assert not torch.equal(fresh.state_dict()["layers.0.ffn.fc1.weight"], loaded.model.state_dict()["layers.0.ffn.fc1.weight"])
+    # the tag dir itself is accepted as well
+    tag = (tmp_path / "ckpt" / "latest").read_text().strip()
+    assert load_model(str(tmp_path / "ckpt" / tag)).meta["tag"] == tag
+
+
+def test_checkpoint_errors(tmp_path, tokenizer):
+    with pytest.raises(CheckpointError, match="no such checkpoint"):
+        load_model(str(tmp_path / "missing"))
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(CheckpointError, match="no 'latest' file"):
+        load_model(str(tmp_path / "empty"))
+    cfg = tiny_config()
+    write_deepspeed_checkpoint(tmp_path / "noconf", cfg, 0, {"step": 1}, steps=1)
+    with pytest.raises(CheckpointError, match="no model config"):
+        load_model(str(tmp_path / "noconf"))
+    # an explicit preset that does not match the weights
+    with pytest.raises(CheckpointError, match="shape"):
+        load_model(str(tmp_path / "noconf"), model_config=tiny_config(d_model=64))
+    assert load_model(str(tmp_path / "noconf"), model_config=cfg).config.d_model == 32
+    with pytest.raises(CheckpointError, match="tag 'nope'"):
+        load_model(str(tmp_path / "noconf"), tag="nope")
+
+
+def test_export_round_trip_and_tokenizer_checks(tmp_path, tokenizer):
+    model = tiny_model("retnet", tie_embeddings=True)
+    out = save_native(model, str(tmp_path / "exp"), tokenizer)
+    loaded = load_model(out)
+    assert loaded.source == "export" and loaded.tokenizer_path.endswith("tokenizer.model")
+    ids = torch.randint(0, VOCAB, (2, 5))
+    torch.testing.assert_close(loaded.model(ids).logits, model(ids).logits, rtol=0, atol=0)
+    assert loaded.model.lm_head.weight is loaded.model.embed_tokens.weight
+    with pytest.raises(CheckpointError, match="does not exist"):
+        load_model(out, tokenizer=str(tmp_path / "nope.model"))
+    small = train_tokenizer(tmp_path, vocab_size=200)
+    with pytest.raises(CheckpointError, match="vocabulary of 200 pieces, model has vocab_size=256"):
+        load_model(out, tokenizer=str(small))
+    cfg = json.loads((tmp_path / "exp" / "config.json").read_text())
+    cfg["format"] = "something-else"
+    (tmp_path / "exp" / "config.json").write_text(json.dumps(cfg))
+    with pytest.raises(CheckpointError, match="not a retnet-train export"):
+        load_model(out)
