@@ -124,8 +124,8 @@ class TextStreamer:
     """Incremental text per row: sentencepiece decodes whole sequences (pieces join with spaces
     only in context), so each call decodes the row so far and prints the new suffix."""
 
-    def __init__(self, sp, n_rows: int, write: Callable[[str], None] = sys.stdout.write):
-        self.sp, self.write = sp, write
+    def __init__(self, sp, n_rows: int, write: Optional[Callable[[str], None]] = None):
+        self.sp, self._write = sp, write
         self.tokens: List[List[int]] = [[] for _ in range(n_rows)]
         self.printed = [""] * n_rows
         self.done = [False] * n_rows
@@ -143,6 +143,9 @@ class TextStreamer:
             if f:
                 self._finish(i)
         sys.stdout.flush()
+
+    def write(self, text: str) -> None:
+        (self._write or sys.stdout.write)(text)  # sys.stdout looked up late: it may be replaced
 
     def _finish(self, i: int) -> None:
         self.done[i] = True

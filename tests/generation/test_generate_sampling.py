@@ -1,0 +1,96 @@
+"""generate(): greedy output equals a naive full-forward loop; EOS stops a row; sampling
+filters (top-k, top-p, temperature) are right; bad parameters are clear errors; the CLI runs."""
+import pytest
+import torch
+
+from gen_fixtures import VOCAB, tiny_model, train_tokenizer
+from retnet_train.export import save_native
+from retnet_train.generate import SamplingParams, generate, main, sample
+
+
+def naive_greedy(model, prompt, n):
+    ids = list(prompt)
+    for _ in range(n):
+        ids.append(int(model(torch.tensor([ids])).logits[0, -1].argmax()))
+    return ids[len(prompt):]
+
+
+@pytest.mark.parametrize("arch", ["retnet", "transformer"])
+@torch.no_grad()
+def test_greedy_batch_equals_naive_loop(arch):
+    model = tiny_model(arch).double()
+    prompts = [[3, 17, 99, 4, 5, 200, 8], [42], [7, 7, 7]]
+    res = generate(model, prompts, SamplingParams(max_new_tokens=6, temperature=0))
+    assert res.tokens == [naive_greedy(model, p, 6) for p in prompts]
+    assert res.stopped_at_eos == [False] * 3
+
+
+@torch.no_grad()
+def test_stops_at_eos_per_row():
+    model = tiny_model("retnet").double()
+    prompts = [[3, 17, 99], [42, 9]]
+    free = [naive_greedy(model, p, 8) for p in prompts]
+    eos = free[0][2]  # row 0 emits this token third
+    res = generate(model, prompts, SamplingParams(max_new_tokens=8, temperature=0), eos_id=eos)
+    assert res.tokens[0] == free[0][:2] and res.stopped_at_eos[0]
+    cut = free[1].index(eos) if eos in free[1] else 8
+    assert res.tokens[1] == free[1][:cut] and res.stopped_at_eos[1] == (cut < 8)
+
+
+def test_sampling_filters():
+    logits = torch.tensor([[2.0, 1.0, 0.5, 0.0, -1.0, -3.0]]).repeat(4000, 1)
+    g = torch.Generator().manual_seed(0)
+    assert torch.equal(sample(logits[:3], SamplingParams(temperature=0)), torch.zeros(3, dtype=torch.long))
+    k = sample(logits, SamplingParams(top_k=3), g)
+    assert set(k.tolist()) == {0, 1, 2}
+    probs = logits[0].softmax(-1)  # top_p=0.8 keeps the smallest prefix with mass >= 0.8
+    keep = int((probs.cumsum(0) < 0.8).sum()) + 1
+    p = sample(logits, SamplingParams(top_p=0.8), g)
+    assert set(p.tolist()) == set(range(keep))
+    # temperature: empirical frequencies follow softmax(logits / T)
+    t = sample(logits, SamplingParams(temperature=2.0), g)
+    freq = torch.bincount(t, minlength=6).float() / len(t)
+    torch.testing.assert_close(freq, (logits[0] / 2).softmax(-1), atol=0.03, rtol=0)
+    assert torch.equal(sample(logits[:5], SamplingParams(top_k=1), g), torch.zeros(5, dtype=torch.long))
+
+
+@pytest.mark.parametrize("kw,msg", [({"temperature": -1.0}, "temperature"), ({"top_k": -2}, "top_k"),
+                                    ({"top_p": 0.0}, "top_p"), ({"top_p": 1.5}, "top_p"),
+                                    ({"max_new_tokens": 0}, "max_new_tokens"), ({"top_k": VOCAB + 1}, "exceeds the vocabulary")])
+def test_invalid_sampling_parameters(kw, msg):
+    with pytest.raises(ValueError, match=msg):
+        generate(tiny_model(), [[1, 2]], SamplingParams(**kw))
+
+
+def test_invalid_prompts():
+    model = tiny_model()
+    with pytest.raises(ValueError, match="prompt 1: empty"):
+        generate(model, [[1], []], SamplingParams(max_new_tokens=2))
+    with pytest.raises(ValueError, match="token id 999"):
+        generate(model, [[1, 999]], SamplingParams(max_new_tokens=2))
+    with pytest.raises(ValueError, match="exceeds max_length=8"):
+        generate(model, [[1] * 6], SamplingParams(max_new_tokens=3), max_length=8)
+
+
+def test_cli_streams_text_and_reports_errors(tmp_path, capsys):
+    import sentencepiece as spm
+
+    tok = train_tokenizer(tmp_path)
+    model = tiny_model()
+    exp = save_native(model, str(tmp_path / "exp"), str(tok))
+    assert main(["--checkpoint", exp, "--prompt", "def add(a, b):", "--max-new-tokens", "5", "--greedy"]) == 0
+    out = capsys.readouterr().out
+    sp = spm.SentencePieceProcessor(model_file=str(tok))
+    prompt = ([sp.bos_id()] if sp.bos_id() >= 0 else []) + sp.encode("def add(a, b):")
+    expected = generate(model, [prompt], SamplingParams(max_new_tokens=5, temperature=0), eos_id=sp.eos_id())
+    assert out == sp.decode(expected.tokens[0]) + "\n" and len(out.strip()) > 0
+    assert main(["--checkpoint", exp, "--prompt", "one two", "--prompt", "The quick", "--max-new-tokens", "4",
+                 "--top-k", "5", "--top-p", "0.9", "--temperature", "0.7"]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    assert sorted(line[:3] for line in lines) == ["[0]", "[1]"]
+    with pytest.raises(SystemExit, match="top_p"):
+        main(["--checkpoint", exp, "--prompt", "x", "--top-p", "2"])
+    with pytest.raises(SystemExit, match="no such checkpoint"):
+        main(["--checkpoint", str(tmp_path / "nope"), "--prompt", "x"])
+    with pytest.raises(SystemExit, match="exceeds max_length=4"):
+        main(["--checkpoint", exp, "--prompt", "one two three four five", "--max-length", "4"])
