@@ -1,0 +1,147 @@
+# shellcheck shell=bash
+# Shared by launch/slurm/nvidia.sbatch and launch/slurm/rocm.sbatch (sourced, not run).
+# The caller sets ROOT (the repository), PYTHON and VENDOR (nvidia|rocm), then calls slurm_main "$@".
+
+die() { echo "launch/slurm/${VENDOR}.sbatch: error: $*" >&2; exit 2; }
+
+# set_default NAME VALUE: export NAME=VALUE unless the user or a site module already set it.
+set_default() {
+  if [[ -z "${!1:-}" ]]; then export "$1=$2"; fi
+}
+
+slurm_usage() {
+  cat <<EOF
+usage: sbatch [sbatch options] launch/slurm/${VENDOR}.sbatch [options] [--] [hydra overrides ...]
+
+One srun task per node runs launch/torchrun.sh --slurm, which takes node rank, world size and
+master address/port from SLURM (python -m retnet_train.launch_env), runs the preflight (checkpoint
+dir shared by all nodes, GPUs, versions, disk) and starts torchrun with c10d rendezvous.
+
+options:
+  --checkpoint-dir D  checkpoint directory for the preflight [CHECKPOINT_DIR]
+  --params N          parameter count for the free-space check (else from model=NAME)
+  --allow-cpu         do not require GPUs in the preflight
+  --no-preflight      skip the preflight
+  --dry-run           print the srun step and every node's environment and commands; start nothing
+EOF
+  if [[ "$VENDOR" == rocm ]]; then
+    cat <<EOF
+  --gpu KIND          mi200 | mi250x | mi300x: PYTORCH_ROCM_ARCH (gfx90a/gfx942) and RCCL tuning
+  --slingshot         HPE Slingshot fabric (Frontier, LUMI, ...): libfabric cxi provider settings;
+                      needs the aws-ofi-rccl plugin on LD_LIBRARY_PATH
+EOF
+  fi
+}
+
+# Environment shared by both vendors. Every value is a default: what is already set wins.
+common_env() {
+  local job="${SLURM_JOB_ID:-nojob}" user="${USER:-$(id -un)}"
+  set_default NCCL_DEBUG WARN                 # prints the reason when a collective fails
+  set_default PYTHONUNBUFFERED 1              # logs reach the .out file as they happen
+  # fla compiles Triton kernels on first use; a cache on a shared home directory, written by
+  # every rank of every node at once, is slow and can corrupt. /tmp is node-local.
+  set_default TRITON_CACHE_DIR "/tmp/triton-cache-${user}-${job}"
+  if [[ -n "${SLURM_CPUS_PER_TASK:-}" && -n "${SLURM_GPUS_ON_NODE:-}" && "${SLURM_GPUS_ON_NODE}" =~ ^[0-9]+$ ]] \
+     && (( SLURM_GPUS_ON_NODE > 0 )); then
+    set_default OMP_NUM_THREADS "$(( SLURM_CPUS_PER_TASK / SLURM_GPUS_ON_NODE > 0 ? SLURM_CPUS_PER_TASK / SLURM_GPUS_ON_NODE : 1 ))"
+  fi
+}
+
+nvidia_env() {
+  # CUDA_VISIBLE_DEVICES comes from SLURM's gres plugin; torchrun's LOCAL_RANK indexes into it.
+  set_default PYTORCH_CUDA_ALLOC_CONF expandable_segments:True
+}
+
+rocm_env() {
+  local job="${SLURM_JOB_ID:-nojob}" user="${USER:-$(id -un)}"
+  # Device visibility: SLURM sets ROCR_VISIBLE_DEVICES on AMD nodes. HIP_VISIBLE_DEVICES and
+  # CUDA_VISIBLE_DEVICES (both honoured by PyTorch on ROCm) index into what ROCR leaves visible,
+  # so a second mask with the same global ids hides GPUs or picks the wrong ones. Keep ROCR only.
+  if [[ -n "${ROCR_VISIBLE_DEVICES:-}" ]]; then
+    unset HIP_VISIBLE_DEVICES CUDA_VISIBLE_DEVICES GPU_DEVICE_ORDINAL
+  fi
+  # RCCL reads the NCCL_* variables (same names as NVIDIA's NCCL).
+  set_default HSA_FORCE_FINE_GRAIN_PCIE 1     # fine-grained PCIe memory for RCCL peer transfers
+  # MIOpen keeps a sqlite database under $HOME; many ranks on a shared home lock it. Node-local:
+  set_default MIOPEN_USER_DB_PATH "/tmp/miopen-${user}-${job}"
+  set_default MIOPEN_CUSTOM_CACHE_DIR "/tmp/miopen-${user}-${job}"
+  case "$gpu_kind" in
+    "") ;;
+    mi200|mi250x) set_default PYTORCH_ROCM_ARCH gfx90a ;;   # MI250X: 2 GCDs per package, each its own device
+    mi300x)
+      set_default PYTORCH_ROCM_ARCH gfx942
+      set_default NCCL_MIN_NCHANNELS 112 ;;                 # AMD's MI300X RCCL tuning guide
+    *) die "--gpu must be mi200, mi250x or mi300x, got '$gpu_kind'" ;;
+  esac
+  if [[ "$slingshot" == 1 ]]; then
+    set_default FI_PROVIDER cxi
+    set_default NCCL_SOCKET_IFNAME hsn0,hsn1,hsn2,hsn3
+    set_default NCCL_NET_GDR_LEVEL 3
+    set_default FI_CXI_ATS 0
+  fi
+}
+
+# slurm_main [options] [--] [overrides]: parse the sbatch script's arguments, set the vendor
+# environment, then print (--dry-run) or run the srun step.
+slurm_main() {
+  local checkpoint_dir="${CHECKPOINT_DIR:-}" params="" allow_cpu=0 preflight=1 dry_run=0
+  gpu_kind="" slingshot=0
+  while [[ $# -gt 0 ]]; do
+    case "$1" in
+      --checkpoint-dir) [[ -n "${2:-}" ]] || die "--checkpoint-dir needs a value"; checkpoint_dir="$2"; shift 2 ;;
+      --params) [[ -n "${2:-}" ]] || die "--params needs a value"; params="$2"; shift 2 ;;
+      --allow-cpu) allow_cpu=1; shift ;;
+      --no-preflight) preflight=0; shift ;;
+      --dry-run) dry_run=1; shift ;;
+      --gpu)
+        [[ "$VENDOR" == rocm ]] || die "--gpu is an option of rocm.sbatch"
+        [[ -n "${2:-}" ]] || die "--gpu needs a value (mi200, mi250x, mi300x)"; gpu_kind="$2"; shift 2 ;;
+      --slingshot) [[ "$VENDOR" == rocm ]] || die "--slingshot is an option of rocm.sbatch"; slingshot=1; shift ;;
+      -h|--help) slurm_usage; exit 0 ;;
+      --) shift; break ;;
+      -*) die "unknown option $1 (program arguments that start with - go after --)" ;;
+      *) break ;;
+    esac
+  done
+  local -a overrides=("$@")
+
+  [[ -n "${SLURM_JOB_NODELIST:-${SLURM_NODELIST:-}}" ]] \
+    || die "SLURM_JOB_NODELIST is unset: submit with sbatch (or run inside salloc); for one machine use launch/torchrun.sh"
+
+  common_env
+  if [[ "$VENDOR" == rocm ]]; then rocm_env; else nvidia_env; fi
+
+  local -a node_args=(--slurm)
+  [[ -n "$checkpoint_dir" ]] && node_args+=(--checkpoint-dir "$checkpoint_dir")
+  [[ -n "$params" ]] && node_args+=(--params "$params")
+  [[ "$allow_cpu" == 1 ]] || node_args+=(--require-gpu)
+  [[ "$preflight" == 1 ]] || node_args+=(--no-preflight)
+
+  # One task per node; torchrun starts the per-GPU workers. Since Slurm 22.05 srun does not
+  # inherit --cpus-per-task from sbatch, so pass it on.
+  local -a step=(srun --ntasks-per-node=1 --kill-on-bad-exit=1)
+  [[ -n "${SLURM_CPUS_PER_TASK:-}" ]] && step+=(--cpus-per-task="$SLURM_CPUS_PER_TASK")
+  step+=(bash "$ROOT/launch/torchrun.sh" "${node_args[@]}" -- "${overrides[@]}")
+
+  if [[ "$dry_run" == 1 ]]; then
+    local -a hosts
+    mapfile -t hosts < <("${PYTHON}" -m retnet_train.launch_env expand "${SLURM_JOB_NODELIST:-${SLURM_NODELIST:-}}") \
+      || die "cannot expand SLURM_JOB_NODELIST"
+    [[ ${#hosts[@]} -gt 0 ]] || die "SLURM_JOB_NODELIST expanded to no hosts"
+    echo "# ${VENDOR}.sbatch dry run: job ${SLURM_JOB_ID:-?}, ${#hosts[@]} node(s): ${hosts[*]}"
+    echo "# srun step (run once from the batch host):"
+    local a out=""
+    for a in "${step[@]}"; do out+="$(printf '%q' "$a") "; done
+    echo "${out% }"
+    local i
+    for i in "${!hosts[@]}"; do
+      echo
+      echo "# ---- node $i: ${hosts[$i]}"
+      SLURM_NODEID="$i" SLURMD_NODENAME="${hosts[$i]}" bash "$ROOT/launch/torchrun.sh" --dry-run "${node_args[@]}" -- "${overrides[@]}" \
+        || die "node $i: launch/torchrun.sh --dry-run failed"
+    done
+    exit 0
+  fi
+  echo "launch/slurm/${VENDOR}.sbatch: job ${SLURM_JOB_ID:-?} on ${SLURM_JOB_NODELIST:-${SLURM_NODELIST:-}}" >&2
+  exec "${step[@]}"
+}
