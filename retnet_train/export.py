@@ -14,7 +14,7 @@ scale, head key dim <= 256, a per-head norm scale shared by all heads, and our r
 equal to fla's. fla rotates the halves (i, i + K/2) with angles 10000^(-2i/K); we rotate pairs
 (2i, 2i+1) with rotary_base^(-i/(K/2-1)) (torchscale's linspace). Pair layout is a permutation
 of q/k rows (dot products unchanged); the angles agree only for rotary_base =
-10000^((K/2-1)/(K/2)), e.g. 8603.4 for K=128 - any other base is refused.
+10000^((K/2-1)/(K/2)), e.g. 8659.6 for K=128, 9305.7 for K=256; other bases are refused.
 
 normalize_retention=true is not in fla: our output is scaled per (position, head) by a factor
 a_t > 0 before the per-head RMSNorm, and RMSNorm(a x) = x / sqrt(mean(x^2) + eps / a^2). The
