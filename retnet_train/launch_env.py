@@ -8,6 +8,7 @@ module instead of parsing SLURM's hostlist syntax in shell:
 
     python -m retnet_train.launch_env expand 'gpu[001-004,007],cpu1'
     python -m retnet_train.launch_env hostfile --slots 8      # DeepSpeed hostfile
+    python -m retnet_train.launch_env check-hostfile FILE     # validate one: 'HOST SLOTS' lines
 
 Variables read (explicit settings win over SLURM's):
   MASTER_ADDR      else the first host of SLURM_JOB_NODELIST (SLURM_NODEID 0's node)
@@ -248,6 +249,33 @@ def hostfile_lines(env: Mapping[str, str], slots: int) -> list[str]:
     return [f"{h} slots={slots}" for h in expand_nodelist(env[list_var], list_var)]
 
 
+def read_hostfile(path: str) -> list[tuple[str, int]]:
+    """Parse and check a DeepSpeed/MPI hostfile ('host slots=N' a line, '#' comments).
+
+    DeepSpeed's runner silently falls back to the local node when the hostfile is missing, and
+    reports malformed lines late; this fails first, naming the file and line.
+    """
+    try:
+        with open(path) as f:
+            text = f.read()
+    except OSError as exc:
+        raise LaunchEnvError(f"--hostfile {path}: {exc.strerror or exc}") from None
+    out: list[tuple[str, int]] = []
+    for lineno, raw in enumerate(text.splitlines(), 1):
+        line = raw.split("#", 1)[0].strip()
+        if not line:
+            continue
+        m = re.fullmatch(r"(\S+)\s+slots=(\d+)", line)
+        if not m or int(m.group(2)) < 1:
+            raise LaunchEnvError(f"--hostfile {path}:{lineno}: expected 'HOST slots=N' with N >= 1, got {raw.strip()!r}")
+        if any(h == m.group(1) for h, _ in out):
+            raise LaunchEnvError(f"--hostfile {path}:{lineno}: host {m.group(1)!r} listed twice")
+        out.append((m.group(1), int(m.group(2))))
+    if not out:
+        raise LaunchEnvError(f"--hostfile {path}: no hosts in it")
+    return out
+
+
 # ---------------------------------------------------------------- CLI
 
 
@@ -265,10 +293,14 @@ def main(argv: Sequence[str] | None = None, environ: Mapping[str, str] | None = 
     p_exp.add_argument("nodelist")
     p_hf = sub.add_parser("hostfile", help="DeepSpeed hostfile for SLURM_JOB_NODELIST")
     p_hf.add_argument("--slots", type=int, required=True, help="GPUs per node")
+    p_chk = sub.add_parser("check-hostfile", help="validate a hostfile; print 'HOST SLOTS' a line")
+    p_chk.add_argument("path")
     args = parser.parse_args(argv)
     try:
         if args.cmd == "expand":
             print("\n".join(expand_nodelist(args.nodelist, "nodelist")))
+        elif args.cmd == "check-hostfile":
+            print("\n".join(f"{h} {n}" for h, n in read_hostfile(args.path)))
         elif args.cmd == "hostfile":
             print("\n".join(hostfile_lines(environ, args.slots)))
         else:

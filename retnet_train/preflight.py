@@ -392,6 +392,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--no-bf16-check", action="store_true", help="only warn when the GPU lacks bf16")
     p.add_argument("--dist-check", action="store_true",
                    help="run under torchrun: all_reduce across all ranks (gloo on CPU, nccl/rccl on GPU)")
+    p.add_argument("--from-launcher-env", action="store_true",
+                   help="started by torchrun or the deepspeed launcher on every node: take node rank, node "
+                        "count and processes per node from its variables; only local rank 0 checks")
     p.add_argument("overrides", nargs="*", help="after --: the Hydra overrides of the run (model=NAME is read)")
     return p
 
@@ -428,11 +431,41 @@ def resolve_params(args: argparse.Namespace) -> tuple[int | None, str]:
     return None, ""
 
 
+def _int_env(env: dict, name: str) -> int:
+    try:
+        return int(env[name])
+    except ValueError:
+        raise PreflightError(f"{name}={env[name]!r} is not an integer") from None
+
+
+def apply_launcher_env(args: argparse.Namespace, env: dict) -> bool:
+    """Fill node rank / node count / processes per node from torchrun's or DeepSpeed's variables.
+
+    Returns False for processes other than local rank 0 (they have nothing to check).
+    """
+    if "LOCAL_RANK" not in env:
+        raise PreflightError("--from-launcher-env: LOCAL_RANK is unset (not started by torchrun or deepspeed)")
+    if _int_env(env, "LOCAL_RANK") != 0:
+        return False
+    if "CROSS_RANK" in env:  # deepspeed.launcher.launch
+        args.node_rank, args.nnodes = _int_env(env, "CROSS_RANK"), _int_env(env, "CROSS_SIZE")
+        args.nproc_per_node = _int_env(env, "LOCAL_SIZE")
+    elif "GROUP_RANK" in env:  # torchrun
+        args.nproc_per_node = _int_env(env, "LOCAL_WORLD_SIZE")
+        args.node_rank = _int_env(env, "GROUP_RANK")
+        args.nnodes = _int_env(env, "WORLD_SIZE") // args.nproc_per_node
+    else:
+        raise PreflightError("--from-launcher-env: neither CROSS_RANK (deepspeed) nor GROUP_RANK (torchrun) is set")
+    return True
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     if args.dist_check:
         return dist_check()
     try:
+        if args.from_launcher_env and not apply_launcher_env(args, dict(os.environ)):
+            return 0
         _validate(args)
         params, source = resolve_params(args)
     except PreflightError as exc:

@@ -1,0 +1,159 @@
+#!/usr/bin/env bash
+# Launch retnet_train.train with the DeepSpeed launcher from one machine: this node alone, or the
+# nodes of an MPI-style hostfile ("host slots=N" a line) reached by passwordless ssh (pdsh).
+# Runs the preflight first, on every node through the same launcher.
+#
+#   launch/deepspeed.sh [options] [--] [hydra overrides ...]
+#
+#   launch/deepspeed.sh --num-gpus 8 model=1.3b experiment=retnet_1.3b
+#   launch/deepspeed.sh --hostfile hosts.txt --checkpoint-dir /shared/ckpt model=6.7b
+#   launch/deepspeed.sh --slurm model=6.7b    # inside salloc/sbatch: hostfile from SLURM_JOB_NODELIST
+#
+# Options (environment variable in brackets):
+#   --hostfile F        hostfile [HOSTFILE]; checked before launching (DeepSpeed itself silently
+#                       falls back to this node when the file is missing)
+#   --slurm             write the hostfile from SLURM_JOB_NODELIST, slots = GPUs per node
+#   --num-gpus N        GPUs to use per node (deepspeed --num_gpus)
+#   --num-nodes N       use the first N hosts of the hostfile
+#   --include SPEC      deepspeed --include, e.g. "worker-0@worker-1:0,2"
+#   --master-addr A     node 0's address [MASTER_ADDR]; default: first host of the hostfile
+#   --master-port P     [MASTER_PORT]; default 29500
+#   --launcher L        pdsh (default), openmpi, mvapich, mpich, impi or slurm
+#   --module M          python module to run; default retnet_train.train
+#   --checkpoint-dir D  checked by the preflight (writable, shared, free space) [CHECKPOINT_DIR]
+#   --params N          parameter count for the free-space check (else from model=... override)
+#   --require-gpu       preflight fails without a GPU
+#   --no-preflight      skip the preflight
+#   --dry-run           print the hostfile, per-node rank layout, environment and exact commands
+# Everything from the first argument that is not an option (or after --) goes to the program
+# verbatim. The launcher gets --no_local_rank: Hydra would reject an appended --local_rank=N.
+set -euo pipefail
+
+die() { echo "launch/deepspeed.sh: error: $*" >&2; exit 2; }
+
+ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
+if [[ -z "${PYTHON:-}" ]]; then
+  if [[ -x "$ROOT/.venv/bin/python" ]]; then PYTHON="$ROOT/.venv/bin/python"; else PYTHON=python3; fi
+fi
+
+hostfile="${HOSTFILE:-}"
+use_slurm=0
+num_gpus=""
+num_nodes=""
+include=""
+master_addr="${MASTER_ADDR:-}"
+master_port="${MASTER_PORT:-29500}"
+launcher="pdsh"
+module="retnet_train.train"
+checkpoint_dir="${CHECKPOINT_DIR:-}"
+params=""
+require_gpu=0
+preflight=1
+dry_run=0
+
+need_value() { [[ $# -ge 2 && -n "$2" ]] || die "$1 needs a value"; }
+while [[ $# -gt 0 ]]; do
+  case "$1" in
+    --hostfile) need_value "$@"; hostfile="$2"; shift 2 ;;
+    --slurm) use_slurm=1; shift ;;
+    --num-gpus) need_value "$@"; num_gpus="$2"; shift 2 ;;
+    --num-nodes) need_value "$@"; num_nodes="$2"; shift 2 ;;
+    --include) need_value "$@"; include="$2"; shift 2 ;;
+    --master-addr) need_value "$@"; master_addr="$2"; shift 2 ;;
+    --master-port) need_value "$@"; master_port="$2"; shift 2 ;;
+    --launcher) need_value "$@"; launcher="$2"; shift 2 ;;
+    --module) need_value "$@"; module="$2"; shift 2 ;;
+    --checkpoint-dir) need_value "$@"; checkpoint_dir="$2"; shift 2 ;;
+    --params) need_value "$@"; params="$2"; shift 2 ;;
+    --require-gpu) require_gpu=1; shift ;;
+    --no-preflight) preflight=0; shift ;;
+    --dry-run) dry_run=1; shift ;;
+    -h|--help) sed -n '2,/^set -euo/p' "${BASH_SOURCE[0]}" | sed -e '$d' -e 's/^# \{0,1\}//'; exit 0 ;;
+    --) shift; break ;;
+    -*) die "unknown option $1 (program arguments that start with - go after --)" ;;
+    *) break ;;
+  esac
+done
+prog_args=("$@")
+
+check_int() {
+  if ! [[ "$2" =~ ^[0-9]+$ ]] || (( 10#$2 < $3 || 10#$2 > $4 )); then
+    die "$1 must be an integer in [$3, $4], got '$2'"
+  fi
+}
+check_int "--master-port/MASTER_PORT" "$master_port" 1 65535
+[[ -z "$num_gpus" ]] || check_int "--num-gpus" "$num_gpus" 1 1024
+[[ -z "$num_nodes" ]] || check_int "--num-nodes" "$num_nodes" 1 100000
+case "$launcher" in pdsh|openmpi|mvapich|mpich|impi|slurm) ;; *) die "--launcher must be pdsh, openmpi, mvapich, mpich, impi or slurm, got '$launcher'" ;; esac
+[[ "$module" =~ ^[A-Za-z_][A-Za-z0-9_.]*$ ]] || die "--module must be a python module name, got '$module'"
+if [[ -n "$params" && ! "$params" =~ ^[0-9.]+([eE][0-9]+)?$ ]]; then die "--params must be a number like 1.3e9, got '$params'"; fi
+
+if [[ "$use_slurm" == 1 ]]; then
+  [[ -z "$hostfile" ]] || die "--slurm and --hostfile exclude each other"
+  slots="$num_gpus"
+  if [[ -z "$slots" ]]; then
+    slots="$("$PYTHON" -m retnet_train.launch_env env --format json --node-rank 0 \
+      | "$PYTHON" -c 'import json, sys; print(json.load(sys.stdin)["nproc_per_node"])')" \
+      || die "cannot tell GPUs per node from SLURM: pass --num-gpus"
+  fi
+  hostfile="${TMPDIR:-/tmp}/retnet-hostfile-${SLURM_JOB_ID:-$$}"
+  hostfile_text="$("$PYTHON" -m retnet_train.launch_env hostfile --slots "$slots")" || die "cannot build a hostfile from SLURM"
+  if [[ "$dry_run" != 1 ]]; then printf '%s\n' "$hostfile_text" > "$hostfile"; fi
+  hosts_text="$(printf '%s\n' "$hostfile_text" | sed 's/ slots=/ /')"
+elif [[ -n "$hostfile" ]]; then
+  hosts_text="$("$PYTHON" -m retnet_train.launch_env check-hostfile "$hostfile")" || die "bad hostfile (see above)"
+else
+  hosts_text=""
+fi
+
+ds=("$PYTHON" -m deepspeed.launcher.runner)
+if [[ -n "$hosts_text" ]]; then
+  ds+=(--hostfile "$hostfile" --launcher "$launcher")
+  [[ -n "$master_addr" ]] || master_addr="$(head -n1 <<<"$hosts_text" | cut -d' ' -f1)"
+fi
+[[ -n "$master_addr" ]] && ds+=(--master_addr "$master_addr")
+ds+=(--master_port "$master_port")
+[[ -n "$num_gpus" ]] && ds+=(--num_gpus "$num_gpus")
+[[ -n "$num_nodes" ]] && ds+=(--num_nodes "$num_nodes")
+[[ -n "$include" ]] && ds+=(--include "$include")
+ds+=(--no_local_rank --module)
+run=("${ds[@]}" "$module" "${prog_args[@]}")
+
+# The preflight runs through the same launcher, once per node (local rank 0 checks, the other
+# ranks exit at once), so a checkpoint dir that is not shared between the hosts fails here.
+shared_id="ds-${SLURM_JOB_ID:-$(date +%s)-$$}"
+check=("${ds[@]}" retnet_train.preflight --from-launcher-env --shared-id "$shared_id")
+[[ -n "$checkpoint_dir" ]] && check+=(--checkpoint-dir "$checkpoint_dir")
+[[ -n "$params" ]] && check+=(--params "$params")
+[[ "$require_gpu" == 1 ]] && check+=(--require-gpu)
+check+=(-- "${prog_args[@]}")
+
+quote() { local out="" a; for a in "$@"; do out+="$(printf '%q' "$a") "; done; echo "${out% }"; }
+
+if [[ "$dry_run" == 1 ]]; then
+  if [[ -n "$hosts_text" ]]; then
+    if [[ "$use_slurm" == 1 ]]; then src=" (written from SLURM_JOB_NODELIST)"; else src=""; fi
+    echo "# hostfile ${hostfile}${src}: node, host, slots, global ranks (before --num-gpus/--num-nodes/--include):"
+    rank=0; node=0
+    while read -r host slots; do
+      echo "#   node $node: $host slots=$slots ranks $rank-$((rank + slots - 1))"
+      rank=$((rank + slots)); node=$((node + 1))
+    done <<<"$hosts_text"
+    echo "# every node: deepspeed.launcher.launch --node_rank=<node> starts one process per slot with"
+    echo "#   RANK, LOCAL_RANK, WORLD_SIZE, MASTER_ADDR=$master_addr, MASTER_PORT=$master_port"
+  else
+    echo "# this node only (no hostfile): one process per visible GPU${num_gpus:+ (--num-gpus $num_gpus)}"
+  fi
+  echo "# environment (remote nodes get NCCL_*/PYTHON* and what .deepspeed_env lists):"
+  env | LC_ALL=C sort | grep -E '^(NCCL|RCCL|TORCH_NCCL|CUDA|HIP|ROCR|HSA|MIOPEN|PYTORCH|TRITON|FI|OMP)_[A-Z0-9_]*=' \
+    | while IFS='=' read -r k v; do echo "$k=$(printf '%q' "$v")"; done || true
+  if [[ "$preflight" == 1 ]]; then echo "# preflight:"; quote "${check[@]}"; fi
+  echo "# command:"
+  quote "${run[@]}"
+  exit 0
+fi
+
+if [[ "$preflight" == 1 ]]; then
+  "${check[@]}" || die "preflight failed (see above); training was not started"
+fi
+exec "${run[@]}"
