@@ -107,7 +107,9 @@ if (( nnodes == 1 )); then
   run+=(--standalone)
 else
   if (( node_rank == 0 )); then is_host=1; else is_host=0; fi
-  run+=(--nnodes="$nnodes" --node_rank="$node_rank" --rdzv_backend=c10d
+  # c10d assigns global ranks itself (node_rank is not passed: torchrun ignores it for c10d);
+  # node 0 hosts the rendezvous store.
+  run+=(--nnodes="$nnodes" --rdzv_backend=c10d
         --rdzv_endpoint="$master_addr:$master_port" --rdzv_id="$rdzv_id" --rdzv_conf="is_host=$is_host"
         --max_restarts=0)
 fi

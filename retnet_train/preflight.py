@@ -309,6 +309,10 @@ def check_shared(rep: Report, ckpt: Path, *, shared_id: str, node_rank: int, nno
         _wait(lambda: not any(ack(r).exists() for r in range(1, nnodes)), timeout)
         marker.unlink(missing_ok=True)
         done.unlink(missing_ok=True)
+        try:
+            d.rmdir()  # only when empty: another launch may be using it
+        except OSError:
+            pass
         rep.ok(f"checkpoint dir {ckpt} is shared by all {nnodes} nodes")
         return
     acked = {"nonce": None}
