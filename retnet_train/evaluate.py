@@ -1,0 +1,143 @@
+"""Evaluate a checkpoint: validation perplexity over token shards, and lm-evaluation-harness tasks.
+
+    python -m retnet_train.evaluate --checkpoint runs/x/checkpoints --data data/sample/shards \
+        --seq-len 2048 --batch-size 8 [--max-sequences 512]
+    python -m retnet_train.evaluate --checkpoint export/x --tasks hellaswag,lambada_openai [--limit 100]
+    python -m retnet_train.evaluate --checkpoint export/x --tasks my_task --include-path my_tasks/
+
+Perplexity runs the model as training does (packed windows of the shards' validation split,
+document masking by EOS) and reports the token-weighted mean loss, perplexity and bits per
+token as one JSON line. Shards made with another tokenizer than the checkpoint's are refused.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import sys
+import time
+from typing import Mapping, Optional
+
+import torch
+
+
+@torch.no_grad()
+def perplexity(model, batches, device: str | torch.device = "cpu", max_batches: Optional[int] = None) -> dict:
+    """Token-weighted mean next-token loss over `batches` (dicts of input_ids/labels/doc_starts)."""
+    was_training = model.training
+    model.eval()
+    total, count, n = 0.0, 0, 0
+    t0 = time.perf_counter()
+    try:
+        for batch in batches:
+            if max_batches is not None and n >= max_batches:
+                break
+            ids, labels = batch["input_ids"].to(device), batch["labels"].to(device)
+            starts = batch.get("doc_starts")
+            kwargs = {} if starts is None else {"doc_starts": starts.to(device)}
+            out = model(ids, labels=labels, return_logits=False, **kwargs)
+            k = int((labels != -100).sum())
+            total += float(out.loss) * k
+            count += k
+            n += 1
+    finally:
+        model.train(was_training)
+    if count == 0:
+        raise ValueError("perplexity: no tokens evaluated (empty validation data)")
+    loss = total / count
+    return {"loss": loss, "perplexity": math.exp(loss), "bits_per_token": loss / math.log(2), "tokens": count,
+            "batches": n, "seconds": round(time.perf_counter() - t0, 3)}
+
+
+def parse_data(specs) -> dict:
+    """--data DIR or NAME=DIR (repeatable) -> {name: (dir, 1.0)} for the validation loader."""
+    sources = {}
+    for i, spec in enumerate(specs):
+        name, _, path = spec.rpartition("=")
+        sources[name or f"source{i}"] = (path, 1.0)
+    return sources
+
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(prog="python -m retnet_train.evaluate", description=__doc__.split("\n")[0])
+    p.add_argument("--checkpoint", required=True, help="DeepSpeed save dir (with 'latest'), a tag dir, or an export dir")
+    p.add_argument("--tag")
+    p.add_argument("--tokenizer", help="sentencepiece model (default: the one stored with the checkpoint)")
+    p.add_argument("--model-config", help="model preset YAML, for checkpoints that carry no config")
+    p.add_argument("--data", action="append", default=[], help="shard dir (or NAME=DIR), repeatable: validation perplexity")
+    p.add_argument("--seq-len", type=int, default=2048)
+    p.add_argument("--batch-size", type=int, default=8)
+    p.add_argument("--max-sequences", type=int, default=None)
+    p.add_argument("--tasks", help="comma-separated lm-eval task names")
+    p.add_argument("--include-path", help="directory of extra lm-eval task YAMLs")
+    p.add_argument("--limit", type=float, default=None, help="lm-eval: examples per task (or fraction)")
+    p.add_argument("--num-fewshot", type=int, default=None)
+    p.add_argument("--max-length", type=int, default=2048, help="lm-eval: context window in tokens")
+    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    p.add_argument("--dtype", choices=["float32", "bfloat16", "float16"], default=None)
+    p.add_argument("--output", help="write the JSON results here as well")
+    return p.parse_args(argv)
+
+
+def _load(args):
+    import yaml
+
+    from .checkpoint_io import load_model
+
+    dtype = getattr(torch, args.dtype) if args.dtype else (torch.bfloat16 if args.device.startswith("cuda") else torch.float32)
+    model_config = None
+    if args.model_config:
+        with open(args.model_config) as f:
+            model_config = yaml.safe_load(f)
+    return load_model(args.checkpoint, tag=args.tag, tokenizer=args.tokenizer, model_config=model_config,
+                      device=args.device, dtype=dtype)
+
+
+def run_perplexity(loaded, args) -> Mapping:
+    from .data import build_validation_loader, sha256_file
+
+    sha = sha256_file(loaded.tokenizer_path) if loaded.tokenizer_path else None
+    loader = build_validation_loader(parse_data(args.data), args.seq_len, args.batch_size, tokenizer_sha256=sha,
+                                     vocab_size=loaded.config.vocab_size, max_sequences=args.max_sequences)
+    return perplexity(loaded.model, loader, args.device)
+
+
+def run_lm_eval(loaded, args) -> Mapping:
+    from .lm_eval_adapter import RetNetTrainLM, simple_evaluate
+
+    if loaded.tokenizer_path is None:
+        raise ValueError(f"--tokenizer: {args.checkpoint} names no tokenizer; lm-eval needs one")
+    lm = RetNetTrainLM(loaded.model, loaded.tokenizer_path, max_length=args.max_length, batch_size=args.batch_size)
+    return simple_evaluate(lm, args.tasks.split(","), include_path=args.include_path, limit=args.limit,
+                           num_fewshot=args.num_fewshot)
+
+
+def main(argv=None) -> int:
+    from .checkpoint_io import CheckpointError
+    from .data import ManifestError
+
+    args = parse_args(argv)
+    if not args.data and not args.tasks:
+        raise SystemExit("error: nothing to evaluate: pass --data (perplexity) and/or --tasks (lm-eval)")
+    for name in ("seq_len", "batch_size", "max_length"):
+        if getattr(args, name) < 1:
+            raise SystemExit(f"error: --{name.replace('_', '-')}: must be >= 1, got {getattr(args, name)}")
+    try:
+        loaded = _load(args)
+        results = {"checkpoint": args.checkpoint}
+        if args.data:
+            results["validation"] = run_perplexity(loaded, args)
+        if args.tasks:
+            results["lm_eval"] = run_lm_eval(loaded, args)
+    except (CheckpointError, ManifestError, ValueError, OSError) as e:
+        raise SystemExit(f"error: {e}") from None
+    text = json.dumps(results, default=str)
+    print(text)
+    if args.output:
+        with open(args.output, "w") as f:
+            f.write(text + "\n")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,152 @@
+"""lm-evaluation-harness model adapter for our checkpoints (RetNet or the Transformer).
+
+In Python:  simple_evaluate(RetNetTrainLM(model, "tokenizer.model"), ["hellaswag"])
+From lm-eval: importing this module registers the model as "retnet-train", so
+    lm_eval --model retnet-train --model_args checkpoint=export/x,max_length=2048 --tasks ...
+works from a script that imported it; `python -m retnet_train.evaluate --tasks ...` does this.
+
+loglikelihood: context + continuation in one causal pass (right-padded batches: padding after
+a row cannot change its logits); the context is cut from the left to fit max_length.
+loglikelihood_rolling: lm-eval's disjoint rolling windows of max_length tokens.
+generate_until: our generate() (greedy unless do_sample), cut at the first stop string.
+"""
+from __future__ import annotations
+
+from typing import List, Optional, Sequence, Tuple
+
+import torch
+import torch.nn.functional as F
+from lm_eval.api.model import LM
+from lm_eval.api.registry import register_model
+
+from .generate import SamplingParams, generate
+
+
+@register_model("retnet-train")
+class RetNetTrainLM(LM):
+    def __init__(self, model=None, tokenizer: Optional[str] = None, max_length: int = 2048, batch_size: int = 8,
+                 max_gen_toks: int = 256, checkpoint: Optional[str] = None, device: Optional[str] = None,
+                 dtype: Optional[str] = None):
+        super().__init__()
+        if model is None:  # built by lm-eval from --model_args
+            if checkpoint is None:
+                raise ValueError("retnet-train: pass checkpoint=<DeepSpeed dir or export dir> in --model_args")
+            from .checkpoint_io import load_model
+
+            device = device or ("cuda" if torch.cuda.is_available() else "cpu")
+            torch_dtype = getattr(torch, dtype) if dtype else (torch.bfloat16 if device.startswith("cuda") else torch.float32)
+            loaded = load_model(checkpoint, tokenizer=tokenizer, device=device, dtype=torch_dtype)
+            model, tokenizer = loaded.model, loaded.tokenizer_path
+        if tokenizer is None:
+            raise ValueError("retnet-train: a sentencepiece tokenizer is required (tokenizer=...)")
+        import sentencepiece as spm
+
+        self.model = model.eval()
+        self.sp = spm.SentencePieceProcessor(model_file=str(tokenizer))
+        if self.sp.get_piece_size() != model.config.vocab_size:
+            raise ValueError(f"tokenizer {tokenizer}: {self.sp.get_piece_size()} pieces, model vocab_size={model.config.vocab_size}")
+        self.max_length, self.batch_size, self.max_gen_toks = int(max_length), int(batch_size), int(max_gen_toks)
+        self._device = next(model.parameters()).device  # (LM.device is a read-only property)
+        # token that stands before the first real token (lm-eval's prefix_token_id): BOS, else EOS
+        self.prefix_id = self.sp.bos_id() if self.sp.bos_id() >= 0 else self.sp.eos_id()
+        self.eos_id = self.sp.eos_id() if self.sp.eos_id() >= 0 else None
+        self.pad_id = max(self.sp.pad_id(), 0)
+
+    @classmethod
+    def create_from_arg_string(cls, arg_string: str, additional_config: Optional[dict] = None):
+        from lm_eval.utils import simple_parse_args_string
+
+        args = simple_parse_args_string(arg_string)
+        extra = {k: v for k, v in (additional_config or {}).items() if v is not None and k in ("batch_size", "device")}
+        return cls(**args, **extra)
+
+    # --- tokens -------------------------------------------------------------------------------
+    def tok_encode(self, text: str) -> List[int]:
+        return self.sp.encode(text)
+
+    def _encode_pair(self, context: str, continuation: str) -> Tuple[List[int], List[int]]:
+        # lm-eval convention: trailing spaces of the context belong to the continuation
+        n_space = len(context) - len(context.rstrip())
+        if n_space:
+            context, continuation = context[:-n_space], context[-n_space:] + continuation
+        whole = self.tok_encode(context + continuation)
+        ctx = self.tok_encode(context)
+        return ctx, whole[len(ctx):]
+
+    # --- scoring ------------------------------------------------------------------------------
+    @torch.no_grad()
+    def _score(self, pairs: Sequence[Tuple[List[int], List[int]]], add_prefix: bool = True) -> List[Tuple[float, bool]]:
+        """(sum log p(continuation | context), continuation is the greedy one) per pair.
+        add_prefix: start every context with the prefix token (a document start, as in training)."""
+        order = sorted(range(len(pairs)), key=lambda i: -(len(pairs[i][0]) + len(pairs[i][1])))
+        results: List[Optional[Tuple[float, bool]]] = [None] * len(pairs)
+        for lo in range(0, len(order), self.batch_size):
+            idx = order[lo:lo + self.batch_size]
+            rows, spans = [], []
+            for i in idx:
+                ctx, cont = pairs[i]
+                if not cont:
+                    raise ValueError("loglikelihood: empty continuation")
+                full = (([self.prefix_id] if add_prefix else []) + list(ctx) + list(cont))[-(self.max_length + 1):]
+                rows.append(full[:-1])
+                spans.append((len(full) - 1 - len(cont), list(cont)))
+            T = max(len(r) for r in rows)
+            ids = torch.full((len(rows), T), self.pad_id, dtype=torch.long)
+            for j, r in enumerate(rows):
+                ids[j, :len(r)] = torch.tensor(r)
+            logp = F.log_softmax(self.model(ids.to(self._device)).logits.float(), dim=-1)
+            for j, (start, cont) in enumerate(spans):
+                lp = logp[j, start:start + len(cont)]
+                target = torch.tensor(cont, device=lp.device)
+                results[idx[j]] = (float(lp.gather(-1, target[:, None]).sum()), bool((lp.argmax(-1) == target).all()))
+        return results
+
+    def loglikelihood(self, requests) -> List[Tuple[float, bool]]:
+        return self._score([self._encode_pair(*req.args) for req in requests])
+
+    def loglikelihood_rolling(self, requests) -> List[float]:
+        from lm_eval.utils import get_rolling_token_windows, make_disjoint_window
+
+        out = []
+        for req in requests:
+            tokens = self.tok_encode(req.args[0])
+            windows = [make_disjoint_window(w) for w in get_rolling_token_windows(
+                token_list=tokens, prefix_token=self.prefix_id, max_seq_len=self.max_length, context_len=1)]
+            # the first window's context is the prefix token itself; later ones are the tokens before
+            scores = self._score(windows, add_prefix=False)
+            out.append(sum(s for s, _ in scores))
+        return out
+
+    def generate_until(self, requests) -> List[str]:
+        out = []
+        for req in requests:
+            context, gen_kwargs = req.args
+            kw = dict(gen_kwargs or {})
+            until = kw.pop("until", None) or []
+            until = [until] if isinstance(until, str) else list(until)
+            max_new = int(kw.pop("max_gen_toks", self.max_gen_toks))
+            do_sample = bool(kw.pop("do_sample", False))
+            temperature = float(kw.pop("temperature", 1.0 if do_sample else 0.0))
+            params = SamplingParams(max_new_tokens=max_new, temperature=temperature if do_sample else 0.0,
+                                    top_k=int(kw.pop("top_k", 0) or 0), top_p=float(kw.pop("top_p", 1.0) or 1.0),
+                                    seed=kw.pop("seed", None))
+            prompt = ([self.prefix_id] + self.tok_encode(context))[-max(self.max_length - max_new, 1):]
+            res = generate(self.model, [prompt], params, eos_id=self.eos_id, pad_id=self.pad_id)
+            text = self.sp.decode(res.tokens[0])
+            cut = min([text.find(s) for s in until if s and s in text], default=len(text))
+            out.append(text[:cut])
+        return out
+
+
+def simple_evaluate(lm: RetNetTrainLM, tasks: List[str], include_path: Optional[str] = None,
+                    limit: Optional[float] = None, num_fewshot: Optional[int] = None) -> dict:
+    """lm_eval.simple_evaluate with our adapter; returns the per-task metrics ("results")."""
+    from lm_eval import evaluator
+    from lm_eval.tasks import TaskManager
+
+    tm = TaskManager(include_path=include_path) if include_path else TaskManager()
+    res = evaluator.simple_evaluate(model=lm, tasks=tasks, num_fewshot=num_fewshot, limit=limit, task_manager=tm,
+                                    log_samples=False, bootstrap_iters=0)
+    if res is None:
+        raise ValueError(f"lm-eval returned nothing for tasks {tasks}")
+    return res["results"]

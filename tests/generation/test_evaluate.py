@@ -1,0 +1,186 @@
+"""evaluate: validation perplexity over real shards equals the loss computed by hand; shards
+of another tokenizer are refused; the lm-eval adapter runs local tasks (no download) and its
+log-likelihoods equal direct model scores."""
+import json
+import math
+import os
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+
+from gen_fixtures import VOCAB, tiny_model, train_tokenizer
+from retnet_train.data import sha256_file
+from retnet_train.data.manifest import MANIFEST_NAME, Manifest, ShardInfo, SplitInfo
+from retnet_train.evaluate import main, perplexity
+from retnet_train.export import save_native
+
+TEXTS = ["The quick brown fox jumps over the lazy dog.", "def add(a, b):\n    return a + b",
+         "one two three four five six seven eight nine ten", "A retentive network keeps a state."]
+
+
+def write_shards(directory, tokenizer, texts, sha=None):
+    """A shard dir in the loader's manifest format: documents joined by EOS, uint16."""
+    import hashlib
+
+    import sentencepiece as spm
+
+    sp = spm.SentencePieceProcessor(model_file=str(tokenizer))
+    tokens = np.concatenate([np.array(sp.encode(t) + [sp.eos_id()]) for t in texts]).astype("<u2")
+    directory.mkdir(parents=True)
+    splits = {}
+    for split in ("train", "validation"):
+        payload = tokens.tobytes()
+        (directory / f"{split}_00000.bin").write_bytes(payload)
+        shard = ShardInfo(f"{split}_00000.bin", len(tokens), len(texts), hashlib.sha256(payload).hexdigest())
+        splits[split] = SplitInfo(len(tokens), len(texts), (shard,))
+    m = Manifest(directory, VOCAB, sp.eos_id(), sp.bos_id(), sp.pad_id(), sp.unk_id(), sha or sha256_file(tokenizer),
+                 "uint16", 1 << 20, splits)
+    (directory / MANIFEST_NAME).write_text(json.dumps(m.to_json()))
+    return tokens.astype(np.int64)
+
+
+@pytest.fixture(scope="module")
+def setup(tmp_path_factory):
+    d = tmp_path_factory.mktemp("eval")
+    tok = train_tokenizer(d)
+    model = tiny_model("retnet")
+    exp = save_native(model, str(d / "exp"), str(tok))
+    tokens = write_shards(d / "shards", tok, TEXTS * 6)
+    return d, tok, model, exp, tokens
+
+
+def test_perplexity_matches_hand_computation(setup, capsys):
+    d, tok, model, exp, tokens = setup
+    assert main(["--checkpoint", exp, "--data", str(d / "shards"), "--seq-len", "16", "--batch-size", "3"]) == 0
+    res = json.loads(capsys.readouterr().out)["validation"]
+    n = (len(tokens) - 1) // 16
+    win = torch.tensor(np.stack([tokens[i * 16:i * 16 + 17] for i in range(n)]))
+    with torch.no_grad():
+        ids, labels = win[:, :-1], win[:, 1:]
+        starts = torch.zeros_like(ids, dtype=torch.bool)
+        import sentencepiece as spm
+
+        starts[:, 1:] = ids[:, :-1] == spm.SentencePieceProcessor(model_file=str(tok)).eos_id()
+        logits = model(ids, doc_starts=starts).logits
+        loss = F.cross_entropy(logits.flatten(0, 1), labels.flatten()).item()
+    assert res["tokens"] == n * 16
+    assert res["loss"] == pytest.approx(loss, rel=1e-5)
+    assert res["perplexity"] == pytest.approx(math.exp(loss), rel=1e-5)
+
+
+def test_perplexity_refuses_other_tokenizer_and_bad_args(setup, tmp_path):
+    d, tok, model, exp, _ = setup
+    write_shards(tmp_path / "other", tok, TEXTS, sha="cd" * 32)
+    with pytest.raises(SystemExit, match="tokenizer sha256"):
+        main(["--checkpoint", exp, "--data", str(tmp_path / "other"), "--seq-len", "8"])
+    with pytest.raises(SystemExit, match="nothing to evaluate"):
+        main(["--checkpoint", exp])
+    with pytest.raises(SystemExit, match="--seq-len"):
+        main(["--checkpoint", exp, "--data", str(d / "shards"), "--seq-len", "0"])
+    with pytest.raises(ValueError, match="no tokens"):
+        perplexity(model, [])
+
+
+def _write_tasks(directory):
+    mc = [{"question": "one two three", "choices": ["four five", "def add"], "label": 0},
+          {"question": "def add(a, b):", "choices": ["return a + b", "lazy dog"], "label": 0},
+          {"question": "The quick brown", "choices": ["fox jumps", "seven eight"], "label": 0}]
+    (directory / "mc.jsonl").write_text("".join(json.dumps(r) + "\n" for r in mc))
+    (directory / "ppl.jsonl").write_text("".join(json.dumps({"text": t}) + "\n" for t in TEXTS))
+    (directory / "tiny_mc.yaml").write_text(f"""task: tiny_mc
+dataset_path: json
+dataset_kwargs:
+  data_files:
+    test: {directory / 'mc.jsonl'}
+test_split: test
+output_type: multiple_choice
+doc_to_text: "{{{{question}}}}"
+doc_to_choice: "{{{{choices}}}}"
+doc_to_target: "{{{{label}}}}"
+metric_list:
+  - metric: acc
+""")
+    (directory / "tiny_ppl.yaml").write_text(f"""task: tiny_ppl
+dataset_path: json
+dataset_kwargs:
+  data_files:
+    test: {directory / 'ppl.jsonl'}
+test_split: test
+output_type: loglikelihood_rolling
+doc_to_text: ""
+doc_to_target: "{{{{text}}}}"
+metric_list:
+  - metric: word_perplexity
+  - metric: bits_per_byte
+""")
+    return mc
+
+
+def test_lm_eval_local_tasks(setup, tmp_path, capsys, monkeypatch):
+    pytest.importorskip("lm_eval")
+    monkeypatch.setenv("HF_DATASETS_OFFLINE", "1")
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setenv("HF_DATASETS_CACHE", str(tmp_path / "hf_cache"))
+    d, tok, model, exp, _ = setup
+    mc = _write_tasks(tmp_path)
+    assert main(["--checkpoint", exp, "--tasks", "tiny_mc,tiny_ppl", "--include-path", str(tmp_path),
+                 "--max-length", "12", "--batch-size", "2"]) == 0
+    res = json.loads(capsys.readouterr().out)["lm_eval"]
+    # expected accuracy from direct scores: sum log p(" " + choice | [BOS] + question)
+    import sentencepiece as spm
+
+    sp = spm.SentencePieceProcessor(model_file=str(tok))
+    correct = 0
+    for doc in mc:
+        scores = []
+        for choice in doc["choices"]:
+            ctx = sp.encode(doc["question"])
+            whole = sp.encode(doc["question"] + " " + choice)
+            full = torch.tensor([[sp.bos_id()] + whole])
+            with torch.no_grad():
+                logp = F.log_softmax(model(full[:, :-1]).logits[0], -1)
+            n = len(whole) - len(ctx)
+            scores.append(float(logp[-n:].gather(-1, full[0, -n:, None]).sum()))
+        correct += int(np.argmax(scores) == doc["label"])
+    assert res["tiny_mc"]["acc,none"] == pytest.approx(correct / len(mc))
+    bpb = res["tiny_ppl"]["bits_per_byte,none"]
+    assert math.isfinite(bpb) and bpb > 0
+
+
+def test_adapter_rolling_and_generate(setup):
+    pytest.importorskip("lm_eval")
+    from lm_eval.api.instance import Instance
+
+    from retnet_train.generate import SamplingParams, generate
+    from retnet_train.lm_eval_adapter import RetNetTrainLM
+
+    d, tok, model, exp, _ = setup
+    lm = RetNetTrainLM(model, str(tok), max_length=6, batch_size=2)
+    text = TEXTS[2]
+    toks = lm.tok_encode(text)
+    assert len(toks) > 6  # several rolling windows
+    [rolled] = lm.loglikelihood_rolling([Instance("loglikelihood_rolling", {}, (text,), 0)])
+    # lm-eval's windows (max 6 tokens, context 1), scored directly with the model
+    def score(inp, targets):
+        with torch.no_grad():
+            logp = F.log_softmax(model(torch.tensor([inp])).logits[0], -1)[-len(targets):]
+        return float(logp.gather(-1, torch.tensor(targets)[:, None]).sum())
+
+    expected, done = score([lm.prefix_id] + toks[:5], toks[:6]), 6
+    while done < len(toks):
+        end = done + min(len(toks) - done, 6)
+        expected += score(toks[end - 7:end - 1], toks[done:end])
+        done = end
+    assert rolled == pytest.approx(expected, rel=1e-5)
+    assert math.isfinite(rolled) and rolled < 0
+    # generate_until: greedy text cut at the stop string
+    ctx = "one two"
+    lm = RetNetTrainLM(model, str(tok), max_length=64)  # room for prompt + 5 new tokens
+    [out] = lm.generate_until([Instance("generate_until", {}, (ctx, {"until": ["\n\n"], "max_gen_toks": 5}), 0)])
+    ref = generate(model, [[lm.prefix_id] + lm.tok_encode(ctx)], SamplingParams(5, temperature=0), eos_id=lm.eos_id)
+    full = lm.sp.decode(ref.tokens[0])
+    assert out == full.split("\n\n")[0]
+    with pytest.raises(ValueError, match="pieces"):
+        RetNetTrainLM(tiny_model("retnet", vocab_size=300), str(tok))
