@@ -17,7 +17,8 @@ from typing import List, Optional, Sequence
 import torch
 
 from .model import RetNetForCausalLM
-from .model.layers import apply_rotary
+from .model.layers import apply_rotary, rotary_sin_cos
+from .model.retnet import document_positions
 
 
 def left_pad(prompts: Sequence[Sequence[int]], pad_id: int, device) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -73,27 +74,38 @@ class RetNetDecoder:
     def prefill(self, input_ids: torch.Tensor, doc_starts: Optional[torch.Tensor] = None,
                 chunk_size: Optional[int] = None, piece: int = 0) -> torch.Tensor:
         """Run the prompt (chunkwise form) into the static state; returns last-token logits [B, V].
-        piece > 0 feeds the prompt in pieces of that many tokens (bounds activation memory)."""
+        piece > 0 feeds the prompt in pieces of that many tokens (bounds activation memory).
+
+        The model's forward loop, with two differences: resets are honoured even when the
+        config has document_masking off (left padding needs them), and only the last position
+        goes through the LM head (a [B, T, vocab] logits tensor is 16 GiB at 8k x 32)."""
+        model, cfg = self.model, self.cfg
         B, T = input_ids.shape
         if B != self.batch_size:
             raise ValueError(f"prefill: batch of {B} prompts, decoder was built for {self.batch_size}")
         if T < 1:
             raise ValueError("prefill: empty prompt")
-        state, out = None, None
+        chunk_size = cfg.chunk_size if chunk_size is None else chunk_size
+        layers, position = [None] * cfg.n_layers, 0
+        doc_pos0 = torch.zeros(B, dtype=torch.long, device=self.device)
         step = T if piece <= 0 else piece
         for lo in range(0, T, step):
             ids = input_ids[:, lo:lo + step]
-            ds = None if doc_starts is None else doc_starts[:, lo:lo + step]
+            ds = None if doc_starts is None else doc_starts[:, lo:lo + step].bool()
             if ds is not None and not bool(ds.any()):
                 ds = None  # no document start in this piece: lets fla take it with a state
-            out = self.model(ids, doc_starts=ds, mode="chunkwise", chunk_size=chunk_size, state=state, return_state=True)
-            state = out.state
-            out.logits = out.logits[:, -1]
-        for buf, s in zip(self.states, state.layers):
+            x = model.embed(ids)
+            doc_pos = document_positions(ds, ids.shape[1], doc_pos0)
+            sin, cos = (t.unsqueeze(1) for t in rotary_sin_cos(model.inv_freq, position, ids.shape[1], x.dtype))
+            for i, block in enumerate(model.layers):
+                x, layers[i] = block(x, sin, cos, model.log_gamma, doc_pos, ds, "chunkwise", chunk_size, layers[i])
+            position += ids.shape[1]
+            doc_pos0 = doc_pos[:, -1] + 1
+        for buf, s in zip(self.states, layers):
             buf.copy_(s.to(buf.dtype))
-        self.position.fill_(state.position)
-        self.doc_position.copy_(state.doc_position)
-        return out.logits
+        self.position.fill_(position)
+        self.doc_position.copy_(doc_pos0)
+        return model.lm_head(model.norm(x[:, -1:]))[:, 0]
 
     def step(self, tokens: torch.Tensor) -> torch.Tensor:
         """One token per row [B] -> logits [B, V]; updates the state in place. Capturable."""

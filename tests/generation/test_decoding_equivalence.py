@@ -23,7 +23,7 @@ def arch_of(model):
     return model.config.arch
 
 
-CASES = [("retnet", {}), ("retnet", {"normalize_retention": False}),
+CASES = [("retnet", {}), ("retnet", {"normalize_retention": False, "document_masking": False}),
          ("retnet", {"norm": "rmsnorm", "ffn_type": "glu", "activation": "silu", "head_norm_affine": True, "embed_scale": True}),
          ("transformer", {}), ("transformer", {"norm": "rmsnorm", "embed_scale": True})]
 
@@ -69,3 +69,15 @@ def test_decoder_rejects_wrong_batch_and_too_long_prompt():
         dec.prefill(torch.zeros(3, 4, dtype=torch.long))
     with pytest.raises(ValueError, match="max_length=8"):
         dec.prefill(torch.zeros(2, 8, dtype=torch.long))
+
+
+@torch.no_grad()
+def test_prefill_in_pieces_equals_whole():
+    model = _model("retnet")
+    ids, starts, _ = left_pad([list(range(1, 30)), list(range(5, 14))], pad_id=0, device="cpu")
+    whole, pieces = RetNetDecoder(model, 2, torch.float64), RetNetDecoder(model, 2, torch.float64)
+    a, b = whole.prefill(ids, starts), pieces.prefill(ids, starts, piece=7)
+    torch.testing.assert_close(a, b, rtol=1e-9, atol=1e-9)
+    for s, t in zip(whole.states, pieces.states):
+        torch.testing.assert_close(s, t, rtol=1e-9, atol=1e-9)
+    assert int(pieces.position) == 29 and pieces.doc_position.tolist() == [29, 9]
