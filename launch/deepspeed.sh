@@ -35,6 +35,8 @@ ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 if [[ -z "${PYTHON:-}" ]]; then
   if [[ -x "$ROOT/.venv/bin/python" ]]; then PYTHON="$ROOT/.venv/bin/python"; else PYTHON=python3; fi
 fi
+# The repository's packages import from any working directory, installed or not.
+export PYTHONPATH="$ROOT${PYTHONPATH:+:$PYTHONPATH}"
 
 hostfile="${HOSTFILE:-}"
 use_slurm=0
@@ -145,7 +147,7 @@ if [[ "$dry_run" == 1 ]]; then
     echo "# this node only (no hostfile): one process per visible GPU${num_gpus:+ (--num-gpus $num_gpus)}"
   fi
   echo "# environment (remote nodes get NCCL_*/PYTHON* and what .deepspeed_env lists):"
-  env | LC_ALL=C sort | grep -E '^(NCCL|RCCL|TORCH_NCCL|CUDA|HIP|ROCR|HSA|MIOPEN|PYTORCH|TRITON|FI|OMP)_[A-Z0-9_]*=' \
+  env | LC_ALL=C sort | grep -E '^(NCCL|RCCL|TORCH_NCCL|CUDA|HIP|ROCR|HSA|MIOPEN|PYTORCH|TRITON|FI|OMP)_[A-Z0-9_]*=|^PYTHONPATH=' \
     | while IFS='=' read -r k v; do echo "$k=$(printf '%q' "$v")"; done || true
   if [[ "$preflight" == 1 ]]; then echo "# preflight:"; quote "${check[@]}"; fi
   echo "# command:"

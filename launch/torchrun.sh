@@ -33,6 +33,8 @@ ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 if [[ -z "${PYTHON:-}" ]]; then
   if [[ -x "$ROOT/.venv/bin/python" ]]; then PYTHON="$ROOT/.venv/bin/python"; else PYTHON=python3; fi
 fi
+# The repository's packages import from any working directory, installed or not.
+export PYTHONPATH="$ROOT${PYTHONPATH:+:$PYTHONPATH}"
 
 nproc="${NPROC_PER_NODE:-}"
 nnodes="${NNODES:-1}"
@@ -133,7 +135,7 @@ if [[ "$dry_run" == 1 ]]; then
   echo "NODE_RANK=$node_rank"
   echo "NPROC_PER_NODE=$nproc"
   echo "WORLD_SIZE=$((nnodes * nproc))"
-  env | LC_ALL=C sort | grep -E '^(NCCL|RCCL|TORCH_NCCL|CUDA|HIP|ROCR|HSA|MIOPEN|PYTORCH|TRITON|FI|OMP)_[A-Z0-9_]*=' \
+  env | LC_ALL=C sort | grep -E '^(NCCL|RCCL|TORCH_NCCL|CUDA|HIP|ROCR|HSA|MIOPEN|PYTORCH|TRITON|FI|OMP)_[A-Z0-9_]*=|^PYTHONPATH=' \
     | while IFS='=' read -r k v; do echo "$k=$(printf '%q' "$v")"; done || true
   if [[ "$preflight" == 1 ]]; then echo "# preflight:"; quote "${check[@]}"; fi
   echo "# command:"

@@ -123,11 +123,16 @@ slurm_main() {
   [[ -n "${SLURM_CPUS_PER_TASK:-}" ]] && step+=(--cpus-per-task="$SLURM_CPUS_PER_TASK")
   step+=(bash "$ROOT/launch/torchrun.sh" "${node_args[@]}" -- "${overrides[@]}")
 
+  # Check the allocation on the batch host before starting anything (names the bad variable).
+  "${PYTHON}" -m retnet_train.launch_env env --node-rank 0 >/dev/null \
+    || die "the SLURM environment does not describe a usable allocation (see above)"
+
   if [[ "$dry_run" == 1 ]]; then
+    local hosts_text
     local -a hosts
-    mapfile -t hosts < <("${PYTHON}" -m retnet_train.launch_env expand "${SLURM_JOB_NODELIST:-${SLURM_NODELIST:-}}") \
+    hosts_text="$("${PYTHON}" -m retnet_train.launch_env expand "${SLURM_JOB_NODELIST:-${SLURM_NODELIST:-}}")" \
       || die "cannot expand SLURM_JOB_NODELIST"
-    [[ ${#hosts[@]} -gt 0 ]] || die "SLURM_JOB_NODELIST expanded to no hosts"
+    mapfile -t hosts <<<"$hosts_text"
     echo "# ${VENDOR}.sbatch dry run: job ${SLURM_JOB_ID:-?}, ${#hosts[@]} node(s): ${hosts[*]}"
     echo "# srun step (run once from the batch host):"
     local a out=""
