@@ -129,7 +129,8 @@ class RetNetDecoder:
             v = ret.v_proj(h).view(B, H, V)
             if cfg.normalize_retention:
                 v = torch.cat([v, v.new_ones(B, H, 1)], dim=-1)
-            S.mul_(self.gamma).add_(k.to(S.dtype)[..., :, None] * v.to(S.dtype)[..., None, :])
+            # in place, no [B, H, K, V] temporary: the state is the largest thing read per step
+            S.mul_(self.gamma).addcmul_(k.to(S.dtype)[..., :, None], v.to(S.dtype)[..., None, :])
             o = torch.einsum("bhk,bhkv->bhv", q.to(S.dtype), S)
             if cfg.normalize_retention:
                 o, row_sum = o[..., :-1], o[..., -1]
@@ -172,11 +173,11 @@ class CudaGraphStep:
         return self.logits
 
 
-def make_decoder(model, batch_size: int, max_length: int):
+def make_decoder(model, batch_size: int, max_length: int, state_dtype: torch.dtype = torch.float32):
     """The incremental decoder for either architecture (max_length: prompt + new tokens, the
     Transformer's KV cache size; RetNet's state does not depend on it)."""
     if isinstance(model, RetNetForCausalLM):
-        return RetNetDecoder(model, batch_size)
+        return RetNetDecoder(model, batch_size, state_dtype)
     from .kv_cache import KVCacheDecoder
 
     return KVCacheDecoder(model, batch_size, max_length)

@@ -1,0 +1,180 @@
+"""Decode benchmark: RetNet (recurrent step, CUDA graph) vs the Transformer (KV cache, SDPA),
+same run, same GPU, random weights at a preset's size.
+
+    python -m retnet_train.bench.decode --preset 6.7b --baseline transformer_6.7b \
+        --prompt-len 8064 --new-tokens 128 --batch-sizes 1,8,32 --check-prompt-len 1024
+
+Per (model, batch size) one JSON line: prefill seconds, decode ms/step, tokens/s, memory over
+the weights (state or KV cache bytes, decode peak, prefill peak), the weight-read limit of one
+step (weight bytes / HBM bandwidth) and the step's ratio to it; then RetNet/Transformer
+speedups. A batch that does not fit is reported as "oom" (the Transformer's 8k KV cache at
+batch 32 is 137 GB for 6.7B). --check-prompt-len reruns RetNet at a second prompt length to
+show its memory over the weights does not depend on it.
+"""
+from __future__ import annotations
+
+import argparse
+import gc
+import json
+import sys
+import time
+from typing import Optional
+
+import torch
+
+from ..decoding import CudaGraphStep, make_decoder
+from .train_throughput import load_preset
+
+# HBM bandwidth (bytes/s) by device name, for the weight-read bound of one decode step.
+HBM_BANDWIDTH = {"H100": 3.35e12, "H200": 4.8e12, "A100": 2.0e12, "MI300X": 5.3e12, "MI250X": 3.2e12}
+GIB = 1024 ** 3
+
+
+def hbm_bandwidth() -> Optional[float]:
+    name = torch.cuda.get_device_name() if torch.cuda.is_available() else ""
+    return next((v for k, v in HBM_BANDWIDTH.items() if k in name), None)
+
+
+def build(preset: str, device: str, dtype: torch.dtype):
+    from ..model import build_model
+
+    cfg = load_preset(preset)
+    prev = torch.get_default_dtype()
+    torch.set_default_dtype(dtype)
+    try:
+        with torch.device(device):  # initialize on the device: no 27 GB fp32 copy on the host
+            model = build_model(cfg)
+    finally:
+        torch.set_default_dtype(prev)
+    return model.eval()
+
+
+def _sync(device):
+    if torch.device(device).type == "cuda":
+        torch.cuda.synchronize()
+
+
+@torch.no_grad()
+def bench_one(model, batch: int, prompt_len: int, new_tokens: int, cuda_graph: bool, device: str,
+              state_dtype: torch.dtype = torch.float32) -> dict:
+    cfg = model.config
+    on_gpu = torch.device(device).type == "cuda"
+    weights = sum(p.numel() * p.element_size() for p in model.parameters())
+    gen = torch.Generator(device=device).manual_seed(0)
+    ids = torch.randint(0, cfg.vocab_size, (batch, prompt_len), device=device, generator=gen)
+    base = torch.cuda.memory_allocated() if on_gpu else 0
+    if on_gpu:
+        torch.cuda.reset_peak_memory_stats()
+    decoder = make_decoder(model, batch, prompt_len + new_tokens + 1, state_dtype)
+    _sync(device)
+    t0 = time.perf_counter()
+    logits = decoder.prefill(ids)
+    _sync(device)
+    prefill_s = time.perf_counter() - t0
+    prefill_peak = torch.cuda.max_memory_allocated() - base if on_gpu else None
+    model.check_inputs = False  # no host sync inside the step
+    step = CudaGraphStep(decoder) if cuda_graph else decoder.step
+    tokens = logits.argmax(-1)
+    if not cuda_graph:  # warm-up (graph capture already ran the step)
+        snap = decoder.snapshot()
+        decoder.step(tokens)
+        decoder.restore(snap)
+    if on_gpu:
+        torch.cuda.reset_peak_memory_stats()
+    _sync(device)
+    t0 = time.perf_counter()
+    for _ in range(new_tokens):
+        tokens = step(tokens).argmax(-1)  # greedy on the device: no host round trip
+    _sync(device)
+    decode_s = time.perf_counter() - t0
+    model.check_inputs = True
+    ms_step = 1000 * decode_s / new_tokens
+    row = {
+        "arch": cfg.arch, "params_b": round(model.num_params() / 1e9, 3), "batch": batch, "prompt_len": prompt_len,
+        "new_tokens": new_tokens, "cuda_graph": cuda_graph, "prefill_s": round(prefill_s, 3),
+        "ms_per_step": round(ms_step, 3), "tokens_per_s": round(batch * new_tokens / decode_s, 1),
+        "state_dtype": str(decoder.states[0].dtype).replace("torch.", "") if cfg.arch == "retnet" else None,
+        "state_bytes": decoder.state_bytes(), "state_gib": round(decoder.state_bytes() / GIB, 3),
+        "weights_gib": round(weights / GIB, 3),
+    }
+    if on_gpu:
+        row["decode_peak_over_weights_gib"] = round((torch.cuda.max_memory_allocated() - base) / GIB, 3)
+        row["prefill_peak_over_weights_gib"] = round(prefill_peak / GIB, 3)
+        bw = hbm_bandwidth()
+        if bw:
+            limit_ms = 1000 * (weights + decoder.state_bytes()) / bw  # weights and state are read once a step
+            row["weight_read_limit_ms"] = round(limit_ms, 3)
+            row["step_over_limit"] = round(ms_step / limit_ms, 2)
+    del decoder, step
+    return row
+
+
+def run(model, args, batch: int, prompt_len: int, cuda_graph: bool) -> dict:
+    try:
+        return bench_one(model, batch, prompt_len, args.new_tokens, cuda_graph, args.device, getattr(torch, args.state_dtype))
+    except torch.cuda.OutOfMemoryError as e:
+        return {"arch": model.config.arch, "batch": batch, "prompt_len": prompt_len, "oom": str(e).split("\n")[0][:200]}
+    finally:
+        gc.collect()
+        if torch.device(args.device).type == "cuda":
+            torch.cuda.empty_cache()
+
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(prog="python -m retnet_train.bench.decode", description=__doc__.split("\n")[0])
+    p.add_argument("--preset", default="6.7b", help="RetNet preset (configs/model/NAME.yaml)")
+    p.add_argument("--baseline", default="transformer_6.7b", help="Transformer preset ('' to skip)")
+    p.add_argument("--prompt-len", type=int, default=8064)
+    p.add_argument("--new-tokens", type=int, default=128)
+    p.add_argument("--batch-sizes", default="1,8,32")
+    p.add_argument("--check-prompt-len", type=int, default=0, help="also run RetNet at this prompt length (memory check)")
+    p.add_argument("--no-cuda-graph", action="store_true", help="plain eager steps for both models")
+    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    p.add_argument("--dtype", choices=["bfloat16", "float16", "float32"], default="bfloat16")
+    p.add_argument("--state-dtype", choices=["float32", "bfloat16"], default="float32",
+                   help="RetNet recurrent state (fp32 as fla keeps it; bf16 halves the state traffic per step)")
+    p.add_argument("--output", help="also write all rows here (JSON lines)")
+    return p.parse_args(argv)
+
+
+def main(argv=None) -> int:
+    args = parse_args(argv)
+    try:
+        batches = [int(b) for b in args.batch_sizes.split(",")]
+    except ValueError:
+        raise SystemExit(f"error: --batch-sizes: expected comma-separated integers, got {args.batch_sizes!r}") from None
+    if any(b < 1 for b in batches) or args.prompt_len < 1 or args.new_tokens < 1:
+        raise SystemExit("error: --batch-sizes, --prompt-len and --new-tokens must be >= 1")
+    cuda_graph = not args.no_cuda_graph and torch.device(args.device).type == "cuda"
+    dtype = getattr(torch, args.dtype)
+    rows = []
+
+    def emit(row):
+        rows.append(row)
+        print(json.dumps(row), flush=True)
+
+    for preset in [args.preset] + ([args.baseline] if args.baseline else []):
+        model = build(preset, args.device, dtype)
+        for b in batches:
+            emit({"preset": preset, **run(model, args, b, args.prompt_len, cuda_graph)})
+        if args.check_prompt_len and model.config.arch == "retnet":
+            emit({"preset": preset, **run(model, args, max(batches), args.check_prompt_len, cuda_graph)})
+        del model
+        gc.collect()
+        if torch.device(args.device).type == "cuda":
+            torch.cuda.empty_cache()
+    by = {(r["arch"], r["batch"], r["prompt_len"]): r for r in rows}
+    for b in batches:
+        ret, tra = by.get(("retnet", b, args.prompt_len)), by.get(("transformer", b, args.prompt_len))
+        if ret and tra and "tokens_per_s" in ret:
+            emit({"summary": "speedup", "batch": b, "retnet_tokens_per_s": ret["tokens_per_s"],
+                  "transformer_tokens_per_s": tra.get("tokens_per_s", "oom"),
+                  "speedup": round(ret["tokens_per_s"] / tra["tokens_per_s"], 2) if "tokens_per_s" in tra else None})
+    if args.output:
+        with open(args.output, "w") as f:
+            f.writelines(json.dumps(r) + "\n" for r in rows)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

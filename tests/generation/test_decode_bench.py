@@ -1,0 +1,88 @@
+"""Decode benchmark (CPU smoke run with tiny presets; the figures come from the GPU run) and
+the CUDA-graph step (GPU): replaying the captured step gives the eager step's logits."""
+import json
+
+import pytest
+import torch
+
+from gen_fixtures import VOCAB, tiny_model
+from retnet_train.bench.decode import main
+from retnet_train.decoding import CudaGraphStep, make_decoder
+
+
+def test_bench_cpu_rows_and_prompt_independent_state(capsys, tmp_path):
+    out = tmp_path / "rows.jsonl"
+    assert main(["--preset", "tiny", "--baseline", "transformer_tiny", "--prompt-len", "48", "--new-tokens", "3",
+                 "--batch-sizes", "1,2", "--check-prompt-len", "8", "--device", "cpu", "--dtype", "float32",
+                 "--output", str(out)]) == 0
+    rows = [json.loads(line) for line in capsys.readouterr().out.splitlines()]
+    assert rows == [json.loads(line) for line in out.read_text().splitlines()]
+    ret = [r for r in rows if r.get("arch") == "retnet"]
+    tra = [r for r in rows if r.get("arch") == "transformer"]
+    assert [r["batch"] for r in ret] == [1, 2, 2] and [r["batch"] for r in tra] == [1, 2]
+    # RetNet: the same state at prompt 48 and 8; the KV cache grows with the prompt
+    assert ret[1]["state_bytes"] == ret[2]["state_bytes"] == 2 * 4 * 2 * 64 * 129 * 4  # B L H K (V+1) fp32
+    assert tra[1]["state_bytes"] == 2 * 2 * 4 * 2 * 52 * 64 * 4  # K and V, B L H (48+3+1) D fp32
+    assert all(r["tokens_per_s"] > 0 and r["ms_per_step"] > 0 for r in ret + tra)
+    assert {r["batch"] for r in rows if r.get("summary") == "speedup"} == {1, 2}
+
+
+def test_bench_bad_arguments():
+    with pytest.raises(SystemExit, match="--batch-sizes"):
+        main(["--batch-sizes", "1,x", "--device", "cpu"])
+    with pytest.raises(SystemExit, match="must be >= 1"):
+        main(["--batch-sizes", "0", "--device", "cpu"])
+    with pytest.raises(SystemExit, match="no model preset"):
+        main(["--preset", "nope", "--device", "cpu", "--batch-sizes", "1"])
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("arch", ["retnet", "transformer"])
+@torch.no_grad()
+def test_cuda_graph_step_equals_eager(arch):
+    model = tiny_model(arch, retention_backend="auto") if arch == "retnet" else tiny_model(arch)
+    model = model.cuda()
+    ids = torch.randint(0, VOCAB, (3, 40), device="cuda")
+    eager, graphed = make_decoder(model, 3, 60), make_decoder(model, 3, 60)
+    a, b = eager.prefill(ids), graphed.prefill(ids)
+    step = CudaGraphStep(graphed)
+    tok = a.argmax(-1)
+    for _ in range(8):
+        a, b = eager.step(tok), step(tok)
+        torch.testing.assert_close(b, a, rtol=1e-4, atol=1e-4)
+        tok = a.argmax(-1)
+
+
+@pytest.mark.gpu
+@torch.no_grad()
+def test_gpu_padded_batch_with_fla_prefill_and_graph_matches_full_forward():
+    from retnet_train.decoding import left_pad
+    from retnet_train.generate import SamplingParams, generate
+
+    model = tiny_model("retnet", retention_backend="auto", d_model=256, n_heads=2).cuda()  # fla when installed
+    prompts = [torch.randint(0, VOCAB, (n,)).tolist() for n in (150, 37, 90)]
+    ids, starts, _ = left_pad(prompts, 0, "cuda")
+    dec = make_decoder(model, 3, 0)
+    logits = [dec.prefill(ids, starts)]
+    step = CudaGraphStep(dec)
+    new = torch.randint(0, VOCAB, (3, 6), device="cuda")
+    for t in range(6):
+        logits.append(step(new[:, t]).clone())
+    got = torch.stack(logits, 1)
+    for i, p in enumerate(prompts):
+        full = torch.cat([torch.tensor(p, device="cuda"), new[i]])[None]
+        ref = model(full, mode="chunkwise").logits[0, len(p) - 1:]
+        torch.testing.assert_close(got[i], ref, rtol=1e-2, atol=1e-2)
+    a = generate(model, prompts, SamplingParams(12, temperature=0))
+    b = generate(model, prompts, SamplingParams(12, temperature=0), cuda_graph=True)
+    assert a.tokens == b.tokens
+
+
+@pytest.mark.gpu
+def test_bench_gpu_small(capsys):
+    assert main(["--preset", "tiny", "--baseline", "transformer_tiny", "--prompt-len", "256", "--new-tokens", "16",
+                 "--batch-sizes", "1,4", "--check-prompt-len", "64"]) == 0
+    rows = [json.loads(line) for line in capsys.readouterr().out.splitlines()]
+    ret = [r for r in rows if r.get("arch") == "retnet"]
+    assert ret[1]["decode_peak_over_weights_gib"] == pytest.approx(ret[2]["decode_peak_over_weights_gib"], abs=0.01)
+    assert all(r["cuda_graph"] for r in ret)
