@@ -390,7 +390,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--nnodes", type=int, default=1)
     p.add_argument("--node-rank", type=int, default=0)
     p.add_argument("--shared-id", default="preflight", help="same on all nodes of one launch (e.g. the job id)")
-    p.add_argument("--shared-timeout", type=float, default=120.0, help="seconds to wait for the other nodes")
+    p.add_argument("--shared-timeout", type=float, default=None,
+                   help="seconds to wait for the other nodes [PREFLIGHT_SHARED_TIMEOUT]; default 120")
     p.add_argument("--require-gpu", action="store_true", help="fail when no GPU is visible")
     p.add_argument("--require-fla", action="store_true", help="fail when fla's retention kernels cannot be imported")
     p.add_argument("--no-bf16-check", action="store_true", help="only warn when the GPU lacks bf16")
@@ -412,6 +413,12 @@ def _validate(args: argparse.Namespace) -> None:
         raise PreflightError(f"--nproc-per-node={args.nproc_per_node} must be >= 1")
     if args.keep_checkpoints < 1:
         raise PreflightError(f"--keep-checkpoints={args.keep_checkpoints} must be >= 1")
+    if args.shared_timeout is None:
+        raw = os.environ.get("PREFLIGHT_SHARED_TIMEOUT", "120")
+        try:
+            args.shared_timeout = float(raw)
+        except ValueError:
+            raise PreflightError(f"PREFLIGHT_SHARED_TIMEOUT={raw!r} is not a number of seconds") from None
     if not args.shared_timeout > 0:
         raise PreflightError(f"--shared-timeout={args.shared_timeout} must be > 0")
     if not re.fullmatch(r"[A-Za-z0-9_.-]+", args.shared_id):

@@ -207,3 +207,13 @@ def test_dist_check_outside_a_launcher_names_the_missing_variable():
     r = subprocess.run([sys.executable, "-m", "retnet_train.preflight", "--dist-check"], cwd=ROOT,
                        env={**env, "PYTHONPATH": str(ROOT)}, capture_output=True, text=True, timeout=60)
     assert r.returncode == 2 and "RANK is unset: run under torchrun" in r.stderr
+
+
+def test_shared_timeout_from_the_environment(monkeypatch, capsys):
+    monkeypatch.setenv("PREFLIGHT_SHARED_TIMEOUT", "soon")
+    assert pf.main(["--nnodes", "2", "--checkpoint-dir", "/tmp"]) == 2
+    assert "PREFLIGHT_SHARED_TIMEOUT='soon' is not a number of seconds" in capsys.readouterr().err
+    monkeypatch.setenv("PREFLIGHT_SHARED_TIMEOUT", "7.5")
+    args = pf.build_parser().parse_args([])
+    pf._validate(args)
+    assert args.shared_timeout == 7.5
