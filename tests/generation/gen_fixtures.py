@@ -60,7 +60,7 @@ def init_dist() -> None:
 
 
 def write_deepspeed_checkpoint(save_dir: Path, model_cfg: dict, stage: int, client_state: dict, steps: int = 2,
-                               tag: str | None = None) -> torch.nn.Module:
+                               tag: str | None = None, bf16: bool = False) -> torch.nn.Module:
     """Train `steps` Adam steps under ZeRO `stage` and save_checkpoint; returns the trained model
     (its weights are what a loader must reproduce)."""
     import deepspeed
@@ -69,7 +69,7 @@ def write_deepspeed_checkpoint(save_dir: Path, model_cfg: dict, stage: int, clie
     model = build_model(model_config_from_dict(model_cfg))
     ds_config = {"train_micro_batch_size_per_gpu": 2, "gradient_accumulation_steps": 1,
                  "optimizer": {"type": "Adam", "params": {"lr": 1e-2, "torch_adam": True}},
-                 "zero_optimization": {"stage": stage}, "steps_per_print": 10 ** 9}
+                 "zero_optimization": {"stage": stage}, "steps_per_print": 10 ** 9, "bf16": {"enabled": bf16}}
     engine, *_ = deepspeed.initialize(model=model, model_parameters=model.parameters(), config=ds_config)
     g = torch.Generator().manual_seed(0)
     for _ in range(steps):

@@ -15,18 +15,24 @@ def tokenizer(tmp_path_factory):
     return str(train_tokenizer(tmp_path_factory.mktemp("tok")))
 
 
-@pytest.mark.parametrize("stage,arch", [(0, "retnet"), (2, "retnet"), (3, "retnet"), (2, "transformer")])
-def test_deepspeed_checkpoint_round_trip(tmp_path, tokenizer, stage, arch):
+@pytest.mark.parametrize("stage,arch,bf16", [(0, "retnet", False), (2, "retnet", False), (3, "retnet", False),
+                                             (2, "transformer", False), (1, "retnet", True), (3, "retnet", True)])
+def test_deepspeed_checkpoint_round_trip(tmp_path, tokenizer, stage, arch, bf16):
     cfg = tiny_config(arch, tie_embeddings=(stage == 2 and arch == "retnet"))
     client = {"config": {"model": cfg, "data": {"tokenizer": tokenizer}}, "step": 2}
-    ref = write_deepspeed_checkpoint(tmp_path / "ckpt", cfg, stage, client)
+    ref = write_deepspeed_checkpoint(tmp_path / "ckpt", cfg, stage, client, bf16=bf16)
     loaded = load_model(str(tmp_path / "ckpt"))
     assert loaded.source == "deepspeed" and loaded.tokenizer_path == tokenizer
     assert loaded.config.to_dict() == ref.config.to_dict()
     for k, v in ref.state_dict().items():
-        torch.testing.assert_close(loaded.model.state_dict()[k], v, rtol=0, atol=0, msg=k)
+        got = loaded.model.state_dict()[k]
+        if bf16:  # the fp32 master weights, of which the bf16 module holds the rounding
+            assert got.dtype == torch.float32
+            got = got.bfloat16().float()
+        torch.testing.assert_close(got, v, rtol=0, atol=0, msg=k)
     ids = torch.randint(0, VOCAB, (1, 7))
-    torch.testing.assert_close(loaded.model(ids).logits, ref(ids).logits)
+    if not bf16:
+        torch.testing.assert_close(loaded.model(ids).logits, ref(ids).logits)
     # the weights really changed in training (so a fresh init would not pass the check above)
     fresh = tiny_model(arch)
     assert not torch.equal(fresh.state_dict()["layers.0.ffn.fc1.weight"], loaded.model.state_dict()["layers.0.ffn.fc1.weight"])
