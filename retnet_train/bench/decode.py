@@ -103,6 +103,7 @@ def bench_one(model, batch: int, prompt_len: int, new_tokens: int, cuda_graph: b
         bw = hbm_bandwidth()
         if bw:
             limit_ms = 1000 * (weights + decoder.state_bytes()) / bw  # weights and state are read once a step
+            row["weights_only_limit_ms"] = round(1000 * weights / bw, 3)
             row["weight_read_limit_ms"] = round(limit_ms, 3)
             row["step_over_limit"] = round(ms_step / limit_ms, 2)
     del decoder, step

@@ -104,3 +104,22 @@ def test_checkpoint_world_size_two(tmp_path, stage):
     loaded = load_model(str(tmp_path))
     for k, v in ref.items():
         torch.testing.assert_close(loaded.model.state_dict()[k], v, rtol=0, atol=0, msg=k)
+
+
+def test_export_cli_from_deepspeed_checkpoint(tmp_path, tokenizer, capsys):
+    from retnet_train.export import main as export_main
+    from retnet_train.generate import main as generate_main
+
+    cfg = tiny_config()
+    ref = write_deepspeed_checkpoint(tmp_path / "ckpt", cfg, 2, {"config": {"model": cfg, "data": {"tokenizer": tokenizer}}})
+    assert export_main(["--checkpoint", str(tmp_path / "ckpt"), "--out", str(tmp_path / "exp"), "--dtype", "bfloat16"]) == 0
+    assert "exported native model" in capsys.readouterr().out
+    loaded = load_model(str(tmp_path / "exp"))
+    assert (tmp_path / "exp" / "tokenizer.model").read_bytes() == open(tokenizer, "rb").read()
+    for k, v in ref.state_dict().items():  # bf16 on disk, as asked
+        torch.testing.assert_close(loaded.model.state_dict()[k], v.bfloat16().float(), rtol=0, atol=0)
+    with pytest.raises(SystemExit, match="not empty"):
+        export_main(["--checkpoint", str(tmp_path / "ckpt"), "--out", str(tmp_path / "exp")])
+    with pytest.raises(SystemExit, match="fla export refused: norm=layernorm"):
+        export_main(["--checkpoint", str(tmp_path / "ckpt"), "--out", str(tmp_path / "fla"), "--format", "fla"])
+    assert generate_main(["--checkpoint", str(tmp_path / "ckpt"), "--prompt", "one two", "--max-new-tokens", "3"]) == 0

@@ -3,7 +3,6 @@ of another tokenizer are refused; the lm-eval adapter runs local tasks (no downl
 log-likelihoods equal direct model scores."""
 import json
 import math
-import os
 
 import numpy as np
 import pytest

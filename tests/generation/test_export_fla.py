@@ -3,7 +3,6 @@ transcription of fla 0.6.0's RetNet: RMSNorm, rotate-half RoPE with base 10000, 
 gamma_h = 1 - 2^(-5-h) and scale K^-1/2, fused RMSNorm-swish gate, SwiGLU) give our logits;
 incompatible models are refused with the reason. On GPU: fla's own model loads the export."""
 import json
-import math
 
 import pytest
 import torch
