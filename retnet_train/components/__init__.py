@@ -1,0 +1,1 @@
+"""Stateful parts of the trainer, each in its own module (torchtitan style)."""

@@ -1,0 +1,90 @@
+"""DeepSpeed checkpoints plus our client state, written so that a half-written one is never used.
+
+Layout: <dir>/<tag>/ holds DeepSpeed's files (model/optimizer shards of every rank), our
+rng_rank<r>.pt and, written by rank 0 only after every rank finished, COMPLETE. Then <dir>/latest
+(the tag, DeepSpeed's own pointer format, so its zero_to_fp32 tools work) is replaced atomically.
+"""
+from __future__ import annotations
+
+import os
+import re
+import shutil
+from typing import Optional
+
+import torch
+import torch.distributed as dist
+
+from .rng import load_rng_state, rng_state
+
+TAG_RE = re.compile(r"^step_(\d+)$")
+
+
+def _barrier():
+    if dist.is_initialized():
+        dist.barrier()
+
+
+class CheckpointManager:
+    def __init__(self, directory: str, keep_last: int, rank: int):
+        self.dir, self.keep_last, self.rank = directory, keep_last, rank
+
+    @staticmethod
+    def tag_for(step: int) -> str:
+        return f"step_{step:08d}"
+
+    def is_complete(self, tag: str) -> bool:
+        return os.path.isfile(os.path.join(self.dir, tag, "COMPLETE"))
+
+    def complete_tags(self) -> list:
+        if not os.path.isdir(self.dir):
+            return []
+        tags = [t for t in os.listdir(self.dir) if TAG_RE.match(t) and self.is_complete(t)]
+        return sorted(tags, key=lambda t: int(TAG_RE.match(t).group(1)))
+
+    def latest_valid(self) -> Optional[str]:
+        """The `latest` tag if complete, else the newest complete tag (a save killed midway)."""
+        pointer = os.path.join(self.dir, "latest")
+        if os.path.isfile(pointer):
+            with open(pointer) as f:
+                tag = f.read().strip()
+            if self.is_complete(tag):
+                return tag
+        tags = self.complete_tags()
+        return tags[-1] if tags else None
+
+    def save(self, engine, step: int, client_state: dict) -> str:
+        tag = self.tag_for(step)
+        engine.save_checkpoint(self.dir, tag=tag, client_state=client_state, save_latest=False)
+        torch.save(rng_state(), os.path.join(self.dir, tag, f"rng_rank{self.rank}.pt"))
+        _barrier()  # every rank's shards and RNG are on disk
+        if self.rank == 0:
+            open(os.path.join(self.dir, tag, "COMPLETE"), "w").close()
+            tmp = os.path.join(self.dir, "latest.tmp")
+            with open(tmp, "w") as f:
+                f.write(tag)
+                f.flush()
+                os.fsync(f.fileno())
+            os.replace(tmp, os.path.join(self.dir, "latest"))
+            self._prune(keep=tag)
+        _barrier()
+        return os.path.join(self.dir, tag)
+
+    def _prune(self, keep: str) -> None:
+        complete = self.complete_tags()
+        kept = set(complete[-self.keep_last:]) | {keep}
+        for tag in os.listdir(self.dir):
+            # older complete checkpoints beyond keep_last, and leftovers of saves that never completed
+            if TAG_RE.match(tag) and tag not in kept:
+                shutil.rmtree(os.path.join(self.dir, tag), ignore_errors=True)
+
+    def load(self, engine, tag: str) -> dict:
+        path = os.path.join(self.dir, tag)
+        if not self.is_complete(tag):
+            raise ValueError(f"train.resume: {path} is not a complete checkpoint (no COMPLETE marker)")
+        _, client_state = engine.load_checkpoint(self.dir, tag=tag)
+        if client_state is None:
+            raise ValueError(f"train.resume: DeepSpeed could not load {path}")
+        rng_file = os.path.join(path, f"rng_rank{self.rank}.pt")
+        if os.path.isfile(rng_file):  # absent when resuming on more ranks than were saved
+            load_rng_state(torch.load(rng_file, weights_only=False))
+        return client_state

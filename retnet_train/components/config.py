@@ -1,0 +1,136 @@
+"""Typed trainer config. Hydra composes the YAML groups onto this schema, so a misspelled key or
+a wrong type fails at start naming the key; below the entry point only plain values flow."""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any, Dict, List, Optional
+
+from hydra.core.config_store import ConfigStore
+
+
+@dataclass
+class DataConfig:
+    # name -> {path: shard dir or Megatron prefix, weight: mixing weight}
+    sources: Dict[str, Any] = field(default_factory=dict)
+    tokenizer: Optional[str] = None  # sentencepiece .model whose sha256 the manifests must carry
+    seq_len: int = 2048
+    seed: int = 1234
+    verify_checksums: bool = False
+
+
+@dataclass
+class OptimConfig:
+    lr: float = 6e-4
+    min_lr_ratio: float = 0.0  # final lr = lr * min_lr_ratio
+    betas: List[float] = field(default_factory=lambda: [0.9, 0.98])
+    eps: float = 1e-8
+    weight_decay: float = 0.05
+    no_decay_embeddings: bool = True  # norms and biases never decay
+    warmup_steps: int = 375
+    decay: str = "linear"  # linear | cosine | constant
+    grad_clip: float = 1.0
+
+
+@dataclass
+class DeepSpeedConfig:
+    zero_stage: int = 1
+    precision: str = "bf16"  # bf16 | fp16 | fp32
+    offload_optimizer: bool = False
+    offload_param: bool = False  # ZeRO-3 only
+    reduce_bucket_size: int = 500_000_000
+    allgather_bucket_size: int = 500_000_000
+    overlap_comm: bool = True
+    contiguous_gradients: bool = True
+
+
+@dataclass
+class TrainSection:
+    micro_batch_size: int = 1
+    global_batch_tokens: int = 4 * 2 ** 20  # accumulation = this / (micro_batch * seq_len * world)
+    max_steps: int = 25_000
+    log_interval: int = 10
+    eval_interval: int = 1000
+    eval_batches: int = 50
+    activation_checkpointing: bool = False
+    compile: bool = False
+    resume: str = "auto"  # auto: latest valid checkpoint if any | never | a checkpoint tag directory
+    seed: int = 1234
+    max_consecutive_nonfinite: int = 5
+    device: str = "auto"  # auto | cpu | cuda
+    peak_flops: Optional[float] = None  # per device, for MFU; default from the GPU's name
+    inject_nonfinite_at: List[int] = field(default_factory=list)  # fault-injection for tests
+
+
+@dataclass
+class CheckpointConfig:
+    dir: Optional[str] = None  # default: <run.dir>/checkpoints
+    interval: int = 1000
+    keep_last: int = 3
+
+
+@dataclass
+class WandbConfig:
+    mode: str = "disabled"  # online | offline | disabled
+    project: str = "retnet-train"
+    entity: Optional[str] = None
+    name: Optional[str] = None
+    tags: List[str] = field(default_factory=list)
+
+
+@dataclass
+class RunConfig:
+    dir: str = "runs/default"
+    name: str = "default"
+
+
+@dataclass
+class TrainConfig:
+    model: Dict[str, Any] = field(default_factory=dict)
+    data: DataConfig = field(default_factory=DataConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    deepspeed: DeepSpeedConfig = field(default_factory=DeepSpeedConfig)
+    train: TrainSection = field(default_factory=TrainSection)
+    checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
+    wandb: WandbConfig = field(default_factory=WandbConfig)
+    run: RunConfig = field(default_factory=RunConfig)
+
+
+def register() -> None:
+    ConfigStore.instance().store(name="train_schema", node=TrainConfig)
+
+
+def check_values(cfg: TrainConfig) -> None:
+    """Value checks the type system cannot express; each error names its key."""
+    def need(ok, key, msg):
+        if not ok:
+            raise ValueError(f"{key}: {msg}")
+
+    need(cfg.data.sources, "data.sources", "no data sources configured")
+    for name, src in cfg.data.sources.items():
+        need(isinstance(src, dict) and "path" in src, f"data.sources.{name}", "needs {path: ..., weight: ...}")
+        need(float(src.get("weight", 1.0)) > 0, f"data.sources.{name}.weight", "must be > 0")
+    need(cfg.data.seq_len > 0, "data.seq_len", "must be > 0")
+    need(cfg.optim.lr > 0, "optim.lr", "must be > 0")
+    need(len(cfg.optim.betas) == 2 and all(0 <= b < 1 for b in cfg.optim.betas), "optim.betas", "two values in [0, 1)")
+    need(cfg.optim.decay in ("linear", "cosine", "constant"), "optim.decay", f"{cfg.optim.decay!r} is not linear|cosine|constant")
+    need(cfg.optim.warmup_steps >= 0, "optim.warmup_steps", "must be >= 0")
+    need(0 <= cfg.optim.min_lr_ratio <= 1, "optim.min_lr_ratio", "must be in [0, 1]")
+    need(cfg.deepspeed.zero_stage in (0, 1, 2, 3), "deepspeed.zero_stage", f"{cfg.deepspeed.zero_stage} is not 0-3")
+    need(cfg.deepspeed.precision in ("bf16", "fp16", "fp32"), "deepspeed.precision", f"{cfg.deepspeed.precision!r} is not bf16|fp16|fp32")
+    need(not cfg.deepspeed.offload_param or cfg.deepspeed.zero_stage == 3, "deepspeed.offload_param", "needs zero_stage=3")
+    need(not cfg.deepspeed.offload_optimizer or cfg.deepspeed.zero_stage >= 1, "deepspeed.offload_optimizer", "needs zero_stage>=1")
+    for key in ("micro_batch_size", "global_batch_tokens", "max_steps", "log_interval", "eval_interval", "max_consecutive_nonfinite"):
+        need(getattr(cfg.train, key) > 0, f"train.{key}", "must be > 0")
+    need(cfg.train.device in ("auto", "cpu", "cuda"), "train.device", f"{cfg.train.device!r} is not auto|cpu|cuda")
+    need(cfg.checkpoint.interval > 0, "checkpoint.interval", "must be > 0")
+    need(cfg.checkpoint.keep_last >= 1, "checkpoint.keep_last", "must be >= 1")
+    need(cfg.wandb.mode in ("online", "offline", "disabled"), "wandb.mode", f"{cfg.wandb.mode!r} is not online|offline|disabled")
+
+
+def grad_accumulation(cfg: TrainConfig, world_size: int) -> int:
+    per_step = cfg.train.micro_batch_size * cfg.data.seq_len * world_size
+    if cfg.train.global_batch_tokens % per_step:
+        raise ValueError(
+            f"train.global_batch_tokens={cfg.train.global_batch_tokens} is not a multiple of micro_batch_size x seq_len x "
+            f"world_size = {cfg.train.micro_batch_size} x {cfg.data.seq_len} x {world_size} = {per_step}")
+    return cfg.train.global_batch_tokens // per_step

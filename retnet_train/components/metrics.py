@@ -1,0 +1,56 @@
+"""Rank-0 logging: a console line and metrics.jsonl per log step, and W&B in the chosen mode."""
+from __future__ import annotations
+
+import json
+import os
+import resource
+import uuid
+from typing import Optional
+
+import torch
+
+# Dense bf16 peak FLOP/s per device, by name; override with train.peak_flops.
+PEAK_FLOPS = {"H100": 989e12, "H200": 989e12, "A100": 312e12, "MI250X": 383e12, "MI300X": 1307e12}
+
+
+def device_peak_flops(device: torch.device, override: Optional[float]) -> Optional[float]:
+    if override:
+        return override
+    if device.type != "cuda":
+        return None
+    name = torch.cuda.get_device_name(device)
+    return next((v for k, v in PEAK_FLOPS.items() if k in name), None)
+
+
+def peak_memory_gib(device: torch.device) -> float:
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device) / 2 ** 30
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2 ** 20  # KiB on Linux
+
+
+class MetricsLogger:
+    def __init__(self, run_dir: str, is_main: bool, wandb_cfg, resolved_config: dict, wandb_id: Optional[str]):
+        self.is_main = is_main
+        self.wandb_id = wandb_id or uuid.uuid4().hex[:12]
+        self.path = os.path.join(run_dir, "metrics.jsonl")
+        self._wandb = None
+        if is_main and wandb_cfg.mode != "disabled":
+            import wandb  # imported only when used
+
+            self._wandb = wandb.init(project=wandb_cfg.project, entity=wandb_cfg.entity, name=wandb_cfg.name,
+                                     tags=list(wandb_cfg.tags), mode=wandb_cfg.mode, id=self.wandb_id,
+                                     resume="allow", dir=run_dir, config=resolved_config)
+
+    def log(self, record: dict) -> None:
+        if not self.is_main:
+            return
+        with open(self.path, "a") as f:
+            f.write(json.dumps(record) + "\n")
+        parts = [f"{k} {v:.4g}" if isinstance(v, float) else f"{k} {v}" for k, v in record.items() if v is not None]
+        print(" | ".join(parts), flush=True)
+        if self._wandb is not None:
+            self._wandb.log({k: v for k, v in record.items() if v is not None}, step=record.get("step"))
+
+    def close(self) -> None:
+        if self._wandb is not None:
+            self._wandb.finish()

@@ -1,0 +1,95 @@
+"""AdamW with weight-decay groups, the LR schedule, and the DeepSpeed config built from ours."""
+from __future__ import annotations
+
+import math
+
+import torch
+
+from .config import TrainConfig
+
+
+def param_groups(model: torch.nn.Module, weight_decay: float, no_decay_embeddings: bool) -> list:
+    decay, no_decay = [], []
+    for name, p in model.named_parameters():
+        if not p.requires_grad:
+            continue
+        skip = p.ndim < 2 or (no_decay_embeddings and "embed_tokens" in name)  # norms, biases, embeddings
+        (no_decay if skip else decay).append(p)
+    return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+
+
+def lr_lambda(step: int, warmup: int, total: int, decay: str, min_ratio: float) -> float:
+    """Multiplier of the peak lr after `step` optimizer steps: linear warm-up, then decay to min_ratio."""
+    if step < warmup:
+        return (step + 1) / warmup
+    if decay == "constant" or total <= warmup:
+        return 1.0
+    progress = min(1.0, (step - warmup) / max(1, total - warmup))
+    shape = 1 - progress if decay == "linear" else 0.5 * (1 + math.cos(math.pi * progress))
+    return min_ratio + (1 - min_ratio) * shape
+
+
+class GuardedAdamW(torch.optim.AdamW):
+    """AdamW that clips gradients itself, records their norm, and leaves weights and moments
+    untouched when the norm is non-finite. DeepSpeed does all three for bf16/fp16 and ZeRO >= 1
+    but not for fp32 ZeRO-0, where this class is used."""
+
+    def __init__(self, params, max_norm: float, **kwargs):
+        super().__init__(params, **kwargs)
+        self.max_norm = max_norm
+        self.last_grad_norm = None
+
+    def step(self, closure=None):
+        params = [p for g in self.param_groups for p in g["params"] if p.grad is not None]
+        norm = torch.nn.utils.clip_grad_norm_(params, self.max_norm if self.max_norm > 0 else float("inf"))
+        self.last_grad_norm = float(norm)
+        if not torch.isfinite(norm):
+            return None  # skipped: no update
+        return super().step(closure)
+
+
+def uses_guarded_adamw(cfg: TrainConfig) -> bool:
+    return cfg.deepspeed.zero_stage == 0 and cfg.deepspeed.precision == "fp32" and not cfg.deepspeed.offload_optimizer
+
+
+def build_optimizer(model, cfg: TrainConfig, device: torch.device):
+    o = cfg.optim
+    groups = param_groups(model, o.weight_decay, o.no_decay_embeddings)
+    fused = device.type == "cuda" and not cfg.deepspeed.offload_optimizer
+    if cfg.deepspeed.offload_optimizer:
+        from deepspeed.ops.adam import DeepSpeedCPUAdam
+
+        optimizer = DeepSpeedCPUAdam(groups, lr=o.lr, betas=tuple(o.betas), eps=o.eps, adamw_mode=True)
+    elif uses_guarded_adamw(cfg):
+        optimizer = GuardedAdamW(groups, o.grad_clip, lr=o.lr, betas=tuple(o.betas), eps=o.eps, fused=fused or None)
+    else:
+        optimizer = torch.optim.AdamW(groups, lr=o.lr, betas=tuple(o.betas), eps=o.eps, fused=fused or None)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(
+        optimizer, lambda s: lr_lambda(s, o.warmup_steps, cfg.train.max_steps, o.decay, o.min_lr_ratio))
+    return optimizer, scheduler
+
+
+def deepspeed_config(cfg: TrainConfig, grad_accum: int) -> dict:
+    """The whole DeepSpeed config, derived from the Hydra config (no second JSON to keep in sync)."""
+    ds = cfg.deepspeed
+    zero = {"stage": ds.zero_stage}
+    if ds.zero_stage >= 1:
+        zero.update(reduce_bucket_size=ds.reduce_bucket_size, allgather_bucket_size=ds.allgather_bucket_size,
+                    overlap_comm=ds.overlap_comm, contiguous_gradients=ds.contiguous_gradients)
+    if ds.zero_stage == 3:
+        zero.pop("allgather_bucket_size")
+        zero["stage3_prefetch_bucket_size"] = ds.allgather_bucket_size
+    if ds.offload_optimizer:
+        zero["offload_optimizer"] = {"device": "cpu", "pin_memory": True}
+    if ds.offload_param:
+        zero["offload_param"] = {"device": "cpu", "pin_memory": True}
+    return {
+        "train_micro_batch_size_per_gpu": cfg.train.micro_batch_size,
+        "gradient_accumulation_steps": grad_accum,
+        "gradient_clipping": 0.0 if uses_guarded_adamw(cfg) else cfg.optim.grad_clip,  # GuardedAdamW clips
+        "bf16": {"enabled": ds.precision == "bf16"},
+        "fp16": {"enabled": ds.precision == "fp16", "loss_scale": 0, "initial_scale_power": 16},
+        "zero_optimization": zero,
+        "steps_per_print": 10 ** 12,  # we log ourselves
+        "wall_clock_breakdown": False,
+    }
