@@ -26,6 +26,7 @@ from .model import build_model, model_config_from_dict
 EXPORT_CONFIG = "config.json"
 EXPORT_WEIGHTS = "model.safetensors"
 EXPORT_TOKENIZER = "tokenizer.model"
+COMPLETE = "COMPLETE"
 FORMAT = "retnet-train"  # config.json["format"] of our own export (fla's export has none)
 
 
@@ -91,6 +92,21 @@ def model_config_from_client_state(state: Mapping, origin: str):
                           "Pass --model-config PRESET.yaml")
 
 
+def _resolve_relative(tok: Optional[str], state: Mapping, save_dir: str) -> Optional[str]:
+    """A relative tokenizer path is relative to the training launch dir. The trainer's default
+    save dir is <launch>/<run.dir>/checkpoints, so that dir is recovered from the save dir."""
+    if tok is None or os.path.isabs(tok) or os.path.exists(tok):
+        return tok
+    cfg = _to_plain(state.get("config"))
+    run_dir = cfg.get("run", {}).get("dir") if isinstance(cfg, Mapping) else None
+    suffix = os.path.normpath(os.path.join(run_dir, "checkpoints")) if isinstance(run_dir, str) else None
+    if suffix and not os.path.isabs(suffix) and save_dir.endswith(os.sep + suffix):
+        candidate = os.path.join(save_dir[: -len(suffix)], tok)
+        if os.path.exists(candidate):
+            return candidate
+    return tok
+
+
 def _tokenizer_from_client_state(state: Mapping) -> Optional[str]:
     cfg = _to_plain(state.get("config"))
     candidates = []
@@ -106,18 +122,41 @@ def _tokenizer_from_client_state(state: Mapping) -> Optional[str]:
     return next((c for c in candidates if isinstance(c, str) and c.endswith(".model")), None)
 
 
+def _complete(save_dir: str, tag: str) -> bool:
+    return os.path.isfile(os.path.join(save_dir, tag, COMPLETE))
+
+
+def _trainer_made(save_dir: str) -> bool:
+    """Our trainer marks each finished save with COMPLETE (retnet_train/components/checkpoint.py)."""
+    return bool(glob.glob(os.path.join(save_dir, "*", COMPLETE)))
+
+
 def resolve_deepspeed_dir(path: str, tag: Optional[str] = None) -> tuple[str, str]:
-    """(save_dir, tag) for a save dir with `latest`, a tag dir, or a save dir plus tag."""
+    """(save_dir, tag) for a run dir (holding checkpoints/), a save dir with `latest`, a tag
+    dir, or a save dir plus tag. In the trainer's layout only COMPLETE tags count: a `latest`
+    that is not complete falls back to the newest complete tag, as resuming does."""
     path = os.path.abspath(path)
+    if tag is None and not os.path.isfile(os.path.join(path, "latest")) and os.path.isdir(os.path.join(path, "checkpoints")):
+        path = os.path.join(path, "checkpoints")  # a run dir
     if tag is None and glob.glob(os.path.join(path, "*_model_states.pt")):
-        return os.path.dirname(path), os.path.basename(path)
+        path, tag = os.path.dirname(path), os.path.basename(path)
+        if _trainer_made(path) and not _complete(path, tag):
+            raise CheckpointError(f"{os.path.join(path, tag)}: incomplete checkpoint (no {COMPLETE} marker: the save was interrupted)")
+        return path, tag
+    trainer = _trainer_made(path)
     if tag is None:
         latest = os.path.join(path, "latest")
-        if not os.path.isfile(latest):
+        if os.path.isfile(latest):
+            with open(latest) as f:
+                tag = f.read().strip()
+        if trainer and (tag is None or not _complete(path, tag)):
+            tags = sorted(os.path.basename(os.path.dirname(c)) for c in glob.glob(os.path.join(path, "*", COMPLETE)))
+            tag = tags[-1]  # step_%08d tags sort by step
+        if tag is None:
             raise CheckpointError(f"{path}: not an exported model ({EXPORT_CONFIG} + {EXPORT_WEIGHTS}) nor a DeepSpeed "
                                   "checkpoint (no 'latest' file and no *_model_states.pt)")
-        with open(latest) as f:
-            tag = f.read().strip()
+    elif trainer and not _complete(path, tag):
+        raise CheckpointError(f"{os.path.join(path, tag)}: incomplete checkpoint (no {COMPLETE} marker: the save was interrupted)")
     if not glob.glob(os.path.join(path, tag, "*_model_states.pt")):
         raise CheckpointError(f"{os.path.join(path, tag)}: no *_model_states.pt (missing or incomplete checkpoint tag {tag!r})")
     return path, tag
@@ -210,7 +249,7 @@ def load_model(path: str, tag: Optional[str] = None, tokenizer: Optional[str] = 
         states_file = _model_states_file(os.path.join(save_dir, tag))
         state = torch.load(states_file, map_location="cpu", weights_only=False, mmap=True)
         config = model_config_from_dict(model_config) if model_config is not None else model_config_from_client_state(state, states_file)
-        stored_tok = _tokenizer_from_client_state(state)
+        stored_tok = _resolve_relative(_tokenizer_from_client_state(state), state, save_dir)
         meta = {"tag": tag, "save_dir": save_dir, "global_steps": state.get("global_steps"),
                 "ds_version": state.get("ds_version")}
         del state

@@ -1,6 +1,7 @@
 """Loading a model from a real DeepSpeed checkpoint (ZeRO 0/2/3, consolidated with
 deepspeed.utils.zero_to_fp32) and from our export; bad paths and mismatches are clear errors."""
 import json
+import os
 
 import pytest
 import torch
@@ -123,3 +124,32 @@ def test_export_cli_from_deepspeed_checkpoint(tmp_path, tokenizer, capsys):
     with pytest.raises(SystemExit, match="fla export refused: norm=layernorm"):
         export_main(["--checkpoint", str(tmp_path / "ckpt"), "--out", str(tmp_path / "fla"), "--format", "fla"])
     assert generate_main(["--checkpoint", str(tmp_path / "ckpt"), "--prompt", "one two", "--max-new-tokens", "3"]) == 0
+
+
+def test_trainer_layout_complete_markers_run_dir_and_relative_tokenizer(tmp_path, tokenizer, monkeypatch):
+    """The trainer's layout: <launch>/<run.dir>/checkpoints/step_XXXXXXXX/ with COMPLETE written
+    last, `latest` updated after it; resolved config in client_state["config"] with a tokenizer
+    path relative to the launch dir."""
+    import shutil
+
+    launch = tmp_path / "launch"
+    (launch / "data").mkdir(parents=True)
+    shutil.copy(tokenizer, launch / "data" / "tok.model")
+    cfg = tiny_config()
+    resolved = {"model": cfg, "data": {"tokenizer": "data/tok.model"}, "run": {"dir": "runs/r1"}, "checkpoint": {"dir": None}}
+    save = launch / "runs" / "r1" / "checkpoints"
+    first = write_deepspeed_checkpoint(save, cfg, 2, {"config": resolved, "step": 1}, steps=1, tag="step_00000001")
+    (save / "step_00000001" / "COMPLETE").touch()
+    write_deepspeed_checkpoint(save, cfg, 2, {"config": resolved, "step": 2}, steps=2, tag="step_00000002")
+    # the second save was interrupted before COMPLETE, yet DeepSpeed's own `latest` points at it
+    assert (save / "latest").read_text().strip() == "step_00000002"
+    monkeypatch.chdir(tmp_path)  # not the launch dir: the relative tokenizer path must be recovered
+    loaded = load_model(str(launch / "runs" / "r1"))  # the run dir
+    assert loaded.meta["tag"] == "step_00000001"
+    assert os.path.samefile(loaded.tokenizer_path, launch / "data" / "tok.model")
+    for k, v in first.state_dict().items():
+        torch.testing.assert_close(loaded.model.state_dict()[k], v, rtol=0, atol=0)
+    with pytest.raises(CheckpointError, match="incomplete checkpoint"):
+        load_model(str(save / "step_00000002"))
+    with pytest.raises(CheckpointError, match="incomplete checkpoint"):
+        load_model(str(save), tag="step_00000002")
