@@ -150,21 +150,24 @@ class CudaGraphStep:
     The decoder's state and position buffers are the graph's static inputs and are updated in
     place by every replay, so nothing is copied but the B token ids."""
 
-    def __init__(self, decoder, warmup: int = 2):
+    def __init__(self, decoder, warmup: int = 2, compile: bool = False):
         if decoder.device.type != "cuda":
             raise ValueError("cuda_graph: needs the model on a CUDA device")
         self.decoder = decoder
+        # compile: inductor fuses the step's many small elementwise kernels (norms, rotation,
+        # decay factors) before capture; the graph then replays the fused kernels.
+        step = torch.compile(decoder.step, dynamic=False) if compile else decoder.step
         self.tokens = torch.zeros(decoder.batch_size, dtype=torch.long, device=decoder.device)
         snapshot = decoder.snapshot()  # warm-up and capture run the step: undo their effect
         stream = torch.cuda.Stream()
         stream.wait_stream(torch.cuda.current_stream())
         with torch.cuda.stream(stream), torch.no_grad():
-            for _ in range(warmup):
-                decoder.step(self.tokens)
+            for _ in range(warmup + (2 if compile else 0)):
+                step(self.tokens)
         torch.cuda.current_stream().wait_stream(stream)
         self.graph = torch.cuda.CUDAGraph()
         with torch.cuda.graph(self.graph), torch.no_grad():
-            self.logits = decoder.step(self.tokens)
+            self.logits = step(self.tokens)
         decoder.restore(snapshot)
 
     def __call__(self, tokens: torch.Tensor) -> torch.Tensor:

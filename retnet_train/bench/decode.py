@@ -56,7 +56,7 @@ def _sync(device):
 
 @torch.no_grad()
 def bench_one(model, batch: int, prompt_len: int, new_tokens: int, cuda_graph: bool, device: str,
-              state_dtype: torch.dtype = torch.float32) -> dict:
+              state_dtype: torch.dtype = torch.float32, compile_step: bool = False) -> dict:
     cfg = model.config
     on_gpu = torch.device(device).type == "cuda"
     weights = sum(p.numel() * p.element_size() for p in model.parameters())
@@ -73,7 +73,7 @@ def bench_one(model, batch: int, prompt_len: int, new_tokens: int, cuda_graph: b
     prefill_s = time.perf_counter() - t0
     prefill_peak = torch.cuda.max_memory_allocated() - base if on_gpu else None
     model.check_inputs = False  # no host sync inside the step
-    step = CudaGraphStep(decoder) if cuda_graph else decoder.step
+    step = CudaGraphStep(decoder, compile=compile_step) if cuda_graph else decoder.step
     tokens = logits.argmax(-1)
     if not cuda_graph:  # warm-up (graph capture already ran the step)
         snap = decoder.snapshot()
@@ -91,7 +91,7 @@ def bench_one(model, batch: int, prompt_len: int, new_tokens: int, cuda_graph: b
     ms_step = 1000 * decode_s / new_tokens
     row = {
         "arch": cfg.arch, "params_b": round(model.num_params() / 1e9, 3), "batch": batch, "prompt_len": prompt_len,
-        "new_tokens": new_tokens, "cuda_graph": cuda_graph, "prefill_s": round(prefill_s, 3),
+        "new_tokens": new_tokens, "cuda_graph": cuda_graph, "compiled_step": compile_step, "prefill_s": round(prefill_s, 3),
         "ms_per_step": round(ms_step, 3), "tokens_per_s": round(batch * new_tokens / decode_s, 1),
         "state_dtype": str(decoder.states[0].dtype).replace("torch.", "") if cfg.arch == "retnet" else None,
         "state_bytes": decoder.state_bytes(), "state_gib": round(decoder.state_bytes() / GIB, 3),
@@ -112,7 +112,7 @@ def bench_one(model, batch: int, prompt_len: int, new_tokens: int, cuda_graph: b
 
 def run(model, args, batch: int, prompt_len: int, cuda_graph: bool) -> dict:
     try:
-        return bench_one(model, batch, prompt_len, args.new_tokens, cuda_graph, args.device, getattr(torch, args.state_dtype))
+        return bench_one(model, batch, prompt_len, args.new_tokens, cuda_graph, args.device, getattr(torch, args.state_dtype), args.compile_step)
     except torch.cuda.OutOfMemoryError as e:
         return {"arch": model.config.arch, "batch": batch, "prompt_len": prompt_len, "oom": str(e).split("\n")[0][:200]}
     finally:
@@ -134,6 +134,7 @@ def parse_args(argv=None):
     p.add_argument("--dtype", choices=["bfloat16", "float16", "float32"], default="bfloat16")
     p.add_argument("--state-dtype", choices=["float32", "bfloat16"], default="float32",
                    help="RetNet recurrent state (fp32 as fla keeps it; bf16 halves the state traffic per step)")
+    p.add_argument("--compile-step", action="store_true", help="torch.compile the step before CUDA-graph capture")
     p.add_argument("--output", help="also write all rows here (JSON lines)")
     return p.parse_args(argv)
 

@@ -37,15 +37,16 @@ def test_bench_bad_arguments():
 
 
 @pytest.mark.gpu
+@pytest.mark.parametrize("compile", [False, True])
 @pytest.mark.parametrize("arch", ["retnet", "transformer"])
 @torch.no_grad()
-def test_cuda_graph_step_equals_eager(arch):
+def test_cuda_graph_step_equals_eager(arch, compile):
     model = tiny_model(arch, retention_backend="auto") if arch == "retnet" else tiny_model(arch)
     model = model.cuda()
     ids = torch.randint(0, VOCAB, (3, 40), device="cuda")
     eager, graphed = make_decoder(model, 3, 60), make_decoder(model, 3, 60)
     a, b = eager.prefill(ids), graphed.prefill(ids)
-    step = CudaGraphStep(graphed)
+    step = CudaGraphStep(graphed, compile=compile)
     tok = a.argmax(-1)
     for _ in range(8):
         a, b = eager.step(tok), step(tok)
