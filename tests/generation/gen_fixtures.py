@@ -2,12 +2,16 @@
 DeepSpeed checkpoint written in-process (gloo, world size 1)."""
 from __future__ import annotations
 
+import json
 import os
 import socket
 from pathlib import Path
 
+import numpy as np
 import torch
 
+from retnet_train.data import sha256_file
+from retnet_train.data.manifest import MANIFEST_NAME, Manifest, ShardInfo, SplitInfo
 from retnet_train.model import build_model, model_config_from_dict
 
 VOCAB = 256
@@ -26,6 +30,32 @@ def train_tokenizer(directory: Path, vocab_size: int = VOCAB) -> Path:
                                    model_type="unigram", character_coverage=1.0, minloglevel=2,
                                    hard_vocab_limit=True, num_threads=1)
     return directory / "tok.model"
+
+
+TEXTS = ["The quick brown fox jumps over the lazy dog.", "def add(a, b):\n    return a + b",
+         "one two three four five six seven eight nine ten", "A retentive network keeps a state."]
+
+
+def write_shards(directory, tokenizer, texts, sha=None):
+    """A shard dir in the loader's manifest format (train and validation: the same documents,
+    joined by EOS, uint16)."""
+    import hashlib
+
+    import sentencepiece as spm
+
+    sp = spm.SentencePieceProcessor(model_file=str(tokenizer))
+    tokens = np.concatenate([np.array(sp.encode(t) + [sp.eos_id()]) for t in texts]).astype("<u2")
+    directory.mkdir(parents=True)
+    splits = {}
+    for split in ("train", "validation"):
+        payload = tokens.tobytes()
+        (directory / f"{split}_00000.bin").write_bytes(payload)
+        shard = ShardInfo(f"{split}_00000.bin", len(tokens), len(texts), hashlib.sha256(payload).hexdigest())
+        splits[split] = SplitInfo(len(tokens), len(texts), (shard,))
+    m = Manifest(directory, VOCAB, sp.eos_id(), sp.bos_id(), sp.pad_id(), sp.unk_id(), sha or sha256_file(tokenizer),
+                 "uint16", 1 << 20, splits)
+    (directory / MANIFEST_NAME).write_text(json.dumps(m.to_json()))
+    return tokens.astype(np.int64)
 
 
 def tiny_config(arch: str = "retnet", **kw) -> dict:

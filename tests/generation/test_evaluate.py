@@ -9,35 +9,9 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from gen_fixtures import VOCAB, tiny_model, train_tokenizer
-from retnet_train.data import sha256_file
-from retnet_train.data.manifest import MANIFEST_NAME, Manifest, ShardInfo, SplitInfo
+from gen_fixtures import TEXTS, tiny_model, train_tokenizer, write_shards
 from retnet_train.evaluate import main, perplexity
 from retnet_train.export import save_native
-
-TEXTS = ["The quick brown fox jumps over the lazy dog.", "def add(a, b):\n    return a + b",
-         "one two three four five six seven eight nine ten", "A retentive network keeps a state."]
-
-
-def write_shards(directory, tokenizer, texts, sha=None):
-    """A shard dir in the loader's manifest format: documents joined by EOS, uint16."""
-    import hashlib
-
-    import sentencepiece as spm
-
-    sp = spm.SentencePieceProcessor(model_file=str(tokenizer))
-    tokens = np.concatenate([np.array(sp.encode(t) + [sp.eos_id()]) for t in texts]).astype("<u2")
-    directory.mkdir(parents=True)
-    splits = {}
-    for split in ("train", "validation"):
-        payload = tokens.tobytes()
-        (directory / f"{split}_00000.bin").write_bytes(payload)
-        shard = ShardInfo(f"{split}_00000.bin", len(tokens), len(texts), hashlib.sha256(payload).hexdigest())
-        splits[split] = SplitInfo(len(tokens), len(texts), (shard,))
-    m = Manifest(directory, VOCAB, sp.eos_id(), sp.bos_id(), sp.pad_id(), sp.unk_id(), sha or sha256_file(tokenizer),
-                 "uint16", 1 << 20, splits)
-    (directory / MANIFEST_NAME).write_text(json.dumps(m.to_json()))
-    return tokens.astype(np.int64)
 
 
 @pytest.fixture(scope="module")
