@@ -13,9 +13,11 @@ config); see `model_config_from_client_state` for the keys looked at.
 """
 from __future__ import annotations
 
+import contextlib
 import glob
 import json
 import os
+import sys
 from dataclasses import dataclass
 from typing import Any, Mapping, Optional
 
@@ -180,7 +182,9 @@ def consolidated_state_dict(save_dir: str, tag: str) -> dict:
 
     tag_dir = os.path.join(save_dir, tag)
     if _has_zero_optimizer_shards(tag_dir):
-        return get_fp32_state_dict_from_zero_checkpoint(save_dir, tag=tag)
+        # zero_to_fp32 reports progress with print(): keep stdout for our results (JSON, text)
+        with contextlib.redirect_stdout(sys.stderr):
+            return get_fp32_state_dict_from_zero_checkpoint(save_dir, tag=tag)
     # No ZeRO partitions (stage 0 with a plain optimizer): the module entry is the full model.
     state = torch.load(_model_states_file(tag_dir), map_location="cpu", weights_only=False)
     module = state.get("module")

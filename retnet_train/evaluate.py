@@ -7,7 +7,7 @@
 
 Perplexity runs the model as training does (packed windows of the shards' validation split,
 document masking by EOS) and reports the token-weighted mean loss, perplexity and bits per
-token as one JSON line. Shards made with another tokenizer than the checkpoint's are refused.
+token as one JSON line (the last line of stdout). Shards of another tokenizer are refused.
 """
 from __future__ import annotations
 
