@@ -94,8 +94,9 @@ def generate(model, prompts: Sequence[Sequence[int]], params: SamplingParams, eo
     B = len(prompts)
     decoder = make_decoder(model, B, longest + params.max_new_tokens)
     ids, starts, _ = left_pad(prompts, pad_id, device)
-    logits = decoder.prefill(ids, starts if any(len(p) < longest for p in prompts) else None, piece=prefill_piece)
+    # captured before the prefill, which then overwrites every buffer the graph reads
     step = CudaGraphStep(decoder) if cuda_graph else decoder.step
+    logits = decoder.prefill(ids, starts if any(len(p) < longest for p in prompts) else None, piece=prefill_piece)
     finished = torch.zeros(B, dtype=torch.bool, device=device)
     eos_hit = torch.zeros(B, dtype=torch.bool, device=device)
     out = []

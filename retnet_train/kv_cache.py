@@ -36,11 +36,13 @@ class KVCacheDecoder:
         return [*self.k_cache, *self.v_cache, self.key_valid, self.position]
 
     def snapshot(self) -> List[torch.Tensor]:
-        return [t.clone() for t in self.buffers()]
+        # Only the position: a step writes slot `position` before reading slots <= position, so
+        # slots written by a discarded step are overwritten before use (cloning the cache would
+        # double its memory: 34 GB at 6.7B, 8k, batch 8).
+        return [self.position.clone()]
 
     def restore(self, snap: List[torch.Tensor]) -> None:
-        for t, s in zip(self.buffers(), snap):
-            t.copy_(s)
+        self.position.copy_(snap[0])
 
     def state_bytes(self) -> int:
         return sum(t.numel() * t.element_size() for t in (*self.k_cache, *self.v_cache))
