@@ -18,7 +18,7 @@ import torch.distributed as dist
 from omegaconf import DictConfig, OmegaConf
 
 from .components.checkpoint import CheckpointManager
-from .components.config import TrainConfig, check_values, grad_accumulation, register
+from .components.config import TrainConfig, check_values, data_sources, grad_accumulation, register
 from .components.metrics import MetricsLogger, device_peak_flops, peak_memory_gib
 from .components.optim import build_optimizer, deepspeed_config
 from .components.preemption import PreemptionHandler
@@ -55,17 +55,6 @@ def pick_device(choice: str) -> torch.device:
         torch.cuda.set_device(local)
         return torch.device("cuda", local)
     return torch.device("cpu")
-
-
-def data_sources(cfg: TrainConfig) -> dict:
-    return {name: (src["path"], float(src.get("weight", 1.0))) for name, src in cfg.data.sources.items()}
-
-
-def all_reduce_mean(value: torch.Tensor) -> torch.Tensor:
-    if dist.is_initialized():
-        dist.all_reduce(value)
-        value /= dist.get_world_size()
-    return value
 
 
 @torch.no_grad()
@@ -152,34 +141,32 @@ def run(cfg: TrainConfig) -> dict:
     t_last, tokens_last = time.perf_counter(), tokens_seen
     try:
         while step < cfg.train.max_steps:
-            step_losses, bad = [], False
+            step_losses = []
             for _ in range(accum):
                 batch = {k: v.to(device, non_blocking=True) for k, v in next(loader).items()}
                 loss = engine(**batch, return_logits=False).loss
                 if step + 1 in cfg.train.inject_nonfinite_at:
                     loss = loss * float("nan")
-                flag = torch.tensor([0.0 if torch.isfinite(loss) else 1.0], device=device)
-                dist.all_reduce(flag, op=dist.ReduceOp.MAX)
-                bad = bad or bool(flag.item())
                 # A non-finite loss gives non-finite gradients on every rank (they are all-reduced),
                 # and the optimizer then skips the update: DeepSpeed's overflow check, or our
                 # GuardedAdamW where DeepSpeed has none (fp32 ZeRO-0).
                 engine.backward(loss)
                 engine.step()
-                step_losses.append(loss.detach())
+                step_losses.append(loss.detach().float())
             step += 1
             tokens_seen += tokens_per_step
+            # One all-reduce per step (no host sync per micro-batch): [any non-finite, mean loss].
+            losses_t = torch.stack(step_losses)
+            stats = torch.stack([(~torch.isfinite(losses_t)).any().float(), losses_t.mean()])
+            dist.all_reduce(stats)
+            bad = bool(stats[0].item() > 0)
             if bad:
                 consecutive_bad += 1
                 skipped_total += 1
             else:
                 consecutive_bad = 0
-                loss_value = all_reduce_mean(torch.stack(step_losses).mean().float()).item()
-            if consecutive_bad >= cfg.train.max_consecutive_nonfinite:
-                last_path = save()  # skipped steps left the weights as the last good step made them
-                raise TrainingError(f"{consecutive_bad} consecutive steps with non-finite loss (train.max_consecutive_nonfinite); "
-                                    f"stopped. The last good weights are saved in {last_path}")
-            if step % cfg.train.log_interval == 0 or step == cfg.train.max_steps:
+                loss_value = stats[1].item() / world
+            if step % cfg.train.log_interval == 0 or step == cfg.train.max_steps or bad:
                 now = time.perf_counter()
                 tps = (tokens_seen - tokens_last) / max(now - t_last, 1e-9)
                 t_last, tokens_last = now, tokens_seen
@@ -189,6 +176,10 @@ def run(cfg: TrainConfig) -> dict:
                             "tokens_per_s": tps, "mfu": tps * flops / (peak * world) if peak else None,
                             "peak_mem_gib": peak_memory_gib(device), "tokens_seen": tokens_seen,
                             "skipped_steps": skipped_total})
+            if consecutive_bad >= cfg.train.max_consecutive_nonfinite:
+                last_path = save()  # skipped steps left the weights as the last good step made them
+                raise TrainingError(f"{consecutive_bad} consecutive steps with non-finite loss (train.max_consecutive_nonfinite); "
+                                    f"stopped. The last good weights are saved in {last_path}")
             if step % cfg.train.eval_interval == 0 or step == cfg.train.max_steps:
                 val = evaluate(engine, val_loader, cfg.train.eval_batches, device)
                 logger.log({"step": step, "val_loss": val, "val_ppl": math.exp(min(val, 50.0))})

@@ -2,6 +2,7 @@
 a wrong type fails at start naming the key; below the entry point only plain values flow."""
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass, field
 from typing import Any, Dict, List, Optional
 
@@ -10,8 +11,10 @@ from hydra.core.config_store import ConfigStore
 
 @dataclass
 class DataConfig:
-    # name -> {path: shard dir or Megatron prefix, weight: mixing weight}
-    sources: Dict[str, Any] = field(default_factory=dict)
+    # Shard directories (or Megatron .bin/.idx prefixes) and their mixing weights, gpt-neox style:
+    # data.paths=[/data/web,/data/code] data.weights=[0.7,0.3]; no weights: equal.
+    paths: List[str] = field(default_factory=list)
+    weights: List[float] = field(default_factory=list)
     tokenizer: Optional[str] = None  # sentencepiece .model whose sha256 the manifests must carry
     seq_len: int = 2048
     seed: int = 1234
@@ -105,10 +108,10 @@ def check_values(cfg: TrainConfig) -> None:
         if not ok:
             raise ValueError(f"{key}: {msg}")
 
-    need(cfg.data.sources, "data.sources", "no data sources configured")
-    for name, src in cfg.data.sources.items():
-        need(isinstance(src, dict) and "path" in src, f"data.sources.{name}", "needs {path: ..., weight: ...}")
-        need(float(src.get("weight", 1.0)) > 0, f"data.sources.{name}.weight", "must be > 0")
+    need(cfg.data.paths, "data.paths", "no data configured")
+    need(not cfg.data.weights or len(cfg.data.weights) == len(cfg.data.paths), "data.weights",
+         f"{len(cfg.data.weights)} weights for {len(cfg.data.paths)} paths")
+    need(all(w > 0 for w in cfg.data.weights), "data.weights", "must all be > 0")
     need(cfg.data.seq_len > 0, "data.seq_len", "must be > 0")
     need(cfg.optim.lr > 0, "optim.lr", "must be > 0")
     need(len(cfg.optim.betas) == 2 and all(0 <= b < 1 for b in cfg.optim.betas), "optim.betas", "two values in [0, 1)")
@@ -125,6 +128,18 @@ def check_values(cfg: TrainConfig) -> None:
     need(cfg.checkpoint.interval > 0, "checkpoint.interval", "must be > 0")
     need(cfg.checkpoint.keep_last >= 1, "checkpoint.keep_last", "must be >= 1")
     need(cfg.wandb.mode in ("online", "offline", "disabled"), "wandb.mode", f"{cfg.wandb.mode!r} is not online|offline|disabled")
+
+
+def data_sources(cfg: TrainConfig) -> dict:
+    """name -> (path, weight) for the loader; a source is named after its directory."""
+    weights = cfg.data.weights or [1.0] * len(cfg.data.paths)
+    sources = {}
+    for path, weight in zip(cfg.data.paths, weights):
+        name = os.path.basename(os.path.normpath(path)) or "data"
+        while name in sources:
+            name += "_"
+        sources[name] = (path, float(weight))
+    return sources
 
 
 def grad_accumulation(cfg: TrainConfig, world_size: int) -> int:

@@ -1,0 +1,82 @@
+"""Run the real trainer (python -m retnet_train.train, under torchrun for 2 ranks) on tiny data."""
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "data"))
+from shard_fixtures import write_shard_dir  # noqa: E402
+
+REPO = Path(__file__).resolve().parents[2]
+VOCAB = 512
+
+
+def make_shards(directory: Path) -> Path:
+    """A learnable synthetic corpus: token t+1 = (3 t + noise) mod V, EOS every ~50 tokens."""
+    rng = np.random.default_rng(0)
+    n = 60_000
+    toks = np.empty(n, dtype=np.int64)
+    toks[0] = 10
+    for i in range(1, n):
+        toks[i] = (3 * toks[i - 1] + rng.integers(0, 3)) % (VOCAB - 10) + 10
+    toks[rng.choice(n, n // 50, replace=False)] = 2
+    write_shard_dir(directory, toks[:50_000], toks[50_000:], shard_tokens=8192, vocab_size=VOCAB)
+    return directory
+
+
+def overrides(data_dir: Path, run_dir: Path, **extra) -> list:
+    base = {
+        "model": "tiny", "model.vocab_size": VOCAB, "model.d_model": 64, "model.n_layers": 2, "model.n_heads": 2,
+        "model.ffn_dim": 128, "model.chunk_size": 16,
+        "data.paths": f"[{data_dir}]", "data.tokenizer": "null", "data.seq_len": 64,
+        "train.micro_batch_size": 2, "train.global_batch_tokens": 256, "train.max_steps": 6, "train.device": "cpu",
+        "train.log_interval": 1, "train.eval_interval": 1000, "train.eval_batches": 2,
+        "optim.lr": 3e-3, "optim.warmup_steps": 2, "optim.decay": "constant",
+        "deepspeed.precision": "fp32", "deepspeed.zero_stage": 0,
+        "checkpoint.interval": 1000, "checkpoint.keep_last": 2, "run.dir": str(run_dir),
+    }
+    base.update(extra)
+    return [f"{k}={v}" for k, v in base.items()]
+
+
+def env() -> dict:
+    return {**os.environ, "OMP_NUM_THREADS": "1", "WANDB_MODE": "disabled", "PYTHONUNBUFFERED": "1"}
+
+
+def command(args: list, nproc: int) -> list:
+    if nproc == 1:
+        return [sys.executable, "-m", "retnet_train.train", *args]
+    return [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}",
+            "-m", "retnet_train.train", *args]
+
+
+def train(args: list, nproc: int = 2, check: bool = True, timeout: int = 240) -> subprocess.CompletedProcess:
+    proc = subprocess.run(command(args, nproc), cwd=REPO, env=env(), capture_output=True, text=True, timeout=timeout)
+    if check and proc.returncode != 0:
+        raise AssertionError(f"trainer failed ({proc.returncode}):\n{proc.stdout[-3000:]}\n{proc.stderr[-5000:]}")
+    return proc
+
+
+def start(args: list, nproc: int = 2) -> subprocess.Popen:
+    return subprocess.Popen(command(args, nproc), cwd=REPO, env=env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                            text=True, start_new_session=True)
+
+
+def losses(run_dir: Path) -> dict:
+    """step -> training loss from metrics.jsonl (later lines win: a resumed run re-logs nothing)."""
+    out = {}
+    path = Path(run_dir) / "metrics.jsonl"
+    for line in path.read_text().splitlines() if path.exists() else []:
+        rec = json.loads(line)
+        if "loss" in rec:
+            out[rec["step"]] = rec["loss"]
+    return out
+
+
+def records(run_dir: Path) -> list:
+    return [json.loads(line) for line in (Path(run_dir) / "metrics.jsonl").read_text().splitlines()]
