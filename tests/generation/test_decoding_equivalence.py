@@ -81,3 +81,19 @@ def test_prefill_in_pieces_equals_whole():
     for s, t in zip(whole.states, pieces.states):
         torch.testing.assert_close(s, t, rtol=1e-9, atol=1e-9)
     assert int(pieces.position) == 29 and pieces.doc_position.tolist() == [29, 9]
+
+
+@pytest.mark.parametrize("arch", ["retnet", "transformer"])
+@torch.no_grad()
+def test_snapshot_restore_undoes_steps(arch):
+    """What CUDA-graph warm-up relies on: steps taken after a snapshot leave no trace once restored."""
+    model = _model(arch)
+    ids = torch.randint(0, 97, (2, 9))
+    a, b = _decoder(model, 2, 20), _decoder(model, 2, 20)
+    a.prefill(ids), b.prefill(ids)
+    snap = b.snapshot()
+    for t in (5, 6, 7):
+        b.step(torch.tensor([t, t + 1]))
+    b.restore(snap)
+    for t in (11, 12, 13):
+        torch.testing.assert_close(b.step(torch.tensor([t, 3])), a.step(torch.tensor([t, 3])), rtol=0, atol=0)
