@@ -1,0 +1,74 @@
+"""Config errors fail at start naming the key; derived values; the optimizer groups and schedule."""
+import pytest
+import torch
+
+from retnet_train.components.config import TrainConfig, check_values, data_sources, grad_accumulation
+from retnet_train.components.optim import GuardedAdamW, deepspeed_config, lr_lambda, param_groups
+from retnet_train.model import RetNetConfig, RetNetForCausalLM
+from trainer_helpers import overrides, train
+
+
+@pytest.mark.parametrize("override,needle", [
+    ("train.max_step=3", "max_step"),
+    ("optim.lr=fast", "optim.lr"),
+    ("deepspeed.zero_stage=7", "deepspeed.zero_stage"),
+    ("model.n_layer=2", "model.n_layer"),
+    ("train.global_batch_tokens=1000", "train.global_batch_tokens"),
+])
+def test_bad_override_names_the_key(tmp_path, override, needle):
+    args = overrides(tmp_path / "nodata", tmp_path / "run") + [override]
+    proc = train(args, nproc=1, check=False, timeout=120)
+    assert proc.returncode != 0
+    assert needle in proc.stderr + proc.stdout
+
+
+def test_missing_data_names_the_path(tmp_path):
+    proc = train(overrides(tmp_path / "nodata", tmp_path / "run"), nproc=1, check=False, timeout=120)
+    assert proc.returncode != 0
+    assert str(tmp_path / "nodata") in proc.stderr + proc.stdout
+
+
+def test_derived_values_and_sources():
+    cfg = TrainConfig()
+    cfg.data.paths, cfg.data.weights = ["/d/web", "/e/web", "/d/code/"], [0.5, 0.3, 0.2]
+    cfg.data.seq_len, cfg.train.micro_batch_size, cfg.train.global_batch_tokens = 8192, 1, 4 * 2 ** 20
+    check_values(cfg)
+    assert grad_accumulation(cfg, 8) == 64
+    assert data_sources(cfg) == {"web": ("/d/web", 0.5), "web_": ("/e/web", 0.3), "code": ("/d/code/", 0.2)}
+    ds = deepspeed_config(cfg, 64)
+    assert ds["gradient_accumulation_steps"] == 64 and ds["bf16"]["enabled"] and ds["zero_optimization"]["stage"] == 1
+    cfg.data.weights = [1.0]
+    with pytest.raises(ValueError, match="data.weights"):
+        check_values(cfg)
+
+
+def test_lr_schedule_warmup_and_decay():
+    assert lr_lambda(0, 10, 100, "linear", 0.0) == pytest.approx(0.1)
+    assert lr_lambda(9, 10, 100, "linear", 0.0) == pytest.approx(1.0)
+    assert lr_lambda(55, 10, 100, "linear", 0.0) == pytest.approx(0.5)
+    assert lr_lambda(100, 10, 100, "cosine", 0.1) == pytest.approx(0.1)
+    assert lr_lambda(50, 10, 100, "constant", 0.0) == 1.0
+
+
+def test_no_weight_decay_on_norms_biases_embeddings():
+    model = RetNetForCausalLM(RetNetConfig(vocab_size=50, d_model=32, n_layers=1, n_heads=2, ffn_dim=32))
+    decay, no_decay = param_groups(model, 0.1, no_decay_embeddings=True)
+    names = {id(p): n for n, p in model.named_parameters()}
+    assert all(p.ndim == 2 and "embed_tokens" not in names[id(p)] for p in decay["params"])
+    assert {names[id(p)] for p in no_decay["params"]} >= {"embed_tokens.weight", "norm.weight", "norm.bias"}
+    assert decay["weight_decay"] == 0.1 and no_decay["weight_decay"] == 0.0
+    decay2, _ = param_groups(model, 0.1, no_decay_embeddings=False)
+    assert any(names[id(p)] == "embed_tokens.weight" for p in decay2["params"])
+
+
+def test_guarded_adamw_skips_nonfinite_and_clips():
+    w = torch.nn.Parameter(torch.ones(3))
+    opt = GuardedAdamW([w], max_norm=1.0, lr=0.1)
+    w.grad = torch.tensor([float("nan"), 0.0, 0.0])
+    opt.step()
+    assert torch.equal(w.detach(), torch.ones(3)) and not opt.state
+    w.grad = torch.tensor([3.0, 4.0, 0.0])
+    opt.step()
+    assert opt.last_grad_norm == pytest.approx(5.0)
+    assert w.grad.norm().item() == pytest.approx(1.0)
+    assert not torch.equal(w.detach(), torch.ones(3))
