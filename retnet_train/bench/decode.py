@@ -113,6 +113,45 @@ def bench_one(model, batch: int, prompt_len: int, new_tokens: int, cuda_graph: b
     return row
 
 
+@torch.no_grad()
+def bench_fla_generate(cfg, batch: int, prompt_len: int, new_tokens: int, device: str, dtype: torch.dtype) -> dict:
+    """fla's Hugging Face RetNet at the preset's size through `generate` (the issue's reference
+    figure: 180.7 tokens/s at 6.7B, 8064 + 128, batch 8 on an H100). Decode time = full
+    generate minus a 1-token generate (the prefill)."""
+    from fla.models import RetNetConfig as FlaConfig, RetNetForCausalLM as FlaRetNet
+
+    prev = torch.get_default_dtype()
+    torch.set_default_dtype(dtype)
+    try:
+        with torch.device(device):
+            model = FlaRetNet(FlaConfig(hidden_size=cfg.d_model, num_hidden_layers=cfg.n_layers, num_heads=cfg.n_heads,
+                                        expand_v=cfg.value_factor, intermediate_size=cfg.ffn_dim, vocab_size=cfg.vocab_size,
+                                        fuse_cross_entropy=False)).eval()
+    finally:
+        torch.set_default_dtype(prev)
+    weights = sum(p.numel() * p.element_size() for p in model.parameters())
+    ids = torch.randint(0, cfg.vocab_size, (batch, prompt_len), device=device)
+    kw = dict(do_sample=False, use_cache=True, pad_token_id=0, eos_token_id=None)
+    model.generate(ids[:, :128], max_new_tokens=4, min_new_tokens=4, **kw)  # warm-up (Triton autotuning)
+    base = torch.cuda.memory_allocated()
+    torch.cuda.reset_peak_memory_stats()
+    times = {}
+    for n in (1, new_tokens):
+        torch.cuda.synchronize()
+        t0 = time.perf_counter()
+        model.generate(ids, max_new_tokens=n, min_new_tokens=n, **kw)
+        torch.cuda.synchronize()
+        times[n] = time.perf_counter() - t0
+    decode_s = times[new_tokens] - times[1]
+    row = {"arch": "fla_retnet_hf_generate", "params_b": round(sum(p.numel() for p in model.parameters()) / 1e9, 3),
+           "batch": batch, "prompt_len": prompt_len, "new_tokens": new_tokens, "prefill_s": round(times[1], 3),
+           "ms_per_step": round(1000 * decode_s / (new_tokens - 1), 3),
+           "tokens_per_s": round(batch * (new_tokens - 1) / decode_s, 1), "weights_gib": round(weights / GIB, 3),
+           "peak_over_weights_gib": round((torch.cuda.max_memory_allocated() - base) / GIB, 3)}
+    del model
+    return row
+
+
 def run(model, args, batch: int, prompt_len: int, cuda_graph: bool) -> dict:
     try:
         return bench_one(model, batch, prompt_len, args.new_tokens, cuda_graph, args.device, getattr(torch, args.state_dtype), args.compile_step, args.prefill_piece)
@@ -139,6 +178,8 @@ def parse_args(argv=None):
                    help="RetNet recurrent state (fp32 as fla keeps it; bf16 halves the state traffic per step)")
     p.add_argument("--prefill-piece", type=int, default=0, help="RetNet: prefill in pieces of this many tokens (0: whole prompt)")
     p.add_argument("--compile-step", action="store_true", help="torch.compile the step before CUDA-graph capture")
+    p.add_argument("--fla-reference", action="store_true",
+                   help="also time fla's HF RetNet generate at the preset's size (needs flash-linear-attention + transformers)")
     p.add_argument("--output", help="also write all rows here (JSON lines)")
     return p.parse_args(argv)
 
@@ -152,6 +193,10 @@ def main(argv=None) -> int:
     if any(b < 1 for b in batches) or args.prompt_len < 1 or args.new_tokens < 1:
         raise SystemExit("error: --batch-sizes, --prompt-len and --new-tokens must be >= 1")
     cuda_graph = not args.no_cuda_graph and torch.device(args.device).type == "cuda"
+    if args.fla_reference and torch.device(args.device).type != "cuda":
+        raise SystemExit("error: --fla-reference needs a CUDA device")
+    if args.new_tokens < 2 and args.fla_reference:
+        raise SystemExit("error: --fla-reference needs --new-tokens >= 2")
     dtype = getattr(torch, args.dtype)
     rows = []
 
@@ -169,7 +214,16 @@ def main(argv=None) -> int:
         gc.collect()
         if torch.device(args.device).type == "cuda":
             torch.cuda.empty_cache()
-    by = {(r["arch"], r["batch"], r["prompt_len"]): r for r in rows}
+    if args.fla_reference:
+        cfg = load_preset(args.preset)
+        for b in batches:
+            try:
+                emit({"preset": args.preset, **bench_fla_generate(cfg, b, args.prompt_len, args.new_tokens, args.device, dtype)})
+            except torch.cuda.OutOfMemoryError as e:
+                emit({"preset": args.preset, "arch": "fla_retnet_hf_generate", "batch": b, "oom": str(e).split("\n")[0][:200]})
+            gc.collect()
+            torch.cuda.empty_cache()
+    by = {(r["arch"], r["batch"], r["prompt_len"]): r for r in rows if "arch" in r}
     for b in batches:
         ret, tra = by.get(("retnet", b, args.prompt_len)), by.get(("transformer", b, args.prompt_len))
         if ret and tra and "tokens_per_s" in ret:
