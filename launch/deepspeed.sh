@@ -128,7 +128,7 @@ check=("${ds[@]}" retnet_train.preflight --from-launcher-env --shared-id "$share
 [[ -n "$checkpoint_dir" ]] && check+=(--checkpoint-dir "$checkpoint_dir")
 [[ -n "$params" ]] && check+=(--params "$params")
 [[ "$require_gpu" == 1 ]] && check+=(--require-gpu)
-check+=(-- "${prog_args[@]}")
+if [[ "$module" == retnet_train.train ]]; then check+=(-- "${prog_args[@]}"); else check+=(--no-config); fi
 
 quote() { local out="" a; for a in "$@"; do out+="$(printf '%q' "$a") "; done; echo "${out% }"; }
 

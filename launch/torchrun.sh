@@ -122,7 +122,9 @@ check=("$PYTHON" -m retnet_train.preflight --nproc-per-node "$nproc" --nnodes "$
 [[ -n "$checkpoint_dir" ]] && check+=(--checkpoint-dir "$checkpoint_dir")
 [[ -n "$params" ]] && check+=(--params "$params")
 [[ "$require_gpu" == 1 ]] && check+=(--require-gpu)
-check+=(-- "${prog_args[@]}")
+# The preflight composes the trainer's Hydra config from the same overrides (checkpoint dir,
+# model size, batch arithmetic for this world size, data paths); another --module has no config.
+if [[ "$module" == retnet_train.train ]]; then check+=(-- "${prog_args[@]}"); else check+=(--no-config); fi
 
 quote() { local out="" a; for a in "$@"; do out+="$(printf '%q' "$a") "; done; echo "${out% }"; }
 

@@ -102,17 +102,21 @@ def params_from_preset(path: str | Path) -> int:
     if not isinstance(preset, dict):
         raise PreflightError(f"--model-preset {path}: expected a mapping of model fields, got {type(preset).__name__}")
     try:
-        import torch
-
-        from retnet_train.model import build_model, model_config_from_dict
-
-        config = model_config_from_dict(preset)
-        config.validate()
-        with torch.device("meta"):
-            model = build_model(config)
-        return int(sum(p.numel() for p in model.parameters()))
+        return _count_params(preset)
     except (ValueError, TypeError, KeyError) as exc:
         raise PreflightError(f"--model-preset {path}: {exc} (pass --params N instead)") from None
+
+
+def _count_params(preset: dict) -> int:
+    import torch
+
+    from retnet_train.model import build_model, model_config_from_dict
+
+    config = model_config_from_dict(preset)
+    config.validate()
+    with torch.device("meta"):
+        model = build_model(config)
+    return int(sum(p.numel() for p in model.parameters()))
 
 
 def parse_params(text: str) -> int:
@@ -133,6 +137,88 @@ def override_value(overrides: Sequence[str], key: str) -> str | None:
         if m and m.group(1) == key:
             found = m.group(2)
     return found
+
+
+# ---------------------------------------------------------------- the trainer's config
+
+
+@dataclass
+class TrainerView:
+    """What the preflight needs from the trainer's composed Hydra config."""
+
+    checkpoint_dir: Path
+    keep: int  # checkpoints on disk at once while a new one is written: keep_last + 1
+    params: int
+    precision: str
+    device: str
+    problems: list[str]  # config values the trainer would reject (each names its key)
+
+
+def compose_trainer_config(overrides: Sequence[str]):
+    """The trainer's config for these overrides, composed as `python -m retnet_train.train` would.
+
+    None when this checkout has no trainer config (configs/config.yaml) or schema module.
+    A bad override raises PreflightError with Hydra's message.
+    """
+    if not (REPO_ROOT / "configs" / "config.yaml").is_file():
+        return None
+    try:
+        from hydra import compose, initialize_config_dir
+        from hydra.errors import HydraException
+        from omegaconf.errors import OmegaConfBaseException
+
+        from retnet_train.components import config as schema
+    except ImportError:
+        return None
+    schema.register()
+    try:
+        with initialize_config_dir(config_dir=str(REPO_ROOT / "configs"), version_base="1.3"):
+            return compose(config_name="config", overrides=list(overrides))
+    except (HydraException, OmegaConfBaseException) as exc:
+        msg = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise PreflightError(f"Hydra overrides {' '.join(overrides) or '(none)'}: {msg}") from None
+
+
+def trainer_view(cfg, world_size: int | None) -> TrainerView:
+    """Checkpoint dir, size inputs and the value checks the trainer runs at start."""
+    from omegaconf import OmegaConf
+
+    from retnet_train.components import config as schema
+
+    problems: list[str] = []
+    try:
+        cfg = OmegaConf.to_object(cfg)  # typed and resolved, as the trainer's entry point does
+    except Exception as exc:  # noqa: BLE001 - omegaconf raises several types
+        raise PreflightError(f"trainer config: {str(exc).strip().splitlines()[0]}") from None
+    for check in (getattr(schema, "check_values", None),):
+        if check is not None:
+            try:
+                check(cfg)
+            except ValueError as exc:
+                problems.append(str(exc))
+    if world_size is not None and hasattr(schema, "grad_accumulation"):
+        try:
+            schema.grad_accumulation(cfg, world_size)
+        except ValueError as exc:
+            problems.append(f"{exc} (world size {world_size})")
+    data = getattr(cfg, "data", None)
+    paths = [(f"data.sources.{name}.path", src.get("path")) for name, src in (getattr(data, "sources", None) or {}).items()
+             if isinstance(src, dict)]
+    paths += [(f"data.paths[{i}]", p) for i, p in enumerate(getattr(data, "paths", None) or [])]
+    for key, path in paths:
+        # a shard directory or manifest, or a Megatron prefix (PREFIX.bin / PREFIX.idx)
+        if path and not (os.path.exists(str(path)) or os.path.exists(f"{path}.bin")):
+            problems.append(f"{key}={path}: no such file or directory (from {os.getcwd()})")
+    tokenizer = getattr(data, "tokenizer", None)
+    if tokenizer and not os.path.isfile(tokenizer):
+        problems.append(f"data.tokenizer={tokenizer}: no such file (from {os.getcwd()})")
+    try:
+        params = _count_params(dict(cfg.model))
+    except (ValueError, TypeError, KeyError) as exc:
+        raise PreflightError(f"model config: {exc}") from None
+    ckpt = cfg.checkpoint.dir or os.path.join(cfg.run.dir, "checkpoints")
+    return TrainerView(checkpoint_dir=Path(ckpt), keep=int(cfg.checkpoint.keep_last) + 1, params=params,
+                       precision=str(cfg.deepspeed.precision), device=str(cfg.train.device), problems=problems)
 
 
 # ---------------------------------------------------------------- checks
@@ -385,7 +471,10 @@ def build_parser() -> argparse.ArgumentParser:
     g = p.add_mutually_exclusive_group()
     g.add_argument("--params", help="parameter count for the free-space check, e.g. 1.3e9")
     g.add_argument("--model-preset", help="model preset YAML (configs/model/NAME.yaml) to count parameters of")
-    p.add_argument("--keep-checkpoints", type=int, default=2, help="checkpoints on disk at once (default 2)")
+    p.add_argument("--keep-checkpoints", type=int, default=None,
+                   help="checkpoints on disk at once (default: the config's checkpoint.keep_last + 1, else 2)")
+    p.add_argument("--no-config", action="store_true",
+                   help="do not compose the trainer's Hydra config from the overrides (another --module)")
     p.add_argument("--nproc-per-node", type=int, help="processes this node will start (one per GPU)")
     p.add_argument("--nnodes", type=int, default=1)
     p.add_argument("--node-rank", type=int, default=0)
@@ -411,7 +500,7 @@ def _validate(args: argparse.Namespace) -> None:
         raise PreflightError(f"--node-rank={args.node_rank} must be in [0, {args.nnodes - 1}]")
     if args.nproc_per_node is not None and args.nproc_per_node < 1:
         raise PreflightError(f"--nproc-per-node={args.nproc_per_node} must be >= 1")
-    if args.keep_checkpoints < 1:
+    if args.keep_checkpoints is not None and args.keep_checkpoints < 1:
         raise PreflightError(f"--keep-checkpoints={args.keep_checkpoints} must be >= 1")
     if args.shared_timeout is None:
         raw = os.environ.get("PREFLIGHT_SHARED_TIMEOUT", "120")
@@ -423,9 +512,6 @@ def _validate(args: argparse.Namespace) -> None:
         raise PreflightError(f"--shared-timeout={args.shared_timeout} must be > 0")
     if not re.fullmatch(r"[A-Za-z0-9_.-]+", args.shared_id):
         raise PreflightError(f"--shared-id={args.shared_id!r} may only contain letters, digits, '_', '.', '-'")
-    if args.nnodes > 1 and args.checkpoint_dir is None:
-        raise PreflightError(f"--nnodes={args.nnodes} needs --checkpoint-dir: a multi-node run must check "
-                             f"that its checkpoint directory is shared")
 
 
 def resolve_params(args: argparse.Namespace) -> tuple[int | None, str]:
@@ -470,30 +556,79 @@ def apply_launcher_env(args: argparse.Namespace, env: dict) -> bool:
     return True
 
 
+# Hydra's own command-line flags that take a value; the preflight composes overrides only.
+_HYDRA_VALUE_FLAGS = {"-c", "--cfg", "-p", "--package", "-cp", "--config-path", "-cn", "--config-name",
+                      "-cd", "--config-dir", "--experimental-rerun"}
+
+
+def hydra_overrides(args: Sequence[str]) -> list[str]:
+    """The overrides among a trainer command line (drops Hydra flags such as `--cfg job`, `-m`)."""
+    out, skip = [], False
+    for a in args:
+        if skip:
+            skip = False
+        elif a in _HYDRA_VALUE_FLAGS:
+            skip = True
+        elif not a.startswith("-"):
+            out.append(a)
+    return out
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     if args.dist_check:
         return dist_check()
+    view = None
     try:
         if args.from_launcher_env and not apply_launcher_env(args, dict(os.environ)):
             return 0
         _validate(args)
-        params, source = resolve_params(args)
+        overrides = hydra_overrides(args.overrides)
+        cfg = None if args.no_config else compose_trainer_config(overrides)
+        if cfg is not None:
+            world = args.nnodes * args.nproc_per_node if args.nproc_per_node else None
+            try:
+                view = trainer_view(cfg, world)
+            except AttributeError as exc:  # the trainer's schema moved under us: fall back to options
+                print(f"preflight: warning: trainer config layout not understood ({exc}); "
+                      f"checks use the options only", file=sys.stderr)
+        if args.params is not None or args.model_preset is not None or view is None:
+            args.overrides = overrides
+            params, source = resolve_params(args)
+        else:
+            params, source = view.params, "trainer config"
+        ckpt_arg = args.checkpoint_dir.expanduser().absolute() if args.checkpoint_dir else None
+        ckpt = ckpt_arg or (view.checkpoint_dir.expanduser().absolute() if view else None)
+        if args.nnodes > 1 and ckpt is None:
+            raise PreflightError(f"--nnodes={args.nnodes} needs --checkpoint-dir (or the trainer config): a "
+                                 f"multi-node run must check that its checkpoint directory is shared")
     except PreflightError as exc:
         print(f"preflight: error: {exc}", file=sys.stderr)
         return 2
     rep = Report()
     print(f"preflight: node {args.node_rank} of {args.nnodes} on {socket.gethostname()}", flush=True)
     check_versions(rep)
-    check_gpus(rep, nproc_per_node=args.nproc_per_node, require_gpu=args.require_gpu,
-               require_bf16=not args.no_bf16_check)
+    require_gpu = args.require_gpu or (view is not None and view.device == "cuda")
+    check_gpus(rep, nproc_per_node=args.nproc_per_node, require_gpu=require_gpu,
+               require_bf16=not args.no_bf16_check and (view is None or view.precision == "bf16"))
     check_fla(rep, require_fla=args.require_fla)
-    if args.checkpoint_dir is None:
+    if view is not None:
+        rep.ok(f"trainer config composed ({' '.join(overrides) or 'defaults'}): checkpoints in {view.checkpoint_dir}, "
+               f"precision {view.precision}, device {view.device}")
+        for problem in view.problems:
+            rep.fail(f"trainer config: {problem}")
+        if ckpt_arg is not None and ckpt_arg != view.checkpoint_dir.expanduser().absolute():
+            rep.fail(f"--checkpoint-dir {ckpt_arg} but the trainer will write checkpoints to "
+                     f"{view.checkpoint_dir.expanduser().absolute()} (checkpoint.dir, else run.dir/checkpoints): "
+                     f"add the override checkpoint.dir={ckpt_arg}")
+    elif not args.no_config:
+        rep.warn("no trainer config in this checkout (configs/config.yaml): checkpoint dir and model from options only")
+    keep = args.keep_checkpoints or (view.keep if view else 2)
+    if ckpt is None:
         rep.warn("no --checkpoint-dir: writable/shared/free-space checks skipped")
     else:
-        ckpt = args.checkpoint_dir.expanduser().absolute()
         if check_writable(rep, ckpt):
-            check_disk(rep, ckpt, params, args.keep_checkpoints, source)
+            check_disk(rep, ckpt, params, keep, source)
             check_shared(rep, ckpt, shared_id=args.shared_id, node_rank=args.node_rank, nnodes=args.nnodes,
                          timeout=args.shared_timeout)
     if rep.failures:

@@ -23,21 +23,24 @@ def cli(*args: str, env: dict | None = None) -> subprocess.CompletedProcess:
 
 
 def test_cpu_node_passes_and_says_no_gpu(tmp_path):
-    r = cli("--checkpoint-dir", str(tmp_path / "ck"), "--nproc-per-node", "1", "--", "model=tiny", "train.max_steps=3")
+    ck = tmp_path / "ck"
+    r = cli("--checkpoint-dir", str(ck), "--nproc-per-node", "1", "--", "model=tiny", "train.max_steps=3",
+            f"checkpoint.dir={ck}", "checkpoint.keep_last=1")
     assert r.returncode == 0, r.stdout + r.stderr
     out = r.stdout
+    assert f"[  ok] trainer config composed (model=tiny train.max_steps=3 checkpoint.dir={ck} checkpoint.keep_last=1)" in out
     assert "[  ok] no GPU: CPU-only torch build" in out
     assert "torch 2." in out and "deepspeed " in out and "NCCL/RCCL: not in this torch build" in out
     assert "fla not installed" in out or "fla " in out
     assert f"checkpoint dir {tmp_path / 'ck'} is writable" in out
     n = pf.params_from_preset(ROOT / "configs/model/tiny.yaml")
-    assert f"{n / 1e6:.3g}M params (configs/model/tiny.yaml) x 16 B/param x 2 checkpoint(s)" in out
+    assert f"{n / 1e6:.3g}M params (trainer config) x 16 B/param x 2 checkpoint(s)" in out  # keep_last + 1
     assert "preflight passed on node 0" in out
     assert not any(p.name.startswith(".preflight") for p in (tmp_path / "ck").iterdir())  # probe removed
 
 
 def test_require_gpu_fails_on_cpu(tmp_path):
-    r = cli("--require-gpu", "--checkpoint-dir", str(tmp_path))
+    r = cli("--require-gpu", "--no-config", "--checkpoint-dir", str(tmp_path))
     assert r.returncode == 1
     assert "[FAIL] no GPU: CPU-only torch build and --require-gpu was given" in r.stdout
     assert "preflight FAILED on node 0" in r.stderr and "--require-gpu" in r.stderr
@@ -99,9 +102,11 @@ def test_params_come_from_the_model_override(tmp_path):
     (["--params", "many"], "--params 'many': not a number"),
     (["--params", "0"], "--params '0': must be a positive parameter count"),
     (["--params", "nan"], "--params 'nan': must be a positive parameter count"),
-    (["--", "model=nope"], "override model=nope: no preset"),
+    (["--no-config", "--", "model=nope"], "override model=nope: no preset"),
+    (["--", "model=nope"], "Could not find 'model/nope'"),
+    (["--", "train.no_such_key=1"], "train.no_such_key"),
     (["--nnodes", "2", "--checkpoint-dir", "/x", "--node-rank", "2"], "--node-rank=2 must be in [0, 1]"),
-    (["--nnodes", "2"], "--nnodes=2 needs --checkpoint-dir"),
+    (["--nnodes", "2", "--no-config"], "--nnodes=2 needs --checkpoint-dir"),
     (["--keep-checkpoints", "0"], "--keep-checkpoints=0 must be >= 1"),
     (["--shared-id", "a/b"], "--shared-id='a/b' may only contain"),
     (["--nproc-per-node", "0"], "--nproc-per-node=0 must be >= 1"),
@@ -122,6 +127,32 @@ def test_bad_model_presets(tmp_path):
         assert str(exc.value).startswith(f"--model-preset {bad}: ") and fragment in str(exc.value)
     with pytest.raises(pf.PreflightError, match="no such file"):
         pf.params_from_preset(tmp_path / "missing.yaml")
+
+
+# ---------------------------------------------------------------- the trainer's config
+
+
+def test_trainer_config_problems_fail_before_launch(tmp_path, capsys):
+    # What the trainer would only find out after the queue: batch arithmetic for this world size, a
+    # missing tokenizer, and a --checkpoint-dir the trainer will not write to.
+    rc = pf.main(["--nproc-per-node", "3", "--checkpoint-dir", str(tmp_path / "elsewhere"), "--",
+                  "experiment=tiny_cpu", f"run.dir={tmp_path / 'run'}", "data.tokenizer=/no/such.model", "--cfg", "job"])
+    out, err = capsys.readouterr()
+    assert rc == 1
+    assert "trainer config: train.global_batch_tokens=2048 is not a multiple of" in err and "(world size 3)" in err
+    assert "trainer config: data.tokenizer=/no/such.model: no such file" in err
+    assert (f"--checkpoint-dir {tmp_path / 'elsewhere'} but the trainer will write checkpoints to "
+            f"{tmp_path / 'run' / 'checkpoints'}") in err and f"checkpoint.dir={tmp_path / 'elsewhere'}" in err
+
+
+def test_trainer_config_gives_checkpoint_dir_and_size(tmp_path, capsys):
+    rc = pf.main(["--", "experiment=tiny_cpu", f"run.dir={tmp_path / 'run'}", "checkpoint.keep_last=4"])
+    out, err = capsys.readouterr()
+    assert rc == 0, out + err
+    n = pf.params_from_preset(ROOT / "configs/model/tiny.yaml")
+    assert f"checkpoint dir {tmp_path / 'run' / 'checkpoints'} is writable" in out
+    assert f"{n / 1e6:.3g}M params (trainer config) x 16 B/param x 5 checkpoint(s)" in out
+    assert pf.hydra_overrides(["-m", "a=1", "--cfg", "job", "-p", "x", "b=2"]) == ["a=1", "b=2"]
 
 
 # ---------------------------------------------------------------- shared checkpoint dir
@@ -174,7 +205,7 @@ def test_node_local_dir_fails_on_every_node(tmp_path):
 def test_two_node_cli_through_the_shared_dir(tmp_path):
     procs = [subprocess.Popen([sys.executable, "-m", "retnet_train.preflight", "--checkpoint-dir", str(tmp_path),
                                "--nnodes", "2", "--node-rank", str(r), "--shared-id", "cli", "--shared-timeout", "60",
-                               "--params", "1e6"], cwd=ROOT, env={**os.environ, "PYTHONPATH": str(ROOT)},
+                               "--params", "1e6", "--no-config"], cwd=ROOT, env={**os.environ, "PYTHONPATH": str(ROOT)},
                               stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True) for r in (1, 0)]
     outs = [p.communicate(timeout=120)[0] for p in procs]
     assert [p.returncode for p in procs] == [0, 0], outs
@@ -211,7 +242,7 @@ def test_dist_check_outside_a_launcher_names_the_missing_variable():
 
 def test_shared_timeout_from_the_environment(monkeypatch, capsys):
     monkeypatch.setenv("PREFLIGHT_SHARED_TIMEOUT", "soon")
-    assert pf.main(["--nnodes", "2", "--checkpoint-dir", "/tmp"]) == 2
+    assert pf.main(["--nnodes", "2", "--checkpoint-dir", "/tmp", "--no-config"]) == 2
     assert "PREFLIGHT_SHARED_TIMEOUT='soon' is not a number of seconds" in capsys.readouterr().err
     monkeypatch.setenv("PREFLIGHT_SHARED_TIMEOUT", "7.5")
     args = pf.build_parser().parse_args([])
