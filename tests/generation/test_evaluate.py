@@ -157,3 +157,23 @@ def test_adapter_rolling_and_generate(setup):
     assert out == full.split("\n\n")[0]
     with pytest.raises(ValueError, match="pieces"):
         RetNetTrainLM(tiny_model("retnet", vocab_size=300), str(tok))
+
+
+def test_adapter_from_lm_eval_model_args(setup):
+    """`lm_eval --model retnet-train --model_args checkpoint=...` builds the adapter from a string."""
+    pytest.importorskip("lm_eval")
+    from lm_eval.api.instance import Instance
+    from lm_eval.api.registry import get_model
+
+    import retnet_train.lm_eval_adapter  # noqa: F401  (importing registers the model name)
+
+    d, tok, model, exp, _ = setup
+    cls = get_model("retnet-train")
+    lm = cls.create_from_arg_string(f"checkpoint={exp},max_length=32,dtype=float32", {"batch_size": 2, "device": "cpu"})
+    direct = cls(model, str(tok), max_length=32)
+    reqs = [Instance("loglikelihood", {}, ("one two", " three"), 0), Instance("loglikelihood", {}, ("def add(a, b):", " return"), 1)]
+    got, ref = lm.loglikelihood(reqs), direct.loglikelihood(reqs)
+    assert [g[1] for g in got] == [r[1] for r in ref]
+    assert [g[0] for g in got] == pytest.approx([r[0] for r in ref], rel=1e-6)
+    with pytest.raises(ValueError, match="checkpoint="):
+        cls.create_from_arg_string("max_length=32")
