@@ -268,7 +268,16 @@ def load_model(path: str, tag: Optional[str] = None, tokenizer: Optional[str] = 
         raise CheckpointError(f"{which}: {tok} does not exist")
     if tok is not None:
         check_tokenizer(tok, config.vocab_size)
+    if tokenizer and stored_tok and os.path.isfile(stored_tok) and _sha256(tokenizer) != _sha256(stored_tok):
+        raise CheckpointError(f"--tokenizer: {tokenizer} differs from the tokenizer the model was trained with "
+                              f"({stored_tok}); token ids would not mean the same pieces")
     return LoadedModel(model, config, tok, source, meta)
+
+
+def _sha256(path: str) -> str:
+    from .data import sha256_file
+
+    return sha256_file(path)
 
 
 def check_tokenizer(path: str, vocab_size: int) -> None:

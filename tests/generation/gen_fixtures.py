@@ -19,7 +19,7 @@ TEXT = ("The quick brown fox jumps over the lazy dog. A retentive network keeps 
         "def add(a, b):\n    return a + b\n" "Numbers: one two three four five six seven eight nine ten.\n")
 
 
-def train_tokenizer(directory: Path, vocab_size: int = VOCAB) -> Path:
+def train_tokenizer(directory: Path, vocab_size: int = VOCAB, model_type: str = "unigram") -> Path:
     import sentencepiece as spm
 
     corpus = directory / "corpus.txt"
@@ -27,7 +27,7 @@ def train_tokenizer(directory: Path, vocab_size: int = VOCAB) -> Path:
     src = Path(__file__).resolve().parents[2] / "retnet_train" / "model"
     corpus.write_text(TEXT * 5 + "".join(p.read_text() for p in sorted(src.glob("*.py"))))
     spm.SentencePieceTrainer.train(input=str(corpus), model_prefix=str(directory / "tok"), vocab_size=vocab_size,
-                                   model_type="unigram", character_coverage=1.0, minloglevel=2,
+                                   model_type=model_type, character_coverage=1.0, minloglevel=2,
                                    hard_vocab_limit=True, num_threads=1)
     return directory / "tok.model"
 

@@ -70,6 +70,10 @@ def test_export_round_trip_and_tokenizer_checks(tmp_path, tokenizer):
     assert loaded.model.lm_head.weight is loaded.model.embed_tokens.weight
     with pytest.raises(CheckpointError, match="does not exist"):
         load_model(out, tokenizer=str(tmp_path / "nope.model"))
+    (tmp_path / "bpe").mkdir()
+    other = train_tokenizer(tmp_path / "bpe", model_type="bpe")  # same size, other pieces
+    with pytest.raises(CheckpointError, match="differs from the tokenizer the model was trained with"):
+        load_model(out, tokenizer=str(other))
     small = train_tokenizer(tmp_path, vocab_size=200)
     with pytest.raises(CheckpointError, match="vocabulary of 200 pieces, model has vocab_size=256"):
         load_model(out, tokenizer=str(small))
