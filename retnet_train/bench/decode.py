@@ -175,7 +175,8 @@ def parse_args(argv=None):
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--dtype", choices=["bfloat16", "float16", "float32"], default="bfloat16")
     p.add_argument("--state-dtype", choices=["float32", "bfloat16"], default="float32",
-                   help="RetNet recurrent state (fp32 as fla keeps it; bf16 halves the state traffic per step)")
+                   help="RetNet recurrent state: fp32 as fla keeps it; bf16 halves the state traffic per step but is "
+                        "lossy (a decay of 1 - 2^-20 rounds to 1 in bf16), for speed-of-light comparison only")
     p.add_argument("--prefill-piece", type=int, default=0, help="RetNet: prefill in pieces of this many tokens (0: whole prompt)")
     p.add_argument("--compile-step", action="store_true", help="torch.compile the step before CUDA-graph capture")
     p.add_argument("--fla-reference", action="store_true",
