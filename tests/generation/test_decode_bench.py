@@ -60,7 +60,10 @@ def test_gpu_padded_batch_with_fla_prefill_and_graph_matches_full_forward():
     from retnet_train.decoding import left_pad
     from retnet_train.generate import SamplingParams, generate
 
-    model = tiny_model("retnet", retention_backend="auto", d_model=256, n_heads=2).cuda()  # fla when installed
+    from retnet_train.kernels import fla_available
+
+    assert fla_available(), "fla-core is missing: pip install 'retnet-train[gpu]'"
+    model = tiny_model("retnet", retention_backend="auto", d_model=256, n_heads=2).cuda()  # prefill through fla
     prompts = [torch.randint(0, VOCAB, (n,)).tolist() for n in (150, 37, 90)]
     ids, starts, _ = left_pad(prompts, 0, "cuda")
     dec = make_decoder(model, 3, 0)
