@@ -25,12 +25,15 @@ class KVCacheDecoder:
         self.model, self.cfg, self.batch_size, self.max_length = model, cfg, batch_size, max_length
         p = next(model.parameters())
         self.device, self.dtype = p.device, p.dtype
-        shape = (batch_size, cfg.n_heads, max_length, cfg.head_dim)
+        # slots rounded up to 16: SDPA's memory-efficient kernel wants an aligned mask (the spare
+        # slots are always masked, as are all slots past the position)
+        slots = -(-max_length // 16) * 16
+        shape = (batch_size, cfg.n_heads, slots, cfg.head_dim)
         self.k_cache = [torch.zeros(shape, device=self.device, dtype=self.dtype) for _ in range(cfg.n_layers)]
         self.v_cache = [torch.zeros(shape, device=self.device, dtype=self.dtype) for _ in range(cfg.n_layers)]
-        self.key_valid = torch.ones(batch_size, max_length, dtype=torch.bool, device=self.device)
+        self.key_valid = torch.ones(batch_size, slots, dtype=torch.bool, device=self.device)
         self.position = torch.zeros((), dtype=torch.long, device=self.device)
-        self.slots = torch.arange(max_length, device=self.device)
+        self.slots = torch.arange(slots, device=self.device)
 
     def buffers(self) -> List[torch.Tensor]:
         return [*self.k_cache, *self.v_cache, self.key_valid, self.position]

@@ -22,7 +22,7 @@ def test_bench_cpu_rows_and_prompt_independent_state(capsys, tmp_path):
     assert [r["batch"] for r in ret] == [1, 2, 2] and [r["batch"] for r in tra] == [1, 2]
     # RetNet: the same state at prompt 48 and 8; the KV cache grows with the prompt
     assert ret[1]["state_bytes"] == ret[2]["state_bytes"] == 2 * 4 * 2 * 64 * 129 * 4  # B L H K (V+1) fp32
-    assert tra[1]["state_bytes"] == 2 * 2 * 4 * 2 * 52 * 64 * 4  # K and V, B L H (48+3+1) D fp32
+    assert tra[1]["state_bytes"] == 2 * 2 * 4 * 2 * 64 * 64 * 4  # K and V, B L H slots D fp32 (48+3+1 -> 64)
     assert all(r["tokens_per_s"] > 0 and r["ms_per_step"] > 0 for r in ret + tra)
     assert {r["batch"] for r in rows if r.get("summary") == "speedup"} == {1, 2}
 
