@@ -117,24 +117,33 @@ class RetNetTrainLM(LM):
             out.append(sum(s for s, _ in scores))
         return out
 
+    def _gen_params(self, gen_kwargs) -> Tuple[SamplingParams, List[str]]:
+        kw = dict(gen_kwargs or {})
+        until = kw.pop("until", None) or []
+        until = [until] if isinstance(until, str) else list(until)
+        do_sample = bool(kw.pop("do_sample", False))
+        temperature = float(kw.pop("temperature", 1.0 if do_sample else 0.0))
+        params = SamplingParams(max_new_tokens=int(kw.pop("max_gen_toks", self.max_gen_toks)),
+                                temperature=temperature if do_sample else 0.0, top_k=int(kw.pop("top_k", 0) or 0),
+                                top_p=float(kw.pop("top_p", 1.0) or 1.0), seed=kw.pop("seed", None))
+        return params, until
+
     def generate_until(self, requests) -> List[str]:
-        out = []
-        for req in requests:
-            context, gen_kwargs = req.args
-            kw = dict(gen_kwargs or {})
-            until = kw.pop("until", None) or []
-            until = [until] if isinstance(until, str) else list(until)
-            max_new = int(kw.pop("max_gen_toks", self.max_gen_toks))
-            do_sample = bool(kw.pop("do_sample", False))
-            temperature = float(kw.pop("temperature", 1.0 if do_sample else 0.0))
-            params = SamplingParams(max_new_tokens=max_new, temperature=temperature if do_sample else 0.0,
-                                    top_k=int(kw.pop("top_k", 0) or 0), top_p=float(kw.pop("top_p", 1.0) or 1.0),
-                                    seed=kw.pop("seed", None))
-            prompt = ([self.prefix_id] + self.tok_encode(context))[-max(self.max_length - max_new, 1):]
-            res = generate(self.model, [prompt], params, eos_id=self.eos_id, pad_id=self.pad_id)
-            text = self.sp.decode(res.tokens[0])
-            cut = min([text.find(s) for s in until if s and s in text], default=len(text))
-            out.append(text[:cut])
+        """Requests with equal generation arguments run as one left-padded batch of batch_size."""
+        groups: dict = {}
+        for i, req in enumerate(requests):
+            groups.setdefault(repr(sorted((req.args[1] or {}).items())), []).append(i)
+        out: List[Optional[str]] = [None] * len(requests)
+        for idx in groups.values():
+            params, until = self._gen_params(requests[idx[0]].args[1])
+            keep = max(self.max_length - params.max_new_tokens, 1)
+            for lo in range(0, len(idx), self.batch_size):
+                part = idx[lo:lo + self.batch_size]
+                prompts = [([self.prefix_id] + self.tok_encode(requests[i].args[0]))[-keep:] for i in part]
+                res = generate(self.model, prompts, params, eos_id=self.eos_id, pad_id=self.pad_id)
+                for i, tokens in zip(part, res.tokens):
+                    text = self.sp.decode(tokens)
+                    out[i] = text[:min([text.find(s) for s in until if s and s in text], default=len(text))]
         return out
 
 

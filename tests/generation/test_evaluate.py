@@ -163,6 +163,12 @@ def test_adapter_rolling_and_generate(setup):
     ref = generate(model, [[lm.prefix_id] + lm.tok_encode(ctx)], SamplingParams(5, temperature=0), eos_id=lm.eos_id)
     full = lm.sp.decode(ref.tokens[0])
     assert out == full.split("\n\n")[0]
+    # a batch of requests (two share their arguments, one differs) gives each request's own result
+    args = [("The quick", {"until": ["."], "max_gen_toks": 4}), ("def add(a, b):", {"until": ["."], "max_gen_toks": 4}),
+            ("one", {"until": ["\n"], "max_gen_toks": 3})]
+    batched = lm.generate_until([Instance("generate_until", {}, a, i) for i, a in enumerate(args)])
+    single = [lm.generate_until([Instance("generate_until", {}, a, 0)])[0] for a in args]
+    assert batched == single
     with pytest.raises(ValueError, match="pieces"):
         RetNetTrainLM(tiny_model("retnet", vocab_size=300), str(tok))
 
