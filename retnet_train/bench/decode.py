@@ -115,7 +115,8 @@ def bench_one(model, batch: int, prompt_len: int, new_tokens: int, cuda_graph: b
 
 @torch.no_grad()
 def bench_fla_generate(cfg, batch: int, prompt_len: int, new_tokens: int, device: str, dtype: torch.dtype) -> dict:
-    """fla's Hugging Face RetNet at the preset's size through `generate` (the issue's reference
+    """fla's Hugging Face RetNet at the preset's size (SwiGLU of about our FFN's parameters, as in
+    bench/train_throughput.py) through `generate` (the issue's reference
     figure: 180.7 tokens/s at 6.7B, 8064 + 128, batch 8 on an H100). Decode time = full
     generate minus a 1-token generate (the prefill)."""
     from fla.models import RetNetConfig as FlaConfig, RetNetForCausalLM as FlaRetNet
@@ -125,7 +126,7 @@ def bench_fla_generate(cfg, batch: int, prompt_len: int, new_tokens: int, device
     try:
         with torch.device(device):
             model = FlaRetNet(FlaConfig(hidden_size=cfg.d_model, num_hidden_layers=cfg.n_layers, num_heads=cfg.n_heads,
-                                        expand_v=cfg.value_factor, intermediate_size=cfg.ffn_dim, vocab_size=cfg.vocab_size,
+                                        expand_v=cfg.value_factor, hidden_ratio=2, vocab_size=cfg.vocab_size,
                                         fuse_cross_entropy=False)).eval()
     finally:
         torch.set_default_dtype(prev)
