@@ -168,8 +168,9 @@ def compose_trainer_config(overrides: Sequence[str]):
         from omegaconf.errors import OmegaConfBaseException
 
         from retnet_train.components import config as schema
-    except ImportError:
-        return None
+    except ImportError as exc:
+        raise PreflightError(f"cannot compose the trainer config: {exc} (install the project: pip install -e .; "
+                             f"or pass --no-config)") from None
     schema.register()
     try:
         with initialize_config_dir(config_dir=str(REPO_ROOT / "configs"), version_base="1.3"):
@@ -441,7 +442,8 @@ def dist_check(timeout_s: float = 120.0) -> int:
     if use_gpu:
         torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
     backend = "nccl" if use_gpu else "gloo"
-    dist.init_process_group(backend, timeout=datetime.timedelta(seconds=timeout_s))
+    device_id = torch.device("cuda", torch.cuda.current_device()) if use_gpu else None
+    dist.init_process_group(backend, timeout=datetime.timedelta(seconds=timeout_s), device_id=device_id)
     try:
         rank, world = dist.get_rank(), dist.get_world_size()
         device = torch.device("cuda", torch.cuda.current_device()) if use_gpu else torch.device("cpu")
