@@ -5,8 +5,8 @@
 #
 #   launch/deepspeed.sh [options] [--] [hydra overrides ...]
 #
-#   launch/deepspeed.sh --num-gpus 8 model=1.3b experiment=retnet_1.3b
-#   launch/deepspeed.sh --hostfile hosts.txt --checkpoint-dir /shared/ckpt model=6.7b
+#   launch/deepspeed.sh --num-gpus 8 model=1.3b experiment=retnet_1.3b_8k
+#   launch/deepspeed.sh --hostfile hosts.txt model=6.7b checkpoint.dir=/shared/ckpt
 #   launch/deepspeed.sh --slurm model=6.7b    # inside salloc/sbatch: hostfile from SLURM_JOB_NODELIST
 #
 # Options (environment variable in brackets):
@@ -20,8 +20,9 @@
 #   --master-port P     [MASTER_PORT]; default 29500
 #   --launcher L        pdsh (default), openmpi, mvapich, mpich, impi or slurm
 #   --module M          python module to run; default retnet_train.train
-#   --checkpoint-dir D  checked by the preflight (writable, shared, free space) [CHECKPOINT_DIR]
-#   --params N          parameter count for the free-space check (else from model=... override)
+#   --checkpoint-dir D  for the preflight; normally it comes from the trainer config
+#                       (checkpoint.dir / run.dir overrides) and must agree with it
+#   --params N          parameter count for the free-space check (else from the trainer config)
 #   --require-gpu       preflight fails without a GPU
 #   --no-preflight      skip the preflight
 #   --dry-run           print the hostfile, per-node rank layout, environment and exact commands
@@ -47,7 +48,7 @@ master_addr="${MASTER_ADDR:-}"
 master_port="${MASTER_PORT:-29500}"
 launcher="pdsh"
 module="retnet_train.train"
-checkpoint_dir="${CHECKPOINT_DIR:-}"
+checkpoint_dir=""
 params=""
 require_gpu=0
 preflight=1

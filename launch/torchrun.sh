@@ -18,8 +18,9 @@
 #   --slurm             take nnodes, node rank, master addr/port and GPUs per node from SLURM
 #                       (python -m retnet_train.launch_env); used by launch/slurm/*.sbatch via srun
 #   --module M          python module to run; default retnet_train.train
-#   --checkpoint-dir D  checked by the preflight (writable, shared, free space) [CHECKPOINT_DIR]
-#   --params N          parameter count for the free-space check (else from model=... override)
+#   --checkpoint-dir D  for the preflight; normally it comes from the trainer config
+#                       (checkpoint.dir / run.dir overrides) and must agree with it
+#   --params N          parameter count for the free-space check (else from the trainer config)
 #   --require-gpu       preflight fails without a GPU
 #   --no-preflight      skip the preflight
 #   --dry-run           print this node's environment and exact commands; start nothing
@@ -43,7 +44,7 @@ master_addr="${MASTER_ADDR:-127.0.0.1}"
 master_port="${MASTER_PORT:-29500}"
 rdzv_id="${RDZV_ID:-retnet}"
 module="retnet_train.train"
-checkpoint_dir="${CHECKPOINT_DIR:-}"
+checkpoint_dir=""
 params=""
 require_gpu=0
 preflight=1

@@ -18,8 +18,9 @@ master address/port from SLURM (python -m retnet_train.launch_env), runs the pre
 dir shared by all nodes, GPUs, versions, disk) and starts torchrun with c10d rendezvous.
 
 options:
-  --checkpoint-dir D  checkpoint directory for the preflight [CHECKPOINT_DIR]
-  --params N          parameter count for the free-space check (else from model=NAME)
+  --checkpoint-dir D  for the preflight; normally it comes from the trainer
+                      config (checkpoint.dir=... / run.dir=... overrides) and must agree with it
+  --params N          parameter count for the free-space check (else from the trainer config)
   --allow-cpu         do not require GPUs in the preflight
   --no-preflight      skip the preflight
   --dry-run           print the srun step and every node's environment and commands; start nothing
@@ -84,7 +85,7 @@ rocm_env() {
 # slurm_main [options] [--] [overrides]: parse the sbatch script's arguments, set the vendor
 # environment, then print (--dry-run) or run the srun step.
 slurm_main() {
-  local checkpoint_dir="${CHECKPOINT_DIR:-}" params="" allow_cpu=0 preflight=1 dry_run=0
+  local checkpoint_dir="" params="" allow_cpu=0 preflight=1 dry_run=0
   gpu_kind="" slingshot=0
   while [[ $# -gt 0 ]]; do
     case "$1" in
