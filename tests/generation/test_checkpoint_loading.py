@@ -85,9 +85,10 @@ def test_export_round_trip_and_tokenizer_checks(tmp_path, tokenizer):
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("stage", [2, 3])
+@pytest.mark.parametrize("stage", [2])
 def test_checkpoint_world_size_two(tmp_path, stage):
-    """Two real gloo ranks save a partitioned checkpoint; one process consolidates it."""
+    """Two real gloo ranks save a partitioned checkpoint; one process consolidates it.
+    (ZeRO-3 over two ranks: test_trained_checkpoint.py, through the real trainer.)"""
     import os
     import socket
     import subprocess
