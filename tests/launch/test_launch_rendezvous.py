@@ -108,3 +108,21 @@ def test_two_nodes_train_a_few_steps(tmp_path):
     tag = ckpt / "step_00000003"
     assert (tag / "COMPLETE").exists()
     assert (tag / "rng_rank0.pt").exists() and (tag / "rng_rank1.pt").exists()  # both ranks took part
+
+
+def test_deepspeed_launcher_runs_preflight_then_program(tmp_path):
+    # launch/deepspeed.sh for real on this node: the preflight goes through the DeepSpeed launcher
+    # (--from-launcher-env: node rank/count from CROSS_RANK/CROSS_SIZE), then the program, with
+    # --no_local_rank so nothing is appended to the program's arguments.
+    env = {**os.environ, "PYTHON": sys.executable, "OMP_NUM_THREADS": "1"}
+    for k in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT"):
+        env.pop(k, None)
+    r = subprocess.run(["bash", str(ROOT / "launch/deepspeed.sh"), "--num-gpus", "1", "--master-port", str(free_port()),
+                        "--checkpoint-dir", str(tmp_path / "ck"), "--params", "1e6",
+                        "--module", "retnet_train.preflight", "--", "--dist-check"],
+                       cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300)
+    out = r.stdout + r.stderr
+    assert r.returncode == 0, out[-5000:]
+    assert "--from-launcher-env" in out and "preflight passed on node 0" in out
+    assert f"checkpoint dir {tmp_path / 'ck'} is writable" in out
+    assert "dist-check ok: backend=gloo world_size=1 all_reduce=1" in out
