@@ -131,9 +131,11 @@ def bench_fla_generate(cfg, batch: int, prompt_len: int, new_tokens: int, device
     finally:
         torch.set_default_dtype(prev)
     weights = sum(p.numel() * p.element_size() for p in model.parameters())
-    ids = torch.randint(0, cfg.vocab_size, (batch, prompt_len), device=device)
-    kw = dict(do_sample=False, use_cache=True, pad_token_id=0, eos_token_id=None)
-    model.generate(ids[:, :128], max_new_tokens=4, min_new_tokens=4, **kw)  # warm-up (Triton autotuning)
+    ids = torch.randint(1, cfg.vocab_size, (batch, prompt_len), device=device)
+    # an all-ones mask, as a tokenizer would hand it to generate (fla then takes its varlen path)
+    kw = dict(do_sample=False, use_cache=True, pad_token_id=0, attention_mask=torch.ones_like(ids))
+    warm = {**kw, "attention_mask": kw["attention_mask"][:, :128]}
+    model.generate(ids[:, :128], max_new_tokens=4, min_new_tokens=4, **warm)  # warm-up (Triton autotuning)
     base = torch.cuda.memory_allocated()
     torch.cuda.reset_peak_memory_stats()
     times = {}
