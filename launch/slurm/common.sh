@@ -42,9 +42,8 @@ common_env() {
   # fla compiles Triton kernels on first use; a cache on a shared home directory, written by
   # every rank of every node at once, is slow and can corrupt. /tmp is node-local.
   set_default TRITON_CACHE_DIR "/tmp/triton-cache-${user}-${job}"
-  if [[ -n "${SLURM_CPUS_PER_TASK:-}" && -n "${SLURM_GPUS_ON_NODE:-}" && "${SLURM_GPUS_ON_NODE}" =~ ^[0-9]+$ ]] \
-     && (( SLURM_GPUS_ON_NODE > 0 )); then
-    set_default OMP_NUM_THREADS "$(( SLURM_CPUS_PER_TASK / SLURM_GPUS_ON_NODE > 0 ? SLURM_CPUS_PER_TASK / SLURM_GPUS_ON_NODE : 1 ))"
+  if [[ "$task_cpus" =~ ^[0-9]+$ && "${SLURM_GPUS_ON_NODE:-}" =~ ^[0-9]+$ ]] && (( SLURM_GPUS_ON_NODE > 0 )); then
+    set_default OMP_NUM_THREADS "$(( task_cpus / SLURM_GPUS_ON_NODE > 0 ? task_cpus / SLURM_GPUS_ON_NODE : 1 ))"
   fi
 }
 
@@ -86,7 +85,7 @@ rocm_env() {
 # environment, then print (--dry-run) or run the srun step.
 slurm_main() {
   local checkpoint_dir="" params="" allow_cpu=0 preflight=1 dry_run=0
-  gpu_kind="" slingshot=0
+  gpu_kind="" slingshot=0 task_cpus=""
   while [[ $# -gt 0 ]]; do
     case "$1" in
       --checkpoint-dir) [[ -n "${2:-}" ]] || die "--checkpoint-dir needs a value"; checkpoint_dir="$2"; shift 2 ;;
@@ -109,6 +108,11 @@ slurm_main() {
   [[ -n "${SLURM_JOB_NODELIST:-${SLURM_NODELIST:-}}" ]] \
     || die "SLURM_JOB_NODELIST is unset: submit with sbatch (or run inside salloc); for one machine use launch/torchrun.sh"
 
+  # CPUs for the one task per node: --cpus-per-task if the job asked, else every CPU the job has on
+  # the node (an --exclusive job: all of them). Since Slurm 22.05 srun does not inherit
+  # --cpus-per-task from sbatch, and without it the step gets one CPU per task: torchrun's
+  # workers and data loading would share a single core.
+  task_cpus="${SLURM_CPUS_PER_TASK:-${SLURM_CPUS_ON_NODE:-}}"
   common_env
   if [[ "$VENDOR" == rocm ]]; then rocm_env; else nvidia_env; fi
 
@@ -118,10 +122,9 @@ slurm_main() {
   [[ "$allow_cpu" == 1 ]] || node_args+=(--require-gpu)
   [[ "$preflight" == 1 ]] || node_args+=(--no-preflight)
 
-  # One task per node; torchrun starts the per-GPU workers. Since Slurm 22.05 srun does not
-  # inherit --cpus-per-task from sbatch, so pass it on.
+  # One task per node; torchrun starts the per-GPU workers.
   local -a step=(srun --ntasks-per-node=1 --kill-on-bad-exit=1)
-  [[ -n "${SLURM_CPUS_PER_TASK:-}" ]] && step+=(--cpus-per-task="$SLURM_CPUS_PER_TASK")
+  [[ "$task_cpus" =~ ^[0-9]+$ ]] && step+=(--cpus-per-task="$task_cpus")
   step+=(bash "$ROOT/launch/torchrun.sh" "${node_args[@]}" -- "${overrides[@]}")
 
   # Check the allocation on the batch host before starting anything (names the bad variable).

@@ -286,3 +286,15 @@ def test_shellcheck_clean():
         pytest.skip("shellcheck is not installed (apt-get install -y shellcheck); CI=true makes this a failure")
     r = subprocess.run([exe, "-x", "--severity=style", *SCRIPTS], cwd=ROOT, capture_output=True, text=True)
     assert r.returncode == 0, r.stdout + r.stderr
+
+
+def test_srun_step_gets_the_nodes_cpus_without_cpus_per_task():
+    # An --exclusive job without --cpus-per-task: srun would give the task one CPU (Slurm >= 22.05).
+    env = {k: v for k, v in fake_slurm("n[1-2]", 2).items() if k != "SLURM_CPUS_PER_TASK"}
+    r = run("launch/slurm/nvidia.sbatch", "--dry-run", "model=tiny", env={**env, "SLURM_CPUS_ON_NODE": "128"})
+    assert r.returncode == 0, r.stderr
+    assert "--cpus-per-task=128" in command_after(r.stdout, "# srun step (run once from the batch host):")
+    assert env_block(node_sections(r.stdout)[0])["OMP_NUM_THREADS"] == "16"
+    r = run("launch/slurm/nvidia.sbatch", "--dry-run", "model=tiny", env=env)
+    assert r.returncode == 0, r.stderr
+    assert not any(a.startswith("--cpus-per-task") for a in command_after(r.stdout, "# srun step (run once from the batch host):"))
