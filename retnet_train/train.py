@@ -203,6 +203,15 @@ def run(cfg: TrainConfig) -> dict:
 register()
 
 
+def _absorb_launcher_args() -> None:
+    """The `deepspeed` launcher appends --local_rank=N (unless --no_local_rank): keep it out of
+    Hydra's overrides, in the environment where torchrun would have put it."""
+    for arg in list(sys.argv[1:]):
+        if arg.startswith("--local_rank=") or arg.startswith("--local-rank="):
+            os.environ.setdefault("LOCAL_RANK", arg.split("=", 1)[1])
+            sys.argv.remove(arg)
+
+
 @hydra.main(config_path="../configs", config_name="config", version_base="1.3")
 def main(cfg: DictConfig) -> None:
     typed: TrainConfig = OmegaConf.to_object(cfg)
@@ -217,4 +226,5 @@ def main(cfg: DictConfig) -> None:
 
 
 if __name__ == "__main__":
+    _absorb_launcher_args()
     main()

@@ -72,3 +72,21 @@ def test_guarded_adamw_skips_nonfinite_and_clips():
     assert opt.last_grad_norm == pytest.approx(5.0)
     assert w.grad.norm().item() == pytest.approx(1.0)
     assert not torch.equal(w.detach(), torch.ones(3))
+
+
+def test_wandb_offline_run_is_continued_after_resume(tmp_path):
+    from trainer_helpers import make_shards
+
+    shards = make_shards(tmp_path / "shards")
+    run_dir = tmp_path / "run"
+    base = overrides(shards, run_dir, **{"wandb.mode": "offline", "train.max_steps": 2, "checkpoint.interval": 2})
+    train(base, nproc=1)
+    first = sorted(p.name for p in (run_dir / "wandb").glob("offline-run-*"))
+    client = torch.load(run_dir / "checkpoints" / "step_00000002" / "mp_rank_00_model_states.pt", weights_only=False)
+    run_id = client["wandb_id"]
+    assert len(first) == 1 and first[0].endswith(run_id)
+    proc = train(overrides(shards, run_dir, **{"wandb.mode": "offline", "train.max_steps": 4, "checkpoint.interval": 2})
+                 + ["--local_rank=0"], nproc=1)  # as the deepspeed launcher appends it
+    assert "resumed from" in proc.stdout
+    runs = sorted(p.name for p in (run_dir / "wandb").glob("offline-run-*"))
+    assert all(name.endswith(run_id) for name in runs)  # the same W&B run id continues
