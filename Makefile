@@ -21,7 +21,7 @@ $(STAMP): pyproject.toml
 	# deepspeed ships as an sdist whose build imports torch: build it against the torch above.
 	$(PIP) install -q setuptools wheel ninja packaging
 	DS_BUILD_OPS=0 $(PIP) install -q --no-build-isolation "deepspeed>=0.15"
-	$(PIP) install -q -e ".[dev]"
+	$(PIP) install -q -e ".[dev,eval]"
 	# torchscale (reference RetNet, tests only) depends on timm -> torchvision -> CUDA torch: skip its deps.
 	$(PIP) install -q --no-deps torchscale==0.3.0 fairscale==0.4.13
 	@touch $(STAMP)

@@ -171,7 +171,8 @@ def time_breakdown(prof) -> dict:
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--preset", default="1.3b", help="configs/model/<preset>.yaml; the Transformer uses transformer_<preset>")
-    p.add_argument("--models", default="retnet,transformer,fla", help="comma list of retnet, transformer, fla")
+    p.add_argument("--models", default="retnet,transformer,fla",
+                   help="comma list of retnet, transformer, fla; each may add preset overrides: retnet@chunk_size=128")
     p.add_argument("--seq-len", type=int, default=8192)
     p.add_argument("--micro-batch", type=int, default=1)
     p.add_argument("--steps", type=int, default=10)
@@ -190,14 +191,11 @@ def main(argv=None):
     import deepspeed
 
     deepspeed.init_distributed(dist_backend="nccl")
-    retnet_cfg = load_preset(args.preset, retention_backend=args.backend)
-    builders = {
-        "retnet": (lambda: build_model(retnet_cfg), retnet_cfg),
-        "transformer": (lambda: build_model(tf_cfg), tf_cfg) if (tf_cfg := load_preset(f"transformer_{args.preset}")) else None,
-        "fla": (lambda: fla_reference(retnet_cfg), retnet_cfg),
-    }
-    for name in args.models.split(","):
-        if name not in builders:
+    for spec in args.models.split(","):
+        # a model, optionally with preset overrides: retnet@normalize_retention=false@chunk_size=128
+        name, *sets = spec.split("@")
+        overrides = {k: yaml.safe_load(v) for k, v in (item.split("=", 1) for item in sets)}
+        if name not in ("retnet", "transformer", "fla"):
             raise SystemExit(f"--models: unknown model {name!r} (retnet, transformer, fla)")
         if name == "fla":
             try:
@@ -205,11 +203,19 @@ def main(argv=None):
             except ImportError:
                 print(json.dumps({"model": "fla", "skipped": "flash-linear-attention is not installed"}), flush=True)
                 continue
-        build, cfg = builders[name]
+        if name == "transformer":
+            cfg = load_preset(f"transformer_{args.preset}", **overrides)
+            build = lambda cfg=cfg: build_model(cfg)  # noqa: E731
+        else:
+            cfg = load_preset(args.preset, **{"retention_backend": args.backend, **overrides})
+            build = (lambda cfg=cfg: build_model(cfg)) if name == "retnet" else (lambda cfg=cfg: fla_reference(cfg))
         try:
-            print(json.dumps(measure(name, build, cfg, args)), flush=True)
+            result = measure(name, build, cfg, args)
+            result["overrides"] = overrides
+            print(json.dumps(result), flush=True)
         except torch.cuda.OutOfMemoryError as e:
-            print(json.dumps({"model": name, "preset": args.preset, "micro_batch": args.micro_batch, "oom": str(e)[:200]}), flush=True)
+            print(json.dumps({"model": name, "overrides": overrides, "preset": args.preset, "micro_batch": args.micro_batch,
+                              "oom": str(e)[:200]}), flush=True)
             gc.collect()
             torch.cuda.empty_cache()
 
