@@ -16,8 +16,10 @@ import hydra
 import torch
 import torch.distributed as dist
 from omegaconf import DictConfig, OmegaConf
+from tqdm import tqdm
 
-from .components.checkpoint import CheckpointManager
+from .components.checkpoint import CheckpointManager, resolve_resume
+from .components.faults import OOM_HINT, NonFiniteTracker, TrainingError, inject
 from .components.config import TrainConfig, check_values, data_sources, grad_accumulation, register
 from .components.metrics import MetricsLogger, device_peak_flops, peak_memory_gib
 from .components.optim import build_optimizer, deepspeed_config
@@ -26,15 +28,6 @@ from .components.rng import seed_everything
 from .data import TokenLoader, build_validation_loader, sha256_file
 from .model import build_model, model_config_from_dict
 from .model.flops import flops_per_token
-
-OOM_HINT = ("out of GPU memory: lower train.micro_batch_size (raising accumulation), set "
-            "train.activation_checkpointing=true, raise deepspeed.zero_stage, or enable "
-            "deepspeed.offload_optimizer / deepspeed.offload_param (ZeRO-3)")
-
-
-class TrainingError(RuntimeError):
-    pass
-
 
 def init_distributed(device: torch.device) -> None:
     import deepspeed
@@ -74,7 +67,11 @@ def evaluate(engine, loader, max_batches: int, device) -> float:
 
 
 def run(cfg: TrainConfig) -> dict:
-    """Train per the config; returns a summary (last step, loss, checkpoint path)."""
+    """Train per the config; returns a summary (last step, loss, checkpoint path, skipped steps).
+
+    Reusable: a benchmark or another driver builds a TrainConfig (or composes it with Hydra) and
+    calls this; it initializes the process group itself when none exists.
+    """
     import deepspeed
 
     check_values(cfg)
@@ -100,23 +97,25 @@ def run(cfg: TrainConfig) -> dict:
                                          tokenizer_sha256=tokenizer_sha, vocab_size=model_cfg.vocab_size,
                                          max_sequences=cfg.train.eval_batches * cfg.train.micro_batch_size * world)
 
-    optimizer, scheduler = build_optimizer(model, cfg, device)
-    engine, _, _, _ = deepspeed.initialize(model=model, optimizer=optimizer, lr_scheduler=scheduler,
-                                           config=deepspeed_config(cfg, accum))
-
     run_dir = cfg.run.dir
     ckpt = CheckpointManager(cfg.checkpoint.dir or os.path.join(run_dir, "checkpoints"), cfg.checkpoint.keep_last, rank)
+    source = resolve_resume(cfg.train.resume, ckpt)  # before anything is written: refuses to clobber checkpoints
+
+    try:
+        optimizer, scheduler = build_optimizer(model, cfg, device)
+        engine, _, _, _ = deepspeed.initialize(model=model, optimizer=optimizer, lr_scheduler=scheduler,
+                                               config=deepspeed_config(cfg, accum))
+    except torch.cuda.OutOfMemoryError as e:
+        raise TrainingError(f"{OOM_HINT}\n{e}") from e
+
     resolved = OmegaConf.to_container(OmegaConf.structured(cfg), resolve=True)
     step, tokens_seen, wandb_id = 0, 0, None
-    tag = None if cfg.train.resume == "never" else (ckpt.latest_valid() if cfg.train.resume == "auto" else cfg.train.resume)
-    if tag is not None:
-        if cfg.train.resume not in ("auto", "never"):  # an explicit <dir>/<tag> path
-            ckpt.dir, tag = os.path.split(os.path.abspath(tag.rstrip("/")))
-        client = ckpt.load(engine, tag)
+    if source is not None:
+        client = ckpt.load(engine, source[1], directory=source[0])
         loader.load_state_dict(client["data"])
         step, tokens_seen, wandb_id = client["step"], client["tokens_seen"], client.get("wandb_id")
         if is_main:
-            print(f"resumed from {os.path.join(ckpt.dir, tag)} at step {step}", flush=True)
+            print(f"resumed from {os.path.join(*source)} at step {step} ({tokens_seen:,} tokens seen)", flush=True)
     elif is_main:
         print(f"no checkpoint in {ckpt.dir}: starting fresh" if cfg.train.resume == "auto" else "starting fresh", flush=True)
 
@@ -126,18 +125,28 @@ def run(cfg: TrainConfig) -> dict:
         OmegaConf.save(OmegaConf.create(resolved), os.path.join(run_dir, "config.yaml"))
         print(f"world {world} | micro-batch {cfg.train.micro_batch_size} x seq {cfg.data.seq_len} | accumulation {accum} "
               f"| {tokens_per_step:,} tokens/step | {tokens_per_step * cfg.train.max_steps:,} tokens total "
-              f"| {model.num_params():,} parameters | device {device.type}", flush=True)
+              f"| {model.num_params():,} parameters | ZeRO {cfg.deepspeed.zero_stage} {cfg.deepspeed.precision} "
+              f"| device {device.type}", flush=True)
     logger = MetricsLogger(run_dir, is_main, cfg.wandb, resolved, wandb_id)
     flops = flops_per_token(model_cfg, cfg.data.seq_len)["model"]
     peak = device_peak_flops(device, cfg.train.peak_flops)
     preempt = PreemptionHandler()
+    faults = NonFiniteTracker(cfg.train.max_consecutive_nonfinite, scaler_skips_are_normal=cfg.deepspeed.precision == "fp16")
+    if source is not None and "faults" in client:
+        faults.load_state_dict(client["faults"])
 
     def save() -> str:
         client = {"data": loader.state_dict(), "step": step, "tokens_seen": tokens_seen,
-                  "wandb_id": logger.wandb_id, "config": resolved}
+                  "wandb_id": logger.wandb_id, "faults": faults.state_dict(), "config": resolved}
         return ckpt.save(engine, step, client)
 
-    consecutive_bad, skipped_total, last_path, loss_value = 0, 0, None, float("nan")
+    last_path, loss_value = None, float("nan")
+    if step >= cfg.train.max_steps and is_main:
+        print(f"already at step {step} >= train.max_steps={cfg.train.max_steps}: nothing to train. "
+              f"Raise train.max_steps to continue this run, or use a new run.dir to start another", flush=True)
+        last_path = os.path.join(*source) if source else None
+    bar = tqdm(total=cfg.train.max_steps, initial=step, unit="step", dynamic_ncols=True,
+               disable=True if not is_main else None)  # None: shown on a terminal only
     t_last, tokens_last = time.perf_counter(), tokens_seen
     try:
         while step < cfg.train.max_steps:
@@ -145,59 +154,69 @@ def run(cfg: TrainConfig) -> dict:
             for _ in range(accum):
                 batch = {k: v.to(device, non_blocking=True) for k, v in next(loader).items()}
                 loss = engine(**batch, return_logits=False).loss
-                if step + 1 in cfg.train.inject_nonfinite_at:
-                    loss = loss * float("nan")
+                loss = inject(loss, step + 1, cfg.train.inject_nonfinite_at, cfg.train.inject_nonfinite_grad_at)
                 # A non-finite loss gives non-finite gradients on every rank (they are all-reduced),
-                # and the optimizer then skips the update: DeepSpeed's overflow check, or our
-                # GuardedAdamW where DeepSpeed has none (fp32 ZeRO-0).
+                # and the optimizer then skips the update: DeepSpeed's overflow check (invalid grad
+                # norm: bf16, fp16, ZeRO 1-3), or our GuardedAdamW where DeepSpeed has none (fp32 ZeRO-0).
                 engine.backward(loss)
                 engine.step()
                 step_losses.append(loss.detach().float())
             step += 1
             tokens_seen += tokens_per_step
-            # One all-reduce per step (no host sync per micro-batch): [any non-finite, mean loss].
+            bar.update(1)
+            # One all-reduce per step (no host sync per micro-batch):
+            # [non-finite loss, update skipped (non-finite grad norm), loss sum, preemption signal]
             losses_t = torch.stack(step_losses)
-            stats = torch.stack([(~torch.isfinite(losses_t)).any().float(), losses_t.mean()])
+            stats = torch.stack([(~torch.isfinite(losses_t)).any().float(),
+                                 torch.tensor(0.0 if engine.was_step_applied() else 1.0, device=device),
+                                 torch.nan_to_num(losses_t.mean(), nan=0.0, posinf=0.0, neginf=0.0),
+                                 torch.tensor(1.0 if preempt.received else 0.0, device=device)])
             dist.all_reduce(stats)
-            bad = bool(stats[0].item() > 0)
-            if bad:
-                consecutive_bad += 1
-                skipped_total += 1
-            else:
-                consecutive_bad = 0
-                loss_value = stats[1].item() / world
-            if step % cfg.train.log_interval == 0 or step == cfg.train.max_steps or bad:
+            loss_bad, stop = stats[0].item() > 0, stats[3].item() > 0
+            skipped = faults.update(loss_bad, stats[1].item() > 0)
+            if not skipped:
+                loss_value = stats[2].item() / world
+            if step % cfg.train.log_interval == 0 or step == cfg.train.max_steps or skipped:
                 now = time.perf_counter()
                 tps = (tokens_seen - tokens_last) / max(now - t_last, 1e-9)
                 t_last, tokens_last = now, tokens_seen
-                grad_norm = engine.get_global_grad_norm() or getattr(optimizer, "last_grad_norm", None)
-                logger.log({"step": step, "loss": None if bad else loss_value, "lr": scheduler.get_last_lr()[0],
-                            "grad_norm": None if grad_norm is None or not math.isfinite(float(grad_norm)) else float(grad_norm),
-                            "tokens_per_s": tps, "mfu": tps * flops / (peak * world) if peak else None,
+                grad_norm = engine.get_global_grad_norm()
+                grad_norm = None if grad_norm is None or not math.isfinite(float(grad_norm)) else float(grad_norm)
+                logger.log({"step": step, "loss": None if skipped else loss_value, "lr": scheduler.get_last_lr()[0],
+                            "grad_norm": grad_norm, "tokens_per_s": tps,
+                            "mfu": tps * flops / (peak * world) if peak else None,
                             "peak_mem_gib": peak_memory_gib(device), "tokens_seen": tokens_seen,
-                            "skipped_steps": skipped_total})
-            if consecutive_bad >= cfg.train.max_consecutive_nonfinite:
+                            "skipped_steps": faults.total})
+                if skipped and is_main:
+                    why = "non-finite loss" if loss_bad else "non-finite gradient norm"
+                    logger.write(f"step {step} skipped ({why}): no update; {faults.consecutive} in a row, "
+                                 f"{faults.total} in total")
+            if faults.should_stop:
                 last_path = save()  # skipped steps left the weights as the last good step made them
-                raise TrainingError(f"{consecutive_bad} consecutive steps with non-finite loss (train.max_consecutive_nonfinite); "
-                                    f"stopped. The last good weights are saved in {last_path}")
+                raise TrainingError(f"{faults.consecutive} consecutive steps with non-finite loss or gradients "
+                                    f"(train.max_consecutive_nonfinite={cfg.train.max_consecutive_nonfinite}); stopped. "
+                                    f"The weights of the last good step ({step - faults.consecutive}) are saved "
+                                    f"in {last_path}")
             if step % cfg.train.eval_interval == 0 or step == cfg.train.max_steps:
                 val = evaluate(engine, val_loader, cfg.train.eval_batches, device)
                 logger.log({"step": step, "val_loss": val, "val_ppl": math.exp(min(val, 50.0))})
-            stop = preempt.should_stop(device)
             if step % cfg.checkpoint.interval == 0 or step == cfg.train.max_steps or stop:
                 last_path = save()
             if stop:
                 if is_main:
-                    print(f"{preempt.received}: checkpoint saved to {last_path}; exiting", flush=True)
+                    logger.write(f"{preempt.received or 'signal on another rank'}: checkpoint saved to {last_path} "
+                                 f"at step {step}; exiting (resume with the same command)")
                 break
     except torch.cuda.OutOfMemoryError as e:
         raise TrainingError(f"{OOM_HINT}\n{e}") from e
     finally:
+        bar.close()
         preempt.restore()
         logger.close()
     if is_main:
         print(f"done at step {step}: metrics in {logger.path}, checkpoint in {last_path}", flush=True)
-    return {"step": step, "loss": loss_value, "checkpoint": last_path, "skipped_steps": skipped_total}
+    return {"step": step, "loss": loss_value, "checkpoint": last_path, "skipped_steps": faults.total,
+            "tokens_seen": tokens_seen}
 
 
 register()

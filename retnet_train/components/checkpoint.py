@@ -19,6 +19,42 @@ from .rng import load_rng_state, rng_state
 TAG_RE = re.compile(r"^step_(\d+)$")
 
 
+def resolve_resume(resume: str, manager: "CheckpointManager"):
+    """(directory, tag) to load, or None to start fresh, for train.resume = auto | never | a path.
+
+    A path may name one checkpoint (<dir>/step_N) or a directory holding them (its latest valid
+    one is taken: a run's checkpoints/ or the run dir itself). Refuses what would clobber data:
+    a fresh start or a foreign checkpoint while our own checkpoint dir already holds checkpoints.
+    """
+    ours = manager.existing()
+    if resume == "auto":
+        tag = manager.latest_valid()
+        return (manager.dir, tag) if tag else None
+    if resume == "never":
+        if ours:
+            raise ValueError(f"train.resume=never but {manager.dir} already holds checkpoints ({', '.join(ours[-3:])}); "
+                             "new ones would overwrite and prune them. Use a new run.dir (or checkpoint.dir), "
+                             "or train.resume=auto to continue that run")
+        return None
+    path = os.path.abspath(resume.rstrip("/"))
+    if os.path.isfile(os.path.join(path, "COMPLETE")):
+        directory, tag = os.path.split(path)
+    else:
+        for candidate in (path, os.path.join(path, "checkpoints")):
+            tag = CheckpointManager(candidate, 1, 0).latest_valid()
+            if tag:
+                directory = candidate
+                break
+        else:
+            raise ValueError(f"train.resume={resume}: no complete checkpoint there (expected <dir>/step_N with a "
+                             "COMPLETE marker, or a directory holding such checkpoints)")
+    if ours and os.path.abspath(directory) != os.path.abspath(manager.dir):
+        raise ValueError(f"train.resume={resume}: this run's checkpoint dir {manager.dir} already holds checkpoints "
+                         f"({', '.join(ours[-3:])}); resuming from elsewhere would overwrite them. Use a new run.dir "
+                         "(or checkpoint.dir)")
+    return directory, tag
+
+
 def _barrier():
     if dist.is_initialized():
         dist.barrier()
@@ -77,11 +113,19 @@ class CheckpointManager:
             if TAG_RE.match(tag) and tag not in kept:
                 shutil.rmtree(os.path.join(self.dir, tag), ignore_errors=True)
 
-    def load(self, engine, tag: str) -> dict:
-        path = os.path.join(self.dir, tag)
-        if not self.is_complete(tag):
+    def existing(self) -> list:
+        """Every checkpoint directory here, complete or not (what a fresh run would clobber)."""
+        if not os.path.isdir(self.dir):
+            return []
+        return sorted(t for t in os.listdir(self.dir) if TAG_RE.match(t))
+
+    def load(self, engine, tag: str, directory: Optional[str] = None) -> dict:
+        """Load <directory or self.dir>/<tag>; later saves still go to self.dir."""
+        directory = directory or self.dir
+        path = os.path.join(directory, tag)
+        if not os.path.isfile(os.path.join(path, "COMPLETE")):
             raise ValueError(f"train.resume: {path} is not a complete checkpoint (no COMPLETE marker)")
-        _, client_state = engine.load_checkpoint(self.dir, tag=tag)
+        _, client_state = engine.load_checkpoint(directory, tag=tag)
         if client_state is None:
             raise ValueError(f"train.resume: DeepSpeed could not load {path}")
         rng_file = os.path.join(path, f"rng_rank{self.rank}.pt")

@@ -56,12 +56,13 @@ class TrainSection:
     eval_batches: int = 50
     activation_checkpointing: bool = False
     compile: bool = False
-    resume: str = "auto"  # auto: latest valid checkpoint if any | never | a checkpoint tag directory
+    resume: str = "auto"  # auto: latest valid checkpoint if any | never | <dir>/step_N | a dir holding checkpoints
     seed: int = 1234
     max_consecutive_nonfinite: int = 5
     device: str = "auto"  # auto | cpu | cuda
     peak_flops: Optional[float] = None  # per device, for MFU; default from the GPU's name
-    inject_nonfinite_at: List[int] = field(default_factory=list)  # fault-injection for tests
+    inject_nonfinite_at: List[int] = field(default_factory=list)  # fault injection (tests): NaN loss at these steps
+    inject_nonfinite_grad_at: List[int] = field(default_factory=list)  # ... finite loss, infinite gradients
 
 
 @dataclass

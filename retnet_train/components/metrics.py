@@ -4,10 +4,12 @@ from __future__ import annotations
 import json
 import os
 import resource
+import sys
 import uuid
 from typing import Optional
 
 import torch
+from tqdm import tqdm
 
 # Dense bf16 peak FLOP/s per device, by name; override with train.peak_flops.
 PEAK_FLOPS = {"H100": 989e12, "H200": 989e12, "A100": 312e12, "MI250X": 383e12, "MI300X": 1307e12}
@@ -47,9 +49,15 @@ class MetricsLogger:
         with open(self.path, "a") as f:
             f.write(json.dumps(record) + "\n")
         parts = [f"{k} {v:.4g}" if isinstance(v, float) else f"{k} {v}" for k, v in record.items() if v is not None]
-        print(" | ".join(parts), flush=True)
+        self.write(" | ".join(parts))
         if self._wandb is not None:
             self._wandb.log({k: v for k, v in record.items() if v is not None}, step=record.get("step"))
+
+    @staticmethod
+    def write(line: str) -> None:
+        """A console line that does not break rank 0's progress bar."""
+        tqdm.write(line, file=sys.stdout)
+        sys.stdout.flush()
 
     def close(self) -> None:
         if self._wandb is not None:

@@ -38,12 +38,17 @@ class GuardedAdamW(torch.optim.AdamW):
         super().__init__(params, **kwargs)
         self.max_norm = max_norm
         self.last_grad_norm = None
+        # DeepSpeed's engine reads these after step(): `overflow` marks the step as not applied
+        # (engine.was_step_applied(), skipped_steps, no LR-scheduler step), as its own optimizers do.
+        self.overflow = False
+        self._global_grad_norm = None
 
     def step(self, closure=None):
         params = [p for g in self.param_groups for p in g["params"] if p.grad is not None]
         norm = torch.nn.utils.clip_grad_norm_(params, self.max_norm if self.max_norm > 0 else float("inf"))
-        self.last_grad_norm = float(norm)
-        if not torch.isfinite(norm):
+        self.last_grad_norm = self._global_grad_norm = float(norm)
+        self.overflow = not torch.isfinite(norm).item()
+        if self.overflow:
             return None  # skipped: no update
         return super().step(closure)
 

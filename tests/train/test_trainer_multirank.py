@@ -108,21 +108,33 @@ def test_kill9_after_checkpoint_resumes_exactly_and_keeps_last(shards, tmp_path,
     assert kept == ["step_00000028", "step_00000030"]  # keep_last=2 (28 = 7 x 4, then the final step)
 
 
-def test_nonfinite_steps_are_skipped_then_the_run_stops_with_last_good_state(shards, tmp_path):
-    args = overrides(shards, tmp_path, **{"train.max_steps": 10, "checkpoint.interval": 2,
-                                          "train.inject_nonfinite_at": "[3,4,5]", "train.max_consecutive_nonfinite": 3,
-                                          "checkpoint.keep_last": 5})
+@pytest.mark.parametrize("stage", [0, 2])  # our GuardedAdamW (fp32 ZeRO-0) and DeepSpeed's overflow check (ZeRO-2)
+def test_nonfinite_steps_are_skipped_then_the_run_stops_with_last_good_state(shards, tmp_path, stage):
+    args = overrides(shards, tmp_path, **{"deepspeed.zero_stage": stage, "train.max_steps": 10, "checkpoint.interval": 1,
+                                          "checkpoint.keep_last": 10, "optim.warmup_steps": 10,
+                                          "train.inject_nonfinite_grad_at": "[3]",  # finite loss, infinite gradients
+                                          "train.inject_nonfinite_at": "[5,6,7]",  # NaN loss
+                                          "train.max_consecutive_nonfinite": 3})
     proc = train(args, check=False)
+    out = proc.stderr + proc.stdout
     assert proc.returncode != 0
-    assert "3 consecutive steps with non-finite loss" in proc.stderr + proc.stdout
+    assert "step 3 skipped (non-finite gradient norm)" in out and "step 5 skipped (non-finite loss)" in out
+    assert "3 consecutive steps with non-finite loss or gradients" in out
+    assert "weights of the last good step (4)" in out
     recs = [r for r in records(tmp_path) if "skipped_steps" in r]
-    assert [r["skipped_steps"] for r in recs] == [0, 0, 1, 2, 3]
-    assert recs[2]["loss"] is None
+    assert [r["step"] for r in recs] == [1, 2, 3, 4, 5, 6, 7]
+    assert [r["skipped_steps"] for r in recs] == [0, 0, 1, 1, 2, 3, 4]
+    assert [r["loss"] is None for r in recs] == [False, False, True, False, True, True, True]
+    lr = [r["lr"] for r in recs]
+    assert lr[2] == lr[1] < lr[3]  # a skipped step does not advance the warm-up either
     ckpts = tmp_path / "checkpoints"
 
-    def weights(tag):
-        state = torch.load(ckpts / tag / "mp_rank_00_model_states.pt", weights_only=False)["module"]
+    def weights(step):
+        state = torch.load(ckpts / f"step_{step:08d}" / "mp_rank_00_model_states.pt", weights_only=False)["module"]
         return torch.cat([v.flatten() for v in state.values()])
 
-    # three skipped steps changed nothing: the weights saved at the stop equal those after step 2
-    assert torch.equal(weights("step_00000002"), weights("step_00000005"))
+    assert torch.equal(weights(2), weights(3))  # the bad-gradient step changed nothing
+    assert not torch.equal(weights(3), weights(4))  # training went on
+    assert torch.equal(weights(4), weights(7))  # nor did the three NaN-loss steps; saved at the stop
+    client = torch.load(ckpts / "step_00000007" / "mp_rank_00_model_states.pt", weights_only=False)
+    assert client["faults"] == {"consecutive": 3, "total": 4}

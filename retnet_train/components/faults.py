@@ -1,0 +1,70 @@
+"""Fault handling: non-finite steps (skipped, counted, a stop after too many in a row), the
+out-of-memory hint, and fault injection for tests."""
+from __future__ import annotations
+
+import torch
+
+OOM_HINT = ("out of GPU memory: lower train.micro_batch_size (raising accumulation), set "
+            "train.activation_checkpointing=true, raise deepspeed.zero_stage, or enable "
+            "deepspeed.offload_optimizer / deepspeed.offload_param (ZeRO-3)")
+
+
+class TrainingError(RuntimeError):
+    """The run cannot go on; the message says why and what was saved."""
+
+
+class NonFiniteTracker:
+    """Counts skipped steps. A step is skipped when any rank saw a non-finite loss or the optimizer
+    found a non-finite gradient norm (DeepSpeed's overflow check; GuardedAdamW on fp32 ZeRO-0);
+    every rank takes the same decision from one all-reduce. Under fp16 the loss scaler skips
+    overflowing steps routinely: those count as skipped, but only a non-finite loss counts
+    towards the stop after `max_consecutive` in a row."""
+
+    def __init__(self, max_consecutive: int, scaler_skips_are_normal: bool = False):
+        self.max_consecutive = max_consecutive
+        self.scaler_skips_are_normal = scaler_skips_are_normal
+        self.consecutive = 0
+        self.total = 0
+
+    def update(self, loss_nonfinite: bool, update_skipped: bool) -> bool:
+        """Record one step; returns whether it was skipped."""
+        skipped = loss_nonfinite or update_skipped
+        if skipped:
+            self.total += 1
+        if loss_nonfinite or (skipped and not self.scaler_skips_are_normal):
+            self.consecutive += 1
+        else:
+            self.consecutive = 0
+        return skipped
+
+    @property
+    def should_stop(self) -> bool:
+        return self.consecutive >= self.max_consecutive
+
+    def state_dict(self) -> dict:
+        return {"consecutive": self.consecutive, "total": self.total}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.consecutive, self.total = int(state["consecutive"]), int(state["total"])
+
+
+class _InfGrad(torch.autograd.Function):
+    """Identity forward; backward returns an infinite gradient (a finite loss with bad gradients)."""
+
+    @staticmethod
+    def forward(ctx, x):
+        return x.clone()
+
+    @staticmethod
+    def backward(ctx, grad):
+        return grad * float("inf")
+
+
+def inject(loss: torch.Tensor, step: int, loss_at, grad_at) -> torch.Tensor:
+    """Fault injection for tests (train.inject_nonfinite_at / inject_nonfinite_grad_at): `step` is
+    the 1-based step being computed."""
+    if step in loss_at:
+        loss = loss * float("nan")
+    if step in grad_at:
+        loss = _InfGrad.apply(loss)
+    return loss
