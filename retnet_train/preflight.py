@@ -586,7 +586,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             return 0
         _validate(args)
         overrides = hydra_overrides(args.overrides)
-        explicit = parse_params(args.params) if args.params is not None else None  # bad input first
+        if args.params is not None:
+            parse_params(args.params)  # a bad --params is reported before the config is composed
         cfg = None if args.no_config else compose_trainer_config(overrides)
         if cfg is not None:
             world = args.nnodes * args.nproc_per_node if args.nproc_per_node else None
