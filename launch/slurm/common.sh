@@ -22,6 +22,8 @@ options:
                       config (checkpoint.dir=... / run.dir=... overrides) and must agree with it
   --params N          parameter count for the free-space check (else from the trainer config)
   --allow-cpu         do not require GPUs in the preflight
+  --module M          run another module than retnet_train.train; a cluster smoke test before a
+                      long run: --module retnet_train.preflight -- --dist-check (all_reduce, all nodes)
   --no-preflight      skip the preflight
   --dry-run           print the srun step and every node's environment and commands; start nothing
 EOF
@@ -84,13 +86,14 @@ rocm_env() {
 # slurm_main [options] [--] [overrides]: parse the sbatch script's arguments, set the vendor
 # environment, then print (--dry-run) or run the srun step.
 slurm_main() {
-  local checkpoint_dir="" params="" allow_cpu=0 preflight=1 dry_run=0
+  local checkpoint_dir="" params="" allow_cpu=0 preflight=1 dry_run=0 module=""
   gpu_kind="" slingshot=0 task_cpus=""
   while [[ $# -gt 0 ]]; do
     case "$1" in
       --checkpoint-dir) [[ -n "${2:-}" ]] || die "--checkpoint-dir needs a value"; checkpoint_dir="$2"; shift 2 ;;
       --params) [[ -n "${2:-}" ]] || die "--params needs a value"; params="$2"; shift 2 ;;
       --allow-cpu) allow_cpu=1; shift ;;
+      --module) [[ -n "${2:-}" ]] || die "--module needs a value"; module="$2"; shift 2 ;;
       --no-preflight) preflight=0; shift ;;
       --dry-run) dry_run=1; shift ;;
       --gpu)
@@ -121,6 +124,7 @@ slurm_main() {
   [[ -n "$params" ]] && node_args+=(--params "$params")
   [[ "$allow_cpu" == 1 ]] || node_args+=(--require-gpu)
   [[ "$preflight" == 1 ]] || node_args+=(--no-preflight)
+  [[ -n "$module" ]] && node_args+=(--module "$module")
 
   # One task per node; torchrun starts the per-GPU workers.
   local -a step=(srun --ntasks-per-node=1 --kill-on-bad-exit=1)

@@ -126,3 +126,49 @@ def test_deepspeed_launcher_runs_preflight_then_program(tmp_path):
     assert "--from-launcher-env" in out and "preflight passed on node 0" in out
     assert f"checkpoint dir {tmp_path / 'ck'} is writable" in out
     assert "dist-check ok: backend=gloo world_size=1 all_reduce=1" in out
+
+
+FAKE_SRUN = r"""#!/usr/bin/env bash
+# Test stand-in for srun: one task per host of SLURM_JOB_NODELIST, all on this machine, each with
+# its SLURM_NODEID and SLURMD_NODENAME as slurmd would set them.
+set -euo pipefail
+while [[ $# -gt 0 && "$1" == --* ]]; do echo "$1" >> "$SRUN_LOG"; shift; done
+mapfile -t hosts < <("$PYTHON" -m retnet_train.launch_env expand "$SLURM_JOB_NODELIST")
+pids=()
+for i in "${!hosts[@]}"; do
+  SLURM_NODEID="$i" SLURMD_NODENAME="${hosts[$i]}" "$@" > "$SRUN_LOG.node$i" 2>&1 &
+  pids+=($!)
+done
+rc=0
+for p in "${pids[@]}"; do wait "$p" || rc=1; done
+exit "$rc"
+"""
+
+
+def test_sbatch_script_end_to_end_under_a_fake_srun(tmp_path):
+    # The whole SLURM path minus SLURM: nvidia.sbatch on the "batch host" -> srun (a stand-in that
+    # starts both "nodes" here) -> torchrun.sh --slurm -> launch_env -> preflight with the shared
+    # checkpoint-dir handshake -> torchrun c10d -> an all_reduce over both nodes.
+    bindir = tmp_path / "bin"
+    bindir.mkdir()
+    (bindir / "srun").write_text(FAKE_SRUN)
+    (bindir / "srun").chmod(0o755)
+    port = free_port()
+    log = tmp_path / "srun.log"
+    env = {**os.environ, "PATH": f"{bindir}:{os.environ['PATH']}", "PYTHON": sys.executable, "SRUN_LOG": str(log),
+           "OMP_NUM_THREADS": "1", "SLURM_JOB_NODELIST": "node[1-2]", "SLURM_JOB_NUM_NODES": "2", "SLURM_NNODES": "2",
+           "SLURM_NODEID": "0", "SLURM_JOB_ID": str(port), "SLURM_GPUS_ON_NODE": "1", "SLURM_CPUS_ON_NODE": "2",
+           "SLURM_SUBMIT_DIR": str(ROOT), "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port)}
+    for k in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "NNODES", "NODE_RANK"):
+        env.pop(k, None)
+    ckpt = tmp_path / "ck"
+    r = subprocess.run(["bash", str(ROOT / "launch/slurm/nvidia.sbatch"), "--allow-cpu", "--checkpoint-dir", str(ckpt),
+                        "--module", "retnet_train.preflight", "--", "--dist-check"],
+                       cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300)
+    node0, node1 = (Path(f"{log}.node{i}").read_text() for i in (0, 1))
+    assert r.returncode == 0, r.stderr + node0[-3000:] + "\n----\n" + node1[-3000:]
+    assert log.read_text().split() == ["--ntasks-per-node=1", "--kill-on-bad-exit=1", "--cpus-per-task=2"]
+    assert f"checkpoint dir {ckpt} is shared by all 2 nodes" in node0
+    assert f"checkpoint dir {ckpt} is shared with node 0" in node1
+    report = [line for line in (node0 + node1).splitlines() if line.startswith("dist-check ok:")]
+    assert len(report) == 1 and "backend=gloo world_size=2 all_reduce=3" in report[0]
