@@ -150,4 +150,9 @@ if [[ "$preflight" == 1 ]]; then
   "${check[@]}" || die "preflight failed on node $node_rank (host $(hostname)); nothing was started"
 fi
 export MASTER_ADDR="$master_addr" MASTER_PORT="$master_port"
+# SIGUSR1 is the "checkpoint and stop" warning (sbatch --signal=USR1@600; the trainer handles it
+# on every rank). SLURM signals every process of the step, torchrun's agent included, whose
+# default action is to die; the step would then end and take the checkpointing workers with it.
+# The agent ignores USR1 (the disposition survives exec); the trainer installs its own handler.
+trap '' USR1
 exec "${run[@]}"

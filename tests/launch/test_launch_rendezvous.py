@@ -172,3 +172,61 @@ def test_sbatch_script_end_to_end_under_a_fake_srun(tmp_path):
     assert f"checkpoint dir {ckpt} is shared with node 0" in node1
     report = [line for line in (node0 + node1).splitlines() if line.startswith("dist-check ok:")]
     assert len(report) == 1 and "backend=gloo world_size=2 all_reduce=3" in report[0]
+
+
+def descendants(pid: int) -> list[int]:
+    children: dict[int, list[int]] = {}
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            fields = stat.read_text().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        children.setdefault(int(fields[1]), []).append(int(stat.parent.name))
+    out, todo = [], [pid]
+    while todo:
+        for c in children.get(todo.pop(), []):
+            out.append(c)
+            todo.append(c)
+    return out
+
+
+def test_usr1_to_every_process_checkpoints_and_exits_cleanly(tmp_path):
+    # What `sbatch --signal=USR1@600` does before the time limit: SIGUSR1 to every process of the
+    # step, torchrun's agent included. The agent must survive it (torchrun.sh makes it ignore USR1)
+    # while the workers checkpoint and exit; then the launch ends with status 0.
+    import time
+
+    ensure_sample_data()
+    run = tmp_path / "run"
+    env = {**os.environ, "PYTHON": sys.executable, "OMP_NUM_THREADS": "1", "WANDB_MODE": "disabled"}
+    for k in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT", "NNODES", "NODE_RANK"):
+        env.pop(k, None)
+    proc = subprocess.Popen(["bash", str(ROOT / "launch/torchrun.sh"), "--nproc-per-node", "2", "--no-preflight",
+                             "experiment=tiny_cpu", "train.global_batch_tokens=4096", "train.max_steps=100000",
+                             "train.log_interval=1", f"run.dir={run}"],
+                            cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    pids: list[int] = []
+    try:
+        deadline = time.time() + 240
+        while not ((run / "metrics.jsonl").exists() and (run / "metrics.jsonl").read_text().count("\n") >= 2):
+            assert proc.poll() is None and time.time() < deadline, "training did not start"
+            time.sleep(0.2)
+        pids = [proc.pid, *descendants(proc.pid)]
+        assert len(pids) >= 3  # agent + 2 workers
+        for pid in pids:
+            try:
+                os.kill(pid, __import__("signal").SIGUSR1)
+            except ProcessLookupError:
+                pass
+        out, _ = proc.communicate(timeout=180)
+    finally:
+        for pid in pids[1:] if proc.poll() is None else []:
+            try:
+                os.kill(pid, 9)  # only the processes this test started
+            except ProcessLookupError:
+                pass
+        if proc.poll() is None:
+            proc.kill()
+    assert proc.returncode == 0, out[-4000:]
+    assert "SIGUSR1: checkpoint saved to" in (run / "train.log").read_text() + out
+    assert (run / "checkpoints" / "latest").exists()
