@@ -141,6 +141,7 @@ if [[ "$dry_run" == 1 ]]; then
   env | LC_ALL=C sort | grep -E '^(NCCL|RCCL|TORCH_NCCL|CUDA|HIP|ROCR|HSA|MIOPEN|PYTORCH|TRITON|FI|OMP)_[A-Z0-9_]*=|^PYTHONPATH=' \
     | while IFS='=' read -r k v; do echo "$k=$(printf '%q' "$v")"; done || true
   if [[ "$preflight" == 1 ]]; then echo "# preflight:"; quote "${check[@]}"; fi
+  echo "# (started with SIGUSR1 ignored: the trainer's workers handle it, torchrun's agent must not die of it)"
   echo "# command:"
   quote "${run[@]}"
   exit 0
