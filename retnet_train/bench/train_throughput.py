@@ -77,6 +77,7 @@ def train_step(engine, batch, ours: bool):
 def measure(name, build, cfg, args):
     torch.cuda.empty_cache()
     torch.cuda.reset_peak_memory_stats()
+    mem_before = torch.cuda.memory_allocated()  # should be ~0: what a previous model left behind
     torch.manual_seed(0)
     model = build().to(device="cuda", dtype=torch.bfloat16)
     ours = name != "fla"
@@ -121,15 +122,24 @@ def measure(name, build, cfg, args):
         "mfu_model": round(tokens_per_s * flops["model"] / peak, 4) if peak else None,
         "loss": round(float(loss), 4), "device": torch.cuda.get_device_name(),
         "torch": torch.__version__,
+        "memory_before_gib": round(mem_before / 2 ** 30, 2),
     }
     if prof is not None:
         result["profile"] = time_breakdown(prof)
     if ours:
         result["causal_leak"] = causal_leak(model, batch["input_ids"])
+    release(engine)
     del engine, model
     gc.collect()
     torch.cuda.empty_cache()
     return result
+
+
+def release(engine) -> None:
+    """Free the engine's GPU memory so that the next model's peak is its own."""
+    engine.destroy()  # DeepSpeed's own teardown (hooks, buffers)
+    engine.optimizer = engine.lr_scheduler = engine.module = None
+    torch._dynamo.reset()
 
 
 @torch.no_grad()

@@ -41,7 +41,7 @@ def retention_op(backend, q, k, v, log_gamma, mode, chunk_size, reset=None, stat
     if backend == "fla" and not (reset is not None and state is not None):
         from .fla_backend import fla_retention
 
-        return fla_retention(q, k, v, mode, chunk_size, reset, state, row_sums)
+        return fla_retention(q, k, v, log_gamma, mode, chunk_size, reset, state, row_sums)
     return _torch_op(q, k, v, log_gamma, mode, chunk_size, reset, state, row_sums)
 
 
