@@ -22,6 +22,7 @@
 #                       (checkpoint.dir / run.dir overrides) and must agree with it
 #   --params N          parameter count for the free-space check (else from the trainer config)
 #   --require-gpu       preflight fails without a GPU
+#   --vendor V          cuda | rocm: preflight fails when torch is another build
 #   --no-preflight      skip the preflight
 #   --dry-run           print this node's environment and exact commands; start nothing
 # Everything from the first argument that is not an option (or after --) goes to the program
@@ -47,6 +48,7 @@ module="retnet_train.train"
 checkpoint_dir=""
 params=""
 require_gpu=0
+vendor=""
 preflight=1
 dry_run=0
 use_slurm=0
@@ -65,6 +67,7 @@ while [[ $# -gt 0 ]]; do
     --params) need_value "$@"; params="$2"; shift 2 ;;
     --slurm) use_slurm=1; shift ;;
     --require-gpu) require_gpu=1; shift ;;
+    --vendor) need_value "$@"; vendor="$2"; shift 2 ;;
     --no-preflight) preflight=0; shift ;;
     --dry-run) dry_run=1; shift ;;
     -h|--help) sed -n '2,/^set -euo/p' "${BASH_SOURCE[0]}" | sed -e '$d' -e 's/^# \{0,1\}//'; exit 0 ;;
@@ -101,6 +104,7 @@ check_int "--master-port/MASTER_PORT" "$master_port" 1 65535
 [[ -n "$master_addr" && "$master_addr" != *[[:space:]]* ]] || die "--master-addr/MASTER_ADDR is empty or has spaces: '$master_addr'"
 [[ "$rdzv_id" =~ ^[A-Za-z0-9_.-]+$ ]] || die "--rdzv-id/RDZV_ID may only contain letters, digits, _ . -, got '$rdzv_id'"
 [[ "$module" =~ ^[A-Za-z_][A-Za-z0-9_.]*$ ]] || die "--module must be a python module name, got '$module'"
+[[ -z "$vendor" || "$vendor" == cuda || "$vendor" == rocm ]] || die "--vendor must be cuda or rocm, got '$vendor'"
 if [[ -n "$params" ]]; then
   [[ "$params" =~ ^[0-9.]+([eE][0-9]+)?$ ]] || die "--params must be a number like 1.3e9, got '$params'"
 fi
@@ -123,6 +127,7 @@ check=("$PYTHON" -m retnet_train.preflight --nproc-per-node "$nproc" --nnodes "$
 [[ -n "$checkpoint_dir" ]] && check+=(--checkpoint-dir "$checkpoint_dir")
 [[ -n "$params" ]] && check+=(--params "$params")
 [[ "$require_gpu" == 1 ]] && check+=(--require-gpu)
+[[ -n "$vendor" ]] && check+=(--vendor "$vendor")
 # The preflight composes the trainer's Hydra config from the same overrides (checkpoint dir,
 # model size, batch arithmetic for this world size, data paths); another --module has no config.
 if [[ "$module" == retnet_train.train ]]; then check+=(-- "${prog_args[@]}"); else check+=(--no-config); fi

@@ -258,6 +258,18 @@ def check_versions(rep: Report) -> None:
             rep.fail(f"deepspeed {ds} is installed but fails to import: {type(exc).__name__}: {exc}")
 
 
+def check_vendor(rep: Report, vendor: str) -> None:
+    import torch
+
+    build = "rocm" if torch.version.hip else "cuda" if torch.version.cuda else "cpu"
+    if build == vendor:
+        return
+    how = ("pip install --index-url https://download.pytorch.org/whl/rocmX.Y torch" if vendor == "rocm"
+           else "pip install torch (a CUDA wheel)")
+    rep.fail(f"this launch is for {'AMD ROCm' if vendor == 'rocm' else 'NVIDIA CUDA'} GPUs but torch "
+             f"{torch.__version__} is a {build.upper() if build != 'cpu' else 'CPU-only'} build: {how}")
+
+
 def check_gpus(rep: Report, *, nproc_per_node: int | None, require_gpu: bool, require_bf16: bool) -> None:
     import torch
 
@@ -484,6 +496,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--shared-timeout", type=float, default=None,
                    help="seconds to wait for the other nodes [PREFLIGHT_SHARED_TIMEOUT]; default 120")
     p.add_argument("--require-gpu", action="store_true", help="fail when no GPU is visible")
+    p.add_argument("--vendor", choices=("cuda", "rocm"),
+                   help="the cluster's GPU stack: fail when torch is another build (a CUDA wheel on AMD nodes)")
     p.add_argument("--require-fla", action="store_true", help="fail when fla's retention kernels cannot be imported")
     p.add_argument("--no-bf16-check", action="store_true", help="only warn when the GPU lacks bf16")
     p.add_argument("--dist-check", action="store_true",
@@ -612,6 +626,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     rep = Report()
     print(f"preflight: node {args.node_rank} of {args.nnodes} on {socket.gethostname()}", flush=True)
     check_versions(rep)
+    if args.vendor:
+        check_vendor(rep, args.vendor)
     require_gpu = args.require_gpu or (view is not None and view.device == "cuda")
     check_gpus(rep, nproc_per_node=args.nproc_per_node, require_gpu=require_gpu,
                require_bf16=not args.no_bf16_check and (view is None or view.precision == "bf16"))

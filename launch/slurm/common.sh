@@ -21,7 +21,7 @@ options:
   --checkpoint-dir D  for the preflight; normally it comes from the trainer
                       config (checkpoint.dir=... / run.dir=... overrides) and must agree with it
   --params N          parameter count for the free-space check (else from the trainer config)
-  --allow-cpu         do not require GPUs in the preflight
+  --allow-cpu         do not require GPUs (nor a CUDA/ROCm torch build) in the preflight
   --module M          run another module than retnet_train.train; a cluster smoke test before a
                       long run: --module retnet_train.preflight -- --dist-check (all_reduce, all nodes)
   --no-preflight      skip the preflight
@@ -122,7 +122,9 @@ slurm_main() {
   local -a node_args=(--slurm)
   [[ -n "$checkpoint_dir" ]] && node_args+=(--checkpoint-dir "$checkpoint_dir")
   [[ -n "$params" ]] && node_args+=(--params "$params")
-  [[ "$allow_cpu" == 1 ]] || node_args+=(--require-gpu)
+  if [[ "$allow_cpu" != 1 ]]; then
+    node_args+=(--require-gpu --vendor "$([[ "$VENDOR" == rocm ]] && echo rocm || echo cuda)")
+  fi
   [[ "$preflight" == 1 ]] || node_args+=(--no-preflight)
   [[ -n "$module" ]] && node_args+=(--module "$module")
 

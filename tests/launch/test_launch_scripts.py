@@ -108,6 +108,7 @@ def test_torchrun_environment_variables_and_module_option():
     (["--params", "lots"], "--params must be a number like 1.3e9"),
     (["--module", "x;rm"], "--module must be a python module name"),
     (["--slurm"], "SLURM_JOB_NODELIST is unset"),
+    (["--vendor", "intel"], "--vendor must be cuda or rocm, got 'intel'"),
 ])
 def test_torchrun_bad_input(args, fragment):
     r = run("launch/torchrun.sh", "--dry-run", "--nproc-per-node", "1", *args) if "--nproc-per-node" not in args \
@@ -163,8 +164,9 @@ def test_sbatch_dry_run(vendor, nodes, hosts):
             assert f"--rdzv_endpoint={hosts[0]}:14242" in cmd and "--rdzv_id=4242" in cmd
             assert f"--rdzv_conf=is_host={int(i == 0)}" in cmd and f"--nnodes={n}" in cmd
         pre = command_after(sec, "# preflight:")
+        stack = "rocm" if vendor == "rocm" else "cuda"
         assert " ".join(pre[3:pre.index("--")]) == (f"--nproc-per-node 8 --nnodes {n} --node-rank {i} --shared-id 4242 "
-                                                    "--checkpoint-dir /lustre/ck --require-gpu")
+                                                    f"--checkpoint-dir /lustre/ck --require-gpu --vendor {stack}")
         assert pre[pre.index("--") + 1:] == OVERRIDES
 
 
@@ -176,7 +178,8 @@ def test_rocm_mi300x_and_slingshot_settings():
     assert (env["PYTORCH_ROCM_ARCH"], env["NCCL_MIN_NCHANNELS"]) == ("gfx942", "112")
     assert (env["FI_PROVIDER"], env["NCCL_NET_GDR_LEVEL"], env["FI_CXI_ATS"]) == ("cxi", "3", "0")
     assert env["NCCL_SOCKET_IFNAME"] == "hsn0,hsn1,hsn2,hsn3"
-    assert "--require-gpu" not in command_after(r.stdout, "# srun step (run once from the batch host):")
+    step = command_after(r.stdout, "# srun step (run once from the batch host):")
+    assert "--require-gpu" not in step and "--vendor" not in step
 
 
 @pytest.mark.parametrize("script, args, env, fragment", [

@@ -46,6 +46,18 @@ def test_require_gpu_fails_on_cpu(tmp_path):
     assert "preflight FAILED on node 0" in r.stderr and "--require-gpu" in r.stderr
 
 
+@pytest.mark.parametrize("vendor, expect", [("rocm", "AMD ROCm GPUs but torch"), ("cuda", "NVIDIA CUDA GPUs but torch")])
+def test_vendor_mismatch_fails(vendor, expect):
+    # rocm.sbatch with a CUDA (or CPU) torch wheel: caught before the GPU count confuses anyone.
+    import torch
+
+    rep = pf.Report()
+    pf.check_vendor(rep, vendor)
+    assert len(rep.failures) == 1 and expect in rep.failures[0] and "CPU-only build" in rep.failures[0]
+    assert torch.__version__ in rep.failures[0]
+    assert ("download.pytorch.org/whl/rocm" in rep.failures[0]) == (vendor == "rocm")
+
+
 def test_unwritable_checkpoint_dir_fails_naming_it(tmp_path):
     blocker = tmp_path / "file"
     blocker.write_text("not a directory")
