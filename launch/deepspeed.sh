@@ -32,12 +32,8 @@ set -euo pipefail
 
 die() { echo "launch/deepspeed.sh: error: $*" >&2; exit 2; }
 
-ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
-if [[ -z "${PYTHON:-}" ]]; then
-  if [[ -x "$ROOT/.venv/bin/python" ]]; then PYTHON="$ROOT/.venv/bin/python"; else PYTHON=python3; fi
-fi
-# The repository's packages import from any working directory, installed or not.
-export PYTHONPATH="$ROOT${PYTHONPATH:+:$PYTHONPATH}"
+# shellcheck source=launch/common.sh
+source "$(dirname "${BASH_SOURCE[0]}")/common.sh"
 
 hostfile="${HOSTFILE:-}"
 use_slurm=0
