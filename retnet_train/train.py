@@ -20,7 +20,7 @@ from tqdm import tqdm
 
 from .components.checkpoint import CheckpointManager, resolve_resume
 from .components.faults import OOM_HINT, NonFiniteTracker, TrainingError, inject
-from .components.config import TrainConfig, check_values, data_sources, grad_accumulation, register
+from .components.config import TrainConfig, check_values, config_diff, data_sources, grad_accumulation, register
 from .components.metrics import MetricsLogger, device_peak_flops, peak_memory_gib
 from .components.optim import build_optimizer, deepspeed_config
 from .components.preemption import PreemptionHandler
@@ -116,6 +116,9 @@ def run(cfg: TrainConfig) -> dict:
         step, tokens_seen, wandb_id = client["step"], client["tokens_seen"], client.get("wandb_id")
         if is_main:
             print(f"resumed from {os.path.join(*source)} at step {step} ({tokens_seen:,} tokens seen)", flush=True)
+            changed = config_diff(client.get("config") or {}, resolved)
+            if changed:
+                print("config changed since that checkpoint: " + "; ".join(changed), flush=True)
     elif is_main:
         print(f"no checkpoint in {ckpt.dir}: starting fresh" if cfg.train.resume == "auto" else "starting fresh", flush=True)
 

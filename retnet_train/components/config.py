@@ -150,3 +150,16 @@ def grad_accumulation(cfg: TrainConfig, world_size: int) -> int:
             f"train.global_batch_tokens={cfg.train.global_batch_tokens} is not a multiple of micro_batch_size x seq_len x "
             f"world_size = {cfg.train.micro_batch_size} x {cfg.data.seq_len} x {world_size} = {per_step}")
     return cfg.train.global_batch_tokens // per_step
+
+
+def config_diff(old: dict, new: dict, prefix: str = "") -> list:
+    """'key: old -> new' for every leaf that differs between two resolved configs (nested dicts)."""
+    out = []
+    for key in sorted(set(old) | set(new)):
+        a, b = old.get(key, "<absent>"), new.get(key, "<absent>")
+        name = f"{prefix}{key}"
+        if isinstance(a, dict) and isinstance(b, dict):
+            out += config_diff(a, b, name + ".")
+        elif a != b:
+            out.append(f"{name}: {a} -> {b}")
+    return out

@@ -88,5 +88,6 @@ def test_wandb_offline_run_is_continued_after_resume(tmp_path):
     proc = train(overrides(shards, run_dir, **{"wandb.mode": "offline", "train.max_steps": 4, "checkpoint.interval": 2})
                  + ["--local_rank=0"], nproc=1)  # as the deepspeed launcher appends it
     assert "resumed from" in proc.stdout
+    assert "config changed since that checkpoint: train.max_steps: 2 -> 4" in proc.stdout
     runs = sorted(p.name for p in (run_dir / "wandb").glob("offline-run-*"))
     assert all(name.endswith(run_id) for name in runs)  # the same W&B run id continues

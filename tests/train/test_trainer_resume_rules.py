@@ -6,6 +6,7 @@ import signal
 import pytest
 import torch
 
+from retnet_train.components.config import config_diff
 from retnet_train.components.checkpoint import CheckpointManager, resolve_resume
 from retnet_train.components.faults import NonFiniteTracker, inject
 from retnet_train.components.optim import GuardedAdamW
@@ -126,3 +127,10 @@ def test_preemption_signals_are_caught_and_handlers_restored(sig):
     finally:
         handler.restore()
     assert signal.getsignal(sig) == before
+
+
+def test_config_diff_names_changed_leaves():
+    old = {"train": {"max_steps": 2, "seed": 1}, "optim": {"lr": 0.1}, "model": {"arch": "retnet"}}
+    new = {"train": {"max_steps": 4, "seed": 1}, "optim": {"lr": 0.1}, "model": {"arch": "retnet", "d_model": 8}}
+    assert config_diff(old, new) == ["model.d_model: <absent> -> 8", "train.max_steps: 2 -> 4"]
+    assert config_diff(new, new) == []
