@@ -2,7 +2,6 @@
 import os
 import signal
 import time
-from pathlib import Path
 
 import pytest
 import torch
@@ -80,7 +79,7 @@ def test_sigterm_checkpoints_and_resume_is_exact(shards, tmp_path, uninterrupted
     assert "SIGTERM: checkpoint saved" in out, out[-3000:]
     assert (tmp_path / "checkpoints" / f"step_{stopped_at:08d}" / "COMPLETE").exists()
     resumed = train(overrides(shards, tmp_path, **LONG))
-    assert f"resumed from" in resumed.stdout and f"at step {stopped_at}" in resumed.stdout
+    assert "resumed from" in resumed.stdout and f"at step {stopped_at}" in resumed.stdout
     got = losses(tmp_path)
     assert sorted(got) == list(range(1, 31))
     for step, loss in uninterrupted.items():
