@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import math
 import os
-import socket
 import sys
 import time
 
@@ -32,12 +31,13 @@ from .model.flops import flops_per_token
 def init_distributed(device: torch.device) -> None:
     import deepspeed
 
-    if "RANK" not in os.environ:  # a plain `python -m`: a world of one
-        with socket.socket() as s:
-            s.bind(("127.0.0.1", 0))
-            port = s.getsockname()[1]
-        os.environ.update(RANK="0", LOCAL_RANK="0", WORLD_SIZE="1", MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
-    deepspeed.init_distributed(dist_backend="nccl" if device.type == "cuda" else "gloo")
+    backend = "nccl" if device.type == "cuda" else "gloo"
+    if "RANK" not in os.environ:
+        # A plain `python -m`: a world of one on an in-memory store, so no TCP port can collide
+        # with another run on the machine.
+        os.environ.update(RANK="0", LOCAL_RANK="0", WORLD_SIZE="1")
+        dist.init_process_group(backend, store=dist.HashStore(), rank=0, world_size=1)
+    deepspeed.init_distributed(dist_backend=backend)  # wraps the group above, or joins torchrun's
 
 
 def pick_device(choice: str) -> torch.device:
