@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import json
 import os
-import socket
 from pathlib import Path
 
 import numpy as np
@@ -70,22 +69,15 @@ def tiny_model(arch: str = "retnet", **kw):
     return build_model(model_config_from_dict(tiny_config(arch, **kw))).eval()
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def init_dist() -> None:
     import deepspeed
 
     if torch.distributed.is_initialized():
         return
-    os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
-    os.environ.setdefault("MASTER_PORT", str(_free_port()))
-    os.environ.setdefault("RANK", "0")
-    os.environ.setdefault("LOCAL_RANK", "0")
-    os.environ.setdefault("WORLD_SIZE", "1")
+    # A world of one on an in-memory store: no TCP port, and no RANK/MASTER_* variables left in
+    # os.environ for the subprocesses that later tests start (they would inherit a busy port).
+    torch.distributed.init_process_group("gloo", store=torch.distributed.HashStore(), rank=0, world_size=1)
+    os.environ.setdefault("LOCAL_RANK", "0")  # DeepSpeed's engine insists on it
     deepspeed.init_distributed(dist_backend="gloo", verbose=False)
 
 

@@ -44,8 +44,13 @@ def overrides(data_dir: Path, run_dir: Path, **extra) -> list:
     return [f"{k}={v}" for k, v in base.items()]
 
 
+DIST_VARS = ("RANK", "LOCAL_RANK", "WORLD_SIZE", "LOCAL_WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT")
+
+
 def env() -> dict:
-    return {**os.environ, "OMP_NUM_THREADS": "1", "WANDB_MODE": "disabled", "PYTHONUNBUFFERED": "1"}
+    """This process's environment minus any torch.distributed variables an in-process test left."""
+    base = {k: v for k, v in os.environ.items() if k not in DIST_VARS}
+    return {**base, "OMP_NUM_THREADS": "1", "WANDB_MODE": "disabled", "PYTHONUNBUFFERED": "1"}
 
 
 def command(args: list, nproc: int) -> list:
