@@ -30,8 +30,6 @@
 # verbatim. The launcher gets --no_local_rank: Hydra would reject an appended --local_rank=N.
 set -euo pipefail
 
-die() { echo "launch/deepspeed.sh: error: $*" >&2; exit 2; }
-
 # shellcheck source=launch/common.sh
 source "$(dirname "${BASH_SOURCE[0]}")/common.sh"
 
@@ -50,7 +48,6 @@ require_gpu=0
 preflight=1
 dry_run=0
 
-need_value() { [[ $# -ge 2 && -n "$2" ]] || die "$1 needs a value"; }
 while [[ $# -gt 0 ]]; do
   case "$1" in
     --hostfile) need_value "$@"; hostfile="$2"; shift 2 ;;
@@ -75,11 +72,6 @@ while [[ $# -gt 0 ]]; do
 done
 prog_args=("$@")
 
-check_int() {
-  if ! [[ "$2" =~ ^[0-9]+$ ]] || (( 10#$2 < $3 || 10#$2 > $4 )); then
-    die "$1 must be an integer in [$3, $4], got '$2'"
-  fi
-}
 check_int "--master-port/MASTER_PORT" "$master_port" 1 65535
 [[ -z "$num_gpus" ]] || check_int "--num-gpus" "$num_gpus" 1 1024
 [[ -z "$num_nodes" ]] || check_int "--num-nodes" "$num_nodes" 1 100000
@@ -127,7 +119,6 @@ check=("${ds[@]}" retnet_train.preflight --from-launcher-env --shared-id "$share
 [[ "$require_gpu" == 1 ]] && check+=(--require-gpu)
 if [[ "$module" == retnet_train.train ]]; then check+=(-- "${prog_args[@]}"); else check+=(--no-config); fi
 
-quote() { local out="" a; for a in "$@"; do out+="$(printf '%q' "$a") "; done; echo "${out% }"; }
 
 if [[ "$dry_run" == 1 ]]; then
   if [[ -n "$hosts_text" ]]; then

@@ -29,8 +29,6 @@
 # verbatim: Hydra overrides, or e.g. `--module retnet_train.preflight -- --dist-check`.
 set -euo pipefail
 
-die() { echo "launch/torchrun.sh: error: $*" >&2; exit 2; }
-
 # shellcheck source=launch/common.sh
 source "$(dirname "${BASH_SOURCE[0]}")/common.sh"
 
@@ -49,7 +47,6 @@ preflight=1
 dry_run=0
 use_slurm=0
 
-need_value() { [[ $# -ge 2 && -n "$2" ]] || die "$1 needs a value"; }
 while [[ $# -gt 0 ]]; do
   case "$1" in
     --nproc-per-node) need_value "$@"; nproc="$2"; shift 2 ;;
@@ -84,11 +81,6 @@ if [[ "$use_slurm" == 1 ]]; then
 fi
 
 # check_int WHAT VALUE MIN MAX: VALUE is an integer in [MIN, MAX] or the script stops naming WHAT.
-check_int() {
-  if ! [[ "$2" =~ ^[0-9]+$ ]] || (( 10#$2 < $3 || 10#$2 > $4 )); then
-    die "$1 must be an integer in [$3, $4], got '$2'"
-  fi
-}
 if [[ -z "$nproc" ]]; then
   nproc="$("$PYTHON" -c 'import torch; print(torch.cuda.device_count() or 1)')" \
     || die "cannot count GPUs with $PYTHON (torch import failed); pass --nproc-per-node"
@@ -128,7 +120,6 @@ check=("$PYTHON" -m retnet_train.preflight --nproc-per-node "$nproc" --nnodes "$
 # model size, batch arithmetic for this world size, data paths); another --module has no config.
 if [[ "$module" == retnet_train.train ]]; then check+=(-- "${prog_args[@]}"); else check+=(--no-config); fi
 
-quote() { local out="" a; for a in "$@"; do out+="$(printf '%q' "$a") "; done; echo "${out% }"; }
 
 if [[ "$dry_run" == 1 ]]; then
   echo "# node $node_rank of $nnodes: $nproc process(es), world size $((nnodes * nproc)), rendezvous $master_addr:$master_port id=$rdzv_id"
