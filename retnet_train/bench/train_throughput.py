@@ -18,18 +18,10 @@ import torch
 import yaml
 
 from ..model import build_model, model_config_from_dict
+from ..components.metrics import device_peak_flops
 from ..model.flops import flops_per_token
 
 CONFIG_DIR = os.path.join(os.path.dirname(__file__), "..", "..", "configs", "model")
-# Dense bf16 peak FLOP/s by device name (as in the trainer's MFU).
-PEAK_FLOPS = {"H100": 989e12, "H200": 989e12, "A100": 312e12, "MI250X": 383e12, "MI300X": 1307e12}
-
-
-def peak_flops() -> float | None:
-    name = torch.cuda.get_device_name() if torch.cuda.is_available() else ""
-    return next((v for k, v in PEAK_FLOPS.items() if k in name), None)
-
-
 def load_preset(name: str, **overrides):
     path = os.path.join(CONFIG_DIR, f"{name}.yaml")
     if not os.path.exists(path):
@@ -111,7 +103,7 @@ def measure(name, build, cfg, args):
         prof.__exit__(None, None, None)
     tokens_per_s = args.steps * B * T / elapsed
     flops = flops_per_token(cfg, T)
-    peak = peak_flops()
+    peak = device_peak_flops(torch.device("cuda"), None)
     result = {
         "model": name, "preset": args.preset, "seq_len": T, "micro_batch": B, "zero_stage": args.zero_stage,
         "activation_checkpointing": args.activation_checkpointing, "compile": args.compile,

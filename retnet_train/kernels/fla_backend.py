@@ -57,10 +57,8 @@ def fla_retention(q, k, v, log_gamma, mode, chunk_size, reset, state, row_sums):
             ones = q.new_ones(q.shape[:-1] + (ROW_SUM_WIDTH,))
             s, z_final = _call(q.detach(), k.detach(), ones, mode, chunk_size, cu_seqlens, z_state)
             s = s[..., 0].reshape(B, T, H)
-    if last_doc is not None:
+    if last_doc is not None:  # per-document states -> each row's last (z_final is per row already)
         final = final[last_doc]
-        if state is not None and z_final is not None:
-            z_final = z_final[last_doc]
     if z_final is not None:
         final = torch.cat([final, z_final[..., :1]], dim=-1)
     return o.reshape(B, T, H, V), s, final

@@ -1,6 +1,3 @@
-import torch
-
-
 def drop_path(x, drop_prob: float = 0.0, training: bool = False, scale_by_keep: bool = True):
     """Stochastic depth per sample (timm's semantics)."""
     if drop_prob == 0.0 or not training:
