@@ -90,10 +90,11 @@ def run(cfg: TrainConfig) -> dict:
         model.compile_blocks()
 
     tokenizer_sha = sha256_file(cfg.data.tokenizer) if cfg.data.tokenizer else None
-    loader = TokenLoader(data_sources(cfg), cfg.data.seq_len, cfg.train.micro_batch_size, rank, world, cfg.data.seed,
+    sources = data_sources(cfg)
+    loader = TokenLoader(sources, cfg.data.seq_len, cfg.train.micro_batch_size, rank, world, cfg.data.seed,
                          "train", tokenizer_sha256=tokenizer_sha, vocab_size=model_cfg.vocab_size,
                          verify_checksums=cfg.data.verify_checksums)
-    val_loader = build_validation_loader(data_sources(cfg), cfg.data.seq_len, cfg.train.micro_batch_size, rank, world,
+    val_loader = build_validation_loader(sources, cfg.data.seq_len, cfg.train.micro_batch_size, rank, world,
                                          tokenizer_sha256=tokenizer_sha, vocab_size=model_cfg.vocab_size,
                                          max_sequences=cfg.train.eval_batches * cfg.train.micro_batch_size * world)
 
