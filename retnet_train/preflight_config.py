@@ -1,0 +1,170 @@
+"""The trainer's view for the preflight: the parameter count (from --params, a model preset or the
+composed trainer config) and the checkpoint directory, batch arithmetic and data paths the trainer
+itself will use, from the same Hydra overrides."""
+from __future__ import annotations
+
+import os
+import re
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Sequence
+
+REPO_ROOT = Path(__file__).resolve().parent.parent
+
+
+class PreflightError(ValueError):
+    """Bad argument or input file; the message names it."""
+
+
+def params_from_preset(path: str | Path) -> int:
+    """Exact parameter count of a model preset YAML (built on the meta device: no memory)."""
+    path = Path(path)
+    if not path.is_file():
+        raise PreflightError(f"--model-preset {path}: no such file")
+    import yaml
+
+    try:
+        preset = yaml.safe_load(path.read_text())
+    except yaml.YAMLError as exc:
+        raise PreflightError(f"--model-preset {path}: not valid YAML ({exc})") from None
+    if not isinstance(preset, dict):
+        raise PreflightError(f"--model-preset {path}: expected a mapping of model fields, got {type(preset).__name__}")
+    try:
+        return _count_params(preset)
+    except (ValueError, TypeError, KeyError) as exc:
+        raise PreflightError(f"--model-preset {path}: {exc} (pass --params N instead)") from None
+
+
+def _count_params(preset: dict) -> int:
+    import torch
+
+    from retnet_train.model import build_model, model_config_from_dict
+
+    config = model_config_from_dict(preset)
+    config.validate()
+    with torch.device("meta"):
+        model = build_model(config)
+    return int(sum(p.numel() for p in model.parameters()))
+
+
+def parse_params(text: str) -> int:
+    try:
+        value = float(text)
+    except ValueError:
+        raise PreflightError(f"--params {text!r}: not a number (e.g. 1.3e9)") from None
+    if not value >= 1 or value != value or value == float("inf"):
+        raise PreflightError(f"--params {text!r}: must be a positive parameter count")
+    return int(value)
+
+
+def override_value(overrides: Sequence[str], key: str) -> str | None:
+    """The value of `key=V` (or +key=V, ++key=V) among Hydra overrides; the last one wins."""
+    found = None
+    for o in overrides:
+        m = re.match(r"^\+{0,2}([A-Za-z0-9_./@-]+)=(.*)$", o)
+        if m and m.group(1) == key:
+            found = m.group(2)
+    return found
+
+
+# ---------------------------------------------------------------- the trainer's config
+
+
+@dataclass
+class TrainerView:
+    """What the preflight needs from the trainer's composed Hydra config."""
+
+    checkpoint_dir: Path
+    keep: int  # checkpoints on disk at once while a new one is written: keep_last + 1
+    params: int
+    precision: str
+    device: str
+    problems: list[str]  # config values the trainer would reject (each names its key)
+
+
+def compose_trainer_config(overrides: Sequence[str]):
+    """The trainer's config for these overrides, composed as `python -m retnet_train.train` would.
+
+    None when this checkout has no trainer config (configs/config.yaml) or schema module.
+    A bad override raises PreflightError with Hydra's message.
+    """
+    if not (REPO_ROOT / "configs" / "config.yaml").is_file():
+        return None
+    try:
+        from hydra import compose, initialize_config_dir
+        from hydra.errors import HydraException
+        from omegaconf.errors import OmegaConfBaseException
+
+        from retnet_train.components import config as schema
+    except ImportError as exc:
+        raise PreflightError(f"cannot compose the trainer config: {exc} (install the project: pip install -e .; "
+                             f"or pass --no-config)") from None
+    schema.register()
+    try:
+        with initialize_config_dir(config_dir=str(REPO_ROOT / "configs"), version_base="1.3"):
+            return compose(config_name="config", overrides=list(overrides))
+    except (HydraException, OmegaConfBaseException) as exc:
+        msg = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise PreflightError(f"Hydra overrides {' '.join(overrides) or '(none)'}: {msg}") from None
+
+
+def trainer_view(cfg, world_size: int | None) -> TrainerView:
+    """Checkpoint dir, size inputs and the value checks the trainer runs at start."""
+    from omegaconf import OmegaConf
+
+    from retnet_train.components import config as schema
+
+    problems: list[str] = []
+    try:
+        cfg = OmegaConf.to_object(cfg)  # typed and resolved, as the trainer's entry point does
+    except Exception as exc:  # noqa: BLE001 - omegaconf raises several types
+        raise PreflightError(f"trainer config: {str(exc).strip().splitlines()[0]}") from None
+    for check in (getattr(schema, "check_values", None),):
+        if check is not None:
+            try:
+                check(cfg)
+            except ValueError as exc:
+                problems.append(str(exc))
+    if world_size is not None and hasattr(schema, "grad_accumulation"):
+        try:
+            schema.grad_accumulation(cfg, world_size)
+        except ValueError as exc:
+            problems.append(f"{exc} (world size {world_size})")
+    data = getattr(cfg, "data", None)
+    paths = [(f"data.sources.{name}.path", src.get("path")) for name, src in (getattr(data, "sources", None) or {}).items()
+             if isinstance(src, dict)]
+    paths += [(f"data.paths[{i}]", p) for i, p in enumerate(getattr(data, "paths", None) or [])]
+    for key, path in paths:
+        # a shard directory or manifest, or a Megatron prefix (PREFIX.bin / PREFIX.idx)
+        if path and not (os.path.exists(str(path)) or os.path.exists(f"{path}.bin")):
+            problems.append(f"{key}={path}: no such file or directory (from {os.getcwd()})")
+    tokenizer = getattr(data, "tokenizer", None)
+    if tokenizer and not os.path.isfile(tokenizer):
+        problems.append(f"data.tokenizer={tokenizer}: no such file (from {os.getcwd()})")
+    try:
+        params = _count_params(dict(cfg.model))
+    except (ValueError, TypeError, KeyError) as exc:
+        raise PreflightError(f"model config: {exc}") from None
+    ckpt = cfg.checkpoint.dir or os.path.join(cfg.run.dir, "checkpoints")
+    return TrainerView(checkpoint_dir=Path(ckpt), keep=int(cfg.checkpoint.keep_last) + 1, params=params,
+                       precision=str(cfg.deepspeed.precision), device=str(cfg.train.device), problems=problems)
+
+
+# ---------------------------------------------------------------- checks
+
+
+_HYDRA_VALUE_FLAGS = {"-c", "--cfg", "-p", "--package", "-cp", "--config-path", "-cn", "--config-name",
+                      "-cd", "--config-dir", "--experimental-rerun"}
+
+
+def hydra_overrides(args: Sequence[str]) -> list[str]:
+    """The overrides among a trainer command line (drops Hydra flags such as `--cfg job`, `-m`)."""
+    out, skip = [], False
+    for a in args:
+        if skip:
+            skip = False
+        elif a in _HYDRA_VALUE_FLAGS:
+            skip = True
+        elif not a.startswith("-"):
+            out.append(a)
+    return out
