@@ -44,7 +44,7 @@ def make_engine(model, args):
 
     ds_config = {
         "train_micro_batch_size_per_gpu": args.micro_batch,
-        "gradient_accumulation_steps": 1,
+        "gradient_accumulation_steps": args.grad_accum,
         "gradient_clipping": 1.0,
         "bf16": {"enabled": True},
         "zero_optimization": {"stage": args.zero_stage},
@@ -56,13 +56,26 @@ def make_engine(model, args):
     return engine
 
 
-def train_step(engine, batch, ours: bool):
-    if ours:
-        loss = engine(batch["input_ids"], labels=batch["labels"], doc_starts=batch.get("doc_starts"), return_logits=False).loss
-    else:  # HF convention: labels are shifted inside
-        loss = engine(input_ids=batch["input_ids"], labels=batch["input_ids"]).loss
-    engine.backward(loss)
-    engine.step()
+def train_step(engine, batch, ours: bool, accum: int = 1, events=None):
+    """One optimizer step over `accum` micro-batches; `events` (4 CUDA events) mark the phases
+    of the last micro-batch: forward | backward | optimizer step (DeepSpeed's, incl. its
+    gradient copies and clipping), timed without a host sync."""
+    for i in range(accum):
+        mark = events is not None and i == accum - 1
+        if mark:
+            events[0].record()
+        if ours:
+            loss = engine(batch["input_ids"], labels=batch["labels"], doc_starts=batch.get("doc_starts"), return_logits=False).loss
+        else:  # HF convention: labels are shifted inside
+            loss = engine(input_ids=batch["input_ids"], labels=batch["input_ids"]).loss
+        if mark:
+            events[1].record()
+        engine.backward(loss)
+        if mark:
+            events[2].record()
+        engine.step()  # a no-op until the accumulation boundary
+    if events is not None:
+        events[3].record()
     return loss
 
 
@@ -86,7 +99,7 @@ def measure(name, build, cfg, args):
         batch["doc_starts"] = torch.rand(B, T, device="cuda", generator=g) < 1.0 / args.doc_len
     t0 = time.perf_counter()
     for _ in range(args.warmup):  # includes Triton autotuning and torch.compile
-        train_step(engine, batch, ours)
+        train_step(engine, batch, ours, args.grad_accum)
     torch.cuda.synchronize()
     print(f"[{name}] warm-up took {time.perf_counter() - t0:.0f} s", file=sys.stderr, flush=True)
     torch.cuda.synchronize()
@@ -94,14 +107,18 @@ def measure(name, build, cfg, args):
     if args.profile:
         prof = torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA])
         prof.__enter__()
+    resident = torch.cuda.memory_allocated()  # weights, gradients, optimizer states: all but activations
+    torch.cuda.reset_peak_memory_stats()
+    events = [[torch.cuda.Event(enable_timing=True) for _ in range(4)] for _ in range(args.steps)]
     start = time.perf_counter()
-    for _ in range(args.steps):
-        loss = train_step(engine, batch, ours)
+    for ev in events:
+        loss = train_step(engine, batch, ours, args.grad_accum, ev)
     torch.cuda.synchronize()
     elapsed = time.perf_counter() - start
+    phases = [sum(ev[i].elapsed_time(ev[i + 1]) for ev in events) / args.steps for i in range(3)]
     if prof is not None:
         prof.__exit__(None, None, None)
-    tokens_per_s = args.steps * B * T / elapsed
+    tokens_per_s = args.steps * args.grad_accum * B * T / elapsed
     flops = flops_per_token(cfg, T)
     peak = device_peak_flops(torch.device("cuda"), None)
     result = {
@@ -109,7 +126,12 @@ def measure(name, build, cfg, args):
         "activation_checkpointing": args.activation_checkpointing, "compile": args.compile,
         "params": sum(p.numel() for p in model.parameters()),
         "tokens_per_s": round(tokens_per_s, 1), "step_s": round(elapsed / args.steps, 4),
+        "grad_accum": args.grad_accum,
         "peak_gib": round(torch.cuda.max_memory_allocated() / 2 ** 30, 2),
+        # the peak above what stays allocated between steps: activations and temporaries
+        "activation_gib": round((torch.cuda.max_memory_allocated() - resident) / 2 ** 30, 2),
+        "resident_gib": round(resident / 2 ** 30, 2),
+        "ms_forward_backward_step": [round(x, 1) for x in phases],
         "mfu_6n": round(tokens_per_s * flops["six_n"] / peak, 4) if peak else None,
         "mfu_model": round(tokens_per_s * flops["model"] / peak, 4) if peak else None,
         "loss": round(float(loss), 4), "device": torch.cuda.get_device_name(),
@@ -177,6 +199,7 @@ def main(argv=None):
                    help="comma list of retnet, transformer, fla; each may add preset overrides: retnet@chunk_size=128")
     p.add_argument("--seq-len", type=int, default=8192)
     p.add_argument("--micro-batch", type=int, default=1)
+    p.add_argument("--grad-accum", type=int, default=1, help="micro-batches per optimizer step")
     p.add_argument("--steps", type=int, default=10)
     p.add_argument("--warmup", type=int, default=3)
     p.add_argument("--zero-stage", type=int, default=0, choices=[0, 1, 2, 3])

@@ -47,12 +47,22 @@ def retention_op(backend, q, k, v, log_gamma, mode, chunk_size, reset=None, stat
 
 def _torch_op(q, k, v, log_gamma, mode, chunk_size, reset, state, row_sums):
     q, k, v = (t.transpose(1, 2) for t in (q, k, v))  # -> [B, H, T, D]
-    if row_sums:  # a column of ones makes retention also return the score row sums exactly
-        v = torch.cat([v, v.new_ones(v.shape[:-1] + (1,))], dim=-1)
+    V = v.shape[-1]
+    extra = 0
+    if row_sums:
+        # A column of ones makes retention also return the score row sums (and the state their
+        # running sum) exactly. Zero columns pad the width to a multiple of 8, which keeps the
+        # GEMMs on aligned tensor-core tiles (V + 1 = 513 would not be).
+        extra = -(V + 1) % 8 + 1
+        ones = v.new_zeros(v.shape[:-1] + (extra,))
+        ones[..., 0] = 1
+        v = torch.cat([v, ones], dim=-1)
+        if state is not None:
+            state = torch.nn.functional.pad(state, (0, extra - 1))
     if state is not None:
         state = state.to(q.dtype)
     o, state = torch_retention(q, k, v, log_gamma, mode, chunk_size, reset, state)
     o = o.transpose(1, 2)
     if row_sums:
-        return o[..., :-1], o[..., -1].detach(), state
+        return o[..., :V], o[..., V].detach(), state[..., :V + 1]
     return o, None, state

@@ -31,9 +31,31 @@ def _chunks(x, C):
     return x.reshape(B, H, T // C, C, D)
 
 
+def _scan_weights(log_gamma, C, N, reset_chunks=None):
+    """W[n, j]: how much of summary j reaches the start of chunk n (n = N: the end). Summary 0 is
+    the incoming state, summary j >= 1 is chunk j-1's keys decayed to its end; W = gamma^(C(n-j))
+    for j <= n. With resets, a summary survives only if no chunk between it and n has a reset.
+    All weights are <= 1, so nothing overflows and far-apart chunks underflow to an exact 0."""
+    H = log_gamma.shape[0]
+    n = torch.arange(N + 1, device=log_gamma.device, dtype=torch.float32)
+    gap = n.view(N + 1, 1) - n.view(1, N + 1)
+    W = torch.exp(log_gamma.float().view(H, 1, 1) * C * gap.clamp(min=0)) * (gap >= 0)  # [H, N+1, N+1]
+    if reset_chunks is None:
+        return W.unsqueeze(0)
+    before = torch.nn.functional.pad(torch.cumsum(reset_chunks.to(torch.int32), dim=1), (1, 0))  # [B, N+1]
+    alive = before.unsqueeze(2) == before.unsqueeze(1)  # no reset in the chunks between j and n
+    return W.unsqueeze(0) * alive.unsqueeze(1)  # [B, H, N+1, N+1]
+
+
 def _equal_full_chunks(q, k, v, log_gamma, reset, state, C):
-    """Chunkwise retention for T divisible by C: parallel inside each chunk, recurrent across."""
-    B, H, T, _ = q.shape
+    """Chunkwise retention for T divisible by C: parallel inside each chunk, recurrent across.
+
+    The recurrence across chunks is a linear scan with constant decays, so it is done as one
+    (N+1) x (N+1) matrix product over the chunk summaries instead of N sequential steps: every
+    op is a large batched GEMM or elementwise pass (fast on GPU, traceable by torch.compile).
+    """
+    B, H, T, K = q.shape
+    V = v.shape[-1]
     N = T // C
     qc, kc, vc = _chunks(q, C), _chunks(k, C), _chunks(v, C)
     lg = log_gamma.float().view(H, 1, 1)
@@ -44,30 +66,29 @@ def _equal_full_chunks(q, k, v, log_gamma, reset, state, C):
     decay = torch.exp(lg * diff.masked_fill(~causal, 0)) * causal  # [H, C, C]
     q_decay = torch.exp(lg * (idx + 1)).view(1, H, 1, C, 1)  # gamma^(j+1): state -> token j
     k_decay = torch.exp(lg * (C - 1 - idx)).view(1, H, 1, C, 1)  # gamma^(C-1-i): token i -> chunk end
-    chunk_decay = torch.exp(lg.view(1, H, 1) * C).expand(B, H, N)  # gamma^C: state -> next chunk
 
     mask = decay.view(1, H, 1, C, C)
+    reset_chunks = None
     if reset is not None:
         seg = torch.cumsum(reset.view(B, N, C).to(torch.int32), dim=-1)  # resets so far in chunk
         same_doc = (seg.unsqueeze(-1) == seg.unsqueeze(-2)).view(B, 1, N, C, C)
         mask = mask * same_doc
         q_decay = q_decay * (seg == 0).view(B, 1, N, C, 1)  # state reaches j only if no reset up to j
         k_decay = k_decay * (seg == seg[..., -1:]).view(B, 1, N, C, 1)  # only the chunk's last document
-        chunk_decay = chunk_decay * (seg[..., -1] == 0).view(B, 1, N)
+        reset_chunks = seg[..., -1] > 0
 
     dtype = q.dtype
     scores = (qc @ kc.transpose(-1, -2)) * mask.to(dtype)
     o = scores @ vc  # intra-chunk: the parallel form on each chunk
     chunk_kv = (kc * k_decay.to(dtype)).transpose(-1, -2) @ vc  # [B, H, N, K, V]
 
-    S = q.new_zeros(B, H, q.shape[-1], v.shape[-1]) if state is None else state
-    states_in = []
-    for n in range(N):  # the only sequential part: N = T / C steps
-        states_in.append(S)
-        S = S * chunk_decay[:, :, n, None, None].to(dtype) + chunk_kv[:, :, n]
-    states_in = torch.stack(states_in, dim=2)  # [B, H, N, K, V]
-    o = o + (qc * q_decay.to(dtype)) @ states_in
-    return o.reshape(B, H, T, -1), S
+    W = _scan_weights(log_gamma, C, N, reset_chunks).to(dtype)  # [B|1, H, N+1, N+1]
+    states = W[..., 1:] @ chunk_kv.reshape(B, H, N, K * V)  # [B, H, N+1, K*V]
+    if state is not None:
+        states = states + W[..., :1] * state.reshape(B, H, 1, K * V)
+    states = states.view(B, H, N + 1, K, V)
+    o = o + (qc * q_decay.to(dtype)) @ states[:, :, :N]
+    return o.reshape(B, H, T, V), states[:, :, N]
 
 
 def chunkwise_retention(q, k, v, log_gamma, chunk_size, reset=None, state=None):
