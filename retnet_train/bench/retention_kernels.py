@@ -16,7 +16,7 @@ import torch
 
 from ..kernels import fla_available, retention_op
 from ..model.retnet import decay_log_gammas
-from .train_throughput import load_preset
+from .train_throughput import load_preset, top_kernels
 
 
 def chunkwise_flops(B, T, H, K, V, C) -> float:
@@ -25,7 +25,7 @@ def chunkwise_flops(B, T, H, K, V, C) -> float:
     return 2.0 * B * H * T * (C * K + C * V + 2 * K * V)
 
 
-def time_backend(name, fn, q, k, v, steps):
+def time_backend(name, fn, q, k, v, steps, profile=False):
     grad = torch.randn_like(v)
     for _ in range(3):  # warm-up: autotuning, compilation
         o, s = fn(q, k, v)
@@ -43,7 +43,16 @@ def time_backend(name, fn, q, k, v, steps):
         o.backward(grad)
     end.record()
     torch.cuda.synchronize()
-    return start.elapsed_time(end) / steps, kept
+    ms = start.elapsed_time(end) / steps
+    top = None
+    if profile:
+        with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA]) as prof:
+            for _ in range(3):
+                o, s = fn(q, k, v)
+                o.backward(grad)
+            torch.cuda.synchronize()
+        top = top_kernels(prof, 12)
+    return ms, kept, top
 
 
 def main(argv=None):
@@ -53,6 +62,7 @@ def main(argv=None):
     p.add_argument("--micro-batch", type=int, default=1)
     p.add_argument("--backends", default="fla,torch@64,torch@128,torch@256,compiled@128,compiled@256")
     p.add_argument("--steps", type=int, default=20)
+    p.add_argument("--profile", action="store_true", help="add each backend's top CUDA kernels")
     args = p.parse_args(argv)
     if not torch.cuda.is_available():
         raise SystemExit("retention_kernels needs a GPU")
@@ -76,14 +86,14 @@ def main(argv=None):
         if kind == "compiled":
             fn = torch.compile(fn)
         try:
-            ms, kept = time_backend(spec, fn, q, k, v, args.steps)
+            ms, kept, top = time_backend(spec, fn, q, k, v, args.steps, args.profile)
         except torch.cuda.OutOfMemoryError as e:
             print(json.dumps({"backend": spec, "oom": str(e)[:160]}), flush=True)
             continue
         flops = 3 * chunkwise_flops(B, T, H, K, V, C)
         print(json.dumps({"backend": spec, "preset": args.preset, "B": B, "T": T, "H": H, "K": K, "V": V,
                           "ms_fwd_bwd": round(ms, 3), "tflops": round(flops / ms / 1e9, 1),
-                          "kept_gib": round(kept / 2 ** 30, 3)}), flush=True)
+                          "kept_gib": round(kept / 2 ** 30, 3), **({"top_kernels": top} if top else {})}), flush=True)
         torch._dynamo.reset()
 
 

@@ -140,6 +140,7 @@ def measure(name, build, cfg, args):
     }
     if prof is not None:
         result["profile"] = time_breakdown(prof)
+        result["top_kernels"] = top_kernels(prof)
     if ours:
         result["causal_leak"] = causal_leak(model, batch["input_ids"])
     release(engine)
@@ -190,6 +191,14 @@ def time_breakdown(prof) -> dict:
         totals[cat] = totals.get(cat, 0.0) + us
     all_us = sum(totals.values()) or 1.0
     return {k: round(v / all_us, 3) for k, v in sorted(totals.items(), key=lambda kv: -kv[1])}
+
+
+def top_kernels(prof, n: int = 15) -> list:
+    """The n CUDA kernels with the most device time: [share, calls, name (shortened)]."""
+    rows = [(getattr(e, "device_time_total", 0) or 0, e.count, e.key) for e in prof.key_averages()]
+    rows = [r for r in rows if r[0] and not r[2].startswith(("aten::", "cuda", "Memcpy", "Memset", "ProfilerStep"))]
+    total = sum(r[0] for r in rows) or 1.0
+    return [[round(us / total, 3), calls, name[:90]] for us, calls, name in sorted(rows, reverse=True)[:n]]
 
 
 def main(argv=None):
