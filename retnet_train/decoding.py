@@ -55,7 +55,8 @@ class RetNetDecoder:
                        for _ in range(cfg.n_layers)]
         self.position = torch.zeros((), dtype=torch.long, device=self.device)  # tokens consumed (incl. pads)
         self.doc_position = torch.zeros(batch_size, dtype=torch.long, device=self.device)
-        self.gamma = model.log_gamma.float().exp().view(1, -1, 1, 1).to(self.device)
+        # decays in fp32 at least, as the training forms compute them (fp64 for an fp64 model)
+        self.gamma = model.log_gamma.to(torch.promote_types(self.dtype, torch.float32)).exp().view(1, -1, 1, 1).to(self.device)
 
     def buffers(self) -> List[torch.Tensor]:
         return [*self.states, self.position, self.doc_position]

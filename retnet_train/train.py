@@ -19,7 +19,7 @@ from tqdm import tqdm
 
 from .components.checkpoint import CheckpointManager, resolve_resume
 from .components.faults import OOM_HINT, NonFiniteTracker, TrainingError, inject
-from .components.config import TrainConfig, check_values, config_diff, data_sources, grad_accumulation, register
+from .components.config import TrainConfig, check_values, checkpointing_mode, config_diff, data_sources, grad_accumulation, register
 from .components.metrics import MetricsLogger, device_peak_flops, peak_memory_gib
 from .components.optim import build_optimizer, deepspeed_config
 from .components.preemption import PreemptionHandler
@@ -84,8 +84,7 @@ def run(cfg: TrainConfig) -> dict:
 
     model_cfg = model_config_from_dict(cfg.model)
     model = build_model(model_cfg)
-    if cfg.train.activation_checkpointing:
-        model.set_activation_checkpointing(True)
+    model.set_activation_checkpointing(checkpointing_mode(cfg.train.activation_checkpointing))
     if cfg.train.compile:
         model.compile_blocks()
 

@@ -86,8 +86,8 @@ def measure(name, build, cfg, args):
     torch.manual_seed(0)
     model = build().to(device="cuda", dtype=torch.bfloat16)
     ours = name != "fla"
-    if ours and args.activation_checkpointing:
-        model.set_activation_checkpointing(True)
+    if ours:
+        model.set_activation_checkpointing(args.activation_checkpointing)
     if ours and args.compile:
         model.compile_blocks()
     engine = make_engine(model, args)
@@ -212,7 +212,8 @@ def main(argv=None):
     p.add_argument("--steps", type=int, default=10)
     p.add_argument("--warmup", type=int, default=3)
     p.add_argument("--zero-stage", type=int, default=0, choices=[0, 1, 2, 3])
-    p.add_argument("--activation-checkpointing", action="store_true")
+    p.add_argument("--activation-checkpointing", default="none", choices=["none", "selective", "full"],
+                   help="what the backward recomputes (selective: RetNet's retention core only)")
     p.add_argument("--compile", action="store_true", help="torch.compile the non-kernel parts of each block")
     p.add_argument("--doc-len", type=int, default=0, help="mean document length for doc_starts (0: none)")
     p.add_argument("--backend", default="auto", choices=["auto", "torch", "fla"], help="RetNet retention backend")

@@ -54,7 +54,9 @@ class TrainSection:
     log_interval: int = 10
     eval_interval: int = 1000
     eval_batches: int = 50
-    activation_checkpointing: bool = False
+    # none | selective (RetNet: recompute retention + its norms only) | full (every block);
+    # true/false are read as full/none
+    activation_checkpointing: str = "none"
     compile: bool = False
     resume: str = "auto"  # auto: latest valid checkpoint if any | never | <dir>/step_N | a dir holding checkpoints
     seed: int = 1234
@@ -125,10 +127,17 @@ def check_values(cfg: TrainConfig) -> None:
     need(not cfg.deepspeed.offload_optimizer or cfg.deepspeed.zero_stage >= 1, "deepspeed.offload_optimizer", "needs zero_stage>=1")
     for key in ("micro_batch_size", "global_batch_tokens", "max_steps", "log_interval", "eval_interval", "max_consecutive_nonfinite"):
         need(getattr(cfg.train, key) > 0, f"train.{key}", "must be > 0")
+    need(checkpointing_mode(cfg.train.activation_checkpointing) in ("none", "selective", "full"),
+         "train.activation_checkpointing", f"{cfg.train.activation_checkpointing!r} is not none|selective|full")
     need(cfg.train.device in ("auto", "cpu", "cuda"), "train.device", f"{cfg.train.device!r} is not auto|cpu|cuda")
     need(cfg.checkpoint.interval > 0, "checkpoint.interval", "must be > 0")
     need(cfg.checkpoint.keep_last >= 1, "checkpoint.keep_last", "must be >= 1")
     need(cfg.wandb.mode in ("online", "offline", "disabled"), "wandb.mode", f"{cfg.wandb.mode!r} is not online|offline|disabled")
+
+
+def checkpointing_mode(value: str) -> str:
+    """train.activation_checkpointing as none|selective|full; YAML/CLI booleans arrive as "True"/"False"."""
+    return {"true": "full", "false": "none"}.get(str(value).lower(), str(value).lower())
 
 
 def data_sources(cfg: TrainConfig) -> dict:

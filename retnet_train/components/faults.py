@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 
 OOM_HINT = ("out of GPU memory: lower train.micro_batch_size (raising accumulation), set "
-            "train.activation_checkpointing=true, raise deepspeed.zero_stage, or enable "
+            "train.activation_checkpointing=full, raise deepspeed.zero_stage, or enable "
             "deepspeed.offload_optimizer / deepspeed.offload_param (ZeRO-3)")
 
 

@@ -12,7 +12,7 @@ import functools
 
 import torch
 
-from .torch_retention import retention as torch_retention
+from .torch_retention import chunkwise_retention, parallel_retention, recurrent_retention
 
 
 @functools.lru_cache(maxsize=None)
@@ -47,22 +47,18 @@ def retention_op(backend, q, k, v, log_gamma, mode, chunk_size, reset=None, stat
 
 def _torch_op(q, k, v, log_gamma, mode, chunk_size, reset, state, row_sums):
     q, k, v = (t.transpose(1, 2) for t in (q, k, v))  # -> [B, H, T, D]
-    V = v.shape[-1]
-    extra = 0
-    if row_sums:
-        # A column of ones makes retention also return the score row sums (and the state their
-        # running sum) exactly. Zero columns pad the width to a multiple of 8, which keeps the
-        # GEMMs on aligned tensor-core tiles (V + 1 = 513 would not be).
-        extra = -(V + 1) % 8 + 1
-        ones = v.new_zeros(v.shape[:-1] + (extra,))
-        ones[..., 0] = 1
-        v = torch.cat([v, ones], dim=-1)
-        if state is not None:
-            state = torch.nn.functional.pad(state, (0, extra - 1))
     if state is not None:
         state = state.to(q.dtype)
-    o, state = torch_retention(q, k, v, log_gamma, mode, chunk_size, reset, state)
+    if mode != "recurrent":
+        out = (parallel_retention(q, k, v, log_gamma, reset, state, row_sums) if mode == "parallel"
+               else chunkwise_retention(q, k, v, log_gamma, chunk_size, reset, state, row_sums))
+        return out[0].transpose(1, 2), (out[2].transpose(1, 2) if row_sums else None), out[1]
+    if not row_sums:
+        o, state = recurrent_retention(q, k, v, log_gamma, reset, state)
+        return o.transpose(1, 2), None, state
+    # Token by token (decoding): a column of ones makes the recurrence carry the row sums too.
+    V = v.shape[-1]
+    v = torch.cat([v, v.new_ones(v.shape[:-1] + (1,))], dim=-1)
+    o, state = recurrent_retention(q, k, v, log_gamma, reset, state)
     o = o.transpose(1, 2)
-    if row_sums:
-        return o[..., :V], o[..., V].detach(), state[..., :V + 1]
-    return o, None, state
+    return o[..., :V], o[..., V].detach(), state

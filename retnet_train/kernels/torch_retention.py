@@ -16,7 +16,7 @@ import torch
 def recurrent_retention(q, k, v, log_gamma, reset=None, state=None):
     """S_t = gamma S_{t-1} + k_t^T v_t ;  o_t = q_t S_t. One token at a time (decoding)."""
     B, H, T, K = q.shape
-    gamma = log_gamma.float().exp().view(1, H, 1, 1).to(q.dtype)
+    gamma = log_gamma.to(_decay_dtype(q.dtype)).exp().view(1, H, 1, 1).to(q.dtype)
     S = q.new_zeros(B, H, K, v.shape[-1]) if state is None else state
     outs = []
     for t in range(T):
@@ -31,15 +31,20 @@ def _chunks(x, C):
     return x.reshape(B, H, T // C, C, D)
 
 
+def _decay_dtype(dtype):
+    """Decays are computed in fp32, or fp64 for fp64 inputs, whatever the input precision."""
+    return torch.promote_types(dtype, torch.float32)
+
+
 def _scan_weights(log_gamma, C, N, reset_chunks=None):
     """W[n, j]: how much of summary j reaches the start of chunk n (n = N: the end). Summary 0 is
     the incoming state, summary j >= 1 is chunk j-1's keys decayed to its end; W = gamma^(C(n-j))
     for j <= n. With resets, a summary survives only if no chunk between it and n has a reset.
     All weights are <= 1, so nothing overflows and far-apart chunks underflow to an exact 0."""
     H = log_gamma.shape[0]
-    n = torch.arange(N + 1, device=log_gamma.device, dtype=torch.float32)
+    n = torch.arange(N + 1, device=log_gamma.device, dtype=log_gamma.dtype)
     gap = n.view(N + 1, 1) - n.view(1, N + 1)
-    W = torch.exp(log_gamma.float().view(H, 1, 1) * C * gap.clamp(min=0)) * (gap >= 0)  # [H, N+1, N+1]
+    W = torch.exp(log_gamma.view(H, 1, 1) * C * gap.clamp(min=0)) * (gap >= 0)  # [H, N+1, N+1]
     if reset_chunks is None:
         return W.unsqueeze(0)
     before = torch.nn.functional.pad(torch.cumsum(reset_chunks.to(torch.int32), dim=1), (1, 0))  # [B, N+1]
@@ -47,19 +52,25 @@ def _scan_weights(log_gamma, C, N, reset_chunks=None):
     return W.unsqueeze(0) * alive.unsqueeze(1)  # [B, H, N+1, N+1]
 
 
-def _equal_full_chunks(q, k, v, log_gamma, reset, state, C):
+def _equal_full_chunks(q, k, v, log_gamma, reset, state, C, row_sums=False):
     """Chunkwise retention for T divisible by C: parallel inside each chunk, recurrent across.
 
     The recurrence across chunks is a linear scan with constant decays, so it is done as one
-    (N+1) x (N+1) matrix product over the chunk summaries instead of N sequential steps: every
-    op is a large batched GEMM or elementwise pass (fast on GPU, traceable by torch.compile).
+    (N+1) x N matrix product over the chunk summaries instead of N sequential steps: every op
+    is a large batched GEMM or an elementwise pass (fast on GPU, traceable by torch.compile).
+
+    row_sums: also return s_t = sum_m D_tm (q_t . k_m) (fp32, no gradient; the paper's
+    normalization needs it) from the same intermediates; the state then carries the decayed key
+    sum z as an extra last column, [B, H, K, V+1].
     """
     B, H, T, K = q.shape
     V = v.shape[-1]
     N = T // C
     qc, kc, vc = _chunks(q, C), _chunks(k, C), _chunks(v, C)
-    lg = log_gamma.float().view(H, 1, 1)
-    idx = torch.arange(C, device=q.device, dtype=torch.float32)
+    acc = _decay_dtype(q.dtype)
+    log_gamma = log_gamma.to(acc)
+    lg = log_gamma.view(H, 1, 1)
+    idx = torch.arange(C, device=q.device, dtype=acc)
     diff = idx.view(C, 1) - idx.view(1, C)
     causal = diff >= 0
     # D[h, j, i] = gamma_h^(j - i) for i <= j (masked before exp so nothing overflows)
@@ -76,40 +87,56 @@ def _equal_full_chunks(q, k, v, log_gamma, reset, state, C):
         q_decay = q_decay * (seg == 0).view(B, 1, N, C, 1)  # state reaches j only if no reset up to j
         k_decay = k_decay * (seg == seg[..., -1:]).view(B, 1, N, C, 1)  # only the chunk's last document
         reset_chunks = seg[..., -1] > 0
+    z0 = None
+    if row_sums and state is not None:
+        state, z0 = state[..., :V], state[..., V]
 
     dtype = q.dtype
     scores = (qc @ kc.transpose(-1, -2)) * mask.to(dtype)
     o = scores @ vc  # intra-chunk: the parallel form on each chunk
-    chunk_kv = (kc * k_decay.to(dtype)).transpose(-1, -2) @ vc  # [B, H, N, K, V]
+    k_decayed = kc * k_decay.to(dtype)
+    chunk_kv = k_decayed.transpose(-1, -2) @ vc  # [B, H, N, K, V]
 
-    W = _scan_weights(log_gamma, C, N, reset_chunks).to(dtype)  # [B|1, H, N+1, N+1]
-    states = W[..., 1:] @ chunk_kv.reshape(B, H, N, K * V)  # [B, H, N+1, K*V]
+    W = _scan_weights(log_gamma, C, N, reset_chunks)  # [B|1, H, N+1, N+1] in acc
+    W_chunks = W[..., 1:].to(dtype).contiguous()  # (contiguous: a sliced operand falls off the fast GEMMs)
+    states = W_chunks @ chunk_kv.reshape(B, H, N, K * V)  # [B, H, N+1, K*V]
     if state is not None:
-        states = states + W[..., :1] * state.reshape(B, H, 1, K * V)
+        states = states + W[..., :1].to(dtype) * state.reshape(B, H, 1, K * V)
     states = states.view(B, H, N + 1, K, V)
-    o = o + (qc * q_decay.to(dtype)) @ states[:, :, :N]
-    return o.reshape(B, H, T, V), states[:, :, N]
+    q_decayed = qc * q_decay.to(dtype)
+    o = o + q_decayed @ states[:, :, :N]
+    o, final = o.reshape(B, H, T, V), states[:, :, N]
+    if not row_sums:
+        return o, final
+    with torch.no_grad():  # in acc: fp32 at least
+        z = W[..., 1:].to(acc) @ k_decayed.to(acc).sum(3)  # decayed key sums entering each chunk, [B, H, N+1, K]
+        if z0 is not None:
+            z = z + W[..., :1].to(acc) * z0.to(acc).unsqueeze(2)
+        s = scores.to(acc).sum(-1) + (q_decayed.to(acc) @ z[:, :, :N].unsqueeze(-1)).squeeze(-1)
+    return o, torch.cat([final, z[:, :, N].unsqueeze(-1).to(final.dtype)], dim=-1), s.reshape(B, H, T)
 
 
-def chunkwise_retention(q, k, v, log_gamma, chunk_size, reset=None, state=None):
+def chunkwise_retention(q, k, v, log_gamma, chunk_size, reset=None, state=None, row_sums=False):
     """Chunkwise-recurrent form: O(T C) work, linear in T. A last partial chunk runs on its own."""
     T = q.shape[2]
     full = (T // chunk_size) * chunk_size
-    outs = []
-    if full:
-        o, state = _equal_full_chunks(q[:, :, :full], k[:, :, :full], v[:, :, :full], log_gamma,
-                                      None if reset is None else reset[:, :full], state, chunk_size)
-        outs.append(o)
-    if full < T:
-        o, state = _equal_full_chunks(q[:, :, full:], k[:, :, full:], v[:, :, full:], log_gamma,
-                                      None if reset is None else reset[:, full:], state, T - full)
-        outs.append(o)
-    return torch.cat(outs, dim=2) if len(outs) > 1 else outs[0], state
+    pieces = []
+    for lo, hi in ((0, full), (full, T)):
+        if hi > lo:
+            out = _equal_full_chunks(q[:, :, lo:hi], k[:, :, lo:hi], v[:, :, lo:hi], log_gamma,
+                                     None if reset is None else reset[:, lo:hi], state,
+                                     chunk_size if hi == full else hi - lo, row_sums)
+            state = out[1]
+            pieces.append(out)
+    if len(pieces) == 1:
+        return pieces[0]
+    o = torch.cat([p[0] for p in pieces], dim=2)
+    return (o, state) if not row_sums else (o, state, torch.cat([p[2] for p in pieces], dim=2))
 
 
-def parallel_retention(q, k, v, log_gamma, reset=None, state=None):
+def parallel_retention(q, k, v, log_gamma, reset=None, state=None, row_sums=False):
     """Parallel form (Q K^T ⊙ D) V over the whole sequence: the single-chunk case."""
-    return _equal_full_chunks(q, k, v, log_gamma, reset, state, q.shape[2])
+    return _equal_full_chunks(q, k, v, log_gamma, reset, state, q.shape[2], row_sums)
 
 
 def retention(q, k, v, log_gamma, mode, chunk_size, reset=None, state=None):

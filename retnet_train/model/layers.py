@@ -136,9 +136,18 @@ class DecoderLM(nn.Module):
         self.activation_checkpointing = False
         self.check_inputs = True  # off for CUDA-graph decoding, where a host sync is not allowed
 
-    def set_activation_checkpointing(self, enabled: bool = True) -> None:
-        """Recompute each block in the backward pass instead of keeping its activations."""
-        self.activation_checkpointing = enabled
+    def set_activation_checkpointing(self, mode="full") -> None:
+        """What the backward pass recomputes instead of keeping: "full" (or True) each block;
+        "selective" only the sequence mixer's core where a block has one that pays (RetNet's
+        retention + normalization + group norm: the largest activations for the least compute);
+        "none" (or False) nothing."""
+        mode = {True: "full", False: "none"}.get(mode, mode)
+        if mode not in ("none", "full", "selective"):
+            raise ValueError(f"activation checkpointing: {mode!r} is not one of none, full, selective")
+        self.activation_checkpointing = mode == "full"
+        for module in self.modules():
+            if hasattr(module, "checkpoint_core"):
+                module.checkpoint_core = mode == "selective"
 
     def compile_blocks(self) -> None:
         """torch.compile each block in place: fuses norms, rotation, gate and FFN elementwise

@@ -6,6 +6,7 @@ from typing import List, Optional
 
 import torch
 from torch import nn
+from torch.utils.checkpoint import checkpoint
 
 from .config import RetNetConfig
 from .layers import ACTIVATION_FNS, DecoderLM, FeedForward, CausalLMOutput, apply_rotary, init_weights, make_norm, rotary_sin_cos
@@ -52,6 +53,7 @@ class MultiScaleRetention(nn.Module):
         self.group_norm = make_norm(config.norm, self.head_dim, config.norm_eps, affine=False)
         self.group_norm_weight = nn.Parameter(torch.ones(vd)) if config.head_norm_affine else None
         self.gate_fn = ACTIVATION_FNS[config.gate_activation]
+        self.checkpoint_core = False  # set by DecoderLM.set_activation_checkpointing("selective")
 
     def forward(self, x, sin, cos, log_gamma, doc_pos, reset, mode, chunk_size, state=None):
         B, T, _ = x.shape
@@ -59,7 +61,17 @@ class MultiScaleRetention(nn.Module):
         q = apply_rotary(self.q_proj(x).view(B, T, H, self.key_dim), sin, cos)
         k = apply_rotary((self.k_proj(x) * self.key_dim ** -0.5).view(B, T, H, self.key_dim), sin, cos)
         v = self.v_proj(x).view(B, T, H, self.head_dim)
-        backend = resolve_backend(self.backend, x.device)
+        core = (q, k, v, log_gamma, doc_pos, reset, mode, chunk_size, state)
+        if self.checkpoint_core and self.training and torch.is_grad_enabled():
+            o, state = checkpoint(self.retention_core, *core, use_reentrant=False)
+        else:
+            o, state = self.retention_core(*core)
+        return self.out_proj(self.gate_fn(self.g_proj(x)) * o), state
+
+    def retention_core(self, q, k, v, log_gamma, doc_pos, reset, mode, chunk_size, state):
+        """Retention, the paper's normalization and the per-head norm: [B, T, H*V] and the state."""
+        B, T = q.shape[:2]
+        backend = resolve_backend(self.backend, q.device)
         o, row_sum, state = retention_op(backend, q, k, v, log_gamma, mode, chunk_size, reset, state, self.normalize)
         if self.normalize:
             # Paper 2.2: D~ = D / sqrt(sum_i D_ti) -> factor c_t = (sum_{i<=p_t} gamma^i)^-1/2;
@@ -71,7 +83,7 @@ class MultiScaleRetention(nn.Module):
         o = self.group_norm(o).reshape(B, T, -1)  # [B, T, H, V]: a norm per head
         if self.group_norm_weight is not None:
             o = o * self.group_norm_weight
-        return self.out_proj(self.gate_fn(self.g_proj(x)) * o), state
+        return o, state
 
 
 class RetNetBlock(nn.Module):

@@ -73,3 +73,33 @@ def test_chunkwise_gradients_match_parallel():
         grads.append([t.grad for t in leaves])
     for a, b in zip(*grads):
         assert (a - b).abs().max() < 1e-4
+
+
+@pytest.mark.parametrize("mode,chunk", [("parallel", 1), ("chunkwise", 1), ("chunkwise", 5), ("chunkwise", 16), ("recurrent", 1)])
+@pytest.mark.parametrize("with_resets", [False, True])
+def test_row_sums_and_their_state_column(mode, chunk, with_resets):
+    """Row sums s_t = sum_m D_tm q_t.k_m and the state's extra column z (the decayed key sum)
+    from every form, also across a split where the second half continues the first's state."""
+    from retnet_train.kernels import _torch_op
+
+    T, split = 37, 20
+    q, k, v, lg = inputs(T)
+    reset = None
+    if with_resets:
+        reset = torch.zeros(B, T, dtype=torch.bool)
+        reset[0, [3, 21, 22]] = True
+        reset[1, [20]] = True
+    ref_s = naive(q, k, torch.ones(B, H, T, 1), lg, reset)[..., 0].transpose(1, 2)  # [B, T, H]
+    ref_o, ref_state = recurrent_retention(q, k, torch.cat([v, torch.ones(B, H, T, 1)], -1), lg, reset)
+    qt, kt, vt = (t.transpose(1, 2) for t in (q, k, v))  # the op takes [B, T, H, D]
+    o, s, state = _torch_op(qt, kt, vt, lg, mode, chunk, reset, None, True)
+    assert (s.double() - ref_s).abs().max() < 1e-4
+    assert (o.transpose(1, 2) - ref_o[..., :-1]).abs().max() < 1e-4
+    assert (state - ref_state).abs().max() < 1e-4
+    r1 = r2 = None
+    if reset is not None:
+        r1, r2 = reset[:, :split], reset[:, split:]
+    _, s1, st1 = _torch_op(qt[:, :split], kt[:, :split], vt[:, :split], lg, mode, chunk, r1, None, True)
+    o2, s2, st2 = _torch_op(qt[:, split:], kt[:, split:], vt[:, split:], lg, mode, chunk, r2, st1, True)
+    assert (torch.cat([s1, s2], 1).double() - ref_s).abs().max() < 1e-4
+    assert (st2 - ref_state).abs().max() < 1e-4

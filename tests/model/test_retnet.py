@@ -144,16 +144,33 @@ def test_tied_embeddings_share_storage():
     assert model.num_params() == sum(p.numel() for p in model.parameters())
 
 
-def test_activation_checkpointing_same_gradients():
+def _saved_bytes_and_grads(model, ids, mode):
+    """Bytes the forward keeps for the backward (via saved-tensor hooks), and the gradients."""
+    model.set_activation_checkpointing(mode)
+    model.zero_grad()
+    saved = []
+
+    def pack(t):
+        saved.append(t.numel() * t.element_size())
+        return t
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        loss = model(ids, labels=ids).loss
+    loss.backward()
+    return sum(saved), torch.cat([p.grad.flatten() for p in model.parameters()])
+
+
+def test_activation_checkpointing_same_gradients_less_memory():
     model = make_model().train()
     ids = torch.randint(0, VOCAB, (2, 12))
-    grads = []
-    for enabled in (False, True):
-        model.set_activation_checkpointing(enabled)
-        model.zero_grad()
-        model(ids, labels=ids).loss.backward()
-        grads.append(torch.cat([p.grad.flatten() for p in model.parameters()]))
-    assert torch.allclose(grads[0], grads[1], atol=1e-6)
+    kept = {}
+    grads = {}
+    for mode in ("none", "selective", "full", True, False):
+        kept[mode], grads[mode] = _saved_bytes_and_grads(model, ids, mode)
+        assert torch.allclose(grads[mode], grads["none"], atol=1e-6), mode
+    assert kept["full"] < kept["selective"] < kept["none"]
+    assert kept[True] == kept["full"] and kept[False] == kept["none"]
+    with pytest.raises(ValueError, match="selective"):
+        model.set_activation_checkpointing("some")
 
 
 def test_loss_ignores_minus_100():

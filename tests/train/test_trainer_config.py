@@ -2,7 +2,7 @@
 import pytest
 import torch
 
-from retnet_train.components.config import TrainConfig, check_values, data_sources, grad_accumulation
+from retnet_train.components.config import TrainConfig, check_values, checkpointing_mode, data_sources, grad_accumulation
 from retnet_train.components.optim import GuardedAdamW, deepspeed_config, lr_lambda, param_groups
 from retnet_train.model import RetNetConfig, RetNetForCausalLM
 from trainer_helpers import overrides, train
@@ -39,6 +39,16 @@ def test_derived_values_and_sources():
     assert ds["gradient_accumulation_steps"] == 64 and ds["bf16"]["enabled"] and ds["zero_optimization"]["stage"] == 1
     cfg.data.weights = [1.0]
     with pytest.raises(ValueError, match="data.weights"):
+        check_values(cfg)
+
+
+def test_activation_checkpointing_modes():
+    assert [checkpointing_mode(v) for v in ("True", "false", "selective", "FULL", "none")] == \
+        ["full", "none", "selective", "full", "none"]
+    cfg = TrainConfig()
+    cfg.data.paths = ["/d/web"]
+    cfg.train.activation_checkpointing = "partial"
+    with pytest.raises(ValueError, match="train.activation_checkpointing"):
         check_values(cfg)
 
 
