@@ -208,7 +208,8 @@ def main(argv=None):
                    help="comma list of retnet, transformer, fla; each may add preset overrides: retnet@chunk_size=128")
     p.add_argument("--seq-len", type=int, default=8192)
     p.add_argument("--micro-batch", type=int, default=1)
-    p.add_argument("--grad-accum", type=int, default=1, help="micro-batches per optimizer step")
+    p.add_argument("--grad-accum", default="1", help="micro-batches per optimizer step; a comma list measures each "
+                   "in one process (Triton autotuning is paid once)")
     p.add_argument("--steps", type=int, default=10)
     p.add_argument("--warmup", type=int, default=3)
     p.add_argument("--zero-stage", type=int, default=0, choices=[0, 1, 2, 3])
@@ -244,15 +245,17 @@ def main(argv=None):
         else:
             cfg = load_preset(args.preset, **{"retention_backend": args.backend, **overrides})
             build = (lambda cfg=cfg: build_model(cfg)) if name == "retnet" else (lambda cfg=cfg: fla_reference(cfg))
-        try:
-            result = measure(name, build, cfg, args)
-            result["overrides"] = overrides
-            print(json.dumps(result), flush=True)
-        except torch.cuda.OutOfMemoryError as e:
-            print(json.dumps({"model": name, "overrides": overrides, "preset": args.preset, "micro_batch": args.micro_batch,
-                              "oom": str(e)[:200]}), flush=True)
-            gc.collect()
-            torch.cuda.empty_cache()
+        for accum in (int(a) for a in str(args.grad_accum).split(",")):
+            run_args = argparse.Namespace(**{**vars(args), "grad_accum": accum})
+            try:
+                result = measure(name, build, cfg, run_args)
+                result["overrides"] = overrides
+                print(json.dumps(result), flush=True)
+            except torch.cuda.OutOfMemoryError as e:
+                print(json.dumps({"model": name, "overrides": overrides, "preset": args.preset, "micro_batch": args.micro_batch,
+                                  "grad_accum": accum, "oom": str(e)[:200]}), flush=True)
+                gc.collect()
+                torch.cuda.empty_cache()
 
 
 if __name__ == "__main__":
