@@ -17,8 +17,8 @@ excludes them), CUDA/NCCL context (~0.5-1 GiB per process, outside torch's count
 from __future__ import annotations
 
 import argparse
+import functools
 import json
-import math
 import os
 from dataclasses import asdict, dataclass, replace
 from typing import Optional
@@ -49,6 +49,7 @@ class DeepSpeedSettings:
     prefetch_bucket_size: int = 500_000_000  # ZeRO-3: stage3_prefetch_bucket_size
     max_live_parameters: int = 1_000_000_000  # ZeRO-3: stage3_max_live_parameters (DeepSpeed default)
     persistence_threshold: int = 100_000  # ZeRO-3: params below this many elements stay gathered
+    sub_group_size: int = 1_000_000_000  # ZeRO-3: parameters per optimizer sub-step (DeepSpeed default)
 
     @classmethod
     def trainer(cls, path: str = DEEPSPEED_YAML) -> "DeepSpeedSettings":
@@ -146,11 +147,16 @@ def zero_bytes_per_param(stage: int, n_gpus: int) -> dict:
             "optimizer": 2 * FP32 / n if stage >= 1 else 2 * FP32}
 
 
-def step_transient_bytes_per_param(stage: int, n_gpus: int) -> float:
+def step_transient_bytes(stage: int, n_gpus: int, n_params: int, sub_group_size: int = 1_000_000_000) -> float:
     """fp32 gradient copy that DeepSpeed makes for the optimizer step: the whole model in its bf16
     ZeRO-0 path (FP16_UnfusedOptimizer: grad.to(fp32) per param, freed after the step), the own
-    partition in ZeRO 1-3 (single_partition_of_fp32_groups[i].grad)."""
-    return FP32 if stage == 0 else FP32 / n_gpus
+    partition in ZeRO 1/2 (single_partition_of_fp32_groups[i].grad), and in ZeRO-3 the own share
+    of one sub-group at a time (sub_group_size parameters, stage3.py _prepare_fp32_grad_for_sub_group)."""
+    if stage == 0:
+        return FP32 * n_params
+    if stage == 3:
+        return FP32 * min(n_params, sub_group_size) / n_gpus
+    return FP32 * n_params / n_gpus
 
 
 def grads_held_bytes_per_param(stage: int, n_gpus: int, grad_accum: int) -> float:
@@ -190,18 +196,23 @@ def zero3_working_set_bytes(cfg, ds: DeepSpeedSettings) -> float:
 
 
 def activation_elements_per_token_per_layer(cfg, backend: str = "fla") -> dict:
-    """Elements saved for backward per token by one block (eager, no checkpointing), by origin.
+    """Elements saved for backward per token by one block (eager, no checkpointing), by origin:
+    name -> (elements, "act" | "fp32"); "act" elements have the model's dtype (bf16 on GPU).
 
-    Both architectures (pre-norm): the two norms' inputs and outputs (4 d). RoPE/xPos rotation saves
-    only the shared sin/cos tables (x * cos: cos needs no gradient).
+    Norms (pre-norm, two per block): LayerNorm saves its input and the next matmul its output
+    (2 d each). RMSNorm (layers.py, computed in fp32) saves x.float() (fp32; the same tensor in an fp32
+    model), the normalized y for the weight multiply and the output: 2 d + d fp32 each.
+    RoPE/xPos rotation saves only the shared sin/cos tables (x * cos: cos needs no gradient).
 
     RetNet MSR: rotated q and k (2 d) and v (d_v) as the retention op's inputs; the group norm's input
-    (d_v); g (silu's input), silu(g) and the normed output (the gate product's two inputs) and the
-    product (out_proj's input): 4 d_v. The normalization factor has no gradient (row sums detached).
+    (d_v; fp32 for rmsnorm); g (silu's input), silu(g) and the normed output (the gate product's
+    two inputs) and the product (out_proj's input): 4 d_v. The normalization factor has no gradient
+    (row sums detached).
     backend "fla" (GPU): fla's chunk kernel saves only q, k, v and recomputes its chunk states in
-    backward. backend "torch" (the plain path, CPU): contiguous q/k copies instead of the
-    views, decayed q/k (2 d), the value padding (a ones column + alignment), the C x C intra-chunk
-    scores and the per-chunk [K, V] states (one per C tokens).
+    backward. backend "torch" (the plain path, CPU) saves more: decayed q and k (2 d), the C x C
+    intra-chunk scores (H C), the per-chunk [K, V] states (H K V / C), with the paper's normalization
+    the ones column + alignment padding of v (H e); without it a second copy of v (d_v: both chunk
+    matmuls copy the strided v view).
 
     Transformer (SDPA flash): rotated q, k and the output o (3 d; o doubles as out_proj's input),
     the fused qkv output (3 d: v is a view into it and keeps it alive).
@@ -209,29 +220,35 @@ def activation_elements_per_token_per_layer(cfg, backend: str = "fla") -> dict:
     FFN: mlp act input and output (2 f); glu act input, act output, gate output, product (4 f).
     """
     d, f = cfg.d_model, cfg.ffn_dim
-    out = {"norms": 4 * d, "ffn": (4 if cfg.ffn_type == "glu" else 2) * f}
+    out = {"norms": (4 * d, "act"),
+           "ffn": ((4 if cfg.ffn_type == "glu" else 2) * f, "act")}
+    if cfg.norm == "rmsnorm":
+        out["norms_fp32"] = (2 * d, "fp32")
     if _is_retnet(cfg):
         vd, H, K, C = cfg.value_dim, cfg.n_heads, cfg.key_head_dim, cfg.chunk_size
-        out["qkv"] = 2 * d + vd
-        out["group_norm_gate"] = vd + 4 * vd + (vd if cfg.head_norm_affine else 0)
+        out["qkv"] = (2 * d + vd, "act")
+        out["group_norm_input"] = (vd, "act" if cfg.norm == "layernorm" else "fp32")
+        out["gate"] = (4 * vd + (vd if cfg.head_norm_affine else 0), "act")
         if backend == "torch":
             Vh = cfg.value_head_dim
             extra = (-(Vh + 1) % 8 + 1) if cfg.normalize_retention else 0  # kernels/__init__.py padding
-            out["torch_chunkwise"] = 2 * d + H * extra + H * C + H * K * (Vh + extra) / C
+            second_v = 0 if cfg.normalize_retention else vd
+            out["torch_chunkwise"] = (2 * d + H * extra + second_v + H * C + H * K * (Vh + extra) / C, "act")
         elif backend != "fla":
             raise ValueError(f"backend {backend!r} is not one of 'fla', 'torch'")
     else:
-        out["attention"] = 3 * d + 3 * d
+        out["attention"] = (3 * d + 3 * d, "act")
     return out
 
 
 def activation_small_bytes_per_token_per_layer(cfg, dtype_bytes: int = BF16) -> float:
-    """Per-row norm statistics (fp32 mean and rstd of two LayerNorms and the per-head group norm),
-    the normalization factor per head; the Transformer's attention logsumexp per head (fp32)."""
-    stats = (2 * 2 if cfg.norm == "layernorm" else 2) * FP32
+    """Per-row norm statistics (fp32: LayerNorm mean and rstd, RMSNorm rsqrt) of the two norms and
+    the per-head group norm, the normalization factor per head; the Transformer's attention
+    logsumexp per head (fp32)."""
+    per_row = 2 if cfg.norm == "layernorm" else 1
+    stats = 2 * per_row * FP32
     if _is_retnet(cfg):
-        gn = (2 if cfg.norm == "layernorm" else 1) * cfg.n_heads * FP32
-        return stats + gn + (cfg.n_heads * dtype_bytes if cfg.normalize_retention else 0)
+        return stats + per_row * cfg.n_heads * FP32 + (cfg.n_heads * dtype_bytes if cfg.normalize_retention else 0)
     return stats + cfg.n_heads * FP32
 
 
@@ -241,8 +258,9 @@ def activation_bytes_per_token_per_layer(cfg, backend: str = "fla", dtype_bytes:
     (torch.utils.checkpoint per block) only the block's input remains."""
     if checkpointing:
         return cfg.d_model * dtype_bytes
-    elements = sum(activation_elements_per_token_per_layer(cfg, backend).values())
-    return elements * dtype_bytes + activation_small_bytes_per_token_per_layer(cfg, dtype_bytes)
+    parts = activation_elements_per_token_per_layer(cfg, backend).values()
+    return sum(n * (FP32 if kind == "fp32" else dtype_bytes) for n, kind in parts) \
+        + activation_small_bytes_per_token_per_layer(cfg, dtype_bytes)
 
 
 def activation_fixed_bytes(cfg, tokens: int, seq_len: int, dtype_bytes: int = BF16) -> float:
@@ -251,7 +269,8 @@ def activation_fixed_bytes(cfg, tokens: int, seq_len: int, dtype_bytes: int = BF
     hidden-state gradient [tokens, d] and the head-weight gradient [V, d] in the model dtype."""
     d, V = cfg.d_model, cfg.vocab_size
     rot = cfg.key_head_dim if _is_retnet(cfg) else cfg.d_model // cfg.n_heads
-    return (8 * tokens + 2 * seq_len * rot * dtype_bytes + tokens * d * dtype_bytes
+    final_norm = tokens * d * (dtype_bytes if cfg.norm == "layernorm" else FP32 + dtype_bytes)
+    return (8 * tokens + 2 * seq_len * rot * dtype_bytes + final_norm
             + tokens * d * dtype_bytes + V * d * dtype_bytes)
 
 
@@ -335,6 +354,15 @@ def context_parallel_state_bytes(cfg, micro_batch: int) -> float:
 # the estimate
 
 
+@functools.lru_cache(maxsize=None)
+def _model_flops_per_token(cfg_json: str, seq_len: int) -> float:
+    """model/flops.py's count (6N plus the retention/attention matmuls), cached per config."""
+    from ..model import model_config_from_dict
+    from ..model.flops import flops_per_token
+
+    return flops_per_token(model_config_from_dict(json.loads(cfg_json)), seq_len)["model"]
+
+
 def estimate(cfg, n_gpus: int, seq_len: int = 8192, micro_batch: int = 1, zero_stage: int = 1,
              checkpointing: bool = False, context_parallel: int = 1, ds: Optional[DeepSpeedSettings] = None,
              hw: Hardware = Hardware(), global_batch_tokens: int = GLOBAL_BATCH_TOKENS,
@@ -363,11 +391,12 @@ def estimate(cfg, n_gpus: int, seq_len: int = 8192, micro_batch: int = 1, zero_s
     act_fixed = activation_fixed_bytes(cfg, tokens, seq_local)
     bwd_work = backward_working_bytes(cfg, tokens, backend, BF16, checkpointing)
     loss_tmp = loss_forward_transient_bytes(cfg, tokens)
+    step_tmp = step_transient_bytes(zero_stage, n_gpus, P, ds.sub_group_size)
     base = states + grads_held + zero3
     peaks = {
         "forward": base + act_layers + act_fixed + loss_tmp,
         "backward": base + buckets + act_layers + act_fixed + bwd_work,
-        "optimizer_step": states + P * per["grads"] + P * step_transient_bytes_per_param(zero_stage, n_gpus),
+        "optimizer_step": states + P * per["grads"] + step_tmp,
     }
     phase = max(peaks, key=peaks.get)
     memory = {
@@ -375,7 +404,9 @@ def estimate(cfg, n_gpus: int, seq_len: int = 8192, micro_batch: int = 1, zero_s
         "optimizer": P * per["optimizer"], "grads_held_during_backward": grads_held,
         "reduce_buckets": buckets, "zero3_gathered": zero3,
         "activations": act_layers + act_fixed, "backward_working": bwd_work, "loss_transient": loss_tmp,
-        "step_fp32_grads": P * step_transient_bytes_per_param(zero_stage, n_gpus),
+        "step_fp32_grads": step_tmp,
+        # what stays allocated between steps (bench/train_throughput.py's resident_gib)
+        "resident": states + (P * per["grads"] if zero_stage >= 2 else 0.0),
         "peak": peaks[phase], "peak_phase": phase, "peaks": peaks,
     }
 
@@ -389,9 +420,7 @@ def estimate(cfg, n_gpus: int, seq_len: int = 8192, micro_batch: int = 1, zero_s
         b = 2 * cfg.n_layers * context_parallel_state_bytes(cfg, micro_batch) * grad_accum
         ops.append({"name": "context-parallel state (p2p)", "collective": "p2p", "bytes": b,
                     "seconds": b / bus_bandwidth(P_cp, hw), "overlaps": "none"})
-    from ..model.flops import flops_per_token
-
-    flops = flops_per_token(cfg, seq_len)["model"]
+    flops = _model_flops_per_token(json.dumps(cfg.to_dict(), sort_keys=True), seq_len)
     executed = flops * (4 / 3 if checkpointing else 1)  # recomputation: one more forward
     t_micro = tokens * executed / (hw.peak_flops * hw.utilization)
     t_fwd = t_micro / (4 if checkpointing else 3)  # backward = 2 forwards (+1 recomputed under AC)
@@ -542,6 +571,57 @@ def markdown_tables(seq_len: int = 8192, micro_batch: int = 1, hw: Hardware = Ha
     return "\n".join(out)
 
 
+# The 1- and 2-GPU runs the model is checked against (docs/scaling.md, "Checked against measurements").
+# measured: peak GiB from docs/benchmarks.md (bench/train_throughput.py: DeepSpeed's own bucket
+# defaults, micro-batch 1, no accumulation); None where the run is still to be done.
+MEASURED_RUNS = (
+    dict(run="1.3B RetNet, ZeRO-0, 1x H100, eager", preset="1.3b", gpus=1, zero=0, ac=False, mem=79.2,
+         measured=36.68, note="docs/benchmarks.md run 1"),
+    dict(run="1.3B RetNet, ZeRO-0, 1x H100, --compile", preset="1.3b", gpus=1, zero=0, ac=False, mem=79.2,
+         measured=32.36, note="compile saves fewer tensors (not modeled)"),
+    dict(run="1.3B RetNet, ZeRO-1, 1x H100, --compile", preset="1.3b", gpus=1, zero=1, ac=False, mem=79.2,
+         measured=33.04, note="runs 4 and 5"),
+    dict(run="1.3B Transformer, ZeRO-0, 1x H100, eager", preset="transformer_1.3b", gpus=1, zero=0, ac=False, mem=79.2,
+         measured=32.26, note="run 1"),
+    dict(run="1.3B RetNet, ZeRO-2, 2x H200", preset="1.3b", gpus=2, zero=2, ac=False, mem=139.8, measured=None, note=""),
+    dict(run="6.7B RetNet, ZeRO-3, 2x H200, AC", preset="6.7b", gpus=2, zero=3, ac=True, mem=139.8, measured=None,
+         note="experiment retnet_6.7b_8k"),
+    dict(run="6.7B RetNet, ZeRO-3, 2x H200, no AC", preset="6.7b", gpus=2, zero=3, ac=False, mem=139.8, measured=None, note=""),
+)
+
+
+def measured_run_predictions(hw: Hardware = Hardware()) -> list:
+    """The model's numbers for MEASURED_RUNS, as the bench runs them (DeepSpeed's bucket defaults,
+    grad_accum 1) and, for the multi-GPU ones, as the trainer runs them (configs/deepspeed/default.yaml,
+    4M-token batches)."""
+    rows = []
+    for run in MEASURED_RUNS:
+        cfg = load_preset(run["preset"])
+        h = replace(hw, memory_gib=run["mem"])
+        bench = estimate(cfg, run["gpus"], 8192, 1, run["zero"], run["ac"], ds=DeepSpeedSettings.library_defaults(run["zero"]),
+                         hw=h, grad_accum=1)
+        trainer = estimate(cfg, run["gpus"], 8192, 1, run["zero"], run["ac"], ds=DeepSpeedSettings.trainer(), hw=h) \
+            if run["gpus"] > 1 else None
+        rows.append({**run, "bench": bench, "trainer": trainer})
+    return rows
+
+
+def measured_runs_markdown(hw: Hardware = Hardware()) -> str:
+    out = ["| run | measured peak GiB | predicted peak GiB (phase) | resident | activations | comm per step | step s (pred.) | note |",
+           "|---|---|---|---|---|---|---|---|"]
+    for row in measured_run_predictions(hw):
+        for label, r in (("bench", row["bench"]), ("trainer", row["trainer"])):
+            if r is None:
+                continue
+            m, c = r["memory"], r["comm"]
+            meas = f"{row['measured']:.2f}" if (row["measured"] is not None and label == "bench") else "_todo_"
+            comm = f"{c['bytes'] / 1e9:.1f} GB, {c['seconds'] * 1e3:.0f} ms" if c["bytes"] else "-"
+            out.append(f"| {row['run']} ({label}{', accum ' + str(r['grad_accum']) if label == 'trainer' else ''}) | {meas} | "
+                       f"{m['peak'] / GiB:.1f} ({m['peak_phase']}) | {m['resident'] / GiB:.1f} | "
+                       f"{(m['peak'] - m['resident']) / GiB:.1f} | {comm} | {r['step_seconds']:.3f} | {row['note']} |")
+    return "\n".join(out)
+
+
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--preset", default="1.3b", help="configs/model/<preset>.yaml (transformer_* for the baseline)")
@@ -563,6 +643,7 @@ def main(argv=None):
     p.add_argument("--utilization", type=float, default=Hardware.utilization, help="executed FLOPs / peak")
     p.add_argument("--json", action="store_true")
     p.add_argument("--markdown", action="store_true", help="print the tables of docs/scaling.md")
+    p.add_argument("--measured-runs", action="store_true", help="predictions for the 1- and 2-GPU runs of docs/scaling.md")
     p.add_argument("--measure", action="store_true",
                    help="CPU: compare the per-layer activation formula (torch backend, fp32) with saved tensors")
     args = p.parse_args(argv)
@@ -570,6 +651,9 @@ def main(argv=None):
                   efficiency=args.efficiency, utilization=args.utilization)
     if args.markdown:
         print(markdown_tables(args.seq_len, args.micro_batch, hw))
+        return
+    if args.measured_runs:
+        print(measured_runs_markdown(hw))
         return
     cfg = load_preset(args.preset)
     if args.measure:
