@@ -76,7 +76,7 @@ class Hardware:
     nvlink_gbyte_per_gpu: float = 450.0
     efficiency: float = 0.8
     peak_flops: float = 989e12  # H100/H200 dense bf16 (components/metrics.py PEAK_FLOPS)
-    utilization: float = 0.30  # executed FLOPs / peak (measured single-GPU MFU here: 0.21-0.28)
+    utilization: float = 0.25  # executed FLOPs / peak: RetNet 1.3B ZeRO-1 --compile measured 0.245 (docs/benchmarks.md)
     memory_gib: float = 79.2  # H100 80GB as torch reports it; H200: 139.8
 
 
@@ -411,10 +411,10 @@ def estimate(cfg, n_gpus: int, seq_len: int = 8192, micro_batch: int = 1, zero_s
     }
 
     # communication and compute, per GPU per optimizer step
-    bw = bus_bandwidth(dp, hw)
+    bw = bus_bandwidth(n_gpus, hw)  # ZeRO's collectives span all ranks (data- x context-parallel)
     ops = []
     for name, kind, payload, times, hide in comm_ops(zero_stage, P, grad_accum):
-        b = collective_bus_bytes(kind, payload, n_gpus if P_cp > 1 else dp) * times
+        b = collective_bus_bytes(kind, payload, n_gpus) * times
         ops.append({"name": name, "collective": kind, "bytes": b, "seconds": b / bw if b else 0.0, "overlaps": hide})
     if P_cp > 1:
         b = 2 * cfg.n_layers * context_parallel_state_bytes(cfg, micro_batch) * grad_accum
@@ -558,8 +558,9 @@ def markdown_tables(seq_len: int = 8192, micro_batch: int = 1, hw: Hardware = Ha
     out.append(f"GB sent per GPU / seconds at {hw.ib_gbit_per_gpu:.0f} Gb/s x {hw.efficiency} per GPU; compute at "
                f"{hw.utilization:.0%} of {hw.peak_flops / 1e12:.0f} TFLOP/s, no activation checkpointing "
                "(AC adds 1/3 to compute, nothing to communication).\n")
-    out.append("| size | GPUs | accum | compute s | Z0/Z1 GB, s | Z2 GB, s | Z3 GB, s | exposed comm s Z0 / Z1 / Z2 / Z3 |")
-    out.append("|---|---|---|---|---|---|---|---|")
+    out.append("| size | GPUs | accum | compute s | Z0/Z1 GB, s | Z2 GB, s | Z3 GB, s | exposed comm s Z0 / Z1 / Z2 / Z3 "
+               "| Z3 comm / compute |")
+    out.append("|---|---|---|---|---|---|---|---|---|")
     for size in SIZES:
         cfg = load_preset(size)
         for n in GPU_COUNTS:
@@ -567,7 +568,8 @@ def markdown_tables(seq_len: int = 8192, micro_batch: int = 1, hw: Hardware = Ha
             def gs(r):
                 return f"{r['comm']['bytes'] / 1e9:.1f}, {r['comm']['seconds']:.2f}"
             out.append(f"| {size} | {n} | {rs[0]['grad_accum']} | {rs[0]['compute']['seconds']:.2f} | {gs(rs[1])} | {gs(rs[2])} | "
-                       f"{gs(rs[3])} | " + " / ".join(f"{r['comm']['exposed_seconds']:.2f}" for r in rs) + " |")
+                       f"{gs(rs[3])} | " + " / ".join(f"{r['comm']['exposed_seconds']:.2f}" for r in rs)
+                       + f" | {rs[3]['comm']['seconds'] / rs[3]['compute']['seconds']:.2f} |")
     return "\n".join(out)
 
 
@@ -607,18 +609,21 @@ def measured_run_predictions(hw: Hardware = Hardware()) -> list:
 
 
 def measured_runs_markdown(hw: Hardware = Hardware()) -> str:
-    out = ["| run | measured peak GiB | predicted peak GiB (phase) | resident | activations | comm per step | step s (pred.) | note |",
-           "|---|---|---|---|---|---|---|---|"]
+    out = ["| run | measured peak GiB | predicted peak GiB (phase) | resident | peak - resident | comm per micro-batch "
+           "| s per micro-batch | tokens/s/GPU | note |",
+           "|---|---|---|---|---|---|---|---|---|"]
     for row in measured_run_predictions(hw):
         for label, r in (("bench", row["bench"]), ("trainer", row["trainer"])):
             if r is None:
                 continue
             m, c = r["memory"], r["comm"]
             meas = f"{row['measured']:.2f}" if (row["measured"] is not None and label == "bench") else "_todo_"
-            comm = f"{c['bytes'] / 1e9:.1f} GB, {c['seconds'] * 1e3:.0f} ms" if c["bytes"] else "-"
-            out.append(f"| {row['run']} ({label}{', accum ' + str(r['grad_accum']) if label == 'trainer' else ''}) | {meas} | "
+            a = r["grad_accum"]
+            comm = f"{c['bytes'] / a / 1e9:.1f} GB, {c['seconds'] / a * 1e3:.0f} ms" if c["bytes"] else "-"
+            out.append(f"| {row['run']} ({label}{', accum ' + str(a) if label == 'trainer' else ''}) | {meas} | "
                        f"{m['peak'] / GiB:.1f} ({m['peak_phase']}) | {m['resident'] / GiB:.1f} | "
-                       f"{(m['peak'] - m['resident']) / GiB:.1f} | {comm} | {r['step_seconds']:.3f} | {row['note']} |")
+                       f"{(m['peak'] - m['resident']) / GiB:.1f} | {comm} | {r['step_seconds'] / a:.3f} | "
+                       f"{r['tokens_per_s_per_gpu']:,.0f} | {row['note']} |")
     return "\n".join(out)
 
 
