@@ -392,10 +392,10 @@ def estimate(cfg, n_gpus: int, seq_len: int = 8192, micro_batch: int = 1, zero_s
     bwd_work = backward_working_bytes(cfg, tokens, backend, BF16, checkpointing)
     loss_tmp = loss_forward_transient_bytes(cfg, tokens)
     step_tmp = step_transient_bytes(zero_stage, n_gpus, P, ds.sub_group_size)
-    base = states + grads_held + zero3
+    base = states + grads_held + zero3 + buckets  # buckets: allocated at the first backward, kept
     peaks = {
         "forward": base + act_layers + act_fixed + loss_tmp,
-        "backward": base + buckets + act_layers + act_fixed + bwd_work,
+        "backward": base + act_layers + act_fixed + bwd_work,
         "optimizer_step": states + P * per["grads"] + step_tmp,
     }
     phase = max(peaks, key=peaks.get)
