@@ -1,7 +1,7 @@
 """Per-GPU memory and communication of a training step under DeepSpeed ZeRO 0-3: an analytic model.
 
     python -m retnet_train.bench.scaling_model --preset 1.3b --gpus 64 --seq-len 8192 --micro-batch 1 \
-        [--zero-stage N] [--activation-checkpointing] [--context-parallel P] [--json]
+        [--zero-stage N] [--activation-checkpointing [none|selective|full]] [--context-parallel P] [--json]
     python -m retnet_train.bench.scaling_model --markdown          # the tables of docs/scaling.md
     python -m retnet_train.bench.scaling_model --measure --preset tiny --seq-len 512   # CPU check
 
@@ -210,9 +210,9 @@ def activation_elements_per_token_per_layer(cfg, backend: str = "fla") -> dict:
     (row sums detached).
     backend "fla" (GPU): fla's chunk kernel saves only q, k, v and recomputes its chunk states in
     backward. backend "torch" (the plain path, CPU) saves more: decayed q and k (2 d), the C x C
-    intra-chunk scores (H C), the per-chunk [K, V] states (H K V / C), with the paper's normalization
-    the ones column + alignment padding of v (H e); without it a second copy of v (d_v: both chunk
-    matmuls copy the strided v view).
+    intra-chunk scores (H C), the per-chunk [K, V] states (H K V / C) and a second copy of v (d_v:
+    both chunk matmuls copy the strided v view). The row sums come from these intermediates without
+    gradient.
 
     Transformer (SDPA flash): rotated q, k and the output o (3 d; o doubles as out_proj's input),
     the fused qkv output (3 d: v is a view into it and keeps it alive).
@@ -230,10 +230,7 @@ def activation_elements_per_token_per_layer(cfg, backend: str = "fla") -> dict:
         out["group_norm_input"] = (vd, "act" if cfg.norm == "layernorm" else "fp32")
         out["gate"] = (4 * vd + (vd if cfg.head_norm_affine else 0), "act")
         if backend == "torch":
-            Vh = cfg.value_head_dim
-            extra = (-(Vh + 1) % 8 + 1) if cfg.normalize_retention else 0  # kernels/__init__.py padding
-            second_v = 0 if cfg.normalize_retention else vd
-            out["torch_chunkwise"] = (2 * d + H * extra + second_v + H * C + H * K * (Vh + extra) / C, "act")
+            out["torch_chunkwise"] = (2 * d + vd + H * C + H * K * cfg.value_head_dim / C, "act")
         elif backend != "fla":
             raise ValueError(f"backend {backend!r} is not one of 'fla', 'torch'")
     else:
@@ -241,26 +238,45 @@ def activation_elements_per_token_per_layer(cfg, backend: str = "fla") -> dict:
     return out
 
 
-def activation_small_bytes_per_token_per_layer(cfg, dtype_bytes: int = BF16) -> float:
+def activation_small_bytes_per_token_per_layer(cfg, dtype_bytes: int = BF16, selective: bool = False) -> float:
     """Per-row norm statistics (fp32: LayerNorm mean and rstd, RMSNorm rsqrt) of the two norms and
     the per-head group norm, the normalization factor per head; the Transformer's attention
-    logsumexp per head (fp32)."""
+    logsumexp per head (fp32). Selective checkpointing drops the group norm's and the factor's."""
     per_row = 2 if cfg.norm == "layernorm" else 1
     stats = 2 * per_row * FP32
     if _is_retnet(cfg):
+        if selective:
+            return stats
         return stats + per_row * cfg.n_heads * FP32 + (cfg.n_heads * dtype_bytes if cfg.normalize_retention else 0)
     return stats + cfg.n_heads * FP32
 
 
+CHECKPOINTING = ("none", "selective", "full")
+CORE_TERMS = ("torch_chunkwise", "group_norm_input")  # what RetNet's retention_core keeps, recomputed by "selective"
+
+
+def checkpointing_mode(checkpointing) -> str:
+    """True/False or none|selective|full (DecoderLM.set_activation_checkpointing)."""
+    mode = {True: "full", False: "none", None: "none"}.get(checkpointing, checkpointing)
+    if mode not in CHECKPOINTING:
+        raise ValueError(f"activation checkpointing {checkpointing!r} is not one of {CHECKPOINTING}")
+    return mode
+
+
 def activation_bytes_per_token_per_layer(cfg, backend: str = "fla", dtype_bytes: int = BF16,
-                                         checkpointing: bool = False) -> float:
-    """Bytes kept per token per block until its backward. With activation checkpointing
-    (torch.utils.checkpoint per block) only the block's input remains."""
-    if checkpointing:
+                                         checkpointing="none") -> float:
+    """Bytes kept per token per block until its backward. "full" checkpointing (torch.utils.checkpoint
+    per block) keeps only the block's input; "selective" (RetNet) recomputes the retention core
+    (retention, normalization, group norm) from q, k, v, which are kept anyway: it drops the core's
+    internals (torch path) and the group norm's input. The Transformer has no selective core."""
+    mode = checkpointing_mode(checkpointing)
+    if mode == "full":
         return cfg.d_model * dtype_bytes
-    parts = activation_elements_per_token_per_layer(cfg, backend).values()
-    return sum(n * (FP32 if kind == "fp32" else dtype_bytes) for n, kind in parts) \
-        + activation_small_bytes_per_token_per_layer(cfg, dtype_bytes)
+    selective = mode == "selective" and _is_retnet(cfg)
+    parts = {k: v for k, v in activation_elements_per_token_per_layer(cfg, backend).items()
+             if not (selective and k in CORE_TERMS)}
+    return sum(n * (FP32 if kind == "fp32" else dtype_bytes) for n, kind in parts.values()) \
+        + activation_small_bytes_per_token_per_layer(cfg, dtype_bytes, selective)
 
 
 def activation_fixed_bytes(cfg, tokens: int, seq_len: int, dtype_bytes: int = BF16) -> float:
@@ -285,12 +301,12 @@ def loss_forward_transient_bytes(cfg, tokens: int) -> float:
 
 
 def backward_working_bytes(cfg, tokens: int, backend: str = "fla", dtype_bytes: int = BF16,
-                           checkpointing: bool = False) -> float:
+                           checkpointing="none") -> float:
     """Extra memory while one block runs its backward: its gradients and temporaries (taken as
     one block's activations again), the block recomputed under checkpointing (one more), and fla's
     chunk states h and dh recomputed in fp32 ([H, K, V] per chunk of C tokens, twice)."""
     layer = tokens * activation_bytes_per_token_per_layer(cfg, backend, dtype_bytes, checkpointing=False)
-    extra = layer * (2 if checkpointing else 1)
+    extra = layer * (2 if checkpointing_mode(checkpointing) == "full" else 1)
     if _is_retnet(cfg) and backend == "fla":
         extra += 2 * FP32 * tokens * cfg.n_heads * cfg.key_head_dim * cfg.value_head_dim / cfg.chunk_size
     return extra
@@ -355,21 +371,23 @@ def context_parallel_state_bytes(cfg, micro_batch: int) -> float:
 
 
 @functools.lru_cache(maxsize=None)
-def _model_flops_per_token(cfg_json: str, seq_len: int) -> float:
-    """model/flops.py's count (6N plus the retention/attention matmuls), cached per config."""
+def _model_flops_per_token(cfg_json: str, seq_len: int) -> tuple:
+    """model/flops.py's counts (6N; 6N plus the retention/attention matmuls), cached per config."""
     from ..model import model_config_from_dict
     from ..model.flops import flops_per_token
 
-    return flops_per_token(model_config_from_dict(json.loads(cfg_json)), seq_len)["model"]
+    f = flops_per_token(model_config_from_dict(json.loads(cfg_json)), seq_len)
+    return f["six_n"], f["model"]
 
 
 def estimate(cfg, n_gpus: int, seq_len: int = 8192, micro_batch: int = 1, zero_stage: int = 1,
-             checkpointing: bool = False, context_parallel: int = 1, ds: Optional[DeepSpeedSettings] = None,
+             checkpointing="none", context_parallel: int = 1, ds: Optional[DeepSpeedSettings] = None,
              hw: Hardware = Hardware(), global_batch_tokens: int = GLOBAL_BATCH_TOKENS,
              grad_accum: Optional[int] = None, backend: str = "fla", n_params: Optional[int] = None) -> dict:
     """Per-GPU memory (bytes; peak = the largest of the forward, backward and optimizer-step peaks)
     and per-step communication and compute time for one configuration."""
     ds = ds or DeepSpeedSettings.trainer()
+    checkpointing = checkpointing_mode(checkpointing)
     P_cp = context_parallel
     if P_cp < 1 or n_gpus % P_cp or seq_len % P_cp:
         raise ValueError(f"context parallel {P_cp} must divide the GPUs ({n_gpus}) and the sequence ({seq_len})")
@@ -420,10 +438,14 @@ def estimate(cfg, n_gpus: int, seq_len: int = 8192, micro_batch: int = 1, zero_s
         b = 2 * cfg.n_layers * context_parallel_state_bytes(cfg, micro_batch) * grad_accum
         ops.append({"name": "context-parallel state (p2p)", "collective": "p2p", "bytes": b,
                     "seconds": b / bus_bandwidth(P_cp, hw), "overlaps": "none"})
-    flops = _model_flops_per_token(json.dumps(cfg.to_dict(), sort_keys=True), seq_len)
-    executed = flops * (4 / 3 if checkpointing else 1)  # recomputation: one more forward
+    six_n, flops = _model_flops_per_token(json.dumps(cfg.to_dict(), sort_keys=True), seq_len)
+    executed = flops
+    if checkpointing == "full":
+        executed = flops * 4 / 3  # one more forward
+    elif checkpointing == "selective" and _is_retnet(cfg):
+        executed = flops + (flops - six_n) / 3  # the retention matmuls' forward once more
     t_micro = tokens * executed / (hw.peak_flops * hw.utilization)
-    t_fwd = t_micro / (4 if checkpointing else 3)  # backward = 2 forwards (+1 recomputed under AC)
+    t_fwd = t_micro / (4 if checkpointing == "full" else 3)  # backward = 2 forwards (+1 recomputed under AC)
     t_bwd = t_micro - t_fwd
     compute = t_micro * grad_accum
     exposed = 0.0
@@ -459,7 +481,7 @@ def estimate(cfg, n_gpus: int, seq_len: int = 8192, micro_batch: int = 1, zero_s
 # measuring saved activations on CPU (the check of activation_bytes_per_token_per_layer)
 
 
-def measure_saved_activation_bytes(cfg, micro_batch: int, seq_len: int, checkpointing: bool = False,
+def measure_saved_activation_bytes(cfg, micro_batch: int, seq_len: int, checkpointing="none",
                                    seed: int = 0) -> int:
     """Bytes of the distinct tensors autograd saves during one training forward (chunked loss),
     counted once per storage, parameters excluded: torch.autograd.graph.saved_tensors_hooks."""
@@ -470,7 +492,7 @@ def measure_saved_activation_bytes(cfg, micro_batch: int, seq_len: int, checkpoi
     torch.manual_seed(seed)
     model = build_model(cfg)
     model.train()
-    model.set_activation_checkpointing(checkpointing)
+    model.set_activation_checkpointing(checkpointing_mode(checkpointing))
     param_storages = {p.untyped_storage().data_ptr() for p in model.parameters()}
     seen = {}
 
@@ -487,7 +509,7 @@ def measure_saved_activation_bytes(cfg, micro_batch: int, seq_len: int, checkpoi
     return sum(seen.values())
 
 
-def measured_bytes_per_token_per_layer(cfg, micro_batch: int, seq_len: int, checkpointing: bool = False) -> float:
+def measured_bytes_per_token_per_layer(cfg, micro_batch: int, seq_len: int, checkpointing="none") -> float:
     """Per-block saved bytes per token: the difference between n_layers and 2 n_layers (the parts
     outside the blocks cancel)."""
     a = measure_saved_activation_bytes(cfg, micro_batch, seq_len, checkpointing)
@@ -511,7 +533,7 @@ def _fmt_gib(x: float) -> str:
 
 def summary_lines(r: dict) -> list:
     m, c = r["memory"], r["comm"]
-    ac = "on" if r["activation_checkpointing"] else "off"
+    ac = r["activation_checkpointing"]
     lines = [f"{r['model']} {r['params'] / 1e9:.2f}B params | {r['gpus']} GPUs (dp {r['data_parallel']}, cp {r['context_parallel']}) | "
              f"ZeRO-{r['zero_stage']} | seq {r['seq_len']} mb {r['micro_batch']} accum {r['grad_accum']} | "
              f"activation checkpointing {ac} | {r['tokens_per_step']:,} tokens/step",
@@ -540,19 +562,21 @@ def markdown_tables(seq_len: int = 8192, micro_batch: int = 1, hw: Hardware = Ha
     out = []
     for arch in ("retnet", "transformer"):
         out.append(f"### Peak memory per GPU, GiB ({arch}, seq {seq_len}, micro-batch {micro_batch}, 4M-token batch)\n")
-        out.append("Cells: ZeRO-0 / 1 / 2 / 3; **no AC** | **with activation checkpointing**. "
+        modes = ("none", "selective", "full") if arch == "retnet" else ("none", "full")
+        out.append("Cells: ZeRO-0 / 1 / 2 / 3 for each activation-checkpointing mode (`train.activation_checkpointing`). "
                    "Accumulation steps = 512 / GPUs.\n")
-        out.append("| size | params | GPUs | no AC: Z0 / Z1 / Z2 / Z3 | AC: Z0 / Z1 / Z2 / Z3 | activations no AC / AC |")
-        out.append("|---|---|---|---|---|---|")
+        out.append("| size | params | GPUs | " + " | ".join(f"{m}: Z0 / Z1 / Z2 / Z3" for m in modes)
+                   + " | activations " + " / ".join(modes) + " |")
+        out.append("|---|---|---|" + "---|" * (len(modes) + 1))
         for size in SIZES:
             cfg = load_preset(size if arch == "retnet" else f"transformer_{size}")
             for n in GPU_COUNTS:
                 cells, acts = [], []
-                for ac in (False, True):
+                for ac in modes:
                     rs = [estimate(cfg, n, seq_len, micro_batch, z, ac, hw=hw) for z in (0, 1, 2, 3)]
                     cells.append(" / ".join(_fmt_gib(r["memory"]["peak"]) for r in rs))
                     acts.append(_fmt_gib(rs[0]["memory"]["activations"]))
-                out.append(f"| {size} | {rs[0]['params'] / 1e9:.2f}B | {n} | {cells[0]} | {cells[1]} | {' / '.join(acts)} |")
+                out.append(f"| {size} | {rs[0]['params'] / 1e9:.2f}B | {n} | " + " | ".join(cells) + f" | {' / '.join(acts)} |")
         out.append("")
     out.append(f"### Communication per GPU per optimizer step (RetNet, seq {seq_len}, micro-batch {micro_batch}, 4M tokens)\n")
     out.append(f"GB sent per GPU / seconds at {hw.ib_gbit_per_gpu:.0f} Gb/s x {hw.efficiency} per GPU; compute at "
@@ -634,7 +658,8 @@ def main(argv=None):
     p.add_argument("--seq-len", type=int, default=8192)
     p.add_argument("--micro-batch", type=int, default=1)
     p.add_argument("--zero-stage", type=int, choices=[0, 1, 2, 3], default=None, help="default: all four")
-    p.add_argument("--activation-checkpointing", action="store_true")
+    p.add_argument("--activation-checkpointing", nargs="?", const="full", default="none", choices=CHECKPOINTING,
+                   help="none | selective (RetNet's retention core) | full (every block); bare flag: full")
     p.add_argument("--context-parallel", type=int, default=1, metavar="P")
     p.add_argument("--global-batch-tokens", type=int, default=GLOBAL_BATCH_TOKENS)
     p.add_argument("--grad-accum", type=int, default=None, help="default: global batch / (micro-batch * seq * data-parallel)")
