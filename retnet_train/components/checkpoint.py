@@ -136,6 +136,10 @@ class CheckpointManager:
         _, client_state = engine.load_checkpoint(load_dir, tag=load_tag)
         if client_state is None:
             raise ValueError(f"train.resume: DeepSpeed could not load {os.path.join(load_dir, load_tag)}")
+        if plan is not None and plan.universal:
+            from .reshard import repair_universal_load
+
+            repair_universal_load(engine, plan)
         rng_file = os.path.join(path, f"rng_rank{self.rank}.pt")
         if os.path.isfile(rng_file):
             load_rng_state(torch.load(rng_file, weights_only=False))

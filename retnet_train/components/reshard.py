@@ -175,3 +175,33 @@ def prepare_resume(source: Optional[tuple], current: dict, rank: int) -> Optiona
     if error:
         raise ValueError(error)
     return p
+
+
+def repair_universal_load(engine, plan: ResumePlan) -> None:
+    """Undo two slips of DeepSpeed 0.19.8's ZeRO-3 universal loader
+    (stage3.py, load_hp_checkpoint_state_from_checkpoint_dir_stage3):
+
+    * it gives every optimizer param group the hyperparameters of group 0, so our no-decay group
+      (norms, biases, embeddings) would get weight decay: each group gets its own back from the
+      checkpoint's zero/optimizer_state.pt;
+    * it stores one and the same `step` tensor in the state of every sub-group, and AdamW
+      increments it in place, once per sub-group and step: each state gets its own copy.
+
+    The ZeRO 1/2 loader does both right; doing this there too changes nothing.
+    """
+    base = getattr(getattr(engine, "optimizer", None), "optimizer", None)
+    if base is None or not hasattr(base, "param_groups"):
+        return
+    path = os.path.join(plan.path, UNIVERSAL, "zero", "optimizer_state.pt")
+    saved = torch.load(path, map_location="cpu", weights_only=False, mmap=True).get("param_groups")
+    if saved is not None:
+        if len(saved) != len(base.param_groups):
+            raise ValueError(f"train.resume: {path} has {len(saved)} optimizer param groups, this run "
+                             f"{len(base.param_groups)} (optim.weight_decay / optim.no_decay_embeddings changed?)")
+        for group, stored in zip(base.param_groups, saved):
+            for key, value in stored.items():
+                if key != "params":
+                    group[key] = value
+    for state in base.state.values():
+        if torch.is_tensor(state.get("step")):
+            state["step"] = state["step"].clone()
