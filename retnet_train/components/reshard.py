@@ -7,7 +7,7 @@ deepspeed.initialize, `prepare_resume` compares it with this run:
 * same layout: DeepSpeed's own shards are loaded as always (bitwise-exact resume);
 * ZeRO 0 (no partitioned optimizer state: the full weights and optimizer state sit in
   mp_rank_00_model_states.pt) at another world size: loaded as is, nothing to convert;
-* ZeRO 1-3 at another world size, or another ZeRO stage among 1-3: rank 0 converts the
+* ZeRO 1-3 at another world size, or ZeRO 1 <-> 2: rank 0 converts the
   checkpoint once with `deepspeed.checkpoint.ds_to_universal` into <ckpt>/<tag>/universal
   (written to a temporary directory inside the tag dir, then renamed: an interrupted conversion
   is never used, the original files are never modified), every rank waits, and the engine is
@@ -15,8 +15,9 @@ deepspeed.initialize, `prepare_resume` compares it with this run:
   weights and Adam moments (exp_avg, exp_avg_sq, step) per parameter. The LR scheduler, step
   counters and our client state come from the copied mp_rank_* file; the data position is
   counted in global sequences, so it carries over too.
-* what cannot be converted (a ZeRO stage change to or from 0, a precision change together with a
-  layout change) is refused with the checkpoint path and the config key to set.
+* what cannot be converted (a ZeRO stage change to or from 0 or 3, a precision change together
+  with a world-size or stage change, or at ZeRO 0) is refused naming the checkpoint path and the
+  config key to set.
 
 Per-rank RNG: rank r restores rng_rank<r>.pt when the checkpoint has it; ranks beyond the old world
 size re-seed (see CheckpointManager.load).
@@ -89,11 +90,13 @@ def plan(directory: str, tag: str, current: dict) -> ResumePlan:
     p = ResumePlan(directory, tag, saved, current)
     old_ws, new_ws = saved["world_size"], current["world_size"]
     old_z, new_z = saved["zero_stage"], current["zero_stage"]
-    if old_z != new_z and 0 in (old_z, new_z):
+    if old_z != new_z and {old_z, new_z} != {1, 2}:
+        why = ("ZeRO 0 keeps its optimizer state unpartitioned, in another format" if 0 in (old_z, new_z) else
+               "DeepSpeed 0.19.8's universal checkpoints of ZeRO 1/2 and of ZeRO 3 differ in file names, step and "
+               "optimizer-state layout, so neither loads into the other")
         raise ValueError(f"train.resume: {path} was written with deepspeed.zero_stage={old_z}, this run has "
-                         f"deepspeed.zero_stage={new_z}: a change to or from ZeRO 0 cannot be resumed (its optimizer "
-                         f"state is not in ZeRO's partitioned format). Resume with deepspeed.zero_stage={old_z} "
-                         f"(any world size works), or change between stages 1-3 only")
+                         f"deepspeed.zero_stage={new_z}: this change cannot be resumed ({why}). Resume with "
+                         f"deepspeed.zero_stage={old_z} (any world size works); only 1 <-> 2 can change on resume")
     reshard = old_z != new_z or (old_z >= 1 and old_ws != new_ws)
     if saved["precision"] != current["precision"] and (reshard or old_z == 0):
         raise ValueError(f"train.resume: {path} was written with deepspeed.precision={saved['precision']}, this run "
