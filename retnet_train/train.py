@@ -23,6 +23,7 @@ from .components.config import TrainConfig, check_values, checkpointing_mode, co
 from .components.metrics import MetricsLogger, device_peak_flops, peak_memory_gib
 from .components.optim import build_optimizer, deepspeed_config
 from .components.preemption import PreemptionHandler
+from .components.reshard import prepare_resume, run_layout
 from .components.rng import seed_everything
 from .data import TokenLoader, build_validation_loader, sha256_file
 from .model import build_model, model_config_from_dict
@@ -100,22 +101,25 @@ def run(cfg: TrainConfig) -> dict:
     run_dir = cfg.run.dir
     ckpt = CheckpointManager(cfg.checkpoint.dir or os.path.join(run_dir, "checkpoints"), cfg.checkpoint.keep_last, rank)
     source = resolve_resume(cfg.train.resume, ckpt)  # before anything is written: refuses to clobber checkpoints
+    layout = run_layout(cfg, world)
+    plan = prepare_resume(source, layout, rank)  # another world size / ZeRO stage: converted (universal) here
 
     try:
         optimizer, scheduler = build_optimizer(model, cfg, device)
         engine, _, _, _ = deepspeed.initialize(model=model, optimizer=optimizer, lr_scheduler=scheduler,
-                                               config=deepspeed_config(cfg, accum))
+                                               config=deepspeed_config(cfg, accum, load_universal=bool(plan and plan.universal)))
     except torch.cuda.OutOfMemoryError as e:
         raise TrainingError(f"{OOM_HINT}\n{e}") from e
 
     resolved = OmegaConf.to_container(OmegaConf.structured(cfg), resolve=True)
     step, tokens_seen, wandb_id = 0, 0, None
     if source is not None:
-        client = ckpt.load(engine, source[1], directory=source[0])
+        client = ckpt.load(engine, source[1], directory=source[0], plan=plan, reseed=cfg.train.seed)
         loader.load_state_dict(client["data"])
         step, tokens_seen, wandb_id = client["step"], client["tokens_seen"], client.get("wandb_id")
         if is_main:
-            print(f"resumed from {os.path.join(*source)} at step {step} ({tokens_seen:,} tokens seen)", flush=True)
+            print(f"resumed from {os.path.join(*source)} at step {step} ({tokens_seen:,} tokens seen)"
+                  + (f" ({', '.join(plan.notes)})" if plan.notes else ""), flush=True)
             changed = config_diff(client.get("config") or {}, resolved)
             if changed:
                 print("config changed since that checkpoint: " + "; ".join(changed), flush=True)
@@ -140,7 +144,8 @@ def run(cfg: TrainConfig) -> dict:
 
     def save() -> str:
         client = {"data": loader.state_dict(), "step": step, "tokens_seen": tokens_seen,
-                  "wandb_id": logger.wandb_id, "faults": faults.state_dict(), "config": resolved}
+                  "wandb_id": logger.wandb_id, "faults": faults.state_dict(), "config": resolved,
+                  "layout": layout}
         return ckpt.save(engine, step, client)
 
     last_path, loss_value = None, float("nan")

@@ -14,7 +14,7 @@ from typing import Optional
 import torch
 import torch.distributed as dist
 
-from .rng import load_rng_state, rng_state
+from .rng import load_rng_state, rng_state, seed_everything
 
 TAG_RE = re.compile(r"^step_(\d+)$")
 
@@ -119,16 +119,36 @@ class CheckpointManager:
             return []
         return sorted(t for t in os.listdir(self.dir) if TAG_RE.match(t))
 
-    def load(self, engine, tag: str, directory: Optional[str] = None) -> dict:
-        """Load <directory or self.dir>/<tag>; later saves still go to self.dir."""
+    def load(self, engine, tag: str, directory: Optional[str] = None, plan=None, reseed: Optional[int] = None) -> dict:
+        """Load <directory or self.dir>/<tag>; later saves still go to self.dir.
+
+        plan (components.reshard.ResumePlan): where DeepSpeed's files are read from when the
+        checkpoint was converted for another world size / ZeRO stage (the engine must then have
+        been built with checkpoint.load_universal). RNG: rank r restores rng_rank<r>.pt; a rank
+        the checkpoint has no file for (resuming on more ranks than saved) re-seeds with
+        reseed + rank + 1_000_003 * step (distinct from every rank's initial seed), said once by rank 0.
+        """
         directory = directory or self.dir
         path = os.path.join(directory, tag)
         if not os.path.isfile(os.path.join(path, "COMPLETE")):
             raise ValueError(f"train.resume: {path} is not a complete checkpoint (no COMPLETE marker)")
-        _, client_state = engine.load_checkpoint(directory, tag=tag)
+        load_dir, load_tag = plan.load_args if plan is not None else (directory, tag)
+        _, client_state = engine.load_checkpoint(load_dir, tag=load_tag)
         if client_state is None:
-            raise ValueError(f"train.resume: DeepSpeed could not load {path}")
+            raise ValueError(f"train.resume: DeepSpeed could not load {os.path.join(load_dir, load_tag)}")
+        if plan is not None and plan.universal:
+            from .reshard import repair_universal_load
+
+            repair_universal_load(engine, plan)
         rng_file = os.path.join(path, f"rng_rank{self.rank}.pt")
-        if os.path.isfile(rng_file):  # absent when resuming on more ranks than were saved
+        if os.path.isfile(rng_file):
             load_rng_state(torch.load(rng_file, weights_only=False))
+        elif reseed is not None:  # absent when resuming on more ranks than were saved
+            seed_everything(reseed + self.rank + 1_000_003 * int(client_state.get("step", 0)))
+        world = dist.get_world_size() if dist.is_initialized() else 1
+        saved = sum(os.path.isfile(os.path.join(path, f"rng_rank{r}.pt")) for r in range(world))
+        if self.rank == 0 and saved < world:
+            print(f"{path} has RNG states for {saved} of this run's {world} ranks: ranks without one "
+                  + ("re-seed from train.seed, rank and step" if reseed is not None else "keep their fresh seeds"),
+                  flush=True)
         return client_state

@@ -74,8 +74,11 @@ def build_optimizer(model, cfg: TrainConfig, device: torch.device):
     return optimizer, scheduler
 
 
-def deepspeed_config(cfg: TrainConfig, grad_accum: int) -> dict:
-    """The whole DeepSpeed config, derived from the Hydra config (no second JSON to keep in sync)."""
+def deepspeed_config(cfg: TrainConfig, grad_accum: int, load_universal: bool = False) -> dict:
+    """The whole DeepSpeed config, derived from the Hydra config (no second JSON to keep in sync).
+
+    load_universal: the checkpoint to resume was converted to DeepSpeed's universal format
+    (another world size or ZeRO stage; components/reshard.py)."""
     ds = cfg.deepspeed
     zero = {"stage": ds.zero_stage}
     if ds.zero_stage >= 1:
@@ -88,7 +91,7 @@ def deepspeed_config(cfg: TrainConfig, grad_accum: int) -> dict:
         zero["offload_optimizer"] = {"device": "cpu", "pin_memory": True}
     if ds.offload_param:
         zero["offload_param"] = {"device": "cpu", "pin_memory": True}
-    return {
+    config = {
         "train_micro_batch_size_per_gpu": cfg.train.micro_batch_size,
         "gradient_accumulation_steps": grad_accum,
         "gradient_clipping": 0.0 if uses_guarded_adamw(cfg) else cfg.optim.grad_clip,  # GuardedAdamW clips
@@ -98,3 +101,6 @@ def deepspeed_config(cfg: TrainConfig, grad_accum: int) -> dict:
         "steps_per_print": 10 ** 12,  # we log ourselves
         "wall_clock_breakdown": False,
     }
+    if load_universal:
+        config["checkpoint"] = {"load_universal": True}
+    return config

@@ -1,0 +1,210 @@
+"""Resume a checkpoint written by another world size (or ZeRO stage): DeepSpeed's universal checkpoint.
+
+Every checkpoint records its layout in the client state (`layout`: world_size, zero_stage,
+precision; older checkpoints: DeepSpeed's own `dp_world_size` and `ds_config`). Before
+deepspeed.initialize, `prepare_resume` compares it with this run:
+
+* same layout: DeepSpeed's own shards are loaded as always (bitwise-exact resume);
+* ZeRO 0 (no partitioned optimizer state: the full weights and optimizer state sit in
+  mp_rank_00_model_states.pt) at another world size: loaded as is, nothing to convert;
+* ZeRO 1-3 at another world size, or ZeRO 1 <-> 2: rank 0 converts the
+  checkpoint once with `deepspeed.checkpoint.ds_to_universal` into <ckpt>/<tag>/universal
+  (written to a temporary directory inside the tag dir, then renamed: an interrupted conversion
+  is never used, the original files are never modified), every rank waits, and the engine is
+  built with {"checkpoint": {"load_universal": true}} so each rank reads its slice of the fp32
+  weights and Adam moments (exp_avg, exp_avg_sq, step) per parameter. The LR scheduler, step
+  counters and our client state come from the copied mp_rank_* file; the data position is
+  counted in global sequences, so it carries over too.
+* what cannot be converted (a ZeRO stage change to or from 0 or 3, a precision change together
+  with a world-size or stage change, or at ZeRO 0) is refused naming the checkpoint path and the
+  config key to set.
+
+Per-rank RNG: rank r restores rng_rank<r>.pt when the checkpoint has it; ranks beyond the old world
+size re-seed (see CheckpointManager.load).
+"""
+from __future__ import annotations
+
+import contextlib
+import datetime
+import os
+import shutil
+import socket
+import sys
+import types
+from dataclasses import dataclass, field
+from typing import Optional
+
+import torch
+import torch.distributed as dist
+
+UNIVERSAL = "universal"  # <dir>/<tag>/universal: the converted copy
+TMP_PREFIX = ".universal.tmp-"
+
+
+def run_layout(cfg, world: int) -> dict:
+    """What a checkpoint of this run depends on besides the model itself (stored as client["layout"])."""
+    return {"world_size": world, "zero_stage": cfg.deepspeed.zero_stage, "precision": cfg.deepspeed.precision}
+
+
+def _model_states_path(tag_dir: str) -> str:
+    from ..checkpoint_io import _model_states_file
+
+    return _model_states_file(tag_dir)
+
+
+def checkpoint_layout(tag_dir: str) -> dict:
+    """The layout a checkpoint was written with: our client state's `layout`, else DeepSpeed's keys."""
+    path = _model_states_path(tag_dir)
+    state = torch.load(path, map_location="cpu", weights_only=False, mmap=True)
+    if isinstance(state.get("layout"), dict):
+        return dict(state["layout"])
+    ds = state.get("ds_config") or {}
+    precision = "bf16" if ds.get("bf16", {}).get("enabled") else "fp16" if ds.get("fp16", {}).get("enabled") else "fp32"
+    return {"world_size": int(state.get("dp_world_size", 1)) * int(state.get("mp_world_size", 1)),
+            "zero_stage": int(ds.get("zero_optimization", {}).get("stage", 0)), "precision": precision}
+
+
+@dataclass
+class ResumePlan:
+    directory: str  # the checkpoint as resolve_resume named it: <directory>/<tag> (COMPLETE, RNG files)
+    tag: str
+    saved: dict  # layout it was written with
+    current: dict  # this run's layout
+    universal: bool = False  # load DeepSpeed's files from <directory>/<tag>/universal
+    notes: list = field(default_factory=list)
+
+    @property
+    def path(self) -> str:
+        return os.path.join(self.directory, self.tag)
+
+    @property
+    def load_args(self) -> tuple:
+        """(load_dir, tag) for engine.load_checkpoint."""
+        return (self.path, UNIVERSAL) if self.universal else (self.directory, self.tag)
+
+
+def plan(directory: str, tag: str, current: dict) -> ResumePlan:
+    """Decide how to load <directory>/<tag> into a run of layout `current`; raise ValueError if it cannot be."""
+    path = os.path.join(directory, tag)
+    saved = checkpoint_layout(path)
+    p = ResumePlan(directory, tag, saved, current)
+    old_ws, new_ws = saved["world_size"], current["world_size"]
+    old_z, new_z = saved["zero_stage"], current["zero_stage"]
+    if old_z != new_z and {old_z, new_z} != {1, 2}:
+        why = ("ZeRO 0 keeps its optimizer state unpartitioned, in another format" if 0 in (old_z, new_z) else
+               "DeepSpeed 0.19.8's universal checkpoints of ZeRO 1/2 and of ZeRO 3 differ in file names, step and "
+               "optimizer-state layout, so neither loads into the other")
+        raise ValueError(f"train.resume: {path} was written with deepspeed.zero_stage={old_z}, this run has "
+                         f"deepspeed.zero_stage={new_z}: this change cannot be resumed ({why}). Resume with "
+                         f"deepspeed.zero_stage={old_z} (any world size works); only 1 <-> 2 can change on resume")
+    reshard = old_z != new_z or (old_z >= 1 and old_ws != new_ws)
+    if saved["precision"] != current["precision"] and (reshard or old_z == 0):
+        raise ValueError(f"train.resume: {path} was written with deepspeed.precision={saved['precision']}, this run "
+                         f"has deepspeed.precision={current['precision']}: not supported "
+                         + ("together with a world-size or ZeRO-stage change" if reshard else "at ZeRO 0 (the optimizer "
+                            "state formats differ)")
+                         + f". Resume with deepspeed.precision={saved['precision']}")
+    if old_ws != new_ws:
+        p.notes.append(f"world size {old_ws} -> {new_ws}")
+    if old_z != new_z:
+        p.notes.append(f"ZeRO stage {old_z} -> {new_z}")
+    p.universal = reshard
+    return p
+
+
+def convert_to_universal(tag_dir: str) -> str:
+    """<tag_dir>/universal from DeepSpeed's shards in tag_dir (ZeRO 1-3), once; returns its path.
+
+    Written into a temporary directory and renamed into place, so a crash leaves no `universal`
+    directory (the next resume converts again) and never touches the original files.
+    """
+    from deepspeed.checkpoint import ds_to_universal
+
+    final = os.path.join(tag_dir, UNIVERSAL)
+    if os.path.isdir(final):
+        return final
+    if not os.access(tag_dir, os.W_OK):
+        raise ValueError(f"train.resume: {tag_dir} must be converted for this world size / ZeRO stage but is not "
+                         "writable; copy the checkpoint directory somewhere writable and resume from there")
+    tmp = os.path.join(tag_dir, f"{TMP_PREFIX}{socket.gethostname()}-{os.getpid()}")
+    shutil.rmtree(tmp, ignore_errors=True)
+    # ds_to_universal writes <output>/.. /latest_universal: keep it inside tmp as well
+    out = os.path.join(tmp, UNIVERSAL)
+    args = types.SimpleNamespace(input_folder=tag_dir, output_folder=out, num_extract_workers=1,  # no fork under
+                                 num_merge_workers=1, keep_temp_folder=False, strict=True,  # torch.distributed
+                                 inject_missing_state=True)  # our model sets no universal_checkpoint_info
+    try:
+        with contextlib.redirect_stdout(sys.stderr):  # its progress prints; stdout is our log
+            ds_to_universal.main(args)
+        try:
+            os.rename(out, final)
+        except OSError:
+            if not os.path.isdir(final):  # another job converted the same checkpoint meanwhile: use theirs
+                raise
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return final
+
+
+def prepare_resume(source: Optional[tuple], current: dict, rank: int) -> Optional[ResumePlan]:
+    """The ResumePlan for resolve_resume's (directory, tag), converting on rank 0 where needed.
+
+    Collective: every rank calls it (before deepspeed.initialize). The wait for rank 0's
+    conversion uses a gloo group with a long timeout, so a slow conversion of a large
+    checkpoint does not trip NCCL's collective timeout; a failure on rank 0 is raised on every rank.
+    """
+    if source is None:
+        return None
+    p = plan(source[0], source[1], current)
+    if not p.universal:
+        return p
+    error = None
+    if rank == 0:
+        done = os.path.isdir(os.path.join(p.path, UNIVERSAL))
+        print(f"{p.path}: written by {p.saved['world_size']} rank(s) at ZeRO {p.saved['zero_stage']}, this run has "
+              f"{current['world_size']} at ZeRO {current['zero_stage']}: "
+              + ("using its universal copy" if done else f"converting to a universal checkpoint in {p.path}/{UNIVERSAL}"),
+              flush=True)
+        try:
+            convert_to_universal(p.path)
+        except Exception as e:  # noqa: BLE001 - re-raised on every rank below
+            error = f"train.resume: converting {p.path} to a universal checkpoint failed: {type(e).__name__}: {e}"
+    if dist.is_initialized() and dist.get_world_size() > 1:
+        group = dist.new_group(backend="gloo", timeout=datetime.timedelta(hours=6))
+        box = [error]
+        dist.broadcast_object_list(box, src=0, group=group)
+        error = box[0]
+        dist.destroy_process_group(group)
+    if error:
+        raise ValueError(error)
+    return p
+
+
+def repair_universal_load(engine, plan: ResumePlan) -> None:
+    """Undo two slips of DeepSpeed 0.19.8's ZeRO-3 universal loader
+    (stage3.py, load_hp_checkpoint_state_from_checkpoint_dir_stage3):
+
+    * it gives every optimizer param group the hyperparameters of group 0, so our no-decay group
+      (norms, biases, embeddings) would get weight decay: each group gets its own back from the
+      checkpoint's zero/optimizer_state.pt;
+    * it stores one and the same `step` tensor in the state of every sub-group, and AdamW
+      increments it in place, once per sub-group and step: each state gets its own copy.
+
+    The ZeRO 1/2 loader does both right; doing this there too changes nothing.
+    """
+    base = getattr(getattr(engine, "optimizer", None), "optimizer", None)
+    if base is None or not hasattr(base, "param_groups"):
+        return
+    path = os.path.join(plan.path, UNIVERSAL, "zero", "optimizer_state.pt")
+    saved = torch.load(path, map_location="cpu", weights_only=False, mmap=True).get("param_groups")
+    if saved is not None:
+        if len(saved) != len(base.param_groups):
+            raise ValueError(f"train.resume: {path} has {len(saved)} optimizer param groups, this run "
+                             f"{len(base.param_groups)} (optim.weight_decay / optim.no_decay_embeddings changed?)")
+        for group, stored in zip(base.param_groups, saved):
+            for key, value in stored.items():
+                if key != "params":
+                    group[key] = value
+    for state in base.state.values():
+        if torch.is_tensor(state.get("step")):
+            state["step"] = state["step"].clone()
