@@ -208,7 +208,7 @@ def run(cfg: TrainConfig) -> dict:
             if step % cfg.train.eval_interval == 0 or step == cfg.train.max_steps:
                 val = evaluate(engine, val_loader, cfg.train.eval_batches, device)
                 logger.log({"step": step, "val_loss": val, "val_ppl": math.exp(min(val, 50.0))})
-            if step % cfg.checkpoint.interval == 0 or step == cfg.train.max_steps or stop:
+            if step % cfg.checkpoint.interval == 0 or stop or (step == cfg.train.max_steps and cfg.checkpoint.save_at_end):
                 last_path = save()
             if stop:
                 if is_main:

@@ -72,6 +72,7 @@ class CheckpointConfig:
     dir: Optional[str] = None  # default: <run.dir>/checkpoints
     interval: int = 1000
     keep_last: int = 3
+    save_at_end: bool = True  # false: only interval (and preemption) saves, e.g. for benchmark runs
 
 
 @dataclass
