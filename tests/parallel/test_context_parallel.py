@@ -49,8 +49,9 @@ def forward_backward(model, ids, labels, starts, mode, chunk):
 def compare_cases(rank, world, cases):
     cp, _, _ = build_context_parallel(world, rank, world, T)
     failures = []
-    for normalize, kind, chunk, mode in cases:
+    for normalize, kind, chunk, mode, recompute in cases:
         model = make_model(0, normalize_retention=normalize)
+        model.set_activation_checkpointing(recompute)  # recomputation repeats the exchange in backward
         g = torch.Generator().manual_seed(1)
         ids = torch.randint(0, VOCAB, (B, T), generator=g)
         labels = torch.randint(0, VOCAB, (B, T), generator=g)
@@ -65,7 +66,7 @@ def compare_cases(rank, world, cases):
         parts = [torch.empty_like(logits) for _ in range(world)]
         dist.all_gather(parts, logits)
         dist.all_reduce(loss)
-        case = dict(normalize=normalize, docs=kind, chunk=chunk, mode=mode)
+        case = dict(normalize=normalize, docs=kind, chunk=chunk, mode=mode, recompute=recompute)
         checks = [("logits", torch.cat(parts, dim=1), ref_logits), ("loss", loss / world, ref_loss)]
         for name, grad in grads.items():
             dist.all_reduce(grad)  # what DeepSpeed does over the ranks (then / W)
@@ -81,8 +82,9 @@ def compare_cases(rank, world, cases):
 @pytest.mark.parametrize("world", [2, 3])
 def test_context_parallel_equals_one_process(world, tmp_path):
     chunks = [4, 5] if world == 2 else [3, 8]  # T / P = 12 or 8: divides, does not divide
-    cases = [(n, k, c, "chunkwise") for n, k, c in itertools.product([True, False], ["none", "docs"], chunks)]
-    cases += [(True, "docs", 64, "parallel")]
+    cases = [(n, k, c, "chunkwise", "none") for n, k, c in itertools.product([True, False], ["none", "docs"], chunks)]
+    cases += [(True, "docs", 64, "parallel", "none"), (True, "docs", chunks[1], "chunkwise", "full"),
+              (False, "docs", chunks[0], "chunkwise", "selective")]
     results = run_ranks(compare_cases, world, tmp_path, cases)
     failures = [f for r in results for f in r]
     assert not failures, "\n".join(failures[:20])
