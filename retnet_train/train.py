@@ -28,6 +28,7 @@ from .components.rng import seed_everything
 from .data import TokenLoader, build_validation_loader, sha256_file
 from .model import build_model, model_config_from_dict
 from .model.flops import flops_per_token
+from .parallel import attach as attach_context_parallel, build_context_parallel, loss_weight
 
 def init_distributed(device: torch.device) -> None:
     import deepspeed
@@ -52,14 +53,16 @@ def pick_device(choice: str) -> torch.device:
 
 
 @torch.no_grad()
-def evaluate(engine, loader, max_batches: int, device) -> float:
+def evaluate(engine, loader, max_batches: int, device, cp=None) -> float:
     engine.eval()
     total = torch.zeros(2, dtype=torch.float64, device=device)
     for i, batch in enumerate(loader):
         if i >= max_batches:
             break
         batch = {k: v.to(device) for k, v in batch.items()}
-        n = (batch["labels"] != -100).sum()
+        if cp is not None:
+            batch = cp.shard_batch(batch)
+        n = loss_weight(cp, batch["labels"])  # tokens this rank's loss stands for
         total += torch.stack([engine(**batch, return_logits=False).loss.double() * n, n.double()])
     engine.train()
     if dist.is_initialized():
@@ -80,23 +83,26 @@ def run(cfg: TrainConfig) -> dict:
     init_distributed(device)
     rank, world = dist.get_rank(), dist.get_world_size()
     is_main = rank == 0
+    # context parallel: P consecutive ranks share each sequence; the data comes per data-parallel rank
+    cp, dp_rank, dp_world = build_context_parallel(cfg.parallel.context_parallel_size, rank, world, cfg.data.seq_len)
     accum = grad_accumulation(cfg, world)
     seed_everything(cfg.train.seed + rank)
 
     model_cfg = model_config_from_dict(cfg.model)
     model = build_model(model_cfg)
     model.set_activation_checkpointing(checkpointing_mode(cfg.train.activation_checkpointing))
+    attach_context_parallel(model, cp)
     if cfg.train.compile:
         model.compile_blocks()
 
     tokenizer_sha = sha256_file(cfg.data.tokenizer) if cfg.data.tokenizer else None
     sources = data_sources(cfg)
-    loader = TokenLoader(sources, cfg.data.seq_len, cfg.train.micro_batch_size, rank, world, cfg.data.seed,
+    loader = TokenLoader(sources, cfg.data.seq_len, cfg.train.micro_batch_size, dp_rank, dp_world, cfg.data.seed,
                          "train", tokenizer_sha256=tokenizer_sha, vocab_size=model_cfg.vocab_size,
                          verify_checksums=cfg.data.verify_checksums)
-    val_loader = build_validation_loader(sources, cfg.data.seq_len, cfg.train.micro_batch_size, rank, world,
+    val_loader = build_validation_loader(sources, cfg.data.seq_len, cfg.train.micro_batch_size, dp_rank, dp_world,
                                          tokenizer_sha256=tokenizer_sha, vocab_size=model_cfg.vocab_size,
-                                         max_sequences=cfg.train.eval_batches * cfg.train.micro_batch_size * world)
+                                         max_sequences=cfg.train.eval_batches * cfg.train.micro_batch_size * dp_world)
 
     run_dir = cfg.run.dir
     ckpt = CheckpointManager(cfg.checkpoint.dir or os.path.join(run_dir, "checkpoints"), cfg.checkpoint.keep_last, rank)
@@ -126,11 +132,12 @@ def run(cfg: TrainConfig) -> dict:
     elif is_main:
         print(f"no checkpoint in {ckpt.dir}: starting fresh" if cfg.train.resume == "auto" else "starting fresh", flush=True)
 
-    tokens_per_step = accum * cfg.train.micro_batch_size * cfg.data.seq_len * world
+    tokens_per_step = accum * cfg.train.micro_batch_size * cfg.data.seq_len * dp_world
     if is_main:
         os.makedirs(run_dir, exist_ok=True)
         OmegaConf.save(OmegaConf.create(resolved), os.path.join(run_dir, "config.yaml"))
-        print(f"world {world} | micro-batch {cfg.train.micro_batch_size} x seq {cfg.data.seq_len} | accumulation {accum} "
+        layout = f"world {world} ({dp_world} data x {world // dp_world} context parallel)" if cp else f"world {world}"
+        print(f"{layout} | micro-batch {cfg.train.micro_batch_size} x seq {cfg.data.seq_len} | accumulation {accum} "
               f"| {tokens_per_step:,} tokens/step | {tokens_per_step * cfg.train.max_steps:,} tokens total "
               f"| {model.num_params():,} parameters | ZeRO {cfg.deepspeed.zero_stage} {cfg.deepspeed.precision} "
               f"| device {device.type}", flush=True)
@@ -161,6 +168,8 @@ def run(cfg: TrainConfig) -> dict:
             step_losses = []
             for _ in range(accum):
                 batch = {k: v.to(device, non_blocking=True) for k, v in next(loader).items()}
+                if cp is not None:
+                    batch = cp.shard_batch(batch)  # this rank's seq_len / P tokens of each sequence
                 loss = engine(**batch, return_logits=False).loss
                 loss = inject(loss, step + 1, cfg.train.inject_nonfinite_at, cfg.train.inject_nonfinite_grad_at)
                 # A non-finite loss gives non-finite gradients on every rank (they are all-reduced),
@@ -206,7 +215,7 @@ def run(cfg: TrainConfig) -> dict:
                                     f"The weights of the last good step ({step - faults.consecutive}) are saved "
                                     f"in {last_path}")
             if step % cfg.train.eval_interval == 0 or step == cfg.train.max_steps:
-                val = evaluate(engine, val_loader, cfg.train.eval_batches, device)
+                val = evaluate(engine, val_loader, cfg.train.eval_batches, device, cp)
                 logger.log({"step": step, "val_loss": val, "val_ppl": math.exp(min(val, 50.0))})
             if step % cfg.checkpoint.interval == 0 or stop or (step == cfg.train.max_steps and cfg.checkpoint.save_at_end):
                 last_path = save()

@@ -68,6 +68,14 @@ class TrainSection:
 
 
 @dataclass
+class ParallelConfig:
+    # Ranks per sequence: each of P consecutive ranks holds seq_len / P tokens of every sequence and
+    # the retention state passes between them (retnet_train/parallel/context.py); data parallelism
+    # runs over world / P groups. 1: off.
+    context_parallel_size: int = 1
+
+
+@dataclass
 class CheckpointConfig:
     dir: Optional[str] = None  # default: <run.dir>/checkpoints
     interval: int = 1000
@@ -97,6 +105,7 @@ class TrainConfig:
     optim: OptimConfig = field(default_factory=OptimConfig)
     deepspeed: DeepSpeedConfig = field(default_factory=DeepSpeedConfig)
     train: TrainSection = field(default_factory=TrainSection)
+    parallel: ParallelConfig = field(default_factory=ParallelConfig)
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
     wandb: WandbConfig = field(default_factory=WandbConfig)
     run: RunConfig = field(default_factory=RunConfig)
@@ -131,6 +140,10 @@ def check_values(cfg: TrainConfig) -> None:
     need(checkpointing_mode(cfg.train.activation_checkpointing) in ("none", "selective", "full"),
          "train.activation_checkpointing", f"{cfg.train.activation_checkpointing!r} is not none|selective|full")
     need(cfg.train.device in ("auto", "cpu", "cuda"), "train.device", f"{cfg.train.device!r} is not auto|cpu|cuda")
+    cp = cfg.parallel.context_parallel_size
+    need(cp >= 1, "parallel.context_parallel_size", "must be >= 1")
+    need(cp < 1 or cfg.data.seq_len % cp == 0, "parallel.context_parallel_size",
+         f"{cp} does not divide data.seq_len={cfg.data.seq_len}: each rank holds seq_len / {cp} tokens")
     need(cfg.checkpoint.interval > 0, "checkpoint.interval", "must be > 0")
     need(cfg.checkpoint.keep_last >= 1, "checkpoint.keep_last", "must be >= 1")
     need(cfg.wandb.mode in ("online", "offline", "disabled"), "wandb.mode", f"{cfg.wandb.mode!r} is not online|offline|disabled")
@@ -154,11 +167,18 @@ def data_sources(cfg: TrainConfig) -> dict:
 
 
 def grad_accumulation(cfg: TrainConfig, world_size: int) -> int:
-    per_step = cfg.train.micro_batch_size * cfg.data.seq_len * world_size
+    """Micro-batches per step. Under context parallelism the P ranks of a group share their sequences,
+    so the batch counts data-parallel ranks only: world_size / parallel.context_parallel_size."""
+    cp = cfg.parallel.context_parallel_size
+    if world_size % cp:
+        raise ValueError(f"parallel.context_parallel_size={cp} does not divide the world size {world_size}")
+    dp = world_size // cp
+    per_step = cfg.train.micro_batch_size * cfg.data.seq_len * dp
     if cfg.train.global_batch_tokens % per_step:
+        dp_note = f" (world {world_size} / context_parallel_size {cp})" if cp > 1 else ""
         raise ValueError(
             f"train.global_batch_tokens={cfg.train.global_batch_tokens} is not a multiple of micro_batch_size x seq_len x "
-            f"world_size = {cfg.train.micro_batch_size} x {cfg.data.seq_len} x {world_size} = {per_step}")
+            f"data-parallel world = {cfg.train.micro_batch_size} x {cfg.data.seq_len} x {dp}{dp_note} = {per_step}")
     return cfg.train.global_batch_tokens // per_step
 
 

@@ -55,24 +55,26 @@ class MultiScaleRetention(nn.Module):
         self.gate_fn = ACTIVATION_FNS[config.gate_activation]
         self.checkpoint_core = False  # set by DecoderLM.set_activation_checkpointing("selective")
 
-    def forward(self, x, sin, cos, log_gamma, doc_pos, reset, mode, chunk_size, state=None):
+    def forward(self, x, sin, cos, log_gamma, doc_pos, reset, mode, chunk_size, state=None, segment=None):
         B, T, _ = x.shape
         H = self.n_heads
         q = apply_rotary(self.q_proj(x).view(B, T, H, self.key_dim), sin, cos)
         k = apply_rotary((self.k_proj(x) * self.key_dim ** -0.5).view(B, T, H, self.key_dim), sin, cos)
         v = self.v_proj(x).view(B, T, H, self.head_dim)
-        core = (q, k, v, log_gamma, doc_pos, reset, mode, chunk_size, state)
+        core = (q, k, v, log_gamma, doc_pos, reset, mode, chunk_size, state, segment)
         if self.checkpoint_core and self.training and torch.is_grad_enabled():
             o, state = checkpoint(self.retention_core, *core, use_reentrant=False)
         else:
             o, state = self.retention_core(*core)
         return self.out_proj(self.gate_fn(self.g_proj(x)) * o), state
 
-    def retention_core(self, q, k, v, log_gamma, doc_pos, reset, mode, chunk_size, state):
+    def retention_core(self, q, k, v, log_gamma, doc_pos, reset, mode, chunk_size, state, segment=None):
         """Retention, the paper's normalization and the per-head norm: [B, T, H*V] and the state."""
         B, T = q.shape[:2]
         backend = resolve_backend(self.backend, q.device)
         o, row_sum, state = retention_op(backend, q, k, v, log_gamma, mode, chunk_size, reset, state, self.normalize)
+        if segment is not None:  # context parallel: add the earlier ranks' state (parallel/context.py)
+            o, row_sum = segment.combine(o, row_sum, state, q, log_gamma)
         if self.normalize:
             # Paper 2.2: D~ = D / sqrt(sum_i D_ti) -> factor c_t = (sum_{i<=p_t} gamma^i)^-1/2;
             # scores / max(|sum of scaled scores|, 1), the sum detached as in torchscale.
@@ -94,8 +96,8 @@ class RetNetBlock(nn.Module):
         self.ffn_norm = make_norm(config.norm, config.d_model, config.norm_eps)
         self.ffn = FeedForward(config.d_model, config.ffn_dim, config.ffn_type, config.activation)
 
-    def forward(self, x, sin, cos, log_gamma, doc_pos, reset, mode, chunk_size, state=None):
-        h, state = self.retention(self.retention_norm(x), sin, cos, log_gamma, doc_pos, reset, mode, chunk_size, state)
+    def forward(self, x, sin, cos, log_gamma, doc_pos, reset, mode, chunk_size, state=None, segment=None):
+        h, state = self.retention(self.retention_norm(x), sin, cos, log_gamma, doc_pos, reset, mode, chunk_size, state, segment)
         x = x + h
         return x + self.ffn(self.ffn_norm(x)), state
 
@@ -110,6 +112,12 @@ class RetNetForCausalLM(DecoderLM):
         self.register_buffer("inv_freq", 1.0 / config.rotary_base ** torch.linspace(0, 1, K // 2, dtype=torch.float64), persistent=False)
         self.register_buffer("log_gamma", decay_log_gammas(config.n_heads), persistent=False)
         init_weights(self, config, gains={"q_proj": 2 ** -2.5, "k_proj": 2 ** -2.5, "v_proj": 2 ** -2.5, "g_proj": 2 ** -2.5, "out_proj": 1.0})
+        self.context_parallel = None
+
+    def set_context_parallel(self, cp) -> None:
+        """cp: a parallel.ContextParallel (each rank then gets its 1/P slice of every row and returns
+        its slice of the logits and its share of the loss), or None: off."""
+        self.context_parallel = cp
 
     def forward(self, input_ids, labels=None, doc_starts=None, mode: Optional[str] = None,
                 chunk_size: Optional[int] = None, state: Optional[RetNetState] = None,
@@ -131,14 +139,22 @@ class RetNetForCausalLM(DecoderLM):
             raise ValueError(f"state has {len(state.layers)} layers of batch {state.layers[0].shape[0]}; model needs {cfg.n_layers} of batch {B}")
         start = 0 if state is None else state.position
         doc_start_pos = torch.zeros(B, dtype=torch.long, device=x.device) if state is None else state.doc_position
+        segment = None
+        if self.context_parallel is not None:  # this rank's tokens continue the earlier ranks' positions
+            if state is not None or return_state:
+                raise ValueError("context parallel (training) takes no state and returns none")
+            segment = self.context_parallel.segment(doc_starts, labels, B, T, x.device)
+            start, doc_start_pos = segment.position, segment.doc_start_pos
         doc_pos = document_positions(doc_starts, T, doc_start_pos)
         sin, cos = (t.unsqueeze(1) for t in rotary_sin_cos(self.inv_freq, start, T, x.dtype))  # [T, 1, K]
         new_layers = []
         for i, block in enumerate(self.layers):
             layer_state = None if state is None else state.layers[i]
-            x, layer_state = self.run_block(block, x, sin, cos, self.log_gamma, doc_pos, doc_starts, mode, chunk_size, layer_state)
+            x, layer_state = self.run_block(block, x, sin, cos, self.log_gamma, doc_pos, doc_starts, mode, chunk_size, layer_state, segment)
             new_layers.append(layer_state)
         out = self.head(x, labels, return_logits)
+        if segment is not None and out.loss is not None:
+            out.loss = segment.scale_loss(out.loss, labels)
         if return_state:
             out.state = RetNetState(new_layers, start + T, doc_pos[:, -1] + 1)
         return out

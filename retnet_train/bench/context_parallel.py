@@ -1,0 +1,173 @@
+"""Longest trainable sequence with and without context parallelism (parallel/context.py).
+
+    torchrun --standalone --nproc_per_node=2 -m retnet_train.bench.context_parallel \\
+        --preset 1.3b --seq-lens 8192,16384,32768,65536,131072 --context-parallel 2 \\
+        --zero-stage 1 --activation-checkpointing full
+
+For each sequence length, in ascending order: a few real DeepSpeed train steps (bf16 on GPU, fp32 on
+CPU) on random tokens, one JSON line (fits, tokens/s, peak GiB per rank). It stops at the first length
+that does not fit (CUDA out of memory on any rank) and prints the longest that fit. The model and
+engine are built once; every length reuses them, so the peaks differ only by activations.
+P consecutive ranks share a sequence (context parallel); data parallelism runs over world / P.
+
+If only some ranks run out of memory, the others can wait in a collective: --timeout-s turns that
+into an error (the lines printed so far stand; the length that hung did not fit).
+"""
+from __future__ import annotations
+
+import argparse
+import datetime
+import gc
+import json
+import os
+import time
+
+import torch
+import torch.distributed as dist
+
+from ..components.metrics import peak_memory_gib
+from ..model import build_model
+from ..parallel import attach, build_context_parallel, check_layout
+from .train_throughput import load_preset
+
+
+def init(args) -> torch.device:
+    import deepspeed
+
+    cuda = torch.cuda.is_available() and not args.cpu
+    device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0))) if cuda else torch.device("cpu")
+    if cuda:
+        torch.cuda.set_device(device)
+    timeout = datetime.timedelta(seconds=args.timeout_s)
+    backend = "nccl" if cuda else "gloo"
+    if "RANK" not in os.environ:  # plain `python -m`: a world of one, no TCP port
+        os.environ.update(RANK="0", LOCAL_RANK="0", WORLD_SIZE="1")
+        dist.init_process_group(backend, store=dist.HashStore(), rank=0, world_size=1, timeout=timeout)
+    deepspeed.init_distributed(dist_backend=backend, timeout=timeout)
+    return device
+
+
+def make_engine(model, args, device):
+    import deepspeed
+
+    bf16 = device.type == "cuda"
+    config = {
+        "train_micro_batch_size_per_gpu": args.micro_batch, "gradient_accumulation_steps": 1,
+        "gradient_clipping": 1.0, "bf16": {"enabled": bf16}, "zero_optimization": {"stage": args.zero_stage},
+        "steps_per_print": 10 ** 12, "wall_clock_breakdown": False,
+    }
+    if bf16:
+        model = model.to(torch.bfloat16)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4, betas=(0.9, 0.98), weight_decay=0.05,
+                                  fused=device.type == "cuda" or None)
+    engine, *_ = deepspeed.initialize(model=model, optimizer=optimizer, config=config)
+    return engine
+
+
+def make_batch(args, vocab, T, dp_rank, cp, device):
+    """Random tokens, the same on the ranks of a context-parallel group; each keeps its slice."""
+    g = torch.Generator().manual_seed(1000 + dp_rank)
+    ids = torch.randint(0, vocab, (args.micro_batch, T + 1), generator=g)
+    batch = {"input_ids": ids[:, :-1], "labels": ids[:, 1:]}
+    if args.doc_len:
+        batch["doc_starts"] = torch.rand(args.micro_batch, T, generator=g) < 1.0 / args.doc_len
+    batch = {k: v.contiguous().to(device) for k, v in batch.items()}
+    return cp.shard_batch(batch) if cp is not None else batch
+
+
+def sync(device):
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+
+
+def measure(engine, args, vocab, T, dp_rank, cp, device):
+    batch = make_batch(args, vocab, T, dp_rank, cp, device)
+    loss = None
+
+    def step():
+        nonlocal loss
+        loss = engine(**batch, return_logits=False).loss
+        engine.backward(loss)
+        engine.step()
+
+    for _ in range(args.warmup):  # Triton autotuning for the new shapes
+        step()
+    sync(device)
+    start = time.perf_counter()
+    for _ in range(args.steps):
+        step()
+    sync(device)
+    return time.perf_counter() - start, float(loss)
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--preset", default="1.3b", help="configs/model/<preset>.yaml")
+    p.add_argument("--seq-lens", default="8192,16384,32768,65536,131072", help="comma list, tried in ascending order")
+    p.add_argument("--context-parallel", type=int, default=1, help="ranks per sequence (P); 1: off")
+    p.add_argument("--zero-stage", type=int, default=1, choices=[0, 1, 2, 3])
+    p.add_argument("--activation-checkpointing", default="none", choices=["none", "selective", "full"])
+    p.add_argument("--micro-batch", type=int, default=1)
+    p.add_argument("--steps", type=int, default=3, help="timed steps per length")
+    p.add_argument("--warmup", type=int, default=1, help="untimed steps per length first")
+    p.add_argument("--doc-len", type=int, default=0, help="mean document length for doc_starts (0: none)")
+    p.add_argument("--backend", default="auto", choices=["auto", "torch", "fla"], help="retention backend")
+    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="model preset override, e.g. n_layers=2")
+    p.add_argument("--cpu", action="store_true", help="run on CPU (gloo, fp32) even where a GPU is visible")
+    p.add_argument("--timeout-s", type=int, default=600, help="collective timeout (a rank stuck after another's OOM)")
+    args = p.parse_args(argv)
+    import yaml
+
+    seq_lens = sorted(int(s) for s in args.seq_lens.split(","))
+    overrides = {k: yaml.safe_load(v) for k, v in (s.split("=", 1) for s in args.set)}
+    device = init(args)
+    rank, world = dist.get_rank(), dist.get_world_size()
+    P = args.context_parallel
+    cp, dp_rank, dp_world = build_context_parallel(P, rank, world, seq_lens[0])
+    control = dist.new_group(backend="gloo")  # CPU verdicts: not queued behind a failed GPU collective
+
+    cfg = load_preset(args.preset, retention_backend=args.backend, **overrides)
+    torch.manual_seed(0)
+    model = build_model(cfg).to(device)
+    model.set_activation_checkpointing(args.activation_checkpointing)
+    attach(model, cp)
+    engine = make_engine(model, args, device)
+    base = {"preset": args.preset, "params": sum(p.numel() for p in model.parameters()), "world": world,
+            "context_parallel": P, "zero_stage": args.zero_stage, "activation_checkpointing": args.activation_checkpointing,
+            "micro_batch": args.micro_batch, "device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
+            "precision": "bf16" if device.type == "cuda" else "fp32"}
+    longest = None
+    for T in seq_lens:
+        check_layout(P, world, T)
+        if device.type == "cuda":
+            gc.collect()
+            torch.cuda.empty_cache()
+            torch.cuda.reset_peak_memory_stats(device)
+        error = None
+        try:
+            elapsed, loss = measure(engine, args, cfg.vocab_size, T, dp_rank, cp, device)
+        except torch.cuda.OutOfMemoryError as e:
+            error, elapsed, loss = str(e).splitlines()[0][:200], float("nan"), float("nan")
+            print(json.dumps({"rank": rank, "seq_len": T, "oom": error}), flush=True)
+        # every rank's verdict and peak, over the CPU group
+        mine = torch.tensor([0.0 if error else 1.0, peak_memory_gib(device)], dtype=torch.float64)
+        verdicts = [torch.zeros_like(mine) for _ in range(world)]
+        dist.all_gather(verdicts, mine, group=control)
+        fits = all(v[0].item() > 0 for v in verdicts)
+        if rank == 0:
+            tokens = args.steps * args.micro_batch * T * dp_world  # every data-parallel group trains its sequences
+            print(json.dumps({**base, "seq_len": T, "tokens_per_rank": T // P, "fits": fits,
+                              "tokens_per_s": round(tokens / elapsed, 1) if fits else None,
+                              "step_s": round(elapsed / args.steps, 3) if fits else None,
+                              "peak_gib_per_rank": [round(v[1].item(), 2) for v in verdicts],
+                              "loss": round(loss, 4) if fits else None}), flush=True)
+        if not fits:
+            break  # longer ones need more; after an OOM the engine's state is not trustworthy either
+        longest = T
+    if rank == 0:
+        print(json.dumps({**base, "longest_fitting_seq_len": longest, "tried": seq_lens}), flush=True)
+    dist.destroy_process_group()
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,57 @@
+"""Trainer-side helpers: rank layout of context parallelism and token-weighted means."""
+from __future__ import annotations
+
+from typing import Optional, Tuple
+
+import torch
+import torch.distributed as dist
+
+from .context import KEY, ContextParallel
+
+
+def check_layout(size: int, world: int, seq_len: int) -> None:
+    """Errors name the config key so that a bad launch fails at start, not in a collective."""
+    if size < 1:
+        raise ValueError(f"{KEY}: must be >= 1, got {size}")
+    if world % size:
+        raise ValueError(f"{KEY}={size} does not divide the world size {world}: "
+                         f"launch a multiple of {size} ranks or change {KEY}")
+    if seq_len % size:
+        raise ValueError(f"{KEY}={size} does not divide data.seq_len={seq_len}: each rank holds seq_len / {size} tokens")
+
+
+def build_context_parallel(size: int, rank: int, world: int, seq_len: int) -> Tuple[Optional[ContextParallel], int, int]:
+    """(cp or None, data-parallel rank, data-parallel world). Consecutive ranks form a group: on one
+    node when P divides the GPUs per node, where the per-layer state exchange is fastest. Every rank
+    creates every group, in the same order (torch.distributed requires it)."""
+    check_layout(size, world, seq_len)
+    if size == 1:
+        return None, rank, world
+    mine = None
+    for first in range(0, world, size):
+        ranks = list(range(first, first + size))
+        group = dist.new_group(ranks)
+        if rank in ranks:
+            mine = group
+    return ContextParallel(mine, rank % size, size), rank // size, world // size
+
+
+def loss_weight(cp: Optional[ContextParallel], labels: torch.Tensor) -> torch.Tensor:
+    """How many tokens this rank's loss stands for in a token-weighted mean over ranks. Under context
+    parallel a rank's loss is P * (its token-loss sum) / (the group's tokens), so each rank weighs
+    group tokens / P and the weighted sum is the group's token-loss sum."""
+    n = (labels != -100).sum()
+    if cp is None:
+        return n
+    n = n.clone()
+    dist.all_reduce(n, group=cp.group)
+    return n.double() / cp.size
+
+
+def attach(model, cp: Optional[ContextParallel]) -> None:
+    """Turn context parallelism on for `model` (a no-op when cp is None)."""
+    if cp is None:
+        return
+    if not hasattr(model, "set_context_parallel"):
+        raise ValueError(f"{KEY}={cp.size} needs a RetNet (model.arch=retnet): only its state can be passed between ranks")
+    model.set_context_parallel(cp)

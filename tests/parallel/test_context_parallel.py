@@ -1,0 +1,107 @@
+"""Context parallel RetNet on real gloo ranks equals the whole sequence on one process: logits, loss
+and every parameter gradient (fp32, 1e-5), with and without the paper's normalization, document
+starts on, inside and away from rank boundaries, chunk sizes that do and do not divide T / P."""
+import itertools
+
+import pytest
+import torch
+import torch.distributed as dist
+
+from cp_helpers import run_ranks
+from retnet_train.model import RetNetConfig, RetNetForCausalLM
+from retnet_train.parallel import build_context_parallel
+
+VOCAB, T, B = 97, 24, 2
+
+
+def make_model(seed, **overrides):
+    torch.manual_seed(seed)
+    cfg = dict(vocab_size=VOCAB, d_model=32, n_layers=2, n_heads=2, ffn_dim=48, retention_backend="torch")
+    cfg.update(overrides)
+    model = RetNetForCausalLM(RetNetConfig(**cfg))
+    with torch.no_grad():  # larger than the init so the score-sum clamp max(|s|, 1) is active
+        for block in model.layers:
+            block.retention.q_proj.weight.mul_(6)
+            block.retention.k_proj.weight.mul_(6)
+    return model
+
+
+def doc_starts(kind, P):
+    if kind == "none":
+        return None
+    local = T // P
+    starts = torch.zeros(B, T, dtype=torch.bool)
+    # row 0: a start exactly at rank 1's first token and one inside rank 1's part (P=3: rank 2
+    # has none, so it receives rank 1's state only); row 1: one start inside rank 0's part only,
+    # so every later rank receives rank 0's last document through the decay product
+    starts[0, local] = starts[0, local + 3] = True
+    starts[1, 5] = True
+    return starts
+
+
+def forward_backward(model, ids, labels, starts, mode, chunk):
+    model.zero_grad(set_to_none=True)
+    out = model(ids, labels=labels, doc_starts=starts, mode=mode, chunk_size=chunk)
+    out.loss.backward()
+    return out.logits.detach(), out.loss.detach(), {n: p.grad.clone() for n, p in model.named_parameters()}
+
+
+def compare_cases(rank, world, cases):
+    cp, _, _ = build_context_parallel(world, rank, world, T)
+    failures = []
+    for normalize, kind, chunk, mode, recompute in cases:
+        model = make_model(0, normalize_retention=normalize)
+        model.set_activation_checkpointing(recompute)  # recomputation repeats the exchange in backward
+        g = torch.Generator().manual_seed(1)
+        ids = torch.randint(0, VOCAB, (B, T), generator=g)
+        labels = torch.randint(0, VOCAB, (B, T), generator=g)
+        labels[0, : T // 2 + 2] = -100  # uneven valid tokens per rank: the loss scaling must hold
+        starts = doc_starts(kind, world)
+        ref_logits, ref_loss, ref_grads = forward_backward(model, ids, labels, starts, mode, chunk)
+
+        model.set_context_parallel(cp)
+        logits, loss, grads = forward_backward(model, cp.shard(ids), cp.shard(labels),
+                                               None if starts is None else cp.shard(starts), mode, chunk)
+        model.set_context_parallel(None)
+        parts = [torch.empty_like(logits) for _ in range(world)]
+        dist.all_gather(parts, logits)
+        dist.all_reduce(loss)
+        case = dict(normalize=normalize, docs=kind, chunk=chunk, mode=mode, recompute=recompute)
+        checks = [("logits", torch.cat(parts, dim=1), ref_logits), ("loss", loss / world, ref_loss)]
+        for name, grad in grads.items():
+            dist.all_reduce(grad)  # what DeepSpeed does over the ranks (then / W)
+            checks.append((name, grad / world, ref_grads[name]))
+        for name, got, want in checks:
+            try:
+                torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
+            except AssertionError as e:
+                failures.append(f"{case} {name}: {str(e).splitlines()[-3:]}")
+    return failures
+
+
+@pytest.mark.parametrize("world", [2, 3])
+def test_context_parallel_equals_one_process(world, tmp_path):
+    chunks = [4, 5] if world == 2 else [3, 8]  # T / P = 12 or 8: divides, does not divide
+    cases = [(n, k, c, "chunkwise", "none") for n, k, c in itertools.product([True, False], ["none", "docs"], chunks)]
+    cases += [(True, "docs", 64, "parallel", "none"), (True, "docs", chunks[1], "chunkwise", "full"),
+              (False, "docs", chunks[0], "chunkwise", "selective")]
+    results = run_ranks(compare_cases, world, tmp_path, cases)
+    failures = [f for r in results for f in r]
+    assert not failures, "\n".join(failures[:20])
+
+
+def test_without_context_parallel_nothing_changes():
+    model = make_model(0)
+    ids = torch.randint(0, VOCAB, (B, T))
+    a = model(ids).logits
+    model.set_context_parallel(None)
+    assert torch.equal(model(ids).logits, a)
+
+
+def test_state_is_refused_under_context_parallel():
+    from retnet_train.parallel import ContextParallel
+
+    model = make_model(0)
+    model.set_context_parallel(ContextParallel(None, 0, 2))
+    with pytest.raises(ValueError, match="context parallel"):
+        model(torch.randint(0, VOCAB, (B, T // 2)), return_state=True)
