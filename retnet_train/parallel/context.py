@@ -130,11 +130,13 @@ class Segment:
         decay = torch.exp(log_gamma.float().view(1, -1) * (t + 1).float().view(-1, 1))  # gamma^(t+1), [T, H]
         # the incoming state reaches a token only before the segment's first document start
         reach = (t.view(1, T) < self.first_start.view(-1, 1)).unsqueeze(-1) * decay  # [B, T, H]
-        q_decayed = q.to(o.dtype) * reach.unsqueeze(-1).to(o.dtype)
-        o = o + torch.einsum("bthk,bhkv->bthv", q_decayed, s_in[..., :V].to(o.dtype))
+        # (q S_in) * reach rather than (q * reach) S_in: autograd then keeps q, which the retention
+        # kernel keeps anyway, and the small reach, instead of a second q-sized tensor per layer
+        q = q.to(o.dtype)
+        o = o + torch.einsum("bthk,bhkv->bthv", q, s_in[..., :V].to(o.dtype)) * reach.unsqueeze(-1).to(o.dtype)
         if row_sum is not None:
             with torch.no_grad():  # the normalization detaches the row sums
-                row_sum = row_sum + torch.einsum("bthk,bhk->bth", q_decayed.float(), s_in[..., V].detach())
+                row_sum = row_sum + torch.einsum("bthk,bhk->bth", q.float(), s_in[..., V]) * reach
         return o, row_sum
 
     def scale_loss(self, loss: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:

@@ -44,6 +44,17 @@ def test_context_parallel_trainer_equals_one_rank(shards, tmp_path):
         assert abs(val[0] - ref_val[0]) <= 1e-5, (name, val, ref_val)
 
 
+
+@pytest.mark.slow
+def test_data_and_context_parallel_together(shards, tmp_path):
+    """4 ranks = 2 data-parallel groups x 2 context-parallel ranks equal 2 data-parallel ranks: the
+    loader per data-parallel rank and DeepSpeed's average over all 4 ranks give the same gradient."""
+    ref, _ = run_losses(shards, tmp_path / "dp2", 2)
+    got, _ = run_losses(shards, tmp_path / "dp2cp2", 4, **{KEY: 2, "deepspeed.zero_stage": 1})
+    assert sorted(got) == sorted(ref) == [1, 2, 3]
+    for step in ref:
+        assert abs(got[step] - ref[step]) <= 1e-5, (step, got[step], ref[step])
+
 def test_world_not_divisible_names_the_key(shards, tmp_path):
     proc = train(overrides(shards, tmp_path / "run", **{KEY: 2}), nproc=1, check=False, timeout=120)
     assert proc.returncode != 0
