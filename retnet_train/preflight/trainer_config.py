@@ -1,15 +1,18 @@
 """The trainer's view for the preflight: the parameter count (from --params, a model preset or the
 composed trainer config) and the checkpoint directory, batch arithmetic and data paths the trainer
-itself will use, from the same Hydra overrides."""
+itself will use, from the same Hydra overrides. The preflight composes the config exactly as
+`python -m retnet_train.train` would, so it checks the directory the trainer will really write to
+and fails on values the trainer would only reject after the queue wait."""
 from __future__ import annotations
 
+import argparse
 import os
 import re
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Sequence
 
-REPO_ROOT = Path(__file__).resolve().parent.parent
+REPO_ROOT = Path(__file__).resolve().parents[2]
 
 
 class PreflightError(ValueError):
@@ -55,6 +58,20 @@ def parse_params(text: str) -> int:
     if not value >= 1 or value != value or value == float("inf"):
         raise PreflightError(f"--params {text!r}: must be a positive parameter count")
     return int(value)
+
+
+def resolve_params(args: argparse.Namespace) -> tuple[int | None, str]:
+    if args.params is not None:
+        return parse_params(args.params), "--params"
+    if args.model_preset is not None:
+        return params_from_preset(args.model_preset), args.model_preset
+    name = override_value(args.overrides, "model")
+    if name:
+        preset = REPO_ROOT / "configs" / "model" / f"{name}.yaml"
+        if not preset.is_file():
+            raise PreflightError(f"override model={name}: no preset {preset} (pass --params N)")
+        return params_from_preset(preset), f"configs/model/{name}.yaml"
+    return None, ""
 
 
 def override_value(overrides: Sequence[str], key: str) -> str | None:
@@ -150,7 +167,7 @@ def trainer_view(cfg, world_size: int | None) -> TrainerView:
                        precision=str(cfg.deepspeed.precision), device=str(cfg.train.device), problems=problems)
 
 
-# ---------------------------------------------------------------- checks
+# ---------------------------------------------------------------- overrides
 
 
 _HYDRA_VALUE_FLAGS = {"-c", "--cfg", "-p", "--package", "-cp", "--config-path", "-cn", "--config-name",
