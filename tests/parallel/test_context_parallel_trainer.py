@@ -35,6 +35,8 @@ def test_context_parallel_trainer_equals_one_rank(shards, tmp_path):
         "cp2 zero0": {KEY: 2},
         # ZeRO 1 and recomputation: the state exchange runs again inside the backward pass
         "cp2 zero1 selective": {KEY: 2, "deepspeed.zero_stage": 1, "train.activation_checkpointing": "selective"},
+        # the 8k experiments compile the blocks: the exchange must survive torch.compile
+        "cp2 compiled": {KEY: 2, "train.compile": "true"},
     }
     for name, extra in runs.items():
         got, val = run_losses(shards, tmp_path / name.replace(" ", "_"), 2, **extra)
