@@ -136,8 +136,8 @@ def run(cfg: TrainConfig) -> dict:
     if is_main:
         os.makedirs(run_dir, exist_ok=True)
         OmegaConf.save(OmegaConf.create(resolved), os.path.join(run_dir, "config.yaml"))
-        layout = f"world {world} ({dp_world} data x {world // dp_world} context parallel)" if cp else f"world {world}"
-        print(f"{layout} | micro-batch {cfg.train.micro_batch_size} x seq {cfg.data.seq_len} | accumulation {accum} "
+        ranks = f"world {world} ({dp_world} data x {world // dp_world} context parallel)" if cp else f"world {world}"
+        print(f"{ranks} | micro-batch {cfg.train.micro_batch_size} x seq {cfg.data.seq_len} | accumulation {accum} "
               f"| {tokens_per_step:,} tokens/step | {tokens_per_step * cfg.train.max_steps:,} tokens total "
               f"| {model.num_params():,} parameters | ZeRO {cfg.deepspeed.zero_stage} {cfg.deepspeed.precision} "
               f"| device {device.type}", flush=True)

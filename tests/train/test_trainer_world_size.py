@@ -81,6 +81,9 @@ def test_resume_on_another_world_size_continues_the_run(shards, reference, tmp_p
     stale.mkdir(parents=True, exist_ok=True)
     (stale / "garbage").write_text("x")
     before = file_stamps(source)
+    # the layout is our own record in the client state, not the fallback to DeepSpeed's keys
+    client = torch.load(source / "mp_rank_00_model_states.pt", map_location="cpu", weights_only=False)
+    assert client["layout"] == {"world_size": saved, "zero_stage": stage, "precision": "fp32"}
 
     proc = train(run_args(shards, tmp_path, stage, **{"train.resume": str(source)}), nproc=resumed)
     out = proc.stdout
