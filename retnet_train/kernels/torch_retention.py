@@ -36,7 +36,32 @@ def _decay_dtype(dtype):
     return torch.promote_types(dtype, torch.float32)
 
 
-def _scan_weights(log_gamma, C, N, reset_chunks=None):
+def chunk_decays(log_gamma, C, N, reset=None):
+    """The decays of the chunkwise form, in log_gamma's dtype, for N chunks of C tokens:
+    mask [B|1, H, N|1, C, C] = gamma^(j-i) for i <= j in the same document (intra-chunk scores);
+    q_decay [B|1, H, N|1, C, 1] = gamma^(j+1), 0 after a reset (chunk-start state -> token j);
+    k_decay [B|1, H, N|1, C, 1] = gamma^(C-1-i), 0 before the chunk's last document (token -> chunk end);
+    reset_chunks [B, N] (None without resets): chunks holding a document start."""
+    H = log_gamma.shape[0]
+    lg = log_gamma.view(H, 1, 1)
+    idx = torch.arange(C, device=log_gamma.device, dtype=log_gamma.dtype)
+    diff = idx.view(C, 1) - idx.view(1, C)
+    causal = diff >= 0
+    # masked before exp so nothing overflows
+    mask = (torch.exp(lg * diff.masked_fill(~causal, 0)) * causal).view(1, H, 1, C, C)
+    q_decay = torch.exp(lg * (idx + 1)).view(1, H, 1, C, 1)
+    k_decay = torch.exp(lg * (C - 1 - idx)).view(1, H, 1, C, 1)
+    if reset is None:
+        return mask, q_decay, k_decay, None
+    B = reset.shape[0]
+    seg = torch.cumsum(reset.view(B, N, C).to(torch.int32), dim=-1)  # resets so far in chunk
+    mask = mask * (seg.unsqueeze(-1) == seg.unsqueeze(-2)).view(B, 1, N, C, C)
+    q_decay = q_decay * (seg == 0).view(B, 1, N, C, 1)  # state reaches j only if no reset up to j
+    k_decay = k_decay * (seg == seg[..., -1:]).view(B, 1, N, C, 1)  # only the chunk's last document
+    return mask, q_decay, k_decay, seg[..., -1] > 0
+
+
+def scan_weights(log_gamma, C, N, reset_chunks=None):
     """W[n, j]: how much of summary j reaches the start of chunk n (n = N: the end). Summary 0 is
     the incoming state, summary j >= 1 is chunk j-1's keys decayed to its end; W = gamma^(C(n-j))
     for j <= n. With resets, a summary survives only if no chunk between it and n has a reset.
@@ -69,24 +94,7 @@ def _equal_full_chunks(q, k, v, log_gamma, reset, state, C, row_sums=False):
     qc, kc, vc = _chunks(q, C), _chunks(k, C), _chunks(v, C)
     acc = _decay_dtype(q.dtype)
     log_gamma = log_gamma.to(acc)
-    lg = log_gamma.view(H, 1, 1)
-    idx = torch.arange(C, device=q.device, dtype=acc)
-    diff = idx.view(C, 1) - idx.view(1, C)
-    causal = diff >= 0
-    # D[h, j, i] = gamma_h^(j - i) for i <= j (masked before exp so nothing overflows)
-    decay = torch.exp(lg * diff.masked_fill(~causal, 0)) * causal  # [H, C, C]
-    q_decay = torch.exp(lg * (idx + 1)).view(1, H, 1, C, 1)  # gamma^(j+1): state -> token j
-    k_decay = torch.exp(lg * (C - 1 - idx)).view(1, H, 1, C, 1)  # gamma^(C-1-i): token i -> chunk end
-
-    mask = decay.view(1, H, 1, C, C)
-    reset_chunks = None
-    if reset is not None:
-        seg = torch.cumsum(reset.view(B, N, C).to(torch.int32), dim=-1)  # resets so far in chunk
-        same_doc = (seg.unsqueeze(-1) == seg.unsqueeze(-2)).view(B, 1, N, C, C)
-        mask = mask * same_doc
-        q_decay = q_decay * (seg == 0).view(B, 1, N, C, 1)  # state reaches j only if no reset up to j
-        k_decay = k_decay * (seg == seg[..., -1:]).view(B, 1, N, C, 1)  # only the chunk's last document
-        reset_chunks = seg[..., -1] > 0
+    mask, q_decay, k_decay, reset_chunks = chunk_decays(log_gamma, C, N, reset)
     z0 = None
     if row_sums and state is not None:
         state, z0 = state[..., :V], state[..., V]
@@ -97,7 +105,7 @@ def _equal_full_chunks(q, k, v, log_gamma, reset, state, C, row_sums=False):
     k_decayed = kc * k_decay.to(dtype)
     chunk_kv = k_decayed.transpose(-1, -2) @ vc  # [B, H, N, K, V]
 
-    W = _scan_weights(log_gamma, C, N, reset_chunks)  # [B|1, H, N+1, N+1] in acc
+    W = scan_weights(log_gamma, C, N, reset_chunks)  # [B|1, H, N+1, N+1] in acc
     W_chunks = W[..., 1:].to(dtype).contiguous()  # (contiguous: a sliced operand falls off the fast GEMMs)
     states = W_chunks @ chunk_kv.reshape(B, H, N, K * V)  # [B, H, N+1, K*V]
     if state is not None:
