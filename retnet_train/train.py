@@ -30,16 +30,18 @@ from .model import build_model, model_config_from_dict
 from .model.flops import flops_per_token
 from .parallel import attach as attach_context_parallel, build_context_parallel, loss_weight
 
-def init_distributed(device: torch.device) -> None:
+def init_distributed(device: torch.device, timeout=None) -> None:
+    """NCCL on GPU, gloo on CPU; `timeout` (a timedelta) for collectives, else the defaults."""
     import deepspeed
 
     backend = "nccl" if device.type == "cuda" else "gloo"
+    kwargs = {} if timeout is None else {"timeout": timeout}
     if "RANK" not in os.environ:
         # A plain `python -m`: a world of one on an in-memory store, so no TCP port can collide
         # with another run on the machine.
         os.environ.update(RANK="0", LOCAL_RANK="0", WORLD_SIZE="1")
-        dist.init_process_group(backend, store=dist.HashStore(), rank=0, world_size=1)
-    deepspeed.init_distributed(dist_backend=backend)  # wraps the group above, or joins torchrun's
+        dist.init_process_group(backend, store=dist.HashStore(), rank=0, world_size=1, **kwargs)
+    deepspeed.init_distributed(dist_backend=backend, **kwargs)  # wraps the group above, or joins torchrun's
 
 
 def pick_device(choice: str) -> torch.device:

@@ -28,40 +28,17 @@ import torch.distributed as dist
 from ..components.metrics import peak_memory_gib
 from ..model import build_model
 from ..parallel import attach, build_context_parallel, check_layout
-from .train_throughput import load_preset
+from ..train import init_distributed
+from .train_throughput import load_preset, make_engine
 
 
 def init(args) -> torch.device:
-    import deepspeed
-
     cuda = torch.cuda.is_available() and not args.cpu
     device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0))) if cuda else torch.device("cpu")
     if cuda:
         torch.cuda.set_device(device)
-    timeout = datetime.timedelta(seconds=args.timeout_s)
-    backend = "nccl" if cuda else "gloo"
-    if "RANK" not in os.environ:  # plain `python -m`: a world of one, no TCP port
-        os.environ.update(RANK="0", LOCAL_RANK="0", WORLD_SIZE="1")
-        dist.init_process_group(backend, store=dist.HashStore(), rank=0, world_size=1, timeout=timeout)
-    deepspeed.init_distributed(dist_backend=backend, timeout=timeout)
+    init_distributed(device, datetime.timedelta(seconds=args.timeout_s))
     return device
-
-
-def make_engine(model, args, device):
-    import deepspeed
-
-    bf16 = device.type == "cuda"
-    config = {
-        "train_micro_batch_size_per_gpu": args.micro_batch, "gradient_accumulation_steps": 1,
-        "gradient_clipping": 1.0, "bf16": {"enabled": bf16}, "zero_optimization": {"stage": args.zero_stage},
-        "steps_per_print": 10 ** 12, "wall_clock_breakdown": False,
-    }
-    if bf16:
-        model = model.to(torch.bfloat16)
-    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4, betas=(0.9, 0.98), weight_decay=0.05,
-                                  fused=device.type == "cuda" or None)
-    engine, *_ = deepspeed.initialize(model=model, optimizer=optimizer, config=config)
-    return engine
 
 
 def make_batch(args, vocab, T, dp_rank, cp, device):
@@ -131,7 +108,8 @@ def main(argv=None):
     model = build_model(cfg).to(device)
     model.set_activation_checkpointing(args.activation_checkpointing)
     attach(model, cp)
-    engine = make_engine(model, args, device)
+    bf16 = device.type == "cuda"
+    engine = make_engine(model.to(torch.bfloat16) if bf16 else model, args.micro_batch, args.zero_stage, bf16=bf16)
     base = {"preset": args.preset, "params": sum(p.numel() for p in model.parameters()), "world": world,
             "context_parallel": P, "zero_stage": args.zero_stage, "activation_checkpointing": args.activation_checkpointing,
             "micro_batch": args.micro_batch, "device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",

@@ -39,19 +39,22 @@ def fla_reference(cfg):
                                fuse_cross_entropy=True))
 
 
-def make_engine(model, args):
+def make_engine(model, micro_batch: int, zero_stage: int, grad_accum: int = 1, bf16: bool = True):
+    """The benchmarks' DeepSpeed engine: AdamW (fused on GPU), clipping 1.0, bf16 mixed precision
+    (fp32 where there is no GPU)."""
     import deepspeed
 
     ds_config = {
-        "train_micro_batch_size_per_gpu": args.micro_batch,
-        "gradient_accumulation_steps": args.grad_accum,
+        "train_micro_batch_size_per_gpu": micro_batch,
+        "gradient_accumulation_steps": grad_accum,
         "gradient_clipping": 1.0,
-        "bf16": {"enabled": True},
-        "zero_optimization": {"stage": args.zero_stage},
+        "bf16": {"enabled": bf16},
+        "zero_optimization": {"stage": zero_stage},
         "steps_per_print": 10 ** 9,
         "wall_clock_breakdown": False,
     }
-    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4, betas=(0.9, 0.98), weight_decay=0.05, fused=True)
+    fused = next(model.parameters()).is_cuda or None
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4, betas=(0.9, 0.98), weight_decay=0.05, fused=fused)
     engine, *_ = deepspeed.initialize(model=model, optimizer=optimizer, config=ds_config)
     return engine
 
@@ -90,7 +93,7 @@ def measure(name, build, cfg, args):
         model.set_activation_checkpointing(args.activation_checkpointing)
     if ours and args.compile:
         model.compile_blocks()
-    engine = make_engine(model, args)
+    engine = make_engine(model, args.micro_batch, args.zero_stage, args.grad_accum)
     B, T = args.micro_batch, args.seq_len
     g = torch.Generator(device="cuda").manual_seed(0)
     batch = {"input_ids": torch.randint(0, cfg.vocab_size, (B, T), device="cuda", generator=g)}
