@@ -25,6 +25,8 @@ from typing import Optional
 
 import yaml
 
+from ..model.layers import CHECKPOINTING_MODES, checkpointing_mode
+
 GiB = 2 ** 30
 BF16, FP32 = 2, 4
 ROOT = os.path.join(os.path.dirname(__file__), "..", "..")
@@ -251,16 +253,8 @@ def activation_small_bytes_per_token_per_layer(cfg, dtype_bytes: int = BF16, sel
     return stats + cfg.n_heads * FP32
 
 
-CHECKPOINTING = ("none", "selective", "full")
+CHECKPOINTING = CHECKPOINTING_MODES
 CORE_TERMS = ("torch_chunkwise", "group_norm_input")  # what RetNet's retention_core keeps, recomputed by "selective"
-
-
-def checkpointing_mode(checkpointing) -> str:
-    """True/False or none|selective|full (DecoderLM.set_activation_checkpointing)."""
-    mode = {True: "full", False: "none", None: "none"}.get(checkpointing, checkpointing)
-    if mode not in CHECKPOINTING:
-        raise ValueError(f"activation checkpointing {checkpointing!r} is not one of {CHECKPOINTING}")
-    return mode
 
 
 def activation_bytes_per_token_per_layer(cfg, backend: str = "fla", dtype_bytes: int = BF16,

@@ -71,6 +71,17 @@ def rotary_sin_cos(inv_freq: torch.Tensor, start: int, length: int, dtype) -> tu
     return angles.sin().to(dtype), angles.cos().to(dtype)
 
 
+CHECKPOINTING_MODES = ("none", "selective", "full")
+
+
+def checkpointing_mode(mode) -> str:
+    """none|selective|full, also from True (full) / False (none); anything else is an error."""
+    mode = {True: "full", False: "none"}.get(mode, mode)
+    if mode not in CHECKPOINTING_MODES:
+        raise ValueError(f"activation checkpointing: {mode!r} is not one of none, full, selective")
+    return mode
+
+
 @dataclass
 class CausalLMOutput:
     logits: Optional[torch.Tensor]
@@ -141,9 +152,7 @@ class DecoderLM(nn.Module):
         "selective" only the sequence mixer's core where a block has one that pays (RetNet's
         retention + normalization + group norm: the largest activations for the least compute);
         "none" (or False) nothing."""
-        mode = {True: "full", False: "none"}.get(mode, mode)
-        if mode not in ("none", "full", "selective"):
-            raise ValueError(f"activation checkpointing: {mode!r} is not one of none, full, selective")
+        mode = checkpointing_mode(mode)
         self.activation_checkpointing = mode == "full"
         for module in self.modules():
             if hasattr(module, "checkpoint_core"):
