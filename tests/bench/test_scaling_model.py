@@ -1,4 +1,4 @@
-"""The scaling model's arithmetic (bench/scaling_model.py) and its check against real saved tensors."""
+"""The scaling model's arithmetic (bench/scaling_model/) and its check against real saved tensors."""
 import json
 from dataclasses import replace
 

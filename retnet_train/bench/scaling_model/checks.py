@@ -1,0 +1,99 @@
+"""The checks of the model: saved activations measured on CPU, and its predictions for the measured
+1- and 2-GPU runs (docs/scaling.md, "Checked against measurements")."""
+from __future__ import annotations
+
+from dataclasses import replace
+
+from ...model.layers import checkpointing_mode
+from .estimate import estimate
+from .settings import DeepSpeedSettings, GiB, Hardware, load_preset
+
+
+def measure_saved_activation_bytes(cfg, micro_batch: int, seq_len: int, checkpointing="none",
+                                   seed: int = 0) -> int:
+    """Bytes of the distinct tensors autograd saves during one training forward (chunked loss),
+    counted once per storage, parameters excluded: torch.autograd.graph.saved_tensors_hooks."""
+    import torch
+
+    from ...model import build_model
+
+    torch.manual_seed(seed)
+    model = build_model(cfg)
+    model.train()
+    model.set_activation_checkpointing(checkpointing_mode(checkpointing))
+    param_storages = {p.untyped_storage().data_ptr() for p in model.parameters()}
+    seen = {}
+
+    def pack(t):
+        s = t.untyped_storage()
+        if s.data_ptr() not in param_storages:
+            seen.setdefault(s.data_ptr(), s.nbytes())
+        return t
+
+    ids = torch.randint(0, cfg.vocab_size, (micro_batch, seq_len))
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        out = model(ids, labels=ids, return_logits=False)
+    out.loss.backward()  # the graph was complete
+    return sum(seen.values())
+
+
+def measured_bytes_per_token_per_layer(cfg, micro_batch: int, seq_len: int, checkpointing="none") -> float:
+    """Per-block saved bytes per token: the difference between n_layers and 2 n_layers (the parts
+    outside the blocks cancel)."""
+    a = measure_saved_activation_bytes(cfg, micro_batch, seq_len, checkpointing)
+    b = measure_saved_activation_bytes(replace(cfg, n_layers=2 * cfg.n_layers), micro_batch, seq_len, checkpointing)
+    return (b - a) / (cfg.n_layers * micro_batch * seq_len)
+
+
+# The 1- and 2-GPU runs the model is checked against (docs/scaling.md, "Checked against measurements").
+# measured: peak GiB from docs/benchmarks.md (bench/train_throughput.py: DeepSpeed's own bucket
+# defaults, micro-batch 1, no accumulation); None where the run is still to be done.
+MEASURED_RUNS = (
+    dict(run="1.3B RetNet, ZeRO-0, 1x H100, eager", preset="1.3b", gpus=1, zero=0, ac=False, mem=79.2,
+         measured=36.68, note="docs/benchmarks.md run 1"),
+    dict(run="1.3B RetNet, ZeRO-0, 1x H100, --compile", preset="1.3b", gpus=1, zero=0, ac=False, mem=79.2,
+         measured=32.36, note="compile saves fewer tensors (not modeled)"),
+    dict(run="1.3B RetNet, ZeRO-1, 1x H100, --compile", preset="1.3b", gpus=1, zero=1, ac=False, mem=79.2,
+         measured=33.04, note="runs 4 and 5"),
+    dict(run="1.3B Transformer, ZeRO-0, 1x H100, eager", preset="transformer_1.3b", gpus=1, zero=0, ac=False, mem=79.2,
+         measured=32.26, note="run 1"),
+    dict(run="1.3B RetNet, ZeRO-2, 2x H200", preset="1.3b", gpus=2, zero=2, ac=False, mem=139.8, measured=None, note=""),
+    dict(run="6.7B RetNet, ZeRO-3, 2x H200, AC", preset="6.7b", gpus=2, zero=3, ac=True, mem=139.8, measured=None,
+         note="experiment retnet_6.7b_8k"),
+    dict(run="6.7B RetNet, ZeRO-3, 2x H200, no AC", preset="6.7b", gpus=2, zero=3, ac=False, mem=139.8, measured=None, note=""),
+)
+
+
+def measured_run_predictions(hw: Hardware = Hardware()) -> list:
+    """The model's numbers for MEASURED_RUNS, as the bench runs them (DeepSpeed's bucket defaults,
+    grad_accum 1) and, for the multi-GPU ones, as the trainer runs them (configs/deepspeed/default.yaml,
+    4M-token batches)."""
+    rows = []
+    for run in MEASURED_RUNS:
+        cfg = load_preset(run["preset"])
+        h = replace(hw, memory_gib=run["mem"])
+        bench = estimate(cfg, run["gpus"], 8192, 1, run["zero"], run["ac"], ds=DeepSpeedSettings.library_defaults(run["zero"]),
+                         hw=h, grad_accum=1)
+        trainer = estimate(cfg, run["gpus"], 8192, 1, run["zero"], run["ac"], ds=DeepSpeedSettings.trainer(), hw=h) \
+            if run["gpus"] > 1 else None
+        rows.append({**run, "bench": bench, "trainer": trainer})
+    return rows
+
+
+def measured_runs_markdown(hw: Hardware = Hardware()) -> str:
+    out = ["| run | measured peak GiB | predicted peak GiB (phase) | resident | peak - resident | comm per micro-batch "
+           "| s per micro-batch | tokens/s/GPU | note |",
+           "|---|---|---|---|---|---|---|---|---|"]
+    for row in measured_run_predictions(hw):
+        for label, r in (("bench", row["bench"]), ("trainer", row["trainer"])):
+            if r is None:
+                continue
+            m, c = r["memory"], r["comm"]
+            meas = f"{row['measured']:.2f}" if (row["measured"] is not None and label == "bench") else "_todo_"
+            a = r["grad_accum"]
+            comm = f"{c['bytes'] / a / 1e9:.1f} GB, {c['seconds'] / a * 1e3:.0f} ms" if c["bytes"] else "-"
+            out.append(f"| {row['run']} ({label}{', accum ' + str(a) if label == 'trainer' else ''}) | {meas} | "
+                       f"{m['peak'] / GiB:.1f} ({m['peak_phase']}) | {m['resident'] / GiB:.1f} | "
+                       f"{(m['peak'] - m['resident']) / GiB:.1f} | {comm} | {r['step_seconds'] / a:.3f} | "
+                       f"{r['tokens_per_s_per_gpu']:,.0f} | {row['note']} |")
+    return "\n".join(out)

@@ -1,0 +1,54 @@
+"""Bytes each GPU sends per optimizer step under each ZeRO stage, and their time."""
+from __future__ import annotations
+
+from .settings import BF16, FP32
+
+
+def collective_bus_bytes(kind: str, payload: float, n_gpus: int) -> float:
+    """Bytes each GPU sends (= receives) in a ring collective over n_gpus: all-reduce 2 (n-1)/n S,
+    reduce-scatter and all-gather (n-1)/n S; p2p S."""
+    if kind == "p2p":
+        return payload
+    if n_gpus <= 1:
+        return 0.0
+    share = (n_gpus - 1) / n_gpus
+    if kind == "all_reduce":
+        return 2 * share * payload
+    if kind in ("reduce_scatter", "all_gather"):
+        return share * payload
+    raise ValueError(f"collective {kind!r}")
+
+
+def comm_ops(stage: int, n_params: int, grad_accum: int) -> list:
+    """Collectives of one optimizer step over the data-parallel group (bf16 payloads):
+    (name, collective, payload bytes, times per step, phase it can hide behind).
+
+    ZeRO-0: gradient all-reduce after the last backward (DeepSpeed's engine, not overlapped).
+    ZeRO-1: gradients reduce-scattered once per step (during the last micro-batch's backward with
+      overlap_comm), updated weights all-gathered after the step: the same bytes as an all-reduce.
+    ZeRO-2: gradients reduce-scattered every micro-batch (only the partition is kept), weights
+      all-gathered after the step.
+    ZeRO-3: every micro-batch gathers the weights for the forward and again for the backward and
+      reduce-scatters the gradients: 3x the weights per micro-batch, no gather after the step.
+    """
+    P2 = BF16 * n_params
+    if stage == 0:
+        return [("grad all-reduce", "all_reduce", P2, 1, "none")]
+    if stage == 1:
+        return [("grad reduce-scatter", "reduce_scatter", P2, 1, "backward_last"),
+                ("param all-gather", "all_gather", P2, 1, "none")]
+    if stage == 2:
+        return [("grad reduce-scatter", "reduce_scatter", P2, grad_accum, "backward"),
+                ("param all-gather", "all_gather", P2, 1, "none")]
+    if stage == 3:
+        return [("param all-gather (forward)", "all_gather", P2, grad_accum, "forward"),
+                ("param all-gather (backward)", "all_gather", P2, grad_accum, "backward"),
+                ("grad reduce-scatter", "reduce_scatter", P2, grad_accum, "backward")]
+    raise ValueError(f"zero stage {stage} is not one of 0, 1, 2, 3")
+
+
+def context_parallel_state_bytes(cfg, micro_batch: int) -> float:
+    """The recurrent state one rank hands to the next per layer: [B, H, K, V (+1 row-sum column)]
+    fp32. Forward sends it on, backward sends its gradient back: 2 per layer per micro-batch."""
+    extra = 1 if cfg.normalize_retention else 0
+    return FP32 * micro_batch * cfg.n_heads * cfg.key_head_dim * (cfg.value_head_dim + extra)

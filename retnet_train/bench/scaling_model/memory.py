@@ -1,0 +1,210 @@
+"""Bytes per GPU: parameter counts, model states under ZeRO, activations per token per layer."""
+from __future__ import annotations
+
+from ...model.layers import CHECKPOINTING_MODES, checkpointing_mode
+from .settings import BF16, DeepSpeedSettings, FP32
+
+
+def _is_retnet(cfg) -> bool:
+    return cfg.arch == "retnet"
+
+
+def norm_params(cfg, dim: int) -> int:
+    return 2 * dim if cfg.norm == "layernorm" else dim  # LayerNorm: weight + bias
+
+
+def ffn_params(cfg) -> int:
+    return (3 if cfg.ffn_type == "glu" else 2) * cfg.d_model * cfg.ffn_dim
+
+
+def param_counts(cfg) -> dict:
+    """Parameters by place, from the layer structure (model/retnet.py, transformer.py, layers.py)."""
+    d, V = cfg.d_model, cfg.vocab_size
+    if _is_retnet(cfg):
+        vd = cfg.value_dim
+        mixer = 2 * d * d + 3 * d * vd + (vd if cfg.head_norm_affine else 0)  # q, k; v, g, out; head norm
+    else:
+        mixer = 4 * d * d  # qkv, out
+    layer = mixer + ffn_params(cfg) + 2 * norm_params(cfg, d)
+    embedding = V * d
+    lm_head = 0 if cfg.tie_embeddings else V * d
+    final_norm = norm_params(cfg, d)
+    total = embedding + lm_head + final_norm + cfg.n_layers * layer
+    return {"embedding": embedding, "lm_head": lm_head, "final_norm": final_norm, "per_layer": layer,
+            "layers": cfg.n_layers * layer, "total": total}
+
+
+def meta_param_count(cfg) -> int:
+    """The real model's count, built on the meta device (no memory)."""
+    import torch
+
+    from ...model import build_model
+
+    with torch.device("meta"):
+        return build_model(cfg).num_params()
+
+
+def zero_bytes_per_param(stage: int, n_gpus: int) -> dict:
+    """Resident bytes per parameter on each GPU (ZeRO paper, K = 12 for mixed-precision Adam):
+    bf16 weights 2, bf16 gradients 2, fp32 master 4, fp32 Adam m and v 8. Stage 1 shards the
+    fp32 states, 2 also the gradients, 3 also the weights, over the n_gpus data-parallel ranks."""
+    if stage not in (0, 1, 2, 3):
+        raise ValueError(f"zero stage {stage} is not one of 0, 1, 2, 3")
+    n = n_gpus
+    return {"params": BF16 / n if stage >= 3 else BF16,
+            "grads": BF16 / n if stage >= 2 else BF16,
+            "master": FP32 / n if stage >= 1 else FP32,
+            "optimizer": 2 * FP32 / n if stage >= 1 else 2 * FP32}
+
+
+def step_transient_bytes(stage: int, n_gpus: int, n_params: int, sub_group_size: int = 1_000_000_000) -> float:
+    """fp32 gradient copy that DeepSpeed makes for the optimizer step: the whole model in its bf16
+    ZeRO-0 path (FP16_UnfusedOptimizer: grad.to(fp32) per param, freed after the step), the own
+    partition in ZeRO 1/2 (single_partition_of_fp32_groups[i].grad), and in ZeRO-3 the own share
+    of one sub-group at a time (sub_group_size parameters, stage3.py _prepare_fp32_grad_for_sub_group)."""
+    if stage == 0:
+        return FP32 * n_params
+    if stage == 3:
+        return FP32 * min(n_params, sub_group_size) / n_gpus
+    return FP32 * n_params / n_gpus
+
+
+def grads_held_bytes_per_param(stage: int, n_gpus: int, grad_accum: int) -> float:
+    """Gradient bytes alive while activations are: ZeRO 0/1 keep full bf16 gradients between
+    micro-batches (none at the first backward's start when grad_accum == 1: they are set to None
+    after each step); ZeRO 2/3 keep only their partition, allocated once and kept."""
+    if stage >= 2:
+        return BF16 / n_gpus
+    return BF16 if grad_accum > 1 else 0.0
+
+
+def bucket_bytes(stage: int, ds: DeepSpeedSettings) -> float:
+    """Gradient reduction buffers allocated for the backward pass (bf16): ZeRO 1/2 with
+    contiguous_gradients hold reduce_bucket_size elements, twice with overlap_comm
+    (stage_1_and_2.py setup_buckets); ZeRO-3 one bucket (stage3.py)."""
+    if stage == 0:
+        return 0.0
+    if stage == 3:
+        return BF16 * ds.reduce_bucket_size
+    if not ds.contiguous_gradients:
+        return 0.0
+    return BF16 * ds.reduce_bucket_size * (2 if ds.overlap_comm else 1)
+
+
+def zero3_working_set_bytes(cfg, ds: DeepSpeedSettings) -> float:
+    """ZeRO-3 parameters gathered at once: the module being run (a layer, or the LM head) plus the
+    prefetch window, at most max_live_parameters; plus one layer's full-size bf16 gradients before
+    they are reduce-scattered."""
+    pc = param_counts(cfg)
+    unit = max(pc["per_layer"], pc["lm_head"], pc["embedding"])
+    gathered = min(ds.max_live_parameters, unit + ds.prefetch_bucket_size)
+    return BF16 * gathered + BF16 * pc["per_layer"]
+
+
+def activation_elements_per_token_per_layer(cfg, backend: str = "fla") -> dict:
+    """Elements saved for backward per token by one block (eager, no checkpointing), by origin:
+    name -> (elements, "act" | "fp32"); "act" elements have the model's dtype (bf16 on GPU).
+
+    Norms (pre-norm, two per block): LayerNorm saves its input and the next matmul its output
+    (2 d each). RMSNorm (layers.py, computed in fp32) saves x.float() (fp32; the same tensor in an fp32
+    model), the normalized y for the weight multiply and the output: 2 d + d fp32 each.
+    RoPE/xPos rotation saves only the shared sin/cos tables (x * cos: cos needs no gradient).
+
+    RetNet MSR: rotated q and k (2 d) and v (d_v) as the retention op's inputs; the group norm's input
+    (d_v; fp32 for rmsnorm); g (silu's input), silu(g) and the normed output (the gate product's
+    two inputs) and the product (out_proj's input): 4 d_v. The normalization factor has no gradient
+    (row sums detached).
+    backend "fla" (GPU): fla's chunk kernel saves only q, k, v and recomputes its chunk states in
+    backward. backend "torch" (the plain path, CPU) saves more: decayed q and k (2 d), the C x C
+    intra-chunk scores (H C), the per-chunk [K, V] states (H K V / C) and a second copy of v (d_v:
+    both chunk matmuls copy the strided v view). The row sums come from these intermediates without
+    gradient.
+
+    Transformer (SDPA flash): rotated q, k and the output o (3 d; o doubles as out_proj's input),
+    the fused qkv output (3 d: v is a view into it and keeps it alive).
+
+    FFN: mlp act input and output (2 f); glu act input, act output, gate output, product (4 f).
+    """
+    d, f = cfg.d_model, cfg.ffn_dim
+    out = {"norms": (4 * d, "act"),
+           "ffn": ((4 if cfg.ffn_type == "glu" else 2) * f, "act")}
+    if cfg.norm == "rmsnorm":
+        out["norms_fp32"] = (2 * d, "fp32")
+    if _is_retnet(cfg):
+        vd, H, K, C = cfg.value_dim, cfg.n_heads, cfg.key_head_dim, cfg.chunk_size
+        out["qkv"] = (2 * d + vd, "act")
+        out["group_norm_input"] = (vd, "act" if cfg.norm == "layernorm" else "fp32")
+        out["gate"] = (4 * vd + (vd if cfg.head_norm_affine else 0), "act")
+        if backend == "torch":
+            out["torch_chunkwise"] = (2 * d + vd + H * C + H * K * cfg.value_head_dim / C, "act")
+        elif backend != "fla":
+            raise ValueError(f"backend {backend!r} is not one of 'fla', 'torch'")
+    else:
+        out["attention"] = (3 * d + 3 * d, "act")
+    return out
+
+
+def activation_small_bytes_per_token_per_layer(cfg, dtype_bytes: int = BF16, selective: bool = False) -> float:
+    """Per-row norm statistics (fp32: LayerNorm mean and rstd, RMSNorm rsqrt) of the two norms and
+    the per-head group norm, the normalization factor per head; the Transformer's attention
+    logsumexp per head (fp32). Selective checkpointing drops the group norm's and the factor's."""
+    per_row = 2 if cfg.norm == "layernorm" else 1
+    stats = 2 * per_row * FP32
+    if _is_retnet(cfg):
+        if selective:
+            return stats
+        return stats + per_row * cfg.n_heads * FP32 + (cfg.n_heads * dtype_bytes if cfg.normalize_retention else 0)
+    return stats + cfg.n_heads * FP32
+
+
+CHECKPOINTING = CHECKPOINTING_MODES
+CORE_TERMS = ("torch_chunkwise", "group_norm_input")  # what RetNet's retention_core keeps, recomputed by "selective"
+
+
+def activation_bytes_per_token_per_layer(cfg, backend: str = "fla", dtype_bytes: int = BF16,
+                                         checkpointing="none") -> float:
+    """Bytes kept per token per block until its backward. "full" checkpointing (torch.utils.checkpoint
+    per block) keeps only the block's input; "selective" (RetNet) recomputes the retention core
+    (retention, normalization, group norm) from q, k, v, which are kept anyway: it drops the core's
+    internals (torch path) and the group norm's input. The Transformer has no selective core."""
+    mode = checkpointing_mode(checkpointing)
+    if mode == "full":
+        return cfg.d_model * dtype_bytes
+    selective = mode == "selective" and _is_retnet(cfg)
+    parts = {k: v for k, v in activation_elements_per_token_per_layer(cfg, backend).items()
+             if not (selective and k in CORE_TERMS)}
+    return sum(n * (FP32 if kind == "fp32" else dtype_bytes) for n, kind in parts.values()) \
+        + activation_small_bytes_per_token_per_layer(cfg, dtype_bytes, selective)
+
+
+def activation_fixed_bytes(cfg, tokens: int, seq_len: int, dtype_bytes: int = BF16) -> float:
+    """Saved outside the blocks: token ids (int64), the sin/cos tables (shared by all layers), the
+    final norm's input, and what the chunked LM-head loss (model/loss.py) keeps for backward: the
+    hidden-state gradient [tokens, d] and the head-weight gradient [V, d] in the model dtype."""
+    d, V = cfg.d_model, cfg.vocab_size
+    rot = cfg.key_head_dim if _is_retnet(cfg) else cfg.d_model // cfg.n_heads
+    final_norm = tokens * d * (dtype_bytes if cfg.norm == "layernorm" else FP32 + dtype_bytes)
+    return (8 * tokens + 2 * seq_len * rot * dtype_bytes + final_norm
+            + tokens * d * dtype_bytes + V * d * dtype_bytes)
+
+
+def loss_forward_transient_bytes(cfg, tokens: int) -> float:
+    """Peak extra memory inside the chunked loss's forward: the fp32 head-gradient accumulator
+    [V, d] and ~3 fp32 logits-sized chunks (logits, softmax, the scaled gradient) of
+    CHUNK_BYTES / (4 V) tokens each (never all tokens' logits)."""
+    from ...model.loss import CHUNK_BYTES
+
+    chunk_tokens = min(tokens, max(1, CHUNK_BYTES // (FP32 * cfg.vocab_size)))
+    return FP32 * cfg.vocab_size * cfg.d_model + 3 * FP32 * cfg.vocab_size * chunk_tokens
+
+
+def backward_working_bytes(cfg, tokens: int, backend: str = "fla", dtype_bytes: int = BF16,
+                           checkpointing="none") -> float:
+    """Extra memory while one block runs its backward: its gradients and temporaries (taken as
+    one block's activations again), the block recomputed under checkpointing (one more), and fla's
+    chunk states h and dh recomputed in fp32 ([H, K, V] per chunk of C tokens, twice)."""
+    layer = tokens * activation_bytes_per_token_per_layer(cfg, backend, dtype_bytes, checkpointing=False)
+    extra = layer * (2 if checkpointing_mode(checkpointing) == "full" else 1)
+    if _is_retnet(cfg) and backend == "fla":
+        extra += 2 * FP32 * tokens * cfg.n_heads * cfg.key_head_dim * cfg.value_head_dim / cfg.chunk_size
+    return extra
