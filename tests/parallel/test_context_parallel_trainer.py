@@ -6,17 +6,12 @@ from pathlib import Path
 import pytest
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "train"))
-from trainer_helpers import losses, make_shards, overrides, records, train  # noqa: E402
+from trainer_helpers import losses, overrides, records, shards, train  # noqa: E402,F401 (shards: a fixture)
 
 from retnet_train.components.config import TrainConfig, check_values, grad_accumulation  # noqa: E402
 from retnet_train.parallel import ContextParallel, attach, check_layout  # noqa: E402
 
 KEY = "parallel.context_parallel_size"
-
-
-@pytest.fixture(scope="module")
-def shards(tmp_path_factory):
-    return make_shards(tmp_path_factory.mktemp("shards"))
 
 
 def run_losses(shards, run_dir, nproc, **extra):

@@ -6,14 +6,9 @@ import time
 import pytest
 import torch
 
-from trainer_helpers import losses, make_shards, overrides, records, start, train
+from trainer_helpers import losses, overrides, records, shards, start, train  # noqa: F401 (shards: a fixture)
 
 pytestmark = pytest.mark.slow
-
-
-@pytest.fixture(scope="module")
-def shards(tmp_path_factory):
-    return make_shards(tmp_path_factory.mktemp("shards"))
 
 
 @pytest.fixture(scope="module")

@@ -5,7 +5,7 @@ import os
 import pytest
 import torch
 
-from trainer_helpers import losses, make_shards, overrides, records, train
+from trainer_helpers import losses, overrides, records, shards, train  # noqa: F401 (shards: a fixture)
 
 from retnet_train.components.reshard import UNIVERSAL, checkpoint_layout, convert_to_universal, plan
 
@@ -20,11 +20,6 @@ def run_args(shards, run_dir, stage, **extra):
     return overrides(shards, run_dir, **{"deepspeed.zero_stage": stage, "train.max_steps": STEPS,
                                          "checkpoint.interval": AT, "checkpoint.keep_last": 5,
                                          "optim.warmup_steps": 3, "optim.decay": "linear", **extra})
-
-
-@pytest.fixture(scope="module")
-def shards(tmp_path_factory):
-    return make_shards(tmp_path_factory.mktemp("shards"))
 
 
 @pytest.fixture(scope="module")

@@ -8,6 +8,7 @@ import sys
 from pathlib import Path
 
 import numpy as np
+import pytest
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "data"))
 from shard_fixtures import write_shard_dir  # noqa: E402
@@ -27,6 +28,12 @@ def make_shards(directory: Path) -> Path:
     toks[rng.choice(n, n // 50, replace=False)] = 2
     write_shard_dir(directory, toks[:50_000], toks[50_000:], shard_tokens=8192, vocab_size=VOCAB)
     return directory
+
+
+@pytest.fixture(scope="module")
+def shards(tmp_path_factory):
+    """make_shards' corpus, once per test module (import this fixture into the module)."""
+    return make_shards(tmp_path_factory.mktemp("shards"))
 
 
 def overrides(data_dir: Path, run_dir: Path, **extra) -> list:
