@@ -7,6 +7,7 @@ import torch
 
 from trainer_helpers import losses, overrides, records, shards, train  # noqa: F401 (shards: a fixture)
 
+from retnet_train.checkpoint_io import _model_states_file
 from retnet_train.components.reshard import UNIVERSAL, checkpoint_layout, convert_to_universal, plan
 
 STEPS, AT = 4, 2  # train 4 steps, checkpoint at 2, resume and compare steps 3..4
@@ -77,7 +78,7 @@ def test_resume_on_another_world_size_continues_the_run(shards, reference, tmp_p
     (stale / "garbage").write_text("x")
     before = file_stamps(source)
     # the layout is our own record in the client state, not the fallback to DeepSpeed's keys
-    client = torch.load(source / "mp_rank_00_model_states.pt", map_location="cpu", weights_only=False)
+    client = torch.load(_model_states_file(str(source)), map_location="cpu", weights_only=False)  # ZeRO-3 names it differently
     assert client["layout"] == {"world_size": saved, "zero_stage": stage, "precision": "fp32"}
 
     proc = train(run_args(shards, tmp_path, stage, **{"train.resume": str(source)}), nproc=resumed)
