@@ -2,14 +2,16 @@
 same run, same GPU, random weights at a preset's size.
 
     python -m retnet_train.bench.decode --preset 6.7b --baseline transformer_6.7b \
-        --prompt-len 8064 --new-tokens 128 --batch-sizes 1,8,32 --check-prompt-len 1024
+        --prompt-len 8064 --new-tokens 128 --batch-sizes 1,8,32 --check-prompt-len 1024 \
+        [--hf-llama-reference] [--fla-reference]
 
 Per (model, batch size) one JSON line: prefill seconds, decode ms/step, tokens/s, memory over
 the weights (state or KV cache bytes, decode peak, prefill peak), the weight-read limit of one
 step (weight bytes / HBM bandwidth) and the step's ratio to it; then RetNet/Transformer
 speedups. A batch that does not fit is reported as "oom" (the Transformer's 8k KV cache at
 batch 32 is 137 GB for 6.7B). --check-prompt-len reruns RetNet at a second prompt length to
-show its memory over the weights does not depend on it.
+show its memory over the weights does not depend on it. --hf-llama-reference and --fla-reference
+add Hugging Face `generate` rows (Llama with KV cache, fla's RetNet): the issue's reference setups.
 """
 from __future__ import annotations
 
@@ -23,7 +25,7 @@ from typing import Optional
 import torch
 
 from ..decoding import CudaGraphStep, make_decoder
-from .train_throughput import load_preset
+from .train_throughput import fla_reference, load_preset
 
 # HBM bandwidth (bytes/s) by device name, for the weight-read bound of one decode step.
 HBM_BANDWIDTH = {"H100": 3.35e12, "H200": 4.8e12, "A100": 2.0e12, "MI300X": 5.3e12, "MI250X": 3.2e12}
@@ -113,21 +115,31 @@ def bench_one(model, batch: int, prompt_len: int, new_tokens: int, cuda_graph: b
     return row
 
 
-@torch.no_grad()
-def bench_fla_generate(cfg, batch: int, prompt_len: int, new_tokens: int, device: str, dtype: torch.dtype) -> dict:
-    """fla's Hugging Face RetNet at the preset's size (SwiGLU of about our FFN's parameters, as in
-    bench/train_throughput.py) through `generate` (the issue's reference
-    figure: 180.7 tokens/s at 6.7B, 8064 + 128, batch 8 on an H100). Decode time = full
-    generate minus a 1-token generate (the prefill)."""
-    from fla.models import RetNetConfig as FlaConfig, RetNetForCausalLM as FlaRetNet
+def hf_llama(cfg):
+    """Hugging Face Llama (KV cache, SDPA) at the Transformer preset's size, SwiGLU width 2/3 of its
+    MLP's (Llama-7B's 11008 at 6.7B); the issue's reference: 54.4 tokens/s at batch 8 on an H100."""
+    from transformers import LlamaConfig, LlamaForCausalLM
 
+    inter = 256 * round(2 * cfg.ffn_dim / 3 / 256)
+    return LlamaForCausalLM(LlamaConfig(hidden_size=cfg.d_model, num_hidden_layers=cfg.n_layers,
+                                        num_attention_heads=cfg.n_heads, num_key_value_heads=cfg.n_heads,
+                                        intermediate_size=inter, vocab_size=cfg.vocab_size,
+                                        max_position_embeddings=16384, attn_implementation="sdpa"))
+
+
+# fla_reference: the issue's reference is 180.7 tokens/s at 6.7B, 8064 + 128, batch 8, H100.
+HF_REFERENCES = {"fla_retnet_hf_generate": fla_reference, "llama_hf_generate": hf_llama}
+
+
+@torch.no_grad()
+def bench_hf_generate(arch: str, cfg, batch: int, prompt_len: int, new_tokens: int, device: str, dtype: torch.dtype) -> dict:
+    """A Hugging Face model through `generate` (greedy, cache on), random weights at the preset's
+    size. Decode time = full generate minus a 1-token generate (the prefill)."""
     prev = torch.get_default_dtype()
     torch.set_default_dtype(dtype)
     try:
         with torch.device(device):
-            model = FlaRetNet(FlaConfig(hidden_size=cfg.d_model, num_hidden_layers=cfg.n_layers, num_heads=cfg.n_heads,
-                                        expand_v=cfg.value_factor, hidden_ratio=2, vocab_size=cfg.vocab_size,
-                                        fuse_cross_entropy=False)).eval()
+            model = HF_REFERENCES[arch](cfg).eval()
     finally:
         torch.set_default_dtype(prev)
     weights = sum(p.numel() * p.element_size() for p in model.parameters())
@@ -146,7 +158,7 @@ def bench_fla_generate(cfg, batch: int, prompt_len: int, new_tokens: int, device
         torch.cuda.synchronize()
         times[n] = time.perf_counter() - t0
     decode_s = times[new_tokens] - times[1]
-    row = {"arch": "fla_retnet_hf_generate", "params_b": round(sum(p.numel() for p in model.parameters()) / 1e9, 3),
+    row = {"arch": arch, "params_b": round(sum(p.numel() for p in model.parameters()) / 1e9, 3),
            "batch": batch, "prompt_len": prompt_len, "new_tokens": new_tokens, "prefill_s": round(times[1], 3),
            "ms_per_step": round(1000 * decode_s / (new_tokens - 1), 3),
            "tokens_per_s": round(batch * (new_tokens - 1) / decode_s, 1), "weights_gib": round(weights / GIB, 3),
@@ -184,6 +196,8 @@ def parse_args(argv=None):
     p.add_argument("--compile-step", action="store_true", help="torch.compile the step before CUDA-graph capture")
     p.add_argument("--fla-reference", action="store_true",
                    help="also time fla's HF RetNet generate at the preset's size (needs flash-linear-attention + transformers)")
+    p.add_argument("--hf-llama-reference", action="store_true",
+                   help="also time Hugging Face Llama generate (KV cache, SDPA) at the baseline's size (needs transformers)")
     p.add_argument("--output", help="also write all rows here (JSON lines)")
     return p.parse_args(argv)
 
@@ -197,10 +211,15 @@ def main(argv=None) -> int:
     if any(b < 1 for b in batches) or args.prompt_len < 1 or args.new_tokens < 1:
         raise SystemExit("error: --batch-sizes, --prompt-len and --new-tokens must be >= 1")
     cuda_graph = not args.no_cuda_graph and torch.device(args.device).type == "cuda"
-    if args.fla_reference and torch.device(args.device).type != "cuda":
-        raise SystemExit("error: --fla-reference needs a CUDA device")
-    if args.new_tokens < 2 and args.fla_reference:
-        raise SystemExit("error: --fla-reference needs --new-tokens >= 2")
+    references = [(flag, arch, preset) for flag, arch, preset in (
+        ("--fla-reference", "fla_retnet_hf_generate", args.preset),
+        ("--hf-llama-reference", "llama_hf_generate", args.baseline or "transformer_6.7b"))
+        if getattr(args, flag[2:].replace("-", "_"))]
+    for flag, _, _ in references:
+        if torch.device(args.device).type != "cuda":
+            raise SystemExit(f"error: {flag} needs a CUDA device")
+        if args.new_tokens < 2:
+            raise SystemExit(f"error: {flag} needs --new-tokens >= 2")
     dtype = getattr(torch, args.dtype)
     rows = []
 
@@ -218,22 +237,27 @@ def main(argv=None) -> int:
         gc.collect()
         if torch.device(args.device).type == "cuda":
             torch.cuda.empty_cache()
-    if args.fla_reference:
-        cfg = load_preset(args.preset)
+    for _, arch, preset in references:
+        cfg = load_preset(preset)
         for b in batches:
             try:
-                emit({"preset": args.preset, **bench_fla_generate(cfg, b, args.prompt_len, args.new_tokens, args.device, dtype)})
+                emit({"preset": preset, **bench_hf_generate(arch, cfg, b, args.prompt_len, args.new_tokens, args.device, dtype)})
             except torch.cuda.OutOfMemoryError as e:
-                emit({"preset": args.preset, "arch": "fla_retnet_hf_generate", "batch": b, "oom": str(e).split("\n")[0][:200]})
+                emit({"preset": preset, "arch": arch, "batch": b, "oom": str(e).split("\n")[0][:200]})
             gc.collect()
             torch.cuda.empty_cache()
     by = {(r["arch"], r["batch"], r["prompt_len"]): r for r in rows if "arch" in r}
     for b in batches:
-        ret, tra = by.get(("retnet", b, args.prompt_len)), by.get(("transformer", b, args.prompt_len))
-        if ret and tra and "tokens_per_s" in ret:
-            emit({"summary": "speedup", "batch": b, "retnet_tokens_per_s": ret["tokens_per_s"],
-                  "transformer_tokens_per_s": tra.get("tokens_per_s", "oom"),
-                  "speedup": round(ret["tokens_per_s"] / tra["tokens_per_s"], 2) if "tokens_per_s" in tra else None})
+        ret = by.get(("retnet", b, args.prompt_len))
+        if not (ret and "tokens_per_s" in ret):
+            continue
+        summary = {"summary": "speedup", "batch": b, "retnet_tokens_per_s": ret["tokens_per_s"]}
+        for arch, key in (("transformer", "transformer"), ("llama_hf_generate", "hf_llama"), ("fla_retnet_hf_generate", "fla_hf")):
+            other = by.get((arch, b, args.prompt_len))
+            if other:
+                summary[f"{key}_tokens_per_s"] = other.get("tokens_per_s", "oom")
+                summary[f"speedup_vs_{key}"] = round(ret["tokens_per_s"] / other["tokens_per_s"], 2) if "tokens_per_s" in other else None
+        emit(summary)
     if args.output:
         with open(args.output, "w") as f:
             f.writelines(json.dumps(r) + "\n" for r in rows)

@@ -34,6 +34,9 @@ def test_bench_bad_arguments():
         main(["--batch-sizes", "0", "--device", "cpu"])
     with pytest.raises(SystemExit, match="no model preset"):
         main(["--preset", "nope", "--device", "cpu", "--batch-sizes", "1"])
+    for flag in ("--hf-llama-reference", "--fla-reference"):
+        with pytest.raises(SystemExit, match=f"{flag} needs a CUDA device"):
+            main([flag, "--device", "cpu", "--batch-sizes", "1"])
 
 
 @pytest.mark.gpu
