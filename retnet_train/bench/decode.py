@@ -178,6 +178,24 @@ def run(model, args, batch: int, prompt_len: int, cuda_graph: bool) -> dict:
             torch.cuda.empty_cache()
 
 
+def speedup_rows(rows: list, batches: list, prompt_len: int) -> list:
+    """Per batch size: RetNet's tokens/s over each baseline's in `rows` (None where it did not fit)."""
+    by = {(r["arch"], r["batch"], r["prompt_len"]): r for r in rows if "arch" in r}
+    out = []
+    for b in batches:
+        ret = by.get(("retnet", b, prompt_len))
+        if not (ret and "tokens_per_s" in ret):
+            continue
+        summary = {"summary": "speedup", "batch": b, "retnet_tokens_per_s": ret["tokens_per_s"]}
+        for arch, key in (("transformer", "transformer"), ("llama_hf_generate", "hf_llama"), ("fla_retnet_hf_generate", "fla_hf")):
+            other = by.get((arch, b, prompt_len))
+            if other:
+                summary[f"{key}_tokens_per_s"] = other.get("tokens_per_s", "oom")
+                summary[f"speedup_vs_{key}"] = round(ret["tokens_per_s"] / other["tokens_per_s"], 2) if "tokens_per_s" in other else None
+        out.append(summary)
+    return out
+
+
 def parse_args(argv=None):
     p = argparse.ArgumentParser(prog="python -m retnet_train.bench.decode", description=__doc__.split("\n")[0])
     p.add_argument("--preset", default="6.7b", help="RetNet preset (configs/model/NAME.yaml)")
@@ -243,21 +261,12 @@ def main(argv=None) -> int:
             try:
                 emit({"preset": preset, **bench_hf_generate(arch, cfg, b, args.prompt_len, args.new_tokens, args.device, dtype)})
             except torch.cuda.OutOfMemoryError as e:
-                emit({"preset": preset, "arch": arch, "batch": b, "oom": str(e).split("\n")[0][:200]})
+                emit({"preset": preset, "arch": arch, "batch": b, "prompt_len": args.prompt_len,
+                      "oom": str(e).split("\n")[0][:200]})
             gc.collect()
             torch.cuda.empty_cache()
-    by = {(r["arch"], r["batch"], r["prompt_len"]): r for r in rows if "arch" in r}
-    for b in batches:
-        ret = by.get(("retnet", b, args.prompt_len))
-        if not (ret and "tokens_per_s" in ret):
-            continue
-        summary = {"summary": "speedup", "batch": b, "retnet_tokens_per_s": ret["tokens_per_s"]}
-        for arch, key in (("transformer", "transformer"), ("llama_hf_generate", "hf_llama"), ("fla_retnet_hf_generate", "fla_hf")):
-            other = by.get((arch, b, args.prompt_len))
-            if other:
-                summary[f"{key}_tokens_per_s"] = other.get("tokens_per_s", "oom")
-                summary[f"speedup_vs_{key}"] = round(ret["tokens_per_s"] / other["tokens_per_s"], 2) if "tokens_per_s" in other else None
-        emit(summary)
+    for row in speedup_rows(rows, batches, args.prompt_len):
+        emit(row)
     if args.output:
         with open(args.output, "w") as f:
             f.writelines(json.dumps(r) + "\n" for r in rows)

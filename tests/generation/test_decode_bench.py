@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from gen_fixtures import VOCAB, tiny_model
-from retnet_train.bench.decode import main
+from retnet_train.bench.decode import main, speedup_rows
 from retnet_train.decoding import CudaGraphStep, make_decoder
 
 
@@ -25,6 +25,19 @@ def test_bench_cpu_rows_and_prompt_independent_state(capsys, tmp_path):
     assert tra[1]["state_bytes"] == 2 * 2 * 4 * 2 * 64 * 64 * 4  # K and V, B L H slots D fp32 (48+3+1 -> 64)
     assert all(r["tokens_per_s"] > 0 and r["ms_per_step"] > 0 for r in ret + tra)
     assert {r["batch"] for r in rows if r.get("summary") == "speedup"} == {1, 2}
+
+
+def test_speedup_rows_name_each_baseline_and_out_of_memory():
+    rows = [{"arch": "retnet", "batch": b, "prompt_len": 64, "tokens_per_s": 100.0 * b} for b in (1, 8)]
+    rows += [{"arch": "transformer", "batch": 1, "prompt_len": 64, "tokens_per_s": 50.0},
+             {"arch": "transformer", "batch": 8, "prompt_len": 64, "oom": "CUDA out of memory"},
+             {"arch": "llama_hf_generate", "batch": 8, "prompt_len": 64, "tokens_per_s": 40.0},
+             {"arch": "retnet", "batch": 8, "prompt_len": 16, "tokens_per_s": 1.0}]  # another prompt: ignored
+    assert speedup_rows(rows, [1, 8], 64) == [
+        {"summary": "speedup", "batch": 1, "retnet_tokens_per_s": 100.0, "transformer_tokens_per_s": 50.0,
+         "speedup_vs_transformer": 2.0},
+        {"summary": "speedup", "batch": 8, "retnet_tokens_per_s": 800.0, "transformer_tokens_per_s": "oom",
+         "speedup_vs_transformer": None, "hf_llama_tokens_per_s": 40.0, "speedup_vs_hf_llama": 20.0}]
 
 
 def test_bench_bad_arguments():
