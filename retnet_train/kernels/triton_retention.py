@@ -80,7 +80,7 @@ def _summary_kernel(X, Y, OUT, ZOUT, lg2_ptr, T, H, C: tl.constexpr, DX: tl.cons
         if WITH_Z:
             zacc += tl.sum(xd, 0)
         acc += tl.dot(tl.trans(xd.to(x.dtype)), y, input_precision="ieee" if IEEE else "tf32")
-    base = (bh * N + n) * DX * DY
+    base = (bh * N + n) * DX * DY  # OUT: [B*H, N, DX, DY]
     tl.store(OUT + base + ox[:, None] * DY + oy[None, :], acc.to(OUT.dtype.element_ty), mask=(ox[:, None] < DX) & (oy[None, :] < DY))
     if WITH_Z:
         tl.store(ZOUT + (bh * N + n) * DX + ox, zacc, mask=(ox < DX) & (py == 0))
@@ -134,7 +134,7 @@ def _fwd_kernel(Q, K_, V_, S, Z, O, RS, lg2_ptr, T, H, C: tl.constexpr, DK: tl.c
         tl.store(RS + (b * T + oi) * H + h, rs, mask=mi & (pid_v == 0))  # s [B, T, H] fp32
 
 
-_fwd_tuned = _tuned(_fwd_kernel, _configs([64, 128], [(4, 2), (8, 2), (4, 3)]), ["DK", "DV", "BT"])
+_fwd_tuned = _tuned(_fwd_kernel, _configs([64, 128, 256], [(4, 2), (8, 2), (8, 3)]), ["DK", "DV", "BT"])
 
 
 # ---------------------------------------------------------------------------------------------
@@ -268,7 +268,13 @@ def _dv_kernel(Q, K_, DO, G, DVo, lg2_ptr, T, H, C: tl.constexpr, DK: tl.constex
     tl.store(DVo + b * svb + h * svh + oj[:, None] * svt + ov[None, :], acc.to(DVo.dtype.element_ty), mask=mj[:, None] & mv[None, :])
 
 
-_dv_tuned = _tuned(_dv_kernel, _configs([64, 128], [(4, 2), (8, 2), (4, 3)]), ["DK", "DV", "BT"])
+_dv_tuned = _tuned(_dv_kernel, _configs([64, 128, 256], [(4, 2), (8, 2), (8, 3)]), ["DK", "DV", "BT"])
+_dq_tuned = _tuned(_dq_kernel, _configs([32, 64, 128], [(4, 2), (8, 2), (8, 3)]), ["DK", "DV", "BT"])
+_dk_tuned = _tuned(_dk_kernel, _configs([32, 64, 128], [(4, 2), (8, 2), (8, 3)]), ["DK", "DV", "BT"])
+_summary_tuned = _tuned(_summary_kernel, [triton.Config({"BX": bx, "BY": by, "BT": bt}, num_warps=w, num_stages=st)
+                                          for bx, by, bt, w, st in [(128, 128, 64, 8, 2), (128, 128, 64, 8, 3), (128, 128, 128, 8, 2),
+                                                                    (64, 128, 64, 4, 3), (128, 256, 64, 8, 2), (64, 256, 64, 8, 3)]],
+                        ["DX", "DY", "C"])
 
 
 # ---------------------------------------------------------------------------------------------
@@ -297,11 +303,10 @@ def _summaries(x, y, lg2, C, out_dtype, query, with_z):
     N = -(-T // C)
     out = torch.empty(B * H, N, DX, DY, device=x.device, dtype=out_dtype)
     z = torch.empty(B * H, N, DX, device=x.device, dtype=torch.float32) if with_z else out
-    BX, BY = min(128, _pow2(DX)), min(128, _pow2(DY))
-    grid = (triton.cdiv(DX, BX) * triton.cdiv(DY, BY), N, B * H)
-    _summary_kernel[grid](x, y, out, z, lg2, T, H, C, DX, DY, *_bth(x), *_bth(y),
-                          BX=BX, BY=BY, BT=block_size(C), QUERY=query, WITH_Z=with_z,
-                          IEEE=x.dtype == torch.float32, num_warps=8 if BX * BY >= 128 * 128 else 4)
+    grid = lambda meta: (triton.cdiv(DX, meta["BX"]) * triton.cdiv(DY, meta["BY"]), N, B * H)  # noqa: E731
+    meta = {"BX": min(128, _pow2(DX)), "BY": min(128, _pow2(DY)), "BT": block_size(C), "num_warps": 4} if INTERPRET else {}
+    _summary_tuned[grid](x, y, out, z, lg2, T, H, C, DX, DY, *_bth(x), *_bth(y),
+                         QUERY=query, WITH_Z=with_z, IEEE=x.dtype == torch.float32, **meta)
     return out, (z if with_z else None)
 
 
@@ -373,13 +378,13 @@ def _backward(q, k, v, do, log_gamma, C, state):
     WT = W[:, :N, 1:].transpose(1, 2).to(v.dtype).repeat(B, 1, 1)  # [B*H, N, N]
     G = torch.bmm(WT, dS.view(B * H, N, K * V)).view(B * H, N, K, V)
     dq, dk, dv = torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
-    BT, BK, BVi = block_size(C), _pow2(K), _inner_bv(V)
+    BT, BK = block_size(C), _pow2(K)
     ieee = q.dtype == torch.float32
-    warps = 4 if INTERPRET else 8
-    _dq_kernel[(triton.cdiv(T, BT), B * H)](do, k, v, states, dq, lg2, T, H, C, K, V, *_bth(q), *_bth(v),
-                                            BT=BT, BK=BK, BV=BVi, IEEE=ieee, num_warps=warps)
-    _dk_kernel[(triton.cdiv(T, BT), B * H)](q, do, v, G, dk, lg2, T, H, C, K, V, *_bth(q), *_bth(v),
-                                            BT=BT, BK=BK, BV=BVi, IEEE=ieee, num_warps=warps)
+    meta = {"BV": _inner_bv(V), "num_warps": 4} if INTERPRET else {}
+    _dq_tuned[(triton.cdiv(T, BT), B * H)](do, k, v, states, dq, lg2, T, H, C, K, V, *_bth(q), *_bth(v),
+                                           BT=BT, BK=BK, IEEE=ieee, **meta)
+    _dk_tuned[(triton.cdiv(T, BT), B * H)](q, do, v, G, dk, lg2, T, H, C, K, V, *_bth(q), *_bth(v),
+                                           BT=BT, BK=BK, IEEE=ieee, **meta)
     grid = lambda meta: (triton.cdiv(T, BT), triton.cdiv(V, meta["BV"]), B * H)  # noqa: E731
     meta = {"BV": min(64, _pow2(V)), "num_warps": 4} if INTERPRET else {}
     _dv_tuned[grid](q, k, do, G, dv, lg2, T, H, C, K, V, *_bth(q), *_bth(v), BT=BT, BK=BK, IEEE=ieee, **meta)
