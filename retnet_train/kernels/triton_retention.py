@@ -16,6 +16,9 @@ Layout [B, T, H, D] in and out, indexed through strides (no transposing copies).
 Decays are fp32, exp2 of log2(gamma) * distance with the distance masked to >= 0 first, so every
 factor is <= 1 and nothing overflows. Accumulation is fp32; o, states in the input dtype.
 
+Status (H200, B1 T8192 H8 K256 V512, fwd+bwd): 3.05 ms at C=256 vs 1.65 ms for the compiled torch
+form; the kernels run at ~50-80 TFLOP/s and need tile tuning (see docs/benchmarks.md).
+
 Not handled here (the dispatcher sends these to the torch path): document resets, and chunk
 sizes that are not a multiple of 16. The final state carries no gradient (training never
 backpropagates through it; prefill runs without grad); neither does an incoming state.
