@@ -74,6 +74,13 @@ def test_triton_interpreter_state_and_no_row_sums():
     in_subprocess("check_state_and_no_row_sums")
 
 
+def test_triton_backend_needs_gpu():
+    from retnet_train.kernels import resolve_backend
+
+    with pytest.raises(ValueError, match="model.retention_backend=triton"):
+        resolve_backend("triton", torch.device("cpu"))
+
+
 def check_matches_torch(B, T, H, K, V, C):
     mod = interpreted_module()
     lg = decay_log_gammas(H)
