@@ -2,8 +2,8 @@
 
     python -m retnet_train.bench.retention_kernels --preset 1.3b --seq-len 8192 --micro-batch 1
 
-Backends: `fla` (fla-core's chunk kernel, fixed chunk 64) and `torch@C` (our chunkwise form with
-chunk C, eager or torch.compile'd), each with the score row sums the paper's normalization needs.
+Backends: `fla` (fla-core's chunk kernel, fixed chunk 64), `torch@C` (our chunkwise form with
+chunk C, eager or torch.compile'd: `compiled@C`) and `triton@C` (our Triton kernels, states every C), each with the score row sums the paper's normalization needs.
 Prints one JSON line each: ms per forward+backward, effective TFLOP/s (the chunkwise form's
 matmul FLOPs at that chunk), and the activation memory the backward keeps.
 """
@@ -78,7 +78,7 @@ def main(argv=None):
         if kind == "fla" and not fla_available():
             print(json.dumps({"backend": spec, "skipped": "fla-core is not installed"}), flush=True)
             continue
-        backend = "fla" if kind == "fla" else "torch"
+        backend = kind if kind in ("fla", "triton") else "torch"
 
         def fn(q, k, v, backend=backend, C=C):
             o, s, _ = retention_op(backend, q, k, v, lg, "chunkwise", C, None, None, True)

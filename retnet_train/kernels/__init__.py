@@ -1,6 +1,6 @@
-"""Retention backends. `torch` (plain, any device) and `fla` (fla-core's Triton kernels on
-CUDA/ROCm) compute the same thing and share one state format, so a prefill on one can be
-continued on the other.
+"""Retention backends. `torch` (plain, any device), `fla` (fla-core's Triton kernels on
+CUDA/ROCm) and `triton` (our own Triton kernels, triton_retention.py, CUDA/ROCm) compute the same
+thing and share one state format, so a prefill on one can be continued on the other.
 
 Layout: q, k [B, T, H, K] (k already scaled by K^-1/2 and both rotated), v [B, T, H, V].
 Returns o [B, T, H, V] (unnormalized), row sums s [B, T, H] of the decayed scores when asked
@@ -24,10 +24,26 @@ def fla_available() -> bool:
     return True
 
 
+@functools.lru_cache(maxsize=None)
+def triton_available() -> bool:
+    try:
+        import triton  # noqa: F401
+        import triton.language  # noqa: F401
+    except Exception:
+        return False
+    return True
+
+
 def resolve_backend(backend: str, device: torch.device) -> str:
     if backend == "torch":
         return "torch"
     on_gpu = device.type == "cuda"  # ROCm builds of torch report "cuda" too
+    if backend == "triton":
+        if not on_gpu:
+            raise ValueError("model.retention_backend=triton needs a CUDA or ROCm device; use 'auto' or 'torch' on CPU")
+        if not triton_available():
+            raise ValueError("model.retention_backend=triton needs triton importable (it ships with CUDA/ROCm torch)")
+        return "triton"
     if backend == "fla":
         if not on_gpu:
             raise ValueError("model.retention_backend=fla needs a CUDA or ROCm device; use 'auto' or 'torch' on CPU")
@@ -38,6 +54,16 @@ def resolve_backend(backend: str, device: torch.device) -> str:
 
 
 def retention_op(backend, q, k, v, log_gamma, mode, chunk_size, reset=None, state=None, row_sums=True):
+    if backend == "triton" and mode != "recurrent":
+        from .triton_retention import block_size, triton_retention
+
+        # Document resets, and chunks that are not a multiple of 16, run on the torch path (the
+        # kernels have no reset masks yet; training hits this only with document_masking on).
+        # Decoding (recurrent, one token at a time) is the torch recurrence as well.
+        # (parallel = one chunk of the whole sequence, rounded up to a multiple of 16)
+        C = -(-q.shape[1] // 16) * 16 if mode == "parallel" else chunk_size
+        if reset is None and block_size(C) is not None:
+            return triton_retention(q, k, v, log_gamma, C, state, row_sums)
     if backend == "fla" and not (reset is not None and state is not None):
         from .fla_backend import fla_retention
 

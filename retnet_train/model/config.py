@@ -10,7 +10,7 @@ FFN_TYPES = ("mlp", "glu")
 ACTIVATIONS = ("gelu", "silu", "relu")
 INITS = ("torchscale", "scaled_normal")
 RETENTION_MODES = ("parallel", "chunkwise", "recurrent")
-RETENTION_BACKENDS = ("auto", "torch", "fla")
+RETENTION_BACKENDS = ("auto", "torch", "fla", "triton")
 
 
 def _check(ok: bool, cls: str, field: str, msg: str) -> None:
