@@ -3,6 +3,7 @@ import pytest
 import torch
 
 from retnet_train.model import RetNetConfig, RetNetForCausalLM
+from retnet_train.model.retnet import decay_log_gammas
 
 VOCAB = 97
 
@@ -243,3 +244,24 @@ def test_causal(mode):
     a, b = logits(model, ids, mode=mode), logits(model, changed, mode=mode)
     assert (a[:, :10] - b[:, :10]).abs().max() < 1e-5
     assert (a[:, 10:] - b[:, 10:]).abs().max() > 1e-3
+
+
+def test_context_parallel_keeps_the_state_gradient_off_the_triton_kernels(monkeypatch):
+    """The triton kernels give the final state no gradient; context parallelism backpropagates through
+    it, so a context-parallel segment must run on the torch path."""
+    import retnet_train.model.retnet as retnet_module
+
+    used = []
+    real = retnet_module.retention_op
+    monkeypatch.setattr(retnet_module, "resolve_backend", lambda backend, device: "triton")
+    monkeypatch.setattr(retnet_module, "retention_op", lambda backend, *a: (used.append(backend), real("torch", *a))[1])
+
+    class Segment:  # stands in for parallel.context's segment: no earlier ranks
+        def combine(self, o, row_sum, state, q, log_gamma):
+            return o, row_sum
+
+    msr = make_model().layers[0].retention
+    q, k, v = torch.randn(1, 8, 2, msr.key_dim), torch.randn(1, 8, 2, msr.key_dim), torch.randn(1, 8, 2, msr.head_dim)
+    for segment in (None, Segment()):
+        msr.retention_core(q, k, v, decay_log_gammas(2), torch.arange(8)[None], None, "chunkwise", 4, None, segment)
+    assert used == ["triton", "torch"]
