@@ -1,23 +1,30 @@
 """Chunkwise retention in our own Triton kernels (backend `triton`), tuned for wide heads
 (key dim 256, value dim 512) where fla's per-64-token K x V states cost more bytes than q, k, v.
 
-Hybrid scheme (same math and state format as torch_retention._equal_full_chunks):
-  * states only every C tokens (C = chunk_size, e.g. 256): a Triton kernel writes each chunk's
-    summary (k * k_decay)^T v, and the cross-chunk scan is one torch GEMM with the (N+1) x N decay
-    matrix from scan_weights (big cuBLAS GEMMs; nothing sequential);
-  * the intra-chunk part (q k^T * decay) v runs in Triton over BT x BT blocks of the chunk's lower
-    triangle only (half the FLOPs of a dense masked GEMM), fused with the state read
-    (q * q_decay) S_n and, for the paper's normalization, the score row sums (fp32, no gradient);
-  * backward: dq in one kernel (per query block), dk and dv in two (per key block), the state
-    gradients dS_n = (q * q_decay)^T dO per chunk by the same summary kernel and a transposed scan
-    GEMM. Only q, k, v are saved; the states are recomputed (one kernel + one GEMM), so the
-    backward keeps no T/C x K x V tensors between the passes.
+Hybrid scheme (same math and state format as torch_retention._equal_full_chunks), every kernel
+GEMM-shaped, with its MMA operands loaded straight from memory (pipelined; nothing is scaled or
+transposed in registers before an MMA; per-token decays go on a decayed copy or the accumulator):
+  * states only every C tokens (C = chunk_size, e.g. 256): a decayed copy k * k_decay (one
+    memory-bound pass, _decay_kernel), then each chunk's summary (k * k_decay)^T v as a plain
+    batched GEMM (_summary_kernel); the cross-chunk scan is one torch GEMM with the (N+1) x N
+    decay matrix from scan_weights (big cuBLAS GEMMs; nothing sequential);
+  * the intra-chunk scores gamma^(t-s) q_t . k_s are computed once per causal block (_scores_kernel,
+    the lower triangle only; zeros above) into a [B*H, T, C] buffer in the input dtype, with the
+    paper's score row sums (fp32, no gradient) from the unrounded scores;
+  * one output kernel (_out_kernel) for o = q_decay * (q S_n) + A v, and for the gradients
+    dq = q_decay * (dO S_n^T) + dA k, dk = k_decay * (v G_n^T) + dA^T q, dv = k_decay * (k G_n) + A^T dO
+    (dA = gamma^(t-s) dO_t . v_s from the same scores kernel; G_n from the state gradients
+    dS_n = (q * q_decay)^T dO, the same decay + summary kernels, and a transposed scan GEMM).
+    Only q, k, v are saved; the states and scores are recomputed in the backward.
 Layout [B, T, H, D] in and out, indexed through strides (no transposing copies).
 Decays are fp32, exp2 of log2(gamma) * distance with the distance masked to >= 0 first, so every
-factor is <= 1 and nothing overflows. Accumulation is fp32; o, states in the input dtype.
+factor is <= 1 and nothing overflows. Accumulation is fp32; o, states, scores in the input dtype.
 
-Status (H200, B1 T8192 H8 K256 V512, fwd+bwd): 3.05 ms at C=256 vs 1.65 ms for the compiled torch
-form; the kernels run at ~50-80 TFLOP/s and need tile tuning (see docs/benchmarks.md).
+Status: the previous fused version ran 3.05 ms at C=256 (H200, B1 T8192 H8 K256 V512, fwd+bwd) vs
+1.65 ms for the compiled torch form, its kernels at ~50-80 TFLOP/s. This version is checked under
+the interpreter and compiled offline for sm_90 (every tuner config: wgmma with cp.async
+pipelining, no spills, <= 144 KiB shared memory); its GPU timing is still to be measured.
+Extra memory: the scores buffer(s), [B*H, T, C] each (one in the forward, two in the backward).
 
 Not handled here (the dispatcher sends these to the torch path): document resets, and chunk
 sizes that are not a multiple of 16. The final state carries no gradient (training never
@@ -257,7 +264,7 @@ _summary_tuned = _tuned(_summary_kernel, _configs([
     (64, 128, 64, 4, 3), (64, 256, 64, 8, 3), (256, 128, 64, 8, 3), (128, 64, 64, 4, 4)]), ["DX", "DY", "C"])
 _scores_tuned = _tuned(_scores_kernel, _configs([
     ("BT", "BE", "w", "s"),
-    (64, 64, 4, 3), (64, 128, 4, 2), (64, 64, 8, 3), (128, 64, 8, 3), (128, 128, 8, 2), (128, 64, 4, 3)]),
+    (64, 64, 4, 3), (64, 128, 4, 2), (64, 64, 8, 3), (128, 64, 8, 3), (128, 128, 8, 2)]),  # (128 rows at 4 warps spills)
     ["E", "C", "ROW_SUMS"], _prune_bt)
 _out_tuned = _tuned(_out_kernel, _configs([
     ("BT", "BD", "BE", "BS", "w", "s"),
@@ -276,6 +283,15 @@ def block_size(C: int):
         if C % bt == 0:
             return bt
     return None
+
+
+# Under the interpreter each kernel runs one fixed block shape (below); tests may override them
+# per kernel ("summary", "scores", "out") to check the GPU tuner's shapes and block mixes.
+INTERP_META: dict = {}
+
+
+def _imeta(name, **default):
+    return {**default, **INTERP_META.get(name, {})} if INTERPRET else {}
 
 
 def _pow2(x):
@@ -304,7 +320,7 @@ def _summaries(xd, y, C, out_dtype):
     N = -(-T // C)
     out = torch.empty(B * H, N, DX, DY, device=xd.device, dtype=out_dtype)
     grid = lambda meta: (triton.cdiv(DX, meta["BX"]) * triton.cdiv(DY, meta["BY"]), N, B * H)  # noqa: E731
-    meta = {"BX": min(64, _pow2(DX)), "BY": min(64, _pow2(DY)), "BT": block_size(C), "num_warps": 4} if INTERPRET else {}
+    meta = _imeta("summary", BX=min(64, _pow2(DX)), BY=min(64, _pow2(DY)), BT=block_size(C), num_warps=4)
     _summary_tuned[grid](xd, y, out, T, H, C, DX, DY, *_bth(xd), *_bth(y), IEEE=xd.dtype == torch.float32, **meta)
     return out
 
@@ -315,7 +331,7 @@ def _scores(x, y, lg2, C, z=None, row_sums=False):
     P = torch.empty(B * H, T, C, device=x.device, dtype=x.dtype)
     rs = torch.empty(B, T, H, device=x.device, dtype=torch.float32) if row_sums else P
     grid = lambda meta: (triton.cdiv(T, meta["BT"]), B * H)  # noqa: E731
-    meta = {"BT": block_size(C), "BE": min(32, _pow2(E)), "num_warps": 4} if INTERPRET else {}
+    meta = _imeta("scores", BT=block_size(C), BE=min(32, _pow2(E)), num_warps=4)
     _scores_tuned[grid](x, y, P, rs, z if row_sums else P, lg2, T, H, C, E, *_bth(x), *_bth(y),
                         ROW_SUMS=row_sums, IEEE=x.dtype == torch.float32, **meta)
     return P, (rs if row_sums else None)
@@ -328,7 +344,7 @@ def _out(x, M, P, y, lg2, C, trans_m, trans_p, query):
     out = torch.empty_like(y)
     grid = lambda meta: (triton.cdiv(T, meta["BT"]), triton.cdiv(D, meta["BD"]), B * H)  # noqa: E731
     bt = block_size(C)
-    meta = {"BT": bt, "BD": min(64, _pow2(D)), "BE": min(32, _pow2(E)), "BS": min(bt, 32), "num_warps": 4} if INTERPRET else {}
+    meta = _imeta("out", BT=bt, BD=min(64, _pow2(D)), BE=min(32, _pow2(E)), BS=min(bt, 32), num_warps=4)
     _out_tuned[grid](x, M, P, y, out, lg2, T, H, C, E, D, *_bth(x), *_bth(y), *_bth(out), M.stride(0), M.stride(1),
                      TRANS_M=trans_m, TRANS_P=trans_p, QUERY=query, IEEE=x.dtype == torch.float32, **meta)
     return out
