@@ -60,8 +60,9 @@ def retention_op(backend, q, k, v, log_gamma, mode, chunk_size, reset=None, stat
         # Document resets, and chunks that are not a multiple of 16, run on the torch path (the
         # kernels have no reset masks yet; training hits this only with document_masking on).
         # Decoding (recurrent, one token at a time) is the torch recurrence as well.
-        # (parallel = one chunk of the whole sequence, rounded up to a multiple of 16)
-        C = -(-q.shape[1] // 16) * 16 if mode == "parallel" else chunk_size
+        # (parallel = one chunk of the whole sequence, rounded up to a multiple of 16, but at most
+        # 256: the same retention in the chunkwise form, without a [B*H, T, T] scores buffer)
+        C = min(-(-q.shape[1] // 16) * 16, 256) if mode == "parallel" else chunk_size
         if reset is None and block_size(C) is not None:
             return triton_retention(q, k, v, log_gamma, C, state, row_sums)
     if backend == "fla" and not (reset is not None and state is not None):

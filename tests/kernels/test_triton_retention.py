@@ -2,11 +2,12 @@
 
 On CPU the kernels run under Triton's interpreter. TRITON_INTERPRET=1 must be set before triton
 itself is first imported (triton.language's helpers are jit'd at import), which another test or
-torch.compile may already have done in this process, so each CPU case runs in a fresh
-subprocess (this file run as a script). Small shapes, fp32 inputs against the fp64 torch path: tolerance
+torch.compile may already have done in this process, so the CPU cases run in one fresh
+subprocess (this file run as a script with `all`; importing torch + triton there takes seconds). Small shapes, fp32 inputs against the fp64 torch path: tolerance
 1e-4 of each output's max magnitude (fp32 rounding only). On GPU (pytest -m gpu): bf16 at the
 paper's head dims against the fp32 torch path, 2e-2 (bf16 has 8 bits of mantissa).
 """
+import json
 import os
 import subprocess
 import sys
@@ -36,12 +37,25 @@ def interpreted_module():
     return mod
 
 
-def in_subprocess(case, *args):
+CPU_CASES = [("check_matches_torch", 2, 80, 2, 32, 64, 32), ("check_matches_torch", 1, 128, 2, 64, 128, 64),
+             ("check_state_and_no_row_sums",), ("check_block_mix",)]
+
+
+@pytest.fixture(scope="module")
+def interpreter_results():
+    """Every CPU case in one fresh interpreter process (importing torch + triton takes seconds):
+    {case: None if it passed, else its traceback}."""
     pytest.importorskip("triton")
     env = dict(os.environ, TRITON_INTERPRET="1", PYTHONPATH=ROOT + os.pathsep + os.environ.get("PYTHONPATH", ""))
-    r = subprocess.run([sys.executable, os.path.abspath(__file__), case, *map(str, args)], env=env, cwd=ROOT,
+    r = subprocess.run([sys.executable, os.path.abspath(__file__), "all"], env=env, cwd=ROOT,
                        capture_output=True, text=True, timeout=600)
     assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
+    return json.loads(r.stdout.strip().splitlines()[-1])
+
+
+def in_subprocess(results, case, *args):
+    err = results[" ".join(map(str, (case, *args)))]
+    assert err is None, err
 
 
 def inputs(B, T, H, K, V, device="cpu", seed=0):
@@ -66,12 +80,18 @@ def torch_ref(C, lg):
 
 
 @pytest.mark.parametrize("B,T,H,K,V,C", [(2, 80, 2, 32, 64, 32), (1, 128, 2, 64, 128, 64)])
-def test_triton_interpreter_matches_torch(B, T, H, K, V, C):
-    in_subprocess("check_matches_torch", B, T, H, K, V, C)
+def test_triton_interpreter_matches_torch(interpreter_results, B, T, H, K, V, C):
+    in_subprocess(interpreter_results, "check_matches_torch", B, T, H, K, V, C)
 
 
-def test_triton_interpreter_state_and_no_row_sums():
-    in_subprocess("check_state_and_no_row_sums")
+def test_triton_interpreter_state_and_no_row_sums(interpreter_results):
+    in_subprocess(interpreter_results, "check_state_and_no_row_sums")
+
+
+def test_triton_interpreter_block_mix(interpreter_results):
+    """The GPU tuner's shapes: 128-row output blocks and 128 x 128 summaries consuming scores
+    written in 32-row blocks, over a partial last chunk and an incoming state."""
+    in_subprocess(interpreter_results, "check_block_mix")
 
 
 def test_triton_backend_needs_gpu():
@@ -114,6 +134,28 @@ def check_state_and_no_row_sums():
     assert rel_err(o3, o_ref) < CPU_TOL and rel_err(st3, st_ref[..., :V]) < CPU_TOL
 
 
+def check_block_mix():
+    mod = interpreted_module()
+    mod.INTERP_META.update(scores={"BT": 32, "BE": 64}, out={"BT": 128, "BD": 64, "BE": 64, "BS": 64},
+                           summary={"BX": 32, "BY": 64, "BT": 64})
+    try:
+        _block_mix(mod)
+    finally:
+        mod.INTERP_META.clear()
+
+
+def _block_mix(mod):
+    B, T, H, K, V, C = 1, 160, 1, 32, 64, 128
+    lg = decay_log_gammas(H)
+    q, k, v = inputs(B, T, H, K, V, seed=2)
+    g = torch.Generator().manual_seed(3)
+    st = torch.randn(B, H, K, V + 1, generator=g) * 0.1
+    ref = run(torch_ref(C, lg), q, k, v, torch.float64, st.double())
+    got = run(lambda q, k, v, s: mod.triton_retention(q, k, v, lg, C, s, True), q, k, v, torch.float32, st)
+    for name, a, b in zip(["o", "row sums", "final state", "dq", "dk", "dv"], [*got[:3], *got[3]], [*ref[:3], *ref[3]]):
+        assert rel_err(a, b) < CPU_TOL, name
+
+
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA/ROCm")
 @pytest.mark.parametrize("T,C", [(2048, 256), (2000, 128)])
@@ -146,4 +188,16 @@ def _patch_interpreter_index():
 if __name__ == "__main__":
     torch.manual_seed(0)
     _patch_interpreter_index()
-    globals()[sys.argv[1]](*map(int, sys.argv[2:]))
+    if sys.argv[1] != "all":
+        globals()[sys.argv[1]](*map(int, sys.argv[2:]))
+    else:
+        import traceback
+
+        results = {}
+        for case, *args in CPU_CASES:
+            try:
+                globals()[case](*args)
+                results[" ".join(map(str, (case, *args)))] = None
+            except Exception:
+                results[" ".join(map(str, (case, *args)))] = traceback.format_exc()[-3000:]
+        print(json.dumps(results))
