@@ -19,6 +19,7 @@ import yaml
 
 from ..model import build_model, model_config_from_dict
 from ..components.metrics import device_peak_flops
+from ..model.config import RETENTION_BACKENDS
 from ..model.flops import flops_per_token
 
 CONFIG_DIR = os.path.join(os.path.dirname(__file__), "..", "..", "configs", "model")
@@ -220,7 +221,7 @@ def main(argv=None):
                    help="what the backward recomputes (selective: RetNet's retention core only)")
     p.add_argument("--compile", action="store_true", help="torch.compile the non-kernel parts of each block")
     p.add_argument("--doc-len", type=int, default=0, help="mean document length for doc_starts (0: none)")
-    p.add_argument("--backend", default="auto", choices=["auto", "torch", "fla"], help="RetNet retention backend")
+    p.add_argument("--backend", default="auto", choices=RETENTION_BACKENDS, help="RetNet retention backend")
     p.add_argument("--profile", action="store_true", help="add a GPU time breakdown by kernel category")
     args = p.parse_args(argv)
     if not torch.cuda.is_available():
