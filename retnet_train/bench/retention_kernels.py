@@ -27,9 +27,14 @@ def chunkwise_flops(B, T, H, K, V, C) -> float:
 
 def time_backend(name, fn, q, k, v, steps, profile=False):
     grad = torch.randn_like(v)
-    for _ in range(3):  # warm-up: autotuning, compilation
+
+    def fwd_bwd():
+        q.grad = k.grad = v.grad = None  # no accumulation kernels into the leaves' grads
         o, s = fn(q, k, v)
         o.backward(grad)
+
+    for _ in range(3):  # warm-up: autotuning, compilation
+        fwd_bwd()
     torch.cuda.synchronize()
     base = torch.cuda.memory_allocated()
     o, s = fn(q, k, v)
@@ -39,8 +44,7 @@ def time_backend(name, fn, q, k, v, steps, profile=False):
     start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
     start.record()
     for _ in range(steps):
-        o, s = fn(q, k, v)
-        o.backward(grad)
+        fwd_bwd()
     end.record()
     torch.cuda.synchronize()
     ms = start.elapsed_time(end) / steps
@@ -48,8 +52,7 @@ def time_backend(name, fn, q, k, v, steps, profile=False):
     if profile:
         with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA]) as prof:
             for _ in range(3):
-                o, s = fn(q, k, v)
-                o.backward(grad)
+                fwd_bwd()
             torch.cuda.synchronize()
         top = top_kernels(prof, 12)
     return ms, kept, top
