@@ -20,10 +20,11 @@ Layout [B, T, H, D] in and out, indexed through strides (no transposing copies).
 Decays are fp32, exp2 of log2(gamma) * distance with the distance masked to >= 0 first, so every
 factor is <= 1 and nothing overflows. Accumulation is fp32; o, states, scores in the input dtype.
 
-Status: the previous fused version ran 3.05 ms at C=256 (H200, B1 T8192 H8 K256 V512, fwd+bwd) vs
-1.65 ms for the compiled torch form, its kernels at ~50-80 TFLOP/s. This version is checked under
-the interpreter and compiled offline for sm_90 (every tuner config: wgmma with cp.async
-pipelining, no spills, <= 144 KiB shared memory); its GPU timing is still to be measured.
+Status (H200, B1 T8192 H8 K256 V512, fwd+bwd with row sums; docs/benchmarks.md): exact (GPU test
+at K256/V512 bf16 passes) but not faster than the compiled torch form: this version 3.11 ms at
+C=256 (3.31 at C=128), the previous fused one 3.05, the compiled torch form 1.43-1.65. Profile of
+this version: _out_kernel 32%, _summary_kernel 17%, _scores_kernel 15%, _decay_kernel 8%, i.e. the
+time is spread over many passes each well below GEMM speed. It is therefore not the default.
 Extra memory: the scores buffer(s), [B*H, T, C] each (one in the forward, two in the backward).
 
 Not handled here (the dispatcher sends these to the torch path): document resets, and chunk
