@@ -34,22 +34,24 @@ def triton_available() -> bool:
     return True
 
 
+# GPU backends: how to tell they can run, and what to install when they cannot.
+GPU_BACKENDS = {
+    "fla": (fla_available, "needs fla-core: pip install 'retnet-train[gpu]'"),
+    "triton": (triton_available, "needs triton importable (it ships with CUDA/ROCm torch)"),
+}
+
+
 def resolve_backend(backend: str, device: torch.device) -> str:
     if backend == "torch":
         return "torch"
     on_gpu = device.type == "cuda"  # ROCm builds of torch report "cuda" too
-    if backend == "triton":
+    if backend in GPU_BACKENDS:
+        available, missing = GPU_BACKENDS[backend]
         if not on_gpu:
-            raise ValueError("model.retention_backend=triton needs a CUDA or ROCm device; use 'auto' or 'torch' on CPU")
-        if not triton_available():
-            raise ValueError("model.retention_backend=triton needs triton importable (it ships with CUDA/ROCm torch)")
-        return "triton"
-    if backend == "fla":
-        if not on_gpu:
-            raise ValueError("model.retention_backend=fla needs a CUDA or ROCm device; use 'auto' or 'torch' on CPU")
-        if not fla_available():
-            raise ValueError("model.retention_backend=fla needs fla-core: pip install 'retnet-train[gpu]'")
-        return "fla"
+            raise ValueError(f"model.retention_backend={backend} needs a CUDA or ROCm device; use 'auto' or 'torch' on CPU")
+        if not available():
+            raise ValueError(f"model.retention_backend={backend} {missing}")
+        return backend
     return "fla" if on_gpu and fla_available() else "torch"
 
 

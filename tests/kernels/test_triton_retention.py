@@ -94,11 +94,13 @@ def test_triton_interpreter_block_mix(interpreter_results):
     in_subprocess(interpreter_results, "check_block_mix")
 
 
-def test_triton_backend_needs_gpu():
+@pytest.mark.parametrize("backend", ["triton", "fla"])
+def test_gpu_backends_refuse_cpu(backend):
     from retnet_train.kernels import resolve_backend
 
-    with pytest.raises(ValueError, match="model.retention_backend=triton"):
-        resolve_backend("triton", torch.device("cpu"))
+    with pytest.raises(ValueError, match=f"model.retention_backend={backend} needs a CUDA or ROCm device"):
+        resolve_backend(backend, torch.device("cpu"))
+    assert resolve_backend("auto", torch.device("cpu")) == "torch"
 
 
 def check_matches_torch(B, T, H, K, V, C):
