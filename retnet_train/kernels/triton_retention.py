@@ -33,7 +33,6 @@ backpropagates through it; prefill runs without grad); neither does an incoming 
 """
 from __future__ import annotations
 
-import math
 import os
 
 import torch
