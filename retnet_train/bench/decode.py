@@ -229,10 +229,11 @@ def main(argv=None) -> int:
     if any(b < 1 for b in batches) or args.prompt_len < 1 or args.new_tokens < 1:
         raise SystemExit("error: --batch-sizes, --prompt-len and --new-tokens must be >= 1")
     cuda_graph = not args.no_cuda_graph and torch.device(args.device).type == "cuda"
-    references = [(flag, arch, preset) for flag, arch, preset in (
-        ("--fla-reference", "fla_retnet_hf_generate", args.preset),
-        ("--hf-llama-reference", "llama_hf_generate", args.baseline or "transformer_6.7b"))
-        if getattr(args, flag[2:].replace("-", "_"))]
+    references = []  # (flag, arch, preset) of each Hugging Face generate reference asked for
+    if args.fla_reference:
+        references.append(("--fla-reference", "fla_retnet_hf_generate", args.preset))
+    if args.hf_llama_reference:
+        references.append(("--hf-llama-reference", "llama_hf_generate", args.baseline or "transformer_6.7b"))
     for flag, _, _ in references:
         if torch.device(args.device).type != "cuda":
             raise SystemExit(f"error: {flag} needs a CUDA device")

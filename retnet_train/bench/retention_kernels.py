@@ -3,7 +3,8 @@
     python -m retnet_train.bench.retention_kernels --preset 1.3b --seq-len 8192 --micro-batch 1
 
 Backends: `fla` (fla-core's chunk kernel, fixed chunk 64), `torch@C` (our chunkwise form with
-chunk C, eager or torch.compile'd: `compiled@C`) and `triton@C` (our Triton kernels, states every C), each with the score row sums the paper's normalization needs.
+chunk C, eager or torch.compile'd: `compiled@C`) and `triton@C` (our Triton kernels, states every
+C), each with the score row sums the paper's normalization needs.
 Prints one JSON line each: ms per forward+backward, effective TFLOP/s (the chunkwise form's
 matmul FLOPs at that chunk), and the activation memory the backward keeps.
 """
