@@ -6,6 +6,7 @@ from typing import Any, Mapping
 import torch
 
 from .model import RetNetConfig, RetNetForCausalLM
+from .model.retnet import fuse_legacy_projections
 
 # torchscale RetNetConfig fields and defaults (torchscale/architecture/config.py, 0.3.0).
 TORCHSCALE_DEFAULTS = {
@@ -78,6 +79,7 @@ def from_torchscale(state_dict: Mapping[str, torch.Tensor], ts_config: Mapping[s
         if key.startswith("retnet_rel_pos."):
             continue  # angle/decay buffers: we derive the same values from the config
         ours[_rename(key)] = value
+    ours = fuse_legacy_projections(ours)  # torchscale's q/k/v/g_proj -> our stacked qkvg_proj
     expected = model.state_dict()
     missing = sorted(set(expected) - set(ours))
     unexpected = sorted(set(ours) - set(expected))

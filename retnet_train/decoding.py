@@ -17,7 +17,7 @@ from typing import List, Optional, Sequence
 import torch
 
 from .model import RetNetForCausalLM
-from .model.layers import apply_rotary, rotary_sin_cos
+from .model.layers import rotary_sin_cos
 from .model.retnet import document_positions
 
 
@@ -112,7 +112,7 @@ class RetNetDecoder:
         """One token per row [B] -> logits [B, V]; updates the state in place. Capturable."""
         model, cfg = self.model, self.cfg
         B = tokens.shape[0]
-        H, K, V = cfg.n_heads, cfg.key_head_dim, cfg.value_head_dim
+        H = cfg.n_heads
         x = model.embed_tokens(tokens.view(B, 1))
         if cfg.embed_scale:
             x = x * cfg.d_model ** 0.5
@@ -125,9 +125,8 @@ class RetNetDecoder:
         for block, S in zip(model.layers, self.states):
             ret = block.retention
             h = block.retention_norm(x)
-            q = apply_rotary(ret.q_proj(h).view(B, 1, H, K), sin, cos)[:, 0]
-            k = apply_rotary((ret.k_proj(h) * K ** -0.5).view(B, 1, H, K), sin, cos)[:, 0]
-            v = ret.v_proj(h).view(B, H, V)
+            q, k, v, g = ret.projections(h, sin, cos)
+            q, k, v = q[:, 0], k[:, 0], v[:, 0]
             if cfg.normalize_retention:
                 v = torch.cat([v, v.new_ones(B, H, 1)], dim=-1)
             # in place, no [B, H, K, V] temporary: the state is the largest thing read per step
@@ -139,7 +138,7 @@ class RetNetDecoder:
             o = ret.group_norm(o.to(x.dtype)).reshape(B, 1, -1)
             if ret.group_norm_weight is not None:
                 o = o * ret.group_norm_weight
-            x = x + ret.out_proj(ret.gate_fn(ret.g_proj(h)) * o)
+            x = x + ret.out_proj(ret.gate_fn(g) * o)
             x = x + block.ffn(block.ffn_norm(x))
         self.position.add_(1)
         self.doc_position.add_(1)

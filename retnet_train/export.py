@@ -132,10 +132,11 @@ def fla_state_dict(model) -> Dict[str, torch.Tensor]:
     for i, block in enumerate(model.layers):
         r, p = block.retention, f"model.layers.{i}."
         sd[p + "attn_norm.weight"] = block.retention_norm.weight
-        sd[p + "attn.q_proj.weight"] = r.q_proj.weight[perm]
-        sd[p + "attn.k_proj.weight"] = r.k_proj.weight[perm]
-        sd[p + "attn.v_proj.weight"] = r.v_proj.weight
-        sd[p + "attn.g_proj.weight"] = r.g_proj.weight
+        w = r.projection_weights()
+        sd[p + "attn.q_proj.weight"] = w["q"][perm]
+        sd[p + "attn.k_proj.weight"] = w["k"][perm]
+        sd[p + "attn.v_proj.weight"] = w["v"].clone()  # own storage: safetensors refuses shared views
+        sd[p + "attn.g_proj.weight"] = w["g"].clone()
         sd[p + "attn.o_proj.weight"] = r.out_proj.weight
         gw = r.group_norm_weight
         sd[p + "attn.g_norm_swish_gate.weight"] = (torch.ones(cfg.value_head_dim) if gw is None else gw.detach()[:cfg.value_head_dim])

@@ -52,16 +52,29 @@ def _model_states_path(tag_dir: str) -> str:
     return _model_states_file(tag_dir)
 
 
-def checkpoint_layout(tag_dir: str) -> dict:
+def _model_states(tag_dir: str) -> dict:
+    return torch.load(_model_states_path(tag_dir), map_location="cpu", weights_only=False, mmap=True)
+
+
+def checkpoint_layout(tag_dir: str, state: Optional[dict] = None) -> dict:
     """The layout a checkpoint was written with: our client state's `layout`, else DeepSpeed's keys."""
-    path = _model_states_path(tag_dir)
-    state = torch.load(path, map_location="cpu", weights_only=False, mmap=True)
+    state = _model_states(tag_dir) if state is None else state
     if isinstance(state.get("layout"), dict):
         return dict(state["layout"])
     ds = state.get("ds_config") or {}
     precision = "bf16" if ds.get("bf16", {}).get("enabled") else "fp16" if ds.get("fp16", {}).get("enabled") else "fp32"
     return {"world_size": int(state.get("dp_world_size", 1)) * int(state.get("mp_world_size", 1)),
             "zero_stage": int(ds.get("zero_optimization", {}).get("stage", 0)), "precision": precision}
+
+
+def refuse_separate_projections(path: str, state: dict) -> None:
+    """Checkpoints from before the retention's q/k/v/g weights were stacked into one (qkvg_proj)
+    hold optimizer state for four tensors per layer where the model now has one."""
+    names = list(state.get("module") or {}) + [n for group in state.get("param_shapes") or [] for n in group]
+    if any(n.endswith("retention.q_proj.weight") for n in names):
+        raise ValueError(f"train.resume: {path} was written with separate retention q/k/v/g_proj weights (retnet-train "
+                         "before qkvg_proj); its optimizer state does not fit this model and cannot be resumed. Its weights "
+                         "still load for export, evaluation and generation (retnet_train.export / evaluate / generate)")
 
 
 @dataclass
@@ -86,7 +99,9 @@ class ResumePlan:
 def plan(directory: str, tag: str, current: dict) -> ResumePlan:
     """Decide how to load <directory>/<tag> into a run of layout `current`; raise ValueError if it cannot be."""
     path = os.path.join(directory, tag)
-    saved = checkpoint_layout(path)
+    state = _model_states(path)
+    refuse_separate_projections(path, state)
+    saved = checkpoint_layout(path, state)
     p = ResumePlan(directory, tag, saved, current)
     old_ws, new_ws = saved["world_size"], current["world_size"]
     old_z, new_z = saved["zero_stage"], current["zero_stage"]

@@ -109,8 +109,9 @@ def init_weights(model: nn.Module, config: DecoderConfig, gains: dict) -> None:
             if config.init == "scaled_normal":
                 std = 2 / (L * math.sqrt(d)) if leaf in ("out_proj", "fc2") else small
                 nn.init.normal_(module.weight, 0.0, std)
-            elif leaf in gains:
-                nn.init.xavier_uniform_(module.weight, gain=gains[leaf])
+            elif leaf in gains:  # stacked projections (row_blocks): each block as its own matrix
+                for rows in module.weight.split(list(getattr(module, "row_blocks", [module.out_features]))):
+                    nn.init.xavier_uniform_(rows, gain=gains[leaf])
             else:
                 module.reset_parameters()
         elif isinstance(module, (nn.LayerNorm, RMSNorm)):

@@ -5,6 +5,7 @@ from dataclasses import dataclass
 from typing import List, Optional
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
@@ -45,28 +46,40 @@ class MultiScaleRetention(nn.Module):
         self.n_heads, self.key_dim, self.head_dim = config.n_heads, config.key_head_dim, config.value_head_dim
         self.normalize = config.normalize_retention
         self.backend = config.retention_backend
-        self.q_proj = nn.Linear(d, d, bias=False)
-        self.k_proj = nn.Linear(d, d, bias=False)
-        self.v_proj = nn.Linear(d, vd, bias=False)
-        self.g_proj = nn.Linear(d, vd, bias=False)
+        # q, k, v and g stacked in one weight (rows [q; k; v; g]): DeepSpeed's optimizer step costs
+        # per parameter tensor, so 3 fewer tensors per layer is a shorter step (docs/benchmarks.md).
+        self.qkvg_proj = nn.Linear(d, 2 * d + 2 * vd, bias=False)
+        self.qkvg_proj.row_blocks = (d, d, vd, vd)  # init_weights initializes each block on its own
         self.out_proj = nn.Linear(vd, d, bias=False)
         self.group_norm = make_norm(config.norm, self.head_dim, config.norm_eps, affine=False)
         self.group_norm_weight = nn.Parameter(torch.ones(vd)) if config.head_norm_affine else None
         self.gate_fn = ACTIVATION_FNS[config.gate_activation]
         self.checkpoint_core = False  # set by DecoderLM.set_activation_checkpointing("selective")
 
-    def forward(self, x, sin, cos, log_gamma, doc_pos, reset, mode, chunk_size, state=None, segment=None):
+    def projection_weights(self) -> dict:
+        """Views of the stacked weight: {"q": [d, d], "k": [d, d], "v": [vd, d], "g": [vd, d]}."""
+        return dict(zip("qkvg", self.qkvg_proj.weight.split(list(self.qkvg_proj.row_blocks))))
+
+    def projections(self, x, sin, cos):
+        """Rotated q and k (k scaled by K^-1/2) [B, T, H, K], v [B, T, H, V] and the gate input g
+        [B, T, H*V]. Three GEMMs over row blocks of the one weight, so that each output has its own
+        storage: q/k's dies after the rotation, and a saved v or g does not keep the others alive."""
         B, T, _ = x.shape
-        H = self.n_heads
-        q = apply_rotary(self.q_proj(x).view(B, T, H, self.key_dim), sin, cos)
-        k = apply_rotary((self.k_proj(x) * self.key_dim ** -0.5).view(B, T, H, self.key_dim), sin, cos)
-        v = self.v_proj(x).view(B, T, H, self.head_dim)
+        H, K = self.n_heads, self.key_dim
+        w = self.projection_weights()
+        q, k = F.linear(x, self.qkvg_proj.weight[:2 * H * K]).view(B, T, 2, H, K).unbind(2)  # rows [q; k]
+        q = apply_rotary(q, sin, cos)
+        k = apply_rotary(k * K ** -0.5, sin, cos)
+        return q, k, F.linear(x, w["v"]).view(B, T, H, self.head_dim), F.linear(x, w["g"])
+
+    def forward(self, x, sin, cos, log_gamma, doc_pos, reset, mode, chunk_size, state=None, segment=None):
+        q, k, v, g = self.projections(x, sin, cos)
         core = (q, k, v, log_gamma, doc_pos, reset, mode, chunk_size, state, segment)
         if self.checkpoint_core and self.training and torch.is_grad_enabled():
             o, state = checkpoint(self.retention_core, *core, use_reentrant=False)
         else:
             o, state = self.retention_core(*core)
-        return self.out_proj(self.gate_fn(self.g_proj(x)) * o), state
+        return self.out_proj(self.gate_fn(g) * o), state
 
     def retention_core(self, q, k, v, log_gamma, doc_pos, reset, mode, chunk_size, state, segment=None):
         """Retention, the paper's normalization and the per-head norm: [B, T, H*V] and the state."""
@@ -88,6 +101,22 @@ class MultiScaleRetention(nn.Module):
         if self.group_norm_weight is not None:
             o = o * self.group_norm_weight
         return o, state
+
+
+LEGACY_PROJECTIONS = ("q_proj", "k_proj", "v_proj", "g_proj")
+
+
+def fuse_legacy_projections(state_dict: dict) -> dict:
+    """A state dict with separate retention.{q,k,v,g}_proj weights (torchscale's names, and ours
+    before they were stacked) -> one with retention.qkvg_proj; other keys unchanged."""
+    out = dict(state_dict)
+    for key in state_dict:
+        if key.endswith(".retention.q_proj.weight"):
+            prefix = key[: -len("q_proj.weight")]
+            names = [f"{prefix}{p}.weight" for p in LEGACY_PROJECTIONS]
+            if all(n in out for n in names):
+                out[prefix + "qkvg_proj.weight"] = torch.cat([out.pop(n) for n in names])
+    return out
 
 
 class RetNetBlock(nn.Module):
@@ -113,7 +142,7 @@ class RetNetForCausalLM(DecoderLM):
         # torchscale's angles: 1 / 10000^linspace(0, 1, K/2), one per rotation pair.
         self.register_buffer("inv_freq", 1.0 / config.rotary_base ** torch.linspace(0, 1, K // 2, dtype=torch.float64), persistent=False)
         self.register_buffer("log_gamma", decay_log_gammas(config.n_heads), persistent=False)
-        init_weights(self, config, gains={"q_proj": 2 ** -2.5, "k_proj": 2 ** -2.5, "v_proj": 2 ** -2.5, "g_proj": 2 ** -2.5, "out_proj": 1.0})
+        init_weights(self, config, gains={"qkvg_proj": 2 ** -2.5, "out_proj": 1.0})
         self.context_parallel = None
 
     def set_context_parallel(self, cp) -> None:

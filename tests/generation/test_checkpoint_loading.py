@@ -158,3 +158,45 @@ def test_trainer_layout_complete_markers_run_dir_and_relative_tokenizer(tmp_path
         load_model(str(save / "step_00000002"))
     with pytest.raises(CheckpointError, match="incomplete checkpoint"):
         load_model(str(save), tag="step_00000002")
+
+
+def _split_projections(names_to_values: dict, split) -> dict:
+    """Rewrite retention.qkvg_proj.weight entries as the four keys written before they were stacked."""
+    out = {}
+    for key, value in names_to_values.items():
+        if key.endswith("retention.qkvg_proj.weight"):
+            prefix = key[: -len("qkvg_proj.weight")]
+            out.update({f"{prefix}{p}_proj.weight": part for p, part in zip("qkvg", split(value))})
+        else:
+            out[key] = value
+    return out
+
+
+@pytest.mark.parametrize("stage", [0, 2])
+def test_checkpoint_with_separate_projections_loads_but_refuses_resume(tmp_path, tokenizer, stage):
+    """A checkpoint written before q/k/v/g were stacked: its weights load, resuming it is refused
+    (stage 0 names the weights in `module`, ZeRO 1-3 in DeepSpeed's `param_shapes`)."""
+    from retnet_train.checkpoint_io import _model_states_file
+    from retnet_train.components.reshard import plan
+
+    cfg = tiny_config()
+    d, vd = cfg["d_model"], 2 * cfg["d_model"]
+    client = {"config": {"model": cfg, "data": {"tokenizer": tokenizer}}, "step": 2}
+    ref = write_deepspeed_checkpoint(tmp_path / "ckpt", cfg, stage, client)
+    tag = (tmp_path / "ckpt" / "latest").read_text().strip()
+    states_file = _model_states_file(str(tmp_path / "ckpt" / tag))
+    state = torch.load(states_file, weights_only=False)
+    state["module"] = _split_projections(state["module"], lambda w: w.split([d, d, vd, vd]))
+    if state.get("param_shapes"):
+        state["param_shapes"] = [_split_projections(group, lambda s: [torch.Size([n, s[1]]) for n in (d, d, vd, vd)])
+                                 for group in state["param_shapes"]]
+        assert "layers.0.retention.q_proj.weight" in state["param_shapes"][0]
+    torch.save(state, states_file)
+
+    if stage == 0:  # ZeRO's flat partitions also hold per-parameter alignment padding: not rewritten here
+        loaded = load_model(str(tmp_path / "ckpt"))
+        ids = torch.randint(0, VOCAB, (1, 7))
+        torch.testing.assert_close(loaded.model(ids).logits, ref(ids).logits)
+    current = {"world_size": 1, "zero_stage": stage, "precision": "fp32"}
+    with pytest.raises(ValueError, match=f"{tag}.*separate retention q/k/v/g_proj"):
+        plan(str(tmp_path / "ckpt"), tag, current)

@@ -14,8 +14,9 @@ def make_model(**overrides):
     model = RetNetForCausalLM(RetNetConfig(**cfg)).eval()
     with torch.no_grad():  # larger than the init so the score-sum clamp max(|s|, 1) is active
         for block in model.layers:
-            block.retention.q_proj.weight.mul_(6)
-            block.retention.k_proj.weight.mul_(6)
+            w = block.retention.projection_weights()
+            w["q"].mul_(6)
+            w["k"].mul_(6)
     return model
 
 
@@ -265,3 +266,40 @@ def test_context_parallel_keeps_the_state_gradient_off_the_triton_kernels(monkey
     for segment in (None, Segment()):
         msr.retention_core(q, k, v, decay_log_gammas(2), torch.arange(8)[None], None, "chunkwise", 4, None, segment)
     assert used == ["triton", "torch"]
+
+
+def test_stacked_projections_match_separate_weights_and_old_state_dicts_load():
+    """q/k/v/g live in one weight; each block is initialized as its own matrix (xavier with its
+    own fan), and a state dict with the four separate weights (torchscale's, ours before) loads."""
+    import torch.nn.functional as F
+
+    from retnet_train.model.layers import apply_rotary, rotary_sin_cos
+    from retnet_train.model.retnet import fuse_legacy_projections
+
+    torch.manual_seed(0)
+    model = RetNetForCausalLM(RetNetConfig(vocab_size=VOCAB, d_model=32, n_layers=2, n_heads=2, ffn_dim=48))
+    ret = model.layers[0].retention
+    w = ret.projection_weights()
+    assert [tuple(t.shape) for t in w.values()] == [(32, 32), (32, 32), (64, 32), (64, 32)]
+    bound = lambda fan: 2 ** -2.5 * (6 / fan) ** 0.5  # noqa: E731 - xavier_uniform's bound
+    assert w["q"].abs().max() > bound(32 + 64) and w["q"].abs().max() <= bound(32 + 32)
+    assert w["v"].abs().max() <= bound(32 + 64)
+    x = torch.randn(2, 5, 32)
+    sin, cos = (t.unsqueeze(1) for t in rotary_sin_cos(model.inv_freq, 3, 5, x.dtype))
+    q, k, v, g = ret.projections(x, sin, cos)
+    torch.testing.assert_close(q, apply_rotary(F.linear(x, w["q"]).view(2, 5, 2, 16), sin, cos))
+    torch.testing.assert_close(k, apply_rotary((F.linear(x, w["k"]) * 16 ** -0.5).view(2, 5, 2, 16), sin, cos))
+    torch.testing.assert_close(v, F.linear(x, w["v"]).view(2, 5, 2, 32))
+    torch.testing.assert_close(g, F.linear(x, w["g"]))
+
+    legacy = {}
+    for key, value in model.state_dict().items():
+        if key.endswith("qkvg_proj.weight"):
+            legacy.update({key.replace("qkvg", p): part.clone() for p, part in zip("qkvg", value.split([32, 32, 64, 64]))})
+        else:
+            legacy[key] = value.clone()
+    other = RetNetForCausalLM(RetNetConfig(vocab_size=VOCAB, d_model=32, n_layers=2, n_heads=2, ffn_dim=48))
+    other.load_state_dict(fuse_legacy_projections(legacy))
+    ids = torch.randint(0, VOCAB, (1, 9))
+    torch.testing.assert_close(logits(other, ids), logits(model, ids), rtol=0, atol=0)
+    assert len(list(model.layers[0].retention.parameters())) == 2  # qkvg, out (no affine group norm)

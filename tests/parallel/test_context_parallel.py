@@ -21,8 +21,9 @@ def make_model(seed, **overrides):
     model = RetNetForCausalLM(RetNetConfig(**cfg))
     with torch.no_grad():  # larger than the init so the score-sum clamp max(|s|, 1) is active
         for block in model.layers:
-            block.retention.q_proj.weight.mul_(6)
-            block.retention.k_proj.weight.mul_(6)
+            w = block.retention.projection_weights()
+            w["q"].mul_(6)
+            w["k"].mul_(6)
     return model
 
 
