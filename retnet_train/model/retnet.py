@@ -39,6 +39,21 @@ def document_positions(doc_starts: Optional[torch.Tensor], T: int, start: torch.
     return torch.where(last_start >= 0, idx[None, :] - last_start, pos)
 
 
+class StackedLinear(nn.Linear):
+    """Several projections of one input in one weight: `row_blocks` are the matrices (each
+    initialized on its own, see init_weights), `outputs` the row groups returned as separate
+    tensors. One GEMM per group, so each output has its own storage (a tensor kept for backward
+    does not keep the others alive), and all inside this module's forward, where ZeRO-3 has
+    gathered the weight."""
+
+    def __init__(self, in_features: int, row_blocks: tuple, outputs: tuple):
+        super().__init__(in_features, sum(row_blocks), bias=False)
+        self.row_blocks, self.outputs = row_blocks, outputs
+
+    def forward(self, x):
+        return tuple(F.linear(x, w) for w in self.weight.split(list(self.outputs)))
+
+
 class MultiScaleRetention(nn.Module):
     def __init__(self, config: RetNetConfig):
         super().__init__()
@@ -48,8 +63,7 @@ class MultiScaleRetention(nn.Module):
         self.backend = config.retention_backend
         # q, k, v and g stacked in one weight (rows [q; k; v; g]): DeepSpeed's optimizer step costs
         # per parameter tensor, so 3 fewer tensors per layer is a shorter step (docs/benchmarks.md).
-        self.qkvg_proj = nn.Linear(d, 2 * d + 2 * vd, bias=False)
-        self.qkvg_proj.row_blocks = (d, d, vd, vd)  # init_weights initializes each block on its own
+        self.qkvg_proj = StackedLinear(d, row_blocks=(d, d, vd, vd), outputs=(2 * d, vd, vd))
         self.out_proj = nn.Linear(vd, d, bias=False)
         self.group_norm = make_norm(config.norm, self.head_dim, config.norm_eps, affine=False)
         self.group_norm_weight = nn.Parameter(torch.ones(vd)) if config.head_norm_affine else None
@@ -61,16 +75,14 @@ class MultiScaleRetention(nn.Module):
         return dict(zip("qkvg", self.qkvg_proj.weight.split(list(self.qkvg_proj.row_blocks))))
 
     def projections(self, x, sin, cos):
-        """Rotated q and k (k scaled by K^-1/2) [B, T, H, K], v [B, T, H, V] and the gate input g
-        [B, T, H*V]. Three GEMMs over row blocks of the one weight, so that each output has its own
-        storage: q/k's dies after the rotation, and a saved v or g does not keep the others alive."""
+        """Rotated q and k (k scaled by K^-1/2) [B, T, H, K], v [B, T, H, V] and the gate input g [B, T, H*V]."""
         B, T, _ = x.shape
         H, K = self.n_heads, self.key_dim
-        w = self.projection_weights()
-        q, k = F.linear(x, self.qkvg_proj.weight[:2 * H * K]).view(B, T, 2, H, K).unbind(2)  # rows [q; k]
+        qk, v, g = self.qkvg_proj(x)
+        q, k = qk.view(B, T, 2, H, K).unbind(2)
         q = apply_rotary(q, sin, cos)
         k = apply_rotary(k * K ** -0.5, sin, cos)
-        return q, k, F.linear(x, w["v"]).view(B, T, H, self.head_dim), F.linear(x, w["g"])
+        return q, k, v.view(B, T, H, self.head_dim), g
 
     def forward(self, x, sin, cos, log_gamma, doc_pos, reset, mode, chunk_size, state=None, segment=None):
         q, k, v, g = self.projections(x, sin, cos)

@@ -91,7 +91,9 @@ def write_deepspeed_checkpoint(save_dir: Path, model_cfg: dict, stage: int, clie
     model = build_model(model_config_from_dict(model_cfg))
     ds_config = {"train_micro_batch_size_per_gpu": 2, "gradient_accumulation_steps": 1,
                  "optimizer": {"type": "Adam", "params": {"lr": 1e-2, "torch_adam": True}},
-                 "zero_optimization": {"stage": stage}, "steps_per_print": 10 ** 9, "bf16": {"enabled": bf16}}
+                 # threshold 0: ZeRO-3 partitions even these tiny weights (by default they stay gathered)
+                 "zero_optimization": {"stage": stage, "stage3_param_persistence_threshold": 0},
+                 "steps_per_print": 10 ** 9, "bf16": {"enabled": bf16}}
     engine, *_ = deepspeed.initialize(model=model, model_parameters=model.parameters(), config=ds_config)
     g = torch.Generator().manual_seed(0)
     for _ in range(steps):
