@@ -69,7 +69,9 @@ def rel(a, b):
 
 @pytest.mark.slow
 @pytest.mark.parametrize("saved,resumed", [(2, 1), (1, 2)], ids=["2to1", "1to2"])
-@pytest.mark.parametrize("stage", [0, 1, 2, 3])
+# ZeRO 2 shares ZeRO 1's optimizer class, checkpoint files and universal conversion; it is resumed
+# (from ZeRO 1, across world sizes) in test_universal_copy_is_reused_and_zero_1_to_2_changes.
+@pytest.mark.parametrize("stage", [0, 1, 3])
 def test_resume_on_another_world_size_continues_the_run(shards, reference, tmp_path, stage, saved, resumed):
     ref = reference(stage, saved)
     source = tag_dir(ref, AT)
