@@ -131,10 +131,12 @@ def measure(name, build, cfg, args):
         "params": sum(p.numel() for p in model.parameters()),
         "tokens_per_s": round(tokens_per_s, 1), "step_s": round(elapsed / args.steps, 4),
         "grad_accum": args.grad_accum,
-        "peak_gib": round(torch.cuda.max_memory_allocated() / 2 ** 30, 2),
+        # this model's own: what an earlier model in the process left allocated is not counted
+        # (on CUDA, ~the bf16 weights stay behind after release(); not reproducible on CPU)
+        "peak_gib": round((torch.cuda.max_memory_allocated() - mem_before) / 2 ** 30, 2),
         # the peak above what stays allocated between steps: activations and temporaries
         "activation_gib": round((torch.cuda.max_memory_allocated() - resident) / 2 ** 30, 2),
-        "resident_gib": round(resident / 2 ** 30, 2),
+        "resident_gib": round((resident - mem_before) / 2 ** 30, 2),
         "ms_forward_backward_step": [round(x, 1) for x in phases],
         "mfu_6n": round(tokens_per_s * flops["six_n"] / peak, 4) if peak else None,
         "mfu_model": round(tokens_per_s * flops["model"] / peak, 4) if peak else None,
