@@ -10,6 +10,7 @@ import math
 import os
 import sys
 import time
+from dataclasses import asdict
 
 import hydra
 import torch
@@ -23,6 +24,7 @@ from .components.config import TrainConfig, check_values, checkpointing_mode, co
 from .components.metrics import MetricsLogger, device_peak_flops, peak_memory_gib
 from .components.optim import build_optimizer, deepspeed_config
 from .components.preemption import PreemptionHandler
+from .components.profiling import Profiler
 from .components.reshard import prepare_resume, run_layout
 from .components.rng import seed_everything
 from .data import TokenLoader, build_validation_loader, sha256_file
@@ -143,6 +145,8 @@ def run(cfg: TrainConfig) -> dict:
               f"| {tokens_per_step:,} tokens/step | {tokens_per_step * cfg.train.max_steps:,} tokens total "
               f"| {model.num_params():,} parameters | ZeRO {cfg.deepspeed.zero_stage} {cfg.deepspeed.precision} "
               f"| device {device.type}", flush=True)
+    profiler = Profiler(os.path.join(run_dir, "profile", f"rank{rank}"), rank, world, device.type, step,
+                        **asdict(cfg.profile))
     logger = MetricsLogger(run_dir, is_main, cfg.wandb, resolved, wandb_id)
     flops = flops_per_token(model_cfg, cfg.data.seq_len)["model"]
     peak = device_peak_flops(device, cfg.train.peak_flops)
@@ -167,6 +171,7 @@ def run(cfg: TrainConfig) -> dict:
     t_last, tokens_last = time.perf_counter(), tokens_seen
     try:
         while step < cfg.train.max_steps:
+            profiler.step(step)  # opens, marks and closes the profiled window of steps
             step_losses = []
             for _ in range(accum):
                 batch = {k: v.to(device, non_blocking=True) for k, v in next(loader).items()}
@@ -229,6 +234,7 @@ def run(cfg: TrainConfig) -> dict:
     except torch.cuda.OutOfMemoryError as e:
         raise TrainingError(f"{OOM_HINT}\n{e}") from e
     finally:
+        profiler.close()  # a window cut short (end of run, error) is still written
         bar.close()
         preempt.restore()
         logger.close()

@@ -93,6 +93,17 @@ class WandbConfig:
 
 
 @dataclass
+class ProfileConfig:
+    # torch.profiler over optimizer steps start_step .. start_step + steps - 1 (retnet_train/components/
+    # profiling.py); traces and op tables in <run.dir>/profile/rank<r>/
+    enabled: bool = False
+    start_step: int = 5  # after warm-up and torch.compile's first steps, which are not representative
+    steps: int = 2
+    ranks: List[int] = field(default_factory=lambda: [0])  # every rank is the same work; one trace is enough
+    memory_snapshot: bool = False  # CUDA only: allocator history over the window, for pytorch.org/memory_viz
+
+
+@dataclass
 class RunConfig:
     dir: str = "runs/default"
     name: str = "default"
@@ -108,6 +119,7 @@ class TrainConfig:
     parallel: ParallelConfig = field(default_factory=ParallelConfig)
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
     wandb: WandbConfig = field(default_factory=WandbConfig)
+    profile: ProfileConfig = field(default_factory=ProfileConfig)
     run: RunConfig = field(default_factory=RunConfig)
 
 
@@ -146,6 +158,10 @@ def check_values(cfg: TrainConfig) -> None:
          f"{cp} does not divide data.seq_len={cfg.data.seq_len}: each rank holds seq_len / {cp} tokens")
     need(cfg.checkpoint.interval > 0, "checkpoint.interval", "must be > 0")
     need(cfg.checkpoint.keep_last >= 1, "checkpoint.keep_last", "must be >= 1")
+    need(cfg.profile.start_step >= 1, "profile.start_step", "must be >= 1 (optimizer steps count from 1)")
+    need(cfg.profile.steps >= 1, "profile.steps", "must be >= 1")
+    need(not cfg.profile.enabled or cfg.profile.start_step <= cfg.train.max_steps, "profile.start_step",
+         f"{cfg.profile.start_step} is beyond train.max_steps={cfg.train.max_steps}: nothing would be profiled")
     need(cfg.wandb.mode in ("online", "offline", "disabled"), "wandb.mode", f"{cfg.wandb.mode!r} is not online|offline|disabled")
 
 
