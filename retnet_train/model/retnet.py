@@ -40,18 +40,18 @@ def document_positions(doc_starts: Optional[torch.Tensor], T: int, start: torch.
 
 
 class StackedLinear(nn.Linear):
-    """Several projections of one input in one weight: `row_blocks` are the matrices (each
-    initialized on its own, see init_weights), `outputs` the row groups returned as separate
-    tensors. One GEMM per group, so each output has its own storage (a tensor kept for backward
-    does not keep the others alive), and all inside this module's forward, where ZeRO-3 has
-    gathered the weight."""
+    """Several projections of one input in one weight, `row_blocks` rows each (each block is
+    initialized as its own matrix, see init_weights). One GEMM and one output per block, the graph
+    separate Linears give (a first version sharing one GEMM for q and k measured +1.5 GiB of peak
+    at 1.3B, 8k on an H200; docs/benchmarks.md), all inside this module's forward, where ZeRO-3
+    has gathered the weight."""
 
-    def __init__(self, in_features: int, row_blocks: tuple, outputs: tuple):
+    def __init__(self, in_features: int, row_blocks: tuple):
         super().__init__(in_features, sum(row_blocks), bias=False)
-        self.row_blocks, self.outputs = row_blocks, outputs
+        self.row_blocks = row_blocks
 
     def forward(self, x):
-        return tuple(F.linear(x, w) for w in self.weight.split(list(self.outputs)))
+        return tuple(F.linear(x, w) for w in self.weight.split(list(self.row_blocks)))
 
 
 class MultiScaleRetention(nn.Module):
@@ -63,7 +63,7 @@ class MultiScaleRetention(nn.Module):
         self.backend = config.retention_backend
         # q, k, v and g stacked in one weight (rows [q; k; v; g]): DeepSpeed's optimizer step costs
         # per parameter tensor, so 3 fewer tensors per layer is a shorter step (docs/benchmarks.md).
-        self.qkvg_proj = StackedLinear(d, row_blocks=(d, d, vd, vd), outputs=(2 * d, vd, vd))
+        self.qkvg_proj = StackedLinear(d, row_blocks=(d, d, vd, vd))
         self.out_proj = nn.Linear(vd, d, bias=False)
         self.group_norm = make_norm(config.norm, self.head_dim, config.norm_eps, affine=False)
         self.group_norm_weight = nn.Parameter(torch.ones(vd)) if config.head_norm_affine else None
@@ -78,10 +78,9 @@ class MultiScaleRetention(nn.Module):
         """Rotated q and k (k scaled by K^-1/2) [B, T, H, K], v [B, T, H, V] and the gate input g [B, T, H*V]."""
         B, T, _ = x.shape
         H, K = self.n_heads, self.key_dim
-        qk, v, g = self.qkvg_proj(x)
-        q, k = qk.view(B, T, 2, H, K).unbind(2)
-        q = apply_rotary(q, sin, cos)
-        k = apply_rotary(k * K ** -0.5, sin, cos)
+        q, k, v, g = self.qkvg_proj(x)
+        q = apply_rotary(q.view(B, T, H, K), sin, cos)
+        k = apply_rotary((k * K ** -0.5).view(B, T, H, K), sin, cos)
         return q, k, v.view(B, T, H, self.head_dim), g
 
     def forward(self, x, sin, cos, log_gamma, doc_pos, reset, mode, chunk_size, state=None, segment=None):
