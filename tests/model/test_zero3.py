@@ -16,7 +16,7 @@ deepspeed = pytest.importorskip("deepspeed")
 def losses(stage: int, compile_blocks: bool, steps: int = 3) -> list:
     init_dist()
     torch.manual_seed(0)
-    model = build_model(model_config_from_dict(tiny_config()))
+    model = build_model(model_config_from_dict(tiny_config(n_layers=1)))  # one block: one compile
     ds = {"train_micro_batch_size_per_gpu": 2, "steps_per_print": 10 ** 9,
           "optimizer": {"type": "Adam", "params": {"lr": 1e-2, "torch_adam": True}},
           # threshold 0: ZeRO-3 partitions even these tiny weights (by default they stay gathered)
