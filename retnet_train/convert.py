@@ -79,7 +79,7 @@ def from_torchscale(state_dict: Mapping[str, torch.Tensor], ts_config: Mapping[s
         if key.startswith("retnet_rel_pos."):
             continue  # angle/decay buffers: we derive the same values from the config
         ours[_rename(key)] = value
-    ours = fuse_legacy_projections(ours)  # torchscale's q/k/v/g_proj -> our stacked qkvg_proj
+    ours = fuse_legacy_projections(ours)  # torchscale's q/k/v_proj -> our stacked qkv_proj
     expected = model.state_dict()
     missing = sorted(set(expected) - set(ours))
     unexpected = sorted(set(ours) - set(expected))

@@ -125,7 +125,7 @@ class RetNetDecoder:
         for block, S in zip(model.layers, self.states):
             ret = block.retention
             h = block.retention_norm(x)
-            q, k, v, g = ret.projections(h, sin, cos)
+            q, k, v = ret.projections(h, sin, cos)
             q, k, v = q[:, 0], k[:, 0], v[:, 0]
             if cfg.normalize_retention:
                 v = torch.cat([v, v.new_ones(B, H, 1)], dim=-1)
@@ -138,7 +138,7 @@ class RetNetDecoder:
             o = ret.group_norm(o.to(x.dtype)).reshape(B, 1, -1)
             if ret.group_norm_weight is not None:
                 o = o * ret.group_norm_weight
-            x = x + ret.out_proj(ret.gate_fn(g) * o)
+            x = x + ret.out_proj(ret.gate_fn(ret.g_proj(h)) * o)
             x = x + block.ffn(block.ffn_norm(x))
         self.position.add_(1)
         self.doc_position.add_(1)

@@ -68,12 +68,12 @@ def checkpoint_layout(tag_dir: str, state: Optional[dict] = None) -> dict:
 
 
 def refuse_separate_projections(path: str, state: dict) -> None:
-    """Checkpoints from before the retention's q/k/v/g weights were stacked into one (qkvg_proj)
-    hold optimizer state for four tensors per layer where the model now has one."""
+    """Checkpoints from before the retention's q/k/v weights were stacked into one (qkv_proj)
+    hold optimizer state for three tensors per layer where the model now has one."""
     names = list(state.get("module") or {}) + [n for group in state.get("param_shapes") or [] for n in group]
     if any(n.endswith("retention.q_proj.weight") for n in names):
-        raise ValueError(f"train.resume: {path} was written with separate retention q/k/v/g_proj weights (retnet-train "
-                         "before qkvg_proj); its optimizer state does not fit this model and cannot be resumed. Its weights "
+        raise ValueError(f"train.resume: {path} was written with separate retention q/k/v_proj weights (retnet-train "
+                         "before qkv_proj); its optimizer state does not fit this model and cannot be resumed. Its weights "
                          "still load for export, evaluation and generation (retnet_train.export / evaluate / generate)")
 
 

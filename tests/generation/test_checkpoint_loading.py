@@ -161,12 +161,12 @@ def test_trainer_layout_complete_markers_run_dir_and_relative_tokenizer(tmp_path
 
 
 def _split_projections(names_to_values: dict, split) -> dict:
-    """Rewrite retention.qkvg_proj.weight entries as the four keys written before they were stacked."""
+    """Rewrite retention.qkv_proj.weight entries as the three keys written before they were stacked."""
     out = {}
     for key, value in names_to_values.items():
-        if key.endswith("retention.qkvg_proj.weight"):
-            prefix = key[: -len("qkvg_proj.weight")]
-            out.update({f"{prefix}{p}_proj.weight": part for p, part in zip("qkvg", split(value))})
+        if key.endswith("retention.qkv_proj.weight"):
+            prefix = key[: -len("qkv_proj.weight")]
+            out.update({f"{prefix}{p}_proj.weight": part for p, part in zip("qkv", split(value))})
         else:
             out[key] = value
     return out
@@ -174,7 +174,7 @@ def _split_projections(names_to_values: dict, split) -> dict:
 
 @pytest.mark.parametrize("stage", [0, 2])
 def test_checkpoint_with_separate_projections_loads_but_refuses_resume(tmp_path, tokenizer, stage):
-    """A checkpoint written before q/k/v/g were stacked: its weights load, resuming it is refused
+    """A checkpoint written before q/k/v were stacked: its weights load, resuming it is refused
     (stage 0 names the weights in `module`, ZeRO 1-3 in DeepSpeed's `param_shapes`)."""
     from retnet_train.checkpoint_io import _model_states_file
     from retnet_train.components.reshard import plan
@@ -186,9 +186,9 @@ def test_checkpoint_with_separate_projections_loads_but_refuses_resume(tmp_path,
     tag = (tmp_path / "ckpt" / "latest").read_text().strip()
     states_file = _model_states_file(str(tmp_path / "ckpt" / tag))
     state = torch.load(states_file, weights_only=False)
-    state["module"] = _split_projections(state["module"], lambda w: w.split([d, d, vd, vd]))
+    state["module"] = _split_projections(state["module"], lambda w: w.split([d, d, vd]))
     if state.get("param_shapes"):
-        state["param_shapes"] = [_split_projections(group, lambda s: [torch.Size([n, s[1]]) for n in (d, d, vd, vd)])
+        state["param_shapes"] = [_split_projections(group, lambda s: [torch.Size([n, s[1]]) for n in (d, d, vd)])
                                  for group in state["param_shapes"]]
         assert "layers.0.retention.q_proj.weight" in state["param_shapes"][0]
     torch.save(state, states_file)
@@ -198,5 +198,5 @@ def test_checkpoint_with_separate_projections_loads_but_refuses_resume(tmp_path,
         ids = torch.randint(0, VOCAB, (1, 7))
         torch.testing.assert_close(loaded.model(ids).logits, ref(ids).logits)
     current = {"world_size": 1, "zero_stage": stage, "precision": "fp32"}
-    with pytest.raises(ValueError, match=f"{tag}.*separate retention q/k/v/g_proj"):
+    with pytest.raises(ValueError, match=f"{tag}.*separate retention q/k/v_proj"):
         plan(str(tmp_path / "ckpt"), tag, current)

@@ -23,7 +23,7 @@ def losses(stage: int, compile_blocks: bool, steps: int = 3) -> list:
           "zero_optimization": {"stage": stage, "stage3_param_persistence_threshold": 0}}
     engine, *_ = deepspeed.initialize(model=model, model_parameters=model.parameters(), config=ds)
     if stage == 3:
-        assert engine.module.layers[0].retention.qkvg_proj.weight.numel() == 0  # partitioned outside forward
+        assert engine.module.layers[0].retention.qkv_proj.weight.numel() == 0  # partitioned outside forward
     if compile_blocks:
         engine.module.compile_blocks()
     ids = torch.randint(0, 61, (2, 9), generator=torch.Generator().manual_seed(1))
