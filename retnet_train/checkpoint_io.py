@@ -197,7 +197,7 @@ def consolidated_state_dict(save_dir: str, tag: str) -> dict:
 def _load_weights(model: torch.nn.Module, state_dict: Mapping[str, torch.Tensor], origin: str) -> None:
     expected = model.state_dict()
     state_dict = {k[len("module."):] if k.startswith("module.") else k: v for k, v in state_dict.items()}
-    state_dict = fuse_legacy_projections(state_dict)  # weights saved before q/k/v/g were stacked
+    state_dict = fuse_legacy_projections(state_dict)  # weights saved before q/k/v were stacked
     if model.config.tie_embeddings and "lm_head.weight" not in state_dict and "embed_tokens.weight" in state_dict:
         state_dict["lm_head.weight"] = state_dict["embed_tokens.weight"]
     missing = sorted(set(expected) - set(state_dict))

@@ -5,12 +5,11 @@ from dataclasses import dataclass
 from typing import List, Optional
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
 from .config import RetNetConfig
-from .layers import ACTIVATION_FNS, DecoderLM, FeedForward, CausalLMOutput, apply_rotary, init_weights, make_norm, rotary_sin_cos
+from .layers import ACTIVATION_FNS, DecoderLM, FeedForward, CausalLMOutput, StackedLinear, apply_rotary, init_weights, make_norm, rotary_sin_cos
 from ..kernels import resolve_backend, retention_op
 
 
@@ -39,21 +38,6 @@ def document_positions(doc_starts: Optional[torch.Tensor], T: int, start: torch.
     return torch.where(last_start >= 0, idx[None, :] - last_start, pos)
 
 
-class StackedLinear(nn.Linear):
-    """Several projections of one input in one weight, `row_blocks` rows each (each block is
-    initialized as its own matrix, see init_weights). One GEMM and one output per block, the graph
-    separate Linears give (a first version sharing one GEMM for q and k measured +1.5 GiB of peak
-    at 1.3B, 8k on an H200; docs/benchmarks.md), all inside this module's forward, where ZeRO-3
-    has gathered the weight."""
-
-    def __init__(self, in_features: int, row_blocks: tuple):
-        super().__init__(in_features, sum(row_blocks), bias=False)
-        self.row_blocks = row_blocks
-
-    def forward(self, x):
-        return tuple(F.linear(x, w) for w in self.weight.split(list(self.row_blocks)))
-
-
 class MultiScaleRetention(nn.Module):
     def __init__(self, config: RetNetConfig):
         super().__init__()
@@ -76,7 +60,7 @@ class MultiScaleRetention(nn.Module):
 
     def projection_weights(self) -> dict:
         """{"q": [d, d], "k": [d, d], "v": [vd, d]} (views of the stacked weight), "g": [vd, d]."""
-        w = dict(zip("qkv", self.qkv_proj.weight.split(list(self.qkv_proj.row_blocks))))
+        w = dict(zip("qkv", self.qkv_proj.blocks()))
         return {**w, "g": self.g_proj.weight}
 
     def projections(self, x, sin, cos):
