@@ -21,14 +21,23 @@ ROWS = [
     ("triton_per_fused_native_layer_norm_0", 100.0, 8),
     ("multi_tensor_apply_kernel<adam>", 100.0, 1),
     ("triton_poi_fused_add_mul_3", 100.0, 8),
-    ("aten::mm", 9999.0, 10),  # a CPU-side op row: no kernel, not counted by top_kernels
+    ("aten::mm", 9999.0, 10),  # op rows repeat their kernels' device time: not counted
+    ("## Call CompiledFxGraph f2x ##", 9999.0, 4),
+    ("ProfilerStep*", 9999.0, 2),
 ]
 PROFILE = FakeProfile(ROWS)
 
 
 def test_time_breakdown_categories_sum_to_one():
-    shares = time_breakdown(FakeProfile(ROWS[:5]))
+    shares = time_breakdown(PROFILE)
     assert shares == {"gemm": 0.5, "retention": 0.2, "norm": 0.1, "optimizer": 0.1, "elementwise_other": 0.1}
+
+
+def test_cudnn_flash_attention_is_not_a_gemm():
+    """cuDNN's SDPA kernels have "sm90" in their names, as the cuBLAS GEMMs do."""
+    rows = [("cudnn_generated_fort_native_sdpa_sm90_flash_bprop_wgmma_f16_knob_26", 300.0, 1),
+            ("nvjet_sm90_tst_128x256_64x4_2x1_v_bz_coopA_NTN", 100.0, 1)]
+    assert time_breakdown(FakeProfile(rows)) == {"flash_attention": 0.75, "gemm": 0.25}
 
 
 def test_top_kernels_skips_aten_rows_and_orders_by_time():
