@@ -111,8 +111,9 @@ def _equal_full_chunks(q, k, v, log_gamma, reset, state, C, row_sums=False):
     if state is not None:
         states = states + W[..., :1].to(dtype) * state.reshape(B, H, 1, K * V)
     states = states.view(B, H, N + 1, K, V)
-    q_decayed = qc * q_decay.to(dtype)
-    o = o + q_decayed @ states[:, :, :N]
+    # (q S) * decay rather than (q * decay) S: the same per-token factor, but autograd (and the
+    # compiled partitioner) then keeps q, needed anyway, instead of a decayed copy of q per layer
+    o = o + (qc @ states[:, :, :N]) * q_decay.to(dtype)
     o, final = o.reshape(B, H, T, V), states[:, :, N]
     if not row_sums:
         return o, final
@@ -120,7 +121,7 @@ def _equal_full_chunks(q, k, v, log_gamma, reset, state, C, row_sums=False):
         z = W[..., 1:].to(acc) @ k_decayed.to(acc).sum(3)  # decayed key sums entering each chunk, [B, H, N+1, K]
         if z0 is not None:
             z = z + W[..., :1].to(acc) * z0.to(acc).unsqueeze(2)
-        s = scores.to(acc).sum(-1) + (q_decayed.to(acc) @ z[:, :, :N].unsqueeze(-1)).squeeze(-1)
+        s = scores.to(acc).sum(-1) + (qc.to(acc) @ z[:, :, :N].unsqueeze(-1)).squeeze(-1) * q_decay.squeeze(-1)
     return o, torch.cat([final, z[:, :, N].unsqueeze(-1).to(final.dtype)], dim=-1), s.reshape(B, H, T)
 
 
