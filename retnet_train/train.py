@@ -97,7 +97,7 @@ def run(cfg: TrainConfig) -> dict:
     model.set_activation_checkpointing(checkpointing_mode(cfg.train.activation_checkpointing))
     attach_context_parallel(model, cp)
     if cfg.train.compile:
-        model.compile_blocks()
+        model.compile_blocks(cfg.train.activation_memory_budget)
 
     tokenizer_sha = sha256_file(cfg.data.tokenizer) if cfg.data.tokenizer else None
     sources = data_sources(cfg)

@@ -93,7 +93,7 @@ def measure(name, build, cfg, args):
     if ours:
         model.set_activation_checkpointing(args.activation_checkpointing)
     if ours and args.compile:
-        model.compile_blocks()
+        model.compile_blocks(args.activation_memory_budget)
     engine = make_engine(model, args.micro_batch, args.zero_stage, args.grad_accum)
     B, T = args.micro_batch, args.seq_len
     g = torch.Generator(device="cuda").manual_seed(0)
@@ -128,6 +128,7 @@ def measure(name, build, cfg, args):
     result = {
         "model": name, "preset": args.preset, "seq_len": T, "micro_batch": B, "zero_stage": args.zero_stage,
         "activation_checkpointing": args.activation_checkpointing, "compile": args.compile,
+        "activation_memory_budget": args.activation_memory_budget,
         "params": sum(p.numel() for p in model.parameters()),
         "tokens_per_s": round(tokens_per_s, 1), "step_s": round(elapsed / args.steps, 4),
         "grad_accum": args.grad_accum,
@@ -227,10 +228,14 @@ def main(argv=None):
     p.add_argument("--activation-checkpointing", default="none", choices=["none", "selective", "full"],
                    help="what the backward recomputes (selective: RetNet's retention core only)")
     p.add_argument("--compile", action="store_true", help="torch.compile the non-kernel parts of each block")
+    p.add_argument("--activation-memory-budget", type=float, default=1.0,
+                   help="< 1 (with --compile): the compiled backward recomputes elementwise work, then GEMMs")
     p.add_argument("--doc-len", type=int, default=0, help="mean document length for doc_starts (0: none)")
     p.add_argument("--backend", default="auto", choices=RETENTION_BACKENDS, help="RetNet retention backend")
     p.add_argument("--profile", action="store_true", help="add a GPU time breakdown by kernel category")
     args = p.parse_args(argv)
+    if args.activation_memory_budget != 1.0 and not args.compile:
+        p.error("--activation-memory-budget needs --compile")
     if not torch.cuda.is_available():
         raise SystemExit("train_throughput needs a GPU")
     for key, default in (("MASTER_ADDR", "127.0.0.1"), ("MASTER_PORT", "29511"), ("RANK", "0"), ("LOCAL_RANK", "0"), ("WORLD_SIZE", "1")):

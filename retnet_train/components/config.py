@@ -58,6 +58,9 @@ class TrainSection:
     # true/false are read as full/none
     activation_checkpointing: str = "none"
     compile: bool = False
+    # < 1 (with compile): the compiled backward recomputes elementwise work (then GEMMs) instead of
+    # keeping it, down to this fraction of the activations kept by default
+    activation_memory_budget: float = 1.0
     resume: str = "auto"  # auto: latest valid checkpoint if any | never | <dir>/step_N | a dir holding checkpoints
     seed: int = 1234
     max_consecutive_nonfinite: int = 5
@@ -151,6 +154,10 @@ def check_values(cfg: TrainConfig) -> None:
         need(getattr(cfg.train, key) > 0, f"train.{key}", "must be > 0")
     need(checkpointing_mode(cfg.train.activation_checkpointing) in ("none", "selective", "full"),
          "train.activation_checkpointing", f"{cfg.train.activation_checkpointing!r} is not none|selective|full")
+    budget = cfg.train.activation_memory_budget
+    need(0 < budget <= 1, "train.activation_memory_budget", f"{budget} is not in (0, 1]")
+    need(budget == 1 or cfg.train.compile, "train.activation_memory_budget",
+         f"{budget} needs train.compile=true: torch.compile's partitioner does the recomputing")
     need(cfg.train.device in ("auto", "cpu", "cuda"), "train.device", f"{cfg.train.device!r} is not auto|cpu|cuda")
     cp = cfg.parallel.context_parallel_size
     need(cp >= 1, "parallel.context_parallel_size", "must be >= 1")

@@ -6,6 +6,7 @@ from dataclasses import dataclass
 from typing import Any, Optional
 
 import torch
+import torch._functorch.config
 import torch.nn.functional as F
 from torch import nn
 from torch.utils.checkpoint import checkpoint
@@ -178,9 +179,17 @@ class DecoderLM(nn.Module):
             if hasattr(module, "checkpoint_core"):
                 module.checkpoint_core = mode == "selective"
 
-    def compile_blocks(self) -> None:
+    def compile_blocks(self, activation_memory_budget: float = 1.0) -> None:
         """torch.compile each block in place: fuses norms, rotation, gate and FFN elementwise
-        work; fla's kernels are excluded from compilation by fla itself."""
+        work; fla's kernels are excluded from compilation by fla itself.
+
+        activation_memory_budget < 1: the compiled backward recomputes what the forward would keep,
+        cheapest first (elementwise work before GEMMs), until what is kept is that fraction of the
+        default. torch's own knob (torchtitan's memory_budget mode); it is process-wide and read
+        when a block first runs."""
+        if not 0 < activation_memory_budget <= 1:
+            raise ValueError(f"activation_memory_budget: {activation_memory_budget} is not in (0, 1]")
+        torch._functorch.config.activation_memory_budget = activation_memory_budget
         for block in self.layers:
             block.compile()
 

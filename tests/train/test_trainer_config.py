@@ -50,6 +50,13 @@ def test_activation_checkpointing_modes():
     cfg.train.activation_checkpointing = "partial"
     with pytest.raises(ValueError, match="train.activation_checkpointing"):
         check_values(cfg)
+    cfg.train.activation_checkpointing = "none"
+    for budget, compile_ in ((0.0, True), (1.5, True), (0.8, False)):
+        cfg.train.activation_memory_budget, cfg.train.compile = budget, compile_
+        with pytest.raises(ValueError, match="train.activation_memory_budget"):
+            check_values(cfg)
+    cfg.train.activation_memory_budget, cfg.train.compile = 0.8, True
+    check_values(cfg)
 
 
 def test_lr_schedule_warmup_and_decay():
