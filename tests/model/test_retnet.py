@@ -1,4 +1,6 @@
 """RetNetForCausalLM: the three forms agree, state continues, documents reset, bad input fails."""
+import functools
+
 import pytest
 import torch
 
@@ -304,6 +306,7 @@ def test_stacked_projections_match_separate_weights_and_old_state_dicts_load():
     assert len(list(model.layers[0].retention.parameters())) == 3  # qkv, g, out (no affine group norm)
 
 
+@functools.lru_cache(maxsize=None)  # the compiled default serves two tests: one CPU compile less
 def kept_for_backward(compiled, activation_memory_budget=1.0, T=256):
     """One bf16 block (two heads, d_v 256) trained one step: [(bytes, dtype, numel)] of each tensor
     autograd keeps for backward (saved-tensor hooks see a compiled graph's too), and the gradients."""
@@ -339,7 +342,7 @@ def test_compiled_block_keeps_the_gate_input_in_bf16():
     Two heads, as every preset has several: with one head the [B, T, H, V] transpose is a no-op and
     the partitioner keeps the group norm's fp32 input instead (seen on CPU, not at preset shapes)."""
     T, vd = 256, 256
-    compiled, eager = kept_for_backward(True, T=T)[0], kept_for_backward(False, T=T)[0]
+    compiled, eager = kept_for_backward(True)[0], kept_for_backward(False)[0]
     assert not [s for s in compiled if s[1] == torch.float32 and s[2] >= T * vd], compiled
     assert sum(s[0] for s in compiled) < sum(s[0] for s in eager)
 
