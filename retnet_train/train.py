@@ -9,7 +9,6 @@ from __future__ import annotations
 import math
 import os
 import sys
-import time
 from dataclasses import asdict
 
 import hydra
@@ -21,7 +20,7 @@ from tqdm import tqdm
 from .components.checkpoint import CheckpointManager, resolve_resume
 from .components.faults import OOM_HINT, NonFiniteTracker, TrainingError, inject
 from .components.config import TrainConfig, check_values, checkpointing_mode, config_diff, data_sources, grad_accumulation, register
-from .components.metrics import MetricsLogger, device_peak_flops, peak_memory_gib
+from .components.metrics import MetricsLogger, Throughput, device_peak_flops, peak_memory_gib
 from .components.optim import build_optimizer, deepspeed_config
 from .components.preemption import PreemptionHandler
 from .components.profiling import Profiler
@@ -168,10 +167,11 @@ def run(cfg: TrainConfig) -> dict:
         last_path = os.path.join(*source) if source else None
     bar = tqdm(total=cfg.train.max_steps, initial=step, unit="step", dynamic_ncols=True,
                disable=True if not is_main else None)  # None: shown on a terminal only
-    t_last, tokens_last = time.perf_counter(), tokens_seen
+    throughput = Throughput(tokens_seen)
     try:
         while step < cfg.train.max_steps:
-            profiler.step(step)  # opens, marks and closes the profiled window of steps
+            with throughput.paused():  # closing the window writes the trace: not training time
+                profiler.step(step)  # opens, marks and closes the profiled window of steps
             step_losses = []
             for _ in range(accum):
                 batch = {k: v.to(device, non_blocking=True) for k, v in next(loader).items()}
@@ -201,9 +201,7 @@ def run(cfg: TrainConfig) -> dict:
             if not skipped:
                 loss_value = stats[2].item() / world
             if step % cfg.train.log_interval == 0 or step == cfg.train.max_steps or skipped:
-                now = time.perf_counter()
-                tps = (tokens_seen - tokens_last) / max(now - t_last, 1e-9)
-                t_last, tokens_last = now, tokens_seen
+                tps = throughput.rate(tokens_seen)
                 grad_norm = engine.get_global_grad_norm()
                 grad_norm = None if grad_norm is None or not math.isfinite(float(grad_norm)) else float(grad_norm)
                 logger.log({"step": step, "loss": None if skipped else loss_value, "lr": scheduler.get_last_lr()[0],
@@ -222,10 +220,12 @@ def run(cfg: TrainConfig) -> dict:
                                     f"The weights of the last good step ({step - faults.consecutive}) are saved "
                                     f"in {last_path}")
             if step % cfg.train.eval_interval == 0 or step == cfg.train.max_steps:
-                val = evaluate(engine, val_loader, cfg.train.eval_batches, device, cp)
+                with throughput.paused():
+                    val = evaluate(engine, val_loader, cfg.train.eval_batches, device, cp)
                 logger.log({"step": step, "val_loss": val, "val_ppl": math.exp(min(val, 50.0))})
             if step % cfg.checkpoint.interval == 0 or stop or (step == cfg.train.max_steps and cfg.checkpoint.save_at_end):
-                last_path = save()
+                with throughput.paused():
+                    last_path = save()
             if stop:
                 if is_main:
                     logger.write(f"{preempt.received or 'signal on another rank'}: checkpoint saved to {last_path} "

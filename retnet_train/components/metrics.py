@@ -5,8 +5,10 @@ import json
 import os
 import resource
 import sys
+import time
 import uuid
-from typing import Optional
+from contextlib import contextmanager
+from typing import Callable, Optional
 
 import torch
 from tqdm import tqdm
@@ -28,6 +30,31 @@ def peak_memory_gib(device: torch.device) -> float:
     if device.type == "cuda":
         return torch.cuda.max_memory_allocated(device) / 2 ** 30
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2 ** 20  # KiB on Linux
+
+
+class Throughput:
+    """Tokens per second of training between two logs. Time inside `paused()` (evaluation,
+    checkpoint saves, the profiler's export) is left out, so the interval that holds one shows the
+    training speed instead of a dip."""
+
+    def __init__(self, tokens_seen: int, clock: Callable[[], float] = time.perf_counter):
+        self.clock = clock
+        self.t_last, self.tokens_last, self.paused_s = clock(), tokens_seen, 0.0
+
+    @contextmanager
+    def paused(self):
+        start = self.clock()
+        try:
+            yield
+        finally:
+            self.paused_s += self.clock() - start
+
+    def rate(self, tokens_seen: int) -> float:
+        """Tokens/s since the last call (or the start), then a new interval begins."""
+        now = self.clock()
+        tps = (tokens_seen - self.tokens_last) / max(now - self.t_last - self.paused_s, 1e-9)
+        self.t_last, self.tokens_last, self.paused_s = now, tokens_seen, 0.0
+        return tps
 
 
 class MetricsLogger:
