@@ -138,7 +138,7 @@ class RetNetDecoder:
             o = ret.group_norm(o.to(x.dtype)).reshape(B, 1, -1)
             if ret.group_norm_weight is not None:
                 o = o * ret.group_norm_weight
-            x = x + ret.out_proj(ret.gate_fn(ret.g_proj(h)) * o)
+            x = x + ret.gated_output(h, o)
             x = x + block.ffn(block.ffn_norm(x))
         self.position.add_(1)
         self.doc_position.add_(1)
