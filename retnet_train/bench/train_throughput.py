@@ -19,6 +19,7 @@ import yaml
 
 from ..model import build_model, model_config_from_dict
 from ..components.metrics import device_peak_flops
+from ..components.optim import gather_whole_blocks
 from ..model.config import RETENTION_BACKENDS
 from ..model.flops import flops_per_token
 
@@ -56,6 +57,8 @@ def make_engine(model, micro_batch: int, zero_stage: int, grad_accum: int = 1, b
     }
     fused = next(model.parameters()).is_cuda or None
     optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4, betas=(0.9, 0.98), weight_decay=0.05, fused=fused)
+    if zero_stage == 3:
+        gather_whole_blocks(model)
     engine, *_ = deepspeed.initialize(model=model, optimizer=optimizer, config=ds_config)
     return engine
 
@@ -89,9 +92,12 @@ def measure(name, build, cfg, args):
     mem_before = torch.cuda.memory_allocated()  # should be ~0: what a previous model left behind
     torch.manual_seed(0)
     model = build().to(device="cuda", dtype=torch.bfloat16)
+    n_params = sum(p.numel() for p in model.parameters())  # before ZeRO-3 partitions them to empty shells
     ours = name != "fla"
     if ours:
         model.set_activation_checkpointing(args.activation_checkpointing)
+    elif args.activation_checkpointing == "full":
+        model.gradient_checkpointing_enable()  # HF's: each decoder layer recomputed in the backward
     if ours and args.compile:
         model.compile_blocks(args.activation_memory_budget)
     engine = make_engine(model, args.micro_batch, args.zero_stage, args.grad_accum)
@@ -129,7 +135,7 @@ def measure(name, build, cfg, args):
         "model": name, "preset": args.preset, "seq_len": T, "micro_batch": B, "zero_stage": args.zero_stage,
         "activation_checkpointing": args.activation_checkpointing, "compile": args.compile,
         "activation_memory_budget": args.activation_memory_budget,
-        "params": sum(p.numel() for p in model.parameters()),
+        "params": n_params,
         "tokens_per_s": round(tokens_per_s, 1), "step_s": round(elapsed / args.steps, 4),
         "grad_accum": args.grad_accum,
         # this model's own: what an earlier model in the process left allocated is not counted
@@ -250,6 +256,9 @@ def main(argv=None):
         if name not in ("retnet", "transformer", "fla"):
             raise SystemExit(f"--models: unknown model {name!r} (retnet, transformer, fla)")
         if name == "fla":
+            if args.activation_checkpointing == "selective":
+                print(json.dumps({"model": "fla", "skipped": "fla's model has no selective activation checkpointing"}), flush=True)
+                continue
             try:
                 import fla.models  # noqa: F401
             except ImportError:

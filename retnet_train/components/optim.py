@@ -53,6 +53,17 @@ class GuardedAdamW(torch.optim.AdamW):
         return super().step(closure)
 
 
+def gather_whole_blocks(model: torch.nn.Module) -> None:
+    """ZeRO-3: gather each block's parameters at once when the block runs (DeepSpeed's "z3 leaf"
+    modules) instead of per Linear and norm, like FSDP's per-block units. Per-submodule gathering
+    puts DeepSpeed's hooks inside the compiled block: a graph break at every submodule, and past
+    Dynamo's recompile limit the later layers ran uncompiled (6.7B on one H200: RetNet's forward
+    488 ms against the Transformer's 257; docs/benchmarks.md). Call before deepspeed.initialize."""
+    from deepspeed.utils import set_z3_leaf_modules
+
+    set_z3_leaf_modules(model, list({type(block) for block in model.layers}))
+
+
 def uses_guarded_adamw(cfg: TrainConfig) -> bool:
     return cfg.deepspeed.zero_stage == 0 and cfg.deepspeed.precision == "fp32" and not cfg.deepspeed.offload_optimizer
 

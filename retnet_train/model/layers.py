@@ -191,7 +191,9 @@ class DecoderLM(nn.Module):
             raise ValueError(f"activation_memory_budget: {activation_memory_budget} is not in (0, 1]")
         torch._functorch.config.activation_memory_budget = activation_memory_budget
         for block in self.layers:
-            block.compile()
+            # the forward only, not the module call: hooks on the block (ZeRO-3's parameter
+            # gathering) stay outside the graph instead of breaking it
+            block.forward = torch.compile(block.forward)
 
     def num_params(self, exclude_embeddings: bool = False) -> int:
         n = sum(p.numel() for p in self.parameters())  # a tied weight counts once

@@ -1,4 +1,6 @@
 """Config errors fail at start naming the key; derived values; the optimizer groups and schedule."""
+from pathlib import Path
+
 import pytest
 import torch
 
@@ -121,3 +123,22 @@ def test_selective_checkpointing_run_without_final_save(tmp_path):
                                     "checkpoint.save_at_end": "false"}), nproc=1)
     assert [r["step"] for r in records(run) if "loss" in r] == [1, 2]
     assert not (run / "checkpoints").exists() or not any((run / "checkpoints").iterdir())
+
+
+EXPERIMENTS = sorted(p.stem for p in (Path(__file__).resolve().parents[2] / "configs" / "experiment").glob("*.yaml"))
+
+
+@pytest.mark.parametrize("name", EXPERIMENTS)
+def test_every_experiment_preset_composes_and_validates(name):
+    """A preset's key typo or bad value fails here, not hours into a cluster job."""
+    from hydra import compose, initialize_config_dir
+    from omegaconf import OmegaConf
+
+    from retnet_train.components.config import register
+
+    register()
+    with initialize_config_dir(str(Path(__file__).resolve().parents[2] / "configs"), version_base="1.3"):
+        cfg = OmegaConf.to_object(compose("config", overrides=[f"experiment={name}"]))
+    check_values(cfg)
+    if name.startswith("retnet_") and cfg.train.compile and cfg.train.activation_checkpointing == "none":
+        assert cfg.train.activation_memory_budget < 1  # measured free on an H200 (docs/benchmarks.md)
