@@ -18,7 +18,7 @@ import torch
 
 from .model import RetNetForCausalLM
 from .model.layers import rotary_sin_cos
-from .model.retnet import document_positions
+from .model.retnet import decay_normalizer, document_positions
 
 
 def left_pad(prompts: Sequence[Sequence[int]], pad_id: int, device) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -118,10 +118,7 @@ class RetNetDecoder:
             x = x * cfg.d_model ** 0.5
         sin, cos = rotary_at(model.inv_freq, self.position, x.dtype)
         sin, cos = sin.unsqueeze(1), cos.unsqueeze(1)  # [1, 1, K] against [B, 1, H, K]
-        lg = model.log_gamma.view(1, -1)
-        c = None
-        if cfg.normalize_retention:  # the model's factor c_t at this document position
-            c = torch.sqrt(torch.expm1(lg) / torch.expm1(lg * (self.doc_position[:, None].float() + 1)))  # [B, H]
+        c = decay_normalizer(model.log_gamma, self.doc_position) if cfg.normalize_retention else None  # [B, H]
         for block, S in zip(model.layers, self.states):
             ret = block.retention
             h = block.retention_norm(x)
@@ -133,11 +130,8 @@ class RetNetDecoder:
             S.mul_(self.gamma).addcmul_(k.to(S.dtype)[..., :, None], v.to(S.dtype)[..., None, :])
             o = torch.einsum("bhk,bhkv->bhv", q.to(S.dtype), S)
             if cfg.normalize_retention:
-                o, row_sum = o[..., :-1], o[..., -1]
-                o = o * (c / (c * row_sum).abs().clamp(min=1)).unsqueeze(-1)
-            o = ret.group_norm(o.to(x.dtype)).reshape(B, 1, -1)
-            if ret.group_norm_weight is not None:
-                o = o * ret.group_norm_weight
+                o = ret.normalized(o[..., :-1], o[..., -1], c)
+            o = ret.head_norm(o.to(x.dtype)).view(B, 1, -1)
             x = x + ret.gated_output(h, o)
             x = x + block.ffn(block.ffn_norm(x))
         self.position.add_(1)

@@ -87,7 +87,6 @@ class MultiScaleRetention(nn.Module):
 
     def retention_core(self, q, k, v, log_gamma, doc_pos, reset, mode, chunk_size, state, segment=None):
         """Retention, the paper's normalization and the per-head norm: [B, T, H*V] and the state."""
-        B, T = q.shape[:2]
         backend = resolve_backend(self.backend, q.device)
         if segment is not None and backend == "triton":
             backend = "torch"  # context parallel backpropagates through the final state; our kernels give it no gradient
@@ -95,16 +94,25 @@ class MultiScaleRetention(nn.Module):
         if segment is not None:  # context parallel: add the earlier ranks' state (parallel/context.py)
             o, row_sum = segment.combine(o, row_sum, state, q, log_gamma)
         if self.normalize:
-            # Paper 2.2: D~ = D / sqrt(sum_i D_ti) -> factor c_t = (sum_{i<=p_t} gamma^i)^-1/2;
-            # scores / max(|sum of scaled scores|, 1), the sum detached as in torchscale.
-            lg = log_gamma.view(1, 1, -1)
-            c = torch.sqrt(torch.expm1(lg) / torch.expm1(lg * (doc_pos[:, :, None].float() + 1)))
-            factor = c / (c * row_sum.float()).abs().clamp(min=1)
-            o = o * factor.unsqueeze(-1).to(o.dtype)
-        o = self.group_norm(o).reshape(B, T, -1)  # [B, T, H, V]: a norm per head
-        if self.group_norm_weight is not None:
-            o = o * self.group_norm_weight
-        return o, state
+            o = self.normalized(o, row_sum, decay_normalizer(log_gamma, doc_pos))
+        return self.head_norm(o), state
+
+    def normalized(self, o, row_sum, c):
+        """The paper's normalization of the retention output o [..., H, V] with its score row sums
+        [..., H] (detached, as in torchscale) and c from decay_normalizer: scores / max(|sum of
+        scaled scores|, 1)."""
+        return o * (c / (c * row_sum.float()).abs().clamp(min=1)).unsqueeze(-1).to(o.dtype)
+
+    def head_norm(self, o):
+        """The per-head norm (GroupNorm with a group per head) of o [..., H, V] -> [..., H * V]."""
+        o = self.group_norm(o).flatten(-2)
+        return o if self.group_norm_weight is None else o * self.group_norm_weight
+
+
+def decay_normalizer(log_gamma, doc_pos):
+    """Paper 2.2: D~ = D / sqrt(sum_i D_ti), i.e. a factor c_t = (sum_{i<=p_t} gamma^i)^-1/2 per head
+    at document position p_t: doc_pos [...] -> [..., H]."""
+    return torch.sqrt(torch.expm1(log_gamma) / torch.expm1(log_gamma * (doc_pos[..., None].float() + 1)))
 
 
 LEGACY_PROJECTIONS = ("q_proj", "k_proj", "v_proj")
