@@ -41,9 +41,10 @@ def fla_reference(cfg):
                                fuse_cross_entropy=True))
 
 
-def make_engine(model, micro_batch: int, zero_stage: int, grad_accum: int = 1, bf16: bool = True):
+def make_engine(model, micro_batch: int, zero_stage: int, grad_accum: int = 1, bf16: bool = True, ours: bool = True):
     """The benchmarks' DeepSpeed engine: AdamW (fused on GPU), clipping 1.0, bf16 mixed precision
-    (fp32 where there is no GPU)."""
+    (fp32 where there is no GPU); under ZeRO-3 our models gather whole blocks, as in the trainer
+    (fla's model keeps DeepSpeed's default)."""
     import deepspeed
 
     ds_config = {
@@ -57,7 +58,7 @@ def make_engine(model, micro_batch: int, zero_stage: int, grad_accum: int = 1, b
     }
     fused = next(model.parameters()).is_cuda or None
     optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4, betas=(0.9, 0.98), weight_decay=0.05, fused=fused)
-    if zero_stage == 3:
+    if zero_stage == 3 and ours:
         gather_whole_blocks(model)
     engine, *_ = deepspeed.initialize(model=model, optimizer=optimizer, config=ds_config)
     return engine
@@ -100,7 +101,7 @@ def measure(name, build, cfg, args):
         model.gradient_checkpointing_enable()  # HF's: each decoder layer recomputed in the backward
     if ours and args.compile:
         model.compile_blocks(args.activation_memory_budget)
-    engine = make_engine(model, args.micro_batch, args.zero_stage, args.grad_accum)
+    engine = make_engine(model, args.micro_batch, args.zero_stage, args.grad_accum, ours=ours)
     B, T = args.micro_batch, args.seq_len
     g = torch.Generator(device="cuda").manual_seed(0)
     batch = {"input_ids": torch.randint(0, cfg.vocab_size, (B, T), device="cuda", generator=g)}

@@ -54,8 +54,11 @@ def resolve_backend(backend: str, device: torch.device) -> str:
     return "fla" if on_gpu and fla_available() else "torch"
 
 
-def retention_op(backend, q, k, v, log_gamma, mode, chunk_size, reset=None, state=None, row_sums=True):
-    if backend == "triton" and mode != "recurrent":
+def retention_op(backend, q, k, v, log_gamma, mode, chunk_size, reset=None, state=None, row_sums=True,
+                 state_grad=False):
+    """state_grad: the final state is backpropagated through (context parallel), which our Triton
+    kernels do not do: the torch path runs instead."""
+    if backend == "triton" and mode != "recurrent" and not state_grad:
         from .triton_retention import block_size, triton_retention
 
         # Document resets, and chunks that are not a multiple of 16, run on the torch path (the

@@ -88,9 +88,8 @@ class MultiScaleRetention(nn.Module):
     def retention_core(self, q, k, v, log_gamma, doc_pos, reset, mode, chunk_size, state, segment=None):
         """Retention, the paper's normalization and the per-head norm: [B, T, H*V] and the state."""
         backend = resolve_backend(self.backend, q.device)
-        if segment is not None and backend == "triton":
-            backend = "torch"  # context parallel backpropagates through the final state; our kernels give it no gradient
-        o, row_sum, state = retention_op(backend, q, k, v, log_gamma, mode, chunk_size, reset, state, self.normalize)
+        o, row_sum, state = retention_op(backend, q, k, v, log_gamma, mode, chunk_size, reset, state, self.normalize,
+                                         state_grad=segment is not None)
         if segment is not None:  # context parallel: add the earlier ranks' state (parallel/context.py)
             o, row_sum = segment.combine(o, row_sum, state, q, log_gamma)
         if self.normalize:
