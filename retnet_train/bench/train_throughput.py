@@ -19,7 +19,8 @@ import yaml
 
 from ..model import build_model, model_config_from_dict
 from ..components.metrics import device_peak_flops
-from ..components.optim import gather_whole_blocks
+from ..components.config import TrainConfig
+from ..components.optim import deepspeed_config, gather_whole_blocks
 from ..model.config import RETENTION_BACKENDS
 from ..model.flops import flops_per_token
 
@@ -41,26 +42,36 @@ def fla_reference(cfg):
                                fuse_cross_entropy=True))
 
 
-def make_engine(model, micro_batch: int, zero_stage: int, grad_accum: int = 1, bf16: bool = True, ours: bool = True):
-    """The benchmarks' DeepSpeed engine: AdamW (fused on GPU), clipping 1.0, bf16 mixed precision
-    (fp32 where there is no GPU); under ZeRO-3 our models gather whole blocks, as in the trainer
-    (fla's model keeps DeepSpeed's default)."""
+def engine_config(micro_batch: int, zero_stage: int, grad_accum: int = 1, bf16: bool = True, overrides=None) -> dict:
+    """The trainer's DeepSpeed config at its defaults (configs/deepspeed/default.yaml: buckets,
+    overlap_comm, contiguous gradients), clipping at 1.0, deep-merged with `overrides` (--ds-json)."""
+    cfg = TrainConfig()
+    cfg.train.micro_batch_size, cfg.deepspeed.zero_stage = micro_batch, zero_stage
+    cfg.deepspeed.precision, cfg.optim.grad_clip = ("bf16" if bf16 else "fp32"), 1.0
+    config = deepspeed_config(cfg, grad_accum)
+    config["gradient_clipping"] = 1.0  # the trainer's fp32 ZeRO-0 clips in its own optimizer instead
+    return merge(config, overrides or {})
+
+
+def merge(base: dict, extra: dict) -> dict:
+    out = dict(base)
+    for key, value in extra.items():
+        out[key] = merge(out[key], value) if isinstance(value, dict) and isinstance(out.get(key), dict) else value
+    return out
+
+
+def make_engine(model, micro_batch: int, zero_stage: int, grad_accum: int = 1, bf16: bool = True, ours: bool = True,
+                ds_overrides=None):
+    """The benchmarks' DeepSpeed engine: AdamW (fused on GPU) under engine_config; under ZeRO-3
+    our models gather whole blocks, as in the trainer (fla's model keeps DeepSpeed's default)."""
     import deepspeed
 
-    ds_config = {
-        "train_micro_batch_size_per_gpu": micro_batch,
-        "gradient_accumulation_steps": grad_accum,
-        "gradient_clipping": 1.0,
-        "bf16": {"enabled": bf16},
-        "zero_optimization": {"stage": zero_stage},
-        "steps_per_print": 10 ** 9,
-        "wall_clock_breakdown": False,
-    }
     fused = next(model.parameters()).is_cuda or None
     optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4, betas=(0.9, 0.98), weight_decay=0.05, fused=fused)
     if zero_stage == 3 and ours:
         gather_whole_blocks(model)
-    engine, *_ = deepspeed.initialize(model=model, optimizer=optimizer, config=ds_config)
+    config = engine_config(micro_batch, zero_stage, grad_accum, bf16, ds_overrides)
+    engine, *_ = deepspeed.initialize(model=model, optimizer=optimizer, config=config)
     return engine
 
 
@@ -101,7 +112,7 @@ def measure(name, build, cfg, args):
         model.gradient_checkpointing_enable()  # HF's: each decoder layer recomputed in the backward
     if ours and args.compile:
         model.compile_blocks(args.activation_memory_budget)
-    engine = make_engine(model, args.micro_batch, args.zero_stage, args.grad_accum, ours=ours)
+    engine = make_engine(model, args.micro_batch, args.zero_stage, args.grad_accum, ours=ours, ds_overrides=args.ds_json)
     B, T = args.micro_batch, args.seq_len
     g = torch.Generator(device="cuda").manual_seed(0)
     batch = {"input_ids": torch.randint(0, cfg.vocab_size, (B, T), device="cuda", generator=g)}
@@ -135,7 +146,7 @@ def measure(name, build, cfg, args):
     result = {
         "model": name, "preset": args.preset, "seq_len": T, "micro_batch": B, "zero_stage": args.zero_stage,
         "activation_checkpointing": args.activation_checkpointing, "compile": args.compile,
-        "activation_memory_budget": args.activation_memory_budget,
+        "activation_memory_budget": args.activation_memory_budget, "ds_json": args.ds_json,
         "params": n_params,
         "tokens_per_s": round(tokens_per_s, 1), "step_s": round(elapsed / args.steps, 4),
         "grad_accum": args.grad_accum,
@@ -220,6 +231,16 @@ def top_kernels(prof, n: int = 15) -> list:
     return [[round(us / total, 3), calls, name[:90]] for us, calls, name in sorted(rows, reverse=True)[:n]]
 
 
+def json_object(text: str) -> dict:
+    try:
+        value = json.loads(text)
+    except json.JSONDecodeError as e:
+        raise argparse.ArgumentTypeError(f"not JSON ({e}): {text!r}") from None
+    if not isinstance(value, dict):
+        raise argparse.ArgumentTypeError(f"not a JSON object: {text!r}")
+    return value
+
+
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--preset", default="1.3b", help="configs/model/<preset>.yaml; the Transformer uses transformer_<preset>")
@@ -240,6 +261,8 @@ def main(argv=None):
     p.add_argument("--doc-len", type=int, default=0, help="mean document length for doc_starts (0: none)")
     p.add_argument("--backend", default="auto", choices=RETENTION_BACKENDS, help="RetNet retention backend")
     p.add_argument("--profile", action="store_true", help="add a GPU time breakdown by kernel category")
+    p.add_argument("--ds-json", type=json_object, default=None, metavar="JSON",
+                   help='merged into the DeepSpeed config, e.g. \'{"zero_optimization": {"overlap_comm": false}}\'')
     args = p.parse_args(argv)
     if args.activation_memory_budget != 1.0 and not args.compile:
         p.error("--activation-memory-budget needs --compile")

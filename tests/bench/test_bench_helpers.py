@@ -1,10 +1,12 @@
-"""The GPU benchmarks' pure parts, on CPU: kernel categories and shares, the FLOP count."""
+"""The GPU benchmarks' pure parts, on CPU: kernel categories and shares, the FLOP count, the engine config."""
 from types import SimpleNamespace
 
 import pytest
 
 from retnet_train.bench.retention_kernels import chunkwise_flops
-from retnet_train.bench.train_throughput import time_breakdown, top_kernels
+from retnet_train.bench.train_throughput import engine_config, json_object, time_breakdown, top_kernels
+from retnet_train.components.config import TrainConfig
+from retnet_train.components.optim import deepspeed_config
 
 
 class FakeProfile:
@@ -50,3 +52,20 @@ def test_chunkwise_flops_counts_the_four_products():
     B, T, H, K, V, C = 1, 8, 2, 4, 6, 4
     by_hand = 2 * B * H * (T * C * K + T * C * V + T * K * V + T * K * V)  # qk^T, sv, k^T v, q S
     assert chunkwise_flops(B, T, H, K, V, C) == pytest.approx(by_hand)
+
+
+def test_bench_engine_uses_the_trainers_deepspeed_config():
+    """The bench times the trainer's step: same buckets, overlap_comm, contiguous gradients."""
+    cfg = TrainConfig()
+    cfg.train.micro_batch_size, cfg.deepspeed.zero_stage = 2, 1
+    assert engine_config(2, 1, grad_accum=4) == deepspeed_config(cfg, 4)
+    assert engine_config(1, 1)["zero_optimization"]["overlap_comm"] is True  # DeepSpeed's default is False
+
+
+def test_bench_ds_json_merges_into_the_config():
+    got = engine_config(1, 3, overrides=json_object('{"zero_optimization": {"overlap_comm": false}, "x": 1}'))
+    assert got["zero_optimization"]["overlap_comm"] is False and got["x"] == 1
+    assert got["zero_optimization"]["stage"] == 3 and "stage3_prefetch_bucket_size" in got["zero_optimization"]
+    for bad in ("[1]", "{oops"):
+        with pytest.raises(Exception, match="JSON"):
+            json_object(bad)
