@@ -167,6 +167,25 @@ class DecoderLM(nn.Module):
             self.lm_head.weight = self.embed_tokens.weight  # one Parameter, listed once
         self.activation_checkpointing = False
         self.check_inputs = True  # off for CUDA-graph decoding, where a host sync is not allowed
+        for name, value in self.constants().items():
+            self.register_buffer(name, value, persistent=False)
+
+    def constants(self) -> dict:
+        """{buffer name: exact value} for the architecture's constants (rotary frequencies, decay
+        rates), computed from the config; each subclass lists its own."""
+        return {}
+
+    def _apply(self, fn, recurse=True):
+        # .to(bfloat16) / .half() cast every float buffer, but these are constants, not weights:
+        # inv_freq in bf16 moves a rotary angle at distance 8k by up to ~16 rad, so a model trained
+        # with exact ones (DeepSpeed casts parameters only) would be evaluated with others. They
+        # keep their exact dtype and follow the device.
+        super()._apply(fn, recurse)
+        for name, exact in self.constants().items():
+            current = getattr(self, name)
+            if current.dtype != exact.dtype:
+                setattr(self, name, exact.to(current.device))
+        return self
 
     def set_activation_checkpointing(self, mode="full") -> None:
         """What the backward pass recomputes instead of keeping: "full" (or True) each block;

@@ -149,12 +149,14 @@ class RetNetForCausalLM(DecoderLM):
 
     def __init__(self, config: RetNetConfig):
         super().__init__(config, [RetNetBlock(config) for _ in range(config.n_layers)])
-        K = config.key_head_dim
-        # torchscale's angles: 1 / 10000^linspace(0, 1, K/2), one per rotation pair.
-        self.register_buffer("inv_freq", 1.0 / config.rotary_base ** torch.linspace(0, 1, K // 2, dtype=torch.float64), persistent=False)
-        self.register_buffer("log_gamma", decay_log_gammas(config.n_heads), persistent=False)
         init_weights(self, config, gains={"qkv_proj": 2 ** -2.5, "g_proj": 2 ** -2.5, "out_proj": 1.0})
         self.context_parallel = None
+
+    def constants(self) -> dict:
+        cfg = self.config
+        # torchscale's angles: 1 / 10000^linspace(0, 1, K/2), one per rotation pair.
+        inv_freq = 1.0 / cfg.rotary_base ** torch.linspace(0, 1, cfg.key_head_dim // 2, dtype=torch.float64)
+        return {"inv_freq": inv_freq, "log_gamma": decay_log_gammas(cfg.n_heads)}
 
     def set_context_parallel(self, cp) -> None:
         """cp: a parallel.ContextParallel (each rank then gets its 1/P slice of every row and returns

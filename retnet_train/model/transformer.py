@@ -44,10 +44,12 @@ class TransformerBlock(nn.Module):
 class TransformerForCausalLM(DecoderLM):
     def __init__(self, config: TransformerConfig):
         super().__init__(config, [TransformerBlock(config) for _ in range(config.n_layers)])
-        hd = config.head_dim
-        # Standard RoPE frequencies base^(-2i/d), one per rotation pair.
-        self.register_buffer("inv_freq", 1.0 / config.rotary_base ** (torch.arange(0, hd, 2, dtype=torch.float64) / hd), persistent=False)
         init_weights(self, config, gains={"qkv_proj": 2 ** -0.5, "out_proj": 1.0})
+
+    def constants(self) -> dict:
+        hd = self.config.head_dim
+        # Standard RoPE frequencies base^(-2i/d), one per rotation pair.
+        return {"inv_freq": 1.0 / self.config.rotary_base ** (torch.arange(0, hd, 2, dtype=torch.float64) / hd)}
 
     def forward(self, input_ids, labels=None, doc_starts=None, return_logits: bool = True) -> CausalLMOutput:
         x = self.embed(input_ids)

@@ -48,8 +48,8 @@ def test_clamp_is_exercised(monkeypatch):
     sums = []
     real = retnet_module.retention_op
 
-    def spy(*args):
-        o, row_sums, state = real(*args)
+    def spy(*args, **kwargs):
+        o, row_sums, state = real(*args, **kwargs)
         sums.append(row_sums)  # [B, T, H]
         return o, row_sums, state
 
@@ -249,15 +249,16 @@ def test_causal(mode):
     assert (a[:, 10:] - b[:, 10:]).abs().max() > 1e-3
 
 
-def test_context_parallel_keeps_the_state_gradient_off_the_triton_kernels(monkeypatch):
-    """The triton kernels give the final state no gradient; context parallelism backpropagates through
-    it, so a context-parallel segment must run on the torch path."""
+def test_context_parallel_asks_for_the_state_gradient(monkeypatch):
+    """Context parallelism backpropagates through the final state: retention_core says so to the
+    dispatcher (which keeps it off the Triton kernels, tests/kernels/test_dispatch.py)."""
     import retnet_train.model.retnet as retnet_module
 
     used = []
     real = retnet_module.retention_op
     monkeypatch.setattr(retnet_module, "resolve_backend", lambda backend, device: "triton")
-    monkeypatch.setattr(retnet_module, "retention_op", lambda backend, *a: (used.append(backend), real("torch", *a))[1])
+    monkeypatch.setattr(retnet_module, "retention_op",
+                        lambda backend, *a, state_grad: (used.append((backend, state_grad)), real("torch", *a))[1])
 
     class Segment:  # stands in for parallel.context's segment: no earlier ranks
         def combine(self, o, row_sum, state, q, log_gamma):
@@ -267,7 +268,7 @@ def test_context_parallel_keeps_the_state_gradient_off_the_triton_kernels(monkey
     q, k, v = torch.randn(1, 8, 2, msr.key_dim), torch.randn(1, 8, 2, msr.key_dim), torch.randn(1, 8, 2, msr.head_dim)
     for segment in (None, Segment()):
         msr.retention_core(q, k, v, decay_log_gammas(2), torch.arange(8)[None], None, "chunkwise", 4, None, segment)
-    assert used == ["triton", "torch"]
+    assert used == [("triton", False), ("triton", True)]
 
 
 def test_stacked_projections_match_separate_weights_and_old_state_dicts_load():
@@ -357,3 +358,23 @@ def test_activation_memory_budget_keeps_less_for_the_same_gradients():
         torch.testing.assert_close(lean_grads[name], g, rtol=2e-2, atol=1e-3, msg=name)
     with pytest.raises(ValueError, match="activation_memory_budget"):
         RetNetForCausalLM(RetNetConfig(vocab_size=VOCAB, d_model=32, n_layers=1, n_heads=2, ffn_dim=48)).compile_blocks(1.5)
+
+
+@pytest.mark.parametrize("arch", ["retnet", "transformer"])
+def test_a_cast_to_bf16_keeps_the_architectures_constants_exact(arch):
+    """DeepSpeed casts only parameters, so training sees exact rotary frequencies and decays;
+    inference casts the whole model (checkpoint_io: model.to(dtype)) and must see the same ones."""
+    from retnet_train.model import TransformerConfig, TransformerForCausalLM
+
+    build = (lambda: RetNetForCausalLM(RetNetConfig(vocab_size=VOCAB, d_model=32, n_layers=1, n_heads=4, ffn_dim=48))) \
+        if arch == "retnet" else (lambda: TransformerForCausalLM(TransformerConfig(vocab_size=VOCAB, d_model=32, n_layers=1, n_heads=2, ffn_dim=48)))
+    exact = dict(build().named_buffers())
+    assert exact["inv_freq"].dtype == torch.float64
+    for cast in (lambda m: m.to(torch.bfloat16), lambda m: m.half(), lambda m: m.to(dtype=torch.bfloat16).float()):
+        model = cast(build())
+        assert next(model.parameters()).dtype != torch.float64
+        for name, value in model.named_buffers():
+            assert value.dtype == exact[name].dtype and torch.equal(value, exact[name]), name
+    model = build().to(torch.bfloat16)
+    ids = torch.randint(0, VOCAB, (1, 40))
+    assert model(ids).logits.dtype == torch.bfloat16 and torch.isfinite(model(ids).logits.float()).all()

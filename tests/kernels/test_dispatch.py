@@ -1,0 +1,41 @@
+"""retention_op's choice of path: what the Triton kernels cannot do runs on the torch path."""
+import sys
+import types
+
+import pytest
+import torch
+
+from retnet_train import kernels
+from retnet_train.model.retnet import decay_log_gammas
+
+
+@pytest.fixture
+def calls(monkeypatch):
+    """Records which path retention_op takes; the Triton module is a stand-in (no GPU here)."""
+    seen = []
+    fake = types.ModuleType("retnet_train.kernels.triton_retention")
+    fake.block_size = lambda C: 16 if C % 16 == 0 else None
+    fake.triton_retention = lambda *a: seen.append("triton")
+    monkeypatch.setitem(sys.modules, "retnet_train.kernels.triton_retention", fake)
+    real = kernels._torch_op
+    monkeypatch.setattr(kernels, "_torch_op", lambda *a: (seen.append("torch"), real(*a))[1])
+    return seen
+
+
+def run(reset=None, chunk=32, state_grad=False, mode="chunkwise"):
+    q, k, v = torch.randn(1, 64, 2, 16), torch.randn(1, 64, 2, 16), torch.randn(1, 64, 2, 16)
+    kernels.retention_op("triton", q, k, v, decay_log_gammas(2), mode, chunk, reset, None, True, state_grad=state_grad)
+
+
+def test_triton_takes_what_it_can(calls):
+    run()
+    run(mode="parallel")
+    assert calls == ["triton", "triton"]
+
+
+def test_torch_takes_resets_odd_chunks_decoding_and_state_gradients(calls):
+    run(reset=torch.zeros(1, 64, dtype=torch.bool))
+    run(chunk=24)
+    run(mode="recurrent")
+    run(state_grad=True)  # context parallel: the kernels give the final state no gradient
+    assert calls == ["torch"] * 4
