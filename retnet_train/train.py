@@ -21,7 +21,7 @@ from .components.checkpoint import CheckpointManager, resolve_resume
 from .components.faults import OOM_HINT, NonFiniteTracker, TrainingError, inject
 from .components.config import TrainConfig, check_values, checkpointing_mode, config_diff, data_sources, grad_accumulation, register
 from .components.metrics import MetricsLogger, Throughput, device_peak_flops, peak_memory_gib
-from .components.optim import build_optimizer, deepspeed_config, gather_whole_blocks
+from .components.optim import build_optimizer, deepspeed_config
 from .components.preemption import PreemptionHandler
 from .components.profiling import Profiler
 from .components.reshard import prepare_resume, run_layout
@@ -115,8 +115,6 @@ def run(cfg: TrainConfig) -> dict:
 
     try:
         optimizer, scheduler = build_optimizer(model, cfg, device)
-        if cfg.deepspeed.zero_stage == 3:
-            gather_whole_blocks(model)
         engine, _, _, _ = deepspeed.initialize(model=model, optimizer=optimizer, lr_scheduler=scheduler,
                                                config=deepspeed_config(cfg, accum, load_universal=bool(plan and plan.universal)))
     except torch.cuda.OutOfMemoryError as e:

@@ -16,11 +16,12 @@ import time
 
 import torch
 import yaml
+from omegaconf import OmegaConf
 
 from ..model import build_model, model_config_from_dict
 from ..components.metrics import device_peak_flops
 from ..components.config import TrainConfig
-from ..components.optim import deepspeed_config, gather_whole_blocks
+from ..components.optim import deepspeed_config
 from ..model.config import RETENTION_BACKENDS
 from ..model.flops import flops_per_token
 
@@ -44,32 +45,22 @@ def fla_reference(cfg):
 
 def engine_config(micro_batch: int, zero_stage: int, grad_accum: int = 1, bf16: bool = True, overrides=None) -> dict:
     """The trainer's DeepSpeed config at its defaults (configs/deepspeed/default.yaml: buckets,
-    overlap_comm, contiguous gradients), clipping at 1.0, deep-merged with `overrides` (--ds-json)."""
+    overlap_comm, contiguous gradients, whole-block gathering under ZeRO-3), clipping at 1.0,
+    deep-merged with `overrides` (--ds-json)."""
     cfg = TrainConfig()
     cfg.train.micro_batch_size, cfg.deepspeed.zero_stage = micro_batch, zero_stage
-    cfg.deepspeed.precision, cfg.optim.grad_clip = ("bf16" if bf16 else "fp32"), 1.0
+    cfg.deepspeed.precision = "bf16" if bf16 else "fp32"
     config = deepspeed_config(cfg, grad_accum)
     config["gradient_clipping"] = 1.0  # the trainer's fp32 ZeRO-0 clips in its own optimizer instead
-    return merge(config, overrides or {})
+    return OmegaConf.to_container(OmegaConf.merge(config, overrides or {}))
 
 
-def merge(base: dict, extra: dict) -> dict:
-    out = dict(base)
-    for key, value in extra.items():
-        out[key] = merge(out[key], value) if isinstance(value, dict) and isinstance(out.get(key), dict) else value
-    return out
-
-
-def make_engine(model, micro_batch: int, zero_stage: int, grad_accum: int = 1, bf16: bool = True, ours: bool = True,
-                ds_overrides=None):
-    """The benchmarks' DeepSpeed engine: AdamW (fused on GPU) under engine_config; under ZeRO-3
-    our models gather whole blocks, as in the trainer (fla's model keeps DeepSpeed's default)."""
+def make_engine(model, micro_batch: int, zero_stage: int, grad_accum: int = 1, bf16: bool = True, ds_overrides=None):
+    """The benchmarks' DeepSpeed engine: AdamW (fused on GPU) under engine_config."""
     import deepspeed
 
     fused = next(model.parameters()).is_cuda or None
     optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4, betas=(0.9, 0.98), weight_decay=0.05, fused=fused)
-    if zero_stage == 3 and ours:
-        gather_whole_blocks(model)
     config = engine_config(micro_batch, zero_stage, grad_accum, bf16, ds_overrides)
     engine, *_ = deepspeed.initialize(model=model, optimizer=optimizer, config=config)
     return engine
@@ -112,7 +103,7 @@ def measure(name, build, cfg, args):
         model.gradient_checkpointing_enable()  # HF's: each decoder layer recomputed in the backward
     if ours and args.compile:
         model.compile_blocks(args.activation_memory_budget)
-    engine = make_engine(model, args.micro_batch, args.zero_stage, args.grad_accum, ours=ours, ds_overrides=args.ds_json)
+    engine = make_engine(model, args.micro_batch, args.zero_stage, args.grad_accum, ds_overrides=args.ds_json)
     B, T = args.micro_batch, args.seq_len
     g = torch.Generator(device="cuda").manual_seed(0)
     batch = {"input_ids": torch.randint(0, cfg.vocab_size, (B, T), device="cuda", generator=g)}

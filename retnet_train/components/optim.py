@@ -53,15 +53,12 @@ class GuardedAdamW(torch.optim.AdamW):
         return super().step(closure)
 
 
-def gather_whole_blocks(model: torch.nn.Module) -> None:
-    """ZeRO-3: gather each block's parameters at once when the block runs (DeepSpeed's "z3 leaf"
-    modules) instead of per Linear and norm, like FSDP's per-block units. Per-submodule gathering
-    puts DeepSpeed's hooks inside the compiled block: a graph break at every submodule, and past
-    Dynamo's recompile limit the later layers ran uncompiled (6.7B on one H200: RetNet's forward
-    488 ms against the Transformer's 257; docs/benchmarks.md). Call before deepspeed.initialize."""
-    from deepspeed.utils import set_z3_leaf_modules
+def block_classes() -> list:
+    """Our decoder blocks, as DeepSpeed names classes (module.qualname)."""
+    from ..model.retnet import RetNetBlock
+    from ..model.transformer import TransformerBlock
 
-    set_z3_leaf_modules(model, list({type(block) for block in model.layers}))
+    return [f"{c.__module__}.{c.__qualname__}" for c in (RetNetBlock, TransformerBlock)]
 
 
 def uses_guarded_adamw(cfg: TrainConfig) -> bool:
@@ -98,6 +95,11 @@ def deepspeed_config(cfg: TrainConfig, grad_accum: int, load_universal: bool = F
     if ds.zero_stage == 3:
         zero.pop("allgather_bucket_size")
         zero["stage3_prefetch_bucket_size"] = ds.allgather_bucket_size
+        # Gather each block's parameters at once when it runs ("leaf" modules, FSDP's per-block
+        # unit), not per Linear and norm: per-submodule hooks sat inside the compiled blocks, broke
+        # the graph at every submodule, and past Dynamo's recompile limit the later layers ran
+        # uncompiled (6.7B on one H200: RetNet's forward 488 ms against the Transformer's 257).
+        zero["leaf_module"] = {"classes": block_classes()}
     if ds.offload_optimizer:
         zero["offload_optimizer"] = {"device": "cpu", "pin_memory": True}
     if ds.offload_param:

@@ -177,7 +177,7 @@ class DecoderLM(nn.Module):
 
     def _apply(self, fn, recurse=True):
         # .to(bfloat16) / .half() cast every float buffer, but these are constants, not weights:
-        # inv_freq in bf16 moves a rotary angle at distance 8k by up to ~16 rad, so a model trained
+        # inv_freq in bf16 moves a rotary angle at distance 8192 by up to 14.8 rad, so a model trained
         # with exact ones (DeepSpeed casts parameters only) would be evaluated with others. They
         # keep their exact dtype and follow the device.
         super()._apply(fn, recurse)

@@ -9,22 +9,29 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "generation"))
 from gen_fixtures import init_dist, tiny_config  # noqa: E402
-from retnet_train.components.optim import gather_whole_blocks  # noqa: E402
+from retnet_train.components.config import TrainConfig  # noqa: E402
+from retnet_train.components.optim import deepspeed_config  # noqa: E402
 from retnet_train.model import build_model, model_config_from_dict  # noqa: E402
 
 deepspeed = pytest.importorskip("deepspeed")
+
+
+def trainer_zero3() -> dict:
+    cfg = TrainConfig()
+    cfg.deepspeed.zero_stage = 3
+    return deepspeed_config(cfg, 1)["zero_optimization"]
 
 
 def losses(stage: int, compile_blocks: bool, steps: int = 3, whole_blocks: bool = True, n_layers: int = 1) -> list:
     init_dist()
     torch.manual_seed(0)
     model = build_model(model_config_from_dict(tiny_config(n_layers=n_layers)))
-    if stage == 3 and whole_blocks:
-        gather_whole_blocks(model)  # as the trainer does
     ds = {"train_micro_batch_size_per_gpu": 2, "steps_per_print": 10 ** 9,
           "optimizer": {"type": "Adam", "params": {"lr": 1e-2, "torch_adam": True}},
           # threshold 0: ZeRO-3 partitions even these tiny weights (by default they stay gathered)
           "zero_optimization": {"stage": stage, "stage3_param_persistence_threshold": 0}}
+    if stage == 3 and whole_blocks:
+        ds["zero_optimization"]["leaf_module"] = trainer_zero3()["leaf_module"]
     engine, *_ = deepspeed.initialize(model=model, model_parameters=model.parameters(), config=ds)
     if stage == 3:
         assert engine.module.layers[0].retention.qkv_proj.weight.numel() == 0  # partitioned outside forward
@@ -58,7 +65,7 @@ def test_zero3_partitioned_compiled_blocks_train_like_zero0():
 
 
 def test_zero3_per_submodule_gathering_breaks_compiled_blocks():
-    """The failure gather_whole_blocks prevents, so that the test above can fail."""
+    """The failure whole-block gathering (zero_optimization.leaf_module) prevents, so that the test above can fail."""
     torch._dynamo.utils.counters.clear()
     losses(3, compile_blocks=True, steps=1, whole_blocks=False)
     assert graph_breaks() > 0
