@@ -100,6 +100,11 @@ def deepspeed_config(cfg: TrainConfig, grad_accum: int, load_universal: bool = F
         # the graph at every submodule, and past Dynamo's recompile limit the later layers ran
         # uncompiled (6.7B on one H200: RetNet's forward 488 ms against the Transformer's 257).
         zero["leaf_module"] = {"classes": block_classes()}
+        # DeepSpeed's own Linear (patched into F.linear for the whole process) reads each weight's
+        # ds_id, which torch 2.11's Dynamo guards on: every layer recompiled its block until the
+        # recompile limit left later layers uncompiled. DeepSpeed turns it off under its own compile
+        # too; it only saves memory under autocast, which we do not use.
+        zero["memory_efficient_linear"] = False
     if ds.offload_optimizer:
         zero["offload_optimizer"] = {"device": "cpu", "pin_memory": True}
     if ds.offload_param:

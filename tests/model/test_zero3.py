@@ -16,6 +16,14 @@ from retnet_train.model import build_model, model_config_from_dict  # noqa: E402
 deepspeed = pytest.importorskip("deepspeed")
 
 
+LINEAR = torch.nn.functional.linear
+
+
+def restore_torch_linear():
+    """Undo DeepSpeed's process-wide F.linear patch that an earlier ZeRO-3 engine may have left."""
+    torch.nn.functional.linear = LINEAR
+
+
 def trainer_zero3() -> dict:
     cfg = TrainConfig()
     cfg.deepspeed.zero_stage = 3
@@ -31,8 +39,12 @@ def losses(stage: int, compile_blocks: bool, steps: int = 3, whole_blocks: bool 
           # threshold 0: ZeRO-3 partitions even these tiny weights (by default they stay gathered)
           "zero_optimization": {"stage": stage, "stage3_param_persistence_threshold": 0}}
     if stage == 3 and whole_blocks:
-        ds["zero_optimization"]["leaf_module"] = trainer_zero3()["leaf_module"]
+        for key in ("leaf_module", "memory_efficient_linear"):
+            ds["zero_optimization"][key] = trainer_zero3()[key]
+    restore_torch_linear()
     engine, *_ = deepspeed.initialize(model=model, model_parameters=model.parameters(), config=ds)
+    if stage == 3 and whole_blocks:  # DeepSpeed's Linear made torch 2.11 recompile each layer's block
+        assert torch.nn.functional.linear is LINEAR
     if stage == 3:
         assert engine.module.layers[0].retention.qkv_proj.weight.numel() == 0  # partitioned outside forward
     if compile_blocks:
