@@ -116,7 +116,7 @@ def run(cfg: TrainConfig) -> dict:
     try:
         optimizer, scheduler = build_optimizer(model, cfg, device)
         engine, _, _, _ = deepspeed.initialize(model=model, optimizer=optimizer, lr_scheduler=scheduler,
-                                               config=deepspeed_config(cfg, accum, load_universal=bool(plan and plan.universal)))
+                                               config=deepspeed_config(cfg, accum, world, load_universal=bool(plan and plan.universal)))
     except torch.cuda.OutOfMemoryError as e:
         raise TrainingError(f"{OOM_HINT}\n{e}") from e
 

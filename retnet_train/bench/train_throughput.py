@@ -45,12 +45,12 @@ def fla_reference(cfg):
 
 def engine_config(micro_batch: int, zero_stage: int, grad_accum: int = 1, bf16: bool = True, overrides=None) -> dict:
     """The trainer's DeepSpeed config at its defaults (configs/deepspeed/default.yaml: buckets,
-    overlap_comm, contiguous gradients, whole-block gathering under ZeRO-3), clipping at 1.0,
+    contiguous gradients, whole-block gathering under ZeRO-3; one rank), clipping at 1.0,
     deep-merged with `overrides` (--ds-json)."""
     cfg = TrainConfig()
     cfg.train.micro_batch_size, cfg.deepspeed.zero_stage = micro_batch, zero_stage
     cfg.deepspeed.precision = "bf16" if bf16 else "fp32"
-    config = deepspeed_config(cfg, grad_accum)
+    config = deepspeed_config(cfg, grad_accum, world_size=1)  # the bench runs on one GPU
     config["gradient_clipping"] = 1.0  # the trainer's fp32 ZeRO-0 clips in its own optimizer instead
     return OmegaConf.to_container(OmegaConf.merge(config, overrides or {}))
 

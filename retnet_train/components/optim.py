@@ -82,8 +82,10 @@ def build_optimizer(model, cfg: TrainConfig, device: torch.device):
     return optimizer, scheduler
 
 
-def deepspeed_config(cfg: TrainConfig, grad_accum: int, load_universal: bool = False) -> dict:
+def deepspeed_config(cfg: TrainConfig, grad_accum: int, world_size: int, load_universal: bool = False) -> dict:
     """The whole DeepSpeed config, derived from the Hydra config (no second JSON to keep in sync).
+
+    world_size: data-parallel ranks; on one there is no gradient reduction for overlap_comm to hide.
 
     load_universal: the checkpoint to resume was converted to DeepSpeed's universal format
     (another world size or ZeRO stage; components/reshard.py)."""
@@ -91,7 +93,10 @@ def deepspeed_config(cfg: TrainConfig, grad_accum: int, load_universal: bool = F
     zero = {"stage": ds.zero_stage}
     if ds.zero_stage >= 1:
         zero.update(reduce_bucket_size=ds.reduce_bucket_size, allgather_bucket_size=ds.allgather_bucket_size,
-                    overlap_comm=ds.overlap_comm, contiguous_gradients=ds.contiguous_gradients)
+                    contiguous_gradients=ds.contiguous_gradients,
+                    # One rank: a second reduction stream and bucket for nothing (H200, 1.3B: 6 ms of
+                    # the optimizer step and 0.8 GiB; docs/benchmarks.md, session 7).
+                    overlap_comm=ds.overlap_comm and world_size > 1)
     if ds.zero_stage == 3:
         zero.pop("allgather_bucket_size")
         zero["stage3_prefetch_bucket_size"] = ds.allgather_bucket_size

@@ -58,8 +58,8 @@ def test_bench_engine_uses_the_trainers_deepspeed_config():
     """The bench times the trainer's step: same buckets, overlap_comm, contiguous gradients."""
     cfg = TrainConfig()
     cfg.train.micro_batch_size, cfg.deepspeed.zero_stage = 2, 1
-    assert engine_config(2, 1, grad_accum=4) == deepspeed_config(cfg, 4)
-    assert engine_config(1, 1)["zero_optimization"]["overlap_comm"] is True  # DeepSpeed's default is False
+    assert engine_config(2, 1, grad_accum=4) == deepspeed_config(cfg, 4, world_size=1)
+    assert engine_config(1, 1)["zero_optimization"]["contiguous_gradients"] is True
 
 
 def test_bench_ds_json_merges_into_the_config():

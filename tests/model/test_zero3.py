@@ -27,7 +27,7 @@ def restore_torch_linear():
 def trainer_zero3() -> dict:
     cfg = TrainConfig()
     cfg.deepspeed.zero_stage = 3
-    return deepspeed_config(cfg, 1)["zero_optimization"]
+    return deepspeed_config(cfg, 1, world_size=1)["zero_optimization"]
 
 
 def losses(stage: int, compile_blocks: bool, steps: int = 3, whole_blocks: bool = True, n_layers: int = 1) -> list:
