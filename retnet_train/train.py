@@ -21,7 +21,7 @@ from .components.checkpoint import CheckpointManager, resolve_resume
 from .components.faults import OOM_HINT, NonFiniteTracker, TrainingError, inject
 from .components.config import TrainConfig, check_values, checkpointing_mode, config_diff, data_sources, grad_accumulation, register
 from .components.metrics import MetricsLogger, Throughput, device_peak_flops, peak_memory_gib
-from .components.optim import build_optimizer, deepspeed_config
+from .components.optim import build_optimizer, deepspeed_config, skip_duplicate_overflow_check
 from .components.preemption import PreemptionHandler
 from .components.profiling import Profiler
 from .components.reshard import prepare_resume, run_layout
@@ -117,6 +117,7 @@ def run(cfg: TrainConfig) -> dict:
         optimizer, scheduler = build_optimizer(model, cfg, device)
         engine, _, _, _ = deepspeed.initialize(model=model, optimizer=optimizer, lr_scheduler=scheduler,
                                                config=deepspeed_config(cfg, accum, world, load_universal=bool(plan and plan.universal)))
+        skip_duplicate_overflow_check(engine)
     except torch.cuda.OutOfMemoryError as e:
         raise TrainingError(f"{OOM_HINT}\n{e}") from e
 

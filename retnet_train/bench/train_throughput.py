@@ -21,7 +21,7 @@ from omegaconf import OmegaConf
 from ..model import build_model, model_config_from_dict
 from ..components.metrics import device_peak_flops
 from ..components.config import TrainConfig
-from ..components.optim import deepspeed_config
+from ..components.optim import deepspeed_config, skip_duplicate_overflow_check
 from ..model.config import RETENTION_BACKENDS
 from ..model.flops import flops_per_token
 
@@ -63,6 +63,7 @@ def make_engine(model, micro_batch: int, zero_stage: int, grad_accum: int = 1, b
     optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4, betas=(0.9, 0.98), weight_decay=0.05, fused=fused)
     config = engine_config(micro_batch, zero_stage, grad_accum, bf16, ds_overrides)
     engine, *_ = deepspeed.initialize(model=model, optimizer=optimizer, config=config)
+    skip_duplicate_overflow_check(engine)  # as the trainer does
     return engine
 
 

@@ -1,0 +1,69 @@
+"""DeepSpeed's bf16 ZeRO-1/2 step without its per-gradient inf/NaN test: the gradient-norm test
+still skips a step with a non-finite gradient, leaving the weights as they were."""
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "generation"))
+from gen_fixtures import init_dist, tiny_config  # noqa: E402
+from retnet_train.components.config import TrainConfig  # noqa: E402
+from retnet_train.components.optim import deepspeed_config, skip_duplicate_overflow_check  # noqa: E402
+from retnet_train.model import build_model, model_config_from_dict  # noqa: E402
+
+deepspeed = pytest.importorskip("deepspeed")
+
+
+def engine_for(stage: int, precision: str = "bf16", grad_clip: float = 1.0):
+    init_dist()
+    torch.manual_seed(0)
+    model = build_model(model_config_from_dict(tiny_config(n_layers=2)))
+    cfg = TrainConfig()
+    cfg.train.micro_batch_size, cfg.deepspeed.zero_stage, cfg.deepspeed.precision = 2, stage, precision
+    cfg.optim.grad_clip = grad_clip
+    config = deepspeed_config(cfg, 1, world_size=1)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-2)
+    engine, *_ = deepspeed.initialize(model=model, optimizer=optimizer, config=config)
+    return engine
+
+
+def weights(engine) -> torch.Tensor:
+    return torch.cat([p.detach().float().flatten() for p in engine.module.parameters()])
+
+
+@pytest.mark.parametrize("stage", [1, 2])
+def test_nonfinite_gradient_still_skips_the_step(stage):
+    engine = engine_for(stage)
+    assert skip_duplicate_overflow_check(engine)
+    per_gradient_tests = []
+    engine.optimizer.has_overflow_partitioned_grads_serial = lambda: per_gradient_tests.append(1)
+    ids = torch.randint(0, 61, (2, 9), generator=torch.Generator().manual_seed(1))
+    victim = engine.module.layers[1].ffn.fc2.weight
+
+    def step(poison: bool) -> bool:
+        hook = victim.register_hook(lambda g: g * float("inf")) if poison else None
+        loss = engine(ids[:, :-1], labels=ids[:, 1:]).loss
+        engine.backward(loss)
+        engine.step()
+        if hook:
+            hook.remove()
+        return engine.was_step_applied()
+
+    assert step(False)
+    before = weights(engine)
+    assert not step(True)  # skipped by the norm test
+    assert torch.equal(weights(engine), before)
+    assert step(False) and not torch.equal(weights(engine), before)  # training goes on, finite
+    assert torch.isfinite(weights(engine)).all()
+    assert per_gradient_tests == []  # the dropped test never ran
+    engine.destroy()
+
+
+@pytest.mark.parametrize("stage, precision, grad_clip", [(1, "fp32", 1.0), (1, "bf16", 0.0), (3, "bf16", 1.0)])
+def test_the_check_stays_where_nothing_else_decides(stage, precision, grad_clip):
+    """fp32 has no such test to drop; without clipping DeepSpeed may not compute the norm; ZeRO-3's
+    optimizer is another class."""
+    engine = engine_for(stage, precision, grad_clip)
+    assert not skip_duplicate_overflow_check(engine)
+    engine.destroy()
