@@ -66,6 +66,13 @@ def test_collective_bytes():
     assert vol[3] == pytest.approx(3 * 4 * 7 / 8 * 20)  # 3x the weights per micro-batch
 
 
+def test_one_gpu_has_no_overlap_bucket():
+    """As components/optim.deepspeed_config: overlap_comm's second bucket only with more than one rank."""
+    cfg = sm.load_preset("1.3b")
+    assert sm.estimate(cfg, 1, 8192, 1, zero_stage=1)["memory"]["reduce_buckets"] == 2 * 500_000_000
+    assert sm.estimate(cfg, 8, 8192, 1, zero_stage=1)["memory"]["reduce_buckets"] == 2 * 2 * 500_000_000
+
+
 def test_estimate_of_zero3_on_64_gpus():
     cfg = sm.load_preset("1.3b")
     r = sm.estimate(cfg, 64, 8192, 1, zero_stage=3)

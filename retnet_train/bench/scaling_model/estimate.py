@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import functools
 import json
-from dataclasses import asdict
+from dataclasses import asdict, replace
 from typing import Optional
 
 from ...model.layers import checkpointing_mode
@@ -47,6 +47,8 @@ def estimate(cfg, n_gpus: int, seq_len: int = 8192, micro_batch: int = 1, zero_s
     per = zero_bytes_per_param(zero_stage, n_gpus)
     states = P * (per["params"] + per["master"] + per["optimizer"])
     grads_held = P * grads_held_bytes_per_param(zero_stage, n_gpus, grad_accum)
+    if n_gpus == 1:  # components/optim.deepspeed_config: no overlap_comm without a reduction to hide
+        ds = replace(ds, overlap_comm=False)
     buckets = bucket_bytes(zero_stage, ds)
     zero3 = zero3_working_set_bytes(cfg, ds) if zero_stage == 3 else 0.0
     act_layers = cfg.n_layers * tokens * activation_bytes_per_token_per_layer(cfg, backend, BF16, checkpointing)
