@@ -102,10 +102,17 @@ def build_optimizer(model, cfg: TrainConfig, device: torch.device):
     return optimizer, scheduler
 
 
+def overlaps_comm(overlap_comm: bool, world_size: int) -> bool:
+    """Whether DeepSpeed overlaps the gradient reduction with the backward pass: only where there is
+    one. On one rank it is a second reduction stream and bucket for nothing (H200, 1.3B: 6 ms of the
+    optimizer step and 0.8 GiB; docs/benchmarks.md, session 7). Also the scaling model's rule."""
+    return overlap_comm and world_size > 1
+
+
 def deepspeed_config(cfg: TrainConfig, grad_accum: int, world_size: int, load_universal: bool = False) -> dict:
     """The whole DeepSpeed config, derived from the Hydra config (no second JSON to keep in sync).
 
-    world_size: data-parallel ranks; on one there is no gradient reduction for overlap_comm to hide.
+    world_size: all ranks, context-parallel ones included: DeepSpeed reduces gradients over all.
 
     load_universal: the checkpoint to resume was converted to DeepSpeed's universal format
     (another world size or ZeRO stage; components/reshard.py)."""
@@ -113,10 +120,7 @@ def deepspeed_config(cfg: TrainConfig, grad_accum: int, world_size: int, load_un
     zero = {"stage": ds.zero_stage}
     if ds.zero_stage >= 1:
         zero.update(reduce_bucket_size=ds.reduce_bucket_size, allgather_bucket_size=ds.allgather_bucket_size,
-                    contiguous_gradients=ds.contiguous_gradients,
-                    # One rank: a second reduction stream and bucket for nothing (H200, 1.3B: 6 ms of
-                    # the optimizer step and 0.8 GiB; docs/benchmarks.md, session 7).
-                    overlap_comm=ds.overlap_comm and world_size > 1)
+                    contiguous_gradients=ds.contiguous_gradients, overlap_comm=overlaps_comm(ds.overlap_comm, world_size))
     if ds.zero_stage == 3:
         zero.pop("allgather_bucket_size")
         zero["stage3_prefetch_bucket_size"] = ds.allgather_bucket_size

@@ -38,12 +38,13 @@ def losses(stage: int, compile_blocks: bool, steps: int = 3, whole_blocks: bool 
           "optimizer": {"type": "Adam", "params": {"lr": 1e-2, "torch_adam": True}},
           # threshold 0: ZeRO-3 partitions even these tiny weights (by default they stay gathered)
           "zero_optimization": {"stage": stage, "stage3_param_persistence_threshold": 0}}
-    if stage == 3 and whole_blocks:
-        for key in ("leaf_module", "memory_efficient_linear"):
-            ds["zero_optimization"][key] = trainer_zero3()[key]
+    as_trainer = stage == 3 and whole_blocks
+    if as_trainer:
+        z3 = trainer_zero3()
+        ds["zero_optimization"].update({key: z3[key] for key in ("leaf_module", "memory_efficient_linear")})
     restore_torch_linear()
     engine, *_ = deepspeed.initialize(model=model, model_parameters=model.parameters(), config=ds)
-    if stage == 3 and whole_blocks:  # DeepSpeed's Linear made torch 2.11 recompile each layer's block
+    if as_trainer:  # DeepSpeed's Linear made torch 2.11 recompile each layer's block
         assert torch.nn.functional.linear is LINEAR
     if stage == 3:
         assert engine.module.layers[0].retention.qkv_proj.weight.numel() == 0  # partitioned outside forward

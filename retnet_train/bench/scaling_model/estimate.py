@@ -6,6 +6,7 @@ import json
 from dataclasses import asdict, replace
 from typing import Optional
 
+from ...components.optim import overlaps_comm
 from ...model.layers import checkpointing_mode
 from .comm import collective_bus_bytes, comm_ops, context_parallel_state_bytes
 from .memory import (_is_retnet, activation_bytes_per_token_per_layer, activation_fixed_bytes, backward_working_bytes,
@@ -47,8 +48,7 @@ def estimate(cfg, n_gpus: int, seq_len: int = 8192, micro_batch: int = 1, zero_s
     per = zero_bytes_per_param(zero_stage, n_gpus)
     states = P * (per["params"] + per["master"] + per["optimizer"])
     grads_held = P * grads_held_bytes_per_param(zero_stage, n_gpus, grad_accum)
-    if n_gpus == 1:  # components/optim.deepspeed_config: no overlap_comm without a reduction to hide
-        ds = replace(ds, overlap_comm=False)
+    ds = replace(ds, overlap_comm=overlaps_comm(ds.overlap_comm, n_gpus))  # as the trainer's config
     buckets = bucket_bytes(zero_stage, ds)
     zero3 = zero3_working_set_bytes(cfg, ds) if zero_stage == 3 else 0.0
     act_layers = cfg.n_layers * tokens * activation_bytes_per_token_per_layer(cfg, backend, BF16, checkpointing)
