@@ -151,7 +151,7 @@ def measure(name, build, cfg, args):
         "ms_forward_backward_step": [round(x, 1) for x in phases],
         "mfu_6n": round(tokens_per_s * flops["six_n"] / peak, 4) if peak else None,
         "mfu_model": round(tokens_per_s * flops["model"] / peak, 4) if peak else None,
-        "loss": round(float(loss), 4), "device": torch.cuda.get_device_name(),
+        "loss": round(float(loss.detach()), 4), "device": torch.cuda.get_device_name(),
         "torch": torch.__version__,
         "memory_before_gib": round(mem_before / 2 ** 30, 2),
     }
