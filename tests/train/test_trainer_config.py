@@ -145,3 +145,22 @@ def test_every_experiment_preset_composes_and_validates(name):
     check_values(cfg)
     if cfg.train.compile and cfg.train.activation_checkpointing == "none":
         assert cfg.train.activation_memory_budget < 1  # measured free on an H200 (docs/benchmarks.md)
+
+
+GROUP_DEFAULTS = [("deepspeed", "default"), ("train", "default"), ("optim", "adamw"), ("parallel", "default"),
+                  ("checkpoint", "default"), ("wandb", "default"), ("profile", "default")]
+
+
+@pytest.mark.parametrize("group,name", GROUP_DEFAULTS)
+def test_default_group_yaml_equals_the_typed_defaults(group, name):
+    """TrainConfig() stands for the trainer's defaults in the benchmarks and the scaling model: a
+    default changed in one of configs/<group>/<name>.yaml and components/config.py must change in both."""
+    import dataclasses
+
+    import yaml
+
+    with open(Path(__file__).resolve().parents[2] / "configs" / group / f"{name}.yaml") as f:
+        from_yaml = yaml.safe_load(f)
+    typed = dataclasses.asdict(getattr(TrainConfig(), group))
+    assert set(from_yaml) <= set(typed), f"configs/{group}/{name}.yaml: keys not in the schema"
+    assert {k: typed[k] for k in from_yaml} == from_yaml, f"configs/{group}/{name}.yaml differs from components/config.py"

@@ -1,24 +1,23 @@
 """What the model is evaluated for: DeepSpeed's ZeRO knobs, the hardware, the presets, units."""
 from __future__ import annotations
 
-import os
 from dataclasses import dataclass
 
-import yaml
+from ...components.config import TrainConfig
 
-
+# The trainer's defaults come from the typed config, whose defaults equal configs/<group>/default.yaml
+# (tests/train/test_trainer_config.py holds them equal), as bench/train_throughput.py's engine does.
+TRAINER_DEFAULTS = TrainConfig()
 GiB = 2 ** 30
 BF16, FP32 = 2, 4
-ROOT = os.path.join(os.path.dirname(__file__), "..", "..", "..")
-DEEPSPEED_YAML = os.path.join(ROOT, "configs", "deepspeed", "default.yaml")
-GLOBAL_BATCH_TOKENS = 4194304  # configs/train/default.yaml (the paper's 4M-token batches)
+GLOBAL_BATCH_TOKENS = TRAINER_DEFAULTS.train.global_batch_tokens  # the paper's 4M-token batches
 
 
 @dataclass(frozen=True)
 class DeepSpeedSettings:
-    """The ZeRO knobs that cost memory. `trainer()` is what components/optim.py builds from
-    configs/deepspeed/default.yaml; `library_defaults()` is what DeepSpeed picks when a config names
-    only the stage (bench/train_throughput.py)."""
+    """The ZeRO knobs that cost memory. `trainer()` is what components/optim.py builds from the
+    trainer's defaults; `library_defaults()` is what DeepSpeed picks when a config names only the
+    stage (bench/train_throughput.py's engine until session 6)."""
 
     reduce_bucket_size: int = 500_000_000  # elements
     allgather_bucket_size: int = 500_000_000
@@ -30,13 +29,12 @@ class DeepSpeedSettings:
     sub_group_size: int = 1_000_000_000  # ZeRO-3: parameters per optimizer sub-step (DeepSpeed default)
 
     @classmethod
-    def trainer(cls, path: str = DEEPSPEED_YAML) -> "DeepSpeedSettings":
-        with open(path) as f:
-            ds = yaml.safe_load(f)
+    def trainer(cls) -> "DeepSpeedSettings":
+        ds = TRAINER_DEFAULTS.deepspeed
         # components/optim.py: ZeRO-3 gets stage3_prefetch_bucket_size = allgather_bucket_size
-        return cls(reduce_bucket_size=int(ds["reduce_bucket_size"]), allgather_bucket_size=int(ds["allgather_bucket_size"]),
-                   overlap_comm=bool(ds["overlap_comm"]), contiguous_gradients=bool(ds["contiguous_gradients"]),
-                   prefetch_bucket_size=int(ds["allgather_bucket_size"]))
+        return cls(reduce_bucket_size=ds.reduce_bucket_size, allgather_bucket_size=ds.allgather_bucket_size,
+                   overlap_comm=ds.overlap_comm, contiguous_gradients=ds.contiguous_gradients,
+                   prefetch_bucket_size=ds.allgather_bucket_size)
 
     @classmethod
     def library_defaults(cls, zero_stage: int) -> "DeepSpeedSettings":
