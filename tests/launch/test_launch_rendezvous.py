@@ -94,8 +94,9 @@ def test_two_nodes_train_a_few_steps(tmp_path):
     # torchrun with c10d; the two ranks train 3 steps together and checkpoint.
     ensure_sample_data()
     run = tmp_path / "run"
-    overrides = ["experiment=tiny_cpu", "model=tiny", "train.max_steps=3", "train.global_batch_tokens=4096",
-                 f"run.dir={run}"]
+    # small batches and one validation batch: the launch path is under test, not the model (~7 s less)
+    overrides = ["experiment=tiny_cpu", "model=tiny", "train.max_steps=3", "train.micro_batch_size=2",
+                 "train.global_batch_tokens=1024", "train.eval_batches=1", f"run.dir={run}"]
     (rc0, out0), (rc1, out1) = launch_two_nodes(ROOT, [], overrides, env_extra={"WANDB_MODE": "disabled"})
     both = out0 + "\n----\n" + out1
     assert (rc0, rc1) == (0, 0), both[-6000:]
@@ -202,7 +203,8 @@ def test_usr1_to_every_process_checkpoints_and_exits_cleanly(tmp_path):
     for k in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT", "NNODES", "NODE_RANK"):
         env.pop(k, None)
     proc = subprocess.Popen(["bash", str(ROOT / "launch/torchrun.sh"), "--nproc-per-node", "2", "--no-preflight",
-                             "experiment=tiny_cpu", "train.global_batch_tokens=4096", "train.max_steps=100000",
+                             "experiment=tiny_cpu", "train.micro_batch_size=2", "train.global_batch_tokens=1024",
+                             "train.max_steps=100000",
                              "train.log_interval=1", f"run.dir={run}"],
                             cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     pids: list[int] = []

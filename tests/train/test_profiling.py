@@ -6,7 +6,6 @@ import torch
 
 from retnet_train.components.config import TrainConfig, check_values
 from retnet_train.components.profiling import Profiler
-from trainer_helpers import make_shards, overrides, train
 
 SETTINGS = dict(enabled=True, start_step=3, steps=2, ranks=[0], memory_snapshot=False)
 
@@ -78,11 +77,8 @@ def test_config_errors_name_the_key(key, value, enabled):
         check_values(cfg)
 
 
-def test_trainer_writes_the_trace(tmp_path):
-    run = tmp_path / "run"
-    proc = train(overrides(make_shards(tmp_path / "shards"), run, **{
-        "train.max_steps": 3, "profile.enabled": "true", "profile.start_step": 2, "profile.steps": 2,
-        "checkpoint.save_at_end": "false"}), nproc=1)
+def test_trainer_writes_the_trace(short_run):
+    run, proc = short_run  # 3 steps, profile.start_step=2, profile.steps=2 (and selective recomputation)
     out = run / "profile" / "rank0"
     assert sorted(p.name for p in out.iterdir()) == ["steps2-3.key_averages.txt", "steps2-3.pt.trace.json"]
     names = event_names(out / "steps2-3.pt.trace.json")

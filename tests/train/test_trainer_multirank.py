@@ -2,27 +2,42 @@
 import os
 import signal
 import time
+from types import SimpleNamespace
 
 import pytest
 import torch
 
-from trainer_helpers import losses, overrides, records, shards, start, train  # noqa: F401 (shards: a fixture)
+from trainer_helpers import losses, overrides, records, run_scenarios, shards, start, train  # noqa: F401 (shards: a fixture)
 
 pytestmark = pytest.mark.slow
 
+LONG = {"deepspeed.zero_stage": 2, "train.max_steps": 30}
+NONFINITE = {"train.max_steps": 10, "checkpoint.interval": 1, "checkpoint.keep_last": 10, "optim.warmup_steps": 10,
+             "train.inject_nonfinite_grad_at": "[3]",  # finite loss, infinite gradients
+             "train.inject_nonfinite_at": "[5,6,7]",  # NaN loss
+             "train.max_consecutive_nonfinite": 3}
+
 
 @pytest.fixture(scope="module")
-def stage_runs(shards, tmp_path_factory):
-    """6 steps under each ZeRO stage (fp32, same data and init)."""
-    runs = {}
-    for stage in (0, 1, 2, 3):
-        run_dir = tmp_path_factory.mktemp(f"zero{stage}")
-        train(overrides(shards, run_dir, **{"deepspeed.zero_stage": stage}))
-        runs[stage] = losses(run_dir)
-    return runs
+def runs(shards, tmp_path_factory):
+    """Every run of this module that starts afresh and is not interrupted, in one torchrun launch
+    (~13 s of start-up once, not nine times): name -> (run dir, Outcome)."""
+    root = tmp_path_factory.mktemp("runs")
+    todo = {f"zero{stage}": {"deepspeed.zero_stage": stage} for stage in (0, 1, 2, 3)}  # 6 steps, same data and init
+    # global batch 512 tokens on 2 ranks of seq 64: per rank 4 micro-batches of 1 vs 1 of 4
+    todo["accum"] = {"train.micro_batch_size": 1, "train.global_batch_tokens": 512, "train.max_steps": 3}
+    todo["micro"] = {"train.micro_batch_size": 4, "train.global_batch_tokens": 512, "train.max_steps": 3}
+    todo["uninterrupted"] = LONG
+    for stage in (0, 2):
+        todo[f"nonfinite{stage}"] = {"deepspeed.zero_stage": stage, **NONFINITE}
+    scenarios = [(name, overrides(shards, root / name, **extra), *(["TrainingError"] if "nonfinite" in name else []))
+                 for name, extra in todo.items()]
+    outcomes = run_scenarios(scenarios, nproc=2, workdir=root / "launch")
+    return {name: (root / name, outcomes[name]) for name in todo}
 
 
-def test_zero_stages_match_stage0(stage_runs):
+def test_zero_stages_match_stage0(runs):
+    stage_runs = {stage: losses(runs[f"zero{stage}"][0]) for stage in (0, 1, 2, 3)}
     ref = stage_runs[0]
     assert sorted(ref) == [1, 2, 3, 4, 5, 6]
     assert ref[6] < ref[1] - 0.1  # it learns
@@ -31,12 +46,8 @@ def test_zero_stages_match_stage0(stage_runs):
             assert abs(stage_runs[stage][step] - loss) <= 1e-5, (stage, step)
 
 
-def test_grad_accumulation_equals_larger_micro_batch(shards, tmp_path):
-    a, b = tmp_path / "accum", tmp_path / "micro"
-    # global batch 512 tokens on 2 ranks of seq 64: 4 micro-batches of 1 vs 1 of 4... per rank 4 sequences
-    train(overrides(shards, a, **{"train.micro_batch_size": 1, "train.global_batch_tokens": 512, "train.max_steps": 3}))
-    train(overrides(shards, b, **{"train.micro_batch_size": 4, "train.global_batch_tokens": 512, "train.max_steps": 3}))
-    la, lb = losses(a), losses(b)
+def test_grad_accumulation_equals_larger_micro_batch(runs):
+    la, lb = losses(runs["accum"][0]), losses(runs["micro"][0])
     assert sorted(la) == [1, 2, 3]
     for step in la:
         assert abs(la[step] - lb[step]) <= 1e-5
@@ -53,75 +64,82 @@ def wait_for(predicate, proc, timeout=180):
     raise AssertionError("timed out waiting for the trainer")
 
 
-LONG = {"deepspeed.zero_stage": 2, "train.max_steps": 30}
+@pytest.fixture(scope="module")
+def uninterrupted(runs):
+    return losses(runs["uninterrupted"][0])
 
 
 @pytest.fixture(scope="module")
-def uninterrupted(shards, tmp_path_factory):
-    run_dir = tmp_path_factory.mktemp("full")
-    train(overrides(shards, run_dir, **LONG))
-    return losses(run_dir)
+def interrupted(shards, tmp_path_factory):
+    """The LONG run interrupted twice, as a cluster may: SIGKILL after its step-8 checkpoint (a crash)
+    and a resume; SIGTERM to that resumed run (preemption), which saves and exits; a resume to the
+    end. Three launches serve both tests below (each interrupted a run of its own in two)."""
+    run_dir = tmp_path_factory.mktemp("interrupted")
+    ckpts = run_dir / "checkpoints"
+    args = overrides(shards, run_dir, **LONG, **{"checkpoint.interval": 4})
+    proc = start(args)
+    wait_for(lambda: (ckpts / "step_00000008" / "COMPLETE").exists(), proc)
+    os.killpg(proc.pid, signal.SIGKILL)
+    proc.wait()
+    killed = losses(run_dir)
+    logged = len(records(run_dir))
 
-
-def test_sigterm_checkpoints_and_resume_is_exact(shards, tmp_path, uninterrupted):
-    proc = start(overrides(shards, tmp_path, **LONG))
-    wait_for(lambda: len(losses(tmp_path)) >= 3, proc)
+    proc = start(args)
+    wait_for(lambda: len(records(run_dir)) >= logged + 3, proc)
     os.killpg(proc.pid, signal.SIGTERM)  # what a scheduler does on preemption: every process gets it
-    out, _ = proc.communicate(timeout=120)
+    preempted_out, _ = proc.communicate(timeout=120)
     # (torchrun's agent itself exits non-zero on SIGTERM; the workers save and exit cleanly)
-    stopped_at = max(losses(tmp_path))
-    assert stopped_at < 30, "the signal arrived after the run finished; nothing was tested"
-    assert "SIGTERM: checkpoint saved" in out, out[-3000:]
-    assert (tmp_path / "checkpoints" / f"step_{stopped_at:08d}" / "COMPLETE").exists()
-    resumed = train(overrides(shards, tmp_path, **LONG))
-    assert "resumed from" in resumed.stdout and f"at step {stopped_at}" in resumed.stdout
-    got = losses(tmp_path)
+    stopped_at = max(r["step"] for r in records(run_dir)[logged:])
+    # (the last resume prunes it: keep_last=2)
+    saved_at_stop = (ckpts / f"step_{stopped_at:08d}" / "COMPLETE").exists()
+
+    final = train(args)
+    return SimpleNamespace(run_dir=run_dir, killed=killed, preempted_out=preempted_out, stopped_at=stopped_at,
+                           saved_at_stop=saved_at_stop, final_out=final.stdout)
+
+
+def test_sigterm_checkpoints_and_resume_is_exact(interrupted, uninterrupted):
+    run = interrupted
+    assert run.stopped_at < 30, "the signal arrived after the run finished; nothing was tested"
+    assert "SIGTERM: checkpoint saved" in run.preempted_out, run.preempted_out[-3000:]
+    assert run.saved_at_stop
+    assert "resumed from" in run.final_out and f"at step {run.stopped_at}" in run.final_out
+    got = losses(run.run_dir)
     assert sorted(got) == list(range(1, 31))
     for step, loss in uninterrupted.items():
         assert got[step] == loss, step  # bitwise: same data order, RNG, optimizer state
 
 
-def test_kill9_after_checkpoint_resumes_exactly_and_keeps_last(shards, tmp_path, uninterrupted):
-    args = overrides(shards, tmp_path, **LONG, **{"checkpoint.interval": 4})
-    proc = start(args)
-    ckpts = tmp_path / "checkpoints"
-    wait_for(lambda: (ckpts / "step_00000008" / "COMPLETE").exists(), proc)
-    os.killpg(proc.pid, signal.SIGKILL)
-    proc.wait()
-    before = losses(tmp_path)
-    resumed = train(args)
-    latest = (ckpts / "latest").read_text()
-    assert "resumed from" in resumed.stdout
-    got = losses(tmp_path)
+def test_kill9_after_checkpoint_resumes_exactly_and_keeps_last(interrupted, uninterrupted):
+    run = interrupted
+    ckpts = run.run_dir / "checkpoints"
+    assert "resumed from" in run.preempted_out and "at step 8" in run.preempted_out  # the run after the kill
+    got = losses(run.run_dir)
     for step, loss in uninterrupted.items():
         assert got[step] == loss, step
-    for step, loss in before.items():  # steps run twice (after the checkpoint, before the kill) agree too
+    for step, loss in run.killed.items():  # steps run twice (after the checkpoint, before the kill) agree too
         assert loss == uninterrupted[step]
-    assert latest == "step_00000030"
+    assert (ckpts / "latest").read_text() == "step_00000030"
     kept = sorted(p.name for p in ckpts.iterdir() if p.name.startswith("step_"))
     assert kept == ["step_00000028", "step_00000030"]  # keep_last=2 (28 = 7 x 4, then the final step)
 
 
 @pytest.mark.parametrize("stage", [0, 2])  # our GuardedAdamW (fp32 ZeRO-0) and DeepSpeed's overflow check (ZeRO-2)
-def test_nonfinite_steps_are_skipped_then_the_run_stops_with_last_good_state(shards, tmp_path, stage):
-    args = overrides(shards, tmp_path, **{"deepspeed.zero_stage": stage, "train.max_steps": 10, "checkpoint.interval": 1,
-                                          "checkpoint.keep_last": 10, "optim.warmup_steps": 10,
-                                          "train.inject_nonfinite_grad_at": "[3]",  # finite loss, infinite gradients
-                                          "train.inject_nonfinite_at": "[5,6,7]",  # NaN loss
-                                          "train.max_consecutive_nonfinite": 3})
-    proc = train(args, check=False)
-    out = proc.stderr + proc.stdout
-    assert proc.returncode != 0
+def test_nonfinite_steps_are_skipped_then_the_run_stops_with_last_good_state(runs, stage):
+    run_dir, outcome = runs[f"nonfinite{stage}"]  # NONFINITE: gradients infinite at step 3, NaN loss at 5-7
+    # the run ends with the error the CLI prints before it exits with status 1
+    assert outcome.error == "TrainingError"
+    out = outcome.stderr + outcome.stdout
     assert "step 3 skipped (non-finite gradient norm)" in out and "step 5 skipped (non-finite loss)" in out
-    assert "3 consecutive steps with non-finite loss or gradients" in out
-    assert "weights of the last good step (4)" in out
-    recs = [r for r in records(tmp_path) if "skipped_steps" in r]
+    assert "3 consecutive steps with non-finite loss or gradients" in outcome.message
+    assert "weights of the last good step (4)" in outcome.message
+    recs = [r for r in records(run_dir) if "skipped_steps" in r]
     assert [r["step"] for r in recs] == [1, 2, 3, 4, 5, 6, 7]
     assert [r["skipped_steps"] for r in recs] == [0, 0, 1, 1, 2, 3, 4]
     assert [r["loss"] is None for r in recs] == [False, False, True, False, True, True, True]
     lr = [r["lr"] for r in recs]
     assert lr[2] == lr[1] < lr[3]  # a skipped step does not advance the warm-up either
-    ckpts = tmp_path / "checkpoints"
+    ckpts = run_dir / "checkpoints"
 
     def weights(step):
         state = torch.load(ckpts / f"step_{step:08d}" / "mp_rank_00_model_states.pt", weights_only=False)["module"]

@@ -117,6 +117,24 @@ def test_guarded_adamw_reports_overflow_to_deepspeed():
     assert not opt.overflow and opt._global_grad_norm == pytest.approx(0.5)
 
 
+def test_cli_prints_a_training_error_and_exits_1(monkeypatch, capsys):
+    """How the command line ends a run that stops on non-finite steps. test_trainer_multirank.py
+    runs those in-process (trainer_helpers.run_scenarios) and checks the TrainingError itself."""
+    from omegaconf import OmegaConf
+
+    import retnet_train.train as cli
+    from retnet_train.components.faults import TrainingError
+
+    def stop(cfg):
+        raise TrainingError("3 consecutive steps with non-finite loss or gradients")
+
+    monkeypatch.setattr(cli, "run", stop)
+    with pytest.raises(SystemExit) as e:
+        cli.main.__wrapped__(OmegaConf.create({}))  # the function under @hydra.main
+    assert e.value.code == 1
+    assert "error: 3 consecutive steps with non-finite loss or gradients" in capsys.readouterr().err
+
+
 @pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGUSR1])
 def test_preemption_signals_are_caught_and_handlers_restored(sig):
     before = signal.getsignal(sig)

@@ -1,11 +1,12 @@
 """Resume on another world size (2 ranks -> 1 and 1 -> 2, gloo, fp32) under ZeRO 0-3, and the rules
 of components/reshard.py (what is converted, what is refused)."""
 import os
+from types import SimpleNamespace
 
 import pytest
 import torch
 
-from trainer_helpers import losses, overrides, records, shards, train  # noqa: F401 (shards: a fixture)
+from trainer_helpers import losses, overrides, records, run_scenarios, shards  # noqa: F401 (shards: a fixture)
 
 from retnet_train.checkpoint_io import _model_states_file
 from retnet_train.components.reshard import UNIVERSAL, checkpoint_layout, convert_to_universal, plan
@@ -14,6 +15,10 @@ STEPS, AT = 4, 2  # train 4 steps, checkpoint at 2, resume and compare steps 3..
 LOSS_RTOL = 1e-5  # fp32; measured differences are ~1e-7 relative (reduction order of 1 vs 2 ranks)
 MOMENT_RTOL = 1e-4  # ||m - m_ref|| / ||m_ref|| of Adam's exp_avg / exp_avg_sq at the last step
 BETAS = (0.9, 0.98)  # configs/optim default
+# ZeRO 2 shares ZeRO 1's optimizer class, checkpoint files and universal conversion; it is resumed
+# (from ZeRO 1, across world sizes) in test_universal_copy_is_reused_and_zero_1_to_2_changes.
+STAGES = (0, 1, 3)
+REFUSED = {"deepspeed.zero_stage": {"deepspeed.zero_stage": 3}, "deepspeed.precision": {"deepspeed.precision": "bf16"}}
 
 
 def run_args(shards, run_dir, stage, **extra):
@@ -23,21 +28,6 @@ def run_args(shards, run_dir, stage, **extra):
                                          "optim.warmup_steps": 3, "optim.decay": "linear", **extra})
 
 
-@pytest.fixture(scope="module")
-def reference(shards, tmp_path_factory):
-    """(stage, nproc) -> run dir of an uninterrupted run (checkpoints at steps 2 and 4), made once."""
-    cache = {}
-
-    def get(stage, nproc):
-        if (stage, nproc) not in cache:
-            run_dir = tmp_path_factory.mktemp(f"ref_z{stage}_w{nproc}")
-            train(run_args(shards, run_dir, stage), nproc=nproc)
-            cache[stage, nproc] = run_dir
-        return cache[stage, nproc]
-
-    return get
-
-
 def tag_dir(run_dir, step):
     return run_dir / "checkpoints" / f"step_{step:08d}"
 
@@ -45,6 +35,54 @@ def tag_dir(run_dir, step):
 def file_stamps(directory):
     """Name -> (size, mtime) of the files DeepSpeed and we wrote (what a conversion must not touch)."""
     return {p.name: (p.stat().st_size, p.stat().st_mtime_ns) for p in directory.iterdir() if p.is_file()}
+
+
+def prepare_source(source):
+    """Leave an interrupted conversion in the checkpoint (a resume must ignore it); returns the
+    checkpoint's file stamps before the resume."""
+    stale = source / ".universal.tmp-deadhost-1" / UNIVERSAL
+    stale.mkdir(parents=True, exist_ok=True)
+    (stale / "garbage").write_text("x")
+    return file_stamps(source)
+
+
+@pytest.fixture(scope="module")
+def runs(shards, tmp_path_factory):
+    """Every trainer run of this module, in three launches (run_scenarios: the start-up of torch,
+    DeepSpeed and torchrun once per launch, not once per run):
+    1. 1 rank: uninterrupted runs (checkpoints at steps 2 and 4) under ZeRO 0, 1 and 3;
+    2. 2 ranks: the same runs, then the resumes of launch 1's step-2 checkpoints;
+    3. 1 rank: the resumes of launch 2's step-2 checkpoints, then the ZeRO 1 -> 2 resume (after the
+       ZeRO-1 resume converted its checkpoint) and the refused resumes.
+    ref[stage, world] -> run dir; resumed[stage, saved, resumed] -> (run dir, Outcome, the source's
+    file stamps before); z1_to_z2 -> (run dir, Outcome); refused[key] -> Outcome."""
+    root = tmp_path_factory.mktemp("world_size")
+    ref = {(stage, world): root / f"ref_z{stage}_w{world}" for stage in STAGES for world in (1, 2)}
+    before = {}
+
+    def fresh(stage, world):
+        return ref[stage, world].name, run_args(shards, ref[stage, world], stage)
+
+    def resume(stage, saved, world):
+        source = tag_dir(ref[stage, saved], AT)
+        before[stage, saved, world] = prepare_source(source)
+        name = f"z{stage}_{saved}to{world}"
+        return name, run_args(shards, root / name, stage, **{"train.resume": str(source)})
+
+    outcomes = run_scenarios([fresh(s, 1) for s in STAGES], nproc=1, workdir=root / "launch1")
+    outcomes |= run_scenarios([fresh(s, 2) for s in STAGES] + [resume(s, 1, 2) for s in STAGES],
+                              nproc=2, workdir=root / "launch2")
+    z1_source = str(tag_dir(ref[1, 2], AT))
+    last = [resume(s, 2, 1) for s in STAGES]
+    last.append(("z1_to_z2", run_args(shards, root / "z1_to_z2", 2, **{"train.resume": z1_source})))
+    last += [(f"refused_{key}", run_args(shards, root / f"refused_{key}", 1, **{"train.resume": z1_source, **change}),
+              "ValueError") for key, change in REFUSED.items()]
+    outcomes |= run_scenarios(last, nproc=1, workdir=root / "launch3")
+
+    resumed = {key: (root / f"z{key[0]}_{key[1]}to{key[2]}", outcomes[f"z{key[0]}_{key[1]}to{key[2]}"], stamps)
+               for key, stamps in before.items()}
+    return SimpleNamespace(ref=ref, resumed=resumed, z1_to_z2=(root / "z1_to_z2", outcomes["z1_to_z2"]),
+                           refused={key: outcomes[f"refused_{key}"] for key in REFUSED})
 
 
 def adam_moments(tag):
@@ -69,22 +107,16 @@ def rel(a, b):
 
 @pytest.mark.slow
 @pytest.mark.parametrize("saved,resumed", [(2, 1), (1, 2)], ids=["2to1", "1to2"])
-# ZeRO 2 shares ZeRO 1's optimizer class, checkpoint files and universal conversion; it is resumed
-# (from ZeRO 1, across world sizes) in test_universal_copy_is_reused_and_zero_1_to_2_changes.
-@pytest.mark.parametrize("stage", [0, 1, 3])
-def test_resume_on_another_world_size_continues_the_run(shards, reference, tmp_path, stage, saved, resumed):
-    ref = reference(stage, saved)
+@pytest.mark.parametrize("stage", STAGES)
+def test_resume_on_another_world_size_continues_the_run(runs, stage, saved, resumed):
+    ref = runs.ref[stage, saved]
     source = tag_dir(ref, AT)
-    stale = source / ".universal.tmp-deadhost-1" / UNIVERSAL  # an interrupted conversion: must be ignored
-    stale.mkdir(parents=True, exist_ok=True)
-    (stale / "garbage").write_text("x")
-    before = file_stamps(source)
+    run_dir, outcome, before = runs.resumed[stage, saved, resumed]
     # the layout is our own record in the client state, not the fallback to DeepSpeed's keys
     client = torch.load(_model_states_file(str(source)), map_location="cpu", weights_only=False)  # ZeRO-3 names it differently
     assert client["layout"] == {"world_size": saved, "zero_stage": stage, "precision": "fp32"}
 
-    proc = train(run_args(shards, tmp_path, stage, **{"train.resume": str(source)}), nproc=resumed)
-    out = proc.stdout
+    out = outcome.stdout
     assert f"at step {AT}" in out and f"world size {saved} -> {resumed}" in out, out[-3000:]
     assert file_stamps(source) == before  # the original checkpoint is untouched
     if stage == 0:  # unpartitioned optimizer state: loaded as is
@@ -95,45 +127,44 @@ def test_resume_on_another_world_size_continues_the_run(shards, reference, tmp_p
     if resumed > saved:
         assert f"has RNG states for {saved} of this run's {resumed} ranks" in out
 
-    want, got = losses(ref), losses(tmp_path)
+    want, got = losses(ref), losses(run_dir)
     assert sorted(got) == list(range(AT + 1, STEPS + 1))
     for step in got:
         assert abs(got[step] - want[step]) <= LOSS_RTOL * abs(want[step]), (step, got[step], want[step])
     ref_recs = {r["step"]: r for r in records(ref) if "lr" in r}
-    for r in records(tmp_path):
+    for r in records(run_dir):
         if "lr" in r:  # the LR schedule and token count went on, not restarted
             assert r["lr"] == pytest.approx(ref_recs[r["step"]]["lr"], rel=1e-12)
             assert r["tokens_seen"] == ref_recs[r["step"]]["tokens_seen"]
 
     # Adam's moments were restored, not restarted: compare them after the last step, and check the
     # comparison would see fresh moments (they would lack beta^2 * the moments at the checkpoint).
-    final, final_ref, at_ckpt = adam_moments(tag_dir(tmp_path, STEPS)), adam_moments(tag_dir(ref, STEPS)), adam_moments(source)
+    final, final_ref, at_ckpt = adam_moments(tag_dir(run_dir, STEPS)), adam_moments(tag_dir(ref, STEPS)), adam_moments(source)
     for key, beta in zip(("exp_avg", "exp_avg_sq"), BETAS):
         assert rel(final[key], final_ref[key]) <= MOMENT_RTOL, key
         assert (beta ** 2) * at_ckpt[key].norm() / final_ref[key].norm() > 1000 * MOMENT_RTOL, key
 
 
 @pytest.mark.slow
-def test_universal_copy_is_reused_and_zero_1_to_2_changes(shards, reference, tmp_path):
-    """ZeRO 1 on 2 ranks -> ZeRO 2 on 1 rank: one conversion serves a later resume too."""
-    source = tag_dir(reference(1, 2), AT)
-    convert_to_universal(str(source))
-    proc = train(run_args(shards, tmp_path, 2, **{"train.resume": str(source)}), nproc=1)
-    assert "using its universal copy" in proc.stdout and "ZeRO stage 1 -> 2" in proc.stdout
-    want, got = losses(reference(1, 2)), losses(tmp_path)
+def test_universal_copy_is_reused_and_zero_1_to_2_changes(runs):
+    """ZeRO 1 on 2 ranks -> ZeRO 2 on 1 rank: the conversion made for the ZeRO-1 resume on 1 rank
+    (the launch runs that one first) serves this resume too."""
+    run_dir, outcome = runs.z1_to_z2
+    assert "using its universal copy" in outcome.stdout and "ZeRO stage 1 -> 2" in outcome.stdout
+    want, got = losses(runs.ref[1, 2]), losses(run_dir)
+    assert sorted(got) == list(range(AT + 1, STEPS + 1))
     for step in got:
         assert abs(got[step] - want[step]) <= LOSS_RTOL * abs(want[step]), step
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("change,key", [({"deepspeed.zero_stage": 3}, "deepspeed.zero_stage"),
-                                        ({"deepspeed.precision": "bf16"}, "deepspeed.precision")])
-def test_what_cannot_be_resumed_is_refused_naming_path_and_key(shards, reference, tmp_path, change, key):
-    source = tag_dir(reference(1, 2), AT)
-    args = run_args(shards, tmp_path, 1, **{"train.resume": str(source), **change})
-    proc = train(args, nproc=1, check=False)
-    assert proc.returncode != 0
-    assert str(source) in proc.stderr and f"{key}=" in proc.stderr, proc.stderr[-3000:]
+@pytest.mark.parametrize("key", REFUSED)
+def test_what_cannot_be_resumed_is_refused_naming_path_and_key(runs, key):
+    # the ValueError the CLI prints (`error: ...`) before it exits with status 1
+    outcome = runs.refused[key]
+    source = tag_dir(runs.ref[1, 2], AT)
+    assert outcome.error == "ValueError"
+    assert str(source) in outcome.message and f"{key}=" in outcome.message, outcome.message
 
 
 # ---- the rules, without training ----------------------------------------------------------------

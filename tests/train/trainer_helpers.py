@@ -1,11 +1,14 @@
-"""Run the real trainer (python -m retnet_train.train, under torchrun for 2 ranks) on tiny data."""
+"""Run the real trainer (python -m retnet_train.train, under torchrun for 2 ranks) on tiny data:
+one run per launch (train, start), or several runs per launch (run_scenarios)."""
 from __future__ import annotations
 
 import json
 import os
 import subprocess
 import sys
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Optional
 
 import numpy as np
 import pytest
@@ -34,6 +37,20 @@ def make_shards(directory: Path) -> Path:
 def shards(tmp_path_factory):
     """make_shards' corpus, once per test module (import this fixture into the module)."""
     return make_shards(tmp_path_factory.mktemp("shards"))
+
+
+@pytest.fixture(scope="session")
+def short_run(tmp_path_factory):
+    """(run dir, CompletedProcess) of one 1-rank CLI run of 3 steps shared by test_trainer_config
+    (selective activation checkpointing, checkpoint.save_at_end=false) and test_profiling (the
+    profiled window of steps 2-3): a launch costs ~9 s of start-up, the 3 steps well under one.
+    Registered in conftest.py, so that both modules get the same run."""
+    root = tmp_path_factory.mktemp("short_run")
+    run = root / "run"
+    proc = train(overrides(make_shards(root / "shards"), run, **{
+        "train.max_steps": 3, "train.activation_checkpointing": "selective", "checkpoint.save_at_end": "false",
+        "profile.enabled": "true", "profile.start_step": 2, "profile.steps": 2}), nproc=1)
+    return run, proc
 
 
 def overrides(data_dir: Path, run_dir: Path, **extra) -> list:
@@ -92,3 +109,45 @@ def losses(run_dir: Path) -> dict:
 
 def records(run_dir: Path) -> list:
     return [json.loads(line) for line in (Path(run_dir) / "metrics.jsonl").read_text().splitlines()]
+
+
+@dataclass
+class Outcome:
+    """One run of run_scenarios: rank 0's output, and the exception the run raised, if any."""
+    stdout: str
+    stderr: str
+    error: Optional[str]  # exception type name
+    message: str
+    summary: Optional[dict]  # retnet_train.train.run's return value
+
+
+def run_scenarios(scenarios: list, nproc: int, workdir: Path, timeout: int = 600) -> dict:
+    """Several trainer runs in ONE launch (torchrun for nproc > 1), one after another in the same
+    processes (run_scenarios.py): torch's, DeepSpeed's and torchrun's start-up (~9 s for one rank,
+    ~13 s for two on a 2-core CI box) is paid once instead of once per run. Each run is composed
+    from its overrides as the CLI composes them and goes through retnet_train.train.run, which the
+    CLI calls. scenarios: [(name, args)] or [(name, args, expected exception type name)]; returns
+    {name: Outcome}. A run that raises what it does not expect fails the launch (AssertionError)."""
+    spec = [{"name": name, "args": args, "out": str(workdir / "scenarios" / name),
+             "expect_error": expect[0] if expect else None} for name, args, *expect in scenarios]
+    workdir.mkdir(parents=True, exist_ok=True)
+    spec_file = workdir / "scenarios.json"
+    spec_file.write_text(json.dumps(spec))
+    script = str(Path(__file__).resolve().parent / "run_scenarios.py")
+    cmd = [sys.executable, script, str(spec_file)] if nproc == 1 else \
+        [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}", script, str(spec_file)]
+    # the script's own directory comes first on its sys.path: this checkout's package next
+    run_env = {**env(), "PYTHONPATH": os.pathsep.join(p for p in (str(REPO), os.environ.get("PYTHONPATH")) if p)}
+    proc = subprocess.run(cmd, cwd=REPO, env=run_env, capture_output=True, text=True, timeout=timeout)
+    if proc.returncode != 0:
+        failed = [p for p in sorted((workdir / "scenarios").glob("*/rank*.stderr"))
+                  if not p.with_suffix(".json").exists() or "error" in json.loads(p.with_suffix(".json").read_text())]
+        logs = "".join(f"\n--- {p}:\n{p.read_text()[-4000:]}" for p in failed)
+        raise AssertionError(f"scenario launch failed ({proc.returncode}):\n{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}{logs}")
+    out = {}
+    for s in spec:
+        d = Path(s["out"])
+        result = json.loads((d / "rank0.json").read_text())
+        out[s["name"]] = Outcome((d / "rank0.stdout").read_text(), (d / "rank0.stderr").read_text(), result.get("error"),
+                                 result.get("message", ""), result.get("summary"))
+    return out
