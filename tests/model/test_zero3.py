@@ -57,7 +57,7 @@ def losses(stage: int, compile_blocks: bool, steps: int = 3, whole_blocks: bool 
         loss = engine(ids[:, :-1], labels=ids[:, 1:]).loss
         engine.backward(loss)
         engine.step()
-        out.append(float(loss))
+        out.append(float(loss.detach()))
     engine.destroy()
     torch._dynamo.reset()
     return out
