@@ -15,8 +15,6 @@ import time
 import traceback
 from pathlib import Path
 
-REPO = Path(__file__).resolve().parents[2]
-
 
 def redirect(stdout_path, stderr_path):
     """Point fds 1 and 2 at two files; returns what restore() needs."""
@@ -40,10 +38,10 @@ def restore(saved):
 
 def main() -> None:
     import torch.distributed as dist
-    from hydra import compose, initialize_config_dir
     from omegaconf import OmegaConf
 
-    from retnet_train.train import run  # registers the config schema, as the CLI does
+    from retnet_train.preflight import compose_trainer_config  # composes as the CLI does
+    from retnet_train.train import run
 
     spec = json.loads(Path(sys.argv[1]).read_text())
     rank = int(os.environ.get("RANK", 0))
@@ -53,9 +51,7 @@ def main() -> None:
         saved = redirect(out / f"rank{rank}.stdout", out / f"rank{rank}.stderr")
         began = time.time()
         try:
-            with initialize_config_dir(str(REPO / "configs"), version_base="1.3"):
-                cfg = compose("config", overrides=scenario["args"])
-            result = {"summary": run(OmegaConf.to_object(cfg))}
+            result = {"summary": run(OmegaConf.to_object(compose_trainer_config(scenario["args"])))}
         except Exception as e:  # noqa: BLE001 (recorded for the test, or ends the job)
             traceback.print_exc()
             result = {"error": type(e).__name__, "message": str(e)}

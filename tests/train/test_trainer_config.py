@@ -131,14 +131,11 @@ EXPERIMENTS = sorted(p.stem for p in (Path(__file__).resolve().parents[2] / "con
 @pytest.mark.parametrize("name", EXPERIMENTS)
 def test_every_experiment_preset_composes_and_validates(name):
     """A preset's key typo or bad value fails here, not hours into a cluster job."""
-    from hydra import compose, initialize_config_dir
     from omegaconf import OmegaConf
 
-    from retnet_train.components.config import register
+    from retnet_train.preflight import compose_trainer_config
 
-    register()
-    with initialize_config_dir(str(Path(__file__).resolve().parents[2] / "configs"), version_base="1.3"):
-        cfg = OmegaConf.to_object(compose("config", overrides=[f"experiment={name}"]))
+    cfg = OmegaConf.to_object(compose_trainer_config([f"experiment={name}"]))
     check_values(cfg)
     if cfg.train.compile and cfg.train.activation_checkpointing == "none":
         assert cfg.train.activation_memory_budget < 1  # measured free on an H200 (docs/benchmarks.md)
