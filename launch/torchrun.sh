@@ -16,7 +16,7 @@
 #   --master-port P     rendezvous port [MASTER_PORT]; default 29500
 #   --rdzv-id ID        rendezvous id, equal on all nodes [RDZV_ID]; default retnet
 #   --slurm             take nnodes, node rank, master addr/port and GPUs per node from SLURM
-#                       (python -m retnet_train.launch_env); used by launch/slurm/*.sbatch via srun
+#                       (python -m retnet_train.preflight.launch_env); used by launch/slurm/*.sbatch via srun
 #   --module M          python module to run; default retnet_train.train
 #   --checkpoint-dir D  for the preflight; normally it comes from the trainer config
 #                       (checkpoint.dir / run.dir overrides) and must agree with it
@@ -74,7 +74,7 @@ prog_args=("$@")
 if [[ "$use_slurm" == 1 ]]; then
   slurm_args=(env --format shell)
   [[ -n "$nproc" ]] && slurm_args+=(--nproc-per-node "$nproc")
-  exports="$("$PYTHON" -m retnet_train.launch_env "${slurm_args[@]}")" || die "cannot derive the launch environment from SLURM (see above)"
+  exports="$("$PYTHON" -m retnet_train.preflight.launch_env "${slurm_args[@]}")" || die "cannot derive the launch environment from SLURM (see above)"
   eval "$exports"
   nproc="$NPROC_PER_NODE"; nnodes="$NNODES"; node_rank="$NODE_RANK"
   master_addr="$MASTER_ADDR"; master_port="$MASTER_PORT"; rdzv_id="$RDZV_ID"

@@ -14,7 +14,7 @@ slurm_usage() {
 usage: sbatch [sbatch options] launch/slurm/${VENDOR}.sbatch [options] [--] [hydra overrides ...]
 
 One srun task per node runs launch/torchrun.sh --slurm, which takes node rank, world size and
-master address/port from SLURM (python -m retnet_train.launch_env), runs the preflight (checkpoint
+master address/port from SLURM (python -m retnet_train.preflight.launch_env), runs the preflight (checkpoint
 dir shared by all nodes, GPUs, versions, disk) and starts torchrun with c10d rendezvous.
 
 options:
@@ -134,13 +134,13 @@ slurm_main() {
   step+=(bash "$ROOT/launch/torchrun.sh" "${node_args[@]}" -- "${overrides[@]}")
 
   # Check the allocation on the batch host before starting anything (names the bad variable).
-  "${PYTHON}" -m retnet_train.launch_env env --node-rank 0 >/dev/null \
+  "${PYTHON}" -m retnet_train.preflight.launch_env env --node-rank 0 >/dev/null \
     || die "the SLURM environment does not describe a usable allocation (see above)"
 
   if [[ "$dry_run" == 1 ]]; then
     local hosts_text
     local -a hosts
-    hosts_text="$("${PYTHON}" -m retnet_train.launch_env expand "${SLURM_JOB_NODELIST:-${SLURM_NODELIST:-}}")" \
+    hosts_text="$("${PYTHON}" -m retnet_train.preflight.launch_env expand "${SLURM_JOB_NODELIST:-${SLURM_NODELIST:-}}")" \
       || die "cannot expand SLURM_JOB_NODELIST"
     mapfile -t hosts <<<"$hosts_text"
     echo "# ${VENDOR}.sbatch dry run: job ${SLURM_JOB_ID:-?}, ${#hosts[@]} node(s): ${hosts[*]}"

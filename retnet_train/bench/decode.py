@@ -24,7 +24,7 @@ from typing import Optional
 
 import torch
 
-from ..decoding import CudaGraphStep, make_decoder
+from ..inference.decoding import CudaGraphStep, make_decoder
 from .train_throughput import fla_reference, load_preset
 
 # HBM bandwidth (bytes/s) by device name, for the weight-read bound of one decode step.

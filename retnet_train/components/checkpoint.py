@@ -7,16 +7,15 @@ rng_rank<r>.pt and, written by rank 0 only after every rank finished, COMPLETE. 
 from __future__ import annotations
 
 import os
-import re
 import shutil
 from typing import Optional
 
 import torch
 import torch.distributed as dist
 
+from . import checkpoint_discovery as discovery
+from .checkpoint_discovery import TAG_RE
 from .rng import load_rng_state, rng_state, seed_everything
-
-TAG_RE = re.compile(r"^step_(\d+)$")
 
 
 def resolve_resume(resume: str, manager: "CheckpointManager"):
@@ -36,18 +35,11 @@ def resolve_resume(resume: str, manager: "CheckpointManager"):
                              "new ones would overwrite and prune them. Use a new run.dir (or checkpoint.dir), "
                              "or train.resume=auto to continue that run")
         return None
-    path = os.path.abspath(resume.rstrip("/"))
-    if os.path.isfile(os.path.join(path, "COMPLETE")):
-        directory, tag = os.path.split(path)
-    else:
-        for candidate in (path, os.path.join(path, "checkpoints")):
-            tag = CheckpointManager(candidate, 1, 0).latest_valid()
-            if tag:
-                directory = candidate
-                break
-        else:
-            raise ValueError(f"train.resume={resume}: no complete checkpoint there (expected <dir>/step_N with a "
-                             "COMPLETE marker, or a directory holding such checkpoints)")
+    found = discovery.find_checkpoint(resume)
+    if found is None:
+        raise ValueError(f"train.resume={resume}: no complete checkpoint there (expected <dir>/step_N with a "
+                         "COMPLETE marker, or a directory holding such checkpoints)")
+    directory, tag = found
     if ours and os.path.abspath(directory) != os.path.abspath(manager.dir):
         raise ValueError(f"train.resume={resume}: this run's checkpoint dir {manager.dir} already holds checkpoints "
                          f"({', '.join(ours[-3:])}); resuming from elsewhere would overwrite them. Use a new run.dir "
@@ -64,29 +56,16 @@ class CheckpointManager:
     def __init__(self, directory: str, keep_last: int, rank: int):
         self.dir, self.keep_last, self.rank = directory, keep_last, rank
 
-    @staticmethod
-    def tag_for(step: int) -> str:
-        return f"step_{step:08d}"
+    tag_for = staticmethod(discovery.tag_for)
 
     def is_complete(self, tag: str) -> bool:
-        return os.path.isfile(os.path.join(self.dir, tag, "COMPLETE"))
+        return discovery.is_complete(self.dir, tag)
 
     def complete_tags(self) -> list:
-        if not os.path.isdir(self.dir):
-            return []
-        tags = [t for t in os.listdir(self.dir) if TAG_RE.match(t) and self.is_complete(t)]
-        return sorted(tags, key=lambda t: int(TAG_RE.match(t).group(1)))
+        return discovery.complete_tags(self.dir)
 
     def latest_valid(self) -> Optional[str]:
-        """The `latest` tag if complete, else the newest complete tag (a save killed midway)."""
-        pointer = os.path.join(self.dir, "latest")
-        if os.path.isfile(pointer):
-            with open(pointer) as f:
-                tag = f.read().strip()
-            if self.is_complete(tag):
-                return tag
-        tags = self.complete_tags()
-        return tags[-1] if tags else None
+        return discovery.latest_valid(self.dir)
 
     def save(self, engine, step: int, client_state: dict) -> str:
         tag = self.tag_for(step)
@@ -94,13 +73,13 @@ class CheckpointManager:
         torch.save(rng_state(), os.path.join(self.dir, tag, f"rng_rank{self.rank}.pt"))
         _barrier()  # every rank's shards and RNG are on disk
         if self.rank == 0:
-            open(os.path.join(self.dir, tag, "COMPLETE"), "w").close()
+            open(os.path.join(self.dir, tag, discovery.COMPLETE), "w").close()
             tmp = os.path.join(self.dir, "latest.tmp")
             with open(tmp, "w") as f:
                 f.write(tag)
                 f.flush()
                 os.fsync(f.fileno())
-            os.replace(tmp, os.path.join(self.dir, "latest"))
+            os.replace(tmp, os.path.join(self.dir, discovery.LATEST))
             self._prune(keep=tag)
         _barrier()
         return os.path.join(self.dir, tag)
@@ -115,9 +94,7 @@ class CheckpointManager:
 
     def existing(self) -> list:
         """Every checkpoint directory here, complete or not (what a fresh run would clobber)."""
-        if not os.path.isdir(self.dir):
-            return []
-        return sorted(t for t in os.listdir(self.dir) if TAG_RE.match(t))
+        return discovery.checkpoint_tags(self.dir)
 
     def load(self, engine, tag: str, directory: Optional[str] = None, plan=None, reseed: Optional[int] = None) -> dict:
         """Load <directory or self.dir>/<tag>; later saves still go to self.dir.
@@ -130,7 +107,7 @@ class CheckpointManager:
         """
         directory = directory or self.dir
         path = os.path.join(directory, tag)
-        if not os.path.isfile(os.path.join(path, "COMPLETE")):
+        if not discovery.is_complete(directory, tag):
             raise ValueError(f"train.resume: {path} is not a complete checkpoint (no COMPLETE marker)")
         load_dir, load_tag = plan.load_args if plan is not None else (directory, tag)
         _, client_state = engine.load_checkpoint(load_dir, tag=load_tag)

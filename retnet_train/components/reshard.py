@@ -37,6 +37,9 @@ from typing import Optional
 import torch
 import torch.distributed as dist
 
+from ..interop.legacy import has_separate_projections
+from .checkpoint_discovery import model_states_file
+
 UNIVERSAL = "universal"  # <dir>/<tag>/universal: the converted copy
 TMP_PREFIX = ".universal.tmp-"
 
@@ -46,14 +49,8 @@ def run_layout(cfg, world: int) -> dict:
     return {"world_size": world, "zero_stage": cfg.deepspeed.zero_stage, "precision": cfg.deepspeed.precision}
 
 
-def _model_states_path(tag_dir: str) -> str:
-    from ..checkpoint_io import _model_states_file
-
-    return _model_states_file(tag_dir)
-
-
 def _model_states(tag_dir: str) -> dict:
-    return torch.load(_model_states_path(tag_dir), map_location="cpu", weights_only=False, mmap=True)
+    return torch.load(model_states_file(tag_dir), map_location="cpu", weights_only=False, mmap=True)
 
 
 def checkpoint_layout(tag_dir: str, state: Optional[dict] = None) -> dict:
@@ -71,10 +68,10 @@ def refuse_separate_projections(path: str, state: dict) -> None:
     """Checkpoints from before the retention's q/k/v weights were stacked into one (qkv_proj)
     hold optimizer state for three tensors per layer where the model now has one."""
     names = list(state.get("module") or {}) + [n for group in state.get("param_shapes") or [] for n in group]
-    if any(n.endswith("retention.q_proj.weight") for n in names):
+    if has_separate_projections(names):
         raise ValueError(f"train.resume: {path} was written with separate retention q/k/v_proj weights (retnet-train "
                          "before qkv_proj); its optimizer state does not fit this model and cannot be resumed. Its weights "
-                         "still load for export, evaluation and generation (retnet_train.export / evaluate / generate)")
+                         "still load for export, evaluation and generation (retnet_train.inference.export / evaluate / generate)")
 
 
 @dataclass

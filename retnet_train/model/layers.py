@@ -91,6 +91,13 @@ def rotary_sin_cos(inv_freq: torch.Tensor, start: int, length: int, dtype) -> tu
     return angles.sin().to(dtype), angles.cos().to(dtype)
 
 
+def rotary_at(inv_freq: torch.Tensor, position: torch.Tensor, dtype) -> tuple[torch.Tensor, torch.Tensor]:
+    """sin/cos [1, dim] at a position held in a 0-d device tensor (no host sync, so a decode step that
+    calls it is capturable in a CUDA graph); float64 as rotary_sin_cos."""
+    angles = position.double().view(1, 1) * inv_freq.double().repeat_interleave(2)[None, :]
+    return angles.sin().to(dtype), angles.cos().to(dtype)
+
+
 CHECKPOINTING_MODES = ("none", "selective", "full")
 
 

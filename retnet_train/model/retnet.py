@@ -114,22 +114,6 @@ def decay_normalizer(log_gamma, doc_pos):
     return torch.sqrt(torch.expm1(log_gamma) / torch.expm1(log_gamma * (doc_pos[..., None].float() + 1)))
 
 
-LEGACY_PROJECTIONS = ("q_proj", "k_proj", "v_proj")
-
-
-def fuse_legacy_projections(state_dict: dict) -> dict:
-    """A state dict with separate retention.{q,k,v}_proj weights (torchscale's names, and ours
-    before they were stacked) -> one with retention.qkv_proj; other keys unchanged."""
-    out = dict(state_dict)
-    for key in state_dict:
-        if key.endswith(".retention.q_proj.weight"):
-            prefix = key[: -len("q_proj.weight")]
-            names = [f"{prefix}{p}.weight" for p in LEGACY_PROJECTIONS]
-            if all(n in out for n in names):
-                out[prefix + "qkv_proj.weight"] = torch.cat([out.pop(n) for n in names])
-    return out
-
-
 class RetNetBlock(nn.Module):
     def __init__(self, config: RetNetConfig):
         super().__init__()

@@ -16,8 +16,9 @@ exactly by building the model on the meta device.
 Modules: cli (options, the order of the checks, exit status), node (versions, vendor, GPUs, bf16,
 fla), storage (writable, free space), shared_dir (the multi-node marker handshake), dist_check
 (--dist-check), launcher_env (--from-launcher-env), trainer_config (the trainer's composed config,
-parameter counts, overrides), report (the ok/warn/FAIL lines and the verdict). This package
-re-exports what the tests and callers use.
+parameter counts, overrides), report (the ok/warn/FAIL lines and the verdict), launch_env (SLURM
+variables -> launch variables and hostfiles, `python -m retnet_train.preflight.launch_env`; torch-free,
+as is this package's import). This package re-exports what the tests and callers use.
 """
 import shutil  # re-exported: tests patch pf.shutil.disk_usage, which storage's free-space check calls
 

@@ -134,7 +134,7 @@ FAKE_SRUN = r"""#!/usr/bin/env bash
 # its SLURM_NODEID and SLURMD_NODENAME as slurmd would set them.
 set -euo pipefail
 while [[ $# -gt 0 && "$1" == --* ]]; do echo "$1" >> "$SRUN_LOG"; shift; done
-mapfile -t hosts < <("$PYTHON" -m retnet_train.launch_env expand "$SLURM_JOB_NODELIST")
+mapfile -t hosts < <("$PYTHON" -m retnet_train.preflight.launch_env expand "$SLURM_JOB_NODELIST")
 pids=()
 for i in "${!hosts[@]}"; do
   SLURM_NODEID="$i" SLURMD_NODENAME="${hosts[$i]}" "$@" > "$SRUN_LOG.node$i" 2>&1 &

@@ -1,4 +1,4 @@
-"""retnet_train.launch_env: SLURM hostlists, per-node launch variables, hostfiles, CLI."""
+"""retnet_train.preflight.launch_env: SLURM hostlists, per-node launch variables, hostfiles, CLI."""
 from __future__ import annotations
 
 import json
@@ -7,7 +7,7 @@ import sys
 
 import pytest
 
-from retnet_train.launch_env import (LaunchEnvError, expand_nodelist, hostfile_lines, launch_env_from, main,
+from retnet_train.preflight.launch_env import (LaunchEnvError, expand_nodelist, hostfile_lines, launch_env_from, main,
                                      read_hostfile)
 
 
@@ -118,7 +118,7 @@ def test_nodename_mismatch_is_fine_with_explicit_master_addr():
 
 def test_shell_output_evaluates_in_bash():
     env = slurm(nodes="gpu[001-002]", nnodes=2, nodeid=1, MASTER_ADDR="node zero's addr")
-    out = subprocess.run([sys.executable, "-m", "retnet_train.launch_env", "env", "--format", "shell"],
+    out = subprocess.run([sys.executable, "-m", "retnet_train.preflight.launch_env", "env", "--format", "shell"],
                          env=env, capture_output=True, text=True, check=True).stdout
     script = out + '\nprintf "%s|" "$NNODES" "$NODE_RANK" "$NPROC_PER_NODE" "$WORLD_SIZE" "$MASTER_ADDR" ' \
                    '"$MASTER_PORT" "$RDZV_ID"'
@@ -158,6 +158,6 @@ def test_hostfiles(tmp_path, capsys):
 
 def test_module_does_not_import_torch():
     # It runs on every node before anything else; it must stay light and torch-free.
-    code = "import sys, retnet_train.launch_env; print('torch' in sys.modules)"
+    code = "import sys, retnet_train.preflight.launch_env; print('torch' in sys.modules)"
     assert subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
                           check=True).stdout.strip() == "False"

@@ -271,13 +271,12 @@ def test_context_parallel_asks_for_the_state_gradient(monkeypatch):
     assert used == [("triton", False), ("triton", True)]
 
 
-def test_stacked_projections_match_separate_weights_and_old_state_dicts_load():
+def test_stacked_projections_match_separate_weights():
     """q/k/v live in one weight; each block is initialized as its own matrix (xavier with its
-    own fan), and a state dict with the separate weights (torchscale's, ours before) loads."""
+    own fan). (State dicts with the separate weights: tests/interop/test_legacy_keys.py.)"""
     import torch.nn.functional as F
 
     from retnet_train.model.layers import apply_rotary, rotary_sin_cos
-    from retnet_train.model.retnet import fuse_legacy_projections
 
     torch.manual_seed(0)
     model = RetNetForCausalLM(RetNetConfig(vocab_size=VOCAB, d_model=32, n_layers=2, n_heads=2, ffn_dim=48))
@@ -293,17 +292,6 @@ def test_stacked_projections_match_separate_weights_and_old_state_dicts_load():
     torch.testing.assert_close(q, apply_rotary(F.linear(x, w["q"]).view(2, 5, 2, 16), sin, cos))
     torch.testing.assert_close(k, apply_rotary((F.linear(x, w["k"]) * 16 ** -0.5).view(2, 5, 2, 16), sin, cos))
     torch.testing.assert_close(v, F.linear(x, w["v"]).view(2, 5, 2, 32))
-
-    legacy = {}
-    for key, value in model.state_dict().items():
-        if key.endswith("qkv_proj.weight"):
-            legacy.update({key.replace("qkv", p): part.clone() for p, part in zip("qkv", value.split([32, 32, 64]))})
-        else:
-            legacy[key] = value.clone()
-    other = RetNetForCausalLM(RetNetConfig(vocab_size=VOCAB, d_model=32, n_layers=2, n_heads=2, ffn_dim=48))
-    other.load_state_dict(fuse_legacy_projections(legacy))
-    ids = torch.randint(0, VOCAB, (1, 9))
-    torch.testing.assert_close(logits(other, ids), logits(model, ids), rtol=0, atol=0)
     assert len(list(model.layers[0].retention.parameters())) == 3  # qkv, g, out (no affine group norm)
 
 
@@ -363,7 +351,7 @@ def test_activation_memory_budget_keeps_less_for_the_same_gradients():
 @pytest.mark.parametrize("arch", ["retnet", "transformer"])
 def test_a_cast_to_bf16_keeps_the_architectures_constants_exact(arch):
     """DeepSpeed casts only parameters, so training sees exact rotary frequencies and decays;
-    inference casts the whole model (checkpoint_io: model.to(dtype)) and must see the same ones."""
+    inference casts the whole model (inference/load.py: model.to(dtype)) and must see the same ones."""
     from retnet_train.model import TransformerConfig, TransformerForCausalLM
 
     build = (lambda: RetNetForCausalLM(RetNetConfig(vocab_size=VOCAB, d_model=32, n_layers=1, n_heads=4, ffn_dim=48))) \

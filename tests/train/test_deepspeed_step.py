@@ -6,7 +6,7 @@ from pathlib import Path
 import pytest
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "generation"))
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "inference"))
 from gen_fixtures import init_dist, tiny_config  # noqa: E402
 from retnet_train.components.config import TrainConfig  # noqa: E402
 from retnet_train.components.optim import deepspeed_config, skip_duplicate_overflow_check  # noqa: E402

@@ -8,7 +8,7 @@ import torch
 
 from trainer_helpers import losses, overrides, records, run_scenarios, shards  # noqa: F401 (shards: a fixture)
 
-from retnet_train.checkpoint_io import _model_states_file
+from retnet_train.components.checkpoint_discovery import model_states_file
 from retnet_train.components.reshard import UNIVERSAL, checkpoint_layout, convert_to_universal, plan
 
 STEPS, AT = 4, 2  # train 4 steps, checkpoint at 2, resume and compare steps 3..4
@@ -113,7 +113,7 @@ def test_resume_on_another_world_size_continues_the_run(runs, stage, saved, resu
     source = tag_dir(ref, AT)
     run_dir, outcome, before = runs.resumed[stage, saved, resumed]
     # the layout is our own record in the client state, not the fallback to DeepSpeed's keys
-    client = torch.load(_model_states_file(str(source)), map_location="cpu", weights_only=False)  # ZeRO-3 names it differently
+    client = torch.load(model_states_file(str(source)), map_location="cpu", weights_only=False)  # ZeRO-3 names it differently
     assert client["layout"] == {"world_size": saved, "zero_stage": stage, "precision": "fp32"}
 
     out = outcome.stdout

@@ -1,12 +1,5 @@
-"""Export a checkpoint: our own format, or fla's Hugging Face RetNet format.
-
-    python -m retnet_train.export --checkpoint runs/x/checkpoints --out export/x
-    python -m retnet_train.export --checkpoint runs/x/checkpoints --out export/x-fla --format fla
-
-native: model.safetensors (consolidated weights) + config.json ({"format": "retnet-train",
-        "model": <preset dict>}) + tokenizer.model; loadable by generate/evaluate.
-fla:    config.json (model_type "retnet") + model.safetensors for fla's RetNetForCausalLM
-        (`import fla; AutoModelForCausalLM.from_pretrained(dir)`) + tokenizer.model.
+"""fla's Hugging Face RetNet format: config.json (model_type "retnet") + model.safetensors for fla's
+RetNetForCausalLM (`import fla; AutoModelForCausalLM.from_pretrained(dir)`) + tokenizer.model.
 
 fla's RetNet is exactly ours only under conditions checked by `fla_compatibility`:
 RMSNorm everywhere, a SwiGLU FFN (ffn_type=glu, activation=silu), a swish gate, no embedding
@@ -24,60 +17,19 @@ export is marked "inexact" in config.json and logits differ).
 """
 from __future__ import annotations
 
-import argparse
 import json
 import os
-import shutil
-import sys
 from typing import Dict, List, Optional
 
 import torch
 
-from .checkpoint_io import EXPORT_CONFIG, EXPORT_TOKENIZER, EXPORT_WEIGHTS, FORMAT, check_tokenizer
+from ..inference.native import write_safetensors, write_tokenizer
 
 FLA_ROTARY_BASE = 10000.0  # fla's MultiScaleRetention builds RotaryEmbedding(dim) with the default base
 
 
 class ExportError(ValueError):
     """The model cannot be written in the requested format; the message says why."""
-
-
-def _write_tokenizer(out_dir: str, tokenizer_path: Optional[str], vocab_size: int) -> Optional[dict]:
-    if tokenizer_path is None:
-        return None
-    check_tokenizer(tokenizer_path, vocab_size)
-    shutil.copyfile(tokenizer_path, os.path.join(out_dir, EXPORT_TOKENIZER))
-    import sentencepiece as spm
-
-    sp = spm.SentencePieceProcessor(model_file=tokenizer_path)
-    return {k: (v if v >= 0 else None) for k, v in
-            {"bos_token_id": sp.bos_id(), "eos_token_id": sp.eos_id(), "pad_token_id": sp.pad_id()}.items()}
-
-
-def _save_safetensors(tensors: Dict[str, torch.Tensor], path: str, dtype: Optional[torch.dtype]) -> None:
-    from safetensors.torch import save_file
-
-    out = {}
-    for k, v in tensors.items():
-        v = v.detach().to("cpu")
-        out[k] = (v.to(dtype) if dtype is not None and v.is_floating_point() else v).contiguous()
-    save_file(out, path, metadata={"format": "pt"})
-
-
-def save_native(model, out_dir: str, tokenizer_path: Optional[str] = None, dtype: Optional[torch.dtype] = None,
-                extra: Optional[dict] = None) -> str:
-    """Write our export format (see module docstring); returns out_dir."""
-    os.makedirs(out_dir, exist_ok=True)
-    cfg = model.config
-    sd = dict(model.state_dict())
-    if cfg.tie_embeddings:
-        sd.pop("lm_head.weight")  # one tensor on disk; the loader re-ties it
-    _save_safetensors(sd, os.path.join(out_dir, EXPORT_WEIGHTS), dtype)
-    tok = _write_tokenizer(out_dir, tokenizer_path, cfg.vocab_size)
-    meta = {"format": FORMAT, "model": cfg.to_dict(), "tokenizer": tok, **(extra or {})}
-    with open(os.path.join(out_dir, EXPORT_CONFIG), "w") as f:
-        json.dump(meta, f, indent=2)
-    return out_dir
 
 
 def fla_compatibility(model) -> List[str]:
@@ -113,7 +65,7 @@ def fla_compatibility(model) -> List[str]:
                 break
     if cfg.normalize_retention:
         why.append("normalize_retention=true: fla has no retention normalization; it cancels in the per-head RMSNorm "
-                   "only up to eps (see retnet_train/export.py), so logits would differ")
+                   "only up to eps (see this module's docstring), so logits would differ")
     return why
 
 
@@ -176,53 +128,8 @@ def save_fla(model, out_dir: str, tokenizer_path: Optional[str] = None, dtype: O
         hint = "" if fatal else " (--allow-inexact exports anyway, marked inexact)"
         raise ExportError("fla export refused: " + "; ".join(fatal + waivable) + hint)
     os.makedirs(out_dir, exist_ok=True)
-    _save_safetensors(fla_state_dict(model), os.path.join(out_dir, "model.safetensors"), dtype)
-    tok = _write_tokenizer(out_dir, tokenizer_path, model.config.vocab_size)
+    write_safetensors(fla_state_dict(model), os.path.join(out_dir, "model.safetensors"), dtype)
+    tok = write_tokenizer(out_dir, tokenizer_path, model.config.vocab_size)
     with open(os.path.join(out_dir, "config.json"), "w") as f:
         json.dump(fla_config(model, tok, dtype, waivable), f, indent=2)
     return out_dir
-
-
-def parse_args(argv=None):
-    p = argparse.ArgumentParser(prog="python -m retnet_train.export", description=__doc__.split("\n")[0])
-    p.add_argument("--checkpoint", required=True, help="DeepSpeed save dir (with 'latest'), a tag dir, or an export dir")
-    p.add_argument("--tag", help="DeepSpeed checkpoint tag (default: 'latest')")
-    p.add_argument("--out", required=True, help="output directory")
-    p.add_argument("--format", choices=["native", "fla"], default="native")
-    p.add_argument("--tokenizer", help="sentencepiece model (default: the one stored with the checkpoint)")
-    p.add_argument("--model-config", help="model preset YAML, for checkpoints that carry no config")
-    p.add_argument("--dtype", choices=["float32", "bfloat16", "float16"], default=None, help="weights on disk (default: float32)")
-    p.add_argument("--allow-inexact", action="store_true", help="fla: export a normalize_retention model anyway")
-    p.add_argument("--overwrite", action="store_true")
-    return p.parse_args(argv)
-
-
-def main(argv=None) -> int:
-    import yaml
-
-    from .checkpoint_io import CheckpointError, load_model
-
-    args = parse_args(argv)
-    if os.path.exists(args.out) and os.listdir(args.out) and not args.overwrite:
-        raise SystemExit(f"error: --out: {args.out} exists and is not empty (pass --overwrite)")
-    try:
-        model_config = None
-        if args.model_config:
-            with open(args.model_config) as f:
-                model_config = yaml.safe_load(f)
-        loaded = load_model(args.checkpoint, tag=args.tag, tokenizer=args.tokenizer, model_config=model_config)
-        dtype = getattr(torch, args.dtype) if args.dtype else None
-        if args.format == "native":
-            save_native(loaded.model, args.out, loaded.tokenizer_path, dtype, extra={"source": {"checkpoint": os.path.abspath(args.checkpoint), **{k: v for k, v in loaded.meta.items() if isinstance(v, (str, int, type(None)))}}})
-        else:
-            save_fla(loaded.model, args.out, loaded.tokenizer_path, dtype, args.allow_inexact)
-    except (CheckpointError, ExportError, ValueError, OSError) as e:
-        raise SystemExit(f"error: {e}") from None
-    if loaded.tokenizer_path is None:
-        print(f"warning: no tokenizer written ({args.checkpoint} names none; pass --tokenizer)", file=sys.stderr)
-    print(f"exported {args.format} model ({loaded.model.num_params() / 1e6:.1f}M parameters) to {args.out}")
-    return 0
-
-
-if __name__ == "__main__":
-    sys.exit(main())

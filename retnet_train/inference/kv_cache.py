@@ -12,9 +12,8 @@ from typing import List, Optional
 import torch
 import torch.nn.functional as F
 
-from .decoding import rotary_at
-from .model import TransformerForCausalLM
-from .model.layers import apply_rotary, rotary_sin_cos
+from ..model import TransformerForCausalLM
+from ..model.layers import apply_rotary, rotary_at, rotary_sin_cos
 
 
 class KVCacheDecoder:

@@ -5,7 +5,7 @@ import torch
 torchscale_retnet = pytest.importorskip("torchscale.architecture.retnet")
 from torchscale.architecture.config import RetNetConfig as TorchscaleConfig  # noqa: E402
 
-from retnet_train.convert import from_torchscale  # noqa: E402
+from retnet_train.interop.torchscale import from_torchscale  # noqa: E402
 
 BASE = dict(decoder_embed_dim=64, decoder_value_embed_dim=128, decoder_retention_heads=2,
             decoder_ffn_embed_dim=96, decoder_layers=2, vocab_size=61)

@@ -7,8 +7,9 @@ import pytest
 import torch
 
 from gen_fixtures import VOCAB, tiny_config, tiny_model, train_tokenizer, write_deepspeed_checkpoint
-from retnet_train.checkpoint_io import CheckpointError, load_model
-from retnet_train.export import save_native
+from retnet_train.inference.errors import CheckpointError
+from retnet_train.inference.load import load_model
+from retnet_train.inference.native import save_native
 
 
 @pytest.fixture(scope="module")
@@ -113,8 +114,8 @@ def test_checkpoint_world_size_two(tmp_path, stage):
 
 
 def test_export_cli_from_deepspeed_checkpoint(tmp_path, tokenizer, capsys):
-    from retnet_train.export import main as export_main
-    from retnet_train.generate import main as generate_main
+    from retnet_train.inference.export import main as export_main
+    from retnet_train.inference.generate import main as generate_main
 
     cfg = tiny_config()
     ref = write_deepspeed_checkpoint(tmp_path / "ckpt", cfg, 2, {"config": {"model": cfg, "data": {"tokenizer": tokenizer}}})
@@ -176,7 +177,7 @@ def _split_projections(names_to_values: dict, split) -> dict:
 def test_checkpoint_with_separate_projections_loads_but_refuses_resume(tmp_path, tokenizer, stage):
     """A checkpoint written before q/k/v were stacked: its weights load, resuming it is refused
     (stage 0 names the weights in `module`, ZeRO 1-3 in DeepSpeed's `param_shapes`)."""
-    from retnet_train.checkpoint_io import _model_states_file
+    from retnet_train.components.checkpoint_discovery import model_states_file
     from retnet_train.components.reshard import plan
 
     cfg = tiny_config()
@@ -184,7 +185,7 @@ def test_checkpoint_with_separate_projections_loads_but_refuses_resume(tmp_path,
     client = {"config": {"model": cfg, "data": {"tokenizer": tokenizer}}, "step": 2}
     ref = write_deepspeed_checkpoint(tmp_path / "ckpt", cfg, stage, client)
     tag = (tmp_path / "ckpt" / "latest").read_text().strip()
-    states_file = _model_states_file(str(tmp_path / "ckpt" / tag))
+    states_file = model_states_file(str(tmp_path / "ckpt" / tag))
     state = torch.load(states_file, weights_only=False)
     state["module"] = _split_projections(state["module"], lambda w: w.split([d, d, vd]))
     if state.get("param_shapes"):

@@ -1,10 +1,10 @@
-"""Incremental decoding: chunkwise prefill, then one token per step with O(1) memory (RetNet).
+"""RetNet's incremental decoder: chunkwise prefill, then one token per step with O(1) memory.
 
 `RetNetDecoder` keeps the recurrent state in static, preallocated buffers [B, H, K, V+1] (fp32,
 as fla keeps it) and updates them in place, with the position as a device tensor, so one step
-is capturable in a CUDA graph (`CudaGraphStep`). The step re-uses the model's own modules and
+is capturable in a CUDA graph (decoding.CudaGraphStep). The step re-uses the model's own modules and
 computes exactly what `RetNetForCausalLM.forward(mode="recurrent")` computes for one token
-(tests/generation checks logits against the parallel form).
+(tests/inference checks logits against the parallel form).
 
 Batches of prompts of different lengths are left-padded; the first real token of each row is a
 document start, so the state is cleared before it and the pads leave no trace (rotation is
@@ -12,32 +12,13 @@ relative, decay normalization uses the position inside the document).
 """
 from __future__ import annotations
 
-from typing import List, Optional, Sequence
+from typing import List, Optional
 
 import torch
 
-from .model import RetNetForCausalLM
-from .model.layers import rotary_sin_cos
-from .model.retnet import decay_normalizer, document_positions
-
-
-def left_pad(prompts: Sequence[Sequence[int]], pad_id: int, device) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """[B, T] ids, doc_starts (True at each row's first real token) and prompt lengths."""
-    lengths = torch.tensor([len(p) for p in prompts], dtype=torch.long)
-    T = int(lengths.max())
-    ids = torch.full((len(prompts), T), pad_id, dtype=torch.long)
-    starts = torch.zeros((len(prompts), T), dtype=torch.bool)
-    for i, p in enumerate(prompts):
-        if len(p):
-            ids[i, T - len(p):] = torch.as_tensor(list(p), dtype=torch.long)
-            starts[i, T - len(p)] = True
-    return ids.to(device), starts.to(device), lengths.to(device)
-
-
-def rotary_at(inv_freq: torch.Tensor, position: torch.Tensor, dtype) -> tuple[torch.Tensor, torch.Tensor]:
-    """sin/cos [1, D] at a position held in a device tensor (no host sync; float64 as the model)."""
-    angles = position.double().view(1, 1) * inv_freq.double().repeat_interleave(2)[None, :]
-    return angles.sin().to(dtype), angles.cos().to(dtype)
+from ..model import RetNetForCausalLM
+from ..model.layers import rotary_at, rotary_sin_cos
+from ..model.retnet import decay_normalizer, document_positions
 
 
 class RetNetDecoder:
@@ -137,45 +118,3 @@ class RetNetDecoder:
         self.position.add_(1)
         self.doc_position.add_(1)
         return model.lm_head(model.norm(x))[:, 0]
-
-
-class CudaGraphStep:
-    """`decoder.step` captured once in a CUDA graph and replayed: no per-kernel launch cost.
-    The decoder's state and position buffers are the graph's static inputs and are updated in
-    place by every replay, so nothing is copied but the B token ids."""
-
-    def __init__(self, decoder, warmup: int = 2, compile: bool = False):
-        if decoder.device.type != "cuda":
-            raise ValueError("cuda_graph: needs the model on a CUDA device")
-        self.decoder = decoder
-        # compile: inductor fuses the step's many small elementwise kernels (norms, rotation,
-        # decay factors) before capture; the graph then replays the fused kernels.
-        step = torch.compile(decoder.step, dynamic=False) if compile else decoder.step
-        self.tokens = torch.zeros(decoder.batch_size, dtype=torch.long, device=decoder.device)
-        snapshot = decoder.snapshot()  # warm-up and capture run the step: undo their effect
-        stream = torch.cuda.Stream()
-        stream.wait_stream(torch.cuda.current_stream())
-        with torch.cuda.stream(stream), torch.no_grad():
-            for _ in range(warmup + (2 if compile else 0)):
-                step(self.tokens)
-        torch.cuda.current_stream().wait_stream(stream)
-        self.graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(self.graph), torch.no_grad():
-            self.logits = step(self.tokens)
-        decoder.restore(snapshot)
-
-    def __call__(self, tokens: torch.Tensor) -> torch.Tensor:
-        self.tokens.copy_(tokens)
-        self.graph.replay()
-        return self.logits
-
-
-def make_decoder(model, batch_size: int, max_length: int, state_dtype: torch.dtype = torch.float32):
-    """The incremental decoder for either architecture (max_length: prompt + new tokens, the
-    Transformer's KV cache size; RetNet's state does not depend on it)."""
-    if isinstance(model, RetNetForCausalLM):
-        return RetNetDecoder(model, batch_size, state_dtype)
-    from .kv_cache import KVCacheDecoder
-
-    return KVCacheDecoder(model, batch_size, max_length)
-

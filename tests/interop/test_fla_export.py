@@ -3,14 +3,17 @@ transcription of fla 0.6.0's RetNet: RMSNorm, rotate-half RoPE with base 10000, 
 gamma_h = 1 - 2^(-5-h) and scale K^-1/2, fused RMSNorm-swish gate, SwiGLU) give our logits;
 incompatible models are refused with the reason. On GPU: fla's own model loads the export."""
 import json
+import sys
+from pathlib import Path
 
 import pytest
 import torch
 import torch.nn.functional as F
 from safetensors.torch import load_file
 
-from gen_fixtures import VOCAB, tiny_model, train_tokenizer
-from retnet_train.export import ExportError, fla_compatibility, fla_state_dict, save_fla
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "inference"))
+from gen_fixtures import VOCAB, tiny_model, train_tokenizer  # noqa: E402
+from retnet_train.interop.fla import ExportError, fla_compatibility, fla_state_dict, save_fla  # noqa: E402
 
 
 def fla_compatible(K=16, **kw):

@@ -3,12 +3,12 @@
 The launch scripts (launch/torchrun.sh, launch/deepspeed.sh, launch/slurm/*.sbatch) call this
 module instead of parsing SLURM's hostlist syntax in shell:
 
-    eval "$(python -m retnet_train.launch_env env --format shell)"
+    eval "$(python -m retnet_train.preflight.launch_env env --format shell)"
     # -> NNODES NODE_RANK NPROC_PER_NODE WORLD_SIZE MASTER_ADDR MASTER_PORT RDZV_ID
 
-    python -m retnet_train.launch_env expand 'gpu[001-004,007],cpu1'
-    python -m retnet_train.launch_env hostfile --slots 8      # DeepSpeed hostfile
-    python -m retnet_train.launch_env check-hostfile FILE     # validate one: 'HOST SLOTS' lines
+    python -m retnet_train.preflight.launch_env expand 'gpu[001-004,007],cpu1'
+    python -m retnet_train.preflight.launch_env hostfile --slots 8      # DeepSpeed hostfile
+    python -m retnet_train.preflight.launch_env check-hostfile FILE     # validate one: 'HOST SLOTS' lines
 
 Variables read (explicit settings win over SLURM's):
   MASTER_ADDR      else the first host of SLURM_JOB_NODELIST (SLURM_NODEID 0's node)
@@ -283,7 +283,7 @@ def main(argv: Sequence[str] | None = None, environ: Mapping[str, str] | None = 
     import os
 
     environ = os.environ if environ is None else environ
-    parser = argparse.ArgumentParser(prog="python -m retnet_train.launch_env", description=__doc__.split("\n")[0])
+    parser = argparse.ArgumentParser(prog="python -m retnet_train.preflight.launch_env", description=__doc__.split("\n")[0])
     sub = parser.add_subparsers(dest="cmd", required=True)
     p_env = sub.add_parser("env", help="print this node's launch variables")
     p_env.add_argument("--format", choices=("shell", "json"), default="shell")

@@ -5,8 +5,8 @@ from typing import Any, Mapping
 
 import torch
 
-from .model import RetNetConfig, RetNetForCausalLM
-from .model.retnet import fuse_legacy_projections
+from ..model import RetNetConfig, RetNetForCausalLM
+from .legacy import fuse_legacy_projections
 
 # torchscale RetNetConfig fields and defaults (torchscale/architecture/config.py, 0.3.0).
 TORCHSCALE_DEFAULTS = {

@@ -1,4 +1,4 @@
-"""Shared pieces for tests/generation: a real sentencepiece tokenizer, tiny models, and a real
+"""Shared pieces for tests/inference (and tests/interop, tests/bench): a real sentencepiece tokenizer, tiny models, and a real
 DeepSpeed checkpoint written in-process (gloo, world size 1)."""
 from __future__ import annotations
 

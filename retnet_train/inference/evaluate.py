@@ -1,9 +1,9 @@
 """Evaluate a checkpoint: validation perplexity over token shards, and lm-evaluation-harness tasks.
 
-    python -m retnet_train.evaluate --checkpoint runs/x/checkpoints --data data/sample/shards \
+    python -m retnet_train.inference.evaluate --checkpoint runs/x --data data/sample/shards \
         --seq-len 2048 --batch-size 8 [--max-sequences 512]
-    python -m retnet_train.evaluate --checkpoint export/x --tasks hellaswag,lambada_openai [--limit 100]
-    python -m retnet_train.evaluate --checkpoint export/x --tasks my_task --include-path my_tasks/
+    python -m retnet_train.inference.evaluate --checkpoint export/x --tasks hellaswag,lambada_openai [--limit 100]
+    python -m retnet_train.inference.evaluate --checkpoint export/x --tasks my_task --include-path my_tasks/
 
 Perplexity runs the model as training does (packed windows of the shards' validation split,
 document masking by EOS) and reports the token-weighted mean loss, perplexity and bits per
@@ -19,6 +19,10 @@ import time
 from typing import Mapping, Optional
 
 import torch
+
+from ..data import ManifestError, build_validation_loader, sha256_file
+from .cli import add_checkpoint_args, add_device_args, compute_dtype, load_from_args
+from .errors import CheckpointError
 
 
 @torch.no_grad()
@@ -59,11 +63,8 @@ def parse_data(specs) -> dict:
 
 
 def parse_args(argv=None):
-    p = argparse.ArgumentParser(prog="python -m retnet_train.evaluate", description=__doc__.split("\n")[0])
-    p.add_argument("--checkpoint", required=True, help="DeepSpeed save dir (with 'latest'), a tag dir, or an export dir")
-    p.add_argument("--tag")
-    p.add_argument("--tokenizer", help="sentencepiece model (default: the one stored with the checkpoint)")
-    p.add_argument("--model-config", help="model preset YAML, for checkpoints that carry no config")
+    p = argparse.ArgumentParser(prog="python -m retnet_train.inference.evaluate", description=__doc__.split("\n")[0])
+    add_checkpoint_args(p)
     p.add_argument("--data", action="append", default=[], help="shard dir (or NAME=DIR), repeatable: validation perplexity")
     p.add_argument("--seq-len", type=int, default=2048)
     p.add_argument("--batch-size", type=int, default=8)
@@ -73,29 +74,12 @@ def parse_args(argv=None):
     p.add_argument("--limit", type=float, default=None, help="lm-eval: examples per task (or fraction)")
     p.add_argument("--num-fewshot", type=int, default=None)
     p.add_argument("--max-length", type=int, default=2048, help="lm-eval: context window in tokens")
-    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    p.add_argument("--dtype", choices=["float32", "bfloat16", "float16"], default=None)
+    add_device_args(p)
     p.add_argument("--output", help="write the JSON results here as well")
     return p.parse_args(argv)
 
 
-def _load(args):
-    import yaml
-
-    from .checkpoint_io import load_model
-
-    dtype = getattr(torch, args.dtype) if args.dtype else (torch.bfloat16 if args.device.startswith("cuda") else torch.float32)
-    model_config = None
-    if args.model_config:
-        with open(args.model_config) as f:
-            model_config = yaml.safe_load(f)
-    return load_model(args.checkpoint, tag=args.tag, tokenizer=args.tokenizer, model_config=model_config,
-                      device=args.device, dtype=dtype)
-
-
 def run_perplexity(loaded, args) -> Mapping:
-    from .data import build_validation_loader, sha256_file
-
     sha = sha256_file(loaded.tokenizer_path) if loaded.tokenizer_path else None
     loader = build_validation_loader(parse_data(args.data), args.seq_len, args.batch_size, tokenizer_sha256=sha,
                                      vocab_size=loaded.config.vocab_size, max_sequences=args.max_sequences)
@@ -113,9 +97,6 @@ def run_lm_eval(loaded, args) -> Mapping:
 
 
 def main(argv=None) -> int:
-    from .checkpoint_io import CheckpointError
-    from .data import ManifestError
-
     args = parse_args(argv)
     if not args.data and not args.tasks:
         raise SystemExit("error: nothing to evaluate: pass --data (perplexity) and/or --tasks (lm-eval)")
@@ -123,7 +104,7 @@ def main(argv=None) -> int:
         if getattr(args, name) < 1:
             raise SystemExit(f"error: --{name.replace('_', '-')}: must be >= 1, got {getattr(args, name)}")
     try:
-        loaded = _load(args)
+        loaded = load_from_args(args, args.device, compute_dtype(args.dtype, args.device))
         results = {"checkpoint": args.checkpoint}
         if args.data:
             results["validation"] = run_perplexity(loaded, args)

@@ -10,8 +10,8 @@ import torch
 import torch.nn.functional as F
 
 from gen_fixtures import TEXTS, tiny_model, train_tokenizer, write_shards
-from retnet_train.evaluate import main, perplexity
-from retnet_train.export import save_native
+from retnet_train.inference.evaluate import main, perplexity
+from retnet_train.inference.native import save_native
 
 
 def require_lm_eval():
@@ -134,8 +134,9 @@ def test_adapter_rolling_and_generate(setup):
     require_lm_eval()
     from lm_eval.api.instance import Instance
 
-    from retnet_train.generate import SamplingParams, generate
-    from retnet_train.lm_eval_adapter import RetNetTrainLM
+    from retnet_train.inference.generate import generate
+    from retnet_train.inference.sampling import SamplingParams
+    from retnet_train.inference.lm_eval_adapter import RetNetTrainLM
 
     d, tok, model, exp, _ = setup
     lm = RetNetTrainLM(model, str(tok), max_length=6, batch_size=2)
@@ -179,7 +180,7 @@ def test_adapter_from_lm_eval_model_args(setup):
     from lm_eval.api.instance import Instance
     from lm_eval.api.registry import get_model
 
-    import retnet_train.lm_eval_adapter  # noqa: F401  (importing registers the model name)
+    import retnet_train.inference.lm_eval_adapter  # noqa: F401  (importing registers the model name)
 
     d, tok, model, exp, _ = setup
     cls = get_model("retnet-train")

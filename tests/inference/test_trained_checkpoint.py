@@ -10,10 +10,10 @@ from pathlib import Path
 import pytest
 
 from gen_fixtures import TEXTS, VOCAB, train_tokenizer, write_shards
-from retnet_train.checkpoint_io import load_model
-from retnet_train.evaluate import main as evaluate_main
-from retnet_train.export import main as export_main
-from retnet_train.generate import main as generate_main
+from retnet_train.inference.load import load_model
+from retnet_train.inference.evaluate import main as evaluate_main
+from retnet_train.inference.export import main as export_main
+from retnet_train.inference.generate import main as generate_main
 
 REPO = Path(__file__).resolve().parents[2]
 

@@ -4,8 +4,9 @@ import pytest
 import torch
 
 from gen_fixtures import VOCAB, tiny_model, train_tokenizer
-from retnet_train.export import save_native
-from retnet_train.generate import SamplingParams, generate, main, sample
+from retnet_train.inference.native import save_native
+from retnet_train.inference.generate import generate, main
+from retnet_train.inference.sampling import SamplingParams, sample
 
 
 def naive_greedy(model, prompt, n):

@@ -3,8 +3,9 @@ prompts of different lengths in one left-padded batch; the RetNet state does not
 import pytest
 import torch
 
-from retnet_train.decoding import RetNetDecoder, left_pad
-from retnet_train.kv_cache import KVCacheDecoder
+from retnet_train.inference.decoding import left_pad
+from retnet_train.inference.recurrent import RetNetDecoder
+from retnet_train.inference.kv_cache import KVCacheDecoder
 from retnet_train.model import RetNetConfig, TransformerConfig, build_model
 
 SMALL = dict(vocab_size=97, d_model=32, n_layers=2, n_heads=2, ffn_dim=64, norm_eps=1e-6)

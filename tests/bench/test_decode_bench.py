@@ -1,13 +1,16 @@
 """Decode benchmark (CPU smoke run with tiny presets; the figures come from the GPU run) and
 the CUDA-graph step (GPU): replaying the captured step gives the eager step's logits."""
 import json
+import sys
+from pathlib import Path
 
 import pytest
 import torch
 
-from gen_fixtures import VOCAB, tiny_model
-from retnet_train.bench.decode import main, speedup_rows
-from retnet_train.decoding import CudaGraphStep, make_decoder
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "inference"))
+from gen_fixtures import VOCAB, tiny_model  # noqa: E402
+from retnet_train.bench.decode import main, speedup_rows  # noqa: E402
+from retnet_train.inference.decoding import CudaGraphStep, make_decoder  # noqa: E402
 
 
 def test_bench_cpu_rows_and_prompt_independent_state(capsys, tmp_path):
@@ -73,8 +76,9 @@ def test_cuda_graph_step_equals_eager(arch, compile):
 @pytest.mark.gpu
 @torch.no_grad()
 def test_gpu_padded_batch_with_fla_prefill_and_graph_matches_full_forward():
-    from retnet_train.decoding import left_pad
-    from retnet_train.generate import SamplingParams, generate
+    from retnet_train.inference.decoding import left_pad
+    from retnet_train.inference.generate import generate
+    from retnet_train.inference.sampling import SamplingParams
 
     from retnet_train.kernels import fla_available
 

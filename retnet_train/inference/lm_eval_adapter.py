@@ -3,7 +3,7 @@
 In Python:  simple_evaluate(RetNetTrainLM(model, "tokenizer.model"), ["hellaswag"])
 From lm-eval: importing this module registers the model as "retnet-train", so
     lm_eval --model retnet-train --model_args checkpoint=export/x,max_length=2048 --tasks ...
-works from a script that imported it; `python -m retnet_train.evaluate --tasks ...` does this.
+works from a script that imported it; `python -m retnet_train.inference.evaluate --tasks ...` does this.
 
 loglikelihood: context + continuation in one causal pass (right-padded batches: padding after
 a row cannot change its logits); the context is cut from the left to fit max_length.
@@ -19,7 +19,8 @@ import torch.nn.functional as F
 from lm_eval.api.model import LM
 from lm_eval.api.registry import register_model
 
-from .generate import SamplingParams, generate
+from .generate import generate
+from .sampling import SamplingParams
 
 
 @register_model("retnet-train")
@@ -31,7 +32,7 @@ class RetNetTrainLM(LM):
         if model is None:  # built by lm-eval from --model_args
             if checkpoint is None:
                 raise ValueError("retnet-train: pass checkpoint=<DeepSpeed dir or export dir> in --model_args")
-            from .checkpoint_io import load_model
+            from .load import load_model
 
             device = device or ("cuda" if torch.cuda.is_available() else "cpu")
             torch_dtype = getattr(torch, dtype) if dtype else (torch.bfloat16 if device.startswith("cuda") else torch.float32)

@@ -1,0 +1,155 @@
+"""Text generation from a training checkpoint or an exported model.
+
+    python -m retnet_train.inference.generate --checkpoint runs/tiny --prompt "def f(" \
+        --max-new-tokens 64 --temperature 0.8 --top-p 0.95
+    python -m retnet_train.inference.generate --checkpoint export/ --prompts-file prompts.txt --greedy
+
+Chunkwise prefill of the (left-padded) batch, then one token per step: RetNet with its
+recurrent state (constant memory per sequence), the Transformer with a KV cache. Greedy,
+temperature, top-k and top-p sampling; each row stops at EOS; text is streamed to stdout
+(batch of one: as it is produced; several prompts: each as soon as it is finished).
+"""
+from __future__ import annotations
+
+import argparse
+import sys
+from dataclasses import dataclass
+from typing import Callable, List, Optional, Sequence
+
+import torch
+
+from .cli import add_checkpoint_args, add_device_args, compute_dtype, load_from_args
+from .decoding import CudaGraphStep, left_pad, make_decoder
+from .errors import CheckpointError
+from .sampling import SamplingParams, sample
+from .streaming import TextStreamer
+
+
+@dataclass
+class GenerationResult:
+    tokens: List[List[int]]  # new tokens per prompt, without the EOS
+    stopped_at_eos: List[bool]
+    steps: int
+
+
+@torch.no_grad()
+def generate(model, prompts: Sequence[Sequence[int]], params: SamplingParams, eos_id: Optional[int] = None,
+             pad_id: int = 0, max_length: Optional[int] = None, cuda_graph: bool = False,
+             prefill_piece: int = 0, on_step: Optional[Callable[[torch.Tensor, torch.Tensor], None]] = None) -> GenerationResult:
+    """Generate for a batch of token-id prompts. max_length bounds prompt + new tokens (None:
+    no bound for RetNet; the Transformer's KV cache is sized to prompt + max_new_tokens).
+    on_step(tokens [B], finished [B]) is called after each new token (for streaming)."""
+    cfg = model.config
+    params.validate(cfg.vocab_size)
+    if not prompts:
+        raise ValueError("prompts: empty batch")
+    for i, p in enumerate(prompts):
+        if len(p) == 0:
+            raise ValueError(f"prompt {i}: empty (no tokens; the tokenizer has no BOS to start from)")
+        bad = [t for t in p if not 0 <= int(t) < cfg.vocab_size]
+        if bad:
+            raise ValueError(f"prompt {i}: token id {bad[0]} outside the vocabulary [0, {cfg.vocab_size})")
+    longest = max(len(p) for p in prompts)
+    if max_length is not None and longest + params.max_new_tokens > max_length:
+        raise ValueError(f"prompt of {longest} tokens + max_new_tokens={params.max_new_tokens} exceeds max_length={max_length}")
+    device = next(model.parameters()).device
+    generator = None
+    if params.seed is not None:
+        generator = torch.Generator(device=device).manual_seed(params.seed)
+    B = len(prompts)
+    decoder = make_decoder(model, B, longest + params.max_new_tokens)
+    ids, starts, _ = left_pad(prompts, pad_id, device)
+    # captured before the prefill, which then overwrites every buffer the graph reads
+    step = CudaGraphStep(decoder) if cuda_graph else decoder.step
+    logits = decoder.prefill(ids, starts if any(len(p) < longest for p in prompts) else None, piece=prefill_piece)
+    finished = torch.zeros(B, dtype=torch.bool, device=device)
+    eos_hit = torch.zeros(B, dtype=torch.bool, device=device)
+    out = []
+    check_inputs, model.check_inputs = model.check_inputs, False
+    try:
+        for n in range(params.max_new_tokens):
+            tokens = sample(logits, params, generator)
+            if eos_id is not None:
+                hit = (tokens == eos_id) & ~finished
+                eos_hit |= hit
+                finished |= hit
+            tokens = torch.where(finished, torch.full_like(tokens, pad_id if eos_id is None else eos_id), tokens)
+            out.append(torch.where(finished, -1, tokens))
+            if on_step is not None:
+                on_step(tokens, finished)
+            if bool(finished.all()) or n == params.max_new_tokens - 1:
+                break
+            logits = step(tokens)
+    finally:
+        model.check_inputs = check_inputs
+    table = torch.stack(out, dim=1).cpu().tolist()
+    return GenerationResult([[t for t in row if t >= 0] for row in table], eos_hit.cpu().tolist(), len(out))
+
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(prog="python -m retnet_train.inference.generate", description=__doc__.split("\n")[0])
+    add_checkpoint_args(p)
+    src = p.add_mutually_exclusive_group(required=True)
+    src.add_argument("--prompt", action="append", help="a prompt (repeat for a batch)")
+    src.add_argument("--prompts-file", help="one prompt per line")
+    p.add_argument("--max-new-tokens", type=int, default=128)
+    p.add_argument("--greedy", action="store_true", help="argmax decoding (same as --temperature 0)")
+    p.add_argument("--temperature", type=float, default=1.0)
+    p.add_argument("--top-k", type=int, default=0)
+    p.add_argument("--top-p", type=float, default=1.0)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--max-length", type=int, default=None,
+                   help="bound on prompt + new tokens (default: none for RetNet, 32768 for the Transformer)")
+    p.add_argument("--no-stop-at-eos", action="store_true")
+    add_device_args(p)
+    p.add_argument("--cuda-graph", action="store_true", help="capture the decode step in a CUDA graph")
+    p.add_argument("--prefill-piece", type=int, default=0,
+                   help="feed long prompts in pieces of this many tokens (0: whole)")
+    return p.parse_args(argv)
+
+
+def _read_prompts(args) -> List[str]:
+    if not args.prompts_file:
+        return args.prompt
+    try:
+        with open(args.prompts_file) as f:
+            texts = [line.rstrip("\n") for line in f if line.strip()]
+    except OSError as e:
+        raise SystemExit(f"error: --prompts-file: {e}") from None
+    if not texts:
+        raise SystemExit(f"error: --prompts-file: {args.prompts_file} has no prompts")
+    return texts
+
+
+def main(argv=None) -> int:
+    args = parse_args(argv)
+    try:
+        loaded = load_from_args(args, args.device, compute_dtype(args.dtype, args.device))
+    except (CheckpointError, ValueError, OSError) as e:
+        raise SystemExit(f"error: {e}") from None
+    if loaded.tokenizer_path is None:
+        raise SystemExit(f"error: --tokenizer: {args.checkpoint} names no tokenizer; pass the sentencepiece model "
+                         "used in training")
+    import sentencepiece as spm
+
+    sp = spm.SentencePieceProcessor(model_file=loaded.tokenizer_path)
+    bos = sp.bos_id()
+    prompts = [([bos] if bos >= 0 else []) + sp.encode(t) for t in _read_prompts(args)]
+    max_length = args.max_length
+    if max_length is None and loaded.config.arch == "transformer":
+        max_length = 32768
+    params = SamplingParams(args.max_new_tokens, 0.0 if args.greedy else args.temperature, args.top_k, args.top_p,
+                            args.seed)
+    eos = sp.eos_id() if sp.eos_id() >= 0 and not args.no_stop_at_eos else None
+    streamer = TextStreamer(sp, len(prompts))
+    try:
+        generate(loaded.model, prompts, params, eos_id=eos, pad_id=max(sp.pad_id(), 0), max_length=max_length,
+                 cuda_graph=args.cuda_graph, prefill_piece=args.prefill_piece, on_step=streamer)
+    except ValueError as e:
+        raise SystemExit(f"error: {e}") from None
+    streamer.close()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,106 @@
+"""Load a model for inference from a training checkpoint or an exported directory.
+
+Accepted paths:
+  * an exported dir (inference/native.py): config.json + model.safetensors (+ tokenizer.model);
+  * a DeepSpeed checkpoint: a run dir, the save dir holding `latest`, or a tag dir inside it, written
+    by `engine.save_checkpoint` at any ZeRO stage and world size (inference/deepspeed_checkpoint.py).
+
+The model config comes from the checkpoint's client state (the trainer stores the resolved config;
+inference/client_state.py), or from a preset given by the caller.
+"""
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from typing import Any, Mapping, Optional
+
+import torch
+
+from ..components.checkpoint_discovery import model_states_file
+from ..interop.legacy import current_keys
+from ..model import build_model, model_config_from_dict
+from .client_state import model_config_from_client_state, tokenizer_from_client_state
+from .deepspeed_checkpoint import consolidated_state_dict, read_model_states, resolve_deepspeed_dir
+from .errors import CheckpointError
+from .native import EXPORT_TOKENIZER, is_export_dir, load_export
+from .tokenizer import check_tokenizer, same_file
+
+
+@dataclass
+class LoadedModel:
+    model: torch.nn.Module
+    config: Any  # RetNetConfig | TransformerConfig
+    tokenizer_path: Optional[str]  # None when the checkpoint names none and none was given
+    source: str  # "export" | "deepspeed"
+    meta: dict  # extra facts (tag, zero stage, training step, ...)
+
+
+def load_weights(model: torch.nn.Module, state_dict: Mapping[str, torch.Tensor], origin: str) -> None:
+    """Load a saved state dict (any key naming interop/legacy.py knows) or name what does not fit."""
+    expected = model.state_dict()
+    state_dict = current_keys(dict(state_dict), model.config.tie_embeddings)
+    missing = sorted(set(expected) - set(state_dict))
+    unexpected = sorted(set(state_dict) - set(expected))
+    if missing or unexpected:
+        raise CheckpointError(f"{origin}: weights do not match the model config: missing {missing[:5]}, "
+                              f"unexpected {unexpected[:5]}")
+    for key, value in state_dict.items():
+        if tuple(value.shape) != tuple(expected[key].shape):
+            raise CheckpointError(f"{origin}: {key} has shape {tuple(value.shape)}, the config needs "
+                                  f"{tuple(expected[key].shape)}")
+    model.load_state_dict(state_dict)
+
+
+def _from_export(path: str):
+    config, state_dict, meta = load_export(path)
+    stored_tok = os.path.join(path, EXPORT_TOKENIZER)
+    return config, state_dict, (stored_tok if os.path.isfile(stored_tok) else None), "export", {"export": meta}
+
+
+def _from_deepspeed(path: str, tag: Optional[str], model_config: Optional[Mapping]):
+    save_dir, tag = resolve_deepspeed_dir(path, tag)
+    origin = model_states_file(os.path.join(save_dir, tag))
+    state = read_model_states(os.path.join(save_dir, tag))
+    config = model_config_from_dict(model_config) if model_config is not None else \
+        model_config_from_client_state(state, origin)
+    stored_tok = tokenizer_from_client_state(state, save_dir)
+    meta = {"tag": tag, "save_dir": save_dir, "global_steps": state.get("global_steps"),
+            "ds_version": state.get("ds_version")}
+    del state
+    return config, consolidated_state_dict(save_dir, tag), stored_tok, "deepspeed", meta
+
+
+def _tokenizer(given: Optional[str], stored: Optional[str], path: str, vocab_size: int) -> Optional[str]:
+    """The tokenizer to use: the one given (it must be the one trained with) else the stored one."""
+    tok = given or stored
+    if tok is None:
+        return None
+    if not os.path.isfile(tok):
+        which = "--tokenizer" if given else f"the tokenizer named by {path}"
+        raise CheckpointError(f"{which}: {tok} does not exist")
+    check_tokenizer(tok, vocab_size)
+    if given and stored and os.path.isfile(stored) and not same_file(given, stored):
+        raise CheckpointError(f"--tokenizer: {given} differs from the tokenizer the model was trained with "
+                              f"({stored}); token ids would not mean the same pieces")
+    return tok
+
+
+def load_model(path: str, tag: Optional[str] = None, tokenizer: Optional[str] = None,
+               model_config: Optional[Mapping] = None, device: str | torch.device = "cpu",
+               dtype: Optional[torch.dtype] = None) -> LoadedModel:
+    """A ready (eval mode) model from an export dir or a DeepSpeed checkpoint; see module doc.
+
+    tokenizer overrides the one stored with the checkpoint; model_config (a preset dict) is for
+    checkpoints whose client state carries no config.
+    """
+    if not os.path.exists(path):
+        raise CheckpointError(f"{path}: no such checkpoint or export directory")
+    if is_export_dir(path):
+        config, state_dict, stored_tok, source, meta = _from_export(path)
+    else:
+        config, state_dict, stored_tok, source, meta = _from_deepspeed(path, tag, model_config)
+    model = build_model(config)
+    load_weights(model, state_dict, path)
+    model.eval().to(device=device, dtype=dtype)
+    tok = _tokenizer(tokenizer, stored_tok, path, config.vocab_size)
+    return LoadedModel(model, config, tok, source, meta)

@@ -1,0 +1,47 @@
+"""Generated text written as it is produced."""
+from __future__ import annotations
+
+import sys
+from typing import Callable, List, Optional
+
+import torch
+
+
+class TextStreamer:
+    """Incremental text per row: sentencepiece decodes whole sequences (pieces join with spaces
+    only in context), so each call decodes the row so far and prints the new suffix."""
+
+    def __init__(self, sp, n_rows: int, write: Optional[Callable[[str], None]] = None):
+        self.sp, self._write = sp, write
+        self.tokens: List[List[int]] = [[] for _ in range(n_rows)]
+        self.printed = [""] * n_rows
+        self.done = [False] * n_rows
+
+    def __call__(self, tokens: torch.Tensor, finished: torch.Tensor) -> None:
+        for i, (t, f) in enumerate(zip(tokens.tolist(), finished.tolist())):
+            if self.done[i]:
+                continue
+            if not f:
+                self.tokens[i].append(t)
+            if len(self.tokens) == 1:
+                text = self.sp.decode(self.tokens[i])
+                self.write(text[len(self.printed[i]):])
+                self.printed[i] = text
+            if f:
+                self._finish(i)
+        sys.stdout.flush()
+
+    def write(self, text: str) -> None:
+        (self._write or sys.stdout.write)(text)  # sys.stdout looked up late: it may be replaced
+
+    def _finish(self, i: int) -> None:
+        self.done[i] = True
+        if len(self.tokens) == 1:
+            self.write("\n")
+        else:
+            self.write(f"[{i}] {self.sp.decode(self.tokens[i])}\n")
+
+    def close(self) -> None:
+        for i in range(len(self.tokens)):
+            if not self.done[i]:
+                self._finish(i)
