@@ -1,17 +1,26 @@
-"""Retention alone, forward + backward, per backend at a preset's shapes (one layer).
+"""Retention alone (one layer), forward and forward + backward, per backend and head dims.
 
-    python -m retnet_train.bench.retention_kernels --preset 1.3b --seq-len 8192 --micro-batch 1
+    python -m retnet_train.bench.retention_kernels --dims 256x512,128x256 --heads 8 --seq-len 8192 \\
+        --backends compiled@256,triton@128,triton@256 --profile
 
-Backends: `fla` (fla-core's chunk kernel, fixed chunk 64), `torch@C` (our chunkwise form with
-chunk C, eager or torch.compile'd: `compiled@C`) and `triton@C` (our Triton kernels, states every
-C), each with the score row sums the paper's normalization needs.
-Prints one JSON line each: ms per forward+backward, effective TFLOP/s (the chunkwise form's
-matmul FLOPs at that chunk), and the activation memory the backward keeps.
+Backends: `fla` (fla-core's chunk kernel, fixed chunk 64), `torch@C` (our chunkwise form with chunk
+C, eager), `compiled@C` (the same under torch.compile), `triton@C` (kernels/triton_retention.py,
+states every C tokens) and `triton-gemm@C` (the earlier GEMM-shaped Triton kernels,
+kernels/triton_retention_gemm.py; no document resets), each with the score row sums the paper's
+normalization needs; `--docs N` packs N documents per sequence (document resets).
+Prints one JSON line per (head dims, backend): ms of the forward (with grad enabled, as in
+training) and of forward + backward, effective TFLOP/s (the chunkwise form's matmul FLOPs at
+that chunk), the activation memory the backward keeps and, with --profile, the device kernels of
+one forward + backward in launch order (us each) and the top kernels by share. A variant that
+fails prints its error and the run goes on; a table of all results comes last, also when the run
+is stopped by SIGTERM (e.g. from `timeout`).
 """
 from __future__ import annotations
 
 import argparse
 import json
+import signal
+import time
 
 import torch
 
@@ -20,85 +29,163 @@ from ..model.retnet import decay_log_gammas
 from .train_throughput import load_preset, top_kernels
 
 
+class Stopped(BaseException):
+    """SIGTERM: stop timing and print the table (not caught by a variant's `except Exception`)."""
+
+
 def chunkwise_flops(B, T, H, K, V, C) -> float:
     """Forward matmul FLOPs of the chunkwise form: q k^T and scores v inside chunks, the chunk
     summaries k^T v and the state read q S; the backward is about twice this."""
     return 2.0 * B * H * T * (C * K + C * V + 2 * K * V)
 
 
-def time_backend(name, fn, q, k, v, steps, profile=False):
+def retention_fn(kind, C, lg, reset):
+    """(q, k, v) -> (o, row sums) for one backend spec."""
+    if kind == "triton-gemm":
+        from ..kernels.triton_retention_gemm import triton_retention
+
+        if reset is not None:
+            raise ValueError("triton-gemm has no document resets")
+        return lambda q, k, v: triton_retention(q, k, v, lg, C, None, True)[:2]
+    backend = kind if kind in ("fla", "triton") else "torch"
+
+    def fn(q, k, v):
+        o, s, _ = retention_op(backend, q, k, v, lg, "chunkwise", C, reset, None, True)
+        return o, s
+    return torch.compile(fn) if kind == "compiled" else fn
+
+
+def kernel_sequence(prof, steps: int) -> list:
+    """[name, us] of each device kernel of one step, in launch order (the profile holds `steps`
+    identical steps)."""
+    events = [e for e in prof.events() if str(getattr(e, "device_type", "")).endswith("CUDA")]
+    events.sort(key=lambda e: e.time_range.start)
+    per_step = events[: len(events) // steps]
+    return [[e.name[:60], round(e.time_range.elapsed_us(), 1)] for e in per_step][:40]
+
+
+def time_variant(fn, q, k, v, steps, profile):
     grad = torch.randn_like(v)
+
+    def fwd():
+        return fn(q, k, v)
 
     def fwd_bwd():
         q.grad = k.grad = v.grad = None  # no accumulation kernels into the leaves' grads
-        o, s = fn(q, k, v)
+        o, _ = fn(q, k, v)
         o.backward(grad)
 
     for _ in range(3):  # warm-up: autotuning, compilation
         fwd_bwd()
+        fwd()
     torch.cuda.synchronize()
     base = torch.cuda.memory_allocated()
-    o, s = fn(q, k, v)
+    o, s = fwd()
     kept = torch.cuda.memory_allocated() - base
-    o.backward(grad)
     del o, s
-    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-    start.record()
-    for _ in range(steps):
-        fwd_bwd()
-    end.record()
-    torch.cuda.synchronize()
-    ms = start.elapsed_time(end) / steps
-    top = None
+    out = {"kept_gib": round(kept / 2 ** 30, 3)}
+    for name, step in (("fwd", fwd), ("fwd_bwd", fwd_bwd)):
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        for _ in range(steps):
+            step()
+        end.record()
+        torch.cuda.synchronize()
+        out[f"ms_{name}"] = round(start.elapsed_time(end) / steps, 4)
     if profile:
         with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA]) as prof:
             for _ in range(3):
                 fwd_bwd()
             torch.cuda.synchronize()
-        top = top_kernels(prof, 12)
-    return ms, kept, top
+        out["top_kernels"] = top_kernels(prof, 12)
+        try:
+            out["kernels_fwd_bwd_us"] = kernel_sequence(prof, 3)
+        except Exception as e:  # the profiler's event API differs across torch versions
+            out["kernels_fwd_bwd_us"] = f"unavailable: {e!r}"[:200]
+    return out
+
+
+def autotuned_configs() -> dict:
+    """The configs the Triton autotuner picked so far, per kernel and key."""
+    try:
+        from ..kernels import triton_retention_kernels as kernels
+    except Exception:
+        return {}
+    return {name: {str(key): str(cfg) for key, cfg in getattr(tuned, "cache", {}).items()}
+            for name, (_, tuned, _, _) in kernels.KERNELS.items()}
+
+
+def print_table(rows):
+    print(f"\n{'dims':<10}{'backend':<18}{'fwd ms':>9}{'fwd+bwd ms':>12}{'TFLOP/s':>9}{'kept GiB':>10}  note")
+    for r in rows:
+        cells = [f"{r[key]:>{w}.{p}f}" if key in r else f"{'-':>{w}}"
+                 for key, w, p in (("ms_fwd", 9, 3), ("ms_fwd_bwd", 12, 3), ("tflops", 9, 1), ("kept_gib", 10, 3))]
+        print(f"{r['dims']:<10}{r['backend']:<18}{''.join(cells)}  {r.get('error', '')[:70]}", flush=True)
+
+
+def parse_dims(text):
+    return [tuple(int(x) for x in d.split("x")) for d in text.split(",")]
 
 
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--preset", default="1.3b")
+    p.add_argument("--dims", default="256x512,128x256", help="comma list of KxV head dims")
+    p.add_argument("--heads", type=int, default=8)
+    p.add_argument("--preset", default=None, help="take heads and head dims from configs/model/<preset>.yaml")
     p.add_argument("--seq-len", type=int, default=8192)
     p.add_argument("--micro-batch", type=int, default=1)
-    p.add_argument("--backends", default="fla,torch@64,torch@128,torch@256,compiled@128,compiled@256")
+    p.add_argument("--backends", default="compiled@256,triton@128,triton@256")
+    p.add_argument("--docs", type=int, default=1, help="documents per sequence (> 1: document resets)")
     p.add_argument("--steps", type=int, default=20)
-    p.add_argument("--profile", action="store_true", help="add each backend's top CUDA kernels")
+    p.add_argument("--profile", action="store_true", help="add each variant's device kernels")
     args = p.parse_args(argv)
     if not torch.cuda.is_available():
         raise SystemExit("retention_kernels needs a GPU")
-    cfg = load_preset(args.preset)
-    B, T, H, K, V = args.micro_batch, args.seq_len, cfg.n_heads, cfg.key_head_dim, cfg.value_head_dim
-    torch.manual_seed(0)
-    make = lambda *shape, s=1.0: (torch.randn(*shape, device="cuda", dtype=torch.bfloat16) * s).requires_grad_()  # noqa: E731
-    q, k, v = make(B, T, H, K), make(B, T, H, K, s=K ** -0.5), make(B, T, H, V)
-    lg = decay_log_gammas(H).cuda()
-    for spec in args.backends.split(","):
-        kind, _, chunk = spec.partition("@")
-        C = int(chunk or 64)
-        if kind == "fla" and not fla_available():
-            print(json.dumps({"backend": spec, "skipped": "fla-core is not installed"}), flush=True)
-            continue
-        backend = kind if kind in ("fla", "triton") else "torch"
+    H, dims = args.heads, parse_dims(args.dims)
+    if args.preset:
+        cfg = load_preset(args.preset)
+        H, dims = cfg.n_heads, [(cfg.key_head_dim, cfg.value_head_dim)]
 
-        def fn(q, k, v, backend=backend, C=C):
-            o, s, _ = retention_op(backend, q, k, v, lg, "chunkwise", C, None, None, True)
-            return o, s
-        if kind == "compiled":
-            fn = torch.compile(fn)
-        try:
-            ms, kept, top = time_backend(spec, fn, q, k, v, args.steps, args.profile)
-        except torch.cuda.OutOfMemoryError as e:
-            print(json.dumps({"backend": spec, "oom": str(e)[:160]}), flush=True)
-            continue
-        flops = 3 * chunkwise_flops(B, T, H, K, V, C)
-        print(json.dumps({"backend": spec, "preset": args.preset, "B": B, "T": T, "H": H, "K": K, "V": V,
-                          "ms_fwd_bwd": round(ms, 3), "tflops": round(flops / ms / 1e9, 1),
-                          "kept_gib": round(kept / 2 ** 30, 3), **({"top_kernels": top} if top else {})}), flush=True)
-        torch._dynamo.reset()
+    def stop(signum, frame):
+        raise Stopped()
+    signal.signal(signal.SIGTERM, stop)
+    rows = []
+    try:
+        for K, V in dims:
+            for spec in args.backends.split(","):
+                rows.append(run_variant(spec, args, H, K, V))
+    except Stopped:
+        print(json.dumps({"stopped": "SIGTERM", "done": len(rows)}), flush=True)
+    print(json.dumps({"autotuned": autotuned_configs()}), flush=True)
+    print_table(rows)
+
+
+def run_variant(spec, args, H, K, V):
+    B, T = args.micro_batch, args.seq_len
+    kind, _, chunk = spec.partition("@")
+    C = int(chunk or 64)
+    row = {"dims": f"{K}x{V}", "backend": spec, "B": B, "T": T, "H": H, "K": K, "V": V, "docs": args.docs}
+    t0 = time.time()
+    try:
+        if kind == "fla" and not fla_available():
+            raise RuntimeError("fla-core is not installed")
+        torch.manual_seed(0)
+        make = lambda *shape, s=1.0: (torch.randn(*shape, device="cuda", dtype=torch.bfloat16) * s).requires_grad_()  # noqa: E731
+        q, k, v = make(B, T, H, K), make(B, T, H, K, s=K ** -0.5), make(B, T, H, V)
+        lg = decay_log_gammas(H).cuda()
+        reset = None
+        if args.docs > 1:
+            reset = torch.zeros(B, T, dtype=torch.bool, device="cuda")
+            reset[:, :: -(-T // args.docs)] = True
+        row.update(time_variant(retention_fn(kind, C, lg, reset), q, k, v, args.steps, args.profile))
+        row["tflops"] = round(3 * chunkwise_flops(B, T, H, K, V, C) / row["ms_fwd_bwd"] / 1e9, 1)
+    except Exception as e:  # one failing variant (compile error, OOM, missing package) must not end the run
+        row["error"] = f"{type(e).__name__}: {e}"[:400]
+    row["wall_s"] = round(time.time() - t0, 1)
+    print(json.dumps(row), flush=True)
+    torch._dynamo.reset()
+    torch.cuda.empty_cache()
+    return row
 
 
 if __name__ == "__main__":

@@ -59,16 +59,14 @@ def retention_op(backend, q, k, v, log_gamma, mode, chunk_size, reset=None, stat
     """state_grad: the final state is backpropagated through (context parallel), which our Triton
     kernels do not do: the torch path runs instead."""
     if backend == "triton" and mode != "recurrent" and not state_grad:
-        from .triton_retention import block_size, triton_retention
+        from .triton_retention import supported, triton_retention
 
-        # Document resets, and chunks that are not a multiple of 16, run on the torch path (the
-        # kernels have no reset masks yet; training hits this only with document_masking on).
-        # Decoding (recurrent, one token at a time) is the torch recurrence as well.
-        # (parallel = one chunk of the whole sequence, rounded up to a multiple of 16, but at most
-        # 256: the same retention in the chunkwise form, without a [B*H, T, T] scores buffer)
-        C = min(-(-q.shape[1] // 16) * 16, 256) if mode == "parallel" else chunk_size
-        if reset is None and block_size(C) is not None:
-            return triton_retention(q, k, v, log_gamma, C, state, row_sums)
+        # parallel = one chunk of the whole sequence (rounded up to a multiple of 64) but at most 256:
+        # the same retention in the chunkwise form. Decoding (recurrent, one token at a time) and chunk
+        # sizes that are not a multiple of 16 run on the torch path.
+        C = min(-(-q.shape[1] // 64) * 64, 256) if mode == "parallel" else chunk_size
+        if supported(C, q.shape[-1], v.shape[-1]):
+            return triton_retention(q, k, v, log_gamma, C, state, row_sums, reset)
     if backend == "fla" and not (reset is not None and state is not None):
         from .fla_backend import fla_retention
 

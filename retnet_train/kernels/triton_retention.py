@@ -1,207 +1,146 @@
-"""Chunkwise retention in our own Triton kernels (backend `triton`), tuned for wide heads
-(key dim 256, value dim 512) where fla's per-64-token K x V states cost more bytes than q, k, v.
+"""Chunkwise retention in our own Triton kernels (backend `triton`), for wide heads (key dim 256,
+value dim 512) and narrower ones, with document resets, an incoming state and the paper's score
+row sums. Same math and state format as torch_retention (states every C = chunk_size tokens).
 
-Hybrid scheme (same math and state format as torch_retention._equal_full_chunks), every kernel
-GEMM-shaped, with its MMA operands loaded straight from memory (pipelined; nothing is scaled or
-transposed in registers before an MMA; per-token decays go on a decayed copy or the accumulator):
-  * states only every C tokens (C = chunk_size, e.g. 256): a decayed copy k * k_decay (one
-    memory-bound pass, decay_kernel), then each chunk's summary (k * k_decay)^T v as a plain
-    batched GEMM (_summary_kernel); the cross-chunk scan is one torch GEMM with the (N+1) x N
-    decay matrix from scan_weights (big cuBLAS GEMMs; nothing sequential);
-  * the intra-chunk scores gamma^(t-s) q_t . k_s are computed once per causal block (_scores_kernel,
-    the lower triangle only; zeros above) into a [B*H, T, C] buffer in the input dtype, with the
-    paper's score row sums (fp32, no gradient) from the unrounded scores;
-  * one output kernel (_out_kernel) for o = q_decay * (q S_n) + A v, and for the gradients
-    dq = q_decay * (dO S_n^T) + dA k, dk = k_decay * (v G_n^T) + dA^T q, dv = k_decay * (k G_n) + A^T dO
-    (dA = gamma^(t-s) dO_t . v_s from the same scores kernel; G_n from the state gradients
-    dS_n = (q * q_decay)^T dO, the same decay + summary kernels, and a transposed scan GEMM).
-    Only q, k, v are saved; the states and scores are recomputed in the backward.
-Layout [B, T, H, D] in and out, indexed through strides (no transposing copies). This module is
-the host side; the kernels and their autotune configs are in triton_retention_kernels.py.
-Decays are fp32, exp2 of log2(gamma) * distance with the distance masked to >= 0 first, so every
-factor is <= 1 and nothing overflows. Accumulation is fp32; o, states, scores in the input dtype.
+Per chunk n (C tokens, c0 its first): S_n is the state entering it, dG_n the gradient that its keys
+receive from later chunks (triton_retention_kernels._states_kernel, sequential over chunks per
+state tile, stored once in the input dtype: [B*H, N, K, V]). Then every output is one pass of
+_apply_kernel over row blocks of a chunk, with the intra-chunk scores recomputed in registers
+(nothing [T, C]-sized is written):
+    o  = qd * (q  @ S_n)    + (gamma^(t-s)  q_t . k_s,  s <= t) @ v     (+ row sums s, fp32)
+    dq = qd * (dO @ S_n^T)  + (gamma^(t-s) dO_t . v_s,  s <= t) @ k
+    dk = kd * (v  @ dG_n^T) + (gamma^(t-s)  v_s . dO_t, t >= s) @ q
+    dv = kd * (k  @ dG_n)   + (gamma^(t-s)  k_s . q_t,  t >= s) @ dO
+with qd_t = gamma^(t-c0+1), kd_s = gamma^(c0+C-1-s) (both 0 across a document start). Only q, k,
+v (and the incoming state) are kept for the backward: 2 launches forward, 5 backward (S and dG,
+then dq, dk, dv). Layout [B, T, H, D] in and out, indexed through strides (no transposing copies).
+Decays are fp32 exp2 of log2(gamma) times a distance, all factors <= 1 except the centred split
+of a diagonal block (see the kernel). Accumulation fp32; o and the states in the input dtype; fp32
+inputs use IEEE fp32 MMAs.
 
-Status (H200, B1 T8192 H8 K256 V512, fwd+bwd with row sums; docs/benchmarks.md): exact (GPU test
-at K256/V512 bf16 passes) but not faster than the compiled torch form: this version 3.11 ms at
-C=256 (3.31 at C=128), the previous fused one 3.05, the compiled torch form 1.43-1.65. Profile of
-this version: _out_kernel 32%, _summary_kernel 17%, _scores_kernel 15%, decay_kernel 8%, i.e. the
-time is spread over many passes each well below GEMM speed. It is therefore not the default.
-Extra memory: the scores buffer(s), [B*H, T, C] each (one in the forward, two in the backward).
-
-Not handled here (the dispatcher sends these to the torch path): document resets, and chunk
-sizes that are not a multiple of 16. The final state carries no gradient (training never
-backpropagates through it; prefill runs without grad); neither does an incoming state.
+Document resets: reset [B, T] (True where a document starts) becomes DOC [B, T] int32, the last
+document start at or before each token (-1: none); the kernels mask scores, decays and state
+carries with it. The final state carries no gradient (training never backpropagates through it;
+prefill runs without grad); neither does an incoming state. Needs C, K and V multiples of 16.
 """
 from __future__ import annotations
 
 import torch
 import triton
 
-from .torch_retention import scan_weights
-from .triton_retention_kernels import INTERPRET, block_size, decay_kernel, out_tuned, scores_tuned, summary_tuned
+from .triton_retention_kernels import INTERPRET, launch  # noqa: F401 (INTERPRET: for the tests)
 
 LOG2E = 1.4426950408889634
 
-# Under the interpreter each kernel runs one fixed block shape (below); tests may override them
-# per kernel ("summary", "scores", "out") to check the GPU tuner's shapes and block mixes.
-INTERP_META: dict = {}
 
-
-def _imeta(name, **default):
-    return {**default, **INTERP_META.get(name, {})} if INTERPRET else {}
-
-
-def _pow2(x):
-    return max(16, triton.next_power_of_2(x))
+def supported(C: int, K: int, V: int) -> bool:
+    return C % 16 == 0 and K % 16 == 0 and V % 16 == 0
 
 
 def _bth(x):
     return x.stride(0), x.stride(1), x.stride(2)
 
 
-def _decayed(x, lg2, C, query, with_z):
-    """d_t x_t (see decay_kernel) in x's dtype and layout, + [B*H, N, DX] fp32 decayed sums."""
+def doc_starts(reset):
+    """reset [B, T] bool -> [B, T] int32: the last document start at or before t (-1: none)."""
+    T = reset.shape[1]
+    pos = torch.arange(T, device=reset.device, dtype=torch.int32).expand_as(reset)
+    return torch.where(reset, pos, torch.full_like(pos, -1)).cummax(dim=1).values.contiguous()
+
+
+def _states(x, y, lg2, C, reverse, doc, s0=None, z0=None, with_z=False):
+    """Chunk-entry states [B*H, N, DX, DY] (y's dtype), z [B*H, N, DX] fp32 (with_z), and the final
+    state [B*H, DX, DY] + z [B*H, DX] in fp32 (forward)."""
     B, T, H, DX = x.shape
-    N = -(-T // C)
-    xd = torch.empty_like(x)
-    z = torch.empty(B * H, N, DX, device=x.device, dtype=torch.float32) if with_z else xd
-    decay_kernel[(N, B * H)](x, xd, z, lg2, T, H, C, DX, *_bth(x), BT=min(32, _pow2(C)), BX=_pow2(DX),
-                              QUERY=query, WITH_Z=with_z, num_warps=4)
-    return xd, (z if with_z else None)
-
-
-def _summaries(xd, y, C, out_dtype):
-    """[B*H, N, DX, DY] chunk summaries xd_chunk^T y_chunk."""
-    B, T, H, DX = xd.shape
     DY = y.shape[-1]
-    N = -(-T // C)
-    out = torch.empty(B * H, N, DX, DY, device=xd.device, dtype=out_dtype)
-    grid = lambda meta: (triton.cdiv(DX, meta["BX"]) * triton.cdiv(DY, meta["BY"]), N, B * H)  # noqa: E731
-    meta = _imeta("summary", BX=min(64, _pow2(DX)), BY=min(64, _pow2(DY)), BT=block_size(C), num_warps=4)
-    summary_tuned[grid](xd, y, out, T, H, C, DX, DY, *_bth(xd), *_bth(y), IEEE=xd.dtype == torch.float32, **meta)
-    return out
+    N = triton.cdiv(T, C)
+    S = torch.empty(B * H, N, DX, DY, device=x.device, dtype=y.dtype)
+    fin = torch.empty(B * H, DX, DY, device=x.device, dtype=torch.float32)
+    Z = torch.empty(B * H, N, DX, device=x.device, dtype=torch.float32) if with_z else fin
+    zfin = torch.empty(B * H, DX, device=x.device, dtype=torch.float32) if with_z else fin
+    args = dict(X=x, Y=y, S=S, Z=Z, S0=fin if s0 is None else s0, Z0=fin if z0 is None else z0, FIN=fin,
+                ZFIN=zfin, DOC=lg2 if doc is None else doc, lg2_ptr=lg2, T=T, H=H, N=N, C=C, **_strides(x, "x"),
+                **_strides(y, "y"),
+                DX=DX, DY=DY, REVERSE=reverse, WITH_Z=with_z, HAS_S0=s0 is not None, RESET=doc is not None,
+                IEEE=y.dtype == torch.float32)
+    launch("states", lambda m: (DX // m["BX"], DY // m["BY"], B * H), args)
+    return S, (Z if with_z else None), fin, (zfin if with_z else None)
 
 
-def _scores(x, y, lg2, C, z=None, row_sums=False):
-    """P [B*H, T, C] (x_t . y_s decayed, 0 above the diagonal) in x's dtype, + row sums [B, T, H]."""
-    B, T, H, E = x.shape
-    P = torch.empty(B * H, T, C, device=x.device, dtype=x.dtype)
-    rs = torch.empty(B, T, H, device=x.device, dtype=torch.float32) if row_sums else P
-    grid = lambda meta: (triton.cdiv(T, meta["BT"]), B * H)  # noqa: E731
-    meta = _imeta("scores", BT=block_size(C), BE=min(32, _pow2(E)), num_warps=4)
-    scores_tuned[grid](x, y, P, rs, z if row_sums else P, lg2, T, H, C, E, *_bth(x), *_bth(y),
-                        ROW_SUMS=row_sums, IEEE=x.dtype == torch.float32, **meta)
-    return P, (rs if row_sums else None)
+def _strides(t, prefix):
+    return dict(zip((f"s{prefix}b", f"s{prefix}t", f"s{prefix}h"), _bth(t)))
 
 
-def _out(x, M, P, y, lg2, C, trans_m, trans_p, query):
-    """x [B,T,H,E], M [B*H, N(+1), ...] per-chunk matrices, P [B*H, T, C], y [B,T,H,D] -> [B,T,H,D]."""
+def _apply(x, b, y, M, lg2, C, key_rows, trans_m, doc, Z=None):
+    """One pass of _apply_kernel: x, b [B, T, H, E], y [B, T, H, D], M [B*H, N, E, D] (trans_m:
+    [B*H, N, D, E]) -> out like y, + row sums [B, T, H] fp32 when Z (the z states) is given."""
     B, T, H, E = x.shape
     D = y.shape[-1]
     out = torch.empty_like(y)
-    grid = lambda meta: (triton.cdiv(T, meta["BT"]), triton.cdiv(D, meta["BD"]), B * H)  # noqa: E731
-    bt = block_size(C)
-    meta = _imeta("out", BT=bt, BD=min(64, _pow2(D)), BE=min(32, _pow2(E)), BS=min(bt, 32), num_warps=4)
-    out_tuned[grid](x, M, P, y, out, lg2, T, H, C, E, D, *_bth(x), *_bth(y), *_bth(out), M.stride(0), M.stride(1),
-                     TRANS_M=trans_m, TRANS_P=trans_p, QUERY=query, IEEE=x.dtype == torch.float32, **meta)
-    return out
+    rs = torch.empty(B, T, H, device=x.device, dtype=torch.float32) if Z is not None else out
+    args = dict(X=x, B=b, Y=y, M=M, OUT=out, RS=rs, Z=out if Z is None else Z, DOC=lg2 if doc is None else doc,
+                lg2_ptr=lg2, T=T, H=H, C=C, N=M.shape[1], **_strides(x, "x"), **_strides(b, "b"), **_strides(y, "y"),
+                sob=out.stride(0), sot=out.stride(1), soh=out.stride(2), E=E, D=D, KEY_ROWS=key_rows,
+                TRANS_M=trans_m, ROW_SUMS=Z is not None, RESET=doc is not None, IEEE=x.dtype == torch.float32)
+    launch("apply", lambda m: (triton.cdiv(T, m["BR"]), D // m["BD"], B * H), args)
+    return out, (rs if Z is not None else None)
 
 
-def _states(k, v, log_gamma, lg2, C, state, with_z):
-    """States entering each chunk, [B*H, N+1, K, V] in v's dtype (index N: after the last full
-    chunk), the matching row-sum states z [B*H, N+1, K] fp32, the final state, and the scan's
-    decay weights W [H, N+1, N+1] (fp32; the backward's transposed scan reuses them)."""
-    B, T, H, K = k.shape
+def _forward(q, k, v, lg2, C, state, row_sums, doc):
+    B, _, H, K = q.shape
     V = v.shape[-1]
-    N = -(-T // C)
-    kd, kz = _decayed(k, lg2, C, False, with_z)
-    kv = _summaries(kd, v, C, v.dtype)
-    del kd
-    W = scan_weights(log_gamma.float(), C, N)[0]  # [H, N+1, N+1] fp32
-    Wc = W[:, :, 1:].to(v.dtype).repeat(B, 1, 1)  # [B*H, N+1, N]
-    states = torch.bmm(Wc, kv.view(B * H, N, K * V))
-    S0 = z0 = None
+    s0 = z0 = None
     if state is not None:
-        S0 = state[..., :V].reshape(B * H, 1, K * V).to(v.dtype)
-        states = states + W[:, :, :1].repeat(B, 1, 1).to(v.dtype) * S0
-        if with_z:
-            z0 = state[..., V].reshape(B * H, 1, K).float()
-    states = states.view(B * H, N + 1, K, V)
-    z = None
-    if with_z:
-        z = torch.bmm(W[:, :, 1:].repeat(B, 1, 1), kz)
-        if z0 is not None:
-            z = z + W[:, :, :1].repeat(B, 1, 1) * z0
-    rem = T - (N - 1) * C
-    if rem == C:
-        final, zf = states[:, N], (z[:, N] if with_z else None)
-    else:  # partial last chunk: its summary is decayed to T-1; the state before it decays by rem
-        dec = torch.exp(log_gamma.float() * rem).repeat(B).view(B * H, 1, 1)
-        final = (states[:, N - 1].float() * dec + kv[:, N - 1].float()).to(v.dtype)
-        zf = z[:, N - 1] * dec[..., 0] + kz[:, N - 1] if with_z else None
-    final = final.view(B, H, K, V)
-    if with_z:
-        final = torch.cat([final, zf.view(B, H, K, 1).to(final.dtype)], dim=-1)
-    return states, z, final, W
+        s0 = state[..., :V].to(v.dtype).reshape(B * H, K, V).contiguous()
+        if row_sums:
+            z0 = state[..., V].float().reshape(B * H, K).contiguous()
+    S, Z, fin, zfin = _states(k, v, lg2, C, False, doc, s0, z0, with_z=row_sums)
+    o, s = _apply(q, k, v, S, lg2, C, key_rows=False, trans_m=False, doc=doc, Z=Z)
+    final = fin.view(B, H, K, V)
+    if row_sums:
+        final = torch.cat([final, zfin.view(B, H, K, 1)], dim=-1)
+    return o, s, final.to(v.dtype)
 
 
-def _forward(q, k, v, log_gamma, C, state, row_sums):
-    lg2 = (log_gamma.float() * LOG2E).contiguous()
-    states, z, final, _ = _states(k, v, log_gamma, lg2, C, state, row_sums)
-    A, s = _scores(q, k, lg2, C, z, row_sums)
-    o = _out(q, states, A, v, lg2, C, trans_m=False, trans_p=False, query=True)
-    return o, s, final
-
-
-def _backward(q, k, v, do, log_gamma, C, state):
-    B, T, H, K = q.shape
+def _backward(q, k, v, do, lg2, C, state, doc):
+    B, _, H, K = q.shape
     V = v.shape[-1]
-    N = -(-T // C)
-    lg2 = (log_gamma.float() * LOG2E).contiguous()
-    states, _, _, W = _states(k, v, log_gamma, lg2, C, state, False)  # recomputed, not saved
-    # dS_n = (q * q_decay)^T dO over chunk n; the gradient of chunk j's summary is
-    # G_j = sum_{n > j} W[n, j+1] dS_n: the scan's GEMM with W transposed.
-    qd, _ = _decayed(q, lg2, C, True, False)
-    dS = _summaries(qd, do, C, v.dtype)
-    del qd
-    WT = W[:, :N, 1:].transpose(1, 2).to(v.dtype).repeat(B, 1, 1)  # [B*H, N, N]
-    G = torch.bmm(WT, dS.view(B * H, N, K * V)).view(B * H, N, K, V)
-    del dS
-    A, _ = _scores(q, k, lg2, C)
-    dA, _ = _scores(do, v, lg2, C)
-    dq = _out(do, states, dA, k, lg2, C, trans_m=True, trans_p=False, query=True)
-    del states
-    dk = _out(v, G, dA, q, lg2, C, trans_m=True, trans_p=True, query=False)
-    dv = _out(k, G, A, do, lg2, C, trans_m=False, trans_p=True, query=False)
+    s0 = None if state is None else state[..., :V].to(v.dtype).reshape(B * H, K, V).contiguous()
+    S = _states(k, v, lg2, C, False, doc, s0)[0]  # recomputed, not kept from the forward
+    dG = _states(q, do, lg2, C, True, doc)[0]
+    dq = _apply(do, v, k, S, lg2, C, key_rows=False, trans_m=True, doc=doc)[0]
+    del S
+    dk = _apply(v, do, q, dG, lg2, C, key_rows=True, trans_m=True, doc=doc)[0]
+    dv = _apply(k, q, do, dG, lg2, C, key_rows=True, trans_m=False, doc=doc)[0]
     return dq, dk, dv
 
 
 class TritonRetention(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, q, k, v, log_gamma, chunk_size, state, row_sums):
-        o, s, final = _forward(q, k, v, log_gamma, chunk_size, state, row_sums)
-        ctx.save_for_backward(q, k, v, log_gamma, state)
+    def forward(ctx, q, k, v, log_gamma, chunk_size, state, row_sums, doc):
+        lg2 = (log_gamma.float() * LOG2E).contiguous()
+        o, s, final = _forward(q, k, v, lg2, chunk_size, state, row_sums, doc)
+        ctx.save_for_backward(q, k, v, lg2, state, doc)
         ctx.chunk_size = chunk_size
         ctx.mark_non_differentiable(*([s, final] if row_sums else [final]))
         return o, s, final
 
     @staticmethod
     def backward(ctx, do, _ds, _dfinal):
-        q, k, v, log_gamma, state = ctx.saved_tensors
-        if state is not None:
-            state = state[..., : v.shape[-1]]
-        dq, dk, dv = _backward(q, k, v, do.contiguous(), log_gamma, ctx.chunk_size, state)
-        return dq, dk, dv, None, None, None, None
+        q, k, v, lg2, state, doc = ctx.saved_tensors
+        dq, dk, dv = _backward(q, k, v, do.contiguous(), lg2, ctx.chunk_size, state, doc)
+        return dq, dk, dv, None, None, None, None, None
 
 
 @torch.compiler.disable  # an opaque op to dynamo: compiled blocks get a graph break here
-def triton_retention(q, k, v, log_gamma, chunk_size, state=None, row_sums=True):
+def triton_retention(q, k, v, log_gamma, chunk_size, state=None, row_sums=True, reset=None):
     """q, k [B, T, H, K], v [B, T, H, V] -> o [B, T, H, V] (v's dtype, unnormalized), row sums
-    s [B, T, H] fp32 or None, final state [B, H, K, V (+1)]. No document resets."""
+    s [B, T, H] fp32 or None, final state [B, H, K, V (+1 with row sums)]. reset [B, T] bool:
+    True where a document starts (the state is cleared before that token)."""
     dtype = v.dtype
     q, k, v = (t.to(dtype) for t in (q, k, v))  # under autocast the rotation may leave q, k in fp32
     q, k, v = (t.contiguous() for t in (q, k, v))  # (no-ops in training) the kernels share q/k and v/dO strides
     if state is not None:
         state = state.detach()
-    o, s, final = TritonRetention.apply(q, k, v, log_gamma.detach(), chunk_size, state, row_sums)
-    return o, s, final
+    doc = None if reset is None else doc_starts(reset)
+    return TritonRetention.apply(q, k, v, log_gamma.detach(), chunk_size, state, row_sums, doc)

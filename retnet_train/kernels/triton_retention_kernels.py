@@ -1,5 +1,14 @@
-"""The Triton kernels of triton_retention.py (device code and autotune configs); the host side,
-the autograd Function and the design notes are there."""
+"""The Triton kernels of triton_retention.py (device code, autotune configs, launch helper); the
+host side, the autograd Function and the design notes are there.
+
+Two kernels serve the forward and the backward:
+  _states_kernel: the chunk-entry states of a decayed linear recurrence, sequential over chunks
+      with a [BX, BY] tile of the state in fp32 registers (forward: S_n from k, v; reverse: the
+      state gradients dG_n from q, dO), each stored once in the input dtype.
+  _apply_kernel:  OUT_r = rdec_r (X_r @ M_n) + sum_c P_rc Y_c for the rows r of one chunk n, with
+      P_rc = gamma^|r-c| (X_r . B_c) recomputed in registers (causal: c <= r; KEY_ROWS: c >= r,
+      within the chunk, same document). It computes o, dq, dk and dv (see triton_retention.py).
+"""
 from __future__ import annotations
 
 import os
@@ -8,240 +17,267 @@ import triton
 import triton.language as tl
 
 INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
-
-
-def block_size(C: int):
-    """Rows per block: the largest of 64/32/16 dividing the chunk (blocks never straddle chunks;
-    on GPU the tuner may also take 128 where it divides C)."""
-    for bt in (64, 32, 16):
-        if C % bt == 0:
-            return bt
-    return None
-
-
-def _configs(rows):
-    """Autotune configs from tuples (meta..., num_warps, num_stages)."""
-    names = rows[0]
-    return [triton.Config(dict(zip(names, r[:-2])), num_warps=r[-2], num_stages=r[-1]) for r in rows[1:]]
-
-
-def _prune_bt(configs, nargs, **kwargs):
-    """Query/key blocks never straddle a chunk: keep the configs whose BT divides C; if none (a
-    small chunk), one config with the largest block that does."""
-    C = nargs["C"]
-    keep = [c for c in configs if C % c.kwargs["BT"] == 0]
-    if keep:
-        return keep
-    c = configs[0]
-    bt = block_size(C)
-    kw = dict(c.kwargs, BT=bt, **({"BS": bt} if "BS" in c.kwargs else {}))
-    return [triton.Config(kw, num_warps=4, num_stages=2)]
-
-
-def _tuned(fn, configs, key, prune=None):
-    """The autotuned kernel on GPU; under the CPU interpreter the first config only (autotuning
-    there would run every config in slow numpy)."""
-    if INTERPRET:
-        return fn
-    return triton.autotune(configs=configs, key=key, prune_configs_by={"early_config_prune": prune} if prune else None)(fn)
+# Under RETNET_TRITON_AUTOTUNE=0 each kernel runs its first valid config (no tuning on a first call).
+AUTOTUNE = os.environ.get("RETNET_TRITON_AUTOTUNE", "1") != "0" and not INTERPRET
 
 
 # ---------------------------------------------------------------------------------------------
-# Decayed copy: XD[t] = d_t X[t] with d_t = gamma^(end-1-t) (keys, to the chunk's end; end =
-# min(chunk end, T)) or, with QUERY, gamma^(t-start+1) (queries, for the state gradients); ZOUT:
-# sum_t d_t X_t in fp32 per chunk (the row-sum state). Memory bound (one read, one write of X):
-# it turns the chunk summaries into plain GEMMs whose operands come straight from memory.
+# States. Forward (X, Y = k, v): S_0 = the incoming state, S_{n+1} = f_n S_n + sum_{t in n}
+# gamma^(end_n-1-t) k_t^T v_t with f_n = gamma^(len_n), 0 when a document starts in chunk n (and
+# keys before the chunk's last document start dropped). Stores S_n (n < N) and the final state
+# (fp32); WITH_Z also the decayed key sums z_n (the row-sum state, fp32).
+# Reverse (X, Y = q, dO): dG_{N-1} = 0, dG_{n-1} = f_n dG_n + sum_{t in n} gamma^(t-c0_n+1) q_t^T dO_t
+# (queries after a document start in chunk n dropped): dG_n is what chunk n's keys receive from
+# later chunks. DOC [B, T] int32: the position of the last document start at or before t (-1: none).
+# Per program: a [BX, BY] tile over all N chunks (no per-chunk summaries in memory).
 # ---------------------------------------------------------------------------------------------
 @triton.jit
-def decay_kernel(X, XD, ZOUT, lg2_ptr, T, H, C: tl.constexpr, DX: tl.constexpr, sxb, sxt, sxh,
-                  BT: tl.constexpr, BX: tl.constexpr, QUERY: tl.constexpr, WITH_Z: tl.constexpr):
-    n, bh = tl.program_id(0), tl.program_id(1)
+def _states_kernel(X, Y, S, Z, S0, Z0, FIN, ZFIN, DOC, lg2_ptr, T, H, N, C,
+                   sxb, sxt, sxh, syb, syt, syh,
+                   DX: tl.constexpr, DY: tl.constexpr, REVERSE: tl.constexpr, WITH_Z: tl.constexpr,
+                   HAS_S0: tl.constexpr, RESET: tl.constexpr, IEEE: tl.constexpr,
+                   BX: tl.constexpr, BY: tl.constexpr, BT: tl.constexpr):
+    px, py, bh = tl.program_id(0), tl.program_id(1), tl.program_id(2).to(tl.int64)
     b, h = bh // H, bh % H
-    N = tl.cdiv(T, C)
     lg2 = tl.load(lg2_ptr + h)
-    c0 = n * C
-    end = tl.minimum(c0 + C, T)
-    ox = tl.arange(0, BX)
-    zacc = tl.zeros([BX], dtype=tl.float32)
-    for t0 in range(c0, c0 + C, BT):
-        ot = t0 + tl.arange(0, BT)
-        m = (ot < end)[:, None] & (ox < DX)[None, :]
-        off = b * sxb + h * sxh + ot[:, None] * sxt + ox[None, :]
-        x = tl.load(X + off, mask=m, other=0.0)
-        if QUERY:
-            d = tl.exp2(lg2 * (ot - c0 + 1).to(tl.float32))
-        else:
-            d = tl.exp2(lg2 * tl.maximum(end - 1 - ot, 0).to(tl.float32))
-        xd = x.to(tl.float32) * d[:, None]
-        if WITH_Z:
-            zacc += tl.sum(xd, 0)
-        tl.store(XD + off, xd.to(XD.dtype.element_ty), mask=m)
-    if WITH_Z:
-        tl.store(ZOUT + (bh * N + n) * DX + ox, zacc, mask=ox < DX)
-
-
-# ---------------------------------------------------------------------------------------------
-# Chunk summaries, a plain batched GEMM: OUT[b, h, n] = XD_chunk^T Y_chunk ([DX, DY], reduction
-# over the chunk's C tokens, rows >= T masked). Per (b, h, n): 2 C DX DY FLOPs over
-# C (DX + DY) + DX DY elements (~100 FLOP/byte at C=256, K=256, V=512), so a 128 x 128..256
-# output tile per program with the token loop pipelined (operands straight from memory: the
-# decay is already in XD, so nothing passes through registers before the MMA).
-# ---------------------------------------------------------------------------------------------
-@triton.jit
-def _summary_kernel(X, Y, OUT, T, H, C: tl.constexpr, DX: tl.constexpr, DY: tl.constexpr,
-                    sxb, sxt, sxh, syb, syt, syh,
-                    BX: tl.constexpr, BY: tl.constexpr, BT: tl.constexpr, IEEE: tl.constexpr):
-    pid_xy, n, bh = tl.program_id(0), tl.program_id(1), tl.program_id(2)
-    b, h = bh // H, bh % H
-    n_y = tl.cdiv(DY, BY)
-    px, py = pid_xy // n_y, pid_xy % n_y
-    N = tl.cdiv(T, C)
-    c0 = n * C
-    end = tl.minimum(c0 + C, T)
     ox = px * BX + tl.arange(0, BX)
     oy = py * BY + tl.arange(0, BY)
+    tile = ox[:, None] * DY + oy[None, :]  # offsets in one [DX, DY] state
+    # z is written by one program per row tile (a vector test: the interpreter cannot & a scalar bool)
+    z_mask = ox * 0 + py == 0
     acc = tl.zeros([BX, BY], dtype=tl.float32)
-    for t0 in range(c0, c0 + C, BT):  # (to c0 + C, masked: loop bounds must not depend on T)
-        ot = t0 + tl.arange(0, BT)
-        mt = ot < end
-        x = tl.load(X + b * sxb + h * sxh + ot[:, None] * sxt + ox[None, :], mask=mt[:, None] & (ox[None, :] < DX), other=0.0)
-        y = tl.load(Y + b * syb + h * syh + ot[:, None] * syt + oy[None, :], mask=mt[:, None] & (oy[None, :] < DY), other=0.0)
-        acc += tl.dot(tl.trans(x), y, input_precision="ieee" if IEEE else "tf32")
-    base = (bh * N + n) * DX * DY  # OUT: [B*H, N, DX, DY]
-    tl.store(OUT + base + ox[:, None] * DY + oy[None, :], acc.to(OUT.dtype.element_ty), mask=(ox[:, None] < DX) & (oy[None, :] < DY))
+    z = tl.zeros([BX], dtype=tl.float32)
+    if HAS_S0:
+        acc += tl.load(S0 + bh * DX * DY + tile).to(tl.float32)
+        if WITH_Z:
+            z += tl.load(Z0 + bh * DX + ox)
+    xb = X + b * sxb + h * sxh
+    yb = Y + b * syb + h * syh
+    doc = DOC + b * T
+    for i in range(N):
+        if REVERSE:
+            n = N - 1 - i
+        else:
+            n = i
+        c0 = n * C
+        end = tl.minimum(c0 + C, T)
+        tl.store(S + (bh * N + n) * DX * DY + tile, acc.to(S.dtype.element_ty))
+        if WITH_Z:
+            tl.store(Z + (bh * N + n) * DX + ox, z, mask=z_mask)
+        f = tl.exp2(lg2 * (end - c0).to(tl.float32))
+        if RESET:
+            last = tl.load(doc + end - 1)
+            f = tl.where(last < c0, f, 0.0)
+        acc = acc * f
+        z = z * f
+        for t0 in range(c0, c0 + C, BT):
+            ot = t0 + tl.arange(0, BT)
+            mt = ot < end
+            x = tl.load(xb + ot[:, None].to(tl.int64) * sxt + ox[None, :], mask=mt[:, None], other=0.0)
+            y = tl.load(yb + ot[:, None].to(tl.int64) * syt + oy[None, :], mask=mt[:, None], other=0.0)
+            if REVERSE:
+                d = tl.exp2(lg2 * (ot - c0 + 1).to(tl.float32))
+                if RESET:
+                    d = tl.where(tl.load(doc + ot, mask=mt, other=0) < c0, d, 0.0)
+            else:
+                d = tl.exp2(lg2 * tl.maximum(end - 1 - ot, 0).to(tl.float32))
+                if RESET:
+                    d = tl.where(ot >= last, d, 0.0)
+            xd = x.to(tl.float32) * d[:, None]
+            acc = tl.dot(tl.trans(xd.to(x.dtype)), y, acc, input_precision="ieee" if IEEE else "tf32")
+            if WITH_Z:
+                z += tl.sum(xd, 0)
+    tl.store(FIN + bh * DX * DY + tile, acc)
+    if WITH_Z:
+        tl.store(ZFIN + bh * DX + ox, z, mask=z_mask)
 
 
 # ---------------------------------------------------------------------------------------------
-# Intra-chunk scores: P[b, h, t, s - c0] = gamma^(t-s) (X_t . Y_s) for s <= t in t's chunk, 0
-# for s > t (every entry of the chunk's row is written, so the consumers need no masks and may
-# block differently). Forward: X, Y = q, k (+ row sums s_t = sum_s P_ts + gamma^(t-c0+1) q_t . z_n
-# in fp32 from the unrounded scores); backward: A from q, k and dA from dO, v.
-# Per query block: the causal key blocks (C/BT + 1)/2 on average, each a [BT, BT] tile with an
-# E-deep reduction (E = 256 or 512): 2 BT^2 E FLOPs on 2 BT E elements (x tile stays in L2).
-# The scores are stored once in the input dtype (the old fused forward recomputed q k^T once per
-# V tile) and consumed by _out_kernel as a plain GEMM operand.
+# OUT_r = rdec_r (X_r @ M_n) + sum_c P_rc Y_c over the BR rows r of one chunk n and a BD-wide
+# column tile, with P_rc = gamma^|r-c| (X_r . B_c) for the chunk's columns c on the causal side
+# (c <= r; KEY_ROWS: c >= r) in the same document, and rdec_r = gamma^(r-c0+1) (query rows; 0
+# after a document start in the chunk) or gamma^(end-1-r) (key rows; 0 before the chunk's last
+# document start). M_n [E, D] is stored [BH, N, E, D] or, TRANS_M, [BH, N, D, E].
+# The diagonal [BR, BR] block shares the X slices with X @ M (one E loop, two MMAs); earlier
+# (causal) or later (KEY_ROWS) blocks of the chunk follow, each P a register tile, never stored.
+# The decay of a block is an outer product of two vectors (centred on the diagonal block, both
+# factors <= gamma^(-BR/2)) unless gamma^(BR/2) would underflow, then elementwise exp2.
+# ROW_SUMS (forward): also s_r = sum_c P_rc + rdec_r X_r . z_n in fp32 from the unrounded P.
 # ---------------------------------------------------------------------------------------------
 @triton.jit
-def _scores_kernel(X, Y, P, RS, Z, lg2_ptr, T, H, C: tl.constexpr, E: tl.constexpr,
-                   sxb, sxt, sxh, syb, syt, syh,
-                   BT: tl.constexpr, BE: tl.constexpr, ROW_SUMS: tl.constexpr, IEEE: tl.constexpr):
-    pid_t, bh = tl.program_id(0), tl.program_id(1)
+def _apply_kernel(X, B, Y, M, OUT, RS, Z, DOC, lg2_ptr, T, H, C, N,
+                  sxb, sxt, sxh, sbb, sbt, sbh, syb, syt, syh, sob, sot, soh,
+                  E: tl.constexpr, D: tl.constexpr, KEY_ROWS: tl.constexpr, TRANS_M: tl.constexpr,
+                  ROW_SUMS: tl.constexpr, RESET: tl.constexpr, IEEE: tl.constexpr,
+                  BR: tl.constexpr, BD: tl.constexpr, BE: tl.constexpr):
+    pid_r, pid_d, bh = tl.program_id(0), tl.program_id(1), tl.program_id(2).to(tl.int64)
     b, h = bh // H, bh % H
-    N = tl.cdiv(T, C)
     lg2 = tl.load(lg2_ptr + h)
-    t0 = pid_t * BT
-    n = t0 // C
-    c0 = n * C
-    oi = t0 + tl.arange(0, BT)
-    mi = oi < T
     prec: tl.constexpr = "ieee" if IEEE else "tf32"
-    prow = P + (bh * T + oi[:, None]) * C  # P: [B*H, T, C]
-    rs = tl.zeros([BT], dtype=tl.float32)
-    for j0 in range(c0, t0 + BT, BT):  # key blocks of this chunk up to the diagonal
-        oj = j0 + tl.arange(0, BT)
-        mj = oj < T
-        acc = tl.zeros([BT, BT], dtype=tl.float32)
-        for e0 in range(0, E, BE):
-            oe = e0 + tl.arange(0, BE)
-            me = oe < E
-            x = tl.load(X + b * sxb + h * sxh + oi[:, None] * sxt + oe[None, :], mask=mi[:, None] & me[None, :], other=0.0)
-            y = tl.load(Y + b * syb + h * syh + oj[:, None] * syt + oe[None, :], mask=mj[:, None] & me[None, :], other=0.0)
-            acc += tl.dot(x, tl.trans(y), input_precision=prec)
-        dist = oi[:, None] - oj[None, :]
-        decay = tl.where((dist >= 0) & mj[None, :], tl.exp2(lg2 * tl.maximum(dist, 0).to(tl.float32)), 0.0)
-        scores = acc * decay
-        if ROW_SUMS:
-            rs += tl.sum(scores, 1)
-        tl.store(prow + (oj - c0)[None, :], scores.to(P.dtype.element_ty), mask=mi[:, None])
-    zero = tl.zeros([BT, BT], dtype=P.dtype.element_ty)
-    for j0 in range(t0 + BT, c0 + C, BT):  # above the diagonal: zeros
-        tl.store(prow + (j0 - c0 + tl.arange(0, BT))[None, :], zero, mask=mi[:, None])
-    if ROW_SUMS:  # + the chunk's incoming row-sum state: gamma^(t-c0+1) q_t . z_n
-        inter = tl.zeros([BT], dtype=tl.float32)
-        for e0 in range(0, E, BE):
-            oe = e0 + tl.arange(0, BE)
-            me = oe < E
-            x = tl.load(X + b * sxb + h * sxh + oi[:, None] * sxt + oe[None, :], mask=mi[:, None] & me[None, :], other=0.0)
-            z = tl.load(Z + (bh * (N + 1) + n) * E + oe, mask=me, other=0.0)
-            inter += tl.sum(x.to(tl.float32) * z[None, :], 1)
-        rs += inter * tl.exp2(lg2 * (oi - c0 + 1).to(tl.float32))
-        tl.store(RS + (b * T + oi) * H + h, rs, mask=mi)  # s [B, T, H] fp32
-
-
-# ---------------------------------------------------------------------------------------------
-# One GEMM-shaped kernel for o, dq, dk and dv (rows t of one chunk n, a BD-wide column tile):
-#   OUT[t] = dec_t * (X_t @ M_n)  +  sum_s P'[t, s] Y_s
-# where dec_t = gamma^(t-c0+1) (QUERY side) or gamma^(end-1-t) (key side), M_n a per-chunk
-# [E, D] matrix (or, TRANS_M, stored [D, E]) and P' = P (s <= t) or, TRANS_P, P^T (s >= t).
-#   o  = qd (q S_n)        + A v         (E = K, D = V)
-#   dq = qd (dO S_n^T)     + dA k        (E = V, D = K)
-#   dk = kd (v G_n^T)      + dA^T q      (E = V, D = K)
-#   dv = kd (k G_n)        + A^T dO      (E = K, D = V)
-# The row decay is applied to the accumulator between the two reductions, so every MMA operand
-# is loaded straight from memory (pipelined; no register-side scaling or transposes): an
-# (E + causal C)-deep reduction (8 iterations of 64 on average at E = 256, C = 256) for a
-# [BT, BD] tile. 128 x 128..256 tiles read each state tile C/128 times per chunk instead of C/64.
-# ---------------------------------------------------------------------------------------------
-@triton.jit
-def _out_kernel(X, M, P, Y, OUT, lg2_ptr, T, H, C: tl.constexpr, E: tl.constexpr, D: tl.constexpr,
-                sxb, sxt, sxh, syb, syt, syh, sob, sot, soh, m_bh, m_n,
-                TRANS_M: tl.constexpr, TRANS_P: tl.constexpr, QUERY: tl.constexpr,
-                BT: tl.constexpr, BD: tl.constexpr, BE: tl.constexpr, BS: tl.constexpr, IEEE: tl.constexpr):
-    pid_t, pid_d, bh = tl.program_id(0), tl.program_id(1), tl.program_id(2)
-    b, h = bh // H, bh % H
-    lg2 = tl.load(lg2_ptr + h)
-    t0 = pid_t * BT
-    n = t0 // C
+    r0 = pid_r * BR
+    n = r0 // C
     c0 = n * C
     end = tl.minimum(c0 + C, T)
-    oi = t0 + tl.arange(0, BT)
+    ar = tl.arange(0, BR)
+    orr = r0 + ar
+    mr = orr < T
     od = pid_d * BD + tl.arange(0, BD)
-    mi, md = oi < T, od < D
-    prec: tl.constexpr = "ieee" if IEEE else "tf32"
-    acc = tl.zeros([BT, BD], dtype=tl.float32)
-    mbase = M + bh * m_bh + n * m_n
+    xb = X + b * sxb + h * sxh
+    bb = B + b * sbb + h * sbh
+    yb = Y + b * syb + h * syh
+    doc = DOC + b * T
+    x_rows = xb + orr[:, None].to(tl.int64) * sxt
+    mbase = M + (bh * N + n) * E * D
+
+    # State term and the diagonal block's scores, one pass over E.
+    acc = tl.zeros([BR, BD], dtype=tl.float32)
+    p = tl.zeros([BR, BR], dtype=tl.float32)
+    zq = tl.zeros([BR], dtype=tl.float32)
     for e0 in range(0, E, BE):
         oe = e0 + tl.arange(0, BE)
-        me = oe < E
-        x = tl.load(X + b * sxb + h * sxh + oi[:, None] * sxt + oe[None, :], mask=mi[:, None] & me[None, :], other=0.0)
+        x = tl.load(x_rows + oe[None, :], mask=mr[:, None], other=0.0)
         if TRANS_M:
-            m = tl.load(mbase + od[None, :] * E + oe[:, None], mask=me[:, None] & md[None, :], other=0.0)
+            m = tl.load(mbase + od[None, :] * E + oe[:, None])
         else:
-            m = tl.load(mbase + oe[:, None] * D + od[None, :], mask=me[:, None] & md[None, :], other=0.0)
-        acc += tl.dot(x.to(m.dtype), m, input_precision=prec)
-    if QUERY:
-        dec = tl.exp2(lg2 * (oi - c0 + 1).to(tl.float32))
+            m = tl.load(mbase + oe[:, None] * D + od[None, :])
+        kb = tl.load(bb + orr[:, None].to(tl.int64) * sbt + oe[None, :], mask=mr[:, None], other=0.0)
+        acc = tl.dot(x, m, acc, input_precision=prec)
+        p = tl.dot(x, tl.trans(kb), p, input_precision=prec)
+        if ROW_SUMS:
+            zz = tl.load(Z + (bh * N + n) * E + oe)
+            zq += tl.sum(x.to(tl.float32) * zz[None, :], 1)
+
+    drow = orr
+    if RESET:
+        drow = tl.load(doc + orr, mask=mr, other=0)
+    if KEY_ROWS:
+        rdec = tl.exp2(lg2 * tl.maximum(end - 1 - orr, 0).to(tl.float32))
+        if RESET:
+            rdec = tl.where(orr >= tl.load(doc + end - 1), rdec, 0.0)
     else:
-        dec = tl.exp2(lg2 * tl.maximum(end - 1 - oi, 0).to(tl.float32))
-    acc = acc * dec[:, None]
-    pbase = P + bh * T * C
-    if TRANS_P:
-        for s0 in range(t0, c0 + C, BS):  # later rows of the chunk (P is 0 above the diagonal)
-            os_ = s0 + tl.arange(0, BS)
-            ms = os_ < T
-            pT = tl.load(pbase + os_[:, None] * C + (oi - c0)[None, :], mask=ms[:, None], other=0.0)  # [BS, BT]
-            y = tl.load(Y + b * syb + h * syh + os_[:, None] * syt + od[None, :], mask=ms[:, None] & md[None, :], other=0.0)
-            acc += tl.dot(tl.trans(pT), y, input_precision=prec)
+        rdec = tl.exp2(lg2 * (orr - c0 + 1).to(tl.float32))
+        if RESET:
+            rdec = tl.where(drow < c0, rdec, 0.0)
+    acc = acc * rdec[:, None]
+
+    # Diagonal block: rows and columns are the same positions.
+    if KEY_ROWS:
+        keep = ar[None, :] >= ar[:, None]
+        sg = -1.0
     else:
-        for s0 in range(c0, t0 + BT, BS):  # earlier rows of the chunk, to the diagonal
-            os_ = s0 + tl.arange(0, BS)
-            ms = os_ < T
-            p = tl.load(pbase + oi[:, None] * C + (os_ - c0)[None, :], mask=mi[:, None], other=0.0)  # [BT, BS]
-            y = tl.load(Y + b * syb + h * syh + os_[:, None] * syt + od[None, :], mask=ms[:, None] & md[None, :], other=0.0)
-            acc += tl.dot(p, y, input_precision=prec)
-    tl.store(OUT + b * sob + h * soh + oi[:, None] * sot + od[None, :], acc.to(OUT.dtype.element_ty), mask=mi[:, None] & md[None, :])
+        keep = ar[:, None] >= ar[None, :]
+        sg = 1.0
+    if RESET:
+        if KEY_ROWS:
+            keep = keep & (orr[:, None] >= drow[None, :])
+        else:
+            keep = keep & (orr[None, :] >= drow[:, None])
+    u = (ar - BR // 2).to(tl.float32)
+    if lg2 * (BR // 2) > -100.0:  # (branches yield p itself: no [BR, BR] decay tile held beside it)
+        p = p * tl.exp2(sg * lg2 * u)[:, None] * tl.exp2(-sg * lg2 * u)[None, :]
+    else:
+        dist = ar[:, None] - ar[None, :]
+        if KEY_ROWS:
+            dist = -dist
+        p = p * tl.exp2(lg2 * tl.maximum(dist, 0).to(tl.float32))
+    p = tl.where(keep, p, 0.0)
+    rs = tl.sum(p, 1) + zq * rdec
+    y = tl.load(yb + orr[:, None].to(tl.int64) * syt + od[None, :], mask=mr[:, None], other=0.0)
+    acc = tl.dot(p.to(y.dtype), y, acc, input_precision=prec)
+
+    # The other blocks of the chunk on the causal side.
+    if KEY_ROWS:
+        lo, hi = r0 + BR, end
+    else:
+        lo, hi = c0, r0
+    for j0 in range(lo, hi, BR):
+        oc = j0 + ar
+        mc = oc < T
+        p = tl.zeros([BR, BR], dtype=tl.float32)
+        for e0 in range(0, E, BE):
+            oe = e0 + tl.arange(0, BE)
+            x = tl.load(x_rows + oe[None, :], mask=mr[:, None], other=0.0)
+            kb = tl.load(bb + oc[:, None].to(tl.int64) * sbt + oe[None, :], mask=mc[:, None], other=0.0)
+            p = tl.dot(x, tl.trans(kb), p, input_precision=prec)
+        # gamma^|r-c| split at the block edge: both exponents >= 0
+        if KEY_ROWS:
+            p = p * tl.exp2(lg2 * (j0 - orr).to(tl.float32))[:, None] * tl.exp2(lg2 * ar.to(tl.float32))[None, :]
+            if RESET:
+                p = tl.where(orr[:, None] >= tl.load(doc + oc, mask=mc, other=0)[None, :], p, 0.0)
+        else:
+            p = p * tl.exp2(lg2 * ar.to(tl.float32))[:, None] * tl.exp2(lg2 * (r0 - oc).to(tl.float32))[None, :]
+            if RESET:
+                p = tl.where(oc[None, :] >= drow[:, None], p, 0.0)
+        rs += tl.sum(p, 1)
+        y = tl.load(yb + oc[:, None].to(tl.int64) * syt + od[None, :], mask=mc[:, None], other=0.0)
+        acc = tl.dot(p.to(y.dtype), y, acc, input_precision=prec)
+
+    ob = OUT + b * sob + h * soh
+    tl.store(ob + orr[:, None].to(tl.int64) * sot + od[None, :], acc.to(OUT.dtype.element_ty), mask=mr[:, None])
+    if ROW_SUMS:
+        tl.store(RS + (b * T + orr) * H + h, rs, mask=mr & (orr * 0 + pid_d == 0))  # s [B, T, H] fp32
 
 
-summary_tuned = _tuned(_summary_kernel, _configs([
-    ("BX", "BY", "BT", "w", "s"),
-    (128, 128, 64, 8, 3), (128, 256, 64, 8, 3), (128, 128, 64, 4, 3), (128, 128, 32, 4, 4),
-    (64, 128, 64, 4, 3), (64, 256, 64, 8, 3), (256, 128, 64, 8, 3), (128, 64, 64, 4, 4)]), ["DX", "DY", "C"])
-scores_tuned = _tuned(_scores_kernel, _configs([
-    ("BT", "BE", "w", "s"),
-    (64, 64, 4, 3), (64, 128, 4, 2), (64, 64, 8, 3), (128, 64, 8, 3), (128, 128, 8, 2)]),  # (128 rows at 4 warps spills)
-    ["E", "C", "ROW_SUMS"], _prune_bt)
-out_tuned = _tuned(_out_kernel, _configs([
-    ("BT", "BD", "BE", "BS", "w", "s"),
-    (128, 128, 64, 64, 8, 3), (128, 256, 64, 64, 8, 3), (128, 128, 64, 64, 4, 3), (128, 64, 64, 64, 4, 4),
-    (64, 128, 64, 64, 4, 3), (64, 256, 64, 64, 8, 3), (64, 64, 64, 64, 4, 4), (128, 128, 32, 32, 8, 4)]),
-    ["E", "D", "C", "TRANS_M", "TRANS_P"], _prune_bt)
+# ---------------------------------------------------------------------------------------------
+# Configs and launching
+# ---------------------------------------------------------------------------------------------
+def _configs(names, rows):
+    """triton.Config list from tuples (meta..., num_warps, num_stages)."""
+    return [triton.Config(dict(zip(names, r[:-2])), num_warps=r[-2], num_stages=r[-1]) for r in rows]
+
+
+def _divisor_block(n: int, cap: int) -> int:
+    """The largest power of two <= cap dividing n (n a multiple of 16)."""
+    b = cap
+    while n % b:
+        b //= 2
+    return b
+
+
+STATES_CONFIGS = _configs(("BX", "BY", "BT"), [(64, 128, 64, 4, 3), (128, 128, 64, 8, 2), (64, 64, 64, 4, 3)])
+# (checked offline for sm_90a at K 256 / V 512, bf16: wgmma, no spills; 3 stages at 128 rows spill)
+APPLY_CONFIGS = _configs(("BR", "BD", "BE"), [(128, 128, 64, 8, 2), (64, 128, 64, 4, 3), (64, 256, 64, 8, 2)])
+
+
+def _prune_states(configs, nargs, **kwargs):
+    a = {**nargs, **kwargs}  # (the autotuner passes positional and keyword arguments apart)
+    DX, DY, C = a["DX"], a["DY"], a["C"]
+    keep = [c for c in configs if DX % c.kwargs["BX"] == 0 and DY % c.kwargs["BY"] == 0 and C % c.kwargs["BT"] == 0]
+    meta = dict(BX=_divisor_block(DX, 64), BY=_divisor_block(DY, 64), BT=_divisor_block(C, 64))
+    return keep or [triton.Config(meta, num_warps=4, num_stages=2)]
+
+
+def _prune_apply(configs, nargs, **kwargs):
+    """Row blocks never straddle a chunk (BR divides C); tiles divide the head dims."""
+    a = {**nargs, **kwargs}
+    E, D, C = a["E"], a["D"], a["C"]
+    keep = [c for c in configs if C % c.kwargs["BR"] == 0 and D % c.kwargs["BD"] == 0 and E % c.kwargs["BE"] == 0]
+    meta = dict(BR=_divisor_block(C, 64), BD=_divisor_block(D, 128), BE=_divisor_block(E, 64))
+    return keep or [triton.Config(meta, num_warps=4, num_stages=2)]
+
+
+def _tuned(fn, configs, key, prune):
+    return triton.autotune(configs=configs, key=key, prune_configs_by={"early_config_prune": prune})(fn)
+
+
+states_tuned = _tuned(_states_kernel, STATES_CONFIGS, ["DX", "DY", "C", "REVERSE", "WITH_Z", "RESET"], _prune_states)
+apply_tuned = _tuned(_apply_kernel, APPLY_CONFIGS, ["E", "D", "C", "KEY_ROWS", "TRANS_M", "ROW_SUMS", "RESET"],
+                     _prune_apply)
+KERNELS = {"states": (_states_kernel, states_tuned, STATES_CONFIGS, _prune_states),
+           "apply": (_apply_kernel, apply_tuned, APPLY_CONFIGS, _prune_apply)}
+
+# Tests override block shapes per kernel name under the interpreter (or with autotuning off).
+FIXED_META: dict = {}
+
+
+def launch(name, grid, args: dict):
+    """Run kernel `name` with keyword args: autotuned on GPU; otherwise the first valid config
+    (with FIXED_META's overrides). grid: meta -> grid tuple."""
+    raw, tuned, configs, prune = KERNELS[name]
+    if AUTOTUNE and not FIXED_META.get(name):
+        tuned[grid](**args)
+        return
+    cfg = prune(configs, args)[0]
+    meta = {**cfg.kwargs, **FIXED_META.get(name, {})}
+    opts = {} if INTERPRET else {"num_warps": cfg.num_warps, "num_stages": cfg.num_stages}
+    raw[grid(meta)](**args, **meta, **opts)

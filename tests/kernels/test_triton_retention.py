@@ -3,9 +3,11 @@
 On CPU the kernels run under Triton's interpreter. TRITON_INTERPRET=1 must be set before triton
 itself is first imported (triton.language's helpers are jit'd at import), which another test or
 torch.compile may already have done in this process, so the CPU cases run in one fresh
-subprocess (this file run as a script with `all`; importing torch + triton there takes seconds). Small shapes, fp32 inputs against the fp64 torch path: tolerance
-1e-4 of each output's max magnitude (fp32 rounding only). On GPU (pytest -m gpu): bf16 at the
-paper's head dims against the fp32 torch path, 2e-2 (bf16 has 8 bits of mantissa).
+subprocess (this file run as a script with `all`; importing torch + triton there takes seconds).
+Small shapes against the fp64 torch path: fp32 within 1e-4 of each output's max magnitude (fp32
+rounding only), bf16 within 2e-2 (8 bits of mantissa; the torch path in bf16 lands at ~5e-3).
+On GPU (pytest -m gpu): bf16 at the presets' head dims against the fp32 torch path, 2e-2; fp32
+against fp64, 1e-4.
 """
 import json
 import os
@@ -22,23 +24,27 @@ from retnet_train.model.retnet import decay_log_gammas
 
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-CPU_TOL = 1e-4
-GPU_TOL = 2e-2
+FP32_TOL = 1e-4
+BF16_TOL = 2e-2
+NAMES = ["o", "row sums", "final state", "dq", "dk", "dv"]
 
 
 def rel_err(a, ref):
     return ((a.double() - ref.double()).abs().max() / ref.double().abs().max().clamp(min=1e-12)).item()
 
 
-def interpreted_module():
+def interpreted():
     from retnet_train.kernels import triton_retention as mod
+    from retnet_train.kernels import triton_retention_kernels as kernels
 
     assert mod.INTERPRET
-    return mod
+    return mod, kernels
 
 
+# (case, args...): each runs in the interpreter subprocess; see the check_* functions below.
 CPU_CASES = [("check_matches_torch", 2, 80, 2, 32, 64, 32), ("check_matches_torch", 1, 128, 2, 64, 128, 64),
-             ("check_state_and_no_row_sums",), ("check_block_mix",)]
+             ("check_blocks_resets_state",), ("check_resets_only_and_no_row_sums",), ("check_prefill_continues",),
+             ("check_small_decay",), ("check_bf16",), ("check_dispatch",)]
 
 
 @pytest.fixture(scope="module")
@@ -48,7 +54,7 @@ def interpreter_results():
     pytest.importorskip("triton")
     env = dict(os.environ, TRITON_INTERPRET="1", PYTHONPATH=ROOT + os.pathsep + os.environ.get("PYTHONPATH", ""))
     r = subprocess.run([sys.executable, os.path.abspath(__file__), "all"], env=env, cwd=ROOT,
-                       capture_output=True, text=True, timeout=600)
+                       capture_output=True, text=True, timeout=900)
     assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
     return json.loads(r.stdout.strip().splitlines()[-1])
 
@@ -66,17 +72,44 @@ def inputs(B, T, H, K, V, device="cpu", seed=0):
     return q, k, v
 
 
+def resets(B, T, C, device="cpu", seed=0):
+    """Document starts: at 0 in batch row 0, on a chunk boundary, inside chunks, and two adjacent."""
+    g = torch.Generator(device=device).manual_seed(seed)
+    reset = torch.rand(B, T, device=device, generator=g) < 4 / T
+    reset[0, 0] = True
+    reset[-1, min(C, T - 1)] = True
+    reset[0, T // 2: T // 2 + 2] = True
+    return reset
+
+
 def run(fn, q, k, v, dtype, state=None):
     leaves = [t.to(dtype).clone().requires_grad_() for t in (q, k, v)]
     o, s, final = fn(*leaves, state)
     w = torch.linspace(-1, 1, o.shape[-1], device=o.device, dtype=torch.float64)
     (o.double() * w).sum().backward()
-    return o, s, final, [t.grad for t in leaves]
+    return [o, s, final, *(t.grad for t in leaves)]
 
 
-def torch_ref(C, lg):
+def torch_path(C, lg, reset=None, row_sums=True):
     from retnet_train.kernels import retention_op
-    return lambda q, k, v, state: retention_op("torch", q, k, v, lg.to(q.device), "chunkwise", C, None, state, True)
+    return lambda q, k, v, state: retention_op("torch", q, k, v, lg.to(q.device), "chunkwise", C, reset, state,
+                                               row_sums)
+
+
+def triton_path(C, lg, reset=None, row_sums=True):
+    from retnet_train.kernels import retention_op
+    return lambda q, k, v, state: retention_op("triton", q, k, v, lg.to(q.device), "chunkwise", C, reset, state,
+                                               row_sums)
+
+
+def assert_close(got, ref, tol, names=NAMES):
+    for name, a, b in zip(names, got, ref):
+        if b is None:
+            assert a is None, name
+            continue
+        assert a.shape == b.shape, (name, a.shape, b.shape)
+        err = rel_err(a, b)
+        assert err < tol, f"{name}: relative error {err:.2e} >= {tol}"
 
 
 @pytest.mark.parametrize("B,T,H,K,V,C", [(2, 80, 2, 32, 64, 32), (1, 128, 2, 64, 128, 64)])
@@ -84,14 +117,31 @@ def test_triton_interpreter_matches_torch(interpreter_results, B, T, H, K, V, C)
     in_subprocess(interpreter_results, "check_matches_torch", B, T, H, K, V, C)
 
 
-def test_triton_interpreter_state_and_no_row_sums(interpreter_results):
-    in_subprocess(interpreter_results, "check_state_and_no_row_sums")
+def test_triton_interpreter_blocks_resets_state(interpreter_results):
+    """Several row blocks per chunk, column tiles, a partial last chunk, resets and an incoming state."""
+    in_subprocess(interpreter_results, "check_blocks_resets_state")
 
 
-def test_triton_interpreter_block_mix(interpreter_results):
-    """The GPU tuner's shapes: 128-row output blocks and 128 x 128 summaries consuming scores
-    written in 32-row blocks, over a partial last chunk and an incoming state."""
-    in_subprocess(interpreter_results, "check_block_mix")
+def test_triton_interpreter_resets_without_row_sums(interpreter_results):
+    in_subprocess(interpreter_results, "check_resets_only_and_no_row_sums")
+
+
+def test_triton_interpreter_prefill_continues(interpreter_results):
+    in_subprocess(interpreter_results, "check_prefill_continues")
+
+
+def test_triton_interpreter_small_decay(interpreter_results):
+    """A decay whose centred split would overflow takes the elementwise path."""
+    in_subprocess(interpreter_results, "check_small_decay")
+
+
+def test_triton_interpreter_bf16(interpreter_results):
+    in_subprocess(interpreter_results, "check_bf16")
+
+
+def test_triton_interpreter_dispatch(interpreter_results):
+    """retention_op sends resets and the parallel mode to the kernels, and matches the torch path."""
+    in_subprocess(interpreter_results, "check_dispatch")
 
 
 @pytest.mark.parametrize("backend", ["triton", "fla"])
@@ -103,79 +153,161 @@ def test_gpu_backends_refuse_cpu(backend):
     assert resolve_backend("auto", torch.device("cpu")) == "torch"
 
 
+def test_doc_starts():
+    from retnet_train.kernels.triton_retention import doc_starts
+
+    reset = torch.tensor([[False, False, True, False, True], [True, False, False, False, False]])
+    assert doc_starts(reset).tolist() == [[-1, -1, 2, 2, 4], [0, 0, 0, 0, 0]]
+
+
+# ---- the interpreter cases ----------------------------------------------------------------------
 def check_matches_torch(B, T, H, K, V, C):
-    mod = interpreted_module()
+    interpreted()
     lg = decay_log_gammas(H)
     q, k, v = inputs(B, T, H, K, V)
-    ref = run(torch_ref(C, lg), q, k, v, torch.float64)
-    got = run(lambda q, k, v, st: mod.triton_retention(q, k, v, lg, C, st, True), q, k, v, torch.float32)
-    names = ["o", "row sums", "final state"]
-    for name, a, b in zip(names, got[:3], ref[:3]):
-        assert a.shape == b.shape, name
-        assert rel_err(a, b) < CPU_TOL, name
-    for name, a, b in zip(["dq", "dk", "dv"], got[3], ref[3]):
-        assert rel_err(a, b) < CPU_TOL, name
+    assert_close(run(triton_path(C, lg), q, k, v, torch.float32), run(torch_path(C, lg), q, k, v, torch.float64),
+                 FP32_TOL)
 
 
-def check_state_and_no_row_sums():
-    """An incoming state (chunked prefill continues), and the plain [B, H, K, V] state without row sums."""
-    mod = interpreted_module()
+def _with_blocks(kernels, fn, **meta):
+    kernels.FIXED_META.update(meta)
+    try:
+        fn()
+    finally:
+        kernels.FIXED_META.clear()
+
+
+def check_blocks_resets_state():
+    """Chunk 48 in row blocks of 16 (3 per chunk), value tiles of 32, key slices of 16, T = 80
+    (a partial chunk), document starts and an incoming state with its row-sum column."""
+    _, kernels = interpreted()
+    B, T, H, K, V, C = 2, 80, 2, 32, 64, 48
+    lg = decay_log_gammas(H)
+    q, k, v = inputs(B, T, H, K, V, seed=2)
+    reset = resets(B, T, C)
+    st = torch.randn(B, H, K, V + 1, generator=torch.Generator().manual_seed(3)) * 0.1
+
+    def case():
+        ref = run(torch_path(C, lg, reset), q, k, v, torch.float64, st.double())
+        assert_close(run(triton_path(C, lg, reset), q, k, v, torch.float32, st), ref, FP32_TOL)
+    _with_blocks(kernels, case, apply={"BR": 16, "BD": 32, "BE": 16}, states={"BX": 16, "BY": 32, "BT": 16})
+
+
+def check_resets_only_and_no_row_sums():
+    interpreted()
+    B, T, H, K, V, C = 2, 96, 2, 32, 32, 32
+    lg = decay_log_gammas(H)
+    q, k, v = inputs(B, T, H, K, V, seed=4)
+    reset = resets(B, T, C, seed=1)
+    ref = run(torch_path(C, lg, reset, row_sums=False), q, k, v, torch.float64)
+    got = run(triton_path(C, lg, reset, row_sums=False), q, k, v, torch.float32)
+    assert got[1] is None and got[2].shape == (B, H, K, V)
+    assert_close(got, ref, FP32_TOL)
+
+
+def check_prefill_continues():
+    """Two calls with the state handed over equal one call (chunked prefill), also without row sums."""
+    mod, _ = interpreted()
     B, T, H, K, V, C = 1, 48, 2, 32, 64, 16
     lg = decay_log_gammas(H)
     q, k, v = inputs(B, T, H, K, V, seed=1)
-    ref = torch_ref(C, lg)
     with torch.no_grad():
-        o_ref, s_ref, st_ref = ref(*(t.double() for t in (q, k, v)), None)
+        o_ref, s_ref, st_ref = torch_path(C, lg)(*(t.double() for t in (q, k, v)), None)
         o1, s1, st = mod.triton_retention(q[:, :20], k[:, :20], v[:, :20], lg, C, None, True)
         o2, s2, st = mod.triton_retention(q[:, 20:], k[:, 20:], v[:, 20:], lg, C, st, True)
         o3, s3, st3 = mod.triton_retention(q, k, v, lg, C, None, False)
-    assert rel_err(torch.cat([o1, o2], 1), o_ref) < CPU_TOL
-    assert rel_err(torch.cat([s1, s2], 1), s_ref) < CPU_TOL
-    assert rel_err(st, st_ref) < CPU_TOL
+    assert_close([torch.cat([o1, o2], 1), torch.cat([s1, s2], 1), st], [o_ref, s_ref, st_ref], FP32_TOL)
     assert s3 is None and st3.shape == (B, H, K, V)
-    assert rel_err(o3, o_ref) < CPU_TOL and rel_err(st3, st_ref[..., :V]) < CPU_TOL
+    assert_close([o3, st3], [o_ref, st_ref[..., :V]], FP32_TOL)
 
 
-def check_block_mix():
-    mod = interpreted_module()
-    mod.INTERP_META.update(scores={"BT": 32, "BE": 64}, out={"BT": 128, "BD": 64, "BE": 64, "BS": 64},
-                           summary={"BX": 32, "BY": 64, "BT": 64})
-    try:
-        _block_mix(mod)
-    finally:
-        mod.INTERP_META.clear()
+def check_small_decay():
+    _, kernels = interpreted()
+    B, T, H, K, V, C = 1, 128, 2, 32, 32, 64
+    lg = torch.tensor([-4.6, -0.01])  # gamma 0.01: gamma^-32 overflows fp32
+    q, k, v = inputs(B, T, H, K, V, seed=5)
+    reset = resets(B, T, C, seed=2)
+
+    def case():
+        ref = run(torch_path(C, lg, reset), q, k, v, torch.float64)
+        assert_close(run(triton_path(C, lg, reset), q, k, v, torch.float32), ref, FP32_TOL)
+    _with_blocks(kernels, case, apply={"BR": 64, "BD": 32, "BE": 32})
 
 
-def _block_mix(mod):
-    B, T, H, K, V, C = 1, 160, 1, 32, 64, 128
+def check_bf16():
+    interpreted()
+    B, T, H, K, V, C = 1, 128, 2, 32, 64, 64
     lg = decay_log_gammas(H)
-    q, k, v = inputs(B, T, H, K, V, seed=2)
-    g = torch.Generator().manual_seed(3)
-    st = torch.randn(B, H, K, V + 1, generator=g) * 0.1
-    ref = run(torch_ref(C, lg), q, k, v, torch.float64, st.double())
-    got = run(lambda q, k, v, s: mod.triton_retention(q, k, v, lg, C, s, True), q, k, v, torch.float32, st)
-    for name, a, b in zip(["o", "row sums", "final state", "dq", "dk", "dv"], [*got[:3], *got[3]], [*ref[:3], *ref[3]]):
-        assert rel_err(a, b) < CPU_TOL, name
+    q, k, v = inputs(B, T, H, K, V, seed=6)
+    reset = resets(B, T, C, seed=3)
+    st = torch.randn(B, H, K, V + 1, generator=torch.Generator().manual_seed(4)) * 0.1
+    ref = run(torch_path(C, lg, reset), q, k, v, torch.float64, st.double())
+    got = run(triton_path(C, lg, reset), q, k, v, torch.bfloat16, st.bfloat16())
+    assert got[0].dtype == torch.bfloat16 and got[1].dtype == torch.float32 and got[2].dtype == torch.bfloat16
+    assert_close(got, ref, BF16_TOL)
+
+
+def check_dispatch():
+    """Resets and the parallel mode go to the kernels (a stand-in kernel records the call)."""
+    mod, _ = interpreted()
+    from retnet_train.kernels import retention_op
+
+    B, T, H, K, V = 1, 40, 2, 16, 32
+    lg = decay_log_gammas(H)
+    q, k, v = inputs(B, T, H, K, V, seed=7)
+    reset = resets(B, T, 16, seed=4)
+    seen = []
+    real = mod.triton_retention
+    mod.triton_retention = lambda *a: (seen.append(a[4]), real(*a))[1]
+    try:
+        got = retention_op("triton", q, k, v, lg, "parallel", 16, reset, None, True)
+    finally:
+        mod.triton_retention = real
+    ref = retention_op("torch", q.double(), k.double(), v.double(), lg, "parallel", 16, reset, None, True)
+    assert seen == [64]  # parallel: one chunk of the sequence rounded up to 64
+    assert_close(got, ref, FP32_TOL, names=NAMES[:3])
+
+
+# ---- GPU ------------------------------------------------------------------------------------------
+needs_gpu = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA/ROCm")
 
 
 @pytest.mark.gpu
-@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA/ROCm")
-@pytest.mark.parametrize("T,C", [(2048, 256), (2000, 128)])
-def test_triton_matches_torch_bf16_paper_dims(T, C):
-    from retnet_train.kernels import retention_op
-    B, H, K, V = 1, 4, 256, 512
+@needs_gpu
+@pytest.mark.parametrize("T,C,K,V,docs", [(2048, 256, 256, 512, False), (2000, 128, 256, 512, True),
+                                          (2048, 128, 128, 256, True), (1024, 64, 128, 256, False)])
+def test_triton_bf16_matches_torch_fp32_gpu(T, C, K, V, docs):
+    B, H = 2, 4
     lg = decay_log_gammas(H).cuda()
     q, k, v = inputs(B, T, H, K, V, device="cuda")
-    ref = run(torch_ref(C, lg), q, k, v, torch.float32)
-    got = run(lambda q, k, v, st: retention_op("triton", q, k, v, lg, "chunkwise", C, None, st, True), q, k, v, torch.bfloat16)
-    for name, a, b in zip(["o", "row sums", "final state", "dq", "dk", "dv"], [*got[:3], *got[3]], [*ref[:3], *ref[3]]):
-        assert rel_err(a, b) < GPU_TOL, name
+    reset = resets(B, T, C, device="cuda") if docs else None
+    st = torch.randn(B, H, K, V + 1, device="cuda") * 0.1
+    ref = run(torch_path(C, lg, reset), q, k, v, torch.float32, st)
+    got = run(triton_path(C, lg, reset), q, k, v, torch.bfloat16, st.bfloat16())
+    assert_close(got, ref, BF16_TOL)
 
 
-def _patch_interpreter_index():
-    """Triton 3.6's interpreter keeps scalars as 1-element arrays and turns them into Python ints
-    with int(array), which numpy >= 2.4 refuses for 1-d arrays; the kernels' loops whose bounds
-    depend on the program id (the causal block skipping) need that conversion."""
+@pytest.mark.gpu
+@needs_gpu
+@pytest.mark.parametrize("K,V", [(256, 512), (128, 256)])
+def test_triton_fp32_matches_torch_fp64_gpu(K, V):
+    B, T, H, C = 1, 640, 2, 128
+    lg = decay_log_gammas(H).cuda()
+    q, k, v = inputs(B, T, H, K, V, device="cuda")
+    reset = resets(B, T, C, device="cuda")
+    ref = run(torch_path(C, lg, reset), q, k, v, torch.float64)
+    assert_close(run(triton_path(C, lg, reset), q, k, v, torch.float32), ref, FP32_TOL)
+
+
+# ---- the interpreter subprocess -------------------------------------------------------------------
+def _patch_interpreter():
+    """Two gaps of Triton's CPU interpreter: (1) it keeps scalars as 1-element arrays and turns them
+    into Python ints with int(array), which numpy >= 2.4 refuses for 1-d arrays (loops whose bounds
+    depend on the program id need that); (2) its dot multiplies bf16 operands as their raw 16-bit
+    integers and its fp32 -> bf16 cast truncates; here bf16 operands are widened exactly and the
+    cast rounds to nearest even, as the GPU does."""
+    import numpy as np
+    import triton.language as tl
     from triton.runtime import interpreter
 
     original = interpreter._patch_lang_tensor
@@ -186,10 +318,28 @@ def _patch_interpreter_index():
 
     interpreter._patch_lang_tensor = patched
 
+    def widen(h):
+        if h.dtype.scalar == tl.bfloat16:
+            return interpreter.TensorHandle((h.data.astype(np.uint32) << 16).view(np.float32), tl.float32)
+        return h
+
+    dot = interpreter.InterpreterBuilder.create_dot
+    interpreter.InterpreterBuilder.create_dot = lambda self, a, b, *rest: dot(self, widen(a), widen(b), *rest)
+    cast = interpreter.InterpreterBuilder.cast_impl
+
+    def cast_rne(self, src, dst_type):
+        if src.dtype.scalar == tl.float32 and dst_type.scalar == tl.bfloat16:
+            bits = np.ascontiguousarray(src.data, dtype=np.float32).view(np.uint32).astype(np.uint64)
+            bits = ((bits + 0x7FFF + ((bits >> 16) & 1)) >> 16).astype(np.uint16)
+            return interpreter.TensorHandle(bits, tl.bfloat16)
+        return cast(self, src, dst_type)
+
+    interpreter.InterpreterBuilder.cast_impl = cast_rne
+
 
 if __name__ == "__main__":
     torch.manual_seed(0)
-    _patch_interpreter_index()
+    _patch_interpreter()
     if sys.argv[1] != "all":
         globals()[sys.argv[1]](*map(int, sys.argv[2:]))
     else:

@@ -1,0 +1,41 @@
+"""The retention-kernel benchmark's CPU-side helpers: kernel order from a profile, the table, specs."""
+from types import SimpleNamespace
+
+import pytest
+
+from retnet_train.bench import retention_kernels as bench
+
+
+def event(name, device, start, us):
+    return SimpleNamespace(name=name, device_type=f"DeviceType.{device}",
+                           time_range=SimpleNamespace(start=start, elapsed_us=lambda: us))
+
+
+def test_kernel_sequence_keeps_one_step_of_device_kernels_in_launch_order():
+    step = [("_states_kernel", 40.0), ("_apply_kernel", 120.0)]
+    events = [event("aten::empty", "CPU", 0, 1.0)]
+    for i in range(2):  # two identical steps, listed out of order
+        events += [event(name, "CUDA", 1000 * i + 10 * j, us) for j, (name, us) in enumerate(step)][::-1]
+    prof = SimpleNamespace(events=lambda: events)
+    assert bench.kernel_sequence(prof, 2) == [["_states_kernel", 40.0], ["_apply_kernel", 120.0]]
+
+
+def test_table_shows_results_and_errors(capsys):
+    bench.print_table([{"dims": "256x512", "backend": "triton@128", "ms_fwd": 0.2, "ms_fwd_bwd": 0.61,
+                        "tflops": 300.0, "kept_gib": 0.0},
+                       {"dims": "128x256", "backend": "fla", "error": "RuntimeError: fla-core is not installed"}])
+    lines = capsys.readouterr().out.strip().splitlines()
+    assert lines[0].split()[:2] == ["dims", "backend"]
+    assert lines[1].split() == ["256x512", "triton@128", "0.200", "0.610", "300.0", "0.000"]
+    assert lines[2].split()[:4] == ["128x256", "fla", "-", "-"] and "fla-core is not installed" in lines[2]
+
+
+def test_dims_and_gemm_backend_without_resets():
+    assert bench.parse_dims("256x512,128x256") == [(256, 512), (128, 256)]
+    with pytest.raises(ValueError, match="no document resets"):
+        bench.retention_fn("triton-gemm", 256, None, reset=object())
+
+
+def test_stopped_is_not_a_variant_error():
+    """SIGTERM's exception passes through a variant's `except Exception` to the table."""
+    assert not issubclass(bench.Stopped, Exception)
