@@ -19,7 +19,7 @@ from tqdm import tqdm
 
 from .components.checkpoint import CheckpointManager, resolve_resume
 from .components.faults import OOM_HINT, NonFiniteTracker, TrainingError, inject
-from .components.config import TrainConfig, check_values, checkpointing_mode, config_diff, data_sources, grad_accumulation, register
+from .components.config import TrainConfig, check_values, config_diff, data_sources, grad_accumulation, register
 from .components.metrics import MetricsLogger, Throughput, device_peak_flops, peak_memory_gib
 from .components.optim import build_optimizer, deepspeed_config, skip_duplicate_overflow_check
 from .components.preemption import PreemptionHandler
@@ -29,7 +29,7 @@ from .components.rng import seed_everything
 from .data import TokenLoader, build_validation_loader, sha256_file
 from .model import build_model, model_config_from_dict
 from .model.flops import flops_per_token
-from .parallel import attach as attach_context_parallel, build_context_parallel, loss_weight
+from .parallel import build_context_parallel, loss_weight, parallelize
 
 def init_distributed(device: torch.device, timeout=None) -> None:
     """NCCL on GPU, gloo on CPU; `timeout` (a timedelta) for collectives, else the defaults."""
@@ -93,10 +93,8 @@ def run(cfg: TrainConfig) -> dict:
 
     model_cfg = model_config_from_dict(cfg.model)
     model = build_model(model_cfg)
-    model.set_activation_checkpointing(checkpointing_mode(cfg.train.activation_checkpointing))
-    attach_context_parallel(model, cp)
-    if cfg.train.compile:
-        model.compile_blocks(cfg.train.activation_memory_budget)
+    parallelize(model, compile=cfg.train.compile, activation_checkpointing=cfg.train.activation_checkpointing,
+                activation_memory_budget=cfg.train.activation_memory_budget, context_parallel=cp)
 
     tokenizer_sha = sha256_file(cfg.data.tokenizer) if cfg.data.tokenizer else None
     sources = data_sources(cfg)

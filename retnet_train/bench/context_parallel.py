@@ -27,7 +27,7 @@ import torch.distributed as dist
 
 from ..components.metrics import peak_memory_gib
 from ..model import build_model
-from ..parallel import attach, build_context_parallel, check_layout
+from ..parallel import build_context_parallel, check_layout, parallelize
 from ..train import init_distributed
 from .train_throughput import load_preset, make_engine
 
@@ -106,8 +106,7 @@ def main(argv=None):
     cfg = load_preset(args.preset, retention_backend=args.backend, **overrides)
     torch.manual_seed(0)
     model = build_model(cfg).to(device)
-    model.set_activation_checkpointing(args.activation_checkpointing)
-    attach(model, cp)
+    parallelize(model, activation_checkpointing=args.activation_checkpointing, context_parallel=cp)
     bf16 = device.type == "cuda"
     engine = make_engine(model.to(torch.bfloat16) if bf16 else model, args.micro_batch, args.zero_stage, bf16=bf16)
     base = {"preset": args.preset, "params": sum(p.numel() for p in model.parameters()), "world": world,

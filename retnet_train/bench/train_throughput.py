@@ -24,6 +24,7 @@ from ..components.config import TrainConfig
 from ..components.optim import deepspeed_config, skip_duplicate_overflow_check
 from ..model.config import RETENTION_BACKENDS
 from ..model.flops import flops_per_token
+from ..parallel import parallelize
 
 CONFIG_DIR = os.path.join(os.path.dirname(__file__), "..", "..", "configs", "model")
 def load_preset(name: str, **overrides):
@@ -99,11 +100,10 @@ def measure(name, build, cfg, args):
     n_params = sum(p.numel() for p in model.parameters())  # before ZeRO-3 partitions them to empty shells
     ours = name != "fla"
     if ours:
-        model.set_activation_checkpointing(args.activation_checkpointing)
+        parallelize(model, compile=args.compile, activation_checkpointing=args.activation_checkpointing,
+                    activation_memory_budget=args.activation_memory_budget)
     elif args.activation_checkpointing == "full":
         model.gradient_checkpointing_enable()  # HF's: each decoder layer recomputed in the backward
-    if ours and args.compile:
-        model.compile_blocks(args.activation_memory_budget)
     engine = make_engine(model, args.micro_batch, args.zero_stage, args.grad_accum, ds_overrides=args.ds_json)
     B, T = args.micro_batch, args.seq_len
     g = torch.Generator(device="cuda").manual_seed(0)

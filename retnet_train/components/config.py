@@ -152,8 +152,7 @@ def check_values(cfg: TrainConfig) -> None:
     need(not cfg.deepspeed.offload_optimizer or cfg.deepspeed.zero_stage >= 1, "deepspeed.offload_optimizer", "needs zero_stage>=1")
     for key in ("micro_batch_size", "global_batch_tokens", "max_steps", "log_interval", "eval_interval", "max_consecutive_nonfinite"):
         need(getattr(cfg.train, key) > 0, f"train.{key}", "must be > 0")
-    need(checkpointing_mode(cfg.train.activation_checkpointing) in ("none", "selective", "full"),
-         "train.activation_checkpointing", f"{cfg.train.activation_checkpointing!r} is not none|selective|full")
+    checkpointing_mode(cfg.train.activation_checkpointing, "train.activation_checkpointing")
     budget = cfg.train.activation_memory_budget
     need(0 < budget <= 1, "train.activation_memory_budget", f"{budget} is not in (0, 1]")
     need(budget == 1 or cfg.train.compile, "train.activation_memory_budget",
@@ -172,9 +171,16 @@ def check_values(cfg: TrainConfig) -> None:
     need(cfg.wandb.mode in ("online", "offline", "disabled"), "wandb.mode", f"{cfg.wandb.mode!r} is not online|offline|disabled")
 
 
-def checkpointing_mode(value: str) -> str:
-    """train.activation_checkpointing as none|selective|full; YAML/CLI booleans arrive as "True"/"False"."""
-    return {"true": "full", "false": "none"}.get(str(value).lower(), str(value).lower())
+CHECKPOINTING_MODES = ("none", "selective", "full")
+
+
+def checkpointing_mode(value, key: str = "activation_checkpointing") -> str:
+    """none|selective|full from a config or CLI value: booleans (also YAML/CLI "True"/"False") mean
+    full/none, case is ignored; anything else is an error naming `key`."""
+    mode = {"true": "full", "false": "none"}.get(str(value).lower(), str(value).lower())
+    if mode not in CHECKPOINTING_MODES:
+        raise ValueError(f"{key}: {value!r} is not one of none, selective, full")
+    return mode
 
 
 def data_sources(cfg: TrainConfig) -> dict:

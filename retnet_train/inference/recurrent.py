@@ -18,7 +18,7 @@ import torch
 
 from ..model import RetNetForCausalLM
 from ..model.layers import rotary_at, rotary_sin_cos
-from ..model.retnet import decay_normalizer, document_positions
+from ..model.retnet import SequenceContext, decay_normalizer, document_positions
 
 
 class RetNetDecoder:
@@ -79,8 +79,9 @@ class RetNetDecoder:
             x = model.embed(ids)
             doc_pos = document_positions(ds, ids.shape[1], doc_pos0)
             sin, cos = (t.unsqueeze(1) for t in rotary_sin_cos(model.inv_freq, position, ids.shape[1], x.dtype))
+            ctx = SequenceContext(sin, cos, model.log_gamma, doc_pos, ds, "chunkwise", chunk_size)
             for i, block in enumerate(model.layers):
-                x, layers[i] = block(x, sin, cos, model.log_gamma, doc_pos, ds, "chunkwise", chunk_size, layers[i])
+                x, layers[i] = block(x, ctx, layers[i])
             position += ids.shape[1]
             doc_pos0 = doc_pos[:, -1] + 1
         for buf, s in zip(self.states, layers):

@@ -6,10 +6,8 @@ from dataclasses import dataclass
 from typing import Any, Optional
 
 import torch
-import torch._functorch.config
 import torch.nn.functional as F
 from torch import nn
-from torch.utils.checkpoint import checkpoint
 
 from .config import DecoderConfig
 from .loss import linear_cross_entropy
@@ -98,17 +96,6 @@ def rotary_at(inv_freq: torch.Tensor, position: torch.Tensor, dtype) -> tuple[to
     return angles.sin().to(dtype), angles.cos().to(dtype)
 
 
-CHECKPOINTING_MODES = ("none", "selective", "full")
-
-
-def checkpointing_mode(mode) -> str:
-    """none|selective|full, also from True (full) / False (none); anything else is an error."""
-    mode = {True: "full", False: "none"}.get(mode, mode)
-    if mode not in CHECKPOINTING_MODES:
-        raise ValueError(f"activation checkpointing: {mode!r} is not one of none, full, selective")
-    return mode
-
-
 @dataclass
 class CausalLMOutput:
     logits: Optional[torch.Tensor]
@@ -172,7 +159,6 @@ class DecoderLM(nn.Module):
         self.lm_head = LMHead(config.d_model, config.vocab_size)
         if config.tie_embeddings:
             self.lm_head.weight = self.embed_tokens.weight  # one Parameter, listed once
-        self.activation_checkpointing = False
         self.check_inputs = True  # off for CUDA-graph decoding, where a host sync is not allowed
         for name, value in self.constants().items():
             self.register_buffer(name, value, persistent=False)
@@ -194,33 +180,6 @@ class DecoderLM(nn.Module):
                 setattr(self, name, exact.to(current.device))
         return self
 
-    def set_activation_checkpointing(self, mode="full") -> None:
-        """What the backward pass recomputes instead of keeping: "full" (or True) each block;
-        "selective" only the sequence mixer's core where a block has one that pays (RetNet's
-        retention + normalization + group norm: the largest activations for the least compute);
-        "none" (or False) nothing."""
-        mode = checkpointing_mode(mode)
-        self.activation_checkpointing = mode == "full"
-        for module in self.modules():
-            if hasattr(module, "checkpoint_core"):
-                module.checkpoint_core = mode == "selective"
-
-    def compile_blocks(self, activation_memory_budget: float = 1.0) -> None:
-        """torch.compile each block in place: fuses norms, rotation, gate and FFN elementwise
-        work; fla's kernels are excluded from compilation by fla itself.
-
-        activation_memory_budget < 1: the compiled backward recomputes what the forward would keep,
-        cheapest first (elementwise work before GEMMs), until what is kept is that fraction of the
-        default. torch's own knob (torchtitan's memory_budget mode); it is process-wide and read
-        when a block first runs."""
-        if not 0 < activation_memory_budget <= 1:
-            raise ValueError(f"activation_memory_budget: {activation_memory_budget} is not in (0, 1]")
-        torch._functorch.config.activation_memory_budget = activation_memory_budget
-        for block in self.layers:
-            # the forward only, not the module call: hooks on the block (ZeRO-3's parameter
-            # gathering) stay outside the graph instead of breaking it
-            block.forward = torch.compile(block.forward)
-
     def num_params(self, exclude_embeddings: bool = False) -> int:
         n = sum(p.numel() for p in self.parameters())  # a tied weight counts once
         return n - self.embed_tokens.weight.numel() if exclude_embeddings else n
@@ -234,11 +193,6 @@ class DecoderLM(nn.Module):
                 raise ValueError(f"input_ids out of range: min {lo}, max {hi}, vocab_size {self.config.vocab_size}")
         x = self.embed_tokens(input_ids)
         return x * math.sqrt(self.config.d_model) if self.config.embed_scale else x
-
-    def run_block(self, block: nn.Module, x: torch.Tensor, *args):
-        if self.activation_checkpointing and self.training and torch.is_grad_enabled():
-            return checkpoint(block, x, *args, use_reentrant=False)
-        return block(x, *args)
 
     def head(self, x: torch.Tensor, labels: Optional[torch.Tensor], return_logits: bool = True) -> CausalLMOutput:
         """Final norm, LM head and loss. With labels and return_logits=False the loss is computed

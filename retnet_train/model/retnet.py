@@ -2,25 +2,40 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import List, Optional
+from typing import Any, List, Optional
 
 import torch
 from torch import nn
-from torch.utils.checkpoint import checkpoint
 
 from .config import RetNetConfig
-from .layers import ACTIVATION_FNS, DecoderLM, FeedForward, CausalLMOutput, StackedLinear, apply_rotary, init_weights, make_norm, rotary_sin_cos
+from .layers import (ACTIVATION_FNS, CausalLMOutput, DecoderLM, FeedForward, StackedLinear, apply_rotary, init_weights,
+                     make_norm, rotary_sin_cos)
 from ..kernels import resolve_backend, retention_op
 
 
 @dataclass
 class RetNetState:
     """Recurrent state after `position` tokens: per layer [B, H, K, V(+1)] plus, per sequence,
-    the tokens seen since its current document started (for the decay normalization)."""
+    the tokens seen since its current document started (for the decay normalization). A layer's
+    entry is what its retention core takes as incoming state: None is zero (a start position
+    without a state), a context-parallel core takes the earlier ranks' (parallel/context.py)."""
 
-    layers: List[torch.Tensor]
+    layers: List[Any]
     position: int
     doc_position: torch.Tensor  # [B] int64
+
+
+@dataclass
+class SequenceContext:
+    """What every block of one forward shares, built once by the model's forward."""
+
+    sin: torch.Tensor  # [T, 1, K] rotary sin/cos of the tokens' positions
+    cos: torch.Tensor
+    log_gamma: torch.Tensor  # [H] each head's log decay
+    doc_pos: torch.Tensor  # [B, T] position of each token inside its document
+    reset: Optional[torch.Tensor]  # [B, T] bool document starts, None: no resets
+    mode: str  # parallel | chunkwise | recurrent
+    chunk_size: int
 
 
 def decay_log_gammas(n_heads: int) -> torch.Tensor:
@@ -54,7 +69,6 @@ class MultiScaleRetention(nn.Module):
         self.group_norm = make_norm(config.norm, self.head_dim, config.norm_eps, affine=False)
         self.group_norm_weight = nn.Parameter(torch.ones(vd)) if config.head_norm_affine else None
         self.gate_fn = ACTIVATION_FNS[config.gate_activation]
-        self.checkpoint_core = False  # set by DecoderLM.set_activation_checkpointing("selective")
 
     def projection_weights(self) -> dict:
         """{"q": [d, d], "k": [d, d], "v": [vd, d]} (views of the stacked weight), "g": [vd, d]."""
@@ -70,13 +84,11 @@ class MultiScaleRetention(nn.Module):
         k = apply_rotary((k * K ** -0.5).view(B, T, H, K), sin, cos)
         return q, k, v.view(B, T, H, self.head_dim)
 
-    def forward(self, x, sin, cos, log_gamma, doc_pos, reset, mode, chunk_size, state=None, segment=None):
-        q, k, v = self.projections(x, sin, cos)
-        core = (q, k, v, log_gamma, doc_pos, reset, mode, chunk_size, state, segment)
-        if self.checkpoint_core and self.training and torch.is_grad_enabled():
-            o, state = checkpoint(self.retention_core, *core, use_reentrant=False)
-        else:
-            o, state = self.retention_core(*core)
+    def forward(self, x, ctx: SequenceContext, state=None):
+        q, k, v = self.projections(x, ctx.sin, ctx.cos)
+        # an attribute lookup: parallel/parallelize.py replaces the core per instance (context
+        # parallel, selective recomputation) while the projections and the gate stay as they are
+        o, state = self.retention_core(q, k, v, ctx, state)
         return self.gated_output(x, o), state
 
     def gated_output(self, x, o):
@@ -85,16 +97,23 @@ class MultiScaleRetention(nn.Module):
         upcast of g for backward instead of bf16 g (+1.5 GiB at 1.3B, 8k)."""
         return self.out_proj(self.gate_fn(self.g_proj(x)) * o)
 
-    def retention_core(self, q, k, v, log_gamma, doc_pos, reset, mode, chunk_size, state, segment=None):
+    def retention_core(self, q, k, v, ctx: SequenceContext, state=None):
         """Retention, the paper's normalization and the per-head norm: [B, T, H*V] and the state."""
+        o, row_sum, state = self.retain(q, k, v, ctx, state)
+        return self.finish(o, row_sum, ctx), state
+
+    def retain(self, q, k, v, ctx: SequenceContext, state=None, state_grad: bool = False):
+        """The retention kernel: unnormalized o [B, T, H, V], its score row sums [B, T, H] (None
+        without the normalization) and the final state; state_grad: the final state is differentiated."""
         backend = resolve_backend(self.backend, q.device)
-        o, row_sum, state = retention_op(backend, q, k, v, log_gamma, mode, chunk_size, reset, state, self.normalize,
-                                         state_grad=segment is not None)
-        if segment is not None:  # context parallel: add the earlier ranks' state (parallel/context.py)
-            o, row_sum = segment.combine(o, row_sum, state, q, log_gamma)
+        return retention_op(backend, q, k, v, ctx.log_gamma, ctx.mode, ctx.chunk_size, ctx.reset, state,
+                            self.normalize, state_grad=state_grad)
+
+    def finish(self, o, row_sum, ctx: SequenceContext):
+        """The normalization (when on) and the per-head norm of retain's output -> [B, T, H * V]."""
         if self.normalize:
-            o = self.normalized(o, row_sum, decay_normalizer(log_gamma, doc_pos))
-        return self.head_norm(o), state
+            o = self.normalized(o, row_sum, decay_normalizer(ctx.log_gamma, ctx.doc_pos))
+        return self.head_norm(o)
 
     def normalized(self, o, row_sum, c):
         """The paper's normalization of the retention output o [..., H, V] with its score row sums
@@ -122,8 +141,8 @@ class RetNetBlock(nn.Module):
         self.ffn_norm = make_norm(config.norm, config.d_model, config.norm_eps)
         self.ffn = FeedForward(config.d_model, config.ffn_dim, config.ffn_type, config.activation)
 
-    def forward(self, x, sin, cos, log_gamma, doc_pos, reset, mode, chunk_size, state=None, segment=None):
-        h, state = self.retention(self.retention_norm(x), sin, cos, log_gamma, doc_pos, reset, mode, chunk_size, state, segment)
+    def forward(self, x, ctx: SequenceContext, state=None):
+        h, state = self.retention(self.retention_norm(x), ctx, state)
         x = x + h
         return x + self.ffn(self.ffn_norm(x)), state
 
@@ -134,7 +153,6 @@ class RetNetForCausalLM(DecoderLM):
     def __init__(self, config: RetNetConfig):
         super().__init__(config, [RetNetBlock(config) for _ in range(config.n_layers)])
         init_weights(self, config, gains={"qkv_proj": 2 ** -2.5, "g_proj": 2 ** -2.5, "out_proj": 1.0})
-        self.context_parallel = None
 
     def constants(self) -> dict:
         cfg = self.config
@@ -142,10 +160,13 @@ class RetNetForCausalLM(DecoderLM):
         inv_freq = 1.0 / cfg.rotary_base ** torch.linspace(0, 1, cfg.key_head_dim // 2, dtype=torch.float64)
         return {"inv_freq": inv_freq, "log_gamma": decay_log_gammas(cfg.n_heads)}
 
-    def set_context_parallel(self, cp) -> None:
-        """cp: a parallel.ContextParallel (each rank then gets its 1/P slice of every row and returns
-        its slice of the logits and its share of the loss), or None: off."""
-        self.context_parallel = cp
+    def document_starts(self, input_ids, doc_starts) -> Optional[torch.Tensor]:
+        """doc_starts as the blocks see them: bool, or None where the config has document masking off."""
+        if doc_starts is None:
+            return None
+        if doc_starts.shape != input_ids.shape:
+            raise ValueError(f"doc_starts shape {tuple(doc_starts.shape)} != input_ids shape {tuple(input_ids.shape)}")
+        return doc_starts.bool() if self.config.document_masking else None
 
     def forward(self, input_ids, labels=None, doc_starts=None, mode: Optional[str] = None,
                 chunk_size: Optional[int] = None, state: Optional[RetNetState] = None,
@@ -159,30 +180,20 @@ class RetNetForCausalLM(DecoderLM):
             raise ValueError(f"chunk_size: must be an integer >= 1, got {chunk_size!r}")
         x = self.embed(input_ids)
         B, T = input_ids.shape
-        if doc_starts is not None:
-            if doc_starts.shape != input_ids.shape:
-                raise ValueError(f"doc_starts shape {tuple(doc_starts.shape)} != input_ids shape {tuple(input_ids.shape)}")
-            doc_starts = doc_starts.bool() if cfg.document_masking else None
-        if state is not None and (len(state.layers) != cfg.n_layers or state.layers[0].shape[0] != B):
-            raise ValueError(f"state has {len(state.layers)} layers of batch {state.layers[0].shape[0]}; model needs {cfg.n_layers} of batch {B}")
+        doc_starts = self.document_starts(input_ids, doc_starts)
+        if state is not None and (len(state.layers) != cfg.n_layers or state.doc_position.shape[0] != B):
+            raise ValueError(f"state has {len(state.layers)} layers of batch {state.doc_position.shape[0]}; "
+                             f"model needs {cfg.n_layers} of batch {B}")
         start = 0 if state is None else state.position
         doc_start_pos = torch.zeros(B, dtype=torch.long, device=x.device) if state is None else state.doc_position
-        segment = None
-        if self.context_parallel is not None:  # this rank's tokens continue the earlier ranks' positions
-            if state is not None or return_state:
-                raise ValueError("context parallel (training) takes no state and returns none")
-            segment = self.context_parallel.segment(doc_starts, labels, B, T, x.device)
-            start, doc_start_pos = segment.position, segment.doc_start_pos
         doc_pos = document_positions(doc_starts, T, doc_start_pos)
         sin, cos = (t.unsqueeze(1) for t in rotary_sin_cos(self.inv_freq, start, T, x.dtype))  # [T, 1, K]
+        ctx = SequenceContext(sin, cos, self.log_gamma, doc_pos, doc_starts, mode, chunk_size)
         new_layers = []
         for i, block in enumerate(self.layers):
-            layer_state = None if state is None else state.layers[i]
-            x, layer_state = self.run_block(block, x, sin, cos, self.log_gamma, doc_pos, doc_starts, mode, chunk_size, layer_state, segment)
+            x, layer_state = block(x, ctx, None if state is None else state.layers[i])
             new_layers.append(layer_state)
         out = self.head(x, labels, return_logits)
-        if segment is not None and out.loss is not None:
-            out.loss = segment.scale_loss(out.loss, labels)
         if return_state:
             out.state = RetNetState(new_layers, start + T, doc_pos[:, -1] + 1)
         return out

@@ -61,5 +61,5 @@ class TransformerForCausalLM(DecoderLM):
             causal = torch.ones(T, T, dtype=torch.bool, device=x.device).tril()
             doc_mask = ((seg[:, :, None] == seg[:, None, :]) & causal)[:, None]  # [B, 1, T, T]
         for block in self.layers:
-            x = self.run_block(block, x, sin, cos, doc_mask)
+            x = block(x, sin, cos, doc_mask)
         return self.head(x, labels, return_logits)

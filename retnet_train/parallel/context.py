@@ -19,11 +19,14 @@ graphs keep the order of collectives (ours, DeepSpeed's gradient hooks) the same
 """
 from __future__ import annotations
 
+import inspect
 from dataclasses import dataclass
 from typing import Any, Optional
 
 import torch
 import torch.distributed as dist
+
+from ..model.retnet import RetNetState
 
 KEY = "parallel.context_parallel_size"
 
@@ -149,3 +152,41 @@ class Segment:
         n = (labels != -100).sum()
         scaled = loss * (n.clamp(min=1) * self.cp.size / self.group_tokens.clamp(min=1)).to(loss.dtype)
         return torch.where(n > 0, scaled, torch.zeros_like(scaled))  # no valid label here: 0, not NaN
+
+
+def context_parallel_core(retention):
+    """A retention core for `retention` (model/retnet.py's MultiScaleRetention) whose incoming state
+    is the forward's Segment: it runs the local kernel from a zero state, then adds what the earlier
+    ranks' final states contribute. The Segment travels as the layer's state argument, so that a
+    recomputation in the backward pass (activation checkpointing) sees the same one."""
+
+    def core(q, k, v, ctx, segment: Segment):
+        o, row_sum, state = retention.retain(q, k, v, ctx, None, state_grad=True)
+        o, row_sum = segment.combine(o, row_sum, state, q, ctx.log_gamma)
+        return retention.finish(o, row_sum, ctx), state
+
+    return core
+
+
+def context_parallel_forward(model, cp: ContextParallel):
+    """`model`'s forward on this rank's 1/P of every row: the tokens continue the earlier ranks'
+    positions (fed as a recurrent state's position would be, with the Segment as every layer's
+    incoming state) and the loss is this rank's share of the group's (Segment.scale_loss)."""
+    forward, signature, n_layers = model.forward, inspect.signature(model.forward), model.config.n_layers
+
+    def run(*args, **kwargs):
+        call = signature.bind(*args, **kwargs)
+        call.apply_defaults()
+        a = call.arguments
+        if a["state"] is not None or a["return_state"]:
+            raise ValueError("context parallel (training) takes no state and returns none")
+        ids, labels = a["input_ids"], a["labels"]
+        B, T = ids.shape
+        segment = cp.segment(model.document_starts(ids, a["doc_starts"]), labels, B, T, ids.device)
+        a["state"] = RetNetState([segment] * n_layers, segment.position, segment.doc_start_pos)
+        out = forward(*call.args, **call.kwargs)
+        if out.loss is not None:
+            out.loss = segment.scale_loss(out.loss, labels)
+        return out
+
+    return run

@@ -46,12 +46,3 @@ def loss_weight(cp: Optional[ContextParallel], labels: torch.Tensor) -> torch.Te
     n = n.clone()
     dist.all_reduce(n, group=cp.group)
     return n.double() / cp.size
-
-
-def attach(model, cp: Optional[ContextParallel]) -> None:
-    """Turn context parallelism on for `model` (a no-op when cp is None)."""
-    if cp is None:
-        return
-    if not hasattr(model, "set_context_parallel"):
-        raise ValueError(f"{KEY}={cp.size} needs a RetNet (model.arch=retnet): only its state can be passed between ranks")
-    model.set_context_parallel(cp)

@@ -1,11 +1,14 @@
 """RetNetForCausalLM: the three forms agree, state continues, documents reset, bad input fails."""
+import copy
 import functools
 
 import pytest
 import torch
 
 from retnet_train.model import RetNetConfig, RetNetForCausalLM
-from retnet_train.model.retnet import decay_log_gammas
+from retnet_train.model.retnet import SequenceContext, decay_log_gammas
+from retnet_train.parallel import parallelize
+from retnet_train.parallel.context import context_parallel_core
 
 VOCAB = 97
 
@@ -150,8 +153,7 @@ def test_tied_embeddings_share_storage():
 
 def _saved_bytes_and_grads(model, ids, mode):
     """Bytes the forward keeps for the backward (via saved-tensor hooks), and the gradients."""
-    model.set_activation_checkpointing(mode)
-    model.zero_grad()
+    model = parallelize(copy.deepcopy(model), activation_checkpointing=mode)
     saved = []
 
     def pack(t):
@@ -174,7 +176,7 @@ def test_activation_checkpointing_same_gradients_less_memory():
     assert kept["full"] < kept["selective"] < kept["none"]
     assert kept[True] == kept["full"] and kept[False] == kept["none"]
     with pytest.raises(ValueError, match="selective"):
-        model.set_activation_checkpointing("some")
+        parallelize(model, activation_checkpointing="some")
 
 
 def test_loss_ignores_minus_100():
@@ -250,7 +252,7 @@ def test_causal(mode):
 
 
 def test_context_parallel_asks_for_the_state_gradient(monkeypatch):
-    """Context parallelism backpropagates through the final state: retention_core says so to the
+    """Context parallelism backpropagates through the final state: the context-parallel core says so to the
     dispatcher (which keeps it off the Triton kernels, tests/kernels/test_dispatch.py)."""
     import retnet_train.model.retnet as retnet_module
 
@@ -266,8 +268,9 @@ def test_context_parallel_asks_for_the_state_gradient(monkeypatch):
 
     msr = make_model().layers[0].retention
     q, k, v = torch.randn(1, 8, 2, msr.key_dim), torch.randn(1, 8, 2, msr.key_dim), torch.randn(1, 8, 2, msr.head_dim)
-    for segment in (None, Segment()):
-        msr.retention_core(q, k, v, decay_log_gammas(2), torch.arange(8)[None], None, "chunkwise", 4, None, segment)
+    ctx = SequenceContext(None, None, decay_log_gammas(2), torch.arange(8)[None], None, "chunkwise", 4)
+    msr.retention_core(q, k, v, ctx, None)
+    context_parallel_core(msr)(q, k, v, ctx, Segment())
     assert used == [("triton", False), ("triton", True)]
 
 
@@ -303,7 +306,7 @@ def kept_for_backward(compiled, activation_memory_budget=1.0, T=256):
     model = RetNetForCausalLM(RetNetConfig(vocab_size=VOCAB, d_model=128, n_layers=1, n_heads=2, ffn_dim=192,
                                            chunk_size=64, retention_backend="torch")).to(torch.bfloat16).train()
     if compiled:
-        model.compile_blocks(activation_memory_budget)
+        parallelize(model, compile=True, activation_memory_budget=activation_memory_budget)
     params = {p.untyped_storage().data_ptr() for p in model.parameters()}
     seen = {}
 
@@ -344,8 +347,9 @@ def test_activation_memory_budget_keeps_less_for_the_same_gradients():
     assert sum(s[0] for s in lean) < 0.8 * sum(s[0] for s in full)
     for name, g in grads.items():
         torch.testing.assert_close(lean_grads[name], g, rtol=2e-2, atol=1e-3, msg=name)
-    with pytest.raises(ValueError, match="activation_memory_budget"):
-        RetNetForCausalLM(RetNetConfig(vocab_size=VOCAB, d_model=32, n_layers=1, n_heads=2, ffn_dim=48)).compile_blocks(1.5)
+    for budget, compile_ in ((1.5, True), (0.0, True), (0.8, False)):
+        with pytest.raises(ValueError, match="activation_memory_budget"):
+            parallelize(make_model(), compile=compile_, activation_memory_budget=budget)
 
 
 @pytest.mark.parametrize("arch", ["retnet", "transformer"])

@@ -13,6 +13,7 @@ from gen_fixtures import init_dist, tiny_config  # noqa: E402
 from retnet_train.components.config import TrainConfig  # noqa: E402
 from retnet_train.components.optim import deepspeed_config  # noqa: E402
 from retnet_train.model import build_model, model_config_from_dict  # noqa: E402
+from retnet_train.parallel import parallelize  # noqa: E402
 
 deepspeed = pytest.importorskip("deepspeed")
 
@@ -50,7 +51,7 @@ def losses(stage: int, compile_blocks: bool, steps: int = 3, whole_blocks: bool 
     if stage == 3:
         assert engine.module.layers[0].retention.qkv_proj.weight.numel() == 0  # partitioned outside forward
     if compile_blocks:
-        engine.module.compile_blocks()
+        parallelize(engine.module, compile=True)
     ids = torch.randint(0, 61, (2, 9), generator=torch.Generator().manual_seed(1))
     out = []
     for _ in range(steps):

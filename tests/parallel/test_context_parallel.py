@@ -1,6 +1,7 @@
 """Context parallel RetNet on real gloo ranks equals the whole sequence on one process: logits, loss
 and every parameter gradient (fp32, 1e-5), with and without the paper's normalization, document
 starts on, inside and away from rank boundaries, chunk sizes that do and do not divide T / P."""
+import copy
 import itertools
 
 import pytest
@@ -9,7 +10,7 @@ import torch.distributed as dist
 
 from cp_helpers import run_ranks
 from retnet_train.model import RetNetConfig, RetNetForCausalLM
-from retnet_train.parallel import build_context_parallel
+from retnet_train.parallel import build_context_parallel, parallelize
 
 VOCAB, T, B = 97, 24, 2
 
@@ -51,8 +52,10 @@ def compare_cases(rank, world, cases):
     cp, _, _ = build_context_parallel(world, rank, world, T)
     failures = []
     for normalize, kind, chunk, mode, recompute in cases:
-        model = make_model(0, normalize_retention=normalize)
-        model.set_activation_checkpointing(recompute)  # recomputation repeats the exchange in backward
+        plain = make_model(0, normalize_retention=normalize)
+        # recomputation repeats the exchange in backward
+        model = parallelize(copy.deepcopy(plain), activation_checkpointing=recompute)
+        cp_model = parallelize(plain, activation_checkpointing=recompute, context_parallel=cp)
         g = torch.Generator().manual_seed(1)
         ids = torch.randint(0, VOCAB, (B, T), generator=g)
         labels = torch.randint(0, VOCAB, (B, T), generator=g)
@@ -60,10 +63,8 @@ def compare_cases(rank, world, cases):
         starts = doc_starts(kind, world)
         ref_logits, ref_loss, ref_grads = forward_backward(model, ids, labels, starts, mode, chunk)
 
-        model.set_context_parallel(cp)
-        logits, loss, grads = forward_backward(model, cp.shard(ids), cp.shard(labels),
+        logits, loss, grads = forward_backward(cp_model, cp.shard(ids), cp.shard(labels),
                                                None if starts is None else cp.shard(starts), mode, chunk)
-        model.set_context_parallel(None)
         parts = [torch.empty_like(logits) for _ in range(world)]
         dist.all_gather(parts, logits)
         dist.all_reduce(loss)
@@ -91,18 +92,10 @@ def test_context_parallel_equals_one_process(world, tmp_path):
     assert not failures, "\n".join(failures[:20])
 
 
-def test_without_context_parallel_nothing_changes():
-    model = make_model(0)
-    ids = torch.randint(0, VOCAB, (B, T))
-    a = model(ids).logits
-    model.set_context_parallel(None)
-    assert torch.equal(model(ids).logits, a)
-
-
 def test_state_is_refused_under_context_parallel():
     from retnet_train.parallel import ContextParallel
 
-    model = make_model(0)
-    model.set_context_parallel(ContextParallel(None, 0, 2))
-    with pytest.raises(ValueError, match="context parallel"):
-        model(torch.randint(0, VOCAB, (B, T // 2)), return_state=True)
+    model = parallelize(make_model(0), context_parallel=ContextParallel(None, 0, 2))
+    for kw in (dict(return_state=True), dict(state=make_model(0)(torch.zeros(B, 1, dtype=torch.long), return_state=True).state)):
+        with pytest.raises(ValueError, match="context parallel"):
+            model(torch.randint(0, VOCAB, (B, T // 2)), **kw)

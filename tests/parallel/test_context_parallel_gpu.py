@@ -9,7 +9,7 @@ from cp_helpers import run_ranks
 from retnet_train.kernels import fla_available, retention_op
 from retnet_train.model import RetNetConfig, RetNetForCausalLM
 from retnet_train.model.retnet import decay_log_gammas
-from retnet_train.parallel import build_context_parallel
+from retnet_train.parallel import build_context_parallel, parallelize
 
 pytestmark = pytest.mark.gpu
 needs_fla = pytest.mark.skipif(not (torch.cuda.is_available() and fla_available()), reason="needs CUDA/ROCm and fla-core")
@@ -58,8 +58,8 @@ def _fla_cp_vs_one_rank(rank, world):
     out = model(ids, labels=labels, doc_starts=starts)
     out.loss.backward()
     ref = [out.loss.detach()] + [p.grad.clone() for p in model.parameters()]
+    model = parallelize(model, context_parallel=cp)
     model.zero_grad(set_to_none=True)
-    model.set_context_parallel(cp)
     out = model(cp.shard(ids), labels=cp.shard(labels), doc_starts=cp.shard(starts))
     out.loss.backward()
     got = [out.loss.detach()] + [p.grad.clone() for p in model.parameters()]

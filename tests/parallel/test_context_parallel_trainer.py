@@ -9,7 +9,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "train"))
 from trainer_helpers import losses, overrides, records, run_scenarios, shards, train  # noqa: E402,F401 (shards: a fixture)
 
 from retnet_train.components.config import TrainConfig, check_values, grad_accumulation  # noqa: E402
-from retnet_train.parallel import ContextParallel, attach, check_layout  # noqa: E402
+from retnet_train.parallel import ContextParallel, check_layout, parallelize  # noqa: E402
 
 KEY = "parallel.context_parallel_size"
 # 3 steps of 2 micro-batches of 2 sequences of 64 tokens (global 256 tokens), validation at step 3
@@ -102,4 +102,4 @@ def test_transformer_is_refused():
 
     model = TransformerForCausalLM(TransformerConfig(vocab_size=64, d_model=32, n_layers=1, n_heads=2, ffn_dim=64))
     with pytest.raises(ValueError, match=f"{KEY}=2 needs a RetNet"):
-        attach(model, ContextParallel(None, 0, 2))
+        parallelize(model, context_parallel=ContextParallel(None, 0, 2))

@@ -48,8 +48,10 @@ def test_derived_values_and_sources():
 
 
 def test_activation_checkpointing_modes():
-    assert [checkpointing_mode(v) for v in ("True", "false", "selective", "FULL", "none")] == \
-        ["full", "none", "selective", "full", "none"]
+    assert [checkpointing_mode(v) for v in ("True", "false", "selective", "FULL", "none", True, False)] == \
+        ["full", "none", "selective", "full", "none", "full", "none"]
+    with pytest.raises(ValueError, match="train.activation_checkpointing: 'some' is not one of"):
+        checkpointing_mode("some", "train.activation_checkpointing")
     cfg = TrainConfig()
     cfg.data.paths = ["/d/web"]
     cfg.train.activation_checkpointing = "partial"

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 from dataclasses import replace
 
-from ...model.layers import checkpointing_mode
 from .estimate import estimate
 from .settings import DeepSpeedSettings, GiB, Hardware, load_preset
 
@@ -16,11 +15,11 @@ def measure_saved_activation_bytes(cfg, micro_batch: int, seq_len: int, checkpoi
     import torch
 
     from ...model import build_model
+    from ...parallel import parallelize
 
     torch.manual_seed(seed)
-    model = build_model(cfg)
+    model = parallelize(build_model(cfg), activation_checkpointing=checkpointing)
     model.train()
-    model.set_activation_checkpointing(checkpointing_mode(checkpointing))
     param_storages = {p.untyped_storage().data_ptr() for p in model.parameters()}
     seen = {}
 

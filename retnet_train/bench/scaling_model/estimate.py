@@ -7,7 +7,7 @@ from dataclasses import asdict, replace
 from typing import Optional
 
 from ...components.optim import overlaps_comm
-from ...model.layers import checkpointing_mode
+from ...components.config import checkpointing_mode
 from .comm import collective_bus_bytes, comm_ops, context_parallel_state_bytes
 from .memory import (_is_retnet, activation_bytes_per_token_per_layer, activation_fixed_bytes, backward_working_bytes,
                      bucket_bytes, grads_held_bytes_per_param, loss_forward_transient_bytes, param_counts,

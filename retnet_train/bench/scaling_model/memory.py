@@ -1,7 +1,7 @@
 """Bytes per GPU: parameter counts, model states under ZeRO, activations per token per layer."""
 from __future__ import annotations
 
-from ...model.layers import CHECKPOINTING_MODES, checkpointing_mode
+from ...components.config import CHECKPOINTING_MODES, checkpointing_mode
 from .settings import BF16, DeepSpeedSettings, FP32
 
 

@@ -1,0 +1,88 @@
+"""How a model is trained, applied to it from outside (torchtitan's parallelize): context parallelism,
+torch.compile of each block and activation checkpointing. The model's modules stay as they are
+built: each change replaces a forward or a retention core of one instance, so parameter names,
+state dicts and DeepSpeed's hooks are those of the plain model."""
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+import torch._functorch.config
+from torch import nn
+from torch.utils.checkpoint import checkpoint
+
+from ..components.config import checkpointing_mode
+from ..model.retnet import MultiScaleRetention, RetNetForCausalLM
+from .context import KEY, ContextParallel, context_parallel_core, context_parallel_forward
+
+def parallelize(model: nn.Module, *, compile: bool = False, activation_checkpointing="none",
+                activation_memory_budget: float = 1.0, context_parallel: Optional[ContextParallel] = None):
+    """Apply to `model` (built by model.build_model, before or after deepspeed.initialize) in place, and
+    return it.
+
+    context_parallel: each rank gets its 1/P slice of every row, returns its slice of the logits and
+    its share of the loss (parallel/context.py). compile: torch.compile each block. activation_checkpointing:
+    what the backward pass recomputes instead of keeping, "full" each block, "selective" only RetNet's
+    retention core (retention + normalization + group norm: the largest activations for the least
+    compute), "none" nothing. activation_memory_budget < 1 (needs compile): the compiled backward
+    recomputes what the forward would keep, cheapest first, until what is kept is that fraction."""
+    mode = checkpointing_mode(activation_checkpointing)
+    if activation_memory_budget != 1 and not compile:
+        raise ValueError(f"activation_memory_budget: {activation_memory_budget} needs compile: torch.compile's "
+                         "partitioner does the recomputing")
+    if any("forward" in vars(m) or "retention_core" in vars(m) for m in model.modules()):
+        raise ValueError("parallelize: this model is parallelized already; build a new one")
+    if context_parallel is not None:
+        apply_context_parallel(model, context_parallel)
+    if compile:
+        apply_compile(model, activation_memory_budget)
+    apply_activation_checkpointing(model, mode)
+    return model
+
+
+def apply_context_parallel(model: nn.Module, cp: ContextParallel) -> None:
+    if not isinstance(model, RetNetForCausalLM):
+        raise ValueError(f"{KEY}={cp.size} needs a RetNet (model.arch=retnet): only its state can be passed "
+                         "between ranks")
+    for module in model.modules():
+        if isinstance(module, MultiScaleRetention):
+            module.retention_core = context_parallel_core(module)
+    model.forward = context_parallel_forward(model, cp)
+
+
+def apply_compile(model: nn.Module, activation_memory_budget: float = 1.0) -> None:
+    """torch.compile each block in place: fuses norms, rotation, gate and FFN elementwise work; fla's
+    kernels are excluded from compilation by fla itself. The budget is torch's own knob (torchtitan's
+    memory_budget mode): process-wide, read when a block first runs."""
+    if not 0 < activation_memory_budget <= 1:
+        raise ValueError(f"activation_memory_budget: {activation_memory_budget} is not in (0, 1]")
+    torch._functorch.config.activation_memory_budget = activation_memory_budget
+    for block in model.layers:
+        # the forward only, not the module call: hooks on the block (ZeRO-3's parameter gathering)
+        # stay outside the graph instead of breaking it
+        block.forward = torch.compile(block.forward)
+
+
+def apply_activation_checkpointing(model: nn.Module, mode: str) -> None:
+    """After apply_compile: "full" wraps each block's (compiled) forward, "selective" each retention
+    core, which runs inside the compiled block (after apply_context_parallel: the recomputation
+    repeats the state exchange)."""
+    mode = checkpointing_mode(mode)
+    if mode == "full":
+        for block in model.layers:
+            block.forward = recomputed(block.forward, block)
+    elif mode == "selective":
+        for module in model.modules():
+            if isinstance(module, MultiScaleRetention):
+                module.retention_core = recomputed(module.retention_core, module)
+
+
+def recomputed(fn, module: nn.Module):
+    """fn, whose activations the backward pass recomputes instead of keeping while `module` trains."""
+
+    def run(*args):
+        if module.training and torch.is_grad_enabled():
+            return checkpoint(fn, *args, use_reentrant=False)
+        return fn(*args)
+
+    return run
