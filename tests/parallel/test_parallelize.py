@@ -1,0 +1,69 @@
+"""parallelize: what it changes from outside the model, and what stays as the plain model has it
+(parameter names, outputs); the model itself sets no process-wide torch config."""
+import copy
+
+import pytest
+import torch
+import torch._functorch.config
+
+from retnet_train.model import RetNetConfig, RetNetForCausalLM, TransformerConfig, TransformerForCausalLM
+from retnet_train.parallel import parallelize
+
+VOCAB = 61
+
+
+def build(arch):
+    torch.manual_seed(0)
+    if arch == "retnet":
+        return RetNetForCausalLM(RetNetConfig(vocab_size=VOCAB, d_model=32, n_layers=2, n_heads=2, ffn_dim=48))
+    return TransformerForCausalLM(TransformerConfig(vocab_size=VOCAB, d_model=32, n_layers=2, n_heads=2, ffn_dim=48))
+
+
+def loss_and_grads(model, ids):
+    model.zero_grad(set_to_none=True)
+    loss = model(ids, labels=ids).loss
+    loss.backward()
+    return loss.detach(), {n: p.grad for n, p in model.named_parameters()}
+
+
+@pytest.fixture
+def budget_restored():
+    yield
+    torch._functorch.config.activation_memory_budget = 1.0  # process-wide: back to torch's default
+
+
+@pytest.mark.parametrize("arch", ["retnet", "transformer"])
+def test_the_model_sets_no_process_wide_torch_config(arch, budget_restored):
+    torch._functorch.config.activation_memory_budget = 0.625
+    model = build(arch).train()
+    loss_and_grads(model, torch.randint(0, VOCAB, (2, 9)))
+    assert torch._functorch.config.activation_memory_budget == 0.625
+
+
+def test_compile_sets_the_activation_memory_budget(budget_restored):
+    model = parallelize(build("retnet"), compile=True, activation_memory_budget=0.7)
+    assert torch._functorch.config.activation_memory_budget == 0.7
+    # the forward is compiled, not the module call: ZeRO-3's hooks on the block stay outside the graph
+    assert all("forward" in vars(block) for block in model.layers)
+
+
+@pytest.mark.parametrize("arch", ["retnet", "transformer"])
+@pytest.mark.parametrize("mode", ["none", "selective", "full"])
+def test_checkpointing_keeps_names_and_results(arch, mode):
+    """Recomputation changes what is kept, not what is computed: the same loss and gradients
+    bit for bit, and the parameter names (state dicts, DeepSpeed's checkpoints) of the plain model."""
+    plain = build(arch).train()
+    model = parallelize(copy.deepcopy(plain), activation_checkpointing=mode)
+    assert list(model.state_dict()) == list(plain.state_dict())
+    ids = torch.randint(0, VOCAB, (2, 9))
+    want_loss, want = loss_and_grads(plain, ids)
+    got_loss, got = loss_and_grads(model, ids)
+    assert torch.equal(got_loss, want_loss)
+    for name, grad in want.items():
+        assert torch.equal(got[name], grad), name
+
+
+def test_a_model_is_parallelized_once():
+    model = parallelize(build("retnet"), activation_checkpointing="selective")
+    with pytest.raises(ValueError, match="parallelized already"):
+        parallelize(model, activation_checkpointing="selective")
