@@ -32,7 +32,8 @@ def trainer_zero3() -> dict:
     return deepspeed_config(cfg, 1, world_size=1)["zero_optimization"]
 
 
-def losses(stage: int, compile_blocks: bool, steps: int = 3, whole_blocks: bool = True, n_layers: int = 1) -> list:
+def losses(stage: int, compile_blocks: bool, steps: int = 3, whole_blocks: bool = True, n_layers: int = 1,
+           checkpointing: str = "none") -> list:
     init_dist()
     torch.manual_seed(0)
     model = build_model(model_config_from_dict(tiny_config(n_layers=n_layers)))
@@ -50,8 +51,7 @@ def losses(stage: int, compile_blocks: bool, steps: int = 3, whole_blocks: bool 
         assert torch.nn.functional.linear is LINEAR
     if stage == 3:
         assert engine.module.layers[0].retention.qkv_proj.weight.numel() == 0  # partitioned outside forward
-    if compile_blocks:
-        parallelize(engine.module, compile=True)
+    parallelize(engine.module, compile=compile_blocks, activation_checkpointing=checkpointing)
     ids = torch.randint(0, 61, (2, 9), generator=torch.Generator().manual_seed(1))
     out = []
     for _ in range(steps):
@@ -77,6 +77,21 @@ def test_zero3_partitioned_compiled_blocks_train_like_zero0():
     # one graph per block, shared by the layers: no DeepSpeed hook inside it (per-submodule
     # gathering broke the graph at every Linear and norm, and left layers past the 8th uncompiled)
     assert graph_breaks() == 0
+
+
+@pytest.mark.parametrize("mode", ["full", "selective"])
+def test_zero3_partitioned_recomputed_blocks_train_like_zero0(mode, monkeypatch):
+    """The backward pass runs a block's (or a retention core's) forward again, so the weights it reads
+    must be gathered then too: parallelize wraps the forward, inside ZeRO-3's hooks on the block."""
+    from retnet_train.model.retnet import MultiScaleRetention
+
+    ref = losses(0, compile_blocks=False, n_layers=2)
+    calls = []
+    retain = MultiScaleRetention.retain
+    monkeypatch.setattr(MultiScaleRetention, "retain", lambda *a, **kw: (calls.append(1), retain(*a, **kw))[1])
+    got = losses(3, compile_blocks=False, n_layers=2, checkpointing=mode)
+    torch.testing.assert_close(got, ref, rtol=1e-4, atol=1e-5)
+    assert len(calls) == 3 * 2 * 2  # steps x layers x (forward + recomputation)
 
 
 def test_zero3_per_submodule_gathering_breaks_compiled_blocks(monkeypatch):
