@@ -96,6 +96,7 @@ def test_state_is_refused_under_context_parallel():
     from retnet_train.parallel import ContextParallel
 
     model = parallelize(make_model(0), context_parallel=ContextParallel(None, 0, 2))
-    for kw in (dict(return_state=True), dict(state=make_model(0)(torch.zeros(B, 1, dtype=torch.long), return_state=True).state)):
+    state = make_model(0)(torch.zeros(B, 1, dtype=torch.long), return_state=True).state
+    for kw in (dict(return_state=True), dict(state=state)):
         with pytest.raises(ValueError, match="context parallel"):
             model(torch.randint(0, VOCAB, (B, T // 2)), **kw)
