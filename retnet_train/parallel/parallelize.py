@@ -15,6 +15,7 @@ from ..components.config import checkpointing_mode
 from ..model.retnet import MultiScaleRetention, RetNetForCausalLM
 from .context import KEY, ContextParallel, context_parallel_core, context_parallel_forward
 
+
 def parallelize(model: nn.Module, *, compile: bool = False, activation_checkpointing="none",
                 activation_memory_budget: float = 1.0, context_parallel: Optional[ContextParallel] = None):
     """Apply to `model` (built by model.build_model, before or after deepspeed.initialize) in place, and
