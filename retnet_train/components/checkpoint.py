@@ -21,30 +21,42 @@ from .rng import load_rng_state, rng_state, seed_everything
 def resolve_resume(resume: str, manager: "CheckpointManager"):
     """(directory, tag) to load, or None to start fresh, for train.resume = auto | never | a path.
 
-    A path may name one checkpoint (<dir>/step_N) or a directory holding them (its latest valid
-    one is taken: a run's checkpoints/ or the run dir itself). Refuses what would clobber data:
-    a fresh start or a foreign checkpoint while our own checkpoint dir already holds checkpoints.
+    A path may name one checkpoint (<dir>/step_N) or a directory holding them (its newest valid
+    one is taken: a run's checkpoints/ or the run dir itself; checkpoint_discovery says which is valid
+    and rank 0 prints which newer ones were skipped). Refuses what would clobber data: a fresh start
+    or a foreign checkpoint while our own checkpoint dir already holds checkpoints, and a fresh start
+    where every complete checkpoint is damaged.
     """
     ours = manager.existing()
     if resume == "auto":
-        tag = manager.latest_valid()
-        return (manager.dir, tag) if tag else None
+        choice = discovery.choose(manager.dir)
+        if choice.tag is None and manager.complete_tags():
+            raise ValueError(f"train.resume=auto: no checkpoint in {manager.dir} can be resumed ({choice.reasons()}); "
+                             "move the damaged ones away, or pass train.resume=<an older checkpoint>")
+        return _chosen(choice, manager.rank)
     if resume == "never":
         if ours:
             raise ValueError(f"train.resume=never but {manager.dir} already holds checkpoints ({', '.join(ours[-3:])}); "
                              "new ones would overwrite and prune them. Use a new run.dir (or checkpoint.dir), "
                              "or train.resume=auto to continue that run")
         return None
-    found = discovery.find_checkpoint(resume)
-    if found is None:
-        raise ValueError(f"train.resume={resume}: no complete checkpoint there (expected <dir>/step_N with a "
-                         "COMPLETE marker, or a directory holding such checkpoints)")
-    directory, tag = found
-    if ours and os.path.abspath(directory) != os.path.abspath(manager.dir):
+    choice = discovery.find_checkpoint(resume)
+    if choice.tag is None:
+        raise ValueError(f"train.resume={resume}: no complete checkpoint there ({choice.reasons()}; expected "
+                         "<dir>/step_N with a COMPLETE marker, or a directory holding such checkpoints)")
+    if ours and os.path.abspath(choice.directory) != os.path.abspath(manager.dir):
         raise ValueError(f"train.resume={resume}: this run's checkpoint dir {manager.dir} already holds checkpoints "
                          f"({', '.join(ours[-3:])}); resuming from elsewhere would overwrite them. Use a new run.dir "
                          "(or checkpoint.dir)")
-    return directory, tag
+    return _chosen(choice, manager.rank)
+
+
+def _chosen(choice: "discovery.Choice", rank: int):
+    if choice.tag is None:
+        return None
+    if rank == 0 and choice.note():
+        print(choice.note(), flush=True)
+    return choice.directory, choice.tag
 
 
 def _barrier():

@@ -2,19 +2,25 @@
 and by the inference loaders (inference/deepspeed_checkpoint.py).
 
 The trainer writes <dir>/step_<N>/ (every rank's DeepSpeed files and RNG states), then
-<dir>/step_<N>/COMPLETE once all ranks finished, then <dir>/latest (the tag). Only a tag dir with
-COMPLETE is a checkpoint; `latest` is taken when it names one, else the newest complete tag.
+<dir>/step_<N>/COMPLETE once all ranks finished, then <dir>/latest (the tag). A checkpoint is valid
+when it has COMPLETE, a model-states file, and no torch file in it cut short. The newest valid one is
+used (by step: `latest`, DeepSpeed's pointer, is written last and may lag); every newer checkpoint
+passed over is named with the reason (`Choice.note`).
 """
 from __future__ import annotations
 
 import glob
 import os
 import re
-from typing import Optional
+import zipfile
+from dataclasses import dataclass, field
+from typing import List, Optional
 
 COMPLETE = "COMPLETE"
 LATEST = "latest"
 TAG_RE = re.compile(r"^step_(\d+)$")
+NOT_COMPLETE = (f"no {COMPLETE} marker: the save was interrupted (a checkpoint written outside the trainer "
+                f"needs `touch {COMPLETE}` in it once you know it is whole)")
 
 
 def tag_for(step: int) -> str:
@@ -41,30 +47,8 @@ def read_latest(directory: str) -> Optional[str]:
     pointer = os.path.join(directory, LATEST)
     if not os.path.isfile(pointer):
         return None
-    with open(pointer) as f:
+    with open(pointer, errors="replace") as f:
         return f.read().strip() or None
-
-
-def latest_valid(directory: str) -> Optional[str]:
-    """The `latest` tag if complete, else the newest complete tag (a save killed midway); None: none."""
-    tag = read_latest(directory)
-    if tag is not None and is_complete(directory, tag):
-        return tag
-    tags = complete_tags(directory)
-    return tags[-1] if tags else None
-
-
-def find_checkpoint(path: str) -> Optional[tuple]:
-    """(directory, tag) of the checkpoint `path` names: one checkpoint (<dir>/step_N with COMPLETE), a
-    directory of checkpoints (its latest valid one), or a run dir holding checkpoints/; None: none there."""
-    path = os.path.abspath(path.rstrip("/") or "/")
-    if os.path.isfile(os.path.join(path, COMPLETE)):
-        return os.path.split(path)
-    for candidate in (path, os.path.join(path, "checkpoints")):
-        tag = latest_valid(candidate)
-        if tag:
-            return candidate, tag
-    return None
 
 
 def model_states_file(tag_dir: str) -> str:
@@ -76,3 +60,95 @@ def model_states_file(tag_dir: str) -> str:
     if not found:
         raise FileNotFoundError(f"{tag_dir}: no *_model_states.pt (not a DeepSpeed checkpoint, or an incomplete one)")
     return found[0]
+
+
+def torch_file_damage(path: str) -> Optional[str]:
+    """Why a torch.save file cannot be read (None: it looks whole). torch writes a zip archive whose
+    index is at its end, so a file cut short has none; reading the index costs no tensor data."""
+    if os.path.getsize(path) == 0:
+        return "empty file"
+    with open(path, "rb") as f:
+        if f.read(2) != b"PK":
+            return None  # torch's legacy (non-zip) format: nothing cheap to check
+    try:
+        zipfile.ZipFile(path).close()
+    except (zipfile.BadZipFile, OSError) as e:
+        return f"truncated or damaged ({e})"
+    return None
+
+
+def damage(directory: str, tag: str) -> Optional[str]:
+    """Why <directory>/<tag> cannot be used as a checkpoint, None when it can."""
+    tag_dir = os.path.join(directory, tag)
+    if not os.path.isdir(tag_dir):
+        return "no such checkpoint directory"
+    if not is_complete(directory, tag):
+        return NOT_COMPLETE
+    if not glob.glob(os.path.join(tag_dir, "*_model_states.pt")):
+        return "no *_model_states.pt in it"
+    for path in sorted(glob.glob(os.path.join(tag_dir, "*.pt"))):
+        why = torch_file_damage(path)
+        if why:
+            return f"{os.path.basename(path)} is {why}"
+    return None
+
+
+@dataclass
+class Choice:
+    """The checkpoint to use in `directory` (tag None: there is none) and why each newer candidate
+    was passed over, newest first."""
+
+    directory: str
+    tag: Optional[str]
+    skipped: List[str] = field(default_factory=list)
+
+    @property
+    def path(self) -> str:
+        return os.path.join(self.directory, self.tag)
+
+    def note(self) -> Optional[str]:
+        """One line for the log when a newer checkpoint was passed over (None: nothing was)."""
+        if not self.skipped or self.tag is None:
+            return None
+        return f"using checkpoint {self.path}; skipped newer: " + "; ".join(self.skipped)
+
+    def reasons(self) -> str:
+        return "; ".join(self.skipped) if self.skipped else "no checkpoints there"
+
+
+def choose(directory: str) -> Choice:
+    """The newest valid step_<N> checkpoint in `directory`; `latest` counts only where it names a tag of
+    another form (DeepSpeed's own layout), tried after those."""
+    tags = list(reversed(checkpoint_tags(directory)))
+    latest = read_latest(directory)
+    foreign = latest is not None and latest not in tags
+    skipped = []
+    for tag in tags + ([latest] if foreign else []):
+        why = damage(directory, tag)
+        if why is None:
+            return Choice(directory, tag, skipped)
+        skipped.append(f"{LATEST} names {tag}: {why}" if foreign and tag == latest else f"{tag}: {why}")
+    return Choice(directory, None, skipped)
+
+
+def latest_valid(directory: str) -> Optional[str]:
+    return choose(directory).tag
+
+
+def is_tag_dir(path: str) -> bool:
+    """Whether `path` is one checkpoint rather than a directory of them."""
+    return bool(TAG_RE.match(os.path.basename(path)) or os.path.isfile(os.path.join(path, COMPLETE))
+                or glob.glob(os.path.join(path, "*_model_states.pt")))
+
+
+def find_checkpoint(path: str) -> Choice:
+    """The checkpoint `path` names: one checkpoint (<dir>/step_N), a directory of checkpoints (its newest
+    valid one), or a run dir holding checkpoints/. Choice.tag is None when there is no valid one."""
+    path = os.path.abspath(path.rstrip("/") or "/")
+    if is_tag_dir(path):
+        directory, tag = os.path.split(path)
+        why = damage(directory, tag)
+        return Choice(directory, tag) if why is None else Choice(directory, None, [f"{tag}: {why}"])
+    if not checkpoint_tags(path) and read_latest(path) is None and os.path.isdir(os.path.join(path, "checkpoints")):
+        path = os.path.join(path, "checkpoints")  # a run dir
+    return choose(path)

@@ -1,4 +1,5 @@
-"""What the generate, export and evaluate CLIs share: the checkpoint options and loading from them."""
+"""What the generate, export and evaluate CLIs share: the checkpoint and device options, checked and
+turned into a loaded model; every bad value is a CheckpointError naming the option."""
 from __future__ import annotations
 
 import argparse
@@ -6,6 +7,8 @@ from typing import Optional
 
 import torch
 
+from ..model import model_config_from_dict
+from .errors import CheckpointError
 from .load import LoadedModel, load_model
 
 DTYPES = ("float32", "bfloat16", "float16")
@@ -31,12 +34,44 @@ def compute_dtype(name: Optional[str], device: str) -> torch.dtype:
     return torch.bfloat16 if device.startswith("cuda") else torch.float32
 
 
-def load_from_args(args: argparse.Namespace, device: str = "cpu", dtype: Optional[torch.dtype] = None) -> LoadedModel:
+def check_device(name: str) -> torch.device:
+    """--device parsed, and present on this machine."""
+    try:
+        device = torch.device(name)
+    except RuntimeError as e:
+        raise CheckpointError(f"--device {name!r}: {e}") from None
+    if device.type == "cuda":
+        count = torch.cuda.device_count() if torch.cuda.is_available() else 0
+        if count == 0:
+            raise CheckpointError(f"--device {name}: no CUDA/ROCm device visible; use --device cpu")
+        if device.index is not None and device.index >= count:
+            raise CheckpointError(f"--device {name}: only {count} GPU(s) visible")
+    return device
+
+
+def read_model_config(path: str) -> dict:
+    """--model-config: a model preset YAML (configs/model/*.yaml)."""
     import yaml
 
-    model_config = None
-    if args.model_config:
-        with open(args.model_config) as f:
-            model_config = yaml.safe_load(f)
+    try:
+        with open(path) as f:
+            config = yaml.safe_load(f)
+    except OSError as e:
+        raise CheckpointError(f"--model-config: {e}") from None
+    except (yaml.YAMLError, UnicodeDecodeError) as e:
+        raise CheckpointError(f"--model-config {path}: not valid YAML ({' '.join(str(e).split())})") from None
+    if not isinstance(config, dict):
+        raise CheckpointError(f"--model-config {path}: expected a mapping of model keys (a configs/model preset), "
+                              f"got {type(config).__name__}")
+    try:
+        model_config_from_dict(config)
+    except ValueError as e:
+        raise CheckpointError(f"--model-config {path}: {e}") from None
+    return config
+
+
+def load_from_args(args: argparse.Namespace, device: str = "cpu", dtype: Optional[torch.dtype] = None) -> LoadedModel:
+    check_device(device)
+    model_config = read_model_config(args.model_config) if args.model_config else None
     return load_model(args.checkpoint, tag=args.tag, tokenizer=args.tokenizer, model_config=model_config,
                       device=device, dtype=dtype)

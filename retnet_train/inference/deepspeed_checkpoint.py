@@ -14,40 +14,36 @@ from ..components import checkpoint_discovery as discovery
 from .errors import CheckpointError
 
 
-def _incomplete(tag_dir: str) -> CheckpointError:
-    return CheckpointError(f"{tag_dir}: incomplete checkpoint (no {discovery.COMPLETE} marker: the save was interrupted)")
-
-
-def _has_model_states(directory: str) -> bool:
-    return bool(glob.glob(os.path.join(directory, "*_model_states.pt")))
-
-
-def resolve_deepspeed_dir(path: str, tag: Optional[str] = None) -> tuple:
-    """(save_dir, tag) for a run dir (holding checkpoints/), a save dir with `latest`, a tag dir, or a save
-    dir plus tag. In the trainer's layout (tags marked COMPLETE) only complete tags count."""
+def resolve_deepspeed_dir(path: str, tag: Optional[str] = None) -> discovery.Choice:
+    """The checkpoint to read for a run dir (holding checkpoints/), a save dir, a tag dir, or a save or
+    run dir plus tag. Only valid checkpoints (checkpoint_discovery) are read: one named explicitly must
+    be valid; in a directory the newest valid one is taken (Choice.note names what was skipped)."""
     path = os.path.abspath(path)
-    if tag is None and not os.path.isfile(os.path.join(path, discovery.LATEST)) \
-            and os.path.isdir(os.path.join(path, "checkpoints")):
-        path = os.path.join(path, "checkpoints")  # a run dir
-    if tag is None and _has_model_states(path):
-        path, tag = os.path.split(path)  # a tag dir
-    trainer_made = bool(glob.glob(os.path.join(path, "*", discovery.COMPLETE)))
-    if tag is None:
-        tag = discovery.latest_valid(path) if trainer_made else discovery.read_latest(path)
-        if tag is None:
-            raise CheckpointError(f"{path}: not an exported model (config.json + model.safetensors) nor a DeepSpeed "
-                                  "checkpoint (no 'latest' file and no *_model_states.pt)")
-    elif trainer_made and not discovery.is_complete(path, tag):
-        raise _incomplete(os.path.join(path, tag))
-    if not _has_model_states(os.path.join(path, tag)):
-        raise CheckpointError(f"{os.path.join(path, tag)}: no *_model_states.pt (missing or incomplete checkpoint "
-                              f"tag {tag!r})")
-    return path, tag
+    if tag is not None:
+        inside = [os.path.join(d, tag) for d in (path, os.path.join(path, "checkpoints"))]
+        path = next((p for p in inside if os.path.isdir(p)), inside[0])
+    if tag is not None or discovery.is_tag_dir(path):
+        directory, name = os.path.split(path)
+        why = discovery.damage(directory, name)
+        if why:
+            raise CheckpointError(f"{path}: {why}")
+        return discovery.Choice(directory, name)
+    choice = discovery.find_checkpoint(path)
+    if choice.tag is not None:
+        return choice
+    if not choice.skipped:
+        raise CheckpointError(f"{path}: not an exported model (config.json + model.safetensors) nor a checkpoint "
+                              f"directory (no step_N checkpoints, no '{discovery.LATEST}' file)")
+    raise CheckpointError(f"{choice.directory}: no usable checkpoint ({choice.reasons()})")
 
 
 def read_model_states(tag_dir: str) -> dict:
     """Rank 0's model-states dict (client state, DeepSpeed's counters; weights memory-mapped)."""
-    return torch.load(discovery.model_states_file(tag_dir), map_location="cpu", weights_only=False, mmap=True)
+    path = discovery.model_states_file(tag_dir)
+    try:
+        return torch.load(path, map_location="cpu", weights_only=False, mmap=True)
+    except Exception as e:  # torch raises several types for a damaged file; the one-line error names it
+        raise CheckpointError(f"{path}: cannot be read ({type(e).__name__}: {e})") from None
 
 
 def _has_zero_optimizer_shards(tag_dir: str) -> bool:
@@ -63,8 +59,12 @@ def consolidated_state_dict(save_dir: str, tag: str) -> dict:
     tag_dir = os.path.join(save_dir, tag)
     if _has_zero_optimizer_shards(tag_dir):
         # zero_to_fp32 reports progress with print(): keep stdout for our results (JSON, text)
-        with contextlib.redirect_stdout(sys.stderr):
-            return get_fp32_state_dict_from_zero_checkpoint(save_dir, tag=tag)
+        try:
+            with contextlib.redirect_stdout(sys.stderr):
+                return get_fp32_state_dict_from_zero_checkpoint(save_dir, tag=tag)
+        except Exception as e:  # a damaged shard the cheap checks let through
+            raise CheckpointError(f"{tag_dir}: DeepSpeed cannot consolidate its ZeRO shards "
+                                  f"({type(e).__name__}: {e})") from None
     module = read_model_states(tag_dir).get("module")
     if not module:
         raise CheckpointError(f"{tag_dir}: no ZeRO optimizer shards and no 'module' weights in the model states")

@@ -14,6 +14,7 @@ from __future__ import annotations
 import argparse
 import json
 import math
+import os
 import sys
 import time
 from typing import Mapping, Optional
@@ -58,6 +59,8 @@ def parse_data(specs) -> dict:
     sources = {}
     for i, spec in enumerate(specs):
         name, _, path = spec.rpartition("=")
+        if not os.path.isdir(path):
+            raise ValueError(f"--data {spec}: {path} is not a directory (a shard dir written by data_prep.tokenize)")
         sources[name or f"source{i}"] = (path, 1.0)
     return sources
 
@@ -65,7 +68,8 @@ def parse_data(specs) -> dict:
 def parse_args(argv=None):
     p = argparse.ArgumentParser(prog="python -m retnet_train.inference.evaluate", description=__doc__.split("\n")[0])
     add_checkpoint_args(p)
-    p.add_argument("--data", action="append", default=[], help="shard dir (or NAME=DIR), repeatable: validation perplexity")
+    p.add_argument("--data", action="append", default=[],
+                   help="shard dir (or NAME=DIR), repeatable: validation perplexity")
     p.add_argument("--seq-len", type=int, default=2048)
     p.add_argument("--batch-size", type=int, default=8)
     p.add_argument("--max-sequences", type=int, default=None)
@@ -79,35 +83,56 @@ def parse_args(argv=None):
     return p.parse_args(argv)
 
 
-def run_perplexity(loaded, args) -> Mapping:
+def run_perplexity(loaded, sources: dict, args) -> Mapping:
     sha = sha256_file(loaded.tokenizer_path) if loaded.tokenizer_path else None
-    loader = build_validation_loader(parse_data(args.data), args.seq_len, args.batch_size, tokenizer_sha256=sha,
+    loader = build_validation_loader(sources, args.seq_len, args.batch_size, tokenizer_sha256=sha,
                                      vocab_size=loaded.config.vocab_size, max_sequences=args.max_sequences)
     return perplexity(loaded.model, loader, args.device)
 
 
 def run_lm_eval(loaded, args) -> Mapping:
-    from .lm_eval_adapter import RetNetTrainLM, simple_evaluate
+    try:
+        from .lm_eval_adapter import RetNetTrainLM, simple_evaluate
+    except ImportError as e:
+        raise ValueError(f"--tasks: lm-evaluation-harness is not installed ({e}); pip install 'retnet-train[eval]'")
 
     if loaded.tokenizer_path is None:
         raise ValueError(f"--tokenizer: {args.checkpoint} names no tokenizer; lm-eval needs one")
     lm = RetNetTrainLM(loaded.model, loaded.tokenizer_path, max_length=args.max_length, batch_size=args.batch_size)
-    return simple_evaluate(lm, args.tasks.split(","), include_path=args.include_path, limit=args.limit,
-                           num_fewshot=args.num_fewshot)
+    try:
+        return simple_evaluate(lm, args.tasks.split(","), include_path=args.include_path, limit=args.limit,
+                               num_fewshot=args.num_fewshot)
+    except KeyError as e:  # lm-eval's error for a task name it does not know
+        raise ValueError(f"--tasks: {e.args[0] if e.args else e}") from None
+
+
+def check_output(path: str) -> None:
+    """--output, checked before the evaluation runs: a file in an existing, writable directory."""
+    parent = os.path.dirname(os.path.abspath(path))
+    if os.path.isdir(path):
+        raise SystemExit(f"error: --output: {path} is a directory; name a file")
+    if not os.path.isdir(parent):
+        raise SystemExit(f"error: --output: {parent} is not a directory")
+    if not os.access(parent, os.W_OK):
+        raise SystemExit(f"error: --output: {parent} is not writable")
 
 
 def main(argv=None) -> int:
     args = parse_args(argv)
     if not args.data and not args.tasks:
         raise SystemExit("error: nothing to evaluate: pass --data (perplexity) and/or --tasks (lm-eval)")
-    for name in ("seq_len", "batch_size", "max_length"):
-        if getattr(args, name) < 1:
-            raise SystemExit(f"error: --{name.replace('_', '-')}: must be >= 1, got {getattr(args, name)}")
+    for name in ("seq_len", "batch_size", "max_length", "max_sequences"):
+        value = getattr(args, name)
+        if value is not None and value < 1:
+            raise SystemExit(f"error: --{name.replace('_', '-')}: must be >= 1, got {value}")
+    if args.output:
+        check_output(args.output)
     try:
+        sources = parse_data(args.data)
         loaded = load_from_args(args, args.device, compute_dtype(args.dtype, args.device))
         results = {"checkpoint": args.checkpoint}
         if args.data:
-            results["validation"] = run_perplexity(loaded, args)
+            results["validation"] = run_perplexity(loaded, sources, args)
         if args.tasks:
             results["lm_eval"] = run_lm_eval(loaded, args)
     except (CheckpointError, ManifestError, ValueError, OSError) as e:

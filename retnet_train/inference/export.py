@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import shutil
 import sys
 
 import torch
@@ -19,7 +20,7 @@ import torch
 from ..interop.fla import ExportError, save_fla
 from .cli import DTYPES, add_checkpoint_args, load_from_args
 from .errors import CheckpointError
-from .native import save_native
+from .native import EXPORT_FILES, save_native
 
 
 def parse_args(argv=None):
@@ -39,17 +40,62 @@ def _source(args, loaded) -> dict:
     return {"checkpoint": os.path.abspath(args.checkpoint), **facts}
 
 
+def check_out(out: str, overwrite: bool) -> None:
+    """--out must be a new directory, or with --overwrite one holding a previous export and nothing else."""
+    if os.path.exists(out) and not os.path.isdir(out):
+        raise CheckpointError(f"--out: {out} is a file, not a directory; name a new directory")
+    ancestor = os.path.dirname(os.path.abspath(out))
+    while not os.path.exists(ancestor):
+        ancestor = os.path.dirname(ancestor)
+    if not os.path.isdir(ancestor):
+        raise CheckpointError(f"--out: {ancestor} is a file, so {out} cannot be created")
+    written = out if os.path.isdir(out) else ancestor
+    if not os.access(written, os.W_OK):
+        raise CheckpointError(f"--out: {written} is not writable")
+    present = set(os.listdir(out)) if os.path.isdir(out) else set()
+    if present and not overwrite:
+        raise CheckpointError(f"--out: {out} exists and is not empty (--overwrite replaces a previous export)")
+    others = sorted(present - set(EXPORT_FILES))
+    if others:
+        raise CheckpointError(f"--out: {out} holds files an export does not write ({', '.join(others[:3])}); "
+                              "--overwrite replaces a previous export only")
+
+
+def write_export(out: str, write) -> None:
+    """write(dir) into a sibling of `out`, then its files into `out`: a failed export leaves no partial
+    directory and a previous export unchanged (files of it the new one lacks are removed)."""
+    parent = os.path.dirname(os.path.abspath(out))
+    os.makedirs(parent, exist_ok=True)
+    staging = os.path.join(parent, f".{os.path.basename(os.path.abspath(out))}.partial-{os.getpid()}")
+    os.mkdir(staging)
+    try:
+        write(staging)
+        if not os.path.isdir(out):
+            os.rename(staging, out)
+            return
+        for name in EXPORT_FILES:
+            if os.path.exists(os.path.join(staging, name)):
+                os.replace(os.path.join(staging, name), os.path.join(out, name))
+            elif os.path.exists(os.path.join(out, name)):
+                os.remove(os.path.join(out, name))
+        os.rmdir(staging)
+    finally:
+        if os.path.isdir(staging):
+            shutil.rmtree(staging)
+
+
 def main(argv=None) -> int:
     args = parse_args(argv)
-    if os.path.exists(args.out) and os.listdir(args.out) and not args.overwrite:
-        raise SystemExit(f"error: --out: {args.out} exists and is not empty (pass --overwrite)")
     try:
+        check_out(args.out, args.overwrite)
         loaded = load_from_args(args)
         dtype = getattr(torch, args.dtype) if args.dtype else None
         if args.format == "native":
-            save_native(loaded.model, args.out, loaded.tokenizer_path, dtype, extra={"source": _source(args, loaded)})
+            write_export(args.out, lambda d: save_native(loaded.model, d, loaded.tokenizer_path, dtype,
+                                                         extra={"source": _source(args, loaded)}))
         else:
-            save_fla(loaded.model, args.out, loaded.tokenizer_path, dtype, args.allow_inexact)
+            write_export(args.out, lambda d: save_fla(loaded.model, d, loaded.tokenizer_path, dtype,
+                                                      args.allow_inexact))
     except (CheckpointError, ExportError, ValueError, OSError) as e:
         raise SystemExit(f"error: {e}") from None
     if loaded.tokenizer_path is None:

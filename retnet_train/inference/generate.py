@@ -35,7 +35,8 @@ class GenerationResult:
 @torch.no_grad()
 def generate(model, prompts: Sequence[Sequence[int]], params: SamplingParams, eos_id: Optional[int] = None,
              pad_id: int = 0, max_length: Optional[int] = None, cuda_graph: bool = False,
-             prefill_piece: int = 0, on_step: Optional[Callable[[torch.Tensor, torch.Tensor], None]] = None) -> GenerationResult:
+             prefill_piece: int = 0,
+             on_step: Optional[Callable[[torch.Tensor, torch.Tensor], None]] = None) -> GenerationResult:
     """Generate for a batch of token-id prompts. max_length bounds prompt + new tokens (None:
     no bound for RetNet; the Transformer's KV cache is sized to prompt + max_new_tokens).
     on_step(tokens [B], finished [B]) is called after each new token (for streaming)."""
@@ -51,7 +52,8 @@ def generate(model, prompts: Sequence[Sequence[int]], params: SamplingParams, eo
             raise ValueError(f"prompt {i}: token id {bad[0]} outside the vocabulary [0, {cfg.vocab_size})")
     longest = max(len(p) for p in prompts)
     if max_length is not None and longest + params.max_new_tokens > max_length:
-        raise ValueError(f"prompt of {longest} tokens + max_new_tokens={params.max_new_tokens} exceeds max_length={max_length}")
+        raise ValueError(f"prompt of {longest} tokens + max_new_tokens={params.max_new_tokens} exceeds "
+                         f"max_length={max_length}")
     device = next(model.parameters()).device
     generator = None
     if params.seed is not None:
@@ -116,6 +118,8 @@ def _read_prompts(args) -> List[str]:
             texts = [line.rstrip("\n") for line in f if line.strip()]
     except OSError as e:
         raise SystemExit(f"error: --prompts-file: {e}") from None
+    except UnicodeDecodeError as e:
+        raise SystemExit(f"error: --prompts-file {args.prompts_file}: not UTF-8 text ({e})") from None
     if not texts:
         raise SystemExit(f"error: --prompts-file: {args.prompts_file} has no prompts")
     return texts

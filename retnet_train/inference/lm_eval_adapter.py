@@ -32,10 +32,11 @@ class RetNetTrainLM(LM):
         if model is None:  # built by lm-eval from --model_args
             if checkpoint is None:
                 raise ValueError("retnet-train: pass checkpoint=<DeepSpeed dir or export dir> in --model_args")
+            from .cli import compute_dtype
             from .load import load_model
 
             device = device or ("cuda" if torch.cuda.is_available() else "cpu")
-            torch_dtype = getattr(torch, dtype) if dtype else (torch.bfloat16 if device.startswith("cuda") else torch.float32)
+            torch_dtype = compute_dtype(dtype, device)
             loaded = load_model(checkpoint, tokenizer=tokenizer, device=device, dtype=torch_dtype)
             model, tokenizer = loaded.model, loaded.tokenizer_path
         if tokenizer is None:
@@ -45,7 +46,8 @@ class RetNetTrainLM(LM):
         self.model = model.eval()
         self.sp = spm.SentencePieceProcessor(model_file=str(tokenizer))
         if self.sp.get_piece_size() != model.config.vocab_size:
-            raise ValueError(f"tokenizer {tokenizer}: {self.sp.get_piece_size()} pieces, model vocab_size={model.config.vocab_size}")
+            raise ValueError(f"tokenizer {tokenizer}: {self.sp.get_piece_size()} pieces, model "
+                             f"vocab_size={model.config.vocab_size}")
         self.max_length, self.batch_size, self.max_gen_toks = int(max_length), int(batch_size), int(max_gen_toks)
         self._device = next(model.parameters()).device  # (LM.device is a read-only property)
         # token that stands before the first real token (lm-eval's prefix_token_id): BOS, else EOS

@@ -11,6 +11,7 @@ inference/client_state.py), or from a preset given by the caller.
 from __future__ import annotations
 
 import os
+import sys
 from dataclasses import dataclass
 from typing import Any, Mapping, Optional
 
@@ -58,7 +59,10 @@ def _from_export(path: str):
 
 
 def _from_deepspeed(path: str, tag: Optional[str], model_config: Optional[Mapping]):
-    save_dir, tag = resolve_deepspeed_dir(path, tag)
+    choice = resolve_deepspeed_dir(path, tag)
+    if choice.note():
+        print(choice.note(), file=sys.stderr, flush=True)  # stdout stays for results
+    save_dir, tag = choice.directory, choice.tag
     origin = model_states_file(os.path.join(save_dir, tag))
     state = read_model_states(os.path.join(save_dir, tag))
     config = model_config_from_dict(model_config) if model_config is not None else \
@@ -77,7 +81,8 @@ def _tokenizer(given: Optional[str], stored: Optional[str], path: str, vocab_siz
         return None
     if not os.path.isfile(tok):
         which = "--tokenizer" if given else f"the tokenizer named by {path}"
-        raise CheckpointError(f"{which}: {tok} does not exist")
+        raise CheckpointError(f"{which}: {tok} " + ("is a directory, not a sentencepiece model" if os.path.isdir(tok)
+                                                     else "does not exist"))
     check_tokenizer(tok, vocab_size)
     if given and stored and os.path.isfile(stored) and not same_file(given, stored):
         raise CheckpointError(f"--tokenizer: {given} differs from the tokenizer the model was trained with "
@@ -95,6 +100,8 @@ def load_model(path: str, tag: Optional[str] = None, tokenizer: Optional[str] = 
     """
     if not os.path.exists(path):
         raise CheckpointError(f"{path}: no such checkpoint or export directory")
+    if not os.path.isdir(path):
+        raise CheckpointError(f"{path}: a file; pass the directory (a run dir, a checkpoint dir or tag, an export)")
     if is_export_dir(path):
         config, state_dict, stored_tok, source, meta = _from_export(path)
     else:

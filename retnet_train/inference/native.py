@@ -17,6 +17,7 @@ from .tokenizer import check_tokenizer
 EXPORT_CONFIG = "config.json"
 EXPORT_WEIGHTS = "model.safetensors"
 EXPORT_TOKENIZER = "tokenizer.model"
+EXPORT_FILES = (EXPORT_CONFIG, EXPORT_WEIGHTS, EXPORT_TOKENIZER)  # every file an export (ours or fla's) writes
 FORMAT = "retnet-train"  # config.json["format"] of our own export (fla's export has none)
 
 
@@ -32,16 +33,22 @@ def load_export(path: str):
     try:
         with open(cfg_path) as f:
             meta = json.load(f)
-    except (OSError, json.JSONDecodeError) as e:
+    except (OSError, ValueError) as e:  # ValueError: bad JSON or not UTF-8
         raise CheckpointError(f"{cfg_path}: cannot read: {e}") from None
-    if meta.get("format") != FORMAT:
-        raise CheckpointError(f"{cfg_path}: not a retnet-train export (format={meta.get('format')!r}); fla/Hugging Face "
+    fmt = meta.get("format") if isinstance(meta, dict) else None
+    if fmt != FORMAT:
+        raise CheckpointError(f"{cfg_path}: not a retnet-train export (format={fmt!r}); fla/Hugging Face "
                               "exports are for transformers, load our own export or the training checkpoint")
     try:
         config = model_config_from_dict(meta["model"])
-    except (KeyError, ValueError) as e:
+    except (KeyError, TypeError, ValueError) as e:
         raise CheckpointError(f"{cfg_path}: invalid model config: {e}") from None
-    return config, load_file(os.path.join(path, EXPORT_WEIGHTS)), meta
+    weights = os.path.join(path, EXPORT_WEIGHTS)
+    try:
+        state_dict = load_file(weights)
+    except Exception as e:  # safetensors' own error type for a file cut short or not safetensors
+        raise CheckpointError(f"{weights}: cannot be read ({type(e).__name__}: {e})") from None
+    return config, state_dict, meta
 
 
 def write_tokenizer(out_dir: str, tokenizer_path: Optional[str], vocab_size: int) -> Optional[dict]:

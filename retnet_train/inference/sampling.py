@@ -18,7 +18,8 @@ class SamplingParams:
     def validate(self, vocab_size: Optional[int] = None) -> None:
         if not isinstance(self.max_new_tokens, int) or self.max_new_tokens < 1:
             raise ValueError(f"max_new_tokens: must be an integer >= 1, got {self.max_new_tokens!r}")
-        if not isinstance(self.temperature, (int, float)) or not self.temperature >= 0 or self.temperature == float("inf"):
+        t = self.temperature
+        if not isinstance(t, (int, float)) or not t >= 0 or t == float("inf"):
             raise ValueError(f"temperature: must be a finite number >= 0 (0 = greedy), got {self.temperature!r}")
         if not isinstance(self.top_k, int) or self.top_k < 0:
             raise ValueError(f"top_k: must be an integer >= 0 (0 = off), got {self.top_k!r}")

@@ -23,7 +23,7 @@ from typing import Dict, List, Optional
 
 import torch
 
-from ..inference.native import write_safetensors, write_tokenizer
+from ..inference.native import EXPORT_CONFIG, EXPORT_WEIGHTS, write_safetensors, write_tokenizer
 
 FLA_ROTARY_BASE = 10000.0  # fla's MultiScaleRetention builds RotaryEmbedding(dim) with the default base
 
@@ -41,7 +41,8 @@ def fla_compatibility(model) -> List[str]:
     if cfg.norm != "rmsnorm":
         why.append(f"norm={cfg.norm}: fla uses RMSNorm (with a scale) everywhere")
     if cfg.ffn_type != "glu" or cfg.activation != "silu":
-        why.append(f"ffn_type={cfg.ffn_type}, activation={cfg.activation}: fla's FFN is SwiGLU (ffn_type=glu, activation=silu)")
+        why.append(f"ffn_type={cfg.ffn_type}, activation={cfg.activation}: fla's FFN is SwiGLU (ffn_type=glu, "
+                   "activation=silu)")
     if cfg.gate_activation != "silu":
         why.append(f"gate_activation={cfg.gate_activation}: fla's output gate is swish (silu)")
     if cfg.embed_scale:
@@ -61,7 +62,8 @@ def fla_compatibility(model) -> List[str]:
         for i, block in enumerate(model.layers):
             w = block.retention.group_norm_weight.detach().view(cfg.n_heads, -1)
             if not torch.equal(w, w[:1].expand_as(w)):
-                why.append(f"layer {i}: per-head norm scales differ across heads; fla's g_norm has one scale shared by all heads")
+                why.append(f"layer {i}: per-head norm scales differ across heads; fla's g_norm has one scale "
+                           "shared by all heads")
                 break
     if cfg.normalize_retention:
         why.append("normalize_retention=true: fla has no retention normalization; it cancels in the per-head RMSNorm "
@@ -91,7 +93,8 @@ def fla_state_dict(model) -> Dict[str, torch.Tensor]:
         sd[p + "attn.g_proj.weight"] = w["g"].clone()
         sd[p + "attn.o_proj.weight"] = r.out_proj.weight
         gw = r.group_norm_weight
-        sd[p + "attn.g_norm_swish_gate.weight"] = (torch.ones(cfg.value_head_dim) if gw is None else gw.detach()[:cfg.value_head_dim])
+        head_scale = torch.ones(cfg.value_head_dim) if gw is None else gw.detach()[:cfg.value_head_dim]
+        sd[p + "attn.g_norm_swish_gate.weight"] = head_scale
         sd[p + "mlp_norm.weight"] = block.ffn_norm.weight
         sd[p + "mlp.gate_proj.weight"] = block.ffn.fc1.weight  # activated branch
         sd[p + "mlp.up_proj.weight"] = block.ffn.gate.weight  # linear branch
@@ -110,7 +113,8 @@ def fla_config(model, tokenizer_ids: Optional[dict], dtype: Optional[torch.dtype
         "use_short_conv": False, "use_output_gate": True, "elementwise_affine": True, "norm_eps": cfg.norm_eps,
         "attn": None, "fuse_norm": True, "fuse_swiglu": True, "fuse_cross_entropy": True,
         "tie_word_embeddings": cfg.tie_embeddings, "vocab_size": cfg.vocab_size, "use_cache": True,
-        "bos_token_id": tok.get("bos_token_id"), "eos_token_id": tok.get("eos_token_id"), "pad_token_id": tok.get("pad_token_id"),
+        "bos_token_id": tok.get("bos_token_id"), "eos_token_id": tok.get("eos_token_id"),
+        "pad_token_id": tok.get("pad_token_id"),
         "torch_dtype": str(dtype or next(model.parameters()).dtype).replace("torch.", ""),
         "retnet_train": {"source_model": cfg.to_dict(), "inexact": inexact},
     }
@@ -128,8 +132,8 @@ def save_fla(model, out_dir: str, tokenizer_path: Optional[str] = None, dtype: O
         hint = "" if fatal else " (--allow-inexact exports anyway, marked inexact)"
         raise ExportError("fla export refused: " + "; ".join(fatal + waivable) + hint)
     os.makedirs(out_dir, exist_ok=True)
-    write_safetensors(fla_state_dict(model), os.path.join(out_dir, "model.safetensors"), dtype)
+    write_safetensors(fla_state_dict(model), os.path.join(out_dir, EXPORT_WEIGHTS), dtype)
     tok = write_tokenizer(out_dir, tokenizer_path, model.config.vocab_size)
-    with open(os.path.join(out_dir, "config.json"), "w") as f:
+    with open(os.path.join(out_dir, EXPORT_CONFIG), "w") as f:
         json.dump(fla_config(model, tok, dtype, waivable), f, indent=2)
     return out_dir

@@ -56,7 +56,8 @@ def config_from_torchscale(ts_config: Mapping[str, Any]) -> RetNetConfig:
     )
     config.validate()
     if config.value_dim != ts["decoder_value_embed_dim"]:
-        raise ValueError(f"torchscale config: decoder_value_embed_dim={ts['decoder_value_embed_dim']} cannot be represented")
+        raise ValueError(f"torchscale config: decoder_value_embed_dim={ts['decoder_value_embed_dim']} cannot be "
+                         "represented")
     return config
 
 
@@ -84,9 +85,11 @@ def from_torchscale(state_dict: Mapping[str, torch.Tensor], ts_config: Mapping[s
     missing = sorted(set(expected) - set(ours))
     unexpected = sorted(set(ours) - set(expected))
     if missing or unexpected:
-        raise ValueError(f"torchscale state dict does not match the config: missing {missing[:5]}, unexpected {unexpected[:5]}")
+        raise ValueError(f"torchscale state dict does not match the config: missing {missing[:5]}, "
+                         f"unexpected {unexpected[:5]}")
     for key, value in ours.items():
         if value.shape != expected[key].shape:
-            raise ValueError(f"torchscale state dict: {key} has shape {tuple(value.shape)}, config needs {tuple(expected[key].shape)}")
+            raise ValueError(f"torchscale state dict: {key} has shape {tuple(value.shape)}, config needs "
+                             f"{tuple(expected[key].shape)}")
     model.load_state_dict(ours)
     return model

@@ -33,4 +33,7 @@ with deepspeed.zero.GatheredParameters(list(engine.module.parameters()), enabled
 if rank == 0:
     torch.save(sd, os.path.join(save_dir, "reference.pt"))
 torch.distributed.barrier()
+if rank == 0:  # every rank's files are on disk: marked as the trainer marks a finished save
+    with open(os.path.join(save_dir, "latest")) as f:
+        open(os.path.join(save_dir, f.read().strip(), "COMPLETE"), "w").close()
 print(json.dumps({"rank": rank, "ok": True}))

@@ -1,5 +1,5 @@
-"""Shared pieces for tests/inference (and tests/interop, tests/bench): a real sentencepiece tokenizer, tiny models, and a real
-DeepSpeed checkpoint written in-process (gloo, world size 1)."""
+"""Shared pieces for tests/inference (and tests/interop, tests/bench): a real sentencepiece tokenizer,
+tiny models, and a real DeepSpeed checkpoint written in-process (gloo, world size 1)."""
 from __future__ import annotations
 
 import json
@@ -82,9 +82,10 @@ def init_dist() -> None:
 
 
 def write_deepspeed_checkpoint(save_dir: Path, model_cfg: dict, stage: int, client_state: dict, steps: int = 2,
-                               tag: str | None = None, bf16: bool = False) -> torch.nn.Module:
-    """Train `steps` Adam steps under ZeRO `stage` and save_checkpoint; returns the trained model
-    (its weights are what a loader must reproduce)."""
+                               tag: str | None = None, bf16: bool = False, complete: bool = True) -> torch.nn.Module:
+    """Train `steps` Adam steps under ZeRO `stage` and save_checkpoint, marked COMPLETE as the trainer
+    marks a finished save (unless complete=False); returns the trained model (its weights are what a
+    loader must reproduce)."""
     import deepspeed
 
     init_dist()
@@ -102,6 +103,8 @@ def write_deepspeed_checkpoint(save_dir: Path, model_cfg: dict, stage: int, clie
         engine.backward(loss)
         engine.step()
     engine.save_checkpoint(str(save_dir), tag=tag, client_state=client_state)
+    if complete:
+        (Path(save_dir) / (Path(save_dir) / "latest").read_text().strip() / "COMPLETE").touch()
     if stage == 3:
         from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint  # noqa: F401
 

@@ -57,7 +57,7 @@ def test_checkpoint_errors(tmp_path, tokenizer):
     with pytest.raises(CheckpointError, match="shape"):
         load_model(str(tmp_path / "noconf"), model_config=tiny_config(d_model=64))
     assert load_model(str(tmp_path / "noconf"), model_config=cfg).config.d_model == 32
-    with pytest.raises(CheckpointError, match="tag 'nope'"):
+    with pytest.raises(CheckpointError, match="nope: no such checkpoint directory"):
         load_model(str(tmp_path / "noconf"), tag="nope")
 
 
@@ -145,8 +145,8 @@ def test_trainer_layout_complete_markers_run_dir_and_relative_tokenizer(tmp_path
     resolved = {"model": cfg, "data": {"tokenizer": "data/tok.model"}, "run": {"dir": "runs/r1"}, "checkpoint": {"dir": None}}
     save = launch / "runs" / "r1" / "checkpoints"
     first = write_deepspeed_checkpoint(save, cfg, 2, {"config": resolved, "step": 1}, steps=1, tag="step_00000001")
-    (save / "step_00000001" / "COMPLETE").touch()
-    write_deepspeed_checkpoint(save, cfg, 2, {"config": resolved, "step": 2}, steps=2, tag="step_00000002")
+    write_deepspeed_checkpoint(save, cfg, 2, {"config": resolved, "step": 2}, steps=2, tag="step_00000002",
+                               complete=False)
     # the second save was interrupted before COMPLETE, yet DeepSpeed's own `latest` points at it
     assert (save / "latest").read_text().strip() == "step_00000002"
     monkeypatch.chdir(tmp_path)  # not the launch dir: the relative tokenizer path must be recovered
@@ -155,9 +155,9 @@ def test_trainer_layout_complete_markers_run_dir_and_relative_tokenizer(tmp_path
     assert os.path.samefile(loaded.tokenizer_path, launch / "data" / "tok.model")
     for k, v in first.state_dict().items():
         torch.testing.assert_close(loaded.model.state_dict()[k], v, rtol=0, atol=0)
-    with pytest.raises(CheckpointError, match="incomplete checkpoint"):
+    with pytest.raises(CheckpointError, match="step_00000002: no COMPLETE marker"):
         load_model(str(save / "step_00000002"))
-    with pytest.raises(CheckpointError, match="incomplete checkpoint"):
+    with pytest.raises(CheckpointError, match="step_00000002: no COMPLETE marker"):
         load_model(str(save), tag="step_00000002")
 
 

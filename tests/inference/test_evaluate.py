@@ -62,6 +62,21 @@ def test_perplexity_refuses_other_tokenizer_and_bad_args(setup, tmp_path):
         main(["--checkpoint", exp, "--data", str(d / "shards"), "--seq-len", "0"])
     with pytest.raises(ValueError, match="no tokens"):
         perplexity(model, [])
+    with pytest.raises(SystemExit, match=f"error: --data val={tmp_path / 'none'}: .* is not a directory"):
+        main(["--checkpoint", exp, "--data", f"val={tmp_path / 'none'}"])
+
+
+def test_unknown_lm_eval_task_is_a_one_line_error(setup, monkeypatch):
+    require_lm_eval()
+    import retnet_train.inference.lm_eval_adapter as adapter
+
+    def unknown(lm, tasks, **kw):  # what lm-eval 0.4's TaskManager raises for a name it does not know
+        raise KeyError(f"Spec '{tasks[0]}' is not a registered task/group/tag name or valid YAML path")
+
+    monkeypatch.setattr(adapter, "simple_evaluate", unknown)
+    _, _, _, exp, _ = setup
+    with pytest.raises(SystemExit, match="error: --tasks: Spec 'no_such_task' is not a registered task"):
+        main(["--checkpoint", exp, "--tasks", "no_such_task"])
 
 
 def _write_tasks(directory):

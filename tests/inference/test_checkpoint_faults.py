@@ -1,0 +1,181 @@
+"""Damaged and half-written checkpoints, bad options and bad paths at the inference entry points
+(generate, export, evaluate): a one-line error naming the file or option, or, given a run dir, the
+newest valid checkpoint with a note saying which newer one was skipped and why. Nothing of the
+user's is overwritten."""
+import json
+import os
+import shutil
+
+import pytest
+import torch
+
+from gen_fixtures import tiny_config, tiny_model, train_tokenizer, write_deepspeed_checkpoint
+from retnet_train.inference.errors import CheckpointError
+from retnet_train.inference.evaluate import main as evaluate_main
+from retnet_train.inference.export import main as export_main
+from retnet_train.inference.generate import main as generate_main
+from retnet_train.inference.load import load_model
+from retnet_train.inference.native import save_native
+
+STEP1, STEP2 = "step_00000001", "step_00000002"
+MODEL_STATES = "mp_rank_00_model_states.pt"
+OPTIM_STATES = "zero_pp_rank_0_mp_rank_00_optim_states.pt"
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory):
+    """A run dir in the trainer's layout with two complete ZeRO-2 checkpoints; the models they hold."""
+    root = tmp_path_factory.mktemp("faults")
+    tok = str(train_tokenizer(root))
+    cfg = tiny_config()
+    client = {"config": {"model": cfg, "data": {"tokenizer": tok}}}
+    save = root / "run" / "checkpoints"
+    refs = {tag: write_deepspeed_checkpoint(save, cfg, 2, client, steps=steps, tag=tag)
+            for tag, steps in ((STEP1, 1), (STEP2, 2))}
+    return root / "run", refs, tok
+
+
+@pytest.fixture
+def run(trained, tmp_path):
+    """A fresh copy of the run dir to damage."""
+    run_dir, refs, _ = trained
+    shutil.copytree(run_dir, tmp_path / "run")
+    return tmp_path / "run"
+
+
+def truncate(path):
+    data = path.read_bytes()
+    path.write_bytes(data[: len(data) // 3])
+
+
+def same_weights(model, ref):
+    return all(torch.equal(model.state_dict()[k], v) for k, v in ref.state_dict().items())
+
+
+def test_checkpoints_without_complete_marker_are_never_used(run, tmp_path):
+    for tag in (STEP1, STEP2):
+        (run / "checkpoints" / tag / "COMPLETE").unlink()
+    with pytest.raises(CheckpointError, match=f"checkpoints: no usable checkpoint .*{STEP2}: no COMPLETE marker"):
+        load_model(str(run))
+    with pytest.raises(CheckpointError, match=f"{STEP1}: no COMPLETE marker: the save was interrupted"):
+        load_model(str(run / "checkpoints" / STEP1))
+    for main, extra in ((generate_main, ["--prompt", "one"]), (export_main, ["--out", str(tmp_path / "exp")]),
+                        (evaluate_main, ["--data", str(tmp_path)])):
+        with pytest.raises(SystemExit, match=f"error: .*{STEP2}: no COMPLETE marker"):
+            main(["--checkpoint", str(run / "checkpoints" / STEP2), *extra])
+        with pytest.raises(SystemExit, match="error: .*no usable checkpoint"):
+            main(["--checkpoint", str(run), *extra])
+    assert not (tmp_path / "exp").exists()
+
+
+@pytest.mark.parametrize("name", [MODEL_STATES, OPTIM_STATES])
+def test_a_named_checkpoint_with_a_truncated_file_is_a_one_line_error(run, tmp_path, name):
+    tag_dir = run / "checkpoints" / STEP2
+    truncate(tag_dir / name)
+    with pytest.raises(SystemExit, match=f"error: {tag_dir}: {name} is truncated or damaged"):
+        generate_main(["--checkpoint", str(tag_dir), "--prompt", "one"])
+    with pytest.raises(SystemExit, match=f"error: {tag_dir}: {name} is truncated or damaged"):
+        export_main(["--checkpoint", str(run / "checkpoints"), "--tag", STEP2, "--out", str(tmp_path / "exp")])
+    (tag_dir / name).unlink()
+    if name == MODEL_STATES:
+        with pytest.raises(SystemExit, match=rf"error: {tag_dir}: no \*_model_states.pt in it"):
+            generate_main(["--checkpoint", str(tag_dir), "--prompt", "one"])
+
+
+def test_a_run_dir_falls_back_to_the_newest_valid_checkpoint_and_says_why(trained, run, capsys):
+    _, refs, _ = trained
+    truncate(run / "checkpoints" / STEP2 / MODEL_STATES)
+    loaded = load_model(str(run))
+    assert loaded.meta["tag"] == STEP1 and same_weights(loaded.model, refs[STEP1])
+    note = [line for line in capsys.readouterr().err.splitlines() if line.startswith("using checkpoint")]
+    assert len(note) == 1 and note[0].startswith(f"using checkpoint {run / 'checkpoints' / STEP1}; skipped newer: "
+                                                 f"{STEP2}: {MODEL_STATES} is truncated or damaged")
+    # the same through the CLI, the note on stderr and the text on stdout
+    assert generate_main(["--checkpoint", str(run), "--prompt", "one two", "--max-new-tokens", "2", "--greedy"]) == 0
+    assert "skipped newer" in capsys.readouterr().err
+    # an incomplete newest save (killed before its marker) is named as well; undamaged: no note
+    (run / "checkpoints" / STEP2 / "COMPLETE").unlink()
+    assert load_model(str(run)).meta["tag"] == STEP1
+    assert f"skipped newer: {STEP2}: no COMPLETE marker" in capsys.readouterr().err
+    shutil.rmtree(run / "checkpoints" / STEP2)
+    assert load_model(str(run)).meta["tag"] == STEP1 and "using checkpoint" not in capsys.readouterr().err
+
+
+def test_export_never_overwrites_user_files_nor_leaves_a_partial_export(run, tmp_path):
+    user_file = tmp_path / "notes.txt"
+    user_file.write_text("mine")
+    for flags in ([], ["--overwrite"]):
+        with pytest.raises(SystemExit, match=f"error: --out: {user_file} is a file, not a directory"):
+            export_main(["--checkpoint", str(run), "--out", str(user_file), *flags])
+        with pytest.raises(SystemExit, match=f"error: --out: {user_file} is a file, so .* cannot be created"):
+            export_main(["--checkpoint", str(run), "--out", str(user_file / "exp"), *flags])
+    assert user_file.read_text() == "mine"
+    mixed = tmp_path / "mixed"
+    mixed.mkdir()
+    (mixed / "config.json").write_text("{}")
+    (mixed / "data.csv").write_text("mine")
+    with pytest.raises(SystemExit, match="holds files an export does not write \\(data.csv\\)"):
+        export_main(["--checkpoint", str(run), "--out", str(mixed), "--overwrite"])
+    assert (mixed / "config.json").read_text() == "{}"
+    # a refused export (fla cannot take this model) leaves no directory and no staging files behind
+    with pytest.raises(SystemExit, match="fla export refused"):
+        export_main(["--checkpoint", str(run), "--out", str(tmp_path / "fla"), "--format", "fla"])
+    assert sorted(os.listdir(tmp_path)) == ["mixed", "notes.txt", "run"]
+    # --overwrite replaces a previous export, and an export without tokenizer drops the old one's
+    out = str(tmp_path / "exp")
+    assert export_main(["--checkpoint", str(run), "--out", out]) == 0
+    assert "tokenizer.model" in os.listdir(out)
+    model = tiny_model()
+    save_native(model, str(tmp_path / "bare"))  # no tokenizer
+    assert export_main(["--checkpoint", str(tmp_path / "bare"), "--out", out, "--overwrite"]) == 0
+    assert sorted(os.listdir(out)) == ["config.json", "model.safetensors"]
+    assert sorted(os.listdir(tmp_path)) == ["bare", "exp", "mixed", "notes.txt", "run"]
+
+
+def test_bad_options_and_paths_are_one_line_errors(trained, run, tmp_path):
+    _, _, tok = trained
+    gen = ["--checkpoint", str(run), "--prompt", "one"]
+    bad_yaml = tmp_path / "bad.yaml"
+    bad_yaml.write_text("arch: [retnet\n")
+    with pytest.raises(SystemExit, match=f"error: --model-config {bad_yaml}: not valid YAML"):
+        generate_main([*gen, "--model-config", str(bad_yaml)])
+    bad_yaml.write_text("- retnet\n")
+    with pytest.raises(SystemExit, match="expected a mapping of model keys .* got list"):
+        generate_main([*gen, "--model-config", str(bad_yaml)])
+    bad_yaml.write_text("arch: retnet\nd_model: 32\nwidth: 3\n")
+    with pytest.raises(SystemExit, match=f"error: --model-config {bad_yaml}: .*width"):
+        generate_main([*gen, "--model-config", str(bad_yaml)])
+    with pytest.raises(SystemExit, match="error: --model-config: .*No such file"):
+        generate_main([*gen, "--model-config", str(tmp_path / "none.yaml")])
+    latin1 = tmp_path / "prompts.txt"
+    latin1.write_bytes("caf\xe9\n".encode("latin-1"))
+    with pytest.raises(SystemExit, match=f"error: --prompts-file {latin1}: not UTF-8"):
+        generate_main(["--checkpoint", str(run), "--prompts-file", str(latin1)])
+    if not torch.cuda.is_available():
+        with pytest.raises(SystemExit, match="error: --device cuda: no CUDA/ROCm device visible"):
+            generate_main([*gen, "--device", "cuda"])
+    with pytest.raises(SystemExit, match="error: --device 'gpu0'"):
+        generate_main([*gen, "--device", "gpu0"])
+    with pytest.raises(SystemExit, match=f"error: --tokenizer: {tmp_path} is a directory"):
+        generate_main([*gen, "--tokenizer", str(tmp_path)])
+    with pytest.raises(SystemExit, match="a file; pass the directory"):
+        generate_main(["--checkpoint", tok, "--prompt", "one"])
+    # evaluate checks where its results go before it loads and runs anything
+    with pytest.raises(SystemExit, match=f"error: --output: {tmp_path} is a directory"):
+        evaluate_main(["--checkpoint", str(tmp_path / "missing"), "--data", str(tmp_path), "--output", str(tmp_path)])
+    with pytest.raises(SystemExit, match="--max-sequences: must be >= 1"):
+        evaluate_main(["--checkpoint", str(run), "--data", str(tmp_path), "--max-sequences", "0"])
+
+
+def test_damaged_export_dirs_are_named(tmp_path):
+    out = tmp_path / "exp"
+    save_native(tiny_model(), str(out))
+    truncate(out / "model.safetensors")
+    with pytest.raises(CheckpointError, match=f"{out / 'model.safetensors'}: cannot be read"):
+        load_model(str(out))
+    (out / "config.json").write_text(json.dumps(["not", "a", "mapping"]))
+    with pytest.raises(CheckpointError, match="not a retnet-train export \\(format=None\\)"):
+        load_model(str(out))
+    (out / "config.json").write_bytes(b"\xff\xfe{")
+    with pytest.raises(CheckpointError, match=f"{out / 'config.json'}: cannot read"):
+        load_model(str(out))
