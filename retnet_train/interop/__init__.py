@@ -1,2 +1,3 @@
-"""Other codebases' RetNet formats: torchscale import (torchscale), fla / Hugging Face export (fla),
-and state-dict keys written under older or foreign names (legacy)."""
+"""Other codebases' formats: torchscale RetNet import (torchscale), fla / Hugging Face export (fla),
+Hugging Face Llama import into our Transformer (llama), and state-dict keys written under older or
+foreign names (legacy)."""

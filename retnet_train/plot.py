@@ -1,0 +1,158 @@
+"""Loss, validation loss and tokens/s of several runs against tokens seen, from their metrics.jsonl.
+
+    python -m retnet_train.plot runs/retnet runs/transformer --out curves.png [--labels RetNet,Transformer]
+
+W&B is the online view; this serves offline runs and the docs. A run directory is what the trainer
+writes (`run.dir`): its metrics.jsonl has a record per log step (step, loss, tokens_per_s,
+tokens_seen, ...) and one per evaluation (step, val_loss). Evaluation records without tokens_seen
+get it from the training records' step -> tokens_seen.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Sequence
+
+METRICS_FILE = "metrics.jsonl"
+
+
+class MetricsError(ValueError):
+    """A run directory without usable metrics; the message names the file."""
+
+
+@dataclass
+class RunCurves:
+    name: str
+    tokens: list[float] = field(default_factory=list)  # per training log step
+    loss: list[float] = field(default_factory=list)
+    tokens_per_s: list[float] = field(default_factory=list)
+    val_tokens: list[float] = field(default_factory=list)
+    val_loss: list[float] = field(default_factory=list)
+
+    @property
+    def final_val_loss(self) -> float | None:
+        return self.val_loss[-1] if self.val_loss else None
+
+    def mean_tokens_per_s(self, skip_first: int = 1) -> float | None:
+        """Mean of the logged rates, the first `skip_first` left out (they hold compilation and warm-up)."""
+        rates = [r for r in self.tokens_per_s[skip_first:] if r is not None] or \
+            [r for r in self.tokens_per_s if r is not None]
+        return sum(rates) / len(rates) if rates else None
+
+
+def _records(path: Path) -> list[dict]:
+    if not path.is_file():
+        raise MetricsError(f"{path}: no such file (not a run directory, or the run has not logged a step yet)")
+    records = []
+    with open(path) as f:
+        for n, line in enumerate(f, 1):
+            if not line.strip():
+                continue
+            try:
+                record = json.loads(line)
+            except json.JSONDecodeError:
+                raise MetricsError(f"{path}:{n}: not a JSON line") from None
+            if not isinstance(record, dict) or not isinstance(record.get("step"), int):
+                raise MetricsError(f"{path}:{n}: a record needs an integer 'step'")
+            records.append(record)
+    if not records:
+        raise MetricsError(f"{path}: empty (the run has not logged a step yet)")
+    return records
+
+
+def _last_per_step(records: list[dict], key: str) -> list[dict]:
+    """Records holding `key`, one per step (the last: a resumed run logs its steps again), by step."""
+    by_step = {r["step"]: r for r in records if r.get(key) is not None}
+    return [by_step[s] for s in sorted(by_step)]
+
+
+def _interpolate(x: float, xs: list[float], ys: list[float]) -> float:
+    """Piecewise-linear y(x) through (0, 0) and the points; extrapolated with the last slope."""
+    xs, ys = [0.0] + xs, [0.0] + ys
+    for i in range(1, len(xs)):
+        if x <= xs[i] or i == len(xs) - 1:
+            x0, x1, y0, y1 = xs[i - 1], xs[i], ys[i - 1], ys[i]
+            return y0 + (y1 - y0) * (x - x0) / (x1 - x0) if x1 != x0 else y1
+    return ys[-1]
+
+
+def read_metrics(run_dir: str | Path, name: str | None = None) -> RunCurves:
+    run_dir = Path(run_dir)
+    path = run_dir / METRICS_FILE
+    records = _records(path)
+    train = _last_per_step(records, "tokens_seen")
+    if not train:
+        raise MetricsError(f"{path}: no training records (with tokens_seen)")
+    curves = RunCurves(name or run_dir.name)
+    for r in train:
+        curves.tokens.append(float(r["tokens_seen"]))
+        curves.loss.append(r.get("loss"))
+        curves.tokens_per_s.append(r.get("tokens_per_s"))
+    steps = [float(r["step"]) for r in train]
+    for r in _last_per_step(records, "val_loss"):
+        tokens = r.get("tokens_seen")
+        curves.val_tokens.append(float(tokens) if tokens is not None else _interpolate(r["step"], steps, curves.tokens))
+        curves.val_loss.append(float(r["val_loss"]))
+    return curves
+
+
+def _xy(xs: list, ys: list) -> tuple[list, list]:
+    pairs = [(x, y) for x, y in zip(xs, ys) if y is not None]
+    return [p[0] for p in pairs], [p[1] for p in pairs]
+
+
+def plot_curves(runs: Sequence[RunCurves], out: str | Path, title: str | None = None) -> Path:
+    """One PNG with three panels (loss, validation loss, tokens/s against tokens), a line per run."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    from matplotlib.ticker import EngFormatter
+
+    fig, axes = plt.subplots(1, 3, figsize=(16, 4.6), constrained_layout=True)
+    panels = [("training loss", "loss"), ("validation loss", "val_loss"), ("tokens/s", "tokens_per_s")]
+    for ax, (label, key) in zip(axes, panels):
+        for run in runs:
+            xs = run.val_tokens if key == "val_loss" else run.tokens
+            x, y = _xy(xs, getattr(run, key))
+            if y:
+                ax.plot(x, y, marker="o" if key == "val_loss" else None, markersize=3, label=run.name)
+        ax.set_title(label)
+        ax.set_xlabel("tokens")
+        ax.xaxis.set_major_formatter(EngFormatter())
+        if key == "tokens_per_s":
+            ax.yaxis.set_major_formatter(EngFormatter())
+        ax.grid(alpha=0.3)
+    axes[0].legend()
+    if title:
+        fig.suptitle(title)
+    out = Path(out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(out, dpi=120)
+    plt.close(fig)
+    return out
+
+
+def main(argv: Sequence[str] | None = None) -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("runs", nargs="+", help="run directories (each with a metrics.jsonl)")
+    p.add_argument("--out", required=True, help="PNG to write")
+    p.add_argument("--labels", default=None, help="comma-separated legend names, one per run (default: directory names)")
+    p.add_argument("--title", default=None)
+    a = p.parse_args(argv)
+    labels = a.labels.split(",") if a.labels else [None] * len(a.runs)
+    if len(labels) != len(a.runs):
+        p.error(f"--labels has {len(labels)} names for {len(a.runs)} runs")
+    try:
+        runs = [read_metrics(run, label) for run, label in zip(a.runs, labels)]
+    except MetricsError as e:
+        print(f"error: {e}", file=sys.stderr)
+        sys.exit(1)
+    print(f"wrote {plot_curves(runs, a.out, a.title)}")
+
+
+if __name__ == "__main__":
+    main()

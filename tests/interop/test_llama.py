@@ -1,0 +1,90 @@
+"""Hugging Face LlamaForCausalLM weights load into our Transformer (the Transformer++ block) with
+equal logits: the architectures are the same network."""
+import os
+
+import pytest
+import torch
+
+transformers = pytest.importorskip("transformers")
+
+from retnet_train.interop.llama import config_from_llama, from_llama  # noqa: E402
+from retnet_train.model import model_config_from_dict  # noqa: E402
+
+BASE = dict(vocab_size=61, hidden_size=64, intermediate_size=160, num_hidden_layers=2, num_attention_heads=4,
+            max_position_embeddings=256)
+TOLERANCE = 1e-4  # fp32, logits of magnitude ~1-3
+
+
+def llama(**overrides):
+    torch.manual_seed(0)
+    config = transformers.LlamaConfig(**{**BASE, **overrides})
+    model = transformers.LlamaForCausalLM(config).eval()
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if p.dim() == 1:
+                p.add_(0.2 * torch.randn_like(p))  # non-trivial norm weights
+            else:
+                p.mul_(4.0)  # std 0.08: scores and logits well away from zero
+    return model, config
+
+
+@pytest.mark.parametrize("overrides", [
+    {},
+    dict(tie_word_embeddings=True, rms_norm_eps=1e-5),
+    dict(num_attention_heads=2, num_key_value_heads=2, hidden_act="gelu", num_hidden_layers=3),
+    dict(rope_parameters={"rope_type": "default", "rope_theta": 500000.0}),
+])
+def test_logits_equal_llama(overrides):
+    hf, config = llama(**overrides)
+    ours = from_llama(hf.state_dict(), config).eval()
+    ids = torch.randint(0, BASE["vocab_size"], (2, 97))
+    with torch.no_grad():
+        ref = hf(ids).logits
+        out = ours(ids).logits
+        labels = torch.randint(0, BASE["vocab_size"], (2, 97))
+        ref_loss = torch.nn.functional.cross_entropy(ref.flatten(0, 1), labels.flatten())
+        loss = ours(ids, labels=labels, return_logits=False).loss
+    assert ref.abs().max() > 0.5
+    assert (out - ref).abs().max() <= TOLERANCE
+    assert abs(loss.item() - ref_loss.item()) <= TOLERANCE
+
+
+def test_the_transformer_pp_preset_is_a_llama():
+    """The tiny Transformer++ preset maps onto a LlamaConfig field for field and back."""
+    import yaml
+
+    with open(os.path.join(os.path.dirname(__file__), "..", "..", "configs", "model", "transformer_pp_tiny.yaml")) as f:
+        preset = model_config_from_dict(yaml.safe_load(f))
+    config = transformers.LlamaConfig(vocab_size=preset.vocab_size, hidden_size=preset.d_model,
+                                      intermediate_size=preset.ffn_dim, num_hidden_layers=preset.n_layers,
+                                      num_attention_heads=preset.n_heads, rms_norm_eps=preset.norm_eps)
+    back = config_from_llama(config)
+    for field in ("vocab_size", "d_model", "n_layers", "n_heads", "ffn_dim", "ffn_type", "activation", "norm",
+                  "norm_eps", "tie_embeddings", "embed_scale", "rotary_base"):
+        assert getattr(back, field) == getattr(preset, field), field
+    hf = transformers.LlamaForCausalLM(config)
+    ours = from_llama(hf.state_dict(), config)
+    assert ours.num_params() == hf.num_parameters()
+
+
+@pytest.mark.parametrize("overrides,key", [
+    (dict(num_key_value_heads=2), "num_key_value_heads"),
+    (dict(attention_bias=True), "attention_bias"),
+    (dict(mlp_bias=True), "mlp_bias"),
+    (dict(hidden_act="tanh"), "hidden_act"),
+    (dict(rope_parameters={"rope_type": "linear", "factor": 2.0, "rope_theta": 10000.0}), "rope_type"),
+])
+def test_unsupported_llama_options_raise_naming_them(overrides, key):
+    config = transformers.LlamaConfig(**{**BASE, **overrides}).to_dict()
+    with pytest.raises(ValueError, match=key):
+        config_from_llama(config)
+
+
+def test_mismatched_state_dict_raises():
+    hf, config = llama()
+    with pytest.raises(ValueError, match="shape"):
+        from_llama(hf.state_dict(), {**config.to_dict(), "intermediate_size": 128})
+    sd = dict(hf.state_dict())
+    del sd["model.layers.1.mlp.up_proj.weight"]
+    with pytest.raises(ValueError, match="missing model.layers.1.mlp.up_proj.weight"):
+        from_llama(sd, config)

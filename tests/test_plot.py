@@ -1,0 +1,79 @@
+"""retnet_train.plot: curves of several runs from their metrics.jsonl, x in tokens."""
+import json
+
+import pytest
+
+from retnet_train.plot import MetricsError, main, plot_curves, read_metrics
+
+TOKENS_PER_STEP = 4096
+
+
+def write_run(path, steps=40, log_every=10, eval_every=15, loss0=8.0, resumed_at=None):
+    """metrics.jsonl as the trainer writes it: training records with tokens_seen, evaluation
+    records with step and val_loss only."""
+    path.mkdir(parents=True)
+    lines = []
+    for step in range(1, steps + 1):
+        if step % log_every == 0:
+            lines.append({"step": step, "loss": loss0 / step ** 0.3, "tokens_per_s": 1000.0 * step,
+                          "tokens_seen": step * TOKENS_PER_STEP, "lr": 1e-3})
+        if step % eval_every == 0:
+            lines.append({"step": step, "val_loss": loss0 / step ** 0.3 + 0.1, "val_ppl": 1.0})
+    if resumed_at is not None:  # a resumed run logs the steps after its checkpoint again
+        lines.append({"step": resumed_at, "loss": 1.0, "tokens_per_s": 5.0, "tokens_seen": resumed_at * TOKENS_PER_STEP})
+    (path / "metrics.jsonl").write_text("\n".join(json.dumps(r) for r in lines) + "\n")
+    return path
+
+
+def test_read_metrics_puts_evaluations_on_the_token_axis(tmp_path):
+    run = read_metrics(write_run(tmp_path / "retnet", resumed_at=20))
+    assert run.name == "retnet"
+    assert run.tokens == [10 * 4096, 20 * 4096, 30 * 4096, 40 * 4096]
+    assert run.loss[1] == 1.0 and run.tokens_per_s[1] == 5.0  # the last record of step 20 wins
+    assert run.val_tokens == [15 * 4096, 30 * 4096]  # step 15 between two training records
+    assert run.final_val_loss == pytest.approx(8.0 / 30 ** 0.3 + 0.1)
+    assert run.mean_tokens_per_s() == pytest.approx((5.0 + 30000 + 40000) / 3)
+
+
+def test_plot_writes_a_png_with_one_line_per_run(tmp_path):
+    import matplotlib.image
+
+    runs = [read_metrics(write_run(tmp_path / name, loss0=l0), name) for name, l0 in [("a", 8.0), ("b", 7.0)]]
+    out = plot_curves(runs, tmp_path / "out" / "curves.png", title="test")
+    image = matplotlib.image.imread(out)
+    assert image.shape[0] > 400 and image.shape[1] > 1500
+    assert image[..., :3].std() > 0.05  # drawn on, not blank
+
+
+def test_cli_writes_the_plot_and_names_each_run(tmp_path, capsys):
+    a, b = write_run(tmp_path / "a"), write_run(tmp_path / "b")
+    main([str(a), str(b), "--out", str(tmp_path / "c.png"), "--labels", "RetNet,Transformer"])
+    assert (tmp_path / "c.png").stat().st_size > 10_000
+    assert "c.png" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize("content,needle", [
+    (None, "no such file"),
+    ("", "empty"),
+    ('{"step": 1, "loss": 2.0}\n{"step": 2', ":2: not a JSON line"),
+    ('{"step": 1, "val_loss": 2.0}\n', "no training records"),
+    ('{"loss": 2.0}\n', ":1: a record needs an integer 'step'"),
+])
+def test_bad_metrics_fail_naming_the_file(tmp_path, capsys, content, needle):
+    run = tmp_path / "run"
+    run.mkdir()
+    if content is not None:
+        (run / "metrics.jsonl").write_text(content)
+    with pytest.raises(MetricsError, match=needle):
+        read_metrics(run)
+    with pytest.raises(SystemExit) as exit_info:
+        main([str(run), "--out", str(tmp_path / "x.png")])
+    assert exit_info.value.code == 1
+    err = capsys.readouterr().err
+    assert str(run / "metrics.jsonl") in err and needle in err and "Traceback" not in err
+    assert not (tmp_path / "x.png").exists()
+
+
+def test_labels_must_match_the_runs(tmp_path):
+    with pytest.raises(SystemExit):
+        main([str(write_run(tmp_path / "a")), "--out", str(tmp_path / "x.png"), "--labels", "a,b"])
