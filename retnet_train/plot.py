@@ -31,6 +31,7 @@ class RunCurves:
     tokens_per_s: list[float] = field(default_factory=list)
     val_tokens: list[float] = field(default_factory=list)
     val_loss: list[float] = field(default_factory=list)
+    peak_mem_gib: float | None = None  # the largest logged
 
     @property
     def final_val_loss(self) -> float | None:
@@ -91,6 +92,8 @@ def read_metrics(run_dir: str | Path, name: str | None = None) -> RunCurves:
         curves.tokens.append(float(r["tokens_seen"]))
         curves.loss.append(r.get("loss"))
         curves.tokens_per_s.append(r.get("tokens_per_s"))
+    peaks = [r["peak_mem_gib"] for r in train if r.get("peak_mem_gib") is not None]
+    curves.peak_mem_gib = max(peaks) if peaks else None
     steps = [float(r["step"]) for r in train]
     for r in _last_per_step(records, "val_loss"):
         tokens = r.get("tokens_seen")

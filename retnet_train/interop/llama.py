@@ -56,6 +56,19 @@ def config_from_llama(hf_config: Any) -> TransformerConfig:
     return config
 
 
+def llama_config(config: TransformerConfig, max_position_embeddings: int = 2048) -> dict:
+    """LlamaConfig(**kwargs) of the same network as a Transformer++ config (config_from_llama's inverse)."""
+    if (config.norm, config.ffn_type, config.embed_scale) != ("rmsnorm", "glu", False):
+        raise ValueError(f"model: norm={config.norm}, ffn_type={config.ffn_type}, embed_scale={config.embed_scale} "
+                         f"has no Llama twin (needs rmsnorm, glu, no embedding scale: the transformer_pp presets)")
+    return dict(vocab_size=config.vocab_size, hidden_size=config.d_model, intermediate_size=config.ffn_dim,
+                num_hidden_layers=config.n_layers, num_attention_heads=config.n_heads,
+                num_key_value_heads=config.n_heads, head_dim=config.head_dim, hidden_act=config.activation,
+                rms_norm_eps=config.norm_eps, tie_word_embeddings=config.tie_embeddings,
+                rope_theta=config.rotary_base, max_position_embeddings=max_position_embeddings,
+                attention_bias=False, mlp_bias=False)
+
+
 def half_to_interleaved(weight: torch.Tensor, n_heads: int) -> torch.Tensor:
     """Rows of a q/k projection from Llama's rotary layout (pairs j, j + hd/2) to ours (2j, 2j+1)."""
     out_features, d = weight.shape

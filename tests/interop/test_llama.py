@@ -7,8 +7,8 @@ import torch
 
 transformers = pytest.importorskip("transformers")
 
-from retnet_train.interop.llama import config_from_llama, from_llama  # noqa: E402
-from retnet_train.model import model_config_from_dict  # noqa: E402
+from retnet_train.interop.llama import config_from_llama, from_llama, llama_config  # noqa: E402
+from retnet_train.model import TransformerConfig, build_model, model_config_from_dict  # noqa: E402
 
 BASE = dict(vocab_size=61, hidden_size=64, intermediate_size=160, num_hidden_layers=2, num_attention_heads=4,
             max_position_embeddings=256)
@@ -49,22 +49,29 @@ def test_logits_equal_llama(overrides):
     assert abs(loss.item() - ref_loss.item()) <= TOLERANCE
 
 
-def test_the_transformer_pp_preset_is_a_llama():
-    """The tiny Transformer++ preset maps onto a LlamaConfig field for field and back."""
+@pytest.mark.parametrize("size", ["tiny", "125m"])
+def test_the_transformer_pp_presets_are_llamas(size):
+    """A Transformer++ preset and its LlamaConfig are the same network: config_from_llama(llama_config(c))
+    gives c back field for field, and both models have the same parameter count."""
     import yaml
 
-    with open(os.path.join(os.path.dirname(__file__), "..", "..", "configs", "model", "transformer_pp_tiny.yaml")) as f:
+    path = os.path.join(os.path.dirname(__file__), "..", "..", "configs", "model", f"transformer_pp_{size}.yaml")
+    with open(path) as f:
         preset = model_config_from_dict(yaml.safe_load(f))
-    config = transformers.LlamaConfig(vocab_size=preset.vocab_size, hidden_size=preset.d_model,
-                                      intermediate_size=preset.ffn_dim, num_hidden_layers=preset.n_layers,
-                                      num_attention_heads=preset.n_heads, rms_norm_eps=preset.norm_eps)
+    config = transformers.LlamaConfig(**llama_config(preset))
     back = config_from_llama(config)
     for field in ("vocab_size", "d_model", "n_layers", "n_heads", "ffn_dim", "ffn_type", "activation", "norm",
                   "norm_eps", "tie_embeddings", "embed_scale", "rotary_base"):
         assert getattr(back, field) == getattr(preset, field), field
-    hf = transformers.LlamaForCausalLM(config)
-    ours = from_llama(hf.state_dict(), config)
+    with torch.device("meta"):
+        hf = transformers.LlamaForCausalLM(config)
+        ours = build_model(preset)
     assert ours.num_params() == hf.num_parameters()
+
+
+def test_only_the_llama_block_has_a_llama_config():
+    with pytest.raises(ValueError, match="norm=layernorm"):
+        llama_config(TransformerConfig(vocab_size=10, d_model=32, n_layers=1, n_heads=2, ffn_dim=64))
 
 
 @pytest.mark.parametrize("overrides,key", [

@@ -1,0 +1,421 @@
+"""Quality benchmark: RetNet, Transformer and Transformer++ (and a stock Hugging Face Llama) trained
+for the same tokens, on the same data in the same order, with the same schedule, on one device.
+
+    python -m retnet_train.bench.quality --data data/debian/shards/debian --tokenizer data/debian/tokenizer.model \
+        --out bench_quality [--size 125m] [--tokens 50e6] [--models retnet transformer transformer_pp llama]
+
+Our models train through the trainer (`retnet_train.train.run`) with a config composed from Hydra
+overrides exactly as `python -m retnet_train.train` composes it; `llama` is transformers'
+LlamaForCausalLM of the Transformer++ preset's shape (init std 0.02, its own attention and loss) in
+a plain torch loop over the same loader, schedule, optimizer groups, clipping and precision. A
+model can carry preset overrides: `retnet:document_masking=false`.
+
+Writes OUT/runs/<model>/ (the trainer's run directory: metrics.jsonl, config.yaml), OUT/quality.jsonl
+(a JSON line per model: validation loss at the end, tokens/s, parameters, ...), OUT/quality.md
+(the same as a markdown table) and OUT/curves.png (retnet_train.plot). Each run adds or replaces its
+models' rows and keeps the others', so the models can be trained in separate invocations; the
+table and plot always cover every row. Each row is also printed as a JSON line.
+"""
+from __future__ import annotations
+
+import argparse
+import gc
+import json
+import math
+import os
+import re
+import shutil
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Sequence
+
+MODELS = {  # name: (model preset, with {size}; the table's description)
+    "retnet": ("{size}", "RetNet, the paper's block"),
+    "retnet_fla": ("retnet_fla_{size}", "RetNet, fla-style block (RMSNorm, SwiGLU)"),
+    "transformer": ("transformer_{size}", "Transformer twin (LayerNorm, GELU MLP, torchscale init)"),
+    "transformer_pp": ("transformer_pp_{size}", "Transformer++ (RMSNorm, SwiGLU, RoPE, scaled_normal init)"),
+    "llama": ("transformer_pp_{size}", "Hugging Face LlamaForCausalLM (init std 0.02), plain torch loop"),
+}
+DEFAULT_MODELS = ("retnet", "transformer", "transformer_pp", "llama")
+ROWS_FILE, TABLE_FILE, PLOT_FILE = "quality.jsonl", "quality.md", "curves.png"
+
+
+class BenchError(ValueError):
+    """A bad argument or input; the message names it."""
+
+
+@dataclass
+class ModelSpec:
+    name: str  # MODELS key
+    overrides: dict  # model.<key> overrides, as strings for Hydra
+    spec: str  # as given: the row's id
+
+    @property
+    def run_name(self) -> str:
+        """The spec as a directory (and Hydra value) name: retnet:document_masking=false -> retnet-document_masking-false."""
+        return re.sub(r"[^A-Za-z0-9_.]+", "-", self.spec)
+
+
+def parse_model(spec: str) -> ModelSpec:
+    name, _, rest = spec.partition(":")
+    if name not in MODELS:
+        raise BenchError(f"--models {spec}: {name!r} is not one of {list(MODELS)}")
+    overrides = {}
+    for item in filter(None, rest.split(",")):
+        key, eq, value = item.partition("=")
+        if not eq or not key:
+            raise BenchError(f"--models {spec}: {item!r} is not KEY=VALUE (a model preset key)")
+        overrides[key] = value
+    return ModelSpec(name, overrides, spec)
+
+
+@dataclass
+class Settings:
+    data: list[str]
+    tokenizer: str | None
+    size: str
+    tokens: int
+    seq_len: int
+    batch_tokens: int
+    micro_batch: int
+    lr: float
+    warmup_steps: int
+    min_lr_ratio: float
+    log_interval: int
+    eval_interval: int
+    eval_batches: int
+    zero_stage: int
+    precision: str
+    compile: bool
+    device: str
+    seed: int
+    extra: list[str]  # further trainer overrides, for every model
+
+    @property
+    def steps(self) -> int:
+        return max(1, self.tokens // self.batch_tokens)
+
+
+def trainer_overrides(s: Settings, model: ModelSpec, run_dir: Path) -> list[str]:
+    """The Hydra overrides of one model's run: `python -m retnet_train.train <these>` trains it alike."""
+    preset = MODELS[model.name][0].format(size=s.size)
+    return [
+        f"model={preset}", *(f"model.{k}={v}" for k, v in model.overrides.items()),
+        f"data.paths=[{','.join(s.data)}]", f"data.tokenizer={s.tokenizer or 'null'}", f"data.seq_len={s.seq_len}",
+        f"train.micro_batch_size={s.micro_batch}", f"train.global_batch_tokens={s.batch_tokens}",
+        f"train.max_steps={s.steps}", f"train.log_interval={s.log_interval}",
+        f"train.eval_interval={s.eval_interval}", f"train.eval_batches={s.eval_batches}",
+        f"train.compile={str(s.compile).lower()}", f"train.device={s.device}", f"train.seed={s.seed}",
+        "train.resume=never",
+        f"optim.lr={s.lr}", f"optim.warmup_steps={s.warmup_steps}", "optim.decay=cosine",
+        f"optim.min_lr_ratio={s.min_lr_ratio}",
+        f"deepspeed.zero_stage={s.zero_stage}", f"deepspeed.precision={s.precision}",
+        f"checkpoint.interval={s.steps + 1}", "checkpoint.save_at_end=false",
+        f"run.name={model.run_name}", f"run.dir={run_dir}", "wandb.mode=disabled",
+        *s.extra,
+    ]
+
+
+def compose(overrides: list[str]):
+    """The typed trainer config (TrainConfig) for these overrides, as the trainer's CLI composes it."""
+    from omegaconf import OmegaConf
+
+    from ..components.config import check_values
+    from ..preflight.trainer_config import PreflightError, compose_trainer_config
+
+    try:
+        cfg = OmegaConf.to_object(compose_trainer_config(overrides))
+        check_values(cfg)
+    except (PreflightError, ValueError) as e:
+        raise BenchError(str(e)) from None
+    return cfg
+
+
+# ---------------------------------------------------------------- the two training loops
+
+
+def train_ours(cfg) -> None:
+    from .. import train
+
+    train.run(cfg)
+
+
+def count_params(cfg) -> int:
+    import torch
+
+    from ..model import build_model, model_config_from_dict
+
+    with torch.device("meta"):
+        return build_model(model_config_from_dict(cfg.model)).num_params()
+
+
+def build_llama(cfg, device):
+    """LlamaForCausalLM of the config's (Transformer++) model shape, with transformers' own init."""
+    import torch
+    import transformers
+
+    from ..interop.llama import llama_config
+    from ..model import model_config_from_dict
+
+    torch.manual_seed(cfg.train.seed)
+    # attention through SDPA (the flash kernel on GPU), as our Transformer's
+    config = transformers.LlamaConfig(**llama_config(model_config_from_dict(cfg.model), cfg.data.seq_len),
+                                      attn_implementation="sdpa")
+    return transformers.LlamaForCausalLM(config).to(device)
+
+
+def train_llama(cfg) -> int:
+    """The reference loop: our loaders, optimizer groups, schedule and logging around a stock
+    LlamaForCausalLM; torch autocast for bf16 (fp32 master weights), fused AdamW, gradient clipping.
+    Returns the model's parameter count."""
+    import torch
+    import torch.nn.functional as F
+    from omegaconf import OmegaConf
+
+    from ..components.config import data_sources, grad_accumulation
+    from ..components.metrics import MetricsLogger, Throughput, peak_memory_gib
+    from ..components.optim import lr_lambda, param_groups
+    from ..data import TokenLoader, build_validation_loader, sha256_file
+    from ..train import pick_device
+
+    if cfg.deepspeed.precision not in ("bf16", "fp32"):
+        raise BenchError(f"llama: deepspeed.precision={cfg.deepspeed.precision}: the plain loop runs bf16 or fp32")
+    device = pick_device(cfg.train.device)
+    accum = grad_accumulation(cfg, 1)
+    model = build_llama(cfg, device)
+    step_fn = torch.compile(model) if cfg.train.compile else model
+    o = cfg.optim
+    optimizer = torch.optim.AdamW(param_groups(model, o.weight_decay, o.no_decay_embeddings), lr=o.lr,
+                                  betas=tuple(o.betas), eps=o.eps, fused=device.type == "cuda" or None)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(
+        optimizer, lambda s: lr_lambda(s, o.warmup_steps, cfg.train.max_steps, o.decay, o.min_lr_ratio))
+    sources, sha = data_sources(cfg), sha256_file(cfg.data.tokenizer) if cfg.data.tokenizer else None
+    vocab, mb, seq = model.config.vocab_size, cfg.train.micro_batch_size, cfg.data.seq_len
+    loader = TokenLoader(sources, seq, mb, 0, 1, cfg.data.seed, "train", tokenizer_sha256=sha, vocab_size=vocab)
+    val_loader = build_validation_loader(sources, seq, mb, 0, 1, tokenizer_sha256=sha, vocab_size=vocab,
+                                         max_sequences=cfg.train.eval_batches * mb)
+    autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=cfg.deepspeed.precision == "bf16")
+
+    def loss_of(batch):
+        with autocast:
+            logits = step_fn(input_ids=batch["input_ids"].to(device)).logits
+        return F.cross_entropy(logits.float().flatten(0, 1), batch["labels"].to(device).flatten(), ignore_index=-100)
+
+    @torch.no_grad()
+    def evaluate() -> float:
+        model.eval()
+        total, n = 0.0, 0
+        for i, batch in enumerate(val_loader):
+            if i >= cfg.train.eval_batches:
+                break
+            count = int((batch["labels"] != -100).sum())
+            total, n = total + loss_of(batch).item() * count, n + count
+        model.train()
+        return total / max(n, 1)
+
+    os.makedirs(cfg.run.dir, exist_ok=True)
+    resolved = OmegaConf.to_container(OmegaConf.structured(cfg), resolve=True)
+    logger = MetricsLogger(cfg.run.dir, True, cfg.wandb, resolved, None)
+    tokens_per_step = accum * mb * seq
+    throughput, tokens_seen = Throughput(0), 0
+    model.train()
+    for step in range(1, cfg.train.max_steps + 1):
+        losses = []
+        for _ in range(accum):
+            loss = loss_of(next(loader))
+            (loss / accum).backward()
+            losses.append(loss.detach())
+        grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), o.grad_clip if o.grad_clip > 0 else math.inf)
+        optimizer.step()
+        scheduler.step()
+        optimizer.zero_grad(set_to_none=True)
+        tokens_seen += tokens_per_step
+        if step % cfg.train.log_interval == 0 or step == cfg.train.max_steps:
+            logger.log({"step": step, "loss": torch.stack(losses).mean().item(), "lr": scheduler.get_last_lr()[0],
+                        "grad_norm": float(grad_norm), "tokens_per_s": throughput.rate(tokens_seen),
+                        "peak_mem_gib": peak_memory_gib(device), "tokens_seen": tokens_seen})
+        if step % cfg.train.eval_interval == 0 or step == cfg.train.max_steps:
+            with throughput.paused():
+                val = evaluate()
+            logger.log({"step": step, "val_loss": val, "val_ppl": math.exp(min(val, 50.0))})
+    logger.close()
+    return sum(p.numel() for p in model.parameters())
+
+
+# ---------------------------------------------------------------- rows, table, plot
+
+
+def run_model(s: Settings, model: ModelSpec, out: Path, overwrite: bool) -> dict:
+    from ..plot import read_metrics
+
+    run_dir = out / "runs" / model.run_name
+    if run_dir.exists():
+        if not overwrite:
+            raise BenchError(f"{run_dir}: exists (an earlier run of {model.spec}); pass --overwrite to train it again")
+        shutil.rmtree(run_dir)  # the benchmark's own run directory
+    overrides = trainer_overrides(s, model, run_dir)
+    cfg = compose(overrides)
+    t0 = time.perf_counter()
+    if model.name == "llama":
+        params = train_llama(cfg)
+    else:
+        train_ours(cfg)
+        params = count_params(cfg)
+    wall = time.perf_counter() - t0
+    curves = read_metrics(run_dir, model.spec)
+    val = curves.final_val_loss
+    tps = curves.mean_tokens_per_s()
+    return {
+        "model": model.spec, "description": MODELS[model.name][1], "preset": overrides[0].split("=", 1)[1],
+        "loop": "plain torch" if model.name == "llama" else "retnet_train.train", "params": params,
+        "tokens": int(curves.tokens[-1]), "steps": s.steps, "val_loss": val,
+        "val_ppl": math.exp(val) if val is not None else None, "tokens_per_s": tps,
+        "peak_mem_gib": curves.peak_mem_gib, "wall_s": round(wall, 1), "seq_len": s.seq_len,
+        "batch_tokens": s.batch_tokens, "run_dir": str(run_dir.relative_to(out)),
+        "overrides": [o for o in overrides if not o.startswith(("run.", "data.paths", "data.tokenizer"))],
+    }
+
+
+def load_rows(path: Path) -> list[dict]:
+    if not path.exists():
+        return []
+    rows = []
+    for n, line in enumerate(path.read_text().splitlines(), 1):
+        if line.strip():
+            try:
+                rows.append(json.loads(line))
+            except json.JSONDecodeError:
+                raise BenchError(f"{path}:{n}: not a JSON line") from None
+    return rows
+
+
+def merge_rows(old: list[dict], new: list[dict]) -> list[dict]:
+    """Old rows with the new ones replacing those of the same model, in MODELS order, then by name."""
+    rows = {r["model"]: r for r in old}
+    rows.update({r["model"]: r for r in new})
+    order = list(MODELS)
+    return sorted(rows.values(), key=lambda r: (order.index(r["model"].split(":")[0]), r["model"]))
+
+
+def _fmt(value, spec: str) -> str:
+    return "-" if value is None else format(value, spec)
+
+
+def _count(n: int) -> str:
+    return f"{n / 1e6:.1f}M" if n >= 100_000 else f"{n:,}"
+
+
+def markdown_table(rows: list[dict]) -> str:
+    lines = ["| model | parameters | tokens | val loss | val ppl | tokens/s | peak GiB | loop |",
+             "|---|---|---|---|---|---|---|---|"]
+    for r in rows:
+        lines.append(f"| `{r['model']}`: {r['description']} | {_count(r['params'])} | {_count(r['tokens'])} "
+                     f"| {_fmt(r['val_loss'], '.3f')} | {_fmt(r['val_ppl'], '.2f')} | {_fmt(r['tokens_per_s'], ',.0f')} "
+                     f"| {_fmt(r['peak_mem_gib'], '.1f')} | {r['loop']} |")
+    return "\n".join(lines) + "\n"
+
+
+def _write(path: Path, text: str) -> None:
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_text(text)
+    os.replace(tmp, path)  # a reader sees the old table or the new one
+
+
+def write_outputs(out: Path, rows: list[dict]) -> None:
+    from ..plot import plot_curves, read_metrics
+
+    _write(out / ROWS_FILE, "".join(json.dumps(r) + "\n" for r in rows))
+    _write(out / TABLE_FILE, markdown_table(rows))
+    first = rows[0]
+    title = (f"{first['tokens'] / 1e6:.0f}M tokens, seq {first['seq_len']}, "
+             f"{first['batch_tokens']:,} tokens/step")
+    plot_curves([read_metrics(out / r["run_dir"], r["model"]) for r in rows], out / PLOT_FILE, title)
+
+
+def release_memory() -> None:
+    """Between models: drop compiled graphs and cached device memory of the previous one."""
+    import torch
+
+    gc.collect()
+    torch._dynamo.reset()
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
+        torch.cuda.reset_peak_memory_stats()
+
+
+def bench(s: Settings, models: Sequence[ModelSpec], out: Path, overwrite: bool = False) -> list[dict]:
+    out.mkdir(parents=True, exist_ok=True)
+    old = load_rows(out / ROWS_FILE)
+    for spec in models:  # every config composes before the first model trains
+        compose(trainer_overrides(s, spec, out / "runs" / spec.run_name))
+    new = []
+    for spec in models:
+        row = run_model(s, spec, out, overwrite)
+        print(json.dumps(row), flush=True)
+        new.append(row)
+        rows = merge_rows(old, new)
+        write_outputs(out, rows)  # after every model: a later failure keeps the finished rows
+        release_memory()
+    return merge_rows(old, new)
+
+
+def parse_args(argv: Sequence[str] | None):
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--data", nargs="+", required=True, help="shard directories (data_prep.tokenize's OUT/NAME)")
+    p.add_argument("--tokenizer", default=None, help="the shards' tokenizer.model (checked against their manifest)")
+    p.add_argument("--out", required=True, help="output directory (runs/, quality.jsonl, quality.md, curves.png)")
+    p.add_argument("--models", nargs="+", default=list(DEFAULT_MODELS),
+                   help=f"from {list(MODELS)}, each optionally NAME:key=value,... (model preset overrides)")
+    p.add_argument("--size", default="125m", help="preset size: tiny, 125m, 1.3b, ...")
+    p.add_argument("--tokens", type=float, default=50e6, help="training tokens per model (rounded down to steps)")
+    p.add_argument("--seq-len", type=int, default=2048)
+    p.add_argument("--batch-tokens", type=int, default=262_144, help="tokens per optimizer step")
+    p.add_argument("--micro-batch", type=int, default=32, help="sequences per forward")
+    p.add_argument("--lr", type=float, default=1e-3)
+    p.add_argument("--warmup-steps", type=int, default=40)
+    p.add_argument("--min-lr-ratio", type=float, default=0.1, help="cosine decay to this fraction of --lr")
+    p.add_argument("--log-interval", type=int, default=10)
+    p.add_argument("--eval-interval", type=int, default=20)
+    p.add_argument("--eval-batches", type=int, default=8, help="validation micro-batches per evaluation")
+    p.add_argument("--zero-stage", type=int, default=1)
+    p.add_argument("--precision", default="bf16", choices=("bf16", "fp32"))
+    p.add_argument("--compile", action=argparse.BooleanOptionalAction, default=True)
+    p.add_argument("--device", default="auto", choices=("auto", "cuda", "cpu"))
+    p.add_argument("--seed", type=int, default=1234)
+    p.add_argument("--override", action="append", default=[], help="a further trainer override for every model")
+    p.add_argument("--overwrite", action="store_true", help="train models whose run directory exists again")
+    a = p.parse_args(argv)
+    s = Settings(data=[str(Path(d)) for d in a.data], tokenizer=a.tokenizer, size=a.size, tokens=int(a.tokens),
+                 seq_len=a.seq_len, batch_tokens=a.batch_tokens, micro_batch=a.micro_batch, lr=a.lr,
+                 warmup_steps=a.warmup_steps, min_lr_ratio=a.min_lr_ratio, log_interval=a.log_interval,
+                 eval_interval=a.eval_interval, eval_batches=a.eval_batches, zero_stage=a.zero_stage,
+                 precision=a.precision, compile=a.compile, device=a.device, seed=a.seed, extra=a.override)
+    return s, a
+
+
+def main(argv: Sequence[str] | None = None) -> None:
+    from ..components.faults import TrainingError
+
+    s, a = parse_args(argv)
+    try:
+        if s.tokens < s.batch_tokens:
+            raise BenchError(f"--tokens {s.tokens:,} is less than one step (--batch-tokens {s.batch_tokens:,})")
+        for d in s.data:
+            if not os.path.isdir(d):
+                raise BenchError(f"--data {d}: no such directory (build shards with data_prep.tokenize)")
+        models = [parse_model(m) for m in a.models]
+        names = [m.spec for m in models]
+        if len(set(names)) != len(names):
+            raise BenchError(f"--models: {names} names a model twice")
+        rows = bench(s, models, Path(a.out), a.overwrite)
+    except (BenchError, TrainingError, ValueError) as e:  # the trainer's errors name their key or file
+        print(f"error: {e}", file=sys.stderr)
+        sys.exit(1)
+    print(f"wrote {Path(a.out) / TABLE_FILE}, {Path(a.out) / ROWS_FILE} and {Path(a.out) / PLOT_FILE}:\n"
+          + markdown_table(rows), flush=True)
+
+
+if __name__ == "__main__":
+    main()
