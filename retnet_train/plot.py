@@ -118,11 +118,17 @@ def plot_curves(runs: Sequence[RunCurves], out: str | Path, title: str | None = 
     fig, axes = plt.subplots(1, 3, figsize=(16, 4.6), constrained_layout=True)
     panels = [("training loss", "loss"), ("validation loss", "val_loss"), ("tokens/s", "tokens_per_s")]
     for ax, (label, key) in zip(axes, panels):
+        tails = []
         for run in runs:
             xs = run.val_tokens if key == "val_loss" else run.tokens
             x, y = _xy(xs, getattr(run, key))
             if y:
                 ax.plot(x, y, marker="o" if key == "val_loss" else None, markersize=3, label=run.name)
+                tails += [v for t, v in zip(x, y) if t >= 0.1 * x[-1]]
+        if key != "tokens_per_s" and len(tails) > 1:
+            # the first tenth of training (loss ~ log(vocab) falling fast) would flatten the rest
+            low, high = min(tails), max(tails)
+            ax.set_ylim(low - 0.05 * (high - low + 1e-3), high + 0.05 * (high - low + 1e-3))
         ax.set_title(label)
         ax.set_xlabel("tokens")
         ax.xaxis.set_major_formatter(EngFormatter())
@@ -143,7 +149,8 @@ def main(argv: Sequence[str] | None = None) -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("runs", nargs="+", help="run directories (each with a metrics.jsonl)")
     p.add_argument("--out", required=True, help="PNG to write")
-    p.add_argument("--labels", default=None, help="comma-separated legend names, one per run (default: directory names)")
+    p.add_argument("--labels", default=None,
+                   help="comma-separated legend names, one per run (default: directory names)")
     p.add_argument("--title", default=None)
     a = p.parse_args(argv)
     labels = a.labels.split(",") if a.labels else [None] * len(a.runs)

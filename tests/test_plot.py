@@ -20,7 +20,8 @@ def write_run(path, steps=40, log_every=10, eval_every=15, loss0=8.0, resumed_at
         if step % eval_every == 0:
             lines.append({"step": step, "val_loss": loss0 / step ** 0.3 + 0.1, "val_ppl": 1.0})
     if resumed_at is not None:  # a resumed run logs the steps after its checkpoint again
-        lines.append({"step": resumed_at, "loss": 1.0, "tokens_per_s": 5.0, "tokens_seen": resumed_at * TOKENS_PER_STEP})
+        lines.append({"step": resumed_at, "loss": 1.0, "tokens_per_s": 5.0,
+                      "tokens_seen": resumed_at * TOKENS_PER_STEP})
     (path / "metrics.jsonl").write_text("\n".join(json.dumps(r) for r in lines) + "\n")
     return path
 

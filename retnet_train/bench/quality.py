@@ -54,7 +54,8 @@ class ModelSpec:
 
     @property
     def run_name(self) -> str:
-        """The spec as a directory (and Hydra value) name: retnet:document_masking=false -> retnet-document_masking-false."""
+        """The spec as a directory (and Hydra value) name: retnet:document_masking=false ->
+        retnet-document_masking-false."""
         return re.sub(r"[^A-Za-z0-9_.]+", "-", self.spec)
 
 
@@ -312,7 +313,8 @@ def markdown_table(rows: list[dict]) -> str:
              "|---|---|---|---|---|---|---|---|"]
     for r in rows:
         lines.append(f"| `{r['model']}`: {r['description']} | {_count(r['params'])} | {_count(r['tokens'])} "
-                     f"| {_fmt(r['val_loss'], '.3f')} | {_fmt(r['val_ppl'], '.2f')} | {_fmt(r['tokens_per_s'], ',.0f')} "
+                     f"| {_fmt(r['val_loss'], '.3f')} | {_fmt(r['val_ppl'], '.2f')} "
+                     f"| {_fmt(r['tokens_per_s'], ',.0f')} "
                      f"| {_fmt(r['peak_mem_gib'], '.1f')} | {r['loop']} |")
     return "\n".join(lines) + "\n"
 
@@ -329,8 +331,7 @@ def write_outputs(out: Path, rows: list[dict]) -> None:
     _write(out / ROWS_FILE, "".join(json.dumps(r) + "\n" for r in rows))
     _write(out / TABLE_FILE, markdown_table(rows))
     first = rows[0]
-    title = (f"{first['tokens'] / 1e6:.0f}M tokens, seq {first['seq_len']}, "
-             f"{first['batch_tokens']:,} tokens/step")
+    title = f"{_count(first['tokens'])} tokens, seq {first['seq_len']}, {first['batch_tokens']:,} tokens/step"
     plot_curves([read_metrics(out / r["run_dir"], r["model"]) for r in rows], out / PLOT_FILE, title)
 
 
