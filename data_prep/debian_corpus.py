@@ -28,7 +28,7 @@ from dataclasses import dataclass
 from functools import partial
 from html.parser import HTMLParser
 from pathlib import Path, PurePosixPath
-from typing import BinaryIO, Iterator, Sequence
+from typing import Iterator, Sequence
 
 from data_prep.atomic import write_bytes_atomic, write_json_atomic
 

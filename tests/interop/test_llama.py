@@ -20,7 +20,7 @@ def llama(**overrides):
     config = transformers.LlamaConfig(**{**BASE, **overrides})
     model = transformers.LlamaForCausalLM(config).eval()
     with torch.no_grad():
-        for name, p in model.named_parameters():
+        for p in model.parameters():
             if p.dim() == 1:
                 p.add_(0.2 * torch.randn_like(p))  # non-trivial norm weights
             else:

@@ -97,7 +97,8 @@ def test_every_model_preset_composes_into_the_trainer_config(name):
 @pytest.mark.parametrize("name", ["125m", "1.3b", "2.7b", "6.7b", "13b"])
 def test_presets_follow_the_paper_and_have_twins(name):
     retnet, twin = model_config_from_dict(load(name)), model_config_from_dict(load(f"transformer_{name}"))
-    assert retnet.key_head_dim == 256 and retnet.value_dim == 2 * retnet.d_model and retnet.ffn_dim == 2 * retnet.d_model
+    assert retnet.key_head_dim == 256
+    assert retnet.value_dim == 2 * retnet.d_model and retnet.ffn_dim == 2 * retnet.d_model
     assert (twin.d_model, twin.n_layers, twin.vocab_size) == (retnet.d_model, retnet.n_layers, retnet.vocab_size)
 
 
