@@ -8,8 +8,9 @@ from __future__ import annotations
 
 import json
 import os
+import re
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 TMP_SUFFIX = ".tmp"
 
@@ -33,7 +34,10 @@ def fsync_dir(directory: Path) -> None:
         os.close(fd)
 
 
-def write_bytes_atomic(path: str | os.PathLike, data: bytes | memoryview) -> None:
+def write_bytes_atomic(path: str | os.PathLike, data: bytes | memoryview,
+                       before_rename: Callable[[], None] | None = None) -> None:
+    """`before_rename` runs once the data is durable under the temporary name: a file that must be
+    recorded before it appears (see shard_writer's journal) is recorded there."""
     path = Path(path)
     tmp = tmp_path_for(path)
     try:
@@ -41,6 +45,8 @@ def write_bytes_atomic(path: str | os.PathLike, data: bytes | memoryview) -> Non
             f.write(data)
             f.flush()
             os.fsync(f.fileno())
+        if before_rename is not None:
+            before_rename()
         os.replace(tmp, path)
     finally:
         if tmp.exists():
@@ -52,7 +58,13 @@ def write_json_atomic(path: str | os.PathLike, obj: Any) -> None:
     write_bytes_atomic(path, (json.dumps(obj, indent=2, sort_keys=False) + "\n").encode("utf-8"))
 
 
-def remove_stale_tmp_files(directory: Path) -> None:
-    """Temporary files of a killed writer are garbage by construction (never renamed)."""
+_TMP_NAME = re.compile(rf"\.(?P<name>.+)\.\d+{re.escape(TMP_SUFFIX)}")
+
+
+def remove_stale_tmp_files(directory: Path, owned: Callable[[str], bool]) -> None:
+    """Temporary files of a killed writer are garbage by construction (never renamed); only those
+    of files the caller owns (`owned(final name)`) are removed, never someone else's `.x.tmp`."""
     for stale in directory.glob(f".*{TMP_SUFFIX}"):
-        stale.unlink()
+        match = _TMP_NAME.fullmatch(stale.name)
+        if match and owned(match["name"]) and stale.is_file():
+            stale.unlink()

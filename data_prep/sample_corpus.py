@@ -17,7 +17,7 @@ import time
 from pathlib import Path
 from typing import Sequence
 
-from data_prep.sources import Source, SourceError, check_utf8
+from data_prep.sources import Source, SourceError, check_text_file
 from data_prep.tokenize import tokenize_source
 from data_prep.tokenizer_card import TokenizerError, card_path_for, load_tokenizer
 from data_prep.train_tokenizer import train_tokenizer
@@ -35,7 +35,7 @@ def stdlib_source_files(max_bytes: int = DEFAULT_MAX_BYTES) -> list[Path]:
     files, total = [], 0
     for path in sorted(p for p in stdlib.rglob("*.py") if not {"site-packages", "dist-packages"} & set(p.parts)):
         try:
-            check_utf8(path)
+            check_text_file(path)
         except SourceError:
             continue
         size = path.stat().st_size

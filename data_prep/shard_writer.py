@@ -2,10 +2,12 @@
 
 Shard k of a split holds tokens [k * shard_tokens, (k + 1) * shard_tokens) of that split's stream
 (documents in corpus order, each followed by EOS), so shards are a pure function of the input and
-settings. Each finished shard is written under a temporary name and renamed, then recorded in a
-journal (`progress.jsonl`) together with its sha256 and the *resume point*: the (document index,
-token offset) of the first token after it. A re-run keeps the journaled shards whose checksum still
-matches and restarts tokenization from the earliest resume point instead of from scratch.
+settings. Each finished shard is written under a temporary name, recorded in a journal
+(`progress.jsonl`) together with its sha256 and the *resume point* (the document index and token
+offset of the first token after it), and only then renamed: every shard file that exists under its
+final name is in the journal, so a re-run can tell its own files from anyone else's. A re-run keeps
+the journaled shards whose checksum still matches and restarts tokenization from the earliest
+resume point instead of from scratch.
 """
 from __future__ import annotations
 
@@ -63,6 +65,21 @@ class Journal:
             except json.JSONDecodeError:
                 break  # a torn last line from a kill: everything after it is unrecorded
         return records
+
+    def recorded_files(self) -> set[str]:
+        """Every shard file the journal names, whatever run wrote it (read leniently: used to
+        decide what may be deleted, never to resume)."""
+        if not self.path.exists():
+            return set()
+        files = set()
+        for line in self.path.read_text(encoding="utf-8", errors="replace").split("\n")[1:]:
+            try:
+                record = json.loads(line)
+            except json.JSONDecodeError:
+                continue
+            if isinstance(record, dict) and isinstance(record.get("file"), str):
+                files.add(record["file"])
+        return files
 
     def start(self, kept: list[dict]) -> None:
         """Rewrite the journal with only the shards being kept (atomically), then append."""
@@ -136,7 +153,6 @@ class SplitShardWriter:
         data = buf[:n]
         name = shard_file_name(self.split, len(self.shards))
         payload = data.astype(self.dtype.newbyteorder("<"), copy=False).tobytes()
-        write_bytes_atomic(self.directory / name, payload)
         info = ShardInfo(name, int(n), int(np.count_nonzero(data == self.eos_id)), hashlib.sha256(payload).hexdigest())
         # the first token after this shard lies in buffered document k
         k = int(np.searchsorted(doc_ends, n, side="right"))
@@ -147,8 +163,8 @@ class SplitShardWriter:
         else:
             resume = ResumePoint(int(doc_ids[-1]) + 1, 0)
             self._first_doc_written = 0
-        self.journal.append({"split": self.split, "index": len(self.shards), **asdict(info),
-                             "resume": [resume.doc, resume.offset]})
+        record = {"split": self.split, "index": len(self.shards), **asdict(info), "resume": [resume.doc, resume.offset]}
+        write_bytes_atomic(self.directory / name, payload, before_rename=lambda: self.journal.append(record))
         self.shards.append(info)
         self._tokens = [buf[n:]]
         self._doc_ids, self._doc_ends = [doc_ids[k:]], [doc_ends[k:] - n]

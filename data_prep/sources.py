@@ -3,25 +3,38 @@
 A source spec is one of
   - a local file, a directory (all its files, recursively) or a glob: `.jsonl`/`.json` (JSON lines,
     text in `text_field`), `.parquet` (column `text_field`), anything else plain text (one
-    document per file, or per line/paragraph with `text_unit`);
+    document per file, or per line/paragraph with `text_unit`); `.gz` files are read decompressed;
   - `hf:PATH[:CONFIG][@SPLIT]`: `datasets.load_dataset(PATH, CONFIG, split=SPLIT)` (hub name,
     local dataset directory or loading script; SPLIT defaults to "train");
   - `disk:PATH`: a dataset saved with `Dataset.save_to_disk`.
 Files are sorted so the document order (and with it every shard) is reproducible.
+
+Rows without text: a row whose text is missing, null or not a string is an error naming the file
+and line (JSON) or the row; an empty string is not a document and is skipped by every tool; a
+corpus with no text at all is an error. `check_text_column` is that rule, for every tool.
 """
 from __future__ import annotations
 
 import codecs
 import glob
+import gzip
+import json
 import os
+import zlib
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any, BinaryIO, Iterator
 
 import datasets
+import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
+import pyarrow.parquet as pq
 
 JSON_SUFFIXES = (".jsonl", ".json", ".jsonl.gz", ".json.gz")
 PARQUET_SUFFIXES = (".parquet",)
 TEXT_UNITS = ("document", "line", "paragraph")
+DECODE_ERROR_ACTIONS = ("error", "skip")
 
 
 class SourceError(ValueError):
@@ -30,11 +43,16 @@ class SourceError(ValueError):
 
 @dataclass
 class Source:
+    """A named corpus. `files` are the files that will be read: for a spec resolved by
+    `parse_source`, every one passed `check_text_file` (parquet excepted: Arrow validates it);
+    `skipped` lists the ones left out under on_decode_error="skip", as {"path", "reason"}."""
+
     name: str
     spec: str  # as given by the user; recorded in the manifest for provenance
     files: list[Path] = field(default_factory=list)  # empty for hf:/disk: sources
     text_field: str = "text"
     text_unit: str = "document"
+    skipped: list[dict] = field(default_factory=list)
 
     def describe(self) -> dict:
         return {
@@ -43,6 +61,7 @@ class Source:
             "text_field": self.text_field,
             "text_unit": self.text_unit,
             "files": [{"path": str(p), "bytes": p.stat().st_size} for p in self.files],
+            "skipped_files": self.skipped,
         }
 
 
@@ -73,45 +92,92 @@ def resolve_files(spec: str) -> list[Path]:
     raise SourceError(f"{spec}: no such file or directory")
 
 
-def parse_source(arg: str, text_field: str = "text", text_unit: str = "document") -> Source:
-    """`NAME=SPEC` (or just SPEC, named after the file/dir stem) -> Source, files resolved."""
+class UndecodableFile(SourceError):
+    """A file that is not valid UTF-8 text (or not a valid .gz): skippable, unlike other SourceErrors."""
+
+    def __init__(self, path: Path, reason: str):
+        super().__init__(f"{path}: {reason}")
+        self.reason = reason
+
+
+def _open_binary(path: Path) -> BinaryIO:
+    """A file's bytes, decompressed for .gz (which datasets reads decompressed too)."""
+    return gzip.open(path, "rb") if path.name.lower().endswith(".gz") else open(path, "rb")
+
+
+def parse_source(arg: str, text_field: str = "text", text_unit: str = "document",
+                 on_decode_error: str = "error") -> Source:
+    """`NAME=SPEC` (or just SPEC, named after the file/dir stem) -> Source, files resolved and screened:
+    a file that is not valid UTF-8 (or a damaged .gz) is an error naming it, or with
+    on_decode_error="skip" is left out and listed in `Source.skipped`."""
     name, sep, spec = arg.partition("=")
     if not sep or name.startswith(("hf:", "disk:")) or os.sep in name:
         name, spec = "", arg
     if text_unit not in TEXT_UNITS:
         raise SourceError(f"text_unit {text_unit!r} is not one of {TEXT_UNITS}")
+    if on_decode_error not in DECODE_ERROR_ACTIONS:
+        raise SourceError(f"on_decode_error {on_decode_error!r} is not one of {DECODE_ERROR_ACTIONS}")
     if spec.startswith(("hf:", "disk:")):
         name = name or spec.split(":", 1)[1].rstrip("/").split("/")[-1].split("@")[0].split(":")[0]
         return Source(name, spec, [], text_field, text_unit)
-    files = resolve_files(spec)
     name = name or Path(spec.rstrip("/")).name.split(".")[0].replace("*", "") or "corpus"
-    return Source(name, spec, files, text_field, text_unit)
+    files, skipped = [], []
+    for path in resolve_files(spec):
+        try:
+            if _file_kind(path) != "parquet":
+                check_text_file(path)
+        except UndecodableFile as e:
+            if on_decode_error == "error":
+                raise SourceError(f"{e}; pass --on-decode-error skip to leave such files out") from None
+            skipped.append({"path": str(path), "reason": e.reason})
+        else:
+            files.append(path)
+    if not files:
+        raise SourceError(f"source {name!r} ({spec}): no readable files (all {len(skipped)} were skipped: "
+                          f"not valid UTF-8 text)")
+    return Source(name, spec, files, text_field, text_unit, skipped)
 
 
-def check_utf8(path: Path, chunk_bytes: int = 1 << 22) -> None:
+def check_text_file(path: Path, chunk_bytes: int = 1 << 22) -> None:
     """Stream-decode a file so undecodable bytes fail here, naming the file and byte offset,
-    instead of deep inside a datasets worker."""
+    instead of deep inside a datasets worker. Unreadable files (permissions) are a SourceError."""
     decoder = codecs.getincrementaldecoder("utf-8")()
     offset = 0
-    with open(path, "rb") as f:
-        while True:
-            block = f.read(chunk_bytes)
-            try:
-                decoder.decode(block, final=not block)
-            except UnicodeDecodeError as e:
-                raise SourceError(f"{path}: not valid UTF-8 at byte {offset + e.start} ({e.reason})") from None
-            if not block:
-                return
-            offset += len(block)
+    try:
+        with _open_binary(path) as f:
+            while True:
+                block = f.read(chunk_bytes)
+                try:
+                    decoder.decode(block, final=not block)
+                except UnicodeDecodeError as e:
+                    raise UndecodableFile(path, f"not valid UTF-8 at byte {offset + e.start} ({e.reason})") from None
+                if not block:
+                    return
+                offset += len(block)
+    except (gzip.BadGzipFile, EOFError, zlib.error) as e:
+        raise UndecodableFile(path, f"not a valid gzip file ({e})") from None
+    except OSError as e:
+        raise SourceError(f"{path}: cannot be read ({e.strerror or e})") from None
+
+
+def report_skipped(source: Source, recorded_in: str) -> None:
+    """Say which files on_decode_error="skip" left out: skipping is never silent."""
+    if source.skipped:
+        listed = ", ".join(s["path"] for s in source.skipped[:5]) + (" ..." if len(source.skipped) > 5 else "")
+        print(f"warning: source {source.name!r}: skipped {len(source.skipped)} files that are not valid UTF-8 text "
+              f"(--on-decode-error skip; {recorded_in} lists them): {listed}")
 
 
 def load_source(source: Source, cache_dir: str | None = None) -> datasets.Dataset:
-    """Load a source as a Dataset with exactly one column, "text"."""
+    """Load a source as a Dataset with exactly one column, "text", that passed `check_text_column`."""
     if source.spec.startswith("disk:"):
         path = source.spec[len("disk:"):]
         if not Path(path).exists():
             raise SourceError(f"{path}: no such dataset directory (source {source.name!r})")
-        ds = datasets.load_from_disk(path)
+        try:
+            ds = datasets.load_from_disk(path)
+        except FileNotFoundError as e:  # a directory, but not one save_to_disk wrote
+            raise SourceError(f"{path}: not a dataset saved with save_to_disk (source {source.name!r}): {e}") from None
         if isinstance(ds, datasets.DatasetDict):
             raise SourceError(f"{path}: is a DatasetDict with splits {list(ds)}; save one split")
     elif source.spec.startswith("hf:"):
@@ -121,24 +187,12 @@ def load_source(source: Source, cache_dir: str | None = None) -> datasets.Datase
             ds = datasets.load_dataset(path, config or None, split=split or "train", cache_dir=cache_dir)
         except Exception as e:  # hub/network/script errors come in many types; name the source
             raise SourceError(f"source {source.name!r} ({source.spec}): datasets.load_dataset failed: "
-                              f"{type(e).__name__}: {e}") from e
+                              f"{_root_cause(e)}") from None
     else:
-        kinds = {_file_kind(p) for p in source.files}
-        if len(kinds) > 1:
-            raise SourceError(f"source {source.name!r} ({source.spec}) mixes file types {sorted(kinds)}; give one source per type")
-        kind = kinds.pop()
-        for path in source.files:
-            # parquet strings are validated UTF-8 by Arrow; compressed files are checked by their reader
-            if kind != "parquet" and not path.name.endswith(".gz"):
-                check_utf8(path)
-        # zero-byte files hold no documents (and crash datasets' JSON schema inference)
-        files = [str(p) for p in source.files if p.stat().st_size > 0]
-        if not files:
-            raise SourceError(f"source {source.name!r} ({source.spec}): empty corpus (all {len(source.files)} files are empty)")
-        kwargs = {"sample_by": source.text_unit} if kind == "text" else {}
-        ds = datasets.load_dataset(kind, data_files=files, split="train", cache_dir=cache_dir, **kwargs)
-        if kind == "text":
-            return _require_rows(ds, source)  # the text builder always names its column "text"
+        ds = _load_files(source, cache_dir)
+        if _file_kind(source.files[0]) == "text":
+            check_text_column(ds, source)  # the text builder always names its one column "text"
+            return ds
     if source.text_field not in ds.column_names:
         raise SourceError(
             f"source {source.name!r} ({source.spec}): no text field {source.text_field!r}; columns are {ds.column_names}"
@@ -146,10 +200,112 @@ def load_source(source: Source, cache_dir: str | None = None) -> datasets.Datase
     ds = ds.select_columns([source.text_field])
     if source.text_field != "text":
         ds = ds.rename_column(source.text_field, "text")
-    return _require_rows(ds, source)
-
-
-def _require_rows(ds: datasets.Dataset, source: Source) -> datasets.Dataset:
-    if len(ds) == 0:
-        raise SourceError(f"source {source.name!r} ({source.spec}): empty corpus (0 documents)")
+    check_text_column(ds, source)
     return ds
+
+
+def _load_files(source: Source, cache_dir: str | None) -> datasets.Dataset:
+    kinds = {_file_kind(p) for p in source.files}
+    if len(kinds) > 1:
+        raise SourceError(f"source {source.name!r} ({source.spec}) mixes file types {sorted(kinds)}; give one source per type")
+    kind = kinds.pop()
+    # zero-byte files hold no documents (and crash datasets' JSON schema inference)
+    files = [p for p in source.files if p.stat().st_size > 0]
+    if not files:
+        raise SourceError(f"source {source.name!r} ({source.spec}): empty corpus (all {len(source.files)} files are empty)")
+    kwargs = {"sample_by": source.text_unit} if kind == "text" else {}
+    verbosity = datasets.logging.get_verbosity()
+    datasets.logging.set_verbosity(datasets.logging.CRITICAL)  # its log of a bad file repeats the error below
+    try:
+        ds = datasets.load_dataset(kind, data_files=[str(p) for p in files], split="train", cache_dir=cache_dir,
+                                   **kwargs)
+    except Exception as e:  # datasets wraps the reader's error; name the file (and line) instead
+        fault = _locate_fault(kind, files, source.text_field)
+        raise SourceError(fault or f"source {source.name!r} ({source.spec}): {_root_cause(e)}") from None
+    finally:
+        datasets.logging.set_verbosity(verbosity)
+    return ds
+
+
+def check_text_column(ds: datasets.Dataset, source: Source) -> None:
+    """The one rule for rows without text (see the module docstring), applied to the "text" column."""
+    where = f"source {source.name!r} ({source.spec})"
+    if len(ds) == 0:
+        raise SourceError(f"{where}: empty corpus (0 documents)")
+    column = ds.data.column("text")
+    bad_type = not (pa.types.is_string(column.type) or pa.types.is_large_string(column.type))
+    if bad_type or column.null_count:
+        fault = _locate_fault("json", source.files, source.text_field) if _is_json(source) else None
+        if fault:
+            raise SourceError(fault)
+        if bad_type:
+            raise SourceError(f"{where}: text field {source.text_field!r} has type {column.type}, expected strings")
+        first = int(np.flatnonzero(column.is_null().to_numpy(zero_copy_only=False))[0])
+        raise SourceError(f"{where}: {column.null_count} documents have no text (null {source.text_field!r}; "
+                          f"first: row {first})")
+    if pc.max(pc.utf8_length(column)).as_py() == 0:
+        raise SourceError(f"{where}: empty corpus (no text in any document)")
+
+
+def _is_json(source: Source) -> bool:
+    return bool(source.files) and all(_file_kind(p) == "json" for p in source.files)
+
+
+def _root_cause(e: BaseException) -> str:
+    """The innermost exception of a chain: datasets' own wrapper says only "an error occurred"."""
+    while e.__cause__ is not None or (e.__context__ is not None and not e.__suppress_context__):
+        e = e.__cause__ or e.__context__
+    return f"{type(e).__name__}: {e}"
+
+
+def _locate_fault(kind: str, files: list[Path], text_field: str) -> str | None:
+    """`path[:line]: problem` for the first input record datasets cannot read as text, or None."""
+    for path in files:
+        if kind == "parquet":
+            try:
+                pq.ParquetFile(path)
+            except (pa.ArrowException, OSError) as e:
+                return f"{path}: not a readable parquet file ({e})"
+        elif kind == "json":
+            for where, record in _json_records(path):
+                problem = _record_problem(record, text_field)
+                if problem:
+                    return f"{where}: {problem}"
+    return None
+
+
+def _record_problem(record: Any, text_field: str) -> str | None:
+    if isinstance(record, json.JSONDecodeError):
+        return f"not valid JSON ({record.msg.removesuffix(' at')} at column {record.colno})"
+    if not isinstance(record, dict):
+        return f"a record must be a JSON object, got {type(record).__name__}"
+    if text_field not in record:
+        return f"no field {text_field!r} (fields: {sorted(record)})"
+    value = record[text_field]
+    if not isinstance(value, str):
+        return f"field {text_field!r} is {'null' if value is None else type(value).__name__}, expected a string"
+    return None
+
+
+def _json_records(path: Path) -> Iterator[tuple[str, Any]]:
+    """(`path:line`, record or its JSONDecodeError) for a JSON-lines file; a file holding one JSON
+    array (datasets reads that too) gives (`path: record i`, record)."""
+    with _open_binary(path) as f:
+        head = f.read(1 << 16).lstrip()
+    if head.startswith(b"["):
+        with _open_binary(path) as f:
+            try:
+                records = json.load(f)
+            except (json.JSONDecodeError, UnicodeDecodeError):
+                records = None
+        if isinstance(records, list):
+            yield from ((f"{path}: record {i}", r) for i, r in enumerate(records))
+            return
+    with _open_binary(path) as f:
+        for lineno, line in enumerate(f, 1):
+            if not line.strip():
+                continue  # datasets skips blank lines too
+            try:
+                yield f"{path}:{lineno}", json.loads(line)
+            except json.JSONDecodeError as e:
+                yield f"{path}:{lineno}", e

@@ -7,7 +7,7 @@ Per source: `<out>/<name>/{train,validation}_NNNNN.bin` (flat little-endian uint
 every document followed by EOS) and `manifest.json` (see retnet_train.data.manifest), written
 last. Documents go to the validation split by a hash of (seed, document index). Killed runs are
 resumed by running the same command again; an existing finished output is never replaced
-without --overwrite.
+without --overwrite, and only files this tool recorded are ever deleted (see data_prep.output_dir).
 """
 from __future__ import annotations
 
@@ -15,6 +15,7 @@ import argparse
 import hashlib
 import json
 import os
+import sys
 import time
 from pathlib import Path
 from typing import Sequence
@@ -22,16 +23,21 @@ from typing import Sequence
 import datasets
 import numpy as np
 import pyarrow as pa
+import pyarrow.compute as pc
 from tqdm import tqdm
 
-from data_prep.atomic import remove_stale_tmp_files, write_json_atomic
+from data_prep.atomic import write_json_atomic
 from data_prep.doc_split import validation_mask
-from data_prep.shard_writer import Journal, SplitShardWriter, verified_prefix
-from data_prep.sources import Source, SourceError, load_source, parse_source
-from data_prep.tokenizer_card import Tokenizer, TokenizerError, load_tokenizer
-from retnet_train.data.manifest import (
-    DTYPES, FORMAT_VERSION, MANIFEST_NAME, SPLITS, Manifest, token_dtype_for,
+from data_prep.output_dir import (
+    OutputDirError, check_shard_dir, exclusive, prepare_shard_dir, removed_if_empty_on_failure,
 )
+from data_prep.shard_writer import Journal, SplitShardWriter, verified_prefix
+from data_prep.sources import (
+    DECODE_ERROR_ACTIONS, Source, SourceError, load_source, parse_source, report_skipped,
+)
+from data_prep.tokenizer_card import Tokenizer, TokenizerError, load_tokenizer
+from data_prep.workers import die_with_parent
+from retnet_train.data.manifest import DTYPES, FORMAT_VERSION, SPLITS, Manifest, token_dtype_for
 
 DEFAULT_SHARD_TOKENS = 1 << 27  # 256 MiB of uint16: few files, still cheap to re-verify one
 
@@ -81,14 +87,26 @@ def _flatten_ids(table_column: pa.ChunkedArray) -> tuple[np.ndarray, np.ndarray]
     return flat, lengths
 
 
-def _clear_output(out_dir: Path) -> None:
-    """--overwrite: remove exactly the files this tool writes, nothing else in the directory."""
-    for split in SPLITS:
-        for f in out_dir.glob(f"{split}_*.bin"):
-            f.unlink()
-    for name in (MANIFEST_NAME, "progress.jsonl"):
-        (out_dir / name).unlink(missing_ok=True)
-    remove_stale_tmp_files(out_dir)
+def _check_settings(shard_tokens: int, validation_fraction: float, chunk_docs: int, batch_size: int) -> None:
+    for name, value in (("shard_tokens", shard_tokens), ("chunk_docs", chunk_docs), ("batch_size", batch_size)):
+        if value < 1:
+            raise ValueError(f"{name} must be >= 1, got {value}")
+    if not 0.0 <= validation_fraction < 1.0:
+        raise ValueError(f"validation_fraction must be in [0, 1), got {validation_fraction}")
+
+
+def _split_documents(corpus: datasets.Dataset, validation_fraction: float, seed: int,
+                     block: int = 1 << 22) -> dict[str, int]:
+    """Documents (non-empty texts) per split, counted before any work so that an empty split is
+    known at once."""
+    counts = {"train": 0, "validation": 0}
+    column = corpus.data.column("text")
+    for lo in range(0, len(corpus), block):
+        nonempty = pc.greater(pc.utf8_length(column.slice(lo, block)), 0).to_numpy(zero_copy_only=False)
+        in_val = validation_mask(np.arange(lo, lo + nonempty.size), validation_fraction, seed)
+        counts["validation"] += int(np.count_nonzero(nonempty & in_val))
+        counts["train"] += int(np.count_nonzero(nonempty & ~in_val))
+    return counts
 
 
 def tokenize_source(
@@ -109,21 +127,16 @@ def tokenize_source(
     tok = tokenizer if isinstance(tokenizer, Tokenizer) else load_tokenizer(tokenizer)
     out_dir = Path(out_dir)
     dtype = token_dtype_for(tok.vocab_size)
-    if shard_tokens < 1:
-        raise ValueError(f"shard_tokens must be >= 1, got {shard_tokens}")
-    if not 0.0 <= validation_fraction < 1.0:
-        raise ValueError(f"validation_fraction must be in [0, 1), got {validation_fraction}")
-    if (out_dir / MANIFEST_NAME).exists():
-        if not overwrite:
-            raise FileExistsError(f"{out_dir / MANIFEST_NAME}: output already exists; pass --overwrite to rebuild it")
-        _clear_output(out_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
-    remove_stale_tmp_files(out_dir)
-
+    _check_settings(shard_tokens, validation_fraction, chunk_docs, batch_size)
+    check_shard_dir(out_dir, overwrite)  # refusals first: they cost nothing
     corpus = load_source(source, cache_dir)
-    nulls = corpus.data.column("text").null_count
-    if nulls:
-        raise SourceError(f"source {source.name!r} ({source.spec}): {nulls} documents have no text (null {source.text_field!r})")
+    report_skipped(source, "the manifest")
+    documents = _split_documents(corpus, validation_fraction, seed)
+    if documents["train"] == 0:
+        raise SourceError(f"source {source.name!r} ({source.spec}): all {documents['validation']} documents go to "
+                          f"the validation split (fraction {validation_fraction}); lower --validation-fraction")
+    if validation_fraction > 0 and documents["validation"] == 0:
+        print(f"warning: {source.name}: validation fraction {validation_fraction} selected no documents")
     settings = {
         "format_version": FORMAT_VERSION,
         "tokenizer_sha256": tok.sha256,
@@ -137,31 +150,75 @@ def tokenize_source(
         "add_bos": add_bos,
         "dtype": dtype,
     }
-    journal = Journal(out_dir, hashlib.sha256(json.dumps(settings, sort_keys=True).encode()).hexdigest())
-    if overwrite:
-        journal.path.unlink(missing_ok=True)
-    records = journal.read()
-    itemsize = DTYPES[dtype].itemsize
-    kept = {split: verified_prefix(out_dir, split, records, itemsize) for split in SPLITS}
-    kept_files = {r["file"] for rs in kept.values() for r in rs}
-    for split in SPLITS:  # unjournaled or damaged shards: regenerated below
-        for f in out_dir.glob(f"{split}_*.bin"):
-            if f.name not in kept_files:
-                f.unlink()
-    journal.start([r for split in SPLITS for r in kept[split]])
-    writers = {
-        split: SplitShardWriter(out_dir, split, DTYPES[dtype], shard_tokens, tok.eos_id, journal, kept[split])
-        for split in SPLITS
-    }
-    start_doc = min(w.resume.doc for w in writers.values())
-    if start_doc:
-        print(f"{out_dir}: resuming at document {start_doc} of {len(corpus)} "
-              f"(kept {sum(len(v) for v in kept.values())} verified shards)")
+    fingerprint = hashlib.sha256(json.dumps(settings, sort_keys=True).encode()).hexdigest()
+    with removed_if_empty_on_failure(out_dir):
+        out_dir.mkdir(parents=True, exist_ok=True)
+        with exclusive(out_dir):
+            prepare_shard_dir(out_dir, overwrite)
+            journal = Journal(out_dir, fingerprint)
+            writers = _resume(journal, corpus, DTYPES[dtype], shard_tokens, tok.eos_id)
+            try:
+                _write_shards(corpus, writers, tok, add_bos, validation_fraction, seed, num_proc, chunk_docs,
+                              batch_size, f"tokenize {source.name}", progress)
+            except BaseException:
+                if not any(w.shards for w in writers.values()):
+                    journal.path.unlink(missing_ok=True)  # nothing to resume: leave no trace
+                raise
+            splits = {split: w.finish() for split, w in writers.items()}
+            manifest = Manifest(
+                directory=out_dir,
+                vocab_size=tok.vocab_size,
+                eos_id=tok.eos_id,
+                bos_id=tok.bos_id,
+                pad_id=tok.pad_id,
+                unk_id=tok.unk_id,
+                tokenizer_sha256=tok.sha256,
+                dtype=dtype,
+                shard_tokens=shard_tokens,
+                splits=splits,
+                extra={
+                    "add_bos": add_bos,
+                    "split_rule": {"validation_fraction": validation_fraction, "seed": seed, "unit": "document"},
+                    "source": source.describe(),
+                    "created_unix": int(time.time()),
+                },
+            )
+            write_json_atomic(manifest.path, manifest.to_json())  # last: its presence means "complete"
+            journal.path.unlink()
+    return manifest
 
+
+def _resume(journal: Journal, corpus: datasets.Dataset, dtype: np.dtype, shard_tokens: int,
+            eos_id: int) -> dict[str, SplitShardWriter]:
+    """Writers that continue after the verified shards of an unfinished run with the same settings
+    (saying so); its damaged or unfinished shards are deleted: the journal recorded them."""
+    directory = journal.path.parent
+    unfinished = journal.path.exists()
+    records = journal.read()
+    kept = {split: verified_prefix(directory, split, records, dtype.itemsize) for split in SPLITS}
+    kept_files = {r["file"] for rs in kept.values() for r in rs}
+    redo = sorted({r["file"] for r in records} - kept_files)
+    for name in redo:
+        (directory / name).unlink(missing_ok=True)
+    journal.start([r for split in SPLITS for r in kept[split]])
+    writers = {split: SplitShardWriter(directory, split, dtype, shard_tokens, eos_id, journal, kept[split])
+               for split in SPLITS}
+    if unfinished:
+        at = {split: w.resume.doc for split, w in writers.items()}
+        print(f"{directory}: resuming an unfinished run at document {min(at.values())} of {len(corpus)} "
+              f"(train continues at document {at['train']}, validation at {at['validation']}); kept "
+              f"{len(kept_files)} verified shards" + (f", redoing {len(redo)} ({', '.join(redo)})" if redo else ""))
+    return writers
+
+
+def _write_shards(corpus: datasets.Dataset, writers: dict[str, SplitShardWriter], tok: Tokenizer, add_bos: bool,
+                  validation_fraction: float, seed: int, num_proc: int | None, chunk_docs: int, batch_size: int,
+                  desc: str, progress: bool) -> None:
     encoder = _Encoder(str(tok.path))
     bos_id = tok.bos_id if add_bos else None
     num_proc = num_proc or os.cpu_count() or 1
-    bar = tqdm(desc=f"tokenize {source.name}", unit="tok", unit_scale=True, disable=not progress)
+    start_doc = min(w.resume.doc for w in writers.values())
+    bar = tqdm(desc=desc, unit="tok", unit_scale=True, disable=not progress)
     was_enabled = datasets.is_progress_bar_enabled()
     datasets.disable_progress_bars()  # our bar counts tokens; datasets' would count rows per chunk
     try:
@@ -174,11 +231,12 @@ def tokenize_source(
             doc_ids, in_val = doc_ids[needed], in_val[needed]
             if not doc_ids.size:
                 continue
-            encoded = corpus.select(doc_ids).map(
-                encoder, batched=True, batch_size=batch_size,
-                num_proc=workers if (workers := min(num_proc, doc_ids.size)) > 1 else None,  # None: in-process
-                remove_columns=["text"], keep_in_memory=True, desc=None,
-            )
+            with die_with_parent():  # a killed tokenize must not leave map's worker processes behind
+                encoded = corpus.select(doc_ids).map(
+                    encoder, batched=True, batch_size=batch_size,
+                    num_proc=workers if (workers := min(num_proc, doc_ids.size)) > 1 else None,  # None: in-process
+                    remove_columns=["text"], keep_in_memory=True, desc=None,
+                )
             flat, lengths = _flatten_ids(encoded.data.column("ids"))
             nonempty = lengths > 0  # an empty text is not a document: no lone EOS
             for split, member in (("train", ~in_val & nonempty), ("validation", in_val & nonempty)):
@@ -191,33 +249,6 @@ def tokenize_source(
         if was_enabled:
             datasets.enable_progress_bars()
 
-    splits = {split: w.finish() for split, w in writers.items()}
-    if splits["train"].tokens == 0:
-        raise SourceError(f"source {source.name!r} ({source.spec}): empty corpus (no text in any document)")
-    if validation_fraction > 0 and splits["validation"].documents == 0:
-        print(f"warning: {source.name}: validation fraction {validation_fraction} selected no documents")
-    manifest = Manifest(
-        directory=out_dir,
-        vocab_size=tok.vocab_size,
-        eos_id=tok.eos_id,
-        bos_id=tok.bos_id,
-        pad_id=tok.pad_id,
-        unk_id=tok.unk_id,
-        tokenizer_sha256=tok.sha256,
-        dtype=dtype,
-        shard_tokens=shard_tokens,
-        splits=splits,
-        extra={
-            "add_bos": add_bos,
-            "split_rule": {"validation_fraction": validation_fraction, "seed": seed, "unit": "document"},
-            "source": source.describe(),
-            "created_unix": int(time.time()),
-        },
-    )
-    write_json_atomic(manifest.path, manifest.to_json())  # last: its presence means "complete"
-    journal.path.unlink()
-    return manifest
-
 
 def main(argv: Sequence[str] | None = None) -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -226,6 +257,8 @@ def main(argv: Sequence[str] | None = None) -> None:
     p.add_argument("--out", required=True, help="output root; each source goes to OUT/NAME")
     p.add_argument("--text-field", default="text")
     p.add_argument("--text-unit", default="document", choices=("document", "line", "paragraph"))
+    p.add_argument("--on-decode-error", default="error", choices=DECODE_ERROR_ACTIONS,
+                   help="a file that is not valid UTF-8 text: stop naming it, or skip it (listed in the manifest)")
     p.add_argument("--validation-fraction", type=float, default=0.005)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--shard-tokens", type=int, default=DEFAULT_SHARD_TOKENS)
@@ -237,11 +270,14 @@ def main(argv: Sequence[str] | None = None) -> None:
     p.add_argument("--overwrite", action="store_true")
     a = p.parse_args(argv)
     try:
+        _check_settings(a.shard_tokens, a.validation_fraction, a.chunk_docs, batch_size=1)
         tok = load_tokenizer(a.tokenizer)
-        sources = [parse_source(s, a.text_field, a.text_unit) for s in a.source]
+        sources = [parse_source(s, a.text_field, a.text_unit, a.on_decode_error) for s in a.source]
         names = [s.name for s in sources]
         if len(set(names)) != len(names):
             raise SourceError(f"source names must be unique, got {names}")
+        for source in sources:  # every output checked before hours go into the first one
+            check_shard_dir(Path(a.out) / source.name, a.overwrite)
         for source in sources:
             m = tokenize_source(
                 source, tok, Path(a.out) / source.name, a.validation_fraction, a.seed, a.shard_tokens, a.bos,
@@ -249,8 +285,11 @@ def main(argv: Sequence[str] | None = None) -> None:
             )
             counts = ", ".join(f"{k} {v.tokens:,} tokens / {v.documents:,} docs" for k, v in m.splits.items())
             print(f"{m.path}: {counts}")
-    except (SourceError, TokenizerError, FileExistsError, ValueError) as e:
+    except (SourceError, TokenizerError, OutputDirError, ValueError, OSError) as e:  # OSError: names its file
         raise SystemExit(f"error: {e}") from None
+    except KeyboardInterrupt:
+        print("interrupted: run the same command again to resume", file=sys.stderr)
+        raise SystemExit(130) from None  # the shell's code for SIGINT
 
 
 if __name__ == "__main__":

@@ -21,7 +21,10 @@ import numpy as np
 import sentencepiece as spm
 
 from data_prep.atomic import write_bytes_atomic, write_json_atomic
-from data_prep.sources import Source, SourceError, load_source, parse_source
+from data_prep.output_dir import OutputDirError, check_writable_dir, removed_if_empty_on_failure
+from data_prep.sources import (
+    DECODE_ERROR_ACTIONS, Source, SourceError, load_source, parse_source, report_skipped,
+)
 from data_prep.tokenizer_card import Tokenizer, TokenizerError, card_path_for, load_tokenizer
 
 MODEL_TYPES = ("bpe", "unigram")
@@ -46,7 +49,7 @@ def training_lines(texts: Iterable[str]) -> Iterator[str]:
 
 def _iter_text(corpus: datasets.Dataset, batch_size: int = 1000) -> Iterator[str]:
     for batch in corpus.iter(batch_size=batch_size):
-        yield from (t for t in batch["text"] if t)
+        yield from batch["text"]  # strings by load_source's rule; empty ones yield no lines
 
 
 def _train(lines: Iterator[str], writer: io.BytesIO, vocab_size: int, model_type: str, character_coverage: float,
@@ -94,6 +97,9 @@ def train_tokenizer(
 ) -> Tokenizer:
     out = Path(out)
     card_path = card_path_for(out)
+    if out.is_dir():
+        raise TokenizerError(f"{out}: is a directory; --out is the path of the .model file to write")
+    check_writable_dir(out.parent)  # now, not after the training
     if not overwrite:
         for existing in (out, card_path):
             if existing.exists():
@@ -101,6 +107,8 @@ def train_tokenizer(
     if model_type not in MODEL_TYPES:
         raise TokenizerError(f"model_type {model_type!r} is not one of {MODEL_TYPES}")
     corpus = datasets.concatenate_datasets([load_source(s, cache_dir) for s in sources])
+    for source in sources:
+        report_skipped(source, "the tokenizer card")
     sample = sample_documents(corpus, num_docs, seed)
     lines = training_lines(_iter_text(sample))
     first = next(lines, None)
@@ -118,8 +126,9 @@ def train_tokenizer(
                max_sentences, num_threads)
     except RuntimeError as e:  # e.g. "Vocabulary size too high": the corpus is too small for it
         raise TokenizerError(f"sentencepiece training on {[s.spec for s in sources]} failed: {e}") from None
-    out.parent.mkdir(parents=True, exist_ok=True)
-    write_bytes_atomic(out, model.getvalue())
+    with removed_if_empty_on_failure(out.parent):
+        out.parent.mkdir(parents=True, exist_ok=True)
+        write_bytes_atomic(out, model.getvalue())
     card_path.unlink(missing_ok=True)  # the old card (if any) describes the old model
     tok = load_tokenizer(out)
     write_json_atomic(
@@ -143,6 +152,8 @@ def main(argv: Sequence[str] | None = None) -> None:
     p.add_argument("--out", required=True, help="path of the .model file to write")
     p.add_argument("--text-field", default="text")
     p.add_argument("--text-unit", default="document", choices=("document", "line", "paragraph"))
+    p.add_argument("--on-decode-error", default="error", choices=DECODE_ERROR_ACTIONS,
+                   help="a file that is not valid UTF-8 text: stop naming it, or skip it (listed in the card)")
     p.add_argument("--vocab-size", type=int, default=8192)
     p.add_argument("--model-type", default="bpe", choices=MODEL_TYPES)
     p.add_argument("--num-docs", type=int, default=100_000, help="documents sampled for training")
@@ -158,14 +169,15 @@ def main(argv: Sequence[str] | None = None) -> None:
     p.add_argument("--overwrite", action="store_true")
     a = p.parse_args(argv)
     try:
-        sources = [parse_source(s, a.text_field, a.text_unit) for s in a.source]
+        sources = [parse_source(s, a.text_field, a.text_unit, a.on_decode_error) for s in a.source]
         tok = train_tokenizer(
             sources, a.out, a.vocab_size, a.model_type, a.num_docs, a.seed, a.character_coverage,
             not a.no_byte_fallback, a.max_sentences, (a.unk_id, a.bos_id, a.eos_id, a.pad_id),
             overwrite=a.overwrite, cache_dir=a.cache_dir,
         )
-    except (SourceError, TokenizerError) as e:
+    except (SourceError, TokenizerError, OutputDirError, OSError) as e:  # OSError: names its file
         raise SystemExit(f"error: {e}") from None
+
     print(f"wrote {tok.path} (vocab {tok.vocab_size}, sha256 {tok.sha256[:12]}...) and {card_path_for(tok.path)}")
 
 

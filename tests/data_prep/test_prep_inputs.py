@@ -95,7 +95,7 @@ def test_empty_corpora(tok, tmp_path):
                         cache_dir=str(tmp_path / "c"))
     assert not (tmp_path / "o2" / "manifest.json").exists()
     (tmp_path / "null.jsonl").write_text('{"text": "a"}\n{"text": null}\n')
-    with pytest.raises(SourceError, match=r"'null'.*1 documents have no text"):
+    with pytest.raises(SourceError, match=r"null.jsonl:2: field 'text' is null, expected a string"):
         tokenize_source(parse_source(str(tmp_path / "null.jsonl")), tok, tmp_path / "o3", progress=False,
                         cache_dir=str(tmp_path / "c"))
 

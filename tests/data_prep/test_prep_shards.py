@@ -165,9 +165,23 @@ def test_existing_output_is_never_overwritten_without_flag(tok, corpus, tmp_path
     assert (out / "notes.txt").read_text() == "mine"  # only the tool's own files were replaced
 
 
+def die_after_shards(monkeypatch, count):
+    """Make the next run raise Killed when it is about to write shard number `count` + 1."""
+    real_write, written = shard_writer.SplitShardWriter._write_shard, []
+
+    def dying_write(self, n):
+        if len(written) == count:
+            raise Killed
+        real_write(self, n)
+        written.append(self.shards[-1].file)
+
+    monkeypatch.setattr(shard_writer.SplitShardWriter, "_write_shard", dying_write)
+    return written
+
+
 def test_unfinished_run_with_other_settings_is_not_resumed(tok, corpus, tmp_path, monkeypatch):
     out = tmp_path / "out"
-    monkeypatch.setattr(shard_writer.SplitShardWriter, "_write_shard", lambda self, n: (_ for _ in ()).throw(Killed))
+    die_after_shards(monkeypatch, 1)
     with pytest.raises(Killed):
         run(corpus, tok, out)
     monkeypatch.undo()

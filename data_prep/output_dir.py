@@ -1,0 +1,131 @@
+"""Output directories of the data_prep tools: checked before any work, and only the tools' own
+recorded files are ever deleted.
+
+In a shard directory, data_prep.tokenize owns the manifest, the journal of an unfinished run, the
+shard files one of those two records, and the temporary files of its own writes. A shard-named
+file that no record lists belongs to someone else: the run stops and names it rather than delete
+or overwrite it, with or without --overwrite.
+"""
+from __future__ import annotations
+
+import contextlib
+import fcntl
+import json
+import os
+import re
+from pathlib import Path
+from typing import Iterator
+
+from data_prep.atomic import remove_stale_tmp_files
+from data_prep.shard_writer import JOURNAL_NAME, Journal
+from retnet_train.data.manifest import MANIFEST_NAME
+
+SHARD_NAME = re.compile(r"(train|validation)_\d{5,}\.bin")
+LISTED_FILES = 5  # file names an error message spells out before "and N more"
+
+
+class OutputDirError(ValueError):
+    """An output path cannot be written, or holds files the tool did not record."""
+
+
+def check_writable_dir(directory: Path) -> None:
+    """Fail now, naming the path, if `directory` cannot be created or written (not hours later)."""
+    existing = directory
+    while not existing.exists() and existing != existing.parent:
+        existing = existing.parent
+    if not existing.is_dir():
+        problem = "is not a directory" if existing == directory else f"cannot be created: {existing} is a file"
+        raise OutputDirError(f"{directory}: {problem}")
+    if not os.access(existing, os.W_OK | os.X_OK):
+        raise OutputDirError(f"{directory}: {existing} is not writable")
+
+
+@contextlib.contextmanager
+def removed_if_empty_on_failure(directory: Path) -> Iterator[None]:
+    """The directories this creates (`directory` and missing parents) do not outlive a failed run
+    that left nothing in them."""
+    created = []
+    path = directory
+    while not path.exists() and path != path.parent:
+        created.append(path)
+        path = path.parent
+    try:
+        yield
+    except BaseException:
+        for path in created:  # deepest first; a non-empty one (a resumable journal) stays
+            try:
+                path.rmdir()
+            except OSError:
+                break
+        raise
+
+
+@contextlib.contextmanager
+def exclusive(directory: Path) -> Iterator[None]:
+    """One writer per shard directory: a second tokenize into it stops instead of interleaving
+    shards and journal lines. A flock on the directory itself, so a killed run leaves no lock."""
+    fd = os.open(directory, os.O_RDONLY)
+    try:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            raise OutputDirError(f"{directory}: another data_prep.tokenize is writing here") from None
+        yield
+    finally:
+        os.close(fd)  # releases the lock
+
+
+def owned_name(name: str) -> bool:
+    return bool(SHARD_NAME.fullmatch(name)) or name in (MANIFEST_NAME, JOURNAL_NAME)
+
+
+def manifest_files(directory: Path) -> set[str]:
+    """Shard files the manifest lists, read leniently (a hand-edited manifest still names its files);
+    an unreadable manifest names none."""
+    try:
+        data = json.loads((directory / MANIFEST_NAME).read_text(encoding="utf-8"))
+        splits = data["splits"].values()
+        return {s["file"] for split in splits for s in split["shards"] if SHARD_NAME.fullmatch(str(s["file"]))}
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError, KeyError, TypeError, AttributeError):
+        return set()
+
+
+def unrecorded_shards(directory: Path, recorded: set[str]) -> list[str]:
+    return sorted(p.name for p in directory.iterdir() if SHARD_NAME.fullmatch(p.name) and p.name not in recorded)
+
+
+def check_shard_dir(directory: Path, overwrite: bool) -> set[str]:
+    """Everything that can be known before a tokenize run starts (no file is touched): the path is
+    writable, an existing output is replaced only with `overwrite`, and every shard-named file in it
+    is recorded. Returns the recorded shard files."""
+    check_writable_dir(directory)
+    if not directory.exists():
+        return set()
+    manifest = directory / MANIFEST_NAME
+    if manifest.exists() and not overwrite:
+        raise FileExistsError(f"{manifest}: output already exists; pass --overwrite to rebuild it")
+    by_manifest = manifest_files(directory)
+    recorded = by_manifest | Journal(directory, fingerprint="").recorded_files()
+    foreign = unrecorded_shards(directory, recorded)
+    if foreign:
+        listed = ", ".join(foreign[:LISTED_FILES])
+        if len(foreign) > LISTED_FILES:
+            listed += f" and {len(foreign) - LISTED_FILES} more"
+        why = f" (its {MANIFEST_NAME} is unreadable)" if manifest.exists() and not by_manifest else ""
+        raise OutputDirError(
+            f"{directory}: holds shard files that no manifest or journal of data_prep.tokenize records{why}: "
+            f"{listed}; they are never deleted: move them away or choose another --out"
+        )
+    return recorded
+
+
+def prepare_shard_dir(directory: Path, overwrite: bool) -> None:
+    """`check_shard_dir`, then with `overwrite` remove the previous output: the manifest, the journal
+    and the shards they record, nothing else. Stale temporary files of the tool's own writes go too."""
+    recorded = check_shard_dir(directory, overwrite)
+    if overwrite:
+        for name in sorted(recorded):
+            (directory / name).unlink(missing_ok=True)
+        (directory / MANIFEST_NAME).unlink(missing_ok=True)
+        (directory / JOURNAL_NAME).unlink(missing_ok=True)
+    remove_stale_tmp_files(directory, owned_name)
