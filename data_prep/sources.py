@@ -16,6 +16,7 @@ corpus with no text at all is an error. `check_text_column` is that rule, for ev
 from __future__ import annotations
 
 import codecs
+import contextlib
 import glob
 import gzip
 import json
@@ -44,7 +45,7 @@ class SourceError(ValueError):
 @dataclass
 class Source:
     """A named corpus. `files` are the files that will be read: for a spec resolved by
-    `parse_source`, every one passed `check_text_file` (parquet excepted: Arrow validates it);
+    `parse_source`, every one passed `check_text_file` or `check_json_file` (parquet is Arrow's);
     `skipped` lists the ones left out under on_decode_error="skip", as {"path", "reason"}."""
 
     name: str
@@ -124,8 +125,10 @@ def parse_source(arg: str, text_field: str = "text", text_unit: str = "document"
     files, skipped = [], []
     for path in resolve_files(spec):
         try:
-            if _file_kind(path) != "parquet":
-                check_text_file(path)
+            if _file_kind(path) == "json":
+                check_json_file(path, text_field)
+            elif _file_kind(path) == "text":
+                check_text_file(path)  # parquet strings are validated UTF-8 by Arrow
         except UndecodableFile as e:
             if on_decode_error == "error":
                 raise SourceError(f"{e}; pass --on-decode-error skip to leave such files out") from None
@@ -138,26 +141,92 @@ def parse_source(arg: str, text_field: str = "text", text_unit: str = "document"
     return Source(name, spec, files, text_field, text_unit, skipped)
 
 
-def check_text_file(path: Path, chunk_bytes: int = 1 << 22) -> None:
-    """Stream-decode a file so undecodable bytes fail here, naming the file and byte offset,
-    instead of deep inside a datasets worker. Unreadable files (permissions) are a SourceError."""
-    decoder = codecs.getincrementaldecoder("utf-8")()
-    offset = 0
+@contextlib.contextmanager
+def _reading(path: Path) -> Iterator[None]:
+    """A damaged .gz is an undecodable file; an unreadable one (permissions) an error naming it."""
     try:
-        with _open_binary(path) as f:
-            while True:
-                block = f.read(chunk_bytes)
-                try:
-                    decoder.decode(block, final=not block)
-                except UnicodeDecodeError as e:
-                    raise UndecodableFile(path, f"not valid UTF-8 at byte {offset + e.start} ({e.reason})") from None
-                if not block:
-                    return
-                offset += len(block)
+        yield
     except (gzip.BadGzipFile, EOFError, zlib.error) as e:
         raise UndecodableFile(path, f"not a valid gzip file ({e})") from None
     except OSError as e:
         raise SourceError(f"{path}: cannot be read ({e.strerror or e})") from None
+
+
+def check_text_file(path: Path, chunk_bytes: int = 1 << 22) -> None:
+    """Stream-decode a file so undecodable bytes fail here, naming the file and byte offset,
+    instead of deep inside a datasets worker."""
+    decoder = codecs.getincrementaldecoder("utf-8")()
+    offset = 0
+    with _reading(path), _open_binary(path) as f:
+        while True:
+            block = f.read(chunk_bytes)
+            pending = len(decoder.getstate()[0])  # bytes of a character cut by the previous block
+            try:
+                decoder.decode(block, final=not block)
+            except UnicodeDecodeError as e:
+                at = offset - pending + e.start
+                raise UndecodableFile(path, f"not valid UTF-8 at byte {at} ({e.reason})") from None
+            if not block:
+                return
+            offset += len(block)
+
+
+def check_json_file(path: Path, text_field: str) -> None:
+    """`check_text_file` for JSON, which also needs every record to be an object whose text field
+    is a string: else a SourceError naming `path:line`. Unchecked, datasets fails with a long
+    traceback, or casts a number in the text field to a string without a word."""
+    with _reading(path):
+        for where, record in _json_records(path):
+            problem = _record_problem(record, text_field)
+            if problem:
+                raise SourceError(f"{where}: {problem}")
+
+
+def _record_problem(record: Any, text_field: str) -> str | None:
+    if isinstance(record, json.JSONDecodeError):
+        return f"not valid JSON ({record.msg.removesuffix(' at')} at column {record.colno})"
+    if not isinstance(record, dict):
+        return f"a record must be a JSON object, got {type(record).__name__}"
+    if text_field not in record:
+        return f"no field {text_field!r} (fields: {sorted(record)}; --text-field names the text field)"
+    value = record[text_field]
+    if not isinstance(value, str):
+        return f"field {text_field!r} is {'null' if value is None else type(value).__name__}, expected a string"
+    return None
+
+
+def _decode(path: Path, data: bytes, offset: int) -> str:
+    try:
+        return data.decode("utf-8")
+    except UnicodeDecodeError as e:
+        raise UndecodableFile(path, f"not valid UTF-8 at byte {offset + e.start} ({e.reason})") from None
+
+
+def _json_records(path: Path) -> Iterator[tuple[str, Any]]:
+    """(`path:line`, record or its JSONDecodeError) for a JSON-lines file; a file holding one JSON
+    array (datasets reads that too) gives (`path: record i`, record)."""
+    with _open_binary(path) as f:
+        starts_as_array = f.read(1 << 16).lstrip().startswith(b"[")
+    if starts_as_array:
+        with _open_binary(path) as f:
+            try:
+                records = json.loads(_decode(path, f.read(), 0))
+            except json.JSONDecodeError:
+                records = None  # not one array after all: the line-by-line pass names the fault
+        if isinstance(records, list):
+            yield from ((f"{path}: record {i}", r) for i, r in enumerate(records))
+            return
+    offset = 0
+    with _open_binary(path) as f:
+        for lineno, line in enumerate(f, 1):
+            text = _decode(path, line, offset)
+            offset += len(line)
+            if not text.strip():
+                continue  # datasets skips blank lines too
+            try:
+                yield f"{path}:{lineno}", json.loads(text)
+            except json.JSONDecodeError as e:
+                yield f"{path}:{lineno}", e
 
 
 def report_skipped(source: Source, recorded_in: str) -> None:
@@ -194,9 +263,8 @@ def load_source(source: Source, cache_dir: str | None = None) -> datasets.Datase
             check_text_column(ds, source)  # the text builder always names its one column "text"
             return ds
     if source.text_field not in ds.column_names:
-        raise SourceError(
-            f"source {source.name!r} ({source.spec}): no text field {source.text_field!r}; columns are {ds.column_names}"
-        )
+        raise SourceError(f"source {source.name!r} ({source.spec}): no text field {source.text_field!r}; "
+                          f"columns are {ds.column_names}")
     ds = ds.select_columns([source.text_field])
     if source.text_field != "text":
         ds = ds.rename_column(source.text_field, "text")
@@ -207,12 +275,14 @@ def load_source(source: Source, cache_dir: str | None = None) -> datasets.Datase
 def _load_files(source: Source, cache_dir: str | None) -> datasets.Dataset:
     kinds = {_file_kind(p) for p in source.files}
     if len(kinds) > 1:
-        raise SourceError(f"source {source.name!r} ({source.spec}) mixes file types {sorted(kinds)}; give one source per type")
+        raise SourceError(f"source {source.name!r} ({source.spec}) mixes file types {sorted(kinds)}; "
+                          "give one source per type")
     kind = kinds.pop()
     # zero-byte files hold no documents (and crash datasets' JSON schema inference)
     files = [p for p in source.files if p.stat().st_size > 0]
     if not files:
-        raise SourceError(f"source {source.name!r} ({source.spec}): empty corpus (all {len(source.files)} files are empty)")
+        raise SourceError(f"source {source.name!r} ({source.spec}): empty corpus "
+                          f"(all {len(source.files)} files are empty)")
     kwargs = {"sample_by": source.text_unit} if kind == "text" else {}
     verbosity = datasets.logging.get_verbosity()
     datasets.logging.set_verbosity(datasets.logging.CRITICAL)  # its log of a bad file repeats the error below
@@ -220,7 +290,7 @@ def _load_files(source: Source, cache_dir: str | None) -> datasets.Dataset:
         ds = datasets.load_dataset(kind, data_files=[str(p) for p in files], split="train", cache_dir=cache_dir,
                                    **kwargs)
     except Exception as e:  # datasets wraps the reader's error; name the file (and line) instead
-        fault = _locate_fault(kind, files, source.text_field)
+        fault = _unreadable_parquet(files) if kind == "parquet" else None
         raise SourceError(fault or f"source {source.name!r} ({source.spec}): {_root_cause(e)}") from None
     finally:
         datasets.logging.set_verbosity(verbosity)
@@ -234,10 +304,7 @@ def check_text_column(ds: datasets.Dataset, source: Source) -> None:
         raise SourceError(f"{where}: empty corpus (0 documents)")
     column = ds.data.column("text")
     bad_type = not (pa.types.is_string(column.type) or pa.types.is_large_string(column.type))
-    if bad_type or column.null_count:
-        fault = _locate_fault("json", source.files, source.text_field) if _is_json(source) else None
-        if fault:
-            raise SourceError(fault)
+    if bad_type or column.null_count:  # JSON files were checked record by record already: other sources
         if bad_type:
             raise SourceError(f"{where}: text field {source.text_field!r} has type {column.type}, expected strings")
         first = int(np.flatnonzero(column.is_null().to_numpy(zero_copy_only=False))[0])
@@ -247,10 +314,6 @@ def check_text_column(ds: datasets.Dataset, source: Source) -> None:
         raise SourceError(f"{where}: empty corpus (no text in any document)")
 
 
-def _is_json(source: Source) -> bool:
-    return bool(source.files) and all(_file_kind(p) == "json" for p in source.files)
-
-
 def _root_cause(e: BaseException) -> str:
     """The innermost exception of a chain: datasets' own wrapper says only "an error occurred"."""
     while e.__cause__ is not None or (e.__context__ is not None and not e.__suppress_context__):
@@ -258,54 +321,11 @@ def _root_cause(e: BaseException) -> str:
     return f"{type(e).__name__}: {e}"
 
 
-def _locate_fault(kind: str, files: list[Path], text_field: str) -> str | None:
-    """`path[:line]: problem` for the first input record datasets cannot read as text, or None."""
+def _unreadable_parquet(files: list[Path]) -> str | None:
+    """`path: problem` for the first parquet file Arrow cannot open, or None."""
     for path in files:
-        if kind == "parquet":
-            try:
-                pq.ParquetFile(path)
-            except (pa.ArrowException, OSError) as e:
-                return f"{path}: not a readable parquet file ({e})"
-        elif kind == "json":
-            for where, record in _json_records(path):
-                problem = _record_problem(record, text_field)
-                if problem:
-                    return f"{where}: {problem}"
+        try:
+            pq.ParquetFile(path)
+        except (pa.ArrowException, OSError) as e:
+            return f"{path}: not a readable parquet file ({e})"
     return None
-
-
-def _record_problem(record: Any, text_field: str) -> str | None:
-    if isinstance(record, json.JSONDecodeError):
-        return f"not valid JSON ({record.msg.removesuffix(' at')} at column {record.colno})"
-    if not isinstance(record, dict):
-        return f"a record must be a JSON object, got {type(record).__name__}"
-    if text_field not in record:
-        return f"no field {text_field!r} (fields: {sorted(record)})"
-    value = record[text_field]
-    if not isinstance(value, str):
-        return f"field {text_field!r} is {'null' if value is None else type(value).__name__}, expected a string"
-    return None
-
-
-def _json_records(path: Path) -> Iterator[tuple[str, Any]]:
-    """(`path:line`, record or its JSONDecodeError) for a JSON-lines file; a file holding one JSON
-    array (datasets reads that too) gives (`path: record i`, record)."""
-    with _open_binary(path) as f:
-        head = f.read(1 << 16).lstrip()
-    if head.startswith(b"["):
-        with _open_binary(path) as f:
-            try:
-                records = json.load(f)
-            except (json.JSONDecodeError, UnicodeDecodeError):
-                records = None
-        if isinstance(records, list):
-            yield from ((f"{path}: record {i}", r) for i, r in enumerate(records))
-            return
-    with _open_binary(path) as f:
-        for lineno, line in enumerate(f, 1):
-            if not line.strip():
-                continue  # datasets skips blank lines too
-            try:
-                yield f"{path}:{lineno}", json.loads(line)
-            except json.JSONDecodeError as e:
-                yield f"{path}:{lineno}", e

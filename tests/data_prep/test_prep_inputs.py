@@ -41,8 +41,10 @@ def test_jsonl_gz_parquet_and_field_name(tmp_path):
     assert texts_of(parse_source(str(tmp_path / "c.jsonl.gz"), text_field="body"), tmp_path) == ["alpha", "beta"]
     datasets.Dataset.from_list(rows).to_parquet(str(tmp_path / "p" / "c.parquet"))
     assert texts_of(parse_source(str(tmp_path / "p" / "c.parquet"), text_field="body"), tmp_path) == ["alpha", "beta"]
+    with pytest.raises(SourceError, match=r"c.jsonl.gz:1: no field 'text' \(fields: \['body'\]; --text-field names"):
+        parse_source(str(tmp_path / "c.jsonl.gz"))
     with pytest.raises(SourceError, match=r"no text field 'text'; columns are \['body'\]"):
-        texts_of(parse_source(str(tmp_path / "c.jsonl.gz")), tmp_path)
+        texts_of(parse_source(str(tmp_path / "p" / "c.parquet")), tmp_path)
 
 
 def test_datasets_sources(tmp_path):
@@ -119,3 +121,142 @@ def test_cli_several_named_sources(tok, tmp_path, capsys):
     with pytest.raises(SystemExit, match="source names must be unique"):
         tokenize_main(["--tokenizer", str(tok.path), "--out", str(tmp_path / "o"), "--source", f"a={tmp_path}/web.jsonl",
                        "--source", f"a={tmp_path}/code"])
+
+
+JSON_FAULTS = [
+    ('{"text": "a"}\n{"text": "broken\n{"text": "c"}\n', r"f.jsonl:2: not valid JSON \(Invalid control character at column 17\)"),
+    ('{"text": "a"} trailing\n', r"f.jsonl:1: not valid JSON \(Extra data at column 15\)"),
+    ('{"text": "a"}\n\n[1, 2]\n', r"f.jsonl:3: a record must be a JSON object, got list"),
+    ('{"text": "a"}\n{"text": 5}\n', r"f.jsonl:2: field 'text' is int, expected a string"),
+    ('{"text": 5}\n{"text": 6}\n', r"f.jsonl:1: field 'text' is int, expected a string"),
+    ('{"text": "a"}\n{"text": {"x": 1}}\n', r"f.jsonl:2: field 'text' is dict, expected a string"),
+    ('{"text": ["a", "b"]}\n', r"f.jsonl:1: field 'text' is list, expected a string"),
+    ('{"text": "a"}\n{"body": "b"}\n', r"f.jsonl:2: no field 'text' \(fields: \['body'\]; --text-field names the text field\)"),
+    ('[{"text": "a"}, {"text": null}]', r"f.jsonl: record 1: field 'text' is null, expected a string"),
+]
+
+
+@pytest.mark.parametrize("content, message", JSON_FAULTS)
+def test_bad_json_record_names_file_and_line(tmp_path, content, message):
+    (tmp_path / "d").mkdir()
+    write_jsonl(tmp_path / "d" / "a.jsonl", ["fine"] * 3)  # a good file first: the fault is in the second
+    (tmp_path / "d" / "f.jsonl").write_text(content)
+    with pytest.raises(SourceError, match=rf"^{tmp_path}/d/{message}$"):
+        load_source(parse_source(str(tmp_path / "d")), cache_dir=str(tmp_path / "c"))
+
+
+def test_malformed_line_is_one_line_from_both_clis(tok, tmp_path, capsys):
+    from data_prep.train_tokenizer import main as train_main
+
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text('{"text": "a"}\n' * 5 + '{"text": "broken\n' + '{"text": "b"}\n')
+    expected = rf"^error: {bad}:6: not valid JSON \(Invalid control character at column 17\)$"
+    with pytest.raises(SystemExit, match=expected):
+        tokenize_main(["--tokenizer", str(tok.path), "--out", str(tmp_path / "out"), "--source", str(bad),
+                       "--cache-dir", str(tmp_path / "c")])
+    with pytest.raises(SystemExit, match=expected):
+        train_main(["--source", str(bad), "--out", str(tmp_path / "t.model"), "--cache-dir", str(tmp_path / "c")])
+    assert "Traceback" not in capsys.readouterr().err
+    assert not (tmp_path / "out").exists() and not (tmp_path / "t.model").exists()
+
+
+def test_parquet_faults_name_the_file_or_row(tmp_path):
+    (tmp_path / "bad").mkdir()
+    datasets.Dataset.from_dict({"text": ["fine"]}).to_parquet(str(tmp_path / "bad" / "a.parquet"))
+    (tmp_path / "bad" / "b.parquet").write_bytes(b"not parquet at all")
+    with pytest.raises(SourceError, match=r"bad/b.parquet: not a readable parquet file \(Parquet magic bytes"):
+        load_source(parse_source(str(tmp_path / "bad")), cache_dir=str(tmp_path / "c"))
+    datasets.Dataset.from_dict({"text": [1, 2]}).to_parquet(str(tmp_path / "ints.parquet"))
+    with pytest.raises(SourceError, match=r"'ints'.*: text field 'text' has type int64, expected strings"):
+        load_source(parse_source(str(tmp_path / "ints.parquet")), cache_dir=str(tmp_path / "c"))
+    datasets.Dataset.from_dict({"text": ["a", None, None]}).to_parquet(str(tmp_path / "nulls.parquet"))
+    with pytest.raises(SourceError, match=r"'nulls'.*: 2 documents have no text \(null 'text'; first: row 1\)"):
+        load_source(parse_source(str(tmp_path / "nulls.parquet")), cache_dir=str(tmp_path / "c"))
+
+
+def test_gzip_faults_are_decode_errors(tmp_path):
+    with gzip.open(tmp_path / "ok.txt.gz", "wt") as f:
+        f.write("compressed text\n")
+    assert texts_of(parse_source(str(tmp_path / "ok.txt.gz")), tmp_path) == ["compressed text\n"]
+    (tmp_path / "cut.jsonl.gz").write_bytes((tmp_path / "ok.txt.gz").read_bytes()[:15])
+    with pytest.raises(SourceError, match=r"cut.jsonl.gz: not a valid gzip file \(.*\); pass --on-decode-error skip"):
+        parse_source(str(tmp_path / "cut.jsonl.gz"))
+    with gzip.open(tmp_path / "latin1.txt.gz", "wb") as f:
+        f.write(b"caf\xe9\n")
+    with pytest.raises(SourceError, match=r"latin1.txt.gz: not valid UTF-8 at byte 3"):
+        parse_source(str(tmp_path / "latin1.txt.gz"))
+
+
+def test_disk_source_that_is_not_a_saved_dataset(tmp_path):
+    (tmp_path / "plain").mkdir()
+    with pytest.raises(SourceError, match=r"plain: not a dataset saved with save_to_disk \(source 'x'\)"):
+        load_source(parse_source(f"x=disk:{tmp_path / 'plain'}"))
+
+
+@pytest.fixture
+def mixed_dir(tmp_path):
+    d = tmp_path / "corpus"
+    d.mkdir()
+    (d / "a.txt").write_text("first document " * 20)
+    (d / "b.png").write_bytes(b"\x89PNG\r\n\x1a\n\x00\x00\x00\rIHDR" + bytes(range(256)))
+    (d / "c.txt").write_bytes("latin-1 café".encode("latin-1"))
+    (d / "d.txt").write_text("second document " * 20)
+    return d
+
+
+def test_undecodable_files_stop_the_run_by_default(tok, mixed_dir, tmp_path):
+    with pytest.raises(SystemExit, match=rf"^error: {mixed_dir}/b.png: not valid UTF-8 at byte 0 \(invalid start byte\); "
+                                         r"pass --on-decode-error skip to leave such files out$"):
+        tokenize_main(["--tokenizer", str(tok.path), "--out", str(tmp_path / "out"), "--source", f"m={mixed_dir}"])
+    assert not (tmp_path / "out").exists()
+
+
+def test_undecodable_files_skipped_are_counted_in_the_manifest(tok, mixed_dir, tmp_path, capsys):
+    tokenize_main(["--tokenizer", str(tok.path), "--out", str(tmp_path / "out"), "--source", f"m={mixed_dir}",
+                   "--on-decode-error", "skip", "--validation-fraction", "0", "--num-proc", "1",
+                   "--cache-dir", str(tmp_path / "c")])
+    out = capsys.readouterr().out
+    assert f"warning: source 'm': skipped 2 files that are not valid UTF-8 text (--on-decode-error skip; the " \
+           f"manifest lists them): {mixed_dir}/b.png, {mixed_dir}/c.txt" in out
+    m = read_manifest(tmp_path / "out" / "m")
+    assert m.split("train").documents == 2
+    assert [f["path"] for f in m.extra["source"]["files"]] == [str(mixed_dir / "a.txt"), str(mixed_dir / "d.txt")]
+    assert m.extra["source"]["skipped_files"] == [
+        {"path": str(mixed_dir / "b.png"), "reason": "not valid UTF-8 at byte 0 (invalid start byte)"},
+        {"path": str(mixed_dir / "c.txt"), "reason": "not valid UTF-8 at byte 11 (unexpected end of data)"},
+    ]
+
+
+def test_train_tokenizer_skips_undecodable_files_too(mixed_dir, tmp_path, capsys):
+    from data_prep.train_tokenizer import main as train_main
+
+    with pytest.raises(SystemExit, match=r"b.png: not valid UTF-8 at byte 0"):
+        train_main(["--source", str(mixed_dir), "--out", str(tmp_path / "t.model")])
+    train_main(["--source", str(mixed_dir), "--out", str(tmp_path / "t.model"), "--on-decode-error", "skip",
+                "--vocab-size", "300", "--cache-dir", str(tmp_path / "c")])
+    assert "skipped 2 files" in capsys.readouterr().out
+    card = json.loads((tmp_path / "t.card.json").read_text())
+    assert [f["path"] for f in card["sources"][0]["skipped_files"]] == [str(mixed_dir / "b.png"), str(mixed_dir / "c.txt")]
+
+
+def test_all_files_undecodable(tmp_path):
+    (tmp_path / "x.bin").write_bytes(b"\xff\xfe")
+    with pytest.raises(SourceError, match=r"no readable files \(all 1 were skipped: not valid UTF-8 text\)"):
+        parse_source(str(tmp_path / "x.bin"), on_decode_error="skip")
+    with pytest.raises(SourceError, match=r"on_decode_error 'ignore' is not one of \('error', 'skip'\)"):
+        parse_source(str(tmp_path / "x.bin"), on_decode_error="ignore")
+
+
+def test_one_rule_for_rows_without_text(tmp_path):
+    """train_tokenizer used to skip the null rows that tokenize refused."""
+    from data_prep.train_tokenizer import train_tokenizer
+
+    (tmp_path / "null.jsonl").write_text('{"text": "some text"}\n' * 20 + '{"text": null}\n')
+    with pytest.raises(SourceError, match=r"null.jsonl:21: field 'text' is null, expected a string"):
+        train_tokenizer([parse_source(str(tmp_path / "null.jsonl"))], tmp_path / "t.model", vocab_size=40,
+                        cache_dir=str(tmp_path / "c"))
+    write_jsonl(tmp_path / "blank.jsonl", ["", ""])
+    with pytest.raises(SourceError, match=r"'blank'.*: empty corpus \(no text in any document\)"):
+        train_tokenizer([parse_source(str(tmp_path / "blank.jsonl"))], tmp_path / "t.model", vocab_size=40,
+                        cache_dir=str(tmp_path / "c"))
+    assert not (tmp_path / "t.model").exists()

@@ -235,3 +235,23 @@ def test_resume_after_sigkill(tok, corpus, tmp_path):
     assert not (out / "manifest.json").exists()
     assert len((out / "progress.jsonl").read_text().splitlines()) == 1 + 4  # header + 4 finished shards
     assert shard_digests(run(corpus, tok, out)) == reference
+
+
+def test_resumed_run_says_so_and_from_where(tok, corpus, tmp_path, monkeypatch, capsys):
+    out = tmp_path / "out"
+    die_after_shards(monkeypatch, 2)  # two train shards; validation has none yet, so it restarts at document 0
+    with pytest.raises(Killed):
+        run(corpus, tok, out)
+    monkeypatch.undo()
+    records = [json.loads(line) for line in (out / "progress.jsonl").read_text().splitlines()[1:]]
+    assert {r["split"] for r in records} == {"train"}
+    (out / records[-1]["file"]).write_bytes(b"damaged")
+    capsys.readouterr()
+    run(corpus, tok, out)
+    train_at = records[0]["resume"][0]  # the damaged second shard is redone
+    assert (f"{out}: resuming an unfinished run at document 0 of {len(corpus_texts())} (train continues at document "
+            f"{train_at}, validation at 0); kept 1 verified shards, redoing 1 ({records[-1]['file']})"
+            ) in capsys.readouterr().out
+    capsys.readouterr()
+    run(corpus, tok, tmp_path / "fresh")
+    assert "resuming" not in capsys.readouterr().out

@@ -92,3 +92,16 @@ def test_corpus_too_small_for_the_vocab(tmp_path):
         train_tokenizer([parse_source(str(tmp_path / "tiny.txt"))], tmp_path / "t.model", model_type="unigram",
                         cache_dir=str(tmp_path / "c"))
     assert not (tmp_path / "t.model").exists()
+
+
+def test_unwritable_out_fails_before_training(tmp_path, monkeypatch):
+    from data_prep.train_tokenizer import main
+
+    corpus = write_jsonl(tmp_path / "c.jsonl", ["some text here"] * 50)
+    (tmp_path / "afile").write_text("x")
+    monkeypatch.setattr("data_prep.train_tokenizer._train", lambda *a, **k: pytest.fail("trained anyway"))
+    with pytest.raises(SystemExit, match=r"^error: .*afile/tok: cannot be created: .*afile is a file$"):
+        main(["--source", str(corpus), "--out", str(tmp_path / "afile" / "tok" / "t.model")])
+    (tmp_path / "dir.model").mkdir()
+    with pytest.raises(SystemExit, match=r"^error: .*dir.model: is a directory; --out is the path of the .model"):
+        main(["--source", str(corpus), "--out", str(tmp_path / "dir.model"), "--overwrite"])
