@@ -75,7 +75,8 @@ def open_streams(
     # shard directories first: their manifests supply the EOS id that Megatron sources lack
     for name in sorted(sources, key=lambda n: (not sources[n][0].is_dir(), n)):
         path, _ = sources[name]
-        stream = open_stream(name, path, split, eos_id if eos_id is not None else _eos_of(first), verify_checksums)
+        stream = open_stream(name, path, split, eos_id if eos_id is not None else _eos_of(first), verify_checksums,
+                             vocab_size)
         if stream.manifest is not None:
             stream.manifest.check_tokenizer(tokenizer_sha256, vocab_size)
             if first is not None and first.manifest is not None:

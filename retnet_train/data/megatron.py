@@ -22,6 +22,7 @@ MAGIC = b"MMIDIDX\x00\x00"
 DTYPE_CODES = {1: np.uint8, 2: np.int8, 3: np.int16, 4: np.int32, 5: np.int64, 6: np.float64, 7: np.float32, 8: np.uint16}
 _HEADER = struct.Struct("<QBQQ")
 MAX_EOD_CHECKS = 100_000
+RANGE_CHECK_BLOCKS, RANGE_CHECK_BLOCK_TOKENS = 256, 4096  # token ids checked against the vocabulary: a spread
 
 
 @dataclass(frozen=True)
@@ -33,12 +34,25 @@ class MegatronIndex:
     document_indices: np.ndarray  # int64 [D]
 
 
+def _prefix_of(path: Path) -> Path:
+    return path.with_suffix("") if path.suffix in (".idx", ".bin") else path
+
+
 def megatron_prefix(path: str | Path) -> Path | None:
     """`prefix`, `prefix.idx` or `prefix.bin` -> prefix, if both files exist; else None."""
-    path = Path(path)
-    prefix = path.with_suffix("") if path.suffix in (".idx", ".bin") else path
+    prefix = _prefix_of(Path(path))
     if prefix.with_name(prefix.name + ".idx").is_file() and prefix.with_name(prefix.name + ".bin").is_file():
         return prefix
+    return None
+
+
+def megatron_missing_half(path: str | Path) -> str | None:
+    """"PREFIX.bin is missing (PREFIX.idx exists)" when only one of the pair is there, else None."""
+    prefix = _prefix_of(Path(path))
+    idx, bin_ = prefix.with_name(prefix.name + ".idx"), prefix.with_name(prefix.name + ".bin")
+    if idx.is_file() != bin_.is_file():
+        present, missing = (idx, bin_) if idx.is_file() else (bin_, idx)
+        return f"{missing} is missing ({present} exists; a Megatron dataset needs both)"
     return None
 
 
@@ -65,15 +79,22 @@ def read_megatron_index(idx_path: str | Path) -> MegatronIndex:
     pointers = np.memmap(idx_path, np.dtype("<i8"), "r", offset, (n_seq,)) if n_seq else np.zeros(0, np.int64)
     offset += n_seq * 8
     docs = np.memmap(idx_path, np.dtype("<i8"), "r", offset, (n_doc,)) if n_doc else np.zeros(0, np.int64)
+    # Megatron's builder starts the document index at 0 and appends the sequence count after each document
+    if n_doc and (docs[0] != 0 or np.any(np.diff(docs) < 0) or docs[-1] > n_seq):
+        raise ManifestError(f"{idx_path}: document index is not a non-decreasing list from 0 to at most {n_seq} "
+                            f"(the sequence count); the index is damaged")
     return MegatronIndex(idx_path, np.dtype(DTYPE_CODES[code]).newbyteorder("<"), np.asarray(sizes),
                          np.asarray(pointers), np.asarray(docs))
 
 
-def open_megatron_tokens(prefix: Path, eos_id: int | None) -> tuple[np.memmap, MegatronIndex]:
+def open_megatron_tokens(prefix: Path, eos_id: int | None,
+                         vocab_size: int | None = None) -> tuple[np.memmap, MegatronIndex]:
     """Memory-map PREFIX.bin as one token stream after checking it against PREFIX.idx.
 
-    The sequences must be stored back to back (they always are in Megatron's builder) and, if
-    eos_id is given, documents must end with it (all checked, or an even spread of MAX_EOD_CHECKS)."""
+    The sequences must be stored back to back (they always are in Megatron's builder); if eos_id
+    is given, documents must end with it (all checked, or an even spread of MAX_EOD_CHECKS); if
+    vocab_size is given, token ids must lie in [0, vocab_size) (an even spread of blocks checked:
+    data tokenized for another vocabulary fails here, not as an embedding index error on the GPU)."""
     idx = read_megatron_index(prefix.with_name(prefix.name + ".idx"))
     bin_path = prefix.with_name(prefix.name + ".bin")
     itemsize = idx.dtype.itemsize
@@ -86,6 +107,8 @@ def open_megatron_tokens(prefix: Path, eos_id: int | None) -> tuple[np.memmap, M
     if total == 0:
         raise ManifestError(f"{bin_path}: no tokens")
     tokens = np.memmap(bin_path, idx.dtype, "r")
+    if vocab_size is not None:
+        _check_token_range(tokens, vocab_size, bin_path)
     if eos_id is not None and idx.document_indices.size > 1:
         # last token of each non-empty document: sequence doc_end-1 ends at its pointer + size
         last_seq = idx.document_indices[1:] - 1
@@ -100,3 +123,15 @@ def open_megatron_tokens(prefix: Path, eos_id: int | None) -> tuple[np.memmap, M
                 f"(first: document {int(bad[0])}); tokenize with Megatron's --append-eod or pass the right eos_id"
             )
     return tokens, idx
+
+
+def _check_token_range(tokens: np.ndarray, vocab_size: int, bin_path: Path) -> None:
+    n = tokens.size
+    starts = np.unique(np.linspace(0, max(n - RANGE_CHECK_BLOCK_TOKENS, 0), RANGE_CHECK_BLOCKS).astype(np.int64))
+    for start in starts:
+        block = np.asarray(tokens[start:start + RANGE_CHECK_BLOCK_TOKENS])
+        bad = np.flatnonzero((block < 0) | (block >= vocab_size))
+        if bad.size:
+            at = int(start + bad[0])
+            raise ManifestError(f"{bin_path}: token id {int(tokens[at])} at position {at} is outside the model's "
+                                f"vocabulary [0, {vocab_size}); was it tokenized with another tokenizer?")

@@ -10,8 +10,8 @@ from pathlib import Path
 
 import numpy as np
 
-from retnet_train.data.manifest import Manifest, ManifestError, read_manifest, verify_shards
-from retnet_train.data.megatron import megatron_prefix, open_megatron_tokens
+from retnet_train.data.manifest import MANIFEST_NAME, Manifest, ManifestError, read_manifest, verify_shards
+from retnet_train.data.megatron import megatron_missing_half, megatron_prefix, open_megatron_tokens
 
 
 class TokenStream:
@@ -55,12 +55,17 @@ def open_shard_stream(name: str, directory: Path, split: str, verify_checksums: 
 
 
 def open_stream(name: str, path: str | Path, split: str, eos_id: int | None = None,
-                verify_checksums: bool = False) -> TokenStream:
+                verify_checksums: bool = False, vocab_size: int | None = None) -> TokenStream:
     """A shard directory, or a Megatron `.bin`/`.idx` prefix (train split only: it has no split)."""
     path = Path(path)
     if path.is_dir():
+        if not (path / MANIFEST_NAME).is_file() and (indexes := sorted(path.glob("*.idx"))):
+            raise ManifestError(f"source {name!r}: {path} has no {MANIFEST_NAME} but holds Megatron indexes; give "
+                                f"the prefix of one as the path, e.g. {indexes[0].with_suffix('')}")
         return open_shard_stream(name, path, split, verify_checksums)
     prefix = megatron_prefix(path)
+    if prefix is None and (missing := megatron_missing_half(path)):
+        raise ManifestError(f"source {name!r}: {missing}")
     if prefix is None and not path.exists():
         raise ManifestError(f"data source {name!r}: {path} does not exist")
     if prefix is None:
@@ -70,5 +75,5 @@ def open_stream(name: str, path: str | Path, split: str, eos_id: int | None = No
                             "give the validation data as its own source")
     if eos_id is None:
         raise ManifestError(f"source {name!r}: Megatron dataset {prefix} does not record the EOS id; pass eos_id")
-    tokens, _ = open_megatron_tokens(prefix, eos_id)
+    tokens, _ = open_megatron_tokens(prefix, eos_id, vocab_size)
     return TokenStream(name, prefix.with_name(prefix.name + ".idx"), [tokens], eos_id)

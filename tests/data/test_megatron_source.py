@@ -117,3 +117,34 @@ def test_documents_of_several_sequences(tmp_path):
     write_mmidx(tmp_path / "bad", seqs, doc_idx=[0, 1, 3, 5])  # document 0 would end with sentence s0: no EOD
     with pytest.raises(ManifestError, match=r"1 of 3 documents do not end with EOS id 0 \(first: document 0\)"):
         TokenLoader({"m": (str(tmp_path / "bad"), 1.0)}, 4, 1, eos_id=EOS)
+
+
+@pytest.mark.parametrize("doc_idx", [[0, 3, 100], [0, 5, 3, 9], [2, 5, 9]])
+def test_damaged_document_index(tmp_path, doc_idx):
+    write_mmidx(tmp_path / "m", documents(), doc_idx=doc_idx)
+    with pytest.raises(ManifestError, match=r"m.idx: document index is not a non-decreasing list from 0 to at most 9"):
+        TokenLoader({"m": (str(tmp_path / "m"), 1.0)}, SEQ, 2, eos_id=EOS)
+
+
+def test_token_ids_outside_the_vocabulary(tmp_path):
+    write_mmidx(tmp_path / "m", documents())  # ids up to 50,000
+    with pytest.raises(ManifestError, match=r"m.bin: token id \d+ at position \d+ is outside the model's vocabulary "
+                                            r"\[0, 32000\); was it tokenized with another tokenizer\?"):
+        TokenLoader({"m": (str(tmp_path / "m"), 1.0)}, SEQ, 2, eos_id=EOS, vocab_size=32000)
+    TokenLoader({"m": (str(tmp_path / "m"), 1.0)}, SEQ, 2, eos_id=EOS, vocab_size=50_000)
+    write_mmidx(tmp_path / "neg", [np.array([3, -5, 7, EOS])] * 4, dtype=np.int32, code=4)
+    with pytest.raises(ManifestError, match=r"neg.bin: token id -5 at position 1 is outside"):
+        TokenLoader({"m": (str(tmp_path / "neg"), 1.0)}, SEQ, 1, eos_id=EOS, vocab_size=32000)
+
+
+def test_half_a_dataset_or_its_directory(tmp_path):
+    write_mmidx(tmp_path / "m", documents())
+    (tmp_path / "m.bin").unlink()
+    for spelling in ("m", "m.idx"):
+        with pytest.raises(ManifestError, match=r"m.bin is missing \(.*m.idx exists; a Megatron dataset needs both\)"):
+            TokenLoader({"m": (str(tmp_path / spelling), 1.0)}, SEQ, 2, eos_id=EOS)
+    (tmp_path / "d").mkdir()
+    write_mmidx(tmp_path / "d" / "c_text_document", documents())
+    with pytest.raises(ManifestError, match=r"d has no manifest.json but holds Megatron indexes; give the prefix of "
+                                            r"one as the path, e.g. .*d/c_text_document$"):
+        TokenLoader({"m": (str(tmp_path / "d"), 1.0)}, SEQ, 2, eos_id=EOS)
