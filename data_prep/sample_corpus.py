@@ -17,6 +17,7 @@ import time
 from pathlib import Path
 from typing import Sequence
 
+from data_prep.output_dir import OutputDirError
 from data_prep.sources import Source, SourceError, check_text_file
 from data_prep.tokenize import tokenize_source
 from data_prep.tokenizer_card import TokenizerError, card_path_for, load_tokenizer
@@ -99,7 +100,7 @@ def main(argv: Sequence[str] | None = None) -> None:
     a = p.parse_args(argv)
     try:
         out = build_sample(a.out, a.max_bytes, a.num_proc, a.overwrite)
-    except (SourceError, TokenizerError, ManifestError, FileExistsError) as e:
+    except (SourceError, TokenizerError, ManifestError, OutputDirError, OSError) as e:  # OSError: names its file
         raise SystemExit(f"error: {e}") from None
     print(f"sample data ready in {out} (tokenizer {out / 'tokenizer.model'}, card {card_path_for(out / 'tokenizer.model')})")
 

@@ -153,6 +153,7 @@ def parse_manifest(data: Any, directory: Path) -> Manifest:
     splits_raw = data.get("splits")
     _require(isinstance(splits_raw, dict) and "train" in splits_raw, path, "key 'splits' missing or has no 'train'")
     splits = {}
+    listed: dict[str, str] = {}  # file -> where it is listed: a file listed twice is read twice (or in both splits)
     for name, raw in splits_raw.items():
         _require(name in SPLITS and isinstance(raw, dict), path, f"split {name!r} is not one of {SPLITS}")
         shards = []
@@ -161,6 +162,8 @@ def parse_manifest(data: Any, directory: Path) -> Manifest:
             _require(isinstance(s, dict) and isinstance(s.get("file"), str), path, f"{where}.file missing")
             _require(os.sep not in s["file"] and "/" not in s["file"], path, f"{where}.file must be a plain file name")
             _require(isinstance(s.get("sha256"), str) and len(s["sha256"]) == 64, path, f"{where}.sha256 missing")
+            _require(s["file"] not in listed, path, f"{where}.file {s['file']!r} is also {listed.get(s['file'])}")
+            listed[s["file"]] = where
             shards.append(ShardInfo(s["file"], _int(s, "tokens", path, 1), _int(s, "documents", path), s["sha256"]))
         split = SplitInfo(_int(raw, "tokens", path), _int(raw, "documents", path), tuple(shards))
         _require(split.tokens == sum(s.tokens for s in shards), path, f"splits.{name}.tokens != sum of its shards")

@@ -88,3 +88,17 @@ def test_missing_split(tmp_path):
     write_shard_dir(tmp_path / "t", position_tokens(100))
     with pytest.raises(ManifestError, match="no split 'validation'"):
         loader(tmp_path / "t", split="validation")
+
+
+def test_a_shard_listed_twice_is_refused(shard_dir):
+    """A hand-edited manifest that lists a file twice would train on it twice, or on validation data."""
+    path = shard_dir / "manifest.json"
+    original = json.loads(path.read_text())
+    for split, at in (("train", 4), ("validation", 1)):
+        data = json.loads(json.dumps(original))
+        data["splits"][split]["shards"].append(original["splits"]["train"]["shards"][0])
+        data["splits"][split]["tokens"] += original["splits"]["train"]["shards"][0]["tokens"]
+        path.write_text(json.dumps(data))
+        with pytest.raises(ManifestError, match=rf"manifest.json: splits.{split}.shards\[{at}\].file 'train_00000.bin' "
+                                                r"is also splits.train.shards\[0\]"):
+            read_manifest(shard_dir)

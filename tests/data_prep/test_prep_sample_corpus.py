@@ -69,3 +69,11 @@ def test_damaged_sample_is_reported_not_replaced(sample, tmp_path):
     assert result.returncode != 0
     assert "train_00000.bin: sha256" in result.stderr and "--overwrite" in result.stderr
     assert shard.read_bytes() == bytes(data)  # left as is for inspection
+
+
+def test_out_under_a_file_is_one_line(tmp_path):
+    (tmp_path / "afile").write_text("x")
+    result = build(tmp_path / "afile" / "sample")
+    assert result.returncode == 1
+    assert result.stderr.strip().splitlines() == [f"error: {tmp_path}/afile/sample: cannot be created: "
+                                                  f"{tmp_path}/afile is a file"]

@@ -165,13 +165,13 @@ def test_existing_output_is_never_overwritten_without_flag(tok, corpus, tmp_path
     assert (out / "notes.txt").read_text() == "mine"  # only the tool's own files were replaced
 
 
-def die_after_shards(monkeypatch, count):
-    """Make the next run raise Killed when it is about to write shard number `count` + 1."""
+def die_after_shards(monkeypatch, count, error=Killed):
+    """Make the next run raise `error` when it is about to write shard number `count` + 1."""
     real_write, written = shard_writer.SplitShardWriter._write_shard, []
 
     def dying_write(self, n):
         if len(written) == count:
-            raise Killed
+            raise error
         real_write(self, n)
         written.append(self.shards[-1].file)
 
@@ -255,3 +255,27 @@ def test_resumed_run_says_so_and_from_where(tok, corpus, tmp_path, monkeypatch, 
     capsys.readouterr()
     run(corpus, tok, tmp_path / "fresh")
     assert "resuming" not in capsys.readouterr().out
+
+
+@pytest.mark.parametrize("error, code, message", [
+    (KeyboardInterrupt, 130, "interrupted: run the same command again to resume"),
+    (OSError(28, "No space left on device", "x/.train_00002.bin.1.tmp"), 1,
+     "error: [Errno 28] No space left on device: 'x/.train_00002.bin.1.tmp'"),
+])
+def test_cli_interrupted_or_failing_write_is_one_line_and_resumable(tok, corpus, tmp_path, monkeypatch, capsys,
+                                                                     error, code, message):
+    args = ["--tokenizer", str(tok.path), "--out", str(tmp_path / "out"), "--source", f"c={corpus}", "--num-proc", "1",
+            "--shard-tokens", str(SHARD), "--chunk-docs", "7", "--cache-dir", str(tmp_path / "hf_cache")]
+    die_after_shards(monkeypatch, 2, error)
+    raised = None
+    try:
+        tokenize_mod.main(args)
+    except BaseException as e:  # a KeyboardInterrupt that got through must fail this test, not stop pytest
+        raised = e
+    assert isinstance(raised, SystemExit)
+    assert raised.code == (code if code != 1 else message)  # SystemExit(message) exits with status 1
+    if code == 130:
+        assert capsys.readouterr().err.strip().splitlines()[-1] == message
+    monkeypatch.undo()
+    tokenize_mod.main(args)
+    assert "resuming an unfinished run" in capsys.readouterr().out
