@@ -118,6 +118,8 @@ def parse_source(arg: str, text_field: str = "text", text_unit: str = "document"
         raise SourceError(f"text_unit {text_unit!r} is not one of {TEXT_UNITS}")
     if on_decode_error not in DECODE_ERROR_ACTIONS:
         raise SourceError(f"on_decode_error {on_decode_error!r} is not one of {DECODE_ERROR_ACTIONS}")
+    if name in (".", ".."):  # the name is a directory under the output root
+        raise SourceError(f"source name {name!r} in {arg!r} is not a directory name; choose another NAME=")
     if spec.startswith(("hf:", "disk:")):
         name = name or spec.split(":", 1)[1].rstrip("/").split("/")[-1].split("@")[0].split(":")[0]
         return Source(name, spec, [], text_field, text_unit)

@@ -128,6 +128,8 @@ def tokenize_source(
     out_dir = Path(out_dir)
     dtype = token_dtype_for(tok.vocab_size)
     _check_settings(shard_tokens, validation_fraction, chunk_docs, batch_size)
+    if add_bos and tok.bos_id < 0:
+        raise TokenizerError(f"{tok.path}: the model has no BOS id (trained with --bos-id -1); --bos needs one")
     check_shard_dir(out_dir, overwrite)  # refusals first: they cost nothing
     corpus = load_source(source, cache_dir)
     report_skipped(source, "the manifest")

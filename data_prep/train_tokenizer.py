@@ -80,6 +80,22 @@ def _train(lines: Iterator[str], writer: io.BytesIO, vocab_size: int, model_type
     )
 
 
+def _check_settings(model_type: str, vocab_size: int, num_docs: int, ids: tuple[int, int, int, int]) -> None:
+    if model_type not in MODEL_TYPES:
+        raise TokenizerError(f"model_type {model_type!r} is not one of {MODEL_TYPES}")
+    if vocab_size < 1 or num_docs < 1:
+        raise TokenizerError(f"vocab_size and num_docs must be >= 1, got {vocab_size} and {num_docs}")
+    named = dict(zip(("unk_id", "bos_id", "eos_id", "pad_id"), ids))
+    if named["unk_id"] < 0 or named["eos_id"] < 0:  # sentencepiece needs unk; shards need EOS between documents
+        raise TokenizerError(f"unk_id and eos_id must be >= 0 (got {named['unk_id']} and {named['eos_id']})")
+    for name, value in named.items():
+        if value >= vocab_size:
+            raise TokenizerError(f"{name} {value} is not below vocab_size {vocab_size}")
+        same = [other for other, v in named.items() if v == value and other != name and value >= 0]
+        if same:
+            raise TokenizerError(f"{name} and {same[0]} are both {value}; special ids must differ (-1 disables one)")
+
+
 def train_tokenizer(
     sources: Sequence[Source],
     out: str | Path,
@@ -104,8 +120,7 @@ def train_tokenizer(
         for existing in (out, card_path):
             if existing.exists():
                 raise TokenizerError(f"{existing}: already exists; pass --overwrite to replace it")
-    if model_type not in MODEL_TYPES:
-        raise TokenizerError(f"model_type {model_type!r} is not one of {MODEL_TYPES}")
+    _check_settings(model_type, vocab_size, num_docs, ids)  # before the corpus is read
     corpus = datasets.concatenate_datasets([load_source(s, cache_dir) for s in sources])
     for source in sources:
         report_skipped(source, "the tokenizer card")

@@ -118,6 +118,8 @@ def test_cli_several_named_sources(tok, tmp_path, capsys):
     with pytest.raises(SystemExit, match="output already exists"):  # a second run refuses, one line
         tokenize_main(["--tokenizer", str(tok.path), "--out", str(tmp_path / "out"), "--source", f"web={tmp_path}/web.jsonl",
                        "--cache-dir", str(tmp_path / "c")])
+    with pytest.raises(SystemExit, match=r"source name '\.\.' in '\.\.=.*' is not a directory name"):
+        tokenize_main(["--tokenizer", str(tok.path), "--out", str(tmp_path / "o"), "--source", f"..={tmp_path}/web.jsonl"])
     with pytest.raises(SystemExit, match="source names must be unique"):
         tokenize_main(["--tokenizer", str(tok.path), "--out", str(tmp_path / "o"), "--source", f"a={tmp_path}/web.jsonl",
                        "--source", f"a={tmp_path}/code"])

@@ -105,3 +105,29 @@ def test_unwritable_out_fails_before_training(tmp_path, monkeypatch):
     (tmp_path / "dir.model").mkdir()
     with pytest.raises(SystemExit, match=r"^error: .*dir.model: is a directory; --out is the path of the .model"):
         main(["--source", str(corpus), "--out", str(tmp_path / "dir.model"), "--overwrite"])
+
+
+@pytest.mark.parametrize("kwargs, message", [
+    ({"vocab_size": 0}, r"vocab_size and num_docs must be >= 1, got 0 and 100000"),
+    ({"num_docs": 0}, r"vocab_size and num_docs must be >= 1, got 8192 and 0"),
+    ({"ids": (0, 1, 1, 3)}, r"bos_id and eos_id are both 1; special ids must differ \(-1 disables one\)"),
+    ({"ids": (0, 1, 2, 9000)}, r"pad_id 9000 is not below vocab_size 8192"),
+    ({"ids": (-1, 1, 2, 3)}, r"unk_id and eos_id must be >= 0 \(got -1 and 2\)"),
+])
+def test_bad_settings_fail_before_the_corpus_is_read(tmp_path, monkeypatch, kwargs, message):
+    monkeypatch.setattr("data_prep.train_tokenizer.load_source", lambda *a: pytest.fail("read the corpus anyway"))
+    (tmp_path / "c.txt").write_text("text")
+    with pytest.raises(TokenizerError, match=rf"^{message}$"):
+        train_tokenizer([parse_source(str(tmp_path / "c.txt"))], tmp_path / "t.model", **kwargs)
+
+
+def test_bos_option_needs_a_model_with_bos(tmp_path):
+    from data_prep.tokenize import tokenize_source
+
+    corpus = write_jsonl(tmp_path / "c.jsonl", corpus_texts())
+    tok = train_tokenizer([parse_source(str(corpus))], tmp_path / "nobos.model", vocab_size=1000, ids=(0, -1, 2, 3),
+                          cache_dir=str(tmp_path / "cache"))
+    assert tok.bos_id == -1
+    with pytest.raises(TokenizerError, match=r"nobos.model: the model has no BOS id .*; --bos needs one"):
+        tokenize_source(parse_source(str(corpus)), tok, tmp_path / "out", add_bos=True, progress=False)
+    assert not (tmp_path / "out").exists()
