@@ -119,21 +119,24 @@ def test_cli_several_named_sources(tok, tmp_path, capsys):
         tokenize_main(["--tokenizer", str(tok.path), "--out", str(tmp_path / "out"), "--source", f"web={tmp_path}/web.jsonl",
                        "--cache-dir", str(tmp_path / "c")])
     with pytest.raises(SystemExit, match=r"source name '\.\.' in '\.\.=.*' is not a directory name"):
-        tokenize_main(["--tokenizer", str(tok.path), "--out", str(tmp_path / "o"), "--source", f"..={tmp_path}/web.jsonl"])
+        tokenize_main(["--tokenizer", str(tok.path), "--out", str(tmp_path / "o"),
+                       "--source", f"..={tmp_path}/web.jsonl"])
     with pytest.raises(SystemExit, match="source names must be unique"):
         tokenize_main(["--tokenizer", str(tok.path), "--out", str(tmp_path / "o"), "--source", f"a={tmp_path}/web.jsonl",
                        "--source", f"a={tmp_path}/code"])
 
 
 JSON_FAULTS = [
-    ('{"text": "a"}\n{"text": "broken\n{"text": "c"}\n', r"f.jsonl:2: not valid JSON \(Invalid control character at column 17\)"),
+    ('{"text": "a"}\n{"text": "broken\n{"text": "c"}\n',
+     r"f.jsonl:2: not valid JSON \(Invalid control character at column 17\)"),
     ('{"text": "a"} trailing\n', r"f.jsonl:1: not valid JSON \(Extra data at column 15\)"),
     ('{"text": "a"}\n\n[1, 2]\n', r"f.jsonl:3: a record must be a JSON object, got list"),
     ('{"text": "a"}\n{"text": 5}\n', r"f.jsonl:2: field 'text' is int, expected a string"),
     ('{"text": 5}\n{"text": 6}\n', r"f.jsonl:1: field 'text' is int, expected a string"),
     ('{"text": "a"}\n{"text": {"x": 1}}\n', r"f.jsonl:2: field 'text' is dict, expected a string"),
     ('{"text": ["a", "b"]}\n', r"f.jsonl:1: field 'text' is list, expected a string"),
-    ('{"text": "a"}\n{"body": "b"}\n', r"f.jsonl:2: no field 'text' \(fields: \['body'\]; --text-field names the text field\)"),
+    ('{"text": "a"}\n{"body": "b"}\n',
+     r"f.jsonl:2: no field 'text' \(fields: \['body'\]; --text-field names the text field\)"),
     ('[{"text": "a"}, {"text": null}]', r"f.jsonl: record 1: field 'text' is null, expected a string"),
 ]
 
@@ -207,8 +210,8 @@ def mixed_dir(tmp_path):
 
 
 def test_undecodable_files_stop_the_run_by_default(tok, mixed_dir, tmp_path):
-    with pytest.raises(SystemExit, match=rf"^error: {mixed_dir}/b.png: not valid UTF-8 at byte 0 \(invalid start byte\); "
-                                         r"pass --on-decode-error skip to leave such files out$"):
+    with pytest.raises(SystemExit, match=rf"^error: {mixed_dir}/b.png: not valid UTF-8 at byte 0 "
+                                         r"\(invalid start byte\); pass --on-decode-error skip to leave such files out$"):
         tokenize_main(["--tokenizer", str(tok.path), "--out", str(tmp_path / "out"), "--source", f"m={mixed_dir}"])
     assert not (tmp_path / "out").exists()
 
@@ -238,7 +241,8 @@ def test_train_tokenizer_skips_undecodable_files_too(mixed_dir, tmp_path, capsys
                 "--vocab-size", "300", "--cache-dir", str(tmp_path / "c")])
     assert "skipped 2 files" in capsys.readouterr().out
     card = json.loads((tmp_path / "t.card.json").read_text())
-    assert [f["path"] for f in card["sources"][0]["skipped_files"]] == [str(mixed_dir / "b.png"), str(mixed_dir / "c.txt")]
+    skipped = [f["path"] for f in card["sources"][0]["skipped_files"]]
+    assert skipped == [str(mixed_dir / "b.png"), str(mixed_dir / "c.txt")]
 
 
 def test_all_files_undecodable(tmp_path):

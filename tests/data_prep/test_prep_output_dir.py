@@ -54,8 +54,9 @@ def test_unrecorded_shards_are_never_deleted(tok, corpus, tmp_path, overwrite):
     out.mkdir()
     (out / "train_00000.bin").write_bytes(b"someone else's tokens")
     (out / "validation_00003.bin").write_bytes(b"more")
-    with pytest.raises(OutputDirError, match=r"out: holds shard files that no manifest or journal of data_prep.tokenize "
-                                             r"records: train_00000.bin, validation_00003.bin; they are never deleted"):
+    with pytest.raises(OutputDirError, match=r"out: holds shard files that no manifest or journal of "
+                                             r"data_prep.tokenize records: train_00000.bin, validation_00003.bin; "
+                                             r"they are never deleted"):
         run(corpus, tok, out, overwrite=overwrite)
     assert contents(out) == {"train_00000.bin": b"someone else's tokens", "validation_00003.bin": b"more"}
 
@@ -96,7 +97,8 @@ def test_overwrite_with_a_hand_edited_manifest_deletes_the_files_it_lists(tok, c
     (out / "manifest.json").write_text(json.dumps(raw))
     (out / "notes.txt").write_text("listed, but not a file this tool writes")
     m = run(corpus, tok, out, overwrite=True, shard_tokens=5000)
-    assert set(os.listdir(out)) == {"manifest.json", "notes.txt"} | {s.file for sp in m.splits.values() for s in sp.shards}
+    shards = {s.file for sp in m.splits.values() for s in sp.shards}
+    assert set(os.listdir(out)) == {"manifest.json", "notes.txt"} | shards
 
 
 def test_resume_refuses_an_unrecorded_shard(tok, corpus, tmp_path, monkeypatch):

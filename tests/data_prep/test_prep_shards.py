@@ -187,6 +187,8 @@ def test_unfinished_run_with_other_settings_is_not_resumed(tok, corpus, tmp_path
     monkeypatch.undo()
     with pytest.raises(FileExistsError, match=r"progress.jsonl: an unfinished run with different inputs or settings"):
         run(corpus, tok, out, shard_tokens=SHARD * 2)
+    m = run(corpus, tok, out, shard_tokens=SHARD * 2, overwrite=True)  # discards that run's recorded shards
+    assert sorted(os.listdir(out)) == sorted(["manifest.json"] + [s.file for sp in m.splits.values() for s in sp.shards])
 
 
 def test_loader_reads_tokenized_shards(tok, corpus, tmp_path):
