@@ -70,6 +70,8 @@ def exclusive(directory: Path) -> Iterator[None]:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
             raise OutputDirError(f"{directory}: another data_prep.tokenize is writing here") from None
+        except OSError:
+            pass  # a filesystem without flock (some NFS / Lustre mounts): run unguarded rather than not at all
         yield
     finally:
         os.close(fd)  # releases the lock
