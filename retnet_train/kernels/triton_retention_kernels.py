@@ -98,10 +98,13 @@ def _states_kernel(X, Y, S, Z, S0, Z0, FIN, ZFIN, DOC, lg2_ptr, T, H, N, C,
 # (c <= r; KEY_ROWS: c >= r) in the same document, and rdec_r = gamma^(r-c0+1) (query rows; 0
 # after a document start in the chunk) or gamma^(end-1-r) (key rows; 0 before the chunk's last
 # document start). M_n [E, D] is stored [BH, N, E, D] or, TRANS_M, [BH, N, D, E].
-# The diagonal [BR, BR] block shares the X slices with X @ M (one E loop, two MMAs); earlier
-# (causal) or later (KEY_ROWS) blocks of the chunk follow, each P a register tile, never stored.
-# The decay of a block is an outer product of two vectors (centred on the diagonal block, both
-# factors <= gamma^(-BR/2)) unless gamma^(BR/2) would underflow, then elementwise exp2.
+# Three phases, so that at most one fp32 accumulator beside the output's is live (registers):
+#   1. the diagonal [BR, BR] block of P (an E loop), masked, decayed, kept as MMA input (dtype);
+#   2. X @ M_n (an E loop) into the output tile, times rdec, + P_diag @ Y;
+#   3. the chunk's other column blocks on the causal side, BC columns each: P (an E loop), + P @ Y.
+# P is a register tile, never stored. The diagonal block's decay is an outer product of two
+# vectors centred on it (factors <= gamma^(-BR/2)) unless gamma^(BR/2) would underflow, then an
+# elementwise exp2; the other blocks' decays split at the block edge (both factors <= 1).
 # ROW_SUMS (forward): also s_r = sum_c P_rc + rdec_r X_r . z_n in fp32 from the unrounded P.
 # ---------------------------------------------------------------------------------------------
 @triton.jit
@@ -109,7 +112,7 @@ def _apply_kernel(X, B, Y, M, OUT, RS, Z, DOC, lg2_ptr, T, H, C, N,
                   sxb, sxt, sxh, sbb, sbt, sbh, syb, syt, syh, sob, sot, soh,
                   E: tl.constexpr, D: tl.constexpr, KEY_ROWS: tl.constexpr, TRANS_M: tl.constexpr,
                   ROW_SUMS: tl.constexpr, RESET: tl.constexpr, IEEE: tl.constexpr,
-                  BR: tl.constexpr, BD: tl.constexpr, BE: tl.constexpr):
+                  BR: tl.constexpr, BC: tl.constexpr, BD: tl.constexpr, BE: tl.constexpr):
     pid_r, pid_d, bh = tl.program_id(0), tl.program_id(1), tl.program_id(2).to(tl.int64)
     b, h = bh // H, bh % H
     lg2 = tl.load(lg2_ptr + h)
@@ -122,45 +125,24 @@ def _apply_kernel(X, B, Y, M, OUT, RS, Z, DOC, lg2_ptr, T, H, C, N,
     orr = r0 + ar
     mr = orr < T
     od = pid_d * BD + tl.arange(0, BD)
-    xb = X + b * sxb + h * sxh
+    x_rows = X + b * sxb + h * sxh + orr[:, None].to(tl.int64) * sxt
     bb = B + b * sbb + h * sbh
     yb = Y + b * syb + h * syh
     doc = DOC + b * T
-    x_rows = xb + orr[:, None].to(tl.int64) * sxt
-    mbase = M + (bh * N + n) * E * D
+    drow = orr
+    if RESET:
+        drow = tl.load(doc + orr, mask=mr, other=0)
 
-    # State term and the diagonal block's scores, one pass over E.
-    acc = tl.zeros([BR, BD], dtype=tl.float32)
+    # 1. Diagonal block (rows and columns at the same positions).
     p = tl.zeros([BR, BR], dtype=tl.float32)
     zq = tl.zeros([BR], dtype=tl.float32)
     for e0 in range(0, E, BE):
         oe = e0 + tl.arange(0, BE)
         x = tl.load(x_rows + oe[None, :], mask=mr[:, None], other=0.0)
-        if TRANS_M:
-            m = tl.load(mbase + od[None, :] * E + oe[:, None])
-        else:
-            m = tl.load(mbase + oe[:, None] * D + od[None, :])
         kb = tl.load(bb + orr[:, None].to(tl.int64) * sbt + oe[None, :], mask=mr[:, None], other=0.0)
-        acc = tl.dot(x, m, acc, input_precision=prec)
         p = tl.dot(x, tl.trans(kb), p, input_precision=prec)
         if ROW_SUMS:
-            zz = tl.load(Z + (bh * N + n) * E + oe)
-            zq += tl.sum(x.to(tl.float32) * zz[None, :], 1)
-
-    drow = orr
-    if RESET:
-        drow = tl.load(doc + orr, mask=mr, other=0)
-    if KEY_ROWS:
-        rdec = tl.exp2(lg2 * tl.maximum(end - 1 - orr, 0).to(tl.float32))
-        if RESET:
-            rdec = tl.where(orr >= tl.load(doc + end - 1), rdec, 0.0)
-    else:
-        rdec = tl.exp2(lg2 * (orr - c0 + 1).to(tl.float32))
-        if RESET:
-            rdec = tl.where(drow < c0, rdec, 0.0)
-    acc = acc * rdec[:, None]
-
-    # Diagonal block: rows and columns are the same positions.
+            zq += tl.sum(x.to(tl.float32) * tl.load(Z + (bh * N + n) * E + oe)[None, :], 1)
     if KEY_ROWS:
         keep = ar[None, :] >= ar[:, None]
         sg = -1.0
@@ -181,36 +163,60 @@ def _apply_kernel(X, B, Y, M, OUT, RS, Z, DOC, lg2_ptr, T, H, C, N,
             dist = -dist
         p = p * tl.exp2(lg2 * tl.maximum(dist, 0).to(tl.float32))
     p = tl.where(keep, p, 0.0)
-    rs = tl.sum(p, 1) + zq * rdec
-    y = tl.load(yb + orr[:, None].to(tl.int64) * syt + od[None, :], mask=mr[:, None], other=0.0)
-    acc = tl.dot(p.to(y.dtype), y, acc, input_precision=prec)
+    rs = tl.sum(p, 1)
+    p_diag = p.to(Y.dtype.element_ty)
 
-    # The other blocks of the chunk on the causal side.
+    # 2. State term, row decay, diagonal block.
+    acc = tl.zeros([BR, BD], dtype=tl.float32)
+    mbase = M + (bh * N + n) * E * D
+    for e0 in range(0, E, BE):
+        oe = e0 + tl.arange(0, BE)
+        x = tl.load(x_rows + oe[None, :], mask=mr[:, None], other=0.0)
+        if TRANS_M:
+            m = tl.load(mbase + od[None, :] * E + oe[:, None])
+        else:
+            m = tl.load(mbase + oe[:, None] * D + od[None, :])
+        acc = tl.dot(x, m, acc, input_precision=prec)
+    if KEY_ROWS:
+        rdec = tl.exp2(lg2 * tl.maximum(end - 1 - orr, 0).to(tl.float32))
+        if RESET:
+            rdec = tl.where(orr >= tl.load(doc + end - 1), rdec, 0.0)
+    else:
+        rdec = tl.exp2(lg2 * (orr - c0 + 1).to(tl.float32))
+        if RESET:
+            rdec = tl.where(drow < c0, rdec, 0.0)
+    acc = acc * rdec[:, None]
+    rs += zq * rdec
+    y = tl.load(yb + orr[:, None].to(tl.int64) * syt + od[None, :], mask=mr[:, None], other=0.0)
+    acc = tl.dot(p_diag, y, acc, input_precision=prec)
+
+    # 3. The chunk's other column blocks on the causal side.
     if KEY_ROWS:
         lo, hi = r0 + BR, end
     else:
         lo, hi = c0, r0
-    for j0 in range(lo, hi, BR):
-        oc = j0 + ar
+    ac = tl.arange(0, BC)
+    for j0 in range(lo, hi, BC):
+        oc = j0 + ac
         mc = oc < T
-        p = tl.zeros([BR, BR], dtype=tl.float32)
+        pc = tl.zeros([BR, BC], dtype=tl.float32)
         for e0 in range(0, E, BE):
             oe = e0 + tl.arange(0, BE)
             x = tl.load(x_rows + oe[None, :], mask=mr[:, None], other=0.0)
-            kb = tl.load(bb + oc[:, None].to(tl.int64) * sbt + oe[None, :], mask=mc[:, None], other=0.0)
-            p = tl.dot(x, tl.trans(kb), p, input_precision=prec)
-        # gamma^|r-c| split at the block edge: both exponents >= 0
+            kc = tl.load(bb + oc[:, None].to(tl.int64) * sbt + oe[None, :], mask=mc[:, None], other=0.0)
+            pc = tl.dot(x, tl.trans(kc), pc, input_precision=prec)
+        # gamma^|r-c| split at the column block's edge (KEY_ROWS) or the row block's: both exponents >= 0
         if KEY_ROWS:
-            p = p * tl.exp2(lg2 * (j0 - orr).to(tl.float32))[:, None] * tl.exp2(lg2 * ar.to(tl.float32))[None, :]
+            pc = pc * tl.exp2(lg2 * (j0 - orr).to(tl.float32))[:, None] * tl.exp2(lg2 * ac.to(tl.float32))[None, :]
             if RESET:
-                p = tl.where(orr[:, None] >= tl.load(doc + oc, mask=mc, other=0)[None, :], p, 0.0)
+                pc = tl.where(orr[:, None] >= tl.load(doc + oc, mask=mc, other=0)[None, :], pc, 0.0)
         else:
-            p = p * tl.exp2(lg2 * ar.to(tl.float32))[:, None] * tl.exp2(lg2 * (r0 - oc).to(tl.float32))[None, :]
+            pc = pc * tl.exp2(lg2 * ar.to(tl.float32))[:, None] * tl.exp2(lg2 * (r0 - oc).to(tl.float32))[None, :]
             if RESET:
-                p = tl.where(oc[None, :] >= drow[:, None], p, 0.0)
-        rs += tl.sum(p, 1)
-        y = tl.load(yb + oc[:, None].to(tl.int64) * syt + od[None, :], mask=mc[:, None], other=0.0)
-        acc = tl.dot(p.to(y.dtype), y, acc, input_precision=prec)
+                pc = tl.where(oc[None, :] >= drow[:, None], pc, 0.0)
+        rs += tl.sum(pc, 1)
+        yc = tl.load(yb + oc[:, None].to(tl.int64) * syt + od[None, :], mask=mc[:, None], other=0.0)
+        acc = tl.dot(pc.to(yc.dtype), yc, acc, input_precision=prec)
 
     ob = OUT + b * sob + h * soh
     tl.store(ob + orr[:, None].to(tl.int64) * sot + od[None, :], acc.to(OUT.dtype.element_ty), mask=mr[:, None])
@@ -234,9 +240,18 @@ def _divisor_block(n: int, cap: int) -> int:
     return b
 
 
-STATES_CONFIGS = _configs(("BX", "BY", "BT"), [(64, 128, 64, 4, 3), (128, 128, 64, 8, 2), (64, 64, 64, 4, 3)])
-# (checked offline for sm_90a at K 256 / V 512, bf16: wgmma, no spills; 3 stages at 128 rows spill)
-APPLY_CONFIGS = _configs(("BR", "BD", "BE"), [(128, 128, 64, 8, 2), (64, 128, 64, 4, 3), (64, 256, 64, 8, 2)])
+# Few configs: each costs a compile (5-20 s at K 256 / V 512) on the first call of a shape. All of
+# them compile for sm_90a to wgmma without (or with a few bytes of) spills at K 256 / V 512 and
+# K 128 / V 256, bf16, with and without resets.
+STATES_CONFIGS = _configs(("BX", "BY", "BT"), [(64, 128, 64, 4, 3), (64, 64, 64, 4, 3)])
+APPLY_CONFIGS = _configs(("BR", "BC", "BD", "BE"), [(128, 64, 128, 64, 8, 3), (64, 64, 256, 64, 8, 2),
+                                                    (64, 64, 128, 64, 4, 3)])
+
+
+# fp32 inputs run IEEE fp32 MMAs (FMA code, no tensor cores): small tiles keep their code and compile
+# time small (128-row tiles take minutes to compile and spill); for tests and checks, not speed.
+FP32_CONFIGS = {"states": _configs(("BX", "BY", "BT"), [(32, 32, 32, 4, 1)]),
+                "apply": _configs(("BR", "BC", "BD", "BE"), [(32, 32, 32, 32, 4, 1)])}
 
 
 def _prune_states(configs, nargs, **kwargs):
@@ -252,7 +267,8 @@ def _prune_apply(configs, nargs, **kwargs):
     a = {**nargs, **kwargs}
     E, D, C = a["E"], a["D"], a["C"]
     keep = [c for c in configs if C % c.kwargs["BR"] == 0 and D % c.kwargs["BD"] == 0 and E % c.kwargs["BE"] == 0]
-    meta = dict(BR=_divisor_block(C, 64), BD=_divisor_block(D, 128), BE=_divisor_block(E, 64))
+    br = _divisor_block(C, 64)
+    meta = dict(BR=br, BC=br, BD=_divisor_block(D, 128), BE=_divisor_block(E, 64))
     return keep or [triton.Config(meta, num_warps=4, num_stages=2)]
 
 
@@ -271,10 +287,12 @@ FIXED_META: dict = {}
 
 
 def launch(name, grid, args: dict):
-    """Run kernel `name` with keyword args: autotuned on GPU; otherwise the first valid config
-    (with FIXED_META's overrides). grid: meta -> grid tuple."""
+    """Run kernel `name` with keyword args: autotuned on GPU (bf16/fp16); otherwise the first valid
+    config (with FIXED_META's overrides). grid: meta -> grid tuple."""
     raw, tuned, configs, prune = KERNELS[name]
-    if AUTOTUNE and not FIXED_META.get(name):
+    if args["IEEE"]:
+        configs = FP32_CONFIGS[name]
+    elif AUTOTUNE and not FIXED_META.get(name):
         tuned[grid](**args)
         return
     cfg = prune(configs, args)[0]
