@@ -39,8 +39,13 @@ def chunkwise_flops(B, T, H, K, V, C) -> float:
     return 2.0 * B * H * T * (C * K + C * V + 2 * K * V)
 
 
+KINDS = ("fla", "torch", "compiled", "triton", "triton-gemm")
+
+
 def retention_fn(kind, C, lg, reset):
     """(q, k, v) -> (o, row sums) for one backend spec."""
+    if kind not in KINDS:
+        raise ValueError(f"unknown backend {kind!r}: one of {', '.join(KINDS)}")
     if kind == "triton-gemm":
         from ..kernels.triton_retention_gemm import triton_retention
 
@@ -93,16 +98,19 @@ def time_variant(fn, q, k, v, steps, profile):
         torch.cuda.synchronize()
         out[f"ms_{name}"] = round(start.elapsed_time(end) / steps, 4)
     if profile:
-        with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA]) as prof:
-            for _ in range(3):
-                fwd_bwd()
-            torch.cuda.synchronize()
-        out["top_kernels"] = top_kernels(prof, 12)
-        try:
-            out["kernels_fwd_bwd_us"] = kernel_sequence(prof, 3)
-        except Exception as e:  # the profiler's event API differs across torch versions
-            out["kernels_fwd_bwd_us"] = f"unavailable: {e!r}"[:200]
+        try:  # the timings stand without a profile
+            out.update(profile_kernels(fwd_bwd))
+        except Exception as e:
+            out["profile_error"] = f"{type(e).__name__}: {e}"[:200]
     return out
+
+
+def profile_kernels(fwd_bwd, steps=3) -> dict:
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA]) as prof:
+        for _ in range(steps):
+            fwd_bwd()
+        torch.cuda.synchronize()
+    return {"top_kernels": top_kernels(prof, 12), "kernels_fwd_bwd_us": kernel_sequence(prof, steps)}
 
 
 def autotuned_configs() -> dict:

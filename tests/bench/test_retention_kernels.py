@@ -30,10 +30,12 @@ def test_table_shows_results_and_errors(capsys):
     assert lines[2].split()[:4] == ["128x256", "fla", "-", "-"] and "fla-core is not installed" in lines[2]
 
 
-def test_dims_and_gemm_backend_without_resets():
+def test_dims_and_backend_checks():
     assert bench.parse_dims("256x512,128x256") == [(256, 512), (128, 256)]
     with pytest.raises(ValueError, match="no document resets"):
         bench.retention_fn("triton-gemm", 256, None, reset=object())
+    with pytest.raises(ValueError, match="unknown backend 'compile'"):
+        bench.retention_fn("compile", 256, None, reset=None)
 
 
 def test_stopped_is_not_a_variant_error():
