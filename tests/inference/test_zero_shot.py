@@ -8,8 +8,8 @@ import sys
 from pathlib import Path
 
 import pytest
-
 from gen_fixtures import TEXTS, VOCAB, train_tokenizer, write_shards
+
 from retnet_train.inference.evaluate import main as evaluate_main
 
 REPO = Path(__file__).resolve().parents[2]
