@@ -114,7 +114,7 @@ def test_bad_arguments_fail_in_one_line_before_training(tmp_path, shards, capsys
     assert not (tmp_path / "o" / "runs").exists()
 
 
-def test_default_settings_are_the_issue_s_recipe(tmp_path):
+def test_default_settings_are_the_documented_recipe(tmp_path):
     """seq 2048, 262,144 tokens per step, AdamW lr 1e-3, 40 warm-up steps, cosine to 0.1, ZeRO-1 bf16, compiled."""
     from retnet_train.bench.quality import compose, parse_args, parse_model, trainer_overrides
     from retnet_train.components.config import grad_accumulation
