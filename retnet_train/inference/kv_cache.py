@@ -10,10 +10,9 @@ from __future__ import annotations
 from typing import List, Optional
 
 import torch
-import torch.nn.functional as F
 
 from ..model import TransformerForCausalLM
-from ..model.layers import apply_rotary, rotary_at, rotary_sin_cos
+from ..model.layers import rotary_at, rotary_sin_cos
 
 
 class KVCacheDecoder:
@@ -49,11 +48,6 @@ class KVCacheDecoder:
     def state_bytes(self) -> int:
         return sum(t.numel() * t.element_size() for t in (*self.k_cache, *self.v_cache))
 
-    def _qkv(self, attn, h, sin, cos):
-        B, T, _ = h.shape
-        q, k, v = attn.qkv_proj(h).view(B, T, 3, attn.n_heads, attn.head_dim).permute(2, 0, 3, 1, 4)
-        return apply_rotary(q, sin, cos), apply_rotary(k, sin, cos), v
-
     @torch.no_grad()
     def prefill(self, input_ids: torch.Tensor, doc_starts: Optional[torch.Tensor] = None,
                 chunk_size: Optional[int] = None, piece: int = 0) -> torch.Tensor:
@@ -64,46 +58,39 @@ class KVCacheDecoder:
         if B != self.batch_size:
             raise ValueError(f"prefill: batch of {B} prompts, decoder was built for {self.batch_size}")
         if not 1 <= T < self.max_length:
-            raise ValueError(f"prefill: prompt of {T} tokens does not fit max_length={self.max_length} (needs room for one new token)")
-        mask = None
+            raise ValueError(f"prefill: prompt of {T} tokens does not fit max_length={self.max_length} (needs room "
+                             "for one new token)")
+        mask = None  # no padding: causal attention among the prompt's own tokens (flash attention)
         self.key_valid.fill_(True)
         if doc_starts is not None and bool(doc_starts[:, 1:].any()):
-            valid = doc_starts.long().cumsum(1) > 0  # pads lie before each row's first real token
-            self.key_valid[:, :T] = valid
-            eye = torch.eye(T, dtype=torch.bool, device=self.device)
-            mask = ((torch.ones(T, T, dtype=torch.bool, device=self.device).tril() & valid[:, None, :]) | eye)[:, None]
+            self.key_valid[:, :T] = doc_starts.long().cumsum(1) > 0  # pads lie before each row's first real token
+            mask = self._mask(torch.arange(T, device=self.device))
         x = model.embed(input_ids)
         sin, cos = rotary_sin_cos(model.inv_freq, 0, T, x.dtype)
-        for i, block in enumerate(model.layers):
-            q, k, v = self._qkv(block.attention, block.attention_norm(x), sin, cos)
-            self.k_cache[i][:, :, :T] = k
-            self.v_cache[i][:, :, :T] = v
-            if mask is None:
-                o = F.scaled_dot_product_attention(q, k, v, is_causal=True)
-            else:
-                o = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
-            x = x + block.attention.out_proj(o.transpose(1, 2).reshape(B, T, -1))
-            x = x + block.ffn(block.ffn_norm(x))
+        slots = torch.arange(T, device=self.device)
+        for block, k_cache, v_cache in zip(model.layers, self.k_cache, self.v_cache):
+            x = block.step(x, sin, cos, k_cache, v_cache, slots, mask)
         self.position.fill_(T)
         return model.lm_head(model.norm(x[:, -1:]))[:, 0]
+
+    def _mask(self, positions: torch.Tensor) -> torch.Tensor:
+        """[B, 1, T, L]: the slots a token at each position sees: valid keys up to itself, and itself
+        (a pad query attends to itself only, so no softmax row is empty)."""
+        seen = self.slots[None, :] <= positions[:, None]
+        own = self.slots[None, :] == positions[:, None]
+        return ((seen[None] & self.key_valid[:, None, :]) | own[None])[:, None]
 
     def step(self, tokens: torch.Tensor) -> torch.Tensor:
         """One token per row [B] -> logits [B, V]; writes its K/V at `position`. Capturable
         (runs past max_length would index out of the cache: generate checks lengths first)."""
-        model = self.model
-        B = tokens.shape[0]
-        x = model.embed_tokens(tokens.view(B, 1))
-        if self.cfg.embed_scale:
-            x = x * self.cfg.d_model ** 0.5
-        sin, cos = rotary_at(model.inv_freq, self.position, x.dtype)
-        pos = self.position.view(1)
-        mask = ((self.slots <= self.position)[None, :] & self.key_valid)[:, None, None, :]  # [B, 1, 1, L]
-        for i, block in enumerate(model.layers):
-            q, k, v = self._qkv(block.attention, block.attention_norm(x), sin, cos)
-            self.k_cache[i].index_copy_(2, pos, k)
-            self.v_cache[i].index_copy_(2, pos, v)
-            o = F.scaled_dot_product_attention(q, self.k_cache[i], self.v_cache[i], attn_mask=mask)
-            x = x + block.attention.out_proj(o.transpose(1, 2).reshape(B, 1, -1))
-            x = x + block.ffn(block.ffn_norm(x))
+        model, cfg = self.model, self.cfg
+        x = model.embed_tokens(tokens.view(-1, 1))  # not model.embed: its range check syncs with the host
+        if cfg.embed_scale:
+            x = x * cfg.d_model ** 0.5
+        sin, cos = rotary_at(model.inv_freq, self.position, 1, x.dtype)
+        slot = self.position.view(1)
+        mask = self._mask(slot)
+        for block, k_cache, v_cache in zip(model.layers, self.k_cache, self.v_cache):
+            x = block.step(x, sin, cos, k_cache, v_cache, slot, mask)
         self.position.add_(1)
         return model.lm_head(model.norm(x))[:, 0]

@@ -89,10 +89,12 @@ def rotary_sin_cos(inv_freq: torch.Tensor, start: int, length: int, dtype) -> tu
     return angles.sin().to(dtype), angles.cos().to(dtype)
 
 
-def rotary_at(inv_freq: torch.Tensor, position: torch.Tensor, dtype) -> tuple[torch.Tensor, torch.Tensor]:
-    """sin/cos [1, dim] at a position held in a 0-d device tensor (no host sync, so a decode step that
-    calls it is capturable in a CUDA graph); float64 as rotary_sin_cos."""
-    angles = position.double().view(1, 1) * inv_freq.double().repeat_interleave(2)[None, :]
+def rotary_at(inv_freq: torch.Tensor, position: torch.Tensor, length: int, dtype) -> tuple:
+    """sin/cos [length, dim] for positions position..position+length-1, the start held in a 0-d device
+    tensor (no host sync, so a decode step that calls it is capturable in a CUDA graph); float64 as
+    rotary_sin_cos."""
+    pos = position.double() + torch.arange(length, device=position.device, dtype=torch.float64)
+    angles = pos[:, None] * inv_freq.double().repeat_interleave(2)[None, :]
     return angles.sin().to(dtype), angles.cos().to(dtype)
 
 

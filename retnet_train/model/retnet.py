@@ -126,6 +126,26 @@ class MultiScaleRetention(nn.Module):
         o = self.group_norm(o).flatten(-2)
         return o if self.group_norm_weight is None else o * self.group_norm_weight
 
+    def step(self, x, sin, cos, state, decay, normalizer=None):
+        """The recurrent form for a few tokens x [B, T, d] (one per decode step) continuing `state`
+        [B, H, K, V(+1)], which is updated in place, so that a step captured in a CUDA graph replays it.
+        decay: gamma [1, H, 1, 1] in the state's dtype; normalizer: decay_normalizer at each token's
+        document position [B, T, H] (needed with the normalization). The state's extra column, fed a
+        column of ones, carries the score row sums."""
+        q, k, v = self.projections(x, sin, cos)
+        if self.normalize:
+            v = torch.cat([v, v.new_ones(*v.shape[:-1], 1)], dim=-1)
+        q, k, v = q.to(state.dtype), k.to(state.dtype), v.to(state.dtype)
+        outs = []
+        for t in range(x.shape[1]):
+            # in place, no [B, H, K, V] temporary: the state is the largest thing read per step
+            state.mul_(decay).addcmul_(k[:, t, ..., None], v[:, t, ..., None, :])
+            outs.append(torch.einsum("bhk,bhkv->bhv", q[:, t], state))
+        o = outs[0].unsqueeze(1) if len(outs) == 1 else torch.stack(outs, dim=1)
+        if self.normalize:
+            o = self.normalized(o[..., :-1], o[..., -1], normalizer)
+        return self.gated_output(x, self.head_norm(o.to(x.dtype)))
+
 
 def decay_normalizer(log_gamma, doc_pos):
     """Paper 2.2: D~ = D / sqrt(sum_i D_ti), i.e. a factor c_t = (sum_{i<=p_t} gamma^i)^-1/2 per head
@@ -145,6 +165,11 @@ class RetNetBlock(nn.Module):
         h, state = self.retention(self.retention_norm(x), ctx, state)
         x = x + h
         return x + self.ffn(self.ffn_norm(x)), state
+
+    def step(self, x, sin, cos, state, decay, normalizer=None):
+        """The block on a few new tokens with its recurrent state updated in place (MultiScaleRetention.step)."""
+        x = x + self.retention.step(self.retention_norm(x), sin, cos, state, decay, normalizer)
+        return x + self.ffn(self.ffn_norm(x))
 
 
 class RetNetForCausalLM(DecoderLM):
@@ -171,6 +196,18 @@ class RetNetForCausalLM(DecoderLM):
     def forward(self, input_ids, labels=None, doc_starts=None, mode: Optional[str] = None,
                 chunk_size: Optional[int] = None, state: Optional[RetNetState] = None,
                 return_state: bool = False, return_logits: bool = True) -> CausalLMOutput:
+        x, new_state = self.hidden_states(input_ids, self.document_starts(input_ids, doc_starts), mode, chunk_size,
+                                          state)
+        out = self.head(x, labels, return_logits)
+        if return_state:
+            out.state = new_state
+        return out
+
+    def hidden_states(self, input_ids, resets: Optional[torch.Tensor] = None, mode: Optional[str] = None,
+                      chunk_size: Optional[int] = None, state: Optional[RetNetState] = None):
+        """The blocks' output [B, T, d] (before the final norm) and the state after these tokens: forward
+        without the head. resets [B, T] bool are honoured as given (forward passes its doc_starts through
+        the config's document_masking; decoding needs them for left padding whatever the config)."""
         cfg = self.config
         mode = cfg.mode if mode is None else mode
         chunk_size = cfg.chunk_size if chunk_size is None else chunk_size
@@ -180,20 +217,16 @@ class RetNetForCausalLM(DecoderLM):
             raise ValueError(f"chunk_size: must be an integer >= 1, got {chunk_size!r}")
         x = self.embed(input_ids)
         B, T = input_ids.shape
-        doc_starts = self.document_starts(input_ids, doc_starts)
         if state is not None and (len(state.layers) != cfg.n_layers or state.doc_position.shape[0] != B):
             raise ValueError(f"state has {len(state.layers)} layers of batch {state.doc_position.shape[0]}; "
                              f"model needs {cfg.n_layers} of batch {B}")
         start = 0 if state is None else state.position
         doc_start_pos = torch.zeros(B, dtype=torch.long, device=x.device) if state is None else state.doc_position
-        doc_pos = document_positions(doc_starts, T, doc_start_pos)
+        doc_pos = document_positions(resets, T, doc_start_pos)
         sin, cos = (t.unsqueeze(1) for t in rotary_sin_cos(self.inv_freq, start, T, x.dtype))  # [T, 1, K]
-        ctx = SequenceContext(sin, cos, self.log_gamma, doc_pos, doc_starts, mode, chunk_size)
+        ctx = SequenceContext(sin, cos, self.log_gamma, doc_pos, resets, mode, chunk_size)
         new_layers = []
         for i, block in enumerate(self.layers):
             x, layer_state = block(x, ctx, None if state is None else state.layers[i])
             new_layers.append(layer_state)
-        out = self.head(x, labels, return_logits)
-        if return_state:
-            out.state = RetNetState(new_layers, start + T, doc_pos[:, -1] + 1)
-        return out
+        return x, RetNetState(new_layers, start + T, doc_pos[:, -1] + 1 if T else doc_start_pos)

@@ -17,15 +17,33 @@ class Attention(nn.Module):
         self.qkv_proj = nn.Linear(d, 3 * d, bias=False)
         self.out_proj = nn.Linear(d, d, bias=False)
 
-    def forward(self, x, sin, cos, doc_mask):
+    def qkv(self, x, sin, cos):
+        """Rotated q and k and v, each [B, H, T, D]."""
         B, T, _ = x.shape
         q, k, v = self.qkv_proj(x).view(B, T, 3, self.n_heads, self.head_dim).permute(2, 0, 3, 1, 4)
-        q, k = apply_rotary(q, sin, cos), apply_rotary(k, sin, cos)
+        return apply_rotary(q, sin, cos), apply_rotary(k, sin, cos), v
+
+    def forward(self, x, sin, cos, doc_mask):
+        q, k, v = self.qkv(x, sin, cos)
         if doc_mask is None:
             o = F.scaled_dot_product_attention(q, k, v, is_causal=True)
         else:
             o = F.scaled_dot_product_attention(q, k, v, attn_mask=doc_mask)
-        return self.out_proj(o.transpose(1, 2).reshape(B, T, -1))
+        return self.out_proj(o.transpose(1, 2).reshape(*x.shape[:2], -1))
+
+    def step(self, x, sin, cos, k_cache, v_cache, slots, mask=None):
+        """New tokens x [B, T, d] written to the KV cache [B, H, L, D] at `slots` [T] (their positions),
+        then attending over the cache: mask [B, 1, T, L] says which slots each token sees; None: the new
+        tokens are the whole sequence so far (slots 0..T-1, causal). Capturable with a mask (constant
+        shapes)."""
+        q, k, v = self.qkv(x, sin, cos)
+        k_cache.index_copy_(2, slots, k)
+        v_cache.index_copy_(2, slots, v)
+        if mask is None:
+            o = F.scaled_dot_product_attention(q, k, v, is_causal=True)
+        else:
+            o = F.scaled_dot_product_attention(q, k_cache, v_cache, attn_mask=mask)
+        return self.out_proj(o.transpose(1, 2).reshape(*x.shape[:2], -1))
 
 
 class TransformerBlock(nn.Module):
@@ -38,6 +56,11 @@ class TransformerBlock(nn.Module):
 
     def forward(self, x, sin, cos, doc_mask):
         x = x + self.attention(self.attention_norm(x), sin, cos, doc_mask)
+        return x + self.ffn(self.ffn_norm(x))
+
+    def step(self, x, sin, cos, k_cache, v_cache, slots, mask=None):
+        """The block on new tokens with its KV cache (Attention.step)."""
+        x = x + self.attention.step(self.attention_norm(x), sin, cos, k_cache, v_cache, slots, mask)
         return x + self.ffn(self.ffn_norm(x))
 
 

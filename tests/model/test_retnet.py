@@ -370,3 +370,29 @@ def test_a_cast_to_bf16_keeps_the_architectures_constants_exact(arch):
     model = build().to(torch.bfloat16)
     ids = torch.randint(0, VOCAB, (1, 40))
     assert model(ids).logits.dtype == torch.bfloat16 and torch.isfinite(model(ids).logits.float()).all()
+
+
+@pytest.mark.parametrize("normalize", [True, False])
+@torch.no_grad()
+def test_block_step_over_a_few_tokens_continues_the_forward(normalize):
+    """RetNetBlock.step (what decoding runs) on 3 tokens, from the state the forward returned after a
+    prefix, gives the forward's own continuation, and leaves the forward's state in its buffer."""
+    from retnet_train.model.layers import rotary_sin_cos
+    from retnet_train.model.retnet import decay_normalizer
+
+    cfg = RetNetConfig(vocab_size=VOCAB, d_model=32, n_layers=2, n_heads=2, ffn_dim=48, chunk_size=4,
+                       retention_backend="torch", normalize_retention=normalize, head_norm_affine=True)
+    model = RetNetForCausalLM(cfg).double().eval()
+    ids = torch.randint(0, VOCAB, (2, 9))
+    _, prefix = model.hidden_states(ids[:, :6], mode="chunkwise")
+    want, after = model.hidden_states(ids[:, 6:], mode="recurrent", state=prefix)
+    x = model.embed(ids[:, 6:])
+    sin, cos = (t.unsqueeze(1) for t in rotary_sin_cos(model.inv_freq, 6, 3, x.dtype))
+    c = decay_normalizer(model.log_gamma, prefix.doc_position[:, None] + torch.arange(3)) if normalize else None
+    gamma = model.log_gamma.double().exp().view(1, -1, 1, 1)
+    states = [s.clone() for s in prefix.layers]
+    for block, state in zip(model.layers, states):
+        x = block.step(x, sin, cos, state, gamma, c)
+    torch.testing.assert_close(x, want, rtol=1e-10, atol=1e-10)
+    for got, ref in zip(states, after.layers):
+        torch.testing.assert_close(got, ref, rtol=1e-10, atol=1e-10)
