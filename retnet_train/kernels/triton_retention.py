@@ -12,8 +12,8 @@ _apply_kernel over row blocks of a chunk, with the intra-chunk scores recomputed
     dk = kd * (v  @ dG_n^T) + (gamma^(t-s)  v_s . dO_t, t >= s) @ q
     dv = kd * (k  @ dG_n)   + (gamma^(t-s)  k_s . q_t,  t >= s) @ dO
 with qd_t = gamma^(t-c0+1), kd_s = gamma^(c0+C-1-s) (both 0 across a document start). Only q, k,
-v (and the incoming state) are kept for the backward: 2 launches forward, 5 backward (S and dG,
-then dq, dk, dv). Layout [B, T, H, D] in and out, indexed through strides (no transposing copies).
+v (and the incoming state) are kept for the backward: 2 launches forward, 4 backward (S and dG
+in one, then dq, dk, dv). Layout [B, T, H, D] in and out, indexed through strides (no transposing copies).
 Decays are fp32 exp2 of log2(gamma) times a distance, all factors <= 1 except the centred split
 of a diagonal block (see the kernel). Accumulation fp32; o and the states in the input dtype; fp32
 inputs use IEEE fp32 MMAs.
@@ -25,12 +25,16 @@ prefill runs without grad); neither does an incoming state. Needs C, K and V mul
 """
 from __future__ import annotations
 
+import os
+
 import torch
 import triton
 
 from .triton_retention_kernels import INTERPRET, launch  # noqa: F401 (INTERPRET: for the tests)
 
 LOG2E = 1.4426950408889634
+# The backward's two state scans in one launch (RETNET_TRITON_FUSED_STATES=0: two launches, to compare).
+FUSED_BACKWARD_STATES = os.environ.get("RETNET_TRITON_FUSED_STATES", "1") != "0"
 
 
 def supported(C: int, K: int, V: int) -> bool:
@@ -65,6 +69,22 @@ def _states(x, y, lg2, C, reverse, doc, s0=None, z0=None, with_z=False):
                 IEEE=y.dtype == torch.float32)
     launch("states", lambda m: (DX // m["BX"], DY // m["BY"], B * H), args)
     return S, (Z if with_z else None), fin, (zfin if with_z else None)
+
+
+def _states_pair(q, k, v, do, lg2, C, doc, s0):
+    """The backward's S (recomputed, not kept from the forward) and dG in one launch: [B*H, N, K, V] each."""
+    B, T, H, K = k.shape
+    V = v.shape[-1]
+    N = triton.cdiv(T, C)
+    S = torch.empty(B * H, N, K, V, device=k.device, dtype=v.dtype)
+    dG = torch.empty_like(S)
+    fin = torch.empty(2, B * H, K, V, device=k.device, dtype=torch.float32)
+    args = dict(K_=k, V_=v, S=S, S0=fin if s0 is None else s0, FIN=fin[0], Q_=q, DO=do, G=dG, GFIN=fin[1],
+                DOC=lg2 if doc is None else doc, lg2_ptr=lg2, T=T, H=H, N=N, C=C, BH=B * H, **_strides(k, "x"),
+                **_strides(v, "y"), DX=K, DY=V, HAS_S0=s0 is not None, RESET=doc is not None,
+                IEEE=v.dtype == torch.float32)
+    launch("states_pair", lambda m: (K // m["BX"], V // m["BY"], 2 * B * H), args)
+    return S, dG
 
 
 def _strides(t, prefix):
@@ -106,8 +126,11 @@ def _backward(q, k, v, do, lg2, C, state, doc):
     B, _, H, K = q.shape
     V = v.shape[-1]
     s0 = None if state is None else state[..., :V].to(v.dtype).reshape(B * H, K, V).contiguous()
-    S = _states(k, v, lg2, C, False, doc, s0)[0]  # recomputed, not kept from the forward
-    dG = _states(q, do, lg2, C, True, doc)[0]
+    if FUSED_BACKWARD_STATES:
+        S, dG = _states_pair(q, k, v, do, lg2, C, doc, s0)
+    else:
+        S = _states(k, v, lg2, C, False, doc, s0)[0]  # recomputed, not kept from the forward
+        dG = _states(q, do, lg2, C, True, doc)[0]
     dq = _apply(do, v, k, S, lg2, C, key_rows=False, trans_m=True, doc=doc)[0]
     del S
     dk = _apply(v, do, q, dG, lg2, C, key_rows=True, trans_m=True, doc=doc)[0]

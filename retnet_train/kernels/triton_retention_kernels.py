@@ -37,7 +37,33 @@ def _states_kernel(X, Y, S, Z, S0, Z0, FIN, ZFIN, DOC, lg2_ptr, T, H, N, C,
                    DX: tl.constexpr, DY: tl.constexpr, REVERSE: tl.constexpr, WITH_Z: tl.constexpr,
                    HAS_S0: tl.constexpr, RESET: tl.constexpr, IEEE: tl.constexpr,
                    BX: tl.constexpr, BY: tl.constexpr, BT: tl.constexpr):
-    px, py, bh = tl.program_id(0), tl.program_id(1), tl.program_id(2).to(tl.int64)
+    _states_tile(X, Y, S, Z, S0, Z0, FIN, ZFIN, DOC, lg2_ptr, T, H, N, C, sxb, sxt, sxh, syb, syt, syh,
+                 tl.program_id(0), tl.program_id(1), tl.program_id(2).to(tl.int64),
+                 DX, DY, REVERSE, WITH_Z, HAS_S0, RESET, IEEE, BX, BY, BT)
+
+
+# The backward's two scans in one launch (twice the programs): S_n from (k, v) on program ids
+# [0, BH) of the last axis, dG_n from (q, dO) on [BH, 2 BH). q/k and v/dO share strides.
+@triton.jit
+def _states_pair_kernel(K_, V_, S, S0, FIN, Q_, DO, G, GFIN, DOC, lg2_ptr, T, H, N, C, BH,
+                        sxb, sxt, sxh, syb, syt, syh,
+                        DX: tl.constexpr, DY: tl.constexpr, HAS_S0: tl.constexpr, RESET: tl.constexpr,
+                        IEEE: tl.constexpr, BX: tl.constexpr, BY: tl.constexpr, BT: tl.constexpr):
+    px, py, pz = tl.program_id(0), tl.program_id(1), tl.program_id(2).to(tl.int64)
+    if pz < BH:
+        _states_tile(K_, V_, S, FIN, S0, FIN, FIN, FIN, DOC, lg2_ptr, T, H, N, C, sxb, sxt, sxh, syb, syt, syh,
+                     px, py, pz, DX, DY, False, False, HAS_S0, RESET, IEEE, BX, BY, BT)
+    else:
+        _states_tile(Q_, DO, G, GFIN, GFIN, GFIN, GFIN, GFIN, DOC, lg2_ptr, T, H, N, C, sxb, sxt, sxh, syb, syt,
+                     syh, px, py, pz - BH, DX, DY, True, False, False, RESET, IEEE, BX, BY, BT)
+
+
+@triton.jit
+def _states_tile(X, Y, S, Z, S0, Z0, FIN, ZFIN, DOC, lg2_ptr, T, H, N, C,
+                 sxb, sxt, sxh, syb, syt, syh, px, py, bh,
+                 DX: tl.constexpr, DY: tl.constexpr, REVERSE: tl.constexpr, WITH_Z: tl.constexpr,
+                 HAS_S0: tl.constexpr, RESET: tl.constexpr, IEEE: tl.constexpr,
+                 BX: tl.constexpr, BY: tl.constexpr, BT: tl.constexpr):
     b, h = bh // H, bh % H
     lg2 = tl.load(lg2_ptr + h)
     ox = px * BX + tl.arange(0, BX)
@@ -288,7 +314,9 @@ def _tuned(fn, configs, key, prune):
 states_tuned = _tuned(_states_kernel, STATES_CONFIGS, ["DX", "DY", "C", "REVERSE", "WITH_Z", "RESET"], _prune_states)
 apply_tuned = _tuned(_apply_kernel, APPLY_CONFIGS, ["E", "D", "C", "KEY_ROWS", "TRANS_M", "ROW_SUMS", "RESET"],
                      _prune_apply)
+states_pair_tuned = _tuned(_states_pair_kernel, STATES_CONFIGS, ["DX", "DY", "C", "HAS_S0", "RESET"], _prune_states)
 KERNELS = {"states": (_states_kernel, states_tuned, STATES_CONFIGS, _prune_states),
+           "states_pair": (_states_pair_kernel, states_pair_tuned, STATES_CONFIGS, _prune_states),
            "apply": (_apply_kernel, apply_tuned, APPLY_CONFIGS, _prune_apply)}
 
 # Tests override block shapes per kernel name under the interpreter (or with autotuning off).
@@ -299,12 +327,13 @@ def launch(name, grid, args: dict):
     """Run kernel `name` with keyword args: autotuned on GPU (bf16/fp16); otherwise the first valid
     config (with FIXED_META's overrides). grid: meta -> grid tuple."""
     raw, tuned, configs, prune = KERNELS[name]
+    fixed = FIXED_META.get(name.removesuffix("_pair"), {})
     if args["IEEE"]:
-        configs = FP32_CONFIGS[name]
-    elif AUTOTUNE and not FIXED_META.get(name):
+        configs = FP32_CONFIGS[name.removesuffix("_pair")]
+    elif AUTOTUNE and not fixed:
         tuned[grid](**args)
         return
     cfg = prune(configs, args)[0]
-    meta = {**cfg.kwargs, **FIXED_META.get(name, {})}
+    meta = {**cfg.kwargs, **fixed}
     opts = {} if INTERPRET else {"num_warps": cfg.num_warps, "num_stages": cfg.num_stages}
     raw[grid(meta)](**args, **meta, **opts)
