@@ -35,7 +35,7 @@ MODELS = {  # name: (model preset, with {size}; the table's description)
     "retnet": ("{size}", "RetNet, the paper's block"),
     "retnet_fla": ("retnet_fla_{size}", "RetNet, fla-style block (RMSNorm, SwiGLU)"),
     "transformer": ("transformer_{size}", "Transformer twin (LayerNorm, GELU MLP, torchscale init)"),
-    "transformer_pp": ("transformer_pp_{size}", "Transformer++ (RMSNorm, SwiGLU, RoPE, scaled_normal init)"),
+    "transformer_pp": ("transformer_pp_{size}", "Transformer++ (RMSNorm, SwiGLU, RoPE, normal init std 0.02)"),
     "llama": ("transformer_pp_{size}", "Hugging Face LlamaForCausalLM (init std 0.02), plain torch loop"),
 }
 DEFAULT_MODELS = ("retnet", "transformer", "transformer_pp", "llama")

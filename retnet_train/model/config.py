@@ -8,7 +8,7 @@ from typing import Any, Mapping
 NORMS = ("layernorm", "rmsnorm")
 FFN_TYPES = ("mlp", "glu")
 ACTIVATIONS = ("gelu", "silu", "relu")
-INITS = ("torchscale", "scaled_normal")
+INITS = ("torchscale", "scaled_normal", "normal")
 RETENTION_MODES = ("parallel", "chunkwise", "recurrent")
 RETENTION_BACKENDS = ("auto", "torch", "fla", "triton")
 
@@ -44,6 +44,7 @@ class DecoderConfig:
     tie_embeddings: bool = False
     # torchscale: xavier init as in the reference code (what RetNet was released with);
     # scaled_normal: GPT-NeoX small_init/wang_init (std sqrt(2/5d), output projections 2/(L sqrt d)).
+    # normal: N(0, 0.02) for every linear and embedding (Hugging Face Llama's initializer_range).
     init: str = "torchscale"
     rotary_base: float = 10000.0
     # Reset the sequence mixer at document starts inside packed sequences (doc_starts input).

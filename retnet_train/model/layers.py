@@ -105,6 +105,9 @@ class CausalLMOutput:
     state: Any = None
 
 
+NORMAL_INIT_STD = 0.02  # Hugging Face Llama's initializer_range
+
+
 def init_weights(model: nn.Module, config: DecoderConfig, gains: dict) -> None:
     """Initialize every Linear/Embedding/norm of `model`.
 
@@ -113,16 +116,19 @@ def init_weights(model: nn.Module, config: DecoderConfig, gains: dict) -> None:
     block); other linears keep torch's default (kaiming uniform), as in the reference code.
     scaled_normal (GPT-NeoX small_init + wang_init): std sqrt(2 / 5d) everywhere, residual
     output projections (out_proj, fc2) std 2 / (L sqrt d).
+    normal: N(0, 0.02) for every Linear and Embedding, as Hugging Face's Llama.
     """
     d, L = config.d_model, config.n_layers
     small = math.sqrt(2 / (5 * d))
     for name, module in model.named_modules():
         leaf = name.rsplit(".", 1)[-1]
         if isinstance(module, nn.Embedding) or leaf == "lm_head":
-            std = d ** -0.5 if config.init == "torchscale" else small
+            std = {"torchscale": d ** -0.5, "normal": NORMAL_INIT_STD}.get(config.init, small)
             nn.init.normal_(module.weight, 0.0, std)
         elif isinstance(module, nn.Linear):
-            if config.init == "scaled_normal":
+            if config.init == "normal":
+                nn.init.normal_(module.weight, 0.0, NORMAL_INIT_STD)
+            elif config.init == "scaled_normal":
                 std = 2 / (L * math.sqrt(d)) if leaf in ("out_proj", "fc2") else small
                 nn.init.normal_(module.weight, 0.0, std)
             elif leaf in gains:

@@ -67,3 +67,18 @@ def test_block_step_with_a_kv_cache_equals_the_forward():
             x = block.step(x, sin, cos, k_cache, v_cache, positions, mask)
         out.append(model.lm_head(model.norm(x)))
     torch.testing.assert_close(torch.cat(out, 1), model(ids).logits, rtol=1e-10, atol=1e-10)
+
+
+def test_normal_init_matches_llama_initializer_range():
+    """init=normal: every linear and embedding N(0, 0.02), norms one (Hugging Face Llama's init)."""
+    from retnet_train.model import build_model, model_config_from_dict
+
+    cfg = model_config_from_dict(dict(arch="transformer", vocab_size=4096, d_model=256, n_layers=2, n_heads=4,
+                                      ffn_dim=768, ffn_type="glu", activation="silu", norm="rmsnorm", init="normal"))
+    model = build_model(cfg)
+    for name, p in model.named_parameters():
+        if p.dim() == 2:
+            assert abs(p.std().item() - 0.02) < 0.002, name
+            assert abs(p.mean().item()) < 0.002, name
+        else:
+            assert torch.equal(p, torch.ones_like(p)), name
