@@ -54,6 +54,10 @@ def resolve_backend(backend: str, device: torch.device) -> str:
     return "fla" if on_gpu and fla_available() else "torch"
 
 
+# Key head dims at which the Triton kernels pass their GPU tests (K128/V256 does; K256/V512 does not).
+GPU_CHECKED_TRITON_KEY_DIM = 128
+
+
 def retention_op(backend, q, k, v, log_gamma, mode, chunk_size, reset=None, state=None, row_sums=True,
                  state_grad=False):
     """state_grad: the final state is backpropagated through (context parallel), which our Triton
@@ -65,6 +69,10 @@ def retention_op(backend, q, k, v, log_gamma, mode, chunk_size, reset=None, stat
         # the same retention in the chunkwise form. Decoding (recurrent, one token at a time) and chunk
         # sizes that are not a multiple of 16 run on the torch path.
         C = min(-(-q.shape[1] // 64) * 64, 256) if mode == "parallel" else chunk_size
+        if q.is_cuda and q.shape[-1] > GPU_CHECKED_TRITON_KEY_DIM:
+            raise ValueError(f"model.retention_backend=triton: key head dim {q.shape[-1]} fails the GPU test "
+                             f"(tests/kernels/test_triton_retention.py, bf16 at K256/V512); use "
+                             f"retention_backend=torch, or key dims <= {GPU_CHECKED_TRITON_KEY_DIM}")
         if supported(C, q.shape[-1], v.shape[-1]):
             return triton_retention(q, k, v, log_gamma, C, state, row_sums, reset)
     if backend == "fla" and not (reset is not None and state is not None):
