@@ -6,9 +6,13 @@ token); state [B, H, K, V]. Every form returns (o, final_state) with the unnorma
 o_t = sum_{m <= t, same document} gamma^(t-m) (q_t . k_m) v_m, so the forms are equal up
 to rounding. (Normalization lives in the MSR module; it needs only position-wise factors.)
 
-This is the reference path (CPU, tests) and the fallback on GPU without fla.
+The chunkwise and parallel forms keep only q, k, v (and the incoming state and resets) for
+backward and recompute the rest there (ChunkRetention), as flash attention does. This path runs on
+any device: CPU, the tests' reference, and GPU training with retention_backend=torch.
 """
 from __future__ import annotations
+
+from typing import Optional, Tuple
 
 import torch
 
@@ -80,9 +84,42 @@ def scan_weights(log_gamma, C, N, reset_chunks=None):
 def _equal_full_chunks(q, k, v, log_gamma, reset, state, C, row_sums=False):
     """Chunkwise retention for T divisible by C: parallel inside each chunk, recurrent across.
 
-    The recurrence across chunks is a linear scan with constant decays, so it is done as one
-    (N+1) x N matrix product over the chunk summaries instead of N sequential steps: every op
-    is a large batched GEMM or an elementwise pass (fast on GPU, traceable by torch.compile).
+    Backward keeps only q, k, v (and the incoming state and resets): the intra-chunk scores and the
+    per-chunk states are recomputed there (ChunkRetention), so what a layer keeps per token does not
+    depend on the chunk size. Returns (o, final_state) or, with row_sums, (o, final_state, s).
+    """
+    o, final, s = ChunkRetention.apply(q, k, v, log_gamma, reset, state, C, row_sums)
+    return (o, final, s) if row_sums else (o, final)
+
+
+def _chunk_setup(q, log_gamma, reset, C):
+    """The chunk count N and the decays (chunk_decays, scan_weights), in fp32 at least."""
+    N = q.shape[2] // C
+    log_gamma = log_gamma.to(_decay_dtype(q.dtype))
+    mask, q_decay, k_decay, reset_chunks = chunk_decays(log_gamma, C, N, reset)
+    return N, mask, q_decay, k_decay, scan_weights(log_gamma, C, N, reset_chunks)
+
+
+def _chunk_states(kc, vc, k_decay, W, state):
+    """The state entering each chunk (the last: the final state), [B, H, N+1, K, V], and the chunk
+    summaries' keys decayed to their chunk's end. The recurrence across chunks is a linear scan
+    with constant decays, done as one (N+1) x N matrix product over the chunk summaries instead of
+    N sequential steps: large batched GEMMs only (fast on GPU, traceable by torch.compile)."""
+    B, H, N, _, K = kc.shape
+    V = vc.shape[-1]
+    dtype = kc.dtype
+    k_decayed = kc * k_decay.to(dtype)
+    chunk_kv = k_decayed.transpose(-1, -2) @ vc  # [B, H, N, K, V]
+    W_chunks = W[..., 1:].to(dtype).contiguous()  # (contiguous: a sliced operand falls off the fast GEMMs)
+    states = W_chunks @ chunk_kv.reshape(B, H, N, K * V)  # [B, H, N+1, K*V]
+    if state is not None:
+        states = states + W[..., :1].to(dtype) * state.reshape(B, H, 1, K * V)
+    return states.view(B, H, N + 1, K, V), k_decayed
+
+
+def chunk_forward(q, k, v, log_gamma, reset, state, C, row_sums=False):
+    """The chunkwise form in plain torch ops, for T divisible by C: (o, final_state, s or None).
+    Differentiable by autograd as written (the reference for ChunkRetention's backward).
 
     row_sums: also return s_t = sum_m D_tm (q_t . k_m) (fp32, no gradient; the paper's
     normalization needs it) from the same intermediates; the state then carries the decayed key
@@ -90,39 +127,103 @@ def _equal_full_chunks(q, k, v, log_gamma, reset, state, C, row_sums=False):
     """
     B, H, T, K = q.shape
     V = v.shape[-1]
-    N = T // C
+    N, mask, q_decay, k_decay, W = _chunk_setup(q, log_gamma, reset, C)
     qc, kc, vc = _chunks(q, C), _chunks(k, C), _chunks(v, C)
-    acc = _decay_dtype(q.dtype)
-    log_gamma = log_gamma.to(acc)
-    mask, q_decay, k_decay, reset_chunks = chunk_decays(log_gamma, C, N, reset)
     z0 = None
     if row_sums and state is not None:
         state, z0 = state[..., :V], state[..., V]
-
     dtype = q.dtype
     scores = (qc @ kc.transpose(-1, -2)) * mask.to(dtype)
     o = scores @ vc  # intra-chunk: the parallel form on each chunk
-    k_decayed = kc * k_decay.to(dtype)
-    chunk_kv = k_decayed.transpose(-1, -2) @ vc  # [B, H, N, K, V]
-
-    W = scan_weights(log_gamma, C, N, reset_chunks)  # [B|1, H, N+1, N+1] in acc
-    W_chunks = W[..., 1:].to(dtype).contiguous()  # (contiguous: a sliced operand falls off the fast GEMMs)
-    states = W_chunks @ chunk_kv.reshape(B, H, N, K * V)  # [B, H, N+1, K*V]
-    if state is not None:
-        states = states + W[..., :1].to(dtype) * state.reshape(B, H, 1, K * V)
-    states = states.view(B, H, N + 1, K, V)
-    # (q S) * decay rather than (q * decay) S: the same per-token factor, but autograd (and the
-    # compiled partitioner) then keeps q, needed anyway, instead of a decayed copy of q per layer
-    o = o + (qc @ states[:, :, :N]) * q_decay.to(dtype)
+    states, k_decayed = _chunk_states(kc, vc, k_decay, W, state)
+    o = o + (qc @ states[:, :, :N]) * q_decay.to(dtype)  # inter-chunk: each chunk's incoming state
     o, final = o.reshape(B, H, T, V), states[:, :, N]
     if not row_sums:
-        return o, final
+        return o, final, None
+    acc = _decay_dtype(dtype)
     with torch.no_grad():  # in acc: fp32 at least
         z = W[..., 1:].to(acc) @ k_decayed.to(acc).sum(3)  # decayed key sums entering each chunk, [B, H, N+1, K]
         if z0 is not None:
             z = z + W[..., :1].to(acc) * z0.to(acc).unsqueeze(2)
         s = scores.to(acc).sum(-1) + (qc.to(acc) @ z[:, :, :N].unsqueeze(-1)).squeeze(-1) * q_decay.squeeze(-1)
     return o, torch.cat([final, z[:, :, N].unsqueeze(-1).to(final.dtype)], dim=-1), s.reshape(B, H, T)
+
+
+def chunk_backward(q, k, v, log_gamma, reset, state, C, do, dfinal):
+    """Gradients of chunk_forward's o and final state (without the row-sum column) with respect to
+    q, k, v and the incoming state (None without one), recomputing the scores and the chunk states
+    from q, k, v. Each intermediate lives only inside this call."""
+    B, H, T, K = q.shape
+    V = v.shape[-1]
+    N, mask, q_decay, k_decay, W = _chunk_setup(q, log_gamma, reset, C)
+    qc, kc, vc, doc = _chunks(q, C), _chunks(k, C), _chunks(v, C), _chunks(do.to(q.dtype), C)
+    dtype = q.dtype
+    mask = mask.to(dtype)
+    d_scores = (doc @ vc.transpose(-1, -2)) * mask
+    dq = d_scores @ kc
+    dk = d_scores.transpose(-1, -2) @ qc
+    del d_scores
+    dv = ((qc @ kc.transpose(-1, -2)) * mask).transpose(-1, -2) @ doc
+    states, k_decayed = _chunk_states(kc, vc, k_decay, W, state)
+    do_decayed = doc * q_decay.to(dtype)
+    dq = dq + do_decayed @ states[:, :, :N].transpose(-1, -2)
+    del states
+    d_states = torch.cat([qc.transpose(-1, -2) @ do_decayed, dfinal.to(dtype).view(B, H, 1, K, V)], dim=2)
+    d_states = d_states.view(B, H, N + 1, K * V)
+    d_chunk_kv = (W[..., 1:].to(dtype).transpose(-1, -2) @ d_states).view(B, H, N, K, V)
+    dk = dk + (vc @ d_chunk_kv.transpose(-1, -2)) * k_decay.to(dtype)
+    dv = dv + k_decayed @ d_chunk_kv
+    d_state = None
+    if state is not None:
+        d_state = (W[..., :1].to(dtype).transpose(-1, -2) @ d_states).view(B, H, K, V)
+    return dq.reshape(B, H, T, K), dk.reshape(B, H, T, K), dv.reshape(B, H, T, V), d_state
+
+
+@torch.library.custom_op("retnet_train::chunk_retention_backward", mutates_args=())
+def _backward_op(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, log_gamma: torch.Tensor,
+                 reset: Optional[torch.Tensor], state: Optional[torch.Tensor], C: int, do: torch.Tensor,
+                 dfinal: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """chunk_backward as one opaque op: the compiled graph cannot merge its recomputed scores and
+    states with the forward's and then keep them (its common-subexpression pass would)."""
+    dq, dk, dv, d_state = chunk_backward(q, k, v, log_gamma, reset, state, C, do, dfinal)
+    return dq, dk, dv, q.new_empty(0) if d_state is None else d_state
+
+
+@_backward_op.register_fake
+def _(q, k, v, log_gamma, reset, state, C, do, dfinal):
+    d_state = q.new_empty(0) if state is None else state.new_empty(state.shape)
+    return q.new_empty(q.shape), k.new_empty(k.shape), v.new_empty(v.shape), d_state
+
+
+class ChunkRetention(torch.autograd.Function):
+    """chunk_forward whose backward keeps q, k, v, the incoming state and the resets, nothing of
+    size T x C or N x K x V: the scores and chunk states are recomputed (chunk_backward). The decays
+    (log_gamma) are constants: they get no gradient."""
+
+    @staticmethod
+    def forward(ctx, q, k, v, log_gamma, reset, state, C, row_sums):
+        o, final, s = chunk_forward(q, k, v, log_gamma, reset, state, C, row_sums)
+        ctx.save_for_backward(q, k, v, log_gamma, reset, state)
+        ctx.C, ctx.row_sums = C, row_sums
+        if s is None:
+            s = q.new_empty(0)
+        ctx.mark_non_differentiable(s)
+        return o, final, s
+
+    @staticmethod
+    def backward(ctx, do, dfinal, _ds):
+        q, k, v, log_gamma, reset, state = ctx.saved_tensors
+        V = v.shape[-1]
+        if ctx.row_sums:  # the row-sum column (z) carries no gradient
+            dfinal = dfinal[..., :V]
+            if state is not None:
+                state = state[..., :V]
+        dq, dk, dv, d_state = _backward_op(q, k, v, log_gamma, reset, state, ctx.C, do, dfinal.contiguous())
+        if state is None:
+            d_state = None
+        elif ctx.row_sums:
+            d_state = torch.cat([d_state, d_state.new_zeros(d_state.shape[:-1] + (1,))], dim=-1)
+        return dq, dk, dv, None, None, d_state, None, None
 
 
 def chunkwise_retention(q, k, v, log_gamma, chunk_size, reset=None, state=None, row_sums=False):

@@ -2,7 +2,8 @@
 import pytest
 import torch
 
-from retnet_train.kernels.torch_retention import chunkwise_retention, parallel_retention, recurrent_retention
+from retnet_train.kernels.torch_retention import (chunk_forward, chunkwise_retention, parallel_retention,
+                                                  recurrent_retention)
 from retnet_train.model.retnet import decay_log_gammas
 
 B, H, K, V = 2, 3, 8, 6
@@ -105,20 +106,123 @@ def test_row_sums_and_their_state_column(mode, chunk, with_resets):
     assert (st2 - ref_state).abs().max() < 1e-4
 
 
-def test_chunkwise_keeps_no_decayed_copy_of_q():
-    """The inter-chunk output is (q S) * decay, not (q * decay) S: backward then needs q itself,
-    which the intra-chunk scores keep anyway, and no decayed copy of it (0.75 GiB at 1.3B, 8k on an
-    H200). What stays of q's size: q, k and the decayed k of the chunk summaries."""
-    q, k, v, lg = inputs(32)
-    q, k, v = (t.requires_grad_() for t in (q, k, v))
-    kept = set()
+def retention_case(T, C, dtype=torch.float64, resets=True, with_state=True, row_sums=False, seed=0):
+    """Leaves q, k, v (and an incoming state) requiring grad, resets, and a loss over the output and
+    the final state, for comparing gradients."""
+    g = torch.Generator().manual_seed(seed)
+    Vs = V + 1 if row_sums else V
+    q, k, v = (torch.randn(B, H, T, d, generator=g, dtype=dtype) for d in (K, K, V))
+    k = k * K ** -0.5
+    state = torch.randn(B, H, K, Vs, generator=g, dtype=dtype) if with_state else None
+    reset = None
+    if resets:
+        reset = torch.zeros(B, T, dtype=torch.bool)
+        reset[0, sorted({2, C % T, (C + 1) % T, T - 1})] = True  # at a chunk start, right after, at the end
+        reset[1, [T // 2]] = True
+    leaves = [t.requires_grad_() for t in (q, k, v) + ((state,) if with_state else ())]
+    weights = [torch.randn(B, H, T, V, generator=g, dtype=dtype), torch.randn(B, H, K, Vs, generator=g, dtype=dtype)]
+    return leaves, reset, weights
+
+
+def gradients(fn, leaves, reset, weights, lg):
+    q, k, v, *state = leaves
+    out = fn(q, k, v, lg, reset, state[0] if state else None)
+    loss = (out[0] * weights[0]).sum() + (out[1] * weights[1]).sum()
+    return torch.autograd.grad(loss, leaves), out
+
+
+@pytest.mark.parametrize("resets,with_state,row_sums", [(False, False, False), (True, True, False),
+                                                        (True, True, True), (False, True, True)])
+@pytest.mark.parametrize("T,C", [(32, 8), (29, 4), (12, 12)])
+def test_recomputing_backward_equals_autograd_of_the_forward(T, C, resets, with_state, row_sums):
+    """ChunkRetention's backward (scores and chunk states recomputed from q, k, v) gives the gradients
+    autograd gives through the plain forward, for q, k, v and the incoming state, with the final state
+    in the loss (a partial last chunk continues the first part's state)."""
+    lg = decay_log_gammas(H).double()
+    leaves, reset, weights = retention_case(T, C, resets=resets, with_state=with_state, row_sums=row_sums)
+
+    def plain(q, k, v, lg, reset, state):  # autograd through chunk_forward on the same pieces
+        full = (T // C) * C
+        out = chunk_forward(q[:, :, :full], k[:, :, :full], v[:, :, :full], lg, None if reset is None else reset[:, :full],
+                            state, C, row_sums)
+        if full == T:
+            return out
+        rest = chunk_forward(q[:, :, full:], k[:, :, full:], v[:, :, full:], lg,
+                             None if reset is None else reset[:, full:], out[1], T - full, row_sums)
+        return torch.cat([out[0], rest[0]], 2), rest[1]
+
+    def ours(q, k, v, lg, reset, state):
+        return chunkwise_retention(q, k, v, lg, C, reset, state, row_sums)
+
+    want, ref = gradients(plain, leaves, reset, weights, lg)
+    got, out = gradients(ours, leaves, reset, weights, lg)
+    assert (out[0] - ref[0]).abs().max() < 1e-12 and (out[1] - ref[1]).abs().max() < 1e-12
+    for a, b in zip(got, want):
+        assert (a - b).abs().max() < 1e-10
+    assert all(g.abs().max() > 1e-3 for g in got)
+
+
+def test_recomputing_backward_equals_the_naive_oracle():
+    """Gradients through the explicit T x T decay matrix (fp64), with resets."""
+    lg = decay_log_gammas(H).double()
+    leaves, reset, weights = retention_case(40, 8, with_state=False)
+    weights[1].zero_()  # the oracle has no final state
+    got, _ = gradients(lambda *a: chunkwise_retention(*a[:4], 8, a[4], a[5]), leaves, reset, weights, lg)
+    want = torch.autograd.grad((naive(*leaves, lg, reset) * weights[0]).sum(), leaves)
+    for a, b in zip(got, want):
+        assert (a - b).abs().max() < 1e-10
+
+
+def test_recomputing_backward_in_bf16():
+    """bf16 inputs: the recomputed backward is as close to the fp64 gradients as autograd through the
+    plain bf16 forward is (the same bf16 GEMMs, in the same order)."""
+    lg = decay_log_gammas(H)
+    T, C = 64, 16
+    leaves64, reset, weights64 = retention_case(T, C, with_state=True)
+    exact, _ = gradients(lambda *a: chunk_forward(*a[:5], a[5], C)[:2], leaves64, reset, weights64, lg.double())
+    leaves = [t.detach().bfloat16().requires_grad_() for t in leaves64]
+    weights = [w.bfloat16() for w in weights64]
+    got, _ = gradients(lambda *a: chunkwise_retention(*a[:4], C, a[4], a[5]), leaves, reset, weights, lg)
+    plain, _ = gradients(lambda *a: chunk_forward(*a[:5], a[5], C)[:2], leaves, reset, weights, lg)
+    for g, p, e in zip(got, plain, exact):
+        assert g.dtype == torch.bfloat16
+        scale = e.abs().max()
+        assert (g.double() - e).abs().max() <= max(1.5 * (p.double() - e).abs().max(), 1e-2 * scale)
+
+
+def saved_bytes(fn, *args):
+    """Bytes of the distinct storages autograd keeps for backward while fn(*args) runs."""
+    kept = {}
 
     def pack(t):
-        if t.numel() == q.numel():
-            kept.add(t.untyped_storage().data_ptr())
+        kept[t.untyped_storage().data_ptr()] = t.untyped_storage().nbytes()
         return t
 
     with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
-        chunkwise_retention(q, k, v, lg, 4)  # chunk != K: the scores are not of q's size
-    assert {q.untyped_storage().data_ptr(), k.untyped_storage().data_ptr()} <= kept
-    assert len(kept) == 3
+        fn(*args)
+    return sum(kept.values())
+
+
+@pytest.mark.parametrize("compiled", [False, True])
+def test_backward_keeps_q_k_v_whatever_the_chunk_size(compiled):
+    """Per token, what the chunkwise form keeps for backward is q, k, v (bf16) and the resets: no
+    scores (C per token and head) and no chunk states (K x V per chunk), eager and compiled (the
+    compiled backward is one opaque op, so the partitioner cannot keep the forward's intermediates
+    instead)."""
+    torch._dynamo.reset()
+    T, Hh, Kk, Vv = 128, 2, 16, 32
+    lg = decay_log_gammas(Hh)
+    g = torch.Generator().manual_seed(0)
+    q, k, v = (torch.randn(1, T, Hh, d, generator=g).bfloat16().transpose(1, 2).requires_grad_() for d in (Kk, Kk, Vv))
+    reset = torch.rand(1, T, generator=g) < 0.05
+    qkv_bytes = sum(t.untyped_storage().nbytes() for t in (q, k, v))
+    for C in (8, 32):
+        def run(q, k, v, reset):
+            o, _, s = chunkwise_retention(q, k, v, lg, C, reset, None, row_sums=True)
+            return o, s
+
+        fn = torch.compile(run, backend="aot_eager_decomp_partition") if compiled else run
+        fn(q, k, v, reset)[0].float().sum().backward()  # compiles
+        kept = saved_bytes(fn, q, k, v, reset)
+        # q, k, v, the resets [1, T] and log_gamma [H]; compiled: the same, or copies of the same size
+        assert qkv_bytes <= kept <= qkv_bytes + T + 4 * Hh, (C, kept, qkv_bytes)
