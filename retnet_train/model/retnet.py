@@ -6,6 +6,7 @@ from typing import Any, List, Optional
 
 import torch
 from torch import nn
+from torch.utils.checkpoint import checkpoint
 
 from .config import RetNetConfig
 from .layers import (ACTIVATION_FNS, CausalLMOutput, DecoderLM, FeedForward, StackedLinear, apply_rotary, init_weights,
@@ -88,17 +89,32 @@ class MultiScaleRetention(nn.Module):
         q, k, v = self.projections(x, ctx.sin, ctx.cos)
         # an attribute lookup: parallel/parallelize.py replaces the core per instance (context
         # parallel, selective recomputation) while the projections and the gate stay as they are
-        o, state = self.retention_core(q, k, v, ctx, state)
-        return self.gated_output(x, o), state
+        (o, scale), state = self.retention_core(q, k, v, ctx, state)
+        # g is computed here, after the retention: computed before it, torch.compile kept silu's
+        # fp32 upcast of g for backward instead of bf16 g (+1.5 GiB at 1.3B, 8k)
+        return self.out_proj(self.gated_norm(self.g_proj(x), o, scale)), state
+
+    def gated_norm(self, g, o, scale):
+        """gate(g) * head_norm(o * scale) for the gate projection g [B, T, H*V], the retention output o
+        [B, T, H, V] and its normalization factor (None: off). The backward recomputes this elementwise
+        region from g, o and the factor instead of keeping its four 2d-wide intermediates (normalized
+        o, normed o, gate(g), the product): eagerly through checkpointing, compiled as the
+        partitioner's recomputed region."""
+        if self.training and torch.is_grad_enabled():
+            return checkpoint(self._gated_norm, g, o, scale, use_reentrant=False)
+        return self._gated_norm(g, o, scale)
+
+    def _gated_norm(self, g, o, scale):
+        return self.gate_fn(g) * self.head_norm(o if scale is None else o * scale.to(o.dtype))
 
     def gated_output(self, x, o):
-        """out_proj(gate(g_proj x) * o) for the normed block input x and the retention output o. g is
-        computed here, after the retention: computed before it, torch.compile kept silu's fp32
-        upcast of g for backward instead of bf16 g (+1.5 GiB at 1.3B, 8k)."""
+        """out_proj(gate(g_proj x) * o) for the normed block input x and the normed retention output o
+        (token-by-token decoding, which has no backward)."""
         return self.out_proj(self.gate_fn(self.g_proj(x)) * o)
 
     def retention_core(self, q, k, v, ctx: SequenceContext, state=None):
-        """Retention, the paper's normalization and the per-head norm: [B, T, H*V] and the state."""
+        """Retention: ((o [B, T, H, V] unnormalized, its normalization factor [B, T, H, 1] or None), the
+        state); gated_norm applies the factor and the per-head norm."""
         o, row_sum, state = self.retain(q, k, v, ctx, state)
         return self.finish(o, row_sum, ctx), state
 
@@ -110,16 +126,18 @@ class MultiScaleRetention(nn.Module):
                             self.normalize, state_grad=state_grad)
 
     def finish(self, o, row_sum, ctx: SequenceContext):
-        """The normalization (when on) and the per-head norm of retain's output -> [B, T, H * V]."""
-        if self.normalize:
-            o = self.normalized(o, row_sum, decay_normalizer(ctx.log_gamma, ctx.doc_pos))
-        return self.head_norm(o)
+        """retain's output -> (o, the paper's normalization factor or None when off), what gated_norm takes."""
+        return o, self.normalization(row_sum, decay_normalizer(ctx.log_gamma, ctx.doc_pos)) if self.normalize else None
+
+    def normalization(self, row_sum, c):
+        """The paper's normalization factor [..., H, 1] (fp32, no gradient) of a retention output with
+        score row sums [..., H] (detached, as in torchscale) and c from decay_normalizer: scores /
+        max(|sum of scaled scores|, 1)."""
+        return (c / (c * row_sum.float()).abs().clamp(min=1)).unsqueeze(-1)
 
     def normalized(self, o, row_sum, c):
-        """The paper's normalization of the retention output o [..., H, V] with its score row sums
-        [..., H] (detached, as in torchscale) and c from decay_normalizer: scores / max(|sum of
-        scaled scores|, 1)."""
-        return o * (c / (c * row_sum.float()).abs().clamp(min=1)).unsqueeze(-1).to(o.dtype)
+        """The retention output o [..., H, V] normalized (see normalization)."""
+        return o * self.normalization(row_sum, c).to(o.dtype)
 
     def head_norm(self, o):
         """The per-head norm (GroupNorm with a group per head) of o [..., H, V] -> [..., H * V]."""

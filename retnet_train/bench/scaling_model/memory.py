@@ -110,15 +110,11 @@ def activation_elements_per_token_per_layer(cfg, backend: str = "fla") -> dict:
     model), the normalized y for the weight multiply and the output: 2 d + d fp32 each.
     RoPE/xPos rotation saves only the shared sin/cos tables (x * cos: cos needs no gradient).
 
-    RetNet MSR: rotated q and k (2 d) and v (d_v) as the retention op's inputs; the group norm's input
-    (d_v; fp32 for rmsnorm); g (silu's input), silu(g) and the normed output (the gate product's
-    two inputs) and the product (out_proj's input): 4 d_v. The normalization factor has no gradient
-    (row sums detached).
-    backend "fla" (GPU): fla's chunk kernel saves only q, k, v and recomputes its chunk states in
-    backward. backend "torch" (the plain path, CPU) saves more: decayed q and k (2 d), the C x C
-    intra-chunk scores (H C), the per-chunk [K, V] states (H K V / C) and a second copy of v (d_v:
-    both chunk matmuls copy the strided v view). The row sums come from these intermediates without
-    gradient.
+    RetNet MSR: rotated q and k (2 d) and v (d_v), the retention op's inputs and all it keeps: either
+    backend (fla's chunk kernel, the torch path's ChunkRetention) recomputes its scores and chunk
+    states in backward. The normalization, per-head norm and gate are one region recomputed in
+    backward (MultiScaleRetention.gated_norm): it keeps its inputs, the retention output o and g
+    (2 d_v), and out_proj keeps the region's output (d_v). The row sums have no gradient.
 
     Transformer (SDPA flash): rotated q, k and the output o (3 d; o doubles as out_proj's input),
     the fused qkv output (3 d: v is a view into it and keeps it alive).
@@ -131,50 +127,41 @@ def activation_elements_per_token_per_layer(cfg, backend: str = "fla") -> dict:
     if cfg.norm == "rmsnorm":
         out["norms_fp32"] = (2 * d, "fp32")
     if _is_retnet(cfg):
-        vd, H, K, C = cfg.value_dim, cfg.n_heads, cfg.key_head_dim, cfg.chunk_size
+        vd = cfg.value_dim
         out["qkv"] = (2 * d + vd, "act")
-        out["group_norm_input"] = (vd, "act" if cfg.norm == "layernorm" else "fp32")
-        out["gate"] = (4 * vd + (vd if cfg.head_norm_affine else 0), "act")
-        if backend == "torch":
-            out["torch_chunkwise"] = (2 * d + vd + H * C + H * K * cfg.value_head_dim / C, "act")
-        elif backend != "fla":
+        out["gate"] = (3 * vd, "act")
+        if backend not in ("fla", "torch"):
             raise ValueError(f"backend {backend!r} is not one of 'fla', 'torch'")
     else:
         out["attention"] = (3 * d + 3 * d, "act")
     return out
 
 
-def activation_small_bytes_per_token_per_layer(cfg, dtype_bytes: int = BF16, selective: bool = False) -> float:
-    """Per-row norm statistics (fp32: LayerNorm mean and rstd, RMSNorm rsqrt) of the two norms and
-    the per-head group norm, the normalization factor per head; the Transformer's attention
-    logsumexp per head (fp32). Selective checkpointing drops the group norm's and the factor's."""
+def activation_small_bytes_per_token_per_layer(cfg) -> float:
+    """Per-row norm statistics (fp32: LayerNorm mean and rstd, RMSNorm rsqrt) of the two norms; RetNet's
+    normalization factor per head (fp32, the gated-norm region's input; the group norm's statistics
+    are recomputed there); the Transformer's attention logsumexp per head (fp32)."""
     per_row = 2 if cfg.norm == "layernorm" else 1
     stats = 2 * per_row * FP32
     if _is_retnet(cfg):
-        if selective:
-            return stats
-        return stats + per_row * cfg.n_heads * FP32 + (cfg.n_heads * dtype_bytes if cfg.normalize_retention else 0)
+        return stats + (cfg.n_heads * FP32 if cfg.normalize_retention else 0)
     return stats + cfg.n_heads * FP32
 
 
 CHECKPOINTING = CHECKPOINTING_MODES
-CORE_TERMS = ("torch_chunkwise", "group_norm_input")  # what RetNet's retention_core keeps, recomputed by "selective"
 
 
 def activation_bytes_per_token_per_layer(cfg, backend: str = "fla", dtype_bytes: int = BF16,
                                          checkpointing="none") -> float:
     """Bytes kept per token per block until its backward. "full" checkpointing (torch.utils.checkpoint
-    per block) keeps only the block's input; "selective" (RetNet) recomputes the retention core
-    (retention, normalization, group norm) from q, k, v, which are kept anyway: it drops the core's
-    internals (torch path) and the group norm's input. The Transformer has no selective core."""
-    mode = checkpointing_mode(checkpointing)
-    if mode == "full":
+    per block) keeps only the block's input; "selective" (RetNet's retention core recomputed) keeps
+    what "none" does: the core keeps only q, k, v, which the block keeps anyway, and its output is
+    the gated-norm region's input either way."""
+    if checkpointing_mode(checkpointing) == "full":
         return cfg.d_model * dtype_bytes
-    selective = mode == "selective" and _is_retnet(cfg)
-    parts = {k: v for k, v in activation_elements_per_token_per_layer(cfg, backend).items()
-             if not (selective and k in CORE_TERMS)}
+    parts = activation_elements_per_token_per_layer(cfg, backend)
     return sum(n * (FP32 if kind == "fp32" else dtype_bytes) for n, kind in parts.values()) \
-        + activation_small_bytes_per_token_per_layer(cfg, dtype_bytes, selective)
+        + activation_small_bytes_per_token_per_layer(cfg)
 
 
 def activation_fixed_bytes(cfg, tokens: int, seq_len: int, dtype_bytes: int = BF16) -> float:
