@@ -1,0 +1,41 @@
+"""Bytes a block keeps for backward per token: RetNet's block keeps no more than the Transformer's, at
+the 1.3B presets' ratios scaled to a tiny width (RetNet: 8 heads, value dim 2d, FFN 2d, chunk = key head
+dim as in retnet_1.3b_8k's 256/256; Transformer: 16 heads, FFN 4d), eager and compiled as the trainer
+compiles (parallelize, activation memory budget 0.8)."""
+import functools
+
+import pytest
+import torch
+
+from retnet_train.bench.activation_bytes import layer_bytes_per_token
+from retnet_train.bench.train_throughput import load_preset
+
+D = 128
+RETNET = load_preset("1.3b", vocab_size=512, d_model=D, n_heads=8, ffn_dim=2 * D, chunk_size=16, retention_backend="torch")
+TRANSFORMER = load_preset("transformer_1.3b", vocab_size=512, d_model=D, n_heads=16, ffn_dim=4 * D)
+
+
+@pytest.fixture
+def inductor_partitioning(monkeypatch):
+    """torch.compile with inductor's decompositions and partitioner but no code generation: what is kept
+    is what inductor keeps (checked: equal bytes on this block), without minutes of C++ builds."""
+    monkeypatch.setattr(torch, "compile", functools.partial(torch.compile, backend="aot_eager_decomp_partition"))
+
+
+def per_layer(cfg, **kw):
+    return layer_bytes_per_token(cfg, 2, 256, torch.device("cpu"), doc_len=64, **kw)
+
+
+def test_retnet_layer_keeps_no_more_than_a_transformer_layer_eager():
+    retnet, transformer = per_layer(RETNET), per_layer(TRANSFORMER)
+    assert retnet["bytes_per_token"] <= transformer["bytes_per_token"], (retnet, transformer)
+    # nothing chunk-sized: no [.., C, C] scores and no [.., K, V] chunk states (chunk 16, K 16, V 32)
+    assert not [t for t in retnet["tensors"] if t[1][-2:] in ([16, 16], [16, 32], [32, 16])], retnet["tensors"]
+
+
+@pytest.mark.slow
+def test_retnet_layer_keeps_no_more_than_a_transformer_layer_compiled(inductor_partitioning):
+    retnet = per_layer(RETNET, compile=True, activation_memory_budget=0.8)
+    transformer = per_layer(TRANSFORMER, compile=True, activation_memory_budget=0.8)
+    assert retnet["bytes_per_token"] <= transformer["bytes_per_token"], (retnet, transformer)
+    assert retnet["bytes_per_token"] < per_layer(RETNET)["bytes_per_token"]
