@@ -173,8 +173,9 @@ def test_activation_checkpointing_same_gradients_less_memory():
     for mode in ("none", "selective", "full", True, False):
         kept[mode], grads[mode] = _saved_bytes_and_grads(model, ids, mode)
         assert torch.allclose(grads[mode], grads["none"], atol=1e-6), mode
-    # the retention core keeps only q, k, v, which the block keeps anyway: selective recompute saves nothing
-    assert kept["full"] < kept["selective"] == kept["none"]
+    # the retention core keeps only q, k, v, which the block keeps anyway: selective recompute saves
+    # only a few bytes of per-layer constants
+    assert kept["full"] < kept["selective"] <= kept["none"] < 1.001 * kept["selective"]
     assert kept[True] == kept["full"] and kept[False] == kept["none"]
     with pytest.raises(ValueError, match="selective"):
         parallelize(model, activation_checkpointing="some")
