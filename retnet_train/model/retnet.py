@@ -63,7 +63,7 @@ class MultiScaleRetention(nn.Module):
         self.backend = config.retention_backend
         # q, k and v stacked in one weight (rows [q; k; v]): DeepSpeed's optimizer step costs per
         # parameter tensor, so 2 fewer tensors per layer is a shorter step (docs/benchmarks.md). The
-        # gate keeps its own weight, computed after the retention (gated_output says why).
+        # gate keeps its own weight, computed after the retention (forward says why).
         self.qkv_proj = StackedLinear(d, row_blocks=(d, d, vd))
         self.g_proj = nn.Linear(d, vd, bias=False)
         self.out_proj = nn.Linear(vd, d, bias=False)
@@ -109,7 +109,7 @@ class MultiScaleRetention(nn.Module):
 
     def gated_output(self, x, o):
         """out_proj(gate(g_proj x) * o) for the normed block input x and the normed retention output o
-        (token-by-token decoding, which has no backward)."""
+        (step: decoding, which has no backward)."""
         return self.out_proj(self.gate_fn(self.g_proj(x)) * o)
 
     def retention_core(self, q, k, v, ctx: SequenceContext, state=None):
