@@ -27,8 +27,8 @@ import torch.distributed as dist
 
 from ..components.metrics import peak_memory_gib
 from ..model import build_model
+from ..components.distributed import init_distributed
 from ..parallel import build_context_parallel, check_layout, parallelize
-from ..train import init_distributed
 from .train_throughput import load_preset, make_engine
 
 

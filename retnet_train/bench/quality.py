@@ -176,10 +176,10 @@ def train_llama(cfg) -> int:
     from omegaconf import OmegaConf
 
     from ..components.config import data_sources, grad_accumulation
+    from ..components.distributed import pick_device
     from ..components.metrics import MetricsLogger, Throughput, peak_memory_gib
     from ..components.optim import lr_lambda, param_groups
     from ..data import TokenLoader, build_validation_loader, sha256_file
-    from ..train import pick_device
 
     if cfg.deepspeed.precision not in ("bf16", "fp32"):
         raise BenchError(f"llama: deepspeed.precision={cfg.deepspeed.precision}: the plain loop runs bf16 or fp32")

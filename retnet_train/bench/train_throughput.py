@@ -20,14 +20,14 @@ import torch
 import yaml
 from omegaconf import OmegaConf
 
-from ..model import build_model, model_config_from_dict
-from ..components.metrics import device_peak_flops, peak_memory_gib
 from ..components.config import TrainConfig
+from ..components.distributed import init_distributed
+from ..components.metrics import device_peak_flops, peak_memory_gib
 from ..components.optim import deepspeed_config, skip_duplicate_overflow_check
+from ..model import build_model, model_config_from_dict
 from ..model.config import RETENTION_BACKENDS
 from ..model.flops import flops_per_token
 from ..parallel import parallelize
-from ..train import init_distributed
 
 CONFIG_DIR = os.path.join(os.path.dirname(__file__), "..", "..", "configs", "model")
 def load_preset(name: str, **overrides):
@@ -40,7 +40,8 @@ def load_preset(name: str, **overrides):
 
 def fla_reference(cfg):
     """fla's HF RetNetForCausalLM at our preset's size (swiglu FFN of ~the same parameters)."""
-    from fla.models import RetNetConfig as FlaConfig, RetNetForCausalLM as FlaRetNet
+    from fla.models import RetNetConfig as FlaConfig
+    from fla.models import RetNetForCausalLM as FlaRetNet
 
     return FlaRetNet(FlaConfig(hidden_size=cfg.d_model, num_hidden_layers=cfg.n_layers, num_heads=cfg.n_heads,
                                expand_v=cfg.value_factor, hidden_ratio=2, vocab_size=cfg.vocab_size,
@@ -48,7 +49,7 @@ def fla_reference(cfg):
 
 
 def engine_config(micro_batch: int, zero_stage: int, grad_accum: int = 1, bf16: bool = True, overrides=None) -> dict:
-    """The trainer's DeepSpeed config at its defaults (configs/deepspeed/default.yaml: buckets,
+    """The trainer's DeepSpeed config at its defaults (DeepSpeedConfig in components/config.py: buckets,
     contiguous gradients, whole-block gathering under ZeRO-3; one rank), clipping at 1.0,
     deep-merged with `overrides` (--ds-json)."""
     cfg = TrainConfig()

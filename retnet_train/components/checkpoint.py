@@ -3,12 +3,16 @@
 Layout: <dir>/<tag>/ holds DeepSpeed's files (model/optimizer shards of every rank), our
 rng_rank<r>.pt and, written by rank 0 only after every rank finished, COMPLETE. Then <dir>/latest
 (the tag, DeepSpeed's own pointer format, so its zero_to_fp32 tools work) is replaced atomically.
+
+Client state (stored by DeepSpeed beside the weights): one entry per stateful part of the trainer
+(`train_state`, `data_loader`: each part's state_dict) plus facts that are read back but restore
+nothing (`config`: the resolved config; `layout`: world size, ZeRO stage, precision).
 """
 from __future__ import annotations
 
 import os
 import shutil
-from typing import Optional
+from typing import Mapping, Optional, Protocol
 
 import torch
 import torch.distributed as dist
@@ -16,6 +20,38 @@ import torch.distributed as dist
 from . import checkpoint_discovery as discovery
 from .checkpoint_discovery import TAG_RE
 from .rng import load_rng_state, rng_state, seed_everything
+
+
+class Stateful(Protocol):
+    def state_dict(self) -> dict: ...
+
+    def load_state_dict(self, state: Mapping) -> None: ...
+
+
+def client_state(parts: Mapping[str, Stateful], **facts) -> dict:
+    """What a checkpoint stores besides DeepSpeed's own state: each part's state_dict under its name."""
+    return {**{name: part.state_dict() for name, part in parts.items()}, **facts}
+
+
+def upgrade_client_state(client: dict) -> dict:
+    """Checkpoints written before the client state held one entry per part kept the trainer's counters
+    as flat keys (step, tokens_seen, wandb_id, faults) and the data loader's state under `data`."""
+    if "train_state" in client or "step" not in client:
+        return client
+    flat = dict(client)
+    train_state = {key: flat.pop(key) for key in ("step", "tokens_seen", "wandb_id", "faults") if key in flat}
+    data_loader = flat.pop("data", None)
+    return {**flat, "train_state": train_state, **({} if data_loader is None else {"data_loader": data_loader})}
+
+
+def load_parts(client: Mapping, parts: Mapping[str, Stateful], origin: str) -> None:
+    """Restore each part from its entry of a checkpoint's client state."""
+    missing = [name for name in parts if name not in client]
+    if missing:
+        raise ValueError(f"train.resume: {origin} holds no {' / '.join(missing)} state (client state keys: "
+                         f"{sorted(k for k in client if isinstance(k, str))[:20]}): not a checkpoint of this trainer")
+    for name, part in parts.items():
+        part.load_state_dict(client[name])
 
 
 def resolve_resume(resume: str, manager: "CheckpointManager"):
@@ -116,6 +152,7 @@ class CheckpointManager:
         been built with checkpoint.load_universal). RNG: rank r restores rng_rank<r>.pt; a rank
         the checkpoint has no file for (resuming on more ranks than saved) re-seeds with
         reseed + rank + 1_000_003 * step (distinct from every rank's initial seed), said once by rank 0.
+        Returns the client state, in today's layout also when the checkpoint is older (upgrade_client_state).
         """
         directory = directory or self.dir
         path = os.path.join(directory, tag)
@@ -125,6 +162,7 @@ class CheckpointManager:
         _, client_state = engine.load_checkpoint(load_dir, tag=load_tag)
         if client_state is None:
             raise ValueError(f"train.resume: DeepSpeed could not load {os.path.join(load_dir, load_tag)}")
+        client_state = upgrade_client_state(client_state)
         if plan is not None and plan.universal:
             from .reshard import repair_universal_load
 
@@ -133,7 +171,8 @@ class CheckpointManager:
         if os.path.isfile(rng_file):
             load_rng_state(torch.load(rng_file, weights_only=False))
         elif reseed is not None:  # absent when resuming on more ranks than were saved
-            seed_everything(reseed + self.rank + 1_000_003 * int(client_state.get("step", 0)))
+            step = int(client_state.get("train_state", {}).get("step", 0))
+            seed_everything(reseed + self.rank + 1_000_003 * step)
         world = dist.get_world_size() if dist.is_initialized() else 1
         saved = sum(os.path.isfile(os.path.join(path, f"rng_rank{r}.pt")) for r in range(world))
         if self.rank == 0 and saved < world:

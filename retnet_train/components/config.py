@@ -158,10 +158,9 @@ def check_values(cfg: TrainConfig) -> None:
     need(budget == 1 or cfg.train.compile, "train.activation_memory_budget",
          f"{budget} needs train.compile=true: torch.compile's partitioner does the recomputing")
     need(cfg.train.device in ("auto", "cpu", "cuda"), "train.device", f"{cfg.train.device!r} is not auto|cpu|cuda")
-    cp = cfg.parallel.context_parallel_size
-    need(cp >= 1, "parallel.context_parallel_size", "must be >= 1")
-    need(cp < 1 or cfg.data.seq_len % cp == 0, "parallel.context_parallel_size",
-         f"{cp} does not divide data.seq_len={cfg.data.seq_len}: each rank holds seq_len / {cp} tokens")
+    from ..parallel import check_layout  # (parallel imports this module)
+
+    check_layout(cfg.parallel.context_parallel_size, None, cfg.data.seq_len)
     need(cfg.checkpoint.interval > 0, "checkpoint.interval", "must be > 0")
     need(cfg.checkpoint.keep_last >= 1, "checkpoint.keep_last", "must be >= 1")
     need(cfg.profile.start_step >= 1, "profile.start_step", "must be >= 1 (optimizer steps count from 1)")
@@ -198,9 +197,10 @@ def data_sources(cfg: TrainConfig) -> dict:
 def grad_accumulation(cfg: TrainConfig, world_size: int) -> int:
     """Micro-batches per step. Under context parallelism the P ranks of a group share their sequences,
     so the batch counts data-parallel ranks only: world_size / parallel.context_parallel_size."""
+    from ..parallel import check_layout
+
     cp = cfg.parallel.context_parallel_size
-    if world_size % cp:
-        raise ValueError(f"parallel.context_parallel_size={cp} does not divide the world size {world_size}")
+    check_layout(cp, world_size, cfg.data.seq_len)
     dp = world_size // cp
     per_step = cfg.train.micro_batch_size * cfg.data.seq_len * dp
     if cfg.train.global_batch_tokens % per_step:

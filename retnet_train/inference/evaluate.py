@@ -21,37 +21,21 @@ from typing import Mapping, Optional
 
 import torch
 
+from ..components.validation import mean_loss
 from ..data import ManifestError, build_validation_loader, sha256_file
 from .cli import add_checkpoint_args, add_device_args, compute_dtype, load_from_args
 from .errors import CheckpointError
 
 
-@torch.no_grad()
 def perplexity(model, batches, device: str | torch.device = "cpu", max_batches: Optional[int] = None) -> dict:
-    """Token-weighted mean next-token loss over `batches` (dicts of input_ids/labels/doc_starts)."""
-    was_training = model.training
-    model.eval()
-    total, count, n = 0.0, 0, 0
+    """Token-weighted mean next-token loss over `batches` (dicts of input_ids/labels/doc_starts), as the
+    trainer's validation computes it, with its perplexity and bits per token."""
     t0 = time.perf_counter()
-    try:
-        for batch in batches:
-            if max_batches is not None and n >= max_batches:
-                break
-            ids, labels = batch["input_ids"].to(device), batch["labels"].to(device)
-            starts = batch.get("doc_starts")
-            kwargs = {} if starts is None else {"doc_starts": starts.to(device)}
-            out = model(ids, labels=labels, return_logits=False, **kwargs)
-            k = int((labels != -100).sum())
-            total += float(out.loss) * k
-            count += k
-            n += 1
-    finally:
-        model.train(was_training)
-    if count == 0:
+    result = mean_loss(model, batches, device, max_batches)
+    if result.tokens == 0:
         raise ValueError("perplexity: no tokens evaluated (empty validation data)")
-    loss = total / count
-    return {"loss": loss, "perplexity": math.exp(loss), "bits_per_token": loss / math.log(2), "tokens": count,
-            "batches": n, "seconds": round(time.perf_counter() - t0, 3)}
+    return {"loss": result.loss, "perplexity": math.exp(result.loss), "bits_per_token": result.loss / math.log(2),
+            "tokens": result.tokens, "batches": result.batches, "seconds": round(time.perf_counter() - t0, 3)}
 
 
 def parse_data(specs) -> dict:

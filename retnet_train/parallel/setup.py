@@ -9,11 +9,12 @@ import torch.distributed as dist
 from .context import KEY, ContextParallel
 
 
-def check_layout(size: int, world: int, seq_len: int) -> None:
-    """Errors name the config key so that a bad launch fails at start, not in a collective."""
+def check_layout(size: int, world: Optional[int], seq_len: int) -> None:
+    """Errors name the config key so that a bad launch fails at start, not in a collective.
+    world None: not known yet (config checks before launch); only the sequence split is checked."""
     if size < 1:
         raise ValueError(f"{KEY}: must be >= 1, got {size}")
-    if world % size:
+    if world is not None and world % size:
         raise ValueError(f"{KEY}={size} does not divide the world size {world}: "
                          f"launch a multiple of {size} ranks or change {KEY}")
     if seq_len % size:

@@ -29,7 +29,7 @@ def test_step_transient_and_buckets():
     assert sm.step_transient_bytes(2, 8, P) == 4 * P / 8
     assert sm.step_transient_bytes(3, 2, 5 * P, sub_group_size=P) == 4 * P / 2  # one sub-group at a time
     ds = sm.DeepSpeedSettings.trainer()
-    assert (ds.reduce_bucket_size, ds.overlap_comm) == (500_000_000, True)  # configs/deepspeed/default.yaml
+    assert (ds.reduce_bucket_size, ds.overlap_comm) == (500_000_000, True)  # DeepSpeedConfig defaults
     assert sm.bucket_bytes(0, ds) == 0
     assert sm.bucket_bytes(2, ds) == 2 * 2 * 500_000_000  # two bf16 buckets with overlap_comm
     assert sm.bucket_bytes(1, sm.DeepSpeedSettings.library_defaults(1)) == 2 * 500_000_000

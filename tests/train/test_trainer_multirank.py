@@ -149,4 +149,4 @@ def test_nonfinite_steps_are_skipped_then_the_run_stops_with_last_good_state(run
     assert not torch.equal(weights(3), weights(4))  # training went on
     assert torch.equal(weights(4), weights(7))  # nor did the three NaN-loss steps; saved at the stop
     client = torch.load(ckpts / "step_00000007" / "mp_rank_00_model_states.pt", weights_only=False)
-    assert client["faults"] == {"consecutive": 3, "total": 4}
+    assert client["train_state"]["faults"] == {"consecutive": 3, "total": 4}

@@ -66,7 +66,7 @@ def test_resume_from_another_run_loads_there_and_saves_here(tmp_path):
         expect = "step_00000005" if given.name.startswith("step_") else "step_00000007"
         assert resolve_resume(str(given), mine) == (other.dir, expect)
     engine = FakeEngine()
-    assert mine.load(engine, "step_00000007", directory=other.dir)["step"] == 7
+    assert mine.load(engine, "step_00000007", directory=other.dir)["train_state"]["step"] == 7
     assert engine.loaded == (other.dir, "step_00000007")
     mine.save(FakeEngine(), 8, {"step": 8})  # keep_last=1 here prunes nothing over there
     assert sorted(os.listdir(other.dir)) == ["latest", "step_00000005", "step_00000007"]

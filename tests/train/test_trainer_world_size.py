@@ -14,7 +14,7 @@ from retnet_train.components.reshard import UNIVERSAL, checkpoint_layout, conver
 STEPS, AT = 4, 2  # train 4 steps, checkpoint at 2, resume and compare steps 3..4
 LOSS_RTOL = 1e-5  # fp32; measured differences are ~1e-7 relative (reduction order of 1 vs 2 ranks)
 MOMENT_RTOL = 1e-4  # ||m - m_ref|| / ||m_ref|| of Adam's exp_avg / exp_avg_sq at the last step
-BETAS = (0.9, 0.98)  # configs/optim default
+BETAS = (0.9, 0.98)  # OptimConfig default
 # ZeRO 2 shares ZeRO 1's optimizer class, checkpoint files and universal conversion; it is resumed
 # (from ZeRO 1, across world sizes) in test_universal_copy_is_reused_and_zero_1_to_2_changes.
 STAGES = (0, 1, 3)

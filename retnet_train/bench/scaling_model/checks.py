@@ -65,8 +65,8 @@ MEASURED_RUNS = (
 
 def measured_run_predictions(hw: Hardware = Hardware()) -> list:
     """The model's numbers for MEASURED_RUNS, as the bench runs them (DeepSpeed's bucket defaults,
-    grad_accum 1) and, for the multi-GPU ones, as the trainer runs them (configs/deepspeed/default.yaml,
-    4M-token batches)."""
+    grad_accum 1) and, for the multi-GPU ones, as the trainer runs them (the DeepSpeed defaults of
+    components/config.py, 4M-token batches)."""
     rows = []
     for run in MEASURED_RUNS:
         cfg = load_preset(run["preset"])

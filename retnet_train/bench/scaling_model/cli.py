@@ -110,7 +110,7 @@ def main(argv=None):
     p.add_argument("--grad-accum", type=int, default=None, help="default: global batch / (micro-batch * seq * data-parallel)")
     p.add_argument("--backend", choices=["fla", "torch"], default="fla", help="retention path whose saved tensors to count")
     p.add_argument("--deepspeed-defaults", action="store_true",
-                   help="DeepSpeed's own bucket defaults (a config naming only the stage) instead of configs/deepspeed/default.yaml")
+                   help="DeepSpeed's own bucket defaults (a config naming only the stage) instead of the trainer's (components/config.py)")
     p.add_argument("--gpu-memory-gib", type=float, default=Hardware.memory_gib)
     p.add_argument("--ib-gbit", type=float, default=Hardware.ib_gbit_per_gpu, help="inter-node Gb/s per GPU")
     p.add_argument("--nvlink-gbyte", type=float, default=Hardware.nvlink_gbyte_per_gpu, help="intra-node GB/s per GPU")

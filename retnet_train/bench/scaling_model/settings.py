@@ -5,8 +5,7 @@ from dataclasses import dataclass
 
 from ...components.config import TrainConfig
 
-# The trainer's defaults come from the typed config, whose defaults equal configs/<group>/default.yaml
-# (tests/train/test_trainer_config.py holds them equal), as bench/train_throughput.py's engine does.
+# The trainer's defaults: the typed config is their only home (as for bench/train_throughput.py's engine).
 TRAINER_DEFAULTS = TrainConfig()
 GiB = 2 ** 30
 BF16, FP32 = 2, 4
