@@ -43,10 +43,8 @@ def _count_params(preset: dict) -> int:
 
     from retnet_train.model import build_model, model_config_from_dict
 
-    config = model_config_from_dict(preset)
-    config.validate()
     with torch.device("meta"):
-        model = build_model(config)
+        model = build_model(model_config_from_dict(preset))  # validated there
     return int(sum(p.numel() for p in model.parameters()))
 
 
