@@ -148,4 +148,18 @@ export MASTER_ADDR="$master_addr" MASTER_PORT="$master_port"
 # default action is to die; the step would then end and take the checkpointing workers with it.
 # The agent ignores USR1 (the disposition survives exec); the trainer installs its own handler.
 trap '' USR1
-exec "${run[@]}"
+# torchrun ends with 1 whenever a worker fails, whatever the worker's exit status; the trainer also
+# writes its status to RETNET_EXIT_STATUS_FILE, and this script ends with the workers' 75 ("stopped by
+# a signal after saving a checkpoint: run again to resume"), on which launch/slurm/*.sbatch requeue.
+# SIGTERM (preemption) reaches torchrun and the workers directly; this shell waits for them.
+status_file="${RETNET_EXIT_STATUS_FILE:-}"
+if [[ -z "$status_file" ]]; then
+  status_file="$(mktemp "${TMPDIR:-/tmp}/retnet-exit.XXXXXX")"
+  trap 'rm -f "$status_file"' EXIT
+  export RETNET_EXIT_STATUS_FILE="$status_file"
+fi
+trap ':' TERM
+rc=0
+"${run[@]}" || rc=$?
+if [[ "$rc" != 0 && "$(cat "$status_file" 2>/dev/null)" == 75 ]]; then rc=75; fi
+exit "$rc"

@@ -3,6 +3,10 @@
     python -m retnet_train.train experiment=tiny_cpu
     torchrun --nproc_per_node=8 -m retnet_train.train experiment=retnet_1.3b_8k wandb.mode=online
     deepspeed --num_gpus 8 --module retnet_train.train experiment=retnet_1.3b_8k
+
+Exit status: 0 finished (train.max_steps reached); 1 error (the message names the key or file);
+75 stopped by SIGTERM or SIGUSR1 after saving a checkpoint: run the same command again to resume
+(launch/slurm/*.sbatch requeue the job on it).
 """
 from __future__ import annotations
 
@@ -11,11 +15,15 @@ import sys
 
 import hydra
 import torch.distributed as dist
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import DictConfig
 
-from .components.config import TrainConfig, register
+from .components.config import TrainConfig, register, typed_config
 from .components.faults import TrainingError
 from .trainer import Trainer
+
+EXIT_FINISHED, EXIT_ERROR = 0, 1
+EXIT_PREEMPTED = 75  # EX_TEMPFAIL (sysexits.h): "a temporary failure; the user is invited to retry"
+
 
 def run(cfg: TrainConfig) -> dict:
     """Train per the config; returns the Trainer's summary. For drivers that build or compose a
@@ -37,15 +45,30 @@ def _absorb_launcher_args() -> None:
 
 @hydra.main(config_path="../configs", config_name="config", version_base="1.3")
 def main(cfg: DictConfig) -> None:
-    typed: TrainConfig = OmegaConf.to_object(cfg)
     try:
-        run(typed)
+        summary = run(typed_config(cfg))
     except (ValueError, TrainingError) as e:
         print(f"error: {e}", file=sys.stderr, flush=True)
-        sys.exit(1)
+        finish(EXIT_ERROR)
     finally:
         if dist.is_initialized():
             dist.destroy_process_group()
+    finish(EXIT_PREEMPTED if summary["preempted"] else EXIT_FINISHED)
+
+
+def finish(status: int) -> None:
+    """Exit with `status`, also written to $RETNET_EXIT_STATUS_FILE when a launcher set it: torchrun
+    itself ends with 1 for any failed worker, and launch/torchrun.sh reports the trainer's status."""
+    path = os.environ.get("RETNET_EXIT_STATUS_FILE")
+    if path:
+        try:
+            tmp = f"{path}.{os.getpid()}"
+            with open(tmp, "w") as f:
+                f.write(f"{status}\n")
+            os.replace(tmp, path)  # ranks on one node write the same file
+        except OSError as e:
+            print(f"warning: RETNET_EXIT_STATUS_FILE={path}: {e.strerror}", file=sys.stderr, flush=True)
+    sys.exit(status)
 
 
 if __name__ == "__main__":

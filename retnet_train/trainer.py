@@ -27,6 +27,7 @@ from .components.optim import build_optimizer, deepspeed_config, skip_duplicate_
 from .components.preemption import PreemptionHandler
 from .components.profiling import Profiler
 from .components.reshard import prepare_resume, run_layout
+from .components.run_dir import DirLock, is_inside, set_aside_metrics, write_problem
 from .components.rng import seed_everything
 from .components.train_state import TrainState
 from .components.validation import mean_loss
@@ -51,6 +52,7 @@ class Trainer:
         check_values(cfg)
         self.cfg = cfg
         self.profiler = self.bar = self.preempt = self.logger = None
+        self.locks: list = []
         self.last_checkpoint: Optional[str] = None
         self.last_loss = float("nan")
 
@@ -65,6 +67,9 @@ class Trainer:
         init_distributed(self.device)
         self.rank, self.world = dist.get_rank(), dist.get_world_size()
         self.is_main = self.rank == 0
+        self.ckpt = CheckpointManager(cfg.checkpoint.dir or os.path.join(cfg.run.dir, "checkpoints"),
+                                      cfg.checkpoint.keep_last, self.rank)
+        self._claim_dirs()
         # context parallel: P consecutive ranks share each sequence; the data comes per data-parallel rank
         self.cp, dp_rank, self.dp_world = build_context_parallel(cfg.parallel.context_parallel_size, self.rank,
                                                                  self.world, cfg.data.seq_len)
@@ -75,8 +80,6 @@ class Trainer:
         self.model = self._build_model()
         self.loader, self.val_loader = self._build_data(dp_rank)
 
-        ckpt_dir = cfg.checkpoint.dir or os.path.join(cfg.run.dir, "checkpoints")
-        self.ckpt = CheckpointManager(ckpt_dir, cfg.checkpoint.keep_last, self.rank)
         self.source = resolve_resume(cfg.train.resume, self.ckpt)  # before anything is written: refuses to clobber
         self.layout = run_layout(cfg, self.world)
         self.plan = prepare_resume(self.source, self.layout, self.rank)  # another world size / ZeRO stage: converted
@@ -93,6 +96,31 @@ class Trainer:
                                   scaler_skips_are_normal=cfg.deepspeed.precision == "fp16")
         self.state = TrainState(faults=faults)
         self.resolved = OmegaConf.to_container(OmegaConf.structured(cfg), resolve=True)
+
+    def _claim_dirs(self) -> None:
+        """Before anything is built: every directory this rank will write must be writable, and rank 0
+        locks the run's directories against a second trainer. Every rank raises the first problem."""
+        cfg = self.cfg
+        writes = [("run.dir", cfg.run.dir)] if self.is_main else []
+        writes.append(("checkpoint.dir", self.ckpt.dir))  # every rank writes its shards and RNG state there
+        if cfg.profile.enabled and self.rank in cfg.profile.ranks:
+            writes.append(("profile.enabled", os.path.join(cfg.run.dir, "profile", f"rank{self.rank}")))
+        problem = next(filter(None, (write_problem(key, path) for key, path in writes)), None)
+        if problem is None and self.is_main:
+            owned = [("run.dir", cfg.run.dir)]
+            if not is_inside(self.ckpt.dir, cfg.run.dir):
+                owned.append(("checkpoint.dir", self.ckpt.dir))
+            for key, path in owned:
+                lock = DirLock(path, key)
+                self.locks.append(lock)
+                problem = lock.acquire()
+                if problem:
+                    break
+        problems = [None] * self.world
+        dist.all_gather_object(problems, problem)
+        first = next(filter(None, problems), None)
+        if first:
+            raise ValueError(first)
 
     def _build_model(self):
         train = self.cfg.train
@@ -143,6 +171,11 @@ class Trainer:
         cfg, run_dir = self.cfg, self.cfg.run.dir
         if self.is_main:
             os.makedirs(run_dir, exist_ok=True)
+            continues = self.source is not None and os.path.abspath(self.source[0]) == os.path.abspath(self.ckpt.dir)
+            moved = None if continues else set_aside_metrics(run_dir)
+            if moved:
+                print(f"{run_dir} holds metrics of an earlier run without its checkpoints: kept as {moved}; "
+                      f"this run logs to a new metrics.jsonl", flush=True)
             OmegaConf.save(OmegaConf.create(self.resolved), os.path.join(run_dir, "config.yaml"))
             self._print_banner()
         self.profiler = Profiler(os.path.join(run_dir, "profile", f"rank{self.rank}"), self.rank, self.world,
@@ -302,3 +335,6 @@ class Trainer:
             self.preempt.restore()
         if self.logger is not None:
             self.logger.close()
+        for lock in reversed(self.locks):
+            lock.release()
+        self.locks = []

@@ -158,5 +158,26 @@ slurm_main() {
     exit 0
   fi
   echo "launch/slurm/${VENDOR}.sbatch: job ${SLURM_JOB_ID:-?} on ${SLURM_JOB_NODELIST:-${SLURM_NODELIST:-}}" >&2
-  exec "${step[@]}"
+  run_and_requeue "${step[@]}"
+}
+
+# run_and_requeue CMD...: run the srun step; when the trainer stopped on a signal after saving a
+# checkpoint (exit status 75: sbatch --signal=USR1@600 before the time limit, or SIGTERM), requeue
+# this job, which then resumes from that checkpoint. The status comes from a file that the trainer's
+# ranks on this host (node 0, where the batch script runs) write: srun's own status would be the
+# highest of all tasks, and a task that srun kills after another one ended counts as 128 + 9.
+run_and_requeue() {
+  local status_file rc=0
+  status_file="$(mktemp "${TMPDIR:-/tmp}/retnet-exit-${SLURM_JOB_ID:-job}.XXXXXX")"
+  export RETNET_EXIT_STATUS_FILE="$status_file"
+  "$@" || rc=$?
+  if [[ "$(cat "$status_file" 2>/dev/null)" == 75 ]]; then
+    rm -f "$status_file"
+    echo "launch/slurm/${VENDOR}.sbatch: the trainer saved a checkpoint and stopped on a signal (exit 75):" \
+      "requeueing job ${SLURM_JOB_ID:-?} to resume" >&2
+    scontrol requeue "${SLURM_JOB_ID:?}" || die "scontrol requeue ${SLURM_JOB_ID} failed: submit the same command again to resume"
+    exit 75
+  fi
+  rm -f "$status_file"
+  exit "$rc"
 }

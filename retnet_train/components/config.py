@@ -2,6 +2,7 @@
 a wrong type fails at start naming the key; below the entry point only plain values flow."""
 from __future__ import annotations
 
+import dataclasses
 import os
 from dataclasses import dataclass, field
 from typing import Any, Dict, List, Optional
@@ -128,6 +129,33 @@ class TrainConfig:
 
 def register() -> None:
     ConfigStore.instance().store(name="train_schema", node=TrainConfig)
+
+
+def typed_config(cfg) -> TrainConfig:
+    """The composed Hydra config as a TrainConfig. Hydra's `+key=value` (which Hydra itself suggests
+    for a misspelled key) adds keys the schema lacks, and the conversion would drop them silently: an
+    unknown key is refused here, named, as Hydra refuses a misspelled key without the `+`."""
+    from omegaconf import OmegaConf
+
+    unknown = unknown_keys(OmegaConf.to_container(cfg, resolve=False), TrainConfig)
+    if unknown:
+        raise ValueError(f"{unknown[0]}: not a key of the trainer config (retnet_train/components/config.py); "
+                         "nothing would read it" + (f" (also unknown: {', '.join(unknown[1:4])})" if unknown[1:] else ""))
+    return OmegaConf.to_object(cfg)
+
+
+def unknown_keys(values: dict, schema, prefix: str = "") -> list:
+    """Dotted keys of `values` that the dataclass `schema` (nested) does not have."""
+    import typing
+
+    types = typing.get_type_hints(schema)
+    out = []
+    for key, value in values.items():
+        if key not in types:
+            out.append(f"{prefix}{key}")
+        elif dataclasses.is_dataclass(types[key]) and isinstance(value, dict):
+            out += unknown_keys(value, types[key], f"{prefix}{key}.")
+    return out
 
 
 def check_values(cfg: TrainConfig) -> None:

@@ -125,13 +125,11 @@ def compose_trainer_config(overrides: Sequence[str]):
 
 def trainer_view(cfg, world_size: int | None) -> TrainerView:
     """Checkpoint dir, size inputs and the value checks the trainer runs at start."""
-    from omegaconf import OmegaConf
-
     from retnet_train.components import config as schema
 
     problems: list[str] = []
     try:
-        cfg = OmegaConf.to_object(cfg)  # typed and resolved, as the trainer's entry point does
+        cfg = schema.typed_config(cfg)  # typed and resolved, as the trainer's entry point does
     except Exception as exc:  # noqa: BLE001 - omegaconf raises several types
         raise PreflightError(f"trainer config: {str(exc).strip().splitlines()[0]}") from None
     for check in (getattr(schema, "check_values", None),):

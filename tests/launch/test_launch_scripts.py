@@ -301,3 +301,34 @@ def test_srun_step_gets_the_nodes_cpus_without_cpus_per_task():
     r = run("launch/slurm/nvidia.sbatch", "--dry-run", "model=tiny", env=env)
     assert r.returncode == 0, r.stderr
     assert not any(a.startswith("--cpus-per-task") for a in command_after(r.stdout, "# srun step (run once from the batch host):"))
+
+
+REQUEUE_SRUN = """#!/usr/bin/env bash
+# stand-in srun: the trainer's ranks on the batch host wrote their status; srun's own is the tasks' highest
+echo "$FAKE_STATUS" > "$RETNET_EXIT_STATUS_FILE"
+exit "$FAKE_SRUN_RC"
+"""
+
+
+@pytest.mark.parametrize("status,srun_rc,expect", [("75", "137", 75), ("0", "0", 0), ("1", "1", 1)])
+def test_sbatch_requeues_the_job_only_when_the_trainer_stopped_on_a_signal(tmp_path, status, srun_rc, expect):
+    # 75: a signal (sbatch --signal=USR1@600, SIGTERM) made the trainer save and stop; srun's status may
+    # be 128 + 9 for a task it killed after another one ended.
+    bindir = tmp_path / "bin"
+    bindir.mkdir()
+    (bindir / "srun").write_text(REQUEUE_SRUN)
+    (bindir / "scontrol").write_text('#!/usr/bin/env bash\necho "$@" >> "$SCONTROL_LOG"\n')
+    for tool in ("srun", "scontrol"):
+        (bindir / tool).chmod(0o755)
+    log = tmp_path / "scontrol.log"
+    env = {**fake_slurm("n1", 1), "PATH": f"{bindir}:{os.environ['PATH']}", "TMPDIR": str(tmp_path),
+           "FAKE_STATUS": status, "FAKE_SRUN_RC": srun_rc, "SCONTROL_LOG": str(log)}
+    r = run("launch/slurm/nvidia.sbatch", "model=tiny", env=env)
+    assert r.returncode == expect, r.stderr
+    if expect == 75:
+        assert log.read_text().split() == ["requeue", "4242"]
+        assert "requeueing job 4242 to resume" in r.stderr
+    else:
+        assert not log.exists()
+    assert sorted(p.name for p in tmp_path.iterdir() if p != log) == ["bin"]  # the status file is removed
+

@@ -1,3 +1,3 @@
 # Fixtures that several modules here share. Defined in trainer_helpers; imported here rather than
 # into each module, where pytest would set a session fixture up once per importing module.
-from trainer_helpers import short_run  # noqa: F401
+from trainer_helpers import process_group, short_run  # noqa: F401

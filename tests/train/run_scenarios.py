@@ -38,8 +38,7 @@ def restore(saved):
 
 def main() -> None:
     import torch.distributed as dist
-    from omegaconf import OmegaConf
-
+    from retnet_train.components.config import typed_config  # as the CLI converts it
     from retnet_train.preflight import compose_trainer_config  # composes as the CLI does
     from retnet_train.train import run
 
@@ -51,7 +50,7 @@ def main() -> None:
         saved = redirect(out / f"rank{rank}.stdout", out / f"rank{rank}.stderr")
         began = time.time()
         try:
-            result = {"summary": run(OmegaConf.to_object(compose_trainer_config(scenario["args"])))}
+            result = {"summary": run(typed_config(compose_trainer_config(scenario["args"])))}
         except Exception as e:  # noqa: BLE001 (recorded for the test, or ends the job)
             traceback.print_exc()
             result = {"error": type(e).__name__, "message": str(e)}

@@ -4,15 +4,12 @@ import os
 
 import pytest
 import torch
-import torch.distributed as dist
-from omegaconf import OmegaConf
 
 from retnet_train.components.checkpoint import client_state, load_parts, upgrade_client_state
 from retnet_train.components.faults import NonFiniteTracker
 from retnet_train.components.train_state import TrainState
-from retnet_train.preflight import compose_trainer_config
 from retnet_train.trainer import Trainer
-from trainer_helpers import losses, overrides, shards  # noqa: F401 (shards: a fixture)
+from trainer_helpers import losses, shards, typed  # noqa: F401 (shards: a fixture)
 
 FLAT = {"data": {"consumed_sequences": 8}, "step": 3, "tokens_seen": 768, "wandb_id": "w1",
         "faults": {"consecutive": 1, "total": 2}, "config": {"run": {"dir": "r"}}, "layout": {"world_size": 1}}
@@ -54,19 +51,8 @@ def test_flat_client_state_of_older_checkpoints_is_upgraded():
     assert (state.step, state.tokens_seen, state.wandb_id, state.faults.total) == (3, 768, None, 9)
 
 
-@pytest.fixture
-def process_group():
-    """A world of one on an in-memory store, for trainers run in this process (no TCP port; left
-    up, with LOCAL_RANK, for later in-process tests, which join it)."""
-    os.environ.setdefault("LOCAL_RANK", "0")  # DeepSpeed's engine insists on it
-    if not dist.is_initialized():
-        dist.init_process_group("gloo", store=dist.HashStore(), rank=0, world_size=1)
-
-
 def config(shards, run_dir, **extra):
-    args = overrides(shards, run_dir, **{"train.max_steps": 4, "checkpoint.interval": 2, "checkpoint.keep_last": 5,
-                                         **extra})
-    return OmegaConf.to_object(compose_trainer_config(args))
+    return typed(shards, run_dir, **{"train.max_steps": 4, "checkpoint.interval": 2, "checkpoint.keep_last": 5, **extra})
 
 
 def test_checkpoint_in_the_flat_layout_resumes_exactly(shards, tmp_path, process_group, capsys):

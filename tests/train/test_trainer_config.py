@@ -24,6 +24,23 @@ def test_bad_override_names_the_key(tmp_path, override, needle):
     assert needle in proc.stderr + proc.stdout
 
 
+@pytest.mark.parametrize("override,key", [("+train.max_step=2", "train.max_step"), ("+wandb.projekt=x", "wandb.projekt"),
+                                          ("+trian.max_steps=2", "trian")])
+def test_unknown_plus_key_is_refused_like_a_misspelled_one(tmp_path, override, key):
+    """`+key=value` (Hydra's own suggestion for a misspelled key) adds a key nothing reads: refused by
+    the CLI's conversion to the typed config, and by the preflight that composes as the CLI does."""
+    from retnet_train.components.config import typed_config
+    from retnet_train.preflight import compose_trainer_config
+    from retnet_train.preflight.trainer_config import PreflightError, trainer_view
+
+    composed = compose_trainer_config(overrides(tmp_path, tmp_path / "run") + [override])
+    with pytest.raises(ValueError, match=f"^{key}: not a key of the trainer config"):
+        typed_config(composed)
+    with pytest.raises(PreflightError, match=f"{key}: not a key of the trainer config"):
+        trainer_view(composed, world_size=1)
+    assert typed_config(compose_trainer_config(overrides(tmp_path, tmp_path / "run"))).train.max_steps == 6
+
+
 def test_missing_data_names_the_path(tmp_path):
     proc = train(overrides(tmp_path / "nodata", tmp_path / "run"), nproc=1, check=False, timeout=120)
     assert proc.returncode != 0

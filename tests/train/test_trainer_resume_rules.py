@@ -136,6 +136,22 @@ def test_cli_prints_a_training_error_and_exits_1(monkeypatch, capsys):
     assert "error: 3 consecutive steps with non-finite loss or gradients" in capsys.readouterr().err
 
 
+@pytest.mark.parametrize("preempted,status", [(True, 75), (False, 0)])
+def test_cli_exit_status_tells_a_stop_on_a_signal_from_the_end(monkeypatch, tmp_path, preempted, status):
+    """75 (stopped by SIGTERM / SIGUSR1 after saving: run again) or 0 (finished), also written where a
+    launcher asks for it (torchrun itself ends with 1 for any failed worker)."""
+    from omegaconf import OmegaConf
+
+    import retnet_train.train as cli
+
+    monkeypatch.setattr(cli, "run", lambda cfg: {"preempted": preempted})
+    monkeypatch.setenv("RETNET_EXIT_STATUS_FILE", str(tmp_path / "status"))
+    with pytest.raises(SystemExit) as e:
+        cli.main.__wrapped__(OmegaConf.create({}))
+    assert e.value.code == status
+    assert (tmp_path / "status").read_text() == f"{status}\n" and os.listdir(tmp_path) == ["status"]
+
+
 @pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGUSR1])
 def test_preemption_signals_are_caught_and_handlers_restored(sig):
     before = signal.getsignal(sig)

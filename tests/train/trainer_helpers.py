@@ -53,6 +53,26 @@ def short_run(tmp_path_factory):
     return run, proc
 
 
+@pytest.fixture
+def process_group():
+    """A world of one on an in-memory store for trainers run in this process: no TCP port, and no
+    RANK/MASTER_* variables left for later subprocesses. Left up, with LOCAL_RANK, for later
+    in-process tests, which join it."""
+    import torch.distributed as dist
+
+    os.environ.setdefault("LOCAL_RANK", "0")  # DeepSpeed's engine insists on it
+    if not dist.is_initialized():
+        dist.init_process_group("gloo", store=dist.HashStore(), rank=0, world_size=1)
+
+
+def typed(data_dir: Path, run_dir: Path, **extra):
+    """The TrainConfig the CLI would run for overrides(data_dir, run_dir, **extra)."""
+    from retnet_train.components.config import typed_config
+    from retnet_train.preflight import compose_trainer_config
+
+    return typed_config(compose_trainer_config(overrides(data_dir, run_dir, **extra)))
+
+
 def overrides(data_dir: Path, run_dir: Path, **extra) -> list:
     base = {
         "model": "tiny", "model.vocab_size": VOCAB, "model.d_model": 64, "model.n_layers": 2, "model.n_heads": 2,

@@ -1,0 +1,103 @@
+"""The directories a run writes: checked at start, owned by one live trainer, and an earlier run's
+metrics kept apart from this run's.
+
+* Every directory the run will write (run.dir, checkpoint.dir, the profile dir) must be creatable and
+  writable at start, so that a bad path fails before any training, naming its key.
+* `<dir>/trainer.lock` is held with flock(2) by the trainer that uses the directory: a second trainer
+  on the same run.dir (or checkpoint.dir) is refused, naming the holder. The kernel drops the lock
+  when the holder ends, however it ends, so a crashed run leaves nothing stuck.
+* A run that does not continue this directory's own checkpoints (a fresh start, or a resume from
+  another run's checkpoint) finding metrics.jsonl there renames it to metrics.<n>.jsonl (n = 1, 2, ...
+  in the order they were set aside) instead of appending to it.
+"""
+from __future__ import annotations
+
+import errno
+import fcntl
+import os
+import socket
+import tempfile
+import time
+from typing import Optional
+
+LOCK_NAME = "trainer.lock"
+METRICS = "metrics.jsonl"
+
+
+def write_problem(key: str, path: str) -> Optional[str]:
+    """Why the run could not create or write directory `path` (set by config key `key`), or None."""
+    path = os.path.abspath(path)
+    existing = path
+    while not os.path.lexists(existing):
+        existing = os.path.dirname(existing)
+    if not os.path.isdir(existing):
+        where = "is" if existing == path else f"lies under {existing}, which is"
+        return f"{key}: {path} {where} a file, not a directory"
+    try:  # what the run will do there (os.access says yes to root on a read-only mount)
+        with tempfile.TemporaryFile(dir=existing, prefix=".write-test-"):
+            pass
+    except OSError as e:
+        return f"{key}: cannot write {path} ({existing}: {e.strerror})"
+    return None
+
+
+def is_inside(path: str, directory: str) -> bool:
+    path, directory = os.path.abspath(path), os.path.abspath(directory)
+    return path == directory or path.startswith(directory.rstrip(os.sep) + os.sep)
+
+
+class DirLock:
+    """An exclusive flock on <directory>/trainer.lock for the life of a trainer."""
+
+    def __init__(self, directory: str, key: str):
+        self.dir, self.key = os.path.abspath(directory), key
+        self.path = os.path.join(self.dir, LOCK_NAME)
+        self._fd: Optional[int] = None
+        self._made_dir = False
+
+    def acquire(self) -> Optional[str]:
+        """Take the lock; returns why it is not ours (another live trainer holds it), else None."""
+        self._made_dir = not os.path.isdir(self.dir)
+        os.makedirs(self.dir, exist_ok=True)
+        fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError as e:
+            holder = os.read(fd, 200).decode(errors="replace").strip() or "unknown process"
+            os.close(fd)
+            if e.errno in (errno.EWOULDBLOCK, errno.EAGAIN, errno.EACCES):
+                return (f"{self.key}={self.dir} is in use by another trainer ({holder}; {self.path}): "
+                        f"wait for it to end or stop it, or give this run another {self.key}")
+            print(f"warning: {self.path}: no file locks on this filesystem ({e.strerror}): "
+                  f"a second trainer on {self.key}={self.dir} would not be noticed", flush=True)
+            return None
+        os.ftruncate(fd, 0)
+        os.write(fd, f"pid {os.getpid()} on {socket.gethostname()} since {time.strftime('%Y-%m-%d %H:%M:%S')}"
+                 .encode())
+        self._fd = fd
+        return None
+
+    def release(self) -> None:
+        """Give the lock back; a directory this trainer created and left holding only the lock file
+        (a run that failed at start) is removed again."""
+        if self._fd is None:
+            return
+        if self._made_dir and os.listdir(self.dir) == [LOCK_NAME]:
+            os.remove(self.path)
+            os.rmdir(self.dir)
+        fcntl.flock(self._fd, fcntl.LOCK_UN)
+        os.close(self._fd)
+        self._fd = None
+
+
+def set_aside_metrics(run_dir: str) -> Optional[str]:
+    """Rename an earlier run's metrics.jsonl to the first free metrics.<n>.jsonl; returns the new path."""
+    path = os.path.join(run_dir, METRICS)
+    if not os.path.isfile(path):
+        return None
+    n = 1
+    while os.path.exists(os.path.join(run_dir, f"metrics.{n}.jsonl")):
+        n += 1
+    target = os.path.join(run_dir, f"metrics.{n}.jsonl")
+    os.rename(path, target)
+    return target
