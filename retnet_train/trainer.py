@@ -19,6 +19,7 @@ from omegaconf import OmegaConf
 from tqdm import tqdm
 
 from .components.checkpoint import CheckpointManager, client_state, load_parts, resolve_resume
+from .components.checkpoint_discovery import model_states_file
 from .components.config import TrainConfig, check_values, config_diff, data_sources, grad_accumulation
 from .components.distributed import init_distributed, pick_device
 from .components.faults import OOM_HINT, NonFiniteTracker, TrainingError, inject
@@ -116,6 +117,11 @@ class Trainer:
                 problem = lock.acquire()
                 if problem:
                     break
+        self._agree(problem)
+
+    def _agree(self, problem: Optional[str]) -> None:
+        """Every rank raises the first rank's problem (a collective: a rank that failed alone would leave
+        the others waiting in the next one)."""
         problems = [None] * self.world
         dist.all_gather_object(problems, problem)
         first = next(filter(None, problems), None)
@@ -130,6 +136,9 @@ class Trainer:
 
     def _build_data(self, dp_rank: int):
         cfg = self.cfg
+        if cfg.data.tokenizer and not os.path.isfile(cfg.data.tokenizer):
+            raise ValueError(f"data.tokenizer={cfg.data.tokenizer}: no such file (from {os.getcwd()}); "
+                             "data.tokenizer=null skips the check that the shards were tokenized with it")
         tokenizer_sha = sha256_file(cfg.data.tokenizer) if cfg.data.tokenizer else None
         sources, vocab = data_sources(cfg), self.model_cfg.vocab_size
         loader = TokenLoader(sources, cfg.data.seq_len, cfg.train.micro_batch_size, dp_rank, self.dp_world,
@@ -155,7 +164,10 @@ class Trainer:
                 print(fresh, flush=True)
             return
         directory, tag = self.source
-        client = self.ckpt.load(self.engine, tag, directory=directory, plan=self.plan, reseed=self.cfg.train.seed)
+        try:
+            client = self.ckpt.load(self.engine, tag, directory=directory, plan=self.plan, reseed=self.cfg.train.seed)
+        except RuntimeError as e:  # torch's load_state_dict: the weights do not fit this model
+            raise ValueError(self._misfit(os.path.join(directory, tag), e)) from None
         load_parts(client, self.stateful, os.path.join(directory, tag))
         self.last_checkpoint = os.path.join(directory, tag)
         if self.is_main:
@@ -166,9 +178,38 @@ class Trainer:
             if changed:
                 print("config changed since that checkpoint: " + "; ".join(changed), flush=True)
 
+    def _misfit(self, path: str, error: RuntimeError) -> str:
+        """One line on a checkpoint whose weights do not load: torch's first complaint and the model.*
+        settings that differ from the checkpoint's."""
+        lines = [line.strip() for line in str(error).splitlines() if line.strip()]
+        detail = (lines[1] if len(lines) > 1 else lines[0] if lines else type(error).__name__)[:300]
+        saved = torch.load(model_states_file(path), map_location="cpu", weights_only=False, mmap=True)
+        changed = config_diff((saved.get("config") or {}).get("model") or {}, self.resolved["model"], "model.")
+        return (f"train.resume: {path} does not load into this model ({detail})"
+                + (f"; model settings differ from the checkpoint's: {'; '.join(changed)}" if changed else ""))
+
     def _open_outputs(self) -> None:
         """Run dir, console banner, metrics, profiler, progress bar and the signal handler."""
         cfg, run_dir = self.cfg, self.cfg.run.dir
+        problem = None
+        try:  # rank 0's files and W&B; the profiler checks profile.ranks on every rank
+            self._open_run_files()
+            self.profiler = Profiler(os.path.join(run_dir, "profile", f"rank{self.rank}"), self.rank, self.world,
+                                     self.device.type, self.state.step, **asdict(cfg.profile))
+        except (ValueError, OSError) as e:
+            problem = str(e)
+        self._agree(problem)
+        self.flops = flops_per_token(self.model_cfg, cfg.data.seq_len)["model"]
+        self.peak = device_peak_flops(self.device, cfg.train.peak_flops)
+        self.preempt = PreemptionHandler()
+        self.throughput = Throughput(self.state.tokens_seen)
+        self.bar = tqdm(total=cfg.train.max_steps, initial=self.state.step, unit="step", dynamic_ncols=True,
+                        disable=True if not self.is_main else None)  # None: shown on a terminal only
+
+    def _open_run_files(self) -> None:
+        """Rank 0: run dir, config.yaml (resolved), the banner. Every rank: the metrics logger (which
+        writes metrics.jsonl and W&B on rank 0 only)."""
+        run_dir = self.cfg.run.dir
         if self.is_main:
             os.makedirs(run_dir, exist_ok=True)
             continues = self.source is not None and os.path.abspath(self.source[0]) == os.path.abspath(self.ckpt.dir)
@@ -178,16 +219,8 @@ class Trainer:
                       f"this run logs to a new metrics.jsonl", flush=True)
             OmegaConf.save(OmegaConf.create(self.resolved), os.path.join(run_dir, "config.yaml"))
             self._print_banner()
-        self.profiler = Profiler(os.path.join(run_dir, "profile", f"rank{self.rank}"), self.rank, self.world,
-                                 self.device.type, self.state.step, **asdict(cfg.profile))
-        self.logger = MetricsLogger(run_dir, self.is_main, cfg.wandb, self.resolved, self.state.wandb_id)
+        self.logger = MetricsLogger(run_dir, self.is_main, self.cfg.wandb, self.resolved, self.state.wandb_id)
         self.state.wandb_id = self.logger.wandb_id
-        self.flops = flops_per_token(self.model_cfg, cfg.data.seq_len)["model"]
-        self.peak = device_peak_flops(self.device, cfg.train.peak_flops)
-        self.preempt = PreemptionHandler()
-        self.throughput = Throughput(self.state.tokens_seen)
-        self.bar = tqdm(total=cfg.train.max_steps, initial=self.state.step, unit="step", dynamic_ncols=True,
-                        disable=True if not self.is_main else None)  # None: shown on a terminal only
 
     def _print_banner(self) -> None:
         cfg, world = self.cfg, self.world

@@ -51,7 +51,10 @@ def load_parts(client: Mapping, parts: Mapping[str, Stateful], origin: str) -> N
         raise ValueError(f"train.resume: {origin} holds no {' / '.join(missing)} state (client state keys: "
                          f"{sorted(k for k in client if isinstance(k, str))[:20]}): not a checkpoint of this trainer")
     for name, part in parts.items():
-        part.load_state_dict(client[name])
+        try:
+            part.load_state_dict(client[name])
+        except ValueError as e:
+            raise ValueError(f"train.resume: {origin}: {name}: {e}") from None
 
 
 def resolve_resume(resume: str, manager: "CheckpointManager"):

@@ -139,9 +139,23 @@ def typed_config(cfg) -> TrainConfig:
 
     unknown = unknown_keys(OmegaConf.to_container(cfg, resolve=False), TrainConfig)
     if unknown:
+        also = f" (also unknown: {', '.join(unknown[1:4])})" if unknown[1:] else ""
         raise ValueError(f"{unknown[0]}: not a key of the trainer config (retnet_train/components/config.py); "
-                         "nothing would read it" + (f" (also unknown: {', '.join(unknown[1:4])})" if unknown[1:] else ""))
-    return OmegaConf.to_object(cfg)
+                         f"nothing would read it{also}")
+    return expand_home(OmegaConf.to_object(cfg))
+
+
+def expand_home(cfg: TrainConfig) -> TrainConfig:
+    """`~` in the path keys means the home directory, as in a shell: the shell leaves `key=~/x` alone,
+    and the run would otherwise create a directory named `~` in the working directory."""
+    expand = os.path.expanduser
+    cfg.run.dir = expand(cfg.run.dir)
+    cfg.checkpoint.dir = expand(cfg.checkpoint.dir) if cfg.checkpoint.dir else cfg.checkpoint.dir
+    cfg.data.paths = [expand(p) for p in cfg.data.paths]
+    cfg.data.tokenizer = expand(cfg.data.tokenizer) if cfg.data.tokenizer else cfg.data.tokenizer
+    if cfg.train.resume not in ("auto", "never"):
+        cfg.train.resume = expand(cfg.train.resume)
+    return cfg
 
 
 def unknown_keys(values: dict, schema, prefix: str = "") -> list:
@@ -173,12 +187,16 @@ def check_values(cfg: TrainConfig) -> None:
     need(len(cfg.optim.betas) == 2 and all(0 <= b < 1 for b in cfg.optim.betas), "optim.betas", "two values in [0, 1)")
     need(cfg.optim.decay in ("linear", "cosine", "constant"), "optim.decay", f"{cfg.optim.decay!r} is not linear|cosine|constant")
     need(cfg.optim.warmup_steps >= 0, "optim.warmup_steps", "must be >= 0")
+    need(cfg.optim.eps > 0, "optim.eps", "must be > 0")
+    need(cfg.optim.weight_decay >= 0, "optim.weight_decay", "must be >= 0")
+    need(cfg.optim.grad_clip >= 0, "optim.grad_clip", "must be >= 0 (0: no clipping)")
     need(0 <= cfg.optim.min_lr_ratio <= 1, "optim.min_lr_ratio", "must be in [0, 1]")
     need(cfg.deepspeed.zero_stage in (0, 1, 2, 3), "deepspeed.zero_stage", f"{cfg.deepspeed.zero_stage} is not 0-3")
     need(cfg.deepspeed.precision in ("bf16", "fp16", "fp32"), "deepspeed.precision", f"{cfg.deepspeed.precision!r} is not bf16|fp16|fp32")
     need(not cfg.deepspeed.offload_param or cfg.deepspeed.zero_stage == 3, "deepspeed.offload_param", "needs zero_stage=3")
     need(not cfg.deepspeed.offload_optimizer or cfg.deepspeed.zero_stage >= 1, "deepspeed.offload_optimizer", "needs zero_stage>=1")
-    for key in ("micro_batch_size", "global_batch_tokens", "max_steps", "log_interval", "eval_interval", "max_consecutive_nonfinite"):
+    for key in ("micro_batch_size", "global_batch_tokens", "max_steps", "log_interval", "eval_interval", "eval_batches",
+                "max_consecutive_nonfinite"):
         need(getattr(cfg.train, key) > 0, f"train.{key}", "must be > 0")
     checkpointing_mode(cfg.train.activation_checkpointing, "train.activation_checkpointing")
     budget = cfg.train.activation_memory_budget
@@ -186,6 +204,7 @@ def check_values(cfg: TrainConfig) -> None:
     need(budget == 1 or cfg.train.compile, "train.activation_memory_budget",
          f"{budget} needs train.compile=true: torch.compile's partitioner does the recomputing")
     need(cfg.train.device in ("auto", "cpu", "cuda"), "train.device", f"{cfg.train.device!r} is not auto|cpu|cuda")
+    need(cfg.train.peak_flops is None or cfg.train.peak_flops > 0, "train.peak_flops", "must be > 0 (or null)")
     from ..parallel import check_layout  # (parallel imports this module)
 
     check_layout(cfg.parallel.context_parallel_size, None, cfg.data.seq_len)

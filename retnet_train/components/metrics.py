@@ -66,9 +66,13 @@ class MetricsLogger:
         if is_main and wandb_cfg.mode != "disabled":
             import wandb  # imported only when used
 
-            self._wandb = wandb.init(project=wandb_cfg.project, entity=wandb_cfg.entity, name=wandb_cfg.name,
-                                     tags=list(wandb_cfg.tags), mode=wandb_cfg.mode, id=self.wandb_id,
-                                     resume="allow", dir=run_dir, config=resolved_config)
+            try:
+                self._wandb = wandb.init(project=wandb_cfg.project, entity=wandb_cfg.entity, name=wandb_cfg.name,
+                                         tags=list(wandb_cfg.tags), mode=wandb_cfg.mode, id=self.wandb_id,
+                                         resume="allow", dir=run_dir, config=resolved_config)
+            except wandb.errors.Error as e:  # no API key, no network, unknown entity or project
+                raise ValueError(f"wandb.mode={wandb_cfg.mode}: {str(e).strip().splitlines()[0]} (wandb.mode=offline "
+                                 f"logs under {run_dir}/wandb for a later `wandb sync`)") from None
 
     def log(self, record: dict) -> None:
         if not self.is_main:
