@@ -28,7 +28,7 @@ from .components.optim import build_optimizer, deepspeed_config, skip_duplicate_
 from .components.preemption import PreemptionHandler
 from .components.profiling import Profiler
 from .components.reshard import prepare_resume, run_layout
-from .components.run_dir import DirLock, is_inside, set_aside_metrics, write_problem
+from .components.run_dir import DirLock, same_dir, set_aside_metrics, write_problem
 from .components.rng import seed_everything
 from .components.train_state import TrainState
 from .components.validation import mean_loss
@@ -108,10 +108,9 @@ class Trainer:
             writes.append(("profile.enabled", os.path.join(cfg.run.dir, "profile", f"rank{self.rank}")))
         problem = next(filter(None, (write_problem(key, path) for key, path in writes)), None)
         if problem is None and self.is_main:
-            owned = [("run.dir", cfg.run.dir)]
-            if not is_inside(self.ckpt.dir, cfg.run.dir):
-                owned.append(("checkpoint.dir", self.ckpt.dir))
-            for key, path in owned:
+            # both: another run's checkpoint.dir may point into this run.dir, or the other way round
+            owned = [("run.dir", cfg.run.dir), ("checkpoint.dir", self.ckpt.dir)]
+            for key, path in owned[:1] if same_dir(cfg.run.dir, self.ckpt.dir) else owned:
                 lock = DirLock(path, key)
                 self.locks.append(lock)
                 problem = lock.acquire()

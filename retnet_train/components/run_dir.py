@@ -3,9 +3,9 @@ metrics kept apart from this run's.
 
 * Every directory the run will write (run.dir, checkpoint.dir, the profile dir) must be creatable and
   writable at start, so that a bad path fails before any training, naming its key.
-* `<dir>/trainer.lock` is held with flock(2) by the trainer that uses the directory: a second trainer
-  on the same run.dir (or checkpoint.dir) is refused, naming the holder. The kernel drops the lock
-  when the holder ends, however it ends, so a crashed run leaves nothing stuck.
+* `<dir>/trainer.lock` in run.dir and in checkpoint.dir is held with flock(2) by the trainer that uses
+  them: a second trainer on either is refused, naming the holder. The kernel drops the lock when the
+  holder ends, however it ends, so a crashed run leaves nothing stuck.
 * A run that does not continue this directory's own checkpoints (a fresh start, or a resume from
   another run's checkpoint) finding metrics.jsonl there renames it to metrics.<n>.jsonl (n = 1, 2, ...
   in the order they were set aside) instead of appending to it.
@@ -41,9 +41,8 @@ def write_problem(key: str, path: str) -> Optional[str]:
     return None
 
 
-def is_inside(path: str, directory: str) -> bool:
-    path, directory = os.path.abspath(path), os.path.abspath(directory)
-    return path == directory or path.startswith(directory.rstrip(os.sep) + os.sep)
+def same_dir(a: str, b: str) -> bool:
+    return os.path.realpath(a) == os.path.realpath(b)
 
 
 class DirLock:

@@ -107,3 +107,17 @@ def test_fresh_start_sets_an_earlier_runs_metrics_aside(shards, tmp_path, proces
     assert f"kept as {run_dir / 'metrics.1.jsonl'}" in capsys.readouterr().out
     assert [json.loads(line) for line in (run_dir / "metrics.1.jsonl").read_text().splitlines()] == earlier
     assert [r["step"] for r in records(run_dir)] == [1, 1]  # this run's training and validation lines only
+
+
+def test_trainer_refuses_a_checkpoint_dir_another_trainer_holds(shards, tmp_path, process_group):
+    """Run a (run.dir a, checkpoints in a/checkpoints) holds both locks; run b pointing its
+    checkpoint.dir there is refused although its run.dir is free."""
+    theirs = tmp_path / "a" / "checkpoints"
+    holder = hold_lock(theirs)
+    try:
+        with pytest.raises(ValueError, match=f"checkpoint.dir={theirs} is in use by another trainer"):
+            Trainer(typed(shards, tmp_path / "b", **{"checkpoint.dir": str(theirs), "train.max_steps": 1})).train()
+    finally:
+        holder.kill()
+        holder.wait()
+    assert not (tmp_path / "b").exists()  # made for its lock, then removed again
