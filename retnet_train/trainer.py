@@ -28,8 +28,8 @@ from .components.optim import build_optimizer, deepspeed_config, skip_duplicate_
 from .components.preemption import PreemptionHandler
 from .components.profiling import Profiler
 from .components.reshard import prepare_resume, run_layout
-from .components.run_dir import DirLock, same_dir, set_aside_metrics, write_problem
 from .components.rng import seed_everything
+from .components.run_dir import DirLock, same_dir, set_aside_metrics, write_problem
 from .components.train_state import TrainState
 from .components.validation import mean_loss
 from .data import TokenLoader, build_validation_loader, sha256_file

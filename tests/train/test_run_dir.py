@@ -6,10 +6,10 @@ import subprocess
 import sys
 
 import pytest
+from trainer_helpers import REPO, records, shards, typed  # noqa: F401 (shards: a fixture)
 
 from retnet_train.components.run_dir import LOCK_NAME, DirLock, set_aside_metrics, write_problem
 from retnet_train.trainer import Trainer
-from trainer_helpers import REPO, records, shards, typed  # noqa: F401 (shards: a fixture)
 
 HOLD_LOCK = """
 import sys, time
@@ -24,7 +24,8 @@ def test_write_problems_name_the_key(tmp_path):
     (tmp_path / "file").write_text("x")
     assert write_problem("run.dir", str(tmp_path / "new" / "deeper")) is None
     assert not (tmp_path / "new").exists()  # checked, not created
-    assert write_problem("run.dir", str(tmp_path / "file")) == f"run.dir: {tmp_path / 'file'} is a file, not a directory"
+    assert write_problem("run.dir", str(tmp_path / "file")) == \
+        f"run.dir: {tmp_path / 'file'} is a file, not a directory"
     assert write_problem("checkpoint.dir", str(tmp_path / "file" / "ckpt")) == \
         f"checkpoint.dir: {tmp_path / 'file' / 'ckpt'} lies under {tmp_path / 'file'}, which is a file, not a directory"
     assert sorted(os.listdir(tmp_path)) == ["file"]  # the write test leaves nothing behind

@@ -4,12 +4,12 @@ import os
 
 import pytest
 import torch
+from trainer_helpers import losses, shards, typed  # noqa: F401 (shards: a fixture)
 
 from retnet_train.components.checkpoint import client_state, load_parts, upgrade_client_state
 from retnet_train.components.faults import NonFiniteTracker
 from retnet_train.components.train_state import TrainState
 from retnet_train.trainer import Trainer
-from trainer_helpers import losses, shards, typed  # noqa: F401 (shards: a fixture)
 
 FLAT = {"data": {"consumed_sequences": 8}, "step": 3, "tokens_seen": 768, "wandb_id": "w1",
         "faults": {"consecutive": 1, "total": 2}, "config": {"run": {"dir": "r"}}, "layout": {"world_size": 1}}
@@ -52,7 +52,8 @@ def test_flat_client_state_of_older_checkpoints_is_upgraded():
 
 
 def config(shards, run_dir, **extra):
-    return typed(shards, run_dir, **{"train.max_steps": 4, "checkpoint.interval": 2, "checkpoint.keep_last": 5, **extra})
+    return typed(shards, run_dir, **{"train.max_steps": 4, "checkpoint.interval": 2, "checkpoint.keep_last": 5,
+                                     **extra})
 
 
 def test_checkpoint_in_the_flat_layout_resumes_exactly(shards, tmp_path, process_group, capsys):

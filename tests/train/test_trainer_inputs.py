@@ -1,11 +1,11 @@
 """The trainer's inputs as a user gets them wrong: each mistake is one error naming the key, file or
 checkpoint, at start, instead of a traceback or a silent default."""
 import pytest
+from trainer_helpers import overrides, shards, typed  # noqa: F401 (shards: a fixture)
 
 from retnet_train.components.config import TrainConfig, check_values, typed_config
 from retnet_train.preflight import compose_trainer_config
 from retnet_train.trainer import Trainer
-from trainer_helpers import overrides, shards, typed  # noqa: F401 (shards: a fixture)
 
 
 @pytest.mark.parametrize("section,key,value", [("train", "eval_batches", 0), ("optim", "eps", 0.0),
