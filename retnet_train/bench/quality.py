@@ -121,13 +121,11 @@ def trainer_overrides(s: Settings, model: ModelSpec, run_dir: Path) -> list[str]
 
 def compose(overrides: list[str]):
     """The typed trainer config (TrainConfig) for these overrides, as the trainer's CLI composes it."""
-    from omegaconf import OmegaConf
-
-    from ..components.config import check_values
+    from ..components.config import check_values, typed_config
     from ..preflight.trainer_config import PreflightError, compose_trainer_config
 
     try:
-        cfg = OmegaConf.to_object(compose_trainer_config(overrides))
+        cfg = typed_config(compose_trainer_config(overrides))
         check_values(cfg)
     except (PreflightError, ValueError) as e:
         raise BenchError(str(e)) from None

@@ -120,11 +120,24 @@ class CheckpointManager:
 
     def save(self, engine, step: int, client_state: dict) -> str:
         tag = self.tag_for(step)
+        tag_dir = os.path.join(self.dir, tag)
+        if self.rank == 0 and os.path.isdir(tag_dir):
+            # an earlier save of this step (damaged or interrupted, and passed over when this run resumed
+            # from an older one): its marker and files must not mix with this save's
+            print(f"{tag_dir}: replacing an earlier save of step {step}", flush=True)
+            shutil.rmtree(tag_dir)
+        _barrier()
         engine.save_checkpoint(self.dir, tag=tag, client_state=client_state, save_latest=False)
-        torch.save(rng_state(), os.path.join(self.dir, tag, f"rng_rank{self.rank}.pt"))
-        _barrier()  # every rank's shards and RNG are on disk
+        torch.save(rng_state(), os.path.join(tag_dir, f"rng_rank{self.rank}.pt"))
+        # every rank's shards and RNG are on disk; each rank names what it sees (its own files at least:
+        # a shared filesystem may show the others' late), and COMPLETE lists them all
+        seen = [name for name in os.listdir(tag_dir) if os.path.isfile(os.path.join(tag_dir, name))]
+        everyone = [seen]
+        if dist.is_initialized() and dist.get_world_size() > 1:
+            everyone = [None] * dist.get_world_size()
+            dist.all_gather_object(everyone, seen)
         if self.rank == 0:
-            open(os.path.join(self.dir, tag, discovery.COMPLETE), "w").close()
+            discovery.mark_complete(tag_dir, {name for names in everyone for name in names})
             tmp = os.path.join(self.dir, "latest.tmp")
             with open(tmp, "w") as f:
                 f.write(tag)

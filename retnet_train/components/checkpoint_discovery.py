@@ -2,8 +2,9 @@
 and by the inference loaders (inference/deepspeed_checkpoint.py).
 
 The trainer writes <dir>/step_<N>/ (every rank's DeepSpeed files and RNG states), then
-<dir>/step_<N>/COMPLETE once all ranks finished, then <dir>/latest (the tag). A checkpoint is valid
-when it has COMPLETE, a model-states file, and no torch file in it cut short. The newest valid one is
+<dir>/step_<N>/COMPLETE once all ranks finished (listing those files, one name a line), then
+<dir>/latest (the tag). A checkpoint is valid when it has COMPLETE, every file COMPLETE lists, a
+model-states file, and no torch file in it cut short. The newest valid one is
 used (by step: `latest`, DeepSpeed's pointer, is written last and may lag); every newer checkpoint
 passed over is named with the reason (`Choice.note`).
 """
@@ -29,6 +30,23 @@ def tag_for(step: int) -> str:
 
 def is_complete(directory: str, tag: str) -> bool:
     return os.path.isfile(os.path.join(directory, tag, COMPLETE))
+
+
+def mark_complete(tag_dir: str, files) -> None:
+    """Write <tag_dir>/COMPLETE listing `files` (what every rank wrote there), atomically: it is either
+    absent or whole."""
+    tmp = os.path.join(tag_dir, COMPLETE + ".tmp")
+    with open(tmp, "w") as f:
+        f.write("".join(f"{name}\n" for name in sorted(set(files) - {COMPLETE, COMPLETE + ".tmp"})))
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, os.path.join(tag_dir, COMPLETE))
+
+
+def recorded_files(tag_dir: str) -> list:
+    """The files COMPLETE lists; none for an empty marker (older saves, or one touched by hand)."""
+    with open(os.path.join(tag_dir, COMPLETE), errors="replace") as f:
+        return [line.strip() for line in f if line.strip()]
 
 
 def checkpoint_tags(directory: str) -> list:
@@ -84,6 +102,10 @@ def damage(directory: str, tag: str) -> Optional[str]:
         return "no such checkpoint directory"
     if not is_complete(directory, tag):
         return NOT_COMPLETE
+    missing = [name for name in recorded_files(tag_dir) if not os.path.isfile(os.path.join(tag_dir, name))]
+    if missing:
+        more = f" (and {len(missing) - 1} more)" if len(missing) > 1 else ""
+        return f"{missing[0]}{more} is missing: it was written with the checkpoint"
     if not glob.glob(os.path.join(tag_dir, "*_model_states.pt")):
         return "no *_model_states.pt in it"
     for path in sorted(glob.glob(os.path.join(tag_dir, "*.pt"))):

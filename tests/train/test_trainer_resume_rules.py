@@ -120,9 +120,8 @@ def test_guarded_adamw_reports_overflow_to_deepspeed():
 def test_cli_prints_a_training_error_and_exits_1(monkeypatch, capsys):
     """How the command line ends a run that stops on non-finite steps. test_trainer_multirank.py
     runs those in-process (trainer_helpers.run_scenarios) and checks the TrainingError itself."""
-    from omegaconf import OmegaConf
-
     import retnet_train.train as cli
+    from retnet_train.preflight import compose_trainer_config
     from retnet_train.components.faults import TrainingError
 
     def stop(cfg):
@@ -131,7 +130,7 @@ def test_cli_prints_a_training_error_and_exits_1(monkeypatch, capsys):
     monkeypatch.setattr(cli, "run", stop)
     monkeypatch.setattr(cli.dist, "destroy_process_group", lambda: None)  # in-process tests share the group
     with pytest.raises(SystemExit) as e:
-        cli.main.__wrapped__(OmegaConf.create({}))  # the function under @hydra.main
+        cli.main.__wrapped__(compose_trainer_config([]))  # the function under @hydra.main
     assert e.value.code == 1
     assert "error: 3 consecutive steps with non-finite loss or gradients" in capsys.readouterr().err
 
@@ -140,14 +139,13 @@ def test_cli_prints_a_training_error_and_exits_1(monkeypatch, capsys):
 def test_cli_exit_status_tells_a_stop_on_a_signal_from_the_end(monkeypatch, tmp_path, preempted, status):
     """75 (stopped by SIGTERM / SIGUSR1 after saving: run again) or 0 (finished), also written where a
     launcher asks for it (torchrun itself ends with 1 for any failed worker)."""
-    from omegaconf import OmegaConf
-
     import retnet_train.train as cli
+    from retnet_train.preflight import compose_trainer_config
 
     monkeypatch.setattr(cli, "run", lambda cfg: {"preempted": preempted})
     monkeypatch.setenv("RETNET_EXIT_STATUS_FILE", str(tmp_path / "status"))
     with pytest.raises(SystemExit) as e:
-        cli.main.__wrapped__(OmegaConf.create({}))
+        cli.main.__wrapped__(compose_trainer_config([]))
     assert e.value.code == status
     assert (tmp_path / "status").read_text() == f"{status}\n" and os.listdir(tmp_path) == ["status"]
 
