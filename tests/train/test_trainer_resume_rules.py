@@ -6,8 +6,8 @@ import signal
 import pytest
 import torch
 
-from retnet_train.components.config import config_diff
 from retnet_train.components.checkpoint import CheckpointManager, resolve_resume
+from retnet_train.components.config import config_diff
 from retnet_train.components.faults import NonFiniteTracker, inject
 from retnet_train.components.optim import GuardedAdamW
 from retnet_train.components.preemption import PreemptionHandler
@@ -121,8 +121,8 @@ def test_cli_prints_a_training_error_and_exits_1(monkeypatch, capsys):
     """How the command line ends a run that stops on non-finite steps. test_trainer_multirank.py
     runs those in-process (trainer_helpers.run_scenarios) and checks the TrainingError itself."""
     import retnet_train.train as cli
-    from retnet_train.preflight import compose_trainer_config
     from retnet_train.components.faults import TrainingError
+    from retnet_train.preflight import compose_trainer_config
 
     def stop(cfg):
         raise TrainingError("3 consecutive steps with non-finite loss or gradients")
