@@ -6,7 +6,8 @@
 
 Exit status: 0 finished (train.max_steps reached); 1 error (the message names the key or file);
 75 stopped by SIGTERM or SIGUSR1 after saving a checkpoint: run the same command again to resume
-(launch/slurm/*.sbatch requeue the job on it).
+(launch/slurm/*.sbatch requeue the job on it); 130 Ctrl-C (no checkpoint saved: the run goes on from
+the last one).
 """
 from __future__ import annotations
 
@@ -23,6 +24,7 @@ from .trainer import Trainer
 
 EXIT_FINISHED, EXIT_ERROR = 0, 1
 EXIT_PREEMPTED = 75  # EX_TEMPFAIL (sysexits.h): "a temporary failure; the user is invited to retry"
+EXIT_INTERRUPTED = 130  # Ctrl-C: 128 + SIGINT, as a shell reports it
 
 
 def run(cfg: TrainConfig) -> dict:
@@ -50,6 +52,11 @@ def main(cfg: DictConfig) -> None:
     except (ValueError, TrainingError) as e:
         print(f"error: {e}", file=sys.stderr, flush=True)
         finish(EXIT_ERROR)
+    except KeyboardInterrupt:
+        if int(os.environ.get("RANK", 0)) == 0:
+            print("interrupted: started again with the same command, the run goes on from its last checkpoint",
+                  file=sys.stderr, flush=True)
+        finish(EXIT_INTERRUPTED)
     finally:
         if dist.is_initialized():
             dist.destroy_process_group()

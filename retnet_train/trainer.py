@@ -254,6 +254,11 @@ class Trainer:
                     break
         except torch.cuda.OutOfMemoryError as e:
             raise TrainingError(f"{OOM_HINT}\n{e}") from e
+        except OSError as e:  # a file the run reads or writes: disk full, permissions, a mount gone
+            state = getattr(self, "state", None)
+            where = f" at step {state.step}" if state is not None else " at start"
+            raise TrainingError(f"{e.filename or 'I/O'}: {e.strerror or e}{where}; the last checkpoint is "
+                                f"{self.last_checkpoint or 'none'}") from e
         finally:
             self.close()
         preempted = bool(stats and stats.stop_requested)

@@ -56,3 +56,18 @@ def test_resume_into_another_model_or_data_stream_names_the_checkpoint(shards, t
     with pytest.raises(ValueError, match=f"^train.resume: {ckpt}: data_loader: loader state key 'seq_len' is 64 but "
                                          "this loader has 32"):
         Trainer(typed(shards, tmp_path / "b", **{"train.resume": str(source), "data.seq_len": 32})).train()
+
+
+def test_a_failing_write_during_training_is_one_error_naming_the_file(shards, tmp_path, process_group, monkeypatch):
+    import errno
+
+    from retnet_train.components import checkpoint
+    from retnet_train.components.faults import TrainingError
+
+    def disk_full(obj, path, *args, **kwargs):
+        raise OSError(errno.ENOSPC, "No space left on device", str(path))
+
+    monkeypatch.setattr(checkpoint.torch, "save", disk_full)  # torch.save: DeepSpeed's files and the RNG's
+    with pytest.raises(TrainingError, match=f"^{tmp_path}/run/checkpoints/step_00000001/mp_rank_00_model_states.pt: "
+                                            "No space left on device at step 1; the last checkpoint is none$"):
+        Trainer(typed(shards, tmp_path / "run", **{"train.max_steps": 1})).train()

@@ -135,14 +135,20 @@ def test_cli_prints_a_training_error_and_exits_1(monkeypatch, capsys):
     assert "error: 3 consecutive steps with non-finite loss or gradients" in capsys.readouterr().err
 
 
-@pytest.mark.parametrize("preempted,status", [(True, 75), (False, 0)])
-def test_cli_exit_status_tells_a_stop_on_a_signal_from_the_end(monkeypatch, tmp_path, preempted, status):
-    """75 (stopped by SIGTERM / SIGUSR1 after saving: run again) or 0 (finished), also written where a
-    launcher asks for it (torchrun itself ends with 1 for any failed worker)."""
+@pytest.mark.parametrize("outcome,status", [({"preempted": True}, 75), ({"preempted": False}, 0),
+                                            (KeyboardInterrupt(), 130)])
+def test_cli_exit_status_tells_a_stop_on_a_signal_from_the_end(monkeypatch, tmp_path, outcome, status):
+    """75 (stopped by SIGTERM / SIGUSR1 after saving: run again), 0 (finished) or 130 (Ctrl-C), also
+    written where a launcher asks for it (torchrun itself ends with 1 for any failed worker)."""
     import retnet_train.train as cli
     from retnet_train.preflight import compose_trainer_config
 
-    monkeypatch.setattr(cli, "run", lambda cfg: {"preempted": preempted})
+    def run(cfg):
+        if isinstance(outcome, BaseException):
+            raise outcome
+        return outcome
+
+    monkeypatch.setattr(cli, "run", run)
     monkeypatch.setenv("RETNET_EXIT_STATUS_FILE", str(tmp_path / "status"))
     with pytest.raises(SystemExit) as e:
         cli.main.__wrapped__(compose_trainer_config([]))
