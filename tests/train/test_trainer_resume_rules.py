@@ -149,6 +149,7 @@ def test_cli_exit_status_tells_a_stop_on_a_signal_from_the_end(monkeypatch, tmp_
         return outcome
 
     monkeypatch.setattr(cli, "run", run)
+    monkeypatch.setattr(cli.dist, "destroy_process_group", lambda: None)  # in-process tests share the group
     monkeypatch.setenv("RETNET_EXIT_STATUS_FILE", str(tmp_path / "status"))
     with pytest.raises(SystemExit) as e:
         cli.main.__wrapped__(compose_trainer_config([]))
