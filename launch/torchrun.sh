@@ -153,7 +153,7 @@ trap '' USR1
 # a signal after saving a checkpoint: run again to resume"), on which launch/slurm/*.sbatch requeue.
 # SIGTERM (preemption) reaches torchrun and the workers directly; this shell waits for them.
 status_file="${RETNET_EXIT_STATUS_FILE:-}"
-if [[ -z "$status_file" ]]; then
+if [[ -z "$status_file" || "$node_rank" != 0 ]]; then  # a caller's file (the sbatch script's) is node 0's
   status_file="$(mktemp "${TMPDIR:-/tmp}/retnet-exit.XXXXXX")"
   trap 'rm -f "$status_file"' EXIT
   export RETNET_EXIT_STATUS_FILE="$status_file"
