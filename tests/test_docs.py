@@ -28,7 +28,7 @@ NARRATIVE = [
     (r"\b(?:before|until|since|after) 20\d\d-\d\d", "dates a change"),
     (r"\b(?:ours|we|us)\b[^.]{0,30}\bbefore 20\d\d", "dates a change"),
     (r"\bwe (?:tried|changed|fixed|found|removed|added)\b", "narrates the work"),
-    (r"\btried and\b|\bnot kept\b|\buntil now\b|\bno longer\b", "narrates the work"),
+    (r"\btried and\b|\buntil now\b|\bno longer\b", "narrates the work"),
     (r"\bwas\b[^;]{0,40}\bnow\b", "narrates a change (was X, now Y)"),
     (r"\bagainst the targets?\b|\btargets? (?:is |are )?(?:not )?met\b|\bnot met\b|\bstretch\b",
      "refers to a target"),
