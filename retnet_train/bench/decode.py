@@ -11,7 +11,7 @@ step (weight bytes / HBM bandwidth) and the step's ratio to it; then RetNet/Tran
 speedups. A batch that does not fit is reported as "oom" (the Transformer's 8k KV cache at
 batch 32 is 137 GB for 6.7B). --check-prompt-len reruns RetNet at a second prompt length to
 show its memory over the weights does not depend on it. --hf-llama-reference and --fla-reference
-add Hugging Face `generate` rows (Llama with KV cache, fla's RetNet): the issue's reference setups.
+add Hugging Face `generate` rows (Llama with KV cache, fla's RetNet): the usual way to decode them.
 """
 from __future__ import annotations
 
@@ -117,7 +117,7 @@ def bench_one(model, batch: int, prompt_len: int, new_tokens: int, cuda_graph: b
 
 def hf_llama(cfg):
     """Hugging Face Llama (KV cache, SDPA) at the Transformer preset's size, SwiGLU width 2/3 of its
-    MLP's (Llama-7B's 11008 at 6.7B); the issue's reference: 54.4 tokens/s at batch 8 on an H100."""
+    MLP's (Llama-7B's 11008 at 6.7B)."""
     from transformers import LlamaConfig, LlamaForCausalLM
 
     inter = 256 * round(2 * cfg.ffn_dim / 3 / 256)
@@ -127,7 +127,7 @@ def hf_llama(cfg):
                                         max_position_embeddings=16384, attn_implementation="sdpa"))
 
 
-# fla_reference: the issue's reference is 180.7 tokens/s at 6.7B, 8064 + 128, batch 8, H100.
+# fla_reference: fla's RetNet through Hugging Face generate.
 HF_REFERENCES = {"fla_retnet_hf_generate": fla_reference, "llama_hf_generate": hf_llama}
 
 

@@ -104,8 +104,8 @@ def build_optimizer(model, cfg: TrainConfig, device: torch.device):
 
 def overlaps_comm(overlap_comm: bool, world_size: int) -> bool:
     """Whether DeepSpeed overlaps the gradient reduction with the backward pass: only where there is
-    one. On one rank it is a second reduction stream and bucket for nothing (H200, 1.3B: 6 ms of the
-    optimizer step and 0.8 GiB; docs/benchmarks.md, session 7). Also the scaling model's rule."""
+    one. On one rank it would cost a second reduction stream's synchronisation and a second bucket
+    (5e8 bf16 elements) for nothing. Also the scaling model's rule."""
     return overlap_comm and world_size > 1
 
 
@@ -125,14 +125,14 @@ def deepspeed_config(cfg: TrainConfig, grad_accum: int, world_size: int, load_un
         zero.pop("allgather_bucket_size")
         zero["stage3_prefetch_bucket_size"] = ds.allgather_bucket_size
         # Gather each block's parameters at once when it runs ("leaf" modules, FSDP's per-block
-        # unit), not per Linear and norm: per-submodule hooks sat inside the compiled blocks, broke
-        # the graph at every submodule, and past Dynamo's recompile limit the later layers ran
-        # uncompiled (6.7B on one H200: RetNet's forward 488 ms against the Transformer's 257).
+        # unit), not per Linear and norm: per-submodule hooks would sit inside the compiled blocks,
+        # break the graph at every submodule, and past Dynamo's recompile limit leave the later
+        # layers uncompiled.
         zero["leaf_module"] = {"classes": block_classes()}
         # DeepSpeed's own Linear (patched into F.linear for the whole process) reads each weight's
-        # ds_id, which torch 2.11's Dynamo guards on: every layer recompiled its block until the
-        # recompile limit left later layers uncompiled. DeepSpeed turns it off under its own compile
-        # too; it only saves memory under autocast, which we do not use.
+        # ds_id, which Dynamo (torch 2.11) guards on: every layer would recompile its block until the
+        # recompile limit leaves later layers uncompiled. DeepSpeed turns it off under its own
+        # compile too; it only saves memory under autocast, which the trainer does not use.
         zero["memory_efficient_linear"] = False
     if ds.offload_optimizer:
         zero["offload_optimizer"] = {"device": "cpu", "pin_memory": True}

@@ -1,4 +1,4 @@
-"""The earlier GEMM-shaped Triton kernels for chunkwise retention (no document resets), kept for
+"""GEMM-shaped Triton kernels for chunkwise retention (no document resets), a second design for
 comparison with triton_retention.py (the `triton` backend): `python -m
 retnet_train.bench.retention_kernels --backends triton-gemm@256,triton@256` times both.
 
@@ -22,11 +22,10 @@ the host side; the kernels and their autotune configs are in triton_retention_ge
 Decays are fp32, exp2 of log2(gamma) * distance with the distance masked to >= 0 first, so every
 factor is <= 1 and nothing overflows. Accumulation is fp32; o, states, scores in the input dtype.
 
-Status (H200, B1 T8192 H8 K256 V512, fwd+bwd with row sums; docs/benchmarks.md): exact (GPU test
-at K256/V512 bf16 passes) but not faster than the compiled torch form: this version 3.11 ms at
-C=256 (3.31 at C=128), the previous fused one 3.05, the compiled torch form 1.43-1.65. Profile of
-this version: _out_kernel 32%, _summary_kernel 17%, _scores_kernel 15%, decay_kernel 8%, i.e. the
-time is spread over many passes each well below GEMM speed.
+Speed (H200, B1 T8192 H8 K256 V512, fwd+bwd with row sums; docs/benchmarks.md): exact (GPU test
+at K256/V512 bf16 passes) but slower than the compiled torch form (3.11 ms at C=256, 3.31 at C=128,
+against 1.43). Profile: _out_kernel 32%, _summary_kernel 17%, _scores_kernel 15%, decay_kernel 8%,
+i.e. the time is spread over many passes each well below GEMM speed.
 Extra memory: the scores buffer(s), [B*H, T, C] each (one in the forward, two in the backward).
 
 Not handled here: document resets, and chunk sizes that are not a multiple of 16. The final state carries no gradient (training never

@@ -55,9 +55,8 @@ class FeedForward(nn.Module):
 class StackedLinear(nn.Linear):
     """Several projections of one input in one weight, `row_blocks` rows each (each block is
     initialized as its own matrix, see init_weights). One GEMM and one output per block, the graph
-    separate Linears give (a first version sharing one GEMM for q and k measured +1.5 GiB of peak
-    at 1.3B, 8k on an H200; docs/benchmarks.md), all inside this module's forward, where ZeRO-3
-    has gathered the weight."""
+    separate Linears give (one GEMM shared by q and k keeps more for the backward under
+    torch.compile), all inside this module's forward, where ZeRO-3 has gathered the weight."""
 
     def __init__(self, in_features: int, row_blocks: tuple):
         super().__init__(in_features, sum(row_blocks), bias=False)

