@@ -34,7 +34,9 @@ data: $(STAMP)  ## build the embedded sample corpus, tokenizer and shards into $
 train: data  ## train a tiny RetNet on CPU on the sample corpus (resumes if run again)
 	$(PY) -m retnet_train.train experiment=tiny_cpu
 
-test: $(STAMP)  ## run the CPU test suite
+test: $(STAMP)  ## lint (ruff) and run the CPU test suite
+	$(VENV)/bin/ruff check .
+	$(VENV)/bin/ruff format --check .
 	$(PY) -m pytest -q
 
 test-gpu: $(STAMP)  ## run the GPU tests (needs CUDA/ROCm and the gpu extra)

@@ -4,6 +4,7 @@ A killed run must not leave a truncated shard or manifest under its final name, 
 written to a temporary name in the same directory (same filesystem, so rename is atomic), fsynced,
 then renamed over.
 """
+
 from __future__ import annotations
 
 import json
@@ -34,8 +35,9 @@ def fsync_dir(directory: Path) -> None:
         os.close(fd)
 
 
-def write_bytes_atomic(path: str | os.PathLike, data: bytes | memoryview,
-                       before_rename: Callable[[], None] | None = None) -> None:
+def write_bytes_atomic(
+    path: str | os.PathLike, data: bytes | memoryview, before_rename: Callable[[], None] | None = None
+) -> None:
     """`before_rename` runs once the data is durable under the temporary name: a file that must be
     recorded before it appears (see shard_writer's journal) is recorded there."""
     path = Path(path)

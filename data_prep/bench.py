@@ -6,6 +6,7 @@ Uses the sample corpus (`make data`; built if missing). Each rate is printed bes
 should reach: tokenization 1M tokens/s on 2 cores; the loader 100x what one GPU trains on
 (~50k tokens/s), i.e. 5M tokens/s, so it never holds a GPU back.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -36,8 +37,10 @@ def bench_tokenize(model: Path, num_proc: int, max_bytes: int) -> float:
         seconds = time.perf_counter() - start
     tokens = sum(s.tokens for s in m.splits.values())
     rate = tokens / seconds
-    print(f"tokenize: {tokens:,} tokens from {len(files)} files in {seconds:.2f}s with num_proc={num_proc}: "
-          f"{rate / 1e6:.2f}M tokens/s (target >= {TOKENIZE_TARGET / 1e6:.0f}M)")
+    print(
+        f"tokenize: {tokens:,} tokens from {len(files)} files in {seconds:.2f}s with num_proc={num_proc}: "
+        f"{rate / 1e6:.2f}M tokens/s (target >= {TOKENIZE_TARGET / 1e6:.0f}M)"
+    )
     return rate
 
 
@@ -49,8 +52,10 @@ def bench_loader(shards: Path, seq_len: int, batch: int, seconds: float = 3.0) -
     while time.perf_counter() - start < seconds:
         tokens += next(loader)["input_ids"].numel()
     rate = tokens / (time.perf_counter() - start)
-    print(f"loader:   seq_len {seq_len} x batch {batch}: {rate / 1e6:.1f}M tokens/s "
-          f"(target >= {LOADER_TARGET / 1e6:.0f}M = 100x one GPU)")
+    print(
+        f"loader:   seq_len {seq_len} x batch {batch}: {rate / 1e6:.1f}M tokens/s "
+        f"(target >= {LOADER_TARGET / 1e6:.0f}M = 100x one GPU)"
+    )
     return rate
 
 

@@ -13,6 +13,7 @@ and text too short or too unlike prose/code to help. OUT/corpus.json records eac
 size and the documents and characters taken from it. Then train the tokenizer and tokenize as for
 any corpus: `--source debian='OUT/*.jsonl'`.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -33,11 +34,37 @@ from typing import Iterator, Sequence
 from data_prep.atomic import write_bytes_atomic, write_json_atomic
 
 TEXT_SUFFIXES = {".txt", ".rst", ".md", ".pod", ".texi", ".tex"}
-CODE_SUFFIXES = {".py", ".pm", ".pl", ".go", ".rs", ".c", ".h", ".cc", ".cpp", ".el", ".js", ".sql", ".sh",
-                 ".java", ".rb", ".lua", ".tcl", ".scm"}
+CODE_SUFFIXES = {
+    ".py",
+    ".pm",
+    ".pl",
+    ".go",
+    ".rs",
+    ".c",
+    ".h",
+    ".cc",
+    ".cpp",
+    ".el",
+    ".js",
+    ".sql",
+    ".sh",
+    ".java",
+    ".rb",
+    ".lua",
+    ".tcl",
+    ".scm",
+}
 HTML_SUFFIXES = {".html", ".htm", ".xhtml"}
-SKIP_DIRS = ("usr/share/man/", "usr/share/locale/", "usr/share/lintian/", "/_sources/", "/_static/", "/_images/",
-             "/testdata/", "/locale/")
+SKIP_DIRS = (
+    "usr/share/man/",
+    "usr/share/locale/",
+    "usr/share/lintian/",
+    "/_sources/",
+    "/_static/",
+    "/_images/",
+    "/testdata/",
+    "/locale/",
+)
 MIN_CHARS = 200
 MIN_LETTER_FRACTION = 0.35  # below: tables of numbers, encoded data, generated constants
 MAX_CHARS = 500_000  # a larger "document" is generated (Unicode tables, instruction rewrite rules), not written
@@ -64,10 +91,12 @@ def deb_data_tar(path: Path) -> tarfile.TarFile:
             size = int(header[48:58].decode("ascii").strip())
             if name.startswith("data.tar"):
                 data = f.read(size)
-                suffix = name[len("data.tar"):]
+                suffix = name[len("data.tar") :]
                 if suffix not in ("", ".xz", ".gz", ".bz2"):
-                    raise CorpusError(f"{path}: {name} is compressed in a way Python's tarfile cannot read "
-                                      f"(unpack it with `dpkg-deb --fsys-tarfile` first)")
+                    raise CorpusError(
+                        f"{path}: {name} is compressed in a way Python's tarfile cannot read "
+                        f"(unpack it with `dpkg-deb --fsys-tarfile` first)"
+                    )
                 return tarfile.open(fileobj=io.BytesIO(data), mode="r:*")
             f.seek(size + size % 2, 1)  # members are 2-byte aligned
     raise CorpusError(f"{path}: no data.tar member")
@@ -80,11 +109,37 @@ def package_name(path: Path) -> str:
 # ---------------------------------------------------------------- HTML -> text
 
 
-BLOCK_TAGS = {"p", "div", "br", "h1", "h2", "h3", "h4", "h5", "h6", "li", "dt", "dd", "tr", "table", "pre",
-              "section", "blockquote", "ul", "ol", "dl", "hr", "article", "main", "title"}
+BLOCK_TAGS = {
+    "p",
+    "div",
+    "br",
+    "h1",
+    "h2",
+    "h3",
+    "h4",
+    "h5",
+    "h6",
+    "li",
+    "dt",
+    "dd",
+    "tr",
+    "table",
+    "pre",
+    "section",
+    "blockquote",
+    "ul",
+    "ol",
+    "dl",
+    "hr",
+    "article",
+    "main",
+    "title",
+}
 SKIP_TAGS = {"script", "style", "nav", "header", "footer", "noscript", "svg", "head"}
-SKIP_CLASSES = re.compile(r"\b(sphinxsidebar|related|footer|navheader|navfooter|navigation|breadcrumbs?|toc|"
-                          r"headerlink|mobile-nav|sidebar)\b")
+SKIP_CLASSES = re.compile(
+    r"\b(sphinxsidebar|related|footer|navheader|navfooter|navigation|breadcrumbs?|toc|"
+    r"headerlink|mobile-nav|sidebar)\b"
+)
 VOID_TAGS = {"br", "img", "meta", "link", "hr", "input", "area", "base", "col", "embed", "source", "wbr"}
 
 
@@ -107,8 +162,11 @@ class _TextExtractor(HTMLParser):
             self.skip.append(tag)
             return
         attributes = dict(attrs)
-        if tag in SKIP_TAGS or attributes.get("role") == "navigation" or \
-                SKIP_CLASSES.search(attributes.get("class") or ""):
+        if (
+            tag in SKIP_TAGS
+            or attributes.get("role") == "navigation"
+            or SKIP_CLASSES.search(attributes.get("class") or "")
+        ):
             self.skip.append(tag)
             return
         if tag == "pre":
@@ -147,7 +205,7 @@ def html_to_text(html: str) -> str:
 
 
 def kind_of(path: str) -> str | None:
-    """"html", "text" (docs and code) or None (not taken) for a path inside a package."""
+    """ "html", "text" (docs and code) or None (not taken) for a path inside a package."""
     if any(d in f"/{path}" for d in SKIP_DIRS):
         return None
     pure = PurePosixPath(path)
@@ -243,8 +301,14 @@ def write_package(deb: Path, out: Path) -> dict:
         raise CorpusError(f"{deb}: no documentation or source text in this package")
     target = out / f"{package_name(deb)}.jsonl"
     write_bytes_atomic(target, buf.getvalue().encode("utf-8"))
-    return {"deb": deb.name, "sha256": sha256_of(deb), "bytes": deb.stat().st_size, "file": target.name,
-            "documents": docs, "chars": chars}
+    return {
+        "deb": deb.name,
+        "sha256": sha256_of(deb),
+        "bytes": deb.stat().st_size,
+        "file": target.name,
+        "documents": docs,
+        "chars": chars,
+    }
 
 
 def find_debs(directory: Path) -> list[Path]:
@@ -260,8 +324,9 @@ def find_debs(directory: Path) -> list[Path]:
     return debs
 
 
-def build_corpus(debs_dir: str | Path, out: str | Path, overwrite: bool = False, num_proc: int = 1,
-                 progress: bool = True) -> dict:
+def build_corpus(
+    debs_dir: str | Path, out: str | Path, overwrite: bool = False, num_proc: int = 1, progress: bool = True
+) -> dict:
     debs, out = find_debs(Path(debs_dir)), Path(out)
     summary_path = out / "corpus.json"
     if out.exists() and any(out.iterdir()) and not overwrite:
@@ -278,8 +343,12 @@ def build_corpus(debs_dir: str | Path, out: str | Path, overwrite: bool = False,
             packages.append(p)
             if progress:
                 print(f"{p['deb']}: {p['documents']:,} documents, {p['chars'] / 1e6:.1f}M characters", flush=True)
-    summary = {"packages": packages, "documents": sum(p["documents"] for p in packages),
-               "chars": sum(p["chars"] for p in packages), "deb_bytes": sum(p["bytes"] for p in packages)}
+    summary = {
+        "packages": packages,
+        "documents": sum(p["documents"] for p in packages),
+        "chars": sum(p["chars"] for p in packages),
+        "deb_bytes": sum(p["bytes"] for p in packages),
+    }
     write_json_atomic(summary_path, summary)  # last: a directory with corpus.json is complete
     return summary
 
@@ -295,8 +364,10 @@ def main(argv: Sequence[str] | None = None) -> None:
         summary = build_corpus(a.debs, a.out, a.overwrite, a.num_proc)
     except CorpusError as e:
         raise SystemExit(f"error: {e}") from None
-    print(f"wrote {a.out}: {len(summary['packages'])} packages ({summary['deb_bytes'] / 1e6:.1f} MB of .deb), "
-          f"{summary['documents']:,} documents, {summary['chars'] / 1e6:.1f}M characters")
+    print(
+        f"wrote {a.out}: {len(summary['packages'])} packages ({summary['deb_bytes'] / 1e6:.1f} MB of .deb), "
+        f"{summary['documents']:,} documents, {summary['chars'] / 1e6:.1f}M characters"
+    )
 
 
 if __name__ == "__main__":

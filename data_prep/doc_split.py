@@ -3,6 +3,7 @@
 A hash rather than a random stream so that the answer for document i does not depend on how the
 corpus is chunked, on num_proc, or on where a resumed run restarts.
 """
+
 from __future__ import annotations
 
 import numpy as np

@@ -6,6 +6,7 @@ shard files one of those two records, and the temporary files of its own writes.
 file that no record lists belongs to someone else: the run stops and names it rather than delete
 or overwrite it, with or without --overwrite.
 """
+
 from __future__ import annotations
 
 import contextlib

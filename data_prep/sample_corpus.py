@@ -9,6 +9,7 @@ The corpus is the Python standard library's own source (every machine with Pytho
 Re-running reuses whatever exists and verifies (and resumes a killed run); it never replaces
 existing outputs unless --overwrite is given.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -51,8 +52,13 @@ def stdlib_source_files(max_bytes: int = DEFAULT_MAX_BYTES) -> list[Path]:
     return files
 
 
-def build_sample(out: str | Path, max_bytes: int = DEFAULT_MAX_BYTES, num_proc: int | None = None,
-                 overwrite: bool = False, progress: bool = True) -> Path:
+def build_sample(
+    out: str | Path,
+    max_bytes: int = DEFAULT_MAX_BYTES,
+    num_proc: int | None = None,
+    overwrite: bool = False,
+    progress: bool = True,
+) -> Path:
     out = Path(out)
     model_path = out / "tokenizer.model"
     shard_dir = out / "shards"
@@ -79,13 +85,24 @@ def build_sample(out: str | Path, max_bytes: int = DEFAULT_MAX_BYTES, num_proc: 
         manifest.check_tokenizer(tok.sha256, tok.vocab_size)
         problems = verify_shards(manifest)
         if problems:
-            raise ManifestError("existing sample shards are damaged (run `make clean-data` or pass --overwrite):\n  "
-                                + "\n  ".join(problems))
+            raise ManifestError(
+                "existing sample shards are damaged (run `make clean-data` or pass --overwrite):\n  "
+                + "\n  ".join(problems)
+            )
         print(f"reusing verified shards {shard_dir} ({manifest.split('train').tokens:,} train tokens)")
         return out
     t0 = time.time()
-    manifest = tokenize_source(corpus(), tok, shard_dir, validation_fraction=0.02, seed=0, shard_tokens=SHARD_TOKENS,
-                               num_proc=num_proc, overwrite=overwrite, progress=progress)
+    manifest = tokenize_source(
+        corpus(),
+        tok,
+        shard_dir,
+        validation_fraction=0.02,
+        seed=0,
+        shard_tokens=SHARD_TOKENS,
+        num_proc=num_proc,
+        overwrite=overwrite,
+        progress=progress,
+    )
     counts = ", ".join(f"{k} {v.tokens:,} tokens / {v.documents} docs" for k, v in manifest.splits.items())
     print(f"wrote {manifest.path} in {time.time() - t0:.1f}s: {counts}")
     return out
@@ -102,7 +119,10 @@ def main(argv: Sequence[str] | None = None) -> None:
         out = build_sample(a.out, a.max_bytes, a.num_proc, a.overwrite)
     except (SourceError, TokenizerError, ManifestError, OutputDirError, OSError) as e:  # OSError: names its file
         raise SystemExit(f"error: {e}") from None
-    print(f"sample data ready in {out} (tokenizer {out / 'tokenizer.model'}, card {card_path_for(out / 'tokenizer.model')})")
+    print(
+        f"sample data ready in {out} (tokenizer {out / 'tokenizer.model'}, "
+        f"card {card_path_for(out / 'tokenizer.model')})"
+    )
 
 
 if __name__ == "__main__":

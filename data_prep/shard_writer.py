@@ -9,6 +9,7 @@ final name is in the journal, so a re-run can tell its own files from anyone els
 the journaled shards whose checksum still matches and restarts tokenization from the earliest
 resume point instead of from scratch.
 """
+
 from __future__ import annotations
 
 import hashlib
@@ -107,8 +108,16 @@ def verified_prefix(directory: Path, split: str, records: list[dict], itemsize: 
 
 
 class SplitShardWriter:
-    def __init__(self, directory: Path, split: str, dtype: np.dtype, shard_tokens: int, eos_id: int,
-                 journal: Journal, kept: list[dict]):
+    def __init__(
+        self,
+        directory: Path,
+        split: str,
+        dtype: np.dtype,
+        shard_tokens: int,
+        eos_id: int,
+        journal: Journal,
+        kept: list[dict],
+    ):
         self.directory, self.split, self.dtype = directory, split, np.dtype(dtype)
         self.shard_tokens, self.eos_id, self.journal = shard_tokens, eos_id, journal
         self.shards = [ShardInfo(r["file"], r["tokens"], r["documents"], r["sha256"]) for r in kept]
@@ -130,7 +139,7 @@ class SplitShardWriter:
             doc_ids, doc_lengths = doc_ids[keep], doc_lengths[keep]
             if doc_ids.size and doc_ids[0] == skip.doc and skip.offset:
                 # the document that the last kept shard cut through: drop its head
-                tokens = tokens[skip.offset:]
+                tokens = tokens[skip.offset :]
                 doc_lengths = doc_lengths.copy()
                 doc_lengths[0] -= skip.offset
         if not tokens.size:
@@ -169,4 +178,3 @@ class SplitShardWriter:
         self._tokens = [buf[n:]]
         self._doc_ids, self._doc_ends = [doc_ids[k:]], [doc_ends[k:] - n]
         self._buffered -= n
-

@@ -13,6 +13,7 @@ Rows without text: a row whose text is missing, null or not a string is an error
 and line (JSON) or the row; an empty string is not a document and is skipped by every tool; a
 corpus with no text at all is an error. `check_text_column` is that rule, for every tool.
 """
+
 from __future__ import annotations
 
 import codecs
@@ -106,8 +107,9 @@ def _open_binary(path: Path) -> BinaryIO:
     return gzip.open(path, "rb") if path.name.lower().endswith(".gz") else open(path, "rb")
 
 
-def parse_source(arg: str, text_field: str = "text", text_unit: str = "document",
-                 on_decode_error: str = "error") -> Source:
+def parse_source(
+    arg: str, text_field: str = "text", text_unit: str = "document", on_decode_error: str = "error"
+) -> Source:
     """`NAME=SPEC` (or just SPEC, named after the file/dir stem) -> Source, files resolved and screened:
     a file that is not valid UTF-8 (or a damaged .gz) is an error naming it, or with
     on_decode_error="skip" is left out and listed in `Source.skipped`."""
@@ -138,8 +140,9 @@ def parse_source(arg: str, text_field: str = "text", text_unit: str = "document"
         else:
             files.append(path)
     if not files:
-        raise SourceError(f"source {name!r} ({spec}): no readable files (all {len(skipped)} were skipped: "
-                          f"not valid UTF-8 text)")
+        raise SourceError(
+            f"source {name!r} ({spec}): no readable files (all {len(skipped)} were skipped: not valid UTF-8 text)"
+        )
     return Source(name, spec, files, text_field, text_unit, skipped)
 
 
@@ -235,14 +238,16 @@ def report_skipped(source: Source, recorded_in: str) -> None:
     """Say which files on_decode_error="skip" left out: skipping is never silent."""
     if source.skipped:
         listed = ", ".join(s["path"] for s in source.skipped[:5]) + (" ..." if len(source.skipped) > 5 else "")
-        print(f"warning: source {source.name!r}: skipped {len(source.skipped)} files that are not valid UTF-8 text "
-              f"(--on-decode-error skip; {recorded_in} lists them): {listed}")
+        print(
+            f"warning: source {source.name!r}: skipped {len(source.skipped)} files that are not valid UTF-8 text "
+            f"(--on-decode-error skip; {recorded_in} lists them): {listed}"
+        )
 
 
 def load_source(source: Source, cache_dir: str | None = None) -> datasets.Dataset:
     """Load a source as a Dataset with exactly one column, "text", that passed `check_text_column`."""
     if source.spec.startswith("disk:"):
-        path = source.spec[len("disk:"):]
+        path = source.spec[len("disk:") :]
         if not Path(path).exists():
             raise SourceError(f"{path}: no such dataset directory (source {source.name!r})")
         try:
@@ -252,21 +257,24 @@ def load_source(source: Source, cache_dir: str | None = None) -> datasets.Datase
         if isinstance(ds, datasets.DatasetDict):
             raise SourceError(f"{path}: is a DatasetDict with splits {list(ds)}; save one split")
     elif source.spec.startswith("hf:"):
-        rest, _, split = source.spec[len("hf:"):].partition("@")
+        rest, _, split = source.spec[len("hf:") :].partition("@")
         path, _, config = rest.partition(":")
         try:
             ds = datasets.load_dataset(path, config or None, split=split or "train", cache_dir=cache_dir)
         except Exception as e:  # hub/network/script errors come in many types; name the source
-            raise SourceError(f"source {source.name!r} ({source.spec}): datasets.load_dataset failed: "
-                              f"{_root_cause(e)}") from None
+            raise SourceError(
+                f"source {source.name!r} ({source.spec}): datasets.load_dataset failed: {_root_cause(e)}"
+            ) from None
     else:
         ds = _load_files(source, cache_dir)
         if _file_kind(source.files[0]) == "text":
             check_text_column(ds, source)  # the text builder always names its one column "text"
             return ds
     if source.text_field not in ds.column_names:
-        raise SourceError(f"source {source.name!r} ({source.spec}): no text field {source.text_field!r}; "
-                          f"columns are {ds.column_names}")
+        raise SourceError(
+            f"source {source.name!r} ({source.spec}): no text field {source.text_field!r}; "
+            f"columns are {ds.column_names}"
+        )
     ds = ds.select_columns([source.text_field])
     if source.text_field != "text":
         ds = ds.rename_column(source.text_field, "text")
@@ -277,20 +285,23 @@ def load_source(source: Source, cache_dir: str | None = None) -> datasets.Datase
 def _load_files(source: Source, cache_dir: str | None) -> datasets.Dataset:
     kinds = {_file_kind(p) for p in source.files}
     if len(kinds) > 1:
-        raise SourceError(f"source {source.name!r} ({source.spec}) mixes file types {sorted(kinds)}; "
-                          "give one source per type")
+        raise SourceError(
+            f"source {source.name!r} ({source.spec}) mixes file types {sorted(kinds)}; give one source per type"
+        )
     kind = kinds.pop()
     # zero-byte files hold no documents (and crash datasets' JSON schema inference)
     files = [p for p in source.files if p.stat().st_size > 0]
     if not files:
-        raise SourceError(f"source {source.name!r} ({source.spec}): empty corpus "
-                          f"(all {len(source.files)} files are empty)")
+        raise SourceError(
+            f"source {source.name!r} ({source.spec}): empty corpus (all {len(source.files)} files are empty)"
+        )
     kwargs = {"sample_by": source.text_unit} if kind == "text" else {}
     verbosity = datasets.logging.get_verbosity()
     datasets.logging.set_verbosity(datasets.logging.CRITICAL)  # its log of a bad file repeats the error below
     try:
-        ds = datasets.load_dataset(kind, data_files=[str(p) for p in files], split="train", cache_dir=cache_dir,
-                                   **kwargs)
+        ds = datasets.load_dataset(
+            kind, data_files=[str(p) for p in files], split="train", cache_dir=cache_dir, **kwargs
+        )
     except Exception as e:  # datasets wraps the reader's error; name the file (and line) instead
         fault = _unreadable_parquet(files) if kind == "parquet" else None
         raise SourceError(fault or f"source {source.name!r} ({source.spec}): {_root_cause(e)}") from None
@@ -310,8 +321,9 @@ def check_text_column(ds: datasets.Dataset, source: Source) -> None:
         if bad_type:
             raise SourceError(f"{where}: text field {source.text_field!r} has type {column.type}, expected strings")
         first = int(np.flatnonzero(column.is_null().to_numpy(zero_copy_only=False))[0])
-        raise SourceError(f"{where}: {column.null_count} documents have no text (null {source.text_field!r}; "
-                          f"first: row {first})")
+        raise SourceError(
+            f"{where}: {column.null_count} documents have no text (null {source.text_field!r}; first: row {first})"
+        )
     if pc.max(pc.utf8_length(column)).as_py() == 0:
         raise SourceError(f"{where}: empty corpus (no text in any document)")
 

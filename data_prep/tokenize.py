@@ -9,6 +9,7 @@ last. Documents go to the validation split by a hash of (seed, document index). 
 resumed by running the same command again; an existing finished output is never replaced
 without --overwrite, and only files this tool recorded are ever deleted (see data_prep.output_dir).
 """
+
 from __future__ import annotations
 
 import argparse
@@ -29,11 +30,20 @@ from tqdm import tqdm
 from data_prep.atomic import write_json_atomic
 from data_prep.doc_split import validation_mask
 from data_prep.output_dir import (
-    OutputDirError, check_shard_dir, exclusive, prepare_shard_dir, removed_if_empty_on_failure,
+    OutputDirError,
+    check_shard_dir,
+    exclusive,
+    prepare_shard_dir,
+    removed_if_empty_on_failure,
 )
 from data_prep.shard_writer import Journal, SplitShardWriter, verified_prefix
 from data_prep.sources import (
-    DECODE_ERROR_ACTIONS, Source, SourceError, load_source, parse_source, report_skipped,
+    DECODE_ERROR_ACTIONS,
+    Source,
+    SourceError,
+    load_source,
+    parse_source,
+    report_skipped,
 )
 from data_prep.tokenizer_card import Tokenizer, TokenizerError, load_tokenizer
 from data_prep.workers import die_with_parent
@@ -61,7 +71,9 @@ class _Encoder:
         return {"ids": [np.asarray(ids, dtype=np.int32) for ids in self._sp.encode(batch["text"])]}
 
 
-def frame_documents(flat: np.ndarray, lengths: np.ndarray, eos_id: int, bos_id: int | None) -> tuple[np.ndarray, np.ndarray]:
+def frame_documents(
+    flat: np.ndarray, lengths: np.ndarray, eos_id: int, bos_id: int | None
+) -> tuple[np.ndarray, np.ndarray]:
     """Concatenate documents as [BOS] tokens EOS, vectorized. Returns (tokens, framed lengths)."""
     extra = 1 + (bos_id is not None)
     out_lengths = lengths + extra
@@ -95,8 +107,9 @@ def _check_settings(shard_tokens: int, validation_fraction: float, chunk_docs: i
         raise ValueError(f"validation_fraction must be in [0, 1), got {validation_fraction}")
 
 
-def _split_documents(corpus: datasets.Dataset, validation_fraction: float, seed: int,
-                     block: int = 1 << 22) -> dict[str, int]:
+def _split_documents(
+    corpus: datasets.Dataset, validation_fraction: float, seed: int, block: int = 1 << 22
+) -> dict[str, int]:
     """Documents (non-empty texts) per split, counted before any work so that an empty split is
     known at once."""
     counts = {"train": 0, "validation": 0}
@@ -135,8 +148,10 @@ def tokenize_source(
     report_skipped(source, "the manifest")
     documents = _split_documents(corpus, validation_fraction, seed)
     if documents["train"] == 0:
-        raise SourceError(f"source {source.name!r} ({source.spec}): all {documents['validation']} documents go to "
-                          f"the validation split (fraction {validation_fraction}); lower --validation-fraction")
+        raise SourceError(
+            f"source {source.name!r} ({source.spec}): all {documents['validation']} documents go to "
+            f"the validation split (fraction {validation_fraction}); lower --validation-fraction"
+        )
     if validation_fraction > 0 and documents["validation"] == 0:
         print(f"warning: {source.name}: validation fraction {validation_fraction} selected no documents")
     settings = {
@@ -160,8 +175,19 @@ def tokenize_source(
             journal = Journal(out_dir, fingerprint)
             writers = _resume(journal, corpus, DTYPES[dtype], shard_tokens, tok.eos_id)
             try:
-                _write_shards(corpus, writers, tok, add_bos, validation_fraction, seed, num_proc, chunk_docs,
-                              batch_size, f"tokenize {source.name}", progress)
+                _write_shards(
+                    corpus,
+                    writers,
+                    tok,
+                    add_bos,
+                    validation_fraction,
+                    seed,
+                    num_proc,
+                    chunk_docs,
+                    batch_size,
+                    f"tokenize {source.name}",
+                    progress,
+                )
             except BaseException:
                 if not any(w.shards for w in writers.values()):
                     journal.path.unlink(missing_ok=True)  # nothing to resume: leave no trace
@@ -190,8 +216,9 @@ def tokenize_source(
     return manifest
 
 
-def _resume(journal: Journal, corpus: datasets.Dataset, dtype: np.dtype, shard_tokens: int,
-            eos_id: int) -> dict[str, SplitShardWriter]:
+def _resume(
+    journal: Journal, corpus: datasets.Dataset, dtype: np.dtype, shard_tokens: int, eos_id: int
+) -> dict[str, SplitShardWriter]:
     """Writers that continue after the verified shards of an unfinished run with the same settings
     (saying so); its damaged or unfinished shards are deleted: the journal recorded them."""
     directory = journal.path.parent
@@ -203,19 +230,32 @@ def _resume(journal: Journal, corpus: datasets.Dataset, dtype: np.dtype, shard_t
     for name in redo:
         (directory / name).unlink(missing_ok=True)
     journal.start([r for split in SPLITS for r in kept[split]])
-    writers = {split: SplitShardWriter(directory, split, dtype, shard_tokens, eos_id, journal, kept[split])
-               for split in SPLITS}
+    writers = {
+        split: SplitShardWriter(directory, split, dtype, shard_tokens, eos_id, journal, kept[split]) for split in SPLITS
+    }
     if unfinished:
         at = {split: w.resume.doc for split, w in writers.items()}
-        print(f"{directory}: resuming an unfinished run at document {min(at.values())} of {len(corpus)} "
-              f"(train continues at document {at['train']}, validation at {at['validation']}); kept "
-              f"{len(kept_files)} verified shards" + (f", redoing {len(redo)} ({', '.join(redo)})" if redo else ""))
+        print(
+            f"{directory}: resuming an unfinished run at document {min(at.values())} of {len(corpus)} "
+            f"(train continues at document {at['train']}, validation at {at['validation']}); kept "
+            f"{len(kept_files)} verified shards" + (f", redoing {len(redo)} ({', '.join(redo)})" if redo else "")
+        )
     return writers
 
 
-def _write_shards(corpus: datasets.Dataset, writers: dict[str, SplitShardWriter], tok: Tokenizer, add_bos: bool,
-                  validation_fraction: float, seed: int, num_proc: int | None, chunk_docs: int, batch_size: int,
-                  desc: str, progress: bool) -> None:
+def _write_shards(
+    corpus: datasets.Dataset,
+    writers: dict[str, SplitShardWriter],
+    tok: Tokenizer,
+    add_bos: bool,
+    validation_fraction: float,
+    seed: int,
+    num_proc: int | None,
+    chunk_docs: int,
+    batch_size: int,
+    desc: str,
+    progress: bool,
+) -> None:
     encoder = _Encoder(str(tok.path))
     bos_id = tok.bos_id if add_bos else None
     num_proc = num_proc or os.cpu_count() or 1
@@ -229,15 +269,21 @@ def _write_shards(corpus: datasets.Dataset, writers: dict[str, SplitShardWriter]
             doc_ids = np.arange(lo, hi)
             in_val = validation_mask(doc_ids, validation_fraction, seed)
             # after a resume, skip documents whose split already has them on disk
-            needed = np.where(in_val, doc_ids >= writers["validation"].resume.doc, doc_ids >= writers["train"].resume.doc)
+            needed = np.where(
+                in_val, doc_ids >= writers["validation"].resume.doc, doc_ids >= writers["train"].resume.doc
+            )
             doc_ids, in_val = doc_ids[needed], in_val[needed]
             if not doc_ids.size:
                 continue
             with die_with_parent():  # a killed tokenize must not leave map's worker processes behind
                 encoded = corpus.select(doc_ids).map(
-                    encoder, batched=True, batch_size=batch_size,
+                    encoder,
+                    batched=True,
+                    batch_size=batch_size,
                     num_proc=workers if (workers := min(num_proc, doc_ids.size)) > 1 else None,  # None: in-process
-                    remove_columns=["text"], keep_in_memory=True, desc=None,
+                    remove_columns=["text"],
+                    keep_in_memory=True,
+                    desc=None,
                 )
             flat, lengths = _flatten_ids(encoded.data.column("ids"))
             nonempty = lengths > 0  # an empty text is not a document: no lone EOS
@@ -259,15 +305,23 @@ def main(argv: Sequence[str] | None = None) -> None:
     p.add_argument("--out", required=True, help="output root; each source goes to OUT/NAME")
     p.add_argument("--text-field", default="text")
     p.add_argument("--text-unit", default="document", choices=("document", "line", "paragraph"))
-    p.add_argument("--on-decode-error", default="error", choices=DECODE_ERROR_ACTIONS,
-                   help="a file that is not valid UTF-8 text: stop naming it, or skip it (listed in the manifest)")
+    p.add_argument(
+        "--on-decode-error",
+        default="error",
+        choices=DECODE_ERROR_ACTIONS,
+        help="a file that is not valid UTF-8 text: stop naming it, or skip it (listed in the manifest)",
+    )
     p.add_argument("--validation-fraction", type=float, default=0.005)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--shard-tokens", type=int, default=DEFAULT_SHARD_TOKENS)
     p.add_argument("--bos", action="store_true", help="also put BOS before every document")
     p.add_argument("--num-proc", type=int, default=os.cpu_count())
-    p.add_argument("--chunk-docs", type=int, default=20_000,
-                   help="documents per map call: resume granularity and peak memory (lower it for very long documents)")
+    p.add_argument(
+        "--chunk-docs",
+        type=int,
+        default=20_000,
+        help="documents per map call: resume granularity and peak memory (lower it for very long documents)",
+    )
     p.add_argument("--cache-dir", default=None, help="datasets cache directory")
     p.add_argument("--overwrite", action="store_true")
     a = p.parse_args(argv)
@@ -282,8 +336,17 @@ def main(argv: Sequence[str] | None = None) -> None:
             check_shard_dir(Path(a.out) / source.name, a.overwrite)
         for source in sources:
             m = tokenize_source(
-                source, tok, Path(a.out) / source.name, a.validation_fraction, a.seed, a.shard_tokens, a.bos,
-                a.num_proc, a.chunk_docs, overwrite=a.overwrite, cache_dir=a.cache_dir,
+                source,
+                tok,
+                Path(a.out) / source.name,
+                a.validation_fraction,
+                a.seed,
+                a.shard_tokens,
+                a.bos,
+                a.num_proc,
+                a.chunk_docs,
+                overwrite=a.overwrite,
+                cache_dir=a.cache_dir,
             )
             counts = ", ".join(f"{k} {v.tokens:,} tokens / {v.documents:,} docs" for k, v in m.splits.items())
             print(f"{m.path}: {counts}")

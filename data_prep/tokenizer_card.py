@@ -4,6 +4,7 @@ Shard manifests and the trainer identify a tokenizer by the sha256 of its .model
 records that hash; loading through `load_tokenizer` re-hashes the file and refuses a card that
 describes some other model file.
 """
+
 from __future__ import annotations
 
 import json

@@ -8,6 +8,7 @@ Defaults are chosen for lossless round trips of any UTF-8 text, code included: i
 normalization, whitespace kept as is, byte fallback for characters outside the vocabulary, and
 "\n" as a piece of its own (sentencepiece trains on lines, so it never sees one otherwise).
 """
+
 from __future__ import annotations
 
 import argparse
@@ -23,7 +24,12 @@ import sentencepiece as spm
 from data_prep.atomic import write_bytes_atomic, write_json_atomic
 from data_prep.output_dir import OutputDirError, check_writable_dir, removed_if_empty_on_failure
 from data_prep.sources import (
-    DECODE_ERROR_ACTIONS, Source, SourceError, load_source, parse_source, report_skipped,
+    DECODE_ERROR_ACTIONS,
+    Source,
+    SourceError,
+    load_source,
+    parse_source,
+    report_skipped,
 )
 from data_prep.tokenizer_card import Tokenizer, TokenizerError, card_path_for, load_tokenizer
 
@@ -44,7 +50,7 @@ def training_lines(texts: Iterable[str]) -> Iterator[str]:
         for line in text.split("\n"):
             if line.strip():
                 for start in range(0, len(line), MAX_LINE_CHARS):
-                    yield line[start:start + MAX_LINE_CHARS]
+                    yield line[start : start + MAX_LINE_CHARS]
 
 
 def _iter_text(corpus: datasets.Dataset, batch_size: int = 1000) -> Iterator[str]:
@@ -52,8 +58,17 @@ def _iter_text(corpus: datasets.Dataset, batch_size: int = 1000) -> Iterator[str
         yield from batch["text"]  # strings by load_source's rule; empty ones yield no lines
 
 
-def _train(lines: Iterator[str], writer: io.BytesIO, vocab_size: int, model_type: str, character_coverage: float,
-           byte_fallback: bool, ids: tuple[int, int, int, int], max_sentences: int, num_threads: int | None) -> None:
+def _train(
+    lines: Iterator[str],
+    writer: io.BytesIO,
+    vocab_size: int,
+    model_type: str,
+    character_coverage: float,
+    byte_fallback: bool,
+    ids: tuple[int, int, int, int],
+    max_sentences: int,
+    num_threads: int | None,
+) -> None:
     unk_id, bos_id, eos_id, pad_id = ids
     spm.SentencePieceTrainer.train(
         sentence_iterator=lines,
@@ -137,8 +152,17 @@ def train_tokenizer(
     spm.set_random_generator_seed(seed)  # sentencepiece's own sentence shuffling
     model = io.BytesIO()
     try:
-        _train(all_lines(), model, vocab_size, model_type, character_coverage, byte_fallback, ids,
-               max_sentences, num_threads)
+        _train(
+            all_lines(),
+            model,
+            vocab_size,
+            model_type,
+            character_coverage,
+            byte_fallback,
+            ids,
+            max_sentences,
+            num_threads,
+        )
     except RuntimeError as e:  # e.g. "Vocabulary size too high": the corpus is too small for it
         raise TokenizerError(f"sentencepiece training on {[s.spec for s in sources]} failed: {e}") from None
     with removed_if_empty_on_failure(out.parent):
@@ -167,8 +191,12 @@ def main(argv: Sequence[str] | None = None) -> None:
     p.add_argument("--out", required=True, help="path of the .model file to write")
     p.add_argument("--text-field", default="text")
     p.add_argument("--text-unit", default="document", choices=("document", "line", "paragraph"))
-    p.add_argument("--on-decode-error", default="error", choices=DECODE_ERROR_ACTIONS,
-                   help="a file that is not valid UTF-8 text: stop naming it, or skip it (listed in the card)")
+    p.add_argument(
+        "--on-decode-error",
+        default="error",
+        choices=DECODE_ERROR_ACTIONS,
+        help="a file that is not valid UTF-8 text: stop naming it, or skip it (listed in the card)",
+    )
     p.add_argument("--vocab-size", type=int, default=8192)
     p.add_argument("--model-type", default="bpe", choices=MODEL_TYPES)
     p.add_argument("--num-docs", type=int, default=100_000, help="documents sampled for training")
@@ -186,9 +214,18 @@ def main(argv: Sequence[str] | None = None) -> None:
     try:
         sources = [parse_source(s, a.text_field, a.text_unit, a.on_decode_error) for s in a.source]
         tok = train_tokenizer(
-            sources, a.out, a.vocab_size, a.model_type, a.num_docs, a.seed, a.character_coverage,
-            not a.no_byte_fallback, a.max_sentences, (a.unk_id, a.bos_id, a.eos_id, a.pad_id),
-            overwrite=a.overwrite, cache_dir=a.cache_dir,
+            sources,
+            a.out,
+            a.vocab_size,
+            a.model_type,
+            a.num_docs,
+            a.seed,
+            a.character_coverage,
+            not a.no_byte_fallback,
+            a.max_sentences,
+            (a.unk_id, a.bos_id, a.eos_id, a.pad_id),
+            overwrite=a.overwrite,
+            cache_dir=a.cache_dir,
         )
     except (SourceError, TokenizerError, OutputDirError, OSError) as e:  # OSError: names its file
         raise SystemExit(f"error: {e}") from None

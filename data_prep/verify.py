@@ -5,6 +5,7 @@
 DIR is a shard directory (with manifest.json) or a root whose subdirectories are. Prints one line
 per bad file (missing, wrong size, wrong sha256) and exits 1 if there is any.
 """
+
 from __future__ import annotations
 
 import argparse

@@ -5,6 +5,7 @@ killed with SIGKILL nothing tells them: they wait on their queues forever. Insid
 `die_with_parent()`, every process forked from this one asks the kernel (prctl PR_SET_PDEATHSIG)
 for SIGKILL when its parent goes away. Linux only; elsewhere a no-op.
 """
+
 from __future__ import annotations
 
 import contextlib

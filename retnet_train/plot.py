@@ -7,6 +7,7 @@ writes (`run.dir`): its metrics.jsonl has a record per log step (step, loss, tok
 tokens_seen, ...) and one per evaluation (step, val_loss). Evaluation records without tokens_seen
 get it from the training records' step -> tokens_seen.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -39,8 +40,9 @@ class RunCurves:
 
     def mean_tokens_per_s(self, skip_first: int = 1) -> float | None:
         """Mean of the logged rates, the first `skip_first` left out (they hold compilation and warm-up)."""
-        rates = [r for r in self.tokens_per_s[skip_first:] if r is not None] or \
-            [r for r in self.tokens_per_s if r is not None]
+        rates = [r for r in self.tokens_per_s[skip_first:] if r is not None] or [
+            r for r in self.tokens_per_s if r is not None
+        ]
         return sum(rates) / len(rates) if rates else None
 
 
@@ -149,8 +151,9 @@ def main(argv: Sequence[str] | None = None) -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("runs", nargs="+", help="run directories (each with a metrics.jsonl)")
     p.add_argument("--out", required=True, help="PNG to write")
-    p.add_argument("--labels", default=None,
-                   help="comma-separated legend names, one per run (default: directory names)")
+    p.add_argument(
+        "--labels", default=None, help="comma-separated legend names, one per run (default: directory names)"
+    )
     p.add_argument("--title", default=None)
     a = p.parse_args(argv)
     labels = a.labels.split(",") if a.labels else [None] * len(a.runs)

@@ -9,6 +9,7 @@ Exit status: 0 finished (train.max_steps reached); 1 error (the message names th
 (launch/slurm/*.sbatch requeue the job on it); 130 Ctrl-C (no checkpoint saved: the run goes on from
 the last one).
 """
+
 from __future__ import annotations
 
 import os
@@ -54,8 +55,11 @@ def main(cfg: DictConfig) -> None:
         finish(EXIT_ERROR)
     except KeyboardInterrupt:
         if int(os.environ.get("RANK", 0)) == 0:
-            print("interrupted: started again with the same command, the run goes on from its last checkpoint",
-                  file=sys.stderr, flush=True)
+            print(
+                "interrupted: started again with the same command, the run goes on from its last checkpoint",
+                file=sys.stderr,
+                flush=True,
+            )
         finish(EXIT_INTERRUPTED)
     finally:
         if dist.is_initialized():

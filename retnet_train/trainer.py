@@ -6,6 +6,7 @@
 Everything the checkpoint restores is a stateful part (`state`: TrainState, `loader`: TokenLoader),
 saved as one dict beside DeepSpeed's state (components/checkpoint.py).
 """
+
 from __future__ import annotations
 
 import math
@@ -41,6 +42,7 @@ from .parallel import build_context_parallel, parallelize
 @dataclass
 class StepStats:
     """One optimizer step, as every rank agreed on it (one all-reduce)."""
+
     step: int
     loss: Optional[float]  # mean over ranks and micro-batches; None when the step was skipped
     loss_nonfinite: bool  # some rank saw a non-finite loss
@@ -68,12 +70,14 @@ class Trainer:
         init_distributed(self.device)
         self.rank, self.world = dist.get_rank(), dist.get_world_size()
         self.is_main = self.rank == 0
-        self.ckpt = CheckpointManager(cfg.checkpoint.dir or os.path.join(cfg.run.dir, "checkpoints"),
-                                      cfg.checkpoint.keep_last, self.rank)
+        self.ckpt = CheckpointManager(
+            cfg.checkpoint.dir or os.path.join(cfg.run.dir, "checkpoints"), cfg.checkpoint.keep_last, self.rank
+        )
         self._claim_dirs()
         # context parallel: P consecutive ranks share each sequence; the data comes per data-parallel rank
-        self.cp, dp_rank, self.dp_world = build_context_parallel(cfg.parallel.context_parallel_size, self.rank,
-                                                                 self.world, cfg.data.seq_len)
+        self.cp, dp_rank, self.dp_world = build_context_parallel(
+            cfg.parallel.context_parallel_size, self.rank, self.world, cfg.data.seq_len
+        )
         self.accum = grad_accumulation(cfg, self.world)
         self.tokens_per_step = self.accum * cfg.train.micro_batch_size * cfg.data.seq_len * self.dp_world
         seed_everything(cfg.train.seed + self.rank)
@@ -88,13 +92,15 @@ class Trainer:
             optimizer, self.scheduler = build_optimizer(self.model, cfg, self.device)
             universal = bool(self.plan and self.plan.universal)
             ds_config = deepspeed_config(cfg, self.accum, self.world, load_universal=universal)
-            self.engine, _, _, _ = deepspeed.initialize(model=self.model, optimizer=optimizer,
-                                                        lr_scheduler=self.scheduler, config=ds_config)
+            self.engine, _, _, _ = deepspeed.initialize(
+                model=self.model, optimizer=optimizer, lr_scheduler=self.scheduler, config=ds_config
+            )
             skip_duplicate_overflow_check(self.engine)
         except torch.cuda.OutOfMemoryError as e:
             raise TrainingError(f"{OOM_HINT}\n{e}") from e
-        faults = NonFiniteTracker(cfg.train.max_consecutive_nonfinite,
-                                  scaler_skips_are_normal=cfg.deepspeed.precision == "fp16")
+        faults = NonFiniteTracker(
+            cfg.train.max_consecutive_nonfinite, scaler_skips_are_normal=cfg.deepspeed.precision == "fp16"
+        )
         self.state = TrainState(faults=faults)
         self.resolved = OmegaConf.to_container(OmegaConf.structured(cfg), resolve=True)
 
@@ -129,24 +135,45 @@ class Trainer:
 
     def _build_model(self):
         train = self.cfg.train
-        return parallelize(build_model(self.model_cfg), compile=train.compile,
-                           activation_checkpointing=train.activation_checkpointing,
-                           activation_memory_budget=train.activation_memory_budget, context_parallel=self.cp)
+        return parallelize(
+            build_model(self.model_cfg),
+            compile=train.compile,
+            activation_checkpointing=train.activation_checkpointing,
+            activation_memory_budget=train.activation_memory_budget,
+            context_parallel=self.cp,
+        )
 
     def _build_data(self, dp_rank: int):
         cfg = self.cfg
         if cfg.data.tokenizer and not os.path.isfile(cfg.data.tokenizer):
-            raise ValueError(f"data.tokenizer={cfg.data.tokenizer}: no such file (from {os.getcwd()}); "
-                             "data.tokenizer=null skips the check that the shards were tokenized with it")
+            raise ValueError(
+                f"data.tokenizer={cfg.data.tokenizer}: no such file (from {os.getcwd()}); "
+                "data.tokenizer=null skips the check that the shards were tokenized with it"
+            )
         tokenizer_sha = sha256_file(cfg.data.tokenizer) if cfg.data.tokenizer else None
         sources, vocab = data_sources(cfg), self.model_cfg.vocab_size
-        loader = TokenLoader(sources, cfg.data.seq_len, cfg.train.micro_batch_size, dp_rank, self.dp_world,
-                             cfg.data.seed, "train", tokenizer_sha256=tokenizer_sha, vocab_size=vocab,
-                             verify_checksums=cfg.data.verify_checksums)
+        loader = TokenLoader(
+            sources,
+            cfg.data.seq_len,
+            cfg.train.micro_batch_size,
+            dp_rank,
+            self.dp_world,
+            cfg.data.seed,
+            "train",
+            tokenizer_sha256=tokenizer_sha,
+            vocab_size=vocab,
+            verify_checksums=cfg.data.verify_checksums,
+        )
         val_loader = build_validation_loader(
-            sources, cfg.data.seq_len, cfg.train.micro_batch_size, dp_rank, self.dp_world,
-            tokenizer_sha256=tokenizer_sha, vocab_size=vocab,
-            max_sequences=cfg.train.eval_batches * cfg.train.micro_batch_size * self.dp_world)
+            sources,
+            cfg.data.seq_len,
+            cfg.train.micro_batch_size,
+            dp_rank,
+            self.dp_world,
+            tokenizer_sha256=tokenizer_sha,
+            vocab_size=vocab,
+            max_sequences=cfg.train.eval_batches * cfg.train.micro_batch_size * self.dp_world,
+        )
         return loader, val_loader
 
     @property
@@ -158,8 +185,11 @@ class Trainer:
         """Load the checkpoint build() chose into the engine and the stateful parts."""
         if self.source is None:
             if self.is_main:
-                fresh = f"no checkpoint in {self.ckpt.dir}: starting fresh" if self.cfg.train.resume == "auto" else \
-                    "starting fresh"
+                fresh = (
+                    f"no checkpoint in {self.ckpt.dir}: starting fresh"
+                    if self.cfg.train.resume == "auto"
+                    else "starting fresh"
+                )
                 print(fresh, flush=True)
             return
         directory, tag = self.source
@@ -171,8 +201,11 @@ class Trainer:
         self.last_checkpoint = os.path.join(directory, tag)
         if self.is_main:
             notes = f" ({', '.join(self.plan.notes)})" if self.plan.notes else ""
-            print(f"resumed from {self.last_checkpoint} at step {self.state.step} "
-                  f"({self.state.tokens_seen:,} tokens seen){notes}", flush=True)
+            print(
+                f"resumed from {self.last_checkpoint} at step {self.state.step} "
+                f"({self.state.tokens_seen:,} tokens seen){notes}",
+                flush=True,
+            )
             changed = config_diff(client.get("config") or {}, self.resolved)
             if changed:
                 print("config changed since that checkpoint: " + "; ".join(changed), flush=True)
@@ -184,8 +217,9 @@ class Trainer:
         detail = (lines[1] if len(lines) > 1 else lines[0] if lines else type(error).__name__)[:300]
         saved = torch.load(model_states_file(path), map_location="cpu", weights_only=False, mmap=True)
         changed = config_diff((saved.get("config") or {}).get("model") or {}, self.resolved["model"], "model.")
-        return (f"train.resume: {path} does not load into this model ({detail})"
-                + (f"; model settings differ from the checkpoint's: {'; '.join(changed)}" if changed else ""))
+        return f"train.resume: {path} does not load into this model ({detail})" + (
+            f"; model settings differ from the checkpoint's: {'; '.join(changed)}" if changed else ""
+        )
 
     def _open_outputs(self) -> None:
         """Run dir, console banner, metrics, profiler, progress bar and the signal handler."""
@@ -193,8 +227,14 @@ class Trainer:
         problem = None
         try:  # rank 0's files and W&B; the profiler checks profile.ranks on every rank
             self._open_run_files()
-            self.profiler = Profiler(os.path.join(run_dir, "profile", f"rank{self.rank}"), self.rank, self.world,
-                                     self.device.type, self.state.step, **asdict(cfg.profile))
+            self.profiler = Profiler(
+                os.path.join(run_dir, "profile", f"rank{self.rank}"),
+                self.rank,
+                self.world,
+                self.device.type,
+                self.state.step,
+                **asdict(cfg.profile),
+            )
         except (ValueError, OSError) as e:
             problem = str(e)
         self._agree(problem)
@@ -202,8 +242,13 @@ class Trainer:
         self.peak = device_peak_flops(self.device, cfg.train.peak_flops)
         self.preempt = PreemptionHandler()
         self.throughput = Throughput(self.state.tokens_seen)
-        self.bar = tqdm(total=cfg.train.max_steps, initial=self.state.step, unit="step", dynamic_ncols=True,
-                        disable=True if not self.is_main else None)  # None: shown on a terminal only
+        self.bar = tqdm(
+            total=cfg.train.max_steps,
+            initial=self.state.step,
+            unit="step",
+            dynamic_ncols=True,
+            disable=True if not self.is_main else None,
+        )  # None: shown on a terminal only
 
     def _open_run_files(self) -> None:
         """Rank 0: run dir, config.yaml (resolved), the banner. Every rank: the metrics logger (which
@@ -214,8 +259,11 @@ class Trainer:
             continues = self.source is not None and os.path.abspath(self.source[0]) == os.path.abspath(self.ckpt.dir)
             moved = None if continues else set_aside_metrics(run_dir)
             if moved:
-                print(f"{run_dir} holds metrics of an earlier run without its checkpoints: kept as {moved}; "
-                      f"this run logs to a new metrics.jsonl", flush=True)
+                print(
+                    f"{run_dir} holds metrics of an earlier run without its checkpoints: kept as {moved}; "
+                    f"this run logs to a new metrics.jsonl",
+                    flush=True,
+                )
             OmegaConf.save(OmegaConf.create(self.resolved), os.path.join(run_dir, "config.yaml"))
             self._print_banner()
         self.logger = MetricsLogger(run_dir, self.is_main, self.cfg.wandb, self.resolved, self.state.wandb_id)
@@ -223,12 +271,18 @@ class Trainer:
 
     def _print_banner(self) -> None:
         cfg, world = self.cfg, self.world
-        ranks = f"world {world} ({self.dp_world} data x {world // self.dp_world} context parallel)" if self.cp \
+        ranks = (
+            f"world {world} ({self.dp_world} data x {world // self.dp_world} context parallel)"
+            if self.cp
             else f"world {world}"
-        print(f"{ranks} | micro-batch {cfg.train.micro_batch_size} x seq {cfg.data.seq_len} | accumulation "
-              f"{self.accum} | {self.tokens_per_step:,} tokens/step | {self.tokens_per_step * cfg.train.max_steps:,} "
-              f"tokens total | {self.model.num_params():,} parameters | ZeRO {cfg.deepspeed.zero_stage} "
-              f"{cfg.deepspeed.precision} | device {self.device.type}", flush=True)
+        )
+        print(
+            f"{ranks} | micro-batch {cfg.train.micro_batch_size} x seq {cfg.data.seq_len} | accumulation "
+            f"{self.accum} | {self.tokens_per_step:,} tokens/step | {self.tokens_per_step * cfg.train.max_steps:,} "
+            f"tokens total | {self.model.num_params():,} parameters | ZeRO {cfg.deepspeed.zero_stage} "
+            f"{cfg.deepspeed.precision} | device {self.device.type}",
+            flush=True,
+        )
 
     # ------------------------------------------------------------------ the loop
 
@@ -240,8 +294,11 @@ class Trainer:
             self._open_outputs()
             max_steps, stats = self.cfg.train.max_steps, None
             if self.state.step >= max_steps and self.is_main:
-                print(f"already at step {self.state.step} >= train.max_steps={max_steps}: nothing to train. "
-                      f"Raise train.max_steps to continue this run, or use a new run.dir to start another", flush=True)
+                print(
+                    f"already at step {self.state.step} >= train.max_steps={max_steps}: nothing to train. "
+                    f"Raise train.max_steps to continue this run, or use a new run.dir to start another",
+                    flush=True,
+                )
             while self.state.step < max_steps:
                 with self.throughput.paused():  # closing the window writes the trace: not training time
                     self.profiler.step(self.state.step)  # opens, marks and closes the profiled window
@@ -257,17 +314,26 @@ class Trainer:
         except OSError as e:  # a file the run reads or writes: disk full, permissions, a mount gone
             state = getattr(self, "state", None)
             where = f" at step {state.step}" if state is not None else " at start"
-            raise TrainingError(f"{e.filename or 'I/O'}: {e.strerror or e}{where}; the last checkpoint is "
-                                f"{self.last_checkpoint or 'none'}") from e
+            raise TrainingError(
+                f"{e.filename or 'I/O'}: {e.strerror or e}{where}; the last checkpoint is "
+                f"{self.last_checkpoint or 'none'}"
+            ) from e
         finally:
             self.close()
         preempted = bool(stats and stats.stop_requested)
         if self.is_main and not preempted:
-            print(f"done at step {self.state.step}: metrics in {self.logger.path}, checkpoint in "
-                  f"{self.last_checkpoint}", flush=True)
-        return {"step": self.state.step, "loss": self.last_loss, "checkpoint": self.last_checkpoint,
-                "skipped_steps": self.state.faults.total, "tokens_seen": self.state.tokens_seen,
-                "preempted": preempted}
+            print(
+                f"done at step {self.state.step}: metrics in {self.logger.path}, checkpoint in {self.last_checkpoint}",
+                flush=True,
+            )
+        return {
+            "step": self.state.step,
+            "loss": self.last_loss,
+            "checkpoint": self.last_checkpoint,
+            "skipped_steps": self.state.faults.total,
+            "tokens_seen": self.state.tokens_seen,
+            "preempted": preempted,
+        }
 
     def train_step(self) -> StepStats:
         """accumulation micro-batches, one optimizer step, one all-reduce of what every rank saw."""
@@ -291,10 +357,14 @@ class Trainer:
         # One all-reduce per step (no host sync per micro-batch):
         # [non-finite loss, update skipped (non-finite grad norm), loss sum, stop signal]
         losses_t = torch.stack(losses)
-        flags = torch.stack([(~torch.isfinite(losses_t)).any().float(),
-                             torch.tensor(0.0 if engine.was_step_applied() else 1.0, device=self.device),
-                             torch.nan_to_num(losses_t.mean(), nan=0.0, posinf=0.0, neginf=0.0),
-                             torch.tensor(1.0 if self.preempt.received else 0.0, device=self.device)])
+        flags = torch.stack(
+            [
+                (~torch.isfinite(losses_t)).any().float(),
+                torch.tensor(0.0 if engine.was_step_applied() else 1.0, device=self.device),
+                torch.nan_to_num(losses_t.mean(), nan=0.0, posinf=0.0, neginf=0.0),
+                torch.tensor(1.0 if self.preempt.received else 0.0, device=self.device),
+            ]
+        )
         dist.all_reduce(flags)
         loss_bad, update_skipped, loss_sum, stop = flags.tolist()
         skipped = self.state.faults.update(loss_bad > 0, update_skipped > 0)
@@ -306,22 +376,32 @@ class Trainer:
 
     def maybe_log(self, stats: StepStats) -> None:
         """Every train.log_interval steps, at the last step, and at every skipped step."""
-        if not (stats.step % self.cfg.train.log_interval == 0 or stats.step == self.cfg.train.max_steps
-                or stats.skipped):
+        if not (
+            stats.step % self.cfg.train.log_interval == 0 or stats.step == self.cfg.train.max_steps or stats.skipped
+        ):
             return
         tps = self.throughput.rate(self.state.tokens_seen)
         grad_norm = self.engine.get_global_grad_norm()
         grad_norm = None if grad_norm is None or not math.isfinite(float(grad_norm)) else float(grad_norm)
-        self.logger.log({"step": stats.step, "loss": stats.loss, "lr": self.scheduler.get_last_lr()[0],
-                         "grad_norm": grad_norm, "tokens_per_s": tps,
-                         "mfu": tps * self.flops / (self.peak * self.world) if self.peak else None,
-                         "peak_mem_gib": peak_memory_gib(self.device), "tokens_seen": self.state.tokens_seen,
-                         "skipped_steps": self.state.faults.total})
+        self.logger.log(
+            {
+                "step": stats.step,
+                "loss": stats.loss,
+                "lr": self.scheduler.get_last_lr()[0],
+                "grad_norm": grad_norm,
+                "tokens_per_s": tps,
+                "mfu": tps * self.flops / (self.peak * self.world) if self.peak else None,
+                "peak_mem_gib": peak_memory_gib(self.device),
+                "tokens_seen": self.state.tokens_seen,
+                "skipped_steps": self.state.faults.total,
+            }
+        )
         if stats.skipped and self.is_main:
             why = "non-finite loss" if stats.loss_nonfinite else "non-finite gradient norm"
             faults = self.state.faults
-            self.logger.write(f"step {stats.step} skipped ({why}): no update; {faults.consecutive} in a row, "
-                              f"{faults.total} in total")
+            self.logger.write(
+                f"step {stats.step} skipped ({why}): no update; {faults.consecutive} in a row, {faults.total} in total"
+            )
 
     def stop_on_faults(self) -> None:
         """Too many non-finite steps in a row: save the last good weights and stop with an error."""
@@ -329,9 +409,11 @@ class Trainer:
         if not faults.should_stop:
             return
         path = self.save()  # skipped steps left the weights as the last good step made them
-        raise TrainingError(f"{faults.consecutive} consecutive steps with non-finite loss or gradients "
-                            f"(train.max_consecutive_nonfinite={faults.max_consecutive}); stopped. The weights of "
-                            f"the last good step ({self.state.step - faults.consecutive}) are saved in {path}")
+        raise TrainingError(
+            f"{faults.consecutive} consecutive steps with non-finite loss or gradients "
+            f"(train.max_consecutive_nonfinite={faults.max_consecutive}); stopped. The weights of "
+            f"the last good step ({self.state.step - faults.consecutive}) are saved in {path}"
+        )
 
     def maybe_evaluate(self) -> Optional[float]:
         """Validation loss every train.eval_interval steps and at the last step."""
@@ -339,8 +421,9 @@ class Trainer:
         if not (step % cfg.eval_interval == 0 or step == cfg.max_steps):
             return None
         with self.throughput.paused():
-            val = mean_loss(self.engine, self.val_loader, self.device, cfg.eval_batches, self.cp,
-                            sum_over_ranks=True).loss
+            val = mean_loss(
+                self.engine, self.val_loader, self.device, cfg.eval_batches, self.cp, sum_over_ranks=True
+            ).loss
         self.logger.log({"step": step, "val_loss": val, "val_ppl": math.exp(min(val, 50.0))})
         return val
 
@@ -353,8 +436,10 @@ class Trainer:
         with self.throughput.paused():
             path = self.save()
         if stats.stop_requested and self.is_main:
-            self.logger.write(f"{self.preempt.received or 'signal on another rank'}: checkpoint saved to {path} "
-                              f"at step {step}; exiting (resume with the same command)")
+            self.logger.write(
+                f"{self.preempt.received or 'signal on another rank'}: checkpoint saved to {path} "
+                f"at step {step}; exiting (resume with the same command)"
+            )
         return path
 
     def save(self) -> str:

@@ -4,6 +4,7 @@ Docs, configs and the Python sources' comments and docstrings carry no narrative
 code was built, no reference to documents or targets outside the repository and no web links; every
 relative link, repository path and `python -m` module named in the docs exists.
 """
+
 from __future__ import annotations
 
 import ast
@@ -30,8 +31,7 @@ NARRATIVE = [
     (r"\bwe (?:tried|changed|fixed|found|removed|added)\b", "narrates the work"),
     (r"\btried and\b|\buntil now\b|\bno longer\b", "narrates the work"),
     (r"\bwas\b[^;]{0,40}\bnow\b", "narrates a change (was X, now Y)"),
-    (r"\bagainst the targets?\b|\btargets? (?:is |are )?(?:not )?met\b|\bnot met\b|\bstretch\b",
-     "refers to a target"),
+    (r"\bagainst the targets?\b|\btargets? (?:is |are )?(?:not )?met\b|\bnot met\b|\bstretch\b", "refers to a target"),
     (r"\btargets? from\b|\btarget\s*(?:<=|>=|[<>\u2264\u2265])|\b[\d.]+x target\b", "refers to a target"),
     (r"\bwas lent\b|\bbudget was spent\b|\bno device time\b", "narrates how a figure was taken"),
 ]
@@ -58,8 +58,12 @@ def python_prose(path: Path):
     for node in ast.walk(ast.parse(source)):
         if isinstance(node, (ast.Module, ast.ClassDef, ast.FunctionDef, ast.AsyncFunctionDef)):
             body = node.body
-            if body and isinstance(body[0], ast.Expr) and isinstance(body[0].value, ast.Constant) \
-                    and isinstance(body[0].value.value, str):
+            if (
+                body
+                and isinstance(body[0], ast.Expr)
+                and isinstance(body[0].value, ast.Constant)
+                and isinstance(body[0].value.value, str)
+            ):
                 first = body[0].lineno
                 for i, line in enumerate(body[0].value.value.splitlines()):
                     yield first + i, line
@@ -96,15 +100,24 @@ def test_no_narrative_outside_links_or_targets():
     assert not hits, "describe the product as it is:\n" + "\n".join(hits)
 
 
-@pytest.mark.parametrize("text,caught", [
-    ("figures of session 8", True), ("see ../shared/retnet.md", True), ("[ui](https://x.org)", True),
-    ("weights saved before 2026-11-29 load", True), ("the issue's reference", True),
-    ("the 1.35x target is not met", True), ("Against the targets", True), ("it was 52.9 ms, now 35.1", True),
-    ("we tried a kernel", True),
-    ("H200, 2026-11-29, torch 2.11.0", False), ("`make help` lists the targets of the Makefile", False),
-    ("a test session fixture", False),
-    ("pip install --index-url https://download.pytorch.org/whl/rocm6.2 torch", False),
-])
+@pytest.mark.parametrize(
+    "text,caught",
+    [
+        ("figures of session 8", True),
+        ("see ../shared/retnet.md", True),
+        ("[ui](https://x.org)", True),
+        ("weights saved before 2026-11-29 load", True),
+        ("the issue's reference", True),
+        ("the 1.35x target is not met", True),
+        ("Against the targets", True),
+        ("it was 52.9 ms, now 35.1", True),
+        ("we tried a kernel", True),
+        ("H200, 2026-11-29, torch 2.11.0", False),
+        ("`make help` lists the targets of the Makefile", False),
+        ("a test session fixture", False),
+        ("pip install --index-url https://download.pytorch.org/whl/rocm6.2 torch", False),
+    ],
+)
 def test_the_patterns_catch_narrative(text, caught):
     assert bool(narrative_hits([(ROOT / "x.md", 1, text)])) == caught
 

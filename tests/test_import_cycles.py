@@ -1,5 +1,6 @@
 """No import cycles inside retnet_train: every import of one of its modules (at module level or inside a
 function, absolute or relative) is an edge, and the graph must have no cycle."""
+
 import ast
 from pathlib import Path
 
@@ -45,7 +46,7 @@ def find_cycle(graph: dict):
         stack.append(node)
         for nxt in sorted(graph[node]):
             if state.get(nxt) == "open":
-                return stack[stack.index(nxt):] + [nxt]
+                return stack[stack.index(nxt) :] + [nxt]
             if nxt not in state:
                 cycle = visit(nxt)
                 if cycle:

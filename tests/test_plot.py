@@ -1,4 +1,5 @@
 """retnet_train.plot: curves of several runs from their metrics.jsonl, x in tokens."""
+
 import json
 
 import pytest
@@ -15,13 +16,21 @@ def write_run(path, steps=40, log_every=10, eval_every=15, loss0=8.0, resumed_at
     lines = []
     for step in range(1, steps + 1):
         if step % log_every == 0:
-            lines.append({"step": step, "loss": loss0 / step ** 0.3, "tokens_per_s": 1000.0 * step,
-                          "tokens_seen": step * TOKENS_PER_STEP, "lr": 1e-3})
+            lines.append(
+                {
+                    "step": step,
+                    "loss": loss0 / step**0.3,
+                    "tokens_per_s": 1000.0 * step,
+                    "tokens_seen": step * TOKENS_PER_STEP,
+                    "lr": 1e-3,
+                }
+            )
         if step % eval_every == 0:
-            lines.append({"step": step, "val_loss": loss0 / step ** 0.3 + 0.1, "val_ppl": 1.0})
+            lines.append({"step": step, "val_loss": loss0 / step**0.3 + 0.1, "val_ppl": 1.0})
     if resumed_at is not None:  # a resumed run logs the steps after its checkpoint again
-        lines.append({"step": resumed_at, "loss": 1.0, "tokens_per_s": 5.0,
-                      "tokens_seen": resumed_at * TOKENS_PER_STEP})
+        lines.append(
+            {"step": resumed_at, "loss": 1.0, "tokens_per_s": 5.0, "tokens_seen": resumed_at * TOKENS_PER_STEP}
+        )
     (path / "metrics.jsonl").write_text("\n".join(json.dumps(r) for r in lines) + "\n")
     return path
 
@@ -32,7 +41,7 @@ def test_read_metrics_puts_evaluations_on_the_token_axis(tmp_path):
     assert run.tokens == [10 * 4096, 20 * 4096, 30 * 4096, 40 * 4096]
     assert run.loss[1] == 1.0 and run.tokens_per_s[1] == 5.0  # the last record of step 20 wins
     assert run.val_tokens == [15 * 4096, 30 * 4096]  # step 15 between two training records
-    assert run.final_val_loss == pytest.approx(8.0 / 30 ** 0.3 + 0.1)
+    assert run.final_val_loss == pytest.approx(8.0 / 30**0.3 + 0.1)
     assert run.mean_tokens_per_s() == pytest.approx((5.0 + 30000 + 40000) / 3)
 
 
@@ -53,13 +62,16 @@ def test_cli_writes_the_plot_and_names_each_run(tmp_path, capsys):
     assert "c.png" in capsys.readouterr().out
 
 
-@pytest.mark.parametrize("content,needle", [
-    (None, "no such file"),
-    ("", "empty"),
-    ('{"step": 1, "loss": 2.0}\n{"step": 2', ":2: not a JSON line"),
-    ('{"step": 1, "val_loss": 2.0}\n', "no training records"),
-    ('{"loss": 2.0}\n', ":1: a record needs an integer 'step'"),
-])
+@pytest.mark.parametrize(
+    "content,needle",
+    [
+        (None, "no such file"),
+        ("", "empty"),
+        ('{"step": 1, "loss": 2.0}\n{"step": 2', ":2: not a JSON line"),
+        ('{"step": 1, "val_loss": 2.0}\n', "no training records"),
+        ('{"loss": 2.0}\n', ":1: a record needs an integer 'step'"),
+    ],
+)
 def test_bad_metrics_fail_naming_the_file(tmp_path, capsys, content, needle):
     run = tmp_path / "run"
     run.mkdir()

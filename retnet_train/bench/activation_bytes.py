@@ -9,6 +9,7 @@ Prints one JSON line per model: bytes per token of one layer, and its largest ke
 model is built with two layers and the second is reported: the sin/cos tables and other inputs that
 every layer shares are first kept by the first layer, so the second one's bytes are a layer's own.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -20,7 +21,7 @@ import torch
 
 from ..model import build_model
 from ..parallel import parallelize
-from .train_throughput import load_preset, model_specs
+from .train_throughput import model_specs
 
 
 @contextmanager
@@ -53,8 +54,16 @@ def kept_by_block(model):
             h.remove()
 
 
-def layer_bytes_per_token(cfg, micro_batch: int, seq_len: int, device, dtype=torch.bfloat16, compile: bool = False,
-                          activation_memory_budget: float = 1.0, doc_len: int = 0) -> dict:
+def layer_bytes_per_token(
+    cfg,
+    micro_batch: int,
+    seq_len: int,
+    device,
+    dtype=torch.bfloat16,
+    compile: bool = False,
+    activation_memory_budget: float = 1.0,
+    doc_len: int = 0,
+) -> dict:
     """One training forward of a 2-layer `cfg` model: the second layer's kept bytes per token and its
     kept tensors, largest first. Compiled: a first forward and backward compile it."""
     torch.manual_seed(0)
@@ -76,15 +85,22 @@ def layer_bytes_per_token(cfg, micro_batch: int, seq_len: int, device, dtype=tor
         torch._functorch.config.activation_memory_budget = 1.0  # process-wide: back to torch's default
     layer = sorted(kept.get(1, {}).values(), reverse=True)
     tokens = micro_batch * seq_len
-    return {"bytes_per_token": sum(b for b, _, _ in layer) / tokens,
-            "tensors": [[round(b / tokens, 1), list(shape), dtype] for b, shape, dtype in layer]}
+    return {
+        "bytes_per_token": sum(b for b, _, _ in layer) / tokens,
+        "tensors": [[round(b / tokens, 1), list(shape), dtype] for b, shape, dtype in layer],
+    }
 
 
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--preset", default="1.3b", help="configs/model/<preset>.yaml; the Transformer uses transformer_<preset>")
-    p.add_argument("--models", default="retnet,transformer",
-                   help="comma list of retnet, transformer; each may add preset overrides: retnet@chunk_size=256")
+    p.add_argument(
+        "--preset", default="1.3b", help="configs/model/<preset>.yaml; the Transformer uses transformer_<preset>"
+    )
+    p.add_argument(
+        "--models",
+        default="retnet,transformer",
+        help="comma list of retnet, transformer; each may add preset overrides: retnet@chunk_size=256",
+    )
     p.add_argument("--seq-len", type=int, default=8192)
     p.add_argument("--micro-batch", type=int, default=1)
     p.add_argument("--compile", action="store_true", help="torch.compile each block as the trainer does")
@@ -101,13 +117,31 @@ def main(argv=None):
     for name, overrides, cfg, _ in model_specs(args.models, args.preset, args.backend):
         if name == "fla":
             raise SystemExit("--models: fla's model is not measured here (retnet, transformer)")
-        r = layer_bytes_per_token(cfg, args.micro_batch, args.seq_len, device, compile=args.compile,
-                                  activation_memory_budget=args.activation_memory_budget, doc_len=args.doc_len)
-        print(json.dumps({"model": name, "overrides": overrides, "preset": args.preset, "seq_len": args.seq_len,
-                          "micro_batch": args.micro_batch, "compile": args.compile,
-                          "activation_memory_budget": args.activation_memory_budget,
-                          "bytes_per_token_per_layer": round(r["bytes_per_token"], 1),
-                          "bytes_per_token_by_tensor": r["tensors"][:16]}), flush=True)
+        r = layer_bytes_per_token(
+            cfg,
+            args.micro_batch,
+            args.seq_len,
+            device,
+            compile=args.compile,
+            activation_memory_budget=args.activation_memory_budget,
+            doc_len=args.doc_len,
+        )
+        print(
+            json.dumps(
+                {
+                    "model": name,
+                    "overrides": overrides,
+                    "preset": args.preset,
+                    "seq_len": args.seq_len,
+                    "micro_batch": args.micro_batch,
+                    "compile": args.compile,
+                    "activation_memory_budget": args.activation_memory_budget,
+                    "bytes_per_token_per_layer": round(r["bytes_per_token"], 1),
+                    "bytes_per_token_by_tensor": r["tensors"][:16],
+                }
+            ),
+            flush=True,
+        )
 
 
 if __name__ == "__main__":

@@ -13,6 +13,7 @@ P consecutive ranks share a sequence (context parallel); data parallelism runs o
 If only some ranks run out of memory, the others can wait in a collective: --timeout-s turns that
 into an error (the lines printed so far stand; the length that hung did not fit).
 """
+
 from __future__ import annotations
 
 import argparse
@@ -25,9 +26,9 @@ import time
 import torch
 import torch.distributed as dist
 
+from ..components.distributed import init_distributed
 from ..components.metrics import peak_memory_gib
 from ..model import build_model
-from ..components.distributed import init_distributed
 from ..parallel import build_context_parallel, check_layout, parallelize
 from .train_throughput import load_preset, make_engine
 
@@ -89,7 +90,9 @@ def main(argv=None):
     p.add_argument("--warmup", type=int, default=1, help="untimed steps per length first")
     p.add_argument("--doc-len", type=int, default=0, help="mean document length for doc_starts (0: none)")
     p.add_argument("--backend", default="auto", choices=["auto", "torch", "fla"], help="retention backend")
-    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="model preset override, e.g. n_layers=2")
+    p.add_argument(
+        "--set", action="append", default=[], metavar="KEY=VALUE", help="model preset override, e.g. n_layers=2"
+    )
     p.add_argument("--cpu", action="store_true", help="run on CPU (gloo, fp32) even where a GPU is visible")
     p.add_argument("--timeout-s", type=int, default=600, help="collective timeout (a rank stuck after another's OOM)")
     args = p.parse_args(argv)
@@ -109,10 +112,17 @@ def main(argv=None):
     parallelize(model, activation_checkpointing=args.activation_checkpointing, context_parallel=cp)
     bf16 = device.type == "cuda"
     engine = make_engine(model.to(torch.bfloat16) if bf16 else model, args.micro_batch, args.zero_stage, bf16=bf16)
-    base = {"preset": args.preset, "params": sum(p.numel() for p in model.parameters()), "world": world,
-            "context_parallel": P, "zero_stage": args.zero_stage, "activation_checkpointing": args.activation_checkpointing,
-            "micro_batch": args.micro_batch, "device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
-            "precision": "bf16" if device.type == "cuda" else "fp32"}
+    base = {
+        "preset": args.preset,
+        "params": sum(p.numel() for p in model.parameters()),
+        "world": world,
+        "context_parallel": P,
+        "zero_stage": args.zero_stage,
+        "activation_checkpointing": args.activation_checkpointing,
+        "micro_batch": args.micro_batch,
+        "device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
+        "precision": "bf16" if device.type == "cuda" else "fp32",
+    }
     longest = None
     for T in seq_lens:
         check_layout(P, world, T)
@@ -133,11 +143,21 @@ def main(argv=None):
         fits = all(v[0].item() > 0 for v in verdicts)
         if rank == 0:
             tokens = args.steps * args.micro_batch * T * dp_world  # every data-parallel group trains its sequences
-            print(json.dumps({**base, "seq_len": T, "tokens_per_rank": T // P, "fits": fits,
-                              "tokens_per_s": round(tokens / elapsed, 1) if fits else None,
-                              "step_s": round(elapsed / args.steps, 3) if fits else None,
-                              "peak_gib_per_rank": [round(v[1].item(), 2) for v in verdicts],
-                              "loss": round(loss, 4) if fits else None}), flush=True)
+            print(
+                json.dumps(
+                    {
+                        **base,
+                        "seq_len": T,
+                        "tokens_per_rank": T // P,
+                        "fits": fits,
+                        "tokens_per_s": round(tokens / elapsed, 1) if fits else None,
+                        "step_s": round(elapsed / args.steps, 3) if fits else None,
+                        "peak_gib_per_rank": [round(v[1].item(), 2) for v in verdicts],
+                        "loss": round(loss, 4) if fits else None,
+                    }
+                ),
+                flush=True,
+            )
         if not fits:
             break  # longer ones need more; after an OOM the engine's state is not trustworthy either
         longest = T

@@ -13,6 +13,7 @@ batch 32 is 137 GB for 6.7B). --check-prompt-len reruns RetNet at a second promp
 show its memory over the weights does not depend on it. --hf-llama-reference and --fla-reference
 add Hugging Face `generate` rows (Llama with KV cache, fla's RetNet): the usual way to decode them.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -29,7 +30,7 @@ from .train_throughput import fla_reference, load_preset
 
 # HBM bandwidth (bytes/s) by device name, for the weight-read bound of one decode step.
 HBM_BANDWIDTH = {"H100": 3.35e12, "H200": 4.8e12, "A100": 2.0e12, "MI300X": 5.3e12, "MI250X": 3.2e12}
-GIB = 1024 ** 3
+GIB = 1024**3
 
 
 def hbm_bandwidth() -> Optional[float]:
@@ -57,8 +58,17 @@ def _sync(device):
 
 
 @torch.no_grad()
-def bench_one(model, batch: int, prompt_len: int, new_tokens: int, cuda_graph: bool, device: str,
-              state_dtype: torch.dtype = torch.float32, compile_step: bool = False, prefill_piece: int = 0) -> dict:
+def bench_one(
+    model,
+    batch: int,
+    prompt_len: int,
+    new_tokens: int,
+    cuda_graph: bool,
+    device: str,
+    state_dtype: torch.dtype = torch.float32,
+    compile_step: bool = False,
+    prefill_piece: int = 0,
+) -> dict:
     cfg = model.config
     on_gpu = torch.device(device).type == "cuda"
     weights = sum(p.numel() * p.element_size() for p in model.parameters())
@@ -95,11 +105,19 @@ def bench_one(model, batch: int, prompt_len: int, new_tokens: int, cuda_graph: b
     model.check_inputs = True
     ms_step = 1000 * decode_s / new_tokens
     row = {
-        "arch": cfg.arch, "params_b": round(model.num_params() / 1e9, 3), "batch": batch, "prompt_len": prompt_len,
-        "new_tokens": new_tokens, "cuda_graph": cuda_graph, "compiled_step": compile_step, "prefill_s": round(prefill_s, 3),
-        "ms_per_step": round(ms_step, 3), "tokens_per_s": round(batch * new_tokens / decode_s, 1),
+        "arch": cfg.arch,
+        "params_b": round(model.num_params() / 1e9, 3),
+        "batch": batch,
+        "prompt_len": prompt_len,
+        "new_tokens": new_tokens,
+        "cuda_graph": cuda_graph,
+        "compiled_step": compile_step,
+        "prefill_s": round(prefill_s, 3),
+        "ms_per_step": round(ms_step, 3),
+        "tokens_per_s": round(batch * new_tokens / decode_s, 1),
         "state_dtype": str(decoder.states[0].dtype).replace("torch.", "") if cfg.arch == "retnet" else None,
-        "state_bytes": decoder.state_bytes(), "state_gib": round(decoder.state_bytes() / GIB, 3),
+        "state_bytes": decoder.state_bytes(),
+        "state_gib": round(decoder.state_bytes() / GIB, 3),
         "weights_gib": round(weights / GIB, 3),
     }
     if on_gpu:
@@ -121,10 +139,18 @@ def hf_llama(cfg):
     from transformers import LlamaConfig, LlamaForCausalLM
 
     inter = 256 * round(2 * cfg.ffn_dim / 3 / 256)
-    return LlamaForCausalLM(LlamaConfig(hidden_size=cfg.d_model, num_hidden_layers=cfg.n_layers,
-                                        num_attention_heads=cfg.n_heads, num_key_value_heads=cfg.n_heads,
-                                        intermediate_size=inter, vocab_size=cfg.vocab_size,
-                                        max_position_embeddings=16384, attn_implementation="sdpa"))
+    return LlamaForCausalLM(
+        LlamaConfig(
+            hidden_size=cfg.d_model,
+            num_hidden_layers=cfg.n_layers,
+            num_attention_heads=cfg.n_heads,
+            num_key_value_heads=cfg.n_heads,
+            intermediate_size=inter,
+            vocab_size=cfg.vocab_size,
+            max_position_embeddings=16384,
+            attn_implementation="sdpa",
+        )
+    )
 
 
 # fla_reference: fla's RetNet through Hugging Face generate.
@@ -132,7 +158,9 @@ HF_REFERENCES = {"fla_retnet_hf_generate": fla_reference, "llama_hf_generate": h
 
 
 @torch.no_grad()
-def bench_hf_generate(arch: str, cfg, batch: int, prompt_len: int, new_tokens: int, device: str, dtype: torch.dtype) -> dict:
+def bench_hf_generate(
+    arch: str, cfg, batch: int, prompt_len: int, new_tokens: int, device: str, dtype: torch.dtype
+) -> dict:
     """A Hugging Face model through `generate` (greedy, cache on), random weights at the preset's
     size. Decode time = full generate minus a 1-token generate (the prefill)."""
     prev = torch.get_default_dtype()
@@ -158,18 +186,35 @@ def bench_hf_generate(arch: str, cfg, batch: int, prompt_len: int, new_tokens: i
         torch.cuda.synchronize()
         times[n] = time.perf_counter() - t0
     decode_s = times[new_tokens] - times[1]
-    row = {"arch": arch, "params_b": round(sum(p.numel() for p in model.parameters()) / 1e9, 3),
-           "batch": batch, "prompt_len": prompt_len, "new_tokens": new_tokens, "prefill_s": round(times[1], 3),
-           "ms_per_step": round(1000 * decode_s / (new_tokens - 1), 3),
-           "tokens_per_s": round(batch * (new_tokens - 1) / decode_s, 1), "weights_gib": round(weights / GIB, 3),
-           "peak_over_weights_gib": round((torch.cuda.max_memory_allocated() - base) / GIB, 3)}
+    row = {
+        "arch": arch,
+        "params_b": round(sum(p.numel() for p in model.parameters()) / 1e9, 3),
+        "batch": batch,
+        "prompt_len": prompt_len,
+        "new_tokens": new_tokens,
+        "prefill_s": round(times[1], 3),
+        "ms_per_step": round(1000 * decode_s / (new_tokens - 1), 3),
+        "tokens_per_s": round(batch * (new_tokens - 1) / decode_s, 1),
+        "weights_gib": round(weights / GIB, 3),
+        "peak_over_weights_gib": round((torch.cuda.max_memory_allocated() - base) / GIB, 3),
+    }
     del model
     return row
 
 
 def run(model, args, batch: int, prompt_len: int, cuda_graph: bool) -> dict:
     try:
-        return bench_one(model, batch, prompt_len, args.new_tokens, cuda_graph, args.device, getattr(torch, args.state_dtype), args.compile_step, args.prefill_piece)
+        return bench_one(
+            model,
+            batch,
+            prompt_len,
+            args.new_tokens,
+            cuda_graph,
+            args.device,
+            getattr(torch, args.state_dtype),
+            args.compile_step,
+            args.prefill_piece,
+        )
     except torch.cuda.OutOfMemoryError as e:
         return {"arch": model.config.arch, "batch": batch, "prompt_len": prompt_len, "oom": str(e).split("\n")[0][:200]}
     finally:
@@ -187,11 +232,17 @@ def speedup_rows(rows: list, batches: list, prompt_len: int) -> list:
         if not (ret and "tokens_per_s" in ret):
             continue
         summary = {"summary": "speedup", "batch": b, "retnet_tokens_per_s": ret["tokens_per_s"]}
-        for arch, key in (("transformer", "transformer"), ("llama_hf_generate", "hf_llama"), ("fla_retnet_hf_generate", "fla_hf")):
+        for arch, key in (
+            ("transformer", "transformer"),
+            ("llama_hf_generate", "hf_llama"),
+            ("fla_retnet_hf_generate", "fla_hf"),
+        ):
             other = by.get((arch, b, prompt_len))
             if other:
                 summary[f"{key}_tokens_per_s"] = other.get("tokens_per_s", "oom")
-                summary[f"speedup_vs_{key}"] = round(ret["tokens_per_s"] / other["tokens_per_s"], 2) if "tokens_per_s" in other else None
+                summary[f"speedup_vs_{key}"] = (
+                    round(ret["tokens_per_s"] / other["tokens_per_s"], 2) if "tokens_per_s" in other else None
+                )
         out.append(summary)
     return out
 
@@ -203,19 +254,33 @@ def parse_args(argv=None):
     p.add_argument("--prompt-len", type=int, default=8064)
     p.add_argument("--new-tokens", type=int, default=128)
     p.add_argument("--batch-sizes", default="1,8,32")
-    p.add_argument("--check-prompt-len", type=int, default=0, help="also run RetNet at this prompt length (memory check)")
+    p.add_argument(
+        "--check-prompt-len", type=int, default=0, help="also run RetNet at this prompt length (memory check)"
+    )
     p.add_argument("--no-cuda-graph", action="store_true", help="plain eager steps for both models")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--dtype", choices=["bfloat16", "float16", "float32"], default="bfloat16")
-    p.add_argument("--state-dtype", choices=["float32", "bfloat16"], default="float32",
-                   help="RetNet recurrent state: fp32 as fla keeps it; bf16 halves the state traffic per step but is "
-                        "lossy (a decay of 1 - 2^-20 rounds to 1 in bf16), for speed-of-light comparison only")
-    p.add_argument("--prefill-piece", type=int, default=0, help="RetNet: prefill in pieces of this many tokens (0: whole prompt)")
+    p.add_argument(
+        "--state-dtype",
+        choices=["float32", "bfloat16"],
+        default="float32",
+        help="RetNet recurrent state: fp32 as fla keeps it; bf16 halves the state traffic per step but is "
+        "lossy (a decay of 1 - 2^-20 rounds to 1 in bf16), for speed-of-light comparison only",
+    )
+    p.add_argument(
+        "--prefill-piece", type=int, default=0, help="RetNet: prefill in pieces of this many tokens (0: whole prompt)"
+    )
     p.add_argument("--compile-step", action="store_true", help="torch.compile the step before CUDA-graph capture")
-    p.add_argument("--fla-reference", action="store_true",
-                   help="also time fla's HF RetNet generate at the preset's size (needs flash-linear-attention + transformers)")
-    p.add_argument("--hf-llama-reference", action="store_true",
-                   help="also time Hugging Face Llama generate (KV cache, SDPA) at the baseline's size (needs transformers)")
+    p.add_argument(
+        "--fla-reference",
+        action="store_true",
+        help="also time fla's HF RetNet generate at the preset's size (needs flash-linear-attention + transformers)",
+    )
+    p.add_argument(
+        "--hf-llama-reference",
+        action="store_true",
+        help="also time Hugging Face Llama generate (KV cache, SDPA) at the baseline's size (needs transformers)",
+    )
     p.add_argument("--output", help="also write all rows here (JSON lines)")
     return p.parse_args(argv)
 
@@ -260,10 +325,22 @@ def main(argv=None) -> int:
         cfg = load_preset(preset)
         for b in batches:
             try:
-                emit({"preset": preset, **bench_hf_generate(arch, cfg, b, args.prompt_len, args.new_tokens, args.device, dtype)})
+                emit(
+                    {
+                        "preset": preset,
+                        **bench_hf_generate(arch, cfg, b, args.prompt_len, args.new_tokens, args.device, dtype),
+                    }
+                )
             except torch.cuda.OutOfMemoryError as e:
-                emit({"preset": preset, "arch": arch, "batch": b, "prompt_len": args.prompt_len,
-                      "oom": str(e).split("\n")[0][:200]})
+                emit(
+                    {
+                        "preset": preset,
+                        "arch": arch,
+                        "batch": b,
+                        "prompt_len": args.prompt_len,
+                        "oom": str(e).split("\n")[0][:200],
+                    }
+                )
             gc.collect()
             torch.cuda.empty_cache()
     for row in speedup_rows(rows, batches, args.prompt_len):

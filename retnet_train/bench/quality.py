@@ -16,6 +16,7 @@ Writes OUT/runs/<model>/ (the trainer's run directory: metrics.jsonl, config.yam
 models' rows and keeps the others', so the models can be trained in separate invocations; the
 table and plot always cover every row. Each row is also printed as a JSON line.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -103,18 +104,32 @@ def trainer_overrides(s: Settings, model: ModelSpec, run_dir: Path) -> list[str]
     """The Hydra overrides of one model's run: `python -m retnet_train.train <these>` trains it alike."""
     preset = MODELS[model.name][0].format(size=s.size)
     return [
-        f"model={preset}", *(f"model.{k}={v}" for k, v in model.overrides.items()),
-        f"data.paths=[{','.join(s.data)}]", f"data.tokenizer={s.tokenizer or 'null'}", f"data.seq_len={s.seq_len}",
-        f"train.micro_batch_size={s.micro_batch}", f"train.global_batch_tokens={s.batch_tokens}",
-        f"train.max_steps={s.steps}", f"train.log_interval={s.log_interval}",
-        f"train.eval_interval={s.eval_interval}", f"train.eval_batches={s.eval_batches}",
-        f"train.compile={str(s.compile).lower()}", f"train.device={s.device}", f"train.seed={s.seed}",
+        f"model={preset}",
+        *(f"model.{k}={v}" for k, v in model.overrides.items()),
+        f"data.paths=[{','.join(s.data)}]",
+        f"data.tokenizer={s.tokenizer or 'null'}",
+        f"data.seq_len={s.seq_len}",
+        f"train.micro_batch_size={s.micro_batch}",
+        f"train.global_batch_tokens={s.batch_tokens}",
+        f"train.max_steps={s.steps}",
+        f"train.log_interval={s.log_interval}",
+        f"train.eval_interval={s.eval_interval}",
+        f"train.eval_batches={s.eval_batches}",
+        f"train.compile={str(s.compile).lower()}",
+        f"train.device={s.device}",
+        f"train.seed={s.seed}",
         "train.resume=never",
-        f"optim.lr={s.lr}", f"optim.warmup_steps={s.warmup_steps}", "optim.decay=cosine",
+        f"optim.lr={s.lr}",
+        f"optim.warmup_steps={s.warmup_steps}",
+        "optim.decay=cosine",
         f"optim.min_lr_ratio={s.min_lr_ratio}",
-        f"deepspeed.zero_stage={s.zero_stage}", f"deepspeed.precision={s.precision}",
-        f"checkpoint.interval={s.steps + 1}", "checkpoint.save_at_end=false",
-        f"run.name={model.run_name}", f"run.dir={run_dir}", "wandb.mode=disabled",
+        f"deepspeed.zero_stage={s.zero_stage}",
+        f"deepspeed.precision={s.precision}",
+        f"checkpoint.interval={s.steps + 1}",
+        "checkpoint.save_at_end=false",
+        f"run.name={model.run_name}",
+        f"run.dir={run_dir}",
+        "wandb.mode=disabled",
         *s.extra,
     ]
 
@@ -160,8 +175,9 @@ def build_llama(cfg, device):
 
     torch.manual_seed(cfg.train.seed)
     # attention through SDPA (the flash kernel on GPU), as our Transformer's
-    config = transformers.LlamaConfig(**llama_config(model_config_from_dict(cfg.model), cfg.data.seq_len),
-                                      attn_implementation="sdpa")
+    config = transformers.LlamaConfig(
+        **llama_config(model_config_from_dict(cfg.model), cfg.data.seq_len), attn_implementation="sdpa"
+    )
     return transformers.LlamaForCausalLM(config).to(device)
 
 
@@ -186,15 +202,22 @@ def train_llama(cfg) -> int:
     model = build_llama(cfg, device)
     step_fn = torch.compile(model) if cfg.train.compile else model
     o = cfg.optim
-    optimizer = torch.optim.AdamW(param_groups(model, o.weight_decay, o.no_decay_embeddings), lr=o.lr,
-                                  betas=tuple(o.betas), eps=o.eps, fused=device.type == "cuda" or None)
+    optimizer = torch.optim.AdamW(
+        param_groups(model, o.weight_decay, o.no_decay_embeddings),
+        lr=o.lr,
+        betas=tuple(o.betas),
+        eps=o.eps,
+        fused=device.type == "cuda" or None,
+    )
     scheduler = torch.optim.lr_scheduler.LambdaLR(
-        optimizer, lambda s: lr_lambda(s, o.warmup_steps, cfg.train.max_steps, o.decay, o.min_lr_ratio))
+        optimizer, lambda s: lr_lambda(s, o.warmup_steps, cfg.train.max_steps, o.decay, o.min_lr_ratio)
+    )
     sources, sha = data_sources(cfg), sha256_file(cfg.data.tokenizer) if cfg.data.tokenizer else None
     vocab, mb, seq = model.config.vocab_size, cfg.train.micro_batch_size, cfg.data.seq_len
     loader = TokenLoader(sources, seq, mb, 0, 1, cfg.data.seed, "train", tokenizer_sha256=sha, vocab_size=vocab)
-    val_loader = build_validation_loader(sources, seq, mb, 0, 1, tokenizer_sha256=sha, vocab_size=vocab,
-                                         max_sequences=cfg.train.eval_batches * mb)
+    val_loader = build_validation_loader(
+        sources, seq, mb, 0, 1, tokenizer_sha256=sha, vocab_size=vocab, max_sequences=cfg.train.eval_batches * mb
+    )
     autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=cfg.deepspeed.precision == "bf16")
 
     def loss_of(batch):
@@ -232,9 +255,17 @@ def train_llama(cfg) -> int:
         optimizer.zero_grad(set_to_none=True)
         tokens_seen += tokens_per_step
         if step % cfg.train.log_interval == 0 or step == cfg.train.max_steps:
-            logger.log({"step": step, "loss": torch.stack(losses).mean().item(), "lr": scheduler.get_last_lr()[0],
-                        "grad_norm": float(grad_norm), "tokens_per_s": throughput.rate(tokens_seen),
-                        "peak_mem_gib": peak_memory_gib(device), "tokens_seen": tokens_seen})
+            logger.log(
+                {
+                    "step": step,
+                    "loss": torch.stack(losses).mean().item(),
+                    "lr": scheduler.get_last_lr()[0],
+                    "grad_norm": float(grad_norm),
+                    "tokens_per_s": throughput.rate(tokens_seen),
+                    "peak_mem_gib": peak_memory_gib(device),
+                    "tokens_seen": tokens_seen,
+                }
+            )
         if step % cfg.train.eval_interval == 0 or step == cfg.train.max_steps:
             with throughput.paused():
                 val = evaluate()
@@ -267,12 +298,21 @@ def run_model(s: Settings, model: ModelSpec, out: Path, overwrite: bool) -> dict
     val = curves.final_val_loss
     tps = curves.mean_tokens_per_s()
     return {
-        "model": model.spec, "description": MODELS[model.name][1], "preset": overrides[0].split("=", 1)[1],
-        "loop": "plain torch" if model.name == "llama" else "retnet_train.train", "params": params,
-        "tokens": int(curves.tokens[-1]), "steps": s.steps, "val_loss": val,
-        "val_ppl": math.exp(val) if val is not None else None, "tokens_per_s": tps,
-        "peak_mem_gib": curves.peak_mem_gib, "wall_s": round(wall, 1), "seq_len": s.seq_len,
-        "batch_tokens": s.batch_tokens, "run_dir": str(run_dir.relative_to(out)),
+        "model": model.spec,
+        "description": MODELS[model.name][1],
+        "preset": overrides[0].split("=", 1)[1],
+        "loop": "plain torch" if model.name == "llama" else "retnet_train.train",
+        "params": params,
+        "tokens": int(curves.tokens[-1]),
+        "steps": s.steps,
+        "val_loss": val,
+        "val_ppl": math.exp(val) if val is not None else None,
+        "tokens_per_s": tps,
+        "peak_mem_gib": curves.peak_mem_gib,
+        "wall_s": round(wall, 1),
+        "seq_len": s.seq_len,
+        "batch_tokens": s.batch_tokens,
+        "run_dir": str(run_dir.relative_to(out)),
         "overrides": [o for o in overrides if not o.startswith(("run.", "data.paths", "data.tokenizer"))],
     }
 
@@ -307,13 +347,17 @@ def _count(n: int) -> str:
 
 
 def markdown_table(rows: list[dict]) -> str:
-    lines = ["| model | parameters | tokens | val loss | val ppl | tokens/s | peak GiB | loop |",
-             "|---|---|---|---|---|---|---|---|"]
+    lines = [
+        "| model | parameters | tokens | val loss | val ppl | tokens/s | peak GiB | loop |",
+        "|---|---|---|---|---|---|---|---|",
+    ]
     for r in rows:
-        lines.append(f"| `{r['model']}`: {r['description']} | {_count(r['params'])} | {_count(r['tokens'])} "
-                     f"| {_fmt(r['val_loss'], '.3f')} | {_fmt(r['val_ppl'], '.2f')} "
-                     f"| {_fmt(r['tokens_per_s'], ',.0f')} "
-                     f"| {_fmt(r['peak_mem_gib'], '.1f')} | {r['loop']} |")
+        lines.append(
+            f"| `{r['model']}`: {r['description']} | {_count(r['params'])} | {_count(r['tokens'])} "
+            f"| {_fmt(r['val_loss'], '.3f')} | {_fmt(r['val_ppl'], '.2f')} "
+            f"| {_fmt(r['tokens_per_s'], ',.0f')} "
+            f"| {_fmt(r['peak_mem_gib'], '.1f')} | {r['loop']} |"
+        )
     return "\n".join(lines) + "\n"
 
 
@@ -365,8 +409,12 @@ def parse_args(argv: Sequence[str] | None):
     p.add_argument("--data", nargs="+", required=True, help="shard directories (data_prep.tokenize's OUT/NAME)")
     p.add_argument("--tokenizer", default=None, help="the shards' tokenizer.model (checked against their manifest)")
     p.add_argument("--out", required=True, help="output directory (runs/, quality.jsonl, quality.md, curves.png)")
-    p.add_argument("--models", nargs="+", default=list(DEFAULT_MODELS),
-                   help=f"from {list(MODELS)}, each optionally NAME:key=value,... (model preset overrides)")
+    p.add_argument(
+        "--models",
+        nargs="+",
+        default=list(DEFAULT_MODELS),
+        help=f"from {list(MODELS)}, each optionally NAME:key=value,... (model preset overrides)",
+    )
     p.add_argument("--size", default="125m", help="preset size: tiny, 125m, 1.3b, ...")
     p.add_argument("--tokens", type=float, default=50e6, help="training tokens per model (rounded down to steps)")
     p.add_argument("--seq-len", type=int, default=2048)
@@ -386,11 +434,27 @@ def parse_args(argv: Sequence[str] | None):
     p.add_argument("--override", action="append", default=[], help="a further trainer override for every model")
     p.add_argument("--overwrite", action="store_true", help="train models whose run directory exists again")
     a = p.parse_args(argv)
-    s = Settings(data=[str(Path(d)) for d in a.data], tokenizer=a.tokenizer, size=a.size, tokens=int(a.tokens),
-                 seq_len=a.seq_len, batch_tokens=a.batch_tokens, micro_batch=a.micro_batch, lr=a.lr,
-                 warmup_steps=a.warmup_steps, min_lr_ratio=a.min_lr_ratio, log_interval=a.log_interval,
-                 eval_interval=a.eval_interval, eval_batches=a.eval_batches, zero_stage=a.zero_stage,
-                 precision=a.precision, compile=a.compile, device=a.device, seed=a.seed, extra=a.override)
+    s = Settings(
+        data=[str(Path(d)) for d in a.data],
+        tokenizer=a.tokenizer,
+        size=a.size,
+        tokens=int(a.tokens),
+        seq_len=a.seq_len,
+        batch_tokens=a.batch_tokens,
+        micro_batch=a.micro_batch,
+        lr=a.lr,
+        warmup_steps=a.warmup_steps,
+        min_lr_ratio=a.min_lr_ratio,
+        log_interval=a.log_interval,
+        eval_interval=a.eval_interval,
+        eval_batches=a.eval_batches,
+        zero_stage=a.zero_stage,
+        precision=a.precision,
+        compile=a.compile,
+        device=a.device,
+        seed=a.seed,
+        extra=a.override,
+    )
     return s, a
 
 
@@ -412,8 +476,11 @@ def main(argv: Sequence[str] | None = None) -> None:
     except (BenchError, TrainingError, ValueError) as e:  # the trainer's errors name their key or file
         print(f"error: {e}", file=sys.stderr)
         sys.exit(1)
-    print(f"wrote {Path(a.out) / TABLE_FILE}, {Path(a.out) / ROWS_FILE} and {Path(a.out) / PLOT_FILE}:\n"
-          + markdown_table(rows), flush=True)
+    print(
+        f"wrote {Path(a.out) / TABLE_FILE}, {Path(a.out) / ROWS_FILE} and {Path(a.out) / PLOT_FILE}:\n"
+        + markdown_table(rows),
+        flush=True,
+    )
 
 
 if __name__ == "__main__":

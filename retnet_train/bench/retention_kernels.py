@@ -15,6 +15,7 @@ one forward + backward in launch order (us each) and the top kernels by share. A
 fails prints its error and the run goes on; a table of all results comes last, also when the run
 is stopped by SIGTERM (e.g. from `timeout`).
 """
+
 from __future__ import annotations
 
 import argparse
@@ -57,6 +58,7 @@ def retention_fn(kind, C, lg, reset):
     def fn(q, k, v):
         o, s, _ = retention_op(backend, q, k, v, lg, "chunkwise", C, reset, None, True)
         return o, s
+
     return torch.compile(fn) if kind == "compiled" else fn
 
 
@@ -88,7 +90,7 @@ def time_variant(fn, q, k, v, steps, profile):
     o, s = fwd()
     kept = torch.cuda.memory_allocated() - base
     del o, s
-    out = {"kept_gib": round(kept / 2 ** 30, 3)}
+    out = {"kept_gib": round(kept / 2**30, 3)}
     for name, step in (("fwd", fwd), ("fwd_bwd", fwd_bwd)):
         start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
         start.record()
@@ -119,15 +121,19 @@ def autotuned_configs() -> dict:
         from ..kernels import triton_retention_kernels as kernels
     except Exception:
         return {}
-    return {name: {str(key): str(cfg) for key, cfg in getattr(tuned, "cache", {}).items()}
-            for name, (_, tuned, _, _) in kernels.KERNELS.items()}
+    return {
+        name: {str(key): str(cfg) for key, cfg in getattr(tuned, "cache", {}).items()}
+        for name, (_, tuned, _, _) in kernels.KERNELS.items()
+    }
 
 
 def print_table(rows):
     print(f"\n{'dims':<10}{'backend':<18}{'fwd ms':>9}{'fwd+bwd ms':>12}{'TFLOP/s':>9}{'kept GiB':>10}  note")
     for r in rows:
-        cells = [f"{r[key]:>{w}.{p}f}" if key in r else f"{'-':>{w}}"
-                 for key, w, p in (("ms_fwd", 9, 3), ("ms_fwd_bwd", 12, 3), ("tflops", 9, 1), ("kept_gib", 10, 3))]
+        cells = [
+            f"{r[key]:>{w}.{p}f}" if key in r else f"{'-':>{w}}"
+            for key, w, p in (("ms_fwd", 9, 3), ("ms_fwd_bwd", 12, 3), ("tflops", 9, 1), ("kept_gib", 10, 3))
+        ]
         print(f"{r['dims']:<10}{r['backend']:<18}{''.join(cells)}  {r.get('error', '')[:70]}", flush=True)
 
 
@@ -156,6 +162,7 @@ def main(argv=None):
 
     def stop(signum, frame):
         raise Stopped()
+
     signal.signal(signal.SIGTERM, stop)
     rows = []
     try:
@@ -179,7 +186,7 @@ def run_variant(spec, args, H, K, V):
             raise RuntimeError("fla-core is not installed")
         torch.manual_seed(0)
         make = lambda *shape, s=1.0: (torch.randn(*shape, device="cuda", dtype=torch.bfloat16) * s).requires_grad_()  # noqa: E731
-        q, k, v = make(B, T, H, K), make(B, T, H, K, s=K ** -0.5), make(B, T, H, V)
+        q, k, v = make(B, T, H, K), make(B, T, H, K, s=K**-0.5), make(B, T, H, V)
         lg = decay_log_gammas(H).cuda()
         reset = None
         if args.docs > 1:

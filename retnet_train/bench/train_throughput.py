@@ -7,6 +7,7 @@ measured in one process on one GPU with the real DeepSpeed training step.
 Prints one JSON line per model and sequence length: tokens/s, peak GiB, MFU (6N and model FLOPs),
 final loss; --plot draws tokens/s and peak memory against sequence length, one line per model.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -30,6 +31,8 @@ from ..model.flops import flops_per_token
 from ..parallel import parallelize
 
 CONFIG_DIR = os.path.join(os.path.dirname(__file__), "..", "..", "configs", "model")
+
+
 def load_preset(name: str, **overrides):
     path = os.path.join(CONFIG_DIR, f"{name}.yaml")
     if not os.path.exists(path):
@@ -43,9 +46,17 @@ def fla_reference(cfg):
     from fla.models import RetNetConfig as FlaConfig
     from fla.models import RetNetForCausalLM as FlaRetNet
 
-    return FlaRetNet(FlaConfig(hidden_size=cfg.d_model, num_hidden_layers=cfg.n_layers, num_heads=cfg.n_heads,
-                               expand_v=cfg.value_factor, hidden_ratio=2, vocab_size=cfg.vocab_size,
-                               fuse_cross_entropy=True))
+    return FlaRetNet(
+        FlaConfig(
+            hidden_size=cfg.d_model,
+            num_hidden_layers=cfg.n_layers,
+            num_heads=cfg.n_heads,
+            expand_v=cfg.value_factor,
+            hidden_ratio=2,
+            vocab_size=cfg.vocab_size,
+            fuse_cross_entropy=True,
+        )
+    )
 
 
 def engine_config(micro_batch: int, zero_stage: int, grad_accum: int = 1, bf16: bool = True, overrides=None) -> dict:
@@ -81,7 +92,9 @@ def train_step(engine, batch, ours: bool, accum: int = 1, marks=None, timer=None
         if mark:
             marks.append(timer.mark())
         if ours:
-            loss = engine(batch["input_ids"], labels=batch["labels"], doc_starts=batch.get("doc_starts"), return_logits=False).loss
+            loss = engine(
+                batch["input_ids"], labels=batch["labels"], doc_starts=batch.get("doc_starts"), return_logits=False
+            ).loss
         else:  # HF convention: labels are shifted inside
             loss = engine(input_ids=batch["input_ids"], labels=batch["input_ids"]).loss
         if mark:
@@ -121,7 +134,7 @@ def memory(device: torch.device, what: str) -> int:
     there is no allocator count: 0 now, and the process's peak resident memory (it only grows)."""
     if device.type == "cuda":
         return torch.cuda.memory_allocated() if what == "now" else torch.cuda.max_memory_allocated()
-    return 0 if what == "now" else int(peak_memory_gib(device) * 2 ** 30)
+    return 0 if what == "now" else int(peak_memory_gib(device) * 2**30)
 
 
 def reset_peak(device: torch.device) -> None:
@@ -139,11 +152,17 @@ def measure(name, build, cfg, args, device):
     n_params = sum(p.numel() for p in model.parameters())  # before ZeRO-3 partitions them to empty shells
     ours = name != "fla"
     if ours:
-        parallelize(model, compile=args.compile, activation_checkpointing=args.activation_checkpointing,
-                    activation_memory_budget=args.activation_memory_budget)
+        parallelize(
+            model,
+            compile=args.compile,
+            activation_checkpointing=args.activation_checkpointing,
+            activation_memory_budget=args.activation_memory_budget,
+        )
     elif args.activation_checkpointing == "full":
         model.gradient_checkpointing_enable()  # HF's: each decoder layer recomputed in the backward
-    engine = make_engine(model, args.micro_batch, args.zero_stage, args.grad_accum, bf16=bf16, ds_overrides=args.ds_json)
+    engine = make_engine(
+        model, args.micro_batch, args.zero_stage, args.grad_accum, bf16=bf16, ds_overrides=args.ds_json
+    )
     B, T = args.micro_batch, args.seq_len
     g = torch.Generator(device=device).manual_seed(0)
     batch = {"input_ids": torch.randint(0, cfg.vocab_size, (B, T), device=device, generator=g)}
@@ -178,25 +197,33 @@ def measure(name, build, cfg, args, device):
     peak_bytes = memory(device, "peak")
     on_gpu = device.type == "cuda"
     result = {
-        "model": name, "preset": args.preset, "seq_len": T, "micro_batch": B, "zero_stage": args.zero_stage,
-        "activation_checkpointing": args.activation_checkpointing, "compile": args.compile,
-        "activation_memory_budget": args.activation_memory_budget, "ds_json": args.ds_json,
+        "model": name,
+        "preset": args.preset,
+        "seq_len": T,
+        "micro_batch": B,
+        "zero_stage": args.zero_stage,
+        "activation_checkpointing": args.activation_checkpointing,
+        "compile": args.compile,
+        "activation_memory_budget": args.activation_memory_budget,
+        "ds_json": args.ds_json,
         "params": n_params,
-        "tokens_per_s": round(tokens_per_s, 1), "step_s": round(elapsed / args.steps, 4),
+        "tokens_per_s": round(tokens_per_s, 1),
+        "step_s": round(elapsed / args.steps, 4),
         "grad_accum": args.grad_accum,
         # this model's own: what an earlier model in the process left allocated is not counted
         # (on CUDA, ~the bf16 weights stay behind after release(); not reproducible on CPU).
         # CPU: the process's peak resident memory, which includes every earlier model's
-        "peak_gib": round((peak_bytes - mem_before) / 2 ** 30, 2),
+        "peak_gib": round((peak_bytes - mem_before) / 2**30, 2),
         # the peak above what stays allocated between steps: activations and temporaries
-        "activation_gib": round((peak_bytes - resident) / 2 ** 30, 2) if on_gpu else None,
-        "resident_gib": round((resident - mem_before) / 2 ** 30, 2) if on_gpu else None,
+        "activation_gib": round((peak_bytes - resident) / 2**30, 2) if on_gpu else None,
+        "resident_gib": round((resident - mem_before) / 2**30, 2) if on_gpu else None,
         "ms_forward_backward_step": [round(x, 1) for x in phases],
         "mfu_6n": round(tokens_per_s * flops["six_n"] / peak, 4) if peak else None,
         "mfu_model": round(tokens_per_s * flops["model"] / peak, 4) if peak else None,
-        "loss": round(float(loss.detach()), 4), "device": torch.cuda.get_device_name() if on_gpu else "cpu",
+        "loss": round(float(loss.detach()), 4),
+        "device": torch.cuda.get_device_name() if on_gpu else "cpu",
         "torch": torch.__version__,
-        "memory_before_gib": round(mem_before / 2 ** 30, 2),
+        "memory_before_gib": round(mem_before / 2**30, 2),
     }
     if prof is not None:
         result["profile"] = time_breakdown(prof)
@@ -316,7 +343,7 @@ def plot_sweep(results: list, path: str, title: str) -> None:
     for (label, accum), rows in lines.items():
         ok = sorted((r for r in rows if "oom" not in r), key=lambda r: r["seq_len"])
         name = label if len({a for _, a in lines}) == 1 else f"{label} (accum {accum})"
-        line, = speed.plot([r["seq_len"] for r in ok], [r["tokens_per_s"] for r in ok], "o-", label=name)
+        (line,) = speed.plot([r["seq_len"] for r in ok], [r["tokens_per_s"] for r in ok], "o-", label=name)
         mem.plot([r["seq_len"] for r in ok], [r["peak_gib"] for r in ok], "o-", color=line.get_color(), label=name)
         for r in rows:
             if "oom" in r:
@@ -366,33 +393,72 @@ def fla_skip(args):
 
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--preset", default="1.3b", help="configs/model/<preset>.yaml; the Transformer uses transformer_<preset>")
-    p.add_argument("--models", default="retnet,transformer,fla",
-                   help="comma list of retnet, transformer, fla; each may add preset overrides: retnet@chunk_size=128")
-    p.add_argument("--seq-len", type=int_list, default=[8192], help="a comma list of sequence lengths, each measured for "
-                   "every model: 2048,8192,32768,65536")
-    p.add_argument("--micro-batch", type=int, default=1, help="sequences per micro-batch at the first --seq-len; a "
-                   "later length keeps the tokens per micro-batch: max(1, micro_batch x first_len // len) sequences")
-    p.add_argument("--grad-accum", default="1", help="micro-batches per optimizer step at the first --seq-len (a later "
-                   "length keeps the tokens per step: max(1, steps' tokens // (its micro-batch x len))); a comma list "
-                   "measures each in one process (Triton autotuning is paid once)")
+    p.add_argument(
+        "--preset", default="1.3b", help="configs/model/<preset>.yaml; the Transformer uses transformer_<preset>"
+    )
+    p.add_argument(
+        "--models",
+        default="retnet,transformer,fla",
+        help="comma list of retnet, transformer, fla; each may add preset overrides: retnet@chunk_size=128",
+    )
+    p.add_argument(
+        "--seq-len",
+        type=int_list,
+        default=[8192],
+        help="a comma list of sequence lengths, each measured for every model: 2048,8192,32768,65536",
+    )
+    p.add_argument(
+        "--micro-batch",
+        type=int,
+        default=1,
+        help="sequences per micro-batch at the first --seq-len; a "
+        "later length keeps the tokens per micro-batch: max(1, micro_batch x first_len // len) sequences",
+    )
+    p.add_argument(
+        "--grad-accum",
+        default="1",
+        help="micro-batches per optimizer step at the first --seq-len (a later "
+        "length keeps the tokens per step: max(1, steps' tokens // (its micro-batch x len))); a comma list "
+        "measures each in one process (Triton autotuning is paid once)",
+    )
     p.add_argument("--steps", type=int, default=10)
     p.add_argument("--warmup", type=int, default=3)
     p.add_argument("--zero-stage", type=int, default=0, choices=[0, 1, 2, 3])
-    p.add_argument("--activation-checkpointing", default="none", choices=["none", "selective", "full"],
-                   help="what the backward recomputes (selective: RetNet's retention core only)")
+    p.add_argument(
+        "--activation-checkpointing",
+        default="none",
+        choices=["none", "selective", "full"],
+        help="what the backward recomputes (selective: RetNet's retention core only)",
+    )
     p.add_argument("--compile", action="store_true", help="torch.compile the non-kernel parts of each block")
-    p.add_argument("--activation-memory-budget", type=float, default=1.0,
-                   help="< 1 (with --compile): the compiled backward recomputes elementwise work, then GEMMs")
+    p.add_argument(
+        "--activation-memory-budget",
+        type=float,
+        default=1.0,
+        help="< 1 (with --compile): the compiled backward recomputes elementwise work, then GEMMs",
+    )
     p.add_argument("--doc-len", type=int, default=0, help="mean document length for doc_starts (0: none)")
     p.add_argument("--backend", default="auto", choices=RETENTION_BACKENDS, help="RetNet retention backend")
     p.add_argument("--profile", action="store_true", help="add a GPU time breakdown by kernel category")
-    p.add_argument("--ds-json", type=json_object, default=None, metavar="JSON",
-                   help='merged into the DeepSpeed config, e.g. \'{"zero_optimization": {"overlap_comm": false}}\'')
-    p.add_argument("--plot", default=None, metavar="PATH", help="write a PNG of tokens/s and peak memory against "
-                   "sequence length, one line per model")
-    p.add_argument("--cpu", action="store_true", help="run on CPU (gloo, fp32; peak memory is the process's resident "
-                   "peak): a check of the script, not a measurement")
+    p.add_argument(
+        "--ds-json",
+        type=json_object,
+        default=None,
+        metavar="JSON",
+        help='merged into the DeepSpeed config, e.g. \'{"zero_optimization": {"overlap_comm": false}}\'',
+    )
+    p.add_argument(
+        "--plot",
+        default=None,
+        metavar="PATH",
+        help="write a PNG of tokens/s and peak memory against sequence length, one line per model",
+    )
+    p.add_argument(
+        "--cpu",
+        action="store_true",
+        help="run on CPU (gloo, fp32; peak memory is the process's resident "
+        "peak): a check of the script, not a measurement",
+    )
     args = p.parse_args(argv)
     if args.activation_memory_budget != 1.0 and not args.compile:
         p.error("--activation-memory-budget needs --compile")
@@ -413,19 +479,28 @@ def main(argv=None):
         for accum in (int(a) for a in str(args.grad_accum).split(",")):
             for seq_len in args.seq_len:
                 mb, steps_accum = batch_for_length(seq_len, first_len, args.micro_batch, accum)
-                run_args = argparse.Namespace(**{**vars(args), "seq_len": seq_len, "micro_batch": mb,
-                                                 "grad_accum": steps_accum})
+                run_args = argparse.Namespace(
+                    **{**vars(args), "seq_len": seq_len, "micro_batch": mb, "grad_accum": steps_accum}
+                )
                 try:
                     result = measure(name, build, cfg, run_args, device)
                 except torch.cuda.OutOfMemoryError as e:
-                    result = {"model": name, "preset": args.preset, "seq_len": seq_len, "micro_batch": mb,
-                              "grad_accum": steps_accum, "oom": str(e)[:200]}
+                    result = {
+                        "model": name,
+                        "preset": args.preset,
+                        "seq_len": seq_len,
+                        "micro_batch": mb,
+                        "grad_accum": steps_accum,
+                        "oom": str(e)[:200],
+                    }
                     gc.collect()
                     reset_peak(device)
                 results.append({**result, "overrides": overrides, "base_grad_accum": accum})
                 print(json.dumps(results[-1]), flush=True)
     if args.plot:
-        flags = f"ZeRO-{args.zero_stage}" + (f", compiled, budget {args.activation_memory_budget}" if args.compile else "")
+        flags = f"ZeRO-{args.zero_stage}" + (
+            f", compiled, budget {args.activation_memory_budget}" if args.compile else ""
+        )
         first = f"{args.micro_batch} x {first_len} tokens per micro-batch"
         plot_sweep(results, args.plot, f"{args.preset} on {results_device(results)}: {first}, {flags}")
         print(f"wrote {args.plot}", file=sys.stderr)

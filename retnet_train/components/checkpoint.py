@@ -8,6 +8,7 @@ Client state (stored by DeepSpeed beside the weights): one entry per stateful pa
 (`train_state`, `data_loader`: each part's state_dict) plus facts that are read back but restore
 nothing (`config`: the resolved config; `layout`: world size, ZeRO stage, precision).
 """
+
 from __future__ import annotations
 
 import os
@@ -48,8 +49,10 @@ def load_parts(client: Mapping, parts: Mapping[str, Stateful], origin: str) -> N
     """Restore each part from its entry of a checkpoint's client state."""
     missing = [name for name in parts if name not in client]
     if missing:
-        raise ValueError(f"train.resume: {origin} holds no {' / '.join(missing)} state (client state keys: "
-                         f"{sorted(k for k in client if isinstance(k, str))[:20]}): not a checkpoint of this trainer")
+        raise ValueError(
+            f"train.resume: {origin} holds no {' / '.join(missing)} state (client state keys: "
+            f"{sorted(k for k in client if isinstance(k, str))[:20]}): not a checkpoint of this trainer"
+        )
     for name, part in parts.items():
         try:
             part.load_state_dict(client[name])
@@ -70,23 +73,31 @@ def resolve_resume(resume: str, manager: "CheckpointManager"):
     if resume == "auto":
         choice = discovery.choose(manager.dir)
         if choice.tag is None and manager.complete_tags():
-            raise ValueError(f"train.resume=auto: no checkpoint in {manager.dir} can be resumed ({choice.reasons()}); "
-                             "move the damaged ones away, or pass train.resume=<an older checkpoint>")
+            raise ValueError(
+                f"train.resume=auto: no checkpoint in {manager.dir} can be resumed ({choice.reasons()}); "
+                "move the damaged ones away, or pass train.resume=<an older checkpoint>"
+            )
         return _chosen(choice, manager.rank)
     if resume == "never":
         if ours:
-            raise ValueError(f"train.resume=never but {manager.dir} already holds checkpoints ({', '.join(ours[-3:])}); "
-                             "new ones would overwrite and prune them. Use a new run.dir (or checkpoint.dir), "
-                             "or train.resume=auto to continue that run")
+            raise ValueError(
+                f"train.resume=never but {manager.dir} already holds checkpoints ({', '.join(ours[-3:])}); "
+                "new ones would overwrite and prune them. Use a new run.dir (or checkpoint.dir), "
+                "or train.resume=auto to continue that run"
+            )
         return None
     choice = discovery.find_checkpoint(resume)
     if choice.tag is None:
-        raise ValueError(f"train.resume={resume}: no complete checkpoint there ({choice.reasons()}; expected "
-                         "<dir>/step_N with a COMPLETE marker, or a directory holding such checkpoints)")
+        raise ValueError(
+            f"train.resume={resume}: no complete checkpoint there ({choice.reasons()}; expected "
+            "<dir>/step_N with a COMPLETE marker, or a directory holding such checkpoints)"
+        )
     if ours and os.path.abspath(choice.directory) != os.path.abspath(manager.dir):
-        raise ValueError(f"train.resume={resume}: this run's checkpoint dir {manager.dir} already holds checkpoints "
-                         f"({', '.join(ours[-3:])}); resuming from elsewhere would overwrite them. Use a new run.dir "
-                         "(or checkpoint.dir)")
+        raise ValueError(
+            f"train.resume={resume}: this run's checkpoint dir {manager.dir} already holds checkpoints "
+            f"({', '.join(ours[-3:])}); resuming from elsewhere would overwrite them. Use a new run.dir "
+            "(or checkpoint.dir)"
+        )
     return _chosen(choice, manager.rank)
 
 
@@ -150,7 +161,7 @@ class CheckpointManager:
 
     def _prune(self, keep: str) -> None:
         complete = self.complete_tags()
-        kept = set(complete[-self.keep_last:]) | {keep}
+        kept = set(complete[-self.keep_last :]) | {keep}
         for tag in os.listdir(self.dir):
             # older complete checkpoints beyond keep_last, and leftovers of saves that never completed
             if TAG_RE.match(tag) and tag not in kept:
@@ -192,7 +203,9 @@ class CheckpointManager:
         world = dist.get_world_size() if dist.is_initialized() else 1
         saved = sum(os.path.isfile(os.path.join(path, f"rng_rank{r}.pt")) for r in range(world))
         if self.rank == 0 and saved < world:
-            print(f"{path} has RNG states for {saved} of this run's {world} ranks: ranks without one "
-                  + ("re-seed from train.seed, rank and step" if reseed is not None else "keep their fresh seeds"),
-                  flush=True)
+            print(
+                f"{path} has RNG states for {saved} of this run's {world} ranks: ranks without one "
+                + ("re-seed from train.seed, rank and step" if reseed is not None else "keep their fresh seeds"),
+                flush=True,
+            )
         return client_state

@@ -8,6 +8,7 @@ model-states file, and no torch file in it cut short. The newest valid one is
 used (by step: `latest`, DeepSpeed's pointer, is written last and may lag); every newer checkpoint
 passed over is named with the reason (`Choice.note`).
 """
+
 from __future__ import annotations
 
 import glob
@@ -20,8 +21,10 @@ from typing import List, Optional
 COMPLETE = "COMPLETE"
 LATEST = "latest"
 TAG_RE = re.compile(r"^step_(\d+)$")
-NOT_COMPLETE = (f"no {COMPLETE} marker: the save was interrupted (a checkpoint written outside the trainer "
-                f"needs `touch {COMPLETE}` in it once you know it is whole)")
+NOT_COMPLETE = (
+    f"no {COMPLETE} marker: the save was interrupted (a checkpoint written outside the trainer "
+    f"needs `touch {COMPLETE}` in it once you know it is whole)"
+)
 
 
 def tag_for(step: int) -> str:
@@ -159,8 +162,11 @@ def latest_valid(directory: str) -> Optional[str]:
 
 def is_tag_dir(path: str) -> bool:
     """Whether `path` is one checkpoint rather than a directory of them."""
-    return bool(TAG_RE.match(os.path.basename(path)) or os.path.isfile(os.path.join(path, COMPLETE))
-                or glob.glob(os.path.join(path, "*_model_states.pt")))
+    return bool(
+        TAG_RE.match(os.path.basename(path))
+        or os.path.isfile(os.path.join(path, COMPLETE))
+        or glob.glob(os.path.join(path, "*_model_states.pt"))
+    )
 
 
 def find_checkpoint(path: str) -> Choice:

@@ -1,5 +1,6 @@
 """Typed trainer config. Hydra composes the YAML groups onto this schema, so a misspelled key or
 a wrong type fails at start naming the key; below the entry point only plain values flow."""
+
 from __future__ import annotations
 
 import dataclasses
@@ -50,7 +51,7 @@ class DeepSpeedConfig:
 @dataclass
 class TrainSection:
     micro_batch_size: int = 1
-    global_batch_tokens: int = 4 * 2 ** 20  # accumulation = this / (micro_batch * seq_len * world)
+    global_batch_tokens: int = 4 * 2**20  # accumulation = this / (micro_batch * seq_len * world)
     max_steps: int = 25_000
     log_interval: int = 10
     eval_interval: int = 1000
@@ -140,8 +141,10 @@ def typed_config(cfg) -> TrainConfig:
     unknown = unknown_keys(OmegaConf.to_container(cfg, resolve=False), TrainConfig)
     if unknown:
         also = f" (also unknown: {', '.join(unknown[1:4])})" if unknown[1:] else ""
-        raise ValueError(f"{unknown[0]}: not a key of the trainer config (retnet_train/components/config.py); "
-                         f"nothing would read it{also}")
+        raise ValueError(
+            f"{unknown[0]}: not a key of the trainer config (retnet_train/components/config.py); "
+            f"nothing would read it{also}"
+        )
     return expand_home(OmegaConf.to_object(cfg))
 
 
@@ -174,35 +177,65 @@ def unknown_keys(values: dict, schema, prefix: str = "") -> list:
 
 def check_values(cfg: TrainConfig) -> None:
     """Value checks the type system cannot express; each error names its key."""
+
     def need(ok, key, msg):
         if not ok:
             raise ValueError(f"{key}: {msg}")
 
     need(cfg.data.paths, "data.paths", "no data configured")
-    need(not cfg.data.weights or len(cfg.data.weights) == len(cfg.data.paths), "data.weights",
-         f"{len(cfg.data.weights)} weights for {len(cfg.data.paths)} paths")
+    need(
+        not cfg.data.weights or len(cfg.data.weights) == len(cfg.data.paths),
+        "data.weights",
+        f"{len(cfg.data.weights)} weights for {len(cfg.data.paths)} paths",
+    )
     need(all(w > 0 for w in cfg.data.weights), "data.weights", "must all be > 0")
     need(cfg.data.seq_len > 0, "data.seq_len", "must be > 0")
     need(cfg.optim.lr > 0, "optim.lr", "must be > 0")
     need(len(cfg.optim.betas) == 2 and all(0 <= b < 1 for b in cfg.optim.betas), "optim.betas", "two values in [0, 1)")
-    need(cfg.optim.decay in ("linear", "cosine", "constant"), "optim.decay", f"{cfg.optim.decay!r} is not linear|cosine|constant")
+    need(
+        cfg.optim.decay in ("linear", "cosine", "constant"),
+        "optim.decay",
+        f"{cfg.optim.decay!r} is not linear|cosine|constant",
+    )
     need(cfg.optim.warmup_steps >= 0, "optim.warmup_steps", "must be >= 0")
     need(cfg.optim.eps > 0, "optim.eps", "must be > 0")
     need(cfg.optim.weight_decay >= 0, "optim.weight_decay", "must be >= 0")
     need(cfg.optim.grad_clip >= 0, "optim.grad_clip", "must be >= 0 (0: no clipping)")
     need(0 <= cfg.optim.min_lr_ratio <= 1, "optim.min_lr_ratio", "must be in [0, 1]")
     need(cfg.deepspeed.zero_stage in (0, 1, 2, 3), "deepspeed.zero_stage", f"{cfg.deepspeed.zero_stage} is not 0-3")
-    need(cfg.deepspeed.precision in ("bf16", "fp16", "fp32"), "deepspeed.precision", f"{cfg.deepspeed.precision!r} is not bf16|fp16|fp32")
-    need(not cfg.deepspeed.offload_param or cfg.deepspeed.zero_stage == 3, "deepspeed.offload_param", "needs zero_stage=3")
-    need(not cfg.deepspeed.offload_optimizer or cfg.deepspeed.zero_stage >= 1, "deepspeed.offload_optimizer", "needs zero_stage>=1")
-    for key in ("micro_batch_size", "global_batch_tokens", "max_steps", "log_interval", "eval_interval", "eval_batches",
-                "max_consecutive_nonfinite"):
+    need(
+        cfg.deepspeed.precision in ("bf16", "fp16", "fp32"),
+        "deepspeed.precision",
+        f"{cfg.deepspeed.precision!r} is not bf16|fp16|fp32",
+    )
+    need(
+        not cfg.deepspeed.offload_param or cfg.deepspeed.zero_stage == 3,
+        "deepspeed.offload_param",
+        "needs zero_stage=3",
+    )
+    need(
+        not cfg.deepspeed.offload_optimizer or cfg.deepspeed.zero_stage >= 1,
+        "deepspeed.offload_optimizer",
+        "needs zero_stage>=1",
+    )
+    for key in (
+        "micro_batch_size",
+        "global_batch_tokens",
+        "max_steps",
+        "log_interval",
+        "eval_interval",
+        "eval_batches",
+        "max_consecutive_nonfinite",
+    ):
         need(getattr(cfg.train, key) > 0, f"train.{key}", "must be > 0")
     checkpointing_mode(cfg.train.activation_checkpointing, "train.activation_checkpointing")
     budget = cfg.train.activation_memory_budget
     need(0 < budget <= 1, "train.activation_memory_budget", f"{budget} is not in (0, 1]")
-    need(budget == 1 or cfg.train.compile, "train.activation_memory_budget",
-         f"{budget} needs train.compile=true: torch.compile's partitioner does the recomputing")
+    need(
+        budget == 1 or cfg.train.compile,
+        "train.activation_memory_budget",
+        f"{budget} needs train.compile=true: torch.compile's partitioner does the recomputing",
+    )
     need(cfg.train.device in ("auto", "cpu", "cuda"), "train.device", f"{cfg.train.device!r} is not auto|cpu|cuda")
     need(cfg.train.peak_flops is None or cfg.train.peak_flops > 0, "train.peak_flops", "must be > 0 (or null)")
     from ..parallel import check_layout  # (parallel imports this module)
@@ -212,9 +245,16 @@ def check_values(cfg: TrainConfig) -> None:
     need(cfg.checkpoint.keep_last >= 1, "checkpoint.keep_last", "must be >= 1")
     need(cfg.profile.start_step >= 1, "profile.start_step", "must be >= 1 (optimizer steps count from 1)")
     need(cfg.profile.steps >= 1, "profile.steps", "must be >= 1")
-    need(not cfg.profile.enabled or cfg.profile.start_step <= cfg.train.max_steps, "profile.start_step",
-         f"{cfg.profile.start_step} is beyond train.max_steps={cfg.train.max_steps}: nothing would be profiled")
-    need(cfg.wandb.mode in ("online", "offline", "disabled"), "wandb.mode", f"{cfg.wandb.mode!r} is not online|offline|disabled")
+    need(
+        not cfg.profile.enabled or cfg.profile.start_step <= cfg.train.max_steps,
+        "profile.start_step",
+        f"{cfg.profile.start_step} is beyond train.max_steps={cfg.train.max_steps}: nothing would be profiled",
+    )
+    need(
+        cfg.wandb.mode in ("online", "offline", "disabled"),
+        "wandb.mode",
+        f"{cfg.wandb.mode!r} is not online|offline|disabled",
+    )
 
 
 CHECKPOINTING_MODES = ("none", "selective", "full")
@@ -253,8 +293,10 @@ def grad_accumulation(cfg: TrainConfig, world_size: int) -> int:
     if cfg.train.global_batch_tokens % per_step:
         dp_note = f" (world {world_size} / context_parallel_size {cp})" if cp > 1 else ""
         raise ValueError(
-            f"train.global_batch_tokens={cfg.train.global_batch_tokens} is not a multiple of micro_batch_size x seq_len x "
-            f"data-parallel world = {cfg.train.micro_batch_size} x {cfg.data.seq_len} x {dp}{dp_note} = {per_step}")
+            f"train.global_batch_tokens={cfg.train.global_batch_tokens} is not a multiple of "
+            f"micro_batch_size x seq_len x data-parallel world = "
+            f"{cfg.train.micro_batch_size} x {cfg.data.seq_len} x {dp}{dp_note} = {per_step}"
+        )
     return cfg.train.global_batch_tokens // per_step
 
 

@@ -1,4 +1,5 @@
 """The device and the process group a run uses."""
+
 from __future__ import annotations
 
 import os

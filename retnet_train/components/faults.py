@@ -1,12 +1,15 @@
 """Fault handling: non-finite steps (skipped, counted, a stop after too many in a row), the
 out-of-memory hint, and fault injection for tests."""
+
 from __future__ import annotations
 
 import torch
 
-OOM_HINT = ("out of GPU memory: lower train.micro_batch_size (raising accumulation), set "
-            "train.activation_checkpointing=full, raise deepspeed.zero_stage, or enable "
-            "deepspeed.offload_optimizer / deepspeed.offload_param (ZeRO-3)")
+OOM_HINT = (
+    "out of GPU memory: lower train.micro_batch_size (raising accumulation), set "
+    "train.activation_checkpointing=full, raise deepspeed.zero_stage, or enable "
+    "deepspeed.offload_optimizer / deepspeed.offload_param (ZeRO-3)"
+)
 
 
 class TrainingError(RuntimeError):

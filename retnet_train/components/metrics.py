@@ -1,4 +1,5 @@
 """Rank-0 logging: a console line and metrics.jsonl per log step, and W&B in the chosen mode."""
+
 from __future__ import annotations
 
 import json
@@ -28,8 +29,8 @@ def device_peak_flops(device: torch.device, override: Optional[float]) -> Option
 
 def peak_memory_gib(device: torch.device) -> float:
     if device.type == "cuda":
-        return torch.cuda.max_memory_allocated(device) / 2 ** 30
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2 ** 20  # KiB on Linux
+        return torch.cuda.max_memory_allocated(device) / 2**30
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20  # KiB on Linux
 
 
 class Throughput:
@@ -67,12 +68,22 @@ class MetricsLogger:
             import wandb  # imported only when used
 
             try:
-                self._wandb = wandb.init(project=wandb_cfg.project, entity=wandb_cfg.entity, name=wandb_cfg.name,
-                                         tags=list(wandb_cfg.tags), mode=wandb_cfg.mode, id=self.wandb_id,
-                                         resume="allow", dir=run_dir, config=resolved_config)
+                self._wandb = wandb.init(
+                    project=wandb_cfg.project,
+                    entity=wandb_cfg.entity,
+                    name=wandb_cfg.name,
+                    tags=list(wandb_cfg.tags),
+                    mode=wandb_cfg.mode,
+                    id=self.wandb_id,
+                    resume="allow",
+                    dir=run_dir,
+                    config=resolved_config,
+                )
             except wandb.errors.Error as e:  # no API key, no network, unknown entity or project
-                raise ValueError(f"wandb.mode={wandb_cfg.mode}: {str(e).strip().splitlines()[0]} (wandb.mode=offline "
-                                 f"logs under {run_dir}/wandb for a later `wandb sync`)") from None
+                raise ValueError(
+                    f"wandb.mode={wandb_cfg.mode}: {str(e).strip().splitlines()[0]} (wandb.mode=offline "
+                    f"logs under {run_dir}/wandb for a later `wandb sync`)"
+                ) from None
 
     def log(self, record: dict) -> None:
         if not self.is_main:

@@ -1,4 +1,5 @@
 """AdamW with weight-decay groups, the LR schedule, and the DeepSpeed config built from ours."""
+
 from __future__ import annotations
 
 import math
@@ -66,8 +67,14 @@ def skip_duplicate_overflow_check(engine) -> bool:
     except ImportError:
         return False
     opt = engine.optimizer
-    if not (isinstance(opt, DeepSpeedZeroOptimizer) and opt.dtype == torch.bfloat16 and opt.check_grad_overflow
-            and opt.compute_grad_norm and engine.gradient_clipping() > 0 and not opt.cpu_offload):
+    if not (
+        isinstance(opt, DeepSpeedZeroOptimizer)
+        and opt.dtype == torch.bfloat16
+        and opt.check_grad_overflow
+        and opt.compute_grad_norm
+        and engine.gradient_clipping() > 0
+        and not opt.cpu_offload
+    ):
         return False
     opt.has_overflow = lambda partition_gradients=True: False  # the norm test (kept) skips the step
     return True
@@ -98,7 +105,8 @@ def build_optimizer(model, cfg: TrainConfig, device: torch.device):
     else:
         optimizer = torch.optim.AdamW(groups, lr=o.lr, betas=tuple(o.betas), eps=o.eps, fused=fused or None)
     scheduler = torch.optim.lr_scheduler.LambdaLR(
-        optimizer, lambda s: lr_lambda(s, o.warmup_steps, cfg.train.max_steps, o.decay, o.min_lr_ratio))
+        optimizer, lambda s: lr_lambda(s, o.warmup_steps, cfg.train.max_steps, o.decay, o.min_lr_ratio)
+    )
     return optimizer, scheduler
 
 
@@ -119,8 +127,12 @@ def deepspeed_config(cfg: TrainConfig, grad_accum: int, world_size: int, load_un
     ds = cfg.deepspeed
     zero = {"stage": ds.zero_stage}
     if ds.zero_stage >= 1:
-        zero.update(reduce_bucket_size=ds.reduce_bucket_size, allgather_bucket_size=ds.allgather_bucket_size,
-                    contiguous_gradients=ds.contiguous_gradients, overlap_comm=overlaps_comm(ds.overlap_comm, world_size))
+        zero.update(
+            reduce_bucket_size=ds.reduce_bucket_size,
+            allgather_bucket_size=ds.allgather_bucket_size,
+            contiguous_gradients=ds.contiguous_gradients,
+            overlap_comm=overlaps_comm(ds.overlap_comm, world_size),
+        )
     if ds.zero_stage == 3:
         zero.pop("allgather_bucket_size")
         zero["stage3_prefetch_bucket_size"] = ds.allgather_bucket_size
@@ -145,7 +157,7 @@ def deepspeed_config(cfg: TrainConfig, grad_accum: int, world_size: int, load_un
         "bf16": {"enabled": ds.precision == "bf16"},
         "fp16": {"enabled": ds.precision == "fp16", "loss_scale": 0, "initial_scale_power": 16},
         "zero_optimization": zero,
-        "steps_per_print": 10 ** 12,  # we log ourselves
+        "steps_per_print": 10**12,  # we log ourselves
         "wall_clock_breakdown": False,
     }
     if load_universal:

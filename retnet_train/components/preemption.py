@@ -1,6 +1,7 @@
 """SIGTERM / SIGUSR1 (cluster preemption) ask for a checkpoint and a clean exit at the next step
 boundary; all ranks agree through the step's one all-reduce (Trainer.train_step), which carries
 `received` with the loss."""
+
 from __future__ import annotations
 
 import signal

@@ -4,6 +4,7 @@ memory snapshot over the same window. Writes into <run.dir>/profile/rank<r>/:
   steps<a>-<b>.key_averages.txt   top ops by self device time (CUDA) or self CPU time
   steps<a>-<b>.memory_snapshot.pickle   profile.memory_snapshot=true: pytorch.org/memory_viz
 """
+
 from __future__ import annotations
 
 import os
@@ -17,8 +18,20 @@ class Profiler:
     """`step(n)` once per optimizer step, before step n + 1 starts (n: steps done, so a resumed run
     counts on); `close()` at the end. A no-op when disabled or on a rank not in `ranks`."""
 
-    def __init__(self, out_dir: str, rank: int, world: int, device_type: str, first_step: int, *,
-                 enabled: bool, start_step: int, steps: int, ranks: List[int], memory_snapshot: bool):
+    def __init__(
+        self,
+        out_dir: str,
+        rank: int,
+        world: int,
+        device_type: str,
+        first_step: int,
+        *,
+        enabled: bool,
+        start_step: int,
+        steps: int,
+        ranks: List[int],
+        memory_snapshot: bool,
+    ):
         if enabled and any(not 0 <= r < world for r in ranks):
             raise ValueError(f"profile.ranks: {list(ranks)} not all within this run's ranks 0-{world - 1}")
         self.out_dir, self.cuda = out_dir, device_type == "cuda"
@@ -28,8 +41,10 @@ class Profiler:
         if memory_snapshot and self.active and not self.cuda:
             print(f"profile.memory_snapshot: device is {device_type}, not CUDA; memory snapshot skipped", flush=True)
         if self.active and first_step >= self.first:
-            print(f"profile.start_step={self.first}: this run resumes after step {first_step}; nothing profiled",
-                  flush=True)
+            print(
+                f"profile.start_step={self.first}: this run resumes after step {first_step}; nothing profiled",
+                flush=True,
+            )
             self.active = False
         self._prof: Optional[torch.profiler.profile] = None
         self._mark = None  # the open "ProfilerStep#<n>" range: per-step markers that trace viewers split on

@@ -22,6 +22,7 @@ deepspeed.initialize, `prepare_resume` compares it with this run:
 Per-rank RNG: rank r restores rng_rank<r>.pt when the checkpoint has it; ranks beyond the old world
 size re-seed (see CheckpointManager.load).
 """
+
 from __future__ import annotations
 
 import contextlib
@@ -60,8 +61,11 @@ def checkpoint_layout(tag_dir: str, state: Optional[dict] = None) -> dict:
         return dict(state["layout"])
     ds = state.get("ds_config") or {}
     precision = "bf16" if ds.get("bf16", {}).get("enabled") else "fp16" if ds.get("fp16", {}).get("enabled") else "fp32"
-    return {"world_size": int(state.get("dp_world_size", 1)) * int(state.get("mp_world_size", 1)),
-            "zero_stage": int(ds.get("zero_optimization", {}).get("stage", 0)), "precision": precision}
+    return {
+        "world_size": int(state.get("dp_world_size", 1)) * int(state.get("mp_world_size", 1)),
+        "zero_stage": int(ds.get("zero_optimization", {}).get("stage", 0)),
+        "precision": precision,
+    }
 
 
 def refuse_separate_projections(path: str, state: dict) -> None:
@@ -69,9 +73,11 @@ def refuse_separate_projections(path: str, state: dict) -> None:
     hold optimizer state for three tensors per layer where the model now has one."""
     names = list(state.get("module") or {}) + [n for group in state.get("param_shapes") or [] for n in group]
     if has_separate_projections(names):
-        raise ValueError(f"train.resume: {path} was written with separate retention q/k/v_proj weights (retnet-train "
-                         "before qkv_proj); its optimizer state does not fit this model and cannot be resumed. Its weights "
-                         "still load for export, evaluation and generation (retnet_train.inference.export / evaluate / generate)")
+        raise ValueError(
+            f"train.resume: {path} was written with separate retention q/k/v_proj weights (retnet-train "
+            "before qkv_proj); its optimizer state does not fit this model and cannot be resumed. Its weights "
+            "still load for export, evaluation and generation (retnet_train.inference.export / evaluate / generate)"
+        )
 
 
 @dataclass
@@ -103,19 +109,29 @@ def plan(directory: str, tag: str, current: dict) -> ResumePlan:
     old_ws, new_ws = saved["world_size"], current["world_size"]
     old_z, new_z = saved["zero_stage"], current["zero_stage"]
     if old_z != new_z and {old_z, new_z} != {1, 2}:
-        why = ("ZeRO 0 keeps its optimizer state unpartitioned, in another format" if 0 in (old_z, new_z) else
-               "DeepSpeed 0.19.8's universal checkpoints of ZeRO 1/2 and of ZeRO 3 differ in file names, step and "
-               "optimizer-state layout, so neither loads into the other")
-        raise ValueError(f"train.resume: {path} was written with deepspeed.zero_stage={old_z}, this run has "
-                         f"deepspeed.zero_stage={new_z}: this change cannot be resumed ({why}). Resume with "
-                         f"deepspeed.zero_stage={old_z} (any world size works); only 1 <-> 2 can change on resume")
+        why = (
+            "ZeRO 0 keeps its optimizer state unpartitioned, in another format"
+            if 0 in (old_z, new_z)
+            else "DeepSpeed 0.19.8's universal checkpoints of ZeRO 1/2 and of ZeRO 3 differ in file names, step and "
+            "optimizer-state layout, so neither loads into the other"
+        )
+        raise ValueError(
+            f"train.resume: {path} was written with deepspeed.zero_stage={old_z}, this run has "
+            f"deepspeed.zero_stage={new_z}: this change cannot be resumed ({why}). Resume with "
+            f"deepspeed.zero_stage={old_z} (any world size works); only 1 <-> 2 can change on resume"
+        )
     reshard = old_z != new_z or (old_z >= 1 and old_ws != new_ws)
     if saved["precision"] != current["precision"] and (reshard or old_z == 0):
-        raise ValueError(f"train.resume: {path} was written with deepspeed.precision={saved['precision']}, this run "
-                         f"has deepspeed.precision={current['precision']}: not supported "
-                         + ("together with a world-size or ZeRO-stage change" if reshard else "at ZeRO 0 (the optimizer "
-                            "state formats differ)")
-                         + f". Resume with deepspeed.precision={saved['precision']}")
+        raise ValueError(
+            f"train.resume: {path} was written with deepspeed.precision={saved['precision']}, this run "
+            f"has deepspeed.precision={current['precision']}: not supported "
+            + (
+                "together with a world-size or ZeRO-stage change"
+                if reshard
+                else "at ZeRO 0 (the optimizer state formats differ)"
+            )
+            + f". Resume with deepspeed.precision={saved['precision']}"
+        )
     if old_ws != new_ws:
         p.notes.append(f"world size {old_ws} -> {new_ws}")
     if old_z != new_z:
@@ -136,15 +152,23 @@ def convert_to_universal(tag_dir: str) -> str:
     if os.path.isdir(final):
         return final
     if not os.access(tag_dir, os.W_OK):
-        raise ValueError(f"train.resume: {tag_dir} must be converted for this world size / ZeRO stage but is not "
-                         "writable; copy the checkpoint directory somewhere writable and resume from there")
+        raise ValueError(
+            f"train.resume: {tag_dir} must be converted for this world size / ZeRO stage but is not "
+            "writable; copy the checkpoint directory somewhere writable and resume from there"
+        )
     tmp = os.path.join(tag_dir, f"{TMP_PREFIX}{socket.gethostname()}-{os.getpid()}")
     shutil.rmtree(tmp, ignore_errors=True)
     # ds_to_universal writes <output>/.. /latest_universal: keep it inside tmp as well
     out = os.path.join(tmp, UNIVERSAL)
-    args = types.SimpleNamespace(input_folder=tag_dir, output_folder=out, num_extract_workers=1,  # no fork under
-                                 num_merge_workers=1, keep_temp_folder=False, strict=True,  # torch.distributed
-                                 inject_missing_state=True)  # our model sets no universal_checkpoint_info
+    args = types.SimpleNamespace(
+        input_folder=tag_dir,
+        output_folder=out,
+        num_extract_workers=1,  # no fork under
+        num_merge_workers=1,
+        keep_temp_folder=False,
+        strict=True,  # torch.distributed
+        inject_missing_state=True,
+    )  # our model sets no universal_checkpoint_info
     try:
         with contextlib.redirect_stdout(sys.stderr):  # its progress prints; stdout is our log
             ds_to_universal.main(args)
@@ -173,10 +197,12 @@ def prepare_resume(source: Optional[tuple], current: dict, rank: int) -> Optiona
     error = None
     if rank == 0:
         done = os.path.isdir(os.path.join(p.path, UNIVERSAL))
-        print(f"{p.path}: written by {p.saved['world_size']} rank(s) at ZeRO {p.saved['zero_stage']}, this run has "
-              f"{current['world_size']} at ZeRO {current['zero_stage']}: "
-              + ("using its universal copy" if done else f"converting to a universal checkpoint in {p.path}/{UNIVERSAL}"),
-              flush=True)
+        print(
+            f"{p.path}: written by {p.saved['world_size']} rank(s) at ZeRO {p.saved['zero_stage']}, this run has "
+            f"{current['world_size']} at ZeRO {current['zero_stage']}: "
+            + ("using its universal copy" if done else f"converting to a universal checkpoint in {p.path}/{UNIVERSAL}"),
+            flush=True,
+        )
         try:
             convert_to_universal(p.path)
         except Exception as e:  # noqa: BLE001 - re-raised on every rank below
@@ -211,8 +237,10 @@ def repair_universal_load(engine, plan: ResumePlan) -> None:
     saved = torch.load(path, map_location="cpu", weights_only=False, mmap=True).get("param_groups")
     if saved is not None:
         if len(saved) != len(base.param_groups):
-            raise ValueError(f"train.resume: {path} has {len(saved)} optimizer param groups, this run "
-                             f"{len(base.param_groups)} (optim.weight_decay / optim.no_decay_embeddings changed?)")
+            raise ValueError(
+                f"train.resume: {path} has {len(saved)} optimizer param groups, this run "
+                f"{len(base.param_groups)} (optim.weight_decay / optim.no_decay_embeddings changed?)"
+            )
         for group, stored in zip(base.param_groups, saved):
             for key, value in stored.items():
                 if key != "params":

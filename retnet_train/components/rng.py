@@ -1,4 +1,5 @@
 """RNG state of this rank (python, numpy, torch, CUDA), for exact resume."""
+
 import random
 
 import numpy as np
@@ -7,7 +8,7 @@ import torch
 
 def seed_everything(seed: int) -> None:
     random.seed(seed)
-    np.random.seed(seed % 2 ** 32)
+    np.random.seed(seed % 2**32)
     torch.manual_seed(seed)
 
 

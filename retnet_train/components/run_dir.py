@@ -10,6 +10,7 @@ metrics kept apart from this run's.
   another run's checkpoint) finding metrics.jsonl there renames it to metrics.<n>.jsonl (n = 1, 2, ...
   in the order they were set aside) instead of appending to it.
 """
+
 from __future__ import annotations
 
 import errno
@@ -65,14 +66,18 @@ class DirLock:
             holder = os.read(fd, 200).decode(errors="replace").strip() or "unknown process"
             os.close(fd)
             if e.errno in (errno.EWOULDBLOCK, errno.EAGAIN, errno.EACCES):
-                return (f"{self.key}={self.dir} is in use by another trainer ({holder}; {self.path}): "
-                        f"wait for it to end or stop it, or give this run another {self.key}")
-            print(f"warning: {self.path}: no file locks on this filesystem ({e.strerror}): "
-                  f"a second trainer on {self.key}={self.dir} would not be noticed", flush=True)
+                return (
+                    f"{self.key}={self.dir} is in use by another trainer ({holder}; {self.path}): "
+                    f"wait for it to end or stop it, or give this run another {self.key}"
+                )
+            print(
+                f"warning: {self.path}: no file locks on this filesystem ({e.strerror}): "
+                f"a second trainer on {self.key}={self.dir} would not be noticed",
+                flush=True,
+            )
             return None
         os.ftruncate(fd, 0)
-        os.write(fd, f"pid {os.getpid()} on {socket.gethostname()} since {time.strftime('%Y-%m-%d %H:%M:%S')}"
-                 .encode())
+        os.write(fd, f"pid {os.getpid()} on {socket.gethostname()} since {time.strftime('%Y-%m-%d %H:%M:%S')}".encode())
         self._fd = fd
         return None
 

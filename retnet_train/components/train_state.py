@@ -1,4 +1,5 @@
 """What a run has done so far: the trainer's own part of a checkpoint (torchtitan's TrainState)."""
+
 from __future__ import annotations
 
 from dataclasses import dataclass, field
@@ -15,8 +16,12 @@ class TrainState:
     faults: NonFiniteTracker = field(default_factory=lambda: NonFiniteTracker(1))  # skipped-step counters
 
     def state_dict(self) -> dict:
-        return {"step": self.step, "tokens_seen": self.tokens_seen, "wandb_id": self.wandb_id,
-                "faults": self.faults.state_dict()}
+        return {
+            "step": self.step,
+            "tokens_seen": self.tokens_seen,
+            "wandb_id": self.wandb_id,
+            "faults": self.faults.state_dict(),
+        }
 
     def load_state_dict(self, state: Mapping[str, Any]) -> None:
         self.step, self.tokens_seen = int(state["step"]), int(state["tokens_seen"])

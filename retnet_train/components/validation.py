@@ -1,5 +1,6 @@
 """Validation loss: the token-weighted mean next-token loss over batches, for the trainer's periodic
 evaluation and for evaluating a checkpoint (retnet_train.inference.evaluate)."""
+
 from __future__ import annotations
 
 import itertools
@@ -20,8 +21,9 @@ class MeanLoss:
 
 
 @torch.no_grad()
-def mean_loss(model, batches: Iterable[dict], device, max_batches: Optional[int] = None, cp=None,
-              sum_over_ranks: bool = False) -> MeanLoss:
+def mean_loss(
+    model, batches: Iterable[dict], device, max_batches: Optional[int] = None, cp=None, sum_over_ranks: bool = False
+) -> MeanLoss:
     """Mean loss of `model` (a model or DeepSpeed engine) over `batches` (input_ids, labels, doc_starts),
     each batch weighted by its labelled tokens, in eval mode (restored after).
 

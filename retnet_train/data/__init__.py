@@ -9,6 +9,7 @@
 
 Shards are written by `python -m data_prep.tokenize` (format: manifest.py).
 """
+
 from retnet_train.data.loader import (
     TokenLoader,
     ValidationLoader,

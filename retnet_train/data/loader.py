@@ -9,6 +9,7 @@ single counter: global sequences consumed. Data-parallel rank r of W takes, from
 point on, sequences r, r + W, r + 2W, ... of each micro-step's B * W; a resumed run therefore
 continues with exactly the next sequences even if B, gradient accumulation or W changed.
 """
+
 from __future__ import annotations
 
 import math
@@ -75,8 +76,9 @@ def open_streams(
     # shard directories first: their manifests supply the EOS id that Megatron sources lack
     for name in sorted(sources, key=lambda n: (not sources[n][0].is_dir(), n)):
         path, _ = sources[name]
-        stream = open_stream(name, path, split, eos_id if eos_id is not None else _eos_of(first), verify_checksums,
-                             vocab_size)
+        stream = open_stream(
+            name, path, split, eos_id if eos_id is not None else _eos_of(first), verify_checksums, vocab_size
+        )
         if stream.manifest is not None:
             stream.manifest.check_tokenizer(tokenizer_sha256, vocab_size)
             if first is not None and first.manifest is not None:
@@ -208,8 +210,10 @@ class TokenLoader:
             if key == "weights" and isinstance(theirs, Mapping):
                 theirs = {k: float(v) for k, v in theirs.items()}
             if theirs != mine[key]:
-                msg = (f"loader state key {key!r} is {theirs!r} but this loader has {mine[key]!r}: "
-                       "the data stream changed since the checkpoint (different data, seed, seq_len or mix)")
+                msg = (
+                    f"loader state key {key!r} is {theirs!r} but this loader has {mine[key]!r}: "
+                    "the data stream changed since the checkpoint (different data, seed, seq_len or mix)"
+                )
                 if strict:
                     raise ValueError(msg)
                 warnings.warn(msg + "; continuing the new stream at the same sequence count", stacklevel=2)
@@ -226,8 +230,15 @@ class ValidationLoader:
     same number of batches; the last batch may be smaller than micro_batch_size. Re-iterable.
     """
 
-    def __init__(self, streams: Mapping[str, TokenStream], seq_len: int, micro_batch_size: int,
-                 dp_rank: int = 0, dp_world_size: int = 1, max_sequences: int | None = None):
+    def __init__(
+        self,
+        streams: Mapping[str, TokenStream],
+        seq_len: int,
+        micro_batch_size: int,
+        dp_rank: int = 0,
+        dp_world_size: int = 1,
+        max_sequences: int | None = None,
+    ):
         self.seq_len = _check_positive_int("seq_len", seq_len)
         self.micro_batch_size = _check_positive_int("micro_batch_size", micro_batch_size)
         _check_rank(dp_rank, dp_world_size)
@@ -250,7 +261,7 @@ class ValidationLoader:
     def __iter__(self) -> Iterator[dict[str, torch.Tensor]]:
         names = list(self.streams)
         for lo in range(0, self.per_rank, self.micro_batch_size):
-            g = self._g[lo:lo + self.micro_batch_size]
+            g = self._g[lo : lo + self.micro_batch_size]
             source = np.searchsorted(self._ends, g, side="right")
             local = g - np.concatenate([[0], self._ends])[source]
             out = np.empty((g.size, self.seq_len + 1), dtype=np.int64)
@@ -283,8 +294,11 @@ def build_validation_loader(
             if info is not None and info.tokens > seq_len:
                 usable[name] = spec
                 continue
-        warnings.warn(f"data source {name!r} ({path}) has no validation split with more than {seq_len} tokens; "
-                      "it is left out of validation", stacklevel=2)
+        warnings.warn(
+            f"data source {name!r} ({path}) has no validation split with more than {seq_len} tokens; "
+            "it is left out of validation",
+            stacklevel=2,
+        )
     if not usable:
         raise ManifestError(f"no data source has a usable validation split (sources: {sorted(specs)})")
     streams = open_streams(usable, "validation", tokenizer_sha256, vocab_size, eos_id, verify_checksums)

@@ -5,6 +5,7 @@ tokenizer identity (sha256, vocab size, special ids), the token dtype, and per s
 files with their token counts, document counts and sha256. Everything here is plain data so the
 format can be read without importing data_prep (the trainer only needs this package).
 """
+
 from __future__ import annotations
 
 import hashlib
@@ -128,25 +129,36 @@ def _require(cond: bool, path: Path, msg: str) -> None:
 
 def _int(d: dict, key: str, path: Path, minimum: int = 0) -> int:
     value = d.get(key)
-    _require(isinstance(value, int) and not isinstance(value, bool) and value >= minimum, path,
-             f"key {key!r} must be an integer >= {minimum}, got {value!r}")
+    _require(
+        isinstance(value, int) and not isinstance(value, bool) and value >= minimum,
+        path,
+        f"key {key!r} must be an integer >= {minimum}, got {value!r}",
+    )
     return value
 
 
 def parse_manifest(data: Any, directory: Path) -> Manifest:
     path = directory / MANIFEST_NAME
     _require(isinstance(data, dict), path, "top level is not a JSON object")
-    _require(data.get("format") == FORMAT_NAME, path, f"key 'format' is {data.get('format')!r}, expected {FORMAT_NAME!r}")
-    _require(data.get("format_version") == FORMAT_VERSION, path,
-             f"format_version {data.get('format_version')!r} is not supported (this reader knows {FORMAT_VERSION})")
+    _require(
+        data.get("format") == FORMAT_NAME, path, f"key 'format' is {data.get('format')!r}, expected {FORMAT_NAME!r}"
+    )
+    _require(
+        data.get("format_version") == FORMAT_VERSION,
+        path,
+        f"format_version {data.get('format_version')!r} is not supported (this reader knows {FORMAT_VERSION})",
+    )
     tok = data.get("tokenizer")
     _require(isinstance(tok, dict), path, "key 'tokenizer' missing or not an object")
     sha = tok.get("sha256")
     _require(isinstance(sha, str) and len(sha) == 64, path, "key 'tokenizer.sha256' is not a sha256 hex digest")
     vocab_size = _int(tok, "vocab_size", path, 1)
     ids = {k: tok.get(k, -1) for k in ("eos_id", "bos_id", "pad_id", "unk_id")}
-    _require(isinstance(ids["eos_id"], int) and 0 <= ids["eos_id"] < vocab_size, path,
-             f"key 'tokenizer.eos_id' must be an id below vocab_size {vocab_size}, got {ids['eos_id']!r}")
+    _require(
+        isinstance(ids["eos_id"], int) and 0 <= ids["eos_id"] < vocab_size,
+        path,
+        f"key 'tokenizer.eos_id' must be an id below vocab_size {vocab_size}, got {ids['eos_id']!r}",
+    )
     dtype = data.get("dtype")
     _require(dtype in DTYPES, path, f"key 'dtype' is {dtype!r}, expected one of {sorted(DTYPES)}")
     _require(vocab_size <= np.iinfo(DTYPES[dtype]).max + 1, path, f"vocab_size {vocab_size} does not fit dtype {dtype}")
@@ -206,7 +218,9 @@ def verify_shards(manifest: Manifest, checksums: bool = True, splits: tuple[str,
                 continue
             size, expected = path.stat().st_size, shard.tokens * itemsize
             if size != expected:
-                problems.append(f"{path}: size {size} bytes, manifest says {expected} ({shard.tokens} {manifest.dtype} tokens)")
+                problems.append(
+                    f"{path}: size {size} bytes, manifest says {expected} ({shard.tokens} {manifest.dtype} tokens)"
+                )
             elif checksums and (digest := sha256_file(path)) != shard.sha256:
                 problems.append(f"{path}: sha256 {digest[:12]}... does not match manifest {shard.sha256[:12]}...")
     return problems

@@ -8,6 +8,7 @@
 `.bin` is the token ids of all sequences back to back. Tokenized with `--append-eod`, every
 document ends in the EOD (= EOS) token, which is what the loader's document boundaries need.
 """
+
 from __future__ import annotations
 
 import struct
@@ -19,7 +20,16 @@ import numpy as np
 from retnet_train.data.manifest import ManifestError
 
 MAGIC = b"MMIDIDX\x00\x00"
-DTYPE_CODES = {1: np.uint8, 2: np.int8, 3: np.int16, 4: np.int32, 5: np.int64, 6: np.float64, 7: np.float32, 8: np.uint16}
+DTYPE_CODES = {
+    1: np.uint8,
+    2: np.int8,
+    3: np.int16,
+    4: np.int32,
+    5: np.int64,
+    6: np.float64,
+    7: np.float32,
+    8: np.uint16,
+}
 _HEADER = struct.Struct("<QBQQ")
 MAX_EOD_CHECKS = 100_000
 RANGE_CHECK_BLOCKS, RANGE_CHECK_BLOCK_TOKENS = 256, 4096  # token ids checked against the vocabulary: a spread
@@ -47,7 +57,7 @@ def megatron_prefix(path: str | Path) -> Path | None:
 
 
 def megatron_missing_half(path: str | Path) -> str | None:
-    """"PREFIX.bin is missing (PREFIX.idx exists)" when only one of the pair is there, else None."""
+    """ "PREFIX.bin is missing (PREFIX.idx exists)" when only one of the pair is there, else None."""
     prefix = _prefix_of(Path(path))
     idx, bin_ = prefix.with_name(prefix.name + ".idx"), prefix.with_name(prefix.name + ".bin")
     if idx.is_file() != bin_.is_file():
@@ -81,14 +91,22 @@ def read_megatron_index(idx_path: str | Path) -> MegatronIndex:
     docs = np.memmap(idx_path, np.dtype("<i8"), "r", offset, (n_doc,)) if n_doc else np.zeros(0, np.int64)
     # Megatron's builder starts the document index at 0 and appends the sequence count after each document
     if n_doc and (docs[0] != 0 or np.any(np.diff(docs) < 0) or docs[-1] > n_seq):
-        raise ManifestError(f"{idx_path}: document index is not a non-decreasing list from 0 to at most {n_seq} "
-                            f"(the sequence count); the index is damaged")
-    return MegatronIndex(idx_path, np.dtype(DTYPE_CODES[code]).newbyteorder("<"), np.asarray(sizes),
-                         np.asarray(pointers), np.asarray(docs))
+        raise ManifestError(
+            f"{idx_path}: document index is not a non-decreasing list from 0 to at most {n_seq} "
+            f"(the sequence count); the index is damaged"
+        )
+    return MegatronIndex(
+        idx_path,
+        np.dtype(DTYPE_CODES[code]).newbyteorder("<"),
+        np.asarray(sizes),
+        np.asarray(pointers),
+        np.asarray(docs),
+    )
 
 
-def open_megatron_tokens(prefix: Path, eos_id: int | None,
-                         vocab_size: int | None = None) -> tuple[np.memmap, MegatronIndex]:
+def open_megatron_tokens(
+    prefix: Path, eos_id: int | None, vocab_size: int | None = None
+) -> tuple[np.memmap, MegatronIndex]:
     """Memory-map PREFIX.bin as one token stream after checking it against PREFIX.idx.
 
     The sequences must be stored back to back (they always are in Megatron's builder); if eos_id
@@ -129,9 +147,11 @@ def _check_token_range(tokens: np.ndarray, vocab_size: int, bin_path: Path) -> N
     n = tokens.size
     starts = np.unique(np.linspace(0, max(n - RANGE_CHECK_BLOCK_TOKENS, 0), RANGE_CHECK_BLOCKS).astype(np.int64))
     for start in starts:
-        block = np.asarray(tokens[start:start + RANGE_CHECK_BLOCK_TOKENS])
+        block = np.asarray(tokens[start : start + RANGE_CHECK_BLOCK_TOKENS])
         bad = np.flatnonzero((block < 0) | (block >= vocab_size))
         if bad.size:
             at = int(start + bad[0])
-            raise ManifestError(f"{bin_path}: token id {int(tokens[at])} at position {at} is outside the model's "
-                                f"vocabulary [0, {vocab_size}); was it tokenized with another tokenizer?")
+            raise ManifestError(
+                f"{bin_path}: token id {int(tokens[at])} at position {at} is outside the model's "
+                f"vocabulary [0, {vocab_size}); was it tokenized with another tokenizer?"
+            )

@@ -5,6 +5,7 @@ period is laid out by smooth weighted round-robin, so every prefix of the schedu
 one sequence per source of its target share (no sampling noise), and the map is O(1) for any g:
 no replay from 0 is needed on resume or for rank striding.
 """
+
 from __future__ import annotations
 
 from typing import Mapping

@@ -5,6 +5,7 @@ rank striding) and for sources with billions of windows, so materializing np.ran
 (8 bytes per window, per epoch) is avoided: permute(i, n, key) is a bijection on [0, n) computed
 on the fly, vectorized over i.
 """
+
 from __future__ import annotations
 
 import hashlib

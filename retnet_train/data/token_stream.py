@@ -4,6 +4,7 @@ Shard directories (manifest.json) and Megatron indexed datasets look the same to
 `num_tokens` and `gather(starts, length)`, which copies windows out of the page cache without
 any per-token Python work.
 """
+
 from __future__ import annotations
 
 from pathlib import Path
@@ -15,8 +16,7 @@ from retnet_train.data.megatron import megatron_missing_half, megatron_prefix, o
 
 
 class TokenStream:
-    def __init__(self, name: str, origin: Path, parts: list[np.ndarray], eos_id: int,
-                 manifest: Manifest | None = None):
+    def __init__(self, name: str, origin: Path, parts: list[np.ndarray], eos_id: int, manifest: Manifest | None = None):
         self.name, self.origin, self.eos_id, self.manifest = name, origin, eos_id, manifest
         self._parts = parts
         lengths = np.array([len(p) for p in parts], dtype=np.int64)
@@ -34,7 +34,7 @@ class TokenStream:
             while filled < length:  # a window spans at most a few parts (usually one)
                 lo = start + filled - self._starts[part]
                 take = min(length - filled, len(self._parts[part]) - lo)
-                out[row, filled:filled + take] = self._parts[part][lo:lo + take]
+                out[row, filled : filled + take] = self._parts[part][lo : lo + take]
                 filled += take
                 part += 1
         return out
@@ -48,20 +48,30 @@ def open_shard_stream(name: str, directory: Path, split: str, verify_checksums: 
     # sizes always (cheap, catches truncation); sha256 on request (reads everything)
     problems = verify_shards(manifest, checksums=verify_checksums, splits=(split,))
     if problems:
-        raise ManifestError(f"source {name!r}: damaged shards (run `python -m data_prep.verify {directory}`):\n  "
-                            + "\n  ".join(problems))
+        raise ManifestError(
+            f"source {name!r}: damaged shards (run `python -m data_prep.verify {directory}`):\n  "
+            + "\n  ".join(problems)
+        )
     parts = [np.memmap(p, dtype=manifest.np_dtype, mode="r") for p in manifest.shard_paths(split)]
     return TokenStream(name, manifest.path, parts, manifest.eos_id, manifest)
 
 
-def open_stream(name: str, path: str | Path, split: str, eos_id: int | None = None,
-                verify_checksums: bool = False, vocab_size: int | None = None) -> TokenStream:
+def open_stream(
+    name: str,
+    path: str | Path,
+    split: str,
+    eos_id: int | None = None,
+    verify_checksums: bool = False,
+    vocab_size: int | None = None,
+) -> TokenStream:
     """A shard directory, or a Megatron `.bin`/`.idx` prefix (train split only: it has no split)."""
     path = Path(path)
     if path.is_dir():
         if not (path / MANIFEST_NAME).is_file() and (indexes := sorted(path.glob("*.idx"))):
-            raise ManifestError(f"source {name!r}: {path} has no {MANIFEST_NAME} but holds Megatron indexes; give "
-                                f"the prefix of one as the path, e.g. {indexes[0].with_suffix('')}")
+            raise ManifestError(
+                f"source {name!r}: {path} has no {MANIFEST_NAME} but holds Megatron indexes; give "
+                f"the prefix of one as the path, e.g. {indexes[0].with_suffix('')}"
+            )
         return open_shard_stream(name, path, split, verify_checksums)
     prefix = megatron_prefix(path)
     if prefix is None and (missing := megatron_missing_half(path)):
@@ -71,8 +81,10 @@ def open_stream(name: str, path: str | Path, split: str, eos_id: int | None = No
     if prefix is None:
         raise ManifestError(f"source {name!r}: {path} is neither a shard directory nor a Megatron .bin/.idx prefix")
     if split != "train":
-        raise ManifestError(f"source {name!r}: Megatron dataset {prefix} has no {split!r} split; "
-                            "give the validation data as its own source")
+        raise ManifestError(
+            f"source {name!r}: Megatron dataset {prefix} has no {split!r} split; "
+            "give the validation data as its own source"
+        )
     if eos_id is None:
         raise ManifestError(f"source {name!r}: Megatron dataset {prefix} does not record the EOS id; pass eos_id")
     tokens, _ = open_megatron_tokens(prefix, eos_id, vocab_size)

@@ -1,5 +1,6 @@
 """What the generate, export and evaluate CLIs share: the checkpoint and device options, checked and
 turned into a loaded model; every bad value is a CheckpointError naming the option."""
+
 from __future__ import annotations
 
 import argparse
@@ -15,8 +16,11 @@ DTYPES = ("float32", "bfloat16", "float16")
 
 
 def add_checkpoint_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--checkpoint", required=True,
-                   help="a run dir, a DeepSpeed save dir (with 'latest'), a checkpoint tag dir, or an export dir")
+    p.add_argument(
+        "--checkpoint",
+        required=True,
+        help="a run dir, a DeepSpeed save dir (with 'latest'), a checkpoint tag dir, or an export dir",
+    )
     p.add_argument("--tag", help="DeepSpeed checkpoint tag (default: the newest complete one)")
     p.add_argument("--tokenizer", help="sentencepiece model (default: the one stored with the checkpoint)")
     p.add_argument("--model-config", help="model preset YAML, for checkpoints that carry no config")
@@ -61,8 +65,10 @@ def read_model_config(path: str) -> dict:
     except (yaml.YAMLError, UnicodeDecodeError) as e:
         raise CheckpointError(f"--model-config {path}: not valid YAML ({' '.join(str(e).split())})") from None
     if not isinstance(config, dict):
-        raise CheckpointError(f"--model-config {path}: expected a mapping of model keys (a configs/model preset), "
-                              f"got {type(config).__name__}")
+        raise CheckpointError(
+            f"--model-config {path}: expected a mapping of model keys (a configs/model preset), "
+            f"got {type(config).__name__}"
+        )
     try:
         model_config_from_dict(config)
     except ValueError as e:
@@ -73,5 +79,6 @@ def read_model_config(path: str) -> dict:
 def load_from_args(args: argparse.Namespace, device: str = "cpu", dtype: Optional[torch.dtype] = None) -> LoadedModel:
     check_device(device)
     model_config = read_model_config(args.model_config) if args.model_config else None
-    return load_model(args.checkpoint, tag=args.tag, tokenizer=args.tokenizer, model_config=model_config,
-                      device=device, dtype=dtype)
+    return load_model(
+        args.checkpoint, tag=args.tag, tokenizer=args.tokenizer, model_config=model_config, device=device, dtype=dtype
+    )

@@ -1,5 +1,6 @@
 """What the trainer stored beside the weights (DeepSpeed's client state): the model config and the
 tokenizer path, both inside the resolved config under client_state["config"]."""
+
 from __future__ import annotations
 
 import os
@@ -51,8 +52,10 @@ def model_config_from_client_state(state: Mapping, origin: str):
             except ValueError as e:
                 raise CheckpointError(f"{origin}: stored model config is invalid: {e}") from None
     keys = sorted(k for k in state if isinstance(k, str))[:20]
-    raise CheckpointError(f"{origin}: no model config in the checkpoint's client state (looked for config.model / "
-                          f"model_config; keys present: {keys}). Pass --model-config PRESET.yaml")
+    raise CheckpointError(
+        f"{origin}: no model config in the checkpoint's client state (looked for config.model / "
+        f"model_config; keys present: {keys}). Pass --model-config PRESET.yaml"
+    )
 
 
 def tokenizer_from_client_state(state: Mapping, save_dir: str) -> Optional[str]:

@@ -5,6 +5,7 @@ captured in a CUDA graph.
 Batches of prompts of different lengths are left-padded; the first real token of each row is a
 document start, so the decoders clear the state (mask the cache) before it and pads leave no trace.
 """
+
 from __future__ import annotations
 
 from typing import Sequence
@@ -24,7 +25,7 @@ def left_pad(prompts: Sequence[Sequence[int]], pad_id: int, device) -> tuple[tor
     starts = torch.zeros((len(prompts), T), dtype=torch.bool)
     for i, p in enumerate(prompts):
         if len(p):
-            ids[i, T - len(p):] = torch.as_tensor(list(p), dtype=torch.long)
+            ids[i, T - len(p) :] = torch.as_tensor(list(p), dtype=torch.long)
             starts[i, T - len(p)] = True
     return ids.to(device), starts.to(device), lengths.to(device)
 
@@ -66,4 +67,3 @@ def make_decoder(model, batch_size: int, max_length: int, state_dtype: torch.dty
     if isinstance(model, RetNetForCausalLM):
         return RetNetDecoder(model, batch_size, state_dtype)
     return KVCacheDecoder(model, batch_size, max_length)
-

@@ -1,5 +1,6 @@
 """A DeepSpeed checkpoint as inference reads it: which tag (components/checkpoint_discovery answers for
 the trainer's layout), the model states and the full weights at any ZeRO stage and world size."""
+
 from __future__ import annotations
 
 import contextlib
@@ -32,8 +33,10 @@ def resolve_deepspeed_dir(path: str, tag: Optional[str] = None) -> discovery.Cho
     if choice.tag is not None:
         return choice
     if not choice.skipped:
-        raise CheckpointError(f"{path}: not an exported model (config.json + model.safetensors) nor a checkpoint "
-                              f"directory (no step_N checkpoints, no '{discovery.LATEST}' file)")
+        raise CheckpointError(
+            f"{path}: not an exported model (config.json + model.safetensors) nor a checkpoint "
+            f"directory (no step_N checkpoints, no '{discovery.LATEST}' file)"
+        )
     raise CheckpointError(f"{choice.directory}: no usable checkpoint ({choice.reasons()})")
 
 
@@ -63,8 +66,9 @@ def consolidated_state_dict(save_dir: str, tag: str) -> dict:
             with contextlib.redirect_stdout(sys.stderr):
                 return get_fp32_state_dict_from_zero_checkpoint(save_dir, tag=tag)
         except Exception as e:  # a damaged shard the cheap checks let through
-            raise CheckpointError(f"{tag_dir}: DeepSpeed cannot consolidate its ZeRO shards "
-                                  f"({type(e).__name__}: {e})") from None
+            raise CheckpointError(
+                f"{tag_dir}: DeepSpeed cannot consolidate its ZeRO shards ({type(e).__name__}: {e})"
+            ) from None
     module = read_model_states(tag_dir).get("module")
     if not module:
         raise CheckpointError(f"{tag_dir}: no ZeRO optimizer shards and no 'module' weights in the model states")

@@ -9,6 +9,7 @@ Perplexity runs the model as training does (packed windows of the shards' valida
 document masking by EOS) and reports the token-weighted mean loss, perplexity and bits per
 token as one JSON line (the last line of stdout). Shards of another tokenizer are refused.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -34,8 +35,14 @@ def perplexity(model, batches, device: str | torch.device = "cpu", max_batches: 
     result = mean_loss(model, batches, device, max_batches)
     if result.tokens == 0:
         raise ValueError("perplexity: no tokens evaluated (empty validation data)")
-    return {"loss": result.loss, "perplexity": math.exp(result.loss), "bits_per_token": result.loss / math.log(2),
-            "tokens": result.tokens, "batches": result.batches, "seconds": round(time.perf_counter() - t0, 3)}
+    return {
+        "loss": result.loss,
+        "perplexity": math.exp(result.loss),
+        "bits_per_token": result.loss / math.log(2),
+        "tokens": result.tokens,
+        "batches": result.batches,
+        "seconds": round(time.perf_counter() - t0, 3),
+    }
 
 
 def parse_data(specs) -> dict:
@@ -52,8 +59,9 @@ def parse_data(specs) -> dict:
 def parse_args(argv=None):
     p = argparse.ArgumentParser(prog="python -m retnet_train.inference.evaluate", description=__doc__.split("\n")[0])
     add_checkpoint_args(p)
-    p.add_argument("--data", action="append", default=[],
-                   help="shard dir (or NAME=DIR), repeatable: validation perplexity")
+    p.add_argument(
+        "--data", action="append", default=[], help="shard dir (or NAME=DIR), repeatable: validation perplexity"
+    )
     p.add_argument("--seq-len", type=int, default=2048)
     p.add_argument("--batch-size", type=int, default=8)
     p.add_argument("--max-sequences", type=int, default=None)
@@ -69,8 +77,14 @@ def parse_args(argv=None):
 
 def run_perplexity(loaded, sources: dict, args) -> Mapping:
     sha = sha256_file(loaded.tokenizer_path) if loaded.tokenizer_path else None
-    loader = build_validation_loader(sources, args.seq_len, args.batch_size, tokenizer_sha256=sha,
-                                     vocab_size=loaded.config.vocab_size, max_sequences=args.max_sequences)
+    loader = build_validation_loader(
+        sources,
+        args.seq_len,
+        args.batch_size,
+        tokenizer_sha256=sha,
+        vocab_size=loaded.config.vocab_size,
+        max_sequences=args.max_sequences,
+    )
     return perplexity(loaded.model, loader, args.device)
 
 
@@ -78,14 +92,17 @@ def run_lm_eval(loaded, args) -> Mapping:
     try:
         from .lm_eval_adapter import RetNetTrainLM, simple_evaluate
     except ImportError as e:
-        raise ValueError(f"--tasks: lm-evaluation-harness is not installed ({e}); pip install 'retnet-train[eval]'")
+        raise ValueError(
+            f"--tasks: lm-evaluation-harness is not installed ({e}); pip install 'retnet-train[eval]'"
+        ) from e
 
     if loaded.tokenizer_path is None:
         raise ValueError(f"--tokenizer: {args.checkpoint} names no tokenizer; lm-eval needs one")
     lm = RetNetTrainLM(loaded.model, loaded.tokenizer_path, max_length=args.max_length, batch_size=args.batch_size)
     try:
-        return simple_evaluate(lm, args.tasks.split(","), include_path=args.include_path, limit=args.limit,
-                               num_fewshot=args.num_fewshot)
+        return simple_evaluate(
+            lm, args.tasks.split(","), include_path=args.include_path, limit=args.limit, num_fewshot=args.num_fewshot
+        )
     except KeyError as e:  # lm-eval's error for a task name it does not know
         raise ValueError(f"--tasks: {e.args[0] if e.args else e}") from None
 

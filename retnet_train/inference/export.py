@@ -8,6 +8,7 @@ native: model.safetensors (consolidated weights) + config.json ({"format": "retn
 fla:    config.json (model_type "retnet") + model.safetensors for fla's RetNetForCausalLM
         + tokenizer.model, refused where fla's RetNet is not exactly ours (interop/fla.py says when).
 """
+
 from __future__ import annotations
 
 import argparse
@@ -57,8 +58,10 @@ def check_out(out: str, overwrite: bool) -> None:
         raise CheckpointError(f"--out: {out} exists and is not empty (--overwrite replaces a previous export)")
     others = sorted(present - set(EXPORT_FILES))
     if others:
-        raise CheckpointError(f"--out: {out} holds files an export does not write ({', '.join(others[:3])}); "
-                              "--overwrite replaces a previous export only")
+        raise CheckpointError(
+            f"--out: {out} holds files an export does not write ({', '.join(others[:3])}); "
+            "--overwrite replaces a previous export only"
+        )
 
 
 def write_export(out: str, write) -> None:
@@ -91,11 +94,16 @@ def main(argv=None) -> int:
         loaded = load_from_args(args)
         dtype = getattr(torch, args.dtype) if args.dtype else None
         if args.format == "native":
-            write_export(args.out, lambda d: save_native(loaded.model, d, loaded.tokenizer_path, dtype,
-                                                         extra={"source": _source(args, loaded)}))
+            write_export(
+                args.out,
+                lambda d: save_native(
+                    loaded.model, d, loaded.tokenizer_path, dtype, extra={"source": _source(args, loaded)}
+                ),
+            )
         else:
-            write_export(args.out, lambda d: save_fla(loaded.model, d, loaded.tokenizer_path, dtype,
-                                                      args.allow_inexact))
+            write_export(
+                args.out, lambda d: save_fla(loaded.model, d, loaded.tokenizer_path, dtype, args.allow_inexact)
+            )
     except (CheckpointError, ExportError, ValueError, OSError) as e:
         raise SystemExit(f"error: {e}") from None
     if loaded.tokenizer_path is None:

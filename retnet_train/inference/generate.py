@@ -9,6 +9,7 @@ recurrent state (constant memory per sequence), the Transformer with a KV cache.
 temperature, top-k and top-p sampling; each row stops at EOS; text is streamed to stdout
 (batch of one: as it is produced; several prompts: each as soon as it is finished).
 """
+
 from __future__ import annotations
 
 import argparse
@@ -33,10 +34,17 @@ class GenerationResult:
 
 
 @torch.no_grad()
-def generate(model, prompts: Sequence[Sequence[int]], params: SamplingParams, eos_id: Optional[int] = None,
-             pad_id: int = 0, max_length: Optional[int] = None, cuda_graph: bool = False,
-             prefill_piece: int = 0,
-             on_step: Optional[Callable[[torch.Tensor, torch.Tensor], None]] = None) -> GenerationResult:
+def generate(
+    model,
+    prompts: Sequence[Sequence[int]],
+    params: SamplingParams,
+    eos_id: Optional[int] = None,
+    pad_id: int = 0,
+    max_length: Optional[int] = None,
+    cuda_graph: bool = False,
+    prefill_piece: int = 0,
+    on_step: Optional[Callable[[torch.Tensor, torch.Tensor], None]] = None,
+) -> GenerationResult:
     """Generate for a batch of token-id prompts. max_length bounds prompt + new tokens (None:
     no bound for RetNet; the Transformer's KV cache is sized to prompt + max_new_tokens).
     on_step(tokens [B], finished [B]) is called after each new token (for streaming)."""
@@ -52,8 +60,9 @@ def generate(model, prompts: Sequence[Sequence[int]], params: SamplingParams, eo
             raise ValueError(f"prompt {i}: token id {bad[0]} outside the vocabulary [0, {cfg.vocab_size})")
     longest = max(len(p) for p in prompts)
     if max_length is not None and longest + params.max_new_tokens > max_length:
-        raise ValueError(f"prompt of {longest} tokens + max_new_tokens={params.max_new_tokens} exceeds "
-                         f"max_length={max_length}")
+        raise ValueError(
+            f"prompt of {longest} tokens + max_new_tokens={params.max_new_tokens} exceeds max_length={max_length}"
+        )
     device = next(model.parameters()).device
     generator = None
     if params.seed is not None:
@@ -100,13 +109,18 @@ def parse_args(argv=None):
     p.add_argument("--top-k", type=int, default=0)
     p.add_argument("--top-p", type=float, default=1.0)
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--max-length", type=int, default=None,
-                   help="bound on prompt + new tokens (default: none for RetNet, 32768 for the Transformer)")
+    p.add_argument(
+        "--max-length",
+        type=int,
+        default=None,
+        help="bound on prompt + new tokens (default: none for RetNet, 32768 for the Transformer)",
+    )
     p.add_argument("--no-stop-at-eos", action="store_true")
     add_device_args(p)
     p.add_argument("--cuda-graph", action="store_true", help="capture the decode step in a CUDA graph")
-    p.add_argument("--prefill-piece", type=int, default=0,
-                   help="feed long prompts in pieces of this many tokens (0: whole)")
+    p.add_argument(
+        "--prefill-piece", type=int, default=0, help="feed long prompts in pieces of this many tokens (0: whole)"
+    )
     return p.parse_args(argv)
 
 
@@ -132,8 +146,9 @@ def main(argv=None) -> int:
     except (CheckpointError, ValueError, OSError) as e:
         raise SystemExit(f"error: {e}") from None
     if loaded.tokenizer_path is None:
-        raise SystemExit(f"error: --tokenizer: {args.checkpoint} names no tokenizer; pass the sentencepiece model "
-                         "used in training")
+        raise SystemExit(
+            f"error: --tokenizer: {args.checkpoint} names no tokenizer; pass the sentencepiece model used in training"
+        )
     import sentencepiece as spm
 
     sp = spm.SentencePieceProcessor(model_file=loaded.tokenizer_path)
@@ -142,13 +157,23 @@ def main(argv=None) -> int:
     max_length = args.max_length
     if max_length is None and loaded.config.arch == "transformer":
         max_length = 32768
-    params = SamplingParams(args.max_new_tokens, 0.0 if args.greedy else args.temperature, args.top_k, args.top_p,
-                            args.seed)
+    params = SamplingParams(
+        args.max_new_tokens, 0.0 if args.greedy else args.temperature, args.top_k, args.top_p, args.seed
+    )
     eos = sp.eos_id() if sp.eos_id() >= 0 and not args.no_stop_at_eos else None
     streamer = TextStreamer(sp, len(prompts))
     try:
-        generate(loaded.model, prompts, params, eos_id=eos, pad_id=max(sp.pad_id(), 0), max_length=max_length,
-                 cuda_graph=args.cuda_graph, prefill_piece=args.prefill_piece, on_step=streamer)
+        generate(
+            loaded.model,
+            prompts,
+            params,
+            eos_id=eos,
+            pad_id=max(sp.pad_id(), 0),
+            max_length=max_length,
+            cuda_graph=args.cuda_graph,
+            prefill_piece=args.prefill_piece,
+            on_step=streamer,
+        )
     except ValueError as e:
         raise SystemExit(f"error: {e}") from None
     streamer.close()

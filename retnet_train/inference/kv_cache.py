@@ -5,6 +5,7 @@ The step attends over the whole cache with a mask (constant shapes, position in 
 tensor), so it is capturable in a CUDA graph like RetNet's step. Left padding: pads are masked
 out as keys; a pad query attends to itself only (no empty softmax rows).
 """
+
 from __future__ import annotations
 
 from typing import List, Optional
@@ -49,8 +50,13 @@ class KVCacheDecoder:
         return sum(t.numel() * t.element_size() for t in (*self.k_cache, *self.v_cache))
 
     @torch.no_grad()
-    def prefill(self, input_ids: torch.Tensor, doc_starts: Optional[torch.Tensor] = None,
-                chunk_size: Optional[int] = None, piece: int = 0) -> torch.Tensor:
+    def prefill(
+        self,
+        input_ids: torch.Tensor,
+        doc_starts: Optional[torch.Tensor] = None,
+        chunk_size: Optional[int] = None,
+        piece: int = 0,
+    ) -> torch.Tensor:
         """Prompt [B, T] (left-padded; doc_starts marks each row's first real token) -> last
         logits [B, V]; fills cache slots 0..T-1. chunk_size/piece: accepted for RetNet parity."""
         model = self.model
@@ -58,8 +64,10 @@ class KVCacheDecoder:
         if B != self.batch_size:
             raise ValueError(f"prefill: batch of {B} prompts, decoder was built for {self.batch_size}")
         if not 1 <= T < self.max_length:
-            raise ValueError(f"prefill: prompt of {T} tokens does not fit max_length={self.max_length} (needs room "
-                             "for one new token)")
+            raise ValueError(
+                f"prefill: prompt of {T} tokens does not fit max_length={self.max_length} (needs room "
+                "for one new token)"
+            )
         mask = None  # no padding: causal attention among the prompt's own tokens (flash attention)
         self.key_valid.fill_(True)
         if doc_starts is not None and bool(doc_starts[:, 1:].any()):
@@ -86,7 +94,7 @@ class KVCacheDecoder:
         model, cfg = self.model, self.cfg
         x = model.embed_tokens(tokens.view(-1, 1))  # not model.embed: its range check syncs with the host
         if cfg.embed_scale:
-            x = x * cfg.d_model ** 0.5
+            x = x * cfg.d_model**0.5
         sin, cos = rotary_at(model.inv_freq, self.position, 1, x.dtype)
         slot = self.position.view(1)
         mask = self._mask(slot)

@@ -10,6 +10,7 @@ a row cannot change its logits); the context is cut from the left to fit max_len
 loglikelihood_rolling: lm-eval's disjoint rolling windows of max_length tokens.
 generate_until: our generate() (greedy unless do_sample), cut at the first stop string.
 """
+
 from __future__ import annotations
 
 from typing import List, Optional, Sequence, Tuple
@@ -25,9 +26,17 @@ from .sampling import SamplingParams
 
 @register_model("retnet-train")
 class RetNetTrainLM(LM):
-    def __init__(self, model=None, tokenizer: Optional[str] = None, max_length: int = 2048, batch_size: int = 8,
-                 max_gen_toks: int = 256, checkpoint: Optional[str] = None, device: Optional[str] = None,
-                 dtype: Optional[str] = None):
+    def __init__(
+        self,
+        model=None,
+        tokenizer: Optional[str] = None,
+        max_length: int = 2048,
+        batch_size: int = 8,
+        max_gen_toks: int = 256,
+        checkpoint: Optional[str] = None,
+        device: Optional[str] = None,
+        dtype: Optional[str] = None,
+    ):
         super().__init__()
         if model is None:  # built by lm-eval from --model_args
             if checkpoint is None:
@@ -46,8 +55,9 @@ class RetNetTrainLM(LM):
         self.model = model.eval()
         self.sp = spm.SentencePieceProcessor(model_file=str(tokenizer))
         if self.sp.get_piece_size() != model.config.vocab_size:
-            raise ValueError(f"tokenizer {tokenizer}: {self.sp.get_piece_size()} pieces, model "
-                             f"vocab_size={model.config.vocab_size}")
+            raise ValueError(
+                f"tokenizer {tokenizer}: {self.sp.get_piece_size()} pieces, model vocab_size={model.config.vocab_size}"
+            )
         self.max_length, self.batch_size, self.max_gen_toks = int(max_length), int(batch_size), int(max_gen_toks)
         self._device = next(model.parameters()).device  # (LM.device is a read-only property)
         # token that stands before the first real token (lm-eval's prefix_token_id): BOS, else EOS
@@ -74,7 +84,7 @@ class RetNetTrainLM(LM):
             context, continuation = context[:-n_space], context[-n_space:] + continuation
         whole = self.tok_encode(context + continuation)
         ctx = self.tok_encode(context)
-        return ctx, whole[len(ctx):]
+        return ctx, whole[len(ctx) :]
 
     # --- scoring ------------------------------------------------------------------------------
     @torch.no_grad()
@@ -84,22 +94,22 @@ class RetNetTrainLM(LM):
         order = sorted(range(len(pairs)), key=lambda i: -(len(pairs[i][0]) + len(pairs[i][1])))
         results: List[Optional[Tuple[float, bool]]] = [None] * len(pairs)
         for lo in range(0, len(order), self.batch_size):
-            idx = order[lo:lo + self.batch_size]
+            idx = order[lo : lo + self.batch_size]
             rows, spans = [], []
             for i in idx:
                 ctx, cont = pairs[i]
                 if not cont:
                     raise ValueError("loglikelihood: empty continuation")
-                full = (([self.prefix_id] if add_prefix else []) + list(ctx) + list(cont))[-(self.max_length + 1):]
+                full = (([self.prefix_id] if add_prefix else []) + list(ctx) + list(cont))[-(self.max_length + 1) :]
                 rows.append(full[:-1])
                 spans.append((len(full) - 1 - len(cont), list(cont)))
             T = max(len(r) for r in rows)
             ids = torch.full((len(rows), T), self.pad_id, dtype=torch.long)
             for j, r in enumerate(rows):
-                ids[j, :len(r)] = torch.tensor(r)
+                ids[j, : len(r)] = torch.tensor(r)
             logp = F.log_softmax(self.model(ids.to(self._device)).logits.float(), dim=-1)
             for j, (start, cont) in enumerate(spans):
-                lp = logp[j, start:start + len(cont)]
+                lp = logp[j, start : start + len(cont)]
                 target = torch.tensor(cont, device=lp.device)
                 results[idx[j]] = (float(lp.gather(-1, target[:, None]).sum()), bool((lp.argmax(-1) == target).all()))
         return results
@@ -113,8 +123,12 @@ class RetNetTrainLM(LM):
         out = []
         for req in requests:
             tokens = self.tok_encode(req.args[0])
-            windows = [make_disjoint_window(w) for w in get_rolling_token_windows(
-                token_list=tokens, prefix_token=self.prefix_id, max_seq_len=self.max_length, context_len=1)]
+            windows = [
+                make_disjoint_window(w)
+                for w in get_rolling_token_windows(
+                    token_list=tokens, prefix_token=self.prefix_id, max_seq_len=self.max_length, context_len=1
+                )
+            ]
             # the first window's context is the prefix token itself; later ones are the tokens before
             scores = self._score(windows, add_prefix=False)
             out.append(sum(s for s, _ in scores))
@@ -126,9 +140,13 @@ class RetNetTrainLM(LM):
         until = [until] if isinstance(until, str) else list(until)
         do_sample = bool(kw.pop("do_sample", False))
         temperature = float(kw.pop("temperature", 1.0 if do_sample else 0.0))
-        params = SamplingParams(max_new_tokens=int(kw.pop("max_gen_toks", self.max_gen_toks)),
-                                temperature=temperature if do_sample else 0.0, top_k=int(kw.pop("top_k", 0) or 0),
-                                top_p=float(kw.pop("top_p", 1.0) or 1.0), seed=kw.pop("seed", None))
+        params = SamplingParams(
+            max_new_tokens=int(kw.pop("max_gen_toks", self.max_gen_toks)),
+            temperature=temperature if do_sample else 0.0,
+            top_k=int(kw.pop("top_k", 0) or 0),
+            top_p=float(kw.pop("top_p", 1.0) or 1.0),
+            seed=kw.pop("seed", None),
+        )
         return params, until
 
     def generate_until(self, requests) -> List[str]:
@@ -141,24 +159,36 @@ class RetNetTrainLM(LM):
             params, until = self._gen_params(requests[idx[0]].args[1])
             keep = max(self.max_length - params.max_new_tokens, 1)
             for lo in range(0, len(idx), self.batch_size):
-                part = idx[lo:lo + self.batch_size]
+                part = idx[lo : lo + self.batch_size]
                 prompts = [([self.prefix_id] + self.tok_encode(requests[i].args[0]))[-keep:] for i in part]
                 res = generate(self.model, prompts, params, eos_id=self.eos_id, pad_id=self.pad_id)
                 for i, tokens in zip(part, res.tokens):
                     text = self.sp.decode(tokens)
-                    out[i] = text[:min([text.find(s) for s in until if s and s in text], default=len(text))]
+                    out[i] = text[: min([text.find(s) for s in until if s and s in text], default=len(text))]
         return out
 
 
-def simple_evaluate(lm: RetNetTrainLM, tasks: List[str], include_path: Optional[str] = None,
-                    limit: Optional[float] = None, num_fewshot: Optional[int] = None) -> dict:
+def simple_evaluate(
+    lm: RetNetTrainLM,
+    tasks: List[str],
+    include_path: Optional[str] = None,
+    limit: Optional[float] = None,
+    num_fewshot: Optional[int] = None,
+) -> dict:
     """lm_eval.simple_evaluate with our adapter; returns the per-task metrics ("results")."""
     from lm_eval import evaluator
     from lm_eval.tasks import TaskManager
 
     tm = TaskManager(include_path=include_path) if include_path else TaskManager()
-    res = evaluator.simple_evaluate(model=lm, tasks=tasks, num_fewshot=num_fewshot, limit=limit, task_manager=tm,
-                                    log_samples=False, bootstrap_iters=0)
+    res = evaluator.simple_evaluate(
+        model=lm,
+        tasks=tasks,
+        num_fewshot=num_fewshot,
+        limit=limit,
+        task_manager=tm,
+        log_samples=False,
+        bootstrap_iters=0,
+    )
     if res is None:
         raise ValueError(f"lm-eval returned nothing for tasks {tasks}")
     return res["results"]

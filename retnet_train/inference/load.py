@@ -8,6 +8,7 @@ Accepted paths:
 The model config comes from the checkpoint's client state (the trainer stores the resolved config;
 inference/client_state.py), or from a preset given by the caller.
 """
+
 from __future__ import annotations
 
 import os
@@ -43,12 +44,14 @@ def load_weights(model: torch.nn.Module, state_dict: Mapping[str, torch.Tensor],
     missing = sorted(set(expected) - set(state_dict))
     unexpected = sorted(set(state_dict) - set(expected))
     if missing or unexpected:
-        raise CheckpointError(f"{origin}: weights do not match the model config: missing {missing[:5]}, "
-                              f"unexpected {unexpected[:5]}")
+        raise CheckpointError(
+            f"{origin}: weights do not match the model config: missing {missing[:5]}, unexpected {unexpected[:5]}"
+        )
     for key, value in state_dict.items():
         if tuple(value.shape) != tuple(expected[key].shape):
-            raise CheckpointError(f"{origin}: {key} has shape {tuple(value.shape)}, the config needs "
-                                  f"{tuple(expected[key].shape)}")
+            raise CheckpointError(
+                f"{origin}: {key} has shape {tuple(value.shape)}, the config needs {tuple(expected[key].shape)}"
+            )
     model.load_state_dict(state_dict)
 
 
@@ -65,11 +68,18 @@ def _from_deepspeed(path: str, tag: Optional[str], model_config: Optional[Mappin
     save_dir, tag = choice.directory, choice.tag
     origin = model_states_file(os.path.join(save_dir, tag))
     state = read_model_states(os.path.join(save_dir, tag))
-    config = model_config_from_dict(model_config) if model_config is not None else \
-        model_config_from_client_state(state, origin)
+    config = (
+        model_config_from_dict(model_config)
+        if model_config is not None
+        else model_config_from_client_state(state, origin)
+    )
     stored_tok = tokenizer_from_client_state(state, save_dir)
-    meta = {"tag": tag, "save_dir": save_dir, "global_steps": state.get("global_steps"),
-            "ds_version": state.get("ds_version")}
+    meta = {
+        "tag": tag,
+        "save_dir": save_dir,
+        "global_steps": state.get("global_steps"),
+        "ds_version": state.get("ds_version"),
+    }
     del state
     return config, consolidated_state_dict(save_dir, tag), stored_tok, "deepspeed", meta
 
@@ -81,18 +91,27 @@ def _tokenizer(given: Optional[str], stored: Optional[str], path: str, vocab_siz
         return None
     if not os.path.isfile(tok):
         which = "--tokenizer" if given else f"the tokenizer named by {path}"
-        raise CheckpointError(f"{which}: {tok} " + ("is a directory, not a sentencepiece model" if os.path.isdir(tok)
-                                                     else "does not exist"))
+        raise CheckpointError(
+            f"{which}: {tok} "
+            + ("is a directory, not a sentencepiece model" if os.path.isdir(tok) else "does not exist")
+        )
     check_tokenizer(tok, vocab_size)
     if given and stored and os.path.isfile(stored) and not same_file(given, stored):
-        raise CheckpointError(f"--tokenizer: {given} differs from the tokenizer the model was trained with "
-                              f"({stored}); token ids would not mean the same pieces")
+        raise CheckpointError(
+            f"--tokenizer: {given} differs from the tokenizer the model was trained with "
+            f"({stored}); token ids would not mean the same pieces"
+        )
     return tok
 
 
-def load_model(path: str, tag: Optional[str] = None, tokenizer: Optional[str] = None,
-               model_config: Optional[Mapping] = None, device: str | torch.device = "cpu",
-               dtype: Optional[torch.dtype] = None) -> LoadedModel:
+def load_model(
+    path: str,
+    tag: Optional[str] = None,
+    tokenizer: Optional[str] = None,
+    model_config: Optional[Mapping] = None,
+    device: str | torch.device = "cpu",
+    dtype: Optional[torch.dtype] = None,
+) -> LoadedModel:
     """A ready (eval mode) model from an export dir or a DeepSpeed checkpoint; see module doc.
 
     tokenizer overrides the one stored with the checkpoint; model_config (a preset dict) is for

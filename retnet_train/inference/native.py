@@ -1,6 +1,7 @@
 """Our export format: a directory of config.json ({"format": "retnet-train", "model": <preset dict>,
 "tokenizer": its special ids, ...}), model.safetensors (consolidated weights; a tied LM head stored
 once) and tokenizer.model. Written by `python -m retnet_train.inference.export`, read by load_model."""
+
 from __future__ import annotations
 
 import json
@@ -37,8 +38,10 @@ def load_export(path: str):
         raise CheckpointError(f"{cfg_path}: cannot read: {e}") from None
     fmt = meta.get("format") if isinstance(meta, dict) else None
     if fmt != FORMAT:
-        raise CheckpointError(f"{cfg_path}: not a retnet-train export (format={fmt!r}); fla/Hugging Face "
-                              "exports are for transformers, load our own export or the training checkpoint")
+        raise CheckpointError(
+            f"{cfg_path}: not a retnet-train export (format={fmt!r}); fla/Hugging Face "
+            "exports are for transformers, load our own export or the training checkpoint"
+        )
     try:
         config = model_config_from_dict(meta["model"])
     except (KeyError, TypeError, ValueError) as e:
@@ -60,8 +63,10 @@ def write_tokenizer(out_dir: str, tokenizer_path: Optional[str], vocab_size: int
     import sentencepiece as spm
 
     sp = spm.SentencePieceProcessor(model_file=tokenizer_path)
-    return {k: (v if v >= 0 else None) for k, v in
-            {"bos_token_id": sp.bos_id(), "eos_token_id": sp.eos_id(), "pad_token_id": sp.pad_id()}.items()}
+    return {
+        k: (v if v >= 0 else None)
+        for k, v in {"bos_token_id": sp.bos_id(), "eos_token_id": sp.eos_id(), "pad_token_id": sp.pad_id()}.items()
+    }
 
 
 def write_safetensors(tensors: Dict[str, torch.Tensor], path: str, dtype: Optional[torch.dtype]) -> None:
@@ -75,8 +80,13 @@ def write_safetensors(tensors: Dict[str, torch.Tensor], path: str, dtype: Option
     save_file(out, path, metadata={"format": "pt"})
 
 
-def save_native(model, out_dir: str, tokenizer_path: Optional[str] = None, dtype: Optional[torch.dtype] = None,
-                extra: Optional[dict] = None) -> str:
+def save_native(
+    model,
+    out_dir: str,
+    tokenizer_path: Optional[str] = None,
+    dtype: Optional[torch.dtype] = None,
+    extra: Optional[dict] = None,
+) -> str:
     """Write our export format (see module docstring); returns out_dir."""
     os.makedirs(out_dir, exist_ok=True)
     cfg = model.config

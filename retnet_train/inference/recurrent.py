@@ -10,6 +10,7 @@ Batches of prompts of different lengths are left-padded; the first real token of
 document start, so the state is cleared before it and the pads leave no trace (rotation is
 relative, decay normalization uses the position inside the document).
 """
+
 from __future__ import annotations
 
 from typing import List, Optional
@@ -54,8 +55,13 @@ class RetNetDecoder:
         return sum(s.numel() * s.element_size() for s in self.states)
 
     @torch.no_grad()
-    def prefill(self, input_ids: torch.Tensor, doc_starts: Optional[torch.Tensor] = None,
-                chunk_size: Optional[int] = None, piece: int = 0) -> torch.Tensor:
+    def prefill(
+        self,
+        input_ids: torch.Tensor,
+        doc_starts: Optional[torch.Tensor] = None,
+        chunk_size: Optional[int] = None,
+        piece: int = 0,
+    ) -> torch.Tensor:
         """Run the prompt (chunkwise form) into the static state; returns last-token logits [B, V].
         piece > 0 feeds the prompt in pieces of that many tokens (bounds activation memory). Only the
         last position goes through the LM head (a [B, T, vocab] logits tensor is 16 GiB at 8k x 32)."""
@@ -68,10 +74,10 @@ class RetNetDecoder:
         state = None
         step = T if piece <= 0 else piece
         for lo in range(0, T, step):
-            resets = None if doc_starts is None else doc_starts[:, lo:lo + step].bool()
+            resets = None if doc_starts is None else doc_starts[:, lo : lo + step].bool()
             if resets is not None and not bool(resets.any()):
                 resets = None  # no document start in this piece: lets fla take it with a state
-            x, state = model.hidden_states(input_ids[:, lo:lo + step], resets, "chunkwise", chunk_size, state)
+            x, state = model.hidden_states(input_ids[:, lo : lo + step], resets, "chunkwise", chunk_size, state)
         for buf, s in zip(self.states, state.layers):
             buf.copy_(s.to(buf.dtype))
         self.position.fill_(state.position)
@@ -83,7 +89,7 @@ class RetNetDecoder:
         model, cfg = self.model, self.cfg
         x = model.embed_tokens(tokens.view(-1, 1))  # not model.embed: its range check syncs with the host
         if cfg.embed_scale:
-            x = x * cfg.d_model ** 0.5
+            x = x * cfg.d_model**0.5
         sin, cos = (t.unsqueeze(1) for t in rotary_at(model.inv_freq, self.position, 1, x.dtype))  # [1, 1, K]
         c = decay_normalizer(model.log_gamma, self.doc_position[:, None]) if cfg.normalize_retention else None
         for block, state in zip(model.layers, self.states):

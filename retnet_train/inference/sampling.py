@@ -1,4 +1,5 @@
 """Next-token choice from logits: greedy, temperature, top-k and top-p sampling."""
+
 from __future__ import annotations
 
 from dataclasses import dataclass

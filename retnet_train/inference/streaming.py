@@ -1,4 +1,5 @@
 """Generated text written as it is produced."""
+
 from __future__ import annotations
 
 import sys
@@ -25,7 +26,7 @@ class TextStreamer:
                 self.tokens[i].append(t)
             if len(self.tokens) == 1:
                 text = self.sp.decode(self.tokens[i])
-                self.write(text[len(self.printed[i]):])
+                self.write(text[len(self.printed[i]) :])
                 self.printed[i] = text
             if f:
                 self._finish(i)

@@ -1,4 +1,5 @@
 """Checks that a sentencepiece tokenizer fits a model."""
+
 from __future__ import annotations
 
 from .errors import CheckpointError
@@ -13,8 +14,9 @@ def check_tokenizer(path: str, vocab_size: int) -> None:
     except (OSError, RuntimeError) as e:
         raise CheckpointError(f"tokenizer {path}: not a sentencepiece model ({e})") from None
     if sp.get_piece_size() != vocab_size:
-        raise CheckpointError(f"tokenizer {path}: vocabulary of {sp.get_piece_size()} pieces, model has "
-                              f"vocab_size={vocab_size}")
+        raise CheckpointError(
+            f"tokenizer {path}: vocabulary of {sp.get_piece_size()} pieces, model has vocab_size={vocab_size}"
+        )
 
 
 def same_file(a: str, b: str) -> bool:

@@ -15,6 +15,7 @@ factor cancels only through eps; a_t falls to ~2^-10 for the slowest-decaying he
 eps/a^2 ~ 1 - not negligible. So such models are refused unless allow_inexact=True (then the
 export is marked "inexact" in config.json and logits differ).
 """
+
 from __future__ import annotations
 
 import json
@@ -41,8 +42,9 @@ def fla_compatibility(model) -> List[str]:
     if cfg.norm != "rmsnorm":
         why.append(f"norm={cfg.norm}: fla uses RMSNorm (with a scale) everywhere")
     if cfg.ffn_type != "glu" or cfg.activation != "silu":
-        why.append(f"ffn_type={cfg.ffn_type}, activation={cfg.activation}: fla's FFN is SwiGLU (ffn_type=glu, "
-                   "activation=silu)")
+        why.append(
+            f"ffn_type={cfg.ffn_type}, activation={cfg.activation}: fla's FFN is SwiGLU (ffn_type=glu, activation=silu)"
+        )
     if cfg.gate_activation != "silu":
         why.append(f"gate_activation={cfg.gate_activation}: fla's output gate is swish (silu)")
     if cfg.embed_scale:
@@ -55,19 +57,25 @@ def fla_compatibility(model) -> List[str]:
         theirs = 1.0 / FLA_ROTARY_BASE ** (torch.arange(0, K, 2, dtype=torch.float64) / K)
         if not torch.allclose(ours, theirs, rtol=1e-6, atol=0):
             need = FLA_ROTARY_BASE ** ((K / 2 - 1) / (K / 2))
-            why.append(f"rotary_base={cfg.rotary_base}: our angles rotary_base^(-i/(K/2-1)) equal fla's 10000^(-2i/K) "
-                       f"only for rotary_base={need!r} (K={K})")
+            why.append(
+                f"rotary_base={cfg.rotary_base}: our angles rotary_base^(-i/(K/2-1)) equal fla's 10000^(-2i/K) "
+                f"only for rotary_base={need!r} (K={K})"
+            )
     w = model.layers[0].retention.group_norm_weight
     if w is not None:
         for i, block in enumerate(model.layers):
             w = block.retention.group_norm_weight.detach().view(cfg.n_heads, -1)
             if not torch.equal(w, w[:1].expand_as(w)):
-                why.append(f"layer {i}: per-head norm scales differ across heads; fla's g_norm has one scale "
-                           "shared by all heads")
+                why.append(
+                    f"layer {i}: per-head norm scales differ across heads; fla's g_norm has one scale "
+                    "shared by all heads"
+                )
                 break
     if cfg.normalize_retention:
-        why.append("normalize_retention=true: fla has no retention normalization; it cancels in the per-head RMSNorm "
-                   "only up to eps (see this module's docstring), so logits would differ")
+        why.append(
+            "normalize_retention=true: fla has no retention normalization; it cancels in the per-head RMSNorm "
+            "only up to eps (see this module's docstring), so logits would differ"
+        )
     return why
 
 
@@ -93,7 +101,7 @@ def fla_state_dict(model) -> Dict[str, torch.Tensor]:
         sd[p + "attn.g_proj.weight"] = w["g"].clone()
         sd[p + "attn.o_proj.weight"] = r.out_proj.weight
         gw = r.group_norm_weight
-        head_scale = torch.ones(cfg.value_head_dim) if gw is None else gw.detach()[:cfg.value_head_dim]
+        head_scale = torch.ones(cfg.value_head_dim) if gw is None else gw.detach()[: cfg.value_head_dim]
         sd[p + "attn.g_norm_swish_gate.weight"] = head_scale
         sd[p + "mlp_norm.weight"] = block.ffn_norm.weight
         sd[p + "mlp.gate_proj.weight"] = block.ffn.fc1.weight  # activated branch
@@ -106,14 +114,32 @@ def fla_config(model, tokenizer_ids: Optional[dict], dtype: Optional[torch.dtype
     cfg = model.config
     tok = tokenizer_ids or {}
     out = {
-        "model_type": "retnet", "architectures": ["RetNetForCausalLM"], "attn_mode": "chunk",
-        "hidden_size": cfg.d_model, "expand_k": 1.0, "expand_v": cfg.value_dim / cfg.d_model,
-        "hidden_ratio": None, "intermediate_size": cfg.ffn_dim, "num_hidden_layers": cfg.n_layers,
-        "num_heads": cfg.n_heads, "num_kv_heads": None, "feature_map": None, "hidden_act": "swish",
-        "use_short_conv": False, "use_output_gate": True, "elementwise_affine": True, "norm_eps": cfg.norm_eps,
-        "attn": None, "fuse_norm": True, "fuse_swiglu": True, "fuse_cross_entropy": True,
-        "tie_word_embeddings": cfg.tie_embeddings, "vocab_size": cfg.vocab_size, "use_cache": True,
-        "bos_token_id": tok.get("bos_token_id"), "eos_token_id": tok.get("eos_token_id"),
+        "model_type": "retnet",
+        "architectures": ["RetNetForCausalLM"],
+        "attn_mode": "chunk",
+        "hidden_size": cfg.d_model,
+        "expand_k": 1.0,
+        "expand_v": cfg.value_dim / cfg.d_model,
+        "hidden_ratio": None,
+        "intermediate_size": cfg.ffn_dim,
+        "num_hidden_layers": cfg.n_layers,
+        "num_heads": cfg.n_heads,
+        "num_kv_heads": None,
+        "feature_map": None,
+        "hidden_act": "swish",
+        "use_short_conv": False,
+        "use_output_gate": True,
+        "elementwise_affine": True,
+        "norm_eps": cfg.norm_eps,
+        "attn": None,
+        "fuse_norm": True,
+        "fuse_swiglu": True,
+        "fuse_cross_entropy": True,
+        "tie_word_embeddings": cfg.tie_embeddings,
+        "vocab_size": cfg.vocab_size,
+        "use_cache": True,
+        "bos_token_id": tok.get("bos_token_id"),
+        "eos_token_id": tok.get("eos_token_id"),
         "pad_token_id": tok.get("pad_token_id"),
         "torch_dtype": str(dtype or next(model.parameters()).dtype).replace("torch.", ""),
         "retnet_train": {"source_model": cfg.to_dict(), "inexact": inexact},
@@ -121,8 +147,13 @@ def fla_config(model, tokenizer_ids: Optional[dict], dtype: Optional[torch.dtype
     return out
 
 
-def save_fla(model, out_dir: str, tokenizer_path: Optional[str] = None, dtype: Optional[torch.dtype] = None,
-             allow_inexact: bool = False) -> str:
+def save_fla(
+    model,
+    out_dir: str,
+    tokenizer_path: Optional[str] = None,
+    dtype: Optional[torch.dtype] = None,
+    allow_inexact: bool = False,
+) -> str:
     """Write fla's HF RetNet format; refuses (ExportError) unless exact, see module docstring.
     allow_inexact only waives normalize_retention; structural mismatches always refuse."""
     why = fla_compatibility(model)

@@ -1,6 +1,7 @@
 """State-dict keys written under other names: DeepSpeed's `module.` prefix, a tied LM head stored once,
 and the retention's separate q/k/v projections (torchscale's names, and retnet-train's before they
 were stacked into one qkv_proj weight)."""
+
 from __future__ import annotations
 
 from typing import Iterable
@@ -31,7 +32,7 @@ def has_separate_projections(names: Iterable[str]) -> bool:
 def current_keys(state_dict: dict, tie_embeddings: bool) -> dict:
     """A saved state dict under today's names: no `module.` prefix, stacked q/k/v, and the LM head of a
     tied model (stored once, as the embedding)."""
-    out = {k[len("module."):] if k.startswith("module.") else k: v for k, v in state_dict.items()}
+    out = {k[len("module.") :] if k.startswith("module.") else k: v for k, v in state_dict.items()}
     out = fuse_legacy_projections(out)
     if tie_embeddings and "lm_head.weight" not in out and "embed_tokens.weight" in out:
         out["lm_head.weight"] = out["embed_tokens.weight"]

@@ -6,6 +6,7 @@ head: Llama rotates dimension j with j + head_dim/2, we rotate 2j with 2j+1, at 
 Permuting the rows of q_proj and k_proj (the same permutation for both, so every score is
 unchanged) maps one onto the other; values and outputs keep their order.
 """
+
 from __future__ import annotations
 
 from typing import Any, Mapping
@@ -46,10 +47,18 @@ def config_from_llama(hf_config: Any) -> TransformerConfig:
         if not ok:
             raise ValueError(f"Llama config: {key}={cfg.get(key)!r} is not supported by retnet-train")
     config = TransformerConfig(
-        vocab_size=cfg["vocab_size"], d_model=d, n_layers=cfg["num_hidden_layers"], n_heads=heads,
-        ffn_dim=cfg["intermediate_size"], ffn_type="glu", activation=ACTIVATIONS[cfg.get("hidden_act", "silu")],
-        norm="rmsnorm", norm_eps=float(cfg.get("rms_norm_eps", 1e-6)), embed_scale=False,
-        tie_embeddings=bool(cfg.get("tie_word_embeddings", False)), rotary_base=_rope_theta(cfg),
+        vocab_size=cfg["vocab_size"],
+        d_model=d,
+        n_layers=cfg["num_hidden_layers"],
+        n_heads=heads,
+        ffn_dim=cfg["intermediate_size"],
+        ffn_type="glu",
+        activation=ACTIVATIONS[cfg.get("hidden_act", "silu")],
+        norm="rmsnorm",
+        norm_eps=float(cfg.get("rms_norm_eps", 1e-6)),
+        embed_scale=False,
+        tie_embeddings=bool(cfg.get("tie_word_embeddings", False)),
+        rotary_base=_rope_theta(cfg),
         document_masking=False,
     )
     config.validate()
@@ -59,14 +68,26 @@ def config_from_llama(hf_config: Any) -> TransformerConfig:
 def llama_config(config: TransformerConfig, max_position_embeddings: int = 2048) -> dict:
     """LlamaConfig(**kwargs) of the same network as a Transformer++ config (config_from_llama's inverse)."""
     if (config.norm, config.ffn_type, config.embed_scale) != ("rmsnorm", "glu", False):
-        raise ValueError(f"model: norm={config.norm}, ffn_type={config.ffn_type}, embed_scale={config.embed_scale} "
-                         f"has no Llama twin (needs rmsnorm, glu, no embedding scale: the transformer_pp presets)")
-    return dict(vocab_size=config.vocab_size, hidden_size=config.d_model, intermediate_size=config.ffn_dim,
-                num_hidden_layers=config.n_layers, num_attention_heads=config.n_heads,
-                num_key_value_heads=config.n_heads, head_dim=config.head_dim, hidden_act=config.activation,
-                rms_norm_eps=config.norm_eps, tie_word_embeddings=config.tie_embeddings,
-                rope_theta=config.rotary_base, max_position_embeddings=max_position_embeddings,
-                attention_bias=False, mlp_bias=False)
+        raise ValueError(
+            f"model: norm={config.norm}, ffn_type={config.ffn_type}, embed_scale={config.embed_scale} "
+            f"has no Llama twin (needs rmsnorm, glu, no embedding scale: the transformer_pp presets)"
+        )
+    return dict(
+        vocab_size=config.vocab_size,
+        hidden_size=config.d_model,
+        intermediate_size=config.ffn_dim,
+        num_hidden_layers=config.n_layers,
+        num_attention_heads=config.n_heads,
+        num_key_value_heads=config.n_heads,
+        head_dim=config.head_dim,
+        hidden_act=config.activation,
+        rms_norm_eps=config.norm_eps,
+        tie_word_embeddings=config.tie_embeddings,
+        rope_theta=config.rotary_base,
+        max_position_embeddings=max_position_embeddings,
+        attention_bias=False,
+        mlp_bias=False,
+    )
 
 
 def half_to_interleaved(weight: torch.Tensor, n_heads: int) -> torch.Tensor:
@@ -96,8 +117,9 @@ def state_dict_from_llama(state_dict: Mapping[str, torch.Tensor], config: Transf
             q, k, v = (sd.pop(f"{p}self_attn.{n}_proj.weight") for n in "qkv")
         except KeyError as e:
             raise ValueError(f"Llama state dict: missing model.{e.args[0]}") from None
-        out[f"{p}attention.qkv_proj.weight"] = torch.cat([half_to_interleaved(q, config.n_heads),
-                                                          half_to_interleaved(k, config.n_heads), v])
+        out[f"{p}attention.qkv_proj.weight"] = torch.cat(
+            [half_to_interleaved(q, config.n_heads), half_to_interleaved(k, config.n_heads), v]
+        )
         for old, new in LAYER_RENAMES.items():
             key = f"{p}{old}.weight"
             if key not in sd:
@@ -124,7 +146,8 @@ def from_llama(state_dict: Mapping[str, torch.Tensor], hf_config: Any) -> Transf
         raise ValueError(f"Llama state dict: missing weights for {missing[0]}")
     for key, value in ours.items():
         if value.shape != expected[key].shape:
-            raise ValueError(f"Llama state dict: {key} has shape {tuple(value.shape)}, "
-                             f"the config needs {tuple(expected[key].shape)}")
+            raise ValueError(
+                f"Llama state dict: {key} has shape {tuple(value.shape)}, the config needs {tuple(expected[key].shape)}"
+            )
     model.load_state_dict(ours)
     return model

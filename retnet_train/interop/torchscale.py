@@ -1,4 +1,5 @@
 """Load torchscale 0.3.0 RetNetDecoder weights into RetNetForCausalLM."""
+
 from __future__ import annotations
 
 from typing import Any, Mapping
@@ -10,22 +11,53 @@ from .legacy import fuse_legacy_projections
 
 # torchscale RetNetConfig fields and defaults (torchscale/architecture/config.py, 0.3.0).
 TORCHSCALE_DEFAULTS = {
-    "decoder_embed_dim": 768, "decoder_value_embed_dim": 1280, "decoder_retention_heads": 3,
-    "decoder_ffn_embed_dim": 1280, "decoder_layers": 12, "decoder_normalize_before": True,
-    "activation_fn": "gelu", "dropout": 0.0, "drop_path_rate": 0.0, "activation_dropout": 0.0,
-    "no_scale_embedding": True, "layernorm_embedding": False, "moe_freq": 0, "moe_top1_expert": False,
-    "moe_expert_count": 0, "moe_gating_use_fp32": True, "moe_eval_capacity_token_fraction": 0.25,
-    "moe_second_expert_policy": "random", "moe_normalize_gate_prob_before_dropping": False,
-    "use_xmoe": False, "rel_pos_buckets": 0, "max_rel_pos": 0, "deepnorm": False, "subln": True,
-    "multiway": False, "share_decoder_input_output_embed": False, "max_target_positions": 1024,
-    "no_output_layer": False, "layernorm_eps": 1e-6, "chunkwise_recurrent": False,
-    "recurrent_chunk_size": 512, "vocab_size": -1, "checkpoint_activations": False, "fsdp": False,
-    "ddp_rank": 0, "xpos_rel_pos": False, "xpos_scale_base": 512,
+    "decoder_embed_dim": 768,
+    "decoder_value_embed_dim": 1280,
+    "decoder_retention_heads": 3,
+    "decoder_ffn_embed_dim": 1280,
+    "decoder_layers": 12,
+    "decoder_normalize_before": True,
+    "activation_fn": "gelu",
+    "dropout": 0.0,
+    "drop_path_rate": 0.0,
+    "activation_dropout": 0.0,
+    "no_scale_embedding": True,
+    "layernorm_embedding": False,
+    "moe_freq": 0,
+    "moe_top1_expert": False,
+    "moe_expert_count": 0,
+    "moe_gating_use_fp32": True,
+    "moe_eval_capacity_token_fraction": 0.25,
+    "moe_second_expert_policy": "random",
+    "moe_normalize_gate_prob_before_dropping": False,
+    "use_xmoe": False,
+    "rel_pos_buckets": 0,
+    "max_rel_pos": 0,
+    "deepnorm": False,
+    "subln": True,
+    "multiway": False,
+    "share_decoder_input_output_embed": False,
+    "max_target_positions": 1024,
+    "no_output_layer": False,
+    "layernorm_eps": 1e-6,
+    "chunkwise_recurrent": False,
+    "recurrent_chunk_size": 512,
+    "vocab_size": -1,
+    "checkpoint_activations": False,
+    "fsdp": False,
+    "ddp_rank": 0,
+    "xpos_rel_pos": False,
+    "xpos_scale_base": 512,
 }
 # Options that change the network itself and that we do not implement.
 UNSUPPORTED = {
-    "moe_freq": lambda v: v != 0, "use_xmoe": bool, "multiway": bool, "deepnorm": bool,
-    "layernorm_embedding": bool, "no_output_layer": bool, "decoder_normalize_before": lambda v: not v,
+    "moe_freq": lambda v: v != 0,
+    "use_xmoe": bool,
+    "multiway": bool,
+    "deepnorm": bool,
+    "layernorm_embedding": bool,
+    "no_output_layer": bool,
+    "decoder_normalize_before": lambda v: not v,
 }
 ACTIVATIONS = {"gelu": "gelu", "swish": "silu", "relu": "relu"}
 RENAMES = {"retention_layer_norm": "retention_norm", "final_layer_norm": "ffn_norm"}
@@ -47,17 +79,26 @@ def config_from_torchscale(ts_config: Mapping[str, Any]) -> RetNetConfig:
         raise ValueError(f"torchscale config: vocab_size must be > 0, got {ts['vocab_size']}")
     d = ts["decoder_embed_dim"]
     config = RetNetConfig(
-        vocab_size=ts["vocab_size"], d_model=d, n_layers=ts["decoder_layers"],
-        n_heads=ts["decoder_retention_heads"], ffn_dim=ts["decoder_ffn_embed_dim"], ffn_type="glu",
-        activation=ACTIVATIONS[ts["activation_fn"]], norm="rmsnorm", norm_eps=ts["layernorm_eps"],
-        embed_scale=not ts["no_scale_embedding"], tie_embeddings=ts["share_decoder_input_output_embed"],
-        value_factor=ts["decoder_value_embed_dim"] / d, chunk_size=ts["recurrent_chunk_size"],
+        vocab_size=ts["vocab_size"],
+        d_model=d,
+        n_layers=ts["decoder_layers"],
+        n_heads=ts["decoder_retention_heads"],
+        ffn_dim=ts["decoder_ffn_embed_dim"],
+        ffn_type="glu",
+        activation=ACTIVATIONS[ts["activation_fn"]],
+        norm="rmsnorm",
+        norm_eps=ts["layernorm_eps"],
+        embed_scale=not ts["no_scale_embedding"],
+        tie_embeddings=ts["share_decoder_input_output_embed"],
+        value_factor=ts["decoder_value_embed_dim"] / d,
+        chunk_size=ts["recurrent_chunk_size"],
         mode="chunkwise" if ts["chunkwise_recurrent"] else "parallel",
     )
     config.validate()
     if config.value_dim != ts["decoder_value_embed_dim"]:
-        raise ValueError(f"torchscale config: decoder_value_embed_dim={ts['decoder_value_embed_dim']} cannot be "
-                         "represented")
+        raise ValueError(
+            f"torchscale config: decoder_value_embed_dim={ts['decoder_value_embed_dim']} cannot be represented"
+        )
     return config
 
 
@@ -85,11 +126,14 @@ def from_torchscale(state_dict: Mapping[str, torch.Tensor], ts_config: Mapping[s
     missing = sorted(set(expected) - set(ours))
     unexpected = sorted(set(ours) - set(expected))
     if missing or unexpected:
-        raise ValueError(f"torchscale state dict does not match the config: missing {missing[:5]}, "
-                         f"unexpected {unexpected[:5]}")
+        raise ValueError(
+            f"torchscale state dict does not match the config: missing {missing[:5]}, unexpected {unexpected[:5]}"
+        )
     for key, value in ours.items():
         if value.shape != expected[key].shape:
-            raise ValueError(f"torchscale state dict: {key} has shape {tuple(value.shape)}, config needs "
-                             f"{tuple(expected[key].shape)}")
+            raise ValueError(
+                f"torchscale state dict: {key} has shape {tuple(value.shape)}, config needs "
+                f"{tuple(expected[key].shape)}"
+            )
     model.load_state_dict(ours)
     return model

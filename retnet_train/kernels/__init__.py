@@ -6,6 +6,7 @@ Layout: q, k [B, T, H, K] (k already scaled by K^-1/2 and both rotated), v [B, T
 Returns o [B, T, H, V] (unnormalized), row sums s [B, T, H] of the decayed scores when asked
 (for the paper's normalization; no gradient), and the state [B, H, K, V (+1 when row sums)].
 """
+
 from __future__ import annotations
 
 import functools
@@ -47,7 +48,9 @@ def resolve_backend(backend: str, device: torch.device) -> str:
     if backend in GPU_BACKENDS:
         available, missing = GPU_BACKENDS[backend]
         if not on_gpu:
-            raise ValueError(f"model.retention_backend={backend} needs a CUDA or ROCm device; use 'auto' or 'torch' on CPU")
+            raise ValueError(
+                f"model.retention_backend={backend} needs a CUDA or ROCm device; use 'auto' or 'torch' on CPU"
+            )
         if not available():
             raise ValueError(f"model.retention_backend={backend} {missing}")
         return backend
@@ -58,8 +61,9 @@ def resolve_backend(backend: str, device: torch.device) -> str:
 GPU_CHECKED_TRITON_KEY_DIM = 128
 
 
-def retention_op(backend, q, k, v, log_gamma, mode, chunk_size, reset=None, state=None, row_sums=True,
-                 state_grad=False):
+def retention_op(
+    backend, q, k, v, log_gamma, mode, chunk_size, reset=None, state=None, row_sums=True, state_grad=False
+):
     """state_grad: the final state is backpropagated through (context parallel), which our Triton
     kernels do not do: the torch path runs instead."""
     if backend == "triton" and mode != "recurrent" and not state_grad:
@@ -70,9 +74,11 @@ def retention_op(backend, q, k, v, log_gamma, mode, chunk_size, reset=None, stat
         # sizes that are not a multiple of 16 run on the torch path.
         C = min(-(-q.shape[1] // 64) * 64, 256) if mode == "parallel" else chunk_size
         if q.is_cuda and q.shape[-1] > GPU_CHECKED_TRITON_KEY_DIM:
-            raise ValueError(f"model.retention_backend=triton: key head dim {q.shape[-1]} fails the GPU test "
-                             f"(tests/kernels/test_triton_retention.py, bf16 at K256/V512); use "
-                             f"retention_backend=torch, or key dims <= {GPU_CHECKED_TRITON_KEY_DIM}")
+            raise ValueError(
+                f"model.retention_backend=triton: key head dim {q.shape[-1]} fails the GPU test "
+                f"(tests/kernels/test_triton_retention.py, bf16 at K256/V512); use "
+                f"retention_backend=torch, or key dims <= {GPU_CHECKED_TRITON_KEY_DIM}"
+            )
         if supported(C, q.shape[-1], v.shape[-1]):
             return triton_retention(q, k, v, log_gamma, C, state, row_sums, reset)
     if backend == "fla" and not (reset is not None and state is not None):
@@ -87,8 +93,11 @@ def _torch_op(q, k, v, log_gamma, mode, chunk_size, reset, state, row_sums):
     if state is not None:
         state = state.to(q.dtype)
     if mode != "recurrent":
-        out = (parallel_retention(q, k, v, log_gamma, reset, state, row_sums) if mode == "parallel"
-               else chunkwise_retention(q, k, v, log_gamma, chunk_size, reset, state, row_sums))
+        out = (
+            parallel_retention(q, k, v, log_gamma, reset, state, row_sums)
+            if mode == "parallel"
+            else chunkwise_retention(q, k, v, log_gamma, chunk_size, reset, state, row_sums)
+        )
         return out[0].transpose(1, 2), (out[2].transpose(1, 2) if row_sums else None), out[1]
     if not row_sums:
         o, state = recurrent_retention(q, k, v, log_gamma, reset, state)

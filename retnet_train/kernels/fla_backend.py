@@ -5,6 +5,7 @@ sums that our normalization needs (no gradient, as in torchscale) come from row_
 state comes in (training, prefill): a few large torch ops, ~10x cheaper than a second fla call.
 With an incoming state they come from an extra forward-only fla call whose values are ones.
 """
+
 from __future__ import annotations
 
 import torch
@@ -17,7 +18,9 @@ ROW_SUM_WIDTH = 16  # smallest value width the kernels tile well; all columns ar
 
 def _call(q, k, v, mode, chunk_size, cu_seqlens, state):
     if mode == "recurrent":
-        return fused_recurrent_retention(q, k, v, scale=1.0, initial_state=state, output_final_state=True, cu_seqlens=cu_seqlens)
+        return fused_recurrent_retention(
+            q, k, v, scale=1.0, initial_state=state, output_final_state=True, cu_seqlens=cu_seqlens
+        )
     # fla picks its own chunk size (64) for training; the result does not depend on it.
     return chunk_retention(q, k, v, scale=1.0, initial_state=state, output_final_state=True, cu_seqlens=cu_seqlens)
 

@@ -6,6 +6,7 @@ decays <= 1, so nothing overflows; far-apart chunks underflow to an exact 0).
 Forward-only (the normalization detaches it). Layout [B, T, H, K]; returns s [B, T, H] and the
 final decayed key sum z [B, H, K] (the state's extra column), both fp32.
 """
+
 from __future__ import annotations
 
 import torch
@@ -21,8 +22,9 @@ def retention_row_sums(q, k, log_gamma, chunk_size=64, reset=None):
     N = -(-T // C)
     pad = N * C - T
     qc, kc = (F.pad(t.float(), (0, 0, 0, 0, 0, pad)).view(B, N, C, H, K).permute(0, 3, 1, 2, 4) for t in (q, k))
-    mask, q_decay, k_decay, reset_chunks = chunk_decays(log_gamma.float(), C, N,
-                                                        None if reset is None else F.pad(reset, (0, pad)))
+    mask, q_decay, k_decay, reset_chunks = chunk_decays(
+        log_gamma.float(), C, N, None if reset is None else F.pad(reset, (0, pad))
+    )
     across = scan_weights(log_gamma.float(), C, N, reset_chunks)[..., 1:]  # chunk i's summary -> chunk n's start
     z_intra = mask @ kc  # [B, H, N, C, K]
     summary = (kc * k_decay).sum(dim=3)  # [B, H, N, K]

@@ -10,6 +10,7 @@ The chunkwise and parallel forms keep only q, k, v (and the incoming state and r
 backward and recompute the rest there (ChunkRetention), as flash attention does. This path runs on
 any device: CPU, the tests' reference, and GPU training with retention_backend=torch.
 """
+
 from __future__ import annotations
 
 from typing import Optional, Tuple
@@ -180,9 +181,17 @@ def chunk_backward(q, k, v, log_gamma, reset, state, C, do, dfinal):
 
 
 @torch.library.custom_op("retnet_train::chunk_retention_backward", mutates_args=())
-def _backward_op(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, log_gamma: torch.Tensor,
-                 reset: Optional[torch.Tensor], state: Optional[torch.Tensor], C: int, do: torch.Tensor,
-                 dfinal: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+def _backward_op(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    log_gamma: torch.Tensor,
+    reset: Optional[torch.Tensor],
+    state: Optional[torch.Tensor],
+    C: int,
+    do: torch.Tensor,
+    dfinal: torch.Tensor,
+) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """chunk_backward as one opaque op: the compiled graph cannot merge its recomputed scores and
     states with the forward's and then keep them (its common-subexpression pass would)."""
     dq, dk, dv, d_state = chunk_backward(q, k, v, log_gamma, reset, state, C, do, dfinal)
@@ -233,9 +242,16 @@ def chunkwise_retention(q, k, v, log_gamma, chunk_size, reset=None, state=None, 
     pieces = []
     for lo, hi in ((0, full), (full, T)):
         if hi > lo:
-            out = _equal_full_chunks(q[:, :, lo:hi], k[:, :, lo:hi], v[:, :, lo:hi], log_gamma,
-                                     None if reset is None else reset[:, lo:hi], state,
-                                     chunk_size if hi == full else hi - lo, row_sums)
+            out = _equal_full_chunks(
+                q[:, :, lo:hi],
+                k[:, :, lo:hi],
+                v[:, :, lo:hi],
+                log_gamma,
+                None if reset is None else reset[:, lo:hi],
+                state,
+                chunk_size if hi == full else hi - lo,
+                row_sums,
+            )
             state = out[1]
             pieces.append(out)
     if len(pieces) == 1:

@@ -23,6 +23,7 @@ document start at or before each token (-1: none); the kernels mask scores, deca
 carries with it. The final state carries no gradient (training never backpropagates through it;
 prefill runs without grad); neither does an incoming state. Needs C, K and V multiples of 16.
 """
+
 from __future__ import annotations
 
 import os
@@ -62,11 +63,31 @@ def _states(x, y, lg2, C, reverse, doc, s0=None, z0=None, with_z=False):
     fin = torch.empty(B * H, DX, DY, device=x.device, dtype=torch.float32)
     Z = torch.empty(B * H, N, DX, device=x.device, dtype=torch.float32) if with_z else fin
     zfin = torch.empty(B * H, DX, device=x.device, dtype=torch.float32) if with_z else fin
-    args = dict(X=x, Y=y, S=S, Z=Z, S0=fin if s0 is None else s0, Z0=fin if z0 is None else z0, FIN=fin,
-                ZFIN=zfin, DOC=lg2 if doc is None else doc, lg2_ptr=lg2, T=T, H=H, N=N, C=C, **_strides(x, "x"),
-                **_strides(y, "y"),
-                DX=DX, DY=DY, REVERSE=reverse, WITH_Z=with_z, HAS_S0=s0 is not None, RESET=doc is not None,
-                IEEE=y.dtype == torch.float32)
+    args = dict(
+        X=x,
+        Y=y,
+        S=S,
+        Z=Z,
+        S0=fin if s0 is None else s0,
+        Z0=fin if z0 is None else z0,
+        FIN=fin,
+        ZFIN=zfin,
+        DOC=lg2 if doc is None else doc,
+        lg2_ptr=lg2,
+        T=T,
+        H=H,
+        N=N,
+        C=C,
+        **_strides(x, "x"),
+        **_strides(y, "y"),
+        DX=DX,
+        DY=DY,
+        REVERSE=reverse,
+        WITH_Z=with_z,
+        HAS_S0=s0 is not None,
+        RESET=doc is not None,
+        IEEE=y.dtype == torch.float32,
+    )
     launch("states", lambda m: (DX // m["BX"], DY // m["BY"], B * H), args)
     return S, (Z if with_z else None), fin, (zfin if with_z else None)
 
@@ -79,10 +100,31 @@ def _states_pair(q, k, v, do, lg2, C, doc, s0):
     S = torch.empty(B * H, N, K, V, device=k.device, dtype=v.dtype)
     dG = torch.empty_like(S)
     fin = torch.empty(2, B * H, K, V, device=k.device, dtype=torch.float32)
-    args = dict(K_=k, V_=v, S=S, S0=fin if s0 is None else s0, FIN=fin[0], Q_=q, DO=do, G=dG, GFIN=fin[1],
-                DOC=lg2 if doc is None else doc, lg2_ptr=lg2, T=T, H=H, N=N, C=C, BH=B * H, **_strides(k, "x"),
-                **_strides(v, "y"), DX=K, DY=V, HAS_S0=s0 is not None, RESET=doc is not None,
-                IEEE=v.dtype == torch.float32)
+    args = dict(
+        K_=k,
+        V_=v,
+        S=S,
+        S0=fin if s0 is None else s0,
+        FIN=fin[0],
+        Q_=q,
+        DO=do,
+        G=dG,
+        GFIN=fin[1],
+        DOC=lg2 if doc is None else doc,
+        lg2_ptr=lg2,
+        T=T,
+        H=H,
+        N=N,
+        C=C,
+        BH=B * H,
+        **_strides(k, "x"),
+        **_strides(v, "y"),
+        DX=K,
+        DY=V,
+        HAS_S0=s0 is not None,
+        RESET=doc is not None,
+        IEEE=v.dtype == torch.float32,
+    )
     launch("states_pair", lambda m: (K // m["BX"], V // m["BY"], 2 * B * H), args)
     return S, dG
 
@@ -98,10 +140,34 @@ def _apply(x, b, y, M, lg2, C, key_rows, trans_m, doc, Z=None):
     D = y.shape[-1]
     out = torch.empty_like(y)
     rs = torch.empty(B, T, H, device=x.device, dtype=torch.float32) if Z is not None else out
-    args = dict(X=x, B=b, Y=y, M=M, OUT=out, RS=rs, Z=out if Z is None else Z, DOC=lg2 if doc is None else doc,
-                lg2_ptr=lg2, T=T, H=H, C=C, N=M.shape[1], **_strides(x, "x"), **_strides(b, "b"), **_strides(y, "y"),
-                sob=out.stride(0), sot=out.stride(1), soh=out.stride(2), E=E, D=D, KEY_ROWS=key_rows,
-                TRANS_M=trans_m, ROW_SUMS=Z is not None, RESET=doc is not None, IEEE=x.dtype == torch.float32)
+    args = dict(
+        X=x,
+        B=b,
+        Y=y,
+        M=M,
+        OUT=out,
+        RS=rs,
+        Z=out if Z is None else Z,
+        DOC=lg2 if doc is None else doc,
+        lg2_ptr=lg2,
+        T=T,
+        H=H,
+        C=C,
+        N=M.shape[1],
+        **_strides(x, "x"),
+        **_strides(b, "b"),
+        **_strides(y, "y"),
+        sob=out.stride(0),
+        sot=out.stride(1),
+        soh=out.stride(2),
+        E=E,
+        D=D,
+        KEY_ROWS=key_rows,
+        TRANS_M=trans_m,
+        ROW_SUMS=Z is not None,
+        RESET=doc is not None,
+        IEEE=x.dtype == torch.float32,
+    )
     launch("apply", lambda m: (triton.cdiv(T, m["BR"]), D // m["BD"], B * H), args)
     return out, (rs if Z is not None else None)
 

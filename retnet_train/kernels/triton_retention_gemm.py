@@ -28,9 +28,11 @@ against 1.43). Profile: _out_kernel 32%, _summary_kernel 17%, _scores_kernel 15%
 i.e. the time is spread over many passes each well below GEMM speed.
 Extra memory: the scores buffer(s), [B*H, T, C] each (one in the forward, two in the backward).
 
-Not handled here: document resets, and chunk sizes that are not a multiple of 16. The final state carries no gradient (training never
-backpropagates through it; prefill runs without grad); neither does an incoming state.
+Not handled here: document resets, and chunk sizes that are not a multiple of 16. The final state
+carries no gradient (training never backpropagates through it; prefill runs without grad); neither
+does an incoming state.
 """
+
 from __future__ import annotations
 
 import torch
@@ -64,8 +66,22 @@ def _decayed(x, lg2, C, query, with_z):
     N = -(-T // C)
     xd = torch.empty_like(x)
     z = torch.empty(B * H, N, DX, device=x.device, dtype=torch.float32) if with_z else xd
-    decay_kernel[(N, B * H)](x, xd, z, lg2, T, H, C, DX, *_bth(x), BT=min(32, _pow2(C)), BX=_pow2(DX),
-                              QUERY=query, WITH_Z=with_z, num_warps=4)
+    decay_kernel[(N, B * H)](
+        x,
+        xd,
+        z,
+        lg2,
+        T,
+        H,
+        C,
+        DX,
+        *_bth(x),
+        BT=min(32, _pow2(C)),
+        BX=_pow2(DX),
+        QUERY=query,
+        WITH_Z=with_z,
+        num_warps=4,
+    )
     return xd, (z if with_z else None)
 
 
@@ -88,8 +104,23 @@ def _scores(x, y, lg2, C, z=None, row_sums=False):
     rs = torch.empty(B, T, H, device=x.device, dtype=torch.float32) if row_sums else P
     grid = lambda meta: (triton.cdiv(T, meta["BT"]), B * H)  # noqa: E731
     meta = _imeta("scores", BT=block_size(C), BE=min(32, _pow2(E)), num_warps=4)
-    scores_tuned[grid](x, y, P, rs, z if row_sums else P, lg2, T, H, C, E, *_bth(x), *_bth(y),
-                        ROW_SUMS=row_sums, IEEE=x.dtype == torch.float32, **meta)
+    scores_tuned[grid](
+        x,
+        y,
+        P,
+        rs,
+        z if row_sums else P,
+        lg2,
+        T,
+        H,
+        C,
+        E,
+        *_bth(x),
+        *_bth(y),
+        ROW_SUMS=row_sums,
+        IEEE=x.dtype == torch.float32,
+        **meta,
+    )
     return P, (rs if row_sums else None)
 
 
@@ -101,8 +132,29 @@ def _out(x, M, P, y, lg2, C, trans_m, trans_p, query):
     grid = lambda meta: (triton.cdiv(T, meta["BT"]), triton.cdiv(D, meta["BD"]), B * H)  # noqa: E731
     bt = block_size(C)
     meta = _imeta("out", BT=bt, BD=min(64, _pow2(D)), BE=min(32, _pow2(E)), BS=min(bt, 32), num_warps=4)
-    out_tuned[grid](x, M, P, y, out, lg2, T, H, C, E, D, *_bth(x), *_bth(y), *_bth(out), M.stride(0), M.stride(1),
-                     TRANS_M=trans_m, TRANS_P=trans_p, QUERY=query, IEEE=x.dtype == torch.float32, **meta)
+    out_tuned[grid](
+        x,
+        M,
+        P,
+        y,
+        out,
+        lg2,
+        T,
+        H,
+        C,
+        E,
+        D,
+        *_bth(x),
+        *_bth(y),
+        *_bth(out),
+        M.stride(0),
+        M.stride(1),
+        TRANS_M=trans_m,
+        TRANS_P=trans_p,
+        QUERY=query,
+        IEEE=x.dtype == torch.float32,
+        **meta,
+    )
     return out
 
 

@@ -1,5 +1,6 @@
 """The Triton kernels of triton_retention_gemm.py (device code and autotune configs); the host side,
 the autograd Function and the design notes are there."""
+
 from __future__ import annotations
 
 import os
@@ -43,7 +44,9 @@ def _tuned(fn, configs, key, prune=None):
     there would run every config in slow numpy)."""
     if INTERPRET:
         return fn
-    return triton.autotune(configs=configs, key=key, prune_configs_by={"early_config_prune": prune} if prune else None)(fn)
+    return triton.autotune(configs=configs, key=key, prune_configs_by={"early_config_prune": prune} if prune else None)(
+        fn
+    )
 
 
 # ---------------------------------------------------------------------------------------------
@@ -53,8 +56,23 @@ def _tuned(fn, configs, key, prune=None):
 # it turns the chunk summaries into plain GEMMs whose operands come straight from memory.
 # ---------------------------------------------------------------------------------------------
 @triton.jit
-def decay_kernel(X, XD, ZOUT, lg2_ptr, T, H, C: tl.constexpr, DX: tl.constexpr, sxb, sxt, sxh,
-                  BT: tl.constexpr, BX: tl.constexpr, QUERY: tl.constexpr, WITH_Z: tl.constexpr):
+def decay_kernel(
+    X,
+    XD,
+    ZOUT,
+    lg2_ptr,
+    T,
+    H,
+    C: tl.constexpr,
+    DX: tl.constexpr,
+    sxb,
+    sxt,
+    sxh,
+    BT: tl.constexpr,
+    BX: tl.constexpr,
+    QUERY: tl.constexpr,
+    WITH_Z: tl.constexpr,
+):
     n, bh = tl.program_id(0), tl.program_id(1)
     b, h = bh // H, bh % H
     N = tl.cdiv(T, C)
@@ -88,9 +106,26 @@ def decay_kernel(X, XD, ZOUT, lg2_ptr, T, H, C: tl.constexpr, DX: tl.constexpr, 
 # decay is already in XD, so nothing passes through registers before the MMA).
 # ---------------------------------------------------------------------------------------------
 @triton.jit
-def _summary_kernel(X, Y, OUT, T, H, C: tl.constexpr, DX: tl.constexpr, DY: tl.constexpr,
-                    sxb, sxt, sxh, syb, syt, syh,
-                    BX: tl.constexpr, BY: tl.constexpr, BT: tl.constexpr, IEEE: tl.constexpr):
+def _summary_kernel(
+    X,
+    Y,
+    OUT,
+    T,
+    H,
+    C: tl.constexpr,
+    DX: tl.constexpr,
+    DY: tl.constexpr,
+    sxb,
+    sxt,
+    sxh,
+    syb,
+    syt,
+    syh,
+    BX: tl.constexpr,
+    BY: tl.constexpr,
+    BT: tl.constexpr,
+    IEEE: tl.constexpr,
+):
     pid_xy, n, bh = tl.program_id(0), tl.program_id(1), tl.program_id(2)
     b, h = bh // H, bh % H
     n_y = tl.cdiv(DY, BY)
@@ -104,11 +139,19 @@ def _summary_kernel(X, Y, OUT, T, H, C: tl.constexpr, DX: tl.constexpr, DY: tl.c
     for t0 in range(c0, c0 + C, BT):  # (to c0 + C, masked: loop bounds must not depend on T)
         ot = t0 + tl.arange(0, BT)
         mt = ot < end
-        x = tl.load(X + b * sxb + h * sxh + ot[:, None] * sxt + ox[None, :], mask=mt[:, None] & (ox[None, :] < DX), other=0.0)
-        y = tl.load(Y + b * syb + h * syh + ot[:, None] * syt + oy[None, :], mask=mt[:, None] & (oy[None, :] < DY), other=0.0)
+        x = tl.load(
+            X + b * sxb + h * sxh + ot[:, None] * sxt + ox[None, :], mask=mt[:, None] & (ox[None, :] < DX), other=0.0
+        )
+        y = tl.load(
+            Y + b * syb + h * syh + ot[:, None] * syt + oy[None, :], mask=mt[:, None] & (oy[None, :] < DY), other=0.0
+        )
         acc += tl.dot(tl.trans(x), y, input_precision="ieee" if IEEE else "tf32")
     base = (bh * N + n) * DX * DY  # OUT: [B*H, N, DX, DY]
-    tl.store(OUT + base + ox[:, None] * DY + oy[None, :], acc.to(OUT.dtype.element_ty), mask=(ox[:, None] < DX) & (oy[None, :] < DY))
+    tl.store(
+        OUT + base + ox[:, None] * DY + oy[None, :],
+        acc.to(OUT.dtype.element_ty),
+        mask=(ox[:, None] < DX) & (oy[None, :] < DY),
+    )
 
 
 # ---------------------------------------------------------------------------------------------
@@ -122,9 +165,28 @@ def _summary_kernel(X, Y, OUT, T, H, C: tl.constexpr, DX: tl.constexpr, DY: tl.c
 # V tile) and consumed by _out_kernel as a plain GEMM operand.
 # ---------------------------------------------------------------------------------------------
 @triton.jit
-def _scores_kernel(X, Y, P, RS, Z, lg2_ptr, T, H, C: tl.constexpr, E: tl.constexpr,
-                   sxb, sxt, sxh, syb, syt, syh,
-                   BT: tl.constexpr, BE: tl.constexpr, ROW_SUMS: tl.constexpr, IEEE: tl.constexpr):
+def _scores_kernel(
+    X,
+    Y,
+    P,
+    RS,
+    Z,
+    lg2_ptr,
+    T,
+    H,
+    C: tl.constexpr,
+    E: tl.constexpr,
+    sxb,
+    sxt,
+    sxh,
+    syb,
+    syt,
+    syh,
+    BT: tl.constexpr,
+    BE: tl.constexpr,
+    ROW_SUMS: tl.constexpr,
+    IEEE: tl.constexpr,
+):
     pid_t, bh = tl.program_id(0), tl.program_id(1)
     b, h = bh // H, bh % H
     N = tl.cdiv(T, C)
@@ -144,8 +206,12 @@ def _scores_kernel(X, Y, P, RS, Z, lg2_ptr, T, H, C: tl.constexpr, E: tl.constex
         for e0 in range(0, E, BE):
             oe = e0 + tl.arange(0, BE)
             me = oe < E
-            x = tl.load(X + b * sxb + h * sxh + oi[:, None] * sxt + oe[None, :], mask=mi[:, None] & me[None, :], other=0.0)
-            y = tl.load(Y + b * syb + h * syh + oj[:, None] * syt + oe[None, :], mask=mj[:, None] & me[None, :], other=0.0)
+            x = tl.load(
+                X + b * sxb + h * sxh + oi[:, None] * sxt + oe[None, :], mask=mi[:, None] & me[None, :], other=0.0
+            )
+            y = tl.load(
+                Y + b * syb + h * syh + oj[:, None] * syt + oe[None, :], mask=mj[:, None] & me[None, :], other=0.0
+            )
             acc += tl.dot(x, tl.trans(y), input_precision=prec)
         dist = oi[:, None] - oj[None, :]
         decay = tl.where((dist >= 0) & mj[None, :], tl.exp2(lg2 * tl.maximum(dist, 0).to(tl.float32)), 0.0)
@@ -161,7 +227,9 @@ def _scores_kernel(X, Y, P, RS, Z, lg2_ptr, T, H, C: tl.constexpr, E: tl.constex
         for e0 in range(0, E, BE):
             oe = e0 + tl.arange(0, BE)
             me = oe < E
-            x = tl.load(X + b * sxb + h * sxh + oi[:, None] * sxt + oe[None, :], mask=mi[:, None] & me[None, :], other=0.0)
+            x = tl.load(
+                X + b * sxb + h * sxh + oi[:, None] * sxt + oe[None, :], mask=mi[:, None] & me[None, :], other=0.0
+            )
             z = tl.load(Z + (bh * (N + 1) + n) * E + oe, mask=me, other=0.0)
             inter += tl.sum(x.to(tl.float32) * z[None, :], 1)
         rs += inter * tl.exp2(lg2 * (oi - c0 + 1).to(tl.float32))
@@ -183,10 +251,38 @@ def _scores_kernel(X, Y, P, RS, Z, lg2_ptr, T, H, C: tl.constexpr, E: tl.constex
 # [BT, BD] tile. 128 x 128..256 tiles read each state tile C/128 times per chunk instead of C/64.
 # ---------------------------------------------------------------------------------------------
 @triton.jit
-def _out_kernel(X, M, P, Y, OUT, lg2_ptr, T, H, C: tl.constexpr, E: tl.constexpr, D: tl.constexpr,
-                sxb, sxt, sxh, syb, syt, syh, sob, sot, soh, m_bh, m_n,
-                TRANS_M: tl.constexpr, TRANS_P: tl.constexpr, QUERY: tl.constexpr,
-                BT: tl.constexpr, BD: tl.constexpr, BE: tl.constexpr, BS: tl.constexpr, IEEE: tl.constexpr):
+def _out_kernel(
+    X,
+    M,
+    P,
+    Y,
+    OUT,
+    lg2_ptr,
+    T,
+    H,
+    C: tl.constexpr,
+    E: tl.constexpr,
+    D: tl.constexpr,
+    sxb,
+    sxt,
+    sxh,
+    syb,
+    syt,
+    syh,
+    sob,
+    sot,
+    soh,
+    m_bh,
+    m_n,
+    TRANS_M: tl.constexpr,
+    TRANS_P: tl.constexpr,
+    QUERY: tl.constexpr,
+    BT: tl.constexpr,
+    BD: tl.constexpr,
+    BE: tl.constexpr,
+    BS: tl.constexpr,
+    IEEE: tl.constexpr,
+):
     pid_t, pid_d, bh = tl.program_id(0), tl.program_id(1), tl.program_id(2)
     b, h = bh // H, bh % H
     lg2 = tl.load(lg2_ptr + h)
@@ -220,28 +316,66 @@ def _out_kernel(X, M, P, Y, OUT, lg2_ptr, T, H, C: tl.constexpr, E: tl.constexpr
             os_ = s0 + tl.arange(0, BS)
             ms = os_ < T
             pT = tl.load(pbase + os_[:, None] * C + (oi - c0)[None, :], mask=ms[:, None], other=0.0)  # [BS, BT]
-            y = tl.load(Y + b * syb + h * syh + os_[:, None] * syt + od[None, :], mask=ms[:, None] & md[None, :], other=0.0)
+            y = tl.load(
+                Y + b * syb + h * syh + os_[:, None] * syt + od[None, :], mask=ms[:, None] & md[None, :], other=0.0
+            )
             acc += tl.dot(tl.trans(pT), y, input_precision=prec)
     else:
         for s0 in range(c0, t0 + BT, BS):  # earlier rows of the chunk, to the diagonal
             os_ = s0 + tl.arange(0, BS)
             ms = os_ < T
             p = tl.load(pbase + oi[:, None] * C + (os_ - c0)[None, :], mask=mi[:, None], other=0.0)  # [BT, BS]
-            y = tl.load(Y + b * syb + h * syh + os_[:, None] * syt + od[None, :], mask=ms[:, None] & md[None, :], other=0.0)
+            y = tl.load(
+                Y + b * syb + h * syh + os_[:, None] * syt + od[None, :], mask=ms[:, None] & md[None, :], other=0.0
+            )
             acc += tl.dot(p, y, input_precision=prec)
-    tl.store(OUT + b * sob + h * soh + oi[:, None] * sot + od[None, :], acc.to(OUT.dtype.element_ty), mask=mi[:, None] & md[None, :])
+    tl.store(
+        OUT + b * sob + h * soh + oi[:, None] * sot + od[None, :],
+        acc.to(OUT.dtype.element_ty),
+        mask=mi[:, None] & md[None, :],
+    )
 
 
-summary_tuned = _tuned(_summary_kernel, _configs([
-    ("BX", "BY", "BT", "w", "s"),
-    (128, 128, 64, 8, 3), (128, 256, 64, 8, 3), (128, 128, 64, 4, 3), (128, 128, 32, 4, 4),
-    (64, 128, 64, 4, 3), (64, 256, 64, 8, 3), (256, 128, 64, 8, 3), (128, 64, 64, 4, 4)]), ["DX", "DY", "C"])
-scores_tuned = _tuned(_scores_kernel, _configs([
-    ("BT", "BE", "w", "s"),
-    (64, 64, 4, 3), (64, 128, 4, 2), (64, 64, 8, 3), (128, 64, 8, 3), (128, 128, 8, 2)]),  # (128 rows at 4 warps spills)
-    ["E", "C", "ROW_SUMS"], _prune_bt)
-out_tuned = _tuned(_out_kernel, _configs([
-    ("BT", "BD", "BE", "BS", "w", "s"),
-    (128, 128, 64, 64, 8, 3), (128, 256, 64, 64, 8, 3), (128, 128, 64, 64, 4, 3), (128, 64, 64, 64, 4, 4),
-    (64, 128, 64, 64, 4, 3), (64, 256, 64, 64, 8, 3), (64, 64, 64, 64, 4, 4), (128, 128, 32, 32, 8, 4)]),
-    ["E", "D", "C", "TRANS_M", "TRANS_P"], _prune_bt)
+summary_tuned = _tuned(
+    _summary_kernel,
+    _configs(
+        [
+            ("BX", "BY", "BT", "w", "s"),
+            (128, 128, 64, 8, 3),
+            (128, 256, 64, 8, 3),
+            (128, 128, 64, 4, 3),
+            (128, 128, 32, 4, 4),
+            (64, 128, 64, 4, 3),
+            (64, 256, 64, 8, 3),
+            (256, 128, 64, 8, 3),
+            (128, 64, 64, 4, 4),
+        ]
+    ),
+    ["DX", "DY", "C"],
+)
+scores_tuned = _tuned(
+    _scores_kernel,
+    _configs(
+        [("BT", "BE", "w", "s"), (64, 64, 4, 3), (64, 128, 4, 2), (64, 64, 8, 3), (128, 64, 8, 3), (128, 128, 8, 2)]
+    ),  # (128 rows at 4 warps spills)
+    ["E", "C", "ROW_SUMS"],
+    _prune_bt,
+)
+out_tuned = _tuned(
+    _out_kernel,
+    _configs(
+        [
+            ("BT", "BD", "BE", "BS", "w", "s"),
+            (128, 128, 64, 64, 8, 3),
+            (128, 256, 64, 64, 8, 3),
+            (128, 128, 64, 64, 4, 3),
+            (128, 64, 64, 64, 4, 4),
+            (64, 128, 64, 64, 4, 3),
+            (64, 256, 64, 64, 8, 3),
+            (64, 64, 64, 64, 4, 4),
+            (128, 128, 32, 32, 8, 4),
+        ]
+    ),
+    ["E", "D", "C", "TRANS_M", "TRANS_P"],
+    _prune_bt,
+)

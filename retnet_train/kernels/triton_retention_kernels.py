@@ -9,6 +9,7 @@ Two kernels serve the forward and the backward:
       P_rc = gamma^|r-c| (X_r . B_c) recomputed in registers (causal: c <= r; KEY_ROWS: c >= r,
       within the chunk, same document). It computes o, dq, dk and dv (see triton_retention.py).
 """
+
 from __future__ import annotations
 
 import os
@@ -32,38 +33,221 @@ AUTOTUNE = os.environ.get("RETNET_TRITON_AUTOTUNE", "1") != "0" and not INTERPRE
 # Per program: a [BX, BY] tile over all N chunks (no per-chunk summaries in memory).
 # ---------------------------------------------------------------------------------------------
 @triton.jit
-def _states_kernel(X, Y, S, Z, S0, Z0, FIN, ZFIN, DOC, lg2_ptr, T, H, N, C,
-                   sxb, sxt, sxh, syb, syt, syh,
-                   DX: tl.constexpr, DY: tl.constexpr, REVERSE: tl.constexpr, WITH_Z: tl.constexpr,
-                   HAS_S0: tl.constexpr, RESET: tl.constexpr, IEEE: tl.constexpr,
-                   BX: tl.constexpr, BY: tl.constexpr, BT: tl.constexpr):
-    _states_tile(X, Y, S, Z, S0, Z0, FIN, ZFIN, DOC, lg2_ptr, T, H, N, C, sxb, sxt, sxh, syb, syt, syh,
-                 tl.program_id(0), tl.program_id(1), tl.program_id(2).to(tl.int64),
-                 DX, DY, REVERSE, WITH_Z, HAS_S0, RESET, IEEE, BX, BY, BT)
+def _states_kernel(
+    X,
+    Y,
+    S,
+    Z,
+    S0,
+    Z0,
+    FIN,
+    ZFIN,
+    DOC,
+    lg2_ptr,
+    T,
+    H,
+    N,
+    C,
+    sxb,
+    sxt,
+    sxh,
+    syb,
+    syt,
+    syh,
+    DX: tl.constexpr,
+    DY: tl.constexpr,
+    REVERSE: tl.constexpr,
+    WITH_Z: tl.constexpr,
+    HAS_S0: tl.constexpr,
+    RESET: tl.constexpr,
+    IEEE: tl.constexpr,
+    BX: tl.constexpr,
+    BY: tl.constexpr,
+    BT: tl.constexpr,
+):
+    _states_tile(
+        X,
+        Y,
+        S,
+        Z,
+        S0,
+        Z0,
+        FIN,
+        ZFIN,
+        DOC,
+        lg2_ptr,
+        T,
+        H,
+        N,
+        C,
+        sxb,
+        sxt,
+        sxh,
+        syb,
+        syt,
+        syh,
+        tl.program_id(0),
+        tl.program_id(1),
+        tl.program_id(2).to(tl.int64),
+        DX,
+        DY,
+        REVERSE,
+        WITH_Z,
+        HAS_S0,
+        RESET,
+        IEEE,
+        BX,
+        BY,
+        BT,
+    )
 
 
 # The backward's two scans in one launch (twice the programs): S_n from (k, v) on program ids
 # [0, BH) of the last axis, dG_n from (q, dO) on [BH, 2 BH). q/k and v/dO share strides.
 @triton.jit
-def _states_pair_kernel(K_, V_, S, S0, FIN, Q_, DO, G, GFIN, DOC, lg2_ptr, T, H, N, C, BH,
-                        sxb, sxt, sxh, syb, syt, syh,
-                        DX: tl.constexpr, DY: tl.constexpr, HAS_S0: tl.constexpr, RESET: tl.constexpr,
-                        IEEE: tl.constexpr, BX: tl.constexpr, BY: tl.constexpr, BT: tl.constexpr):
+def _states_pair_kernel(
+    K_,
+    V_,
+    S,
+    S0,
+    FIN,
+    Q_,
+    DO,
+    G,
+    GFIN,
+    DOC,
+    lg2_ptr,
+    T,
+    H,
+    N,
+    C,
+    BH,
+    sxb,
+    sxt,
+    sxh,
+    syb,
+    syt,
+    syh,
+    DX: tl.constexpr,
+    DY: tl.constexpr,
+    HAS_S0: tl.constexpr,
+    RESET: tl.constexpr,
+    IEEE: tl.constexpr,
+    BX: tl.constexpr,
+    BY: tl.constexpr,
+    BT: tl.constexpr,
+):
     px, py, pz = tl.program_id(0), tl.program_id(1), tl.program_id(2).to(tl.int64)
     if pz < BH:
-        _states_tile(K_, V_, S, FIN, S0, FIN, FIN, FIN, DOC, lg2_ptr, T, H, N, C, sxb, sxt, sxh, syb, syt, syh,
-                     px, py, pz, DX, DY, False, False, HAS_S0, RESET, IEEE, BX, BY, BT)
+        _states_tile(
+            K_,
+            V_,
+            S,
+            FIN,
+            S0,
+            FIN,
+            FIN,
+            FIN,
+            DOC,
+            lg2_ptr,
+            T,
+            H,
+            N,
+            C,
+            sxb,
+            sxt,
+            sxh,
+            syb,
+            syt,
+            syh,
+            px,
+            py,
+            pz,
+            DX,
+            DY,
+            False,
+            False,
+            HAS_S0,
+            RESET,
+            IEEE,
+            BX,
+            BY,
+            BT,
+        )
     else:
-        _states_tile(Q_, DO, G, GFIN, GFIN, GFIN, GFIN, GFIN, DOC, lg2_ptr, T, H, N, C, sxb, sxt, sxh, syb, syt,
-                     syh, px, py, pz - BH, DX, DY, True, False, False, RESET, IEEE, BX, BY, BT)
+        _states_tile(
+            Q_,
+            DO,
+            G,
+            GFIN,
+            GFIN,
+            GFIN,
+            GFIN,
+            GFIN,
+            DOC,
+            lg2_ptr,
+            T,
+            H,
+            N,
+            C,
+            sxb,
+            sxt,
+            sxh,
+            syb,
+            syt,
+            syh,
+            px,
+            py,
+            pz - BH,
+            DX,
+            DY,
+            True,
+            False,
+            False,
+            RESET,
+            IEEE,
+            BX,
+            BY,
+            BT,
+        )
 
 
 @triton.jit
-def _states_tile(X, Y, S, Z, S0, Z0, FIN, ZFIN, DOC, lg2_ptr, T, H, N, C,
-                 sxb, sxt, sxh, syb, syt, syh, px, py, bh,
-                 DX: tl.constexpr, DY: tl.constexpr, REVERSE: tl.constexpr, WITH_Z: tl.constexpr,
-                 HAS_S0: tl.constexpr, RESET: tl.constexpr, IEEE: tl.constexpr,
-                 BX: tl.constexpr, BY: tl.constexpr, BT: tl.constexpr):
+def _states_tile(
+    X,
+    Y,
+    S,
+    Z,
+    S0,
+    Z0,
+    FIN,
+    ZFIN,
+    DOC,
+    lg2_ptr,
+    T,
+    H,
+    N,
+    C,
+    sxb,
+    sxt,
+    sxh,
+    syb,
+    syt,
+    syh,
+    px,
+    py,
+    bh,
+    DX: tl.constexpr,
+    DY: tl.constexpr,
+    REVERSE: tl.constexpr,
+    WITH_Z: tl.constexpr,
+    HAS_S0: tl.constexpr,
+    RESET: tl.constexpr,
+    IEEE: tl.constexpr,
+    BX: tl.constexpr,
+    BY: tl.constexpr,
+    BT: tl.constexpr,
+):
     b, h = bh // H, bh % H
     lg2 = tl.load(lg2_ptr + h)
     ox = px * BX + tl.arange(0, BX)
@@ -134,11 +318,44 @@ def _states_tile(X, Y, S, Z, S0, Z0, FIN, ZFIN, DOC, lg2_ptr, T, H, N, C,
 # ROW_SUMS (forward): also s_r = sum_c P_rc + rdec_r X_r . z_n in fp32 from the unrounded P.
 # ---------------------------------------------------------------------------------------------
 @triton.jit
-def _apply_kernel(X, B, Y, M, OUT, RS, Z, DOC, lg2_ptr, T, H, C, N,
-                  sxb, sxt, sxh, sbb, sbt, sbh, syb, syt, syh, sob, sot, soh,
-                  E: tl.constexpr, D: tl.constexpr, KEY_ROWS: tl.constexpr, TRANS_M: tl.constexpr,
-                  ROW_SUMS: tl.constexpr, RESET: tl.constexpr, IEEE: tl.constexpr,
-                  BR: tl.constexpr, BC: tl.constexpr, BD: tl.constexpr, BE: tl.constexpr):
+def _apply_kernel(
+    X,
+    B,
+    Y,
+    M,
+    OUT,
+    RS,
+    Z,
+    DOC,
+    lg2_ptr,
+    T,
+    H,
+    C,
+    N,
+    sxb,
+    sxt,
+    sxh,
+    sbb,
+    sbt,
+    sbh,
+    syb,
+    syt,
+    syh,
+    sob,
+    sot,
+    soh,
+    E: tl.constexpr,
+    D: tl.constexpr,
+    KEY_ROWS: tl.constexpr,
+    TRANS_M: tl.constexpr,
+    ROW_SUMS: tl.constexpr,
+    RESET: tl.constexpr,
+    IEEE: tl.constexpr,
+    BR: tl.constexpr,
+    BC: tl.constexpr,
+    BD: tl.constexpr,
+    BE: tl.constexpr,
+):
     pid_r, pid_d, bh = tl.program_id(0), tl.program_id(1), tl.program_id(2).to(tl.int64)
     b, h = bh // H, bh % H
     lg2 = tl.load(lg2_ptr + h)
@@ -279,14 +496,17 @@ _STATE_TILES = WIDE_STATE_TILES
 if os.environ.get("RETNET_TRITON_STATES_TILES", "fine") != "wide":
     _STATE_TILES = WIDE_STATE_TILES + FINE_STATE_TILES
 STATES_CONFIGS = _configs(("BX", "BY", "BT"), _STATE_TILES)
-APPLY_CONFIGS = _configs(("BR", "BC", "BD", "BE"), [(128, 64, 128, 64, 8, 3), (64, 64, 256, 64, 8, 2),
-                                                    (64, 64, 128, 64, 4, 3)])
+APPLY_CONFIGS = _configs(
+    ("BR", "BC", "BD", "BE"), [(128, 64, 128, 64, 8, 3), (64, 64, 256, 64, 8, 2), (64, 64, 128, 64, 4, 3)]
+)
 
 
 # fp32 inputs run IEEE fp32 MMAs (FMA code, no tensor cores): small tiles keep their code and compile
 # time small (128-row tiles take minutes to compile and spill); for tests and checks, not speed.
-FP32_CONFIGS = {"states": _configs(("BX", "BY", "BT"), [(32, 32, 32, 4, 1)]),
-                "apply": _configs(("BR", "BC", "BD", "BE"), [(32, 32, 32, 32, 4, 1)])}
+FP32_CONFIGS = {
+    "states": _configs(("BX", "BY", "BT"), [(32, 32, 32, 4, 1)]),
+    "apply": _configs(("BR", "BC", "BD", "BE"), [(32, 32, 32, 32, 4, 1)]),
+}
 
 
 def _prune_states(configs, nargs, **kwargs):
@@ -312,12 +532,15 @@ def _tuned(fn, configs, key, prune):
 
 
 states_tuned = _tuned(_states_kernel, STATES_CONFIGS, ["DX", "DY", "C", "REVERSE", "WITH_Z", "RESET"], _prune_states)
-apply_tuned = _tuned(_apply_kernel, APPLY_CONFIGS, ["E", "D", "C", "KEY_ROWS", "TRANS_M", "ROW_SUMS", "RESET"],
-                     _prune_apply)
+apply_tuned = _tuned(
+    _apply_kernel, APPLY_CONFIGS, ["E", "D", "C", "KEY_ROWS", "TRANS_M", "ROW_SUMS", "RESET"], _prune_apply
+)
 states_pair_tuned = _tuned(_states_pair_kernel, STATES_CONFIGS, ["DX", "DY", "C", "HAS_S0", "RESET"], _prune_states)
-KERNELS = {"states": (_states_kernel, states_tuned, STATES_CONFIGS, _prune_states),
-           "states_pair": (_states_pair_kernel, states_pair_tuned, STATES_CONFIGS, _prune_states),
-           "apply": (_apply_kernel, apply_tuned, APPLY_CONFIGS, _prune_apply)}
+KERNELS = {
+    "states": (_states_kernel, states_tuned, STATES_CONFIGS, _prune_states),
+    "states_pair": (_states_pair_kernel, states_pair_tuned, STATES_CONFIGS, _prune_states),
+    "apply": (_apply_kernel, apply_tuned, APPLY_CONFIGS, _prune_apply),
+}
 
 # Tests override block shapes per kernel name under the interpreter (or with autotuning off).
 FIXED_META: dict = {}

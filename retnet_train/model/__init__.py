@@ -1,4 +1,5 @@
 """RetNet and its Transformer baseline. `build_model(model_config_from_dict(preset))`."""
+
 from .config import RetNetConfig, TransformerConfig, model_config_from_dict
 from .layers import CausalLMOutput
 from .retnet import RetNetForCausalLM, RetNetState
@@ -14,5 +15,13 @@ def build_model(config):
     raise TypeError(f"build_model: expected RetNetConfig or TransformerConfig, got {type(config).__name__}")
 
 
-__all__ = ["RetNetConfig", "TransformerConfig", "model_config_from_dict", "build_model", "CausalLMOutput",
-           "RetNetForCausalLM", "RetNetState", "TransformerForCausalLM"]
+__all__ = [
+    "RetNetConfig",
+    "TransformerConfig",
+    "model_config_from_dict",
+    "build_model",
+    "CausalLMOutput",
+    "RetNetForCausalLM",
+    "RetNetState",
+    "TransformerForCausalLM",
+]

@@ -1,4 +1,5 @@
 """Model configs: plain dataclasses, validated once, built from a preset dict."""
+
 from __future__ import annotations
 
 import dataclasses
@@ -55,7 +56,9 @@ class DecoderConfig:
         for name in ("vocab_size", "d_model", "n_layers", "n_heads", "ffn_dim"):
             value = getattr(self, name)
             _check(isinstance(value, int) and value > 0, cls, name, f"must be a positive integer, got {value!r}")
-        _check(self.d_model % self.n_heads == 0, cls, "n_heads", f"{self.n_heads} does not divide d_model={self.d_model}")
+        _check(
+            self.d_model % self.n_heads == 0, cls, "n_heads", f"{self.n_heads} does not divide d_model={self.d_model}"
+        )
         _check(self.norm_eps > 0, cls, "norm_eps", f"must be > 0, got {self.norm_eps}")
         _check(self.rotary_base > 0, cls, "rotary_base", f"must be > 0, got {self.rotary_base}")
         _check_choice(cls, "ffn_type", self.ffn_type, FFN_TYPES)
@@ -102,10 +105,24 @@ class RetNetConfig(DecoderConfig):
         super().validate()
         cls = type(self).__name__
         _check(self.value_factor > 0, cls, "value_factor", f"must be > 0, got {self.value_factor}")
-        _check(self.value_dim % self.n_heads == 0, cls, "value_factor",
-               f"value dim {self.value_dim} (= d_model * value_factor) is not divisible by n_heads={self.n_heads}")
-        _check(self.key_head_dim % 2 == 0, cls, "n_heads", f"key head dim {self.key_head_dim} must be even (rotation pairs)")
-        _check(isinstance(self.chunk_size, int) and self.chunk_size >= 1, cls, "chunk_size", f"must be an integer >= 1, got {self.chunk_size!r}")
+        _check(
+            self.value_dim % self.n_heads == 0,
+            cls,
+            "value_factor",
+            f"value dim {self.value_dim} (= d_model * value_factor) is not divisible by n_heads={self.n_heads}",
+        )
+        _check(
+            self.key_head_dim % 2 == 0,
+            cls,
+            "n_heads",
+            f"key head dim {self.key_head_dim} must be even (rotation pairs)",
+        )
+        _check(
+            isinstance(self.chunk_size, int) and self.chunk_size >= 1,
+            cls,
+            "chunk_size",
+            f"must be an integer >= 1, got {self.chunk_size!r}",
+        )
         _check_choice(cls, "mode", self.mode, RETENTION_MODES)
         _check_choice(cls, "gate_activation", self.gate_activation, ACTIVATIONS)
         _check_choice(cls, "retention_backend", self.retention_backend, RETENTION_BACKENDS)
@@ -128,7 +145,12 @@ class TransformerConfig(DecoderConfig):
 
     def validate(self) -> None:
         super().validate()
-        _check(self.head_dim % 2 == 0, type(self).__name__, "n_heads", f"head dim {self.head_dim} must be even (RoPE pairs)")
+        _check(
+            self.head_dim % 2 == 0,
+            type(self).__name__,
+            "n_heads",
+            f"head dim {self.head_dim} must be even (RoPE pairs)",
+        )
 
 
 ARCHS = {"retnet": RetNetConfig, "transformer": TransformerConfig}

@@ -6,6 +6,7 @@ model: six_n plus the sequence mixer's own matmuls, counting only the causal (us
   RetNet (chunkwise, chunk C): per layer 2 C_eff (d + d_v) inside chunks, C_eff = (C + 1) / 2,
   plus 4 d d_v / H for reading and updating the per-head K x V state.
 """
+
 from __future__ import annotations
 
 import torch
@@ -18,7 +19,9 @@ def _linear_params(config) -> int:
 
     with torch.device("meta"):
         model = build_model(config)
-    return model.num_params(exclude_embeddings=True) + (config.vocab_size * config.d_model if config.tie_embeddings else 0)
+    return model.num_params(exclude_embeddings=True) + (
+        config.vocab_size * config.d_model if config.tie_embeddings else 0
+    )
 
 
 def flops_per_token(config, seq_len: int) -> dict:

@@ -1,4 +1,5 @@
 """Building blocks shared by RetNet and the Transformer baseline."""
+
 from __future__ import annotations
 
 import math
@@ -122,7 +123,7 @@ def init_weights(model: nn.Module, config: DecoderConfig, gains: dict) -> None:
     for name, module in model.named_modules():
         leaf = name.rsplit(".", 1)[-1]
         if isinstance(module, nn.Embedding) or leaf == "lm_head":
-            std = {"torchscale": d ** -0.5, "normal": NORMAL_INIT_STD}.get(config.init, small)
+            std = {"torchscale": d**-0.5, "normal": NORMAL_INIT_STD}.get(config.init, small)
             nn.init.normal_(module.weight, 0.0, std)
         elif isinstance(module, nn.Linear):
             if config.init == "normal":
@@ -215,4 +216,3 @@ class DecoderLM(nn.Module):
             # labels are aligned with input_ids (the loader shifts them); -100 is ignored.
             loss = F.cross_entropy(logits.float().flatten(0, 1), labels.flatten(), ignore_index=-100)
         return CausalLMOutput(logits=logits, loss=loss)
-

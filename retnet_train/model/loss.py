@@ -4,12 +4,13 @@ The forward pass walks over token chunks, computes each chunk's logits, loss and
 gradients for the hidden states and head weight at once (softmax - one_hot), and keeps only
 those gradients; backward just scales them. Peak extra memory: one chunk of fp32 logits.
 """
+
 from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
 
-CHUNK_BYTES = 256 * 2 ** 20  # fp32 logits per chunk
+CHUNK_BYTES = 256 * 2**20  # fp32 logits per chunk
 
 
 class LinearCrossEntropy(torch.autograd.Function):
@@ -23,7 +24,7 @@ class LinearCrossEntropy(torch.autograd.Function):
         grad_hidden = torch.empty_like(hidden)
         grad_weight = torch.zeros(weight.shape, dtype=torch.float32, device=weight.device)
         for start in range(0, n_tokens, chunk):
-            h, y, ok = hidden[start:start + chunk], labels[start:start + chunk], valid[start:start + chunk]
+            h, y, ok = hidden[start : start + chunk], labels[start : start + chunk], valid[start : start + chunk]
             logits = (h @ weight.t()).float()
             safe_y = torch.where(ok, y, 0)
             lse = torch.logsumexp(logits, dim=-1)
@@ -31,7 +32,7 @@ class LinearCrossEntropy(torch.autograd.Function):
             grad = torch.softmax(logits, dim=-1)  # d loss / d logits = (softmax - one_hot) / n_valid
             grad.scatter_add_(1, safe_y[:, None], -torch.ones_like(grad[:, :1]))
             grad = (grad * (ok[:, None] / n_valid)).to(hidden.dtype)
-            grad_hidden[start:start + chunk] = grad @ weight
+            grad_hidden[start : start + chunk] = grad @ weight
             grad_weight += (grad.t() @ h).float()
         ctx.save_for_backward(grad_hidden, grad_weight.to(weight.dtype))
         return loss / n_valid
@@ -48,6 +49,13 @@ def linear_cross_entropy(hidden, weight, labels, ignore_index=-100):
     if torch.is_grad_enabled() and (hidden.requires_grad or weight.requires_grad):
         return LinearCrossEntropy.apply(hidden, weight, labels, ignore_index)
     chunk = max(1, CHUNK_BYTES // (4 * weight.shape[0]))
-    total = sum(F.cross_entropy((hidden[i:i + chunk] @ weight.t()).float(), labels[i:i + chunk],
-                                ignore_index=ignore_index, reduction="sum") for i in range(0, len(labels), chunk))
+    total = sum(
+        F.cross_entropy(
+            (hidden[i : i + chunk] @ weight.t()).float(),
+            labels[i : i + chunk],
+            ignore_index=ignore_index,
+            reduction="sum",
+        )
+        for i in range(0, len(labels), chunk)
+    )
     return total / (labels != ignore_index).sum().clamp(min=1)

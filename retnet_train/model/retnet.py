@@ -1,4 +1,5 @@
 """RetNet decoder: multi-scale retention (MSR) blocks on the shared decoder skeleton."""
+
 from __future__ import annotations
 
 from dataclasses import dataclass
@@ -8,10 +9,19 @@ import torch
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
-from .config import RetNetConfig
-from .layers import (ACTIVATION_FNS, CausalLMOutput, DecoderLM, FeedForward, StackedLinear, apply_rotary, init_weights,
-                     make_norm, rotary_sin_cos)
 from ..kernels import resolve_backend, retention_op
+from .config import RetNetConfig
+from .layers import (
+    ACTIVATION_FNS,
+    CausalLMOutput,
+    DecoderLM,
+    FeedForward,
+    StackedLinear,
+    apply_rotary,
+    init_weights,
+    make_norm,
+    rotary_sin_cos,
+)
 
 
 @dataclass
@@ -82,7 +92,7 @@ class MultiScaleRetention(nn.Module):
         H, K = self.n_heads, self.key_dim
         q, k, v = self.qkv_proj(x)
         q = apply_rotary(q.view(B, T, H, K), sin, cos)
-        k = apply_rotary((k * K ** -0.5).view(B, T, H, K), sin, cos)
+        k = apply_rotary((k * K**-0.5).view(B, T, H, K), sin, cos)
         return q, k, v.view(B, T, H, self.head_dim)
 
     def forward(self, x, ctx: SequenceContext, state=None):
@@ -122,8 +132,19 @@ class MultiScaleRetention(nn.Module):
         """The retention kernel: unnormalized o [B, T, H, V], its score row sums [B, T, H] (None
         without the normalization) and the final state; state_grad: the final state is differentiated."""
         backend = resolve_backend(self.backend, q.device)
-        return retention_op(backend, q, k, v, ctx.log_gamma, ctx.mode, ctx.chunk_size, ctx.reset, state,
-                            self.normalize, state_grad=state_grad)
+        return retention_op(
+            backend,
+            q,
+            k,
+            v,
+            ctx.log_gamma,
+            ctx.mode,
+            ctx.chunk_size,
+            ctx.reset,
+            state,
+            self.normalize,
+            state_grad=state_grad,
+        )
 
     def finish(self, o, row_sum, ctx: SequenceContext):
         """retain's output -> (o, the paper's normalization factor or None when off), what gated_norm takes."""
@@ -195,7 +216,7 @@ class RetNetForCausalLM(DecoderLM):
 
     def __init__(self, config: RetNetConfig):
         super().__init__(config, [RetNetBlock(config) for _ in range(config.n_layers)])
-        init_weights(self, config, gains={"qkv_proj": 2 ** -2.5, "g_proj": 2 ** -2.5, "out_proj": 1.0})
+        init_weights(self, config, gains={"qkv_proj": 2**-2.5, "g_proj": 2**-2.5, "out_proj": 1.0})
 
     def constants(self) -> dict:
         cfg = self.config
@@ -211,18 +232,33 @@ class RetNetForCausalLM(DecoderLM):
             raise ValueError(f"doc_starts shape {tuple(doc_starts.shape)} != input_ids shape {tuple(input_ids.shape)}")
         return doc_starts.bool() if self.config.document_masking else None
 
-    def forward(self, input_ids, labels=None, doc_starts=None, mode: Optional[str] = None,
-                chunk_size: Optional[int] = None, state: Optional[RetNetState] = None,
-                return_state: bool = False, return_logits: bool = True) -> CausalLMOutput:
-        x, new_state = self.hidden_states(input_ids, self.document_starts(input_ids, doc_starts), mode, chunk_size,
-                                          state)
+    def forward(
+        self,
+        input_ids,
+        labels=None,
+        doc_starts=None,
+        mode: Optional[str] = None,
+        chunk_size: Optional[int] = None,
+        state: Optional[RetNetState] = None,
+        return_state: bool = False,
+        return_logits: bool = True,
+    ) -> CausalLMOutput:
+        x, new_state = self.hidden_states(
+            input_ids, self.document_starts(input_ids, doc_starts), mode, chunk_size, state
+        )
         out = self.head(x, labels, return_logits)
         if return_state:
             out.state = new_state
         return out
 
-    def hidden_states(self, input_ids, resets: Optional[torch.Tensor] = None, mode: Optional[str] = None,
-                      chunk_size: Optional[int] = None, state: Optional[RetNetState] = None):
+    def hidden_states(
+        self,
+        input_ids,
+        resets: Optional[torch.Tensor] = None,
+        mode: Optional[str] = None,
+        chunk_size: Optional[int] = None,
+        state: Optional[RetNetState] = None,
+    ):
         """The blocks' output [B, T, d] (before the final norm) and the state after these tokens: forward
         without the head. resets [B, T] bool are honoured as given (forward passes its doc_starts through
         the config's document_masking; decoding needs them for left padding whatever the config)."""
@@ -236,8 +272,10 @@ class RetNetForCausalLM(DecoderLM):
         x = self.embed(input_ids)
         B, T = input_ids.shape
         if state is not None and (len(state.layers) != cfg.n_layers or state.doc_position.shape[0] != B):
-            raise ValueError(f"state has {len(state.layers)} layers of batch {state.doc_position.shape[0]}; "
-                             f"model needs {cfg.n_layers} of batch {B}")
+            raise ValueError(
+                f"state has {len(state.layers)} layers of batch {state.doc_position.shape[0]}; "
+                f"model needs {cfg.n_layers} of batch {B}"
+            )
         start = 0 if state is None else state.position
         doc_start_pos = torch.zeros(B, dtype=torch.long, device=x.device) if state is None else state.doc_position
         doc_pos = document_positions(resets, T, doc_start_pos)

@@ -1,4 +1,5 @@
 """Transformer baseline: pre-norm, RoPE, PyTorch SDPA attention (flash when no mask)."""
+
 from __future__ import annotations
 
 import torch
@@ -6,7 +7,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .config import TransformerConfig
-from .layers import DecoderLM, FeedForward, CausalLMOutput, apply_rotary, init_weights, make_norm, rotary_sin_cos
+from .layers import CausalLMOutput, DecoderLM, FeedForward, apply_rotary, init_weights, make_norm, rotary_sin_cos
 
 
 class Attention(nn.Module):
@@ -67,7 +68,7 @@ class TransformerBlock(nn.Module):
 class TransformerForCausalLM(DecoderLM):
     def __init__(self, config: TransformerConfig):
         super().__init__(config, [TransformerBlock(config) for _ in range(config.n_layers)])
-        init_weights(self, config, gains={"qkv_proj": 2 ** -0.5, "out_proj": 1.0})
+        init_weights(self, config, gains={"qkv_proj": 2**-0.5, "out_proj": 1.0})
 
     def constants(self) -> dict:
         hd = self.config.head_dim

@@ -17,6 +17,7 @@ Every rank runs the same ops (rank 0 too, with all-zero weights): the gather syn
 ranks at every layer anyway, so skipping rank 0's correction would save no time, and identical
 graphs keep the order of collectives (ours, DeepSpeed's gradient hooks) the same on every rank.
 """
+
 from __future__ import annotations
 
 import inspect
@@ -67,8 +68,9 @@ class ContextParallel:
         return {k: self.shard(v) if v.dim() >= 2 else v for k, v in batch.items()}
 
     @torch.no_grad()
-    def segment(self, doc_starts: Optional[torch.Tensor], labels: Optional[torch.Tensor], B: int, T: int,
-                device) -> "Segment":
+    def segment(
+        self, doc_starts: Optional[torch.Tensor], labels: Optional[torch.Tensor], B: int, T: int, device
+    ) -> "Segment":
         """Per-forward facts from the other ranks: one small all-gather of each rank's last document
         start per row (global index, -1: none) and its count of valid labels."""
         idx = torch.arange(T, device=device)
@@ -85,7 +87,7 @@ class ContextParallel:
         dist.all_gather(gathered, info, group=self.group)
         gathered = torch.stack(gathered)  # [P, B + 1]
         lasts = gathered[:, :B]
-        before = lasts[:self.rank].amax(dim=0) if self.rank else torch.full_like(last, -1)
+        before = lasts[: self.rank].amax(dim=0) if self.rank else torch.full_like(last, -1)
         # tokens since the current document started, at this segment's first token (global positions
         # continue from 0 where no document has started yet: what one rank computes for the full row)
         doc_start_pos = torch.where(before >= 0, offset - before, torch.full_like(before, offset))
@@ -115,7 +117,9 @@ class Segment:
         w = torch.exp(log_gamma.double().view(1, -1) * T * hops.view(P, 1))  # [P, H], <= 1: no overflow
         starts = torch.cumsum(self.has_start.int(), dim=0)  # [P, B]
         # no document start in segments j+1 .. r-1 (r = 0: nothing comes in)
-        alive = (starts[r - 1:r] - starts == 0) & (j < r).view(P, 1) if r else torch.zeros_like(starts, dtype=torch.bool)
+        alive = (
+            (starts[r - 1 : r] - starts == 0) & (j < r).view(P, 1) if r else torch.zeros_like(starts, dtype=torch.bool)
+        )
         return (w.view(P, 1, -1) * alive.unsqueeze(-1)).float()  # [P, B, H]
 
     def combine(self, o, row_sum, state, q, log_gamma):

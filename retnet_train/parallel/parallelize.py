@@ -2,6 +2,7 @@
 torch.compile of each block and activation checkpointing. The model's modules stay as they are
 built: each change replaces a forward or a retention core of one instance, so parameter names,
 state dicts and DeepSpeed's hooks are those of the plain model."""
+
 from __future__ import annotations
 
 from typing import Optional
@@ -16,8 +17,14 @@ from ..model.retnet import MultiScaleRetention, RetNetForCausalLM
 from .context import KEY, ContextParallel, context_parallel_core, context_parallel_forward
 
 
-def parallelize(model: nn.Module, *, compile: bool = False, activation_checkpointing="none",
-                activation_memory_budget: float = 1.0, context_parallel: Optional[ContextParallel] = None):
+def parallelize(
+    model: nn.Module,
+    *,
+    compile: bool = False,
+    activation_checkpointing="none",
+    activation_memory_budget: float = 1.0,
+    context_parallel: Optional[ContextParallel] = None,
+):
     """Apply to `model` (built by model.build_model, before or after deepspeed.initialize) in place, and
     return it.
 
@@ -29,8 +36,10 @@ def parallelize(model: nn.Module, *, compile: bool = False, activation_checkpoin
     recomputes what the forward would keep, cheapest first, until what is kept is that fraction."""
     mode = checkpointing_mode(activation_checkpointing)
     if activation_memory_budget != 1 and not compile:
-        raise ValueError(f"activation_memory_budget: {activation_memory_budget} needs compile: torch.compile's "
-                         "partitioner does the recomputing")
+        raise ValueError(
+            f"activation_memory_budget: {activation_memory_budget} needs compile: torch.compile's "
+            "partitioner does the recomputing"
+        )
     if any("forward" in vars(m) or "retention_core" in vars(m) for m in model.modules()):
         raise ValueError("parallelize: this model is parallelized already; build a new one")
     if context_parallel is not None:
@@ -43,8 +52,9 @@ def parallelize(model: nn.Module, *, compile: bool = False, activation_checkpoin
 
 def apply_context_parallel(model: nn.Module, cp: ContextParallel) -> None:
     if not isinstance(model, RetNetForCausalLM):
-        raise ValueError(f"{KEY}={cp.size} needs a RetNet (model.arch=retnet): only its state can be passed "
-                         "between ranks")
+        raise ValueError(
+            f"{KEY}={cp.size} needs a RetNet (model.arch=retnet): only its state can be passed between ranks"
+        )
     for module in model.modules():
         if isinstance(module, MultiScaleRetention):
             module.retention_core = context_parallel_core(module)

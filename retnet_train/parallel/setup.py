@@ -1,4 +1,5 @@
 """Trainer-side helpers: rank layout of context parallelism and token-weighted means."""
+
 from __future__ import annotations
 
 from typing import Optional, Tuple
@@ -15,13 +16,18 @@ def check_layout(size: int, world: Optional[int], seq_len: int) -> None:
     if size < 1:
         raise ValueError(f"{KEY}: must be >= 1, got {size}")
     if world is not None and world % size:
-        raise ValueError(f"{KEY}={size} does not divide the world size {world}: "
-                         f"launch a multiple of {size} ranks or change {KEY}")
+        raise ValueError(
+            f"{KEY}={size} does not divide the world size {world}: launch a multiple of {size} ranks or change {KEY}"
+        )
     if seq_len % size:
-        raise ValueError(f"{KEY}={size} does not divide data.seq_len={seq_len}: each rank holds seq_len / {size} tokens")
+        raise ValueError(
+            f"{KEY}={size} does not divide data.seq_len={seq_len}: each rank holds seq_len / {size} tokens"
+        )
 
 
-def build_context_parallel(size: int, rank: int, world: int, seq_len: int) -> Tuple[Optional[ContextParallel], int, int]:
+def build_context_parallel(
+    size: int, rank: int, world: int, seq_len: int
+) -> Tuple[Optional[ContextParallel], int, int]:
     """(cp or None, data-parallel rank, data-parallel world). Consecutive ranks form a group: on one
     node when P divides the GPUs per node, where the per-layer state exchange is fastest. Every rank
     creates every group, in the same order (torch.distributed requires it)."""

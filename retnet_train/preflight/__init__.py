@@ -20,6 +20,7 @@ parameter counts, overrides), report (the ok/warn/FAIL lines and the verdict), l
 variables -> launch variables and hostfiles, `python -m retnet_train.preflight.launch_env`; torch-free,
 as is this package's import). This package re-exports what the tests and callers use.
 """
+
 import shutil  # re-exported: tests patch pf.shutil.disk_usage, which storage's free-space check calls
 
 from .cli import _validate, build_parser, main
@@ -30,13 +31,44 @@ from .report import Report, human_bytes, summarize
 from .shared_dir import check_shared
 from .storage import BYTES_PER_PARAM, check_disk, check_writable
 from .trainer_config import (
-    REPO_ROOT, PreflightError, TrainerView, compose_trainer_config, hydra_overrides, override_value,
-    params_from_preset, parse_params, resolve_params, trainer_view,
+    REPO_ROOT,
+    PreflightError,
+    TrainerView,
+    compose_trainer_config,
+    hydra_overrides,
+    override_value,
+    params_from_preset,
+    parse_params,
+    resolve_params,
+    trainer_view,
 )
 
 __all__ = [
-    "BYTES_PER_PARAM", "REPO_ROOT", "PreflightError", "Report", "TrainerView", "_validate", "apply_launcher_env",
-    "build_parser", "check_disk", "check_fla", "check_gpus", "check_shared", "check_vendor", "check_versions",
-    "check_writable", "compose_trainer_config", "dist_check", "human_bytes", "hydra_overrides", "main",
-    "override_value", "params_from_preset", "parse_params", "resolve_params", "shutil", "summarize", "trainer_view",
+    "BYTES_PER_PARAM",
+    "REPO_ROOT",
+    "PreflightError",
+    "Report",
+    "TrainerView",
+    "_validate",
+    "apply_launcher_env",
+    "build_parser",
+    "check_disk",
+    "check_fla",
+    "check_gpus",
+    "check_shared",
+    "check_vendor",
+    "check_versions",
+    "check_writable",
+    "compose_trainer_config",
+    "dist_check",
+    "human_bytes",
+    "hydra_overrides",
+    "main",
+    "override_value",
+    "params_from_preset",
+    "parse_params",
+    "resolve_params",
+    "shutil",
+    "summarize",
+    "trainer_view",
 ]

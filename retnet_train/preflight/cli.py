@@ -2,6 +2,7 @@
 Hydra overrides (checkpoint dir, parameter count, precision, device), then run the node, storage
 and shared-directory checks in order and exit 0 (passed), 1 (a check failed) or 2 (bad arguments).
 Only the orchestration lives here; each check is in its own module."""
+
 from __future__ import annotations
 
 import argparse
@@ -19,37 +20,63 @@ from .report import Report, summarize
 from .shared_dir import check_shared
 from .storage import check_disk, check_writable
 from .trainer_config import (
-    PreflightError, compose_trainer_config, hydra_overrides, parse_params, resolve_params, trainer_view,
+    PreflightError,
+    compose_trainer_config,
+    hydra_overrides,
+    parse_params,
+    resolve_params,
+    trainer_view,
 )
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="python -m retnet_train.preflight",
-                                description="Check a node before training (see the module docstring).")
+    p = argparse.ArgumentParser(
+        prog="python -m retnet_train.preflight", description="Check a node before training (see the module docstring)."
+    )
     p.add_argument("--checkpoint-dir", type=Path, help="checkpoint directory: writable, shared, free space")
     g = p.add_mutually_exclusive_group()
     g.add_argument("--params", help="parameter count for the free-space check, e.g. 1.3e9")
     g.add_argument("--model-preset", help="model preset YAML (configs/model/NAME.yaml) to count parameters of")
-    p.add_argument("--keep-checkpoints", type=int, default=None,
-                   help="checkpoints on disk at once (default: the config's checkpoint.keep_last + 1, else 2)")
-    p.add_argument("--no-config", action="store_true",
-                   help="do not compose the trainer's Hydra config from the overrides (another --module)")
+    p.add_argument(
+        "--keep-checkpoints",
+        type=int,
+        default=None,
+        help="checkpoints on disk at once (default: the config's checkpoint.keep_last + 1, else 2)",
+    )
+    p.add_argument(
+        "--no-config",
+        action="store_true",
+        help="do not compose the trainer's Hydra config from the overrides (another --module)",
+    )
     p.add_argument("--nproc-per-node", type=int, help="processes this node will start (one per GPU)")
     p.add_argument("--nnodes", type=int, default=1)
     p.add_argument("--node-rank", type=int, default=0)
     p.add_argument("--shared-id", default="preflight", help="same on all nodes of one launch (e.g. the job id)")
-    p.add_argument("--shared-timeout", type=float, default=None,
-                   help="seconds to wait for the other nodes [PREFLIGHT_SHARED_TIMEOUT]; default 120")
+    p.add_argument(
+        "--shared-timeout",
+        type=float,
+        default=None,
+        help="seconds to wait for the other nodes [PREFLIGHT_SHARED_TIMEOUT]; default 120",
+    )
     p.add_argument("--require-gpu", action="store_true", help="fail when no GPU is visible")
-    p.add_argument("--vendor", choices=("cuda", "rocm"),
-                   help="the cluster's GPU stack: fail when torch is another build (a CUDA wheel on AMD nodes)")
+    p.add_argument(
+        "--vendor",
+        choices=("cuda", "rocm"),
+        help="the cluster's GPU stack: fail when torch is another build (a CUDA wheel on AMD nodes)",
+    )
     p.add_argument("--require-fla", action="store_true", help="fail when fla's retention kernels cannot be imported")
     p.add_argument("--no-bf16-check", action="store_true", help="only warn when the GPU lacks bf16")
-    p.add_argument("--dist-check", action="store_true",
-                   help="run under torchrun: all_reduce across all ranks (gloo on CPU, nccl/rccl on GPU)")
-    p.add_argument("--from-launcher-env", action="store_true",
-                   help="started by torchrun or the deepspeed launcher on every node: take node rank, node "
-                        "count and processes per node from its variables; only local rank 0 checks")
+    p.add_argument(
+        "--dist-check",
+        action="store_true",
+        help="run under torchrun: all_reduce across all ranks (gloo on CPU, nccl/rccl on GPU)",
+    )
+    p.add_argument(
+        "--from-launcher-env",
+        action="store_true",
+        help="started by torchrun or the deepspeed launcher on every node: take node rank, node "
+        "count and processes per node from its variables; only local rank 0 checks",
+    )
     p.add_argument("overrides", nargs="*", help="after --: the Hydra overrides of the run (model=NAME is read)")
     return p
 
@@ -93,8 +120,10 @@ def main(argv: Sequence[str] | None = None) -> int:
             try:
                 view = trainer_view(cfg, world)
             except AttributeError as exc:  # the trainer's schema moved under us: fall back to options
-                print(f"preflight: warning: trainer config layout not understood ({exc}); "
-                      f"checks use the options only", file=sys.stderr)
+                print(
+                    f"preflight: warning: trainer config layout not understood ({exc}); checks use the options only",
+                    file=sys.stderr,
+                )
         if args.params is not None or args.model_preset is not None or view is None:
             args.overrides = overrides
             params, source = resolve_params(args)
@@ -103,8 +132,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         ckpt_arg = args.checkpoint_dir.expanduser().absolute() if args.checkpoint_dir else None
         ckpt = ckpt_arg or (view.checkpoint_dir.expanduser().absolute() if view else None)
         if args.nnodes > 1 and ckpt is None:
-            raise PreflightError(f"--nnodes={args.nnodes} needs --checkpoint-dir (or the trainer config): a "
-                                 f"multi-node run must check that its checkpoint directory is shared")
+            raise PreflightError(
+                f"--nnodes={args.nnodes} needs --checkpoint-dir (or the trainer config): a "
+                f"multi-node run must check that its checkpoint directory is shared"
+            )
     except PreflightError as exc:
         print(f"preflight: error: {exc}", file=sys.stderr)
         return 2
@@ -114,18 +145,26 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.vendor:
         check_vendor(rep, args.vendor)
     require_gpu = args.require_gpu or (view is not None and view.device == "cuda")
-    check_gpus(rep, nproc_per_node=args.nproc_per_node, require_gpu=require_gpu,
-               require_bf16=not args.no_bf16_check and (view is None or view.precision == "bf16"))
+    check_gpus(
+        rep,
+        nproc_per_node=args.nproc_per_node,
+        require_gpu=require_gpu,
+        require_bf16=not args.no_bf16_check and (view is None or view.precision == "bf16"),
+    )
     check_fla(rep, require_fla=args.require_fla)
     if view is not None:
-        rep.ok(f"trainer config composed ({' '.join(overrides) or 'defaults'}): checkpoints in {view.checkpoint_dir}, "
-               f"precision {view.precision}, device {view.device}")
+        rep.ok(
+            f"trainer config composed ({' '.join(overrides) or 'defaults'}): checkpoints in {view.checkpoint_dir}, "
+            f"precision {view.precision}, device {view.device}"
+        )
         for problem in view.problems:
             rep.fail(f"trainer config: {problem}")
         if ckpt_arg is not None and ckpt_arg != view.checkpoint_dir.expanduser().absolute():
-            rep.fail(f"--checkpoint-dir {ckpt_arg} but the trainer will write checkpoints to "
-                     f"{view.checkpoint_dir.expanduser().absolute()} (checkpoint.dir, else run.dir/checkpoints): "
-                     f"add the override checkpoint.dir={ckpt_arg}")
+            rep.fail(
+                f"--checkpoint-dir {ckpt_arg} but the trainer will write checkpoints to "
+                f"{view.checkpoint_dir.expanduser().absolute()} (checkpoint.dir, else run.dir/checkpoints): "
+                f"add the override checkpoint.dir={ckpt_arg}"
+            )
     elif not args.no_config:
         rep.warn("no trainer config in this checkout (configs/config.yaml): checkpoint dir and model from options only")
     keep = args.keep_checkpoints or (view.keep if view else 2)
@@ -134,6 +173,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     else:
         if check_writable(rep, ckpt):
             check_disk(rep, ckpt, params, keep, source)
-            check_shared(rep, ckpt, shared_id=args.shared_id, node_rank=args.node_rank, nnodes=args.nnodes,
-                         timeout=args.shared_timeout)
+            check_shared(
+                rep,
+                ckpt,
+                shared_id=args.shared_id,
+                node_rank=args.node_rank,
+                nnodes=args.nnodes,
+                timeout=args.shared_timeout,
+            )
     return summarize(rep, args.node_rank)

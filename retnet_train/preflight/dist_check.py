@@ -2,6 +2,7 @@
 all_reduce and all_gather across every rank on every node (nccl/rccl on GPU, gloo on CPU), so a
 broken interconnect, firewall or rendezvous shows in seconds instead of as a hang in the first
 training step. Separate from the node checks: it needs the launcher's process group."""
+
 from __future__ import annotations
 
 import os
@@ -35,11 +36,15 @@ def dist_check(timeout_s: float = 120.0) -> int:
         dist.all_gather_object(hosts, f"{socket.gethostname()}:{os.getpid()}")
         expect = world * (world + 1) / 2
         if t.item() != expect:
-            print(f"preflight --dist-check: rank {rank}: all_reduce gave {t.item()}, expected {expect}", file=sys.stderr)
+            print(
+                f"preflight --dist-check: rank {rank}: all_reduce gave {t.item()}, expected {expect}", file=sys.stderr
+            )
             return 1
         dist.barrier()
         if rank == 0:
-            print(f"dist-check ok: backend={backend} world_size={world} all_reduce={t.item():g} ranks={hosts}", flush=True)
+            print(
+                f"dist-check ok: backend={backend} world_size={world} all_reduce={t.item():g} ranks={hosts}", flush=True
+            )
         return 0
     finally:
         dist.destroy_process_group()

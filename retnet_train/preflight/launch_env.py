@@ -19,6 +19,7 @@ Variables read (explicit settings win over SLURM's):
   RDZV_ID          else SLURM_JOB_ID, else "retnet"
 This module must stay importable without torch: it runs on every node before anything else.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -170,13 +171,16 @@ def _gpus_per_node(env: Mapping[str, str]) -> int | None:
     if raw:
         count = raw.split(",")[0].split(":")[-1].split("(")[0]
         if not count.isdigit() or int(count) < 1:
-            raise LaunchEnvError(f"SLURM_GPUS_PER_NODE={raw!r}: cannot read a GPU count (expected e.g. '8' or 'a100:8')")
+            raise LaunchEnvError(
+                f"SLURM_GPUS_PER_NODE={raw!r}: cannot read a GPU count (expected e.g. '8' or 'a100:8')"
+            )
         return int(count)
     return None
 
 
-def launch_env_from(env: Mapping[str, str], *, nproc_per_node: int | None = None,
-                    node_rank: int | None = None) -> LaunchEnv:
+def launch_env_from(
+    env: Mapping[str, str], *, nproc_per_node: int | None = None, node_rank: int | None = None
+) -> LaunchEnv:
     """Node rank, world size and rendezvous address for this node from a SLURM environment.
 
     Arguments override the environment (the sbatch dry-run renders every node's view with
@@ -184,8 +188,10 @@ def launch_env_from(env: Mapping[str, str], *, nproc_per_node: int | None = None
     """
     list_var = _first(env, "SLURM_JOB_NODELIST", "SLURM_NODELIST")
     if list_var is None:
-        raise LaunchEnvError("SLURM_JOB_NODELIST is unset: not inside a SLURM allocation "
-                             "(run under sbatch/salloc, or launch with launch/torchrun.sh --nnodes ...)")
+        raise LaunchEnvError(
+            "SLURM_JOB_NODELIST is unset: not inside a SLURM allocation "
+            "(run under sbatch/salloc, or launch with launch/torchrun.sh --nnodes ...)"
+        )
     hosts = expand_nodelist(env[list_var], list_var)
 
     nn_var = _first(env, "NNODES", "SLURM_JOB_NUM_NODES", "SLURM_NNODES")
@@ -210,8 +216,10 @@ def launch_env_from(env: Mapping[str, str], *, nproc_per_node: int | None = None
         else:
             nproc_per_node = _gpus_per_node(env)
         if nproc_per_node is None:
-            raise LaunchEnvError("NPROC_PER_NODE is unset and SLURM_GPUS_ON_NODE / SLURM_GPUS_PER_NODE give no "
-                                 "GPU count: request GPUs (--gpus-per-node=8) or set NPROC_PER_NODE")
+            raise LaunchEnvError(
+                "NPROC_PER_NODE is unset and SLURM_GPUS_ON_NODE / SLURM_GPUS_PER_NODE give no "
+                "GPU count: request GPUs (--gpus-per-node=8) or set NPROC_PER_NODE"
+            )
     elif nproc_per_node < 1:
         raise LaunchEnvError(f"nproc_per_node={nproc_per_node} must be >= 1")
 
@@ -219,9 +227,11 @@ def launch_env_from(env: Mapping[str, str], *, nproc_per_node: int | None = None
     master_addr = env["MASTER_ADDR"].strip() if explicit_addr else hosts[0]
     here = env.get("SLURMD_NODENAME", "").strip()
     if here and not explicit_addr and rank_var == "SLURM_NODEID" and hosts[node_rank] != here:
-        raise LaunchEnvError(f"SLURMD_NODENAME={here!r} but {list_var} puts {hosts[node_rank]!r} at "
-                             f"SLURM_NODEID={node_rank}: node list order is not what this helper assumes; "
-                             f"set MASTER_ADDR to node 0's address")
+        raise LaunchEnvError(
+            f"SLURMD_NODENAME={here!r} but {list_var} puts {hosts[node_rank]!r} at "
+            f"SLURM_NODEID={node_rank}: node list order is not what this helper assumes; "
+            f"set MASTER_ADDR to node 0's address"
+        )
 
     job_id = env.get("SLURM_JOB_ID", "").strip()
     if env.get("MASTER_PORT", "").strip():
@@ -235,8 +245,15 @@ def launch_env_from(env: Mapping[str, str], *, nproc_per_node: int | None = None
     rdzv_id = env.get("RDZV_ID", "").strip() or job_id or "retnet"
     if not re.fullmatch(r"[A-Za-z0-9_.-]+", rdzv_id):
         raise LaunchEnvError(f"RDZV_ID={rdzv_id!r} may only contain letters, digits, '_', '.', '-'")
-    return LaunchEnv(nnodes=nnodes, node_rank=node_rank, nproc_per_node=nproc_per_node,
-                     master_addr=master_addr, master_port=master_port, rdzv_id=rdzv_id, hosts=tuple(hosts))
+    return LaunchEnv(
+        nnodes=nnodes,
+        node_rank=node_rank,
+        nproc_per_node=nproc_per_node,
+        master_addr=master_addr,
+        master_port=master_port,
+        rdzv_id=rdzv_id,
+        hosts=tuple(hosts),
+    )
 
 
 def hostfile_lines(env: Mapping[str, str], slots: int) -> list[str]:
@@ -267,7 +284,9 @@ def read_hostfile(path: str) -> list[tuple[str, int]]:
             continue
         m = re.fullmatch(r"(\S+)\s+slots=(\d+)", line)
         if not m or int(m.group(2)) < 1:
-            raise LaunchEnvError(f"--hostfile {path}:{lineno}: expected 'HOST slots=N' with N >= 1, got {raw.strip()!r}")
+            raise LaunchEnvError(
+                f"--hostfile {path}:{lineno}: expected 'HOST slots=N' with N >= 1, got {raw.strip()!r}"
+            )
         if any(h == m.group(1) for h, _ in out):
             raise LaunchEnvError(f"--hostfile {path}:{lineno}: host {m.group(1)!r} listed twice")
         out.append((m.group(1), int(m.group(2))))
@@ -283,7 +302,9 @@ def main(argv: Sequence[str] | None = None, environ: Mapping[str, str] | None = 
     import os
 
     environ = os.environ if environ is None else environ
-    parser = argparse.ArgumentParser(prog="python -m retnet_train.preflight.launch_env", description=__doc__.split("\n")[0])
+    parser = argparse.ArgumentParser(
+        prog="python -m retnet_train.preflight.launch_env", description=__doc__.split("\n")[0]
+    )
     sub = parser.add_subparsers(dest="cmd", required=True)
     p_env = sub.add_parser("env", help="print this node's launch variables")
     p_env.add_argument("--format", choices=("shell", "json"), default="shell")

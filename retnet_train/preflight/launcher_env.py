@@ -1,6 +1,7 @@
 """`--from-launcher-env`: the preflight started on every node by torchrun or the DeepSpeed launcher
 (launch/deepspeed.sh has no other way to reach each node) takes node rank, node count and
 processes per node from that launcher's variables; only local rank 0 of each node checks."""
+
 from __future__ import annotations
 
 import argparse

@@ -2,6 +2,7 @@
 the torch build's vendor, the visible GPUs (count against --nproc-per-node, bf16 support) and
 whether fla's retention kernels import. These are the checks that fail after the queue wait when
 a node has the wrong wheel or driver, so they run first and each names the fix."""
+
 from __future__ import annotations
 
 import importlib
@@ -60,21 +61,30 @@ def check_vendor(rep: Report, vendor: str) -> None:
     build = "rocm" if torch.version.hip else "cuda" if torch.version.cuda else "cpu"
     if build == vendor:
         return
-    how = ("pip install --index-url https://download.pytorch.org/whl/rocmX.Y torch" if vendor == "rocm"
-           else "pip install torch (a CUDA wheel)")
-    rep.fail(f"this launch is for {'AMD ROCm' if vendor == 'rocm' else 'NVIDIA CUDA'} GPUs but torch "
-             f"{torch.__version__} is a {build.upper() if build != 'cpu' else 'CPU-only'} build: {how}")
+    how = (
+        "pip install --index-url https://download.pytorch.org/whl/rocmX.Y torch"
+        if vendor == "rocm"
+        else "pip install torch (a CUDA wheel)"
+    )
+    rep.fail(
+        f"this launch is for {'AMD ROCm' if vendor == 'rocm' else 'NVIDIA CUDA'} GPUs but torch "
+        f"{torch.__version__} is a {build.upper() if build != 'cpu' else 'CPU-only'} build: {how}"
+    )
 
 
 def check_gpus(rep: Report, *, nproc_per_node: int | None, require_gpu: bool, require_bf16: bool) -> None:
     import torch
 
-    vis = {k: os.environ[k] for k in ("CUDA_VISIBLE_DEVICES", "HIP_VISIBLE_DEVICES", "ROCR_VISIBLE_DEVICES")
-           if k in os.environ}
+    vis = {
+        k: os.environ[k]
+        for k in ("CUDA_VISIBLE_DEVICES", "HIP_VISIBLE_DEVICES", "ROCR_VISIBLE_DEVICES")
+        if k in os.environ
+    }
     vis_txt = f" ({', '.join(f'{k}={v}' for k, v in vis.items())})" if vis else ""
     n = torch.cuda.device_count() if torch.cuda.is_available() else 0
     if n == 0:
-        msg = f"no GPU: {'CPU-only torch build' if not (torch.version.cuda or torch.version.hip) else 'no device visible'}{vis_txt}"
+        why = "CPU-only torch build" if not (torch.version.cuda or torch.version.hip) else "no device visible"
+        msg = f"no GPU: {why}{vis_txt}"
         if require_gpu:
             rep.fail(msg + " and --require-gpu was given")
         else:
@@ -85,13 +95,17 @@ def check_gpus(rep: Report, *, nproc_per_node: int | None, require_gpu: bool, re
     if nproc_per_node is not None and nproc_per_node > n:
         rep.fail(f"--nproc-per-node={nproc_per_node} but only {n} GPU(s) are visible{vis_txt}")
     if torch.version.hip and vis.get("HIP_VISIBLE_DEVICES") and vis.get("ROCR_VISIBLE_DEVICES"):
-        rep.warn("both ROCR_VISIBLE_DEVICES and HIP_VISIBLE_DEVICES are set: HIP indexes into the devices ROCR "
-                 "leaves visible, so the two compound; keep only ROCR_VISIBLE_DEVICES (SLURM sets it)")
+        rep.warn(
+            "both ROCR_VISIBLE_DEVICES and HIP_VISIBLE_DEVICES are set: HIP indexes into the devices ROCR "
+            "leaves visible, so the two compound; keep only ROCR_VISIBLE_DEVICES (SLURM sets it)"
+        )
     if torch.cuda.is_bf16_supported():
         rep.ok("bf16 supported")
     elif require_bf16:
-        rep.fail("bf16 is not supported on this GPU (pre-Ampere NVIDIA / pre-MI200 AMD); "
-                 "pass --no-bf16-check if your config trains in fp16/fp32")
+        rep.fail(
+            "bf16 is not supported on this GPU (pre-Ampere NVIDIA / pre-MI200 AMD); "
+            "pass --no-bf16-check if your config trains in fp16/fp32"
+        )
     else:
         rep.warn("bf16 is not supported on this GPU")
 
@@ -109,5 +123,6 @@ def check_fla(rep: Report, *, require_fla: bool) -> None:
         importlib.import_module("fla.ops.retention")
         rep.ok(f"fla {ver} (fla.ops.retention imports)")
     except Exception as exc:  # noqa: BLE001 - triton/driver mismatches raise anything
-        (rep.fail if require_fla else rep.warn)(f"fla {ver} is installed but fla.ops.retention fails to import: "
-                                                f"{type(exc).__name__}: {exc}")
+        (rep.fail if require_fla else rep.warn)(
+            f"fla {ver} is installed but fla.ops.retention fails to import: {type(exc).__name__}: {exc}"
+        )

@@ -1,6 +1,7 @@
 """The preflight's report: each check prints one `[  ok]` / `[warn]` / `[FAIL]` line as it goes
 and the failures are collected, so that a node's log shows what passed before something failed
 and the run ends with one summary on stderr and the exit status the launch scripts test."""
+
 from __future__ import annotations
 
 import socket
@@ -33,8 +34,10 @@ class Report:
 def summarize(rep: Report, node_rank: int) -> int:
     """Print the verdict for this node; the exit status: 1 when a check failed, else 0."""
     if rep.failures:
-        print(f"preflight FAILED on node {node_rank} ({socket.gethostname()}): {len(rep.failures)} problem(s):",
-              file=sys.stderr)
+        print(
+            f"preflight FAILED on node {node_rank} ({socket.gethostname()}): {len(rep.failures)} problem(s):",
+            file=sys.stderr,
+        )
         for m in rep.failures:
             print(f"  - {m}", file=sys.stderr)
         return 1

@@ -5,6 +5,7 @@ the same --shared-id. Node 0 writes <dir>/.preflight/<id>.marker holding a rando
 other node waits for it, then writes <id>.ack-<rank> with that nonce; node 0 waits for all acks
 and writes <id>.done; the others wait for it and delete their acks; node 0 removes the marker and
 done file. A node-local directory fails on both sides within the timeout (--shared-timeout)."""
+
 from __future__ import annotations
 
 import json
@@ -53,8 +54,10 @@ def check_shared(rep: Report, ckpt: Path, *, shared_id: str, node_rank: int, nno
     d.mkdir(parents=True, exist_ok=True)
     marker, done = d / f"{shared_id}.marker", d / f"{shared_id}.done"
     ack = lambda r: d / f"{shared_id}.ack-{r}"  # noqa: E731
-    hint = ("is it node-local storage (/tmp, local NVMe, a per-node mount)? "
-            "Checkpoints must be on a filesystem all nodes mount")
+    hint = (
+        "is it node-local storage (/tmp, local NVMe, a per-node mount)? "
+        "Checkpoints must be on a filesystem all nodes mount"
+    )
     if node_rank == 0:
         for stale in [marker, done, *(ack(r) for r in range(1, nnodes))]:
             stale.unlink(missing_ok=True)
@@ -63,8 +66,10 @@ def check_shared(rep: Report, ckpt: Path, *, shared_id: str, node_rank: int, nno
         have = lambda: [r for r in range(1, nnodes) if (_read(ack(r)) or "").strip() == nonce]  # noqa: E731
         if not _wait(lambda: len(have()) == nnodes - 1, timeout):
             missing = sorted(set(range(1, nnodes)) - set(have()))
-            rep.fail(f"checkpoint dir {ckpt} is not shared: node(s) {missing} did not acknowledge node 0's marker "
-                     f"{marker} within {timeout:g}s; {hint} (or did those nodes not start the preflight?)")
+            rep.fail(
+                f"checkpoint dir {ckpt} is not shared: node(s) {missing} did not acknowledge node 0's marker "
+                f"{marker} within {timeout:g}s; {hint} (or did those nodes not start the preflight?)"
+            )
             marker.unlink(missing_ok=True)
             return
         _write_atomic(done, nonce)
@@ -93,7 +98,11 @@ def check_shared(rep: Report, ckpt: Path, *, shared_id: str, node_rank: int, nno
         return acked["nonce"] is not None and (_read(done) or "").strip() == acked["nonce"]
 
     if not _wait(step, timeout):
-        seen = "saw node 0's marker but not its completion" if acked["nonce"] else f"node 0's marker {marker} never appeared"
+        seen = (
+            "saw node 0's marker but not its completion"
+            if acked["nonce"]
+            else f"node 0's marker {marker} never appeared"
+        )
         rep.fail(f"checkpoint dir {ckpt} is not shared (node {node_rank}): {seen} within {timeout:g}s; {hint}")
         return
     ack(node_rank).unlink(missing_ok=True)

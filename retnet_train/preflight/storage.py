@@ -3,6 +3,7 @@ back and removed) and with room for the checkpoints. Size: 16 bytes per paramete
 + fp32 master weights 4 + Adam's two fp32 moments 8, rounded up for metadata and the data loader
 state), times the checkpoints on disk at once (default 2: a new checkpoint is written before the
 previous one is removed). Whether other nodes see the same directory is shared_dir.py's job."""
+
 from __future__ import annotations
 
 import errno
@@ -29,8 +30,10 @@ def check_writable(rep: Report, ckpt: Path) -> bool:
         ok = probe.read_bytes() == data
         probe.unlink()
     except OSError as exc:
-        rep.fail(f"checkpoint dir {ckpt} is not writable: {exc.strerror or exc} "
-                 f"({errno.errorcode.get(exc.errno, exc.errno)})")
+        rep.fail(
+            f"checkpoint dir {ckpt} is not writable: {exc.strerror or exc} "
+            f"({errno.errorcode.get(exc.errno, exc.errno)})"
+        )
         return False
     if not ok:
         rep.fail(f"checkpoint dir {ckpt}: a file written there reads back different")
@@ -46,8 +49,10 @@ def check_disk(rep: Report, ckpt: Path, params: int | None, keep: int, source: s
     need = params * BYTES_PER_PARAM * keep
     free = shutil.disk_usage(ckpt).free
     count = f"{params / 1e9:.3g}B" if params >= 1e9 else f"{params / 1e6:.3g}M"
-    what = (f"{count} params ({source}) x {BYTES_PER_PARAM} B/param x {keep} checkpoint(s) "
-            f"= {human_bytes(need)}; free on {ckpt}: {human_bytes(free)}")
+    what = (
+        f"{count} params ({source}) x {BYTES_PER_PARAM} B/param x {keep} checkpoint(s) "
+        f"= {human_bytes(need)}; free on {ckpt}: {human_bytes(free)}"
+    )
     if free < need:
         rep.fail("not enough disk for checkpoints: " + what)
     else:

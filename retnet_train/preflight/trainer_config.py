@@ -3,6 +3,7 @@ composed trainer config) and the checkpoint directory, batch arithmetic and data
 itself will use, from the same Hydra overrides. The preflight composes the config exactly as
 `python -m retnet_train.train` would, so it checks the directory the trainer will really write to
 and fails on values the trainer would only reject after the queue wait."""
+
 from __future__ import annotations
 
 import argparse
@@ -112,8 +113,9 @@ def compose_trainer_config(overrides: Sequence[str]):
 
         from retnet_train.components import config as schema
     except ImportError as exc:
-        raise PreflightError(f"cannot compose the trainer config: {exc} (install the project: pip install -e .; "
-                             f"or pass --no-config)") from None
+        raise PreflightError(
+            f"cannot compose the trainer config: {exc} (install the project: pip install -e .; or pass --no-config)"
+        ) from None
     schema.register()
     try:
         with initialize_config_dir(config_dir=str(REPO_ROOT / "configs"), version_base="1.3"):
@@ -144,8 +146,11 @@ def trainer_view(cfg, world_size: int | None) -> TrainerView:
         except ValueError as exc:
             problems.append(f"{exc} (world size {world_size})")
     data = getattr(cfg, "data", None)
-    paths = [(f"data.sources.{name}.path", src.get("path")) for name, src in (getattr(data, "sources", None) or {}).items()
-             if isinstance(src, dict)]
+    paths = [
+        (f"data.sources.{name}.path", src.get("path"))
+        for name, src in (getattr(data, "sources", None) or {}).items()
+        if isinstance(src, dict)
+    ]
     paths += [(f"data.paths[{i}]", p) for i, p in enumerate(getattr(data, "paths", None) or [])]
     for key, path in paths:
         # a shard directory or manifest, or a Megatron prefix (PREFIX.bin / PREFIX.idx)
@@ -159,15 +164,32 @@ def trainer_view(cfg, world_size: int | None) -> TrainerView:
     except (ValueError, TypeError, KeyError) as exc:
         raise PreflightError(f"model config: {exc}") from None
     ckpt = cfg.checkpoint.dir or os.path.join(cfg.run.dir, "checkpoints")
-    return TrainerView(checkpoint_dir=Path(ckpt), keep=int(cfg.checkpoint.keep_last) + 1, params=params,
-                       precision=str(cfg.deepspeed.precision), device=str(cfg.train.device), problems=problems)
+    return TrainerView(
+        checkpoint_dir=Path(ckpt),
+        keep=int(cfg.checkpoint.keep_last) + 1,
+        params=params,
+        precision=str(cfg.deepspeed.precision),
+        device=str(cfg.train.device),
+        problems=problems,
+    )
 
 
 # ---------------------------------------------------------------- overrides
 
 
-_HYDRA_VALUE_FLAGS = {"-c", "--cfg", "-p", "--package", "-cp", "--config-path", "-cn", "--config-name",
-                      "-cd", "--config-dir", "--experimental-rerun"}
+_HYDRA_VALUE_FLAGS = {
+    "-c",
+    "--cfg",
+    "-p",
+    "--package",
+    "-cp",
+    "--config-path",
+    "-cn",
+    "--config-name",
+    "-cd",
+    "--config-dir",
+    "--experimental-rerun",
+}
 
 
 def hydra_overrides(args: Sequence[str]) -> list[str]:

@@ -2,6 +2,7 @@
 the 1.3B presets' ratios scaled to a tiny width (RetNet: 8 heads, value dim 2d, FFN 2d, chunk = key head
 dim as in retnet_1.3b_8k's 256/256; Transformer: 16 heads, FFN 4d), eager and compiled as the trainer
 compiles (parallelize, activation memory budget 0.8)."""
+
 import functools
 
 import pytest
@@ -11,7 +12,9 @@ from retnet_train.bench.activation_bytes import layer_bytes_per_token
 from retnet_train.bench.train_throughput import load_preset
 
 D = 128
-RETNET = load_preset("1.3b", vocab_size=512, d_model=D, n_heads=8, ffn_dim=2 * D, chunk_size=16, retention_backend="torch")
+RETNET = load_preset(
+    "1.3b", vocab_size=512, d_model=D, n_heads=8, ffn_dim=2 * D, chunk_size=16, retention_backend="torch"
+)
 TRANSFORMER = load_preset("transformer_1.3b", vocab_size=512, d_model=D, n_heads=16, ffn_dim=4 * D)
 
 

@@ -1,4 +1,5 @@
 """The GPU benchmarks' pure parts, on CPU: kernel categories and shares, the FLOP count, the engine config."""
+
 from types import SimpleNamespace
 
 import pytest
@@ -37,8 +38,10 @@ def test_time_breakdown_categories_sum_to_one():
 
 def test_cudnn_flash_attention_is_not_a_gemm():
     """cuDNN's SDPA kernels have "sm90" in their names, as the cuBLAS GEMMs do."""
-    rows = [("cudnn_generated_fort_native_sdpa_sm90_flash_bprop_wgmma_f16_knob_26", 300.0, 1),
-            ("nvjet_sm90_tst_128x256_64x4_2x1_v_bz_coopA_NTN", 100.0, 1)]
+    rows = [
+        ("cudnn_generated_fort_native_sdpa_sm90_flash_bprop_wgmma_f16_knob_26", 300.0, 1),
+        ("nvjet_sm90_tst_128x256_64x4_2x1_v_bz_coopA_NTN", 100.0, 1),
+    ]
     assert time_breakdown(FakeProfile(rows)) == {"flash_attention": 0.75, "gemm": 0.25}
 
 

@@ -1,5 +1,6 @@
 """Decode benchmark (CPU smoke run with tiny presets; the figures come from the GPU run) and
 the CUDA-graph step (GPU): replaying the captured step gives the eager step's logits."""
+
 import json
 import sys
 from pathlib import Path
@@ -9,15 +10,38 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "inference"))
 from gen_fixtures import VOCAB, tiny_model  # noqa: E402
+
 from retnet_train.bench.decode import main, speedup_rows  # noqa: E402
 from retnet_train.inference.decoding import CudaGraphStep, make_decoder  # noqa: E402
 
 
 def test_bench_cpu_rows_and_prompt_independent_state(capsys, tmp_path):
     out = tmp_path / "rows.jsonl"
-    assert main(["--preset", "tiny", "--baseline", "transformer_tiny", "--prompt-len", "48", "--new-tokens", "3",
-                 "--batch-sizes", "1,2", "--check-prompt-len", "8", "--device", "cpu", "--dtype", "float32",
-                 "--output", str(out)]) == 0
+    assert (
+        main(
+            [
+                "--preset",
+                "tiny",
+                "--baseline",
+                "transformer_tiny",
+                "--prompt-len",
+                "48",
+                "--new-tokens",
+                "3",
+                "--batch-sizes",
+                "1,2",
+                "--check-prompt-len",
+                "8",
+                "--device",
+                "cpu",
+                "--dtype",
+                "float32",
+                "--output",
+                str(out),
+            ]
+        )
+        == 0
+    )
     rows = [json.loads(line) for line in capsys.readouterr().out.splitlines()]
     assert rows == [json.loads(line) for line in out.read_text().splitlines()]
     ret = [r for r in rows if r.get("arch") == "retnet"]
@@ -32,15 +56,30 @@ def test_bench_cpu_rows_and_prompt_independent_state(capsys, tmp_path):
 
 def test_speedup_rows_name_each_baseline_and_out_of_memory():
     rows = [{"arch": "retnet", "batch": b, "prompt_len": 64, "tokens_per_s": 100.0 * b} for b in (1, 8)]
-    rows += [{"arch": "transformer", "batch": 1, "prompt_len": 64, "tokens_per_s": 50.0},
-             {"arch": "transformer", "batch": 8, "prompt_len": 64, "oom": "CUDA out of memory"},
-             {"arch": "llama_hf_generate", "batch": 8, "prompt_len": 64, "tokens_per_s": 40.0},
-             {"arch": "retnet", "batch": 8, "prompt_len": 16, "tokens_per_s": 1.0}]  # another prompt: ignored
+    rows += [
+        {"arch": "transformer", "batch": 1, "prompt_len": 64, "tokens_per_s": 50.0},
+        {"arch": "transformer", "batch": 8, "prompt_len": 64, "oom": "CUDA out of memory"},
+        {"arch": "llama_hf_generate", "batch": 8, "prompt_len": 64, "tokens_per_s": 40.0},
+        {"arch": "retnet", "batch": 8, "prompt_len": 16, "tokens_per_s": 1.0},
+    ]  # another prompt: ignored
     assert speedup_rows(rows, [1, 8], 64) == [
-        {"summary": "speedup", "batch": 1, "retnet_tokens_per_s": 100.0, "transformer_tokens_per_s": 50.0,
-         "speedup_vs_transformer": 2.0},
-        {"summary": "speedup", "batch": 8, "retnet_tokens_per_s": 800.0, "transformer_tokens_per_s": "oom",
-         "speedup_vs_transformer": None, "hf_llama_tokens_per_s": 40.0, "speedup_vs_hf_llama": 20.0}]
+        {
+            "summary": "speedup",
+            "batch": 1,
+            "retnet_tokens_per_s": 100.0,
+            "transformer_tokens_per_s": 50.0,
+            "speedup_vs_transformer": 2.0,
+        },
+        {
+            "summary": "speedup",
+            "batch": 8,
+            "retnet_tokens_per_s": 800.0,
+            "transformer_tokens_per_s": "oom",
+            "speedup_vs_transformer": None,
+            "hf_llama_tokens_per_s": 40.0,
+            "speedup_vs_hf_llama": 20.0,
+        },
+    ]
 
 
 def test_bench_bad_arguments():
@@ -79,7 +118,6 @@ def test_gpu_padded_batch_with_fla_prefill_and_graph_matches_full_forward():
     from retnet_train.inference.decoding import left_pad
     from retnet_train.inference.generate import generate
     from retnet_train.inference.sampling import SamplingParams
-
     from retnet_train.kernels import fla_available
 
     assert fla_available(), "fla-core is missing: pip install 'retnet-train[gpu]'"
@@ -95,7 +133,7 @@ def test_gpu_padded_batch_with_fla_prefill_and_graph_matches_full_forward():
     got = torch.stack(logits, 1)
     for i, p in enumerate(prompts):
         full = torch.cat([torch.tensor(p, device="cuda"), new[i]])[None]
-        ref = model(full, mode="chunkwise").logits[0, len(p) - 1:]
+        ref = model(full, mode="chunkwise").logits[0, len(p) - 1 :]
         torch.testing.assert_close(got[i], ref, rtol=1e-2, atol=1e-2)
     a = generate(model, prompts, SamplingParams(12, temperature=0))
     b = generate(model, prompts, SamplingParams(12, temperature=0), cuda_graph=True)
@@ -104,8 +142,25 @@ def test_gpu_padded_batch_with_fla_prefill_and_graph_matches_full_forward():
 
 @pytest.mark.gpu
 def test_bench_gpu_small(capsys):
-    assert main(["--preset", "tiny", "--baseline", "transformer_tiny", "--prompt-len", "256", "--new-tokens", "16",
-                 "--batch-sizes", "1,4", "--check-prompt-len", "64"]) == 0
+    assert (
+        main(
+            [
+                "--preset",
+                "tiny",
+                "--baseline",
+                "transformer_tiny",
+                "--prompt-len",
+                "256",
+                "--new-tokens",
+                "16",
+                "--batch-sizes",
+                "1,4",
+                "--check-prompt-len",
+                "64",
+            ]
+        )
+        == 0
+    )
     rows = [json.loads(line) for line in capsys.readouterr().out.splitlines()]
     ret = [r for r in rows if r.get("arch") == "retnet"]
     assert ret[1]["decode_peak_over_weights_gib"] == pytest.approx(ret[2]["decode_peak_over_weights_gib"], abs=0.01)

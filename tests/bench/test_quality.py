@@ -1,5 +1,6 @@
 """bench.quality on CPU: the tiny presets and the Hugging Face Llama loop for 2 steps each; rows,
 table and plot written; models added in a later invocation keep the earlier rows."""
+
 import json
 import os
 import subprocess
@@ -16,9 +17,33 @@ pytest.importorskip("transformers")
 
 REPO = Path(__file__).resolve().parents[2]
 VOCAB = 8192  # the tiny presets'
-CPU_ARGS = ["--size", "tiny", "--tokens", "1024", "--seq-len", "64", "--batch-tokens", "512", "--micro-batch", "4",
-            "--device", "cpu", "--precision", "fp32", "--zero-stage", "0", "--no-compile", "--warmup-steps", "1",
-            "--log-interval", "1", "--eval-interval", "1", "--eval-batches", "2"]
+CPU_ARGS = [
+    "--size",
+    "tiny",
+    "--tokens",
+    "1024",
+    "--seq-len",
+    "64",
+    "--batch-tokens",
+    "512",
+    "--micro-batch",
+    "4",
+    "--device",
+    "cpu",
+    "--precision",
+    "fp32",
+    "--zero-stage",
+    "0",
+    "--no-compile",
+    "--warmup-steps",
+    "1",
+    "--log-interval",
+    "1",
+    "--eval-interval",
+    "1",
+    "--eval-batches",
+    "2",
+]
 
 
 @pytest.fixture(scope="module")
@@ -36,10 +61,20 @@ def shards(tmp_path_factory):
 
 
 def bench(*args, check=True):
-    env = {**{k: v for k, v in os.environ.items() if k not in ("RANK", "LOCAL_RANK", "WORLD_SIZE")},
-           "WANDB_MODE": "disabled", "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
-    proc = subprocess.run([sys.executable, "-m", "retnet_train.bench.quality", *args], cwd=REPO, env=env,
-                          capture_output=True, text=True, timeout=600)
+    env = {
+        **{k: v for k, v in os.environ.items() if k not in ("RANK", "LOCAL_RANK", "WORLD_SIZE")},
+        "WANDB_MODE": "disabled",
+        "OMP_NUM_THREADS": "1",
+        "PYTHONUNBUFFERED": "1",
+    }
+    proc = subprocess.run(
+        [sys.executable, "-m", "retnet_train.bench.quality", *args],
+        cwd=REPO,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
     if check:
         assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     return proc
@@ -88,22 +123,30 @@ def test_a_later_invocation_adds_rows_and_refuses_to_retrain_silently(result, sh
     before = {r["model"]: r for r in rows(out)}
     proc = bench("--data", str(shards), "--out", str(out), "--models", "retnet:document_masking=false", *CPU_ARGS)
     table = rows(out)
-    assert [r["model"] for r in table] == ["retnet", "retnet:document_masking=false", "transformer",
-                                           "transformer_pp", "llama"]
+    assert [r["model"] for r in table] == [
+        "retnet",
+        "retnet:document_masking=false",
+        "transformer",
+        "transformer_pp",
+        "llama",
+    ]
     assert {r["model"]: r for r in table}["llama"] == before["llama"]
     assert "model.document_masking=false" in table[1]["overrides"]
     proc = bench("--data", str(shards), "--out", str(out), "--models", "retnet", *CPU_ARGS, check=False)
     assert proc.returncode == 1 and "runs/retnet: exists" in proc.stderr and "Traceback" not in proc.stderr
 
 
-@pytest.mark.parametrize("args,needle", [
-    (["--models", "mamba"], "'mamba' is not one of"),
-    (["--models", "retnet:chunk_size"], "is not KEY=VALUE"),
-    (["--models", "retnet", "retnet"], "names a model twice"),
-    (["--models", "retnet:n_layer=2"], "model.n_layer"),
-    (["--tokens", "100"], "less than one step"),
-    (["--data", "/nonexistent/shards"], "--data /nonexistent/shards: no such directory"),
-])
+@pytest.mark.parametrize(
+    "args,needle",
+    [
+        (["--models", "mamba"], "'mamba' is not one of"),
+        (["--models", "retnet:chunk_size"], "is not KEY=VALUE"),
+        (["--models", "retnet", "retnet"], "names a model twice"),
+        (["--models", "retnet:n_layer=2"], "model.n_layer"),
+        (["--tokens", "100"], "less than one step"),
+        (["--data", "/nonexistent/shards"], "--data /nonexistent/shards: no such directory"),
+    ],
+)
 def test_bad_arguments_fail_in_one_line_before_training(tmp_path, shards, capsys, args, needle):
     from retnet_train.bench.quality import main
 

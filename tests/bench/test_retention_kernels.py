@@ -1,4 +1,5 @@
 """The retention-kernel benchmark's CPU-side helpers: kernel order from a profile, the table, specs."""
+
 from types import SimpleNamespace
 
 import pytest
@@ -7,8 +8,9 @@ from retnet_train.bench import retention_kernels as bench
 
 
 def event(name, device, start, us):
-    return SimpleNamespace(name=name, device_type=f"DeviceType.{device}",
-                           time_range=SimpleNamespace(start=start, elapsed_us=lambda: us))
+    return SimpleNamespace(
+        name=name, device_type=f"DeviceType.{device}", time_range=SimpleNamespace(start=start, elapsed_us=lambda: us)
+    )
 
 
 def test_kernel_sequence_keeps_one_step_of_device_kernels_in_launch_order():
@@ -21,9 +23,19 @@ def test_kernel_sequence_keeps_one_step_of_device_kernels_in_launch_order():
 
 
 def test_table_shows_results_and_errors(capsys):
-    bench.print_table([{"dims": "256x512", "backend": "triton@128", "ms_fwd": 0.2, "ms_fwd_bwd": 0.61,
-                        "tflops": 300.0, "kept_gib": 0.0},
-                       {"dims": "128x256", "backend": "fla", "error": "RuntimeError: fla-core is not installed"}])
+    bench.print_table(
+        [
+            {
+                "dims": "256x512",
+                "backend": "triton@128",
+                "ms_fwd": 0.2,
+                "ms_fwd_bwd": 0.61,
+                "tflops": 300.0,
+                "kept_gib": 0.0,
+            },
+            {"dims": "128x256", "backend": "fla", "error": "RuntimeError: fla-core is not installed"},
+        ]
+    )
     lines = capsys.readouterr().out.strip().splitlines()
     assert lines[0].split()[:2] == ["dims", "backend"]
     assert lines[1].split() == ["256x512", "triton@128", "0.200", "0.610", "300.0", "0.000"]

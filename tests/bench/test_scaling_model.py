@@ -1,4 +1,5 @@
 """The scaling model's arithmetic (bench/scaling_model/) and its check against real saved tensors."""
+
 import json
 from dataclasses import replace
 
@@ -24,7 +25,7 @@ def test_zero_bytes_per_param_by_stage():
 
 
 def test_step_transient_and_buckets():
-    P = 10 ** 9
+    P = 10**9
     assert sm.step_transient_bytes(0, 8, P) == 4 * P
     assert sm.step_transient_bytes(2, 8, P) == 4 * P / 8
     assert sm.step_transient_bytes(3, 2, 5 * P, sub_group_size=P) == 4 * P / 2  # one sub-group at a time
@@ -48,8 +49,12 @@ def test_param_counts_match_the_meta_device_model(preset):
 
 def test_param_counts_follow_options():
     base = RetNetConfig(vocab_size=100, d_model=64, n_layers=2, n_heads=2, ffn_dim=96)
-    for cfg in (base, replace(base, ffn_type="glu", norm="rmsnorm"), replace(base, tie_embeddings=True, head_norm_affine=True),
-                TransformerConfig(vocab_size=100, d_model=64, n_layers=2, n_heads=2, ffn_dim=256, norm="rmsnorm")):
+    for cfg in (
+        base,
+        replace(base, ffn_type="glu", norm="rmsnorm"),
+        replace(base, tie_embeddings=True, head_norm_affine=True),
+        TransformerConfig(vocab_size=100, d_model=64, n_layers=2, n_heads=2, ffn_dim=256, norm="rmsnorm"),
+    ):
         assert sm.param_counts(cfg)["total"] == sm.meta_param_count(cfg)
 
 
@@ -106,7 +111,9 @@ def test_context_parallel_divides_activations_and_adds_state_traffic():
 def test_predicts_the_single_gpu_measurements():
     """docs/scaling.md, H100, seq 8192, mb 1, eager: Transformer 32.26 GiB."""
     for preset, measured in (("transformer_1.3b", 32.26),):
-        r = sm.estimate(sm.load_preset(preset), 1, 8192, 1, 0, ds=sm.DeepSpeedSettings.library_defaults(0), grad_accum=1)
+        r = sm.estimate(
+            sm.load_preset(preset), 1, 8192, 1, 0, ds=sm.DeepSpeedSettings.library_defaults(0), grad_accum=1
+        )
         assert abs(r["memory"]["peak"] / sm.GiB / measured - 1) < 0.05, (preset, r["memory"]["peak"] / sm.GiB)
 
 
@@ -116,15 +123,26 @@ SMALL = [
     RetNetConfig(vocab_size=512, d_model=128, n_layers=2, n_heads=2, ffn_dim=256, retention_backend="torch"),  # = tiny
     # the presets' head shapes: key head 256, value head 512
     RetNetConfig(vocab_size=512, d_model=512, n_layers=1, n_heads=2, ffn_dim=1024, retention_backend="torch"),
-    RetNetConfig(vocab_size=512, d_model=128, n_layers=2, n_heads=4, ffn_dim=192, ffn_type="glu", norm="rmsnorm",
-                 normalize_retention=False, chunk_size=32, retention_backend="torch"),
+    RetNetConfig(
+        vocab_size=512,
+        d_model=128,
+        n_layers=2,
+        n_heads=4,
+        ffn_dim=192,
+        ffn_type="glu",
+        norm="rmsnorm",
+        normalize_retention=False,
+        chunk_size=32,
+        retention_backend="torch",
+    ),
     TransformerConfig(vocab_size=512, d_model=128, n_layers=2, n_heads=2, ffn_dim=512),
     TransformerConfig(vocab_size=512, d_model=128, n_layers=2, n_heads=4, ffn_dim=256, ffn_type="glu", norm="rmsnorm"),
 ]
 
 
-@pytest.mark.parametrize("cfg", SMALL, ids=["tiny-shape", "preset-heads", "glu-rms-unnormalized", "transformer",
-                                            "transformer-glu-rms"])
+@pytest.mark.parametrize(
+    "cfg", SMALL, ids=["tiny-shape", "preset-heads", "glu-rms-unnormalized", "transformer", "transformer-glu-rms"]
+)
 @pytest.mark.parametrize("checkpointing", ["none", "selective", "full"])
 def test_activation_formula_matches_saved_tensors(cfg, checkpointing):
     measured = sm.measured_bytes_per_token_per_layer(cfg, 1, 512, checkpointing)
@@ -138,8 +156,9 @@ def test_whole_model_saved_tensors_of_the_tiny_preset():
     cfg = replace(sm.load_preset("tiny"), retention_backend="torch")
     T = 512
     measured = sm.measure_saved_activation_bytes(cfg, 1, T)
-    predicted = (cfg.n_layers * T * sm.activation_bytes_per_token_per_layer(cfg, "torch", sm.FP32)
-                 + sm.activation_fixed_bytes(cfg, T, T, sm.FP32))
+    predicted = cfg.n_layers * T * sm.activation_bytes_per_token_per_layer(
+        cfg, "torch", sm.FP32
+    ) + sm.activation_fixed_bytes(cfg, T, T, sm.FP32)
     assert abs(predicted / measured - 1) < 0.05, (predicted, measured)
 
 

@@ -1,5 +1,6 @@
 """The throughput bench's sequence-length sweep: the batch rule, and a CPU run of the tiny preset at two
 lengths that prints a JSON line per model and length and writes the plot."""
+
 import json
 import subprocess
 import sys
@@ -22,9 +23,21 @@ def test_tokens_per_micro_batch_and_step_follow_the_first_length():
 
 
 def test_plot_marks_out_of_memory_lengths(tmp_path):
-    rows = [{"model": "retnet", "overrides": {"chunk_size": 256}, "seq_len": n, "tokens_per_s": 10.0 * n,
-             "peak_gib": n / 1024, "base_grad_accum": 1, "device": "cpu"} for n in (1024, 2048)]
-    rows.append({"model": "transformer", "overrides": {}, "seq_len": 2048, "oom": "CUDA out of memory", "base_grad_accum": 1})
+    rows = [
+        {
+            "model": "retnet",
+            "overrides": {"chunk_size": 256},
+            "seq_len": n,
+            "tokens_per_s": 10.0 * n,
+            "peak_gib": n / 1024,
+            "base_grad_accum": 1,
+            "device": "cpu",
+        }
+        for n in (1024, 2048)
+    ]
+    rows.append(
+        {"model": "transformer", "overrides": {}, "seq_len": 2048, "oom": "CUDA out of memory", "base_grad_accum": 1}
+    )
     rows.append({"model": "fla", "skipped": "flash-linear-attention is not installed"})
     path = tmp_path / "p.png"
     plot_sweep(rows, str(path), "title")
@@ -34,14 +47,39 @@ def test_plot_marks_out_of_memory_lengths(tmp_path):
 @pytest.mark.slow
 def test_cpu_sweep_of_two_lengths_writes_json_lines_and_the_plot(tmp_path):
     plot = tmp_path / "sweep.png"
-    cmd = [sys.executable, "-m", "retnet_train.bench.train_throughput", "--cpu", "--preset", "tiny",
-           "--models", "retnet@n_layers=1,transformer@n_layers=1", "--seq-len", "64,128", "--micro-batch", "2",
-           "--grad-accum", "2", "--steps", "1", "--warmup", "0", "--zero-stage", "1", "--plot", str(plot)]
+    cmd = [
+        sys.executable,
+        "-m",
+        "retnet_train.bench.train_throughput",
+        "--cpu",
+        "--preset",
+        "tiny",
+        "--models",
+        "retnet@n_layers=1,transformer@n_layers=1",
+        "--seq-len",
+        "64,128",
+        "--micro-batch",
+        "2",
+        "--grad-accum",
+        "2",
+        "--steps",
+        "1",
+        "--warmup",
+        "0",
+        "--zero-stage",
+        "1",
+        "--plot",
+        str(plot),
+    ]
     proc = subprocess.run(cmd, cwd=REPO, env=env(), capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stderr[-3000:]
     rows = [json.loads(line) for line in proc.stdout.splitlines() if line.startswith("{")]
     assert [(r["model"], r["seq_len"], r["micro_batch"], r["grad_accum"]) for r in rows] == [
-        ("retnet", 64, 2, 2), ("retnet", 128, 1, 2), ("transformer", 64, 2, 2), ("transformer", 128, 1, 2)]
+        ("retnet", 64, 2, 2),
+        ("retnet", 128, 1, 2),
+        ("transformer", 64, 2, 2),
+        ("transformer", 128, 1, 2),
+    ]
     assert all(r["tokens_per_s"] > 0 and r["loss"] > 0 and r["device"] == "cpu" for r in rows)
     assert rows[0]["overrides"] == {"n_layers": 1}
     assert plot.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"

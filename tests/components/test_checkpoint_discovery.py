@@ -1,5 +1,6 @@
 """Which checkpoint is the newest valid one (one answer for the trainer and the loaders): COMPLETE,
 a model-states file, no torch file cut short; the newer ones passed over are named with the reason."""
+
 import os
 
 import pytest
@@ -47,9 +48,11 @@ def test_newest_valid_wins_and_the_skipped_ones_are_named(tmp_path):
     save(tmp_path, 30, complete=False)  # `latest` names it: a save killed before its marker
     choice = discovery.choose(str(tmp_path))
     assert choice.tag == "step_00000010"
-    assert choice.note() == (f"using checkpoint {tmp_path / 'step_00000010'}; skipped newer: step_00000030: "
-                             f"{discovery.NOT_COMPLETE}; step_00000020: mp_rank_00_model_states.pt is truncated or "
-                             "damaged (File is not a zip file)")
+    assert choice.note() == (
+        f"using checkpoint {tmp_path / 'step_00000010'}; skipped newer: step_00000030: "
+        f"{discovery.NOT_COMPLETE}; step_00000020: mp_rank_00_model_states.pt is truncated or "
+        "damaged (File is not a zip file)"
+    )
     # the run dir finds the same; nothing damaged: no note
     assert discovery.find_checkpoint(str(tmp_path)).tag == "step_00000010"
     clean = tmp_path / "clean"
@@ -87,8 +90,9 @@ def test_trainer_resume_says_which_checkpoint_and_why_newer_ones_were_skipped(tm
     truncate(tmp_path / "step_00000020" / "rng_rank0.pt")
     assert resolve_resume("auto", manager) == (str(tmp_path), "step_00000010")
     out = capsys.readouterr().out
-    assert f"using checkpoint {tmp_path / 'step_00000010'}; skipped newer: step_00000020: rng_rank0.pt is truncated" \
-        in out
+    assert (
+        f"using checkpoint {tmp_path / 'step_00000010'}; skipped newer: step_00000020: rng_rank0.pt is truncated" in out
+    )
     # rank 1 resumes the same checkpoint without printing
     assert resolve_resume("auto", CheckpointManager(str(tmp_path), 3, 1)) == (str(tmp_path), "step_00000010")
     assert capsys.readouterr().out == ""

@@ -3,6 +3,7 @@
 Token values encode their stream position (token = position + FIRST_ID, EOS at chosen places), so
 a test can tell exactly which window of which source a sequence came from.
 """
+
 from __future__ import annotations
 
 import hashlib
@@ -22,24 +23,32 @@ TOKENIZER_SHA = "ab" * 32
 def position_tokens(n: int, offset: int = 0, doc_len: int = 37) -> np.ndarray:
     """Tokens whose value is FIRST_ID + offset + position, with EOS ending every doc_len tokens."""
     tokens = np.arange(n, dtype=np.int64) + FIRST_ID + offset
-    tokens[doc_len - 1::doc_len] = EOS
+    tokens[doc_len - 1 :: doc_len] = EOS
     return tokens
 
 
 def write_split(directory: Path, split: str, tokens: np.ndarray, shard_tokens: int, dtype: str) -> SplitInfo:
     shards = []
     for i, lo in enumerate(range(0, len(tokens), shard_tokens)):
-        part = tokens[lo:lo + shard_tokens].astype("<u4" if dtype == "uint32" else "<u2")
+        part = tokens[lo : lo + shard_tokens].astype("<u4" if dtype == "uint32" else "<u2")
         name = f"{split}_{i:05d}.bin"
         payload = part.tobytes()
         (directory / name).write_bytes(payload)
-        shards.append(ShardInfo(name, len(part), int(np.count_nonzero(part == EOS)), hashlib.sha256(payload).hexdigest()))
+        shards.append(
+            ShardInfo(name, len(part), int(np.count_nonzero(part == EOS)), hashlib.sha256(payload).hexdigest())
+        )
     return SplitInfo(len(tokens), sum(s.documents for s in shards), tuple(shards))
 
 
-def write_shard_dir(directory: Path, train: np.ndarray, validation: np.ndarray | None = None,
-                    shard_tokens: int = 1000, vocab_size: int = VOCAB, tokenizer_sha: str = TOKENIZER_SHA,
-                    eos_id: int = EOS) -> Manifest:
+def write_shard_dir(
+    directory: Path,
+    train: np.ndarray,
+    validation: np.ndarray | None = None,
+    shard_tokens: int = 1000,
+    vocab_size: int = VOCAB,
+    tokenizer_sha: str = TOKENIZER_SHA,
+    eos_id: int = EOS,
+) -> Manifest:
     directory.mkdir(parents=True, exist_ok=True)
     dtype = "uint16" if vocab_size <= 1 << 16 else "uint32"
     splits = {"train": write_split(directory, "train", train, shard_tokens, dtype)}

@@ -3,9 +3,9 @@ import json
 import numpy as np
 import pytest
 import torch
+from shard_fixtures import EOS, FIRST_ID, position_tokens, write_shard_dir
 
 from retnet_train.data import TokenLoader
-from shard_fixtures import EOS, FIRST_ID, position_tokens, write_shard_dir
 
 SEQ = 16
 
@@ -38,7 +38,7 @@ def test_batch_layout_matches_stream(source):
     ids, labels = batch["input_ids"].numpy(), batch["labels"].numpy()
     for row, start in zip(range(5), window_starts(ids)):
         assert start % SEQ == 0  # windows are aligned to the seq_len stride
-        window = tokens[start:start + SEQ + 1]
+        window = tokens[start : start + SEQ + 1]
         np.testing.assert_array_equal(ids[row], window[:-1])
         np.testing.assert_array_equal(labels[row], window[1:])  # labels are already shifted
     starts = batch["doc_starts"].numpy()

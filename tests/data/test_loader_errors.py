@@ -1,10 +1,11 @@
 """Bad data must fail loudly, naming the file and what is wrong."""
+
 import json
 
 import pytest
+from shard_fixtures import TOKENIZER_SHA, VOCAB, position_tokens, write_shard_dir
 
 from retnet_train.data import ManifestError, TokenLoader, read_manifest
-from shard_fixtures import TOKENIZER_SHA, VOCAB, position_tokens, write_shard_dir
 
 SEQ = 8
 
@@ -99,6 +100,9 @@ def test_a_shard_listed_twice_is_refused(shard_dir):
         data["splits"][split]["shards"].append(original["splits"]["train"]["shards"][0])
         data["splits"][split]["tokens"] += original["splits"]["train"]["shards"][0]["tokens"]
         path.write_text(json.dumps(data))
-        with pytest.raises(ManifestError, match=rf"manifest.json: splits.{split}.shards\[{at}\].file 'train_00000.bin' "
-                                                r"is also splits.train.shards\[0\]"):
+        with pytest.raises(
+            ManifestError,
+            match=rf"manifest.json: splits.{split}.shards\[{at}\].file 'train_00000.bin' "
+            r"is also splits.train.shards\[0\]",
+        ):
             read_manifest(shard_dir)

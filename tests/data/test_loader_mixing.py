@@ -1,8 +1,8 @@
 import numpy as np
 import pytest
+from shard_fixtures import FIRST_ID, position_tokens, write_shard_dir
 
 from retnet_train.data import MixingSchedule, TokenLoader
-from shard_fixtures import FIRST_ID, position_tokens, write_shard_dir
 
 SEQ = 8
 OFFSETS = {"web": 0, "code": 100_000, "books": 200_000}
@@ -22,8 +22,9 @@ def sources(tmp_path):
     return lambda weights: {n: (str(tmp_path / n), w) for n, w in weights.items()}
 
 
-@pytest.mark.parametrize("weights", [{"web": 0.7, "code": 0.3}, {"web": 5, "code": 3, "books": 2},
-                                     {"web": 0.97, "books": 0.03}])
+@pytest.mark.parametrize(
+    "weights", [{"web": 0.7, "code": 0.3}, {"web": 5, "code": 3, "books": 2}, {"web": 0.97, "books": 0.03}]
+)
 def test_proportions_within_two_percent_over_1000_sequences(sources, weights):
     loader = TokenLoader(sources(weights), SEQ, 50, seed=11)
     rows = np.concatenate([next(loader)["input_ids"].numpy() for _ in range(20)])  # 1,000
@@ -58,8 +59,15 @@ def test_schedule_counts_and_bijection():
         np.testing.assert_array_equal(k[src == s], np.arange((src == s).sum()))  # no gaps, no repeats
 
 
-@pytest.mark.parametrize("weights,msg", [({"a": 0}, "'a'.*positive"), ({"a": -1, "b": 1}, "'a'"),
-                                         ({"a": 1, "b": 1e-9}, "'b'.*resolution"), ({}, "no data sources")])
+@pytest.mark.parametrize(
+    "weights,msg",
+    [
+        ({"a": 0}, "'a'.*positive"),
+        ({"a": -1, "b": 1}, "'a'"),
+        ({"a": 1, "b": 1e-9}, "'b'.*resolution"),
+        ({}, "no data sources"),
+    ],
+)
 def test_bad_weights(weights, msg):
     with pytest.raises(ValueError, match=msg):
         MixingSchedule(weights)

@@ -1,11 +1,12 @@
 """Resume and data-parallel sharding: the global sequence stream is what must be preserved."""
+
 import json
 
 import numpy as np
 import pytest
+from shard_fixtures import position_tokens, write_shard_dir
 
 from retnet_train.data import TokenLoader
-from shard_fixtures import position_tokens, write_shard_dir
 
 SEQ = 8
 
@@ -90,8 +91,10 @@ def test_resume_on_another_world_size(sources):
     np.testing.assert_array_equal(interleave(after, 3, 2, 5), reference[24:])
 
 
-@pytest.mark.parametrize("key,value", [("seed", 6), ("seq_len", 16), ("weights", {"a": 0.5, "b": 0.5}),
-                                       ("windows", {"a": 1, "b": 2}), ("version", 99)])
+@pytest.mark.parametrize(
+    "key,value",
+    [("seed", 6), ("seq_len", 16), ("weights", {"a": 0.5, "b": 0.5}), ("windows", {"a": 1, "b": 2}), ("version", 99)],
+)
 def test_state_from_another_stream_is_refused(sources, key, value):
     loader = TokenLoader(sources, SEQ, 2, seed=5)
     state = loader.state_dict()

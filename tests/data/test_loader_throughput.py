@@ -1,10 +1,11 @@
 """The loader must never be the bottleneck: >= 100x one GPU's ~50k tokens/s, with no per-token Python."""
+
 import time
 
 import numpy as np
+from shard_fixtures import write_shard_dir
 
 from retnet_train.data import TokenLoader
-from shard_fixtures import write_shard_dir
 
 TARGET_TOKENS_PER_S = 5_000_000
 

@@ -1,5 +1,6 @@
 """Megatron-LM / GPT-NeoX MMIDIDX datasets as loader sources, written here from the documented
 format (magic, version, dtype code, counts, sizes int32, pointers int64, document indices int64)."""
+
 import struct
 
 import numpy as np
@@ -49,7 +50,7 @@ def test_loader_reads_the_concatenated_documents(tmp_path, spelling):
     loader = TokenLoader({"meg": (str(tmp_path / spelling), 1.0)}, SEQ, n_windows, seed=0, eos_id=EOS)
     batch = next(loader)
     ids, labels = batch["input_ids"].numpy(), batch["labels"].numpy()
-    windows = {tuple(stream[i * SEQ:i * SEQ + SEQ + 1]) for i in range(n_windows)}
+    windows = {tuple(stream[i * SEQ : i * SEQ + SEQ + 1]) for i in range(n_windows)}
     got = {tuple(np.append(row, lab[-1])) for row, lab in zip(ids, labels)}
     assert got == windows  # one epoch = every window once
     np.testing.assert_array_equal(batch["doc_starts"].numpy()[:, 1:], ids[:, :-1] == EOS)
@@ -95,7 +96,8 @@ def test_has_no_validation_split(tmp_path):
 
 
 def test_eos_id_comes_from_a_shard_source_when_mixed(tmp_path):
-    from shard_fixtures import EOS as SHARD_EOS, position_tokens, write_shard_dir
+    from shard_fixtures import EOS as SHARD_EOS
+    from shard_fixtures import position_tokens, write_shard_dir
 
     docs = [np.append(np.arange(20, 40 + i), SHARD_EOS) for i in range(8)]
     write_mmidx(tmp_path / "meg", docs)
@@ -128,8 +130,11 @@ def test_damaged_document_index(tmp_path, doc_idx):
 
 def test_token_ids_outside_the_vocabulary(tmp_path):
     write_mmidx(tmp_path / "m", documents())  # ids up to 50,000
-    with pytest.raises(ManifestError, match=r"m.bin: token id \d+ at position \d+ is outside the model's vocabulary "
-                                            r"\[0, 32000\); was it tokenized with another tokenizer\?"):
+    with pytest.raises(
+        ManifestError,
+        match=r"m.bin: token id \d+ at position \d+ is outside the model's vocabulary "
+        r"\[0, 32000\); was it tokenized with another tokenizer\?",
+    ):
         TokenLoader({"m": (str(tmp_path / "m"), 1.0)}, SEQ, 2, eos_id=EOS, vocab_size=32000)
     TokenLoader({"m": (str(tmp_path / "m"), 1.0)}, SEQ, 2, eos_id=EOS, vocab_size=50_000)
     write_mmidx(tmp_path / "neg", [np.array([3, -5, 7, EOS])] * 4, dtype=np.int32, code=4)
@@ -145,6 +150,9 @@ def test_half_a_dataset_or_its_directory(tmp_path):
             TokenLoader({"m": (str(tmp_path / spelling), 1.0)}, SEQ, 2, eos_id=EOS)
     (tmp_path / "d").mkdir()
     write_mmidx(tmp_path / "d" / "c_text_document", documents())
-    with pytest.raises(ManifestError, match=r"d has no manifest.json but holds Megatron indexes; give the prefix of "
-                                            r"one as the path, e.g. .*d/c_text_document$"):
+    with pytest.raises(
+        ManifestError,
+        match=r"d has no manifest.json but holds Megatron indexes; give the prefix of "
+        r"one as the path, e.g. .*d/c_text_document$",
+    ):
         TokenLoader({"m": (str(tmp_path / "d"), 1.0)}, SEQ, 2, eos_id=EOS)

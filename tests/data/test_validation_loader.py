@@ -1,8 +1,8 @@
 import numpy as np
 import pytest
+from shard_fixtures import position_tokens, write_shard_dir
 
 from retnet_train.data import ManifestError, build_validation_loader
-from shard_fixtures import position_tokens, write_shard_dir
 
 SEQ = 8
 
@@ -17,8 +17,8 @@ def sources(tmp_path):
 def expected_windows():
     a = position_tokens(201, offset=50_000)
     b = position_tokens(97, offset=150_000)
-    rows = [a[i * SEQ:i * SEQ + SEQ + 1] for i in range(200 // SEQ)]
-    rows += [b[i * SEQ:i * SEQ + SEQ + 1] for i in range(96 // SEQ)]
+    rows = [a[i * SEQ : i * SEQ + SEQ + 1] for i in range(200 // SEQ)]
+    rows += [b[i * SEQ : i * SEQ + SEQ + 1] for i in range(96 // SEQ)]
     return np.stack(rows)  # 25 + 12 windows, in source order
 
 

@@ -1,4 +1,5 @@
 """Shared inputs for data_prep tests: a small real corpus and a tokenizer trained on it."""
+
 from __future__ import annotations
 
 import json
@@ -51,8 +52,13 @@ def write_jsonl(path: Path, texts: list[str], field: str = "text") -> Path:
 
 def make_tokenizer(directory: Path, vocab_size: int = 1000):
     corpus = write_jsonl(directory / "tok_corpus.jsonl", corpus_texts())
-    return train_tokenizer([parse_source(str(corpus))], directory / "tokenizer.model", vocab_size=vocab_size,
-                           num_docs=1000, cache_dir=str(directory / "hf_cache"))
+    return train_tokenizer(
+        [parse_source(str(corpus))],
+        directory / "tokenizer.model",
+        vocab_size=vocab_size,
+        num_docs=1000,
+        cache_dir=str(directory / "hf_cache"),
+    )
 
 
 def read_split_docs(directory: Path, split: str, eos_id: int, dtype=np.uint16) -> list[np.ndarray]:

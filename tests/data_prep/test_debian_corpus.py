@@ -1,4 +1,5 @@
 """data_prep.debian_corpus: .deb packages -> JSON-lines documents of their docs and source."""
+
 import gzip
 import io
 import json
@@ -11,9 +12,7 @@ from data_prep.debian_corpus import CorpusError, build_corpus, html_to_text, mai
 from data_prep.sources import load_source, parse_source
 
 PROSE = "Retention replaces attention with a decaying recurrence, so decoding costs the same at every step. " * 4
-CODE = ("def retention(q, k, v, gamma):\n"
-        "    \"\"\"Parallel form of retention.\"\"\"\n"
-        "    return (q @ k.T * gamma) @ v\n") * 4
+CODE = ('def retention(q, k, v, gamma):\n    """Parallel form of retention."""\n    return (q @ k.T * gamma) @ v\n') * 4
 PAGE = f"""<!DOCTYPE html><html><head><title>Guide</title><style>body {{ color: red }}</style></head>
 <body><div class="related" role="navigation"><ul><li><a href="index.html">index</a></li></ul></div>
 <div class="document"><h1>Retention&nbsp;guide</h1><p>{PROSE}</p>
@@ -31,6 +30,7 @@ def ar_member(name: str, data: bytes) -> bytes:
 
 def make_deb(path: Path, files: dict, links: dict = ()) -> Path:
     """A .deb as dpkg-deb builds one: ar archive of debian-binary, control.tar.xz, data.tar.xz."""
+
     def tar(entries: dict, symlinks) -> bytes:
         buf = io.BytesIO()
         with tarfile.open(fileobj=buf, mode="w:xz") as t:
@@ -45,8 +45,12 @@ def make_deb(path: Path, files: dict, links: dict = ()) -> Path:
         return buf.getvalue()
 
     control = tar({"control": b"Package: x\nVersion: 1\n"}, {})
-    path.write_bytes(b"!<arch>\n" + ar_member("debian-binary", b"2.0\n") + ar_member("control.tar.xz", control)
-                     + ar_member("data.tar.xz", tar(files, links)))
+    path.write_bytes(
+        b"!<arch>\n"
+        + ar_member("debian-binary", b"2.0\n")
+        + ar_member("control.tar.xz", control)
+        + ar_member("data.tar.xz", tar(files, links))
+    )
     return path
 
 
@@ -72,8 +76,12 @@ FILES = {
     "usr/share/man/man1/ret.1.gz": gzip.compress((".TH RET 1\n" + PROSE).encode()),
     "usr/share/locale/de/LC_MESSAGES/ret.po": PROSE.encode(),
 }
-KEPT = [DOC + "html/guide.html", DOC + "tutorial.html", DOC + "notes.md.gz",
-        "usr/lib/python3/dist-packages/ret/core.py"]
+KEPT = [
+    DOC + "html/guide.html",
+    DOC + "tutorial.html",
+    DOC + "notes.md.gz",
+    "usr/lib/python3/dist-packages/ret/core.py",
+]
 
 
 @pytest.fixture()
@@ -137,13 +145,22 @@ def test_never_overwrites_without_asking(debs, tmp_path, capsys):
     assert "2 packages" in capsys.readouterr().out
 
 
-@pytest.mark.parametrize("setup,needle", [
-    (lambda d: None, "no such directory"),
-    (lambda d: d.mkdir(), "no .deb files"),
-    (lambda d: (d.mkdir(), (d / "x_1_all.deb").write_bytes(b"not an archive")), "x_1_all.deb: not a .deb"),
-    (lambda d: (d.mkdir(), make_deb(d / "a_1_all.deb", {}), make_deb(d / "a_2_all.deb", {})), "several versions of a"),
-    (lambda d: (d.mkdir(), make_deb(d / "empty_1_all.deb", {"usr/lib/x.so": bytes(10)})), "no documentation or source"),
-])
+@pytest.mark.parametrize(
+    "setup,needle",
+    [
+        (lambda d: None, "no such directory"),
+        (lambda d: d.mkdir(), "no .deb files"),
+        (lambda d: (d.mkdir(), (d / "x_1_all.deb").write_bytes(b"not an archive")), "x_1_all.deb: not a .deb"),
+        (
+            lambda d: (d.mkdir(), make_deb(d / "a_1_all.deb", {}), make_deb(d / "a_2_all.deb", {})),
+            "several versions of a",
+        ),
+        (
+            lambda d: (d.mkdir(), make_deb(d / "empty_1_all.deb", {"usr/lib/x.so": bytes(10)})),
+            "no documentation or source",
+        ),
+    ],
+)
 def test_bad_input_fails_in_one_line_naming_it(tmp_path, capsys, setup, needle):
     debs = tmp_path / "debs"
     setup(debs)

@@ -1,14 +1,15 @@
 """Input sources (files, globs, directories, datasets) and the bad-input errors."""
+
 import gzip
 import json
 
 import datasets
 import pytest
+from prep_helpers import make_tokenizer, write_jsonl
 
 from data_prep.sources import SourceError, load_source, parse_source
 from data_prep.tokenize import main as tokenize_main
 from data_prep.tokenize import tokenize_source
-from prep_helpers import make_tokenizer, write_jsonl
 from retnet_train.data import read_manifest
 
 
@@ -50,7 +51,11 @@ def test_jsonl_gz_parquet_and_field_name(tmp_path):
 def test_datasets_sources(tmp_path):
     ds = datasets.Dataset.from_dict({"content": ["one", "two", "three"], "n": [1, 2, 3]})
     ds.save_to_disk(str(tmp_path / "saved"))
-    assert texts_of(parse_source(f"s=disk:{tmp_path / 'saved'}", text_field="content"), tmp_path) == ["one", "two", "three"]
+    assert texts_of(parse_source(f"s=disk:{tmp_path / 'saved'}", text_field="content"), tmp_path) == [
+        "one",
+        "two",
+        "three",
+    ]
     # any datasets.load_dataset spec; here a local parquet directory (no network in tests)
     (tmp_path / "hub").mkdir()
     ds.to_parquet(str(tmp_path / "hub" / "train.parquet"))
@@ -89,17 +94,32 @@ def test_mixed_file_types_refused(tmp_path):
 def test_empty_corpora(tok, tmp_path):
     (tmp_path / "zero.jsonl").write_text("")
     with pytest.raises(SourceError, match=r"'zero'.*zero.jsonl\): empty corpus \(all 1 files are empty\)"):
-        tokenize_source(parse_source(str(tmp_path / "zero.jsonl")), tok, tmp_path / "o1", progress=False,
-                        cache_dir=str(tmp_path / "c"))
+        tokenize_source(
+            parse_source(str(tmp_path / "zero.jsonl")),
+            tok,
+            tmp_path / "o1",
+            progress=False,
+            cache_dir=str(tmp_path / "c"),
+        )
     write_jsonl(tmp_path / "blank.jsonl", ["", "", ""])
     with pytest.raises(SourceError, match=r"'blank'.*empty corpus \(no text in any document\)"):
-        tokenize_source(parse_source(str(tmp_path / "blank.jsonl")), tok, tmp_path / "o2", progress=False,
-                        cache_dir=str(tmp_path / "c"))
+        tokenize_source(
+            parse_source(str(tmp_path / "blank.jsonl")),
+            tok,
+            tmp_path / "o2",
+            progress=False,
+            cache_dir=str(tmp_path / "c"),
+        )
     assert not (tmp_path / "o2" / "manifest.json").exists()
     (tmp_path / "null.jsonl").write_text('{"text": "a"}\n{"text": null}\n')
     with pytest.raises(SourceError, match=r"null.jsonl:2: field 'text' is null, expected a string"):
-        tokenize_source(parse_source(str(tmp_path / "null.jsonl")), tok, tmp_path / "o3", progress=False,
-                        cache_dir=str(tmp_path / "c"))
+        tokenize_source(
+            parse_source(str(tmp_path / "null.jsonl")),
+            tok,
+            tmp_path / "o3",
+            progress=False,
+            cache_dir=str(tmp_path / "c"),
+        )
 
 
 def test_cli_several_named_sources(tok, tmp_path, capsys):
@@ -107,36 +127,76 @@ def test_cli_several_named_sources(tok, tmp_path, capsys):
     (tmp_path / "code").mkdir()
     for i in range(5):
         (tmp_path / "code" / f"m{i}.py").write_text(f"def f{i}(x):\n    return x * {i}\n")
-    tokenize_main(["--tokenizer", str(tok.path), "--out", str(tmp_path / "out"), "--source", f"web={tmp_path}/web.jsonl",
-                   "--source", f"code={tmp_path}/code", "--validation-fraction", "0.1", "--num-proc", "2",
-                   "--cache-dir", str(tmp_path / "c")])
+    tokenize_main(
+        [
+            "--tokenizer",
+            str(tok.path),
+            "--out",
+            str(tmp_path / "out"),
+            "--source",
+            f"web={tmp_path}/web.jsonl",
+            "--source",
+            f"code={tmp_path}/code",
+            "--validation-fraction",
+            "0.1",
+            "--num-proc",
+            "2",
+            "--cache-dir",
+            str(tmp_path / "c"),
+        ]
+    )
     web, code = read_manifest(tmp_path / "out" / "web"), read_manifest(tmp_path / "out" / "code")
     assert web.split("train").documents + web.split("validation").documents == 40
     assert code.split("train").documents + code.split("validation").documents == 5
     assert web.tokenizer_sha256 == code.tokenizer_sha256 == tok.sha256
     assert "web/manifest.json: train" in capsys.readouterr().out
     with pytest.raises(SystemExit, match="output already exists"):  # a second run refuses, one line
-        tokenize_main(["--tokenizer", str(tok.path), "--out", str(tmp_path / "out"), "--source", f"web={tmp_path}/web.jsonl",
-                       "--cache-dir", str(tmp_path / "c")])
+        tokenize_main(
+            [
+                "--tokenizer",
+                str(tok.path),
+                "--out",
+                str(tmp_path / "out"),
+                "--source",
+                f"web={tmp_path}/web.jsonl",
+                "--cache-dir",
+                str(tmp_path / "c"),
+            ]
+        )
     with pytest.raises(SystemExit, match=r"source name '\.\.' in '\.\.=.*' is not a directory name"):
-        tokenize_main(["--tokenizer", str(tok.path), "--out", str(tmp_path / "o"),
-                       "--source", f"..={tmp_path}/web.jsonl"])
+        tokenize_main(
+            ["--tokenizer", str(tok.path), "--out", str(tmp_path / "o"), "--source", f"..={tmp_path}/web.jsonl"]
+        )
     with pytest.raises(SystemExit, match="source names must be unique"):
-        tokenize_main(["--tokenizer", str(tok.path), "--out", str(tmp_path / "o"), "--source", f"a={tmp_path}/web.jsonl",
-                       "--source", f"a={tmp_path}/code"])
+        tokenize_main(
+            [
+                "--tokenizer",
+                str(tok.path),
+                "--out",
+                str(tmp_path / "o"),
+                "--source",
+                f"a={tmp_path}/web.jsonl",
+                "--source",
+                f"a={tmp_path}/code",
+            ]
+        )
 
 
 JSON_FAULTS = [
-    ('{"text": "a"}\n{"text": "broken\n{"text": "c"}\n',
-     r"f.jsonl:2: not valid JSON \(Invalid control character at column 17\)"),
+    (
+        '{"text": "a"}\n{"text": "broken\n{"text": "c"}\n',
+        r"f.jsonl:2: not valid JSON \(Invalid control character at column 17\)",
+    ),
     ('{"text": "a"} trailing\n', r"f.jsonl:1: not valid JSON \(Extra data at column 15\)"),
     ('{"text": "a"}\n\n[1, 2]\n', r"f.jsonl:3: a record must be a JSON object, got list"),
     ('{"text": "a"}\n{"text": 5}\n', r"f.jsonl:2: field 'text' is int, expected a string"),
     ('{"text": 5}\n{"text": 6}\n', r"f.jsonl:1: field 'text' is int, expected a string"),
     ('{"text": "a"}\n{"text": {"x": 1}}\n', r"f.jsonl:2: field 'text' is dict, expected a string"),
     ('{"text": ["a", "b"]}\n', r"f.jsonl:1: field 'text' is list, expected a string"),
-    ('{"text": "a"}\n{"body": "b"}\n',
-     r"f.jsonl:2: no field 'text' \(fields: \['body'\]; --text-field names the text field\)"),
+    (
+        '{"text": "a"}\n{"body": "b"}\n',
+        r"f.jsonl:2: no field 'text' \(fields: \['body'\]; --text-field names the text field\)",
+    ),
     ('[{"text": "a"}, {"text": null}]', r"f.jsonl: record 1: field 'text' is null, expected a string"),
 ]
 
@@ -157,8 +217,18 @@ def test_malformed_line_is_one_line_from_both_clis(tok, tmp_path, capsys):
     bad.write_text('{"text": "a"}\n' * 5 + '{"text": "broken\n' + '{"text": "b"}\n')
     expected = rf"^error: {bad}:6: not valid JSON \(Invalid control character at column 17\)$"
     with pytest.raises(SystemExit, match=expected):
-        tokenize_main(["--tokenizer", str(tok.path), "--out", str(tmp_path / "out"), "--source", str(bad),
-                       "--cache-dir", str(tmp_path / "c")])
+        tokenize_main(
+            [
+                "--tokenizer",
+                str(tok.path),
+                "--out",
+                str(tmp_path / "out"),
+                "--source",
+                str(bad),
+                "--cache-dir",
+                str(tmp_path / "c"),
+            ]
+        )
     with pytest.raises(SystemExit, match=expected):
         train_main(["--source", str(bad), "--out", str(tmp_path / "t.model"), "--cache-dir", str(tmp_path / "c")])
     assert "Traceback" not in capsys.readouterr().err
@@ -210,19 +280,39 @@ def mixed_dir(tmp_path):
 
 
 def test_undecodable_files_stop_the_run_by_default(tok, mixed_dir, tmp_path):
-    with pytest.raises(SystemExit, match=rf"^error: {mixed_dir}/b.png: not valid UTF-8 at byte 0 "
-                                         r"\(invalid start byte\); pass --on-decode-error skip to leave such files out$"):
+    with pytest.raises(
+        SystemExit,
+        match=rf"^error: {mixed_dir}/b.png: not valid UTF-8 at byte 0 "
+        r"\(invalid start byte\); pass --on-decode-error skip to leave such files out$",
+    ):
         tokenize_main(["--tokenizer", str(tok.path), "--out", str(tmp_path / "out"), "--source", f"m={mixed_dir}"])
     assert not (tmp_path / "out").exists()
 
 
 def test_undecodable_files_skipped_are_counted_in_the_manifest(tok, mixed_dir, tmp_path, capsys):
-    tokenize_main(["--tokenizer", str(tok.path), "--out", str(tmp_path / "out"), "--source", f"m={mixed_dir}",
-                   "--on-decode-error", "skip", "--validation-fraction", "0", "--num-proc", "1",
-                   "--cache-dir", str(tmp_path / "c")])
+    tokenize_main(
+        [
+            "--tokenizer",
+            str(tok.path),
+            "--out",
+            str(tmp_path / "out"),
+            "--source",
+            f"m={mixed_dir}",
+            "--on-decode-error",
+            "skip",
+            "--validation-fraction",
+            "0",
+            "--num-proc",
+            "1",
+            "--cache-dir",
+            str(tmp_path / "c"),
+        ]
+    )
     out = capsys.readouterr().out
-    assert f"warning: source 'm': skipped 2 files that are not valid UTF-8 text (--on-decode-error skip; the " \
-           f"manifest lists them): {mixed_dir}/b.png, {mixed_dir}/c.txt" in out
+    assert (
+        f"warning: source 'm': skipped 2 files that are not valid UTF-8 text (--on-decode-error skip; the "
+        f"manifest lists them): {mixed_dir}/b.png, {mixed_dir}/c.txt" in out
+    )
     m = read_manifest(tmp_path / "out" / "m")
     assert m.split("train").documents == 2
     assert [f["path"] for f in m.extra["source"]["files"]] == [str(mixed_dir / "a.txt"), str(mixed_dir / "d.txt")]
@@ -237,8 +327,20 @@ def test_train_tokenizer_skips_undecodable_files_too(mixed_dir, tmp_path, capsys
 
     with pytest.raises(SystemExit, match=r"b.png: not valid UTF-8 at byte 0"):
         train_main(["--source", str(mixed_dir), "--out", str(tmp_path / "t.model")])
-    train_main(["--source", str(mixed_dir), "--out", str(tmp_path / "t.model"), "--on-decode-error", "skip",
-                "--vocab-size", "300", "--cache-dir", str(tmp_path / "c")])
+    train_main(
+        [
+            "--source",
+            str(mixed_dir),
+            "--out",
+            str(tmp_path / "t.model"),
+            "--on-decode-error",
+            "skip",
+            "--vocab-size",
+            "300",
+            "--cache-dir",
+            str(tmp_path / "c"),
+        ]
+    )
     assert "skipped 2 files" in capsys.readouterr().out
     card = json.loads((tmp_path / "t.card.json").read_text())
     skipped = [f["path"] for f in card["sources"][0]["skipped_files"]]
@@ -259,10 +361,18 @@ def test_one_rule_for_rows_without_text(tmp_path):
 
     (tmp_path / "null.jsonl").write_text('{"text": "some text"}\n' * 20 + '{"text": null}\n')
     with pytest.raises(SourceError, match=r"null.jsonl:21: field 'text' is null, expected a string"):
-        train_tokenizer([parse_source(str(tmp_path / "null.jsonl"))], tmp_path / "t.model", vocab_size=270,
-                        cache_dir=str(tmp_path / "c"))
+        train_tokenizer(
+            [parse_source(str(tmp_path / "null.jsonl"))],
+            tmp_path / "t.model",
+            vocab_size=270,
+            cache_dir=str(tmp_path / "c"),
+        )
     write_jsonl(tmp_path / "blank.jsonl", ["", ""])
     with pytest.raises(SourceError, match=r"'blank'.*: empty corpus \(no text in any document\)"):
-        train_tokenizer([parse_source(str(tmp_path / "blank.jsonl"))], tmp_path / "t.model", vocab_size=270,
-                        cache_dir=str(tmp_path / "c"))
+        train_tokenizer(
+            [parse_source(str(tmp_path / "blank.jsonl"))],
+            tmp_path / "t.model",
+            vocab_size=270,
+            cache_dir=str(tmp_path / "c"),
+        )
     assert not (tmp_path / "t.model").exists()

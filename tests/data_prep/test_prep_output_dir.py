@@ -1,14 +1,15 @@
 """What tokenize may delete or overwrite in an output directory, and the checks before it writes."""
+
 import json
 import os
 
 import pytest
+from prep_helpers import jsonl_source, make_tokenizer, write_jsonl
 
 import data_prep.shard_writer as shard_writer
 from data_prep.output_dir import OutputDirError, exclusive
 from data_prep.tokenize import main as tokenize_main
 from data_prep.tokenize import tokenize_source
-from prep_helpers import jsonl_source, make_tokenizer, write_jsonl
 
 
 @pytest.fixture(scope="module")
@@ -22,8 +23,15 @@ def corpus(tmp_path):
 
 
 def run(corpus, tok, out, **kw):
-    kw = {"shard_tokens": 300, "validation_fraction": 0.2, "num_proc": 1, "chunk_docs": 8, "progress": False,
-          "cache_dir": str(corpus.parent / "hf_cache"), **kw}
+    kw = {
+        "shard_tokens": 300,
+        "validation_fraction": 0.2,
+        "num_proc": 1,
+        "chunk_docs": 8,
+        "progress": False,
+        "cache_dir": str(corpus.parent / "hf_cache"),
+        **kw,
+    }
     return tokenize_source(jsonl_source(corpus), tok, out, **kw)
 
 
@@ -54,9 +62,12 @@ def test_unrecorded_shards_are_never_deleted(tok, corpus, tmp_path, overwrite):
     out.mkdir()
     (out / "train_00000.bin").write_bytes(b"someone else's tokens")
     (out / "validation_00003.bin").write_bytes(b"more")
-    with pytest.raises(OutputDirError, match=r"out: holds shard files that no manifest or journal of "
-                                             r"data_prep.tokenize records: train_00000.bin, validation_00003.bin; "
-                                             r"they are never deleted"):
+    with pytest.raises(
+        OutputDirError,
+        match=r"out: holds shard files that no manifest or journal of "
+        r"data_prep.tokenize records: train_00000.bin, validation_00003.bin; "
+        r"they are never deleted",
+    ):
         run(corpus, tok, out, overwrite=overwrite)
     assert contents(out) == {"train_00000.bin": b"someone else's tokens", "validation_00003.bin": b"more"}
 
@@ -65,8 +76,14 @@ def test_overwrite_deletes_only_recorded_files(tok, corpus, tmp_path):
     out = tmp_path / "out"
     first = run(corpus, tok, out)
     old_shards = {s.file for split in first.splits.values() for s in split.shards}
-    mine = {"train_notes.bin": b"a", "validation_final.bin": b"b", "train_1.bin": b"c", "notes.txt": b"d",
-            ".train_00000.bin.tmp": b"e", ".data.txt.77.tmp": b"f"}
+    mine = {
+        "train_notes.bin": b"a",
+        "validation_final.bin": b"b",
+        "train_1.bin": b"c",
+        "notes.txt": b"d",
+        ".train_00000.bin.tmp": b"e",
+        ".data.txt.77.tmp": b"f",
+    }
     for name, data in mine.items():
         (out / name).write_bytes(data)
     (out / ".train_00001.bin.4242.tmp").write_bytes(b"a killed write of this tool")
@@ -82,8 +99,11 @@ def test_overwrite_with_an_unreadable_manifest_keeps_its_shards(tok, corpus, tmp
     run(corpus, tok, out)
     (out / "manifest.json").write_text("{ edited by hand, badly")
     before = contents(out)
-    with pytest.raises(OutputDirError, match=r"no manifest or journal .* records \(its manifest.json is unreadable\): "
-                                             r"train_00000.bin, "):
+    with pytest.raises(
+        OutputDirError,
+        match=r"no manifest or journal .* records \(its manifest.json is unreadable\): "
+        r"train_00000.bin, ",
+    ):
         run(corpus, tok, out, overwrite=True)
     assert contents(out) == before
 
@@ -151,8 +171,22 @@ def test_every_output_is_checked_before_the_first_source_runs(tok, corpus, tmp_p
     (tmp_path / "out" / "b").mkdir(parents=True)
     (tmp_path / "out" / "b" / "train_00000.bin").write_bytes(b"x")
     with pytest.raises(SystemExit, match=r"out/b: holds shard files"):
-        tokenize_main(["--tokenizer", str(tok.path), "--out", str(tmp_path / "out"), "--source", f"a={corpus}",
-                       "--source", f"b={corpus}", "--num-proc", "1", "--cache-dir", str(tmp_path / "c")])
+        tokenize_main(
+            [
+                "--tokenizer",
+                str(tok.path),
+                "--out",
+                str(tmp_path / "out"),
+                "--source",
+                f"a={corpus}",
+                "--source",
+                f"b={corpus}",
+                "--num-proc",
+                "1",
+                "--cache-dir",
+                str(tmp_path / "c"),
+            ]
+        )
     assert not (tmp_path / "out" / "a").exists()
 
 
@@ -160,8 +194,18 @@ def test_failed_runs_leave_no_empty_directories(tok, corpus, tmp_path, monkeypat
     bad = tmp_path / "bad.jsonl"
     bad.write_text('{"text": "fine"}\n{"text": "broken\n')
     with pytest.raises(SystemExit, match=r"bad.jsonl:2: not valid JSON"):
-        tokenize_main(["--tokenizer", str(tok.path), "--out", str(tmp_path / "root" / "deeper"), "--source", str(bad),
-                       "--cache-dir", str(tmp_path / "c")])
+        tokenize_main(
+            [
+                "--tokenizer",
+                str(tok.path),
+                "--out",
+                str(tmp_path / "root" / "deeper"),
+                "--source",
+                str(bad),
+                "--cache-dir",
+                str(tmp_path / "c"),
+            ]
+        )
     assert not (tmp_path / "root").exists()
     die_after_shards(monkeypatch, 0)  # fails while tokenizing, before its first shard
     with pytest.raises(Killed):

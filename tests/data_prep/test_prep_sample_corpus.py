@@ -1,4 +1,5 @@
 """`make data`: tokenizer + shards from the standard library's sources, then quick reuse."""
+
 import json
 import subprocess
 import sys
@@ -15,8 +16,12 @@ MAX_BYTES = "2000000"  # a slice of the default corpus: same code path, a few se
 
 
 def build(out, *extra):
-    return subprocess.run([sys.executable, "-m", "data_prep.sample_corpus", "--out", str(out), "--max-bytes",
-                           MAX_BYTES, *extra], cwd=REPO, capture_output=True, text=True)
+    return subprocess.run(
+        [sys.executable, "-m", "data_prep.sample_corpus", "--out", str(out), "--max-bytes", MAX_BYTES, *extra],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+    )
 
 
 @pytest.fixture(scope="module")
@@ -44,8 +49,9 @@ def test_outputs_match_the_tiny_preset(sample):
     assert (manifest.vocab_size, manifest.eos_id, manifest.tokenizer_sha256) == (8192, 2, card["sha256"])
     assert manifest.split("train").tokens > 300_000 and manifest.split("validation").tokens > 1_000
     assert verify_shards(manifest) == []
-    loader = TokenLoader({"sample": (str(sample / "shards"), 1.0)}, 128, 4, tokenizer_sha256=card["sha256"],
-                         vocab_size=8192)
+    loader = TokenLoader(
+        {"sample": (str(sample / "shards"), 1.0)}, 128, 4, tokenizer_sha256=card["sha256"], vocab_size=8192
+    )
     assert next(loader)["input_ids"].max() < 8192
     assert len(build_validation_loader({"sample": (str(sample / "shards"), 1.0)}, 128, 4)) > 0
 
@@ -75,5 +81,6 @@ def test_out_under_a_file_is_one_line(tmp_path):
     (tmp_path / "afile").write_text("x")
     result = build(tmp_path / "afile" / "sample")
     assert result.returncode == 1
-    assert result.stderr.strip().splitlines() == [f"error: {tmp_path}/afile/sample: cannot be created: "
-                                                  f"{tmp_path}/afile is a file"]
+    assert result.stderr.strip().splitlines() == [
+        f"error: {tmp_path}/afile/sample: cannot be created: {tmp_path}/afile is a file"
+    ]

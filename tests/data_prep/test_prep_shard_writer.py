@@ -1,4 +1,5 @@
 """SplitShardWriter unit tests: shard contents, resume points, and restart from any of them."""
+
 import json
 
 import numpy as np
@@ -26,7 +27,7 @@ def write_all(directory, flat, lengths, doc_ids, kept=(), chunk=7, dtype=np.uint
     for lo in range(0, len(lengths), chunk):  # documents arrive in chunks, as from datasets.map
         hi = min(lo + chunk, len(lengths))
         keep = lengths[lo:hi] > 0  # empty texts are not documents (as in tokenize)
-        tokens, framed = frame_documents(flat[offsets[lo]:offsets[hi]], lengths[lo:hi][keep], EOS, bos)
+        tokens, framed = frame_documents(flat[offsets[lo] : offsets[hi]], lengths[lo:hi][keep], EOS, bos)
         writer.add(tokens, doc_ids[lo:hi][keep], framed)
     return writer.finish(), journal
 
@@ -80,7 +81,7 @@ def test_restart_from_a_kept_prefix_gives_the_same_stream(tmp_path, keep_shards)
     # restart at the resume point's document, as tokenize does (earlier documents are skipped)
     start = kept[-1]["resume"][0]
     offsets = np.concatenate([[0], np.cumsum(lengths)])
-    write_all(part, flat[offsets[start]:], lengths[start:], np.arange(start, len(lengths)), kept=kept)
+    write_all(part, flat[offsets[start] :], lengths[start:], np.arange(start, len(lengths)), kept=kept)
     np.testing.assert_array_equal(read_stream(part), read_stream(full))
 
 

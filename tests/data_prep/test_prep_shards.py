@@ -3,12 +3,12 @@ import os
 
 import numpy as np
 import pytest
+from prep_helpers import corpus_texts, jsonl_source, make_tokenizer, read_split_docs, write_jsonl
 
 import data_prep.shard_writer as shard_writer
 import data_prep.tokenize as tokenize_mod
 from data_prep.doc_split import validation_mask
 from data_prep.tokenize import tokenize_source
-from prep_helpers import corpus_texts, jsonl_source, make_tokenizer, read_split_docs, write_jsonl
 from retnet_train.data import TokenLoader, read_manifest, verify_shards
 from retnet_train.data.manifest import sha256_file
 
@@ -27,14 +27,24 @@ def corpus(tmp_path):
 
 
 def run(source_path, tok, out, **kw):
-    kw = {"validation_fraction": FRACTION, "seed": 3, "shard_tokens": SHARD, "num_proc": 1, "chunk_docs": 7,
-          "progress": False, "cache_dir": str(out.parent / "hf_cache"), **kw}
+    kw = {
+        "validation_fraction": FRACTION,
+        "seed": 3,
+        "shard_tokens": SHARD,
+        "num_proc": 1,
+        "chunk_docs": 7,
+        "progress": False,
+        "cache_dir": str(out.parent / "hf_cache"),
+        **kw,
+    }
     return tokenize_source(jsonl_source(source_path), tok, out, **kw)
 
 
 def shard_digests(manifest):
-    return {name: [(s.file, s.tokens, s.documents, s.sha256) for s in split.shards]
-            for name, split in manifest.splits.items()}
+    return {
+        name: [(s.file, s.tokens, s.documents, s.sha256) for s in split.shards]
+        for name, split in manifest.splits.items()
+    }
 
 
 def test_round_trip_decode_equals_input(tok, corpus, tmp_path):
@@ -55,7 +65,11 @@ def test_manifest_and_shard_files(tok, corpus, tmp_path):
     assert shard_digests(on_disk) == shard_digests(m)
     assert (m.vocab_size, m.eos_id, m.tokenizer_sha256, m.dtype) == (1000, 2, tok.sha256, "uint16")
     raw = json.loads(m.path.read_text())
-    assert raw["format_version"] == 1 and raw["split_rule"] == {"validation_fraction": FRACTION, "seed": 3, "unit": "document"}
+    assert raw["format_version"] == 1 and raw["split_rule"] == {
+        "validation_fraction": FRACTION,
+        "seed": 3,
+        "unit": "document",
+    }
     train = m.split("train").shards
     assert len(train) >= 3
     assert all(s.tokens == SHARD for s in train[:-1]) and 0 < train[-1].tokens <= SHARD
@@ -67,7 +81,8 @@ def test_manifest_and_shard_files(tok, corpus, tmp_path):
             assert np.count_nonzero(np.fromfile(path, np.uint16) == tok.eos_id) == s.documents
     assert verify_shards(m) == []
     assert sorted(p.name for p in (tmp_path / "out").iterdir()) == sorted(
-        ["manifest.json"] + [s.file for sp in m.splits.values() for s in sp.shards])  # no journal/tmp left
+        ["manifest.json"] + [s.file for sp in m.splits.values() for s in sp.shards]
+    )  # no journal/tmp left
 
 
 def test_same_shards_for_num_proc_1_and_2(tok, corpus, tmp_path):
@@ -109,16 +124,21 @@ def test_resume_after_kill_keeps_verified_shards(tok, corpus, tmp_path, monkeypa
     assert not (out / "manifest.json").exists() and (out / "progress.jsonl").exists()
     kept = {f: os.stat(out / f) for f in written}
     records = [json.loads(line) for line in (out / "progress.jsonl").read_text().splitlines()[1:]]
-    resume = {split: max([r["resume"][0] for r in records if r["split"] == split], default=0)
-              for split in ("train", "validation")}
+    resume = {
+        split: max([r["resume"][0] for r in records if r["split"] == split], default=0)
+        for split in ("train", "validation")
+    }
     in_val = validation_mask(np.arange(len(corpus_texts())), FRACTION, 3)
     must_redo = sum(i >= resume["validation" if v else "train"] for i, v in enumerate(in_val))
     monkeypatch.setattr(shard_writer.SplitShardWriter, "_write_shard", real_write)
 
     encoded = []  # documents tokenized by the second run (num_proc=1 maps in this process)
     real_call = tokenize_mod._Encoder.__call__
-    monkeypatch.setattr(tokenize_mod._Encoder, "__call__",
-                        lambda self, batch: encoded.append(len(batch["text"])) or real_call(self, batch))
+    monkeypatch.setattr(
+        tokenize_mod._Encoder,
+        "__call__",
+        lambda self, batch: encoded.append(len(batch["text"])) or real_call(self, batch),
+    )
     m = run(corpus, tok, out)
     assert shard_digests(m) == reference
     for f, st in kept.items():  # finished shards were kept, not rewritten
@@ -188,18 +208,21 @@ def test_unfinished_run_with_other_settings_is_not_resumed(tok, corpus, tmp_path
     with pytest.raises(FileExistsError, match=r"progress.jsonl: an unfinished run with different inputs or settings"):
         run(corpus, tok, out, shard_tokens=SHARD * 2)
     m = run(corpus, tok, out, shard_tokens=SHARD * 2, overwrite=True)  # discards that run's recorded shards
-    assert sorted(os.listdir(out)) == sorted(["manifest.json"] + [s.file for sp in m.splits.values() for s in sp.shards])
+    assert sorted(os.listdir(out)) == sorted(
+        ["manifest.json"] + [s.file for sp in m.splits.values() for s in sp.shards]
+    )
 
 
 def test_loader_reads_tokenized_shards(tok, corpus, tmp_path):
     m = run(corpus, tok, tmp_path / "out")
-    loader = TokenLoader({"c": (str(tmp_path / "out"), 1.0)}, 64, 4, tokenizer_sha256=tok.sha256, vocab_size=1000,
-                         verify_checksums=True)
+    loader = TokenLoader(
+        {"c": (str(tmp_path / "out"), 1.0)}, 64, 4, tokenizer_sha256=tok.sha256, vocab_size=1000, verify_checksums=True
+    )
     batch = next(loader)
     ids = batch["input_ids"].numpy()
     stream = np.concatenate([np.fromfile(p, np.uint16) for p in m.shard_paths("train")]).astype(np.int64)
     for row in ids:  # every row is a stride-aligned window of the train stream
-        starts = [s for s in range(0, len(stream) - 64, 64) if np.array_equal(stream[s:s + 64], row)]
+        starts = [s for s in range(0, len(stream) - 64, 64) if np.array_equal(stream[s : s + 64], row)]
         assert starts
     assert batch["doc_starts"].numpy()[:, 1:].tolist() == (ids[:, :-1] == tok.eos_id).tolist()
 
@@ -231,8 +254,12 @@ def test_resume_after_sigkill(tok, corpus, tmp_path):
     reference = shard_digests(run(corpus, tok, tmp_path / "ref"))
     out = tmp_path / "out"
     repo = Path(__file__).resolve().parents[2]
-    proc = subprocess.run([sys.executable, "-c", KILL_SCRIPT, str(corpus), str(tok.path), str(out),
-                           str(tmp_path / "hf_cache")], cwd=repo, capture_output=True, text=True)
+    proc = subprocess.run(
+        [sys.executable, "-c", KILL_SCRIPT, str(corpus), str(tok.path), str(out), str(tmp_path / "hf_cache")],
+        cwd=repo,
+        capture_output=True,
+        text=True,
+    )
     assert proc.returncode == -signal.SIGKILL, proc.stderr[-2000:]
     assert not (out / "manifest.json").exists()
     assert len((out / "progress.jsonl").read_text().splitlines()) == 1 + 4  # header + 4 finished shards
@@ -251,23 +278,45 @@ def test_resumed_run_says_so_and_from_where(tok, corpus, tmp_path, monkeypatch, 
     capsys.readouterr()
     run(corpus, tok, out)
     train_at = records[0]["resume"][0]  # the damaged second shard is redone
-    assert (f"{out}: resuming an unfinished run at document 0 of {len(corpus_texts())} (train continues at document "
-            f"{train_at}, validation at 0); kept 1 verified shards, redoing 1 ({records[-1]['file']})"
-            ) in capsys.readouterr().out
+    assert (
+        f"{out}: resuming an unfinished run at document 0 of {len(corpus_texts())} (train continues at document "
+        f"{train_at}, validation at 0); kept 1 verified shards, redoing 1 ({records[-1]['file']})"
+    ) in capsys.readouterr().out
     capsys.readouterr()
     run(corpus, tok, tmp_path / "fresh")
     assert "resuming" not in capsys.readouterr().out
 
 
-@pytest.mark.parametrize("error, code, message", [
-    (KeyboardInterrupt, 130, "interrupted: run the same command again to resume"),
-    (OSError(28, "No space left on device", "x/.train_00002.bin.1.tmp"), 1,
-     "error: [Errno 28] No space left on device: 'x/.train_00002.bin.1.tmp'"),
-])
-def test_cli_interrupted_or_failing_write_is_one_line_and_resumable(tok, corpus, tmp_path, monkeypatch, capsys,
-                                                                     error, code, message):
-    args = ["--tokenizer", str(tok.path), "--out", str(tmp_path / "out"), "--source", f"c={corpus}", "--num-proc", "1",
-            "--shard-tokens", str(SHARD), "--chunk-docs", "7", "--cache-dir", str(tmp_path / "hf_cache")]
+@pytest.mark.parametrize(
+    "error, code, message",
+    [
+        (KeyboardInterrupt, 130, "interrupted: run the same command again to resume"),
+        (
+            OSError(28, "No space left on device", "x/.train_00002.bin.1.tmp"),
+            1,
+            "error: [Errno 28] No space left on device: 'x/.train_00002.bin.1.tmp'",
+        ),
+    ],
+)
+def test_cli_interrupted_or_failing_write_is_one_line_and_resumable(
+    tok, corpus, tmp_path, monkeypatch, capsys, error, code, message
+):
+    args = [
+        "--tokenizer",
+        str(tok.path),
+        "--out",
+        str(tmp_path / "out"),
+        "--source",
+        f"c={corpus}",
+        "--num-proc",
+        "1",
+        "--shard-tokens",
+        str(SHARD),
+        "--chunk-docs",
+        "7",
+        "--cache-dir",
+        str(tmp_path / "hf_cache"),
+    ]
     die_after_shards(monkeypatch, 2, error)
     raised = None
     try:

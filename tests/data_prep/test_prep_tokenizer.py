@@ -1,11 +1,11 @@
 import json
 
 import pytest
+from prep_helpers import SPECIAL_DOCS, corpus_texts, make_tokenizer, write_jsonl
 
 from data_prep.sources import parse_source
 from data_prep.tokenizer_card import TokenizerError, card_path_for, load_tokenizer
 from data_prep.train_tokenizer import train_tokenizer
-from prep_helpers import SPECIAL_DOCS, corpus_texts, make_tokenizer, write_jsonl
 from retnet_train.data.manifest import sha256_file
 
 
@@ -76,8 +76,20 @@ def test_unigram_via_cli(tmp_path, capsys):
     from data_prep.train_tokenizer import main
 
     corpus = write_jsonl(tmp_path / "c.jsonl", corpus_texts())
-    main(["--source", f"c={corpus}", "--out", str(tmp_path / "u.model"), "--model-type", "unigram",
-          "--vocab-size", "700", "--cache-dir", str(tmp_path / "cache")])
+    main(
+        [
+            "--source",
+            f"c={corpus}",
+            "--out",
+            str(tmp_path / "u.model"),
+            "--model-type",
+            "unigram",
+            "--vocab-size",
+            "700",
+            "--cache-dir",
+            str(tmp_path / "cache"),
+        ]
+    )
     assert "wrote" in capsys.readouterr().out
     tok = load_tokenizer(tmp_path / "u.model")
     card = json.loads(card_path_for(tok.path).read_text())
@@ -89,8 +101,12 @@ def test_unigram_via_cli(tmp_path, capsys):
 def test_corpus_too_small_for_the_vocab(tmp_path):
     (tmp_path / "tiny.txt").write_text("a b c\n")
     with pytest.raises(TokenizerError, match=r"tiny.txt'\] failed: .*Vocabulary size too high \(8192\)"):
-        train_tokenizer([parse_source(str(tmp_path / "tiny.txt"))], tmp_path / "t.model", model_type="unigram",
-                        cache_dir=str(tmp_path / "c"))
+        train_tokenizer(
+            [parse_source(str(tmp_path / "tiny.txt"))],
+            tmp_path / "t.model",
+            model_type="unigram",
+            cache_dir=str(tmp_path / "c"),
+        )
     assert not (tmp_path / "t.model").exists()
 
 
@@ -107,13 +123,16 @@ def test_unwritable_out_fails_before_training(tmp_path, monkeypatch):
         main(["--source", str(corpus), "--out", str(tmp_path / "dir.model"), "--overwrite"])
 
 
-@pytest.mark.parametrize("kwargs, message", [
-    ({"vocab_size": 0}, r"vocab_size and num_docs must be >= 1, got 0 and 100000"),
-    ({"num_docs": 0}, r"vocab_size and num_docs must be >= 1, got 8192 and 0"),
-    ({"ids": (0, 1, 1, 3)}, r"bos_id and eos_id are both 1; special ids must differ \(-1 disables one\)"),
-    ({"ids": (0, 1, 2, 9000)}, r"pad_id 9000 is not below vocab_size 8192"),
-    ({"ids": (-1, 1, 2, 3)}, r"unk_id and eos_id must be >= 0 \(got -1 and 2\)"),
-])
+@pytest.mark.parametrize(
+    "kwargs, message",
+    [
+        ({"vocab_size": 0}, r"vocab_size and num_docs must be >= 1, got 0 and 100000"),
+        ({"num_docs": 0}, r"vocab_size and num_docs must be >= 1, got 8192 and 0"),
+        ({"ids": (0, 1, 1, 3)}, r"bos_id and eos_id are both 1; special ids must differ \(-1 disables one\)"),
+        ({"ids": (0, 1, 2, 9000)}, r"pad_id 9000 is not below vocab_size 8192"),
+        ({"ids": (-1, 1, 2, 3)}, r"unk_id and eos_id must be >= 0 \(got -1 and 2\)"),
+    ],
+)
 def test_bad_settings_fail_before_the_corpus_is_read(tmp_path, monkeypatch, kwargs, message):
     monkeypatch.setattr("data_prep.train_tokenizer.load_source", lambda *a: pytest.fail("read the corpus anyway"))
     (tmp_path / "c.txt").write_text("text")
@@ -125,8 +144,13 @@ def test_bos_option_needs_a_model_with_bos(tmp_path):
     from data_prep.tokenize import tokenize_source
 
     corpus = write_jsonl(tmp_path / "c.jsonl", corpus_texts())
-    tok = train_tokenizer([parse_source(str(corpus))], tmp_path / "nobos.model", vocab_size=1000, ids=(0, -1, 2, 3),
-                          cache_dir=str(tmp_path / "cache"))
+    tok = train_tokenizer(
+        [parse_source(str(corpus))],
+        tmp_path / "nobos.model",
+        vocab_size=1000,
+        ids=(0, -1, 2, 3),
+        cache_dir=str(tmp_path / "cache"),
+    )
     assert tok.bos_id == -1
     with pytest.raises(TokenizerError, match=r"nobos.model: the model has no BOS id .*; --bos needs one"):
         tokenize_source(parse_source(str(corpus)), tok, tmp_path / "out", add_bos=True, progress=False)

@@ -26,8 +26,9 @@ def shards(tmp_path):
 
 
 def run_verify(*args):
-    return subprocess.run([sys.executable, "-m", "data_prep.verify", *map(str, args)], cwd=REPO,
-                          capture_output=True, text=True)
+    return subprocess.run(
+        [sys.executable, "-m", "data_prep.verify", *map(str, args)], cwd=REPO, capture_output=True, text=True
+    )
 
 
 def test_good_directory_passes(shards):

@@ -1,4 +1,5 @@
 """A tokenize killed with SIGKILL takes its datasets.map worker processes with it."""
+
 import os
 import signal
 import subprocess
@@ -50,8 +51,13 @@ def test_workers_die_with_a_killed_tokenize(tmp_path):
     corpus = write_jsonl(tmp_path / "c.jsonl", [f"text {i}" for i in range(40)])
     run_dir = tmp_path / "run"
     run_dir.mkdir()
-    proc = subprocess.Popen([sys.executable, "-c", SCRIPT, str(corpus), str(tok.path), str(run_dir)], cwd=REPO,
-                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    proc = subprocess.Popen(
+        [sys.executable, "-c", SCRIPT, str(corpus), str(tok.path), str(run_dir)],
+        cwd=REPO,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
     kids = []
     try:
         deadline = time.time() + 120

@@ -1,5 +1,6 @@
 """Shared pieces for tests/inference (and tests/interop, tests/bench): a real sentencepiece tokenizer,
 tiny models, and a real DeepSpeed checkpoint written in-process (gloo, world size 1)."""
+
 from __future__ import annotations
 
 import json
@@ -14,8 +15,11 @@ from retnet_train.data.manifest import MANIFEST_NAME, Manifest, ShardInfo, Split
 from retnet_train.model import build_model, model_config_from_dict
 
 VOCAB = 256
-TEXT = ("The quick brown fox jumps over the lazy dog. A retentive network keeps a state. "
-        "def add(a, b):\n    return a + b\n" "Numbers: one two three four five six seven eight nine ten.\n")
+TEXT = (
+    "The quick brown fox jumps over the lazy dog. A retentive network keeps a state. "
+    "def add(a, b):\n    return a + b\n"
+    "Numbers: one two three four five six seven eight nine ten.\n"
+)
 
 
 def train_tokenizer(directory: Path, vocab_size: int = VOCAB, model_type: str = "unigram") -> Path:
@@ -25,14 +29,25 @@ def train_tokenizer(directory: Path, vocab_size: int = VOCAB, model_type: str = 
     # the repo's own model sources: varied enough text for a few hundred pieces
     src = Path(__file__).resolve().parents[2] / "retnet_train" / "model"
     corpus.write_text(TEXT * 5 + "".join(p.read_text() for p in sorted(src.glob("*.py"))))
-    spm.SentencePieceTrainer.train(input=str(corpus), model_prefix=str(directory / "tok"), vocab_size=vocab_size,
-                                   model_type=model_type, character_coverage=1.0, minloglevel=2,
-                                   hard_vocab_limit=True, num_threads=1)
+    spm.SentencePieceTrainer.train(
+        input=str(corpus),
+        model_prefix=str(directory / "tok"),
+        vocab_size=vocab_size,
+        model_type=model_type,
+        character_coverage=1.0,
+        minloglevel=2,
+        hard_vocab_limit=True,
+        num_threads=1,
+    )
     return directory / "tok.model"
 
 
-TEXTS = ["The quick brown fox jumps over the lazy dog.", "def add(a, b):\n    return a + b",
-         "one two three four five six seven eight nine ten", "A retentive network keeps a state."]
+TEXTS = [
+    "The quick brown fox jumps over the lazy dog.",
+    "def add(a, b):\n    return a + b",
+    "one two three four five six seven eight nine ten",
+    "A retentive network keeps a state.",
+]
 
 
 def write_shards(directory, tokenizer, texts, sha=None):
@@ -51,8 +66,18 @@ def write_shards(directory, tokenizer, texts, sha=None):
         (directory / f"{split}_00000.bin").write_bytes(payload)
         shard = ShardInfo(f"{split}_00000.bin", len(tokens), len(texts), hashlib.sha256(payload).hexdigest())
         splits[split] = SplitInfo(len(tokens), len(texts), (shard,))
-    m = Manifest(directory, VOCAB, sp.eos_id(), sp.bos_id(), sp.pad_id(), sp.unk_id(), sha or sha256_file(tokenizer),
-                 "uint16", 1 << 20, splits)
+    m = Manifest(
+        directory,
+        VOCAB,
+        sp.eos_id(),
+        sp.bos_id(),
+        sp.pad_id(),
+        sp.unk_id(),
+        sha or sha256_file(tokenizer),
+        "uint16",
+        1 << 20,
+        splits,
+    )
     (directory / MANIFEST_NAME).write_text(json.dumps(m.to_json()))
     return tokens.astype(np.int64)
 
@@ -81,8 +106,16 @@ def init_dist() -> None:
     deepspeed.init_distributed(dist_backend="gloo", verbose=False)
 
 
-def write_deepspeed_checkpoint(save_dir: Path, model_cfg: dict, stage: int, client_state: dict, steps: int = 2,
-                               tag: str | None = None, bf16: bool = False, complete: bool = True) -> torch.nn.Module:
+def write_deepspeed_checkpoint(
+    save_dir: Path,
+    model_cfg: dict,
+    stage: int,
+    client_state: dict,
+    steps: int = 2,
+    tag: str | None = None,
+    bf16: bool = False,
+    complete: bool = True,
+) -> torch.nn.Module:
     """Train `steps` Adam steps under ZeRO `stage` and save_checkpoint, marked COMPLETE as the trainer
     marks a finished save (unless complete=False); returns the trained model (its weights are what a
     loader must reproduce)."""
@@ -90,11 +123,15 @@ def write_deepspeed_checkpoint(save_dir: Path, model_cfg: dict, stage: int, clie
 
     init_dist()
     model = build_model(model_config_from_dict(model_cfg))
-    ds_config = {"train_micro_batch_size_per_gpu": 2, "gradient_accumulation_steps": 1,
-                 "optimizer": {"type": "Adam", "params": {"lr": 1e-2, "torch_adam": True}},
-                 # threshold 0: ZeRO-3 partitions even these tiny weights (by default they stay gathered)
-                 "zero_optimization": {"stage": stage, "stage3_param_persistence_threshold": 0},
-                 "steps_per_print": 10 ** 9, "bf16": {"enabled": bf16}}
+    ds_config = {
+        "train_micro_batch_size_per_gpu": 2,
+        "gradient_accumulation_steps": 1,
+        "optimizer": {"type": "Adam", "params": {"lr": 1e-2, "torch_adam": True}},
+        # threshold 0: ZeRO-3 partitions even these tiny weights (by default they stay gathered)
+        "zero_optimization": {"stage": stage, "stage3_param_persistence_threshold": 0},
+        "steps_per_print": 10**9,
+        "bf16": {"enabled": bf16},
+    }
     engine, *_ = deepspeed.initialize(model=model, model_parameters=model.parameters(), config=ds_config)
     g = torch.Generator().manual_seed(0)
     for _ in range(steps):

@@ -2,14 +2,15 @@
 (generate, export, evaluate): a one-line error naming the file or option, or, given a run dir, the
 newest valid checkpoint with a note saying which newer one was skipped and why. Nothing of the
 user's is overwritten."""
+
 import json
 import os
 import shutil
 
 import pytest
 import torch
-
 from gen_fixtures import tiny_config, tiny_model, train_tokenizer, write_deepspeed_checkpoint
+
 from retnet_train.inference.errors import CheckpointError
 from retnet_train.inference.evaluate import main as evaluate_main
 from retnet_train.inference.export import main as export_main
@@ -30,8 +31,10 @@ def trained(tmp_path_factory):
     cfg = tiny_config()
     client = {"config": {"model": cfg, "data": {"tokenizer": tok}}}
     save = root / "run" / "checkpoints"
-    refs = {tag: write_deepspeed_checkpoint(save, cfg, 2, client, steps=steps, tag=tag)
-            for tag, steps in ((STEP1, 1), (STEP2, 2))}
+    refs = {
+        tag: write_deepspeed_checkpoint(save, cfg, 2, client, steps=steps, tag=tag)
+        for tag, steps in ((STEP1, 1), (STEP2, 2))
+    }
     return root / "run", refs, tok
 
 
@@ -59,8 +62,11 @@ def test_checkpoints_without_complete_marker_are_never_used(run, tmp_path):
         load_model(str(run))
     with pytest.raises(CheckpointError, match=f"{STEP1}: no COMPLETE marker: the save was interrupted"):
         load_model(str(run / "checkpoints" / STEP1))
-    for main, extra in ((generate_main, ["--prompt", "one"]), (export_main, ["--out", str(tmp_path / "exp")]),
-                        (evaluate_main, ["--data", str(tmp_path)])):
+    for main, extra in (
+        (generate_main, ["--prompt", "one"]),
+        (export_main, ["--out", str(tmp_path / "exp")]),
+        (evaluate_main, ["--data", str(tmp_path)]),
+    ):
         with pytest.raises(SystemExit, match=f"error: .*{STEP2}: no COMPLETE marker"):
             main(["--checkpoint", str(run / "checkpoints" / STEP2), *extra])
         with pytest.raises(SystemExit, match="error: .*no usable checkpoint"):
@@ -88,8 +94,10 @@ def test_a_run_dir_falls_back_to_the_newest_valid_checkpoint_and_says_why(traine
     loaded = load_model(str(run))
     assert loaded.meta["tag"] == STEP1 and same_weights(loaded.model, refs[STEP1])
     note = [line for line in capsys.readouterr().err.splitlines() if line.startswith("using checkpoint")]
-    assert len(note) == 1 and note[0].startswith(f"using checkpoint {run / 'checkpoints' / STEP1}; skipped newer: "
-                                                 f"{STEP2}: {MODEL_STATES} is truncated or damaged")
+    assert len(note) == 1 and note[0].startswith(
+        f"using checkpoint {run / 'checkpoints' / STEP1}; skipped newer: "
+        f"{STEP2}: {MODEL_STATES} is truncated or damaged"
+    )
     # the same through the CLI, the note on stderr and the text on stdout
     assert generate_main(["--checkpoint", str(run), "--prompt", "one two", "--max-new-tokens", "2", "--greedy"]) == 0
     assert "skipped newer" in capsys.readouterr().err

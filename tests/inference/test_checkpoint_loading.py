@@ -1,12 +1,13 @@
 """Loading a model from a real DeepSpeed checkpoint (ZeRO 0/2/3, consolidated with
 deepspeed.utils.zero_to_fp32) and from our export; bad paths and mismatches are clear errors."""
+
 import json
 import os
 
 import pytest
 import torch
-
 from gen_fixtures import VOCAB, tiny_config, tiny_model, train_tokenizer, write_deepspeed_checkpoint
+
 from retnet_train.inference.errors import CheckpointError
 from retnet_train.inference.load import load_model
 from retnet_train.inference.native import save_native
@@ -17,8 +18,17 @@ def tokenizer(tmp_path_factory):
     return str(train_tokenizer(tmp_path_factory.mktemp("tok")))
 
 
-@pytest.mark.parametrize("stage,arch,bf16", [(0, "retnet", False), (2, "retnet", False), (3, "retnet", False),
-                                             (2, "transformer", False), (1, "retnet", True), (3, "retnet", True)])
+@pytest.mark.parametrize(
+    "stage,arch,bf16",
+    [
+        (0, "retnet", False),
+        (2, "retnet", False),
+        (3, "retnet", False),
+        (2, "transformer", False),
+        (1, "retnet", True),
+        (3, "retnet", True),
+    ],
+)
 def test_deepspeed_checkpoint_round_trip(tmp_path, tokenizer, stage, arch, bf16):
     cfg = tiny_config(arch, tie_embeddings=(stage == 2 and arch == "retnet"))
     client = {"config": {"model": cfg, "data": {"tokenizer": tokenizer}}, "step": 2}
@@ -37,7 +47,9 @@ def test_deepspeed_checkpoint_round_trip(tmp_path, tokenizer, stage, arch, bf16)
         torch.testing.assert_close(loaded.model(ids).logits, ref(ids).logits)
     # the weights really changed in training (so a fresh init would not pass the check above)
     fresh = tiny_model(arch)
-    assert not torch.equal(fresh.state_dict()["layers.0.ffn.fc1.weight"], loaded.model.state_dict()["layers.0.ffn.fc1.weight"])
+    assert not torch.equal(
+        fresh.state_dict()["layers.0.ffn.fc1.weight"], loaded.model.state_dict()["layers.0.ffn.fc1.weight"]
+    )
     # the tag dir itself is accepted as well
     tag = (tmp_path / "ckpt" / "latest").read_text().strip()
     assert load_model(str(tmp_path / "ckpt" / tag)).meta["tag"] == tag
@@ -99,9 +111,20 @@ def test_checkpoint_world_size_two(tmp_path, stage):
         s.bind(("127.0.0.1", 0))
         port = str(s.getsockname()[1])
     here = os.path.dirname(__file__)
-    env = {**os.environ, "PYTHONPATH": os.pathsep.join([here, os.path.dirname(os.path.dirname(here)), os.environ.get("PYTHONPATH", "")])}
-    procs = [subprocess.Popen([sys.executable, os.path.join(here, "ds_two_ranks.py"), str(r), port, str(stage), str(tmp_path)],
-                              env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True) for r in range(2)]
+    env = {
+        **os.environ,
+        "PYTHONPATH": os.pathsep.join([here, os.path.dirname(os.path.dirname(here)), os.environ.get("PYTHONPATH", "")]),
+    }
+    procs = [
+        subprocess.Popen(
+            [sys.executable, os.path.join(here, "ds_two_ranks.py"), str(r), port, str(stage), str(tmp_path)],
+            env=env,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+            text=True,
+        )
+        for r in range(2)
+    ]
     outs = [p.communicate(timeout=120)[0] for p in procs]
     assert all(p.returncode == 0 for p in procs), outs[0][-3000:] + outs[1][-3000:]
     tag = (tmp_path / "latest").read_text().strip()
@@ -118,8 +141,13 @@ def test_export_cli_from_deepspeed_checkpoint(tmp_path, tokenizer, capsys):
     from retnet_train.inference.generate import main as generate_main
 
     cfg = tiny_config()
-    ref = write_deepspeed_checkpoint(tmp_path / "ckpt", cfg, 2, {"config": {"model": cfg, "data": {"tokenizer": tokenizer}}})
-    assert export_main(["--checkpoint", str(tmp_path / "ckpt"), "--out", str(tmp_path / "exp"), "--dtype", "bfloat16"]) == 0
+    ref = write_deepspeed_checkpoint(
+        tmp_path / "ckpt", cfg, 2, {"config": {"model": cfg, "data": {"tokenizer": tokenizer}}}
+    )
+    assert (
+        export_main(["--checkpoint", str(tmp_path / "ckpt"), "--out", str(tmp_path / "exp"), "--dtype", "bfloat16"])
+        == 0
+    )
     assert "exported native model" in capsys.readouterr().out
     loaded = load_model(str(tmp_path / "exp"))
     assert (tmp_path / "exp" / "tokenizer.model").read_bytes() == open(tokenizer, "rb").read()
@@ -142,11 +170,17 @@ def test_trainer_layout_complete_markers_run_dir_and_relative_tokenizer(tmp_path
     (launch / "data").mkdir(parents=True)
     shutil.copy(tokenizer, launch / "data" / "tok.model")
     cfg = tiny_config()
-    resolved = {"model": cfg, "data": {"tokenizer": "data/tok.model"}, "run": {"dir": "runs/r1"}, "checkpoint": {"dir": None}}
+    resolved = {
+        "model": cfg,
+        "data": {"tokenizer": "data/tok.model"},
+        "run": {"dir": "runs/r1"},
+        "checkpoint": {"dir": None},
+    }
     save = launch / "runs" / "r1" / "checkpoints"
     first = write_deepspeed_checkpoint(save, cfg, 2, {"config": resolved, "step": 1}, steps=1, tag="step_00000001")
-    write_deepspeed_checkpoint(save, cfg, 2, {"config": resolved, "step": 2}, steps=2, tag="step_00000002",
-                               complete=False)
+    write_deepspeed_checkpoint(
+        save, cfg, 2, {"config": resolved, "step": 2}, steps=2, tag="step_00000002", complete=False
+    )
     # the second save was interrupted before COMPLETE, yet DeepSpeed's own `latest` points at it
     assert (save / "latest").read_text().strip() == "step_00000002"
     monkeypatch.chdir(tmp_path)  # not the launch dir: the relative tokenizer path must be recovered
@@ -189,8 +223,10 @@ def test_checkpoint_with_separate_projections_loads_but_refuses_resume(tmp_path,
     state = torch.load(states_file, weights_only=False)
     state["module"] = _split_projections(state["module"], lambda w: w.split([d, d, vd]))
     if state.get("param_shapes"):
-        state["param_shapes"] = [_split_projections(group, lambda s: [torch.Size([n, s[1]]) for n in (d, d, vd)])
-                                 for group in state["param_shapes"]]
+        state["param_shapes"] = [
+            _split_projections(group, lambda s: [torch.Size([n, s[1]]) for n in (d, d, vd)])
+            for group in state["param_shapes"]
+        ]
         assert "layers.0.retention.q_proj.weight" in state["param_shapes"][0]
     torch.save(state, states_file)
 

@@ -1,32 +1,48 @@
 """Incremental decoding (prefill + step) reproduces the full forward's logits, per row, for
 prompts of different lengths in one left-padded batch; the RetNet state does not grow."""
+
 import pytest
 import torch
 
 from retnet_train.inference.decoding import left_pad
-from retnet_train.inference.recurrent import RetNetDecoder
 from retnet_train.inference.kv_cache import KVCacheDecoder
+from retnet_train.inference.recurrent import RetNetDecoder
 from retnet_train.model import RetNetConfig, TransformerConfig, build_model
 
 SMALL = dict(vocab_size=97, d_model=32, n_layers=2, n_heads=2, ffn_dim=64, norm_eps=1e-6)
 
 
 def _model(arch, **kw):
-    cfg = RetNetConfig(**SMALL, chunk_size=4, retention_backend="torch", **kw) if arch == "retnet" else TransformerConfig(**SMALL, **kw)
+    cfg = (
+        RetNetConfig(**SMALL, chunk_size=4, retention_backend="torch", **kw)
+        if arch == "retnet"
+        else TransformerConfig(**SMALL, **kw)
+    )
     return build_model(cfg).double().eval()
 
 
 def _decoder(model, B, max_length):
-    return RetNetDecoder(model, B, state_dtype=torch.float64) if arch_of(model) == "retnet" else KVCacheDecoder(model, B, max_length)
+    return (
+        RetNetDecoder(model, B, state_dtype=torch.float64)
+        if arch_of(model) == "retnet"
+        else KVCacheDecoder(model, B, max_length)
+    )
 
 
 def arch_of(model):
     return model.config.arch
 
 
-CASES = [("retnet", {}), ("retnet", {"normalize_retention": False, "document_masking": False}),
-         ("retnet", {"norm": "rmsnorm", "ffn_type": "glu", "activation": "silu", "head_norm_affine": True, "embed_scale": True}),
-         ("transformer", {}), ("transformer", {"norm": "rmsnorm", "embed_scale": True})]
+CASES = [
+    ("retnet", {}),
+    ("retnet", {"normalize_retention": False, "document_masking": False}),
+    (
+        "retnet",
+        {"norm": "rmsnorm", "ffn_type": "glu", "activation": "silu", "head_norm_affine": True, "embed_scale": True},
+    ),
+    ("transformer", {}),
+    ("transformer", {"norm": "rmsnorm", "embed_scale": True}),
+]
 
 
 @pytest.mark.parametrize("arch,kw", CASES)
@@ -48,7 +64,7 @@ def test_prefill_and_steps_match_full_forward(arch, kw):
     got = torch.stack(got, dim=1)  # [B, 1 + steps, V]
     for i, p in enumerate(prompts):
         full = torch.cat([torch.tensor(p), new[i]])[None]
-        ref = model(full).logits[0, len(p) - 1:]
+        ref = model(full).logits[0, len(p) - 1 :]
         torch.testing.assert_close(got[i], ref, rtol=1e-9, atol=1e-9)
 
 

@@ -1,6 +1,7 @@
 """evaluate: validation perplexity over real shards equals the loss computed by hand; shards
 of another tokenizer are refused; the lm-eval adapter runs local tasks (no download) and its
 log-likelihoods equal direct model scores."""
+
 import json
 import math
 
@@ -8,8 +9,8 @@ import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
-
 from gen_fixtures import TEXTS, tiny_model, train_tokenizer, write_shards
+
 from retnet_train.inference.evaluate import main, perplexity
 from retnet_train.inference.native import save_native
 
@@ -37,7 +38,7 @@ def test_perplexity_matches_hand_computation(setup, capsys):
     assert main(["--checkpoint", exp, "--data", str(d / "shards"), "--seq-len", "16", "--batch-size", "3"]) == 0
     res = json.loads(capsys.readouterr().out)["validation"]
     n = (len(tokens) - 1) // 16
-    win = torch.tensor(np.stack([tokens[i * 16:i * 16 + 17] for i in range(n)]))
+    win = torch.tensor(np.stack([tokens[i * 16 : i * 16 + 17] for i in range(n)]))
     with torch.no_grad():
         ids, labels = win[:, :-1], win[:, 1:]
         starts = torch.zeros_like(ids, dtype=torch.bool)
@@ -80,16 +81,18 @@ def test_unknown_lm_eval_task_is_a_one_line_error(setup, monkeypatch):
 
 
 def _write_tasks(directory):
-    mc = [{"question": "one two three", "choices": ["four five", "def add"], "label": 0},
-          {"question": "def add(a, b):", "choices": ["return a + b", "lazy dog"], "label": 0},
-          {"question": "The quick brown", "choices": ["fox jumps", "seven eight"], "label": 0}]
+    mc = [
+        {"question": "one two three", "choices": ["four five", "def add"], "label": 0},
+        {"question": "def add(a, b):", "choices": ["return a + b", "lazy dog"], "label": 0},
+        {"question": "The quick brown", "choices": ["fox jumps", "seven eight"], "label": 0},
+    ]
     (directory / "mc.jsonl").write_text("".join(json.dumps(r) + "\n" for r in mc))
     (directory / "ppl.jsonl").write_text("".join(json.dumps({"text": t}) + "\n" for t in TEXTS))
     (directory / "tiny_mc.yaml").write_text(f"""task: tiny_mc
 dataset_path: json
 dataset_kwargs:
   data_files:
-    test: {directory / 'mc.jsonl'}
+    test: {directory / "mc.jsonl"}
 test_split: test
 output_type: multiple_choice
 doc_to_text: "{{{{question}}}}"
@@ -102,7 +105,7 @@ metric_list:
 dataset_path: json
 dataset_kwargs:
   data_files:
-    test: {directory / 'ppl.jsonl'}
+    test: {directory / "ppl.jsonl"}
 test_split: test
 output_type: loglikelihood_rolling
 doc_to_text: ""
@@ -121,8 +124,23 @@ def test_lm_eval_local_tasks(setup, tmp_path, capsys, monkeypatch):
     monkeypatch.setenv("HF_DATASETS_CACHE", str(tmp_path / "hf_cache"))
     d, tok, model, exp, _ = setup
     mc = _write_tasks(tmp_path)
-    assert main(["--checkpoint", exp, "--tasks", "tiny_mc,tiny_ppl", "--include-path", str(tmp_path),
-                 "--max-length", "12", "--batch-size", "2"]) == 0
+    assert (
+        main(
+            [
+                "--checkpoint",
+                exp,
+                "--tasks",
+                "tiny_mc,tiny_ppl",
+                "--include-path",
+                str(tmp_path),
+                "--max-length",
+                "12",
+                "--batch-size",
+                "2",
+            ]
+        )
+        == 0
+    )
     res = json.loads(capsys.readouterr().out)["lm_eval"]
     # expected accuracy from direct scores: sum log p(" " + choice | [BOS] + question)
     import sentencepiece as spm
@@ -150,8 +168,8 @@ def test_adapter_rolling_and_generate(setup):
     from lm_eval.api.instance import Instance
 
     from retnet_train.inference.generate import generate
-    from retnet_train.inference.sampling import SamplingParams
     from retnet_train.inference.lm_eval_adapter import RetNetTrainLM
+    from retnet_train.inference.sampling import SamplingParams
 
     d, tok, model, exp, _ = setup
     lm = RetNetTrainLM(model, str(tok), max_length=6, batch_size=2)
@@ -159,16 +177,17 @@ def test_adapter_rolling_and_generate(setup):
     toks = lm.tok_encode(text)
     assert len(toks) > 6  # several rolling windows
     [rolled] = lm.loglikelihood_rolling([Instance("loglikelihood_rolling", {}, (text,), 0)])
+
     # lm-eval's windows (max 6 tokens, context 1), scored directly with the model
     def score(inp, targets):
         with torch.no_grad():
-            logp = F.log_softmax(model(torch.tensor([inp])).logits[0], -1)[-len(targets):]
+            logp = F.log_softmax(model(torch.tensor([inp])).logits[0], -1)[-len(targets) :]
         return float(logp.gather(-1, torch.tensor(targets)[:, None]).sum())
 
     expected, done = score([lm.prefix_id] + toks[:5], toks[:6]), 6
     while done < len(toks):
         end = done + min(len(toks) - done, 6)
-        expected += score(toks[end - 7:end - 1], toks[done:end])
+        expected += score(toks[end - 7 : end - 1], toks[done:end])
         done = end
     assert rolled == pytest.approx(expected, rel=1e-5)
     assert math.isfinite(rolled) and rolled < 0
@@ -180,8 +199,11 @@ def test_adapter_rolling_and_generate(setup):
     full = lm.sp.decode(ref.tokens[0])
     assert out == full.split("\n\n")[0]
     # a batch of requests (two share their arguments, one differs) gives each request's own result
-    args = [("The quick", {"until": ["."], "max_gen_toks": 4}), ("def add(a, b):", {"until": ["."], "max_gen_toks": 4}),
-            ("one", {"until": ["\n"], "max_gen_toks": 3})]
+    args = [
+        ("The quick", {"until": ["."], "max_gen_toks": 4}),
+        ("def add(a, b):", {"until": ["."], "max_gen_toks": 4}),
+        ("one", {"until": ["\n"], "max_gen_toks": 3}),
+    ]
     batched = lm.generate_until([Instance("generate_until", {}, a, i) for i, a in enumerate(args)])
     single = [lm.generate_until([Instance("generate_until", {}, a, 0)])[0] for a in args]
     assert batched == single
@@ -201,7 +223,10 @@ def test_adapter_from_lm_eval_model_args(setup):
     cls = get_model("retnet-train")
     lm = cls.create_from_arg_string(f"checkpoint={exp},max_length=32,dtype=float32", {"batch_size": 2, "device": "cpu"})
     direct = cls(model, str(tok), max_length=32)
-    reqs = [Instance("loglikelihood", {}, ("one two", " three"), 0), Instance("loglikelihood", {}, ("def add(a, b):", " return"), 1)]
+    reqs = [
+        Instance("loglikelihood", {}, ("one two", " three"), 0),
+        Instance("loglikelihood", {}, ("def add(a, b):", " return"), 1),
+    ]
     got, ref = lm.loglikelihood(reqs), direct.loglikelihood(reqs)
     assert [g[1] for g in got] == [r[1] for r in ref]
     assert [g[0] for g in got] == pytest.approx([r[0] for r in ref], rel=1e-6)

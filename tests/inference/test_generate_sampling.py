@@ -1,11 +1,12 @@
 """generate(): greedy output equals a naive full-forward loop; EOS stops a row; sampling
 filters (top-k, top-p, temperature) are right; bad parameters are clear errors; the CLI runs."""
+
 import pytest
 import torch
-
 from gen_fixtures import VOCAB, tiny_model, train_tokenizer
-from retnet_train.inference.native import save_native
+
 from retnet_train.inference.generate import generate, main
+from retnet_train.inference.native import save_native
 from retnet_train.inference.sampling import SamplingParams, sample
 
 
@@ -13,7 +14,7 @@ def naive_greedy(model, prompt, n):
     ids = list(prompt)
     for _ in range(n):
         ids.append(int(model(torch.tensor([ids])).logits[0, -1].argmax()))
-    return ids[len(prompt):]
+    return ids[len(prompt) :]
 
 
 @pytest.mark.parametrize("arch", ["retnet", "transformer"])
@@ -55,9 +56,17 @@ def test_sampling_filters():
     assert torch.equal(sample(logits[:5], SamplingParams(top_k=1), g), torch.zeros(5, dtype=torch.long))
 
 
-@pytest.mark.parametrize("kw,msg", [({"temperature": -1.0}, "temperature"), ({"top_k": -2}, "top_k"),
-                                    ({"top_p": 0.0}, "top_p"), ({"top_p": 1.5}, "top_p"),
-                                    ({"max_new_tokens": 0}, "max_new_tokens"), ({"top_k": VOCAB + 1}, "exceeds the vocabulary")])
+@pytest.mark.parametrize(
+    "kw,msg",
+    [
+        ({"temperature": -1.0}, "temperature"),
+        ({"top_k": -2}, "top_k"),
+        ({"top_p": 0.0}, "top_p"),
+        ({"top_p": 1.5}, "top_p"),
+        ({"max_new_tokens": 0}, "max_new_tokens"),
+        ({"top_k": VOCAB + 1}, "exceeds the vocabulary"),
+    ],
+)
 def test_invalid_sampling_parameters(kw, msg):
     with pytest.raises(ValueError, match=msg):
         generate(tiny_model(), [[1, 2]], SamplingParams(**kw))
@@ -85,8 +94,27 @@ def test_cli_streams_text_and_reports_errors(tmp_path, capsys):
     prompt = ([sp.bos_id()] if sp.bos_id() >= 0 else []) + sp.encode("def add(a, b):")
     expected = generate(model, [prompt], SamplingParams(max_new_tokens=5, temperature=0), eos_id=sp.eos_id())
     assert out == sp.decode(expected.tokens[0]) + "\n" and len(out.strip()) > 0
-    assert main(["--checkpoint", exp, "--prompt", "one two", "--prompt", "The quick", "--max-new-tokens", "4",
-                 "--top-k", "5", "--top-p", "0.9", "--temperature", "0.7"]) == 0
+    assert (
+        main(
+            [
+                "--checkpoint",
+                exp,
+                "--prompt",
+                "one two",
+                "--prompt",
+                "The quick",
+                "--max-new-tokens",
+                "4",
+                "--top-k",
+                "5",
+                "--top-p",
+                "0.9",
+                "--temperature",
+                "0.7",
+            ]
+        )
+        == 0
+    )
     lines = capsys.readouterr().out.splitlines()
     assert sorted(line[:3] for line in lines) == ["[0]", "[1]"]
     with pytest.raises(SystemExit, match="top_p"):

@@ -1,6 +1,7 @@
 """Zero-shot evaluation end to end on CPU: the trainer trains a tiny RetNet on a small corpus and
 saves a checkpoint; `python -m retnet_train.inference.evaluate --tasks` scores that checkpoint with
 lm-eval on the multiple-choice task shipped in tests/inference/tasks (local data, no download)."""
+
 import json
 import os
 import subprocess
@@ -17,23 +18,66 @@ TASKS = REPO / "tests" / "inference" / "tasks"
 
 
 def train(run_dir: Path, shards: Path, tokenizer: Path, steps: int) -> None:
-    args = {"model": "tiny", "model.vocab_size": VOCAB, "model.d_model": 64, "model.n_layers": 2, "model.n_heads": 2,
-            "model.ffn_dim": 128, "model.chunk_size": 8, "data.paths": f"[{shards}]", "data.tokenizer": str(tokenizer),
-            "data.seq_len": 32, "train.micro_batch_size": 4, "train.global_batch_tokens": 128,
-            "train.max_steps": steps, "train.device": "cpu", "train.log_interval": 10, "train.eval_interval": steps,
-            "train.eval_batches": 2, "optim.lr": 3e-3, "optim.warmup_steps": 5, "optim.decay": "cosine",
-            "deepspeed.precision": "fp32", "deepspeed.zero_stage": 0, "checkpoint.interval": steps,
-            "run.dir": str(run_dir)}
-    env = {**{k: v for k, v in os.environ.items() if k not in ("RANK", "LOCAL_RANK", "WORLD_SIZE")},
-           "OMP_NUM_THREADS": "1", "WANDB_MODE": "disabled"}
-    proc = subprocess.run([sys.executable, "-m", "retnet_train.train", *[f"{k}={v}" for k, v in args.items()]],
-                          cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
+    args = {
+        "model": "tiny",
+        "model.vocab_size": VOCAB,
+        "model.d_model": 64,
+        "model.n_layers": 2,
+        "model.n_heads": 2,
+        "model.ffn_dim": 128,
+        "model.chunk_size": 8,
+        "data.paths": f"[{shards}]",
+        "data.tokenizer": str(tokenizer),
+        "data.seq_len": 32,
+        "train.micro_batch_size": 4,
+        "train.global_batch_tokens": 128,
+        "train.max_steps": steps,
+        "train.device": "cpu",
+        "train.log_interval": 10,
+        "train.eval_interval": steps,
+        "train.eval_batches": 2,
+        "optim.lr": 3e-3,
+        "optim.warmup_steps": 5,
+        "optim.decay": "cosine",
+        "deepspeed.precision": "fp32",
+        "deepspeed.zero_stage": 0,
+        "checkpoint.interval": steps,
+        "run.dir": str(run_dir),
+    }
+    env = {
+        **{k: v for k, v in os.environ.items() if k not in ("RANK", "LOCAL_RANK", "WORLD_SIZE")},
+        "OMP_NUM_THREADS": "1",
+        "WANDB_MODE": "disabled",
+    }
+    proc = subprocess.run(
+        [sys.executable, "-m", "retnet_train.train", *[f"{k}={v}" for k, v in args.items()]],
+        cwd=REPO,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
 
 
 def zero_shot(checkpoint: Path, capsys) -> dict:
-    assert evaluate_main(["--checkpoint", str(checkpoint), "--tasks", "retnet_tiny_continuation",
-                          "--include-path", str(TASKS), "--batch-size", "4", "--max-length", "32"]) == 0
+    assert (
+        evaluate_main(
+            [
+                "--checkpoint",
+                str(checkpoint),
+                "--tasks",
+                "retnet_tiny_continuation",
+                "--include-path",
+                str(TASKS),
+                "--batch-size",
+                "4",
+                "--max-length",
+                "32",
+            ]
+        )
+        == 0
+    )
     return json.loads(capsys.readouterr().out.splitlines()[-1])["lm_eval"]["retnet_tiny_continuation"]
 
 

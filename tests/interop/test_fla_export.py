@@ -2,6 +2,7 @@
 transcription of fla 0.6.0's RetNet: RMSNorm, rotate-half RoPE with base 10000, retention with
 gamma_h = 1 - 2^(-5-h) and scale K^-1/2, fused RMSNorm-swish gate, SwiGLU) give our logits;
 incompatible models are refused with the reason. On GPU: fla's own model loads the export."""
+
 import json
 import sys
 from pathlib import Path
@@ -13,13 +14,22 @@ from safetensors.torch import load_file
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "inference"))
 from gen_fixtures import VOCAB, tiny_model, train_tokenizer  # noqa: E402
+
 from retnet_train.interop.fla import ExportError, fla_compatibility, fla_state_dict, save_fla  # noqa: E402
 
 
 def fla_compatible(K=16, **kw):
     base = 10000.0 ** ((K / 2 - 1) / (K / 2))
-    return dict(norm="rmsnorm", ffn_type="glu", activation="silu", normalize_retention=False, rotary_base=base,
-                d_model=2 * K, n_heads=2, **kw)
+    return dict(
+        norm="rmsnorm",
+        ffn_type="glu",
+        activation="silu",
+        normalize_retention=False,
+        rotary_base=base,
+        d_model=2 * K,
+        n_heads=2,
+        **kw,
+    )
 
 
 def _rms(x, w, eps):
@@ -52,13 +62,17 @@ def fla_forward(sd, c, ids):
         q = _rotate_half((h @ sd[p + "attn.q_proj.weight"].T).view(B, T, H, K), T)
         k = _rotate_half((h @ sd[p + "attn.k_proj.weight"].T).view(B, T, H, K), T)
         v = (h @ sd[p + "attn.v_proj.weight"].T).view(B, T, H, Vh)
-        s = torch.einsum("bthk,bshk->bhts", q * K ** -0.5, k) * decay
+        s = torch.einsum("bthk,bshk->bhts", q * K**-0.5, k) * decay
         o = torch.einsum("bhts,bshv->bthv", s, v)
         g = (h @ sd[p + "attn.g_proj.weight"].T).view(B, T, H, Vh)
         o = (_rms(o, sd[p + "attn.g_norm_swish_gate.weight"], eps) * F.silu(g)).reshape(B, T, -1)
         x = x + o @ sd[p + "attn.o_proj.weight"].T
         h = _rms(x, sd[p + "mlp_norm.weight"], eps)
-        x = x + (F.silu(h @ sd[p + "mlp.gate_proj.weight"].T) * (h @ sd[p + "mlp.up_proj.weight"].T)) @ sd[p + "mlp.down_proj.weight"].T
+        x = (
+            x
+            + (F.silu(h @ sd[p + "mlp.gate_proj.weight"].T) * (h @ sd[p + "mlp.up_proj.weight"].T))
+            @ sd[p + "mlp.down_proj.weight"].T
+        )
     x = _rms(x, sd["model.norm.weight"], eps)
     head = sd["model.embeddings.weight"] if c["tie_word_embeddings"] else sd["lm_head.weight"]
     return x @ head.T
@@ -66,7 +80,7 @@ def fla_forward(sd, c, ids):
 
 def _randomize_norms(model):
     with torch.no_grad():  # norm scales away from 1, so a misplaced one shows
-        for name, p in model.named_parameters():
+        for p in model.parameters():
             if p.dim() == 1:
                 p.uniform_(0.5, 1.5)
 
@@ -84,7 +98,9 @@ def test_fla_export_matches_fla_math(tmp_path, kw):
     assert cfg["model_type"] == "retnet" and cfg["intermediate_size"] == 64 and cfg["eos_token_id"] is not None
     assert (tmp_path / "fla" / "tokenizer.model").exists() and out.endswith("fla")
     ids = torch.randint(0, VOCAB, (2, 23))
-    torch.testing.assert_close(fla_forward(sd, cfg, ids), model(ids, mode="parallel").logits, rtol=1e-5, atol=1e-5)  # our decays are fp32
+    torch.testing.assert_close(
+        fla_forward(sd, cfg, ids), model(ids, mode="parallel").logits, rtol=1e-5, atol=1e-5
+    )  # our decays are fp32
 
 
 @torch.no_grad()

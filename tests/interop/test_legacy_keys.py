@@ -1,4 +1,5 @@
 """State dicts under older or foreign key names load into today's model with equal logits."""
+
 import torch
 
 from retnet_train.interop.legacy import current_keys, fuse_legacy_projections, has_separate_projections

@@ -1,5 +1,6 @@
 """Hugging Face LlamaForCausalLM weights load into our Transformer (the Transformer++ block) with
 equal logits: the architectures are the same network."""
+
 import os
 
 import pytest
@@ -10,8 +11,14 @@ transformers = pytest.importorskip("transformers")
 from retnet_train.interop.llama import config_from_llama, from_llama, llama_config  # noqa: E402
 from retnet_train.model import TransformerConfig, build_model, model_config_from_dict  # noqa: E402
 
-BASE = dict(vocab_size=61, hidden_size=64, intermediate_size=160, num_hidden_layers=2, num_attention_heads=4,
-            max_position_embeddings=256)
+BASE = dict(
+    vocab_size=61,
+    hidden_size=64,
+    intermediate_size=160,
+    num_hidden_layers=2,
+    num_attention_heads=4,
+    max_position_embeddings=256,
+)
 TOLERANCE = 1e-4  # fp32, logits of magnitude ~1-3
 
 
@@ -28,12 +35,15 @@ def llama(**overrides):
     return model, config
 
 
-@pytest.mark.parametrize("overrides", [
-    {},
-    dict(tie_word_embeddings=True, rms_norm_eps=1e-5),
-    dict(num_attention_heads=2, num_key_value_heads=2, hidden_act="gelu", num_hidden_layers=3),
-    dict(rope_parameters={"rope_type": "default", "rope_theta": 500000.0}),
-])
+@pytest.mark.parametrize(
+    "overrides",
+    [
+        {},
+        dict(tie_word_embeddings=True, rms_norm_eps=1e-5),
+        dict(num_attention_heads=2, num_key_value_heads=2, hidden_act="gelu", num_hidden_layers=3),
+        dict(rope_parameters={"rope_type": "default", "rope_theta": 500000.0}),
+    ],
+)
 def test_logits_equal_llama(overrides):
     hf, config = llama(**overrides)
     ours = from_llama(hf.state_dict(), config).eval()
@@ -60,8 +70,20 @@ def test_the_transformer_pp_presets_are_llamas(size):
         preset = model_config_from_dict(yaml.safe_load(f))
     config = transformers.LlamaConfig(**llama_config(preset))
     back = config_from_llama(config)
-    for field in ("vocab_size", "d_model", "n_layers", "n_heads", "ffn_dim", "ffn_type", "activation", "norm",
-                  "norm_eps", "tie_embeddings", "embed_scale", "rotary_base"):
+    for field in (
+        "vocab_size",
+        "d_model",
+        "n_layers",
+        "n_heads",
+        "ffn_dim",
+        "ffn_type",
+        "activation",
+        "norm",
+        "norm_eps",
+        "tie_embeddings",
+        "embed_scale",
+        "rotary_base",
+    ):
         assert getattr(back, field) == getattr(preset, field), field
     with torch.device("meta"):
         hf = transformers.LlamaForCausalLM(config)
@@ -74,13 +96,16 @@ def test_only_the_llama_block_has_a_llama_config():
         llama_config(TransformerConfig(vocab_size=10, d_model=32, n_layers=1, n_heads=2, ffn_dim=64))
 
 
-@pytest.mark.parametrize("overrides,key", [
-    (dict(num_key_value_heads=2), "num_key_value_heads"),
-    (dict(attention_bias=True), "attention_bias"),
-    (dict(mlp_bias=True), "mlp_bias"),
-    (dict(hidden_act="tanh"), "hidden_act"),
-    (dict(rope_parameters={"rope_type": "linear", "factor": 2.0, "rope_theta": 10000.0}), "rope_type"),
-])
+@pytest.mark.parametrize(
+    "overrides,key",
+    [
+        (dict(num_key_value_heads=2), "num_key_value_heads"),
+        (dict(attention_bias=True), "attention_bias"),
+        (dict(mlp_bias=True), "mlp_bias"),
+        (dict(hidden_act="tanh"), "hidden_act"),
+        (dict(rope_parameters={"rope_type": "linear", "factor": 2.0, "rope_theta": 10000.0}), "rope_type"),
+    ],
+)
 def test_unsupported_llama_options_raise_naming_them(overrides, key):
     config = transformers.LlamaConfig(**{**BASE, **overrides}).to_dict()
     with pytest.raises(ValueError, match=key):

@@ -1,4 +1,5 @@
 """torchscale 0.3.0 RetNetDecoder weights load into our model with equal logits in every form."""
+
 import pytest
 import torch
 
@@ -7,8 +8,14 @@ from torchscale.architecture.config import RetNetConfig as TorchscaleConfig  # n
 
 from retnet_train.interop.torchscale import from_torchscale  # noqa: E402
 
-BASE = dict(decoder_embed_dim=64, decoder_value_embed_dim=128, decoder_retention_heads=2,
-            decoder_ffn_embed_dim=96, decoder_layers=2, vocab_size=61)
+BASE = dict(
+    decoder_embed_dim=64,
+    decoder_value_embed_dim=128,
+    decoder_retention_heads=2,
+    decoder_ffn_embed_dim=96,
+    decoder_layers=2,
+    vocab_size=61,
+)
 
 
 def torchscale_decoder(ts_config, weight_scale):
@@ -24,13 +31,16 @@ def torchscale_decoder(ts_config, weight_scale):
     return decoder
 
 
-@pytest.mark.parametrize("ts_config,scale", [
-    ({}, 1.0),
-    ({}, 8.0),
-    (dict(activation_fn="swish", no_scale_embedding=False), 4.0),
-    (dict(share_decoder_input_output_embed=True, decoder_value_embed_dim=64, layernorm_eps=1e-5), 4.0),
-    (dict(decoder_retention_heads=4, decoder_layers=3, activation_fn="relu"), 6.0),
-])
+@pytest.mark.parametrize(
+    "ts_config,scale",
+    [
+        ({}, 1.0),
+        ({}, 8.0),
+        (dict(activation_fn="swish", no_scale_embedding=False), 4.0),
+        (dict(share_decoder_input_output_embed=True, decoder_value_embed_dim=64, layernorm_eps=1e-5), 4.0),
+        (dict(decoder_retention_heads=4, decoder_layers=3, activation_fn="relu"), 6.0),
+    ],
+)
 def test_logits_equal_torchscale_parallel(ts_config, scale):
     cfg = {**BASE, **ts_config}
     decoder = torchscale_decoder(cfg, scale)
@@ -44,9 +54,16 @@ def test_logits_equal_torchscale_parallel(ts_config, scale):
     assert ref.abs().max() > 0.5
 
 
-@pytest.mark.parametrize("option,value", [
-    ("moe_freq", 2), ("multiway", True), ("deepnorm", True), ("layernorm_embedding", True), ("no_output_layer", True),
-])
+@pytest.mark.parametrize(
+    "option,value",
+    [
+        ("moe_freq", 2),
+        ("multiway", True),
+        ("deepnorm", True),
+        ("layernorm_embedding", True),
+        ("no_output_layer", True),
+    ],
+)
 def test_unsupported_options_raise_naming_them(option, value):
     with pytest.raises(ValueError, match=option):
         from_torchscale({}, {**BASE, option: value})

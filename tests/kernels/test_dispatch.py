@@ -1,4 +1,5 @@
 """retention_op's choice of path: what the Triton kernels cannot do runs on the torch path."""
+
 import sys
 import types
 

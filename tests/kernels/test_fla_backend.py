@@ -1,6 +1,7 @@
 """fla backend vs the torch reference on GPU, bf16 (pytest -m gpu). Tolerance: the max abs
 error relative to the output's max magnitude, 2e-2 for outputs and gradients (bf16 has 8 bits
 of mantissa; both are compared with an fp32 torch reference)."""
+
 import pytest
 import torch
 
@@ -9,7 +10,9 @@ from retnet_train.model import RetNetConfig, RetNetForCausalLM
 from retnet_train.model.retnet import decay_log_gammas
 
 pytestmark = pytest.mark.gpu
-needs_fla = pytest.mark.skipif(not (torch.cuda.is_available() and fla_available()), reason="needs CUDA/ROCm and fla-core")
+needs_fla = pytest.mark.skipif(
+    not (torch.cuda.is_available() and fla_available()), reason="needs CUDA/ROCm and fla-core"
+)
 TOL = 2e-2
 
 
@@ -20,7 +23,7 @@ def rel_err(a, ref):
 def make_inputs(B, T, H, K, V, seed=0):
     g = torch.Generator(device="cuda").manual_seed(seed)
     q = torch.randn(B, T, H, K, device="cuda", generator=g)
-    k = torch.randn(B, T, H, K, device="cuda", generator=g) * K ** -0.5
+    k = torch.randn(B, T, H, K, device="cuda", generator=g) * K**-0.5
     v = torch.randn(B, T, H, V, device="cuda", generator=g)
     return q, k, v
 

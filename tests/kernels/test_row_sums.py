@@ -10,7 +10,7 @@ from retnet_train.model.retnet import decay_log_gammas
 @pytest.mark.parametrize("with_resets", [False, True])
 def test_row_sums_equal_the_reference_path(T, chunk, with_resets):
     B, H, K = 2, 3, 8
-    q, k, v = torch.randn(B, T, H, K), torch.randn(B, T, H, K) * K ** -0.5, torch.randn(B, T, H, 4)
+    q, k, v = torch.randn(B, T, H, K), torch.randn(B, T, H, K) * K**-0.5, torch.randn(B, T, H, 4)
     reset = None
     if with_resets:
         reset = torch.rand(B, T) < 0.08

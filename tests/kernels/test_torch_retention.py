@@ -1,16 +1,21 @@
 """The three retention forms are one function: checked on raw tensors, with resets and state."""
+
 import pytest
 import torch
 
-from retnet_train.kernels.torch_retention import (chunk_forward, chunkwise_retention, parallel_retention,
-                                                  recurrent_retention)
+from retnet_train.kernels.torch_retention import (
+    chunk_forward,
+    chunkwise_retention,
+    parallel_retention,
+    recurrent_retention,
+)
 from retnet_train.model.retnet import decay_log_gammas
 
 B, H, K, V = 2, 3, 8, 6
 
 
 def inputs(T):
-    q, k = torch.randn(B, H, T, K), torch.randn(B, H, T, K) * K ** -0.5
+    q, k = torch.randn(B, H, T, K), torch.randn(B, H, T, K) * K**-0.5
     return q, k, torch.randn(B, H, T, V), decay_log_gammas(H)
 
 
@@ -32,7 +37,11 @@ def naive(q, k, v, log_gamma, reset=None):
 def test_forms_equal_naive(T, chunk):
     q, k, v, lg = inputs(T)
     ref = naive(q, k, v, lg)
-    for o, _ in (parallel_retention(q, k, v, lg), chunkwise_retention(q, k, v, lg, chunk), recurrent_retention(q, k, v, lg)):
+    for o, _ in (
+        parallel_retention(q, k, v, lg),
+        chunkwise_retention(q, k, v, lg, chunk),
+        recurrent_retention(q, k, v, lg),
+    ):
         assert (o.double() - ref).abs().max() < 1e-4
 
 
@@ -44,7 +53,11 @@ def test_resets_and_final_state(chunk):
     reset[0, [5, 6, 20]] = True
     reset[1, [36]] = True
     ref = naive(q, k, v, lg, reset)
-    outs = [parallel_retention(q, k, v, lg, reset), chunkwise_retention(q, k, v, lg, chunk, reset), recurrent_retention(q, k, v, lg, reset)]
+    outs = [
+        parallel_retention(q, k, v, lg, reset),
+        chunkwise_retention(q, k, v, lg, chunk, reset),
+        recurrent_retention(q, k, v, lg, reset),
+    ]
     for o, _ in outs:
         assert (o.double() - ref).abs().max() < 1e-4
     states = [s for _, s in outs]
@@ -76,7 +89,9 @@ def test_chunkwise_gradients_match_parallel():
         assert (a - b).abs().max() < 1e-4
 
 
-@pytest.mark.parametrize("mode,chunk", [("parallel", 1), ("chunkwise", 1), ("chunkwise", 5), ("chunkwise", 16), ("recurrent", 1)])
+@pytest.mark.parametrize(
+    "mode,chunk", [("parallel", 1), ("chunkwise", 1), ("chunkwise", 5), ("chunkwise", 16), ("recurrent", 1)]
+)
 @pytest.mark.parametrize("with_resets", [False, True])
 def test_row_sums_and_their_state_column(mode, chunk, with_resets):
     """Row sums s_t = sum_m D_tm q_t.k_m and the state's extra column z (the decayed key sum)
@@ -112,7 +127,7 @@ def retention_case(T, C, dtype=torch.float64, resets=True, with_state=True, row_
     g = torch.Generator().manual_seed(seed)
     Vs = V + 1 if row_sums else V
     q, k, v = (torch.randn(B, H, T, d, generator=g, dtype=dtype) for d in (K, K, V))
-    k = k * K ** -0.5
+    k = k * K**-0.5
     state = torch.randn(B, H, K, Vs, generator=g, dtype=dtype) if with_state else None
     reset = None
     if resets:
@@ -131,8 +146,9 @@ def gradients(fn, leaves, reset, weights, lg):
     return torch.autograd.grad(loss, leaves), out
 
 
-@pytest.mark.parametrize("resets,with_state,row_sums", [(False, False, False), (True, True, False),
-                                                        (True, True, True), (False, True, True)])
+@pytest.mark.parametrize(
+    "resets,with_state,row_sums", [(False, False, False), (True, True, False), (True, True, True), (False, True, True)]
+)
 @pytest.mark.parametrize("T,C", [(32, 8), (29, 4), (12, 12)])
 def test_recomputing_backward_equals_autograd_of_the_forward(T, C, resets, with_state, row_sums):
     """ChunkRetention's backward (scores and chunk states recomputed from q, k, v) gives the gradients
@@ -143,12 +159,28 @@ def test_recomputing_backward_equals_autograd_of_the_forward(T, C, resets, with_
 
     def plain(q, k, v, lg, reset, state):  # autograd through chunk_forward on the same pieces
         full = (T // C) * C
-        out = chunk_forward(q[:, :, :full], k[:, :, :full], v[:, :, :full], lg, None if reset is None else reset[:, :full],
-                            state, C, row_sums)
+        out = chunk_forward(
+            q[:, :, :full],
+            k[:, :, :full],
+            v[:, :, :full],
+            lg,
+            None if reset is None else reset[:, :full],
+            state,
+            C,
+            row_sums,
+        )
         if full == T:
             return out
-        rest = chunk_forward(q[:, :, full:], k[:, :, full:], v[:, :, full:], lg,
-                             None if reset is None else reset[:, full:], out[1], T - full, row_sums)
+        rest = chunk_forward(
+            q[:, :, full:],
+            k[:, :, full:],
+            v[:, :, full:],
+            lg,
+            None if reset is None else reset[:, full:],
+            out[1],
+            T - full,
+            row_sums,
+        )
         return torch.cat([out[0], rest[0]], 2), rest[1]
 
     def ours(q, k, v, lg, reset, state):
@@ -217,7 +249,8 @@ def test_backward_keeps_q_k_v_whatever_the_chunk_size(compiled):
     reset = torch.rand(1, T, generator=g) < 0.05
     qkv_bytes = sum(t.untyped_storage().nbytes() for t in (q, k, v))
     for C in (8, 32):
-        def run(q, k, v, reset):
+
+        def run(q, k, v, reset, C=C):
             o, _, s = chunkwise_retention(q, k, v, lg, C, reset, None, row_sums=True)
             return o, s
 

@@ -9,6 +9,7 @@ rounding only), bf16 within 2e-2 (8 bits of mantissa; the torch path in bf16 lan
 On GPU (pytest -m gpu): bf16 at the presets' head dims against the fp32 torch path, 2e-2; fp32
 against fp64, 1e-4.
 """
+
 import json
 import os
 import subprocess
@@ -42,9 +43,16 @@ def interpreted():
 
 
 # (case, args...): each runs in the interpreter subprocess; see the check_* functions below.
-CPU_CASES = [("check_matches_torch", 2, 80, 2, 32, 64, 32), ("check_matches_torch", 1, 128, 2, 64, 128, 64),
-             ("check_blocks_resets_state",), ("check_resets_only_and_no_row_sums",), ("check_prefill_continues",),
-             ("check_small_decay",), ("check_bf16",), ("check_dispatch",)]
+CPU_CASES = [
+    ("check_matches_torch", 2, 80, 2, 32, 64, 32),
+    ("check_matches_torch", 1, 128, 2, 64, 128, 64),
+    ("check_blocks_resets_state",),
+    ("check_resets_only_and_no_row_sums",),
+    ("check_prefill_continues",),
+    ("check_small_decay",),
+    ("check_bf16",),
+    ("check_dispatch",),
+]
 
 
 @pytest.fixture(scope="module")
@@ -53,8 +61,14 @@ def interpreter_results():
     {case: None if it passed, else its traceback}."""
     pytest.importorskip("triton")
     env = dict(os.environ, TRITON_INTERPRET="1", PYTHONPATH=ROOT + os.pathsep + os.environ.get("PYTHONPATH", ""))
-    r = subprocess.run([sys.executable, os.path.abspath(__file__), "all"], env=env, cwd=ROOT,
-                       capture_output=True, text=True, timeout=900)
+    r = subprocess.run(
+        [sys.executable, os.path.abspath(__file__), "all"],
+        env=env,
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=900,
+    )
     assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
     return json.loads(r.stdout.strip().splitlines()[-1])
 
@@ -67,7 +81,7 @@ def in_subprocess(results, case, *args):
 def inputs(B, T, H, K, V, device="cpu", seed=0):
     g = torch.Generator(device=device).manual_seed(seed)
     q = torch.randn(B, T, H, K, device=device, generator=g)
-    k = torch.randn(B, T, H, K, device=device, generator=g) * K ** -0.5
+    k = torch.randn(B, T, H, K, device=device, generator=g) * K**-0.5
     v = torch.randn(B, T, H, V, device=device, generator=g)
     return q, k, v
 
@@ -78,7 +92,7 @@ def resets(B, T, C, device="cpu", seed=0):
     reset = torch.rand(B, T, device=device, generator=g) < 4 / T
     reset[0, 0] = True
     reset[-1, min(C, T - 1)] = True
-    reset[0, T // 2: T // 2 + 2] = True
+    reset[0, T // 2 : T // 2 + 2] = True
     return reset
 
 
@@ -92,14 +106,18 @@ def run(fn, q, k, v, dtype, state=None):
 
 def torch_path(C, lg, reset=None, row_sums=True):
     from retnet_train.kernels import retention_op
-    return lambda q, k, v, state: retention_op("torch", q, k, v, lg.to(q.device), "chunkwise", C, reset, state,
-                                               row_sums)
+
+    return lambda q, k, v, state: retention_op(
+        "torch", q, k, v, lg.to(q.device), "chunkwise", C, reset, state, row_sums
+    )
 
 
 def triton_path(C, lg, reset=None, row_sums=True):
     from retnet_train.kernels import retention_op
-    return lambda q, k, v, state: retention_op("triton", q, k, v, lg.to(q.device), "chunkwise", C, reset, state,
-                                               row_sums)
+
+    return lambda q, k, v, state: retention_op(
+        "triton", q, k, v, lg.to(q.device), "chunkwise", C, reset, state, row_sums
+    )
 
 
 def assert_close(got, ref, tol, names=NAMES):
@@ -169,8 +187,9 @@ def check_matches_torch(B, T, H, K, V, C):
     interpreted()
     lg = decay_log_gammas(H)
     q, k, v = inputs(B, T, H, K, V)
-    assert_close(run(triton_path(C, lg), q, k, v, torch.float32), run(torch_path(C, lg), q, k, v, torch.float64),
-                 FP32_TOL)
+    assert_close(
+        run(triton_path(C, lg), q, k, v, torch.float32), run(torch_path(C, lg), q, k, v, torch.float64), FP32_TOL
+    )
 
 
 def _with_blocks(kernels, fn, **meta):
@@ -194,6 +213,7 @@ def check_blocks_resets_state():
     def case():
         ref = run(torch_path(C, lg, reset), q, k, v, torch.float64, st.double())
         assert_close(run(triton_path(C, lg, reset), q, k, v, torch.float32, st), ref, FP32_TOL)
+
     _with_blocks(kernels, case, apply={"BR": 16, "BC": 16, "BD": 32, "BE": 16}, states={"BX": 16, "BY": 32, "BT": 16})
 
 
@@ -235,6 +255,7 @@ def check_small_decay():
     def case():
         ref = run(torch_path(C, lg, reset), q, k, v, torch.float64)
         assert_close(run(triton_path(C, lg, reset), q, k, v, torch.float32), ref, FP32_TOL)
+
     _with_blocks(kernels, case, apply={"BR": 64, "BC": 32, "BD": 32, "BE": 32})
 
 
@@ -278,8 +299,9 @@ needs_gpu = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA
 
 @pytest.mark.gpu
 @needs_gpu
-@pytest.mark.parametrize("T,C,K,V,docs", [(2048, 256, 256, 512, False), (2000, 128, 256, 512, True),
-                                          (1024, 64, 128, 256, True)])
+@pytest.mark.parametrize(
+    "T,C,K,V,docs", [(2048, 256, 256, 512, False), (2000, 128, 256, 512, True), (1024, 64, 128, 256, True)]
+)
 def test_triton_bf16_matches_torch_fp32_gpu(T, C, K, V, docs):
     B, H = 2, 4
     lg = decay_log_gammas(H).cuda()

@@ -1,6 +1,7 @@
 """The multi-node path for real: two "nodes" (two launch/torchrun.sh processes, one worker each)
 meet through c10d rendezvous on 127.0.0.1 and talk over gloo on CPU. Each node also runs the
 preflight, whose shared-checkpoint-dir handshake goes through the common tmp dir."""
+
 from __future__ import annotations
 
 import json
@@ -22,19 +23,37 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def launch_two_nodes(cwd: Path, node_args: list[str], prog_args: list[str], timeout: float = 400,
-                     env_extra: dict | None = None) -> list[tuple[int, str]]:
+def launch_two_nodes(
+    cwd: Path, node_args: list[str], prog_args: list[str], timeout: float = 400, env_extra: dict | None = None
+) -> list[tuple[int, str]]:
     port = free_port()
     env = {**os.environ, "PYTHON": sys.executable, "OMP_NUM_THREADS": "1", **(env_extra or {})}
     for k in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT", "NNODES", "NODE_RANK"):
         env.pop(k, None)
     procs = []
     for rank in (1, 0):  # node 1 first: it must wait for node 0's store and marker
-        cmd = ["bash", str(ROOT / "launch/torchrun.sh"), "--nnodes", "2", "--node-rank", str(rank),
-               "--master-addr", "127.0.0.1", "--master-port", str(port), "--rdzv-id", f"test-{port}",
-               "--nproc-per-node", "1", *node_args, "--", *prog_args]
-        procs.append(subprocess.Popen(cmd, cwd=cwd, env=env, stdout=subprocess.PIPE,
-                                      stderr=subprocess.STDOUT, text=True))
+        cmd = [
+            "bash",
+            str(ROOT / "launch/torchrun.sh"),
+            "--nnodes",
+            "2",
+            "--node-rank",
+            str(rank),
+            "--master-addr",
+            "127.0.0.1",
+            "--master-port",
+            str(port),
+            "--rdzv-id",
+            f"test-{port}",
+            "--nproc-per-node",
+            "1",
+            *node_args,
+            "--",
+            *prog_args,
+        ]
+        procs.append(
+            subprocess.Popen(cmd, cwd=cwd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+        )
     results = []
     try:
         for p in procs:
@@ -50,8 +69,10 @@ def launch_two_nodes(cwd: Path, node_args: list[str], prog_args: list[str], time
 def test_two_nodes_rendezvous_and_all_reduce(tmp_path):
     ckpt = tmp_path / "ckpt"
     (rc0, out0), (rc1, out1) = launch_two_nodes(
-        tmp_path, ["--checkpoint-dir", str(ckpt), "--params", "1e6", "--module", "retnet_train.preflight"],
-        ["--dist-check"])
+        tmp_path,
+        ["--checkpoint-dir", str(ckpt), "--params", "1e6", "--module", "retnet_train.preflight"],
+        ["--dist-check"],
+    )
     assert (rc0, rc1) == (0, 0), out0 + "\n----\n" + out1
     assert f"checkpoint dir {ckpt} is shared by all 2 nodes" in out0
     assert f"checkpoint dir {ckpt} is shared with node 0" in out1
@@ -67,12 +88,36 @@ def test_preflight_failure_on_one_node_stops_both(tmp_path):
     blocker.write_text("")
     port = free_port()
     env = {**os.environ, "PYTHON": sys.executable}
-    procs = [subprocess.Popen(["bash", str(ROOT / "launch/torchrun.sh"), "--nnodes", "2", "--node-rank", str(r),
-                               "--master-addr", "127.0.0.1", "--master-port", str(port), "--nproc-per-node", "1",
-                               "--checkpoint-dir", str(tmp_path / "ck" if r == 0 else blocker / "ck"),
-                               "--module", "retnet_train.preflight", "--", "--dist-check"],
-                              cwd=tmp_path, env={**env, "PREFLIGHT_SHARED_TIMEOUT": "5"},
-                              stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True) for r in (0, 1)]
+    procs = [
+        subprocess.Popen(
+            [
+                "bash",
+                str(ROOT / "launch/torchrun.sh"),
+                "--nnodes",
+                "2",
+                "--node-rank",
+                str(r),
+                "--master-addr",
+                "127.0.0.1",
+                "--master-port",
+                str(port),
+                "--nproc-per-node",
+                "1",
+                "--checkpoint-dir",
+                str(tmp_path / "ck" if r == 0 else blocker / "ck"),
+                "--module",
+                "retnet_train.preflight",
+                "--",
+                "--dist-check",
+            ],
+            cwd=tmp_path,
+            env={**env, "PREFLIGHT_SHARED_TIMEOUT": "5"},
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+            text=True,
+        )
+        for r in (0, 1)
+    ]
     outs = [p.communicate(timeout=300)[0] for p in procs]
     assert [p.returncode for p in procs] == [2, 2], outs
     assert "preflight failed on node 1" in outs[1] and "not writable: Not a directory" in outs[1]
@@ -84,8 +129,14 @@ def ensure_sample_data() -> None:
     """`make data`: the sample corpus the tiny_cpu experiment reads (built once, reused)."""
     if (ROOT / "data/sample/shards/manifest.json").is_file() and (ROOT / "data/sample/tokenizer.model").is_file():
         return
-    subprocess.run([sys.executable, "-m", "data_prep.sample_corpus", "--out", "data/sample"], cwd=ROOT, check=True,
-                   env={**os.environ, "PYTHONPATH": str(ROOT)}, capture_output=True, timeout=600)
+    subprocess.run(
+        [sys.executable, "-m", "data_prep.sample_corpus", "--out", "data/sample"],
+        cwd=ROOT,
+        check=True,
+        env={**os.environ, "PYTHONPATH": str(ROOT)},
+        capture_output=True,
+        timeout=600,
+    )
 
 
 def test_two_nodes_train_a_few_steps(tmp_path):
@@ -95,8 +146,15 @@ def test_two_nodes_train_a_few_steps(tmp_path):
     ensure_sample_data()
     run = tmp_path / "run"
     # small batches and one validation batch: the launch path is under test, not the model (~7 s less)
-    overrides = ["experiment=tiny_cpu", "model=tiny", "train.max_steps=3", "train.micro_batch_size=2",
-                 "train.global_batch_tokens=1024", "train.eval_batches=1", f"run.dir={run}"]
+    overrides = [
+        "experiment=tiny_cpu",
+        "model=tiny",
+        "train.max_steps=3",
+        "train.micro_batch_size=2",
+        "train.global_batch_tokens=1024",
+        "train.eval_batches=1",
+        f"run.dir={run}",
+    ]
     (rc0, out0), (rc1, out1) = launch_two_nodes(ROOT, [], overrides, env_extra={"WANDB_MODE": "disabled"})
     both = out0 + "\n----\n" + out1
     assert (rc0, rc1) == (0, 0), both[-6000:]
@@ -118,10 +176,29 @@ def test_deepspeed_launcher_runs_preflight_then_program(tmp_path):
     env = {**os.environ, "PYTHON": sys.executable, "OMP_NUM_THREADS": "1"}
     for k in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT"):
         env.pop(k, None)
-    r = subprocess.run(["bash", str(ROOT / "launch/deepspeed.sh"), "--num-gpus", "1", "--master-port", str(free_port()),
-                        "--checkpoint-dir", str(tmp_path / "ck"), "--params", "1e6",
-                        "--module", "retnet_train.preflight", "--", "--dist-check"],
-                       cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300)
+    r = subprocess.run(
+        [
+            "bash",
+            str(ROOT / "launch/deepspeed.sh"),
+            "--num-gpus",
+            "1",
+            "--master-port",
+            str(free_port()),
+            "--checkpoint-dir",
+            str(tmp_path / "ck"),
+            "--params",
+            "1e6",
+            "--module",
+            "retnet_train.preflight",
+            "--",
+            "--dist-check",
+        ],
+        cwd=tmp_path,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     out = r.stdout + r.stderr
     assert r.returncode == 0, out[-5000:]
     assert "--from-launcher-env" in out and "preflight passed on node 0" in out
@@ -156,16 +233,44 @@ def test_sbatch_script_end_to_end_under_a_fake_srun(tmp_path):
     (bindir / "srun").chmod(0o755)
     port = free_port()
     log = tmp_path / "srun.log"
-    env = {**os.environ, "PATH": f"{bindir}:{os.environ['PATH']}", "PYTHON": sys.executable, "SRUN_LOG": str(log),
-           "OMP_NUM_THREADS": "1", "SLURM_JOB_NODELIST": "node[1-2]", "SLURM_JOB_NUM_NODES": "2", "SLURM_NNODES": "2",
-           "SLURM_NODEID": "0", "SLURM_JOB_ID": str(port), "SLURM_GPUS_ON_NODE": "1", "SLURM_CPUS_ON_NODE": "2",
-           "SLURM_SUBMIT_DIR": str(ROOT), "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port)}
+    env = {
+        **os.environ,
+        "PATH": f"{bindir}:{os.environ['PATH']}",
+        "PYTHON": sys.executable,
+        "SRUN_LOG": str(log),
+        "OMP_NUM_THREADS": "1",
+        "SLURM_JOB_NODELIST": "node[1-2]",
+        "SLURM_JOB_NUM_NODES": "2",
+        "SLURM_NNODES": "2",
+        "SLURM_NODEID": "0",
+        "SLURM_JOB_ID": str(port),
+        "SLURM_GPUS_ON_NODE": "1",
+        "SLURM_CPUS_ON_NODE": "2",
+        "SLURM_SUBMIT_DIR": str(ROOT),
+        "MASTER_ADDR": "127.0.0.1",
+        "MASTER_PORT": str(port),
+    }
     for k in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "NNODES", "NODE_RANK"):
         env.pop(k, None)
     ckpt = tmp_path / "ck"
-    r = subprocess.run(["bash", str(ROOT / "launch/slurm/nvidia.sbatch"), "--allow-cpu", "--checkpoint-dir", str(ckpt),
-                        "--module", "retnet_train.preflight", "--", "--dist-check"],
-                       cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300)
+    r = subprocess.run(
+        [
+            "bash",
+            str(ROOT / "launch/slurm/nvidia.sbatch"),
+            "--allow-cpu",
+            "--checkpoint-dir",
+            str(ckpt),
+            "--module",
+            "retnet_train.preflight",
+            "--",
+            "--dist-check",
+        ],
+        cwd=tmp_path,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     node0, node1 = (Path(f"{log}.node{i}").read_text() for i in (0, 1))
     assert r.returncode == 0, r.stderr + node0[-3000:] + "\n----\n" + node1[-3000:]
     assert log.read_text().split() == ["--ntasks-per-node=1", "--kill-on-bad-exit=1", "--cpus-per-task=2"]
@@ -203,11 +308,26 @@ def test_usr1_to_every_process_checkpoints_and_exits_cleanly(tmp_path):
     env = {**os.environ, "PYTHON": sys.executable, "OMP_NUM_THREADS": "1", "WANDB_MODE": "disabled"}
     for k in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT", "NNODES", "NODE_RANK"):
         env.pop(k, None)
-    proc = subprocess.Popen(["bash", str(ROOT / "launch/torchrun.sh"), "--nproc-per-node", "2", "--no-preflight",
-                             "experiment=tiny_cpu", "train.micro_batch_size=2", "train.global_batch_tokens=1024",
-                             "train.max_steps=100000",
-                             "train.log_interval=1", f"run.dir={run}"],
-                            cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    proc = subprocess.Popen(
+        [
+            "bash",
+            str(ROOT / "launch/torchrun.sh"),
+            "--nproc-per-node",
+            "2",
+            "--no-preflight",
+            "experiment=tiny_cpu",
+            "train.micro_batch_size=2",
+            "train.global_batch_tokens=1024",
+            "train.max_steps=100000",
+            "train.log_interval=1",
+            f"run.dir={run}",
+        ],
+        cwd=ROOT,
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+    )
     pids: list[int] = []
     try:
         deadline = time.time() + 240

@@ -1,5 +1,6 @@
 """retnet_train.preflight: CPU report, GPU requirement, checkpoint dir writable / shared / big
 enough, parameter counts from presets and overrides, launcher environments, bad arguments."""
+
 from __future__ import annotations
 
 import json
@@ -18,17 +19,35 @@ ROOT = Path(__file__).resolve().parents[2]
 
 def cli(*args: str, env: dict | None = None) -> subprocess.CompletedProcess:
     e = {**os.environ, "PYTHONPATH": str(ROOT), **(env or {})}
-    return subprocess.run([sys.executable, "-m", "retnet_train.preflight", *args], cwd=ROOT, env=e,
-                          capture_output=True, text=True, timeout=120)
+    return subprocess.run(
+        [sys.executable, "-m", "retnet_train.preflight", *args],
+        cwd=ROOT,
+        env=e,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
 
 
 def test_cpu_node_passes_and_says_no_gpu(tmp_path):
     ck = tmp_path / "ck"
-    r = cli("--checkpoint-dir", str(ck), "--nproc-per-node", "1", "--", "model=tiny", "train.max_steps=3",
-            f"checkpoint.dir={ck}", "checkpoint.keep_last=1")
+    r = cli(
+        "--checkpoint-dir",
+        str(ck),
+        "--nproc-per-node",
+        "1",
+        "--",
+        "model=tiny",
+        "train.max_steps=3",
+        f"checkpoint.dir={ck}",
+        "checkpoint.keep_last=1",
+    )
     assert r.returncode == 0, r.stdout + r.stderr
     out = r.stdout
-    assert f"[  ok] trainer config composed (model=tiny train.max_steps=3 checkpoint.dir={ck} checkpoint.keep_last=1)" in out
+    assert (
+        f"[  ok] trainer config composed (model=tiny train.max_steps=3 checkpoint.dir={ck} checkpoint.keep_last=1)"
+        in out
+    )
     assert "[  ok] no GPU: CPU-only torch build" in out
     assert "torch 2." in out and "deepspeed " in out and "NCCL/RCCL: not in this torch build" in out
     assert "fla not installed" in out or "fla " in out
@@ -46,7 +65,9 @@ def test_require_gpu_fails_on_cpu(tmp_path):
     assert "preflight FAILED on node 0" in r.stderr and "--require-gpu" in r.stderr
 
 
-@pytest.mark.parametrize("vendor, expect", [("rocm", "AMD ROCm GPUs but torch"), ("cuda", "NVIDIA CUDA GPUs but torch")])
+@pytest.mark.parametrize(
+    "vendor, expect", [("rocm", "AMD ROCm GPUs but torch"), ("cuda", "NVIDIA CUDA GPUs but torch")]
+)
 def test_vendor_mismatch_fails(vendor, expect):
     # rocm.sbatch with a CUDA (or CPU) torch wheel: caught before the GPU count confuses anyone.
     import torch
@@ -76,8 +97,10 @@ def test_free_disk_against_checkpoint_size(tmp_path, monkeypatch):
     pf.check_disk(rep, tmp_path, 6_700_000_000, 1, "configs/model/6.7b.yaml")  # needs 99.8 GiB
     assert rep.failures == []
     pf.check_disk(rep, tmp_path, 6_700_000_000, 2, "configs/model/6.7b.yaml")  # needs 199.7 GiB
-    assert rep.failures == ["not enough disk for checkpoints: 6.7B params (configs/model/6.7b.yaml) x 16 B/param "
-                            f"x 2 checkpoint(s) = 199.7 GiB; free on {tmp_path}: 100.0 GiB"]
+    assert rep.failures == [
+        "not enough disk for checkpoints: 6.7B params (configs/model/6.7b.yaml) x 16 B/param "
+        f"x 2 checkpoint(s) = 199.7 GiB; free on {tmp_path}: 100.0 GiB"
+    ]
     rep = pf.Report()
     pf.check_disk(rep, tmp_path, None, 2, "")
     assert rep.lines[0][0] == "warn" and "free-space check skipped" in rep.lines[0][1]
@@ -85,10 +108,9 @@ def test_free_disk_against_checkpoint_size(tmp_path, monkeypatch):
 
 def test_parameter_counts():
     import torch
+    import yaml
 
     from retnet_train.model import build_model, model_config_from_dict
-
-    import yaml
 
     preset = yaml.safe_load((ROOT / "configs/model/tiny.yaml").read_text())
     ref = sum(p.numel() for p in build_model(model_config_from_dict(preset)).parameters())
@@ -106,23 +128,29 @@ def test_params_come_from_the_model_override(tmp_path):
     assert src == "configs/model/tiny.yaml" and n == pf.params_from_preset(ROOT / "configs/model/tiny.yaml")
     assert pf.override_value(["model=a", "model=b"], "model") == "b"
     assert pf.override_value(["++model=c"], "model") == "c"
-    assert pf.resolve_params(pf.build_parser().parse_args(["--params", "2e9", "--", "model=tiny"])) == (2_000_000_000, "--params")
+    assert pf.resolve_params(pf.build_parser().parse_args(["--params", "2e9", "--", "model=tiny"])) == (
+        2_000_000_000,
+        "--params",
+    )
     assert pf.resolve_params(pf.build_parser().parse_args([])) == (None, "")
 
 
-@pytest.mark.parametrize("args, fragment", [
-    (["--params", "many"], "--params 'many': not a number"),
-    (["--params", "0"], "--params '0': must be a positive parameter count"),
-    (["--params", "nan"], "--params 'nan': must be a positive parameter count"),
-    (["--no-config", "--", "model=nope"], "override model=nope: no preset"),
-    (["--", "model=nope"], "Could not find 'model/nope'"),
-    (["--", "train.no_such_key=1"], "train.no_such_key"),
-    (["--nnodes", "2", "--checkpoint-dir", "/x", "--node-rank", "2"], "--node-rank=2 must be in [0, 1]"),
-    (["--nnodes", "2", "--no-config"], "--nnodes=2 needs --checkpoint-dir"),
-    (["--keep-checkpoints", "0"], "--keep-checkpoints=0 must be >= 1"),
-    (["--shared-id", "a/b"], "--shared-id='a/b' may only contain"),
-    (["--nproc-per-node", "0"], "--nproc-per-node=0 must be >= 1"),
-])
+@pytest.mark.parametrize(
+    "args, fragment",
+    [
+        (["--params", "many"], "--params 'many': not a number"),
+        (["--params", "0"], "--params '0': must be a positive parameter count"),
+        (["--params", "nan"], "--params 'nan': must be a positive parameter count"),
+        (["--no-config", "--", "model=nope"], "override model=nope: no preset"),
+        (["--", "model=nope"], "Could not find 'model/nope'"),
+        (["--", "train.no_such_key=1"], "train.no_such_key"),
+        (["--nnodes", "2", "--checkpoint-dir", "/x", "--node-rank", "2"], "--node-rank=2 must be in [0, 1]"),
+        (["--nnodes", "2", "--no-config"], "--nnodes=2 needs --checkpoint-dir"),
+        (["--keep-checkpoints", "0"], "--keep-checkpoints=0 must be >= 1"),
+        (["--shared-id", "a/b"], "--shared-id='a/b' may only contain"),
+        (["--nproc-per-node", "0"], "--nproc-per-node=0 must be >= 1"),
+    ],
+)
 def test_bad_arguments(args, fragment, capsys):
     assert pf.main(args) == 2
     assert fragment in capsys.readouterr().err
@@ -130,9 +158,12 @@ def test_bad_arguments(args, fragment, capsys):
 
 def test_bad_model_presets(tmp_path):
     bad = tmp_path / "bad.yaml"
-    for text, fragment in [("d_model: [", "not valid YAML"), ("- 1\n- 2\n", "expected a mapping"),
-                           ("arch: retnet\nd_modle: 64\n", "model.d_modle: unknown key"),
-                           ("arch: retnet\nd_model: 100\nn_heads: 3\n", "does not divide")]:
+    for text, fragment in [
+        ("d_model: [", "not valid YAML"),
+        ("- 1\n- 2\n", "expected a mapping"),
+        ("arch: retnet\nd_modle: 64\n", "model.d_modle: unknown key"),
+        ("arch: retnet\nd_model: 100\nn_heads: 3\n", "does not divide"),
+    ]:
         bad.write_text(text)
         with pytest.raises(pf.PreflightError) as exc:
             pf.params_from_preset(bad)
@@ -147,14 +178,28 @@ def test_bad_model_presets(tmp_path):
 def test_trainer_config_problems_fail_before_launch(tmp_path, capsys):
     # What the trainer would only find out after the queue: batch arithmetic for this world size, a
     # missing tokenizer, and a --checkpoint-dir the trainer will not write to.
-    rc = pf.main(["--nproc-per-node", "3", "--checkpoint-dir", str(tmp_path / "elsewhere"), "--",
-                  "experiment=tiny_cpu", f"run.dir={tmp_path / 'run'}", "data.tokenizer=/no/such.model", "--cfg", "job"])
+    rc = pf.main(
+        [
+            "--nproc-per-node",
+            "3",
+            "--checkpoint-dir",
+            str(tmp_path / "elsewhere"),
+            "--",
+            "experiment=tiny_cpu",
+            f"run.dir={tmp_path / 'run'}",
+            "data.tokenizer=/no/such.model",
+            "--cfg",
+            "job",
+        ]
+    )
     out, err = capsys.readouterr()
     assert rc == 1
     assert "trainer config: train.global_batch_tokens=2048 is not a multiple of" in err and "(world size 3)" in err
     assert "trainer config: data.tokenizer=/no/such.model: no such file" in err
-    assert (f"--checkpoint-dir {tmp_path / 'elsewhere'} but the trainer will write checkpoints to "
-            f"{tmp_path / 'run' / 'checkpoints'}") in err and f"checkpoint.dir={tmp_path / 'elsewhere'}" in err
+    assert (
+        f"--checkpoint-dir {tmp_path / 'elsewhere'} but the trainer will write checkpoints to "
+        f"{tmp_path / 'run' / 'checkpoints'}"
+    ) in err and f"checkpoint.dir={tmp_path / 'elsewhere'}" in err
 
 
 def test_trainer_config_gives_checkpoint_dir_and_size(tmp_path, capsys):
@@ -215,10 +260,34 @@ def test_node_local_dir_fails_on_every_node(tmp_path):
 
 
 def test_two_node_cli_through_the_shared_dir(tmp_path):
-    procs = [subprocess.Popen([sys.executable, "-m", "retnet_train.preflight", "--checkpoint-dir", str(tmp_path),
-                               "--nnodes", "2", "--node-rank", str(r), "--shared-id", "cli", "--shared-timeout", "60",
-                               "--params", "1e6", "--no-config"], cwd=ROOT, env={**os.environ, "PYTHONPATH": str(ROOT)},
-                              stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True) for r in (1, 0)]
+    procs = [
+        subprocess.Popen(
+            [
+                sys.executable,
+                "-m",
+                "retnet_train.preflight",
+                "--checkpoint-dir",
+                str(tmp_path),
+                "--nnodes",
+                "2",
+                "--node-rank",
+                str(r),
+                "--shared-id",
+                "cli",
+                "--shared-timeout",
+                "60",
+                "--params",
+                "1e6",
+                "--no-config",
+            ],
+            cwd=ROOT,
+            env={**os.environ, "PYTHONPATH": str(ROOT)},
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+            text=True,
+        )
+        for r in (1, 0)
+    ]
     outs = [p.communicate(timeout=120)[0] for p in procs]
     assert [p.returncode for p in procs] == [0, 0], outs
     assert "is shared with node 0" in outs[0] and "is shared by all 2 nodes" in outs[1]
@@ -233,8 +302,9 @@ def test_launcher_environments():
     assert pf.apply_launcher_env(args, {"LOCAL_RANK": "0", "CROSS_RANK": "2", "CROSS_SIZE": "4", "LOCAL_SIZE": "8"})
     assert (args.node_rank, args.nnodes, args.nproc_per_node) == (2, 4, 8)
     args = p.parse_args([])
-    assert pf.apply_launcher_env(args, {"LOCAL_RANK": "0", "GROUP_RANK": "1", "WORLD_SIZE": "16",
-                                        "LOCAL_WORLD_SIZE": "8"})
+    assert pf.apply_launcher_env(
+        args, {"LOCAL_RANK": "0", "GROUP_RANK": "1", "WORLD_SIZE": "16", "LOCAL_WORLD_SIZE": "8"}
+    )
     assert (args.node_rank, args.nnodes, args.nproc_per_node) == (1, 2, 8)
     assert not pf.apply_launcher_env(p.parse_args([]), {"LOCAL_RANK": "3", "CROSS_RANK": "0"})
     with pytest.raises(pf.PreflightError, match="LOCAL_RANK is unset"):
@@ -247,8 +317,14 @@ def test_launcher_environments():
 
 def test_dist_check_outside_a_launcher_names_the_missing_variable():
     env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT")}
-    r = subprocess.run([sys.executable, "-m", "retnet_train.preflight", "--dist-check"], cwd=ROOT,
-                       env={**env, "PYTHONPATH": str(ROOT)}, capture_output=True, text=True, timeout=60)
+    r = subprocess.run(
+        [sys.executable, "-m", "retnet_train.preflight", "--dist-check"],
+        cwd=ROOT,
+        env={**env, "PYTHONPATH": str(ROOT)},
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
     assert r.returncode == 2 and "RANK is unset: run under torchrun" in r.stderr
 
 

@@ -1,4 +1,5 @@
 """retnet_train.preflight.launch_env: SLURM hostlists, per-node launch variables, hostfiles, CLI."""
+
 from __future__ import annotations
 
 import json
@@ -7,39 +8,51 @@ import sys
 
 import pytest
 
-from retnet_train.preflight.launch_env import (LaunchEnvError, expand_nodelist, hostfile_lines, launch_env_from, main,
-                                     read_hostfile)
+from retnet_train.preflight.launch_env import (
+    LaunchEnvError,
+    expand_nodelist,
+    hostfile_lines,
+    launch_env_from,
+    main,
+    read_hostfile,
+)
 
 
-@pytest.mark.parametrize("nodelist, hosts", [
-    ("node1", ["node1"]),
-    ("gpu[001-004,007],cpu1", ["gpu001", "gpu002", "gpu003", "gpu004", "gpu007", "cpu1"]),
-    ("n[8-10]", ["n8", "n9", "n10"]),
-    ("n[08-10]", ["n08", "n09", "n10"]),
-    ("n[098-101]", ["n098", "n099", "n100", "n101"]),
-    ("a[1,3],b[2-3]", ["a1", "a3", "b2", "b3"]),
-    ("r[1-2]n[1-2]", ["r1n1", "r1n2", "r2n1", "r2n2"]),
-    ("nid[001-002]-ib,login", ["nid001-ib", "nid002-ib", "login"]),
-    ("frontier[00001,10000]", ["frontier00001", "frontier10000"]),
-    (" x[5] ", ["x5"]),
-])
+@pytest.mark.parametrize(
+    "nodelist, hosts",
+    [
+        ("node1", ["node1"]),
+        ("gpu[001-004,007],cpu1", ["gpu001", "gpu002", "gpu003", "gpu004", "gpu007", "cpu1"]),
+        ("n[8-10]", ["n8", "n9", "n10"]),
+        ("n[08-10]", ["n08", "n09", "n10"]),
+        ("n[098-101]", ["n098", "n099", "n100", "n101"]),
+        ("a[1,3],b[2-3]", ["a1", "a3", "b2", "b3"]),
+        ("r[1-2]n[1-2]", ["r1n1", "r1n2", "r2n1", "r2n2"]),
+        ("nid[001-002]-ib,login", ["nid001-ib", "nid002-ib", "login"]),
+        ("frontier[00001,10000]", ["frontier00001", "frontier10000"]),
+        (" x[5] ", ["x5"]),
+    ],
+)
 def test_expand_nodelist(nodelist, hosts):
     assert expand_nodelist(nodelist) == hosts
 
 
-@pytest.mark.parametrize("nodelist, fragment", [
-    ("", "empty or unset"),
-    ("gpu[1-3", "unclosed '['"),
-    ("gpu1-3]", "unmatched ']'"),
-    ("gpu[1-[2]]", "nested '['"),
-    ("gpu[3-1]", "descending range '3-1'"),
-    ("gpu[a-b]", "bad range 'a-b'"),
-    ("gpu[1-2-3]", "bad range '1-2-3'"),
-    ("gpu[]", "empty brackets"),
-    ("a,,b", "empty host name"),
-    ("a[1-2],a2", "host 'a2' listed twice"),
-    ("my node", "whitespace"),
-])
+@pytest.mark.parametrize(
+    "nodelist, fragment",
+    [
+        ("", "empty or unset"),
+        ("gpu[1-3", "unclosed '['"),
+        ("gpu1-3]", "unmatched ']'"),
+        ("gpu[1-[2]]", "nested '['"),
+        ("gpu[3-1]", "descending range '3-1'"),
+        ("gpu[a-b]", "bad range 'a-b'"),
+        ("gpu[1-2-3]", "bad range '1-2-3'"),
+        ("gpu[]", "empty brackets"),
+        ("a,,b", "empty host name"),
+        ("a[1-2],a2", "host 'a2' listed twice"),
+        ("my node", "whitespace"),
+    ],
+)
 def test_expand_nodelist_rejects(nodelist, fragment):
     with pytest.raises(LaunchEnvError) as exc:
         expand_nodelist(nodelist)
@@ -48,8 +61,14 @@ def test_expand_nodelist_rejects(nodelist, fragment):
 
 
 def slurm(nodes: str = "gpu[001-004]", nnodes: int = 4, nodeid: int = 0, **extra) -> dict:
-    env = {"SLURM_JOB_NODELIST": nodes, "SLURM_JOB_NUM_NODES": str(nnodes), "SLURM_NNODES": str(nnodes),
-           "SLURM_NODEID": str(nodeid), "SLURM_JOB_ID": "123456", "SLURM_GPUS_ON_NODE": "8"}
+    env = {
+        "SLURM_JOB_NODELIST": nodes,
+        "SLURM_JOB_NUM_NODES": str(nnodes),
+        "SLURM_NNODES": str(nnodes),
+        "SLURM_NODEID": str(nodeid),
+        "SLURM_JOB_ID": "123456",
+        "SLURM_GPUS_ON_NODE": "8",
+    }
     env.update({k: v for k, v in extra.items() if v is not None})
     return {k: v for k, v in env.items() if not (k in extra and extra[k] is None)}
 
@@ -92,20 +111,23 @@ def test_default_port_without_job_id():
     assert launch_env_from(slurm(SLURM_JOB_ID=None)).master_port == 29500
 
 
-@pytest.mark.parametrize("env, fragment", [
-    (slurm(SLURM_JOB_NODELIST=None), "SLURM_JOB_NODELIST is unset"),
-    (slurm(SLURM_NODEID=None), "SLURM_NODEID is unset"),
-    (slurm(nodeid=4), "SLURM_NODEID=4 is out of range for 4 node(s)"),
-    (slurm(SLURM_NODEID="x"), "SLURM_NODEID='x' is not an integer"),
-    (slurm(SLURM_JOB_NUM_NODES="3"), "SLURM_JOB_NUM_NODES=3 but SLURM_JOB_NODELIST='gpu[001-004]' lists 4 hosts"),
-    (slurm(SLURM_GPUS_ON_NODE=None), "NPROC_PER_NODE is unset and SLURM_GPUS_ON_NODE"),
-    (slurm(SLURM_GPUS_ON_NODE=None, SLURM_GPUS_PER_NODE="a100:x"), "SLURM_GPUS_PER_NODE='a100:x'"),
-    (slurm(SLURM_GPUS_ON_NODE="0"), "SLURM_GPUS_ON_NODE=0 must be >= 1"),
-    (slurm(MASTER_PORT="70000"), "MASTER_PORT=70000 must be in [1, 65535]"),
-    (slurm(SLURM_JOB_ID="12_3"), "SLURM_JOB_ID='12_3' is not an integer"),
-    (slurm(RDZV_ID="a b"), "RDZV_ID='a b'"),
-    (slurm(nodeid=1, SLURMD_NODENAME="gpu004"), "SLURMD_NODENAME='gpu004' but SLURM_JOB_NODELIST puts 'gpu002'"),
-])
+@pytest.mark.parametrize(
+    "env, fragment",
+    [
+        (slurm(SLURM_JOB_NODELIST=None), "SLURM_JOB_NODELIST is unset"),
+        (slurm(SLURM_NODEID=None), "SLURM_NODEID is unset"),
+        (slurm(nodeid=4), "SLURM_NODEID=4 is out of range for 4 node(s)"),
+        (slurm(SLURM_NODEID="x"), "SLURM_NODEID='x' is not an integer"),
+        (slurm(SLURM_JOB_NUM_NODES="3"), "SLURM_JOB_NUM_NODES=3 but SLURM_JOB_NODELIST='gpu[001-004]' lists 4 hosts"),
+        (slurm(SLURM_GPUS_ON_NODE=None), "NPROC_PER_NODE is unset and SLURM_GPUS_ON_NODE"),
+        (slurm(SLURM_GPUS_ON_NODE=None, SLURM_GPUS_PER_NODE="a100:x"), "SLURM_GPUS_PER_NODE='a100:x'"),
+        (slurm(SLURM_GPUS_ON_NODE="0"), "SLURM_GPUS_ON_NODE=0 must be >= 1"),
+        (slurm(MASTER_PORT="70000"), "MASTER_PORT=70000 must be in [1, 65535]"),
+        (slurm(SLURM_JOB_ID="12_3"), "SLURM_JOB_ID='12_3' is not an integer"),
+        (slurm(RDZV_ID="a b"), "RDZV_ID='a b'"),
+        (slurm(nodeid=1, SLURMD_NODENAME="gpu004"), "SLURMD_NODENAME='gpu004' but SLURM_JOB_NODELIST puts 'gpu002'"),
+    ],
+)
 def test_bad_environment_names_the_variable(env, fragment):
     with pytest.raises(LaunchEnvError) as exc:
         launch_env_from(env)
@@ -118,10 +140,17 @@ def test_nodename_mismatch_is_fine_with_explicit_master_addr():
 
 def test_shell_output_evaluates_in_bash():
     env = slurm(nodes="gpu[001-002]", nnodes=2, nodeid=1, MASTER_ADDR="node zero's addr")
-    out = subprocess.run([sys.executable, "-m", "retnet_train.preflight.launch_env", "env", "--format", "shell"],
-                         env=env, capture_output=True, text=True, check=True).stdout
-    script = out + '\nprintf "%s|" "$NNODES" "$NODE_RANK" "$NPROC_PER_NODE" "$WORLD_SIZE" "$MASTER_ADDR" ' \
-                   '"$MASTER_PORT" "$RDZV_ID"'
+    out = subprocess.run(
+        [sys.executable, "-m", "retnet_train.preflight.launch_env", "env", "--format", "shell"],
+        env=env,
+        capture_output=True,
+        text=True,
+        check=True,
+    ).stdout
+    script = (
+        out + '\nprintf "%s|" "$NNODES" "$NODE_RANK" "$NPROC_PER_NODE" "$WORLD_SIZE" "$MASTER_ADDR" '
+        '"$MASTER_PORT" "$RDZV_ID"'
+    )
     got = subprocess.run(["bash", "-c", script], capture_output=True, text=True, check=True).stdout
     assert got == "2|1|8|16|node zero's addr|33456|123456|"
 
@@ -147,8 +176,12 @@ def test_hostfiles(tmp_path, capsys):
     assert read_hostfile(str(good)) == [("worker-0", 8), ("worker-1", 4)]
     assert main(["check-hostfile", str(good)], {}) == 0
     assert capsys.readouterr().out.split("\n")[:2] == ["worker-0 8", "worker-1 4"]
-    for text, fragment in [("worker-0\n", ":1: expected 'HOST slots=N'"), ("a slots=0\n", ":1: expected"),
-                           ("a slots=1\na slots=2\n", ":2: host 'a' listed twice"), ("# none\n", "no hosts")]:
+    for text, fragment in [
+        ("worker-0\n", ":1: expected 'HOST slots=N'"),
+        ("a slots=0\n", ":1: expected"),
+        ("a slots=1\na slots=2\n", ":2: host 'a' listed twice"),
+        ("# none\n", "no hosts"),
+    ]:
         good.write_text(text)
         with pytest.raises(LaunchEnvError, match=fragment):
             read_hostfile(str(good))
@@ -159,5 +192,7 @@ def test_hostfiles(tmp_path, capsys):
 def test_module_does_not_import_torch():
     # It runs on every node before anything else; it must stay light and torch-free.
     code = "import sys, retnet_train.preflight.launch_env; print('torch' in sys.modules)"
-    assert subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
-                          check=True).stdout.strip() == "False"
+    assert (
+        subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout.strip()
+        == "False"
+    )

@@ -54,8 +54,13 @@ def test_every_family_has_every_size_of_one_shape(size):
 def test_transformer_pp_is_the_llama_block_of_12_d2(size):
     cfg = model_config_from_dict(load(f"transformer_pp_{size}"))
     d = cfg.d_model
-    assert (cfg.norm, cfg.ffn_type, cfg.activation, cfg.embed_scale, cfg.tie_embeddings) == \
-        ("rmsnorm", "glu", "silu", False, False)
+    assert (cfg.norm, cfg.ffn_type, cfg.activation, cfg.embed_scale, cfg.tie_embeddings) == (
+        "rmsnorm",
+        "glu",
+        "silu",
+        False,
+        False,
+    )
     multiple = 64 if size == "tiny" else 256
     assert cfg.ffn_dim == round_up(8 * d / 3, multiple)
     with torch.device("meta"):
@@ -102,15 +107,18 @@ def test_presets_follow_the_paper_and_have_twins(name):
     assert (twin.d_model, twin.n_layers, twin.vocab_size) == (retnet.d_model, retnet.n_layers, retnet.vocab_size)
 
 
-@pytest.mark.parametrize("override,field", [
-    (dict(n_heads=3), "n_heads"),
-    (dict(d_model=0), "d_model"),
-    (dict(chunk_size=0), "chunk_size"),
-    (dict(mode="blocky"), "mode"),
-    (dict(norm="batchnorm"), "norm"),
-    (dict(value_factor=1.3), "value_factor"),
-    (dict(retention_backend="cuda"), "retention_backend"),
-])
+@pytest.mark.parametrize(
+    "override,field",
+    [
+        (dict(n_heads=3), "n_heads"),
+        (dict(d_model=0), "d_model"),
+        (dict(chunk_size=0), "chunk_size"),
+        (dict(mode="blocky"), "mode"),
+        (dict(norm="batchnorm"), "norm"),
+        (dict(value_factor=1.3), "value_factor"),
+        (dict(retention_backend="cuda"), "retention_backend"),
+    ],
+)
 def test_inconsistent_config_names_the_field(override, field):
     with pytest.raises(ValueError, match=rf"RetNetConfig\.{field}"):
         RetNetConfig(**{**dict(vocab_size=10, d_model=64, n_layers=1, n_heads=2, ffn_dim=8), **override}).validate()

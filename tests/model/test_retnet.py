@@ -1,4 +1,5 @@
 """RetNetForCausalLM: the three forms agree, state continues, documents reset, bad input fails."""
+
 import copy
 import functools
 
@@ -85,7 +86,7 @@ def test_prefill_then_recurrent_equals_parallel(prefill):
         out = model(ids[:, :prefill], mode="chunkwise", return_state=True)
         steps, state = [out.logits], out.state
         for t in range(prefill, ids.shape[1]):
-            out = model(ids[:, t:t + 1], mode="recurrent", state=state, return_state=True)
+            out = model(ids[:, t : t + 1], mode="recurrent", state=state, return_state=True)
             steps.append(out.logits)
             state = out.state
     assert state.position == 24
@@ -120,11 +121,14 @@ def test_document_reset_across_state():
     assert (out - logits(model, b, mode="parallel")).abs().max() <= 1e-4
 
 
-@pytest.mark.parametrize("overrides", [
-    dict(norm="rmsnorm", ffn_type="glu", activation="silu"),
-    dict(tie_embeddings=True, embed_scale=True, value_factor=1.0),
-    dict(init="scaled_normal", head_norm_affine=True, normalize_retention=False),
-])
+@pytest.mark.parametrize(
+    "overrides",
+    [
+        dict(norm="rmsnorm", ffn_type="glu", activation="silu"),
+        dict(tie_embeddings=True, embed_scale=True, value_factor=1.0),
+        dict(init="scaled_normal", head_norm_affine=True, normalize_retention=False),
+    ],
+)
 def test_options_keep_forms_equal_and_train(overrides):
     model = make_model(**overrides)
     ids = torch.randint(0, VOCAB, (2, 19))
@@ -159,6 +163,7 @@ def _saved_bytes_and_grads(model, ids, mode):
     def pack(t):
         saved.append(t.numel() * t.element_size())
         return t
+
     with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
         loss = model(ids, labels=ids).loss
     loss.backward()
@@ -198,11 +203,14 @@ def test_out_of_range_ids_raise(bad):
         make_model()(torch.tensor(bad))
 
 
-@pytest.mark.parametrize("kw,match", [
-    (dict(mode="blockwise"), "mode"),
-    (dict(chunk_size=0), "chunk_size"),
-    (dict(doc_starts=torch.zeros(1, 3, dtype=torch.bool)), "doc_starts"),
-])
+@pytest.mark.parametrize(
+    "kw,match",
+    [
+        (dict(mode="blockwise"), "mode"),
+        (dict(chunk_size=0), "chunk_size"),
+        (dict(doc_starts=torch.zeros(1, 3, dtype=torch.bool)), "doc_starts"),
+    ],
+)
 def test_bad_call_arguments_raise(kw, match):
     with pytest.raises(ValueError, match=match):
         make_model()(torch.zeros(1, 4, dtype=torch.long), **kw)
@@ -261,8 +269,11 @@ def test_context_parallel_asks_for_the_state_gradient(monkeypatch):
     used = []
     real = retnet_module.retention_op
     monkeypatch.setattr(retnet_module, "resolve_backend", lambda backend, device: "triton")
-    monkeypatch.setattr(retnet_module, "retention_op",
-                        lambda backend, *a, state_grad: (used.append((backend, state_grad)), real("torch", *a))[1])
+    monkeypatch.setattr(
+        retnet_module,
+        "retention_op",
+        lambda backend, *a, state_grad: (used.append((backend, state_grad)), real("torch", *a))[1],
+    )
 
     class Segment:  # stands in for parallel.context's segment: no earlier ranks
         def combine(self, o, row_sum, state, q, log_gamma):
@@ -288,14 +299,14 @@ def test_stacked_projections_match_separate_weights():
     ret = model.layers[0].retention
     w = ret.projection_weights()
     assert [tuple(t.shape) for t in w.values()] == [(32, 32), (32, 32), (64, 32), (64, 32)]
-    bound = lambda fan: 2 ** -2.5 * (6 / fan) ** 0.5  # noqa: E731 - xavier_uniform's bound
+    bound = lambda fan: 2**-2.5 * (6 / fan) ** 0.5  # noqa: E731 - xavier_uniform's bound
     assert w["q"].abs().max() > bound(32 + 64) and w["q"].abs().max() <= bound(32 + 32)
     assert w["v"].abs().max() <= bound(32 + 64)
     x = torch.randn(2, 5, 32)
     sin, cos = (t.unsqueeze(1) for t in rotary_sin_cos(model.inv_freq, 3, 5, x.dtype))
     q, k, v = ret.projections(x, sin, cos)
     torch.testing.assert_close(q, apply_rotary(F.linear(x, w["q"]).view(2, 5, 2, 16), sin, cos))
-    torch.testing.assert_close(k, apply_rotary((F.linear(x, w["k"]) * 16 ** -0.5).view(2, 5, 2, 16), sin, cos))
+    torch.testing.assert_close(k, apply_rotary((F.linear(x, w["k"]) * 16**-0.5).view(2, 5, 2, 16), sin, cos))
     torch.testing.assert_close(v, F.linear(x, w["v"]).view(2, 5, 2, 32))
     assert len(list(model.layers[0].retention.parameters())) == 3  # qkv, g, out (no affine group norm)
 
@@ -305,8 +316,21 @@ def kept_for_backward(compiled, activation_memory_budget=1.0, T=256):
     """One bf16 block (two heads, d_v 256) trained one step: [(bytes, dtype, numel)] of each tensor
     autograd keeps for backward (saved-tensor hooks see a compiled graph's too), and the gradients."""
     torch.manual_seed(0)
-    model = RetNetForCausalLM(RetNetConfig(vocab_size=VOCAB, d_model=128, n_layers=1, n_heads=2, ffn_dim=192,
-                                           chunk_size=64, retention_backend="torch")).to(torch.bfloat16).train()
+    model = (
+        RetNetForCausalLM(
+            RetNetConfig(
+                vocab_size=VOCAB,
+                d_model=128,
+                n_layers=1,
+                n_heads=2,
+                ffn_dim=192,
+                chunk_size=64,
+                retention_backend="torch",
+            )
+        )
+        .to(torch.bfloat16)
+        .train()
+    )
     if compiled:
         parallelize(model, compile=True, activation_memory_budget=activation_memory_budget)
     params = {p.untyped_storage().data_ptr() for p in model.parameters()}
@@ -360,8 +384,15 @@ def test_a_cast_to_bf16_keeps_the_architectures_constants_exact(arch):
     inference casts the whole model (inference/load.py: model.to(dtype)) and must see the same ones."""
     from retnet_train.model import TransformerConfig, TransformerForCausalLM
 
-    build = (lambda: RetNetForCausalLM(RetNetConfig(vocab_size=VOCAB, d_model=32, n_layers=1, n_heads=4, ffn_dim=48))) \
-        if arch == "retnet" else (lambda: TransformerForCausalLM(TransformerConfig(vocab_size=VOCAB, d_model=32, n_layers=1, n_heads=2, ffn_dim=48)))
+    build = (
+        (lambda: RetNetForCausalLM(RetNetConfig(vocab_size=VOCAB, d_model=32, n_layers=1, n_heads=4, ffn_dim=48)))
+        if arch == "retnet"
+        else (
+            lambda: TransformerForCausalLM(
+                TransformerConfig(vocab_size=VOCAB, d_model=32, n_layers=1, n_heads=2, ffn_dim=48)
+            )
+        )
+    )
     exact = dict(build().named_buffers())
     assert exact["inv_freq"].dtype == torch.float64
     for cast in (lambda m: m.to(torch.bfloat16), lambda m: m.half(), lambda m: m.to(dtype=torch.bfloat16).float()):
@@ -382,8 +413,17 @@ def test_block_step_over_a_few_tokens_continues_the_forward(normalize):
     from retnet_train.model.layers import rotary_sin_cos
     from retnet_train.model.retnet import decay_normalizer
 
-    cfg = RetNetConfig(vocab_size=VOCAB, d_model=32, n_layers=2, n_heads=2, ffn_dim=48, chunk_size=4,
-                       retention_backend="torch", normalize_retention=normalize, head_norm_affine=True)
+    cfg = RetNetConfig(
+        vocab_size=VOCAB,
+        d_model=32,
+        n_layers=2,
+        n_heads=2,
+        ffn_dim=48,
+        chunk_size=4,
+        retention_backend="torch",
+        normalize_retention=normalize,
+        head_norm_affine=True,
+    )
     model = RetNetForCausalLM(cfg).double().eval()
     ids = torch.randint(0, VOCAB, (2, 9))
     _, prefix = model.hidden_states(ids[:, :6], mode="chunkwise")

@@ -54,8 +54,10 @@ def test_block_step_with_a_kv_cache_equals_the_forward():
     model = make_model().double()
     ids = torch.randint(0, 50, (2, 9))
     slots = 16
-    caches = [(torch.zeros(2, 4, slots, 8, dtype=torch.float64), torch.zeros(2, 4, slots, 8, dtype=torch.float64))
-              for _ in model.layers]
+    caches = [
+        (torch.zeros(2, 4, slots, 8, dtype=torch.float64), torch.zeros(2, 4, slots, 8, dtype=torch.float64))
+        for _ in model.layers
+    ]
     out = []
     for lo, hi in ((0, 6), (6, 9)):
         x = model.embed(ids[:, lo:hi])
@@ -73,8 +75,20 @@ def test_normal_init_matches_llama_initializer_range():
     """init=normal: every linear and embedding N(0, 0.02), norms one (Hugging Face Llama's init)."""
     from retnet_train.model import build_model, model_config_from_dict
 
-    cfg = model_config_from_dict(dict(arch="transformer", vocab_size=4096, d_model=256, n_layers=2, n_heads=4,
-                                      ffn_dim=768, ffn_type="glu", activation="silu", norm="rmsnorm", init="normal"))
+    cfg = model_config_from_dict(
+        dict(
+            arch="transformer",
+            vocab_size=4096,
+            d_model=256,
+            n_layers=2,
+            n_heads=4,
+            ffn_dim=768,
+            ffn_type="glu",
+            activation="silu",
+            norm="rmsnorm",
+            init="normal",
+        )
+    )
     model = build_model(cfg)
     for name, p in model.named_parameters():
         if p.dim() == 2:

@@ -1,6 +1,7 @@
 """Every weight is read inside its own module's forward, where ZeRO-3 has gathered it: with the
 weights really partitioned and the blocks compiled, training matches an unpartitioned run, and
 ZeRO-3's gathering hooks stay outside the compiled blocks."""
+
 import functools
 import sys
 from pathlib import Path
@@ -10,6 +11,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "inference"))
 from gen_fixtures import init_dist, tiny_config  # noqa: E402
+
 from retnet_train.components.config import TrainConfig  # noqa: E402
 from retnet_train.components.optim import deepspeed_config  # noqa: E402
 from retnet_train.model import build_model, model_config_from_dict  # noqa: E402
@@ -32,15 +34,24 @@ def trainer_zero3() -> dict:
     return deepspeed_config(cfg, 1, world_size=1)["zero_optimization"]
 
 
-def losses(stage: int, compile_blocks: bool, steps: int = 3, whole_blocks: bool = True, n_layers: int = 1,
-           checkpointing: str = "none") -> list:
+def losses(
+    stage: int,
+    compile_blocks: bool,
+    steps: int = 3,
+    whole_blocks: bool = True,
+    n_layers: int = 1,
+    checkpointing: str = "none",
+) -> list:
     init_dist()
     torch.manual_seed(0)
     model = build_model(model_config_from_dict(tiny_config(n_layers=n_layers)))
-    ds = {"train_micro_batch_size_per_gpu": 2, "steps_per_print": 10 ** 9,
-          "optimizer": {"type": "Adam", "params": {"lr": 1e-2, "torch_adam": True}},
-          # threshold 0: ZeRO-3 partitions even these tiny weights (by default they stay gathered)
-          "zero_optimization": {"stage": stage, "stage3_param_persistence_threshold": 0}}
+    ds = {
+        "train_micro_batch_size_per_gpu": 2,
+        "steps_per_print": 10**9,
+        "optimizer": {"type": "Adam", "params": {"lr": 1e-2, "torch_adam": True}},
+        # threshold 0: ZeRO-3 partitions even these tiny weights (by default they stay gathered)
+        "zero_optimization": {"stage": stage, "stage3_param_persistence_threshold": 0},
+    }
     as_trainer = stage == 3 and whole_blocks
     if as_trainer:
         z3 = trainer_zero3()

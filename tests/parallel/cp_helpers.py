@@ -1,5 +1,6 @@
 """Run a function on P spawned ranks (torch.multiprocessing, FileStore: no TCP port); gloo on CPU,
 or nccl with one GPU per rank."""
+
 from __future__ import annotations
 
 import json

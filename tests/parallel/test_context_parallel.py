@@ -1,14 +1,15 @@
 """Context parallel RetNet on real gloo ranks equals the whole sequence on one process: logits, loss
 and every parameter gradient (fp32, 1e-5), with and without the paper's normalization, document
 starts on, inside and away from rank boundaries, chunk sizes that do and do not divide T / P."""
+
 import copy
 import itertools
 
 import pytest
 import torch
 import torch.distributed as dist
-
 from cp_helpers import run_ranks
+
 from retnet_train.model import RetNetConfig, RetNetForCausalLM
 from retnet_train.parallel import build_context_parallel, parallelize
 
@@ -63,8 +64,9 @@ def compare_cases(rank, world, cases):
         starts = doc_starts(kind, world)
         ref_logits, ref_loss, ref_grads = forward_backward(model, ids, labels, starts, mode, chunk)
 
-        logits, loss, grads = forward_backward(cp_model, cp.shard(ids), cp.shard(labels),
-                                               None if starts is None else cp.shard(starts), mode, chunk)
+        logits, loss, grads = forward_backward(
+            cp_model, cp.shard(ids), cp.shard(labels), None if starts is None else cp.shard(starts), mode, chunk
+        )
         parts = [torch.empty_like(logits) for _ in range(world)]
         dist.all_gather(parts, logits)
         dist.all_reduce(loss)
@@ -85,8 +87,11 @@ def compare_cases(rank, world, cases):
 def test_context_parallel_equals_one_process(world, tmp_path):
     chunks = [4, 5] if world == 2 else [3, 8]  # T / P = 12 or 8: divides, does not divide
     cases = [(n, k, c, "chunkwise", "none") for n, k, c in itertools.product([True, False], ["none", "docs"], chunks)]
-    cases += [(True, "docs", 64, "parallel", "none"), (True, "docs", chunks[1], "chunkwise", "full"),
-              (False, "docs", chunks[0], "chunkwise", "selective")]
+    cases += [
+        (True, "docs", 64, "parallel", "none"),
+        (True, "docs", chunks[1], "chunkwise", "full"),
+        (False, "docs", chunks[0], "chunkwise", "selective"),
+    ]
     results = run_ranks(compare_cases, world, tmp_path, cases)
     failures = [f for r in results for f in r]
     assert not failures, "\n".join(failures[:20])

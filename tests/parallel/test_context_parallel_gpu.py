@@ -1,18 +1,21 @@
 """Context parallelism with fla's kernels (pytest -m gpu; not runnable on CPU). The CPU tests prove the
 exchange and correction with the torch backend; on GPU the remaining questions are whether fla's
 final state carries its gradient (the state exchange depends on it) and the whole model over NCCL."""
+
 import pytest
 import torch
 import torch.distributed as dist
-
 from cp_helpers import run_ranks
+
 from retnet_train.kernels import fla_available, retention_op
 from retnet_train.model import RetNetConfig, RetNetForCausalLM
 from retnet_train.model.retnet import decay_log_gammas
 from retnet_train.parallel import build_context_parallel, parallelize
 
 pytestmark = pytest.mark.gpu
-needs_fla = pytest.mark.skipif(not (torch.cuda.is_available() and fla_available()), reason="needs CUDA/ROCm and fla-core")
+needs_fla = pytest.mark.skipif(
+    not (torch.cuda.is_available() and fla_available()), reason="needs CUDA/ROCm and fla-core"
+)
 needs_2 = pytest.mark.skipif(torch.cuda.device_count() < 2, reason="needs 2 GPUs")
 TOL = 2e-2
 
@@ -27,7 +30,7 @@ def test_fla_final_state_gradient_matches_torch(with_docs):
     B, T, H, K, V = 2, 700, 4, 64, 128
     g = torch.Generator(device="cuda").manual_seed(0)
     q, v = (torch.randn(B, T, H, D, device="cuda", generator=g) for D in (K, V))
-    k = torch.randn(B, T, H, K, device="cuda", generator=g) * K ** -0.5
+    k = torch.randn(B, T, H, K, device="cuda", generator=g) * K**-0.5
     reset = None
     if with_docs:
         reset = torch.zeros(B, T, dtype=torch.bool, device="cuda")
@@ -48,8 +51,9 @@ def test_fla_final_state_gradient_matches_torch(with_docs):
 def _fla_cp_vs_one_rank(rank, world):
     cp, _, _ = build_context_parallel(world, rank, world, 512)
     torch.manual_seed(0)
-    model = RetNetForCausalLM(RetNetConfig(vocab_size=256, d_model=256, n_layers=2, n_heads=2, ffn_dim=512,
-                                           retention_backend="fla")).cuda()
+    model = RetNetForCausalLM(
+        RetNetConfig(vocab_size=256, d_model=256, n_layers=2, n_heads=2, ffn_dim=512, retention_backend="fla")
+    ).cuda()
     g = torch.Generator().manual_seed(1)
     ids = torch.randint(0, 256, (1, 513), generator=g).cuda()
     starts = torch.zeros(1, 512, dtype=torch.bool, device="cuda")

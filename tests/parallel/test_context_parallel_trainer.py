@@ -1,5 +1,6 @@
 """The trainer with parallel.context_parallel_size: same losses as one rank on the same global batch;
 bad layouts fail at start naming the key."""
+
 import sys
 from pathlib import Path
 
@@ -38,10 +39,14 @@ def runs(shards, tmp_path_factory):
     train(overrides(shards, root / "one", **STEPS), nproc=1)
     train(overrides(shards, root / "dp2cp2", **STEPS, **{KEY: 2, "deepspeed.zero_stage": 1}), nproc=4)
     dirs = {name: root / name.replace(" ", "_") for name in TWO_RANKS}
-    run_scenarios([(name, overrides(shards, dirs[name], **STEPS, **extra)) for name, extra in TWO_RANKS.items()],
-                  nproc=2, workdir=root / "launch")
-    return {name: losses_and_val(root / name) for name in ("one", "dp2cp2")} | \
-        {name: losses_and_val(d) for name, d in dirs.items()}
+    run_scenarios(
+        [(name, overrides(shards, dirs[name], **STEPS, **extra)) for name, extra in TWO_RANKS.items()],
+        nproc=2,
+        workdir=root / "launch",
+    )
+    return {name: losses_and_val(root / name) for name in ("one", "dp2cp2")} | {
+        name: losses_and_val(d) for name, d in dirs.items()
+    }
 
 
 @pytest.mark.slow
@@ -90,9 +95,9 @@ def test_bad_values_name_the_key():
 
 def test_batch_counts_data_parallel_ranks_only():
     cfg = TrainConfig()
-    cfg.data.seq_len, cfg.train.micro_batch_size, cfg.train.global_batch_tokens = 8192, 1, 2 ** 20
+    cfg.data.seq_len, cfg.train.micro_batch_size, cfg.train.global_batch_tokens = 8192, 1, 2**20
     cfg.parallel.context_parallel_size = 4
-    assert grad_accumulation(cfg, 8) == 2 ** 20 // (8192 * 2)
+    assert grad_accumulation(cfg, 8) == 2**20 // (8192 * 2)
     with pytest.raises(ValueError, match=KEY):
         grad_accumulation(cfg, 6)
 

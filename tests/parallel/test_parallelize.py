@@ -1,5 +1,6 @@
 """parallelize: what it changes from outside the model, and what stays as the plain model has it
 (parameter names, outputs); the model itself sets no process-wide torch config."""
+
 import copy
 
 import pytest

@@ -8,6 +8,7 @@ Per scenario and rank, <out>/rank<R>.stdout and .stderr get that run's output (f
 and 2: DeepSpeed's and torch's messages too) and <out>/rank<R>.json
 {"summary": run's return value} or {"error": exception type, "message": ...}. An exception a
 scenario does not expect ends the job (the other ranks would wait for it in a collective)."""
+
 import json
 import os
 import sys
@@ -38,6 +39,7 @@ def restore(saved):
 
 def main() -> None:
     import torch.distributed as dist
+
     from retnet_train.components.config import typed_config  # as the CLI converts it
     from retnet_train.preflight import compose_trainer_config  # composes as the CLI does
     from retnet_train.train import run
@@ -60,8 +62,11 @@ def main() -> None:
         if "error" in result and result["error"] != scenario.get("expect_error"):
             print(f"scenario {scenario['name']} failed: see {out}/rank{rank}.stderr", file=sys.stderr, flush=True)
             os._exit(1)
-        print(f"scenario {scenario['name']}: {'error ' + result['error'] if 'error' in result else 'done'} "
-              f"in {time.time() - began:.1f} s", flush=True)
+        print(
+            f"scenario {scenario['name']}: {'error ' + result['error'] if 'error' in result else 'done'} "
+            f"in {time.time() - began:.1f} s",
+            flush=True,
+        )
     if dist.is_initialized():
         dist.destroy_process_group()
 

@@ -1,5 +1,6 @@
 """DeepSpeed's bf16 ZeRO-1/2 step without its per-gradient inf/NaN test: the gradient-norm test
 still skips a step with a non-finite gradient, leaving the weights as they were."""
+
 import sys
 from pathlib import Path
 
@@ -8,6 +9,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "inference"))
 from gen_fixtures import init_dist, tiny_config  # noqa: E402
+
 from retnet_train.components.config import TrainConfig  # noqa: E402
 from retnet_train.components.optim import deepspeed_config, skip_duplicate_overflow_check  # noqa: E402
 from retnet_train.model import build_model, model_config_from_dict  # noqa: E402

@@ -1,4 +1,5 @@
 """profile.*: torch.profiler over a window of optimizer steps, written under <run.dir>/profile/rank<r>/."""
+
 import json
 
 import pytest
@@ -26,12 +27,18 @@ def event_names(path):
 
 def test_trace_covers_only_the_window(tmp_path):
     run_steps(Profiler(str(tmp_path / "rank0"), 0, 1, "cpu", 0, **SETTINGS), 0, 6)
-    assert sorted(p.name for p in (tmp_path / "rank0").iterdir()) == ["steps3-4.key_averages.txt",
-                                                                      "steps3-4.pt.trace.json"]
+    assert sorted(p.name for p in (tmp_path / "rank0").iterdir()) == [
+        "steps3-4.key_averages.txt",
+        "steps3-4.pt.trace.json",
+    ]
     names = event_names(tmp_path / "rank0" / "steps3-4.pt.trace.json")
     assert "aten::mm" in names
-    assert {n for n in names if n.startswith(("work_", "ProfilerStep#"))} == \
-        {"work_3", "work_4", "ProfilerStep#3", "ProfilerStep#4"}
+    assert {n for n in names if n.startswith(("work_", "ProfilerStep#"))} == {
+        "work_3",
+        "work_4",
+        "ProfilerStep#3",
+        "ProfilerStep#4",
+    }
     table = (tmp_path / "rank0" / "steps3-4.key_averages.txt").read_text()
     assert "aten::mm" in table and "Self CPU" in table
 
@@ -66,8 +73,7 @@ def test_ranks_outside_the_world_are_refused(tmp_path):
         Profiler(str(tmp_path), 0, 2, "cpu", 0, **{**SETTINGS, "ranks": [0, 2]})
 
 
-@pytest.mark.parametrize("key,value,enabled", [("start_step", 0, False), ("steps", 0, False),
-                                               ("start_step", 11, True)])
+@pytest.mark.parametrize("key,value,enabled", [("start_step", 0, False), ("steps", 0, False), ("start_step", 11, True)])
 def test_config_errors_name_the_key(key, value, enabled):
     cfg = TrainConfig()
     cfg.data.paths, cfg.train.max_steps, cfg.profile.enabled = ["/d/web"], 10, enabled

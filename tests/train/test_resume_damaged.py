@@ -1,5 +1,6 @@
 """Resuming when the newest checkpoint is damaged: the trainer takes the newest valid older one, says
 which and why, trains on exactly as from that one, and its next save of the damaged step replaces it."""
+
 import pytest
 from trainer_helpers import losses, shards, typed  # noqa: F401 (shards: a fixture)
 
@@ -11,8 +12,11 @@ MODEL_STATES, OPTIM_STATES = "mp_rank_00_model_states.pt", "zero_pp_rank_0_mp_ra
 
 def config(shards, run_dir, steps):
     # ZeRO-1: the optimizer state is a file of its own
-    return typed(shards, run_dir, **{"train.max_steps": steps, "checkpoint.interval": 2, "checkpoint.keep_last": 5,
-                                     "deepspeed.zero_stage": 1})
+    return typed(
+        shards,
+        run_dir,
+        **{"train.max_steps": steps, "checkpoint.interval": 2, "checkpoint.keep_last": 5, "deepspeed.zero_stage": 1},
+    )
 
 
 def cut_short(path):
@@ -25,8 +29,11 @@ def test_resume_falls_back_past_a_damaged_newest_checkpoint(shards, tmp_path, pr
     run_dir = tmp_path / "run"
     Trainer(config(shards, run_dir, 4)).train()
     ckpts = run_dir / "checkpoints"
-    assert sorted(discovery.recorded_files(str(ckpts / "step_00000004"))) == \
-        [MODEL_STATES, "rng_rank0.pt", OPTIM_STATES]  # what COMPLETE lists
+    assert sorted(discovery.recorded_files(str(ckpts / "step_00000004"))) == [
+        MODEL_STATES,
+        "rng_rank0.pt",
+        OPTIM_STATES,
+    ]  # what COMPLETE lists
     first = losses(run_dir)
     if fault == "model states cut short":
         cut_short(ckpts / "step_00000004" / MODEL_STATES)

@@ -1,5 +1,6 @@
 """The directories a run writes (components/run_dir.py): checked at start naming the key, owned by one
 live trainer, and an earlier run's metrics set aside instead of appended to."""
+
 import json
 import os
 import subprocess
@@ -24,16 +25,23 @@ def test_write_problems_name_the_key(tmp_path):
     (tmp_path / "file").write_text("x")
     assert write_problem("run.dir", str(tmp_path / "new" / "deeper")) is None
     assert not (tmp_path / "new").exists()  # checked, not created
-    assert write_problem("run.dir", str(tmp_path / "file")) == \
-        f"run.dir: {tmp_path / 'file'} is a file, not a directory"
-    assert write_problem("checkpoint.dir", str(tmp_path / "file" / "ckpt")) == \
-        f"checkpoint.dir: {tmp_path / 'file' / 'ckpt'} lies under {tmp_path / 'file'}, which is a file, not a directory"
+    assert (
+        write_problem("run.dir", str(tmp_path / "file")) == f"run.dir: {tmp_path / 'file'} is a file, not a directory"
+    )
+    under = tmp_path / "file"
+    expected = f"checkpoint.dir: {under / 'ckpt'} lies under {under}, which is a file, not a directory"
+    assert write_problem("checkpoint.dir", str(under / "ckpt")) == expected
     assert sorted(os.listdir(tmp_path)) == ["file"]  # the write test leaves nothing behind
 
 
 def hold_lock(directory):
-    proc = subprocess.Popen([sys.executable, "-c", HOLD_LOCK, str(directory)], cwd=REPO, stdout=subprocess.PIPE,
-                            text=True, env={**os.environ, "PYTHONPATH": str(REPO)})
+    proc = subprocess.Popen(
+        [sys.executable, "-c", HOLD_LOCK, str(directory)],
+        cwd=REPO,
+        stdout=subprocess.PIPE,
+        text=True,
+        env={**os.environ, "PYTHONPATH": str(REPO)},
+    )
     assert proc.stdout.readline().strip() == "locked"
     return proc
 
@@ -73,14 +81,18 @@ def test_set_aside_metrics_takes_the_first_free_number(tmp_path):
     assert (tmp_path / "metrics.2.jsonl").read_text() == "a\n" and not (tmp_path / "metrics.jsonl").exists()
 
 
-@pytest.mark.parametrize("where,key", [("run", "run.dir"), ("checkpoint", "checkpoint.dir"),
-                                       ("profile", "profile.enabled")])
+@pytest.mark.parametrize(
+    "where,key", [("run", "run.dir"), ("checkpoint", "checkpoint.dir"), ("profile", "profile.enabled")]
+)
 def test_trainer_refuses_a_directory_it_cannot_write_before_building(shards, tmp_path, process_group, where, key):
     blocker = tmp_path / "run" / "profile" if where == "profile" else tmp_path / "file"
     blocker.parent.mkdir(exist_ok=True)
     blocker.write_text("x")
-    extra = {"run": {"run.dir": str(blocker / "run")}, "checkpoint": {"checkpoint.dir": str(blocker / "ckpt")},
-             "profile": {"profile.enabled": "true", "profile.start_step": 1}}[where]
+    extra = {
+        "run": {"run.dir": str(blocker / "run")},
+        "checkpoint": {"checkpoint.dir": str(blocker / "ckpt")},
+        "profile": {"profile.enabled": "true", "profile.start_step": 1},
+    }[where]
     trainer = Trainer(typed(shards, tmp_path / "run", **extra))
     with pytest.raises(ValueError, match=f"^{key}: .* lies under {blocker}, which is a file, not a directory"):
         trainer.train()

@@ -1,4 +1,5 @@
 """The logged tokens/s: training time only, evaluation and checkpoint saves left out (fake clock)."""
+
 from retnet_train.components.metrics import Throughput
 
 

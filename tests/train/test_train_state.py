@@ -1,5 +1,6 @@
 """TrainState and the checkpoint's client state (one entry per stateful part): round trips, the upgrade
 of the flat layout older checkpoints have, and an exact resume from such a checkpoint."""
+
 import os
 
 import pytest
@@ -11,8 +12,15 @@ from retnet_train.components.faults import NonFiniteTracker
 from retnet_train.components.train_state import TrainState
 from retnet_train.trainer import Trainer
 
-FLAT = {"data": {"consumed_sequences": 8}, "step": 3, "tokens_seen": 768, "wandb_id": "w1",
-        "faults": {"consecutive": 1, "total": 2}, "config": {"run": {"dir": "r"}}, "layout": {"world_size": 1}}
+FLAT = {
+    "data": {"consumed_sequences": 8},
+    "step": 3,
+    "tokens_seen": 768,
+    "wandb_id": "w1",
+    "faults": {"consecutive": 1, "total": 2},
+    "config": {"run": {"dir": "r"}},
+    "layout": {"world_size": 1},
+}
 
 
 def test_train_state_round_trip_through_a_file(tmp_path):
@@ -22,8 +30,12 @@ def test_train_state_round_trip_through_a_file(tmp_path):
     torch.save(state.state_dict(), tmp_path / "state.pt")
     restored = TrainState(faults=NonFiniteTracker(5))
     restored.load_state_dict(torch.load(tmp_path / "state.pt"))
-    assert restored.state_dict() == {"step": 12, "tokens_seen": 3072, "wandb_id": "abc",
-                                     "faults": {"consecutive": 2, "total": 2}}
+    assert restored.state_dict() == {
+        "step": 12,
+        "tokens_seen": 3072,
+        "wandb_id": "abc",
+        "faults": {"consecutive": 2, "total": 2},
+    }
     assert restored.faults.max_consecutive == 5  # the stop rule is the config's, not the checkpoint's
 
 
@@ -42,7 +54,10 @@ def test_client_state_holds_one_entry_per_part():
 def test_flat_client_state_of_older_checkpoints_is_upgraded():
     assert upgrade_client_state(dict(FLAT)) == {
         "train_state": {"step": 3, "tokens_seen": 768, "wandb_id": "w1", "faults": {"consecutive": 1, "total": 2}},
-        "data_loader": {"consumed_sequences": 8}, "config": {"run": {"dir": "r"}}, "layout": {"world_size": 1}}
+        "data_loader": {"consumed_sequences": 8},
+        "config": {"run": {"dir": "r"}},
+        "layout": {"world_size": 1},
+    }
     # the oldest: neither W&B id nor fault counters
     oldest = upgrade_client_state({"data": {}, "step": 3, "tokens_seen": 768})
     state = TrainState(wandb_id="kept?", faults=NonFiniteTracker(5))
@@ -52,8 +67,9 @@ def test_flat_client_state_of_older_checkpoints_is_upgraded():
 
 
 def config(shards, run_dir, **extra):
-    return typed(shards, run_dir, **{"train.max_steps": 4, "checkpoint.interval": 2, "checkpoint.keep_last": 5,
-                                     **extra})
+    return typed(
+        shards, run_dir, **{"train.max_steps": 4, "checkpoint.interval": 2, "checkpoint.keep_last": 5, **extra}
+    )
 
 
 def test_checkpoint_in_the_flat_layout_resumes_exactly(shards, tmp_path, process_group, capsys):
@@ -62,19 +78,30 @@ def test_checkpoint_in_the_flat_layout_resumes_exactly(shards, tmp_path, process
 
     # the same first two steps, saved as the trainer's client state looked before it held one entry per part
     old_run = tmp_path / "old"
-    first = Trainer(config(shards, old_run, **{"train.max_steps": 2, "checkpoint.interval": 1000,
-                                               "checkpoint.save_at_end": "false"}))
+    first = Trainer(
+        config(
+            shards, old_run, **{"train.max_steps": 2, "checkpoint.interval": 1000, "checkpoint.save_at_end": "false"}
+        )
+    )
     first.train()
     assert not (old_run / "checkpoints").exists()
-    flat = {"data": first.loader.state_dict(), "step": first.state.step, "tokens_seen": first.state.tokens_seen,
-            "wandb_id": first.state.wandb_id, "faults": first.state.faults.state_dict(), "config": first.resolved,
-            "layout": first.layout}
+    flat = {
+        "data": first.loader.state_dict(),
+        "step": first.state.step,
+        "tokens_seen": first.state.tokens_seen,
+        "wandb_id": first.state.wandb_id,
+        "faults": first.state.faults.state_dict(),
+        "config": first.resolved,
+        "layout": first.layout,
+    }
     first.ckpt.save(first.engine, first.state.step, flat)
     capsys.readouterr()
 
     summary = Trainer(config(shards, old_run)).train()
-    assert f"resumed from {old_run / 'checkpoints' / 'step_00000002'} at step 2 (512 tokens seen)" in \
-        capsys.readouterr().out
+    assert (
+        f"resumed from {old_run / 'checkpoints' / 'step_00000002'} at step 2 (512 tokens seen)"
+        in capsys.readouterr().out
+    )
     assert summary["step"] == 4 and summary["tokens_seen"] == 4 * 256
     ref, got = losses(reference), losses(old_run)
     assert sorted(got) == [1, 2, 3, 4]

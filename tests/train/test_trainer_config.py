@@ -1,22 +1,32 @@
 """Config errors fail at start naming the key; derived values; the optimizer groups and schedule."""
+
 from pathlib import Path
 
 import pytest
 import torch
-
-from retnet_train.components.config import TrainConfig, check_values, checkpointing_mode, data_sources, grad_accumulation
-from retnet_train.components.optim import GuardedAdamW, deepspeed_config, lr_lambda, param_groups
-from retnet_train.model import RetNetConfig, RetNetForCausalLM
 from trainer_helpers import overrides, train
 
+from retnet_train.components.config import (
+    TrainConfig,
+    check_values,
+    checkpointing_mode,
+    data_sources,
+    grad_accumulation,
+)
+from retnet_train.components.optim import GuardedAdamW, deepspeed_config, lr_lambda, param_groups
+from retnet_train.model import RetNetConfig, RetNetForCausalLM
 
-@pytest.mark.parametrize("override,needle", [
-    ("train.max_step=3", "max_step"),
-    ("optim.lr=fast", "optim.lr"),
-    ("deepspeed.zero_stage=7", "deepspeed.zero_stage"),
-    ("model.n_layer=2", "model.n_layer"),
-    ("train.global_batch_tokens=1000", "train.global_batch_tokens"),
-])
+
+@pytest.mark.parametrize(
+    "override,needle",
+    [
+        ("train.max_step=3", "max_step"),
+        ("optim.lr=fast", "optim.lr"),
+        ("deepspeed.zero_stage=7", "deepspeed.zero_stage"),
+        ("model.n_layer=2", "model.n_layer"),
+        ("train.global_batch_tokens=1000", "train.global_batch_tokens"),
+    ],
+)
 def test_bad_override_names_the_key(tmp_path, override, needle):
     args = overrides(tmp_path / "nodata", tmp_path / "run") + [override]
     proc = train(args, nproc=1, check=False, timeout=120)
@@ -24,8 +34,10 @@ def test_bad_override_names_the_key(tmp_path, override, needle):
     assert needle in proc.stderr + proc.stdout
 
 
-@pytest.mark.parametrize("override,key", [("+train.max_step=2", "train.max_step"), ("+wandb.projekt=x", "wandb.projekt"),
-                                          ("+trian.max_steps=2", "trian")])
+@pytest.mark.parametrize(
+    "override,key",
+    [("+train.max_step=2", "train.max_step"), ("+wandb.projekt=x", "wandb.projekt"), ("+trian.max_steps=2", "trian")],
+)
 def test_unknown_plus_key_is_refused_like_a_misspelled_one(tmp_path, override, key):
     """`+key=value` (Hydra's own suggestion for a misspelled key) adds a key nothing reads: refused by
     the CLI's conversion to the typed config, and by the preflight that composes as the CLI does."""
@@ -50,7 +62,7 @@ def test_missing_data_names_the_path(tmp_path):
 def test_derived_values_and_sources():
     cfg = TrainConfig()
     cfg.data.paths, cfg.data.weights = ["/d/web", "/e/web", "/d/code/"], [0.5, 0.3, 0.2]
-    cfg.data.seq_len, cfg.train.micro_batch_size, cfg.train.global_batch_tokens = 8192, 1, 4 * 2 ** 20
+    cfg.data.seq_len, cfg.train.micro_batch_size, cfg.train.global_batch_tokens = 8192, 1, 4 * 2**20
     check_values(cfg)
     assert grad_accumulation(cfg, 8) == 64
     assert data_sources(cfg) == {"web": ("/d/web", 0.5), "web_": ("/e/web", 0.3), "code": ("/d/code/", 0.2)}
@@ -65,8 +77,15 @@ def test_derived_values_and_sources():
 
 
 def test_activation_checkpointing_modes():
-    assert [checkpointing_mode(v) for v in ("True", "false", "selective", "FULL", "none", True, False)] == \
-        ["full", "none", "selective", "full", "none", "full", "none"]
+    assert [checkpointing_mode(v) for v in ("True", "false", "selective", "FULL", "none", True, False)] == [
+        "full",
+        "none",
+        "selective",
+        "full",
+        "none",
+        "full",
+        "none",
+    ]
     with pytest.raises(ValueError, match="train.activation_checkpointing: 'some' is not one of"):
         checkpointing_mode("some", "train.activation_checkpointing")
     cfg = TrainConfig()
@@ -126,8 +145,11 @@ def test_wandb_offline_run_is_continued_after_resume(tmp_path):
     client = torch.load(run_dir / "checkpoints" / "step_00000002" / "mp_rank_00_model_states.pt", weights_only=False)
     run_id = client["train_state"]["wandb_id"]
     assert len(first) == 1 and first[0].endswith(run_id)
-    proc = train(overrides(shards, run_dir, **{"wandb.mode": "offline", "train.max_steps": 4, "checkpoint.interval": 2})
-                 + ["--local_rank=0"], nproc=1)  # as the deepspeed launcher appends it
+    proc = train(
+        overrides(shards, run_dir, **{"wandb.mode": "offline", "train.max_steps": 4, "checkpoint.interval": 2})
+        + ["--local_rank=0"],
+        nproc=1,
+    )  # as the deepspeed launcher appends it
     assert "resumed from" in proc.stdout
     assert "config changed since that checkpoint: train.max_steps: 2 -> 4" in proc.stdout
     runs = sorted(p.name for p in (run_dir / "wandb").glob("offline-run-*"))

@@ -1,5 +1,6 @@
 """The trainer's inputs as a user gets them wrong: each mistake is one error naming the key, file or
 checkpoint, at start, instead of a traceback or a silent default."""
+
 import pytest
 from trainer_helpers import overrides, shards, typed  # noqa: F401 (shards: a fixture)
 
@@ -8,9 +9,16 @@ from retnet_train.preflight import compose_trainer_config
 from retnet_train.trainer import Trainer
 
 
-@pytest.mark.parametrize("section,key,value", [("train", "eval_batches", 0), ("optim", "eps", 0.0),
-                                               ("optim", "weight_decay", -0.1), ("optim", "grad_clip", -1.0),
-                                               ("train", "peak_flops", 0.0)])
+@pytest.mark.parametrize(
+    "section,key,value",
+    [
+        ("train", "eval_batches", 0),
+        ("optim", "eps", 0.0),
+        ("optim", "weight_decay", -0.1),
+        ("optim", "grad_clip", -1.0),
+        ("train", "peak_flops", 0.0),
+    ],
+)
 def test_values_no_run_could_use_name_the_key(section, key, value):
     cfg = TrainConfig()
     cfg.data.paths = ["/d/web"]
@@ -24,10 +32,24 @@ def test_home_in_paths_is_expanded(tmp_path, monkeypatch):
     """The shell leaves `key=~/x` alone (and Hydra needs it quoted): without expansion the run would
     make a directory named `~` in the working directory."""
     monkeypatch.setenv("HOME", str(tmp_path))
-    cfg = typed_config(compose_trainer_config(['run.dir="~/runs/a"', 'checkpoint.dir="~/ck"', 'data.paths=["~/d"]',
-                                               'data.tokenizer="~/t.model"', 'train.resume="~/runs/b"']))
-    assert (cfg.run.dir, cfg.checkpoint.dir, cfg.data.paths, cfg.data.tokenizer, cfg.train.resume) == \
-        (f"{tmp_path}/runs/a", f"{tmp_path}/ck", [f"{tmp_path}/d"], f"{tmp_path}/t.model", f"{tmp_path}/runs/b")
+    cfg = typed_config(
+        compose_trainer_config(
+            [
+                'run.dir="~/runs/a"',
+                'checkpoint.dir="~/ck"',
+                'data.paths=["~/d"]',
+                'data.tokenizer="~/t.model"',
+                'train.resume="~/runs/b"',
+            ]
+        )
+    )
+    assert (cfg.run.dir, cfg.checkpoint.dir, cfg.data.paths, cfg.data.tokenizer, cfg.train.resume) == (
+        f"{tmp_path}/runs/a",
+        f"{tmp_path}/ck",
+        [f"{tmp_path}/d"],
+        f"{tmp_path}/t.model",
+        f"{tmp_path}/runs/b",
+    )
 
 
 def test_missing_tokenizer_names_the_key(shards, tmp_path, process_group):
@@ -50,11 +72,15 @@ def test_resume_into_another_model_or_data_stream_names_the_checkpoint(shards, t
     source = tmp_path / "source"
     Trainer(typed(shards, source, **{"train.max_steps": 1})).train()
     ckpt = source / "checkpoints" / "step_00000001"
-    with pytest.raises(ValueError, match=f"^train.resume: {ckpt} does not load into this model \\(size mismatch for "
-                                         ".*; model settings differ from the checkpoint's: model.d_model: 64 -> 96$"):
+    with pytest.raises(
+        ValueError,
+        match=f"^train.resume: {ckpt} does not load into this model \\(size mismatch for "
+        ".*; model settings differ from the checkpoint's: model.d_model: 64 -> 96$",
+    ):
         Trainer(typed(shards, tmp_path / "a", **{"train.resume": str(source), "model.d_model": 96})).train()
-    with pytest.raises(ValueError, match=f"^train.resume: {ckpt}: data_loader: loader state key 'seq_len' is 64 but "
-                                         "this loader has 32"):
+    with pytest.raises(
+        ValueError, match=f"^train.resume: {ckpt}: data_loader: loader state key 'seq_len' is 64 but this loader has 32"
+    ):
         Trainer(typed(shards, tmp_path / "b", **{"train.resume": str(source), "data.seq_len": 32})).train()
 
 
@@ -68,6 +94,9 @@ def test_a_failing_write_during_training_is_one_error_naming_the_file(shards, tm
         raise OSError(errno.ENOSPC, "No space left on device", str(path))
 
     monkeypatch.setattr(checkpoint.torch, "save", disk_full)  # torch.save: DeepSpeed's files and the RNG's
-    with pytest.raises(TrainingError, match=f"^{tmp_path}/run/checkpoints/step_00000001/mp_rank_00_model_states.pt: "
-                                            "No space left on device at step 1; the last checkpoint is none$"):
+    with pytest.raises(
+        TrainingError,
+        match=f"^{tmp_path}/run/checkpoints/step_00000001/mp_rank_00_model_states.pt: "
+        "No space left on device at step 1; the last checkpoint is none$",
+    ):
         Trainer(typed(shards, tmp_path / "run", **{"train.max_steps": 1})).train()

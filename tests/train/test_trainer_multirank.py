@@ -1,4 +1,5 @@
 """The trainer for real: 2 CPU ranks (gloo) under torchrun driving DeepSpeed ZeRO 0-3."""
+
 import os
 import signal
 import time
@@ -6,16 +7,20 @@ from types import SimpleNamespace
 
 import pytest
 import torch
-
 from trainer_helpers import losses, overrides, records, run_scenarios, shards, start, train  # noqa: F401 (shards: a fixture)
 
 pytestmark = pytest.mark.slow
 
 LONG = {"deepspeed.zero_stage": 2, "train.max_steps": 30}
-NONFINITE = {"train.max_steps": 10, "checkpoint.interval": 1, "checkpoint.keep_last": 10, "optim.warmup_steps": 10,
-             "train.inject_nonfinite_grad_at": "[3]",  # finite loss, infinite gradients
-             "train.inject_nonfinite_at": "[5,6,7]",  # NaN loss
-             "train.max_consecutive_nonfinite": 3}
+NONFINITE = {
+    "train.max_steps": 10,
+    "checkpoint.interval": 1,
+    "checkpoint.keep_last": 10,
+    "optim.warmup_steps": 10,
+    "train.inject_nonfinite_grad_at": "[3]",  # finite loss, infinite gradients
+    "train.inject_nonfinite_at": "[5,6,7]",  # NaN loss
+    "train.max_consecutive_nonfinite": 3,
+}
 
 
 @pytest.fixture(scope="module")
@@ -30,8 +35,10 @@ def runs(shards, tmp_path_factory):
     todo["uninterrupted"] = LONG
     for stage in (0, 2):
         todo[f"nonfinite{stage}"] = {"deepspeed.zero_stage": stage, **NONFINITE}
-    scenarios = [(name, overrides(shards, root / name, **extra), *(["TrainingError"] if "nonfinite" in name else []))
-                 for name, extra in todo.items()]
+    scenarios = [
+        (name, overrides(shards, root / name, **extra), *(["TrainingError"] if "nonfinite" in name else []))
+        for name, extra in todo.items()
+    ]
     outcomes = run_scenarios(scenarios, nproc=2, workdir=root / "launch")
     return {name: (root / name, outcomes[name]) for name in todo}
 
@@ -94,8 +101,14 @@ def interrupted(shards, tmp_path_factory):
     saved_at_stop = (ckpts / f"step_{stopped_at:08d}" / "COMPLETE").exists()
 
     final = train(args)
-    return SimpleNamespace(run_dir=run_dir, killed=killed, preempted_out=preempted_out, stopped_at=stopped_at,
-                           saved_at_stop=saved_at_stop, final_out=final.stdout)
+    return SimpleNamespace(
+        run_dir=run_dir,
+        killed=killed,
+        preempted_out=preempted_out,
+        stopped_at=stopped_at,
+        saved_at_stop=saved_at_stop,
+        final_out=final.stdout,
+    )
 
 
 def test_sigterm_checkpoints_and_resume_is_exact(interrupted, uninterrupted):

@@ -1,5 +1,6 @@
 """Which checkpoint a run resumes from, what it refuses to clobber, and the small stateful parts
 (fault tracker, preemption signals) - without launching a trainer."""
+
 import os
 import signal
 
@@ -135,8 +136,9 @@ def test_cli_prints_a_training_error_and_exits_1(monkeypatch, capsys):
     assert "error: 3 consecutive steps with non-finite loss or gradients" in capsys.readouterr().err
 
 
-@pytest.mark.parametrize("outcome,status", [({"preempted": True}, 75), ({"preempted": False}, 0),
-                                            (KeyboardInterrupt(), 130)])
+@pytest.mark.parametrize(
+    "outcome,status", [({"preempted": True}, 75), ({"preempted": False}, 0), (KeyboardInterrupt(), 130)]
+)
 def test_cli_exit_status_tells_a_stop_on_a_signal_from_the_end(monkeypatch, tmp_path, outcome, status):
     """75 (stopped by SIGTERM / SIGUSR1 after saving: run again), 0 (finished) or 130 (Ctrl-C), also
     written where a launcher asks for it (torchrun itself ends with 1 for any failed worker)."""

@@ -1,11 +1,11 @@
 """Resume on another world size (2 ranks -> 1 and 1 -> 2, gloo, fp32) under ZeRO 0-3, and the rules
 of components/reshard.py (what is converted, what is refused)."""
+
 import os
 from types import SimpleNamespace
 
 import pytest
 import torch
-
 from trainer_helpers import losses, overrides, records, run_scenarios, shards  # noqa: F401 (shards: a fixture)
 
 from retnet_train.components.checkpoint_discovery import model_states_file
@@ -23,9 +23,19 @@ REFUSED = {"deepspeed.zero_stage": {"deepspeed.zero_stage": 3}, "deepspeed.preci
 
 def run_args(shards, run_dir, stage, **extra):
     # warm-up over 3 steps then linear decay: the LR of steps 3 and 4 differs from a restarted schedule
-    return overrides(shards, run_dir, **{"deepspeed.zero_stage": stage, "train.max_steps": STEPS,
-                                         "checkpoint.interval": AT, "checkpoint.keep_last": 5,
-                                         "optim.warmup_steps": 3, "optim.decay": "linear", **extra})
+    return overrides(
+        shards,
+        run_dir,
+        **{
+            "deepspeed.zero_stage": stage,
+            "train.max_steps": STEPS,
+            "checkpoint.interval": AT,
+            "checkpoint.keep_last": 5,
+            "optim.warmup_steps": 3,
+            "optim.decay": "linear",
+            **extra,
+        },
+    )
 
 
 def tag_dir(run_dir, step):
@@ -70,19 +80,32 @@ def runs(shards, tmp_path_factory):
         return name, run_args(shards, root / name, stage, **{"train.resume": str(source)})
 
     outcomes = run_scenarios([fresh(s, 1) for s in STAGES], nproc=1, workdir=root / "launch1")
-    outcomes |= run_scenarios([fresh(s, 2) for s in STAGES] + [resume(s, 1, 2) for s in STAGES],
-                              nproc=2, workdir=root / "launch2")
+    outcomes |= run_scenarios(
+        [fresh(s, 2) for s in STAGES] + [resume(s, 1, 2) for s in STAGES], nproc=2, workdir=root / "launch2"
+    )
     z1_source = str(tag_dir(ref[1, 2], AT))
     last = [resume(s, 2, 1) for s in STAGES]
     last.append(("z1_to_z2", run_args(shards, root / "z1_to_z2", 2, **{"train.resume": z1_source})))
-    last += [(f"refused_{key}", run_args(shards, root / f"refused_{key}", 1, **{"train.resume": z1_source, **change}),
-              "ValueError") for key, change in REFUSED.items()]
+    last += [
+        (
+            f"refused_{key}",
+            run_args(shards, root / f"refused_{key}", 1, **{"train.resume": z1_source, **change}),
+            "ValueError",
+        )
+        for key, change in REFUSED.items()
+    ]
     outcomes |= run_scenarios(last, nproc=1, workdir=root / "launch3")
 
-    resumed = {key: (root / f"z{key[0]}_{key[1]}to{key[2]}", outcomes[f"z{key[0]}_{key[1]}to{key[2]}"], stamps)
-               for key, stamps in before.items()}
-    return SimpleNamespace(ref=ref, resumed=resumed, z1_to_z2=(root / "z1_to_z2", outcomes["z1_to_z2"]),
-                           refused={key: outcomes[f"refused_{key}"] for key in REFUSED})
+    resumed = {
+        key: (root / f"z{key[0]}_{key[1]}to{key[2]}", outcomes[f"z{key[0]}_{key[1]}to{key[2]}"], stamps)
+        for key, stamps in before.items()
+    }
+    return SimpleNamespace(
+        ref=ref,
+        resumed=resumed,
+        z1_to_z2=(root / "z1_to_z2", outcomes["z1_to_z2"]),
+        refused={key: outcomes[f"refused_{key}"] for key in REFUSED},
+    )
 
 
 def adam_moments(tag):
@@ -113,7 +136,9 @@ def test_resume_on_another_world_size_continues_the_run(runs, stage, saved, resu
     source = tag_dir(ref, AT)
     run_dir, outcome, before = runs.resumed[stage, saved, resumed]
     # the layout is our own record in the client state, not the fallback to DeepSpeed's keys
-    client = torch.load(model_states_file(str(source)), map_location="cpu", weights_only=False)  # ZeRO-3 names it differently
+    client = torch.load(
+        model_states_file(str(source)), map_location="cpu", weights_only=False
+    )  # ZeRO-3 names it differently
     assert client["layout"] == {"world_size": saved, "zero_stage": stage, "precision": "fp32"}
 
     out = outcome.stdout
@@ -139,10 +164,14 @@ def test_resume_on_another_world_size_continues_the_run(runs, stage, saved, resu
 
     # Adam's moments were restored, not restarted: compare them after the last step, and check the
     # comparison would see fresh moments (they would lack beta^2 * the moments at the checkpoint).
-    final, final_ref, at_ckpt = adam_moments(tag_dir(run_dir, STEPS)), adam_moments(tag_dir(ref, STEPS)), adam_moments(source)
+    final, final_ref, at_ckpt = (
+        adam_moments(tag_dir(run_dir, STEPS)),
+        adam_moments(tag_dir(ref, STEPS)),
+        adam_moments(source),
+    )
     for key, beta in zip(("exp_avg", "exp_avg_sq"), BETAS):
         assert rel(final[key], final_ref[key]) <= MOMENT_RTOL, key
-        assert (beta ** 2) * at_ckpt[key].norm() / final_ref[key].norm() > 1000 * MOMENT_RTOL, key
+        assert (beta**2) * at_ckpt[key].norm() / final_ref[key].norm() > 1000 * MOMENT_RTOL, key
 
 
 @pytest.mark.slow
@@ -169,6 +198,7 @@ def test_what_cannot_be_resumed_is_refused_naming_path_and_key(runs, key):
 
 # ---- the rules, without training ----------------------------------------------------------------
 
+
 def fake_checkpoint(tmp_path, name="step_00000002", **layout):
     tag = tmp_path / name
     tag.mkdir()
@@ -180,14 +210,17 @@ def L(world, stage, precision="fp32"):
     return {"world_size": world, "zero_stage": stage, "precision": precision}
 
 
-@pytest.mark.parametrize("saved,current,universal", [
-    (L(2, 0), L(1, 0), False),  # ZeRO 0: full optimizer state, any world size
-    (L(2, 1), L(2, 1), False),  # same layout: DeepSpeed's own shards
-    (L(2, 1), L(1, 1), True),
-    (L(1, 3), L(4, 3), True),
-    (L(2, 1), L(2, 2), True),  # ZeRO 1 <-> 2
-    (L(2, 2, "bf16"), L(2, 2, "fp32"), False),  # precision at the same layout: DeepSpeed's business, as before
-])
+@pytest.mark.parametrize(
+    "saved,current,universal",
+    [
+        (L(2, 0), L(1, 0), False),  # ZeRO 0: full optimizer state, any world size
+        (L(2, 1), L(2, 1), False),  # same layout: DeepSpeed's own shards
+        (L(2, 1), L(1, 1), True),
+        (L(1, 3), L(4, 3), True),
+        (L(2, 1), L(2, 2), True),  # ZeRO 1 <-> 2
+        (L(2, 2, "bf16"), L(2, 2, "fp32"), False),  # precision at the same layout: DeepSpeed's business, as before
+    ],
+)
 def test_plan(tmp_path, saved, current, universal):
     tag = fake_checkpoint(tmp_path, **saved)
     p = plan(str(tmp_path), tag.name, current)
@@ -195,13 +228,16 @@ def test_plan(tmp_path, saved, current, universal):
     assert p.load_args == ((str(tag), UNIVERSAL) if universal else (str(tmp_path), tag.name))
 
 
-@pytest.mark.parametrize("saved,current,key", [
-    (L(2, 0), L(2, 1), "deepspeed.zero_stage=0"),
-    (L(2, 1), L(2, 3), "deepspeed.zero_stage=1"),
-    (L(2, 3), L(1, 2), "deepspeed.zero_stage=3"),
-    (L(2, 1, "bf16"), L(1, 1, "fp32"), "deepspeed.precision=bf16"),
-    (L(2, 0, "fp32"), L(2, 0, "bf16"), "deepspeed.precision=fp32"),
-])
+@pytest.mark.parametrize(
+    "saved,current,key",
+    [
+        (L(2, 0), L(2, 1), "deepspeed.zero_stage=0"),
+        (L(2, 1), L(2, 3), "deepspeed.zero_stage=1"),
+        (L(2, 3), L(1, 2), "deepspeed.zero_stage=3"),
+        (L(2, 1, "bf16"), L(1, 1, "fp32"), "deepspeed.precision=bf16"),
+        (L(2, 0, "fp32"), L(2, 0, "bf16"), "deepspeed.precision=fp32"),
+    ],
+)
 def test_plan_refuses(tmp_path, saved, current, key):
     tag = fake_checkpoint(tmp_path, **saved)
     with pytest.raises(ValueError) as e:
@@ -212,7 +248,13 @@ def test_plan_refuses(tmp_path, saved, current, key):
 def test_layout_of_a_checkpoint_without_ours_comes_from_deepspeed(tmp_path):
     tag = tmp_path / "step_00000001"
     tag.mkdir()
-    torch.save({"module": {}, "dp_world_size": 4, "mp_world_size": 1,
-                "ds_config": {"bf16": {"enabled": True}, "zero_optimization": {"stage": 2}}},
-               tag / "mp_rank_00_model_states.pt")
+    torch.save(
+        {
+            "module": {},
+            "dp_world_size": 4,
+            "mp_world_size": 1,
+            "ds_config": {"bf16": {"enabled": True}, "zero_optimization": {"stage": 2}},
+        },
+        tag / "mp_rank_00_model_states.pt",
+    )
     assert checkpoint_layout(str(tag)) == L(4, 2, "bf16")

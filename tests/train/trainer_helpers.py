@@ -1,5 +1,6 @@
 """Run the real trainer (python -m retnet_train.train, under torchrun for 2 ranks) on tiny data:
 one run per launch (train, start), or several runs per launch (run_scenarios)."""
+
 from __future__ import annotations
 
 import json
@@ -47,9 +48,21 @@ def short_run(tmp_path_factory):
     Registered in conftest.py, so that both modules get the same run."""
     root = tmp_path_factory.mktemp("short_run")
     run = root / "run"
-    proc = train(overrides(make_shards(root / "shards"), run, **{
-        "train.max_steps": 3, "train.activation_checkpointing": "selective", "checkpoint.save_at_end": "false",
-        "profile.enabled": "true", "profile.start_step": 2, "profile.steps": 2}), nproc=1)
+    proc = train(
+        overrides(
+            make_shards(root / "shards"),
+            run,
+            **{
+                "train.max_steps": 3,
+                "train.activation_checkpointing": "selective",
+                "checkpoint.save_at_end": "false",
+                "profile.enabled": "true",
+                "profile.start_step": 2,
+                "profile.steps": 2,
+            },
+        ),
+        nproc=1,
+    )
     return run, proc
 
 
@@ -75,14 +88,31 @@ def typed(data_dir: Path, run_dir: Path, **extra):
 
 def overrides(data_dir: Path, run_dir: Path, **extra) -> list:
     base = {
-        "model": "tiny", "model.vocab_size": VOCAB, "model.d_model": 64, "model.n_layers": 2, "model.n_heads": 2,
-        "model.ffn_dim": 128, "model.chunk_size": 16,
-        "data.paths": f"[{data_dir}]", "data.tokenizer": "null", "data.seq_len": 64,
-        "train.micro_batch_size": 2, "train.global_batch_tokens": 256, "train.max_steps": 6, "train.device": "cpu",
-        "train.log_interval": 1, "train.eval_interval": 1000, "train.eval_batches": 2,
-        "optim.lr": 3e-3, "optim.warmup_steps": 2, "optim.decay": "constant",
-        "deepspeed.precision": "fp32", "deepspeed.zero_stage": 0,
-        "checkpoint.interval": 1000, "checkpoint.keep_last": 2, "run.dir": str(run_dir),
+        "model": "tiny",
+        "model.vocab_size": VOCAB,
+        "model.d_model": 64,
+        "model.n_layers": 2,
+        "model.n_heads": 2,
+        "model.ffn_dim": 128,
+        "model.chunk_size": 16,
+        "data.paths": f"[{data_dir}]",
+        "data.tokenizer": "null",
+        "data.seq_len": 64,
+        "train.micro_batch_size": 2,
+        "train.global_batch_tokens": 256,
+        "train.max_steps": 6,
+        "train.device": "cpu",
+        "train.log_interval": 1,
+        "train.eval_interval": 1000,
+        "train.eval_batches": 2,
+        "optim.lr": 3e-3,
+        "optim.warmup_steps": 2,
+        "optim.decay": "constant",
+        "deepspeed.precision": "fp32",
+        "deepspeed.zero_stage": 0,
+        "checkpoint.interval": 1000,
+        "checkpoint.keep_last": 2,
+        "run.dir": str(run_dir),
     }
     base.update(extra)
     return [f"{k}={v}" for k, v in base.items()]
@@ -100,8 +130,16 @@ def env() -> dict:
 def command(args: list, nproc: int) -> list:
     if nproc == 1:
         return [sys.executable, "-m", "retnet_train.train", *args]
-    return [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}",
-            "-m", "retnet_train.train", *args]
+    return [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--standalone",
+        f"--nproc_per_node={nproc}",
+        "-m",
+        "retnet_train.train",
+        *args,
+    ]
 
 
 def train(args: list, nproc: int = 2, check: bool = True, timeout: int = 240) -> subprocess.CompletedProcess:
@@ -112,8 +150,15 @@ def train(args: list, nproc: int = 2, check: bool = True, timeout: int = 240) ->
 
 
 def start(args: list, nproc: int = 2) -> subprocess.Popen:
-    return subprocess.Popen(command(args, nproc), cwd=REPO, env=env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-                            text=True, start_new_session=True)
+    return subprocess.Popen(
+        command(args, nproc),
+        cwd=REPO,
+        env=env(),
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+        start_new_session=True,
+    )
 
 
 def losses(run_dir: Path) -> dict:
@@ -134,6 +179,7 @@ def records(run_dir: Path) -> list:
 @dataclass
 class Outcome:
     """One run of run_scenarios: rank 0's output, and the exception the run raised, if any."""
+
     stdout: str
     stderr: str
     error: Optional[str]  # exception type name
@@ -148,26 +194,54 @@ def run_scenarios(scenarios: list, nproc: int, workdir: Path, timeout: int = 600
     from its overrides as the CLI composes them and goes through retnet_train.train.run, which the
     CLI calls. scenarios: [(name, args)] or [(name, args, expected exception type name)]; returns
     {name: Outcome}. A run that raises what it does not expect fails the launch (AssertionError)."""
-    spec = [{"name": name, "args": args, "out": str(workdir / "scenarios" / name),
-             "expect_error": expect[0] if expect else None} for name, args, *expect in scenarios]
+    spec = [
+        {
+            "name": name,
+            "args": args,
+            "out": str(workdir / "scenarios" / name),
+            "expect_error": expect[0] if expect else None,
+        }
+        for name, args, *expect in scenarios
+    ]
     workdir.mkdir(parents=True, exist_ok=True)
     spec_file = workdir / "scenarios.json"
     spec_file.write_text(json.dumps(spec))
     script = str(Path(__file__).resolve().parent / "run_scenarios.py")
-    cmd = [sys.executable, script, str(spec_file)] if nproc == 1 else \
-        [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}", script, str(spec_file)]
+    cmd = (
+        [sys.executable, script, str(spec_file)]
+        if nproc == 1
+        else [
+            sys.executable,
+            "-m",
+            "torch.distributed.run",
+            "--standalone",
+            f"--nproc_per_node={nproc}",
+            script,
+            str(spec_file),
+        ]
+    )
     # the script's own directory comes first on its sys.path: this checkout's package next
     run_env = {**env(), "PYTHONPATH": os.pathsep.join(p for p in (str(REPO), os.environ.get("PYTHONPATH")) if p)}
     proc = subprocess.run(cmd, cwd=REPO, env=run_env, capture_output=True, text=True, timeout=timeout)
     if proc.returncode != 0:
-        failed = [p for p in sorted((workdir / "scenarios").glob("*/rank*.stderr"))
-                  if not p.with_suffix(".json").exists() or "error" in json.loads(p.with_suffix(".json").read_text())]
+        failed = [
+            p
+            for p in sorted((workdir / "scenarios").glob("*/rank*.stderr"))
+            if not p.with_suffix(".json").exists() or "error" in json.loads(p.with_suffix(".json").read_text())
+        ]
         logs = "".join(f"\n--- {p}:\n{p.read_text()[-4000:]}" for p in failed)
-        raise AssertionError(f"scenario launch failed ({proc.returncode}):\n{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}{logs}")
+        raise AssertionError(
+            f"scenario launch failed ({proc.returncode}):\n{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}{logs}"
+        )
     out = {}
     for s in spec:
         d = Path(s["out"])
         result = json.loads((d / "rank0.json").read_text())
-        out[s["name"]] = Outcome((d / "rank0.stdout").read_text(), (d / "rank0.stderr").read_text(), result.get("error"),
-                                 result.get("message", ""), result.get("summary"))
+        out[s["name"]] = Outcome(
+            (d / "rank0.stdout").read_text(),
+            (d / "rank0.stderr").read_text(),
+            result.get("error"),
+            result.get("message", ""),
+            result.get("summary"),
+        )
     return out

@@ -1,5 +1,6 @@
 """The checks of the model: saved activations measured on CPU, and its predictions for the measured
 1- and 2-GPU runs (docs/scaling.md, "Checked against measurements")."""
+
 from __future__ import annotations
 
 from dataclasses import replace
@@ -8,8 +9,7 @@ from .estimate import estimate
 from .settings import DeepSpeedSettings, GiB, Hardware, load_preset
 
 
-def measure_saved_activation_bytes(cfg, micro_batch: int, seq_len: int, checkpointing="none",
-                                   seed: int = 0) -> int:
+def measure_saved_activation_bytes(cfg, micro_batch: int, seq_len: int, checkpointing="none", seed: int = 0) -> int:
     """Bytes of the distinct tensors autograd saves during one training forward (chunked loss),
     counted once per storage, parameters excluded: torch.autograd.graph.saved_tensors_hooks."""
     import torch
@@ -48,18 +48,69 @@ def measured_bytes_per_token_per_layer(cfg, micro_batch: int, seq_len: int, chec
 # measured: peak GiB of bench/train_throughput.py (DeepSpeed's own bucket defaults, micro-batch 1,
 # no accumulation; device and date in docs/scaling.md); None where no such run was measured.
 MEASURED_RUNS = (
-    dict(run="1.3B RetNet, ZeRO-0, 1x H100, eager", preset="1.3b", gpus=1, zero=0, ac=False, mem=79.2,
-         measured=None, note=""),
-    dict(run="1.3B RetNet, ZeRO-0, 1x H100, --compile", preset="1.3b", gpus=1, zero=0, ac=False, mem=79.2,
-         measured=32.36, note="compile saves fewer tensors (not modeled)"),
-    dict(run="1.3B RetNet, ZeRO-1, 1x H100, --compile", preset="1.3b", gpus=1, zero=1, ac=False, mem=79.2,
-         measured=33.04, note="H100, 2026-11-23"),
-    dict(run="1.3B Transformer, ZeRO-0, 1x H100, eager", preset="transformer_1.3b", gpus=1, zero=0, ac=False, mem=79.2,
-         measured=32.26, note="H100, 2026-11-23"),
-    dict(run="1.3B RetNet, ZeRO-2, 2x H200", preset="1.3b", gpus=2, zero=2, ac=False, mem=139.8, measured=None, note=""),
-    dict(run="6.7B RetNet, ZeRO-3, 2x H200, AC", preset="6.7b", gpus=2, zero=3, ac=True, mem=139.8, measured=None,
-         note="experiment retnet_6.7b_8k"),
-    dict(run="6.7B RetNet, ZeRO-3, 2x H200, no AC", preset="6.7b", gpus=2, zero=3, ac=False, mem=139.8, measured=None, note=""),
+    dict(
+        run="1.3B RetNet, ZeRO-0, 1x H100, eager",
+        preset="1.3b",
+        gpus=1,
+        zero=0,
+        ac=False,
+        mem=79.2,
+        measured=None,
+        note="",
+    ),
+    dict(
+        run="1.3B RetNet, ZeRO-0, 1x H100, --compile",
+        preset="1.3b",
+        gpus=1,
+        zero=0,
+        ac=False,
+        mem=79.2,
+        measured=32.36,
+        note="compile saves fewer tensors (not modeled)",
+    ),
+    dict(
+        run="1.3B RetNet, ZeRO-1, 1x H100, --compile",
+        preset="1.3b",
+        gpus=1,
+        zero=1,
+        ac=False,
+        mem=79.2,
+        measured=33.04,
+        note="H100, 2026-11-23",
+    ),
+    dict(
+        run="1.3B Transformer, ZeRO-0, 1x H100, eager",
+        preset="transformer_1.3b",
+        gpus=1,
+        zero=0,
+        ac=False,
+        mem=79.2,
+        measured=32.26,
+        note="H100, 2026-11-23",
+    ),
+    dict(
+        run="1.3B RetNet, ZeRO-2, 2x H200", preset="1.3b", gpus=2, zero=2, ac=False, mem=139.8, measured=None, note=""
+    ),
+    dict(
+        run="6.7B RetNet, ZeRO-3, 2x H200, AC",
+        preset="6.7b",
+        gpus=2,
+        zero=3,
+        ac=True,
+        mem=139.8,
+        measured=None,
+        note="experiment retnet_6.7b_8k",
+    ),
+    dict(
+        run="6.7B RetNet, ZeRO-3, 2x H200, no AC",
+        preset="6.7b",
+        gpus=2,
+        zero=3,
+        ac=False,
+        mem=139.8,
+        measured=None,
+        note="",
+    ),
 )
 
 
@@ -71,18 +122,32 @@ def measured_run_predictions(hw: Hardware = Hardware()) -> list:
     for run in MEASURED_RUNS:
         cfg = load_preset(run["preset"])
         h = replace(hw, memory_gib=run["mem"])
-        bench = estimate(cfg, run["gpus"], 8192, 1, run["zero"], run["ac"], ds=DeepSpeedSettings.library_defaults(run["zero"]),
-                         hw=h, grad_accum=1)
-        trainer = estimate(cfg, run["gpus"], 8192, 1, run["zero"], run["ac"], ds=DeepSpeedSettings.trainer(), hw=h) \
-            if run["gpus"] > 1 else None
+        bench = estimate(
+            cfg,
+            run["gpus"],
+            8192,
+            1,
+            run["zero"],
+            run["ac"],
+            ds=DeepSpeedSettings.library_defaults(run["zero"]),
+            hw=h,
+            grad_accum=1,
+        )
+        trainer = (
+            estimate(cfg, run["gpus"], 8192, 1, run["zero"], run["ac"], ds=DeepSpeedSettings.trainer(), hw=h)
+            if run["gpus"] > 1
+            else None
+        )
         rows.append({**run, "bench": bench, "trainer": trainer})
     return rows
 
 
 def measured_runs_markdown(hw: Hardware = Hardware()) -> str:
-    out = ["| run | measured peak GiB | predicted peak GiB (phase) | resident | peak - resident | comm per micro-batch "
-           "| s per micro-batch | tokens/s/GPU | note |",
-           "|---|---|---|---|---|---|---|---|---|"]
+    out = [
+        "| run | measured peak GiB | predicted peak GiB (phase) | resident | peak - resident | comm per micro-batch "
+        "| s per micro-batch | tokens/s/GPU | note |",
+        "|---|---|---|---|---|---|---|---|---|",
+    ]
     for row in measured_run_predictions(hw):
         for label, r in (("bench", row["bench"]), ("trainer", row["trainer"])):
             if r is None:
@@ -91,8 +156,10 @@ def measured_runs_markdown(hw: Hardware = Hardware()) -> str:
             meas = f"{row['measured']:.2f}" if (row["measured"] is not None and label == "bench") else "_todo_"
             a = r["grad_accum"]
             comm = f"{c['bytes'] / a / 1e9:.1f} GB, {c['seconds'] / a * 1e3:.0f} ms" if c["bytes"] else "-"
-            out.append(f"| {row['run']} ({label}{', accum ' + str(a) if label == 'trainer' else ''}) | {meas} | "
-                       f"{m['peak'] / GiB:.1f} ({m['peak_phase']}) | {m['resident'] / GiB:.1f} | "
-                       f"{(m['peak'] - m['resident']) / GiB:.1f} | {comm} | {r['step_seconds'] / a:.3f} | "
-                       f"{r['tokens_per_s_per_gpu']:,.0f} | {row['note']} |")
+            out.append(
+                f"| {row['run']} ({label}{', accum ' + str(a) if label == 'trainer' else ''}) | {meas} | "
+                f"{m['peak'] / GiB:.1f} ({m['peak_phase']}) | {m['resident'] / GiB:.1f} | "
+                f"{(m['peak'] - m['resident']) / GiB:.1f} | {comm} | {r['step_seconds'] / a:.3f} | "
+                f"{r['tokens_per_s_per_gpu']:,.0f} | {row['note']} |"
+            )
     return "\n".join(out)

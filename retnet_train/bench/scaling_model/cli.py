@@ -14,6 +14,7 @@ Not modeled: allocator fragmentation and caching (measured peaks are `max_memory
 excludes them), CUDA/NCCL context (~0.5-1 GiB per process, outside torch's counters), torch.compile
 (fuses elementwise ops and saves fewer tensors than eager; docs/scaling.md compares).
 """
+
 from __future__ import annotations
 
 import argparse
@@ -23,7 +24,7 @@ from dataclasses import replace
 from .checks import measured_bytes_per_token_per_layer, measured_runs_markdown
 from .estimate import estimate
 from .memory import CHECKPOINTING, _is_retnet, activation_bytes_per_token_per_layer
-from .settings import DeepSpeedSettings, FP32, GLOBAL_BATCH_TOKENS, GiB, Hardware, load_preset
+from .settings import FP32, GLOBAL_BATCH_TOKENS, DeepSpeedSettings, GiB, Hardware, load_preset
 
 
 def _fmt_gib(x: float) -> str:
@@ -33,22 +34,44 @@ def _fmt_gib(x: float) -> str:
 def summary_lines(r: dict) -> list:
     m, c = r["memory"], r["comm"]
     ac = r["activation_checkpointing"]
-    lines = [f"{r['model']} {r['params'] / 1e9:.2f}B params | {r['gpus']} GPUs (dp {r['data_parallel']}, cp {r['context_parallel']}) | "
-             f"ZeRO-{r['zero_stage']} | seq {r['seq_len']} mb {r['micro_batch']} accum {r['grad_accum']} | "
-             f"activation checkpointing {ac} | {r['tokens_per_step']:,} tokens/step",
-             "memory per GPU (GiB):"]
-    for k in ("params", "grads", "master", "optimizer", "grads_held_during_backward", "reduce_buckets",
-              "zero3_gathered", "activations", "backward_working", "loss_transient", "step_fp32_grads"):
+    lines = [
+        f"{r['model']} {r['params'] / 1e9:.2f}B params | {r['gpus']} GPUs "
+        f"(dp {r['data_parallel']}, cp {r['context_parallel']}) | "
+        f"ZeRO-{r['zero_stage']} | seq {r['seq_len']} mb {r['micro_batch']} accum {r['grad_accum']} | "
+        f"activation checkpointing {ac} | {r['tokens_per_step']:,} tokens/step",
+        "memory per GPU (GiB):",
+    ]
+    for k in (
+        "params",
+        "grads",
+        "master",
+        "optimizer",
+        "grads_held_during_backward",
+        "reduce_buckets",
+        "zero3_gathered",
+        "activations",
+        "backward_working",
+        "loss_transient",
+        "step_fp32_grads",
+    ):
         lines.append(f"  {k:28s} {_fmt_gib(m[k]):>8s}")
-    lines.append(f"  {'PEAK (' + m['peak_phase'] + ')':28s} {_fmt_gib(m['peak']):>8s}   "
-                 + ", ".join(f"{k} {_fmt_gib(v)}" for k, v in m["peaks"].items()))
+    lines.append(
+        f"  {'PEAK (' + m['peak_phase'] + ')':28s} {_fmt_gib(m['peak']):>8s}   "
+        + ", ".join(f"{k} {_fmt_gib(v)}" for k, v in m["peaks"].items())
+    )
     lines.append(f"communication per GPU per step (bus bandwidth {c['bus_bandwidth_gbyte_s']:.0f} GB/s):")
     for op in c["ops"]:
-        lines.append(f"  {op['name']:30s} {op['bytes'] / 1e9:9.2f} GB {op['seconds']:8.3f} s  (hides behind: {op['overlaps']})")
-    lines.append(f"  total {c['bytes'] / 1e9:.2f} GB, {c['seconds']:.3f} s; exposed after overlap {c['exposed_seconds']:.3f} s")
-    lines.append(f"compute {r['compute']['seconds']:.3f} s/step at {r['compute']['utilization']:.0%} of peak; "
-                 f"step {r['step_seconds']:.3f} s (no overlap {r['step_seconds_no_overlap']:.3f} s), "
-                 f"{r['tokens_per_s_per_gpu']:,.0f} tokens/s/GPU; fits in {r['hardware']['memory_gib']} GiB: {r['fits']}")
+        lines.append(
+            f"  {op['name']:30s} {op['bytes'] / 1e9:9.2f} GB {op['seconds']:8.3f} s  (hides behind: {op['overlaps']})"
+        )
+    lines.append(
+        f"  total {c['bytes'] / 1e9:.2f} GB, {c['seconds']:.3f} s; exposed after overlap {c['exposed_seconds']:.3f} s"
+    )
+    lines.append(
+        f"compute {r['compute']['seconds']:.3f} s/step at {r['compute']['utilization']:.0%} of peak; "
+        f"step {r['step_seconds']:.3f} s (no overlap {r['step_seconds_no_overlap']:.3f} s), "
+        f"{r['tokens_per_s_per_gpu']:,.0f} tokens/s/GPU; fits in {r['hardware']['memory_gib']} GiB: {r['fits']}"
+    )
     return lines
 
 
@@ -62,10 +85,17 @@ def markdown_tables(seq_len: int = 8192, micro_batch: int = 1, hw: Hardware = Ha
     for arch in ("retnet", "transformer"):
         out.append(f"### Peak memory per GPU, GiB ({arch}, seq {seq_len}, micro-batch {micro_batch}, 4M-token batch)\n")
         modes = ("none", "selective", "full") if arch == "retnet" else ("none", "full")
-        out.append("Cells: ZeRO-0 / 1 / 2 / 3 for each activation-checkpointing mode (`train.activation_checkpointing`). "
-                   "Accumulation steps = 512 / GPUs.\n")
-        out.append("| size | params | GPUs | " + " | ".join(f"{m}: Z0 / Z1 / Z2 / Z3" for m in modes)
-                   + " | activations " + " / ".join(modes) + " |")
+        out.append(
+            "Cells: ZeRO-0 / 1 / 2 / 3 for each activation-checkpointing mode (`train.activation_checkpointing`). "
+            "Accumulation steps = 512 / GPUs.\n"
+        )
+        out.append(
+            "| size | params | GPUs | "
+            + " | ".join(f"{m}: Z0 / Z1 / Z2 / Z3" for m in modes)
+            + " | activations "
+            + " / ".join(modes)
+            + " |"
+        )
         out.append("|---|---|---|" + "---|" * (len(modes) + 1))
         for size in SIZES:
             cfg = load_preset(size if arch == "retnet" else f"transformer_{size}")
@@ -75,24 +105,38 @@ def markdown_tables(seq_len: int = 8192, micro_batch: int = 1, hw: Hardware = Ha
                     rs = [estimate(cfg, n, seq_len, micro_batch, z, ac, hw=hw) for z in (0, 1, 2, 3)]
                     cells.append(" / ".join(_fmt_gib(r["memory"]["peak"]) for r in rs))
                     acts.append(_fmt_gib(rs[0]["memory"]["activations"]))
-                out.append(f"| {size} | {rs[0]['params'] / 1e9:.2f}B | {n} | " + " | ".join(cells) + f" | {' / '.join(acts)} |")
+                out.append(
+                    f"| {size} | {rs[0]['params'] / 1e9:.2f}B | {n} | " + " | ".join(cells) + f" | {' / '.join(acts)} |"
+                )
         out.append("")
-    out.append(f"### Communication per GPU per optimizer step (RetNet, seq {seq_len}, micro-batch {micro_batch}, 4M tokens)\n")
-    out.append(f"GB sent per GPU / seconds at {hw.ib_gbit_per_gpu:.0f} Gb/s x {hw.efficiency} per GPU; compute at "
-               f"{hw.utilization:.0%} of {hw.peak_flops / 1e12:.0f} TFLOP/s, no activation checkpointing "
-               "(AC adds 1/3 to compute, nothing to communication).\n")
-    out.append("| size | GPUs | accum | compute s | Z0/Z1 GB, s | Z2 GB, s | Z3 GB, s | exposed comm s Z0 / Z1 / Z2 / Z3 "
-               "| Z3 comm / compute |")
+    out.append(
+        f"### Communication per GPU per optimizer step (RetNet, seq {seq_len}, micro-batch {micro_batch}, 4M tokens)\n"
+    )
+    out.append(
+        f"GB sent per GPU / seconds at {hw.ib_gbit_per_gpu:.0f} Gb/s x {hw.efficiency} per GPU; compute at "
+        f"{hw.utilization:.0%} of {hw.peak_flops / 1e12:.0f} TFLOP/s, no activation checkpointing "
+        "(AC adds 1/3 to compute, nothing to communication).\n"
+    )
+    out.append(
+        "| size | GPUs | accum | compute s | Z0/Z1 GB, s | Z2 GB, s | Z3 GB, s | exposed comm s Z0 / Z1 / Z2 / Z3 "
+        "| Z3 comm / compute |"
+    )
     out.append("|---|---|---|---|---|---|---|---|---|")
     for size in SIZES:
         cfg = load_preset(size)
         for n in GPU_COUNTS:
             rs = [estimate(cfg, n, seq_len, micro_batch, z, False, hw=hw) for z in (0, 1, 2, 3)]
+
             def gs(r):
                 return f"{r['comm']['bytes'] / 1e9:.1f}, {r['comm']['seconds']:.2f}"
-            out.append(f"| {size} | {n} | {rs[0]['grad_accum']} | {rs[0]['compute']['seconds']:.2f} | {gs(rs[1])} | {gs(rs[2])} | "
-                       f"{gs(rs[3])} | " + " / ".join(f"{r['comm']['exposed_seconds']:.2f}" for r in rs)
-                       + f" | {rs[3]['comm']['seconds'] / rs[3]['compute']['seconds']:.2f} |")
+
+            out.append(
+                f"| {size} | {n} | {rs[0]['grad_accum']} | {rs[0]['compute']['seconds']:.2f} | "
+                f"{gs(rs[1])} | {gs(rs[2])} | "
+                f"{gs(rs[3])} | "
+                + " / ".join(f"{r['comm']['exposed_seconds']:.2f}" for r in rs)
+                + f" | {rs[3]['comm']['seconds'] / rs[3]['compute']['seconds']:.2f} |"
+            )
     return "\n".join(out)
 
 
@@ -103,14 +147,28 @@ def main(argv=None):
     p.add_argument("--seq-len", type=int, default=8192)
     p.add_argument("--micro-batch", type=int, default=1)
     p.add_argument("--zero-stage", type=int, choices=[0, 1, 2, 3], default=None, help="default: all four")
-    p.add_argument("--activation-checkpointing", nargs="?", const="full", default="none", choices=CHECKPOINTING,
-                   help="none | selective (RetNet's retention core) | full (every block); bare flag: full")
+    p.add_argument(
+        "--activation-checkpointing",
+        nargs="?",
+        const="full",
+        default="none",
+        choices=CHECKPOINTING,
+        help="none | selective (RetNet's retention core) | full (every block); bare flag: full",
+    )
     p.add_argument("--context-parallel", type=int, default=1, metavar="P")
     p.add_argument("--global-batch-tokens", type=int, default=GLOBAL_BATCH_TOKENS)
-    p.add_argument("--grad-accum", type=int, default=None, help="default: global batch / (micro-batch * seq * data-parallel)")
-    p.add_argument("--backend", choices=["fla", "torch"], default="fla", help="retention path whose saved tensors to count")
-    p.add_argument("--deepspeed-defaults", action="store_true",
-                   help="DeepSpeed's own bucket defaults (a config naming only the stage) instead of the trainer's (components/config.py)")
+    p.add_argument(
+        "--grad-accum", type=int, default=None, help="default: global batch / (micro-batch * seq * data-parallel)"
+    )
+    p.add_argument(
+        "--backend", choices=["fla", "torch"], default="fla", help="retention path whose saved tensors to count"
+    )
+    p.add_argument(
+        "--deepspeed-defaults",
+        action="store_true",
+        help="DeepSpeed's own bucket defaults (a config naming only the stage) instead of the trainer's "
+        "(components/config.py)",
+    )
     p.add_argument("--gpu-memory-gib", type=float, default=Hardware.memory_gib)
     p.add_argument("--ib-gbit", type=float, default=Hardware.ib_gbit_per_gpu, help="inter-node Gb/s per GPU")
     p.add_argument("--nvlink-gbyte", type=float, default=Hardware.nvlink_gbyte_per_gpu, help="intra-node GB/s per GPU")
@@ -118,12 +176,22 @@ def main(argv=None):
     p.add_argument("--utilization", type=float, default=Hardware.utilization, help="executed FLOPs / peak")
     p.add_argument("--json", action="store_true")
     p.add_argument("--markdown", action="store_true", help="print the tables of docs/scaling.md")
-    p.add_argument("--measured-runs", action="store_true", help="predictions for the 1- and 2-GPU runs of docs/scaling.md")
-    p.add_argument("--measure", action="store_true",
-                   help="CPU: compare the per-layer activation formula (torch backend, fp32) with saved tensors")
+    p.add_argument(
+        "--measured-runs", action="store_true", help="predictions for the 1- and 2-GPU runs of docs/scaling.md"
+    )
+    p.add_argument(
+        "--measure",
+        action="store_true",
+        help="CPU: compare the per-layer activation formula (torch backend, fp32) with saved tensors",
+    )
     args = p.parse_args(argv)
-    hw = Hardware(memory_gib=args.gpu_memory_gib, ib_gbit_per_gpu=args.ib_gbit, nvlink_gbyte_per_gpu=args.nvlink_gbyte,
-                  efficiency=args.efficiency, utilization=args.utilization)
+    hw = Hardware(
+        memory_gib=args.gpu_memory_gib,
+        ib_gbit_per_gpu=args.ib_gbit,
+        nvlink_gbyte_per_gpu=args.nvlink_gbyte,
+        efficiency=args.efficiency,
+        utilization=args.utilization,
+    )
     if args.markdown:
         print(markdown_tables(args.seq_len, args.micro_batch, hw))
         return
@@ -134,17 +202,41 @@ def main(argv=None):
     if args.measure:
         if _is_retnet(cfg):
             cfg = replace(cfg, retention_backend="torch")
-        measured = measured_bytes_per_token_per_layer(cfg, args.micro_batch, args.seq_len, args.activation_checkpointing)
+        measured = measured_bytes_per_token_per_layer(
+            cfg, args.micro_batch, args.seq_len, args.activation_checkpointing
+        )
         predicted = activation_bytes_per_token_per_layer(cfg, "torch", FP32, args.activation_checkpointing)
-        print(json.dumps({"preset": args.preset, "seq_len": args.seq_len, "micro_batch": args.micro_batch,
-                          "checkpointing": args.activation_checkpointing, "measured_bytes_per_token_per_layer": measured,
-                          "predicted": predicted, "relative_error": predicted / measured - 1}))
+        print(
+            json.dumps(
+                {
+                    "preset": args.preset,
+                    "seq_len": args.seq_len,
+                    "micro_batch": args.micro_batch,
+                    "checkpointing": args.activation_checkpointing,
+                    "measured_bytes_per_token_per_layer": measured,
+                    "predicted": predicted,
+                    "relative_error": predicted / measured - 1,
+                }
+            )
+        )
         return
     stages = [args.zero_stage] if args.zero_stage is not None else [0, 1, 2, 3]
     for z in stages:
         ds = DeepSpeedSettings.library_defaults(z) if args.deepspeed_defaults else DeepSpeedSettings.trainer()
-        r = estimate(cfg, args.gpus, args.seq_len, args.micro_batch, z, args.activation_checkpointing, args.context_parallel,
-                     ds, hw, args.global_batch_tokens, args.grad_accum, args.backend)
+        r = estimate(
+            cfg,
+            args.gpus,
+            args.seq_len,
+            args.micro_batch,
+            z,
+            args.activation_checkpointing,
+            args.context_parallel,
+            ds,
+            hw,
+            args.global_batch_tokens,
+            args.grad_accum,
+            args.backend,
+        )
         if args.json:
             print(json.dumps(r))
         else:

@@ -1,4 +1,5 @@
 """Bytes each GPU sends per optimizer step under each ZeRO stage, and their time."""
+
 from __future__ import annotations
 
 from .settings import BF16, FP32
@@ -35,15 +36,21 @@ def comm_ops(stage: int, n_params: int, grad_accum: int) -> list:
     if stage == 0:
         return [("grad all-reduce", "all_reduce", P2, 1, "none")]
     if stage == 1:
-        return [("grad reduce-scatter", "reduce_scatter", P2, 1, "backward_last"),
-                ("param all-gather", "all_gather", P2, 1, "none")]
+        return [
+            ("grad reduce-scatter", "reduce_scatter", P2, 1, "backward_last"),
+            ("param all-gather", "all_gather", P2, 1, "none"),
+        ]
     if stage == 2:
-        return [("grad reduce-scatter", "reduce_scatter", P2, grad_accum, "backward"),
-                ("param all-gather", "all_gather", P2, 1, "none")]
+        return [
+            ("grad reduce-scatter", "reduce_scatter", P2, grad_accum, "backward"),
+            ("param all-gather", "all_gather", P2, 1, "none"),
+        ]
     if stage == 3:
-        return [("param all-gather (forward)", "all_gather", P2, grad_accum, "forward"),
-                ("param all-gather (backward)", "all_gather", P2, grad_accum, "backward"),
-                ("grad reduce-scatter", "reduce_scatter", P2, grad_accum, "backward")]
+        return [
+            ("param all-gather (forward)", "all_gather", P2, grad_accum, "forward"),
+            ("param all-gather (backward)", "all_gather", P2, grad_accum, "backward"),
+            ("grad reduce-scatter", "reduce_scatter", P2, grad_accum, "backward"),
+        ]
     raise ValueError(f"zero stage {stage} is not one of 0, 1, 2, 3")
 
 

@@ -1,4 +1,5 @@
 """One configuration's whole estimate: memory by phase, communication, step time."""
+
 from __future__ import annotations
 
 import functools
@@ -6,13 +7,23 @@ import json
 from dataclasses import asdict, replace
 from typing import Optional
 
-from ...components.optim import overlaps_comm
 from ...components.config import checkpointing_mode
+from ...components.optim import overlaps_comm
 from .comm import collective_bus_bytes, comm_ops, context_parallel_state_bytes
-from .memory import (_is_retnet, activation_bytes_per_token_per_layer, activation_fixed_bytes, backward_working_bytes,
-                     bucket_bytes, grads_held_bytes_per_param, loss_forward_transient_bytes, param_counts,
-                     step_transient_bytes, zero3_working_set_bytes, zero_bytes_per_param)
-from .settings import BF16, DeepSpeedSettings, GLOBAL_BATCH_TOKENS, GiB, Hardware, bus_bandwidth
+from .memory import (
+    _is_retnet,
+    activation_bytes_per_token_per_layer,
+    activation_fixed_bytes,
+    backward_working_bytes,
+    bucket_bytes,
+    grads_held_bytes_per_param,
+    loss_forward_transient_bytes,
+    param_counts,
+    step_transient_bytes,
+    zero3_working_set_bytes,
+    zero_bytes_per_param,
+)
+from .settings import BF16, GLOBAL_BATCH_TOKENS, DeepSpeedSettings, GiB, Hardware, bus_bandwidth
 
 
 @functools.lru_cache(maxsize=None)
@@ -25,10 +36,21 @@ def _model_flops_per_token(cfg_json: str, seq_len: int) -> tuple:
     return f["six_n"], f["model"]
 
 
-def estimate(cfg, n_gpus: int, seq_len: int = 8192, micro_batch: int = 1, zero_stage: int = 1,
-             checkpointing="none", context_parallel: int = 1, ds: Optional[DeepSpeedSettings] = None,
-             hw: Hardware = Hardware(), global_batch_tokens: int = GLOBAL_BATCH_TOKENS,
-             grad_accum: Optional[int] = None, backend: str = "fla", n_params: Optional[int] = None) -> dict:
+def estimate(
+    cfg,
+    n_gpus: int,
+    seq_len: int = 8192,
+    micro_batch: int = 1,
+    zero_stage: int = 1,
+    checkpointing="none",
+    context_parallel: int = 1,
+    ds: Optional[DeepSpeedSettings] = None,
+    hw: Hardware = Hardware(),
+    global_batch_tokens: int = GLOBAL_BATCH_TOKENS,
+    grad_accum: Optional[int] = None,
+    backend: str = "fla",
+    n_params: Optional[int] = None,
+) -> dict:
     """Per-GPU memory (bytes; peak = the largest of the forward, backward and optimizer-step peaks)
     and per-step communication and compute time for one configuration."""
     ds = ds or DeepSpeedSettings.trainer()
@@ -64,14 +86,22 @@ def estimate(cfg, n_gpus: int, seq_len: int = 8192, micro_batch: int = 1, zero_s
     }
     phase = max(peaks, key=peaks.get)
     memory = {
-        "params": P * per["params"], "grads": P * per["grads"], "master": P * per["master"],
-        "optimizer": P * per["optimizer"], "grads_held_during_backward": grads_held,
-        "reduce_buckets": buckets, "zero3_gathered": zero3,
-        "activations": act_layers + act_fixed, "backward_working": bwd_work, "loss_transient": loss_tmp,
+        "params": P * per["params"],
+        "grads": P * per["grads"],
+        "master": P * per["master"],
+        "optimizer": P * per["optimizer"],
+        "grads_held_during_backward": grads_held,
+        "reduce_buckets": buckets,
+        "zero3_gathered": zero3,
+        "activations": act_layers + act_fixed,
+        "backward_working": bwd_work,
+        "loss_transient": loss_tmp,
         "step_fp32_grads": step_tmp,
         # what stays allocated between steps (bench/train_throughput.py's resident_gib)
         "resident": states + (P * per["grads"] if zero_stage >= 2 else 0.0),
-        "peak": peaks[phase], "peak_phase": phase, "peaks": peaks,
+        "peak": peaks[phase],
+        "peak_phase": phase,
+        "peaks": peaks,
     }
 
     # communication and compute, per GPU per optimizer step
@@ -82,8 +112,15 @@ def estimate(cfg, n_gpus: int, seq_len: int = 8192, micro_batch: int = 1, zero_s
         ops.append({"name": name, "collective": kind, "bytes": b, "seconds": b / bw if b else 0.0, "overlaps": hide})
     if P_cp > 1:
         b = 2 * cfg.n_layers * context_parallel_state_bytes(cfg, micro_batch) * grad_accum
-        ops.append({"name": "context-parallel state (p2p)", "collective": "p2p", "bytes": b,
-                    "seconds": b / bus_bandwidth(P_cp, hw), "overlaps": "none"})
+        ops.append(
+            {
+                "name": "context-parallel state (p2p)",
+                "collective": "p2p",
+                "bytes": b,
+                "seconds": b / bus_bandwidth(P_cp, hw),
+                "overlaps": "none",
+            }
+        )
     six_n, flops = _model_flops_per_token(json.dumps(cfg.to_dict(), sort_keys=True), seq_len)
     executed = flops
     if checkpointing == "full":
@@ -105,19 +142,41 @@ def estimate(cfg, n_gpus: int, seq_len: int = 8192, micro_batch: int = 1, zero_s
             exposed += op["seconds"]
     exposed += grad_accum * (max(0.0, per_micro["forward"] - t_fwd) + max(0.0, per_micro["backward"] - t_bwd))
     comm_s = sum(op["seconds"] for op in ops)
-    comm = {"ops": ops, "bytes": sum(op["bytes"] for op in ops), "seconds": comm_s,
-            "bus_bandwidth_gbyte_s": bw / 1e9, "exposed_seconds": exposed}
+    comm = {
+        "ops": ops,
+        "bytes": sum(op["bytes"] for op in ops),
+        "seconds": comm_s,
+        "bus_bandwidth_gbyte_s": bw / 1e9,
+        "exposed_seconds": exposed,
+    }
     step_s = compute + exposed
     return {
-        "model": cfg.arch, "params": P, "gpus": n_gpus, "data_parallel": dp, "context_parallel": P_cp,
-        "zero_stage": zero_stage, "activation_checkpointing": checkpointing, "seq_len": seq_len,
-        "micro_batch": micro_batch, "grad_accum": grad_accum, "tokens_per_step": micro_batch * seq_len * dp * grad_accum,
-        "backend": backend, "memory": memory, "memory_gib": {k: v / GiB for k, v in memory.items() if isinstance(v, float)},
+        "model": cfg.arch,
+        "params": P,
+        "gpus": n_gpus,
+        "data_parallel": dp,
+        "context_parallel": P_cp,
+        "zero_stage": zero_stage,
+        "activation_checkpointing": checkpointing,
+        "seq_len": seq_len,
+        "micro_batch": micro_batch,
+        "grad_accum": grad_accum,
+        "tokens_per_step": micro_batch * seq_len * dp * grad_accum,
+        "backend": backend,
+        "memory": memory,
+        "memory_gib": {k: v / GiB for k, v in memory.items() if isinstance(v, float)},
         "comm": comm,
-        "compute": {"flops_per_token": flops, "utilization": hw.utilization, "seconds": compute,
-                    "forward_s_per_micro": t_fwd, "backward_s_per_micro": t_bwd},
-        "step_seconds": step_s, "step_seconds_no_overlap": compute + comm_s,
+        "compute": {
+            "flops_per_token": flops,
+            "utilization": hw.utilization,
+            "seconds": compute,
+            "forward_s_per_micro": t_fwd,
+            "backward_s_per_micro": t_bwd,
+        },
+        "step_seconds": step_s,
+        "step_seconds_no_overlap": compute + comm_s,
         "tokens_per_s_per_gpu": micro_batch * seq_len // P_cp * grad_accum / step_s,
         "fits": memory["peak"] / GiB <= hw.memory_gib * 0.95,
-        "deepspeed": asdict(ds), "hardware": asdict(hw),
+        "deepspeed": asdict(ds),
+        "hardware": asdict(hw),
     }

@@ -1,8 +1,9 @@
 """Bytes per GPU: parameter counts, model states under ZeRO, activations per token per layer."""
+
 from __future__ import annotations
 
 from ...components.config import CHECKPOINTING_MODES, checkpointing_mode
-from .settings import BF16, DeepSpeedSettings, FP32
+from .settings import BF16, FP32, DeepSpeedSettings
 
 
 def _is_retnet(cfg) -> bool:
@@ -30,8 +31,14 @@ def param_counts(cfg) -> dict:
     lm_head = 0 if cfg.tie_embeddings else V * d
     final_norm = norm_params(cfg, d)
     total = embedding + lm_head + final_norm + cfg.n_layers * layer
-    return {"embedding": embedding, "lm_head": lm_head, "final_norm": final_norm, "per_layer": layer,
-            "layers": cfg.n_layers * layer, "total": total}
+    return {
+        "embedding": embedding,
+        "lm_head": lm_head,
+        "final_norm": final_norm,
+        "per_layer": layer,
+        "layers": cfg.n_layers * layer,
+        "total": total,
+    }
 
 
 def meta_param_count(cfg) -> int:
@@ -51,10 +58,12 @@ def zero_bytes_per_param(stage: int, n_gpus: int) -> dict:
     if stage not in (0, 1, 2, 3):
         raise ValueError(f"zero stage {stage} is not one of 0, 1, 2, 3")
     n = n_gpus
-    return {"params": BF16 / n if stage >= 3 else BF16,
-            "grads": BF16 / n if stage >= 2 else BF16,
-            "master": FP32 / n if stage >= 1 else FP32,
-            "optimizer": 2 * FP32 / n if stage >= 1 else 2 * FP32}
+    return {
+        "params": BF16 / n if stage >= 3 else BF16,
+        "grads": BF16 / n if stage >= 2 else BF16,
+        "master": FP32 / n if stage >= 1 else FP32,
+        "optimizer": 2 * FP32 / n if stage >= 1 else 2 * FP32,
+    }
 
 
 def step_transient_bytes(stage: int, n_gpus: int, n_params: int, sub_group_size: int = 1_000_000_000) -> float:
@@ -122,8 +131,7 @@ def activation_elements_per_token_per_layer(cfg, backend: str = "fla") -> dict:
     FFN: mlp act input and output (2 f); glu act input, act output, gate output, product (4 f).
     """
     d, f = cfg.d_model, cfg.ffn_dim
-    out = {"norms": (4 * d, "act"),
-           "ffn": ((4 if cfg.ffn_type == "glu" else 2) * f, "act")}
+    out = {"norms": (4 * d, "act"), "ffn": ((4 if cfg.ffn_type == "glu" else 2) * f, "act")}
     if cfg.norm == "rmsnorm":
         out["norms_fp32"] = (2 * d, "fp32")
     if _is_retnet(cfg):
@@ -151,8 +159,9 @@ def activation_small_bytes_per_token_per_layer(cfg) -> float:
 CHECKPOINTING = CHECKPOINTING_MODES
 
 
-def activation_bytes_per_token_per_layer(cfg, backend: str = "fla", dtype_bytes: int = BF16,
-                                         checkpointing="none") -> float:
+def activation_bytes_per_token_per_layer(
+    cfg, backend: str = "fla", dtype_bytes: int = BF16, checkpointing="none"
+) -> float:
     """Bytes kept per token per block until its backward. "full" checkpointing (torch.utils.checkpoint
     per block) keeps only the block's input; "selective" (RetNet's retention core recomputed) keeps
     what "none" does: the core keeps only q, k, v, which the block keeps anyway, and its output is
@@ -160,8 +169,9 @@ def activation_bytes_per_token_per_layer(cfg, backend: str = "fla", dtype_bytes:
     if checkpointing_mode(checkpointing) == "full":
         return cfg.d_model * dtype_bytes
     parts = activation_elements_per_token_per_layer(cfg, backend)
-    return sum(n * (FP32 if kind == "fp32" else dtype_bytes) for n, kind in parts.values()) \
-        + activation_small_bytes_per_token_per_layer(cfg)
+    return sum(
+        n * (FP32 if kind == "fp32" else dtype_bytes) for n, kind in parts.values()
+    ) + activation_small_bytes_per_token_per_layer(cfg)
 
 
 def activation_fixed_bytes(cfg, tokens: int, seq_len: int, dtype_bytes: int = BF16) -> float:
@@ -171,8 +181,7 @@ def activation_fixed_bytes(cfg, tokens: int, seq_len: int, dtype_bytes: int = BF
     d, V = cfg.d_model, cfg.vocab_size
     rot = cfg.key_head_dim if _is_retnet(cfg) else cfg.d_model // cfg.n_heads
     final_norm = tokens * d * (dtype_bytes if cfg.norm == "layernorm" else FP32 + dtype_bytes)
-    return (8 * tokens + 2 * seq_len * rot * dtype_bytes + final_norm
-            + tokens * d * dtype_bytes + V * d * dtype_bytes)
+    return 8 * tokens + 2 * seq_len * rot * dtype_bytes + final_norm + tokens * d * dtype_bytes + V * d * dtype_bytes
 
 
 def loss_forward_transient_bytes(cfg, tokens: int) -> float:
@@ -185,8 +194,9 @@ def loss_forward_transient_bytes(cfg, tokens: int) -> float:
     return FP32 * cfg.vocab_size * cfg.d_model + 3 * FP32 * cfg.vocab_size * chunk_tokens
 
 
-def backward_working_bytes(cfg, tokens: int, backend: str = "fla", dtype_bytes: int = BF16,
-                           checkpointing="none") -> float:
+def backward_working_bytes(
+    cfg, tokens: int, backend: str = "fla", dtype_bytes: int = BF16, checkpointing="none"
+) -> float:
     """Extra memory while one block runs its backward: its gradients and temporaries (taken as
     one block's activations again), the block recomputed under checkpointing (one more), and fla's
     chunk states h and dh recomputed in fp32 ([H, K, V] per chunk of C tokens, twice)."""

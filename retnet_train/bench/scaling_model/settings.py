@@ -1,4 +1,5 @@
 """What the model is evaluated for: DeepSpeed's ZeRO knobs, the hardware, the presets, units."""
+
 from __future__ import annotations
 
 from dataclasses import dataclass
@@ -7,7 +8,7 @@ from ...components.config import TrainConfig
 
 # The trainer's defaults: the typed config is their only home (as for bench/train_throughput.py's engine).
 TRAINER_DEFAULTS = TrainConfig()
-GiB = 2 ** 30
+GiB = 2**30
 BF16, FP32 = 2, 4
 GLOBAL_BATCH_TOKENS = TRAINER_DEFAULTS.train.global_batch_tokens  # the paper's 4M-token batches
 
@@ -31,9 +32,13 @@ class DeepSpeedSettings:
     def trainer(cls) -> "DeepSpeedSettings":
         ds = TRAINER_DEFAULTS.deepspeed
         # components/optim.py: ZeRO-3 gets stage3_prefetch_bucket_size = allgather_bucket_size
-        return cls(reduce_bucket_size=ds.reduce_bucket_size, allgather_bucket_size=ds.allgather_bucket_size,
-                   overlap_comm=ds.overlap_comm, contiguous_gradients=ds.contiguous_gradients,
-                   prefetch_bucket_size=ds.allgather_bucket_size)
+        return cls(
+            reduce_bucket_size=ds.reduce_bucket_size,
+            allgather_bucket_size=ds.allgather_bucket_size,
+            overlap_comm=ds.overlap_comm,
+            contiguous_gradients=ds.contiguous_gradients,
+            prefetch_bucket_size=ds.allgather_bucket_size,
+        )
 
     @classmethod
     def library_defaults(cls, zero_stage: int) -> "DeepSpeedSettings":
@@ -60,7 +65,6 @@ def bus_bandwidth(n_gpus: int, hw: Hardware) -> float:
     if n_gpus <= hw.gpus_per_node:
         return hw.nvlink_gbyte_per_gpu * 1e9 * hw.efficiency
     return hw.ib_gbit_per_gpu / 8 * 1e9 * hw.efficiency
-
 
 
 def load_preset(name: str, **overrides):
