@@ -175,6 +175,25 @@ def unknown_keys(values: dict, schema, prefix: str = "") -> list:
     return out
 
 
+CP_KEY = "parallel.context_parallel_size"
+
+
+def check_layout(size: int, world: Optional[int], seq_len: int) -> None:
+    """Errors name the config key so that a bad launch fails at start, not in a collective.
+    world None: not known yet (config checks before launch); only the sequence split is checked."""
+    if size < 1:
+        raise ValueError(f"{CP_KEY}: must be >= 1, got {size}")
+    if world is not None and world % size:
+        raise ValueError(
+            f"{CP_KEY}={size} does not divide the world size {world}: launch a multiple of {size} ranks "
+            f"or change {CP_KEY}"
+        )
+    if seq_len % size:
+        raise ValueError(
+            f"{CP_KEY}={size} does not divide data.seq_len={seq_len}: each rank holds seq_len / {size} tokens"
+        )
+
+
 def check_values(cfg: TrainConfig) -> None:
     """Value checks the type system cannot express; each error names its key."""
 
@@ -238,8 +257,6 @@ def check_values(cfg: TrainConfig) -> None:
     )
     need(cfg.train.device in ("auto", "cpu", "cuda"), "train.device", f"{cfg.train.device!r} is not auto|cpu|cuda")
     need(cfg.train.peak_flops is None or cfg.train.peak_flops > 0, "train.peak_flops", "must be > 0 (or null)")
-    from ..parallel import check_layout  # (parallel imports this module)
-
     check_layout(cfg.parallel.context_parallel_size, None, cfg.data.seq_len)
     need(cfg.checkpoint.interval > 0, "checkpoint.interval", "must be > 0")
     need(cfg.checkpoint.keep_last >= 1, "checkpoint.keep_last", "must be >= 1")
@@ -284,8 +301,6 @@ def data_sources(cfg: TrainConfig) -> dict:
 def grad_accumulation(cfg: TrainConfig, world_size: int) -> int:
     """Micro-batches per step. Under context parallelism the P ranks of a group share their sequences,
     so the batch counts data-parallel ranks only: world_size / parallel.context_parallel_size."""
-    from ..parallel import check_layout
-
     cp = cfg.parallel.context_parallel_size
     check_layout(cp, world_size, cfg.data.seq_len)
     dp = world_size // cp

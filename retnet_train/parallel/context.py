@@ -27,9 +27,10 @@ from typing import Any, Optional
 import torch
 import torch.distributed as dist
 
+from ..components.config import CP_KEY
 from ..model.retnet import RetNetState
 
-KEY = "parallel.context_parallel_size"
+KEY = CP_KEY
 
 
 class _GatherStates(torch.autograd.Function):

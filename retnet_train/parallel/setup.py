@@ -7,22 +7,8 @@ from typing import Optional, Tuple
 import torch
 import torch.distributed as dist
 
-from .context import KEY, ContextParallel
-
-
-def check_layout(size: int, world: Optional[int], seq_len: int) -> None:
-    """Errors name the config key so that a bad launch fails at start, not in a collective.
-    world None: not known yet (config checks before launch); only the sequence split is checked."""
-    if size < 1:
-        raise ValueError(f"{KEY}: must be >= 1, got {size}")
-    if world is not None and world % size:
-        raise ValueError(
-            f"{KEY}={size} does not divide the world size {world}: launch a multiple of {size} ranks or change {KEY}"
-        )
-    if seq_len % size:
-        raise ValueError(
-            f"{KEY}={size} does not divide data.seq_len={seq_len}: each rank holds seq_len / {size} tokens"
-        )
+from ..components.config import check_layout
+from .context import ContextParallel
 
 
 def build_context_parallel(
