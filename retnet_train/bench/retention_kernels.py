@@ -53,7 +53,11 @@ def retention_fn(kind, C, lg, reset):
         if reset is not None:
             raise ValueError("triton-gemm has no document resets")
         return lambda q, k, v: triton_retention(q, k, v, lg, C, None, True)[:2]
-    backend = kind if kind in ("fla", "triton") else "torch"
+    if kind == "triton":  # the kernels themselves: the dispatcher refuses key dims not yet checked on GPU
+        from ..kernels.triton_retention import triton_retention
+
+        return lambda q, k, v: triton_retention(q, k, v, lg, C, None, True, reset)[:2]
+    backend = "fla" if kind == "fla" else "torch"
 
     def fn(q, k, v):
         o, s, _ = retention_op(backend, q, k, v, lg, "chunkwise", C, reset, None, True)
