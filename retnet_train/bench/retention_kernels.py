@@ -27,7 +27,8 @@ import torch
 
 from ..kernels import fla_available, retention_op
 from ..model.retnet import decay_log_gammas
-from .train_throughput import load_preset, top_kernels
+from .gpu_profile import top_kernels
+from .train_throughput import load_preset
 
 
 class Stopped(BaseException):

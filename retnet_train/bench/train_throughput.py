@@ -29,6 +29,8 @@ from ..model import build_model, model_config_from_dict
 from ..model.config import RETENTION_BACKENDS
 from ..model.flops import flops_per_token
 from ..parallel import parallelize
+from .gpu_profile import time_breakdown, top_kernels
+from .sweep import batch_for_length, plot_sweep, results_device
 
 CONFIG_DIR = os.path.join(os.path.dirname(__file__), "..", "..", "configs", "model")
 
@@ -257,42 +259,6 @@ def causal_leak(model, ids) -> float:
     return float((a - b).abs().max())
 
 
-CATEGORIES = [  # first match wins, by CUDA kernel name
-    ("retention", ("chunk", "simple_gla", "recurrent", "retention")),
-    # before gemm: cuDNN's SDPA kernels carry "sm90" in their names too
-    ("flash_attention", ("flash", "fmha", "sdpa", "attention")),
-    ("gemm", ("gemm", "cutlass", "xmma", "nvjet", "matmul", "sm90")),
-    ("cross_entropy", ("cross_entropy", "softmax", "logsumexp", "nll")),
-    ("norm", ("norm",)),
-    ("optimizer", ("adam", "multi_tensor", "foreach")),
-]
-# rows that are not kernels: ops and ranges whose device time is their kernels' again, runtime calls
-NOT_KERNELS = ("aten::", "ProfilerStep", "##", "cuda", "Optimizer.")
-
-
-def kernel_rows(prof) -> list:
-    """(device us, calls, name) of each kernel, memcpy and memset in a profile's key_averages."""
-    rows = [(getattr(e, "device_time_total", 0) or 0, e.count, e.key) for e in prof.key_averages()]
-    return [r for r in rows if r[0] and not r[2].startswith(NOT_KERNELS)]
-
-
-def time_breakdown(prof) -> dict:
-    totals = {}
-    for us, _, key in kernel_rows(prof):
-        name = key.lower()
-        cat = next((c for c, keys in CATEGORIES if any(k in name for k in keys)), "elementwise_other")
-        totals[cat] = totals.get(cat, 0.0) + us
-    all_us = sum(totals.values()) or 1.0
-    return {k: round(v / all_us, 3) for k, v in sorted(totals.items(), key=lambda kv: -kv[1])}
-
-
-def top_kernels(prof, n: int = 15) -> list:
-    """The n CUDA kernels with the most device time: [share, calls, name (shortened)]."""
-    rows = kernel_rows(prof)
-    total = sum(r[0] for r in rows) or 1.0
-    return [[round(us / total, 3), calls, name[:90]] for us, calls, name in sorted(rows, reverse=True)[:n]]
-
-
 def json_object(text: str) -> dict:
     try:
         value = json.loads(text)
@@ -311,54 +277,6 @@ def int_list(text: str) -> list:
     if not values or min(values) < 1:
         raise argparse.ArgumentTypeError(f"needs integers >= 1: {text!r}")
     return values
-
-
-def batch_for_length(seq_len: int, first_len: int, micro_batch: int, grad_accum: int) -> tuple:
-    """(micro-batch, accumulation) at seq_len for a sweep whose first length runs micro_batch x
-    grad_accum sequences per step: the tokens per micro-batch and per step stay those of the first
-    length, as long as a micro-batch holds at least one sequence and a step one micro-batch."""
-    tokens_micro, tokens_step = micro_batch * first_len, micro_batch * grad_accum * first_len
-    mb = max(1, tokens_micro // seq_len)
-    return mb, max(1, tokens_step // (mb * seq_len))
-
-
-def model_label(result: dict) -> str:
-    overrides = "".join(f"@{k}={v}" for k, v in (result.get("overrides") or {}).items())
-    return f"{result['model']}{overrides}"
-
-
-def plot_sweep(results: list, path: str, title: str) -> None:
-    """tokens/s and peak memory against sequence length, one line per model (and base accumulation);
-    an out-of-memory length is marked with an x on the length axis."""
-    import matplotlib
-
-    matplotlib.use("Agg")  # files only, no display
-    import matplotlib.pyplot as plt
-
-    fig, (speed, mem) = plt.subplots(1, 2, figsize=(11, 4.2), constrained_layout=True)
-    lines = {}
-    for r in results:
-        if "skipped" not in r:
-            lines.setdefault((model_label(r), r.get("base_grad_accum")), []).append(r)
-    for (label, accum), rows in lines.items():
-        ok = sorted((r for r in rows if "oom" not in r), key=lambda r: r["seq_len"])
-        name = label if len({a for _, a in lines}) == 1 else f"{label} (accum {accum})"
-        (line,) = speed.plot([r["seq_len"] for r in ok], [r["tokens_per_s"] for r in ok], "o-", label=name)
-        mem.plot([r["seq_len"] for r in ok], [r["peak_gib"] for r in ok], "o-", color=line.get_color(), label=name)
-        for r in rows:
-            if "oom" in r:
-                for ax in (speed, mem):
-                    ax.plot([r["seq_len"]], [0], "x", color=line.get_color(), markersize=10)
-    for ax, ylabel in ((speed, "tokens / s"), (mem, "peak memory (GiB)")):
-        ax.set_xscale("log", base=2)
-        ax.set_xlabel("sequence length")
-        ax.set_ylabel(ylabel)
-        ax.set_ylim(bottom=0)
-        ax.grid(True, alpha=0.3)
-        ax.legend(fontsize=8)
-    fig.suptitle(title, fontsize=10)
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
 
 
 def model_specs(models: str, preset: str, backend: str) -> list:
@@ -504,10 +422,6 @@ def main(argv=None):
         first = f"{args.micro_batch} x {first_len} tokens per micro-batch"
         plot_sweep(results, args.plot, f"{args.preset} on {results_device(results)}: {first}, {flags}")
         print(f"wrote {args.plot}", file=sys.stderr)
-
-
-def results_device(results: list) -> str:
-    return next((r["device"] for r in results if "device" in r), "-")
 
 
 if __name__ == "__main__":

@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from retnet_train.bench.train_throughput import batch_for_length, plot_sweep
+from retnet_train.bench.sweep import batch_for_length, plot_sweep
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "train"))
 from trainer_helpers import REPO, env  # noqa: E402

@@ -1,0 +1,38 @@
+"""A torch.profiler profile of training steps summarized: GPU time by kernel category and the top kernels."""
+
+from __future__ import annotations
+
+CATEGORIES = [  # first match wins, by CUDA kernel name
+    ("retention", ("chunk", "simple_gla", "recurrent", "retention")),
+    # before gemm: cuDNN's SDPA kernels carry "sm90" in their names too
+    ("flash_attention", ("flash", "fmha", "sdpa", "attention")),
+    ("gemm", ("gemm", "cutlass", "xmma", "nvjet", "matmul", "sm90")),
+    ("cross_entropy", ("cross_entropy", "softmax", "logsumexp", "nll")),
+    ("norm", ("norm",)),
+    ("optimizer", ("adam", "multi_tensor", "foreach")),
+]
+# rows that are not kernels: ops and ranges whose device time is their kernels' again, runtime calls
+NOT_KERNELS = ("aten::", "ProfilerStep", "##", "cuda", "Optimizer.")
+
+
+def kernel_rows(prof) -> list:
+    """(device us, calls, name) of each kernel, memcpy and memset in a profile's key_averages."""
+    rows = [(getattr(e, "device_time_total", 0) or 0, e.count, e.key) for e in prof.key_averages()]
+    return [r for r in rows if r[0] and not r[2].startswith(NOT_KERNELS)]
+
+
+def time_breakdown(prof) -> dict:
+    totals = {}
+    for us, _, key in kernel_rows(prof):
+        name = key.lower()
+        cat = next((c for c, keys in CATEGORIES if any(k in name for k in keys)), "elementwise_other")
+        totals[cat] = totals.get(cat, 0.0) + us
+    all_us = sum(totals.values()) or 1.0
+    return {k: round(v / all_us, 3) for k, v in sorted(totals.items(), key=lambda kv: -kv[1])}
+
+
+def top_kernels(prof, n: int = 15) -> list:
+    """The n CUDA kernels with the most device time: [share, calls, name (shortened)]."""
+    rows = kernel_rows(prof)
+    total = sum(r[0] for r in rows) or 1.0
+    return [[round(us / total, 3), calls, name[:90]] for us, calls, name in sorted(rows, reverse=True)[:n]]
