@@ -52,6 +52,7 @@ CPU_CASES = [
     ("check_small_decay",),
     ("check_bf16",),
     ("check_dispatch",),
+    ("check_gpu_tiles",),
 ]
 
 
@@ -132,6 +133,72 @@ def assert_close(got, ref, tol, names=NAMES):
     assert not bad, f"{bad}: relative error >= {tol}; all: " + ", ".join(f"{n} {e:.2e}" for n, e in errs.items())
 
 
+def reference_states(q, k, v, do, lg, C, reset, s0, z0):
+    """The kernels' chunk-entry states by their recurrences (triton_retention_kernels), in fp64:
+    S [B*H, N, K, V], z [B*H, N, K], the final S [B*H, K, V] and z [B*H, K], and dG [B*H, N, K, V]."""
+    from retnet_train.kernels.triton_retention import doc_starts
+
+    B, T, H, K = q.shape
+    V = v.shape[-1]
+    q, k, v, do = (t.double().transpose(1, 2) for t in (q, k, v, do))  # [B, H, T, D]
+    g = lg.double().exp().view(1, H, 1)
+    doc = doc_starts(reset)
+    S, z = s0.double().view(B, H, K, V), z0.double().view(B, H, K)
+    states, sums, carries, gains = [], [], [], []
+    for c0 in range(0, T, C):
+        end = min(c0 + C, T)
+        t = torch.arange(c0, end, device=q.device)
+        carry = g[..., 0] ** (end - c0) * (doc[:, end - 1] < c0).view(B, 1)  # [B, H]; 0 after a document start
+        key_w = g ** (end - 1 - t) * (t >= doc[:, end - 1 : end]).view(B, 1, -1)  # keys of the last document
+        query_w = g ** (t - c0 + 1) * (doc[:, c0:end] < c0).view(B, 1, -1)  # queries before a document start
+        states.append(S)
+        sums.append(z)
+        kw = k[:, :, c0:end] * key_w[..., None]
+        S = carry[..., None, None] * S + kw.transpose(-1, -2) @ v[:, :, c0:end]
+        z = carry[..., None] * z + kw.sum(2)
+        carries.append(carry[..., None, None])
+        gains.append((q[:, :, c0:end] * query_w[..., None]).transpose(-1, -2) @ do[:, :, c0:end])
+    dG = [torch.zeros_like(S)]
+    for n in range(len(gains) - 1, 0, -1):
+        dG.insert(0, carries[n] * dG[0] + gains[n])
+    flat = lambda xs: torch.stack(xs, 2).flatten(0, 1)  # noqa: E731
+    return flat(states), flat(sums), S.flatten(0, 1), z.flatten(0, 1), flat(dG)
+
+
+def check_kernels_separately(B, T, H, K, V, C, dtype, tol, kernels=("states", "apply"), device="cpu"):
+    """Each kernel on its own, with an incoming state, a partial chunk and a document start inside the
+    second chunk (the first chunk carries the state on, the second sends dG back to the first): the
+    forward state scan (S, z, final state) and the backward's S and dG scans (one launch) against the
+    recurrences; the four output passes, fed the exact states, against the torch path (o and row
+    sums, dq, dk, dv)."""
+    from retnet_train.kernels import triton_retention as mod
+
+    lg = decay_log_gammas(H).to(device)
+    q, k, v = inputs(B, T, H, K, V, device=device, seed=8)
+    reset = torch.zeros(B, T, dtype=torch.bool, device=device)
+    reset[:, C + C // 4] = True
+    st = torch.randn(B, H, K, V + 1, device=device, generator=torch.Generator(device=device).manual_seed(6)) * 0.1
+    do = torch.linspace(-1, 1, V, device=device, dtype=torch.float64).expand(B, T, H, V)  # run()'s output weights
+    s0, z0 = st[..., :V].reshape(B * H, K, V), st[..., V].reshape(B * H, K).contiguous()
+    S, z, fin, zfin, dG = reference_states(q, k, v, do, lg, C, reset, s0, z0)
+    lg2 = (lg.float() * mod.LOG2E).contiguous()
+    doc = mod.doc_starts(reset)
+    q_, k_, v_, do_, s0_, S_, dG_ = (t.to(dtype).contiguous() for t in (q, k, v, do, s0, S, dG))
+    got, ref = {}, {}
+    if "states" in kernels:
+        got.update(zip(["S", "z", "final S", "final z"], mod._states(k_, v_, lg2, C, False, doc, s0_, z0, True)))
+        got.update(zip(["pair S", "pair dG"], mod._states_pair(q_, k_, v_, do_, lg2, C, doc, s0_)))
+        ref.update({"S": S, "z": z, "final S": fin, "final z": zfin, "pair S": S, "pair dG": dG})
+    if "apply" in kernels:
+        o, s, _, dq, dk, dv = run(torch_path(C, lg, reset), q, k, v, torch.float64, st.double())
+        got["o"], got["row sums"] = mod._apply(q_, k_, v_, S_, lg2, C, False, False, doc, Z=z.float().contiguous())
+        got["dq"] = mod._apply(do_, v_, k_, S_, lg2, C, False, True, doc)[0]
+        got["dk"] = mod._apply(v_, do_, q_, dG_, lg2, C, True, True, doc)[0]
+        got["dv"] = mod._apply(k_, q_, do_, dG_, lg2, C, True, False, doc)[0]
+        ref.update({"o": o, "row sums": s, "dq": dq, "dk": dk, "dv": dv})
+    assert_close(list(got.values()), [ref[name] for name in got], tol, names=list(got))
+
+
 @pytest.mark.parametrize("B,T,H,K,V,C", [(2, 80, 2, 32, 64, 32), (1, 128, 2, 64, 128, 64)])
 def test_triton_interpreter_matches_torch(interpreter_results, B, T, H, K, V, C):
     in_subprocess(interpreter_results, "check_matches_torch", B, T, H, K, V, C)
@@ -158,6 +225,11 @@ def test_triton_interpreter_small_decay(interpreter_results):
 
 def test_triton_interpreter_bf16(interpreter_results):
     in_subprocess(interpreter_results, "check_bf16")
+
+
+def test_triton_interpreter_gpu_tiles(interpreter_results):
+    """The GPU's autotuned block shapes, every head dim over several tiles, each kernel on its own."""
+    in_subprocess(interpreter_results, "check_gpu_tiles")
 
 
 def test_triton_interpreter_dispatch(interpreter_results):
@@ -271,6 +343,16 @@ def check_bf16():
     assert_close(got, ref, BF16_TOL)
 
 
+def check_gpu_tiles():
+    """The block shapes the GPU autotuner picks at K256/V512 (bf16), on heads half as wide so that it
+    stays fast, every head dim still over several tiles: states 64 x 128 (2 x 2 tiles, 2 token blocks
+    per chunk), 64-row blocks with the chunk's other column blocks (phase 3), 128-wide output tiles
+    and 64-deep contraction slices."""
+    _, kernels = interpreted()
+    case = lambda: check_kernels_separately(1, 200, 1, 128, 256, 128, torch.bfloat16, BF16_TOL)  # noqa: E731
+    _with_blocks(kernels, case, states=dict(BX=64, BY=128, BT=64), apply=dict(BR=64, BC=64, BD=128, BE=64))
+
+
 def check_dispatch():
     """Resets and the parallel mode go to the kernels (a stand-in kernel records the call)."""
     mod, _ = interpreted()
@@ -310,6 +392,24 @@ def test_triton_bf16_matches_torch_fp32_gpu(T, C, K, V, docs):
     ref = run(torch_path(C, lg, reset), q, k, v, torch.float32, st)
     got = run(triton_path(C, lg, reset), q, k, v, torch.bfloat16, st.bfloat16())
     assert_close(got, ref, BF16_TOL)
+
+
+@pytest.mark.gpu
+@needs_gpu
+@pytest.mark.parametrize("kernel", ["states", "apply"])
+def test_triton_every_config_gpu(kernel):
+    """Every autotuning candidate of a kernel (the autotuner picks by time, so any may run) at the
+    widest heads, bf16, each kernel on its own: a failure names the config and the outputs it got wrong."""
+    from retnet_train.kernels import triton_retention_kernels as kernels
+
+    failures = []
+    for cfg in kernels.KERNELS[kernel][2]:
+        case = lambda: check_kernels_separately(1, 512, 2, 256, 512, 256, torch.bfloat16, BF16_TOL, (kernel,), "cuda")  # noqa: B023, E731
+        try:
+            _with_blocks(kernels, case, **{kernel: cfg.kwargs})
+        except AssertionError as e:
+            failures.append(f"{cfg}: {e}")
+    assert not failures, "\n".join(failures)
 
 
 @pytest.mark.gpu
