@@ -283,9 +283,9 @@ GRAD_ACCUM_KEY = "deepspeed.grad_accum_dtype"
 
 
 def check_grad_accum_dtype(ds: DeepSpeedConfig) -> None:
-    """null, or fp32 where DeepSpeed accumulates in fp32: bf16 at ZeRO 1 without optimizer offload (its
-    BF16_Optimizer; DeepSpeed refuses bf16 weights with fp32 gradients at ZeRO 0 and takes other ZeRO
-    optimizers elsewhere), or fp32 training, whose gradients are fp32 anyway."""
+    """null, or fp32 where the trainer is tested with it: bf16 at ZeRO 1 without optimizer offload
+    (DeepSpeed's BF16_Optimizer), or fp32 training, whose gradients are fp32 anyway. DeepSpeed itself
+    refuses bf16 with fp32 gradients at ZeRO 0; ZeRO 2/3, offload and fp16 run other optimizers."""
     value = ds.grad_accum_dtype
     if value is None or (value == "fp32" and ds.precision == "fp32"):
         return
