@@ -7,8 +7,11 @@ for the same tokens, on the same data in the same order, with the same schedule,
 Our models train through the trainer (`retnet_train.train.run`) with a config composed from Hydra
 overrides exactly as `python -m retnet_train.train` composes it; `llama` is transformers'
 LlamaForCausalLM of the Transformer++ preset's shape (init std 0.02, its own attention and loss) in
-a plain torch loop over the same loader, schedule, optimizer groups, clipping and precision. A
-model can carry preset overrides: `retnet:document_masking=false`.
+a plain torch loop over the same loader, schedule, optimizer groups, clipping and precision. Both sum
+the micro-batches' gradients in fp32: the plain loop's autocast keeps fp32 weights and gradients, and
+our models run with deepspeed.grad_accum_dtype=fp32 (--grad-accum-dtype; under bf16 DeepSpeed's
+BF16_Optimizer), while their weights and activations stay bf16. A model can carry preset overrides:
+`retnet:document_masking=false`.
 
 Writes OUT/runs/<model>/ (the trainer's run directory: metrics.jsonl, config.yaml), OUT/quality.jsonl
 (a JSON line per model: validation loss at the end, tokens/s, parameters, ...), OUT/quality.md
@@ -90,6 +93,7 @@ class Settings:
     eval_batches: int
     zero_stage: int
     precision: str
+    grad_accum_dtype: str  # our models' deepspeed.grad_accum_dtype (fp32 | null)
     compile: bool
     device: str
     seed: int
@@ -125,6 +129,7 @@ def trainer_overrides(s: Settings, model: ModelSpec, run_dir: Path) -> list[str]
         f"optim.min_lr_ratio={s.min_lr_ratio}",
         f"deepspeed.zero_stage={s.zero_stage}",
         f"deepspeed.precision={s.precision}",
+        f"deepspeed.grad_accum_dtype={s.grad_accum_dtype}",
         f"checkpoint.interval={s.steps + 1}",
         "checkpoint.save_at_end=false",
         f"run.name={model.run_name}",
@@ -428,6 +433,14 @@ def parse_args(argv: Sequence[str] | None):
     p.add_argument("--eval-batches", type=int, default=8, help="validation micro-batches per evaluation")
     p.add_argument("--zero-stage", type=int, default=1)
     p.add_argument("--precision", default="bf16", choices=("bf16", "fp32"))
+    p.add_argument(
+        "--grad-accum-dtype",
+        default="fp32",
+        choices=("fp32", "null"),
+        help="our models' deepspeed.grad_accum_dtype: fp32 sums the micro-batches' gradients in fp32, as the "
+        "plain loop does (its autocast keeps fp32 gradients; bf16 needs --zero-stage 1); null: DeepSpeed's "
+        "default, in the weights' dtype (bf16)",
+    )
     p.add_argument("--compile", action=argparse.BooleanOptionalAction, default=True)
     p.add_argument("--device", default="auto", choices=("auto", "cuda", "cpu"))
     p.add_argument("--seed", type=int, default=1234)
@@ -450,6 +463,7 @@ def parse_args(argv: Sequence[str] | None):
         eval_batches=a.eval_batches,
         zero_stage=a.zero_stage,
         precision=a.precision,
+        grad_accum_dtype=a.grad_accum_dtype,
         compile=a.compile,
         device=a.device,
         seed=a.seed,

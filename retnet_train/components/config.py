@@ -40,6 +40,10 @@ class OptimConfig:
 class DeepSpeedConfig:
     zero_stage: int = 1
     precision: str = "bf16"  # bf16 | fp16 | fp32
+    # dtype of the gradients summed over micro-batches (and reduced over ranks): null = the precision's
+    # (DeepSpeed's default: bf16 gradients under bf16) | fp32 (bf16 with ZeRO 1: DeepSpeed's BF16_Optimizer,
+    # which adds each micro-batch's bf16 gradients into fp32 ones, as a torch.autocast loop keeps them)
+    grad_accum_dtype: Optional[str] = None
     offload_optimizer: bool = False
     offload_param: bool = False  # ZeRO-3 only
     reduce_bucket_size: int = 500_000_000
@@ -237,6 +241,7 @@ def check_values(cfg: TrainConfig) -> None:
         "deepspeed.offload_optimizer",
         "needs zero_stage>=1",
     )
+    check_grad_accum_dtype(cfg.deepspeed)
     for key in (
         "micro_batch_size",
         "global_batch_tokens",
@@ -272,6 +277,27 @@ def check_values(cfg: TrainConfig) -> None:
         "wandb.mode",
         f"{cfg.wandb.mode!r} is not online|offline|disabled",
     )
+
+
+GRAD_ACCUM_KEY = "deepspeed.grad_accum_dtype"
+
+
+def check_grad_accum_dtype(ds: DeepSpeedConfig) -> None:
+    """null, or fp32 where the trainer is tested with it: bf16 at ZeRO 1 without optimizer offload
+    (DeepSpeed's BF16_Optimizer), or fp32 training, whose gradients are fp32 anyway. DeepSpeed itself
+    refuses bf16 with fp32 gradients at ZeRO 0; ZeRO 2/3, offload and fp16 run other optimizers."""
+    value = ds.grad_accum_dtype
+    if value is None or (value == "fp32" and ds.precision == "fp32"):
+        return
+    if value != "fp32":
+        raise ValueError(f"{GRAD_ACCUM_KEY}: {value!r} is not fp32 (or null: the dtype of deepspeed.precision)")
+    if ds.precision != "bf16" or ds.zero_stage != 1 or ds.offload_optimizer:
+        raise ValueError(
+            f"{GRAD_ACCUM_KEY}=fp32 needs deepspeed.precision=bf16 with deepspeed.zero_stage=1 and "
+            f"deepspeed.offload_optimizer=false (DeepSpeed's BF16_Optimizer), got precision={ds.precision}, "
+            f"zero_stage={ds.zero_stage}, offload_optimizer={str(ds.offload_optimizer).lower()}; "
+            f"or set {GRAD_ACCUM_KEY}=null"
+        )
 
 
 CHECKPOINTING_MODES = ("none", "selective", "full")

@@ -160,6 +160,8 @@ def deepspeed_config(cfg: TrainConfig, grad_accum: int, world_size: int, load_un
         "steps_per_print": 10**12,  # we log ourselves
         "wall_clock_breakdown": False,
     }
+    if ds.grad_accum_dtype is not None:
+        config["data_types"] = {"grad_accum_dtype": ds.grad_accum_dtype}
     if load_universal:
         config["checkpoint"] = {"load_universal": True}
     return config

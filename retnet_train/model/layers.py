@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
 from typing import Any, Optional
 
 import torch
@@ -98,11 +97,28 @@ def rotary_at(inv_freq: torch.Tensor, position: torch.Tensor, length: int, dtype
     return angles.sin().to(dtype), angles.cos().to(dtype)
 
 
-@dataclass
-class CausalLMOutput:
-    logits: Optional[torch.Tensor]
-    loss: Optional[torch.Tensor] = None
-    state: Any = None
+class CausalLMOutput(dict):
+    """logits, loss and (RetNet, return_state) the recurrent state, read and set as attributes.
+
+    A dict, as transformers' ModelOutput is: DeepSpeed's engine looks for tensors in a model output that
+    is a tensor, tuple, list or dict (nothing else) to hook its backward prologue on them. Without that
+    hook its BF16_Optimizer (bf16 with fp32 gradient accumulation) never clears the bf16 gradients of the
+    previous micro-batch and adds them into the fp32 ones again."""
+
+    FIELDS = ("logits", "loss", "state")
+
+    def __init__(self, logits: Optional[torch.Tensor] = None, loss: Optional[torch.Tensor] = None, state: Any = None):
+        super().__init__(logits=logits, loss=loss, state=state)
+
+    def __getattr__(self, name):
+        if name in CausalLMOutput.FIELDS:
+            return self[name]
+        raise AttributeError(f"CausalLMOutput has no attribute {name!r}")
+
+    def __setattr__(self, name, value):
+        if name not in CausalLMOutput.FIELDS:
+            raise AttributeError(f"CausalLMOutput has no field {name!r} (fields: {', '.join(self.FIELDS)})")
+        self[name] = value
 
 
 NORMAL_INIT_STD = 0.02  # Hugging Face Llama's initializer_range
