@@ -7,11 +7,10 @@ for the same tokens, on the same data in the same order, with the same schedule,
 Our models train through the trainer (`retnet_train.train.run`) with a config composed from Hydra
 overrides exactly as `python -m retnet_train.train` composes it; `llama` is transformers'
 LlamaForCausalLM of the Transformer++ preset's shape (init std 0.02, its own attention and loss) in
-a plain torch loop over the same loader, schedule, optimizer groups, clipping and precision. Both sum
-the micro-batches' gradients in fp32: the plain loop's autocast keeps fp32 weights and gradients, and
-our models run with deepspeed.grad_accum_dtype=fp32 (--grad-accum-dtype; under bf16 DeepSpeed's
-BF16_Optimizer), while their weights and activations stay bf16. A model can carry preset overrides:
-`retnet:document_masking=false`.
+a plain torch loop over the same loader, schedule, optimizer groups, clipping and precision. Our
+models sum the micro-batches' gradients as the trainer does by default (bf16, DeepSpeed's own);
+--grad-accum-dtype fp32 sums them in fp32 as the plain loop's autocast does (docs/quality.md has what
+it measured). A model can carry preset overrides: `retnet:document_masking=false`.
 
 Writes OUT/runs/<model>/ (the trainer's run directory: metrics.jsonl, config.yaml), OUT/quality.jsonl
 (a JSON line per model: validation loss at the end, tokens/s, parameters, ...), OUT/quality.md
@@ -435,7 +434,7 @@ def parse_args(argv: Sequence[str] | None):
     p.add_argument("--precision", default="bf16", choices=("bf16", "fp32"))
     p.add_argument(
         "--grad-accum-dtype",
-        default="fp32",
+        default="null",
         choices=("fp32", "null"),
         help="our models' deepspeed.grad_accum_dtype: fp32 sums the micro-batches' gradients in fp32, as the "
         "plain loop does (its autocast keeps fp32 gradients; bf16 needs --zero-stage 1); null: DeepSpeed's "

@@ -145,7 +145,10 @@ def test_a_later_invocation_adds_rows_and_refuses_to_retrain_silently(result, sh
         (["--models", "retnet:n_layer=2"], "model.n_layer"),
         (["--tokens", "100"], "less than one step"),
         (["--data", "/nonexistent/shards"], "--data /nonexistent/shards: no such directory"),
-        (["--precision", "bf16", "--zero-stage", "2"], "deepspeed.grad_accum_dtype=fp32 needs deepspeed.precision"),
+        (
+            ["--precision", "bf16", "--zero-stage", "2", "--grad-accum-dtype", "fp32"],
+            "deepspeed.grad_accum_dtype=fp32 needs deepspeed.precision",
+        ),
     ],
 )
 def test_bad_arguments_fail_in_one_line_before_training(tmp_path, shards, capsys, args, needle):
@@ -159,8 +162,8 @@ def test_bad_arguments_fail_in_one_line_before_training(tmp_path, shards, capsys
 
 
 def test_default_settings_are_the_documented_recipe(tmp_path):
-    """seq 2048, 262,144 tokens per step, AdamW lr 1e-3, 40 warm-up steps, cosine to 0.1, ZeRO-1 bf16 with fp32
-    gradient accumulation, compiled."""
+    """seq 2048, 262,144 tokens per step, AdamW lr 1e-3, 40 warm-up steps, cosine to 0.1, ZeRO-1 bf16 with
+    DeepSpeed's gradient accumulation (the trainer's default), compiled."""
     from retnet_train.bench.quality import compose, parse_args, parse_model, trainer_overrides
     from retnet_train.components.config import grad_accumulation
 
@@ -170,14 +173,14 @@ def test_default_settings_are_the_documented_recipe(tmp_path):
     assert grad_accumulation(cfg, 1) * cfg.train.micro_batch_size * cfg.data.seq_len == 262_144
     assert (cfg.optim.lr, cfg.optim.warmup_steps, cfg.optim.decay, cfg.optim.min_lr_ratio) == (1e-3, 40, "cosine", 0.1)
     assert (cfg.deepspeed.zero_stage, cfg.deepspeed.precision, cfg.train.compile) == (1, "bf16", True)
-    assert cfg.deepspeed.grad_accum_dtype == "fp32"  # as the plain loop's autocast: fp32 gradients
+    assert cfg.deepspeed.grad_accum_dtype is None  # the trainer's default
     assert cfg.model["arch"] == "transformer" and cfg.model["norm"] == "rmsnorm" and cfg.model["d_model"] == 768
 
 
-def test_grad_accum_dtype_null_leaves_deepspeeds_default(tmp_path):
+def test_grad_accum_dtype_fp32_reaches_the_trainer(tmp_path):
     from retnet_train.bench.quality import compose, parse_args, parse_model, trainer_overrides
 
-    s, _ = parse_args(["--data", str(tmp_path), "--out", str(tmp_path / "o"), "--grad-accum-dtype", "null"])
+    s, _ = parse_args(["--data", str(tmp_path), "--out", str(tmp_path / "o"), "--grad-accum-dtype", "fp32"])
     overrides = trainer_overrides(s, parse_model("transformer_pp"), tmp_path / "run")
-    assert "deepspeed.grad_accum_dtype=null" in overrides
-    assert compose(overrides).deepspeed.grad_accum_dtype is None
+    assert "deepspeed.grad_accum_dtype=fp32" in overrides
+    assert compose(overrides).deepspeed.grad_accum_dtype == "fp32"
