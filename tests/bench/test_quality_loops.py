@@ -76,7 +76,7 @@ def metrics(run_dir: Path) -> list:
 
 def train_ours_from_llama_weights(cfg) -> None:
     """bench.quality's own run of the preset (the trainer), with the weights the plain loop starts from."""
-    from retnet_train.bench.quality import build_llama
+    from retnet_train.bench.llama_loop import build_llama
     from retnet_train.interop.llama import from_llama
     from retnet_train.parallel import parallelize
     from retnet_train.trainer import Trainer
@@ -93,7 +93,8 @@ def train_ours_from_llama_weights(cfg) -> None:
 def run_both(shards, tmp_path, zero_stage: int, precision: str) -> tuple:
     """bench.quality's two runs of the Transformer++ shape from the same weights: (ours, the plain loop's)
     metrics.jsonl records."""
-    from retnet_train.bench.quality import compose, parse_model, train_llama, trainer_overrides
+    from retnet_train.bench.llama_loop import train_llama
+    from retnet_train.bench.quality import compose, parse_model, trainer_overrides
 
     init_dist()
     s = settings(shards, zero_stage, precision)
