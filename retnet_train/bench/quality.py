@@ -169,120 +169,12 @@ def count_params(cfg) -> int:
         return build_model(model_config_from_dict(cfg.model)).num_params()
 
 
-def build_llama(cfg, device):
-    """LlamaForCausalLM of the config's (Transformer++) model shape, with transformers' own init."""
-    import torch
-    import transformers
-
-    from ..interop.llama import llama_config
-    from ..model import model_config_from_dict
-
-    torch.manual_seed(cfg.train.seed)
-    # attention through SDPA (the flash kernel on GPU), as our Transformer's
-    config = transformers.LlamaConfig(
-        **llama_config(model_config_from_dict(cfg.model), cfg.data.seq_len), attn_implementation="sdpa"
-    )
-    return transformers.LlamaForCausalLM(config).to(device)
-
-
-def train_llama(cfg) -> int:
-    """The reference loop: our loaders, optimizer groups, schedule and logging around a stock
-    LlamaForCausalLM; torch autocast for bf16 (fp32 master weights), fused AdamW, gradient clipping.
-    Returns the model's parameter count."""
-    import torch
-    import torch.nn.functional as F
-    from omegaconf import OmegaConf
-
-    from ..components.config import data_sources, grad_accumulation
-    from ..components.distributed import pick_device
-    from ..components.metrics import MetricsLogger, Throughput, peak_memory_gib
-    from ..components.optim import lr_lambda, param_groups
-    from ..data import TokenLoader, build_validation_loader, sha256_file
-
-    if cfg.deepspeed.precision not in ("bf16", "fp32"):
-        raise BenchError(f"llama: deepspeed.precision={cfg.deepspeed.precision}: the plain loop runs bf16 or fp32")
-    device = pick_device(cfg.train.device)
-    accum = grad_accumulation(cfg, 1)
-    model = build_llama(cfg, device)
-    step_fn = torch.compile(model) if cfg.train.compile else model
-    o = cfg.optim
-    optimizer = torch.optim.AdamW(
-        param_groups(model, o.weight_decay, o.no_decay_embeddings),
-        lr=o.lr,
-        betas=tuple(o.betas),
-        eps=o.eps,
-        fused=device.type == "cuda" or None,
-    )
-    scheduler = torch.optim.lr_scheduler.LambdaLR(
-        optimizer, lambda s: lr_lambda(s, o.warmup_steps, cfg.train.max_steps, o.decay, o.min_lr_ratio)
-    )
-    sources, sha = data_sources(cfg), sha256_file(cfg.data.tokenizer) if cfg.data.tokenizer else None
-    vocab, mb, seq = model.config.vocab_size, cfg.train.micro_batch_size, cfg.data.seq_len
-    loader = TokenLoader(sources, seq, mb, 0, 1, cfg.data.seed, "train", tokenizer_sha256=sha, vocab_size=vocab)
-    val_loader = build_validation_loader(
-        sources, seq, mb, 0, 1, tokenizer_sha256=sha, vocab_size=vocab, max_sequences=cfg.train.eval_batches * mb
-    )
-    autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=cfg.deepspeed.precision == "bf16")
-
-    def loss_of(batch):
-        with autocast:
-            logits = step_fn(input_ids=batch["input_ids"].to(device)).logits
-        return F.cross_entropy(logits.float().flatten(0, 1), batch["labels"].to(device).flatten(), ignore_index=-100)
-
-    @torch.no_grad()
-    def evaluate() -> float:
-        model.eval()
-        total, n = 0.0, 0
-        for i, batch in enumerate(val_loader):
-            if i >= cfg.train.eval_batches:
-                break
-            count = int((batch["labels"] != -100).sum())
-            total, n = total + loss_of(batch).item() * count, n + count
-        model.train()
-        return total / max(n, 1)
-
-    os.makedirs(cfg.run.dir, exist_ok=True)
-    resolved = OmegaConf.to_container(OmegaConf.structured(cfg), resolve=True)
-    logger = MetricsLogger(cfg.run.dir, True, cfg.wandb, resolved, None)
-    tokens_per_step = accum * mb * seq
-    throughput, tokens_seen = Throughput(0), 0
-    model.train()
-    for step in range(1, cfg.train.max_steps + 1):
-        losses = []
-        for _ in range(accum):
-            loss = loss_of(next(loader))
-            (loss / accum).backward()
-            losses.append(loss.detach())
-        grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), o.grad_clip if o.grad_clip > 0 else math.inf)
-        optimizer.step()
-        scheduler.step()
-        optimizer.zero_grad(set_to_none=True)
-        tokens_seen += tokens_per_step
-        if step % cfg.train.log_interval == 0 or step == cfg.train.max_steps:
-            logger.log(
-                {
-                    "step": step,
-                    "loss": torch.stack(losses).mean().item(),
-                    "lr": scheduler.get_last_lr()[0],
-                    "grad_norm": float(grad_norm),
-                    "tokens_per_s": throughput.rate(tokens_seen),
-                    "peak_mem_gib": peak_memory_gib(device),
-                    "tokens_seen": tokens_seen,
-                }
-            )
-        if step % cfg.train.eval_interval == 0 or step == cfg.train.max_steps:
-            with throughput.paused():
-                val = evaluate()
-            logger.log({"step": step, "val_loss": val, "val_ppl": math.exp(min(val, 50.0))})
-    logger.close()
-    return sum(p.numel() for p in model.parameters())
-
-
 # ---------------------------------------------------------------- rows, table, plot
 
 
 def run_model(s: Settings, model: ModelSpec, out: Path, overwrite: bool) -> dict:
     from ..plot import read_metrics
+    from .llama_loop import train_llama
 
     run_dir = out / "runs" / model.run_name
     if run_dir.exists():

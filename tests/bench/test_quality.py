@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "data"))
-from shard_fixtures import write_shard_dir  # noqa: E402
+from shard_fixtures import learnable_tokens, write_shard_dir  # noqa: E402
 
 pytest.importorskip("transformers")
 
@@ -48,13 +48,7 @@ CPU_ARGS = [
 
 @pytest.fixture(scope="module")
 def shards(tmp_path_factory):
-    rng = np.random.default_rng(0)
-    n = 20_000
-    toks = np.empty(n, dtype=np.int64)
-    toks[0] = 10
-    for i in range(1, n):
-        toks[i] = (3 * toks[i - 1] + rng.integers(0, 3)) % 500 + 10
-    toks[rng.choice(n, n // 50, replace=False)] = 2
+    toks = learnable_tokens(20_000, 510)  # ids 10..509 and EOS, under VOCAB
     directory = tmp_path_factory.mktemp("shards") / "syn"
     write_shard_dir(directory, toks[:16_000], toks[16_000:], shard_tokens=4096, vocab_size=VOCAB)
     return directory

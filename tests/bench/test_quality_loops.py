@@ -8,14 +8,13 @@ import json
 import sys
 from pathlib import Path
 
-import numpy as np
 import pytest
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "data"))
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "inference"))
 from gen_fixtures import init_dist  # noqa: E402
-from shard_fixtures import write_shard_dir  # noqa: E402
+from shard_fixtures import learnable_tokens, write_shard_dir  # noqa: E402
 
 pytest.importorskip("transformers")
 pytest.importorskip("deepspeed")
@@ -30,14 +29,7 @@ BF16_LOSS_RTOL, BF16_GRAD_NORM_RTOL = 2e-4, 1e-2  # measured 3e-5 and 1.2e-3
 
 @pytest.fixture(scope="module")
 def shards(tmp_path_factory):
-    """A learnable corpus: token t+1 = (3 t + noise) mod V, EOS every ~50 tokens."""
-    rng = np.random.default_rng(0)
-    n = 12_000
-    toks = np.empty(n, dtype=np.int64)
-    toks[0] = 10
-    for i in range(1, n):
-        toks[i] = (3 * toks[i - 1] + rng.integers(0, 3)) % (VOCAB - 10) + 10
-    toks[rng.choice(n, n // 50, replace=False)] = 2
+    toks = learnable_tokens(12_000, VOCAB)
     directory = tmp_path_factory.mktemp("shards") / "syn"
     write_shard_dir(directory, toks[:10_000], toks[10_000:], shard_tokens=4096, vocab_size=VOCAB)
     return directory
@@ -76,7 +68,7 @@ def metrics(run_dir: Path) -> list:
 
 def train_ours_from_llama_weights(cfg) -> None:
     """bench.quality's own run of the preset (the trainer), with the weights the plain loop starts from."""
-    from retnet_train.bench.quality import build_llama
+    from retnet_train.bench.llama_loop import build_llama
     from retnet_train.interop.llama import from_llama
     from retnet_train.parallel import parallelize
     from retnet_train.trainer import Trainer
@@ -93,7 +85,8 @@ def train_ours_from_llama_weights(cfg) -> None:
 def run_both(shards, tmp_path, zero_stage: int, precision: str) -> tuple:
     """bench.quality's two runs of the Transformer++ shape from the same weights: (ours, the plain loop's)
     metrics.jsonl records."""
-    from retnet_train.bench.quality import compose, parse_model, train_llama, trainer_overrides
+    from retnet_train.bench.llama_loop import train_llama
+    from retnet_train.bench.quality import compose, parse_model, trainer_overrides
 
     init_dist()
     s = settings(shards, zero_stage, precision)

@@ -20,6 +20,18 @@ VOCAB = 1 << 20  # uint32 shards: room for position-coded tokens
 TOKENIZER_SHA = "ab" * 32
 
 
+def learnable_tokens(n: int, vocab_size: int, seed: int = 0) -> np.ndarray:
+    """A corpus a tiny model learns in a few steps: token t+1 = (3 t + noise) mod (V - 10) + 10, and
+    EOS (id 2) at ~1 in 50 positions."""
+    rng = np.random.default_rng(seed)
+    toks = np.empty(n, dtype=np.int64)
+    toks[0] = 10
+    for i in range(1, n):
+        toks[i] = (3 * toks[i - 1] + rng.integers(0, 3)) % (vocab_size - 10) + 10
+    toks[rng.choice(n, n // 50, replace=False)] = 2
+    return toks
+
+
 def position_tokens(n: int, offset: int = 0, doc_len: int = 37) -> np.ndarray:
     """Tokens whose value is FIRST_ID + offset + position, with EOS ending every doc_len tokens."""
     tokens = np.arange(n, dtype=np.int64) + FIRST_ID + offset

@@ -11,25 +11,18 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Optional
 
-import numpy as np
 import pytest
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "data"))
-from shard_fixtures import write_shard_dir  # noqa: E402
+from shard_fixtures import learnable_tokens, write_shard_dir  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[2]
 VOCAB = 512
 
 
 def make_shards(directory: Path) -> Path:
-    """A learnable synthetic corpus: token t+1 = (3 t + noise) mod V, EOS every ~50 tokens."""
-    rng = np.random.default_rng(0)
-    n = 60_000
-    toks = np.empty(n, dtype=np.int64)
-    toks[0] = 10
-    for i in range(1, n):
-        toks[i] = (3 * toks[i - 1] + rng.integers(0, 3)) % (VOCAB - 10) + 10
-    toks[rng.choice(n, n // 50, replace=False)] = 2
+    """learnable_tokens' corpus, 50,000 training and 10,000 validation tokens."""
+    toks = learnable_tokens(60_000, VOCAB)
     write_shard_dir(directory, toks[:50_000], toks[50_000:], shard_tokens=8192, vocab_size=VOCAB)
     return directory
 

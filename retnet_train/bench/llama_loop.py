@@ -1,0 +1,135 @@
+"""The quality benchmark's reference: a stock Hugging Face LlamaForCausalLM of the Transformer++
+preset's shape in a plain torch loop, around our loaders, optimizer groups, schedule and logging, so
+that it differs from the trainer in the training code only (torch autocast for bf16 with fp32
+weights, fused AdamW, gradient clipping)."""
+
+from __future__ import annotations
+
+import math
+import os
+
+import torch
+import torch.nn.functional as F
+
+
+def build_llama(cfg, device):
+    """LlamaForCausalLM of the config's (Transformer++) model shape, with transformers' own init."""
+    import transformers
+
+    from ..interop.llama import llama_config
+    from ..model import model_config_from_dict
+
+    torch.manual_seed(cfg.train.seed)
+    # attention through SDPA (the flash kernel on GPU), as our Transformer's
+    config = transformers.LlamaConfig(
+        **llama_config(model_config_from_dict(cfg.model), cfg.data.seq_len), attn_implementation="sdpa"
+    )
+    return transformers.LlamaForCausalLM(config).to(device)
+
+
+def make_optimizer(cfg, model, device):
+    """AdamW over the trainer's parameter groups, and the trainer's learning-rate schedule."""
+    from ..components.optim import lr_lambda, param_groups
+
+    o = cfg.optim
+    optimizer = torch.optim.AdamW(
+        param_groups(model, o.weight_decay, o.no_decay_embeddings),
+        lr=o.lr,
+        betas=tuple(o.betas),
+        eps=o.eps,
+        fused=device.type == "cuda" or None,
+    )
+    schedule = torch.optim.lr_scheduler.LambdaLR(
+        optimizer, lambda s: lr_lambda(s, o.warmup_steps, cfg.train.max_steps, o.decay, o.min_lr_ratio)
+    )
+    return optimizer, schedule
+
+
+def make_loaders(cfg, vocab_size: int):
+    """The trainer's training and validation loaders of one rank, in its data order."""
+    from ..components.config import data_sources
+    from ..data import TokenLoader, build_validation_loader, sha256_file
+
+    sources, sha = data_sources(cfg), sha256_file(cfg.data.tokenizer) if cfg.data.tokenizer else None
+    mb, seq = cfg.train.micro_batch_size, cfg.data.seq_len
+    loader = TokenLoader(sources, seq, mb, 0, 1, cfg.data.seed, "train", tokenizer_sha256=sha, vocab_size=vocab_size)
+    validation = build_validation_loader(
+        sources, seq, mb, 0, 1, tokenizer_sha256=sha, vocab_size=vocab_size, max_sequences=cfg.train.eval_batches * mb
+    )
+    return loader, validation
+
+
+def train_llama(cfg) -> int:
+    """Train the Llama for cfg.train.max_steps, logging to cfg.run.dir/metrics.jsonl as the trainer
+    does; returns its parameter count."""
+    from omegaconf import OmegaConf
+
+    from ..components.config import grad_accumulation
+    from ..components.distributed import pick_device
+    from ..components.metrics import MetricsLogger, Throughput, peak_memory_gib
+
+    if cfg.deepspeed.precision not in ("bf16", "fp32"):
+        raise ValueError(f"llama: deepspeed.precision={cfg.deepspeed.precision}: the plain loop runs bf16 or fp32")
+    device = pick_device(cfg.train.device)
+    accum = grad_accumulation(cfg, 1)
+    model = build_llama(cfg, device)
+    step_fn = torch.compile(model) if cfg.train.compile else model
+    optimizer, schedule = make_optimizer(cfg, model, device)
+    loader, val_loader = make_loaders(cfg, model.config.vocab_size)
+    autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=cfg.deepspeed.precision == "bf16")
+
+    def loss_of(batch):
+        with autocast:
+            logits = step_fn(input_ids=batch["input_ids"].to(device)).logits
+        return F.cross_entropy(logits.float().flatten(0, 1), batch["labels"].to(device).flatten(), ignore_index=-100)
+
+    os.makedirs(cfg.run.dir, exist_ok=True)
+    resolved = OmegaConf.to_container(OmegaConf.structured(cfg), resolve=True)
+    logger = MetricsLogger(cfg.run.dir, True, cfg.wandb, resolved, None)
+    tokens_per_step = accum * cfg.train.micro_batch_size * cfg.data.seq_len
+    throughput, tokens_seen = Throughput(0), 0
+    clip = cfg.optim.grad_clip if cfg.optim.grad_clip > 0 else math.inf
+    model.train()
+    for step in range(1, cfg.train.max_steps + 1):
+        losses = []
+        for _ in range(accum):
+            loss = loss_of(next(loader))
+            (loss / accum).backward()
+            losses.append(loss.detach())
+        grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), clip)
+        optimizer.step()
+        schedule.step()
+        optimizer.zero_grad(set_to_none=True)
+        tokens_seen += tokens_per_step
+        if step % cfg.train.log_interval == 0 or step == cfg.train.max_steps:
+            logger.log(
+                {
+                    "step": step,
+                    "loss": torch.stack(losses).mean().item(),
+                    "lr": schedule.get_last_lr()[0],
+                    "grad_norm": float(grad_norm),
+                    "tokens_per_s": throughput.rate(tokens_seen),
+                    "peak_mem_gib": peak_memory_gib(device),
+                    "tokens_seen": tokens_seen,
+                }
+            )
+        if step % cfg.train.eval_interval == 0 or step == cfg.train.max_steps:
+            with throughput.paused():
+                val = validation_loss(model, loss_of, val_loader, cfg.train.eval_batches)
+            logger.log({"step": step, "val_loss": val, "val_ppl": math.exp(min(val, 50.0))})
+    logger.close()
+    return sum(p.numel() for p in model.parameters())
+
+
+@torch.no_grad()
+def validation_loss(model, loss_of, val_loader, max_batches: int) -> float:
+    """Token-weighted mean loss over up to max_batches validation micro-batches."""
+    model.eval()
+    total, n = 0.0, 0
+    for i, batch in enumerate(val_loader):
+        if i >= max_batches:
+            break
+        count = int((batch["labels"] != -100).sum())
+        total, n = total + loss_of(batch).item() * count, n + count
+    model.train()
+    return total / max(n, 1)
