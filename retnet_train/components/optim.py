@@ -162,6 +162,10 @@ def deepspeed_config(cfg: TrainConfig, grad_accum: int, world_size: int, load_un
     }
     if ds.grad_accum_dtype is not None:
         config["data_types"] = {"grad_accum_dtype": ds.grad_accum_dtype}
+    if ds.grad_accum_dtype == "fp32":
+        # BF16_Optimizer all-reduces its fp32 sum after the last backward in this dtype, by default the
+        # weights' (bf16): a round trip that would round the sum to bf16 even on one rank
+        config["communication_data_type"] = "fp32"
     if load_universal:
         config["checkpoint"] = {"load_universal": True}
     return config

@@ -34,10 +34,13 @@ def config(precision="bf16", stage=1, grad_accum_dtype=None, offload=False) -> T
 
 
 def test_deepspeed_config_carries_it_only_when_set():
-    assert "data_types" not in deepspeed_config(config(), ACCUM, world_size=1)  # DeepSpeed's default
+    default = deepspeed_config(config(), ACCUM, world_size=1)
+    assert "data_types" not in default and "communication_data_type" not in default  # DeepSpeed's defaults
     cfg = config(grad_accum_dtype="fp32")
     check_values(cfg)
-    assert deepspeed_config(cfg, ACCUM, world_size=1)["data_types"] == {"grad_accum_dtype": "fp32"}
+    ds_config = deepspeed_config(cfg, ACCUM, world_size=1)
+    assert ds_config["data_types"] == {"grad_accum_dtype": "fp32"}
+    assert ds_config["communication_data_type"] == "fp32"  # the sum is all-reduced in fp32 too
     for stage in (0, 1, 2, 3):  # fp32 training: its gradients are fp32 already, at any stage
         check_values(config("fp32", stage, "fp32"))
 
@@ -95,6 +98,25 @@ def test_each_micro_batch_gradient_is_summed_once_in_fp32():
     assert e.was_step_applied()
     expected = torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(t) for t in total])).item()
     assert e.get_global_grad_norm() == pytest.approx(expected, rel=1e-5)
+    e.destroy()
+
+
+def test_the_optimizer_steps_with_the_exact_fp32_sum():
+    """After the step's last backward DeepSpeed all-reduces BF16_Optimizer's fp32 sum in its communication
+    dtype, bf16 by default, which would round the sum to bf16 even on one rank: the gradient the optimizer
+    steps with is, bit for bit, the fp32 sum of the micro-batches' bf16 gradients."""
+    e = engine("fp32")
+    params = list(e.module.parameters())
+    total = [torch.zeros(p.shape) for p in params]
+    for i, ids in enumerate(batches(ACCUM)):
+        e.backward(e(ids[:, :-1], labels=ids[:, 1:]).loss)
+        total = [t + p.grad.float() for t, p in zip(total, params)]  # p.grad: this micro-batch's, in bf16
+        if i < ACCUM - 1:
+            e.step()
+    assert e.is_gradient_accumulation_boundary()  # reduced, not stepped yet
+    summed = [deepspeed.utils.safe_get_full_grad(p) for p in params]
+    assert all(s.dtype == torch.float32 and torch.equal(s, t) for s, t in zip(summed, total))
+    assert not all(torch.equal(t, t.bfloat16().float()) for t in total)  # a bf16 round trip would show
     e.destroy()
 
 
