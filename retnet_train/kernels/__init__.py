@@ -62,10 +62,22 @@ GPU_CHECKED_TRITON_KEY_DIM = 128
 
 
 def retention_op(
-    backend, q, k, v, log_gamma, mode, chunk_size, reset=None, state=None, row_sums=True, state_grad=False
+    backend,
+    q,
+    k,
+    v,
+    log_gamma,
+    mode,
+    chunk_size,
+    reset=None,
+    state=None,
+    row_sums=True,
+    state_grad=False,
+    recompute=True,
 ):
     """state_grad: the final state is backpropagated through (context parallel), which our Triton
-    kernels do not do: the torch path runs instead."""
+    kernels do not do: the torch path runs instead. recompute (torch path): the backward recomputes
+    the chunk states instead of keeping them (torch_retention._equal_full_chunks)."""
     if backend == "triton" and mode != "recurrent" and not state_grad:
         from .triton_retention import supported, triton_retention
 
@@ -85,18 +97,18 @@ def retention_op(
         from .fla_backend import fla_retention
 
         return fla_retention(q, k, v, log_gamma, mode, chunk_size, reset, state, row_sums)
-    return _torch_op(q, k, v, log_gamma, mode, chunk_size, reset, state, row_sums)
+    return _torch_op(q, k, v, log_gamma, mode, chunk_size, reset, state, row_sums, recompute)
 
 
-def _torch_op(q, k, v, log_gamma, mode, chunk_size, reset, state, row_sums):
+def _torch_op(q, k, v, log_gamma, mode, chunk_size, reset, state, row_sums, recompute=True):
     q, k, v = (t.transpose(1, 2) for t in (q, k, v))  # -> [B, H, T, D]
     if state is not None:
         state = state.to(q.dtype)
     if mode != "recurrent":
         out = (
-            parallel_retention(q, k, v, log_gamma, reset, state, row_sums)
+            parallel_retention(q, k, v, log_gamma, reset, state, row_sums, recompute)
             if mode == "parallel"
-            else chunkwise_retention(q, k, v, log_gamma, chunk_size, reset, state, row_sums)
+            else chunkwise_retention(q, k, v, log_gamma, chunk_size, reset, state, row_sums, recompute)
         )
         return out[0].transpose(1, 2), (out[2].transpose(1, 2) if row_sums else None), out[1]
     if not row_sums:

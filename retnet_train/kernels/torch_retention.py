@@ -83,14 +83,18 @@ def scan_weights(log_gamma, C, N, reset_chunks=None):
     return W.unsqueeze(0) * alive.unsqueeze(1)  # [B, H, N+1, N+1]
 
 
-def _equal_full_chunks(q, k, v, log_gamma, reset, state, C, row_sums=False):
+def _equal_full_chunks(q, k, v, log_gamma, reset, state, C, row_sums=False, recompute=True):
     """Chunkwise retention for T divisible by C: parallel inside each chunk, recurrent across.
 
-    Backward keeps only q, k, v (and the incoming state and resets): the intra-chunk scores and the
-    per-chunk states are recomputed there (ChunkRetention), so what a layer keeps per token does not
-    depend on the chunk size. Returns (o, final_state) or, with row_sums, (o, final_state, s).
+    recompute: the backward keeps only q, k, v (and the incoming state and resets) and recomputes the
+    intra-chunk scores and the per-chunk states (ChunkRetention), so what a layer keeps per token does
+    not depend on the chunk size; otherwise autograd keeps the chunk states [B, H, T/C + 1, K, V]
+    (faster, more memory: docs/benchmarks.md). Returns (o, final_state) or, with row_sums, (o, final_state, s).
     """
-    o, final, s = ChunkRetention.apply(q, k, v, log_gamma, reset, state, C, row_sums)
+    if recompute:
+        o, final, s = ChunkRetention.apply(q, k, v, log_gamma, reset, state, C, row_sums)
+    else:
+        o, final, s = chunk_forward(q, k, v, log_gamma, reset, state, C, row_sums)
     return (o, final, s) if row_sums else (o, final)
 
 
@@ -248,7 +252,7 @@ class ChunkRetention(torch.autograd.Function):
         return dq, dk, dv, None, None, d_state, None, None
 
 
-def chunkwise_retention(q, k, v, log_gamma, chunk_size, reset=None, state=None, row_sums=False):
+def chunkwise_retention(q, k, v, log_gamma, chunk_size, reset=None, state=None, row_sums=False, recompute=True):
     """Chunkwise-recurrent form: O(T C) work, linear in T. A last partial chunk runs on its own."""
     T = q.shape[2]
     full = (T // chunk_size) * chunk_size
@@ -264,6 +268,7 @@ def chunkwise_retention(q, k, v, log_gamma, chunk_size, reset=None, state=None, 
                 state,
                 chunk_size if hi == full else hi - lo,
                 row_sums,
+                recompute,
             )
             state = out[1]
             pieces.append(out)
@@ -273,9 +278,9 @@ def chunkwise_retention(q, k, v, log_gamma, chunk_size, reset=None, state=None, 
     return (o, state) if not row_sums else (o, state, torch.cat([p[2] for p in pieces], dim=2))
 
 
-def parallel_retention(q, k, v, log_gamma, reset=None, state=None, row_sums=False):
+def parallel_retention(q, k, v, log_gamma, reset=None, state=None, row_sums=False, recompute=True):
     """Parallel form (Q K^T ⊙ D) V over the whole sequence: the single-chunk case."""
-    return _equal_full_chunks(q, k, v, log_gamma, reset, state, q.shape[2], row_sums)
+    return _equal_full_chunks(q, k, v, log_gamma, reset, state, q.shape[2], row_sums, recompute)
 
 
 def retention(q, k, v, log_gamma, mode, chunk_size, reset=None, state=None):

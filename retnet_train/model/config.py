@@ -84,6 +84,8 @@ class RetNetConfig(DecoderConfig):
     head_norm_affine: bool = False  # per-head GroupNorm scale (torchscale: none)
     gate_activation: str = "silu"  # swish
     retention_backend: str = "auto"  # auto: fla's Triton kernels on GPU when installed, else torch
+    # torch backend: the backward recomputes the chunk states (less memory); false keeps them (faster)
+    retention_recompute: bool = True
 
     @property
     def arch(self) -> str:

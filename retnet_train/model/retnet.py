@@ -71,6 +71,7 @@ class MultiScaleRetention(nn.Module):
         self.n_heads, self.key_dim, self.head_dim = config.n_heads, config.key_head_dim, config.value_head_dim
         self.normalize = config.normalize_retention
         self.backend = config.retention_backend
+        self.recompute = config.retention_recompute
         # q, k and v stacked in one weight (rows [q; k; v]): DeepSpeed's optimizer step costs per
         # parameter tensor, so 2 fewer tensors per layer is a shorter step (docs/benchmarks.md). The
         # gate keeps its own weight, computed after the retention (forward says why).
@@ -144,6 +145,7 @@ class MultiScaleRetention(nn.Module):
             state,
             self.normalize,
             state_grad=state_grad,
+            recompute=self.recompute,
         )
 
     def finish(self, o, row_sum, ctx: SequenceContext):

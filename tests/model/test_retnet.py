@@ -186,6 +186,20 @@ def test_activation_checkpointing_same_gradients_less_memory():
         parallelize(model, activation_checkpointing="some")
 
 
+def test_keeping_the_chunk_states_gives_the_same_gradients_for_more_memory():
+    """retention_recompute=false: autograd keeps the chunk states [B, H, T/C + 1, K, V] instead of the
+    backward recomputing them, for the same gradients."""
+    ids = torch.randint(0, VOCAB, (2, 12))
+    recomputed = make_model(retention_backend="torch").train()
+    kept = make_model(retention_backend="torch", retention_recompute=False).train()
+    kept.load_state_dict(recomputed.state_dict())
+    bytes_recomputed, grads_recomputed = _saved_bytes_and_grads(recomputed, ids, "none")
+    bytes_kept, grads_kept = _saved_bytes_and_grads(kept, ids, "none")
+    assert torch.allclose(grads_kept, grads_recomputed, atol=1e-6)
+    B, H, N, K, V = 2, 2, 12 // 4, 16, 32  # make_model: d 32, 2 heads, value dim 2d, chunk 4
+    assert bytes_kept - bytes_recomputed >= 2 * B * H * (N + 1) * K * V * 4  # both layers' fp32 states
+
+
 def test_loss_ignores_minus_100():
     model = make_model()
     ids = torch.randint(0, VOCAB, (1, 10))
@@ -272,7 +286,7 @@ def test_context_parallel_asks_for_the_state_gradient(monkeypatch):
     monkeypatch.setattr(
         retnet_module,
         "retention_op",
-        lambda backend, *a, state_grad: (used.append((backend, state_grad)), real("torch", *a))[1],
+        lambda backend, *a, state_grad, recompute: (used.append((backend, state_grad)), real("torch", *a))[1],
     )
 
     class Segment:  # stands in for parallel.context's segment: no earlier ranks
