@@ -19,7 +19,7 @@ import torch.distributed as dist
 from omegaconf import OmegaConf
 from tqdm import tqdm
 
-from .components.checkpoint import CheckpointManager, client_state, load_parts, resolve_resume
+from .components.checkpoint import CheckpointManager, client_state, load_initial_weights, load_parts, resolve_resume
 from .components.checkpoint_discovery import model_states_file
 from .components.config import TrainConfig, check_values, config_diff, data_sources, grad_accumulation
 from .components.distributed import init_distributed, pick_device
@@ -135,8 +135,13 @@ class Trainer:
 
     def _build_model(self):
         train = self.cfg.train
+        model = build_model(self.model_cfg)
+        if train.init_weights:
+            load_initial_weights(model, train.init_weights)
+            if self.is_main:
+                print(f"initial weights from {train.init_weights}", flush=True)
         return parallelize(
-            build_model(self.model_cfg),
+            model,
             compile=train.compile,
             activation_checkpointing=train.activation_checkpointing,
             activation_memory_budget=train.activation_memory_budget,

@@ -68,15 +68,18 @@ def train_llama(cfg) -> int:
     from ..components.distributed import pick_device
     from ..components.metrics import MetricsLogger, Throughput, peak_memory_gib
 
-    if cfg.deepspeed.precision not in ("bf16", "fp32"):
-        raise ValueError(f"llama: deepspeed.precision={cfg.deepspeed.precision}: the plain loop runs bf16 or fp32")
+    if cfg.deepspeed.precision not in ("bf16", "bf16-mixed", "fp32"):
+        raise ValueError(
+            f"llama: deepspeed.precision={cfg.deepspeed.precision}: the plain loop runs fp32 or autocast bf16 "
+            "(bf16, bf16-mixed)"
+        )
     device = pick_device(cfg.train.device)
     accum = grad_accumulation(cfg, 1)
     model = build_llama(cfg, device)
     step_fn = torch.compile(model) if cfg.train.compile else model
     optimizer, schedule = make_optimizer(cfg, model, device)
     loader, val_loader = make_loaders(cfg, model.config.vocab_size)
-    autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=cfg.deepspeed.precision == "bf16")
+    autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=cfg.deepspeed.precision != "fp32")
 
     def loss_of(batch):
         with autocast:

@@ -97,6 +97,7 @@ class Settings:
     device: str
     seed: int
     extra: list[str]  # further trainer overrides, for every model
+    paired_init: bool = False  # transformer_pp starts from the weights the llama loop starts from
 
     @property
     def steps(self) -> int:
@@ -160,6 +161,19 @@ def train_ours(cfg) -> None:
     train.run(cfg)
 
 
+def export_llama_init(cfg, directory: Path) -> Path:
+    """The initial weights of the llama loop for this config (its seed), as our Transformer's export."""
+    import torch
+
+    from ..inference.native import save_native
+    from ..interop.llama import from_llama
+    from .llama_loop import build_llama
+
+    llama = build_llama(cfg, torch.device("cpu"))
+    save_native(from_llama(llama.state_dict(), llama.config), str(directory))
+    return directory
+
+
 def count_params(cfg) -> int:
     import torch
 
@@ -182,6 +196,9 @@ def run_model(s: Settings, model: ModelSpec, out: Path, overwrite: bool) -> dict
             raise BenchError(f"{run_dir}: exists (an earlier run of {model.spec}); pass --overwrite to train it again")
         shutil.rmtree(run_dir)  # the benchmark's own run directory
     overrides = trainer_overrides(s, model, run_dir)
+    if s.paired_init and model.name == "transformer_pp":
+        init_dir = export_llama_init(compose(overrides), out / "init" / model.run_name)
+        overrides.append(f"train.init_weights={init_dir}")
     cfg = compose(overrides)
     t0 = time.perf_counter()
     if model.name == "llama":
@@ -323,7 +340,13 @@ def parse_args(argv: Sequence[str] | None):
     p.add_argument("--eval-interval", type=int, default=20)
     p.add_argument("--eval-batches", type=int, default=8, help="validation micro-batches per evaluation")
     p.add_argument("--zero-stage", type=int, default=1)
-    p.add_argument("--precision", default="bf16", choices=("bf16", "fp32"))
+    p.add_argument(
+        "--precision",
+        default="bf16",
+        choices=("bf16", "bf16-mixed", "fp32"),
+        help="deepspeed.precision of our models (docs/training.md#precision); the plain loop runs autocast bf16 "
+        "for both bf16 and bf16-mixed",
+    )
     p.add_argument(
         "--grad-accum-dtype",
         default="null",
@@ -336,6 +359,12 @@ def parse_args(argv: Sequence[str] | None):
     p.add_argument("--device", default="auto", choices=("auto", "cuda", "cpu"))
     p.add_argument("--seed", type=int, default=1234)
     p.add_argument("--override", action="append", default=[], help="a further trainer override for every model")
+    p.add_argument(
+        "--paired-init",
+        action="store_true",
+        help="transformer_pp starts from the llama loop's initial weights (same seed, loaded with interop.llama), "
+        "so the two rows differ in the training code only",
+    )
     p.add_argument("--overwrite", action="store_true", help="train models whose run directory exists again")
     a = p.parse_args(argv)
     s = Settings(
@@ -359,6 +388,7 @@ def parse_args(argv: Sequence[str] | None):
         device=a.device,
         seed=a.seed,
         extra=a.override,
+        paired_init=a.paired_init,
     )
     return s, a
 

@@ -209,3 +209,15 @@ class CheckpointManager:
                 flush=True,
             )
         return client_state
+
+
+def load_initial_weights(model, path: str) -> None:
+    """train.init_weights: a fresh run starts from an export's or a checkpoint's weights; what does not
+    fit the model config is refused naming the path and the key."""
+    from ..inference.errors import CheckpointError
+    from ..inference.load import load_weights, read_weights
+
+    try:
+        load_weights(model, read_weights(path)[1], path)
+    except CheckpointError as e:
+        raise ValueError(f"train.init_weights: {e}") from None

@@ -36,10 +36,17 @@ class OptimConfig:
     grad_clip: float = 1.0
 
 
+PRECISIONS = ("bf16", "bf16-mixed", "fp16", "fp32")
+FP32_WEIGHTS = ("fp32", "bf16-mixed")  # precisions whose weights, gradients and checkpoints are fp32
+
+
 @dataclass
 class DeepSpeedConfig:
     zero_stage: int = 1
-    precision: str = "bf16"  # bf16 | fp16 | fp32
+    # bf16: bf16 weights and activations, fp32 master weights in the optimizer (DeepSpeed's bf16) |
+    # bf16-mixed: fp32 weights, forward and backward under torch.autocast(bf16) (DeepSpeed's torch_autocast) |
+    # fp16 (dynamic loss scaling) | fp32
+    precision: str = "bf16"
     # dtype of the gradients summed over micro-batches (and reduced over ranks): null = the precision's
     # (DeepSpeed's default: bf16 gradients under bf16) | fp32 (bf16 with ZeRO 1: DeepSpeed's BF16_Optimizer,
     # which adds each micro-batch's bf16 gradients into fp32 ones, as a torch.autocast loop keeps them)
@@ -68,6 +75,9 @@ class TrainSection:
     # keeping it, down to this fraction of the activations kept by default
     activation_memory_budget: float = 1.0
     resume: str = "auto"  # auto: latest valid checkpoint if any | never | <dir>/step_N | a dir holding checkpoints
+    # a fresh run starts from these weights: an export dir or a DeepSpeed checkpoint (a run dir, its
+    # checkpoints dir or a step dir); the model config must fit them. A resumed run loads its checkpoint.
+    init_weights: Optional[str] = None
     seed: int = 1234
     max_consecutive_nonfinite: int = 5
     device: str = "auto"  # auto | cpu | cuda
@@ -227,9 +237,9 @@ def check_values(cfg: TrainConfig) -> None:
     need(0 <= cfg.optim.min_lr_ratio <= 1, "optim.min_lr_ratio", "must be in [0, 1]")
     need(cfg.deepspeed.zero_stage in (0, 1, 2, 3), "deepspeed.zero_stage", f"{cfg.deepspeed.zero_stage} is not 0-3")
     need(
-        cfg.deepspeed.precision in ("bf16", "fp16", "fp32"),
+        cfg.deepspeed.precision in PRECISIONS,
         "deepspeed.precision",
-        f"{cfg.deepspeed.precision!r} is not bf16|fp16|fp32",
+        f"{cfg.deepspeed.precision!r} is not {'|'.join(PRECISIONS)}",
     )
     need(
         not cfg.deepspeed.offload_param or cfg.deepspeed.zero_stage == 3,
@@ -284,10 +294,10 @@ GRAD_ACCUM_KEY = "deepspeed.grad_accum_dtype"
 
 def check_grad_accum_dtype(ds: DeepSpeedConfig) -> None:
     """null, or fp32 where the trainer is tested with it: bf16 at ZeRO 1 without optimizer offload
-    (DeepSpeed's BF16_Optimizer), or fp32 training, whose gradients are fp32 anyway. DeepSpeed itself
+    (DeepSpeed's BF16_Optimizer), or fp32 weights (fp32, bf16-mixed), whose gradients are fp32 anyway. DeepSpeed itself
     refuses bf16 with fp32 gradients at ZeRO 0; ZeRO 2/3, offload and fp16 run other optimizers."""
     value = ds.grad_accum_dtype
-    if value is None or (value == "fp32" and ds.precision == "fp32"):
+    if value is None or (value == "fp32" and ds.precision in FP32_WEIGHTS):
         return
     if value != "fp32":
         raise ValueError(f"{GRAD_ACCUM_KEY}: {value!r} is not fp32 (or null: the dtype of deepspeed.precision)")

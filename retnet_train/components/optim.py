@@ -6,7 +6,7 @@ import math
 
 import torch
 
-from .config import TrainConfig
+from .config import FP32_WEIGHTS, TrainConfig
 
 
 def param_groups(model: torch.nn.Module, weight_decay: float, no_decay_embeddings: bool) -> list:
@@ -89,7 +89,8 @@ def block_classes() -> list:
 
 
 def uses_guarded_adamw(cfg: TrainConfig) -> bool:
-    return cfg.deepspeed.zero_stage == 0 and cfg.deepspeed.precision == "fp32" and not cfg.deepspeed.offload_optimizer
+    ds = cfg.deepspeed
+    return ds.zero_stage == 0 and ds.precision in FP32_WEIGHTS and not ds.offload_optimizer
 
 
 def build_optimizer(model, cfg: TrainConfig, device: torch.device):
@@ -160,6 +161,10 @@ def deepspeed_config(cfg: TrainConfig, grad_accum: int, world_size: int, load_un
         "steps_per_print": 10**12,  # we log ourselves
         "wall_clock_breakdown": False,
     }
+    if ds.precision == "bf16-mixed":
+        # fp32 weights and gradients, the forward under torch.autocast(bf16) as in a plain AMP loop. No
+        # module is "lower precision safe": gradients are reduced in fp32, as DDP reduces an AMP loop's.
+        config["torch_autocast"] = {"enabled": True, "dtype": "bfloat16", "lower_precision_safe_modules": []}
     if ds.grad_accum_dtype is not None:
         config["data_types"] = {"grad_accum_dtype": ds.grad_accum_dtype}
     if ds.grad_accum_dtype == "fp32":

@@ -40,6 +40,7 @@ import torch.distributed as dist
 
 from ..interop.legacy import has_separate_projections
 from .checkpoint_discovery import model_states_file
+from .config import FP32_WEIGHTS
 
 UNIVERSAL = "universal"  # <dir>/<tag>/universal: the converted copy
 TMP_PREFIX = ".universal.tmp-"
@@ -48,6 +49,11 @@ TMP_PREFIX = ".universal.tmp-"
 def run_layout(cfg, world: int) -> dict:
     """What a checkpoint of this run depends on besides the model itself (stored as client["layout"])."""
     return {"world_size": world, "zero_stage": cfg.deepspeed.zero_stage, "precision": cfg.deepspeed.precision}
+
+
+def stored_precision(precision: str) -> str:
+    """The precision of what a checkpoint holds: bf16-mixed runs keep fp32 weights and optimizer state."""
+    return "fp32" if precision in FP32_WEIGHTS else precision
 
 
 def _model_states(tag_dir: str) -> dict:
@@ -121,7 +127,7 @@ def plan(directory: str, tag: str, current: dict) -> ResumePlan:
             f"deepspeed.zero_stage={old_z} (any world size works); only 1 <-> 2 can change on resume"
         )
     reshard = old_z != new_z or (old_z >= 1 and old_ws != new_ws)
-    if saved["precision"] != current["precision"] and (reshard or old_z == 0):
+    if stored_precision(saved["precision"]) != stored_precision(current["precision"]) and (reshard or old_z == 0):
         raise ValueError(
             f"train.resume: {path} was written with deepspeed.precision={saved['precision']}, this run "
             f"has deepspeed.precision={current['precision']}: not supported "

@@ -104,6 +104,15 @@ def _tokenizer(given: Optional[str], stored: Optional[str], path: str, vocab_siz
     return tok
 
 
+def read_weights(path: str) -> tuple:
+    """(model config, state dict) of an export dir or a DeepSpeed checkpoint (its latest tag)."""
+    if not os.path.isdir(path):
+        why = "a file; pass its directory" if os.path.exists(path) else "no such directory"
+        raise CheckpointError(f"{path}: {why}")
+    config, state_dict, *_ = _from_export(path) if is_export_dir(path) else _from_deepspeed(path, None, None)
+    return config, state_dict
+
+
 def load_model(
     path: str,
     tag: Optional[str] = None,

@@ -78,6 +78,9 @@ def retention_op(
     """state_grad: the final state is backpropagated through (context parallel), which our Triton
     kernels do not do: the torch path runs instead. recompute (torch path): the backward recomputes
     the chunk states instead of keeping them (torch_retention._equal_full_chunks)."""
+    # Under autocast the rotation leaves q, k in fp32 beside a bf16 v; the backward of a custom autograd
+    # op runs outside autocast, so the inputs share v's dtype from here on.
+    q, k = q.to(v.dtype), k.to(v.dtype)
     if backend == "triton" and mode != "recurrent" and not state_grad:
         from .triton_retention import supported, triton_retention
 

@@ -385,7 +385,12 @@ def _apply_kernel(
         x = tl.load(x_rows + oe[None, :], mask=mr[:, None], other=0.0)
         kb = tl.load(bb + orr[:, None].to(tl.int64) * sbt + oe[None, :], mask=mr[:, None], other=0.0)
         p = tl.dot(x, tl.trans(kb), p, input_precision=prec)
-        if ROW_SUMS:
+    if ROW_SUMS:
+        # A loop of its own: x also feeding this sum inside the pipelined MMA loop above gave wrong o and
+        # row sums on an H200 (wgmma, E 256 / D 512, several configs), right ones in the interpreter.
+        for e0 in range(0, E, BE):
+            oe = e0 + tl.arange(0, BE)
+            x = tl.load(x_rows + oe[None, :], mask=mr[:, None], other=0.0)
             zq += tl.sum(x.to(tl.float32) * tl.load(Z + (bh * N + n) * E + oe)[None, :], 1)
     if KEY_ROWS:
         keep = ar[None, :] >= ar[:, None]

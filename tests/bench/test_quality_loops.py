@@ -1,8 +1,8 @@
 """The two loops of bench.quality train the same network alike: our trainer (DeepSpeed) on the
 Transformer++ preset and the plain torch loop on transformers' LlamaForCausalLM, started from the same
-weights (the Llama's, loaded into ours with interop.llama), on the same data with gradient accumulation
-2, log the same losses, gradient norms, learning rates and validation losses step by step: equal to
-fp32 rounding in fp32, close in bf16."""
+weights (the Llama's, exported and given to ours as train.init_weights: --paired-init), on the same data
+with gradient accumulation 2, log the same losses, gradient norms, learning rates and validation losses
+step by step: equal to fp32 rounding in fp32, close in bf16."""
 
 import json
 import sys
@@ -25,6 +25,7 @@ STEPS = 5
 LOSS_RTOL = 1e-5  # fp32: measured ~2e-7 (the chunked loss and DeepSpeed's reductions sum in another order)
 GRAD_NORM_RTOL = 1e-5  # measured ~2e-7
 BF16_LOSS_RTOL, BF16_GRAD_NORM_RTOL = 2e-4, 1e-2  # measured 3e-5 and 1.2e-3
+MIXED_LOSS_RTOL, MIXED_GRAD_NORM_RTOL = 2e-4, 1e-2  # measured 2.3e-5 and 7e-4
 
 
 @pytest.fixture(scope="module")
@@ -66,35 +67,31 @@ def metrics(run_dir: Path) -> list:
     return [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
 
 
-def train_ours_from_llama_weights(cfg) -> None:
-    """bench.quality's own run of the preset (the trainer), with the weights the plain loop starts from."""
-    from retnet_train.bench.llama_loop import build_llama
-    from retnet_train.interop.llama import from_llama
-    from retnet_train.parallel import parallelize
-    from retnet_train.trainer import Trainer
-
-    llama = build_llama(cfg, torch.device("cpu"))
-
-    class FromLlama(Trainer):
-        def _build_model(self):
-            return parallelize(from_llama(llama.state_dict(), llama.config))
-
-    FromLlama(cfg).train()
-
-
-def run_both(shards, tmp_path, zero_stage: int, precision: str) -> tuple:
+def run_both(shards, tmp_path, zero_stage: int, precision: str, seen: dict | None = None) -> tuple:
     """bench.quality's two runs of the Transformer++ shape from the same weights: (ours, the plain loop's)
-    metrics.jsonl records."""
+    metrics.jsonl records. `seen` gets our engine's weight dtypes and whether it ran under autocast."""
     from retnet_train.bench.llama_loop import train_llama
-    from retnet_train.bench.quality import compose, parse_model, trainer_overrides
+    from retnet_train.bench.quality import compose, export_llama_init, parse_model, trainer_overrides
+    from retnet_train.trainer import Trainer
 
     init_dist()
     s = settings(shards, zero_stage, precision)
     runs = {}
     for name in ("transformer_pp", "llama"):
-        cfg = compose(trainer_overrides(s, parse_model(f"{name}:{SMALL}"), tmp_path / name))
+        overrides = trainer_overrides(s, parse_model(f"{name}:{SMALL}"), tmp_path / name)
+        if name == "transformer_pp":  # bench.quality --paired-init
+            overrides.append(f"train.init_weights={export_llama_init(compose(overrides), tmp_path / 'init')}")
+        cfg = compose(overrides)
         assert (cfg.optim.weight_decay, cfg.optim.grad_clip, cfg.train.global_batch_tokens) == (0.1, 0.5, 2 * 4 * 32)
-        train_ours_from_llama_weights(cfg) if name == "transformer_pp" else train_llama(cfg)
+        if name == "transformer_pp":
+            trainer = Trainer(cfg)
+            trainer.train()
+            engine = trainer.engine
+            if seen is not None:
+                seen["dtypes"] = {p.dtype for p in engine.module.parameters()}
+                seen["autocast"] = engine.torch_autocast_enabled()
+        else:
+            train_llama(cfg)
         runs[name] = metrics(tmp_path / name)
     return runs["transformer_pp"], runs["llama"]
 
@@ -123,3 +120,15 @@ def test_in_bf16_they_differ_by_rounding_only(shards, tmp_path):
     """bf16: our bf16 weights and activations against autocast's fp32 weights and residual stream, both
     with fp32 gradient accumulation. A gradient summed twice or a mis-scaled one is off by far more."""
     compare(*run_both(shards, tmp_path, 1, "bf16"), BF16_LOSS_RTOL, BF16_GRAD_NORM_RTOL)
+
+
+@pytest.mark.parametrize("zero_stage", [1, 0])  # DeepSpeed's ZeRO optimizer; ZeRO 0: GuardedAdamW
+def test_bf16_mixed_is_the_plain_loops_autocast(shards, tmp_path, zero_stage):
+    """deepspeed.precision=bf16-mixed: fp32 weights under DeepSpeed's torch_autocast, the plain loop's own
+    precision. What differs is where each model rounds to bf16 (ours rotates q and k in fp32, the Llama
+    in bf16) and the order of sums: as close as bf16 on this tiny model, off by far more if a gradient
+    were summed twice or mis-scaled."""
+    seen = {}
+    ours, ref = run_both(shards, tmp_path, zero_stage, "bf16-mixed", seen)
+    assert seen == {"dtypes": {torch.float32}, "autocast": True}
+    compare(ours, ref, MIXED_LOSS_RTOL, MIXED_GRAD_NORM_RTOL)

@@ -76,6 +76,29 @@ def test_derived_values_and_sources():
         check_values(cfg)
 
 
+def test_bf16_mixed_is_deepspeeds_torch_autocast_with_fp32_weights():
+    """fp32 weights (DeepSpeed's bf16 off), autocast to bf16, gradients reduced in fp32 (no module listed as
+    lower-precision safe); at ZeRO 0 GuardedAdamW clips as under fp32; a checkpoint holds what fp32's does."""
+    from retnet_train.components.optim import uses_guarded_adamw
+    from retnet_train.components.reshard import stored_precision
+
+    cfg = TrainConfig()
+    cfg.data.paths, cfg.deepspeed.precision = ["/d/web"], "bf16-mixed"
+    check_values(cfg)
+    ds = deepspeed_config(cfg, 4, world_size=2)
+    assert not ds["bf16"]["enabled"] and not ds["fp16"]["enabled"]
+    assert ds["torch_autocast"] == {"enabled": True, "dtype": "bfloat16", "lower_precision_safe_modules": []}
+    assert "torch_autocast" not in deepspeed_config(TrainConfig(), 4, world_size=2)
+    cfg.deepspeed.zero_stage = 0
+    assert uses_guarded_adamw(cfg) and deepspeed_config(cfg, 4, world_size=1)["gradient_clipping"] == 0.0
+    assert stored_precision("bf16-mixed") == stored_precision("fp32") == "fp32" != stored_precision("bf16")
+    cfg.deepspeed.grad_accum_dtype = "fp32"  # its gradients are fp32 already
+    check_values(cfg)
+    cfg.deepspeed.precision = "bf16_mixed"
+    with pytest.raises(ValueError, match=r"deepspeed.precision: 'bf16_mixed' is not bf16\|bf16-mixed\|fp16\|fp32"):
+        check_values(cfg)
+
+
 def test_activation_checkpointing_modes():
     assert [checkpointing_mode(v) for v in ("True", "false", "selective", "FULL", "none", True, False)] == [
         "full",
