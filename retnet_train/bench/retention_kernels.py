@@ -116,7 +116,7 @@ def profile_kernels(fwd_bwd, steps=3) -> dict:
 def autotuned_configs() -> dict:
     """The configs the Triton autotuner picked so far, per kernel and key."""
     try:
-        from ..kernels import triton_retention_kernels as kernels
+        from ..kernels import triton_retention_launch as kernels
     except Exception:
         return {}
     return {
