@@ -4,10 +4,9 @@
         --backends compiled@256,triton@128,triton@256 --profile
 
 Backends: `fla` (fla-core's chunk kernel, fixed chunk 64), `torch@C` (our chunkwise form with chunk
-C, eager), `compiled@C` (the same under torch.compile), `triton@C` (kernels/triton_retention.py,
-states every C tokens) and `triton-gemm@C` (the earlier GEMM-shaped Triton kernels,
-kernels/triton_retention_gemm.py; no document resets), each with the score row sums the paper's
-normalization needs; `--docs N` packs N documents per sequence (document resets).
+C, eager), `compiled@C` (the same under torch.compile) and `triton@C` (kernels/triton_retention.py,
+states every C tokens), each with the score row sums the paper's normalization needs; `--docs N`
+packs N documents per sequence (document resets).
 Prints one JSON line per (head dims, backend): ms of the forward (with grad enabled, as in
 training) and of forward + backward, effective TFLOP/s (the chunkwise form's matmul FLOPs at
 that chunk), the activation memory the backward keeps and, with --profile, the device kernels of
@@ -41,19 +40,13 @@ def chunkwise_flops(B, T, H, K, V, C) -> float:
     return 2.0 * B * H * T * (C * K + C * V + 2 * K * V)
 
 
-KINDS = ("fla", "torch", "compiled", "triton", "triton-gemm")
+KINDS = ("fla", "torch", "compiled", "triton")
 
 
 def retention_fn(kind, C, lg, reset):
     """(q, k, v) -> (o, row sums) for one backend spec."""
     if kind not in KINDS:
         raise ValueError(f"unknown backend {kind!r}: one of {', '.join(KINDS)}")
-    if kind == "triton-gemm":
-        from ..kernels.triton_retention_gemm import triton_retention
-
-        if reset is not None:
-            raise ValueError("triton-gemm has no document resets")
-        return lambda q, k, v: triton_retention(q, k, v, lg, C, None, True)[:2]
     if kind == "triton":  # the kernels themselves: the dispatcher refuses key dims not yet checked on GPU
         from ..kernels.triton_retention import triton_retention
 
@@ -123,7 +116,7 @@ def profile_kernels(fwd_bwd, steps=3) -> dict:
 def autotuned_configs() -> dict:
     """The configs the Triton autotuner picked so far, per kernel and key."""
     try:
-        from ..kernels import triton_retention_kernels as kernels
+        from ..kernels import triton_retention_launch as kernels
     except Exception:
         return {}
     return {
@@ -153,7 +146,9 @@ def main(argv=None):
     p.add_argument("--preset", default=None, help="take heads and head dims from configs/model/<preset>.yaml")
     p.add_argument("--seq-len", type=int, default=8192)
     p.add_argument("--micro-batch", type=int, default=1)
-    p.add_argument("--backends", default="compiled@256,triton@128,triton@256")
+    p.add_argument(
+        "--backends", default="compiled@256,triton@128,triton@256", help=f"KIND@C,...; KIND: {', '.join(KINDS)}"
+    )
     p.add_argument("--docs", type=int, default=1, help="documents per sequence (> 1: document resets)")
     p.add_argument("--steps", type=int, default=20)
     p.add_argument("--profile", action="store_true", help="add each variant's device kernels")

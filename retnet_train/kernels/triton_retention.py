@@ -3,10 +3,10 @@ value dim 512) and narrower ones, with document resets, an incoming state and th
 row sums. Same math and state format as torch_retention (states every C = chunk_size tokens).
 
 Per chunk n (C tokens, c0 its first): S_n is the state entering it, dG_n the gradient that its keys
-receive from later chunks (triton_retention_kernels._states_kernel, sequential over chunks per
+receive from later chunks (triton_retention_states._states_kernel, sequential over chunks per
 state tile, stored once in the input dtype: [B*H, N, K, V]). Then every output is one pass of
-_apply_kernel over row blocks of a chunk, with the intra-chunk scores recomputed in registers
-(nothing [T, C]-sized is written):
+triton_retention_apply._apply_kernel over row blocks of a chunk, with the intra-chunk scores
+recomputed in registers (nothing [T, C]-sized is written):
     o  = qd * (q  @ S_n)    + (gamma^(t-s)  q_t . k_s,  s <= t) @ v     (+ row sums s, fp32)
     dq = qd * (dO @ S_n^T)  + (gamma^(t-s) dO_t . v_s,  s <= t) @ k
     dk = kd * (v  @ dG_n^T) + (gamma^(t-s)  v_s . dO_t, t >= s) @ q
@@ -31,7 +31,7 @@ import os
 import torch
 import triton
 
-from .triton_retention_kernels import INTERPRET, launch  # noqa: F401 (INTERPRET: for the tests)
+from .triton_retention_launch import INTERPRET, launch  # noqa: F401 (INTERPRET: for the tests)
 
 LOG2E = 1.4426950408889634
 # The backward's two state scans in one launch (RETNET_TRITON_FUSED_STATES=0: two launches, to compare).

@@ -36,9 +36,10 @@ def rel_err(a, ref):
 
 def interpreted():
     from retnet_train.kernels import triton_retention as mod
-    from retnet_train.kernels import triton_retention_kernels as kernels
+    from retnet_train.kernels import triton_retention_launch as kernels
 
     assert mod.INTERPRET
+    assert mod.launch is kernels.launch  # FIXED_META set here is what the launches read
     return mod, kernels
 
 
@@ -134,7 +135,7 @@ def assert_close(got, ref, tol, names=NAMES):
 
 
 def reference_states(q, k, v, do, lg, C, reset, s0, z0):
-    """The kernels' chunk-entry states by their recurrences (triton_retention_kernels), in fp64:
+    """The kernels' chunk-entry states by their recurrences (triton_retention_states), in fp64:
     S [B*H, N, K, V], z [B*H, N, K], the final S [B*H, K, V] and z [B*H, K], and dG [B*H, N, K, V]."""
     from retnet_train.kernels.triton_retention import doc_starts
 
@@ -400,7 +401,7 @@ def test_triton_bf16_matches_torch_fp32_gpu(T, C, K, V, docs):
 def test_triton_every_config_gpu(kernel):
     """Every autotuning candidate of a kernel (the autotuner picks by time, so any may run) at the
     widest heads, bf16, each kernel on its own: a failure names the config and the outputs it got wrong."""
-    from retnet_train.kernels import triton_retention_kernels as kernels
+    from retnet_train.kernels import triton_retention_launch as kernels
 
     failures = []
     for cfg in kernels.KERNELS[kernel][2]:

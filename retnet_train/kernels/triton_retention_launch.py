@@ -1,0 +1,115 @@
+"""Autotune configs and the launch helper of triton_retention.py's kernels (device code in
+triton_retention_states.py and triton_retention_apply.py). Tests set FIXED_META to force block shapes.
+"""
+
+from __future__ import annotations
+
+import os
+
+import triton
+
+from .triton_retention_apply import _apply_kernel
+from .triton_retention_states import _states_kernel, _states_pair_kernel
+
+INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
+# Under RETNET_TRITON_AUTOTUNE=0 each kernel runs its first valid config (no tuning on a first call).
+AUTOTUNE = os.environ.get("RETNET_TRITON_AUTOTUNE", "1") != "0" and not INTERPRET
+
+
+def _configs(names, rows):
+    """triton.Config list from tuples (meta..., num_warps, num_stages)."""
+    return [triton.Config(dict(zip(names, r[:-2])), num_warps=r[-2], num_stages=r[-1]) for r in rows]
+
+
+def _divisor_block(n: int, cap: int) -> int:
+    """The largest power of two <= cap dividing n (n a multiple of 16)."""
+    b = cap
+    while n % b:
+        b //= 2
+    return b
+
+
+# Few configs: each costs a compile (5-20 s at K 256 / V 512) on the first call of a shape. All of
+# them compile for sm_90a to wgmma without (or with a few bytes of) spills at K 256 / V 512 and
+# K 128 / V 256, bf16, with and without resets.
+# The states pass runs B*H*(K/BX)*(V/BY) programs, each walking all chunks in order: at B1 H8 K128 V256
+# 64 x 64 tiles make 64 programs for an H200's 132 SMs, so the narrower tiles (2-4x the programs, each
+# with a shorter dependent chain of MMAs) compete in the autotuning. RETNET_TRITON_STATES_TILES=wide
+# tunes over the 64-row tiles only (to compare both on one GPU).
+WIDE_STATE_TILES = [(64, 128, 64, 4, 3), (64, 64, 64, 4, 3)]
+FINE_STATE_TILES = [(32, 128, 64, 4, 3), (32, 64, 64, 4, 3), (16, 64, 64, 4, 3)]
+_STATE_TILES = WIDE_STATE_TILES
+if os.environ.get("RETNET_TRITON_STATES_TILES", "fine") != "wide":
+    _STATE_TILES = WIDE_STATE_TILES + FINE_STATE_TILES
+STATES_CONFIGS = _configs(("BX", "BY", "BT"), _STATE_TILES)
+APPLY_CONFIGS = _configs(
+    ("BR", "BC", "BD", "BE"), [(128, 64, 128, 64, 8, 3), (64, 64, 256, 64, 8, 2), (64, 64, 128, 64, 4, 3)]
+)
+
+
+# fp32 inputs run IEEE fp32 MMAs (FMA code, no tensor cores): small tiles keep their code and compile
+# time small (128-row tiles take minutes to compile and spill); for tests and checks, not speed.
+FP32_CONFIGS = {
+    "states": _configs(("BX", "BY", "BT"), [(32, 32, 32, 4, 1)]),
+    "apply": _configs(("BR", "BC", "BD", "BE"), [(32, 32, 32, 32, 4, 1)]),
+}
+
+
+def _prune_states(configs, nargs, **kwargs):
+    a = {**nargs, **kwargs}  # (the autotuner passes positional and keyword arguments apart)
+    DX, DY, C = a["DX"], a["DY"], a["C"]
+    keep = [c for c in configs if DX % c.kwargs["BX"] == 0 and DY % c.kwargs["BY"] == 0 and C % c.kwargs["BT"] == 0]
+    meta = dict(BX=_divisor_block(DX, 64), BY=_divisor_block(DY, 64), BT=_divisor_block(C, 64))
+    return keep or [triton.Config(meta, num_warps=4, num_stages=2)]
+
+
+def _prune_apply(configs, nargs, **kwargs):
+    """Row blocks never straddle a chunk (BR divides C); tiles divide the head dims."""
+    a = {**nargs, **kwargs}
+    E, D, C = a["E"], a["D"], a["C"]
+    keep = [c for c in configs if C % c.kwargs["BR"] == 0 and D % c.kwargs["BD"] == 0 and E % c.kwargs["BE"] == 0]
+    br = _divisor_block(C, 64)
+    meta = dict(BR=br, BC=br, BD=_divisor_block(D, 128), BE=_divisor_block(E, 64))
+    return keep or [triton.Config(meta, num_warps=4, num_stages=2)]
+
+
+def _tuned(fn, configs, key, prune):
+    return triton.autotune(configs=configs, key=key, prune_configs_by={"early_config_prune": prune})(fn)
+
+
+states_tuned = _tuned(_states_kernel, STATES_CONFIGS, ["DX", "DY", "C", "REVERSE", "WITH_Z", "RESET"], _prune_states)
+apply_tuned = _tuned(
+    _apply_kernel, APPLY_CONFIGS, ["E", "D", "C", "KEY_ROWS", "TRANS_M", "ROW_SUMS", "RESET"], _prune_apply
+)
+states_pair_tuned = _tuned(_states_pair_kernel, STATES_CONFIGS, ["DX", "DY", "C", "HAS_S0", "RESET"], _prune_states)
+KERNELS = {
+    "states": (_states_kernel, states_tuned, STATES_CONFIGS, _prune_states),
+    "states_pair": (_states_pair_kernel, states_pair_tuned, STATES_CONFIGS, _prune_states),
+    "apply": (_apply_kernel, apply_tuned, APPLY_CONFIGS, _prune_apply),
+}
+
+# Tests override block shapes per kernel name (states_pair takes the states' shapes).
+FIXED_META: dict = {}
+
+
+def _fixed_config(configs, prune, args, fixed: dict):
+    """The first valid config, with `fixed`'s block shapes: on a GPU with the warps and stages of the
+    config that has those shapes (a forced config then compiles as the autotuner would run it)."""
+    same = [c for c in configs if c.kwargs == fixed]
+    base = same[0] if same else prune(configs, args)[0]
+    return triton.Config({**base.kwargs, **fixed}, num_warps=base.num_warps, num_stages=base.num_stages)
+
+
+def launch(name, grid, args: dict):
+    """Run kernel `name` with keyword args: autotuned on GPU (bf16/fp16); otherwise the first valid
+    config (with FIXED_META's overrides). grid: meta -> grid tuple."""
+    raw, tuned, configs, prune = KERNELS[name]
+    fixed = FIXED_META.get(name.removesuffix("_pair"), {})
+    if args["IEEE"]:
+        configs = FP32_CONFIGS[name.removesuffix("_pair")]
+    elif AUTOTUNE and not fixed:
+        tuned[grid](**args)
+        return
+    cfg = _fixed_config(configs, prune, args, fixed)
+    opts = {} if INTERPRET else {"num_warps": cfg.num_warps, "num_stages": cfg.num_stages}
+    raw[grid(cfg.kwargs)](**args, **cfg.kwargs, **opts)

@@ -1,0 +1,294 @@
+"""The chunk-state scans of triton_retention.py (Triton device code; autotune configs and launching in
+triton_retention_launch.py).
+
+  _states_kernel:      the chunk-entry states of a decayed linear recurrence, sequential over chunks
+      with a [BX, BY] tile of the state in fp32 registers (forward: S_n from k, v; reverse: the
+      state gradients dG_n from q, dO), each stored once in the input dtype.
+  _states_pair_kernel: the backward's two scans (S_n and dG_n) in one launch.
+  _states_tile:        the scan of one tile, shared by both.
+"""
+
+from __future__ import annotations
+
+import triton
+import triton.language as tl
+
+
+# ---------------------------------------------------------------------------------------------
+# States. Forward (X, Y = k, v): S_0 = the incoming state, S_{n+1} = f_n S_n + sum_{t in n}
+# gamma^(end_n-1-t) k_t^T v_t with f_n = gamma^(len_n), 0 when a document starts in chunk n (and
+# keys before the chunk's last document start dropped). Stores S_n (n < N) and the final state
+# (fp32); WITH_Z also the decayed key sums z_n (the row-sum state, fp32).
+# Reverse (X, Y = q, dO): dG_{N-1} = 0, dG_{n-1} = f_n dG_n + sum_{t in n} gamma^(t-c0_n+1) q_t^T dO_t
+# (queries after a document start in chunk n dropped): dG_n is what chunk n's keys receive from
+# later chunks. DOC [B, T] int32: the position of the last document start at or before t (-1: none).
+# Per program: a [BX, BY] tile over all N chunks (no per-chunk summaries in memory).
+# ---------------------------------------------------------------------------------------------
+@triton.jit
+def _states_kernel(
+    X,
+    Y,
+    S,
+    Z,
+    S0,
+    Z0,
+    FIN,
+    ZFIN,
+    DOC,
+    lg2_ptr,
+    T,
+    H,
+    N,
+    C,
+    sxb,
+    sxt,
+    sxh,
+    syb,
+    syt,
+    syh,
+    DX: tl.constexpr,
+    DY: tl.constexpr,
+    REVERSE: tl.constexpr,
+    WITH_Z: tl.constexpr,
+    HAS_S0: tl.constexpr,
+    RESET: tl.constexpr,
+    IEEE: tl.constexpr,
+    BX: tl.constexpr,
+    BY: tl.constexpr,
+    BT: tl.constexpr,
+):
+    _states_tile(
+        X,
+        Y,
+        S,
+        Z,
+        S0,
+        Z0,
+        FIN,
+        ZFIN,
+        DOC,
+        lg2_ptr,
+        T,
+        H,
+        N,
+        C,
+        sxb,
+        sxt,
+        sxh,
+        syb,
+        syt,
+        syh,
+        tl.program_id(0),
+        tl.program_id(1),
+        tl.program_id(2).to(tl.int64),
+        DX,
+        DY,
+        REVERSE,
+        WITH_Z,
+        HAS_S0,
+        RESET,
+        IEEE,
+        BX,
+        BY,
+        BT,
+    )
+
+
+# The backward's two scans in one launch (twice the programs): S_n from (k, v) on program ids
+# [0, BH) of the last axis, dG_n from (q, dO) on [BH, 2 BH). q/k and v/dO share strides.
+@triton.jit
+def _states_pair_kernel(
+    K_,
+    V_,
+    S,
+    S0,
+    FIN,
+    Q_,
+    DO,
+    G,
+    GFIN,
+    DOC,
+    lg2_ptr,
+    T,
+    H,
+    N,
+    C,
+    BH,
+    sxb,
+    sxt,
+    sxh,
+    syb,
+    syt,
+    syh,
+    DX: tl.constexpr,
+    DY: tl.constexpr,
+    HAS_S0: tl.constexpr,
+    RESET: tl.constexpr,
+    IEEE: tl.constexpr,
+    BX: tl.constexpr,
+    BY: tl.constexpr,
+    BT: tl.constexpr,
+):
+    px, py, pz = tl.program_id(0), tl.program_id(1), tl.program_id(2).to(tl.int64)
+    if pz < BH:
+        _states_tile(
+            K_,
+            V_,
+            S,
+            FIN,
+            S0,
+            FIN,
+            FIN,
+            FIN,
+            DOC,
+            lg2_ptr,
+            T,
+            H,
+            N,
+            C,
+            sxb,
+            sxt,
+            sxh,
+            syb,
+            syt,
+            syh,
+            px,
+            py,
+            pz,
+            DX,
+            DY,
+            False,
+            False,
+            HAS_S0,
+            RESET,
+            IEEE,
+            BX,
+            BY,
+            BT,
+        )
+    else:
+        _states_tile(
+            Q_,
+            DO,
+            G,
+            GFIN,
+            GFIN,
+            GFIN,
+            GFIN,
+            GFIN,
+            DOC,
+            lg2_ptr,
+            T,
+            H,
+            N,
+            C,
+            sxb,
+            sxt,
+            sxh,
+            syb,
+            syt,
+            syh,
+            px,
+            py,
+            pz - BH,
+            DX,
+            DY,
+            True,
+            False,
+            False,
+            RESET,
+            IEEE,
+            BX,
+            BY,
+            BT,
+        )
+
+
+@triton.jit
+def _states_tile(
+    X,
+    Y,
+    S,
+    Z,
+    S0,
+    Z0,
+    FIN,
+    ZFIN,
+    DOC,
+    lg2_ptr,
+    T,
+    H,
+    N,
+    C,
+    sxb,
+    sxt,
+    sxh,
+    syb,
+    syt,
+    syh,
+    px,
+    py,
+    bh,
+    DX: tl.constexpr,
+    DY: tl.constexpr,
+    REVERSE: tl.constexpr,
+    WITH_Z: tl.constexpr,
+    HAS_S0: tl.constexpr,
+    RESET: tl.constexpr,
+    IEEE: tl.constexpr,
+    BX: tl.constexpr,
+    BY: tl.constexpr,
+    BT: tl.constexpr,
+):
+    b, h = bh // H, bh % H
+    lg2 = tl.load(lg2_ptr + h)
+    ox = px * BX + tl.arange(0, BX)
+    oy = py * BY + tl.arange(0, BY)
+    tile = ox[:, None] * DY + oy[None, :]  # offsets in one [DX, DY] state
+    # z is written by one program per row tile (a vector test: the interpreter cannot & a scalar bool)
+    z_mask = ox * 0 + py == 0
+    acc = tl.zeros([BX, BY], dtype=tl.float32)
+    z = tl.zeros([BX], dtype=tl.float32)
+    if HAS_S0:
+        acc += tl.load(S0 + bh * DX * DY + tile).to(tl.float32)
+        if WITH_Z:
+            z += tl.load(Z0 + bh * DX + ox)
+    xb = X + b * sxb + h * sxh
+    yb = Y + b * syb + h * syh
+    doc = DOC + b * T
+    for i in range(N):
+        if REVERSE:
+            n = N - 1 - i
+        else:
+            n = i
+        c0 = n * C
+        end = tl.minimum(c0 + C, T)
+        tl.store(S + (bh * N + n) * DX * DY + tile, acc.to(S.dtype.element_ty))
+        if WITH_Z:
+            tl.store(Z + (bh * N + n) * DX + ox, z, mask=z_mask)
+        f = tl.exp2(lg2 * (end - c0).to(tl.float32))
+        if RESET:
+            last = tl.load(doc + end - 1)
+            f = tl.where(last < c0, f, 0.0)
+        acc = acc * f
+        z = z * f
+        for t0 in range(c0, c0 + C, BT):
+            ot = t0 + tl.arange(0, BT)
+            mt = ot < end
+            x = tl.load(xb + ot[:, None].to(tl.int64) * sxt + ox[None, :], mask=mt[:, None], other=0.0)
+            y = tl.load(yb + ot[:, None].to(tl.int64) * syt + oy[None, :], mask=mt[:, None], other=0.0)
+            if REVERSE:
+                d = tl.exp2(lg2 * (ot - c0 + 1).to(tl.float32))
+                if RESET:
+                    d = tl.where(tl.load(doc + ot, mask=mt, other=0) < c0, d, 0.0)
+            else:
+                d = tl.exp2(lg2 * tl.maximum(end - 1 - ot, 0).to(tl.float32))
+                if RESET:
+                    d = tl.where(ot >= last, d, 0.0)
+            xd = x.to(tl.float32) * d[:, None]
+            acc = tl.dot(tl.trans(xd.to(x.dtype)), y, acc, input_precision="ieee" if IEEE else "tf32")
+            if WITH_Z:
+                z += tl.sum(xd, 0)
+    tl.store(FIN + bh * DX * DY + tile, acc)
+    if WITH_Z:
+        tl.store(ZFIN + bh * DX + ox, z, mask=z_mask)
