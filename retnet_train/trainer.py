@@ -17,23 +17,23 @@ from typing import Optional
 import torch
 import torch.distributed as dist
 from omegaconf import OmegaConf
-from tqdm import tqdm
 
-from .components.checkpoint import CheckpointManager, client_state, load_initial_weights, load_parts, resolve_resume
-from .components.checkpoint_discovery import model_states_file
-from .components.config import TrainConfig, check_values, config_diff, data_sources, grad_accumulation
-from .components.distributed import init_distributed, pick_device
-from .components.faults import OOM_HINT, NonFiniteTracker, TrainingError, inject
-from .components.metrics import MetricsLogger, Throughput, device_peak_flops, peak_memory_gib
-from .components.optim import build_optimizer, deepspeed_config, skip_duplicate_overflow_check
+from .components.banner import start_banner
+from .components.checkpoint import CheckpointManager, client_state, load_initial_weights, resolve_resume
+from .components.config import TrainConfig, check_values, grad_accumulation
+from .components.distributed import all_reduce_step, init_distributed, pick_device, raise_first_problem
+from .components.faults import OOM_HINT, NonFiniteTracker, TrainingError, inject, io_failure
+from .components.loaders import build_loaders
+from .components.metrics import MetricsLogger, Throughput, device_peak_flops, mfu, peak_memory_gib, progress_bar
+from .components.optim import build_engine, global_grad_norm
 from .components.preemption import PreemptionHandler
-from .components.profiling import Profiler
+from .components.profiling import Profiler, profile_dir
 from .components.reshard import prepare_resume, run_layout
+from .components.resume import fresh_start_line, load_checkpoint, nothing_to_train_line, resumed_lines
 from .components.rng import seed_everything
-from .components.run_dir import DirLock, same_dir, set_aside_metrics, write_problem
+from .components.run_dir import claim_dirs, open_run_dir
 from .components.train_state import TrainState
 from .components.validation import mean_loss
-from .data import TokenLoader, build_validation_loader, sha256_file
 from .model import build_model, model_config_from_dict
 from .model.flops import flops_per_token
 from .parallel import build_context_parallel, parallelize
@@ -63,8 +63,6 @@ class Trainer:
 
     def build(self) -> None:
         """Process group, model, data, DeepSpeed engine and the checkpoint to resume from (if any)."""
-        import deepspeed
-
         cfg = self.cfg
         self.device = pick_device(cfg.train.device)
         init_distributed(self.device)
@@ -83,21 +81,13 @@ class Trainer:
         seed_everything(cfg.train.seed + self.rank)
         self.model_cfg = model_config_from_dict(cfg.model)
         self.model = self._build_model()
-        self.loader, self.val_loader = self._build_data(dp_rank)
+        self.loader, self.val_loader = build_loaders(cfg, self.model_cfg.vocab_size, dp_rank, self.dp_world)
 
         self.source = resolve_resume(cfg.train.resume, self.ckpt)  # before anything is written: refuses to clobber
         self.layout = run_layout(cfg, self.world)
         self.plan = prepare_resume(self.source, self.layout, self.rank)  # another world size / ZeRO stage: converted
-        try:
-            optimizer, self.scheduler = build_optimizer(self.model, cfg, self.device)
-            universal = bool(self.plan and self.plan.universal)
-            ds_config = deepspeed_config(cfg, self.accum, self.world, load_universal=universal)
-            self.engine, _, _, _ = deepspeed.initialize(
-                model=self.model, optimizer=optimizer, lr_scheduler=self.scheduler, config=ds_config
-            )
-            skip_duplicate_overflow_check(self.engine)
-        except torch.cuda.OutOfMemoryError as e:
-            raise TrainingError(f"{OOM_HINT}\n{e}") from e
+        universal = bool(self.plan and self.plan.universal)
+        self.engine, self.scheduler = build_engine(self.model, cfg, self.accum, self.world, self.device, universal)
         faults = NonFiniteTracker(
             cfg.train.max_consecutive_nonfinite, scaler_skips_are_normal=cfg.deepspeed.precision == "fp16"
         )
@@ -107,31 +97,10 @@ class Trainer:
     def _claim_dirs(self) -> None:
         """Before anything is built: every directory this rank will write must be writable, and rank 0
         locks the run's directories against a second trainer. Every rank raises the first problem."""
-        cfg = self.cfg
-        writes = [("run.dir", cfg.run.dir)] if self.is_main else []
-        writes.append(("checkpoint.dir", self.ckpt.dir))  # every rank writes its shards and RNG state there
-        if cfg.profile.enabled and self.rank in cfg.profile.ranks:
-            writes.append(("profile.enabled", os.path.join(cfg.run.dir, "profile", f"rank{self.rank}")))
-        problem = next(filter(None, (write_problem(key, path) for key, path in writes)), None)
-        if problem is None and self.is_main:
-            # both: another run's checkpoint.dir may point into this run.dir, or the other way round
-            owned = [("run.dir", cfg.run.dir), ("checkpoint.dir", self.ckpt.dir)]
-            for key, path in owned[:1] if same_dir(cfg.run.dir, self.ckpt.dir) else owned:
-                lock = DirLock(path, key)
-                self.locks.append(lock)
-                problem = lock.acquire()
-                if problem:
-                    break
-        self._agree(problem)
-
-    def _agree(self, problem: Optional[str]) -> None:
-        """Every rank raises the first rank's problem (a collective: a rank that failed alone would leave
-        the others waiting in the next one)."""
-        problems = [None] * self.world
-        dist.all_gather_object(problems, problem)
-        first = next(filter(None, problems), None)
-        if first:
-            raise ValueError(first)
+        profile = self.cfg.profile
+        profiled = profile_dir(self.cfg.run.dir, self.rank) if profile.enabled and self.rank in profile.ranks else None
+        problem = claim_dirs(self.cfg.run.dir, self.ckpt.dir, profiled, self.is_main, self.locks)
+        raise_first_problem(problem, self.world)
 
     def _build_model(self):
         train = self.cfg.train
@@ -148,39 +117,6 @@ class Trainer:
             context_parallel=self.cp,
         )
 
-    def _build_data(self, dp_rank: int):
-        cfg = self.cfg
-        if cfg.data.tokenizer and not os.path.isfile(cfg.data.tokenizer):
-            raise ValueError(
-                f"data.tokenizer={cfg.data.tokenizer}: no such file (from {os.getcwd()}); "
-                "data.tokenizer=null skips the check that the shards were tokenized with it"
-            )
-        tokenizer_sha = sha256_file(cfg.data.tokenizer) if cfg.data.tokenizer else None
-        sources, vocab = data_sources(cfg), self.model_cfg.vocab_size
-        loader = TokenLoader(
-            sources,
-            cfg.data.seq_len,
-            cfg.train.micro_batch_size,
-            dp_rank,
-            self.dp_world,
-            cfg.data.seed,
-            "train",
-            tokenizer_sha256=tokenizer_sha,
-            vocab_size=vocab,
-            verify_checksums=cfg.data.verify_checksums,
-        )
-        val_loader = build_validation_loader(
-            sources,
-            cfg.data.seq_len,
-            cfg.train.micro_batch_size,
-            dp_rank,
-            self.dp_world,
-            tokenizer_sha256=tokenizer_sha,
-            vocab_size=vocab,
-            max_sequences=cfg.train.eval_batches * cfg.train.micro_batch_size * self.dp_world,
-        )
-        return loader, val_loader
-
     @property
     def stateful(self) -> dict:
         """The parts a checkpoint restores, by their name in its client state."""
@@ -190,50 +126,29 @@ class Trainer:
         """Load the checkpoint build() chose into the engine and the stateful parts."""
         if self.source is None:
             if self.is_main:
-                fresh = (
-                    f"no checkpoint in {self.ckpt.dir}: starting fresh"
-                    if self.cfg.train.resume == "auto"
-                    else "starting fresh"
-                )
-                print(fresh, flush=True)
+                print(fresh_start_line(self.cfg.train.resume, self.ckpt.dir), flush=True)
             return
-        directory, tag = self.source
-        try:
-            client = self.ckpt.load(self.engine, tag, directory=directory, plan=self.plan, reseed=self.cfg.train.seed)
-        except RuntimeError as e:  # torch's load_state_dict: the weights do not fit this model
-            raise ValueError(self._misfit(os.path.join(directory, tag), e)) from None
-        load_parts(client, self.stateful, os.path.join(directory, tag))
-        self.last_checkpoint = os.path.join(directory, tag)
-        if self.is_main:
-            notes = f" ({', '.join(self.plan.notes)})" if self.plan.notes else ""
-            print(
-                f"resumed from {self.last_checkpoint} at step {self.state.step} "
-                f"({self.state.tokens_seen:,} tokens seen){notes}",
-                flush=True,
-            )
-            changed = config_diff(client.get("config") or {}, self.resolved)
-            if changed:
-                print("config changed since that checkpoint: " + "; ".join(changed), flush=True)
-
-    def _misfit(self, path: str, error: RuntimeError) -> str:
-        """One line on a checkpoint whose weights do not load: torch's first complaint and the model.*
-        settings that differ from the checkpoint's."""
-        lines = [line.strip() for line in str(error).splitlines() if line.strip()]
-        detail = (lines[1] if len(lines) > 1 else lines[0] if lines else type(error).__name__)[:300]
-        saved = torch.load(model_states_file(path), map_location="cpu", weights_only=False, mmap=True)
-        changed = config_diff((saved.get("config") or {}).get("model") or {}, self.resolved["model"], "model.")
-        return f"train.resume: {path} does not load into this model ({detail})" + (
-            f"; model settings differ from the checkpoint's: {'; '.join(changed)}" if changed else ""
+        path, client = load_checkpoint(
+            self.ckpt, self.engine, self.source, self.plan, self.stateful, self.cfg.train.seed, self.resolved["model"]
         )
+        self.last_checkpoint = path
+        if self.is_main:
+            for line in resumed_lines(path, self.state, self.plan.notes, client.get("config"), self.resolved):
+                print(line, flush=True)
 
     def _open_outputs(self) -> None:
         """Run dir, console banner, metrics, profiler, progress bar and the signal handler."""
         cfg, run_dir = self.cfg, self.cfg.run.dir
         problem = None
         try:  # rank 0's files and W&B; the profiler checks profile.ranks on every rank
-            self._open_run_files()
+            if self.is_main:
+                open_run_dir(run_dir, self.ckpt.dir, self.source[0] if self.source else None, self.resolved)
+                print(self._banner(), flush=True)
+            # every rank has a logger; only rank 0's writes metrics.jsonl and W&B
+            self.logger = MetricsLogger(run_dir, self.is_main, cfg.wandb, self.resolved, self.state.wandb_id)
+            self.state.wandb_id = self.logger.wandb_id
             self.profiler = Profiler(
-                os.path.join(run_dir, "profile", f"rank{self.rank}"),
+                profile_dir(run_dir, self.rank),
                 self.rank,
                 self.world,
                 self.device.type,
@@ -242,51 +157,17 @@ class Trainer:
             )
         except (ValueError, OSError) as e:
             problem = str(e)
-        self._agree(problem)
+        raise_first_problem(problem, self.world)
         self.flops = flops_per_token(self.model_cfg, cfg.data.seq_len)["model"]
         self.peak = device_peak_flops(self.device, cfg.train.peak_flops)
         self.preempt = PreemptionHandler()
         self.throughput = Throughput(self.state.tokens_seen)
-        self.bar = tqdm(
-            total=cfg.train.max_steps,
-            initial=self.state.step,
-            unit="step",
-            dynamic_ncols=True,
-            disable=True if not self.is_main else None,
-        )  # None: shown on a terminal only
+        self.bar = progress_bar(cfg.train.max_steps, self.state.step, self.is_main)
 
-    def _open_run_files(self) -> None:
-        """Rank 0: run dir, config.yaml (resolved), the banner. Every rank: the metrics logger (which
-        writes metrics.jsonl and W&B on rank 0 only)."""
-        run_dir = self.cfg.run.dir
-        if self.is_main:
-            os.makedirs(run_dir, exist_ok=True)
-            continues = self.source is not None and os.path.abspath(self.source[0]) == os.path.abspath(self.ckpt.dir)
-            moved = None if continues else set_aside_metrics(run_dir)
-            if moved:
-                print(
-                    f"{run_dir} holds metrics of an earlier run without its checkpoints: kept as {moved}; "
-                    f"this run logs to a new metrics.jsonl",
-                    flush=True,
-                )
-            OmegaConf.save(OmegaConf.create(self.resolved), os.path.join(run_dir, "config.yaml"))
-            self._print_banner()
-        self.logger = MetricsLogger(run_dir, self.is_main, self.cfg.wandb, self.resolved, self.state.wandb_id)
-        self.state.wandb_id = self.logger.wandb_id
-
-    def _print_banner(self) -> None:
-        cfg, world = self.cfg, self.world
-        ranks = (
-            f"world {world} ({self.dp_world} data x {world // self.dp_world} context parallel)"
-            if self.cp
-            else f"world {world}"
-        )
-        print(
-            f"{ranks} | micro-batch {cfg.train.micro_batch_size} x seq {cfg.data.seq_len} | accumulation "
-            f"{self.accum} | {self.tokens_per_step:,} tokens/step | {self.tokens_per_step * cfg.train.max_steps:,} "
-            f"tokens total | {self.model.num_params():,} parameters | ZeRO {cfg.deepspeed.zero_stage} "
-            f"{cfg.deepspeed.precision} | device {self.device.type}",
-            flush=True,
+    def _banner(self) -> str:
+        params = self.model.num_params()
+        return start_banner(
+            self.cfg, self.world, self.dp_world, self.accum, self.tokens_per_step, params, self.device.type
         )
 
     # ------------------------------------------------------------------ the loop
@@ -297,32 +178,12 @@ class Trainer:
             self.build()
             self.restore()
             self._open_outputs()
-            max_steps, stats = self.cfg.train.max_steps, None
-            if self.state.step >= max_steps and self.is_main:
-                print(
-                    f"already at step {self.state.step} >= train.max_steps={max_steps}: nothing to train. "
-                    f"Raise train.max_steps to continue this run, or use a new run.dir to start another",
-                    flush=True,
-                )
-            while self.state.step < max_steps:
-                with self.throughput.paused():  # closing the window writes the trace: not training time
-                    self.profiler.step(self.state.step)  # opens, marks and closes the profiled window
-                stats = self.train_step()
-                self.maybe_log(stats)
-                self.stop_on_faults()
-                self.maybe_evaluate()
-                self.maybe_save(stats)
-                if stats.stop_requested:
-                    break
+            stats = self._run_steps()
         except torch.cuda.OutOfMemoryError as e:
             raise TrainingError(f"{OOM_HINT}\n{e}") from e
         except OSError as e:  # a file the run reads or writes: disk full, permissions, a mount gone
             state = getattr(self, "state", None)
-            where = f" at step {state.step}" if state is not None else " at start"
-            raise TrainingError(
-                f"{e.filename or 'I/O'}: {e.strerror or e}{where}; the last checkpoint is "
-                f"{self.last_checkpoint or 'none'}"
-            ) from e
+            raise io_failure(e, None if state is None else state.step, self.last_checkpoint) from e
         finally:
             self.close()
         preempted = bool(stats and stats.stop_requested)
@@ -339,6 +200,23 @@ class Trainer:
             "tokens_seen": self.state.tokens_seen,
             "preempted": preempted,
         }
+
+    def _run_steps(self) -> Optional[StepStats]:
+        """Steps and their policies up to train.max_steps or a stop signal; the last step's stats."""
+        max_steps, stats = self.cfg.train.max_steps, None
+        if self.state.step >= max_steps and self.is_main:
+            print(nothing_to_train_line(self.state.step, max_steps), flush=True)
+        while self.state.step < max_steps:
+            with self.throughput.paused():  # closing the window writes the trace: not training time
+                self.profiler.step(self.state.step)  # opens, marks and closes the profiled window
+            stats = self.train_step()
+            self.maybe_log(stats)
+            self.stop_on_faults()
+            self.maybe_evaluate()
+            self.maybe_save(stats)
+            if stats.stop_requested:
+                break
+        return stats
 
     def train_step(self) -> StepStats:
         """accumulation micro-batches, one optimizer step, one all-reduce of what every rank saw."""
@@ -359,66 +237,43 @@ class Trainer:
         self.state.step += 1
         self.state.tokens_seen += self.tokens_per_step
         self.bar.update(1)
-        # One all-reduce per step (no host sync per micro-batch):
-        # [non-finite loss, update skipped (non-finite grad norm), loss sum, stop signal]
-        losses_t = torch.stack(losses)
-        flags = torch.stack(
-            [
-                (~torch.isfinite(losses_t)).any().float(),
-                torch.tensor(0.0 if engine.was_step_applied() else 1.0, device=self.device),
-                torch.nan_to_num(losses_t.mean(), nan=0.0, posinf=0.0, neginf=0.0),
-                torch.tensor(1.0 if self.preempt.received else 0.0, device=self.device),
-            ]
+        loss_bad, update_skipped, loss_sum, stop = all_reduce_step(
+            losses, engine.was_step_applied(), bool(self.preempt.received), self.device
         )
-        dist.all_reduce(flags)
-        loss_bad, update_skipped, loss_sum, stop = flags.tolist()
-        skipped = self.state.faults.update(loss_bad > 0, update_skipped > 0)
+        skipped = self.state.faults.update(loss_bad, update_skipped)
         if not skipped:
             self.last_loss = loss_sum / self.world
-        return StepStats(self.state.step, None if skipped else self.last_loss, loss_bad > 0, skipped, stop > 0)
+        return StepStats(self.state.step, None if skipped else self.last_loss, loss_bad, skipped, stop)
 
     # ------------------------------------------------------------------ policies
 
     def maybe_log(self, stats: StepStats) -> None:
         """Every train.log_interval steps, at the last step, and at every skipped step."""
-        if not (
-            stats.step % self.cfg.train.log_interval == 0 or stats.step == self.cfg.train.max_steps or stats.skipped
-        ):
+        train = self.cfg.train
+        if not (stats.step % train.log_interval == 0 or stats.step == train.max_steps or stats.skipped):
             return
         tps = self.throughput.rate(self.state.tokens_seen)
-        grad_norm = self.engine.get_global_grad_norm()
-        grad_norm = None if grad_norm is None or not math.isfinite(float(grad_norm)) else float(grad_norm)
         self.logger.log(
             {
                 "step": stats.step,
                 "loss": stats.loss,
                 "lr": self.scheduler.get_last_lr()[0],
-                "grad_norm": grad_norm,
+                "grad_norm": global_grad_norm(self.engine),
                 "tokens_per_s": tps,
-                "mfu": tps * self.flops / (self.peak * self.world) if self.peak else None,
+                "mfu": mfu(tps, self.flops, self.peak, self.world),
                 "peak_mem_gib": peak_memory_gib(self.device),
                 "tokens_seen": self.state.tokens_seen,
                 "skipped_steps": self.state.faults.total,
             }
         )
         if stats.skipped and self.is_main:
-            why = "non-finite loss" if stats.loss_nonfinite else "non-finite gradient norm"
-            faults = self.state.faults
-            self.logger.write(
-                f"step {stats.step} skipped ({why}): no update; {faults.consecutive} in a row, {faults.total} in total"
-            )
+            self.logger.write(self.state.faults.skip_note(stats.step, stats.loss_nonfinite))
 
     def stop_on_faults(self) -> None:
         """Too many non-finite steps in a row: save the last good weights and stop with an error."""
-        faults = self.state.faults
-        if not faults.should_stop:
-            return
-        path = self.save()  # skipped steps left the weights as the last good step made them
-        raise TrainingError(
-            f"{faults.consecutive} consecutive steps with non-finite loss or gradients "
-            f"(train.max_consecutive_nonfinite={faults.max_consecutive}); stopped. The weights of "
-            f"the last good step ({self.state.step - faults.consecutive}) are saved in {path}"
-        )
+        if self.state.faults.should_stop:
+            path = self.save()  # skipped steps left the weights as the last good step made them
+            raise self.state.faults.stop_error(self.state.step, path)
 
     def maybe_evaluate(self) -> Optional[float]:
         """Validation loss every train.eval_interval steps and at the last step."""
@@ -441,10 +296,7 @@ class Trainer:
         with self.throughput.paused():
             path = self.save()
         if stats.stop_requested and self.is_main:
-            self.logger.write(
-                f"{self.preempt.received or 'signal on another rank'}: checkpoint saved to {path} "
-                f"at step {step}; exiting (resume with the same command)"
-            )
+            self.logger.write(self.preempt.saved_note(path, step))
         return path
 
     def save(self) -> str:

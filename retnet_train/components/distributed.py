@@ -1,8 +1,9 @@
-"""The device and the process group a run uses."""
+"""The device and the process group a run uses, and what its ranks agree on in one collective."""
 
 from __future__ import annotations
 
 import os
+from typing import Optional, Tuple
 
 import torch
 import torch.distributed as dist
@@ -32,3 +33,34 @@ def init_distributed(device: torch.device, timeout=None) -> None:
         os.environ.update(RANK="0", LOCAL_RANK="0", WORLD_SIZE="1")
         dist.init_process_group(backend, store=dist.HashStore(), rank=0, world_size=1, **kwargs)
     deepspeed.init_distributed(dist_backend=backend, **kwargs)  # wraps the group above, or joins torchrun's
+
+
+def raise_first_problem(problem: Optional[str], world: int) -> None:
+    """Every rank raises the first rank's problem, as a ValueError (a collective: a rank that failed
+    alone would leave the others waiting in the next one)."""
+    problems = [None] * world
+    dist.all_gather_object(problems, problem)
+    first = next(filter(None, problems), None)
+    if first:
+        raise ValueError(first)
+
+
+def all_reduce_step(
+    losses: list, update_applied: bool, stop_received: bool, device: torch.device
+) -> Tuple[bool, bool, float, bool]:
+    """What every rank saw in one optimizer step, in one all-reduce (no host sync per micro-batch):
+    (a non-finite loss on some rank, an update skipped on some rank (non-finite gradient norm), the
+    sum over ranks of each rank's mean loss over its micro-batches (non-finite ones as 0), a stop
+    signal on some rank). losses: this rank's micro-batch losses, 0-d tensors."""
+    losses_t = torch.stack(losses)
+    flags = torch.stack(
+        [
+            (~torch.isfinite(losses_t)).any().float(),
+            torch.tensor(0.0 if update_applied else 1.0, device=device),
+            torch.nan_to_num(losses_t.mean(), nan=0.0, posinf=0.0, neginf=0.0),
+            torch.tensor(1.0 if stop_received else 0.0, device=device),
+        ]
+    )
+    dist.all_reduce(flags)
+    loss_bad, update_skipped, loss_sum, stop = flags.tolist()
+    return loss_bad > 0, update_skipped > 0, loss_sum, stop > 0

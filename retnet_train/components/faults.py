@@ -3,6 +3,8 @@ out-of-memory hint, and fault injection for tests."""
 
 from __future__ import annotations
 
+from typing import Optional
+
 import torch
 
 OOM_HINT = (
@@ -14,6 +16,16 @@ OOM_HINT = (
 
 class TrainingError(RuntimeError):
     """The run cannot go on; the message says why and what was saved."""
+
+
+def io_failure(error: OSError, step: Optional[int], last_checkpoint: Optional[str]) -> TrainingError:
+    """A file the run reads or writes failed (disk full, permissions, a mount gone) at `step` (None:
+    before the run was built): what and where, and the checkpoint to resume from."""
+    where = f" at step {step}" if step is not None else " at start"
+    return TrainingError(
+        f"{error.filename or 'I/O'}: {error.strerror or error}{where}; the last checkpoint is "
+        f"{last_checkpoint or 'none'}"
+    )
 
 
 class NonFiniteTracker:
@@ -43,6 +55,20 @@ class NonFiniteTracker:
     @property
     def should_stop(self) -> bool:
         return self.consecutive >= self.max_consecutive
+
+    def skip_note(self, step: int, loss_nonfinite: bool) -> str:
+        """The console line for skipped step `step`."""
+        why = "non-finite loss" if loss_nonfinite else "non-finite gradient norm"
+        return f"step {step} skipped ({why}): no update; {self.consecutive} in a row, {self.total} in total"
+
+    def stop_error(self, step: int, saved: str) -> TrainingError:
+        """The error that ends a run at `step` after too many non-finite steps in a row, the weights of
+        the last good step saved in `saved`."""
+        return TrainingError(
+            f"{self.consecutive} consecutive steps with non-finite loss or gradients "
+            f"(train.max_consecutive_nonfinite={self.max_consecutive}); stopped. The weights of "
+            f"the last good step ({step - self.consecutive}) are saved in {saved}"
+        )
 
     def state_dict(self) -> dict:
         return {"consecutive": self.consecutive, "total": self.total}

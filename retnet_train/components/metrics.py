@@ -27,6 +27,16 @@ def device_peak_flops(device: torch.device, override: Optional[float]) -> Option
     return next((v for k, v in PEAK_FLOPS.items() if k in name), None)
 
 
+def mfu(tokens_per_s: float, flops_per_token: float, peak_flops: Optional[float], world: int) -> Optional[float]:
+    """Model FLOPs utilization over all `world` devices; None where the device's peak is not known."""
+    return tokens_per_s * flops_per_token / (peak_flops * world) if peak_flops else None
+
+
+def progress_bar(max_steps: int, done: int, is_main: bool) -> tqdm:
+    """Rank 0's bar of optimizer steps, shown on a terminal only."""
+    return tqdm(total=max_steps, initial=done, unit="step", dynamic_ncols=True, disable=True if not is_main else None)
+
+
 def peak_memory_gib(device: torch.device) -> float:
     if device.type == "cuda":
         return torch.cuda.max_memory_allocated(device) / 2**30

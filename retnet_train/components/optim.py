@@ -1,12 +1,14 @@
-"""AdamW with weight-decay groups, the LR schedule, and the DeepSpeed config built from ours."""
+"""AdamW with weight-decay groups, the LR schedule, the DeepSpeed config built from ours and the engine."""
 
 from __future__ import annotations
 
 import math
+from typing import Optional
 
 import torch
 
 from .config import FP32_WEIGHTS, TrainConfig
+from .faults import OOM_HINT, TrainingError
 
 
 def param_groups(model: torch.nn.Module, weight_decay: float, no_decay_embeddings: bool) -> list:
@@ -174,3 +176,25 @@ def deepspeed_config(cfg: TrainConfig, grad_accum: int, world_size: int, load_un
     if load_universal:
         config["checkpoint"] = {"load_universal": True}
     return config
+
+
+def global_grad_norm(engine) -> Optional[float]:
+    """The engine's gradient norm of its last step as logged: None where it has none or it is not
+    finite (a skipped step)."""
+    norm = engine.get_global_grad_norm()
+    return None if norm is None or not math.isfinite(float(norm)) else float(norm)
+
+
+def build_engine(model, cfg: TrainConfig, grad_accum: int, world_size: int, device: torch.device, load_universal: bool):
+    """(DeepSpeed engine, LR scheduler) over `model` with our optimizer and schedule (deepspeed_config
+    says what load_universal is); running out of memory here says which settings to change."""
+    import deepspeed
+
+    try:
+        optimizer, scheduler = build_optimizer(model, cfg, device)
+        config = deepspeed_config(cfg, grad_accum, world_size, load_universal=load_universal)
+        engine, _, _, _ = deepspeed.initialize(model=model, optimizer=optimizer, lr_scheduler=scheduler, config=config)
+        skip_duplicate_overflow_check(engine)
+    except torch.cuda.OutOfMemoryError as e:
+        raise TrainingError(f"{OOM_HINT}\n{e}") from e
+    return engine, scheduler

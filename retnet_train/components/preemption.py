@@ -17,6 +17,13 @@ class PreemptionHandler:
     def _handle(self, signum, frame):
         self.received = signal.Signals(signum).name
 
+    def saved_note(self, path: str, step: int) -> str:
+        """The console line after the checkpoint a signal asked for (on this rank or another)."""
+        return (
+            f"{self.received or 'signal on another rank'}: checkpoint saved to {path} "
+            f"at step {step}; exiting (resume with the same command)"
+        )
+
     def restore(self) -> None:
         for s, handler in self._previous.items():
             signal.signal(s, handler)

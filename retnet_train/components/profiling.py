@@ -14,6 +14,10 @@ import torch
 from torch.profiler import ProfilerActivity, record_function
 
 
+def profile_dir(run_dir: str, rank: int) -> str:
+    return os.path.join(run_dir, "profile", f"rank{rank}")
+
+
 class Profiler:
     """`step(n)` once per optimizer step, before step n + 1 starts (n: steps done, so a resumed run
     counts on); `close()` at the end. A no-op when disabled or on a rank not in `ranks`."""

@@ -9,6 +9,7 @@ metrics kept apart from this run's.
 * A run that does not continue this directory's own checkpoints (a fresh start, or a resume from
   another run's checkpoint) finding metrics.jsonl there renames it to metrics.<n>.jsonl (n = 1, 2, ...
   in the order they were set aside) instead of appending to it.
+* Rank 0 writes the resolved config to <run.dir>/config.yaml at start.
 """
 
 from __future__ import annotations
@@ -19,7 +20,9 @@ import os
 import socket
 import tempfile
 import time
-from typing import Optional
+from typing import List, Optional
+
+from omegaconf import OmegaConf
 
 LOCK_NAME = "trainer.lock"
 METRICS = "metrics.jsonl"
@@ -44,6 +47,30 @@ def write_problem(key: str, path: str) -> Optional[str]:
 
 def same_dir(a: str, b: str) -> bool:
     return os.path.realpath(a) == os.path.realpath(b)
+
+
+def claim_dirs(
+    run_dir: str, checkpoint_dir: str, profile_dir: Optional[str], is_main: bool, locks: List["DirLock"]
+) -> Optional[str]:
+    """The first problem with the directories this rank will write, or None: each must be writable
+    (profile_dir: None when this rank profiles nothing), and rank 0 locks run.dir and checkpoint.dir
+    against a second trainer. Each lock taken is appended to `locks` at once, so that the caller
+    releases it also when a later one fails."""
+    writes = [("run.dir", run_dir)] if is_main else []
+    writes.append(("checkpoint.dir", checkpoint_dir))  # every rank writes its shards and RNG state there
+    if profile_dir is not None:
+        writes.append(("profile.enabled", profile_dir))
+    problem = next(filter(None, (write_problem(key, path) for key, path in writes)), None)
+    if problem is None and is_main:
+        # both: another run's checkpoint.dir may point into this run.dir, or the other way round
+        owned = [("run.dir", run_dir), ("checkpoint.dir", checkpoint_dir)]
+        for key, path in owned[:1] if same_dir(run_dir, checkpoint_dir) else owned:
+            lock = DirLock(path, key)
+            locks.append(lock)
+            problem = lock.acquire()
+            if problem:
+                break
+    return problem
 
 
 class DirLock:
@@ -105,3 +132,19 @@ def set_aside_metrics(run_dir: str) -> Optional[str]:
     target = os.path.join(run_dir, f"metrics.{n}.jsonl")
     os.rename(path, target)
     return target
+
+
+def open_run_dir(run_dir: str, checkpoint_dir: str, resumed_from: Optional[str], resolved: dict) -> None:
+    """Rank 0 at start: create run.dir, set an earlier run's metrics aside unless this run continues the
+    checkpoints of checkpoint_dir (resumed_from: the directory of the checkpoint resumed, or None), and
+    write config.yaml."""
+    os.makedirs(run_dir, exist_ok=True)
+    continues = resumed_from is not None and os.path.abspath(resumed_from) == os.path.abspath(checkpoint_dir)
+    moved = None if continues else set_aside_metrics(run_dir)
+    if moved:
+        print(
+            f"{run_dir} holds metrics of an earlier run without its checkpoints: kept as {moved}; "
+            f"this run logs to a new metrics.jsonl",
+            flush=True,
+        )
+    OmegaConf.save(OmegaConf.create(resolved), os.path.join(run_dir, "config.yaml"))

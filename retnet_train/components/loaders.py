@@ -1,0 +1,43 @@
+"""A run's training and validation loaders, from its data.* and train.* config, on one data-parallel rank."""
+
+from __future__ import annotations
+
+import os
+
+from ..data import TokenLoader, build_validation_loader, sha256_file
+from .config import TrainConfig, data_sources
+
+
+def build_loaders(cfg: TrainConfig, vocab_size: int, dp_rank: int, dp_world: int):
+    """(training loader, validation loader) of data-parallel rank `dp_rank` of `dp_world`; shards whose
+    manifest disagrees with data.tokenizer (when set) or the model's vocab_size are refused."""
+    if cfg.data.tokenizer and not os.path.isfile(cfg.data.tokenizer):
+        raise ValueError(
+            f"data.tokenizer={cfg.data.tokenizer}: no such file (from {os.getcwd()}); "
+            "data.tokenizer=null skips the check that the shards were tokenized with it"
+        )
+    tokenizer_sha = sha256_file(cfg.data.tokenizer) if cfg.data.tokenizer else None
+    sources = data_sources(cfg)
+    loader = TokenLoader(
+        sources,
+        cfg.data.seq_len,
+        cfg.train.micro_batch_size,
+        dp_rank,
+        dp_world,
+        cfg.data.seed,
+        "train",
+        tokenizer_sha256=tokenizer_sha,
+        vocab_size=vocab_size,
+        verify_checksums=cfg.data.verify_checksums,
+    )
+    val_loader = build_validation_loader(
+        sources,
+        cfg.data.seq_len,
+        cfg.train.micro_batch_size,
+        dp_rank,
+        dp_world,
+        tokenizer_sha256=tokenizer_sha,
+        vocab_size=vocab_size,
+        max_sequences=cfg.train.eval_batches * cfg.train.micro_batch_size * dp_world,
+    )
+    return loader, val_loader
