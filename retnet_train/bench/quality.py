@@ -10,7 +10,9 @@ LlamaForCausalLM of the Transformer++ preset's shape (init std 0.02, its own att
 a plain torch loop over the same loader, schedule, optimizer groups, clipping and precision. Our
 models sum the micro-batches' gradients as the trainer does by default (bf16, DeepSpeed's own);
 --grad-accum-dtype fp32 sums them in fp32 as the plain loop's autocast does (docs/quality.md has what
-it measured). A model can carry preset overrides: `retnet:document_masking=false`.
+it measured); --precision bf16-mixed gives them the plain loop's autocast, and --paired-init starts
+transformer_pp from the llama loop's initial weights. A model can carry preset overrides:
+`retnet:document_masking=false`.
 
 Writes OUT/runs/<model>/ (the trainer's run directory: metrics.jsonl, config.yaml), OUT/quality.jsonl
 (a JSON line per model: validation loss at the end, tokens/s, parameters, ...), OUT/quality.md
