@@ -78,7 +78,7 @@ def measure(engine, args, vocab, T, dp_rank, cp, device):
     return time.perf_counter() - start, float(loss)
 
 
-def main(argv=None):
+def parse_args(argv=None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--preset", default="1.3b", help="configs/model/<preset>.yaml")
     p.add_argument("--seq-lens", default="8192,16384,32768,65536,131072", help="comma list, tried in ascending order")
@@ -95,11 +95,86 @@ def main(argv=None):
     )
     p.add_argument("--cpu", action="store_true", help="run on CPU (gloo, fp32) even where a GPU is visible")
     p.add_argument("--timeout-s", type=int, default=600, help="collective timeout (a rank stuck after another's OOM)")
-    args = p.parse_args(argv)
+    return p.parse_args(argv)
+
+
+def preset_overrides(pairs) -> dict:
+    """--set KEY=VALUE pairs, each value read as YAML."""
     import yaml
 
+    return {k: yaml.safe_load(v) for k, v in (s.split("=", 1) for s in pairs)}
+
+
+def build_engine(args, cfg, device, cp):
+    """The model (seed 0) with activation checkpointing and context parallelism, and its DeepSpeed engine."""
+    torch.manual_seed(0)
+    model = build_model(cfg).to(device)
+    parallelize(model, activation_checkpointing=args.activation_checkpointing, context_parallel=cp)
+    bf16 = device.type == "cuda"
+    engine = make_engine(model.to(torch.bfloat16) if bf16 else model, args.micro_batch, args.zero_stage, bf16=bf16)
+    return model, engine
+
+
+def run_fields(args, model, world, device) -> dict:
+    """What every JSON line repeats."""
+    return {
+        "preset": args.preset,
+        "params": sum(p.numel() for p in model.parameters()),
+        "world": world,
+        "context_parallel": args.context_parallel,
+        "zero_stage": args.zero_stage,
+        "activation_checkpointing": args.activation_checkpointing,
+        "micro_batch": args.micro_batch,
+        "device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
+        "precision": "bf16" if device.type == "cuda" else "fp32",
+    }
+
+
+def reset_peak_memory(device):
+    if device.type == "cuda":
+        gc.collect()
+        torch.cuda.empty_cache()
+        torch.cuda.reset_peak_memory_stats(device)
+
+
+def try_length(engine, args, vocab, T, dp_rank, cp, device, rank):
+    """(seconds, last loss, None) for length T, or (nan, nan, the error's first line) where it ran out of memory."""
+    reset_peak_memory(device)
+    try:
+        elapsed, loss = measure(engine, args, vocab, T, dp_rank, cp, device)
+    except torch.cuda.OutOfMemoryError as e:
+        error = str(e).splitlines()[0][:200]
+        print(json.dumps({"rank": rank, "seq_len": T, "oom": error}), flush=True)
+        return float("nan"), float("nan"), error
+    return elapsed, loss, None
+
+
+def gather_verdicts(error, device, world, control) -> list:
+    """Every rank's [fits (1 or 0), peak GiB], over the CPU group."""
+    mine = torch.tensor([0.0 if error else 1.0, peak_memory_gib(device)], dtype=torch.float64)
+    verdicts = [torch.zeros_like(mine) for _ in range(world)]
+    dist.all_gather(verdicts, mine, group=control)
+    return verdicts
+
+
+def length_line(base, args, T, dp_world, fits, verdicts, elapsed, loss) -> dict:
+    tokens = args.steps * args.micro_batch * T * dp_world  # every data-parallel group trains its sequences
+    return {
+        **base,
+        "seq_len": T,
+        "tokens_per_rank": T // args.context_parallel,
+        "fits": fits,
+        "tokens_per_s": round(tokens / elapsed, 1) if fits else None,
+        "step_s": round(elapsed / args.steps, 3) if fits else None,
+        "peak_gib_per_rank": [round(v[1].item(), 2) for v in verdicts],
+        "loss": round(loss, 4) if fits else None,
+    }
+
+
+def main(argv=None):
+    args = parse_args(argv)
     seq_lens = sorted(int(s) for s in args.seq_lens.split(","))
-    overrides = {k: yaml.safe_load(v) for k, v in (s.split("=", 1) for s in args.set)}
+    overrides = preset_overrides(args.set)
     device = init(args)
     rank, world = dist.get_rank(), dist.get_world_size()
     P = args.context_parallel
@@ -107,57 +182,16 @@ def main(argv=None):
     control = dist.new_group(backend="gloo")  # CPU verdicts: not queued behind a failed GPU collective
 
     cfg = load_preset(args.preset, retention_backend=args.backend, **overrides)
-    torch.manual_seed(0)
-    model = build_model(cfg).to(device)
-    parallelize(model, activation_checkpointing=args.activation_checkpointing, context_parallel=cp)
-    bf16 = device.type == "cuda"
-    engine = make_engine(model.to(torch.bfloat16) if bf16 else model, args.micro_batch, args.zero_stage, bf16=bf16)
-    base = {
-        "preset": args.preset,
-        "params": sum(p.numel() for p in model.parameters()),
-        "world": world,
-        "context_parallel": P,
-        "zero_stage": args.zero_stage,
-        "activation_checkpointing": args.activation_checkpointing,
-        "micro_batch": args.micro_batch,
-        "device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
-        "precision": "bf16" if device.type == "cuda" else "fp32",
-    }
+    model, engine = build_engine(args, cfg, device, cp)
+    base = run_fields(args, model, world, device)
     longest = None
     for T in seq_lens:
         check_layout(P, world, T)
-        if device.type == "cuda":
-            gc.collect()
-            torch.cuda.empty_cache()
-            torch.cuda.reset_peak_memory_stats(device)
-        error = None
-        try:
-            elapsed, loss = measure(engine, args, cfg.vocab_size, T, dp_rank, cp, device)
-        except torch.cuda.OutOfMemoryError as e:
-            error, elapsed, loss = str(e).splitlines()[0][:200], float("nan"), float("nan")
-            print(json.dumps({"rank": rank, "seq_len": T, "oom": error}), flush=True)
-        # every rank's verdict and peak, over the CPU group
-        mine = torch.tensor([0.0 if error else 1.0, peak_memory_gib(device)], dtype=torch.float64)
-        verdicts = [torch.zeros_like(mine) for _ in range(world)]
-        dist.all_gather(verdicts, mine, group=control)
+        elapsed, loss, error = try_length(engine, args, cfg.vocab_size, T, dp_rank, cp, device, rank)
+        verdicts = gather_verdicts(error, device, world, control)
         fits = all(v[0].item() > 0 for v in verdicts)
         if rank == 0:
-            tokens = args.steps * args.micro_batch * T * dp_world  # every data-parallel group trains its sequences
-            print(
-                json.dumps(
-                    {
-                        **base,
-                        "seq_len": T,
-                        "tokens_per_rank": T // P,
-                        "fits": fits,
-                        "tokens_per_s": round(tokens / elapsed, 1) if fits else None,
-                        "step_s": round(elapsed / args.steps, 3) if fits else None,
-                        "peak_gib_per_rank": [round(v[1].item(), 2) for v in verdicts],
-                        "loss": round(loss, 4) if fits else None,
-                    }
-                ),
-                flush=True,
-            )
+            print(json.dumps(length_line(base, args, T, dp_world, fits, verdicts, elapsed, loss)), flush=True)
         if not fits:
             break  # longer ones need more; after an OOM the engine's state is not trustworthy either
         longest = T

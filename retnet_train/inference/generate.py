@@ -33,6 +33,25 @@ class GenerationResult:
     steps: int
 
 
+def check_prompts(
+    prompts: Sequence[Sequence[int]], vocab_size: int, max_new_tokens: int, max_length: Optional[int]
+) -> None:
+    """A non-empty batch of non-empty prompts of in-vocabulary ids that, with max_new_tokens, fit max_length."""
+    if not prompts:
+        raise ValueError("prompts: empty batch")
+    for i, p in enumerate(prompts):
+        if len(p) == 0:
+            raise ValueError(f"prompt {i}: empty (no tokens; the tokenizer has no BOS to start from)")
+        bad = [t for t in p if not 0 <= int(t) < vocab_size]
+        if bad:
+            raise ValueError(f"prompt {i}: token id {bad[0]} outside the vocabulary [0, {vocab_size})")
+    longest = max(len(p) for p in prompts)
+    if max_length is not None and longest + max_new_tokens > max_length:
+        raise ValueError(
+            f"prompt of {longest} tokens + max_new_tokens={max_new_tokens} exceeds max_length={max_length}"
+        )
+
+
 @torch.no_grad()
 def generate(
     model,
@@ -50,19 +69,8 @@ def generate(
     on_step(tokens [B], finished [B]) is called after each new token (for streaming)."""
     cfg = model.config
     params.validate(cfg.vocab_size)
-    if not prompts:
-        raise ValueError("prompts: empty batch")
-    for i, p in enumerate(prompts):
-        if len(p) == 0:
-            raise ValueError(f"prompt {i}: empty (no tokens; the tokenizer has no BOS to start from)")
-        bad = [t for t in p if not 0 <= int(t) < cfg.vocab_size]
-        if bad:
-            raise ValueError(f"prompt {i}: token id {bad[0]} outside the vocabulary [0, {cfg.vocab_size})")
+    check_prompts(prompts, cfg.vocab_size, params.max_new_tokens, max_length)
     longest = max(len(p) for p in prompts)
-    if max_length is not None and longest + params.max_new_tokens > max_length:
-        raise ValueError(
-            f"prompt of {longest} tokens + max_new_tokens={params.max_new_tokens} exceeds max_length={max_length}"
-        )
     device = next(model.parameters()).device
     generator = None
     if params.seed is not None:

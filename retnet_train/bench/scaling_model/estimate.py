@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import functools
 import json
-from dataclasses import asdict, replace
-from typing import Optional
+from dataclasses import asdict, dataclass, replace
+from typing import NamedTuple, Optional
 
 from ...components.config import checkpointing_mode
 from ...components.optim import overlaps_comm
@@ -36,6 +36,194 @@ def _model_flops_per_token(cfg_json: str, seq_len: int) -> tuple:
     return f["six_n"], f["model"]
 
 
+@dataclass(frozen=True)
+class _StepShape:
+    """How one optimizer step is laid out: P consecutive ranks share a sequence (context parallel),
+    n_gpus / P data-parallel replicas; ZeRO shards over all n_gpus ranks."""
+
+    n_gpus: int
+    context_parallel: int
+    seq_len: int
+    micro_batch: int
+    grad_accum: int
+    n_params: int
+
+    @property
+    def data_parallel(self) -> int:
+        return self.n_gpus // self.context_parallel
+
+    @property
+    def seq_local(self) -> int:
+        return self.seq_len // self.context_parallel
+
+    @property
+    def tokens(self) -> int:
+        """Per GPU per micro-batch."""
+        return self.micro_batch * self.seq_len // self.context_parallel
+
+
+class _WorkingBytes(NamedTuple):
+    """What a step allocates beyond the model states, per GPU."""
+
+    grads_held: float
+    buckets: float  # allocated at the first backward, kept
+    zero3: float
+    act_layers: float
+    act_fixed: float
+    backward: float
+    loss: float
+    step: float
+
+
+def _check_context_parallel(cfg, n_gpus: int, seq_len: int, P_cp: int) -> None:
+    if P_cp < 1 or n_gpus % P_cp or seq_len % P_cp:
+        raise ValueError(f"context parallel {P_cp} must divide the GPUs ({n_gpus}) and the sequence ({seq_len})")
+    if P_cp > 1 and not _is_retnet(cfg):
+        raise ValueError("context parallelism is modeled for RetNet only (its state is what is passed)")
+
+
+def _step_shape(
+    cfg, n_gpus, seq_len, micro_batch, context_parallel, global_batch_tokens, grad_accum, n_params
+) -> _StepShape:
+    """The layout, checked; grad_accum defaults to what reaches global_batch_tokens."""
+    _check_context_parallel(cfg, n_gpus, seq_len, context_parallel)
+    dp = n_gpus // context_parallel
+    if grad_accum is None:
+        grad_accum = max(1, global_batch_tokens // (micro_batch * seq_len * dp))
+    P = n_params if n_params is not None else param_counts(cfg)["total"]
+    return _StepShape(n_gpus, context_parallel, seq_len, micro_batch, grad_accum, P)
+
+
+def _working_bytes(
+    cfg, shape: _StepShape, zero_stage: int, ds: DeepSpeedSettings, backend, checkpointing
+) -> _WorkingBytes:
+    tokens = shape.tokens
+    return _WorkingBytes(
+        grads_held=shape.n_params * grads_held_bytes_per_param(zero_stage, shape.n_gpus, shape.grad_accum),
+        buckets=bucket_bytes(zero_stage, ds),
+        zero3=zero3_working_set_bytes(cfg, ds) if zero_stage == 3 else 0.0,
+        act_layers=cfg.n_layers * tokens * activation_bytes_per_token_per_layer(cfg, backend, BF16, checkpointing),
+        act_fixed=activation_fixed_bytes(cfg, tokens, shape.seq_local),
+        backward=backward_working_bytes(cfg, tokens, backend, BF16, checkpointing),
+        loss=loss_forward_transient_bytes(cfg, tokens),
+        step=step_transient_bytes(zero_stage, shape.n_gpus, shape.n_params, ds.sub_group_size),
+    )
+
+
+def _phase_peaks(states: float, grads: float, w: _WorkingBytes) -> dict:
+    base = states + w.grads_held + w.zero3 + w.buckets
+    return {
+        "forward": base + w.act_layers + w.act_fixed + w.loss,
+        "backward": base + w.act_layers + w.act_fixed + w.backward,
+        "optimizer_step": states + grads + w.step,
+    }
+
+
+def _memory(cfg, shape: _StepShape, zero_stage: int, ds: DeepSpeedSettings, backend, checkpointing) -> dict:
+    """Per-GPU bytes by item; the peak is the largest of the forward, backward and optimizer-step peaks."""
+    P = shape.n_params
+    per = zero_bytes_per_param(zero_stage, shape.n_gpus)
+    states = P * (per["params"] + per["master"] + per["optimizer"])
+    w = _working_bytes(cfg, shape, zero_stage, ds, backend, checkpointing)
+    peaks = _phase_peaks(states, P * per["grads"], w)
+    phase = max(peaks, key=peaks.get)
+    return {
+        "params": P * per["params"],
+        "grads": P * per["grads"],
+        "master": P * per["master"],
+        "optimizer": P * per["optimizer"],
+        "grads_held_during_backward": w.grads_held,
+        "reduce_buckets": w.buckets,
+        "zero3_gathered": w.zero3,
+        "activations": w.act_layers + w.act_fixed,
+        "backward_working": w.backward,
+        "loss_transient": w.loss,
+        "step_fp32_grads": w.step,
+        # what stays allocated between steps (bench/train_throughput.py's resident_gib)
+        "resident": states + (P * per["grads"] if zero_stage >= 2 else 0.0),
+        "peak": peaks[phase],
+        "peak_phase": phase,
+        "peaks": peaks,
+    }
+
+
+def _executed_flops_per_token(cfg, seq_len: int, checkpointing: str) -> tuple:
+    """(model FLOPs, FLOPs executed with the recomputation activation checkpointing adds) per token."""
+    six_n, flops = _model_flops_per_token(json.dumps(cfg.to_dict(), sort_keys=True), seq_len)
+    if checkpointing == "full":
+        return flops, flops * 4 / 3  # one more forward
+    if checkpointing == "selective" and _is_retnet(cfg):
+        return flops, flops + (flops - six_n) / 3  # the retention matmuls' forward once more
+    return flops, flops
+
+
+def _compute(cfg, shape: _StepShape, checkpointing: str, hw: Hardware) -> dict:
+    """Compute time per optimizer step, and per micro-batch split into forward and backward."""
+    flops, executed = _executed_flops_per_token(cfg, shape.seq_len, checkpointing)
+    t_micro = shape.tokens * executed / (hw.peak_flops * hw.utilization)
+    t_fwd = t_micro / (4 if checkpointing == "full" else 3)  # backward = 2 forwards (+1 recomputed under AC)
+    return {
+        "flops_per_token": flops,
+        "utilization": hw.utilization,
+        "seconds": t_micro * shape.grad_accum,
+        "forward_s_per_micro": t_fwd,
+        "backward_s_per_micro": t_micro - t_fwd,
+    }
+
+
+def _comm_op(name: str, collective: str, nbytes: float, bandwidth: float, overlaps: str) -> dict:
+    return {
+        "name": name,
+        "collective": collective,
+        "bytes": nbytes,
+        "seconds": nbytes / bandwidth if nbytes else 0.0,
+        "overlaps": overlaps,
+    }
+
+
+def _step_comm_ops(cfg, shape: _StepShape, zero_stage: int, hw: Hardware, bandwidth: float) -> list:
+    """Every transfer of one optimizer step on one GPU: ZeRO's collectives, then the context-parallel state."""
+    ops = []
+    for name, kind, payload, times, hide in comm_ops(zero_stage, shape.n_params, shape.grad_accum):
+        b = collective_bus_bytes(kind, payload, shape.n_gpus) * times
+        ops.append(_comm_op(name, kind, b, bandwidth, hide))
+    if shape.context_parallel > 1:
+        b = 2 * cfg.n_layers * context_parallel_state_bytes(cfg, shape.micro_batch) * shape.grad_accum
+        cp_bandwidth = bus_bandwidth(shape.context_parallel, hw)  # NVLink while the P ranks share a node
+        ops.append(_comm_op("context-parallel state (p2p)", "p2p", b, cp_bandwidth, "none"))
+    return ops
+
+
+def _exposed_seconds(ops: list, grad_accum: int, t_fwd: float, t_bwd: float) -> float:
+    """Communication time not hidden under compute. An op overlapping the forward or backward is
+    spread over the micro-batches and hides under each one's pass; one overlapping the last backward
+    hides under that pass alone; the rest is exposed."""
+    exposed = 0.0
+    per_micro = {"forward": 0.0, "backward": 0.0}
+    for op in ops:
+        if op["overlaps"] in per_micro:
+            per_micro[op["overlaps"]] += op["seconds"] / grad_accum
+        elif op["overlaps"] == "backward_last":
+            exposed += max(0.0, op["seconds"] - t_bwd)
+        else:
+            exposed += op["seconds"]
+    return exposed + grad_accum * (max(0.0, per_micro["forward"] - t_fwd) + max(0.0, per_micro["backward"] - t_bwd))
+
+
+def _comm(cfg, shape: _StepShape, zero_stage: int, hw: Hardware, compute: dict) -> dict:
+    """Communication per GPU per optimizer step, and what of it the compute does not hide."""
+    bw = bus_bandwidth(shape.n_gpus, hw)  # ZeRO's collectives span all ranks (data- x context-parallel)
+    ops = _step_comm_ops(cfg, shape, zero_stage, hw, bw)
+    t_fwd, t_bwd = compute["forward_s_per_micro"], compute["backward_s_per_micro"]
+    return {
+        "ops": ops,
+        "bytes": sum(op["bytes"] for op in ops),
+        "seconds": sum(op["seconds"] for op in ops),
+        "bus_bandwidth_gbyte_s": bw / 1e9,
+        "exposed_seconds": _exposed_seconds(ops, shape.grad_accum, t_fwd, t_bwd),
+    }
+
+
 def estimate(
     cfg,
     n_gpus: int,
@@ -55,127 +243,32 @@ def estimate(
     and per-step communication and compute time for one configuration."""
     ds = ds or DeepSpeedSettings.trainer()
     checkpointing = checkpointing_mode(checkpointing)
-    P_cp = context_parallel
-    if P_cp < 1 or n_gpus % P_cp or seq_len % P_cp:
-        raise ValueError(f"context parallel {P_cp} must divide the GPUs ({n_gpus}) and the sequence ({seq_len})")
-    if P_cp > 1 and not _is_retnet(cfg):
-        raise ValueError("context parallelism is modeled for RetNet only (its state is what is passed)")
-    dp = n_gpus // P_cp  # data-parallel replicas; ZeRO shards over all n_gpus ranks
-    if grad_accum is None:
-        grad_accum = max(1, global_batch_tokens // (micro_batch * seq_len * dp))
-    P = n_params if n_params is not None else param_counts(cfg)["total"]
-    tokens = micro_batch * seq_len // P_cp  # per GPU per micro-batch
-    seq_local = seq_len // P_cp
-
-    per = zero_bytes_per_param(zero_stage, n_gpus)
-    states = P * (per["params"] + per["master"] + per["optimizer"])
-    grads_held = P * grads_held_bytes_per_param(zero_stage, n_gpus, grad_accum)
+    shape = _step_shape(cfg, n_gpus, seq_len, micro_batch, context_parallel, global_batch_tokens, grad_accum, n_params)
     ds = replace(ds, overlap_comm=overlaps_comm(ds.overlap_comm, n_gpus))  # as the trainer's config
-    buckets = bucket_bytes(zero_stage, ds)
-    zero3 = zero3_working_set_bytes(cfg, ds) if zero_stage == 3 else 0.0
-    act_layers = cfg.n_layers * tokens * activation_bytes_per_token_per_layer(cfg, backend, BF16, checkpointing)
-    act_fixed = activation_fixed_bytes(cfg, tokens, seq_local)
-    bwd_work = backward_working_bytes(cfg, tokens, backend, BF16, checkpointing)
-    loss_tmp = loss_forward_transient_bytes(cfg, tokens)
-    step_tmp = step_transient_bytes(zero_stage, n_gpus, P, ds.sub_group_size)
-    base = states + grads_held + zero3 + buckets  # buckets: allocated at the first backward, kept
-    peaks = {
-        "forward": base + act_layers + act_fixed + loss_tmp,
-        "backward": base + act_layers + act_fixed + bwd_work,
-        "optimizer_step": states + P * per["grads"] + step_tmp,
-    }
-    phase = max(peaks, key=peaks.get)
-    memory = {
-        "params": P * per["params"],
-        "grads": P * per["grads"],
-        "master": P * per["master"],
-        "optimizer": P * per["optimizer"],
-        "grads_held_during_backward": grads_held,
-        "reduce_buckets": buckets,
-        "zero3_gathered": zero3,
-        "activations": act_layers + act_fixed,
-        "backward_working": bwd_work,
-        "loss_transient": loss_tmp,
-        "step_fp32_grads": step_tmp,
-        # what stays allocated between steps (bench/train_throughput.py's resident_gib)
-        "resident": states + (P * per["grads"] if zero_stage >= 2 else 0.0),
-        "peak": peaks[phase],
-        "peak_phase": phase,
-        "peaks": peaks,
-    }
-
-    # communication and compute, per GPU per optimizer step
-    bw = bus_bandwidth(n_gpus, hw)  # ZeRO's collectives span all ranks (data- x context-parallel)
-    ops = []
-    for name, kind, payload, times, hide in comm_ops(zero_stage, P, grad_accum):
-        b = collective_bus_bytes(kind, payload, n_gpus) * times
-        ops.append({"name": name, "collective": kind, "bytes": b, "seconds": b / bw if b else 0.0, "overlaps": hide})
-    if P_cp > 1:
-        b = 2 * cfg.n_layers * context_parallel_state_bytes(cfg, micro_batch) * grad_accum
-        ops.append(
-            {
-                "name": "context-parallel state (p2p)",
-                "collective": "p2p",
-                "bytes": b,
-                "seconds": b / bus_bandwidth(P_cp, hw),
-                "overlaps": "none",
-            }
-        )
-    six_n, flops = _model_flops_per_token(json.dumps(cfg.to_dict(), sort_keys=True), seq_len)
-    executed = flops
-    if checkpointing == "full":
-        executed = flops * 4 / 3  # one more forward
-    elif checkpointing == "selective" and _is_retnet(cfg):
-        executed = flops + (flops - six_n) / 3  # the retention matmuls' forward once more
-    t_micro = tokens * executed / (hw.peak_flops * hw.utilization)
-    t_fwd = t_micro / (4 if checkpointing == "full" else 3)  # backward = 2 forwards (+1 recomputed under AC)
-    t_bwd = t_micro - t_fwd
-    compute = t_micro * grad_accum
-    exposed = 0.0
-    per_micro = {"forward": 0.0, "backward": 0.0}
-    for op in ops:
-        if op["overlaps"] in per_micro:
-            per_micro[op["overlaps"]] += op["seconds"] / grad_accum
-        elif op["overlaps"] == "backward_last":
-            exposed += max(0.0, op["seconds"] - t_bwd)
-        else:
-            exposed += op["seconds"]
-    exposed += grad_accum * (max(0.0, per_micro["forward"] - t_fwd) + max(0.0, per_micro["backward"] - t_bwd))
-    comm_s = sum(op["seconds"] for op in ops)
-    comm = {
-        "ops": ops,
-        "bytes": sum(op["bytes"] for op in ops),
-        "seconds": comm_s,
-        "bus_bandwidth_gbyte_s": bw / 1e9,
-        "exposed_seconds": exposed,
-    }
-    step_s = compute + exposed
+    memory = _memory(cfg, shape, zero_stage, ds, backend, checkpointing)
+    compute = _compute(cfg, shape, checkpointing, hw)
+    comm = _comm(cfg, shape, zero_stage, hw, compute)
+    step_s = compute["seconds"] + comm["exposed_seconds"]
     return {
         "model": cfg.arch,
-        "params": P,
+        "params": shape.n_params,
         "gpus": n_gpus,
-        "data_parallel": dp,
-        "context_parallel": P_cp,
+        "data_parallel": shape.data_parallel,
+        "context_parallel": context_parallel,
         "zero_stage": zero_stage,
         "activation_checkpointing": checkpointing,
         "seq_len": seq_len,
         "micro_batch": micro_batch,
-        "grad_accum": grad_accum,
-        "tokens_per_step": micro_batch * seq_len * dp * grad_accum,
+        "grad_accum": shape.grad_accum,
+        "tokens_per_step": micro_batch * seq_len * shape.data_parallel * shape.grad_accum,
         "backend": backend,
         "memory": memory,
         "memory_gib": {k: v / GiB for k, v in memory.items() if isinstance(v, float)},
         "comm": comm,
-        "compute": {
-            "flops_per_token": flops,
-            "utilization": hw.utilization,
-            "seconds": compute,
-            "forward_s_per_micro": t_fwd,
-            "backward_s_per_micro": t_bwd,
-        },
+        "compute": compute,
         "step_seconds": step_s,
-        "step_seconds_no_overlap": compute + comm_s,
-        "tokens_per_s_per_gpu": micro_batch * seq_len // P_cp * grad_accum / step_s,
+        "step_seconds_no_overlap": compute["seconds"] + comm["seconds"],
+        "tokens_per_s_per_gpu": shape.tokens * shape.grad_accum / step_s,
         "fits": memory["peak"] / GiB <= hw.memory_gib * 0.95,
         "deepspeed": asdict(ds),
         "hardware": asdict(hw),
