@@ -119,7 +119,7 @@ def run_fields(args, model, world, device) -> dict:
     """What every JSON line repeats."""
     return {
         "preset": args.preset,
-        "params": sum(p.numel() for p in model.parameters()),
+        "params": sum(getattr(p, "ds_numel", p.numel()) for p in model.parameters()),  # ZeRO-3: p is a shard
         "world": world,
         "context_parallel": args.context_parallel,
         "zero_stage": args.zero_stage,

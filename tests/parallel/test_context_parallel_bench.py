@@ -12,7 +12,8 @@ from trainer_helpers import REPO, env  # noqa: E402
 
 
 @pytest.mark.slow
-def test_probe_on_two_cpu_ranks():
+@pytest.mark.parametrize("zero_stage", ["1", "3"])
+def test_probe_on_two_cpu_ranks(zero_stage):
     cmd = [
         sys.executable,
         "-m",
@@ -30,7 +31,7 @@ def test_probe_on_two_cpu_ranks():
         "--context-parallel",
         "2",
         "--zero-stage",
-        "1",
+        zero_stage,
         "--activation-checkpointing",
         "full",
         "--steps",
@@ -45,3 +46,13 @@ def test_probe_on_two_cpu_ranks():
     assert all(r["fits"] and r["tokens_per_s"] > 0 and len(r["peak_gib_per_rank"]) == 2 for r in lines[:-1])
     assert lines[0]["tokens_per_rank"] == 64
     assert lines[-1]["longest_fitting_seq_len"] == 256
+    assert lines[0]["params"] == tiny_params(n_layers=2)  # the whole model's, also where ZeRO-3 shards it
+
+
+def tiny_params(**change) -> int:
+    import yaml
+
+    from retnet_train.model import build_model, model_config_from_dict
+
+    cfg = yaml.safe_load((REPO / "configs" / "model" / "tiny.yaml").read_text())
+    return sum(p.numel() for p in build_model(model_config_from_dict({**cfg, **change})).parameters())
