@@ -45,20 +45,6 @@ def make_optimizer(cfg, model, device):
     return optimizer, schedule
 
 
-def make_loaders(cfg, vocab_size: int):
-    """The trainer's training and validation loaders of one rank, in its data order."""
-    from ..components.config import data_sources
-    from ..data import TokenLoader, build_validation_loader, sha256_file
-
-    sources, sha = data_sources(cfg), sha256_file(cfg.data.tokenizer) if cfg.data.tokenizer else None
-    mb, seq = cfg.train.micro_batch_size, cfg.data.seq_len
-    loader = TokenLoader(sources, seq, mb, 0, 1, cfg.data.seed, "train", tokenizer_sha256=sha, vocab_size=vocab_size)
-    validation = build_validation_loader(
-        sources, seq, mb, 0, 1, tokenizer_sha256=sha, vocab_size=vocab_size, max_sequences=cfg.train.eval_batches * mb
-    )
-    return loader, validation
-
-
 def train_llama(cfg) -> int:
     """Train the Llama for cfg.train.max_steps, logging to cfg.run.dir/metrics.jsonl as the trainer
     does; returns its parameter count."""
@@ -66,6 +52,7 @@ def train_llama(cfg) -> int:
 
     from ..components.config import grad_accumulation
     from ..components.distributed import pick_device
+    from ..components.loaders import build_loaders
     from ..components.metrics import MetricsLogger, Throughput, peak_memory_gib
 
     if cfg.deepspeed.precision not in ("bf16", "bf16-mixed", "fp32"):
@@ -78,7 +65,7 @@ def train_llama(cfg) -> int:
     model = build_llama(cfg, device)
     step_fn = torch.compile(model) if cfg.train.compile else model
     optimizer, schedule = make_optimizer(cfg, model, device)
-    loader, val_loader = make_loaders(cfg, model.config.vocab_size)
+    loader, val_loader = build_loaders(cfg, model.config.vocab_size, 0, 1)  # the trainer's, one rank
     autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=cfg.deepspeed.precision != "fp32")
 
     def loss_of(batch):
