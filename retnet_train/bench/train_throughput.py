@@ -16,6 +16,7 @@ import json
 import os
 import sys
 import time
+from dataclasses import dataclass
 
 import torch
 import yaml
@@ -145,14 +146,35 @@ def reset_peak(device: torch.device) -> None:
         torch.cuda.reset_peak_memory_stats()
 
 
-def measure(name, build, cfg, args, device):
-    reset_peak(device)
-    mem_before = memory(device, "now")  # should be ~0: what a previous model left behind
+@dataclass
+class Timing:
+    """The timed steps: the last loss, their wall time and the mean ms per phase (forward, backward, step)."""
+
+    loss: torch.Tensor
+    seconds: float
+    phase_ms: list
+
+
+@dataclass
+class MemoryUse:
+    """Bytes allocated before the model was built, between steps (resident) and at the peak of the timed steps."""
+
+    before: int
+    resident: int
+    peak: int
+
+
+def build_on_device(build, device: torch.device):
+    """(model, parameter count): built from seed 0 in bf16 on a GPU, fp32 on CPU; counted before ZeRO-3
+    partitions the parameters to empty shells."""
     torch.manual_seed(0)
-    bf16 = device.type == "cuda"
-    model = build().to(device=device, dtype=torch.bfloat16 if bf16 else torch.float32)
-    n_params = sum(p.numel() for p in model.parameters())  # before ZeRO-3 partitions them to empty shells
-    ours = name != "fla"
+    dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
+    model = build().to(device=device, dtype=dtype)
+    return model, sum(p.numel() for p in model.parameters())
+
+
+def prepare_model(model, ours: bool, args) -> None:
+    """Our models: compile and activation checkpointing as the trainer applies them; fla's: HF's own checkpointing."""
     if ours:
         parallelize(
             model,
@@ -162,47 +184,77 @@ def measure(name, build, cfg, args, device):
         )
     elif args.activation_checkpointing == "full":
         model.gradient_checkpointing_enable()  # HF's: each decoder layer recomputed in the backward
-    engine = make_engine(
-        model, args.micro_batch, args.zero_stage, args.grad_accum, bf16=bf16, ds_overrides=args.ds_json
-    )
-    B, T = args.micro_batch, args.seq_len
+
+
+def random_batch(vocab_size: int, micro_batch: int, seq_len: int, doc_len: int, device: torch.device) -> dict:
+    """Tokens from seed 0, labels shifted by one, and random document starts every ~doc_len tokens (0: none)."""
     g = torch.Generator(device=device).manual_seed(0)
-    batch = {"input_ids": torch.randint(0, cfg.vocab_size, (B, T), device=device, generator=g)}
+    batch = {"input_ids": torch.randint(0, vocab_size, (micro_batch, seq_len), device=device, generator=g)}
     batch["labels"] = torch.roll(batch["input_ids"], -1, 1)
-    if args.doc_len:
-        batch["doc_starts"] = torch.rand(B, T, device=device, generator=g) < 1.0 / args.doc_len
-    timer = Timer(device)
-    t0 = time.perf_counter()
-    for _ in range(args.warmup):  # includes Triton autotuning and torch.compile
-        train_step(engine, batch, ours, args.grad_accum)
+    if doc_len:
+        batch["doc_starts"] = torch.rand(micro_batch, seq_len, device=device, generator=g) < 1.0 / doc_len
+    return batch
+
+
+def warm_up(engine, batch, ours: bool, steps: int, accum: int, timer: Timer, label: str) -> None:
+    start = time.perf_counter()
+    for _ in range(steps):  # includes Triton autotuning and torch.compile
+        train_step(engine, batch, ours, accum)
     timer.sync()
-    print(f"[{name} T={T}] warm-up took {time.perf_counter() - t0:.0f} s", file=sys.stderr, flush=True)
-    prof = None
-    if args.profile and device.type == "cuda":
-        prof = torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA])
-        prof.__enter__()
-    resident = memory(device, "now")  # weights, gradients, optimizer states: all but activations
-    reset_peak(device)
+    print(f"[{label}] warm-up took {time.perf_counter() - start:.0f} s", file=sys.stderr, flush=True)
+
+
+def start_profile(enabled: bool, device: torch.device):
+    """A running CUDA-kernel profile, or None (not asked for, or on CPU)."""
+    if not (enabled and device.type == "cuda"):
+        return None
+    prof = torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA])
+    prof.__enter__()
+    return prof
+
+
+def timed_steps(engine, batch, ours: bool, steps: int, accum: int, timer: Timer) -> Timing:
     marks = []
     start = time.perf_counter()
-    for _ in range(args.steps):
+    for _ in range(steps):
         marks.append([])
-        loss = train_step(engine, batch, ours, args.grad_accum, marks[-1], timer)
+        loss = train_step(engine, batch, ours, accum, marks[-1], timer)
     timer.sync()
     elapsed = time.perf_counter() - start
-    phases = [sum(timer.ms(m[i], m[i + 1]) for m in marks) / args.steps for i in range(3)]
-    if prof is not None:
-        prof.__exit__(None, None, None)
-    tokens_per_s = args.steps * args.grad_accum * B * T / elapsed
-    flops = flops_per_token(cfg, T)
+    phases = [sum(timer.ms(m[i], m[i + 1]) for m in marks) / steps for i in range(3)]
+    return Timing(loss, elapsed, phases)
+
+
+def memory_fields(mem: MemoryUse, on_gpu: bool) -> dict:
+    return {
+        # this model's own: what an earlier model in the process left allocated is not counted
+        # (on CUDA, ~the bf16 weights stay behind after release(); not reproducible on CPU).
+        # CPU: the process's peak resident memory, which includes every earlier model's
+        "peak_gib": round((mem.peak - mem.before) / 2**30, 2),
+        # the peak above what stays allocated between steps: activations and temporaries
+        "activation_gib": round((mem.peak - mem.resident) / 2**30, 2) if on_gpu else None,
+        "resident_gib": round((mem.resident - mem.before) / 2**30, 2) if on_gpu else None,
+    }
+
+
+def mfu_fields(tokens_per_s: float, cfg, seq_len: int, device: torch.device) -> dict:
+    flops = flops_per_token(cfg, seq_len)
     peak = device_peak_flops(device, None)
-    peak_bytes = memory(device, "peak")
+    return {
+        "mfu_6n": round(tokens_per_s * flops["six_n"] / peak, 4) if peak else None,
+        "mfu_model": round(tokens_per_s * flops["model"] / peak, 4) if peak else None,
+    }
+
+
+def result_row(name: str, args, cfg, n_params: int, timing: Timing, mem: MemoryUse, device: torch.device) -> dict:
+    """The JSON line of one measurement."""
     on_gpu = device.type == "cuda"
-    result = {
+    tokens_per_s = args.steps * args.grad_accum * args.micro_batch * args.seq_len / timing.seconds
+    return {
         "model": name,
         "preset": args.preset,
-        "seq_len": T,
-        "micro_batch": B,
+        "seq_len": args.seq_len,
+        "micro_batch": args.micro_batch,
         "zero_stage": args.zero_stage,
         "activation_checkpointing": args.activation_checkpointing,
         "compile": args.compile,
@@ -210,23 +262,39 @@ def measure(name, build, cfg, args, device):
         "ds_json": args.ds_json,
         "params": n_params,
         "tokens_per_s": round(tokens_per_s, 1),
-        "step_s": round(elapsed / args.steps, 4),
+        "step_s": round(timing.seconds / args.steps, 4),
         "grad_accum": args.grad_accum,
-        # this model's own: what an earlier model in the process left allocated is not counted
-        # (on CUDA, ~the bf16 weights stay behind after release(); not reproducible on CPU).
-        # CPU: the process's peak resident memory, which includes every earlier model's
-        "peak_gib": round((peak_bytes - mem_before) / 2**30, 2),
-        # the peak above what stays allocated between steps: activations and temporaries
-        "activation_gib": round((peak_bytes - resident) / 2**30, 2) if on_gpu else None,
-        "resident_gib": round((resident - mem_before) / 2**30, 2) if on_gpu else None,
-        "ms_forward_backward_step": [round(x, 1) for x in phases],
-        "mfu_6n": round(tokens_per_s * flops["six_n"] / peak, 4) if peak else None,
-        "mfu_model": round(tokens_per_s * flops["model"] / peak, 4) if peak else None,
-        "loss": round(float(loss.detach()), 4),
+        **memory_fields(mem, on_gpu),
+        "ms_forward_backward_step": [round(x, 1) for x in timing.phase_ms],
+        **mfu_fields(tokens_per_s, cfg, args.seq_len, device),
+        "loss": round(float(timing.loss.detach()), 4),
         "device": torch.cuda.get_device_name() if on_gpu else "cpu",
         "torch": torch.__version__,
-        "memory_before_gib": round(mem_before / 2**30, 2),
+        "memory_before_gib": round(mem.before / 2**30, 2),
     }
+
+
+def measure(name, build, cfg, args, device):
+    """One model at one sequence length and batch: warm-up, then args.steps timed optimizer steps."""
+    reset_peak(device)
+    mem_before = memory(device, "now")  # should be ~0: what a previous model left behind
+    model, n_params = build_on_device(build, device)
+    ours = name != "fla"
+    prepare_model(model, ours, args)
+    engine = make_engine(
+        model, args.micro_batch, args.zero_stage, args.grad_accum, bf16=device.type == "cuda", ds_overrides=args.ds_json
+    )
+    batch = random_batch(cfg.vocab_size, args.micro_batch, args.seq_len, args.doc_len, device)
+    timer = Timer(device)
+    warm_up(engine, batch, ours, args.warmup, args.grad_accum, timer, f"{name} T={args.seq_len}")
+    prof = start_profile(args.profile, device)
+    resident = memory(device, "now")  # weights, gradients, optimizer states: all but activations
+    reset_peak(device)
+    timing = timed_steps(engine, batch, ours, args.steps, args.grad_accum, timer)
+    if prof is not None:
+        prof.__exit__(None, None, None)
+    mem = MemoryUse(mem_before, resident, memory(device, "peak"))
+    result = result_row(name, args, cfg, n_params, timing, mem, device)
     if prof is not None:
         result["profile"] = time_breakdown(prof)
         result["top_kernels"] = top_kernels(prof)
@@ -309,8 +377,8 @@ def fla_skip(args):
     return None
 
 
-def main(argv=None):
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+def add_sweep_args(p: argparse.ArgumentParser) -> None:
+    """What is measured: the models, the sequence lengths, the batch and the steps."""
     p.add_argument(
         "--preset", default="1.3b", help="configs/model/<preset>.yaml; the Transformer uses transformer_<preset>"
     )
@@ -341,6 +409,10 @@ def main(argv=None):
     )
     p.add_argument("--steps", type=int, default=10)
     p.add_argument("--warmup", type=int, default=3)
+
+
+def add_training_args(p: argparse.ArgumentParser) -> None:
+    """How each model trains: ZeRO, activation checkpointing, compilation, documents, retention backend."""
     p.add_argument("--zero-stage", type=int, default=0, choices=[0, 1, 2, 3])
     p.add_argument(
         "--activation-checkpointing",
@@ -357,6 +429,10 @@ def main(argv=None):
     )
     p.add_argument("--doc-len", type=int, default=0, help="mean document length for doc_starts (0: none)")
     p.add_argument("--backend", default="auto", choices=RETENTION_BACKENDS, help="RetNet retention backend")
+
+
+def add_run_args(p: argparse.ArgumentParser) -> None:
+    """Profiling, DeepSpeed overrides, the plot and the CPU check."""
     p.add_argument("--profile", action="store_true", help="add a GPU time breakdown by kernel category")
     p.add_argument(
         "--ds-json",
@@ -377,50 +453,86 @@ def main(argv=None):
         help="run on CPU (gloo, fp32; peak memory is the process's resident "
         "peak): a check of the script, not a measurement",
     )
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    add_sweep_args(p)
+    add_training_args(p)
+    add_run_args(p)
     args = p.parse_args(argv)
     if args.activation_memory_budget != 1.0 and not args.compile:
         p.error("--activation-memory-budget needs --compile")
-    if not args.cpu and not torch.cuda.is_available():
+    return args
+
+
+def bench_device(cpu: bool) -> torch.device:
+    """GPU 0 (or the CPU with --cpu), with a one-rank process group for DeepSpeed."""
+    if not cpu and not torch.cuda.is_available():
         raise SystemExit("train_throughput needs a GPU (--cpu: check the script on CPU)")
-    device = torch.device("cpu") if args.cpu else torch.device("cuda", 0)
+    device = torch.device("cpu") if cpu else torch.device("cuda", 0)
     if device.type == "cuda":
         torch.cuda.set_device(device)
     init_distributed(device)
+    return device
+
+
+def args_at_length(args, seq_len: int, base_accum: int) -> argparse.Namespace:
+    """args for one point of the sweep: its length, and the batch that keeps the first length's tokens."""
+    mb, steps_accum = batch_for_length(seq_len, args.seq_len[0], args.micro_batch, base_accum)
+    return argparse.Namespace(**{**vars(args), "seq_len": seq_len, "micro_batch": mb, "grad_accum": steps_accum})
+
+
+def measure_or_oom(name, build, cfg, args, device) -> dict:
+    """measure's row, or where the GPU runs out of memory a row that says so."""
+    try:
+        return measure(name, build, cfg, args, device)
+    except torch.cuda.OutOfMemoryError as e:
+        result = {
+            "model": name,
+            "preset": args.preset,
+            "seq_len": args.seq_len,
+            "micro_batch": args.micro_batch,
+            "grad_accum": args.grad_accum,
+            "oom": str(e)[:200],
+        }
+        gc.collect()
+        reset_peak(device)
+        return result
+
+
+def emit(row: dict) -> dict:
+    print(json.dumps(row), flush=True)
+    return row
+
+
+def run_sweep(args, device) -> list:
+    """Every model at every base accumulation and length, each row printed as it is measured."""
     results = []
-    first_len = args.seq_len[0]
     for name, overrides, cfg, build in model_specs(args.models, args.preset, args.backend):
         skip = fla_skip(args) if name == "fla" else None
         if skip:
-            results.append({"model": name, "skipped": skip})
-            print(json.dumps(results[-1]), flush=True)
+            results.append(emit({"model": name, "skipped": skip}))
             continue
         for accum in (int(a) for a in str(args.grad_accum).split(",")):
             for seq_len in args.seq_len:
-                mb, steps_accum = batch_for_length(seq_len, first_len, args.micro_batch, accum)
-                run_args = argparse.Namespace(
-                    **{**vars(args), "seq_len": seq_len, "micro_batch": mb, "grad_accum": steps_accum}
-                )
-                try:
-                    result = measure(name, build, cfg, run_args, device)
-                except torch.cuda.OutOfMemoryError as e:
-                    result = {
-                        "model": name,
-                        "preset": args.preset,
-                        "seq_len": seq_len,
-                        "micro_batch": mb,
-                        "grad_accum": steps_accum,
-                        "oom": str(e)[:200],
-                    }
-                    gc.collect()
-                    reset_peak(device)
-                results.append({**result, "overrides": overrides, "base_grad_accum": accum})
-                print(json.dumps(results[-1]), flush=True)
+                result = measure_or_oom(name, build, cfg, args_at_length(args, seq_len, accum), device)
+                results.append(emit({**result, "overrides": overrides, "base_grad_accum": accum}))
+    return results
+
+
+def plot_title(args, results: list) -> str:
+    flags = f"ZeRO-{args.zero_stage}" + (f", compiled, budget {args.activation_memory_budget}" if args.compile else "")
+    first = f"{args.micro_batch} x {args.seq_len[0]} tokens per micro-batch"
+    return f"{args.preset} on {results_device(results)}: {first}, {flags}"
+
+
+def main(argv=None):
+    args = parse_args(argv)
+    device = bench_device(args.cpu)
+    results = run_sweep(args, device)
     if args.plot:
-        flags = f"ZeRO-{args.zero_stage}" + (
-            f", compiled, budget {args.activation_memory_budget}" if args.compile else ""
-        )
-        first = f"{args.micro_batch} x {first_len} tokens per micro-batch"
-        plot_sweep(results, args.plot, f"{args.preset} on {results_device(results)}: {first}, {flags}")
+        plot_sweep(results, args.plot, plot_title(args, results))
         print(f"wrote {args.plot}", file=sys.stderr)
 
 

@@ -140,8 +140,8 @@ def markdown_tables(seq_len: int = 8192, micro_batch: int = 1, hw: Hardware = Ha
     return "\n".join(out)
 
 
-def main(argv=None):
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+def add_step_args(p: argparse.ArgumentParser) -> None:
+    """The model, the cluster and the training step to estimate."""
     p.add_argument("--preset", default="1.3b", help="configs/model/<preset>.yaml (transformer_* for the baseline)")
     p.add_argument("--gpus", type=int, default=64)
     p.add_argument("--seq-len", type=int, default=8192)
@@ -169,11 +169,18 @@ def main(argv=None):
         help="DeepSpeed's own bucket defaults (a config naming only the stage) instead of the trainer's "
         "(components/config.py)",
     )
+
+
+def add_hardware_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--gpu-memory-gib", type=float, default=Hardware.memory_gib)
     p.add_argument("--ib-gbit", type=float, default=Hardware.ib_gbit_per_gpu, help="inter-node Gb/s per GPU")
     p.add_argument("--nvlink-gbyte", type=float, default=Hardware.nvlink_gbyte_per_gpu, help="intra-node GB/s per GPU")
     p.add_argument("--efficiency", type=float, default=Hardware.efficiency, help="bus bandwidth / line rate")
     p.add_argument("--utilization", type=float, default=Hardware.utilization, help="executed FLOPs / peak")
+
+
+def add_output_args(p: argparse.ArgumentParser) -> None:
+    """What to print instead of the summary: JSON, the docs' tables, or the CPU check of the formula."""
     p.add_argument("--json", action="store_true")
     p.add_argument("--markdown", action="store_true", help="print the tables of docs/scaling.md")
     p.add_argument(
@@ -184,63 +191,87 @@ def main(argv=None):
         action="store_true",
         help="CPU: compare the per-layer activation formula (torch backend, fp32) with saved tensors",
     )
-    args = p.parse_args(argv)
-    hw = Hardware(
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    add_step_args(p)
+    add_hardware_args(p)
+    add_output_args(p)
+    return p.parse_args(argv)
+
+
+def hardware_from_args(args) -> Hardware:
+    return Hardware(
         memory_gib=args.gpu_memory_gib,
         ib_gbit_per_gpu=args.ib_gbit,
         nvlink_gbyte_per_gpu=args.nvlink_gbyte,
         efficiency=args.efficiency,
         utilization=args.utilization,
     )
-    if args.markdown:
-        print(markdown_tables(args.seq_len, args.micro_batch, hw))
-        return
-    if args.measured_runs:
-        print(measured_runs_markdown(hw))
-        return
-    cfg = load_preset(args.preset)
-    if args.measure:
-        if _is_retnet(cfg):
-            cfg = replace(cfg, retention_backend="torch")
-        measured = measured_bytes_per_token_per_layer(
-            cfg, args.micro_batch, args.seq_len, args.activation_checkpointing
-        )
-        predicted = activation_bytes_per_token_per_layer(cfg, "torch", FP32, args.activation_checkpointing)
-        print(
-            json.dumps(
-                {
-                    "preset": args.preset,
-                    "seq_len": args.seq_len,
-                    "micro_batch": args.micro_batch,
-                    "checkpointing": args.activation_checkpointing,
-                    "measured_bytes_per_token_per_layer": measured,
-                    "predicted": predicted,
-                    "relative_error": predicted / measured - 1,
-                }
-            )
-        )
-        return
+
+
+def activation_check(cfg, args) -> dict:
+    """--measure: the per-layer activation bytes per token counted on CPU (torch backend) against the formula."""
+    if _is_retnet(cfg):
+        cfg = replace(cfg, retention_backend="torch")
+    measured = measured_bytes_per_token_per_layer(cfg, args.micro_batch, args.seq_len, args.activation_checkpointing)
+    predicted = activation_bytes_per_token_per_layer(cfg, "torch", FP32, args.activation_checkpointing)
+    return {
+        "preset": args.preset,
+        "seq_len": args.seq_len,
+        "micro_batch": args.micro_batch,
+        "checkpointing": args.activation_checkpointing,
+        "measured_bytes_per_token_per_layer": measured,
+        "predicted": predicted,
+        "relative_error": predicted / measured - 1,
+    }
+
+
+def estimate_stage(cfg, args, zero_stage: int, hw: Hardware) -> dict:
+    """estimate() for one ZeRO stage under the trainer's DeepSpeed settings (or DeepSpeed's own defaults)."""
+    if args.deepspeed_defaults:
+        ds = DeepSpeedSettings.library_defaults(zero_stage)
+    else:
+        ds = DeepSpeedSettings.trainer()
+    return estimate(
+        cfg,
+        args.gpus,
+        args.seq_len,
+        args.micro_batch,
+        zero_stage,
+        args.activation_checkpointing,
+        args.context_parallel,
+        ds,
+        hw,
+        args.global_batch_tokens,
+        args.grad_accum,
+        args.backend,
+    )
+
+
+def print_estimates(cfg, args, hw: Hardware) -> None:
+    """One estimate per ZeRO stage asked for (default: all four), as JSON lines or summaries."""
     stages = [args.zero_stage] if args.zero_stage is not None else [0, 1, 2, 3]
     for z in stages:
-        ds = DeepSpeedSettings.library_defaults(z) if args.deepspeed_defaults else DeepSpeedSettings.trainer()
-        r = estimate(
-            cfg,
-            args.gpus,
-            args.seq_len,
-            args.micro_batch,
-            z,
-            args.activation_checkpointing,
-            args.context_parallel,
-            ds,
-            hw,
-            args.global_batch_tokens,
-            args.grad_accum,
-            args.backend,
-        )
+        r = estimate_stage(cfg, args, z, hw)
         if args.json:
             print(json.dumps(r))
         else:
             print("\n".join(summary_lines(r)) + "\n")
+
+
+def main(argv=None):
+    args = parse_args(argv)
+    hw = hardware_from_args(args)
+    if args.markdown:
+        print(markdown_tables(args.seq_len, args.micro_batch, hw))
+    elif args.measured_runs:
+        print(measured_runs_markdown(hw))
+    elif args.measure:
+        print(json.dumps(activation_check(load_preset(args.preset), args)))
+    else:
+        print_estimates(load_preset(args.preset), args, hw)
 
 
 if __name__ == "__main__":
