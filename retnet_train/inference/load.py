@@ -104,12 +104,18 @@ def _tokenizer(given: Optional[str], stored: Optional[str], path: str, vocab_siz
     return tok
 
 
+def _read(path: str, tag: Optional[str], model_config: Optional[Mapping]):
+    """(config, state dict, stored tokenizer, source, meta) of an export dir or a DeepSpeed checkpoint."""
+    if not os.path.exists(path):
+        raise CheckpointError(f"{path}: no such checkpoint or export directory")
+    if not os.path.isdir(path):
+        raise CheckpointError(f"{path}: a file; pass the directory (a run dir, a checkpoint dir or tag, an export)")
+    return _from_export(path) if is_export_dir(path) else _from_deepspeed(path, tag, model_config)
+
+
 def read_weights(path: str) -> tuple:
     """(model config, state dict) of an export dir or a DeepSpeed checkpoint (its latest tag)."""
-    if not os.path.isdir(path):
-        why = "a file; pass its directory" if os.path.exists(path) else "no such directory"
-        raise CheckpointError(f"{path}: {why}")
-    config, state_dict, *_ = _from_export(path) if is_export_dir(path) else _from_deepspeed(path, None, None)
+    config, state_dict, *_ = _read(path, None, None)
     return config, state_dict
 
 
@@ -126,14 +132,7 @@ def load_model(
     tokenizer overrides the one stored with the checkpoint; model_config (a preset dict) is for
     checkpoints whose client state carries no config.
     """
-    if not os.path.exists(path):
-        raise CheckpointError(f"{path}: no such checkpoint or export directory")
-    if not os.path.isdir(path):
-        raise CheckpointError(f"{path}: a file; pass the directory (a run dir, a checkpoint dir or tag, an export)")
-    if is_export_dir(path):
-        config, state_dict, stored_tok, source, meta = _from_export(path)
-    else:
-        config, state_dict, stored_tok, source, meta = _from_deepspeed(path, tag, model_config)
+    config, state_dict, stored_tok, source, meta = _read(path, tag, model_config)
     model = build_model(config)
     load_weights(model, state_dict, path)
     model.eval().to(device=device, dtype=dtype)

@@ -39,7 +39,6 @@ def _packed(reset):
 def fla_retention(q, k, v, log_gamma, mode, chunk_size, reset, state, row_sums):
     B, T, H, K = q.shape
     V = v.shape[-1]
-    q, k = q.to(v.dtype), k.to(v.dtype)  # under autocast the rotation may leave q, k in fp32
     s = z_final = None
     if row_sums and state is None:
         s, z_final = retention_row_sums(q, k, log_gamma, 64, reset)

@@ -223,11 +223,9 @@ class TritonRetention(torch.autograd.Function):
 
 @torch.compiler.disable  # an opaque op to dynamo: compiled blocks get a graph break here
 def triton_retention(q, k, v, log_gamma, chunk_size, state=None, row_sums=True, reset=None):
-    """q, k [B, T, H, K], v [B, T, H, V] -> o [B, T, H, V] (v's dtype, unnormalized), row sums
-    s [B, T, H] fp32 or None, final state [B, H, K, V (+1 with row sums)]. reset [B, T] bool:
-    True where a document starts (the state is cleared before that token)."""
-    dtype = v.dtype
-    q, k, v = (t.to(dtype) for t in (q, k, v))  # under autocast the rotation may leave q, k in fp32
+    """q, k [B, T, H, K], v [B, T, H, V] of one dtype (retention_op casts q, k to v's) -> o [B, T, H, V]
+    (unnormalized), row sums s [B, T, H] fp32 or None, final state [B, H, K, V (+1 with row sums)].
+    reset [B, T] bool: True where a document starts (the state is cleared before that token)."""
     q, k, v = (t.contiguous() for t in (q, k, v))  # (no-ops in training) the kernels share q/k and v/dO strides
     if state is not None:
         state = state.detach()

@@ -28,8 +28,8 @@ def test_an_export_loads_into_a_model_of_its_config(tmp_path):
 @pytest.mark.parametrize(
     "where,needle",
     [
-        ("missing", "no such directory"),
-        ("file", "a file; pass its directory"),
+        ("missing", "no such checkpoint or export directory"),
+        ("file", "a file; pass the directory"),
         ("wider", "has shape (64, 48), the config needs (64, 32)"),
     ],
 )
