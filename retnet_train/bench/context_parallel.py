@@ -30,7 +30,7 @@ from ..components.distributed import init_distributed
 from ..components.metrics import peak_memory_gib
 from ..model import build_model
 from ..parallel import build_context_parallel, check_layout, parallelize
-from .train_throughput import load_preset, make_engine
+from .train_throughput import load_preset, make_engine, reset_peak
 
 
 def init(args) -> torch.device:
@@ -130,16 +130,11 @@ def run_fields(args, model, world, device) -> dict:
     }
 
 
-def reset_peak_memory(device):
-    if device.type == "cuda":
-        gc.collect()
-        torch.cuda.empty_cache()
-        torch.cuda.reset_peak_memory_stats(device)
-
-
 def try_length(engine, args, vocab, T, dp_rank, cp, device, rank):
     """(seconds, last loss, None) for length T, or (nan, nan, the error's first line) where it ran out of memory."""
-    reset_peak_memory(device)
+    if device.type == "cuda":
+        gc.collect()  # the previous length's tensors, before the cache is emptied
+    reset_peak(device)
     try:
         elapsed, loss = measure(engine, args, vocab, T, dp_rank, cp, device)
     except torch.cuda.OutOfMemoryError as e:
