@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import math
 import os
+from pathlib import Path
 
 import torch
 import torch.nn.functional as F
@@ -25,6 +26,17 @@ def build_llama(cfg, device):
         **llama_config(model_config_from_dict(cfg.model), cfg.data.seq_len), attn_implementation="sdpa"
     )
     return transformers.LlamaForCausalLM(config).to(device)
+
+
+def export_llama_init(cfg, directory: Path) -> Path:
+    """The initial weights of the llama loop for this config (its seed), as our Transformer's export
+    (bench.quality --paired-init)."""
+    from ..inference.native import save_native
+    from ..interop.llama import from_llama
+
+    llama = build_llama(cfg, torch.device("cpu"))
+    save_native(from_llama(llama.state_dict(), llama.config), str(directory))
+    return directory
 
 
 def make_optimizer(cfg, model, device):

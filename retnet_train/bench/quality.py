@@ -36,6 +36,17 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Sequence
 
+from .quality_report import (
+    PLOT_FILE,
+    ROWS_FILE,
+    TABLE_FILE,
+    BenchError,
+    load_rows,
+    markdown_table,
+    merge_rows,
+    write_outputs,
+)
+
 MODELS = {  # name: (model preset, with {size}; the table's description)
     "retnet": ("{size}", "RetNet, the paper's block"),
     "retnet_fla": ("retnet_fla_{size}", "RetNet, fla-style block (RMSNorm, SwiGLU)"),
@@ -44,11 +55,6 @@ MODELS = {  # name: (model preset, with {size}; the table's description)
     "llama": ("transformer_pp_{size}", "Hugging Face LlamaForCausalLM (init std 0.02), plain torch loop"),
 }
 DEFAULT_MODELS = ("retnet", "transformer", "transformer_pp", "llama")
-ROWS_FILE, TABLE_FILE, PLOT_FILE = "quality.jsonl", "quality.md", "curves.png"
-
-
-class BenchError(ValueError):
-    """A bad argument or input; the message names it."""
 
 
 @dataclass
@@ -163,19 +169,6 @@ def train_ours(cfg) -> None:
     train.run(cfg)
 
 
-def export_llama_init(cfg, directory: Path) -> Path:
-    """The initial weights of the llama loop for this config (its seed), as our Transformer's export."""
-    import torch
-
-    from ..inference.native import save_native
-    from ..interop.llama import from_llama
-    from .llama_loop import build_llama
-
-    llama = build_llama(cfg, torch.device("cpu"))
-    save_native(from_llama(llama.state_dict(), llama.config), str(directory))
-    return directory
-
-
 def count_params(cfg) -> int:
     import torch
 
@@ -190,7 +183,7 @@ def count_params(cfg) -> int:
 
 def run_model(s: Settings, model: ModelSpec, out: Path, overwrite: bool) -> dict:
     from ..plot import read_metrics
-    from .llama_loop import train_llama
+    from .llama_loop import export_llama_init, train_llama
 
     run_dir = out / "runs" / model.run_name
     if run_dir.exists():
@@ -232,66 +225,6 @@ def run_model(s: Settings, model: ModelSpec, out: Path, overwrite: bool) -> dict
     }
 
 
-def load_rows(path: Path) -> list[dict]:
-    if not path.exists():
-        return []
-    rows = []
-    for n, line in enumerate(path.read_text().splitlines(), 1):
-        if line.strip():
-            try:
-                rows.append(json.loads(line))
-            except json.JSONDecodeError:
-                raise BenchError(f"{path}:{n}: not a JSON line") from None
-    return rows
-
-
-def merge_rows(old: list[dict], new: list[dict]) -> list[dict]:
-    """Old rows with the new ones replacing those of the same model, in MODELS order, then by name."""
-    rows = {r["model"]: r for r in old}
-    rows.update({r["model"]: r for r in new})
-    order = list(MODELS)
-    return sorted(rows.values(), key=lambda r: (order.index(r["model"].split(":")[0]), r["model"]))
-
-
-def _fmt(value, spec: str) -> str:
-    return "-" if value is None else format(value, spec)
-
-
-def _count(n: int) -> str:
-    return f"{n / 1e6:.1f}M" if n >= 100_000 else f"{n:,}"
-
-
-def markdown_table(rows: list[dict]) -> str:
-    lines = [
-        "| model | parameters | tokens | val loss | val ppl | tokens/s | peak GiB | loop |",
-        "|---|---|---|---|---|---|---|---|",
-    ]
-    for r in rows:
-        lines.append(
-            f"| `{r['model']}`: {r['description']} | {_count(r['params'])} | {_count(r['tokens'])} "
-            f"| {_fmt(r['val_loss'], '.3f')} | {_fmt(r['val_ppl'], '.2f')} "
-            f"| {_fmt(r['tokens_per_s'], ',.0f')} "
-            f"| {_fmt(r['peak_mem_gib'], '.1f')} | {r['loop']} |"
-        )
-    return "\n".join(lines) + "\n"
-
-
-def _write(path: Path, text: str) -> None:
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(text)
-    os.replace(tmp, path)  # a reader sees the old table or the new one
-
-
-def write_outputs(out: Path, rows: list[dict]) -> None:
-    from ..plot import plot_curves, read_metrics
-
-    _write(out / ROWS_FILE, "".join(json.dumps(r) + "\n" for r in rows))
-    _write(out / TABLE_FILE, markdown_table(rows))
-    first = rows[0]
-    title = f"{_count(first['tokens'])} tokens, seq {first['seq_len']}, {first['batch_tokens']:,} tokens/step"
-    plot_curves([read_metrics(out / r["run_dir"], r["model"]) for r in rows], out / PLOT_FILE, title)
-
-
 def release_memory() -> None:
     """Between models: drop compiled graphs and cached device memory of the previous one."""
     import torch
@@ -313,10 +246,10 @@ def bench(s: Settings, models: Sequence[ModelSpec], out: Path, overwrite: bool =
         row = run_model(s, spec, out, overwrite)
         print(json.dumps(row), flush=True)
         new.append(row)
-        rows = merge_rows(old, new)
+        rows = merge_rows(old, new, MODELS)
         write_outputs(out, rows)  # after every model: a later failure keeps the finished rows
         release_memory()
-    return merge_rows(old, new)
+    return merge_rows(old, new, MODELS)
 
 
 def parse_args(argv: Sequence[str] | None):

@@ -70,8 +70,8 @@ def metrics(run_dir: Path) -> list:
 def run_both(shards, tmp_path, zero_stage: int, precision: str, seen: dict | None = None) -> tuple:
     """bench.quality's two runs of the Transformer++ shape from the same weights: (ours, the plain loop's)
     metrics.jsonl records. `seen` gets our engine's weight dtypes and whether it ran under autocast."""
-    from retnet_train.bench.llama_loop import train_llama
-    from retnet_train.bench.quality import compose, export_llama_init, parse_model, trainer_overrides
+    from retnet_train.bench.llama_loop import export_llama_init, train_llama
+    from retnet_train.bench.quality import compose, parse_model, trainer_overrides
     from retnet_train.trainer import Trainer
 
     init_dist()
