@@ -21,7 +21,7 @@ import torch
 
 from ..model import build_model
 from ..parallel import parallelize
-from .train_throughput import model_specs
+from .throughput_args import model_specs
 
 
 @contextmanager

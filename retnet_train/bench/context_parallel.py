@@ -30,7 +30,9 @@ from ..components.distributed import init_distributed
 from ..components.metrics import peak_memory_gib
 from ..model import build_model
 from ..parallel import build_context_parallel, check_layout, parallelize
-from .train_throughput import load_preset, make_engine, reset_peak
+from .engine import make_engine
+from .presets import load_preset
+from .throughput_measure import reset_peak
 
 
 def init(args) -> torch.device:

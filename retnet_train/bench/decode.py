@@ -26,7 +26,7 @@ from typing import Optional
 import torch
 
 from ..inference.decoding import CudaGraphStep, make_decoder
-from .train_throughput import fla_reference, load_preset
+from .presets import fla_reference, load_preset
 
 # HBM bandwidth (bytes/s) by device name, for the weight-read bound of one decode step.
 HBM_BANDWIDTH = {"H100": 3.35e12, "H200": 4.8e12, "A100": 2.0e12, "MI300X": 5.3e12, "MI250X": 3.2e12}

@@ -27,7 +27,7 @@ import torch
 from ..kernels import fla_available, retention_op
 from ..model.retnet import decay_log_gammas
 from .gpu_profile import top_kernels
-from .train_throughput import load_preset
+from .presets import load_preset
 
 
 class Stopped(BaseException):

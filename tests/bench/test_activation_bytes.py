@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from retnet_train.bench.activation_bytes import layer_bytes_per_token
-from retnet_train.bench.train_throughput import load_preset
+from retnet_train.bench.presets import load_preset
 
 D = 128
 RETNET = load_preset(

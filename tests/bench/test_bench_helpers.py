@@ -4,9 +4,10 @@ from types import SimpleNamespace
 
 import pytest
 
+from retnet_train.bench.engine import engine_config
 from retnet_train.bench.gpu_profile import time_breakdown, top_kernels
 from retnet_train.bench.retention_kernels import chunkwise_flops
-from retnet_train.bench.train_throughput import engine_config, json_object
+from retnet_train.bench.throughput_args import json_object
 from retnet_train.components.config import TrainConfig
 from retnet_train.components.optim import deepspeed_config
 

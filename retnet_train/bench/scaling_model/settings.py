@@ -6,7 +6,7 @@ from dataclasses import dataclass
 
 from ...components.config import TrainConfig
 
-# The trainer's defaults: the typed config is their only home (as for bench/train_throughput.py's engine).
+# The trainer's defaults: the typed config is their only home (as for bench/engine.py's DeepSpeed config).
 TRAINER_DEFAULTS = TrainConfig()
 GiB = 2**30
 BF16, FP32 = 2, 4
@@ -68,6 +68,6 @@ def bus_bandwidth(n_gpus: int, hw: Hardware) -> float:
 
 
 def load_preset(name: str, **overrides):
-    from ..train_throughput import load_preset as _load
+    from ..presets import load_preset as _load
 
     return _load(name, **overrides)

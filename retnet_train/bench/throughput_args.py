@@ -1,0 +1,130 @@
+"""train_throughput's command line: the argument groups and their value types, and --models read into
+the models to measure."""
+
+from __future__ import annotations
+
+import argparse
+import json
+
+import yaml
+
+from ..model import build_model
+from ..model.config import RETENTION_BACKENDS
+from .presets import fla_reference, load_preset
+
+
+def json_object(text: str) -> dict:
+    try:
+        value = json.loads(text)
+    except json.JSONDecodeError as e:
+        raise argparse.ArgumentTypeError(f"not JSON ({e}): {text!r}") from None
+    if not isinstance(value, dict):
+        raise argparse.ArgumentTypeError(f"not a JSON object: {text!r}")
+    return value
+
+
+def int_list(text: str) -> list:
+    try:
+        values = [int(v) for v in text.split(",")]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a comma list of integers: {text!r}") from None
+    if not values or min(values) < 1:
+        raise argparse.ArgumentTypeError(f"needs integers >= 1: {text!r}")
+    return values
+
+
+def model_specs(models: str, preset: str, backend: str) -> list:
+    """(name, overrides, config, build) for each entry of --models."""
+    specs = []
+    for spec in models.split(","):
+        # a model, optionally with preset overrides: retnet@normalize_retention=false@chunk_size=128
+        name, *sets = spec.split("@")
+        overrides = {k: yaml.safe_load(v) for k, v in (item.split("=", 1) for item in sets)}
+        if name not in ("retnet", "transformer", "fla"):
+            raise SystemExit(f"--models: unknown model {name!r} (retnet, transformer, fla)")
+        if name == "transformer":
+            cfg = load_preset(f"transformer_{preset}", **overrides)
+            build = lambda cfg=cfg: build_model(cfg)  # noqa: E731
+        else:
+            cfg = load_preset(preset, **{"retention_backend": backend, **overrides})
+            build = (lambda cfg=cfg: build_model(cfg)) if name == "retnet" else (lambda cfg=cfg: fla_reference(cfg))
+        specs.append((name, overrides, cfg, build))
+    return specs
+
+
+def add_sweep_args(p: argparse.ArgumentParser) -> None:
+    """What is measured: the models, the sequence lengths, the batch and the steps."""
+    p.add_argument(
+        "--preset", default="1.3b", help="configs/model/<preset>.yaml; the Transformer uses transformer_<preset>"
+    )
+    p.add_argument(
+        "--models",
+        default="retnet,transformer,fla",
+        help="comma list of retnet, transformer, fla; each may add preset overrides: retnet@chunk_size=128",
+    )
+    p.add_argument(
+        "--seq-len",
+        type=int_list,
+        default=[8192],
+        help="a comma list of sequence lengths, each measured for every model: 2048,8192,32768,65536",
+    )
+    p.add_argument(
+        "--micro-batch",
+        type=int,
+        default=1,
+        help="sequences per micro-batch at the first --seq-len; a "
+        "later length keeps the tokens per micro-batch: max(1, micro_batch x first_len // len) sequences",
+    )
+    p.add_argument(
+        "--grad-accum",
+        default="1",
+        help="micro-batches per optimizer step at the first --seq-len (a later "
+        "length keeps the tokens per step: max(1, steps' tokens // (its micro-batch x len))); a comma list "
+        "measures each in one process (Triton autotuning is paid once)",
+    )
+    p.add_argument("--steps", type=int, default=10)
+    p.add_argument("--warmup", type=int, default=3)
+
+
+def add_training_args(p: argparse.ArgumentParser) -> None:
+    """How each model trains: ZeRO, activation checkpointing, compilation, documents, retention backend."""
+    p.add_argument("--zero-stage", type=int, default=0, choices=[0, 1, 2, 3])
+    p.add_argument(
+        "--activation-checkpointing",
+        default="none",
+        choices=["none", "selective", "full"],
+        help="what the backward recomputes (selective: RetNet's retention core only)",
+    )
+    p.add_argument("--compile", action="store_true", help="torch.compile the non-kernel parts of each block")
+    p.add_argument(
+        "--activation-memory-budget",
+        type=float,
+        default=1.0,
+        help="< 1 (with --compile): the compiled backward recomputes elementwise work, then GEMMs",
+    )
+    p.add_argument("--doc-len", type=int, default=0, help="mean document length for doc_starts (0: none)")
+    p.add_argument("--backend", default="auto", choices=RETENTION_BACKENDS, help="RetNet retention backend")
+
+
+def add_run_args(p: argparse.ArgumentParser) -> None:
+    """Profiling, DeepSpeed overrides, the plot and the CPU check."""
+    p.add_argument("--profile", action="store_true", help="add a GPU time breakdown by kernel category")
+    p.add_argument(
+        "--ds-json",
+        type=json_object,
+        default=None,
+        metavar="JSON",
+        help='merged into the DeepSpeed config, e.g. \'{"zero_optimization": {"overlap_comm": false}}\'',
+    )
+    p.add_argument(
+        "--plot",
+        default=None,
+        metavar="PATH",
+        help="write a PNG of tokens/s and peak memory against sequence length, one line per model",
+    )
+    p.add_argument(
+        "--cpu",
+        action="store_true",
+        help="run on CPU (gloo, fp32; peak memory is the process's resident "
+        "peak): a check of the script, not a measurement",
+    )

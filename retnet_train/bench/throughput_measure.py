@@ -1,0 +1,244 @@
+"""One model measured by train_throughput: built, warmed up, timed over its optimizer steps, its memory
+and MFU in one result row; a row that says so where the GPU runs out of memory."""
+
+from __future__ import annotations
+
+import gc
+import sys
+import time
+from dataclasses import dataclass
+
+import torch
+
+from ..components.metrics import device_peak_flops, peak_memory_gib
+from ..model.flops import flops_per_token
+from ..parallel import parallelize
+from .engine import make_engine, release, train_step
+from .gpu_profile import time_breakdown, top_kernels
+
+
+class Timer:
+    """Marks on the device's timeline: CUDA events (no host sync while timing) or host clocks on CPU."""
+
+    def __init__(self, device: torch.device):
+        self.cuda = device.type == "cuda"
+
+    def mark(self):
+        if self.cuda:
+            event = torch.cuda.Event(enable_timing=True)
+            event.record()
+            return event
+        return time.perf_counter()
+
+    def ms(self, a, b) -> float:
+        return a.elapsed_time(b) if self.cuda else (b - a) * 1e3
+
+    def sync(self):
+        if self.cuda:
+            torch.cuda.synchronize()
+
+
+def memory(device: torch.device, what: str) -> int:
+    """Bytes allocated now ("now") or at the peak since the last reset ("peak") on a GPU. On CPU
+    there is no allocator count: 0 now, and the process's peak resident memory (it only grows)."""
+    if device.type == "cuda":
+        return torch.cuda.memory_allocated() if what == "now" else torch.cuda.max_memory_allocated()
+    return 0 if what == "now" else int(peak_memory_gib(device) * 2**30)
+
+
+def reset_peak(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
+        torch.cuda.reset_peak_memory_stats(device)
+
+
+@dataclass
+class Timing:
+    """The timed steps: the last loss, their wall time and the mean ms per phase (forward, backward, step)."""
+
+    loss: torch.Tensor
+    seconds: float
+    phase_ms: list
+
+
+@dataclass
+class MemoryUse:
+    """Bytes allocated before the model was built, between steps (resident) and at the peak of the timed steps."""
+
+    before: int
+    resident: int
+    peak: int
+
+
+def build_on_device(build, device: torch.device):
+    """(model, parameter count): built from seed 0 in bf16 on a GPU, fp32 on CPU; counted before ZeRO-3
+    partitions the parameters to empty shells."""
+    torch.manual_seed(0)
+    dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
+    model = build().to(device=device, dtype=dtype)
+    return model, sum(p.numel() for p in model.parameters())
+
+
+def prepare_model(model, ours: bool, args) -> None:
+    """Our models: compile and activation checkpointing as the trainer applies them; fla's: HF's own checkpointing."""
+    if ours:
+        parallelize(
+            model,
+            compile=args.compile,
+            activation_checkpointing=args.activation_checkpointing,
+            activation_memory_budget=args.activation_memory_budget,
+        )
+    elif args.activation_checkpointing == "full":
+        model.gradient_checkpointing_enable()  # HF's: each decoder layer recomputed in the backward
+
+
+def random_batch(vocab_size: int, micro_batch: int, seq_len: int, doc_len: int, device: torch.device) -> dict:
+    """Tokens from seed 0, labels shifted by one, and random document starts every ~doc_len tokens (0: none)."""
+    g = torch.Generator(device=device).manual_seed(0)
+    batch = {"input_ids": torch.randint(0, vocab_size, (micro_batch, seq_len), device=device, generator=g)}
+    batch["labels"] = torch.roll(batch["input_ids"], -1, 1)
+    if doc_len:
+        batch["doc_starts"] = torch.rand(micro_batch, seq_len, device=device, generator=g) < 1.0 / doc_len
+    return batch
+
+
+def warm_up(engine, batch, ours: bool, steps: int, accum: int, timer: Timer, label: str) -> None:
+    start = time.perf_counter()
+    for _ in range(steps):  # includes Triton autotuning and torch.compile
+        train_step(engine, batch, ours, accum)
+    timer.sync()
+    print(f"[{label}] warm-up took {time.perf_counter() - start:.0f} s", file=sys.stderr, flush=True)
+
+
+def start_profile(enabled: bool, device: torch.device):
+    """A running CUDA-kernel profile, or None (not asked for, or on CPU)."""
+    if not (enabled and device.type == "cuda"):
+        return None
+    prof = torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA])
+    prof.__enter__()
+    return prof
+
+
+def timed_steps(engine, batch, ours: bool, steps: int, accum: int, timer: Timer) -> Timing:
+    marks = []
+    start = time.perf_counter()
+    for _ in range(steps):
+        marks.append([])
+        loss = train_step(engine, batch, ours, accum, marks[-1], timer)
+    timer.sync()
+    elapsed = time.perf_counter() - start
+    phases = [sum(timer.ms(m[i], m[i + 1]) for m in marks) / steps for i in range(3)]
+    return Timing(loss, elapsed, phases)
+
+
+def memory_fields(mem: MemoryUse, on_gpu: bool) -> dict:
+    return {
+        # this model's own: what an earlier model in the process left allocated is not counted
+        # (on CUDA, ~the bf16 weights stay behind after release(); not reproducible on CPU).
+        # CPU: the process's peak resident memory, which includes every earlier model's
+        "peak_gib": round((mem.peak - mem.before) / 2**30, 2),
+        # the peak above what stays allocated between steps: activations and temporaries
+        "activation_gib": round((mem.peak - mem.resident) / 2**30, 2) if on_gpu else None,
+        "resident_gib": round((mem.resident - mem.before) / 2**30, 2) if on_gpu else None,
+    }
+
+
+def mfu_fields(tokens_per_s: float, cfg, seq_len: int, device: torch.device) -> dict:
+    flops = flops_per_token(cfg, seq_len)
+    peak = device_peak_flops(device, None)
+    return {
+        "mfu_6n": round(tokens_per_s * flops["six_n"] / peak, 4) if peak else None,
+        "mfu_model": round(tokens_per_s * flops["model"] / peak, 4) if peak else None,
+    }
+
+
+def result_row(name: str, args, cfg, n_params: int, timing: Timing, mem: MemoryUse, device: torch.device) -> dict:
+    """The JSON line of one measurement."""
+    on_gpu = device.type == "cuda"
+    tokens_per_s = args.steps * args.grad_accum * args.micro_batch * args.seq_len / timing.seconds
+    return {
+        "model": name,
+        "preset": args.preset,
+        "seq_len": args.seq_len,
+        "micro_batch": args.micro_batch,
+        "zero_stage": args.zero_stage,
+        "activation_checkpointing": args.activation_checkpointing,
+        "compile": args.compile,
+        "activation_memory_budget": args.activation_memory_budget,
+        "ds_json": args.ds_json,
+        "params": n_params,
+        "tokens_per_s": round(tokens_per_s, 1),
+        "step_s": round(timing.seconds / args.steps, 4),
+        "grad_accum": args.grad_accum,
+        **memory_fields(mem, on_gpu),
+        "ms_forward_backward_step": [round(x, 1) for x in timing.phase_ms],
+        **mfu_fields(tokens_per_s, cfg, args.seq_len, device),
+        "loss": round(float(timing.loss.detach()), 4),
+        "device": torch.cuda.get_device_name() if on_gpu else "cpu",
+        "torch": torch.__version__,
+        "memory_before_gib": round(mem.before / 2**30, 2),
+    }
+
+
+def measure(name, build, cfg, args, device):
+    """One model at one sequence length and batch: warm-up, then args.steps timed optimizer steps."""
+    reset_peak(device)
+    mem_before = memory(device, "now")  # should be ~0: what a previous model left behind
+    model, n_params = build_on_device(build, device)
+    ours = name != "fla"
+    prepare_model(model, ours, args)
+    engine = make_engine(
+        model, args.micro_batch, args.zero_stage, args.grad_accum, bf16=device.type == "cuda", ds_overrides=args.ds_json
+    )
+    batch = random_batch(cfg.vocab_size, args.micro_batch, args.seq_len, args.doc_len, device)
+    timer = Timer(device)
+    warm_up(engine, batch, ours, args.warmup, args.grad_accum, timer, f"{name} T={args.seq_len}")
+    prof = start_profile(args.profile, device)
+    resident = memory(device, "now")  # weights, gradients, optimizer states: all but activations
+    reset_peak(device)
+    timing = timed_steps(engine, batch, ours, args.steps, args.grad_accum, timer)
+    if prof is not None:
+        prof.__exit__(None, None, None)
+    mem = MemoryUse(mem_before, resident, memory(device, "peak"))
+    result = result_row(name, args, cfg, n_params, timing, mem, device)
+    if prof is not None:
+        result["profile"] = time_breakdown(prof)
+        result["top_kernels"] = top_kernels(prof)
+    if ours:
+        result["causal_leak"] = causal_leak(model, batch["input_ids"])
+    release(engine)
+    del engine, model
+    gc.collect()
+    reset_peak(device)
+    return result
+
+
+@torch.no_grad()
+def causal_leak(model, ids) -> float:
+    """Max |change| of the logits before position T/2 when the tokens from T/2 on change: 0 for a
+    causal model (a cheap guard against a kernel reading the future)."""
+    model.eval()
+    half = ids.shape[1] // 2
+    changed = ids.clone()
+    changed[:, half:] = (changed[:, half:] + 1) % model.config.vocab_size
+    a, b = model(ids).logits[:, :half].float(), model(changed).logits[:, :half].float()
+    model.train()
+    return float((a - b).abs().max())
+
+
+def measure_or_oom(name, build, cfg, args, device) -> dict:
+    """measure's row, or where the GPU runs out of memory a row that says so."""
+    try:
+        return measure(name, build, cfg, args, device)
+    except torch.cuda.OutOfMemoryError as e:
+        result = {
+            "model": name,
+            "preset": args.preset,
+            "seq_len": args.seq_len,
+            "micro_batch": args.micro_batch,
+            "grad_accum": args.grad_accum,
+            "oom": str(e)[:200],
+        }
+        gc.collect()
+        reset_peak(device)
+        return result
