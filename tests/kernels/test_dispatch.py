@@ -1,4 +1,5 @@
-"""retention_op's choice of path: what the Triton kernels cannot do runs on the torch path."""
+"""retention_op's choice of path: what the Triton kernels cannot do runs on the torch path; resolve_backend
+refuses the GPU backends on a CPU."""
 
 import sys
 import types
@@ -48,3 +49,12 @@ def test_triton_refuses_gpu_key_dims_its_gpu_test_does_not_cover(monkeypatch):
     monkeypatch.setattr(torch.Tensor, "is_cuda", property(lambda self: True))
     with pytest.raises(ValueError, match="retention_backend=triton: key head dim 512 is wider than the GPU tests"):
         kernels.retention_op("triton", q, q, torch.randn(1, 64, 2, 512), decay_log_gammas(2), "chunkwise", 64)
+
+
+@pytest.mark.parametrize("backend", ["triton", "fla"])
+def test_gpu_backends_refuse_cpu(backend):
+    from retnet_train.kernels import resolve_backend
+
+    with pytest.raises(ValueError, match=f"model.retention_backend={backend} needs a CUDA or ROCm device"):
+        resolve_backend(backend, torch.device("cpu"))
+    assert resolve_backend("auto", torch.device("cpu")) == "torch"

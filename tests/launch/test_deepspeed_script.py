@@ -1,0 +1,101 @@
+"""launch/deepspeed.sh: --dry-run output from a hostfile and from SLURM, single node, bad input."""
+
+from __future__ import annotations
+
+import sys
+
+import pytest
+from launch_helpers import OVERRIDES, command_after, fake_slurm, run
+
+
+def test_deepspeed_hostfile_dry_run(tmp_path):
+    hostfile = tmp_path / "hosts"
+    hostfile.write_text("worker-0 slots=8\nworker-1 slots=8  # second node\n")
+    r = run(
+        "launch/deepspeed.sh",
+        "--dry-run",
+        "--hostfile",
+        str(hostfile),
+        "--checkpoint-dir",
+        "/shared/ck",
+        "--master-port",
+        "29600",
+        *OVERRIDES,
+        env={"HSA_FORCE_FINE_GRAIN_PCIE": "1"},
+    )
+    assert r.returncode == 0, r.stderr
+    assert (
+        "#   node 0: worker-0 slots=8 ranks 0-7" in r.stdout and "#   node 1: worker-1 slots=8 ranks 8-15" in r.stdout
+    )
+    launcher = [
+        sys.executable,
+        "-m",
+        "deepspeed.launcher.runner",
+        "--hostfile",
+        str(hostfile),
+        "--launcher",
+        "pdsh",
+        "--master_addr",
+        "worker-0",
+        "--master_port",
+        "29600",
+        "--no_local_rank",
+        "--module",
+    ]
+    assert command_after(r.stdout, "# command:") == [*launcher, "retnet_train.train", *OVERRIDES]
+    pre = command_after(r.stdout, "# preflight:")
+    assert pre[: len(launcher) + 2] == [*launcher, "retnet_train.preflight", "--from-launcher-env"]
+    assert pre[pre.index("--") + 1 :] == OVERRIDES and "--checkpoint-dir" in pre
+    assert "HSA_FORCE_FINE_GRAIN_PCIE=1" in r.stdout.splitlines()
+
+
+def test_deepspeed_from_slurm_and_single_node(tmp_path):
+    r = run(
+        "launch/deepspeed.sh",
+        "--dry-run",
+        "--slurm",
+        "model=tiny",
+        env={**fake_slurm("gpu[01-04]", 4), "TMPDIR": str(tmp_path)},
+    )
+    assert r.returncode == 0, r.stderr
+    assert "#   node 3: gpu04 slots=8 ranks 24-31" in r.stdout
+    assert not list(tmp_path.iterdir())  # a dry run writes no hostfile
+    cmd = command_after(r.stdout, "# command:")
+    assert cmd[cmd.index("--hostfile") + 1] == f"{tmp_path}/retnet-hostfile-4242" and "gpu01" in cmd
+    r = run("launch/deepspeed.sh", "--dry-run", "--num-gpus", "2", "model=tiny")
+    assert r.returncode == 0, r.stderr
+    cmd = command_after(r.stdout, "# command:")
+    assert cmd == [
+        sys.executable,
+        "-m",
+        "deepspeed.launcher.runner",
+        "--master_port",
+        "29500",
+        "--num_gpus",
+        "2",
+        "--no_local_rank",
+        "--module",
+        "retnet_train.train",
+        "model=tiny",
+    ]
+
+
+@pytest.mark.parametrize(
+    "hostfile_text, args, fragment",
+    [
+        (None, [], "No such file or directory"),
+        ("worker-0\n", [], ":1: expected 'HOST slots=N'"),
+        ("w slots=1\n", ["--launcher", "ssh"], "--launcher must be pdsh, openmpi"),
+        ("w slots=1\n", ["--num-gpus", "0"], "--num-gpus must be an integer in [1, 1024]"),
+        ("w slots=1\n", ["--slurm"], "--slurm and --hostfile exclude each other"),
+        ("w slots=1\n", ["-x"], "unknown option -x"),
+    ],
+)
+def test_deepspeed_bad_input(tmp_path, hostfile_text, args, fragment):
+    hostfile = tmp_path / "hosts"
+    if hostfile_text is not None:
+        hostfile.write_text(hostfile_text)
+    env = fake_slurm("n1", 1) if "--slurm" in args else {}
+    r = run("launch/deepspeed.sh", "--dry-run", "--hostfile", str(hostfile), *args, "model=tiny", env=env)
+    assert r.returncode != 0
+    assert fragment in r.stderr, r.stderr

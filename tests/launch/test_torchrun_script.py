@@ -1,0 +1,124 @@
+"""launch/torchrun.sh: --dry-run output on one node and several, Hydra overrides passed through
+verbatim, environment variables, bad input."""
+
+from __future__ import annotations
+
+import sys
+
+import pytest
+from launch_helpers import OVERRIDES, command_after, env_block, run
+
+
+def test_torchrun_single_node_dry_run_passes_overrides_verbatim():
+    r = run("launch/torchrun.sh", "--dry-run", "--nproc-per-node", "2", *OVERRIDES)
+    assert r.returncode == 0, r.stderr
+    assert command_after(r.stdout, "# command:") == [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--nproc_per_node=2",
+        "--standalone",
+        "-m",
+        "retnet_train.train",
+        *OVERRIDES,
+    ]
+    pre = command_after(r.stdout, "# preflight:")
+    assert pre[:3] == [sys.executable, "-m", "retnet_train.preflight"]
+    assert pre[pre.index("--") + 1 :] == OVERRIDES
+    assert env_block(r.stdout)["WORLD_SIZE"] == "2"
+
+
+def test_torchrun_multi_node_uses_c10d_and_node0_hosts_the_store():
+    for rank in (0, 2):
+        r = run(
+            "launch/torchrun.sh",
+            "--dry-run",
+            "--nnodes",
+            "3",
+            "--node-rank",
+            str(rank),
+            "--master-addr",
+            "gpu001",
+            "--master-port",
+            "31000",
+            "--rdzv-id",
+            "job7",
+            "--nproc-per-node",
+            "4",
+            "--checkpoint-dir",
+            "/shared/ck",
+            "--params",
+            "1.3e9",
+            "--",
+            "--cfg",
+            "job",
+        )
+        assert r.returncode == 0, r.stderr
+        cmd = command_after(r.stdout, "# command:")
+        assert cmd[3:] == [
+            "--nproc_per_node=4",
+            "--nnodes=3",
+            "--rdzv_backend=c10d",
+            "--rdzv_endpoint=gpu001:31000",
+            "--rdzv_id=job7",
+            f"--rdzv_conf=is_host={int(rank == 0)}",
+            "--max_restarts=0",
+            "-m",
+            "retnet_train.train",
+            "--cfg",
+            "job",
+        ]
+        pre = command_after(r.stdout, "# preflight:")
+        joined = " ".join(pre)
+        assert f"--nnodes 3 --node-rank {rank} --shared-id job7 --checkpoint-dir /shared/ck --params 1.3e9" in joined
+        env = env_block(r.stdout)
+        assert (env["NODE_RANK"], env["NNODES"], env["WORLD_SIZE"], env["MASTER_ADDR"]) == (
+            str(rank),
+            "3",
+            "12",
+            "gpu001",
+        )
+
+
+def test_torchrun_environment_variables_and_module_option():
+    r = run(
+        "launch/torchrun.sh",
+        "--dry-run",
+        "--no-preflight",
+        "--module",
+        "retnet_train.preflight",
+        "--",
+        "--dist-check",
+        env={"NNODES": "2", "NODE_RANK": "1", "MASTER_ADDR": "10.0.0.5", "MASTER_PORT": "2222", "NPROC_PER_NODE": "1"},
+    )
+    assert r.returncode == 0, r.stderr
+    assert "# preflight:" not in r.stdout
+    cmd = command_after(r.stdout, "# command:")
+    assert "--rdzv_endpoint=10.0.0.5:2222" in cmd and cmd[-3:] == ["-m", "retnet_train.preflight", "--dist-check"]
+
+
+@pytest.mark.parametrize(
+    "args, fragment",
+    [
+        (["--bogus"], "unknown option --bogus (program arguments that start with - go after --)"),
+        (["--nnodes"], "--nnodes needs a value"),
+        (["--nnodes", "2", "--node-rank", "2"], "--node-rank/NODE_RANK must be an integer in [0, 1], got '2'"),
+        (["--nnodes", "zero"], "--nnodes/NNODES must be an integer in [1, 100000], got 'zero'"),
+        (["--master-port", "99999"], "--master-port/MASTER_PORT must be an integer in [1, 65535]"),
+        (["--nproc-per-node", "0"], "--nproc-per-node/NPROC_PER_NODE must be an integer in [1, 1024]"),
+        (["--rdzv-id", "a b"], "--rdzv-id/RDZV_ID may only contain"),
+        (["--params", "lots"], "--params must be a number like 1.3e9"),
+        (["--module", "x;rm"], "--module must be a python module name"),
+        (["--slurm"], "SLURM_JOB_NODELIST is unset"),
+        (["--vendor", "intel"], "--vendor must be cuda or rocm, got 'intel'"),
+    ],
+)
+def test_torchrun_bad_input(args, fragment):
+    r = (
+        run("launch/torchrun.sh", "--dry-run", "--nproc-per-node", "1", *args)
+        if "--nproc-per-node" not in args
+        else run("launch/torchrun.sh", "--dry-run", *args)
+    )
+    assert r.returncode != 0
+    assert fragment in r.stderr
+    assert "# command:" not in r.stdout
