@@ -10,7 +10,6 @@ saved as one dict beside DeepSpeed's state (components/checkpoint.py).
 from __future__ import annotations
 
 import math
-import os
 from dataclasses import asdict, dataclass
 from typing import Optional
 
@@ -20,7 +19,7 @@ from omegaconf import OmegaConf
 
 from .components.banner import start_banner
 from .components.checkpoint import CheckpointManager, client_state, load_initial_weights, resolve_resume
-from .components.config import TrainConfig, check_values, grad_accumulation
+from .components.config import TrainConfig, check_values, checkpoint_dir, grad_accumulation
 from .components.distributed import all_reduce_step, init_distributed, pick_device, raise_first_problem
 from .components.faults import OOM_HINT, NonFiniteTracker, TrainingError, inject, io_failure
 from .components.loaders import build_loaders
@@ -68,9 +67,7 @@ class Trainer:
         init_distributed(self.device)
         self.rank, self.world = dist.get_rank(), dist.get_world_size()
         self.is_main = self.rank == 0
-        self.ckpt = CheckpointManager(
-            cfg.checkpoint.dir or os.path.join(cfg.run.dir, "checkpoints"), cfg.checkpoint.keep_last, self.rank
-        )
+        self.ckpt = CheckpointManager(checkpoint_dir(cfg), cfg.checkpoint.keep_last, self.rank)
         self._claim_dirs()
         # context parallel: P consecutive ranks share each sequence; the data comes per data-parallel rank
         self.cp, dp_rank, self.dp_world = build_context_parallel(

@@ -57,6 +57,25 @@ def _sync(device):
         torch.cuda.synchronize()
 
 
+def _reset_peak(on_gpu: bool) -> None:
+    if on_gpu:
+        torch.cuda.reset_peak_memory_stats()
+
+
+def _timed(device, fn, *args, **kwargs):
+    """(fn(*args, **kwargs), its wall seconds): the device's queued work is finished before the clock
+    starts and included when it stops."""
+    _sync(device)
+    t0 = time.perf_counter()
+    out = fn(*args, **kwargs)
+    _sync(device)
+    return out, time.perf_counter() - t0
+
+
+def _weight_bytes(model) -> int:
+    return sum(p.numel() * p.element_size() for p in model.parameters())
+
+
 @torch.no_grad()
 def bench_one(
     model,
@@ -69,68 +88,78 @@ def bench_one(
     compile_step: bool = False,
     prefill_piece: int = 0,
 ) -> dict:
-    cfg = model.config
+    """Prefill a random prompt, then decode new_tokens greedily: one row of times and memory."""
     on_gpu = torch.device(device).type == "cuda"
-    weights = sum(p.numel() * p.element_size() for p in model.parameters())
     gen = torch.Generator(device=device).manual_seed(0)
-    ids = torch.randint(0, cfg.vocab_size, (batch, prompt_len), device=device, generator=gen)
+    ids = torch.randint(0, model.config.vocab_size, (batch, prompt_len), device=device, generator=gen)
     base = torch.cuda.memory_allocated() if on_gpu else 0
-    if on_gpu:
-        torch.cuda.reset_peak_memory_stats()
+    _reset_peak(on_gpu)
     decoder = make_decoder(model, batch, prompt_len + new_tokens + 1, state_dtype)
+    step = _ready_step(model, decoder, batch, device, cuda_graph, compile_step)
+    _reset_peak(on_gpu)
+    logits, prefill_s = _timed(device, decoder.prefill, ids, piece=prefill_piece)
+    prefill_peak = torch.cuda.max_memory_allocated() - base if on_gpu else None
     model.check_inputs = False  # no host sync inside the step
-    # capture (or warm up) before the prefill, which then overwrites every buffer the step reads
+    tokens = logits.argmax(-1)
+    _reset_peak(on_gpu)
+    _, decode_s = _timed(device, _greedy, step, tokens, new_tokens)
+    model.check_inputs = True
+    setup = dict(batch=batch, prompt_len=prompt_len, new_tokens=new_tokens, cuda_graph=cuda_graph)
+    row = _decode_row(model, decoder, {**setup, "compiled_step": compile_step}, prefill_s, decode_s)
+    if on_gpu:
+        ms_step = 1000 * decode_s / new_tokens
+        row.update(_memory_over_weights(_weight_bytes(model), decoder.state_bytes(), base, prefill_peak, ms_step))
+    del decoder, step
+    return row
+
+
+def _ready_step(model, decoder, batch: int, device: str, cuda_graph: bool, compile_step: bool):
+    """The decode step, captured as a CUDA graph (or warmed up) before the prefill, which then
+    overwrites every buffer the step reads."""
+    model.check_inputs = False  # no host sync inside the step
     step = CudaGraphStep(decoder, compile=compile_step) if cuda_graph else decoder.step
     if not cuda_graph:
         decoder.step(torch.zeros(batch, dtype=torch.long, device=device))
     model.check_inputs = True
-    if on_gpu:
-        torch.cuda.reset_peak_memory_stats()
-    _sync(device)
-    t0 = time.perf_counter()
-    logits = decoder.prefill(ids, piece=prefill_piece)
-    _sync(device)
-    prefill_s = time.perf_counter() - t0
-    prefill_peak = torch.cuda.max_memory_allocated() - base if on_gpu else None
-    model.check_inputs = False
-    tokens = logits.argmax(-1)
-    if on_gpu:
-        torch.cuda.reset_peak_memory_stats()
-    _sync(device)
-    t0 = time.perf_counter()
+    return step
+
+
+def _greedy(step, tokens, new_tokens: int):
     for _ in range(new_tokens):
         tokens = step(tokens).argmax(-1)  # greedy on the device: no host round trip
-    _sync(device)
-    decode_s = time.perf_counter() - t0
-    model.check_inputs = True
-    ms_step = 1000 * decode_s / new_tokens
-    row = {
-        "arch": cfg.arch,
+    return tokens
+
+
+def _decode_row(model, decoder, setup: dict, prefill_s: float, decode_s: float) -> dict:
+    """setup: batch, prompt_len, new_tokens and how the step ran, in the row's order."""
+    arch, batch, new_tokens = model.config.arch, setup["batch"], setup["new_tokens"]
+    return {
+        "arch": arch,
         "params_b": round(model.num_params() / 1e9, 3),
-        "batch": batch,
-        "prompt_len": prompt_len,
-        "new_tokens": new_tokens,
-        "cuda_graph": cuda_graph,
-        "compiled_step": compile_step,
+        **setup,
         "prefill_s": round(prefill_s, 3),
-        "ms_per_step": round(ms_step, 3),
+        "ms_per_step": round(1000 * decode_s / new_tokens, 3),
         "tokens_per_s": round(batch * new_tokens / decode_s, 1),
-        "state_dtype": str(decoder.states[0].dtype).replace("torch.", "") if cfg.arch == "retnet" else None,
+        "state_dtype": str(decoder.states[0].dtype).replace("torch.", "") if arch == "retnet" else None,
         "state_bytes": decoder.state_bytes(),
         "state_gib": round(decoder.state_bytes() / GIB, 3),
-        "weights_gib": round(weights / GIB, 3),
+        "weights_gib": round(_weight_bytes(model) / GIB, 3),
     }
-    if on_gpu:
-        row["decode_peak_over_weights_gib"] = round((torch.cuda.max_memory_allocated() - base) / GIB, 3)
-        row["prefill_peak_over_weights_gib"] = round(prefill_peak / GIB, 3)
-        bw = hbm_bandwidth()
-        if bw:
-            limit_ms = 1000 * (weights + decoder.state_bytes()) / bw  # weights and state are read once a step
-            row["weights_only_limit_ms"] = round(1000 * weights / bw, 3)
-            row["weight_read_limit_ms"] = round(limit_ms, 3)
-            row["step_over_limit"] = round(ms_step / limit_ms, 2)
-    del decoder, step
-    return row
+
+
+def _memory_over_weights(weights: int, state_bytes: int, base: int, prefill_peak: int, ms_step: float) -> dict:
+    """GPU peaks over the weights, and the step against reading weights and state once from HBM."""
+    out = {
+        "decode_peak_over_weights_gib": round((torch.cuda.max_memory_allocated() - base) / GIB, 3),
+        "prefill_peak_over_weights_gib": round(prefill_peak / GIB, 3),
+    }
+    bw = hbm_bandwidth()
+    if bw:
+        limit_ms = 1000 * (weights + state_bytes) / bw  # weights and state are read once a step
+        out["weights_only_limit_ms"] = round(1000 * weights / bw, 3)
+        out["weight_read_limit_ms"] = round(limit_ms, 3)
+        out["step_over_limit"] = round(ms_step / limit_ms, 2)
+    return out
 
 
 def hf_llama(cfg):
@@ -170,7 +199,7 @@ def bench_hf_generate(
             model = HF_REFERENCES[arch](cfg).eval()
     finally:
         torch.set_default_dtype(prev)
-    weights = sum(p.numel() * p.element_size() for p in model.parameters())
+    weights = _weight_bytes(model)
     ids = torch.randint(1, cfg.vocab_size, (batch, prompt_len), device=device)
     # an all-ones mask, as a tokenizer would hand it to generate (fla then takes its varlen path)
     kw = dict(do_sample=False, use_cache=True, pad_token_id=0, attention_mask=torch.ones_like(ids))

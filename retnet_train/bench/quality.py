@@ -252,8 +252,22 @@ def bench(s: Settings, models: Sequence[ModelSpec], out: Path, overwrite: bool =
     return merge_rows(old, new, MODELS)
 
 
-def parse_args(argv: Sequence[str] | None):
+def parse_args(argv: Sequence[str] | None) -> tuple[Settings, argparse.Namespace]:
+    a = build_parser().parse_args(argv)
+    return settings_from(a), a
+
+
+def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    _add_inputs(p)
+    _add_schedule(p)
+    _add_numerics(p)
+    _add_run_options(p)
+    return p
+
+
+def _add_inputs(p: argparse.ArgumentParser) -> None:
+    """Data, output and which models at which size."""
     p.add_argument("--data", nargs="+", required=True, help="shard directories (data_prep.tokenize's OUT/NAME)")
     p.add_argument("--tokenizer", default=None, help="the shards' tokenizer.model (checked against their manifest)")
     p.add_argument("--out", required=True, help="output directory (runs/, quality.jsonl, quality.md, curves.png)")
@@ -264,6 +278,10 @@ def parse_args(argv: Sequence[str] | None):
         help=f"from {list(MODELS)}, each optionally NAME:key=value,... (model preset overrides)",
     )
     p.add_argument("--size", default="125m", help="preset size: tiny, 125m, 1.3b, ...")
+
+
+def _add_schedule(p: argparse.ArgumentParser) -> None:
+    """Tokens, batch, learning rate and evaluation: the same for every model."""
     p.add_argument("--tokens", type=float, default=50e6, help="training tokens per model (rounded down to steps)")
     p.add_argument("--seq-len", type=int, default=2048)
     p.add_argument("--batch-tokens", type=int, default=262_144, help="tokens per optimizer step")
@@ -274,6 +292,10 @@ def parse_args(argv: Sequence[str] | None):
     p.add_argument("--log-interval", type=int, default=10)
     p.add_argument("--eval-interval", type=int, default=20)
     p.add_argument("--eval-batches", type=int, default=8, help="validation micro-batches per evaluation")
+
+
+def _add_numerics(p: argparse.ArgumentParser) -> None:
+    """ZeRO stage, precision, gradient accumulation dtype, compile, device and seed."""
     p.add_argument("--zero-stage", type=int, default=1)
     p.add_argument(
         "--precision",
@@ -293,6 +315,9 @@ def parse_args(argv: Sequence[str] | None):
     p.add_argument("--compile", action=argparse.BooleanOptionalAction, default=True)
     p.add_argument("--device", default="auto", choices=("auto", "cuda", "cpu"))
     p.add_argument("--seed", type=int, default=1234)
+
+
+def _add_run_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--override", action="append", default=[], help="a further trainer override for every model")
     p.add_argument(
         "--paired-init",
@@ -301,8 +326,10 @@ def parse_args(argv: Sequence[str] | None):
         "so the two rows differ in the training code only",
     )
     p.add_argument("--overwrite", action="store_true", help="train models whose run directory exists again")
-    a = p.parse_args(argv)
-    s = Settings(
+
+
+def settings_from(a: argparse.Namespace) -> Settings:
+    return Settings(
         data=[str(Path(d)) for d in a.data],
         tokenizer=a.tokenizer,
         size=a.size,
@@ -325,7 +352,6 @@ def parse_args(argv: Sequence[str] | None):
         extra=a.override,
         paired_init=a.paired_init,
     )
-    return s, a
 
 
 def main(argv: Sequence[str] | None = None) -> None:

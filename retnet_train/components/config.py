@@ -142,6 +142,11 @@ class TrainConfig:
     run: RunConfig = field(default_factory=RunConfig)
 
 
+def checkpoint_dir(cfg: TrainConfig) -> str:
+    """Where the trainer writes checkpoints: checkpoint.dir, else run.dir/checkpoints."""
+    return cfg.checkpoint.dir or os.path.join(cfg.run.dir, "checkpoints")
+
+
 def register() -> None:
     ConfigStore.instance().store(name="train_schema", node=TrainConfig)
 
@@ -209,83 +214,101 @@ def check_layout(size: int, world: Optional[int], seq_len: int) -> None:
 
 
 def check_values(cfg: TrainConfig) -> None:
-    """Value checks the type system cannot express; each error names its key."""
+    """Value checks the type system cannot express; each error names its key. Sections are checked in
+    order and the first bad value raises."""
+    _check_data(cfg.data)
+    _check_optim(cfg.optim)
+    _check_deepspeed(cfg.deepspeed)
+    _check_train(cfg.train)
+    check_layout(cfg.parallel.context_parallel_size, None, cfg.data.seq_len)
+    _check_checkpoint(cfg.checkpoint)
+    _check_profile(cfg.profile, cfg.train.max_steps)
+    _check_wandb(cfg.wandb)
 
-    def need(ok, key, msg):
-        if not ok:
-            raise ValueError(f"{key}: {msg}")
 
-    need(cfg.data.paths, "data.paths", "no data configured")
-    need(
-        not cfg.data.weights or len(cfg.data.weights) == len(cfg.data.paths),
+def _need(ok, key: str, msg: str) -> None:
+    if not ok:
+        raise ValueError(f"{key}: {msg}")
+
+
+def _check_data(data: DataConfig) -> None:
+    _need(data.paths, "data.paths", "no data configured")
+    _need(
+        not data.weights or len(data.weights) == len(data.paths),
         "data.weights",
-        f"{len(cfg.data.weights)} weights for {len(cfg.data.paths)} paths",
+        f"{len(data.weights)} weights for {len(data.paths)} paths",
     )
-    need(all(w > 0 for w in cfg.data.weights), "data.weights", "must all be > 0")
-    need(cfg.data.seq_len > 0, "data.seq_len", "must be > 0")
-    need(cfg.optim.lr > 0, "optim.lr", "must be > 0")
-    need(len(cfg.optim.betas) == 2 and all(0 <= b < 1 for b in cfg.optim.betas), "optim.betas", "two values in [0, 1)")
-    need(
-        cfg.optim.decay in ("linear", "cosine", "constant"),
+    _need(all(w > 0 for w in data.weights), "data.weights", "must all be > 0")
+    _need(data.seq_len > 0, "data.seq_len", "must be > 0")
+
+
+def _check_optim(optim: OptimConfig) -> None:
+    _need(optim.lr > 0, "optim.lr", "must be > 0")
+    _need(len(optim.betas) == 2 and all(0 <= b < 1 for b in optim.betas), "optim.betas", "two values in [0, 1)")
+    _need(
+        optim.decay in ("linear", "cosine", "constant"),
         "optim.decay",
-        f"{cfg.optim.decay!r} is not linear|cosine|constant",
+        f"{optim.decay!r} is not linear|cosine|constant",
     )
-    need(cfg.optim.warmup_steps >= 0, "optim.warmup_steps", "must be >= 0")
-    need(cfg.optim.eps > 0, "optim.eps", "must be > 0")
-    need(cfg.optim.weight_decay >= 0, "optim.weight_decay", "must be >= 0")
-    need(cfg.optim.grad_clip >= 0, "optim.grad_clip", "must be >= 0 (0: no clipping)")
-    need(0 <= cfg.optim.min_lr_ratio <= 1, "optim.min_lr_ratio", "must be in [0, 1]")
-    need(cfg.deepspeed.zero_stage in (0, 1, 2, 3), "deepspeed.zero_stage", f"{cfg.deepspeed.zero_stage} is not 0-3")
-    need(
-        cfg.deepspeed.precision in PRECISIONS,
-        "deepspeed.precision",
-        f"{cfg.deepspeed.precision!r} is not {'|'.join(PRECISIONS)}",
-    )
-    need(
-        not cfg.deepspeed.offload_param or cfg.deepspeed.zero_stage == 3,
-        "deepspeed.offload_param",
-        "needs zero_stage=3",
-    )
-    need(
-        not cfg.deepspeed.offload_optimizer or cfg.deepspeed.zero_stage >= 1,
-        "deepspeed.offload_optimizer",
-        "needs zero_stage>=1",
-    )
-    check_grad_accum_dtype(cfg.deepspeed)
-    for key in (
-        "micro_batch_size",
-        "global_batch_tokens",
-        "max_steps",
-        "log_interval",
-        "eval_interval",
-        "eval_batches",
-        "max_consecutive_nonfinite",
-    ):
-        need(getattr(cfg.train, key) > 0, f"train.{key}", "must be > 0")
-    checkpointing_mode(cfg.train.activation_checkpointing, "train.activation_checkpointing")
-    budget = cfg.train.activation_memory_budget
-    need(0 < budget <= 1, "train.activation_memory_budget", f"{budget} is not in (0, 1]")
-    need(
-        budget == 1 or cfg.train.compile,
+    _need(optim.warmup_steps >= 0, "optim.warmup_steps", "must be >= 0")
+    _need(optim.eps > 0, "optim.eps", "must be > 0")
+    _need(optim.weight_decay >= 0, "optim.weight_decay", "must be >= 0")
+    _need(optim.grad_clip >= 0, "optim.grad_clip", "must be >= 0 (0: no clipping)")
+    _need(0 <= optim.min_lr_ratio <= 1, "optim.min_lr_ratio", "must be in [0, 1]")
+
+
+def _check_deepspeed(ds: DeepSpeedConfig) -> None:
+    _need(ds.zero_stage in (0, 1, 2, 3), "deepspeed.zero_stage", f"{ds.zero_stage} is not 0-3")
+    _need(ds.precision in PRECISIONS, "deepspeed.precision", f"{ds.precision!r} is not {'|'.join(PRECISIONS)}")
+    _need(not ds.offload_param or ds.zero_stage == 3, "deepspeed.offload_param", "needs zero_stage=3")
+    _need(not ds.offload_optimizer or ds.zero_stage >= 1, "deepspeed.offload_optimizer", "needs zero_stage>=1")
+    check_grad_accum_dtype(ds)
+
+
+_POSITIVE_TRAIN_KEYS = (
+    "micro_batch_size",
+    "global_batch_tokens",
+    "max_steps",
+    "log_interval",
+    "eval_interval",
+    "eval_batches",
+    "max_consecutive_nonfinite",
+)
+
+
+def _check_train(train: TrainSection) -> None:
+    for key in _POSITIVE_TRAIN_KEYS:
+        _need(getattr(train, key) > 0, f"train.{key}", "must be > 0")
+    checkpointing_mode(train.activation_checkpointing, "train.activation_checkpointing")
+    budget = train.activation_memory_budget
+    _need(0 < budget <= 1, "train.activation_memory_budget", f"{budget} is not in (0, 1]")
+    _need(
+        budget == 1 or train.compile,
         "train.activation_memory_budget",
         f"{budget} needs train.compile=true: torch.compile's partitioner does the recomputing",
     )
-    need(cfg.train.device in ("auto", "cpu", "cuda"), "train.device", f"{cfg.train.device!r} is not auto|cpu|cuda")
-    need(cfg.train.peak_flops is None or cfg.train.peak_flops > 0, "train.peak_flops", "must be > 0 (or null)")
-    check_layout(cfg.parallel.context_parallel_size, None, cfg.data.seq_len)
-    need(cfg.checkpoint.interval > 0, "checkpoint.interval", "must be > 0")
-    need(cfg.checkpoint.keep_last >= 1, "checkpoint.keep_last", "must be >= 1")
-    need(cfg.profile.start_step >= 1, "profile.start_step", "must be >= 1 (optimizer steps count from 1)")
-    need(cfg.profile.steps >= 1, "profile.steps", "must be >= 1")
-    need(
-        not cfg.profile.enabled or cfg.profile.start_step <= cfg.train.max_steps,
+    _need(train.device in ("auto", "cpu", "cuda"), "train.device", f"{train.device!r} is not auto|cpu|cuda")
+    _need(train.peak_flops is None or train.peak_flops > 0, "train.peak_flops", "must be > 0 (or null)")
+
+
+def _check_checkpoint(checkpoint: CheckpointConfig) -> None:
+    _need(checkpoint.interval > 0, "checkpoint.interval", "must be > 0")
+    _need(checkpoint.keep_last >= 1, "checkpoint.keep_last", "must be >= 1")
+
+
+def _check_profile(profile: ProfileConfig, max_steps: int) -> None:
+    _need(profile.start_step >= 1, "profile.start_step", "must be >= 1 (optimizer steps count from 1)")
+    _need(profile.steps >= 1, "profile.steps", "must be >= 1")
+    _need(
+        not profile.enabled or profile.start_step <= max_steps,
         "profile.start_step",
-        f"{cfg.profile.start_step} is beyond train.max_steps={cfg.train.max_steps}: nothing would be profiled",
+        f"{profile.start_step} is beyond train.max_steps={max_steps}: nothing would be profiled",
     )
-    need(
-        cfg.wandb.mode in ("online", "offline", "disabled"),
-        "wandb.mode",
-        f"{cfg.wandb.mode!r} is not online|offline|disabled",
+
+
+def _check_wandb(wandb: WandbConfig) -> None:
+    _need(
+        wandb.mode in ("online", "offline", "disabled"), "wandb.mode", f"{wandb.mode!r} is not online|offline|disabled"
     )
 
 

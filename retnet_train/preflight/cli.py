@@ -10,6 +10,7 @@ import os
 import re
 import socket
 import sys
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Sequence
 
@@ -21,6 +22,7 @@ from .shared_dir import check_shared
 from .storage import check_disk, check_writable
 from .trainer_config import (
     PreflightError,
+    TrainerView,
     compose_trainer_config,
     hydra_overrides,
     parse_params,
@@ -102,45 +104,79 @@ def _validate(args: argparse.Namespace) -> None:
         raise PreflightError(f"--shared-id={args.shared_id!r} may only contain letters, digits, '_', '.', '-'")
 
 
+@dataclass
+class Plan:
+    """What the checks run on: the trainer's view of the run (None without a config) and what the
+    options and that view say about the parameter count and the checkpoint directory."""
+
+    view: TrainerView | None
+    overrides: list[str]
+    params: int | None
+    source: str  # where the parameter count comes from
+    ckpt_arg: Path | None  # --checkpoint-dir, absolute
+    ckpt: Path | None  # the directory to check: --checkpoint-dir, else the trainer's
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     if args.dist_check:
         return dist_check()
-    view = None
     try:
         if args.from_launcher_env and not apply_launcher_env(args, dict(os.environ)):
             return 0
-        _validate(args)
-        overrides = hydra_overrides(args.overrides)
-        if args.params is not None:
-            parse_params(args.params)  # a bad --params is reported before the config is composed
-        cfg = None if args.no_config else compose_trainer_config(overrides)
-        if cfg is not None:
-            world = args.nnodes * args.nproc_per_node if args.nproc_per_node else None
-            try:
-                view = trainer_view(cfg, world)
-            except AttributeError as exc:  # the trainer's schema moved under us: fall back to options
-                print(
-                    f"preflight: warning: trainer config layout not understood ({exc}); checks use the options only",
-                    file=sys.stderr,
-                )
-        if args.params is not None or args.model_preset is not None or view is None:
-            args.overrides = overrides
-            params, source = resolve_params(args)
-        else:
-            params, source = view.params, "trainer config"
-        ckpt_arg = args.checkpoint_dir.expanduser().absolute() if args.checkpoint_dir else None
-        ckpt = ckpt_arg or (view.checkpoint_dir.expanduser().absolute() if view else None)
-        if args.nnodes > 1 and ckpt is None:
-            raise PreflightError(
-                f"--nnodes={args.nnodes} needs --checkpoint-dir (or the trainer config): a "
-                f"multi-node run must check that its checkpoint directory is shared"
-            )
+        plan = _plan(args)
     except PreflightError as exc:
         print(f"preflight: error: {exc}", file=sys.stderr)
         return 2
     rep = Report()
     print(f"preflight: node {args.node_rank} of {args.nnodes} on {socket.gethostname()}", flush=True)
+    _check_node(rep, args, plan.view)
+    _check_trainer_config(rep, args, plan)
+    _check_checkpoint_dir(rep, args, plan)
+    return summarize(rep, args.node_rank)
+
+
+def _plan(args: argparse.Namespace) -> Plan:
+    """Validate the options and compose the trainer's config; raises PreflightError on bad input."""
+    _validate(args)
+    overrides = hydra_overrides(args.overrides)
+    if args.params is not None:
+        parse_params(args.params)  # a bad --params is reported before the config is composed
+    view = None if args.no_config else _trainer_view(args, overrides)
+    if args.params is not None or args.model_preset is not None or view is None:
+        args.overrides = overrides
+        params, source = resolve_params(args)
+    else:
+        params, source = view.params, "trainer config"
+    ckpt_arg = args.checkpoint_dir.expanduser().absolute() if args.checkpoint_dir else None
+    ckpt = ckpt_arg or (view.checkpoint_dir.expanduser().absolute() if view else None)
+    if args.nnodes > 1 and ckpt is None:
+        raise PreflightError(
+            f"--nnodes={args.nnodes} needs --checkpoint-dir (or the trainer config): a "
+            f"multi-node run must check that its checkpoint directory is shared"
+        )
+    return Plan(view, overrides, params, source, ckpt_arg, ckpt)
+
+
+def _trainer_view(args: argparse.Namespace, overrides: list[str]) -> TrainerView | None:
+    """The trainer's view for these overrides; None when this checkout has no trainer config or its
+    layout is not the one this preflight reads."""
+    cfg = compose_trainer_config(overrides)
+    if cfg is None:
+        return None
+    world = args.nnodes * args.nproc_per_node if args.nproc_per_node else None
+    try:
+        return trainer_view(cfg, world)
+    except AttributeError as exc:  # the trainer's schema moved under us: fall back to options
+        print(
+            f"preflight: warning: trainer config layout not understood ({exc}); checks use the options only",
+            file=sys.stderr,
+        )
+        return None
+
+
+def _check_node(rep: Report, args: argparse.Namespace, view: TrainerView | None) -> None:
+    """Versions, GPU stack and count, fla; the config's device and precision tighten the GPU checks."""
     check_versions(rep)
     if args.vendor:
         check_vendor(rep, args.vendor)
@@ -152,33 +188,46 @@ def main(argv: Sequence[str] | None = None) -> int:
         require_bf16=not args.no_bf16_check and (view is None or view.precision == "bf16"),
     )
     check_fla(rep, require_fla=args.require_fla)
-    if view is not None:
-        rep.ok(
-            f"trainer config composed ({' '.join(overrides) or 'defaults'}): checkpoints in {view.checkpoint_dir}, "
-            f"precision {view.precision}, device {view.device}"
+
+
+def _check_trainer_config(rep: Report, args: argparse.Namespace, plan: Plan) -> None:
+    """The config's problems, and a --checkpoint-dir the trainer would not write to."""
+    view = plan.view
+    if view is None:
+        if not args.no_config:
+            rep.warn(
+                "no trainer config in this checkout (configs/config.yaml): checkpoint dir and model from options only"
+            )
+        return
+    rep.ok(
+        f"trainer config composed ({' '.join(plan.overrides) or 'defaults'}): checkpoints in {view.checkpoint_dir}, "
+        f"precision {view.precision}, device {view.device}"
+    )
+    for problem in view.problems:
+        rep.fail(f"trainer config: {problem}")
+    trainer_ckpt = view.checkpoint_dir.expanduser().absolute()
+    if plan.ckpt_arg is not None and plan.ckpt_arg != trainer_ckpt:
+        rep.fail(
+            f"--checkpoint-dir {plan.ckpt_arg} but the trainer will write checkpoints to "
+            f"{trainer_ckpt} (checkpoint.dir, else run.dir/checkpoints): "
+            f"add the override checkpoint.dir={plan.ckpt_arg}"
         )
-        for problem in view.problems:
-            rep.fail(f"trainer config: {problem}")
-        if ckpt_arg is not None and ckpt_arg != view.checkpoint_dir.expanduser().absolute():
-            rep.fail(
-                f"--checkpoint-dir {ckpt_arg} but the trainer will write checkpoints to "
-                f"{view.checkpoint_dir.expanduser().absolute()} (checkpoint.dir, else run.dir/checkpoints): "
-                f"add the override checkpoint.dir={ckpt_arg}"
-            )
-    elif not args.no_config:
-        rep.warn("no trainer config in this checkout (configs/config.yaml): checkpoint dir and model from options only")
-    keep = args.keep_checkpoints or (view.keep if view else 2)
-    if ckpt is None:
+
+
+def _check_checkpoint_dir(rep: Report, args: argparse.Namespace, plan: Plan) -> None:
+    """Writable, room for the checkpoints, shared by all nodes."""
+    if plan.ckpt is None:
         rep.warn("no --checkpoint-dir: writable/shared/free-space checks skipped")
-    else:
-        if check_writable(rep, ckpt):
-            check_disk(rep, ckpt, params, keep, source)
-            check_shared(
-                rep,
-                ckpt,
-                shared_id=args.shared_id,
-                node_rank=args.node_rank,
-                nnodes=args.nnodes,
-                timeout=args.shared_timeout,
-            )
-    return summarize(rep, args.node_rank)
+        return
+    if not check_writable(rep, plan.ckpt):
+        return
+    keep = args.keep_checkpoints or (plan.view.keep if plan.view else 2)
+    check_disk(rep, plan.ckpt, plan.params, keep, plan.source)
+    check_shared(
+        rep,
+        plan.ckpt,
+        shared_id=args.shared_id,
+        node_rank=args.node_rank,
+        nnodes=args.nnodes,
+        timeout=args.shared_timeout,
+    )

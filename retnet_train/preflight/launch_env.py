@@ -186,19 +186,44 @@ def launch_env_from(
     Arguments override the environment (the sbatch dry-run renders every node's view with
     node_rank=i). Raises LaunchEnvError naming the variable that is missing or wrong.
     """
+    list_var, hosts = _allocation(env)
+    nnodes = _node_count(env, list_var, hosts)
+    rank_var, node_rank = _node_rank(env, node_rank, nnodes)
+    nproc_per_node = _procs_per_node(env, nproc_per_node)
+    master_addr = _master_addr(env, hosts, list_var, node_rank, rank_from_slurm=rank_var == "SLURM_NODEID")
+    job_id = env.get("SLURM_JOB_ID", "").strip()
+    return LaunchEnv(
+        nnodes=nnodes,
+        node_rank=node_rank,
+        nproc_per_node=nproc_per_node,
+        master_addr=master_addr,
+        master_port=_master_port(env, job_id),
+        rdzv_id=_rdzv_id(env, job_id),
+        hosts=tuple(hosts),
+    )
+
+
+def _allocation(env: Mapping[str, str]) -> tuple[str, list[str]]:
+    """The node list's variable and its hosts."""
     list_var = _first(env, "SLURM_JOB_NODELIST", "SLURM_NODELIST")
     if list_var is None:
         raise LaunchEnvError(
             "SLURM_JOB_NODELIST is unset: not inside a SLURM allocation "
             "(run under sbatch/salloc, or launch with launch/torchrun.sh --nnodes ...)"
         )
-    hosts = expand_nodelist(env[list_var], list_var)
+    return list_var, expand_nodelist(env[list_var], list_var)
 
+
+def _node_count(env: Mapping[str, str], list_var: str, hosts: list[str]) -> int:
     nn_var = _first(env, "NNODES", "SLURM_JOB_NUM_NODES", "SLURM_NNODES")
     nnodes = _int_var(env, nn_var, minimum=1) if nn_var else len(hosts)
     if nnodes != len(hosts):
         raise LaunchEnvError(f"{nn_var}={nnodes} but {list_var}={env[list_var]!r} lists {len(hosts)} hosts")
+    return nnodes
 
+
+def _node_rank(env: Mapping[str, str], node_rank: int | None, nnodes: int) -> tuple[str, int]:
+    """(where the rank came from, the rank): the argument, else SLURM_NODEID."""
     if node_rank is None:
         # Only SLURM_NODEID: an exported NODE_RANK from the batch host would reach every srun task.
         rank_var = _first(env, "SLURM_NODEID")
@@ -209,51 +234,59 @@ def launch_env_from(
         rank_var = "node_rank"
     if not 0 <= node_rank < nnodes:
         raise LaunchEnvError(f"{rank_var}={node_rank} is out of range for {nnodes} node(s)")
+    return rank_var, node_rank
 
-    if nproc_per_node is None:
-        if env.get("NPROC_PER_NODE", "").strip():
-            nproc_per_node = _int_var(env, "NPROC_PER_NODE", minimum=1)
-        else:
-            nproc_per_node = _gpus_per_node(env)
-        if nproc_per_node is None:
-            raise LaunchEnvError(
-                "NPROC_PER_NODE is unset and SLURM_GPUS_ON_NODE / SLURM_GPUS_PER_NODE give no "
-                "GPU count: request GPUs (--gpus-per-node=8) or set NPROC_PER_NODE"
-            )
-    elif nproc_per_node < 1:
-        raise LaunchEnvError(f"nproc_per_node={nproc_per_node} must be >= 1")
 
-    explicit_addr = bool(env.get("MASTER_ADDR", "").strip())
-    master_addr = env["MASTER_ADDR"].strip() if explicit_addr else hosts[0]
+def _procs_per_node(env: Mapping[str, str], nproc_per_node: int | None) -> int:
+    """The argument, else NPROC_PER_NODE, else the node's GPU count."""
+    if nproc_per_node is not None:
+        if nproc_per_node < 1:
+            raise LaunchEnvError(f"nproc_per_node={nproc_per_node} must be >= 1")
+        return nproc_per_node
+    if env.get("NPROC_PER_NODE", "").strip():
+        return _int_var(env, "NPROC_PER_NODE", minimum=1)
+    gpus = _gpus_per_node(env)
+    if gpus is None:
+        raise LaunchEnvError(
+            "NPROC_PER_NODE is unset and SLURM_GPUS_ON_NODE / SLURM_GPUS_PER_NODE give no "
+            "GPU count: request GPUs (--gpus-per-node=8) or set NPROC_PER_NODE"
+        )
+    return gpus
+
+
+def _master_addr(
+    env: Mapping[str, str], hosts: list[str], list_var: str, node_rank: int, *, rank_from_slurm: bool
+) -> str:
+    """MASTER_ADDR, else the first host; then this node must sit at its rank in the list, or node 0
+    would not be the first host."""
+    if env.get("MASTER_ADDR", "").strip():
+        return env["MASTER_ADDR"].strip()
     here = env.get("SLURMD_NODENAME", "").strip()
-    if here and not explicit_addr and rank_var == "SLURM_NODEID" and hosts[node_rank] != here:
+    if here and rank_from_slurm and hosts[node_rank] != here:
         raise LaunchEnvError(
             f"SLURMD_NODENAME={here!r} but {list_var} puts {hosts[node_rank]!r} at "
             f"SLURM_NODEID={node_rank}: node list order is not what this helper assumes; "
             f"set MASTER_ADDR to node 0's address"
         )
+    return hosts[0]
 
-    job_id = env.get("SLURM_JOB_ID", "").strip()
+
+def _master_port(env: Mapping[str, str], job_id: str) -> int:
+    """MASTER_PORT, else one per job id (two jobs sharing a node), else torchrun's default."""
     if env.get("MASTER_PORT", "").strip():
-        master_port = _int_var(env, "MASTER_PORT", minimum=1, maximum=65535)
-    elif job_id:
-        if not job_id.isdigit():
-            raise LaunchEnvError(f"SLURM_JOB_ID={job_id!r} is not an integer (set MASTER_PORT)")
-        master_port = 10000 + int(job_id) % 50000
-    else:
-        master_port = 29500
+        return _int_var(env, "MASTER_PORT", minimum=1, maximum=65535)
+    if not job_id:
+        return 29500
+    if not job_id.isdigit():
+        raise LaunchEnvError(f"SLURM_JOB_ID={job_id!r} is not an integer (set MASTER_PORT)")
+    return 10000 + int(job_id) % 50000
+
+
+def _rdzv_id(env: Mapping[str, str], job_id: str) -> str:
     rdzv_id = env.get("RDZV_ID", "").strip() or job_id or "retnet"
     if not re.fullmatch(r"[A-Za-z0-9_.-]+", rdzv_id):
         raise LaunchEnvError(f"RDZV_ID={rdzv_id!r} may only contain letters, digits, '_', '.', '-'")
-    return LaunchEnv(
-        nnodes=nnodes,
-        node_rank=node_rank,
-        nproc_per_node=nproc_per_node,
-        master_addr=master_addr,
-        master_port=master_port,
-        rdzv_id=rdzv_id,
-        hosts=tuple(hosts),
-    )
+    return rdzv_id
 
 
 def hostfile_lines(env: Mapping[str, str], slots: int) -> list[str]:

@@ -129,23 +129,44 @@ def trainer_view(cfg, world_size: int | None) -> TrainerView:
     """Checkpoint dir, size inputs and the value checks the trainer runs at start."""
     from retnet_train.components import config as schema
 
-    problems: list[str] = []
     try:
         cfg = schema.typed_config(cfg)  # typed and resolved, as the trainer's entry point does
     except Exception as exc:  # noqa: BLE001 - omegaconf raises several types
         raise PreflightError(f"trainer config: {str(exc).strip().splitlines()[0]}") from None
-    for check in (getattr(schema, "check_values", None),):
-        if check is not None:
-            try:
-                check(cfg)
-            except ValueError as exc:
-                problems.append(str(exc))
+    problems = _value_problems(schema, cfg, world_size) + _missing_inputs(getattr(cfg, "data", None))
+    try:
+        params = _count_params(dict(cfg.model))
+    except (ValueError, TypeError, KeyError) as exc:
+        raise PreflightError(f"model config: {exc}") from None
+    return TrainerView(
+        checkpoint_dir=Path(schema.checkpoint_dir(cfg)),
+        keep=int(cfg.checkpoint.keep_last) + 1,
+        params=params,
+        precision=str(cfg.deepspeed.precision),
+        device=str(cfg.train.device),
+        problems=problems,
+    )
+
+
+def _value_problems(schema, cfg, world_size: int | None) -> list[str]:
+    """What the trainer's value checks and batch arithmetic (for this world size) would reject."""
+    problems: list[str] = []
+    if hasattr(schema, "check_values"):
+        try:
+            schema.check_values(cfg)
+        except ValueError as exc:
+            problems.append(str(exc))
     if world_size is not None and hasattr(schema, "grad_accumulation"):
         try:
             schema.grad_accumulation(cfg, world_size)
         except ValueError as exc:
             problems.append(f"{exc} (world size {world_size})")
-    data = getattr(cfg, "data", None)
+    return problems
+
+
+def _missing_inputs(data) -> list[str]:
+    """Data paths and tokenizer that do not exist as seen from here."""
+    problems: list[str] = []
     paths = [
         (f"data.sources.{name}.path", src.get("path"))
         for name, src in (getattr(data, "sources", None) or {}).items()
@@ -159,19 +180,7 @@ def trainer_view(cfg, world_size: int | None) -> TrainerView:
     tokenizer = getattr(data, "tokenizer", None)
     if tokenizer and not os.path.isfile(tokenizer):
         problems.append(f"data.tokenizer={tokenizer}: no such file (from {os.getcwd()})")
-    try:
-        params = _count_params(dict(cfg.model))
-    except (ValueError, TypeError, KeyError) as exc:
-        raise PreflightError(f"model config: {exc}") from None
-    ckpt = cfg.checkpoint.dir or os.path.join(cfg.run.dir, "checkpoints")
-    return TrainerView(
-        checkpoint_dir=Path(ckpt),
-        keep=int(cfg.checkpoint.keep_last) + 1,
-        params=params,
-        precision=str(cfg.deepspeed.precision),
-        device=str(cfg.train.device),
-        problems=problems,
-    )
+    return problems
 
 
 # ---------------------------------------------------------------- overrides

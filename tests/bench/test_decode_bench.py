@@ -165,3 +165,24 @@ def test_bench_gpu_small(capsys):
     ret = [r for r in rows if r.get("arch") == "retnet"]
     assert ret[1]["decode_peak_over_weights_gib"] == pytest.approx(ret[2]["decode_peak_over_weights_gib"], abs=0.01)
     assert all(r["cuda_graph"] for r in ret)
+
+
+def test_gpu_memory_over_weights_and_the_weight_read_limit(monkeypatch):
+    """The GPU rows' memory and bandwidth fields, with the device's figures stubbed (runs on CPU)."""
+    from retnet_train.bench import decode
+
+    monkeypatch.setattr(decode.torch.cuda, "max_memory_allocated", lambda: 3 * decode.GIB)
+    monkeypatch.setattr(decode, "hbm_bandwidth", lambda: 4e12)
+    got = decode._memory_over_weights(8_000_000_000, 4_000_000_000, decode.GIB, decode.GIB // 2, ms_step=4.5)
+    assert list(got.items()) == [
+        ("decode_peak_over_weights_gib", 2.0),
+        ("prefill_peak_over_weights_gib", 0.5),
+        ("weights_only_limit_ms", 2.0),  # 8 GB at 4 TB/s
+        ("weight_read_limit_ms", 3.0),  # weights and state
+        ("step_over_limit", 1.5),
+    ]
+    monkeypatch.setattr(decode, "hbm_bandwidth", lambda: None)  # a GPU not in the table: no limit
+    assert list(decode._memory_over_weights(8_000_000_000, 0, 0, 0, ms_step=1.0)) == [
+        "decode_peak_over_weights_gib",
+        "prefill_peak_over_weights_gib",
+    ]

@@ -13,6 +13,7 @@ from pathlib import Path
 import pytest
 
 from retnet_train import preflight as pf
+from retnet_train.preflight import cli as preflight_cli
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -336,3 +337,45 @@ def test_shared_timeout_from_the_environment(monkeypatch, capsys):
     args = pf.build_parser().parse_args([])
     pf._validate(args)
     assert args.shared_timeout == 7.5
+
+
+# ---------------------------------------------------------------- what the checks fall back to
+
+
+def test_options_only_without_a_checkpoint_dir(capsys):
+    assert pf.main(["--no-config", "--params", "1e6"]) == 0
+    out = capsys.readouterr().out
+    assert "[warn] no --checkpoint-dir: writable/shared/free-space checks skipped" in out
+    assert "trainer config" not in out
+
+
+def test_checkout_without_a_trainer_config_warns_and_uses_the_options(tmp_path, monkeypatch, capsys):
+    monkeypatch.setattr(preflight_cli, "compose_trainer_config", lambda overrides: None)
+    assert pf.main(["--checkpoint-dir", str(tmp_path), "--params", "1e6", "--keep-checkpoints", "3"]) == 0
+    out = capsys.readouterr().out
+    assert (
+        "[warn] no trainer config in this checkout (configs/config.yaml): checkpoint dir and model from options only"
+    ) in out
+    assert f"[  ok] disk: 1M params (--params) x 16 B/param x 3 checkpoint(s) = 45.8 MiB; free on {tmp_path}" in out
+
+
+def test_unknown_trainer_config_layout_falls_back_to_the_options(tmp_path, monkeypatch, capsys):
+    def moved(cfg, world_size):
+        raise AttributeError("'TrainConfig' object has no attribute 'checkpoint'")
+
+    monkeypatch.setattr(preflight_cli, "trainer_view", moved)
+    assert pf.main(["--checkpoint-dir", str(tmp_path), "--", "model=tiny"]) == 0
+    out, err = capsys.readouterr()
+    assert (
+        "preflight: warning: trainer config layout not understood ('TrainConfig' object has no attribute "
+        "'checkpoint'); checks use the options only"
+    ) in err
+    assert "[warn] no trainer config in this checkout" in out
+    n = pf.params_from_preset(ROOT / "configs/model/tiny.yaml")
+    assert f"{n / 1e6:.3g}M params (configs/model/tiny.yaml) x 16 B/param x 2 checkpoint(s)" in out
+
+
+def test_launcher_processes_other_than_local_rank_0_check_nothing(monkeypatch, capsys):
+    monkeypatch.setenv("LOCAL_RANK", "1")
+    assert pf.main(["--from-launcher-env", "--nnodes", "0"]) == 0  # not even the options are checked
+    assert capsys.readouterr() == ("", "")

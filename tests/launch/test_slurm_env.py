@@ -196,3 +196,25 @@ def test_module_does_not_import_torch():
         subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout.strip()
         == "False"
     )
+
+
+@pytest.mark.parametrize(
+    "env, kwargs, message",
+    [
+        (slurm(), dict(node_rank=4), "node_rank=4 is out of range for 4 node(s)"),
+        (slurm(), dict(nproc_per_node=0), "nproc_per_node=0 must be >= 1"),
+        (slurm(NPROC_PER_NODE="x"), {}, "NPROC_PER_NODE='x' is not an integer"),
+        (slurm(SLURM_JOB_NUM_NODES=None, SLURM_NNODES="2"), {}, "SLURM_NNODES=2 but SLURM_JOB_NODELIST="),
+        (slurm(SLURM_JOB_NODELIST=None, SLURM_NODELIST="a[1-2]"), {}, "SLURM_JOB_NUM_NODES=4 but SLURM_NODELIST="),
+    ],
+)
+def test_bad_arguments_and_fallback_variables_are_named(env, kwargs, message):
+    with pytest.raises(LaunchEnvError) as exc:
+        launch_env_from(env, **kwargs)
+    assert str(exc.value).startswith(message)
+
+
+def test_fallback_variables_and_a_rendered_rank_skip_the_nodename_check():
+    env = slurm(SLURM_JOB_NODELIST=None, SLURM_NODELIST="n[1-2]", SLURM_JOB_NUM_NODES=None, SLURM_NNODES=None)
+    e = launch_env_from({**env, "SLURMD_NODENAME": "elsewhere"}, node_rank=1, nproc_per_node=2)
+    assert (e.hosts, e.nnodes, e.node_rank, e.nproc_per_node, e.master_addr) == (("n1", "n2"), 2, 1, 2, "n1")

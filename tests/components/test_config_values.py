@@ -1,0 +1,100 @@
+"""check_values: every value the type system cannot reject fails with the message naming its key; the
+sections are checked in order, so the first bad one is reported. checkpoint_dir: the trainer's rule."""
+
+import pytest
+
+from retnet_train.components.config import TrainConfig, check_values, checkpoint_dir
+
+
+def valid() -> TrainConfig:
+    cfg = TrainConfig()
+    cfg.data.paths = ["/d/web"]
+    return cfg
+
+
+def with_values(**values) -> TrainConfig:
+    """A valid config with `section__key=value` changes."""
+    cfg = valid()
+    for name, value in values.items():
+        section, key = name.split("__")
+        setattr(getattr(cfg, section), key, value)
+    return cfg
+
+
+@pytest.mark.parametrize(
+    "values, message",
+    [
+        (dict(data__paths=[]), "data.paths: no data configured"),
+        (dict(data__weights=[0.5, 0.5]), "data.weights: 2 weights for 1 paths"),
+        (dict(data__weights=[0.0]), "data.weights: must all be > 0"),
+        (dict(data__seq_len=0), "data.seq_len: must be > 0"),
+        (dict(optim__lr=0.0), "optim.lr: must be > 0"),
+        (dict(optim__betas=[0.9, 1.0]), "optim.betas: two values in [0, 1)"),
+        (dict(optim__decay="step"), "optim.decay: 'step' is not linear|cosine|constant"),
+        (dict(optim__warmup_steps=-1), "optim.warmup_steps: must be >= 0"),
+        (dict(optim__eps=0.0), "optim.eps: must be > 0"),
+        (dict(optim__weight_decay=-0.1), "optim.weight_decay: must be >= 0"),
+        (dict(optim__grad_clip=-1.0), "optim.grad_clip: must be >= 0 (0: no clipping)"),
+        (dict(optim__min_lr_ratio=1.5), "optim.min_lr_ratio: must be in [0, 1]"),
+        (dict(deepspeed__zero_stage=4), "deepspeed.zero_stage: 4 is not 0-3"),
+        (dict(deepspeed__precision="int8"), "deepspeed.precision: 'int8' is not bf16|bf16-mixed|fp16|fp32"),
+        (dict(deepspeed__offload_param=True), "deepspeed.offload_param: needs zero_stage=3"),
+        (
+            dict(deepspeed__offload_optimizer=True, deepspeed__zero_stage=0),
+            "deepspeed.offload_optimizer: needs zero_stage>=1",
+        ),
+        (
+            dict(deepspeed__grad_accum_dtype="fp16"),
+            "deepspeed.grad_accum_dtype: 'fp16' is not fp32 (or null: the dtype of deepspeed.precision)",
+        ),
+        (dict(train__micro_batch_size=0), "train.micro_batch_size: must be > 0"),
+        (dict(train__max_consecutive_nonfinite=0), "train.max_consecutive_nonfinite: must be > 0"),
+        (
+            dict(train__activation_checkpointing="partial"),
+            "train.activation_checkpointing: 'partial' is not one of none, selective, full",
+        ),
+        (
+            dict(train__activation_memory_budget=0.0, train__compile=True),
+            "train.activation_memory_budget: 0.0 is not in (0, 1]",
+        ),
+        (
+            dict(train__activation_memory_budget=0.5),
+            "train.activation_memory_budget: 0.5 needs train.compile=true: torch.compile's partitioner does "
+            "the recomputing",
+        ),
+        (dict(train__device="tpu"), "train.device: 'tpu' is not auto|cpu|cuda"),
+        (dict(train__peak_flops=0.0), "train.peak_flops: must be > 0 (or null)"),
+        (
+            dict(parallel__context_parallel_size=3),
+            "parallel.context_parallel_size=3 does not divide data.seq_len=2048: each rank holds seq_len / 3 tokens",
+        ),
+        (dict(checkpoint__interval=0), "checkpoint.interval: must be > 0"),
+        (dict(checkpoint__keep_last=0), "checkpoint.keep_last: must be >= 1"),
+        (dict(profile__start_step=0), "profile.start_step: must be >= 1 (optimizer steps count from 1)"),
+        (dict(profile__steps=0), "profile.steps: must be >= 1"),
+        (
+            dict(profile__enabled=True, profile__start_step=30_000),
+            "profile.start_step: 30000 is beyond train.max_steps=25000: nothing would be profiled",
+        ),
+        (dict(wandb__mode="on"), "wandb.mode: 'on' is not online|offline|disabled"),
+    ],
+)
+def test_bad_value_fails_naming_its_key(values, message):
+    with pytest.raises(ValueError) as exc:
+        check_values(with_values(**values))
+    assert str(exc.value) == message
+
+
+def test_the_first_bad_section_is_reported():
+    cfg = with_values(wandb__mode="on", checkpoint__keep_last=0, train__device="tpu", optim__lr=0.0)
+    with pytest.raises(ValueError, match="^optim.lr: must be > 0$"):
+        check_values(cfg)
+    check_values(valid())
+
+
+def test_checkpoint_dir_is_checkpoint_dir_else_under_the_run_dir():
+    cfg = valid()
+    cfg.run.dir = "/runs/a"
+    assert checkpoint_dir(cfg) == "/runs/a/checkpoints"
+    cfg.checkpoint.dir = "/shared/ckpt"
+    assert checkpoint_dir(cfg) == "/shared/ckpt"
