@@ -41,7 +41,13 @@ GPU_BACKENDS = {
 }
 
 
-def resolve_backend(backend: str, device: torch.device) -> str:
+# The widest key head dim the Triton kernels' GPU tests cover (K256/V512 and K128/V256 pass on an H200).
+GPU_CHECKED_TRITON_KEY_DIM = 256
+
+
+def resolve_backend(backend: str, device: torch.device, key_dim: int = 0) -> str:
+    """The backend that runs: an explicit GPU backend is checked; `auto` takes our Triton kernels on
+    NVIDIA GPUs at the key head dims their GPU tests cover, else fla on a GPU where installed, else torch."""
     if backend == "torch":
         return "torch"
     on_gpu = device.type == "cuda"  # ROCm builds of torch report "cuda" too
@@ -54,11 +60,10 @@ def resolve_backend(backend: str, device: torch.device) -> str:
         if not available():
             raise ValueError(f"model.retention_backend={backend} {missing}")
         return backend
+    on_nvidia = on_gpu and torch.version.hip is None  # the Triton kernels' GPU tests ran on NVIDIA only
+    if on_nvidia and key_dim <= GPU_CHECKED_TRITON_KEY_DIM and triton_available():
+        return "triton"
     return "fla" if on_gpu and fla_available() else "torch"
-
-
-# The widest key head dim the Triton kernels' GPU tests cover (K256/V512 and K128/V256 pass on an H200).
-GPU_CHECKED_TRITON_KEY_DIM = 256
 
 
 def retention_op(

@@ -30,6 +30,8 @@ import os
 
 import torch
 import triton
+from torch import Tensor
+from torch.utils.flop_counter import register_flop_formula
 
 from .triton_retention_launch import INTERPRET, launch  # noqa: F401 (INTERPRET: for the tests)
 
@@ -204,24 +206,84 @@ def _backward(q, k, v, do, lg2, C, state, doc):
     return dq, dk, dv
 
 
-class TritonRetention(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx, q, k, v, log_gamma, chunk_size, state, row_sums, doc):
-        lg2 = (log_gamma.float() * LOG2E).contiguous()
-        o, s, final = _forward(q, k, v, lg2, chunk_size, state, row_sums, doc)
-        ctx.save_for_backward(q, k, v, lg2, state, doc)
-        ctx.chunk_size = chunk_size
-        ctx.mark_non_differentiable(*([s, final] if row_sums else [final]))
-        return o, s, final
+# The kernels as torch custom ops: torch.compile traces them into a block's graph (no graph break),
+# and the partitioner may recompute the forward in the backward (it sees the op's flops, below)
+# instead of keeping o, when the activation memory budget asks for it.
+@torch.library.custom_op("retnet_train::triton_retention", mutates_args=())
+def _retention_op(
+    q: Tensor,
+    k: Tensor,
+    v: Tensor,
+    lg2: Tensor,
+    chunk_size: int,
+    state: Tensor | None,
+    row_sums: bool,
+    doc: Tensor | None,
+) -> tuple[Tensor, Tensor, Tensor]:
+    """-> o, row sums (empty without row_sums: an op returns tensors), final state."""
+    o, s, final = _forward(q, k, v, lg2, chunk_size, state, row_sums, doc)
+    return o, (s if row_sums else q.new_empty(0, dtype=torch.float32)), final
 
-    @staticmethod
-    def backward(ctx, do, _ds, _dfinal):
-        q, k, v, lg2, state, doc = ctx.saved_tensors
-        dq, dk, dv = _backward(q, k, v, do.contiguous(), lg2, ctx.chunk_size, state, doc)
-        return dq, dk, dv, None, None, None, None, None
+
+@_retention_op.register_fake
+def _(q, k, v, lg2, chunk_size, state, row_sums, doc):
+    B, T, H, K = q.shape
+    V = v.shape[-1]
+    s = q.new_empty((B, T, H) if row_sums else (0,), dtype=torch.float32)
+    return torch.empty_like(v), s, v.new_empty(B, H, K, V + row_sums)
 
 
-@torch.compiler.disable  # an opaque op to dynamo: compiled blocks get a graph break here
+@torch.library.custom_op("retnet_train::triton_retention_backward", mutates_args=())
+def _retention_backward_op(
+    q: Tensor,
+    k: Tensor,
+    v: Tensor,
+    do: Tensor,
+    lg2: Tensor,
+    chunk_size: int,
+    state: Tensor | None,
+    doc: Tensor | None,
+) -> tuple[Tensor, Tensor, Tensor]:
+    return _backward(q, k, v, do, lg2, chunk_size, state, doc)
+
+
+@_retention_backward_op.register_fake
+def _(q, k, v, do, lg2, chunk_size, state, doc):
+    return torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
+
+
+def _setup_context(ctx, inputs, output):
+    q, k, v, lg2, chunk_size, state, _row_sums, doc = inputs
+    ctx.save_for_backward(q, k, v, lg2, state, doc)
+    ctx.chunk_size = chunk_size
+    ctx.mark_non_differentiable(*output[1:])  # row sums and the final state carry no gradient
+
+
+def _retention_grad(ctx, do, _ds, _dfinal):
+    q, k, v, lg2, state, doc = ctx.saved_tensors
+    dq, dk, dv = _retention_backward_op(q, k, v, do.contiguous(), lg2, ctx.chunk_size, state, doc)
+    return dq, dk, dv, None, None, None, None, None
+
+
+_retention_op.register_autograd(_retention_grad, setup_context=_setup_context)
+
+
+def _retention_flops(q_shape, k_shape, v_shape, lg2_shape, chunk_size, *args, **kwargs) -> int:
+    """Forward matmul flops: per token, the causal half of a chunk's scores and their product with v,
+    plus q @ S and the state update (k^T v)."""
+    B, T, H, K = q_shape
+    V = v_shape[-1]
+    return 2 * B * T * H * (chunk_size * (K + V) // 2 + 2 * K * V)
+
+
+def _backward_flops(q_shape, k_shape, v_shape, do_shape, lg2_shape, chunk_size, *args, **kwargs) -> int:
+    return 2 * _retention_flops(q_shape, k_shape, v_shape, lg2_shape, chunk_size)
+
+
+register_flop_formula(torch.ops.retnet_train.triton_retention)(_retention_flops)
+register_flop_formula(torch.ops.retnet_train.triton_retention_backward)(_backward_flops)
+
+
 def triton_retention(q, k, v, log_gamma, chunk_size, state=None, row_sums=True, reset=None):
     """q, k [B, T, H, K], v [B, T, H, V] of one dtype (retention_op casts q, k to v's) -> o [B, T, H, V]
     (unnormalized), row sums s [B, T, H] fp32 or None, final state [B, H, K, V (+1 with row sums)].
@@ -230,4 +292,6 @@ def triton_retention(q, k, v, log_gamma, chunk_size, state=None, row_sums=True, 
     if state is not None:
         state = state.detach()
     doc = None if reset is None else doc_starts(reset)
-    return TritonRetention.apply(q, k, v, log_gamma.detach(), chunk_size, state, row_sums, doc)
+    lg2 = (log_gamma.detach().float() * LOG2E).contiguous()
+    o, s, final = _retention_op(q, k, v, lg2, chunk_size, state, row_sums, doc)
+    return o, (s if row_sums else None), final

@@ -83,7 +83,7 @@ class RetNetConfig(DecoderConfig):
     normalize_retention: bool = True
     head_norm_affine: bool = False  # per-head GroupNorm scale (torchscale: none)
     gate_activation: str = "silu"  # swish
-    retention_backend: str = "auto"  # auto: fla's Triton kernels on GPU when installed, else torch
+    retention_backend: str = "auto"  # auto: kernels.resolve_backend (our Triton kernels on NVIDIA)
     # torch backend: the backward recomputes the chunk states (less memory); false keeps them (faster)
     retention_recompute: bool = True
 

@@ -132,7 +132,7 @@ class MultiScaleRetention(nn.Module):
     def retain(self, q, k, v, ctx: SequenceContext, state=None, state_grad: bool = False):
         """The retention kernel: unnormalized o [B, T, H, V], its score row sums [B, T, H] (None
         without the normalization) and the final state; state_grad: the final state is differentiated."""
-        backend = resolve_backend(self.backend, q.device)
+        backend = resolve_backend(self.backend, q.device, q.shape[-1])
         return retention_op(
             backend,
             q,

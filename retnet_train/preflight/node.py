@@ -115,8 +115,12 @@ def check_fla(rep: Report, *, require_fla: bool) -> None:
 
     extra = "fla-core[rocm]" if torch.version.hip else "retnet-train[gpu] (fla-core)"
     if importlib.util.find_spec("fla") is None:
-        msg = f"fla not installed: retention_backend=auto uses the torch kernels (slower on GPU); install {extra}"
-        (rep.fail if require_fla else rep.ok if not torch.cuda.is_available() else rep.warn)(msg)
+        if torch.version.hip:
+            msg = f"fla not installed: retention_backend=auto uses the torch kernels on ROCm (slower); install {extra}"
+        else:  # on NVIDIA, auto takes this repository's Triton kernels: fla is only for retention_backend=fla
+            msg = f"fla not installed (needed only for retention_backend=fla): install {extra}"
+        warn = torch.cuda.is_available() and torch.version.hip
+        (rep.fail if require_fla else rep.warn if warn else rep.ok)(msg)
         return
     ver = _dist_version("fla-core") or _dist_version("flash-linear-attention") or "unknown version"
     try:

@@ -58,3 +58,20 @@ def test_gpu_backends_refuse_cpu(backend):
     with pytest.raises(ValueError, match=f"model.retention_backend={backend} needs a CUDA or ROCm device"):
         resolve_backend(backend, torch.device("cpu"))
     assert resolve_backend("auto", torch.device("cpu")) == "torch"
+
+
+@pytest.mark.parametrize(
+    "hip, key_dim, fla, expected",
+    [
+        (None, 256, True, "triton"),  # NVIDIA, a key dim the Triton kernels' GPU tests cover
+        (None, 512, True, "fla"),  # wider: fla where installed
+        (None, 512, False, "torch"),
+        ("6.2", 256, True, "fla"),  # ROCm: the Triton kernels' GPU tests ran on NVIDIA only
+        ("6.2", 256, False, "torch"),
+    ],
+)
+def test_auto_prefers_the_triton_kernels_on_nvidia(monkeypatch, hip, key_dim, fla, expected):
+    monkeypatch.setattr(torch.version, "hip", hip)
+    monkeypatch.setattr(kernels, "triton_available", lambda: True)
+    monkeypatch.setattr(kernels, "fla_available", lambda: fla)
+    assert kernels.resolve_backend("auto", torch.device("cuda"), key_dim) == expected

@@ -53,3 +53,13 @@ def test_triton_interpreter_gpu_tiles(interpreter_results):
 def test_triton_interpreter_dispatch(interpreter_results):
     """retention_op sends resets and the parallel mode to the kernels, and matches the torch path."""
     in_subprocess(interpreter_results, "check_dispatch")
+
+
+def test_triton_interpreter_compiled_in_graph(interpreter_results):
+    """torch.compile traces the kernels' custom ops without a graph break, and matches eager."""
+    in_subprocess(interpreter_results, "check_compiled_in_graph")
+
+
+def test_triton_interpreter_budget_recomputes_retention(interpreter_results):
+    """A low activation memory budget lets the compiled block recompute retention instead of keeping it."""
+    in_subprocess(interpreter_results, "check_budget_recomputes_retention")

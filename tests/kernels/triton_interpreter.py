@@ -44,6 +44,8 @@ CPU_CASES = [
     ("check_bf16",),
     ("check_dispatch",),
     ("check_gpu_tiles",),
+    ("check_compiled_in_graph",),
+    ("check_budget_recomputes_retention",),
 ]
 
 
@@ -182,6 +184,41 @@ def check_dispatch():
     ref = retention_op("torch", q.double(), k.double(), v.double(), lg, "parallel", 16, reset, None, True)
     assert seen == [64]  # parallel: one chunk of the sequence rounded up to 64
     assert_close(got, ref, FP32_TOL, names=NAMES[:3])
+
+
+def check_compiled_in_graph():
+    """The kernels are torch custom ops: a compiled function traces them without a graph break
+    (fullgraph) and matches eager; the flop counter sees the flops the partitioner weighs."""
+    mod, _ = interpreted()
+    from torch.utils.flop_counter import FlopCounterMode
+
+    B, T, H, K, V, C = 1, 96, 2, 32, 64, 32
+    lg = decay_log_gammas(H)
+    q, k, v = inputs(B, T, H, K, V, seed=8)
+    reset = resets(B, T, C, seed=5)
+    eager = run(triton_path(C, lg, reset), q, k, v, torch.float32)
+    compiled = torch.compile(lambda q, k, v, st: mod.triton_retention(q, k, v, lg, C, st, True, reset), fullgraph=True)
+    assert_close(run(compiled, q, k, v, torch.float32), eager, 1e-6)
+    with FlopCounterMode(display=False) as counter:
+        run(triton_path(C, lg, reset), q, k, v, torch.float32)
+    forward = 2 * B * T * H * (C * (K + V) // 2 + 2 * K * V)
+    assert counter.get_total_flops() == 3 * forward  # the backward counts twice the forward
+
+
+def check_budget_recomputes_retention():
+    """Under a low activation memory budget the compiled block may recompute retention in the backward:
+    a block keeps 7 d-wide tensors per token at budget 0.4 (with retention behind a graph break it had
+    to keep q, k, v and the output: 11)."""
+    from retnet_train.bench.activation_bytes import layer_bytes_per_token
+    from retnet_train.bench.presets import load_preset
+    from retnet_train.model import retnet
+
+    interpreted()
+    retnet.resolve_backend = lambda backend, device, key_dim=0: "triton"  # (its CPU refusal is tested elsewhere)
+    cfg = load_preset("125m", d_model=128, n_heads=2, ffn_dim=256, vocab_size=256, chunk_size=64)
+    kept = layer_bytes_per_token(cfg, 1, 128, torch.device("cpu"), compile=True, activation_memory_budget=0.4)
+    d_wide = kept["bytes_per_token"] / (2 * cfg.d_model)  # bf16
+    assert d_wide < 7.5, kept
 
 
 # ---- the interpreter subprocess -------------------------------------------------------------------

@@ -44,7 +44,7 @@ def test_context_parallel_asks_for_the_state_gradient(monkeypatch):
 
     used = []
     real = retnet_module.retention_op
-    monkeypatch.setattr(retnet_module, "resolve_backend", lambda backend, device: "triton")
+    monkeypatch.setattr(retnet_module, "resolve_backend", lambda backend, device, key_dim=0: "triton")
     monkeypatch.setattr(
         retnet_module,
         "retention_op",
