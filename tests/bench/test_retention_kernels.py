@@ -22,6 +22,39 @@ def test_kernel_sequence_keeps_one_step_of_device_kernels_in_launch_order():
     assert bench.kernel_sequence(prof, 2) == [["_states_kernel", 40.0], ["_apply_kernel", 120.0]]
 
 
+def test_profile_reports_device_time_of_one_step(monkeypatch):
+    """gpu_ms_fwd_bwd sums one step's kernels (3 profiled steps of 40 + 120 us: 0.16 ms)."""
+    events = [
+        event(name, "CUDA", 1000 * i + j, us)
+        for i in range(3)
+        for j, (name, us) in enumerate([("a", 40.0), ("b", 120.0)])
+    ]
+    monkeypatch.setattr(bench.torch.profiler, "profile", lambda **kw: _Recorded(events))
+    monkeypatch.setattr(bench.torch.cuda, "synchronize", lambda: None)
+    out = bench.profile_kernels(lambda: None, steps=3)
+    assert out["gpu_ms_fwd_bwd"] == 0.16
+    assert out["kernels_fwd_bwd_us"] == [["a", 40.0], ["b", 120.0]]
+
+
+class _Recorded:
+    """A stand-in torch.profiler.profile that holds the given events."""
+
+    def __init__(self, events):
+        self._events = events
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        return False
+
+    def events(self):
+        return self._events
+
+    def key_averages(self):
+        return []
+
+
 def test_table_shows_results_and_errors(capsys):
     bench.print_table(
         [
