@@ -91,7 +91,7 @@ def layer_bytes_per_token(
     }
 
 
-def main(argv=None):
+def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument(
         "--preset", default="1.3b", help="configs/model/<preset>.yaml; the Transformer uses transformer_<preset>"
@@ -108,6 +108,11 @@ def main(argv=None):
     p.add_argument("--backend", default="auto", help="RetNet retention backend")
     p.add_argument("--doc-len", type=int, default=0, help="mean document length for doc_starts (0: none)")
     p.add_argument("--cpu", action="store_true", help="run on CPU (bf16 as on GPU)")
+    return p
+
+
+def main(argv=None):
+    p = build_parser()
     args = p.parse_args(argv)
     if args.activation_memory_budget != 1.0 and not args.compile:
         p.error("--activation-memory-budget needs --compile")
@@ -126,22 +131,22 @@ def main(argv=None):
             activation_memory_budget=args.activation_memory_budget,
             doc_len=args.doc_len,
         )
-        print(
-            json.dumps(
-                {
-                    "model": name,
-                    "overrides": overrides,
-                    "preset": args.preset,
-                    "seq_len": args.seq_len,
-                    "micro_batch": args.micro_batch,
-                    "compile": args.compile,
-                    "activation_memory_budget": args.activation_memory_budget,
-                    "bytes_per_token_per_layer": round(r["bytes_per_token"], 1),
-                    "bytes_per_token_by_tensor": r["tensors"][:16],
-                }
-            ),
-            flush=True,
-        )
+        print(json.dumps(report_row(name, overrides, args, r)), flush=True)
+
+
+def report_row(name: str, overrides: dict, args, measured: dict) -> dict:
+    """One model's printed line: the run's settings, then its layer's kept bytes per token (16 largest tensors)."""
+    return {
+        "model": name,
+        "overrides": overrides,
+        "preset": args.preset,
+        "seq_len": args.seq_len,
+        "micro_batch": args.micro_batch,
+        "compile": args.compile,
+        "activation_memory_budget": args.activation_memory_budget,
+        "bytes_per_token_per_layer": round(measured["bytes_per_token"], 1),
+        "bytes_per_token_by_tensor": measured["tensors"][:16],
+    }
 
 
 if __name__ == "__main__":

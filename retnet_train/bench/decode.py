@@ -245,11 +245,20 @@ def run(model, args, batch: int, prompt_len: int, cuda_graph: bool) -> dict:
             args.prefill_piece,
         )
     except torch.cuda.OutOfMemoryError as e:
-        return {"arch": model.config.arch, "batch": batch, "prompt_len": prompt_len, "oom": str(e).split("\n")[0][:200]}
+        return _oom_row(model.config.arch, batch, prompt_len, e)
     finally:
-        gc.collect()
-        if torch.device(args.device).type == "cuda":
-            torch.cuda.empty_cache()
+        _free_memory(args.device)
+
+
+def _oom_row(arch: str, batch: int, prompt_len: int, error: Exception) -> dict:
+    """The row of a batch that did not fit: the error's first line."""
+    return {"arch": arch, "batch": batch, "prompt_len": prompt_len, "oom": str(error).split("\n")[0][:200]}
+
+
+def _free_memory(device: str) -> None:
+    gc.collect()
+    if torch.device(device).type == "cuda":
+        torch.cuda.empty_cache()
 
 
 def speedup_rows(rows: list, batches: list, prompt_len: int) -> list:
@@ -316,14 +325,43 @@ def parse_args(argv=None):
 
 def main(argv=None) -> int:
     args = parse_args(argv)
+    batches = batch_sizes(args)
+    cuda_graph = not args.no_cuda_graph and torch.device(args.device).type == "cuda"
+    references = hf_references(args)
+    dtype = getattr(torch, args.dtype)
+    rows = []
+
+    def emit(row):
+        rows.append(row)
+        print(json.dumps(row), flush=True)
+
+    for preset in [args.preset] + ([args.baseline] if args.baseline else []):
+        bench_preset(preset, args, batches, dtype, cuda_graph, emit)
+    for _, arch, preset in references:
+        bench_reference(arch, preset, args, batches, dtype, emit)
+    for row in speedup_rows(rows, batches, args.prompt_len):
+        emit(row)
+    if args.output:
+        with open(args.output, "w") as f:
+            f.writelines(json.dumps(r) + "\n" for r in rows)
+    return 0
+
+
+def batch_sizes(args) -> list:
+    """--batch-sizes as integers, with --prompt-len and --new-tokens checked to be >= 1."""
     try:
         batches = [int(b) for b in args.batch_sizes.split(",")]
     except ValueError:
         raise SystemExit(f"error: --batch-sizes: expected comma-separated integers, got {args.batch_sizes!r}") from None
     if any(b < 1 for b in batches) or args.prompt_len < 1 or args.new_tokens < 1:
         raise SystemExit("error: --batch-sizes, --prompt-len and --new-tokens must be >= 1")
-    cuda_graph = not args.no_cuda_graph and torch.device(args.device).type == "cuda"
-    references = []  # (flag, arch, preset) of each Hugging Face generate reference asked for
+    return batches
+
+
+def hf_references(args) -> list:
+    """(flag, arch, preset) of each Hugging Face generate reference asked for; each needs a CUDA device
+    and two new tokens at least (its decode time is a generate's minus a 1-token one)."""
+    references = []
     if args.fla_reference:
         references.append(("--fla-reference", "fla_retnet_hf_generate", args.preset))
     if args.hf_llama_reference:
@@ -333,51 +371,30 @@ def main(argv=None) -> int:
             raise SystemExit(f"error: {flag} needs a CUDA device")
         if args.new_tokens < 2:
             raise SystemExit(f"error: {flag} needs --new-tokens >= 2")
-    dtype = getattr(torch, args.dtype)
-    rows = []
+    return references
 
-    def emit(row):
-        rows.append(row)
-        print(json.dumps(row), flush=True)
 
-    for preset in [args.preset] + ([args.baseline] if args.baseline else []):
-        model = build(preset, args.device, dtype)
-        for b in batches:
-            emit({"preset": preset, **run(model, args, b, args.prompt_len, cuda_graph)})
-        if args.check_prompt_len and model.config.arch == "retnet":
-            emit({"preset": preset, **run(model, args, max(batches), args.check_prompt_len, cuda_graph)})
-        del model
-        gc.collect()
-        if torch.device(args.device).type == "cuda":
-            torch.cuda.empty_cache()
-    for _, arch, preset in references:
-        cfg = load_preset(preset)
-        for b in batches:
-            try:
-                emit(
-                    {
-                        "preset": preset,
-                        **bench_hf_generate(arch, cfg, b, args.prompt_len, args.new_tokens, args.device, dtype),
-                    }
-                )
-            except torch.cuda.OutOfMemoryError as e:
-                emit(
-                    {
-                        "preset": preset,
-                        "arch": arch,
-                        "batch": b,
-                        "prompt_len": args.prompt_len,
-                        "oom": str(e).split("\n")[0][:200],
-                    }
-                )
-            gc.collect()
-            torch.cuda.empty_cache()
-    for row in speedup_rows(rows, batches, args.prompt_len):
-        emit(row)
-    if args.output:
-        with open(args.output, "w") as f:
-            f.writelines(json.dumps(r) + "\n" for r in rows)
-    return 0
+def bench_preset(preset: str, args, batches: list, dtype: torch.dtype, cuda_graph: bool, emit) -> None:
+    """Our model of `preset` at each batch size (RetNet also at --check-prompt-len, the largest batch)."""
+    model = build(preset, args.device, dtype)
+    for b in batches:
+        emit({"preset": preset, **run(model, args, b, args.prompt_len, cuda_graph)})
+    if args.check_prompt_len and model.config.arch == "retnet":
+        emit({"preset": preset, **run(model, args, max(batches), args.check_prompt_len, cuda_graph)})
+    del model
+    _free_memory(args.device)
+
+
+def bench_reference(arch: str, preset: str, args, batches: list, dtype: torch.dtype, emit) -> None:
+    """A Hugging Face generate reference at `preset`'s size, at each batch size."""
+    cfg = load_preset(preset)
+    for b in batches:
+        try:
+            row = bench_hf_generate(arch, cfg, b, args.prompt_len, args.new_tokens, args.device, dtype)
+            emit({"preset": preset, **row})
+        except torch.cuda.OutOfMemoryError as e:
+            emit({"preset": preset, **_oom_row(arch, b, args.prompt_len, e)})
+        _free_memory(args.device)
 
 
 if __name__ == "__main__":

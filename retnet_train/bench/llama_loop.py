@@ -60,24 +60,53 @@ def make_optimizer(cfg, model, device):
 def train_llama(cfg) -> int:
     """Train the Llama for cfg.train.max_steps, logging to cfg.run.dir/metrics.jsonl as the trainer
     does; returns its parameter count."""
-    from omegaconf import OmegaConf
-
     from ..components.config import grad_accumulation
     from ..components.distributed import pick_device
     from ..components.loaders import build_loaders
-    from ..components.metrics import MetricsLogger, Throughput, peak_memory_gib
+    from ..components.metrics import Throughput
 
+    check_precision(cfg)
+    device = pick_device(cfg.train.device)
+    accum = grad_accumulation(cfg, 1)
+    model = build_llama(cfg, device)
+    loss_of = make_loss_fn(cfg, model, device)
+    optimizer, schedule = make_optimizer(cfg, model, device)
+    loader, val_loader = build_loaders(cfg, model.config.vocab_size, 0, 1)  # the trainer's, one rank
+    logger = open_logger(cfg)
+    tokens_per_step = accum * cfg.train.micro_batch_size * cfg.data.seq_len
+    throughput = Throughput(0)
+    clip = cfg.optim.grad_clip if cfg.optim.grad_clip > 0 else math.inf
+    model.train()
+    for step in range(1, cfg.train.max_steps + 1):
+        losses = accumulate_gradients(loss_of, loader, accum)
+        grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), clip)
+        optimizer.step()
+        schedule.step()
+        optimizer.zero_grad(set_to_none=True)
+        tokens_seen = step * tokens_per_step
+        last = step == cfg.train.max_steps
+        if step % cfg.train.log_interval == 0 or last:
+            logger.log(step_metrics(step, losses, schedule, grad_norm, throughput, device, tokens_seen))
+        if step % cfg.train.eval_interval == 0 or last:
+            with throughput.paused():
+                val = validation_loss(model, loss_of, val_loader, cfg.train.eval_batches)
+            logger.log({"step": step, "val_loss": val, "val_ppl": math.exp(min(val, 50.0))})
+    logger.close()
+    return sum(p.numel() for p in model.parameters())
+
+
+def check_precision(cfg) -> None:
     if cfg.deepspeed.precision not in ("bf16", "bf16-mixed", "fp32"):
         raise ValueError(
             f"llama: deepspeed.precision={cfg.deepspeed.precision}: the plain loop runs fp32 or autocast bf16 "
             "(bf16, bf16-mixed)"
         )
-    device = pick_device(cfg.train.device)
-    accum = grad_accumulation(cfg, 1)
-    model = build_llama(cfg, device)
+
+
+def make_loss_fn(cfg, model, device):
+    """loss_of(batch): the mean token cross-entropy of a micro-batch, the forward compiled if the config
+    says so and under bf16 autocast unless the precision is fp32."""
     step_fn = torch.compile(model) if cfg.train.compile else model
-    optimizer, schedule = make_optimizer(cfg, model, device)
-    loader, val_loader = build_loaders(cfg, model.config.vocab_size, 0, 1)  # the trainer's, one rank
     autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=cfg.deepspeed.precision != "fp32")
 
     def loss_of(batch):
@@ -85,42 +114,44 @@ def train_llama(cfg) -> int:
             logits = step_fn(input_ids=batch["input_ids"].to(device)).logits
         return F.cross_entropy(logits.float().flatten(0, 1), batch["labels"].to(device).flatten(), ignore_index=-100)
 
+    return loss_of
+
+
+def open_logger(cfg):
+    """The trainer's metrics logger in cfg.run.dir (created), with the resolved config."""
+    from omegaconf import OmegaConf
+
+    from ..components.metrics import MetricsLogger
+
     os.makedirs(cfg.run.dir, exist_ok=True)
     resolved = OmegaConf.to_container(OmegaConf.structured(cfg), resolve=True)
-    logger = MetricsLogger(cfg.run.dir, True, cfg.wandb, resolved, None)
-    tokens_per_step = accum * cfg.train.micro_batch_size * cfg.data.seq_len
-    throughput, tokens_seen = Throughput(0), 0
-    clip = cfg.optim.grad_clip if cfg.optim.grad_clip > 0 else math.inf
-    model.train()
-    for step in range(1, cfg.train.max_steps + 1):
-        losses = []
-        for _ in range(accum):
-            loss = loss_of(next(loader))
-            (loss / accum).backward()
-            losses.append(loss.detach())
-        grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), clip)
-        optimizer.step()
-        schedule.step()
-        optimizer.zero_grad(set_to_none=True)
-        tokens_seen += tokens_per_step
-        if step % cfg.train.log_interval == 0 or step == cfg.train.max_steps:
-            logger.log(
-                {
-                    "step": step,
-                    "loss": torch.stack(losses).mean().item(),
-                    "lr": schedule.get_last_lr()[0],
-                    "grad_norm": float(grad_norm),
-                    "tokens_per_s": throughput.rate(tokens_seen),
-                    "peak_mem_gib": peak_memory_gib(device),
-                    "tokens_seen": tokens_seen,
-                }
-            )
-        if step % cfg.train.eval_interval == 0 or step == cfg.train.max_steps:
-            with throughput.paused():
-                val = validation_loss(model, loss_of, val_loader, cfg.train.eval_batches)
-            logger.log({"step": step, "val_loss": val, "val_ppl": math.exp(min(val, 50.0))})
-    logger.close()
-    return sum(p.numel() for p in model.parameters())
+    return MetricsLogger(cfg.run.dir, True, cfg.wandb, resolved, None)
+
+
+def accumulate_gradients(loss_of, loader, accum: int) -> list:
+    """Forward and backward over `accum` micro-batches (each loss scaled by 1/accum); their losses."""
+    losses = []
+    for _ in range(accum):
+        loss = loss_of(next(loader))
+        (loss / accum).backward()
+        losses.append(loss.detach())
+    return losses
+
+
+def step_metrics(step: int, losses: list, schedule, grad_norm, throughput, device, tokens_seen: int) -> dict:
+    """One optimizer step's record, with the trainer's keys in its order (the rate is taken after the
+    loss's host sync, so the interval holds the step's device work)."""
+    from ..components.metrics import peak_memory_gib
+
+    return {
+        "step": step,
+        "loss": torch.stack(losses).mean().item(),
+        "lr": schedule.get_last_lr()[0],
+        "grad_norm": float(grad_norm),
+        "tokens_per_s": throughput.rate(tokens_seen),
+        "peak_mem_gib": peak_memory_gib(device),
+        "tokens_seen": tokens_seen,
+    }
 
 
 @torch.no_grad()

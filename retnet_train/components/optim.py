@@ -128,6 +128,24 @@ def deepspeed_config(cfg: TrainConfig, grad_accum: int, world_size: int, load_un
     load_universal: the checkpoint to resume was converted to DeepSpeed's universal format
     (another world size or ZeRO stage; components/reshard.py)."""
     ds = cfg.deepspeed
+    config = {
+        "train_micro_batch_size_per_gpu": cfg.train.micro_batch_size,
+        "gradient_accumulation_steps": grad_accum,
+        "gradient_clipping": 0.0 if uses_guarded_adamw(cfg) else cfg.optim.grad_clip,  # GuardedAdamW clips
+        "bf16": {"enabled": ds.precision == "bf16"},
+        "fp16": {"enabled": ds.precision == "fp16", "loss_scale": 0, "initial_scale_power": 16},
+        "zero_optimization": zero_config(ds, world_size),
+        "steps_per_print": 10**12,  # we log ourselves
+        "wall_clock_breakdown": False,
+    }
+    config.update(precision_options(ds))
+    if load_universal:
+        config["checkpoint"] = {"load_universal": True}
+    return config
+
+
+def zero_config(ds, world_size: int) -> dict:
+    """deepspeed.* as DeepSpeed's zero_optimization section."""
     zero = {"stage": ds.zero_stage}
     if ds.zero_stage >= 1:
         zero.update(
@@ -138,44 +156,44 @@ def deepspeed_config(cfg: TrainConfig, grad_accum: int, world_size: int, load_un
         )
     if ds.zero_stage == 3:
         zero.pop("allgather_bucket_size")
-        zero["stage3_prefetch_bucket_size"] = ds.allgather_bucket_size
-        # Gather each block's parameters at once when it runs ("leaf" modules, FSDP's per-block
-        # unit), not per Linear and norm: per-submodule hooks would sit inside the compiled blocks,
-        # break the graph at every submodule, and past Dynamo's recompile limit leave the later
-        # layers uncompiled.
-        zero["leaf_module"] = {"classes": block_classes()}
-        # DeepSpeed's own Linear (patched into F.linear for the whole process) reads each weight's
-        # ds_id, which Dynamo (torch 2.11) guards on: every layer would recompile its block until the
-        # recompile limit leaves later layers uncompiled. DeepSpeed turns it off under its own
-        # compile too; it only saves memory under autocast, which the trainer does not use.
-        zero["memory_efficient_linear"] = False
+        zero.update(zero3_options(ds))
     if ds.offload_optimizer:
         zero["offload_optimizer"] = {"device": "cpu", "pin_memory": True}
     if ds.offload_param:
         zero["offload_param"] = {"device": "cpu", "pin_memory": True}
-    config = {
-        "train_micro_batch_size_per_gpu": cfg.train.micro_batch_size,
-        "gradient_accumulation_steps": grad_accum,
-        "gradient_clipping": 0.0 if uses_guarded_adamw(cfg) else cfg.optim.grad_clip,  # GuardedAdamW clips
-        "bf16": {"enabled": ds.precision == "bf16"},
-        "fp16": {"enabled": ds.precision == "fp16", "loss_scale": 0, "initial_scale_power": 16},
-        "zero_optimization": zero,
-        "steps_per_print": 10**12,  # we log ourselves
-        "wall_clock_breakdown": False,
+    return zero
+
+
+def zero3_options(ds) -> dict:
+    return {
+        "stage3_prefetch_bucket_size": ds.allgather_bucket_size,
+        # Gather each block's parameters at once when it runs ("leaf" modules, FSDP's per-block
+        # unit), not per Linear and norm: per-submodule hooks would sit inside the compiled blocks,
+        # break the graph at every submodule, and past Dynamo's recompile limit leave the later
+        # layers uncompiled.
+        "leaf_module": {"classes": block_classes()},
+        # DeepSpeed's own Linear (patched into F.linear for the whole process) reads each weight's
+        # ds_id, which Dynamo (torch 2.11) guards on: every layer would recompile its block until the
+        # recompile limit leaves later layers uncompiled. DeepSpeed turns it off under its own
+        # compile too; it only saves memory under autocast, which the trainer does not use.
+        "memory_efficient_linear": False,
     }
+
+
+def precision_options(ds) -> dict:
+    """The config's autocast, gradient-accumulation dtype and communication dtype keys, where set."""
+    out = {}
     if ds.precision == "bf16-mixed":
         # fp32 weights and gradients, the forward under torch.autocast(bf16) as in a plain AMP loop. No
         # module is "lower precision safe": gradients are reduced in fp32, as DDP reduces an AMP loop's.
-        config["torch_autocast"] = {"enabled": True, "dtype": "bfloat16", "lower_precision_safe_modules": []}
+        out["torch_autocast"] = {"enabled": True, "dtype": "bfloat16", "lower_precision_safe_modules": []}
     if ds.grad_accum_dtype is not None:
-        config["data_types"] = {"grad_accum_dtype": ds.grad_accum_dtype}
+        out["data_types"] = {"grad_accum_dtype": ds.grad_accum_dtype}
     if ds.grad_accum_dtype == "fp32":
         # BF16_Optimizer all-reduces its fp32 sum after the last backward in this dtype, by default the
         # weights' (bf16): a round trip that would round the sum to bf16 even on one rank
-        config["communication_data_type"] = "fp32"
-    if load_universal:
-        config["checkpoint"] = {"load_universal": True}
-    return config
+        out["communication_data_type"] = "fp32"
+    return out
 
 
 def global_grad_norm(engine) -> Optional[float]:

@@ -139,47 +139,12 @@ def _int(d: dict, key: str, path: Path, minimum: int = 0) -> int:
 
 def parse_manifest(data: Any, directory: Path) -> Manifest:
     path = directory / MANIFEST_NAME
-    _require(isinstance(data, dict), path, "top level is not a JSON object")
-    _require(
-        data.get("format") == FORMAT_NAME, path, f"key 'format' is {data.get('format')!r}, expected {FORMAT_NAME!r}"
-    )
-    _require(
-        data.get("format_version") == FORMAT_VERSION,
-        path,
-        f"format_version {data.get('format_version')!r} is not supported (this reader knows {FORMAT_VERSION})",
-    )
-    tok = data.get("tokenizer")
-    _require(isinstance(tok, dict), path, "key 'tokenizer' missing or not an object")
-    sha = tok.get("sha256")
-    _require(isinstance(sha, str) and len(sha) == 64, path, "key 'tokenizer.sha256' is not a sha256 hex digest")
-    vocab_size = _int(tok, "vocab_size", path, 1)
-    ids = {k: tok.get(k, -1) for k in ("eos_id", "bos_id", "pad_id", "unk_id")}
-    _require(
-        isinstance(ids["eos_id"], int) and 0 <= ids["eos_id"] < vocab_size,
-        path,
-        f"key 'tokenizer.eos_id' must be an id below vocab_size {vocab_size}, got {ids['eos_id']!r}",
-    )
+    _check_format(data, path)
+    sha, vocab_size, ids = _parse_tokenizer(data.get("tokenizer"), path)
     dtype = data.get("dtype")
     _require(dtype in DTYPES, path, f"key 'dtype' is {dtype!r}, expected one of {sorted(DTYPES)}")
     _require(vocab_size <= np.iinfo(DTYPES[dtype]).max + 1, path, f"vocab_size {vocab_size} does not fit dtype {dtype}")
-    splits_raw = data.get("splits")
-    _require(isinstance(splits_raw, dict) and "train" in splits_raw, path, "key 'splits' missing or has no 'train'")
-    splits = {}
-    listed: dict[str, str] = {}  # file -> where it is listed: a file listed twice is read twice (or in both splits)
-    for name, raw in splits_raw.items():
-        _require(name in SPLITS and isinstance(raw, dict), path, f"split {name!r} is not one of {SPLITS}")
-        shards = []
-        for i, s in enumerate(raw.get("shards", [])):
-            where = f"splits.{name}.shards[{i}]"
-            _require(isinstance(s, dict) and isinstance(s.get("file"), str), path, f"{where}.file missing")
-            _require(os.sep not in s["file"] and "/" not in s["file"], path, f"{where}.file must be a plain file name")
-            _require(isinstance(s.get("sha256"), str) and len(s["sha256"]) == 64, path, f"{where}.sha256 missing")
-            _require(s["file"] not in listed, path, f"{where}.file {s['file']!r} is also {listed.get(s['file'])}")
-            listed[s["file"]] = where
-            shards.append(ShardInfo(s["file"], _int(s, "tokens", path, 1), _int(s, "documents", path), s["sha256"]))
-        split = SplitInfo(_int(raw, "tokens", path), _int(raw, "documents", path), tuple(shards))
-        _require(split.tokens == sum(s.tokens for s in shards), path, f"splits.{name}.tokens != sum of its shards")
-        splits[name] = split
+    splits = _parse_splits(data.get("splits"), path)
     known = {"format", "format_version", "tokenizer", "dtype", "shard_tokens", "splits"}
     return Manifest(
         directory=directory,
@@ -191,6 +156,59 @@ def parse_manifest(data: Any, directory: Path) -> Manifest:
         extra={k: v for k, v in data.items() if k not in known},
         **ids,
     )
+
+
+def _check_format(data: Any, path: Path) -> None:
+    _require(isinstance(data, dict), path, "top level is not a JSON object")
+    _require(
+        data.get("format") == FORMAT_NAME, path, f"key 'format' is {data.get('format')!r}, expected {FORMAT_NAME!r}"
+    )
+    _require(
+        data.get("format_version") == FORMAT_VERSION,
+        path,
+        f"format_version {data.get('format_version')!r} is not supported (this reader knows {FORMAT_VERSION})",
+    )
+
+
+def _parse_tokenizer(tok: Any, path: Path) -> tuple[str, int, dict[str, Any]]:
+    """The tokenizer section: (sha256, vocab size, {eos_id, bos_id, pad_id, unk_id}; -1 where absent)."""
+    _require(isinstance(tok, dict), path, "key 'tokenizer' missing or not an object")
+    sha = tok.get("sha256")
+    _require(isinstance(sha, str) and len(sha) == 64, path, "key 'tokenizer.sha256' is not a sha256 hex digest")
+    vocab_size = _int(tok, "vocab_size", path, 1)
+    ids = {k: tok.get(k, -1) for k in ("eos_id", "bos_id", "pad_id", "unk_id")}
+    _require(
+        isinstance(ids["eos_id"], int) and 0 <= ids["eos_id"] < vocab_size,
+        path,
+        f"key 'tokenizer.eos_id' must be an id below vocab_size {vocab_size}, got {ids['eos_id']!r}",
+    )
+    return sha, vocab_size, ids
+
+
+def _parse_splits(splits_raw: Any, path: Path) -> dict[str, SplitInfo]:
+    _require(isinstance(splits_raw, dict) and "train" in splits_raw, path, "key 'splits' missing or has no 'train'")
+    listed: dict[str, str] = {}  # file -> where it is listed: a file listed twice is read twice (or in both splits)
+    return {name: _parse_split(name, raw, path, listed) for name, raw in splits_raw.items()}
+
+
+def _parse_split(name: str, raw: Any, path: Path, listed: dict[str, str]) -> SplitInfo:
+    _require(name in SPLITS and isinstance(raw, dict), path, f"split {name!r} is not one of {SPLITS}")
+    shards = tuple(
+        _parse_shard(s, f"splits.{name}.shards[{i}]", path, listed) for i, s in enumerate(raw.get("shards", []))
+    )
+    split = SplitInfo(_int(raw, "tokens", path), _int(raw, "documents", path), shards)
+    _require(split.tokens == sum(s.tokens for s in shards), path, f"splits.{name}.tokens != sum of its shards")
+    return split
+
+
+def _parse_shard(s: Any, where: str, path: Path, listed: dict[str, str]) -> ShardInfo:
+    """One shard entry; `listed` (file -> where) gains it, and refuses a file listed before."""
+    _require(isinstance(s, dict) and isinstance(s.get("file"), str), path, f"{where}.file missing")
+    _require(os.sep not in s["file"] and "/" not in s["file"], path, f"{where}.file must be a plain file name")
+    _require(isinstance(s.get("sha256"), str) and len(s["sha256"]) == 64, path, f"{where}.sha256 missing")
+    _require(s["file"] not in listed, path, f"{where}.file {s['file']!r} is also {listed.get(s['file'])}")
+    listed[s["file"]] = where
+    return ShardInfo(s["file"], _int(s, "tokens", path, 1), _int(s, "documents", path), s["sha256"])
 
 
 def read_manifest(directory: str | os.PathLike) -> Manifest:

@@ -13,6 +13,7 @@ import os
 import secrets
 import socket
 import time
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
 
@@ -45,65 +46,106 @@ def _wait(pred: Callable[[], bool], timeout: float, poll: float = 0.2) -> bool:
         time.sleep(poll)
 
 
+NODE_LOCAL_HINT = (
+    "is it node-local storage (/tmp, local NVMe, a per-node mount)? Checkpoints must be on a filesystem all nodes mount"
+)
+
+
+@dataclass(frozen=True)
+class _Handshake:
+    """The handshake's files in <checkpoint dir>/.preflight for one --shared-id."""
+
+    directory: Path
+    shared_id: str
+
+    @property
+    def marker(self) -> Path:
+        return self.directory / f"{self.shared_id}.marker"
+
+    @property
+    def done(self) -> Path:
+        return self.directory / f"{self.shared_id}.done"
+
+    def ack(self, rank: int) -> Path:
+        return self.directory / f"{self.shared_id}.ack-{rank}"
+
+
 def check_shared(rep: Report, ckpt: Path, *, shared_id: str, node_rank: int, nnodes: int, timeout: float) -> None:
     """Marker handshake through the checkpoint dir (see the module docstring)."""
     if nnodes == 1:
         rep.ok("checkpoint dir sharing: single node, not needed")
         return
-    d = ckpt / ".preflight"
-    d.mkdir(parents=True, exist_ok=True)
-    marker, done = d / f"{shared_id}.marker", d / f"{shared_id}.done"
-    ack = lambda r: d / f"{shared_id}.ack-{r}"  # noqa: E731
-    hint = (
-        "is it node-local storage (/tmp, local NVMe, a per-node mount)? "
-        "Checkpoints must be on a filesystem all nodes mount"
-    )
+    files = _Handshake(ckpt / ".preflight", shared_id)
+    files.directory.mkdir(parents=True, exist_ok=True)
     if node_rank == 0:
-        for stale in [marker, done, *(ack(r) for r in range(1, nnodes))]:
-            stale.unlink(missing_ok=True)
-        nonce = secrets.token_hex(8)
-        _write_atomic(marker, json.dumps({"nonce": nonce, "host": socket.gethostname()}))
-        have = lambda: [r for r in range(1, nnodes) if (_read(ack(r)) or "").strip() == nonce]  # noqa: E731
-        if not _wait(lambda: len(have()) == nnodes - 1, timeout):
-            missing = sorted(set(range(1, nnodes)) - set(have()))
-            rep.fail(
-                f"checkpoint dir {ckpt} is not shared: node(s) {missing} did not acknowledge node 0's marker "
-                f"{marker} within {timeout:g}s; {hint} (or did those nodes not start the preflight?)"
-            )
-            marker.unlink(missing_ok=True)
-            return
-        _write_atomic(done, nonce)
-        # The others delete their acks once they have seen `done`; then nothing is left behind.
-        _wait(lambda: not any(ack(r).exists() for r in range(1, nnodes)), timeout)
-        marker.unlink(missing_ok=True)
-        done.unlink(missing_ok=True)
-        try:
-            d.rmdir()  # only when empty: another launch may be using it
-        except OSError:
-            pass
-        rep.ok(f"checkpoint dir {ckpt} is shared by all {nnodes} nodes")
+        _lead(rep, ckpt, files, nnodes, timeout)
+    else:
+        _follow(rep, ckpt, files, node_rank, timeout)
+
+
+def _lead(rep: Report, ckpt: Path, files: _Handshake, nnodes: int, timeout: float) -> None:
+    """Node 0: write the marker, wait for every other node's ack of it, write done, then clean up."""
+    others = range(1, nnodes)
+    for stale in [files.marker, files.done, *(files.ack(r) for r in others)]:
+        stale.unlink(missing_ok=True)
+    nonce = secrets.token_hex(8)
+    _write_atomic(files.marker, json.dumps({"nonce": nonce, "host": socket.gethostname()}))
+    have = lambda: [r for r in others if (_read(files.ack(r)) or "").strip() == nonce]  # noqa: E731
+    if not _wait(lambda: len(have()) == nnodes - 1, timeout):
+        missing = sorted(set(others) - set(have()))
+        rep.fail(
+            f"checkpoint dir {ckpt} is not shared: node(s) {missing} did not acknowledge node 0's marker "
+            f"{files.marker} within {timeout:g}s; {NODE_LOCAL_HINT} (or did those nodes not start the preflight?)"
+        )
+        files.marker.unlink(missing_ok=True)
         return
+    _write_atomic(files.done, nonce)
+    _clean_up(files, others, timeout)
+    rep.ok(f"checkpoint dir {ckpt} is shared by all {nnodes} nodes")
+
+
+def _clean_up(files: _Handshake, others: range, timeout: float) -> None:
+    # The others delete their acks once they have seen `done`; then nothing is left behind.
+    _wait(lambda: not any(files.ack(r).exists() for r in others), timeout)
+    files.marker.unlink(missing_ok=True)
+    files.done.unlink(missing_ok=True)
+    try:
+        files.directory.rmdir()  # only when empty: another launch may be using it
+    except OSError:
+        pass
+
+
+def _follow(rep: Report, ckpt: Path, files: _Handshake, node_rank: int, timeout: float) -> None:
+    """Every other node: ack each new marker's nonce until node 0's done file holds the acked one."""
     acked = {"nonce": None}
 
     def step() -> bool:
-        text = _read(marker)
-        if text:
-            try:
-                nonce = json.loads(text)["nonce"]
-            except (ValueError, KeyError, TypeError):
-                nonce = None
-            if nonce and nonce != acked["nonce"]:
-                _write_atomic(ack(node_rank), nonce)
-                acked["nonce"] = nonce
-        return acked["nonce"] is not None and (_read(done) or "").strip() == acked["nonce"]
+        nonce = _marker_nonce(files.marker)
+        if nonce and nonce != acked["nonce"]:
+            _write_atomic(files.ack(node_rank), nonce)
+            acked["nonce"] = nonce
+        return acked["nonce"] is not None and (_read(files.done) or "").strip() == acked["nonce"]
 
     if not _wait(step, timeout):
         seen = (
             "saw node 0's marker but not its completion"
             if acked["nonce"]
-            else f"node 0's marker {marker} never appeared"
+            else f"node 0's marker {files.marker} never appeared"
         )
-        rep.fail(f"checkpoint dir {ckpt} is not shared (node {node_rank}): {seen} within {timeout:g}s; {hint}")
+        rep.fail(
+            f"checkpoint dir {ckpt} is not shared (node {node_rank}): {seen} within {timeout:g}s; {NODE_LOCAL_HINT}"
+        )
         return
-    ack(node_rank).unlink(missing_ok=True)
+    files.ack(node_rank).unlink(missing_ok=True)
     rep.ok(f"checkpoint dir {ckpt} is shared with node 0")
+
+
+def _marker_nonce(marker: Path) -> str | None:
+    """The nonce in node 0's marker; None while it is absent, empty or not yet readable JSON."""
+    text = _read(marker)
+    if not text:
+        return None
+    try:
+        return json.loads(text)["nonce"]
+    except (ValueError, KeyError, TypeError):
+        return None

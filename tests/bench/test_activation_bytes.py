@@ -1,14 +1,15 @@
 """Bytes a block keeps for backward per token: RetNet's block keeps no more than the Transformer's, at
 the 1.3B presets' ratios scaled to a tiny width (RetNet: 8 heads, value dim 2d, FFN 2d, chunk = key head
 dim as in retnet_1.3b_8k's 256/256; Transformer: 16 heads, FFN 4d), eager and compiled as the trainer
-compiles (parallelize, activation memory budget 0.8)."""
+compiles (parallelize, activation memory budget 0.8); the CLI prints those figures, one line per model."""
 
 import functools
+import json
 
 import pytest
 import torch
 
-from retnet_train.bench.activation_bytes import layer_bytes_per_token
+from retnet_train.bench.activation_bytes import layer_bytes_per_token, main
 from retnet_train.bench.presets import load_preset
 
 D = 128
@@ -42,3 +43,33 @@ def test_retnet_layer_keeps_no_more_than_a_transformer_layer_compiled(inductor_p
     transformer = per_layer(TRANSFORMER, compile=True, activation_memory_budget=0.8)
     assert retnet["bytes_per_token"] <= transformer["bytes_per_token"], (retnet, transformer)
     assert retnet["bytes_per_token"] < per_layer(RETNET)["bytes_per_token"]
+
+
+def test_cli_prints_one_line_per_model_on_cpu(capsys):
+    main(["--cpu", "--preset", "tiny", "--seq-len", "32", "--models", "retnet@chunk_size=16,transformer"])
+    rows = [json.loads(line) for line in capsys.readouterr().out.splitlines()]
+    assert [(r["model"], r["overrides"]) for r in rows] == [("retnet", {"chunk_size": 16}), ("transformer", {})]
+    retnet = layer_bytes_per_token(load_preset("tiny", chunk_size=16), 1, 32, torch.device("cpu"))
+    assert rows[0] == {
+        "model": "retnet",
+        "overrides": {"chunk_size": 16},
+        "preset": "tiny",
+        "seq_len": 32,
+        "micro_batch": 1,
+        "compile": False,
+        "activation_memory_budget": 1.0,
+        "bytes_per_token_per_layer": round(retnet["bytes_per_token"], 1),
+        "bytes_per_token_by_tensor": retnet["tensors"][:16],
+    }
+    assert rows[0]["bytes_per_token_per_layer"] > 0 and len(rows[0]["bytes_per_token_by_tensor"]) == 16
+
+
+def test_cli_refusals(capsys, monkeypatch):
+    with pytest.raises(SystemExit) as e:
+        main(["--cpu", "--preset", "tiny", "--activation-memory-budget", "0.5"])
+    assert e.value.code == 2 and "error: --activation-memory-budget needs --compile" in capsys.readouterr().err
+    with pytest.raises(SystemExit, match=r"^--models: fla's model is not measured here \(retnet, transformer\)$"):
+        main(["--cpu", "--preset", "tiny", "--models", "fla"])
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    with pytest.raises(SystemExit, match=r"^activation_bytes: no GPU \(--cpu: measure on CPU\)$"):
+        main(["--preset", "tiny"])

@@ -92,6 +92,44 @@ def test_bench_bad_arguments():
     for flag in ("--hf-llama-reference", "--fla-reference"):
         with pytest.raises(SystemExit, match=f"{flag} needs a CUDA device"):
             main([flag, "--device", "cpu", "--batch-sizes", "1"])
+        with pytest.raises(SystemExit, match=f"^error: {flag} needs --new-tokens >= 2$"):
+            main([flag, "--device", "cuda", "--batch-sizes", "1", "--new-tokens", "1"])
+
+
+def test_a_reference_that_does_not_fit_is_an_oom_row(monkeypatch, capsys):
+    """A Hugging Face reference out of memory at one batch size: its row says so (the error's first line)
+    and the run goes on; the speedup row names it. Our model's rows are stubbed (no GPU here)."""
+    from types import SimpleNamespace
+
+    import retnet_train.bench.decode as decode
+
+    def generate(arch, cfg, batch, *rest):
+        if batch == 2:
+            raise torch.cuda.OutOfMemoryError("CUDA out of memory. Tried to allocate 2 GiB\ndetails")
+        return {"arch": arch, "batch": batch, "prompt_len": 16, "tokens_per_s": 20.0}
+
+    monkeypatch.setattr(decode, "build", lambda *a: SimpleNamespace(config=SimpleNamespace(arch="retnet")))
+    monkeypatch.setattr(
+        decode, "run", lambda m, a, b, p, g: {"arch": "retnet", "batch": b, "prompt_len": p, "tokens_per_s": 40.0}
+    )
+    monkeypatch.setattr(decode, "bench_hf_generate", generate)
+    monkeypatch.setattr(torch.cuda, "empty_cache", lambda: None)
+    argv = ["--preset", "tiny", "--baseline", "", "--fla-reference", "--device", "cuda", "--batch-sizes", "1,2"]
+    assert main([*argv, "--prompt-len", "16", "--new-tokens", "4"]) == 0
+    rows = [json.loads(line) for line in capsys.readouterr().out.splitlines()]
+    ref = "fla_retnet_hf_generate"
+    assert rows[2:4] == [
+        {"preset": "tiny", "arch": ref, "batch": 1, "prompt_len": 16, "tokens_per_s": 20.0},
+        {
+            "preset": "tiny",
+            "arch": ref,
+            "batch": 2,
+            "prompt_len": 16,
+            "oom": "CUDA out of memory. Tried to allocate 2 GiB",
+        },
+    ]
+    assert [r.get("speedup_vs_fla_hf") for r in rows[4:]] == [2.0, None]
+    assert rows[5]["fla_hf_tokens_per_s"] == "oom"
 
 
 @pytest.mark.gpu

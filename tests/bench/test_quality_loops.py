@@ -132,3 +132,15 @@ def test_bf16_mixed_is_the_plain_loops_autocast(shards, tmp_path, zero_stage):
     ours, ref = run_both(shards, tmp_path, zero_stage, "bf16-mixed", seen)
     assert seen == {"dtypes": {torch.float32}, "autocast": True}
     compare(ours, ref, MIXED_LOSS_RTOL, MIXED_GRAD_NORM_RTOL)
+
+
+def test_plain_loop_refuses_fp16():
+    from types import SimpleNamespace
+
+    from retnet_train.bench.llama_loop import train_llama
+
+    with pytest.raises(ValueError) as e:
+        train_llama(SimpleNamespace(deepspeed=SimpleNamespace(precision="fp16")))
+    assert str(e.value) == (
+        "llama: deepspeed.precision=fp16: the plain loop runs fp32 or autocast bf16 (bf16, bf16-mixed)"
+    )

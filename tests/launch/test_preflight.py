@@ -260,6 +260,46 @@ def test_node_local_dir_fails_on_every_node(tmp_path):
     assert "node-local storage" in reports[1].failures[0]
 
 
+HINT = (
+    "is it node-local storage (/tmp, local NVMe, a per-node mount)? Checkpoints must be on a filesystem all nodes mount"
+)
+
+
+def test_node_local_dir_messages_and_what_is_left(tmp_path):
+    a, b = tmp_path / "node0-local", tmp_path / "node1-local"
+    a.mkdir(), b.mkdir()
+    reports = run_nodes([a, b], timeout=0.5)
+    assert reports[0].failures == [
+        f"checkpoint dir {a} is not shared: node(s) [1] did not acknowledge node 0's marker "
+        f"{a / '.preflight' / 'job1.marker'} within 0.5s; {HINT} (or did those nodes not start the preflight?)"
+    ]
+    assert reports[1].failures == [
+        f"checkpoint dir {b} is not shared (node 1): node 0's marker {b / '.preflight' / 'job1.marker'} "
+        f"never appeared within 0.5s; {HINT}"
+    ]
+    assert list((a / ".preflight").iterdir()) == []  # node 0 took its marker back
+
+
+def test_a_node_that_sees_the_marker_but_never_the_completion_fails(tmp_path):
+    d = tmp_path / ".preflight"
+    d.mkdir()
+    (d / "job1.marker").write_text(json.dumps({"nonce": "abc", "host": "x"}))
+    rep = pf.Report()
+    pf.check_shared(rep, tmp_path, shared_id="job1", node_rank=2, nnodes=3, timeout=0.5)
+    assert rep.failures == [
+        f"checkpoint dir {tmp_path} is not shared (node 2): saw node 0's marker but not its completion "
+        f"within 0.5s; {HINT}"
+    ]
+    assert (d / "job1.ack-2").read_text() == "abc"  # acknowledged, then waited in vain
+
+
+def test_one_node_needs_no_handshake(tmp_path):
+    rep = pf.Report()
+    pf.check_shared(rep, tmp_path, shared_id="job1", node_rank=0, nnodes=1, timeout=0.5)
+    assert rep.lines == [("ok", "checkpoint dir sharing: single node, not needed")]
+    assert list(tmp_path.iterdir()) == []
+
+
 def test_two_node_cli_through_the_shared_dir(tmp_path):
     procs = [
         subprocess.Popen(

@@ -83,61 +83,74 @@ def markdown_tables(seq_len: int = 8192, micro_batch: int = 1, hw: Hardware = Ha
     """The tables of docs/scaling.md."""
     out = []
     for arch in ("retnet", "transformer"):
-        out.append(f"### Peak memory per GPU, GiB ({arch}, seq {seq_len}, micro-batch {micro_batch}, 4M-token batch)\n")
-        modes = ("none", "selective", "full") if arch == "retnet" else ("none", "full")
-        out.append(
-            "Cells: ZeRO-0 / 1 / 2 / 3 for each activation-checkpointing mode (`train.activation_checkpointing`). "
-            "Accumulation steps = 512 / GPUs.\n"
-        )
-        out.append(
-            "| size | params | GPUs | "
-            + " | ".join(f"{m}: Z0 / Z1 / Z2 / Z3" for m in modes)
-            + " | activations "
-            + " / ".join(modes)
-            + " |"
-        )
-        out.append("|---|---|---|" + "---|" * (len(modes) + 1))
-        for size in SIZES:
-            cfg = load_preset(size if arch == "retnet" else f"transformer_{size}")
-            for n in GPU_COUNTS:
-                cells, acts = [], []
-                for ac in modes:
-                    rs = [estimate(cfg, n, seq_len, micro_batch, z, ac, hw=hw) for z in (0, 1, 2, 3)]
-                    cells.append(" / ".join(_fmt_gib(r["memory"]["peak"]) for r in rs))
-                    acts.append(_fmt_gib(rs[0]["memory"]["activations"]))
-                out.append(
-                    f"| {size} | {rs[0]['params'] / 1e9:.2f}B | {n} | " + " | ".join(cells) + f" | {' / '.join(acts)} |"
-                )
+        out += memory_table(arch, seq_len, micro_batch, hw)
         out.append("")
-    out.append(
-        f"### Communication per GPU per optimizer step (RetNet, seq {seq_len}, micro-batch {micro_batch}, 4M tokens)\n"
-    )
-    out.append(
+    out += communication_table(seq_len, micro_batch, hw)
+    return "\n".join(out)
+
+
+def memory_table(arch: str, seq_len: int, micro_batch: int, hw: Hardware) -> list:
+    """Peak memory per GPU of every size and GPU count under each ZeRO stage and checkpointing mode."""
+    modes = ("none", "selective", "full") if arch == "retnet" else ("none", "full")
+    out = [
+        f"### Peak memory per GPU, GiB ({arch}, seq {seq_len}, micro-batch {micro_batch}, 4M-token batch)\n",
+        "Cells: ZeRO-0 / 1 / 2 / 3 for each activation-checkpointing mode (`train.activation_checkpointing`). "
+        "Accumulation steps = 512 / GPUs.\n",
+        "| size | params | GPUs | "
+        + " | ".join(f"{m}: Z0 / Z1 / Z2 / Z3" for m in modes)
+        + " | activations "
+        + " / ".join(modes)
+        + " |",
+        "|---|---|---|" + "---|" * (len(modes) + 1),
+    ]
+    for size in SIZES:
+        cfg = load_preset(size if arch == "retnet" else f"transformer_{size}")
+        for n in GPU_COUNTS:
+            out.append(memory_row(cfg, size, n, modes, seq_len, micro_batch, hw))
+    return out
+
+
+def memory_row(cfg, size: str, gpus: int, modes: tuple, seq_len: int, micro_batch: int, hw: Hardware) -> str:
+    cells, acts = [], []
+    for ac in modes:
+        rs = [estimate(cfg, gpus, seq_len, micro_batch, z, ac, hw=hw) for z in (0, 1, 2, 3)]
+        cells.append(" / ".join(_fmt_gib(r["memory"]["peak"]) for r in rs))
+        acts.append(_fmt_gib(rs[0]["memory"]["activations"]))
+    return f"| {size} | {rs[0]['params'] / 1e9:.2f}B | {gpus} | " + " | ".join(cells) + f" | {' / '.join(acts)} |"
+
+
+def communication_table(seq_len: int, micro_batch: int, hw: Hardware) -> list:
+    """RetNet's bytes and seconds of communication per optimizer step under each ZeRO stage."""
+    out = [
+        f"### Communication per GPU per optimizer step (RetNet, seq {seq_len}, micro-batch {micro_batch}, 4M tokens)\n",
         f"GB sent per GPU / seconds at {hw.ib_gbit_per_gpu:.0f} Gb/s x {hw.efficiency} per GPU; compute at "
         f"{hw.utilization:.0%} of {hw.peak_flops / 1e12:.0f} TFLOP/s, no activation checkpointing "
-        "(AC adds 1/3 to compute, nothing to communication).\n"
-    )
-    out.append(
+        "(AC adds 1/3 to compute, nothing to communication).\n",
         "| size | GPUs | accum | compute s | Z0/Z1 GB, s | Z2 GB, s | Z3 GB, s | exposed comm s Z0 / Z1 / Z2 / Z3 "
-        "| Z3 comm / compute |"
-    )
-    out.append("|---|---|---|---|---|---|---|---|---|")
+        "| Z3 comm / compute |",
+        "|---|---|---|---|---|---|---|---|---|",
+    ]
     for size in SIZES:
         cfg = load_preset(size)
         for n in GPU_COUNTS:
             rs = [estimate(cfg, n, seq_len, micro_batch, z, False, hw=hw) for z in (0, 1, 2, 3)]
+            out.append(communication_row(size, n, rs))
+    return out
 
-            def gs(r):
-                return f"{r['comm']['bytes'] / 1e9:.1f}, {r['comm']['seconds']:.2f}"
 
-            out.append(
-                f"| {size} | {n} | {rs[0]['grad_accum']} | {rs[0]['compute']['seconds']:.2f} | "
-                f"{gs(rs[1])} | {gs(rs[2])} | "
-                f"{gs(rs[3])} | "
-                + " / ".join(f"{r['comm']['exposed_seconds']:.2f}" for r in rs)
-                + f" | {rs[3]['comm']['seconds'] / rs[3]['compute']['seconds']:.2f} |"
-            )
-    return "\n".join(out)
+def communication_row(size: str, gpus: int, rs: list) -> str:
+    """rs: the estimates at ZeRO 0, 1, 2 and 3."""
+
+    def gs(r):
+        return f"{r['comm']['bytes'] / 1e9:.1f}, {r['comm']['seconds']:.2f}"
+
+    return (
+        f"| {size} | {gpus} | {rs[0]['grad_accum']} | {rs[0]['compute']['seconds']:.2f} | "
+        f"{gs(rs[1])} | {gs(rs[2])} | "
+        f"{gs(rs[3])} | "
+        + " / ".join(f"{r['comm']['exposed_seconds']:.2f}" for r in rs)
+        + f" | {rs[3]['comm']['seconds'] / rs[3]['compute']['seconds']:.2f} |"
+    )
 
 
 def add_step_args(p: argparse.ArgumentParser) -> None:
