@@ -3,7 +3,11 @@
 from __future__ import annotations
 
 CATEGORIES = [  # first match wins, by CUDA kernel name
-    ("retention", ("chunk", "simple_gla", "recurrent", "retention")),
+    # fla's kernels, and ours (kernels/triton_retention_{states,apply}.py)
+    (
+        "retention",
+        ("chunk", "simple_gla", "recurrent", "retention", "_states_kernel", "_states_pair_kernel", "_apply_kernel"),
+    ),
     # before gemm: cuDNN's SDPA kernels carry "sm90" in their names too
     ("flash_attention", ("flash", "fmha", "sdpa", "attention")),
     ("gemm", ("gemm", "cutlass", "xmma", "nvjet", "matmul", "sm90")),

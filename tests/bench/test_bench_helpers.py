@@ -47,6 +47,12 @@ def test_cudnn_flash_attention_is_not_a_gemm():
     assert time_breakdown(FakeProfile(rows)) == {"flash_attention": 0.75, "gemm": 0.25}
 
 
+def test_our_triton_retention_kernels_count_as_retention():
+    rows = [("_apply_kernel", 300.0, 4), ("_states_pair_kernel", 100.0, 1), ("_states_kernel", 100.0, 1)]
+    rows += [("triton_poi_fused_add_mul_3", 500.0, 8)]
+    assert time_breakdown(FakeProfile(rows)) == {"retention": 0.5, "elementwise_other": 0.5}
+
+
 def test_top_kernels_skips_aten_rows_and_orders_by_time():
     top = top_kernels(PROFILE, n=2)
     assert [row[2] for row in top] == ["nvjet_sm90_tst_256x128_gemm", "chunk_simple_gla_fwd_kernel_o"]
