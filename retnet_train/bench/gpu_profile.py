@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 CATEGORIES = [  # first match wins, by CUDA kernel name
+    # before retention: the fused Adam's multi_tensor_apply_kernel would match our "_apply_kernel"
+    ("optimizer", ("adam", "multi_tensor", "foreach")),
     # fla's kernels, and ours (kernels/triton_retention_{states,apply}.py)
     (
         "retention",
@@ -13,7 +15,6 @@ CATEGORIES = [  # first match wins, by CUDA kernel name
     ("gemm", ("gemm", "cutlass", "xmma", "nvjet", "matmul", "sm90")),
     ("cross_entropy", ("cross_entropy", "softmax", "logsumexp", "nll")),
     ("norm", ("norm",)),
-    ("optimizer", ("adam", "multi_tensor", "foreach")),
 ]
 # rows that are not kernels: ops and ranges whose device time is their kernels' again, runtime calls
 NOT_KERNELS = ("aten::", "ProfilerStep", "##", "cuda", "Optimizer.")
