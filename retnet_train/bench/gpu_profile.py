@@ -5,10 +5,19 @@ from __future__ import annotations
 CATEGORIES = [  # first match wins, by CUDA kernel name
     # before retention: the fused Adam's multi_tensor_apply_kernel would match our "_apply_kernel"
     ("optimizer", ("adam", "multi_tensor", "foreach")),
-    # fla's kernels, and ours (kernels/triton_retention_{states,apply}.py)
+    # fla's kernels, and ours (kernels/triton_retention_{states,scores,apply}.py)
     (
         "retention",
-        ("chunk", "simple_gla", "recurrent", "retention", "_states_kernel", "_states_pair_kernel", "_apply_kernel"),
+        (
+            "chunk",
+            "simple_gla",
+            "recurrent",
+            "retention",
+            "_states_kernel",
+            "_states_pair_kernel",
+            "_scores_kernel",
+            "_apply_kernel",
+        ),
     ),
     # before gemm: cuDNN's SDPA kernels carry "sm90" in their names too
     ("flash_attention", ("flash", "fmha", "sdpa", "attention")),

@@ -4,16 +4,19 @@ row sums. Same math and state format as torch_retention (states every C = chunk_
 
 Per chunk n (C tokens, c0 its first): S_n is the state entering it, dG_n the gradient that its keys
 receive from later chunks (triton_retention_states._states_kernel, sequential over chunks per
-state tile, stored once in the input dtype: [B*H, N, K, V]). Then every output is one pass of
-triton_retention_apply._apply_kernel over row blocks of a chunk, with the intra-chunk scores
-recomputed in registers (nothing [T, C]-sized is written):
-    o  = qd * (q  @ S_n)    + (gamma^(t-s)  q_t . k_s,  s <= t) @ v     (+ row sums s, fp32)
-    dq = qd * (dO @ S_n^T)  + (gamma^(t-s) dO_t . v_s,  s <= t) @ k
-    dk = kd * (v  @ dG_n^T) + (gamma^(t-s)  v_s . dO_t, t >= s) @ q
-    dv = kd * (k  @ dG_n)   + (gamma^(t-s)  k_s . q_t,  t >= s) @ dO
+state tile, stored once in the input dtype: [B*H, N, K, V]). The decayed causal scores within
+each chunk are written once per direction (triton_retention_scores._scores_kernel, [B*H, T, C]
+in the input dtype: P = gamma^(t-s) q_t . k_s forward, dP = gamma^(t-s) dO_t . v_s backward), and
+every output is one pass of triton_retention_apply._apply_kernel over row blocks of a chunk and
+column tiles of the output, reading them (or their transpose) instead of recomputing them per tile:
+    o  = qd * (q  @ S_n)    + P     @ v     (+ row sums s, fp32, from the scores pass)
+    dq = qd * (dO @ S_n^T)  + dP    @ k
+    dk = kd * (v  @ dG_n^T) + dP^T  @ q
+    dv = kd * (k  @ dG_n)   + P^T   @ dO
 with qd_t = gamma^(t-c0+1), kd_s = gamma^(c0+C-1-s) (both 0 across a document start). Only q, k,
-v (and the incoming state) are kept for the backward: 2 launches forward, 4 backward (S and dG
-in one, then dq, dk, dv). Layout [B, T, H, D] in and out, indexed through strides (no transposing copies).
+v (and the incoming state) are kept for the backward: 3 launches forward (states, scores, o), 6
+backward (S and dG in one, dP, dq, dk, P recomputed, dv). Layout [B, T, H, D] in and out, indexed
+through strides (no transposing copies).
 Decays are fp32 exp2 of log2(gamma) times a distance, all factors <= 1 except the centred split
 of a diagonal block (see the kernel). Accumulation fp32; o and the states in the input dtype; fp32
 inputs use IEEE fp32 MMAs.
@@ -135,21 +138,47 @@ def _strides(t, prefix):
     return dict(zip((f"s{prefix}b", f"s{prefix}t", f"s{prefix}h"), _bth(t)))
 
 
-def _apply(x, b, y, M, lg2, C, key_rows, trans_m, doc, Z=None):
-    """One pass of _apply_kernel: x, b [B, T, H, E], y [B, T, H, D], M [B*H, N, E, D] (trans_m:
-    [B*H, N, D, E]) -> out like y, + row sums [B, T, H] fp32 when Z (the z states) is given."""
+def _scores(x, b, lg2, C, doc, Z=None):
+    """One pass of _scores_kernel: x, b [B, T, H, E] -> the decayed causal scores within each chunk
+    [B*H, T, C] (x's dtype), + row sums [B, T, H] fp32 when Z (the z states) is given."""
     B, T, H, E = x.shape
-    D = y.shape[-1]
-    out = torch.empty_like(y)
-    rs = torch.empty(B, T, H, device=x.device, dtype=torch.float32) if Z is not None else out
+    A = torch.empty(B * H, T, C, device=x.device, dtype=x.dtype)
+    rs = torch.empty(B, T, H, device=x.device, dtype=torch.float32) if Z is not None else A
     args = dict(
         X=x,
         B=b,
+        A=A,
+        RS=rs,
+        Z=A if Z is None else Z,
+        DOC=lg2 if doc is None else doc,
+        lg2_ptr=lg2,
+        T=T,
+        H=H,
+        C=C,
+        N=triton.cdiv(T, C),
+        **_strides(x, "x"),
+        **_strides(b, "b"),
+        E=E,
+        ROW_SUMS=Z is not None,
+        RESET=doc is not None,
+        IEEE=x.dtype == torch.float32,
+    )
+    launch("scores", lambda m: (triton.cdiv(T, m["BR"]), B * H), args)
+    return A, (rs if Z is not None else None)
+
+
+def _apply(x, y, M, A, lg2, C, key_rows, trans_m, doc):
+    """One pass of _apply_kernel: x [B, T, H, E], y [B, T, H, D], M [B*H, N, E, D] (trans_m:
+    [B*H, N, D, E]), A the scores [B*H, T, C] (key_rows: read transposed) -> out like y."""
+    B, T, H, E = x.shape
+    D = y.shape[-1]
+    out = torch.empty_like(y)
+    args = dict(
+        X=x,
+        A=A,
         Y=y,
         M=M,
         OUT=out,
-        RS=rs,
-        Z=out if Z is None else Z,
         DOC=lg2 if doc is None else doc,
         lg2_ptr=lg2,
         T=T,
@@ -157,7 +186,6 @@ def _apply(x, b, y, M, lg2, C, key_rows, trans_m, doc, Z=None):
         C=C,
         N=M.shape[1],
         **_strides(x, "x"),
-        **_strides(b, "b"),
         **_strides(y, "y"),
         sob=out.stride(0),
         sot=out.stride(1),
@@ -166,12 +194,11 @@ def _apply(x, b, y, M, lg2, C, key_rows, trans_m, doc, Z=None):
         D=D,
         KEY_ROWS=key_rows,
         TRANS_M=trans_m,
-        ROW_SUMS=Z is not None,
         RESET=doc is not None,
         IEEE=x.dtype == torch.float32,
     )
     launch("apply", lambda m: (triton.cdiv(T, m["BR"]), D // m["BD"], B * H), args)
-    return out, (rs if Z is not None else None)
+    return out
 
 
 def _forward(q, k, v, lg2, C, state, row_sums, doc):
@@ -183,7 +210,8 @@ def _forward(q, k, v, lg2, C, state, row_sums, doc):
         if row_sums:
             z0 = state[..., V].float().reshape(B * H, K).contiguous()
     S, Z, fin, zfin = _states(k, v, lg2, C, False, doc, s0, z0, with_z=row_sums)
-    o, s = _apply(q, k, v, S, lg2, C, key_rows=False, trans_m=False, doc=doc, Z=Z)
+    A, s = _scores(q, k, lg2, C, doc, Z)
+    o = _apply(q, v, S, A, lg2, C, key_rows=False, trans_m=False, doc=doc)
     final = fin.view(B, H, K, V)
     if row_sums:
         final = torch.cat([final, zfin.view(B, H, K, 1)], dim=-1)
@@ -199,10 +227,13 @@ def _backward(q, k, v, do, lg2, C, state, doc):
     else:
         S = _states(k, v, lg2, C, False, doc, s0)[0]  # recomputed, not kept from the forward
         dG = _states(q, do, lg2, C, True, doc)[0]
-    dq = _apply(do, v, k, S, lg2, C, key_rows=False, trans_m=True, doc=doc)[0]
+    dA = _scores(do, v, lg2, C, doc)[0]  # gamma^(t-s) dO_t . v_s: dq reads it, dk its transpose
+    dq = _apply(do, k, S, dA, lg2, C, key_rows=False, trans_m=True, doc=doc)
     del S
-    dk = _apply(v, do, q, dG, lg2, C, key_rows=True, trans_m=True, doc=doc)[0]
-    dv = _apply(k, q, do, dG, lg2, C, key_rows=True, trans_m=False, doc=doc)[0]
+    dk = _apply(v, q, dG, dA, lg2, C, key_rows=True, trans_m=True, doc=doc)
+    del dA
+    A = _scores(q, k, lg2, C, doc)[0]  # the forward's scores, recomputed: dv reads their transpose
+    dv = _apply(k, do, dG, A, lg2, C, key_rows=True, trans_m=False, doc=doc)
     return dq, dk, dv
 
 

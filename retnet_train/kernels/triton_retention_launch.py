@@ -1,5 +1,6 @@
 """Autotune configs and the launch helper of triton_retention.py's kernels (device code in
-triton_retention_states.py and triton_retention_apply.py). Tests set FIXED_META to force block shapes.
+triton_retention_states.py, triton_retention_scores.py and triton_retention_apply.py). Tests set
+FIXED_META to force block shapes.
 """
 
 from __future__ import annotations
@@ -9,6 +10,7 @@ import os
 import triton
 
 from .triton_retention_apply import _apply_kernel
+from .triton_retention_scores import _scores_kernel
 from .triton_retention_states import _states_kernel, _states_pair_kernel
 
 INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
@@ -42,8 +44,10 @@ _STATE_TILES = WIDE_STATE_TILES
 if os.environ.get("RETNET_TRITON_STATES_TILES", "fine") != "wide":
     _STATE_TILES = WIDE_STATE_TILES + FINE_STATE_TILES
 STATES_CONFIGS = _configs(("BX", "BY", "BT"), _STATE_TILES)
+SCORES_CONFIGS = _configs(("BR", "BC", "BE"), [(64, 64, 64, 4, 3), (128, 64, 64, 8, 3), (64, 32, 64, 4, 3)])
 APPLY_CONFIGS = _configs(
-    ("BR", "BC", "BD", "BE"), [(128, 64, 128, 64, 8, 3), (64, 64, 256, 64, 8, 2), (64, 64, 128, 64, 4, 3)]
+    ("BR", "BC", "BD", "BE"),
+    [(128, 64, 128, 64, 8, 3), (128, 128, 128, 64, 8, 2), (64, 64, 256, 64, 8, 2), (64, 64, 128, 64, 4, 3)],
 )
 
 
@@ -51,6 +55,7 @@ APPLY_CONFIGS = _configs(
 # time small (128-row tiles take minutes to compile and spill); for tests and checks, not speed.
 FP32_CONFIGS = {
     "states": _configs(("BX", "BY", "BT"), [(32, 32, 32, 4, 1)]),
+    "scores": _configs(("BR", "BC", "BE"), [(32, 32, 32, 4, 1)]),
     "apply": _configs(("BR", "BC", "BD", "BE"), [(32, 32, 32, 32, 4, 1)]),
 }
 
@@ -61,6 +66,15 @@ def _prune_states(configs, nargs, **kwargs):
     keep = [c for c in configs if DX % c.kwargs["BX"] == 0 and DY % c.kwargs["BY"] == 0 and C % c.kwargs["BT"] == 0]
     meta = dict(BX=_divisor_block(DX, 64), BY=_divisor_block(DY, 64), BT=_divisor_block(C, 64))
     return keep or [triton.Config(meta, num_warps=4, num_stages=2)]
+
+
+def _prune_scores(configs, nargs, **kwargs):
+    """Row blocks never straddle a chunk (BR divides C); slices divide the contracted head dim."""
+    a = {**nargs, **kwargs}
+    E, C = a["E"], a["C"]
+    keep = [c for c in configs if C % c.kwargs["BR"] == 0 and E % c.kwargs["BE"] == 0]
+    br = _divisor_block(C, 64)
+    return keep or [triton.Config(dict(BR=br, BC=br, BE=_divisor_block(E, 64)), num_warps=4, num_stages=2)]
 
 
 def _prune_apply(configs, nargs, **kwargs):
@@ -78,13 +92,13 @@ def _tuned(fn, configs, key, prune):
 
 
 states_tuned = _tuned(_states_kernel, STATES_CONFIGS, ["DX", "DY", "C", "REVERSE", "WITH_Z", "RESET"], _prune_states)
-apply_tuned = _tuned(
-    _apply_kernel, APPLY_CONFIGS, ["E", "D", "C", "KEY_ROWS", "TRANS_M", "ROW_SUMS", "RESET"], _prune_apply
-)
+apply_tuned = _tuned(_apply_kernel, APPLY_CONFIGS, ["E", "D", "C", "KEY_ROWS", "TRANS_M", "RESET"], _prune_apply)
+scores_tuned = _tuned(_scores_kernel, SCORES_CONFIGS, ["E", "C", "ROW_SUMS", "RESET"], _prune_scores)
 states_pair_tuned = _tuned(_states_pair_kernel, STATES_CONFIGS, ["DX", "DY", "C", "HAS_S0", "RESET"], _prune_states)
 KERNELS = {
     "states": (_states_kernel, states_tuned, STATES_CONFIGS, _prune_states),
     "states_pair": (_states_pair_kernel, states_pair_tuned, STATES_CONFIGS, _prune_states),
+    "scores": (_scores_kernel, scores_tuned, SCORES_CONFIGS, _prune_scores),
     "apply": (_apply_kernel, apply_tuned, APPLY_CONFIGS, _prune_apply),
 }
 

@@ -50,7 +50,7 @@ def test_triton_bf16_matches_torch_fp32_gpu(T, C, K, V, docs):
 
 @pytest.mark.gpu
 @needs_gpu
-@pytest.mark.parametrize("kernel", ["states", "apply"])
+@pytest.mark.parametrize("kernel", ["states", "scores", "apply"])
 def test_triton_every_config_gpu(kernel):
     """Every autotuning candidate of a kernel (the autotuner picks by time, so any may run) at the
     widest heads, bf16, each kernel on its own: a failure names the config and the outputs it got wrong."""

@@ -108,8 +108,8 @@ def check_kernels_separately(B, T, H, K, V, C, dtype, tol, kernels=("states", "a
     """Each kernel on its own, with an incoming state, a partial chunk and a document start inside the
     second chunk (the first chunk carries the state on, the second sends dG back to the first): the
     forward state scan (S, z, final state) and the backward's S and dG scans (one launch) against the
-    recurrences; the four output passes, fed the exact states, against the torch path (o and row
-    sums, dq, dk, dv)."""
+    recurrences; the two scores passes and the four output passes, fed the exact states, against the
+    torch path (o and row sums, dq, dk, dv)."""
     from retnet_train.kernels import triton_retention as mod
 
     lg = decay_log_gammas(H).to(device)
@@ -128,12 +128,14 @@ def check_kernels_separately(B, T, H, K, V, C, dtype, tol, kernels=("states", "a
         got.update(zip(["S", "z", "final S", "final z"], mod._states(k_, v_, lg2, C, False, doc, s0_, z0, True)))
         got.update(zip(["pair S", "pair dG"], mod._states_pair(q_, k_, v_, do_, lg2, C, doc, s0_)))
         ref.update({"S": S, "z": z, "final S": fin, "final z": zfin, "pair S": S, "pair dG": dG})
-    if "apply" in kernels:
+    if "apply" in kernels or "scores" in kernels:  # the scores pass feeds the output passes
         o, s, _, dq, dk, dv = run(torch_path(C, lg, reset), q, k, v, torch.float64, st.double())
-        got["o"], got["row sums"] = mod._apply(q_, k_, v_, S_, lg2, C, False, False, doc, Z=z.float().contiguous())
-        got["dq"] = mod._apply(do_, v_, k_, S_, lg2, C, False, True, doc)[0]
-        got["dk"] = mod._apply(v_, do_, q_, dG_, lg2, C, True, True, doc)[0]
-        got["dv"] = mod._apply(k_, q_, do_, dG_, lg2, C, True, False, doc)[0]
+        A, got["row sums"] = mod._scores(q_, k_, lg2, C, doc, Z=z.float().contiguous())
+        dA = mod._scores(do_, v_, lg2, C, doc)[0]
+        got["o"] = mod._apply(q_, v_, S_, A, lg2, C, False, False, doc)
+        got["dq"] = mod._apply(do_, k_, S_, dA, lg2, C, False, True, doc)
+        got["dk"] = mod._apply(v_, q_, dG_, dA, lg2, C, True, True, doc)
+        got["dv"] = mod._apply(k_, do_, dG_, A, lg2, C, True, False, doc)
         ref.update({"o": o, "row sums": s, "dq": dq, "dk": dk, "dv": dv})
     assert_close(list(got.values()), [ref[name] for name in got], tol, names=list(got))
 

@@ -97,7 +97,8 @@ def check_blocks_resets_state():
         ref = run(torch_path(C, lg, reset), q, k, v, torch.float64, st.double())
         assert_close(run(triton_path(C, lg, reset), q, k, v, torch.float32, st), ref, FP32_TOL)
 
-    with_blocks(kernels, case, apply={"BR": 16, "BC": 16, "BD": 32, "BE": 16}, states={"BX": 16, "BY": 32, "BT": 16})
+    blocks = dict(scores={"BR": 16, "BC": 16, "BE": 16}, apply={"BR": 16, "BC": 16, "BD": 32, "BE": 16})
+    with_blocks(kernels, case, **blocks, states={"BX": 16, "BY": 32, "BT": 16})
 
 
 def check_resets_only_and_no_row_sums():
@@ -139,7 +140,7 @@ def check_small_decay():
         ref = run(torch_path(C, lg, reset), q, k, v, torch.float64)
         assert_close(run(triton_path(C, lg, reset), q, k, v, torch.float32), ref, FP32_TOL)
 
-    with_blocks(kernels, case, apply={"BR": 64, "BC": 32, "BD": 32, "BE": 32})
+    with_blocks(kernels, case, scores={"BR": 64, "BC": 32, "BE": 32}, apply={"BR": 64, "BC": 32, "BD": 32, "BE": 32})
 
 
 def check_bf16():
@@ -158,11 +159,13 @@ def check_bf16():
 def check_gpu_tiles():
     """The block shapes the GPU autotuner picks at K256/V512 (bf16), on heads half as wide so that it
     stays fast, every head dim still over several tiles: states 64 x 128 (2 x 2 tiles, 2 token blocks
-    per chunk), 64-row blocks with the chunk's other column blocks (phase 3), 128-wide output tiles
-    and 64-deep contraction slices."""
+    per chunk), scores in 64-row blocks (the chunk's earlier column blocks and the zeros after the
+    diagonal), output passes in 128-row blocks reading them, 128-wide output tiles and 64-deep
+    contraction slices."""
     _, kernels = interpreted()
     case = lambda: check_kernels_separately(1, 200, 1, 128, 256, 128, torch.bfloat16, BF16_TOL)  # noqa: E731
-    with_blocks(kernels, case, states=dict(BX=64, BY=128, BT=64), apply=dict(BR=64, BC=64, BD=128, BE=64))
+    blocks = dict(scores=dict(BR=64, BC=64, BE=64), apply=dict(BR=128, BC=64, BD=128, BE=64))
+    with_blocks(kernels, case, states=dict(BX=64, BY=128, BT=64), **blocks)
 
 
 def check_dispatch():
