@@ -143,12 +143,13 @@ def _scores(x, b, lg2, C, doc, Z=None):
     [B*H, T, C] (x's dtype), + row sums [B, T, H] fp32 when Z (the z states) is given."""
     B, T, H, E = x.shape
     A = torch.empty(B * H, T, C, device=x.device, dtype=x.dtype)
-    rs = torch.empty(B, T, H, device=x.device, dtype=torch.float32) if Z is not None else A
+    # row sums per column block, in slots 16 columns wide (any block width the autotuner picks)
+    parts = torch.zeros(B, T, H, C // 16, device=x.device, dtype=torch.float32) if Z is not None else A
     args = dict(
         X=x,
         B=b,
         A=A,
-        RS=rs,
+        RS=parts,
         Z=A if Z is None else Z,
         DOC=lg2 if doc is None else doc,
         lg2_ptr=lg2,
@@ -163,8 +164,8 @@ def _scores(x, b, lg2, C, doc, Z=None):
         RESET=doc is not None,
         IEEE=x.dtype == torch.float32,
     )
-    launch("scores", lambda m: (triton.cdiv(T, m["BR"]), B * H), args)
-    return A, (rs if Z is not None else None)
+    launch("scores", lambda m: (triton.cdiv(T, m["BR"]), C // m["BC"], B * H), args)
+    return A, (parts.sum(-1) if Z is not None else None)
 
 
 def _apply(x, y, M, A, lg2, C, key_rows, trans_m, doc):

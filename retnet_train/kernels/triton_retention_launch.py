@@ -38,13 +38,15 @@ def _divisor_block(n: int, cap: int) -> int:
 # 64 x 64 tiles make 64 programs for an H200's 132 SMs, so the narrower tiles (2-4x the programs, each
 # with a shorter dependent chain of MMAs) compete in the autotuning. RETNET_TRITON_STATES_TILES=wide
 # tunes over the 64-row tiles only (to compare both on one GPU).
-WIDE_STATE_TILES = [(64, 128, 64, 4, 3), (64, 64, 64, 4, 3)]
+WIDE_STATE_TILES = [(64, 128, 64, 4, 3), (64, 128, 128, 4, 2), (64, 64, 64, 4, 3)]
 FINE_STATE_TILES = [(32, 128, 64, 4, 3), (32, 64, 64, 4, 3), (16, 64, 64, 4, 3)]
 _STATE_TILES = WIDE_STATE_TILES
 if os.environ.get("RETNET_TRITON_STATES_TILES", "fine") != "wide":
     _STATE_TILES = WIDE_STATE_TILES + FINE_STATE_TILES
 STATES_CONFIGS = _configs(("BX", "BY", "BT"), _STATE_TILES)
-SCORES_CONFIGS = _configs(("BR", "BC", "BE"), [(64, 64, 64, 4, 3), (128, 64, 64, 8, 3), (64, 32, 64, 4, 3)])
+SCORES_CONFIGS = _configs(
+    ("BR", "BC", "BE"), [(64, 64, 64, 4, 3), (128, 64, 64, 8, 3), (128, 128, 64, 8, 3), (64, 64, 128, 4, 2)]
+)
 APPLY_CONFIGS = _configs(
     ("BR", "BC", "BD", "BE"),
     [(128, 64, 128, 64, 8, 3), (128, 128, 128, 64, 8, 2), (64, 64, 256, 64, 8, 2), (64, 64, 128, 64, 4, 3)],
@@ -87,13 +89,15 @@ def _prune_apply(configs, nargs, **kwargs):
     return keep or [triton.Config(meta, num_warps=4, num_stages=2)]
 
 
-def _tuned(fn, configs, key, prune):
-    return triton.autotune(configs=configs, key=key, prune_configs_by={"early_config_prune": prune})(fn)
+def _tuned(fn, configs, key, prune, reset_to_zero=None):
+    prune_by = {"early_config_prune": prune}
+    return triton.autotune(configs=configs, key=key, prune_configs_by=prune_by, reset_to_zero=reset_to_zero)(fn)
 
 
 states_tuned = _tuned(_states_kernel, STATES_CONFIGS, ["DX", "DY", "C", "REVERSE", "WITH_Z", "RESET"], _prune_states)
 apply_tuned = _tuned(_apply_kernel, APPLY_CONFIGS, ["E", "D", "C", "KEY_ROWS", "TRANS_M", "RESET"], _prune_apply)
-scores_tuned = _tuned(_scores_kernel, SCORES_CONFIGS, ["E", "C", "ROW_SUMS", "RESET"], _prune_scores)
+# (the row-sum slots a config leaves unwritten must stay zero while the autotuner tries the others)
+scores_tuned = _tuned(_scores_kernel, SCORES_CONFIGS, ["E", "C", "ROW_SUMS", "RESET"], _prune_scores, ["RS"])
 states_pair_tuned = _tuned(_states_pair_kernel, STATES_CONFIGS, ["DX", "DY", "C", "HAS_S0", "RESET"], _prune_states)
 KERNELS = {
     "states": (_states_kernel, states_tuned, STATES_CONFIGS, _prune_states),
