@@ -22,7 +22,7 @@ import triton.language as tl
 # Reverse (X, Y = q, dO): dG_{N-1} = 0, dG_{n-1} = f_n dG_n + sum_{t in n} gamma^(t-c0_n+1) q_t^T dO_t
 # (queries after a document start in chunk n dropped): dG_n is what chunk n's keys receive from
 # later chunks. DOC [B, T] int32: the position of the last document start at or before t (-1: none).
-# Per program: a [BX, BY] tile over all N chunks (no per-chunk summaries in memory); BT divides C.
+# Per program: a [BX, BY] tile over all N chunks (no per-chunk summaries in memory).
 # ---------------------------------------------------------------------------------------------
 @triton.jit
 def _states_kernel(
@@ -256,43 +256,39 @@ def _states_tile(
     xb = X + b * sxb + h * sxh
     yb = Y + b * syb + h * syh
     doc = DOC + b * T
-    CB = C // BT  # token blocks per chunk
-    # One flat loop over token blocks (chunks in scan order): the loads of a chunk's first blocks are
-    # prefetched while the previous chunk's last ones multiply (a loop per chunk restarts the pipeline).
-    for i in range(N * CB):
+    for i in range(N):
         if REVERSE:
-            n = N - 1 - i // CB
+            n = N - 1 - i
         else:
-            n = i // CB
+            n = i
         c0 = n * C
         end = tl.minimum(c0 + C, T)
+        tl.store(S + (bh * N + n) * DX * DY + tile, acc.to(S.dtype.element_ty))
+        if WITH_Z:
+            tl.store(Z + (bh * N + n) * DX + ox, z, mask=z_mask)
+        f = tl.exp2(lg2 * (end - c0).to(tl.float32))
         if RESET:
             last = tl.load(doc + end - 1)
-        if i % CB == 0:  # the state entering chunk n, then the carry's decay over it
-            tl.store(S + (bh * N + n) * DX * DY + tile, acc.to(S.dtype.element_ty))
+            f = tl.where(last < c0, f, 0.0)
+        acc = acc * f
+        z = z * f
+        for t0 in range(c0, c0 + C, BT):
+            ot = t0 + tl.arange(0, BT)
+            mt = ot < end
+            x = tl.load(xb + ot[:, None].to(tl.int64) * sxt + ox[None, :], mask=mt[:, None], other=0.0)
+            y = tl.load(yb + ot[:, None].to(tl.int64) * syt + oy[None, :], mask=mt[:, None], other=0.0)
+            if REVERSE:
+                d = tl.exp2(lg2 * (ot - c0 + 1).to(tl.float32))
+                if RESET:
+                    d = tl.where(tl.load(doc + ot, mask=mt, other=0) < c0, d, 0.0)
+            else:
+                d = tl.exp2(lg2 * tl.maximum(end - 1 - ot, 0).to(tl.float32))
+                if RESET:
+                    d = tl.where(ot >= last, d, 0.0)
+            xd = x.to(tl.float32) * d[:, None]
+            acc = tl.dot(tl.trans(xd.to(x.dtype)), y, acc, input_precision="ieee" if IEEE else "tf32")
             if WITH_Z:
-                tl.store(Z + (bh * N + n) * DX + ox, z, mask=z_mask)
-            f = tl.exp2(lg2 * (end - c0).to(tl.float32))
-            if RESET:
-                f = tl.where(last < c0, f, 0.0)
-            acc = acc * f
-            z = z * f
-        ot = c0 + (i % CB) * BT + tl.arange(0, BT)
-        mt = ot < end
-        x = tl.load(xb + ot[:, None].to(tl.int64) * sxt + ox[None, :], mask=mt[:, None], other=0.0)
-        y = tl.load(yb + ot[:, None].to(tl.int64) * syt + oy[None, :], mask=mt[:, None], other=0.0)
-        if REVERSE:
-            d = tl.exp2(lg2 * (ot - c0 + 1).to(tl.float32))
-            if RESET:
-                d = tl.where(tl.load(doc + ot, mask=mt, other=0) < c0, d, 0.0)
-        else:
-            d = tl.exp2(lg2 * tl.maximum(end - 1 - ot, 0).to(tl.float32))
-            if RESET:
-                d = tl.where(ot >= last, d, 0.0)
-        xd = x.to(tl.float32) * d[:, None]
-        acc = tl.dot(tl.trans(xd.to(x.dtype)), y, acc, input_precision="ieee" if IEEE else "tf32")
-        if WITH_Z:
-            z += tl.sum(xd, 0)
+                z += tl.sum(xd, 0)
     tl.store(FIN + bh * DX * DY + tile, acc)
     if WITH_Z:
         tl.store(ZFIN + bh * DX + ox, z, mask=z_mask)
