@@ -5,8 +5,9 @@
 
 Backends: `fla` (fla-core's chunk kernel, fixed chunk 64), `torch@C` (our chunkwise form with chunk
 C, eager), `compiled@C` (the same under torch.compile) and `triton@C` (kernels/triton_retention.py,
-states every C tokens), each with the score row sums the paper's normalization needs; `--docs N`
-packs N documents per sequence (document resets).
+states every C tokens; `triton-sums@C` with the states as parallel chunk sums and a scan), each
+with the score row sums the paper's normalization needs; `--docs N` packs N documents per sequence
+(document resets).
 Prints one JSON line per (head dims, backend): ms of the forward (with grad enabled, as in
 training) and of forward + backward, effective TFLOP/s (the chunkwise form's matmul FLOPs at
 that chunk), the activation memory the backward keeps and, with --profile, the device kernels of
@@ -40,17 +41,18 @@ def chunkwise_flops(B, T, H, K, V, C) -> float:
     return 2.0 * B * H * T * (C * K + C * V + 2 * K * V)
 
 
-KINDS = ("fla", "torch", "compiled", "triton")
+KINDS = ("fla", "torch", "compiled", "triton", "triton-sums")
 
 
 def retention_fn(kind, C, lg, reset):
     """(q, k, v) -> (o, row sums) for one backend spec."""
     if kind not in KINDS:
         raise ValueError(f"unknown backend {kind!r}: one of {', '.join(KINDS)}")
-    if kind == "triton":  # the kernels themselves: the dispatcher refuses key dims not yet checked on GPU
-        from ..kernels.triton_retention import triton_retention
+    if kind.startswith("triton"):  # the kernels themselves: the dispatcher refuses key dims not yet checked on GPU
+        from ..kernels import triton_retention as mod
 
-        return lambda q, k, v: triton_retention(q, k, v, lg, C, None, True, reset)[:2]
+        mod.STATES_BY_SUMS = kind == "triton-sums"  # (variants run one after another, backward included)
+        return lambda q, k, v: mod.triton_retention(q, k, v, lg, C, None, True, reset)[:2]
     backend = "fla" if kind == "fla" else "torch"
 
     def fn(q, k, v):
