@@ -6,6 +6,7 @@ triton_retention_launch.py).
       state gradients dG_n from q, dO), each stored once in the input dtype.
   _states_pair_kernel: the backward's two scans (S_n and dG_n) in one launch.
   _states_tile:        the scan of one tile, shared by both.
+  _add_chunk:          one chunk's decayed sum into a tile (also triton_retention_sums' chunk sums).
 """
 
 from __future__ import annotations
@@ -272,23 +273,52 @@ def _states_tile(
             f = tl.where(last < c0, f, 0.0)
         acc = acc * f
         z = z * f
-        for t0 in range(c0, c0 + C, BT):
-            ot = t0 + tl.arange(0, BT)
-            mt = ot < end
-            x = tl.load(xb + ot[:, None].to(tl.int64) * sxt + ox[None, :], mask=mt[:, None], other=0.0)
-            y = tl.load(yb + ot[:, None].to(tl.int64) * syt + oy[None, :], mask=mt[:, None], other=0.0)
-            if REVERSE:
-                d = tl.exp2(lg2 * (ot - c0 + 1).to(tl.float32))
-                if RESET:
-                    d = tl.where(tl.load(doc + ot, mask=mt, other=0) < c0, d, 0.0)
-            else:
-                d = tl.exp2(lg2 * tl.maximum(end - 1 - ot, 0).to(tl.float32))
-                if RESET:
-                    d = tl.where(ot >= last, d, 0.0)
-            xd = x.to(tl.float32) * d[:, None]
-            acc = tl.dot(tl.trans(xd.to(x.dtype)), y, acc, input_precision="ieee" if IEEE else "tf32")
-            if WITH_Z:
-                z += tl.sum(xd, 0)
+        acc, z = _add_chunk(acc, z, xb, yb, sxt, syt, ox, oy, doc, lg2, c0, C, end, REVERSE, WITH_Z, RESET, IEEE, BT)
     tl.store(FIN + bh * DX * DY + tile, acc)
     if WITH_Z:
         tl.store(ZFIN + bh * DX + ox, z, mask=z_mask)
+
+
+# acc [BX, BY] += sum_{t in chunk} d_t x_t^T y_t (and z [BX] += sum d_t x_t) over the chunk [c0, end),
+# BT tokens at a time, with the scan direction's decays d_t and document masks (module comment).
+@triton.jit
+def _add_chunk(
+    acc,
+    z,
+    xb,
+    yb,
+    sxt,
+    syt,
+    ox,
+    oy,
+    doc,
+    lg2,
+    c0,
+    C,
+    end,
+    REVERSE: tl.constexpr,
+    WITH_Z: tl.constexpr,
+    RESET: tl.constexpr,
+    IEEE: tl.constexpr,
+    BT: tl.constexpr,
+):
+    if RESET:
+        last = tl.load(doc + end - 1)  # the chunk's last document start
+    for t0 in range(c0, c0 + C, BT):
+        ot = t0 + tl.arange(0, BT)
+        mt = ot < end
+        x = tl.load(xb + ot[:, None].to(tl.int64) * sxt + ox[None, :], mask=mt[:, None], other=0.0)
+        y = tl.load(yb + ot[:, None].to(tl.int64) * syt + oy[None, :], mask=mt[:, None], other=0.0)
+        if REVERSE:
+            d = tl.exp2(lg2 * (ot - c0 + 1).to(tl.float32))
+            if RESET:
+                d = tl.where(tl.load(doc + ot, mask=mt, other=0) < c0, d, 0.0)
+        else:
+            d = tl.exp2(lg2 * tl.maximum(end - 1 - ot, 0).to(tl.float32))
+            if RESET:
+                d = tl.where(ot >= last, d, 0.0)
+        xd = x.to(tl.float32) * d[:, None]
+        acc = tl.dot(tl.trans(xd.to(x.dtype)), y, acc, input_precision="ieee" if IEEE else "tf32")
+        if WITH_Z:
+            z += tl.sum(xd, 0)
+    return acc, z

@@ -7,7 +7,7 @@ launching in triton_retention_launch.py):
   _scan_kernel:       S_{n+1} = f_n S_n + U_n over the chunks in scan order, elementwise over
       BLOCK entries of the [DX, DY] state per program (memory-bound).
 
-Same recurrences, decays and document masks as _states_tile: forward (X, Y = k, v) d_t =
+Same recurrences, decays and document masks as _states_tile (one chunk's sum: _add_chunk): forward (X, Y = k, v) d_t =
 gamma^(end-1-t), 0 before the chunk's last document start; reverse (X, Y = q, dO) d_t =
 gamma^(t-c0+1), 0 from a document start in the chunk on; f_n = gamma^(len_n), 0 when a document
 starts in chunk n.
@@ -17,6 +17,8 @@ from __future__ import annotations
 
 import triton
 import triton.language as tl
+
+from .triton_retention_states import _add_chunk
 
 
 @triton.jit
@@ -55,30 +57,13 @@ def _chunk_sums_kernel(
     oy = py * BY + tl.arange(0, BY)
     c0 = n * C
     end = tl.minimum(c0 + C, T)
-    doc = DOC + b * T
-    if RESET:
-        last = tl.load(doc + end - 1)
     xb = X + b * sxb + h * sxh
     yb = Y + b * syb + h * syh
     acc = tl.zeros([BX, BY], dtype=tl.float32)
     z = tl.zeros([BX], dtype=tl.float32)
-    for t0 in range(c0, c0 + C, BT):
-        ot = t0 + tl.arange(0, BT)
-        mt = ot < end
-        x = tl.load(xb + ot[:, None].to(tl.int64) * sxt + ox[None, :], mask=mt[:, None], other=0.0)
-        y = tl.load(yb + ot[:, None].to(tl.int64) * syt + oy[None, :], mask=mt[:, None], other=0.0)
-        if REVERSE:
-            d = tl.exp2(lg2 * (ot - c0 + 1).to(tl.float32))
-            if RESET:
-                d = tl.where(tl.load(doc + ot, mask=mt, other=0) < c0, d, 0.0)
-        else:
-            d = tl.exp2(lg2 * tl.maximum(end - 1 - ot, 0).to(tl.float32))
-            if RESET:
-                d = tl.where(ot >= last, d, 0.0)
-        xd = x.to(tl.float32) * d[:, None]
-        acc = tl.dot(tl.trans(xd.to(x.dtype)), y, acc, input_precision="ieee" if IEEE else "tf32")
-        if WITH_Z:
-            z += tl.sum(xd, 0)
+    acc, z = _add_chunk(
+        acc, z, xb, yb, sxt, syt, ox, oy, DOC + b * T, lg2, c0, C, end, REVERSE, WITH_Z, RESET, IEEE, BT
+    )
     tl.store(U + pz * DX * DY + ox[:, None] * DY + oy[None, :], acc.to(U.dtype.element_ty))
     if WITH_Z:
         tl.store(ZU + pz * DX + ox, z, mask=ox * 0 + py == 0)  # one program per row tile writes z
