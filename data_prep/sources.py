@@ -343,3 +343,20 @@ def _unreadable_parquet(files: list[Path]) -> str | None:
         except (pa.ArrowException, OSError) as e:
             return f"{path}: not a readable parquet file ({e})"
     return None
+
+
+def add_reading_args(parser, skipped_listed_in: str) -> None:
+    """The options that say how the --source files are read (both data_prep commands)."""
+    parser.add_argument("--text-field", default="text")
+    parser.add_argument("--text-unit", default="document", choices=TEXT_UNITS)
+    parser.add_argument(
+        "--on-decode-error",
+        default="error",
+        choices=DECODE_ERROR_ACTIONS,
+        help=f"a file that is not valid UTF-8 text: stop naming it, or skip it (listed in the {skipped_listed_in})",
+    )
+
+
+def sources_from_args(args) -> list[Source]:
+    """The parsed --source options (add_reading_args' options say how to read them)."""
+    return [parse_source(s, args.text_field, args.text_unit, args.on_decode_error) for s in args.source]

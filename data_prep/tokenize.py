@@ -38,12 +38,12 @@ from data_prep.output_dir import (
 )
 from data_prep.shard_writer import Journal, SplitShardWriter, verified_prefix
 from data_prep.sources import (
-    DECODE_ERROR_ACTIONS,
     Source,
     SourceError,
+    add_reading_args,
     load_source,
-    parse_source,
     report_skipped,
+    sources_from_args,
 )
 from data_prep.tokenizer_card import Tokenizer, TokenizerError, load_tokenizer
 from data_prep.workers import die_with_parent
@@ -303,14 +303,7 @@ def main(argv: Sequence[str] | None = None) -> None:
     p.add_argument("--source", action="append", required=True, help="NAME=SPEC, repeatable (see data_prep.sources)")
     p.add_argument("--tokenizer", required=True, help="sentencepiece .model")
     p.add_argument("--out", required=True, help="output root; each source goes to OUT/NAME")
-    p.add_argument("--text-field", default="text")
-    p.add_argument("--text-unit", default="document", choices=("document", "line", "paragraph"))
-    p.add_argument(
-        "--on-decode-error",
-        default="error",
-        choices=DECODE_ERROR_ACTIONS,
-        help="a file that is not valid UTF-8 text: stop naming it, or skip it (listed in the manifest)",
-    )
+    add_reading_args(p, "manifest")
     p.add_argument("--validation-fraction", type=float, default=0.005)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--shard-tokens", type=int, default=DEFAULT_SHARD_TOKENS)
@@ -328,7 +321,7 @@ def main(argv: Sequence[str] | None = None) -> None:
     try:
         _check_settings(a.shard_tokens, a.validation_fraction, a.chunk_docs, batch_size=1)
         tok = load_tokenizer(a.tokenizer)
-        sources = [parse_source(s, a.text_field, a.text_unit, a.on_decode_error) for s in a.source]
+        sources = sources_from_args(a)
         names = [s.name for s in sources]
         if len(set(names)) != len(names):
             raise SourceError(f"source names must be unique, got {names}")

@@ -24,12 +24,12 @@ import sentencepiece as spm
 from data_prep.atomic import write_bytes_atomic, write_json_atomic
 from data_prep.output_dir import OutputDirError, check_writable_dir, removed_if_empty_on_failure
 from data_prep.sources import (
-    DECODE_ERROR_ACTIONS,
     Source,
     SourceError,
+    add_reading_args,
     load_source,
-    parse_source,
     report_skipped,
+    sources_from_args,
 )
 from data_prep.tokenizer_card import Tokenizer, TokenizerError, card_path_for, load_tokenizer
 
@@ -189,14 +189,7 @@ def main(argv: Sequence[str] | None = None) -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--source", action="append", required=True, help="[NAME=]SPEC, repeatable (see data_prep.sources)")
     p.add_argument("--out", required=True, help="path of the .model file to write")
-    p.add_argument("--text-field", default="text")
-    p.add_argument("--text-unit", default="document", choices=("document", "line", "paragraph"))
-    p.add_argument(
-        "--on-decode-error",
-        default="error",
-        choices=DECODE_ERROR_ACTIONS,
-        help="a file that is not valid UTF-8 text: stop naming it, or skip it (listed in the card)",
-    )
+    add_reading_args(p, "card")
     p.add_argument("--vocab-size", type=int, default=8192)
     p.add_argument("--model-type", default="bpe", choices=MODEL_TYPES)
     p.add_argument("--num-docs", type=int, default=100_000, help="documents sampled for training")
@@ -212,7 +205,7 @@ def main(argv: Sequence[str] | None = None) -> None:
     p.add_argument("--overwrite", action="store_true")
     a = p.parse_args(argv)
     try:
-        sources = [parse_source(s, a.text_field, a.text_unit, a.on_decode_error) for s in a.source]
+        sources = sources_from_args(a)
         tok = train_tokenizer(
             sources,
             a.out,
