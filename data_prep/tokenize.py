@@ -18,6 +18,7 @@ import json
 import os
 import sys
 import time
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Sequence
 
@@ -47,7 +48,7 @@ from data_prep.sources import (
 )
 from data_prep.tokenizer_card import Tokenizer, TokenizerError, load_tokenizer
 from data_prep.workers import die_with_parent
-from retnet_train.data.manifest import DTYPES, FORMAT_VERSION, SPLITS, Manifest, token_dtype_for
+from retnet_train.data.manifest import DTYPES, FORMAT_VERSION, SPLITS, Manifest, SplitInfo, token_dtype_for
 
 DEFAULT_SHARD_TOKENS = 1 << 27  # 256 MiB of uint16: few files, still cheap to re-verify one
 
@@ -122,6 +123,27 @@ def _split_documents(
     return counts
 
 
+@dataclass(frozen=True)
+class _Layout:
+    """The settings that decide the shards' bytes: an unfinished run is resumed only under the same ones."""
+
+    validation_fraction: float
+    seed: int
+    shard_tokens: int
+    add_bos: bool
+    dtype: str
+
+
+@dataclass(frozen=True)
+class _Work:
+    """The settings that decide only how the work is cut up and shown, never its output."""
+
+    num_proc: int | None
+    chunk_docs: int
+    batch_size: int
+    progress: bool
+
+
 def tokenize_source(
     source: Source,
     tokenizer: Tokenizer | str | Path,
@@ -137,15 +159,32 @@ def tokenize_source(
     cache_dir: str | None = None,
     progress: bool = True,
 ) -> Manifest:
+    """Tokenize one source into shards and a manifest in `out_dir`, resuming an unfinished run of the
+    same inputs and settings."""
     tok = tokenizer if isinstance(tokenizer, Tokenizer) else load_tokenizer(tokenizer)
     out_dir = Path(out_dir)
-    dtype = token_dtype_for(tok.vocab_size)
+    layout = _Layout(validation_fraction, seed, shard_tokens, add_bos, token_dtype_for(tok.vocab_size))
     _check_settings(shard_tokens, validation_fraction, chunk_docs, batch_size)
-    if add_bos and tok.bos_id < 0:
-        raise TokenizerError(f"{tok.path}: the model has no BOS id (trained with --bos-id -1); --bos needs one")
+    _check_bos(tok, add_bos)
     check_shard_dir(out_dir, overwrite)  # refusals first: they cost nothing
     corpus = load_source(source, cache_dir)
     report_skipped(source, "the manifest")
+    _check_split_sizes(source, corpus, validation_fraction, seed)
+    with removed_if_empty_on_failure(out_dir):
+        out_dir.mkdir(parents=True, exist_ok=True)
+        with exclusive(out_dir):
+            prepare_shard_dir(out_dir, overwrite)
+            work = _Work(num_proc, chunk_docs, batch_size, progress)
+            return _write_output(source, corpus, tok, out_dir, layout, work)
+
+
+def _check_bos(tok: Tokenizer, add_bos: bool) -> None:
+    if add_bos and tok.bos_id < 0:
+        raise TokenizerError(f"{tok.path}: the model has no BOS id (trained with --bos-id -1); --bos needs one")
+
+
+def _check_split_sizes(source: Source, corpus: datasets.Dataset, validation_fraction: float, seed: int) -> None:
+    """Refuse an empty train split and warn of an empty validation split, before any tokenizing."""
     documents = _split_documents(corpus, validation_fraction, seed)
     if documents["train"] == 0:
         raise SourceError(
@@ -154,6 +193,29 @@ def tokenize_source(
         )
     if validation_fraction > 0 and documents["validation"] == 0:
         print(f"warning: {source.name}: validation fraction {validation_fraction} selected no documents")
+
+
+def _write_output(
+    source: Source, corpus: datasets.Dataset, tok: Tokenizer, out_dir: Path, layout: _Layout, work: _Work
+) -> Manifest:
+    """Shards first, then the manifest, and the journal last: a run killed at any point can be resumed."""
+    journal = Journal(out_dir, _fingerprint(source, corpus, tok, layout))
+    writers = _resume(journal, corpus, DTYPES[layout.dtype], layout.shard_tokens, tok.eos_id)
+    try:
+        _write_shards(corpus, writers, tok, layout, work, f"tokenize {source.name}")
+    except BaseException:
+        if not any(w.shards for w in writers.values()):
+            journal.path.unlink(missing_ok=True)  # nothing to resume: leave no trace
+        raise
+    splits = {split: w.finish() for split, w in writers.items()}
+    manifest = _manifest(source, tok, out_dir, layout, splits)
+    write_json_atomic(manifest.path, manifest.to_json())  # last: its presence means "complete"
+    journal.path.unlink()
+    return manifest
+
+
+def _fingerprint(source: Source, corpus: datasets.Dataset, tok: Tokenizer, layout: _Layout) -> str:
+    """What an unfinished run must share with this one to be resumed: inputs, tokenizer and layout."""
     settings = {
         "format_version": FORMAT_VERSION,
         "tokenizer_sha256": tok.sha256,
@@ -161,59 +223,31 @@ def tokenize_source(
         # an input edited in place must not be resumed into shards made from its old content
         "mtimes": [p.stat().st_mtime_ns for p in source.files],
         "documents": len(corpus),
-        "validation_fraction": validation_fraction,
-        "seed": seed,
-        "shard_tokens": shard_tokens,
-        "add_bos": add_bos,
-        "dtype": dtype,
+        **asdict(layout),
     }
-    fingerprint = hashlib.sha256(json.dumps(settings, sort_keys=True).encode()).hexdigest()
-    with removed_if_empty_on_failure(out_dir):
-        out_dir.mkdir(parents=True, exist_ok=True)
-        with exclusive(out_dir):
-            prepare_shard_dir(out_dir, overwrite)
-            journal = Journal(out_dir, fingerprint)
-            writers = _resume(journal, corpus, DTYPES[dtype], shard_tokens, tok.eos_id)
-            try:
-                _write_shards(
-                    corpus,
-                    writers,
-                    tok,
-                    add_bos,
-                    validation_fraction,
-                    seed,
-                    num_proc,
-                    chunk_docs,
-                    batch_size,
-                    f"tokenize {source.name}",
-                    progress,
-                )
-            except BaseException:
-                if not any(w.shards for w in writers.values()):
-                    journal.path.unlink(missing_ok=True)  # nothing to resume: leave no trace
-                raise
-            splits = {split: w.finish() for split, w in writers.items()}
-            manifest = Manifest(
-                directory=out_dir,
-                vocab_size=tok.vocab_size,
-                eos_id=tok.eos_id,
-                bos_id=tok.bos_id,
-                pad_id=tok.pad_id,
-                unk_id=tok.unk_id,
-                tokenizer_sha256=tok.sha256,
-                dtype=dtype,
-                shard_tokens=shard_tokens,
-                splits=splits,
-                extra={
-                    "add_bos": add_bos,
-                    "split_rule": {"validation_fraction": validation_fraction, "seed": seed, "unit": "document"},
-                    "source": source.describe(),
-                    "created_unix": int(time.time()),
-                },
-            )
-            write_json_atomic(manifest.path, manifest.to_json())  # last: its presence means "complete"
-            journal.path.unlink()
-    return manifest
+    return hashlib.sha256(json.dumps(settings, sort_keys=True).encode()).hexdigest()
+
+
+def _manifest(source: Source, tok: Tokenizer, out_dir: Path, layout: _Layout, splits: dict[str, SplitInfo]) -> Manifest:
+    split_rule = {"validation_fraction": layout.validation_fraction, "seed": layout.seed, "unit": "document"}
+    return Manifest(
+        directory=out_dir,
+        vocab_size=tok.vocab_size,
+        eos_id=tok.eos_id,
+        bos_id=tok.bos_id,
+        pad_id=tok.pad_id,
+        unk_id=tok.unk_id,
+        tokenizer_sha256=tok.sha256,
+        dtype=layout.dtype,
+        shard_tokens=layout.shard_tokens,
+        splits=splits,
+        extra={
+            "add_bos": layout.add_bos,
+            "split_rule": split_rule,
+            "source": source.describe(),
+            "created_unix": int(time.time()),
+        },
+    )
 
 
 def _resume(
@@ -247,45 +281,24 @@ def _write_shards(
     corpus: datasets.Dataset,
     writers: dict[str, SplitShardWriter],
     tok: Tokenizer,
-    add_bos: bool,
-    validation_fraction: float,
-    seed: int,
-    num_proc: int | None,
-    chunk_docs: int,
-    batch_size: int,
+    layout: _Layout,
+    work: _Work,
     desc: str,
-    progress: bool,
 ) -> None:
     encoder = _Encoder(str(tok.path))
-    bos_id = tok.bos_id if add_bos else None
-    num_proc = num_proc or os.cpu_count() or 1
+    bos_id = tok.bos_id if layout.add_bos else None
+    num_proc = work.num_proc or os.cpu_count() or 1
     start_doc = min(w.resume.doc for w in writers.values())
-    bar = tqdm(desc=desc, unit="tok", unit_scale=True, disable=not progress)
+    bar = tqdm(desc=desc, unit="tok", unit_scale=True, disable=not work.progress)
     was_enabled = datasets.is_progress_bar_enabled()
     datasets.disable_progress_bars()  # our bar counts tokens; datasets' would count rows per chunk
     try:
-        for lo in range(start_doc, len(corpus), chunk_docs):
-            hi = min(lo + chunk_docs, len(corpus))
-            doc_ids = np.arange(lo, hi)
-            in_val = validation_mask(doc_ids, validation_fraction, seed)
-            # after a resume, skip documents whose split already has them on disk
-            needed = np.where(
-                in_val, doc_ids >= writers["validation"].resume.doc, doc_ids >= writers["train"].resume.doc
-            )
-            doc_ids, in_val = doc_ids[needed], in_val[needed]
+        for lo in range(start_doc, len(corpus), work.chunk_docs):
+            hi = min(lo + work.chunk_docs, len(corpus))
+            doc_ids, in_val = _documents_to_write(lo, hi, writers, layout)
             if not doc_ids.size:
                 continue
-            with die_with_parent():  # a killed tokenize must not leave map's worker processes behind
-                encoded = corpus.select(doc_ids).map(
-                    encoder,
-                    batched=True,
-                    batch_size=batch_size,
-                    num_proc=workers if (workers := min(num_proc, doc_ids.size)) > 1 else None,  # None: in-process
-                    remove_columns=["text"],
-                    keep_in_memory=True,
-                    desc=None,
-                )
-            flat, lengths = _flatten_ids(encoded.data.column("ids"))
+            flat, lengths = _encode(corpus, doc_ids, encoder, work.batch_size, num_proc)
             nonempty = lengths > 0  # an empty text is not a document: no lone EOS
             for split, member in (("train", ~in_val & nonempty), ("validation", in_val & nonempty)):
                 tokens, framed = frame_documents(flat[np.repeat(member, lengths)], lengths[member], tok.eos_id, bos_id)
@@ -296,6 +309,34 @@ def _write_shards(
         bar.close()
         if was_enabled:
             datasets.enable_progress_bars()
+
+
+def _documents_to_write(
+    lo: int, hi: int, writers: dict[str, SplitShardWriter], layout: _Layout
+) -> tuple[np.ndarray, np.ndarray]:
+    """Ids of documents lo..hi that are not on disk yet, and which of them go to validation."""
+    doc_ids = np.arange(lo, hi)
+    in_val = validation_mask(doc_ids, layout.validation_fraction, layout.seed)
+    # after a resume, skip documents whose split already has them on disk
+    needed = np.where(in_val, doc_ids >= writers["validation"].resume.doc, doc_ids >= writers["train"].resume.doc)
+    return doc_ids[needed], in_val[needed]
+
+
+def _encode(
+    corpus: datasets.Dataset, doc_ids: np.ndarray, encoder: _Encoder, batch_size: int, num_proc: int
+) -> tuple[np.ndarray, np.ndarray]:
+    """The documents' token ids, concatenated, and each one's length."""
+    with die_with_parent():  # a killed tokenize must not leave map's worker processes behind
+        encoded = corpus.select(doc_ids).map(
+            encoder,
+            batched=True,
+            batch_size=batch_size,
+            num_proc=workers if (workers := min(num_proc, doc_ids.size)) > 1 else None,  # None: in-process
+            remove_columns=["text"],
+            keep_in_memory=True,
+            desc=None,
+        )
+    return _flatten_ids(encoded.data.column("ids"))
 
 
 def main(argv: Sequence[str] | None = None) -> None:

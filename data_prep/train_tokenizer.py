@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import argparse
 import io
+import itertools
 import os
 from pathlib import Path
 from typing import Iterable, Iterator, Sequence
@@ -60,7 +61,6 @@ def _iter_text(corpus: datasets.Dataset, batch_size: int = 1000) -> Iterator[str
 
 def _train(
     lines: Iterator[str],
-    writer: io.BytesIO,
     vocab_size: int,
     model_type: str,
     character_coverage: float,
@@ -68,11 +68,13 @@ def _train(
     ids: tuple[int, int, int, int],
     max_sentences: int,
     num_threads: int | None,
-) -> None:
+) -> bytes:
+    """The trained .model's bytes."""
     unk_id, bos_id, eos_id, pad_id = ids
+    model = io.BytesIO()
     spm.SentencePieceTrainer.train(
         sentence_iterator=lines,
-        model_writer=writer,
+        model_writer=model,
         vocab_size=vocab_size,
         model_type=model_type,
         character_coverage=character_coverage,
@@ -93,6 +95,7 @@ def _train(
         num_threads=num_threads or os.cpu_count() or 1,
         minloglevel=2,
     )
+    return model.getvalue()
 
 
 def _check_settings(model_type: str, vocab_size: int, num_docs: int, ids: tuple[int, int, int, int]) -> None:
@@ -126,49 +129,21 @@ def train_tokenizer(
     overwrite: bool = False,
     cache_dir: str | None = None,
 ) -> Tokenizer:
+    """Train on a sample of `num_docs` documents of `sources`; write the model to `out` and its card next to it."""
     out = Path(out)
     card_path = card_path_for(out)
-    if out.is_dir():
-        raise TokenizerError(f"{out}: is a directory; --out is the path of the .model file to write")
-    check_writable_dir(out.parent)  # now, not after the training
-    if not overwrite:
-        for existing in (out, card_path):
-            if existing.exists():
-                raise TokenizerError(f"{existing}: already exists; pass --overwrite to replace it")
+    _check_output(out, card_path, overwrite)
     _check_settings(model_type, vocab_size, num_docs, ids)  # before the corpus is read
-    corpus = datasets.concatenate_datasets([load_source(s, cache_dir) for s in sources])
-    for source in sources:
-        report_skipped(source, "the tokenizer card")
-    sample = sample_documents(corpus, num_docs, seed)
-    lines = training_lines(_iter_text(sample))
-    first = next(lines, None)
-    if first is None:
-        raise SourceError(f"sources {[s.spec for s in sources]}: no non-blank text to train a tokenizer on")
-
-    def all_lines() -> Iterator[str]:
-        yield first
-        yield from lines
-
+    sample = sample_documents(_read_sources(sources, cache_dir), num_docs, seed)
+    lines = _lines_to_train_on(sample, sources)
     spm.set_random_generator_seed(seed)  # sentencepiece's own sentence shuffling
-    model = io.BytesIO()
     try:
-        _train(
-            all_lines(),
-            model,
-            vocab_size,
-            model_type,
-            character_coverage,
-            byte_fallback,
-            ids,
-            max_sentences,
-            num_threads,
+        model = _train(
+            lines, vocab_size, model_type, character_coverage, byte_fallback, ids, max_sentences, num_threads
         )
     except RuntimeError as e:  # e.g. "Vocabulary size too high": the corpus is too small for it
         raise TokenizerError(f"sentencepiece training on {[s.spec for s in sources]} failed: {e}") from None
-    with removed_if_empty_on_failure(out.parent):
-        out.parent.mkdir(parents=True, exist_ok=True)
-        write_bytes_atomic(out, model.getvalue())
-    card_path.unlink(missing_ok=True)  # the old card (if any) describes the old model
+    _write_model(out, model, card_path)
     tok = load_tokenizer(out)
     write_json_atomic(
         card_path,
@@ -183,6 +158,40 @@ def train_tokenizer(
         ),
     )
     return tok
+
+
+def _check_output(out: Path, card_path: Path, overwrite: bool) -> None:
+    """Refusals about where the model goes: now, not after the training."""
+    if out.is_dir():
+        raise TokenizerError(f"{out}: is a directory; --out is the path of the .model file to write")
+    check_writable_dir(out.parent)
+    if not overwrite:
+        for existing in (out, card_path):
+            if existing.exists():
+                raise TokenizerError(f"{existing}: already exists; pass --overwrite to replace it")
+
+
+def _read_sources(sources: Sequence[Source], cache_dir: str | None) -> datasets.Dataset:
+    corpus = datasets.concatenate_datasets([load_source(s, cache_dir) for s in sources])
+    for source in sources:
+        report_skipped(source, "the tokenizer card")
+    return corpus
+
+
+def _lines_to_train_on(sample: datasets.Dataset, sources: Sequence[Source]) -> Iterator[str]:
+    """The sample's training lines; a sample without any is refused before sentencepiece starts."""
+    lines = training_lines(_iter_text(sample))
+    first = next(lines, None)
+    if first is None:
+        raise SourceError(f"sources {[s.spec for s in sources]}: no non-blank text to train a tokenizer on")
+    return itertools.chain([first], lines)
+
+
+def _write_model(out: Path, model: bytes, card_path: Path) -> None:
+    with removed_if_empty_on_failure(out.parent):
+        out.parent.mkdir(parents=True, exist_ok=True)
+        write_bytes_atomic(out, model)
+    card_path.unlink(missing_ok=True)  # the old card (if any) describes the old model
 
 
 def main(argv: Sequence[str] | None = None) -> None:
