@@ -1,4 +1,5 @@
-"""Shared inputs for data_prep tests: a small real corpus and a tokenizer trained on it."""
+"""Shared inputs for data_prep tests: a small real corpus, a tokenizer trained on it, and ways to run and
+kill tokenize."""
 
 from __future__ import annotations
 
@@ -8,8 +9,11 @@ from pathlib import Path
 
 import numpy as np
 
+import data_prep.shard_writer as shard_writer
 from data_prep.sources import Source, parse_source
+from data_prep.tokenize import tokenize_source
 from data_prep.train_tokenizer import train_tokenizer
+from retnet_train.data import Manifest
 
 # the awkward cases for a lossless round trip, next to real code
 SPECIAL_DOCS = [
@@ -74,3 +78,36 @@ def read_split_docs(directory: Path, split: str, eos_id: int, dtype=np.uint16) -
 
 def jsonl_source(path: Path, name: str = "corpus") -> Source:
     return parse_source(f"{name}={path}")
+
+
+def tokenize_quietly(source: Source, tok, out: Path, cache_dir: Path, **settings) -> Manifest:
+    """tokenize_source without its progress bar, its datasets cache in `cache_dir`."""
+    return tokenize_source(source, tok, out, progress=False, cache_dir=str(cache_dir), **settings)
+
+
+def tokenize_argv(tok, out: Path, *sources, **options) -> list[str]:
+    """data_prep.tokenize's command line: each source after its own --source, then `num_proc=1` as `--num-proc 1`."""
+    argv = ["--tokenizer", str(tok.path), "--out", str(out)]
+    for source in sources:
+        argv += ["--source", str(source)]
+    for name, value in options.items():
+        argv += [f"--{name.replace('_', '-')}", str(value)]
+    return argv
+
+
+class Killed(Exception):
+    """Stands in for the process being killed in the middle of a run."""
+
+
+def die_after_shards(monkeypatch, count, error=Killed):
+    """Make the next run raise `error` when it is about to write shard number `count` + 1."""
+    real_write, written = shard_writer.SplitShardWriter._write_shard, []
+
+    def dying_write(self, n):
+        if len(written) == count:
+            raise error
+        real_write(self, n)
+        written.append(self.shards[-1].file)
+
+    monkeypatch.setattr(shard_writer.SplitShardWriter, "_write_shard", dying_write)
+    return written

@@ -5,17 +5,11 @@ import json
 
 import datasets
 import pytest
-from prep_helpers import make_tokenizer, write_jsonl
+from prep_helpers import tokenize_argv, tokenize_quietly, write_jsonl
 
 from data_prep.sources import SourceError, load_source, parse_source
 from data_prep.tokenize import main as tokenize_main
-from data_prep.tokenize import tokenize_source
 from retnet_train.data import read_manifest
-
-
-@pytest.fixture(scope="module")
-def tok(tmp_path_factory):
-    return make_tokenizer(tmp_path_factory.mktemp("tok"))
 
 
 def texts_of(source, tmp_path):
@@ -94,32 +88,14 @@ def test_mixed_file_types_refused(tmp_path):
 def test_empty_corpora(tok, tmp_path):
     (tmp_path / "zero.jsonl").write_text("")
     with pytest.raises(SourceError, match=r"'zero'.*zero.jsonl\): empty corpus \(all 1 files are empty\)"):
-        tokenize_source(
-            parse_source(str(tmp_path / "zero.jsonl")),
-            tok,
-            tmp_path / "o1",
-            progress=False,
-            cache_dir=str(tmp_path / "c"),
-        )
+        tokenize_quietly(parse_source(str(tmp_path / "zero.jsonl")), tok, tmp_path / "o1", tmp_path / "c")
     write_jsonl(tmp_path / "blank.jsonl", ["", "", ""])
     with pytest.raises(SourceError, match=r"'blank'.*empty corpus \(no text in any document\)"):
-        tokenize_source(
-            parse_source(str(tmp_path / "blank.jsonl")),
-            tok,
-            tmp_path / "o2",
-            progress=False,
-            cache_dir=str(tmp_path / "c"),
-        )
+        tokenize_quietly(parse_source(str(tmp_path / "blank.jsonl")), tok, tmp_path / "o2", tmp_path / "c")
     assert not (tmp_path / "o2" / "manifest.json").exists()
     (tmp_path / "null.jsonl").write_text('{"text": "a"}\n{"text": null}\n')
     with pytest.raises(SourceError, match=r"null.jsonl:2: field 'text' is null, expected a string"):
-        tokenize_source(
-            parse_source(str(tmp_path / "null.jsonl")),
-            tok,
-            tmp_path / "o3",
-            progress=False,
-            cache_dir=str(tmp_path / "c"),
-        )
+        tokenize_quietly(parse_source(str(tmp_path / "null.jsonl")), tok, tmp_path / "o3", tmp_path / "c")
 
 
 def test_cli_several_named_sources(tok, tmp_path, capsys):
@@ -127,23 +103,9 @@ def test_cli_several_named_sources(tok, tmp_path, capsys):
     (tmp_path / "code").mkdir()
     for i in range(5):
         (tmp_path / "code" / f"m{i}.py").write_text(f"def f{i}(x):\n    return x * {i}\n")
+    sources = (f"web={tmp_path}/web.jsonl", f"code={tmp_path}/code")
     tokenize_main(
-        [
-            "--tokenizer",
-            str(tok.path),
-            "--out",
-            str(tmp_path / "out"),
-            "--source",
-            f"web={tmp_path}/web.jsonl",
-            "--source",
-            f"code={tmp_path}/code",
-            "--validation-fraction",
-            "0.1",
-            "--num-proc",
-            "2",
-            "--cache-dir",
-            str(tmp_path / "c"),
-        ]
+        tokenize_argv(tok, tmp_path / "out", *sources, validation_fraction=0.1, num_proc=2, cache_dir=tmp_path / "c")
     )
     web, code = read_manifest(tmp_path / "out" / "web"), read_manifest(tmp_path / "out" / "code")
     assert web.split("train").documents + web.split("validation").documents == 40
@@ -151,35 +113,11 @@ def test_cli_several_named_sources(tok, tmp_path, capsys):
     assert web.tokenizer_sha256 == code.tokenizer_sha256 == tok.sha256
     assert "web/manifest.json: train" in capsys.readouterr().out
     with pytest.raises(SystemExit, match="output already exists"):  # a second run refuses, one line
-        tokenize_main(
-            [
-                "--tokenizer",
-                str(tok.path),
-                "--out",
-                str(tmp_path / "out"),
-                "--source",
-                f"web={tmp_path}/web.jsonl",
-                "--cache-dir",
-                str(tmp_path / "c"),
-            ]
-        )
+        tokenize_main(tokenize_argv(tok, tmp_path / "out", f"web={tmp_path}/web.jsonl", cache_dir=tmp_path / "c"))
     with pytest.raises(SystemExit, match=r"source name '\.\.' in '\.\.=.*' is not a directory name"):
-        tokenize_main(
-            ["--tokenizer", str(tok.path), "--out", str(tmp_path / "o"), "--source", f"..={tmp_path}/web.jsonl"]
-        )
+        tokenize_main(tokenize_argv(tok, tmp_path / "o", f"..={tmp_path}/web.jsonl"))
     with pytest.raises(SystemExit, match="source names must be unique"):
-        tokenize_main(
-            [
-                "--tokenizer",
-                str(tok.path),
-                "--out",
-                str(tmp_path / "o"),
-                "--source",
-                f"a={tmp_path}/web.jsonl",
-                "--source",
-                f"a={tmp_path}/code",
-            ]
-        )
+        tokenize_main(tokenize_argv(tok, tmp_path / "o", f"a={tmp_path}/web.jsonl", f"a={tmp_path}/code"))
 
 
 JSON_FAULTS = [
@@ -217,18 +155,7 @@ def test_malformed_line_is_one_line_from_both_clis(tok, tmp_path, capsys):
     bad.write_text('{"text": "a"}\n' * 5 + '{"text": "broken\n' + '{"text": "b"}\n')
     expected = rf"^error: {bad}:6: not valid JSON \(Invalid control character at column 17\)$"
     with pytest.raises(SystemExit, match=expected):
-        tokenize_main(
-            [
-                "--tokenizer",
-                str(tok.path),
-                "--out",
-                str(tmp_path / "out"),
-                "--source",
-                str(bad),
-                "--cache-dir",
-                str(tmp_path / "c"),
-            ]
-        )
+        tokenize_main(tokenize_argv(tok, tmp_path / "out", bad, cache_dir=tmp_path / "c"))
     with pytest.raises(SystemExit, match=expected):
         train_main(["--source", str(bad), "--out", str(tmp_path / "t.model"), "--cache-dir", str(tmp_path / "c")])
     assert "Traceback" not in capsys.readouterr().err
@@ -285,29 +212,13 @@ def test_undecodable_files_stop_the_run_by_default(tok, mixed_dir, tmp_path):
         match=rf"^error: {mixed_dir}/b.png: not valid UTF-8 at byte 0 "
         r"\(invalid start byte\); pass --on-decode-error skip to leave such files out$",
     ):
-        tokenize_main(["--tokenizer", str(tok.path), "--out", str(tmp_path / "out"), "--source", f"m={mixed_dir}"])
+        tokenize_main(tokenize_argv(tok, tmp_path / "out", f"m={mixed_dir}"))
     assert not (tmp_path / "out").exists()
 
 
 def test_undecodable_files_skipped_are_counted_in_the_manifest(tok, mixed_dir, tmp_path, capsys):
-    tokenize_main(
-        [
-            "--tokenizer",
-            str(tok.path),
-            "--out",
-            str(tmp_path / "out"),
-            "--source",
-            f"m={mixed_dir}",
-            "--on-decode-error",
-            "skip",
-            "--validation-fraction",
-            "0",
-            "--num-proc",
-            "1",
-            "--cache-dir",
-            str(tmp_path / "c"),
-        ]
-    )
+    options = {"on_decode_error": "skip", "validation_fraction": 0, "num_proc": 1, "cache_dir": tmp_path / "c"}
+    tokenize_main(tokenize_argv(tok, tmp_path / "out", f"m={mixed_dir}", **options))
     out = capsys.readouterr().out
     assert (
         f"warning: source 'm': skipped 2 files that are not valid UTF-8 text (--on-decode-error skip; the "

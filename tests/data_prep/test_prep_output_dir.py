@@ -4,17 +4,11 @@ import json
 import os
 
 import pytest
-from prep_helpers import jsonl_source, make_tokenizer, write_jsonl
+from prep_helpers import Killed, die_after_shards, jsonl_source, tokenize_argv, tokenize_quietly, write_jsonl
 
 import data_prep.shard_writer as shard_writer
 from data_prep.output_dir import OutputDirError, exclusive
 from data_prep.tokenize import main as tokenize_main
-from data_prep.tokenize import tokenize_source
-
-
-@pytest.fixture(scope="module")
-def tok(tmp_path_factory):
-    return make_tokenizer(tmp_path_factory.mktemp("tok"))
 
 
 @pytest.fixture
@@ -22,38 +16,15 @@ def corpus(tmp_path):
     return write_jsonl(tmp_path / "in" / "corpus.jsonl", [f"document number {i} " * (5 + i) for i in range(30)])
 
 
+SETTINGS = {"shard_tokens": 300, "validation_fraction": 0.2, "num_proc": 1, "chunk_docs": 8}
+
+
 def run(corpus, tok, out, **kw):
-    kw = {
-        "shard_tokens": 300,
-        "validation_fraction": 0.2,
-        "num_proc": 1,
-        "chunk_docs": 8,
-        "progress": False,
-        "cache_dir": str(corpus.parent / "hf_cache"),
-        **kw,
-    }
-    return tokenize_source(jsonl_source(corpus), tok, out, **kw)
+    return tokenize_quietly(jsonl_source(corpus), tok, out, corpus.parent / "hf_cache", **{**SETTINGS, **kw})
 
 
 def contents(directory):
     return {p.name: p.read_bytes() for p in directory.iterdir()}
-
-
-class Killed(Exception):
-    pass
-
-
-def die_after_shards(monkeypatch, count):
-    real_write, written = shard_writer.SplitShardWriter._write_shard, []
-
-    def dying_write(self, n):
-        if len(written) == count:
-            raise Killed
-        real_write(self, n)
-        written.append(self.shards[-1].file)
-
-    monkeypatch.setattr(shard_writer.SplitShardWriter, "_write_shard", dying_write)
-    return written
 
 
 @pytest.mark.parametrize("overwrite", [False, True])
@@ -157,7 +128,7 @@ def test_output_under_a_file_fails_before_any_work(tok, corpus, tmp_path, capsys
     with pytest.raises(OutputDirError, match=r"afile: is not a directory"):
         run(corpus, tok, tmp_path / "afile")
     with pytest.raises(SystemExit, match=r"^error: .*afile/corpus: cannot be created: .*afile is a file$"):
-        tokenize_main(["--tokenizer", str(tok.path), "--out", str(tmp_path / "afile"), "--source", str(corpus)])
+        tokenize_main(tokenize_argv(tok, tmp_path / "afile", corpus))
 
 
 @pytest.mark.skipif(os.geteuid() == 0, reason="root writes into read-only directories")
@@ -172,20 +143,7 @@ def test_every_output_is_checked_before_the_first_source_runs(tok, corpus, tmp_p
     (tmp_path / "out" / "b" / "train_00000.bin").write_bytes(b"x")
     with pytest.raises(SystemExit, match=r"out/b: holds shard files"):
         tokenize_main(
-            [
-                "--tokenizer",
-                str(tok.path),
-                "--out",
-                str(tmp_path / "out"),
-                "--source",
-                f"a={corpus}",
-                "--source",
-                f"b={corpus}",
-                "--num-proc",
-                "1",
-                "--cache-dir",
-                str(tmp_path / "c"),
-            ]
+            tokenize_argv(tok, tmp_path / "out", f"a={corpus}", f"b={corpus}", num_proc=1, cache_dir=tmp_path / "c")
         )
     assert not (tmp_path / "out" / "a").exists()
 
@@ -194,18 +152,7 @@ def test_failed_runs_leave_no_empty_directories(tok, corpus, tmp_path, monkeypat
     bad = tmp_path / "bad.jsonl"
     bad.write_text('{"text": "fine"}\n{"text": "broken\n')
     with pytest.raises(SystemExit, match=r"bad.jsonl:2: not valid JSON"):
-        tokenize_main(
-            [
-                "--tokenizer",
-                str(tok.path),
-                "--out",
-                str(tmp_path / "root" / "deeper"),
-                "--source",
-                str(bad),
-                "--cache-dir",
-                str(tmp_path / "c"),
-            ]
-        )
+        tokenize_main(tokenize_argv(tok, tmp_path / "root" / "deeper", bad, cache_dir=tmp_path / "c"))
     assert not (tmp_path / "root").exists()
     die_after_shards(monkeypatch, 0)  # fails while tokenizing, before its first shard
     with pytest.raises(Killed):

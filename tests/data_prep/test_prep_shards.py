@@ -3,12 +3,20 @@ import os
 
 import numpy as np
 import pytest
-from prep_helpers import corpus_texts, jsonl_source, make_tokenizer, read_split_docs, write_jsonl
+from prep_helpers import (
+    Killed,
+    corpus_texts,
+    die_after_shards,
+    jsonl_source,
+    read_split_docs,
+    tokenize_argv,
+    tokenize_quietly,
+    write_jsonl,
+)
 
 import data_prep.shard_writer as shard_writer
 import data_prep.tokenize as tokenize_mod
 from data_prep.doc_split import validation_mask
-from data_prep.tokenize import tokenize_source
 from retnet_train.data import TokenLoader, read_manifest, verify_shards
 from retnet_train.data.manifest import sha256_file
 
@@ -16,28 +24,16 @@ SHARD = 4000  # small: the corpus spans several shards and documents straddle sh
 FRACTION = 0.2
 
 
-@pytest.fixture(scope="module")
-def tok(tmp_path_factory):
-    return make_tokenizer(tmp_path_factory.mktemp("tok"))
-
-
 @pytest.fixture
 def corpus(tmp_path):
     return write_jsonl(tmp_path / "in" / "corpus.jsonl", corpus_texts())
 
 
+SETTINGS = {"validation_fraction": FRACTION, "seed": 3, "shard_tokens": SHARD, "num_proc": 1, "chunk_docs": 7}
+
+
 def run(source_path, tok, out, **kw):
-    kw = {
-        "validation_fraction": FRACTION,
-        "seed": 3,
-        "shard_tokens": SHARD,
-        "num_proc": 1,
-        "chunk_docs": 7,
-        "progress": False,
-        "cache_dir": str(out.parent / "hf_cache"),
-        **kw,
-    }
-    return tokenize_source(jsonl_source(source_path), tok, out, **kw)
+    return tokenize_quietly(jsonl_source(source_path), tok, out, out.parent / "hf_cache", **{**SETTINGS, **kw})
 
 
 def shard_digests(manifest):
@@ -99,10 +95,6 @@ def test_bos_option(tok, corpus, tmp_path):
     assert json.loads(m.path.read_text())["add_bos"] is True
 
 
-class Killed(Exception):
-    pass
-
-
 @pytest.mark.parametrize("kill_after", [1, 3, 7])
 def test_resume_after_kill_keeps_verified_shards(tok, corpus, tmp_path, monkeypatch, kill_after):
     reference = shard_digests(run(corpus, tok, tmp_path / "ref"))
@@ -152,19 +144,10 @@ def test_resume_after_kill_keeps_verified_shards(tok, corpus, tmp_path, monkeypa
 def test_resume_regenerates_a_damaged_kept_shard(tok, corpus, tmp_path, monkeypatch):
     reference = shard_digests(run(corpus, tok, tmp_path / "ref"))
     out = tmp_path / "out"
-    real_write = shard_writer.SplitShardWriter._write_shard
-    count = []
-
-    def dying_write(self, n):
-        if len(count) == 4:
-            raise Killed
-        real_write(self, n)
-        count.append(1)
-
-    monkeypatch.setattr(shard_writer.SplitShardWriter, "_write_shard", dying_write)
+    die_after_shards(monkeypatch, 4)
     with pytest.raises(Killed):
         run(corpus, tok, out)
-    monkeypatch.setattr(shard_writer.SplitShardWriter, "_write_shard", real_write)
+    monkeypatch.undo()
     victim = out / "train_00001.bin"
     data = bytearray(victim.read_bytes())
     data[10] ^= 1
@@ -183,20 +166,6 @@ def test_existing_output_is_never_overwritten_without_flag(tok, corpus, tmp_path
     second = run(corpus, tok, out, seed=4, overwrite=True)
     assert shard_digests(second) != shard_digests(first)  # another split seed -> other shards
     assert (out / "notes.txt").read_text() == "mine"  # only the tool's own files were replaced
-
-
-def die_after_shards(monkeypatch, count, error=Killed):
-    """Make the next run raise `error` when it is about to write shard number `count` + 1."""
-    real_write, written = shard_writer.SplitShardWriter._write_shard, []
-
-    def dying_write(self, n):
-        if len(written) == count:
-            raise error
-        real_write(self, n)
-        written.append(self.shards[-1].file)
-
-    monkeypatch.setattr(shard_writer.SplitShardWriter, "_write_shard", dying_write)
-    return written
 
 
 def test_unfinished_run_with_other_settings_is_not_resumed(tok, corpus, tmp_path, monkeypatch):
@@ -301,22 +270,8 @@ def test_resumed_run_says_so_and_from_where(tok, corpus, tmp_path, monkeypatch, 
 def test_cli_interrupted_or_failing_write_is_one_line_and_resumable(
     tok, corpus, tmp_path, monkeypatch, capsys, error, code, message
 ):
-    args = [
-        "--tokenizer",
-        str(tok.path),
-        "--out",
-        str(tmp_path / "out"),
-        "--source",
-        f"c={corpus}",
-        "--num-proc",
-        "1",
-        "--shard-tokens",
-        str(SHARD),
-        "--chunk-docs",
-        "7",
-        "--cache-dir",
-        str(tmp_path / "hf_cache"),
-    ]
+    options = {"num_proc": 1, "shard_tokens": SHARD, "chunk_docs": 7, "cache_dir": tmp_path / "hf_cache"}
+    args = tokenize_argv(tok, tmp_path / "out", f"c={corpus}", **options)
     die_after_shards(monkeypatch, 2, error)
     raised = None
     try:

@@ -9,11 +9,6 @@ from data_prep.train_tokenizer import train_tokenizer
 from retnet_train.data.manifest import sha256_file
 
 
-@pytest.fixture(scope="module")
-def tok(tmp_path_factory):
-    return make_tokenizer(tmp_path_factory.mktemp("tok"))
-
-
 def test_card_describes_the_model(tok):
     card = json.loads(card_path_for(tok.path).read_text())
     assert card["sha256"] == sha256_file(tok.path)
