@@ -270,20 +270,15 @@ def test_one_rule_for_rows_without_text(tmp_path):
     """train_tokenizer used to skip the null rows that tokenize refused."""
     from data_prep.train_tokenizer import train_tokenizer
 
+    def train_on(name):
+        return train_tokenizer(
+            [parse_source(str(tmp_path / name))], tmp_path / "t.model", vocab_size=270, cache_dir=str(tmp_path / "c")
+        )
+
     (tmp_path / "null.jsonl").write_text('{"text": "some text"}\n' * 20 + '{"text": null}\n')
     with pytest.raises(SourceError, match=r"null.jsonl:21: field 'text' is null, expected a string"):
-        train_tokenizer(
-            [parse_source(str(tmp_path / "null.jsonl"))],
-            tmp_path / "t.model",
-            vocab_size=270,
-            cache_dir=str(tmp_path / "c"),
-        )
+        train_on("null.jsonl")
     write_jsonl(tmp_path / "blank.jsonl", ["", ""])
     with pytest.raises(SourceError, match=r"'blank'.*: empty corpus \(no text in any document\)"):
-        train_tokenizer(
-            [parse_source(str(tmp_path / "blank.jsonl"))],
-            tmp_path / "t.model",
-            vocab_size=270,
-            cache_dir=str(tmp_path / "c"),
-        )
+        train_on("blank.jsonl")
     assert not (tmp_path / "t.model").exists()
