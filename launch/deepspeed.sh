@@ -41,14 +41,10 @@ include=""
 master_addr="${MASTER_ADDR:-}"
 master_port="${MASTER_PORT:-29500}"
 launcher="pdsh"
-module="retnet_train.train"
-checkpoint_dir=""
-params=""
-require_gpu=0
-preflight=1
-dry_run=0
 
 while [[ $# -gt 0 ]]; do
+  shared_option "$@"
+  if (( taken )); then shift "$taken"; continue; fi
   case "$1" in
     --hostfile) need_value "$@"; hostfile="$2"; shift 2 ;;
     --slurm) use_slurm=1; shift ;;
@@ -58,13 +54,6 @@ while [[ $# -gt 0 ]]; do
     --master-addr) need_value "$@"; master_addr="$2"; shift 2 ;;
     --master-port) need_value "$@"; master_port="$2"; shift 2 ;;
     --launcher) need_value "$@"; launcher="$2"; shift 2 ;;
-    --module) need_value "$@"; module="$2"; shift 2 ;;
-    --checkpoint-dir) need_value "$@"; checkpoint_dir="$2"; shift 2 ;;
-    --params) need_value "$@"; params="$2"; shift 2 ;;
-    --require-gpu) require_gpu=1; shift ;;
-    --no-preflight) preflight=0; shift ;;
-    --dry-run) dry_run=1; shift ;;
-    -h|--help) sed -n '2,/^set -euo/p' "${BASH_SOURCE[0]}" | sed -e '$d' -e 's/^# \{0,1\}//'; exit 0 ;;
     --) shift; break ;;
     -*) die "unknown option $1 (program arguments that start with - go after --)" ;;
     *) break ;;
@@ -114,10 +103,8 @@ run=("${ds[@]}" "$module" "${prog_args[@]}")
 # ranks exit at once), so a checkpoint dir that is not shared between the hosts fails here.
 shared_id="ds-${SLURM_JOB_ID:-$(date +%s)-$$}"
 check=("${ds[@]}" retnet_train.preflight --from-launcher-env --shared-id "$shared_id")
-[[ -n "$checkpoint_dir" ]] && check+=(--checkpoint-dir "$checkpoint_dir")
-[[ -n "$params" ]] && check+=(--params "$params")
-[[ "$require_gpu" == 1 ]] && check+=(--require-gpu)
-if [[ "$module" == retnet_train.train ]]; then check+=(-- "${prog_args[@]}"); else check+=(--no-config); fi
+add_preflight_options
+add_preflight_program_args
 
 
 if [[ "$dry_run" == 1 ]]; then
@@ -135,9 +122,7 @@ if [[ "$dry_run" == 1 ]]; then
     echo "# this node only (no hostfile): one process per visible GPU${num_gpus:+ (--num-gpus $num_gpus)}"
   fi
   echo "# environment (remote nodes get NCCL_*/PYTHON* and what .deepspeed_env lists):"
-  env | LC_ALL=C sort | grep -E '^(NCCL|RCCL|TORCH_NCCL|CUDA|HIP|ROCR|HSA|MIOPEN|PYTORCH|TRITON|FI|OMP)_[A-Z0-9_]*=|^PYTHONPATH=' \
-    | while IFS='=' read -r k v; do echo "$k=$(printf '%q' "$v")"; done || true
-  if [[ "$preflight" == 1 ]]; then echo "# preflight:"; quote "${check[@]}"; fi
+  print_env_and_preflight
   echo "# command:"
   quote "${run[@]}"
   exit 0

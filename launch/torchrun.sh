@@ -38,16 +38,12 @@ node_rank="${NODE_RANK:-0}"
 master_addr="${MASTER_ADDR:-127.0.0.1}"
 master_port="${MASTER_PORT:-29500}"
 rdzv_id="${RDZV_ID:-retnet}"
-module="retnet_train.train"
-checkpoint_dir=""
-params=""
-require_gpu=0
 vendor=""
-preflight=1
-dry_run=0
 use_slurm=0
 
 while [[ $# -gt 0 ]]; do
+  shared_option "$@"
+  if (( taken )); then shift "$taken"; continue; fi
   case "$1" in
     --nproc-per-node) need_value "$@"; nproc="$2"; shift 2 ;;
     --nnodes) need_value "$@"; nnodes="$2"; shift 2 ;;
@@ -55,15 +51,8 @@ while [[ $# -gt 0 ]]; do
     --master-addr) need_value "$@"; master_addr="$2"; shift 2 ;;
     --master-port) need_value "$@"; master_port="$2"; shift 2 ;;
     --rdzv-id) need_value "$@"; rdzv_id="$2"; shift 2 ;;
-    --module) need_value "$@"; module="$2"; shift 2 ;;
-    --checkpoint-dir) need_value "$@"; checkpoint_dir="$2"; shift 2 ;;
-    --params) need_value "$@"; params="$2"; shift 2 ;;
     --slurm) use_slurm=1; shift ;;
-    --require-gpu) require_gpu=1; shift ;;
     --vendor) need_value "$@"; vendor="$2"; shift 2 ;;
-    --no-preflight) preflight=0; shift ;;
-    --dry-run) dry_run=1; shift ;;
-    -h|--help) sed -n '2,/^set -euo/p' "${BASH_SOURCE[0]}" | sed -e '$d' -e 's/^# \{0,1\}//'; exit 0 ;;
     --) shift; break ;;
     -*) die "unknown option $1 (program arguments that start with - go after --)" ;;
     *) break ;;
@@ -80,7 +69,6 @@ if [[ "$use_slurm" == 1 ]]; then
   master_addr="$MASTER_ADDR"; master_port="$MASTER_PORT"; rdzv_id="$RDZV_ID"
 fi
 
-# check_int WHAT VALUE MIN MAX: VALUE is an integer in [MIN, MAX] or the script stops naming WHAT.
 if [[ -z "$nproc" ]]; then
   nproc="$("$PYTHON" -c 'import torch; print(torch.cuda.device_count() or 1)')" \
     || die "cannot count GPUs with $PYTHON (torch import failed); pass --nproc-per-node"
@@ -112,13 +100,9 @@ run+=(-m "$module" "${prog_args[@]}")
 
 check=("$PYTHON" -m retnet_train.preflight --nproc-per-node "$nproc" --nnodes "$nnodes" --node-rank "$node_rank"
        --shared-id "$rdzv_id")
-[[ -n "$checkpoint_dir" ]] && check+=(--checkpoint-dir "$checkpoint_dir")
-[[ -n "$params" ]] && check+=(--params "$params")
-[[ "$require_gpu" == 1 ]] && check+=(--require-gpu)
+add_preflight_options
 [[ -n "$vendor" ]] && check+=(--vendor "$vendor")
-# The preflight composes the trainer's Hydra config from the same overrides (checkpoint dir,
-# model size, batch arithmetic for this world size, data paths); another --module has no config.
-if [[ "$module" == retnet_train.train ]]; then check+=(-- "${prog_args[@]}"); else check+=(--no-config); fi
+add_preflight_program_args
 
 
 if [[ "$dry_run" == 1 ]]; then
@@ -130,9 +114,7 @@ if [[ "$dry_run" == 1 ]]; then
   echo "NODE_RANK=$node_rank"
   echo "NPROC_PER_NODE=$nproc"
   echo "WORLD_SIZE=$((nnodes * nproc))"
-  env | LC_ALL=C sort | grep -E '^(NCCL|RCCL|TORCH_NCCL|CUDA|HIP|ROCR|HSA|MIOPEN|PYTORCH|TRITON|FI|OMP)_[A-Z0-9_]*=|^PYTHONPATH=' \
-    | while IFS='=' read -r k v; do echo "$k=$(printf '%q' "$v")"; done || true
-  if [[ "$preflight" == 1 ]]; then echo "# preflight:"; quote "${check[@]}"; fi
+  print_env_and_preflight
   echo "# (started with SIGUSR1 ignored: the trainer's workers handle it, torchrun's agent must not die of it)"
   echo "# command:"
   quote "${run[@]}"

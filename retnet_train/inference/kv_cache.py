@@ -8,22 +8,21 @@ out as keys; a pad query attends to itself only (no empty softmax rows).
 
 from __future__ import annotations
 
-from typing import List, Optional
+from typing import List
 
 import torch
 
 from ..model import TransformerForCausalLM
 from ..model.layers import rotary_at, rotary_sin_cos
+from .incremental import IncrementalDecoder
 
 
-class KVCacheDecoder:
+class KVCacheDecoder(IncrementalDecoder):
     def __init__(self, model: TransformerForCausalLM, batch_size: int, max_length: int):
         if not isinstance(model, TransformerForCausalLM):
             raise TypeError(f"KVCacheDecoder needs a TransformerForCausalLM, got {type(model).__name__}")
-        cfg = model.config
-        self.model, self.cfg, self.batch_size, self.max_length = model, cfg, batch_size, max_length
-        p = next(model.parameters())
-        self.device, self.dtype = p.device, p.dtype
+        super().__init__(model, batch_size)
+        cfg, self.max_length = self.cfg, max_length
         # slots rounded up to 16: SDPA's memory-efficient kernel wants an aligned mask (the spare
         # slots are always masked, as are all slots past the position)
         slots = -(-max_length // 16) * 16
@@ -49,20 +48,10 @@ class KVCacheDecoder:
     def state_bytes(self) -> int:
         return sum(t.numel() * t.element_size() for t in (*self.k_cache, *self.v_cache))
 
-    @torch.no_grad()
-    def prefill(
-        self,
-        input_ids: torch.Tensor,
-        doc_starts: Optional[torch.Tensor] = None,
-        chunk_size: Optional[int] = None,
-        piece: int = 0,
-    ) -> torch.Tensor:
-        """Prompt [B, T] (left-padded; doc_starts marks each row's first real token) -> last
-        logits [B, V]; fills cache slots 0..T-1. chunk_size/piece: accepted for RetNet parity."""
+    def _prefill_hidden(self, input_ids, doc_starts, chunk_size, piece) -> torch.Tensor:
+        """Fills cache slots 0..T-1. chunk_size/piece: accepted for RetNet parity."""
         model = self.model
-        B, T = input_ids.shape
-        if B != self.batch_size:
-            raise ValueError(f"prefill: batch of {B} prompts, decoder was built for {self.batch_size}")
+        T = input_ids.shape[1]
         if not 1 <= T < self.max_length:
             raise ValueError(
                 f"prefill: prompt of {T} tokens does not fit max_length={self.max_length} (needs room "
@@ -79,7 +68,7 @@ class KVCacheDecoder:
         for block, k_cache, v_cache in zip(model.layers, self.k_cache, self.v_cache):
             x = block.step(x, sin, cos, k_cache, v_cache, slots, mask)
         self.position.fill_(T)
-        return model.lm_head(model.norm(x[:, -1:]))[:, 0]
+        return x
 
     def _mask(self, positions: torch.Tensor) -> torch.Tensor:
         """[B, 1, T, L]: the slots a token at each position sees: valid keys up to itself, and itself
@@ -88,17 +77,14 @@ class KVCacheDecoder:
         own = self.slots[None, :] == positions[:, None]
         return ((seen[None] & self.key_valid[:, None, :]) | own[None])[:, None]
 
-    def step(self, tokens: torch.Tensor) -> torch.Tensor:
-        """One token per row [B] -> logits [B, V]; writes its K/V at `position`. Capturable
-        (runs past max_length would index out of the cache: generate checks lengths first)."""
-        model, cfg = self.model, self.cfg
-        x = model.embed_tokens(tokens.view(-1, 1))  # not model.embed: its range check syncs with the host
-        if cfg.embed_scale:
-            x = x * cfg.d_model**0.5
+    def _step_hidden(self, x: torch.Tensor) -> torch.Tensor:
+        """Writes the token's K/V at `position` (runs past max_length would index out of the cache:
+        generate checks lengths first)."""
+        model = self.model
         sin, cos = rotary_at(model.inv_freq, self.position, 1, x.dtype)
         slot = self.position.view(1)
         mask = self._mask(slot)
         for block, k_cache, v_cache in zip(model.layers, self.k_cache, self.v_cache):
             x = block.step(x, sin, cos, k_cache, v_cache, slot, mask)
         self.position.add_(1)
-        return model.lm_head(model.norm(x))[:, 0]
+        return x

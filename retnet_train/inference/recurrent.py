@@ -13,25 +13,24 @@ relative, decay normalization uses the position inside the document).
 
 from __future__ import annotations
 
-from typing import List, Optional
+from typing import List
 
 import torch
 
 from ..model import RetNetForCausalLM
 from ..model.layers import rotary_at
 from ..model.retnet import decay_normalizer
+from .incremental import IncrementalDecoder
 
 
-class RetNetDecoder:
+class RetNetDecoder(IncrementalDecoder):
     """Prefill + in-place recurrent step for a RetNetForCausalLM (see module docstring)."""
 
     def __init__(self, model: RetNetForCausalLM, batch_size: int, state_dtype: torch.dtype = torch.float32):
         if not isinstance(model, RetNetForCausalLM):
             raise TypeError(f"RetNetDecoder needs a RetNetForCausalLM, got {type(model).__name__}")
+        super().__init__(model, batch_size)
         cfg = model.config
-        self.model, self.cfg, self.batch_size = model, cfg, batch_size
-        p = next(model.parameters())
-        self.device, self.dtype = p.device, p.dtype
         width = cfg.value_head_dim + (1 if cfg.normalize_retention else 0)  # +1: score row sums
         shape = (batch_size, cfg.n_heads, cfg.key_head_dim, width)
         self.states = [torch.zeros(shape, device=self.device, dtype=state_dtype) for _ in range(cfg.n_layers)]
@@ -54,21 +53,11 @@ class RetNetDecoder:
     def state_bytes(self) -> int:
         return sum(s.numel() * s.element_size() for s in self.states)
 
-    @torch.no_grad()
-    def prefill(
-        self,
-        input_ids: torch.Tensor,
-        doc_starts: Optional[torch.Tensor] = None,
-        chunk_size: Optional[int] = None,
-        piece: int = 0,
-    ) -> torch.Tensor:
-        """Run the prompt (chunkwise form) into the static state; returns last-token logits [B, V].
-        piece > 0 feeds the prompt in pieces of that many tokens (bounds activation memory). Only the
-        last position goes through the LM head (a [B, T, vocab] logits tensor is 16 GiB at 8k x 32)."""
+    def _prefill_hidden(self, input_ids, doc_starts, chunk_size, piece) -> torch.Tensor:
+        """Runs the prompt (chunkwise form) into the static state. piece > 0 feeds the prompt in pieces
+        of that many tokens (bounds activation memory)."""
         model = self.model
-        B, T = input_ids.shape
-        if B != self.batch_size:
-            raise ValueError(f"prefill: batch of {B} prompts, decoder was built for {self.batch_size}")
+        T = input_ids.shape[1]
         if T < 1:
             raise ValueError("prefill: empty prompt")
         state = None
@@ -82,18 +71,14 @@ class RetNetDecoder:
             buf.copy_(s.to(buf.dtype))
         self.position.fill_(state.position)
         self.doc_position.copy_(state.doc_position)
-        return model.lm_head(model.norm(x[:, -1:]))[:, 0]
+        return x
 
-    def step(self, tokens: torch.Tensor) -> torch.Tensor:
-        """One token per row [B] -> logits [B, V]; updates the state in place. Capturable."""
+    def _step_hidden(self, x: torch.Tensor) -> torch.Tensor:
         model, cfg = self.model, self.cfg
-        x = model.embed_tokens(tokens.view(-1, 1))  # not model.embed: its range check syncs with the host
-        if cfg.embed_scale:
-            x = x * cfg.d_model**0.5
         sin, cos = (t.unsqueeze(1) for t in rotary_at(model.inv_freq, self.position, 1, x.dtype))  # [1, 1, K]
         c = decay_normalizer(model.log_gamma, self.doc_position[:, None]) if cfg.normalize_retention else None
         for block, state in zip(model.layers, self.states):
             x = block.step(x, sin, cos, state, self.gamma, c)
         self.position.add_(1)
         self.doc_position.add_(1)
-        return model.lm_head(model.norm(x))[:, 0]
+        return x

@@ -13,6 +13,7 @@ from launch_helpers import ROOT, fake_slurm, run
 SCRIPTS = [
     "launch/torchrun.sh",
     "launch/deepspeed.sh",
+    "launch/common.sh",
     "launch/slurm/nvidia.sbatch",
     "launch/slurm/rocm.sbatch",
     "launch/slurm/common.sh",

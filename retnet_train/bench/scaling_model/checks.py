@@ -47,71 +47,29 @@ def measured_bytes_per_token_per_layer(cfg, micro_batch: int, seq_len: int, chec
 # The 1- and 2-GPU runs the model is checked against (docs/scaling.md, "Checked against measurements").
 # measured: peak GiB of bench/train_throughput.py (DeepSpeed's own bucket defaults, micro-batch 1,
 # no accumulation; device and date in docs/scaling.md); None where no such run was measured.
-MEASURED_RUNS = (
-    dict(
-        run="1.3B RetNet, ZeRO-0, 1x H100, eager",
-        preset="1.3b",
-        gpus=1,
-        zero=0,
-        ac=False,
-        mem=79.2,
-        measured=None,
-        note="",
-    ),
-    dict(
-        run="1.3B RetNet, ZeRO-0, 1x H100, --compile",
-        preset="1.3b",
-        gpus=1,
-        zero=0,
-        ac=False,
-        mem=79.2,
-        measured=32.36,
-        note="compile saves fewer tensors (not modeled)",
-    ),
-    dict(
-        run="1.3B RetNet, ZeRO-1, 1x H100, --compile",
-        preset="1.3b",
-        gpus=1,
-        zero=1,
-        ac=False,
-        mem=79.2,
-        measured=33.04,
-        note="H100, 2026-11-23",
-    ),
-    dict(
-        run="1.3B Transformer, ZeRO-0, 1x H100, eager",
-        preset="transformer_1.3b",
-        gpus=1,
-        zero=0,
-        ac=False,
-        mem=79.2,
-        measured=32.26,
-        note="H100, 2026-11-23",
-    ),
-    dict(
-        run="1.3B RetNet, ZeRO-2, 2x H200", preset="1.3b", gpus=2, zero=2, ac=False, mem=139.8, measured=None, note=""
-    ),
-    dict(
-        run="6.7B RetNet, ZeRO-3, 2x H200, AC",
-        preset="6.7b",
-        gpus=2,
-        zero=3,
-        ac=True,
-        mem=139.8,
-        measured=None,
-        note="experiment retnet_6.7b_8k",
-    ),
-    dict(
-        run="6.7B RetNet, ZeRO-3, 2x H200, no AC",
-        preset="6.7b",
-        gpus=2,
-        zero=3,
-        ac=False,
-        mem=139.8,
-        measured=None,
-        note="",
-    ),
+# mem: the GPU's memory in GiB as torch reports it.
+_RUN_FIELDS = ("run", "preset", "gpus", "zero", "ac", "mem", "measured", "note")
+_H100_GIB, _H200_GIB = 79.2, 139.8
+_COMPILE_NOTE = "compile saves fewer tensors (not modeled)"
+_H100_NOTE = "H100, 2026-11-23"  # the device and date of the measured H100 runs
+MEASURED_RUNS = tuple(
+    dict(zip(_RUN_FIELDS, row))
+    for row in (
+        ("1.3B RetNet, ZeRO-0, 1x H100, eager", "1.3b", 1, 0, False, _H100_GIB, None, ""),
+        ("1.3B RetNet, ZeRO-0, 1x H100, --compile", "1.3b", 1, 0, False, _H100_GIB, 32.36, _COMPILE_NOTE),
+        ("1.3B RetNet, ZeRO-1, 1x H100, --compile", "1.3b", 1, 1, False, _H100_GIB, 33.04, _H100_NOTE),
+        ("1.3B Transformer, ZeRO-0, 1x H100, eager", "transformer_1.3b", 1, 0, False, _H100_GIB, 32.26, _H100_NOTE),
+        ("1.3B RetNet, ZeRO-2, 2x H200", "1.3b", 2, 2, False, _H200_GIB, None, ""),
+        ("6.7B RetNet, ZeRO-3, 2x H200, AC", "6.7b", 2, 3, True, _H200_GIB, None, "experiment retnet_6.7b_8k"),
+        ("6.7B RetNet, ZeRO-3, 2x H200, no AC", "6.7b", 2, 3, False, _H200_GIB, None, ""),
+    )
 )
+
+
+def _predict_run(run: dict, cfg, ds: DeepSpeedSettings, hw: Hardware, **kwargs) -> dict:
+    """estimate() for one measured run: seq 8192, micro-batch 1, on that run's GPU memory."""
+    h = replace(hw, memory_gib=run["mem"])
+    return estimate(cfg, run["gpus"], 8192, 1, run["zero"], run["ac"], ds=ds, hw=h, **kwargs)
 
 
 def measured_run_predictions(hw: Hardware = Hardware()) -> list:
@@ -121,23 +79,8 @@ def measured_run_predictions(hw: Hardware = Hardware()) -> list:
     rows = []
     for run in MEASURED_RUNS:
         cfg = load_preset(run["preset"])
-        h = replace(hw, memory_gib=run["mem"])
-        bench = estimate(
-            cfg,
-            run["gpus"],
-            8192,
-            1,
-            run["zero"],
-            run["ac"],
-            ds=DeepSpeedSettings.library_defaults(run["zero"]),
-            hw=h,
-            grad_accum=1,
-        )
-        trainer = (
-            estimate(cfg, run["gpus"], 8192, 1, run["zero"], run["ac"], ds=DeepSpeedSettings.trainer(), hw=h)
-            if run["gpus"] > 1
-            else None
-        )
+        bench = _predict_run(run, cfg, DeepSpeedSettings.library_defaults(run["zero"]), hw, grad_accum=1)
+        trainer = _predict_run(run, cfg, DeepSpeedSettings.trainer(), hw) if run["gpus"] > 1 else None
         rows.append({**run, "bench": bench, "trainer": trainer})
     return rows
 
