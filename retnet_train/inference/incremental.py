@@ -4,12 +4,13 @@ embedding and LM head around the blocks. Each subclass runs its blocks on its ow
 
 from __future__ import annotations
 
+from abc import ABC, abstractmethod
 from typing import Optional
 
 import torch
 
 
-class IncrementalDecoder:
+class IncrementalDecoder(ABC):
     """Prefill a left-padded prompt batch, then one token per row per step. Subclasses keep their
     state in static device buffers (buffers/snapshot/restore) and implement _prefill_hidden and
     _step_hidden."""
@@ -47,10 +48,10 @@ class IncrementalDecoder:
         logits tensor is 16 GiB at 8k x 32)."""
         return self.model.lm_head(self.model.norm(x))[:, 0]
 
+    @abstractmethod
     def _prefill_hidden(self, input_ids, doc_starts, chunk_size, piece) -> torch.Tensor:
         """The prompt through the blocks into the state -> hidden states [B, t, D] ending at its last token."""
-        raise NotImplementedError
 
+    @abstractmethod
     def _step_hidden(self, x: torch.Tensor) -> torch.Tensor:
         """Embedded tokens [B, 1, D] through the blocks, updating the state -> [B, 1, D]."""
-        raise NotImplementedError
