@@ -62,6 +62,16 @@ def doc_starts(reset):
     return torch.where(reset, pos, torch.full_like(pos, -1)).cummax(dim=1).values.contiguous()
 
 
+def _state_outputs(BH, N, DX, DY, y, with_z):
+    """What a state pass writes: S [BH, N, DX, DY] in y's dtype, z [BH, N, DX], the final state [BH, DX,
+    DY] and z [BH, DX] in fp32 (without z: the final state stands in for the z buffers, never written)."""
+    S = torch.empty(BH, N, DX, DY, device=y.device, dtype=y.dtype)
+    fin = torch.empty(BH, DX, DY, device=y.device, dtype=torch.float32)
+    Z = torch.empty(BH, N, DX, device=y.device, dtype=torch.float32) if with_z else fin
+    zfin = torch.empty(BH, DX, device=y.device, dtype=torch.float32) if with_z else fin
+    return S, Z, fin, zfin
+
+
 def _states(x, y, lg2, C, reverse, doc, s0=None, z0=None, with_z=False):
     """Chunk-entry states [B*H, N, DX, DY] (y's dtype), z [B*H, N, DX] fp32 (with_z), and the final
     state [B*H, DX, DY] + z [B*H, DX] in fp32 (forward)."""
@@ -70,10 +80,7 @@ def _states(x, y, lg2, C, reverse, doc, s0=None, z0=None, with_z=False):
     B, T, H, DX = x.shape
     DY = y.shape[-1]
     N = triton.cdiv(T, C)
-    S = torch.empty(B * H, N, DX, DY, device=x.device, dtype=y.dtype)
-    fin = torch.empty(B * H, DX, DY, device=x.device, dtype=torch.float32)
-    Z = torch.empty(B * H, N, DX, device=x.device, dtype=torch.float32) if with_z else fin
-    zfin = torch.empty(B * H, DX, device=x.device, dtype=torch.float32) if with_z else fin
+    S, Z, fin, zfin = _state_outputs(B * H, N, DX, DY, y, with_z)
     args = dict(
         X=x,
         Y=y,
@@ -115,10 +122,7 @@ def _states_by_sums(x, y, lg2, C, reverse, doc, s0, z0, with_z):
     flags = dict(REVERSE=reverse, WITH_Z=with_z, RESET=doc is not None)
     sums = dict(X=x, Y=y, U=U, ZU=zu, **common, **_strides(x, "x"), **_strides(y, "y"), DX=DX, DY=DY, **flags)
     launch("chunk_sums", lambda m: (DX // m["BX"], DY // m["BY"], B * H * N), dict(sums, IEEE=y.dtype == torch.float32))
-    S = torch.empty(B * H, N, DX, DY, device=x.device, dtype=y.dtype)
-    fin = torch.empty(B * H, DX, DY, device=x.device, dtype=torch.float32)
-    Z = torch.empty(B * H, N, DX, device=x.device, dtype=torch.float32) if with_z else fin
-    zfin = torch.empty(B * H, DX, device=x.device, dtype=torch.float32) if with_z else fin
+    S, Z, fin, zfin = _state_outputs(B * H, N, DX, DY, y, with_z)
     block = max(1024, triton.next_power_of_2(DX))  # (program 0 of a state also scans z: BLOCK >= DX)
     _scan_kernel[(triton.cdiv(DX * DY, block), B * H)](
         U,
