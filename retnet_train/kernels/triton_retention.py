@@ -17,9 +17,8 @@ with qd_t = gamma^(t-c0+1), kd_s = gamma^(c0+C-1-s) (both 0 across a document st
 v (and the incoming state) are kept for the backward: 3 launches forward (states, scores, o), 6
 backward (S and dG in one, dP, dq, dk, P recomputed, dv). Layout [B, T, H, D] in and out, indexed
 through strides (no transposing copies).
-Decays are fp32 exp2 of log2(gamma) times a distance, all factors <= 1 except the centred split
-of a diagonal block (see the kernel). Accumulation fp32; o and the states in the input dtype; fp32
-inputs use IEEE fp32 MMAs.
+Decays are fp32 exp2 of log2(gamma) times a (non-negative) distance, all factors <= 1.
+Accumulation fp32; o and the states in the input dtype; fp32 inputs use IEEE fp32 MMAs.
 
 Document resets: reset [B, T] (True where a document starts) becomes DOC [B, T] int32, the last
 document start at or before each token (-1: none); the kernels mask scores, decays and state

@@ -18,8 +18,7 @@ import triton.language as tl
 # blocks on it take an elementwise exp2 of the (clamped) distance.
 # ROW_SUMS (forward): also each block's row sums of the unrounded scores, fp32, into RS [B, T, H,
 # C / 16] (zeroed, the slot of the block's first 16 columns; summed by the caller), the chunk's
-# first block adding gamma^(t-c0+1) X_t . z_n (the
-# row-sum state z_n [B*H, N, E] fp32).
+# first block adding gamma^(t-c0+1) X_t . z_n (the row-sum state z_n [B*H, N, E] fp32).
 # ---------------------------------------------------------------------------------------------
 @triton.jit
 def _scores_kernel(
