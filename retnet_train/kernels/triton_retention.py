@@ -9,14 +9,13 @@ each chunk are written once per direction (triton_retention_scores._scores_kerne
 in the input dtype: P = gamma^(t-s) q_t . k_s forward, dP = gamma^(t-s) dO_t . v_s backward), and
 every output is one pass of triton_retention_apply._apply_kernel over row blocks of a chunk and
 column tiles of the output, reading them (or their transpose) instead of recomputing them per tile:
-    o  = qd * (q  @ S_n)    + P     @ v     (+ row sums s, fp32: P's from the scores pass, q.z_n here)
+    o  = qd * (q  @ S_n)    + P     @ v     (+ row sums s, fp32, from the scores pass)
     dq = qd * (dO @ S_n^T)  + dP    @ k
     dk = kd * (v  @ dG_n^T) + dP^T  @ q
     dv = kd * (k  @ dG_n)   + P^T   @ dO
 with qd_t = gamma^(t-c0+1), kd_s = gamma^(c0+C-1-s) (both 0 across a document start). Only q, k,
 v (and the incoming state) are kept for the backward: 3 launches forward (states, scores, o), 6
-backward (S and dG in one, dP, dq, dk, P recomputed, dv). The scores passes run on a second CUDA
-stream beside the state scans (they do not read the states). Layout [B, T, H, D] in and out, indexed
+backward (S and dG in one, dP, dq, dk, P recomputed, dv). Layout [B, T, H, D] in and out, indexed
 through strides (no transposing copies).
 Decays are fp32 exp2 of log2(gamma) times a (non-negative) distance, all factors <= 1.
 Accumulation fp32; o and the states in the input dtype; fp32 inputs use IEEE fp32 MMAs.
@@ -29,7 +28,6 @@ prefill runs without grad); neither does an incoming state. Needs C, K and V mul
 
 from __future__ import annotations
 
-import contextlib
 import os
 
 import torch
@@ -38,10 +36,14 @@ from torch import Tensor
 from torch.utils.flop_counter import register_flop_formula
 
 from .triton_retention_launch import INTERPRET, launch  # noqa: F401 (INTERPRET: for the tests)
+from .triton_retention_sums import _scan_kernel
 
 LOG2E = 1.4426950408889634
 # The backward's two state scans in one launch (RETNET_TRITON_FUSED_STATES=0: two launches, to compare).
 FUSED_BACKWARD_STATES = os.environ.get("RETNET_TRITON_FUSED_STATES", "1") != "0"
+# RETNET_TRITON_STATES=sums: the chunk states as parallel chunk sums, then a short elementwise scan
+# (triton_retention_sums.py) instead of one sequential scan per state tile (the default, `scan`).
+STATES_BY_SUMS = os.environ.get("RETNET_TRITON_STATES", "scan") == "sums"
 
 
 def supported(C: int, K: int, V: int) -> bool:
@@ -72,6 +74,8 @@ def _state_outputs(BH, N, DX, DY, y, with_z):
 def _states(x, y, lg2, C, reverse, doc, s0=None, z0=None, with_z=False):
     """Chunk-entry states [B*H, N, DX, DY] (y's dtype), z [B*H, N, DX] fp32 (with_z), and the final
     state [B*H, DX, DY] + z [B*H, DX] in fp32 (forward)."""
+    if STATES_BY_SUMS:
+        return _states_by_sums(x, y, lg2, C, reverse, doc, s0, z0, with_z)
     B, T, H, DX = x.shape
     DY = y.shape[-1]
     N = triton.cdiv(T, C)
@@ -102,6 +106,39 @@ def _states(x, y, lg2, C, reverse, doc, s0=None, z0=None, with_z=False):
         IEEE=y.dtype == torch.float32,
     )
     launch("states", lambda m: (DX // m["BX"], DY // m["BY"], B * H), args)
+    return S, (Z if with_z else None), fin, (zfin if with_z else None)
+
+
+def _states_by_sums(x, y, lg2, C, reverse, doc, s0, z0, with_z):
+    """_states' results from each chunk's own sum U_n (fp32 [B*H, N, DX, DY], a parallel pass) and
+    an elementwise scan over them."""
+    B, T, H, DX = x.shape
+    DY = y.shape[-1]
+    N = triton.cdiv(T, C)
+    U = torch.empty(B * H, N, DX, DY, device=x.device, dtype=torch.float32)
+    zu = torch.empty(B * H, N, DX, device=x.device, dtype=torch.float32) if with_z else U
+    common = dict(DOC=lg2 if doc is None else doc, lg2_ptr=lg2, T=T, H=H, N=N, C=C)
+    flags = dict(REVERSE=reverse, WITH_Z=with_z, RESET=doc is not None)
+    sums = dict(X=x, Y=y, U=U, ZU=zu, **common, **_strides(x, "x"), **_strides(y, "y"), DX=DX, DY=DY, **flags)
+    launch("chunk_sums", lambda m: (DX // m["BX"], DY // m["BY"], B * H * N), dict(sums, IEEE=y.dtype == torch.float32))
+    S, Z, fin, zfin = _state_outputs(B * H, N, DX, DY, y, with_z)
+    block = max(1024, triton.next_power_of_2(DX))  # (program 0 of a state also scans z: BLOCK >= DX)
+    _scan_kernel[(triton.cdiv(DX * DY, block), B * H)](
+        U,
+        zu,
+        S,
+        Z,
+        fin if s0 is None else s0,
+        fin if z0 is None else z0,
+        fin,
+        zfin,
+        **common,
+        DXY=DX * DY,
+        DX=DX,
+        HAS_S0=s0 is not None,
+        BLOCK=block,
+        **flags,
+    )
     return S, (Z if with_z else None), fin, (zfin if with_z else None)
 
 
@@ -146,39 +183,39 @@ def _strides(t, prefix):
     return dict(zip((f"s{prefix}b", f"s{prefix}t", f"s{prefix}h"), _bth(t)))
 
 
-def _scores(x, b, lg2, C, doc, row_sums=False):
+def _scores(x, b, lg2, C, doc, Z=None):
     """One pass of _scores_kernel: x, b [B, T, H, E] -> the decayed causal scores within each chunk
-    [B*H, T, C] (x's dtype) and, with row_sums, their row sums per slot [B, T, H, C // 16 + 1] fp32
-    (the last slot left for the output pass's state term; the row sums are the slots' sum)."""
+    [B*H, T, C] (x's dtype), + row sums [B, T, H] fp32 when Z (the z states) is given."""
     B, T, H, E = x.shape
     A = torch.empty(B * H, T, C, device=x.device, dtype=x.dtype)
     # row sums per column block, in slots 16 columns wide (any block width the autotuner picks)
-    parts = torch.zeros(B, T, H, C // 16 + 1, device=x.device, dtype=torch.float32) if row_sums else A
+    parts = torch.zeros(B, T, H, C // 16, device=x.device, dtype=torch.float32) if Z is not None else A
     args = dict(
         X=x,
         B=b,
         A=A,
         RS=parts,
+        Z=A if Z is None else Z,
         DOC=lg2 if doc is None else doc,
         lg2_ptr=lg2,
         T=T,
         H=H,
         C=C,
+        N=triton.cdiv(T, C),
         **_strides(x, "x"),
         **_strides(b, "b"),
         E=E,
-        ROW_SUMS=row_sums,
+        ROW_SUMS=Z is not None,
         RESET=doc is not None,
         IEEE=x.dtype == torch.float32,
     )
     launch("scores", lambda m: (triton.cdiv(T, m["BR"]), C // m["BC"], B * H), args)
-    return A, (parts if row_sums else None)
+    return A, (parts.sum(-1) if Z is not None else None)
 
 
-def _apply(x, y, M, A, lg2, C, key_rows, trans_m, doc, Z=None, parts=None):
+def _apply(x, y, M, A, lg2, C, key_rows, trans_m, doc):
     """One pass of _apply_kernel: x [B, T, H, E], y [B, T, H, D], M [B*H, N, E, D] (trans_m:
-    [B*H, N, D, E]), A the scores [B*H, T, C] (key_rows: read transposed) -> out like y. Z (the
-    forward's z states [B*H, N, E]): also the row sums' state term, into the last slot of parts."""
+    [B*H, N, D, E]), A the scores [B*H, T, C] (key_rows: read transposed) -> out like y."""
     B, T, H, E = x.shape
     D = y.shape[-1]
     out = torch.empty_like(y)
@@ -188,8 +225,6 @@ def _apply(x, y, M, A, lg2, C, key_rows, trans_m, doc, Z=None, parts=None):
         Y=y,
         M=M,
         OUT=out,
-        Z=out if Z is None else Z,
-        RS=out if parts is None else parts,
         DOC=lg2 if doc is None else doc,
         lg2_ptr=lg2,
         T=T,
@@ -205,7 +240,6 @@ def _apply(x, y, M, A, lg2, C, key_rows, trans_m, doc, Z=None, parts=None):
         D=D,
         KEY_ROWS=key_rows,
         TRANS_M=trans_m,
-        ROW_SUMS=Z is not None,
         RESET=doc is not None,
         IEEE=x.dtype == torch.float32,
     )
@@ -221,73 +255,32 @@ def _forward(q, k, v, lg2, C, state, row_sums, doc):
         s0 = state[..., :V].to(v.dtype).reshape(B * H, K, V).contiguous()
         if row_sums:
             z0 = state[..., V].float().reshape(B * H, K).contiguous()
-    side = _fork(q)
     S, Z, fin, zfin = _states(k, v, lg2, C, False, doc, s0, z0, with_z=row_sums)
-    with _on(side):  # the scores need no state: they run beside the scan
-        A, parts = _scores(q, k, lg2, C, doc, row_sums)
-    _join(side, A, parts)
-    o = _apply(q, v, S, A, lg2, C, key_rows=False, trans_m=False, doc=doc, Z=Z, parts=parts)
+    A, s = _scores(q, k, lg2, C, doc, Z)
+    o = _apply(q, v, S, A, lg2, C, key_rows=False, trans_m=False, doc=doc)
     final = fin.view(B, H, K, V)
     if row_sums:
         final = torch.cat([final, zfin.view(B, H, K, 1)], dim=-1)
-    return o, (parts.sum(-1) if row_sums else None), final.to(v.dtype)
+    return o, s, final.to(v.dtype)
 
 
 def _backward(q, k, v, do, lg2, C, state, doc):
     B, _, H, K = q.shape
     V = v.shape[-1]
     s0 = None if state is None else state[..., :V].to(v.dtype).reshape(B * H, K, V).contiguous()
-    side = _fork(q)
-    if FUSED_BACKWARD_STATES:
+    if FUSED_BACKWARD_STATES and not STATES_BY_SUMS:
         S, dG = _states_pair(q, k, v, do, lg2, C, doc, s0)
     else:
         S = _states(k, v, lg2, C, False, doc, s0)[0]  # recomputed, not kept from the forward
         dG = _states(q, do, lg2, C, True, doc)[0]
-    with _on(side):  # beside the scans
-        dA = _scores(do, v, lg2, C, doc)[0]  # gamma^(t-s) dO_t . v_s: dq reads it, dk its transpose
-        A = _scores(q, k, lg2, C, doc)[0]  # the forward's scores, recomputed: dv reads their transpose
-    _join(side, dA, A)
+    dA = _scores(do, v, lg2, C, doc)[0]  # gamma^(t-s) dO_t . v_s: dq reads it, dk its transpose
     dq = _apply(do, k, S, dA, lg2, C, key_rows=False, trans_m=True, doc=doc)
     del S
     dk = _apply(v, q, dG, dA, lg2, C, key_rows=True, trans_m=True, doc=doc)
     del dA
+    A = _scores(q, k, lg2, C, doc)[0]  # the forward's scores, recomputed: dv reads their transpose
     dv = _apply(k, do, dG, A, lg2, C, key_rows=True, trans_m=False, doc=doc)
     return dq, dk, dv
-
-
-# The scores passes read no state, so they run on a second CUDA stream while the state scans, which
-# leave most of the GPU idle (a few programs per SM, each a sequential walk over the chunks), run on
-# the current one (OVERLAP_STREAMS = False: one stream, to compare).
-OVERLAP_STREAMS = os.environ.get("RETNET_TRITON_OVERLAP", "1") != "0"
-_SIDE_STREAMS: dict = {}
-
-
-def _fork(like: Tensor):
-    """The side stream, after the work the current stream has queued so far; None where the kernels
-    run on one stream (CPU, overlap off, CUDA-graph capture)."""
-    if not (OVERLAP_STREAMS and like.is_cuda) or torch.cuda.is_current_stream_capturing():
-        return None
-    side = _SIDE_STREAMS.get(like.device)
-    if side is None:
-        side = _SIDE_STREAMS[like.device] = torch.cuda.Stream(like.device)
-    side.wait_stream(torch.cuda.current_stream(like.device))
-    return side
-
-
-def _on(side):
-    return contextlib.nullcontext() if side is None else torch.cuda.stream(side)
-
-
-def _join(side, *made_there):
-    """The current stream waits for the side stream; the tensors made there are marked as used by the
-    current stream, so that their memory is not handed to later side work while it reads them."""
-    if side is None:
-        return
-    main = torch.cuda.current_stream(side.device)
-    main.wait_stream(side)
-    for t in made_there:
-        if t is not None:
-            t.record_stream(main)
 
 
 # The kernels as torch custom ops: torch.compile traces them into a block's graph (no graph break),

@@ -17,8 +17,6 @@ import triton.language as tl
 # start to the chunk's end. rdec_r = gamma^(r-c0+1) (query rows; 0 after a document start in the
 # chunk) or gamma^(end-1-r) (key rows; 0 before the chunk's last document start). M_n [E, D] is
 # stored [BH, N, E, D] or, TRANS_M, [BH, N, D, E].
-# ROW_SUMS (forward, query rows): the row sums' state term rdec_r X_r . z_n (the row-sum state z_n
-# [B*H, N, E] fp32) into the last slot of the scores pass's RS [B, T, H, C / 16 + 1].
 # ---------------------------------------------------------------------------------------------
 @triton.jit
 def _apply_kernel(
@@ -27,8 +25,6 @@ def _apply_kernel(
     Y,
     M,
     OUT,
-    Z,
-    RS,
     DOC,
     lg2_ptr,
     T,
@@ -48,7 +44,6 @@ def _apply_kernel(
     D: tl.constexpr,
     KEY_ROWS: tl.constexpr,
     TRANS_M: tl.constexpr,
-    ROW_SUMS: tl.constexpr,
     RESET: tl.constexpr,
     IEEE: tl.constexpr,
     BR: tl.constexpr,
@@ -92,15 +87,6 @@ def _apply_kernel(
         if RESET:
             rdec = tl.where(tl.load(DOC + b * T + orr, mask=mr, other=0) < c0, rdec, 0.0)
     acc = acc * rdec[:, None]
-    if ROW_SUMS:
-        if pid_d == 0:
-            zq = tl.zeros([BR], dtype=tl.float32)
-            for e0 in range(0, E, BE):
-                oe = e0 + tl.arange(0, BE)
-                x = tl.load(x_rows + oe[None, :], mask=mr[:, None], other=0.0)
-                zq += tl.sum(x.to(tl.float32) * tl.load(Z + (bh * N + n) * E + oe)[None, :], 1)
-            slots = C // 16 + 1
-            tl.store(RS + ((b * T + orr) * H + h) * slots + slots - 1, zq * rdec, mask=mr)
 
     # The chunk's columns on the causal side, BC at a time.
     if KEY_ROWS:

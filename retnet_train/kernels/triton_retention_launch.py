@@ -12,6 +12,7 @@ import triton
 from .triton_retention_apply import _apply_kernel
 from .triton_retention_scores import _scores_kernel
 from .triton_retention_states import _states_kernel, _states_pair_kernel
+from .triton_retention_sums import _chunk_sums_kernel
 
 INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
 # Under RETNET_TRITON_AUTOTUNE=0 each kernel runs its first valid config (no tuning on a first call).
@@ -95,22 +96,24 @@ def _tuned(fn, configs, key, prune, reset_to_zero=None):
 
 
 states_tuned = _tuned(_states_kernel, STATES_CONFIGS, ["DX", "DY", "C", "REVERSE", "WITH_Z", "RESET"], _prune_states)
-apply_tuned = _tuned(
-    _apply_kernel, APPLY_CONFIGS, ["E", "D", "C", "KEY_ROWS", "TRANS_M", "ROW_SUMS", "RESET"], _prune_apply
-)
+apply_tuned = _tuned(_apply_kernel, APPLY_CONFIGS, ["E", "D", "C", "KEY_ROWS", "TRANS_M", "RESET"], _prune_apply)
 # (the row-sum slots a config leaves unwritten must stay zero while the autotuner tries the others)
 scores_tuned = _tuned(_scores_kernel, SCORES_CONFIGS, ["E", "C", "ROW_SUMS", "RESET"], _prune_scores, ["RS"])
+chunk_sums_tuned = _tuned(
+    _chunk_sums_kernel, STATES_CONFIGS, ["DX", "DY", "C", "REVERSE", "WITH_Z", "RESET"], _prune_states
+)
 states_pair_tuned = _tuned(_states_pair_kernel, STATES_CONFIGS, ["DX", "DY", "C", "HAS_S0", "RESET"], _prune_states)
 KERNELS = {
     "states": (_states_kernel, states_tuned, STATES_CONFIGS, _prune_states),
     "states_pair": (_states_pair_kernel, states_pair_tuned, STATES_CONFIGS, _prune_states),
+    "chunk_sums": (_chunk_sums_kernel, chunk_sums_tuned, STATES_CONFIGS, _prune_states),
     "scores": (_scores_kernel, scores_tuned, SCORES_CONFIGS, _prune_scores),
     "apply": (_apply_kernel, apply_tuned, APPLY_CONFIGS, _prune_apply),
 }
 
-# Tests override block shapes per kernel name (states_pair takes the states' shapes).
+# Tests override block shapes per kernel name (states_pair and chunk_sums take the states' shapes).
 FIXED_META: dict = {}
-STATE_SHAPED = {"states_pair": "states"}
+STATE_SHAPED = {"states_pair": "states", "chunk_sums": "states"}
 
 
 def _fixed_config(configs, prune, args, fixed: dict):

@@ -17,9 +17,8 @@ import triton.language as tl
 # Blocks wholly before the diagonal split the decay at the row block's edge (both factors <= 1);
 # blocks on it take an elementwise exp2 of the (clamped) distance.
 # ROW_SUMS (forward): also each block's row sums of the unrounded scores, fp32, into RS [B, T, H,
-# C / 16 + 1] (zeroed, the slot of the block's first 16 columns; the last slot is the state term,
-# which the output pass adds; the caller sums the slots). No state is read: this pass can run
-# while the state scan does.
+# C / 16] (zeroed, the slot of the block's first 16 columns; summed by the caller), the chunk's
+# first block adding gamma^(t-c0+1) X_t . z_n (the row-sum state z_n [B*H, N, E] fp32).
 # ---------------------------------------------------------------------------------------------
 @triton.jit
 def _scores_kernel(
@@ -27,11 +26,13 @@ def _scores_kernel(
     B,
     A,
     RS,
+    Z,
     DOC,
     lg2_ptr,
     T,
     H,
     C,
+    N,
     sxb,
     sxt,
     sxh,
@@ -86,4 +87,14 @@ def _scores_kernel(
         tl.store(a_tile, p.to(A.dtype.element_ty), mask=mr[:, None])
 
     if ROW_SUMS:
-        tl.store(RS + ((b * T + orr) * H + h) * (C // 16 + 1) + pid_c * BC // 16, rs, mask=mr)
+        if pid_c == 0:
+            zq = tl.zeros([BR], dtype=tl.float32)
+            for e0 in range(0, E, BE):
+                oe = e0 + tl.arange(0, BE)
+                x = tl.load(x_rows + oe[None, :], mask=mr[:, None], other=0.0)
+                zq += tl.sum(x.to(tl.float32) * tl.load(Z + (bh * N + n) * E + oe)[None, :], 1)
+            rdec = tl.exp2(lg2 * (orr - c0 + 1).to(tl.float32))
+            if RESET:
+                rdec = tl.where(drow < c0, rdec, 0.0)
+            rs += zq * rdec
+        tl.store(RS + ((b * T + orr) * H + h) * (C // 16) + pid_c * BC // 16, rs, mask=mr)

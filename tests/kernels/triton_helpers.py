@@ -130,10 +130,9 @@ def check_kernels_separately(B, T, H, K, V, C, dtype, tol, kernels=("states", "a
         ref.update({"S": S, "z": z, "final S": fin, "final z": zfin, "pair S": S, "pair dG": dG})
     if "apply" in kernels or "scores" in kernels:  # the scores pass feeds the output passes
         o, s, _, dq, dk, dv = run(torch_path(C, lg, reset), q, k, v, torch.float64, st.double())
-        A, parts = mod._scores(q_, k_, lg2, C, doc, row_sums=True)
+        A, got["row sums"] = mod._scores(q_, k_, lg2, C, doc, Z=z.float().contiguous())
         dA = mod._scores(do_, v_, lg2, C, doc)[0]
-        got["o"] = mod._apply(q_, v_, S_, A, lg2, C, False, False, doc, Z=z.float().contiguous(), parts=parts)
-        got["row sums"] = parts.sum(-1)  # the scores' slots and the output pass's state term
+        got["o"] = mod._apply(q_, v_, S_, A, lg2, C, False, False, doc)
         got["dq"] = mod._apply(do_, k_, S_, dA, lg2, C, False, True, doc)
         got["dk"] = mod._apply(v_, q_, dG_, dA, lg2, C, True, True, doc)
         got["dv"] = mod._apply(k_, do_, dG_, A, lg2, C, True, False, doc)
