@@ -5,7 +5,7 @@
 
 Backends: `fla` (fla-core's chunk kernel, fixed chunk 64), `torch@C` (our chunkwise form with chunk
 C, eager), `compiled@C` (the same under torch.compile) and `triton@C` (kernels/triton_retention.py,
-states every C tokens; `triton-sums@C` with the states as parallel chunk sums and a scan), each
+states every C tokens), each
 with the score row sums the paper's normalization needs; `--docs N` packs N documents per sequence
 (document resets).
 Prints one JSON line per (head dims, backend): ms of the forward (with grad enabled, as in
@@ -41,7 +41,7 @@ def chunkwise_flops(B, T, H, K, V, C) -> float:
     return 2.0 * B * H * T * (C * K + C * V + 2 * K * V)
 
 
-KINDS = ("fla", "torch", "compiled", "triton", "triton-sums")
+KINDS = ("fla", "torch", "compiled", "triton")
 
 
 def retention_fn(kind, C, lg, reset):
@@ -51,7 +51,6 @@ def retention_fn(kind, C, lg, reset):
     if kind.startswith("triton"):  # the kernels themselves: the dispatcher refuses key dims not yet checked on GPU
         from ..kernels import triton_retention as mod
 
-        mod.STATES_BY_SUMS = kind == "triton-sums"  # (variants run one after another, backward included)
         return lambda q, k, v: mod.triton_retention(q, k, v, lg, C, None, True, reset)[:2]
     backend = "fla" if kind == "fla" else "torch"
 

@@ -36,14 +36,10 @@ from torch import Tensor
 from torch.utils.flop_counter import register_flop_formula
 
 from .triton_retention_launch import INTERPRET, launch  # noqa: F401 (INTERPRET: for the tests)
-from .triton_retention_sums import _scan_kernel
 
 LOG2E = 1.4426950408889634
 # The backward's two state scans in one launch (RETNET_TRITON_FUSED_STATES=0: two launches, to compare).
 FUSED_BACKWARD_STATES = os.environ.get("RETNET_TRITON_FUSED_STATES", "1") != "0"
-# RETNET_TRITON_STATES=sums: the chunk states as parallel chunk sums, then a short elementwise scan
-# (triton_retention_sums.py) instead of one sequential scan per state tile (the default, `scan`).
-STATES_BY_SUMS = os.environ.get("RETNET_TRITON_STATES", "scan") == "sums"
 
 
 def supported(C: int, K: int, V: int) -> bool:
@@ -74,8 +70,6 @@ def _state_outputs(BH, N, DX, DY, y, with_z):
 def _states(x, y, lg2, C, reverse, doc, s0=None, z0=None, with_z=False):
     """Chunk-entry states [B*H, N, DX, DY] (y's dtype), z [B*H, N, DX] fp32 (with_z), and the final
     state [B*H, DX, DY] + z [B*H, DX] in fp32 (forward)."""
-    if STATES_BY_SUMS:
-        return _states_by_sums(x, y, lg2, C, reverse, doc, s0, z0, with_z)
     B, T, H, DX = x.shape
     DY = y.shape[-1]
     N = triton.cdiv(T, C)
@@ -106,39 +100,6 @@ def _states(x, y, lg2, C, reverse, doc, s0=None, z0=None, with_z=False):
         IEEE=y.dtype == torch.float32,
     )
     launch("states", lambda m: (DX // m["BX"], DY // m["BY"], B * H), args)
-    return S, (Z if with_z else None), fin, (zfin if with_z else None)
-
-
-def _states_by_sums(x, y, lg2, C, reverse, doc, s0, z0, with_z):
-    """_states' results from each chunk's own sum U_n (fp32 [B*H, N, DX, DY], a parallel pass) and
-    an elementwise scan over them."""
-    B, T, H, DX = x.shape
-    DY = y.shape[-1]
-    N = triton.cdiv(T, C)
-    U = torch.empty(B * H, N, DX, DY, device=x.device, dtype=torch.float32)
-    zu = torch.empty(B * H, N, DX, device=x.device, dtype=torch.float32) if with_z else U
-    common = dict(DOC=lg2 if doc is None else doc, lg2_ptr=lg2, T=T, H=H, N=N, C=C)
-    flags = dict(REVERSE=reverse, WITH_Z=with_z, RESET=doc is not None)
-    sums = dict(X=x, Y=y, U=U, ZU=zu, **common, **_strides(x, "x"), **_strides(y, "y"), DX=DX, DY=DY, **flags)
-    launch("chunk_sums", lambda m: (DX // m["BX"], DY // m["BY"], B * H * N), dict(sums, IEEE=y.dtype == torch.float32))
-    S, Z, fin, zfin = _state_outputs(B * H, N, DX, DY, y, with_z)
-    block = max(1024, triton.next_power_of_2(DX))  # (program 0 of a state also scans z: BLOCK >= DX)
-    _scan_kernel[(triton.cdiv(DX * DY, block), B * H)](
-        U,
-        zu,
-        S,
-        Z,
-        fin if s0 is None else s0,
-        fin if z0 is None else z0,
-        fin,
-        zfin,
-        **common,
-        DXY=DX * DY,
-        DX=DX,
-        HAS_S0=s0 is not None,
-        BLOCK=block,
-        **flags,
-    )
     return S, (Z if with_z else None), fin, (zfin if with_z else None)
 
 
@@ -268,7 +229,7 @@ def _backward(q, k, v, do, lg2, C, state, doc):
     B, _, H, K = q.shape
     V = v.shape[-1]
     s0 = None if state is None else state[..., :V].to(v.dtype).reshape(B * H, K, V).contiguous()
-    if FUSED_BACKWARD_STATES and not STATES_BY_SUMS:
+    if FUSED_BACKWARD_STATES:
         S, dG = _states_pair(q, k, v, do, lg2, C, doc, s0)
     else:
         S = _states(k, v, lg2, C, False, doc, s0)[0]  # recomputed, not kept from the forward

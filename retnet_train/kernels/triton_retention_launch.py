@@ -12,7 +12,6 @@ import triton
 from .triton_retention_apply import _apply_kernel
 from .triton_retention_scores import _scores_kernel
 from .triton_retention_states import _states_kernel, _states_pair_kernel
-from .triton_retention_sums import _chunk_sums_kernel
 
 INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
 # Under RETNET_TRITON_AUTOTUNE=0 each kernel runs its first valid config (no tuning on a first call).
@@ -39,7 +38,13 @@ def _divisor_block(n: int, cap: int) -> int:
 # 64 x 64 tiles make 64 programs for an H200's 132 SMs, so the narrower tiles (2-4x the programs, each
 # with a shorter dependent chain of MMAs) compete in the autotuning. RETNET_TRITON_STATES_TILES=wide
 # tunes over the 64-row tiles only (to compare both on one GPU).
-WIDE_STATE_TILES = [(64, 128, 64, 4, 3), (64, 64, 64, 4, 3)]
+WIDE_STATE_TILES = [
+    (64, 128, 64, 4, 3),
+    (64, 64, 64, 4, 3),
+    (64, 128, 32, 4, 4),
+    (64, 128, 128, 4, 2),
+    (64, 128, 64, 8, 3),
+]
 FINE_STATE_TILES = [(32, 128, 64, 4, 3), (32, 64, 64, 4, 3), (16, 64, 64, 4, 3)]
 _STATE_TILES = WIDE_STATE_TILES
 if os.environ.get("RETNET_TRITON_STATES_TILES", "fine") != "wide":
@@ -50,7 +55,14 @@ SCORES_CONFIGS = _configs(
 )
 APPLY_CONFIGS = _configs(
     ("BR", "BC", "BD", "BE"),
-    [(128, 64, 128, 64, 8, 3), (128, 128, 128, 64, 8, 2), (64, 64, 256, 64, 8, 2), (64, 64, 128, 64, 4, 3)],
+    [
+        (128, 64, 128, 64, 8, 3),
+        (128, 128, 128, 64, 8, 2),
+        (64, 64, 256, 64, 8, 2),
+        (64, 64, 128, 64, 4, 3),
+        (128, 64, 128, 64, 8, 4),
+        (128, 64, 128, 32, 8, 4),
+    ],
 )
 
 
@@ -99,21 +111,17 @@ states_tuned = _tuned(_states_kernel, STATES_CONFIGS, ["DX", "DY", "C", "REVERSE
 apply_tuned = _tuned(_apply_kernel, APPLY_CONFIGS, ["E", "D", "C", "KEY_ROWS", "TRANS_M", "RESET"], _prune_apply)
 # (the row-sum slots a config leaves unwritten must stay zero while the autotuner tries the others)
 scores_tuned = _tuned(_scores_kernel, SCORES_CONFIGS, ["E", "C", "ROW_SUMS", "RESET"], _prune_scores, ["RS"])
-chunk_sums_tuned = _tuned(
-    _chunk_sums_kernel, STATES_CONFIGS, ["DX", "DY", "C", "REVERSE", "WITH_Z", "RESET"], _prune_states
-)
 states_pair_tuned = _tuned(_states_pair_kernel, STATES_CONFIGS, ["DX", "DY", "C", "HAS_S0", "RESET"], _prune_states)
 KERNELS = {
     "states": (_states_kernel, states_tuned, STATES_CONFIGS, _prune_states),
     "states_pair": (_states_pair_kernel, states_pair_tuned, STATES_CONFIGS, _prune_states),
-    "chunk_sums": (_chunk_sums_kernel, chunk_sums_tuned, STATES_CONFIGS, _prune_states),
     "scores": (_scores_kernel, scores_tuned, SCORES_CONFIGS, _prune_scores),
     "apply": (_apply_kernel, apply_tuned, APPLY_CONFIGS, _prune_apply),
 }
 
-# Tests override block shapes per kernel name (states_pair and chunk_sums take the states' shapes).
+# Tests override block shapes per kernel name (states_pair takes the states' shapes).
 FIXED_META: dict = {}
-STATE_SHAPED = {"states_pair": "states", "chunk_sums": "states"}
+STATE_SHAPED = {"states_pair": "states"}
 
 
 def _fixed_config(configs, prune, args, fixed: dict):

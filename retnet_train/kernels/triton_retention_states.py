@@ -6,7 +6,7 @@ triton_retention_launch.py).
       state gradients dG_n from q, dO), each stored once in the input dtype.
   _states_pair_kernel: the backward's two scans (S_n and dG_n) in one launch.
   _states_tile:        the scan of one tile, shared by both.
-  _add_chunk:          one chunk's decayed sum into a tile (also triton_retention_sums' chunk sums).
+  _add_chunk:          one chunk's decayed sum into a tile.
 """
 
 from __future__ import annotations

@@ -63,8 +63,3 @@ def test_triton_interpreter_compiled_in_graph(interpreter_results):
 def test_triton_interpreter_budget_recomputes_retention(interpreter_results):
     """A low activation memory budget lets the compiled block recompute retention instead of keeping it."""
     in_subprocess(interpreter_results, "check_budget_recomputes_retention")
-
-
-def test_triton_interpreter_states_by_sums(interpreter_results):
-    """The chunk states as parallel chunk sums and a scan: the same states, outputs and gradients."""
-    in_subprocess(interpreter_results, "check_states_by_sums")

@@ -75,19 +75,3 @@ def test_triton_fp32_matches_torch_fp64_gpu():
     reset = resets(B, T, C, device="cuda")
     ref = run(torch_path(C, lg, reset), q, k, v, torch.float64)
     assert_close(run(triton_path(C, lg, reset), q, k, v, torch.float32), ref, FP32_TOL)
-
-
-@pytest.mark.gpu
-@needs_gpu
-def test_triton_states_by_sums_gpu(monkeypatch):
-    """RETNET_TRITON_STATES=sums (chunk sums, then a scan) at the widest heads, bf16, with documents."""
-    from retnet_train.kernels import triton_retention as mod
-
-    monkeypatch.setattr(mod, "STATES_BY_SUMS", True)
-    B, T, H, K, V, C = 2, 2000, 4, 256, 512, 256
-    lg = decay_log_gammas(H).cuda()
-    q, k, v = inputs(B, T, H, K, V, device="cuda")
-    reset = resets(B, T, C, device="cuda")
-    st = torch.randn(B, H, K, V + 1, device="cuda") * 0.1
-    ref = run(torch_path(C, lg, reset), q, k, v, torch.float32, st)
-    assert_close(run(triton_path(C, lg, reset), q, k, v, torch.bfloat16, st.bfloat16()), ref, BF16_TOL)

@@ -46,7 +46,6 @@ CPU_CASES = [
     ("check_gpu_tiles",),
     ("check_compiled_in_graph",),
     ("check_budget_recomputes_retention",),
-    ("check_states_by_sums",),
 ]
 
 
@@ -223,30 +222,6 @@ def check_budget_recomputes_retention():
     kept = layer_bytes_per_token(cfg, 1, 128, torch.device("cpu"), compile=True, activation_memory_budget=0.4)
     d_wide = kept["bytes_per_token"] / (2 * cfg.d_model)  # bf16
     assert d_wide < 7.5, kept
-
-
-def check_states_by_sums():
-    """RETNET_TRITON_STATES=sums (chunk sums, then a scan): each state pass against the recurrences
-    (an incoming state, a partial chunk, a document start), then whole forwards and backwards
-    against the torch path in fp32 (resets, an incoming state) and bf16."""
-    mod, kernels = interpreted()
-    mod.STATES_BY_SUMS = True
-    try:
-        with_blocks(
-            kernels,
-            lambda: check_kernels_separately(2, 200, 2, 32, 64, 64, torch.float32, FP32_TOL, ("states",)),
-            states={"BX": 16, "BY": 32, "BT": 32},
-        )
-        B, T, H, K, V, C = 2, 80, 2, 32, 64, 32
-        lg = decay_log_gammas(H)
-        q, k, v = inputs(B, T, H, K, V, seed=9)
-        reset = resets(B, T, C, seed=7)
-        st = torch.randn(B, H, K, V + 1, generator=torch.Generator().manual_seed(2)) * 0.1
-        ref = run(torch_path(C, lg, reset), q, k, v, torch.float64, st.double())
-        assert_close(run(triton_path(C, lg, reset), q, k, v, torch.float32, st), ref, FP32_TOL)
-        assert_close(run(triton_path(C, lg, reset), q, k, v, torch.bfloat16, st.bfloat16()), ref, BF16_TOL)
-    finally:
-        mod.STATES_BY_SUMS = False
 
 
 # ---- the interpreter subprocess -------------------------------------------------------------------
