@@ -83,21 +83,12 @@ def _states(x, y, lg2, C, reverse, doc, s0=None, z0=None, with_z=False):
         Z0=fin if z0 is None else z0,
         FIN=fin,
         ZFIN=zfin,
-        DOC=lg2 if doc is None else doc,
-        lg2_ptr=lg2,
-        T=T,
-        H=H,
-        N=N,
-        C=C,
-        **_strides(x, "x"),
-        **_strides(y, "y"),
+        **_sequence_args(x, y, lg2, C, doc),
         DX=DX,
         DY=DY,
         REVERSE=reverse,
         WITH_Z=with_z,
         HAS_S0=s0 is not None,
-        RESET=doc is not None,
-        IEEE=y.dtype == torch.float32,
     )
     launch("states", lambda m: (DX // m["BX"], DY // m["BY"], B * H), args)
     return S, (Z if with_z else None), fin, (zfin if with_z else None)
@@ -121,20 +112,11 @@ def _states_pair(q, k, v, do, lg2, C, doc, s0):
         DO=do,
         G=dG,
         GFIN=fin[1],
-        DOC=lg2 if doc is None else doc,
-        lg2_ptr=lg2,
-        T=T,
-        H=H,
-        N=N,
-        C=C,
         BH=B * H,
-        **_strides(k, "x"),
-        **_strides(v, "y"),
+        **_sequence_args(k, v, lg2, C, doc),
         DX=K,
         DY=V,
         HAS_S0=s0 is not None,
-        RESET=doc is not None,
-        IEEE=v.dtype == torch.float32,
     )
     launch("states_pair", lambda m: (K // m["BX"], V // m["BY"], 2 * B * H), args)
     return S, dG
@@ -142,6 +124,24 @@ def _states_pair(q, k, v, do, lg2, C, doc, s0):
 
 def _strides(t, prefix):
     return dict(zip((f"s{prefix}b", f"s{prefix}t", f"s{prefix}h"), _bth(t)))
+
+
+def _sequence_args(x, y, lg2, C, doc, y_prefix="y"):
+    """What every kernel takes: the document starts, the decays, the sequence's shape and chunking, the
+    strides of its two [B, T, H, D] inputs and their precision."""
+    _, T, H, _ = x.shape
+    return dict(
+        DOC=lg2 if doc is None else doc,
+        lg2_ptr=lg2,
+        T=T,
+        H=H,
+        N=triton.cdiv(T, C),
+        C=C,
+        **_strides(x, "x"),
+        **_strides(y, y_prefix),
+        RESET=doc is not None,
+        IEEE=x.dtype == torch.float32,
+    )
 
 
 def _scores(x, b, lg2, C, doc, Z=None):
@@ -157,18 +157,9 @@ def _scores(x, b, lg2, C, doc, Z=None):
         A=A,
         RS=parts,
         Z=A if Z is None else Z,
-        DOC=lg2 if doc is None else doc,
-        lg2_ptr=lg2,
-        T=T,
-        H=H,
-        C=C,
-        N=triton.cdiv(T, C),
-        **_strides(x, "x"),
-        **_strides(b, "b"),
+        **_sequence_args(x, b, lg2, C, doc, y_prefix="b"),
         E=E,
         ROW_SUMS=Z is not None,
-        RESET=doc is not None,
-        IEEE=x.dtype == torch.float32,
     )
     launch("scores", lambda m: (triton.cdiv(T, m["BR"]), C // m["BC"], B * H), args)
     return A, (parts.sum(-1) if Z is not None else None)
@@ -186,23 +177,12 @@ def _apply(x, y, M, A, lg2, C, key_rows, trans_m, doc):
         Y=y,
         M=M,
         OUT=out,
-        DOC=lg2 if doc is None else doc,
-        lg2_ptr=lg2,
-        T=T,
-        H=H,
-        C=C,
-        N=M.shape[1],
-        **_strides(x, "x"),
-        **_strides(y, "y"),
-        sob=out.stride(0),
-        sot=out.stride(1),
-        soh=out.stride(2),
+        **_sequence_args(x, y, lg2, C, doc),
+        **_strides(out, "o"),
         E=E,
         D=D,
         KEY_ROWS=key_rows,
         TRANS_M=trans_m,
-        RESET=doc is not None,
-        IEEE=x.dtype == torch.float32,
     )
     launch("apply", lambda m: (triton.cdiv(T, m["BR"]), D // m["BD"], B * H), args)
     return out
