@@ -28,8 +28,6 @@ prefill runs without grad); neither does an incoming state. Needs C, K and V mul
 
 from __future__ import annotations
 
-import os
-
 import torch
 import triton
 from torch import Tensor
@@ -38,8 +36,6 @@ from torch.utils.flop_counter import register_flop_formula
 from .triton_retention_launch import INTERPRET, launch  # noqa: F401 (INTERPRET: for the tests)
 
 LOG2E = 1.4426950408889634
-# The backward's two state scans in one launch (RETNET_TRITON_FUSED_STATES=0: two launches, to compare).
-FUSED_BACKWARD_STATES = os.environ.get("RETNET_TRITON_FUSED_STATES", "1") != "0"
 
 
 def supported(C: int, K: int, V: int) -> bool:
@@ -209,11 +205,7 @@ def _backward(q, k, v, do, lg2, C, state, doc):
     B, _, H, K = q.shape
     V = v.shape[-1]
     s0 = None if state is None else state[..., :V].to(v.dtype).reshape(B * H, K, V).contiguous()
-    if FUSED_BACKWARD_STATES:
-        S, dG = _states_pair(q, k, v, do, lg2, C, doc, s0)
-    else:
-        S = _states(k, v, lg2, C, False, doc, s0)[0]  # recomputed, not kept from the forward
-        dG = _states(q, do, lg2, C, True, doc)[0]
+    S, dG = _states_pair(q, k, v, do, lg2, C, doc, s0)  # S recomputed, not kept from the forward
     dA = _scores(do, v, lg2, C, doc)[0]  # gamma^(t-s) dO_t . v_s: dq reads it, dk its transpose
     dq = _apply(do, k, S, dA, lg2, C, key_rows=False, trans_m=True, doc=doc)
     del S

@@ -35,16 +35,18 @@ def _divisor_block(n: int, cap: int) -> int:
 # them compile for sm_90a to wgmma without (or with a few bytes of) spills at K 256 / V 512 and
 # K 128 / V 256, bf16, with and without resets.
 # The states pass runs B*H*(K/BX)*(V/BY) programs, each walking all chunks in order: at B1 H8 K128 V256
-# 64 x 64 tiles make 64 programs for an H200's 132 SMs, so the narrower tiles (2-4x the programs, each
-# with a shorter dependent chain of MMAs) compete in the autotuning. RETNET_TRITON_STATES_TILES=wide
-# tunes over the 64-row tiles only (to compare both on one GPU).
-# (128-token steps win the forward scan at B2 H8 K256 V512: 223 us against 243, H200.)
-WIDE_STATE_TILES = [(64, 128, 64, 4, 3), (64, 64, 64, 4, 3), (64, 128, 128, 4, 2)]
-FINE_STATE_TILES = [(32, 128, 64, 4, 3), (32, 64, 64, 4, 3), (16, 64, 64, 4, 3)]
-_STATE_TILES = WIDE_STATE_TILES
-if os.environ.get("RETNET_TRITON_STATES_TILES", "fine") != "wide":
-    _STATE_TILES = WIDE_STATE_TILES + FINE_STATE_TILES
-STATES_CONFIGS = _configs(("BX", "BY", "BT"), _STATE_TILES)
+# 64 x 64 tiles make 64 programs for an H200's 132 SMs, so narrower tiles (2-4x the programs, each
+# with a shorter dependent chain of MMAs) compete in the autotuning; 128-token steps win the forward
+# scan at B2 H8 K256 V512 (223 us against 243, H200).
+STATE_TILES = [
+    (64, 128, 64, 4, 3),
+    (64, 64, 64, 4, 3),
+    (64, 128, 128, 4, 2),
+    (32, 128, 64, 4, 3),
+    (32, 64, 64, 4, 3),
+    (16, 64, 64, 4, 3),
+]
+STATES_CONFIGS = _configs(("BX", "BY", "BT"), STATE_TILES)
 SCORES_CONFIGS = _configs(
     ("BR", "BC", "BE"), [(64, 64, 64, 4, 3), (128, 64, 64, 8, 3), (128, 128, 64, 8, 3), (64, 64, 128, 4, 2)]
 )
