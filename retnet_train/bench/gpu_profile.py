@@ -49,4 +49,4 @@ def top_kernels(prof, n: int = 15) -> list:
     """The n CUDA kernels with the most device time: [share, calls, name (shortened)]."""
     rows = kernel_rows(prof)
     total = sum(r[0] for r in rows) or 1.0
-    return [[round(us / total, 3), calls, name[:90]] for us, calls, name in sorted(rows, reverse=True)[:n]]
+    return [[round(us / total, 3), calls, name[:120]] for us, calls, name in sorted(rows, reverse=True)[:n]]

@@ -110,6 +110,9 @@ def add_run_args(p: argparse.ArgumentParser) -> None:
     """Profiling, DeepSpeed overrides, the plot and the CPU check."""
     p.add_argument("--profile", action="store_true", help="add a GPU time breakdown by kernel category")
     p.add_argument(
+        "--profile-top", type=int, default=15, metavar="N", help="with --profile: list the N longest kernels"
+    )
+    p.add_argument(
         "--ds-json",
         type=json_object,
         default=None,

@@ -203,7 +203,7 @@ def measure(name, build, cfg, args, device):
     result = result_row(name, args, cfg, n_params, timing, mem, device)
     if prof is not None:
         result["profile"] = time_breakdown(prof)
-        result["top_kernels"] = top_kernels(prof)
+        result["top_kernels"] = top_kernels(prof, args.profile_top)
     if ours:
         result["causal_leak"] = causal_leak(model, batch["input_ids"])
     release(engine)
