@@ -4,12 +4,11 @@ checkpoint dir, or the dir is node-local and every node fails, naming it."""
 from __future__ import annotations
 
 import json
-import subprocess
 import threading
 from pathlib import Path
 
 import pytest
-from launch_helpers import ROOT
+from launch_helpers import ROOT, run_together
 from preflight_helpers import preflight_command, preflight_env
 
 from retnet_train import preflight as pf
@@ -108,31 +107,24 @@ def test_one_node_needs_no_handshake(tmp_path):
 
 
 def test_two_node_cli_through_the_shared_dir(tmp_path):
-    procs = [
-        subprocess.Popen(
-            preflight_command(
-                "--checkpoint-dir",
-                str(tmp_path),
-                "--nnodes",
-                "2",
-                "--node-rank",
-                str(r),
-                "--shared-id",
-                "cli",
-                "--shared-timeout",
-                "60",
-                "--params",
-                "1e6",
-                "--no-config",
-            ),
-            cwd=ROOT,
-            env=preflight_env(),
-            stdout=subprocess.PIPE,
-            stderr=subprocess.STDOUT,
-            text=True,
+    commands = [
+        preflight_command(
+            "--checkpoint-dir",
+            str(tmp_path),
+            "--nnodes",
+            "2",
+            "--node-rank",
+            str(r),
+            "--shared-id",
+            "cli",
+            "--shared-timeout",
+            "60",
+            "--params",
+            "1e6",
+            "--no-config",
         )
         for r in (1, 0)
     ]
-    outs = [p.communicate(timeout=120)[0] for p in procs]
-    assert [p.returncode for p in procs] == [0, 0], outs
+    rcs, outs = run_together(commands, cwd=ROOT, env=preflight_env(), timeout=120)
+    assert rcs == [0, 0], outs
     assert "is shared with node 0" in outs[0] and "is shared by all 2 nodes" in outs[1]
