@@ -1,5 +1,6 @@
-"""What the launch-script tests share: running a script with a clean environment, a fake SLURM
-allocation, and reading the sections of a --dry-run's output."""
+"""What the launch-script tests share: running a script with a clean environment, running the
+"nodes" of one job side by side, a fake SLURM allocation, and reading the sections of a --dry-run's
+output."""
 
 from __future__ import annotations
 
@@ -41,6 +42,22 @@ def run(script: str, *args: str, env: dict | None = None, cwd: Path = ROOT) -> s
         text=True,
         timeout=120,
     )
+
+
+def run_together(commands: list[list[str]], *, cwd: Path, env: dict, timeout: float) -> tuple[list[int], list[str]]:
+    """Start every command at once, as the nodes of one job start, and wait for all of them; the
+    exit statuses and (stdout + stderr) outputs come back in the commands' order."""
+    procs = [
+        subprocess.Popen(cmd, cwd=cwd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+        for cmd in commands
+    ]
+    try:
+        outs = [p.communicate(timeout=timeout)[0] for p in procs]
+    finally:
+        for p in procs:
+            if p.poll() is None:
+                p.kill()  # a node that timed out would otherwise outlive the test
+    return [p.returncode for p in procs], outs
 
 
 def fake_slurm(nodes: str, nnodes: int, **extra: str) -> dict:

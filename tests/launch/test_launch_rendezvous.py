@@ -12,8 +12,8 @@ import sys
 from pathlib import Path
 
 import pytest
+from launch_helpers import ROOT, run_together
 
-ROOT = Path(__file__).resolve().parents[2]
 pytestmark = pytest.mark.slow
 
 
@@ -23,6 +23,23 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
+def torchrun_node(rank: int, port: int, *args: str) -> list[str]:
+    """launch/torchrun.sh as node `rank` of two that meet on 127.0.0.1:`port`."""
+    return [
+        "bash",
+        str(ROOT / "launch/torchrun.sh"),
+        "--nnodes",
+        "2",
+        "--node-rank",
+        str(rank),
+        "--master-addr",
+        "127.0.0.1",
+        "--master-port",
+        str(port),
+        *args,
+    ]
+
+
 def launch_two_nodes(
     cwd: Path, node_args: list[str], prog_args: list[str], timeout: float = 400, env_extra: dict | None = None
 ) -> list[tuple[int, str]]:
@@ -30,40 +47,12 @@ def launch_two_nodes(
     env = {**os.environ, "PYTHON": sys.executable, "OMP_NUM_THREADS": "1", **(env_extra or {})}
     for k in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT", "NNODES", "NODE_RANK"):
         env.pop(k, None)
-    procs = []
-    for rank in (1, 0):  # node 1 first: it must wait for node 0's store and marker
-        cmd = [
-            "bash",
-            str(ROOT / "launch/torchrun.sh"),
-            "--nnodes",
-            "2",
-            "--node-rank",
-            str(rank),
-            "--master-addr",
-            "127.0.0.1",
-            "--master-port",
-            str(port),
-            "--rdzv-id",
-            f"test-{port}",
-            "--nproc-per-node",
-            "1",
-            *node_args,
-            "--",
-            *prog_args,
-        ]
-        procs.append(
-            subprocess.Popen(cmd, cwd=cwd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-        )
-    results = []
-    try:
-        for p in procs:
-            out, _ = p.communicate(timeout=timeout)
-            results.append((p.returncode, out))
-    finally:
-        for p in procs:
-            if p.poll() is None:
-                p.kill()
-    return results[::-1]  # node 0, node 1
+    commands = [
+        torchrun_node(rank, port, "--rdzv-id", f"test-{port}", "--nproc-per-node", "1", *node_args, "--", *prog_args)
+        for rank in (1, 0)  # node 1 first: it must wait for node 0's store and marker
+    ]
+    rcs, outs = run_together(commands, cwd=cwd, env=env, timeout=timeout)
+    return list(zip(rcs, outs))[::-1]  # node 0, node 1
 
 
 def test_two_nodes_rendezvous_and_all_reduce(tmp_path):
@@ -88,38 +77,23 @@ def test_preflight_failure_on_one_node_stops_both(tmp_path):
     blocker.write_text("")
     port = free_port()
     env = {**os.environ, "PYTHON": sys.executable}
-    procs = [
-        subprocess.Popen(
-            [
-                "bash",
-                str(ROOT / "launch/torchrun.sh"),
-                "--nnodes",
-                "2",
-                "--node-rank",
-                str(r),
-                "--master-addr",
-                "127.0.0.1",
-                "--master-port",
-                str(port),
-                "--nproc-per-node",
-                "1",
-                "--checkpoint-dir",
-                str(tmp_path / "ck" if r == 0 else blocker / "ck"),
-                "--module",
-                "retnet_train.preflight",
-                "--",
-                "--dist-check",
-            ],
-            cwd=tmp_path,
-            env={**env, "PREFLIGHT_SHARED_TIMEOUT": "5"},
-            stdout=subprocess.PIPE,
-            stderr=subprocess.STDOUT,
-            text=True,
+    commands = [
+        torchrun_node(
+            r,
+            port,
+            "--nproc-per-node",
+            "1",
+            "--checkpoint-dir",
+            str(tmp_path / "ck" if r == 0 else blocker / "ck"),
+            "--module",
+            "retnet_train.preflight",
+            "--",
+            "--dist-check",
         )
         for r in (0, 1)
     ]
-    outs = [p.communicate(timeout=300)[0] for p in procs]
-    assert [p.returncode for p in procs] == [2, 2], outs
+    rcs, outs = run_together(commands, cwd=tmp_path, env={**env, "PREFLIGHT_SHARED_TIMEOUT": "5"}, timeout=300)
+    assert rcs == [2, 2], outs
     assert "preflight failed on node 1" in outs[1] and "not writable: Not a directory" in outs[1]
     assert "preflight failed on node 0" in outs[0] and "did not acknowledge" in outs[0]
     assert not any("dist-check ok" in o for o in outs)

@@ -1,0 +1,86 @@
+"""retnet_train.preflight on one node: the CPU report end to end, the GPU requirement and vendor,
+a checkpoint dir that is writable and has room for the checkpoints."""
+
+from __future__ import annotations
+
+import pytest
+from preflight_helpers import cli, tiny_params
+
+from retnet_train import preflight as pf
+
+
+def test_cpu_node_passes_and_says_no_gpu(tmp_path):
+    ck = tmp_path / "ck"
+    r = cli(
+        "--checkpoint-dir",
+        str(ck),
+        "--nproc-per-node",
+        "1",
+        "--",
+        "model=tiny",
+        "train.max_steps=3",
+        f"checkpoint.dir={ck}",
+        "checkpoint.keep_last=1",
+    )
+    assert r.returncode == 0, r.stdout + r.stderr
+    out = r.stdout
+    assert (
+        f"[  ok] trainer config composed (model=tiny train.max_steps=3 checkpoint.dir={ck} checkpoint.keep_last=1)"
+        in out
+    )
+    assert "[  ok] no GPU: CPU-only torch build" in out
+    assert "torch 2." in out and "deepspeed " in out and "NCCL/RCCL: not in this torch build" in out
+    assert "fla not installed" in out or "fla " in out
+    assert f"checkpoint dir {tmp_path / 'ck'} is writable" in out
+    n = tiny_params()
+    assert f"{n / 1e6:.3g}M params (trainer config) x 16 B/param x 2 checkpoint(s)" in out  # keep_last + 1
+    assert "preflight passed on node 0" in out
+    assert not any(p.name.startswith(".preflight") for p in (tmp_path / "ck").iterdir())  # probe removed
+
+
+def test_require_gpu_fails_on_cpu(tmp_path):
+    r = cli("--require-gpu", "--no-config", "--checkpoint-dir", str(tmp_path))
+    assert r.returncode == 1
+    assert "[FAIL] no GPU: CPU-only torch build and --require-gpu was given" in r.stdout
+    assert "preflight FAILED on node 0" in r.stderr and "--require-gpu" in r.stderr
+
+
+@pytest.mark.parametrize(
+    "vendor, expect", [("rocm", "AMD ROCm GPUs but torch"), ("cuda", "NVIDIA CUDA GPUs but torch")]
+)
+def test_vendor_mismatch_fails(vendor, expect):
+    # rocm.sbatch with a CUDA (or CPU) torch wheel: caught before the GPU count confuses anyone.
+    import torch
+
+    rep = pf.Report()
+    pf.check_vendor(rep, vendor)
+    assert len(rep.failures) == 1 and expect in rep.failures[0] and "CPU-only build" in rep.failures[0]
+    assert torch.__version__ in rep.failures[0]
+    assert ("download.pytorch.org/whl/rocm" in rep.failures[0]) == (vendor == "rocm")
+
+
+def test_unwritable_checkpoint_dir_fails_naming_it(tmp_path):
+    blocker = tmp_path / "file"
+    blocker.write_text("not a directory")
+    rep = pf.Report()
+    assert not pf.check_writable(rep, blocker / "ck")
+    assert rep.failures == [f"checkpoint dir {blocker / 'ck'} is not writable: Not a directory (ENOTDIR)"]
+
+
+def test_free_disk_against_checkpoint_size(tmp_path, monkeypatch):
+    rep = pf.Report()
+    pf.check_disk(rep, tmp_path, 1_300_000_000, 2, "--params")
+    free = pf.shutil.disk_usage(tmp_path).free
+    assert (rep.failures == []) == (free >= 1_300_000_000 * 16 * 2)
+    monkeypatch.setattr(pf.shutil, "disk_usage", lambda p: type("U", (), {"free": 100 * 2**30})())
+    rep = pf.Report()
+    pf.check_disk(rep, tmp_path, 6_700_000_000, 1, "configs/model/6.7b.yaml")  # needs 99.8 GiB
+    assert rep.failures == []
+    pf.check_disk(rep, tmp_path, 6_700_000_000, 2, "configs/model/6.7b.yaml")  # needs 199.7 GiB
+    assert rep.failures == [
+        "not enough disk for checkpoints: 6.7B params (configs/model/6.7b.yaml) x 16 B/param "
+        f"x 2 checkpoint(s) = 199.7 GiB; free on {tmp_path}: 100.0 GiB"
+    ]
+    rep = pf.Report()
+    pf.check_disk(rep, tmp_path, None, 2, "")
+    assert rep.lines[0][0] == "warn" and "free-space check skipped" in rep.lines[0][1]

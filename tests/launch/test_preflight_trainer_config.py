@@ -1,0 +1,82 @@
+"""retnet_train.preflight and the trainer's composed config: the problems it finds before the
+launch, the checkpoint dir and size it gives, and the options the checks fall back to without it."""
+
+from __future__ import annotations
+
+from preflight_helpers import tiny_params
+
+from retnet_train import preflight as pf
+from retnet_train.preflight import cli as preflight_cli
+
+
+def test_trainer_config_problems_fail_before_launch(tmp_path, capsys):
+    # What the trainer would only find out after the queue: batch arithmetic for this world size, a
+    # missing tokenizer, and a --checkpoint-dir the trainer will not write to.
+    rc = pf.main(
+        [
+            "--nproc-per-node",
+            "3",
+            "--checkpoint-dir",
+            str(tmp_path / "elsewhere"),
+            "--",
+            "experiment=tiny_cpu",
+            f"run.dir={tmp_path / 'run'}",
+            "data.tokenizer=/no/such.model",
+            "--cfg",
+            "job",
+        ]
+    )
+    out, err = capsys.readouterr()
+    assert rc == 1
+    assert "trainer config: train.global_batch_tokens=2048 is not a multiple of" in err and "(world size 3)" in err
+    assert "trainer config: data.tokenizer=/no/such.model: no such file" in err
+    assert (
+        f"--checkpoint-dir {tmp_path / 'elsewhere'} but the trainer will write checkpoints to "
+        f"{tmp_path / 'run' / 'checkpoints'}"
+    ) in err and f"checkpoint.dir={tmp_path / 'elsewhere'}" in err
+
+
+def test_trainer_config_gives_checkpoint_dir_and_size(tmp_path, capsys):
+    rc = pf.main(["--", "experiment=tiny_cpu", f"run.dir={tmp_path / 'run'}", "checkpoint.keep_last=4"])
+    out, err = capsys.readouterr()
+    assert rc == 0, out + err
+    n = tiny_params()
+    assert f"checkpoint dir {tmp_path / 'run' / 'checkpoints'} is writable" in out
+    assert f"{n / 1e6:.3g}M params (trainer config) x 16 B/param x 5 checkpoint(s)" in out
+    assert pf.hydra_overrides(["-m", "a=1", "--cfg", "job", "-p", "x", "b=2"]) == ["a=1", "b=2"]
+
+
+# ---------------------------------------------------------------- what the checks fall back to
+
+
+def test_options_only_without_a_checkpoint_dir(capsys):
+    assert pf.main(["--no-config", "--params", "1e6"]) == 0
+    out = capsys.readouterr().out
+    assert "[warn] no --checkpoint-dir: writable/shared/free-space checks skipped" in out
+    assert "trainer config" not in out
+
+
+def test_checkout_without_a_trainer_config_warns_and_uses_the_options(tmp_path, monkeypatch, capsys):
+    monkeypatch.setattr(preflight_cli, "compose_trainer_config", lambda overrides: None)
+    assert pf.main(["--checkpoint-dir", str(tmp_path), "--params", "1e6", "--keep-checkpoints", "3"]) == 0
+    out = capsys.readouterr().out
+    assert (
+        "[warn] no trainer config in this checkout (configs/config.yaml): checkpoint dir and model from options only"
+    ) in out
+    assert f"[  ok] disk: 1M params (--params) x 16 B/param x 3 checkpoint(s) = 45.8 MiB; free on {tmp_path}" in out
+
+
+def test_unknown_trainer_config_layout_falls_back_to_the_options(tmp_path, monkeypatch, capsys):
+    def moved(cfg, world_size):
+        raise AttributeError("'TrainConfig' object has no attribute 'checkpoint'")
+
+    monkeypatch.setattr(preflight_cli, "trainer_view", moved)
+    assert pf.main(["--checkpoint-dir", str(tmp_path), "--", "model=tiny"]) == 0
+    out, err = capsys.readouterr()
+    assert (
+        "preflight: warning: trainer config layout not understood ('TrainConfig' object has no attribute "
+        "'checkpoint'); checks use the options only"
+    ) in err
+    assert "[warn] no trainer config in this checkout" in out
+    n = tiny_params()
+    assert f"{n / 1e6:.3g}M params (configs/model/tiny.yaml) x 16 B/param x 2 checkpoint(s)" in out
