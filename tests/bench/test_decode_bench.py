@@ -211,11 +211,13 @@ def test_bench_gpu_small(capsys):
 
 def test_gpu_memory_over_weights_and_the_weight_read_limit(monkeypatch):
     """The GPU rows' memory and bandwidth fields, with the device's figures stubbed (runs on CPU)."""
-    from retnet_train.bench import decode
+    from retnet_train.bench import decode_rows
 
-    monkeypatch.setattr(decode.torch.cuda, "max_memory_allocated", lambda: 3 * decode.GIB)
-    monkeypatch.setattr(decode, "hbm_bandwidth", lambda: 4e12)
-    got = decode._memory_over_weights(8_000_000_000, 4_000_000_000, decode.GIB, decode.GIB // 2, ms_step=4.5)
+    monkeypatch.setattr(decode_rows.torch.cuda, "max_memory_allocated", lambda: 3 * decode_rows.GIB)
+    monkeypatch.setattr(decode_rows, "hbm_bandwidth", lambda: 4e12)
+    got = decode_rows.memory_over_weights(
+        8_000_000_000, 4_000_000_000, decode_rows.GIB, decode_rows.GIB // 2, ms_step=4.5
+    )
     assert list(got.items()) == [
         ("decode_peak_over_weights_gib", 2.0),
         ("prefill_peak_over_weights_gib", 0.5),
@@ -223,8 +225,8 @@ def test_gpu_memory_over_weights_and_the_weight_read_limit(monkeypatch):
         ("weight_read_limit_ms", 3.0),  # weights and state
         ("step_over_limit", 1.5),
     ]
-    monkeypatch.setattr(decode, "hbm_bandwidth", lambda: None)  # a GPU not in the table: no limit
-    assert list(decode._memory_over_weights(8_000_000_000, 0, 0, 0, ms_step=1.0)) == [
+    monkeypatch.setattr(decode_rows, "hbm_bandwidth", lambda: None)  # a GPU not in the table: no limit
+    assert list(decode_rows.memory_over_weights(8_000_000_000, 0, 0, 0, ms_step=1.0)) == [
         "decode_peak_over_weights_gib",
         "prefill_peak_over_weights_gib",
     ]
