@@ -7,7 +7,7 @@ import torch
 
 from .decode_measure import init_on, timed
 from .decode_rows import GIB, weight_bytes
-from .presets import fla_reference
+from .presets import fla_reference, hf_size
 
 
 def hf_llama(cfg):
@@ -18,12 +18,10 @@ def hf_llama(cfg):
     inter = 256 * round(2 * cfg.ffn_dim / 3 / 256)
     return LlamaForCausalLM(
         LlamaConfig(
-            hidden_size=cfg.d_model,
-            num_hidden_layers=cfg.n_layers,
+            **hf_size(cfg),
             num_attention_heads=cfg.n_heads,
             num_key_value_heads=cfg.n_heads,
             intermediate_size=inter,
-            vocab_size=cfg.vocab_size,
             max_position_embeddings=16384,
             attn_implementation="sdpa",
         )

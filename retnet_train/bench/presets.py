@@ -19,6 +19,11 @@ def load_preset(name: str, **overrides):
         return model_config_from_dict({**yaml.safe_load(f), **overrides})
 
 
+def hf_size(cfg) -> dict:
+    """A preset's width, depth and vocabulary under Hugging Face's config names."""
+    return dict(hidden_size=cfg.d_model, num_hidden_layers=cfg.n_layers, vocab_size=cfg.vocab_size)
+
+
 def fla_reference(cfg):
     """fla's HF RetNetForCausalLM at our preset's size (swiglu FFN of ~the same parameters)."""
     from fla.models import RetNetConfig as FlaConfig
@@ -26,12 +31,6 @@ def fla_reference(cfg):
 
     return FlaRetNet(
         FlaConfig(
-            hidden_size=cfg.d_model,
-            num_hidden_layers=cfg.n_layers,
-            num_heads=cfg.n_heads,
-            expand_v=cfg.value_factor,
-            hidden_ratio=2,
-            vocab_size=cfg.vocab_size,
-            fuse_cross_entropy=True,
+            **hf_size(cfg), num_heads=cfg.n_heads, expand_v=cfg.value_factor, hidden_ratio=2, fuse_cross_entropy=True
         )
     )
