@@ -5,21 +5,22 @@
 
 Backends: `fla` (fla-core's chunk kernel, fixed chunk 64), `torch@C` (our chunkwise form with chunk
 C, eager), `compiled@C` (the same under torch.compile) and `triton@C` (kernels/triton_retention.py,
-states every C tokens), each
-with the score row sums the paper's normalization needs; `--docs N` packs N documents per sequence
-(document resets).
+states every C tokens), each with the score row sums the paper's normalization needs; `--docs N`
+packs N documents per sequence (document resets).
 Prints one JSON line per (head dims, backend): ms of the forward (with grad enabled, as in
 training) and of forward + backward, effective TFLOP/s (the chunkwise form's matmul FLOPs at
 that chunk), the activation memory the backward keeps and, with --profile, the device kernels of
-one forward + backward in launch order (us each) and the top kernels by share. A variant that
-fails prints its error and the run goes on; a table of all results comes last, also when the run
-is stopped by SIGTERM (e.g. from `timeout`).
+one forward + backward in launch order (us each) and the top kernels by share. Then one line
+`{"autotuned": ...}`: per Triton kernel, the config picked for each key and every candidate's time
+at the key tuned last. A variant that fails prints its error and the run goes on; a table of all
+results comes last, also when the run is stopped by SIGTERM (e.g. from `timeout`).
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import math
 import signal
 import time
 
@@ -122,16 +123,23 @@ def profile_kernels(fwd_bwd, steps=3) -> dict:
     }
 
 
-def autotuned_configs() -> dict:
-    """The configs the Triton autotuner picked so far, per kernel and key."""
-    try:
-        from ..kernels import triton_retention_launch as kernels
-    except Exception:
-        return {}
-    return {
-        name: {str(key): str(cfg) for key, cfg in getattr(tuned, "cache", {}).items()}
-        for name, (_, tuned, _, _) in kernels.KERNELS.items()
-    }
+def autotuned_configs(kernels=None) -> dict:
+    """Per Triton kernel: the config the autotuner picked for each key so far and, for the key it tuned
+    last, every candidate's time (us, median), the fastest first."""
+    if kernels is None:
+        try:
+            from ..kernels import triton_retention_launch as kernels
+        except Exception:
+            return {}
+    report = {}
+    for name, (_, tuned, _, _) in kernels.KERNELS.items():
+        picked = {str(key): str(cfg) for key, cfg in getattr(tuned, "cache", {}).items()}
+        timings = sorted(
+            (t[0] if isinstance(t, list) else t, str(c)) for c, t in getattr(tuned, "configs_timings", {}).items()
+        )
+        us = [[round(ms * 1000, 1) if math.isfinite(ms) else None, cfg] for ms, cfg in timings]  # None: failed
+        report[name] = {"picked": picked, "last_key_us": us}
+    return report
 
 
 def print_table(rows):

@@ -86,3 +86,20 @@ def test_dims_and_backend_checks():
 def test_stopped_is_not_a_variant_error():
     """SIGTERM's exception passes through a variant's `except Exception` to the table."""
     assert not issubclass(bench.Stopped, Exception)
+
+
+def test_autotune_report_lists_picks_and_every_candidate_of_the_last_key():
+    """The autotuner's cache (key -> config) and configs_timings (config -> [median ms, ...]) of its last tuning."""
+    tuned = SimpleNamespace(
+        cache={("K", 256): "BX: 64"},
+        configs_timings={"BX: 32": [0.25, 0.2, 0.3], "BX: 64": [0.1], "BX: 128": [float("inf")] * 3},
+    )
+    untuned = SimpleNamespace()
+    kernels = SimpleNamespace(KERNELS={"states": (None, tuned, None, None), "apply": (None, untuned, None, None)})
+    assert bench.autotuned_configs(kernels) == {
+        "states": {
+            "picked": {"('K', 256)": "BX: 64"},
+            "last_key_us": [[100.0, "BX: 64"], [250.0, "BX: 32"], [None, "BX: 128"]],
+        },
+        "apply": {"picked": {}, "last_key_us": []},
+    }
