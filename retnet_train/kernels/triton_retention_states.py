@@ -57,6 +57,7 @@ def _states_kernel(
     BX: tl.constexpr,
     BY: tl.constexpr,
     BT: tl.constexpr,
+    TA: tl.constexpr,
 ):
     _states_tile(
         X,
@@ -92,6 +93,7 @@ def _states_kernel(
         BX,
         BY,
         BT,
+        TA,
     )
 
 
@@ -129,6 +131,7 @@ def _states_pair_kernel(
     BX: tl.constexpr,
     BY: tl.constexpr,
     BT: tl.constexpr,
+    TA: tl.constexpr,
 ):
     px, py, pz = tl.program_id(0), tl.program_id(1), tl.program_id(2).to(tl.int64)
     if pz < BH:
@@ -166,6 +169,7 @@ def _states_pair_kernel(
             BX,
             BY,
             BT,
+            TA,
         )
     else:
         _states_tile(
@@ -202,6 +206,7 @@ def _states_pair_kernel(
             BX,
             BY,
             BT,
+            TA,
         )
 
 
@@ -240,15 +245,21 @@ def _states_tile(
     BX: tl.constexpr,
     BY: tl.constexpr,
     BT: tl.constexpr,
+    TA: tl.constexpr,
 ):
     b, h = bh // H, bh % H
     lg2 = tl.load(lg2_ptr + h)
     ox = px * BX + tl.arange(0, BX)
     oy = py * BY + tl.arange(0, BY)
-    tile = ox[:, None] * DY + oy[None, :]  # offsets in one [DX, DY] state
+    # offsets of the tile in one [DX, DY] state: [BX, BY], or TA (the tile held transposed) [BY, BX]
+    if TA:
+        tile = ox[None, :] * DY + oy[:, None]
+        acc = tl.zeros([BY, BX], dtype=tl.float32)
+    else:
+        tile = ox[:, None] * DY + oy[None, :]
+        acc = tl.zeros([BX, BY], dtype=tl.float32)
     # z is written by one program per row tile (a vector test: the interpreter cannot & a scalar bool)
     z_mask = ox * 0 + py == 0
-    acc = tl.zeros([BX, BY], dtype=tl.float32)
     z = tl.zeros([BX], dtype=tl.float32)
     if HAS_S0:
         acc += tl.load(S0 + bh * DX * DY + tile).to(tl.float32)
@@ -273,14 +284,18 @@ def _states_tile(
             f = tl.where(last < c0, f, 0.0)
         acc = acc * f
         z = z * f
-        acc, z = _add_chunk(acc, z, xb, yb, sxt, syt, ox, oy, doc, lg2, c0, C, end, REVERSE, WITH_Z, RESET, IEEE, BT)
+        acc, z = _add_chunk(
+            acc, z, xb, yb, sxt, syt, ox, oy, doc, lg2, c0, C, end, REVERSE, WITH_Z, RESET, IEEE, BT, TA
+        )
     tl.store(FIN + bh * DX * DY + tile, acc)
     if WITH_Z:
         tl.store(ZFIN + bh * DX + ox, z, mask=z_mask)
 
 
 # acc [BX, BY] += sum_{t in chunk} d_t x_t^T y_t (and z [BX] += sum d_t x_t) over the chunk [c0, end),
-# BT tokens at a time, with the scan direction's decays d_t and document masks (module comment).
+# BT tokens at a time, with the scan direction's decays d_t and document masks (module comment). TA:
+# acc is the tile's transpose [BY, BX], y^T (d x): the decayed tile is the MMA's second operand, which
+# it reads from shared memory without a transposing layout change (an autotuning candidate).
 @triton.jit
 def _add_chunk(
     acc,
@@ -301,6 +316,7 @@ def _add_chunk(
     RESET: tl.constexpr,
     IEEE: tl.constexpr,
     BT: tl.constexpr,
+    TA: tl.constexpr,
 ):
     if RESET:
         last = tl.load(doc + end - 1)  # the chunk's last document start
@@ -318,7 +334,10 @@ def _add_chunk(
             if RESET:
                 d = tl.where(ot >= last, d, 0.0)
         xd = x.to(tl.float32) * d[:, None]
-        acc = tl.dot(tl.trans(xd.to(x.dtype)), y, acc, input_precision="ieee" if IEEE else "tf32")
+        if TA:
+            acc = tl.dot(tl.trans(y), xd.to(x.dtype), acc, input_precision="ieee" if IEEE else "tf32")
+        else:
+            acc = tl.dot(tl.trans(xd.to(x.dtype)), y, acc, input_precision="ieee" if IEEE else "tf32")
         if WITH_Z:
             z += tl.sum(xd, 0)
     return acc, z
