@@ -47,6 +47,10 @@ STATE_TILES = [  # BX, BY, BT, TA (the tile held transposed: _add_chunk), warps,
     (16, 64, 64, False, 4, 3),
     (64, 128, 64, True, 4, 3),
     (64, 128, 128, True, 4, 2),
+    # two warpgroups on wider tiles: each of k and v is reread DY / BY and DX / BX times (4 and 4 above)
+    (128, 128, 64, False, 8, 3),
+    (64, 256, 64, False, 8, 3),
+    (128, 256, 64, False, 8, 2),
 ]
 STATES_CONFIGS = _configs(("BX", "BY", "BT", "TA"), STATE_TILES)
 SCORES_CONFIGS = _configs(
