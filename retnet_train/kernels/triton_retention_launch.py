@@ -56,9 +56,16 @@ STATES_CONFIGS = _configs(("BX", "BY", "BT", "TA"), STATE_TILES)
 SCORES_CONFIGS = _configs(
     ("BR", "BC", "BE"), [(64, 64, 64, 4, 3), (128, 64, 64, 8, 3), (128, 128, 64, 8, 3), (64, 64, 128, 4, 2)]
 )
-APPLY_CONFIGS = _configs(
-    ("BR", "BC", "BD", "BE"),
-    [(128, 64, 128, 64, 8, 3), (128, 128, 128, 64, 8, 2), (64, 64, 256, 64, 8, 2), (64, 64, 128, 64, 4, 3)],
+APPLY_CONFIGS = _configs(  # BR, BC, BD, BE, DF (column tiles of a row block on consecutive programs), warps, stages
+    ("BR", "BC", "BD", "BE", "DF"),
+    [
+        (128, 64, 128, 64, False, 8, 3),
+        (128, 128, 128, 64, False, 8, 2),
+        (64, 64, 256, 64, False, 8, 2),
+        (64, 64, 128, 64, False, 4, 3),
+        (128, 64, 128, 64, True, 8, 3),
+        (64, 64, 128, 64, True, 4, 3),
+    ],
 )
 
 
@@ -67,7 +74,7 @@ APPLY_CONFIGS = _configs(
 FP32_CONFIGS = {
     "states": _configs(("BX", "BY", "BT", "TA"), [(32, 32, 32, False, 4, 1)]),
     "scores": _configs(("BR", "BC", "BE"), [(32, 32, 32, 4, 1)]),
-    "apply": _configs(("BR", "BC", "BD", "BE"), [(32, 32, 32, 32, 4, 1)]),
+    "apply": _configs(("BR", "BC", "BD", "BE", "DF"), [(32, 32, 32, 32, False, 4, 1)]),
 }
 
 
@@ -94,7 +101,7 @@ def _prune_apply(configs, nargs, **kwargs):
     E, D, C = a["E"], a["D"], a["C"]
     keep = [c for c in configs if C % c.kwargs["BR"] == 0 and D % c.kwargs["BD"] == 0 and E % c.kwargs["BE"] == 0]
     br = _divisor_block(C, 64)
-    meta = dict(BR=br, BC=br, BD=_divisor_block(D, 128), BE=_divisor_block(E, 64))
+    meta = dict(BR=br, BC=br, BD=_divisor_block(D, 128), BE=_divisor_block(E, 64), DF=False)
     return keep or [triton.Config(meta, num_warps=4, num_stages=2)]
 
 

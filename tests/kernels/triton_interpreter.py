@@ -99,8 +99,9 @@ def check_blocks_resets_state():
         assert_close(run(triton_path(C, lg, reset), q, k, v, torch.float32, st), ref, FP32_TOL)
 
     blocks = dict(scores={"BR": 16, "BC": 16, "BE": 16}, apply={"BR": 16, "BC": 16, "BD": 32, "BE": 16})
-    for transposed in (False, True):  # the state scans' tile held as is and transposed (TA)
-        with_blocks(kernels, case, **blocks, states={"BX": 16, "BY": 32, "BT": 16, "TA": transposed})
+    for other in (False, True):  # the state tile held as is and transposed (TA); output tiles in both orders (DF)
+        blocks["apply"]["DF"] = other
+        with_blocks(kernels, case, **blocks, states={"BX": 16, "BY": 32, "BT": 16, "TA": other})
 
 
 def check_resets_only_and_no_row_sums():
