@@ -45,29 +45,31 @@ STATE_TILES = [  # BX, BY, BT, TA (the tile held transposed: _add_chunk), warps,
     (32, 128, 64, False, 4, 3),
     (32, 64, 64, False, 4, 3),
     (16, 64, 64, False, 4, 3),
+]
+APPLY_TILES = [  # BR, BC, BD, BE, DF (the column tiles of a row block on consecutive programs), warps, stages
+    (128, 64, 128, 64, False, 8, 3),
+    (128, 128, 128, 64, False, 8, 2),
+    (64, 64, 256, 64, False, 8, 2),
+    (64, 64, 128, 64, False, 4, 3),
+]
+# Candidates that pass the interpreter tests but have not been compiled, checked (test_triton_every_config_gpu)
+# and timed on a GPU yet: RETNET_TRITON_CANDIDATES=1 adds them to the autotuning.
+STATE_CANDIDATES = [
     (64, 128, 64, True, 4, 3),
     (64, 128, 128, True, 4, 2),
-    # two warpgroups on wider tiles: each of k and v is reread DY / BY and DX / BX times (4 and 4 above)
+    # two warpgroups on wider tiles: k and v are reread DY / BY and DX / BX times (4 and 4 above)
     (128, 128, 64, False, 8, 3),
     (64, 256, 64, False, 8, 3),
     (128, 256, 64, False, 8, 2),
 ]
+APPLY_CANDIDATES = [(128, 64, 128, 64, True, 8, 3), (64, 64, 128, 64, True, 4, 3)]
+if os.environ.get("RETNET_TRITON_CANDIDATES", "0") == "1":
+    STATE_TILES, APPLY_TILES = STATE_TILES + STATE_CANDIDATES, APPLY_TILES + APPLY_CANDIDATES
 STATES_CONFIGS = _configs(("BX", "BY", "BT", "TA"), STATE_TILES)
 SCORES_CONFIGS = _configs(
     ("BR", "BC", "BE"), [(64, 64, 64, 4, 3), (128, 64, 64, 8, 3), (128, 128, 64, 8, 3), (64, 64, 128, 4, 2)]
 )
-APPLY_CONFIGS = _configs(  # BR, BC, BD, BE, DF (column tiles of a row block on consecutive programs), warps, stages
-    ("BR", "BC", "BD", "BE", "DF"),
-    [
-        (128, 64, 128, 64, False, 8, 3),
-        (128, 128, 128, 64, False, 8, 2),
-        (64, 64, 256, 64, False, 8, 2),
-        (64, 64, 128, 64, False, 4, 3),
-        (128, 64, 128, 64, True, 8, 3),
-        (64, 64, 128, 64, True, 4, 3),
-    ],
-)
-
+APPLY_CONFIGS = _configs(("BR", "BC", "BD", "BE", "DF"), APPLY_TILES)
 
 # fp32 inputs run IEEE fp32 MMAs (FMA code, no tensor cores): small tiles keep their code and compile
 # time small (128-row tiles take minutes to compile and spill); for tests and checks, not speed.
