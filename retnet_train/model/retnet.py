@@ -116,7 +116,10 @@ class MultiScaleRetention(nn.Module):
         return self._gated_norm(g, o, scale)
 
     def _gated_norm(self, g, o, scale):
-        return self.gate_fn(g) * self.head_norm(o if scale is None else o * scale.to(o.dtype))
+        # in o's [..., H, V] shape throughout, flattened last: torch.compile then fuses the backward's
+        # gate and norm gradients into one pass (a [..., H * V] gate splits it into two)
+        normed = self.per_head_norm(o if scale is None else o * scale.to(o.dtype))
+        return (self.gate_fn(g.view_as(normed)) * normed).flatten(-2)
 
     def gated_output(self, x, o):
         """out_proj(gate(g_proj x) * o) for the normed block input x and the normed retention output o
@@ -164,8 +167,12 @@ class MultiScaleRetention(nn.Module):
 
     def head_norm(self, o):
         """The per-head norm (GroupNorm with a group per head) of o [..., H, V] -> [..., H * V]."""
-        o = self.group_norm(o).flatten(-2)
-        return o if self.group_norm_weight is None else o * self.group_norm_weight
+        return self.per_head_norm(o).flatten(-2)
+
+    def per_head_norm(self, o):
+        """head_norm without the flattening: [..., H, V]."""
+        o = self.group_norm(o)
+        return o if self.group_norm_weight is None else o * self.group_norm_weight.view(o.shape[-2:])
 
     def step(self, x, sin, cos, state, decay, normalizer=None):
         """The recurrent form for a few tokens x [B, T, d] (one per decode step) continuing `state`

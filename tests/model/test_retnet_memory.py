@@ -3,6 +3,7 @@ block (bf16 gate input, activation memory budget), each for the same gradients."
 
 import copy
 import functools
+import re
 
 import pytest
 import torch
@@ -122,3 +123,22 @@ def test_activation_memory_budget_keeps_less_for_the_same_gradients():
     for budget, compile_ in ((1.5, True), (0.0, True), (0.8, False)):
         with pytest.raises(ValueError, match="activation_memory_budget"):
             parallelize(make_model(), compile=compile_, activation_memory_budget=budget)
+
+
+def test_compiled_gated_norm_backward_is_one_pass():
+    """The gate and the per-head norm in o's [B, T, H, V] shape: torch.compile fuses the block's
+    backward gate and norm gradients into one kernel. With the gate in the flattened [B, T, H * V]
+    shape the iteration spaces differ and they came out as separate kernels (norm recomputed, gate
+    gradient, norm gradient): two more passes over 2d-wide tensors per layer."""
+    from torch._inductor.utils import run_and_get_code
+
+    model = parallelize(make_model(n_layers=1).train(), compile=True, activation_memory_budget=0.8)
+    ids = torch.randint(0, VOCAB, (2, 16), generator=torch.Generator().manual_seed(0))
+    try:
+        _, codes = run_and_get_code(lambda: model(ids, labels=ids).loss.backward())
+    finally:
+        torch._dynamo.reset()
+        torch._functorch.config.activation_memory_budget = 1.0  # process-wide: back to torch's default
+    kernels = re.findall(r"^(cpp_fused_\w+) = ", codes[-1], re.M)
+    fused = [k for k in kernels if "native_layer_norm_backward" in k and "silu_backward" in k]
+    assert len(fused) == 1, kernels
