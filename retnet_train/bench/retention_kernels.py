@@ -49,10 +49,10 @@ def retention_fn(kind, C, lg, reset):
     """(q, k, v) -> (o, row sums) for one backend spec."""
     if kind not in KINDS:
         raise ValueError(f"unknown backend {kind!r}: one of {', '.join(KINDS)}")
-    if kind.startswith("triton"):  # the kernels themselves: the dispatcher refuses key dims not yet checked on GPU
-        from ..kernels import triton_retention as mod
+    if kind == "triton":  # the kernels themselves: the dispatcher refuses key dims not yet checked on GPU
+        from ..kernels.triton_retention import triton_retention
 
-        return lambda q, k, v: mod.triton_retention(q, k, v, lg, C, None, True, reset)[:2]
+        return lambda q, k, v: triton_retention(q, k, v, lg, C, None, True, reset)[:2]
     backend = "fla" if kind == "fla" else "torch"
 
     def fn(q, k, v):

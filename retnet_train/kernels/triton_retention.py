@@ -53,23 +53,17 @@ def doc_starts(reset):
     return torch.where(reset, pos, torch.full_like(pos, -1)).cummax(dim=1).values.contiguous()
 
 
-def _state_outputs(BH, N, DX, DY, y, with_z):
-    """What a state pass writes: S [BH, N, DX, DY] in y's dtype, z [BH, N, DX], the final state [BH, DX,
-    DY] and z [BH, DX] in fp32 (without z: the final state stands in for the z buffers, never written)."""
-    S = torch.empty(BH, N, DX, DY, device=y.device, dtype=y.dtype)
-    fin = torch.empty(BH, DX, DY, device=y.device, dtype=torch.float32)
-    Z = torch.empty(BH, N, DX, device=y.device, dtype=torch.float32) if with_z else fin
-    zfin = torch.empty(BH, DX, device=y.device, dtype=torch.float32) if with_z else fin
-    return S, Z, fin, zfin
-
-
-def _states(x, y, lg2, C, reverse, doc, s0=None, z0=None, with_z=False):
-    """Chunk-entry states [B*H, N, DX, DY] (y's dtype), z [B*H, N, DX] fp32 (with_z), and the final
-    state [B*H, DX, DY] + z [B*H, DX] in fp32 (forward)."""
+def _states(x, y, lg2, C, doc, s0=None, z0=None, with_z=False):
+    """The forward's chunk-entry states [B*H, N, DX, DY] (y's dtype), z [B*H, N, DX] fp32 (with_z), and
+    the final state [B*H, DX, DY] + z [B*H, DX] in fp32 (without z the final state stands in for the z
+    buffers, never written)."""
     B, T, H, DX = x.shape
     DY = y.shape[-1]
     N = triton.cdiv(T, C)
-    S, Z, fin, zfin = _state_outputs(B * H, N, DX, DY, y, with_z)
+    S = torch.empty(B * H, N, DX, DY, device=y.device, dtype=y.dtype)
+    fin = torch.empty(B * H, DX, DY, device=y.device, dtype=torch.float32)
+    Z = torch.empty(B * H, N, DX, device=y.device, dtype=torch.float32) if with_z else fin
+    zfin = torch.empty(B * H, DX, device=y.device, dtype=torch.float32) if with_z else fin
     args = dict(
         X=x,
         Y=y,
@@ -82,7 +76,6 @@ def _states(x, y, lg2, C, reverse, doc, s0=None, z0=None, with_z=False):
         **_sequence_args(x, y, lg2, C, doc),
         DX=DX,
         DY=DY,
-        REVERSE=reverse,
         WITH_Z=with_z,
         HAS_S0=s0 is not None,
     )
@@ -193,7 +186,7 @@ def _forward(q, k, v, lg2, C, state, row_sums, doc):
         s0 = state[..., :V].to(v.dtype).reshape(B * H, K, V).contiguous()
         if row_sums:
             z0 = state[..., V].float().reshape(B * H, K).contiguous()
-    S, Z, fin, zfin = _states(k, v, lg2, C, False, doc, s0, z0, with_z=row_sums)
+    S, Z, fin, zfin = _states(k, v, lg2, C, doc, s0, z0, with_z=row_sums)
     A, s = _scores(q, k, lg2, C, doc, Z)
     o = _apply(q, v, S, A, lg2, C, key_rows=False, trans_m=False, doc=doc)
     final = fin.view(B, H, K, V)

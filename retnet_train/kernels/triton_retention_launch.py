@@ -112,7 +112,7 @@ def _tuned(fn, configs, key, prune, reset_to_zero=None):
     return triton.autotune(configs=configs, key=key, prune_configs_by=prune_by, reset_to_zero=reset_to_zero)(fn)
 
 
-states_tuned = _tuned(_states_kernel, STATES_CONFIGS, ["DX", "DY", "C", "REVERSE", "WITH_Z", "RESET"], _prune_states)
+states_tuned = _tuned(_states_kernel, STATES_CONFIGS, ["DX", "DY", "C", "WITH_Z", "RESET"], _prune_states)
 apply_tuned = _tuned(_apply_kernel, APPLY_CONFIGS, ["E", "D", "C", "KEY_ROWS", "TRANS_M", "RESET"], _prune_apply)
 # (the row-sum slots a config leaves unwritten must stay zero while the autotuner tries the others)
 scores_tuned = _tuned(_scores_kernel, SCORES_CONFIGS, ["E", "C", "ROW_SUMS", "RESET"], _prune_scores, ["RS"])

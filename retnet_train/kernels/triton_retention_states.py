@@ -1,10 +1,11 @@
 """The chunk-state scans of triton_retention.py (Triton device code; autotune configs and launching in
 triton_retention_launch.py).
 
-  _states_kernel:      the chunk-entry states of a decayed linear recurrence, sequential over chunks
-      with a [BX, BY] tile of the state in fp32 registers (forward: S_n from k, v; reverse: the
-      state gradients dG_n from q, dO), each stored once in the input dtype.
-  _states_pair_kernel: the backward's two scans (S_n and dG_n) in one launch.
+  _states_kernel:      the forward's chunk-entry states S_n from k, v: a decayed linear recurrence,
+      sequential over chunks with a [BX, BY] tile of the state in fp32 registers, each stored once
+      in the input dtype.
+  _states_pair_kernel: the backward's two scans in one launch: S_n again, and in reverse the state
+      gradients dG_n from q, dO.
   _states_tile:        the scan of one tile, shared by both.
   _add_chunk:          one chunk's decayed sum into a tile.
 """
@@ -49,7 +50,6 @@ def _states_kernel(
     syh,
     DX: tl.constexpr,
     DY: tl.constexpr,
-    REVERSE: tl.constexpr,
     WITH_Z: tl.constexpr,
     HAS_S0: tl.constexpr,
     RESET: tl.constexpr,
@@ -85,7 +85,7 @@ def _states_kernel(
         tl.program_id(2).to(tl.int64),
         DX,
         DY,
-        REVERSE,
+        False,  # REVERSE: the forward scan
         WITH_Z,
         HAS_S0,
         RESET,

@@ -125,7 +125,7 @@ def check_kernels_separately(B, T, H, K, V, C, dtype, tol, kernels=("states", "a
     q_, k_, v_, do_, s0_, S_, dG_ = (t.to(dtype).contiguous() for t in (q, k, v, do, s0, S, dG))
     got, ref = {}, {}
     if "states" in kernels:
-        got.update(zip(["S", "z", "final S", "final z"], mod._states(k_, v_, lg2, C, False, doc, s0_, z0, True)))
+        got.update(zip(["S", "z", "final S", "final z"], mod._states(k_, v_, lg2, C, doc, s0_, z0, True)))
         got.update(zip(["pair S", "pair dG"], mod._states_pair(q_, k_, v_, do_, lg2, C, doc, s0_)))
         ref.update({"S": S, "z": z, "final S": fin, "final z": zfin, "pair S": S, "pair dG": dG})
     if "apply" in kernels or "scores" in kernels:  # the scores pass feeds the output passes
