@@ -50,3 +50,40 @@ def top_kernels(prof, n: int = 15) -> list:
     rows = kernel_rows(prof)
     total = sum(r[0] for r in rows) or 1.0
     return [[round(us / total, 3), calls, name[:120]] for us, calls, name in sorted(rows, reverse=True)[:n]]
+
+
+DEVICE_EVENTS = ("kernel", "gpu_memcpy", "gpu_memset")
+
+
+def device_intervals(trace: dict) -> list:
+    """(start us, end us, name) of every kernel, memcpy and memset in a Chrome trace, by start."""
+    rows = [
+        (e["ts"], e["ts"] + e.get("dur", 0), e.get("name", "?"))
+        for e in trace.get("traceEvents", [])
+        if e.get("cat") in DEVICE_EVENTS and "ts" in e
+    ]
+    return sorted(rows)
+
+
+def idle_time(trace: dict, steps: int, top: int = 8) -> dict:
+    """When the GPU ran nothing between the profile's first and last kernel: the busy share, the idle
+    ms per step and the longest gaps [ms, kernel before, kernel after] (what the host was late for)."""
+    rows = device_intervals(trace)
+    if not rows:
+        return {}
+    busy, gaps, end, last = 0.0, [], rows[0][0], rows[0][2]
+    for start, stop, name in rows:
+        if start > end:
+            gaps.append((start - end, last, name))
+        busy += max(0.0, stop - max(start, end))
+        if stop > end:
+            end, last = stop, name
+    span = end - rows[0][0]
+    idle = span - busy
+    longest = sorted(gaps, reverse=True)[:top]
+    return {
+        "gpu_busy": round(busy / span, 4) if span else 1.0,
+        "idle_ms_per_step": round(idle / 1e3 / max(steps, 1), 2),
+        "gaps_over_100us": sum(g[0] > 100 for g in gaps),
+        "longest_gaps": [[round(us / 1e3, 3), before[:60], after[:60]] for us, before, after in longest],
+    }

@@ -113,6 +113,12 @@ def add_run_args(p: argparse.ArgumentParser) -> None:
         "--profile-top", type=int, default=15, metavar="N", help="with --profile: list the N longest kernels"
     )
     p.add_argument(
+        "--profile-trace",
+        default=None,
+        metavar="DIR",
+        help="with --profile: also record the host's ops and write the Chrome trace DIR/<model>_<seq_len>.json",
+    )
+    p.add_argument(
         "--ds-json",
         type=json_object,
         default=None,

@@ -4,9 +4,12 @@ and MFU in one result row; a row that says so where the GPU runs out of memory."
 from __future__ import annotations
 
 import gc
+import json
 import sys
+import tempfile
 import time
 from dataclasses import dataclass
+from pathlib import Path
 
 import torch
 
@@ -14,7 +17,7 @@ from ..components.metrics import device_peak_flops, peak_memory_gib
 from ..model.flops import flops_per_token
 from ..parallel import parallelize
 from .engine import make_engine, release, train_step
-from .gpu_profile import time_breakdown, top_kernels
+from .gpu_profile import idle_time, time_breakdown, top_kernels
 
 
 class Timer:
@@ -110,13 +113,26 @@ def warm_up(engine, batch, ours: bool, steps: int, accum: int, timer: Timer, lab
     print(f"[{label}] warm-up took {time.perf_counter() - start:.0f} s", file=sys.stderr, flush=True)
 
 
-def start_profile(enabled: bool, device: torch.device):
-    """A running CUDA-kernel profile, or None (not asked for, or on CPU)."""
+def start_profile(enabled: bool, device: torch.device, with_host: bool = False):
+    """A running CUDA-kernel profile (with_host: the host's ops too, for a trace), or None (not asked
+    for, or on CPU)."""
     if not (enabled and device.type == "cuda"):
         return None
-    prof = torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA])
+    activities = [torch.profiler.ProfilerActivity.CUDA] + ([torch.profiler.ProfilerActivity.CPU] if with_host else [])
+    prof = torch.profiler.profile(activities=activities)
     prof.__enter__()
     return prof
+
+
+def profile_fields(prof, args, name: str) -> dict:
+    """The profile's GPU time by category, its longest kernels and when the GPU sat idle; the Chrome
+    trace goes to --profile-trace DIR/<model>_<seq_len>.json when asked for."""
+    with tempfile.TemporaryDirectory() as tmp:
+        path = Path(args.profile_trace or tmp) / f"{name}_{args.seq_len}.json"
+        path.parent.mkdir(parents=True, exist_ok=True)
+        prof.export_chrome_trace(str(path))
+        idle = idle_time(json.loads(path.read_text()), args.steps)
+    return {"profile": time_breakdown(prof), "top_kernels": top_kernels(prof, args.profile_top), "gpu_idle": idle}
 
 
 def timed_steps(engine, batch, ours: bool, steps: int, accum: int, timer: Timer) -> Timing:
@@ -193,7 +209,7 @@ def measure(name, build, cfg, args, device):
     batch = random_batch(cfg.vocab_size, args.micro_batch, args.seq_len, args.doc_len, device)
     timer = Timer(device)
     warm_up(engine, batch, ours, args.warmup, args.grad_accum, timer, f"{name} T={args.seq_len}")
-    prof = start_profile(args.profile, device)
+    prof = start_profile(args.profile, device, with_host=args.profile_trace is not None)
     resident = memory(device, "now")  # weights, gradients, optimizer states: all but activations
     reset_peak(device)
     timing = timed_steps(engine, batch, ours, args.steps, args.grad_accum, timer)
@@ -202,8 +218,7 @@ def measure(name, build, cfg, args, device):
     mem = MemoryUse(mem_before, resident, memory(device, "peak"))
     result = result_row(name, args, cfg, n_params, timing, mem, device)
     if prof is not None:
-        result["profile"] = time_breakdown(prof)
-        result["top_kernels"] = top_kernels(prof, args.profile_top)
+        result.update(profile_fields(prof, args, name))
     if ours:
         result["causal_leak"] = causal_leak(model, batch["input_ids"])
     release(engine)

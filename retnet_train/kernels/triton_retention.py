@@ -173,8 +173,7 @@ def _apply(x, y, M, A, lg2, C, key_rows, trans_m, doc):
         KEY_ROWS=key_rows,
         TRANS_M=trans_m,
     )
-    rows, cols = (lambda m: triton.cdiv(T, m["BR"])), (lambda m: D // m["BD"])
-    launch("apply", lambda m: (cols(m), rows(m), B * H) if m["DF"] else (rows(m), cols(m), B * H), args)
+    launch("apply", lambda m: (triton.cdiv(T, m["BR"]), D // m["BD"], B * H), args)
     return out
 
 

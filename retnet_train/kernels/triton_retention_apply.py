@@ -50,14 +50,9 @@ def _apply_kernel(
     BC: tl.constexpr,
     BD: tl.constexpr,
     BE: tl.constexpr,
-    DF: tl.constexpr,
 ):
     tl.static_assert(BR % BC == 0, "column blocks must tile a row block")
-    # DF: consecutive programs take the column tiles of one row block (they share its X rows and scores in L2)
-    if DF:
-        pid_r, pid_d = tl.program_id(1), tl.program_id(0)
-    else:
-        pid_r, pid_d = tl.program_id(0), tl.program_id(1)
+    pid_r, pid_d = tl.program_id(0), tl.program_id(1)
     bh = tl.program_id(2).to(tl.int64)
     b, h = bh // H, bh % H
     lg2 = tl.load(lg2_ptr + h)

@@ -38,45 +38,33 @@ def _divisor_block(n: int, cap: int) -> int:
 # 64 x 64 tiles make 64 programs for an H200's 132 SMs, so narrower tiles (2-4x the programs, each
 # with a shorter dependent chain of MMAs) compete in the autotuning; 128-token steps win the forward
 # scan at B2 H8 K256 V512 (223 us against 243, H200).
-STATE_TILES = [  # BX, BY, BT, TA (the tile held transposed: _add_chunk), warps, stages
-    (64, 128, 64, False, 4, 3),
-    (64, 64, 64, False, 4, 3),
-    (64, 128, 128, False, 4, 2),
-    (32, 128, 64, False, 4, 3),
-    (32, 64, 64, False, 4, 3),
-    (16, 64, 64, False, 4, 3),
+STATE_TILES = [  # BX, BY, BT, warps, stages
+    (64, 128, 64, 4, 3),
+    (64, 64, 64, 4, 3),
+    (64, 128, 128, 4, 2),
+    (32, 128, 64, 4, 3),
+    (32, 64, 64, 4, 3),
+    (16, 64, 64, 4, 3),
 ]
-APPLY_TILES = [  # BR, BC, BD, BE, DF (the column tiles of a row block on consecutive programs), warps, stages
-    (128, 64, 128, 64, False, 8, 3),
-    (128, 128, 128, 64, False, 8, 2),
-    (64, 64, 256, 64, False, 8, 2),
-    (64, 64, 128, 64, False, 4, 3),
+APPLY_TILES = [  # BR, BC, BD, BE, warps, stages
+    (128, 64, 128, 64, 8, 3),
+    (128, 128, 128, 64, 8, 2),
+    (64, 64, 256, 64, 8, 2),
+    (64, 64, 128, 64, 4, 3),
+    (128, 64, 256, 64, 8, 2),
 ]
-# Candidates that pass the interpreter tests but have not been compiled, checked (test_triton_every_config_gpu)
-# and timed on a GPU yet: RETNET_TRITON_CANDIDATES=1 adds them to the autotuning.
-STATE_CANDIDATES = [
-    (64, 128, 64, True, 4, 3),
-    (64, 128, 128, True, 4, 2),
-    # two warpgroups on wider tiles: k and v are reread DY / BY and DX / BX times (4 and 4 above)
-    (128, 128, 64, False, 8, 3),
-    (64, 256, 64, False, 8, 3),
-    (128, 256, 64, False, 8, 2),
-]
-APPLY_CANDIDATES = [(128, 64, 128, 64, True, 8, 3), (64, 64, 128, 64, True, 4, 3)]
-if os.environ.get("RETNET_TRITON_CANDIDATES", "0") == "1":
-    STATE_TILES, APPLY_TILES = STATE_TILES + STATE_CANDIDATES, APPLY_TILES + APPLY_CANDIDATES
-STATES_CONFIGS = _configs(("BX", "BY", "BT", "TA"), STATE_TILES)
+STATES_CONFIGS = _configs(("BX", "BY", "BT"), STATE_TILES)
 SCORES_CONFIGS = _configs(
     ("BR", "BC", "BE"), [(64, 64, 64, 4, 3), (128, 64, 64, 8, 3), (128, 128, 64, 8, 3), (64, 64, 128, 4, 2)]
 )
-APPLY_CONFIGS = _configs(("BR", "BC", "BD", "BE", "DF"), APPLY_TILES)
+APPLY_CONFIGS = _configs(("BR", "BC", "BD", "BE"), APPLY_TILES)
 
 # fp32 inputs run IEEE fp32 MMAs (FMA code, no tensor cores): small tiles keep their code and compile
 # time small (128-row tiles take minutes to compile and spill); for tests and checks, not speed.
 FP32_CONFIGS = {
-    "states": _configs(("BX", "BY", "BT", "TA"), [(32, 32, 32, False, 4, 1)]),
+    "states": _configs(("BX", "BY", "BT"), [(32, 32, 32, 4, 1)]),
     "scores": _configs(("BR", "BC", "BE"), [(32, 32, 32, 4, 1)]),
-    "apply": _configs(("BR", "BC", "BD", "BE", "DF"), [(32, 32, 32, 32, False, 4, 1)]),
+    "apply": _configs(("BR", "BC", "BD", "BE"), [(32, 32, 32, 32, 4, 1)]),
 }
 
 
@@ -84,7 +72,7 @@ def _prune_states(configs, nargs, **kwargs):
     a = {**nargs, **kwargs}  # (the autotuner passes positional and keyword arguments apart)
     DX, DY, C = a["DX"], a["DY"], a["C"]
     keep = [c for c in configs if DX % c.kwargs["BX"] == 0 and DY % c.kwargs["BY"] == 0 and C % c.kwargs["BT"] == 0]
-    meta = dict(BX=_divisor_block(DX, 64), BY=_divisor_block(DY, 64), BT=_divisor_block(C, 64), TA=False)
+    meta = dict(BX=_divisor_block(DX, 64), BY=_divisor_block(DY, 64), BT=_divisor_block(C, 64))
     return keep or [triton.Config(meta, num_warps=4, num_stages=2)]
 
 
@@ -103,7 +91,7 @@ def _prune_apply(configs, nargs, **kwargs):
     E, D, C = a["E"], a["D"], a["C"]
     keep = [c for c in configs if C % c.kwargs["BR"] == 0 and D % c.kwargs["BD"] == 0 and E % c.kwargs["BE"] == 0]
     br = _divisor_block(C, 64)
-    meta = dict(BR=br, BC=br, BD=_divisor_block(D, 128), BE=_divisor_block(E, 64), DF=False)
+    meta = dict(BR=br, BC=br, BD=_divisor_block(D, 128), BE=_divisor_block(E, 64))
     return keep or [triton.Config(meta, num_warps=4, num_stages=2)]
 
 

@@ -57,7 +57,6 @@ def _states_kernel(
     BX: tl.constexpr,
     BY: tl.constexpr,
     BT: tl.constexpr,
-    TA: tl.constexpr,
 ):
     _states_tile(
         X,
@@ -93,7 +92,6 @@ def _states_kernel(
         BX,
         BY,
         BT,
-        TA,
     )
 
 
@@ -131,7 +129,6 @@ def _states_pair_kernel(
     BX: tl.constexpr,
     BY: tl.constexpr,
     BT: tl.constexpr,
-    TA: tl.constexpr,
 ):
     px, py, pz = tl.program_id(0), tl.program_id(1), tl.program_id(2).to(tl.int64)
     if pz < BH:
@@ -169,7 +166,6 @@ def _states_pair_kernel(
             BX,
             BY,
             BT,
-            TA,
         )
     else:
         _states_tile(
@@ -206,7 +202,6 @@ def _states_pair_kernel(
             BX,
             BY,
             BT,
-            TA,
         )
 
 
@@ -245,19 +240,13 @@ def _states_tile(
     BX: tl.constexpr,
     BY: tl.constexpr,
     BT: tl.constexpr,
-    TA: tl.constexpr,
 ):
     b, h = bh // H, bh % H
     lg2 = tl.load(lg2_ptr + h)
     ox = px * BX + tl.arange(0, BX)
     oy = py * BY + tl.arange(0, BY)
-    # offsets of the tile in one [DX, DY] state: [BX, BY], or TA (the tile held transposed) [BY, BX]
-    if TA:
-        tile = ox[None, :] * DY + oy[:, None]
-        acc = tl.zeros([BY, BX], dtype=tl.float32)
-    else:
-        tile = ox[:, None] * DY + oy[None, :]
-        acc = tl.zeros([BX, BY], dtype=tl.float32)
+    tile = ox[:, None] * DY + oy[None, :]  # offsets of the [BX, BY] tile in one [DX, DY] state
+    acc = tl.zeros([BX, BY], dtype=tl.float32)
     # z is written by one program per row tile (a vector test: the interpreter cannot & a scalar bool)
     z_mask = ox * 0 + py == 0
     z = tl.zeros([BX], dtype=tl.float32)
@@ -284,18 +273,14 @@ def _states_tile(
             f = tl.where(last < c0, f, 0.0)
         acc = acc * f
         z = z * f
-        acc, z = _add_chunk(
-            acc, z, xb, yb, sxt, syt, ox, oy, doc, lg2, c0, C, end, REVERSE, WITH_Z, RESET, IEEE, BT, TA
-        )
+        acc, z = _add_chunk(acc, z, xb, yb, sxt, syt, ox, oy, doc, lg2, c0, C, end, REVERSE, WITH_Z, RESET, IEEE, BT)
     tl.store(FIN + bh * DX * DY + tile, acc)
     if WITH_Z:
         tl.store(ZFIN + bh * DX + ox, z, mask=z_mask)
 
 
 # acc [BX, BY] += sum_{t in chunk} d_t x_t^T y_t (and z [BX] += sum d_t x_t) over the chunk [c0, end),
-# BT tokens at a time, with the scan direction's decays d_t and document masks (module comment). TA:
-# acc is the tile's transpose [BY, BX], y^T (d x): the decayed tile is the MMA's second operand, which
-# it reads from shared memory without a transposing layout change (an autotuning candidate).
+# BT tokens at a time, with the scan direction's decays d_t and document masks (module comment).
 @triton.jit
 def _add_chunk(
     acc,
@@ -316,7 +301,6 @@ def _add_chunk(
     RESET: tl.constexpr,
     IEEE: tl.constexpr,
     BT: tl.constexpr,
-    TA: tl.constexpr,
 ):
     if RESET:
         last = tl.load(doc + end - 1)  # the chunk's last document start
@@ -334,10 +318,7 @@ def _add_chunk(
             if RESET:
                 d = tl.where(ot >= last, d, 0.0)
         xd = x.to(tl.float32) * d[:, None]
-        if TA:
-            acc = tl.dot(tl.trans(y), xd.to(x.dtype), acc, input_precision="ieee" if IEEE else "tf32")
-        else:
-            acc = tl.dot(tl.trans(xd.to(x.dtype)), y, acc, input_precision="ieee" if IEEE else "tf32")
+        acc = tl.dot(tl.trans(xd.to(x.dtype)), y, acc, input_precision="ieee" if IEEE else "tf32")
         if WITH_Z:
             z += tl.sum(xd, 0)
     return acc, z

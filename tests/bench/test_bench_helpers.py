@@ -5,7 +5,7 @@ from types import SimpleNamespace
 import pytest
 
 from retnet_train.bench.engine import engine_config
-from retnet_train.bench.gpu_profile import time_breakdown, top_kernels
+from retnet_train.bench.gpu_profile import idle_time, time_breakdown, top_kernels
 from retnet_train.bench.retention_kernels import chunkwise_flops
 from retnet_train.bench.throughput_args import json_object
 from retnet_train.components.config import TrainConfig
@@ -51,6 +51,28 @@ def test_our_triton_retention_kernels_count_as_retention():
     rows = [("_apply_kernel", 300.0, 4), ("_states_pair_kernel", 100.0, 1), ("_states_kernel", 100.0, 1)]
     rows += [("triton_poi_fused_add_mul_3", 500.0, 8)]
     assert time_breakdown(FakeProfile(rows)) == {"retention": 0.5, "elementwise_other": 0.5}
+
+
+def test_idle_time_counts_the_gaps_between_device_events():
+    def ev(cat, name, ts, dur):
+        return {"cat": cat, "name": name, "ts": ts, "dur": dur}
+
+    # a, then b overlapping a (another stream), a gap of 300 us, a memset, a gap of 50 us, c
+    trace = {
+        "traceEvents": [
+            ev("kernel", "a", 0, 100),
+            ev("kernel", "b", 50, 100),
+            ev("cpu_op", "aten::mm", 150, 1000),  # host ops are not device time
+            ev("gpu_memset", "memset", 450, 50),
+            ev("kernel", "c", 550, 450),
+        ]
+    }
+    idle = idle_time(trace, steps=2)
+    assert idle["gpu_busy"] == round(650 / 1000, 4)
+    assert idle["idle_ms_per_step"] == 0.17  # 350 us over 2 steps
+    assert idle["gaps_over_100us"] == 1
+    assert idle["longest_gaps"] == [[0.3, "b", "memset"], [0.05, "memset", "c"]]
+    assert idle_time({"traceEvents": []}, steps=1) == {}
 
 
 def test_top_kernels_skips_aten_rows_and_orders_by_time():

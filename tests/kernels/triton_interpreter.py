@@ -85,8 +85,7 @@ def check_matches_torch(B, T, H, K, V, C):
 
 def check_blocks_resets_state():
     """Chunk 48 in row and column blocks of 16 (3 per chunk), value tiles of 32, key slices of 16, T = 80
-    (a partial chunk), document starts and an incoming state with its row-sum column; the state scans
-    with their tile as is and transposed."""
+    (a partial chunk), document starts and an incoming state with its row-sum column."""
     _, kernels = interpreted()
     B, T, H, K, V, C = 2, 80, 2, 32, 64, 48
     lg = decay_log_gammas(H)
@@ -99,9 +98,7 @@ def check_blocks_resets_state():
         assert_close(run(triton_path(C, lg, reset), q, k, v, torch.float32, st), ref, FP32_TOL)
 
     blocks = dict(scores={"BR": 16, "BC": 16, "BE": 16}, apply={"BR": 16, "BC": 16, "BD": 32, "BE": 16})
-    for other in (False, True):  # the state tile held as is and transposed (TA); output tiles in both orders (DF)
-        blocks["apply"]["DF"] = other
-        with_blocks(kernels, case, **blocks, states={"BX": 16, "BY": 32, "BT": 16, "TA": other})
+    with_blocks(kernels, case, **blocks, states={"BX": 16, "BY": 32, "BT": 16})
 
 
 def check_resets_only_and_no_row_sums():
