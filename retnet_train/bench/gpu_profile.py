@@ -30,9 +30,15 @@ NOT_KERNELS = ("aten::", "ProfilerStep", "##", "cuda", "Optimizer.")
 
 
 def kernel_rows(prof) -> list:
-    """(device us, calls, name) of each kernel, memcpy and memset in a profile's key_averages."""
-    rows = [(getattr(e, "device_time_total", 0) or 0, e.count, e.key) for e in prof.key_averages()]
+    """(device us, calls, name) of each kernel, memcpy and memset in a profile's key_averages. A host
+    op's row (profiles that record them) carries its kernels' time as device time, none as its own."""
+    rows = [(_own_device_us(e), e.count, e.key) for e in prof.key_averages()]
     return [r for r in rows if r[0] and not r[2].startswith(NOT_KERNELS)]
+
+
+def _own_device_us(row) -> float:
+    own = getattr(row, "self_device_time_total", None)
+    return (getattr(row, "device_time_total", 0) if own is None else own) or 0
 
 
 def time_breakdown(prof) -> dict:

@@ -75,6 +75,20 @@ def test_idle_time_counts_the_gaps_between_device_events():
     assert idle_time({"traceEvents": []}, steps=1) == {}
 
 
+def test_host_op_rows_do_not_count_their_kernels_again():
+    """With the host's ops recorded, a compiled region's row carries its kernels' time as device time."""
+    rows = [
+        SimpleNamespace(key="Torch-Compiled Region: 0/0", device_time_total=900.0, self_device_time_total=0.0, count=4),
+        SimpleNamespace(
+            key="nvjet_sm90_tst_128x256_gemm", device_time_total=600.0, self_device_time_total=600.0, count=4
+        ),
+        SimpleNamespace(key="_apply_kernel", device_time_total=300.0, self_device_time_total=300.0, count=4),
+    ]
+    profile = SimpleNamespace(key_averages=lambda: rows)
+    assert time_breakdown(profile) == {"gemm": 0.667, "retention": 0.333}
+    assert [row[2] for row in top_kernels(profile)] == ["nvjet_sm90_tst_128x256_gemm", "_apply_kernel"]
+
+
 def test_top_kernels_skips_aten_rows_and_orders_by_time():
     top = top_kernels(PROFILE, n=2)
     assert [row[2] for row in top] == ["nvjet_sm90_tst_256x128_gemm", "chunk_simple_gla_fwd_kernel_o"]
