@@ -212,7 +212,7 @@ class DecoderLM(nn.Module):
         if input_ids.dim() != 2:
             raise ValueError(f"input_ids must be [batch, seq], got shape {tuple(input_ids.shape)}")
         if self.check_inputs and input_ids.numel():
-            lo, hi = int(input_ids.min()), int(input_ids.max())
+            lo, hi = torch.stack(torch.aminmax(input_ids)).tolist()  # one host sync, not two
             if lo < 0 or hi >= self.config.vocab_size:
                 raise ValueError(f"input_ids out of range: min {lo}, max {hi}, vocab_size {self.config.vocab_size}")
         x = self.embed_tokens(input_ids)
