@@ -37,7 +37,7 @@ class LinearCrossEntropy(torch.autograd.Function):
             grad.scatter_add_(1, safe_y[:, None], -(ok[:, None] / n_valid))
             grad = grad.to(hidden.dtype)
             grad_hidden[start : start + chunk] = grad @ weight
-            grad_weight += (grad.t() @ h).float()
+            grad_weight.add_(grad.t() @ h)  # bf16 product added in fp32, no fp32 copy of it
         ctx.save_for_backward(grad_hidden, grad_weight.to(weight.dtype))
         return loss / n_valid
 
