@@ -20,7 +20,6 @@ class LinearCrossEntropy(torch.autograd.Function):
         chunk = max(1, CHUNK_BYTES // (4 * vocab))
         valid = labels != ignore_index
         n_valid = valid.sum().clamp(min=1).float()
-        log_n_valid = n_valid.log()
         loss = hidden.new_zeros((), dtype=torch.float32)
         grad_hidden = torch.empty_like(hidden)
         grad_weight = torch.zeros(weight.shape, dtype=torch.float32, device=weight.device)
@@ -30,12 +29,10 @@ class LinearCrossEntropy(torch.autograd.Function):
             safe_y = torch.where(ok, y, 0)
             lse = torch.logsumexp(logits, dim=-1)
             loss += ((lse - logits.gather(1, safe_y[:, None]).squeeze(1)) * ok).sum()
-            # d loss / d logits = (softmax - one_hot) / n_valid, 0 on ignored rows, in place over the logits:
-            # softmax / n_valid = exp(logit - lse - log n_valid) (an ignored row's shift is inf: exp gives 0)
-            shift = torch.where(ok, lse + log_n_valid, float("inf"))
-            grad = logits.sub_(shift[:, None]).exp_()
-            grad.scatter_add_(1, safe_y[:, None], -(ok[:, None] / n_valid))
-            grad = grad.to(hidden.dtype)
+            grad = torch.softmax(logits, dim=-1)  # d loss / d logits = (softmax - one_hot) / n_valid
+            grad.scatter_add_(1, safe_y[:, None], -torch.ones_like(grad[:, :1]))
+            # scaled (0 on ignored rows) and cast to the hidden dtype in one pass
+            grad = torch.mul(grad, (ok / n_valid)[:, None], out=torch.empty_like(grad, dtype=hidden.dtype))
             grad_hidden[start : start + chunk] = grad @ weight
             grad_weight.add_(grad.t() @ h)  # bf16 product added in fp32, no fp32 copy of it
         ctx.save_for_backward(grad_hidden, grad_weight.to(weight.dtype))
