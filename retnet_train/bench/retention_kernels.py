@@ -5,10 +5,8 @@
 
 Backends: `fla` (fla-core's chunk kernel, fixed chunk 64), `torch@C` (our chunkwise form with chunk
 C, eager), `compiled@C` (the same under torch.compile) and `triton@C` (kernels/triton_retention.py,
-states every C tokens), each with the score row sums the paper's normalization needs, on the
-packed q|k|v projection as the model calls it (the rotation of q and k included: inside the op for
-`triton`, split and rotated in torch for the others); `--docs N` packs N documents per sequence
-(document resets).
+states every C tokens), each with the score row sums the paper's normalization needs; `--docs N`
+packs N documents per sequence (document resets).
 Prints one JSON line per (head dims, backend): ms of the forward (with grad enabled, as in
 training) and of forward + backward, effective TFLOP/s (the chunkwise form's matmul FLOPs at
 that chunk), the activation memory the backward keeps and, with --profile, the device kernels of
@@ -28,8 +26,7 @@ import time
 
 import torch
 
-from ..kernels import fla_available, packed_retention_op
-from ..model.layers import rotary_sin_cos
+from ..kernels import fla_available, retention_op
 from ..model.retnet import decay_log_gammas
 from .gpu_profile import top_kernels
 from .presets import load_preset
@@ -48,18 +45,18 @@ def chunkwise_flops(B, T, H, K, V, C) -> float:
 KINDS = ("fla", "torch", "compiled", "triton")
 
 
-def retention_fn(kind, C, lg, reset, H=0, K=0, sin=None, cos=None):
-    """qkv [B, T, H*(2K + V)] -> (o, row sums) for one backend spec, q and k rotated by sin / cos."""
+def retention_fn(kind, C, lg, reset):
+    """(q, k, v) -> (o, row sums) for one backend spec."""
     if kind not in KINDS:
         raise ValueError(f"unknown backend {kind!r}: one of {', '.join(KINDS)}")
     if kind == "triton":  # the kernels themselves: the dispatcher refuses key dims not yet checked on GPU
-        from ..kernels.triton_retention import triton_retention_packed
+        from ..kernels.triton_retention import triton_retention
 
-        return lambda qkv: triton_retention_packed(qkv, sin, cos, H, K, lg, C, None, True, reset)[:2]
+        return lambda q, k, v: triton_retention(q, k, v, lg, C, None, True, reset)[:2]
     backend = "fla" if kind == "fla" else "torch"
 
-    def fn(qkv):
-        o, s, _ = packed_retention_op(backend, qkv, sin, cos, H, K, lg, "chunkwise", C, reset, None, True)
+    def fn(q, k, v):
+        o, s, _ = retention_op(backend, q, k, v, lg, "chunkwise", C, reset, None, True)
         return o, s
 
     return torch.compile(fn) if kind == "compiled" else fn
@@ -74,15 +71,15 @@ def kernel_sequence(prof, steps: int) -> list:
     return [[e.name[:60], round(e.time_range.elapsed_us(), 1)] for e in per_step]
 
 
-def time_variant(fn, qkv, steps, profile):
-    grad = torch.randn_like(fn(qkv)[0])
+def time_variant(fn, q, k, v, steps, profile):
+    grad = torch.randn_like(v)
 
     def fwd():
-        return fn(qkv)
+        return fn(q, k, v)
 
     def fwd_bwd():
-        qkv.grad = None  # no accumulation kernel into the leaf's grad
-        o, _ = fn(qkv)
+        q.grad = k.grad = v.grad = None  # no accumulation kernels into the leaves' grads
+        o, _ = fn(q, k, v)
         o.backward(grad)
 
     for _ in range(3):  # warm-up: autotuning, compilation
@@ -205,16 +202,14 @@ def run_variant(spec, args, H, K, V):
         if kind == "fla" and not fla_available():
             raise RuntimeError("fla-core is not installed")
         torch.manual_seed(0)
-        qkv = torch.randn(B, T, H * (2 * K + V), device="cuda", dtype=torch.bfloat16).requires_grad_()
-        inv_freq = 1.0 / 10000 ** torch.linspace(0, 1, K // 2, dtype=torch.float64, device="cuda")
-        sin, cos = (t.unsqueeze(1) for t in rotary_sin_cos(inv_freq, 0, T, torch.bfloat16))
+        make = lambda *shape, s=1.0: (torch.randn(*shape, device="cuda", dtype=torch.bfloat16) * s).requires_grad_()  # noqa: E731
+        q, k, v = make(B, T, H, K), make(B, T, H, K, s=K**-0.5), make(B, T, H, V)
         lg = decay_log_gammas(H).cuda()
         reset = None
         if args.docs > 1:
             reset = torch.zeros(B, T, dtype=torch.bool, device="cuda")
             reset[:, :: -(-T // args.docs)] = True
-        fn = retention_fn(kind, C, lg, reset, H, K, sin, cos)
-        row.update(time_variant(fn, qkv, args.steps, args.profile))
+        row.update(time_variant(retention_fn(kind, C, lg, reset), q, k, v, args.steps, args.profile))
         row["tflops"] = round(3 * chunkwise_flops(B, T, H, K, V, C) / row["ms_fwd_bwd"] / 1e9, 1)
     except Exception as e:  # one failing variant (compile error, OOM, missing package) must not end the run
         row["error"] = f"{type(e).__name__}: {e}"[:400]

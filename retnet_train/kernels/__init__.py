@@ -2,10 +2,9 @@
 CUDA/ROCm) and `triton` (our own Triton kernels, triton_retention.py, CUDA/ROCm) compute the same
 thing and share one state format, so a prefill on one can be continued on the other.
 
-Layout: q, k [B, T, H, K] (k already scaled by K^-1/2 and both rotated), v [B, T, H, V]; the
-model passes its packed q|k|v projection instead (packed_retention_op). Returns o [B, T, H, V]
-(unnormalized), row sums s [B, T, H] of the decayed scores when asked (for the paper's
-normalization; no gradient), and the state [B, H, K, V (+1 when row sums)].
+Layout: q, k [B, T, H, K] (k already scaled by K^-1/2 and both rotated), v [B, T, H, V].
+Returns o [B, T, H, V] (unnormalized), row sums s [B, T, H] of the decayed scores when asked
+(for the paper's normalization; no gradient), and the state [B, H, K, V (+1 when row sums)].
 """
 
 from __future__ import annotations
@@ -14,7 +13,6 @@ import functools
 
 import torch
 
-from .rotary import split_heads
 from .torch_retention import chunkwise_retention, parallel_retention, recurrent_retention
 
 
@@ -68,56 +66,6 @@ def resolve_backend(backend: str, device: torch.device, key_dim: int = 0) -> str
     return "fla" if on_gpu and fla_available() else "torch"
 
 
-def _triton_chunk(backend, mode, chunk_size, T, K, V, state_grad, on_cuda):
-    """The chunk size the Triton kernels run with, or None where the torch path runs instead.
-
-    state_grad: the final state is backpropagated through (context parallel), which our Triton kernels
-    do not do. Parallel = one chunk of the whole sequence (rounded up to a multiple of 64) but at most
-    256: the same retention in the chunkwise form. Decoding (recurrent, one token at a time) and
-    head dims or chunk sizes that are not multiples of 16 run on the torch path."""
-    if backend != "triton" or mode == "recurrent" or state_grad:
-        return None
-    from .triton_retention import supported
-
-    C = min(-(-T // 64) * 64, 256) if mode == "parallel" else chunk_size
-    if on_cuda and K > GPU_CHECKED_TRITON_KEY_DIM:
-        raise ValueError(
-            f"model.retention_backend=triton: key head dim {K} is wider than the GPU tests "
-            f"cover (tests/kernels/test_triton_retention.py, up to {GPU_CHECKED_TRITON_KEY_DIM}); use "
-            f"retention_backend=torch, or key dims <= {GPU_CHECKED_TRITON_KEY_DIM}"
-        )
-    return C if supported(C, K, V) else None
-
-
-def packed_retention_op(
-    backend,
-    qkv,
-    sin,
-    cos,
-    n_heads,
-    key_dim,
-    log_gamma,
-    mode,
-    chunk_size,
-    reset=None,
-    state=None,
-    row_sums=True,
-    state_grad=False,
-    recompute=True,
-):
-    """retention_op for the packed projection qkv [B, T, H*K + H*K + H*V] whose q and k heads are still
-    to be rotated by sin / cos [T, 1, K] (rotary.split_heads): the Triton kernels take it whole (one
-    op rotates, and returns the projection's gradient as one tensor); other paths split it first."""
-    V = qkv.shape[-1] // n_heads - 2 * key_dim
-    C = _triton_chunk(backend, mode, chunk_size, qkv.shape[1], key_dim, V, state_grad, qkv.is_cuda)
-    if C is not None and key_dim & (key_dim - 1) == 0:  # (the rotation kernel's tiles: a power of two)
-        from .triton_retention import triton_retention_packed
-
-        return triton_retention_packed(qkv, sin, cos, n_heads, key_dim, log_gamma, C, state, row_sums, reset)
-    q, k, v = split_heads(qkv, sin, cos, n_heads, key_dim)
-    return retention_op(backend, q, k, v, log_gamma, mode, chunk_size, reset, state, row_sums, state_grad, recompute)
-
-
 def retention_op(
     backend,
     q,
@@ -132,17 +80,27 @@ def retention_op(
     state_grad=False,
     recompute=True,
 ):
-    """state_grad: the final state is backpropagated through (context parallel; the torch path runs).
-    recompute (torch path): the backward recomputes the chunk states instead of keeping them
-    (torch_retention._equal_full_chunks)."""
+    """state_grad: the final state is backpropagated through (context parallel), which our Triton
+    kernels do not do: the torch path runs instead. recompute (torch path): the backward recomputes
+    the chunk states instead of keeping them (torch_retention._equal_full_chunks)."""
     # Under autocast the rotation leaves q, k in fp32 beside a bf16 v; the backward of a custom autograd
     # op runs outside autocast, so the inputs share v's dtype from here on.
     q, k = q.to(v.dtype), k.to(v.dtype)
-    C = _triton_chunk(backend, mode, chunk_size, q.shape[1], q.shape[-1], v.shape[-1], state_grad, q.is_cuda)
-    if C is not None:
-        from .triton_retention import triton_retention
+    if backend == "triton" and mode != "recurrent" and not state_grad:
+        from .triton_retention import supported, triton_retention
 
-        return triton_retention(q, k, v, log_gamma, C, state, row_sums, reset)
+        # parallel = one chunk of the whole sequence (rounded up to a multiple of 64) but at most 256:
+        # the same retention in the chunkwise form. Decoding (recurrent, one token at a time) and chunk
+        # sizes that are not a multiple of 16 run on the torch path.
+        C = min(-(-q.shape[1] // 64) * 64, 256) if mode == "parallel" else chunk_size
+        if q.is_cuda and q.shape[-1] > GPU_CHECKED_TRITON_KEY_DIM:
+            raise ValueError(
+                f"model.retention_backend=triton: key head dim {q.shape[-1]} is wider than the GPU tests "
+                f"cover (tests/kernels/test_triton_retention.py, up to {GPU_CHECKED_TRITON_KEY_DIM}); use "
+                f"retention_backend=torch, or key dims <= {GPU_CHECKED_TRITON_KEY_DIM}"
+            )
+        if supported(C, q.shape[-1], v.shape[-1]):
+            return triton_retention(q, k, v, log_gamma, C, state, row_sums, reset)
     if backend == "fla" and not (reset is not None and state is not None):
         from .fla_backend import fla_retention
 

@@ -34,7 +34,6 @@ from torch import Tensor
 from torch.utils.flop_counter import register_flop_formula
 
 from .triton_retention_launch import INTERPRET, launch  # noqa: F401 (INTERPRET: for the tests)
-from .triton_rotary import rotate_qk, unrotate_qk_
 
 LOG2E = 1.4426950408889634
 
@@ -104,7 +103,6 @@ def _states_pair(q, k, v, do, lg2, C, doc, s0):
         GFIN=fin[1],
         BH=B * H,
         **_sequence_args(k, v, lg2, C, doc),
-        **_strides(do, "d"),
         DX=K,
         DY=V,
         HAS_S0=s0 is not None,
@@ -156,13 +154,12 @@ def _scores(x, b, lg2, C, doc, Z=None):
     return A, (parts.sum(-1) if Z is not None else None)
 
 
-def _apply(x, y, M, A, lg2, C, key_rows, trans_m, doc, out=None):
+def _apply(x, y, M, A, lg2, C, key_rows, trans_m, doc):
     """One pass of _apply_kernel: x [B, T, H, E], y [B, T, H, D], M [B*H, N, E, D] (trans_m:
-    [B*H, N, D, E]), A the scores [B*H, T, C] (key_rows: read transposed) -> out [B, T, H, D]
-    (given: any strides with a contiguous last dim; else new and contiguous)."""
+    [B*H, N, D, E]), A the scores [B*H, T, C] (key_rows: read transposed) -> out like y."""
     B, T, H, E = x.shape
     D = y.shape[-1]
-    out = y.new_empty(y.shape) if out is None else out
+    out = torch.empty_like(y)
     args = dict(
         X=x,
         A=A,
@@ -197,149 +194,107 @@ def _forward(q, k, v, lg2, C, state, row_sums, doc):
     return o, s, final.to(v.dtype)
 
 
-def _backward(q, k, v, do, lg2, C, state, doc, dq, dk, dv):
-    """Writes the gradients into dq, dk, dv (views of one buffer)."""
+def _backward(q, k, v, do, lg2, C, state, doc):
     B, _, H, K = q.shape
     V = v.shape[-1]
     s0 = None if state is None else state[..., :V].to(v.dtype).reshape(B * H, K, V).contiguous()
     S, dG = _states_pair(q, k, v, do, lg2, C, doc, s0)  # S recomputed, not kept from the forward
     dA = _scores(do, v, lg2, C, doc)[0]  # gamma^(t-s) dO_t . v_s: dq reads it, dk its transpose
-    _apply(do, k, S, dA, lg2, C, key_rows=False, trans_m=True, doc=doc, out=dq)
+    dq = _apply(do, k, S, dA, lg2, C, key_rows=False, trans_m=True, doc=doc)
     del S
-    _apply(v, q, dG, dA, lg2, C, key_rows=True, trans_m=True, doc=doc, out=dk)
+    dk = _apply(v, q, dG, dA, lg2, C, key_rows=True, trans_m=True, doc=doc)
     del dA
     A = _scores(q, k, lg2, C, doc)[0]  # the forward's scores, recomputed: dv reads their transpose
-    _apply(k, do, dG, A, lg2, C, key_rows=True, trans_m=False, doc=doc, out=dv)
-
-
-def _blocks(qkv, n_heads, key_dim):
-    """Views of a packed qkv [B, T, H*K + H*K + H*V]: q, k [B, T, H, K], v [B, T, H, V]."""
-    HK = n_heads * key_dim
-    q, k, v = qkv.split([HK, HK, qkv.shape[-1] - 2 * HK], dim=-1)
-    return q.unflatten(-1, (n_heads, key_dim)), k.unflatten(-1, (n_heads, key_dim)), v.unflatten(-1, (n_heads, -1))
-
-
-def _heads(qkv, sin, cos, n_heads, key_dim):
-    """q, k (rotated when sin / cos are given: fresh [B, T, 2H, K] memory) and v (a view of qkv)."""
-    q, k, v = _blocks(qkv, n_heads, key_dim)
-    if sin is not None:
-        qk = rotate_qk(qkv, sin, cos, n_heads, key_dim)
-        q, k = qk[:, :, :n_heads], qk[:, :, n_heads:]
-    return q, k, v
+    dv = _apply(k, do, dG, A, lg2, C, key_rows=True, trans_m=False, doc=doc)
+    return dq, dk, dv
 
 
 # The kernels as torch custom ops: torch.compile traces them into a block's graph (no graph break),
 # and the partitioner may recompute the forward in the backward (it sees the op's flops, below)
-# instead of keeping o, when the activation memory budget asks for it. The op takes the packed
-# q|k|v projection and returns its gradient as one tensor: the projection is one GEMM each way
-# and nothing is concatenated; only qkv is kept (the rotated q and k are recomputed).
+# instead of keeping o, when the activation memory budget asks for it.
 @torch.library.custom_op("retnet_train::triton_retention", mutates_args=())
 def _retention_op(
-    qkv: Tensor,
-    sin: Tensor | None,
-    cos: Tensor | None,
+    q: Tensor,
+    k: Tensor,
+    v: Tensor,
     lg2: Tensor,
-    n_heads: int,
-    key_dim: int,
     chunk_size: int,
     state: Tensor | None,
     row_sums: bool,
     doc: Tensor | None,
 ) -> tuple[Tensor, Tensor, Tensor]:
     """-> o, row sums (empty without row_sums: an op returns tensors), final state."""
-    q, k, v = _heads(qkv, sin, cos, n_heads, key_dim)
     o, s, final = _forward(q, k, v, lg2, chunk_size, state, row_sums, doc)
     return o, (s if row_sums else q.new_empty(0, dtype=torch.float32)), final
 
 
 @_retention_op.register_fake
-def _(qkv, sin, cos, lg2, n_heads, key_dim, chunk_size, state, row_sums, doc):
-    B, T, width = qkv.shape
-    V = width // n_heads - 2 * key_dim
-    s = qkv.new_empty((B, T, n_heads) if row_sums else (0,), dtype=torch.float32)
-    return qkv.new_empty(B, T, n_heads, V), s, qkv.new_empty(B, n_heads, key_dim, V + row_sums)
+def _(q, k, v, lg2, chunk_size, state, row_sums, doc):
+    B, T, H, K = q.shape
+    V = v.shape[-1]
+    s = q.new_empty((B, T, H) if row_sums else (0,), dtype=torch.float32)
+    return torch.empty_like(v), s, v.new_empty(B, H, K, V + row_sums)
 
 
 @torch.library.custom_op("retnet_train::triton_retention_backward", mutates_args=())
 def _retention_backward_op(
-    qkv: Tensor,
-    sin: Tensor | None,
-    cos: Tensor | None,
+    q: Tensor,
+    k: Tensor,
+    v: Tensor,
     do: Tensor,
     lg2: Tensor,
-    n_heads: int,
-    key_dim: int,
     chunk_size: int,
     state: Tensor | None,
     doc: Tensor | None,
-) -> Tensor:
-    q, k, v = _heads(qkv, sin, cos, n_heads, key_dim)
-    dqkv = qkv.new_empty(qkv.shape)
-    _backward(q, k, v, do, lg2, chunk_size, state, doc, *_blocks(dqkv, n_heads, key_dim))
-    return dqkv if sin is None else unrotate_qk_(dqkv, sin, cos, n_heads, key_dim)
+) -> tuple[Tensor, Tensor, Tensor]:
+    return _backward(q, k, v, do, lg2, chunk_size, state, doc)
 
 
 @_retention_backward_op.register_fake
-def _(qkv, sin, cos, do, lg2, n_heads, key_dim, chunk_size, state, doc):
-    return qkv.new_empty(qkv.shape)
+def _(q, k, v, do, lg2, chunk_size, state, doc):
+    return torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
 
 
 def _setup_context(ctx, inputs, output):
-    qkv, sin, cos, lg2, n_heads, key_dim, chunk_size, state, _row_sums, doc = inputs
-    ctx.save_for_backward(qkv, sin, cos, lg2, state, doc)
-    ctx.shape = n_heads, key_dim, chunk_size
+    q, k, v, lg2, chunk_size, state, _row_sums, doc = inputs
+    ctx.save_for_backward(q, k, v, lg2, state, doc)
+    ctx.chunk_size = chunk_size
     ctx.mark_non_differentiable(*output[1:])  # row sums and the final state carry no gradient
 
 
 def _retention_grad(ctx, do, _ds, _dfinal):
-    qkv, sin, cos, lg2, state, doc = ctx.saved_tensors
-    n_heads, key_dim, chunk_size = ctx.shape
-    dqkv = _retention_backward_op(qkv, sin, cos, do.contiguous(), lg2, n_heads, key_dim, chunk_size, state, doc)
-    return dqkv, None, None, None, None, None, None, None, None, None
+    q, k, v, lg2, state, doc = ctx.saved_tensors
+    dq, dk, dv = _retention_backward_op(q, k, v, do.contiguous(), lg2, ctx.chunk_size, state, doc)
+    return dq, dk, dv, None, None, None, None, None
 
 
 _retention_op.register_autograd(_retention_grad, setup_context=_setup_context)
 
 
-def _retention_flops(qkv_shape, sin_shape, cos_shape, lg2_shape, n_heads, key_dim, chunk_size, *args, **kwargs) -> int:
+def _retention_flops(q_shape, k_shape, v_shape, lg2_shape, chunk_size, *args, **kwargs) -> int:
     """Forward matmul flops: per token, the causal half of a chunk's scores and their product with v,
     plus q @ S and the state update (k^T v)."""
-    B, T, width = qkv_shape
-    H, K = n_heads, key_dim
-    V = width // H - 2 * K
+    B, T, H, K = q_shape
+    V = v_shape[-1]
     return 2 * B * T * H * (chunk_size * (K + V) // 2 + 2 * K * V)
 
 
-def _backward_flops(qkv_shape, sin_shape, cos_shape, do_shape, lg2_shape, n_heads, key_dim, chunk_size, *a, **kw):
-    return 2 * _retention_flops(qkv_shape, sin_shape, cos_shape, lg2_shape, n_heads, key_dim, chunk_size)
+def _backward_flops(q_shape, k_shape, v_shape, do_shape, lg2_shape, chunk_size, *args, **kwargs) -> int:
+    return 2 * _retention_flops(q_shape, k_shape, v_shape, lg2_shape, chunk_size)
 
 
 register_flop_formula(torch.ops.retnet_train.triton_retention)(_retention_flops)
 register_flop_formula(torch.ops.retnet_train.triton_retention_backward)(_backward_flops)
 
 
-def triton_retention_packed(
-    qkv, sin, cos, n_heads, key_dim, log_gamma, chunk_size, state=None, row_sums=True, reset=None
-):
-    """Retention of a packed projection qkv [B, T, H*K + H*K + H*V] (q, k, v blocks; one dtype) whose
-    q and k heads are rotated by sin / cos [T, 1, K] or [T, K] (k also scaled by K^-1/2), as
-    rotary.split_heads does; sin = cos = None: q and k are used as they are. -> o [B, T, H, V]
+def triton_retention(q, k, v, log_gamma, chunk_size, state=None, row_sums=True, reset=None):
+    """q, k [B, T, H, K], v [B, T, H, V] of one dtype (retention_op casts q, k to v's) -> o [B, T, H, V]
     (unnormalized), row sums s [B, T, H] fp32 or None, final state [B, H, K, V (+1 with row sums)].
     reset [B, T] bool: True where a document starts (the state is cleared before that token)."""
-    qkv = qkv.contiguous()  # (a no-op for a projection's output)
-    if sin is not None:
-        sin, cos = (t.reshape(t.shape[0], key_dim) for t in (sin, cos))
+    q, k, v = (t.contiguous() for t in (q, k, v))  # (no-ops in training) the kernels share q/k and v/dO strides
     if state is not None:
         state = state.detach()
     doc = None if reset is None else doc_starts(reset)
     lg2 = (log_gamma.detach().float() * LOG2E).contiguous()
-    o, s, final = _retention_op(qkv, sin, cos, lg2, n_heads, key_dim, chunk_size, state, row_sums, doc)
+    o, s, final = _retention_op(q, k, v, lg2, chunk_size, state, row_sums, doc)
     return o, (s if row_sums else None), final
-
-
-def triton_retention(q, k, v, log_gamma, chunk_size, state=None, row_sums=True, reset=None):
-    """triton_retention_packed for q, k [B, T, H, K] (rotated and scaled already) and v [B, T, H, V]
-    of one dtype (retention_op casts q, k to v's)."""
-    qkv = torch.cat([t.flatten(-2) for t in (q, k, v)], dim=-1)
-    H, K = q.shape[2:]
-    return triton_retention_packed(qkv, None, None, H, K, log_gamma, chunk_size, state, row_sums, reset)

@@ -96,7 +96,7 @@ def _states_kernel(
 
 
 # The backward's two scans in one launch (twice the programs): S_n from (k, v) on program ids
-# [0, BH) of the last axis, dG_n from (q, dO) on [BH, 2 BH). q and k share strides; dO has its own.
+# [0, BH) of the last axis, dG_n from (q, dO) on [BH, 2 BH). q/k and v/dO share strides.
 @triton.jit
 def _states_pair_kernel(
     K_,
@@ -121,9 +121,6 @@ def _states_pair_kernel(
     syb,
     syt,
     syh,
-    sdb,
-    sdt,
-    sdh,
     DX: tl.constexpr,
     DY: tl.constexpr,
     HAS_S0: tl.constexpr,
@@ -189,9 +186,9 @@ def _states_pair_kernel(
             sxb,
             sxt,
             sxh,
-            sdb,
-            sdt,
-            sdh,
+            syb,
+            syt,
+            syh,
             px,
             py,
             pz - BH,

@@ -9,7 +9,6 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..kernels.rotary import apply_rotary  # noqa: F401 (the blocks' rotation, shared with the kernels)
 from .config import DecoderConfig
 from .loss import linear_cross_entropy
 
@@ -54,9 +53,10 @@ class FeedForward(nn.Module):
 
 
 class StackedLinear(nn.Linear):
-    """Several projections of one input in one weight, `row_blocks` rows each, computed by one GEMM
-    (each block is initialized as its own matrix, see init_weights); inside this module's forward,
-    where ZeRO-3 has gathered the weight."""
+    """Several projections of one input in one weight, `row_blocks` rows each (each block is
+    initialized as its own matrix, see init_weights). One GEMM and one output per block, the graph
+    separate Linears give (one GEMM shared by q and k keeps more for the backward under
+    torch.compile), all inside this module's forward, where ZeRO-3 has gathered the weight."""
 
     def __init__(self, in_features: int, row_blocks: tuple):
         super().__init__(in_features, sum(row_blocks), bias=False)
@@ -65,6 +65,19 @@ class StackedLinear(nn.Linear):
     def blocks(self) -> tuple:
         """The weight's row blocks, as views."""
         return self.weight.split(list(self.row_blocks))
+
+    def forward(self, x):
+        return tuple(F.linear(x, w) for w in self.blocks())
+
+
+def rotate_every_two(x):
+    x1, x2 = x[..., ::2], x[..., 1::2]
+    return torch.stack((-x2, x1), dim=-1).flatten(-2)
+
+
+def apply_rotary(x, sin, cos):
+    """Rotate pairs (2i, 2i+1) of the last dim by position-dependent angles (xPos/RoPE style)."""
+    return x * cos + rotate_every_two(x) * sin
 
 
 def rotary_sin_cos(inv_freq: torch.Tensor, start: int, length: int, dtype) -> tuple:

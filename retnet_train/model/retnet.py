@@ -9,8 +9,7 @@ import torch
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
-from ..kernels import packed_retention_op, resolve_backend
-from ..kernels.rotary import split_heads
+from ..kernels import resolve_backend, retention_op
 from .config import RetNetConfig
 from .layers import (
     ACTIVATION_FNS,
@@ -18,6 +17,7 @@ from .layers import (
     DecoderLM,
     FeedForward,
     StackedLinear,
+    apply_rotary,
     init_weights,
     make_norm,
     rotary_sin_cos,
@@ -72,10 +72,9 @@ class MultiScaleRetention(nn.Module):
         self.normalize = config.normalize_retention
         self.backend = config.retention_backend
         self.recompute = config.retention_recompute
-        # q, k and v stacked in one weight (rows [q; k; v]) and computed by one GEMM: DeepSpeed's
-        # optimizer step costs per parameter tensor, and one GEMM each way beats three (the backward's
-        # input gradient is one product, not a sum of three). The gate keeps its own weight, computed
-        # after the retention (forward says why).
+        # q, k and v stacked in one weight (rows [q; k; v]): DeepSpeed's optimizer step costs per
+        # parameter tensor, so 2 fewer tensors per layer is a shorter step (docs/benchmarks.md). The
+        # gate keeps its own weight, computed after the retention (forward says why).
         self.qkv_proj = StackedLinear(d, row_blocks=(d, d, vd))
         self.g_proj = nn.Linear(d, vd, bias=False)
         self.out_proj = nn.Linear(vd, d, bias=False)
@@ -90,16 +89,18 @@ class MultiScaleRetention(nn.Module):
 
     def projections(self, x, sin, cos):
         """Rotated q and k (k scaled by K^-1/2) [B, T, H, K] and v [B, T, H, V]."""
-        return self.split_heads(self.qkv_proj(x), sin, cos)
-
-    def split_heads(self, qkv, sin, cos):
-        """The packed projection qkv [B, T, 2d + vd] -> rotated q, k and v (projections)."""
-        return split_heads(qkv, sin, cos, self.n_heads, self.key_dim)
+        B, T, _ = x.shape
+        H, K = self.n_heads, self.key_dim
+        q, k, v = self.qkv_proj(x)
+        q = apply_rotary(q.view(B, T, H, K), sin, cos)
+        k = apply_rotary((k * K**-0.5).view(B, T, H, K), sin, cos)
+        return q, k, v.view(B, T, H, self.head_dim)
 
     def forward(self, x, ctx: SequenceContext, state=None):
+        q, k, v = self.projections(x, ctx.sin, ctx.cos)
         # an attribute lookup: parallel/parallelize.py replaces the core per instance (context
         # parallel, selective recomputation) while the projections and the gate stay as they are
-        (o, scale), state = self.retention_core(self.qkv_proj(x), ctx, state)
+        (o, scale), state = self.retention_core(q, k, v, ctx, state)
         # g is computed here, after the retention: computed before it, torch.compile kept silu's
         # fp32 upcast of g for backward instead of bf16 g (+1.5 GiB at 1.3B, 8k)
         return self.out_proj(self.gated_norm(self.g_proj(x), o, scale)), state
@@ -125,25 +126,21 @@ class MultiScaleRetention(nn.Module):
         (step: decoding, which has no backward)."""
         return self.out_proj(self.gate_fn(self.g_proj(x)) * o)
 
-    def retention_core(self, qkv, ctx: SequenceContext, state=None):
-        """Retention of the packed projection qkv [B, T, 2d + vd]: ((o [B, T, H, V] unnormalized, its
-        normalization factor [B, T, H, 1] or None), the state); gated_norm applies the factor and the
-        per-head norm."""
-        o, row_sum, state = self.retain(qkv, ctx, state)
+    def retention_core(self, q, k, v, ctx: SequenceContext, state=None):
+        """Retention: ((o [B, T, H, V] unnormalized, its normalization factor [B, T, H, 1] or None), the
+        state); gated_norm applies the factor and the per-head norm."""
+        o, row_sum, state = self.retain(q, k, v, ctx, state)
         return self.finish(o, row_sum, ctx), state
 
-    def retain(self, qkv, ctx: SequenceContext, state=None, state_grad: bool = False):
-        """The retention kernel (it rotates q and k): unnormalized o [B, T, H, V], its score row sums
-        [B, T, H] (None without the normalization) and the final state; state_grad: the final state
-        is differentiated."""
-        backend = resolve_backend(self.backend, qkv.device, self.key_dim)
-        return packed_retention_op(
+    def retain(self, q, k, v, ctx: SequenceContext, state=None, state_grad: bool = False):
+        """The retention kernel: unnormalized o [B, T, H, V], its score row sums [B, T, H] (None
+        without the normalization) and the final state; state_grad: the final state is differentiated."""
+        backend = resolve_backend(self.backend, q.device, q.shape[-1])
+        return retention_op(
             backend,
-            qkv,
-            ctx.sin,
-            ctx.cos,
-            self.n_heads,
-            self.key_dim,
+            q,
+            k,
+            v,
             ctx.log_gamma,
             ctx.mode,
             ctx.chunk_size,

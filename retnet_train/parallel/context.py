@@ -165,9 +165,8 @@ def context_parallel_core(retention):
     ranks' final states contribute. The Segment travels as the layer's state argument, so that a
     recomputation in the backward pass (activation checkpointing) sees the same one."""
 
-    def core(qkv, ctx, segment: Segment):
-        o, row_sum, state = retention.retain(qkv, ctx, None, state_grad=True)
-        q = retention.split_heads(qkv, ctx.sin, ctx.cos)[0]
+    def core(q, k, v, ctx, segment: Segment):
+        o, row_sum, state = retention.retain(q, k, v, ctx, None, state_grad=True)
         o, row_sum = segment.combine(o, row_sum, state, q, ctx.log_gamma)
         return retention.finish(o, row_sum, ctx), state
 

@@ -63,8 +63,3 @@ def test_triton_interpreter_compiled_in_graph(interpreter_results):
 def test_triton_interpreter_budget_recomputes_retention(interpreter_results):
     """A low activation memory budget lets the compiled block recompute retention instead of keeping it."""
     in_subprocess(interpreter_results, "check_budget_recomputes_retention")
-
-
-def test_triton_interpreter_packed_rotation(interpreter_results):
-    """The model's packed q|k|v call, the rotation inside the op, against the torch path."""
-    in_subprocess(interpreter_results, "check_packed_rotation")

@@ -11,7 +11,6 @@ from triton_helpers import (
     assert_close,
     check_kernels_separately,
     inputs,
-    packed_path,
     resets,
     run,
     torch_path,
@@ -46,24 +45,6 @@ def test_triton_bf16_matches_torch_fp32_gpu(T, C, K, V, docs):
     st = torch.randn(B, H, K, V + 1, device="cuda") * 0.1
     ref = run(torch_path(C, lg, reset), q, k, v, torch.float32, st)
     got = run(triton_path(C, lg, reset), q, k, v, torch.bfloat16, st.bfloat16())
-    assert_close(got, ref, BF16_TOL)
-
-
-@pytest.mark.gpu
-@needs_gpu
-def test_triton_packed_bf16_matches_torch_fp32_gpu():
-    """The model's call (packed q|k|v, rotated inside the op) at the 1.3B head dims, resets and a state."""
-    from retnet_train.model.layers import rotary_sin_cos
-
-    B, T, H, K, V, C = 2, 2000, 4, 256, 512, 256
-    lg = decay_log_gammas(H).cuda()
-    q, k, v = inputs(B, T, H, K, V, device="cuda")
-    reset = resets(B, T, C, device="cuda")
-    inv_freq = 1.0 / 10000 ** torch.linspace(0, 1, K // 2, dtype=torch.float64, device="cuda")
-    sin, cos = (t.unsqueeze(1) for t in rotary_sin_cos(inv_freq, 0, T, torch.float32))
-    st = torch.randn(B, H, K, V + 1, device="cuda") * 0.1
-    ref = run(packed_path("torch", C, lg, sin, cos, reset), q, k, v, torch.float32, st)
-    got = run(packed_path("triton", C, lg, sin, cos, reset), q, k, v, torch.bfloat16, st.bfloat16())
     assert_close(got, ref, BF16_TOL)
 
 

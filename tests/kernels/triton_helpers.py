@@ -59,20 +59,6 @@ def triton_path(C, lg, reset=None, row_sums=True):
     return lambda q, k, v, state: triton_retention(q, k, v, lg.to(q.device), C, state, row_sums, reset)
 
 
-def packed_path(backend, C, lg, sin, cos, reset=None):
-    """packed_retention_op on q, k (not yet rotated, k not yet scaled) and v packed into one qkv, as
-    the model calls it: the Triton kernels rotate inside; the torch path splits and rotates first."""
-    from retnet_train.kernels import packed_retention_op
-
-    def fn(q, k, v, state):
-        B, T, H, K = q.shape
-        qkv = torch.cat([t.flatten(-2) for t in (q, k, v)], dim=-1)
-        rot = [t.to(q.dtype) for t in (sin, cos)]
-        return packed_retention_op(backend, qkv, *rot, H, K, lg.to(q.device), "chunkwise", C, reset, state, True)
-
-    return fn
-
-
 def assert_close(got, ref, tol, names=NAMES):
     """Every output within tol of its reference's max magnitude; a failure lists all the errors."""
     errs = {}

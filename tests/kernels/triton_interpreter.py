@@ -22,7 +22,6 @@ from triton_helpers import (
     assert_close,
     check_kernels_separately,
     inputs,
-    packed_path,
     resets,
     run,
     torch_path,
@@ -47,7 +46,6 @@ CPU_CASES = [
     ("check_gpu_tiles",),
     ("check_compiled_in_graph",),
     ("check_budget_recomputes_retention",),
-    ("check_packed_rotation",),
 ]
 
 
@@ -208,32 +206,6 @@ def check_compiled_in_graph():
         run(triton_path(C, lg, reset), q, k, v, torch.float32)
     forward = 2 * B * T * H * (C * (K + V) // 2 + 2 * K * V)
     assert counter.get_total_flops() == 3 * forward  # the backward counts twice the forward
-
-
-def check_packed_rotation():
-    """The model's call: the packed q|k|v projection, rotated (and k scaled) by the op, with resets and
-    an incoming state, against the torch path's split and rotation; the gradient reaches q, k and v
-    through the one qkv tensor. In bf16 the rotation rounds once, as torch.compile's does."""
-    interpreted()
-    from retnet_train.kernels.rotary import split_heads
-    from retnet_train.kernels.triton_rotary import rotate_qk
-    from retnet_train.model.layers import rotary_sin_cos
-
-    B, T, H, K, V, C = 2, 80, 2, 32, 64, 32
-    lg = decay_log_gammas(H)
-    q, k, v = inputs(B, T, H, K, V, seed=9)
-    reset = resets(B, T, C, seed=6)
-    inv_freq = 1.0 / 10000 ** torch.linspace(0, 1, K // 2, dtype=torch.float64)
-    sin, cos = (t.unsqueeze(1) for t in rotary_sin_cos(inv_freq, 7, T, torch.float64))
-    state = torch.randn(B, H, K, V + 1, generator=torch.Generator().manual_seed(3)) * 0.1
-    got = run(packed_path("triton", C, lg, sin, cos, reset), q, k, v, torch.float32, state)
-    ref = run(packed_path("torch", C, lg, sin, cos, reset), q, k, v, torch.float64, state.double())
-    assert_close(got, ref, FP32_TOL)
-    qkv = torch.cat([t.flatten(-2) for t in (q, k, v)], dim=-1)
-    rotated = rotate_qk(qkv.bfloat16(), sin.squeeze(1).bfloat16(), cos.squeeze(1).bfloat16(), H, K)
-    fp32 = split_heads(qkv.bfloat16().float(), sin.bfloat16().float(), cos.bfloat16().float(), H, K)
-    ulp = torch.cat(fp32[:2], dim=2).abs() * 2**-7
-    assert ((rotated.float() - torch.cat(fp32[:2], dim=2)).abs() <= ulp).all()
 
 
 def check_budget_recomputes_retention():

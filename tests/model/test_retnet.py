@@ -43,11 +43,11 @@ def test_context_parallel_asks_for_the_state_gradient(monkeypatch):
     import retnet_train.model.retnet as retnet_module
 
     used = []
-    real = retnet_module.packed_retention_op
+    real = retnet_module.retention_op
     monkeypatch.setattr(retnet_module, "resolve_backend", lambda backend, device, key_dim=0: "triton")
     monkeypatch.setattr(
         retnet_module,
-        "packed_retention_op",
+        "retention_op",
         lambda backend, *a, state_grad, recompute: (used.append((backend, state_grad)), real("torch", *a))[1],
     )
 
@@ -56,11 +56,10 @@ def test_context_parallel_asks_for_the_state_gradient(monkeypatch):
             return o, row_sum
 
     msr = make_model().layers[0].retention
-    qkv = torch.randn(1, 8, 2 * (2 * msr.key_dim + msr.head_dim))
-    sin, cos = torch.zeros(8, 1, msr.key_dim), torch.ones(8, 1, msr.key_dim)
-    ctx = SequenceContext(sin, cos, decay_log_gammas(2), torch.arange(8)[None], None, "chunkwise", 4)
-    msr.retention_core(qkv, ctx, None)
-    context_parallel_core(msr)(qkv, ctx, Segment())
+    q, k, v = torch.randn(1, 8, 2, msr.key_dim), torch.randn(1, 8, 2, msr.key_dim), torch.randn(1, 8, 2, msr.head_dim)
+    ctx = SequenceContext(None, None, decay_log_gammas(2), torch.arange(8)[None], None, "chunkwise", 4)
+    msr.retention_core(q, k, v, ctx, None)
+    context_parallel_core(msr)(q, k, v, ctx, Segment())
     assert used == [("triton", False), ("triton", True)]
 
 

@@ -27,14 +27,14 @@ def test_clamp_is_exercised(monkeypatch):
 
     model = make_model()
     sums = []
-    real = retnet_module.packed_retention_op
+    real = retnet_module.retention_op
 
     def spy(*args, **kwargs):
         o, row_sums, state = real(*args, **kwargs)
         sums.append(row_sums)  # [B, T, H]
         return o, row_sums, state
 
-    monkeypatch.setattr(retnet_module, "packed_retention_op", spy)
+    monkeypatch.setattr(retnet_module, "retention_op", spy)
     logits(model, torch.randint(0, VOCAB, (2, 50)), mode="parallel")
     lg = model.log_gamma.view(-1, 1)
     c = torch.sqrt(torch.expm1(lg) / torch.expm1(lg * torch.arange(1, 51))).t()  # [T, H]

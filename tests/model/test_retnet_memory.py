@@ -14,19 +14,18 @@ from retnet_train.parallel import parallelize
 
 
 def _saved_bytes_and_grads(model, ids, mode):
-    """Bytes the forward keeps for the backward (via saved-tensor hooks, each storage once), and the
-    gradients."""
+    """Bytes the forward keeps for the backward (via saved-tensor hooks), and the gradients."""
     model = parallelize(copy.deepcopy(model), activation_checkpointing=mode)
-    saved = {}
+    saved = []
 
     def pack(t):
-        saved[t.untyped_storage().data_ptr()] = t.untyped_storage().nbytes()
+        saved.append(t.numel() * t.element_size())
         return t
 
     with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
         loss = model(ids, labels=ids).loss
     loss.backward()
-    return sum(saved.values()), torch.cat([p.grad.flatten() for p in model.parameters()])
+    return sum(saved), torch.cat([p.grad.flatten() for p in model.parameters()])
 
 
 def test_activation_checkpointing_same_gradients_less_memory():
@@ -37,9 +36,9 @@ def test_activation_checkpointing_same_gradients_less_memory():
     for mode in ("none", "selective", "full", True, False):
         kept[mode], grads[mode] = _saved_bytes_and_grads(model, ids, mode)
         assert torch.allclose(grads[mode], grads["none"], atol=1e-6), mode
-    # the retention core keeps only the q/k/v projection, which the block keeps anyway: selective
-    # recompute saves only the bytes of constants (the rotation's sin/cos tables, shared by the layers)
-    assert kept["full"] < kept["selective"] <= kept["none"] < 1.01 * kept["selective"]
+    # the retention core keeps only q, k, v, which the block keeps anyway: selective recompute saves
+    # only a few bytes of per-layer constants
+    assert kept["full"] < kept["selective"] <= kept["none"] < 1.001 * kept["selective"]
     assert kept[True] == kept["full"] and kept[False] == kept["none"]
     with pytest.raises(ValueError, match="selective"):
         parallelize(model, activation_checkpointing="some")
