@@ -79,6 +79,9 @@ class Trainer:
         self.model_cfg = model_config_from_dict(cfg.model)
         self.model = self._build_model()
         self.loader, self.val_loader = build_loaders(cfg, self.model_cfg.vocab_size, dp_rank, self.dp_world)
+        # the loaders check every id against the vocabulary on the host (TokenStream.gather); the
+        # model's own check would cost a device-to-host sync at the start of every micro-batch
+        self.model.check_inputs = False
 
         self.source = resolve_resume(cfg.train.resume, self.ckpt)  # before anything is written: refuses to clobber
         self.layout = run_layout(cfg, self.world)

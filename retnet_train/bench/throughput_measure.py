@@ -49,9 +49,12 @@ def memory(device: torch.device, what: str) -> int:
     return 0 if what == "now" else int(peak_memory_gib(device) * 2**30)
 
 
-def reset_peak(device: torch.device) -> None:
+def reset_peak(device: torch.device, release_cache: bool = True) -> None:
+    """A new peak count; release_cache: also hand the allocator's cached blocks back (between models,
+    not before timed steps, which would then spend their first step on cudaMalloc)."""
     if device.type == "cuda":
-        torch.cuda.empty_cache()
+        if release_cache:
+            torch.cuda.empty_cache()
         torch.cuda.reset_peak_memory_stats(device)
 
 
@@ -83,8 +86,11 @@ def build_on_device(build, device: torch.device):
 
 
 def prepare_model(model, ours: bool, args) -> None:
-    """Our models: compile and activation checkpointing as the trainer applies them; fla's: HF's own checkpointing."""
+    """Our models: compile and activation checkpointing as the trainer applies them, and no device-side
+    check of the input ids (the trainer's loader checks them; random_batch draws them in range); fla's:
+    HF's own checkpointing."""
     if ours:
+        model.check_inputs = False
         parallelize(
             model,
             compile=args.compile,
@@ -211,7 +217,7 @@ def measure(name, build, cfg, args, device):
     warm_up(engine, batch, ours, args.warmup, args.grad_accum, timer, f"{name} T={args.seq_len}")
     prof = start_profile(args.profile, device, with_host=args.profile_trace is not None)
     resident = memory(device, "now")  # weights, gradients, optimizer states: all but activations
-    reset_peak(device)
+    reset_peak(device, release_cache=False)
     timing = timed_steps(engine, batch, ours, args.steps, args.grad_accum, timer)
     if prof is not None:
         prof.__exit__(None, None, None)

@@ -2,7 +2,8 @@
 
 Shard directories (manifest.json) and Megatron indexed datasets look the same to the loader:
 `num_tokens` and `gather(starts, length)`, which copies windows out of the page cache without
-any per-token Python work.
+any per-token Python work, and checks that every id it returns lies in the vocabulary (so the model
+need not check its input ids on the device, which costs a host sync per micro-batch).
 """
 
 from __future__ import annotations
@@ -16,9 +17,21 @@ from retnet_train.data.megatron import megatron_missing_half, megatron_prefix, o
 
 
 class TokenStream:
-    def __init__(self, name: str, origin: Path, parts: list[np.ndarray], eos_id: int, manifest: Manifest | None = None):
+    def __init__(
+        self,
+        name: str,
+        origin: Path,
+        parts: list[np.ndarray],
+        eos_id: int,
+        manifest: Manifest | None = None,
+        vocab_size: int | None = None,
+        part_paths: list[Path] | None = None,
+    ):
+        """parts: the token arrays read in order (part_paths: their files, for errors); vocab_size: ids
+        must lie below it (None: unchecked)."""
         self.name, self.origin, self.eos_id, self.manifest = name, origin, eos_id, manifest
-        self._parts = parts
+        self.vocab_size = vocab_size
+        self._parts, self._part_paths = parts, part_paths or [origin] * len(parts)
         lengths = np.array([len(p) for p in parts], dtype=np.int64)
         self._starts = np.concatenate([[0], np.cumsum(lengths)])  # part i covers [starts[i], starts[i+1])
         self.num_tokens = int(self._starts[-1])
@@ -35,9 +48,19 @@ class TokenStream:
                 lo = start + filled - self._starts[part]
                 take = min(length - filled, len(self._parts[part]) - lo)
                 out[row, filled : filled + take] = self._parts[part][lo : lo + take]
+                self._check_ids(out[row, filled : filled + take], part, lo)
                 filled += take
                 part += 1
         return out
+
+    def _check_ids(self, ids: np.ndarray, part: int, lo: int) -> None:
+        if self.vocab_size is None or not len(ids) or int(ids.max()) < self.vocab_size:
+            return
+        at = int(np.argmax(ids >= self.vocab_size))
+        raise ManifestError(
+            f"{self._part_paths[part]}: token {lo + at} is id {int(ids[at])}, outside the vocabulary "
+            f"[0, {self.vocab_size}) (damaged, or written by another tokenizer?)"
+        )
 
 
 def open_shard_stream(name: str, directory: Path, split: str, verify_checksums: bool = False) -> TokenStream:
@@ -52,8 +75,9 @@ def open_shard_stream(name: str, directory: Path, split: str, verify_checksums: 
             f"source {name!r}: damaged shards (run `python -m data_prep.verify {directory}`):\n  "
             + "\n  ".join(problems)
         )
-    parts = [np.memmap(p, dtype=manifest.np_dtype, mode="r") for p in manifest.shard_paths(split)]
-    return TokenStream(name, manifest.path, parts, manifest.eos_id, manifest)
+    paths = manifest.shard_paths(split)
+    parts = [np.memmap(p, dtype=manifest.np_dtype, mode="r") for p in paths]
+    return TokenStream(name, manifest.path, parts, manifest.eos_id, manifest, manifest.vocab_size, paths)
 
 
 def open_stream(
@@ -88,4 +112,5 @@ def open_stream(
     if eos_id is None:
         raise ManifestError(f"source {name!r}: Megatron dataset {prefix} does not record the EOS id; pass eos_id")
     tokens, _ = open_megatron_tokens(prefix, eos_id, vocab_size)
-    return TokenStream(name, prefix.with_name(prefix.name + ".idx"), [tokens], eos_id)
+    bin_path = prefix.with_name(prefix.name + ".bin")
+    return TokenStream(name, prefix.with_name(prefix.name + ".idx"), [tokens], eos_id, None, vocab_size, [bin_path])

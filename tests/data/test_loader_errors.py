@@ -106,3 +106,17 @@ def test_a_shard_listed_twice_is_refused(shard_dir):
             r"is also splits.train.shards\[0\]",
         ):
             read_manifest(shard_dir)
+
+
+def test_a_token_id_outside_the_vocabulary_names_the_shard(tmp_path):
+    """The loader checks every id it hands out (the model then need not, on the device): an id at or
+    above the manifest's vocab_size is an error naming the shard and the token."""
+    from retnet_train.data.token_stream import open_stream
+
+    write_shard_dir(tmp_path / "src", position_tokens(1000), vocab_size=500, shard_tokens=300)
+    stream = open_stream("src", tmp_path / "src", "train")
+    assert stream.gather([0, 290], SEQ + 1).max() < 500  # ids 10..308: inside, across a shard boundary
+    with pytest.raises(ManifestError, match=r"train_00001.bin: token 190 is id 500, outside the vocabulary \[0, 500\)"):
+        stream.gather([485], SEQ + 1)
+    with pytest.raises(ManifestError, match=r"train_00001.bin: token 190 is id 500"):
+        next(iter(loader(tmp_path / "src", seq_len=600)))

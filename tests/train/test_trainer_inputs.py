@@ -100,3 +100,17 @@ def test_a_failing_write_during_training_is_one_error_naming_the_file(shards, tm
         "No space left on device at step 1; the last checkpoint is none$",
     ):
         Trainer(typed(shards, tmp_path / "run", **{"train.max_steps": 1})).train()
+
+
+def test_the_loaders_check_token_ids_so_the_model_does_not(shards, tmp_path, process_group):
+    """Every id the loaders hand out is checked against the vocabulary on the host (data/token_stream.py),
+    so the trainer's model skips its own check, a device-to-host sync per micro-batch on a GPU."""
+    trainer = Trainer(typed(shards, tmp_path / "run"))
+    try:
+        trainer.build()
+        vocab = trainer.model_cfg.vocab_size
+        assert trainer.model.check_inputs is False
+        streams = [*trainer.loader.streams.values(), *trainer.val_loader.streams.values()]
+        assert streams and all(s.vocab_size == vocab for s in streams)
+    finally:
+        trainer.close()
