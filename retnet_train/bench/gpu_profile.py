@@ -59,6 +59,7 @@ def top_kernels(prof, n: int = 15) -> list:
 
 
 DEVICE_EVENTS = ("kernel", "gpu_memcpy", "gpu_memset")
+RUNTIME_EVENTS = ("cuda_runtime", "cuda_driver")  # the host's launch calls, linked to their kernels
 
 
 def device_intervals(trace: dict) -> list:
@@ -69,6 +70,22 @@ def device_intervals(trace: dict) -> list:
         if e.get("cat") in DEVICE_EVENTS and "ts" in e
     ]
     return sorted(rows)
+
+
+def device_ms_by_launcher(trace: dict, steps: int) -> dict:
+    """GPU ms per step of the work each host thread launched (traces that record the runtime calls):
+    "backward" is the autograd engine's thread, "main" the one that runs the forward and the
+    optimizer step. Set against a phase's wall time it says whether the phase kept the GPU busy."""
+    events = trace.get("traceEvents", [])
+    launcher = {e["args"]["correlation"]: e["tid"] for e in events if e.get("cat") in RUNTIME_EVENTS}
+    backward = {e["tid"] for e in events if e.get("cat") == "cpu_op" and e["name"].startswith("autograd::engine")}
+    ms = {}
+    for e in events:
+        tid = launcher.get(e.get("args", {}).get("correlation")) if e.get("cat") in DEVICE_EVENTS else None
+        if tid is not None:
+            name = "backward" if tid in backward else "main"
+            ms[name] = ms.get(name, 0.0) + e.get("dur", 0) / 1e3 / max(steps, 1)
+    return {name: round(v, 2) for name, v in sorted(ms.items())}
 
 
 def idle_time(trace: dict, steps: int, top: int = 8) -> dict:
@@ -92,4 +109,5 @@ def idle_time(trace: dict, steps: int, top: int = 8) -> dict:
         "idle_ms_per_step": round(idle / 1e3 / max(steps, 1), 2),
         "gaps_over_100us": sum(g[0] > 100 for g in gaps),
         "longest_gaps": [[round(us / 1e3, 3), before[:60], after[:60]] for us, before, after in longest],
+        "device_ms_per_step_launched_by": device_ms_by_launcher(trace, steps),
     }

@@ -72,7 +72,34 @@ def test_idle_time_counts_the_gaps_between_device_events():
     assert idle["idle_ms_per_step"] == 0.17  # 350 us over 2 steps
     assert idle["gaps_over_100us"] == 1
     assert idle["longest_gaps"] == [[0.3, "b", "memset"], [0.05, "memset", "c"]]
+    assert idle["device_ms_per_step_launched_by"] == {}  # no runtime calls recorded
     assert idle_time({"traceEvents": []}, steps=1) == {}
+
+
+def test_device_time_by_the_thread_that_launched_it():
+    """Kernels are linked to their launch calls by correlation id; the autograd engine's thread is "backward"."""
+    from retnet_train.bench.gpu_profile import device_ms_by_launcher
+
+    def launch(tid, corr):
+        return {"cat": "cuda_runtime", "name": "cudaLaunchKernel", "tid": tid, "ts": 0, "args": {"correlation": corr}}
+
+    def kernel(corr, dur):
+        return {"cat": "kernel", "name": "k", "ts": 0, "dur": dur, "args": {"correlation": corr}}
+
+    trace = {
+        "traceEvents": [
+            {"cat": "cpu_op", "name": "autograd::engine::evaluate_function: MmBackward0", "tid": 2, "ts": 0},
+            {"cat": "cpu_op", "name": "aten::mm", "tid": 1, "ts": 0},
+            launch(1, 10),
+            launch(2, 11),
+            launch(2, 12),
+            kernel(10, 3000),
+            kernel(11, 1000),
+            {"cat": "gpu_memset", "name": "Memset", "ts": 0, "dur": 500, "args": {"correlation": 12}},
+            kernel(99, 7000),  # no launch recorded: left out
+        ]
+    }
+    assert device_ms_by_launcher(trace, steps=2) == {"backward": 0.75, "main": 1.5}
 
 
 def test_host_op_rows_do_not_count_their_kernels_again():
