@@ -97,6 +97,12 @@ def add_training_args(p: argparse.ArgumentParser) -> None:
     )
     p.add_argument("--compile", action="store_true", help="torch.compile the non-kernel parts of each block")
     p.add_argument(
+        "--compile-mode",
+        default=None,
+        choices=["default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs"],
+        help="with --compile: torch.compile's mode (reduce-overhead: each block as CUDA graphs)",
+    )
+    p.add_argument(
         "--activation-memory-budget",
         type=float,
         default=1.0,

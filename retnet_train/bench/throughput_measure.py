@@ -94,6 +94,7 @@ def prepare_model(model, ours: bool, args) -> None:
         parallelize(
             model,
             compile=args.compile,
+            compile_mode=args.compile_mode,
             activation_checkpointing=args.activation_checkpointing,
             activation_memory_budget=args.activation_memory_budget,
         )
@@ -186,6 +187,7 @@ def result_row(name: str, args, cfg, n_params: int, timing: Timing, mem: MemoryU
         "zero_stage": args.zero_stage,
         "activation_checkpointing": args.activation_checkpointing,
         "compile": args.compile,
+        "compile_mode": args.compile_mode,
         "activation_memory_budget": args.activation_memory_budget,
         "ds_json": args.ds_json,
         "params": n_params,

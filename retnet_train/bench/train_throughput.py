@@ -30,6 +30,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     args = p.parse_args(argv)
     if args.activation_memory_budget != 1.0 and not args.compile:
         p.error("--activation-memory-budget needs --compile")
+    if args.compile_mode is not None and not args.compile:
+        p.error("--compile-mode needs --compile")
     return args
 
 

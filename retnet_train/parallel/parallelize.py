@@ -24,6 +24,7 @@ def parallelize(
     activation_checkpointing="none",
     activation_memory_budget: float = 1.0,
     context_parallel: Optional[ContextParallel] = None,
+    compile_mode: Optional[str] = None,
 ):
     """Apply to `model` (built by model.build_model, before or after deepspeed.initialize) in place, and
     return it.
@@ -45,7 +46,7 @@ def parallelize(
     if context_parallel is not None:
         apply_context_parallel(model, context_parallel)
     if compile:
-        apply_compile(model, activation_memory_budget)
+        apply_compile(model, activation_memory_budget, compile_mode)
     apply_activation_checkpointing(model, mode)
     return model
 
@@ -61,17 +62,23 @@ def apply_context_parallel(model: nn.Module, cp: ContextParallel) -> None:
     model.forward = context_parallel_forward(model, cp)
 
 
-def apply_compile(model: nn.Module, activation_memory_budget: float = 1.0) -> None:
+COMPILE_MODES = (None, "default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs")
+
+
+def apply_compile(model: nn.Module, activation_memory_budget: float = 1.0, mode: Optional[str] = None) -> None:
     """torch.compile each block in place: fuses norms, rotation, gate and FFN elementwise work; fla's
     kernels are excluded from compilation by fla itself. The budget is torch's own knob (torchtitan's
-    memory_budget mode): process-wide, read when a block first runs."""
+    memory_budget mode): process-wide, read when a block first runs. mode: torch.compile's
+    (reduce-overhead: each block's forward and backward replayed as CUDA graphs, no host launches)."""
     if not 0 < activation_memory_budget <= 1:
         raise ValueError(f"activation_memory_budget: {activation_memory_budget} is not in (0, 1]")
+    if mode not in COMPILE_MODES:
+        raise ValueError(f"compile mode: {mode!r} is not one of {list(COMPILE_MODES[1:])}")
     torch._functorch.config.activation_memory_budget = activation_memory_budget
     for block in model.layers:
         # the forward only, not the module call: hooks on the block (ZeRO-3's parameter gathering)
         # stay outside the graph instead of breaking it
-        block.forward = torch.compile(block.forward)
+        block.forward = torch.compile(block.forward, mode=mode)
 
 
 def apply_activation_checkpointing(model: nn.Module, mode: str) -> None:

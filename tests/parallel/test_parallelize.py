@@ -48,6 +48,17 @@ def test_compile_sets_the_activation_memory_budget(budget_restored):
     assert all("forward" in vars(block) for block in model.layers)
 
 
+def test_compile_mode_reaches_torch_compile(monkeypatch, budget_restored):
+    """mode (reduce-overhead: CUDA graphs) goes to torch.compile for every block; a mode torch.compile
+    does not know is refused before anything is compiled."""
+    seen = []
+    monkeypatch.setattr(torch, "compile", lambda fn, mode=None: (seen.append(mode), fn)[1])
+    parallelize(build("retnet"), compile=True, compile_mode="reduce-overhead")
+    assert seen == ["reduce-overhead", "reduce-overhead"]
+    with pytest.raises(ValueError, match=r"^compile mode: 'fast' is not one of \['default', 'reduce-overhead'"):
+        parallelize(build("retnet"), compile=True, compile_mode="fast")
+
+
 @pytest.mark.parametrize("arch", ["retnet", "transformer"])
 @pytest.mark.parametrize("mode", ["none", "selective", "full"])
 def test_checkpointing_keeps_names_and_results(arch, mode):
