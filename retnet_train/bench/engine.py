@@ -41,6 +41,9 @@ def train_step(engine, batch, ours: bool, accum: int = 1, marks=None, timer=None
         mark = marks is not None and i == accum - 1
         if mark:
             marks.append(timer.mark())
+        # a new step for CUDA-graphed blocks (--compile-mode reduce-overhead): the previous micro-batch's
+        # graph outputs may be overwritten (without it the next replay refuses to); a no-op otherwise
+        torch.compiler.cudagraph_mark_step_begin()
         if ours:
             loss = engine(
                 batch["input_ids"], labels=batch["labels"], doc_starts=batch.get("doc_starts"), return_logits=False
