@@ -10,6 +10,7 @@ import yaml
 
 from ..model import build_model
 from ..model.config import RETENTION_BACKENDS
+from ..parallel.parallelize import COMPILE_MODES
 from .presets import fla_reference, load_preset
 
 
@@ -99,7 +100,7 @@ def add_training_args(p: argparse.ArgumentParser) -> None:
     p.add_argument(
         "--compile-mode",
         default=None,
-        choices=["default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs"],
+        choices=COMPILE_MODES[1:],
         help="with --compile: torch.compile's mode (reduce-overhead: each block as CUDA graphs)",
     )
     p.add_argument(

@@ -54,9 +54,9 @@ class TokenStream:
         return out
 
     def _check_ids(self, ids: np.ndarray, part: int, lo: int) -> None:
-        if self.vocab_size is None or not len(ids) or int(ids.max()) < self.vocab_size:
+        if self.vocab_size is None or not len(ids) or 0 <= int(ids.min()) <= int(ids.max()) < self.vocab_size:
             return
-        at = int(np.argmax(ids >= self.vocab_size))
+        at = int(np.argmax((ids < 0) | (ids >= self.vocab_size)))
         raise ManifestError(
             f"{self._part_paths[part]}: token {lo + at} is id {int(ids[at])}, outside the vocabulary "
             f"[0, {self.vocab_size}) (damaged, or written by another tokenizer?)"
