@@ -88,6 +88,26 @@ def device_ms_by_launcher(trace: dict, steps: int) -> dict:
     return {name: round(v, 2) for name, v in sorted(ms.items())}
 
 
+# host ops whose time per call says how long the host takes to launch a block's work
+HOST_OPS = (
+    "CompiledFunction",  # a compiled block's forward graph
+    "CompiledFunctionBackward",
+    "retnet_train::triton_retention",  # our retention kernels' custom ops, inside those graphs
+    "retnet_train::triton_retention_backward",
+)
+
+
+def host_ms_per_call(trace: dict, steps: int, names=HOST_OPS) -> dict:
+    """{op: [host ms per call, calls per step]} of the host ops named (traces that record them): set
+    against the GPU time of the work they launch, whether the host keeps ahead."""
+    spent = {}
+    for e in trace.get("traceEvents", []):
+        if e.get("cat") == "cpu_op" and e.get("name") in names:
+            us, calls = spent.get(e["name"], (0.0, 0))
+            spent[e["name"]] = (us + e.get("dur", 0), calls + 1)
+    return {n: [round(us / calls / 1e3, 3), round(calls / max(steps, 1), 1)] for n, (us, calls) in spent.items()}
+
+
 def idle_time(trace: dict, steps: int, top: int = 8) -> dict:
     """When the GPU ran nothing between the profile's first and last kernel: the busy share, the idle
     ms per step and the longest gaps [ms, kernel before, kernel after] (what the host was late for)."""
@@ -110,4 +130,5 @@ def idle_time(trace: dict, steps: int, top: int = 8) -> dict:
         "gaps_over_100us": sum(g[0] > 100 for g in gaps),
         "longest_gaps": [[round(us / 1e3, 3), before[:60], after[:60]] for us, before, after in longest],
         "device_ms_per_step_launched_by": device_ms_by_launcher(trace, steps),
+        "host_ms_per_call": host_ms_per_call(trace, steps),
     }

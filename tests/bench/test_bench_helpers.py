@@ -72,7 +72,7 @@ def test_idle_time_counts_the_gaps_between_device_events():
     assert idle["idle_ms_per_step"] == 0.17  # 350 us over 2 steps
     assert idle["gaps_over_100us"] == 1
     assert idle["longest_gaps"] == [[0.3, "b", "memset"], [0.05, "memset", "c"]]
-    assert idle["device_ms_per_step_launched_by"] == {}  # no runtime calls recorded
+    assert idle["device_ms_per_step_launched_by"] == {} and idle["host_ms_per_call"] == {}  # no host ops recorded
     assert idle_time({"traceEvents": []}, steps=1) == {}
 
 
@@ -100,6 +100,18 @@ def test_device_time_by_the_thread_that_launched_it():
         ]
     }
     assert device_ms_by_launcher(trace, steps=2) == {"backward": 0.75, "main": 1.5}
+
+
+def test_host_time_per_call_of_the_graphs_and_our_ops():
+    from retnet_train.bench.gpu_profile import host_ms_per_call
+
+    def op(name, dur):
+        return {"cat": "cpu_op", "name": name, "ts": 0, "dur": dur, "tid": 1}
+
+    trace = {"traceEvents": [op("CompiledFunction", 1000), op("CompiledFunction", 3000), op("aten::mm", 500)]}
+    trace["traceEvents"] += [op("retnet_train::triton_retention", 700), {"cat": "kernel", "name": "CompiledFunction"}]
+    per_call = host_ms_per_call(trace, steps=2)
+    assert per_call == {"CompiledFunction": [2.0, 1.0], "retnet_train::triton_retention": [0.7, 0.5]}
 
 
 def test_host_op_rows_do_not_count_their_kernels_again():
