@@ -28,6 +28,18 @@ class ManifestError(ValueError):
     """A manifest or shard file is missing, malformed, corrupt or does not match the model."""
 
 
+def check_token_ids(ids: np.ndarray, vocab_size: int, path: Path, offset: int = 0) -> None:
+    """ids, the tokens of `path` from position `offset` on, must lie in [0, vocab_size): else an error
+    naming the file, the position and the id."""
+    if not ids.size or 0 <= int(ids.min()) <= int(ids.max()) < vocab_size:
+        return
+    at = int(np.argmax((ids < 0) | (ids >= vocab_size)))
+    raise ManifestError(
+        f"{path}: token id {int(ids[at])} at position {offset + at} is outside the model's "
+        f"vocabulary [0, {vocab_size}); was it tokenized with another tokenizer?"
+    )
+
+
 def token_dtype_for(vocab_size: int) -> str:
     """Smallest flat dtype that holds every id (uint16 halves disk and page-cache use)."""
     return "uint16" if vocab_size <= 2**16 else "uint32"

@@ -17,7 +17,7 @@ from pathlib import Path
 
 import numpy as np
 
-from retnet_train.data.manifest import ManifestError
+from retnet_train.data.manifest import ManifestError, check_token_ids
 
 MAGIC = b"MMIDIDX\x00\x00"
 DTYPE_CODES = {
@@ -147,11 +147,4 @@ def _check_token_range(tokens: np.ndarray, vocab_size: int, bin_path: Path) -> N
     n = tokens.size
     starts = np.unique(np.linspace(0, max(n - RANGE_CHECK_BLOCK_TOKENS, 0), RANGE_CHECK_BLOCKS).astype(np.int64))
     for start in starts:
-        block = np.asarray(tokens[start : start + RANGE_CHECK_BLOCK_TOKENS])
-        bad = np.flatnonzero((block < 0) | (block >= vocab_size))
-        if bad.size:
-            at = int(start + bad[0])
-            raise ManifestError(
-                f"{bin_path}: token id {int(tokens[at])} at position {at} is outside the model's "
-                f"vocabulary [0, {vocab_size}); was it tokenized with another tokenizer?"
-            )
+        check_token_ids(np.asarray(tokens[start : start + RANGE_CHECK_BLOCK_TOKENS]), vocab_size, bin_path, int(start))

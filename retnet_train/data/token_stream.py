@@ -12,7 +12,14 @@ from pathlib import Path
 
 import numpy as np
 
-from retnet_train.data.manifest import MANIFEST_NAME, Manifest, ManifestError, read_manifest, verify_shards
+from retnet_train.data.manifest import (
+    MANIFEST_NAME,
+    Manifest,
+    ManifestError,
+    check_token_ids,
+    read_manifest,
+    verify_shards,
+)
 from retnet_train.data.megatron import megatron_missing_half, megatron_prefix, open_megatron_tokens
 
 
@@ -48,19 +55,11 @@ class TokenStream:
                 lo = start + filled - self._starts[part]
                 take = min(length - filled, len(self._parts[part]) - lo)
                 out[row, filled : filled + take] = self._parts[part][lo : lo + take]
-                self._check_ids(out[row, filled : filled + take], part, lo)
+                if self.vocab_size is not None:
+                    check_token_ids(out[row, filled : filled + take], self.vocab_size, self._part_paths[part], lo)
                 filled += take
                 part += 1
         return out
-
-    def _check_ids(self, ids: np.ndarray, part: int, lo: int) -> None:
-        if self.vocab_size is None or not len(ids) or 0 <= int(ids.min()) <= int(ids.max()) < self.vocab_size:
-            return
-        at = int(np.argmax((ids < 0) | (ids >= self.vocab_size)))
-        raise ManifestError(
-            f"{self._part_paths[part]}: token {lo + at} is id {int(ids[at])}, outside the vocabulary "
-            f"[0, {self.vocab_size}) (damaged, or written by another tokenizer?)"
-        )
 
 
 def open_shard_stream(name: str, directory: Path, split: str, verify_checksums: bool = False) -> TokenStream:

@@ -116,7 +116,8 @@ def test_a_token_id_outside_the_vocabulary_names_the_shard(tmp_path):
     write_shard_dir(tmp_path / "src", position_tokens(1000), vocab_size=500, shard_tokens=300)
     stream = open_stream("src", tmp_path / "src", "train")
     assert stream.gather([0, 290], SEQ + 1).max() < 500  # ids 10..308: inside, across a shard boundary
-    with pytest.raises(ManifestError, match=r"train_00001.bin: token 190 is id 500, outside the vocabulary \[0, 500\)"):
+    outside = r"train_00001.bin: token id 500 at position 190 is outside the model's vocabulary \[0, 500\)"
+    with pytest.raises(ManifestError, match=outside):
         stream.gather([485], SEQ + 1)
-    with pytest.raises(ManifestError, match=r"train_00001.bin: token 190 is id 500"):
+    with pytest.raises(ManifestError, match=r"train_00001.bin: token id 500 at position 190 "):
         next(iter(loader(tmp_path / "src", seq_len=600)))
