@@ -42,10 +42,13 @@ class Timer:
 
 
 def memory(device: torch.device, what: str) -> int:
-    """Bytes allocated now ("now") or at the peak since the last reset ("peak") on a GPU. On CPU
-    there is no allocator count: 0 now, and the process's peak resident memory (it only grows)."""
+    """Bytes allocated now ("now"), at the peak since the last reset ("peak") or reserved by the allocator at
+    its peak ("reserved": with CUDA graphs, whose replays allocate nothing, the peak of what runs in them
+    shows only here) on a GPU. On CPU there is no allocator count: 0 now, and the process's peak resident
+    memory (it only grows)."""
     if device.type == "cuda":
-        return torch.cuda.memory_allocated() if what == "now" else torch.cuda.max_memory_allocated()
+        counts = {"now": torch.cuda.memory_allocated, "peak": torch.cuda.max_memory_allocated}
+        return counts.get(what, torch.cuda.max_memory_reserved)()
     return 0 if what == "now" else int(peak_memory_gib(device) * 2**30)
 
 
@@ -69,11 +72,13 @@ class Timing:
 
 @dataclass
 class MemoryUse:
-    """Bytes allocated before the model was built, between steps (resident) and at the peak of the timed steps."""
+    """Bytes allocated before the model was built, between steps (resident) and at the peak of the timed
+    steps, and reserved at that peak."""
 
     before: int
     resident: int
     peak: int
+    reserved: int
 
 
 def build_on_device(build, device: torch.device):
@@ -163,6 +168,8 @@ def memory_fields(mem: MemoryUse, on_gpu: bool) -> dict:
         # the peak above what stays allocated between steps: activations and temporaries
         "activation_gib": round((mem.peak - mem.resident) / 2**30, 2) if on_gpu else None,
         "resident_gib": round((mem.resident - mem.before) / 2**30, 2) if on_gpu else None,
+        # the allocator's segments at the peak (cached free blocks too; CUDA graphs' memory only shows here)
+        "peak_reserved_gib": round((mem.reserved - mem.before) / 2**30, 2) if on_gpu else None,
     }
 
 
@@ -223,7 +230,7 @@ def measure(name, build, cfg, args, device):
     timing = timed_steps(engine, batch, ours, args.steps, args.grad_accum, timer)
     if prof is not None:
         prof.__exit__(None, None, None)
-    mem = MemoryUse(mem_before, resident, memory(device, "peak"))
+    mem = MemoryUse(mem_before, resident, memory(device, "peak"), memory(device, "reserved"))
     result = result_row(name, args, cfg, n_params, timing, mem, device)
     if prof is not None:
         result.update(profile_fields(prof, args, name))

@@ -79,6 +79,17 @@ def apply_compile(model: nn.Module, activation_memory_budget: float = 1.0, mode:
         # the forward only, not the module call: hooks on the block (ZeRO-3's parameter gathering)
         # stay outside the graph instead of breaking it
         block.forward = torch.compile(block.forward, mode=mode)
+    if mode == "reduce-overhead":
+        copy_graph_gradients(model.layers)
+
+
+def copy_graph_gradients(blocks: nn.Module) -> None:
+    """Under CUDA graphs a parameter's first gradient of a step is a graph output that autograd would keep
+    as .grad, and the next micro-batch's replay overwrites it (pytorch/pytorch#169545): each gradient
+    is copied out of the graph's memory before it is accumulated."""
+    for param in blocks.parameters():
+        if param.requires_grad:
+            param.register_hook(torch.clone)
 
 
 def apply_activation_checkpointing(model: nn.Module, mode: str) -> None:

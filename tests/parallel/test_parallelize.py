@@ -53,8 +53,17 @@ def test_compile_mode_reaches_torch_compile(monkeypatch, budget_restored):
     does not know is refused before anything is compiled."""
     seen = []
     monkeypatch.setattr(torch, "compile", lambda fn, mode=None: (seen.append(mode), fn)[1])
-    parallelize(build("retnet"), compile=True, compile_mode="reduce-overhead")
+    model = parallelize(build("retnet"), compile=True, compile_mode="reduce-overhead")
     assert seen == ["reduce-overhead", "reduce-overhead"]
+    # each block gradient reaches .grad as a copy (a CUDA graph's output would be overwritten by the next
+    # micro-batch), and two micro-batches still accumulate to the sum of their gradients
+    params = dict(model.layers.named_parameters())
+    assert all(len(p._backward_hooks) == 1 for p in params.values())
+    ids = torch.randint(0, VOCAB, (2, 9))
+    first = {name: g.clone() for name, g in loss_and_grads(model, ids)[1].items()}
+    model(ids, labels=ids).loss.backward()
+    for name, p in model.named_parameters():
+        torch.testing.assert_close(p.grad, 2 * first[name], msg=name)
     with pytest.raises(ValueError, match=r"^compile mode: 'fast' is not one of \['default', 'reduce-overhead'"):
         parallelize(build("retnet"), compile=True, compile_mode="fast")
 
