@@ -129,6 +129,13 @@ def idle_time(trace: dict, steps: int, top: int = 8) -> dict:
         "idle_ms_per_step": round(idle / 1e3 / max(steps, 1), 2),
         "gaps_over_100us": sum(g[0] > 100 for g in gaps),
         "longest_gaps": [[round(us / 1e3, 3), before[:60], after[:60]] for us, before, after in longest],
+    }
+
+
+def host_side(trace: dict, steps: int) -> dict:
+    """From a trace that recorded the host's ops: the GPU ms per step each host thread launched and the
+    host ms per call of the compiled graphs and our ops ({} entries without host ops)."""
+    return {
         "device_ms_per_step_launched_by": device_ms_by_launcher(trace, steps),
         "host_ms_per_call": host_ms_per_call(trace, steps),
     }

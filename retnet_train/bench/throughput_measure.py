@@ -17,7 +17,7 @@ from ..components.metrics import device_peak_flops, peak_memory_gib
 from ..model.flops import flops_per_token
 from ..parallel import parallelize
 from .engine import make_engine, release, train_step
-from .gpu_profile import idle_time, time_breakdown, top_kernels
+from .gpu_profile import host_side, idle_time, time_breakdown, top_kernels
 
 
 class Timer:
@@ -137,14 +137,18 @@ def start_profile(enabled: bool, device: torch.device, with_host: bool = False):
 
 
 def profile_fields(prof, args, name: str) -> dict:
-    """The profile's GPU time by category, its longest kernels and when the GPU sat idle; the Chrome
-    trace goes to --profile-trace DIR/<model>_<seq_len>.json when asked for."""
+    """The profile's GPU time by category, its longest kernels and when the GPU sat idle; with
+    --profile-trace DIR the Chrome trace goes to DIR/<model>_<seq_len>.json and the host's side is added."""
     with tempfile.TemporaryDirectory() as tmp:
         path = Path(args.profile_trace or tmp) / f"{name}_{args.seq_len}.json"
         path.parent.mkdir(parents=True, exist_ok=True)
         prof.export_chrome_trace(str(path))
-        idle = idle_time(json.loads(path.read_text()), args.steps)
-    return {"profile": time_breakdown(prof), "top_kernels": top_kernels(prof, args.profile_top), "gpu_idle": idle}
+        trace = json.loads(path.read_text())
+    fields = {"profile": time_breakdown(prof), "top_kernels": top_kernels(prof, args.profile_top)}
+    fields["gpu_idle"] = idle_time(trace, args.steps)
+    if args.profile_trace is not None:
+        fields["host"] = host_side(trace, args.steps)
+    return fields
 
 
 def timed_steps(engine, batch, ours: bool, steps: int, accum: int, timer: Timer) -> Timing:

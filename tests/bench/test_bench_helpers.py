@@ -5,7 +5,7 @@ from types import SimpleNamespace
 import pytest
 
 from retnet_train.bench.engine import engine_config
-from retnet_train.bench.gpu_profile import idle_time, time_breakdown, top_kernels
+from retnet_train.bench.gpu_profile import host_side, idle_time, time_breakdown, top_kernels
 from retnet_train.bench.retention_kernels import chunkwise_flops
 from retnet_train.bench.throughput_args import json_object
 from retnet_train.components.config import TrainConfig
@@ -72,7 +72,7 @@ def test_idle_time_counts_the_gaps_between_device_events():
     assert idle["idle_ms_per_step"] == 0.17  # 350 us over 2 steps
     assert idle["gaps_over_100us"] == 1
     assert idle["longest_gaps"] == [[0.3, "b", "memset"], [0.05, "memset", "c"]]
-    assert idle["device_ms_per_step_launched_by"] == {} and idle["host_ms_per_call"] == {}  # no host ops recorded
+    assert host_side(trace, steps=2) == {"device_ms_per_step_launched_by": {}, "host_ms_per_call": {}}  # none recorded
     assert idle_time({"traceEvents": []}, steps=1) == {}
 
 
@@ -155,3 +155,30 @@ def test_bench_ds_json_merges_into_the_config():
     for bad in ("[1]", "{oops"):
         with pytest.raises(Exception, match="JSON"):
             json_object(bad)
+
+
+@pytest.mark.parametrize("trace_dir", [None, "traces"])
+def test_profile_fields_add_the_host_side_only_with_a_trace_dir(tmp_path, trace_dir):
+    """--profile: GPU time, longest kernels and idle time; --profile-trace DIR also keeps the trace there and
+    adds what the host's threads launched and spent."""
+    import json
+
+    from retnet_train.bench.throughput_measure import profile_fields
+
+    launch = {"cat": "cuda_runtime", "name": "cudaLaunchKernel", "tid": 1, "ts": 0, "args": {"correlation": 1}}
+    kernel = {"cat": "kernel", "name": "k", "ts": 0, "dur": 2000, "args": {"correlation": 1}}
+
+    class TracedProfile(FakeProfile):
+        def export_chrome_trace(self, path):
+            with open(path, "w") as f:
+                json.dump({"traceEvents": [launch, kernel]}, f)
+
+    out = None if trace_dir is None else str(tmp_path / trace_dir)
+    args = SimpleNamespace(profile_trace=out, seq_len=64, steps=2, profile_top=3)
+    fields = profile_fields(TracedProfile(ROWS), args, "retnet")
+    assert fields["gpu_idle"]["gpu_busy"] == 1.0 and len(fields["top_kernels"]) == 3
+    if trace_dir is None:
+        assert "host" not in fields and not list(tmp_path.iterdir())
+    else:
+        assert fields["host"]["device_ms_per_step_launched_by"] == {"main": 1.0}
+        assert (tmp_path / trace_dir / "retnet_64.json").exists()
