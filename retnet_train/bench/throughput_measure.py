@@ -17,6 +17,7 @@ from ..components.metrics import device_peak_flops, peak_memory_gib
 from ..model.flops import flops_per_token
 from ..parallel import parallelize
 from .engine import make_engine, release, train_step
+from .gpu_power import PowerSampler, summarize
 from .gpu_profile import host_side, idle_time, time_breakdown, top_kernels
 
 
@@ -231,11 +232,14 @@ def measure(name, build, cfg, args, device):
     prof = start_profile(args.profile, device, with_host=args.profile_trace is not None)
     resident = memory(device, "now")  # weights, gradients, optimizer states: all but activations
     reset_peak(device, release_cache=False)
-    timing = timed_steps(engine, batch, ours, args.steps, args.grad_accum, timer)
+    with PowerSampler(device) as power:
+        timing = timed_steps(engine, batch, ours, args.steps, args.grad_accum, timer)
     if prof is not None:
         prof.__exit__(None, None, None)
     mem = MemoryUse(mem_before, resident, memory(device, "peak"), memory(device, "reserved"))
     result = result_row(name, args, cfg, n_params, timing, mem, device)
+    tokens_per_step = args.grad_accum * args.micro_batch * args.seq_len
+    result["gpu_power"] = summarize(power.samples, timing.seconds / args.steps, tokens_per_step)
     if prof is not None:
         result.update(profile_fields(prof, args, name))
     if ours:
