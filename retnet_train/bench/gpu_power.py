@@ -72,7 +72,7 @@ class PowerSampler:
             f"--id={smi_id(device)}",
             f"--query-gpu={QUERY}",
             "--format=csv,noheader,nounits",
-            f"-lms={interval_ms}",
+            f"--loop-ms={interval_ms}",
         ]
 
     def __enter__(self):

@@ -68,7 +68,12 @@ def test_sampler_reads_what_the_command_printed_until_it_closes(tmp_path, monkey
             time.sleep(0.01)
         time.sleep(0.2)  # (the script prints right after writing its arguments)
     args = (tmp_path / "nvidia-smi.args").read_text().split()
-    assert args[0] == "--id=GPU-0123-abcd" and args[1] == f"--query-gpu={gpu_power.QUERY}" and args[-1] == "-lms=50"
+    assert args == [
+        "--id=GPU-0123-abcd",
+        f"--query-gpu={gpu_power.QUERY}",
+        "--format=csv,noheader,nounits",
+        "--loop-ms=50",
+    ]
     assert (
         power.process.poll() is not None
         and power.samples
