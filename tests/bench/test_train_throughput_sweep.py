@@ -81,5 +81,6 @@ def test_cpu_sweep_of_two_lengths_writes_json_lines_and_the_plot(tmp_path):
         ("transformer", 128, 1, 2),
     ]
     assert all(r["tokens_per_s"] > 0 and r["loss"] > 0 and r["device"] == "cpu" for r in rows)
+    assert all(r["gpu_power"] is None and r["peak_reserved_gib"] is None for r in rows)  # GPU-only fields
     assert rows[0]["overrides"] == {"n_layers": 1}
     assert plot.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
