@@ -1,13 +1,22 @@
 """The trainer for real: 2 CPU ranks (gloo) under torchrun driving DeepSpeed ZeRO 0-3."""
 
-import os
 import signal
 import time
 from types import SimpleNamespace
 
 import pytest
 import torch
-from trainer_helpers import losses, overrides, records, run_scenarios, shards, start, train  # noqa: F401 (shards: a fixture)
+from trainer_helpers import (  # noqa: F401 (shards: a fixture)
+    kill_run,
+    losses,
+    overrides,
+    records,
+    run_scenarios,
+    shards,
+    signal_run,
+    start,
+    train,
+)
 
 pytestmark = pytest.mark.slow
 
@@ -86,14 +95,13 @@ def interrupted(shards, tmp_path_factory):
     args = overrides(shards, run_dir, **LONG, **{"checkpoint.interval": 4})
     proc = start(args)
     wait_for(lambda: (ckpts / "step_00000008" / "COMPLETE").exists(), proc)
-    os.killpg(proc.pid, signal.SIGKILL)
-    proc.wait()
+    kill_run(proc)  # the launcher and its workers: none of them logs another step
     killed = losses(run_dir)
     logged = len(records(run_dir))
 
     proc = start(args)
     wait_for(lambda: len(records(run_dir)) >= logged + 3, proc)
-    os.killpg(proc.pid, signal.SIGTERM)  # what a scheduler does on preemption: every process gets it
+    signal_run(proc, signal.SIGTERM)  # what a scheduler does on preemption: every process gets it
     preempted_out, _ = proc.communicate(timeout=120)
     # (torchrun's agent itself exits non-zero on SIGTERM; the workers save and exit cleanly)
     stopped_at = max(r["step"] for r in records(run_dir)[logged:])

@@ -5,8 +5,10 @@ from __future__ import annotations
 
 import json
 import os
+import signal
 import subprocess
 import sys
+import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Optional
@@ -152,6 +154,57 @@ def start(args: list, nproc: int = 2) -> subprocess.Popen:
         text=True,
         start_new_session=True,
     )
+
+
+def descendants(pid: int) -> list:
+    """The processes below pid (from /proc): torchrun's workers run in sessions of their own, out of reach
+    of a signal to the launcher's process group."""
+    parents = {}
+    for entry in Path("/proc").iterdir():
+        try:
+            stat = (entry / "stat").read_text()
+        except (OSError, ValueError):
+            continue  # not a process, or gone
+        if entry.name.isdigit():
+            parents.setdefault(int(stat.rsplit(")", 1)[1].split()[1]), []).append(int(entry.name))
+    found, todo = [], [pid]
+    while todo:
+        children = parents.get(todo.pop(), [])
+        found += children
+        todo += children
+    return found
+
+
+def signal_run(proc: subprocess.Popen, sig: int) -> list:
+    """sig to a launch started by start() and to every process below it (a scheduler signals the whole
+    job); returns those processes."""
+    below = descendants(proc.pid)
+    for pid in [proc.pid, *below]:
+        try:
+            os.kill(pid, sig)
+        except ProcessLookupError:
+            pass
+    return below
+
+
+def kill_run(proc: subprocess.Popen, timeout: float = 60) -> None:
+    """SIGKILL the launch and its workers, and wait until none of them runs (a crash of the whole job: no
+    worker of it writes to the run directory afterwards)."""
+    below = signal_run(proc, signal.SIGKILL)
+    proc.wait()
+    deadline = time.time() + timeout
+    while any(_running(pid) for pid in below):
+        if time.time() > deadline:
+            raise AssertionError(f"processes {below} outlived SIGKILL for {timeout} s")
+        time.sleep(0.05)
+
+
+def _running(pid: int) -> bool:
+    try:
+        state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+    except OSError:
+        return False
+    return state not in ("Z", "X")  # a zombie has exited; its parent has not reaped it yet
 
 
 def losses(run_dir: Path) -> dict:
