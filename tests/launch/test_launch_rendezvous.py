@@ -13,6 +13,7 @@ from pathlib import Path
 
 import pytest
 from launch_helpers import ROOT, run_together
+from process_tree import descendants
 
 pytestmark = pytest.mark.slow
 
@@ -253,22 +254,6 @@ def test_sbatch_script_end_to_end_under_a_fake_srun(tmp_path):
     assert f"checkpoint dir {ckpt} is shared with node 0" in node1
     report = [line for line in (node0 + node1).splitlines() if line.startswith("dist-check ok:")]
     assert len(report) == 1 and "backend=gloo world_size=2 all_reduce=3" in report[0]
-
-
-def descendants(pid: int) -> list[int]:
-    children: dict[int, list[int]] = {}
-    for stat in Path("/proc").glob("[0-9]*/stat"):
-        try:
-            fields = stat.read_text().rsplit(")", 1)[1].split()
-        except OSError:
-            continue
-        children.setdefault(int(fields[1]), []).append(int(stat.parent.name))
-    out, todo = [], [pid]
-    while todo:
-        for c in children.get(todo.pop(), []):
-            out.append(c)
-            todo.append(c)
-    return out
 
 
 def test_usr1_to_every_process_checkpoints_and_exits_cleanly(tmp_path):

@@ -15,7 +15,9 @@ from typing import Optional
 
 import pytest
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "data"))
+TESTS = Path(__file__).resolve().parent.parent
+sys.path[:0] = [str(TESTS / "data"), str(TESTS)]
+from process_tree import descendants, running  # noqa: E402
 from shard_fixtures import learnable_tokens, write_shard_dir  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[2]
@@ -156,25 +158,6 @@ def start(args: list, nproc: int = 2) -> subprocess.Popen:
     )
 
 
-def descendants(pid: int) -> list:
-    """The processes below pid (from /proc): torchrun's workers run in sessions of their own, out of reach
-    of a signal to the launcher's process group."""
-    parents = {}
-    for entry in Path("/proc").iterdir():
-        try:
-            stat = (entry / "stat").read_text()
-        except (OSError, ValueError):
-            continue  # not a process, or gone
-        if entry.name.isdigit():
-            parents.setdefault(int(stat.rsplit(")", 1)[1].split()[1]), []).append(int(entry.name))
-    found, todo = [], [pid]
-    while todo:
-        children = parents.get(todo.pop(), [])
-        found += children
-        todo += children
-    return found
-
-
 def signal_run(proc: subprocess.Popen, sig: int) -> list:
     """sig to a launch started by start() and to every process below it (a scheduler signals the whole
     job); returns those processes."""
@@ -193,18 +176,10 @@ def kill_run(proc: subprocess.Popen, timeout: float = 60) -> None:
     below = signal_run(proc, signal.SIGKILL)
     proc.wait()
     deadline = time.time() + timeout
-    while any(_running(pid) for pid in below):
+    while any(running(pid) for pid in below):
         if time.time() > deadline:
             raise AssertionError(f"processes {below} outlived SIGKILL for {timeout} s")
         time.sleep(0.05)
-
-
-def _running(pid: int) -> bool:
-    try:
-        state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
-    except OSError:
-        return False
-    return state not in ("Z", "X")  # a zombie has exited; its parent has not reaped it yet
 
 
 def losses(run_dir: Path) -> dict:
