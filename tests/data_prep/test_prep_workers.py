@@ -8,6 +8,7 @@ import time
 from pathlib import Path
 
 from prep_helpers import make_tokenizer, write_jsonl
+from process_tree import children, running
 
 REPO = Path(__file__).resolve().parents[2]
 
@@ -24,26 +25,6 @@ tokenize._Encoder.__call__ = hang
 tokenize.tokenize_source(parse_source("c=" + corpus), model, os.path.join(run_dir, "out"), num_proc=2,
                          progress=False, cache_dir=os.path.join(run_dir, "cache"))
 """
-
-
-def children_of(pid: int) -> list[int]:
-    kids = []
-    for stat in Path("/proc").glob("[0-9]*/stat"):
-        try:
-            fields = stat.read_text().rsplit(")", 1)[1].split()
-        except OSError:
-            continue
-        if int(fields[1]) == pid:
-            kids.append(int(stat.parent.name))
-    return kids
-
-
-def alive(pid: int) -> bool:
-    try:
-        state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
-    except OSError:
-        return False
-    return state != "Z"  # a zombie has exited; only its parent's wait is missing
 
 
 def test_workers_die_with_a_killed_tokenize(tmp_path):
@@ -65,17 +46,17 @@ def test_workers_die_with_a_killed_tokenize(tmp_path):
             assert proc.poll() is None, proc.stderr.read()[-2000:]
             assert time.time() < deadline, "the workers never started"
             time.sleep(0.2)
-        kids = children_of(proc.pid)
+        kids = children(proc.pid)
         workers = {int(p.suffix[1:]) for p in run_dir.glob("worker.*")}
         assert workers <= set(kids)  # the manager process is a child too
         proc.send_signal(signal.SIGKILL)
         proc.wait()
         deadline = time.time() + 10
-        while any(alive(k) for k in kids) and time.time() < deadline:
+        while any(running(k) for k in kids) and time.time() < deadline:
             time.sleep(0.1)
-        assert [k for k in kids if alive(k)] == []
+        assert [k for k in kids if running(k)] == []
     finally:
         proc.kill()
         for k in kids:  # only if the assertion above failed: leave no process behind
-            if alive(k):
+            if running(k):
                 os.kill(k, signal.SIGKILL)
