@@ -32,7 +32,7 @@ def parse_samples(text: str) -> list:
     return samples
 
 
-def summarize(samples: list, step_s: float, tokens_per_step: int, min_watts: float = 0.0) -> Optional[dict]:
+def summarize(samples: list, tokens_per_s: float, min_watts: float = 0.0) -> Optional[dict]:
     """Means over the samples that drew at least min_watts (the GPU at work, not between steps), the share
     of them with the power cap holding the clocks down, and the energy per token at the mean draw."""
     busy = [s for s in samples if s[0] >= min_watts]
@@ -45,7 +45,7 @@ def summarize(samples: list, step_s: float, tokens_per_step: int, min_watts: flo
         "mean_sm_mhz": round(mean[2]),
         "max_sm_mhz": round(mean[3]),
         "power_capped_share": round(sum(s[4] for s in busy) / len(busy), 3),
-        "joules_per_token": round(mean[0] * step_s / tokens_per_step, 5),
+        "joules_per_token": round(mean[0] / tokens_per_s, 5),
         "samples": len(busy),
     }
 

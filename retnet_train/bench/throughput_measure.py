@@ -48,8 +48,12 @@ def memory(device: torch.device, what: str) -> int:
     shows only here) on a GPU. On CPU there is no allocator count: 0 now, and the process's peak resident
     memory (it only grows)."""
     if device.type == "cuda":
-        counts = {"now": torch.cuda.memory_allocated, "peak": torch.cuda.max_memory_allocated}
-        return counts.get(what, torch.cuda.max_memory_reserved)()
+        counts = {
+            "now": torch.cuda.memory_allocated,
+            "peak": torch.cuda.max_memory_allocated,
+            "reserved": torch.cuda.max_memory_reserved,
+        }
+        return counts[what]()
     return 0 if what == "now" else int(peak_memory_gib(device) * 2**30)
 
 
@@ -238,8 +242,7 @@ def measure(name, build, cfg, args, device):
         prof.__exit__(None, None, None)
     mem = MemoryUse(mem_before, resident, memory(device, "peak"), memory(device, "reserved"))
     result = result_row(name, args, cfg, n_params, timing, mem, device)
-    tokens_per_step = args.grad_accum * args.micro_batch * args.seq_len
-    result["gpu_power"] = summarize(power.samples, timing.seconds / args.steps, tokens_per_step)
+    result["gpu_power"] = summarize(power.samples, result["tokens_per_s"])
     if prof is not None:
         result.update(profile_fields(prof, args, name))
     if ours:

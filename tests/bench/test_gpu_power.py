@@ -30,7 +30,7 @@ def test_parse_keeps_whole_readable_lines():
 
 def test_summary_means_cap_share_and_energy_per_token():
     samples = parse_samples(H200_LINES)
-    got = summarize(samples, step_s=1.0, tokens_per_step=65536, min_watts=600)
+    got = summarize(samples, tokens_per_s=65536.0, min_watts=600)
     assert got == {
         "mean_w": 687.5,
         "power_limit_w": 700.0,
@@ -40,8 +40,8 @@ def test_summary_means_cap_share_and_energy_per_token():
         "joules_per_token": round(687.5 / 65536, 5),
         "samples": 2,
     }
-    assert summarize(samples, 1.0, 65536)["power_capped_share"] == round(2 / 3, 3)
-    assert summarize([], 1.0, 65536) is None
+    assert summarize(samples, 65536.0)["power_capped_share"] == round(2 / 3, 3)
+    assert summarize([], 65536.0) is None
 
 
 def test_no_sampler_without_a_gpu_or_without_nvidia_smi(monkeypatch):
