@@ -33,7 +33,7 @@ import triton
 from torch import Tensor
 from torch.utils.flop_counter import register_flop_formula
 
-from .triton_retention_launch import INTERPRET, launch  # noqa: F401 (INTERPRET: for the tests)
+from .triton_retention_launch import INTERPRET, launch, launch_carry, scan_segments  # noqa: F401 (INTERPRET: tests)
 
 LOG2E = 1.4426950408889634
 
@@ -56,14 +56,17 @@ def doc_starts(reset):
 def _states(x, y, lg2, C, doc, s0=None, z0=None, with_z=False):
     """The forward's chunk-entry states [B*H, N, DX, DY] (y's dtype), z [B*H, N, DX] fp32 (with_z), and
     the final state [B*H, DX, DY] + z [B*H, DX] in fp32 (without z the final state stands in for the z
-    buffers, never written)."""
+    buffers, never written). At a small batch the scan runs in segments (launch.scan_segments)."""
     B, T, H, DX = x.shape
     DY = y.shape[-1]
     N = triton.cdiv(T, C)
+    SEG = triton.cdiv(N, scan_segments(B * H * DX * DY, N, y.device))
+    P = triton.cdiv(N, SEG)  # (no empty segment)
     S = torch.empty(B * H, N, DX, DY, device=y.device, dtype=y.dtype)
-    fin = torch.empty(B * H, DX, DY, device=y.device, dtype=torch.float32)
+    fin = torch.empty(B * H, P, DX, DY, device=y.device, dtype=torch.float32)  # each segment's own
     Z = torch.empty(B * H, N, DX, device=y.device, dtype=torch.float32) if with_z else fin
-    zfin = torch.empty(B * H, DX, device=y.device, dtype=torch.float32) if with_z else fin
+    zfin = torch.empty(B * H, P, DX, device=y.device, dtype=torch.float32) if with_z else fin
+    seq = _sequence_args(x, y, lg2, C, doc)
     args = dict(
         X=x,
         Y=y,
@@ -73,13 +76,20 @@ def _states(x, y, lg2, C, doc, s0=None, z0=None, with_z=False):
         Z0=fin if z0 is None else z0,
         FIN=fin,
         ZFIN=zfin,
-        **_sequence_args(x, y, lg2, C, doc),
+        **seq,
+        BH=B * H,
+        SEG=SEG,
         DX=DX,
         DY=DY,
         WITH_Z=with_z,
         HAS_S0=s0 is not None,
     )
-    launch("states", lambda m: (DX // m["BX"], DY // m["BY"], B * H), args)
+    launch("states", lambda m: (DX // m["BX"], DY // m["BY"], B * H * P), args)
+    if P > 1:  # what enters each later segment, added to its states
+        shared = ("DOC", "lg2_ptr", "T", "H", "N", "C", "RESET")
+        carry = dict(S=S, Z=Z, FIN=fin, ZFIN=zfin, SEG=SEG, P=P, DX=DX, DY=DY, WITH_Z=with_z)
+        launch_carry(B * H, {**carry, **{k: seq[k] for k in shared}})
+    fin, zfin = fin[:, P - 1], zfin[:, P - 1]
     return S, (Z if with_z else None), fin, (zfin if with_z else None)
 
 

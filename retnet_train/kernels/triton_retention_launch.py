@@ -5,13 +5,15 @@ FIXED_META to force block shapes.
 
 from __future__ import annotations
 
+import functools
 import os
 
+import torch
 import triton
 
 from .triton_retention_apply import _apply_kernel
 from .triton_retention_scores import _scores_kernel
-from .triton_retention_states import _states_kernel, _states_pair_kernel
+from .triton_retention_states import _states_carry_kernel, _states_kernel, _states_pair_kernel
 
 INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
 # Under RETNET_TRITON_AUTOTUNE=0 each kernel runs its first valid config (no tuning on a first call).
@@ -139,3 +141,41 @@ def launch(name, grid, args: dict):
     cfg = _fixed_config(configs, prune, args, fixed)
     opts = {} if INTERPRET else {"num_warps": cfg.num_warps, "num_stages": cfg.num_stages}
     raw[grid(cfg.kwargs)](**args, **cfg.kwargs, **opts)
+
+
+# The forward scan's segments: RETNET_TRITON_SCAN_SEGMENTS = a count, or `auto` (scan_segments picks
+# from the GPU's SM count); unset: 1, one scan per state tile. (Tests set SCAN_SEGMENTS.)
+SCAN_SEGMENTS = os.environ.get("RETNET_TRITON_SCAN_SEGMENTS", "1")
+CARRY_BLOCK = 2048
+
+
+@functools.cache
+def _sm_count(device_index: int) -> int:
+    return torch.cuda.get_device_properties(device_index).multi_processor_count
+
+
+def scan_segments(state_elements: int, chunks: int, device) -> int:
+    """How many segments the forward scan runs side by side (SCAN_SEGMENTS). `auto`: 1 unless the
+    scan's programs at its usual 64 x 128 state tile (state_elements = B*H*DX*DY over the tile)
+    would leave the GPU with fewer than two per SM; each segment keeps at least 4 chunks, at most 4
+    segments."""
+    if str(SCAN_SEGMENTS) != "auto":
+        try:
+            count = int(SCAN_SEGMENTS)
+        except ValueError:
+            count = 0
+        if count < 1:
+            raise ValueError(f"RETNET_TRITON_SCAN_SEGMENTS={SCAN_SEGMENTS!r}: a count >= 1 or 'auto'")
+        return count
+    if device.type != "cuda" or INTERPRET:
+        return 1
+    programs = max(1, state_elements // (64 * 128))
+    return max(1, min(4, chunks // 4, 2 * _sm_count(device.index or 0) // programs))
+
+
+def launch_carry(batch_heads: int, args: dict):
+    """The segments' carry pass (_states_carry_kernel) over every later chunk and the final state."""
+    DXY, N, SEG = args["DX"] * args["DY"], args["N"], args["SEG"]
+    grid = (triton.cdiv(DXY, CARRY_BLOCK), N - SEG + 1, batch_heads)
+    opts = {} if INTERPRET else {"num_warps": 4}
+    _states_carry_kernel[grid](**args, BLOCK=CARRY_BLOCK, BZ=triton.next_power_of_2(args["DX"]), **opts)

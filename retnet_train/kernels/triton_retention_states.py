@@ -42,6 +42,8 @@ def _states_kernel(
     H,
     N,
     C,
+    BH,
+    SEG,
     sxb,
     sxt,
     sxh,
@@ -58,6 +60,7 @@ def _states_kernel(
     BY: tl.constexpr,
     BT: tl.constexpr,
 ):
+    pz = tl.program_id(2).to(tl.int64)
     _states_tile(
         X,
         Y,
@@ -81,7 +84,10 @@ def _states_kernel(
         syh,
         tl.program_id(0),
         tl.program_id(1),
-        tl.program_id(2).to(tl.int64),
+        pz % BH,
+        pz // BH,
+        SEG,
+        tl.num_programs(2) // BH,
         DX,
         DY,
         False,  # REVERSE: the forward scan
@@ -156,6 +162,9 @@ def _states_pair_kernel(
             px,
             py,
             pz,
+            0,
+            N,
+            1,
             DX,
             DY,
             False,
@@ -192,6 +201,9 @@ def _states_pair_kernel(
             px,
             py,
             pz - BH,
+            0,
+            N,
+            1,
             DX,
             DY,
             True,
@@ -230,6 +242,9 @@ def _states_tile(
     px,
     py,
     bh,
+    seg,
+    SEG,
+    P,
     DX: tl.constexpr,
     DY: tl.constexpr,
     REVERSE: tl.constexpr,
@@ -251,17 +266,20 @@ def _states_tile(
     z_mask = ox * 0 + py == 0
     z = tl.zeros([BX], dtype=tl.float32)
     if HAS_S0:
-        acc += tl.load(S0 + bh * DX * DY + tile).to(tl.float32)
-        if WITH_Z:
-            z += tl.load(Z0 + bh * DX + ox)
+        if seg == 0:  # later segments start from zero (a carry pass adds what enters them)
+            acc += tl.load(S0 + bh * DX * DY + tile).to(tl.float32)
+            if WITH_Z:
+                z += tl.load(Z0 + bh * DX + ox)
     xb = X + b * sxb + h * sxh
     yb = Y + b * syb + h * syh
     doc = DOC + b * T
-    for i in range(N):
+    n0 = seg * SEG
+    n1 = tl.minimum(n0 + SEG, N)
+    for i in range(n1 - n0):
         if REVERSE:
-            n = N - 1 - i
+            n = n1 - 1 - i
         else:
-            n = i
+            n = n0 + i
         c0 = n * C
         end = tl.minimum(c0 + C, T)
         tl.store(S + (bh * N + n) * DX * DY + tile, acc.to(S.dtype.element_ty))
@@ -274,9 +292,9 @@ def _states_tile(
         acc = acc * f
         z = z * f
         acc, z = _add_chunk(acc, z, xb, yb, sxt, syt, ox, oy, doc, lg2, c0, C, end, REVERSE, WITH_Z, RESET, IEEE, BT)
-    tl.store(FIN + bh * DX * DY + tile, acc)
+    tl.store(FIN + (bh * P + seg) * DX * DY + tile, acc)
     if WITH_Z:
-        tl.store(ZFIN + bh * DX + ox, z, mask=z_mask)
+        tl.store(ZFIN + (bh * P + seg) * DX + ox, z, mask=z_mask)
 
 
 # acc [BX, BY] += sum_{t in chunk} d_t x_t^T y_t (and z [BX] += sum d_t x_t) over the chunk [c0, end),
@@ -322,3 +340,82 @@ def _add_chunk(
         if WITH_Z:
             z += tl.sum(xd, 0)
     return acc, z
+
+
+# ---------------------------------------------------------------------------------------------
+# Segments: at a small batch the forward scan has fewer programs than the GPU has room for, and each
+# walks all N chunks. _states_kernel then runs P segments of SEG chunks side by side, each from a
+# zero state, and stores each segment's own final state in FIN[bh, p] (fp32). This pass adds what
+# enters each later segment: c_1 = FIN[bh, 0], c_p = F_{p-1} c_{p-1} + FIN[bh, p-1] (F_j: segment
+# j's total decay), and S_n of segment p >= 1 gains gamma^(c0_n - a_p) c_p (a_p: the segment's first
+# token), the final state (n = N, slot P-1) the same with c0_n = T; a decay product is 0 when a
+# document starts within it. One program per BLOCK elements of one state (z: BZ >= DX, by the
+# programs of the first block) and per chunk n >= SEG.
+# ---------------------------------------------------------------------------------------------
+@triton.jit
+def _states_carry_kernel(
+    S,
+    Z,
+    FIN,
+    ZFIN,
+    DOC,
+    lg2_ptr,
+    T,
+    H,
+    N,
+    C,
+    SEG,
+    P,
+    DX: tl.constexpr,
+    DY: tl.constexpr,
+    WITH_Z: tl.constexpr,
+    RESET: tl.constexpr,
+    BLOCK: tl.constexpr,
+    BZ: tl.constexpr,
+):
+    pe, n, bh = tl.program_id(0), SEG + tl.program_id(1), tl.program_id(2).to(tl.int64)
+    p = tl.minimum(n // SEG, P - 1)
+    lg2 = tl.load(lg2_ptr + bh % H)
+    doc = DOC + (bh // H) * T
+    a = p * SEG * C
+    pos = tl.minimum(n * C, T)
+    g = _segment_decay(doc, lg2, a, pos, RESET)
+    off = pe * BLOCK + tl.arange(0, BLOCK)
+    ok = off < DX * DY
+    c = _carry_in(FIN + bh * P * DX * DY, DX * DY, off, ok, doc, lg2, p, SEG * C, T, RESET)
+    if n < N:
+        ptr = S + (bh * N + n) * DX * DY + off
+        tl.store(ptr, (tl.load(ptr, mask=ok).to(tl.float32) + g * c).to(S.dtype.element_ty), mask=ok)
+    else:
+        ptr = FIN + (bh * P + P - 1) * DX * DY + off
+        tl.store(ptr, tl.load(ptr, mask=ok) + g * c, mask=ok)
+    if WITH_Z:
+        if pe == 0:
+            oz = tl.arange(0, BZ)
+            okz = oz < DX
+            cz = _carry_in(ZFIN + bh * P * DX, DX, oz, okz, doc, lg2, p, SEG * C, T, RESET)
+            if n < N:
+                ptr = Z + (bh * N + n) * DX + oz
+            else:
+                ptr = ZFIN + (bh * P + P - 1) * DX + oz
+            tl.store(ptr, tl.load(ptr, mask=okz) + g * cz, mask=okz)
+
+
+# gamma^(end - a), the decay from token a to token end, 0 when a document starts in (a, end).
+@triton.jit
+def _segment_decay(doc, lg2, a, end, RESET: tl.constexpr):
+    f = tl.exp2(lg2 * (end - a).to(tl.float32))
+    if RESET:
+        f = tl.where(tl.load(doc + tl.maximum(end - 1, 0)) < a, f, 0.0)
+    return f
+
+
+# The state entering segment p (p >= 1) at elements off: the segments' own final states (slots of
+# `stride` elements from fin) carried through the decays of segments 1 .. p-1 (L tokens each).
+@triton.jit
+def _carry_in(fin, stride, off, ok, doc, lg2, p, L, T, RESET: tl.constexpr):
+    c = tl.load(fin + off, mask=ok, other=0.0)
+    for j in range(1, p):
+        f = _segment_decay(doc, lg2, j * L, tl.minimum(j * L + L, T), RESET)
+        c = c * f + tl.load(fin + j * stride + off, mask=ok, other=0.0)
+    return c

@@ -50,6 +50,11 @@ def test_triton_interpreter_gpu_tiles(interpreter_results):
     in_subprocess(interpreter_results, "check_gpu_tiles")
 
 
+def test_triton_interpreter_scan_segments(interpreter_results):
+    """The forward scan split into segments side by side, plus the carry pass, equals one scan."""
+    in_subprocess(interpreter_results, "check_scan_segments")
+
+
 def test_triton_interpreter_dispatch(interpreter_results):
     """retention_op sends resets and the parallel mode to the kernels, and matches the torch path."""
     in_subprocess(interpreter_results, "check_dispatch")

@@ -28,6 +28,28 @@ def test_doc_starts():
     assert doc_starts(reset).tolist() == [[-1, -1, 2, 2, 4], [0, 0, 0, 0, 0]]
 
 
+def test_scan_segments_setting(monkeypatch):
+    """A count is taken as given; `auto` splits the forward scan only where its programs at 64 x 128
+    tiles would leave an SM with fewer than two (an H200's 132 SMs: K 256 / V 512, 8 heads, batch 1);
+    anything else is refused, naming the variable."""
+    from retnet_train.kernels import triton_retention_launch as kernels
+
+    gpu = torch.device("cuda", 0)
+    monkeypatch.setattr(kernels, "_sm_count", lambda index: 132)
+    monkeypatch.setattr(kernels, "SCAN_SEGMENTS", "3")
+    assert kernels.scan_segments(8 * 256 * 512, 32, gpu) == 3
+    monkeypatch.setattr(kernels, "SCAN_SEGMENTS", "auto")
+    assert kernels.scan_segments(1 * 8 * 256 * 512, 32, gpu) == 2
+    assert kernels.scan_segments(2 * 8 * 256 * 512, 32, gpu) == 1
+    assert kernels.scan_segments(1 * 8 * 128 * 256, 32, gpu) == 4  # 32 programs; at most 4 segments
+    assert kernels.scan_segments(1 * 8 * 128 * 256, 8, gpu) == 2  # at least 4 chunks each
+    assert kernels.scan_segments(1 * 8 * 256 * 512, 32, torch.device("cpu")) == 1
+    for bad in ("0", "two"):
+        monkeypatch.setattr(kernels, "SCAN_SEGMENTS", bad)
+        with pytest.raises(ValueError, match="RETNET_TRITON_SCAN_SEGMENTS"):
+            kernels.scan_segments(8 * 256 * 512, 32, gpu)
+
+
 # ---- GPU ------------------------------------------------------------------------------------------
 needs_gpu = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA/ROCm")
 
@@ -64,6 +86,27 @@ def test_triton_every_config_gpu(kernel):
         except AssertionError as e:
             failures.append(f"{cfg}: {e}")
     assert not failures, "\n".join(failures)
+
+
+@pytest.mark.gpu
+@needs_gpu
+@pytest.mark.parametrize("segments", [2, 3, 4])
+def test_triton_scan_segments_gpu(segments):
+    """The forward scan in segments (what batch 1 runs at the widest heads), with document starts."""
+    from retnet_train.kernels import triton_retention_launch as kernels
+
+    B, T, H, K, V, C = 1, 2000, 8, 256, 512, 128
+    lg = decay_log_gammas(H).cuda()
+    q, k, v = inputs(B, T, H, K, V, device="cuda")
+    reset = resets(B, T, C, device="cuda")
+    st = torch.randn(B, H, K, V + 1, device="cuda") * 0.1
+    ref = run(torch_path(C, lg, reset), q, k, v, torch.float32, st)
+    saved, kernels.SCAN_SEGMENTS = kernels.SCAN_SEGMENTS, segments
+    try:
+        got = run(triton_path(C, lg, reset), q, k, v, torch.bfloat16, st.bfloat16())
+    finally:
+        kernels.SCAN_SEGMENTS = saved
+    assert_close(got, ref, BF16_TOL)
 
 
 @pytest.mark.gpu

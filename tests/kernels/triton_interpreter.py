@@ -22,6 +22,7 @@ from triton_helpers import (
     assert_close,
     check_kernels_separately,
     inputs,
+    reference_states,
     resets,
     run,
     torch_path,
@@ -44,6 +45,7 @@ CPU_CASES = [
     ("check_bf16",),
     ("check_dispatch",),
     ("check_gpu_tiles",),
+    ("check_scan_segments",),
     ("check_compiled_in_graph",),
     ("check_budget_recomputes_retention",),
 ]
@@ -166,6 +168,33 @@ def check_gpu_tiles():
     case = lambda: check_kernels_separately(1, 200, 1, 128, 256, 128, torch.bfloat16, BF16_TOL)  # noqa: E731
     blocks = dict(scores=dict(BR=64, BC=64, BE=64), apply=dict(BR=128, BC=64, BD=128, BE=64))
     with_blocks(kernels, case, states=dict(BX=64, BY=128, BT=64), **blocks)
+
+
+def check_scan_segments():
+    """The forward scan in 2, 3, 4 and 7 segments (7 chunks, the last partial) equals the recurrence
+    and the torch path: with document starts inside a segment and on a segment's first token, an
+    incoming state and row sums; and without resets (the carries then never vanish)."""
+    mod, kernels = interpreted()
+    B, T, H, K, V, C = 2, 100, 2, 32, 32, 16
+    lg = decay_log_gammas(H)
+    q, k, v = inputs(B, T, H, K, V, seed=3)
+    st = torch.randn(B, H, K, V + 1, generator=torch.Generator().manual_seed(5)) * 0.1
+    s0, z0 = st[..., :V].reshape(B * H, K, V).contiguous(), st[..., V].reshape(B * H, K).contiguous()
+    reset = resets(B, T, C, seed=5)
+    reset[0, 3 * C] = reset[1, 2 * C + 5] = True
+    lg2 = (lg.float() * mod.LOG2E).contiguous()
+    saved = kernels.SCAN_SEGMENTS
+    try:
+        for segments in (2, 3, 4, 7):
+            kernels.SCAN_SEGMENTS = segments
+            for docs in (reset, None):
+                ref = run(torch_path(C, lg, docs), q, k, v, torch.float64, st.double())
+                assert_close(run(triton_path(C, lg, docs), q, k, v, torch.float32, st), ref, FP32_TOL)
+            S, z, fin, zfin, _ = reference_states(q, k, v, torch.zeros_like(v), lg, C, reset, s0, z0)
+            got = mod._states(k, v, lg2, C, mod.doc_starts(reset), s0, z0, True)
+            assert_close(list(got), [S, z, fin, zfin], FP32_TOL, names=["S", "z", "final S", "final z"])
+    finally:
+        kernels.SCAN_SEGMENTS = saved
 
 
 def check_dispatch():
