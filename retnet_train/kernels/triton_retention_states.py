@@ -60,7 +60,7 @@ def _states_kernel(
     BY: tl.constexpr,
     BT: tl.constexpr,
 ):
-    pz = tl.program_id(2).to(tl.int64)
+    pz = tl.program_id(2)  # segment-major: seg * BH + bh
     _states_tile(
         X,
         Y,
@@ -84,7 +84,7 @@ def _states_kernel(
         syh,
         tl.program_id(0),
         tl.program_id(1),
-        pz % BH,
+        (pz % BH).to(tl.int64),
         pz // BH,
         SEG,
         tl.num_programs(2) // BH,
