@@ -128,17 +128,18 @@ def open_megatron_tokens(
     if vocab_size is not None:
         _check_token_range(tokens, vocab_size, bin_path)
     if eos_id is not None and idx.document_indices.size > 1:
-        # last token of each non-empty document: sequence doc_end-1 ends at its pointer + size
-        last_seq = idx.document_indices[1:] - 1
-        if last_seq.size > MAX_EOD_CHECKS:  # random reads: check an even spread, not all of billions
-            last_seq = last_seq[np.linspace(0, last_seq.size - 1, MAX_EOD_CHECKS).astype(np.int64)]
+        doc_idx = idx.document_indices
+        # non-empty documents first, then the spread: a mask over all documents does not fit a spread of them
+        docs = np.flatnonzero(doc_idx[1:] > doc_idx[:-1])
+        if docs.size > MAX_EOD_CHECKS:  # random reads: check an even spread, not all of billions
+            docs = docs[np.linspace(0, docs.size - 1, MAX_EOD_CHECKS).astype(np.int64)]
+        last_seq = doc_idx[docs + 1] - 1  # the sequence each document ends with
         ends = (idx.pointers[last_seq] // itemsize) + idx.sizes[last_seq]
-        ends = ends[idx.document_indices[1:] > idx.document_indices[:-1]]
         bad = np.flatnonzero(tokens[ends - 1] != eos_id)
         if bad.size:
             raise ManifestError(
-                f"{idx.path}: {bad.size} of {ends.size} documents do not end with EOS id {eos_id} "
-                f"(first: document {int(bad[0])}); tokenize with Megatron's --append-eod or pass the right eos_id"
+                f"{idx.path}: {bad.size} of {docs.size} documents do not end with EOS id {eos_id} "
+                f"(first: document {int(docs[bad[0]])}); tokenize with Megatron's --append-eod or pass the right eos_id"
             )
     return tokens, idx
 

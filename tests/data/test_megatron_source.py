@@ -156,3 +156,21 @@ def test_half_a_dataset_or_its_directory(tmp_path):
         r"one as the path, e.g. .*d/c_text_document$",
     ):
         TokenLoader({"m": (str(tmp_path / "d"), 1.0)}, SEQ, 2, eos_id=EOS)
+
+
+def test_more_documents_than_the_eod_checks(tmp_path):
+    from retnet_train.data.megatron import MAX_EOD_CHECKS
+
+    # an even spread of the documents is checked for EOD; an empty document (repeated index) comes first
+    n = MAX_EOD_CHECKS + 1
+    docs = [np.array([5, 6, EOS])] * n
+    doc_idx = np.concatenate([[0], np.arange(n + 1)])
+    write_mmidx(tmp_path / "m", docs, doc_idx=doc_idx)
+    loader = TokenLoader({"m": (str(tmp_path / "m"), 1.0)}, SEQ, 2, eos_id=EOS)
+    assert loader.windows == {"m": (3 * n - 1) // SEQ}
+    assert next(loader)["input_ids"].shape == (2, SEQ)
+    docs[-1] = np.array([5, 6, 7])  # the last document (number n: the empty one is 0) lacks EOD
+    write_mmidx(tmp_path / "bad", docs, doc_idx=doc_idx)
+    message = rf"bad.idx: 1 of {MAX_EOD_CHECKS} documents do not end with EOS id 0 \(first: document {n}\)"
+    with pytest.raises(ManifestError, match=message):
+        TokenLoader({"m": (str(tmp_path / "bad"), 1.0)}, SEQ, 2, eos_id=EOS)
