@@ -228,6 +228,7 @@ class ValidationLoader:
 
     Ranks get disjoint, equal shares (the remainder of N mod W is dropped), so all ranks run the
     same number of batches; the last batch may be smaller than micro_batch_size. Re-iterable.
+    max_sequences caps the pass at that many windows, spread evenly over all of them.
     """
 
     def __init__(
@@ -246,14 +247,18 @@ class ValidationLoader:
         self.eos_id = next(iter(self.streams.values())).eos_id
         self.windows = _window_counts(self.streams, self.seq_len)
         self._ends = np.cumsum(list(self.windows.values()))  # global window g -> source by searchsorted
-        total = int(self._ends[-1]) if max_sequences is None else min(int(self._ends[-1]), max_sequences)
+        windows = int(self._ends[-1])
+        total = windows if max_sequences is None else min(windows, max_sequences)
         self.per_rank = total // dp_world_size
         if self.per_rank == 0:
             raise ManifestError(
                 f"validation split has {total} sequences of {seq_len} tokens, fewer than dp_world_size={dp_world_size} "
                 f"(sources: {', '.join(str(s.origin) for s in self.streams.values())})"
             )
-        self._g = dp_rank + dp_world_size * np.arange(self.per_rank, dtype=np.int64)
+        # capped: an even spread over all windows, so every source (and all of a source's files, which
+        # come in corpus order) is measured, not just the first windows of the first source
+        picked = (np.arange(total, dtype=np.int64) * windows) // total
+        self._g = picked[dp_rank + dp_world_size * np.arange(self.per_rank, dtype=np.int64)]
 
     def __len__(self) -> int:
         return math.ceil(self.per_rank / self.micro_batch_size)

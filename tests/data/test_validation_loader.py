@@ -48,7 +48,14 @@ def test_ranks_split_validation_evenly_and_disjointly(sources):
 
 def test_max_sequences_caps_the_pass(sources):
     loader = build_validation_loader(sources, SEQ, 4, max_sequences=6)
-    assert sum(b["input_ids"].shape[0] for b in loader) == 6
+    ids = np.concatenate([b["input_ids"].numpy() for b in loader])
+    # an even spread over the 37 windows of both sources (0, 6, 12, 18, 24 of a; 30 = window 5 of b),
+    # not the first 6 windows of source a alone
+    np.testing.assert_array_equal(ids, expected_windows()[[0, 6, 12, 18, 24, 30], :-1])
+    two_ranks = [build_validation_loader(sources, SEQ, 4, r, 2, max_sequences=6) for r in range(2)]
+    got = [np.concatenate([b["input_ids"].numpy() for b in loader]) for loader in two_ranks]
+    np.testing.assert_array_equal(got[0], expected_windows()[[0, 12, 24], :-1])
+    np.testing.assert_array_equal(got[1], expected_windows()[[6, 18, 30], :-1])
 
 
 def test_sources_without_validation_are_skipped_with_a_warning(sources, tmp_path):
