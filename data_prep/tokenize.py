@@ -48,7 +48,18 @@ from data_prep.sources import (
 )
 from data_prep.tokenizer_card import Tokenizer, TokenizerError, load_tokenizer
 from data_prep.workers import die_with_parent
-from retnet_train.data.manifest import DTYPES, FORMAT_VERSION, SPLITS, Manifest, SplitInfo, token_dtype_for
+from retnet_train.data.manifest import (
+    DTYPES,
+    FORMAT_VERSION,
+    MANIFEST_NAME,
+    SPLITS,
+    Manifest,
+    ManifestError,
+    SplitInfo,
+    read_manifest,
+    token_dtype_for,
+    verify_shards,
+)
 
 DEFAULT_SHARD_TOKENS = 1 << 27  # 256 MiB of uint16: few files, still cheap to re-verify one
 
@@ -166,6 +177,8 @@ def tokenize_source(
     layout = _Layout(validation_fraction, seed, shard_tokens, add_bos, token_dtype_for(tok.vocab_size))
     _check_settings(shard_tokens, validation_fraction, chunk_docs, batch_size)
     _check_bos(tok, add_bos)
+    if not overwrite and (finished := finished_output(source, tok, out_dir, layout, cache_dir)) is not None:
+        return finished
     check_shard_dir(out_dir, overwrite)  # refusals first: they cost nothing
     corpus = load_source(source, cache_dir)
     report_skipped(source, "the manifest")
@@ -176,6 +189,32 @@ def tokenize_source(
             prepare_shard_dir(out_dir, overwrite)
             work = _Work(num_proc, chunk_docs, batch_size, progress)
             return _write_output(source, corpus, tok, out_dir, layout, work)
+
+
+def finished_output(
+    source: Source, tok: Tokenizer, out_dir: Path, layout: _Layout, cache_dir: str | None
+) -> Manifest | None:
+    """The manifest in `out_dir` if a finished run of these same inputs and settings wrote it, else
+    None. Running the same command again after a kill in a later source finds the earlier ones
+    finished: they are kept (not replaced, not refused), so the command resumes as a whole."""
+    if not (out_dir / MANIFEST_NAME).is_file():
+        return None
+    try:
+        manifest = read_manifest(out_dir)
+    except ManifestError:
+        return None  # check_shard_dir names the problem
+    if "fingerprint" not in manifest.extra:  # written before manifests recorded it: cannot tell
+        return None
+    if manifest.extra["fingerprint"] != _fingerprint(source, load_source(source, cache_dir), tok, layout):
+        return None
+    problems = verify_shards(manifest, checksums=False)
+    if problems:
+        raise ManifestError(
+            f"{manifest.path}: finished output of these inputs and settings has damaged shards "
+            "(pass --overwrite to rebuild it):\n  " + "\n  ".join(problems)
+        )
+    print(f"{out_dir}: already finished with these inputs and settings; kept")
+    return manifest
 
 
 def _check_bos(tok: Tokenizer, add_bos: bool) -> None:
@@ -199,7 +238,8 @@ def _write_output(
     source: Source, corpus: datasets.Dataset, tok: Tokenizer, out_dir: Path, layout: _Layout, work: _Work
 ) -> Manifest:
     """Shards first, then the manifest, and the journal last: a run killed at any point can be resumed."""
-    journal = Journal(out_dir, _fingerprint(source, corpus, tok, layout))
+    fingerprint = _fingerprint(source, corpus, tok, layout)
+    journal = Journal(out_dir, fingerprint)
     writers = _resume(journal, corpus, DTYPES[layout.dtype], layout.shard_tokens, tok.eos_id)
     try:
         _write_shards(corpus, writers, tok, layout, work, f"tokenize {source.name}")
@@ -208,7 +248,7 @@ def _write_output(
             journal.path.unlink(missing_ok=True)  # nothing to resume: leave no trace
         raise
     splits = {split: w.finish() for split, w in writers.items()}
-    manifest = _manifest(source, tok, out_dir, layout, splits)
+    manifest = _manifest(source, tok, out_dir, layout, splits, fingerprint)
     write_json_atomic(manifest.path, manifest.to_json())  # last: its presence means "complete"
     journal.path.unlink()
     return manifest
@@ -228,7 +268,9 @@ def _fingerprint(source: Source, corpus: datasets.Dataset, tok: Tokenizer, layou
     return hashlib.sha256(json.dumps(settings, sort_keys=True).encode()).hexdigest()
 
 
-def _manifest(source: Source, tok: Tokenizer, out_dir: Path, layout: _Layout, splits: dict[str, SplitInfo]) -> Manifest:
+def _manifest(
+    source: Source, tok: Tokenizer, out_dir: Path, layout: _Layout, splits: dict[str, SplitInfo], fingerprint: str
+) -> Manifest:
     split_rule = {"validation_fraction": layout.validation_fraction, "seed": layout.seed, "unit": "document"}
     return Manifest(
         directory=out_dir,
@@ -245,6 +287,7 @@ def _manifest(source: Source, tok: Tokenizer, out_dir: Path, layout: _Layout, sp
             "add_bos": layout.add_bos,
             "split_rule": split_rule,
             "source": source.describe(),
+            "fingerprint": fingerprint,  # a re-run of the same command keeps this output (finished_output)
             "created_unix": int(time.time()),
         },
     )
@@ -366,10 +409,16 @@ def main(argv: Sequence[str] | None = None) -> None:
         names = [s.name for s in sources]
         if len(set(names)) != len(names):
             raise SourceError(f"source names must be unique, got {names}")
+        layout = _Layout(a.validation_fraction, a.seed, a.shard_tokens, a.bos, token_dtype_for(tok.vocab_size))
+        finished = {}
         for source in sources:  # every output checked before hours go into the first one
-            check_shard_dir(Path(a.out) / source.name, a.overwrite)
+            out = Path(a.out) / source.name
+            if not a.overwrite and (m := finished_output(source, tok, out, layout, a.cache_dir)) is not None:
+                finished[source.name] = m  # this same command finished it before being stopped
+            else:
+                check_shard_dir(out, a.overwrite)
         for source in sources:
-            m = tokenize_source(
+            m = finished.get(source.name) or tokenize_source(
                 source,
                 tok,
                 Path(a.out) / source.name,

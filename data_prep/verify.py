@@ -3,7 +3,8 @@
     python -m data_prep.verify DIR [DIR ...] [--sizes-only]
 
 DIR is a shard directory (with manifest.json) or a root whose subdirectories are. Prints one line
-per bad file (missing, wrong size, wrong sha256) and exits 1 if there is any.
+per bad file (missing, wrong size, wrong sha256) and per source a stopped tokenize left unfinished,
+and exits 1 if there is any.
 """
 
 from __future__ import annotations
@@ -12,6 +13,7 @@ import argparse
 from pathlib import Path
 from typing import Sequence
 
+from data_prep.shard_writer import JOURNAL_NAME
 from retnet_train.data.manifest import MANIFEST_NAME, ManifestError, read_manifest, verify_shards
 
 
@@ -24,13 +26,23 @@ def shard_dirs(root: Path) -> list[Path]:
     return found
 
 
+def unfinished_dirs(root: Path) -> list[Path]:
+    """Source directories a tokenize run left unfinished: a resume journal and no manifest yet."""
+    candidates = [root] if (root / JOURNAL_NAME).is_file() else sorted(p.parent for p in root.glob(f"*/{JOURNAL_NAME}"))
+    return [d for d in candidates if not (d / MANIFEST_NAME).is_file()]
+
+
 def verify_directory(directory: str | Path, checksums: bool = True) -> list[str]:
-    """All problems of all shard directories under `directory` (manifest errors included)."""
-    problems = []
+    """All problems of all shard directories under `directory` (manifest errors included), and the
+    unfinished ones (a root with a finished source beside an unfinished one is not whole)."""
+    problems = [
+        f"{d}: unfinished tokenize ({JOURNAL_NAME}, no {MANIFEST_NAME}): run the same command again to resume"
+        for d in unfinished_dirs(Path(directory))
+    ]
     try:
         dirs = shard_dirs(Path(directory))
     except ManifestError as e:
-        return [str(e)]
+        return problems or [str(e)]
     for d in dirs:
         try:
             problems += verify_shards(read_manifest(d), checksums=checksums)

@@ -285,3 +285,42 @@ def test_cli_interrupted_or_failing_write_is_one_line_and_resumable(
     monkeypatch.undo()
     tokenize_mod.main(args)
     assert "resuming an unfinished run" in capsys.readouterr().out
+
+
+def test_cli_run_stopped_in_a_later_source_resumes_keeping_the_finished_ones(
+    tok, corpus, tmp_path, monkeypatch, capsys
+):
+    (tmp_path / "code").mkdir()
+    for i in range(5):
+        (tmp_path / "code" / f"m{i}.py").write_text(f"def f{i}(x):\n    return x * {i}\n")
+    options = {"num_proc": 1, "shard_tokens": SHARD, "chunk_docs": 7, "cache_dir": tmp_path / "hf_cache"}
+    args = tokenize_argv(tok, tmp_path / "out", f"a={corpus}", f"b={tmp_path}/code", **options)
+    real = tokenize_mod.tokenize_source
+
+    def stop_in_b(source, *a, **kw):
+        if source.name == "b":
+            raise KeyboardInterrupt
+        return real(source, *a, **kw)
+
+    monkeypatch.setattr(tokenize_mod, "tokenize_source", stop_in_b)
+    with pytest.raises(SystemExit) as stopped:
+        tokenize_mod.main(args)
+    assert stopped.value.code == 130  # "interrupted: run the same command again to resume"
+    monkeypatch.undo()
+    a_dir = tmp_path / "out" / "a"
+    before = {p.name: (p.stat().st_ino, p.read_bytes()) for p in a_dir.iterdir()}
+    capsys.readouterr()
+    tokenize_mod.main(args)  # the same command: a is kept as it is, b is made
+    assert f"{a_dir}: already finished with these inputs and settings; kept" in capsys.readouterr().out
+    assert {p.name: (p.stat().st_ino, p.read_bytes()) for p in a_dir.iterdir()} == before
+    assert (
+        read_manifest(tmp_path / "out" / "b").split("train").documents
+        + read_manifest(tmp_path / "out" / "b").split("validation").documents
+        == 5
+    )
+    tokenize_mod.main(args)  # finished as a whole: a no-op
+    with pytest.raises(SystemExit, match=rf"{a_dir}/manifest.json: output already exists"):
+        tokenize_mod.main(args + ["--seed", "1"])  # other settings: refused, as before
+    (a_dir / read_manifest(a_dir).split("train").shards[0].file).write_bytes(b"x")
+    with pytest.raises(SystemExit, match=r"a/manifest.json: finished output .* has damaged shards"):
+        tokenize_mod.main(args)

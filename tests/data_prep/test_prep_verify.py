@@ -56,3 +56,19 @@ def test_missing_shard_and_missing_manifest(shards, tmp_path):
     assert verify_directory(shards) == [f"{shards}/train_00001.bin: missing"]
     result = run_verify(tmp_path / "nowhere")
     assert result.returncode == 1 and "no manifest.json" in result.stdout
+
+
+def test_an_unfinished_source_is_named(shards):
+    """A root whose other source a stopped tokenize left unfinished (its journal, no manifest) is not whole."""
+    unfinished = shards.parent / "web"
+    unfinished.mkdir()
+    (unfinished / "train_00000.bin").write_bytes(b"\x00" * 200)
+    (unfinished / "progress.jsonl").write_text("{}\n")
+    expected = (
+        f"{unfinished}: unfinished tokenize (progress.jsonl, no manifest.json): run the same command again to resume"
+    )
+    assert verify_directory(shards.parent) == [expected]
+    assert verify_directory(unfinished) == [expected]  # not also "no manifest.json here"
+    result = run_verify(shards.parent)
+    assert result.returncode == 1 and result.stdout.splitlines() == [f"BAD {expected}"]
+    assert verify_directory(shards) == []  # the finished source itself is whole
