@@ -49,10 +49,14 @@ def parse_data(specs) -> dict:
     """--data DIR or NAME=DIR (repeatable) -> {name: (dir, 1.0)} for the validation loader."""
     sources = {}
     for i, spec in enumerate(specs):
-        name, _, path = spec.rpartition("=")
+        # a directory as given is a path even with '=' in it (lang=en/); else NAME is up to the first '='
+        name, _, path = ("", "", spec) if os.path.isdir(spec) or "=" not in spec else spec.partition("=")
         if not os.path.isdir(path):
             raise ValueError(f"--data {spec}: {path} is not a directory (a shard dir written by data_prep.tokenize)")
-        sources[name or f"source{i}"] = (path, 1.0)
+        name = name or f"source{i}"
+        if name in sources:  # a dict keeps only the last: one source would silently go unevaluated
+            raise ValueError(f"--data {spec}: the name {name!r} is given twice")
+        sources[name] = (path, 1.0)
     return sources
 
 

@@ -78,6 +78,11 @@ def write_safetensors(tensors: Dict[str, torch.Tensor], path: str, dtype: Option
         v = v.detach().to("cpu")
         out[k] = (v.to(dtype) if dtype is not None and v.is_floating_point() else v).contiguous()
     save_file(out, path, metadata={"format": "pt"})
+    # safetensors writes through a private temporary file (mode 0600): give the weights the mode any
+    # new file gets here, as config.json and tokenizer.model have, so that others can read an export
+    umask = os.umask(0)
+    os.umask(umask)
+    os.chmod(path, 0o666 & ~umask)
 
 
 def save_native(

@@ -26,8 +26,11 @@ class TextStreamer:
                 self.tokens[i].append(t)
             if len(self.tokens) == 1:
                 text = self.sp.decode(self.tokens[i])
-                self.write(text[len(self.printed[i]) :])
-                self.printed[i] = text
+                # a character split over byte-fallback pieces decodes as U+FFFD until its last byte
+                # arrives, and then the text gets shorter: print only up to whole characters
+                if not text.endswith("\ufffd"):
+                    self.write(text[len(self.printed[i]) :])
+                    self.printed[i] = text
             if f:
                 self._finish(i)
         sys.stdout.flush()
@@ -38,7 +41,7 @@ class TextStreamer:
     def _finish(self, i: int) -> None:
         self.done[i] = True
         if len(self.tokens) == 1:
-            self.write("\n")
+            self.write(self.sp.decode(self.tokens[i])[len(self.printed[i]) :] + "\n")  # anything held back
         else:
             self.write(f"[{i}] {self.sp.decode(self.tokens[i])}\n")
 

@@ -76,6 +76,9 @@ def test_checkpoint_errors(tmp_path, tokenizer):
 def test_export_round_trip_and_tokenizer_checks(tmp_path, tokenizer):
     model = tiny_model("retnet", tie_embeddings=True)
     out = save_native(model, str(tmp_path / "exp"), tokenizer)
+    modes = {name: os.stat(os.path.join(out, name)).st_mode & 0o777 for name in os.listdir(out)}
+    assert set(modes) == {"model.safetensors", "config.json", "tokenizer.model"}
+    assert len(set(modes.values())) == 1, modes  # the weights readable by whoever can read the rest
     loaded = load_model(out)
     assert loaded.source == "export" and loaded.tokenizer_path.endswith("tokenizer.model")
     ids = torch.randint(0, VOCAB, (2, 5))

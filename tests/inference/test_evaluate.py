@@ -11,7 +11,7 @@ import torch
 import torch.nn.functional as F
 from gen_fixtures import TEXTS, tiny_model, train_tokenizer, write_shards
 
-from retnet_train.inference.evaluate import main, perplexity
+from retnet_train.inference.evaluate import main, parse_data, perplexity
 from retnet_train.inference.native import save_native
 
 
@@ -65,6 +65,15 @@ def test_perplexity_refuses_other_tokenizer_and_bad_args(setup, tmp_path):
         perplexity(model, [])
     with pytest.raises(SystemExit, match=f"error: --data val={tmp_path / 'none'}: .* is not a directory"):
         main(["--checkpoint", exp, "--data", f"val={tmp_path / 'none'}"])
+
+
+def test_data_dirs_with_equals_signs_and_repeated_names(tmp_path):
+    hive = tmp_path / "lang=en" / "v=2"  # '=' in a directory name (partitioned datasets)
+    hive.mkdir(parents=True)
+    assert parse_data([str(hive)]) == {"source0": (str(hive), 1.0)}
+    assert parse_data([f"en={hive}", str(tmp_path)]) == {"en": (str(hive), 1.0), "source1": (str(tmp_path), 1.0)}
+    with pytest.raises(ValueError, match="the name 'val' is given twice"):
+        parse_data([f"val={hive}", f"val={tmp_path}"])
 
 
 def test_unknown_lm_eval_task_is_a_one_line_error(setup, monkeypatch):

@@ -8,6 +8,7 @@ from gen_fixtures import VOCAB, tiny_model, train_tokenizer
 from retnet_train.inference.generate import generate, main
 from retnet_train.inference.native import save_native
 from retnet_train.inference.sampling import SamplingParams, sample
+from retnet_train.inference.streaming import TextStreamer
 
 
 def naive_greedy(model, prompt, n):
@@ -123,3 +124,34 @@ def test_cli_streams_text_and_reports_errors(tmp_path, capsys):
         main(["--checkpoint", str(tmp_path / "nope"), "--prompt", "x"])
     with pytest.raises(SystemExit, match="exceeds max_length=4"):
         main(["--checkpoint", exp, "--prompt", "one two three four five", "--max-length", "4"])
+
+
+def test_streamed_text_with_byte_fallback_pieces_is_the_decoded_text(tmp_path):
+    """Characters outside the vocabulary are several byte pieces (data_prep's tokenizers use
+    byte_fallback): the streamed text must still be exactly the decoded text."""
+    import sentencepiece as spm
+
+    (tmp_path / "c.txt").write_text("The quick brown fox jumps over the lazy dog. def add(a, b):\n" * 20)
+    spm.SentencePieceTrainer.train(
+        input=str(tmp_path / "c.txt"),
+        model_prefix=str(tmp_path / "bf"),
+        vocab_size=300,
+        model_type="bpe",
+        byte_fallback=True,
+        character_coverage=1.0,
+        minloglevel=2,
+        num_threads=1,
+    )
+    sp = spm.SentencePieceProcessor(model_file=str(tmp_path / "bf.model"))
+    text = "fox \u65e5\u672c dog \U0001f98a"  # two 3-byte characters and a 4-byte one
+    ids = sp.encode(text)
+    assert sum(sp.is_byte(i) for i in ids) == 10
+    for stop in (len(ids), len(ids) - 1):  # ends on a whole character / inside one (flushed at the end)
+        out = []
+        streamer = TextStreamer(sp, 1, out.append)
+        for t in ids[:stop]:
+            streamer(torch.tensor([t]), torch.tensor([False]))
+        streamer(torch.tensor([0]), torch.tensor([True]))  # EOS
+        streamer.close()
+        assert "".join(out) == sp.decode(ids[:stop]) + "\n"
+    assert "".join(out).startswith("fox \u65e5\u672c dog ")
