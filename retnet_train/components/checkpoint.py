@@ -66,8 +66,10 @@ def resolve_resume(resume: str, manager: "CheckpointManager"):
     A path may name one checkpoint (<dir>/step_N) or a directory holding them (its newest valid
     one is taken: a run's checkpoints/ or the run dir itself; checkpoint_discovery says which is valid
     and rank 0 prints which newer ones were skipped). Refuses what would clobber data: a fresh start
-    or a foreign checkpoint while our own checkpoint dir already holds checkpoints, and a fresh start
-    where every complete checkpoint is damaged.
+    or a foreign checkpoint while our own checkpoint dir already holds checkpoints, an older checkpoint
+    of our own while newer valid ones are there, and a fresh start where every complete checkpoint is
+    damaged. A run started with a path that has saved checkpoints of its own continues from its newest
+    one when the same command runs again (a requeue after preemption).
     """
     ours = manager.existing()
     if resume == "auto":
@@ -86,6 +88,13 @@ def resolve_resume(resume: str, manager: "CheckpointManager"):
                 "or train.resume=auto to continue that run"
             )
         return None
+    own = discovery.choose(manager.dir) if ours else None
+    if own is not None and own.tag is not None and _same_path(_saved_resume(own.path), resume):
+        # this same command saved it (a requeue after preemption, a restart after a crash): the run goes on
+        # from its own newest checkpoint, as the refusals below would otherwise stop the same command
+        if manager.rank == 0:
+            print(f"train.resume={resume}: {own.path} was saved by this same run: continuing from it", flush=True)
+        return _chosen(own, manager.rank)
     choice = discovery.find_checkpoint(resume)
     if choice.tag is None:
         raise ValueError(
@@ -98,7 +107,42 @@ def resolve_resume(resume: str, manager: "CheckpointManager"):
             f"({', '.join(ours[-3:])}); resuming from elsewhere would overwrite them. Use a new run.dir "
             "(or checkpoint.dir)"
         )
+    newer = _newer_valid(manager.dir, choice.tag) if ours else []
+    if newer:
+        # Going back to an older checkpoint of this run would leave its newer ones in place, and a later
+        # train.resume=auto (a requeue, a crash) would continue from those instead of from this run's saves.
+        raise ValueError(
+            f"train.resume={resume}: this run's checkpoint dir {manager.dir} holds newer checkpoints "
+            f"({', '.join(newer[-3:])}) that a later train.resume=auto would continue from instead of this "
+            f"run's saves. Move them out of {manager.dir}, or resume into a new run.dir (or checkpoint.dir)"
+        )
     return _chosen(choice, manager.rank)
+
+
+def _saved_resume(tag_dir: str) -> Optional[str]:
+    """The train.resume of the run that saved checkpoint `tag_dir` (None where it does not say)."""
+    try:
+        state = torch.load(discovery.model_states_file(tag_dir), map_location="cpu", weights_only=False, mmap=True)
+    except (OSError, RuntimeError, ValueError):
+        return None
+    train = (state.get("config") or {}).get("train") if isinstance(state, dict) else None
+    return train.get("resume") if isinstance(train, dict) else None
+
+
+def _same_path(a: Optional[str], b: str) -> bool:
+    return a is not None and os.path.abspath(a) == os.path.abspath(b)
+
+
+def _newer_valid(directory: str, tag: str) -> list:
+    """The valid step_<N> checkpoints in `directory` newer than `tag` (none when tag is not a step_<N>)."""
+    if not TAG_RE.match(tag):
+        return []
+    newer = [t for t in discovery.complete_tags(directory) if _step(t) > _step(tag)]
+    return [t for t in newer if discovery.damage(directory, t) is None]
+
+
+def _step(tag: str) -> int:
+    return int(TAG_RE.match(tag).group(1))
 
 
 def _chosen(choice: "discovery.Choice", rank: int):
@@ -160,11 +204,15 @@ class CheckpointManager:
         return os.path.join(self.dir, tag)
 
     def _prune(self, keep: str) -> None:
-        complete = self.complete_tags()
+        # keep_last counts the checkpoints up to this save: complete ones of later steps are damaged saves
+        # this run resumed past (resolve_resume refuses going back over valid ones); left as they are until
+        # a save of that step replaces them, they must not push valid older ones out
+        step = _step(keep)
+        complete = [tag for tag in self.complete_tags() if _step(tag) <= step]
         kept = set(complete[-self.keep_last :]) | {keep}
         for tag in os.listdir(self.dir):
             # older complete checkpoints beyond keep_last, and leftovers of saves that never completed
-            if TAG_RE.match(tag) and tag not in kept:
+            if TAG_RE.match(tag) and tag not in kept and (_step(tag) <= step or not self.is_complete(tag)):
                 shutil.rmtree(os.path.join(self.dir, tag), ignore_errors=True)
 
     def existing(self) -> list:

@@ -177,6 +177,7 @@ def expand_home(cfg: TrainConfig) -> TrainConfig:
     cfg.data.tokenizer = expand(cfg.data.tokenizer) if cfg.data.tokenizer else cfg.data.tokenizer
     if cfg.train.resume not in ("auto", "never"):
         cfg.train.resume = expand(cfg.train.resume)
+    cfg.train.init_weights = expand(cfg.train.init_weights) if cfg.train.init_weights else cfg.train.init_weights
     return cfg
 
 
@@ -221,6 +222,7 @@ def check_values(cfg: TrainConfig) -> None:
     _check_deepspeed(cfg.deepspeed)
     _check_train(cfg.train)
     check_layout(cfg.parallel.context_parallel_size, None, cfg.data.seq_len)
+    _need(cfg.run.dir.strip(), "run.dir", "must name a directory (empty: the run would write into the current one)")
     _check_checkpoint(cfg.checkpoint)
     _check_profile(cfg.profile, cfg.train.max_steps)
     _check_wandb(cfg.wandb)

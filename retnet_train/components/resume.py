@@ -28,12 +28,47 @@ def load_checkpoint(
     client state. plan: components.reshard.ResumePlan; model_config: this run's resolved model.*."""
     directory, tag = source
     path = os.path.join(directory, tag)
+    configured = configured_optim(engine)
     try:
         client = manager.load(engine, tag, directory=directory, plan=plan, reseed=reseed)
     except RuntimeError as e:  # torch's load_state_dict: the weights do not fit this model
         raise ValueError(misfit(path, e, model_config)) from None
+    restore_configured_optim(engine, configured)
     load_parts(client, parts, path)
     return path, client
+
+
+OPTIM_KEYS = ("weight_decay", "betas", "eps")  # optim.* kept in the optimizer's param groups
+
+
+def configured_optim(engine) -> Optional[tuple]:
+    """(peak lr per group, optim.* hyperparameters per group) as this run's config built them, before a
+    checkpoint's optimizer and scheduler state replace them; None without an LR scheduler."""
+    scheduler = getattr(engine, "lr_scheduler", None)
+    if not hasattr(scheduler, "lr_lambdas"):  # none, or not the LambdaLR of components/optim.py
+        return None
+    groups = [{k: group[k] for k in OPTIM_KEYS if k in group} for group in scheduler.optimizer.param_groups]
+    return list(scheduler.base_lrs), groups
+
+
+def restore_configured_optim(engine, configured: Optional[tuple]) -> None:
+    """Loading a checkpoint restores the optimizer's param groups and the scheduler's peak lr as saved, so a
+    resumed run would keep the old optim.lr, weight_decay, betas and eps while the schedule's other keys
+    (warmup_steps, decay, max_steps) follow the config: put this run's back and recompute the lr of the
+    next step. Unchanged settings give the saved values bit for bit (the scheduler computes them alike)."""
+    if configured is None:
+        return
+    base_lrs, groups = configured
+    scheduler = engine.lr_scheduler
+    param_groups = scheduler.optimizer.param_groups
+    if len(param_groups) != len(groups) or len(scheduler.lr_lambdas) != len(base_lrs):
+        return  # load_state_dict refuses another number of groups before this
+    scheduler.base_lrs = list(base_lrs)
+    for group, values, base_lr, lr_lambda in zip(param_groups, groups, base_lrs, scheduler.lr_lambdas):
+        group.update(values)
+        group["initial_lr"] = base_lr
+        group["lr"] = base_lr * lr_lambda(scheduler.last_epoch)
+    scheduler._last_lr = [group["lr"] for group in param_groups]  # what get_last_lr() reports
 
 
 def misfit(path: str, error: RuntimeError, model_config: dict) -> str:

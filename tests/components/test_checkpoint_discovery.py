@@ -103,3 +103,97 @@ def test_trainer_resume_says_which_checkpoint_and_why_newer_ones_were_skipped(tm
     with pytest.raises(ValueError, match="step_00000010: mp_rank_00_model_states.pt is truncated"):
         resolve_resume(str(tmp_path / "step_00000010"), CheckpointManager(str(tmp_path / "other"), 3, 0))
     assert os.path.isdir(tmp_path / "step_00000010")
+
+
+def test_going_back_to_an_older_checkpoint_of_this_run_is_refused_while_newer_valid_ones_are_there(tmp_path):
+    """They would stay beside the older one's continuation, and a later resume=auto (a requeue, a
+    crash) would pick the newest of them instead of this run's saves."""
+    manager = CheckpointManager(str(tmp_path), keep_last=5, rank=0)
+    for step in (10, 20, 30):
+        save(tmp_path, step)
+    with pytest.raises(ValueError) as e:
+        resolve_resume(str(tmp_path / "step_00000010"), manager)
+    assert str(e.value).startswith(
+        f"train.resume={tmp_path / 'step_00000010'}: this run's checkpoint dir {tmp_path} holds newer "
+        "checkpoints (step_00000020, step_00000030) that a later train.resume=auto would continue from"
+    )
+    assert sorted(os.listdir(tmp_path)) == ["latest", "step_00000010", "step_00000020", "step_00000030"]
+    # the newest one, or the directory (its newest): nothing newer is left behind
+    assert resolve_resume(str(tmp_path / "step_00000030"), manager) == (str(tmp_path), "step_00000030")
+    assert resolve_resume(str(tmp_path), manager) == (str(tmp_path), "step_00000030")
+    # newer ones that are damaged are never resumed: going back past them is what resume=auto does too
+    truncate(tmp_path / "step_00000020" / "mp_rank_00_model_states.pt")
+    (tmp_path / "step_00000030" / discovery.COMPLETE).unlink()
+    assert resolve_resume(str(tmp_path / "step_00000010"), manager) == (str(tmp_path), "step_00000010")
+    assert resolve_resume("auto", manager) == (str(tmp_path), "step_00000010")
+
+
+class SavingEngine:
+    """Writes the client state where DeepSpeed's save_checkpoint puts it: into the model-states file."""
+
+    def save_checkpoint(self, directory, tag, client_state, save_latest):
+        os.makedirs(os.path.join(directory, tag), exist_ok=True)
+        torch.save(client_state, os.path.join(directory, tag, "mp_rank_00_model_states.pt"))
+
+
+def saved_by(resume):
+    return {"config": {"train": {"resume": resume}}}
+
+
+def test_the_same_command_started_again_continues_from_its_own_checkpoints(tmp_path, capsys):
+    """A run started from another run's checkpoint, preempted after saving its own and requeued with the
+    same command, goes on from its own newest checkpoint instead of being refused."""
+    other = CheckpointManager(str(tmp_path / "a" / "checkpoints"), keep_last=3, rank=0)
+    for step in (5, 7):
+        other.save(SavingEngine(), step, saved_by("auto"))
+    mine = CheckpointManager(str(tmp_path / "b" / "checkpoints"), keep_last=3, rank=0)
+    command = str(tmp_path / "a")
+    assert resolve_resume(command, mine) == (other.dir, "step_00000007")
+    mine.save(SavingEngine(), 8, saved_by(command))  # then SIGUSR1: exit 75, requeued
+    capsys.readouterr()
+    assert resolve_resume(command, mine) == (mine.dir, "step_00000008")
+    assert f"train.resume={command}: {mine.dir}/step_00000008 was saved by this same run" in capsys.readouterr().out
+    mine.save(SavingEngine(), 9, saved_by(command))
+    save(tmp_path / "b" / "checkpoints", 10, complete=False)  # killed while saving: the newest valid one counts
+    assert resolve_resume(command, mine) == (mine.dir, "step_00000009")
+    # another command is still refused rather than overwriting this run's checkpoints
+    with pytest.raises(ValueError, match="already holds checkpoints"):
+        resolve_resume(str(tmp_path / "a" / "checkpoints" / "step_00000005"), mine)
+    # the same one goes on also when the other run has meanwhile pruned the checkpoint it started from
+    for tag in ("step_00000005", "step_00000007"):
+        (tmp_path / "a" / "checkpoints" / tag / discovery.COMPLETE).unlink()
+    assert resolve_resume(command, mine) == (mine.dir, "step_00000009")
+
+
+def test_going_back_in_this_run_and_requeued_continues_from_the_new_saves(tmp_path):
+    manager = CheckpointManager(str(tmp_path), keep_last=5, rank=0)
+    manager.save(SavingEngine(), 10, saved_by("auto"))
+    manager.save(SavingEngine(), 20, saved_by("auto"))
+    truncate(tmp_path / "step_00000020" / "mp_rank_00_model_states.pt")  # damaged: going back is allowed
+    command = str(tmp_path / "step_00000010")
+    assert resolve_resume(command, manager) == (str(tmp_path), "step_00000010")
+    manager.save(SavingEngine(), 15, saved_by(command))  # preempted at step 15, requeued
+    assert resolve_resume(command, manager) == (str(tmp_path), "step_00000015")
+    manager.save(SavingEngine(), 16, saved_by("auto"))  # the newest was saved by another command
+    with pytest.raises(ValueError, match="holds newer checkpoints \\(step_00000015, step_00000016\\)"):
+        resolve_resume(command, manager)
+
+
+def test_pruning_counts_keep_last_up_to_the_new_save(tmp_path):
+    """A damaged later checkpoint that the run resumed past does not push valid older ones out; a later
+    save that never completed is removed, the damaged complete one stays until its step is saved again."""
+    manager = CheckpointManager(str(tmp_path), keep_last=2, rank=0)
+    for step in (10, 20, 30):
+        save(tmp_path, step)
+    save(tmp_path, 40, complete=False)
+    truncate(tmp_path / "step_00000030" / "mp_rank_00_model_states.pt")
+    assert resolve_resume("auto", manager) == (str(tmp_path), "step_00000020")
+    manager.save(SavingEngine(), 25, {"step": 25})
+    assert sorted(t for t in os.listdir(tmp_path) if t.startswith("step_")) == [
+        "step_00000020",
+        "step_00000025",
+        "step_00000030",
+    ]
+    manager.save(SavingEngine(), 30, {"step": 30})  # replaces the damaged save of step 30
+    assert discovery.damage(str(tmp_path), "step_00000030") is None
+    assert sorted(t for t in os.listdir(tmp_path) if t.startswith("step_")) == ["step_00000025", "step_00000030"]

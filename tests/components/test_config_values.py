@@ -68,6 +68,7 @@ def with_values(**values) -> TrainConfig:
             dict(parallel__context_parallel_size=3),
             "parallel.context_parallel_size=3 does not divide data.seq_len=2048: each rank holds seq_len / 3 tokens",
         ),
+        (dict(run__dir=""), "run.dir: must name a directory (empty: the run would write into the current one)"),
         (dict(checkpoint__interval=0), "checkpoint.interval: must be > 0"),
         (dict(checkpoint__keep_last=0), "checkpoint.keep_last: must be >= 1"),
         (dict(profile__start_step=0), "profile.start_step: must be >= 1 (optimizer steps count from 1)"),
@@ -98,3 +99,31 @@ def test_checkpoint_dir_is_checkpoint_dir_else_under_the_run_dir():
     assert checkpoint_dir(cfg) == "/runs/a/checkpoints"
     cfg.checkpoint.dir = "/shared/ckpt"
     assert checkpoint_dir(cfg) == "/shared/ckpt"
+
+
+def test_home_in_every_path_key_is_the_home_directory(monkeypatch):
+    """A quoted `key='~/x'` reaches the config unexpanded; each path key reads it as the shell would."""
+    from retnet_train.components.config import expand_home
+
+    monkeypatch.setenv("HOME", "/home/u")
+    cfg = valid()
+    cfg.run.dir, cfg.checkpoint.dir, cfg.data.paths = "~/run", "~/ckpt", ["~/web", "/d/code"]
+    cfg.data.tokenizer, cfg.train.resume, cfg.train.init_weights = "~/tok.model", "~/old/run", "~/export"
+    expand_home(cfg)
+    assert (cfg.run.dir, cfg.checkpoint.dir, cfg.data.paths) == (
+        "/home/u/run",
+        "/home/u/ckpt",
+        ["/home/u/web", "/d/code"],
+    )
+    assert (cfg.data.tokenizer, cfg.train.resume, cfg.train.init_weights) == (
+        "/home/u/tok.model",
+        "/home/u/old/run",
+        "/home/u/export",
+    )
+    cfg = expand_home(valid())  # unset keys and the resume keywords stay as they are
+    assert (cfg.checkpoint.dir, cfg.data.tokenizer, cfg.train.init_weights, cfg.train.resume) == (
+        None,
+        None,
+        None,
+        "auto",
+    )
