@@ -248,7 +248,7 @@ class ValidationLoader:
         self.windows = _window_counts(self.streams, self.seq_len)
         self._ends = np.cumsum(list(self.windows.values()))  # global window g -> source by searchsorted
         windows = int(self._ends[-1])
-        total = windows if max_sequences is None else min(windows, max_sequences)
+        total = windows if max_sequences is None else min(windows, _check_positive_int("max_sequences", max_sequences))
         self.per_rank = total // dp_world_size
         if self.per_rank == 0:
             raise ManifestError(

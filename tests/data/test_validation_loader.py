@@ -56,6 +56,8 @@ def test_max_sequences_caps_the_pass(sources):
     got = [np.concatenate([b["input_ids"].numpy() for b in loader]) for loader in two_ranks]
     np.testing.assert_array_equal(got[0], expected_windows()[[0, 12, 24], :-1])
     np.testing.assert_array_equal(got[1], expected_windows()[[6, 18, 30], :-1])
+    with pytest.raises(ValueError, match="max_sequences must be a positive integer, got -1"):
+        build_validation_loader(sources, SEQ, 4, max_sequences=-1)
 
 
 def test_sources_without_validation_are_skipped_with_a_warning(sources, tmp_path):
