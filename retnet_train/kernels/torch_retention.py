@@ -20,16 +20,20 @@ import torch
 
 
 def recurrent_retention(q, k, v, log_gamma, reset=None, state=None):
-    """S_t = gamma S_{t-1} + k_t^T v_t ;  o_t = q_t S_t. One token at a time (decoding)."""
+    """S_t = gamma S_{t-1} + k_t^T v_t ;  o_t = q_t S_t. One token at a time (decoding), in fp32 at least
+    whatever the inputs' dtype (bf16 holds no decay between 1 - 2^-9 and 1: the slower heads would
+    never decay): o in q's dtype, the state in fp32 (fp64 for fp64 inputs)."""
     B, H, T, K = q.shape
-    gamma = log_gamma.to(_decay_dtype(q.dtype)).exp().view(1, H, 1, 1).to(q.dtype)
-    S = q.new_zeros(B, H, K, v.shape[-1]) if state is None else state
+    dtype, acc = q.dtype, _decay_dtype(q.dtype)
+    q, k, v = q.to(acc), k.to(acc), v.to(acc)
+    gamma = log_gamma.to(acc).exp().view(1, H, 1, 1)
+    S = q.new_zeros(B, H, K, v.shape[-1]) if state is None else state.to(acc)
     outs = []
     for t in range(T):
-        decay = gamma if reset is None else gamma * (~reset[:, t]).to(q.dtype).view(B, 1, 1, 1)
+        decay = gamma if reset is None else gamma * (~reset[:, t]).to(acc).view(B, 1, 1, 1)
         S = S * decay + k[:, :, t, :, None] * v[:, :, t, None, :]
         outs.append(torch.einsum("bhk,bhkv->bhv", q[:, :, t], S))
-    return torch.stack(outs, dim=2), S
+    return torch.stack(outs, dim=2).to(dtype), S
 
 
 def _chunks(x, C):

@@ -170,3 +170,23 @@ def test_block_step_over_a_few_tokens_continues_the_forward(normalize):
     torch.testing.assert_close(x, want, rtol=1e-10, atol=1e-10)
     for got, ref in zip(states, after.layers):
         torch.testing.assert_close(got, ref, rtol=1e-10, atol=1e-10)
+
+
+@torch.no_grad()
+def test_recurrent_form_in_bf16_keeps_every_head_decaying():
+    """In bf16 the slow heads' decays (1 - 2^-9 and closer to 1, from the 5th head on) round to exactly 1:
+    the recurrent form runs in fp32 with an fp32 state, so a bf16 model's three forms stay as close
+    to the fp32 model as bf16 rounding allows, and the state it returns stays fp32."""
+    torch.manual_seed(0)
+    model = make_model(d_model=64, n_heads=8, chunk_size=16)
+    ids = torch.randint(0, VOCAB, (2, 400))
+    ref = model(ids, mode="parallel", return_state=True)
+    model = model.to(torch.bfloat16)
+    errors = {}
+    for mode in ("parallel", "chunkwise", "recurrent"):
+        out = model(ids, mode=mode, return_state=True)
+        errors[mode] = (out.logits[:, -50:].float() - ref.logits[:, -50:]).abs().max().item()
+    assert errors["recurrent"] <= 0.1 and errors["chunkwise"] <= 0.1, errors
+    assert out.logits.dtype == torch.bfloat16 and out.state.layers[0].dtype == torch.float32
+    for got, want in zip(out.state.layers, ref.state.layers):
+        assert (got - want).abs().max() <= 0.01 * want.abs().max()
