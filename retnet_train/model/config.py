@@ -108,6 +108,12 @@ class RetNetConfig(DecoderConfig):
         cls = type(self).__name__
         _check(self.value_factor > 0, cls, "value_factor", f"must be > 0, got {self.value_factor}")
         _check(
+            self.value_dim >= self.n_heads,  # a value head of width 0 would make every retention output 0
+            cls,
+            "value_factor",
+            f"value dim {self.value_dim} (= d_model * value_factor) is less than one per head (n_heads={self.n_heads})",
+        )
+        _check(
             self.value_dim % self.n_heads == 0,
             cls,
             "value_factor",

@@ -69,6 +69,13 @@ class TransformerForCausalLM(DecoderLM):
     def __init__(self, config: TransformerConfig):
         super().__init__(config, [TransformerBlock(config) for _ in range(config.n_layers)])
         init_weights(self, config, gains={"qkv_proj": 2**-0.5, "out_proj": 1.0})
+        if config.init == "torchscale":
+            # torchscale's attention has separate q, k, v weights, each xavier with gain 2^-0.5: on the
+            # fused [3d, d] weight xavier's fan (4d, not 2d) would draw them sqrt(2) too small
+            with torch.no_grad():
+                for block in self.layers:
+                    for rows in block.attention.qkv_proj.weight.chunk(3):
+                        nn.init.xavier_uniform_(rows, gain=2**-0.5)
 
     def constants(self) -> dict:
         hd = self.config.head_dim
@@ -80,6 +87,8 @@ class TransformerForCausalLM(DecoderLM):
         T = input_ids.shape[1]
         sin, cos = rotary_sin_cos(self.inv_freq, 0, T, x.dtype)
         doc_mask = None
+        if doc_starts is not None and doc_starts.shape != input_ids.shape:  # as RetNet: name it, not a broadcast
+            raise ValueError(f"doc_starts shape {tuple(doc_starts.shape)} != input_ids shape {tuple(input_ids.shape)}")
         if doc_starts is not None and self.config.document_masking:
             seg = torch.cumsum(doc_starts.long(), dim=1)
             causal = torch.ones(T, T, dtype=torch.bool, device=x.device).tril()

@@ -116,6 +116,7 @@ def test_presets_follow_the_paper_and_have_twins(name):
         (dict(mode="blocky"), "mode"),
         (dict(norm="batchnorm"), "norm"),
         (dict(value_factor=1.3), "value_factor"),
+        (dict(value_factor=0.001), "value_factor"),  # value dim round(0.064) = 0
         (dict(retention_backend="cuda"), "retention_backend"),
     ],
 )

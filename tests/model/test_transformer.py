@@ -1,3 +1,4 @@
+import pytest
 import torch
 
 from retnet_train.model import TransformerConfig, TransformerForCausalLM
@@ -96,3 +97,21 @@ def test_normal_init_matches_llama_initializer_range():
             assert abs(p.mean().item()) < 0.002, name
         else:
             assert torch.equal(p, torch.ones_like(p)), name
+
+
+def test_torchscale_init_draws_q_k_v_each_as_its_own_xavier_matrix():
+    """init=torchscale: q, k and v as torchscale's MultiheadAttention draws them, each [d, d] weight
+    xavier_uniform with gain 2^-0.5 (bound gain * sqrt(6 / 2d)), not the fused [3d, d] weight as one."""
+    torch.manual_seed(0)
+    d = 256
+    model = make_model(d_model=d, n_heads=4, init="torchscale")
+    bound = 2**-0.5 * (6 / (2 * d)) ** 0.5
+    for block in model.layers:
+        for w in block.attention.qkv_proj.weight.detach().chunk(3):
+            assert w.abs().max() <= bound
+            assert abs(w.std().item() / (bound / 3**0.5) - 1) < 0.02  # uniform(-b, b) has std b / sqrt 3
+
+
+def test_doc_starts_of_another_shape_raise_naming_them():
+    with pytest.raises(ValueError, match="doc_starts shape"):
+        make_model(document_masking=True)(torch.zeros(2, 4, dtype=torch.long), doc_starts=torch.zeros(2, 3))
