@@ -43,6 +43,7 @@ class StepStats:
     """One optimizer step, as every rank agreed on it (one all-reduce)."""
 
     step: int
+    lr: float  # the learning rate this step's update used (or would have used, when skipped)
     loss: Optional[float]  # mean over ranks and micro-batches; None when the step was skipped
     loss_nonfinite: bool  # some rank saw a non-finite loss
     skipped: bool  # no update: non-finite loss or gradient norm
@@ -186,7 +187,9 @@ class Trainer:
             raise io_failure(e, None if state is None else state.step, self.last_checkpoint) from e
         finally:
             self.close()
-        preempted = bool(stats and stats.stop_requested)
+        # a signal during the last step leaves nothing to resume: finished (exit 0), not 75, on which
+        # the SLURM scripts would requeue a job with no step left to train
+        preempted = bool(stats and stats.stop_requested) and self.state.step < self.cfg.train.max_steps
         if self.is_main and not preempted:
             print(
                 f"done at step {self.state.step}: metrics in {self.logger.path}, checkpoint in {self.last_checkpoint}",
@@ -221,6 +224,9 @@ class Trainer:
     def train_step(self) -> StepStats:
         """accumulation micro-batches, one optimizer step, one all-reduce of what every rank saw."""
         cfg, engine = self.cfg.train, self.engine
+        # read before the step: DeepSpeed advances the schedule inside the last engine.step(), after
+        # which get_last_lr() is the next step's rate
+        lr = self.scheduler.get_last_lr()[0]
         losses = []
         for _ in range(self.accum):
             batch = {k: v.to(self.device, non_blocking=True) for k, v in next(self.loader).items()}
@@ -243,7 +249,7 @@ class Trainer:
         skipped = self.state.faults.update(loss_bad, update_skipped)
         if not skipped:
             self.last_loss = loss_sum / self.world
-        return StepStats(self.state.step, None if skipped else self.last_loss, loss_bad, skipped, stop)
+        return StepStats(self.state.step, lr, None if skipped else self.last_loss, loss_bad, skipped, stop)
 
     # ------------------------------------------------------------------ policies
 
@@ -257,7 +263,7 @@ class Trainer:
             {
                 "step": stats.step,
                 "loss": stats.loss,
-                "lr": self.scheduler.get_last_lr()[0],
+                "lr": stats.lr,
                 "grad_norm": global_grad_norm(self.engine),
                 "tokens_per_s": tps,
                 "mfu": mfu(tps, self.flops, self.peak, self.world),
@@ -295,7 +301,7 @@ class Trainer:
             return None
         with self.throughput.paused():
             path = self.save()
-        if stats.stop_requested and self.is_main:
+        if stats.stop_requested and step < self.cfg.train.max_steps and self.is_main:
             self.logger.write(self.preempt.saved_note(path, step))
         return path
 

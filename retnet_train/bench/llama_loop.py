@@ -78,6 +78,7 @@ def train_llama(cfg) -> int:
     clip = cfg.optim.grad_clip if cfg.optim.grad_clip > 0 else math.inf
     model.train()
     for step in range(1, cfg.train.max_steps + 1):
+        lr = schedule.get_last_lr()[0]  # this step's rate (the trainer logs the same), before schedule.step()
         losses = accumulate_gradients(loss_of, loader, accum)
         grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), clip)
         optimizer.step()
@@ -86,7 +87,7 @@ def train_llama(cfg) -> int:
         tokens_seen = step * tokens_per_step
         last = step == cfg.train.max_steps
         if step % cfg.train.log_interval == 0 or last:
-            logger.log(step_metrics(step, losses, schedule, grad_norm, throughput, device, tokens_seen))
+            logger.log(step_metrics(step, losses, lr, grad_norm, throughput, device, tokens_seen))
         if step % cfg.train.eval_interval == 0 or last:
             with throughput.paused():
                 val = validation_loss(model, loss_of, val_loader, cfg.train.eval_batches)
@@ -138,7 +139,7 @@ def accumulate_gradients(loss_of, loader, accum: int) -> list:
     return losses
 
 
-def step_metrics(step: int, losses: list, schedule, grad_norm, throughput, device, tokens_seen: int) -> dict:
+def step_metrics(step: int, losses: list, lr: float, grad_norm, throughput, device, tokens_seen: int) -> dict:
     """One optimizer step's record, with the trainer's keys in its order (the rate is taken after the
     loss's host sync, so the interval holds the step's device work)."""
     from ..components.metrics import peak_memory_gib
@@ -146,7 +147,7 @@ def step_metrics(step: int, losses: list, schedule, grad_norm, throughput, devic
     return {
         "step": step,
         "loss": torch.stack(losses).mean().item(),
-        "lr": schedule.get_last_lr()[0],
+        "lr": lr,
         "grad_norm": float(grad_norm),
         "tokens_per_s": throughput.rate(tokens_seen),
         "peak_mem_gib": peak_memory_gib(device),
