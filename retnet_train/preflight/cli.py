@@ -185,7 +185,8 @@ def _check_node(rep: Report, args: argparse.Namespace, view: TrainerView | None)
         rep,
         nproc_per_node=args.nproc_per_node,
         require_gpu=require_gpu,
-        require_bf16=not args.no_bf16_check and (view is None or view.precision == "bf16"),
+        # bf16-mixed computes in bf16 too (autocast)
+        require_bf16=not args.no_bf16_check and (view is None or view.precision in ("bf16", "bf16-mixed")),
     )
     check_fla(rep, require_fla=args.require_fla)
 

@@ -99,7 +99,9 @@ def check_gpus(rep: Report, *, nproc_per_node: int | None, require_gpu: bool, re
             "both ROCR_VISIBLE_DEVICES and HIP_VISIBLE_DEVICES are set: HIP indexes into the devices ROCR "
             "leaves visible, so the two compound; keep only ROCR_VISIBLE_DEVICES (SLURM sets it)"
         )
-    if torch.cuda.is_bf16_supported():
+    # native bf16 only: torch's default counts emulation, under which every CUDA GPU passes, pre-Ampere
+    # ones (V100, T4) too, where bf16 is emulated
+    if torch.cuda.is_bf16_supported(including_emulation=False):
         rep.ok("bf16 supported")
     elif require_bf16:
         rep.fail(

@@ -3,6 +3,8 @@ a checkpoint dir that is writable and has room for the checkpoints."""
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import pytest
 from preflight_helpers import cli, tiny_params
 
@@ -84,3 +86,48 @@ def test_free_disk_against_checkpoint_size(tmp_path, monkeypatch):
     rep = pf.Report()
     pf.check_disk(rep, tmp_path, None, 2, "")
     assert rep.lines[0][0] == "warn" and "free-space check skipped" in rep.lines[0][1]
+
+
+NO_BF16 = (
+    "bf16 is not supported on this GPU (pre-Ampere NVIDIA / pre-MI200 AMD); "
+    "pass --no-bf16-check if your config trains in fp16/fp32"
+)
+
+
+@pytest.fixture
+def v100(monkeypatch):
+    """One visible pre-Ampere NVIDIA GPU (compute capability 7.0) on which torch can still create bf16
+    tensors (emulation): torch.cuda as it looks there, down to is_bf16_supported's own logic."""
+    import types
+
+    import torch
+
+    monkeypatch.setattr(torch.version, "hip", None)
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 1)
+    monkeypatch.setattr(torch.cuda, "current_device", lambda: 0)
+    monkeypatch.setattr(torch.cuda, "get_device_name", lambda i=0: "Tesla V100-SXM2-32GB")
+    monkeypatch.setattr(torch.cuda, "get_device_properties", lambda i=0: types.SimpleNamespace(major=7, minor=0))
+    monkeypatch.setattr(torch.cuda, "_check_bf16_tensor_supported", lambda device: True, raising=False)
+    assert torch.cuda.is_bf16_supported()  # what torch answers by default: emulation counts
+
+
+def test_pre_ampere_gpu_has_no_bf16(v100):
+    rep = pf.Report()
+    pf.check_gpus(rep, nproc_per_node=1, require_gpu=True, require_bf16=True)
+    assert rep.lines[0] == ("ok", "1 GPU(s): Tesla V100-SXM2-32GB")
+    assert rep.lines[1:] == [("FAIL", NO_BF16)]
+    rep = pf.Report()
+    pf.check_gpus(rep, nproc_per_node=1, require_gpu=True, require_bf16=False)  # an fp16 / fp32 run
+    assert rep.lines[1:] == [("warn", "bf16 is not supported on this GPU")]
+
+
+@pytest.mark.parametrize("precision, fails", [("bf16", True), ("bf16-mixed", True), ("fp16", False), ("fp32", False)])
+def test_bf16_check_follows_the_configs_precision(v100, precision, fails):
+    from retnet_train.preflight.cli import _check_node
+
+    args = pf.build_parser().parse_args(["--nproc-per-node", "1"])
+    view = pf.TrainerView(Path("/unused"), keep=2, params=1, precision=precision, device="cuda", problems=[])
+    rep = pf.Report()
+    _check_node(rep, args, view)
+    assert [f for f in rep.failures if "bf16" in f] == ([NO_BF16] if fails else [])
