@@ -54,7 +54,7 @@ def _add_step_options(p: argparse.ArgumentParser) -> None:
         choices=["float32", "bfloat16"],
         default="float32",
         help="RetNet recurrent state: fp32 as fla keeps it; bf16 halves the state traffic per step but is "
-        "lossy (a decay of 1 - 2^-20 rounds to 1 in bf16), for speed-of-light comparison only",
+        "wrong (bf16 rounds a decay of 1 - 2^-9 or closer to 1: heads 4 and up never decay), for a speed bound only",
     )
     p.add_argument(
         "--prefill-piece", type=int, default=0, help="RetNet: prefill in pieces of this many tokens (0: whole prompt)"
