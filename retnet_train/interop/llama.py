@@ -36,6 +36,9 @@ def config_from_llama(hf_config: Any) -> TransformerConfig:
     cfg = _llama_dict(hf_config)
     d, heads = cfg["hidden_size"], cfg["num_attention_heads"]
     checks = {
+        # Mistral, Qwen2, ... share Llama's weight names but not its network (sliding windows, biases,
+        # q/k norms): refused by name rather than loaded with other logits
+        "model_type": cfg.get("model_type", "llama") == "llama",
         "num_key_value_heads": (cfg.get("num_key_value_heads") or heads) == heads,  # no grouped-query attention
         "attention_bias": not cfg.get("attention_bias", False),
         "mlp_bias": not cfg.get("mlp_bias", False),

@@ -68,8 +68,13 @@ def config_from_torchscale(ts_config: Mapping[str, Any]) -> RetNetConfig:
     if unknown:
         raise ValueError(f"torchscale config: unknown option {unknown[0]!r}")
     ts = {**TORCHSCALE_DEFAULTS, **ts_config}
+    # torchscale's own rules (RetNetConfig.__init__): deepnorm turns subln off, subln (on by default)
+    # forces pre-norm, so decoder_normalize_before=False alone still builds a pre-norm model
     if ts["deepnorm"]:
-        ts["decoder_normalize_before"] = False  # torchscale's own rule
+        ts["decoder_normalize_before"] = False
+        ts["subln"] = False
+    if ts["subln"]:
+        ts["decoder_normalize_before"] = True
     for name, is_set in UNSUPPORTED.items():
         if is_set(ts[name]):
             raise ValueError(f"torchscale config: {name}={ts[name]!r} is not supported by retnet-train")
@@ -122,6 +127,9 @@ def from_torchscale(state_dict: Mapping[str, torch.Tensor], ts_config: Mapping[s
             continue  # angle/decay buffers: we derive the same values from the config
         ours[_rename(key)] = value
     ours = fuse_legacy_projections(ours)  # torchscale's q/k/v_proj -> our stacked qkv_proj
+    if config.tie_embeddings and "lm_head.weight" not in ours and "embed_tokens.weight" in ours:
+        # a tied head stored once (safetensors' save_model keeps one name of a shared tensor)
+        ours["lm_head.weight"] = ours["embed_tokens.weight"]
     expected = model.state_dict()
     missing = sorted(set(expected) - set(ours))
     unexpected = sorted(set(ours) - set(expected))

@@ -112,6 +112,15 @@ def test_unsupported_llama_options_raise_naming_them(overrides, key):
         config_from_llama(config)
 
 
+def test_other_architectures_with_llama_weight_names_are_refused():
+    """Mistral has Llama's weight names and, with kv heads = heads, its shapes, but a sliding window:
+    loaded, its logits would differ (by ~4 here at 97 tokens, window 16)."""
+    config = transformers.MistralConfig(**BASE, sliding_window=16)
+    mistral = transformers.MistralForCausalLM(config)
+    with pytest.raises(ValueError, match="model_type='mistral'"):
+        from_llama(mistral.state_dict(), config)
+
+
 def test_mismatched_state_dict_raises():
     hf, config = llama()
     with pytest.raises(ValueError, match="shape"):

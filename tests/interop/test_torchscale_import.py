@@ -75,3 +75,32 @@ def test_mismatched_state_dict_raises():
         from_torchscale(decoder.state_dict(), {**BASE, "decoder_ffn_embed_dim": 128})
     with pytest.raises(ValueError, match="unknown option 'decoder_dim'"):
         from_torchscale(decoder.state_dict(), {**BASE, "decoder_dim": 3})
+
+
+@torch.no_grad()
+def test_normalize_before_false_is_pre_norm_under_subln():
+    """torchscale's subln (on by default) forces decoder_normalize_before=True: such a config is a
+    pre-norm model there and loads with equal logits; a real post-norm config is still refused."""
+    cfg = {**BASE, "decoder_normalize_before": False}
+    decoder = torchscale_decoder(cfg, 4.0)
+    assert decoder.layers[0].normalize_before
+    model = from_torchscale(decoder.state_dict(), cfg).eval()
+    ids = torch.randint(0, cfg["vocab_size"], (2, 17))
+    assert (model(ids).logits - decoder(ids)[0]).abs().max() <= 1e-4
+    with pytest.raises(ValueError, match="decoder_normalize_before=False"):
+        from_torchscale({}, {**cfg, "subln": False})
+
+
+@torch.no_grad()
+def test_tied_head_stored_once_loads():
+    """A tied model whose state dict holds the shared weight once (safetensors' save_model keeps only
+    embed_tokens.weight) loads with equal logits."""
+    cfg = {**BASE, "share_decoder_input_output_embed": True}
+    decoder = torchscale_decoder(cfg, 4.0)
+    state = {k: v for k, v in decoder.state_dict().items() if k != "output_projection.weight"}
+    model = from_torchscale(state, cfg).eval()
+    assert model.lm_head.weight is model.embed_tokens.weight
+    ids = torch.randint(0, cfg["vocab_size"], (2, 17))
+    assert (model(ids).logits - decoder(ids)[0]).abs().max() <= 1e-4
+    with pytest.raises(ValueError, match="lm_head.weight"):  # untied: a missing head stays an error
+        from_torchscale({k: v for k, v in decoder.state_dict().items() if k != "output_projection.weight"}, BASE)
