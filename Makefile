@@ -32,7 +32,7 @@ data: $(STAMP)  ## build the embedded sample corpus, tokenizer and shards into $
 	$(PY) -m data_prep.sample_corpus --out $(DATA_DIR)
 
 train: data  ## train a tiny RetNet on CPU on the sample corpus (resumes if run again)
-	$(PY) -m retnet_train.train experiment=tiny_cpu
+	$(PY) -m retnet_train.train experiment=tiny_cpu "data.paths=[$(DATA_DIR)/shards]" data.tokenizer=$(DATA_DIR)/tokenizer.model
 
 test: $(STAMP)  ## lint (ruff) and run the CPU test suite
 	$(VENV)/bin/ruff check .
