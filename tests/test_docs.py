@@ -8,9 +8,11 @@ relative link, repository path and `python -m` module named in the docs exists.
 from __future__ import annotations
 
 import ast
+import dataclasses
 import io
 import re
 import tokenize
+import typing
 from pathlib import Path
 
 import pytest
@@ -180,4 +182,89 @@ def test_paths_and_modules_named_in_the_docs_exist():
                 span = m.group(1).rstrip("/")
                 if REPO_PATH.match(span) and not (ROOT / span).exists():
                     bad.append(f"{where}: no such path {span}")
+    assert not bad, "\n".join(bad)
+
+
+# ---- config keys and command-line options in the docs ----------------------------------------
+
+SECTIONS = "model|data|optim|deepspeed|train|parallel|checkpoint|wandb|profile|run"
+# `section.key` not inside a path, a module name or a quote; a key followed by `.` is a module path
+CONFIG_KEY = re.compile(rf"(?<![\w./'$-])({SECTIONS})\.([a-z_]\w*)\b(?![.\w])")
+FILE_SUFFIXES = {"md", "sh", "py", "json", "jsonl", "yaml", "safetensors", "pt", "png", "txt", "model"}
+
+
+def config_keys() -> set:
+    from retnet_train.components.config import TrainConfig
+    from retnet_train.model.config import RetNetConfig, TransformerConfig
+
+    keys = {f"model.{f.name}" for cls in (RetNetConfig, TransformerConfig) for f in dataclasses.fields(cls)}
+    keys.add("model.arch")
+    for section, typ in typing.get_type_hints(TrainConfig).items():
+        if dataclasses.is_dataclass(typ):
+            keys |= {f"{section}.{f.name}" for f in dataclasses.fields(typ)}
+    return keys
+
+
+def test_config_keys_named_in_the_docs_exist():
+    known, bad = config_keys(), []
+    for path in markdown_files():
+        for n, line in enumerate(path.read_text(encoding="utf-8").splitlines(), 1):
+            for m in CONFIG_KEY.finditer(line):
+                if m.group(2) not in FILE_SUFFIXES and m.group(0) not in known:
+                    bad.append(f"{path.relative_to(ROOT)}:{n}: no config key {m.group(0)}")
+    assert not bad, "\n".join(bad)
+
+
+def joined_lines(path: Path):
+    """(first line number, text) with shell line continuations joined."""
+    lines, out, n = path.read_text(encoding="utf-8").splitlines(), [], 0
+    while n < len(lines):
+        first, text = n + 1, lines[n]
+        while text.rstrip().endswith("\\") and n + 1 < len(lines):
+            n += 1
+            text = text.rstrip()[:-1] + " " + lines[n].strip()
+        out.append((first, text))
+        n += 1
+    return out
+
+
+COMMAND = re.compile(
+    r"(?:python3? -m|torchrun\b[^`\n]*?-m|--module)\s+((?:retnet_train|data_prep)(?:\.\w+)*)([^`|\n#]*)"
+)
+SCRIPT = re.compile(r"\b(launch/(?:slurm/)?[\w]+\.(?:sh|sbatch))\b([^`|\n#]*)")
+OPTION = re.compile(r"(?<![\w-])--[a-z][\w-]*")
+HYDRA_OPTIONS = {"--cfg", "--resolve", "--package", "--info", "--multirun", "--config-name", "--config-path"}
+
+
+def defining_sources(dotted: str) -> str:
+    """The Python sources beside a module (a package: its own), where its argparse options are defined."""
+    base = ROOT.joinpath(*dotted.split("."))
+    folder = base if base.is_dir() else base.parent
+    return "\n".join(p.read_text(encoding="utf-8") for p in sorted(folder.glob("*.py")))
+
+
+def test_options_of_the_commands_in_the_docs_exist():
+    """Every `--option` after a `python -m` module or a launch script in the docs is one that it defines."""
+    sources, bad = {}, []
+    for path in markdown_files():
+        for n, line in joined_lines(path):
+            where = f"{path.relative_to(ROOT)}:{n}"
+            for m in COMMAND.finditer(line):
+                module = m.group(1)
+                if not module_exists(module):
+                    continue  # test_paths_and_modules_named_in_the_docs_exist names it
+                text = sources.setdefault(module, defining_sources(module))
+                for opt in OPTION.findall(m.group(2)):
+                    hydra = module == "retnet_train.train" and opt in HYDRA_OPTIONS
+                    if opt != "--help" and not hydra and f'"{opt}"' not in text and f"'{opt}'" not in text:
+                        bad.append(f"{where}: python -m {module} has no option {opt}")
+            for m in SCRIPT.finditer(line):
+                script = ROOT / m.group(1)
+                if not script.is_file():
+                    continue
+                text = sources.setdefault(m.group(1), script.read_text(encoding="utf-8"))
+                text += "".join(p.read_text(encoding="utf-8") for p in sorted(script.parent.glob("common.sh")))
+                for opt in OPTION.findall(m.group(2).split(" -- ")[0]):
+                    if opt != "--help" and not re.search(re.escape(opt) + r"(?![\w-])", text):
+                        bad.append(f"{where}: {m.group(1)} has no option {opt}")
     assert not bad, "\n".join(bad)
