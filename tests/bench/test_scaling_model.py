@@ -102,8 +102,19 @@ def test_context_parallel_divides_activations_and_adds_state_traffic():
     one = sm.estimate(cfg, 64, 8192, 1, 3)
     four = sm.estimate(cfg, 64, 8192, 1, 3, context_parallel=4)
     assert four["memory"]["activations"] == pytest.approx(one["memory"]["activations"] / 4, rel=0.05)
-    cp = [op for op in four["comm"]["ops"] if op["collective"] == "p2p"][0]
-    assert cp["bytes"] == 2 * cfg.n_layers * 4 * cfg.n_heads * 256 * 513 * four["grad_accum"]
+    # parallel/context.py: per layer, an all-gather of the 4 ranks' states [B, H, K, V + 1] fp32 and, in the
+    # backward, an all-reduce of the gathered gradient: ring bytes 3/4 and 2 x 3/4 of the 4 states
+    state = 4 * cfg.n_heads * 256 * 513
+    cp = {op["name"]: op["bytes"] for op in four["comm"]["ops"] if op["name"].startswith("context-parallel")}
+    per_step = cfg.n_layers * four["grad_accum"]
+    assert cp == {
+        "context-parallel all-gather": 3 * state * per_step,
+        "context-parallel all-reduce": 6 * state * per_step,
+    }
+    # recomputing the forward (selective or full checkpointing) repeats the all-gather
+    full = sm.estimate(cfg, 64, 8192, 1, 3, checkpointing="full", context_parallel=4)
+    gather = [op for op in full["comm"]["ops"] if op["name"] == "context-parallel all-gather"][0]
+    assert gather["bytes"] == 2 * 3 * state * per_step
     with pytest.raises(ValueError):
         sm.estimate(cfg, 64, 8192, 1, 3, context_parallel=3)
 
@@ -181,3 +192,20 @@ def test_cli_json_and_tables(capsys):
     assert "PEAK" in capsys.readouterr().out
     sm.main(["--measured-runs"])
     assert "32.26" in capsys.readouterr().out  # the Transformer run
+
+
+@pytest.mark.parametrize(
+    "args, needle",
+    [
+        (["--gpus", "0"], "argument --gpus: needs an integer >= 1"),
+        (["--micro-batch", "0"], "argument --micro-batch: needs an integer >= 1"),
+        (["--grad-accum", "0"], "argument --grad-accum: needs an integer >= 1"),
+        (["--context-parallel", "3"], "--context-parallel 3 must divide --gpus (64) and --seq-len (8192)"),
+        (["--preset", "transformer_1.3b", "--context-parallel", "2"], "--context-parallel 2: modeled for RetNet only"),
+    ],
+)
+def test_cli_bad_arguments_are_named_errors_not_tracebacks(capsys, args, needle):
+    with pytest.raises(SystemExit) as e:
+        sm.main(args + ["--json"])
+    assert e.value.code == 2
+    assert needle in capsys.readouterr().err

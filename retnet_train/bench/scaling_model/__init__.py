@@ -6,7 +6,7 @@ CPU and the GPU runs), cli (tables and the command line)."""
 
 from .checks import measure_saved_activation_bytes, measured_bytes_per_token_per_layer, measured_run_predictions
 from .cli import main, markdown_tables
-from .comm import collective_bus_bytes, comm_ops, context_parallel_state_bytes
+from .comm import collective_bus_bytes, comm_ops, context_parallel_ops, context_parallel_state_bytes
 from .estimate import estimate
 from .memory import (
     activation_bytes_per_token_per_layer,
@@ -34,6 +34,7 @@ __all__ = [
     "bucket_bytes",
     "collective_bus_bytes",
     "comm_ops",
+    "context_parallel_ops",
     "context_parallel_state_bytes",
     "estimate",
     "grads_held_bytes_per_param",

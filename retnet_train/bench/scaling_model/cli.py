@@ -153,12 +153,23 @@ def communication_row(size: str, gpus: int, rs: list) -> str:
     )
 
 
+def positive_int(text: str) -> int:
+    """An integer >= 1 (a count of GPUs, tokens, sequences or steps: 0 would divide by zero)."""
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not an integer: {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"needs an integer >= 1: {text!r}")
+    return value
+
+
 def add_step_args(p: argparse.ArgumentParser) -> None:
     """The model, the cluster and the training step to estimate."""
     p.add_argument("--preset", default="1.3b", help="configs/model/<preset>.yaml (transformer_* for the baseline)")
-    p.add_argument("--gpus", type=int, default=64)
-    p.add_argument("--seq-len", type=int, default=8192)
-    p.add_argument("--micro-batch", type=int, default=1)
+    p.add_argument("--gpus", type=positive_int, default=64)
+    p.add_argument("--seq-len", type=positive_int, default=8192)
+    p.add_argument("--micro-batch", type=positive_int, default=1)
     p.add_argument("--zero-stage", type=int, choices=[0, 1, 2, 3], default=None, help="default: all four")
     p.add_argument(
         "--activation-checkpointing",
@@ -168,10 +179,13 @@ def add_step_args(p: argparse.ArgumentParser) -> None:
         choices=CHECKPOINTING,
         help="none | selective (RetNet's retention core) | full (every block); bare flag: full",
     )
-    p.add_argument("--context-parallel", type=int, default=1, metavar="P")
-    p.add_argument("--global-batch-tokens", type=int, default=GLOBAL_BATCH_TOKENS)
+    p.add_argument("--context-parallel", type=positive_int, default=1, metavar="P")
+    p.add_argument("--global-batch-tokens", type=positive_int, default=GLOBAL_BATCH_TOKENS)
     p.add_argument(
-        "--grad-accum", type=int, default=None, help="default: global batch / (micro-batch * seq * data-parallel)"
+        "--grad-accum",
+        type=positive_int,
+        default=None,
+        help="default: global batch / (micro-batch * seq * data-parallel)",
     )
     p.add_argument(
         "--backend", choices=["fla", "torch"], default="fla", help="retention path whose saved tensors to count"
@@ -207,11 +221,21 @@ def add_output_args(p: argparse.ArgumentParser) -> None:
 
 
 def parse_args(argv=None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(
+        prog="python -m retnet_train.bench.scaling_model",
+        description=__doc__,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
     add_step_args(p)
     add_hardware_args(p)
     add_output_args(p)
-    return p.parse_args(argv)
+    args = p.parse_args(argv)
+    P = args.context_parallel
+    if args.gpus % P or args.seq_len % P:
+        p.error(f"--context-parallel {P} must divide --gpus ({args.gpus}) and --seq-len ({args.seq_len})")
+    if P > 1 and not _is_retnet(load_preset(args.preset)):
+        p.error(f"--context-parallel {P}: modeled for RetNet only (its state is what is passed), not {args.preset}")
+    return args
 
 
 def hardware_from_args(args) -> Hardware:

@@ -55,7 +55,19 @@ def comm_ops(stage: int, n_params: int, grad_accum: int) -> list:
 
 
 def context_parallel_state_bytes(cfg, micro_batch: int) -> float:
-    """The recurrent state one rank hands to the next per layer: [B, H, K, V (+1 row-sum column)]
-    fp32. Forward sends it on, backward sends its gradient back: 2 per layer per micro-batch."""
+    """One rank's final recurrent state per layer: [B, H, K, V (+1 row-sum column)] fp32."""
     extra = 1 if cfg.normalize_retention else 0
     return FP32 * micro_batch * cfg.n_heads * cfg.key_head_dim * (cfg.value_head_dim + extra)
+
+
+def context_parallel_ops(cfg, micro_batch: int, context_parallel: int, checkpointing: str = "none") -> list:
+    """Collectives of one micro-batch over a context-parallel group of P ranks (parallel/context.py):
+    (name, collective, payload bytes, times per micro-batch). Every layer all-gathers the P ranks'
+    states (payload P x the state) and its backward all-reduces the gathered gradient (the same
+    payload); activation checkpointing (selective or full) recomputes the forward, the all-gather too."""
+    gathered = context_parallel * context_parallel_state_bytes(cfg, micro_batch)
+    gathers = 1 if checkpointing == "none" else 2
+    return [
+        ("context-parallel all-gather", "all_gather", gathered, gathers * cfg.n_layers),
+        ("context-parallel all-reduce", "all_reduce", gathered, cfg.n_layers),
+    ]

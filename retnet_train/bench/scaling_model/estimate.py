@@ -9,7 +9,7 @@ from typing import NamedTuple, Optional
 
 from ...components.config import checkpointing_mode
 from ...components.optim import overlaps_comm
-from .comm import collective_bus_bytes, comm_ops, context_parallel_state_bytes
+from .comm import collective_bus_bytes, comm_ops, context_parallel_ops
 from .memory import (
     _is_retnet,
     activation_bytes_per_token_per_layer,
@@ -181,16 +181,21 @@ def _comm_op(name: str, collective: str, nbytes: float, bandwidth: float, overla
     }
 
 
-def _step_comm_ops(cfg, shape: _StepShape, zero_stage: int, hw: Hardware, bandwidth: float) -> list:
+def _step_comm_ops(
+    cfg, shape: _StepShape, zero_stage: int, hw: Hardware, bandwidth: float, checkpointing: str = "none"
+) -> list:
     """Every transfer of one optimizer step on one GPU: ZeRO's collectives, then the context-parallel state."""
     ops = []
     for name, kind, payload, times, hide in comm_ops(zero_stage, shape.n_params, shape.grad_accum):
         b = collective_bus_bytes(kind, payload, shape.n_gpus) * times
         ops.append(_comm_op(name, kind, b, bandwidth, hide))
     if shape.context_parallel > 1:
-        b = 2 * cfg.n_layers * context_parallel_state_bytes(cfg, shape.micro_batch) * shape.grad_accum
-        cp_bandwidth = bus_bandwidth(shape.context_parallel, hw)  # NVLink while the P ranks share a node
-        ops.append(_comm_op("context-parallel state (p2p)", "p2p", b, cp_bandwidth, "none"))
+        P = shape.context_parallel
+        cp_bandwidth = bus_bandwidth(P, hw)  # NVLink while the P ranks share a node
+        # the collectives run over the P ranks of a sequence, inside each layer: nothing hides them
+        for name, kind, payload, times in context_parallel_ops(cfg, shape.micro_batch, P, checkpointing):
+            b = collective_bus_bytes(kind, payload, P) * times * shape.grad_accum
+            ops.append(_comm_op(name, kind, b, cp_bandwidth, "none"))
     return ops
 
 
@@ -210,10 +215,10 @@ def _exposed_seconds(ops: list, grad_accum: int, t_fwd: float, t_bwd: float) -> 
     return exposed + grad_accum * (max(0.0, per_micro["forward"] - t_fwd) + max(0.0, per_micro["backward"] - t_bwd))
 
 
-def _comm(cfg, shape: _StepShape, zero_stage: int, hw: Hardware, compute: dict) -> dict:
+def _comm(cfg, shape: _StepShape, zero_stage: int, hw: Hardware, compute: dict, checkpointing: str) -> dict:
     """Communication per GPU per optimizer step, and what of it the compute does not hide."""
     bw = bus_bandwidth(shape.n_gpus, hw)  # ZeRO's collectives span all ranks (data- x context-parallel)
-    ops = _step_comm_ops(cfg, shape, zero_stage, hw, bw)
+    ops = _step_comm_ops(cfg, shape, zero_stage, hw, bw, checkpointing)
     t_fwd, t_bwd = compute["forward_s_per_micro"], compute["backward_s_per_micro"]
     return {
         "ops": ops,
@@ -247,7 +252,7 @@ def estimate(
     ds = replace(ds, overlap_comm=overlaps_comm(ds.overlap_comm, n_gpus))  # as the trainer's config
     memory = _memory(cfg, shape, zero_stage, ds, backend, checkpointing)
     compute = _compute(cfg, shape, checkpointing, hw)
-    comm = _comm(cfg, shape, zero_stage, hw, compute)
+    comm = _comm(cfg, shape, zero_stage, hw, compute, checkpointing)
     step_s = compute["seconds"] + comm["exposed_seconds"]
     return {
         "model": cfg.arch,
