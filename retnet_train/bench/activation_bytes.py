@@ -20,8 +20,9 @@ from contextlib import contextmanager
 import torch
 
 from ..model import build_model
+from ..model.config import RETENTION_BACKENDS
 from ..parallel import parallelize
-from .throughput_args import model_specs
+from .throughput_args import count, model_specs
 
 
 @contextmanager
@@ -101,11 +102,11 @@ def build_parser() -> argparse.ArgumentParser:
         default="retnet,transformer",
         help="comma list of retnet, transformer; each may add preset overrides: retnet@chunk_size=256",
     )
-    p.add_argument("--seq-len", type=int, default=8192)
-    p.add_argument("--micro-batch", type=int, default=1)
+    p.add_argument("--seq-len", type=count(1), default=8192)
+    p.add_argument("--micro-batch", type=count(1), default=1)
     p.add_argument("--compile", action="store_true", help="torch.compile each block as the trainer does")
     p.add_argument("--activation-memory-budget", type=float, default=1.0, help="with --compile: torch's budget")
-    p.add_argument("--backend", default="auto", help="RetNet retention backend")
+    p.add_argument("--backend", default="auto", choices=RETENTION_BACKENDS, help="RetNet retention backend")
     p.add_argument("--doc-len", type=int, default=0, help="mean document length for doc_starts (0: none)")
     p.add_argument("--cpu", action="store_true", help="run on CPU (bf16 as on GPU)")
     return p

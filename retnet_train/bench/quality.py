@@ -181,15 +181,19 @@ def count_params(cfg) -> int:
 # ---------------------------------------------------------------- rows, table, plot
 
 
+def check_not_trained(run_dir: Path, model: ModelSpec, overwrite: bool) -> None:
+    if run_dir.exists() and not overwrite:
+        raise BenchError(f"{run_dir}: exists (an earlier run of {model.spec}); pass --overwrite to train it again")
+
+
 def run_model(s: Settings, model: ModelSpec, out: Path, overwrite: bool) -> dict:
     from ..plot import read_metrics
     from .llama_loop import export_llama_init, train_llama
 
     run_dir = out / "runs" / model.run_name
+    check_not_trained(run_dir, model, overwrite)
     if run_dir.exists():
-        if not overwrite:
-            raise BenchError(f"{run_dir}: exists (an earlier run of {model.spec}); pass --overwrite to train it again")
-        shutil.rmtree(run_dir)  # the benchmark's own run directory
+        shutil.rmtree(run_dir)  # the benchmark's own run directory, --overwrite given
     overrides = trainer_overrides(s, model, run_dir)
     if s.paired_init and model.name == "transformer_pp":
         init_dir = export_llama_init(compose(overrides), out / "init" / model.run_name)
@@ -239,7 +243,8 @@ def release_memory() -> None:
 def bench(s: Settings, models: Sequence[ModelSpec], out: Path, overwrite: bool = False) -> list[dict]:
     out.mkdir(parents=True, exist_ok=True)
     old = load_rows(out / ROWS_FILE)
-    for spec in models:  # every config composes before the first model trains
+    for spec in models:  # every config composes, and no earlier run is in the way, before the first model trains
+        check_not_trained(out / "runs" / spec.run_name, spec, overwrite)
         compose(trainer_overrides(s, spec, out / "runs" / spec.run_name))
     new = []
     for spec in models:

@@ -34,12 +34,30 @@ def int_list(text: str) -> list:
     return values
 
 
+def count(minimum: int):
+    """An argparse type: an integer >= minimum."""
+
+    def parse(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"not an integer: {text!r}") from None
+        if value < minimum:
+            raise argparse.ArgumentTypeError(f"needs an integer >= {minimum}: {text!r}")
+        return value
+
+    return parse
+
+
 def model_specs(models: str, preset: str, backend: str) -> list:
     """(name, overrides, config, build) for each entry of --models."""
     specs = []
     for spec in models.split(","):
         # a model, optionally with preset overrides: retnet@normalize_retention=false@chunk_size=128
         name, *sets = spec.split("@")
+        bad = next((item for item in sets if "=" not in item), None)
+        if bad is not None:
+            raise SystemExit(f"--models: {bad!r} in {spec!r} is not KEY=VALUE (a preset override)")
         overrides = {k: yaml.safe_load(v) for k, v in (item.split("=", 1) for item in sets)}
         if name not in ("retnet", "transformer", "fla"):
             raise SystemExit(f"--models: unknown model {name!r} (retnet, transformer, fla)")
@@ -71,20 +89,21 @@ def add_sweep_args(p: argparse.ArgumentParser) -> None:
     )
     p.add_argument(
         "--micro-batch",
-        type=int,
+        type=count(1),
         default=1,
         help="sequences per micro-batch at the first --seq-len; a "
         "later length keeps the tokens per micro-batch: max(1, micro_batch x first_len // len) sequences",
     )
     p.add_argument(
         "--grad-accum",
+        type=int_list,
         default="1",
         help="micro-batches per optimizer step at the first --seq-len (a later "
         "length keeps the tokens per step: max(1, steps' tokens // (its micro-batch x len))); a comma list "
         "measures each in one process (Triton autotuning is paid once)",
     )
-    p.add_argument("--steps", type=int, default=10)
-    p.add_argument("--warmup", type=int, default=3)
+    p.add_argument("--steps", type=count(1), default=10)
+    p.add_argument("--warmup", type=count(0), default=3)
 
 
 def add_training_args(p: argparse.ArgumentParser) -> None:

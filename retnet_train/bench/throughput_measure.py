@@ -280,6 +280,8 @@ def measure_or_oom(name, build, cfg, args, device) -> dict:
             "grad_accum": args.grad_accum,
             "oom": str(e)[:200],
         }
-        gc.collect()
-        reset_peak(device)
-        return result
+    # outside the except block: until it ends, the error's traceback holds measure's frame (the model,
+    # the engine and its optimizer states), and the next model would start beside them
+    gc.collect()
+    reset_peak(device)
+    return result

@@ -32,6 +32,8 @@ def parse_args(argv=None) -> argparse.Namespace:
         p.error("--activation-memory-budget needs --compile")
     if args.compile_mode is not None and not args.compile:
         p.error("--compile-mode needs --compile")
+    if args.profile_trace is not None and not args.profile:
+        p.error("--profile-trace needs --profile")  # the trace is the profile's: without it nothing is recorded
     return args
 
 
@@ -76,7 +78,7 @@ def run_sweep(args, device) -> list:
         if skip:
             results.append(emit({"model": name, "skipped": skip}))
             continue
-        for accum in (int(a) for a in str(args.grad_accum).split(",")):
+        for accum in args.grad_accum:
             for seq_len in args.seq_len:
                 result = measure_or_oom(name, build, cfg, args_at_length(args, seq_len, accum), device)
                 results.append(emit({**result, "overrides": overrides, "base_grad_accum": accum}))

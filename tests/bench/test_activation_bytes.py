@@ -73,3 +73,19 @@ def test_cli_refusals(capsys, monkeypatch):
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
     with pytest.raises(SystemExit, match=r"^activation_bytes: no GPU \(--cpu: measure on CPU\)$"):
         main(["--preset", "tiny"])
+
+
+@pytest.mark.parametrize(
+    "args, needle",
+    [
+        (["--micro-batch", "0"], "argument --micro-batch: needs an integer >= 1: '0'"),
+        (["--seq-len", "0"], "argument --seq-len: needs an integer >= 1: '0'"),
+        (["--backend", "nope"], "argument --backend: invalid choice: 'nope'"),
+    ],
+)
+def test_bad_arguments_are_named_before_the_forward(capsys, args, needle):
+    """--micro-batch 0 ran a forward and died dividing by zero tokens; a backend name failed in the
+    model's config with a traceback."""
+    with pytest.raises(SystemExit) as e:
+        main(["--cpu", "--preset", "tiny", *args])
+    assert e.value.code == 2 and needle in capsys.readouterr().err

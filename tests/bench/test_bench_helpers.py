@@ -182,3 +182,35 @@ def test_profile_fields_add_the_host_side_only_with_a_trace_dir(tmp_path, trace_
     else:
         assert fields["host"]["device_ms_per_step_launched_by"] == {"main": 1.0}
         assert (tmp_path / trace_dir / "retnet_64.json").exists()
+
+
+def test_out_of_memory_frees_the_failed_models_memory_before_the_next(monkeypatch):
+    """The model and engine of a length that ran out of memory are gone when its row is returned (they
+    sit in reference cycles, and the error's traceback held them while the row was built)."""
+    import gc
+    import weakref
+
+    import torch
+
+    from retnet_train.bench import throughput_measure
+
+    class Engine:  # as DeepSpeed's: in a reference cycle (its hooks refer back to it)
+        def __init__(self):
+            self.me = self
+
+    alive = []
+
+    def measure(name, build, cfg, args, device):
+        engine = Engine()
+        alive.append(weakref.ref(engine))
+        raise torch.cuda.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
+
+    monkeypatch.setattr(throughput_measure, "measure", measure)
+    args = SimpleNamespace(preset="tiny", seq_len=65536, micro_batch=1, grad_accum=1)
+    gc.disable()  # only the bench's own collection may free it
+    try:
+        row = throughput_measure.measure_or_oom("retnet", None, None, args, torch.device("cpu"))
+        assert alive[0]() is None
+    finally:
+        gc.enable()
+    assert row["oom"].startswith("CUDA out of memory") and row["seq_len"] == 65536

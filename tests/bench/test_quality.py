@@ -178,3 +178,17 @@ def test_grad_accum_dtype_fp32_reaches_the_trainer(tmp_path):
     overrides = trainer_overrides(s, parse_model("transformer_pp"), tmp_path / "run")
     assert "deepspeed.grad_accum_dtype=fp32" in overrides
     assert compose(overrides).deepspeed.grad_accum_dtype == "fp32"
+
+
+def test_an_earlier_run_in_the_way_is_refused_before_any_model_trains(tmp_path, shards, capsys):
+    """--models retnet transformer with runs/transformer left by an earlier call: refused before
+    retnet trains (it used to train retnet first, then stop at transformer)."""
+    from retnet_train.bench.quality import main
+
+    out = tmp_path / "o"
+    (out / "runs" / "transformer").mkdir(parents=True)
+    with pytest.raises(SystemExit) as exit_info:
+        main(["--data", str(shards), "--out", str(out), *CPU_ARGS, "--models", "retnet", "transformer"])
+    err = capsys.readouterr().err
+    assert exit_info.value.code == 1 and "runs/transformer: exists" in err and "--overwrite" in err
+    assert not (out / "runs" / "retnet").exists() and not (out / "quality.jsonl").exists()

@@ -9,6 +9,8 @@ from pathlib import Path
 import pytest
 
 from retnet_train.bench.sweep import batch_for_length, plot_sweep
+from retnet_train.bench.throughput_args import model_specs
+from retnet_train.bench.train_throughput import parse_args
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "train"))
 from trainer_helpers import REPO, env  # noqa: E402
@@ -84,3 +86,35 @@ def test_cpu_sweep_of_two_lengths_writes_json_lines_and_the_plot(tmp_path):
     assert all(r["gpu_power"] is None and r["peak_reserved_gib"] is None for r in rows)  # GPU-only fields
     assert rows[0]["overrides"] == {"n_layers": 1}
     assert plot.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+@pytest.mark.parametrize(
+    "args, needle",
+    [
+        (["--grad-accum", "x"], "argument --grad-accum: not a comma list of integers: 'x'"),
+        (["--grad-accum", "4,0"], "argument --grad-accum: needs integers >= 1: '4,0'"),
+        (["--micro-batch", "0"], "argument --micro-batch: needs an integer >= 1: '0'"),
+        (["--steps", "0"], "argument --steps: needs an integer >= 1: '0'"),
+        (["--warmup", "-1"], "argument --warmup: needs an integer >= 0: '-1'"),
+        (["--profile-trace", "traces"], "--profile-trace needs --profile"),
+    ],
+)
+def test_bad_arguments_are_named_before_any_model_is_built(capsys, args, needle):
+    """Each of these ran a model and then died in a traceback (--steps 0, --grad-accum x), or ran
+    something other than asked (--grad-accum 0 and --micro-batch 0 ran 1; --profile-trace alone
+    recorded nothing)."""
+    with pytest.raises(SystemExit) as e:
+        parse_args(args)
+    assert e.value.code == 2
+    assert needle in capsys.readouterr().err
+
+
+def test_grad_accum_list_and_warmup_zero_parse():
+    args = parse_args(["--grad-accum", "1,4", "--warmup", "0"])
+    assert args.grad_accum == [1, 4] and args.warmup == 0
+    assert parse_args([]).grad_accum == [1]
+
+
+def test_a_model_override_without_a_value_is_named():
+    with pytest.raises(SystemExit, match="--models: 'chunk_size' in 'retnet@chunk_size' is not KEY=VALUE"):
+        model_specs("retnet@chunk_size", "tiny", "torch")
