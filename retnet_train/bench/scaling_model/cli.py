@@ -21,6 +21,7 @@ import argparse
 import json
 from dataclasses import replace
 
+from ..throughput_args import count
 from .checks import measured_bytes_per_token_per_layer, measured_runs_markdown
 from .estimate import estimate
 from .memory import CHECKPOINTING, _is_retnet, activation_bytes_per_token_per_layer
@@ -153,23 +154,12 @@ def communication_row(size: str, gpus: int, rs: list) -> str:
     )
 
 
-def positive_int(text: str) -> int:
-    """An integer >= 1 (a count of GPUs, tokens, sequences or steps: 0 would divide by zero)."""
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"not an integer: {text!r}") from None
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"needs an integer >= 1: {text!r}")
-    return value
-
-
 def add_step_args(p: argparse.ArgumentParser) -> None:
     """The model, the cluster and the training step to estimate."""
     p.add_argument("--preset", default="1.3b", help="configs/model/<preset>.yaml (transformer_* for the baseline)")
-    p.add_argument("--gpus", type=positive_int, default=64)
-    p.add_argument("--seq-len", type=positive_int, default=8192)
-    p.add_argument("--micro-batch", type=positive_int, default=1)
+    p.add_argument("--gpus", type=count(1), default=64)
+    p.add_argument("--seq-len", type=count(1), default=8192)
+    p.add_argument("--micro-batch", type=count(1), default=1)
     p.add_argument("--zero-stage", type=int, choices=[0, 1, 2, 3], default=None, help="default: all four")
     p.add_argument(
         "--activation-checkpointing",
@@ -179,11 +169,11 @@ def add_step_args(p: argparse.ArgumentParser) -> None:
         choices=CHECKPOINTING,
         help="none | selective (RetNet's retention core) | full (every block); bare flag: full",
     )
-    p.add_argument("--context-parallel", type=positive_int, default=1, metavar="P")
-    p.add_argument("--global-batch-tokens", type=positive_int, default=GLOBAL_BATCH_TOKENS)
+    p.add_argument("--context-parallel", type=count(1), default=1, metavar="P")
+    p.add_argument("--global-batch-tokens", type=count(1), default=GLOBAL_BATCH_TOKENS)
     p.add_argument(
         "--grad-accum",
-        type=positive_int,
+        type=count(1),
         default=None,
         help="default: global batch / (micro-batch * seq * data-parallel)",
     )
