@@ -7,15 +7,27 @@ from typing import Optional
 
 import torch
 
-# HBM bandwidth (bytes/s) by device name, for the weight-read bound of one decode step.
-HBM_BANDWIDTH = {"H100": 3.35e12, "H200": 4.8e12, "A100": 2.0e12, "MI300X": 5.3e12, "MI250X": 3.2e12}
+# HBM bandwidth (bytes/s) for the weight-read bound of one decode step: the first key the device name
+# contains (the PCIe, NVL and 40GB boards before the other boards of the same name).
+HBM_BANDWIDTH = {
+    "H100 PCIe": 2.0e12,
+    "H100 NVL": 3.9e12,
+    "H100": 3.35e12,
+    "H200": 4.8e12,
+    "A100-SXM4-40GB": 1.555e12,
+    "A100-PCIE-40GB": 1.555e12,
+    "A100": 2.0e12,
+    "MI300X": 5.3e12,
+    "MI250X": 3.2e12,
+}
 GIB = 1024**3
 # (arch of a baseline's rows, its name in the speedup row)
 BASELINES = (("transformer", "transformer"), ("llama_hf_generate", "hf_llama"), ("fla_retnet_hf_generate", "fla_hf"))
 
 
-def hbm_bandwidth() -> Optional[float]:
-    name = torch.cuda.get_device_name() if torch.cuda.is_available() else ""
+def hbm_bandwidth(name: Optional[str] = None) -> Optional[float]:
+    if name is None:
+        name = torch.cuda.get_device_name() if torch.cuda.is_available() else ""
     return next((v for k, v in HBM_BANDWIDTH.items() if k in name), None)
 
 

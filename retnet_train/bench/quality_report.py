@@ -34,7 +34,12 @@ def merge_rows(old: list[dict], new: list[dict], order: Sequence[str]) -> list[d
     rows = {r["model"]: r for r in old}
     rows.update({r["model"]: r for r in new})
     order = list(order)
-    return sorted(rows.values(), key=lambda r: (order.index(r["model"].split(":")[0]), r["model"]))
+
+    def rank(row):  # a model this version does not know (an older file's row) goes last, kept
+        base = row["model"].split(":")[0]
+        return (order.index(base) if base in order else len(order), row["model"])
+
+    return sorted(rows.values(), key=rank)
 
 
 def _fmt(value, spec: str) -> str:

@@ -48,7 +48,13 @@ def config_from_llama(hf_config: Any) -> TransformerConfig:
     }
     for key, ok in checks.items():
         if not ok:
-            raise ValueError(f"Llama config: {key}={cfg.get(key)!r} is not supported by retnet-train")
+            value = cfg.get(key)
+            if key == "head_dim" and value is None:  # unset: derived, so name what it is derived from
+                raise ValueError(
+                    f"Llama config: num_attention_heads={heads} does not divide hidden_size={d} "
+                    "(head_dim = hidden_size / num_attention_heads) and is not supported by retnet-train"
+                )
+            raise ValueError(f"Llama config: {key}={value!r} is not supported by retnet-train")
     config = TransformerConfig(
         vocab_size=cfg["vocab_size"],
         d_model=d,

@@ -230,3 +230,15 @@ def test_gpu_memory_over_weights_and_the_weight_read_limit(monkeypatch):
         "decode_peak_over_weights_gib",
         "prefill_peak_over_weights_gib",
     ]
+
+
+def test_hbm_bandwidth_tells_the_boards_of_one_name_apart():
+    from retnet_train.bench import decode_rows
+
+    assert decode_rows.hbm_bandwidth("NVIDIA H100 80GB HBM3") == 3.35e12
+    assert decode_rows.hbm_bandwidth("NVIDIA H100 PCIe") == 2.0e12
+    assert decode_rows.hbm_bandwidth("NVIDIA H100 NVL") == 3.9e12
+    assert decode_rows.hbm_bandwidth("NVIDIA A100-SXM4-40GB") == 1.555e12
+    assert decode_rows.hbm_bandwidth("NVIDIA A100-SXM4-80GB") == 2.0e12
+    assert decode_rows.hbm_bandwidth("NVIDIA H200") == 4.8e12
+    assert decode_rows.hbm_bandwidth("NVIDIA GeForce RTX 4090") is None

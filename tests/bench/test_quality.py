@@ -192,3 +192,17 @@ def test_an_earlier_run_in_the_way_is_refused_before_any_model_trains(tmp_path, 
     err = capsys.readouterr().err
     assert exit_info.value.code == 1 and "runs/transformer: exists" in err and "--overwrite" in err
     assert not (out / "runs" / "retnet").exists() and not (out / "quality.jsonl").exists()
+
+
+def test_rows_merge_in_model_order_keeping_a_model_this_version_does_not_know():
+    from retnet_train.bench.quality_report import merge_rows
+
+    old = [{"model": "gone", "v": 0}, {"model": "transformer", "v": 1}, {"model": "retnet", "v": 2}]
+    new = [{"model": "transformer", "v": 3}, {"model": "retnet:chunk_size=128", "v": 4}]
+    got = merge_rows(old, new, ["retnet", "transformer"])
+    assert [(r["model"], r["v"]) for r in got] == [
+        ("retnet", 2),
+        ("retnet:chunk_size=128", 4),
+        ("transformer", 3),
+        ("gone", 0),
+    ]

@@ -112,6 +112,13 @@ def test_unsupported_llama_options_raise_naming_them(overrides, key):
         config_from_llama(config)
 
 
+def test_heads_that_do_not_divide_the_width_are_named():
+    config = {**transformers.LlamaConfig(**BASE).to_dict(), "num_attention_heads": 5, "num_key_value_heads": 5}
+    config["head_dim"] = None  # unset: derived from hidden_size / num_attention_heads
+    with pytest.raises(ValueError, match=r"num_attention_heads=5 does not divide hidden_size=64"):
+        config_from_llama(config)
+
+
 def test_other_architectures_with_llama_weight_names_are_refused():
     """Mistral has Llama's weight names and, with kv heads = heads, its shapes, but a sliding window:
     loaded, its logits would differ (by ~4 here at 97 tokens, window 16)."""
