@@ -21,10 +21,12 @@ import gzip
 import hashlib
 import io
 import json
+import lzma
 import multiprocessing
 import os
 import re
 import tarfile
+import zlib
 from dataclasses import dataclass
 from functools import partial
 from html.parser import HTMLParser
@@ -91,6 +93,8 @@ def deb_data_tar(path: Path) -> tarfile.TarFile:
             size = int(header[48:58].decode("ascii").strip())
             if name.startswith("data.tar"):
                 data = f.read(size)
+                if len(data) < size:  # an interrupted download: tarfile would fail later, unnamed
+                    raise CorpusError(f"{path}: truncated ({name} has {len(data)} of its {size} bytes)")
                 suffix = name[len("data.tar") :]
                 if suffix not in ("", ".xz", ".gz", ".bz2"):
                     raise CorpusError(
@@ -259,27 +263,39 @@ def package_documents(deb: Path) -> Iterator[Document]:
         archive = deb_data_tar(deb)
     except (OSError, tarfile.TarError, ValueError) as e:
         raise CorpusError(f"{deb}: cannot read ({e})") from None
-    with archive:
-        members = [m for m in archive.getmembers() if m.isreg()]  # not links: the same text again
-        pages = {_stem(m.name) for m in members if kind_of(m.name) == "html"}
-        for member in members:
-            path = member.name.removeprefix("./")
-            kind = kind_of(path)
-            if kind is None or (kind == "text" and _stem(path) in pages):
-                continue  # a page's source (asciidoc, markdown) beside its HTML: the page is kept
-            data = archive.extractfile(member).read()
-            if path.endswith(".gz"):
-                try:
-                    data = gzip.decompress(data)
-                except (OSError, EOFError):
-                    continue
-            text = decode_text(data)
-            if text is None:
+    # a damaged compressed stream shows only while the members are read: name the .deb
+    try:
+        with archive:
+            yield from _archive_documents(package, archive)
+    except (tarfile.TarError, EOFError, OSError, lzma.LZMAError, zlib.error) as e:
+        raise CorpusError(f"{deb}: damaged data archive ({type(e).__name__}: {e})") from None
+
+
+def _archive_documents(package: str, archive: tarfile.TarFile) -> Iterator[Document]:
+    members = [m for m in archive.getmembers() if m.isreg()]  # not links: the same text again
+    # tarfile ends the member list silently at a garbled header; reading the compressed stream to
+    # its end checks its CRC, so a damaged .deb is an error, not a corpus missing some files
+    while archive.fileobj.read(1 << 20):
+        pass
+    pages = {_stem(m.name) for m in members if kind_of(m.name) == "html"}
+    for member in members:
+        path = member.name.removeprefix("./")
+        kind = kind_of(path)
+        if kind is None or (kind == "text" and _stem(path) in pages):
+            continue  # a page's source (asciidoc, markdown) beside its HTML: the page is kept
+        data = archive.extractfile(member).read()
+        if path.endswith(".gz"):
+            try:
+                data = gzip.decompress(data)
+            except (OSError, EOFError, zlib.error):  # a damaged .gz is dropped like any unreadable file
                 continue
-            if kind == "html":
-                text = html_to_text(text)
-            if worth_keeping(text):
-                yield Document(package, path, text)
+        text = decode_text(data)
+        if text is None:
+            continue
+        if kind == "html":
+            text = html_to_text(text)
+        if worth_keeping(text):
+            yield Document(package, path, text)
 
 
 def sha256_of(path: Path) -> str:
@@ -324,17 +340,32 @@ def find_debs(directory: Path) -> list[Path]:
     return debs
 
 
+def _listed_files(summary_path: Path) -> set[str]:
+    """The package files an earlier run's corpus.json lists (none if it is missing or unreadable)."""
+    try:
+        packages = json.loads(summary_path.read_text(encoding="utf-8"))["packages"]
+        names = {p["file"] for p in packages}
+    except (OSError, ValueError, KeyError, TypeError):
+        return set()
+    # plain `<package>.jsonl` names only: never a path outside OUT
+    return {n for n in names if isinstance(n, str) and n.endswith(".jsonl") and n == Path(n).name}
+
+
 def build_corpus(
     debs_dir: str | Path, out: str | Path, overwrite: bool = False, num_proc: int = 1, progress: bool = True
 ) -> dict:
     debs, out = find_debs(Path(debs_dir)), Path(out)
     summary_path = out / "corpus.json"
+    if out.exists() and not out.is_dir():
+        raise CorpusError(f"--out {out}: is not a directory")
     if out.exists() and any(out.iterdir()) and not overwrite:
         raise CorpusError(f"--out {out}: exists and is not empty; pass --overwrite to rebuild it")
     out.mkdir(parents=True, exist_ok=True)
     if overwrite:
-        for deb in debs:  # only files this tool writes
-            (out / f"{package_name(deb)}.jsonl").unlink(missing_ok=True)
+        # only files this tool writes: the new packages' and those the old corpus.json lists (a package
+        # left out this time would otherwise stay in `OUT/*.jsonl`, unlisted)
+        for name in {f"{package_name(deb)}.jsonl" for deb in debs} | _listed_files(summary_path):
+            (out / name).unlink(missing_ok=True)
         summary_path.unlink(missing_ok=True)
     packages = []
     # one process per package: the packages are independent and each output file is its own
@@ -362,7 +393,7 @@ def main(argv: Sequence[str] | None = None) -> None:
     a = p.parse_args(argv)
     try:
         summary = build_corpus(a.debs, a.out, a.overwrite, a.num_proc)
-    except CorpusError as e:
+    except (CorpusError, OSError) as e:  # OSError: names its file
         raise SystemExit(f"error: {e}") from None
     print(
         f"wrote {a.out}: {len(summary['packages'])} packages ({summary['deb_bytes'] / 1e6:.1f} MB of .deb), "

@@ -167,3 +167,56 @@ def test_bad_input_fails_in_one_line_naming_it(tmp_path, capsys, setup, needle):
     with pytest.raises(SystemExit) as exit_info:
         main(["--debs", str(debs), "--out", str(tmp_path / "out"), "--num-proc", "1"])
     assert needle in str(exit_info.value) and str(exit_info.value).startswith("error: ")
+
+
+def damaged_deb(path: Path, cut: bool) -> Path:
+    """A .deb whose data.tar.xz is cut short (an interrupted download) or has bytes flipped mid-stream."""
+    make_deb(path, {f"usr/share/doc/d/page{i}.txt": f"{i} {PROSE}".encode() for i in range(200)})
+    raw = bytearray(path.read_bytes())
+    if cut:
+        return path.write_bytes(raw[: len(raw) - 500]) and path
+    start = raw.rindex(b"\xfd7zXZ")  # data.tar.xz: the last member
+    middle = (start + len(raw)) // 2
+    raw[middle : middle + 8] = bytes(b ^ 0xFF for b in raw[middle : middle + 8])
+    path.write_bytes(raw)
+    return path
+
+
+@pytest.mark.parametrize("cut,needle", [(True, "truncated (data.tar.xz has"), (False, "damaged data archive")])
+def test_damaged_deb_fails_in_one_line_naming_it(tmp_path, cut, needle):
+    debs = tmp_path / "debs"
+    debs.mkdir()
+    deb = damaged_deb(debs / "d_1_all.deb", cut)
+    with pytest.raises(SystemExit) as exit_info:
+        main(["--debs", str(debs), "--out", str(tmp_path / "out"), "--num-proc", "1"])
+    message = str(exit_info.value)
+    assert message.startswith(f"error: {deb}") and needle in message, message
+
+
+def test_a_damaged_gz_member_is_dropped_like_other_unreadable_files(tmp_path):
+    debs = tmp_path / "debs"
+    debs.mkdir()
+    good = gzip.compress(("# Notes\n" + PROSE).encode())
+    bad = good[:20] + bytes(b ^ 0x55 for b in good[20:40]) + good[40:]  # zlib.error, not OSError
+    make_deb(debs / "g_1_all.deb", {DOC + "bad.md.gz": bad, DOC + "good.md.gz": good})
+    build_corpus(debs, tmp_path / "out", progress=False)
+    assert [d["path"] for d in documents(tmp_path / "out", "g")] == [DOC + "good.md.gz"]
+
+
+def test_out_that_is_a_file_is_one_line(debs, tmp_path):
+    (tmp_path / "out").write_text("not a directory")
+    with pytest.raises(SystemExit, match=rf"^error: --out {tmp_path / 'out'}: is not a directory$"):
+        main(["--debs", str(debs), "--out", str(tmp_path / "out"), "--num-proc", "1"])
+    with pytest.raises(SystemExit, match=rf"^error: .*{tmp_path / 'out'}"):  # under a file
+        main(["--debs", str(debs), "--out", str(tmp_path / "out" / "sub"), "--num-proc", "1"])
+
+
+def test_overwrite_removes_the_packages_of_the_previous_build(debs, tmp_path):
+    out = tmp_path / "out"
+    build_corpus(debs, out, progress=False)
+    (debs / "other-src_2.1_all.deb").unlink()  # rebuilt without this package
+    (out / "mine.jsonl").write_text('{"text": "user data"}\n')
+    build_corpus(debs, out, overwrite=True, progress=False)
+    # else `--source debian='OUT/*.jsonl'` would still read the package corpus.json no longer lists
+    assert sorted(p.name for p in out.glob("*.jsonl")) == ["mine.jsonl", "retdoc.jsonl"]
+    assert [p["file"] for p in json.loads((out / "corpus.json").read_text())["packages"]] == ["retdoc.jsonl"]
