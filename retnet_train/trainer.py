@@ -30,7 +30,7 @@ from .components.profiling import Profiler, profile_dir
 from .components.reshard import prepare_resume, run_layout
 from .components.resume import fresh_start_line, load_checkpoint, nothing_to_train_line, resumed_lines
 from .components.rng import seed_everything
-from .components.run_dir import claim_dirs, open_run_dir
+from .components.run_dir import claim_dirs, continues_run, open_run_dir
 from .components.train_state import TrainState
 from .components.validation import mean_loss
 from .model import build_model, model_config_from_dict
@@ -146,7 +146,11 @@ class Trainer:
                 open_run_dir(run_dir, self.ckpt.dir, self.source[0] if self.source else None, self.resolved)
                 print(self._banner(), flush=True)
             # every rank has a logger; only rank 0's writes metrics.jsonl and W&B
-            self.logger = MetricsLogger(run_dir, self.is_main, cfg.wandb, self.resolved, self.state.wandb_id)
+            # a run started from another run's checkpoint is a W&B run of its own, as it has its own metrics
+            own = continues_run(self.ckpt.dir, self.source[0] if self.source else None)
+            self.logger = MetricsLogger(
+                run_dir, self.is_main, cfg.wandb, self.resolved, self.state.wandb_id if own else None
+            )
             self.state.wandb_id = self.logger.wandb_id
             self.profiler = Profiler(
                 profile_dir(run_dir, self.rank),

@@ -134,13 +134,18 @@ def set_aside_metrics(run_dir: str) -> Optional[str]:
     return target
 
 
+def continues_run(checkpoint_dir: str, resumed_from: Optional[str]) -> bool:
+    """Whether this run goes on from its own checkpoints (resumed_from: the directory of the checkpoint
+    resumed, or None), not from another run's or from scratch: its metrics and W&B run carry on."""
+    return resumed_from is not None and os.path.abspath(resumed_from) == os.path.abspath(checkpoint_dir)
+
+
 def open_run_dir(run_dir: str, checkpoint_dir: str, resumed_from: Optional[str], resolved: dict) -> None:
     """Rank 0 at start: create run.dir, set an earlier run's metrics aside unless this run continues the
     checkpoints of checkpoint_dir (resumed_from: the directory of the checkpoint resumed, or None), and
     write config.yaml."""
     os.makedirs(run_dir, exist_ok=True)
-    continues = resumed_from is not None and os.path.abspath(resumed_from) == os.path.abspath(checkpoint_dir)
-    moved = None if continues else set_aside_metrics(run_dir)
+    moved = None if continues_run(checkpoint_dir, resumed_from) else set_aside_metrics(run_dir)
     if moved:
         print(
             f"{run_dir} holds metrics of an earlier run without its checkpoints: kept as {moved}; "

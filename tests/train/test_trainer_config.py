@@ -177,6 +177,12 @@ def test_wandb_offline_run_is_continued_after_resume(tmp_path):
     assert "config changed since that checkpoint: train.max_steps: 2 -> 4" in proc.stdout
     runs = sorted(p.name for p in (run_dir / "wandb").glob("offline-run-*"))
     assert all(name.endswith(run_id) for name in runs)  # the same W&B run id continues
+    # a run started from this one's checkpoint is another W&B run (it would otherwise log into this one)
+    branch = tmp_path / "branch"
+    base = overrides(shards, branch, **{"wandb.mode": "offline", "train.max_steps": 6, "checkpoint.interval": 2})
+    train([*base, f"train.resume={run_dir}"], nproc=1)
+    branched = [p.name for p in (branch / "wandb").glob("offline-run-*")]
+    assert len(branched) == 1 and not branched[0].endswith(run_id)
 
 
 def test_selective_checkpointing_run_without_final_save(short_run):
