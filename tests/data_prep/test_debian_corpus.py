@@ -217,6 +217,6 @@ def test_overwrite_removes_the_packages_of_the_previous_build(debs, tmp_path):
     (debs / "other-src_2.1_all.deb").unlink()  # rebuilt without this package
     (out / "mine.jsonl").write_text('{"text": "user data"}\n')
     build_corpus(debs, out, overwrite=True, progress=False)
-    # else `--source debian='OUT/*.jsonl'` would still read the package corpus.json no longer lists
+    # else `--source debian='OUT/*.jsonl'` would still read a package the new corpus.json does not list
     assert sorted(p.name for p in out.glob("*.jsonl")) == ["mine.jsonl", "retdoc.jsonl"]
     assert [p["file"] for p in json.loads((out / "corpus.json").read_text())["packages"]] == ["retdoc.jsonl"]
