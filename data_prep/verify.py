@@ -17,10 +17,15 @@ from data_prep.shard_writer import JOURNAL_NAME
 from retnet_train.data.manifest import MANIFEST_NAME, ManifestError, read_manifest, verify_shards
 
 
-def shard_dirs(root: Path) -> list[Path]:
-    if (root / MANIFEST_NAME).is_file():
+def _dirs_holding(root: Path, name: str) -> list[Path]:
+    """root if it holds file `name`, else its subdirectories that do."""
+    if (root / name).is_file():
         return [root]
-    found = sorted(p.parent for p in root.glob(f"*/{MANIFEST_NAME}"))
+    return sorted(p.parent for p in root.glob(f"*/{name}"))
+
+
+def shard_dirs(root: Path) -> list[Path]:
+    found = _dirs_holding(root, MANIFEST_NAME)
     if not found:
         raise ManifestError(f"{root}: no {MANIFEST_NAME} here or in its subdirectories")
     return found
@@ -28,8 +33,7 @@ def shard_dirs(root: Path) -> list[Path]:
 
 def unfinished_dirs(root: Path) -> list[Path]:
     """Source directories a tokenize run left unfinished: a resume journal and no manifest yet."""
-    candidates = [root] if (root / JOURNAL_NAME).is_file() else sorted(p.parent for p in root.glob(f"*/{JOURNAL_NAME}"))
-    return [d for d in candidates if not (d / MANIFEST_NAME).is_file()]
+    return [d for d in _dirs_holding(root, JOURNAL_NAME) if not (d / MANIFEST_NAME).is_file()]
 
 
 def verify_directory(directory: str | Path, checksums: bool = True) -> list[str]:

@@ -140,14 +140,15 @@ class Trainer:
     def _open_outputs(self) -> None:
         """Run dir, console banner, metrics, profiler, progress bar and the signal handler."""
         cfg, run_dir = self.cfg, self.cfg.run.dir
+        resumed_from = self.source[0] if self.source else None  # the resumed checkpoint's directory
         problem = None
         try:  # rank 0's files and W&B; the profiler checks profile.ranks on every rank
             if self.is_main:
-                open_run_dir(run_dir, self.ckpt.dir, self.source[0] if self.source else None, self.resolved)
+                open_run_dir(run_dir, self.ckpt.dir, resumed_from, self.resolved)
                 print(self._banner(), flush=True)
             # every rank has a logger; only rank 0's writes metrics.jsonl and W&B
             # a run started from another run's checkpoint is a W&B run of its own, as it has its own metrics
-            own = continues_run(self.ckpt.dir, self.source[0] if self.source else None)
+            own = continues_run(self.ckpt.dir, resumed_from)
             self.logger = MetricsLogger(
                 run_dir, self.is_main, cfg.wandb, self.resolved, self.state.wandb_id if own else None
             )
@@ -191,9 +192,7 @@ class Trainer:
             raise io_failure(e, None if state is None else state.step, self.last_checkpoint) from e
         finally:
             self.close()
-        # a signal during the last step leaves nothing to resume: finished (exit 0), not 75, on which
-        # the SLURM scripts would requeue a job with no step left to train
-        preempted = bool(stats and stats.stop_requested) and self.state.step < self.cfg.train.max_steps
+        preempted = bool(stats) and self._preempted(stats)
         if self.is_main and not preempted:
             print(
                 f"done at step {self.state.step}: metrics in {self.logger.path}, checkpoint in {self.last_checkpoint}",
@@ -305,9 +304,14 @@ class Trainer:
             return None
         with self.throughput.paused():
             path = self.save()
-        if stats.stop_requested and step < self.cfg.train.max_steps and self.is_main:
+        if self._preempted(stats) and self.is_main:
             self.logger.write(self.preempt.saved_note(path, step))
         return path
+
+    def _preempted(self, stats: StepStats) -> bool:
+        """Stopped by a signal with steps left to train. A signal during the last step leaves nothing to
+        resume: the run is finished (exit 0), not 75, on which the SLURM scripts would requeue it."""
+        return stats.stop_requested and self.state.step < self.cfg.train.max_steps
 
     def save(self) -> str:
         client = client_state(self.stateful, config=self.resolved, layout=self.layout)

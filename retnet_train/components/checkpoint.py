@@ -21,6 +21,7 @@ import torch.distributed as dist
 from . import checkpoint_discovery as discovery
 from .checkpoint_discovery import TAG_RE
 from .rng import load_rng_state, rng_state, seed_everything
+from .run_dir import continues_run, same_path
 
 
 class Stateful(Protocol):
@@ -89,7 +90,7 @@ def resolve_resume(resume: str, manager: "CheckpointManager"):
             )
         return None
     own = discovery.choose(manager.dir) if ours else None
-    if own is not None and own.tag is not None and _same_path(_saved_resume(own.path), resume):
+    if own is not None and own.tag is not None and same_path(_saved_resume(own.path), resume):
         # this same command saved it (a requeue after preemption, a restart after a crash): the run goes on
         # from its own newest checkpoint, as the refusals below would otherwise stop the same command
         if manager.rank == 0:
@@ -101,7 +102,7 @@ def resolve_resume(resume: str, manager: "CheckpointManager"):
             f"train.resume={resume}: no complete checkpoint there ({choice.reasons()}; expected "
             "<dir>/step_N with a COMPLETE marker, or a directory holding such checkpoints)"
         )
-    if ours and os.path.abspath(choice.directory) != os.path.abspath(manager.dir):
+    if ours and not continues_run(manager.dir, choice.directory):
         raise ValueError(
             f"train.resume={resume}: this run's checkpoint dir {manager.dir} already holds checkpoints "
             f"({', '.join(ours[-3:])}); resuming from elsewhere would overwrite them. Use a new run.dir "
@@ -127,10 +128,6 @@ def _saved_resume(tag_dir: str) -> Optional[str]:
         return None
     train = (state.get("config") or {}).get("train") if isinstance(state, dict) else None
     return train.get("resume") if isinstance(train, dict) else None
-
-
-def _same_path(a: Optional[str], b: str) -> bool:
-    return a is not None and os.path.abspath(a) == os.path.abspath(b)
 
 
 def _newer_valid(directory: str, tag: str) -> list:

@@ -134,10 +134,15 @@ def set_aside_metrics(run_dir: str) -> Optional[str]:
     return target
 
 
+def same_path(a: Optional[str], b: Optional[str]) -> bool:
+    """Both name the same place (relative paths from the launch directory); None is no place."""
+    return a is not None and b is not None and os.path.abspath(a) == os.path.abspath(b)
+
+
 def continues_run(checkpoint_dir: str, resumed_from: Optional[str]) -> bool:
     """Whether this run goes on from its own checkpoints (resumed_from: the directory of the checkpoint
     resumed, or None), not from another run's or from scratch: its metrics and W&B run carry on."""
-    return resumed_from is not None and os.path.abspath(resumed_from) == os.path.abspath(checkpoint_dir)
+    return same_path(resumed_from, checkpoint_dir)
 
 
 def open_run_dir(run_dir: str, checkpoint_dir: str, resumed_from: Optional[str], resolved: dict) -> None:
