@@ -1,6 +1,6 @@
 """Autotune configs and the launch helper of triton_retention.py's kernels (device code in
-triton_retention_states.py, triton_retention_scores.py and triton_retention_apply.py). Tests set
-FIXED_META to force block shapes.
+triton_retention_states.py, triton_retention_carry.py, triton_retention_scores.py and
+triton_retention_apply.py). Tests set FIXED_META to force block shapes.
 """
 
 from __future__ import annotations
@@ -12,8 +12,9 @@ import torch
 import triton
 
 from .triton_retention_apply import _apply_kernel
+from .triton_retention_carry import _states_carry_kernel
 from .triton_retention_scores import _scores_kernel
-from .triton_retention_states import _states_carry_kernel, _states_kernel, _states_pair_kernel
+from .triton_retention_states import _states_kernel, _states_pair_kernel
 
 INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
 # Under RETNET_TRITON_AUTOTUNE=0 each kernel runs its first valid config (no tuning on a first call).
