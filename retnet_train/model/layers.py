@@ -211,7 +211,11 @@ class DecoderLM(nn.Module):
     def embed(self, input_ids: torch.Tensor) -> torch.Tensor:
         if input_ids.dim() != 2:
             raise ValueError(f"input_ids must be [batch, seq], got shape {tuple(input_ids.shape)}")
-        if self.check_inputs and input_ids.numel():
+        if input_ids.numel() == 0:
+            raise ValueError(
+                f"input_ids is empty (shape {tuple(input_ids.shape)}): every form needs at least one token per row"
+            )
+        if self.check_inputs:
             lo, hi = torch.stack(torch.aminmax(input_ids)).tolist()  # one host sync, not two
             if lo < 0 or hi >= self.config.vocab_size:
                 raise ValueError(f"input_ids out of range: min {lo}, max {hi}, vocab_size {self.config.vocab_size}")

@@ -88,6 +88,13 @@ def test_decoder_rejects_wrong_batch_and_too_long_prompt():
         dec.prefill(torch.zeros(2, 8, dtype=torch.long))
 
 
+@pytest.mark.parametrize("arch", ["retnet", "transformer"])
+def test_prefill_of_an_empty_prompt_says_so(arch):
+    dec = _decoder(_model(arch), 2, 8)
+    with pytest.raises(ValueError, match="prefill: empty prompt"):
+        dec.prefill(torch.zeros(2, 0, dtype=torch.long))
+
+
 @torch.no_grad()
 def test_prefill_in_pieces_equals_whole():
     model = _model("retnet")

@@ -112,3 +112,10 @@ def test_a_cast_to_bf16_keeps_the_architectures_constants_exact(arch):
     model = build().to(torch.bfloat16)
     ids = torch.randint(0, VOCAB, (1, 40))
     assert model(ids).logits.dtype == torch.bfloat16 and torch.isfinite(model(ids).logits.float()).all()
+
+
+@pytest.mark.parametrize("mode", ["parallel", "chunkwise", "recurrent"])
+@pytest.mark.parametrize("shape", [(2, 0), (0, 3)])
+def test_empty_input_ids_raise_naming_them(mode, shape):
+    with pytest.raises(ValueError, match=r"input_ids is empty \(shape \(%d, %d\)\)" % shape):
+        make_model()(torch.zeros(shape, dtype=torch.long), mode=mode)

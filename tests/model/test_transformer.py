@@ -115,3 +115,9 @@ def test_torchscale_init_draws_q_k_v_each_as_its_own_xavier_matrix():
 def test_doc_starts_of_another_shape_raise_naming_them():
     with pytest.raises(ValueError, match="doc_starts shape"):
         make_model(document_masking=True)(torch.zeros(2, 4, dtype=torch.long), doc_starts=torch.zeros(2, 3))
+
+
+@pytest.mark.parametrize("shape", [(2, 0), (0, 3)])
+def test_empty_input_ids_raise_naming_them(shape):
+    with pytest.raises(ValueError, match=r"input_ids is empty \(shape \(%d, %d\)\)" % shape):
+        make_model()(torch.zeros(shape, dtype=torch.long))
