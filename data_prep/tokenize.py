@@ -6,19 +6,17 @@
 Per source: `<out>/<name>/{train,validation}_NNNNN.bin` (flat little-endian uint16/uint32 tokens,
 every document followed by EOS) and `manifest.json` (see retnet_train.data.manifest), written
 last. Documents go to the validation split by a hash of (seed, document index). Killed runs are
-resumed by running the same command again; an existing finished output is never replaced
-without --overwrite, and only files this tool recorded are ever deleted (see data_prep.output_dir).
+resumed by running the same command again (see data_prep.resume); an existing finished output is
+never replaced without --overwrite, and only files this tool recorded are ever deleted (see
+data_prep.output_dir).
 """
 
 from __future__ import annotations
 
 import argparse
-import hashlib
-import json
 import os
 import sys
-import time
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Sequence
 
@@ -37,7 +35,8 @@ from data_prep.output_dir import (
     prepare_shard_dir,
     removed_if_empty_on_failure,
 )
-from data_prep.shard_writer import Journal, SplitShardWriter, verified_prefix
+from data_prep.resume import Layout, finished_output, output_manifest, resumed_writers, settings_fingerprint
+from data_prep.shard_writer import Journal, SplitShardWriter
 from data_prep.sources import (
     Source,
     SourceError,
@@ -48,18 +47,7 @@ from data_prep.sources import (
 )
 from data_prep.tokenizer_card import Tokenizer, TokenizerError, load_tokenizer
 from data_prep.workers import die_with_parent
-from retnet_train.data.manifest import (
-    DTYPES,
-    FORMAT_VERSION,
-    MANIFEST_NAME,
-    SPLITS,
-    Manifest,
-    ManifestError,
-    SplitInfo,
-    read_manifest,
-    token_dtype_for,
-    verify_shards,
-)
+from retnet_train.data.manifest import DTYPES, Manifest, token_dtype_for
 
 DEFAULT_SHARD_TOKENS = 1 << 27  # 256 MiB of uint16: few files, still cheap to re-verify one
 
@@ -135,17 +123,6 @@ def _split_documents(
 
 
 @dataclass(frozen=True)
-class _Layout:
-    """The settings that decide the shards' bytes: an unfinished run is resumed only under the same ones."""
-
-    validation_fraction: float
-    seed: int
-    shard_tokens: int
-    add_bos: bool
-    dtype: str
-
-
-@dataclass(frozen=True)
 class _Work:
     """The settings that decide only how the work is cut up and shown, never its output."""
 
@@ -174,7 +151,7 @@ def tokenize_source(
     same inputs and settings."""
     tok = tokenizer if isinstance(tokenizer, Tokenizer) else load_tokenizer(tokenizer)
     out_dir = Path(out_dir)
-    layout = _Layout(validation_fraction, seed, shard_tokens, add_bos, token_dtype_for(tok.vocab_size))
+    layout = Layout(validation_fraction, seed, shard_tokens, add_bos, token_dtype_for(tok.vocab_size))
     _check_settings(shard_tokens, validation_fraction, chunk_docs, batch_size)
     _check_bos(tok, add_bos)
     if not overwrite and (finished := finished_output(source, tok, out_dir, layout, cache_dir)) is not None:
@@ -189,32 +166,6 @@ def tokenize_source(
             prepare_shard_dir(out_dir, overwrite)
             work = _Work(num_proc, chunk_docs, batch_size, progress)
             return _write_output(source, corpus, tok, out_dir, layout, work)
-
-
-def finished_output(
-    source: Source, tok: Tokenizer, out_dir: Path, layout: _Layout, cache_dir: str | None
-) -> Manifest | None:
-    """The manifest in `out_dir` if a finished run of these same inputs and settings wrote it, else
-    None. Running the same command again after a kill in a later source finds the earlier ones
-    finished: they are kept (not replaced, not refused), so the command resumes as a whole."""
-    if not (out_dir / MANIFEST_NAME).is_file():
-        return None
-    try:
-        manifest = read_manifest(out_dir)
-    except ManifestError:
-        return None  # check_shard_dir names the problem
-    if "fingerprint" not in manifest.extra:  # written before manifests recorded it: cannot tell
-        return None
-    if manifest.extra["fingerprint"] != _fingerprint(source, load_source(source, cache_dir), tok, layout):
-        return None
-    problems = verify_shards(manifest, checksums=False)
-    if problems:
-        raise ManifestError(
-            f"{manifest.path}: finished output of these inputs and settings has damaged shards "
-            "(pass --overwrite to rebuild it):\n  " + "\n  ".join(problems)
-        )
-    print(f"{out_dir}: already finished with these inputs and settings; kept")
-    return manifest
 
 
 def _check_bos(tok: Tokenizer, add_bos: bool) -> None:
@@ -235,12 +186,12 @@ def _check_split_sizes(source: Source, corpus: datasets.Dataset, validation_frac
 
 
 def _write_output(
-    source: Source, corpus: datasets.Dataset, tok: Tokenizer, out_dir: Path, layout: _Layout, work: _Work
+    source: Source, corpus: datasets.Dataset, tok: Tokenizer, out_dir: Path, layout: Layout, work: _Work
 ) -> Manifest:
     """Shards first, then the manifest, and the journal last: a run killed at any point can be resumed."""
-    fingerprint = _fingerprint(source, corpus, tok, layout)
+    fingerprint = settings_fingerprint(source, corpus, tok, layout)
     journal = Journal(out_dir, fingerprint)
-    writers = _resume(journal, corpus, DTYPES[layout.dtype], layout.shard_tokens, tok.eos_id)
+    writers = resumed_writers(journal, corpus, DTYPES[layout.dtype], layout.shard_tokens, tok.eos_id)
     try:
         _write_shards(corpus, writers, tok, layout, work, f"tokenize {source.name}")
     except BaseException:
@@ -248,83 +199,17 @@ def _write_output(
             journal.path.unlink(missing_ok=True)  # nothing to resume: leave no trace
         raise
     splits = {split: w.finish() for split, w in writers.items()}
-    manifest = _manifest(source, tok, out_dir, layout, splits, fingerprint)
+    manifest = output_manifest(source, tok, out_dir, layout, splits, fingerprint)
     write_json_atomic(manifest.path, manifest.to_json())  # last: its presence means "complete"
     journal.path.unlink()
     return manifest
-
-
-def _fingerprint(source: Source, corpus: datasets.Dataset, tok: Tokenizer, layout: _Layout) -> str:
-    """What an unfinished run must share with this one to be resumed: inputs, tokenizer and layout."""
-    settings = {
-        "format_version": FORMAT_VERSION,
-        "tokenizer_sha256": tok.sha256,
-        "source": source.describe(),
-        # an input edited in place must not be resumed into shards made from its old content
-        "mtimes": [p.stat().st_mtime_ns for p in source.files],
-        "documents": len(corpus),
-        **asdict(layout),
-    }
-    return hashlib.sha256(json.dumps(settings, sort_keys=True).encode()).hexdigest()
-
-
-def _manifest(
-    source: Source, tok: Tokenizer, out_dir: Path, layout: _Layout, splits: dict[str, SplitInfo], fingerprint: str
-) -> Manifest:
-    split_rule = {"validation_fraction": layout.validation_fraction, "seed": layout.seed, "unit": "document"}
-    return Manifest(
-        directory=out_dir,
-        vocab_size=tok.vocab_size,
-        eos_id=tok.eos_id,
-        bos_id=tok.bos_id,
-        pad_id=tok.pad_id,
-        unk_id=tok.unk_id,
-        tokenizer_sha256=tok.sha256,
-        dtype=layout.dtype,
-        shard_tokens=layout.shard_tokens,
-        splits=splits,
-        extra={
-            "add_bos": layout.add_bos,
-            "split_rule": split_rule,
-            "source": source.describe(),
-            "fingerprint": fingerprint,  # a re-run of the same command keeps this output (finished_output)
-            "created_unix": int(time.time()),
-        },
-    )
-
-
-def _resume(
-    journal: Journal, corpus: datasets.Dataset, dtype: np.dtype, shard_tokens: int, eos_id: int
-) -> dict[str, SplitShardWriter]:
-    """Writers that continue after the verified shards of an unfinished run with the same settings
-    (saying so); its damaged or unfinished shards are deleted: the journal recorded them."""
-    directory = journal.path.parent
-    unfinished = journal.path.exists()
-    records = journal.read()
-    kept = {split: verified_prefix(directory, split, records, dtype.itemsize) for split in SPLITS}
-    kept_files = {r["file"] for rs in kept.values() for r in rs}
-    redo = sorted({r["file"] for r in records} - kept_files)
-    for name in redo:
-        (directory / name).unlink(missing_ok=True)
-    journal.start([r for split in SPLITS for r in kept[split]])
-    writers = {
-        split: SplitShardWriter(directory, split, dtype, shard_tokens, eos_id, journal, kept[split]) for split in SPLITS
-    }
-    if unfinished:
-        at = {split: w.resume.doc for split, w in writers.items()}
-        print(
-            f"{directory}: resuming an unfinished run at document {min(at.values())} of {len(corpus)} "
-            f"(train continues at document {at['train']}, validation at {at['validation']}); kept "
-            f"{len(kept_files)} verified shards" + (f", redoing {len(redo)} ({', '.join(redo)})" if redo else "")
-        )
-    return writers
 
 
 def _write_shards(
     corpus: datasets.Dataset,
     writers: dict[str, SplitShardWriter],
     tok: Tokenizer,
-    layout: _Layout,
+    layout: Layout,
     work: _Work,
     desc: str,
 ) -> None:
@@ -355,7 +240,7 @@ def _write_shards(
 
 
 def _documents_to_write(
-    lo: int, hi: int, writers: dict[str, SplitShardWriter], layout: _Layout
+    lo: int, hi: int, writers: dict[str, SplitShardWriter], layout: Layout
 ) -> tuple[np.ndarray, np.ndarray]:
     """Ids of documents lo..hi that are not on disk yet, and which of them go to validation."""
     doc_ids = np.arange(lo, hi)
@@ -409,7 +294,7 @@ def main(argv: Sequence[str] | None = None) -> None:
         names = [s.name for s in sources]
         if len(set(names)) != len(names):
             raise SourceError(f"source names must be unique, got {names}")
-        layout = _Layout(a.validation_fraction, a.seed, a.shard_tokens, a.bos, token_dtype_for(tok.vocab_size))
+        layout = Layout(a.validation_fraction, a.seed, a.shard_tokens, a.bos, token_dtype_for(tok.vocab_size))
         finished = {}
         for source in sources:  # every output checked before hours go into the first one
             out = Path(a.out) / source.name
