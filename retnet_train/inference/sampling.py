@@ -11,7 +11,7 @@ import torch
 @dataclass
 class SamplingParams:
     max_new_tokens: int = 128
-    temperature: float = 1.0  # 0 = greedy
+    temperature: float = 1.0  # 0 = greedy; a tiny one acts as greedy too (its limit)
     top_k: int = 0  # 0 = off
     top_p: float = 1.0  # 1 = off
     seed: Optional[int] = None
@@ -34,7 +34,11 @@ def sample(logits: torch.Tensor, params: SamplingParams, generator: Optional[tor
     """Next token per row of logits [B, V] -> [B]."""
     if params.temperature == 0:
         return logits.argmax(dim=-1)
-    logits = logits.float() / params.temperature
+    # shifted so that the row's best is 0: a tiny temperature sends the others to -inf, whose limit
+    # is greedy, instead of the best to inf (inf - inf = nan); below fp32's smallest normal the
+    # scaled logits are those at it
+    logits = logits.float()
+    logits = (logits - logits.amax(dim=-1, keepdim=True)) / max(params.temperature, torch.finfo(torch.float32).tiny)
     if params.top_k:
         kth = torch.topk(logits, params.top_k, dim=-1).values[:, -1:]
         logits = logits.masked_fill(logits < kth, float("-inf"))

@@ -57,6 +57,21 @@ def test_sampling_filters():
     assert torch.equal(sample(logits[:5], SamplingParams(top_k=1), g), torch.zeros(5, dtype=torch.long))
 
 
+@pytest.mark.parametrize("temperature", [1e-40, 1e-46, 1e-300])
+@torch.no_grad()
+def test_a_tiny_temperature_is_greedy(temperature):
+    """logits / temperature overflows fp32; the limit of sampling as the temperature falls is greedy."""
+    logits = torch.tensor([[40.0, 39.5, -3.0], [-50.0, 2.0, 1.0], [0.1, 0.2, 0.3]])
+    g = torch.Generator().manual_seed(0)
+    for _ in range(20):
+        assert sample(logits, SamplingParams(temperature=temperature), g).tolist() == [0, 1, 2]
+    assert sample(logits, SamplingParams(temperature=temperature, top_k=2, top_p=0.5), g).tolist() == [0, 1, 2]
+    model = tiny_model().double()
+    prompts = [[3, 17, 99], [42]]
+    res = generate(model, prompts, SamplingParams(max_new_tokens=5, temperature=temperature, seed=1))
+    assert res.tokens == [naive_greedy(model, p, 5) for p in prompts]
+
+
 @pytest.mark.parametrize(
     "kw,msg",
     [
