@@ -1,9 +1,10 @@
 """Input corpora as `datasets.Dataset`s with a single "text" column, one row per document.
 
 A source spec is one of
-  - a local file, a directory (all its files, recursively) or a glob: `.jsonl`/`.json` (JSON lines,
-    text in `text_field`), `.parquet` (column `text_field`), anything else plain text (one
-    document per file, or per line/paragraph with `text_unit`); `.gz` files are read decompressed;
+  - a local file, a directory (all its files, recursively, but none named `.*` nor any inside a
+    `.*` folder) or a glob: `.jsonl`/`.json` (JSON lines, text in `text_field`), `.parquet`
+    (column `text_field`), anything else plain text (one document per file, or per line/paragraph
+    with `text_unit`); `.gz` files are read decompressed;
   - `hf:PATH[:CONFIG][@SPLIT]`: `datasets.load_dataset(PATH, CONFIG, split=SPLIT)` (hub name,
     local dataset directory or loading script; SPLIT defaults to "train");
   - `disk:PATH`: a dataset saved with `Dataset.save_to_disk`.
@@ -82,9 +83,9 @@ def resolve_files(spec: str) -> list[Path]:
     if path.is_file():
         return [path]
     if path.is_dir():
-        files = sorted(p for p in path.rglob("*") if p.is_file() and not p.name.startswith("."))
+        files = _visible_files(path)
         if not files:
-            raise SourceError(f"{spec}: directory contains no files")
+            raise SourceError(f"{spec}: directory contains no files (hidden ones, named '.*', are left out)")
         return files
     if glob.has_magic(spec):
         files = sorted(Path(p) for p in glob.glob(spec, recursive=True) if os.path.isfile(p))
@@ -92,6 +93,16 @@ def resolve_files(spec: str) -> list[Path]:
             raise SourceError(f"{spec}: glob matches no files")
         return files
     raise SourceError(f"{spec}: no such file or directory")
+
+
+def _visible_files(directory: Path) -> list[Path]:
+    """The files below `directory`, sorted, leaving out hidden files and everything in hidden folders:
+    a checkout's .git objects or a tool's .cache are not part of a corpus."""
+    files = []
+    for root, dirs, names in os.walk(directory):
+        dirs[:] = [d for d in dirs if not d.startswith(".")]  # pruned: never walked into
+        files.extend(Path(root) / name for name in names if not name.startswith("."))
+    return sorted(p for p in files if p.is_file())
 
 
 class UndecodableFile(SourceError):

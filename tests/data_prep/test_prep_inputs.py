@@ -29,6 +29,24 @@ def test_text_files_one_document_each_sorted(tmp_path):
     assert lines == ["second", "file"]
 
 
+def test_directory_leaves_out_hidden_files_and_folders(tmp_path):
+    d = tmp_path / ".corpus"  # the given directory itself may be hidden
+    (d / ".git" / "objects").mkdir(parents=True)
+    (d / ".git" / "objects" / "ab12").write_text("git object")
+    (d / "sub" / ".cache").mkdir(parents=True)
+    (d / "sub" / ".cache" / "c.txt").write_text("cached copy")
+    (d / ".env").write_text("SECRET=1")
+    (d / "a.txt").write_text("first")
+    (d / "sub" / "b.txt").write_text("second")
+    source = parse_source(f"x={d}")
+    assert source.files == [d / "a.txt", d / "sub" / "b.txt"]
+    assert texts_of(source, tmp_path) == ["first", "second"]
+    (d / "a.txt").unlink()
+    (d / "sub" / "b.txt").unlink()
+    with pytest.raises(SourceError, match=r"\.corpus: directory contains no files \(hidden ones"):
+        parse_source(f"x={d}")
+
+
 def test_jsonl_gz_parquet_and_field_name(tmp_path):
     rows = [{"body": "alpha"}, {"body": "beta"}]
     with gzip.open(tmp_path / "c.jsonl.gz", "wt") as f:
