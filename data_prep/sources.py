@@ -4,7 +4,8 @@ A source spec is one of
   - a local file, a directory (all its files, recursively, but none named `.*` nor any inside a
     `.*` folder) or a glob: `.jsonl`/`.json` (JSON lines, text in `text_field`), `.parquet`
     (column `text_field`), anything else plain text (one document per file, or per line/paragraph
-    with `text_unit`); `.gz` files are read decompressed;
+    with `text_unit`; universal newlines: `\\r\\n` and `\\r` become `\\n`, JSON and parquet texts
+    are kept as they are); `.gz` files are read decompressed;
   - `hf:PATH[:CONFIG][@SPLIT]`: `datasets.load_dataset(PATH, CONFIG, split=SPLIT)` (hub name,
     local dataset directory or loading script; SPLIT defaults to "train");
   - `disk:PATH`: a dataset saved with `Dataset.save_to_disk`.

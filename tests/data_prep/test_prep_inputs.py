@@ -47,6 +47,15 @@ def test_directory_leaves_out_hidden_files_and_folders(tmp_path):
         parse_source(f"x={d}")
 
 
+def test_plain_text_line_endings_become_lf_json_texts_are_kept(tmp_path):
+    (tmp_path / "dos.txt").write_bytes(b"one\r\ntwo\r\n\r\nold mac\rend")
+    assert texts_of(parse_source(str(tmp_path / "dos.txt")), tmp_path) == ["one\ntwo\n\nold mac\nend"]
+    paragraphs = texts_of(parse_source(str(tmp_path / "dos.txt"), text_unit="paragraph"), tmp_path)
+    assert paragraphs == ["one\ntwo", "old mac\nend"]
+    write_jsonl(tmp_path / "dos.jsonl", ["one\r\ntwo"])
+    assert texts_of(parse_source(str(tmp_path / "dos.jsonl")), tmp_path) == ["one\r\ntwo"]
+
+
 def test_jsonl_gz_parquet_and_field_name(tmp_path):
     rows = [{"body": "alpha"}, {"body": "beta"}]
     with gzip.open(tmp_path / "c.jsonl.gz", "wt") as f:
