@@ -7,8 +7,10 @@ import os
 import yaml
 
 from ..model import model_config_from_dict
+from ..model.flops import retention_flops, training_flops
 
 CONFIG_DIR = os.path.join(os.path.dirname(__file__), "..", "..", "configs", "model")
+FLA_CHUNK = 64  # fla's chunk_retention runs chunk_simple_gla at its default chunk size
 
 
 def load_preset(name: str, **overrides):
@@ -25,7 +27,8 @@ def hf_size(cfg) -> dict:
 
 
 def fla_reference(cfg):
-    """fla's HF RetNetForCausalLM at our preset's size (swiglu FFN of ~the same parameters)."""
+    """fla's HF RetNetForCausalLM at our preset's width, depth, heads and value width; its FFN is fla's
+    SwiGLU at hidden_ratio 2 (3 d x 256-rounded 4d/3: ~the 4 d^2 parameters of the presets' MLP, 1-2% more)."""
     from fla.models import RetNetConfig as FlaConfig
     from fla.models import RetNetForCausalLM as FlaRetNet
 
@@ -34,3 +37,14 @@ def fla_reference(cfg):
             **hf_size(cfg), num_heads=cfg.n_heads, expand_v=cfg.value_factor, hidden_ratio=2, fuse_cross_entropy=True
         )
     )
+
+
+def fla_flops_per_token(config, n_params: int, seq_len: int) -> dict:
+    """flops_per_token for fla's RetNetForCausalLM, from its HF config and its parameter count (each
+    parameter once): N leaves out the input embedding, keeps the LM head (the embedding itself when
+    tied), as for ours; retention with fla's key and value widths at its chunk size."""
+    d, vocab = config.hidden_size, config.vocab_size
+    linear = n_params - (0 if config.tie_word_embeddings else vocab * d)
+    key_dim, value_dim = int(d * config.expand_k), int(d * config.expand_v)
+    mixer = retention_flops(key_dim, value_dim, config.num_heads, FLA_CHUNK, seq_len)
+    return training_flops(linear, config.num_hidden_layers, mixer)

@@ -19,6 +19,7 @@ from ..parallel import parallelize
 from .engine import make_engine, release, train_step
 from .gpu_power import PowerSampler, summarize
 from .gpu_profile import host_side, idle_time, time_breakdown, top_kernels
+from .presets import fla_flops_per_token
 
 
 class Timer:
@@ -182,8 +183,15 @@ def memory_fields(mem: MemoryUse, on_gpu: bool) -> dict:
     }
 
 
-def mfu_fields(tokens_per_s: float, cfg, seq_len: int, device: torch.device) -> dict:
-    flops = flops_per_token(cfg, seq_len)
+def model_flops(name: str, model, cfg, n_params: int, seq_len: int) -> dict:
+    """FLOPs per token of the model measured: fla's from its own config (another FFN and widths than
+    the preset's), ours from the preset."""
+    if name == "fla":
+        return fla_flops_per_token(model.config, n_params, seq_len)
+    return flops_per_token(cfg, seq_len)
+
+
+def mfu_fields(tokens_per_s: float, flops: dict, device: torch.device) -> dict:
     peak = device_peak_flops(device, None)
     return {
         "mfu_6n": round(tokens_per_s * flops["six_n"] / peak, 4) if peak else None,
@@ -191,7 +199,7 @@ def mfu_fields(tokens_per_s: float, cfg, seq_len: int, device: torch.device) -> 
     }
 
 
-def result_row(name: str, args, cfg, n_params: int, timing: Timing, mem: MemoryUse, device: torch.device) -> dict:
+def result_row(name: str, args, flops: dict, n_params: int, timing: Timing, mem: MemoryUse, device) -> dict:
     """The JSON line of one measurement."""
     on_gpu = device.type == "cuda"
     tokens_per_s = args.steps * args.grad_accum * args.micro_batch * args.seq_len / timing.seconds
@@ -212,7 +220,7 @@ def result_row(name: str, args, cfg, n_params: int, timing: Timing, mem: MemoryU
         "grad_accum": args.grad_accum,
         **memory_fields(mem, on_gpu),
         "ms_forward_backward_step": [round(x, 1) for x in timing.phase_ms],
-        **mfu_fields(tokens_per_s, cfg, args.seq_len, device),
+        **mfu_fields(tokens_per_s, flops, device),
         "loss": round(float(timing.loss.detach()), 4),
         "device": torch.cuda.get_device_name() if on_gpu else "cpu",
         "torch": torch.__version__,
@@ -225,6 +233,7 @@ def measure(name, build, cfg, args, device):
     reset_peak(device)
     mem_before = memory(device, "now")  # should be ~0: what a previous model left behind
     model, n_params = build_on_device(build, device)
+    flops = model_flops(name, model, cfg, n_params, args.seq_len)
     ours = name != "fla"
     prepare_model(model, ours, args)
     engine = make_engine(
@@ -241,7 +250,7 @@ def measure(name, build, cfg, args, device):
     if prof is not None:
         prof.__exit__(None, None, None)
     mem = MemoryUse(mem_before, resident, memory(device, "peak"), memory(device, "reserved"))
-    result = result_row(name, args, cfg, n_params, timing, mem, device)
+    result = result_row(name, args, flops, n_params, timing, mem, device)
     result["gpu_power"] = summarize(power.samples, result["tokens_per_s"])
     if prof is not None:
         result.update(profile_fields(prof, args, name))

@@ -3,8 +3,8 @@
 six_n: the usual 6 N, N = parameters without the input embedding plus the LM-head matmul.
 model: six_n plus the sequence mixer's own matmuls, counting only the causal (useful) half:
   Transformer: per layer 4 d T_eff (QK^T and AV), T_eff = (T + 1) / 2 keys per query.
-  RetNet (chunkwise, chunk C): per layer 2 C_eff (d + d_v) inside chunks, C_eff = (C + 1) / 2,
-  plus 4 d d_v / H for reading and updating the per-head K x V state.
+  RetNet (chunkwise, chunk C): per layer 2 C_eff (d_k + d_v) inside chunks, C_eff = (C + 1) / 2,
+  plus 4 d_k d_v / H for reading and updating the per-head K x V state (ours: d_k = d).
 """
 
 from __future__ import annotations
@@ -24,14 +24,24 @@ def _linear_params(config) -> int:
     )
 
 
+def retention_flops(key_dim: int, value_dim: int, n_heads: int, chunk_size: int, seq_len: int) -> float:
+    """Forward FLOPs per token of one chunkwise retention layer's own matmuls (module docstring)."""
+    c_eff = (min(chunk_size, seq_len) + 1) / 2
+    return 2 * c_eff * (key_dim + value_dim) + 4 * key_dim * value_dim / n_heads
+
+
+def training_flops(linear_params: int, n_layers: int, mixer: float) -> dict:
+    """six_n and model FLOPs per token from the matmul parameters and one layer's mixer forward FLOPs."""
+    six_n = 6 * linear_params
+    return {"six_n": float(six_n), "model": float(six_n + 3 * n_layers * mixer)}
+
+
 def flops_per_token(config, seq_len: int) -> dict:
-    six_n = 6 * _linear_params(config)
-    d, L = config.d_model, config.n_layers
+    d = config.d_model
     if isinstance(config, RetNetConfig):
-        c_eff = (min(config.chunk_size, seq_len) + 1) / 2
-        mixer = 2 * c_eff * (d + config.value_dim) + 4 * d * config.value_dim / config.n_heads
+        mixer = retention_flops(d, config.value_dim, config.n_heads, config.chunk_size, seq_len)
     elif isinstance(config, TransformerConfig):
         mixer = 4 * d * (seq_len + 1) / 2
     else:
         raise TypeError(f"flops_per_token: unsupported config {type(config).__name__}")
-    return {"six_n": float(six_n), "model": float(six_n + 3 * L * mixer)}
+    return training_flops(_linear_params(config), config.n_layers, mixer)
