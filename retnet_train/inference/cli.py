@@ -21,9 +21,11 @@ def add_checkpoint_args(p: argparse.ArgumentParser) -> None:
         required=True,
         help="a run dir, a DeepSpeed save dir (with 'latest'), a checkpoint tag dir, or an export dir",
     )
-    p.add_argument("--tag", help="DeepSpeed checkpoint tag (default: the newest complete one)")
+    p.add_argument("--tag", help="DeepSpeed checkpoint tag (default: the newest complete one); not for an export")
     p.add_argument("--tokenizer", help="sentencepiece model (default: the one stored with the checkpoint)")
-    p.add_argument("--model-config", help="model preset YAML, for checkpoints that carry no config")
+    p.add_argument(
+        "--model-config", help="model preset YAML, for DeepSpeed checkpoints that carry no config; not for an export"
+    )
 
 
 def add_device_args(p: argparse.ArgumentParser) -> None:

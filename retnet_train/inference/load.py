@@ -110,7 +110,14 @@ def _read(path: str, tag: Optional[str], model_config: Optional[Mapping]):
         raise CheckpointError(f"{path}: no such checkpoint or export directory")
     if not os.path.isdir(path):
         raise CheckpointError(f"{path}: a file; pass the directory (a run dir, a checkpoint dir or tag, an export)")
-    return _from_export(path) if is_export_dir(path) else _from_deepspeed(path, tag, model_config)
+    if not is_export_dir(path):
+        return _from_deepspeed(path, tag, model_config)
+    # an export is one set of weights with its own config: neither option could apply
+    if tag is not None:
+        raise CheckpointError(f"--tag {tag}: {path} is an export directory, which has no checkpoint tags")
+    if model_config is not None:
+        raise CheckpointError(f"--model-config: {path} is an export directory; its config.json is the model config")
+    return _from_export(path)
 
 
 def read_weights(path: str) -> tuple:

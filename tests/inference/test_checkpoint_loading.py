@@ -6,9 +6,11 @@ import os
 
 import pytest
 import torch
+import yaml
 from gen_fixtures import VOCAB, tiny_config, tiny_model, train_tokenizer, write_deepspeed_checkpoint
 
 from retnet_train.inference.errors import CheckpointError
+from retnet_train.inference.generate import main as generate_main
 from retnet_train.inference.load import load_model
 from retnet_train.inference.native import save_native
 
@@ -98,6 +100,22 @@ def test_export_round_trip_and_tokenizer_checks(tmp_path, tokenizer):
     (tmp_path / "exp" / "config.json").write_text(json.dumps(cfg))
     with pytest.raises(CheckpointError, match="not a retnet-train export"):
         load_model(out)
+
+
+def test_deepspeed_options_on_an_export_dir_are_refused_naming_them(tmp_path, tokenizer, capsys):
+    out = save_native(tiny_model(), str(tmp_path / "exp"), tokenizer)
+    with pytest.raises(CheckpointError, match=f"--tag step_1: {out} is an export directory"):
+        load_model(out, tag="step_1")
+    with pytest.raises(CheckpointError, match=f"--model-config: {out} is an export directory"):
+        load_model(out, model_config=tiny_config(d_model=64))
+    preset = tmp_path / "preset.yaml"
+    preset.write_text(yaml.safe_dump(tiny_config()))
+    gen = ["--checkpoint", out, "--prompt", "one", "--max-new-tokens", "1"]
+    with pytest.raises(SystemExit, match="error: --model-config: .* is an export directory"):
+        generate_main([*gen, "--model-config", str(preset)])
+    with pytest.raises(SystemExit, match="error: --tag latest: .* is an export directory"):
+        generate_main([*gen, "--tag", "latest"])
+    assert generate_main(gen) == 0 and capsys.readouterr().out.strip()
 
 
 @pytest.mark.slow
