@@ -99,12 +99,14 @@ def _flatten_ids(table_column: pa.ChunkedArray) -> tuple[np.ndarray, np.ndarray]
     return flat, lengths
 
 
-def _check_settings(shard_tokens: int, validation_fraction: float, chunk_docs: int, batch_size: int) -> None:
+def _check_settings(shard_tokens: int, validation_fraction: float, seed: int, chunk_docs: int, batch_size: int) -> None:
     for name, value in (("shard_tokens", shard_tokens), ("chunk_docs", chunk_docs), ("batch_size", batch_size)):
         if value < 1:
             raise ValueError(f"{name} must be >= 1, got {value}")
     if not 0.0 <= validation_fraction < 1.0:
         raise ValueError(f"validation_fraction must be in [0, 1), got {validation_fraction}")
+    if not 0 <= seed < 2**64:  # the split hash keys on it as a uint64
+        raise ValueError(f"seed must be in [0, 2**64), got {seed}")
 
 
 def _split_documents(
@@ -152,7 +154,7 @@ def tokenize_source(
     tok = tokenizer if isinstance(tokenizer, Tokenizer) else load_tokenizer(tokenizer)
     out_dir = Path(out_dir)
     layout = Layout(validation_fraction, seed, shard_tokens, add_bos, token_dtype_for(tok.vocab_size))
-    _check_settings(shard_tokens, validation_fraction, chunk_docs, batch_size)
+    _check_settings(shard_tokens, validation_fraction, seed, chunk_docs, batch_size)
     _check_bos(tok, add_bos)
     if not overwrite and (finished := finished_output(source, tok, out_dir, layout, cache_dir)) is not None:
         return finished
@@ -288,7 +290,7 @@ def main(argv: Sequence[str] | None = None) -> None:
     p.add_argument("--overwrite", action="store_true")
     a = p.parse_args(argv)
     try:
-        _check_settings(a.shard_tokens, a.validation_fraction, a.chunk_docs, batch_size=1)
+        _check_settings(a.shard_tokens, a.validation_fraction, a.seed, a.chunk_docs, batch_size=1)
         tok = load_tokenizer(a.tokenizer)
         sources = sources_from_args(a)
         names = [s.name for s in sources]

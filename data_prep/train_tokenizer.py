@@ -98,11 +98,13 @@ def _train(
     return model.getvalue()
 
 
-def _check_settings(model_type: str, vocab_size: int, num_docs: int, ids: tuple[int, int, int, int]) -> None:
+def _check_settings(model_type: str, vocab_size: int, num_docs: int, seed: int, ids: tuple[int, int, int, int]) -> None:
     if model_type not in MODEL_TYPES:
         raise TokenizerError(f"model_type {model_type!r} is not one of {MODEL_TYPES}")
     if vocab_size < 1 or num_docs < 1:
         raise TokenizerError(f"vocab_size and num_docs must be >= 1, got {vocab_size} and {num_docs}")
+    if not 0 <= seed < 2**32:  # sentencepiece's generator seed is a uint32
+        raise TokenizerError(f"seed must be in [0, 2**32), got {seed}")
     named = dict(zip(("unk_id", "bos_id", "eos_id", "pad_id"), ids))
     if named["unk_id"] < 0 or named["eos_id"] < 0:  # sentencepiece needs unk; shards need EOS between documents
         raise TokenizerError(f"unk_id and eos_id must be >= 0 (got {named['unk_id']} and {named['eos_id']})")
@@ -133,7 +135,7 @@ def train_tokenizer(
     out = Path(out)
     card_path = card_path_for(out)
     _check_output(out, card_path, overwrite)
-    _check_settings(model_type, vocab_size, num_docs, ids)  # before the corpus is read
+    _check_settings(model_type, vocab_size, num_docs, seed, ids)  # before the corpus is read
     sample = sample_documents(_read_sources(sources, cache_dir), num_docs, seed)
     lines = _lines_to_train_on(sample, sources)
     spm.set_random_generator_seed(seed)  # sentencepiece's own sentence shuffling

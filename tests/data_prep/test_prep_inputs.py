@@ -147,6 +147,14 @@ def test_cli_several_named_sources(tok, tmp_path, capsys):
         tokenize_main(tokenize_argv(tok, tmp_path / "o", f"a={tmp_path}/web.jsonl", f"a={tmp_path}/code"))
 
 
+@pytest.mark.parametrize("seed", [-1, 2**64])
+def test_cli_seed_out_of_range_is_one_line(tok, tmp_path, seed):
+    write_jsonl(tmp_path / "web.jsonl", ["a page"])
+    with pytest.raises(SystemExit, match=rf"^error: seed must be in \[0, 2\*\*64\), got {seed}$"):
+        tokenize_main(tokenize_argv(tok, tmp_path / "o", f"{tmp_path}/web.jsonl", seed=seed, cache_dir=tmp_path / "c"))
+    assert not (tmp_path / "o").exists()
+
+
 JSON_FAULTS = [
     (
         '{"text": "a"}\n{"text": "broken\n{"text": "c"}\n',

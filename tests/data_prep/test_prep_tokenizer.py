@@ -126,6 +126,8 @@ def test_unwritable_out_fails_before_training(tmp_path, monkeypatch):
         ({"ids": (0, 1, 1, 3)}, r"bos_id and eos_id are both 1; special ids must differ \(-1 disables one\)"),
         ({"ids": (0, 1, 2, 9000)}, r"pad_id 9000 is not below vocab_size 8192"),
         ({"ids": (-1, 1, 2, 3)}, r"unk_id and eos_id must be >= 0 \(got -1 and 2\)"),
+        ({"seed": -1}, r"seed must be in \[0, 2\*\*32\), got -1"),
+        ({"seed": 2**32}, r"seed must be in \[0, 2\*\*32\), got 4294967296"),
     ],
 )
 def test_bad_settings_fail_before_the_corpus_is_read(tmp_path, monkeypatch, kwargs, message):
