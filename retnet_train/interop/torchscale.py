@@ -1,4 +1,5 @@
-"""Load torchscale 0.3.0 RetNetDecoder weights into RetNetForCausalLM."""
+"""Load torchscale 0.3.0 RetNetDecoder weights into RetNetForCausalLM (the decoder's own state dict, or
+a fairseq checkpoint's "model", whose keys carry a `decoder.` prefix)."""
 
 from __future__ import annotations
 
@@ -61,6 +62,7 @@ UNSUPPORTED = {
 }
 ACTIVATIONS = {"gelu": "gelu", "swish": "silu", "relu": "relu"}
 RENAMES = {"retention_layer_norm": "retention_norm", "final_layer_norm": "ffn_norm"}
+FAIRSEQ_PREFIX = "decoder."
 
 
 def config_from_torchscale(ts_config: Mapping[str, Any]) -> RetNetConfig:
@@ -117,12 +119,27 @@ def _rename(key: str) -> str:
     return key
 
 
+def without_fairseq_prefix(state_dict: Mapping[str, torch.Tensor]) -> dict:
+    """The decoder's own keys: torchscale's fairseq models hold the RetNetDecoder as `decoder`, so a
+    fairseq checkpoint's "model" names every weight `decoder.<key>`."""
+    prefixed = [k for k in state_dict if k.startswith(FAIRSEQ_PREFIX)]
+    if not prefixed:
+        return dict(state_dict)
+    bare = [k for k in state_dict if not k.startswith(FAIRSEQ_PREFIX)]
+    if bare:
+        raise ValueError(
+            f"torchscale state dict: some keys under fairseq's '{FAIRSEQ_PREFIX}' prefix ({prefixed[0]}), "
+            f"others not ({bare[0]}); pass the decoder's weights alone"
+        )
+    return {k[len(FAIRSEQ_PREFIX) :]: v for k, v in state_dict.items()}
+
+
 def from_torchscale(state_dict: Mapping[str, torch.Tensor], ts_config: Mapping[str, Any]) -> RetNetForCausalLM:
     """A RetNetForCausalLM with torchscale's weights; its logits equal torchscale's parallel forward."""
     config = config_from_torchscale(ts_config)
     model = RetNetForCausalLM(config)
     ours = {}
-    for key, value in state_dict.items():
+    for key, value in without_fairseq_prefix(state_dict).items():
         if key.startswith("retnet_rel_pos."):
             continue  # angle/decay buffers: we derive the same values from the config
         ours[_rename(key)] = value

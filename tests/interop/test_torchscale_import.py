@@ -104,3 +104,17 @@ def test_tied_head_stored_once_loads():
     assert (model(ids).logits - decoder(ids)[0]).abs().max() <= 1e-4
     with pytest.raises(ValueError, match="lm_head.weight"):  # untied: a missing head stays an error
         from_torchscale({k: v for k, v in decoder.state_dict().items() if k != "output_projection.weight"}, BASE)
+
+
+@torch.no_grad()
+def test_fairseq_decoder_prefix_is_stripped():
+    """A fairseq checkpoint (torchscale's examples) holds the decoder's weights under 'decoder.': they
+    load with equal logits; keys mixing prefixed and bare names stay an error that says which."""
+    decoder = torchscale_decoder(BASE, 4.0)
+    fairseq = {f"decoder.{k}": v for k, v in decoder.state_dict().items()}
+    model = from_torchscale(fairseq, BASE).eval()
+    ids = torch.randint(0, BASE["vocab_size"], (2, 17))
+    assert (model(ids).logits - decoder(ids)[0]).abs().max() <= 1e-4
+    mixed = {**decoder.state_dict(), "decoder.layer_norm.weight": decoder.layer_norm.weight}
+    with pytest.raises(ValueError, match="some keys under fairseq's 'decoder.' prefix.*decoder.layer_norm.weight"):
+        from_torchscale(mixed, BASE)
