@@ -5,7 +5,8 @@
         --zero-stage 1 --activation-checkpointing full
 
 For each sequence length, in ascending order: a few real DeepSpeed train steps (bf16 on GPU, fp32 on
-CPU) on random tokens, one JSON line (fits, tokens/s, peak GiB per rank). It stops at the first length
+CPU) on random tokens, one JSON line (fits, tokens/s, peak GiB per rank, the last step's loss over
+the whole sequences, all ranks' shares summed). It stops at the first length
 that does not fit (CUDA out of memory on any rank) and prints the longest that fit. The model and
 engine are built once; every length reuses them, so the peaks differ only by activations.
 P consecutive ranks share a sequence (context parallel); data parallelism runs over world / P.
@@ -146,15 +147,22 @@ def try_length(engine, args, vocab, T, dp_rank, cp, device, rank):
     return elapsed, loss, None
 
 
-def gather_verdicts(error, device, world, control) -> list:
-    """Every rank's [fits (1 or 0), peak GiB], over the CPU group."""
-    mine = torch.tensor([0.0 if error else 1.0, peak_memory_gib(device)], dtype=torch.float64)
+def gather_verdicts(error, loss, device, world, control) -> list:
+    """Every rank's [fits (1 or 0), peak GiB, its share of the loss], over the CPU group."""
+    mine = torch.tensor([0.0 if error else 1.0, peak_memory_gib(device), loss], dtype=torch.float64)
     verdicts = [torch.zeros_like(mine) for _ in range(world)]
     dist.all_gather(verdicts, mine, group=control)
     return verdicts
 
 
-def length_line(base, args, T, dp_world, fits, verdicts, elapsed, loss) -> dict:
+def full_loss(verdicts) -> float:
+    """The loss of the whole batch from the ranks' shares: each rank's is P x its token losses' sum over
+    its group's tokens (Segment.scale_loss), so their sum over the world / W is the mean of the
+    data-parallel groups' losses (as the trainer reports it), a one-rank run's loss where world = P."""
+    return sum(v[2].item() for v in verdicts) / len(verdicts)
+
+
+def length_line(base, args, T, dp_world, fits, verdicts, elapsed) -> dict:
     tokens = args.steps * args.micro_batch * T * dp_world  # every data-parallel group trains its sequences
     return {
         **base,
@@ -164,7 +172,7 @@ def length_line(base, args, T, dp_world, fits, verdicts, elapsed, loss) -> dict:
         "tokens_per_s": round(tokens / elapsed, 1) if fits else None,
         "step_s": round(elapsed / args.steps, 3) if fits else None,
         "peak_gib_per_rank": [round(v[1].item(), 2) for v in verdicts],
-        "loss": round(loss, 4) if fits else None,
+        "loss": round(full_loss(verdicts), 4) if fits else None,
     }
 
 
@@ -185,10 +193,10 @@ def main(argv=None):
     for T in seq_lens:
         check_layout(P, world, T)
         elapsed, loss, error = try_length(engine, args, cfg.vocab_size, T, dp_rank, cp, device, rank)
-        verdicts = gather_verdicts(error, device, world, control)
+        verdicts = gather_verdicts(error, loss, device, world, control)
         fits = all(v[0].item() > 0 for v in verdicts)
         if rank == 0:
-            print(json.dumps(length_line(base, args, T, dp_world, fits, verdicts, elapsed, loss)), flush=True)
+            print(json.dumps(length_line(base, args, T, dp_world, fits, verdicts, elapsed)), flush=True)
         if not fits:
             break  # longer ones need more; after an OOM the engine's state is not trustworthy either
         longest = T
