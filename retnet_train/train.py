@@ -5,9 +5,9 @@
     deepspeed --num_gpus 8 --module retnet_train.train experiment=retnet_1.3b_8k
 
 Exit status: 0 finished (train.max_steps reached); 1 error (the message names the key or file);
-75 stopped by SIGTERM or SIGUSR1 after saving a checkpoint: run the same command again to resume
-(launch/slurm/*.sbatch requeue the job on it); 130 Ctrl-C (no checkpoint saved: the run goes on from
-the last one).
+75 stopped by SIGTERM or SIGUSR1 after saving a checkpoint, or before the first step (nothing to
+save): run the same command again to resume (launch/slurm/*.sbatch requeue the job on it); 130
+Ctrl-C (no checkpoint saved: the run goes on from the last one).
 """
 
 from __future__ import annotations
@@ -16,12 +16,10 @@ import os
 import sys
 
 import hydra
-import torch.distributed as dist
 from omegaconf import DictConfig
 
 from .components.config import TrainConfig, register, typed_config
-from .components.faults import TrainingError
-from .trainer import Trainer
+from .components.preemption import PreemptionHandler
 
 EXIT_FINISHED, EXIT_ERROR = 0, 1
 EXIT_PREEMPTED = 75  # EX_TEMPFAIL (sysexits.h): "a temporary failure; the user is invited to retry"
@@ -31,6 +29,8 @@ EXIT_INTERRUPTED = 130  # Ctrl-C: 128 + SIGINT, as a shell reports it
 def run(cfg: TrainConfig) -> dict:
     """Train per the config; returns the Trainer's summary. For drivers that build or compose a
     TrainConfig themselves; it initializes the process group when none exists."""
+    from .trainer import Trainer
+
     return Trainer(cfg).train()
 
 
@@ -48,6 +48,11 @@ def _absorb_launcher_args() -> None:
 
 @hydra.main(config_path="../configs", config_name="config", version_base="1.3")
 def main(cfg: DictConfig) -> None:
+    # imported here, after the stop handler is in place: torch alone takes seconds to import
+    import torch.distributed as dist
+
+    from .components.faults import TrainingError
+
     try:
         summary = run(typed_config(cfg))
     except (ValueError, TrainingError) as e:
@@ -83,5 +88,8 @@ def finish(status: int) -> None:
 
 
 if __name__ == "__main__":
+    # first: a stop signal from here on is recorded (its default action would kill the process) and the
+    # trainer acts on it once it can (components/preemption.py)
+    PreemptionHandler()
     _absorb_launcher_args()
     main()

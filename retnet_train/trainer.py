@@ -10,6 +10,7 @@ saved as one dict beside DeepSpeed's state (components/checkpoint.py).
 from __future__ import annotations
 
 import math
+import os
 from dataclasses import asdict, dataclass
 from typing import Optional
 
@@ -20,7 +21,7 @@ from omegaconf import OmegaConf
 from .components.banner import start_banner
 from .components.checkpoint import CheckpointManager, client_state, load_initial_weights, resolve_resume
 from .components.config import TrainConfig, check_values, checkpoint_dir, grad_accumulation
-from .components.distributed import all_reduce_step, init_distributed, pick_device, raise_first_problem
+from .components.distributed import all_reduce_step, any_rank, init_distributed, pick_device, raise_first_problem
 from .components.faults import OOM_HINT, NonFiniteTracker, TrainingError, inject, io_failure
 from .components.loaders import build_loaders
 from .components.metrics import MetricsLogger, Throughput, device_peak_flops, mfu, peak_memory_gib, progress_bar
@@ -138,7 +139,7 @@ class Trainer:
                 print(line, flush=True)
 
     def _open_outputs(self) -> None:
-        """Run dir, console banner, metrics, profiler, progress bar and the signal handler."""
+        """Run dir, console banner, metrics, profiler and progress bar."""
         cfg, run_dir = self.cfg, self.cfg.run.dir
         resumed_from = self.source[0] if self.source else None  # the resumed checkpoint's directory
         problem = None
@@ -166,7 +167,6 @@ class Trainer:
         raise_first_problem(problem, self.world)
         self.flops = flops_per_token(self.model_cfg, cfg.data.seq_len)["model"]
         self.peak = device_peak_flops(self.device, cfg.train.peak_flops)
-        self.preempt = PreemptionHandler()
         self.throughput = Throughput(self.state.tokens_seen)
         self.bar = progress_bar(cfg.train.max_steps, self.state.step, self.is_main)
 
@@ -180,11 +180,12 @@ class Trainer:
 
     def train(self) -> dict:
         """Train to train.max_steps (or a stop signal); returns a summary of the run."""
+        self.preempt = PreemptionHandler()  # takes over a signal the entry point's handler recorded
         try:
-            self.build()
-            self.restore()
-            self._open_outputs()
-            stats = self._run_steps()
+            preempted = self._start()
+            if not preempted:
+                stats = self._run_steps()
+                preempted = bool(stats) and self._preempted(stats)
         except torch.cuda.OutOfMemoryError as e:
             raise TrainingError(f"{OOM_HINT}\n{e}") from e
         except OSError as e:  # a file the run reads or writes: disk full, permissions, a mount gone
@@ -192,7 +193,6 @@ class Trainer:
             raise io_failure(e, None if state is None else state.step, self.last_checkpoint) from e
         finally:
             self.close()
-        preempted = bool(stats) and self._preempted(stats)
         if self.is_main and not preempted:
             print(
                 f"done at step {self.state.step}: metrics in {self.logger.path}, checkpoint in {self.last_checkpoint}",
@@ -206,6 +206,29 @@ class Trainer:
             "tokens_seen": self.state.tokens_seen,
             "preempted": preempted,
         }
+
+    def _start(self) -> bool:
+        """build(), restore() and the outputs; True when a stop signal came first: the run then stops
+        after the build or after loading its checkpoint, before it writes anything."""
+        self.build()
+        if self._stop_before_training():
+            return True
+        self.restore()  # a signal while loading: the load finishes, then the run stops
+        if self._stop_before_training():
+            return True
+        self._open_outputs()
+        return False
+
+    def _stop_before_training(self) -> bool:
+        """A stop signal on some rank before the first step, with steps left to train: nothing was trained,
+        so nothing is saved (the same command starts again where this one would have)."""
+        if self.state.step >= self.cfg.train.max_steps:
+            return False  # nothing to train: the run finishes
+        if not any_rank(bool(self.preempt.received), self.device):
+            return False
+        if self.is_main:
+            print(self.preempt.not_started_note(self.source and os.path.join(*self.source)), flush=True)
+        return True
 
     def _run_steps(self) -> Optional[StepStats]:
         """Steps and their policies up to train.max_steps or a stop signal; the last step's stats."""

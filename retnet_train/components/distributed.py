@@ -64,3 +64,10 @@ def all_reduce_step(
     dist.all_reduce(flags)
     loss_bad, update_skipped, loss_sum, stop = flags.tolist()
     return loss_bad > 0, update_skipped > 0, loss_sum, stop > 0
+
+
+def any_rank(flag: bool, device: torch.device) -> bool:
+    """True on every rank when `flag` is true on some rank (one all-reduce)."""
+    count = torch.tensor(1.0 if flag else 0.0, device=device)
+    dist.all_reduce(count)
+    return count.item() > 0

@@ -129,7 +129,7 @@ def test_cli_prints_a_training_error_and_exits_1(monkeypatch, capsys):
         raise TrainingError("3 consecutive steps with non-finite loss or gradients")
 
     monkeypatch.setattr(cli, "run", stop)
-    monkeypatch.setattr(cli.dist, "destroy_process_group", lambda: None)  # in-process tests share the group
+    monkeypatch.setattr(torch.distributed, "destroy_process_group", lambda: None)  # in-process tests share it
     with pytest.raises(SystemExit) as e:
         cli.main.__wrapped__(compose_trainer_config([]))  # the function under @hydra.main
     assert e.value.code == 1
@@ -151,7 +151,7 @@ def test_cli_exit_status_tells_a_stop_on_a_signal_from_the_end(monkeypatch, tmp_
         return outcome
 
     monkeypatch.setattr(cli, "run", run)
-    monkeypatch.setattr(cli.dist, "destroy_process_group", lambda: None)  # in-process tests share the group
+    monkeypatch.setattr(torch.distributed, "destroy_process_group", lambda: None)  # in-process tests share it
     monkeypatch.setenv("RETNET_EXIT_STATUS_FILE", str(tmp_path / "status"))
     with pytest.raises(SystemExit) as e:
         cli.main.__wrapped__(compose_trainer_config([]))
@@ -176,3 +176,16 @@ def test_config_diff_names_changed_leaves():
     new = {"train": {"max_steps": 4, "seed": 1}, "optim": {"lr": 0.1}, "model": {"arch": "retnet", "d_model": 8}}
     assert config_diff(old, new) == ["model.d_model: <absent> -> 8", "train.max_steps: 2 -> 4"]
     assert config_diff(new, new) == []
+
+
+def test_a_handler_takes_over_the_signal_the_one_it_replaces_recorded():
+    """The entry point's handler records a signal that comes before the trainer's is installed."""
+    early = PreemptionHandler()
+    try:
+        os.kill(os.getpid(), signal.SIGUSR1)
+        trainers = PreemptionHandler()
+        assert trainers.received == "SIGUSR1"
+        trainers.restore()
+        assert signal.getsignal(signal.SIGTERM) == early._handle
+    finally:
+        early.restore()
