@@ -110,9 +110,9 @@ def retention_op(
 
 def _torch_op(q, k, v, log_gamma, mode, chunk_size, reset, state, row_sums, recompute=True):
     q, k, v = (t.transpose(1, 2) for t in (q, k, v))  # -> [B, H, T, D]
-    if state is not None:
-        state = state.to(q.dtype)
     if mode != "recurrent":
+        # (the recurrent form takes the state as it is: it keeps it in fp32 at least)
+        state = None if state is None else state.to(q.dtype)
         out = (
             parallel_retention(q, k, v, log_gamma, reset, state, row_sums, recompute)
             if mode == "parallel"

@@ -259,3 +259,27 @@ def test_backward_keeps_q_k_v_whatever_the_chunk_size(compiled):
         kept = saved_bytes(fn, q, k, v, reset)
         # q, k, v, the resets [1, T] and log_gamma [H]; compiled: the same, or copies of the same size
         assert qkv_bytes <= kept <= qkv_bytes + T + 4 * Hh, (C, kept, qkv_bytes)
+
+
+def test_recurrent_calls_keep_the_fp32_state_in_bf16():
+    """A bf16 model decoding with mode="recurrent" one call per token hands back the fp32 state it was
+    given: the state is not rounded to bf16 between calls (where 1 - 2^-9 and closer decays round to 1),
+    so token-by-token calls give the state and outputs of one call over all the tokens."""
+    from retnet_train.kernels import retention_op
+
+    T, Hh = 64, 8
+    lg = decay_log_gammas(Hh)
+    g = torch.Generator().manual_seed(0)
+    q, k, v = (torch.randn(1, T, Hh, d, generator=g).bfloat16() for d in (K, K, V))
+    o_all, s_all, state_all = retention_op("torch", q, k, v, lg, "recurrent", 64)
+    state, outs, sums = None, [], []
+    for t in range(T):
+        o, s, state = retention_op(
+            "torch", q[:, t : t + 1], k[:, t : t + 1], v[:, t : t + 1], lg, "recurrent", 64, None, state
+        )
+        outs.append(o)
+        sums.append(s)
+    assert state.dtype == torch.float32
+    torch.testing.assert_close(state, state_all, rtol=1e-6, atol=1e-6)
+    torch.testing.assert_close(torch.cat(sums, 1), s_all, rtol=1e-6, atol=1e-6)
+    torch.testing.assert_close(torch.cat(outs, 1), o_all, rtol=0, atol=0)
