@@ -142,7 +142,8 @@ def add_run_args(p: argparse.ArgumentParser) -> None:
         "--profile-trace",
         default=None,
         metavar="DIR",
-        help="with --profile: also record the host's ops and write the Chrome trace DIR/<model>_<seq_len>.json",
+        help="with --profile: also record the host's ops and write the Chrome trace "
+        "DIR/<model>_<seq_len>_mb<micro-batch>x<accum>.json (-2, -3, ... where it exists)",
     )
     p.add_argument(
         "--ds-json",

@@ -142,18 +142,31 @@ def start_profile(enabled: bool, device: torch.device, with_host: bool = False):
     return prof
 
 
+def unused_path(directory: Path, stem: str) -> Path:
+    """directory/stem.json, or stem-2.json, -3, ... where it exists: another measurement's trace (a
+    model with other overrides, another accumulation, an earlier run) is kept."""
+    path, n = directory / f"{stem}.json", 1
+    while path.exists():
+        n += 1
+        path = directory / f"{stem}-{n}.json"
+    return path
+
+
 def profile_fields(prof, args, name: str) -> dict:
     """The profile's GPU time by category, its longest kernels and when the GPU sat idle; with
-    --profile-trace DIR the Chrome trace goes to DIR/<model>_<seq_len>.json and the host's side is added."""
+    --profile-trace DIR the Chrome trace goes to DIR/<model>_<seq_len>_mb<micro-batch>x<accum>.json
+    (the row's "trace") and the host's side is added."""
     with tempfile.TemporaryDirectory() as tmp:
-        path = Path(args.profile_trace or tmp) / f"{name}_{args.seq_len}.json"
-        path.parent.mkdir(parents=True, exist_ok=True)
+        directory = Path(args.profile_trace or tmp)
+        directory.mkdir(parents=True, exist_ok=True)
+        path = unused_path(directory, f"{name}_{args.seq_len}_mb{args.micro_batch}x{args.grad_accum}")
         prof.export_chrome_trace(str(path))
         trace = json.loads(path.read_text())
     fields = {"profile": time_breakdown(prof), "top_kernels": top_kernels(prof, args.profile_top)}
     fields["gpu_idle"] = idle_time(trace, args.steps)
     if args.profile_trace is not None:
         fields["host"] = host_side(trace, args.steps)
+        fields["trace"] = str(path)
     return fields
 
 

@@ -174,14 +174,38 @@ def test_profile_fields_add_the_host_side_only_with_a_trace_dir(tmp_path, trace_
                 json.dump({"traceEvents": [launch, kernel]}, f)
 
     out = None if trace_dir is None else str(tmp_path / trace_dir)
-    args = SimpleNamespace(profile_trace=out, seq_len=64, steps=2, profile_top=3)
+    args = SimpleNamespace(profile_trace=out, seq_len=64, micro_batch=2, grad_accum=4, steps=2, profile_top=3)
     fields = profile_fields(TracedProfile(ROWS), args, "retnet")
     assert fields["gpu_idle"]["gpu_busy"] == 1.0 and len(fields["top_kernels"]) == 3
     if trace_dir is None:
-        assert "host" not in fields and not list(tmp_path.iterdir())
+        assert "host" not in fields and "trace" not in fields and not list(tmp_path.iterdir())
     else:
         assert fields["host"]["device_ms_per_step_launched_by"] == {"main": 1.0}
-        assert (tmp_path / trace_dir / "retnet_64.json").exists()
+        assert fields["trace"] == str(tmp_path / trace_dir / "retnet_64_mb2x4.json")
+        assert (tmp_path / trace_dir / "retnet_64_mb2x4.json").exists()
+
+
+def test_a_second_trace_of_the_same_model_and_length_keeps_the_first(tmp_path):
+    """Two measurements named alike (retnet@chunk_size=128 and retnet@chunk_size=256 at one length, or a
+    rerun into the same DIR) each keep their trace."""
+    import json
+
+    from retnet_train.bench.throughput_measure import profile_fields
+
+    class TracedProfile(FakeProfile):
+        def __init__(self, rows, tag):
+            super().__init__(rows)
+            self.tag = tag
+
+        def export_chrome_trace(self, path):
+            with open(path, "w") as f:
+                json.dump({"traceEvents": [], "tag": self.tag}, f)
+
+    args = SimpleNamespace(profile_trace=str(tmp_path), seq_len=64, micro_batch=1, grad_accum=1, steps=1, profile_top=3)
+    first = profile_fields(TracedProfile(ROWS, "first"), args, "retnet")["trace"]
+    second = profile_fields(TracedProfile(ROWS, "second"), args, "retnet")["trace"]
+    assert (first, second) == (str(tmp_path / "retnet_64_mb1x1.json"), str(tmp_path / "retnet_64_mb1x1-2.json"))
+    assert [json.loads(open(p).read())["tag"] for p in (first, second)] == ["first", "second"]
 
 
 def test_out_of_memory_frees_the_failed_models_memory_before_the_next(monkeypatch):
