@@ -2,12 +2,14 @@
 
     python -m retnet_train.inference.generate --checkpoint runs/tiny --prompt "def f(" \
         --max-new-tokens 64 --temperature 0.8 --top-p 0.95
-    python -m retnet_train.inference.generate --checkpoint export/ --prompts-file prompts.txt --greedy
+    python -m retnet_train.inference.generate --checkpoint export/ --prompts-file prompts.txt --greedy \
+        --batch-size 16
 
 Chunkwise prefill of the (left-padded) batch, then one token per step: RetNet with its
 recurrent state (constant memory per sequence), the Transformer with a KV cache. Greedy,
 temperature, top-k and top-p sampling; each row stops at EOS; text is streamed to stdout
-(batch of one: as it is produced; several prompts: each as soon as it is finished).
+(one prompt: as it is produced; several: each as soon as it is finished, tagged with its index).
+Prompts are generated --batch-size at a time: decoding memory grows with the batch.
 """
 
 from __future__ import annotations
@@ -15,7 +17,8 @@ from __future__ import annotations
 import argparse
 import sys
 from dataclasses import dataclass
-from typing import Callable, List, Optional, Sequence
+from functools import partial
+from typing import Callable, List, Optional, Sequence, Tuple
 
 import torch
 
@@ -34,22 +37,27 @@ class GenerationResult:
 
 
 def check_prompts(
-    prompts: Sequence[Sequence[int]], vocab_size: int, max_new_tokens: int, max_length: Optional[int]
+    prompts: Sequence[Sequence[int]],
+    vocab_size: int,
+    max_new_tokens: int,
+    max_length: Optional[int],
+    labels: Optional[Sequence[str]] = None,
 ) -> None:
-    """A non-empty batch of non-empty prompts of in-vocabulary ids that, with max_new_tokens, fit max_length."""
+    """A non-empty batch of non-empty prompts of in-vocabulary ids that, with max_new_tokens, fit max_length.
+    labels name the prompts in errors (default: prompt 0, prompt 1, ...)."""
     if not prompts:
         raise ValueError("prompts: empty batch")
     for i, p in enumerate(prompts):
+        label = labels[i] if labels else f"prompt {i}"
         if len(p) == 0:
-            raise ValueError(f"prompt {i}: empty (no tokens; the tokenizer has no BOS to start from)")
+            raise ValueError(f"{label}: empty (no tokens; the tokenizer has no BOS to start from)")
         bad = [t for t in p if not 0 <= int(t) < vocab_size]
         if bad:
-            raise ValueError(f"prompt {i}: token id {bad[0]} outside the vocabulary [0, {vocab_size})")
-    longest = max(len(p) for p in prompts)
-    if max_length is not None and longest + max_new_tokens > max_length:
-        raise ValueError(
-            f"prompt of {longest} tokens + max_new_tokens={max_new_tokens} exceeds max_length={max_length}"
-        )
+            raise ValueError(f"{label}: token id {bad[0]} outside the vocabulary [0, {vocab_size})")
+        if max_length is not None and len(p) + max_new_tokens > max_length:
+            raise ValueError(
+                f"{label}: {len(p)} tokens + max_new_tokens={max_new_tokens} exceeds max_length={max_length}"
+            )
 
 
 @torch.no_grad()
@@ -63,18 +71,19 @@ def generate(
     cuda_graph: bool = False,
     prefill_piece: int = 0,
     on_step: Optional[Callable[[torch.Tensor, torch.Tensor], None]] = None,
+    generator: Optional[torch.Generator] = None,
 ) -> GenerationResult:
     """Generate for a batch of token-id prompts. max_length bounds prompt + new tokens (None:
     no bound for RetNet; the Transformer's KV cache is sized to prompt + max_new_tokens).
-    on_step(tokens [B], finished [B]) is called after each new token (for streaming)."""
+    on_step(tokens [B], finished [B]) is called after each new token (for streaming). Samples are
+    drawn from generator (default: one seeded with params.seed, else torch's global one)."""
     cfg = model.config
     params.validate(cfg.vocab_size)
     check_prompts(prompts, cfg.vocab_size, params.max_new_tokens, max_length)
     longest = max(len(p) for p in prompts)
     device = next(model.parameters()).device
-    generator = None
-    if params.seed is not None:
-        generator = torch.Generator(device=device).manual_seed(params.seed)
+    if generator is None and params.seed is not None:
+        generator = seeded_generator(params.seed, device)
     B = len(prompts)
     decoder = make_decoder(model, B, longest + params.max_new_tokens)
     ids, starts, _ = left_pad(prompts, pad_id, device)
@@ -105,12 +114,27 @@ def generate(
     return GenerationResult([[t for t in row if t >= 0] for row in table], eos_hit.cpu().tolist(), len(out))
 
 
+def seeded_generator(seed: int, device: torch.device) -> torch.Generator:
+    return torch.Generator(device=device).manual_seed(seed)
+
+
+def generate_in_batches(model, prompts, params: SamplingParams, batch_size: int, streamer: TextStreamer, **kw) -> None:
+    """generate() on batch_size prompts at a time, each streamed under its index in `prompts`; one
+    generator for all, so that a batch size at least len(prompts) draws what one call draws."""
+    generator = None if params.seed is None else seeded_generator(params.seed, next(model.parameters()).device)
+    for lo in range(0, len(prompts), batch_size):
+        batch = prompts[lo : lo + batch_size]
+        generate(model, batch, params, generator=generator, on_step=partial(streamer, first_row=lo), **kw)
+        streamer.close(range(lo, lo + len(batch)))
+
+
 def parse_args(argv=None):
     p = argparse.ArgumentParser(prog="python -m retnet_train.inference.generate", description=__doc__.split("\n")[0])
     add_checkpoint_args(p)
     src = p.add_mutually_exclusive_group(required=True)
     src.add_argument("--prompt", action="append", help="a prompt (repeat for a batch)")
-    src.add_argument("--prompts-file", help="one prompt per line")
+    src.add_argument("--prompts-file", help="one prompt per line (blank lines are skipped)")
+    p.add_argument("--batch-size", type=int, default=8, help="prompts generated together (memory grows with it)")
     p.add_argument("--max-new-tokens", type=int, default=128)
     p.add_argument("--greedy", action="store_true", help="argmax decoding (same as --temperature 0)")
     p.add_argument("--temperature", type=float, default=1.0)
@@ -132,23 +156,26 @@ def parse_args(argv=None):
     return p.parse_args(argv)
 
 
-def _read_prompts(args) -> List[str]:
+def _read_prompts(args) -> List[Tuple[str, str]]:
+    """(label naming the prompt in errors, text) per prompt; the label's index is the output's tag."""
     if not args.prompts_file:
-        return args.prompt
+        return [(f"prompt {i} (--prompt)", text) for i, text in enumerate(args.prompt)]
     try:
         with open(args.prompts_file) as f:
-            texts = [line.rstrip("\n") for line in f if line.strip()]
+            lines = [(n, line.rstrip("\n")) for n, line in enumerate(f, start=1) if line.strip()]
     except OSError as e:
         raise SystemExit(f"error: --prompts-file: {e}") from None
     except UnicodeDecodeError as e:
         raise SystemExit(f"error: --prompts-file {args.prompts_file}: not UTF-8 text ({e})") from None
-    if not texts:
+    if not lines:
         raise SystemExit(f"error: --prompts-file: {args.prompts_file} has no prompts")
-    return texts
+    return [(f"prompt {i} (--prompts-file {args.prompts_file} line {n})", text) for i, (n, text) in enumerate(lines)]
 
 
 def main(argv=None) -> int:
     args = parse_args(argv)
+    if args.batch_size < 1:
+        raise SystemExit(f"error: --batch-size: must be >= 1, got {args.batch_size}")
     try:
         loaded = load_from_args(args, args.device, compute_dtype(args.dtype, args.device))
     except (CheckpointError, ValueError, OSError) as e:
@@ -161,7 +188,8 @@ def main(argv=None) -> int:
 
     sp = spm.SentencePieceProcessor(model_file=loaded.tokenizer_path)
     bos = sp.bos_id()
-    prompts = [([bos] if bos >= 0 else []) + sp.encode(t) for t in _read_prompts(args)]
+    labels, texts = zip(*_read_prompts(args))
+    prompts = [([bos] if bos >= 0 else []) + sp.encode(t) for t in texts]
     max_length = args.max_length
     if max_length is None and loaded.config.arch == "transformer":
         max_length = 32768
@@ -171,20 +199,22 @@ def main(argv=None) -> int:
     eos = sp.eos_id() if sp.eos_id() >= 0 and not args.no_stop_at_eos else None
     streamer = TextStreamer(sp, len(prompts))
     try:
-        generate(
+        params.validate(loaded.config.vocab_size)
+        check_prompts(prompts, loaded.config.vocab_size, params.max_new_tokens, max_length, labels)
+        generate_in_batches(
             loaded.model,
             prompts,
             params,
+            args.batch_size,
+            streamer,
             eos_id=eos,
             pad_id=max(sp.pad_id(), 0),
             max_length=max_length,
             cuda_graph=args.cuda_graph,
             prefill_piece=args.prefill_piece,
-            on_step=streamer,
         )
     except ValueError as e:
         raise SystemExit(f"error: {e}") from None
-    streamer.close()
     return 0
 
 

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import sys
-from typing import Callable, List, Optional
+from typing import Callable, Iterable, List, Optional
 
 import torch
 
@@ -18,8 +18,9 @@ class TextStreamer:
         self.printed = [""] * n_rows
         self.done = [False] * n_rows
 
-    def __call__(self, tokens: torch.Tensor, finished: torch.Tensor) -> None:
-        for i, (t, f) in enumerate(zip(tokens.tolist(), finished.tolist())):
+    def __call__(self, tokens: torch.Tensor, finished: torch.Tensor, first_row: int = 0) -> None:
+        """The step's token per row of a batch whose rows are this streamer's first_row, first_row + 1, ..."""
+        for i, (t, f) in enumerate(zip(tokens.tolist(), finished.tolist()), start=first_row):
             if self.done[i]:
                 continue
             if not f:
@@ -45,7 +46,8 @@ class TextStreamer:
         else:
             self.write(f"[{i}] {self.sp.decode(self.tokens[i])}\n")
 
-    def close(self) -> None:
-        for i in range(len(self.tokens)):
+    def close(self, rows: Optional[Iterable[int]] = None) -> None:
+        """Ends the rows (default: all) that are not finished yet."""
+        for i in range(len(self.tokens)) if rows is None else rows:
             if not self.done[i]:
                 self._finish(i)

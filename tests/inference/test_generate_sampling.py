@@ -170,3 +170,51 @@ def test_streamed_text_with_byte_fallback_pieces_is_the_decoded_text(tmp_path):
         streamer.close()
         assert "".join(out) == sp.decode(ids[:stop]) + "\n"
     assert "".join(out).startswith("fox \u65e5\u672c dog ")
+
+
+def argv_of(checkpoint, prompts_file):
+    return ["--checkpoint", str(checkpoint), "--prompts-file", str(prompts_file)]
+
+
+def test_cli_generates_a_prompts_file_in_batches_of_batch_size(tmp_path, capsys, monkeypatch):
+    """--batch-size bounds the prompts decoded together; each output keeps its prompt's index and text,
+    the same as from one batch."""
+    import sentencepiece as spm
+
+    import retnet_train.inference.generate as generate_module
+
+    tok = train_tokenizer(tmp_path)
+    model = tiny_model()
+    exp = save_native(model, str(tmp_path / "exp"), str(tok))
+    texts = ["one two", "The quick brown fox", "def add(a, b):", "seven", "A retentive network"]
+    prompts_file = tmp_path / "prompts.txt"
+    prompts_file.write_text("\n".join(texts[:2]) + "\n\n" + "\n".join(texts[2:]) + "\n")
+    batches = []
+    make_decoder = generate_module.make_decoder
+    monkeypatch.setattr(generate_module, "make_decoder", lambda m, b, n: batches.append(b) or make_decoder(m, b, n))
+
+    def run(*options):
+        assert main([*argv_of(exp, prompts_file), "--max-new-tokens", "6", *options]) == 0
+        return dict(line.split(" ", 1) for line in capsys.readouterr().out.splitlines())
+
+    by_index = run("--greedy", "--batch-size", "2")
+    assert batches == [2, 2, 1]
+    sp = spm.SentencePieceProcessor(model_file=str(tok))
+    for i, text in enumerate(texts):
+        prompt = [sp.bos_id()] + sp.encode(text)
+        expected = generate(model, [prompt], SamplingParams(max_new_tokens=6, temperature=0), eos_id=sp.eos_id())
+        assert by_index[f"[{i}]"] == sp.decode(expected.tokens[0])
+    batches.clear()
+    assert run("--greedy", "--batch-size", "5") == by_index and batches == [5]
+    # sampling: one batch of all prompts draws what the default batch size (8 >= 5) draws
+    assert run("--temperature", "0.8", "--batch-size", "5") == run("--temperature", "0.8")
+    with pytest.raises(SystemExit, match="--batch-size: must be >= 1, got 0"):
+        main([*argv_of(exp, prompts_file), "--batch-size", "0"])
+    # errors name the prompt's line (line 3 is blank and skipped)
+    lengths = [1 + len(sp.encode(t)) for t in texts]
+    too_long = next(i for i, n in enumerate(lengths) if n > lengths[0])
+    line = [1, 2, 4, 5, 6][too_long]
+    label = rf"prompt {too_long} \(--prompts-file {prompts_file} line {line}\)"
+    with pytest.raises(SystemExit, match=f"error: {label}: .* exceeds max_length="):
+        main([*argv_of(exp, prompts_file), "--max-new-tokens", "1", "--max-length", str(lengths[0] + 1)])
+    assert capsys.readouterr().out == ""  # checked before anything is generated
