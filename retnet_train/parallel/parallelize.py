@@ -36,11 +36,7 @@ def parallelize(
     compute), "none" nothing. activation_memory_budget < 1 (needs compile): the compiled backward
     recomputes what the forward would keep, cheapest first, until what is kept is that fraction."""
     mode = checkpointing_mode(activation_checkpointing)
-    if activation_memory_budget != 1 and not compile:
-        raise ValueError(
-            f"activation_memory_budget: {activation_memory_budget} needs compile: torch.compile's "
-            "partitioner does the recomputing"
-        )
+    check_compile_options(compile, activation_memory_budget, compile_mode)
     if any("forward" in vars(m) or "retention_core" in vars(m) for m in model.modules()):
         raise ValueError("parallelize: this model is parallelized already; build a new one")
     if context_parallel is not None:
@@ -65,15 +61,26 @@ def apply_context_parallel(model: nn.Module, cp: ContextParallel) -> None:
 COMPILE_MODES = (None, "default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs")
 
 
+def check_compile_options(compile: bool, activation_memory_budget: float, mode: Optional[str]) -> None:
+    """Refuses a budget outside (0, 1], a budget below 1 without compile and an unknown compile mode
+    (before parallelize changes the model, so that a corrected call can follow)."""
+    if not 0 < activation_memory_budget <= 1:
+        raise ValueError(f"activation_memory_budget: {activation_memory_budget} is not in (0, 1]")
+    if activation_memory_budget != 1 and not compile:
+        raise ValueError(
+            f"activation_memory_budget: {activation_memory_budget} needs compile: torch.compile's "
+            "partitioner does the recomputing"
+        )
+    if mode not in COMPILE_MODES:
+        raise ValueError(f"compile mode: {mode!r} is not one of {list(COMPILE_MODES[1:])}")
+
+
 def apply_compile(model: nn.Module, activation_memory_budget: float = 1.0, mode: Optional[str] = None) -> None:
     """torch.compile each block in place: fuses norms, rotation, gate and FFN elementwise work; fla's
     kernels are excluded from compilation by fla itself. The budget is torch's own knob (torchtitan's
     memory_budget mode): process-wide, read when a block first runs. mode: torch.compile's
-    (reduce-overhead: each block's forward and backward replayed as CUDA graphs, no host launches)."""
-    if not 0 < activation_memory_budget <= 1:
-        raise ValueError(f"activation_memory_budget: {activation_memory_budget} is not in (0, 1]")
-    if mode not in COMPILE_MODES:
-        raise ValueError(f"compile mode: {mode!r} is not one of {list(COMPILE_MODES[1:])}")
+    (reduce-overhead: each block's forward and backward replayed as CUDA graphs, no host launches).
+    The options are checked by check_compile_options."""
     torch._functorch.config.activation_memory_budget = activation_memory_budget
     for block in model.layers:
         # the forward only, not the module call: hooks on the block (ZeRO-3's parameter gathering)

@@ -88,3 +88,27 @@ def test_a_model_is_parallelized_once():
     model = parallelize(build("retnet"), activation_checkpointing="selective")
     with pytest.raises(ValueError, match="parallelized already"):
         parallelize(model, activation_checkpointing="selective")
+
+
+@pytest.mark.parametrize(
+    "options, error",
+    [
+        (dict(compile=True, activation_memory_budget=1.5), r"^activation_memory_budget: 1.5 is not in \(0, 1\]"),
+        (dict(compile=True, activation_memory_budget=0.0), r"^activation_memory_budget: 0.0 is not in \(0, 1\]"),
+        (dict(activation_memory_budget=1.5), r"^activation_memory_budget: 1.5 is not in \(0, 1\]"),
+        (dict(activation_memory_budget=0.5), r"^activation_memory_budget: 0.5 needs compile"),
+        (dict(compile=True, compile_mode="fast"), r"^compile mode: 'fast' is not one of"),
+    ],
+)
+def test_bad_options_are_refused_before_the_model_changes(options, error, budget_restored):
+    """An option parallelize refuses leaves the model as built (not half context-parallel), so that the
+    call can be repeated with the option corrected."""
+    from retnet_train.parallel import ContextParallel
+
+    model = build("retnet")
+    cp = ContextParallel(None, 0, 2)
+    with pytest.raises(ValueError, match=error):
+        parallelize(model, context_parallel=cp, activation_checkpointing="selective", **options)
+    assert not any("forward" in vars(m) or "retention_core" in vars(m) for m in model.modules())
+    assert torch._functorch.config.activation_memory_budget == 1.0
+    parallelize(model, context_parallel=cp)
