@@ -212,6 +212,16 @@ def mfu_fields(tokens_per_s: float, flops: dict, device: torch.device) -> dict:
     }
 
 
+def compile_fields(args, ours: bool) -> dict:
+    """torch.compile as applied: prepare_model compiles our models only (fla's runs its own kernels)."""
+    compiled = args.compile and ours
+    return {
+        "compile": compiled,
+        "compile_mode": args.compile_mode if compiled else None,
+        "activation_memory_budget": args.activation_memory_budget if compiled else 1.0,
+    }
+
+
 def result_row(name: str, args, flops: dict, n_params: int, timing: Timing, mem: MemoryUse, device) -> dict:
     """The JSON line of one measurement."""
     on_gpu = device.type == "cuda"
@@ -223,9 +233,7 @@ def result_row(name: str, args, flops: dict, n_params: int, timing: Timing, mem:
         "micro_batch": args.micro_batch,
         "zero_stage": args.zero_stage,
         "activation_checkpointing": args.activation_checkpointing,
-        "compile": args.compile,
-        "compile_mode": args.compile_mode,
-        "activation_memory_budget": args.activation_memory_budget,
+        **compile_fields(args, ours=name != "fla"),
         "ds_json": args.ds_json,
         "params": n_params,
         "tokens_per_s": round(tokens_per_s, 1),

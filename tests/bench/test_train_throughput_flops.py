@@ -83,7 +83,8 @@ class PlainEngine:
         pass
 
 
-def test_fla_row_mfu_counts_fla_models_flops(monkeypatch):
+def measure_fla(monkeypatch, **change) -> dict:
+    """measure's row of the stand-in as the fla model, on CPU, with a peak of 1 FLOP/s."""
     monkeypatch.setattr(throughput_measure, "make_engine", lambda model, *a, **kw: PlainEngine(model))
     monkeypatch.setattr(throughput_measure, "device_peak_flops", lambda device, override: 1.0)
     args = SimpleNamespace(
@@ -92,9 +93,23 @@ def test_fla_row_mfu_counts_fla_models_flops(monkeypatch):
         ds_json=None, profile=False, profile_trace=None,
     )  # fmt: skip
     preset = load_preset("tiny", vocab_size=256)  # not the model measured: 4 layers, d 128
-    row = throughput_measure.measure("fla", FlaStandIn, preset, args, torch.device("cpu"))
+    return throughput_measure.measure(
+        "fla", FlaStandIn, preset, SimpleNamespace(**{**vars(args), **change}), torch.device("cpu")
+    )
+
+
+def test_fla_row_mfu_counts_fla_models_flops(monkeypatch):
+    row = measure_fla(monkeypatch)
     want = fla_flops_per_token(FlaStandIn().config, row["params"], 64)
     assert row["params"] == 2 * 256 * 32 + 32 * 32
     # a peak of 1 FLOP/s: mfu = tokens/s x FLOPs per token
     assert row["mfu_6n"] / row["tokens_per_s"] == pytest.approx(want["six_n"], rel=1e-3)
     assert row["mfu_model"] / row["mfu_6n"] == pytest.approx(want["model"] / want["six_n"], rel=1e-6)
+
+
+def test_fla_row_says_it_ran_uncompiled(monkeypatch):
+    """--compile compiles our models' blocks; fla's model runs as fla builds it, and its row says so."""
+    row = measure_fla(
+        monkeypatch, compile=True, compile_mode="max-autotune-no-cudagraphs", activation_memory_budget=0.8
+    )
+    assert (row["compile"], row["compile_mode"], row["activation_memory_budget"]) == (False, None, 1.0)
