@@ -56,15 +56,17 @@ def check_device(name: str) -> torch.device:
 
 
 def read_model_config(path: str) -> dict:
-    """--model-config: a model preset YAML (configs/model/*.yaml)."""
+    """--model-config: a model preset YAML (configs/model/*.yaml), read as Hydra reads it (OmegaConf's
+    YAML: `1e-6` is a float, which YAML 1.1 reads as a string)."""
     import yaml
+    from omegaconf import OmegaConf
+    from omegaconf.errors import OmegaConfBaseException
 
     try:
-        with open(path) as f:
-            config = yaml.safe_load(f)
+        config = OmegaConf.to_container(OmegaConf.load(path), resolve=True)
     except OSError as e:
         raise CheckpointError(f"--model-config: {e}") from None
-    except (yaml.YAMLError, UnicodeDecodeError) as e:
+    except (yaml.YAMLError, UnicodeDecodeError, OmegaConfBaseException) as e:
         raise CheckpointError(f"--model-config {path}: not valid YAML ({' '.join(str(e).split())})") from None
     if not isinstance(config, dict):
         raise CheckpointError(

@@ -9,10 +9,12 @@ import torch
 import yaml
 from gen_fixtures import VOCAB, tiny_config, tiny_model, train_tokenizer, write_deepspeed_checkpoint
 
+from retnet_train.inference.cli import read_model_config
 from retnet_train.inference.errors import CheckpointError
 from retnet_train.inference.generate import main as generate_main
 from retnet_train.inference.load import load_model
 from retnet_train.inference.native import save_native
+from retnet_train.model import model_config_from_dict
 
 
 @pytest.fixture(scope="module")
@@ -100,6 +102,14 @@ def test_export_round_trip_and_tokenizer_checks(tmp_path, tokenizer):
     (tmp_path / "exp" / "config.json").write_text(json.dumps(cfg))
     with pytest.raises(CheckpointError, match="not a retnet-train export"):
         load_model(out)
+
+
+def test_model_config_yaml_is_read_as_hydra_reads_it(tmp_path):
+    """A preset that trains (Hydra reads `1e-6` as a float) loads as --model-config too."""
+    preset = tmp_path / "preset.yaml"
+    preset.write_text("".join(f"{k}: {v}\n" for k, v in tiny_config().items() if k != "norm_eps") + "norm_eps: 1e-6\n")
+    config = read_model_config(str(preset))
+    assert config["norm_eps"] == 1e-6 and model_config_from_dict(config).d_model == 32
 
 
 def test_deepspeed_options_on_an_export_dir_are_refused_naming_them(tmp_path, tokenizer, capsys):
