@@ -29,7 +29,8 @@ import torch
 from ..kernels import fla_available, retention_op
 from ..model.retnet import decay_log_gammas
 from .gpu_profile import top_kernels
-from .presets import load_preset
+from .presets import FLA_CHUNK, load_preset
+from .throughput_args import count
 
 
 class Stopped(BaseException):
@@ -153,26 +154,55 @@ def print_table(rows):
 
 
 def parse_dims(text):
-    return [tuple(int(x) for x in d.split("x")) for d in text.split(",")]
+    """--dims: KxV,... as [(K, V), ...], each >= 1."""
+    try:
+        dims = [tuple(int(x) for x in d.split("x")) for d in text.split(",")]
+    except ValueError:
+        dims = []
+    if not dims or any(len(d) != 2 or min(d) < 1 for d in dims):
+        raise argparse.ArgumentTypeError(f"not a comma list of KxV head dims, e.g. 256x512,128x256: {text!r}")
+    return dims
+
+
+def parse_backends(text):
+    """--backends: KIND@C,... as [(spec, kind, chunk)]; fla runs its own chunk of 64 (FLA_CHUNK)."""
+    backends = []
+    for spec in text.split(","):
+        kind, at, chunk = spec.partition("@")
+        if kind not in KINDS:
+            raise argparse.ArgumentTypeError(f"{spec!r}: unknown backend {kind!r}, one of {', '.join(KINDS)}")
+        if at and not (chunk.isdigit() and int(chunk) >= 1):
+            raise argparse.ArgumentTypeError(f"{spec!r}: the chunk after @ is not an integer >= 1")
+        if kind == "fla" and at and int(chunk) != FLA_CHUNK:
+            raise argparse.ArgumentTypeError(f"{spec!r}: fla runs chunk {FLA_CHUNK} whatever is asked; write fla")
+        backends.append((spec, kind, int(chunk) if at else 64))
+    return backends
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--dims", type=parse_dims, default="256x512,128x256", help="comma list of KxV head dims")
+    p.add_argument("--heads", type=count(1), default=8)
+    p.add_argument("--preset", default=None, help="take heads and head dims from configs/model/<preset>.yaml")
+    p.add_argument("--seq-len", type=count(1), default=8192)
+    p.add_argument("--micro-batch", type=count(1), default=1)
+    p.add_argument(
+        "--backends",
+        type=parse_backends,
+        default="compiled@256,triton@128,triton@256",
+        help=f"KIND@C,... (C: the chunk, 64 if left out); KIND: {', '.join(KINDS)}",
+    )
+    p.add_argument("--docs", type=count(1), default=1, help="documents per sequence (> 1: document resets)")
+    p.add_argument("--steps", type=count(1), default=20)
+    p.add_argument("--profile", action="store_true", help="add each variant's device kernels")
+    return p
 
 
 def main(argv=None):
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--dims", default="256x512,128x256", help="comma list of KxV head dims")
-    p.add_argument("--heads", type=int, default=8)
-    p.add_argument("--preset", default=None, help="take heads and head dims from configs/model/<preset>.yaml")
-    p.add_argument("--seq-len", type=int, default=8192)
-    p.add_argument("--micro-batch", type=int, default=1)
-    p.add_argument(
-        "--backends", default="compiled@256,triton@128,triton@256", help=f"KIND@C,...; KIND: {', '.join(KINDS)}"
-    )
-    p.add_argument("--docs", type=int, default=1, help="documents per sequence (> 1: document resets)")
-    p.add_argument("--steps", type=int, default=20)
-    p.add_argument("--profile", action="store_true", help="add each variant's device kernels")
-    args = p.parse_args(argv)
+    args = build_parser().parse_args(argv)
     if not torch.cuda.is_available():
         raise SystemExit("retention_kernels needs a GPU")
-    H, dims = args.heads, parse_dims(args.dims)
+    H, dims = args.heads, args.dims
     if args.preset:
         cfg = load_preset(args.preset)
         H, dims = cfg.n_heads, [(cfg.key_head_dim, cfg.value_head_dim)]
@@ -184,18 +214,17 @@ def main(argv=None):
     rows = []
     try:
         for K, V in dims:
-            for spec in args.backends.split(","):
-                rows.append(run_variant(spec, args, H, K, V))
+            for backend in args.backends:
+                rows.append(run_variant(backend, args, H, K, V))
     except Stopped:
         print(json.dumps({"stopped": "SIGTERM", "done": len(rows)}), flush=True)
     print(json.dumps({"autotuned": autotuned_configs()}), flush=True)
     print_table(rows)
 
 
-def run_variant(spec, args, H, K, V):
+def run_variant(backend, args, H, K, V):
     B, T = args.micro_batch, args.seq_len
-    kind, _, chunk = spec.partition("@")
-    C = int(chunk or 64)
+    spec, kind, C = backend
     row = {"dims": f"{K}x{V}", "backend": spec, "B": B, "T": T, "H": H, "K": K, "V": V, "docs": args.docs}
     t0 = time.time()
     try:

@@ -83,6 +83,29 @@ def test_dims_and_backend_checks():
         bench.retention_fn("compile", 256, None, reset=None)
 
 
+@pytest.mark.parametrize(
+    "args, needle",
+    [
+        (["--backends", "triton@256,bogus@64"], "argument --backends: 'bogus@64': unknown backend 'bogus'"),
+        (["--backends", "torch@x"], "argument --backends: 'torch@x': the chunk after @ is not an integer >= 1"),
+        (["--backends", "fla@256"], "argument --backends: 'fla@256': fla runs chunk 64 whatever is asked"),
+        (["--dims", "256"], "argument --dims: not a comma list of KxV head dims"),
+        (["--steps", "0"], "argument --steps: needs an integer >= 1: '0'"),
+    ],
+)
+def test_bad_arguments_are_named_before_the_gpu_is_asked_for(capsys, args, needle):
+    """Each ran into a traceback (torch@x, 256) or a row per head dims after the GPU's setup (bogus), or
+    timed fla's chunk 64 while counting the FLOPs of chunk 256 (fla@256)."""
+    with pytest.raises(SystemExit) as e:
+        bench.main(args)
+    assert e.value.code == 2 and needle in capsys.readouterr().err
+
+
+def test_backends_parse_to_kind_and_chunk():
+    parsed = bench.parse_backends("fla,torch@256,triton")
+    assert parsed == [("fla", "fla", 64), ("torch@256", "torch", 256), ("triton", "triton", 64)]
+
+
 def test_stopped_is_not_a_variant_error():
     """SIGTERM's exception passes through a variant's `except Exception` to the table."""
     assert not issubclass(bench.Stopped, Exception)
