@@ -120,9 +120,10 @@ def main(argv=None):
     if not args.cpu and not torch.cuda.is_available():
         raise SystemExit("activation_bytes: no GPU (--cpu: measure on CPU)")
     device = torch.device("cpu" if args.cpu else "cuda")
-    for name, overrides, cfg, _ in model_specs(args.models, args.preset, args.backend):
-        if name == "fla":
-            raise SystemExit("--models: fla's model is not measured here (retnet, transformer)")
+    specs = model_specs(args.models, args.preset, args.backend)
+    if any(name == "fla" for name, *_ in specs):  # before any model is measured
+        raise SystemExit("--models: fla's model is not measured here (retnet, transformer)")
+    for name, overrides, cfg, _ in specs:
         r = layer_bytes_per_token(
             cfg,
             args.micro_batch,

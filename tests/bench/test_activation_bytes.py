@@ -70,6 +70,9 @@ def test_cli_refusals(capsys, monkeypatch):
     assert e.value.code == 2 and "error: --activation-memory-budget needs --compile" in capsys.readouterr().err
     with pytest.raises(SystemExit, match=r"^--models: fla's model is not measured here \(retnet, transformer\)$"):
         main(["--cpu", "--preset", "tiny", "--models", "fla"])
+    with pytest.raises(SystemExit, match=r"^--models: fla's model is not measured here"):
+        main(["--cpu", "--preset", "tiny", "--seq-len", "32", "--models", "retnet@chunk_size=16,fla"])
+    assert capsys.readouterr().out == ""  # refused before retnet was measured, not after
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
     with pytest.raises(SystemExit, match=r"^activation_bytes: no GPU \(--cpu: measure on CPU\)$"):
         main(["--preset", "tiny"])
