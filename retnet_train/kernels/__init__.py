@@ -80,12 +80,14 @@ def retention_op(
     state_grad=False,
     recompute=True,
 ):
-    """state_grad: the final state is backpropagated through (context parallel), which our Triton
-    kernels do not do: the torch path runs instead. recompute (torch path): the backward recomputes
-    the chunk states instead of keeping them (torch_retention._equal_full_chunks)."""
+    """state_grad: the final state is backpropagated through (context parallel); our Triton kernels
+    give neither it nor an incoming state a gradient: the torch path runs for either. recompute (torch
+    path): the backward recomputes the chunk states instead of keeping them
+    (torch_retention._equal_full_chunks)."""
     # Under autocast the rotation leaves q, k in fp32 beside a bf16 v; the backward of a custom autograd
     # op runs outside autocast, so the inputs share v's dtype from here on.
     q, k = q.to(v.dtype), k.to(v.dtype)
+    state_grad = state_grad or (state is not None and state.requires_grad)
     if backend == "triton" and mode != "recurrent" and not state_grad:
         from .triton_retention import supported, triton_retention
 

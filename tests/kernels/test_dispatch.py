@@ -24,9 +24,9 @@ def calls(monkeypatch):
     return seen
 
 
-def run(reset=None, chunk=32, state_grad=False, mode="chunkwise"):
+def run(reset=None, chunk=32, state_grad=False, mode="chunkwise", state=None):
     q, k, v = torch.randn(1, 64, 2, 16), torch.randn(1, 64, 2, 16), torch.randn(1, 64, 2, 16)
-    kernels.retention_op("triton", q, k, v, decay_log_gammas(2), mode, chunk, reset, None, True, state_grad=state_grad)
+    kernels.retention_op("triton", q, k, v, decay_log_gammas(2), mode, chunk, reset, state, True, state_grad=state_grad)
 
 
 def test_triton_takes_what_it_can(calls):
@@ -41,6 +41,14 @@ def test_torch_takes_odd_chunks_decoding_and_state_gradients(calls):
     run(mode="recurrent")
     run(state_grad=True)  # context parallel: the kernels give the final state no gradient
     assert calls == ["torch"] * 3
+
+
+def test_an_incoming_state_with_a_gradient_runs_on_torch(calls):
+    """The kernels give an incoming state no gradient: a state that wants one (a state handed on under
+    autograd) takes the torch path, which gives it; a state without one stays on the kernels."""
+    run(state=torch.zeros(1, 2, 16, 17))
+    run(state=torch.zeros(1, 2, 16, 17, requires_grad=True))
+    assert calls == ["triton", "torch"]
 
 
 def test_triton_refuses_gpu_key_dims_its_gpu_test_does_not_cover(monkeypatch):
