@@ -61,6 +61,28 @@ while [[ $# -gt 0 ]]; do
 done
 prog_args=("$@")
 
+# pdsh_quote ARG...: sets pdsh_args to each ARG as DeepSpeed's pdsh runner must receive it for the remote
+# login shell to hand it to the program unchanged. pdsh joins the command into one line for that shell;
+# the runner wraps an argument that holds a space in double quotes, escaping only '"', and leaves the
+# others bare. So: inside those double quotes \ $ ` are escaped; any other argument is single-quoted.
+pdsh_quote() {
+  local a c i out
+  pdsh_args=()
+  for a in "$@"; do
+    out=""
+    for (( i = 0; i < ${#a}; i++ )); do
+      c="${a:i:1}"
+      if [[ "$a" != *" "* ]]; then
+        [[ "$c" == "'" ]] && c="'\''"
+      elif [[ "$c" == [\\\$\`] ]]; then
+        c="\\$c"
+      fi
+      out+="$c"
+    done
+    if [[ "$a" == *" "* ]]; then pdsh_args+=("$out"); else pdsh_args+=("'$out'"); fi
+  done
+}
+
 check_int "--master-port/MASTER_PORT" "$master_port" 1 65535
 [[ -z "$num_gpus" ]] || check_int "--num-gpus" "$num_gpus" 1 1024
 [[ -z "$num_nodes" ]] || check_int "--num-nodes" "$num_nodes" 1 100000
@@ -91,20 +113,36 @@ if [[ -n "$hosts_text" ]]; then
   ds+=(--hostfile "$hostfile" --launcher "$launcher")
   [[ -n "$master_addr" ]] || master_addr="$(head -n1 <<<"$hosts_text" | cut -d' ' -f1)"
 fi
+through_pdsh=0
+if [[ -n "$hosts_text" && "$launcher" == pdsh ]]; then
+  # pdsh passes the programs' arguments through a remote shell (pdsh_quote); --force_multi keeps them on
+  # that path when the filters leave one host, which DeepSpeed would otherwise start here, unquoted
+  through_pdsh=1
+  ds+=(--force_multi)
+fi
 [[ -n "$master_addr" ]] && ds+=(--master_addr "$master_addr")
 ds+=(--master_port "$master_port")
 [[ -n "$num_gpus" ]] && ds+=(--num_gpus "$num_gpus")
 [[ -n "$num_nodes" ]] && ds+=(--num_nodes "$num_nodes")
 [[ -n "$include" ]] && ds+=(--include "$include")
 ds+=(--no_local_rank --module)
-run=("${ds[@]}" "$module" "${prog_args[@]}")
+# launched MODULE ARG...: the launcher's command for MODULE with ARG..., quoted for pdsh when it runs them
+launched() {
+  local target="$1"; shift
+  if (( through_pdsh && $# )); then pdsh_quote "$@"; set -- "${pdsh_args[@]}"; fi
+  launched_cmd=("${ds[@]}" "$target" "$@")
+}
+launched "$module" "${prog_args[@]}"
+run=("${launched_cmd[@]}")
 
 # The preflight runs through the same launcher, once per node (local rank 0 checks, the other
 # ranks exit at once), so a checkpoint dir that is not shared between the hosts fails here.
 shared_id="ds-${SLURM_JOB_ID:-$(date +%s)-$$}"
-check=("${ds[@]}" retnet_train.preflight --from-launcher-env --shared-id "$shared_id")
+check=(--from-launcher-env --shared-id "$shared_id")
 add_preflight_options
 add_preflight_program_args
+launched retnet_train.preflight "${check[@]}"
+check=("${launched_cmd[@]}")
 
 
 if [[ "$dry_run" == 1 ]]; then
@@ -118,6 +156,7 @@ if [[ "$dry_run" == 1 ]]; then
     done <<<"$hosts_text"
     echo "# every node: deepspeed.launcher.launch --node_rank=<node> starts one process per slot with"
     echo "#   RANK, LOCAL_RANK, WORLD_SIZE, MASTER_ADDR=$master_addr, MASTER_PORT=$master_port"
+    if [[ "$launcher" == pdsh ]]; then echo "# (program arguments quoted once more: pdsh runs them in a remote shell)"; fi
   else
     echo "# this node only (no hostfile): one process per visible GPU${num_gpus:+ (--num-gpus $num_gpus)}"
   fi

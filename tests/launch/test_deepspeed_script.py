@@ -2,10 +2,38 @@
 
 from __future__ import annotations
 
+import subprocess
 import sys
 
 import pytest
 from launch_helpers import OVERRIDES, command_after, fake_slurm, run
+
+# What pdsh's remote shell must hand back verbatim, besides OVERRIDES: a space inside brackets, Hydra's
+# quotes with and without a space, an interpolation, backslashes, shell syntax, an empty argument.
+REMOTE_OVERRIDES = [
+    *OVERRIDES,
+    "data.paths=[/a b/c,/d]",
+    "run.name='x y'",
+    "run.name='x'",
+    "checkpoint.dir=${run.dir}/ck",
+    'x=a\\b c$`"d\\',
+    "y=choice(a,b);z",
+    "",
+]
+
+
+def remote_argv(runner_command: list, shell: str) -> list:
+    """The arguments that the program after --module gets on a remote node: DeepSpeed's own pdsh
+    runner builds the pdsh command from the runner's command line, pdsh joins the remote command into
+    one line, and the node's login shell (here `shell`) parses it."""
+    from deepspeed.launcher.multinode_runner import PDSHRunner
+    from deepspeed.launcher.runner import parse_args
+
+    args = parse_args(runner_command[runner_command.index("deepspeed.launcher.runner") + 1 :])
+    pdsh_cmd, _, _ = PDSHRunner(args, "world").get_cmd({}, {"worker-0": [0], "worker-1": [0]})
+    program = " ".join(pdsh_cmd[pdsh_cmd.index(args.user_script) + 1 :])
+    out = subprocess.run([shell, "-c", f"printf '%s\\0' {program}"], capture_output=True, text=True, check=True)
+    return out.stdout.split("\0")[:-1]
 
 
 def test_deepspeed_hostfile_dry_run(tmp_path):
@@ -20,7 +48,8 @@ def test_deepspeed_hostfile_dry_run(tmp_path):
         "/shared/ck",
         "--master-port",
         "29600",
-        *OVERRIDES,
+        "--",
+        *REMOTE_OVERRIDES,
         env={"HSA_FORCE_FINE_GRAIN_PCIE": "1"},
     )
     assert r.returncode == 0, r.stderr
@@ -35,6 +64,7 @@ def test_deepspeed_hostfile_dry_run(tmp_path):
         str(hostfile),
         "--launcher",
         "pdsh",
+        "--force_multi",
         "--master_addr",
         "worker-0",
         "--master_port",
@@ -42,10 +72,16 @@ def test_deepspeed_hostfile_dry_run(tmp_path):
         "--no_local_rank",
         "--module",
     ]
-    assert command_after(r.stdout, "# command:") == [*launcher, "retnet_train.train", *OVERRIDES]
+    cmd = command_after(r.stdout, "# command:")
+    assert cmd[: len(launcher) + 1] == [*launcher, "retnet_train.train"]
     pre = command_after(r.stdout, "# preflight:")
-    assert pre[: len(launcher) + 2] == [*launcher, "retnet_train.preflight", "--from-launcher-env"]
-    assert pre[pre.index("--") + 1 :] == OVERRIDES and "--checkpoint-dir" in pre
+    assert pre[: len(launcher) + 1] == [*launcher, "retnet_train.preflight"]
+    for shell in ("sh", "bash"):
+        assert remote_argv(cmd, shell) == REMOTE_OVERRIDES
+        pre_args = remote_argv(pre, shell)
+        assert pre_args[:2] == ["--from-launcher-env", "--shared-id"]
+        assert pre_args[pre_args.index("--checkpoint-dir") + 1] == "/shared/ck"
+        assert pre_args[pre_args.index("--") + 1 :] == REMOTE_OVERRIDES
     assert "HSA_FORCE_FINE_GRAIN_PCIE=1" in r.stdout.splitlines()
 
 
