@@ -39,5 +39,6 @@ def build_loaders(cfg: TrainConfig, vocab_size: int, dp_rank: int, dp_world: int
         tokenizer_sha256=tokenizer_sha,
         vocab_size=vocab_size,
         max_sequences=cfg.train.eval_batches * cfg.train.micro_batch_size * dp_world,
+        verify_checksums=cfg.data.verify_checksums,
     )
     return loader, val_loader

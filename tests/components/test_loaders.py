@@ -1,0 +1,37 @@
+"""build_loaders: the trainer's training and validation loaders from data.* and train.*."""
+
+import sys
+from pathlib import Path
+
+import pytest
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "data"))
+from shard_fixtures import VOCAB, position_tokens, write_shard_dir  # noqa: E402
+
+from retnet_train.components.config import TrainConfig  # noqa: E402
+from retnet_train.components.loaders import build_loaders  # noqa: E402
+from retnet_train.data import ManifestError  # noqa: E402
+
+
+def config(*paths: Path, **data) -> TrainConfig:
+    cfg = TrainConfig()
+    cfg.data.paths, cfg.data.seq_len, cfg.data.tokenizer = [str(p) for p in paths], 8, None
+    cfg.train.micro_batch_size, cfg.train.eval_batches = 2, 2
+    for key, value in data.items():
+        setattr(cfg.data, key, value)
+    return cfg
+
+
+def flip_a_byte(path: Path) -> None:
+    data = bytearray(path.read_bytes())
+    data[5] ^= 0xFF
+    path.write_bytes(bytes(data))
+
+
+def test_verify_checksums_covers_the_validation_shards(tmp_path):
+    """A validation shard changed after its manifest was written (same size: only its sha256 tells)."""
+    write_shard_dir(tmp_path / "web", position_tokens(1000), position_tokens(200), shard_tokens=300)
+    flip_a_byte(tmp_path / "web" / "validation_00000.bin")
+    build_loaders(config(tmp_path / "web"), VOCAB, 0, 1)  # sizes only: the change goes unseen
+    with pytest.raises(ManifestError, match=r"validation_00000.bin: sha256 .* does not match"):
+        build_loaders(config(tmp_path / "web", verify_checksums=True), VOCAB, 0, 1)
