@@ -134,6 +134,7 @@ def trainer_view(cfg, world_size: int | None) -> TrainerView:
     except Exception as exc:  # noqa: BLE001 - omegaconf raises several types
         raise PreflightError(f"trainer config: {str(exc).strip().splitlines()[0]}") from None
     problems = _value_problems(schema, cfg, world_size) + _missing_inputs(getattr(cfg, "data", None))
+    problems += _start_problems(cfg)
     try:
         params = _count_params(dict(cfg.model))
     except (ValueError, TypeError, KeyError) as exc:
@@ -180,6 +181,24 @@ def _missing_inputs(data) -> list[str]:
     tokenizer = getattr(data, "tokenizer", None)
     if tokenizer and not os.path.isfile(tokenizer):
         problems.append(f"data.tokenizer={tokenizer}: no such file (from {os.getcwd()})")
+    return problems
+
+
+def _start_problems(cfg) -> list[str]:
+    """What the trainer refuses at start besides the config values: a run.dir it cannot write, the checkpoint
+    that train.resume names (or a resume=never over checkpoints), a train.init_weights that is not there."""
+    from retnet_train.components.checkpoint import CheckpointManager, resolve_resume
+    from retnet_train.components.config import checkpoint_dir
+    from retnet_train.components.run_dir import write_problem
+
+    problems = [p for p in [write_problem("run.dir", cfg.run.dir)] if p]
+    try:  # rank None: the notes that rank 0 of the trainer prints are not the preflight's
+        resolve_resume(cfg.train.resume, CheckpointManager(checkpoint_dir(cfg), cfg.checkpoint.keep_last, None))
+    except ValueError as exc:
+        problems.append(str(exc))
+    weights = cfg.train.init_weights
+    if weights and not os.path.exists(weights):
+        problems.append(f"train.init_weights={weights}: no such file or directory (from {os.getcwd()})")
     return problems
 
 

@@ -80,3 +80,29 @@ def test_unknown_trainer_config_layout_falls_back_to_the_options(tmp_path, monke
     assert "[warn] no trainer config in this checkout" in out
     n = tiny_params()
     assert f"{n / 1e6:.3g}M params (configs/model/tiny.yaml) x 16 B/param x 2 checkpoint(s)" in out
+
+
+def test_what_the_trainer_refuses_at_start_fails_the_preflight(tmp_path, capsys):
+    """run.dir not writable, a train.resume with no checkpoint, train.resume=never over checkpoints and a
+    missing train.init_weights: the trainer refuses each at start, after the queue wait."""
+    (tmp_path / "file").write_text("")
+    old = tmp_path / "old" / "checkpoints" / "step_00000010"
+    old.mkdir(parents=True)
+    runs = {
+        "run.dir": [f"run.dir={tmp_path / 'file' / 'run'}", f"checkpoint.dir={tmp_path / 'ckpt'}"],
+        "resume": [f"run.dir={tmp_path / 'run'}", f"train.resume={tmp_path / 'nothing'}"],
+        "never": [f"run.dir={tmp_path / 'old'}", "train.resume=never"],
+        "init": [f"run.dir={tmp_path / 'run'}", f"train.init_weights={tmp_path / 'no_export'}"],
+    }
+    errors = {}
+    for name, overrides in runs.items():
+        assert pf.main(["--", "experiment=tiny_cpu", *overrides]) == 1, name
+        errors[name] = capsys.readouterr().err
+    assert (
+        f"trainer config: run.dir: {tmp_path / 'file' / 'run'} lies under {tmp_path / 'file'}, which is a file"
+        in (errors["run.dir"])
+    )
+    assert f"trainer config: train.resume={tmp_path / 'nothing'}: no complete checkpoint there" in errors["resume"]
+    assert f"trainer config: train.resume=never but {tmp_path / 'old' / 'checkpoints'} already holds" in errors["never"]
+    assert f"trainer config: train.init_weights={tmp_path / 'no_export'}: no such file or directory" in errors["init"]
+    assert pf.main(["--", "experiment=tiny_cpu", f"run.dir={tmp_path / 'old'}"]) == 0  # auto: no complete one, fresh
