@@ -221,7 +221,7 @@ def check_values(cfg: TrainConfig) -> None:
     _check_optim(cfg.optim)
     _check_deepspeed(cfg.deepspeed)
     _check_train(cfg.train)
-    check_layout(cfg.parallel.context_parallel_size, None, cfg.data.seq_len)
+    _check_parallel(cfg.parallel.context_parallel_size, cfg.model, cfg.data.seq_len)
     _need(cfg.run.dir.strip(), "run.dir", "must name a directory (empty: the run would write into the current one)")
     _check_checkpoint(cfg.checkpoint)
     _check_profile(cfg.profile, cfg.train.max_steps)
@@ -291,6 +291,15 @@ def _check_train(train: TrainSection) -> None:
     )
     _need(train.device in ("auto", "cpu", "cuda"), "train.device", f"{train.device!r} is not auto|cpu|cuda")
     _need(train.peak_flops is None or train.peak_flops > 0, "train.peak_flops", "must be > 0 (or null)")
+
+
+def _check_parallel(size: int, model: dict, seq_len: int) -> None:
+    check_layout(size, None, seq_len)
+    if size > 1 and model.get("arch") != "retnet":
+        raise ValueError(
+            f"{CP_KEY}={size} needs model.arch=retnet, got {model.get('arch')}: only the retention state "
+            "passes between the ranks of a sequence"
+        )
 
 
 def _check_checkpoint(checkpoint: CheckpointConfig) -> None:

@@ -127,3 +127,18 @@ def test_home_in_every_path_key_is_the_home_directory(monkeypatch):
         None,
         "auto",
     )
+
+
+def test_context_parallel_needs_a_retnet():
+    """Only RetNet's retention state passes between the ranks of a sequence: the trainer refused a Transformer
+    after the process group and the model were built, and the preflight passed it."""
+    cfg = with_values(parallel__context_parallel_size=2)
+    cfg.model = {"arch": "transformer"}
+    with pytest.raises(ValueError) as exc:
+        check_values(cfg)
+    assert str(exc.value) == (
+        "parallel.context_parallel_size=2 needs model.arch=retnet, got transformer: only the retention state "
+        "passes between the ranks of a sequence"
+    )
+    cfg.model = {"arch": "retnet"}
+    check_values(cfg)
