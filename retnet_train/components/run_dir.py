@@ -8,7 +8,7 @@ metrics kept apart from this run's.
   holder ends, however it ends, so a crashed run leaves nothing stuck.
 * A run that does not continue this directory's own checkpoints (a fresh start, or a resume from
   another run's checkpoint) finding metrics.jsonl there renames it to metrics.<n>.jsonl (n = 1, 2, ...
-  in the order they were set aside) instead of appending to it.
+  in the order they were set aside) instead of appending to it, and that run's config.yaml to config.<n>.yaml.
 * Rank 0 writes the resolved config to <run.dir>/config.yaml at start.
 """
 
@@ -26,6 +26,7 @@ from omegaconf import OmegaConf
 
 LOCK_NAME = "trainer.lock"
 METRICS = "metrics.jsonl"
+CONFIG = "config.yaml"
 
 
 def write_problem(key: str, path: str) -> Optional[str]:
@@ -122,15 +123,18 @@ class DirLock:
 
 
 def set_aside_metrics(run_dir: str) -> Optional[str]:
-    """Rename an earlier run's metrics.jsonl to the first free metrics.<n>.jsonl; returns the new path."""
+    """Rename an earlier run's metrics.jsonl to the first free metrics.<n>.jsonl, and the config.yaml that
+    describes it to config.<n>.yaml (this run writes its own); returns the new metrics path."""
     path = os.path.join(run_dir, METRICS)
     if not os.path.isfile(path):
         return None
     n = 1
-    while os.path.exists(os.path.join(run_dir, f"metrics.{n}.jsonl")):
+    while any(os.path.exists(os.path.join(run_dir, name)) for name in (f"metrics.{n}.jsonl", f"config.{n}.yaml")):
         n += 1
     target = os.path.join(run_dir, f"metrics.{n}.jsonl")
     os.rename(path, target)
+    if os.path.isfile(os.path.join(run_dir, CONFIG)):
+        os.rename(os.path.join(run_dir, CONFIG), os.path.join(run_dir, f"config.{n}.yaml"))
     return target
 
 
@@ -153,8 +157,8 @@ def open_run_dir(run_dir: str, checkpoint_dir: str, resumed_from: Optional[str],
     moved = None if continues_run(checkpoint_dir, resumed_from) else set_aside_metrics(run_dir)
     if moved:
         print(
-            f"{run_dir} holds metrics of an earlier run without its checkpoints: kept as {moved}; "
-            f"this run logs to a new metrics.jsonl",
+            f"{run_dir} holds metrics of an earlier run without its checkpoints: kept as {moved} (its "
+            f"config.yaml beside them, numbered alike); this run logs to a new metrics.jsonl",
             flush=True,
         )
-    OmegaConf.save(OmegaConf.create(resolved), os.path.join(run_dir, "config.yaml"))
+    OmegaConf.save(OmegaConf.create(resolved), os.path.join(run_dir, CONFIG))

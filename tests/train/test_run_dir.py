@@ -81,6 +81,16 @@ def test_set_aside_metrics_takes_the_first_free_number(tmp_path):
     assert (tmp_path / "metrics.2.jsonl").read_text() == "a\n" and not (tmp_path / "metrics.jsonl").exists()
 
 
+def test_set_aside_metrics_keeps_their_config_beside_them(tmp_path):
+    """config.yaml describes the metrics set aside: the new run's config would overwrite it."""
+    (tmp_path / "metrics.jsonl").write_text("a\n")
+    (tmp_path / "config.yaml").write_text("optim:\n  lr: 0.1\n")
+    (tmp_path / "config.1.yaml").write_text("older\n")  # its metrics.1.jsonl is gone: 1 is not free
+    assert set_aside_metrics(str(tmp_path)) == str(tmp_path / "metrics.2.jsonl")
+    assert (tmp_path / "config.2.yaml").read_text() == "optim:\n  lr: 0.1\n" and not (tmp_path / "config.yaml").exists()
+    assert (tmp_path / "config.1.yaml").read_text() == "older\n"
+
+
 @pytest.mark.parametrize(
     "where,key", [("run", "run.dir"), ("checkpoint", "checkpoint.dir"), ("profile", "profile.enabled")]
 )
