@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 
 from ..data import TokenLoader, build_validation_loader, sha256_file
+from ..data.megatron import megatron_prefix
 from .config import TrainConfig, data_sources
 
 
@@ -18,6 +19,7 @@ def build_loaders(cfg: TrainConfig, vocab_size: int, dp_rank: int, dp_world: int
         )
     tokenizer_sha = sha256_file(cfg.data.tokenizer) if cfg.data.tokenizer else None
     sources = data_sources(cfg)
+    refuse_megatron_only(cfg.data.paths)
     loader = TokenLoader(
         sources,
         cfg.data.seq_len,
@@ -42,3 +44,14 @@ def build_loaders(cfg: TrainConfig, vocab_size: int, dp_rank: int, dp_world: int
         verify_checksums=cfg.data.verify_checksums,
     )
     return loader, val_loader
+
+
+def refuse_megatron_only(paths: list) -> None:
+    """The trainer takes the EOS id and the validation split from the shard directories' manifests; a
+    Megatron index has neither."""
+    prefixes = [path for path in paths if megatron_prefix(path) is not None]
+    if prefixes and len(prefixes) == len(paths):
+        raise ValueError(
+            f"data.paths: {prefixes[0]} is a Megatron dataset, which records neither the EOS id nor a validation "
+            "split: list a shard directory of the same tokenizer (python -m data_prep.tokenize) in data.paths too"
+        )

@@ -3,10 +3,11 @@
 import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "data"))
-from shard_fixtures import VOCAB, position_tokens, write_shard_dir  # noqa: E402
+from shard_fixtures import EOS, VOCAB, position_tokens, write_shard_dir  # noqa: E402
 
 from retnet_train.components.config import TrainConfig  # noqa: E402
 from retnet_train.components.loaders import build_loaders  # noqa: E402
@@ -35,3 +36,22 @@ def test_verify_checksums_covers_the_validation_shards(tmp_path):
     build_loaders(config(tmp_path / "web"), VOCAB, 0, 1)  # sizes only: the change goes unseen
     with pytest.raises(ManifestError, match=r"validation_00000.bin: sha256 .* does not match"):
         build_loaders(config(tmp_path / "web", verify_checksums=True), VOCAB, 0, 1)
+
+
+def test_megatron_prefixes_alone_are_refused_naming_data_paths(tmp_path):
+    """A Megatron index records no EOS id and has no validation split: a shard directory supplies both."""
+    from test_megatron_source import write_mmidx
+
+    documents = [np.append(np.arange(10, 10 + n), EOS) for n in (20, 30, 40)]
+    write_mmidx(tmp_path / "pile_text_document", documents)
+    with pytest.raises(ValueError) as exc:
+        build_loaders(config(tmp_path / "pile_text_document"), VOCAB, 0, 1)
+    assert str(exc.value) == (
+        f"data.paths: {tmp_path / 'pile_text_document'} is a Megatron dataset, which records neither the EOS id "
+        "nor a validation split: list a shard directory of the same tokenizer (python -m data_prep.tokenize) "
+        "in data.paths too"
+    )
+    write_shard_dir(tmp_path / "web", position_tokens(1000), position_tokens(200), shard_tokens=300)
+    loader, val_loader = build_loaders(config(tmp_path / "pile_text_document", tmp_path / "web"), VOCAB, 0, 1)
+    assert set(loader.streams) == {"pile_text_document", "web"} and loader.eos_id == EOS
+    assert list(val_loader.streams) == ["web"]

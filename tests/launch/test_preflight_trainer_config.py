@@ -106,3 +106,14 @@ def test_what_the_trainer_refuses_at_start_fails_the_preflight(tmp_path, capsys)
     assert f"trainer config: train.resume=never but {tmp_path / 'old' / 'checkpoints'} already holds" in errors["never"]
     assert f"trainer config: train.init_weights={tmp_path / 'no_export'}: no such file or directory" in errors["init"]
     assert pf.main(["--", "experiment=tiny_cpu", f"run.dir={tmp_path / 'old'}"]) == 0  # auto: no complete one, fresh
+
+
+def test_megatron_datasets_alone_fail_the_preflight(tmp_path, capsys):
+    for suffix in (".bin", ".idx"):
+        (tmp_path / f"pile{suffix}").write_bytes(b"")
+    assert (
+        pf.main(["--", "experiment=tiny_cpu", f"run.dir={tmp_path / 'run'}", f"data.paths=[{tmp_path / 'pile'}]"]) == 1
+    )
+    assert f"trainer config: data.paths: {tmp_path / 'pile'} is a Megatron dataset, which records neither" in (
+        capsys.readouterr().err
+    )
