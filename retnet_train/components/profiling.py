@@ -18,6 +18,11 @@ def profile_dir(run_dir: str, rank: int) -> str:
     return os.path.join(run_dir, "profile", f"rank{rank}")
 
 
+def check_profile_ranks(ranks: List[int], world: int) -> None:
+    if any(not 0 <= r < world for r in ranks):
+        raise ValueError(f"profile.ranks: {list(ranks)} not all within this run's ranks 0-{world - 1}")
+
+
 class Profiler:
     """`step(n)` once per optimizer step, before step n + 1 starts (n: steps done, so a resumed run
     counts on); `close()` at the end. A no-op when disabled or on a rank not in `ranks`."""
@@ -36,8 +41,8 @@ class Profiler:
         ranks: List[int],
         memory_snapshot: bool,
     ):
-        if enabled and any(not 0 <= r < world for r in ranks):
-            raise ValueError(f"profile.ranks: {list(ranks)} not all within this run's ranks 0-{world - 1}")
+        if enabled:
+            check_profile_ranks(ranks, world)
         self.out_dir, self.cuda = out_dir, device_type == "cuda"
         self.first, self.last = start_step, start_step + steps - 1
         self.active = enabled and rank in ranks

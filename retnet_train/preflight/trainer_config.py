@@ -162,6 +162,13 @@ def _value_problems(schema, cfg, world_size: int | None) -> list[str]:
             schema.grad_accumulation(cfg, world_size)
         except ValueError as exc:
             problems.append(f"{exc} (world size {world_size})")
+    if world_size is not None and cfg.profile.enabled:
+        from retnet_train.components.profiling import check_profile_ranks
+
+        try:
+            check_profile_ranks(cfg.profile.ranks, world_size)
+        except ValueError as exc:
+            problems.append(str(exc))
     return problems
 
 

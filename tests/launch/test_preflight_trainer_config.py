@@ -117,3 +117,11 @@ def test_megatron_datasets_alone_fail_the_preflight(tmp_path, capsys):
     assert f"trainer config: data.paths: {tmp_path / 'pile'} is a Megatron dataset, which records neither" in (
         capsys.readouterr().err
     )
+
+
+def test_profile_ranks_outside_the_world_fail_the_preflight(tmp_path, capsys):
+    """The trainer refuses them only once its checkpoint is loaded."""
+    run = [f"run.dir={tmp_path / 'run'}", "profile.enabled=true", "profile.ranks=[0,2]"]
+    assert pf.main(["--nproc-per-node", "2", "--", "experiment=tiny_cpu", "train.micro_batch_size=4", *run]) == 1
+    assert "trainer config: profile.ranks: [0, 2] not all within this run's ranks 0-1" in capsys.readouterr().err
+    assert pf.main(["--nproc-per-node", "4", "--", "experiment=tiny_cpu", "train.micro_batch_size=2", *run]) == 0
