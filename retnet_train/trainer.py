@@ -337,7 +337,13 @@ class Trainer:
         return stats.stop_requested and self.state.step < self.cfg.train.max_steps
 
     def save(self) -> str:
-        client = client_state(self.stateful, config=self.resolved, layout=self.layout)
+        client = client_state(
+            self.stateful,
+            config=self.resolved,
+            layout=self.layout,
+            # how prompts must start at inference to look like a training document's start
+            documents_start_with_bos=self.loader.documents_start_with_bos,
+        )
         self.last_checkpoint = self.ckpt.save(self.engine, self.state.step, client)
         return self.last_checkpoint
 

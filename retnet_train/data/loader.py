@@ -110,15 +110,20 @@ def _window_counts(streams: Mapping[str, TokenStream], seq_len: int) -> dict[str
     return counts
 
 
+def document_starts(inputs: np.ndarray, eos_id: int) -> np.ndarray:
+    """[B, T] bool: token t starts a document iff token t-1 ended one (is EOS)."""
+    doc_starts = np.zeros(inputs.shape, dtype=bool)
+    doc_starts[:, 1:] = inputs[:, :-1] == eos_id
+    return doc_starts
+
+
 def make_batch(windows: np.ndarray, eos_id: int) -> dict[str, torch.Tensor]:
     """[B, seq_len + 1] token windows -> input_ids, labels (shifted) and doc_starts."""
     inputs = np.ascontiguousarray(windows[:, :-1])
-    doc_starts = np.zeros(inputs.shape, dtype=bool)
-    doc_starts[:, 1:] = inputs[:, :-1] == eos_id  # t starts a document iff token t-1 ended one
     return {
         "input_ids": torch.from_numpy(inputs),
         "labels": torch.from_numpy(np.ascontiguousarray(windows[:, 1:])),
-        "doc_starts": torch.from_numpy(doc_starts),
+        "doc_starts": torch.from_numpy(document_starts(inputs, eos_id)),
     }
 
 
@@ -156,6 +161,12 @@ class TokenLoader:
         self.eos_id = next(iter(self.streams.values())).eos_id
         self.windows = _window_counts(self.streams, self.seq_len)
         self.consumed = 0  # global sequences consumed by all ranks together
+
+    @property
+    def documents_start_with_bos(self) -> bool:
+        """Whether every training document starts with BOS (every source's manifest says --bos): what a
+        prompt must start with to look like the start of a training document."""
+        return all(stream.documents_start_with_bos for stream in self.streams.values())
 
     def __iter__(self) -> Iterator[dict[str, torch.Tensor]]:
         return self

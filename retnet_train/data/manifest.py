@@ -95,6 +95,11 @@ class Manifest:
     def shard_paths(self, split: str) -> list[Path]:
         return [self.directory / s.file for s in self.split(split).shards]
 
+    @property
+    def add_bos(self) -> bool:
+        """Whether every document starts with BOS (data_prep.tokenize --bos); absent: it does not."""
+        return self.extra.get("add_bos", False)
+
     def split(self, split: str) -> SplitInfo:
         if split not in self.splits:
             raise ManifestError(f"{self.path}: no split {split!r} (has {sorted(self.splits)})")
@@ -157,6 +162,8 @@ def parse_manifest(data: Any, directory: Path) -> Manifest:
     _require(dtype in DTYPES, path, f"key 'dtype' is {dtype!r}, expected one of {sorted(DTYPES)}")
     _require(vocab_size <= np.iinfo(DTYPES[dtype]).max + 1, path, f"vocab_size {vocab_size} does not fit dtype {dtype}")
     splits = _parse_splits(data.get("splits"), path)
+    add_bos = data.get("add_bos", False)
+    _require(isinstance(add_bos, bool), path, f"key 'add_bos' must be true or false, got {add_bos!r}")
     known = {"format", "format_version", "tokenizer", "dtype", "shard_tokens", "splits"}
     return Manifest(
         directory=directory,

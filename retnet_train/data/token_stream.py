@@ -43,6 +43,12 @@ class TokenStream:
         self._starts = np.concatenate([[0], np.cumsum(lengths)])  # part i covers [starts[i], starts[i+1])
         self.num_tokens = int(self._starts[-1])
 
+    @property
+    def documents_start_with_bos(self) -> bool:
+        """Whether every document of this source starts with BOS: only a manifest says so (a Megatron
+        dataset records no framing)."""
+        return self.manifest is not None and self.manifest.add_bos
+
     def gather(self, starts: np.ndarray, length: int) -> np.ndarray:
         """Rows tokens[s : s + length] for each s in starts, as int64 [len(starts), length]."""
         out = np.empty((len(starts), length), dtype=np.int64)

@@ -10,6 +10,7 @@ import torch
 
 from ..model import model_config_from_dict
 from .errors import CheckpointError
+from .framing import PROMPT_PREFIXES
 from .load import LoadedModel, load_model
 
 DTYPES = ("float32", "bfloat16", "float16")
@@ -31,6 +32,16 @@ def add_checkpoint_args(p: argparse.ArgumentParser) -> None:
 def add_device_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--dtype", choices=DTYPES, default=None, help="default: bfloat16 on GPU, float32 on CPU")
+
+
+def add_prompt_prefix_arg(p: argparse.ArgumentParser) -> None:
+    p.add_argument(
+        "--prompt-prefix",
+        choices=PROMPT_PREFIXES,
+        default="auto",
+        help="how the training documents started: bos (BOS doc EOS), none (doc EOS); auto (default): as the "
+        "checkpoint records, else BOS when the tokenizer has one",
+    )
 
 
 def compute_dtype(name: Optional[str], device: str) -> torch.dtype:

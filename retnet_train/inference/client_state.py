@@ -1,5 +1,6 @@
 """What the trainer stored beside the weights (DeepSpeed's client state): the model config and the
-tokenizer path, both inside the resolved config under client_state["config"]."""
+tokenizer path, both inside the resolved config under client_state["config"], and how the training
+documents started (client_state["documents_start_with_bos"], inference/framing.py)."""
 
 from __future__ import annotations
 
@@ -8,6 +9,7 @@ from typing import Any, Mapping, Optional
 
 from ..model import model_config_from_dict
 from .errors import CheckpointError
+from .framing import FRAMING_KEY, read_framing
 
 
 def _find_model_config(obj: Any, depth: int = 0) -> Optional[Mapping]:
@@ -56,6 +58,11 @@ def model_config_from_client_state(state: Mapping, origin: str):
         f"{origin}: no model config in the checkpoint's client state (looked for config.model / "
         f"model_config; keys present: {keys}). Pass --model-config PRESET.yaml"
     )
+
+
+def framing_from_client_state(state: Mapping, origin: str) -> Optional[bool]:
+    """Whether every training document started with BOS; None for checkpoints that do not record it."""
+    return read_framing(state.get(FRAMING_KEY), f"{origin}: client state")
 
 
 def tokenizer_from_client_state(state: Mapping, save_dir: str) -> Optional[str]:

@@ -4,11 +4,13 @@ captured in a CUDA graph.
 
 Batches of prompts of different lengths are left-padded; the first real token of each row is a
 document start, so the decoders clear the state (mask the cache) before it and pads leave no trace.
+A prompt may also start a document after an EOS in it, as the training loader does (lm-eval
+contexts of a model whose training documents followed an EOS: inference/framing.py).
 """
 
 from __future__ import annotations
 
-from typing import Sequence
+from typing import Optional, Sequence
 
 import torch
 
@@ -17,16 +19,22 @@ from .kv_cache import KVCacheDecoder
 from .recurrent import RetNetDecoder
 
 
-def left_pad(prompts: Sequence[Sequence[int]], pad_id: int, device) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """[B, T] ids, doc_starts (True at each row's first real token) and prompt lengths."""
+def left_pad(
+    prompts: Sequence[Sequence[int]], pad_id: int, device, document_end_id: Optional[int] = None
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """[B, T] ids, doc_starts (True at each row's first real token, and at each prompt token after a
+    document_end_id, as the training loader marks them) and prompt lengths."""
     lengths = torch.tensor([len(p) for p in prompts], dtype=torch.long)
     T = int(lengths.max())
     ids = torch.full((len(prompts), T), pad_id, dtype=torch.long)
     starts = torch.zeros((len(prompts), T), dtype=torch.bool)
     for i, p in enumerate(prompts):
         if len(p):
-            ids[i, T - len(p) :] = torch.as_tensor(list(p), dtype=torch.long)
-            starts[i, T - len(p)] = True
+            first = T - len(p)
+            ids[i, first:] = torch.as_tensor(list(p), dtype=torch.long)
+            starts[i, first] = True
+            if document_end_id is not None:
+                starts[i, first + 1 :] = ids[i, first:-1] == document_end_id
     return ids.to(device), starts.to(device), lengths.to(device)
 
 

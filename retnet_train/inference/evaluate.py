@@ -24,8 +24,9 @@ import torch
 
 from ..components.validation import mean_loss
 from ..data import ManifestError, build_validation_loader, sha256_file
-from .cli import add_checkpoint_args, add_device_args, compute_dtype, load_from_args
+from .cli import add_checkpoint_args, add_device_args, add_prompt_prefix_arg, compute_dtype, load_from_args
 from .errors import CheckpointError
+from .framing import chosen_framing
 
 
 def perplexity(model, batches, device: str | torch.device = "cpu", max_batches: Optional[int] = None) -> dict:
@@ -74,6 +75,7 @@ def parse_args(argv=None):
     p.add_argument("--limit", type=float, default=None, help="lm-eval: examples per task (or fraction)")
     p.add_argument("--num-fewshot", type=int, default=None)
     p.add_argument("--max-length", type=int, default=2048, help="lm-eval: context window in tokens")
+    add_prompt_prefix_arg(p)
     add_device_args(p)
     p.add_argument("--output", help="write the JSON results here as well")
     return p.parse_args(argv)
@@ -102,7 +104,13 @@ def run_lm_eval(loaded, args) -> Mapping:
 
     if loaded.tokenizer_path is None:
         raise ValueError(f"--tokenizer: {args.checkpoint} names no tokenizer; lm-eval needs one")
-    lm = RetNetTrainLM(loaded.model, loaded.tokenizer_path, max_length=args.max_length, batch_size=args.batch_size)
+    lm = RetNetTrainLM(
+        loaded.model,
+        loaded.tokenizer_path,
+        max_length=args.max_length,
+        batch_size=args.batch_size,
+        documents_start_with_bos=chosen_framing(args.prompt_prefix, loaded.documents_start_with_bos),
+    )
     try:
         return simple_evaluate(
             lm, args.tasks.split(","), include_path=args.include_path, limit=args.limit, num_fewshot=args.num_fewshot

@@ -4,7 +4,8 @@
     python -m retnet_train.inference.export --checkpoint runs/x --out export/x-fla --format fla
 
 native: model.safetensors (consolidated weights) + config.json ({"format": "retnet-train",
-        "model": <preset dict>}) + tokenizer.model; loadable by generate/evaluate (inference/native.py).
+        "model": <preset dict>, "documents_start_with_bos": ...}) + tokenizer.model; loadable by
+        generate/evaluate (inference/native.py).
 fla:    config.json (model_type "retnet") + model.safetensors for fla's RetNetForCausalLM
         + tokenizer.model, refused where fla's RetNet is not exactly ours (interop/fla.py says when).
 """
@@ -21,6 +22,7 @@ import torch
 from ..interop.fla import ExportError, save_fla
 from .cli import DTYPES, add_checkpoint_args, load_from_args
 from .errors import CheckpointError
+from .framing import FRAMING_KEY
 from .native import EXPORT_FILES, save_native
 
 
@@ -39,6 +41,11 @@ def _source(args, loaded) -> dict:
     """Where the export came from, recorded in its config.json."""
     facts = {k: v for k, v in loaded.meta.items() if isinstance(v, (str, int, type(None)))}
     return {"checkpoint": os.path.abspath(args.checkpoint), **facts}
+
+
+def _export_facts(args, loaded) -> dict:
+    """What config.json records besides the model: its source and how the training documents started."""
+    return {"source": _source(args, loaded), FRAMING_KEY: loaded.documents_start_with_bos}
 
 
 def check_out(out: str, overwrite: bool) -> None:
@@ -96,9 +103,7 @@ def main(argv=None) -> int:
         if args.format == "native":
             write_export(
                 args.out,
-                lambda d: save_native(
-                    loaded.model, d, loaded.tokenizer_path, dtype, extra={"source": _source(args, loaded)}
-                ),
+                lambda d: save_native(loaded.model, d, loaded.tokenizer_path, dtype, extra=_export_facts(args, loaded)),
             )
         else:
             write_export(

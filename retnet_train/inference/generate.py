@@ -9,7 +9,8 @@ Chunkwise prefill of the (left-padded) batch, then one token per step: RetNet wi
 recurrent state (constant memory per sequence), the Transformer with a KV cache. Greedy,
 temperature, top-k and top-p sampling; each row stops at EOS; text is streamed to stdout
 (one prompt: as it is produced; several: each as soon as it is finished, tagged with its index).
-Prompts are generated --batch-size at a time: decoding memory grows with the batch.
+Prompts are generated --batch-size at a time: decoding memory grows with the batch. A prompt starts
+as the model's training documents started (--prompt-prefix, inference/framing.py).
 """
 
 from __future__ import annotations
@@ -22,9 +23,10 @@ from typing import Callable, List, Optional, Sequence, Tuple
 
 import torch
 
-from .cli import add_checkpoint_args, add_device_args, compute_dtype, load_from_args
+from .cli import add_checkpoint_args, add_device_args, add_prompt_prefix_arg, compute_dtype, load_from_args
 from .decoding import CudaGraphStep, left_pad, make_decoder
 from .errors import CheckpointError
+from .framing import chosen_framing, prompt_tokens
 from .sampling import SamplingParams, sample
 from .streaming import TextStreamer
 
@@ -72,11 +74,14 @@ def generate(
     prefill_piece: int = 0,
     on_step: Optional[Callable[[torch.Tensor, torch.Tensor], None]] = None,
     generator: Optional[torch.Generator] = None,
+    document_end_id: Optional[int] = None,
 ) -> GenerationResult:
     """Generate for a batch of token-id prompts. max_length bounds prompt + new tokens (None:
     no bound for RetNet; the Transformer's KV cache is sized to prompt + max_new_tokens).
     on_step(tokens [B], finished [B]) is called after each new token (for streaming). Samples are
-    drawn from generator (default: one seeded with params.seed, else torch's global one)."""
+    drawn from generator (default: one seeded with params.seed, else torch's global one).
+    document_end_id: a prompt token after it starts a document, as in training (with the config's
+    document_masking)."""
     cfg = model.config
     params.validate(cfg.vocab_size)
     check_prompts(prompts, cfg.vocab_size, params.max_new_tokens, max_length)
@@ -86,10 +91,11 @@ def generate(
         generator = seeded_generator(params.seed, device)
     B = len(prompts)
     decoder = make_decoder(model, B, longest + params.max_new_tokens)
-    ids, starts, _ = left_pad(prompts, pad_id, device)
+    ids, starts, _ = left_pad(prompts, pad_id, device, document_end_id if cfg.document_masking else None)
     # captured before the prefill, which then overwrites every buffer the graph reads
     step = CudaGraphStep(decoder) if cuda_graph else decoder.step
-    logits = decoder.prefill(ids, starts if any(len(p) < longest for p in prompts) else None, piece=prefill_piece)
+    resets = any(len(p) < longest for p in prompts) or bool(starts[:, 1:].any())
+    logits = decoder.prefill(ids, starts if resets else None, piece=prefill_piece)
     finished = torch.zeros(B, dtype=torch.bool, device=device)
     eos_hit = torch.zeros(B, dtype=torch.bool, device=device)
     out = []
@@ -148,6 +154,7 @@ def parse_args(argv=None):
         help="bound on prompt + new tokens (default: none for RetNet, 32768 for the Transformer)",
     )
     p.add_argument("--no-stop-at-eos", action="store_true")
+    add_prompt_prefix_arg(p)
     add_device_args(p)
     p.add_argument("--cuda-graph", action="store_true", help="capture the decode step in a CUDA graph")
     p.add_argument(
@@ -172,6 +179,15 @@ def _read_prompts(args) -> List[Tuple[str, str]]:
     return [(f"prompt {i} (--prompts-file {args.prompts_file} line {n})", text) for i, (n, text) in enumerate(lines)]
 
 
+def _framed_prompts(sp, texts: Sequence[str], prompt_prefix: str, recorded: Optional[bool]) -> List[List[int]]:
+    """Token ids of each prompt, started as the training documents started (inference/framing.py)."""
+    framing = chosen_framing(prompt_prefix, recorded)
+    try:
+        return [prompt_tokens(sp.encode(t), framing, sp.bos_id(), sp.eos_id()) for t in texts]
+    except ValueError as e:
+        raise SystemExit(f"error: --prompt-prefix {prompt_prefix}: {e}") from None
+
+
 def main(argv=None) -> int:
     args = parse_args(argv)
     if args.batch_size < 1:
@@ -187,9 +203,8 @@ def main(argv=None) -> int:
     import sentencepiece as spm
 
     sp = spm.SentencePieceProcessor(model_file=loaded.tokenizer_path)
-    bos = sp.bos_id()
     labels, texts = zip(*_read_prompts(args))
-    prompts = [([bos] if bos >= 0 else []) + sp.encode(t) for t in texts]
+    prompts = _framed_prompts(sp, texts, args.prompt_prefix, loaded.documents_start_with_bos)
     max_length = args.max_length
     if max_length is None and loaded.config.arch == "transformer":
         max_length = 32768

@@ -62,7 +62,10 @@ class KVCacheDecoder(IncrementalDecoder):
         mask = None  # no padding: causal attention among the prompt's own tokens (flash attention)
         self.key_valid.fill_(True)
         if doc_starts is not None and bool(doc_starts[:, 1:].any()):
-            self.key_valid[:, :T] = doc_starts.long().cumsum(1) > 0  # pads lie before each row's first real token
+            # the slots of each row's last document (pads lie before the first): all that the prompt's
+            # last token and the new tokens see (earlier documents' own outputs are never read)
+            starts = doc_starts.long()
+            self.key_valid[:, :T] = starts.flip(1).cumsum(1).flip(1) - starts == 0
             mask = self._mask(torch.arange(T, device=self.device))
         x = model.embed(input_ids)
         sin, cos = rotary_sin_cos(model.inv_freq, 0, T, x.dtype)

@@ -5,6 +5,8 @@ From lm-eval: importing this module registers the model as "retnet-train", so
     lm_eval --model retnet-train --model_args checkpoint=export/x,max_length=2048 --tasks ...
 works from a script that imported it; `python -m retnet_train.inference.evaluate --tasks ...` does this.
 
+Every context starts as the model's training documents started (inference/framing.py): after BOS,
+or after an EOS with a document start right after it, as the training loader marks them.
 loglikelihood: context + continuation in one causal pass (right-padded batches: padding after
 a row cannot change its logits); the context is cut from the left to fit max_length.
 loglikelihood_rolling: lm-eval's disjoint rolling windows of max_length tokens.
@@ -20,6 +22,8 @@ import torch.nn.functional as F
 from lm_eval.api.model import LM
 from lm_eval.api.registry import register_model
 
+from ..data.loader import document_starts
+from .framing import context_prefix, read_framing
 from .generate import generate
 from .sampling import SamplingParams
 
@@ -36,7 +40,10 @@ class RetNetTrainLM(LM):
         checkpoint: Optional[str] = None,
         device: Optional[str] = None,
         dtype: Optional[str] = None,
+        documents_start_with_bos: Optional[bool] = None,
     ):
+        """documents_start_with_bos: how the model's training documents started (None: not known; a
+        checkpoint's own record when built from checkpoint=...)."""
         super().__init__()
         if model is None:  # built by lm-eval from --model_args
             if checkpoint is None:
@@ -48,6 +55,8 @@ class RetNetTrainLM(LM):
             torch_dtype = compute_dtype(dtype, device)
             loaded = load_model(checkpoint, tokenizer=tokenizer, device=device, dtype=torch_dtype)
             model, tokenizer = loaded.model, loaded.tokenizer_path
+            if documents_start_with_bos is None:
+                documents_start_with_bos = loaded.documents_start_with_bos
         if tokenizer is None:
             raise ValueError("retnet-train: a sentencepiece tokenizer is required (tokenizer=...)")
         import sentencepiece as spm
@@ -60,8 +69,10 @@ class RetNetTrainLM(LM):
             )
         self.max_length, self.batch_size, self.max_gen_toks = int(max_length), int(batch_size), int(max_gen_toks)
         self._device = next(model.parameters()).device  # (LM.device is a read-only property)
-        # token that stands before the first real token (lm-eval's prefix_token_id): BOS, else EOS
-        self.prefix_id = self.sp.bos_id() if self.sp.bos_id() >= 0 else self.sp.eos_id()
+        # token that stands before the first real token (lm-eval's prefix_token_id), and whether the
+        # token after it starts a document (it is an EOS)
+        framing = read_framing(documents_start_with_bos, "retnet-train")
+        self.prefix_id, self.starts_after_prefix = context_prefix(framing, self.sp.bos_id(), self.sp.eos_id())
         self.eos_id = self.sp.eos_id() if self.sp.eos_id() >= 0 else None
         self.pad_id = max(self.sp.pad_id(), 0)
 
@@ -107,12 +118,20 @@ class RetNetTrainLM(LM):
             ids = torch.full((len(rows), T), self.pad_id, dtype=torch.long)
             for j, r in enumerate(rows):
                 ids[j, : len(r)] = torch.tensor(r)
-            logp = F.log_softmax(self.model(ids.to(self._device)).logits.float(), dim=-1)
+            logits = self.model(ids.to(self._device), doc_starts=self._doc_starts(ids)).logits
+            logp = F.log_softmax(logits.float(), dim=-1)
             for j, (start, cont) in enumerate(spans):
                 lp = logp[j, start : start + len(cont)]
                 target = torch.tensor(cont, device=lp.device)
                 results[idx[j]] = (float(lp.gather(-1, target[:, None]).sum()), bool((lp.argmax(-1) == target).all()))
         return results
+
+    def _doc_starts(self, ids: torch.Tensor) -> Optional[torch.Tensor]:
+        """True where the previous token is the EOS prefix, as the training loader marks them (None:
+        the prefix starts no document after it)."""
+        if not self.starts_after_prefix:
+            return None
+        return torch.from_numpy(document_starts(ids.numpy(), self.prefix_id)).to(self._device)
 
     def loglikelihood(self, requests) -> List[Tuple[float, bool]]:
         return self._score([self._encode_pair(*req.args) for req in requests])
@@ -161,7 +180,14 @@ class RetNetTrainLM(LM):
             for lo in range(0, len(idx), self.batch_size):
                 part = idx[lo : lo + self.batch_size]
                 prompts = [([self.prefix_id] + self.tok_encode(requests[i].args[0]))[-keep:] for i in part]
-                res = generate(self.model, prompts, params, eos_id=self.eos_id, pad_id=self.pad_id)
+                res = generate(
+                    self.model,
+                    prompts,
+                    params,
+                    eos_id=self.eos_id,
+                    pad_id=self.pad_id,
+                    document_end_id=self.prefix_id if self.starts_after_prefix else None,
+                )
                 for i, tokens in zip(part, res.tokens):
                     text = self.sp.decode(tokens)
                     out[i] = text[: min([text.find(s) for s in until if s and s in text], default=len(text))]

@@ -21,9 +21,10 @@ import torch
 from ..components.checkpoint_discovery import model_states_file
 from ..interop.legacy import current_keys
 from ..model import build_model, model_config_from_dict
-from .client_state import model_config_from_client_state, tokenizer_from_client_state
+from .client_state import framing_from_client_state, model_config_from_client_state, tokenizer_from_client_state
 from .deepspeed_checkpoint import consolidated_state_dict, read_model_states, resolve_deepspeed_dir
 from .errors import CheckpointError
+from .framing import FRAMING_KEY, read_framing
 from .native import EXPORT_TOKENIZER, is_export_dir, load_export
 from .tokenizer import check_tokenizer, same_file
 
@@ -35,6 +36,8 @@ class LoadedModel:
     tokenizer_path: Optional[str]  # None when the checkpoint names none and none was given
     source: str  # "export" | "deepspeed"
     meta: dict  # extra facts (tag, zero stage, training step, ...)
+    # whether every training document started with BOS (inference/framing.py); None: not recorded
+    documents_start_with_bos: Optional[bool] = None
 
 
 def load_weights(model: torch.nn.Module, state_dict: Mapping[str, torch.Tensor], origin: str) -> None:
@@ -58,7 +61,8 @@ def load_weights(model: torch.nn.Module, state_dict: Mapping[str, torch.Tensor],
 def _from_export(path: str):
     config, state_dict, meta = load_export(path)
     stored_tok = os.path.join(path, EXPORT_TOKENIZER)
-    return config, state_dict, (stored_tok if os.path.isfile(stored_tok) else None), "export", {"export": meta}
+    framing = read_framing(meta.get(FRAMING_KEY), os.path.join(path, "config.json"))
+    return config, state_dict, (stored_tok if os.path.isfile(stored_tok) else None), "export", {"export": meta}, framing
 
 
 def _from_deepspeed(path: str, tag: Optional[str], model_config: Optional[Mapping]):
@@ -74,6 +78,7 @@ def _from_deepspeed(path: str, tag: Optional[str], model_config: Optional[Mappin
         else model_config_from_client_state(state, origin)
     )
     stored_tok = tokenizer_from_client_state(state, save_dir)
+    framing = framing_from_client_state(state, origin)
     meta = {
         "tag": tag,
         "save_dir": save_dir,
@@ -81,7 +86,7 @@ def _from_deepspeed(path: str, tag: Optional[str], model_config: Optional[Mappin
         "ds_version": state.get("ds_version"),
     }
     del state
-    return config, consolidated_state_dict(save_dir, tag), stored_tok, "deepspeed", meta
+    return config, consolidated_state_dict(save_dir, tag), stored_tok, "deepspeed", meta, framing
 
 
 def _tokenizer(given: Optional[str], stored: Optional[str], path: str, vocab_size: int) -> Optional[str]:
@@ -105,7 +110,8 @@ def _tokenizer(given: Optional[str], stored: Optional[str], path: str, vocab_siz
 
 
 def _read(path: str, tag: Optional[str], model_config: Optional[Mapping]):
-    """(config, state dict, stored tokenizer, source, meta) of an export dir or a DeepSpeed checkpoint."""
+    """(config, state dict, stored tokenizer, source, meta, documents_start_with_bos) of an export dir or a
+    DeepSpeed checkpoint."""
     if not os.path.exists(path):
         raise CheckpointError(f"{path}: no such checkpoint or export directory")
     if not os.path.isdir(path):
@@ -139,9 +145,9 @@ def load_model(
     tokenizer overrides the one stored with the checkpoint; model_config (a preset dict) is for
     checkpoints whose client state carries no config.
     """
-    config, state_dict, stored_tok, source, meta = _read(path, tag, model_config)
+    config, state_dict, stored_tok, source, meta, framing = _read(path, tag, model_config)
     model = build_model(config)
     load_weights(model, state_dict, path)
     model.eval().to(device=device, dtype=dtype)
     tok = _tokenizer(tokenizer, stored_tok, path, config.vocab_size)
-    return LoadedModel(model, config, tok, source, meta)
+    return LoadedModel(model, config, tok, source, meta, framing)

@@ -1,6 +1,7 @@
 """Our export format: a directory of config.json ({"format": "retnet-train", "model": <preset dict>,
-"tokenizer": its special ids, ...}), model.safetensors (consolidated weights; a tied LM head stored
-once) and tokenizer.model. Written by `python -m retnet_train.inference.export`, read by load_model."""
+"tokenizer": its special ids, "documents_start_with_bos": how the training documents started, ...}),
+model.safetensors (consolidated weights; a tied LM head stored once) and tokenizer.model. Written by
+`python -m retnet_train.inference.export`, read by load_model."""
 
 from __future__ import annotations
 

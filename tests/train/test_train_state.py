@@ -1,7 +1,9 @@
 """TrainState and the checkpoint's client state (one entry per stateful part): round trips, the upgrade
 of the flat layout older checkpoints have, and an exact resume from such a checkpoint."""
 
+import json
 import os
+import shutil
 
 import pytest
 import torch
@@ -10,6 +12,8 @@ from trainer_helpers import losses, shards, typed  # noqa: F401 (shards: a fixtu
 from retnet_train.components.checkpoint import client_state, load_parts, upgrade_client_state
 from retnet_train.components.faults import NonFiniteTracker
 from retnet_train.components.train_state import TrainState
+from retnet_train.data.manifest import MANIFEST_NAME
+from retnet_train.inference.load import load_model
 from retnet_train.trainer import Trainer
 
 FLAT = {
@@ -109,3 +113,16 @@ def test_checkpoint_in_the_flat_layout_resumes_exactly(shards, tmp_path, process
     client = torch.load(os.path.join(summary["checkpoint"], "mp_rank_00_model_states.pt"), weights_only=False)
     assert client["train_state"]["step"] == 4 and client["data_loader"]["consumed_sequences"] == 4 * 4
     assert "step" not in client and "data" not in client
+
+
+@pytest.mark.parametrize("add_bos", [True, False])
+def test_checkpoint_records_whether_documents_start_with_bos(shards, tmp_path, process_group, add_bos):
+    """The shards' framing (data_prep.tokenize --bos) is a fact of every checkpoint, read back at inference."""
+    data = tmp_path / "shards"
+    shutil.copytree(shards, data)
+    manifest = json.loads((data / MANIFEST_NAME).read_text())
+    (data / MANIFEST_NAME).write_text(json.dumps({**manifest, "add_bos": add_bos}))
+    summary = Trainer(config(data, tmp_path / "run", **{"train.max_steps": 1})).train()
+    client = torch.load(os.path.join(summary["checkpoint"], "mp_rank_00_model_states.pt"), weights_only=False)
+    assert client["documents_start_with_bos"] is add_bos
+    assert load_model(str(tmp_path / "run")).documents_start_with_bos is add_bos
