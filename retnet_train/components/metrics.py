@@ -14,8 +14,18 @@ from typing import Callable, Optional
 import torch
 from tqdm import tqdm
 
-# Dense bf16 peak FLOP/s per device, by name; override with train.peak_flops.
-PEAK_FLOPS = {"H100": 989e12, "H200": 989e12, "A100": 312e12, "MI250X": 383e12, "MI300X": 1307e12}
+# Dense bf16 peak FLOP/s per device, by the first key in its name; override with train.peak_flops.
+# The PCIe and NVL boards come first: they run the same chip at lower clocks than the SXM one.
+PEAK_FLOPS = {
+    "H100 PCIe": 756e12,
+    "H100 NVL": 835e12,
+    "H200 NVL": 835e12,
+    "H100": 989e12,
+    "H200": 989e12,
+    "A100": 312e12,
+    "MI250X": 383e12,
+    "MI300X": 1307e12,
+}
 
 
 def device_peak_flops(device: torch.device, override: Optional[float]) -> Optional[float]:

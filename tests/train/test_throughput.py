@@ -35,3 +35,29 @@ def test_an_exception_inside_a_pause_still_ends_it():
         pass
     clock.now += 1.0
     assert meter.rate(500) == 500.0
+
+
+def test_peak_flops_by_gpu_name(monkeypatch):
+    """Dense bf16 peaks per device; the PCIe and NVL boards of a chip run at lower clocks and power than
+    its SXM one (H100 PCIe 756 TFLOP/s against 989), so MFU is against the board's own peak."""
+    import torch
+
+    from retnet_train.components.metrics import device_peak_flops
+
+    cuda = torch.device("cuda", 0)
+    expected = {
+        "NVIDIA H100 80GB HBM3": 989e12,
+        "NVIDIA H100 PCIe": 756e12,
+        "NVIDIA H100 NVL": 835e12,
+        "NVIDIA H200": 989e12,
+        "NVIDIA H200 NVL": 835e12,
+        "NVIDIA A100-SXM4-80GB": 312e12,
+        "NVIDIA A100 80GB PCIe": 312e12,
+        "AMD Instinct MI300X": 1307e12,
+        "NVIDIA L4": None,
+    }
+    for name, peak in expected.items():
+        monkeypatch.setattr(torch.cuda, "get_device_name", lambda device, name=name: name)
+        assert device_peak_flops(cuda, None) == peak, name
+    assert device_peak_flops(cuda, 123e12) == 123e12  # train.peak_flops wins
+    assert device_peak_flops(torch.device("cpu"), None) is None
