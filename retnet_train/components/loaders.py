@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import os
 
-from ..data import TokenLoader, build_validation_loader, sha256_file
+from ..data import TokenLoader, build_validation_loader, plan_stream, plan_validation, sha256_file
 from ..data.megatron import megatron_prefix
 from .config import TrainConfig, data_sources
 
@@ -12,14 +12,7 @@ from .config import TrainConfig, data_sources
 def build_loaders(cfg: TrainConfig, vocab_size: int, dp_rank: int, dp_world: int):
     """(training loader, validation loader) of data-parallel rank `dp_rank` of `dp_world`; shards whose
     manifest disagrees with data.tokenizer (when set) or the model's vocab_size are refused."""
-    if cfg.data.tokenizer and not os.path.isfile(cfg.data.tokenizer):
-        raise ValueError(
-            f"data.tokenizer={cfg.data.tokenizer}: no such file (from {os.getcwd()}); "
-            "data.tokenizer=null skips the check that the shards were tokenized with it"
-        )
-    tokenizer_sha = sha256_file(cfg.data.tokenizer) if cfg.data.tokenizer else None
-    sources = data_sources(cfg)
-    refuse_megatron_only(cfg.data.paths)
+    sources, tokenizer_sha = _loader_inputs(cfg)
     loader = TokenLoader(
         sources,
         cfg.data.seq_len,
@@ -40,10 +33,36 @@ def build_loaders(cfg: TrainConfig, vocab_size: int, dp_rank: int, dp_world: int
         dp_world,
         tokenizer_sha256=tokenizer_sha,
         vocab_size=vocab_size,
-        max_sequences=cfg.train.eval_batches * cfg.train.micro_batch_size * dp_world,
+        max_sequences=_validation_sequences(cfg, dp_world),
         verify_checksums=cfg.data.verify_checksums,
     )
     return loader, val_loader
+
+
+def check_data(cfg: TrainConfig, vocab_size: int, dp_world: int) -> None:
+    """What build_loaders refuses before it opens a shard, from the manifests and Megatron indexes alone
+    (the preflight's check): the same checks, raising the same errors."""
+    sources, tokenizer_sha = _loader_inputs(cfg)
+    plan_stream(sources, cfg.data.seq_len, "train", tokenizer_sha, vocab_size)
+    plan_validation(
+        sources, cfg.data.seq_len, dp_world, tokenizer_sha, vocab_size, None, _validation_sequences(cfg, dp_world)
+    )
+
+
+def _loader_inputs(cfg: TrainConfig) -> tuple[dict, str | None]:
+    """(the loader's sources, the sha256 of data.tokenizer or None when unset)."""
+    if cfg.data.tokenizer and not os.path.isfile(cfg.data.tokenizer):
+        raise ValueError(
+            f"data.tokenizer={cfg.data.tokenizer}: no such file (from {os.getcwd()}); "
+            "data.tokenizer=null skips the check that the shards were tokenized with it"
+        )
+    tokenizer_sha = sha256_file(cfg.data.tokenizer) if cfg.data.tokenizer else None
+    refuse_megatron_only(cfg.data.paths)
+    return data_sources(cfg), tokenizer_sha
+
+
+def _validation_sequences(cfg: TrainConfig, dp_world: int) -> int:
+    return cfg.train.eval_batches * cfg.train.micro_batch_size * dp_world
 
 
 def refuse_megatron_only(paths: list) -> None:

@@ -15,11 +15,11 @@ from retnet_train.data.loader import (
     ValidationLoader,
     build_validation_loader,
     make_batch,
-    normalize_sources,
 )
 from retnet_train.data.manifest import Manifest, ManifestError, read_manifest, sha256_file, verify_shards
 from retnet_train.data.megatron import read_megatron_index
 from retnet_train.data.mixing import MixingSchedule
+from retnet_train.data.sources import normalize_sources, plan_stream, plan_validation
 
 __all__ = [
     "Manifest",
@@ -30,6 +30,8 @@ __all__ = [
     "build_validation_loader",
     "make_batch",
     "normalize_sources",
+    "plan_stream",
+    "plan_validation",
     "read_manifest",
     "read_megatron_index",
     "sha256_file",

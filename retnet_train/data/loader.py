@@ -14,100 +14,35 @@ from __future__ import annotations
 
 import math
 import warnings
-from pathlib import Path
 from typing import Any, Iterator, Mapping
 
 import numpy as np
 import torch
 
-from retnet_train.data.manifest import ManifestError, read_manifest
-from retnet_train.data.mixing import MixingSchedule
 from retnet_train.data.permutation import derive_key, permute
-from retnet_train.data.token_stream import TokenStream, open_stream
+from retnet_train.data.sources import (
+    SourceSpec,
+    StreamPlan,
+    check_positive_int,
+    normalize_sources,
+    plan_stream,
+    plan_validation,
+    validation_share,
+    window_counts,
+)
+from retnet_train.data.token_stream import TokenStream, open_header
 
 STATE_VERSION = 1
-SourceSpec = Any  # (path, weight) | {"path": ..., "weight": ...} | path (weight 1)
-
-
-def normalize_sources(sources: Mapping[str, SourceSpec]) -> dict[str, tuple[Path, float]]:
-    """Accept the few spellings a config may use; return name -> (path, weight)."""
-    if not isinstance(sources, Mapping) or not sources:
-        raise ValueError(f"sources must be a non-empty mapping name -> (path, weight), got {sources!r}")
-    out = {}
-    for name, spec in sources.items():
-        if isinstance(spec, Mapping):
-            if "path" not in spec:
-                raise ValueError(f"data source {name!r}: missing key 'path' in {dict(spec)!r}")
-            path, weight = spec["path"], spec.get("weight", 1.0)
-        elif isinstance(spec, (str, Path)):
-            path, weight = spec, 1.0
-        else:
-            try:
-                path, weight = spec
-            except (TypeError, ValueError):
-                raise ValueError(f"data source {name!r}: expected (path, weight), got {spec!r}") from None
-        out[str(name)] = (Path(path), float(weight))
-    return out
-
-
-def _check_positive_int(name: str, value: Any) -> int:
-    if not isinstance(value, (int, np.integer)) or isinstance(value, bool) or value < 1:
-        raise ValueError(f"{name} must be a positive integer, got {value!r}")
-    return int(value)
 
 
 def _check_rank(dp_rank: int, dp_world_size: int) -> None:
-    _check_positive_int("dp_world_size", dp_world_size)
+    check_positive_int("dp_world_size", dp_world_size)
     if not isinstance(dp_rank, (int, np.integer)) or not 0 <= dp_rank < dp_world_size:
         raise ValueError(f"dp_rank must be in [0, {dp_world_size}), got {dp_rank!r}")
 
 
-def open_streams(
-    sources: Mapping[str, tuple[Path, float]],
-    split: str,
-    tokenizer_sha256: str | None,
-    vocab_size: int | None,
-    eos_id: int | None,
-    verify_checksums: bool,
-) -> dict[str, TokenStream]:
-    """Open every source, checking that all agree with each other and with the model's tokenizer."""
-    streams: dict[str, TokenStream] = {}
-    first: TokenStream | None = None
-    # shard directories first: their manifests supply the EOS id that Megatron sources lack
-    for name in sorted(sources, key=lambda n: (not sources[n][0].is_dir(), n)):
-        path, _ = sources[name]
-        stream = open_stream(
-            name, path, split, eos_id if eos_id is not None else _eos_of(first), verify_checksums, vocab_size
-        )
-        if stream.manifest is not None:
-            stream.manifest.check_tokenizer(tokenizer_sha256, vocab_size)
-            if first is not None and first.manifest is not None:
-                # mixing shards of two tokenizers silently trains on garbage
-                stream.manifest.check_tokenizer(first.manifest.tokenizer_sha256, first.manifest.vocab_size)
-        if eos_id is not None and stream.eos_id != eos_id:
-            raise ManifestError(f"{stream.origin}: EOS id {stream.eos_id}, expected {eos_id}")
-        if first is not None and stream.eos_id != first.eos_id:
-            raise ManifestError(f"{stream.origin}: EOS id {stream.eos_id} differs from {first.origin} ({first.eos_id})")
-        first = first or stream
-        streams[name] = stream
-    return dict(sorted(streams.items()))
-
-
-def _eos_of(stream: TokenStream | None) -> int | None:
-    return None if stream is None else stream.eos_id
-
-
-def _window_counts(streams: Mapping[str, TokenStream], seq_len: int) -> dict[str, int]:
-    counts = {}
-    for name, stream in streams.items():
-        n = (stream.num_tokens - 1) // seq_len
-        if n < 1:
-            raise ManifestError(
-                f"{stream.origin}: seq_len {seq_len} is longer than source {name!r} "
-                f"({stream.num_tokens} tokens; a sequence needs seq_len + 1)"
-            )
-        counts[name] = n
-    return counts
+def open_streams(plan: StreamPlan, verify_checksums: bool, vocab_size: int | None) -> dict[str, TokenStream]:
+    return {name: open_header(header, verify_checksums, vocab_size) for name, header in plan.headers.items()}
 
 
 def document_starts(inputs: np.ndarray, eos_id: int) -> np.ndarray:
@@ -149,17 +84,16 @@ class TokenLoader:
         eos_id: int | None = None,
         verify_checksums: bool = False,
     ):
-        self.seq_len = _check_positive_int("seq_len", seq_len)
-        self.micro_batch_size = _check_positive_int("micro_batch_size", micro_batch_size)
+        self.seq_len = check_positive_int("seq_len", seq_len)
+        self.micro_batch_size = check_positive_int("micro_batch_size", micro_batch_size)
         _check_rank(dp_rank, dp_world_size)
         self.dp_rank, self.dp_world_size = int(dp_rank), int(dp_world_size)
         self.seed, self.split = int(seed), split
-        specs = normalize_sources(sources)
-        self.weights = {name: weight for name, (_, weight) in specs.items()}
-        self.schedule = MixingSchedule(self.weights)
-        self.streams = open_streams(specs, split, tokenizer_sha256, vocab_size, eos_id, verify_checksums)
+        plan = plan_stream(sources, self.seq_len, split, tokenizer_sha256, vocab_size, eos_id)
+        self.weights = {name: weight for name, (_, weight) in normalize_sources(sources).items()}
+        self.schedule, self.windows = plan.schedule, plan.windows
+        self.streams = open_streams(plan, verify_checksums, vocab_size)
         self.eos_id = next(iter(self.streams.values())).eos_id
-        self.windows = _window_counts(self.streams, self.seq_len)
         self.consumed = 0  # global sequences consumed by all ranks together
 
     @property
@@ -251,21 +185,15 @@ class ValidationLoader:
         dp_world_size: int = 1,
         max_sequences: int | None = None,
     ):
-        self.seq_len = _check_positive_int("seq_len", seq_len)
-        self.micro_batch_size = _check_positive_int("micro_batch_size", micro_batch_size)
+        self.seq_len = check_positive_int("seq_len", seq_len)
+        self.micro_batch_size = check_positive_int("micro_batch_size", micro_batch_size)
         _check_rank(dp_rank, dp_world_size)
         self.streams = dict(sorted(streams.items()))
         self.eos_id = next(iter(self.streams.values())).eos_id
-        self.windows = _window_counts(self.streams, self.seq_len)
+        self.windows = window_counts(self.streams, self.seq_len)
         self._ends = np.cumsum(list(self.windows.values()))  # global window g -> source by searchsorted
         windows = int(self._ends[-1])
-        total = windows if max_sequences is None else min(windows, _check_positive_int("max_sequences", max_sequences))
-        self.per_rank = total // dp_world_size
-        if self.per_rank == 0:
-            raise ManifestError(
-                f"validation split has {total} sequences of {seq_len} tokens, fewer than dp_world_size={dp_world_size} "
-                f"(sources: {', '.join(str(s.origin) for s in self.streams.values())})"
-            )
+        total, self.per_rank = validation_share(self.windows, self.streams, seq_len, dp_world_size, max_sequences)
         # capped: an even spread over all windows, so every source (and all of a source's files, which
         # come in corpus order) is measured, not just the first windows of the first source
         picked = (np.arange(total, dtype=np.int64) * windows) // total
@@ -301,21 +229,6 @@ def build_validation_loader(
 ) -> ValidationLoader:
     """Validation loader over the "validation" split of the training sources (weights ignored).
     Sources without one (Megatron prefixes, an empty validation split) are skipped with a warning."""
-    specs = normalize_sources(sources)
-    usable = {}
-    for name, spec in specs.items():
-        path = spec[0]
-        if path.is_dir():
-            info = read_manifest(path).splits.get("validation")
-            if info is not None and info.tokens > seq_len:
-                usable[name] = spec
-                continue
-        warnings.warn(
-            f"data source {name!r} ({path}) has no validation split with more than {seq_len} tokens; "
-            "it is left out of validation",
-            stacklevel=2,
-        )
-    if not usable:
-        raise ManifestError(f"no data source has a usable validation split (sources: {sorted(specs)})")
-    streams = open_streams(usable, "validation", tokenizer_sha256, vocab_size, eos_id, verify_checksums)
+    plan = plan_validation(sources, seq_len, dp_world_size, tokenizer_sha256, vocab_size, eos_id, max_sequences)
+    streams = open_streams(plan, verify_checksums, vocab_size)
     return ValidationLoader(streams, seq_len, micro_batch_size, dp_rank, dp_world_size, max_sequences)

@@ -1,5 +1,6 @@
 """A source's token stream for one split: memory-mapped files read as one flat sequence.
 
+A source is first read as its header (its manifest, or its Megatron index: no token is read), then opened.
 Shard directories (manifest.json) and Megatron indexed datasets look the same to the loader:
 `num_tokens` and `gather(starts, length)`, which copies windows out of the page cache without
 any per-token Python work, and checks that every id it returns lies in the vocabulary (so the model
@@ -8,6 +9,7 @@ need not check its input ids on the device, which costs a host sync per micro-ba
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -20,25 +22,34 @@ from retnet_train.data.manifest import (
     read_manifest,
     verify_shards,
 )
-from retnet_train.data.megatron import megatron_missing_half, megatron_prefix, open_megatron_tokens
+from retnet_train.data.megatron import (
+    megatron_missing_half,
+    megatron_prefix,
+    open_megatron_tokens,
+    read_megatron_index,
+)
+
+
+@dataclass(frozen=True)
+class SourceHeader:
+    """What a source's manifest (or Megatron index) says of one split, read without its tokens."""
+
+    name: str
+    path: Path  # the shard directory, or the Megatron dataset's PREFIX
+    split: str
+    origin: Path  # manifest.json or PREFIX.idx: what errors name
+    num_tokens: int
+    eos_id: int
+    manifest: Manifest | None = None  # None: a Megatron dataset
 
 
 class TokenStream:
-    def __init__(
-        self,
-        name: str,
-        origin: Path,
-        parts: list[np.ndarray],
-        eos_id: int,
-        manifest: Manifest | None = None,
-        vocab_size: int | None = None,
-        part_paths: list[Path] | None = None,
-    ):
+    def __init__(self, header: SourceHeader, parts: list[np.ndarray], vocab_size: int | None, part_paths: list[Path]):
         """parts: the token arrays read in order (part_paths: their files, for errors); vocab_size: ids
         must lie below it (None: unchecked)."""
-        self.name, self.origin, self.eos_id, self.manifest = name, origin, eos_id, manifest
-        self.vocab_size = vocab_size
-        self._parts, self._part_paths = parts, part_paths or [origin] * len(parts)
+        self.header, self.vocab_size = header, vocab_size
+        self.name, self.origin, self.eos_id, self.manifest = header.name, header.origin, header.eos_id, header.manifest
+        self._parts, self._part_paths = parts, part_paths
         lengths = np.array([len(p) for p in parts], dtype=np.int64)
         self._starts = np.concatenate([[0], np.cumsum(lengths)])  # part i covers [starts[i], starts[i+1])
         self.num_tokens = int(self._starts[-1])
@@ -68,32 +79,9 @@ class TokenStream:
         return out
 
 
-def open_shard_stream(name: str, directory: Path, split: str, verify_checksums: bool = False) -> TokenStream:
-    manifest = read_manifest(directory)
-    info = manifest.split(split)
-    if info.tokens == 0:
-        raise ManifestError(f"{manifest.path}: split {split!r} has no tokens (source {name!r})")
-    # sizes always (cheap, catches truncation); sha256 on request (reads everything)
-    problems = verify_shards(manifest, checksums=verify_checksums, splits=(split,))
-    if problems:
-        raise ManifestError(
-            f"source {name!r}: damaged shards (run `python -m data_prep.verify {directory}`):\n  "
-            + "\n  ".join(problems)
-        )
-    paths = manifest.shard_paths(split)
-    parts = [np.memmap(p, dtype=manifest.np_dtype, mode="r") for p in paths]
-    return TokenStream(name, manifest.path, parts, manifest.eos_id, manifest, manifest.vocab_size, paths)
-
-
-def open_stream(
-    name: str,
-    path: str | Path,
-    split: str,
-    eos_id: int | None = None,
-    verify_checksums: bool = False,
-    vocab_size: int | None = None,
-) -> TokenStream:
-    """A shard directory, or a Megatron `.bin`/`.idx` prefix (train split only: it has no split)."""
+def read_header(name: str, path: str | Path, split: str, eos_id: int | None = None) -> SourceHeader:
+    """A shard directory's manifest, or a Megatron `.bin`/`.idx` prefix's index (train split only: it has
+    no split; eos_id: its EOS id, which it does not record)."""
     path = Path(path)
     if path.is_dir():
         if not (path / MANIFEST_NAME).is_file() and (indexes := sorted(path.glob("*.idx"))):
@@ -101,7 +89,7 @@ def open_stream(
                 f"source {name!r}: {path} has no {MANIFEST_NAME} but holds Megatron indexes; give "
                 f"the prefix of one as the path, e.g. {indexes[0].with_suffix('')}"
             )
-        return open_shard_stream(name, path, split, verify_checksums)
+        return _shard_header(name, path, split)
     prefix = megatron_prefix(path)
     if prefix is None and (missing := megatron_missing_half(path)):
         raise ManifestError(f"source {name!r}: {missing}")
@@ -116,6 +104,52 @@ def open_stream(
         )
     if eos_id is None:
         raise ManifestError(f"source {name!r}: Megatron dataset {prefix} does not record the EOS id; pass eos_id")
-    tokens, _ = open_megatron_tokens(prefix, eos_id, vocab_size)
-    bin_path = prefix.with_name(prefix.name + ".bin")
-    return TokenStream(name, prefix.with_name(prefix.name + ".idx"), [tokens], eos_id, None, vocab_size, [bin_path])
+    return _megatron_header(name, prefix, eos_id)
+
+
+def _shard_header(name: str, directory: Path, split: str) -> SourceHeader:
+    manifest = read_manifest(directory)
+    info = manifest.split(split)
+    if info.tokens == 0:
+        raise ManifestError(f"{manifest.path}: split {split!r} has no tokens (source {name!r})")
+    return SourceHeader(name, directory, split, manifest.path, info.tokens, manifest.eos_id, manifest)
+
+
+def _megatron_header(name: str, prefix: Path, eos_id: int) -> SourceHeader:
+    index = read_megatron_index(prefix.with_name(prefix.name + ".idx"))
+    tokens = int(index.sizes.astype(np.int64).sum())
+    if tokens == 0:
+        raise ManifestError(f"{prefix.with_name(prefix.name + '.bin')}: no tokens")
+    return SourceHeader(name, prefix, "train", index.path, tokens, eos_id)
+
+
+def open_header(header: SourceHeader, verify_checksums: bool = False, vocab_size: int | None = None) -> TokenStream:
+    """The tokens a header describes, memory-mapped after their files are checked against it: shard sizes
+    always (cheap, catches truncation), sha256 on request (reads everything); a Megatron .bin's size, EOS
+    ends and a spread of its ids."""
+    if header.manifest is None:
+        tokens, _ = open_megatron_tokens(header.path, header.eos_id, vocab_size)
+        bin_path = header.path.with_name(header.path.name + ".bin")
+        return TokenStream(header, [tokens], vocab_size, [bin_path])
+    manifest = header.manifest
+    problems = verify_shards(manifest, checksums=verify_checksums, splits=(header.split,))
+    if problems:
+        raise ManifestError(
+            f"source {header.name!r}: damaged shards (run `python -m data_prep.verify {manifest.directory}`):\n  "
+            + "\n  ".join(problems)
+        )
+    paths = manifest.shard_paths(header.split)
+    parts = [np.memmap(p, dtype=manifest.np_dtype, mode="r") for p in paths]
+    return TokenStream(header, parts, manifest.vocab_size, paths)
+
+
+def open_stream(
+    name: str,
+    path: str | Path,
+    split: str,
+    eos_id: int | None = None,
+    verify_checksums: bool = False,
+    vocab_size: int | None = None,
+) -> TokenStream:
+    """A shard directory, or a Megatron `.bin`/`.idx` prefix (train split only: it has no split)."""
+    return open_header(read_header(name, path, split, eos_id), verify_checksums, vocab_size)

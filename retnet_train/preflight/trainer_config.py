@@ -9,6 +9,7 @@ from __future__ import annotations
 import argparse
 import os
 import re
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Sequence
@@ -133,12 +134,14 @@ def trainer_view(cfg, world_size: int | None) -> TrainerView:
         cfg = schema.typed_config(cfg)  # typed and resolved, as the trainer's entry point does
     except Exception as exc:  # noqa: BLE001 - omegaconf raises several types
         raise PreflightError(f"trainer config: {str(exc).strip().splitlines()[0]}") from None
-    problems = _value_problems(schema, cfg, world_size) + _missing_inputs(getattr(cfg, "data", None))
-    problems += _start_problems(cfg)
     try:
         params = _count_params(dict(cfg.model))
     except (ValueError, TypeError, KeyError) as exc:
         raise PreflightError(f"model config: {exc}") from None
+    missing = _missing_inputs(getattr(cfg, "data", None))
+    problems = _value_problems(schema, cfg, world_size) + missing + _start_problems(cfg)
+    if not missing and _data_values_pass(schema, cfg):  # else the data checks would repeat those problems
+        problems += _data_problems(cfg, world_size)
     return TrainerView(
         checkpoint_dir=Path(schema.checkpoint_dir(cfg)),
         keep=int(cfg.checkpoint.keep_last) + 1,
@@ -172,8 +175,35 @@ def _value_problems(schema, cfg, world_size: int | None) -> list[str]:
     return problems
 
 
+def _data_values_pass(schema, cfg) -> bool:
+    """Whether the data.* and train.* values the loaders take pass the trainer's value checks."""
+    try:
+        schema.check_values(cfg)
+    except ValueError as exc:
+        return not str(exc).startswith(("data.", "train."))
+    return True
+
+
+def _data_problems(cfg, world_size: int | None) -> list[str]:
+    """What the trainer's loaders refuse, read from the manifests (no shard is opened): data.tokenizer or
+    the model's vocab_size against the manifests, a source shorter than data.seq_len, a validation split
+    missing or too small for the data-parallel ranks, a manifest that is not valid."""
+    from retnet_train.components.loaders import check_data
+    from retnet_train.model import model_config_from_dict
+
+    cp = cfg.parallel.context_parallel_size
+    dp_world = world_size // cp if world_size and world_size % cp == 0 else 1
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # sources left out of validation: the trainer says which
+            check_data(cfg, model_config_from_dict(dict(cfg.model)).vocab_size, dp_world)
+    except (ValueError, OSError) as exc:
+        return [str(exc)]
+    return []
+
+
 def _missing_inputs(data) -> list[str]:
-    """Data paths and tokenizer that do not exist as seen from here."""
+    """Data paths that do not exist as seen from here."""
     problems: list[str] = []
     paths = [
         (f"data.sources.{name}.path", src.get("path"))
@@ -185,9 +215,6 @@ def _missing_inputs(data) -> list[str]:
         # a shard directory or manifest, or a Megatron prefix (PREFIX.bin / PREFIX.idx)
         if path and not (os.path.exists(str(path)) or os.path.exists(f"{path}.bin")):
             problems.append(f"{key}={path}: no such file or directory (from {os.getcwd()})")
-    tokenizer = getattr(data, "tokenizer", None)
-    if tokenizer and not os.path.isfile(tokenizer):
-        problems.append(f"data.tokenizer={tokenizer}: no such file (from {os.getcwd()})")
     return problems
 
 
