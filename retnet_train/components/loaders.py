@@ -24,6 +24,7 @@ def build_loaders(cfg: TrainConfig, vocab_size: int, dp_rank: int, dp_world: int
         tokenizer_sha256=tokenizer_sha,
         vocab_size=vocab_size,
         verify_checksums=cfg.data.verify_checksums,
+        change_hint=_change_hint(cfg),
     )
     val_loader = build_validation_loader(
         sources,
@@ -63,6 +64,15 @@ def _loader_inputs(cfg: TrainConfig) -> tuple[dict, str | None]:
 
 def _validation_sequences(cfg: TrainConfig, dp_world: int) -> int:
     return cfg.train.eval_batches * cfg.train.micro_batch_size * dp_world
+
+
+def _change_hint(cfg: TrainConfig) -> str:
+    """How to go on when a resume finds another data stream than its checkpoint's."""
+    return (
+        f"; data.paths={list(cfg.data.paths)} (with data.weights, data.seed, data.seq_len) must give the "
+        "checkpoint's data stream: to train on other data, start a new run.dir with "
+        "train.init_weights=<this checkpoint>"
+    )
 
 
 def refuse_megatron_only(paths: list) -> None:

@@ -30,7 +30,7 @@ from retnet_train.data.sources import (
     validation_share,
     window_counts,
 )
-from retnet_train.data.token_stream import TokenStream, open_header
+from retnet_train.data.token_stream import SourceHeader, TokenStream, open_header
 
 STATE_VERSION = 1
 
@@ -68,6 +68,7 @@ class TokenLoader:
     sources: name -> (shard dir or Megatron prefix, weight). Weights need not sum to 1.
     tokenizer_sha256 / vocab_size / eos_id: what the model expects; any manifest that disagrees is
     an error naming it. verify_checksums: sha256 every shard on open (sizes are always checked).
+    change_hint: appended to the refusal of a state from another stream (what to do about it).
     """
 
     def __init__(
@@ -83,12 +84,13 @@ class TokenLoader:
         vocab_size: int | None = None,
         eos_id: int | None = None,
         verify_checksums: bool = False,
+        change_hint: str = "",
     ):
         self.seq_len = check_positive_int("seq_len", seq_len)
         self.micro_batch_size = check_positive_int("micro_batch_size", micro_batch_size)
         _check_rank(dp_rank, dp_world_size)
         self.dp_rank, self.dp_world_size = int(dp_rank), int(dp_world_size)
-        self.seed, self.split = int(seed), split
+        self.seed, self.split, self.change_hint = int(seed), split, change_hint
         plan = plan_stream(sources, self.seq_len, split, tokenizer_sha256, vocab_size, eos_id)
         self.weights = {name: weight for name, (_, weight) in normalize_sources(sources).items()}
         self.schedule, self.windows = plan.schedule, plan.windows
@@ -140,6 +142,7 @@ class TokenLoader:
             "split": self.split,
             "weights": dict(self.weights),
             "windows": dict(self.windows),
+            "sources": {name: _source_state(stream.header) for name, stream in self.streams.items()},
         }
 
     def load_state_dict(self, state: Mapping[str, Any], strict: bool = True) -> None:
@@ -149,23 +152,49 @@ class TokenLoader:
         carried over, with a warning."""
         if state.get("version") != STATE_VERSION:
             raise ValueError(f"loader state version {state.get('version')!r} is not {STATE_VERSION}")
-        mine = self.state_dict()
-        for key in ("seed", "seq_len", "split", "weights", "windows"):
-            theirs = state.get(key)
-            if key == "weights" and isinstance(theirs, Mapping):
-                theirs = {k: float(v) for k, v in theirs.items()}
-            if theirs != mine[key]:
-                msg = (
-                    f"loader state key {key!r} is {theirs!r} but this loader has {mine[key]!r}: "
-                    "the data stream changed since the checkpoint (different data, seed, seq_len or mix)"
-                )
-                if strict:
-                    raise ValueError(msg)
-                warnings.warn(msg + "; continuing the new stream at the same sequence count", stacklevel=2)
+        for msg in self._stream_changes(state):
+            if strict:
+                raise ValueError(msg + self.change_hint)
+            warnings.warn(msg + "; continuing the new stream at the same sequence count", stacklevel=2)
         consumed = state.get("consumed_sequences")
         if not isinstance(consumed, int) or consumed < 0:
             raise ValueError(f"loader state key 'consumed_sequences' must be an integer >= 0, got {consumed!r}")
         self.consumed = consumed
+
+    def _stream_changes(self, state: Mapping[str, Any]) -> list[str]:
+        """What differs between the stream `state` was saved from and this one; empty when it is the same."""
+        mine, changes = self.state_dict(), []
+        for key in ("seed", "seq_len", "split", "weights", "sources", "windows"):
+            theirs = state.get(key)
+            if key == "weights" and isinstance(theirs, Mapping):
+                theirs = {k: float(v) for k, v in theirs.items()}
+            if key == "sources":
+                changes += self._source_changes(theirs)
+            elif theirs != mine[key]:
+                changes.append(
+                    f"loader state key {key!r} is {theirs!r} but this loader has {mine[key]!r}: "
+                    "the data stream changed since the checkpoint (different data, seed, seq_len or mix)"
+                )
+        return changes
+
+    def _source_changes(self, theirs: Any) -> list[str]:
+        """Sources whose data differs from the same-named source of the state (a state saved without
+        digests has nothing to compare)."""
+        changes = []
+        for name, stream in self.streams.items():
+            saved = theirs.get(name) if isinstance(theirs, Mapping) else None
+            if isinstance(saved, Mapping) and saved.get("digest") != stream.header.digest:
+                changes.append(
+                    f"data source {name!r} at {stream.header.path} holds other data than the checkpoint's source "
+                    f"{name!r} (at {saved.get('path')} when it was saved): digest "
+                    f"{stream.header.digest[:12]}... is not {str(saved.get('digest'))[:12]}..."
+                )
+        return changes
+
+
+def _source_state(header: SourceHeader) -> dict[str, str]:
+    """What a resume checks of a source: its data, by digest (the path only names it in errors)."""
+    return {"path": str(header.path), "digest": header.digest}
 
 
 class ValidationLoader:

@@ -105,6 +105,12 @@ class Manifest:
             raise ManifestError(f"{self.path}: no split {split!r} (has {sorted(self.splits)})")
         return self.splits[split]
 
+    def split_digest(self, split: str) -> str:
+        """sha256 of the split's token dtype and its shards' recorded sha256s in order: the same data has the same
+        digest wherever it lies, whatever its file names and provenance."""
+        canonical = {"dtype": self.dtype, "shards": [s.sha256 for s in self.split(split).shards]}
+        return hashlib.sha256(json.dumps(canonical, separators=(",", ":")).encode()).hexdigest()
+
     def check_tokenizer(self, tokenizer_sha256: str | None = None, vocab_size: int | None = None) -> None:
         """Refuse shards made with another tokenizer than the model/tokenizer in use."""
         if vocab_size is not None and vocab_size != self.vocab_size:

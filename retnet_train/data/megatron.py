@@ -11,6 +11,7 @@ document ends in the EOD (= EOS) token, which is what the loader's document boun
 
 from __future__ import annotations
 
+import hashlib
 import struct
 from dataclasses import dataclass
 from pathlib import Path
@@ -33,6 +34,7 @@ DTYPE_CODES = {
 _HEADER = struct.Struct("<QBQQ")
 MAX_EOD_CHECKS = 100_000
 RANGE_CHECK_BLOCKS, RANGE_CHECK_BLOCK_TOKENS = 256, 4096  # token ids checked against the vocabulary: a spread
+DIGEST_SIZES = 4096  # sequence sizes a Megatron source's digest covers
 
 
 @dataclass(frozen=True)
@@ -102,6 +104,17 @@ def read_megatron_index(idx_path: str | Path) -> MegatronIndex:
         np.asarray(pointers),
         np.asarray(docs),
     )
+
+
+def index_digest(idx: MegatronIndex, tokens: int) -> str:
+    """sha256 of what the index says of its data: token dtype, sequence, document and token counts, and the
+    sizes of an even spread of DIGEST_SIZES sequences (another order of the documents shows there);
+    hashing the whole index would read gigabytes of a large corpus at every start."""
+    n = idx.sizes.size
+    spread = np.asarray(idx.sizes[np.linspace(0, n - 1, min(n, DIGEST_SIZES)).astype(np.int64)], dtype="<i4")
+    digest = hashlib.sha256(f"{idx.dtype.str}:{n}:{idx.document_indices.size}:{tokens}:".encode())
+    digest.update(spread.tobytes())
+    return digest.hexdigest()
 
 
 def open_megatron_tokens(

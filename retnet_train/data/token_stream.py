@@ -23,6 +23,7 @@ from retnet_train.data.manifest import (
     verify_shards,
 )
 from retnet_train.data.megatron import (
+    index_digest,
     megatron_missing_half,
     megatron_prefix,
     open_megatron_tokens,
@@ -40,6 +41,7 @@ class SourceHeader:
     origin: Path  # manifest.json or PREFIX.idx: what errors name
     num_tokens: int
     eos_id: int
+    digest: str  # the split's data wherever it lies: a resume refuses other data under the same name
     manifest: Manifest | None = None  # None: a Megatron dataset
 
 
@@ -112,7 +114,8 @@ def _shard_header(name: str, directory: Path, split: str) -> SourceHeader:
     info = manifest.split(split)
     if info.tokens == 0:
         raise ManifestError(f"{manifest.path}: split {split!r} has no tokens (source {name!r})")
-    return SourceHeader(name, directory, split, manifest.path, info.tokens, manifest.eos_id, manifest)
+    digest = manifest.split_digest(split)
+    return SourceHeader(name, directory, split, manifest.path, info.tokens, manifest.eos_id, digest, manifest)
 
 
 def _megatron_header(name: str, prefix: Path, eos_id: int) -> SourceHeader:
@@ -120,7 +123,7 @@ def _megatron_header(name: str, prefix: Path, eos_id: int) -> SourceHeader:
     tokens = int(index.sizes.astype(np.int64).sum())
     if tokens == 0:
         raise ManifestError(f"{prefix.with_name(prefix.name + '.bin')}: no tokens")
-    return SourceHeader(name, prefix, "train", index.path, tokens, eos_id)
+    return SourceHeader(name, prefix, "train", index.path, tokens, eos_id, index_digest(index, tokens))
 
 
 def open_header(header: SourceHeader, verify_checksums: bool = False, vocab_size: int | None = None) -> TokenStream:

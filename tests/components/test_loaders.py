@@ -55,3 +55,25 @@ def test_megatron_prefixes_alone_are_refused_naming_data_paths(tmp_path):
     loader, val_loader = build_loaders(config(tmp_path / "pile_text_document", tmp_path / "web"), VOCAB, 0, 1)
     assert set(loader.streams) == {"pile_text_document", "web"} and loader.eos_id == EOS
     assert list(val_loader.streams) == ["web"]
+
+
+def test_resume_with_same_basename_paths_swapped_is_refused(tmp_path):
+    """Two sources named after the same basename (web, web_) trade places: same names, same sizes, other data."""
+    for corpus, offset in (("en", 0), ("de", 50_000)):
+        write_shard_dir(tmp_path / corpus / "web", position_tokens(1000, offset), position_tokens(200), 300)
+    paths = [tmp_path / "en" / "web", tmp_path / "de" / "web"]
+    loader, _ = build_loaders(config(*paths), VOCAB, 0, 1)
+    next(loader)
+    swapped = config(*reversed(paths))
+    resumed, _ = build_loaders(swapped, VOCAB, 0, 1)
+    assert resumed.windows == loader.windows
+    with pytest.raises(ValueError) as exc:
+        resumed.load_state_dict(loader.state_dict())
+    assert str(exc.value).startswith(f"data source 'web' at {paths[1]} holds other data than the checkpoint's ")
+    assert str(exc.value).endswith(
+        f"; data.paths={swapped.data.paths} (with data.weights, data.seed, data.seq_len) must give the checkpoint's "
+        "data stream: to train on other data, start a new run.dir with train.init_weights=<this checkpoint>"
+    )
+    again, _ = build_loaders(config(*paths), VOCAB, 0, 1)
+    again.load_state_dict(loader.state_dict())
+    assert again.consumed == 2
