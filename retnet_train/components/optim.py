@@ -96,6 +96,28 @@ def undo_state_init_step(engine) -> bool:
     return True
 
 
+def unscale_unfused_grad_norm(optimizer) -> bool:
+    """FP16_UnfusedOptimizer (fp16 at ZeRO-0) records the norm of the loss-scaled gradients as the
+    step's gradient norm, where DeepSpeed's other optimizers divide by the scale: wrap its step so the
+    norm is divided by the scale the step's gradients were taken with (the step may then raise it).
+    True if wrapped."""
+    from deepspeed.runtime.fp16.unfused_optimizer import FP16_UnfusedOptimizer
+
+    if not (isinstance(optimizer, FP16_UnfusedOptimizer) and optimizer.loss_scale_config.use_grad_scaling):
+        return False
+    scaled_step = optimizer.step
+
+    def step(closure=None):
+        scale = optimizer.loss_scale_config.cur_scale
+        overflow = scaled_step(closure)
+        if not optimizer.overflow:
+            optimizer._global_grad_norm = optimizer._global_grad_norm / scale
+        return overflow
+
+    optimizer.step = step
+    return True
+
+
 def block_classes() -> list:
     """Our decoder blocks, as DeepSpeed names classes (module.qualname)."""
     from ..model.retnet import RetNetBlock
@@ -228,6 +250,7 @@ def build_engine(model, cfg: TrainConfig, grad_accum: int, world_size: int, devi
         engine, _, _, _ = deepspeed.initialize(model=model, optimizer=optimizer, lr_scheduler=scheduler, config=config)
         skip_duplicate_overflow_check(engine)
         undo_state_init_step(engine)
+        unscale_unfused_grad_norm(engine.optimizer)
     except torch.cuda.OutOfMemoryError as e:
         raise TrainingError(f"{OOM_HINT}\n{e}") from e
     return engine, scheduler

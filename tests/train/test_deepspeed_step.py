@@ -105,3 +105,22 @@ def test_bf16_without_zero_starts_adam_at_step_zero():
     assert zero0[1] == zero1[1] == {3}
     assert zero0[0] == zero1[0]  # bitwise on one rank
     assert torch.equal(zero0[2], zero1[2])
+
+
+def test_fp16_without_zero_reports_the_unscaled_gradient_norm():
+    """fp16 at ZeRO-0 (FP16_UnfusedOptimizer, which deepspeed.initialize builds only on a GPU) logs the
+    norm of the gradient itself, not of the loss-scaled one (65,536 x as large at the initial scale)."""
+    from deepspeed.runtime.fp16.loss_scaler import LossScaleConfig, LossScaleProfile
+    from deepspeed.runtime.fp16.unfused_optimizer import FP16_UnfusedOptimizer
+
+    from retnet_train.components.optim import unscale_unfused_grad_norm
+
+    init_dist()
+    w = torch.nn.Parameter(torch.tensor([1.0, 1.0], dtype=torch.float16))
+    scaling = LossScaleConfig(torch.float16, True, 1.0, None, profile=LossScaleProfile.UNFUSED)
+    opt = FP16_UnfusedOptimizer(torch.optim.AdamW([w], lr=0.1), loss_scale_config=scaling, clip_grad=1.0)
+    assert unscale_unfused_grad_norm(opt)
+    assert opt.loss_scale_config.cur_scale == 2.0**16
+    opt.backward((w.float() * torch.tensor([3.0, 4.0])).sum() / 1000)  # gradient (0.003, 0.004)
+    opt.step()
+    assert not opt.overflow and opt._global_grad_norm == pytest.approx(0.005, rel=1e-3)
