@@ -1,8 +1,11 @@
 # shellcheck shell=bash
 # Sourced by launch/torchrun.sh and launch/deepspeed.sh: the repository root, the Python to use, the
-# small helpers both scripts' option handling needs, and the options, preflight arguments and dry-run
-# lines the two scripts have in common.
+# stop-signal handling (signals.sh), the small helpers both scripts' option handling needs, and the
+# options, preflight arguments and dry-run lines the two scripts have in common.
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
+# first: a stop signal from here on ends the script with 75 (see signals.sh)
+# shellcheck source=launch/signals.sh
+source "$ROOT/launch/signals.sh"
 if [[ -z "${PYTHON:-}" ]]; then
   if [[ -x "$ROOT/.venv/bin/python" ]]; then PYTHON="$ROOT/.venv/bin/python"; else PYTHON=python3; fi
 fi

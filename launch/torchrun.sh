@@ -63,14 +63,14 @@ prog_args=("$@")
 if [[ "$use_slurm" == 1 ]]; then
   slurm_args=(env --format shell)
   [[ -n "$nproc" ]] && slurm_args+=(--nproc-per-node "$nproc")
-  exports="$("$PYTHON" -m retnet_train.preflight.launch_env "${slurm_args[@]}")" || die "cannot derive the launch environment from SLURM (see above)"
+  exports="$(shielded "$PYTHON" -m retnet_train.preflight.launch_env "${slurm_args[@]}")" || die "cannot derive the launch environment from SLURM (see above)"
   eval "$exports"
   nproc="$NPROC_PER_NODE"; nnodes="$NNODES"; node_rank="$NODE_RANK"
   master_addr="$MASTER_ADDR"; master_port="$MASTER_PORT"; rdzv_id="$RDZV_ID"
 fi
 
 if [[ -z "$nproc" ]]; then
-  nproc="$("$PYTHON" -c 'import torch; print(torch.cuda.device_count() or 1)')" \
+  nproc="$(shielded "$PYTHON" -c 'import torch; print(torch.cuda.device_count() or 1)')" \
     || die "cannot count GPUs with $PYTHON (torch import failed); pass --nproc-per-node"
 fi
 check_int "--nproc-per-node/NPROC_PER_NODE" "$nproc" 1 1024
@@ -121,27 +121,39 @@ if [[ "$dry_run" == 1 ]]; then
   exit 0
 fi
 
-if [[ "$preflight" == 1 ]]; then
-  "${check[@]}" || die "preflight failed on node $node_rank (host $(hostname)); nothing was started"
-fi
-export MASTER_ADDR="$master_addr" MASTER_PORT="$master_port"
-# SIGUSR1 is the "checkpoint and stop" warning (sbatch --signal=USR1@600; the trainer handles it
-# on every rank). SLURM signals every process of the step, torchrun's agent included, whose
-# default action is to die; the step would then end and take the checkpointing workers with it.
-# The agent ignores USR1 (the disposition survives exec); the trainer installs its own handler.
-trap '' USR1
 # torchrun ends with 1 whenever a worker fails, whatever the worker's exit status; the trainer also
 # writes its status to RETNET_EXIT_STATUS_FILE, and this script ends with the workers' 75 ("stopped by
 # a signal after saving a checkpoint: run again to resume"), on which launch/slurm/*.sbatch requeue.
-# SIGTERM (preemption) reaches torchrun and the workers directly; this shell waits for them.
 status_file="${RETNET_EXIT_STATUS_FILE:-}"
 if [[ -z "$status_file" || "$node_rank" != 0 ]]; then  # a caller's file (the sbatch script's) is node 0's
   status_file="$(mktemp "${TMPDIR:-/tmp}/retnet-exit.XXXXXX")"
   trap 'rm -f "$status_file"' EXIT
   export RETNET_EXIT_STATUS_FILE="$status_file"
 fi
-trap ':' TERM
-rc=0
-"${run[@]}" || rc=$?
-if [[ "$rc" != 0 && "$(cat "$status_file" 2>/dev/null)" == 75 ]]; then rc=75; fi
+if [[ "$preflight" == 1 ]]; then
+  in_background "TERM USR1" "${check[@]}"
+  wait_child
+  if (( interrupted )); then exit 130; fi
+  [[ "$child_status" == 0 ]] || die "preflight failed on node $node_rank (host $(hostname)); nothing was started"
+fi
+export MASTER_ADDR="$master_addr" MASTER_PORT="$master_port"
+# From here a stop signal to this script goes to the workers (signals.sh: forward_stop_signal).
+# SIGUSR1 is the "checkpoint and stop" warning (sbatch --signal=USR1@600; the trainer handles it
+# on every rank). SLURM signals every process of the step, torchrun's agent included, whose
+# default action is to die; the step would then end and take the checkpointing workers with it.
+# The agent ignores USR1 (the disposition survives exec); the trainer installs its own handler.
+stop_forwarding=1
+in_background USR1 "${run[@]}"
+if [[ -n "$stop_signal" ]]; then forward_stop_signal "$stop_signal"; fi  # came while torchrun was starting
+wait_child
+rc="$child_status"
+trainer_status="$(cat "$status_file" 2>/dev/null || true)"
+if [[ -z "$trainer_status" && "$stopped_before_workers" == 1 ]]; then
+  report_stopped_before_training
+  rc=75
+elif [[ "$rc" != 0 && "$trainer_status" == 75 ]]; then
+  rc=75
+elif (( interrupted )); then
+  rc=130
+fi
 exit "$rc"

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import os
+import signal
 import socket
 import subprocess
 import sys
@@ -256,11 +257,13 @@ def test_sbatch_script_end_to_end_under_a_fake_srun(tmp_path):
     assert len(report) == 1 and "backend=gloo world_size=2 all_reduce=3" in report[0]
 
 
-def test_usr1_to_every_process_checkpoints_and_exits_cleanly(tmp_path):
-    # What `sbatch --signal=USR1@600` does before the time limit: SIGUSR1 to every process of the
-    # step, torchrun's agent included. The agent must survive it (torchrun.sh makes it ignore USR1)
-    # while the workers checkpoint and exit; then the launch ends with the trainer's status 75
-    # ("stopped after saving: run again"), which torchrun itself would have turned into 1.
+@pytest.mark.parametrize("sig, every_process", [(signal.SIGUSR1, True), (signal.SIGTERM, False)])
+def test_stop_signal_checkpoints_and_exits_cleanly(tmp_path, sig, every_process):
+    # SIGUSR1 to every process: what `sbatch --signal=USR1@600` does before the time limit. The agent
+    # must survive it (torchrun.sh makes it ignore USR1) while the workers checkpoint and exit; then the
+    # launch ends with the trainer's status 75 ("stopped after saving: run again"), which torchrun itself
+    # would have turned into 1. SIGTERM to the script alone (an init or scheduler that signals only the
+    # main process): torchrun.sh passes it to the workers.
     import time
 
     ensure_sample_data()
@@ -296,9 +299,9 @@ def test_usr1_to_every_process_checkpoints_and_exits_cleanly(tmp_path):
             time.sleep(0.2)
         pids = [proc.pid, *descendants(proc.pid)]
         assert len(pids) >= 3  # agent + 2 workers
-        for pid in pids:
+        for pid in pids if every_process else [proc.pid]:
             try:
-                os.kill(pid, __import__("signal").SIGUSR1)
+                os.kill(pid, sig)
             except ProcessLookupError:
                 pass
         out, _ = proc.communicate(timeout=180)
@@ -311,5 +314,5 @@ def test_usr1_to_every_process_checkpoints_and_exits_cleanly(tmp_path):
         if proc.poll() is None:
             proc.kill()
     assert proc.returncode == 75, out[-4000:]
-    assert "SIGUSR1: checkpoint saved to" in out
+    assert f"{sig.name}: checkpoint saved to" in out
     assert (run / "checkpoints" / "latest").exists()

@@ -1,0 +1,109 @@
+"""Stand-ins for the processes that launch/torchrun.sh starts, for the stop-signal tests; every event goes
+to $FAKE_LOG, one line each.
+
+    fake_launcher.py --nproc_per_node=N ...   torchrun's agent: a rendezvous of $FAKE_RDZV_SECONDS with
+                                              SIGTERM at its default (torchrun's handlers come with the
+                                              workers), then N workers in sessions of their own; on
+                                              SIGTERM or SIGINT it signals the workers' groups and waits
+                                              for them, and a second SIGTERM aborts it (exit 99), as the
+                                              real agent's shutdown is aborted
+    fake_launcher.py --worker                 a trainer rank: SIGTERM/SIGUSR1 "save" and exit 75, Ctrl-C
+                                              exits 130; the status goes to $RETNET_EXIT_STATUS_FILE
+    fake_launcher.py --preflight              the preflight: sleeps
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+
+
+def log(line: str) -> None:
+    with open(os.environ["FAKE_LOG"], "a") as f:
+        f.write(f"{line}\n")
+
+
+def disposition(sig: signal.Signals) -> str:
+    handler = signal.getsignal(sig)
+    return {signal.SIG_IGN: "ignored", signal.SIG_DFL: "default"}.get(handler, "handled")
+
+
+def write_status(status: int) -> None:
+    path = os.environ["RETNET_EXIT_STATUS_FILE"]
+    with open(f"{path}.{os.getpid()}", "w") as f:
+        f.write(f"{status}\n")
+    os.replace(f"{path}.{os.getpid()}", path)
+
+
+def worker() -> None:
+    received: list[str] = []
+    for sig in (signal.SIGTERM, signal.SIGUSR1):
+        signal.signal(sig, lambda signum, frame: received.append(signal.Signals(signum).name))
+    log(f"worker {os.getpid()} ready")
+    try:
+        while not received:
+            time.sleep(0.02)
+        time.sleep(0.3)  # the checkpoint
+    except KeyboardInterrupt:
+        log(f"worker {os.getpid()} interrupted")
+        write_status(130)
+        sys.exit(130)
+    log(f"worker {os.getpid()} saved on {received[0]}")
+    write_status(75)
+    sys.exit(75)
+
+
+class Shutdown(Exception):
+    def __init__(self, signum: int):
+        super().__init__(signum)
+        self.signum = signum
+
+
+def agent(args: list[str]) -> None:
+    nproc = int(next(a for a in args if a.startswith("--nproc_per_node=")).split("=")[1])
+    log(f"agent {os.getpid()} started: SIGUSR1 {disposition(signal.SIGUSR1)}, SIGINT {disposition(signal.SIGINT)}")
+    time.sleep(float(os.environ.get("FAKE_RDZV_SECONDS", "0")))
+    seen: list[str] = []
+
+    def on_signal(signum, frame):
+        seen.append(signal.Signals(signum).name)
+        log(f"agent got {seen[-1]}")
+        if seen.count("SIGTERM") > 1:
+            log("agent aborted its shutdown")
+            os._exit(99)
+        raise Shutdown(signum)
+
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(sig, on_signal)
+    cmd = [sys.executable, os.path.abspath(__file__), "--worker"]
+    workers = [subprocess.Popen(cmd, start_new_session=True) for _ in range(nproc)]
+    try:
+        while any(w.poll() is None for w in workers):
+            time.sleep(0.02)
+    except Shutdown as stop:
+        for w in workers:
+            try:
+                os.killpg(w.pid, stop.signum)
+            except ProcessLookupError:
+                pass
+        for w in workers:
+            w.wait(timeout=30)
+        sys.exit(1)
+    sys.exit(1 if any(w.returncode for w in workers) else 0)
+
+
+def preflight() -> None:
+    log(f"preflight {os.getpid()} started: SIGTERM {disposition(signal.SIGTERM)}")
+    time.sleep(60)
+
+
+if __name__ == "__main__":
+    if sys.argv[1:] == ["--worker"]:
+        worker()
+    elif sys.argv[1:2] == ["--preflight"]:
+        preflight()
+    else:
+        agent(sys.argv[1:])

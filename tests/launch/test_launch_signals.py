@@ -1,0 +1,213 @@
+"""launch/torchrun.sh, launch/deepspeed.sh and launch/slurm/*.sbatch with the stop signals, for real in
+subprocesses: $PYTHON is a stand-in that runs fake_launcher.py for torchrun, the DeepSpeed launcher and
+the preflight (the real interpreter for the rest). A SIGTERM or SIGUSR1 to the script alone, to its
+process group or to every process one by one (as SLURM signals a step) reaches the workers, and
+torchrun's agent never gets two SIGTERMs (a second one aborts its shutdown); one that comes before any
+worker runs ends the script with 75 and writes 75 to the status file, on which the sbatch script
+requeues the job."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+from launch_helpers import ROOT, fake_slurm
+from process_tree import descendants, running
+
+
+def ends_soon(pid: int) -> bool:
+    deadline = time.time() + 5
+    while running(pid) and time.time() < deadline:
+        time.sleep(0.05)  # a SIGKILL takes effect asynchronously
+    return not running(pid)
+
+
+def signal_each(pids: list[int], sig: signal.Signals) -> None:
+    for pid in pids:
+        try:
+            os.kill(pid, sig)
+        except ProcessLookupError:
+            pass
+
+
+FAKE_PYTHON = """#!/usr/bin/env bash
+# $PYTHON for these tests: fake_launcher.py for torchrun, the DeepSpeed launcher and the preflight
+case "$1 ${2:-}" in
+  "-m torch.distributed.run") shift 2; exec "$REAL_PYTHON" "$FAKE_LAUNCHER" "$@" ;;
+  "-m deepspeed.launcher.runner")
+    if [[ " $* " == *" retnet_train.preflight "* ]]; then exec "$REAL_PYTHON" "$FAKE_LAUNCHER" --preflight; fi
+    exec "$REAL_PYTHON" "$FAKE_LAUNCHER" --nproc_per_node=2 ;;
+  "-m retnet_train.preflight") exec "$REAL_PYTHON" "$FAKE_LAUNCHER" --preflight ;;
+esac
+exec "$REAL_PYTHON" "$@"
+"""
+FAKE_SRUN = """#!/usr/bin/env bash
+# stand-in srun: runs the one task of this node as its child (the step: every process below this one)
+echo "$$" > "$SRUN_PID_FILE"
+while [[ "$1" == --* ]]; do shift; done
+"$@"
+"""
+
+
+class Launch:
+    """One launch under the fakes; `log` is what the fake processes did."""
+
+    def __init__(self, tmp_path: Path, **env: str):
+        self.tmp = tmp_path
+        self.log = tmp_path / "fake.log"
+        self.status = tmp_path / "status"
+        self.status.write_text("")  # as the sbatch script creates it
+        bindir = tmp_path / "bin"
+        bindir.mkdir()
+        for name, text in (
+            ("python", FAKE_PYTHON),
+            ("srun", FAKE_SRUN),
+            ("scontrol", 'echo "$@" >> "$SCONTROL_LOG"\n'),
+        ):
+            (bindir / name).write_text(text if text.startswith("#!") else f"#!/usr/bin/env bash\n{text}")
+            (bindir / name).chmod(0o755)
+        self.env = {
+            "PATH": f"{bindir}:{os.environ['PATH']}",
+            "HOME": os.environ.get("HOME", "/root"),
+            "USER": "alice",
+            "TMPDIR": str(tmp_path),
+            "PYTHON": str(bindir / "python"),
+            "REAL_PYTHON": sys.executable,
+            "FAKE_LAUNCHER": str(Path(__file__).with_name("fake_launcher.py")),
+            "FAKE_LOG": str(self.log),
+            "RETNET_EXIT_STATUS_FILE": str(self.status),
+            "SRUN_PID_FILE": str(tmp_path / "srun.pid"),
+            "SCONTROL_LOG": str(tmp_path / "scontrol.log"),
+            **env,
+        }
+        self.proc: subprocess.Popen | None = None
+
+    def start(self, script: str, *args: str) -> None:
+        # a session of its own: its process group is the "foreground group" that Ctrl-C signals
+        self.proc = subprocess.Popen(
+            ["bash", str(ROOT / script), *args],
+            cwd=self.tmp,
+            env=self.env,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+            start_new_session=True,
+        )
+
+    def lines(self) -> list[str]:
+        return self.log.read_text().splitlines() if self.log.exists() else []
+
+    def wait_for(self, what: str, count: int = 1) -> None:
+        deadline = time.time() + 30
+        while sum(what in line for line in self.lines()) < count:
+            assert self.proc.poll() is None and time.time() < deadline, (what, self.lines(), self.proc.stderr.read())
+            time.sleep(0.05)
+
+    def pid_of(self, what: str) -> int:
+        return int(next(line for line in self.lines() if what in line).split()[1])
+
+    def signal(self, sig: signal.Signals, target: str) -> None:
+        """target: "script" (the script alone), "group" (its process group) or "every process" (the script
+        and every process below it, one by one, parents first: how SLURM signals the processes of a step)."""
+        if target == "group":
+            os.killpg(self.proc.pid, sig)
+        else:
+            signal_each([self.proc.pid, *(descendants(self.proc.pid) if target == "every process" else [])], sig)
+
+    def finish(self) -> tuple[int, str]:
+        try:
+            _, err = self.proc.communicate(timeout=20)
+        finally:
+            for pid in descendants(self.proc.pid) if self.proc.poll() is None else []:
+                os.kill(pid, signal.SIGKILL)  # only what this test started
+            if self.proc.poll() is None:
+                self.proc.kill()
+        return self.proc.returncode, err
+
+
+@pytest.mark.parametrize(
+    "sig, target",
+    [
+        (signal.SIGTERM, "script"),
+        (signal.SIGTERM, "group"),
+        (signal.SIGTERM, "every process"),
+        (signal.SIGUSR1, "script"),
+        (signal.SIGUSR1, "every process"),
+    ],
+)
+def test_stop_signal_while_training_reaches_the_workers_and_torchrun_gets_one_sigterm(tmp_path, sig, target):
+    launch = Launch(tmp_path)
+    launch.start("launch/torchrun.sh", "--nproc-per-node", "2", "--no-preflight", "model=tiny")
+    launch.wait_for("ready", count=2)
+    launch.signal(sig, target)
+    rc, err = launch.finish()
+    lines = launch.lines()
+    assert rc == 75, (err, lines)
+    assert sum(f"saved on {sig.name}" in line for line in lines) == 2, lines
+    # torchrun's agent: SIGTERM only from the group / SLURM; SIGUSR1 ignored; never a second SIGTERM
+    expected = 1 if sig == signal.SIGTERM and target != "script" else 0
+    assert lines.count("agent got SIGTERM") == expected and "agent aborted its shutdown" not in lines
+    assert lines[0].endswith("started: SIGUSR1 ignored, SIGINT handled")
+    assert launch.status.read_text() == "75\n"
+
+
+def test_ctrl_c_interrupts_torchrun_once_and_the_script_ends_with_130(tmp_path):
+    launch = Launch(tmp_path)
+    launch.start("launch/torchrun.sh", "--nproc-per-node", "2", "--no-preflight", "model=tiny")
+    launch.wait_for("ready", count=2)
+    launch.signal(signal.SIGINT, "group")  # what the terminal does on Ctrl-C
+    rc, err = launch.finish()
+    lines = launch.lines()
+    assert rc == 130, (err, lines)
+    assert lines.count("agent got SIGINT") == 1 and sum("interrupted" in line for line in lines) == 2, lines
+    assert launch.status.read_text() == "130\n"
+
+
+@pytest.mark.parametrize("script", ["launch/torchrun.sh"])
+@pytest.mark.parametrize("sig, target", [(signal.SIGTERM, "script"), (signal.SIGUSR1, "every process")])
+def test_stop_signal_during_the_preflight_ends_the_script_with_75(tmp_path, script, sig, target):
+    launch = Launch(tmp_path)
+    launch.start(script, *(["--nproc-per-node", "2"] if script.endswith("torchrun.sh") else []), "model=tiny")
+    launch.wait_for("preflight")
+    preflight = launch.pid_of("preflight")
+    launch.signal(sig, target)
+    rc, err = launch.finish()
+    assert rc == 75, err
+    assert f"{sig.name} before training started: stopping with exit status 75" in err
+    assert launch.status.read_text() == "75\n"  # node 0: the sbatch script requeues on it
+    assert ends_soon(preflight) and not any("agent" in line for line in launch.lines())
+
+
+@pytest.mark.parametrize(
+    "sig, target", [(signal.SIGTERM, "script"), (signal.SIGUSR1, "script"), (signal.SIGTERM, "every process")]
+)
+def test_stop_signal_during_the_rendezvous_ends_the_script_with_75(tmp_path, sig, target):
+    launch = Launch(tmp_path, FAKE_RDZV_SECONDS="60")
+    launch.start("launch/torchrun.sh", "--nproc-per-node", "2", "--no-preflight", "model=tiny")
+    launch.wait_for("agent")
+    agent = launch.pid_of("agent")
+    launch.signal(sig, target)
+    rc, err = launch.finish()
+    assert rc == 75, err
+    assert "before training started: stopping with exit status 75" in err
+    assert launch.status.read_text() == "75\n"
+    assert ends_soon(agent) and not any("worker" in line for line in launch.lines())
+
+
+@pytest.mark.parametrize("phase", ["preflight", "training"])
+def test_sbatch_requeues_after_usr1_to_every_process_of_the_step(tmp_path, phase):
+    # sbatch --signal=USR1@600: SIGUSR1 to every process of the srun step, not to the batch script
+    launch = Launch(tmp_path, **fake_slurm("n1", 1, SLURM_GPUS_ON_NODE="2"))
+    del launch.env["RETNET_EXIT_STATUS_FILE"]  # the sbatch script makes its own
+    launch.start("launch/slurm/nvidia.sbatch", *(["--no-preflight"] if phase == "training" else []), "model=tiny")
+    launch.wait_for("preflight" if phase == "preflight" else "ready", count=1 if phase == "preflight" else 2)
+    signal_each(descendants(int((tmp_path / "srun.pid").read_text())), signal.SIGUSR1)
+    rc, err = launch.finish()
+    assert rc == 75, (err, launch.lines())
+    assert (tmp_path / "scontrol.log").read_text().split() == ["requeue", "4242"]
+    assert "requeueing job 4242 to resume" in err
