@@ -94,16 +94,16 @@ if [[ "$use_slurm" == 1 ]]; then
   [[ -z "$hostfile" ]] || die "--slurm and --hostfile exclude each other"
   slots="$num_gpus"
   if [[ -z "$slots" ]]; then
-    slots="$("$PYTHON" -m retnet_train.preflight.launch_env env --format json --node-rank 0 \
-      | "$PYTHON" -c 'import json, sys; print(json.load(sys.stdin)["nproc_per_node"])')" \
+    slots="$(shielded "$PYTHON" -m retnet_train.preflight.launch_env env --format json --node-rank 0 \
+      | shielded "$PYTHON" -c 'import json, sys; print(json.load(sys.stdin)["nproc_per_node"])')" \
       || die "cannot tell GPUs per node from SLURM: pass --num-gpus"
   fi
   hostfile="${TMPDIR:-/tmp}/retnet-hostfile-${SLURM_JOB_ID:-$$}"
-  hostfile_text="$("$PYTHON" -m retnet_train.preflight.launch_env hostfile --slots "$slots")" || die "cannot build a hostfile from SLURM"
+  hostfile_text="$(shielded "$PYTHON" -m retnet_train.preflight.launch_env hostfile --slots "$slots")" || die "cannot build a hostfile from SLURM"
   if [[ "$dry_run" != 1 ]]; then printf '%s\n' "$hostfile_text" > "$hostfile"; fi
   hosts_text="$(printf '%s\n' "$hostfile_text" | sed 's/ slots=/ /')"
 elif [[ -n "$hostfile" ]]; then
-  hosts_text="$("$PYTHON" -m retnet_train.preflight.launch_env check-hostfile "$hostfile")" || die "bad hostfile (see above)"
+  hosts_text="$(shielded "$PYTHON" -m retnet_train.preflight.launch_env check-hostfile "$hostfile")" || die "bad hostfile (see above)"
 else
   hosts_text=""
 fi
@@ -168,6 +168,9 @@ if [[ "$dry_run" == 1 ]]; then
 fi
 
 if [[ "$preflight" == 1 ]]; then
-  "${check[@]}" || die "preflight failed (see above); training was not started"
+  in_background "TERM USR1" "${check[@]}"
+  wait_child
+  if (( interrupted )); then exit 130; fi
+  [[ "$child_status" == 0 ]] || die "preflight failed (see above); training was not started"
 fi
 exec "${run[@]}"

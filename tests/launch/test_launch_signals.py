@@ -168,7 +168,7 @@ def test_ctrl_c_interrupts_torchrun_once_and_the_script_ends_with_130(tmp_path):
     assert launch.status.read_text() == "130\n"
 
 
-@pytest.mark.parametrize("script", ["launch/torchrun.sh"])
+@pytest.mark.parametrize("script", ["launch/torchrun.sh", "launch/deepspeed.sh"])
 @pytest.mark.parametrize("sig, target", [(signal.SIGTERM, "script"), (signal.SIGUSR1, "every process")])
 def test_stop_signal_during_the_preflight_ends_the_script_with_75(tmp_path, script, sig, target):
     launch = Launch(tmp_path)
