@@ -21,8 +21,7 @@ def resolve_deepspeed_dir(path: str, tag: Optional[str] = None) -> discovery.Cho
     be valid; in a directory the newest valid one is taken (Choice.note names what was skipped)."""
     path = os.path.abspath(path)
     if tag is not None:
-        inside = [os.path.join(d, tag) for d in (path, os.path.join(path, "checkpoints"))]
-        path = next((p for p in inside if os.path.isdir(p)), inside[0])
+        path = _tag_dir(path, tag)
     if tag is not None or discovery.is_tag_dir(path):
         directory, name = os.path.split(path)
         why = discovery.damage(directory, name)
@@ -38,6 +37,20 @@ def resolve_deepspeed_dir(path: str, tag: Optional[str] = None) -> discovery.Cho
             f"directory (no step_N checkpoints, no '{discovery.LATEST}' file)"
         )
     raise CheckpointError(f"{choice.directory}: no usable checkpoint ({choice.reasons()})")
+
+
+def _tag_dir(path: str, tag: str) -> str:
+    """<path>/<tag>, or <path>/checkpoints/<tag> for a run dir. An unknown tag (a typo) is refused naming
+    the directory that holds the checkpoints and their tags."""
+    run_checkpoints = os.path.join(path, "checkpoints")
+    for directory in (path, run_checkpoints):
+        if os.path.isdir(os.path.join(directory, tag)):
+            return os.path.join(directory, tag)
+    holder = run_checkpoints if not discovery.checkpoint_tags(path) and os.path.isdir(run_checkpoints) else path
+    held = discovery.checkpoint_tags(holder)
+    latest = discovery.read_latest(holder)  # DeepSpeed's own tags (global_stepN) are named there
+    held += [latest] if latest and latest not in held else []
+    raise CheckpointError(f"--tag {tag}: no checkpoint {tag} in {holder} (it holds {', '.join(held) or 'nothing'})")
 
 
 def read_model_states(tag_dir: str) -> dict:

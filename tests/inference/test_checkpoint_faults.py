@@ -88,6 +88,16 @@ def test_a_named_checkpoint_with_a_truncated_file_is_a_one_line_error(run, tmp_p
             generate_main(["--checkpoint", str(tag_dir), "--prompt", "one"])
 
 
+def test_an_unknown_tag_names_the_checkpoint_directory_and_the_tags_it_holds(run, tmp_path):
+    # a run dir's tags are under checkpoints/: the error names that directory, not the run dir
+    expected = rf"error: --tag step_2: no checkpoint step_2 in {run / 'checkpoints'} \(it holds {STEP1}, {STEP2}\)"
+    with pytest.raises(SystemExit, match=expected):
+        generate_main(["--checkpoint", str(run), "--tag", "step_2", "--prompt", "one"])
+    with pytest.raises(SystemExit, match=expected):
+        export_main(["--checkpoint", str(run / "checkpoints"), "--tag", "step_2", "--out", str(tmp_path / "exp")])
+    assert not (tmp_path / "exp").exists()
+
+
 def test_a_run_dir_falls_back_to_the_newest_valid_checkpoint_and_says_why(trained, run, capsys):
     _, refs, _ = trained
     truncate(run / "checkpoints" / STEP2 / MODEL_STATES)
