@@ -153,7 +153,10 @@ def validation_sources(specs: Mapping[str, tuple[Path, float]], seq_len: int) ->
             stacklevel=4,  # the caller of build_validation_loader
         )
     if not usable:
-        raise ManifestError(f"no data source has a usable validation split (sources: {sorted(specs)})")
+        raise ManifestError(
+            f"no data source has a validation split of more than {seq_len} tokens (sources: {sorted(specs)}); "
+            "the validation loss needs one: tokenize with a larger --validation-fraction (python -m data_prep.tokenize)"
+        )
     return usable
 
 

@@ -65,7 +65,12 @@ def test_sources_without_validation_are_skipped_with_a_warning(sources, tmp_path
     with pytest.warns(UserWarning, match="'c'"):
         loader = build_validation_loader({**sources, "c": (str(tmp_path / "c"), 1.0)}, SEQ, 64)
     assert sum(b["input_ids"].shape[0] for b in loader) == 37
-    with pytest.warns(UserWarning), pytest.raises(ManifestError, match="no data source has a usable validation"):
+    # the validation loss needs one: the error says how to get it
+    expected = (
+        rf"no data source has a validation split of more than {SEQ} tokens \(sources: \['c'\]\); "
+        r"the validation loss needs one: tokenize with a larger --validation-fraction \(python -m data_prep.tokenize\)"
+    )
+    with pytest.warns(UserWarning), pytest.raises(ManifestError, match=expected):
         build_validation_loader({"c": (str(tmp_path / "c"), 1.0)}, SEQ, 4)
 
 

@@ -102,7 +102,10 @@ def test_validation_split_smaller_than_the_ranks_fails(corpus, capsys):
 def test_missing_validation_split_fails(corpus, capsys):
     write_shards(corpus, "web", 3000, None)
     message = preflight_fails_as_the_trainer(capsys, overrides(corpus))
-    assert message == "no data source has a usable validation split (sources: ['web'])"
+    assert message == (
+        "no data source has a validation split of more than 256 tokens (sources: ['web']); the validation loss "
+        "needs one: tokenize with a larger --validation-fraction (python -m data_prep.tokenize)"
+    )
 
 
 def test_invalid_manifest_fails(corpus, capsys):
