@@ -1,4 +1,4 @@
-"""Tokenize corpora into checksummed, resumable token shards (one directory per named source).
+r"""Tokenize corpora into checksummed, resumable token shards (one directory per named source).
 
     python -m data_prep.tokenize --tokenizer tok/tokenizer.model --out data/shards \
         --source web=corpus/web/*.jsonl --source code=hf:bigcode/the-stack-smol@train --num-proc 8

@@ -1,4 +1,4 @@
-"""Train a sentencepiece tokenizer on a deterministic sample of documents.
+r"""Train a sentencepiece tokenizer on a deterministic sample of documents.
 
     python -m data_prep.train_tokenizer --source web=corpus/*.jsonl --out tok/tokenizer.model \
         --vocab-size 32000 --num-docs 200000
