@@ -1,4 +1,4 @@
-"""Bytes a block keeps for its backward, per token, measured with saved-tensor hooks on the real
+r"""Bytes a block keeps for its backward, per token, measured with saved-tensor hooks on the real
 forward (eager, or compiled as the trainer compiles: parallel.parallelize with the activation memory
 budget), for RetNet and the Transformer baseline side by side.
 

@@ -1,4 +1,4 @@
-"""Longest trainable sequence with and without context parallelism (parallel/context.py).
+r"""Longest trainable sequence with and without context parallelism (parallel/context.py).
 
     torchrun --standalone --nproc_per_node=2 -m retnet_train.bench.context_parallel \\
         --preset 1.3b --seq-lens 8192,16384,32768,65536,131072 --context-parallel 2 \\

@@ -1,4 +1,4 @@
-"""Decode benchmark: RetNet (recurrent step, CUDA graph) vs the Transformer (KV cache, SDPA),
+r"""Decode benchmark: RetNet (recurrent step, CUDA graph) vs the Transformer (KV cache, SDPA),
 same run, same GPU, random weights at a preset's size.
 
     python -m retnet_train.bench.decode --preset 6.7b --baseline transformer_6.7b \

@@ -1,4 +1,4 @@
-"""Quality benchmark: RetNet, Transformer and Transformer++ (and a stock Hugging Face Llama) trained
+r"""Quality benchmark: RetNet, Transformer and Transformer++ (and a stock Hugging Face Llama) trained
 for the same tokens, on the same data in the same order, with the same schedule, on one device.
 
     python -m retnet_train.bench.quality --data data/debian/shards/debian --tokenizer data/debian/tokenizer.model \

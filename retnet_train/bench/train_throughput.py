@@ -1,4 +1,4 @@
-"""Training throughput of RetNet, the Transformer baseline and (if installed) fla's RetNet,
+r"""Training throughput of RetNet, the Transformer baseline and (if installed) fla's RetNet,
 measured in one process on one GPU with the real DeepSpeed training step.
 
     python -m retnet_train.bench.train_throughput --preset 1.3b --seq-len 2048,8192,32768 --micro-batch 2 \

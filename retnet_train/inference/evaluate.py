@@ -1,4 +1,4 @@
-"""Evaluate a checkpoint: validation perplexity over token shards, and lm-evaluation-harness tasks.
+r"""Evaluate a checkpoint: validation perplexity over token shards, and lm-evaluation-harness tasks.
 
     python -m retnet_train.inference.evaluate --checkpoint runs/x --data data/sample/shards \
         --seq-len 2048 --batch-size 8 [--max-sequences 512]

@@ -1,4 +1,4 @@
-"""Text generation from a training checkpoint or an exported model.
+r"""Text generation from a training checkpoint or an exported model.
 
     python -m retnet_train.inference.generate --checkpoint runs/tiny --prompt "def f(" \
         --max-new-tokens 64 --temperature 0.8 --top-p 0.95

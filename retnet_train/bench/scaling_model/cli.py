@@ -1,4 +1,4 @@
-"""Per-GPU memory and communication of a training step under DeepSpeed ZeRO 0-3: an analytic model.
+r"""Per-GPU memory and communication of a training step under DeepSpeed ZeRO 0-3: an analytic model.
 
     python -m retnet_train.bench.scaling_model --preset 1.3b --gpus 64 --seq-len 8192 --micro-batch 1 \
         [--zero-stage N] [--activation-checkpointing [none|selective|full]] [--context-parallel P] [--json]
