@@ -219,21 +219,19 @@ def _missing_inputs(data) -> list[str]:
 
 
 def _start_problems(cfg) -> list[str]:
-    """What the trainer refuses at start besides the config values: a run.dir it cannot write, the checkpoint
-    that train.resume names (or a resume=never over checkpoints), a train.init_weights that is not there,
-    Megatron datasets without a shard directory."""
+    """What the trainer refuses at start besides the config values and the data (_data_problems): a run.dir it
+    cannot write, the checkpoint that train.resume names (or a resume=never over checkpoints), a
+    train.init_weights that is not there."""
     from retnet_train.components.checkpoint import CheckpointManager, resolve_resume
     from retnet_train.components.config import checkpoint_dir
-    from retnet_train.components.loaders import refuse_megatron_only
     from retnet_train.components.run_dir import write_problem
 
     problems = [p for p in [write_problem("run.dir", cfg.run.dir)] if p]
     manager = CheckpointManager(checkpoint_dir(cfg), cfg.checkpoint.keep_last, None)  # None: prints nothing
-    for check in (lambda: resolve_resume(cfg.train.resume, manager), lambda: refuse_megatron_only(cfg.data.paths)):
-        try:
-            check()
-        except ValueError as exc:
-            problems.append(str(exc))
+    try:
+        resolve_resume(cfg.train.resume, manager)
+    except ValueError as exc:
+        problems.append(str(exc))
     weights = cfg.train.init_weights
     if weights and not os.path.exists(weights):
         problems.append(f"train.init_weights={weights}: no such file or directory (from {os.getcwd()})")
