@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import math
 from dataclasses import dataclass
 from typing import Any, Mapping
 
@@ -107,6 +108,14 @@ class RetNetConfig(DecoderConfig):
         super().validate()
         cls = type(self).__name__
         _check(self.value_factor > 0, cls, "value_factor", f"must be > 0, got {self.value_factor}")
+        exact = self.d_model * self.value_factor
+        _check(
+            math.isclose(exact, self.value_dim, rel_tol=1e-9),
+            cls,
+            "value_factor",
+            f"d_model * value_factor = {self.d_model} * {self.value_factor} = {exact:g} is not a whole number of "
+            f"value dims (for value dim {self.value_dim}: value_factor={self.value_dim / self.d_model!r})",
+        )
         _check(
             self.value_dim >= self.n_heads,  # a value head of width 0 would make every retention output 0
             cls,

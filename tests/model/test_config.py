@@ -135,3 +135,17 @@ def test_from_dict_rejects_unknown_keys_and_types():
     cfg = model_config_from_dict({"arch": "transformer", "vocab_size": 10, "d_model": 64, "n_heads": 2, "norm_eps": 1})
     assert isinstance(cfg, TransformerConfig) and cfg.norm_eps == 1.0
     assert cfg.to_dict()["arch"] == "transformer"
+
+
+@pytest.mark.parametrize("d_model,n_heads,value_factor", [(40, 2, 1.36), (64, 1, 1.99)])
+def test_value_factor_giving_a_fractional_value_dim_is_refused(d_model, n_heads, value_factor):
+    """d_model * value_factor must be a whole number of value dims: 40 * 1.36 = 54.4 built a model of
+    value dim 54 (a value_factor of 1.35) without a word; the error names the factor that gives 54."""
+    cfg = RetNetConfig(
+        vocab_size=10, d_model=d_model, n_layers=1, n_heads=n_heads, ffn_dim=8, value_factor=value_factor
+    )
+    with pytest.raises(ValueError, match=r"RetNetConfig\.value_factor: d_model \* value_factor = .* is not a whole"):
+        cfg.validate()
+    # a factor written as value_dim / d_model (as torchscale's import does) is a whole number of dims
+    assert RetNetConfig(d_model=768, n_heads=4, value_factor=1280 / 768).value_dim == 1280
+    RetNetConfig(d_model=768, n_heads=4, value_factor=1280 / 768).validate()
