@@ -103,12 +103,17 @@ def unscale_unfused_grad_norm(optimizer) -> bool:
     True if wrapped."""
     from deepspeed.runtime.fp16.unfused_optimizer import FP16_UnfusedOptimizer
 
-    if not (isinstance(optimizer, FP16_UnfusedOptimizer) and optimizer.loss_scale_config.use_grad_scaling):
+    if not isinstance(optimizer, FP16_UnfusedOptimizer):
+        return False
+    # the scale backward() multiplies the loss by: in loss_scale_config from DeepSpeed 0.18.6 (which does
+    # not scale bf16), on the optimizer itself before
+    scaling = getattr(optimizer, "loss_scale_config", optimizer)
+    if not getattr(scaling, "use_grad_scaling", True):
         return False
     scaled_step = optimizer.step
 
     def step(closure=None):
-        scale = optimizer.loss_scale_config.cur_scale
+        scale = scaling.cur_scale
         overflow = scaled_step(closure)
         if not optimizer.overflow:
             optimizer._global_grad_norm = optimizer._global_grad_norm / scale

@@ -124,3 +124,27 @@ def test_fp16_without_zero_reports_the_unscaled_gradient_norm():
     opt.backward((w.float() * torch.tensor([3.0, 4.0])).sum() / 1000)  # gradient (0.003, 0.004)
     opt.step()
     assert not opt.overflow and opt._global_grad_norm == pytest.approx(0.005, rel=1e-3)
+
+
+def test_fp16_without_zero_reports_the_unscaled_gradient_norm_on_deepspeed_before_0_18_6():
+    """DeepSpeed 0.15 to 0.18.5 keep FP16_UnfusedOptimizer's loss scale on the optimizer (cur_scale), with no
+    loss_scale_config: the wrapped step divides by that scale (it raised AttributeError at the engine's build)."""
+    from deepspeed.runtime.fp16.unfused_optimizer import FP16_UnfusedOptimizer
+
+    from retnet_train.components.optim import unscale_unfused_grad_norm
+
+    class UnfusedBefore0186(FP16_UnfusedOptimizer):
+        """The attributes of FP16_UnfusedOptimizer that its step uses, as DeepSpeed 0.18.5 names them."""
+
+        def __init__(self):
+            self.cur_scale, self.overflow, self._global_grad_norm = 2.0**16, False, 0.0
+
+        def step(self, closure=None):
+            self._global_grad_norm = 0.005 * self.cur_scale  # the norm of the loss-scaled gradients
+            self.cur_scale *= 2  # a scale raised after the step: the norm is the old scale's
+            return self.overflow
+
+    opt = UnfusedBefore0186()
+    assert unscale_unfused_grad_norm(opt)
+    opt.step()
+    assert opt._global_grad_norm == pytest.approx(0.005) and opt.cur_scale == 2.0**17
