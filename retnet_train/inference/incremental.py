@@ -28,9 +28,12 @@ class IncrementalDecoder(ABC):
         chunk_size: Optional[int] = None,
         piece: int = 0,
     ) -> torch.Tensor:
-        """Prompt [B, T] (left-padded; doc_starts marks each row's first real token) -> the last
-        token's logits [B, V]. chunk_size and piece: see the subclass's _prefill_hidden."""
-        batch, _ = input_ids.shape
+        """Prompt [B, T] (left-padded; doc_starts marks each row's first real token, and any document
+        start inside a prompt, which hides what came before it) -> the last token's logits [B, V].
+        chunk_size and piece: see the subclass's _prefill_hidden."""
+        batch, T = input_ids.shape
+        if T < 1:
+            raise ValueError("prefill: empty prompt")
         if batch != self.batch_size:
             raise ValueError(f"prefill: batch of {batch} prompts, decoder was built for {self.batch_size}")
         x = self._prefill_hidden(input_ids, doc_starts, chunk_size, piece)

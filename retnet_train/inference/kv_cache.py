@@ -52,8 +52,6 @@ class KVCacheDecoder(IncrementalDecoder):
         """Fills cache slots 0..T-1. chunk_size/piece: accepted for RetNet parity."""
         model = self.model
         T = input_ids.shape[1]
-        if T < 1:
-            raise ValueError("prefill: empty prompt")
         if T >= self.max_length:
             raise ValueError(
                 f"prefill: prompt of {T} tokens does not fit max_length={self.max_length} (needs room "

@@ -60,8 +60,6 @@ class RetNetDecoder(IncrementalDecoder):
         of that many tokens (bounds activation memory)."""
         model = self.model
         T = input_ids.shape[1]
-        if T < 1:
-            raise ValueError("prefill: empty prompt")
         state = None
         step = T if piece <= 0 else piece
         for lo in range(0, T, step):
