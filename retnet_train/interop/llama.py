@@ -14,6 +14,7 @@ from typing import Any, Mapping
 import torch
 
 from ..model import TransformerConfig, TransformerForCausalLM
+from .legacy import tied_head
 
 ACTIVATIONS = {"silu": "silu", "gelu": "gelu", "relu": "relu"}
 
@@ -139,9 +140,7 @@ def state_dict_from_llama(state_dict: Mapping[str, torch.Tensor], config: Transf
             out[key] = sd.pop(key)
     if sd:
         raise ValueError(f"Llama state dict: unexpected key {sorted(sd)[0]!r}")
-    if config.tie_embeddings:
-        out.setdefault("lm_head.weight", out.get("embed_tokens.weight"))
-    return out
+    return tied_head(out, "tie_word_embeddings") if config.tie_embeddings else out
 
 
 def from_llama(state_dict: Mapping[str, torch.Tensor], hf_config: Any) -> TransformerForCausalLM:

@@ -8,7 +8,7 @@ from typing import Any, Mapping
 import torch
 
 from ..model import RetNetConfig, RetNetForCausalLM
-from .legacy import fuse_legacy_projections
+from .legacy import fuse_legacy_projections, tied_head
 
 # torchscale RetNetConfig fields and defaults (torchscale/architecture/config.py, 0.3.0).
 TORCHSCALE_DEFAULTS = {
@@ -144,9 +144,8 @@ def from_torchscale(state_dict: Mapping[str, torch.Tensor], ts_config: Mapping[s
             continue  # angle/decay buffers: we derive the same values from the config
         ours[_rename(key)] = value
     ours = fuse_legacy_projections(ours)  # torchscale's q/k/v_proj -> our stacked qkv_proj
-    if config.tie_embeddings and "lm_head.weight" not in ours and "embed_tokens.weight" in ours:
-        # a tied head stored once (safetensors' save_model keeps one name of a shared tensor)
-        ours["lm_head.weight"] = ours["embed_tokens.weight"]
+    if config.tie_embeddings:  # a tied head may be stored once (safetensors' save_model keeps one name)
+        ours = tied_head(ours, "share_decoder_input_output_embed")
     expected = model.state_dict()
     missing = sorted(set(expected) - set(ours))
     unexpected = sorted(set(ours) - set(expected))

@@ -39,3 +39,16 @@ def test_current_keys_strips_the_module_prefix_and_reties_the_head():
     assert set(keys) == set(model.state_dict())
     assert keys["lm_head.weight"] is keys["embed_tokens.weight"]
     assert "lm_head.weight" not in current_keys(saved, tie_embeddings=False)  # untied: a missing head stays missing
+
+
+def test_a_head_trained_untied_is_refused_by_a_tied_config():
+    """Loaded into a tied model, an untied checkpoint's two matrices became one: the LM head's values
+    replaced the embedding (load order), a different model without a word."""
+    import pytest
+
+    untied = RetNetForCausalLM(RetNetConfig(**CFG)).state_dict()
+    with pytest.raises(ValueError, match="tie_embeddings=true.*lm_head.weight.*differs.*embed_tokens.weight"):
+        current_keys(untied, tie_embeddings=True)
+    tied = RetNetForCausalLM(RetNetConfig(**CFG, tie_embeddings=True)).state_dict()
+    keys = current_keys({k: v.clone() for k, v in tied.items()}, tie_embeddings=True)  # equal copies: tied
+    assert torch.equal(keys["lm_head.weight"], keys["embed_tokens.weight"])

@@ -136,3 +136,11 @@ def test_mismatched_state_dict_raises():
     del sd["model.layers.1.mlp.up_proj.weight"]
     with pytest.raises(ValueError, match="missing model.layers.1.mlp.up_proj.weight"):
         from_llama(sd, config)
+
+
+def test_untied_weights_are_refused_by_a_tied_config():
+    """tie_word_embeddings=True with an lm_head that differs from the embedding (Hugging Face ties the
+    head to the embedding; ours loaded the head's values into both): refused by name."""
+    hf, config = llama()
+    with pytest.raises(ValueError, match="tie_word_embeddings=true"):
+        from_llama(hf.state_dict(), {**config.to_dict(), "tie_word_embeddings": True})

@@ -118,3 +118,11 @@ def test_fairseq_decoder_prefix_is_stripped():
     mixed = {**decoder.state_dict(), "decoder.layer_norm.weight": decoder.layer_norm.weight}
     with pytest.raises(ValueError, match="some keys under fairseq's 'decoder.' prefix.*decoder.layer_norm.weight"):
         from_torchscale(mixed, BASE)
+
+
+def test_untied_weights_are_refused_by_a_tied_config():
+    """share_decoder_input_output_embed=True with a decoder trained untied: refused by name (loaded, the
+    output projection's values replaced the embedding's)."""
+    decoder = torchscale_decoder(BASE, 1.0)
+    with pytest.raises(ValueError, match="share_decoder_input_output_embed=true"):
+        from_torchscale(decoder.state_dict(), {**BASE, "share_decoder_input_output_embed": True})
