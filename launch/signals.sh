@@ -9,13 +9,12 @@
 # background so that `wait` returns when a signal comes: bash runs a trap only after the foreground
 # command ends.
 
-# shellcheck disable=SC2034  # interrupted and stopped_before_workers are read by the sourcing script
+# shellcheck disable=SC2034  # interrupted is read by the sourcing script
 stop_signal=""     # TERM or USR1, once one reached this script
 signal_caught=0    # a trap ran since the last `wait` began (it returned early)
 interrupted=0      # Ctrl-C while waiting for a child
 child_pid=""       # the background command wait_child waits for
 status_file=""     # the file the trainer writes its exit status to (torchrun.sh, node 0: the caller's)
-stopped_before_workers=0  # torchrun.sh stopped torchrun before it had started a worker
 
 # on_stop_signal TERM|USR1: the trap. Before training (no `forward_stop_signal` armed) the script ends with 75.
 on_stop_signal() {
@@ -108,7 +107,6 @@ forward_stop_signal() {
     # shellcheck disable=SC2086  # a list of pids
     kill -s "$1" $workers 2>/dev/null || true
   else
-    stopped_before_workers=1
     kill -TERM "$child_pid" 2>/dev/null || true
   fi
 }

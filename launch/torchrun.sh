@@ -148,7 +148,9 @@ if [[ -n "$stop_signal" ]]; then forward_stop_signal "$stop_signal"; fi  # came 
 wait_child
 rc="$child_status"
 trainer_status="$(cat "$status_file" 2>/dev/null || true)"
-if [[ -z "$trainer_status" && "$stopped_before_workers" == 1 ]]; then
+if [[ -z "$trainer_status" && -n "$stop_signal" && "$rc" != 0 ]]; then
+  # no worker recorded the signal: torchrun stopped before starting them, or they ended before their
+  # handler was in place (the interpreter starting)
   report_stopped_before_training
   rc=75
 elif [[ "$rc" != 0 && "$trainer_status" == 75 ]]; then

@@ -199,6 +199,20 @@ def test_stop_signal_during_the_rendezvous_ends_the_script_with_75(tmp_path, sig
     assert ends_soon(agent) and not any("worker" in line for line in launch.lines())
 
 
+def test_sigterm_to_workers_still_starting_ends_the_script_with_75(tmp_path):
+    """Workers that SIGTERM ends before their handler is in place (the interpreter starting) write no
+    status: nothing was trained, and the script ends with 75 as before any worker ran."""
+    launch = Launch(tmp_path, FAKE_WORKER_START_SECONDS="60")
+    launch.start("launch/torchrun.sh", "--nproc-per-node", "2", "--no-preflight", "model=tiny")
+    launch.wait_for("starting", count=2)
+    launch.signal(signal.SIGTERM, "script")
+    rc, err = launch.finish()
+    assert rc == 75, (err, launch.lines())
+    assert "SIGTERM before training started: stopping with exit status 75" in err
+    assert launch.status.read_text() == "75\n"
+    assert not any("ready" in line or "agent got" in line for line in launch.lines())
+
+
 @pytest.mark.parametrize("phase", ["preflight", "training"])
 def test_sbatch_requeues_after_usr1_to_every_process_of_the_step(tmp_path, phase):
     # sbatch --signal=USR1@600: SIGUSR1 to every process of the srun step, not to the batch script
