@@ -51,7 +51,7 @@ class RetNetTrainLM(LM):
             from .cli import compute_dtype
             from .load import load_model
 
-            device = device or ("cuda" if torch.cuda.is_available() else "cpu")
+            device = _usable_device(device)
             torch_dtype = compute_dtype(dtype, device)
             loaded = load_model(checkpoint, tokenizer=tokenizer, device=device, dtype=torch_dtype)
             model, tokenizer = loaded.model, loaded.tokenizer_path
@@ -67,7 +67,8 @@ class RetNetTrainLM(LM):
             raise ValueError(
                 f"tokenizer {tokenizer}: {self.sp.get_piece_size()} pieces, model vocab_size={model.config.vocab_size}"
             )
-        self.max_length, self.batch_size, self.max_gen_toks = int(max_length), int(batch_size), int(max_gen_toks)
+        self.max_length, self.max_gen_toks = int(max_length), int(max_gen_toks)
+        self.batch_size = _batch_size(batch_size)
         self._device = next(model.parameters()).device  # (LM.device is a read-only property)
         # token that stands before the first real token (lm-eval's prefix_token_id), and whether the
         # token after it starts a document (it is an EOS)
@@ -76,13 +77,18 @@ class RetNetTrainLM(LM):
         self.eos_id = self.sp.eos_id() if self.sp.eos_id() >= 0 else None
         self.pad_id = max(self.sp.pad_id(), 0)
 
+    # lm-eval builds the model with one of these (its CLI: create_from_arg_obj with a dict of --model_args);
+    # of its own settings only batch_size and device apply (max_batch_size etc. do not)
     @classmethod
     def create_from_arg_string(cls, arg_string: str, additional_config: Optional[dict] = None):
         from lm_eval.utils import simple_parse_args_string
 
-        args = simple_parse_args_string(arg_string)
+        return cls.create_from_arg_obj(simple_parse_args_string(arg_string), additional_config)
+
+    @classmethod
+    def create_from_arg_obj(cls, arg_dict: dict, additional_config: Optional[dict] = None):
         extra = {k: v for k, v in (additional_config or {}).items() if v is not None and k in ("batch_size", "device")}
-        return cls(**args, **extra)
+        return cls(**{**arg_dict, **extra})
 
     # --- tokens -------------------------------------------------------------------------------
     def tok_encode(self, text: str) -> List[int]:
@@ -218,3 +224,29 @@ def simple_evaluate(
     if res is None:
         raise ValueError(f"lm-eval returned nothing for tasks {tasks}")
     return res["results"]
+
+
+def _usable_device(device: Optional[str]) -> str:
+    """--device (lm-eval's default is cuda:0): refused, naming the option, where no GPU is visible."""
+    if device is None:
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    try:
+        kind = torch.device(device).type
+    except RuntimeError:
+        raise ValueError(f"retnet-train: --device {device!r} is not a torch device (cpu, cuda, cuda:1)") from None
+    if kind == "cuda" and not torch.cuda.is_available():
+        raise ValueError(f"retnet-train: --device {device}, but no CUDA device is visible; pass --device cpu")
+    return device
+
+
+def _batch_size(value) -> int:
+    """lm-eval passes --batch_size as given ("8", or "auto" which sizes batches by trial: not supported)."""
+    try:
+        size = int(value)
+    except (TypeError, ValueError):
+        raise ValueError(
+            f"retnet-train: --batch_size {value!r}: give a number of sequences (auto is not supported)"
+        ) from None
+    if size < 1:
+        raise ValueError(f"retnet-train: --batch_size {value!r}: must be >= 1")
+    return size

@@ -241,3 +241,28 @@ def test_adapter_from_lm_eval_model_args(setup):
     assert [g[0] for g in got] == pytest.approx([r[0] for r in ref], rel=1e-6)
     with pytest.raises(ValueError, match="checkpoint="):
         cls.create_from_arg_string("max_length=32")
+
+
+def test_adapter_from_lm_eval_cli_settings(setup, monkeypatch):
+    """lm-eval's CLI builds the model with create_from_arg_obj (a dict of --model_args) and passes its own
+    --batch_size as a string, --device as given (cuda:0 by default): a number is used, auto and a GPU
+    that is not there are refused naming the option, settings of other models (max_batch_size) ignored."""
+    require_lm_eval()
+    from lm_eval.api.registry import get_model
+
+    import retnet_train.inference.lm_eval_adapter  # noqa: F401  (importing registers the model name)
+
+    d, tok, model, exp, _ = setup
+    cls = get_model("retnet-train")
+    args = {"checkpoint": str(exp), "max_length": 32, "dtype": "float32"}
+    lm = cls.create_from_arg_obj(args, {"batch_size": "4", "max_batch_size": 64, "device": "cpu"})
+    assert lm.batch_size == 4 and lm.max_length == 32 and lm._device == torch.device("cpu")
+    with pytest.raises(ValueError, match=r"--batch_size 'auto': give a number of sequences \(auto is not supported\)"):
+        cls.create_from_arg_obj(args, {"batch_size": "auto", "device": "cpu"})
+    with pytest.raises(ValueError, match=r"--batch_size '0': must be >= 1"):
+        cls.create_from_arg_obj(args, {"batch_size": "0", "device": "cpu"})
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    with pytest.raises(ValueError, match=r"--device cuda:0, but no CUDA device is visible; pass --device cpu"):
+        cls.create_from_arg_obj(args, {"batch_size": 2, "device": "cuda:0"})
+    with pytest.raises(ValueError, match=r"--device 'gpu' is not a torch device"):
+        cls.create_from_arg_obj(args, {"device": "gpu"})
