@@ -166,7 +166,7 @@ def _trainer_view(args: argparse.Namespace, overrides: list[str]) -> TrainerView
         return None
     world = args.nnodes * args.nproc_per_node if args.nproc_per_node else None
     try:
-        return trainer_view(cfg, world)
+        return trainer_view(cfg, world, args.node_rank)
     except AttributeError as exc:  # the trainer's schema moved under us: fall back to options
         print(
             f"preflight: warning: trainer config layout not understood ({exc}); checks use the options only",

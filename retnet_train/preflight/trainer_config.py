@@ -126,8 +126,8 @@ def compose_trainer_config(overrides: Sequence[str]):
         raise PreflightError(f"Hydra overrides {' '.join(overrides) or '(none)'}: {msg}") from None
 
 
-def trainer_view(cfg, world_size: int | None) -> TrainerView:
-    """Checkpoint dir, size inputs and the value checks the trainer runs at start."""
+def trainer_view(cfg, world_size: int | None, node_rank: int = 0) -> TrainerView:
+    """Checkpoint dir, size inputs and the value checks the trainer runs at start (on node `node_rank`)."""
     from retnet_train.components import config as schema
 
     try:
@@ -139,7 +139,7 @@ def trainer_view(cfg, world_size: int | None) -> TrainerView:
     except (ValueError, TypeError, KeyError) as exc:
         raise PreflightError(f"model config: {exc}") from None
     missing = _missing_inputs(getattr(cfg, "data", None))
-    problems = _value_problems(schema, cfg, world_size) + missing + _start_problems(cfg)
+    problems = _value_problems(schema, cfg, world_size) + missing + _start_problems(cfg, node_rank)
     if not missing and _data_values_pass(schema, cfg):  # else the data checks would repeat those problems
         problems += _data_problems(cfg, world_size)
     return TrainerView(
@@ -218,15 +218,15 @@ def _missing_inputs(data) -> list[str]:
     return problems
 
 
-def _start_problems(cfg) -> list[str]:
+def _start_problems(cfg, node_rank: int) -> list[str]:
     """What the trainer refuses at start besides the config values and the data (_data_problems): a run.dir it
-    cannot write, the checkpoint that train.resume names (or a resume=never over checkpoints), a
-    train.init_weights that is not there."""
+    cannot write (on node 0: rank 0 alone writes there), the checkpoint that train.resume names (or a
+    resume=never over checkpoints), a train.init_weights that is not there."""
     from retnet_train.components.checkpoint import CheckpointManager, resolve_resume
     from retnet_train.components.config import checkpoint_dir
     from retnet_train.components.run_dir import write_problem
 
-    problems = [p for p in [write_problem("run.dir", cfg.run.dir)] if p]
+    problems = [p for p in [write_problem("run.dir", cfg.run.dir) if node_rank == 0 else None] if p]
     manager = CheckpointManager(checkpoint_dir(cfg), cfg.checkpoint.keep_last, None)  # None: prints nothing
     try:
         resolve_resume(cfg.train.resume, manager)

@@ -67,7 +67,7 @@ def test_checkout_without_a_trainer_config_warns_and_uses_the_options(tmp_path, 
 
 
 def test_unknown_trainer_config_layout_falls_back_to_the_options(tmp_path, monkeypatch, capsys):
-    def moved(cfg, world_size):
+    def moved(cfg, world_size, node_rank):
         raise AttributeError("'TrainConfig' object has no attribute 'checkpoint'")
 
     monkeypatch.setattr(preflight_cli, "trainer_view", moved)
@@ -125,3 +125,15 @@ def test_profile_ranks_outside_the_world_fail_the_preflight(tmp_path, capsys):
     assert pf.main(["--nproc-per-node", "2", "--", "experiment=tiny_cpu", "train.micro_batch_size=4", *run]) == 1
     assert "trainer config: profile.ranks: [0, 2] not all within this run's ranks 0-1" in capsys.readouterr().err
     assert pf.main(["--nproc-per-node", "4", "--", "experiment=tiny_cpu", "train.micro_batch_size=2", *run]) == 0
+
+
+def test_run_dir_is_checked_on_the_node_of_rank_0_alone(tmp_path):
+    """Only rank 0 writes run.dir (config.yaml, metrics): it may lie on node 0's own disk, which the
+    other nodes do not have; checkpoint.dir is what every node writes."""
+    (tmp_path / "file").write_text("")
+    cfg = pf.compose_trainer_config(
+        ["experiment=tiny_cpu", f"run.dir={tmp_path / 'file' / 'run'}", f"checkpoint.dir={tmp_path / 'ckpt'}"]
+    )
+    problem = f"run.dir: {tmp_path / 'file' / 'run'} lies under {tmp_path / 'file'}, which is a file, not a directory"
+    assert problem in pf.trainer_view(cfg, world_size=None, node_rank=0).problems
+    assert pf.trainer_view(cfg, world_size=None, node_rank=1).problems == []
