@@ -65,9 +65,11 @@ def test_collective_bytes():
     assert sm.collective_bus_bytes("reduce_scatter", S, 1) == 0
     ops = {z: sm.comm_ops(z, 10, grad_accum=4) for z in range(4)}
     vol = {z: sum(sm.collective_bus_bytes(k, s, 8) * t for _, k, s, t, _ in o) for z, o in ops.items()}
-    # ZeRO 0 and 1 move the same bytes (an all-reduce = reduce-scatter + all-gather)
-    assert vol[0] == pytest.approx(vol[1]) == pytest.approx(2 * 7 / 8 * 20)
-    assert vol[2] == pytest.approx((4 + 1) * 7 / 8 * 20)  # reduce-scatter per micro-batch, gather per step
+    assert vol[0] == pytest.approx(2 * 7 / 8 * 20)  # one all-reduce of the bf16 gradients
+    # ZeRO 1/2: DeepSpeed all-reduces the gradient buckets (use_multi_rank_bucket_allreduce), then
+    # all-gathers the weights: ZeRO-1 once per step, ZeRO-2 the all-reduce every micro-batch
+    assert vol[1] == pytest.approx((2 + 1) * 7 / 8 * 20)
+    assert vol[2] == pytest.approx((2 * 4 + 1) * 7 / 8 * 20)
     assert vol[3] == pytest.approx(3 * 4 * 7 / 8 * 20)  # 3x the weights per micro-batch
 
 

@@ -127,9 +127,9 @@ def communication_table(seq_len: int, micro_batch: int, hw: Hardware) -> list:
         f"GB sent per GPU / seconds at {hw.ib_gbit_per_gpu:.0f} Gb/s x {hw.efficiency} per GPU; compute at "
         f"{hw.utilization:.0%} of {hw.peak_flops / 1e12:.0f} TFLOP/s, no activation checkpointing "
         "(AC adds 1/3 to compute, nothing to communication).\n",
-        "| size | GPUs | accum | compute s | Z0/Z1 GB, s | Z2 GB, s | Z3 GB, s | exposed comm s Z0 / Z1 / Z2 / Z3 "
-        "| Z3 comm / compute |",
-        "|---|---|---|---|---|---|---|---|---|",
+        "| size | GPUs | accum | compute s | Z0 GB, s | Z1 GB, s | Z2 GB, s | Z3 GB, s "
+        "| exposed comm s Z0 / Z1 / Z2 / Z3 | Z3 comm / compute |",
+        "|---|---|---|---|---|---|---|---|---|---|",
     ]
     for size in SIZES:
         cfg = load_preset(size)
@@ -147,8 +147,8 @@ def communication_row(size: str, gpus: int, rs: list) -> str:
 
     return (
         f"| {size} | {gpus} | {rs[0]['grad_accum']} | {rs[0]['compute']['seconds']:.2f} | "
-        f"{gs(rs[1])} | {gs(rs[2])} | "
-        f"{gs(rs[3])} | "
+        + " | ".join(gs(r) for r in rs)
+        + " | "
         + " / ".join(f"{r['comm']['exposed_seconds']:.2f}" for r in rs)
         + f" | {rs[3]['comm']['seconds'] / rs[3]['compute']['seconds']:.2f} |"
     )

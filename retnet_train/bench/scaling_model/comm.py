@@ -24,25 +24,29 @@ def comm_ops(stage: int, n_params: int, grad_accum: int) -> list:
     """Collectives of one optimizer step over the data-parallel group (bf16 payloads):
     (name, collective, payload bytes, times per step, phase it can hide behind).
 
+    ZeRO 1/2 reduce each gradient bucket with an all-reduce, each rank keeping its own slice, not a
+    reduce-scatter: DeepSpeed's use_multi_rank_bucket_allreduce (default true; stage_1_and_2.py
+    average_tensor), which the trainer's config leaves as is.
     ZeRO-0: gradient all-reduce after the last backward (DeepSpeed's engine, not overlapped).
-    ZeRO-1: gradients reduce-scattered once per step (during the last micro-batch's backward with
-      overlap_comm), updated weights all-gathered after the step: the same bytes as an all-reduce.
-    ZeRO-2: gradients reduce-scattered every micro-batch (only the partition is kept), weights
+    ZeRO-1: gradients all-reduced once per step (during the last micro-batch's backward with
+      overlap_comm), updated weights all-gathered after the step: 1.5x ZeRO-0's bytes.
+    ZeRO-2: gradients all-reduced every micro-batch (only the partition is kept), weights
       all-gathered after the step.
     ZeRO-3: every micro-batch gathers the weights for the forward and again for the backward and
-      reduce-scatters the gradients: 3x the weights per micro-batch, no gather after the step.
+      reduce-scatters the gradients (stage3.py reduce_scatter_coalesced): 3x the weights per
+      micro-batch, no gather after the step.
     """
     P2 = BF16 * n_params
     if stage == 0:
         return [("grad all-reduce", "all_reduce", P2, 1, "none")]
     if stage == 1:
         return [
-            ("grad reduce-scatter", "reduce_scatter", P2, 1, "backward_last"),
+            ("grad all-reduce", "all_reduce", P2, 1, "backward_last"),
             ("param all-gather", "all_gather", P2, 1, "none"),
         ]
     if stage == 2:
         return [
-            ("grad reduce-scatter", "reduce_scatter", P2, grad_accum, "backward"),
+            ("grad all-reduce", "all_reduce", P2, grad_accum, "backward"),
             ("param all-gather", "all_gather", P2, 1, "none"),
         ]
     if stage == 3:
