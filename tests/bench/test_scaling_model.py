@@ -73,6 +73,20 @@ def test_collective_bytes():
     assert vol[3] == pytest.approx(3 * 4 * 7 / 8 * 20)  # 3x the weights per micro-batch
 
 
+def test_without_overlap_comm_every_collective_is_exposed():
+    """overlap_comm off (DeepSpeed's own default at ZeRO 1/2, --deepspeed-defaults): the reductions and
+    ZeRO-3's gathers run on the compute stream."""
+    assert [op[-1] for op in sm.comm_ops(1, 10, 4, overlap_comm=False)] == ["none", "none"]
+    assert [op[-1] for op in sm.comm_ops(3, 10, 4, overlap_comm=False)] == ["none"] * 3
+    cfg = sm.load_preset("1.3b")
+    P = sm.param_counts(cfg)["total"]
+    own = sm.estimate(cfg, 64, 8192, 1, 2, ds=sm.DeepSpeedSettings.library_defaults(2))
+    # 8 all-reduces of the bf16 gradients + 1 all-gather, 63/64 of 2P bytes each, at 40 GB/s
+    assert own["comm"]["exposed_seconds"] == pytest.approx((2 * 8 + 1) * 63 / 64 * 2 * P / 40e9)
+    trainer = sm.estimate(cfg, 64, 8192, 1, 2)  # overlap_comm: only the all-gather after the step
+    assert trainer["comm"]["exposed_seconds"] == pytest.approx(63 / 64 * 2 * P / 40e9)
+
+
 def test_one_gpu_has_no_overlap_bucket():
     """As components/optim.deepspeed_config: overlap_comm's second bucket only with more than one rank."""
     cfg = sm.load_preset("1.3b")

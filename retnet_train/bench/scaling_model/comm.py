@@ -20,7 +20,7 @@ def collective_bus_bytes(kind: str, payload: float, n_gpus: int) -> float:
     raise ValueError(f"collective {kind!r}")
 
 
-def comm_ops(stage: int, n_params: int, grad_accum: int) -> list:
+def comm_ops(stage: int, n_params: int, grad_accum: int, overlap_comm: bool = True) -> list:
     """Collectives of one optimizer step over the data-parallel group (bf16 payloads):
     (name, collective, payload bytes, times per step, phase it can hide behind).
 
@@ -35,8 +35,17 @@ def comm_ops(stage: int, n_params: int, grad_accum: int) -> list:
     ZeRO-3: every micro-batch gathers the weights for the forward and again for the backward and
       reduce-scatters the gradients (stage3.py reduce_scatter_coalesced): 3x the weights per
       micro-batch, no gather after the step.
+    Without overlap_comm every collective runs on the compute stream (ZeRO-1's all-reduce after the
+    backward; ZeRO-3's gathers too: parameter_offload.py) and hides behind nothing.
     """
-    P2 = BF16 * n_params
+    ops = _zero_ops(stage, BF16 * n_params, grad_accum)
+    if overlap_comm:
+        return ops
+    return [(name, kind, payload, times, "none") for name, kind, payload, times, _ in ops]
+
+
+def _zero_ops(stage: int, P2: float, grad_accum: int) -> list:
+    """comm_ops' collectives with overlap_comm."""
     if stage == 0:
         return [("grad all-reduce", "all_reduce", P2, 1, "none")]
     if stage == 1:

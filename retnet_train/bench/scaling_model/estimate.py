@@ -182,11 +182,11 @@ def _comm_op(name: str, collective: str, nbytes: float, bandwidth: float, overla
 
 
 def _step_comm_ops(
-    cfg, shape: _StepShape, zero_stage: int, hw: Hardware, bandwidth: float, checkpointing: str = "none"
+    cfg, shape: _StepShape, zero_stage: int, ds: DeepSpeedSettings, hw: Hardware, bandwidth: float, checkpointing: str
 ) -> list:
     """Every transfer of one optimizer step on one GPU: ZeRO's collectives, then the context-parallel state."""
     ops = []
-    for name, kind, payload, times, hide in comm_ops(zero_stage, shape.n_params, shape.grad_accum):
+    for name, kind, payload, times, hide in comm_ops(zero_stage, shape.n_params, shape.grad_accum, ds.overlap_comm):
         b = collective_bus_bytes(kind, payload, shape.n_gpus) * times
         ops.append(_comm_op(name, kind, b, bandwidth, hide))
     if shape.context_parallel > 1:
@@ -215,10 +215,12 @@ def _exposed_seconds(ops: list, grad_accum: int, t_fwd: float, t_bwd: float) -> 
     return exposed + grad_accum * (max(0.0, per_micro["forward"] - t_fwd) + max(0.0, per_micro["backward"] - t_bwd))
 
 
-def _comm(cfg, shape: _StepShape, zero_stage: int, hw: Hardware, compute: dict, checkpointing: str) -> dict:
+def _comm(
+    cfg, shape: _StepShape, zero_stage: int, ds: DeepSpeedSettings, hw: Hardware, compute: dict, checkpointing: str
+) -> dict:
     """Communication per GPU per optimizer step, and what of it the compute does not hide."""
     bw = bus_bandwidth(shape.n_gpus, hw)  # ZeRO's collectives span all ranks (data- x context-parallel)
-    ops = _step_comm_ops(cfg, shape, zero_stage, hw, bw, checkpointing)
+    ops = _step_comm_ops(cfg, shape, zero_stage, ds, hw, bw, checkpointing)
     t_fwd, t_bwd = compute["forward_s_per_micro"], compute["backward_s_per_micro"]
     return {
         "ops": ops,
@@ -252,7 +254,7 @@ def estimate(
     ds = replace(ds, overlap_comm=overlaps_comm(ds.overlap_comm, n_gpus))  # as the trainer's config
     memory = _memory(cfg, shape, zero_stage, ds, backend, checkpointing)
     compute = _compute(cfg, shape, checkpointing, hw)
-    comm = _comm(cfg, shape, zero_stage, hw, compute, checkpointing)
+    comm = _comm(cfg, shape, zero_stage, ds, hw, compute, checkpointing)
     step_s = compute["seconds"] + comm["exposed_seconds"]
     return {
         "model": cfg.arch,
