@@ -28,7 +28,9 @@ def test_step_transient_and_buckets():
     P = 10**9
     assert sm.step_transient_bytes(0, 8, P) == 4 * P
     assert sm.step_transient_bytes(2, 8, P) == 4 * P / 8
-    assert sm.step_transient_bytes(3, 2, 5 * P, sub_group_size=P) == 4 * P / 2  # one sub-group at a time
+    # ZeRO-3: one sub-group at a time, of sub_group_size elements of this rank's partition
+    assert sm.step_transient_bytes(3, 2, 5 * P, sub_group_size=P) == 4 * P
+    assert sm.step_transient_bytes(3, 64, 12.8 * P, sub_group_size=P) == pytest.approx(4 * 0.2 * P)
     ds = sm.DeepSpeedSettings.trainer()
     assert (ds.reduce_bucket_size, ds.overlap_comm) == (500_000_000, True)  # DeepSpeedConfig defaults
     assert sm.bucket_bytes(0, ds) == 0

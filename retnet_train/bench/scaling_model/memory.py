@@ -69,12 +69,13 @@ def zero_bytes_per_param(stage: int, n_gpus: int) -> dict:
 def step_transient_bytes(stage: int, n_gpus: int, n_params: int, sub_group_size: int = 1_000_000_000) -> float:
     """fp32 gradient copy that DeepSpeed makes for the optimizer step: the whole model in its bf16
     ZeRO-0 path (FP16_UnfusedOptimizer: grad.to(fp32) per param, freed after the step), the own
-    partition in ZeRO 1/2 (single_partition_of_fp32_groups[i].grad), and in ZeRO-3 the own share
-    of one sub-group at a time (sub_group_size parameters, stage3.py _prepare_fp32_grad_for_sub_group)."""
+    partition in ZeRO 1/2 (single_partition_of_fp32_groups[i].grad), and in ZeRO-3 one sub-group of
+    the own partition at a time (stage3.py _prepare_fp32_grad_for_sub_group; _create_fp16_sub_groups
+    counts sub_group_size in partition elements, not in the model's)."""
     if stage == 0:
         return FP32 * n_params
     if stage == 3:
-        return FP32 * min(n_params, sub_group_size) / n_gpus
+        return FP32 * min(n_params / n_gpus, sub_group_size)
     return FP32 * n_params / n_gpus
 
 
