@@ -39,6 +39,34 @@ def test_step_transient_and_buckets():
     assert sm.grads_held_bytes_per_param(1, 64, grad_accum=8) == 2
     assert sm.grads_held_bytes_per_param(1, 64, grad_accum=1) == 0
     assert sm.grads_held_bytes_per_param(3, 64, grad_accum=8) == 2 / 64
+    assert sm.grads_held_bytes_per_param(3, 64, grad_accum=1, backward=True) == 2 / 64
+
+
+def test_zero2_gradients_and_buckets_by_phase():
+    """ZeRO-2 (DeepSpeed 0.19.8 stage_1_and_2.py): a backward reduces into a new partition-sized buffer
+    (added to the one kept from the earlier micro-batches after it) and its buckets, both freed after
+    the step or the backward; an accumulating ZeRO-1 step keeps its buckets until the last backward."""
+    assert sm.grads_held_bytes_per_param(2, 64, grad_accum=1) == 0
+    assert sm.grads_held_bytes_per_param(2, 64, grad_accum=1, backward=True) == 2 / 64
+    assert sm.grads_held_bytes_per_param(2, 64, grad_accum=8) == 2 / 64
+    assert sm.grads_held_bytes_per_param(2, 64, grad_accum=8, backward=True) == 4 / 64
+    ds = sm.DeepSpeedSettings.trainer()
+    assert sm.bucket_bytes_in_forward(2, ds, grad_accum=8) == 0
+    assert sm.bucket_bytes_in_forward(1, ds, grad_accum=1) == 0
+    assert sm.bucket_bytes_in_forward(1, ds, grad_accum=8) == 2 * 2 * 500_000_000
+    assert sm.bucket_bytes_in_forward(3, ds, grad_accum=1) == 2 * 500_000_000
+    # the Transformer's loss transient (fp32 [V, d] + 3 x 256 MiB) exceeds its backward temporaries, so
+    # without the buckets and with one gradient partition its forward stays below its backward
+    cfg = sm.load_preset("transformer_1.3b")
+    P = sm.param_counts(cfg)["total"]
+    m = sm.estimate(cfg, 64, 8192, 1, 2)["memory"]  # accumulation 8
+    gib = 2**30
+    assert m["loss_transient"] == pytest.approx(4 * 32000 * 2048 + 3 * 2**28, rel=0.01)
+    assert m["peaks"]["backward"] - m["peaks"]["forward"] == pytest.approx(
+        2 * 2 * 500_000_000 + 2 * P / 64 + m["backward_working"] - m["loss_transient"]
+    )
+    assert m["peak_phase"] == "backward" and m["peak"] / gib == pytest.approx(m["peaks"]["backward"] / gib)
+    assert m["resident"] == pytest.approx((2 + 12 / 64) * P)  # no gradient survives a ZeRO-2 step
 
 
 @pytest.mark.parametrize("preset", PRESETS)

@@ -16,6 +16,7 @@ from .memory import (
     activation_fixed_bytes,
     backward_working_bytes,
     bucket_bytes,
+    bucket_bytes_in_forward,
     grads_held_bytes_per_param,
     loss_forward_transient_bytes,
     param_counts,
@@ -65,8 +66,10 @@ class _StepShape:
 class _WorkingBytes(NamedTuple):
     """What a step allocates beyond the model states, per GPU."""
 
-    grads_held: float
-    buckets: float  # allocated at the first backward, kept
+    grads_held: float  # at the end of a forward
+    grads_held_backward: float
+    buckets: float  # during a backward
+    buckets_forward: float
     zero3: float
     act_layers: float
     act_fixed: float
@@ -100,7 +103,10 @@ def _working_bytes(
     tokens = shape.tokens
     return _WorkingBytes(
         grads_held=shape.n_params * grads_held_bytes_per_param(zero_stage, shape.n_gpus, shape.grad_accum),
+        grads_held_backward=shape.n_params
+        * grads_held_bytes_per_param(zero_stage, shape.n_gpus, shape.grad_accum, backward=True),
         buckets=bucket_bytes(zero_stage, ds),
+        buckets_forward=bucket_bytes_in_forward(zero_stage, ds, shape.grad_accum),
         zero3=zero3_working_set_bytes(cfg, ds) if zero_stage == 3 else 0.0,
         act_layers=cfg.n_layers * tokens * activation_bytes_per_token_per_layer(cfg, backend, BF16, checkpointing),
         act_fixed=activation_fixed_bytes(cfg, tokens, shape.seq_local),
@@ -111,10 +117,10 @@ def _working_bytes(
 
 
 def _phase_peaks(states: float, grads: float, w: _WorkingBytes) -> dict:
-    base = states + w.grads_held + w.zero3 + w.buckets
+    held = states + w.zero3 + w.act_layers + w.act_fixed
     return {
-        "forward": base + w.act_layers + w.act_fixed + w.loss,
-        "backward": base + w.act_layers + w.act_fixed + w.backward,
+        "forward": held + w.grads_held + w.buckets_forward + w.loss,
+        "backward": held + w.grads_held_backward + w.buckets + w.backward,
         "optimizer_step": states + grads + w.step,
     }
 
@@ -132,7 +138,7 @@ def _memory(cfg, shape: _StepShape, zero_stage: int, ds: DeepSpeedSettings, back
         "grads": P * per["grads"],
         "master": P * per["master"],
         "optimizer": P * per["optimizer"],
-        "grads_held_during_backward": w.grads_held,
+        "grads_held_during_backward": w.grads_held_backward,
         "reduce_buckets": w.buckets,
         "zero3_gathered": w.zero3,
         "activations": w.act_layers + w.act_fixed,
@@ -140,7 +146,7 @@ def _memory(cfg, shape: _StepShape, zero_stage: int, ds: DeepSpeedSettings, back
         "loss_transient": w.loss,
         "step_fp32_grads": w.step,
         # what stays allocated between steps (bench/train_throughput.py's resident_gib)
-        "resident": states + (P * per["grads"] if zero_stage >= 2 else 0.0),
+        "resident": states + (P * per["grads"] if zero_stage == 3 else 0.0),
         "peak": peaks[phase],
         "peak_phase": phase,
         "peaks": peaks,

@@ -79,12 +79,18 @@ def step_transient_bytes(stage: int, n_gpus: int, n_params: int, sub_group_size:
     return FP32 * n_params / n_gpus
 
 
-def grads_held_bytes_per_param(stage: int, n_gpus: int, grad_accum: int) -> float:
-    """Gradient bytes alive while activations are: ZeRO 0/1 keep full bf16 gradients between
-    micro-batches (none at the first backward's start when grad_accum == 1: they are set to None
-    after each step); ZeRO 2/3 keep only their partition, allocated once and kept."""
-    if stage >= 2:
-        return BF16 / n_gpus
+def grads_held_bytes_per_param(stage: int, n_gpus: int, grad_accum: int, backward: bool = False) -> float:
+    """Gradient bytes alive with the activations: at the end of a forward, or (backward) at the start of
+    a backward. ZeRO 0/1 keep full bf16 gradients between the micro-batches of a step (none before
+    the first: they are set to None after each step). ZeRO-2 copies each backward's reduced partition
+    into a new partition-sized buffer (stage_1_and_2.py copy_grads_in_partition), added after the
+    backward to the partition kept from the earlier micro-batches (independent_gradient_partition_epilogue);
+    none survives a step. ZeRO-3 allocates its partition once (stage3.py grad_partitions_flat_buffer)."""
+    partition = BF16 / n_gpus
+    if stage == 3:
+        return partition
+    if stage == 2:
+        return (partition if grad_accum > 1 else 0.0) + (partition if backward else 0.0)
     return BF16 if grad_accum > 1 else 0.0
 
 
@@ -99,6 +105,16 @@ def bucket_bytes(stage: int, ds: DeepSpeedSettings) -> float:
     if not ds.contiguous_gradients:
         return 0.0
     return BF16 * ds.reduce_bucket_size * (2 if ds.overlap_comm else 1)
+
+
+def bucket_bytes_in_forward(stage: int, ds: DeepSpeedSettings, grad_accum: int) -> float:
+    """Of bucket_bytes, what a forward finds allocated. ZeRO 1/2 allocate their buckets at a backward's
+    first gradient and free them once its reduction ends (stage_1_and_2.py _release_ipg_buffers),
+    which ZeRO-1 runs only at the step's last micro-batch: an accumulating ZeRO-1 step keeps them
+    through its later forwards. ZeRO-3 allocates its bucket once."""
+    if stage == 2 or (stage == 1 and grad_accum == 1):
+        return 0.0
+    return bucket_bytes(stage, ds)
 
 
 def zero3_working_set_bytes(cfg, ds: DeepSpeedSettings) -> float:
