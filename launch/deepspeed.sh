@@ -159,6 +159,7 @@ if [[ "$dry_run" == 1 ]]; then
     if [[ "$launcher" == pdsh ]]; then echo "# (program arguments quoted once more: pdsh runs them in a remote shell)"; fi
   else
     echo "# this node only (no hostfile): one process per visible GPU${num_gpus:+ (--num-gpus $num_gpus)}"
+    echo "# (started with SIGUSR1 ignored: the trainer's workers handle it, the runner and launch.py must not die of it)"
   fi
   echo "# environment (remote nodes get NCCL_*/PYTHON* and what .deepspeed_env lists):"
   print_env_and_preflight
@@ -167,10 +168,24 @@ if [[ "$dry_run" == 1 ]]; then
   exit 0
 fi
 
+if [[ -z "$hosts_text" ]]; then use_status_file 0; fi  # this node is node 0
 if [[ "$preflight" == 1 ]]; then
   in_background "TERM USR1" "${check[@]}"
   wait_child
   if (( interrupted )); then exit 130; fi
   [[ "$child_status" == 0 ]] || die "preflight failed (see above); training was not started"
 fi
-exec "${run[@]}"
+# With a hostfile the workers run on the hosts under pdsh/ssh (or mpirun, srun), out of this script's
+# reach: the script becomes the runner, whose own handling applies (launch/README.md).
+if [[ -n "$hosts_text" ]]; then exec "${run[@]}"; fi
+# This node: runner -> launch.py -> the workers. From here a stop signal to this script goes to the
+# workers (signals.sh: forward_stop_signal), never to the runner or launch.py: the runner has no
+# handler and dies of it, leaving launch.py and the workers training; launch.py SIGTERMs the workers
+# and SIGKILLs them 30 s later. SIGUSR1, "checkpoint and stop", kills either by default: they ignore
+# it (the disposition survives exec); the trainer installs its own handler.
+stop_forwarding=1
+workers_parent=deepspeed.launcher.launch
+in_background USR1 "${run[@]}"
+if [[ -n "$stop_signal" ]]; then forward_stop_signal "$stop_signal"; fi  # came while the runner was starting
+wait_launcher
+exit_like_the_trainer "$child_status"

@@ -4,17 +4,19 @@
 #
 # The trainer saves a checkpoint on either and exits 75 ("run again to resume"; launch/slurm/*.sbatch
 # requeue on it). One that reaches the script before any trainer runs (option parsing, the SLURM
-# environment, the preflight, torchrun's rendezvous) ends it with 75 as well: nothing was trained, so
-# nothing is lost, and the same command starts again. The preflight and the launcher run in the
-# background so that `wait` returns when a signal comes: bash runs a trap only after the foreground
-# command ends.
+# environment, the preflight, torchrun's rendezvous, DeepSpeed's runner starting) ends it with 75 as
+# well: nothing was trained, so nothing is lost, and the same command starts again. The preflight and
+# the launcher run in the background so that `wait` returns when a signal comes: bash runs a trap only
+# after the foreground command ends.
 
 # shellcheck disable=SC2034  # interrupted is read by the sourcing script
 stop_signal=""     # TERM or USR1, once one reached this script
 signal_caught=0    # a trap ran since the last `wait` began (it returned early)
 interrupted=0      # Ctrl-C while waiting for a child
 child_pid=""       # the background command wait_child waits for
-status_file=""     # the file the trainer writes its exit status to (torchrun.sh, node 0: the caller's)
+status_file=""     # the file the trainer writes its exit status to (node 0: the caller's)
+workers_parent=""  # deepspeed.sh: the workers' parent is child_pid's child running this (DeepSpeed's launch.py)
+parent_pid=""      # that process, once child_pid started it
 
 # on_stop_signal TERM|USR1: the trap. Before training (no `forward_stop_signal` armed) the script ends with 75.
 on_stop_signal() {
@@ -95,18 +97,99 @@ wait_child() {
   child_pid=""
 }
 
-# forward_stop_signal TERM|USR1 (torchrun.sh, while torchrun runs as child_pid): to torchrun's workers
-# (the trainer's ranks) only. Their handler records a signal, so a second copy (SLURM signals every
-# process of the step) is harmless; a second SIGTERM to torchrun would abort its shutdown, which waits
-# for the workers to save. No worker yet (rendezvous): SIGTERM to torchrun, nothing was trained.
+# forward_stop_signal TERM|USR1 (while the launcher runs as child_pid): to the workers (the trainer's
+# ranks) only. Their handler records a signal, so a second copy (SLURM signals every process of the
+# step) is harmless; a second SIGTERM to torchrun's agent would abort its shutdown, which waits for the
+# workers to save, and one to DeepSpeed's launch.py makes it SIGKILL them 30 s later. No worker yet
+# (rendezvous, the launchers starting): SIGTERM to the launcher's processes, nothing was trained.
 forward_stop_signal() {
   local workers
-  if [[ -z "$child_pid" ]]; then return 0; fi  # not started yet: the script looks at stop_signal next
-  workers="$(children_of "$child_pid")"
+  if [[ -z "$child_pid$parent_pid" ]]; then return 0; fi  # not started yet: the script looks at stop_signal next
+  if [[ -n "$workers_parent" && -z "$parent_pid" ]]; then find_workers_parent; fi
+  workers="$(trainer_workers)"
   if [[ -n "$workers" ]]; then
     # shellcheck disable=SC2086  # a list of pids
     kill -s "$1" $workers 2>/dev/null || true
   else
-    kill -TERM "$child_pid" 2>/dev/null || true
+    # shellcheck disable=SC2086  # one or two pids
+    kill -TERM $child_pid $parent_pid 2>/dev/null || true
   fi
+}
+
+# trainer_workers: the pids of the trainer's ranks on this node: torchrun's children, or launch.py's.
+trainer_workers() {
+  if [[ -z "$workers_parent" ]]; then
+    children_of "$child_pid"
+  elif [[ -n "$parent_pid" ]]; then
+    children_of "$parent_pid"
+  fi
+}
+
+# command_of PID: PID's command line, its arguments joined by spaces; empty once PID has exited.
+command_of() {
+  if [[ -e /proc/$$/cmdline ]]; then
+    tr '\0' ' ' 2>/dev/null < "/proc/$1/cmdline" || true  # 2> first: the shell reports an exited PID there
+  else
+    ps -o args= -p "$1" 2>/dev/null || true
+  fi
+}
+
+# find_workers_parent: sets parent_pid to child_pid's child that runs $workers_parent in Python, if
+# it has one (not pdsh, whose command names it too: DeepSpeed's default hostfile, /job/hostfile).
+find_workers_parent() {
+  local pid cmd program
+  for pid in $(children_of "$child_pid"); do
+    cmd="$(command_of "$pid")"
+    program="${cmd%% *}"
+    if [[ "${program##*/}" == python* && "$cmd" == *" $workers_parent "* ]]; then parent_pid="$pid"; fi
+  done
+}
+
+# wait_launcher: wait_child, and for the workers' parent when it is below child_pid. DeepSpeed's runner
+# dies of a SIGTERM to every process (SLURM) or of Ctrl-C at once, while its child launch.py waits for
+# the workers to save; the script, SLURM's task or a container's first process, must outlive them.
+# So launch.py's pid is taken while the runner lives.
+wait_launcher() {
+  local polls=0
+  trap 'signal_caught=1; interrupted=1' INT
+  while [[ -n "$workers_parent" && -z "$parent_pid" && -n "$(command_of "$child_pid")" ]]; do
+    find_workers_parent
+    # every second after a minute: a runner that started pdsh (DeepSpeed's /job/hostfile) never starts it
+    if (( ++polls < 600 )); then sleep 0.1 || true; else sleep 1 || true; fi  # || true: Ctrl-C ends sleep
+  done
+  wait_child
+  trap 'signal_caught=1; interrupted=1' INT
+  while [[ -n "$parent_pid" && "$(command_of "$parent_pid")" == *"$workers_parent"* ]]; do sleep 0.2 || true; done
+  trap - INT
+  parent_pid=""
+}
+
+# use_status_file NODE_RANK: the trainer's status file: the caller's on node 0 (the sbatch script's),
+# else a temporary one; exported for the trainer.
+use_status_file() {
+  status_file="${RETNET_EXIT_STATUS_FILE:-}"
+  if [[ -z "$status_file" || "$1" != 0 ]]; then
+    status_file="$(mktemp "${TMPDIR:-/tmp}/retnet-exit.XXXXXX")"
+    trap 'rm -f "$status_file"' EXIT
+    export RETNET_EXIT_STATUS_FILE="$status_file"
+  fi
+}
+
+# exit_like_the_trainer RC: ends the script after the launcher ended with RC. Launchers end with 1
+# whenever a worker fails, whatever its status; the trainer's 75 ("stopped by a signal after saving a
+# checkpoint: run again to resume", on which launch/slurm/*.sbatch requeue) comes from its status file.
+exit_like_the_trainer() {
+  local rc="$1" trainer_status
+  trainer_status="$(cat "$status_file" 2>/dev/null || true)"
+  if [[ -z "$trainer_status" && -n "$stop_signal" && "$rc" != 0 ]]; then
+    # no worker recorded the signal: the launcher stopped before starting them, or they ended before
+    # their handler was in place (the interpreter starting)
+    report_stopped_before_training
+    rc=75
+  elif [[ "$rc" != 0 && "$trainer_status" == 75 ]]; then
+    rc=75
+  elif (( interrupted )); then
+    rc=130
+  fi
+  exit "$rc"
 }

@@ -124,12 +124,7 @@ fi
 # torchrun ends with 1 whenever a worker fails, whatever the worker's exit status; the trainer also
 # writes its status to RETNET_EXIT_STATUS_FILE, and this script ends with the workers' 75 ("stopped by
 # a signal after saving a checkpoint: run again to resume"), on which launch/slurm/*.sbatch requeue.
-status_file="${RETNET_EXIT_STATUS_FILE:-}"
-if [[ -z "$status_file" || "$node_rank" != 0 ]]; then  # a caller's file (the sbatch script's) is node 0's
-  status_file="$(mktemp "${TMPDIR:-/tmp}/retnet-exit.XXXXXX")"
-  trap 'rm -f "$status_file"' EXIT
-  export RETNET_EXIT_STATUS_FILE="$status_file"
-fi
+use_status_file "$node_rank"
 if [[ "$preflight" == 1 ]]; then
   in_background "TERM USR1" "${check[@]}"
   wait_child
@@ -146,16 +141,4 @@ stop_forwarding=1
 in_background USR1 "${run[@]}"
 if [[ -n "$stop_signal" ]]; then forward_stop_signal "$stop_signal"; fi  # came while torchrun was starting
 wait_child
-rc="$child_status"
-trainer_status="$(cat "$status_file" 2>/dev/null || true)"
-if [[ -z "$trainer_status" && -n "$stop_signal" && "$rc" != 0 ]]; then
-  # no worker recorded the signal: torchrun stopped before starting them, or they ended before their
-  # handler was in place (the interpreter starting)
-  report_stopped_before_training
-  rc=75
-elif [[ "$rc" != 0 && "$trainer_status" == 75 ]]; then
-  rc=75
-elif (( interrupted )); then
-  rc=130
-fi
-exit "$rc"
+exit_like_the_trainer "$child_status"

@@ -1,10 +1,11 @@
 """launch/torchrun.sh, launch/deepspeed.sh and launch/slurm/*.sbatch with the stop signals, for real in
-subprocesses: $PYTHON is a stand-in that runs fake_launcher.py for torchrun, the DeepSpeed launcher and
-the preflight (the real interpreter for the rest). A SIGTERM or SIGUSR1 to the script alone, to its
-process group or to every process one by one (as SLURM signals a step) reaches the workers, and
-torchrun's agent never gets two SIGTERMs (a second one aborts its shutdown); one that comes before any
-worker runs ends the script with 75 and writes 75 to the status file, on which the sbatch script
-requeues the job."""
+subprocesses: $PYTHON is a stand-in that runs fake_launcher.py for torchrun and the preflight and
+fake_deepspeed.py for DeepSpeed's runner (the real interpreter for the rest). A SIGTERM or SIGUSR1 to the
+script alone, to its process group or to every process one by one (as SLURM signals a step) reaches the
+workers, and the launcher's processes never get a SIGTERM from the script (a second one aborts torchrun's
+shutdown; DeepSpeed's runner dies of one, launch.py SIGKILLs the workers 30 s after it); one that comes
+before any worker runs ends the script with 75 and writes 75 to the status file, on which the sbatch
+script requeues the job."""
 
 from __future__ import annotations
 
@@ -36,12 +37,12 @@ def signal_each(pids: list[int], sig: signal.Signals) -> None:
 
 
 FAKE_PYTHON = """#!/usr/bin/env bash
-# $PYTHON for these tests: fake_launcher.py for torchrun, the DeepSpeed launcher and the preflight
+# $PYTHON for these tests: fake_launcher.py for torchrun and the preflight, fake_deepspeed.py for DeepSpeed's runner
 case "$1 ${2:-}" in
   "-m torch.distributed.run") shift 2; exec "$REAL_PYTHON" "$FAKE_LAUNCHER" "$@" ;;
   "-m deepspeed.launcher.runner")
     if [[ " $* " == *" retnet_train.preflight "* ]]; then exec "$REAL_PYTHON" "$FAKE_LAUNCHER" --preflight; fi
-    exec "$REAL_PYTHON" "$FAKE_LAUNCHER" --nproc_per_node=2 ;;
+    exec "$REAL_PYTHON" "$FAKE_DEEPSPEED" --runner ;;
   "-m retnet_train.preflight") exec "$REAL_PYTHON" "$FAKE_LAUNCHER" --preflight ;;
 esac
 exec "$REAL_PYTHON" "$@"
@@ -79,6 +80,7 @@ class Launch:
             "PYTHON": str(bindir / "python"),
             "REAL_PYTHON": sys.executable,
             "FAKE_LAUNCHER": str(Path(__file__).with_name("fake_launcher.py")),
+            "FAKE_DEEPSPEED": str(Path(__file__).with_name("fake_deepspeed.py")),
             "FAKE_LOG": str(self.log),
             "RETNET_EXIT_STATUS_FILE": str(self.status),
             "SRUN_PID_FILE": str(tmp_path / "srun.pid"),
@@ -127,7 +129,17 @@ class Launch:
                 os.kill(pid, signal.SIGKILL)  # only what this test started
             if self.proc.poll() is None:
                 self.proc.kill()
+            self.kill_leftovers()
         return self.proc.returncode, err
+
+    def kill_leftovers(self) -> None:
+        """The fake processes that outlived the script (a launcher it did not wait for)."""
+        for words in (line.split() for line in self.lines()):
+            try:
+                if words[1].isdigit() and b"fake_" in Path(f"/proc/{words[1]}/cmdline").read_bytes():
+                    os.kill(int(words[1]), signal.SIGKILL)
+            except (OSError, IndexError):
+                continue  # ended
 
 
 @pytest.mark.parametrize(
@@ -166,6 +178,65 @@ def test_ctrl_c_interrupts_torchrun_once_and_the_script_ends_with_130(tmp_path):
     assert rc == 130, (err, lines)
     assert lines.count("agent got SIGINT") == 1 and sum("interrupted" in line for line in lines) == 2, lines
     assert launch.status.read_text() == "130\n"
+
+
+@pytest.mark.parametrize(
+    "sig, target",
+    [
+        (signal.SIGTERM, "script"),
+        (signal.SIGTERM, "every process"),
+        (signal.SIGUSR1, "script"),
+        (signal.SIGUSR1, "every process"),
+    ],
+)
+def test_deepspeed_stop_signal_while_training_reaches_the_workers_and_the_script_waits_for_them(tmp_path, sig, target):
+    launch = Launch(tmp_path)
+    launch.start("launch/deepspeed.sh", "--no-preflight", "model=tiny")
+    launch.wait_for("ready", count=2)
+    launch.signal(sig, target)
+    rc, err = launch.finish()
+    lines = launch.lines()
+    assert rc == 75, (err, lines)
+    assert sum(f"saved on {sig.name}" in line for line in lines) == 2, lines
+    # launch.py: SIGTERM from SLURM alone (it would SIGKILL the workers 30 s later); SIGUSR1 ignored
+    assert lines.count("launch got SIGTERM") == (1 if sig == signal.SIGTERM and target != "script" else 0), lines
+    assert [line for line in lines if "started" in line][:2] == [
+        f"runner {launch.pid_of('runner')} started: SIGUSR1 ignored",
+        f"launch {launch.pid_of('launch')} started: SIGUSR1 ignored",
+    ]
+    # the script ended after launch.py; the runner ended with the workers' 75 unless SLURM's SIGTERM killed it
+    assert f"launch exited {1 if 'launch got SIGTERM' in lines else 75}" in lines, lines
+    assert ("runner exited 75" in lines) == (sig == signal.SIGUSR1 or target == "script"), lines
+    assert launch.status.read_text() == "75\n"
+
+
+def test_deepspeed_ctrl_c_interrupts_the_workers_and_the_script_waits_for_launch_py(tmp_path):
+    launch = Launch(tmp_path)
+    launch.start("launch/deepspeed.sh", "--no-preflight", "model=tiny")
+    launch.wait_for("ready", count=2)
+    launch.signal(signal.SIGINT, "group")  # the runner dies of it (KeyboardInterrupt), launch.py handles it
+    rc, err = launch.finish()
+    lines = launch.lines()
+    assert rc == 130, (err, lines)
+    assert lines.count("launch got SIGINT") == 1 and sum("interrupted" in line for line in lines) == 2, lines
+    assert "launch exited 1" in lines, lines
+    assert launch.status.read_text() == "130\n"
+
+
+@pytest.mark.parametrize(
+    "sig, target", [(signal.SIGTERM, "script"), (signal.SIGUSR1, "script"), (signal.SIGTERM, "every process")]
+)
+def test_deepspeed_stop_signal_while_the_runner_starts_ends_the_script_with_75(tmp_path, sig, target):
+    launch = Launch(tmp_path, FAKE_RUNNER_START_SECONDS="60")
+    launch.start("launch/deepspeed.sh", "--no-preflight", "model=tiny")
+    launch.wait_for("runner")
+    runner = launch.pid_of("runner")
+    launch.signal(sig, target)
+    rc, err = launch.finish()
+    assert rc == 75, err
+    assert f"{sig.name} before training started: stopping with exit status 75" in err
+    assert launch.status.read_text() == "75\n"
+    assert ends_soon(runner) and not any("launch" in line for line in launch.lines())
 
 
 @pytest.mark.parametrize("script", ["launch/torchrun.sh", "launch/deepspeed.sh"])
