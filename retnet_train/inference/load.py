@@ -43,7 +43,10 @@ class LoadedModel:
 def load_weights(model: torch.nn.Module, state_dict: Mapping[str, torch.Tensor], origin: str) -> None:
     """Load a saved state dict (any key naming interop/legacy.py knows) or name what does not fit."""
     expected = model.state_dict()
-    state_dict = current_keys(dict(state_dict), model.config.tie_embeddings)
+    try:
+        state_dict = current_keys(dict(state_dict), model.config.tie_embeddings)
+    except ValueError as e:  # an LM head trained untied, under a tied config
+        raise CheckpointError(f"{origin}: {e}") from None
     missing = sorted(set(expected) - set(state_dict))
     unexpected = sorted(set(state_dict) - set(expected))
     if missing or unexpected:

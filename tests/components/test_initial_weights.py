@@ -31,6 +31,7 @@ def test_an_export_loads_into_a_model_of_its_config(tmp_path):
         ("missing", "no such checkpoint or export directory"),
         ("file", "a file; pass the directory"),
         ("wider", "has shape (64, 48), the config needs (64, 32)"),
+        ("untied", "tie_embeddings=true, but the weights' LM head (lm_head.weight) differs"),
     ],
 )
 def test_what_does_not_fit_is_refused_naming_the_key(tmp_path, where, needle):
@@ -39,6 +40,9 @@ def test_what_does_not_fit_is_refused_naming_the_key(tmp_path, where, needle):
         path.write_text("x")
     if where == "wider":
         save_native(model(d_model=48), str(path))
+    if where == "untied":
+        save_native(model(), str(path))
+    target = model(tie_embeddings=True) if where == "untied" else model()
     with pytest.raises(ValueError, match=f"^train.init_weights: {path}") as e:
-        load_initial_weights(model(), str(path))
+        load_initial_weights(target, str(path))
     assert needle in str(e.value)
