@@ -182,15 +182,18 @@ def timed_steps(engine, batch, ours: bool, steps: int, accum: int, timer: Timer)
     return Timing(loss, elapsed, phases)
 
 
-def memory_fields(mem: MemoryUse, on_gpu: bool) -> dict:
+def memory_fields(mem: MemoryUse, on_gpu: bool, warmed_up: bool = True) -> dict:
+    """warmed_up: mem.resident was read after a step (without one, the optimizer states and gradient
+    buffers do not exist yet, so the split of the peak into resident and activations is unknown)."""
+    split = on_gpu and warmed_up
     return {
         # this model's own: what an earlier model in the process left allocated is not counted
         # (on CUDA, ~the bf16 weights stay behind after release(); not reproducible on CPU).
         # CPU: the process's peak resident memory, which includes every earlier model's
         "peak_gib": round((mem.peak - mem.before) / 2**30, 2),
         # the peak above what stays allocated between steps: activations and temporaries
-        "activation_gib": round((mem.peak - mem.resident) / 2**30, 2) if on_gpu else None,
-        "resident_gib": round((mem.resident - mem.before) / 2**30, 2) if on_gpu else None,
+        "activation_gib": round((mem.peak - mem.resident) / 2**30, 2) if split else None,
+        "resident_gib": round((mem.resident - mem.before) / 2**30, 2) if split else None,
         # the allocator's segments at the peak (cached free blocks too; CUDA graphs' memory only shows here)
         "peak_reserved_gib": round((mem.reserved - mem.before) / 2**30, 2) if on_gpu else None,
     }
@@ -239,7 +242,7 @@ def result_row(name: str, args, flops: dict, n_params: int, timing: Timing, mem:
         "tokens_per_s": round(tokens_per_s, 1),
         "step_s": round(timing.seconds / args.steps, 4),
         "grad_accum": args.grad_accum,
-        **memory_fields(mem, on_gpu),
+        **memory_fields(mem, on_gpu, warmed_up=args.warmup > 0),
         "ms_forward_backward_step": [round(x, 1) for x in timing.phase_ms],
         **mfu_fields(tokens_per_s, flops, device),
         "loss": round(float(timing.loss.detach()), 4),

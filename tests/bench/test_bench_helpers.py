@@ -238,3 +238,17 @@ def test_out_of_memory_frees_the_failed_models_memory_before_the_next(monkeypatc
     finally:
         gc.enable()
     assert row["oom"].startswith("CUDA out of memory") and row["seq_len"] == 65536
+
+
+def test_memory_fields_split_the_peak_only_after_a_warm_up_step():
+    """resident is read after the warm-up: with --warmup 0 no step has built the optimizer states yet, so
+    peak - resident would count them as activations; the split is then null, the peak still reported."""
+    from retnet_train.bench.throughput_measure import MemoryUse, memory_fields
+
+    gib = 2**30
+    mem = MemoryUse(before=1 * gib, resident=11 * gib, peak=31 * gib, reserved=33 * gib)
+    warmed = memory_fields(mem, on_gpu=True)
+    assert warmed == {"peak_gib": 30.0, "activation_gib": 20.0, "resident_gib": 10.0, "peak_reserved_gib": 32.0}
+    cold = memory_fields(mem, on_gpu=True, warmed_up=False)
+    assert cold == {"peak_gib": 30.0, "activation_gib": None, "resident_gib": None, "peak_reserved_gib": 32.0}
+    assert memory_fields(mem, on_gpu=False)["activation_gib"] is None
