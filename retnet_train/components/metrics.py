@@ -104,6 +104,10 @@ class MetricsLogger:
                     f"wandb.mode={wandb_cfg.mode}: {str(e).strip().splitlines()[0]} (wandb.mode=offline "
                     f"logs under {run_dir}/wandb for a later `wandb sync`)"
                 ) from None
+            # charts against the trainer's step, not W&B's own counter: W&B drops a record logged at a
+            # step below its counter, and a run resumed after a crash logs again the steps after its checkpoint
+            self._wandb.define_metric("step")
+            self._wandb.define_metric("*", step_metric="step")
 
     def log(self, record: dict) -> None:
         if not self.is_main:
@@ -113,7 +117,7 @@ class MetricsLogger:
         parts = [f"{k} {v:.4g}" if isinstance(v, float) else f"{k} {v}" for k, v in record.items() if v is not None]
         self.write(" | ".join(parts))
         if self._wandb is not None:
-            self._wandb.log({k: v for k, v in record.items() if v is not None}, step=record.get("step"))
+            self._wandb.log({k: v for k, v in record.items() if v is not None})
 
     @staticmethod
     def write(line: str) -> None:

@@ -1,0 +1,42 @@
+"""W&B gets every record, charted against the trainer's step: a run resumed after a crash logs again the
+steps after its checkpoint, which W&B drops when they are logged as its own step (below its counter)."""
+
+import sys
+from types import SimpleNamespace
+
+from retnet_train.components.metrics import MetricsLogger
+
+
+class FakeRun:
+    """What W&B does with log(step=...): a record below its step counter is dropped."""
+
+    def __init__(self):
+        self.counter, self.kept, self.metrics = 0, [], []
+
+    def define_metric(self, name, step_metric=None):
+        self.metrics.append((name, step_metric))
+
+    def log(self, data, step=None):
+        if step is not None and step < self.counter:
+            return  # "Tried to log to step ... that is less than the current step"
+        self.counter = self.counter + 1 if step is None else step
+        self.kept.append(data)
+
+    def finish(self):
+        pass
+
+
+def test_records_of_steps_trained_again_after_a_resume_reach_wandb(tmp_path, monkeypatch):
+    run = FakeRun()
+    fake = SimpleNamespace(init=lambda **kw: run, errors=SimpleNamespace(Error=RuntimeError))
+    monkeypatch.setitem(sys.modules, "wandb", fake)
+    cfg = SimpleNamespace(mode="offline", project="p", entity=None, name=None, tags=[])
+    first = MetricsLogger(str(tmp_path), True, cfg, {}, None)
+    for step in (10, 20, 30):  # the first attempt, which crashes after step 30 (checkpoint at 10)
+        first.log({"step": step, "loss": 1.0 / step})
+    again = MetricsLogger(str(tmp_path), True, cfg, {}, first.wandb_id)
+    for step in (20, 30, 40):  # resumed from step 10
+        again.log({"step": step, "loss": 2.0 / step})
+    assert [r["step"] for r in run.kept] == [10, 20, 30, 20, 30, 40]
+    assert run.kept[3]["loss"] == 0.1  # the resumed run's record of step 20
+    assert run.metrics[:2] == [("step", None), ("*", "step")]
