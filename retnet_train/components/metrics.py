@@ -34,6 +34,8 @@ def device_peak_flops(device: torch.device, override: Optional[float]) -> Option
     if device.type != "cuda":
         return None
     name = torch.cuda.get_device_name(device)
+    if "MIG" in name:  # a slice of the GPU ("... MIG 3g.40gb"): the board's peak would understate MFU
+        return None
     return next((v for k, v in PEAK_FLOPS.items() if k in name), None)
 
 

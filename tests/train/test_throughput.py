@@ -55,6 +55,7 @@ def test_peak_flops_by_gpu_name(monkeypatch):
         "NVIDIA A100 80GB PCIe": 312e12,
         "AMD Instinct MI300X": 1307e12,
         "NVIDIA L4": None,
+        "NVIDIA H100 80GB HBM3 MIG 3g.40gb": None,  # a slice: its share of the peak is not the board's
     }
     for name, peak in expected.items():
         monkeypatch.setattr(torch.cuda, "get_device_name", lambda device, name=name: name)
