@@ -139,8 +139,11 @@ def trainer_view(cfg, world_size: int | None, node_rank: int = 0) -> TrainerView
     except (ValueError, TypeError, KeyError) as exc:
         raise PreflightError(f"model config: {exc}") from None
     missing = _missing_inputs(getattr(cfg, "data", None))
-    problems = _value_problems(schema, cfg, world_size) + missing + _start_problems(cfg, node_rank)
-    if not missing and _data_values_pass(schema, cfg):  # else the data checks would repeat those problems
+    values = _values_problem(schema, cfg)
+    problems = [values] if values else []
+    problems += _world_problems(schema, cfg, world_size) + missing + _start_problems(cfg, node_rank)
+    # a bad data.* / train.* value or a missing path: the data checks would repeat that problem
+    if not missing and not (values or "").startswith(("data.", "train.")):
         problems += _data_problems(cfg, world_size)
     return TrainerView(
         checkpoint_dir=Path(schema.checkpoint_dir(cfg)),
@@ -152,14 +155,19 @@ def trainer_view(cfg, world_size: int | None, node_rank: int = 0) -> TrainerView
     )
 
 
-def _value_problems(schema, cfg, world_size: int | None) -> list[str]:
-    """What the trainer's value checks and batch arithmetic (for this world size) would reject."""
-    problems: list[str] = []
+def _values_problem(schema, cfg) -> str | None:
+    """What the trainer's value checks would reject first (None: they pass)."""
     if hasattr(schema, "check_values"):
         try:
             schema.check_values(cfg)
         except ValueError as exc:
-            problems.append(str(exc))
+            return str(exc)
+    return None
+
+
+def _world_problems(schema, cfg, world_size: int | None) -> list[str]:
+    """What the batch arithmetic and the profiled ranks would reject for this world size."""
+    problems: list[str] = []
     if world_size is not None and hasattr(schema, "grad_accumulation"):
         try:
             schema.grad_accumulation(cfg, world_size)
@@ -173,15 +181,6 @@ def _value_problems(schema, cfg, world_size: int | None) -> list[str]:
         except ValueError as exc:
             problems.append(str(exc))
     return problems
-
-
-def _data_values_pass(schema, cfg) -> bool:
-    """Whether the data.* and train.* values the loaders take pass the trainer's value checks."""
-    try:
-        schema.check_values(cfg)
-    except ValueError as exc:
-        return not str(exc).startswith(("data.", "train."))
-    return True
 
 
 def _data_problems(cfg, world_size: int | None) -> list[str]:
@@ -226,7 +225,8 @@ def _start_problems(cfg, node_rank: int) -> list[str]:
     from retnet_train.components.config import checkpoint_dir
     from retnet_train.components.run_dir import write_problem
 
-    problems = [p for p in [write_problem("run.dir", cfg.run.dir) if node_rank == 0 else None] if p]
+    problem = write_problem("run.dir", cfg.run.dir) if node_rank == 0 else None
+    problems = [problem] if problem else []
     manager = CheckpointManager(checkpoint_dir(cfg), cfg.checkpoint.keep_last, None)  # None: prints nothing
     try:
         resolve_resume(cfg.train.resume, manager)
