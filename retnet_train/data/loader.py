@@ -24,7 +24,6 @@ from retnet_train.data.sources import (
     SourceSpec,
     StreamPlan,
     check_positive_int,
-    normalize_sources,
     plan_stream,
     plan_validation,
     validation_share,
@@ -92,8 +91,7 @@ class TokenLoader:
         self.dp_rank, self.dp_world_size = int(dp_rank), int(dp_world_size)
         self.seed, self.split, self.change_hint = int(seed), split, change_hint
         plan = plan_stream(sources, self.seq_len, split, tokenizer_sha256, vocab_size, eos_id)
-        self.weights = {name: weight for name, (_, weight) in normalize_sources(sources).items()}
-        self.schedule, self.windows = plan.schedule, plan.windows
+        self.weights, self.schedule, self.windows = plan.weights, plan.schedule, plan.windows
         self.streams = open_streams(plan, verify_checksums, vocab_size)
         self.eos_id = next(iter(self.streams.values())).eos_id
         self.consumed = 0  # global sequences consumed by all ranks together

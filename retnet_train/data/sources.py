@@ -29,6 +29,7 @@ class StreamPlan:
     headers: dict[str, SourceHeader]
     windows: dict[str, int]
     schedule: MixingSchedule | None = None  # the training stream's mix of its sources
+    weights: dict[str, float] | None = None  # ... from these weights
 
 
 def normalize_sources(sources: Mapping[str, SourceSpec]) -> dict[str, tuple[Path, float]]:
@@ -69,9 +70,10 @@ def plan_stream(
     """The training stream's sources: weights the mixing schedule can hold, headers that agree, and at
     least one window in each."""
     specs = normalize_sources(sources)
-    schedule = MixingSchedule({name: weight for name, (_, weight) in specs.items()})
+    weights = {name: weight for name, (_, weight) in specs.items()}
+    schedule = MixingSchedule(weights)
     headers = read_headers(specs, split, tokenizer_sha256, vocab_size, eos_id)
-    return StreamPlan(headers, window_counts(headers, check_positive_int("seq_len", seq_len)), schedule)
+    return StreamPlan(headers, window_counts(headers, check_positive_int("seq_len", seq_len)), schedule, weights)
 
 
 def plan_validation(
