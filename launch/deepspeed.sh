@@ -170,10 +170,7 @@ fi
 
 if [[ -z "$hosts_text" ]]; then use_status_file 0; fi  # this node is node 0
 if [[ "$preflight" == 1 ]]; then
-  in_background "TERM USR1" "${check[@]}"
-  wait_child
-  if (( interrupted )); then exit 130; fi
-  [[ "$child_status" == 0 ]] || die "preflight failed (see above); training was not started"
+  run_preflight "preflight failed (see above); training was not started" "${check[@]}"
 fi
 # With a hostfile the workers run on the hosts under pdsh/ssh (or mpirun, srun), out of this script's
 # reach: the script becomes the runner, whose own handling applies (launch/README.md).

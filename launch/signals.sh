@@ -97,6 +97,17 @@ wait_child() {
   child_pid=""
 }
 
+# run_preflight FAILURE CMD...: the preflight CMD in the background with the stop signals ignored (one
+# ends the script with 75 through its trap); Ctrl-C ends the script with 130, a failed check with FAILURE.
+run_preflight() {
+  local failure="$1"
+  shift
+  in_background "TERM USR1" "$@"
+  wait_child
+  if (( interrupted )); then exit 130; fi
+  [[ "$child_status" == 0 ]] || die "$failure"
+}
+
 # forward_stop_signal TERM|USR1 (while the launcher runs as child_pid): to the workers (the trainer's
 # ranks) only. Their handler records a signal, so a second copy (SLURM signals every process of the
 # step) is harmless; a second SIGTERM to torchrun's agent would abort its shutdown, which waits for the

@@ -126,10 +126,7 @@ fi
 # a signal after saving a checkpoint: run again to resume"), on which launch/slurm/*.sbatch requeue.
 use_status_file "$node_rank"
 if [[ "$preflight" == 1 ]]; then
-  in_background "TERM USR1" "${check[@]}"
-  wait_child
-  if (( interrupted )); then exit 130; fi
-  [[ "$child_status" == 0 ]] || die "preflight failed on node $node_rank (host $(hostname)); nothing was started"
+  run_preflight "preflight failed on node $node_rank (host $(hostname)); nothing was started" "${check[@]}"
 fi
 export MASTER_ADDR="$master_addr" MASTER_PORT="$master_port"
 # From here a stop signal to this script goes to the workers (signals.sh: forward_stop_signal).
