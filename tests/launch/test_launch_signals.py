@@ -36,6 +36,11 @@ def signal_each(pids: list[int], sig: signal.Signals) -> None:
             pass
 
 
+TORCHRUN, DEEPSPEED = (
+    ("launch/torchrun.sh", "--nproc-per-node", "2"),
+    ("launch/deepspeed.sh",),
+)  # script and options of the runs below
+
 FAKE_PYTHON = """#!/usr/bin/env bash
 # $PYTHON for these tests: fake_launcher.py for torchrun and the preflight, fake_deepspeed.py for DeepSpeed's runner
 case "$1 ${2:-}" in
@@ -121,6 +126,15 @@ class Launch:
         else:
             signal_each([self.proc.pid, *(descendants(self.proc.pid) if target == "every process" else [])], sig)
 
+    def signalled_while_training(self, script: tuple, sig: signal.Signals, target: str) -> tuple[int, str, list]:
+        """Starts `script` (its path and options) without the preflight, waits until both workers train,
+        signals `target` and returns (exit status, stderr, the fake processes' log lines)."""
+        self.start(*script, "--no-preflight", "model=tiny")
+        self.wait_for("ready", count=2)
+        self.signal(sig, target)
+        rc, err = self.finish()
+        return rc, err, self.lines()
+
     def finish(self) -> tuple[int, str]:
         try:
             _, err = self.proc.communicate(timeout=20)
@@ -154,11 +168,7 @@ class Launch:
 )
 def test_stop_signal_while_training_reaches_the_workers_and_torchrun_gets_one_sigterm(tmp_path, sig, target):
     launch = Launch(tmp_path)
-    launch.start("launch/torchrun.sh", "--nproc-per-node", "2", "--no-preflight", "model=tiny")
-    launch.wait_for("ready", count=2)
-    launch.signal(sig, target)
-    rc, err = launch.finish()
-    lines = launch.lines()
+    rc, err, lines = launch.signalled_while_training(TORCHRUN, sig, target)
     assert rc == 75, (err, lines)
     assert sum(f"saved on {sig.name}" in line for line in lines) == 2, lines
     # torchrun's agent: SIGTERM only from the group / SLURM; SIGUSR1 ignored; never a second SIGTERM
@@ -170,11 +180,7 @@ def test_stop_signal_while_training_reaches_the_workers_and_torchrun_gets_one_si
 
 def test_ctrl_c_interrupts_torchrun_once_and_the_script_ends_with_130(tmp_path):
     launch = Launch(tmp_path)
-    launch.start("launch/torchrun.sh", "--nproc-per-node", "2", "--no-preflight", "model=tiny")
-    launch.wait_for("ready", count=2)
-    launch.signal(signal.SIGINT, "group")  # what the terminal does on Ctrl-C
-    rc, err = launch.finish()
-    lines = launch.lines()
+    rc, err, lines = launch.signalled_while_training(TORCHRUN, signal.SIGINT, "group")  # what Ctrl-C does
     assert rc == 130, (err, lines)
     assert lines.count("agent got SIGINT") == 1 and sum("interrupted" in line for line in lines) == 2, lines
     assert launch.status.read_text() == "130\n"
@@ -191,11 +197,7 @@ def test_ctrl_c_interrupts_torchrun_once_and_the_script_ends_with_130(tmp_path):
 )
 def test_deepspeed_stop_signal_while_training_reaches_the_workers_and_the_script_waits_for_them(tmp_path, sig, target):
     launch = Launch(tmp_path)
-    launch.start("launch/deepspeed.sh", "--no-preflight", "model=tiny")
-    launch.wait_for("ready", count=2)
-    launch.signal(sig, target)
-    rc, err = launch.finish()
-    lines = launch.lines()
+    rc, err, lines = launch.signalled_while_training(DEEPSPEED, sig, target)
     assert rc == 75, (err, lines)
     assert sum(f"saved on {sig.name}" in line for line in lines) == 2, lines
     # launch.py: SIGTERM from SLURM alone (it would SIGKILL the workers 30 s later); SIGUSR1 ignored
@@ -212,11 +214,8 @@ def test_deepspeed_stop_signal_while_training_reaches_the_workers_and_the_script
 
 def test_deepspeed_ctrl_c_interrupts_the_workers_and_the_script_waits_for_launch_py(tmp_path):
     launch = Launch(tmp_path)
-    launch.start("launch/deepspeed.sh", "--no-preflight", "model=tiny")
-    launch.wait_for("ready", count=2)
-    launch.signal(signal.SIGINT, "group")  # the runner dies of it (KeyboardInterrupt), launch.py handles it
-    rc, err = launch.finish()
-    lines = launch.lines()
+    # Ctrl-C: the runner dies of it (KeyboardInterrupt), launch.py handles it
+    rc, err, lines = launch.signalled_while_training(DEEPSPEED, signal.SIGINT, "group")
     assert rc == 130, (err, lines)
     assert lines.count("launch got SIGINT") == 1 and sum("interrupted" in line for line in lines) == 2, lines
     assert "launch exited 1" in lines, lines
