@@ -1,0 +1,108 @@
+"""Compile the Triton kernels for GPU targets on a CPU machine (no GPU, no interpreter).
+
+The interpreter (triton_interpreter.py) runs the kernels' Python semantics and skips what only the
+compiler checks: a name bound to values of two types in the two branches of an `if`, a dtype that
+MMAs refuse, a shape that does not broadcast. Here the launches of the retention op are captured
+instead of run (JITFunction.run records the arguments and the config), and each distinct launch is
+compiled with triton.compile for a target. Run as a script in a fresh process (the patch and
+RETNET_TRITON_AUTOTUNE=0, each kernel at its first valid config, stay out of the pytest process):
+    python tests/kernels/triton_compile.py cuda:90 hip:gfx942
+prints one JSON line {target: {launch: null or the error}}.
+"""
+
+import json
+import os
+import sys
+
+os.environ["RETNET_TRITON_AUTOTUNE"] = "0"
+
+import torch  # noqa: E402
+import triton  # noqa: E402
+from triton.backends.compiler import GPUTarget  # noqa: E402
+from triton.compiler import ASTSource  # noqa: E402
+from triton.runtime.jit import JITFunction  # noqa: E402
+
+DTYPES = {torch.bfloat16: "bf16", torch.float16: "fp16", torch.float32: "fp32", torch.int32: "i32", torch.int64: "i64"}
+OPTIONS = ("num_warps", "num_stages")
+
+
+def _type(value) -> str:
+    if isinstance(value, torch.Tensor):
+        return "*" + DTYPES[value.dtype]
+    if isinstance(value, bool):
+        return "i1"
+    if isinstance(value, int):
+        return "i32" if -(2**31) <= value < 2**31 else "i64"
+    if isinstance(value, float):
+        return "fp32"
+    raise TypeError(f"no Triton type for {type(value).__name__}")
+
+
+def capture(fn):
+    """Run fn() with every JIT launch recorded, not run: [(kernel, signature, constexprs, options)]."""
+    launches = []
+
+    def record(self, *args, grid, warmup, **kwargs):
+        bound = dict(zip(self.arg_names, args), **{k: v for k, v in kwargs.items() if k not in OPTIONS})
+        constexprs = {p.name: bound[p.name] for p in self.params if p.is_constexpr}
+        signature = {p.name: "constexpr" if p.is_constexpr else _type(bound[p.name]) for p in self.params}
+        options = {k: kwargs[k] for k in OPTIONS if k in kwargs}
+        launches.append((self, signature, constexprs, options))
+
+    real = JITFunction.run
+    JITFunction.run = record
+    try:
+        fn()
+    finally:
+        JITFunction.run = real
+    return launches
+
+
+def retention_launches():
+    """The kernels' distinct launches in a bf16 forward + backward at the presets' head dims (K 256 /
+    V 512 with resets, K 128 / V 256 with an incoming state and none; row sums, the scan in segments)."""
+    from retnet_train.kernels import triton_retention_launch as launch_mod
+    from retnet_train.kernels.triton_retention import triton_retention
+
+    def step(K, V, resets, state, segments):
+        B, T, H, C = 1, 512, 2, 128
+        gen = torch.Generator().manual_seed(0)
+        q, k, v = (torch.randn(B, T, H, d, generator=gen, dtype=torch.bfloat16, requires_grad=True) for d in (K, K, V))
+        lg = torch.full((H,), -0.03)
+        reset = torch.zeros(B, T, dtype=torch.bool) if resets else None
+        if resets:
+            reset[0, 300] = True
+        s0 = torch.zeros(B, H, K, V + 1) if state else None  # (+1: the row sums' column)
+        launch_mod.SCAN_SEGMENTS = segments
+        o = triton_retention(q, k, v, lg, C, s0, True, reset)[0]
+        o.float().sum().backward()
+
+    launches = []
+    for K, V, resets, state, segments in ((256, 512, True, False, 2), (128, 256, False, True, 2)):
+        launches += capture(lambda: step(K, V, resets, state, segments))
+    unique = {}
+    for kernel, signature, constexprs, options in launches:
+        key = f"{kernel.__name__}{sorted(constexprs.items())}{sorted(options.items())}"
+        unique.setdefault(key, (kernel, signature, constexprs, options))
+    return unique
+
+
+def compile_all(targets):
+    launches = retention_launches()
+    results = {}
+    for target in targets:
+        backend, arch = target.split(":")
+        gpu = GPUTarget(backend, int(arch) if arch.isdigit() else arch, 32 if backend == "cuda" else 64)
+        results[target] = {}
+        for key, (kernel, signature, constexprs, options) in launches.items():
+            try:
+                triton.compile(ASTSource(kernel, signature, constexprs), target=gpu, options=options)
+                results[target][key] = None
+            except Exception as e:  # noqa: BLE001 (reported per launch)
+                results[target][key] = f"{type(e).__name__}: {e}"[-2000:]
+    return results
+
+
+if __name__ == "__main__":
+    sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))))
+    print(json.dumps(compile_all(sys.argv[1:])))
