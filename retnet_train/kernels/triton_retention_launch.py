@@ -144,9 +144,9 @@ def launch(name, grid, args: dict):
     raw[grid(cfg.kwargs)](**args, **cfg.kwargs, **opts)
 
 
-# The forward scan's segments: RETNET_TRITON_SCAN_SEGMENTS = a count, or `auto` (scan_segments picks
-# from the GPU's SM count); unset: 1, one scan per state tile. (Tests set SCAN_SEGMENTS.)
-SCAN_SEGMENTS = os.environ.get("RETNET_TRITON_SCAN_SEGMENTS", "1")
+# The forward scan's segments: RETNET_TRITON_SCAN_SEGMENTS = a count (1: one scan per state tile), or
+# `auto`, the default (scan_segments picks from the GPU's SM count). (Tests set SCAN_SEGMENTS.)
+SCAN_SEGMENTS = os.environ.get("RETNET_TRITON_SCAN_SEGMENTS", "auto")
 CARRY_BLOCK = 2048
 
 
