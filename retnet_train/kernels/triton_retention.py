@@ -18,7 +18,8 @@ v (and the incoming state) are kept for the backward: 3 launches forward (states
 backward (S and dG in one, dP, dq, dk, P recomputed, dv). Layout [B, T, H, D] in and out, indexed
 through strides (no transposing copies).
 Decays are fp32 exp2 of log2(gamma) times a (non-negative) distance, all factors <= 1.
-Accumulation fp32; o and the states in the input dtype; fp32 inputs use IEEE fp32 MMAs.
+Accumulation fp32; o and the chunk states in the input dtype, the final state fp32; fp32 inputs use
+IEEE fp32 MMAs.
 
 Document resets: reset [B, T] (True where a document starts) becomes DOC [B, T] int32, the last
 document start at or before each token (-1: none); the kernels mask scores, decays and state
@@ -187,27 +188,33 @@ def _apply(x, y, M, A, lg2, C, key_rows, trans_m, doc):
     return out
 
 
+def _incoming_state(state, V, row_sums=False):
+    """An incoming state [B, H, K, V (+1)] -> S0 [B*H, K, V] fp32 (the scans accumulate in fp32: a
+    bf16 model's fp32 state is not rounded) and, with row_sums, its last column z0 [B*H, K] fp32."""
+    if state is None:
+        return None, None
+    B, H, K, _ = state.shape
+    s0 = state[..., :V].float().reshape(B * H, K, V).contiguous()
+    return s0, (state[..., V].float().reshape(B * H, K).contiguous() if row_sums else None)
+
+
 def _forward(q, k, v, lg2, C, state, row_sums, doc):
     B, _, H, K = q.shape
     V = v.shape[-1]
-    s0 = z0 = None
-    if state is not None:
-        s0 = state[..., :V].to(v.dtype).reshape(B * H, K, V).contiguous()
-        if row_sums:
-            z0 = state[..., V].float().reshape(B * H, K).contiguous()
+    s0, z0 = _incoming_state(state, V, row_sums)
     S, Z, fin, zfin = _states(k, v, lg2, C, doc, s0, z0, with_z=row_sums)
     A, s = _scores(q, k, lg2, C, doc, Z)
     o = _apply(q, v, S, A, lg2, C, key_rows=False, trans_m=False, doc=doc)
     final = fin.view(B, H, K, V)
     if row_sums:
         final = torch.cat([final, zfin.view(B, H, K, 1)], dim=-1)
-    return o, s, final.to(v.dtype)
+    return o, s, final  # fp32, as the scan kept it (the recurrent form and fla return fp32 too)
 
 
 def _backward(q, k, v, do, lg2, C, state, doc):
     B, _, H, K = q.shape
     V = v.shape[-1]
-    s0 = None if state is None else state[..., :V].to(v.dtype).reshape(B * H, K, V).contiguous()
+    s0 = _incoming_state(state, V)[0]
     S, dG = _states_pair(q, k, v, do, lg2, C, doc, s0)  # S recomputed, not kept from the forward
     dA = _scores(do, v, lg2, C, doc)[0]  # gamma^(t-s) dO_t . v_s: dq reads it, dk its transpose
     dq = _apply(do, k, S, dA, lg2, C, key_rows=False, trans_m=True, doc=doc)
@@ -243,7 +250,7 @@ def _(q, k, v, lg2, chunk_size, state, row_sums, doc):
     B, T, H, K = q.shape
     V = v.shape[-1]
     s = q.new_empty((B, T, H) if row_sums else (0,), dtype=torch.float32)
-    return torch.empty_like(v), s, v.new_empty(B, H, K, V + row_sums)
+    return torch.empty_like(v), s, v.new_empty(B, H, K, V + row_sums, dtype=torch.float32)
 
 
 @torch.library.custom_op("retnet_train::triton_retention_backward", mutates_args=())
@@ -299,7 +306,7 @@ register_flop_formula(torch.ops.retnet_train.triton_retention_backward)(_backwar
 
 def triton_retention(q, k, v, log_gamma, chunk_size, state=None, row_sums=True, reset=None):
     """q, k [B, T, H, K], v [B, T, H, V] of one dtype (retention_op casts q, k to v's) -> o [B, T, H, V]
-    (unnormalized), row sums s [B, T, H] fp32 or None, final state [B, H, K, V (+1 with row sums)].
+    (unnormalized), row sums s [B, T, H] fp32 or None, final state [B, H, K, V (+1 with row sums)] fp32.
     reset [B, T] bool: True where a document starts (the state is cleared before that token)."""
     q, k, v = (t.contiguous() for t in (q, k, v))  # (no-ops in training) the kernels share q/k and v/dO strides
     if state is not None:
