@@ -3,9 +3,10 @@
 The interpreter (triton_interpreter.py) runs the kernels' Python semantics and skips what only the
 compiler checks: a name bound to values of two types in the two branches of an `if`, a dtype that
 MMAs refuse, a shape that does not broadcast. Here the launches of the retention op are captured
-instead of run (JITFunction.run records the arguments and the config), and each distinct launch is
-compiled with triton.compile for a target. Run as a script in a fresh process (the patch and
-RETNET_TRITON_AUTOTUNE=0, each kernel at its first valid config, stay out of the pytest process):
+instead of run (JITFunction.run records the arguments and the config), each distinct launch is
+compiled with triton.compile for a target and its shared memory held against the target's limit.
+Run as a script in a fresh process (the patch and RETNET_TRITON_AUTOTUNE=0, each kernel at its
+first valid config, stay out of the pytest process):
     python tests/kernels/triton_compile.py cuda:90 hip:gfx942
 prints one JSON line {target: {launch: null or the error}}.
 """
@@ -24,6 +25,8 @@ from triton.runtime.jit import JITFunction  # noqa: E402
 
 DTYPES = {torch.bfloat16: "bf16", torch.float16: "fp16", torch.float32: "fp32", torch.int32: "i32", torch.int64: "i64"}
 OPTIONS = ("num_warps", "num_stages")
+# What one program may use: H100/H200 227 KiB of shared memory per block, MI300 64 KiB of LDS.
+SHARED_MEMORY = {"cuda": 227 * 1024, "hip": 64 * 1024}
 
 
 def _type(value) -> str:
@@ -96,8 +99,10 @@ def compile_all(targets):
         results[target] = {}
         for key, (kernel, signature, constexprs, options) in launches.items():
             try:
-                triton.compile(ASTSource(kernel, signature, constexprs), target=gpu, options=options)
-                results[target][key] = None
+                compiled = triton.compile(ASTSource(kernel, signature, constexprs), target=gpu, options=options)
+                shared = compiled.metadata.shared
+                too_big = shared > SHARED_MEMORY[backend]  # (a launch would fail: out of resources)
+                results[target][key] = f"shared memory {shared} > {SHARED_MEMORY[backend]} bytes" if too_big else None
             except Exception as e:  # noqa: BLE001 (reported per launch)
                 results[target][key] = f"{type(e).__name__}: {e}"[-2000:]
     return results
