@@ -4,7 +4,7 @@ The interpreter (triton_interpreter.py) runs the kernels' Python semantics and s
 compiler checks: a name bound to values of two types in the two branches of an `if`, a dtype that
 MMAs refuse, a shape that does not broadcast. Here the launches of the retention op are captured
 instead of run (JITFunction.run records the arguments and the config), each distinct launch is
-compiled with triton.compile for a target and its shared memory held against the target's limit.
+compiled with triton.compile for a GPU architecture, its shared memory held to that GPU's limit.
 Run as a script in a fresh process (the patch and RETNET_TRITON_AUTOTUNE=0, each kernel at its
 first valid config, stay out of the pytest process):
     python tests/kernels/triton_compile.py cuda:90 hip:gfx942
