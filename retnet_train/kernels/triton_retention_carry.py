@@ -49,23 +49,26 @@ def _states_carry_kernel(
     off = pe * BLOCK + tl.arange(0, BLOCK)
     ok = off < DX * DY
     c = _carry_in(FIN + bh * P * DX * DY, DX * DY, off, ok, doc, lg2, p, SEG * C, T, RESET)
-    if n < N:  # (distinct names: a name bound in both branches must have one type, and S may be bf16)
-        s_ptr = S + (bh * N + n) * DX * DY + off
-        tl.store(s_ptr, (tl.load(s_ptr, mask=ok).to(tl.float32) + g * c).to(S.dtype.element_ty), mask=ok)
+    if n < N:
+        _add(S + (bh * N + n) * DX * DY + off, g * c, ok)
     else:
-        fin_ptr = FIN + (bh * P + P - 1) * DX * DY + off
-        tl.store(fin_ptr, tl.load(fin_ptr, mask=ok) + g * c, mask=ok)
+        _add(FIN + (bh * P + P - 1) * DX * DY + off, g * c, ok)
     if WITH_Z:
         if pe == 0:
             oz = tl.arange(0, BZ)
             okz = oz < DX
             cz = _carry_in(ZFIN + bh * P * DX, DX, oz, okz, doc, lg2, p, SEG * C, T, RESET)
             if n < N:
-                z_ptr = Z + (bh * N + n) * DX + oz
-                tl.store(z_ptr, (tl.load(z_ptr, mask=okz).to(tl.float32) + g * cz).to(Z.dtype.element_ty), mask=okz)
+                _add(Z + (bh * N + n) * DX + oz, g * cz, okz)
             else:
-                zfin_ptr = ZFIN + (bh * P + P - 1) * DX + oz
-                tl.store(zfin_ptr, tl.load(zfin_ptr, mask=okz) + g * cz, mask=okz)
+                _add(ZFIN + (bh * P + P - 1) * DX + oz, g * cz, okz)
+
+
+# ptr[mask] += x, summed in fp32 and stored in ptr's dtype (the states S may be bf16). (A helper, not a
+# pointer bound in both branches of an `if`: Triton's compiler refuses a name of two types there.)
+@triton.jit
+def _add(ptr, x, mask):
+    tl.store(ptr, (tl.load(ptr, mask=mask).to(tl.float32) + x).to(ptr.dtype.element_ty), mask=mask)
 
 
 # gamma^(end - a), the decay from token a to token end, 0 when a document starts in (a, end).
