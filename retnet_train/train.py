@@ -12,8 +12,6 @@ Ctrl-C (no checkpoint saved: the run goes on from the last one).
 
 from __future__ import annotations
 
-import atexit
-import logging
 import os
 import sys
 
@@ -22,11 +20,11 @@ from omegaconf import DictConfig
 
 from .components.config import TrainConfig, register, typed_config
 from .components.preemption import PreemptionHandler
+from .components.process_exit import end_before_teardown, exit_with
 
 EXIT_FINISHED, EXIT_ERROR = 0, 1
 EXIT_PREEMPTED = 75  # EX_TEMPFAIL (sysexits.h): "a temporary failure; the user is invited to retry"
 EXIT_INTERRUPTED = 130  # Ctrl-C: 128 + SIGINT, as a shell reports it
-_status: int | None = None  # set by finish()
 
 
 def run(cfg: TrainConfig) -> dict:
@@ -87,26 +85,7 @@ def finish(status: int) -> None:
             os.replace(tmp, path)  # ranks on one node write the same file
         except OSError as e:
             print(f"warning: RETNET_EXIT_STATUS_FILE={path}: {e.strerror}", file=sys.stderr, flush=True)
-    global _status
-    _status = status
-    sys.exit(status)
-
-
-def end_before_teardown() -> None:
-    """Makes the process end with finish()'s status once the exit handlers registered after this call
-    have run, skipping the interpreter's teardown. Gloo's worker threads outlive destroy_process_group
-    (DeepSpeed keeps the groups referenced) and may still be releasing the tensors of the last
-    collective; one that needs the GIL while the interpreter tears down aborts the process ("terminate
-    called without an active exception", status -6 instead of finish()'s)."""
-
-    def end() -> None:
-        if _status is not None:
-            logging.shutdown()
-            sys.stdout.flush()
-            sys.stderr.flush()
-            os._exit(_status)
-
-    atexit.register(end)  # exit handlers run last-registered first: this one after torch's and the rest
+    exit_with(status)
 
 
 if __name__ == "__main__":

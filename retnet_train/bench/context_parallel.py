@@ -29,6 +29,7 @@ import torch.distributed as dist
 
 from ..components.distributed import init_distributed
 from ..components.metrics import peak_memory_gib
+from ..components.process_exit import end_before_teardown, exit_with
 from ..model import build_model
 from ..parallel import build_context_parallel, check_layout, parallelize
 from .engine import make_engine
@@ -206,4 +207,6 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
+    end_before_teardown()  # torch's exit handlers, registered at its import above, are skipped: none matters here
     main()
+    exit_with(0)

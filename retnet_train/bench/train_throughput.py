@@ -17,6 +17,7 @@ import sys
 import torch
 
 from ..components.distributed import init_distributed
+from ..components.process_exit import end_before_teardown, exit_with
 from .sweep import batch_for_length, plot_sweep, results_device
 from .throughput_args import add_run_args, add_sweep_args, add_training_args, model_specs
 from .throughput_measure import measure_or_oom
@@ -101,4 +102,6 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
+    end_before_teardown()  # torch's exit handlers, registered at its import above, are skipped: none matters here
     main()
+    exit_with(0)

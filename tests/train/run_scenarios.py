@@ -73,7 +73,7 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    from retnet_train.train import end_before_teardown
+    from retnet_train.components.process_exit import end_before_teardown
 
     end_before_teardown()
     main()
