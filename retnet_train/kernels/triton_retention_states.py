@@ -61,44 +61,16 @@ def _states_kernel(
     BT: tl.constexpr,
 ):
     pz = tl.program_id(2)  # segment-major: seg * BH + bh
+    # arguments grouped as _states_tile's parameters: pointers; sizes; strides; program; constexprs
+    # fmt: off
     _states_tile(
-        X,
-        Y,
-        S,
-        Z,
-        S0,
-        Z0,
-        FIN,
-        ZFIN,
-        DOC,
-        lg2_ptr,
-        T,
-        H,
-        N,
-        C,
-        sxb,
-        sxt,
-        sxh,
-        syb,
-        syt,
-        syh,
-        tl.program_id(0),
-        tl.program_id(1),
-        (pz % BH).to(tl.int64),
-        pz // BH,
-        SEG,
-        tl.num_programs(2) // BH,
-        DX,
-        DY,
-        False,  # REVERSE: the forward scan
-        WITH_Z,
-        HAS_S0,
-        RESET,
-        IEEE,
-        BX,
-        BY,
-        BT,
+        X, Y, S, Z, S0, Z0, FIN, ZFIN, DOC, lg2_ptr,
+        T, H, N, C,
+        sxb, sxt, sxh, syb, syt, syh,
+        tl.program_id(0), tl.program_id(1), (pz % BH).to(tl.int64), pz // BH, SEG, tl.num_programs(2) // BH,
+        DX, DY, False, WITH_Z, HAS_S0, RESET, IEEE, BX, BY, BT,  # REVERSE False: the forward scan
     )
+    # fmt: on
 
 
 # The backward's two scans in one launch (twice the programs): S_n from (k, v) on program ids
@@ -137,84 +109,27 @@ def _states_pair_kernel(
     BT: tl.constexpr,
 ):
     px, py, pz = tl.program_id(0), tl.program_id(1), tl.program_id(2).to(tl.int64)
+    # arguments grouped as _states_tile's parameters: pointers; sizes; strides; program; constexprs
     if pz < BH:
+        # fmt: off
         _states_tile(
-            K_,
-            V_,
-            S,
-            FIN,
-            S0,
-            FIN,
-            FIN,
-            FIN,
-            DOC,
-            lg2_ptr,
-            T,
-            H,
-            N,
-            C,
-            sxb,
-            sxt,
-            sxh,
-            syb,
-            syt,
-            syh,
-            px,
-            py,
-            pz,
-            0,
-            N,
-            1,
-            DX,
-            DY,
-            False,
-            False,
-            HAS_S0,
-            RESET,
-            IEEE,
-            BX,
-            BY,
-            BT,
+            K_, V_, S, FIN, S0, FIN, FIN, FIN, DOC, lg2_ptr,  # (FIN for the unused Z, Z0, ZFIN)
+            T, H, N, C,
+            sxb, sxt, sxh, syb, syt, syh,
+            px, py, pz, 0, N, 1,
+            DX, DY, False, False, HAS_S0, RESET, IEEE, BX, BY, BT,
         )
+        # fmt: on
     else:
+        # fmt: off
         _states_tile(
-            Q_,
-            DO,
-            G,
-            GFIN,
-            GFIN,
-            GFIN,
-            GFIN,
-            GFIN,
-            DOC,
-            lg2_ptr,
-            T,
-            H,
-            N,
-            C,
-            sxb,
-            sxt,
-            sxh,
-            syb,
-            syt,
-            syh,
-            px,
-            py,
-            pz - BH,
-            0,
-            N,
-            1,
-            DX,
-            DY,
-            True,
-            False,
-            False,
-            RESET,
-            IEEE,
-            BX,
-            BY,
-            BT,
+            Q_, DO, G, GFIN, GFIN, GFIN, GFIN, GFIN, DOC, lg2_ptr,  # (GFIN for the unused Z, S0, Z0, ZFIN)
+            T, H, N, C,
+            sxb, sxt, sxh, syb, syt, syh,
+            px, py, pz - BH, 0, N, 1,
+            DX, DY, True, False, False, RESET, IEEE, BX, BY, BT,  # REVERSE: dG_n, from the last chunk back
         )
+        # fmt: on
 
 
 @triton.jit

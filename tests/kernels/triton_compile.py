@@ -8,11 +8,16 @@ compiled with triton.compile for a GPU architecture, its shared memory held to t
 Run as a script in a fresh process (the patch and RETNET_TRITON_AUTOTUNE=0, each kernel at its
 first valid config, stay out of the pytest process):
     python tests/kernels/triton_compile.py cuda:90 hip:gfx942
-prints one JSON line {target: {launch: null or the error}}.
+prints one JSON line {target: {launch: null or the error}}. With --digest first, {target: {launch: a
+digest of the generated code}} instead (PTX or AMDGCN without its debug info and line marks): a
+refactor of the kernels' source that leaves every digest as it was leaves the GPU code unchanged,
+so it needs no new timing run.
 """
 
+import hashlib
 import json
 import os
+import re
 import sys
 
 os.environ["RETNET_TRITON_AUTOTUNE"] = "0"
@@ -90,16 +95,42 @@ def retention_launches():
     return unique
 
 
+def _gpu(target: str) -> GPUTarget:
+    backend, arch = target.split(":")
+    return GPUTarget(backend, int(arch) if arch.isdigit() else arch, 32 if backend == "cuda" else 64)
+
+
+def _compile(gpu: GPUTarget, kernel, signature, constexprs, options):
+    return triton.compile(ASTSource(kernel, signature, constexprs), target=gpu, options=options)
+
+
+def code_digest(compiled, backend: str) -> str:
+    """sha1 of the generated code without what moves with the source's lines (DWARF, .loc marks, comments)."""
+    text = compiled.asm["ptx" if backend == "cuda" else "amdgcn"]
+    code = re.split(r"\n\s*\.section\s+\.?debug", text)[0]
+    lines = [line for line in code.splitlines() if not re.match(r"\s*(\.loc|\.file|//|;)", line)]
+    return hashlib.sha1("\n".join(lines).encode()).hexdigest()
+
+
+def digest_all(targets):
+    launches = retention_launches()
+    return {
+        target: {
+            key: code_digest(_compile(_gpu(target), *launch), target.split(":")[0]) for key, launch in launches.items()
+        }
+        for target in targets
+    }
+
+
 def compile_all(targets):
     launches = retention_launches()
     results = {}
     for target in targets:
-        backend, arch = target.split(":")
-        gpu = GPUTarget(backend, int(arch) if arch.isdigit() else arch, 32 if backend == "cuda" else 64)
+        backend = target.split(":")[0]
         results[target] = {}
         for key, (kernel, signature, constexprs, options) in launches.items():
             try:
-                compiled = triton.compile(ASTSource(kernel, signature, constexprs), target=gpu, options=options)
+                compiled = _compile(_gpu(target), kernel, signature, constexprs, options)
                 shared = compiled.metadata.shared
                 too_big = shared > SHARED_MEMORY[backend]  # (a launch would fail: out of resources)
                 results[target][key] = f"shared memory {shared} > {SHARED_MEMORY[backend]} bytes" if too_big else None
@@ -110,4 +141,7 @@ def compile_all(targets):
 
 if __name__ == "__main__":
     sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))))
-    print(json.dumps(compile_all(sys.argv[1:])))
+    if sys.argv[1] == "--digest":
+        print(json.dumps(digest_all(sys.argv[2:])))
+    else:
+        print(json.dumps(compile_all(sys.argv[1:])))
