@@ -56,7 +56,6 @@ def _apply_kernel(
     bh = tl.program_id(2).to(tl.int64)
     b, h = bh // H, bh % H
     lg2 = tl.load(lg2_ptr + h)
-    prec: tl.constexpr = "ieee" if IEEE else "tf32"
     r0 = pid_r * BR
     n = r0 // C
     c0 = n * C
@@ -67,10 +66,29 @@ def _apply_kernel(
     x_rows = X + b * sxb + h * sxh + orr[:, None].to(tl.int64) * sxt
     yb = Y + b * syb + h * syh
     ab = A + bh * T * C - c0  # + t * C + c: score (t, c)
+    acc = _state_term(x_rows, M + (bh * N + n) * E * D, mr, od, E, D, TRANS_M, IEEE, BR, BD, BE)
+    acc = acc * _row_decay(DOC, b, T, lg2, orr, mr, c0, end, KEY_ROWS, RESET)[:, None]
+    acc = _causal_term(acc, ab, yb, syt, orr, mr, od, r0, c0, end, T, C, KEY_ROWS, IEEE, BR, BC)
+    ob = OUT + b * sob + h * soh
+    tl.store(ob + orr[:, None].to(tl.int64) * sot + od[None, :], acc.to(OUT.dtype.element_ty), mask=mr[:, None])
 
-    # The state term, times the row decay.
+
+@triton.jit
+def _state_term(
+    x_rows,
+    mbase,
+    mr,
+    od,
+    E: tl.constexpr,
+    D: tl.constexpr,
+    TRANS_M: tl.constexpr,
+    IEEE: tl.constexpr,
+    BR: tl.constexpr,
+    BD: tl.constexpr,
+    BE: tl.constexpr,
+):
+    """X_r @ M_n for the row block (x_rows: its rows of X) and the column tile od, [BR, BD] fp32."""
     acc = tl.zeros([BR, BD], dtype=tl.float32)
-    mbase = M + (bh * N + n) * E * D
     for e0 in range(0, E, BE):
         oe = e0 + tl.arange(0, BE)
         x = tl.load(x_rows + oe[None, :], mask=mr[:, None], other=0.0)
@@ -78,7 +96,13 @@ def _apply_kernel(
             m = tl.load(mbase + od[None, :] * E + oe[:, None])
         else:
             m = tl.load(mbase + oe[:, None] * D + od[None, :])
-        acc = tl.dot(x, m, acc, input_precision=prec)
+        acc = tl.dot(x, m, acc, input_precision="ieee" if IEEE else "tf32")
+    return acc
+
+
+@triton.jit
+def _row_decay(DOC, b, T, lg2, orr, mr, c0, end, KEY_ROWS: tl.constexpr, RESET: tl.constexpr):
+    """rdec_r of the rows orr (see above) of sequence b."""
     if KEY_ROWS:
         rdec = tl.exp2(lg2 * tl.maximum(end - 1 - orr, 0).to(tl.float32))
         if RESET:
@@ -87,9 +111,29 @@ def _apply_kernel(
         rdec = tl.exp2(lg2 * (orr - c0 + 1).to(tl.float32))
         if RESET:
             rdec = tl.where(tl.load(DOC + b * T + orr, mask=mr, other=0) < c0, rdec, 0.0)
-    acc = acc * rdec[:, None]
+    return rdec
 
-    # The chunk's columns on the causal side, BC at a time.
+
+@triton.jit
+def _causal_term(
+    acc,
+    ab,
+    yb,
+    syt,
+    orr,
+    mr,
+    od,
+    r0,
+    c0,
+    end,
+    T,
+    C,
+    KEY_ROWS: tl.constexpr,
+    IEEE: tl.constexpr,
+    BR: tl.constexpr,
+    BC: tl.constexpr,
+):
+    """acc + sum_c P_rc Y_c over the chunk's columns on the causal side of the row block, BC at a time."""
     if KEY_ROWS:
         lo, hi = r0, end
     else:
@@ -103,7 +147,5 @@ def _apply_kernel(
         else:
             p = tl.load(ab + orr[:, None].to(tl.int64) * C + oc[None, :], mask=mr[:, None], other=0.0)
         yc = tl.load(yb + oc[:, None].to(tl.int64) * syt + od[None, :], mask=mc[:, None], other=0.0)
-        acc = tl.dot(p, yc, acc, input_precision=prec)
-
-    ob = OUT + b * sob + h * soh
-    tl.store(ob + orr[:, None].to(tl.int64) * sot + od[None, :], acc.to(OUT.dtype.element_ty), mask=mr[:, None])
+        acc = tl.dot(p, yc, acc, input_precision="ieee" if IEEE else "tf32")
+    return acc

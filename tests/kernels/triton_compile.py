@@ -105,10 +105,13 @@ def _compile(gpu: GPUTarget, kernel, signature, constexprs, options):
 
 
 def code_digest(compiled, backend: str) -> str:
-    """sha1 of the generated code without what moves with the source's lines (DWARF, .loc marks, comments)."""
+    """sha1 of the generated code without what moves with the source (DWARF, .loc marks, the labels of
+    inlined functions' scopes, comments)."""
     text = compiled.asm["ptx" if backend == "cuda" else "amdgcn"]
     code = re.split(r"\n\s*\.section\s+\.?debug", text)[0]
-    lines = [line for line in code.splitlines() if not re.match(r"\s*(\.loc|\.file|//|;)", line)]
+    lines = [
+        line for line in code.splitlines() if not re.match(r"\s*(\.loc|\.file|//|;|\$L__tmp\d+:|\.Ltmp\d+:)", line)
+    ]
     return hashlib.sha1("\n".join(lines).encode()).hexdigest()
 
 
