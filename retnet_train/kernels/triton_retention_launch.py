@@ -19,6 +19,9 @@ from .triton_retention_states import _states_kernel, _states_pair_kernel
 INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
 # Under RETNET_TRITON_AUTOTUNE=0 each kernel runs its first valid config (no tuning on a first call).
 AUTOTUNE = os.environ.get("RETNET_TRITON_AUTOTUNE", "1") != "0" and not INTERPRET
+# Fused multiply-adds asked for, not left to Triton's default, which turns them off from Triton 3.10:
+# the kernels compile to the same code (and speed) under every Triton.
+COMPILE = {} if INTERPRET else {"enable_fp_fusion": True}
 
 
 def _configs(names, rows):
@@ -137,10 +140,10 @@ def launch(name, grid, args: dict):
     if args["IEEE"]:
         configs = FP32_CONFIGS[family]
     elif AUTOTUNE and not fixed:
-        tuned[grid](**args)
+        tuned[grid](**args, **COMPILE)
         return
     cfg = _fixed_config(configs, prune, args, fixed)
-    opts = {} if INTERPRET else {"num_warps": cfg.num_warps, "num_stages": cfg.num_stages}
+    opts = {} if INTERPRET else {"num_warps": cfg.num_warps, "num_stages": cfg.num_stages, **COMPILE}
     raw[grid(cfg.kwargs)](**args, **cfg.kwargs, **opts)
 
 
@@ -178,5 +181,5 @@ def launch_carry(batch_heads: int, args: dict):
     """The segments' carry pass (_states_carry_kernel) over every later chunk and the final state."""
     DXY, N, SEG = args["DX"] * args["DY"], args["N"], args["SEG"]
     grid = (triton.cdiv(DXY, CARRY_BLOCK), N - SEG + 1, batch_heads)
-    opts = {} if INTERPRET else {"num_warps": 4}
+    opts = {} if INTERPRET else {"num_warps": 4, **COMPILE}
     _states_carry_kernel[grid](**args, BLOCK=CARRY_BLOCK, BZ=triton.next_power_of_2(args["DX"]), **opts)

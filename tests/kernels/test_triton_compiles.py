@@ -1,6 +1,7 @@
 """Every Triton retention kernel compiles for an NVIDIA H100/H200 (sm_90) and an AMD MI300 (gfx942)
 target, checked on CPU: the launches of a bf16 forward + backward are captured and compiled
-(triton_compile.py, in a fresh process)."""
+(triton_compile.py, in a fresh process); and to the same code whatever Triton's default for fused
+multiply-adds (off from Triton 3.10)."""
 
 import json
 import os
@@ -15,19 +16,33 @@ KERNELS = {"_states_kernel", "_states_carry_kernel", "_scores_kernel", "_apply_k
 pytest.importorskip("triton")
 
 
-@pytest.mark.parametrize("target", ["cuda:90", "hip:gfx942"])
-def test_kernels_compile_for_target(target, tmp_path):
-    env = dict(os.environ, TRITON_CACHE_DIR=str(tmp_path / "cache"))  # (compiled here, not read from a cache)
+def compile_script(args: list, cache, **env_vars) -> dict:
+    """triton_compile.py's JSON for args, compiled into the Triton cache directory `cache`."""
+    env = dict(os.environ, TRITON_CACHE_DIR=str(cache), **env_vars)
     env.pop("TRITON_INTERPRET", None)
     r = subprocess.run(
-        [sys.executable, os.path.join(HERE, "triton_compile.py"), target],
+        [sys.executable, os.path.join(HERE, "triton_compile.py"), *args],
         env=env,
         capture_output=True,
         text=True,
         timeout=600,
     )
     assert r.returncode == 0, r.stderr[-3000:]
-    results = json.loads(r.stdout.strip().splitlines()[-1])[target]
+    return json.loads(r.stdout.strip().splitlines()[-1])
+
+
+@pytest.mark.parametrize("target", ["cuda:90", "hip:gfx942"])
+def test_kernels_compile_for_target(target, tmp_path):
+    results = compile_script([target], tmp_path / "cache")[target]  # (compiled here, not read from a cache)
     assert {key.split("[")[0] for key in results} == KERNELS
     failed = {key: err for key, err in results.items() if err is not None}
     assert not failed, "\n\n".join(f"{key}\n{err}" for key, err in failed.items())
+
+
+def test_the_generated_code_does_not_depend_on_tritons_fp_fusion_default(tmp_path):
+    fused, unfused = (
+        compile_script(["--digest", "cuda:90"], tmp_path / "cache", TRITON_DEFAULT_FP_FUSION=default)["cuda:90"]
+        for default in ("1", "0")
+    )
+    assert set(fused) == set(unfused) and {key.split("[")[0] for key in fused} == KERNELS
+    assert fused == unfused  # the launches ask for fused multiply-adds themselves

@@ -29,7 +29,7 @@ from triton.compiler import ASTSource  # noqa: E402
 from triton.runtime.jit import JITFunction  # noqa: E402
 
 DTYPES = {torch.bfloat16: "bf16", torch.float16: "fp16", torch.float32: "fp32", torch.int32: "i32", torch.int64: "i64"}
-OPTIONS = ("num_warps", "num_stages")
+OPTIONS = ("num_warps", "num_stages", "enable_fp_fusion")
 # What one program may use: H100/H200 227 KiB of shared memory per block, MI300 64 KiB of LDS.
 SHARED_MEMORY = {"cuda": 227 * 1024, "hip": 64 * 1024}
 
