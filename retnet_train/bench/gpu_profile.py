@@ -25,7 +25,7 @@ CATEGORIES = [  # first match wins, by CUDA kernel name
     ("cross_entropy", ("cross_entropy", "softmax", "logsumexp", "nll")),
     ("norm", ("norm",)),
 ]
-# rows that are not kernels: ops and ranges whose device time is their kernels' again, runtime calls
+# rows that are not kernels: ops and ranges (their device time counts their kernels' a second time), runtime calls
 NOT_KERNELS = ("aten::", "ProfilerStep", "##", "cuda", "Optimizer.")
 
 

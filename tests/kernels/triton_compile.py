@@ -104,10 +104,10 @@ def _compile(gpu: GPUTarget, kernel, signature, constexprs, options):
     return triton.compile(ASTSource(kernel, signature, constexprs), target=gpu, options=options)
 
 
-def code_digest(compiled, backend: str) -> str:
-    """sha1 of the generated code without what moves with the source (DWARF, .loc marks, the labels of
-    inlined functions' scopes, comments)."""
-    text = compiled.asm["ptx" if backend == "cuda" else "amdgcn"]
+def code_digest(compiled) -> str:
+    """sha1 of the generated code (PTX or AMDGCN) without what moves with the source (DWARF, .loc marks,
+    the labels of inlined functions' scopes, comments)."""
+    text = compiled.asm["ptx"] if "ptx" in compiled.asm else compiled.asm["amdgcn"]
     code = re.split(r"\n\s*\.section\s+\.?debug", text)[0]
     lines = [
         line for line in code.splitlines() if not re.match(r"\s*(\.loc|\.file|//|;|\$L__tmp\d+:|\.Ltmp\d+:)", line)
@@ -118,10 +118,8 @@ def code_digest(compiled, backend: str) -> str:
 def digest_all(targets):
     launches = retention_launches()
     return {
-        target: {
-            key: code_digest(_compile(_gpu(target), *launch), target.split(":")[0]) for key, launch in launches.items()
-        }
-        for target in targets
+        target: {key: code_digest(_compile(gpu, *launch)) for key, launch in launches.items()}
+        for target, gpu in ((t, _gpu(t)) for t in targets)
     }
 
 
@@ -129,14 +127,14 @@ def compile_all(targets):
     launches = retention_launches()
     results = {}
     for target in targets:
-        backend = target.split(":")[0]
+        gpu = _gpu(target)
+        limit = SHARED_MEMORY[gpu.backend]
         results[target] = {}
-        for key, (kernel, signature, constexprs, options) in launches.items():
+        for key, launch in launches.items():
             try:
-                compiled = _compile(_gpu(target), kernel, signature, constexprs, options)
-                shared = compiled.metadata.shared
-                too_big = shared > SHARED_MEMORY[backend]  # (a launch would fail: out of resources)
-                results[target][key] = f"shared memory {shared} > {SHARED_MEMORY[backend]} bytes" if too_big else None
+                shared = _compile(gpu, *launch).metadata.shared
+                too_big = shared > limit  # (a launch would fail: out of resources)
+                results[target][key] = f"shared memory {shared} > {limit} bytes" if too_big else None
             except Exception as e:  # noqa: BLE001 (reported per launch)
                 results[target][key] = f"{type(e).__name__}: {e}"[-2000:]
     return results

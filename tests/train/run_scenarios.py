@@ -41,8 +41,9 @@ def main() -> None:
     import torch.distributed as dist
 
     from retnet_train.components.config import typed_config  # as the CLI converts it
+    from retnet_train.components.process_exit import exit_with
     from retnet_train.preflight import compose_trainer_config  # composes as the CLI does
-    from retnet_train.train import finish, run
+    from retnet_train.train import run
 
     spec = json.loads(Path(sys.argv[1]).read_text())
     rank = int(os.environ.get("RANK", 0))
@@ -69,7 +70,7 @@ def main() -> None:
         )
     if dist.is_initialized():
         dist.destroy_process_group()
-    finish(0)  # ends as the CLI does, without the interpreter teardown that a Gloo thread can abort
+    exit_with(0)  # ends as the CLI does, without the interpreter teardown that a Gloo thread can abort
 
 
 if __name__ == "__main__":
