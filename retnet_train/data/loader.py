@@ -8,12 +8,13 @@ so the whole stream is a pure function of (sources, seq_len, seed) and the loade
 single counter: global sequences consumed. Data-parallel rank r of W takes, from the resume
 point on, sequences r, r + W, r + 2W, ... of each micro-step's B * W; a resumed run therefore
 continues with exactly the next sequences even if B, gradient accumulation or W changed.
+A run switched to another stream on purpose (switch_on_change, stream_switch.py) starts each source's
+k at the windows earlier streams read of it (`offsets`).
 """
 
 from __future__ import annotations
 
 import math
-import warnings
 from typing import Any, Iterator, Mapping
 
 import numpy as np
@@ -29,9 +30,11 @@ from retnet_train.data.sources import (
     validation_share,
     window_counts,
 )
+from retnet_train.data.stream_switch import continued_offsets, switch_note
 from retnet_train.data.token_stream import SourceHeader, TokenStream, open_header
 
-STATE_VERSION = 1
+STATE_VERSION = 2  # 2: + offsets (1 is read as none)
+READ_VERSIONS = (1, 2)
 
 
 def _check_rank(dp_rank: int, dp_world_size: int) -> None:
@@ -68,6 +71,9 @@ class TokenLoader:
     tokenizer_sha256 / vocab_size / eos_id: what the model expects; any manifest that disagrees is
     an error naming it. verify_checksums: sha256 every shard on open (sizes are always checked).
     change_hint: appended to the refusal of a state from another stream (what to do about it).
+    switch_on_change: a state from another stream is not refused: a new stream starts, each source
+    after the windows the saved one read of it where its data and windowing are the same
+    (stream_switch.py); `switched` then says what changed and where each source starts.
     """
 
     def __init__(
@@ -84,17 +90,20 @@ class TokenLoader:
         eos_id: int | None = None,
         verify_checksums: bool = False,
         change_hint: str = "",
+        switch_on_change: bool = False,
     ):
         self.seq_len = check_positive_int("seq_len", seq_len)
         self.micro_batch_size = check_positive_int("micro_batch_size", micro_batch_size)
         _check_rank(dp_rank, dp_world_size)
         self.dp_rank, self.dp_world_size = int(dp_rank), int(dp_world_size)
         self.seed, self.split, self.change_hint = int(seed), split, change_hint
+        self.switch_on_change, self.switched = switch_on_change, None
         plan = plan_stream(sources, self.seq_len, split, tokenizer_sha256, vocab_size, eos_id)
         self.weights, self.schedule, self.windows = plan.weights, plan.schedule, plan.windows
         self.streams = open_streams(plan, verify_checksums, vocab_size)
         self.eos_id = next(iter(self.streams.values())).eos_id
         self.consumed = 0  # global sequences consumed by all ranks together
+        self.offsets = {name: 0 for name in self.streams}  # windows of each source read before this stream
 
     @property
     def documents_start_with_bos(self) -> bool:
@@ -124,7 +133,7 @@ class TokenLoader:
 
     def _window_index(self, name: str, k: np.ndarray) -> np.ndarray:
         n = self.windows[name]
-        epoch, i = np.divmod(k, n)
+        epoch, i = np.divmod(k + self.offsets[name], n)
         window = np.empty_like(k)
         for e in np.unique(epoch):  # one or two epochs per batch in practice
             sel = epoch == e
@@ -141,22 +150,28 @@ class TokenLoader:
             "weights": dict(self.weights),
             "windows": dict(self.windows),
             "sources": {name: _source_state(stream.header) for name, stream in self.streams.items()},
+            "offsets": dict(self.offsets),
         }
 
-    def load_state_dict(self, state: Mapping[str, Any], strict: bool = True) -> None:
+    def load_state_dict(self, state: Mapping[str, Any]) -> None:
         """Continue after `state["consumed_sequences"]`. Everything that defines the stream must be
-        unchanged (else the run would silently repeat or skip data); B and W may differ.
-        strict=False accepts a changed stream on purpose (new data or mix): only the counter is
-        carried over, with a warning."""
-        if state.get("version") != STATE_VERSION:
-            raise ValueError(f"loader state version {state.get('version')!r} is not {STATE_VERSION}")
-        for msg in self._stream_changes(state):
-            if strict:
-                raise ValueError(msg + self.change_hint)
-            warnings.warn(msg + "; continuing the new stream at the same sequence count", stacklevel=2)
+        unchanged (else the run would silently repeat or skip data); B and W may differ. With
+        switch_on_change a changed stream is started instead (class docstring)."""
+        if state.get("version") not in READ_VERSIONS:
+            raise ValueError(f"loader state version {state.get('version')!r} is not one of {READ_VERSIONS}")
         consumed = state.get("consumed_sequences")
         if not isinstance(consumed, int) or consumed < 0:
             raise ValueError(f"loader state key 'consumed_sequences' must be an integer >= 0, got {consumed!r}")
+        changes = self._stream_changes(state)
+        if changes and not self.switch_on_change:
+            raise ValueError(changes[0] + self.change_hint)
+        if changes:
+            digests = {name: stream.header.digest for name, stream in self.streams.items()}
+            self.offsets = continued_offsets(state, digests, self.windows, self.seq_len, self.seed)
+            self.consumed, self.switched = 0, switch_note(changes, self.offsets, self.windows)
+            return
+        offsets = state.get("offsets") or {}
+        self.offsets = {name: int(offsets.get(name, 0)) for name in self.streams}
         self.consumed = consumed
 
     def _stream_changes(self, state: Mapping[str, Any]) -> list[str]:
