@@ -41,7 +41,7 @@ def export_llama_init(cfg, directory: Path) -> Path:
 
 def make_optimizer(cfg, model, device):
     """AdamW over the trainer's parameter groups, and the trainer's learning-rate schedule."""
-    from ..components.optim import lr_lambda, param_groups
+    from ..components.optim import lr_schedule, param_groups
 
     o = cfg.optim
     optimizer = torch.optim.AdamW(
@@ -51,9 +51,7 @@ def make_optimizer(cfg, model, device):
         eps=o.eps,
         fused=device.type == "cuda" or None,
     )
-    schedule = torch.optim.lr_scheduler.LambdaLR(
-        optimizer, lambda s: lr_lambda(s, o.warmup_steps, cfg.train.max_steps, o.decay, o.min_lr_ratio)
-    )
+    schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_schedule(cfg))
     return optimizer, schedule
 
 

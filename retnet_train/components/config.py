@@ -32,10 +32,12 @@ class OptimConfig:
     weight_decay: float = 0.05
     no_decay_embeddings: bool = True  # norms and biases never decay
     warmup_steps: int = 375
-    decay: str = "linear"  # linear | cosine | constant
+    decay: str = "linear"  # linear | cosine | sqrt (1 - sqrt) | constant: its shape down to lr * min_lr_ratio
+    decay_fraction: Optional[float] = None  # null | (0, 1]: decay over the last fraction of train.max_steps (WSD)
     grad_clip: float = 1.0
 
 
+DECAYS = ("linear", "cosine", "sqrt", "constant")
 PRECISIONS = ("bf16", "bf16-mixed", "fp16", "fp32")
 FP32_WEIGHTS = ("fp32", "bf16-mixed")  # precisions whose weights, gradients and checkpoints are fp32
 
@@ -247,11 +249,10 @@ def _check_data(data: DataConfig) -> None:
 def _check_optim(optim: OptimConfig) -> None:
     _need(optim.lr > 0, "optim.lr", "must be > 0")
     _need(len(optim.betas) == 2 and all(0 <= b < 1 for b in optim.betas), "optim.betas", "two values in [0, 1)")
-    _need(
-        optim.decay in ("linear", "cosine", "constant"),
-        "optim.decay",
-        f"{optim.decay!r} is not linear|cosine|constant",
-    )
+    _need(optim.decay in DECAYS, "optim.decay", f"{optim.decay!r} is not {'|'.join(DECAYS)}")
+    fraction = optim.decay_fraction
+    _need(fraction is None or 0 < fraction <= 1, "optim.decay_fraction", f"{fraction} is not in (0, 1] (or null)")
+    _need(fraction is None or optim.decay != "constant", "optim.decay_fraction", "optim.decay=constant does not decay")
     _need(optim.warmup_steps >= 0, "optim.warmup_steps", "must be >= 0")
     _need(optim.eps > 0, "optim.eps", "must be > 0")
     _need(optim.weight_decay >= 0, "optim.weight_decay", "must be >= 0")

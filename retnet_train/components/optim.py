@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import math
-from typing import Optional
+from typing import Callable, Optional
 
 import torch
 
@@ -21,15 +21,32 @@ def param_groups(model: torch.nn.Module, weight_decay: float, no_decay_embedding
     return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
 
 
-def lr_lambda(step: int, warmup: int, total: int, decay: str, min_ratio: float) -> float:
-    """Multiplier of the peak lr after `step` optimizer steps: linear warm-up, then decay to min_ratio."""
+def lr_lambda(
+    step: int, warmup: int, total: int, decay: str, min_ratio: float, decay_fraction: Optional[float] = None
+) -> float:
+    """Multiplier of the peak lr after `step` optimizer steps: linear warm-up, then decay (linear, cosine
+    or 1 - sqrt) to min_ratio at step `total`. The decay starts when warm-up ends or, with decay_fraction
+    (warmup-stable-decay), holds the peak until the last round(decay_fraction x total) steps, at least
+    one, never before warm-up ends."""
     if step < warmup:
         return (step + 1) / warmup
-    if decay == "constant" or total <= warmup:
+    start = warmup if decay_fraction is None else max(warmup, total - max(1, round(decay_fraction * total)))
+    if decay == "constant" or total <= warmup or step < start:
         return 1.0
-    progress = min(1.0, (step - warmup) / max(1, total - warmup))
-    shape = 1 - progress if decay == "linear" else 0.5 * (1 + math.cos(math.pi * progress))
+    progress = min(1.0, (step - start) / max(1, total - start))
+    if decay == "linear":
+        shape = 1 - progress
+    elif decay == "sqrt":
+        shape = 1 - math.sqrt(progress)
+    else:
+        shape = 0.5 * (1 + math.cos(math.pi * progress))
     return min_ratio + (1 - min_ratio) * shape
+
+
+def lr_schedule(cfg: TrainConfig) -> Callable[[int], float]:
+    """The LambdaLR function of optim.* and train.max_steps."""
+    o = cfg.optim
+    return lambda s: lr_lambda(s, o.warmup_steps, cfg.train.max_steps, o.decay, o.min_lr_ratio, o.decay_fraction)
 
 
 class GuardedAdamW(torch.optim.AdamW):
@@ -148,9 +165,7 @@ def build_optimizer(model, cfg: TrainConfig, device: torch.device):
         optimizer = GuardedAdamW(groups, o.grad_clip, lr=o.lr, betas=tuple(o.betas), eps=o.eps, fused=fused or None)
     else:
         optimizer = torch.optim.AdamW(groups, lr=o.lr, betas=tuple(o.betas), eps=o.eps, fused=fused or None)
-    scheduler = torch.optim.lr_scheduler.LambdaLR(
-        optimizer, lambda s: lr_lambda(s, o.warmup_steps, cfg.train.max_steps, o.decay, o.min_lr_ratio)
-    )
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_schedule(cfg))
     return optimizer, scheduler
 
 

@@ -52,8 +52,8 @@ def config(**optim) -> TrainConfig:
     return cfg
 
 
-def saved_run(tmp_path, steps: int = 4):
-    engine = Engine(config())
+def saved_run(tmp_path, steps: int = 4, **optim):
+    engine = Engine(config(**optim))
     engine.train(steps)
     manager = CheckpointManager(str(tmp_path), keep_last=2, rank=0)
     state = TrainState(step=steps, tokens_seen=steps * 8)
@@ -103,3 +103,27 @@ def test_changed_optim_settings_take_effect_and_the_moments_are_kept(tmp_path):
             assert float(resumed.optimizer.state[b]["step"]) == 4
     resumed.train(1)
     assert resumed.lr_scheduler.get_last_lr() == [1e-4 * lr_lambda(5, 2, 20, "linear", 0.0)] * 2
+
+
+def lrs(engine: Engine, steps: int) -> list:
+    """The rates of the next `steps` optimizer steps."""
+    out = []
+    for _ in range(steps):
+        out.append(engine.lr_scheduler.get_last_lr()[0])
+        engine.train(1)
+    return out
+
+
+def test_raising_max_steps_in_the_stable_phase_moves_the_decay_later(tmp_path):
+    """Warm-up-stable-decay over the last half: 10 steps decay from index 5; resumed at step 4 with
+    max_steps 20 the peak holds through index 10 and the decay takes the last 10 steps, no jump."""
+    saved, manager = saved_run(tmp_path, decay_fraction=0.5)
+    cfg = config(decay_fraction=0.5)
+    cfg.train.max_steps = 20
+    resumed = resume(manager, cfg)
+    assert resumed.lr_scheduler.get_last_lr() == saved.lr_scheduler.get_last_lr() == [1e-3, 1e-3]
+    assert lrs(saved, 3) == [1e-3, 1e-3, 1e-3 * 0.8]  # indices 4, 5, 6 of the 10-step run
+    extended = lrs(resumed, 16)  # indices 4 to 19
+    assert extended[:7] == [1e-3] * 7
+    assert extended[7:] == [1e-3 * (1 - k / 10) for k in range(1, 10)]
+    assert resumed.lr_scheduler.get_last_lr() == [0.0, 0.0]  # after the last step: lr x min_lr_ratio
