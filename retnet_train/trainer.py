@@ -137,6 +137,8 @@ class Trainer:
         if self.is_main:
             for line in resumed_lines(path, self.state, self.plan.notes, client.get("config"), self.resolved):
                 print(line, flush=True)
+            if self.loader.switched:
+                print(self.loader.switched, flush=True)
 
     def _open_outputs(self) -> None:
         """Run dir, console banner, metrics, profiler and progress bar."""

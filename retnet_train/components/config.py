@@ -21,6 +21,9 @@ class DataConfig:
     seq_len: int = 2048
     seed: int = 1234
     verify_checksums: bool = False
+    # a resume onto other data.* than the checkpoint's: refuse | switch (a new stream from the checkpoint's
+    # step, each unchanged source continuing where it stopped: retnet_train/data/stream_switch.py)
+    on_change: str = "refuse"
 
 
 @dataclass
@@ -244,6 +247,7 @@ def _check_data(data: DataConfig) -> None:
     )
     _need(all(w > 0 for w in data.weights), "data.weights", "must all be > 0")
     _need(data.seq_len > 0, "data.seq_len", "must be > 0")
+    _need(data.on_change in ("refuse", "switch"), "data.on_change", f"{data.on_change!r} is not refuse|switch")
 
 
 def _check_optim(optim: OptimConfig) -> None:
@@ -268,15 +272,8 @@ def _check_deepspeed(ds: DeepSpeedConfig) -> None:
     check_grad_accum_dtype(ds)
 
 
-_POSITIVE_TRAIN_KEYS = (
-    "micro_batch_size",
-    "global_batch_tokens",
-    "max_steps",
-    "log_interval",
-    "eval_interval",
-    "eval_batches",
-    "max_consecutive_nonfinite",
-)
+_POSITIVE_TRAIN_KEYS = "micro_batch_size global_batch_tokens max_steps log_interval eval_interval eval_batches".split()
+_POSITIVE_TRAIN_KEYS += ["max_consecutive_nonfinite"]
 
 
 def _check_train(train: TrainSection) -> None:

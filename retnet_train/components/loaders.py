@@ -25,6 +25,7 @@ def build_loaders(cfg: TrainConfig, vocab_size: int, dp_rank: int, dp_world: int
         vocab_size=vocab_size,
         verify_checksums=cfg.data.verify_checksums,
         change_hint=_change_hint(cfg),
+        switch_on_change=cfg.data.on_change == "switch",
     )
     val_loader = build_validation_loader(
         sources,
@@ -70,8 +71,9 @@ def _change_hint(cfg: TrainConfig) -> str:
     """How to go on when a resume finds another data stream than its checkpoint's."""
     return (
         f"; data.paths={list(cfg.data.paths)} (with data.weights, data.seed, data.seq_len) must give the "
-        "checkpoint's data stream: to train on other data, start a new run.dir with "
-        "train.init_weights=<this checkpoint>"
+        "checkpoint's data stream. To go on with this data from the checkpoint (weights, optimizer, schedule "
+        "and step kept; each unchanged source continues where it stopped): data.on_change=switch; to start "
+        "afresh from its weights: a new run.dir with train.init_weights=<this checkpoint>"
     )
 
 

@@ -1,4 +1,4 @@
-"""Switching a resumed run to another data stream (data.resume=switch): where each source starts.
+"""Switching a resumed run to another data stream (data.on_change=switch): where each source starts.
 
 A stream is a pure function of its sources, weights, seq_len and seed (loader.py), so the windows the
 checkpoint's stream read of each source follow from its saved weights and sequence count alone. A
@@ -57,6 +57,6 @@ def switch_note(changes: list[str], offsets: Mapping[str, int], windows: Mapping
         where = f"window {window:,} of {windows[name]:,}, epoch {epoch}" if offsets[name] else "its beginning"
         starts.append(f"{name} at {where}")
     return (
-        f"data.resume=switch: the data stream changed since the checkpoint ({'; '.join(changes)}); a new stream "
+        f"data.on_change=switch: the data stream changed since the checkpoint ({'; '.join(changes)}); a new stream "
         f"starts here, each source where the checkpoint's left it: {', '.join(starts)}"
     )

@@ -28,6 +28,7 @@ def with_values(**values) -> TrainConfig:
         (dict(data__weights=[0.5, 0.5]), "data.weights: 2 weights for 1 paths"),
         (dict(data__weights=[0.0]), "data.weights: must all be > 0"),
         (dict(data__seq_len=0), "data.seq_len: must be > 0"),
+        (dict(data__on_change="continue"), "data.on_change: 'continue' is not refuse|switch"),
         (dict(optim__lr=0.0), "optim.lr: must be > 0"),
         (dict(optim__betas=[0.9, 1.0]), "optim.betas: two values in [0, 1)"),
         (dict(optim__decay="step"), "optim.decay: 'step' is not linear|cosine|sqrt|constant"),

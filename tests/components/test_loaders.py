@@ -72,8 +72,14 @@ def test_resume_with_same_basename_paths_swapped_is_refused(tmp_path):
     assert str(exc.value).startswith(f"data source 'web' at {paths[1]} holds other data than the checkpoint's ")
     assert str(exc.value).endswith(
         f"; data.paths={swapped.data.paths} (with data.weights, data.seed, data.seq_len) must give the checkpoint's "
-        "data stream: to train on other data, start a new run.dir with train.init_weights=<this checkpoint>"
+        "data stream. To go on with this data from the checkpoint (weights, optimizer, schedule and step kept; each "
+        "unchanged source continues where it stopped): data.on_change=switch; to start afresh from its weights: a "
+        "new run.dir with train.init_weights=<this checkpoint>"
     )
+    swapped.data.on_change = "switch"
+    switched, _ = build_loaders(swapped, VOCAB, 0, 1)
+    switched.load_state_dict(loader.state_dict())
+    assert switched.consumed == 0 and switched.offsets == {"web": 0, "web_": 0}  # both hold other data now
     again, _ = build_loaders(config(*paths), VOCAB, 0, 1)
     again.load_state_dict(loader.state_dict())
     assert again.consumed == 2

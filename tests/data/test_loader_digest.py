@@ -40,7 +40,7 @@ def test_same_name_other_data_is_refused(tmp_path):
     )
     assert message.endswith("; what to do")
     assert after.consumed == 0
-    after.switch_on_change = True  # data.resume=switch: a deliberate change of data
+    after.switch_on_change = True  # data.on_change=switch: a deliberate change of data
     after.load_state_dict(state)
     assert "holds other data" in after.switched and after.consumed == 0 and after.offsets == {"web": 0}
 

@@ -1,4 +1,4 @@
-"""A resumed run switched to another stream on purpose (switch_on_change, data.resume=switch): each
+"""A resumed run switched to another stream on purpose (switch_on_change, data.on_change=switch): each
 source whose data and windowing are unchanged continues its own order after the windows the
 checkpoint's stream read of it; other sources start at their beginning; the switched stream itself
 resumes exactly."""
@@ -66,7 +66,7 @@ def test_a_new_source_starts_at_its_beginning_and_the_old_one_continues(dirs):
     got = windows_of(after, 200)
     assert [w for w in got if w[0] == "a"] == reference_a[60:160]
     assert [w for w in got if w[0] == "b"] == reference_b
-    assert after.switched.startswith("data.resume=switch: the data stream changed since the checkpoint (")
+    assert after.switched.startswith("data.on_change=switch: the data stream changed since the checkpoint (")
     assert after.switched.endswith("a at window 60 of 249, epoch 0, b at its beginning")
 
 
