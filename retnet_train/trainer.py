@@ -9,7 +9,6 @@ saved as one dict beside DeepSpeed's state (components/checkpoint.py).
 
 from __future__ import annotations
 
-import math
 import os
 from dataclasses import asdict, dataclass
 from typing import Optional
@@ -33,7 +32,7 @@ from .components.resume import fresh_start_line, load_checkpoint, nothing_to_tra
 from .components.rng import seed_everything
 from .components.run_dir import claim_dirs, continues_run, open_run_dir
 from .components.train_state import TrainState
-from .components.validation import mean_loss
+from .components.validation import mean_loss, validation_metrics
 from .model import build_model, model_config_from_dict
 from .model.flops import flops_per_token
 from .parallel import build_context_parallel, parallelize
@@ -315,11 +314,13 @@ class Trainer:
         if not (step % cfg.eval_interval == 0 or step == cfg.max_steps):
             return None
         with self.throughput.paused():
-            val = mean_loss(
-                self.engine, self.val_loader, self.device, cfg.eval_batches, self.cp, sum_over_ranks=True
-            ).loss
-        self.logger.log({"step": step, "val_loss": val, "val_ppl": math.exp(min(val, 50.0))})
-        return val
+            # the whole pass: build_loaders capped it at train.eval_batches batches' worth of sequences
+            loader = self.val_loader
+            result = mean_loss(
+                self.engine, loader, self.device, cp=self.cp, sum_over_ranks=True, sources=loader.batch_sources
+            )
+        self.logger.log(validation_metrics(step, result))
+        return result.loss
 
     def maybe_save(self, stats: StepStats) -> Optional[str]:
         """Every checkpoint.interval steps, at a stop signal, and at the end (checkpoint.save_at_end)."""

@@ -88,7 +88,7 @@ def train_llama(cfg) -> int:
             logger.log(step_metrics(step, losses, lr, grad_norm, throughput, device, tokens_seen))
         if step % cfg.train.eval_interval == 0 or last:
             with throughput.paused():
-                val = validation_loss(model, loss_of, val_loader, cfg.train.eval_batches)
+                val = validation_loss(model, loss_of, val_loader)
             logger.log({"step": step, "val_loss": val, "val_ppl": math.exp(min(val, 50.0))})
     logger.close()
     return sum(p.numel() for p in model.parameters())
@@ -154,13 +154,12 @@ def step_metrics(step: int, losses: list, lr: float, grad_norm, throughput, devi
 
 
 @torch.no_grad()
-def validation_loss(model, loss_of, val_loader, max_batches: int) -> float:
-    """Token-weighted mean loss over up to max_batches validation micro-batches."""
+def validation_loss(model, loss_of, val_loader) -> float:
+    """Token-weighted mean loss over the validation loader's pass (build_loaders capped it at
+    train.eval_batches batches' worth of sequences, as for the trainer)."""
     model.eval()
     total, n = 0.0, 0
-    for i, batch in enumerate(val_loader):
-        if i >= max_batches:
-            break
+    for batch in val_loader:
         count = int((batch["labels"] != -100).sum())
         total, n = total + loss_of(batch).item() * count, n + count
     model.train()

@@ -213,9 +213,12 @@ def _source_state(header: SourceHeader) -> dict[str, str]:
 class ValidationLoader:
     """One deterministic pass over every validation window of every source, in order.
 
-    Ranks get disjoint, equal shares (the remainder of N mod W is dropped), so all ranks run the
-    same number of batches; the last batch may be smaller than micro_batch_size. Re-iterable.
-    max_sequences caps the pass at that many windows, spread evenly over all of them.
+    A batch holds one source's windows (`batch_sources` names it, batch by batch), so that each
+    source's loss can be told apart. Every rank gets a disjoint, equal share of each source (the
+    remainder of its windows mod W is dropped), so all ranks run the same batches, source by source;
+    each source's last batch may be smaller than micro_batch_size. Re-iterable.
+    max_sequences caps the pass at about that many windows, spread evenly over each source, in
+    proportion to its windows (sources.validation_share).
     """
 
     def __init__(
@@ -230,31 +233,31 @@ class ValidationLoader:
         self.seq_len = check_positive_int("seq_len", seq_len)
         self.micro_batch_size = check_positive_int("micro_batch_size", micro_batch_size)
         _check_rank(dp_rank, dp_world_size)
-        self.streams = dict(sorted(streams.items()))
-        self.eos_id = next(iter(self.streams.values())).eos_id
-        self.windows = window_counts(self.streams, self.seq_len)
-        self._ends = np.cumsum(list(self.windows.values()))  # global window g -> source by searchsorted
-        windows = int(self._ends[-1])
-        total, self.per_rank = validation_share(self.windows, self.streams, seq_len, dp_world_size, max_sequences)
-        # capped: an even spread over all windows, so every source (and all of a source's files, which
-        # come in corpus order) is measured, not just the first windows of the first source
-        picked = (np.arange(total, dtype=np.int64) * windows) // total
-        self._g = picked[dp_rank + dp_world_size * np.arange(self.per_rank, dtype=np.int64)]
+        streams = dict(sorted(streams.items()))
+        self.eos_id = next(iter(streams.values())).eos_id
+        windows = window_counts(streams, self.seq_len)
+        share = validation_share(windows, streams, seq_len, dp_world_size, max_sequences)
+        # sources that cannot give every rank a window are left out (plan_validation warns)
+        self.streams = {name: stream for name, stream in streams.items() if share[name]}
+        self.windows = {name: windows[name] for name in self.streams}
+        self._picks = {}  # name -> this rank's windows of that source
+        for name in self.streams:
+            picked = share[name] * dp_world_size
+            # an even spread over the source's windows, so that a capped pass measures all of its files
+            # (which come in corpus order), not just the first
+            spread = (np.arange(picked, dtype=np.int64) * windows[name]) // picked
+            self._picks[name] = spread[dp_rank::dp_world_size]
+        mb = self.micro_batch_size
+        self.batch_sources = [name for name, p in self._picks.items() for _ in range(math.ceil(p.size / mb))]
 
     def __len__(self) -> int:
-        return math.ceil(self.per_rank / self.micro_batch_size)
+        return len(self.batch_sources)
 
     def __iter__(self) -> Iterator[dict[str, torch.Tensor]]:
-        names = list(self.streams)
-        for lo in range(0, self.per_rank, self.micro_batch_size):
-            g = self._g[lo : lo + self.micro_batch_size]
-            source = np.searchsorted(self._ends, g, side="right")
-            local = g - np.concatenate([[0], self._ends])[source]
-            out = np.empty((g.size, self.seq_len + 1), dtype=np.int64)
-            for s in np.unique(source):
-                rows = np.flatnonzero(source == s)
-                out[rows] = self.streams[names[s]].gather(local[rows] * self.seq_len, self.seq_len + 1)
-            yield make_batch(out, self.eos_id)
+        for name, picks in self._picks.items():
+            for lo in range(0, picks.size, self.micro_batch_size):
+                starts = picks[lo : lo + self.micro_batch_size] * self.seq_len
+                yield make_batch(self.streams[name].gather(starts, self.seq_len + 1), self.eos_id)
 
 
 def build_validation_loader(

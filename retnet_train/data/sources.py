@@ -86,11 +86,13 @@ def plan_validation(
     max_sequences: int | None = None,
 ) -> StreamPlan:
     """The "validation" split of the sources that have one (the others are left out with a warning),
-    giving each of dp_world_size ranks at least one sequence."""
+    giving each of dp_world_size ranks at least one sequence of each source that has as many (a source
+    with fewer is left out of validation, with a warning)."""
     usable = validation_sources(normalize_sources(sources), seq_len)
     headers = read_headers(usable, "validation", tokenizer_sha256, vocab_size, eos_id)
     windows = window_counts(headers, check_positive_int("seq_len", seq_len))
-    validation_share(windows, headers, seq_len, dp_world_size, max_sequences)
+    share = validation_share(windows, headers, seq_len, dp_world_size, max_sequences)
+    warn_unshared(share, windows, seq_len, dp_world_size)
     return StreamPlan(headers, windows)
 
 
@@ -168,14 +170,30 @@ def validation_share(
     seq_len: int,
     dp_world_size: int,
     max_sequences: int | None,
-) -> tuple[int, int]:
-    """(sequences in the pass, sequences per rank): all windows, or max_sequences of them; each rank must get one."""
+) -> dict[str, int]:
+    """name -> windows of that source each rank evaluates: all of them, or max_sequences spread over the
+    sources in proportion to their windows, but at least one per rank of each (its loss is logged on its
+    own); equal shares per rank, the remainder dropped. A source with fewer windows than ranks gets 0."""
+    world = check_positive_int("dp_world_size", dp_world_size)
     available = sum(windows.values())
     total = available if max_sequences is None else min(available, check_positive_int("max_sequences", max_sequences))
-    per_rank = total // check_positive_int("dp_world_size", dp_world_size)
-    if per_rank == 0:
+    share = {name: min(n // world, max(1, total * n // (available * world))) for name, n in windows.items()}
+    if not any(share.values()):
+        counts = "" if len(windows) == 1 else f" ({', '.join(map(str, windows.values()))} per source)"
         raise ManifestError(
-            f"validation split has {total} sequences of {seq_len} tokens, fewer than dp_world_size={dp_world_size} "
+            f"validation split has {available} sequences of {seq_len} tokens{counts}, fewer than "
+            f"dp_world_size={dp_world_size}{' in every source' if counts else ''} "
             f"(sources: {', '.join(str(h.origin) for h in headers.values())})"
         )
-    return total, per_rank
+    return share
+
+
+def warn_unshared(share: Mapping[str, int], windows: Mapping[str, int], seq_len: int, dp_world_size: int) -> None:
+    """Sources that cannot give every rank a window are left out: every rank must run the same batches."""
+    for name, n in share.items():
+        if n == 0:
+            warnings.warn(
+                f"data source {name!r} has {windows[name]} validation sequences of {seq_len} tokens, fewer than "
+                f"dp_world_size={dp_world_size}: it is left out of validation",
+                stacklevel=4,  # the caller of build_validation_loader
+            )

@@ -7,7 +7,8 @@ r"""Evaluate a checkpoint: validation perplexity over token shards, and lm-evalu
 
 Perplexity runs the model as training does (packed windows of the shards' validation split,
 document masking by EOS) and reports the token-weighted mean loss, perplexity and bits per
-token as one JSON line (the last line of stdout). Shards of another tokenizer are refused.
+token as one JSON line (the last line of stdout), with the same of each source under "sources" when
+--data names several. Shards of another tokenizer are refused.
 """
 
 from __future__ import annotations
@@ -29,20 +30,28 @@ from .errors import CheckpointError
 from .framing import chosen_framing
 
 
-def perplexity(model, batches, device: str | torch.device = "cpu", max_batches: Optional[int] = None) -> dict:
+def perplexity(
+    model, batches, device: str | torch.device = "cpu", max_batches: Optional[int] = None, sources=None
+) -> dict:
     """Token-weighted mean next-token loss over `batches` (dicts of input_ids/labels/doc_starts), as the
-    trainer's validation computes it, with its perplexity and bits per token."""
+    trainer's validation computes it, with its perplexity and bits per token; with `sources` (the source
+    of each batch, ValidationLoader.batch_sources) naming more than one, the same of each under "sources"."""
     t0 = time.perf_counter()
-    result = mean_loss(model, batches, device, max_batches)
+    result = mean_loss(model, batches, device, max_batches, sources=sources)
     if result.tokens == 0:
         raise ValueError("perplexity: no tokens evaluated (empty validation data)")
+    out = {**_scores(result), "batches": result.batches, "seconds": round(time.perf_counter() - t0, 3)}
+    if len(result.by_source) > 1:
+        out["sources"] = {name: _scores(r) for name, r in result.by_source.items()}
+    return out
+
+
+def _scores(result) -> dict:
     return {
         "loss": result.loss,
         "perplexity": math.exp(result.loss),
         "bits_per_token": result.loss / math.log(2),
         "tokens": result.tokens,
-        "batches": result.batches,
-        "seconds": round(time.perf_counter() - t0, 3),
     }
 
 
@@ -91,7 +100,7 @@ def run_perplexity(loaded, sources: dict, args) -> Mapping:
         vocab_size=loaded.config.vocab_size,
         max_sequences=args.max_sequences,
     )
-    return perplexity(loaded.model, loader, args.device)
+    return perplexity(loaded.model, loader, args.device, sources=loader.batch_sources)
 
 
 def run_lm_eval(loaded, args) -> Mapping:

@@ -22,40 +22,49 @@ def expected_windows():
     return np.stack(rows)  # 25 + 12 windows, in source order
 
 
+def rows(batches) -> np.ndarray:
+    return np.concatenate([b["input_ids"].numpy() for b in batches])
+
+
 def test_one_pass_over_all_validation_windows(sources):
     loader = build_validation_loader(sources, SEQ, micro_batch_size=10)
     batches = list(loader)
-    assert len(batches) == len(loader) == 4  # 37 windows: 10, 10, 10, 7
-    assert [b["input_ids"].shape[0] for b in batches] == [10, 10, 10, 7]
-    ids = np.concatenate([b["input_ids"].numpy() for b in batches])
+    # a batch holds one source's windows: a's 25 are 10, 10, 5; b's 12 are 10, 2
+    assert len(batches) == len(loader) == 5
+    assert [b["input_ids"].shape[0] for b in batches] == [10, 10, 5, 10, 2]
+    assert loader.batch_sources == ["a", "a", "a", "b", "b"]
+    assert set(batches[0]) == {"input_ids", "labels", "doc_starts"}  # model(**batch) takes it as before
+    ids = rows(batches)
     labels = np.concatenate([b["labels"].numpy() for b in batches])
     want = expected_windows()
     np.testing.assert_array_equal(ids, want[:, :-1])
     np.testing.assert_array_equal(labels, want[:, 1:])
-    again = np.concatenate([b["input_ids"].numpy() for b in loader])  # re-iterable, same order
-    np.testing.assert_array_equal(again, ids)
+    np.testing.assert_array_equal(rows(loader), ids)  # re-iterable, same order
 
 
-def test_ranks_split_validation_evenly_and_disjointly(sources):
+def test_ranks_split_each_source_evenly_and_disjointly(sources):
     world = 3
-    per_rank = [list(build_validation_loader(sources, SEQ, 5, dp_rank=r, dp_world_size=world)) for r in range(world)]
-    assert {len(b) for b in per_rank} == {3}  # 37 // 3 = 12 per rank: batches 5, 5, 2 on every rank
+    loaders = [build_validation_loader(sources, SEQ, 5, dp_rank=r, dp_world_size=world) for r in range(world)]
+    # per rank: 25 // 3 = 8 windows of a (batches 5, 3) and 12 // 3 = 4 of b (one batch), the same on every rank
+    assert [loader.batch_sources for loader in loaders] == [["a", "a", "b"]] * world
+    assert [[b["input_ids"].shape[0] for b in loader] for loader in loaders] == [[5, 3, 4]] * world
     want = expected_windows()[:, :-1]
-    for r, batches in enumerate(per_rank):
-        got = np.concatenate([b["input_ids"].numpy() for b in batches])
-        np.testing.assert_array_equal(got, want[r:36:world])
+    for r, loader in enumerate(loaders):
+        # a's windows r, r + 3, ... (window 24 is a's remainder), then b's (windows 25.. of the whole)
+        np.testing.assert_array_equal(rows(loader), want[[*range(r, 24, world), *range(25 + r, 37, world)]])
 
 
 def test_max_sequences_caps_the_pass(sources):
     loader = build_validation_loader(sources, SEQ, 4, max_sequences=6)
-    ids = np.concatenate([b["input_ids"].numpy() for b in loader])
-    # an even spread over the 37 windows of both sources (0, 6, 12, 18, 24 of a; 30 = window 5 of b),
+    # an even spread over each source, in proportion to its windows (25 of a, 12 of b: 4 and 1),
     # not the first 6 windows of source a alone
-    np.testing.assert_array_equal(ids, expected_windows()[[0, 6, 12, 18, 24, 30], :-1])
+    np.testing.assert_array_equal(rows(loader), expected_windows()[[0, 6, 12, 18, 25], :-1])
+    assert loader.batch_sources == ["a", "b"]
     two_ranks = [build_validation_loader(sources, SEQ, 4, r, 2, max_sequences=6) for r in range(2)]
-    got = [np.concatenate([b["input_ids"].numpy() for b in loader]) for loader in two_ranks]
-    np.testing.assert_array_equal(got[0], expected_windows()[[0, 12, 24], :-1])
-    np.testing.assert_array_equal(got[1], expected_windows()[[6, 18, 30], :-1])
+    # b's share rounds to 0 but every source gets at least one window per rank
+    np.testing.assert_array_equal(rows(two_ranks[0]), expected_windows()[[0, 12, 25], :-1])
+    np.testing.assert_array_equal(rows(two_ranks[1]), expected_windows()[[6, 18, 31], :-1])
+    assert two_ranks[0].batch_sources == two_ranks[1].batch_sources == ["a", "b"]
     with pytest.raises(ValueError, match="max_sequences must be a positive integer, got -1"):
         build_validation_loader(sources, SEQ, 4, max_sequences=-1)
 
@@ -64,7 +73,7 @@ def test_sources_without_validation_are_skipped_with_a_warning(sources, tmp_path
     write_shard_dir(tmp_path / "c", position_tokens(500, offset=300_000))  # no validation split
     with pytest.warns(UserWarning, match="'c'"):
         loader = build_validation_loader({**sources, "c": (str(tmp_path / "c"), 1.0)}, SEQ, 64)
-    assert sum(b["input_ids"].shape[0] for b in loader) == 37
+    assert sum(b["input_ids"].shape[0] for b in loader) == 37 and set(loader.batch_sources) == {"a", "b"}
     # the validation loss needs one: the error says how to get it
     expected = (
         rf"no data source has a validation split of more than {SEQ} tokens \(sources: \['c'\]\); "
@@ -78,3 +87,18 @@ def test_too_small_for_world_size(tmp_path):
     write_shard_dir(tmp_path / "t", position_tokens(500), position_tokens(20))
     with pytest.raises(ManifestError, match="fewer than dp_world_size=4"):
         build_validation_loader({"t": (str(tmp_path / "t"), 1.0)}, SEQ, 2, dp_rank=0, dp_world_size=4)
+    # 4 windows in all but no source with one for each of 4 ranks
+    write_shard_dir(tmp_path / "u", position_tokens(500), position_tokens(20))
+    two = {"t": (str(tmp_path / "t"), 1.0), "u": (str(tmp_path / "u"), 1.0)}
+    with pytest.raises(ManifestError, match=r"has 4 sequences of 8 tokens \(2, 2 per source\), fewer than "):
+        build_validation_loader(two, SEQ, 2, dp_rank=0, dp_world_size=4)
+
+
+def test_a_source_with_fewer_windows_than_ranks_is_left_out(sources, tmp_path):
+    """Every rank must run the same batches of every source (each forward may be a collective)."""
+    write_shard_dir(tmp_path / "t", position_tokens(500, offset=200_000), position_tokens(20, offset=250_000))
+    with pytest.warns(UserWarning, match=r"data source 't' has 2 validation sequences of 8 tokens, fewer than "):
+        loaders = [
+            build_validation_loader({**sources, "t": (str(tmp_path / "t"), 1.0)}, SEQ, 64, r, 4) for r in range(4)
+        ]
+    assert [loader.batch_sources for loader in loaders] == [["a", "b"]] * 4

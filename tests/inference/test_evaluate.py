@@ -50,6 +50,32 @@ def test_perplexity_matches_hand_computation(setup, capsys):
     assert res["tokens"] == n * 16
     assert res["loss"] == pytest.approx(loss, rel=1e-5)
     assert res["perplexity"] == pytest.approx(math.exp(loss), rel=1e-5)
+    assert "sources" not in res  # one source: the loss is its own
+
+
+def test_perplexity_of_each_source(setup, capsys):
+    """Two --data sources: each one's numbers are those it has evaluated alone, the overall loss their
+    token-weighted mean."""
+    d, tok, model, exp, tokens = setup
+    other = d / "other"
+    write_shards(other, tok, TEXTS[::-1] * 2)
+    common = ["--checkpoint", exp, "--seq-len", "16", "--batch-size", "3"]
+
+    def validation(*data):
+        assert main([*common, *(arg for spec in data for arg in ("--data", spec))]) == 0
+        return json.loads(capsys.readouterr().out)["validation"]
+
+    both = validation(f"web={d / 'shards'}", f"books={other}")
+    alone = {"web": validation(str(d / "shards")), "books": validation(str(other))}
+    assert list(both["sources"]) == ["books", "web"]
+    for name, res in alone.items():
+        assert both["sources"][name] == pytest.approx(
+            {k: res[k] for k in ("loss", "perplexity", "bits_per_token", "tokens")}
+        )
+    web, books = both["sources"]["web"], both["sources"]["books"]
+    assert both["tokens"] == web["tokens"] + books["tokens"]
+    mean = (web["loss"] * web["tokens"] + books["loss"] * books["tokens"]) / both["tokens"]
+    assert both["loss"] == pytest.approx(mean, rel=1e-12)
 
 
 def test_perplexity_refuses_other_tokenizer_and_bad_args(setup, tmp_path):

@@ -1,10 +1,13 @@
 """The numbers in metrics.jsonl against what the step really did: the learning rate the update used
-and the tokens counted over gradient accumulation, also across a resume."""
+and the tokens counted over gradient accumulation, also across a resume; the validation loss of each
+source when the run trains on several."""
 
 from __future__ import annotations
 
+import math
+
 import pytest
-from trainer_helpers import records, shards, typed  # noqa: F401  (shards: a fixture)
+from trainer_helpers import VOCAB, learnable_tokens, records, shards, typed, write_shard_dir  # noqa: F401
 
 from retnet_train.components.optim import lr_lambda
 from retnet_train.trainer import Trainer
@@ -33,6 +36,8 @@ def test_logged_lr_is_the_rate_of_the_logged_step(shards, tmp_path, process_grou
     # warm-up: step 1 updates with lr / 4, step 2 with 2 lr / 4 (not the next step's rate)
     assert [recs[s]["lr"] for s in (1, 2, 3)] == pytest.approx([LR / 4, LR / 2, 3 * LR / 4], rel=1e-12)
     assert [recs[s]["tokens_seen"] for s in (1, 2, 3)] == [256, 512, 768]
+    # one source: its loss is val_loss, no val_loss/<source>
+    assert [sorted(r) for r in records(run) if "val_loss" in r] == [["step", "val_loss", "val_ppl"]]
 
     # resumed at step 3 with a longer run: the schedule goes on from where the update left it
     Trainer(typed(shards, run, **{**SCHEDULE, "train.max_steps": 6})).train()
@@ -40,3 +45,20 @@ def test_logged_lr_is_the_rate_of_the_logged_step(shards, tmp_path, process_grou
     assert [recs[s]["lr"] for s in (4, 5, 6)] == pytest.approx([used_lr(s, 6) for s in (4, 5, 6)], rel=1e-12)
     assert recs[4]["lr"] == pytest.approx(LR, rel=1e-12)  # the warm-up's last step
     assert [recs[s]["tokens_seen"] for s in (4, 5, 6)] == [1024, 1280, 1536]
+
+
+def test_each_source_logs_its_validation_loss(shards, tmp_path, process_group):  # noqa: F811
+    """data.paths=[shards, code]: val_loss/<directory name> of both, val_loss their token-weighted mean."""
+    code = tmp_path / "code"
+    toks = learnable_tokens(26_000, VOCAB, seed=7) // 3 + 5  # another corpus (another loss), as many windows
+    write_shard_dir(code, toks[:16_000], toks[16_000:], shard_tokens=8192, vocab_size=VOCAB)
+    run = tmp_path / "run"
+    paths = {"data.paths": f"[{shards},{code}]", "data.weights": "[0.5,0.5]", "train.max_steps": 1}
+    Trainer(typed(shards, run, **paths)).train()
+    (val,) = [r for r in records(run) if "val_loss" in r]
+    assert sorted(val) == ["step", "val_loss", "val_loss/code", f"val_loss/{shards.name}", "val_ppl"]
+    web_loss, code_loss = val[f"val_loss/{shards.name}"], val["val_loss/code"]
+    assert all(math.isfinite(v) for v in (web_loss, code_loss)) and abs(web_loss - code_loss) > 1e-3
+    # eval_batches 2 x micro-batch 2: two windows of each source (of equal size), each of seq_len labelled tokens
+    assert val["val_loss"] == pytest.approx((web_loss + code_loss) / 2, rel=1e-9)
+    assert val["val_ppl"] == pytest.approx(math.exp(val["val_loss"]), rel=1e-9)
