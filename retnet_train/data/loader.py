@@ -168,7 +168,7 @@ class TokenLoader:
         if changes:
             digests = {name: stream.header.digest for name, stream in self.streams.items()}
             self.offsets = continued_offsets(state, digests, self.windows, self.seq_len, self.seed)
-            self.consumed, self.switched = 0, switch_note(changes, self.offsets, self.windows)
+            self.consumed, self.switched = 0, switch_note(state, self.state_dict(), self.offsets)
             return
         offsets = state.get("offsets") or {}
         self.offsets = {name: int(offsets.get(name, 0)) for name in self.streams}

@@ -49,14 +49,45 @@ def continued_offsets(
     return offsets
 
 
-def switch_note(changes: list[str], offsets: Mapping[str, int], windows: Mapping[str, int]) -> str:
-    """The console line of a switch: what changed and where each source starts."""
+def switch_note(saved: Mapping[str, Any], mine: Mapping[str, Any], offsets: Mapping[str, int]) -> str:
+    """The console line of a switch, from the saved and the new loader state: what changed and where
+    each source starts."""
+    return (
+        f"data.on_change=switch: a new data stream from this step ({'; '.join(stream_changes(saved, mine))}); "
+        f"each source starts {', '.join(_starts(offsets, mine['windows']))}"
+    )
+
+
+def stream_changes(saved: Mapping[str, Any], mine: Mapping[str, Any]) -> list[str]:
+    """What differs between two loader states' streams, in the config's terms."""
+    theirs, ours = saved.get("sources") or {}, mine["sources"]
+    changes = [f"source {name!r} added" for name in ours if name not in theirs]
+    changes += [f"source {name!r} dropped" for name in theirs if name not in ours]
+    changes += [
+        f"source {name!r} holds other data" for name in ours if name in theirs and _other_data(theirs[name], ours[name])
+    ]
+    old_weights = {name: float(w) for name, w in (saved.get("weights") or {}).items()}
+    if old_weights != mine["weights"]:
+        changes.append(f"weights {_shares(old_weights)} -> {_shares(mine['weights'])}")
+    changes += [
+        f"data.{key} {saved.get(key)} -> {mine[key]}" for key in ("seq_len", "seed") if saved.get(key) != mine[key]
+    ]
+    return changes or ["other windows"]
+
+
+def _other_data(theirs: Any, ours: Mapping[str, str]) -> bool:
+    return not isinstance(theirs, Mapping) or theirs.get("digest") != ours["digest"]
+
+
+def _shares(weights: Mapping[str, float]) -> str:
+    total = sum(weights.values()) or 1.0
+    return ", ".join(f"{name} {w / total:.3g}" for name, w in sorted(weights.items()))
+
+
+def _starts(offsets: Mapping[str, int], windows: Mapping[str, int]) -> list[str]:
     starts = []
     for name in sorted(offsets):
         epoch, window = divmod(offsets[name], windows[name])
-        where = f"window {window:,} of {windows[name]:,}, epoch {epoch}" if offsets[name] else "its beginning"
-        starts.append(f"{name} at {where}")
-    return (
-        f"data.on_change=switch: the data stream changed since the checkpoint ({'; '.join(changes)}); a new stream "
-        f"starts here, each source where the checkpoint's left it: {', '.join(starts)}"
-    )
+        where = f"at window {window:,} of {windows[name]:,}, epoch {epoch}" if offsets[name] else "at its beginning"
+        starts.append(f"{name} {where}")
+    return starts

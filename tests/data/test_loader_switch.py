@@ -66,8 +66,10 @@ def test_a_new_source_starts_at_its_beginning_and_the_old_one_continues(dirs):
     got = windows_of(after, 200)
     assert [w for w in got if w[0] == "a"] == reference_a[60:160]
     assert [w for w in got if w[0] == "b"] == reference_b
-    assert after.switched.startswith("data.on_change=switch: the data stream changed since the checkpoint (")
-    assert after.switched.endswith("a at window 60 of 249, epoch 0, b at its beginning")
+    assert after.switched == (
+        "data.on_change=switch: a new data stream from this step (source 'b' added; weights a 1 -> a 0.5, b 0.5); "
+        "each source starts a at window 60 of 249, epoch 0, b at its beginning"
+    )
 
 
 def test_a_changed_mix_reads_no_window_twice_before_an_epoch_ends(dirs):
@@ -130,3 +132,14 @@ def test_a_state_without_offsets_resumes_at_zero_offsets(dirs):
     after = loader(sources, switch=False)
     after.load_state_dict(state)
     assert after.offsets == {"a": 0, "b": 0} and windows_of(after, 40) == reference[40:]
+
+
+def test_the_switch_note_names_each_change_in_config_terms(dirs):
+    before = loader({"a": (str(dirs / "a"), 1.0), "b": (str(dirs / "b"), 1.0)})
+    windows_of(before, 8)
+    after = loader({"a": (str(dirs / "c" / "a"), 1.0)}, seed=6)  # b dropped, a re-tokenized, another seed
+    after.load_state_dict(roundtrip(before.state_dict()))
+    assert after.switched == (
+        "data.on_change=switch: a new data stream from this step (source 'b' dropped; source 'a' holds other "
+        "data; weights a 0.5, b 0.5 -> a 1; data.seed 5 -> 6); each source starts a at its beginning"
+    )

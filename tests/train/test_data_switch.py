@@ -28,7 +28,7 @@ def test_a_resume_onto_added_data_switches_only_when_asked(tmp_path):
     assert sorted(p.name for p in (run / "checkpoints").glob("step_*")) == ["step_00000002"]  # nothing written
     proc = train(overrides(web, run, **both, **{"data.on_change": "switch"}), nproc=1)
     assert "resumed from" in proc.stdout
-    assert "data.on_change=switch: the data stream changed since the checkpoint" in proc.stdout
+    assert "data.on_change=switch: a new data stream from this step (source 'code' added; weights " in proc.stdout
     assert f"web at window {2 * SEQUENCES_PER_STEP} of " in proc.stdout and "code at its beginning" in proc.stdout
     assert [r["step"] for r in records(run) if "loss" in r] == [1, 2, 3, 4]
     state = client_state(run, 4)
