@@ -54,23 +54,39 @@ def main(cfg: DictConfig) -> None:
 
     from .components.faults import TrainingError
 
+    typed = None
     try:
-        summary = run(typed_config(cfg))
+        typed = typed_config(cfg)
+        summary = run(typed)
     except (ValueError, TrainingError) as e:
         print(f"error: {e}", file=sys.stderr, flush=True)
         finish(EXIT_ERROR)
     except KeyboardInterrupt:
         if int(os.environ.get("RANK", 0)) == 0:
-            print(
-                "interrupted: started again with the same command, the run goes on from its last checkpoint",
-                file=sys.stderr,
-                flush=True,
-            )
+            print(interrupted_line(typed), file=sys.stderr, flush=True)
         finish(EXIT_INTERRUPTED)
     finally:
         if dist.is_initialized():
             dist.destroy_process_group()
     finish(EXIT_PREEMPTED if summary["preempted"] else EXIT_FINISHED)
+
+
+def interrupted_line(cfg: TrainConfig | None) -> str:
+    """Ctrl-C saves nothing: where the same command goes on from."""
+    from .components.checkpoint_discovery import latest_valid
+    from .components.config import checkpoint_dir
+
+    if cfg is None:
+        return "interrupted before the config was read: nothing saved"
+    directory = checkpoint_dir(cfg)
+    tag = latest_valid(directory)
+    if tag:
+        where = f"goes on from {os.path.join(directory, tag)}"
+    elif cfg.train.resume in ("auto", "never"):
+        where = "starts fresh (no checkpoint saved yet)"
+    else:
+        where = f"starts again from train.resume={cfg.train.resume}"
+    return f"interrupted, nothing saved: started again with the same command, the run {where}"
 
 
 def finish(status: int) -> None:

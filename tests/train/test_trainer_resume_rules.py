@@ -189,3 +189,20 @@ def test_a_handler_takes_over_the_signal_the_one_it_replaces_recorded():
         assert signal.getsignal(signal.SIGTERM) == early._handle
     finally:
         early.restore()
+
+
+def test_ctrl_c_says_where_the_same_command_goes_on_from(tmp_path):
+    from retnet_train.components.config import TrainConfig
+    from retnet_train.train import interrupted_line
+
+    cfg = TrainConfig()
+    cfg.run.dir = str(tmp_path / "run")
+    assert interrupted_line(cfg).endswith("the run starts fresh (no checkpoint saved yet)")
+    cfg.train.resume = str(tmp_path / "other")
+    assert interrupted_line(cfg).endswith(f"the run starts again from train.resume={tmp_path / 'other'}")
+    CheckpointManager(str(tmp_path / "run" / "checkpoints"), keep_last=2, rank=0).save(FakeEngine(), 4, {"step": 4})
+    assert interrupted_line(cfg) == (
+        "interrupted, nothing saved: started again with the same command, the run goes on from "
+        f"{tmp_path / 'run' / 'checkpoints' / 'step_00000004'}"
+    )
+    assert interrupted_line(None) == "interrupted before the config was read: nothing saved"
