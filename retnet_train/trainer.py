@@ -28,7 +28,7 @@ from .components.optim import build_engine, global_grad_norm
 from .components.preemption import PreemptionHandler
 from .components.profiling import Profiler, profile_dir
 from .components.reshard import prepare_resume, run_layout
-from .components.resume import fresh_start_line, load_checkpoint, nothing_to_train_line, resumed_lines
+from .components.resume import done_line, fresh_start_line, load_checkpoint, nothing_to_train_line, resumed_lines
 from .components.rng import seed_everything
 from .components.run_dir import claim_dirs, continues_run, open_run_dir
 from .components.train_state import TrainState
@@ -64,7 +64,7 @@ class Trainer:
     def build(self) -> None:
         """Process group, model, data, DeepSpeed engine and the checkpoint to resume from (if any)."""
         cfg = self.cfg
-        self.device = pick_device(cfg.train.device)
+        self.device = pick_device(cfg.train.device, cfg.deepspeed.precision)
         init_distributed(self.device)
         self.rank, self.world = dist.get_rank(), dist.get_world_size()
         self.is_main = self.rank == 0
@@ -195,10 +195,7 @@ class Trainer:
         finally:
             self.close()
         if self.is_main and not preempted:
-            print(
-                f"done at step {self.state.step}: metrics in {self.logger.path}, checkpoint in {self.last_checkpoint}",
-                flush=True,
-            )
+            print(done_line(self.state.step, self.logger.path, self.last_checkpoint), flush=True)
         return {
             "step": self.state.step,
             "loss": self.last_loss,

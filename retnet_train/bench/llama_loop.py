@@ -64,7 +64,7 @@ def train_llama(cfg) -> int:
     from ..components.metrics import Throughput
 
     check_precision(cfg)
-    device = pick_device(cfg.train.device)
+    device = pick_device(cfg.train.device, cfg.deepspeed.precision)
     accum = grad_accumulation(cfg, 1)
     model = build_llama(cfg, device)
     loss_of = make_loss_fn(cfg, model, device)

@@ -9,8 +9,11 @@ import torch
 import torch.distributed as dist
 
 
-def pick_device(choice: str) -> torch.device:
-    """train.device (auto | cpu | cuda) -> this rank's device."""
+def pick_device(choice: str, precision: str) -> torch.device:
+    """train.device (auto | cpu | cuda) -> this rank's device, which must train in deepspeed.precision."""
+    problem = precision_problem(choice, precision)
+    if problem:
+        raise ValueError(problem)
     if choice == "cuda" or (choice == "auto" and torch.cuda.is_available()):
         if not torch.cuda.is_available():
             raise ValueError("train.device=cuda but no CUDA/ROCm device is visible")
@@ -18,6 +21,14 @@ def pick_device(choice: str) -> torch.device:
         torch.cuda.set_device(local)
         return torch.device("cuda", local)
     return torch.device("cpu")
+
+
+def precision_problem(choice: str, precision: str) -> Optional[str]:
+    """fp16 where train.device (auto: resolved on this machine) is the CPU, on which DeepSpeed has no fp16."""
+    if precision != "fp16" or choice == "cuda" or (choice == "auto" and torch.cuda.is_available()):
+        return None
+    why = "train.device=cpu" if choice == "cpu" else "none is visible (train.device=auto)"
+    return f"deepspeed.precision=fp16 needs a GPU, and {why}: bf16, bf16-mixed and fp32 run on CPU"
 
 
 def init_distributed(device: torch.device, timeout=None) -> None:

@@ -3,9 +3,11 @@
 from __future__ import annotations
 
 import os
+from contextlib import contextmanager
 
 from ..data import TokenLoader, build_validation_loader, plan_stream, plan_validation, sha256_file
-from ..data.megatron import megatron_prefix
+from ..data.manifest import ManifestError, TokenizerMismatch
+from ..data.megatron import megatron_missing_half, megatron_prefix
 from .config import TrainConfig, data_sources
 
 
@@ -13,31 +15,32 @@ def build_loaders(cfg: TrainConfig, vocab_size: int, dp_rank: int, dp_world: int
     """(training loader, validation loader) of data-parallel rank `dp_rank` of `dp_world`; shards whose
     manifest disagrees with data.tokenizer (when set) or the model's vocab_size are refused."""
     sources, tokenizer_sha = _loader_inputs(cfg)
-    loader = TokenLoader(
-        sources,
-        cfg.data.seq_len,
-        cfg.train.micro_batch_size,
-        dp_rank,
-        dp_world,
-        cfg.data.seed,
-        "train",
-        tokenizer_sha256=tokenizer_sha,
-        vocab_size=vocab_size,
-        verify_checksums=cfg.data.verify_checksums,
-        change_hint=_change_hint(cfg),
-        switch_on_change=cfg.data.on_change == "switch",
-    )
-    val_loader = build_validation_loader(
-        sources,
-        cfg.data.seq_len,
-        cfg.train.micro_batch_size,
-        dp_rank,
-        dp_world,
-        tokenizer_sha256=tokenizer_sha,
-        vocab_size=vocab_size,
-        max_sequences=_validation_sequences(cfg, dp_world),
-        verify_checksums=cfg.data.verify_checksums,
-    )
+    with _naming_data_tokenizer(cfg, tokenizer_sha):
+        loader = TokenLoader(
+            sources,
+            cfg.data.seq_len,
+            cfg.train.micro_batch_size,
+            dp_rank,
+            dp_world,
+            cfg.data.seed,
+            "train",
+            tokenizer_sha256=tokenizer_sha,
+            vocab_size=vocab_size,
+            verify_checksums=cfg.data.verify_checksums,
+            change_hint=_change_hint(cfg),
+            switch_on_change=cfg.data.on_change == "switch",
+        )
+        val_loader = build_validation_loader(
+            sources,
+            cfg.data.seq_len,
+            cfg.train.micro_batch_size,
+            dp_rank,
+            dp_world,
+            tokenizer_sha256=tokenizer_sha,
+            vocab_size=vocab_size,
+            max_sequences=_validation_sequences(cfg, dp_world),
+            verify_checksums=cfg.data.verify_checksums,
+        )
     return loader, val_loader
 
 
@@ -45,10 +48,11 @@ def check_data(cfg: TrainConfig, vocab_size: int, dp_world: int) -> None:
     """What build_loaders refuses before it opens a shard, from the manifests and Megatron indexes alone
     (the preflight's check): the same checks, raising the same errors."""
     sources, tokenizer_sha = _loader_inputs(cfg)
-    plan_stream(sources, cfg.data.seq_len, "train", tokenizer_sha, vocab_size)
-    plan_validation(
-        sources, cfg.data.seq_len, dp_world, tokenizer_sha, vocab_size, None, _validation_sequences(cfg, dp_world)
-    )
+    with _naming_data_tokenizer(cfg, tokenizer_sha):
+        plan_stream(sources, cfg.data.seq_len, "train", tokenizer_sha, vocab_size)
+        plan_validation(
+            sources, cfg.data.seq_len, dp_world, tokenizer_sha, vocab_size, None, _validation_sequences(cfg, dp_world)
+        )
 
 
 def _loader_inputs(cfg: TrainConfig) -> tuple[dict, str | None]:
@@ -59,8 +63,38 @@ def _loader_inputs(cfg: TrainConfig) -> tuple[dict, str | None]:
             "data.tokenizer=null skips the check that the shards were tokenized with it"
         )
     tokenizer_sha = sha256_file(cfg.data.tokenizer) if cfg.data.tokenizer else None
+    missing = missing_data_paths(cfg.data.paths)
+    if missing:
+        raise ValueError(missing[0])
     refuse_megatron_only(cfg.data.paths)
     return data_sources(cfg), tokenizer_sha
+
+
+def missing_data_paths(paths: list) -> list[str]:
+    """The data.paths entries not there as seen from here, each named by its key (the preflight lists them
+    all): neither a file or directory nor a Megatron prefix (one half of a PREFIX.bin / PREFIX.idx pair
+    alone is the loader's to name)."""
+    return [
+        f"data.paths[{i}]={path}: no such file or directory (from {os.getcwd()})"
+        for i, path in enumerate(paths)
+        if not (os.path.exists(path) or megatron_prefix(path) or megatron_missing_half(path))
+    ]
+
+
+@contextmanager
+def _naming_data_tokenizer(cfg: TrainConfig, tokenizer_sha: str | None):
+    """Shards of another tokenizer than data.tokenizer's: the error names the key, its file and the remedies.
+    Two sources of different tokenizers (data.tokenizer=null) keep the loader's message."""
+    try:
+        yield
+    except TokenizerMismatch as e:
+        if e.expected != tokenizer_sha:
+            raise
+        raise ManifestError(
+            f"{e.path}: shards were tokenized with tokenizer sha256 {e.found[:12]}..., but "
+            f"data.tokenizer={cfg.data.tokenizer} has sha256 {e.expected[:12]}...: pass the tokenizer the shards "
+            "were made with as data.tokenizer, or data.tokenizer=null to skip the check"
+        ) from None
 
 
 def _validation_sequences(cfg: TrainConfig, dp_world: int) -> int:

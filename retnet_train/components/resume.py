@@ -1,6 +1,6 @@
 """Restoring a run from the checkpoint checkpoint.resolve_resume chose: DeepSpeed's state into the
 engine, each stateful part from the client state, and the console lines that say what was resumed
-(or why its weights do not fit this model)."""
+(or why its weights do not fit this model) and, at the end, which checkpoint the run leaves."""
 
 from __future__ import annotations
 
@@ -10,7 +10,7 @@ from typing import Mapping, Optional, Tuple
 import torch
 
 from .checkpoint import CheckpointManager, Stateful, load_parts
-from .checkpoint_discovery import model_states_file
+from .checkpoint_discovery import model_states_file, tag_for
 from .config import config_diff
 from .train_state import TrainState
 
@@ -92,6 +92,17 @@ def nothing_to_train_line(step: int, max_steps: int) -> str:
         f"already at step {step} >= train.max_steps={max_steps}: nothing to train. "
         f"Raise train.max_steps to continue this run, or use a new run.dir to start another"
     )
+
+
+def done_line(step: int, metrics_path: str, checkpoint: Optional[str]) -> str:
+    """The finished run's last line. checkpoint: the last one saved or loaded; not of this step when
+    checkpoint.save_at_end=false."""
+    done = f"done at step {step}: metrics in {metrics_path}, "
+    if checkpoint is None:
+        return done + "no checkpoint saved (checkpoint.save_at_end=false)"
+    if os.path.basename(os.path.normpath(checkpoint)) != tag_for(step):
+        return done + f"no checkpoint of step {step} (checkpoint.save_at_end=false); the last one is {checkpoint}"
+    return done + f"checkpoint in {checkpoint}"
 
 
 def resumed_lines(path: str, state: TrainState, notes: list, saved_config: Optional[dict], resolved: dict) -> list:

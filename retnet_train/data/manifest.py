@@ -28,6 +28,18 @@ class ManifestError(ValueError):
     """A manifest or shard file is missing, malformed, corrupt or does not match the model."""
 
 
+class TokenizerMismatch(ManifestError):
+    """Shards tokenized with another tokenizer than the expected one: `path` (the manifest), `found` (its
+    tokenizer sha256) and `expected`, for a caller that knows where the expected one came from."""
+
+    def __init__(self, path: Path, found: str, expected: str):
+        super().__init__(
+            f"{path}: shards were tokenized with tokenizer sha256 {found[:12]}..., "
+            f"but the expected tokenizer has sha256 {expected[:12]}..."
+        )
+        self.path, self.found, self.expected = path, found, expected
+
+
 def check_token_ids(ids: np.ndarray, vocab_size: int, path: Path, offset: int = 0) -> None:
     """ids, the tokens of `path` from position `offset` on, must lie in [0, vocab_size): else an error
     naming the file, the position and the id."""
@@ -118,10 +130,7 @@ class Manifest:
                 f"{self.path}: shards have vocab_size {self.vocab_size}, but the model expects {vocab_size}"
             )
         if tokenizer_sha256 is not None and tokenizer_sha256 != self.tokenizer_sha256:
-            raise ManifestError(
-                f"{self.path}: shards were tokenized with tokenizer sha256 {self.tokenizer_sha256[:12]}..., "
-                f"but the expected tokenizer has sha256 {tokenizer_sha256[:12]}..."
-            )
+            raise TokenizerMismatch(self.path, self.tokenizer_sha256, tokenizer_sha256)
 
     def to_json(self) -> dict[str, Any]:
         return {

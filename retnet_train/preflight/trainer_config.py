@@ -129,6 +129,7 @@ def compose_trainer_config(overrides: Sequence[str]):
 def trainer_view(cfg, world_size: int | None, node_rank: int = 0) -> TrainerView:
     """Checkpoint dir, size inputs and the value checks the trainer runs at start (on node `node_rank`)."""
     from retnet_train.components import config as schema
+    from retnet_train.components.loaders import missing_data_paths
 
     try:
         cfg = schema.typed_config(cfg)  # typed and resolved, as the trainer's entry point does
@@ -138,7 +139,7 @@ def trainer_view(cfg, world_size: int | None, node_rank: int = 0) -> TrainerView
         params = _count_params(dict(cfg.model))
     except (ValueError, TypeError, KeyError) as exc:
         raise PreflightError(f"model config: {exc}") from None
-    missing = _missing_inputs(getattr(cfg, "data", None))
+    missing = missing_data_paths(cfg.data.paths)  # as the trainer names them
     values = _values_problem(schema, cfg)
     problems = [values] if values else []
     problems += _world_problems(schema, cfg, world_size) + missing + _start_problems(cfg, node_rank)
@@ -201,32 +202,17 @@ def _data_problems(cfg, world_size: int | None) -> list[str]:
     return []
 
 
-def _missing_inputs(data) -> list[str]:
-    """Data paths that do not exist as seen from here."""
-    problems: list[str] = []
-    paths = [
-        (f"data.sources.{name}.path", src.get("path"))
-        for name, src in (getattr(data, "sources", None) or {}).items()
-        if isinstance(src, dict)
-    ]
-    paths += [(f"data.paths[{i}]", p) for i, p in enumerate(getattr(data, "paths", None) or [])]
-    for key, path in paths:
-        # a shard directory or manifest, or a Megatron prefix (PREFIX.bin / PREFIX.idx)
-        if path and not (os.path.exists(str(path)) or os.path.exists(f"{path}.bin")):
-            problems.append(f"{key}={path}: no such file or directory (from {os.getcwd()})")
-    return problems
-
-
 def _start_problems(cfg, node_rank: int) -> list[str]:
-    """What the trainer refuses at start besides the config values and the data (_data_problems): a run.dir it
-    cannot write (on node 0: rank 0 alone writes there), the checkpoint that train.resume names (or a
+    """What the trainer refuses at start besides the config values and the data (_data_problems): fp16 on
+    CPU, a run.dir it cannot write (on node 0: rank 0 alone writes there), the checkpoint that train.resume names (or a
     resume=never over checkpoints), a train.init_weights that is not there."""
     from retnet_train.components.checkpoint import CheckpointManager, resolve_resume
     from retnet_train.components.config import checkpoint_dir
+    from retnet_train.components.distributed import precision_problem
     from retnet_train.components.run_dir import write_problem
 
     problem = write_problem("run.dir", cfg.run.dir) if node_rank == 0 else None
-    problems = [problem] if problem else []
+    problems = [p for p in (problem, precision_problem(cfg.train.device, cfg.deepspeed.precision)) if p]
     manager = CheckpointManager(checkpoint_dir(cfg), cfg.checkpoint.keep_last, None)  # None: prints nothing
     try:
         resolve_resume(cfg.train.resume, manager)

@@ -1,5 +1,7 @@
 """build_loaders: the trainer's training and validation loaders from data.* and train.*."""
 
+import hashlib
+import os
 import sys
 from pathlib import Path
 
@@ -10,7 +12,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "data"))
 from shard_fixtures import EOS, VOCAB, position_tokens, write_shard_dir  # noqa: E402
 
 from retnet_train.components.config import TrainConfig  # noqa: E402
-from retnet_train.components.loaders import build_loaders  # noqa: E402
+from retnet_train.components.loaders import build_loaders, check_data  # noqa: E402
 from retnet_train.data import ManifestError  # noqa: E402
 
 
@@ -83,3 +85,35 @@ def test_resume_with_same_basename_paths_swapped_is_refused(tmp_path):
     again, _ = build_loaders(config(*paths), VOCAB, 0, 1)
     again.load_state_dict(loader.state_dict())
     assert again.consumed == 2
+
+
+def test_shards_of_another_tokenizer_name_data_tokenizer_and_what_to_do(tmp_path):
+    """The trainer's loaders and the preflight's check_data: the manifest, data.tokenizer and both remedies."""
+    (tmp_path / "tok.model").write_bytes(b"the shards' tokenizer")
+    (tmp_path / "other.model").write_bytes(b"another tokenizer")
+    made, other = (hashlib.sha256((tmp_path / n).read_bytes()).hexdigest() for n in ("tok.model", "other.model"))
+    write_shard_dir(tmp_path / "web", position_tokens(1000), position_tokens(200), 300, VOCAB, made)
+    cfg = config(tmp_path / "web", tokenizer=str(tmp_path / "other.model"))
+    expected = (
+        f"{tmp_path / 'web' / 'manifest.json'}: shards were tokenized with tokenizer sha256 {made[:12]}..., but "
+        f"data.tokenizer={tmp_path / 'other.model'} has sha256 {other[:12]}...: pass the tokenizer the shards "
+        "were made with as data.tokenizer, or data.tokenizer=null to skip the check"
+    )
+    for check in (lambda: build_loaders(cfg, VOCAB, 0, 1), lambda: check_data(cfg, VOCAB, 1)):
+        with pytest.raises(ManifestError) as exc:
+            check()
+        assert str(exc.value) == expected
+    cfg.data.tokenizer = str(tmp_path / "tok.model")
+    build_loaders(cfg, VOCAB, 0, 1)
+    check_data(cfg, VOCAB, 1)
+
+
+def test_a_missing_data_path_names_its_data_paths_entry(tmp_path):
+    """As the preflight names it (the same function); a Megatron prefix exists through its .bin."""
+    write_shard_dir(tmp_path / "web", position_tokens(1000), position_tokens(200), shard_tokens=300)
+    cfg = config(tmp_path / "web", tmp_path / "nope")
+    expected = f"data.paths[1]={tmp_path / 'nope'}: no such file or directory (from {os.getcwd()})"
+    for check in (lambda: build_loaders(cfg, VOCAB, 0, 1), lambda: check_data(cfg, VOCAB, 1)):
+        with pytest.raises(ValueError) as exc:
+            check()
+        assert str(exc.value) == expected

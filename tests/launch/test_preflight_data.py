@@ -71,6 +71,14 @@ def test_another_tokenizer_fails(corpus, capsys):
     (corpus / "other.model").write_bytes(b"another tokenizer")
     message = preflight_fails_as_the_trainer(capsys, overrides(corpus, f"data.tokenizer={corpus / 'other.model'}"))
     assert message.startswith(f"{corpus / 'web' / 'manifest.json'}: shards were tokenized with tokenizer sha256 ")
+    assert f"but data.tokenizer={corpus / 'other.model'} has sha256 " in message
+    assert message.endswith("or data.tokenizer=null to skip the check")
+
+
+def test_a_missing_data_path_fails_naming_its_entry(corpus, capsys):
+    args = overrides(corpus, f"data.paths=[{corpus / 'web'},{corpus / 'nope'}]")
+    message = preflight_fails_as_the_trainer(capsys, args)
+    assert message.startswith(f"data.paths[1]={corpus / 'nope'}: no such file or directory (from ")
 
 
 def test_another_vocab_size_fails(corpus, capsys):

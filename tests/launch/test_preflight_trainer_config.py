@@ -108,6 +108,20 @@ def test_what_the_trainer_refuses_at_start_fails_the_preflight(tmp_path, capsys)
     assert pf.main(["--", "experiment=tiny_cpu", f"run.dir={tmp_path / 'old'}"]) == 0  # auto: no complete one, fresh
 
 
+def test_fp16_on_cpu_fails_the_preflight(tmp_path, monkeypatch, capsys):
+    """train.device=cpu (experiment=tiny_cpu), or auto on a node without a GPU: the trainer refuses fp16
+    before it builds anything."""
+    import torch
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    run = ["experiment=tiny_cpu", f"run.dir={tmp_path / 'run'}"]
+    assert pf.main(["--", *run, "deepspeed.precision=fp16"]) == 1
+    assert "trainer config: deepspeed.precision=fp16 needs a GPU, and train.device=cpu: " in capsys.readouterr().err
+    assert pf.main(["--", *run, "deepspeed.precision=fp16", "train.device=auto"]) == 1
+    assert "deepspeed.precision=fp16 needs a GPU, and none is visible (train.device=auto)" in capsys.readouterr().err
+    assert pf.main(["--", *run, "deepspeed.precision=bf16"]) == 0
+
+
 def test_megatron_datasets_alone_fail_the_preflight(tmp_path, capsys):
     for suffix in (".bin", ".idx"):
         (tmp_path / f"pile{suffix}").write_bytes(b"")

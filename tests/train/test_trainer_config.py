@@ -230,9 +230,12 @@ def test_selective_checkpointing_run_without_final_save(short_run):
     leaves no checkpoint behind (benchmark runs), while the default would write one."""
     from trainer_helpers import records
 
-    run, _ = short_run  # also the profiled run of test_profiling.py
+    run, proc = short_run  # also the profiled run of test_profiling.py
     assert [r["step"] for r in records(run) if "loss" in r] == [1, 2, 3]
     assert not (run / "checkpoints").exists() or not any((run / "checkpoints").iterdir())
+    assert proc.stdout.splitlines()[-1] == (
+        f"done at step 3: metrics in {run / 'metrics.jsonl'}, no checkpoint saved (checkpoint.save_at_end=false)"
+    )
 
 
 EXPERIMENTS = sorted(p.stem for p in (Path(__file__).resolve().parents[2] / "configs" / "experiment").glob("*.yaml"))
