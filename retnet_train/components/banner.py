@@ -22,7 +22,7 @@ def start_banner(
         f"tokens total | {params:,} parameters | ZeRO {cfg.deepspeed.zero_stage} "
         f"{cfg.deepspeed.precision} | device {device_type}"
     )
-    return "\n".join([banner, *start_warnings(cfg)])
+    return "\n".join([banner, *start_warnings(cfg), *cpu_warnings(accum, tokens_per_step, device_type)])
 
 
 def start_warnings(cfg: TrainConfig) -> list[str]:
@@ -33,4 +33,19 @@ def start_warnings(cfg: TrainConfig) -> list[str]:
     return [
         f"warning: optim.warmup_steps={warmup} > train.max_steps={steps}: the learning rate never reaches "
         f"optim.lr; the last step updates with {steps / warmup:.3g} x optim.lr and nothing decays"
+    ]
+
+
+CPU_STEP_TOKENS = 1 << 18  # ~a minute of a tiny model on CPU; the schema's 4M-token batch takes hours
+
+
+def cpu_warnings(accum: int, tokens_per_step: int, device_type: str) -> list[str]:
+    """A CPU run with a GPU-sized batch (the schema's defaults without an experiment) runs steps of hours,
+    and a stop signal waits for the step's end."""
+    if device_type != "cpu" or tokens_per_step <= CPU_STEP_TOKENS:
+        return []
+    return [
+        f"warning: {tokens_per_step:,} tokens per optimizer step ({accum:,} micro-batches) on CPU: a step takes "
+        "hours, and SIGTERM / SIGUSR1 stop the run only at a step's end; set train.global_batch_tokens "
+        "(experiment=tiny_cpu: 2,048)"
     ]

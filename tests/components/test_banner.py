@@ -23,3 +23,15 @@ def test_warmup_longer_than_the_run_is_one_warning_naming_both_keys():
 def test_no_warning_when_the_warmup_ends_within_the_run():
     assert len(banner(warmup_steps=6, max_steps=6)) == 1
     assert len(banner(warmup_steps=0, max_steps=1)) == 1
+
+
+def test_a_gpu_sized_batch_on_cpu_is_one_warning_naming_the_key():
+    cfg = TrainConfig()  # the schema's defaults: 4M tokens per step, as a bare command on CPU gets them
+    lines = start_banner(cfg, 1, 1, 16_384, 4 * 2**20, 1000, "cpu").splitlines()
+    assert lines[1:] == [
+        "warning: 4,194,304 tokens per optimizer step (16,384 micro-batches) on CPU: a step takes hours, and "
+        "SIGTERM / SIGUSR1 stop the run only at a step's end; set train.global_batch_tokens "
+        "(experiment=tiny_cpu: 2,048)"
+    ]
+    assert len(start_banner(cfg, 1, 1, 16_384, 4 * 2**20, 1000, "cuda").splitlines()) == 1
+    assert len(start_banner(cfg, 1, 1, 1, 2048, 1000, "cpu").splitlines()) == 1
