@@ -28,11 +28,11 @@ $(STAMP): pyproject.toml
 
 setup: $(STAMP)  ## create .venv and install the project (editable, dev extras)
 
-data: $(STAMP)  ## build the embedded sample corpus, tokenizer and shards into $(DATA_DIR)
+data: $(STAMP)  ## build the embedded sample corpus, tokenizer and shards into data/sample (DATA_DIR=...)
 	$(PY) -m data_prep.sample_corpus --out $(DATA_DIR)
 
-train: data  ## train a tiny RetNet on CPU on the sample corpus (resumes if run again)
-	$(PY) -m retnet_train.train experiment=tiny_cpu "data.paths=[$(DATA_DIR)/shards]" data.tokenizer=$(DATA_DIR)/tokenizer.model
+train: data  ## train a tiny RetNet on CPU on the sample corpus (resumes if run again; TRAIN_ARGS=overrides)
+	$(PY) -m retnet_train.train experiment=tiny_cpu "data.paths=[$(DATA_DIR)/shards]" data.tokenizer=$(DATA_DIR)/tokenizer.model $(TRAIN_ARGS)
 
 test: $(STAMP)  ## lint (ruff) and run the CPU test suite
 	$(VENV)/bin/ruff check .
