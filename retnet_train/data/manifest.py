@@ -245,12 +245,24 @@ def _parse_shard(s: Any, where: str, path: Path, listed: dict[str, str]) -> Shar
     return ShardInfo(s["file"], _int(s, "tokens", path, 1), _int(s, "documents", path), s["sha256"])
 
 
+def _shard_dirs_below(directory: Path) -> str:
+    """data_prep.tokenize writes one shard directory per source under --out: name them when the root was given."""
+    below = sorted(str(d) for d in directory.glob(f"*/{MANIFEST_NAME}")) if directory.is_dir() else []
+    if not below:
+        return ""
+    more = f" and {len(below) - 5} more" if len(below) > 5 else ""
+    return f"; shard directories below it: {', '.join(str(Path(m).parent) for m in below[:5])}{more}"
+
+
 def read_manifest(directory: str | os.PathLike) -> Manifest:
     """Read and validate `<directory>/manifest.json` (no shard I/O; see verify_shards)."""
     directory = Path(directory)
     path = directory / MANIFEST_NAME
     if not path.is_file():
-        raise ManifestError(f"{path}: no manifest (is {directory} a shard directory written by data_prep.tokenize?)")
+        raise ManifestError(
+            f"{path}: no manifest (is {directory} a shard directory written by data_prep.tokenize?)"
+            + _shard_dirs_below(directory)
+        )
     try:
         data = json.loads(path.read_text(encoding="utf-8"))
     except (UnicodeDecodeError, json.JSONDecodeError) as e:

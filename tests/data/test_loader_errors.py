@@ -121,3 +121,15 @@ def test_a_token_id_outside_the_vocabulary_names_the_shard(tmp_path):
         stream.gather([485], SEQ + 1)
     with pytest.raises(ManifestError, match=r"train_00001.bin: token id 500 at position 190 "):
         next(iter(loader(tmp_path / "src", seq_len=600)))
+
+
+def test_the_root_of_data_prep_tokenize_output_names_its_shard_directories(tmp_path):
+    for name in ("web", "code"):
+        write_shard_dir(tmp_path / "shards" / name, position_tokens(500), shard_tokens=300)
+    with pytest.raises(ManifestError) as exc:
+        loader(tmp_path / "shards")
+    assert str(exc.value) == (
+        f"{tmp_path / 'shards' / 'manifest.json'}: no manifest (is {tmp_path / 'shards'} a shard directory written "
+        f"by data_prep.tokenize?); shard directories below it: {tmp_path / 'shards' / 'code'}, "
+        f"{tmp_path / 'shards' / 'web'}"
+    )
