@@ -1,17 +1,22 @@
 """What the generate, export and evaluate CLIs share: the checkpoint and device options, checked and
-turned into a loaded model; every bad value is a CheckpointError naming the option."""
+turned into a loaded model; every bad value is a CheckpointError naming the option. Their stdout holds
+their results alone (text, a JSON line), so that it can be piped: every log goes to stderr."""
 
 from __future__ import annotations
 
 import argparse
+import contextlib
+import logging
+import sys
 from typing import Optional
 
 import torch
 
 from ..model import model_config_from_dict
-from .errors import CheckpointError
+from .errors import CheckpointError, SettingError
 from .framing import PROMPT_PREFIXES
 from .load import LoadedModel, load_model
+from .native import is_export_dir
 
 DTYPES = ("float32", "bfloat16", "float16")
 
@@ -91,9 +96,28 @@ def read_model_config(path: str) -> dict:
     return config
 
 
+def flag_error(e: SettingError) -> SystemExit:
+    """A library setting's error as the command line's: each such setting is the flag of its name with
+    dashes (top_p: --top-p)."""
+    return SystemExit(f"error: --{e.name.replace('_', '-')}: {e.problem}")
+
+
+def deepspeed_logs_to_stderr() -> None:
+    """DeepSpeed's logger writes to stdout, from its import on (its accelerator choice, a warning on a
+    host without a GPU): import it with stdout sent to stderr, then point the logger's stdout handlers
+    at stderr, where they stay for the rest of the command (also when DeepSpeed was imported before)."""
+    with contextlib.redirect_stdout(sys.stderr):
+        from deepspeed.utils.logging import logger
+    for handler in logger.handlers:
+        if type(handler) is logging.StreamHandler and handler.stream in (sys.stdout, sys.__stdout__):
+            handler.setStream(sys.stderr)
+
+
 def load_from_args(args: argparse.Namespace, device: str = "cpu", dtype: Optional[torch.dtype] = None) -> LoadedModel:
     check_device(device)
     model_config = read_model_config(args.model_config) if args.model_config else None
+    if not is_export_dir(args.checkpoint):  # a DeepSpeed checkpoint, read with DeepSpeed (an export: none)
+        deepspeed_logs_to_stderr()
     return load_model(
         args.checkpoint, tag=args.tag, tokenizer=args.tokenizer, model_config=model_config, device=device, dtype=dtype
     )

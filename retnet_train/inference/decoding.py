@@ -15,6 +15,7 @@ from typing import Optional, Sequence
 import torch
 
 from ..model import RetNetForCausalLM
+from .errors import SettingError
 from .kv_cache import KVCacheDecoder
 from .recurrent import RetNetDecoder
 
@@ -45,7 +46,7 @@ class CudaGraphStep:
 
     def __init__(self, decoder, warmup: int = 2, compile: bool = False):
         if decoder.device.type != "cuda":
-            raise ValueError("cuda_graph: needs the model on a CUDA device")
+            raise SettingError("cuda_graph", "needs the model on a CUDA device")
         self.decoder = decoder
         # compile: inductor fuses the step's many small elementwise kernels (norms, rotation,
         # decay factors) before capture; the graph then replays the fused kernels.

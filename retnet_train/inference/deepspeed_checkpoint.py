@@ -6,6 +6,7 @@ from __future__ import annotations
 import contextlib
 import glob
 import os
+import re
 import sys
 from typing import Optional
 
@@ -39,13 +40,21 @@ def resolve_deepspeed_dir(path: str, tag: Optional[str] = None) -> discovery.Cho
     raise CheckpointError(f"{choice.directory}: no usable checkpoint ({choice.reasons()})")
 
 
+def tag_names(tag: str) -> list:
+    """The directory names `tag` may mean: itself, and for a step number (step_200, 200) the trainer's
+    tag of that step (step_00000200), which the docs and users write as step_N."""
+    step = re.fullmatch(r"(?:step_)?(\d+)", tag)
+    return [tag] + ([discovery.tag_for(int(step.group(1)))] if step else [])
+
+
 def _tag_dir(path: str, tag: str) -> str:
-    """<path>/<tag>, or <path>/checkpoints/<tag> for a run dir. An unknown tag (a typo) is refused naming
-    the directory that holds the checkpoints and their tags."""
+    """<path>/<tag>, or <path>/checkpoints/<tag> for a run dir (tag as tag_names reads it). An unknown tag
+    (a typo) is refused naming the directory that holds the checkpoints and their tags."""
     run_checkpoints = os.path.join(path, "checkpoints")
     for directory in (path, run_checkpoints):
-        if os.path.isdir(os.path.join(directory, tag)):
-            return os.path.join(directory, tag)
+        for name in tag_names(tag):
+            if os.path.isdir(os.path.join(directory, name)):
+                return os.path.join(directory, name)
     holder = run_checkpoints if not discovery.checkpoint_tags(path) and os.path.isdir(run_checkpoints) else path
     held = discovery.checkpoint_tags(holder)
     latest = discovery.read_latest(holder)  # DeepSpeed's own tags (global_stepN) are named there

@@ -7,8 +7,9 @@ r"""Evaluate a checkpoint: validation perplexity over token shards, and lm-evalu
 
 Perplexity runs the model as training does (packed windows of the shards' validation split,
 document masking by EOS) and reports the token-weighted mean loss, perplexity and bits per
-token as one JSON line (the last line of stdout), with the same of each source under "sources" when
---data names several. Shards of another tokenizer are refused.
+token, with the same of each source under "sources" when --data names several. Shards of another
+tokenizer are refused. The results, with which weights they measure (measured_weights), are one JSON
+line: all of stdout.
 """
 
 from __future__ import annotations
@@ -23,6 +24,7 @@ from typing import Mapping, Optional
 
 import torch
 
+from ..components.checkpoint_discovery import TAG_RE
 from ..components.validation import mean_loss
 from ..data import ManifestError, build_validation_loader, sha256_file
 from .cli import add_checkpoint_args, add_device_args, add_prompt_prefix_arg, compute_dtype, load_from_args
@@ -128,6 +130,25 @@ def run_lm_eval(loaded, args) -> Mapping:
         raise ValueError(f"--tasks: {e.args[0] if e.args else e}") from None
 
 
+def measured_weights(loaded, checkpoint: str) -> dict:
+    """Which weights the results measure: checkpoint_path, the checkpoint read (in a run or checkpoints
+    dir: the one chosen) or the export; checkpoint_tag and checkpoint_step, its trainer tag and step (an
+    export's: those of the checkpoint it was exported from, where its config.json records them)."""
+    if loaded.source == "deepspeed":
+        path, facts = os.path.join(loaded.meta["save_dir"], loaded.meta["tag"]), loaded.meta
+    else:
+        path, facts = os.path.abspath(checkpoint), loaded.meta["export"].get("source")
+        facts = facts if isinstance(facts, dict) else {}
+    tag = facts.get("tag")
+    step = TAG_RE.match(tag) if isinstance(tag, str) else None
+    # the trainer's step is in its tag; DeepSpeed's own tags (global_stepN): its count of steps
+    return {
+        "checkpoint_path": path,
+        "checkpoint_tag": tag,
+        "checkpoint_step": int(step.group(1)) if step else facts.get("global_steps"),
+    }
+
+
 def check_output(path: str) -> None:
     """--output, checked before the evaluation runs: a file in an existing, writable directory."""
     parent = os.path.dirname(os.path.abspath(path))
@@ -152,7 +173,7 @@ def main(argv=None) -> int:
     try:
         sources = parse_data(args.data)
         loaded = load_from_args(args, args.device, compute_dtype(args.dtype, args.device))
-        results = {"checkpoint": args.checkpoint}
+        results = {"checkpoint": args.checkpoint, **measured_weights(loaded, args.checkpoint)}
         if args.data:
             results["validation"] = run_perplexity(loaded, sources, args)
         if args.tasks:

@@ -23,12 +23,14 @@ from typing import Callable, List, Optional, Sequence, Tuple
 
 import torch
 
-from .cli import add_checkpoint_args, add_device_args, add_prompt_prefix_arg, compute_dtype, load_from_args
+from .cli import add_checkpoint_args, add_device_args, add_prompt_prefix_arg, compute_dtype, flag_error, load_from_args
 from .decoding import CudaGraphStep, left_pad, make_decoder
-from .errors import CheckpointError
+from .errors import CheckpointError, SettingError
 from .framing import chosen_framing, prompt_tokens
 from .sampling import SamplingParams, sample
 from .streaming import TextStreamer
+
+FLAGS_OF_BOUNDS = ("--max-new-tokens", "--max-length")  # check_prompts' names of them on the command line
 
 
 @dataclass
@@ -44,9 +46,11 @@ def check_prompts(
     max_new_tokens: int,
     max_length: Optional[int],
     labels: Optional[Sequence[str]] = None,
+    names: Tuple[str, str] = ("max_new_tokens", "max_length"),
 ) -> None:
     """A non-empty batch of non-empty prompts of in-vocabulary ids that, with max_new_tokens, fit max_length.
-    labels name the prompts in errors (default: prompt 0, prompt 1, ...)."""
+    labels name the prompts in errors (default: prompt 0, prompt 1, ...), names the two bounds (a command
+    line: its flags)."""
     if not prompts:
         raise ValueError("prompts: empty batch")
     for i, p in enumerate(prompts):
@@ -57,9 +61,7 @@ def check_prompts(
         if bad:
             raise ValueError(f"{label}: token id {bad[0]} outside the vocabulary [0, {vocab_size})")
         if max_length is not None and len(p) + max_new_tokens > max_length:
-            raise ValueError(
-                f"{label}: {len(p)} tokens + max_new_tokens={max_new_tokens} exceeds max_length={max_length}"
-            )
+            raise ValueError(f"{label}: {len(p)} tokens + {names[0]}={max_new_tokens} exceeds {names[1]}={max_length}")
 
 
 @torch.no_grad()
@@ -188,10 +190,24 @@ def _framed_prompts(sp, texts: Sequence[str], prompt_prefix: str, recorded: Opti
         raise SystemExit(f"error: --prompt-prefix {prompt_prefix}: {e}") from None
 
 
-def main(argv=None) -> int:
-    args = parse_args(argv)
+def _sampling_params(args) -> SamplingParams:
+    """The sampling flags, checked before the model is loaded (--top-k against the vocabulary: after)."""
     if args.batch_size < 1:
         raise SystemExit(f"error: --batch-size: must be >= 1, got {args.batch_size}")
+    if args.cuda_graph and not args.device.startswith("cuda"):
+        raise SystemExit(f"error: --cuda-graph: needs a CUDA device (--device cuda), got --device {args.device}")
+    params = SamplingParams(
+        args.max_new_tokens, 0.0 if args.greedy else args.temperature, args.top_k, args.top_p, args.seed
+    )
+    try:
+        params.validate()
+    except SettingError as e:
+        raise flag_error(e) from None
+    return params
+
+
+def _load(args):
+    """(loaded model, its sentencepiece tokenizer)."""
     try:
         loaded = load_from_args(args, args.device, compute_dtype(args.dtype, args.device))
     except (CheckpointError, ValueError, OSError) as e:
@@ -202,20 +218,23 @@ def main(argv=None) -> int:
         )
     import sentencepiece as spm
 
-    sp = spm.SentencePieceProcessor(model_file=loaded.tokenizer_path)
+    return loaded, spm.SentencePieceProcessor(model_file=loaded.tokenizer_path)
+
+
+def main(argv=None) -> int:
+    args = parse_args(argv)
+    params = _sampling_params(args)
+    loaded, sp = _load(args)
     labels, texts = zip(*_read_prompts(args))
     prompts = _framed_prompts(sp, texts, args.prompt_prefix, loaded.documents_start_with_bos)
     max_length = args.max_length
     if max_length is None and loaded.config.arch == "transformer":
         max_length = 32768
-    params = SamplingParams(
-        args.max_new_tokens, 0.0 if args.greedy else args.temperature, args.top_k, args.top_p, args.seed
-    )
     eos = sp.eos_id() if sp.eos_id() >= 0 and not args.no_stop_at_eos else None
     streamer = TextStreamer(sp, len(prompts))
     try:
         params.validate(loaded.config.vocab_size)
-        check_prompts(prompts, loaded.config.vocab_size, params.max_new_tokens, max_length, labels)
+        check_prompts(prompts, loaded.config.vocab_size, params.max_new_tokens, max_length, labels, FLAGS_OF_BOUNDS)
         generate_in_batches(
             loaded.model,
             prompts,
@@ -228,6 +247,8 @@ def main(argv=None) -> int:
             cuda_graph=args.cuda_graph,
             prefill_piece=args.prefill_piece,
         )
+    except SettingError as e:
+        raise flag_error(e) from None
     except ValueError as e:
         raise SystemExit(f"error: {e}") from None
     return 0

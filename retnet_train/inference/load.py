@@ -70,8 +70,8 @@ def _from_export(path: str):
 
 def _from_deepspeed(path: str, tag: Optional[str], model_config: Optional[Mapping]):
     choice = resolve_deepspeed_dir(path, tag)
-    if choice.note():
-        print(choice.note(), file=sys.stderr, flush=True)  # stdout stays for results
+    # which checkpoint was read, whether chosen in a directory or named; stdout stays for results
+    print(choice.note() or f"using checkpoint {choice.path}", file=sys.stderr, flush=True)
     save_dir, tag = choice.directory, choice.tag
     origin = model_states_file(os.path.join(save_dir, tag))
     state = read_model_states(os.path.join(save_dir, tag))

@@ -7,6 +7,8 @@ from typing import Optional
 
 import torch
 
+from .errors import SettingError
+
 
 @dataclass
 class SamplingParams:
@@ -18,16 +20,16 @@ class SamplingParams:
 
     def validate(self, vocab_size: Optional[int] = None) -> None:
         if not isinstance(self.max_new_tokens, int) or self.max_new_tokens < 1:
-            raise ValueError(f"max_new_tokens: must be an integer >= 1, got {self.max_new_tokens!r}")
+            raise SettingError("max_new_tokens", f"must be an integer >= 1, got {self.max_new_tokens!r}")
         t = self.temperature
         if not isinstance(t, (int, float)) or not t >= 0 or t == float("inf"):
-            raise ValueError(f"temperature: must be a finite number >= 0 (0 = greedy), got {self.temperature!r}")
+            raise SettingError("temperature", f"must be a finite number >= 0 (0 = greedy), got {self.temperature!r}")
         if not isinstance(self.top_k, int) or self.top_k < 0:
-            raise ValueError(f"top_k: must be an integer >= 0 (0 = off), got {self.top_k!r}")
+            raise SettingError("top_k", f"must be an integer >= 0 (0 = off), got {self.top_k!r}")
         if vocab_size is not None and self.top_k > vocab_size:
-            raise ValueError(f"top_k: {self.top_k} exceeds the vocabulary ({vocab_size})")
+            raise SettingError("top_k", f"{self.top_k} exceeds the vocabulary ({vocab_size})")
         if not isinstance(self.top_p, (int, float)) or not 0 < self.top_p <= 1:
-            raise ValueError(f"top_p: must be in (0, 1], got {self.top_p!r}")
+            raise SettingError("top_p", f"must be in (0, 1], got {self.top_p!r}")
 
 
 def sample(logits: torch.Tensor, params: SamplingParams, generator: Optional[torch.Generator] = None) -> torch.Tensor:

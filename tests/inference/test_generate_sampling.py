@@ -133,11 +133,11 @@ def test_cli_streams_text_and_reports_errors(tmp_path, capsys):
     )
     lines = capsys.readouterr().out.splitlines()
     assert sorted(line[:3] for line in lines) == ["[0]", "[1]"]
-    with pytest.raises(SystemExit, match="top_p"):
+    with pytest.raises(SystemExit, match="--top-p"):
         main(["--checkpoint", exp, "--prompt", "x", "--top-p", "2"])
     with pytest.raises(SystemExit, match="no such checkpoint"):
         main(["--checkpoint", str(tmp_path / "nope"), "--prompt", "x"])
-    with pytest.raises(SystemExit, match="exceeds max_length=4"):
+    with pytest.raises(SystemExit, match="exceeds --max-length=4"):
         main(["--checkpoint", exp, "--prompt", "one two three four five", "--max-length", "4"])
 
 
@@ -215,6 +215,6 @@ def test_cli_generates_a_prompts_file_in_batches_of_batch_size(tmp_path, capsys,
     too_long = next(i for i, n in enumerate(lengths) if n > lengths[0])
     line = [1, 2, 4, 5, 6][too_long]
     label = rf"prompt {too_long} \(--prompts-file {prompts_file} line {line}\)"
-    with pytest.raises(SystemExit, match=f"error: {label}: .* exceeds max_length="):
+    with pytest.raises(SystemExit, match=f"error: {label}: .* exceeds --max-length="):
         main([*argv_of(exp, prompts_file), "--max-new-tokens", "1", "--max-length", str(lengths[0] + 1)])
     assert capsys.readouterr().out == ""  # checked before anything is generated

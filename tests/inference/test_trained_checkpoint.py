@@ -64,6 +64,7 @@ def test_trainer_checkpoint_to_eval_generate_export(tmp_path, capsys):
 
     loaded = load_model(str(run_dir))
     assert loaded.meta["tag"] == "step_00000003" and loaded.tokenizer_path == str(tok)
+    capsys.readouterr()  # what DeepSpeed logged when load_model imported it (only the commands keep stdout clean)
     # the consolidated weights give the trainer's validation loss (same windows: 2 batches x 2 x 2 ranks)
     assert (
         evaluate_main(
@@ -82,8 +83,9 @@ def test_trainer_checkpoint_to_eval_generate_export(tmp_path, capsys):
         )
         == 0
     )
-    # the last stdout line (DeepSpeed's import may log its accelerator choice to stdout first)
-    ours = json.loads(capsys.readouterr().out.splitlines()[-1])["validation"]
+    ours = json.loads(capsys.readouterr().out)
+    assert (ours["checkpoint_tag"], ours["checkpoint_step"]) == ("step_00000003", 3)
+    ours = ours["validation"]
     assert ours["loss"] == pytest.approx(val_loss, rel=1e-5)
     assert (
         generate_main(["--checkpoint", str(run_dir), "--prompt", "one two", "--max-new-tokens", "4", "--greedy"]) == 0

@@ -1,0 +1,125 @@
+"""What the inference commands tell a user: stdout holds only their results (pipeable: the generated
+text, evaluate's JSON line), stderr names the checkpoint read, evaluate's JSON says which weights it
+measured, errors name the command-line flag, and `--tag step_N` means the trainer's step_<N, 8 digits>."""
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from gen_fixtures import TEXTS, VOCAB, tiny_config, train_tokenizer, write_deepspeed_checkpoint, write_shards
+
+from retnet_train.inference.evaluate import main as evaluate_main
+from retnet_train.inference.export import main as export_main
+from retnet_train.inference.generate import main as generate_main
+from retnet_train.inference.load import load_model
+
+REPO = Path(__file__).resolve().parents[2]
+STEP100, STEP200 = "step_00000100", "step_00000200"
+
+
+@pytest.fixture(scope="module")
+def run(tmp_path_factory):
+    """A run dir in the trainer's layout with checkpoints at steps 100 and 200 (different weights),
+    shards of its tokenizer, and the trained models by tag."""
+    root = tmp_path_factory.mktemp("cli")
+    tok = str(train_tokenizer(root))
+    cfg = tiny_config()
+    client = {"config": {"model": cfg, "data": {"tokenizer": tok}}}
+    save = root / "run" / "checkpoints"
+    refs = {
+        tag: write_deepspeed_checkpoint(save, cfg, 2, client, steps=n, tag=tag)
+        for tag, n in ((STEP100, 1), (STEP200, 2))
+    }
+    write_shards(root / "shards", tok, TEXTS * 6)
+    return root, refs
+
+
+def cli(module: str, *args: str) -> subprocess.CompletedProcess:
+    """The command as a user runs it: a fresh process, whose stdout is what a pipe receives."""
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    cmd = [sys.executable, "-m", f"retnet_train.inference.{module}", *args]
+    proc = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    return proc
+
+
+def test_stdout_holds_only_the_results_of_a_deepspeed_checkpoint(run, capsys):
+    """DeepSpeed logs its accelerator choice when imported (to stdout, by its own logger): it goes to
+    stderr, so that `evaluate ... | jq` and `generate ... > out.txt` get the results alone."""
+    root, _ = run
+    ckpt = str(root / "run")
+    proc = cli("evaluate", "--checkpoint", ckpt, "--data", str(root / "shards"), "--seq-len", "16")
+    results = [json.loads(line) for line in proc.stdout.splitlines()]
+    assert len(results) == 1 and results[0]["validation"]["tokens"] > 0
+    gen = ["--checkpoint", ckpt, "--prompt", "one two", "--prompt", "def add", "--max-new-tokens", "4", "--greedy"]
+    proc = cli("generate", *gen)
+    assert generate_main(gen) == 0
+    assert proc.stdout == capsys.readouterr().out  # the two tagged texts, nothing else
+    assert sorted(line[:3] for line in proc.stdout.splitlines()) == ["[0]", "[1]"]
+
+
+def test_stderr_and_the_results_name_the_checkpoint_read(run, tmp_path, capsys):
+    root, _ = run
+    chosen = root / "run" / "checkpoints" / STEP200
+    common = ["--data", str(root / "shards"), "--seq-len", "16"]
+    for ckpt in (root / "run", root / "run" / "checkpoints"):
+        assert evaluate_main(["--checkpoint", str(ckpt), *common]) == 0
+        out, err = capsys.readouterr()
+        assert f"using checkpoint {chosen}\n" in err  # nothing was skipped, and the line is there
+        res = json.loads(out)
+        assert (res["checkpoint"], res["checkpoint_path"]) == (str(ckpt), str(chosen))
+        assert (res["checkpoint_tag"], res["checkpoint_step"]) == (STEP200, 200)
+    # an export's results name the checkpoint it was exported from
+    assert export_main(["--checkpoint", str(root / "run"), "--tag", "step_100", "--out", str(tmp_path / "exp")]) == 0
+    capsys.readouterr()
+    assert evaluate_main(["--checkpoint", str(tmp_path / "exp"), *common]) == 0
+    res = json.loads(capsys.readouterr().out)
+    assert res["checkpoint_path"] == str(tmp_path / "exp")
+    assert (res["checkpoint_tag"], res["checkpoint_step"]) == (STEP100, 100)
+
+
+@pytest.mark.parametrize("tag", ["step_100", "100", STEP100])
+def test_a_tag_by_its_step_number(run, tag, capsys):
+    root, refs = run
+    for ckpt in (root / "run", root / "run" / "checkpoints"):
+        loaded = load_model(str(ckpt), tag=tag)
+        assert loaded.meta["tag"] == STEP100
+        for k, v in refs[STEP100].state_dict().items():
+            assert torch.equal(loaded.model.state_dict()[k], v), k
+    assert (
+        generate_main(["--checkpoint", str(root / "run"), "--tag", tag, "--prompt", "one", "--max-new-tokens", "2"])
+        == 0
+    )
+    assert f"using checkpoint {root / 'run' / 'checkpoints' / STEP100}\n" in capsys.readouterr().err
+
+
+def test_an_unknown_step_lists_the_tags(run):
+    root, _ = run
+    held = rf"\(it holds {STEP100}, {STEP200}\)"
+    expected = rf"error: --tag step_300: no checkpoint step_300 in {root / 'run' / 'checkpoints'} {held}"
+    with pytest.raises(SystemExit, match=expected):
+        generate_main(["--checkpoint", str(root / "run"), "--tag", "step_300", "--prompt", "one"])
+
+
+@pytest.mark.parametrize(
+    "flags,message",
+    [
+        (["--top-p", "2"], r"--top-p: must be in \(0, 1\], got 2.0"),
+        (["--top-p", "0"], r"--top-p: must be in \(0, 1\]"),
+        (["--max-new-tokens", "0"], "--max-new-tokens: must be an integer >= 1, got 0"),
+        (["--temperature", "-1"], "--temperature: must be a finite number >= 0"),
+        (["--temperature", "inf"], "--temperature: must be a finite number >= 0"),
+        (["--top-k", "-1"], "--top-k: must be an integer >= 0"),
+        (["--top-k", str(VOCAB + 1)], f"--top-k: {VOCAB + 1} exceeds the vocabulary"),
+        (["--cuda-graph", "--device", "cpu"], "--cuda-graph: needs a CUDA device"),
+        (["--max-length", "4", "--max-new-tokens", "3"], "--max-new-tokens=3 exceeds --max-length=4"),
+    ],
+)
+def test_generate_errors_name_the_flag(run, flags, message):
+    root, _ = run
+    with pytest.raises(SystemExit, match=rf"^error: (prompt 0 \(--prompt\): \d+ tokens \+ )?{message}"):
+        generate_main(["--checkpoint", str(root / "run"), "--prompt", "one two", *flags])
