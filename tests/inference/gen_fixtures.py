@@ -153,3 +153,14 @@ def write_deepspeed_checkpoint(
     ref.load_state_dict(sd)
     engine.destroy() if hasattr(engine, "destroy") else None
     return ref.eval()
+
+
+def two_checkpoint_run(root: Path, tags: tuple) -> tuple:
+    """(tokenizer path, {tag: trained model}): a run dir root/run in the trainer's layout holding two
+    complete ZeRO-2 checkpoints, `tags` after 1 and 2 steps (different weights)."""
+    tok = str(train_tokenizer(root))
+    cfg = tiny_config()
+    client = {"config": {"model": cfg, "data": {"tokenizer": tok}}}
+    save = root / "run" / "checkpoints"
+    refs = {tag: write_deepspeed_checkpoint(save, cfg, 2, client, steps=n, tag=tag) for n, tag in enumerate(tags, 1)}
+    return tok, refs

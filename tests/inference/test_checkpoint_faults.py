@@ -9,7 +9,7 @@ import shutil
 
 import pytest
 import torch
-from gen_fixtures import tiny_config, tiny_model, train_tokenizer, write_deepspeed_checkpoint
+from gen_fixtures import tiny_model, two_checkpoint_run
 
 from retnet_train.inference.errors import CheckpointError
 from retnet_train.inference.evaluate import main as evaluate_main
@@ -27,14 +27,7 @@ OPTIM_STATES = "zero_pp_rank_0_mp_rank_00_optim_states.pt"
 def trained(tmp_path_factory):
     """A run dir in the trainer's layout with two complete ZeRO-2 checkpoints; the models they hold."""
     root = tmp_path_factory.mktemp("faults")
-    tok = str(train_tokenizer(root))
-    cfg = tiny_config()
-    client = {"config": {"model": cfg, "data": {"tokenizer": tok}}}
-    save = root / "run" / "checkpoints"
-    refs = {
-        tag: write_deepspeed_checkpoint(save, cfg, 2, client, steps=steps, tag=tag)
-        for tag, steps in ((STEP1, 1), (STEP2, 2))
-    }
+    tok, refs = two_checkpoint_run(root, (STEP1, STEP2))
     return root / "run", refs, tok
 
 

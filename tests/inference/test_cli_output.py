@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from gen_fixtures import TEXTS, VOCAB, tiny_config, train_tokenizer, write_deepspeed_checkpoint, write_shards
+from gen_fixtures import TEXTS, VOCAB, two_checkpoint_run, write_shards
 
 from retnet_train.inference.evaluate import main as evaluate_main
 from retnet_train.inference.export import main as export_main
@@ -26,14 +26,7 @@ def run(tmp_path_factory):
     """A run dir in the trainer's layout with checkpoints at steps 100 and 200 (different weights),
     shards of its tokenizer, and the trained models by tag."""
     root = tmp_path_factory.mktemp("cli")
-    tok = str(train_tokenizer(root))
-    cfg = tiny_config()
-    client = {"config": {"model": cfg, "data": {"tokenizer": tok}}}
-    save = root / "run" / "checkpoints"
-    refs = {
-        tag: write_deepspeed_checkpoint(save, cfg, 2, client, steps=n, tag=tag)
-        for tag, n in ((STEP100, 1), (STEP200, 2))
-    }
+    tok, refs = two_checkpoint_run(root, (STEP100, STEP200))
     write_shards(root / "shards", tok, TEXTS * 6)
     return root, refs
 
