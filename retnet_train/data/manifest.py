@@ -127,7 +127,8 @@ class Manifest:
         """Refuse shards made with another tokenizer than the model/tokenizer in use."""
         if vocab_size is not None and vocab_size != self.vocab_size:
             raise ManifestError(
-                f"{self.path}: shards have vocab_size {self.vocab_size}, but the model expects {vocab_size}"
+                f"{self.path}: shards have vocab_size {self.vocab_size}, but the model expects {vocab_size} "
+                f"(model.vocab_size: set it to {self.vocab_size}, or point data.paths at shards of its tokenizer)"
             )
         if tokenizer_sha256 is not None and tokenizer_sha256 != self.tokenizer_sha256:
             raise TokenizerMismatch(self.path, self.tokenizer_sha256, tokenizer_sha256)

@@ -83,7 +83,10 @@ def test_a_missing_data_path_fails_naming_its_entry(corpus, capsys):
 
 def test_another_vocab_size_fails(corpus, capsys):
     message = preflight_fails_as_the_trainer(capsys, overrides(corpus, "model.vocab_size=4096"))
-    assert message == f"{corpus / 'web' / 'manifest.json'}: shards have vocab_size 8192, but the model expects 4096"
+    assert message == (
+        f"{corpus / 'web' / 'manifest.json'}: shards have vocab_size 8192, but the model expects 4096 "
+        "(model.vocab_size: set it to 8192, or point data.paths at shards of its tokenizer)"
+    )
 
 
 def test_seq_len_longer_than_a_source_fails(corpus, capsys):
