@@ -29,7 +29,7 @@ from .launcher_env import apply_launcher_env
 from .node import check_fla, check_gpus, check_vendor, check_versions
 from .report import Report, human_bytes, summarize
 from .shared_dir import check_shared
-from .storage import BYTES_PER_PARAM, check_disk, check_writable
+from .storage import BYTES_PER_PARAM, check_disk, check_writable, leaving_no_new_dirs
 from .trainer_config import (
     REPO_ROOT,
     PreflightError,
@@ -59,6 +59,7 @@ __all__ = [
     "check_vendor",
     "check_versions",
     "check_writable",
+    "leaving_no_new_dirs",
     "compose_trainer_config",
     "dist_check",
     "human_bytes",

@@ -19,7 +19,7 @@ from .launcher_env import apply_launcher_env
 from .node import check_fla, check_gpus, check_vendor, check_versions
 from .report import Report, summarize
 from .shared_dir import check_shared
-from .storage import check_disk, check_writable
+from .storage import check_disk, check_writable, leaving_no_new_dirs
 from .trainer_config import (
     PreflightError,
     TrainerView,
@@ -220,15 +220,16 @@ def _check_checkpoint_dir(rep: Report, args: argparse.Namespace, plan: Plan) -> 
     if plan.ckpt is None:
         rep.warn("no --checkpoint-dir: writable/shared/free-space checks skipped")
         return
-    if not check_writable(rep, plan.ckpt):
-        return
-    keep = args.keep_checkpoints or (plan.view.keep if plan.view else 2)
-    check_disk(rep, plan.ckpt, plan.params, keep, plan.source)
-    check_shared(
-        rep,
-        plan.ckpt,
-        shared_id=args.shared_id,
-        node_rank=args.node_rank,
-        nnodes=args.nnodes,
-        timeout=args.shared_timeout,
-    )
+    with leaving_no_new_dirs(plan.ckpt, enabled=args.nnodes == 1):
+        if not check_writable(rep, plan.ckpt):
+            return
+        keep = args.keep_checkpoints or (plan.view.keep if plan.view else 2)
+        check_disk(rep, plan.ckpt, plan.params, keep, plan.source)
+        check_shared(
+            rep,
+            plan.ckpt,
+            shared_id=args.shared_id,
+            node_rank=args.node_rank,
+            nnodes=args.nnodes,
+            timeout=args.shared_timeout,
+        )

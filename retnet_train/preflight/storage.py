@@ -6,6 +6,7 @@ previous one is removed). Whether other nodes see the same directory is shared_d
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import os
 import secrets
@@ -16,6 +17,22 @@ from pathlib import Path
 from .report import Report, human_bytes
 
 BYTES_PER_PARAM = 16
+
+
+@contextlib.contextmanager
+def leaving_no_new_dirs(path: Path, enabled: bool = True):
+    """Remove again, when empty, the directories on the way to `path` that did not exist before (the checks
+    create the checkpoint dir to probe it; a dry run or a failed preflight would leave it behind). Off on
+    several nodes: another node may be probing the shared directory at that moment."""
+    missing = [p for p in (path, *path.parents) if not p.exists()]  # deepest first
+    try:
+        yield
+    finally:
+        for directory in missing if enabled else []:
+            try:
+                directory.rmdir()
+            except OSError:  # not empty (or not ours to remove): keep it and everything above it
+                break
 
 
 def check_writable(rep: Report, ckpt: Path) -> bool:

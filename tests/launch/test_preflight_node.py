@@ -37,7 +37,22 @@ def test_cpu_node_passes_and_says_no_gpu(tmp_path):
     n = tiny_params()
     assert f"{n / 1e6:.3g}M params (trainer config) x 16 B/param x 2 checkpoint(s)" in out  # keep_last + 1
     assert "preflight passed on node 0" in out
-    assert not any(p.name.startswith(".preflight") for p in (tmp_path / "ck").iterdir())  # probe removed
+    assert not (tmp_path / "ck").exists()  # the probe and the dir made for it are gone: the trainer makes it
+
+
+def test_the_checks_leave_no_directory_they_made_unless_something_was_written(tmp_path):
+    (tmp_path / "runs").mkdir()
+    ckpt = tmp_path / "runs" / "a" / "checkpoints"
+    with pf.leaving_no_new_dirs(ckpt):
+        assert pf.check_writable(pf.Report(), ckpt)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["runs"] and not (tmp_path / "runs" / "a").exists()
+    with pf.leaving_no_new_dirs(ckpt):
+        pf.check_writable(pf.Report(), ckpt)
+        (tmp_path / "runs" / "a" / "config.yaml").write_text("")  # the run's own file: keep what holds it
+    assert (tmp_path / "runs" / "a").is_dir() and not ckpt.exists()
+    with pf.leaving_no_new_dirs(tmp_path / "b", enabled=False):  # several nodes: left as made
+        pf.check_writable(pf.Report(), tmp_path / "b")
+    assert (tmp_path / "b").is_dir()
 
 
 def test_require_gpu_fails_on_cpu(tmp_path):
