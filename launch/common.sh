@@ -10,7 +10,7 @@ if [[ -z "${PYTHON:-}" ]]; then
   if [[ -x "$ROOT/.venv/bin/python" ]]; then PYTHON="$ROOT/.venv/bin/python"; else PYTHON=python3; fi
 fi
 # The repository's packages import from any working directory, installed or not.
-export PYTHONPATH="$ROOT${PYTHONPATH:+:$PYTHONPATH}"
+case ":${PYTHONPATH:-}:" in *":$ROOT:"*) ;; *) export PYTHONPATH="$ROOT${PYTHONPATH:+:$PYTHONPATH}" ;; esac  # once
 export ROOT PYTHON
 # The script that sourced this file: its header comment is its --help.
 launch_script="${BASH_SOURCE[1]}"
