@@ -70,8 +70,10 @@ def _from_export(path: str):
 
 def _from_deepspeed(path: str, tag: Optional[str], model_config: Optional[Mapping]):
     choice = resolve_deepspeed_dir(path, tag)
-    # which checkpoint was read, whether chosen in a directory or named; stdout stays for results
-    print(choice.note() or f"using checkpoint {choice.path}", file=sys.stderr, flush=True)
+    # which checkpoint was read, whether chosen in a directory or named; stdout stays for results. Once per
+    # job: the trainer's ranks each read train.init_weights
+    if int(os.environ.get("RANK", "0")) == 0:
+        print(choice.note() or f"using checkpoint {choice.path}", file=sys.stderr, flush=True)
     save_dir, tag = choice.directory, choice.tag
     origin = model_states_file(os.path.join(save_dir, tag))
     state = read_model_states(os.path.join(save_dir, tag))

@@ -115,6 +115,16 @@ def test_a_run_dir_falls_back_to_the_newest_valid_checkpoint_and_says_why(traine
     assert note == [f"using checkpoint {run / 'checkpoints' / STEP1}"]
 
 
+def test_only_rank_0_names_the_checkpoint_it_reads(trained, run, capsys, monkeypatch):
+    monkeypatch.setenv("RANK", "1")  # the trainer's ranks each read train.init_weights
+    assert load_model(str(run)).meta["tag"] == STEP2
+    assert "using checkpoint" not in capsys.readouterr().err
+    monkeypatch.setenv("RANK", "0")
+    assert load_model(str(run)).meta["tag"] == STEP2
+    note = [line for line in capsys.readouterr().err.splitlines() if line.startswith("using checkpoint")]
+    assert note == [f"using checkpoint {run / 'checkpoints' / STEP2}"]
+
+
 def test_export_never_overwrites_user_files_nor_leaves_a_partial_export(run, tmp_path):
     user_file = tmp_path / "notes.txt"
     user_file.write_text("mine")
