@@ -166,9 +166,9 @@ class TokenLoader:
         if changes and not self.switch_on_change:
             raise ValueError(changes[0] + self.change_hint)
         if changes:
-            digests = {name: stream.header.digest for name, stream in self.streams.items()}
-            self.offsets = continued_offsets(state, digests, self.windows, self.seq_len, self.seed)
-            self.consumed, self.switched = 0, switch_note(state, self.state_dict(), self.offsets)
+            mine = self.state_dict()  # this stream, its offsets not yet set
+            self.offsets = continued_offsets(state, mine)
+            self.consumed, self.switched = 0, switch_note(state, mine, self.offsets)
             return
         offsets = state.get("offsets") or {}
         self.offsets = {name: int(offsets.get(name, 0)) for name in self.streams}

@@ -24,29 +24,26 @@ def windows_read(weights: Mapping[str, float], consumed: int) -> dict[str, int]:
     return dict(zip(schedule.names, counts.tolist()))
 
 
-def continued_offsets(
-    saved: Mapping[str, Any], digests: Mapping[str, str], windows: Mapping[str, int], seq_len: int, seed: int
-) -> dict[str, int]:
-    """Windows of each source of the new stream (name -> data digest, name -> windows) read before it:
-    for a source the saved stream also read, with the same digest, window count, seq_len and seed,
-    what it had read before (its own offset) plus what the saved stream read of it; 0 for the others."""
+def continued_offsets(saved: Mapping[str, Any], mine: Mapping[str, Any]) -> dict[str, int]:
+    """Windows of each source of the new stream (`mine`, its loader state) read before it: for a source
+    the saved stream also read, with the same data, window count, seq_len and seed, what it had read
+    before (its own offset) plus what the saved stream read of it; 0 for the others."""
     weights = saved.get("weights")
     if not isinstance(weights, Mapping) or not weights:
         raise ValueError(f"loader state key 'weights' must map source names to weights, got {weights!r}")
     read = windows_read({name: float(w) for name, w in weights.items()}, saved["consumed_sequences"])
-    earlier = saved.get("offsets") or {}
-    same_windowing = saved.get("seq_len") == seq_len and saved.get("seed") == seed
-    offsets = {}
-    for name, digest in digests.items():
-        source = (saved.get("sources") or {}).get(name)
-        same = (
+    earlier, theirs = saved.get("offsets") or {}, saved.get("sources") or {}
+    same_windowing = all(saved.get(key) == mine[key] for key in ("seq_len", "seed"))
+
+    def continues(name: str) -> bool:
+        return (
             same_windowing
-            and isinstance(source, Mapping)
-            and source.get("digest") == digest
-            and (saved.get("windows") or {}).get(name) == windows[name]
+            and name in theirs
+            and not _other_data(theirs[name], mine["sources"][name])
+            and (saved.get("windows") or {}).get(name) == mine["windows"][name]
         )
-        offsets[name] = int(earlier.get(name, 0)) + read.get(name, 0) if same else 0
-    return offsets
+
+    return {name: int(earlier.get(name, 0)) + read.get(name, 0) if continues(name) else 0 for name in mine["sources"]}
 
 
 def switch_note(saved: Mapping[str, Any], mine: Mapping[str, Any], offsets: Mapping[str, int]) -> str:
