@@ -25,13 +25,14 @@ CATEGORIES = [  # first match wins, by CUDA kernel name
     ("cross_entropy", ("cross_entropy", "softmax", "logsumexp", "nll")),
     ("norm", ("norm",)),
 ]
-# rows that are not kernels: ops and ranges (their device time counts their kernels' a second time), runtime calls
+# rows that are not kernels, left out: host ops and ranges (their device time is their kernels' time, which
+# the kernels' own rows hold) and runtime calls
 NOT_KERNELS = ("aten::", "ProfilerStep", "##", "cuda", "Optimizer.")
 
 
 def kernel_rows(prof) -> list:
     """(device us, calls, name) of each kernel, memcpy and memset in a profile's key_averages. A host
-    op's row (profiles that record them) carries its kernels' time as device time, none as its own."""
+    op's row holds its kernels' time as device time and none of its own."""
     rows = [(_own_device_us(e), e.count, e.key) for e in prof.key_averages()]
     return [r for r in rows if r[0] and not r[2].startswith(NOT_KERNELS)]
 
