@@ -1,6 +1,17 @@
-"""A sequence-length sweep of bench.train_throughput: the batch at each length and the plot."""
+"""A sequence-length sweep of bench.train_throughput: the batch at each length and the plot. The plot
+can also be drawn from the JSON lines of several runs (a long sweep split over machines or calls):
+
+    python -m retnet_train.bench.sweep short.jsonl long.jsonl --plot sweep.png
+"""
 
 from __future__ import annotations
+
+import argparse
+import json
+import sys
+
+# what every point of one plot shares, besides the model's own settings
+SHARED_SETTINGS = ("preset", "device", "zero_stage", "compile", "activation_memory_budget")
 
 
 def batch_for_length(seq_len: int, first_len: int, micro_batch: int, grad_accum: int) -> tuple:
@@ -17,8 +28,23 @@ def model_label(result: dict) -> str:
     return f"{result['model']}{overrides}"
 
 
+def sweep_tokens(row: dict) -> int:
+    """The tokens per optimizer step of the sweep a row belongs to (those of its first length; a row
+    without the field, of an older run, counts its own)."""
+    return row.get("sweep_tokens_per_step") or row["micro_batch"] * row["grad_accum"] * row["seq_len"]
+
+
+def sweep_lines(results: list) -> dict:
+    """The plot's lines: (model label, sweep tokens per step) -> its rows."""
+    lines = {}
+    for r in results:
+        if "skipped" not in r:
+            lines.setdefault((model_label(r), sweep_tokens(r)), []).append(r)
+    return lines
+
+
 def plot_sweep(results: list, path: str, title: str) -> None:
-    """tokens/s and peak memory against sequence length, one line per model (and base accumulation);
+    """tokens/s and peak memory against sequence length, one line per model (and tokens per step);
     an out-of-memory length is marked with an x on the length axis."""
     import matplotlib
 
@@ -26,13 +52,10 @@ def plot_sweep(results: list, path: str, title: str) -> None:
     import matplotlib.pyplot as plt
 
     fig, (speed, mem) = plt.subplots(1, 2, figsize=(11, 4.2), constrained_layout=True)
-    lines = {}
-    for r in results:
-        if "skipped" not in r:
-            lines.setdefault((model_label(r), r.get("base_grad_accum")), []).append(r)
-    for (label, accum), rows in lines.items():
+    lines = sweep_lines(results)
+    for (label, tokens), rows in lines.items():
         ok = sorted((r for r in rows if "oom" not in r), key=lambda r: r["seq_len"])
-        name = label if len({a for _, a in lines}) == 1 else f"{label} (accum {accum})"
+        name = label if len({t for _, t in lines}) == 1 else f"{label} ({tokens:,} tokens per step)"
         (line,) = speed.plot([r["seq_len"] for r in ok], [r["tokens_per_s"] for r in ok], "o-", label=name)
         mem.plot([r["seq_len"] for r in ok], [r["peak_gib"] for r in ok], "o-", color=line.get_color(), label=name)
         for r in rows:
@@ -51,5 +74,57 @@ def plot_sweep(results: list, path: str, title: str) -> None:
     plt.close(fig)
 
 
-def results_device(results: list) -> str:
-    return next((r["device"] for r in results if "device" in r), "-")
+def sweep_title(results: list) -> str:
+    """What the plotted rows share: preset, device, tokens per step, ZeRO stage, compilation."""
+    r = next((r for r in results if "tokens_per_s" in r), None)
+    if r is None:
+        return "no measured rows"
+    steps = sorted({sweep_tokens(x) for x in results if "skipped" not in x})
+    flags = f"ZeRO-{r['zero_stage']}" + (f", compiled, budget {r['activation_memory_budget']}" if r["compile"] else "")
+    return f"{r['preset']} on {r['device']}: {' / '.join(f'{t:,}' for t in steps)} tokens per step, {flags}"
+
+
+def read_rows(path: str) -> list:
+    """The result rows of one run's output: lines that start with '{' (other lines, such as warnings
+    that went to the same file, are skipped)."""
+    try:
+        lines = open(path).read().splitlines()
+    except FileNotFoundError:
+        raise SystemExit(f"{path}: no such file") from None
+    rows = []
+    for number, line in enumerate(lines, 1):
+        if line.startswith("{"):
+            try:
+                rows.append(json.loads(line))
+            except json.JSONDecodeError:
+                raise SystemExit(f"{path}:{number}: not a JSON result row: {line[:80]!r}") from None
+    if not any("model" in r for r in rows):
+        raise SystemExit(f"{path}: no result rows (the JSON lines that bench.train_throughput prints)")
+    return rows
+
+
+def check_shared_settings(rows_by_file: dict) -> None:
+    """Rows of several runs are one sweep only if they were measured alike."""
+    seen = {}
+    for path, rows in rows_by_file.items():
+        for r in rows:
+            for key in SHARED_SETTINGS:
+                if key in r and seen.setdefault(key, (r[key], path))[0] != r[key]:
+                    first, where = seen[key]
+                    raise SystemExit(f"{key} differs: {first} in {where}, {r[key]} in {path}: not one sweep")
+
+
+def main(argv=None) -> None:
+    p = argparse.ArgumentParser(description="Draw the sweep plot from the JSON lines of bench.train_throughput runs.")
+    p.add_argument("rows", nargs="+", metavar="JSONL", help="a run's output (its stdout, saved)")
+    p.add_argument("--plot", required=True, metavar="PATH", help="the PNG to write")
+    args = p.parse_args(argv)
+    rows_by_file = {path: read_rows(path) for path in args.rows}
+    check_shared_settings(rows_by_file)
+    results = [r for rows in rows_by_file.values() for r in rows]
+    plot_sweep(results, args.plot, sweep_title(results))
+    print(f"wrote {args.plot}", file=sys.stderr)
+
+
+if __name__ == "__main__":
+    main()

@@ -18,7 +18,7 @@ import torch
 
 from ..components.distributed import init_distributed
 from ..components.process_exit import end_before_teardown, exit_with
-from .sweep import batch_for_length, plot_sweep, results_device
+from .sweep import batch_for_length, plot_sweep, sweep_title
 from .throughput_args import add_run_args, add_sweep_args, add_training_args, model_specs
 from .throughput_measure import measure_or_oom
 
@@ -82,14 +82,9 @@ def run_sweep(args, device) -> list:
         for accum in args.grad_accum:
             for seq_len in args.seq_len:
                 result = measure_or_oom(name, build, cfg, args_at_length(args, seq_len, accum), device)
-                results.append(emit({**result, "overrides": overrides, "base_grad_accum": accum}))
+                tokens = args.micro_batch * accum * args.seq_len[0]  # the sweep's tokens per step: its plot line
+                results.append(emit({**result, "overrides": overrides, "sweep_tokens_per_step": tokens}))
     return results
-
-
-def plot_title(args, results: list) -> str:
-    flags = f"ZeRO-{args.zero_stage}" + (f", compiled, budget {args.activation_memory_budget}" if args.compile else "")
-    first = f"{args.micro_batch} x {args.seq_len[0]} tokens per micro-batch"
-    return f"{args.preset} on {results_device(results)}: {first}, {flags}"
 
 
 def main(argv=None):
@@ -97,7 +92,7 @@ def main(argv=None):
     device = bench_device(args.cpu)
     results = run_sweep(args, device)
     if args.plot:
-        plot_sweep(results, args.plot, plot_title(args, results))
+        plot_sweep(results, args.plot, sweep_title(results))
         print(f"wrote {args.plot}", file=sys.stderr)
 
 

@@ -8,6 +8,7 @@ from pathlib import Path
 
 import pytest
 
+from retnet_train.bench import sweep
 from retnet_train.bench.sweep import batch_for_length, plot_sweep
 from retnet_train.bench.throughput_args import model_specs
 from retnet_train.bench.train_throughput import parse_args
@@ -32,18 +33,67 @@ def test_plot_marks_out_of_memory_lengths(tmp_path):
             "seq_len": n,
             "tokens_per_s": 10.0 * n,
             "peak_gib": n / 1024,
-            "base_grad_accum": 1,
+            "micro_batch": 1,
+            "grad_accum": 1,
+            "sweep_tokens_per_step": 1024,
             "device": "cpu",
         }
         for n in (1024, 2048)
     ]
     rows.append(
-        {"model": "transformer", "overrides": {}, "seq_len": 2048, "oom": "CUDA out of memory", "base_grad_accum": 1}
+        {
+            "model": "transformer",
+            "overrides": {},
+            "seq_len": 2048,
+            "oom": "CUDA out of memory",
+            "micro_batch": 1,
+            "grad_accum": 1,
+        }
     )
     rows.append({"model": "fla", "skipped": "flash-linear-attention is not installed"})
     path = tmp_path / "p.png"
     plot_sweep(rows, str(path), "title")
     assert path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def _row(model, seq_len, micro_batch, grad_accum, **fields):
+    base = {"model": model, "overrides": {}, "preset": "1.3b", "zero_stage": 1, "compile": True}
+    base |= {"activation_memory_budget": 0.8, "device": "NVIDIA H200"}
+    base |= {"seq_len": seq_len, "micro_batch": micro_batch, "grad_accum": grad_accum}
+    return base | {"tokens_per_s": 1000.0, "peak_gib": 10.0} | fields
+
+
+def test_rows_of_several_runs_plot_as_one_line_per_model_and_tokens_per_step(tmp_path, monkeypatch):
+    """A sweep split over runs (2,048 at 8 x 4, 32,768 at 1 x 2: 65,536 tokens per step in both) is one
+    line per model; stderr text mixed into a file is skipped; the title says the shared settings."""
+    first, second = tmp_path / "a.jsonl", tmp_path / "b.jsonl"
+    first.write_text(
+        "\n".join(json.dumps(r) for r in [_row("retnet", 2048, 8, 4), _row("transformer", 2048, 8, 4)])
+        + "\n[rank0]: a warning\n"
+    )
+    second.write_text(json.dumps(_row("retnet", 32768, 1, 2)) + "\n" + json.dumps(_row("transformer", 32768, 1, 2)))
+    drawn = {}
+    monkeypatch.setattr(sweep, "plot_sweep", lambda rows, path, title: drawn.update(rows=rows, title=title))
+    sweep.main([str(first), str(second), "--plot", str(tmp_path / "p.png")])
+    assert sorted(sweep.sweep_lines(drawn["rows"])) == [("retnet", 65536), ("transformer", 65536)]
+    assert [len(v) for v in sweep.sweep_lines(drawn["rows"]).values()] == [2, 2]
+    assert drawn["title"] == "1.3b on NVIDIA H200: 65,536 tokens per step, ZeRO-1, compiled, budget 0.8"
+
+
+def test_rows_of_other_settings_are_not_drawn_as_one_sweep(tmp_path):
+    a, b = tmp_path / "a.jsonl", tmp_path / "b.jsonl"
+    a.write_text(json.dumps(_row("retnet", 2048, 8, 4)))
+    b.write_text(json.dumps(_row("retnet", 32768, 1, 2, activation_memory_budget=0.5)))
+    with pytest.raises(SystemExit, match="activation_memory_budget differs: 0.8 in .*a.jsonl, 0.5 in .*b.jsonl"):
+        sweep.main([str(a), str(b), "--plot", str(tmp_path / "p.png")])
+    b.write_text("{not json\n")
+    with pytest.raises(SystemExit, match="b.jsonl:1: not a JSON result row"):
+        sweep.main([str(a), str(b), "--plot", str(tmp_path / "p.png")])
+    b.write_text("no rows here\n")
+    with pytest.raises(SystemExit, match="b.jsonl: no result rows"):
+        sweep.main([str(a), str(b), "--plot", str(tmp_path / "p.png")])
+    with pytest.raises(SystemExit, match="missing.jsonl: no such file"):
+        sweep.main([str(tmp_path / "missing.jsonl"), "--plot", str(tmp_path / "p.png")])
 
 
 @pytest.mark.slow
