@@ -32,7 +32,7 @@ from .components.resume import done_line, fresh_start_line, load_checkpoint, not
 from .components.rng import seed_everything
 from .components.run_dir import claim_dirs, continues_run, open_run_dir
 from .components.train_state import TrainState
-from .components.validation import mean_loss, validation_metrics
+from .components.validation import evaluation_due, mean_loss, validation_metrics
 from .model import build_model, model_config_from_dict
 from .model.flops import flops_per_token
 from .parallel import build_context_parallel, parallelize
@@ -306,9 +306,9 @@ class Trainer:
             raise self.state.faults.stop_error(self.state.step, path)
 
     def maybe_evaluate(self) -> Optional[float]:
-        """Validation loss every train.eval_interval steps and at the last step."""
+        """Validation loss every train.eval_interval steps and at the last step (0: never)."""
         step, cfg = self.state.step, self.cfg.train
-        if not (step % cfg.eval_interval == 0 or step == cfg.max_steps):
+        if not evaluation_due(step, cfg.eval_interval, cfg.max_steps):
             return None
         with self.throughput.paused():
             # the whole pass: build_loaders capped it at train.eval_batches batches' worth of sequences

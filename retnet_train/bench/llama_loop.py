@@ -62,6 +62,7 @@ def train_llama(cfg) -> int:
     from ..components.distributed import pick_device
     from ..components.loaders import build_loaders
     from ..components.metrics import Throughput
+    from ..components.validation import evaluation_due
 
     check_precision(cfg)
     device = pick_device(cfg.train.device, cfg.deepspeed.precision)
@@ -86,7 +87,7 @@ def train_llama(cfg) -> int:
         last = step == cfg.train.max_steps
         if step % cfg.train.log_interval == 0 or last:
             logger.log(step_metrics(step, losses, lr, grad_norm, throughput, device, tokens_seen))
-        if step % cfg.train.eval_interval == 0 or last:
+        if evaluation_due(step, cfg.train.eval_interval, cfg.train.max_steps):
             with throughput.paused():
                 val = validation_loss(model, loss_of, val_loader)
             logger.log({"step": step, "val_loss": val, "val_ppl": math.exp(min(val, 50.0))})

@@ -70,7 +70,7 @@ class TrainSection:
     global_batch_tokens: int = 4 * 2**20  # accumulation = this / (micro_batch * seq_len * world)
     max_steps: int = 25_000
     log_interval: int = 10
-    eval_interval: int = 1000
+    eval_interval: int = 1000  # 0: no validation (and no validation split needed)
     eval_batches: int = 50
     # none | selective (RetNet: recompute retention + its norms only) | full (every block);
     # true/false are read as full/none
@@ -272,13 +272,14 @@ def _check_deepspeed(ds: DeepSpeedConfig) -> None:
     check_grad_accum_dtype(ds)
 
 
-_POSITIVE_TRAIN_KEYS = "micro_batch_size global_batch_tokens max_steps log_interval eval_interval eval_batches".split()
+_POSITIVE_TRAIN_KEYS = "micro_batch_size global_batch_tokens max_steps log_interval eval_batches".split()
 _POSITIVE_TRAIN_KEYS += ["max_consecutive_nonfinite"]
 
 
 def _check_train(train: TrainSection) -> None:
     for key in _POSITIVE_TRAIN_KEYS:
         _need(getattr(train, key) > 0, f"train.{key}", "must be > 0")
+    _need(train.eval_interval >= 0, "train.eval_interval", "must be >= 0 (0: no validation)")
     checkpointing_mode(train.activation_checkpointing, "train.activation_checkpointing")
     budget = train.activation_memory_budget
     _need(0 < budget <= 1, "train.activation_memory_budget", f"{budget} is not in (0, 1]")

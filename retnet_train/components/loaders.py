@@ -13,7 +13,8 @@ from .config import TrainConfig, data_sources
 
 def build_loaders(cfg: TrainConfig, vocab_size: int, dp_rank: int, dp_world: int):
     """(training loader, validation loader) of data-parallel rank `dp_rank` of `dp_world`; shards whose
-    manifest disagrees with data.tokenizer (when set) or the model's vocab_size are refused."""
+    manifest disagrees with data.tokenizer (when set) or the model's vocab_size are refused. No validation
+    loader (None) under train.eval_interval=0: the shards need no validation split then."""
     sources, tokenizer_sha = _loader_inputs(cfg)
     with _naming_data_tokenizer(cfg, tokenizer_sha):
         loader = TokenLoader(
@@ -30,6 +31,8 @@ def build_loaders(cfg: TrainConfig, vocab_size: int, dp_rank: int, dp_world: int
             change_hint=_change_hint(cfg),
             switch_on_change=cfg.data.on_change == "switch",
         )
+        if cfg.train.eval_interval == 0:
+            return loader, None
         val_loader = build_validation_loader(
             sources,
             cfg.data.seq_len,
@@ -50,6 +53,8 @@ def check_data(cfg: TrainConfig, vocab_size: int, dp_world: int) -> None:
     sources, tokenizer_sha = _loader_inputs(cfg)
     with _naming_data_tokenizer(cfg, tokenizer_sha):
         plan_stream(sources, cfg.data.seq_len, "train", tokenizer_sha, vocab_size)
+        if cfg.train.eval_interval == 0:
+            return
         plan_validation(
             sources, cfg.data.seq_len, dp_world, tokenizer_sha, vocab_size, None, _validation_sequences(cfg, dp_world)
         )

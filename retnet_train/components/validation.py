@@ -14,6 +14,11 @@ import torch.distributed as dist
 from ..parallel import loss_weight
 
 
+def evaluation_due(step: int, eval_interval: int, max_steps: int) -> bool:
+    """Validation runs every eval_interval optimizer steps and at the last one; eval_interval 0: never."""
+    return eval_interval > 0 and (step % eval_interval == 0 or step == max_steps)
+
+
 @dataclass
 class MeanLoss:
     loss: float  # nan when no token was evaluated

@@ -56,6 +56,7 @@ def with_values(**values) -> TrainConfig:
         ),
         (dict(train__micro_batch_size=0), "train.micro_batch_size: must be > 0"),
         (dict(train__max_consecutive_nonfinite=0), "train.max_consecutive_nonfinite: must be > 0"),
+        (dict(train__eval_interval=-1), "train.eval_interval: must be >= 0 (0: no validation)"),
         (
             dict(train__activation_checkpointing="partial"),
             "train.activation_checkpointing: 'partial' is not one of none, selective, full",

@@ -117,3 +117,17 @@ def test_a_missing_data_path_names_its_data_paths_entry(tmp_path):
         with pytest.raises(ValueError) as exc:
             check()
         assert str(exc.value) == expected
+
+
+def test_no_validation_split_is_refused_unless_eval_interval_is_zero(tmp_path):
+    """Shards without a validation split: the loaders and the preflight refuse them while the run
+    evaluates; under train.eval_interval=0 there is no validation loader to build."""
+    write_shard_dir(tmp_path / "web", position_tokens(1000), None, shard_tokens=300)
+    cfg = config(tmp_path / "web")
+    for check in (lambda: build_loaders(cfg, VOCAB, 0, 1), lambda: check_data(cfg, VOCAB, 1)):
+        with pytest.raises(ManifestError, match="validation"):
+            check()
+    cfg.train.eval_interval = 0
+    check_data(cfg, VOCAB, 1)
+    loader, val_loader = build_loaders(cfg, VOCAB, 0, 1)
+    assert val_loader is None and next(iter(loader))["input_ids"].shape == (2, 8)

@@ -62,3 +62,14 @@ def test_each_source_logs_its_validation_loss(shards, tmp_path, process_group): 
     # eval_batches 2 x micro-batch 2: two windows of each source (of equal size), each of seq_len labelled tokens
     assert val["val_loss"] == pytest.approx((web_loss + code_loss) / 2, rel=1e-9)
     assert val["val_ppl"] == pytest.approx(math.exp(val["val_loss"]), rel=1e-9)
+
+
+def test_eval_interval_zero_trains_without_validation(tmp_path, process_group):  # noqa: F811
+    """train.eval_interval=0: no validation pass and no validation split needed (shards without one)."""
+    data, run = tmp_path / "no_val", tmp_path / "run"
+    write_shard_dir(data, learnable_tokens(20_000, VOCAB, seed=3), None, shard_tokens=8192, vocab_size=VOCAB)
+    trainer = Trainer(typed(data, run, **{"train.max_steps": 2, "train.eval_interval": 0}))
+    trainer.train()
+    assert trainer.val_loader is None
+    assert sorted(r["step"] for r in records(run) if "loss" in r) == [1, 2]
+    assert not [r for r in records(run) if "val_loss" in r]
