@@ -382,16 +382,3 @@ def grad_accumulation(cfg: TrainConfig, world_size: int) -> int:
             f"{cfg.train.micro_batch_size} x {cfg.data.seq_len} x {dp}{dp_note} = {per_step}"
         )
     return cfg.train.global_batch_tokens // per_step
-
-
-def config_diff(old: dict, new: dict, prefix: str = "") -> list:
-    """'key: old -> new' for every leaf that differs between two resolved configs (nested dicts)."""
-    out = []
-    for key in sorted(set(old) | set(new)):
-        a, b = old.get(key, "<absent>"), new.get(key, "<absent>")
-        name = f"{prefix}{key}"
-        if isinstance(a, dict) and isinstance(b, dict):
-            out += config_diff(a, b, name + ".")
-        elif a != b:
-            out.append(f"{name}: {a} -> {b}")
-    return out

@@ -8,10 +8,11 @@ import os
 from typing import Mapping, Optional, Tuple
 
 import torch
+from omegaconf import OmegaConf
 
 from .checkpoint import CheckpointManager, Stateful, load_parts
 from .checkpoint_discovery import model_states_file, tag_for
-from .config import config_diff
+from .config import TrainConfig
 from .train_state import TrainState
 
 
@@ -83,6 +84,24 @@ def misfit(path: str, error: RuntimeError, model_config: dict) -> str:
     )
 
 
+ABSENT = "<absent>"
+
+
+def config_diff(old: dict, new: dict, prefix: str = "", defaults: Optional[dict] = None) -> list:
+    """'key: old -> new' for every leaf that differs between two resolved configs (nested dicts).
+    defaults (the schema's, nested alike): a key that `old` lacks, because it was saved before the key
+    existed, is no change while `new` holds its default."""
+    out, defaults = [], defaults or {}
+    for key in sorted(set(old) | set(new)):
+        a, b, name = old.get(key, ABSENT), new.get(key, ABSENT), f"{prefix}{key}"
+        if isinstance(b, dict) and (isinstance(a, dict) or a == ABSENT):
+            default = defaults.get(key)
+            out += config_diff(a if a != ABSENT else {}, b, name + ".", default if isinstance(default, dict) else None)
+        elif a != b and not (a == ABSENT and key in defaults and defaults[key] == b):
+            out.append(f"{name}: {a} -> {b}")
+    return out
+
+
 def fresh_start_line(resume: str, checkpoint_dir: str) -> str:
     return f"no checkpoint in {checkpoint_dir}: starting fresh" if resume == "auto" else "starting fresh"
 
@@ -110,7 +129,8 @@ def resumed_lines(path: str, state: TrainState, notes: list, saved_config: Optio
     changed since that checkpoint was saved (saved_config: its resolved config)."""
     converted = f" ({', '.join(notes)})" if notes else ""
     lines = [f"resumed from {path} at step {state.step} ({state.tokens_seen:,} tokens seen){converted}"]
-    changed = config_diff(saved_config or {}, resolved)
+    schema = OmegaConf.to_container(OmegaConf.structured(TrainConfig()), resolve=True)
+    changed = config_diff(saved_config or {}, resolved, defaults=schema)
     if changed:
         lines.append("config changed since that checkpoint: " + "; ".join(changed))
     return lines
