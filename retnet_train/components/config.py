@@ -165,9 +165,11 @@ def typed_config(cfg) -> TrainConfig:
     unknown = unknown_keys(OmegaConf.to_container(cfg, resolve=False), TrainConfig)
     if unknown:
         also = f" (also unknown: {', '.join(unknown[1:4])})" if unknown[1:] else ""
+        close = closest_key(unknown[0], TrainConfig)
+        hint = f"; did you mean {close}?" if close else ""
         raise ValueError(
             f"{unknown[0]}: not a key of the trainer config (retnet_train/components/config.py); "
-            f"nothing would read it{also}"
+            f"nothing would read it{hint}{also}"
         )
     return expand_home(OmegaConf.to_object(cfg))
 
@@ -184,6 +186,18 @@ def expand_home(cfg: TrainConfig) -> TrainConfig:
         cfg.train.resume = expand(cfg.train.resume)
     cfg.train.init_weights = expand(cfg.train.init_weights) if cfg.train.init_weights else cfg.train.init_weights
     return cfg
+
+
+def closest_key(dotted: str, schema) -> str | None:
+    """The schema's key most like an unknown dotted key, at the level where it stops matching, or None."""
+    import difflib
+    import typing
+
+    *known, last = dotted.split(".")
+    for part in known:
+        schema = typing.get_type_hints(schema)[part]
+    match = difflib.get_close_matches(last, list(typing.get_type_hints(schema)), n=1, cutoff=0.6)
+    return ".".join(known + match) if match else None
 
 
 def unknown_keys(values: dict, schema, prefix: str = "") -> list:
