@@ -201,15 +201,18 @@ class CheckpointManager:
         return os.path.join(self.dir, tag)
 
     def _prune(self, keep: str) -> None:
-        # keep_last counts the checkpoints up to this save: complete ones of later steps are damaged saves
-        # this run resumed past (resolve_resume refuses going back over valid ones); left as they are until
-        # a save of that step replaces them, they must not push valid older ones out
+        # keep_last counts the usable checkpoints up to this save. Complete ones of later steps are damaged
+        # saves this run resumed past (resolve_resume refuses going back over valid ones): left as they are
+        # until a save of that step replaces them. A damaged one below this save counts for nothing (else it
+        # would push the last usable ones out) and stays until the kept window has moved past its step.
         step = _step(keep)
-        complete = [tag for tag in self.complete_tags() if _step(tag) <= step]
-        kept = set(complete[-self.keep_last :]) | {keep}
+        usable = [t for t in self.complete_tags() if _step(t) < step and discovery.damage(self.dir, t) is None]
+        kept = set(usable[-(self.keep_last - 1) :] if self.keep_last > 1 else []) | {keep}
+        oldest_kept = min(_step(t) for t in kept)
         for tag in os.listdir(self.dir):
-            # older complete checkpoints beyond keep_last, and leftovers of saves that never completed
-            if TAG_RE.match(tag) and tag not in kept and (_step(tag) <= step or not self.is_complete(tag)):
+            if not TAG_RE.match(tag) or tag in kept:
+                continue
+            if not self.is_complete(tag) or _step(tag) < oldest_kept:  # never completed, or out of the window
                 shutil.rmtree(os.path.join(self.dir, tag), ignore_errors=True)
 
     def existing(self) -> list:

@@ -197,3 +197,22 @@ def test_pruning_counts_keep_last_up_to_the_new_save(tmp_path):
     manager.save(SavingEngine(), 30, {"step": 30})  # replaces the damaged save of step 30
     assert discovery.damage(str(tmp_path), "step_00000030") is None
     assert sorted(t for t in os.listdir(tmp_path) if t.startswith("step_")) == ["step_00000025", "step_00000030"]
+
+
+def test_a_damaged_checkpoint_does_not_count_towards_keep_last(tmp_path):
+    """Resumed from step 30 past a damaged step 40 (a shard cut short): the save of step 45 keeps the two
+    newest usable checkpoints, 30 and 45; the damaged 40 stays while it is newer than the oldest kept
+    (it may hold what someone wants to salvage) and goes once the window has passed it."""
+    manager = CheckpointManager(str(tmp_path), keep_last=2, rank=0)
+    for step in (20, 30, 40):
+        save(tmp_path, step)
+    truncate(tmp_path / "step_00000040" / "rng_rank0.pt")
+    assert resolve_resume("auto", manager) == (str(tmp_path), "step_00000030")
+    manager.save(SavingEngine(), 45, {"step": 45})
+    assert sorted(t for t in os.listdir(tmp_path) if t.startswith("step_")) == [
+        "step_00000030",
+        "step_00000040",
+        "step_00000045",
+    ]
+    manager.save(SavingEngine(), 50, {"step": 50})
+    assert sorted(t for t in os.listdir(tmp_path) if t.startswith("step_")) == ["step_00000045", "step_00000050"]
