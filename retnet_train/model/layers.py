@@ -205,8 +205,10 @@ class DecoderLM(nn.Module):
         return self
 
     def num_params(self, exclude_embeddings: bool = False) -> int:
-        n = sum(p.numel() for p in self.parameters())  # a tied weight counts once
-        return n - self.embed_tokens.weight.numel() if exclude_embeddings else n
+        # a tied weight counts once; under ZeRO-3 a parameter holds its shard (numel 0 on most ranks) and
+        # DeepSpeed records its full size as ds_numel
+        n = sum(_full_numel(p) for p in self.parameters())
+        return n - _full_numel(self.embed_tokens.weight) if exclude_embeddings else n
 
     def embed(self, input_ids: torch.Tensor) -> torch.Tensor:
         if input_ids.dim() != 2:
@@ -236,3 +238,7 @@ class DecoderLM(nn.Module):
             # labels are aligned with input_ids (the loader shifts them); -100 is ignored.
             loss = F.cross_entropy(logits.float().flatten(0, 1), labels.flatten(), ignore_index=-100)
         return CausalLMOutput(logits=logits, loss=loss)
+
+
+def _full_numel(p: torch.Tensor) -> int:
+    return getattr(p, "ds_numel", p.numel())

@@ -57,11 +57,13 @@ def losses(
         z3 = trainer_zero3()
         ds["zero_optimization"].update({key: z3[key] for key in ("leaf_module", "memory_efficient_linear")})
     restore_torch_linear()
+    whole = model.num_params()
     engine, *_ = deepspeed.initialize(model=model, model_parameters=model.parameters(), config=ds)
     if as_trainer:  # DeepSpeed's Linear made torch 2.11 recompile each layer's block
         assert torch.nn.functional.linear is LINEAR
     if stage == 3:
         assert engine.module.layers[0].retention.qkv_proj.weight.numel() == 0  # partitioned outside forward
+        assert engine.module.num_params() == whole  # counted whole (the trainer's start banner)
     parallelize(engine.module, compile=compile_blocks, activation_checkpointing=checkpointing)
     ids = torch.randint(0, 61, (2, 9), generator=torch.Generator().manual_seed(1))
     out = []
