@@ -117,6 +117,11 @@ class RetNetTrainLM(LM):
                 ctx, cont = pairs[i]
                 if not cont:
                     raise ValueError("loglikelihood: empty continuation")
+                if len(cont) > self.max_length:  # the window is cut from the left: it would cut the answer
+                    raise ValueError(
+                        f"max_length={self.max_length} (--max-length): a continuation of {len(cont)} tokens "
+                        "does not fit in the window; raise it"
+                    )
                 full = (([self.prefix_id] if add_prefix else []) + list(ctx) + list(cont))[-(self.max_length + 1) :]
                 rows.append(full[:-1])
                 spans.append((len(full) - 1 - len(cont), list(cont)))

@@ -292,3 +292,17 @@ def test_adapter_from_lm_eval_cli_settings(setup, monkeypatch):
         cls.create_from_arg_obj(args, {"batch_size": 2, "device": "cuda:0"})
     with pytest.raises(ValueError, match=r"--device 'gpu' is not a torch device"):
         cls.create_from_arg_obj(args, {"device": "gpu"})
+
+
+def test_adapter_refuses_a_continuation_longer_than_max_length(setup):
+    """Cutting the window from the left would cut into the answer itself (it crashed in a gather)."""
+    require_lm_eval()
+    from lm_eval.api.instance import Instance
+
+    from retnet_train.inference.lm_eval_adapter import RetNetTrainLM
+
+    d, tok, model, exp, _ = setup
+    lm = RetNetTrainLM(model, str(tok), max_length=4)
+    long_answer = Instance("loglikelihood", {}, ("one", " two three four five six seven"), 0)
+    with pytest.raises(ValueError, match=r"^max_length=4 \(--max-length\): a continuation of \d+ tokens"):
+        lm.loglikelihood([long_answer])
