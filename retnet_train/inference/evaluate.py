@@ -1,13 +1,14 @@
 r"""Evaluate a checkpoint: validation perplexity over token shards, and lm-evaluation-harness tasks.
 
     python -m retnet_train.inference.evaluate --checkpoint runs/x --data data/sample/shards \
-        --seq-len 2048 --batch-size 8 [--max-sequences 512]
+        [--seq-len N] --batch-size 8 [--max-sequences 512]
     python -m retnet_train.inference.evaluate --checkpoint export/x --tasks hellaswag,lambada_openai [--limit 100]
     python -m retnet_train.inference.evaluate --checkpoint export/x --tasks my_task --include-path my_tasks/
 
 Perplexity runs the model as training does (packed windows of the shards' validation split,
 document masking by EOS) and reports the token-weighted mean loss, perplexity and bits per
-token, with the same of each source under "sources" when --data names several. Shards of another
+token, with the same of each source under "sources" when --data names several, and the settings it
+measured with (seq_len: by default the trained data.seq_len, where the checkpoint records it). Shards of another
 tokenizer are refused. The results, with which weights they measure (measured_weights), are one JSON
 line: all of stdout.
 """
@@ -30,6 +31,8 @@ from ..data import ManifestError, build_validation_loader, sha256_file
 from .cli import add_checkpoint_args, add_device_args, add_prompt_prefix_arg, compute_dtype, load_from_args
 from .errors import CheckpointError
 from .framing import chosen_framing
+
+DEFAULT_SEQ_LEN = 2048  # --seq-len where the checkpoint records no data.seq_len
 
 
 def perplexity(
@@ -78,7 +81,9 @@ def parse_args(argv=None):
     p.add_argument(
         "--data", action="append", default=[], help="shard dir (or NAME=DIR), repeatable: validation perplexity"
     )
-    p.add_argument("--seq-len", type=int, default=2048)
+    p.add_argument(
+        "--seq-len", type=int, default=None, help=f"default: the checkpoint's data.seq_len (else {DEFAULT_SEQ_LEN})"
+    )
     p.add_argument("--batch-size", type=int, default=8)
     p.add_argument("--max-sequences", type=int, default=None)
     p.add_argument("--tasks", help="comma-separated lm-eval task names")
@@ -92,17 +97,27 @@ def parse_args(argv=None):
     return p.parse_args(argv)
 
 
+def trained_seq_len(loaded) -> Optional[int]:
+    """The data.seq_len the weights were trained at, where the checkpoint (or the export's source) records it."""
+    facts = loaded.meta if loaded.source == "deepspeed" else loaded.meta["export"].get("source")
+    seq_len = facts.get("seq_len") if isinstance(facts, dict) else None
+    return seq_len if isinstance(seq_len, int) else None
+
+
 def run_perplexity(loaded, sources: dict, args) -> Mapping:
     sha = sha256_file(loaded.tokenizer_path) if loaded.tokenizer_path else None
+    seq_len = args.seq_len or trained_seq_len(loaded) or DEFAULT_SEQ_LEN
     loader = build_validation_loader(
         sources,
-        args.seq_len,
+        seq_len,
         args.batch_size,
         tokenizer_sha256=sha,
         vocab_size=loaded.config.vocab_size,
         max_sequences=args.max_sequences,
     )
-    return perplexity(loaded.model, loader, args.device, sources=loader.batch_sources)
+    measured = perplexity(loaded.model, loader, args.device, sources=loader.batch_sources)
+    settings = {"seq_len": seq_len, "batch_size": args.batch_size, "max_sequences": args.max_sequences}
+    return {**measured, **settings, "data": {name: path for name, (path, _) in sources.items()}}
 
 
 def run_lm_eval(loaded, args) -> Mapping:

@@ -89,6 +89,7 @@ def _from_deepspeed(path: str, tag: Optional[str], model_config: Optional[Mappin
         "save_dir": save_dir,
         "global_steps": state.get("global_steps"),
         "ds_version": state.get("ds_version"),
+        "seq_len": ((state.get("config") or {}).get("data") or {}).get("seq_len"),  # the trainer's data.seq_len
     }
     del state
     return config, consolidated_state_dict(save_dir, tag), stored_tok, "deepspeed", meta, framing

@@ -48,6 +48,7 @@ def test_perplexity_matches_hand_computation(setup, capsys):
         logits = model(ids, doc_starts=starts).logits
         loss = F.cross_entropy(logits.flatten(0, 1), labels.flatten()).item()
     assert res["tokens"] == n * 16
+    assert (res["seq_len"], res["batch_size"], res["max_sequences"]) == (16, 3, None)
     assert res["loss"] == pytest.approx(loss, rel=1e-5)
     assert res["perplexity"] == pytest.approx(math.exp(loss), rel=1e-5)
     assert "sources" not in res  # one source: the loss is its own

@@ -73,8 +73,6 @@ def test_trainer_checkpoint_to_eval_generate_export(tmp_path, capsys):
                 str(run_dir),
                 "--data",
                 str(tmp_path / "shards"),
-                "--seq-len",
-                "32",
                 "--batch-size",
                 "2",
                 "--max-sequences",
@@ -87,8 +85,14 @@ def test_trainer_checkpoint_to_eval_generate_export(tmp_path, capsys):
     assert (ours["checkpoint_tag"], ours["checkpoint_step"]) == ("step_00000003", 3)
     ours = ours["validation"]
     assert ours["loss"] == pytest.approx(val_loss, rel=1e-5)
+    # without --seq-len: the checkpoint's data.seq_len, and the JSON says what was measured
+    assert (ours["seq_len"], ours["batch_size"], ours["max_sequences"]) == (32, 2, 8)
+    assert ours["data"] == {"source0": str(tmp_path / "shards")}
     assert (
         generate_main(["--checkpoint", str(run_dir), "--prompt", "one two", "--max-new-tokens", "4", "--greedy"]) == 0
     )
     assert export_main(["--checkpoint", str(run_dir), "--out", str(tmp_path / "exp")]) == 0
     assert load_model(str(tmp_path / "exp")).config.to_dict() == loaded.config.to_dict()
+    capsys.readouterr()
+    assert evaluate_main(["--checkpoint", str(tmp_path / "exp"), "--data", str(tmp_path / "shards")]) == 0
+    assert json.loads(capsys.readouterr().out)["validation"]["seq_len"] == 32  # the export records it
