@@ -16,7 +16,7 @@
 #   --num-gpus N        GPUs to use per node (deepspeed --num_gpus)
 #   --num-nodes N       use the first N hosts of the hostfile
 #   --include SPEC      deepspeed --include, e.g. "worker-0@worker-1:0,2"
-#   --master-addr A     node 0's address [MASTER_ADDR]; default: first host of the hostfile
+#   --master-addr A     node 0's address [MASTER_ADDR]; default: the first host that runs (--include)
 #   --master-port P     [MASTER_PORT]; default 29500
 #   --launcher L        pdsh (default), openmpi, mvapich, mpich, impi or slurm
 #   --module M          python module to run; default retnet_train.train
@@ -108,10 +108,26 @@ else
   hosts_text=""
 fi
 
+# first_running_host: the hostfile's first host that --include keeps (DeepSpeed runs the hosts in the
+# hostfile's order), where the rendezvous must be
+first_running_host() {
+  local host _ named
+  named=" $(tr '@' '\n' <<<"$include" | cut -d: -f1 | tr '\n' ' ')"
+  while read -r host _; do
+    if [[ -z "$include" || "$named" == *" $host "* ]]; then printf '%s\n' "$host"; return; fi
+  done <<<"$hosts_text"
+}
+
 ds=("$PYTHON" -m deepspeed.launcher.runner)
 if [[ -n "$hosts_text" ]]; then
+  [[ -z "$num_nodes" || -z "$include" ]] || die "--num-nodes and --include exclude each other (DeepSpeed refuses both)"
+  n_hosts="$(grep -c . <<<"$hosts_text")"
+  [[ -z "$num_nodes" ]] || (( num_nodes <= n_hosts )) || die "--num-nodes $num_nodes: the hostfile lists $n_hosts hosts"
   ds+=(--hostfile "$hostfile" --launcher "$launcher")
-  [[ -n "$master_addr" ]] || master_addr="$(head -n1 <<<"$hosts_text" | cut -d' ' -f1)"
+  if [[ -z "$master_addr" ]]; then
+    master_addr="$(first_running_host)"
+    [[ -n "$master_addr" ]] || die "--include $include names no host of ${hostfile}"
+  fi
 fi
 through_pdsh=0
 if [[ -n "$hosts_text" && "$launcher" == pdsh ]]; then

@@ -125,6 +125,9 @@ def test_deepspeed_from_slurm_and_single_node(tmp_path):
         ("w slots=1\n", ["--num-gpus", "0"], "--num-gpus must be an integer in [1, 1024]"),
         ("w slots=1\n", ["--slurm"], "--slurm and --hostfile exclude each other"),
         ("w slots=1\n", ["-x"], "unknown option -x"),
+        ("w slots=1\n", ["--include", "other"], "--include other names no host of"),
+        ("w slots=1\nv slots=1\n", ["--num-nodes", "3"], "--num-nodes 3: the hostfile lists 2 hosts"),
+        ("w slots=1\nv slots=1\n", ["--num-nodes", "1", "--include", "v"], "--num-nodes and --include exclude"),
     ],
 )
 def test_deepspeed_bad_input(tmp_path, hostfile_text, args, fragment):
@@ -135,3 +138,15 @@ def test_deepspeed_bad_input(tmp_path, hostfile_text, args, fragment):
     r = run("launch/deepspeed.sh", "--dry-run", "--hostfile", str(hostfile), *args, "model=tiny", env=env)
     assert r.returncode != 0
     assert fragment in r.stderr, r.stderr
+
+
+@pytest.mark.parametrize("include, first", [("worker-1", "worker-1"), ("worker-2:0,1@worker-1", "worker-1")])
+def test_deepspeed_master_is_the_first_host_include_keeps(tmp_path, include, first):
+    """DeepSpeed runs the hosts --include names in the hostfile's order: the rendezvous is on the first
+    of those (the hostfile's first host runs nothing there)."""
+    hostfile = tmp_path / "hosts"
+    hostfile.write_text("worker-0 slots=8\nworker-1 slots=8\nworker-2 slots=8\n")
+    r = run("launch/deepspeed.sh", "--dry-run", "--hostfile", str(hostfile), "--include", include, "model=tiny")
+    assert r.returncode == 0, r.stderr
+    cmd = command_after(r.stdout, "# command:")
+    assert cmd[cmd.index("--master_addr") + 1] == first
