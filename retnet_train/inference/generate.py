@@ -8,7 +8,8 @@ r"""Text generation from a training checkpoint or an exported model.
 Chunkwise prefill of the (left-padded) batch, then one token per step: RetNet with its
 recurrent state (constant memory per sequence), the Transformer with a KV cache. Greedy,
 temperature, top-k and top-p sampling; each row stops at EOS; text is streamed to stdout
-(one prompt: as it is produced; several: each as soon as it is finished, tagged with its index).
+(one prompt: as it is produced; several: each as soon as it is finished, its first line starting with
+"[index] "); --jsonl: one JSON line per prompt when it is finished (index, prompt, completion).
 Prompts are generated --batch-size at a time: decoding memory grows with the batch. A prompt starts
 as the model's training documents started (--prompt-prefix, inference/framing.py).
 """
@@ -156,6 +157,9 @@ def parse_args(argv=None):
         help="bound on prompt + new tokens (default: none for RetNet, 32768 for the Transformer)",
     )
     p.add_argument("--no-stop-at-eos", action="store_true")
+    p.add_argument(
+        "--jsonl", action="store_true", help="one JSON line per prompt (index, prompt, completion) instead of text"
+    )
     add_prompt_prefix_arg(p)
     add_device_args(p)
     p.add_argument("--cuda-graph", action="store_true", help="capture the decode step in a CUDA graph")
@@ -231,7 +235,7 @@ def main(argv=None) -> int:
     if max_length is None and loaded.config.arch == "transformer":
         max_length = 32768
     eos = sp.eos_id() if sp.eos_id() >= 0 and not args.no_stop_at_eos else None
-    streamer = TextStreamer(sp, len(prompts))
+    streamer = TextStreamer(sp, len(prompts), jsonl_prompts=list(texts) if args.jsonl else None)
     try:
         params.validate(loaded.config.vocab_size)
         check_prompts(prompts, loaded.config.vocab_size, params.max_new_tokens, max_length, labels, FLAGS_OF_BOUNDS)

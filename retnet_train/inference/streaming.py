@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import sys
 from typing import Callable, Iterable, List, Optional
 
@@ -12,8 +13,12 @@ class TextStreamer:
     """Incremental text per row: sentencepiece decodes whole sequences (pieces join with spaces
     only in context), so each call decodes the row so far and prints the new suffix."""
 
-    def __init__(self, sp, n_rows: int, write: Optional[Callable[[str], None]] = None):
-        self.sp, self._write = sp, write
+    def __init__(
+        self, sp, n_rows: int, write: Optional[Callable[[str], None]] = None, jsonl_prompts: Optional[list] = None
+    ):
+        """jsonl_prompts: each row's prompt text; then a finished row is one JSON line (index, prompt,
+        completion) and nothing streams."""
+        self.sp, self._write, self.jsonl_prompts = sp, write, jsonl_prompts
         self.tokens: List[List[int]] = [[] for _ in range(n_rows)]
         self.printed = [""] * n_rows
         self.done = [False] * n_rows
@@ -25,7 +30,7 @@ class TextStreamer:
                 continue
             if not f:
                 self.tokens[i].append(t)
-            if len(self.tokens) == 1:
+            if len(self.tokens) == 1 and self.jsonl_prompts is None:
                 text = self.sp.decode(self.tokens[i])
                 # a character split over byte-fallback pieces decodes as U+FFFD until its last byte
                 # arrives, and then the text gets shorter: print only up to whole characters
@@ -41,7 +46,10 @@ class TextStreamer:
 
     def _finish(self, i: int) -> None:
         self.done[i] = True
-        if len(self.tokens) == 1:
+        if self.jsonl_prompts is not None:
+            row = {"index": i, "prompt": self.jsonl_prompts[i], "completion": self.sp.decode(self.tokens[i])}
+            self.write(json.dumps(row, ensure_ascii=False) + "\n")
+        elif len(self.tokens) == 1:
             self.write(self.sp.decode(self.tokens[i])[len(self.printed[i]) :] + "\n")  # anything held back
         else:
             self.write(f"[{i}] {self.sp.decode(self.tokens[i])}\n")

@@ -116,3 +116,19 @@ def test_generate_errors_name_the_flag(run, flags, message):
     root, _ = run
     with pytest.raises(SystemExit, match=rf"^error: (prompt 0 \(--prompt\): \d+ tokens \+ )?{message}"):
         generate_main(["--checkpoint", str(root / "run"), "--prompt", "one two", *flags])
+
+
+def test_jsonl_gives_one_json_line_per_prompt(run, capsys):
+    """--jsonl: results a program can split (a completion may hold newlines), each with its index and
+    prompt, in the order the prompts finish; the completions are those of the plain output."""
+    root, _ = run
+    gen = ["--checkpoint", str(root / "run"), "--prompt", "one two", "--prompt", "def add", "--greedy"]
+    assert generate_main([*gen, "--max-new-tokens", "6"]) == 0
+    plain = capsys.readouterr().out
+    assert generate_main([*gen, "--max-new-tokens", "6", "--jsonl"]) == 0
+    rows = sorted((json.loads(line) for line in capsys.readouterr().out.splitlines()), key=lambda r: r["index"])
+    assert [(r["index"], r["prompt"]) for r in rows] == [(0, "one two"), (1, "def add")]
+    assert all(f"[{r['index']}] {r['completion']}\n" in plain for r in rows)
+    assert generate_main([*gen[:4], "--max-new-tokens", "3", "--jsonl"]) == 0  # one prompt: one line too
+    (row,) = [json.loads(line) for line in capsys.readouterr().out.splitlines()]
+    assert row["index"] == 0 and row["prompt"] == "one two" and isinstance(row["completion"], str)
