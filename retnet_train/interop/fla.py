@@ -74,7 +74,7 @@ def fla_compatibility(model) -> List[str]:
     if cfg.normalize_retention:
         why.append(
             "normalize_retention=true: fla has no retention normalization; it cancels in the per-head RMSNorm "
-            "only up to eps (see this module's docstring), so logits would differ"
+            "only up to eps (retnet_train/interop/fla.py says why), so logits would differ"
         )
     return why
 
@@ -160,7 +160,9 @@ def save_fla(
     waivable = [w for w in why if w.startswith("normalize_retention")]
     fatal = [w for w in why if w not in waivable]
     if fatal or (waivable and not allow_inexact):
-        hint = "" if fatal else " (--allow-inexact exports anyway, marked inexact)"
+        hint = " (--allow-inexact exports anyway, marked inexact)"
+        if fatal:
+            hint = " (--allow-inexact waives normalize_retention only)" if waivable else ""
         raise ExportError("fla export refused: " + "; ".join(fatal + waivable) + hint)
     os.makedirs(out_dir, exist_ok=True)
     write_safetensors(fla_state_dict(model), os.path.join(out_dir, EXPORT_WEIGHTS), dtype)

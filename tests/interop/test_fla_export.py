@@ -119,6 +119,7 @@ def test_incompatible_models_are_refused(tmp_path):
         save_fla(tiny_model("retnet"), str(tmp_path / "a"))
     for reason in ("norm=layernorm", "ffn_type=mlp", "rotary_base", "normalize_retention"):
         assert reason in str(e.value)
+    assert str(e.value).endswith("(--allow-inexact waives normalize_retention only)")
     assert not (tmp_path / "a").exists()
     with pytest.raises(ExportError, match="only RetNet"):
         save_fla(tiny_model("transformer"), str(tmp_path / "b"))
