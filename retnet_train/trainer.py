@@ -86,7 +86,8 @@ class Trainer:
 
         self.source = resolve_resume(cfg.train.resume, self.ckpt)  # before anything is written: refuses to clobber
         self.layout = run_layout(cfg, self.world)
-        self.plan = prepare_resume(self.source, self.layout, self.rank)  # another world size / ZeRO stage: converted
+        # another world size / ZeRO stage: converted; other model settings: refused
+        self.plan = prepare_resume(self.source, self.layout, self.rank, dict(cfg.model))
         universal = bool(self.plan and self.plan.universal)
         self.engine, self.scheduler = build_engine(self.model, cfg, self.accum, self.world, self.device, universal)
         faults = NonFiniteTracker(

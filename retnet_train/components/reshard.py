@@ -105,11 +105,41 @@ class ResumePlan:
         return (self.path, UNIVERSAL) if self.universal else (self.directory, self.tag)
 
 
-def plan(directory: str, tag: str, current: dict) -> ResumePlan:
-    """Decide how to load <directory>/<tag> into a run of layout `current`; raise ValueError if it cannot be."""
+def refuse_model_change(path: str, state: dict, model: dict) -> None:
+    """A resume under model settings that change what the weights compute (n_heads, norm_eps, ... with
+    shapes that may still fit) would train another model from step N on: refused, naming what changed."""
+    from ..model.config import function_changes
+
+    saved = (state.get("config") or {}).get("model")
+    if not isinstance(saved, dict):
+        return  # not written by this trainer: the weights' shapes are all there is to check
+    try:
+        changed = function_changes(saved, model)
+    except ValueError:
+        return  # settings of another version of this code; the weights' load names any misfit
+    if changed:
+        raise ValueError(
+            f"train.resume: {path} was trained with other model settings ({'; '.join(f'model.{c}' for c in changed)}): "
+            "the weights would compute another function. Resume with the checkpoint's model settings; to start "
+            f"a new run from these weights (where the shapes fit): a new run.dir with train.init_weights={path}"
+        )
+
+
+def not_writable(tag_dir: str) -> str:
+    return (
+        f"train.resume: {tag_dir} must be converted for this world size / ZeRO stage but is not "
+        "writable; copy the checkpoint directory somewhere writable and resume from there"
+    )
+
+
+def plan(directory: str, tag: str, current: dict, model: Optional[dict] = None) -> ResumePlan:
+    """Decide how to load <directory>/<tag> into a run of layout `current` (and model settings `model`,
+    when given); raise ValueError if it cannot be."""
     path = os.path.join(directory, tag)
     state = _model_states(path)
     refuse_separate_projections(path, state)
+    if model is not None:
+        refuse_model_change(path, state, model)
     saved = checkpoint_layout(path, state)
     p = ResumePlan(directory, tag, saved, current)
     old_ws, new_ws = saved["world_size"], current["world_size"]
@@ -143,6 +173,8 @@ def plan(directory: str, tag: str, current: dict) -> ResumePlan:
     if old_z != new_z:
         p.notes.append(f"ZeRO stage {old_z} -> {new_z}")
     p.universal = reshard
+    if reshard and not os.path.isdir(os.path.join(path, UNIVERSAL)) and not os.access(path, os.W_OK):
+        raise ValueError(not_writable(path))
     return p
 
 
@@ -158,10 +190,7 @@ def convert_to_universal(tag_dir: str) -> str:
     if os.path.isdir(final):
         return final
     if not os.access(tag_dir, os.W_OK):
-        raise ValueError(
-            f"train.resume: {tag_dir} must be converted for this world size / ZeRO stage but is not "
-            "writable; copy the checkpoint directory somewhere writable and resume from there"
-        )
+        raise ValueError(not_writable(tag_dir))
     tmp = os.path.join(tag_dir, f"{TMP_PREFIX}{socket.gethostname()}-{os.getpid()}")
     shutil.rmtree(tmp, ignore_errors=True)
     # ds_to_universal writes <output>/.. /latest_universal: keep it inside tmp as well
@@ -188,7 +217,9 @@ def convert_to_universal(tag_dir: str) -> str:
     return final
 
 
-def prepare_resume(source: Optional[tuple], current: dict, rank: int) -> Optional[ResumePlan]:
+def prepare_resume(
+    source: Optional[tuple], current: dict, rank: int, model: Optional[dict] = None
+) -> Optional[ResumePlan]:
     """The ResumePlan for resolve_resume's (directory, tag), converting on rank 0 where needed.
 
     Collective: every rank calls it (before deepspeed.initialize). The wait for rank 0's
@@ -197,7 +228,7 @@ def prepare_resume(source: Optional[tuple], current: dict, rank: int) -> Optiona
     """
     if source is None:
         return None
-    p = plan(source[0], source[1], current)
+    p = plan(source[0], source[1], current, model)
     if not p.universal:
         return p
     error = None

@@ -172,6 +172,10 @@ class TransformerConfig(DecoderConfig):
 
 ARCHS = {"retnet": RetNetConfig, "transformer": TransformerConfig}
 
+# Settings that choose how the same function is computed (the forms and backends are equal) or only draw
+# fresh weights: a checkpoint resumes under other values of these, not of any other model setting.
+EXECUTION_ONLY = frozenset({"mode", "chunk_size", "retention_backend", "retention_recompute", "init"})
+
 
 def model_config_from_dict(d: Mapping[str, Any]) -> RetNetConfig | TransformerConfig:
     """Build and validate a config from a preset dict (e.g. configs/model/1.3b.yaml).
@@ -196,3 +200,12 @@ def model_config_from_dict(d: Mapping[str, Any]) -> RetNetConfig | TransformerCo
     config = cls(**d)
     config.validate()
     return config
+
+
+def function_changes(saved: Mapping[str, Any], current: Mapping[str, Any]) -> list:
+    """'key: saved -> current' for each model setting, defaults filled in, whose change alters what the
+    weights compute (EXECUTION_ONLY aside); the architecture alone when it differs."""
+    old, new = model_config_from_dict(saved).to_dict(), model_config_from_dict(current).to_dict()
+    if old["arch"] != new["arch"]:
+        return [f"arch: {old['arch']} -> {new['arch']}"]
+    return [f"{k}: {old[k]} -> {new[k]}" for k in sorted(old) if k not in EXECUTION_ONLY and old[k] != new.get(k)]

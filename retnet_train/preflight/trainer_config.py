@@ -142,7 +142,7 @@ def trainer_view(cfg, world_size: int | None, node_rank: int = 0) -> TrainerView
     missing = missing_data_paths(cfg.data.paths)  # as the trainer names them
     values = _values_problem(schema, cfg)
     problems = [values] if values else []
-    problems += _world_problems(schema, cfg, world_size) + missing + _start_problems(cfg, node_rank)
+    problems += _world_problems(schema, cfg, world_size) + missing + _start_problems(cfg, node_rank, world_size)
     # a bad data.* / train.* value or a missing path: the data checks would repeat that problem
     if not missing and not (values or "").startswith(("data.", "train.")):
         problems += _data_problems(cfg, world_size)
@@ -202,10 +202,11 @@ def _data_problems(cfg, world_size: int | None) -> list[str]:
     return []
 
 
-def _start_problems(cfg, node_rank: int) -> list[str]:
+def _start_problems(cfg, node_rank: int, world_size: int | None = None) -> list[str]:
     """What the trainer refuses at start besides the config values and the data (_data_problems): fp16 on
     CPU, a run.dir it cannot write (on node 0: rank 0 alone writes there), the checkpoint that train.resume names (or a
-    resume=never over checkpoints), a train.init_weights that is not there."""
+    resume=never over checkpoints) and a resume of it under this layout and model (_resume_problems), a
+    train.init_weights that is not there."""
     from retnet_train.components.checkpoint import CheckpointManager, resolve_resume
     from retnet_train.components.config import checkpoint_dir
     from retnet_train.components.distributed import precision_problem
@@ -215,13 +216,29 @@ def _start_problems(cfg, node_rank: int) -> list[str]:
     problems = [p for p in (problem, precision_problem(cfg.train.device, cfg.deepspeed.precision)) if p]
     manager = CheckpointManager(checkpoint_dir(cfg), cfg.checkpoint.keep_last, None)  # None: prints nothing
     try:
-        resolve_resume(cfg.train.resume, manager)
+        source = resolve_resume(cfg.train.resume, manager)
     except ValueError as exc:
         problems.append(str(exc))
+    else:
+        problems += _resume_problems(cfg, source, world_size) if source else []
     weights = cfg.train.init_weights
     if weights and not os.path.exists(weights):
         problems.append(f"train.init_weights={weights}: no such file or directory (from {os.getcwd()})")
     return problems
+
+
+def _resume_problems(cfg, source: tuple, world_size: int | None) -> list[str]:
+    """What the trainer's resume plan refuses for the checkpoint it will resume (reshard.plan): another ZeRO
+    stage or precision it cannot convert, model settings that change what the weights compute, a conversion
+    into a directory it cannot write. Without a world size, the checkpoint's own is assumed."""
+    from retnet_train.components.reshard import checkpoint_layout, plan, run_layout
+
+    world = world_size or checkpoint_layout(os.path.join(*source))["world_size"]
+    try:
+        plan(source[0], source[1], run_layout(cfg, world), dict(cfg.model))
+    except ValueError as exc:
+        return [str(exc)]
+    return []
 
 
 # ---------------------------------------------------------------- overrides

@@ -151,3 +151,26 @@ def test_run_dir_is_checked_on_the_node_of_rank_0_alone(tmp_path):
     problem = f"run.dir: {tmp_path / 'file' / 'run'} lies under {tmp_path / 'file'}, which is a file, not a directory"
     assert problem in pf.trainer_view(cfg, world_size=None, node_rank=0).problems
     assert pf.trainer_view(cfg, world_size=None, node_rank=1).problems == []
+
+
+def test_a_resume_the_trainer_would_refuse_fails_the_preflight(tmp_path, capsys):
+    """The newest checkpoint written at ZeRO 0 by one rank: another ZeRO stage, or model settings that
+    change what its weights compute, are refused here as the trainer refuses them after the queue."""
+    import torch
+    import yaml
+
+    from retnet_train.components.checkpoint_discovery import COMPLETE
+
+    tag = tmp_path / "run" / "checkpoints" / "step_00000010"
+    tag.mkdir(parents=True)
+    model = yaml.safe_load(open("configs/model/tiny.yaml"))
+    layout = {"world_size": 1, "zero_stage": 0, "precision": "fp32"}
+    torch.save({"module": {}, "layout": layout, "config": {"model": model}}, tag / "mp_rank_00_model_states.pt")
+    (tag / COMPLETE).touch()
+    run = ["--nproc-per-node", "1", "--", "experiment=tiny_cpu", f"run.dir={tmp_path / 'run'}"]
+    assert pf.main(run) == 0, capsys.readouterr().err
+    capsys.readouterr()
+    assert pf.main([*run, "deepspeed.zero_stage=1"]) == 1
+    assert f"trainer config: train.resume: {tag} was written with deepspeed.zero_stage=0" in capsys.readouterr().err
+    assert pf.main([*run, f"model.n_heads={model['n_heads'] * 2}"]) == 1
+    assert f"{tag} was trained with other model settings (model.n_heads:" in capsys.readouterr().err

@@ -72,10 +72,8 @@ def test_resume_into_another_model_or_data_stream_names_the_checkpoint(shards, t
     source = tmp_path / "source"
     Trainer(typed(shards, source, **{"train.max_steps": 1})).train()
     ckpt = source / "checkpoints" / "step_00000001"
-    with pytest.raises(
-        ValueError,
-        match=f"^train.resume: {ckpt} does not load into this model \\(size mismatch for "
-        ".*; model settings differ from the checkpoint's: model.d_model: 64 -> 96$",
+    with pytest.raises(  # refused before the engine is built, for other shapes as for the same
+        ValueError, match=f"^train.resume: {ckpt} was trained with other model settings \\(model.d_model: 64 -> 96\\)"
     ):
         Trainer(typed(shards, tmp_path / "a", **{"train.resume": str(source), "model.d_model": 96})).train()
     with pytest.raises(
