@@ -18,9 +18,10 @@ import sys
 import hydra
 from omegaconf import DictConfig
 
-from .components.config import TrainConfig, register, typed_config
+from .components.config import TrainConfig, register
 from .components.preemption import PreemptionHandler
 from .components.process_exit import end_before_teardown, exit_with
+from .components.typed_config import typed_config
 
 EXIT_FINISHED, EXIT_ERROR = 0, 1
 EXIT_PREEMPTED = 75  # EX_TEMPFAIL (sysexits.h): "a temporary failure; the user is invited to retry"

@@ -149,7 +149,8 @@ def trainer_overrides(s: Settings, model: ModelSpec, run_dir: Path) -> list[str]
 
 def compose(overrides: list[str]):
     """The typed trainer config (TrainConfig) for these overrides, as the trainer's CLI composes it."""
-    from ..components.config import check_values, typed_config
+    from ..components.config import check_values
+    from ..components.typed_config import typed_config
     from ..preflight.trainer_config import PreflightError, compose_trainer_config
 
     try:

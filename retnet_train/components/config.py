@@ -3,7 +3,6 @@ a wrong type fails at start naming the key; below the entry point only plain val
 
 from __future__ import annotations
 
-import dataclasses
 import os
 from dataclasses import dataclass, field
 from typing import Any, Dict, List, Optional
@@ -154,64 +153,6 @@ def checkpoint_dir(cfg: TrainConfig) -> str:
 
 def register() -> None:
     ConfigStore.instance().store(name="train_schema", node=TrainConfig)
-
-
-def typed_config(cfg) -> TrainConfig:
-    """The composed Hydra config as a TrainConfig. Hydra's `+key=value` (which Hydra itself suggests
-    for a misspelled key) adds keys the schema lacks, and the conversion would drop them silently: an
-    unknown key is refused here, named, as Hydra refuses a misspelled key without the `+`."""
-    from omegaconf import OmegaConf
-
-    unknown = unknown_keys(OmegaConf.to_container(cfg, resolve=False), TrainConfig)
-    if unknown:
-        also = f" (also unknown: {', '.join(unknown[1:4])})" if unknown[1:] else ""
-        close = closest_key(unknown[0], TrainConfig)
-        hint = f"; did you mean {close}?" if close else ""
-        raise ValueError(
-            f"{unknown[0]}: not a key of the trainer config (retnet_train/components/config.py); "
-            f"nothing would read it{hint}{also}"
-        )
-    return expand_home(OmegaConf.to_object(cfg))
-
-
-def expand_home(cfg: TrainConfig) -> TrainConfig:
-    """`~` in the path keys means the home directory, as in a shell: the shell leaves `key=~/x` alone,
-    and the run would otherwise create a directory named `~` in the working directory."""
-    expand = os.path.expanduser
-    cfg.run.dir = expand(cfg.run.dir)
-    cfg.checkpoint.dir = expand(cfg.checkpoint.dir) if cfg.checkpoint.dir else cfg.checkpoint.dir
-    cfg.data.paths = [expand(p) for p in cfg.data.paths]
-    cfg.data.tokenizer = expand(cfg.data.tokenizer) if cfg.data.tokenizer else cfg.data.tokenizer
-    if cfg.train.resume not in ("auto", "never"):
-        cfg.train.resume = expand(cfg.train.resume)
-    cfg.train.init_weights = expand(cfg.train.init_weights) if cfg.train.init_weights else cfg.train.init_weights
-    return cfg
-
-
-def closest_key(dotted: str, schema) -> str | None:
-    """The schema's key most like an unknown dotted key, at the level where it stops matching, or None."""
-    import difflib
-    import typing
-
-    *known, last = dotted.split(".")
-    for part in known:
-        schema = typing.get_type_hints(schema)[part]
-    match = difflib.get_close_matches(last, list(typing.get_type_hints(schema)), n=1, cutoff=0.6)
-    return ".".join(known + match) if match else None
-
-
-def unknown_keys(values: dict, schema, prefix: str = "") -> list:
-    """Dotted keys of `values` that the dataclass `schema` (nested) does not have."""
-    import typing
-
-    types = typing.get_type_hints(schema)
-    out = []
-    for key, value in values.items():
-        if key not in types:
-            out.append(f"{prefix}{key}")
-        elif dataclasses.is_dataclass(types[key]) and isinstance(value, dict):
-            out += unknown_keys(value, types[key], f"{prefix}{key}.")
-    return out
 
 
 CP_KEY = "parallel.context_parallel_size"
@@ -388,11 +329,15 @@ def grad_accumulation(cfg: TrainConfig, world_size: int) -> int:
     check_layout(cp, world_size, cfg.data.seq_len)
     dp = world_size // cp
     per_step = cfg.train.micro_batch_size * cfg.data.seq_len * dp
-    if cfg.train.global_batch_tokens % per_step:
+    batch = cfg.train.global_batch_tokens
+    if batch % per_step:
         dp_note = f" (world {world_size} / context_parallel_size {cp})" if cp > 1 else ""
+        fits = [m for m in range(cfg.train.micro_batch_size, 0, -1) if batch % (m * cfg.data.seq_len * dp) == 0]
+        fix = (
+            f"train.micro_batch_size={fits[0]} or " if fits else ""
+        ) + f"train.global_batch_tokens={-(-batch // per_step) * per_step}"
         raise ValueError(
-            f"train.global_batch_tokens={cfg.train.global_batch_tokens} is not a multiple of "
-            f"micro_batch_size x seq_len x data-parallel world = "
-            f"{cfg.train.micro_batch_size} x {cfg.data.seq_len} x {dp}{dp_note} = {per_step}"
+            f"train.global_batch_tokens={batch} is not a multiple of micro_batch_size x seq_len x data-parallel "
+            f"world = {cfg.train.micro_batch_size} x {cfg.data.seq_len} x {dp}{dp_note} = {per_step}: {fix} would be"
         )
     return cfg.train.global_batch_tokens // per_step

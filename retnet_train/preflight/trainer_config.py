@@ -130,9 +130,10 @@ def trainer_view(cfg, world_size: int | None, node_rank: int = 0) -> TrainerView
     """Checkpoint dir, size inputs and the value checks the trainer runs at start (on node `node_rank`)."""
     from retnet_train.components import config as schema
     from retnet_train.components.loaders import missing_data_paths
+    from retnet_train.components.typed_config import typed_config
 
     try:
-        cfg = schema.typed_config(cfg)  # typed and resolved, as the trainer's entry point does
+        cfg = typed_config(cfg)  # typed and resolved, as the trainer's entry point does
     except Exception as exc:  # noqa: BLE001 - omegaconf raises several types
         raise PreflightError(f"trainer config: {str(exc).strip().splitlines()[0]}") from None
     try:

@@ -111,7 +111,7 @@ def test_checkpoint_dir_is_checkpoint_dir_else_under_the_run_dir():
 
 def test_home_in_every_path_key_is_the_home_directory(monkeypatch):
     """A quoted `key='~/x'` reaches the config unexpanded; each path key reads it as the shell would."""
-    from retnet_train.components.config import expand_home
+    from retnet_train.components.typed_config import expand_home
 
     monkeypatch.setenv("HOME", "/home/u")
     cfg = valid()

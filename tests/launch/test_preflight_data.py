@@ -14,8 +14,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "data"))
 from shard_fixtures import position_tokens, write_shard_dir  # noqa: E402
 
 from retnet_train import preflight as pf  # noqa: E402
-from retnet_train.components import config as schema  # noqa: E402
 from retnet_train.components.loaders import build_loaders  # noqa: E402
+from retnet_train.components.typed_config import typed_config  # noqa: E402
 
 VOCAB = 8192  # configs/model/tiny.yaml
 
@@ -47,7 +47,7 @@ def overrides(root: Path, *more: str) -> list[str]:
 
 def trainer_error(args: list[str], dp_world: int) -> str:
     """What the trainer's build_loaders raises for these overrides on `dp_world` data-parallel ranks."""
-    cfg = schema.typed_config(pf.compose_trainer_config(args))
+    cfg = typed_config(pf.compose_trainer_config(args))
     with pytest.raises(ValueError) as exc:
         build_loaders(cfg, cfg.model["vocab_size"], 0, dp_world)
     return str(exc.value)

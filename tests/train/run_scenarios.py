@@ -40,8 +40,8 @@ def restore(saved):
 def main() -> None:
     import torch.distributed as dist
 
-    from retnet_train.components.config import typed_config  # as the CLI converts it
     from retnet_train.components.process_exit import exit_with
+    from retnet_train.components.typed_config import typed_config  # as the CLI converts it
     from retnet_train.preflight import compose_trainer_config  # composes as the CLI does
     from retnet_train.train import run
 

@@ -46,7 +46,7 @@ def test_bad_override_names_the_key(tmp_path, override, needle):
 def test_unknown_plus_key_is_refused_like_a_misspelled_one(tmp_path, override, key, hint):
     """`+key=value` (Hydra's own suggestion for a misspelled key) adds a key nothing reads: refused by
     the CLI's conversion to the typed config, and by the preflight that composes as the CLI does."""
-    from retnet_train.components.config import typed_config
+    from retnet_train.components.typed_config import typed_config
     from retnet_train.preflight import compose_trainer_config
     from retnet_train.preflight.trainer_config import PreflightError, trainer_view
 
@@ -260,3 +260,18 @@ def test_every_experiment_preset_composes_and_validates(name):
     check_values(cfg)
     if cfg.train.compile and cfg.train.activation_checkpointing == "none":
         assert cfg.train.activation_memory_budget < 1  # measured free on an H200 (docs/benchmarks.md)
+
+
+def test_a_batch_that_does_not_divide_names_settings_that_would():
+    """tiny_cpu's 8 x 256 on 2 ranks is 4,096 tokens a micro-batch round, above its 2,048-token step."""
+    cfg = TrainConfig()
+    cfg.data.seq_len, cfg.train.micro_batch_size, cfg.train.global_batch_tokens = 256, 8, 2048
+    with pytest.raises(ValueError) as e:
+        grad_accumulation(cfg, 2)
+    assert str(e.value) == (
+        "train.global_batch_tokens=2048 is not a multiple of micro_batch_size x seq_len x data-parallel world = "
+        "8 x 256 x 2 = 4096: train.micro_batch_size=4 or train.global_batch_tokens=4096 would be"
+    )
+    cfg.data.seq_len = 3000  # no micro-batch fits: only the step's size
+    with pytest.raises(ValueError, match="= 24000: train.global_batch_tokens=24000 would be$"):
+        grad_accumulation(cfg, 1)

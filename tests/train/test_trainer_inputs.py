@@ -4,7 +4,8 @@ checkpoint, at start, instead of a traceback or a silent default."""
 import pytest
 from trainer_helpers import overrides, shards, typed  # noqa: F401 (shards: a fixture)
 
-from retnet_train.components.config import TrainConfig, check_values, typed_config
+from retnet_train.components.config import TrainConfig, check_values
+from retnet_train.components.typed_config import typed_config
 from retnet_train.preflight import compose_trainer_config
 from retnet_train.trainer import Trainer
 

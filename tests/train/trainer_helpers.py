@@ -77,7 +77,7 @@ def process_group():
 
 def typed(data_dir: Path, run_dir: Path, **extra):
     """The TrainConfig the CLI would run for overrides(data_dir, run_dir, **extra)."""
-    from retnet_train.components.config import typed_config
+    from retnet_train.components.typed_config import typed_config
     from retnet_train.preflight import compose_trainer_config
 
     return typed_config(compose_trainer_config(overrides(data_dir, run_dir, **extra)))
