@@ -21,6 +21,10 @@ def save(directory, step, complete=True, files=("mp_rank_00_model_states.pt", "r
     return tag_dir
 
 
+def steps_there(directory) -> list:
+    return sorted(int(t[len("step_") :]) for t in os.listdir(directory) if t.startswith("step_"))
+
+
 def truncate(path):
     data = path.read_bytes()
     path.write_bytes(data[: len(data) // 2])
@@ -189,14 +193,10 @@ def test_pruning_counts_keep_last_up_to_the_new_save(tmp_path):
     truncate(tmp_path / "step_00000030" / "mp_rank_00_model_states.pt")
     assert resolve_resume("auto", manager) == (str(tmp_path), "step_00000020")
     manager.save(SavingEngine(), 25, {"step": 25})
-    assert sorted(t for t in os.listdir(tmp_path) if t.startswith("step_")) == [
-        "step_00000020",
-        "step_00000025",
-        "step_00000030",
-    ]
+    assert steps_there(tmp_path) == [20, 25, 30]
     manager.save(SavingEngine(), 30, {"step": 30})  # replaces the damaged save of step 30
     assert discovery.damage(str(tmp_path), "step_00000030") is None
-    assert sorted(t for t in os.listdir(tmp_path) if t.startswith("step_")) == ["step_00000025", "step_00000030"]
+    assert steps_there(tmp_path) == [25, 30]
 
 
 def test_a_damaged_checkpoint_does_not_count_towards_keep_last(tmp_path):
@@ -209,10 +209,6 @@ def test_a_damaged_checkpoint_does_not_count_towards_keep_last(tmp_path):
     truncate(tmp_path / "step_00000040" / "rng_rank0.pt")
     assert resolve_resume("auto", manager) == (str(tmp_path), "step_00000030")
     manager.save(SavingEngine(), 45, {"step": 45})
-    assert sorted(t for t in os.listdir(tmp_path) if t.startswith("step_")) == [
-        "step_00000030",
-        "step_00000040",
-        "step_00000045",
-    ]
+    assert steps_there(tmp_path) == [30, 40, 45]
     manager.save(SavingEngine(), 50, {"step": 50})
-    assert sorted(t for t in os.listdir(tmp_path) if t.startswith("step_")) == ["step_00000045", "step_00000050"]
+    assert steps_there(tmp_path) == [45, 50]
