@@ -143,11 +143,12 @@ def window_counts(headers: Mapping[str, Any], seq_len: int) -> dict[str, int]:
 
 def validation_sources(specs: Mapping[str, tuple[Path, float]], seq_len: int) -> dict[str, tuple[Path, float]]:
     """The sources with a validation split of more than seq_len tokens; the others are left out with a warning."""
-    usable = {}
+    usable, longest = {}, 0
     for name, spec in specs.items():
         path = spec[0]
         if path.is_dir():
             info = read_manifest(path).splits.get("validation")
+            longest = max(longest, info.tokens if info is not None else 0)
             if info is not None and info.tokens > seq_len:
                 usable[name] = spec
                 continue
@@ -157,9 +158,11 @@ def validation_sources(specs: Mapping[str, tuple[Path, float]], seq_len: int) ->
             stacklevel=4,  # the caller of build_validation_loader
         )
     if not usable:
+        shorter = f"a sequence length below {longest} (data.seq_len; evaluate: --seq-len), " if longest > 1 else ""
         raise ManifestError(
-            f"no data source has a validation split of more than {seq_len} tokens (sources: {sorted(specs)}); "
-            "the validation loss needs one: tokenize with a larger --validation-fraction (python -m data_prep.tokenize)"
+            f"no data source has a validation split of more than {seq_len} tokens (sources: {sorted(specs)}; "
+            f"the longest: {longest}); the validation loss needs one: {shorter}a larger --validation-fraction "
+            "(python -m data_prep.tokenize), or no validation (train.eval_interval=0)"
         )
     return usable
 

@@ -76,8 +76,9 @@ def test_sources_without_validation_are_skipped_with_a_warning(sources, tmp_path
     assert sum(b["input_ids"].shape[0] for b in loader) == 37 and set(loader.batch_sources) == {"a", "b"}
     # the validation loss needs one: the error says how to get it
     expected = (
-        rf"no data source has a validation split of more than {SEQ} tokens \(sources: \['c'\]\); "
-        r"the validation loss needs one: tokenize with a larger --validation-fraction \(python -m data_prep.tokenize\)"
+        rf"no data source has a validation split of more than {SEQ} tokens \(sources: \['c'\]; the longest: 0\); "
+        r"the validation loss needs one: a larger --validation-fraction \(python -m data_prep.tokenize\), or no "
+        r"validation \(train.eval_interval=0\)"
     )
     with pytest.warns(UserWarning), pytest.raises(ManifestError, match=expected):
         build_validation_loader({"c": (str(tmp_path / "c"), 1.0)}, SEQ, 4)
@@ -102,3 +103,12 @@ def test_a_source_with_fewer_windows_than_ranks_is_left_out(sources, tmp_path):
             build_validation_loader({**sources, "t": (str(tmp_path / "t"), 1.0)}, SEQ, 64, r, 4) for r in range(4)
         ]
     assert [loader.batch_sources for loader in loaders] == [["a", "b"]] * 4
+
+
+def test_a_sequence_longer_than_every_validation_split_names_the_longest(sources):
+    """evaluate --seq-len 100000 (or a long data.seq_len): a shorter length is the first way out."""
+    with pytest.warns(UserWarning), pytest.raises(ManifestError) as e:
+        build_validation_loader(sources, 100_000, 4)
+    longest = int(str(e.value).split("the longest: ")[1].split(")")[0])
+    assert 0 < longest < 100_000
+    assert f"needs one: a sequence length below {longest} (data.seq_len; evaluate: --seq-len), " in str(e.value)

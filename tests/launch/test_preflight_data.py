@@ -114,8 +114,9 @@ def test_missing_validation_split_fails(corpus, capsys):
     write_shards(corpus, "web", 3000, None)
     message = preflight_fails_as_the_trainer(capsys, overrides(corpus))
     assert message == (
-        "no data source has a validation split of more than 256 tokens (sources: ['web']); the validation loss "
-        "needs one: tokenize with a larger --validation-fraction (python -m data_prep.tokenize)"
+        "no data source has a validation split of more than 256 tokens (sources: ['web']; the longest: 0); the "
+        "validation loss needs one: a larger --validation-fraction (python -m data_prep.tokenize), or no "
+        "validation (train.eval_interval=0)"
     )
 
 
