@@ -65,7 +65,9 @@ def parse_data(specs) -> dict:
     sources = {}
     for i, spec in enumerate(specs):
         # a directory as given is a path even with '=' in it (lang=en/); else NAME is up to the first '='
-        name, _, path = ("", "", spec) if os.path.isdir(spec) or "=" not in spec else spec.partition("=")
+        name, eq, path = ("", "", spec) if os.path.isdir(spec) or "=" not in spec else spec.partition("=")
+        if eq and not name:
+            raise ValueError(f"--data {spec}: an empty name before '='")
         if not os.path.isdir(path):
             raise ValueError(f"--data {spec}: {path} is not a directory (a shard dir written by data_prep.tokenize)")
         name = name or f"source{i}"
@@ -175,6 +177,17 @@ def check_output(path: str) -> None:
         raise SystemExit(f"error: --output: {parent} is not writable")
 
 
+def check_lm_eval_flags(args) -> None:
+    """The lm-eval flags, before anything loads: each must do something."""
+    if args.tasks is not None and not all(name.strip() for name in args.tasks.split(",")):
+        raise SystemExit(f"error: --tasks: an empty task name in {args.tasks!r}")
+    if args.include_path and not os.path.isdir(args.include_path):
+        raise SystemExit(f"error: --include-path: {args.include_path} is not a directory")
+    for flag in ("limit", "num_fewshot", "include_path"):
+        if getattr(args, flag) is not None and not args.tasks:
+            raise SystemExit(f"error: --{flag.replace('_', '-')}: only with --tasks (lm-eval)")
+
+
 def main(argv=None) -> int:
     args = parse_args(argv)
     if not args.data and not args.tasks:
@@ -183,6 +196,7 @@ def main(argv=None) -> int:
         value = getattr(args, name)
         if value is not None and value < 1:
             raise SystemExit(f"error: --{name.replace('_', '-')}: must be >= 1, got {value}")
+    check_lm_eval_flags(args)
     if args.output:
         check_output(args.output)
     try:

@@ -143,13 +143,18 @@ def parse_args(argv=None):
     src = p.add_mutually_exclusive_group(required=True)
     src.add_argument("--prompt", action="append", help="a prompt (repeat for a batch)")
     src.add_argument("--prompts-file", help="one prompt per line (blank lines are skipped)")
-    p.add_argument("--batch-size", type=int, default=8, help="prompts generated together (memory grows with it)")
-    p.add_argument("--max-new-tokens", type=int, default=128)
+    p.add_argument(
+        "--batch-size",
+        type=int,
+        default=8,
+        help="prompts generated together (memory grows with it; default: %(default)s)",
+    )
+    p.add_argument("--max-new-tokens", type=int, default=128, help="default: %(default)s")
     p.add_argument("--greedy", action="store_true", help="argmax decoding (same as --temperature 0)")
-    p.add_argument("--temperature", type=float, default=1.0)
-    p.add_argument("--top-k", type=int, default=0)
-    p.add_argument("--top-p", type=float, default=1.0)
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--temperature", type=float, default=1.0, help="default: %(default)s")
+    p.add_argument("--top-k", type=int, default=0, help="default: %(default)s (0: off)")
+    p.add_argument("--top-p", type=float, default=1.0, help="default: %(default)s (1: off)")
+    p.add_argument("--seed", type=int, default=0, help="default: %(default)s: the same command samples the same text")
     p.add_argument(
         "--max-length",
         type=int,
@@ -198,6 +203,10 @@ def _sampling_params(args) -> SamplingParams:
     """The sampling flags, checked before the model is loaded (--top-k against the vocabulary: after)."""
     if args.batch_size < 1:
         raise SystemExit(f"error: --batch-size: must be >= 1, got {args.batch_size}")
+    if args.prefill_piece < 0:
+        raise SystemExit(
+            f"error: --prefill-piece: must be >= 0 (0: the whole prompt at once), got {args.prefill_piece}"
+        )
     if args.cuda_graph and not args.device.startswith("cuda"):
         raise SystemExit(f"error: --cuda-graph: needs a CUDA device (--device cuda), got --device {args.device}")
     params = SamplingParams(
@@ -228,8 +237,8 @@ def _load(args):
 def main(argv=None) -> int:
     args = parse_args(argv)
     params = _sampling_params(args)
+    labels, texts = zip(*_read_prompts(args))  # a bad prompts file fails before the model loads
     loaded, sp = _load(args)
-    labels, texts = zip(*_read_prompts(args))
     prompts = _framed_prompts(sp, texts, args.prompt_prefix, loaded.documents_start_with_bos)
     max_length = args.max_length
     if max_length is None and loaded.config.arch == "transformer":

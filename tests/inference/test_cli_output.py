@@ -132,3 +132,15 @@ def test_jsonl_gives_one_json_line_per_prompt(run, capsys):
     assert generate_main([*gen[:4], "--max-new-tokens", "3", "--jsonl"]) == 0  # one prompt: one line too
     (row,) = [json.loads(line) for line in capsys.readouterr().out.splitlines()]
     assert row["index"] == 0 and row["prompt"] == "one two" and isinstance(row["completion"], str)
+
+
+def test_generate_refuses_bad_prompt_input_before_loading_the_model(run, tmp_path, monkeypatch):
+    """An empty prompts file and a negative --prefill-piece: refused before the checkpoint is read."""
+    from retnet_train.inference import generate
+
+    monkeypatch.setattr(generate, "_load", lambda args: pytest.fail("the model was loaded"))
+    (tmp_path / "empty.txt").write_text("\n\n")
+    with pytest.raises(SystemExit, match="has no prompts"):
+        generate_main(["--checkpoint", str(run[0] / "run"), "--prompts-file", str(tmp_path / "empty.txt")])
+    with pytest.raises(SystemExit, match="^error: --prefill-piece: must be >= 0"):
+        generate_main(["--checkpoint", str(run[0] / "run"), "--prompt", "one", "--prefill-piece", "-1"])

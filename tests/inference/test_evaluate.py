@@ -307,3 +307,23 @@ def test_adapter_refuses_a_continuation_longer_than_max_length(setup):
     long_answer = Instance("loglikelihood", {}, ("one", " two three four five six seven"), 0)
     with pytest.raises(ValueError, match=r"^max_length=4 \(--max-length\): a continuation of \d+ tokens"):
         lm.loglikelihood([long_answer])
+
+
+@pytest.mark.parametrize(
+    "flags, message",
+    [
+        (["--tasks", "a,"], "error: --tasks: an empty task name in 'a,'"),
+        (["--tasks", "a", "--include-path", "/no/such/dir"], "error: --include-path: /no/such/dir is not a directory"),
+        (["--data", "DATA", "--limit", "5"], "error: --limit: only with --tasks (lm-eval)"),
+        (["--data", "DATA", "--num-fewshot", "1"], "error: --num-fewshot: only with --tasks (lm-eval)"),
+        (["--data", "=DATA"], "error: --data =DATA: an empty name before '='"),
+    ],
+)
+def test_evaluate_flags_that_would_do_nothing_or_the_wrong_thing_are_refused(setup, flags, message):
+    """Each was accepted: an empty task name reached lm-eval, a missing --include-path only showed as an
+    unknown task, --limit and --num-fewshot without --tasks were ignored, an empty source name was used."""
+    d, _, _, exp, _ = setup
+    flags = [f.replace("DATA", str(d / "shards")) for f in flags]
+    with pytest.raises(SystemExit) as e:
+        main(["--checkpoint", exp, *flags])
+    assert str(e.value) == message.replace("DATA", str(d / "shards"))
