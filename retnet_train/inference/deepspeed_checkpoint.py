@@ -32,6 +32,8 @@ def resolve_deepspeed_dir(path: str, tag: Optional[str] = None) -> discovery.Cho
     choice = discovery.find_checkpoint(path)
     if choice.tag is not None:
         return choice
+    if not choice.skipped and os.path.isfile(os.path.join(path, "config.yaml")):  # the trainer's run dir
+        raise CheckpointError(f"{path}: a run directory with no checkpoint saved yet (checkpoints/ holds none)")
     if not choice.skipped:
         raise CheckpointError(
             f"{path}: not an exported model (config.json + model.safetensors) nor a checkpoint "
@@ -55,6 +57,11 @@ def _tag_dir(path: str, tag: str) -> str:
         for name in tag_names(tag):
             if os.path.isdir(os.path.join(directory, name)):
                 return os.path.join(directory, name)
+    if discovery.TAG_RE.match(os.path.basename(path)):
+        raise CheckpointError(
+            f"--tag {tag}: {path} is one checkpoint; with --tag, name the directory that holds the checkpoints "
+            f"({os.path.dirname(path)}) or the run"
+        )
     holder = run_checkpoints if not discovery.checkpoint_tags(path) and os.path.isdir(run_checkpoints) else path
     held = discovery.checkpoint_tags(holder)
     latest = discovery.read_latest(holder)  # DeepSpeed's own tags (global_stepN) are named there

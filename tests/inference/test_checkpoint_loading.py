@@ -268,3 +268,26 @@ def test_checkpoint_with_separate_projections_loads_but_refuses_resume(tmp_path,
     current = {"world_size": 1, "zero_stage": stage, "precision": "fp32"}
     with pytest.raises(ValueError, match=f"{tag}.*separate retention q/k/v_proj"):
         plan(str(tmp_path / "ckpt"), tag, current)
+
+
+def test_a_run_that_has_saved_no_checkpoint_yet_is_named_as_such(tmp_path):
+    """A run dir (its config.yaml) with no or an empty checkpoints/: the run has none yet, not 'no model'."""
+    run = tmp_path / "run"
+    run.mkdir()
+    (run / "config.yaml").write_text("run: {}\n")
+    for _ in range(2):
+        with pytest.raises(CheckpointError) as e:
+            load_model(str(run))
+        assert str(e.value) == f"{run}: a run directory with no checkpoint saved yet (checkpoints/ holds none)"
+        (run / "checkpoints").mkdir(exist_ok=True)
+
+
+def test_a_tag_given_with_one_checkpoint_says_to_name_the_directory_of_them(tmp_path):
+    tag_dir = tmp_path / "run" / "checkpoints" / "step_00000200"
+    tag_dir.mkdir(parents=True)
+    with pytest.raises(CheckpointError) as e:
+        load_model(str(tag_dir), tag="300")
+    assert str(e.value) == (
+        f"--tag 300: {tag_dir} is one checkpoint; with --tag, name the directory that holds the checkpoints "
+        f"({tag_dir.parent}) or the run"
+    )
