@@ -12,7 +12,8 @@
 #   --nproc-per-node N  processes on this node [NPROC_PER_NODE]; default: visible GPUs, 1 on CPU
 #   --nnodes N          nodes in the job [NNODES]; default 1
 #   --node-rank R       this node's rank, 0..N-1 [NODE_RANK]; default 0
-#   --master-addr A     node 0's address, hosts the c10d store [MASTER_ADDR]; default 127.0.0.1
+#   --master-addr A     node 0's address, hosts the c10d store [MASTER_ADDR]; needed for --nnodes > 1
+#                       (127.0.0.1 where all nodes run on this machine); one node: 127.0.0.1
 #   --master-port P     rendezvous port [MASTER_PORT]; default 29500
 #   --rdzv-id ID        rendezvous id, equal on all nodes [RDZV_ID]; default retnet
 #   --slurm             take nnodes, node rank, master addr/port and GPUs per node from SLURM
@@ -35,7 +36,7 @@ source "$(dirname "${BASH_SOURCE[0]}")/common.sh"
 nproc="${NPROC_PER_NODE:-}"
 nnodes="${NNODES:-1}"
 node_rank="${NODE_RANK:-0}"
-master_addr="${MASTER_ADDR:-127.0.0.1}"
+master_addr="${MASTER_ADDR:-}"  # required for several nodes; one node: 127.0.0.1
 master_port="${MASTER_PORT:-29500}"
 rdzv_id="${RDZV_ID:-retnet}"
 vendor=""
@@ -77,6 +78,11 @@ check_int "--nproc-per-node/NPROC_PER_NODE" "$nproc" 1 1024
 check_int "--nnodes/NNODES" "$nnodes" 1 100000
 check_int "--node-rank/NODE_RANK" "$node_rank" 0 $((10#$nnodes - 1))
 check_int "--master-port/MASTER_PORT" "$master_port" 1 65535
+if [[ -z "$master_addr" ]]; then
+  # 127.0.0.1 on every node would give each node a rendezvous of its own: give it, even if all nodes are here
+  (( 10#$nnodes == 1 )) || die "--nnodes $nnodes needs --master-addr (or MASTER_ADDR): node 0's address, the same on every node"
+  master_addr=127.0.0.1
+fi
 [[ -n "$master_addr" && "$master_addr" != *[[:space:]]* ]] || die "--master-addr/MASTER_ADDR is empty or has spaces: '$master_addr'"
 [[ "$rdzv_id" =~ ^[A-Za-z0-9_.-]+$ ]] || die "--rdzv-id/RDZV_ID may only contain letters, digits, _ . -, got '$rdzv_id'"
 [[ "$module" =~ ^[A-Za-z_][A-Za-z0-9_.]*$ ]] || die "--module must be a python module name, got '$module'"

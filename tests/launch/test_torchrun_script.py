@@ -111,6 +111,7 @@ def test_torchrun_environment_variables_and_module_option():
         (["--module", "x;rm"], "--module must be a python module name"),
         (["--slurm"], "SLURM_JOB_NODELIST is unset"),
         (["--vendor", "intel"], "--vendor must be cuda or rocm, got 'intel'"),
+        (["--nnodes", "2"], "--nnodes 2 needs --master-addr (or MASTER_ADDR): node 0's address"),
     ],
 )
 def test_torchrun_bad_input(args, fragment):
