@@ -42,7 +42,7 @@ def write_problem(key: str, path: str) -> Optional[str]:
         with tempfile.TemporaryFile(dir=existing, prefix=".write-test-"):
             pass
     except OSError as e:
-        return f"{key}: cannot write {path} ({existing}: {e.strerror})"
+        return f"{key}: cannot write {path} (creating a file in {existing} failed: {e.strerror})"
     return None
 
 
