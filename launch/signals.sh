@@ -105,6 +105,10 @@ run_preflight() {
   in_background "TERM USR1" "$@"
   wait_child
   if (( interrupted )); then exit 130; fi
+  if [[ "$child_status" != 0 ]] && ! "$PYTHON" -c 'import hydra, torch' 2>/dev/null; then
+    die "$failure: $PYTHON cannot import torch and hydra (the python these scripts use: PYTHON, else" \
+      "the repository's .venv, else python3); set PYTHON to your environment's python or run make setup"
+  fi
   [[ "$child_status" == 0 ]] || die "$failure"
 }
 

@@ -123,3 +123,14 @@ def test_torchrun_bad_input(args, fragment):
     assert r.returncode != 0
     assert fragment in r.stderr
     assert "# command:" not in r.stdout
+
+
+def test_a_python_without_the_trainers_packages_is_named(tmp_path):
+    """The scripts take PYTHON, else .venv, else python3: a failed preflight under a python that cannot
+    import torch and hydra says which python that was and what to do."""
+    bare = tmp_path / "bare-python"
+    bare.write_text(f'#!/bin/sh\nexec {sys.executable} -S "$@"\n')  # -S: no site-packages
+    bare.chmod(0o755)
+    r = run("launch/torchrun.sh", "--nproc-per-node", "1", "experiment=tiny_cpu", env={"PYTHON": str(bare)})
+    assert r.returncode != 0
+    assert f"{bare} cannot import torch and hydra" in r.stderr and "set PYTHON" in r.stderr
