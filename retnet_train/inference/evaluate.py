@@ -93,6 +93,12 @@ def parse_args(argv=None):
     p.add_argument("--limit", type=float, default=None, help="lm-eval: examples per task (or fraction)")
     p.add_argument("--num-fewshot", type=int, default=None)
     p.add_argument("--max-length", type=int, default=2048, help="lm-eval: context window in tokens")
+    p.add_argument(
+        "--bootstrap-iters",
+        type=int,
+        default=100_000,
+        help="lm-eval: resamples for the standard errors (default: lm-eval's; 0: none)",
+    )
     add_prompt_prefix_arg(p)
     add_device_args(p)
     p.add_argument("--output", help="write the JSON results here as well")
@@ -141,7 +147,12 @@ def run_lm_eval(loaded, args) -> Mapping:
     )
     try:
         return simple_evaluate(
-            lm, args.tasks.split(","), include_path=args.include_path, limit=args.limit, num_fewshot=args.num_fewshot
+            lm,
+            args.tasks.split(","),
+            include_path=args.include_path,
+            limit=args.limit,
+            num_fewshot=args.num_fewshot,
+            bootstrap_iters=args.bootstrap_iters,
         )
     except KeyError as e:  # lm-eval's error for a task name it does not know
         raise ValueError(f"--tasks: {e.args[0] if e.args else e}") from None
@@ -179,6 +190,8 @@ def check_output(path: str) -> None:
 
 def check_lm_eval_flags(args) -> None:
     """The lm-eval flags, before anything loads: each must do something."""
+    if args.bootstrap_iters < 0:
+        raise SystemExit(f"error: --bootstrap-iters: must be >= 0 (0: no standard errors), got {args.bootstrap_iters}")
     if args.tasks is not None and not all(name.strip() for name in args.tasks.split(",")):
         raise SystemExit(f"error: --tasks: an empty task name in {args.tasks!r}")
     if args.include_path and not os.path.isdir(args.include_path):

@@ -211,8 +211,10 @@ def simple_evaluate(
     include_path: Optional[str] = None,
     limit: Optional[float] = None,
     num_fewshot: Optional[int] = None,
+    bootstrap_iters: int = 100_000,
 ) -> dict:
-    """lm_eval.simple_evaluate with our adapter; returns the per-task metrics ("results")."""
+    """lm_eval.simple_evaluate with our adapter; returns the per-task metrics ("results"). bootstrap_iters:
+    for the standard errors, lm-eval's command-line default (accuracy's is closed-form; 0: none)."""
     from lm_eval import evaluator
     from lm_eval.tasks import TaskManager
 
@@ -224,7 +226,7 @@ def simple_evaluate(
         limit=limit,
         task_manager=tm,
         log_samples=False,
-        bootstrap_iters=0,
+        bootstrap_iters=bootstrap_iters,
     )
     if res is None:
         raise ValueError(f"lm-eval returned nothing for tasks {tasks}")

@@ -195,6 +195,9 @@ def test_lm_eval_local_tasks(setup, tmp_path, capsys, monkeypatch):
             scores.append(float(logp[-n:].gather(-1, full[0, -n:, None]).sum()))
         correct += int(np.argmax(scores) == doc["label"])
     assert res["tiny_mc"]["acc,none"] == pytest.approx(correct / len(mc))
+    # the standard error as lm-eval's own command line reports it: sqrt(p (1 - p) / (n - 1)) for accuracy
+    p = correct / len(mc)
+    assert res["tiny_mc"]["acc_stderr,none"] == pytest.approx(math.sqrt(p * (1 - p) / (len(mc) - 1)))
     bpb = res["tiny_ppl"]["bits_per_byte,none"]
     assert math.isfinite(bpb) and bpb > 0
 
@@ -317,6 +320,10 @@ def test_adapter_refuses_a_continuation_longer_than_max_length(setup):
         (["--data", "DATA", "--limit", "5"], "error: --limit: only with --tasks (lm-eval)"),
         (["--data", "DATA", "--num-fewshot", "1"], "error: --num-fewshot: only with --tasks (lm-eval)"),
         (["--data", "=DATA"], "error: --data =DATA: an empty name before '='"),
+        (
+            ["--tasks", "a", "--bootstrap-iters", "-1"],
+            "error: --bootstrap-iters: must be >= 0 (0: no standard errors), got -1",
+        ),
     ],
 )
 def test_evaluate_flags_that_would_do_nothing_or_the_wrong_thing_are_refused(setup, flags, message):
