@@ -144,10 +144,7 @@ def parse_args(argv=None):
     src.add_argument("--prompt", action="append", help="a prompt (repeat for a batch)")
     src.add_argument("--prompts-file", help="one prompt per line (blank lines are skipped)")
     p.add_argument(
-        "--batch-size",
-        type=int,
-        default=8,
-        help="prompts generated together (memory grows with it; default: %(default)s)",
+        "--batch-size", type=int, default=8, help="prompts at a time, memory grows with it (default: %(default)s)"
     )
     p.add_argument("--max-new-tokens", type=int, default=128, help="default: %(default)s")
     p.add_argument("--greedy", action="store_true", help="argmax decoding (same as --temperature 0)")
