@@ -28,7 +28,7 @@ from .cli import add_checkpoint_args, add_device_args, add_prompt_prefix_arg, co
 from .decoding import CudaGraphStep, left_pad, make_decoder
 from .errors import CheckpointError, SettingError
 from .framing import chosen_framing, prompt_tokens
-from .sampling import SamplingParams, sample
+from .sampling import SamplingParams, prompt_generators, sample
 from .streaming import TextStreamer
 
 FLAGS_OF_BOUNDS = ("--max-new-tokens", "--max-length")  # check_prompts' names of them on the command line
@@ -76,13 +76,14 @@ def generate(
     cuda_graph: bool = False,
     prefill_piece: int = 0,
     on_step: Optional[Callable[[torch.Tensor, torch.Tensor], None]] = None,
-    generator: Optional[torch.Generator] = None,
+    generator=None,  # a torch.Generator, or a list of one per prompt
     document_end_id: Optional[int] = None,
 ) -> GenerationResult:
     """Generate for a batch of token-id prompts. max_length bounds prompt + new tokens (None:
     no bound for RetNet; the Transformer's KV cache is sized to prompt + max_new_tokens).
     on_step(tokens [B], finished [B]) is called after each new token (for streaming). Samples are
-    drawn from generator (default: one seeded with params.seed, else torch's global one).
+    drawn from generator: one for all rows or one per row (default: per row, seeded from params.seed and
+    the row's index; without a seed, torch's global one).
     document_end_id: a prompt token after it starts a document, as in training (with the config's
     document_masking)."""
     cfg = model.config
@@ -91,7 +92,7 @@ def generate(
     longest = max(len(p) for p in prompts)
     device = next(model.parameters()).device
     if generator is None and params.seed is not None:
-        generator = seeded_generator(params.seed, device)
+        generator = prompt_generators(params.seed, 0, len(prompts), device)
     B = len(prompts)
     decoder = make_decoder(model, B, longest + params.max_new_tokens)
     ids, starts, _ = left_pad(prompts, pad_id, device, document_end_id if cfg.document_masking else None)
@@ -123,17 +124,14 @@ def generate(
     return GenerationResult([[t for t in row if t >= 0] for row in table], eos_hit.cpu().tolist(), len(out))
 
 
-def seeded_generator(seed: int, device: torch.device) -> torch.Generator:
-    return torch.Generator(device=device).manual_seed(seed)
-
-
 def generate_in_batches(model, prompts, params: SamplingParams, batch_size: int, streamer: TextStreamer, **kw) -> None:
-    """generate() on batch_size prompts at a time, each streamed under its index in `prompts`; one
-    generator for all, so that a batch size at least len(prompts) draws what one call draws."""
-    generator = None if params.seed is None else seeded_generator(params.seed, next(model.parameters()).device)
+    """generate() on batch_size prompts at a time, each streamed under its index in `prompts` and sampled
+    from its own generator (params.seed and that index): any batch size samples the same text."""
+    device = next(model.parameters()).device
     for lo in range(0, len(prompts), batch_size):
         batch = prompts[lo : lo + batch_size]
-        generate(model, batch, params, generator=generator, on_step=partial(streamer, first_row=lo), **kw)
+        generators = None if params.seed is None else prompt_generators(params.seed, lo, len(batch), device)
+        generate(model, batch, params, generator=generators, on_step=partial(streamer, first_row=lo), **kw)
         streamer.close(range(lo, lo + len(batch)))
 
 

@@ -32,8 +32,9 @@ class SamplingParams:
             raise SettingError("top_p", f"must be in (0, 1], got {self.top_p!r}")
 
 
-def sample(logits: torch.Tensor, params: SamplingParams, generator: Optional[torch.Generator] = None) -> torch.Tensor:
-    """Next token per row of logits [B, V] -> [B]."""
+def sample(logits: torch.Tensor, params: SamplingParams, generator=None) -> torch.Tensor:
+    """Next token per row of logits [B, V] -> [B]. generator: one torch.Generator for all rows, or a
+    list of one per row (each row's draws then depend on its own stream alone)."""
     if params.temperature == 0:
         return logits.argmax(dim=-1)
     # shifted so that the row's best is 0: a tiny temperature sends the others to -inf, whose limit
@@ -51,4 +52,12 @@ def sample(logits: torch.Tensor, params: SamplingParams, generator: Optional[tor
         drop = (probs.cumsum(dim=-1) - probs) >= params.top_p
         logits = logits.masked_fill(drop.scatter(-1, order, drop), float("-inf"))
     probs = logits.softmax(dim=-1)
+    if isinstance(generator, (list, tuple)):
+        return torch.cat([torch.multinomial(probs[i : i + 1], 1, generator=g)[:, 0] for i, g in enumerate(generator)])
     return torch.multinomial(probs, 1, generator=generator)[:, 0]
+
+
+def prompt_generators(seed: int, first: int, count: int, device: torch.device) -> list:
+    """One generator per prompt, seeded from (seed, prompt index): what a prompt samples does not depend on
+    which prompts share its batch."""
+    return [torch.Generator(device=device).manual_seed(seed * 1_000_003 + i) for i in range(first, first + count)]

@@ -206,8 +206,13 @@ def test_cli_generates_a_prompts_file_in_batches_of_batch_size(tmp_path, capsys,
         assert by_index[f"[{i}]"] == sp.decode(expected.tokens[0])
     batches.clear()
     assert run("--greedy", "--batch-size", "5") == by_index and batches == [5]
-    # sampling: one batch of all prompts draws what the default batch size (8 >= 5) draws
-    assert run("--temperature", "0.8", "--batch-size", "5") == run("--temperature", "0.8")
+    # sampling: each prompt draws from its own generator (the seed and its index): any batch size samples
+    # the same text for it, and another seed other text
+    sampled = run("--temperature", "0.8", "--batch-size", "2")
+    assert (
+        run("--temperature", "0.8", "--batch-size", "5") == sampled == run("--temperature", "0.8", "--batch-size", "1")
+    )
+    assert run("--temperature", "0.8", "--seed", "1") != sampled
     with pytest.raises(SystemExit, match="--batch-size: must be >= 1, got 0"):
         main([*argv_of(exp, prompts_file), "--batch-size", "0"])
     # errors name the prompt's line (line 3 is blank and skipped)
