@@ -94,10 +94,7 @@ class DirLock:
             holder = os.read(fd, 200).decode(errors="replace").strip() or "unknown process"
             os.close(fd)
             if e.errno in (errno.EWOULDBLOCK, errno.EAGAIN, errno.EACCES):
-                return (
-                    f"{self.key}={self.dir} is in use by another trainer ({holder}; {self.path}): "
-                    f"wait for it to end or stop it, or give this run another {self.key}"
-                )
+                return self._in_use(holder)
             print(
                 f"warning: {self.path}: no file locks on this filesystem ({e.strerror}): "
                 f"a second trainer on {self.key}={self.dir} would not be noticed",
@@ -108,6 +105,29 @@ class DirLock:
         os.write(fd, f"pid {os.getpid()} on {socket.gethostname()} since {time.strftime('%Y-%m-%d %H:%M:%S')}".encode())
         self._fd = fd
         return None
+
+    def probe(self) -> Optional[str]:
+        """Why acquire() would fail now (a live trainer holds the lock), else None; takes nothing and
+        creates nothing (the preflight's check)."""
+        try:
+            fd = os.open(self.path, os.O_RDONLY)
+        except OSError:
+            return None  # no lock file: no trainer has run here
+        try:
+            fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
+        except OSError as e:
+            if e.errno not in (errno.EWOULDBLOCK, errno.EAGAIN, errno.EACCES):
+                return None  # no file locks on this filesystem: the trainer warns
+            return self._in_use(os.read(fd, 200).decode(errors="replace").strip() or "unknown process")
+        finally:
+            os.close(fd)  # closing releases a lock taken here
+        return None
+
+    def _in_use(self, holder: str) -> str:
+        return (
+            f"{self.key}={self.dir} is in use by another trainer ({holder}; {self.path}): "
+            f"wait for it to end or stop it, or give this run another {self.key}"
+        )
 
     def release(self) -> None:
         """Give the lock back; a directory this trainer created and left holding only the lock file

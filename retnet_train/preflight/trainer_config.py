@@ -211,10 +211,13 @@ def _start_problems(cfg, node_rank: int, world_size: int | None = None) -> list[
     from retnet_train.components.checkpoint import CheckpointManager, resolve_resume
     from retnet_train.components.config import checkpoint_dir
     from retnet_train.components.distributed import precision_problem
-    from retnet_train.components.run_dir import write_problem
+    from retnet_train.components.run_dir import DirLock, write_problem
 
     problem = write_problem("run.dir", cfg.run.dir) if node_rank == 0 else None
     problems = [p for p in (problem, precision_problem(cfg.train.device, cfg.deepspeed.precision)) if p]
+    if node_rank == 0:  # a live trainer's lock (rank 0 takes it on node 0)
+        locks = (DirLock(cfg.run.dir, "run.dir"), DirLock(checkpoint_dir(cfg), "checkpoint.dir"))
+        problems += [p for p in dict.fromkeys(lock.probe() for lock in locks) if p]
     manager = CheckpointManager(checkpoint_dir(cfg), cfg.checkpoint.keep_last, None)  # None: prints nothing
     try:
         source = resolve_resume(cfg.train.resume, manager)

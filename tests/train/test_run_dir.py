@@ -52,13 +52,16 @@ def hold_lock(directory):
 
 def test_lock_refuses_a_second_trainer_and_dies_with_its_holder(tmp_path):
     run_dir = tmp_path / "run"
+    assert DirLock(str(run_dir), "run.dir").probe() is None and not run_dir.exists()  # probing creates nothing
     holder = hold_lock(run_dir)
     try:
         problem = DirLock(str(run_dir), "run.dir").acquire()
         assert problem.startswith(f"run.dir={run_dir} is in use by another trainer (pid {holder.pid} on ")
+        assert DirLock(str(run_dir), "run.dir").probe() == problem
     finally:
         holder.kill()  # a crash: no clean-up runs
         holder.wait()
+    assert DirLock(str(run_dir), "run.dir").probe() is None  # its holder died: free, and the probe kept nothing
     mine = DirLock(str(run_dir), "run.dir")
     assert mine.acquire() is None
     assert (run_dir / LOCK_NAME).read_text().startswith(f"pid {os.getpid()} on ")
@@ -148,3 +151,19 @@ def test_trainer_refuses_a_checkpoint_dir_another_trainer_holds(shards, tmp_path
         holder.kill()
         holder.wait()
     assert not (tmp_path / "b").exists()  # made for its lock, then removed again
+
+
+def test_the_preflight_refuses_a_run_dir_a_live_trainer_holds(tmp_path, capsys):
+    from retnet_train import preflight as pf
+
+    run_dir = tmp_path / "run"
+    holder = hold_lock(run_dir)
+    try:
+        assert pf.main(["--", "experiment=tiny_cpu", f"run.dir={run_dir}"]) == 1
+        assert f"trainer config: run.dir={run_dir} is in use by another trainer (pid {holder.pid} on " in (
+            capsys.readouterr().err
+        )
+    finally:
+        holder.kill()
+        holder.wait()
+    assert pf.main(["--", "experiment=tiny_cpu", f"run.dir={run_dir}"]) == 0
