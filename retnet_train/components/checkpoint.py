@@ -206,8 +206,12 @@ class CheckpointManager:
         # until a save of that step replaces them. A damaged one below this save counts for nothing (else it
         # would push the last usable ones out) and stays until the kept window has moved past its step.
         step = _step(keep)
-        usable = [t for t in self.complete_tags() if _step(t) < step and discovery.damage(self.dir, t) is None]
-        kept = set(usable[-(self.keep_last - 1) :] if self.keep_last > 1 else []) | {keep}
+        kept = {keep}
+        for tag in reversed([t for t in self.complete_tags() if _step(t) < step]):  # newest first, checked
+            if len(kept) == self.keep_last:  # as far as needed (each check reads every shard's index)
+                break
+            if discovery.damage(self.dir, tag) is None:
+                kept.add(tag)
         oldest_kept = min(_step(t) for t in kept)
         for tag in os.listdir(self.dir):
             if not TAG_RE.match(tag) or tag in kept:
