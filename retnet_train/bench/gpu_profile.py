@@ -25,14 +25,13 @@ CATEGORIES = [  # first match wins, by CUDA kernel name
     ("cross_entropy", ("cross_entropy", "softmax", "logsumexp", "nll")),
     ("norm", ("norm",)),
 ]
-# rows that are not kernels, left out: host ops and ranges (their device time is their kernels' time, which
-# the kernels' own rows hold) and runtime calls
+# names of rows that are not kernels: host ops and ranges (their device time repeats their kernels') and
+# runtime calls
 NOT_KERNELS = ("aten::", "ProfilerStep", "##", "cuda", "Optimizer.")
 
 
 def kernel_rows(prof) -> list:
-    """(device us, calls, name) of each kernel, memcpy and memset in a profile's key_averages. A host
-    op's row holds its kernels' time as device time and none of its own."""
+    """(device us, calls, name) of each kernel, memcpy and memset in a profile's key_averages."""
     rows = [(_own_device_us(e), e.count, e.key) for e in prof.key_averages()]
     return [r for r in rows if r[0] and not r[2].startswith(NOT_KERNELS)]
 

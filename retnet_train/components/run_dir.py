@@ -91,7 +91,7 @@ class DirLock:
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except OSError as e:
-            holder = os.read(fd, 200).decode(errors="replace").strip() or "unknown process"
+            holder = _holder(fd)
             os.close(fd)
             if e.errno in (errno.EWOULDBLOCK, errno.EAGAIN, errno.EACCES):
                 return self._in_use(holder)
@@ -118,7 +118,7 @@ class DirLock:
         except OSError as e:
             if e.errno not in (errno.EWOULDBLOCK, errno.EAGAIN, errno.EACCES):
                 return None  # no file locks on this filesystem: the trainer warns
-            return self._in_use(os.read(fd, 200).decode(errors="replace").strip() or "unknown process")
+            return self._in_use(_holder(fd))
         finally:
             os.close(fd)  # closing releases a lock taken here
         return None
@@ -140,6 +140,11 @@ class DirLock:
         fcntl.flock(self._fd, fcntl.LOCK_UN)
         os.close(self._fd)
         self._fd = None
+
+
+def _holder(fd: int) -> str:
+    """Who holds a lock, as its holder wrote it into the lock file."""
+    return os.read(fd, 200).decode(errors="replace").strip() or "unknown process"
 
 
 def set_aside_metrics(run_dir: str) -> Optional[str]:

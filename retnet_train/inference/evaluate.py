@@ -105,10 +105,16 @@ def parse_args(argv=None):
     return p.parse_args(argv)
 
 
+def checkpoint_facts(loaded) -> dict:
+    """What the trainer's checkpoint recorded (tag, step, data.seq_len): a DeepSpeed checkpoint's meta, or
+    an export's record of the checkpoint it was exported from (empty where it has none)."""
+    facts = loaded.meta if loaded.source == "deepspeed" else loaded.meta["export"].get("source")
+    return facts if isinstance(facts, dict) else {}
+
+
 def trained_seq_len(loaded) -> Optional[int]:
     """The data.seq_len the weights were trained at, where the checkpoint (or the export's source) records it."""
-    facts = loaded.meta if loaded.source == "deepspeed" else loaded.meta["export"].get("source")
-    seq_len = facts.get("seq_len") if isinstance(facts, dict) else None
+    seq_len = checkpoint_facts(loaded).get("seq_len")
     return seq_len if isinstance(seq_len, int) else None
 
 
@@ -162,11 +168,9 @@ def measured_weights(loaded, checkpoint: str) -> dict:
     """Which weights the results measure: checkpoint_path, the checkpoint read (in a run or checkpoints
     dir: the one chosen) or the export; checkpoint_tag and checkpoint_step, its trainer tag and step (an
     export's: those of the checkpoint it was exported from, where its config.json records them)."""
-    if loaded.source == "deepspeed":
-        path, facts = os.path.join(loaded.meta["save_dir"], loaded.meta["tag"]), loaded.meta
-    else:
-        path, facts = os.path.abspath(checkpoint), loaded.meta["export"].get("source")
-        facts = facts if isinstance(facts, dict) else {}
+    deepspeed = loaded.source == "deepspeed"
+    path = os.path.join(loaded.meta["save_dir"], loaded.meta["tag"]) if deepspeed else os.path.abspath(checkpoint)
+    facts = checkpoint_facts(loaded)
     tag = facts.get("tag")
     step = TAG_RE.match(tag) if isinstance(tag, str) else None
     # the trainer's step is in its tag; DeepSpeed's own tags (global_stepN): its count of steps
