@@ -89,6 +89,11 @@ class TrainSection:
     inject_nonfinite_at: List[int] = field(default_factory=list)  # fault injection (tests): NaN loss at these steps
     inject_nonfinite_grad_at: List[int] = field(default_factory=list)  # ... finite loss, infinite gradients
 
+    @property
+    def validates(self) -> bool:
+        """Whether the run evaluates a validation split at all (eval_interval 0: never)."""
+        return self.eval_interval > 0
+
 
 @dataclass
 class ParallelConfig:

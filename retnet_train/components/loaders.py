@@ -31,7 +31,7 @@ def build_loaders(cfg: TrainConfig, vocab_size: int, dp_rank: int, dp_world: int
             change_hint=_change_hint(cfg),
             switch_on_change=cfg.data.on_change == "switch",
         )
-        if cfg.train.eval_interval == 0:
+        if not cfg.train.validates:
             return loader, None
         val_loader = build_validation_loader(
             sources,
@@ -53,7 +53,7 @@ def check_data(cfg: TrainConfig, vocab_size: int, dp_world: int) -> None:
     sources, tokenizer_sha = _loader_inputs(cfg)
     with _naming_data_tokenizer(cfg, tokenizer_sha):
         plan_stream(sources, cfg.data.seq_len, "train", tokenizer_sha, vocab_size)
-        if cfg.train.eval_interval == 0:
+        if not cfg.train.validates:
             return
         plan_validation(
             sources, cfg.data.seq_len, dp_world, tokenizer_sha, vocab_size, None, _validation_sequences(cfg, dp_world)
