@@ -10,7 +10,9 @@ packs N documents per sequence (document resets).
 Prints one JSON line per (head dims, backend): ms of the forward (with grad enabled, as in
 training) and of forward + backward, effective TFLOP/s (the chunkwise form's matmul FLOPs at
 that chunk), the activation memory the backward keeps and, with --profile, the device kernels of
-one forward + backward in launch order (us each) and the top kernels by share. Then one line
+one forward + backward in launch order (us each) and the top kernels by share; for `triton@C`
+without --docs also `passes`: each pass's time, the bytes it must read and write and the bandwidth
+that makes (bench/retention_traffic.py). Then one line
 `{"autotuned": ...}`: per Triton kernel, the config picked for each key and every candidate's time
 at the key tuned last. A variant that fails prints its error and the run goes on; a table of all
 results comes last, also when the run is stopped by SIGTERM (e.g. from `timeout`).
@@ -30,6 +32,7 @@ from ..kernels import fla_available, retention_op
 from ..model.retnet import decay_log_gammas
 from .gpu_profile import top_kernels
 from .presets import FLA_CHUNK, load_preset
+from .retention_traffic import pass_table, triton_passes
 from .throughput_args import count
 
 
@@ -61,6 +64,18 @@ def retention_fn(kind, C, lg, reset):
         return o, s
 
     return torch.compile(fn) if kind == "compiled" else fn
+
+
+def triton_pass_table(B, T, H, K, V, C, kernels_us):
+    """The `triton` backend's passes with their times, bytes and bandwidth, or the reason they do not
+    line up with the profiled kernels."""
+    from ..kernels.triton_retention_launch import scan_segments
+
+    segments = scan_segments(B * H * K * V, -(-T // C), torch.device("cuda", torch.cuda.current_device()))
+    try:
+        return pass_table(triton_passes(B, T, H, K, V, C, segments), kernels_us)
+    except ValueError as e:
+        return {"error": str(e)[:300]}
 
 
 def kernel_sequence(prof, steps: int) -> list:
@@ -239,6 +254,8 @@ def run_variant(backend, args, H, K, V):
             reset = torch.zeros(B, T, dtype=torch.bool, device="cuda")
             reset[:, :: -(-T // args.docs)] = True
         row.update(time_variant(retention_fn(kind, C, lg, reset), q, k, v, args.steps, args.profile))
+        if kind == "triton" and reset is None and "kernels_fwd_bwd_us" in row:
+            row["passes"] = triton_pass_table(B, T, H, K, V, C, row["kernels_fwd_bwd_us"])
         row["tflops"] = round(3 * chunkwise_flops(B, T, H, K, V, C) / row["ms_fwd_bwd"] / 1e9, 1)
     except Exception as e:  # one failing variant (compile error, OOM, missing package) must not end the run
         row["error"] = f"{type(e).__name__}: {e}"[:400]
