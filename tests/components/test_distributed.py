@@ -20,3 +20,27 @@ def test_fp16_without_a_gpu_is_refused_naming_deepspeed_precision(monkeypatch):
     )
     for precision in ("bf16", "bf16-mixed", "fp32"):
         assert pick_device("cpu", precision) == pick_device("auto", precision) == torch.device("cpu")
+
+
+def test_cpu_init_builds_no_deepspeed_shm_op(tmp_path):
+    """DeepSpeed's CPU shared-memory all-reduce (its inference path) is not compiled at a CPU start: it
+    cost ~20 s on a fresh machine and printed compiler lines. Collectives still run, through gloo."""
+    import subprocess
+    import sys
+
+    code = """
+import torch, torch.distributed as dist
+import deepspeed.comm.comm as ds_comm
+from retnet_train.components.distributed import init_distributed
+init_distributed(torch.device("cpu"))
+t = torch.ones(2)
+dist.all_reduce(t)
+print(ds_comm.cdb.shm_comm_op, t.tolist())
+"""
+    env = {**__import__("os").environ, "TORCH_EXTENSIONS_DIR": str(tmp_path / "ext")}
+    for key in ("RANK", "LOCAL_RANK", "WORLD_SIZE"):
+        env.pop(key, None)
+    out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert out.stdout.strip().splitlines()[-1] == "None [1.0, 1.0]"
+    assert not (tmp_path / "ext").exists() and "gcc" not in out.stdout + out.stderr
