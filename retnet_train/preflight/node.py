@@ -72,7 +72,15 @@ def check_vendor(rep: Report, vendor: str) -> None:
     )
 
 
-def check_gpus(rep: Report, *, nproc_per_node: int | None, require_gpu: bool, require_bf16: bool) -> None:
+def check_gpus(
+    rep: Report,
+    *,
+    nproc_per_node: int | None,
+    require_gpu: bool,
+    require_bf16: bool,
+    required_by: str = "--require-gpu was given",
+) -> None:
+    """required_by: what asks for a GPU when require_gpu is set (the option or a config key), for the failure."""
     import torch
 
     vis = {
@@ -86,7 +94,7 @@ def check_gpus(rep: Report, *, nproc_per_node: int | None, require_gpu: bool, re
         why = "CPU-only torch build" if not (torch.version.cuda or torch.version.hip) else "no device visible"
         msg = f"no GPU: {why}{vis_txt}"
         if require_gpu:
-            rep.fail(msg + " and --require-gpu was given")
+            rep.fail(f"{msg} and {required_by}")
         else:
             rep.ok(msg + "; training would run on CPU with gloo")
         return

@@ -146,3 +146,22 @@ def test_bf16_check_follows_the_configs_precision(v100, precision, fails):
     rep = pf.Report()
     _check_node(rep, args, view)
     assert [f for f in rep.failures if "bf16" in f] == ([NO_BF16] if fails else [])
+
+
+def test_a_gpu_required_by_the_config_names_the_key(monkeypatch):
+    # train.device=cuda on a node without a GPU: the failure names the key that asked for one, not a
+    # --require-gpu the command line never had.
+    import torch
+
+    from retnet_train.preflight.cli import _check_node
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    monkeypatch.setattr(torch.version, "cuda", None)
+    monkeypatch.setattr(torch.version, "hip", None)
+    view = pf.TrainerView(Path("/unused"), keep=2, params=1, precision="fp32", device="cuda", problems=[])
+    rep = pf.Report()
+    _check_node(rep, pf.build_parser().parse_args([]), view)
+    assert [f for f in rep.failures if "GPU" in f] == ["no GPU: CPU-only torch build and train.device=cuda needs one"]
+    rep = pf.Report()
+    _check_node(rep, pf.build_parser().parse_args(["--require-gpu"]), view)
+    assert [f for f in rep.failures if "GPU" in f] == ["no GPU: CPU-only torch build and --require-gpu was given"]
