@@ -191,6 +191,27 @@ def test_export_cli_from_deepspeed_checkpoint(tmp_path, tokenizer, capsys):
     assert generate_main(["--checkpoint", str(tmp_path / "ckpt"), "--prompt", "one two", "--max-new-tokens", "3"]) == 0
 
 
+def test_export_of_an_export_keeps_the_training_checkpoint_facts(tmp_path, tokenizer, capsys):
+    """Re-exporting an export (to store it in bf16, say) keeps what its config.json says of the training
+    checkpoint: evaluate then measures at the trained seq_len and names the weights' tag and step."""
+    from retnet_train.inference.evaluate import measured_weights, trained_seq_len
+    from retnet_train.inference.export import main as export_main
+
+    cfg = tiny_config()
+    client = {"config": {"model": cfg, "data": {"tokenizer": tokenizer, "seq_len": 16}}}
+    write_deepspeed_checkpoint(tmp_path / "ckpt", cfg, 0, client, tag="step_00000002")
+    assert export_main(["--checkpoint", str(tmp_path / "ckpt"), "--out", str(tmp_path / "exp")]) == 0
+    args = ["--checkpoint", str(tmp_path / "exp"), "--out", str(tmp_path / "exp16"), "--dtype", "bfloat16"]
+    assert export_main(args) == 0
+    first, second = (json.loads((tmp_path / d / "config.json").read_text()) for d in ("exp", "exp16"))
+    assert second["source"] == first["source"]
+    assert (second["source"]["tag"], second["source"]["seq_len"]) == ("step_00000002", 16)
+    loaded = load_model(str(tmp_path / "exp16"))
+    assert trained_seq_len(loaded) == 16
+    facts = measured_weights(loaded, str(tmp_path / "exp16"))
+    assert (facts["checkpoint_tag"], facts["checkpoint_step"]) == ("step_00000002", 2)
+
+
 def test_trainer_layout_complete_markers_run_dir_and_relative_tokenizer(tmp_path, tokenizer, monkeypatch):
     """The trainer's layout: <launch>/<run.dir>/checkpoints/step_XXXXXXXX/ with COMPLETE written
     last, `latest` updated after it; resolved config in client_state["config"] with a tokenizer
