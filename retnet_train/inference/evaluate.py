@@ -16,6 +16,7 @@ line: all of stdout.
 from __future__ import annotations
 
 import argparse
+import importlib
 import json
 import math
 import os
@@ -101,7 +102,8 @@ def parse_args(argv=None):
     )
     add_prompt_prefix_arg(p)
     add_device_args(p)
-    p.add_argument("--output", help="write the JSON results here as well")
+    p.add_argument("--output", help="write the JSON results here as well (a new file)")
+    p.add_argument("--overwrite", action="store_true", help="--output may replace an existing file")
     return p.parse_args(argv)
 
 
@@ -135,12 +137,7 @@ def run_perplexity(loaded, sources: dict, args) -> Mapping:
 
 
 def run_lm_eval(loaded, args) -> Mapping:
-    try:
-        from .lm_eval_adapter import RetNetTrainLM, simple_evaluate
-    except ImportError as e:
-        raise ValueError(
-            f"--tasks: lm-evaluation-harness is not installed ({e}); pip install 'retnet-train[eval]'"
-        ) from e
+    from .lm_eval_adapter import RetNetTrainLM, simple_evaluate
 
     if loaded.tokenizer_path is None:
         raise ValueError(f"--tokenizer: {args.checkpoint} names no tokenizer; lm-eval needs one")
@@ -181,11 +178,14 @@ def measured_weights(loaded, checkpoint: str) -> dict:
     }
 
 
-def check_output(path: str) -> None:
-    """--output, checked before the evaluation runs: a file in an existing, writable directory."""
+def check_output(path: str, overwrite: bool = False) -> None:
+    """--output, checked before the evaluation runs: a new file (an existing one only with --overwrite) in
+    an existing, writable directory."""
     parent = os.path.dirname(os.path.abspath(path))
     if os.path.isdir(path):
         raise SystemExit(f"error: --output: {path} is a directory; name a file")
+    if os.path.lexists(path) and not overwrite:
+        raise SystemExit(f"error: --output: {path} exists (--overwrite replaces it)")
     if not os.path.isdir(parent):
         raise SystemExit(f"error: --output: {parent} is not a directory")
     if not os.access(parent, os.W_OK):
@@ -203,6 +203,14 @@ def check_lm_eval_flags(args) -> None:
     for flag in ("limit", "num_fewshot", "include_path"):
         if getattr(args, flag) is not None and not args.tasks:
             raise SystemExit(f"error: --{flag.replace('_', '-')}: only with --tasks (lm-eval)")
+    if args.tasks is not None:
+        try:  # before the model loads and the perplexity runs, whose results an error would lose
+            importlib.import_module(f"{__package__}.lm_eval_adapter")
+        except ImportError as e:
+            raise SystemExit(
+                f"error: --tasks: lm-evaluation-harness is not installed ({e}); pip install -e '.[eval]' "
+                "in the repository (or pip install 'lm-eval>=0.4.13')"
+            ) from None
 
 
 def main(argv=None) -> int:
@@ -215,7 +223,9 @@ def main(argv=None) -> int:
             raise SystemExit(f"error: --{name.replace('_', '-')}: must be >= 1, got {value}")
     check_lm_eval_flags(args)
     if args.output:
-        check_output(args.output)
+        check_output(args.output, args.overwrite)
+    elif args.overwrite:
+        raise SystemExit("error: --overwrite: only with --output")
     try:
         sources = parse_data(args.data)
         loaded = load_from_args(args, args.device, compute_dtype(args.dtype, args.device))

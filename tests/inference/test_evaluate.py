@@ -4,6 +4,7 @@ log-likelihoods equal direct model scores."""
 
 import json
 import math
+import sys
 
 import numpy as np
 import pytest
@@ -334,3 +335,34 @@ def test_evaluate_flags_that_would_do_nothing_or_the_wrong_thing_are_refused(set
     with pytest.raises(SystemExit) as e:
         main(["--checkpoint", exp, *flags])
     assert str(e.value) == message.replace("DATA", str(d / "shards"))
+
+
+def test_tasks_without_lm_eval_fail_before_the_model_loads(setup, monkeypatch):
+    """Without lm-eval, --tasks is refused before the checkpoint is read and the perplexity runs (whose
+    results the error would otherwise throw away)."""
+    d, _, _, _, _ = setup
+    for name in [m for m in sys.modules if m == "lm_eval" or m.startswith("lm_eval.")] + ["lm_eval"]:
+        monkeypatch.setitem(sys.modules, name, None)  # importing any of lm_eval: ImportError
+    monkeypatch.delitem(sys.modules, "retnet_train.inference.lm_eval_adapter", raising=False)
+    missing = d / "no_such_checkpoint"
+    with pytest.raises(SystemExit) as e:
+        main(["--checkpoint", str(missing), "--data", str(d / "shards"), "--tasks", "hellaswag"])
+    assert str(e.value).startswith("error: --tasks: lm-evaluation-harness is not installed")
+    assert "pip install -e '.[eval]'" in str(e.value)
+
+
+def test_output_never_replaces_a_file_without_overwrite(setup, tmp_path, capsys):
+    d, _, _, exp, _ = setup
+    out = tmp_path / "results.json"
+    out.write_text("earlier results\n")
+    flags = ["--checkpoint", exp, "--data", str(d / "shards"), "--seq-len", "16", "--output", str(out)]
+    with pytest.raises(SystemExit) as e:
+        main(flags)
+    assert str(e.value) == f"error: --output: {out} exists (--overwrite replaces it)"
+    assert out.read_text() == "earlier results\n"
+    with pytest.raises(SystemExit, match="error: --overwrite: only with --output"):
+        main([*flags[:-2], "--overwrite"])
+    capsys.readouterr()
+    assert main([*flags, "--overwrite"]) == 0
+    printed = capsys.readouterr().out
+    assert out.read_text() == printed and json.loads(printed)["validation"]["seq_len"] == 16
