@@ -16,8 +16,8 @@ deepspeed.initialize, `prepare_resume` compares it with this run:
   counters and our client state come from the copied mp_rank_* file; the data position is
   counted in global sequences, so it carries over too.
 * what cannot be converted (a ZeRO stage change to or from 0 or 3, a precision change together
-  with a world-size or stage change, or at ZeRO 0) is refused naming the checkpoint path and the
-  config key to set.
+  with a world-size or stage change, at ZeRO 0, or between bf16 and another precision) is refused
+  naming the checkpoint path and the config key to set.
 
 Per-rank RNG: rank r restores rng_rank<r>.pt when the checkpoint has it; ranks beyond the old world
 size re-seed (see CheckpointManager.load).
@@ -157,7 +157,12 @@ def plan(directory: str, tag: str, current: dict, model: Optional[dict] = None) 
             f"deepspeed.zero_stage={old_z} (any world size works); only 1 <-> 2 can change on resume"
         )
     reshard = old_z != new_z or (old_z >= 1 and old_ws != new_ws)
-    if stored_precision(saved["precision"]) != stored_precision(current["precision"]) and (reshard or old_z == 0):
+    # DeepSpeed names a bf16 run's ZeRO 1-3 optimizer shards bf16_zero_pp_rank_*: another precision looks for
+    # zero_pp_rank_* (and the other way round), which are not there
+    shard_names = (saved["precision"] == "bf16") != (current["precision"] == "bf16")
+    if stored_precision(saved["precision"]) != stored_precision(current["precision"]) and (
+        reshard or old_z == 0 or shard_names
+    ):
         raise ValueError(
             f"train.resume: {path} was written with deepspeed.precision={saved['precision']}, this run "
             f"has deepspeed.precision={current['precision']}: not supported "
@@ -165,6 +170,8 @@ def plan(directory: str, tag: str, current: dict, model: Optional[dict] = None) 
                 "together with a world-size or ZeRO-stage change"
                 if reshard
                 else "at ZeRO 0 (the optimizer state formats differ)"
+                if old_z == 0
+                else "between bf16 and another precision (DeepSpeed keeps bf16's optimizer state in other files)"
             )
             + f". Resume with deepspeed.precision={saved['precision']}"
         )

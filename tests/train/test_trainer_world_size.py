@@ -218,7 +218,8 @@ def L(world, stage, precision="fp32"):
         (L(2, 1), L(1, 1), True),
         (L(1, 3), L(4, 3), True),
         (L(2, 1), L(2, 2), True),  # ZeRO 1 <-> 2
-        (L(2, 2, "bf16"), L(2, 2, "fp32"), False),  # precision at the same layout: DeepSpeed's business, as before
+        (L(2, 2, "fp16"), L(2, 2, "fp32"), False),  # precision at the same layout, same files: DeepSpeed's business
+        (L(2, 1, "bf16-mixed"), L(2, 1, "fp32"), False),  # both keep fp32 weights and optimizer state
     ],
 )
 def test_plan(tmp_path, saved, current, universal):
@@ -236,6 +237,11 @@ def test_plan(tmp_path, saved, current, universal):
         (L(2, 3), L(1, 2), "deepspeed.zero_stage=3"),
         (L(2, 1, "bf16"), L(1, 1, "fp32"), "deepspeed.precision=bf16"),
         (L(2, 0, "fp32"), L(2, 0, "bf16"), "deepspeed.precision=fp32"),
+        # DeepSpeed names a bf16 run's optimizer shards bf16_zero_pp_rank_*: another precision looks for files
+        # that are not there
+        (L(2, 1, "bf16"), L(2, 1, "fp32"), "deepspeed.precision=bf16"),
+        (L(1, 2, "bf16-mixed"), L(1, 2, "bf16"), "deepspeed.precision=bf16-mixed"),
+        (L(2, 3, "fp16"), L(2, 3, "bf16"), "deepspeed.precision=fp16"),
     ],
 )
 def test_plan_refuses(tmp_path, saved, current, key):
