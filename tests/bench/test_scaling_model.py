@@ -255,3 +255,19 @@ def test_cli_bad_arguments_are_named_errors_not_tracebacks(capsys, args, needle)
         sm.main(args + ["--json"])
     assert e.value.code == 2
     assert needle in capsys.readouterr().err
+
+
+def test_measured_runs_named_after_an_experiment_run_as_it_does():
+    # A row labelled "experiment NAME" must be predicted for that experiment's ZeRO stage and activation
+    # checkpointing, or --measured-runs compares a prediction with the wrong configuration.
+    from omegaconf import OmegaConf
+
+    from retnet_train.bench.scaling_model.checks import MEASURED_RUNS
+    from retnet_train.components.config import checkpointing_mode
+    from retnet_train.preflight.trainer_config import compose_trainer_config
+
+    labelled = [run for run in MEASURED_RUNS if run["note"].startswith("experiment ")]
+    for run in labelled:
+        cfg = OmegaConf.to_container(compose_trainer_config([f"experiment={run['note'].split()[1]}"]), resolve=True)
+        checkpointing = checkpointing_mode(cfg["train"]["activation_checkpointing"])
+        assert (run["zero"], "full" if run["ac"] else "none") == (cfg["deepspeed"]["zero_stage"], checkpointing), run
