@@ -58,6 +58,7 @@ class Trainer:
         self.locks: list = []
         self.last_checkpoint: Optional[str] = None
         self.last_loss = float("nan")
+        self.started = False  # built, restored, outputs open: a failure from here on is at a step
 
     # ------------------------------------------------------------------ build and restore
 
@@ -191,8 +192,9 @@ class Trainer:
         except torch.cuda.OutOfMemoryError as e:
             raise TrainingError(f"{OOM_HINT}\n{e}") from e
         except OSError as e:  # a file the run reads or writes: disk full, permissions, a mount gone
-            state = getattr(self, "state", None)
-            raise io_failure(e, None if state is None else state.step, self.last_checkpoint) from e
+            source = getattr(self, "source", None)
+            last = self.last_checkpoint or (source and os.path.join(*source))  # (the one loading, if any)
+            raise io_failure(e, self.state.step if self.started else None, last) from e
         finally:
             self.close()
         if self.is_main and not preempted:
@@ -216,6 +218,7 @@ class Trainer:
         if self._stop_before_training():
             return True
         self._open_outputs()
+        self.started = True
         return False
 
     def _stop_before_training(self) -> bool:

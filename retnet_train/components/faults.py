@@ -20,7 +20,7 @@ class TrainingError(RuntimeError):
 
 def io_failure(error: OSError, step: Optional[int], last_checkpoint: Optional[str]) -> TrainingError:
     """A file the run reads or writes failed (disk full, permissions, a mount gone) at `step` (None:
-    before the run was built): what and where, and the checkpoint to resume from."""
+    while the run was built or its checkpoint loaded): what and where, and the checkpoint to resume from."""
     where = f" at step {step}" if step is not None else " at start"
     return TrainingError(
         f"{error.filename or 'I/O'}: {error.strerror or error}{where}; the last checkpoint is "

@@ -101,6 +101,30 @@ def test_a_failing_write_during_training_is_one_error_naming_the_file(shards, tm
         Trainer(typed(shards, tmp_path / "run", **{"train.max_steps": 1})).train()
 
 
+def test_a_failing_read_while_resuming_names_the_checkpoint_being_loaded(shards, tmp_path, process_group, monkeypatch):
+    """A file of the checkpoint that cannot be read while it loads: the error says it happened at start
+    and names that checkpoint (it said "at step 0; the last checkpoint is none")."""
+    from retnet_train.components import checkpoint
+    from retnet_train.components.faults import TrainingError
+
+    Trainer(typed(shards, tmp_path / "run", **{"train.max_steps": 1})).train()
+    ckpt = tmp_path / "run" / "checkpoints" / "step_00000001"
+
+    load = checkpoint.torch.load
+    for unreadable in ("model_states", "rng_rank0"):  # read while planning the resume; while loading it
+
+        def refuse(path, *args, _name=unreadable, **kwargs):
+            if _name in str(path):
+                raise PermissionError(13, "Permission denied", str(path))
+            return load(path, *args, **kwargs)
+
+        monkeypatch.setattr(checkpoint.torch, "load", refuse)
+        with pytest.raises(
+            TrainingError, match=f"{unreadable}.pt: Permission denied at start; the last checkpoint is {ckpt}$"
+        ):
+            Trainer(typed(shards, tmp_path / "run", **{"train.max_steps": 2})).train()
+
+
 def test_the_loaders_check_token_ids_so_the_model_does_not(shards, tmp_path, process_group):
     """Every id the loaders hand out is checked against the vocabulary on the host (data/token_stream.py),
     so the trainer's model skips its own check, a device-to-host sync per micro-batch on a GPU."""
