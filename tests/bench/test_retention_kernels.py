@@ -126,3 +126,17 @@ def test_autotune_report_lists_picks_and_every_candidate_of_the_last_key():
         },
         "apply": {"picked": {}, "last_key_us": []},
     }
+
+
+def test_triton_pass_table_uses_the_kernels_segments_and_reports_a_mismatch(monkeypatch):
+    from retnet_train.kernels import triton_retention_launch
+
+    monkeypatch.setattr(bench.torch.cuda, "current_device", lambda: 0)
+    monkeypatch.setattr(triton_retention_launch, "scan_segments", lambda elements, chunks, device: 2)
+    names = ["_states_kernel", "_states_carry_kernel", "_scores_kernel", "_apply_kernel", "_states_pair_kernel"]
+    names += ["_scores_kernel", "_apply_kernel", "_apply_kernel", "_scores_kernel", "_apply_kernel"]
+    rows = bench.triton_pass_table(1, 8192, 8, 256, 512, 256, [[n, 10.0] for n in names])
+    assert [r["pass"] for r in rows][:2] == ["forward: states scan", "forward: carry between segments"]
+    missing_carry = [[n, 10.0] for n in names if n != "_states_carry_kernel"]
+    out = bench.triton_pass_table(1, 8192, 8, 256, 512, 256, missing_carry)
+    assert out["error"].startswith("ValueError: profiled retention kernels")
