@@ -96,6 +96,22 @@ def test_rows_of_other_settings_are_not_drawn_as_one_sweep(tmp_path):
         sweep.main([str(tmp_path / "missing.jsonl"), "--plot", str(tmp_path / "p.png")])
 
 
+def test_fla_rows_of_a_compiled_run_are_one_sweep_with_ours(tmp_path, monkeypatch):
+    """train_throughput writes fla's rows with compile false and budget 1.0 (fla is never compiled) beside
+    our compiled models': one run's rows, and runs of the same settings, plot together."""
+    fla = {"compile": False, "activation_memory_budget": 1.0}
+    a, b = tmp_path / "a.jsonl", tmp_path / "b.jsonl"
+    a.write_text(json.dumps(_row("retnet", 2048, 8, 4)) + "\n" + json.dumps(_row("fla", 2048, 8, 4, **fla)))
+    b.write_text(json.dumps(_row("retnet", 32768, 1, 2)) + "\n" + json.dumps(_row("fla", 32768, 1, 2, **fla)))
+    drawn = {}
+    monkeypatch.setattr(sweep, "plot_sweep", lambda rows, path, title: drawn.update(rows=rows, title=title))
+    sweep.main([str(a), str(b), "--plot", str(tmp_path / "p.png")])
+    assert sorted(sweep.sweep_lines(drawn["rows"])) == [("fla", 65536), ("retnet", 65536)]
+    b.write_text(json.dumps(_row("retnet", 32768, 1, 2, compile=False)))
+    with pytest.raises(SystemExit, match="compile differs"):
+        sweep.main([str(a), str(b), "--plot", str(tmp_path / "p.png")])
+
+
 @pytest.mark.slow
 def test_cpu_sweep_of_two_lengths_writes_json_lines_and_the_plot(tmp_path):
     plot = tmp_path / "sweep.png"
