@@ -112,11 +112,16 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
-def main(argv=None):
+def parse_args(argv=None) -> argparse.Namespace:
     p = build_parser()
     args = p.parse_args(argv)
     if args.activation_memory_budget != 1.0 and not args.compile:
         p.error("--activation-memory-budget needs --compile")
+    return args
+
+
+def main(argv=None):
+    args = parse_args(argv)
     if not args.cpu and not torch.cuda.is_available():
         raise SystemExit("activation_bytes: no GPU (--cpu: measure on CPU)")
     device = torch.device("cpu" if args.cpu else "cuda")

@@ -1,0 +1,179 @@
+"""Every `python -m retnet_train...` / `data_prep...` command in the docs' bash blocks parses.
+
+Each command's arguments go through that module's own argument parser (its `parse_args`, else its
+`build_parser`, else its `main` stopped as soon as it has parsed), so a renamed option, a value the
+parser refuses or a check between options fails here; nothing is run. `retnet_train.train` takes Hydra
+overrides, not options: test_docs.py checks their config keys.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import importlib
+import io
+import re
+import shlex
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+SKIP_DIRS = {".git", ".venv", "runs", "data", "build", "node_modules", "tests"}
+BASH_BLOCK = re.compile(r"^```bash\n(.*?)^```", re.MULTILINE | re.DOTALL)
+# what the docs write in place of a value; the value that stands for it here
+PLACEHOLDERS = {"P": "2", "N": "2"}
+NOT_ARGPARSE = {"retnet_train.train"}  # Hydra overrides
+
+
+def doc_files() -> list:
+    return [
+        p
+        for p in sorted(ROOT.glob("**/*.md"))
+        if not any(part in SKIP_DIRS or part.startswith(".") for part in p.relative_to(ROOT).parts[:-1])
+    ]
+
+
+def shell_lines(block: str):
+    """(offset of the first line, text) of a bash block, line continuations joined."""
+    lines, n = block.splitlines(), 0
+    while n < len(lines):
+        first, text = n, lines[n]
+        while text.rstrip().endswith("\\") and n + 1 < len(lines):
+            n += 1
+            text = text.rstrip()[:-1] + " " + lines[n].strip()
+        yield first, text
+        n += 1
+
+
+def unbracket(token: str) -> str:
+    """`[--opt` -> `--opt`, `value]` -> `value`, `[a|b]` -> `a|b` (optional parts); a list's `[x,y]` stays."""
+    token = token.lstrip("[") if token.startswith("[-") or token.startswith("[") and "|" in token else token
+    while token.endswith("]") and token.count("]") > token.count("["):
+        token = token[:-1]
+    return token
+
+
+def alternatives(argv: list) -> list:
+    """The argument lists a command stands for: each choice of `a|b|c` once, placeholders filled in."""
+    argv = [PLACEHOLDERS.get(a, a) for a in argv]
+    choices = [a.split("|") if "|" in a and not a.startswith(("{", "[")) else [a] for a in argv]
+    first = [c[0] for c in choices]
+    return [first] + [[*first[:i], other, *first[i + 1 :]] for i, c in enumerate(choices) for other in c[1:]]
+
+
+def command_in(line: str):
+    """(module, arguments) of a `python -m` / `torchrun ... -m` command line, or None."""
+    tokens = shlex.split(line, comments=True)
+    for stop in (">", ">>", "|", "&&", ";", "2>&1"):
+        tokens = tokens[: tokens.index(stop)] if stop in tokens else tokens
+    if "-m" not in tokens[:-1]:
+        return None
+    at = len(tokens) - 1 - tokens[::-1].index("-m")  # torchrun's, or python's
+    return tokens[at + 1], [unbracket(t) for t in tokens[at + 2 :]]
+
+
+def doc_commands() -> list:
+    """(where, module, arguments) of each of our modules' commands in the docs' bash blocks."""
+    found = []
+    for path in doc_files():
+        text = path.read_text(encoding="utf-8")
+        for block in BASH_BLOCK.finditer(text):
+            start = text[: block.start()].count("\n") + 2
+            for offset, line in shell_lines(block.group(1)):
+                command = command_in(line)
+                if command and command[0].split(".")[0] in ("retnet_train", "data_prep"):
+                    if command[0] not in NOT_ARGPARSE:
+                        found.append((f"{path.relative_to(ROOT)}:{start + offset}", *command))
+    return found
+
+
+class Parsed(Exception):
+    pass
+
+
+def parse(module: str, argv: list):
+    """The module's parse of argv, without running it; SystemExit where the parser refuses argv."""
+    m = importlib.import_module(module)
+    if not hasattr(m, "main"):
+        m = importlib.import_module(f"{module}.__main__")
+    m = sys.modules[m.main.__module__]  # a package's main: the module that defines it and its parser
+    if callable(getattr(m, "parse_args", None)):
+        return m.parse_args(argv)
+    if hasattr(m, "build_parser"):
+        return m.build_parser().parse_args(argv)
+    real = argparse.ArgumentParser.parse_args
+
+    def stop_after_parsing(self, args=None, namespace=None):
+        raise Parsed(real(self, args, namespace))
+
+    argparse.ArgumentParser.parse_args = stop_after_parsing
+    try:
+        m.main(argv)
+    except Parsed as done:
+        return done.args[0]
+    finally:
+        argparse.ArgumentParser.parse_args = real
+    raise AssertionError(f"{module}.main returned without parsing its arguments")
+
+
+def check_values(module: str, args) -> None:
+    """What a module checks after parsing, before it builds anything: its model lists."""
+    if module in ("retnet_train.bench.train_throughput", "retnet_train.bench.activation_bytes"):
+        from retnet_train.bench.throughput_args import model_specs
+
+        model_specs(args.models, args.preset, args.backend)
+    elif module == "retnet_train.bench.quality":
+        from retnet_train.bench.quality import parse_model
+
+        for spec in args[1].models:
+            parse_model(spec)
+
+
+COMMANDS = doc_commands()
+
+
+def test_the_docs_have_commands_to_check():
+    modules = {m for _, m, _ in COMMANDS}
+    assert {"retnet_train.bench.train_throughput", "retnet_train.bench.quality", "data_prep.tokenize"} <= modules
+
+
+@pytest.mark.parametrize("where,module,argv", COMMANDS, ids=[f"{w} {m}" for w, m, _ in COMMANDS])
+def test_each_command_in_the_docs_parses(where, module, argv):
+    for variant in alternatives(argv):
+        err = io.StringIO()
+        try:
+            with contextlib.redirect_stderr(err):
+                args = parse(module, variant)
+                check_values(module, args)
+        except SystemExit as e:
+            pytest.fail(f"{where}: python -m {module} {shlex.join(variant)}\n{err.getvalue() or e}")
+
+
+@pytest.mark.parametrize(
+    "line,command",
+    [
+        ("python -m a.sweep x.jsonl --plot x.png   # one plot", ("a.sweep", ["x.jsonl", "--plot", "x.png"])),
+        ("torchrun --nproc_per_node=P -m a.cp --steps 1 > o.jsonl", ("a.cp", ["--steps", "1"])),
+        (
+            "python -m a.x [--stage N] [--mode [a|b]] data.paths=[x]",
+            ("a.x", ["--stage", "N", "--mode", "a|b", "data.paths=[x]"]),
+        ),
+        ("pip install -e .", None),
+    ],
+)
+def test_commands_are_read_from_shell_lines(line, command):
+    assert command_in(line) == command
+
+
+def test_alternatives_and_placeholders():
+    assert alternatives(["--mode", "a|b", "N"]) == [["--mode", "a", "2"], ["--mode", "b", "2"]]
+    assert alternatives(["--ds-json", '{"a": "x|y"}']) == [["--ds-json", '{"a": "x|y"}']]
+
+
+def test_a_wrong_option_fails():
+    with pytest.raises(SystemExit), contextlib.redirect_stderr(io.StringIO()):
+        parse("retnet_train.bench.sweep", ["a.jsonl", "--plots", "x.png"])
+    with pytest.raises(SystemExit), contextlib.redirect_stderr(io.StringIO()):
+        parse("retnet_train.bench.activation_bytes", ["--activation-memory-budget", "0.5"])  # needs --compile
