@@ -12,6 +12,8 @@ import sys
 
 # what every point of one plot shares, besides the model's own settings
 SHARED_SETTINGS = ("preset", "device", "zero_stage", "compile", "activation_memory_budget")
+# what a row of bench.train_throughput has that the plot reads (other benchmarks' rows lack them)
+ROW_KEYS = ("model", "preset", "seq_len", "micro_batch", "grad_accum")
 # fla's rows: never compiled (compile false, budget 1.0 whatever the run asked for), the rest is shared
 FLA_SETTINGS = ("preset", "device", "zero_stage")
 
@@ -100,6 +102,10 @@ def read_rows(path: str) -> list:
                 rows.append(json.loads(line))
             except json.JSONDecodeError:
                 raise SystemExit(f"{path}:{number}: not a JSON result row: {line[:80]!r}") from None
+            measured = "model" in rows[-1] and "skipped" not in rows[-1]  # (a skipped model's row names it only)
+            missing = [key for key in ROW_KEYS if measured and key not in rows[-1]]
+            if missing:
+                raise SystemExit(f"{path}:{number}: not a train_throughput row (no {', '.join(missing)})")
     if not any("model" in r for r in rows):
         raise SystemExit(f"{path}: no result rows (the JSON lines that bench.train_throughput prints)")
     return rows

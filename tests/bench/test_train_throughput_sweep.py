@@ -94,6 +94,13 @@ def test_rows_of_other_settings_are_not_drawn_as_one_sweep(tmp_path):
         sweep.main([str(a), str(b), "--plot", str(tmp_path / "p.png")])
     with pytest.raises(SystemExit, match="missing.jsonl: no such file"):
         sweep.main([str(tmp_path / "missing.jsonl"), "--plot", str(tmp_path / "p.png")])
+    b.write_text(json.dumps({"model": "fla", "skipped": "fla-core is not installed"}))  # a skipped model: drawn without
+    sweep.main([str(a), str(b), "--plot", str(tmp_path / "p.png")])
+    b.write_text(json.dumps({"model": "transformer_pp", "preset": "transformer_pp_125m", "val_loss": 5.39}))
+    with pytest.raises(
+        SystemExit, match=r"b.jsonl:1: not a train_throughput row \(no seq_len, micro_batch, grad_accum\)"
+    ):
+        sweep.main([str(a), str(b), "--plot", str(tmp_path / "p.png")])  # bench.quality's rows: was a KeyError
 
 
 def test_fla_rows_of_a_compiled_run_are_one_sweep_with_ours(tmp_path, monkeypatch):
