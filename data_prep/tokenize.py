@@ -291,6 +291,10 @@ def main(argv: Sequence[str] | None = None) -> None:
     a = p.parse_args(argv)
     try:
         _check_settings(a.shard_tokens, a.validation_fraction, a.seed, a.chunk_docs, batch_size=1)
+    except ValueError as e:  # each message starts with the parameter's name: here, its flag's
+        name, rest = str(e).split(" ", 1)
+        raise SystemExit(f"error: --{name.replace('_', '-')} {rest}") from None
+    try:
         tok = load_tokenizer(a.tokenizer)
         sources = sources_from_args(a)
         names = [s.name for s in sources]

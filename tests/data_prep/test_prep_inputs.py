@@ -147,11 +147,20 @@ def test_cli_several_named_sources(tok, tmp_path, capsys):
         tokenize_main(tokenize_argv(tok, tmp_path / "o", f"a={tmp_path}/web.jsonl", f"a={tmp_path}/code"))
 
 
-@pytest.mark.parametrize("seed", [-1, 2**64])
-def test_cli_seed_out_of_range_is_one_line(tok, tmp_path, seed):
+@pytest.mark.parametrize(
+    "option, message",
+    [
+        ({"seed": -1}, r"--seed must be in \[0, 2\*\*64\), got -1"),
+        ({"seed": 2**64}, rf"--seed must be in \[0, 2\*\*64\), got {2**64}"),
+        ({"validation_fraction": 1.5}, r"--validation-fraction must be in \[0, 1\), got 1.5"),
+        ({"shard_tokens": 0}, r"--shard-tokens must be >= 1, got 0"),
+        ({"chunk_docs": 0}, r"--chunk-docs must be >= 1, got 0"),
+    ],
+)
+def test_cli_setting_out_of_range_is_one_line_naming_the_flag(tok, tmp_path, option, message):
     write_jsonl(tmp_path / "web.jsonl", ["a page"])
-    with pytest.raises(SystemExit, match=rf"^error: seed must be in \[0, 2\*\*64\), got {seed}$"):
-        tokenize_main(tokenize_argv(tok, tmp_path / "o", f"{tmp_path}/web.jsonl", seed=seed, cache_dir=tmp_path / "c"))
+    with pytest.raises(SystemExit, match=rf"^error: {message}$"):
+        tokenize_main(tokenize_argv(tok, tmp_path / "o", f"{tmp_path}/web.jsonl", cache_dir=tmp_path / "c", **option))
     assert not (tmp_path / "o").exists()
 
 
