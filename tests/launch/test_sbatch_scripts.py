@@ -47,6 +47,7 @@ def test_sbatch_dry_run(vendor, nodes, hosts):
         assert env["MASTER_ADDR"] == hosts[0] and env["MASTER_PORT"] == "14242"
         assert env["NCCL_DEBUG"] == "INFO"  # what the user set wins over the script's default
         assert env["PYTHONPATH"] == str(ROOT)  # the sbatch script and torchrun.sh both put it there: once
+        assert env["PYTHONUNBUFFERED"] == "1"  # logs reach the .out file as they happen
         assert env["TRITON_CACHE_DIR"] == "/tmp/triton-cache-alice-4242" and env["OMP_NUM_THREADS"] == "8"
         if vendor == "rocm":
             assert env["ROCR_VISIBLE_DEVICES"] == "0,1,2,3,4,5,6,7"
