@@ -186,7 +186,9 @@ def test_recurrent_form_in_bf16_keeps_every_head_decaying():
     for mode in ("parallel", "chunkwise", "recurrent"):
         out = model(ids, mode=mode, return_state=True)
         errors[mode] = (out.logits[:, -50:].float() - ref.logits[:, -50:]).abs().max().item()
-    assert errors["recurrent"] <= 0.1 and errors["chunkwise"] <= 0.1, errors
-    assert out.logits.dtype == torch.bfloat16 and out.state.layers[0].dtype == torch.float32
-    for got, want in zip(out.state.layers, ref.state.layers):
-        assert (got - want).abs().max() <= 0.01 * want.abs().max()
+        assert out.logits.dtype == torch.bfloat16, mode
+        for got, want in zip(out.state.layers, ref.state.layers):
+            assert (got.float() - want).abs().max() <= 0.01 * want.abs().max(), mode
+    assert out.state.layers[0].dtype == torch.float32  # the recurrent form's
+    # every form (about 0.05 here on logits of size ~1; decays rounded to bf16 in one form: 0.4)
+    assert max(errors.values()) <= 0.1, errors
