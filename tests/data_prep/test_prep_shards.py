@@ -90,8 +90,15 @@ def test_same_shards_for_num_proc_1_and_2(tok, corpus, tmp_path):
 
 def test_bos_option(tok, corpus, tmp_path):
     m = run(corpus, tok, tmp_path / "out", add_bos=True)
-    docs = read_split_docs(tmp_path / "out", "train", tok.eos_id)
-    assert all(d[0] == tok.bos_id and d[-1] == tok.eos_id for d in docs)
+    texts = corpus_texts()
+    in_val = validation_mask(np.arange(len(texts)), FRACTION, 3)
+    for split, member in (("train", ~in_val), ("validation", in_val)):
+        docs = read_split_docs(tmp_path / "out", split, tok.eos_id)
+        assert docs and all(d[0] == tok.bos_id and d[-1] == tok.eos_id for d in docs), split
+        # BOS is added before each document, not written over its first token: the rest decodes to the text
+        expected = [t for t, keep in zip(texts, member) if keep and t]
+        assert [tok.processor.decode(d[1:-1].tolist()) for d in docs] == expected, split
+        assert all(tok.bos_id not in d[1:] for d in docs), split
     assert json.loads(m.path.read_text())["add_bos"] is True
 
 
