@@ -4,9 +4,11 @@ import gzip
 import json
 
 import datasets
+import numpy as np
 import pytest
-from prep_helpers import tokenize_argv, tokenize_quietly, write_jsonl
+from prep_helpers import read_split_docs, tokenize_argv, tokenize_quietly, write_jsonl
 
+from data_prep.doc_split import validation_mask
 from data_prep.sources import SourceError, load_source, parse_source
 from data_prep.tokenize import main as tokenize_main
 from retnet_train.data import read_manifest
@@ -125,11 +127,29 @@ def test_empty_corpora(tok, tmp_path):
         tokenize_quietly(parse_source(str(tmp_path / "null.jsonl")), tok, tmp_path / "o3", tmp_path / "c")
 
 
+def decoded_splits(tok, directory):
+    """Each split of a tokenized source, its documents decoded, in order: what the source's shards hold."""
+    return {
+        split: [tok.processor.decode(d[:-1].tolist()) for d in read_split_docs(directory, split, tok.eos_id)]
+        for split in ("train", "validation")
+    }
+
+
+def expected_splits(texts, fraction, seed=0):
+    in_val = validation_mask(np.arange(len(texts)), fraction, seed)
+    return {
+        "train": [t for t, v in zip(texts, in_val) if not v],
+        "validation": [t for t, v in zip(texts, in_val) if v],
+    }
+
+
 def test_cli_several_named_sources(tok, tmp_path, capsys):
-    write_jsonl(tmp_path / "web.jsonl", [f"web page {i} " * 20 for i in range(40)])
+    web_texts = [f"web page {i} " * 20 for i in range(40)]
+    code_texts = [f"def f{i}(x):\n    return x * {i}\n" for i in range(5)]
+    write_jsonl(tmp_path / "web.jsonl", web_texts)
     (tmp_path / "code").mkdir()
-    for i in range(5):
-        (tmp_path / "code" / f"m{i}.py").write_text(f"def f{i}(x):\n    return x * {i}\n")
+    for i, text in enumerate(code_texts):
+        (tmp_path / "code" / f"m{i}.py").write_text(text)
     sources = (f"web={tmp_path}/web.jsonl", f"code={tmp_path}/code")
     tokenize_main(
         tokenize_argv(tok, tmp_path / "out", *sources, validation_fraction=0.1, num_proc=2, cache_dir=tmp_path / "c")
@@ -137,6 +157,9 @@ def test_cli_several_named_sources(tok, tmp_path, capsys):
     web, code = read_manifest(tmp_path / "out" / "web"), read_manifest(tmp_path / "out" / "code")
     assert web.split("train").documents + web.split("validation").documents == 40
     assert code.split("train").documents + code.split("validation").documents == 5
+    # each source's shards hold its own texts, token for token (not just as many documents)
+    assert decoded_splits(tok, tmp_path / "out" / "web") == expected_splits(web_texts, 0.1)
+    assert decoded_splits(tok, tmp_path / "out" / "code") == expected_splits(code_texts, 0.1)  # files in name order
     assert web.tokenizer_sha256 == code.tokenizer_sha256 == tok.sha256
     assert "web/manifest.json: train" in capsys.readouterr().out
     with pytest.raises(SystemExit, match="output already exists"):  # a second run refuses, one line
