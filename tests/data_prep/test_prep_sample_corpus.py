@@ -5,9 +5,13 @@ import subprocess
 import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
+from prep_helpers import read_split_docs
 
+from data_prep.doc_split import validation_mask
 from data_prep.sample_corpus import VOCAB_SIZE, stdlib_source_files
+from data_prep.tokenizer_card import load_tokenizer
 from retnet_train.data import TokenLoader, build_validation_loader, read_manifest, verify_shards
 from retnet_train.data.manifest import sha256_file
 
@@ -54,6 +58,18 @@ def test_outputs_match_the_tiny_preset(sample):
     )
     assert next(loader)["input_ids"].max() < 8192
     assert len(build_validation_loader({"sample": (str(sample / "shards"), 1.0)}, 128, 4)) > 0
+
+
+def test_shards_decode_to_the_stdlib_files_one_document_each(sample):
+    """Token counts alone pass with files cut into lines, dropped, reordered or mangled: decode them."""
+    tok = load_tokenizer(sample / "tokenizer.model")
+    texts = [f.read_text(encoding="utf-8") for f in stdlib_source_files(int(MAX_BYTES))]
+    in_val = validation_mask(np.arange(len(texts)), 0.02, 0)  # sample_corpus's split: fraction 0.02, seed 0
+    for split, member in (("train", ~in_val), ("validation", in_val)):
+        docs = read_split_docs(sample / "shards", split, tok.eos_id)
+        expected = [t for t, keep in zip(texts, member) if keep]
+        assert len(docs) == len(expected) == read_manifest(sample / "shards").split(split).documents, split
+        assert [tok.processor.decode(d[:-1].tolist()) for d in docs] == expected, split
 
 
 def test_rerun_reuses_without_rebuilding(sample):
