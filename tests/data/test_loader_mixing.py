@@ -1,6 +1,6 @@
 import numpy as np
 import pytest
-from shard_fixtures import FIRST_ID, position_tokens, write_shard_dir
+from shard_fixtures import EOS, FIRST_ID, position_tokens, write_shard_dir
 
 from retnet_train.data import MixingSchedule, TokenLoader
 
@@ -39,15 +39,27 @@ def test_proportions_within_two_percent_over_1000_sequences(sources, weights):
         assert abs(names.count(name) / 1000 - w / total) <= 0.02
 
 
+def window_of(row: np.ndarray, offset: int) -> int:
+    """Which window of its source a position-coded row is (EOS replaces some tokens; a neighbour tells)."""
+    j = int(np.flatnonzero(row != EOS)[0])
+    start = int(row[j]) - FIRST_ID - offset - j
+    assert start % SEQ == 0, start
+    return start // SEQ
+
+
 def test_each_source_keeps_its_own_epoch_order(sources):
-    # mixed with web, code's sequences must still be a permutation of its windows per epoch
+    # mixed with web, code's sequences must be the order code alone has (one window per step, no batching),
+    # each epoch a permutation of all its windows
     loader = TokenLoader(sources({"web": 0.5, "code": 0.5}), SEQ, 100, seed=2)
     rows = np.concatenate([next(loader)["input_ids"].numpy() for _ in range(2)])
-    code = [r for r in rows if source_of(r) == "code"]
+    code = [window_of(r, OFFSETS["code"]) for r in rows if source_of(r) == "code"]
     n_windows = (400 - 1) // SEQ
     assert len(code) == 100 >= 2 * n_windows
-    firsts = sorted(int(r[r != 2][0]) for r in code[:n_windows])
-    assert len(set(firsts)) == n_windows  # first epoch: each window once
+    alone = TokenLoader(sources({"code": 1.0}), SEQ, 1, seed=2)
+    assert code == [window_of(next(alone)["input_ids"].numpy()[0], OFFSETS["code"]) for _ in range(100)]
+    for epoch in range(2):
+        assert sorted(code[epoch * n_windows : (epoch + 1) * n_windows]) == list(range(n_windows)), epoch
+    assert code[:n_windows] != code[n_windows : 2 * n_windows]  # reshuffled for the second epoch
 
 
 def test_schedule_counts_and_bijection():
