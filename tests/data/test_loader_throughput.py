@@ -16,7 +16,7 @@ def python_calls_per_batch(shards, seq_len: int, batches: int = 3) -> list:
     for _ in range(batches):
         n = [0]
 
-        def count(frame, event, arg):
+        def count(frame, event, arg, n=n):
             n[0] += event in ("call", "c_call")
 
         sys.setprofile(count)
