@@ -107,16 +107,9 @@ def parse_args(argv=None):
     return p.parse_args(argv)
 
 
-def checkpoint_facts(loaded) -> dict:
-    """What the trainer's checkpoint recorded (tag, step, data.seq_len): a DeepSpeed checkpoint's meta, or
-    an export's record of the checkpoint it was exported from (empty where it has none)."""
-    facts = loaded.meta if loaded.source == "deepspeed" else loaded.meta["export"].get("source")
-    return facts if isinstance(facts, dict) else {}
-
-
 def trained_seq_len(loaded) -> Optional[int]:
     """The data.seq_len the weights were trained at, where the checkpoint (or the export's source) records it."""
-    seq_len = checkpoint_facts(loaded).get("seq_len")
+    seq_len = loaded.checkpoint_facts.get("seq_len")
     return seq_len if isinstance(seq_len, int) else None
 
 
@@ -167,7 +160,7 @@ def measured_weights(loaded, checkpoint: str) -> dict:
     export's: those of the checkpoint it was exported from, where its config.json records them)."""
     deepspeed = loaded.source == "deepspeed"
     path = os.path.join(loaded.meta["save_dir"], loaded.meta["tag"]) if deepspeed else os.path.abspath(checkpoint)
-    facts = checkpoint_facts(loaded)
+    facts = loaded.checkpoint_facts
     tag = facts.get("tag")
     step = TAG_RE.match(tag) if isinstance(tag, str) else None
     # the trainer's step is in its tag; DeepSpeed's own tags (global_stepN): its count of steps

@@ -41,10 +41,8 @@ def _source(args, loaded) -> dict:
     """Where the export came from, recorded in its config.json: the training checkpoint's facts (tag,
     step, data.seq_len). An export of an export keeps the training checkpoint its source records, so that
     evaluate still finds the trained seq_len and the step of the weights."""
-    if loaded.source == "export":
-        recorded = loaded.meta["export"].get("source")
-        if isinstance(recorded, dict):
-            return recorded
+    if loaded.source == "export" and loaded.checkpoint_facts:
+        return loaded.checkpoint_facts
     facts = {k: v for k, v in loaded.meta.items() if isinstance(v, (str, int, type(None)))}
     return {"checkpoint": os.path.abspath(args.checkpoint), **facts}
 

@@ -39,6 +39,13 @@ class LoadedModel:
     # whether every training document started with BOS (inference/framing.py); None: not recorded
     documents_start_with_bos: Optional[bool] = None
 
+    @property
+    def checkpoint_facts(self) -> dict:
+        """What the trainer's checkpoint recorded (tag, step, data.seq_len): a DeepSpeed checkpoint's meta,
+        or an export's record of the checkpoint it was exported from (empty where it has none)."""
+        facts = self.meta if self.source == "deepspeed" else self.meta["export"].get("source")
+        return facts if isinstance(facts, dict) else {}
+
 
 def load_weights(model: torch.nn.Module, state_dict: Mapping[str, torch.Tensor], origin: str) -> None:
     """Load a saved state dict (any key naming interop/legacy.py knows) or name what does not fit."""
