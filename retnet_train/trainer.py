@@ -57,6 +57,7 @@ class Trainer:
         self.profiler = self.bar = self.preempt = self.logger = None
         self.locks: list = []
         self.last_checkpoint: Optional[str] = None
+        self.source: Optional[tuple] = None  # (directory, tag) of the checkpoint to resume, once built
         self.last_loss = float("nan")
         self.started = False  # built, restored, outputs open: a failure from here on is at a step
 
@@ -119,6 +120,11 @@ class Trainer:
             activation_memory_budget=train.activation_memory_budget,
             context_parallel=self.cp,
         )
+
+    @property
+    def resume_path(self) -> Optional[str]:
+        """The checkpoint this run resumes from, or None."""
+        return os.path.join(*self.source) if self.source else None
 
     @property
     def stateful(self) -> dict:
@@ -192,8 +198,7 @@ class Trainer:
         except torch.cuda.OutOfMemoryError as e:
             raise TrainingError(f"{OOM_HINT}\n{e}") from e
         except OSError as e:  # a file the run reads or writes: disk full, permissions, a mount gone
-            source = getattr(self, "source", None)
-            last = self.last_checkpoint or (source and os.path.join(*source))  # (the one loading, if any)
+            last = self.last_checkpoint or self.resume_path  # (the one loading, if any)
             raise io_failure(e, self.state.step if self.started else None, last) from e
         finally:
             self.close()
@@ -229,7 +234,7 @@ class Trainer:
         if not any_rank(bool(self.preempt.received), self.device):
             return False
         if self.is_main:
-            print(self.preempt.not_started_note(self.source and os.path.join(*self.source)), flush=True)
+            print(self.preempt.not_started_note(self.resume_path), flush=True)
         return True
 
     def _run_steps(self) -> Optional[StepStats]:
