@@ -1,6 +1,6 @@
 """The bytes each pass of the `triton` retention backend reads and writes in one forward + backward
 (with the normalization's row sums, no document resets), paired with the profiled kernel times: the
-memory bandwidth each pass reaches, next to its FLOP rate, says whether bytes or flops bound it.
+memory bandwidth each pass reaches, against the GPU's, says whether bytes bound it.
 
 Counts are compulsory traffic: every tensor a pass reads is read once and every tensor it writes is
 written once (tiles that reread an input add to this; caches may save some of it). Names of the passes
