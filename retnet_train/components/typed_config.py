@@ -4,7 +4,9 @@
 from __future__ import annotations
 
 import dataclasses
+import difflib
 import os
+import typing
 
 from .config import TrainConfig
 
@@ -43,9 +45,6 @@ def expand_home(cfg: TrainConfig) -> TrainConfig:
 
 def closest_key(dotted: str, schema) -> str | None:
     """The schema's key most like an unknown dotted key, at the level where it stops matching, or None."""
-    import difflib
-    import typing
-
     *known, last = dotted.split(".")
     for part in known:
         schema = typing.get_type_hints(schema)[part]
@@ -55,8 +54,6 @@ def closest_key(dotted: str, schema) -> str | None:
 
 def unknown_keys(values: dict, schema, prefix: str = "") -> list:
     """Dotted keys of `values` that the dataclass `schema` (nested) does not have."""
-    import typing
-
     types = typing.get_type_hints(schema)
     out = []
     for key, value in values.items():
