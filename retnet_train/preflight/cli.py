@@ -180,12 +180,15 @@ def _check_node(rep: Report, args: argparse.Namespace, view: TrainerView | None)
     check_versions(rep)
     if args.vendor:
         check_vendor(rep, args.vendor)
-    config_needs_gpu = view is not None and view.device == "cuda"
+    required_by = None  # what makes a GPU necessary here
+    if args.require_gpu:
+        required_by = "--require-gpu was given"
+    elif view is not None and view.device == "cuda":
+        required_by = "train.device=cuda needs one"
     check_gpus(
         rep,
         nproc_per_node=args.nproc_per_node,
-        require_gpu=args.require_gpu or config_needs_gpu,
-        required_by="--require-gpu was given" if args.require_gpu else "train.device=cuda needs one",
+        required_by=required_by,
         # bf16-mixed computes in bf16 too (autocast)
         require_bf16=not args.no_bf16_check and (view is None or view.precision in ("bf16", "bf16-mixed")),
     )

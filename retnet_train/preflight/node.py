@@ -76,11 +76,11 @@ def check_gpus(
     rep: Report,
     *,
     nproc_per_node: int | None,
-    require_gpu: bool,
     require_bf16: bool,
-    required_by: str = "--require-gpu was given",
+    required_by: str | None = None,
 ) -> None:
-    """required_by: what asks for a GPU when require_gpu is set (the option or a config key), for the failure."""
+    """required_by: what makes a GPU necessary (the option or a config key), for the failure; None: a run
+    without one trains on CPU."""
     import torch
 
     vis = {
@@ -93,7 +93,7 @@ def check_gpus(
     if n == 0:
         why = "CPU-only torch build" if not (torch.version.cuda or torch.version.hip) else "no device visible"
         msg = f"no GPU: {why}{vis_txt}"
-        if require_gpu:
+        if required_by:
             rep.fail(f"{msg} and {required_by}")
         else:
             rep.ok(msg + "; training would run on CPU with gloo")

@@ -129,11 +129,13 @@ def v100(monkeypatch):
 
 def test_pre_ampere_gpu_has_no_bf16(v100):
     rep = pf.Report()
-    pf.check_gpus(rep, nproc_per_node=1, require_gpu=True, require_bf16=True)
+    pf.check_gpus(rep, nproc_per_node=1, required_by="--require-gpu was given", require_bf16=True)
     assert rep.lines[0] == ("ok", "1 GPU(s): Tesla V100-SXM2-32GB")
     assert rep.lines[1:] == [("FAIL", NO_BF16)]
     rep = pf.Report()
-    pf.check_gpus(rep, nproc_per_node=1, require_gpu=True, require_bf16=False)  # an fp16 / fp32 run
+    pf.check_gpus(
+        rep, nproc_per_node=1, required_by="--require-gpu was given", require_bf16=False
+    )  # an fp16 / fp32 run
     assert rep.lines[1:] == [("warn", "bf16 is not supported on this GPU")]
 
 
