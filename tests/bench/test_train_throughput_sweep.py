@@ -100,7 +100,7 @@ def test_rows_of_other_settings_are_not_drawn_as_one_sweep(tmp_path):
     with pytest.raises(
         SystemExit, match=r"b.jsonl:1: not a train_throughput row \(no seq_len, micro_batch, grad_accum\)"
     ):
-        sweep.main([str(a), str(b), "--plot", str(tmp_path / "p.png")])  # bench.quality's rows: was a KeyError
+        sweep.main([str(a), str(b), "--plot", str(tmp_path / "p.png")])  # bench.quality's rows, refused by name
 
 
 def test_fla_rows_of_a_compiled_run_are_one_sweep_with_ours(tmp_path, monkeypatch):

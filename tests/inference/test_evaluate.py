@@ -328,8 +328,9 @@ def test_adapter_refuses_a_continuation_longer_than_max_length(setup):
     ],
 )
 def test_evaluate_flags_that_would_do_nothing_or_the_wrong_thing_are_refused(setup, flags, message):
-    """Each was accepted: an empty task name reached lm-eval, a missing --include-path only showed as an
-    unknown task, --limit and --num-fewshot without --tasks were ignored, an empty source name was used."""
+    """Refused before loading: otherwise an empty task name would reach lm-eval, a missing --include-path
+    would show only as an unknown task, --limit and --num-fewshot without --tasks would do nothing, and an
+    empty source name would be used."""
     d, _, _, exp, _ = setup
     flags = [f.replace("DATA", str(d / "shards")) for f in flags]
     with pytest.raises(SystemExit) as e:

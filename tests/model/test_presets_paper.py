@@ -68,7 +68,7 @@ def header(path):
 @pytest.mark.parametrize("path", MODEL_PRESETS, ids=lambda p: p.stem)
 def test_what_a_model_preset_comment_states_holds(path):
     """Head dims, head counts, value and FFN widths, parameters per block and in all that a preset's comment
-    names are those of its values (a comment once gave a key head dim of 256 where d_model / n_heads was 64)."""
+    names are those of its values (a comment giving a key head dim of 256 where d_model / n_heads is 64 fails here)."""
     cfg, text = load(path), header(path)
     d = cfg.d_model
     head_dim = cfg.key_head_dim if cfg.arch == "retnet" else cfg.head_dim

@@ -32,7 +32,7 @@ def test_write_problems_name_the_key(tmp_path):
     expected = f"checkpoint.dir: {under / 'ckpt'} lies under {under}, which is a file, not a directory"
     assert write_problem("checkpoint.dir", str(under / "ckpt")) == expected
     assert sorted(os.listdir(tmp_path)) == ["file"]  # the write test leaves nothing behind
-    # a directory that takes no files (/proc answers ENOENT, which read as if /proc were missing)
+    # a directory that takes no files (/proc answers ENOENT, which alone would read as if /proc were missing)
     assert write_problem("checkpoint.dir", "/proc/ckpt") == (
         "checkpoint.dir: cannot write /proc/ckpt (creating a file in /proc failed: No such file or directory)"
     )

@@ -103,7 +103,7 @@ def test_a_failing_write_during_training_is_one_error_naming_the_file(shards, tm
 
 def test_a_failing_read_while_resuming_names_the_checkpoint_being_loaded(shards, tmp_path, process_group, monkeypatch):
     """A file of the checkpoint that cannot be read while it loads: the error says it happened at start
-    and names that checkpoint (it said "at step 0; the last checkpoint is none")."""
+    and names that checkpoint, not "at step 0" with no checkpoint."""
     from retnet_train.components import checkpoint
     from retnet_train.components.faults import TrainingError
 
