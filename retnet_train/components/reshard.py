@@ -56,13 +56,14 @@ def stored_precision(precision: str) -> str:
     return "fp32" if precision in FP32_WEIGHTS else precision
 
 
-def _model_states(tag_dir: str) -> dict:
+def model_states(tag_dir: str) -> dict:
+    """Rank 0's model-states file of a checkpoint (client state, layout; tensors memory-mapped)."""
     return torch.load(model_states_file(tag_dir), map_location="cpu", weights_only=False, mmap=True)
 
 
 def checkpoint_layout(tag_dir: str, state: Optional[dict] = None) -> dict:
     """The layout a checkpoint was written with: our client state's `layout`, else DeepSpeed's keys."""
-    state = _model_states(tag_dir) if state is None else state
+    state = model_states(tag_dir) if state is None else state
     if isinstance(state.get("layout"), dict):
         return dict(state["layout"])
     ds = state.get("ds_config") or {}
@@ -132,11 +133,13 @@ def not_writable(tag_dir: str) -> str:
     )
 
 
-def plan(directory: str, tag: str, current: dict, model: Optional[dict] = None) -> ResumePlan:
+def plan(
+    directory: str, tag: str, current: dict, model: Optional[dict] = None, state: Optional[dict] = None
+) -> ResumePlan:
     """Decide how to load <directory>/<tag> into a run of layout `current` (and model settings `model`,
-    when given); raise ValueError if it cannot be."""
+    when given); raise ValueError if it cannot be. `state`: its model_states, when the caller has read them."""
     path = os.path.join(directory, tag)
-    state = _model_states(path)
+    state = model_states(path) if state is None else state
     refuse_separate_projections(path, state)
     if model is not None:
         refuse_model_change(path, state, model)

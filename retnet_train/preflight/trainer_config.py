@@ -235,11 +235,12 @@ def _resume_problems(cfg, source: tuple, world_size: int | None) -> list[str]:
     """What the trainer's resume plan refuses for the checkpoint it will resume (reshard.plan): another ZeRO
     stage or precision it cannot convert, model settings that change what the weights compute, a conversion
     into a directory it cannot write. Without a world size, the checkpoint's own is assumed."""
-    from retnet_train.components.reshard import checkpoint_layout, plan, run_layout
+    from retnet_train.components.reshard import checkpoint_layout, model_states, plan, run_layout
 
-    world = world_size or checkpoint_layout(os.path.join(*source))["world_size"]
+    state = model_states(os.path.join(*source))  # read once: the layout and the plan both need it
+    world = world_size or checkpoint_layout(os.path.join(*source), state)["world_size"]
     try:
-        plan(source[0], source[1], run_layout(cfg, world), dict(cfg.model))
+        plan(source[0], source[1], run_layout(cfg, world), dict(cfg.model), state=state)
     except ValueError as exc:
         return [str(exc)]
     return []

@@ -153,9 +153,8 @@ def test_run_dir_is_checked_on_the_node_of_rank_0_alone(tmp_path):
     assert pf.trainer_view(cfg, world_size=None, node_rank=1).problems == []
 
 
-def test_a_resume_the_trainer_would_refuse_fails_the_preflight(tmp_path, capsys):
-    """The newest checkpoint written at ZeRO 0 by one rank: another ZeRO stage, or model settings that
-    change what its weights compute, are refused here as the trainer refuses them after the queue."""
+def _zero0_checkpoint(tmp_path):
+    """A complete checkpoint of the tiny model written at ZeRO 0 by one rank; its tag dir and model."""
     import torch
     import yaml
 
@@ -167,6 +166,13 @@ def test_a_resume_the_trainer_would_refuse_fails_the_preflight(tmp_path, capsys)
     layout = {"world_size": 1, "zero_stage": 0, "precision": "fp32"}
     torch.save({"module": {}, "layout": layout, "config": {"model": model}}, tag / "mp_rank_00_model_states.pt")
     (tag / COMPLETE).touch()
+    return tag, model
+
+
+def test_a_resume_the_trainer_would_refuse_fails_the_preflight(tmp_path, capsys):
+    """The newest checkpoint written at ZeRO 0 by one rank: another ZeRO stage, or model settings that
+    change what its weights compute, are refused here as the trainer refuses them after the queue."""
+    tag, model = _zero0_checkpoint(tmp_path)
     run = ["--nproc-per-node", "1", "--", "experiment=tiny_cpu", f"run.dir={tmp_path / 'run'}"]
     assert pf.main(run) == 0, capsys.readouterr().err
     capsys.readouterr()
@@ -174,3 +180,15 @@ def test_a_resume_the_trainer_would_refuse_fails_the_preflight(tmp_path, capsys)
     assert f"trainer config: train.resume: {tag} was written with deepspeed.zero_stage=0" in capsys.readouterr().err
     assert pf.main([*run, f"model.n_heads={model['n_heads'] * 2}"]) == 1
     assert f"{tag} was trained with other model settings (model.n_heads:" in capsys.readouterr().err
+
+
+def test_the_resume_check_reads_the_model_states_once(tmp_path, monkeypatch, capsys):
+    """Without a world size the checkpoint's own is assumed: the layout and the resume plan share one read
+    of its model-states file (large for a ZeRO 0 checkpoint: it holds the weights and optimizer state)."""
+    import torch
+
+    tag, _ = _zero0_checkpoint(tmp_path)
+    reads, load = [], torch.load
+    monkeypatch.setattr(torch, "load", lambda f, *a, **kw: reads.append(str(f)) or load(f, *a, **kw))
+    assert pf.main(["--", "experiment=tiny_cpu", f"run.dir={tmp_path / 'run'}"]) == 0, capsys.readouterr().err
+    assert reads.count(str(tag / "mp_rank_00_model_states.pt")) == 1
