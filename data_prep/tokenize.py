@@ -99,14 +99,36 @@ def _flatten_ids(table_column: pa.ChunkedArray) -> tuple[np.ndarray, np.ndarray]
     return flat, lengths
 
 
-def _check_settings(shard_tokens: int, validation_fraction: float, seed: int, chunk_docs: int, batch_size: int) -> None:
+class SettingError(ValueError):
+    """A tokenize_source setting out of its range; `name` is the parameter, `requirement` what it needs."""
+
+    def __init__(self, name: str, requirement: str):
+        super().__init__(f"{name} {requirement}")
+        self.name, self.requirement = name, requirement
+
+
+# The command-line flag of each setting _check_settings checks (batch_size has none: main passes 1)
+FLAGS = {
+    "shard_tokens": "--shard-tokens",
+    "chunk_docs": "--chunk-docs",
+    "num_proc": "--num-proc",
+    "validation_fraction": "--validation-fraction",
+    "seed": "--seed",
+}
+
+
+def _check_settings(
+    shard_tokens: int, validation_fraction: float, seed: int, chunk_docs: int, batch_size: int, num_proc: int | None
+) -> None:
     for name, value in (("shard_tokens", shard_tokens), ("chunk_docs", chunk_docs), ("batch_size", batch_size)):
         if value < 1:
-            raise ValueError(f"{name} must be >= 1, got {value}")
+            raise SettingError(name, f"must be >= 1, got {value}")
+    if num_proc is not None and num_proc < 1:  # None: one worker per CPU
+        raise SettingError("num_proc", f"must be >= 1, got {num_proc}")
     if not 0.0 <= validation_fraction < 1.0:
-        raise ValueError(f"validation_fraction must be in [0, 1), got {validation_fraction}")
+        raise SettingError("validation_fraction", f"must be in [0, 1), got {validation_fraction}")
     if not 0 <= seed < 2**64:  # the split hash keys on it as a uint64
-        raise ValueError(f"seed must be in [0, 2**64), got {seed}")
+        raise SettingError("seed", f"must be in [0, 2**64), got {seed}")
 
 
 def _split_documents(
@@ -154,7 +176,7 @@ def tokenize_source(
     tok = tokenizer if isinstance(tokenizer, Tokenizer) else load_tokenizer(tokenizer)
     out_dir = Path(out_dir)
     layout = Layout(validation_fraction, seed, shard_tokens, add_bos, token_dtype_for(tok.vocab_size))
-    _check_settings(shard_tokens, validation_fraction, seed, chunk_docs, batch_size)
+    _check_settings(shard_tokens, validation_fraction, seed, chunk_docs, batch_size, num_proc)
     _check_bos(tok, add_bos)
     if not overwrite and (finished := finished_output(source, tok, out_dir, layout, cache_dir)) is not None:
         return finished
@@ -269,7 +291,7 @@ def _encode(
     return _flatten_ids(encoded.data.column("ids"))
 
 
-def main(argv: Sequence[str] | None = None) -> None:
+def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--source", action="append", required=True, help="NAME=SPEC, repeatable (see data_prep.sources)")
     p.add_argument("--tokenizer", required=True, help="sentencepiece .model")
@@ -288,12 +310,15 @@ def main(argv: Sequence[str] | None = None) -> None:
     )
     p.add_argument("--cache-dir", default=None, help="datasets cache directory")
     p.add_argument("--overwrite", action="store_true")
-    a = p.parse_args(argv)
+    return p
+
+
+def main(argv: Sequence[str] | None = None) -> None:
+    a = build_parser().parse_args(argv)
     try:
-        _check_settings(a.shard_tokens, a.validation_fraction, a.seed, a.chunk_docs, batch_size=1)
-    except ValueError as e:  # each message starts with the parameter's name: here, its flag's
-        name, rest = str(e).split(" ", 1)
-        raise SystemExit(f"error: --{name.replace('_', '-')} {rest}") from None
+        _check_settings(a.shard_tokens, a.validation_fraction, a.seed, a.chunk_docs, 1, a.num_proc)
+    except SettingError as e:
+        raise SystemExit(f"error: {FLAGS[e.name]} {e.requirement}") from None
     try:
         tok = load_tokenizer(a.tokenizer)
         sources = sources_from_args(a)

@@ -10,6 +10,7 @@ from prep_helpers import read_split_docs, tokenize_argv, tokenize_quietly, write
 
 from data_prep.doc_split import validation_mask
 from data_prep.sources import SourceError, load_source, parse_source
+from data_prep.tokenize import build_parser as tokenize_parser
 from data_prep.tokenize import main as tokenize_main
 from retnet_train.data import read_manifest
 
@@ -170,16 +171,23 @@ def test_cli_several_named_sources(tok, tmp_path, capsys):
         tokenize_main(tokenize_argv(tok, tmp_path / "o", f"a={tmp_path}/web.jsonl", f"a={tmp_path}/code"))
 
 
-@pytest.mark.parametrize(
-    "option, message",
-    [
-        ({"seed": -1}, r"--seed must be in \[0, 2\*\*64\), got -1"),
-        ({"seed": 2**64}, rf"--seed must be in \[0, 2\*\*64\), got {2**64}"),
-        ({"validation_fraction": 1.5}, r"--validation-fraction must be in \[0, 1\), got 1.5"),
-        ({"shard_tokens": 0}, r"--shard-tokens must be >= 1, got 0"),
-        ({"chunk_docs": 0}, r"--chunk-docs must be >= 1, got 0"),
-    ],
-)
+OUT_OF_RANGE = [
+    ({"seed": -1}, r"--seed must be in \[0, 2\*\*64\), got -1"),
+    ({"seed": 2**64}, rf"--seed must be in \[0, 2\*\*64\), got {2**64}"),
+    ({"validation_fraction": 1.5}, r"--validation-fraction must be in \[0, 1\), got 1.5"),
+    ({"shard_tokens": 0}, r"--shard-tokens must be >= 1, got 0"),
+    ({"chunk_docs": 0}, r"--chunk-docs must be >= 1, got 0"),
+    ({"num_proc": 0}, r"--num-proc must be >= 1, got 0"),
+    ({"num_proc": -2}, r"--num-proc must be >= 1, got -2"),
+]
+
+
+def test_every_numeric_flag_has_an_out_of_range_case():
+    numeric = {a.option_strings[0] for a in tokenize_parser()._actions if a.type in (int, float)}
+    assert numeric == {f"--{name.replace('_', '-')}" for option, _ in OUT_OF_RANGE for name in option}
+
+
+@pytest.mark.parametrize("option, message", OUT_OF_RANGE)
 def test_cli_setting_out_of_range_is_one_line_naming_the_flag(tok, tmp_path, option, message):
     write_jsonl(tmp_path / "web.jsonl", ["a page"])
     with pytest.raises(SystemExit, match=rf"^error: {message}$"):
