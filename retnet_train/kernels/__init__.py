@@ -4,7 +4,8 @@ thing and share one state format, so a prefill on one can be continued on the ot
 
 Layout: q, k [B, T, H, K] (k already scaled by K^-1/2 and both rotated), v [B, T, H, V].
 Returns o [B, T, H, V] (unnormalized), row sums s [B, T, H] of the decayed scores when asked
-(for the paper's normalization; no gradient), and the state [B, H, K, V (+1 when row sums)].
+(for the paper's normalization; no gradient), and the state [B, H, K, V (+1 when row sums)], fp32
+for bf16/fp16 inputs in every backend and form.
 """
 
 from __future__ import annotations
@@ -113,8 +114,8 @@ def retention_op(
 def _torch_op(q, k, v, log_gamma, mode, chunk_size, reset, state, row_sums, recompute=True):
     q, k, v = (t.transpose(1, 2) for t in (q, k, v))  # -> [B, H, T, D]
     if mode != "recurrent":
-        # (the recurrent form takes the state as it is: it keeps it in fp32 at least)
-        state = None if state is None else state.to(q.dtype)
+        # the state as it is (fp32 from a bf16 prefill): the forms round it to q's dtype only where it
+        # meets q's GEMMs, and return the final state in fp32 at least
         out = (
             parallel_retention(q, k, v, log_gamma, reset, state, row_sums, recompute)
             if mode == "parallel"

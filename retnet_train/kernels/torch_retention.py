@@ -4,7 +4,8 @@ Shapes: q, k [B, H, T, K]; v [B, H, T, V]; log_gamma [H] (log of each head's dec
 reset [B, T] bool, True where a new document starts (the state is cleared *before* that
 token); state [B, H, K, V]. Every form returns (o, final_state) with the unnormalized
 o_t = sum_{m <= t, same document} gamma^(t-m) (q_t . k_m) v_m, so the forms are equal up
-to rounding. (Normalization lives in the MSR module; it needs only position-wise factors.)
+to rounding: o in the inputs' dtype, the final state in fp32 at least (fp64 for fp64 inputs).
+(Normalization lives in the MSR module; it needs only position-wise factors.)
 
 The chunkwise and parallel forms keep only q, k, v (and the incoming state and resets) for
 backward and recompute the rest there (ChunkRetention), as flash attention does. This path runs on
@@ -111,10 +112,11 @@ def _chunk_setup(q, log_gamma, reset, C):
 
 
 def _chunk_states(kc, vc, k_decay, W, state):
-    """The state entering each chunk (the last: the final state), [B, H, N+1, K, V], and the chunk
-    summaries' keys decayed to their chunk's end. The recurrence across chunks is a linear scan
-    with constant decays, done as one (N+1) x N matrix product over the chunk summaries instead of
-    N sequential steps: large batched GEMMs only (fast on GPU, traceable by torch.compile)."""
+    """The state entering each chunk (the last: the final state), [B, H, N+1, K, V] in the inputs'
+    dtype, the chunk summaries k^T v [B, H, N, K, V] and their keys decayed to their chunk's end.
+    The recurrence across chunks is a linear scan with constant decays, done as one (N+1) x N matrix
+    product over the chunk summaries instead of N sequential steps: large batched GEMMs only (fast on
+    GPU, traceable by torch.compile)."""
     B, H, N, _, K = kc.shape
     V = vc.shape[-1]
     dtype = kc.dtype
@@ -123,8 +125,23 @@ def _chunk_states(kc, vc, k_decay, W, state):
     W_chunks = W[..., 1:].to(dtype).contiguous()  # (contiguous: a sliced operand falls off the fast GEMMs)
     states = W_chunks @ chunk_kv.reshape(B, H, N, K * V)  # [B, H, N+1, K*V]
     if state is not None:
-        states = states + W[..., :1].to(dtype) * state.reshape(B, H, 1, K * V)
-    return states.view(B, H, N + 1, K, V), k_decayed
+        states = states + W[..., :1].to(dtype) * state.to(dtype).reshape(B, H, 1, K * V)
+    return states.view(B, H, N + 1, K, V), chunk_kv, k_decayed
+
+
+def _final_state(states, chunk_kv, W, state):
+    """The state after the last chunk in fp32 at least (the recurrent form's and the Triton kernels'
+    format): in bf16 it is the scan's last row, summed in fp32 from the chunk summaries with fp32
+    decays, so that a prefill does not hand decoding a state rounded to bf16 (nor an fp32 incoming
+    state rounded on its way through)."""
+    B, H, N, K, V = chunk_kv.shape
+    acc = _decay_dtype(states.dtype)
+    if acc == states.dtype:
+        return states[:, :, N]
+    final = W[..., N:, 1:].to(acc) @ chunk_kv.to(acc).reshape(B, H, N, K * V)  # [B, H, 1, K*V]
+    if state is not None:
+        final = final + W[..., N:, :1].to(acc) * state.to(acc).reshape(B, H, 1, K * V)
+    return final.view(B, H, K, V)
 
 
 def chunk_forward(q, k, v, log_gamma, reset, state, C, row_sums=False):
@@ -145,9 +162,9 @@ def chunk_forward(q, k, v, log_gamma, reset, state, C, row_sums=False):
     dtype = q.dtype
     scores = (qc @ kc.transpose(-1, -2)) * mask.to(dtype)
     o = scores @ vc  # intra-chunk: the parallel form on each chunk
-    states, k_decayed = _chunk_states(kc, vc, k_decay, W, state)
+    states, chunk_kv, k_decayed = _chunk_states(kc, vc, k_decay, W, state)
     o = o + (qc @ states[:, :, :N]) * q_decay.to(dtype)  # inter-chunk: each chunk's incoming state
-    o, final = o.reshape(B, H, T, V), states[:, :, N]
+    o, final = o.reshape(B, H, T, V), _final_state(states, chunk_kv, W, state)
     if not row_sums:
         return o, final, None
     acc = _decay_dtype(dtype)
@@ -174,7 +191,7 @@ def chunk_backward(q, k, v, log_gamma, reset, state, C, do, dfinal):
     dk = d_scores.transpose(-1, -2) @ qc
     del d_scores
     dv = ((qc @ kc.transpose(-1, -2)) * mask).transpose(-1, -2) @ doc
-    states, k_decayed = _chunk_states(kc, vc, k_decay, W, state)
+    states, _, k_decayed = _chunk_states(kc, vc, k_decay, W, state)
     do_decayed = doc * q_decay.to(dtype)
     dq = dq + do_decayed @ states[:, :, :N].transpose(-1, -2)
     del states
@@ -185,7 +202,7 @@ def chunk_backward(q, k, v, log_gamma, reset, state, C, do, dfinal):
     dv = dv + k_decayed @ d_chunk_kv
     d_state = None
     if state is not None:
-        d_state = (W[..., :1].to(dtype).transpose(-1, -2) @ d_states).view(B, H, K, V)
+        d_state = (W[..., :1].to(dtype).transpose(-1, -2) @ d_states).view(B, H, K, V).to(state.dtype)
     return dq.reshape(B, H, T, K), dk.reshape(B, H, T, K), dv.reshape(B, H, T, V), d_state
 
 

@@ -70,6 +70,29 @@ def test_prefill_then_recurrent_equals_parallel(prefill):
     assert (torch.cat(steps, 1) - ref).abs().max() <= 1e-4
 
 
+@torch.no_grad()
+def test_bf16_prefill_hands_decoding_an_fp32_state():
+    """A bf16 model's chunkwise prefill (one call, and two) hands recurrent decoding an fp32 state, and
+    the decoded logits stay as close to the fp32 model's as the bf16 forms are (about 0.05 here)."""
+    torch.manual_seed(0)
+    model = make_model(d_model=64, n_heads=8, chunk_size=16)
+    ids = torch.randint(0, VOCAB, (2, 300))
+    ref = model(ids, mode="parallel").logits
+    model = model.to(torch.bfloat16)
+    for pieces in ([250], [100, 150]):
+        state, lo = None, 0
+        for n in pieces:
+            state = model(ids[:, lo : lo + n], mode="chunkwise", state=state, return_state=True).state
+            lo += n
+        assert all(layer.dtype == torch.float32 for layer in state.layers), pieces
+        steps = []
+        for t in range(lo, ids.shape[1]):
+            out = model(ids[:, t : t + 1], mode="recurrent", state=state, return_state=True)
+            steps.append(out.logits)
+            state = out.state
+        assert (torch.cat(steps, 1).float() - ref[:, lo:]).abs().max() <= 0.08, pieces
+
+
 def test_documents_reset_in_all_forms():
     model = make_model()
     lengths = [5, 11, 1, 15]
