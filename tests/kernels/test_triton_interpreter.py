@@ -68,3 +68,8 @@ def test_triton_interpreter_compiled_in_graph(interpreter_results):
 def test_triton_interpreter_budget_recomputes_retention(interpreter_results):
     """A low activation memory budget lets the compiled block recompute retention instead of keeping it."""
     in_subprocess(interpreter_results, "check_budget_recomputes_retention")
+
+
+def test_triton_interpreter_normalized_retention(interpreter_results):
+    """The paper's normalization on the kernels' output and row sums equals its formula."""
+    in_subprocess(interpreter_results, "check_normalized_retention")

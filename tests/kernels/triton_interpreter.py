@@ -48,6 +48,7 @@ CPU_CASES = [
     ("check_scan_segments",),
     ("check_compiled_in_graph",),
     ("check_budget_recomputes_retention",),
+    ("check_normalized_retention",),
 ]
 
 
@@ -252,6 +253,26 @@ def check_budget_recomputes_retention():
     kept = layer_bytes_per_token(cfg, 1, 128, torch.device("cpu"), compile=True, activation_memory_budget=0.4)
     d_wide = kept["bytes_per_token"] / (2 * cfg.d_model)  # bf16
     assert d_wide < 7.5, kept
+
+
+def check_normalized_retention():
+    """The model's normalized retention (before the per-head norm) on the kernels equals the paper's
+    formula (test_retention_normalization.py): parallel, chunkwise over 3 chunks, and continuing a
+    prefill's state; fp32."""
+    mod, _ = interpreted()
+    from test_retention_normalization import check_forms_against_formula
+
+    from retnet_train.model import retnet
+
+    calls, real, resolve = [], mod.triton_retention, retnet.resolve_backend
+    mod.triton_retention = lambda *a: (calls.append(a[4]), real(*a))[1]
+    retnet.resolve_backend = lambda backend, device, key_dim=0: backend  # (its CPU refusal: test_dispatch)
+    try:
+        runs = [("parallel", 16, 0), ("chunkwise", 16, 0), ("chunkwise", 16, 20)]
+        check_forms_against_formula("triton", torch.float32, runs, 1e-5, T=40)
+    finally:
+        mod.triton_retention, retnet.resolve_backend = real, resolve
+    assert calls == [64, 64, 16, 16, 16], calls  # each forward on the kernels (parallel: one chunk of 64)
 
 
 # ---- the interpreter subprocess -------------------------------------------------------------------
