@@ -16,11 +16,14 @@ import os
 import sys
 
 import hydra
+from hydra.errors import HydraException
 from omegaconf import DictConfig
+from omegaconf.errors import OmegaConfBaseException
 
-from .components.config import TrainConfig, register
+from .components.config import TrainConfig, check_values, register
 from .components.preemption import PreemptionHandler
 from .components.process_exit import end_before_teardown, exit_with
+from .components.rank_errors import SameOnEveryRank, print_error, process_rank
 from .components.typed_config import typed_config
 
 EXIT_FINISHED, EXIT_ERROR = 0, 1
@@ -57,19 +60,46 @@ def main(cfg: DictConfig) -> None:
 
     typed = None
     try:
-        typed = typed_config(cfg)
+        typed = checked_config(cfg)
         summary = run(typed)
     except (ValueError, TrainingError) as e:
-        print(f"error: {e}", file=sys.stderr, flush=True)
+        print_error(e, process_rank())  # once for all ranks where it is the same on every rank
         finish(EXIT_ERROR)
     except KeyboardInterrupt:
-        if int(os.environ.get("RANK", 0)) == 0:
+        if process_rank() == 0:
             print(interrupted_line(typed), file=sys.stderr, flush=True)
         finish(EXIT_INTERRUPTED)
     finally:
         if dist.is_initialized():
             dist.destroy_process_group()
     finish(EXIT_PREEMPTED if summary["preempted"] else EXIT_FINISHED)
+
+
+def checked_config(cfg: DictConfig) -> TrainConfig:
+    """The typed config with its values checked. It comes from the command line alone, the same on every
+    rank, and so does any problem with it."""
+    try:
+        typed = typed_config(cfg)
+        check_values(typed)  # (the Trainer checks again: run() takes configs built elsewhere)
+    except ValueError as e:
+        raise SameOnEveryRank(str(e)) from None
+    return typed
+
+
+def main_once_per_error() -> None:
+    """main() for the command line. Hydra prints what fails while it composes the config (a key the
+    config lacks, say), the same on every rank: ranks other than 0 have it raised (HYDRA_FULL_ERROR)
+    and only point at rank 0's."""
+    rank = process_rank()
+    if rank != 0:
+        os.environ.setdefault("HYDRA_FULL_ERROR", "1")
+    try:
+        main()
+    except (HydraException, OmegaConfBaseException) as e:
+        if rank == 0:
+            raise  # HYDRA_FULL_ERROR set by the user: Hydra's traceback
+        print_error(SameOnEveryRank(str(e)), rank)
+        finish(EXIT_ERROR)
 
 
 def interrupted_line(cfg: TrainConfig | None) -> str:
@@ -111,4 +141,4 @@ if __name__ == "__main__":
     # trainer acts on it once it can (components/preemption.py)
     PreemptionHandler()
     _absorb_launcher_args()
-    main()
+    main_once_per_error()

@@ -8,6 +8,8 @@ from typing import Optional, Tuple
 import torch
 import torch.distributed as dist
 
+from .rank_errors import SameOnEveryRank
+
 
 def pick_device(choice: str, precision: str) -> torch.device:
     """train.device (auto | cpu | cuda) -> this rank's device, which must train in deepspeed.precision."""
@@ -60,13 +62,13 @@ def _skip_shm_comm_build() -> None:
 
 
 def raise_first_problem(problem: Optional[str], world: int) -> None:
-    """Every rank raises the first rank's problem, as a ValueError (a collective: a rank that failed
-    alone would leave the others waiting in the next one)."""
+    """Every rank raises the first rank's problem, as a SameOnEveryRank (a ValueError, printed by rank 0
+    alone; a collective: a rank that failed alone would leave the others waiting in the next one)."""
     problems = [None] * world
     dist.all_gather_object(problems, problem)
     first = next(filter(None, problems), None)
     if first:
-        raise ValueError(first)
+        raise SameOnEveryRank(first)
 
 
 def all_reduce_step(

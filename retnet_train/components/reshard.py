@@ -41,6 +41,7 @@ import torch.distributed as dist
 from ..interop.legacy import has_separate_projections
 from .checkpoint_discovery import model_states_file
 from .config import FP32_WEIGHTS
+from .rank_errors import SameOnEveryRank
 
 UNIVERSAL = "universal"  # <dir>/<tag>/universal: the converted copy
 TMP_PREFIX = ".universal.tmp-"
@@ -261,7 +262,7 @@ def prepare_resume(
         error = box[0]
         dist.destroy_process_group(group)
     if error:
-        raise ValueError(error)
+        raise SameOnEveryRank(error)  # rank 0's, broadcast
     return p
 
 

@@ -1,10 +1,12 @@
 """Config errors fail at start naming the key; derived values; the optimizer groups and schedule."""
 
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
 import torch
-from trainer_helpers import overrides, train
+from trainer_helpers import REPO, env, overrides, train
 
 from retnet_train.components.config import (
     TrainConfig,
@@ -59,6 +61,44 @@ def test_unknown_plus_key_is_refused_like_a_misspelled_one(tmp_path, override, k
     with pytest.raises(PreflightError, match=f"{key}: not a key of the trainer config"):
         trainer_view(composed, world_size=1)
     assert typed_config(compose_trainer_config(overrides(tmp_path, tmp_path / "run"))).train.max_steps == 6
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize(
+    "override, error, copies",
+    [
+        ("train.max_step=3", "Could not override 'train.max_step'.", 1),  # Hydra's, composing the config
+        ("+train.max_step=3", "error: train.max_step: not a key of the trainer config", 1),
+        (None, "error: data.paths[0]=", 2),  # each rank's own data: every rank says what it found
+    ],
+)
+def test_an_error_every_rank_shares_is_printed_once(tmp_path, override, error, copies):
+    """2 ranks under torchrun: a config error, the same on every rank, in full from rank 0 and one line
+    from rank 1; an error of a rank's own inputs in full from each rank that met it."""
+    args = overrides(tmp_path / "nodata", tmp_path / "run") + ([override] if override else [])
+    proc = train(args, nproc=2, check=False, timeout=120)
+    output = proc.stdout + proc.stderr
+    assert proc.returncode != 0
+    assert output.count(error) == copies, output
+    pointer = "error: rank 1: the same error as rank 0, which prints it"
+    assert output.count(pointer) == (1 if copies == 1 else 0), output
+
+
+@pytest.mark.slow
+def test_a_rank_0_that_starts_late_still_prints_the_shared_error(tmp_path):
+    """torchrun stops every rank once one has exited: rank 1, which only points at rank 0's message, leaves
+    after rank 0, so a rank 0 that starts 2 s late (a slow node, say) is not stopped before it prints it."""
+    late = tmp_path / "late_rank_0.sh"
+    late.write_text(f'#!/bin/sh\n[ "$RANK" = 0 ] && sleep 2\nexec {sys.executable} -m retnet_train.train "$@"\n')
+    late.chmod(0o755)
+    torchrun = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", "--no-python"]
+    args = overrides(tmp_path / "nodata", tmp_path / "run") + ["+train.max_step=3"]
+    proc = subprocess.run(
+        [*torchrun, str(late), *args], cwd=REPO, env=env(), capture_output=True, text=True, timeout=120
+    )
+    output = proc.stdout + proc.stderr
+    assert output.count("error: train.max_step: not a key of the trainer config") == 1, output
+    assert output.count("error: rank 1: the same error as rank 0, which prints it") == 1, output
 
 
 def test_missing_data_names_the_path(tmp_path):

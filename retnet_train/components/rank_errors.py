@@ -1,0 +1,50 @@
+"""Errors every rank stops on with the same message are printed once, by rank 0.
+
+A launch of N ranks that fails at start would otherwise print the same error N times. What every rank
+is known to share: a problem with the config (a function of the command line, the same on every rank),
+and what a collective handed every rank (raise_first_problem). Anything else (a rank's own files, its
+device) is printed in full by the rank that met it.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+import time
+
+RANK_0_GRACE_S = 5.0  # longest a rank waits for rank 0 to fail first (torchrun then stops it at once)
+
+
+class SameOnEveryRank(ValueError):
+    """An error every rank of the run raises with this same message."""
+
+
+def process_rank() -> int:
+    """This process's rank as its launcher set it (0 when run alone)."""
+    return int(os.environ.get("RANK", 0))
+
+
+def print_error(error: Exception, rank: int) -> None:
+    """`error: ...` on stderr; a SameOnEveryRank on a rank other than 0 only points at rank 0's."""
+    if rank == 0 or not isinstance(error, SameOnEveryRank):
+        print(f"error: {error}", file=sys.stderr, flush=True)
+        return
+    wait_for_rank_0()
+    print(f"error: rank {rank}: the same error as rank 0, which prints it", file=sys.stderr, flush=True)
+
+
+def wait_for_rank_0(timeout: float = RANK_0_GRACE_S) -> None:
+    """Until a stop signal or `timeout`. torchrun and DeepSpeed's launcher stop every rank once one has
+    exited: a rank leaving first could stop rank 0 before its stop handler is installed, and the
+    message with it. Leaving after rank 0 (which brings that signal) keeps it."""
+    from .preemption import PreemptionHandler
+
+    stop = PreemptionHandler()  # takes over a signal the entry point's handler recorded
+    deadline = time.monotonic() + timeout
+    try:
+        while not stop.received and time.monotonic() < deadline:
+            time.sleep(0.05)
+    except KeyboardInterrupt:
+        pass  # Ctrl-C reached every rank: no need to wait
+    finally:
+        stop.restore()
