@@ -11,6 +11,8 @@ from __future__ import annotations
 
 import math
 
+from ..kernels.scan_split import scan_split
+
 # Triton kernel name (as the profiler lists it) of each pass kind
 KERNEL = {
     "states": "_states_kernel",
@@ -26,8 +28,7 @@ def triton_passes(B, T, H, K, V, C, segments=1, elem=2) -> list[tuple[str, str, 
     `elem`: bytes per element of q, k, v (the states S and dG and the scores take the same); the scan's
     final states and row-sum states are fp32."""
     N = math.ceil(T / C)
-    seg = math.ceil(N / segments)
-    P = math.ceil(N / seg)
+    seg, P = scan_split(N, segments)  # chunks per segment, segments
     qk = B * T * H * K * elem  # q, k, dq, dk
     vo = B * T * H * V * elem  # v, o, dO, dv
     states = B * H * N * K * V * elem  # S or dG, every chunk

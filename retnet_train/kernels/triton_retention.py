@@ -34,6 +34,7 @@ import triton
 from torch import Tensor
 from torch.utils.flop_counter import register_flop_formula
 
+from .scan_split import scan_split
 from .triton_retention_launch import INTERPRET, launch, launch_carry, scan_segments  # noqa: F401 (INTERPRET: tests)
 
 LOG2E = 1.4426950408889634
@@ -61,8 +62,7 @@ def _states(x, y, lg2, C, doc, s0=None, z0=None, with_z=False):
     B, T, H, DX = x.shape
     DY = y.shape[-1]
     N = triton.cdiv(T, C)
-    SEG = triton.cdiv(N, scan_segments(B * H * DX * DY, N, y.device))
-    P = triton.cdiv(N, SEG)  # (no empty segment)
+    SEG, P = scan_split(N, scan_segments(B * H * DX * DY, N, y.device))  # chunks per segment, segments
     S = torch.empty(B * H, N, DX, DY, device=y.device, dtype=y.dtype)
     fin = torch.empty(B * H, P, DX, DY, device=y.device, dtype=torch.float32)  # each segment's own
     Z = torch.empty(B * H, N, DX, device=y.device, dtype=torch.float32) if with_z else fin

@@ -1,5 +1,9 @@
 """The triton retention passes' byte counts and their pairing with profiled kernel times."""
 
+import subprocess
+import sys
+from pathlib import Path
+
 import pytest
 
 from retnet_train.bench.retention_traffic import pass_table, triton_passes
@@ -23,6 +27,17 @@ def test_segments_add_the_carry_pass_after_the_scan():
     # the later 16 chunks' bf16 states read and written (67.1 MB each way for all 32), + fp32 finals
     carry = two[1][2]
     assert carry == 2 * 8 * 16 * 256 * 512 * 2 + 2 * 8 * 256 * 512 * 4 + 2 * 8 * 256 * 512 * 4
+
+
+def test_the_byte_model_runs_without_triton():
+    """The passes (their scan segments included: kernels/scan_split.py) come without importing triton."""
+    code = (
+        "import sys; sys.modules['triton'] = None\n"  # any import of triton raises
+        "from retnet_train.bench.retention_traffic import triton_passes\n"
+        "kinds = [kind for _, kind, _ in triton_passes(1, 1280, 8, 256, 512, 256, segments=4)]\n"
+        "assert kinds[:2] == ['states', 'carry'], kinds"
+    )
+    subprocess.run([sys.executable, "-c", code], check=True, cwd=Path(__file__).resolve().parents[2])
 
 
 def test_pass_table_pairs_retention_kernels_in_launch_order_and_skips_others():

@@ -50,6 +50,15 @@ def test_scan_segments_setting(monkeypatch):
             kernels.scan_segments(8 * 256 * 512, 32, gpu)
 
 
+def test_scan_split_leaves_no_segment_empty():
+    """(chunks per segment, segments): 7 chunks asked into 1, 2, 3, 4, 7 (the interpreter's
+    check_scan_segments) and 9 segments; 5 chunks into 4 make 3 segments of 2, 2 and 1."""
+    from retnet_train.kernels.scan_split import scan_split
+
+    assert [scan_split(7, s) for s in (1, 2, 3, 4, 7, 9)] == [(7, 1), (4, 2), (3, 3), (2, 4), (1, 7), (1, 7)]
+    assert scan_split(5, 4) == (2, 3)
+
+
 # ---- GPU ------------------------------------------------------------------------------------------
 needs_gpu = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA/ROCm")
 
