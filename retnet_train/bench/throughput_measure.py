@@ -283,8 +283,24 @@ def measure(name, build, cfg, args, device):
     release(engine)
     del engine, model
     gc.collect()
+    note = earlier_memory_note(mem.before, memory(device, "now"))
+    if note:
+        result["memory_note"] = note
     reset_peak(device)
     return result
+
+
+def earlier_memory_note(before: int, after: int) -> str | None:
+    """Why this row's memory split may be off, or None. On CUDA an earlier model's memory can stay
+    allocated after its release (before > 0) and be freed while a later model runs: then the later
+    model's resident_gib and peak_gib, both counted above `before`, come out low by up to that much."""
+    freed = before - after
+    if freed < 2**26:  # 64 MiB: the allocator's own rounding between two reads
+        return None
+    return (
+        f"{freed / 2**30:.2f} GiB that an earlier model left allocated were freed during this measurement: "
+        "resident_gib and peak_gib may be low by up to that much (measure this model in its own process)"
+    )
 
 
 @torch.no_grad()

@@ -252,3 +252,16 @@ def test_memory_fields_split_the_peak_only_after_a_warm_up_step():
     cold = memory_fields(mem, on_gpu=True, warmed_up=False)
     assert cold == {"peak_gib": 30.0, "activation_gib": None, "resident_gib": None, "peak_reserved_gib": 32.0}
     assert memory_fields(mem, on_gpu=False)["activation_gib"] is None
+
+
+def test_a_row_says_when_an_earlier_models_memory_was_freed_during_it():
+    """On CUDA an earlier model's memory can outlive its release and be freed while a later model runs
+    (a 125m sweep's third model read resident_gib 0.0): the row then carries a note with the amount."""
+    from retnet_train.bench.throughput_measure import earlier_memory_note
+
+    gib = 2**30
+    assert earlier_memory_note(before=0, after=0) is None
+    assert earlier_memory_note(before=int(1.81 * gib), after=int(1.81 * gib)) is None  # still held: subtracted
+    assert earlier_memory_note(before=int(1.81 * gib), after=int(1.81 * gib) - 2**20) is None  # rounding
+    note = earlier_memory_note(before=int(1.81 * gib), after=0)
+    assert note.startswith("1.81 GiB") and "resident_gib and peak_gib may be low" in note
