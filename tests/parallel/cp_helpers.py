@@ -23,6 +23,10 @@ def _entry(rank, world, store_path, out_dir, backend, fn, args):
         result = {"ok": False, "error": traceback.format_exc()}
     with open(os.path.join(out_dir, f"rank{rank}.json"), "w") as f:
         json.dump(result, f)
+    # every rank past its last collective before any tears gloo down: a rank destroying its group while
+    # the other's gloo thread still talks to it aborted once under load ("terminate called without an
+    # active exception")
+    dist.barrier()
     dist.destroy_process_group()
 
 
