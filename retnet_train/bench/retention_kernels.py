@@ -59,8 +59,8 @@ def retention_fn(kind, C, lg, reset):
         return lambda q, k, v: triton_retention(q, k, v, lg, C, None, True, reset)[:2]
     backend = "fla" if kind == "fla" else "torch"
 
-    def fn(q, k, v):
-        o, s, _ = retention_op(backend, q, k, v, lg, "chunkwise", C, reset, None, True)
+    def fn(q, k, v):  # training's call: the final state is not used
+        o, s, _ = retention_op(backend, q, k, v, lg, "chunkwise", C, reset, None, True, keep_state=False)
         return o, s
 
     return torch.compile(fn) if kind == "compiled" else fn

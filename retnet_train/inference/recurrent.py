@@ -66,7 +66,10 @@ class RetNetDecoder(IncrementalDecoder):
             resets = None if doc_starts is None else doc_starts[:, lo : lo + step].bool()
             if resets is not None and not bool(resets.any()):
                 resets = None  # no document start in this piece: lets fla take it with a state
-            x, state = model.hidden_states(input_ids[:, lo : lo + step], resets, "chunkwise", chunk_size, state)
+            # keep_state: decoding continues from the state, summed exactly in fp32 (a bf16 model's too)
+            x, state = model.hidden_states(
+                input_ids[:, lo : lo + step], resets, "chunkwise", chunk_size, state, keep_state=True
+            )
         for buf, s in zip(self.states, state.layers):
             buf.copy_(s.to(buf.dtype))
         self.position.fill_(state.position)

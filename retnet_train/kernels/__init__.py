@@ -80,11 +80,13 @@ def retention_op(
     row_sums=True,
     state_grad=False,
     recompute=True,
+    keep_state=True,
 ):
     """state_grad: the final state is backpropagated through (context parallel); our Triton kernels
     give neither it nor an incoming state a gradient: the torch path runs for either. recompute (torch
     path): the backward recomputes the chunk states instead of keeping them
-    (torch_retention._equal_full_chunks)."""
+    (torch_retention._equal_full_chunks). keep_state (torch path): the caller uses the final state, so
+    it is summed exactly in fp32; False (training) skips that pass (torch_retention's docstring)."""
     # Under autocast the rotation leaves q, k in fp32 beside a bf16 v; the backward of a custom autograd
     # op runs outside autocast, so the inputs share v's dtype from here on.
     q, k = q.to(v.dtype), k.to(v.dtype)
@@ -108,18 +110,18 @@ def retention_op(
         from .fla_backend import fla_retention
 
         return fla_retention(q, k, v, log_gamma, mode, chunk_size, reset, state, row_sums)
-    return _torch_op(q, k, v, log_gamma, mode, chunk_size, reset, state, row_sums, recompute)
+    return _torch_op(q, k, v, log_gamma, mode, chunk_size, reset, state, row_sums, recompute, keep_state)
 
 
-def _torch_op(q, k, v, log_gamma, mode, chunk_size, reset, state, row_sums, recompute=True):
+def _torch_op(q, k, v, log_gamma, mode, chunk_size, reset, state, row_sums, recompute=True, keep_state=True):
     q, k, v = (t.transpose(1, 2) for t in (q, k, v))  # -> [B, H, T, D]
     if mode != "recurrent":
         # the state as it is (fp32 from a bf16 prefill): the forms round it to q's dtype only where it
         # meets q's GEMMs, and return the final state in fp32 at least
         out = (
-            parallel_retention(q, k, v, log_gamma, reset, state, row_sums, recompute)
+            parallel_retention(q, k, v, log_gamma, reset, state, row_sums, recompute, keep_state)
             if mode == "parallel"
-            else chunkwise_retention(q, k, v, log_gamma, chunk_size, reset, state, row_sums, recompute)
+            else chunkwise_retention(q, k, v, log_gamma, chunk_size, reset, state, row_sums, recompute, keep_state)
         )
         return out[0].transpose(1, 2), (out[2].transpose(1, 2) if row_sums else None), out[1]
     if not row_sums:

@@ -5,6 +5,9 @@ reset [B, T] bool, True where a new document starts (the state is cleared *befor
 token); state [B, H, K, V]. Every form returns (o, final_state) with the unnormalized
 o_t = sum_{m <= t, same document} gamma^(t-m) (q_t . k_m) v_m, so the forms are equal up
 to rounding: o in the inputs' dtype, the final state in fp32 at least (fp64 for fp64 inputs).
+keep_state (chunkwise and parallel forms): the caller uses the final state, so for bf16 inputs it is
+re-summed in fp32 (_final_state); training, which discards it, passes False and gets the bf16 scan's
+last row cast to fp32, skipping that pass (about a tenth of the forward on CPU).
 (Normalization lives in the MSR module; it needs only position-wise factors.)
 
 The chunkwise and parallel forms keep only q, k, v (and the incoming state and resets) for
@@ -88,7 +91,7 @@ def scan_weights(log_gamma, C, N, reset_chunks=None):
     return W.unsqueeze(0) * alive.unsqueeze(1)  # [B, H, N+1, N+1]
 
 
-def _equal_full_chunks(q, k, v, log_gamma, reset, state, C, row_sums=False, recompute=True):
+def _equal_full_chunks(q, k, v, log_gamma, reset, state, C, row_sums=False, recompute=True, keep_state=True):
     """Chunkwise retention for T divisible by C: parallel inside each chunk, recurrent across.
 
     recompute: the backward keeps only q, k, v (and the incoming state and resets) and recomputes the
@@ -97,9 +100,9 @@ def _equal_full_chunks(q, k, v, log_gamma, reset, state, C, row_sums=False, reco
     (faster, more memory: docs/benchmarks.md). Returns (o, final_state) or, with row_sums, (o, final_state, s).
     """
     if recompute:
-        o, final, s = ChunkRetention.apply(q, k, v, log_gamma, reset, state, C, row_sums)
+        o, final, s = ChunkRetention.apply(q, k, v, log_gamma, reset, state, C, row_sums, keep_state)
     else:
-        o, final, s = chunk_forward(q, k, v, log_gamma, reset, state, C, row_sums)
+        o, final, s = chunk_forward(q, k, v, log_gamma, reset, state, C, row_sums, keep_state)
     return (o, final, s) if row_sums else (o, final)
 
 
@@ -144,13 +147,14 @@ def _final_state(states, chunk_kv, W, state):
     return final.view(B, H, K, V)
 
 
-def chunk_forward(q, k, v, log_gamma, reset, state, C, row_sums=False):
+def chunk_forward(q, k, v, log_gamma, reset, state, C, row_sums=False, keep_state=True):
     """The chunkwise form in plain torch ops, for T divisible by C: (o, final_state, s or None).
     Differentiable by autograd as written (the reference for ChunkRetention's backward).
 
     row_sums: also return s_t = sum_m D_tm (q_t . k_m) (fp32, no gradient; the paper's
     normalization needs it) from the same intermediates; the state then carries the decayed key
     sum z as an extra last column, [B, H, K, V+1].
+    keep_state: the final state exactly (_final_state); False: the scan's last row, cast (module docstring).
     """
     B, H, T, K = q.shape
     V = v.shape[-1]
@@ -164,7 +168,8 @@ def chunk_forward(q, k, v, log_gamma, reset, state, C, row_sums=False):
     o = scores @ vc  # intra-chunk: the parallel form on each chunk
     states, chunk_kv, k_decayed = _chunk_states(kc, vc, k_decay, W, state)
     o = o + (qc @ states[:, :, :N]) * q_decay.to(dtype)  # inter-chunk: each chunk's incoming state
-    o, final = o.reshape(B, H, T, V), _final_state(states, chunk_kv, W, state)
+    final = _final_state(states, chunk_kv, W, state) if keep_state else states[:, :, N].to(_decay_dtype(dtype))
+    o = o.reshape(B, H, T, V)
     if not row_sums:
         return o, final, None
     acc = _decay_dtype(dtype)
@@ -248,8 +253,8 @@ class ChunkRetention(torch.autograd.Function):
     (log_gamma) are constants: they get no gradient."""
 
     @staticmethod
-    def forward(ctx, q, k, v, log_gamma, reset, state, C, row_sums):
-        o, final, s = chunk_forward(q, k, v, log_gamma, reset, state, C, row_sums)
+    def forward(ctx, q, k, v, log_gamma, reset, state, C, row_sums, keep_state):
+        o, final, s = chunk_forward(q, k, v, log_gamma, reset, state, C, row_sums, keep_state)
         ctx.save_for_backward(q, k, v, log_gamma, reset, state)
         ctx.C, ctx.row_sums = C, row_sums
         if s is None:
@@ -270,11 +275,14 @@ class ChunkRetention(torch.autograd.Function):
             d_state = None
         elif ctx.row_sums:
             d_state = torch.cat([d_state, d_state.new_zeros(d_state.shape[:-1] + (1,))], dim=-1)
-        return dq, dk, dv, None, None, d_state, None, None
+        return dq, dk, dv, None, None, d_state, None, None, None
 
 
-def chunkwise_retention(q, k, v, log_gamma, chunk_size, reset=None, state=None, row_sums=False, recompute=True):
-    """Chunkwise-recurrent form: O(T C) work, linear in T. A last partial chunk runs on its own."""
+def chunkwise_retention(
+    q, k, v, log_gamma, chunk_size, reset=None, state=None, row_sums=False, recompute=True, keep_state=True
+):
+    """Chunkwise-recurrent form: O(T C) work, linear in T. A last partial chunk runs on its own, from
+    the exact state of the full chunks whatever keep_state, so o does not depend on it."""
     T = q.shape[2]
     full = (T // chunk_size) * chunk_size
     pieces = []
@@ -290,6 +298,7 @@ def chunkwise_retention(q, k, v, log_gamma, chunk_size, reset=None, state=None, 
                 chunk_size if hi == full else hi - lo,
                 row_sums,
                 recompute,
+                keep_state or hi < T,  # a hand-off to the partial chunk feeds its o
             )
             state = out[1]
             pieces.append(out)
@@ -299,9 +308,9 @@ def chunkwise_retention(q, k, v, log_gamma, chunk_size, reset=None, state=None, 
     return (o, state) if not row_sums else (o, state, torch.cat([p[2] for p in pieces], dim=2))
 
 
-def parallel_retention(q, k, v, log_gamma, reset=None, state=None, row_sums=False, recompute=True):
+def parallel_retention(q, k, v, log_gamma, reset=None, state=None, row_sums=False, recompute=True, keep_state=True):
     """Parallel form (Q K^T ⊙ D) V over the whole sequence: the single-chunk case."""
-    return _equal_full_chunks(q, k, v, log_gamma, reset, state, q.shape[2], row_sums, recompute)
+    return _equal_full_chunks(q, k, v, log_gamma, reset, state, q.shape[2], row_sums, recompute, keep_state)
 
 
 def retention(q, k, v, log_gamma, mode, chunk_size, reset=None, state=None):

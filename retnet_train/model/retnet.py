@@ -47,6 +47,7 @@ class SequenceContext:
     reset: Optional[torch.Tensor]  # [B, T] bool document starts, None: no resets
     mode: str  # parallel | chunkwise | recurrent
     chunk_size: int
+    keep_state: bool  # the caller uses the final state: the torch forms sum it exactly (retention_op)
 
 
 def decay_log_gammas(n_heads: int) -> torch.Tensor:
@@ -149,6 +150,7 @@ class MultiScaleRetention(nn.Module):
             self.normalize,
             state_grad=state_grad,
             recompute=self.recompute,
+            keep_state=ctx.keep_state,
         )
 
     def finish(self, o, row_sum, ctx: SequenceContext):
@@ -253,7 +255,7 @@ class RetNetForCausalLM(DecoderLM):
         return_logits: bool = True,
     ) -> CausalLMOutput:
         x, new_state = self.hidden_states(
-            input_ids, self.document_starts(input_ids, doc_starts), mode, chunk_size, state
+            input_ids, self.document_starts(input_ids, doc_starts), mode, chunk_size, state, keep_state=return_state
         )
         out = self.head(x, labels, return_logits)
         if return_state:
@@ -267,10 +269,13 @@ class RetNetForCausalLM(DecoderLM):
         mode: Optional[str] = None,
         chunk_size: Optional[int] = None,
         state: Optional[RetNetState] = None,
+        keep_state: bool = True,
     ):
         """The blocks' output [B, T, d] (before the final norm) and the state after these tokens: forward
         without the head. resets [B, T] bool are honoured as given (forward passes its doc_starts through
-        the config's document_masking; decoding needs them for left padding whatever the config)."""
+        the config's document_masking; decoding needs them for left padding whatever the config).
+        keep_state=False: the state is not used (forward without return_state), so the torch forms may
+        return a bf16 model's state as the bf16 scan's last row (cast to fp32) rather than summed in fp32."""
         cfg = self.config
         mode = cfg.mode if mode is None else mode
         chunk_size = cfg.chunk_size if chunk_size is None else chunk_size
@@ -289,7 +294,7 @@ class RetNetForCausalLM(DecoderLM):
         doc_start_pos = torch.zeros(B, dtype=torch.long, device=x.device) if state is None else state.doc_position
         doc_pos = document_positions(resets, T, doc_start_pos)
         sin, cos = (t.unsqueeze(1) for t in rotary_sin_cos(self.inv_freq, start, T, x.dtype))  # [T, 1, K]
-        ctx = SequenceContext(sin, cos, self.log_gamma, doc_pos, resets, mode, chunk_size)
+        ctx = SequenceContext(sin, cos, self.log_gamma, doc_pos, resets, mode, chunk_size, keep_state)
         new_layers = []
         for i, block in enumerate(self.layers):
             x, layer_state = block(x, ctx, None if state is None else state.layers[i])

@@ -21,7 +21,7 @@ graphs keep the order of collectives (ours, DeepSpeed's gradient hooks) the same
 from __future__ import annotations
 
 import inspect
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any, Optional
 
 import torch
@@ -166,7 +166,8 @@ def context_parallel_core(retention):
     recomputation in the backward pass (activation checkpointing) sees the same one."""
 
     def core(q, k, v, ctx, segment: Segment):
-        o, row_sum, state = retention.retain(q, k, v, ctx, None, state_grad=True)
+        # the local final state reaches the later ranks' outputs: summed exactly, as a prefill's is
+        o, row_sum, state = retention.retain(q, k, v, replace(ctx, keep_state=True), None, state_grad=True)
         o, row_sum = segment.combine(o, row_sum, state, q, ctx.log_gamma)
         return retention.finish(o, row_sum, ctx), state
 

@@ -107,6 +107,21 @@ def test_prefill_in_pieces_equals_whole():
     assert int(pieces.position) == 29 and pieces.doc_position.tolist() == [29, 9]
 
 
+@torch.no_grad()
+def test_bf16_prefill_sums_its_state_exactly(monkeypatch):
+    """The prefill asks the torch forms for the exact fp32 final state (keep_state) in every layer and
+    piece, not the bf16 scan's last row that a training forward takes."""
+    import retnet_train.kernels.torch_retention as torch_retention
+
+    calls = []
+    real = torch_retention._final_state
+    monkeypatch.setattr(torch_retention, "_final_state", lambda *a: (calls.append(1), real(*a))[1])
+    dec = RetNetDecoder(_model("retnet").to(torch.bfloat16), 2)
+    dec.prefill(torch.randint(0, 97, (2, 32)), piece=16)
+    assert len(calls) == 2 * 2  # layers x pieces
+    assert all(s.dtype == torch.float32 for s in dec.states)
+
+
 @pytest.mark.parametrize("arch", ["retnet", "transformer"])
 @torch.no_grad()
 def test_snapshot_restore_undoes_steps(arch):

@@ -39,7 +39,8 @@ def test_bad_call_arguments_raise(kw, match):
 
 def test_context_parallel_asks_for_the_state_gradient(monkeypatch):
     """Context parallelism backpropagates through the final state: the context-parallel core says so to the
-    dispatcher (which keeps it off the Triton kernels, tests/kernels/test_dispatch.py)."""
+    dispatcher (which keeps it off the Triton kernels, tests/kernels/test_dispatch.py), and keeps it exact
+    (the later ranks' outputs use it) in a forward that returns no state."""
     import retnet_train.model.retnet as retnet_module
 
     used = []
@@ -48,7 +49,10 @@ def test_context_parallel_asks_for_the_state_gradient(monkeypatch):
     monkeypatch.setattr(
         retnet_module,
         "retention_op",
-        lambda backend, *a, state_grad, recompute: (used.append((backend, state_grad)), real("torch", *a))[1],
+        lambda backend, *a, state_grad, recompute, keep_state: (
+            used.append((backend, state_grad, keep_state)),
+            real("torch", *a),
+        )[1],
     )
 
     class Segment:  # stands in for parallel.context's segment: no earlier ranks
@@ -57,10 +61,10 @@ def test_context_parallel_asks_for_the_state_gradient(monkeypatch):
 
     msr = make_model().layers[0].retention
     q, k, v = torch.randn(1, 8, 2, msr.key_dim), torch.randn(1, 8, 2, msr.key_dim), torch.randn(1, 8, 2, msr.head_dim)
-    ctx = SequenceContext(None, None, decay_log_gammas(2), torch.arange(8)[None], None, "chunkwise", 4)
+    ctx = SequenceContext(None, None, decay_log_gammas(2), torch.arange(8)[None], None, "chunkwise", 4, False)
     msr.retention_core(q, k, v, ctx, None)
     context_parallel_core(msr)(q, k, v, ctx, Segment())
-    assert used == [("triton", False), ("triton", True)]
+    assert used == [("triton", False, False), ("triton", True, True)]
 
 
 def test_stacked_projections_match_separate_weights():

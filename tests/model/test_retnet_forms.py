@@ -93,6 +93,25 @@ def test_bf16_prefill_hands_decoding_an_fp32_state():
         assert (torch.cat(steps, 1).float() - ref[:, lo:]).abs().max() <= 0.08, pieces
 
 
+@pytest.mark.parametrize("mode", ["parallel", "chunkwise"])
+def test_bf16_forward_sums_the_state_exactly_only_when_returned(monkeypatch, mode):
+    """A training forward (no return_state) skips the torch forms' fp32 re-sum of the final state
+    (kernels/torch_retention._final_state); forward(return_state=True) runs it in every layer."""
+    import retnet_train.kernels.torch_retention as torch_retention
+
+    calls = []
+    real = torch_retention._final_state
+    monkeypatch.setattr(torch_retention, "_final_state", lambda *a: (calls.append(1), real(*a))[1])
+    model = make_model(d_model=64, n_heads=8, chunk_size=16).to(torch.bfloat16).train()
+    ids = torch.randint(0, VOCAB, (2, 64))
+    model(ids, labels=ids, mode=mode).loss.backward()
+    assert calls == []
+    with torch.no_grad():
+        state = model(ids, mode=mode, return_state=True).state
+    assert len(calls) == model.config.n_layers
+    assert all(layer.dtype == torch.float32 for layer in state.layers)
+
+
 def test_documents_reset_in_all_forms():
     model = make_model()
     lengths = [5, 11, 1, 15]
