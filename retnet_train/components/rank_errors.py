@@ -26,17 +26,17 @@ def process_rank() -> int:
 
 def print_error(error: Exception, rank: int) -> None:
     """`error: ...` on stderr; a SameOnEveryRank on a rank other than 0 only points at rank 0's."""
-    if rank == 0 or not isinstance(error, SameOnEveryRank):
+    if rank == 0 or not isinstance(error, SameOnEveryRank) or not wait_for_rank_0():
+        # (no stop signal in time: rank 0 may be slow or gone; printing it again loses nothing)
         print(f"error: {error}", file=sys.stderr, flush=True)
         return
-    wait_for_rank_0()
     print(f"error: rank {rank}: the same error as rank 0, which prints it", file=sys.stderr, flush=True)
 
 
-def wait_for_rank_0(timeout: float = RANK_0_GRACE_S) -> None:
-    """Until a stop signal or `timeout`. torchrun and DeepSpeed's launcher stop every rank once one has
-    exited: a rank leaving first could stop rank 0 before its stop handler is installed, and the
-    message with it. Leaving after rank 0 (which brings that signal) keeps it."""
+def wait_for_rank_0(timeout: float = RANK_0_GRACE_S) -> bool:
+    """Until a stop signal (True) or `timeout` (False). torchrun and DeepSpeed's launcher stop every rank
+    once one has exited: a rank leaving first could stop rank 0 before its stop handler is installed,
+    and the message with it. Leaving after rank 0 (which brings that signal) keeps it."""
     from .preemption import PreemptionHandler
 
     stop = PreemptionHandler()  # takes over a signal the entry point's handler recorded
@@ -45,6 +45,7 @@ def wait_for_rank_0(timeout: float = RANK_0_GRACE_S) -> None:
         while not stop.received and time.monotonic() < deadline:
             time.sleep(0.05)
     except KeyboardInterrupt:
-        pass  # Ctrl-C reached every rank: no need to wait
+        return True  # Ctrl-C reached every rank, rank 0 too
     finally:
         stop.restore()
+    return bool(stop.received)

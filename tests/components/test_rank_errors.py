@@ -30,7 +30,7 @@ def test_a_config_problem_is_the_same_on_every_rank(tmp_path, override, message)
 
 def test_rank_0_prints_in_full_and_the_others_point_at_it(monkeypatch, capsys):
     waits = []
-    monkeypatch.setattr(rank_errors, "wait_for_rank_0", lambda: waits.append(1))
+    monkeypatch.setattr(rank_errors, "wait_for_rank_0", lambda: waits.append(1) or True)
     shared, own = SameOnEveryRank("train.max_steps: must be >= 1"), ValueError("data.paths[0]=/x: no such file")
     for rank in (0, 3):
         print_error(shared, rank)
@@ -44,11 +44,23 @@ def test_rank_0_prints_in_full_and_the_others_point_at_it(monkeypatch, capsys):
     assert waits == [1]  # the pointer waits for rank 0 to go first
 
 
+def test_a_rank_that_rank_0_does_not_outlast_prints_the_error_in_full(monkeypatch, capsys):
+    """No stop signal within the wait (rank 0 slow to start, or gone): the message is printed again
+    rather than risk that nobody prints it."""
+    monkeypatch.setattr(rank_errors, "wait_for_rank_0", lambda: False)
+    print_error(SameOnEveryRank("train.max_steps: must be >= 1"), 1)
+    assert capsys.readouterr().err.splitlines() == ["error: train.max_steps: must be >= 1"]
+
+
+def test_the_wait_says_whether_the_stop_signal_came():
+    assert rank_errors.wait_for_rank_0(timeout=0.1) is False
+
+
 def test_the_wait_for_rank_0_ends_at_the_launchers_stop_signal():
     """torchrun SIGTERMs the other ranks once rank 0 has exited: they leave then, not at the timeout."""
     before = signal.getsignal(signal.SIGTERM)
     threading.Timer(0.2, os.kill, (os.getpid(), signal.SIGTERM)).start()
     began = time.monotonic()
-    rank_errors.wait_for_rank_0(timeout=30)
+    assert rank_errors.wait_for_rank_0(timeout=30) is True
     assert time.monotonic() - began < 10
     assert signal.getsignal(signal.SIGTERM) == before  # the handler it installed to wait is gone

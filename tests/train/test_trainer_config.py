@@ -97,8 +97,11 @@ def test_a_rank_0_that_starts_late_still_prints_the_shared_error(tmp_path):
         [*torchrun, str(late), *args], cwd=REPO, env=env(), capture_output=True, text=True, timeout=120
     )
     output = proc.stdout + proc.stderr
-    assert output.count("error: train.max_step: not a key of the trainer config") == 1, output
-    assert output.count("error: rank 1: the same error as rank 0, which prints it") == 1, output
+    full = output.count("error: train.max_step: not a key of the trainer config")
+    pointer = output.count("error: rank 1: the same error as rank 0, which prints it")
+    # rank 0's message is never lost; rank 1 points at it, or prints it too where rank 0 was slower than
+    # its wait (a loaded machine): one line from rank 1 either way
+    assert full >= 1 and full + pointer == 2, output
 
 
 def test_missing_data_names_the_path(tmp_path):
