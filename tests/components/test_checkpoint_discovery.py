@@ -212,3 +212,46 @@ def test_a_damaged_checkpoint_does_not_count_towards_keep_last(tmp_path):
     assert steps_there(tmp_path) == [30, 40, 45]
     manager.save(SavingEngine(), 50, {"step": 50})
     assert steps_there(tmp_path) == [45, 50]
+
+
+def test_checkpoints_are_ordered_by_step_not_by_name(tmp_path):
+    """Past 10^8 steps the tag outgrows its zero padding: step_100000000 is newer than step_99999999."""
+    for step in (99_999_999, 100_000_000):
+        save(tmp_path, step)
+    assert discovery.checkpoint_tags(str(tmp_path)) == ["step_99999999", "step_100000000"]
+    assert discovery.choose(str(tmp_path)).tag == "step_100000000"
+
+
+def test_a_checkpoint_one_step_newer_counts_as_newer(tmp_path):
+    manager = CheckpointManager(str(tmp_path), keep_last=5, rank=0)
+    save(tmp_path, 10)
+    save(tmp_path, 11)
+    with pytest.raises(ValueError, match=r"holds newer checkpoints \(step_00000011\)"):
+        resolve_resume(str(tmp_path / "step_00000010"), manager)
+
+
+class FailingEngine:
+    """A save that dies before DeepSpeed wrote anything (a full disk, a killed rank)."""
+
+    def save_checkpoint(self, directory, tag, client_state, save_latest):
+        os.makedirs(os.path.join(directory, tag), exist_ok=True)
+        raise OSError(28, "No space left on device")
+
+
+def test_a_save_over_an_earlier_save_of_its_step_starts_from_an_empty_directory(tmp_path):
+    """Resumed past a damaged step 20 (saved by 2 ranks), the run saves step 20 again on one rank: an
+    interrupted save leaves no COMPLETE marker of the old one behind (it would pass for whole), and a
+    finished one holds none of the old save's files (rank 1's RNG state would be restored on 2 ranks)."""
+    manager = CheckpointManager(str(tmp_path), keep_last=3, rank=0)
+    save(tmp_path, 10)
+    save(tmp_path, 20, files=("mp_rank_00_model_states.pt", "rng_rank0.pt", "rng_rank1.pt"))
+    truncate(tmp_path / "step_00000020" / "mp_rank_00_model_states.pt")
+    assert resolve_resume("auto", manager) == (str(tmp_path), "step_00000010")
+    with pytest.raises(OSError, match="No space left"):
+        manager.save(FailingEngine(), 20, {"step": 20})
+    assert not discovery.is_complete(str(tmp_path), "step_00000020")
+    assert discovery.choose(str(tmp_path)).tag == "step_00000010"
+    manager.save(SavingEngine(), 20, {"step": 20})
+    tag_dir = tmp_path / "step_00000020"
+    assert sorted(os.listdir(tag_dir)) == [discovery.COMPLETE, "mp_rank_00_model_states.pt", "rng_rank0.pt"]
+    assert discovery.recorded_files(str(tag_dir)) == ["mp_rank_00_model_states.pt", "rng_rank0.pt"]

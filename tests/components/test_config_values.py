@@ -94,6 +94,28 @@ def test_bad_value_fails_naming_its_key(values, message):
     assert str(exc.value) == message
 
 
+@pytest.mark.parametrize(
+    "values",
+    [
+        dict(profile__enabled=True, profile__start_step=25_000),  # the last step (train.max_steps) is profiled
+        dict(optim__decay_fraction=1.0),
+        dict(optim__min_lr_ratio=0.0),
+        dict(optim__min_lr_ratio=1.0),
+        dict(optim__warmup_steps=0),
+        dict(optim__grad_clip=0.0),
+        dict(optim__weight_decay=0.0),
+        dict(optim__betas=[0.0, 0.999]),
+        dict(checkpoint__keep_last=1),
+        dict(train__eval_interval=0),
+        dict(train__activation_memory_budget=1.0),
+        dict(deepspeed__offload_param=True, deepspeed__zero_stage=3),
+        dict(deepspeed__offload_optimizer=True, deepspeed__zero_stage=1),
+    ],
+)
+def test_values_at_the_edge_of_their_range_are_accepted(values):
+    check_values(with_values(**values))
+
+
 def test_the_first_bad_section_is_reported():
     cfg = with_values(wandb__mode="on", checkpoint__keep_last=0, train__device="tpu", optim__lr=0.0)
     with pytest.raises(ValueError, match="^optim.lr: must be > 0$"):

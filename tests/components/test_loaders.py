@@ -131,3 +131,32 @@ def test_no_validation_split_is_refused_unless_eval_interval_is_zero(tmp_path):
     check_data(cfg, VOCAB, 1)
     loader, val_loader = build_loaders(cfg, VOCAB, 0, 1)
     assert val_loader is None and next(iter(loader))["input_ids"].shape == (2, 8)
+
+
+def test_every_rank_evaluates_eval_batches_full_batches(tmp_path):
+    """train.eval_batches counts each rank's batches: W data-parallel ranks together evaluate W times the
+    sequences one rank does, each rank a full share."""
+    write_shard_dir(tmp_path / "web", position_tokens(1000), position_tokens(400), shard_tokens=300)
+    cfg = config(tmp_path / "web")  # eval_batches 2, micro_batch_size 2, seq_len 8
+    for world in (1, 2):
+        for rank in range(world):
+            _, val_loader = build_loaders(cfg, VOCAB, rank, world)
+            shapes = [tuple(batch["input_ids"].shape) for batch in val_loader]
+            assert shapes == [(2, 8)] * cfg.train.eval_batches, (world, rank)
+
+
+def test_a_megatron_prefix_missing_its_bin_names_the_missing_file(tmp_path):
+    """data.paths naming a Megatron prefix whose .bin is gone: the error says which half is missing, not
+    that the path does not exist (it is the prefix of the .idx that is there)."""
+    from test_megatron_source import write_mmidx
+
+    write_shard_dir(tmp_path / "web", position_tokens(1000), position_tokens(200), shard_tokens=300)
+    write_mmidx(tmp_path / "pile_text_document", [np.append(np.arange(10, 30), EOS)])
+    (tmp_path / "pile_text_document.bin").unlink()
+    cfg = config(tmp_path / "web", tmp_path / "pile_text_document")
+    prefix = tmp_path / "pile_text_document"
+    expected = f"{prefix}.bin is missing ({prefix}.idx exists; a Megatron dataset needs both)"
+    for check in (lambda: build_loaders(cfg, VOCAB, 0, 1), lambda: check_data(cfg, VOCAB, 1)):
+        with pytest.raises(ManifestError) as exc:
+            check()
+        assert str(exc.value).endswith(expected)

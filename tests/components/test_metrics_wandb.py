@@ -40,3 +40,20 @@ def test_records_of_steps_trained_again_after_a_resume_reach_wandb(tmp_path, mon
     assert [r["step"] for r in run.kept] == [10, 20, 30, 20, 30, 40]
     assert run.kept[3]["loss"] == 0.1  # the resumed run's record of step 20
     assert run.metrics[:2] == [("step", None), ("*", "step")]
+
+
+def test_a_value_not_known_is_null_in_the_file_and_left_out_of_the_console_and_wandb(tmp_path, monkeypatch, capsys):
+    """A record's None (no gradient norm on a skipped step, no MFU without a known peak): metrics.jsonl
+    keeps the key as null; the console line and W&B leave it out rather than chart or print a None."""
+    import json
+
+    run = FakeRun()
+    fake = SimpleNamespace(init=lambda **kw: run, errors=SimpleNamespace(Error=RuntimeError))
+    monkeypatch.setitem(sys.modules, "wandb", fake)
+    cfg = SimpleNamespace(mode="offline", project="p", entity=None, name=None, tags=[])
+    logger = MetricsLogger(str(tmp_path), True, cfg, {}, None)
+    logger.log({"step": 3, "loss": 0.5, "grad_norm": None, "mfu": None})
+    assert run.kept == [{"step": 3, "loss": 0.5}]
+    assert capsys.readouterr().out == "step 3 | loss 0.5\n"
+    lines = (tmp_path / "metrics.jsonl").read_text().splitlines()
+    assert [json.loads(line) for line in lines] == [{"step": 3, "loss": 0.5, "grad_norm": None, "mfu": None}]

@@ -1,5 +1,6 @@
 """components/rng.py: a rank's RNG state round trip, and CUDA states that load on another machine shape."""
 
+import os
 import random
 
 import numpy as np
@@ -7,6 +8,7 @@ import pytest
 import torch
 
 from retnet_train.components import rng
+from retnet_train.components.checkpoint import CheckpointManager
 from retnet_train.components.rng import load_rng_state, rng_state, seed_everything
 
 
@@ -74,3 +76,32 @@ def test_a_cuda_state_is_ignored_without_cuda(monkeypatch, key):
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
     monkeypatch.setattr(rng.torch.cuda, "set_rng_state", lambda *a: pytest.fail("no CUDA to set"))
     load_rng_state({**rng_state(), key: torch.zeros(1, dtype=torch.uint8)})
+
+
+class ClientStateEngine:
+    """DeepSpeed's save and load of the client state (the model-states file), nothing else."""
+
+    def save_checkpoint(self, directory, tag, client_state, save_latest):
+        os.makedirs(os.path.join(directory, tag), exist_ok=True)
+        torch.save(client_state, os.path.join(directory, tag, "mp_rank_00_model_states.pt"))
+
+    def load_checkpoint(self, directory, tag):
+        return tag, torch.load(os.path.join(directory, tag, "mp_rank_00_model_states.pt"), weights_only=False)
+
+
+def test_a_rank_without_a_saved_rng_state_reseeds_by_seed_rank_and_step(tmp_path):
+    """Resumed on more ranks than saved: rank 0 continues its saved generators; rank 1, which has no
+    rng_rank1.pt, seeds with train.seed + rank + 1_000_003 x step, which no rank started with (a run
+    seeds train.seed + rank): its dropout and sampling do not replay those of the run's first steps."""
+    engine = ClientStateEngine()
+    seed_everything(5)
+    CheckpointManager(str(tmp_path), keep_last=3, rank=0).save(engine, 7, {"train_state": {"step": 7}})
+    expected = draws()
+    seed_everything(0)
+    CheckpointManager(str(tmp_path), keep_last=3, rank=0).load(engine, "step_00000007", reseed=1234)
+    assert draws() == expected
+    CheckpointManager(str(tmp_path), keep_last=3, rank=1).load(engine, "step_00000007", reseed=1234)
+    assert torch.initial_seed() == 1234 + 1 + 1_000_003 * 7
+    resumed = draws()
+    seed_everything(1234 + 1 + 1_000_003 * 7)
+    assert resumed == draws()

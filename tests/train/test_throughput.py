@@ -1,6 +1,6 @@
 """The logged tokens/s: training time only, evaluation and checkpoint saves left out (fake clock)."""
 
-from retnet_train.components.metrics import Throughput
+from retnet_train.components.metrics import Throughput, mfu
 
 
 class FakeClock:
@@ -62,3 +62,10 @@ def test_peak_flops_by_gpu_name(monkeypatch):
         assert device_peak_flops(cuda, None) == peak, name
     assert device_peak_flops(cuda, 123e12) == 123e12  # train.peak_flops wins
     assert device_peak_flops(torch.device("cpu"), None) is None
+
+
+def test_mfu_is_over_every_device():
+    """tokens/s of the whole run x FLOPs per token against the peak of all `world` devices together."""
+    assert mfu(1000.0, 6e9, 1e13, world=1) == 0.6
+    assert mfu(1000.0, 6e9, 1e13, world=4) == 0.15
+    assert mfu(1000.0, 6e9, None, world=4) is None  # the device's peak is not known

@@ -127,6 +127,18 @@ def test_derived_values_and_sources():
         check_values(cfg)
 
 
+def test_context_parallel_ranks_share_their_micro_batches():
+    """The P ranks of a context-parallel group hold parts of the same sequences: the batch counts
+    world / P data-parallel ranks, so 8 ranks at P=2 accumulate as 4 ranks without it."""
+    cfg = TrainConfig()
+    cfg.model = {"arch": "retnet"}
+    cfg.data.seq_len, cfg.train.micro_batch_size, cfg.train.global_batch_tokens = 8192, 1, 4 * 2**20
+    cfg.parallel.context_parallel_size = 2
+    assert grad_accumulation(cfg, 8) == 128
+    cfg.parallel.context_parallel_size = 1
+    assert grad_accumulation(cfg, 4) == 128
+
+
 def test_bf16_mixed_is_deepspeeds_torch_autocast_with_fp32_weights():
     """fp32 weights (DeepSpeed's bf16 off), autocast to bf16, gradients reduced in fp32 (no module listed as
     lower-precision safe); at ZeRO 0 GuardedAdamW clips as under fp32; a checkpoint holds what fp32's does."""
@@ -246,6 +258,22 @@ def test_guarded_adamw_skips_nonfinite_and_clips():
     assert opt.last_grad_norm == pytest.approx(5.0)
     assert w.grad.norm().item() == pytest.approx(1.0)
     assert not torch.equal(w.detach(), torch.ones(3))
+
+
+def test_guarded_adamw_without_clipping_takes_plain_adamws_step():
+    """optim.grad_clip=0 is no clipping: the gradient stays whole, its norm is still recorded, and the
+    update is plain AdamW's, bit for bit."""
+    grad = torch.tensor([30.0, -40.0, 0.5])
+    w, ref = torch.nn.Parameter(torch.ones(3)), torch.nn.Parameter(torch.ones(3))
+    opt = GuardedAdamW([w], max_norm=0.0, lr=0.1, weight_decay=0.01)
+    plain = torch.optim.AdamW([ref], lr=0.1, weight_decay=0.01)
+    for _ in range(2):
+        w.grad, ref.grad = grad.clone(), grad.clone()
+        opt.step()
+        plain.step()
+    assert torch.equal(w.grad, grad) and not opt.overflow
+    assert opt.last_grad_norm == pytest.approx(grad.norm().item())
+    assert torch.equal(w.detach(), ref.detach())
 
 
 def test_wandb_offline_run_is_continued_after_resume(tmp_path):

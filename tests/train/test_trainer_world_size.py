@@ -220,6 +220,8 @@ def L(world, stage, precision="fp32"):
         (L(2, 1), L(2, 2), True),  # ZeRO 1 <-> 2
         (L(2, 2, "fp16"), L(2, 2, "fp32"), False),  # precision at the same layout, same files: DeepSpeed's business
         (L(2, 1, "bf16-mixed"), L(2, 1, "fp32"), False),  # both keep fp32 weights and optimizer state
+        (L(2, 0, "fp32"), L(1, 0, "bf16-mixed"), False),  # ... also at ZeRO 0 on another world size
+        (L(2, 1, "bf16-mixed"), L(1, 1, "fp32"), True),  # ... and converted for another world size
     ],
 )
 def test_plan(tmp_path, saved, current, universal):
