@@ -84,6 +84,17 @@ def test_sources_without_validation_are_skipped_with_a_warning(sources, tmp_path
         build_validation_loader({"c": (str(tmp_path / "c"), 1.0)}, SEQ, 4)
 
 
+def test_a_validation_split_of_exactly_seq_len_tokens_is_skipped_with_a_warning(sources, tmp_path):
+    """A window is seq_len + 1 tokens: a split of exactly seq_len holds none, so its source is left out
+    with the warning (not an error that stops the run, as one too short for a window would be)."""
+    write_shard_dir(tmp_path / "e", position_tokens(500, offset=300_000), position_tokens(SEQ, offset=350_000))
+    with pytest.warns(UserWarning, match=f"'e' .* has no validation split with more than {SEQ} tokens"):
+        loader = build_validation_loader({**sources, "e": (str(tmp_path / "e"), 1.0)}, SEQ, 64)
+    assert loader.batch_sources == ["a", "b"]
+    write_shard_dir(tmp_path / "f", position_tokens(500, offset=400_000), position_tokens(SEQ + 1, offset=450_000))
+    assert build_validation_loader({"f": (str(tmp_path / "f"), 1.0)}, SEQ, 64).batch_sources == ["f"]
+
+
 def test_too_small_for_world_size(tmp_path):
     write_shard_dir(tmp_path / "t", position_tokens(500), position_tokens(20))
     with pytest.raises(ManifestError, match="fewer than dp_world_size=4"):

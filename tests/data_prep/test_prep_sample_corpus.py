@@ -44,6 +44,31 @@ def test_corpus_is_sorted_utf8_and_capped():
         f.read_text(encoding="utf-8")
 
 
+def test_corpus_skips_installed_packages_bad_and_empty_files_and_stops_at_the_cap(tmp_path, monkeypatch):
+    """What a corpus is made of, on a stdlib tree of known files: sorted .py files that are UTF-8 and not
+    empty, none from site-packages or dist-packages (a Python built from source installs packages under its
+    stdlib path: the corpus would depend on them), taken in order until the next would pass max_bytes."""
+    import data_prep.sample_corpus as sample_corpus
+
+    files = {
+        "a.py": b"x = 1\n" * 20,
+        "b/c.py": b"y = 2\n" * 20,
+        "bad.py": b"z = '\xff'\n",  # not UTF-8
+        "dist-packages/d.py": b"d = 1\n",
+        "empty.py": b"",
+        "lib/site-packages/s.py": b"s = 1\n",
+        "m.py": b"m = 3\n" * 100,  # does not fit: the corpus stops here
+        "n.py": b"n = 4\n",  # would fit, but comes after
+        "notes.txt": b"not python\n",
+    }
+    for name, data in files.items():
+        (tmp_path / name).parent.mkdir(parents=True, exist_ok=True)
+        (tmp_path / name).write_bytes(data)
+    monkeypatch.setattr(sample_corpus.sysconfig, "get_paths", lambda: {"stdlib": str(tmp_path)})
+    assert stdlib_source_files(500) == [tmp_path / "a.py", tmp_path / "b" / "c.py"]
+    assert stdlib_source_files(10_000) == [tmp_path / n for n in ("a.py", "b/c.py", "m.py", "n.py")]
+
+
 def test_outputs_match_the_tiny_preset(sample):
     card = json.loads((sample / "tokenizer.card.json").read_text())
     assert card["vocab_size"] == VOCAB_SIZE == 8192

@@ -55,6 +55,16 @@ def test_round_trip_decode_equals_input(tok, corpus, tmp_path):
     assert 0 < manifest.split("validation").documents < manifest.split("train").documents
 
 
+def test_a_validation_fraction_that_selects_no_document_is_warned_of(tok, corpus, tmp_path, capsys):
+    """The run goes on (train is all there is), but says that the validation split it was asked for is
+    empty: training would find no validation data only hours later."""
+    manifest = run(corpus, tok, tmp_path / "none", validation_fraction=1e-12)
+    assert capsys.readouterr().out == "warning: corpus: validation fraction 1e-12 selected no documents\n"
+    assert manifest.split("train").documents == sum(1 for t in corpus_texts() if t)
+    run(corpus, tok, tmp_path / "some")  # FRACTION selects some: nothing to warn of
+    assert "warning" not in capsys.readouterr().out
+
+
 def test_manifest_and_shard_files(tok, corpus, tmp_path):
     m = run(corpus, tok, tmp_path / "out")
     on_disk = read_manifest(tmp_path / "out")

@@ -5,7 +5,7 @@ from prep_helpers import SPECIAL_DOCS, corpus_texts, make_tokenizer, write_jsonl
 
 from data_prep.sources import parse_source
 from data_prep.tokenizer_card import TokenizerError, card_path_for, load_tokenizer
-from data_prep.train_tokenizer import train_tokenizer
+from data_prep.train_tokenizer import MAX_LINE_CHARS, train_tokenizer, training_lines
 from retnet_train.data.manifest import sha256_file
 
 
@@ -24,6 +24,15 @@ def test_lossless_round_trip(tok):
         assert tok.eos_id not in ids and tok.bos_id not in ids
         assert tok.processor.decode(ids) == text
     assert tok.processor.encode("\n") == [tok.processor.piece_to_id("\n")]  # newline is one piece
+
+
+def test_training_lines_split_long_lines_and_skip_blank_ones():
+    """sentencepiece drops a sentence longer than its limit: a long line is fed as consecutive pieces of
+    MAX_LINE_CHARS (all of its text, in order), blank and whitespace-only lines not at all."""
+    long = "".join(chr(ord("a") + i % 26) for i in range(2 * MAX_LINE_CHARS + 100))
+    lines = list(training_lines([f"first\n\n   \n{long}", "", "last line\n"]))
+    assert lines == ["first", long[:MAX_LINE_CHARS], long[MAX_LINE_CHARS:-100], long[-100:], "last line"]
+    assert all(len(line) <= MAX_LINE_CHARS for line in lines)
 
 
 def test_training_is_deterministic(tok, tmp_path):

@@ -5,6 +5,7 @@ import json
 import os
 
 import pytest
+import sentencepiece as spm
 import torch
 import yaml
 from gen_fixtures import VOCAB, tiny_config, tiny_model, train_tokenizer, write_deepspeed_checkpoint
@@ -98,6 +99,9 @@ def test_export_round_trip_and_tokenizer_checks(tmp_path, tokenizer):
     with pytest.raises(CheckpointError, match="vocabulary of 200 pieces, model has vocab_size=256"):
         load_model(out, tokenizer=str(small))
     cfg = json.loads((tmp_path / "exp" / "config.json").read_text())
+    sp = spm.SentencePieceProcessor(model_file=tokenizer)
+    assert sp.pad_id() == -1  # an id the tokenizer lacks is null in config.json, not -1
+    assert cfg["tokenizer"] == {"bos_token_id": sp.bos_id(), "eos_token_id": sp.eos_id(), "pad_token_id": None}
     cfg["format"] = "something-else"
     (tmp_path / "exp" / "config.json").write_text(json.dumps(cfg))
     with pytest.raises(CheckpointError, match="not a retnet-train export"):

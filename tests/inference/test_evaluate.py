@@ -52,6 +52,7 @@ def test_perplexity_matches_hand_computation(setup, capsys):
     assert (res["seq_len"], res["batch_size"], res["max_sequences"]) == (16, 3, None)
     assert res["loss"] == pytest.approx(loss, rel=1e-5)
     assert res["perplexity"] == pytest.approx(math.exp(loss), rel=1e-5)
+    assert res["bits_per_token"] == pytest.approx(loss / math.log(2), rel=1e-5)
     assert "sources" not in res  # one source: the loss is its own
 
 
@@ -249,6 +250,49 @@ def test_adapter_rolling_and_generate(setup):
     assert batched == single
     with pytest.raises(ValueError, match="pieces"):
         RetNetTrainLM(tiny_model("retnet", vocab_size=300), str(tok))
+
+
+def test_adapter_generate_until_settings_prompts_and_stop_strings(setup, monkeypatch):
+    """generate_until, with the generation itself replaced by a known completion: each request's
+    gen_kwargs become its sampling settings (greedy unless do_sample, whatever the temperature), a context
+    too long for max_length keeps its last tokens (those the continuation follows), and the text is cut at
+    the first stop string that occurs in it, whichever place it has in `until`."""
+    require_lm_eval()
+    from lm_eval.api.instance import Instance
+
+    import retnet_train.inference.lm_eval_adapter as adapter
+    from retnet_train.inference.generate import GenerationResult
+    from retnet_train.inference.sampling import SamplingParams
+
+    d, tok, model, exp, _ = setup
+    lm = adapter.RetNetTrainLM(model, str(tok), max_length=8, max_gen_toks=3)
+    completion = lm.tok_encode("one two. three four. five")
+    assert lm.sp.decode(completion) == "one two. three four. five"
+    calls = []
+
+    def fake_generate(model, prompts, params, **kw):
+        calls.append((prompts, params))
+        return GenerationResult([completion] * len(prompts), [False] * len(prompts), params.max_new_tokens)
+
+    monkeypatch.setattr(adapter, "generate", fake_generate)
+    ctx = "one two three four five six seven eight nine ten"
+    ids = lm.tok_encode(ctx)
+    assert len(ids) > 8
+    sampled = {"until": [], "do_sample": True, "temperature": 0.7, "top_k": 5, "top_p": 0.9, "max_gen_toks": 2}
+    requests = [
+        (ctx, {"until": [" four", "."]}),
+        (ctx, {"until": "five", "do_sample": False, "temperature": 0.7}),
+        (ctx, {**sampled, "seed": 3}),
+    ]
+    out = lm.generate_until([Instance("generate_until", {}, r, i) for i, r in enumerate(requests)])
+    assert out == ["one two", "one two. three four. ", "one two. three four. five"]
+    assert [params for _, params in calls] == [
+        SamplingParams(max_new_tokens=3, temperature=0.0),
+        SamplingParams(max_new_tokens=3, temperature=0.0),
+        SamplingParams(max_new_tokens=2, temperature=0.7, top_k=5, top_p=0.9, seed=3),
+    ]
+    # prompt + new tokens fit max_length=8: the prompt is the context's last 8 - max_gen_toks tokens
+    assert [prompts for prompts, _ in calls] == [[ids[-5:]], [ids[-5:]], [ids[-6:]]]
 
 
 def test_adapter_from_lm_eval_model_args(setup):

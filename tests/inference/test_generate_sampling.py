@@ -57,6 +57,22 @@ def test_sampling_filters():
     assert torch.equal(sample(logits[:5], SamplingParams(top_k=1), g), torch.zeros(5, dtype=torch.long))
 
 
+def test_temperature_top_k_and_top_p_compose():
+    """--temperature with --top-k and --top-p (the CLI passes all three): the logits are scaled first, the
+    top-k cut, then the top-p prefix taken of the scaled, cut distribution; none of them is skipped."""
+    logits = torch.tensor([[2.0, 1.0, 0.5, 0.0, -1.0, -3.0]]).repeat(6000, 1)
+    scaled = logits[0] / 2.0  # temperature 2
+    probs = scaled[:4].softmax(-1)  # top_k 4: [.409, .248, .193, .150]
+    keep = int(((probs.cumsum(0) - probs) < 0.75).sum())  # top_p 0.75: the first 3 (0.85 >= 0.75)
+    expected = probs[:keep] / probs[:keep].sum()
+    assert keep == 3  # at temperature 1 top_p would keep 2, without top_p top_k keeps 4
+    g = torch.Generator().manual_seed(0)
+    drawn = sample(logits, SamplingParams(temperature=2.0, top_k=4, top_p=0.75), g)
+    freq = torch.bincount(drawn, minlength=6).float() / len(drawn)
+    assert set(drawn.tolist()) == set(range(keep))
+    torch.testing.assert_close(freq[:keep], expected, atol=0.03, rtol=0)
+
+
 @pytest.mark.parametrize("temperature", [1e-40, 1e-46, 1e-300])
 @torch.no_grad()
 def test_a_tiny_temperature_is_greedy(temperature):
@@ -86,6 +102,12 @@ def test_a_tiny_temperature_is_greedy(temperature):
 def test_invalid_sampling_parameters(kw, msg):
     with pytest.raises(ValueError, match=msg):
         generate(tiny_model(), [[1, 2]], SamplingParams(**kw))
+
+
+def test_top_k_of_the_whole_vocabulary_is_accepted():
+    """top_k may be the vocabulary size (it keeps every token): only a larger one is refused."""
+    res = generate(tiny_model(), [[1, 2]], SamplingParams(max_new_tokens=2, top_k=VOCAB, seed=0))
+    assert len(res.tokens[0]) == 2
 
 
 def test_invalid_prompts():
