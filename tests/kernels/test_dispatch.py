@@ -83,3 +83,18 @@ def test_auto_prefers_the_triton_kernels_on_nvidia(monkeypatch, hip, key_dim, fl
     monkeypatch.setattr(kernels, "triton_available", lambda: True)
     monkeypatch.setattr(kernels, "fla_available", lambda: fla)
     assert kernels.resolve_backend("auto", torch.device("cuda"), key_dim) == expected
+
+
+@pytest.mark.parametrize("backend", ["triton", "fla"])
+@pytest.mark.parametrize("hip", [None, "6.2"])
+def test_an_explicit_gpu_backend_runs_where_it_is_available(monkeypatch, backend, hip):
+    """retention_backend=triton or fla on a GPU is what runs (on ROCm too, and at any key dim: `auto`
+    alone chooses), or is refused naming what to install; never silently the torch path."""
+    monkeypatch.setattr(torch.version, "hip", hip)
+    for name in ("triton", "fla"):
+        monkeypatch.setitem(kernels.GPU_BACKENDS, name, (lambda: True, kernels.GPU_BACKENDS[name][1]))
+    assert kernels.resolve_backend(backend, torch.device("cuda"), 512) == backend
+    missing = kernels.GPU_BACKENDS[backend][1]
+    monkeypatch.setitem(kernels.GPU_BACKENDS, backend, (lambda: False, missing))
+    with pytest.raises(ValueError, match=f"model.retention_backend={backend} needs"):
+        kernels.resolve_backend(backend, torch.device("cuda"), 64)

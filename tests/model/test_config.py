@@ -149,3 +149,18 @@ def test_value_factor_giving_a_fractional_value_dim_is_refused(d_model, n_heads,
     # a factor written as value_dim / d_model (as torchscale's import does) is a whole number of dims
     assert RetNetConfig(d_model=768, n_heads=4, value_factor=1280 / 768).value_dim == 1280
     RetNetConfig(d_model=768, n_heads=4, value_factor=1280 / 768).validate()
+
+
+@pytest.mark.parametrize("arch", ["retnet", "transformer"])
+def test_heads_that_do_not_divide_d_model_are_refused(arch):
+    """d_model=100 over 8 heads would pass every other check (head dim 12, even; value dim 200 divisible
+    by 8) and silently build heads of 12 = 96 / 8 dims."""
+    with pytest.raises(ValueError, match=r"\.n_heads: 8 does not divide d_model=100"):
+        model_config_from_dict(dict(arch=arch, vocab_size=10, d_model=100, n_layers=1, n_heads=8, ffn_dim=8))
+
+
+def test_transformer_head_dim_must_be_even():
+    """RoPE rotates pairs: a head dim of 15 is refused by the config, naming it, not by a shape error in the
+    rotation at the first forward."""
+    with pytest.raises(ValueError, match=r"TransformerConfig\.n_heads: head dim 15 must be even"):
+        TransformerConfig(vocab_size=10, d_model=30, n_layers=1, n_heads=2, ffn_dim=8).validate()

@@ -123,3 +123,47 @@ def test_a_cast_to_bf16_keeps_the_architectures_constants_exact(arch):
 def test_empty_input_ids_raise_naming_them(mode, shape):
     with pytest.raises(ValueError, match=r"input_ids is empty \(shape \(%d, %d\)\)" % shape):
         make_model()(torch.zeros(shape, dtype=torch.long), mode=mode)
+
+
+@pytest.mark.parametrize("norm", ["layernorm", "rmsnorm"])
+def test_gated_norm_is_the_swish_gate_times_each_heads_norm(norm):
+    """gated_norm(g, o, factor) = swish(g) * GroupNorm(o * factor), a group per head: each head's V values
+    normalized with the config's norm_eps (large here, so that it shows) and, with head_norm_affine, scaled
+    by that head's own weights."""
+    torch.manual_seed(0)
+    H, V = 2, 16
+    cfg = RetNetConfig(
+        vocab_size=VOCAB, d_model=16, n_layers=1, n_heads=H, ffn_dim=32, norm=norm, norm_eps=0.5, head_norm_affine=True
+    )
+    msr = RetNetForCausalLM(cfg).layers[0].retention
+    assert msr.group_norm_weight.shape == (H * V,)
+    with torch.no_grad():
+        msr.group_norm_weight.copy_(torch.randn(H * V))
+    o, g, factor = 0.3 * torch.randn(2, 3, H, V), torch.randn(2, 3, H * V), torch.rand(2, 3, H, 1) + 0.5
+    x = (o * factor).double()
+    if norm == "layernorm":
+        x = x - x.mean(-1, keepdim=True)
+    normed = x / (x.pow(2).mean(-1, keepdim=True) + 0.5).sqrt() * msr.group_norm_weight.double().view(H, V)
+    want = torch.nn.functional.silu(g.double()) * normed.flatten(-2)
+    with torch.no_grad():
+        torch.testing.assert_close(msr.gated_norm(g, o, factor).double(), want, rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("init", ["torchscale", "scaled_normal"])
+def test_init_draws_each_weight_at_its_scheme_std(init):
+    """torchscale: embedding and LM head N(0, d^-1/2). scaled_normal (GPT-NeoX small_init + wang_init):
+    std sqrt(2 / 5d) everywhere but the residual output projections (out_proj, fc2), 2 / (L sqrt d)."""
+    torch.manual_seed(0)
+    d, L = 256, 8
+    model = RetNetForCausalLM(RetNetConfig(vocab_size=512, d_model=d, n_layers=L, n_heads=2, ffn_dim=512, init=init))
+    small, out = (2 / (5 * d)) ** 0.5, 2 / (L * d**0.5)
+    want = {"embed_tokens.weight": d**-0.5, "lm_head.weight": d**-0.5}
+    if init == "scaled_normal":
+        want = {"embed_tokens.weight": small, "lm_head.weight": small}
+        for name in ("retention.qkv_proj", "retention.g_proj", "ffn.fc1"):
+            want[f"layers.3.{name}.weight"] = small
+        for name in ("retention.out_proj", "ffn.fc2"):
+            want[f"layers.3.{name}.weight"] = out
+    params = dict(model.named_parameters())
+    for name, std in want.items():
+        assert abs(params[name].std().item() / std - 1) < 0.03, (name, params[name].std().item(), std)
