@@ -105,3 +105,15 @@ def test_state_is_refused_under_context_parallel():
     for kw in (dict(return_state=True), dict(state=state)):
         with pytest.raises(ValueError, match="context parallel"):
             model(torch.randint(0, VOCAB, (B, T // 2)), **kw)
+
+
+def test_loss_weight_is_the_group_tokens_over_p(monkeypatch):
+    """A context-parallel rank's loss is P * (its token-loss sum) / (the group's valid tokens), so it stands for
+    group tokens / P: the P ranks' weights sum to the group's valid tokens (validation's token count), not P
+    times them. Without context parallelism a rank's weight is its own valid tokens."""
+    from retnet_train.parallel import ContextParallel, loss_weight
+
+    labels = torch.tensor([[1, -100, 2, 3]])  # 3 valid labels here
+    monkeypatch.setattr(dist, "all_reduce", lambda t, group=None: t.add_(5))  # 5 on the other rank
+    assert loss_weight(ContextParallel(None, 0, 2), labels).item() == (3 + 5) / 2
+    assert loss_weight(None, labels).item() == 3
