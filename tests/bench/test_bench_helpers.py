@@ -47,6 +47,15 @@ def test_cudnn_flash_attention_is_not_a_gemm():
     assert time_breakdown(FakeProfile(rows)) == {"flash_attention": 0.75, "gemm": 0.25}
 
 
+def test_runtime_call_rows_are_not_kernels():
+    """cudaDeviceSynchronize / cudaLaunchKernel rows show device time that is their kernels' own: neither the
+    breakdown nor the top list counts it."""
+    rows = [("nvjet_sm90_tst_256x128_gemm", 300.0, 1), ("cudaDeviceSynchronize", 900.0, 1)]
+    rows += [("cudaLaunchKernel", 500.0, 4), ("Memset (Device)", 100.0, 1)]
+    assert time_breakdown(FakeProfile(rows)) == {"gemm": 0.75, "elementwise_other": 0.25}
+    assert top_kernels(FakeProfile(rows)) == [[0.75, 1, "nvjet_sm90_tst_256x128_gemm"], [0.25, 1, "Memset (Device)"]]
+
+
 def test_our_triton_retention_kernels_count_as_retention():
     rows = [("_apply_kernel", 300.0, 4), ("_states_pair_kernel", 100.0, 1), ("_states_kernel", 100.0, 1)]
     rows += [("triton_poi_fused_add_mul_3", 500.0, 8)]

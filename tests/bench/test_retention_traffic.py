@@ -19,6 +19,20 @@ def test_forward_output_pass_reads_q_v_states_scores_and_writes_o():
     assert passes["backward: both state scans"] == 2 * 32 + 2 * 64 + 2 * 32 + 2 * 32
 
 
+def test_backward_passes_read_and_write_each_tensor_once():
+    """B 1, T 8, H 1, K 2, V 4, chunk 4, bf16: q/k/dq/dk 32 B, v/dO/dv 64, S or dG 32, A or dA 64. dq and dk
+    each read dO, q or k, the states and dA and write their gradient; dv reads q, dO, the states and A."""
+    passes = dict((label, nbytes) for label, _, nbytes in triton_passes(1, 8, 1, 2, 4, 4))
+    qk, vo, states, scores = 32, 64, 32, 64
+    assert passes["backward: scores dO v"] == 2 * vo + scores
+    assert passes["backward: dq"] == vo + qk + states + scores + qk
+    assert passes["backward: dk"] == vo + qk + states + scores + qk
+    assert passes["backward: scores q k"] == 2 * qk + scores
+    assert passes["backward: dv"] == qk + vo + states + scores + vo
+    # the forward's scores: q, k read, A written, fp32 row sums (8 tokens x 4 // 16 = 0 per row here), z
+    assert passes["forward: scores q k (row sums)"] == 2 * qk + scores + 0 + 16
+
+
 def test_segments_add_the_carry_pass_after_the_scan():
     one = [kind for _, kind, _ in triton_passes(1, 8192, 8, 256, 512, 256, segments=1)]
     two = triton_passes(1, 8192, 8, 256, 512, 256, segments=2)

@@ -139,6 +139,16 @@ def test_pre_ampere_gpu_has_no_bf16(v100):
     assert rep.lines[1:] == [("warn", "bf16 is not supported on this GPU")]
 
 
+def test_more_processes_than_visible_gpus_fail(v100):
+    """--nproc-per-node one above the visible GPUs fails, naming both; equal to them passes."""
+    rep = pf.Report()
+    pf.check_gpus(rep, nproc_per_node=2, required_by=None, require_bf16=False)
+    assert rep.failures == ["--nproc-per-node=2 but only 1 GPU(s) are visible"]
+    rep = pf.Report()
+    pf.check_gpus(rep, nproc_per_node=1, required_by=None, require_bf16=False)
+    assert rep.failures == []
+
+
 @pytest.mark.parametrize("precision, fails", [("bf16", True), ("bf16-mixed", True), ("fp16", False), ("fp32", False)])
 def test_bf16_check_follows_the_configs_precision(v100, precision, fails):
     from retnet_train.preflight.cli import _check_node

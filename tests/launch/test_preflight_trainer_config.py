@@ -141,6 +141,18 @@ def test_profile_ranks_outside_the_world_fail_the_preflight(tmp_path, capsys):
     assert pf.main(["--nproc-per-node", "4", "--", "experiment=tiny_cpu", "train.micro_batch_size=2", *run]) == 0
 
 
+def test_the_world_size_checked_is_every_nodes_processes(monkeypatch):
+    """The batch arithmetic and profiled ranks are checked for nnodes x nproc-per-node ranks, on this node's
+    rank; without --nproc-per-node the world size is unknown (None)."""
+    seen = []
+    monkeypatch.setattr(preflight_cli, "compose_trainer_config", lambda overrides: "cfg")
+    monkeypatch.setattr(preflight_cli, "trainer_view", lambda cfg, world, rank: seen.append((cfg, world, rank)))
+    parse = pf.build_parser().parse_args
+    preflight_cli._trainer_view(parse(["--nnodes", "4", "--node-rank", "3", "--nproc-per-node", "8"]), [])
+    preflight_cli._trainer_view(parse(["--nnodes", "2"]), [])
+    assert seen == [("cfg", 32, 3), ("cfg", None, 0)]
+
+
 def test_run_dir_is_checked_on_the_node_of_rank_0_alone(tmp_path):
     """Only rank 0 writes run.dir (config.yaml, metrics): it may lie on node 0's own disk, which the
     other nodes do not have; checkpoint.dir is what every node writes."""

@@ -95,6 +95,14 @@ def test_rocm_mi300x_and_slingshot_settings():
     assert "--require-gpu" not in step and "--vendor" not in step
 
 
+@pytest.mark.parametrize("vendor", ["nvidia", "rocm"])
+def test_sbatch_defaults_nccl_debug_to_warn(vendor):
+    """Unset by the user, NCCL_DEBUG is WARN on every node: a failing collective prints its reason."""
+    r = run(f"launch/slurm/{vendor}.sbatch", "--dry-run", "--allow-cpu", "model=tiny", env=fake_slurm("n[1-2]", 2))
+    assert r.returncode == 0, r.stderr
+    assert [env_block(sec)["NCCL_DEBUG"] for sec in node_sections(r.stdout)] == ["WARN", "WARN"]
+
+
 @pytest.mark.parametrize(
     "script, args, env, fragment",
     [
