@@ -341,3 +341,20 @@ def test_cli_run_stopped_in_a_later_source_resumes_keeping_the_finished_ones(
     (a_dir / read_manifest(a_dir).split("train").shards[0].file).write_bytes(b"x")
     with pytest.raises(SystemExit, match=r"a/manifest.json: finished output .* has damaged shards"):
         tokenize_mod.main(args)
+
+
+def test_empty_texts_count_in_neither_split():
+    """Only non-empty texts are documents: where every one of them falls into validation, the source is
+    refused even when empty texts would have landed in train."""
+    import datasets
+
+    texts = ["", "alpha", "", "beta", "", "gamma", ""] * 3
+    fraction, seed = 0.5, 0
+    in_val = validation_mask(np.arange(len(texts)), fraction, seed)
+    nonempty = np.array([bool(t) for t in texts])
+    counts = tokenize_mod._split_documents(datasets.Dataset.from_dict({"text": texts}), fraction, seed)
+    assert counts == {
+        "train": int(np.count_nonzero(nonempty & ~in_val)),
+        "validation": int(np.count_nonzero(nonempty & in_val)),
+    }
+    assert sum(counts.values()) == 9
