@@ -157,3 +157,38 @@ def test_fla_model_loads_export_and_matches_on_gpu(tmp_path):
     # fla's Triton kernels may use TF32 for fp32 dots: a loose bound, but a wrong mapping is O(1) off
     torch.testing.assert_close(got, ref, rtol=1e-2, atol=1e-2)
     assert (got.argmax(-1) == ref.argmax(-1)).float().mean() > 0.99
+
+
+@torch.no_grad()
+def test_shared_head_norm_scale_and_norm_eps_are_exported(tmp_path):
+    """head_norm_affine=true with one scale shared by all heads (what fla's g_norm holds): exported as
+    g_norm_swish_gate.weight, not ones, with logits equal to fla's math; config.json has the model's eps."""
+    model = tiny_model("retnet", **fla_compatible(head_norm_affine=True, norm_eps=1e-5)).double()
+    _randomize_norms(model)
+    for block in model.layers:  # one scale per value dimension, the same in every head
+        w = block.retention.group_norm_weight
+        w.copy_(torch.rand(w.numel() // 2, dtype=w.dtype).add(0.5).repeat(2))
+    assert fla_compatibility(model) == []
+    save_fla(model, str(tmp_path / "fla"))
+    cfg = json.loads((tmp_path / "fla" / "config.json").read_text())
+    sd = load_file(str(tmp_path / "fla" / "model.safetensors"))
+    assert cfg["norm_eps"] == 1e-5
+    Vh = model.config.value_head_dim
+    torch.testing.assert_close(
+        sd["model.layers.1.attn.g_norm_swish_gate.weight"], model.layers[1].retention.group_norm_weight[:Vh]
+    )
+    ids = torch.randint(0, VOCAB, (2, 23))
+    torch.testing.assert_close(fla_forward(sd, cfg, ids), model(ids, mode="parallel").logits, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize(
+    "kw,reason",
+    [
+        ({"gate_activation": "gelu"}, "gate_activation=gelu: fla's output gate is swish (silu)"),
+        ({"embed_scale": True}, "embed_scale=true: fla does not scale embeddings"),
+    ],
+)
+def test_gate_activation_and_embedding_scale_are_refused(kw, reason):
+    """fla's gate is swish and it does not scale its embeddings: anything else is refused by name."""
+    model = tiny_model("retnet", **fla_compatible(**kw))
+    assert fla_compatibility(model) == [reason]

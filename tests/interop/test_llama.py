@@ -144,3 +144,24 @@ def test_untied_weights_are_refused_by_a_tied_config():
     hf, config = llama()
     with pytest.raises(ValueError, match="tie_word_embeddings=true"):
         from_llama(hf.state_dict(), {**config.to_dict(), "tie_word_embeddings": True})
+
+
+def test_rotary_inv_freq_buffers_of_older_checkpoints_are_dropped():
+    """transformers < 4.31 saved each layer's rotary_emb.inv_freq: derived from the config, dropped."""
+    hf, config = llama()
+    sd = dict(hf.state_dict())
+    inv_freq = 1.0 / 10000.0 ** (torch.arange(0, 16, 2).float() / 16)
+    for i in range(BASE["num_hidden_layers"]):
+        sd[f"model.layers.{i}.self_attn.rotary_emb.inv_freq"] = inv_freq
+    ours = from_llama(sd, config).eval()
+    ids = torch.randint(0, BASE["vocab_size"], (1, 19))
+    with torch.no_grad():
+        assert (ours(ids).logits - hf(ids).logits).abs().max() <= TOLERANCE
+
+
+def test_llama_config_keeps_the_activation():
+    """llama_config writes the model's activation (gelu here), which config_from_llama reads back."""
+    ours = config_from_llama(transformers.LlamaConfig(**BASE, hidden_act="gelu"))
+    assert ours.activation == "gelu"
+    assert llama_config(ours)["hidden_act"] == "gelu"
+    assert config_from_llama(transformers.LlamaConfig(**llama_config(ours))).activation == "gelu"

@@ -126,3 +126,13 @@ def test_untied_weights_are_refused_by_a_tied_config():
     decoder = torchscale_decoder(BASE, 1.0)
     with pytest.raises(ValueError, match="share_decoder_input_output_embed=true"):
         from_torchscale(decoder.state_dict(), {**BASE, "share_decoder_input_output_embed": True})
+
+
+def test_chunkwise_recurrent_sets_the_default_mode_and_chunk():
+    """torchscale's chunkwise_recurrent / recurrent_chunk_size: our default forward form and its chunk."""
+    from retnet_train.interop.torchscale import config_from_torchscale
+
+    chunked = config_from_torchscale({**BASE, "chunkwise_recurrent": True, "recurrent_chunk_size": 32})
+    assert (chunked.mode, chunked.chunk_size) == ("chunkwise", 32)
+    parallel = config_from_torchscale(BASE)
+    assert (parallel.mode, parallel.chunk_size) == ("parallel", 512)

@@ -73,3 +73,62 @@ def test_eval_interval_zero_trains_without_validation(tmp_path, process_group): 
     assert trainer.val_loader is None
     assert sorted(r["step"] for r in records(run) if "loss" in r) == [1, 2]
     assert not [r for r in records(run) if "val_loss" in r]
+
+
+def test_log_cadence_interval_skipped_and_last_steps(shards, tmp_path, process_group):  # noqa: F811
+    """train.log_interval=2 over 5 steps, step 3 non-finite: logged at the interval (2, 4), at the skipped
+    step (3, loss None) and at the last step (5) though off the interval. train.eval_interval=2: validation
+    at steps 2, 4 and the last, 5."""
+    run = tmp_path / "run"
+    extra = {
+        "train.max_steps": 5,
+        "train.log_interval": 2,
+        "train.eval_interval": 2,
+        "train.inject_nonfinite_at": "[3]",
+    }
+    summary = Trainer(typed(shards, run, **extra)).train()
+    recs = train_records(run)
+    assert sorted(recs) == [2, 3, 4, 5]
+    assert [recs[s]["loss"] is None for s in (2, 3, 4, 5)] == [False, True, False, False]
+    assert [recs[s]["skipped_steps"] for s in (2, 3, 4, 5)] == [0, 1, 1, 1]
+    assert (summary["step"], summary["skipped_steps"], summary["loss"]) == (5, 1, recs[5]["loss"])
+    assert [r["step"] for r in records(run) if "val_loss" in r] == [2, 4, 5]
+
+
+def test_summary_loss_is_the_last_trained_steps(shards, tmp_path, process_group):  # noqa: F811
+    """The last step skipped (NaN loss): the summary's loss is step 1's, not the skipped step's."""
+    run = tmp_path / "run"
+    summary = Trainer(typed(shards, run, **{"train.max_steps": 2, "train.inject_nonfinite_at": "[2]"})).train()
+    recs = train_records(run)
+    assert recs[2]["loss"] is None and math.isfinite(recs[1]["loss"])
+    assert (summary["step"], summary["skipped_steps"], summary["loss"]) == (2, 1, recs[1]["loss"])
+
+
+def test_logged_loss_is_the_mean_over_micro_batches(shards, tmp_path, process_group):  # noqa: F811
+    """Step 1 (weights as initialised) over the same 4 sequences: 2 micro-batches of 2 log the loss that
+    one micro-batch of 4 does, the mean of both, not the last micro-batch's."""
+    logged = {}
+    for mbs in (2, 4):
+        run = tmp_path / f"mbs{mbs}"
+        trainer = Trainer(typed(shards, run, **{"train.max_steps": 1, "train.micro_batch_size": mbs}))
+        trainer.train()
+        assert trainer.accum == 4 // mbs
+        logged[mbs] = train_records(run)[1]["loss"]
+    assert logged[2] == pytest.approx(logged[4], rel=1e-5)
+
+
+def test_too_many_nonfinite_steps_save_the_stopping_step(shards, tmp_path, process_group):  # noqa: F811
+    """max_consecutive_nonfinite=2, NaN loss at steps 2 and 3: the run stops at step 3 with an error
+    that names the checkpoint it saved there (the weights step 1 made), off the checkpoint interval."""
+    from retnet_train.components.faults import TrainingError
+
+    run = tmp_path / "run"
+    extra = {"train.max_steps": 6, "train.inject_nonfinite_at": "[2,3]", "train.max_consecutive_nonfinite": 2}
+    trainer = Trainer(typed(shards, run, **extra))
+    with pytest.raises(TrainingError) as e:
+        trainer.train()
+    assert trainer.state.step == 3
+    ckpt = run / "checkpoints" / "step_00000003"
+    assert trainer.last_checkpoint == str(ckpt) and ckpt.is_dir()
+    assert sorted(p.name for p in (run / "checkpoints").iterdir() if p.name.startswith("step_")) == [ckpt.name]
+    assert "weights of the last good step (1)" in str(e.value)

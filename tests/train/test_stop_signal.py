@@ -42,3 +42,24 @@ def test_a_signal_during_the_last_step_is_a_finished_run(shards, tmp_path, proce
     assert summary["checkpoint"] == str(tmp_path / "run" / "checkpoints" / "step_00000003")
     out = capsys.readouterr().out
     assert "done at step 3" in out and "exiting (resume" not in out
+
+
+def test_a_signal_before_a_finished_run_starts_is_not_a_preemption(shards, tmp_path, process_group, capsys):  # noqa: F811
+    """A signal while a run that has nothing left to train loads its checkpoint (of step max_steps): the
+    run finishes (exit 0), not "preempted" (75, on which the SLURM scripts requeue it, to stop again)."""
+    run_dir = tmp_path / "run"
+    Trainer(typed(shards, run_dir, **{"train.max_steps": 2})).train()
+    capsys.readouterr()
+    trainer = Trainer(typed(shards, run_dir, **{"train.max_steps": 2}))
+    restore = trainer.restore
+
+    def signalled_restore():
+        os.kill(os.getpid(), signal.SIGUSR1)  # arrives while the checkpoint loads
+        restore()
+
+    trainer.restore = signalled_restore
+    summary = trainer.train()
+    assert (summary["step"], summary["preempted"]) == (2, False)
+    assert summary["checkpoint"] == str(run_dir / "checkpoints" / "step_00000002")
+    out = capsys.readouterr().out
+    assert "done at step 2" in out
