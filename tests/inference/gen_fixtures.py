@@ -164,3 +164,26 @@ def two_checkpoint_run(root: Path, tags: tuple) -> tuple:
     save = root / "run" / "checkpoints"
     refs = {tag: write_deepspeed_checkpoint(save, cfg, 2, client, steps=n, tag=tag) for n, tag in enumerate(tags, 1)}
     return tok, refs
+
+
+def require_lm_eval() -> None:
+    """A failure, not a skip: CI must install lm-eval (see the Makefile), else the adapter is untested."""
+    import pytest
+
+    try:
+        import lm_eval  # noqa: F401
+    except ImportError:
+        pytest.fail("lm-eval is not installed: pip install lm-eval==0.4.13")
+
+
+def eval_setup(tmp_path_factory) -> tuple:
+    """(directory, tokenizer, tiny RetNet, its native export, validation shards of TEXTS) for the
+    evaluate and lm-eval adapter tests."""
+    from retnet_train.inference.native import save_native
+
+    d = tmp_path_factory.mktemp("eval")
+    tok = train_tokenizer(d)
+    model = tiny_model("retnet")
+    exp = save_native(model, str(d / "exp"), str(tok))
+    tokens = write_shards(d / "shards", tok, TEXTS * 6)
+    return d, tok, model, exp, tokens

@@ -1,6 +1,6 @@
 """evaluate: validation perplexity over real shards equals the loss computed by hand; shards
-of another tokenizer are refused; the lm-eval adapter runs local tasks (no download) and its
-log-likelihoods equal direct model scores."""
+of another tokenizer are refused; --tasks runs local lm-eval tasks (no download) through the adapter
+(tests/inference/test_lm_eval_adapter.py holds the adapter itself)."""
 
 import json
 import math
@@ -10,28 +10,14 @@ import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
-from gen_fixtures import TEXTS, tiny_model, train_tokenizer, write_shards
+from gen_fixtures import TEXTS, eval_setup, require_lm_eval, write_shards
 
 from retnet_train.inference.evaluate import main, parse_data, perplexity
-from retnet_train.inference.native import save_native
-
-
-def require_lm_eval():
-    """A failure, not a skip: CI must install lm-eval (see the Makefile), else the adapter is untested."""
-    try:
-        import lm_eval  # noqa: F401
-    except ImportError:
-        pytest.fail("lm-eval is not installed: pip install lm-eval==0.4.13")
 
 
 @pytest.fixture(scope="module")
 def setup(tmp_path_factory):
-    d = tmp_path_factory.mktemp("eval")
-    tok = train_tokenizer(d)
-    model = tiny_model("retnet")
-    exp = save_native(model, str(d / "exp"), str(tok))
-    tokens = write_shards(d / "shards", tok, TEXTS * 6)
-    return d, tok, model, exp, tokens
+    return eval_setup(tmp_path_factory)
 
 
 def test_perplexity_matches_hand_computation(setup, capsys):
@@ -202,159 +188,6 @@ def test_lm_eval_local_tasks(setup, tmp_path, capsys, monkeypatch):
     assert res["tiny_mc"]["acc_stderr,none"] == pytest.approx(math.sqrt(p * (1 - p) / (len(mc) - 1)))
     bpb = res["tiny_ppl"]["bits_per_byte,none"]
     assert math.isfinite(bpb) and bpb > 0
-
-
-def test_adapter_rolling_and_generate(setup):
-    require_lm_eval()
-    from lm_eval.api.instance import Instance
-
-    from retnet_train.inference.generate import generate
-    from retnet_train.inference.lm_eval_adapter import RetNetTrainLM
-    from retnet_train.inference.sampling import SamplingParams
-
-    d, tok, model, exp, _ = setup
-    lm = RetNetTrainLM(model, str(tok), max_length=6, batch_size=2)
-    text = TEXTS[2]
-    toks = lm.tok_encode(text)
-    assert len(toks) > 6  # several rolling windows
-    [rolled] = lm.loglikelihood_rolling([Instance("loglikelihood_rolling", {}, (text,), 0)])
-
-    # lm-eval's windows (max 6 tokens, context 1), scored directly with the model
-    def score(inp, targets):
-        with torch.no_grad():
-            logp = F.log_softmax(model(torch.tensor([inp])).logits[0], -1)[-len(targets) :]
-        return float(logp.gather(-1, torch.tensor(targets)[:, None]).sum())
-
-    expected, done = score([lm.prefix_id] + toks[:5], toks[:6]), 6
-    while done < len(toks):
-        end = done + min(len(toks) - done, 6)
-        expected += score(toks[end - 7 : end - 1], toks[done:end])
-        done = end
-    assert rolled == pytest.approx(expected, rel=1e-5)
-    assert math.isfinite(rolled) and rolled < 0
-    # generate_until: greedy text cut at the stop string
-    ctx = "one two"
-    lm = RetNetTrainLM(model, str(tok), max_length=64)  # room for prompt + 5 new tokens
-    [out] = lm.generate_until([Instance("generate_until", {}, (ctx, {"until": ["\n\n"], "max_gen_toks": 5}), 0)])
-    ref = generate(model, [[lm.prefix_id] + lm.tok_encode(ctx)], SamplingParams(5, temperature=0), eos_id=lm.eos_id)
-    full = lm.sp.decode(ref.tokens[0])
-    assert out == full.split("\n\n")[0]
-    # a batch of requests (two share their arguments, one differs) gives each request's own result
-    args = [
-        ("The quick", {"until": ["."], "max_gen_toks": 4}),
-        ("def add(a, b):", {"until": ["."], "max_gen_toks": 4}),
-        ("one", {"until": ["\n"], "max_gen_toks": 3}),
-    ]
-    batched = lm.generate_until([Instance("generate_until", {}, a, i) for i, a in enumerate(args)])
-    single = [lm.generate_until([Instance("generate_until", {}, a, 0)])[0] for a in args]
-    assert batched == single
-    with pytest.raises(ValueError, match="pieces"):
-        RetNetTrainLM(tiny_model("retnet", vocab_size=300), str(tok))
-
-
-def test_adapter_generate_until_settings_prompts_and_stop_strings(setup, monkeypatch):
-    """generate_until, with the generation itself replaced by a known completion: each request's
-    gen_kwargs become its sampling settings (greedy unless do_sample, whatever the temperature), a context
-    too long for max_length keeps its last tokens (those the continuation follows), and the text is cut at
-    the first stop string that occurs in it, whichever place it has in `until`."""
-    require_lm_eval()
-    from lm_eval.api.instance import Instance
-
-    import retnet_train.inference.lm_eval_adapter as adapter
-    from retnet_train.inference.generate import GenerationResult
-    from retnet_train.inference.sampling import SamplingParams
-
-    d, tok, model, exp, _ = setup
-    lm = adapter.RetNetTrainLM(model, str(tok), max_length=8, max_gen_toks=3)
-    completion = lm.tok_encode("one two. three four. five")
-    assert lm.sp.decode(completion) == "one two. three four. five"
-    calls = []
-
-    def fake_generate(model, prompts, params, **kw):
-        calls.append((prompts, params))
-        return GenerationResult([completion] * len(prompts), [False] * len(prompts), params.max_new_tokens)
-
-    monkeypatch.setattr(adapter, "generate", fake_generate)
-    ctx = "one two three four five six seven eight nine ten"
-    ids = lm.tok_encode(ctx)
-    assert len(ids) > 8
-    sampled = {"until": [], "do_sample": True, "temperature": 0.7, "top_k": 5, "top_p": 0.9, "max_gen_toks": 2}
-    requests = [
-        (ctx, {"until": [" four", "."]}),
-        (ctx, {"until": "five", "do_sample": False, "temperature": 0.7}),
-        (ctx, {**sampled, "seed": 3}),
-    ]
-    out = lm.generate_until([Instance("generate_until", {}, r, i) for i, r in enumerate(requests)])
-    assert out == ["one two", "one two. three four. ", "one two. three four. five"]
-    assert [params for _, params in calls] == [
-        SamplingParams(max_new_tokens=3, temperature=0.0),
-        SamplingParams(max_new_tokens=3, temperature=0.0),
-        SamplingParams(max_new_tokens=2, temperature=0.7, top_k=5, top_p=0.9, seed=3),
-    ]
-    # prompt + new tokens fit max_length=8: the prompt is the context's last 8 - max_gen_toks tokens
-    assert [prompts for prompts, _ in calls] == [[ids[-5:]], [ids[-5:]], [ids[-6:]]]
-
-
-def test_adapter_from_lm_eval_model_args(setup):
-    """`lm_eval --model retnet-train --model_args checkpoint=...` builds the adapter from a string."""
-    require_lm_eval()
-    from lm_eval.api.instance import Instance
-    from lm_eval.api.registry import get_model
-
-    import retnet_train.inference.lm_eval_adapter  # noqa: F401  (importing registers the model name)
-
-    d, tok, model, exp, _ = setup
-    cls = get_model("retnet-train")
-    lm = cls.create_from_arg_string(f"checkpoint={exp},max_length=32,dtype=float32", {"batch_size": 2, "device": "cpu"})
-    direct = cls(model, str(tok), max_length=32)
-    reqs = [
-        Instance("loglikelihood", {}, ("one two", " three"), 0),
-        Instance("loglikelihood", {}, ("def add(a, b):", " return"), 1),
-    ]
-    got, ref = lm.loglikelihood(reqs), direct.loglikelihood(reqs)
-    assert [g[1] for g in got] == [r[1] for r in ref]
-    assert [g[0] for g in got] == pytest.approx([r[0] for r in ref], rel=1e-6)
-    with pytest.raises(ValueError, match="checkpoint="):
-        cls.create_from_arg_string("max_length=32")
-
-
-def test_adapter_from_lm_eval_cli_settings(setup, monkeypatch):
-    """lm-eval's CLI builds the model with create_from_arg_obj (a dict of --model_args) and passes its own
-    --batch_size as a string, --device as given (cuda:0 by default): a number is used, auto and a GPU
-    that is not there are refused naming the option, settings of other models (max_batch_size) ignored."""
-    require_lm_eval()
-    from lm_eval.api.registry import get_model
-
-    import retnet_train.inference.lm_eval_adapter  # noqa: F401  (importing registers the model name)
-
-    d, tok, model, exp, _ = setup
-    cls = get_model("retnet-train")
-    args = {"checkpoint": str(exp), "max_length": 32, "dtype": "float32"}
-    lm = cls.create_from_arg_obj(args, {"batch_size": "4", "max_batch_size": 64, "device": "cpu"})
-    assert lm.batch_size == 4 and lm.max_length == 32 and lm._device == torch.device("cpu")
-    with pytest.raises(ValueError, match=r"--batch_size 'auto': give a number of sequences \(auto is not supported\)"):
-        cls.create_from_arg_obj(args, {"batch_size": "auto", "device": "cpu"})
-    with pytest.raises(ValueError, match=r"--batch_size '0': must be >= 1"):
-        cls.create_from_arg_obj(args, {"batch_size": "0", "device": "cpu"})
-    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
-    with pytest.raises(ValueError, match=r"--device cuda:0, but no CUDA device is visible; pass --device cpu"):
-        cls.create_from_arg_obj(args, {"batch_size": 2, "device": "cuda:0"})
-    with pytest.raises(ValueError, match=r"--device 'gpu' is not a torch device"):
-        cls.create_from_arg_obj(args, {"device": "gpu"})
-
-
-def test_adapter_refuses_a_continuation_longer_than_max_length(setup):
-    """Cutting the window from the left would cut into the answer itself (it crashed in a gather)."""
-    require_lm_eval()
-    from lm_eval.api.instance import Instance
-
-    from retnet_train.inference.lm_eval_adapter import RetNetTrainLM
-
-    d, tok, model, exp, _ = setup
-    lm = RetNetTrainLM(model, str(tok), max_length=4)
-    long_answer = Instance("loglikelihood", {}, ("one", " two three four five six seven"), 0)
-    with pytest.raises(ValueError, match=r"^max_length=4 \(--max-length\): a continuation of \d+ tokens"):
-        lm.loglikelihood([long_answer])
 
 
 @pytest.mark.parametrize(

@@ -6,7 +6,7 @@ import json
 
 import pytest
 import torch
-from gen_fixtures import VOCAB, tiny_config, tiny_model, train_tokenizer, write_deepspeed_checkpoint
+from gen_fixtures import VOCAB, require_lm_eval, tiny_config, tiny_model, train_tokenizer, write_deepspeed_checkpoint
 
 from retnet_train.inference.errors import CheckpointError
 from retnet_train.inference.export import main as export_main
@@ -134,10 +134,6 @@ def test_a_document_start_after_eos_hides_what_came_before(arch):
     model.config.document_masking = False  # trained so: the EOS was seen, and is
     with_eos = [[EOS] + p for p in prompts]
     assert generate(model, with_eos, GREEDY, document_end_id=EOS).tokens == generate(model, with_eos, GREEDY).tokens
-
-
-def require_lm_eval():
-    pytest.importorskip("lm_eval", reason="tests/inference/test_evaluate.py fails when lm-eval is missing")
 
 
 def adapter(setup, framing, max_length=64):
