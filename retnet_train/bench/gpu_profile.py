@@ -25,8 +25,8 @@ CATEGORIES = [  # first match wins, by CUDA kernel name
     ("cross_entropy", ("cross_entropy", "softmax", "logsumexp", "nll")),
     ("norm", ("norm",)),
 ]
-# name prefixes of the rows that are not kernels: host ops and ranges (the device time they show is that
-# of the kernels they launched, which have rows of their own) and runtime calls
+# name prefixes of the rows that are not kernels: host ops and ranges (their device time counts their
+# kernels, which have rows of their own) and runtime calls
 NOT_KERNELS = ("aten::", "ProfilerStep", "##", "cuda", "Optimizer.")
 
 
@@ -52,7 +52,7 @@ def time_breakdown(prof) -> dict:
 
 
 def top_kernels(prof, n: int = 15) -> list:
-    """The n CUDA kernels with the most device time: [share, calls, name (its first 120 characters)]."""
+    """The n CUDA kernels with the most device time: [share, calls, name cut to 120 characters]."""
     rows = kernel_rows(prof)
     total = sum(r[0] for r in rows) or 1.0
     return [[round(us / total, 3), calls, name[:120]] for us, calls, name in sorted(rows, reverse=True)[:n]]
