@@ -64,12 +64,18 @@ def layer_bytes_per_token(
     compile: bool = False,
     activation_memory_budget: float = 1.0,
     doc_len: int = 0,
+    activation_checkpointing: str = "none",
 ) -> dict:
     """One training forward of a 2-layer `cfg` model: the second layer's kept bytes per token and its
     kept tensors, largest first. Compiled: a first forward and backward compile it."""
     torch.manual_seed(0)
     model = build_model(dataclasses.replace(cfg, n_layers=2)).to(device=device, dtype=dtype).train()
-    parallelize(model, compile=compile, activation_memory_budget=activation_memory_budget)
+    parallelize(
+        model,
+        compile=compile,
+        activation_memory_budget=activation_memory_budget,
+        activation_checkpointing=activation_checkpointing,
+    )
     g = torch.Generator(device=device).manual_seed(0)
     ids = torch.randint(0, cfg.vocab_size, (micro_batch, seq_len), device=device, generator=g)
     kwargs = {"labels": torch.roll(ids, -1, 1), "return_logits": False}
@@ -107,6 +113,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--compile", action="store_true", help="torch.compile each block as the trainer does")
     p.add_argument("--activation-memory-budget", type=float, default=1.0, help="with --compile: torch's budget")
     p.add_argument("--backend", default="auto", choices=RETENTION_BACKENDS, help="RetNet retention backend")
+    p.add_argument(
+        "--activation-checkpointing",
+        default="none",
+        choices=("none", "selective"),
+        help="with --compile: selective recomputes RetNet's retention core (counted by what the compiled block keeps)",
+    )
     p.add_argument("--doc-len", type=int, default=0, help="mean document length for doc_starts (0: none)")
     p.add_argument("--cpu", action="store_true", help="run on CPU (bf16 as on GPU)")
     return p
@@ -117,6 +129,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     args = p.parse_args(argv)
     if args.activation_memory_budget != 1.0 and not args.compile:
         p.error("--activation-memory-budget needs --compile")
+    if args.activation_checkpointing != "none" and not args.compile:
+        p.error("--activation-checkpointing needs --compile: eager recomputation keeps its inputs outside the hooks")
     return args
 
 
@@ -137,6 +151,7 @@ def main(argv=None):
             compile=args.compile,
             activation_memory_budget=args.activation_memory_budget,
             doc_len=args.doc_len,
+            activation_checkpointing=args.activation_checkpointing,
         )
         print(json.dumps(report_row(name, overrides, args, r)), flush=True)
 
@@ -151,6 +166,7 @@ def report_row(name: str, overrides: dict, args, measured: dict) -> dict:
         "micro_batch": args.micro_batch,
         "compile": args.compile,
         "activation_memory_budget": args.activation_memory_budget,
+        "activation_checkpointing": args.activation_checkpointing,
         "bytes_per_token_per_layer": round(measured["bytes_per_token"], 1),
         "bytes_per_token_by_tensor": measured["tensors"][:16],
     }

@@ -179,7 +179,7 @@ def timed_steps(engine, batch, ours: bool, steps: int, accum: int, timer: Timer)
     timer.sync()
     elapsed = time.perf_counter() - start
     phases = [sum(timer.ms(m[i], m[i + 1]) for m in marks) / steps for i in range(3)]
-    return Timing(loss, elapsed, phases)
+    return Timing(loss.detach(), elapsed, phases)  # detached: the graph would keep the engine (its hooks) alive
 
 
 def memory_fields(mem: MemoryUse, on_gpu: bool, warmed_up: bool = True) -> dict:
@@ -188,7 +188,6 @@ def memory_fields(mem: MemoryUse, on_gpu: bool, warmed_up: bool = True) -> dict:
     split = on_gpu and warmed_up
     return {
         # this model's own: what an earlier model in the process left allocated is not counted
-        # (on CUDA, ~the bf16 weights stay behind after release(); not reproducible on CPU).
         # CPU: the process's peak resident memory, which includes every earlier model's
         "peak_gib": round((mem.peak - mem.before) / 2**30, 2),
         # the peak above what stays allocated between steps: activations and temporaries

@@ -45,6 +45,15 @@ def test_retnet_layer_keeps_no_more_than_a_transformer_layer_compiled(inductor_p
     assert retnet["bytes_per_token"] < per_layer(RETNET)["bytes_per_token"]
 
 
+@pytest.mark.slow
+def test_selective_checkpointing_is_counted_in_the_compiled_block(inductor_partitioning):
+    """Recomputing the retention core (train.activation_checkpointing=selective) keeps its output's
+    2d-wide inputs out of what the block saves: the compiled block's saved tensors show it."""
+    kept = per_layer(RETNET, compile=True, activation_memory_budget=0.8)
+    selective = per_layer(RETNET, compile=True, activation_memory_budget=0.8, activation_checkpointing="selective")
+    assert selective["bytes_per_token"] <= kept["bytes_per_token"] - 2 * 2 * D, (selective, kept)
+
+
 def test_cli_prints_one_line_per_model_on_cpu(capsys):
     main(["--cpu", "--preset", "tiny", "--seq-len", "32", "--models", "retnet@chunk_size=16,transformer"])
     rows = [json.loads(line) for line in capsys.readouterr().out.splitlines()]
@@ -58,6 +67,7 @@ def test_cli_prints_one_line_per_model_on_cpu(capsys):
         "micro_batch": 1,
         "compile": False,
         "activation_memory_budget": 1.0,
+        "activation_checkpointing": "none",
         "bytes_per_token_per_layer": round(retnet["bytes_per_token"], 1),
         "bytes_per_token_by_tensor": retnet["tensors"][:16],
     }
@@ -68,6 +78,9 @@ def test_cli_refusals(capsys, monkeypatch):
     with pytest.raises(SystemExit) as e:
         main(["--cpu", "--preset", "tiny", "--activation-memory-budget", "0.5"])
     assert e.value.code == 2 and "error: --activation-memory-budget needs --compile" in capsys.readouterr().err
+    with pytest.raises(SystemExit) as e:
+        main(["--cpu", "--preset", "tiny", "--activation-checkpointing", "selective"])
+    assert e.value.code == 2 and "error: --activation-checkpointing needs --compile" in capsys.readouterr().err
     with pytest.raises(SystemExit, match=r"^--models: fla's model is not measured here \(retnet, transformer\)$"):
         main(["--cpu", "--preset", "tiny", "--models", "fla"])
     with pytest.raises(SystemExit, match=r"^--models: fla's model is not measured here"):

@@ -274,3 +274,25 @@ def test_a_row_says_when_an_earlier_models_memory_was_freed_during_it():
     assert earlier_memory_note(before=int(1.81 * gib), after=int(1.81 * gib) - 2**20) is None  # rounding
     note = earlier_memory_note(before=int(1.81 * gib), after=0)
     assert note.startswith("1.81 GiB") and "resident_gib and peak_gib may be low" in note
+
+
+def test_a_measured_models_engine_is_gone_when_measure_returns(monkeypatch):
+    """The engine sits in a reference cycle (DeepSpeed's gradient hooks), so only the garbage collector
+    frees it; measure runs it after release. If anything measure returns still reached the engine (the
+    last loss's autograd graph did, through the hooks), the collector would free it at some later
+    allocation, in the middle of the next model's run, whose memory figures would then be off."""
+    import weakref
+
+    from retnet_train.bench import throughput_measure, train_throughput
+
+    engines = []
+    release = throughput_measure.release
+    monkeypatch.setattr(throughput_measure, "release", lambda e: (engines.append(weakref.ref(e)), release(e)))
+    args = train_throughput.parse_args(
+        ["--cpu", "--preset", "tiny", "--seq-len", "64", "--steps", "1", "--warmup", "1", "--models", "retnet"]
+    )
+    name, _, cfg, build = train_throughput.model_specs(args.models, args.preset, args.backend)[0]
+    at_64 = train_throughput.args_at_length(args, 64, 1)
+    row = throughput_measure.measure(name, build, cfg, at_64, train_throughput.bench_device(True))
+    assert row["tokens_per_s"] > 0 and len(engines) == 1
+    assert engines[0]() is None
