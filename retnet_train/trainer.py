@@ -19,6 +19,7 @@ from omegaconf import OmegaConf
 
 from .components.banner import start_banner
 from .components.checkpoint import CheckpointManager, client_state, load_initial_weights, resolve_resume
+from .components.checkpoint_discovery import tag_step
 from .components.config import TrainConfig, check_values, checkpoint_dir, grad_accumulation
 from .components.distributed import all_reduce_step, any_rank, init_distributed, pick_device, raise_first_problem
 from .components.faults import OOM_HINT, NonFiniteTracker, TrainingError, inject, io_failure
@@ -127,6 +128,11 @@ class Trainer:
         return os.path.join(*self.source) if self.source else None
 
     @property
+    def resume_step(self) -> int:
+        """The step of the checkpoint this run resumes from, by its tag (0: none, or a tag not ours)."""
+        return (tag_step(self.source[1]) or 0) if self.source else 0
+
+    @property
     def stateful(self) -> dict:
         """The parts a checkpoint restores, by their name in its client state."""
         return {"train_state": self.state, "data_loader": self.loader}
@@ -229,8 +235,8 @@ class Trainer:
     def _stop_before_training(self) -> bool:
         """A stop signal on some rank before the first step, with steps left to train: nothing was trained,
         so nothing is saved (the same command starts again where this one would have)."""
-        if self.state.step >= self.cfg.train.max_steps:
-            return False  # nothing to train: the run finishes
+        if max(self.state.step, self.resume_step) >= self.cfg.train.max_steps:
+            return False  # nothing to train: the run finishes (before restore(), its checkpoint's tag says so)
         if not any_rank(bool(self.preempt.received), self.device):
             return False
         if self.is_main:

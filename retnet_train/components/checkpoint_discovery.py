@@ -31,6 +31,12 @@ def tag_for(step: int) -> str:
     return f"step_{step:08d}"
 
 
+def tag_step(tag: str) -> Optional[int]:
+    """The step in a tag that tag_for wrote, or None for another name (a checkpoint from elsewhere)."""
+    digits = tag.removeprefix("step_")
+    return int(digits) if digits != tag and digits.isdigit() else None
+
+
 def is_complete(directory: str, tag: str) -> bool:
     return os.path.isfile(os.path.join(directory, tag, COMPLETE))
 

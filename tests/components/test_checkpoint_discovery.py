@@ -255,3 +255,8 @@ def test_a_save_over_an_earlier_save_of_its_step_starts_from_an_empty_directory(
     tag_dir = tmp_path / "step_00000020"
     assert sorted(os.listdir(tag_dir)) == [discovery.COMPLETE, "mp_rank_00_model_states.pt", "rng_rank0.pt"]
     assert discovery.recorded_files(str(tag_dir)) == ["mp_rank_00_model_states.pt", "rng_rank0.pt"]
+
+
+def test_tag_step_reads_back_what_tag_for_wrote_and_nothing_else():
+    assert [discovery.tag_step(discovery.tag_for(s)) for s in (0, 7, 123_456_789)] == [0, 7, 123_456_789]
+    assert [discovery.tag_step(t) for t in ("global_step100", "step_", "step_12a", "best", "12")] == [None] * 5

@@ -71,3 +71,20 @@ def test_a_signal_on_one_rank_during_the_build_stops_every_rank(shards, tmp_path
     assert status.read_text() == "75\n", proc.stdout[-3000:] + proc.stderr[-3000:]
     assert "signal on another rank before training started: nothing saved" in proc.stdout
     assert not list((run_dir / "checkpoints").glob("step_*"))
+
+
+def test_a_signal_while_a_finished_run_is_built_ends_it_as_finished(shards, tmp_path, process_group):  # noqa: F811
+    """A finished run started again (its checkpoint at train.max_steps) has nothing to train, so a stop
+    signal during its build ends it as finished (0), not as preempted (75): the SLURM scripts would
+    requeue a 75 for nothing."""
+    run_dir = tmp_path / "run"
+    Trainer(typed(shards, run_dir, **{"train.max_steps": 2})).train()
+    ckpts = run_dir / "checkpoints"
+    before = {p.name: p.read_bytes() for p in (run_dir / "metrics.jsonl", ckpts / "latest")}
+
+    proc = signalled_run("build_model", "SIGTERM", overrides(shards, run_dir, **{"train.max_steps": 2}))
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    assert "already at step 2 >= train.max_steps=2: nothing to train" in proc.stdout
+    assert "before training started" not in proc.stdout
+    assert sorted(p.name for p in ckpts.glob("step_*")) == ["step_00000002"]
+    assert {p.name: p.read_bytes() for p in (run_dir / "metrics.jsonl", ckpts / "latest")} == before
