@@ -8,8 +8,8 @@ launch.py), and log to $FAKE_LOG as fake_launcher.py does.
                                   status when it is > 0, else 0
     fake_deepspeed.py -m deepspeed.launcher.launch
                                   launch.py: 2 workers (fake_launcher.py --worker) in its own process
-                                  group, then a handler for SIGTERM and SIGINT that SIGTERMs the workers,
-                                  waits for them and exits 1; a worker that fails makes it SIGTERM the
+                                  group; on SIGTERM or SIGINT it SIGTERMs the workers, waits for them
+                                  and exits 1; a worker that fails makes it SIGTERM the
                                   others and exit with that worker's status
 """
 
@@ -42,9 +42,7 @@ def launch() -> None:
     workers = [subprocess.Popen(cmd) for _ in range(2)]
     last_return_code = None
 
-    def stop_workers(signum, frame):
-        if frame is not None:  # a signal, not a failed worker
-            log(f"launch got {signal.Signals(signum).name}")
+    def stop_workers():
         for w in workers:
             if w.poll() is None:
                 w.terminate()
@@ -53,18 +51,28 @@ def launch() -> None:
         log(f"launch exited {last_return_code or 1}")
         sys.exit(last_return_code or 1)
 
-    signal.signal(signal.SIGINT, stop_workers)
-    signal.signal(signal.SIGTERM, stop_workers)
+    # The handler only records (launch.py stops the workers from its handler; here that would race with
+    # the loop's Popen.poll(), whose internal lock a signal can leave taken, and every wait() time out).
+    got: list[str] = []
+
+    def on_signal(signum, frame):
+        got.append(signal.Signals(signum).name)
+        log(f"launch got {got[-1]}")
+
+    signal.signal(signal.SIGINT, on_signal)
+    signal.signal(signal.SIGTERM, on_signal)
     alive = set(workers)
-    while alive:
+    while alive and not got:
         for w in list(alive):
             if w.poll() is None:
                 continue
             if w.returncode != 0:
                 last_return_code = w.returncode
-                stop_workers(signal.SIGTERM, None)
+                stop_workers()
             alive.discard(w)
         time.sleep(0.1)
+    if got:
+        stop_workers()
     log("launch exited 0")
 
 

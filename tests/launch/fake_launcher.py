@@ -59,37 +59,31 @@ def worker() -> None:
     sys.exit(75)
 
 
-class Shutdown(Exception):
-    def __init__(self, signum: int):
-        super().__init__(signum)
-        self.signum = signum
-
-
 def agent(args: list[str]) -> None:
     nproc = int(next(a for a in args if a.startswith("--nproc_per_node=")).split("=")[1])
     log(f"agent {os.getpid()} started: SIGUSR1 {disposition(signal.SIGUSR1)}, SIGINT {disposition(signal.SIGINT)}")
     time.sleep(float(os.environ.get("FAKE_RDZV_SECONDS", "0")))
     seen: list[str] = []
 
+    # The handler only records: an exception raised from it could land inside Popen.poll() after its
+    # internal lock was taken and before it was released, and every later wait() would then time out.
     def on_signal(signum, frame):
         seen.append(signal.Signals(signum).name)
         log(f"agent got {seen[-1]}")
         if seen.count("SIGTERM") > 1:
             log("agent aborted its shutdown")
             os._exit(99)
-        raise Shutdown(signum)
 
     for sig in (signal.SIGTERM, signal.SIGINT):
         signal.signal(sig, on_signal)
     cmd = [sys.executable, os.path.abspath(__file__), "--worker"]
     workers = [subprocess.Popen(cmd, start_new_session=True) for _ in range(nproc)]
-    try:
-        while any(w.poll() is None for w in workers):
-            time.sleep(0.02)
-    except Shutdown as stop:
+    while not seen and any(w.poll() is None for w in workers):
+        time.sleep(0.02)
+    if seen:  # shut down: the first signal goes on to the workers' groups
         for w in workers:
             try:
-                os.killpg(w.pid, stop.signum)
+                os.killpg(w.pid, signal.Signals[seen[0]])
             except ProcessLookupError:
                 pass
         for w in workers:
