@@ -19,7 +19,7 @@ import torch
 import torch.distributed as dist
 
 from . import checkpoint_discovery as discovery
-from .checkpoint_discovery import TAG_RE
+from .checkpoint_discovery import TAG_RE, tag_step
 from .rng import load_rng_state, rng_state, seed_everything
 from .run_dir import continues_run, same_path
 
@@ -132,14 +132,11 @@ def _saved_resume(tag_dir: str) -> Optional[str]:
 
 def _newer_valid(directory: str, tag: str) -> list:
     """The valid step_<N> checkpoints in `directory` newer than `tag` (none when tag is not a step_<N>)."""
-    if not TAG_RE.match(tag):
+    step = tag_step(tag)
+    if step is None:
         return []
-    newer = [t for t in discovery.complete_tags(directory) if _step(t) > _step(tag)]
+    newer = [t for t in discovery.complete_tags(directory) if tag_step(t) > step]
     return [t for t in newer if discovery.damage(directory, t) is None]
-
-
-def _step(tag: str) -> int:
-    return int(TAG_RE.match(tag).group(1))
 
 
 def _chosen(choice: "discovery.Choice", rank: int):
@@ -205,18 +202,18 @@ class CheckpointManager:
         # saves this run resumed past (resolve_resume refuses going back over valid ones): left as they are
         # until a save of that step replaces them. A damaged one below this save counts for nothing (else it
         # would push the last usable ones out) and stays until the kept window has moved past its step.
-        step = _step(keep)
+        step = tag_step(keep)
         kept = {keep}
-        for tag in reversed([t for t in self.complete_tags() if _step(t) < step]):  # newest first, checked
+        for tag in reversed([t for t in self.complete_tags() if tag_step(t) < step]):  # newest first, checked
             if len(kept) == self.keep_last:  # as far as needed (each check reads every shard's index)
                 break
             if discovery.damage(self.dir, tag) is None:
                 kept.add(tag)
-        oldest_kept = min(_step(t) for t in kept)
+        oldest_kept = min(tag_step(t) for t in kept)
         for tag in os.listdir(self.dir):
             if not TAG_RE.match(tag) or tag in kept:
                 continue
-            if not self.is_complete(tag) or _step(tag) < oldest_kept:  # never completed, or out of the window
+            if not self.is_complete(tag) or tag_step(tag) < oldest_kept:  # never completed, or out of the window
                 shutil.rmtree(os.path.join(self.dir, tag), ignore_errors=True)
 
     def existing(self) -> list:

@@ -33,8 +33,8 @@ def tag_for(step: int) -> str:
 
 def tag_step(tag: str) -> Optional[int]:
     """The step in a tag that tag_for wrote, or None for another name (a checkpoint from elsewhere)."""
-    digits = tag.removeprefix("step_")
-    return int(digits) if digits != tag and digits.isdigit() else None
+    match = TAG_RE.match(tag)
+    return int(match.group(1)) if match else None
 
 
 def is_complete(directory: str, tag: str) -> bool:
@@ -62,7 +62,7 @@ def checkpoint_tags(directory: str) -> list:
     """Every step_<N> dir in `directory`, complete or not, oldest first."""
     if not os.path.isdir(directory):
         return []
-    return sorted((t for t in os.listdir(directory) if TAG_RE.match(t)), key=lambda t: int(TAG_RE.match(t).group(1)))
+    return sorted((t for t in os.listdir(directory) if TAG_RE.match(t)), key=tag_step)
 
 
 def complete_tags(directory: str) -> list:

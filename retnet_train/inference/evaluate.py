@@ -26,7 +26,7 @@ from typing import Mapping, Optional
 
 import torch
 
-from ..components.checkpoint_discovery import TAG_RE
+from ..components.checkpoint_discovery import tag_step
 from ..components.validation import mean_loss
 from ..data import ManifestError, build_validation_loader, sha256_file
 from .cli import add_checkpoint_args, add_device_args, add_prompt_prefix_arg, compute_dtype, load_from_args
@@ -162,12 +162,12 @@ def measured_weights(loaded, checkpoint: str) -> dict:
     path = os.path.join(loaded.meta["save_dir"], loaded.meta["tag"]) if deepspeed else os.path.abspath(checkpoint)
     facts = loaded.checkpoint_facts
     tag = facts.get("tag")
-    step = TAG_RE.match(tag) if isinstance(tag, str) else None
+    step = tag_step(tag) if isinstance(tag, str) else None
     # the trainer's step is in its tag; DeepSpeed's own tags (global_stepN): its count of steps
     return {
         "checkpoint_path": path,
         "checkpoint_tag": tag,
-        "checkpoint_step": int(step.group(1)) if step else facts.get("global_steps"),
+        "checkpoint_step": step if step is not None else facts.get("global_steps"),
     }
 
 
