@@ -290,9 +290,9 @@ def measure(name, build, cfg, args, device):
 
 
 def earlier_memory_note(before: int, after: int) -> str | None:
-    """Why this row's memory split may be off, or None. On CUDA an earlier model's memory can stay
-    allocated after its release (before > 0) and be freed while a later model runs: then the later
-    model's resident_gib and peak_gib, both counted above `before`, come out low by up to that much."""
+    """Why this row's memory split may be off, or None. Memory still allocated when this model started
+    (`before`: measure frees each engine before the next, so normally ~0) that was freed while it ran
+    makes its resident_gib and peak_gib, both counted above `before`, low by up to that much."""
     freed = before - after
     if freed < 2**26:  # 64 MiB: the allocator's own rounding between two reads
         return None

@@ -264,8 +264,8 @@ def test_memory_fields_split_the_peak_only_after_a_warm_up_step():
 
 
 def test_a_row_says_when_an_earlier_models_memory_was_freed_during_it():
-    """On CUDA an earlier model's memory can outlive its release and be freed while a later model runs
-    (a 125m sweep's third model read resident_gib 0.0): the row then carries a note with the amount."""
+    """Memory an earlier model left allocated and that is freed while a later model runs (a 125m sweep's
+    third model read resident_gib 0.0 before measure freed each engine): the row carries a note with the amount."""
     from retnet_train.bench.throughput_measure import earlier_memory_note
 
     gib = 2**30
