@@ -111,15 +111,20 @@ def read_rows(path: str) -> list:
     return rows
 
 
-def check_shared_settings(rows_by_file: dict) -> None:
-    """Rows of several runs are one sweep only if they were measured alike."""
+def sweep_settings(row: dict) -> tuple:
+    return FLA_SETTINGS if row.get("model") == "fla" else SHARED_SETTINGS
+
+
+def check_shared_settings(rows_by_file: dict, settings=sweep_settings, what: str = "sweep") -> None:
+    """Rows of several runs are one sweep (or `what`) only if they were measured alike: the same value of
+    each of settings(row) in every row that has it."""
     seen = {}
     for path, rows in rows_by_file.items():
         for r in rows:
-            for key in FLA_SETTINGS if r.get("model") == "fla" else SHARED_SETTINGS:
+            for key in settings(r):
                 if key in r and seen.setdefault(key, (r[key], path))[0] != r[key]:
                     first, where = seen[key]
-                    raise SystemExit(f"{key} differs: {first} in {where}, {r[key]} in {path}: not one sweep")
+                    raise SystemExit(f"{key} differs: {first} in {where}, {r[key]} in {path}: not one {what}")
 
 
 def main(argv=None) -> None:

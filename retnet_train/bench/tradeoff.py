@@ -10,7 +10,7 @@ from __future__ import annotations
 import argparse
 import sys
 
-from .sweep import model_label, read_rows
+from .sweep import check_shared_settings, model_label, read_rows
 
 # what every point of one plot shares; the budget and the checkpointing are what the plot varies
 SHARED = ("preset", "device", "zero_stage", "compile", "seq_len", "micro_batch", "grad_accum")
@@ -45,19 +45,15 @@ def point_labels(points: list) -> dict:
 
 def measured_at(rows_by_file: dict, seq_len: int) -> list:
     """The measured rows at seq_len of all files, refused unless they share SHARED."""
-    seen, picked = {}, []
-    for path, rows in rows_by_file.items():
-        for r in rows:
-            if "tokens_per_s" not in r or r["seq_len"] != seq_len:
-                continue  # other lengths, skipped models, out-of-memory rows
-            for key in SHARED:
-                first, where = seen.setdefault(key, (r.get(key), path))
-                if r.get(key) != first:
-                    raise SystemExit(f"{key} differs: {first} in {where}, {r.get(key)} in {path}: not one plot")
-            picked.append(r)
-    if not picked:
+    picked = {
+        path: [r for r in rows if "tokens_per_s" in r and r["seq_len"] == seq_len]  # (not skipped, not OOM)
+        for path, rows in rows_by_file.items()
+    }
+    check_shared_settings(picked, lambda row: SHARED, "plot")
+    rows = [r for rows in picked.values() for r in rows]
+    if not rows:
         raise SystemExit(f"no measured rows at sequence length {seq_len} in {', '.join(rows_by_file)}")
-    return picked
+    return rows
 
 
 def plot_tradeoff(rows: list, path: str) -> None:
