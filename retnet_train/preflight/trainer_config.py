@@ -237,8 +237,9 @@ def _resume_problems(cfg, source: tuple, world_size: int | None) -> list[str]:
     into a directory it cannot write. Without a world size, the checkpoint's own is assumed."""
     from retnet_train.components.reshard import checkpoint_layout, model_states, plan, run_layout
 
-    state = model_states(os.path.join(*source))  # read once: the layout and the plan both need it
-    world = world_size or checkpoint_layout(os.path.join(*source), state)["world_size"]
+    path = os.path.join(*source)
+    state = model_states(path)  # read once: the layout and the plan both need it
+    world = world_size or checkpoint_layout(path, state)["world_size"]
     try:
         plan(source[0], source[1], run_layout(cfg, world), dict(cfg.model), state=state)
     except ValueError as exc:
