@@ -117,7 +117,7 @@ def build_parser() -> argparse.ArgumentParser:
         "--activation-checkpointing",
         default="none",
         choices=("none", "selective"),
-        help="with --compile: selective recomputes RetNet's retention core (counted by what the compiled block keeps)",
+        help="with --compile: selective recomputes RetNet's projections + retention core (in the compiled block)",
     )
     p.add_argument("--doc-len", type=int, default=0, help="mean document length for doc_starts (0: none)")
     p.add_argument("--cpu", action="store_true", help="run on CPU (bf16 as on GPU)")

@@ -113,7 +113,7 @@ def add_training_args(p: argparse.ArgumentParser) -> None:
         "--activation-checkpointing",
         default="none",
         choices=["none", "selective", "full"],
-        help="what the backward recomputes (selective: RetNet's retention core only)",
+        help="what the backward recomputes (selective: RetNet's q/k/v projections + retention core)",
     )
     p.add_argument("--compile", action="store_true", help="torch.compile the non-kernel parts of each block")
     p.add_argument(

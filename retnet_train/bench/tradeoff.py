@@ -14,8 +14,8 @@ from .sweep import check_shared_settings, model_label, read_rows
 
 # what every point of one plot shares; the budget and the checkpointing are what the plot varies
 SHARED = ("preset", "device", "zero_stage", "compile", "seq_len", "micro_batch", "grad_accum")
-# the models whose blocks have a retention core for `selective` to recompute: for the others a
-# selective row is a run without checkpointing (parallel.parallelize wraps retention cores only)
+# the models whose blocks have a retention mix for `selective` to recompute: for the others a
+# selective row is a run without checkpointing (parallel.parallelize wraps retention mixes only)
 SELECTIVE_MODELS = ("retnet",)
 
 

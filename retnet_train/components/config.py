@@ -71,7 +71,7 @@ class TrainSection:
     log_interval: int = 10
     eval_interval: int = 1000  # 0: no validation (and no validation split needed)
     eval_batches: int = 50
-    # none | selective (RetNet: recompute retention + its norms only) | full (every block);
+    # none | selective (RetNet: recompute the q/k/v projections + retention core) | full (every block);
     # true/false are read as full/none
     activation_checkpointing: str = "none"
     compile: bool = False

@@ -98,13 +98,17 @@ class MultiScaleRetention(nn.Module):
         return q, k, v.view(B, T, H, self.head_dim)
 
     def forward(self, x, ctx: SequenceContext, state=None):
-        q, k, v = self.projections(x, ctx.sin, ctx.cos)
-        # an attribute lookup: parallel/parallelize.py replaces the core per instance (context
-        # parallel, selective recomputation) while the projections and the gate stay as they are
-        (o, scale), state = self.retention_core(q, k, v, ctx, state)
+        (o, scale), state = self.mix(x, ctx, state)
         # g is computed here, after the retention: computed before it, torch.compile kept silu's
         # fp32 upcast of g for backward instead of bf16 g (+1.5 GiB at 1.3B, 8k)
         return self.out_proj(self.gated_norm(self.g_proj(x), o, scale)), state
+
+    def mix(self, x, ctx: SequenceContext, state=None):
+        """The token mixing of the normed block input x: its q, k and v projections and the retention
+        core -> ((o, its normalization factor), the state). Attribute lookups both: parallel/parallelize.py
+        replaces the core (context parallel) or this whole region (selective recomputation) per instance."""
+        q, k, v = self.projections(x, ctx.sin, ctx.cos)
+        return self.retention_core(q, k, v, ctx, state)
 
     def gated_norm(self, g, o, scale):
         """gate(g) * head_norm(o * scale) for the gate projection g [B, T, H*V], the retention output o

@@ -1,6 +1,6 @@
 """How a model is trained, applied to it from outside (torchtitan's parallelize): context parallelism,
 torch.compile of each block and activation checkpointing. The model's modules stay as they are
-built: each change replaces a forward or a retention core of one instance, so parameter names,
+built: each change replaces a forward, a retention core or its mix on one instance, so parameter names,
 state dicts and DeepSpeed's hooks are those of the plain model."""
 
 from __future__ import annotations
@@ -15,6 +15,9 @@ from torch.utils.checkpoint import checkpoint
 from ..components.config import checkpointing_mode
 from ..model.retnet import MultiScaleRetention, RetNetForCausalLM
 from .context import KEY, ContextParallel, context_parallel_core, context_parallel_forward
+
+# what parallelize sets per instance: finding one of them means the model was parallelized already
+REPLACED_METHODS = {"forward", "mix", "retention_core"}
 
 
 def parallelize(
@@ -32,12 +35,13 @@ def parallelize(
     context_parallel: each rank gets its 1/P slice of every row, returns its slice of the logits and
     its share of the loss (parallel/context.py). compile: torch.compile each block. activation_checkpointing:
     what the backward pass recomputes instead of keeping, "full" each block, "selective" only RetNet's
-    retention core (retention + normalization + group norm: the largest activations for the least
-    compute), "none" nothing. activation_memory_budget < 1 (needs compile): the compiled backward
-    recomputes what the forward would keep, cheapest first, until what is kept is that fraction."""
+    token mixing (the q, k, v projections and the retention core: the block then keeps none of q, k,
+    v for one more forward of their GEMMs), "none" nothing. activation_memory_budget < 1 (needs
+    compile): the compiled backward recomputes what the forward would keep, cheapest first, until
+    what is kept is that fraction."""
     mode = checkpointing_mode(activation_checkpointing)
     check_compile_options(compile, activation_memory_budget, compile_mode)
-    if any("forward" in vars(m) or "retention_core" in vars(m) for m in model.modules()):
+    if any(vars(m).keys() & REPLACED_METHODS for m in model.modules()):
         raise ValueError("parallelize: this model is parallelized already; build a new one")
     if context_parallel is not None:
         apply_context_parallel(model, context_parallel)
@@ -100,9 +104,9 @@ def copy_graph_gradients(blocks: nn.Module) -> None:
 
 
 def apply_activation_checkpointing(model: nn.Module, mode: str) -> None:
-    """After apply_compile: "full" wraps each block's (compiled) forward, "selective" each retention
-    core, which runs inside the compiled block (after apply_context_parallel: the recomputation
-    repeats the state exchange)."""
+    """After apply_compile: "full" wraps each block's (compiled) forward, "selective" each retention's
+    mix (projections + core), which runs inside the compiled block (after apply_context_parallel:
+    the recomputation repeats the state exchange)."""
     mode = checkpointing_mode(mode)
     if mode == "full":
         for block in model.layers:
@@ -110,7 +114,7 @@ def apply_activation_checkpointing(model: nn.Module, mode: str) -> None:
     elif mode == "selective":
         for module in model.modules():
             if isinstance(module, MultiScaleRetention):
-                module.retention_core = recomputed(module.retention_core, module)
+                module.mix = recomputed(module.mix, module)
 
 
 def recomputed(fn, module: nn.Module):

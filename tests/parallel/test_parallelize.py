@@ -109,19 +109,19 @@ def test_bad_options_are_refused_before_the_model_changes(options, error, budget
     cp = ContextParallel(None, 0, 2)
     with pytest.raises(ValueError, match=error):
         parallelize(model, context_parallel=cp, activation_checkpointing="selective", **options)
-    assert not any("forward" in vars(m) or "retention_core" in vars(m) for m in model.modules())
+    assert not any(vars(m).keys() & {"forward", "mix", "retention_core"} for m in model.modules())
     assert torch._functorch.config.activation_memory_budget == 1.0
     parallelize(model, context_parallel=cp)
 
 
-@pytest.mark.parametrize("mode, runs", [("none", (2, 2)), ("selective", (4, 2)), ("full", (4, 4))])
+@pytest.mark.parametrize("mode, runs", [("none", (2, 2, 2)), ("selective", (4, 4, 2)), ("full", (4, 4, 4))])
 def test_checkpointing_reruns_what_it_recomputes_in_the_backward(monkeypatch, mode, runs):
-    """What the backward recomputes runs twice per training step: "selective" the retention core of each
-    of the 2 layers (not the FFN), "full" the whole block, "none" nothing."""
+    """What the backward recomputes runs twice per training step: "selective" the q, k, v projections and
+    the retention core of each of the 2 layers (not the FFN), "full" the whole block, "none" nothing."""
     from retnet_train.model.layers import FeedForward
     from retnet_train.model.retnet import MultiScaleRetention
 
-    counts = {"retain": 0, "ffn": 0}
+    counts = {"projections": 0, "retain": 0, "ffn": 0}
 
     def counting(name, fn):
         def run(*args, **kwargs):
@@ -130,8 +130,9 @@ def test_checkpointing_reruns_what_it_recomputes_in_the_backward(monkeypatch, mo
 
         return run
 
-    monkeypatch.setattr(MultiScaleRetention, "retain", counting("retain", MultiScaleRetention.retain))
+    for name in ("projections", "retain"):
+        monkeypatch.setattr(MultiScaleRetention, name, counting(name, getattr(MultiScaleRetention, name)))
     monkeypatch.setattr(FeedForward, "forward", counting("ffn", FeedForward.forward))
     model = parallelize(build("retnet").train(), activation_checkpointing=mode)
     loss_and_grads(model, torch.randint(0, VOCAB, (2, 9)))
-    assert (counts["retain"], counts["ffn"]) == runs
+    assert (counts["projections"], counts["retain"], counts["ffn"]) == runs
