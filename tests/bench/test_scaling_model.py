@@ -7,6 +7,7 @@ import pytest
 
 from retnet_train.bench import scaling_model as sm
 from retnet_train.model import RetNetConfig, TransformerConfig
+from retnet_train.model.flops import flops_per_token
 
 SIZES = ["1.3b", "2.7b", "6.7b", "13b"]
 PRESETS = ["tiny", "transformer_tiny"] + SIZES + [f"transformer_{s}" for s in SIZES]
@@ -136,9 +137,18 @@ def test_estimate_of_zero3_on_64_gpus():
     # activation checkpointing keeps only the block inputs
     ac = sm.estimate(cfg, 64, 8192, 1, zero_stage=3, checkpointing="full")
     sel = sm.estimate(cfg, 64, 8192, 1, zero_stage=3, checkpointing="selective")
-    # the retention core keeps only q, k, v (kept by the block anyway): selective recomputes for nothing
-    assert sel["memory"]["activations"] == pytest.approx(r["memory"]["activations"])
-    assert r["compute"]["seconds"] < sel["compute"]["seconds"] < r["compute"]["seconds"] * 1.05
+    # selective recomputes the q, k, v projections and the retention core: it keeps no q, k, v (2d + d_v
+    # bf16 elements per token per layer) and runs their GEMMs' and the retention matmuls' forward once more
+    d, vd, L, T = cfg.d_model, cfg.value_dim, cfg.n_layers, 8192
+    assert r["memory"]["activations"] - sel["memory"]["activations"] == L * T * (2 * d + vd) * 2
+    # ...which the backward of one block holds again, recomputed
+    assert sel["memory"]["backward_working"] - r["memory"]["backward_working"] == T * (2 * d + vd) * 2
+    f = flops_per_token(cfg, T)
+    again = (f["model"] - f["six_n"]) / 3 + L * 2 * d * (2 * d + vd)
+    assert sel["compute"]["seconds"] / r["compute"]["seconds"] == pytest.approx(1 + again / f["model"])
+    assert 1.11 < sel["compute"]["seconds"] / r["compute"]["seconds"] < 1.12  # 1.3B: +11.7%
+    # the recomputation runs in the backward
+    assert sel["compute"]["forward_s_per_micro"] == pytest.approx(r["compute"]["forward_s_per_micro"])
     assert ac["memory"]["activations"] < r["memory"]["activations"] / 10
     assert ac["compute"]["seconds"] == pytest.approx(r["compute"]["seconds"] * 4 / 3)
 
@@ -209,6 +219,16 @@ def test_activation_formula_matches_saved_tensors(cfg, checkpointing):
     assert abs(predicted / measured - 1) < 0.02, (predicted, measured)
 
 
+@pytest.mark.parametrize("cfg", SMALL[:3], ids=["tiny-shape", "preset-heads", "glu-rms-unnormalized"])
+def test_selective_drops_exactly_the_saved_q_k_v(cfg):
+    """Measured: the recomputed mixing region (projections + retention core) keeps none of the rotated
+    q, k (2d) and v (d_v) that "none" keeps (fp32 here), and nothing else changes."""
+    none = sm.measured_bytes_per_token_per_layer(cfg, 1, 512, "none")
+    selective = sm.measured_bytes_per_token_per_layer(cfg, 1, 512, "selective")
+    assert none - selective == sm.FP32 * (2 * cfg.d_model + cfg.value_dim)
+    assert sm.FP32 * sm.activation_elements_per_token_per_layer(cfg, "torch")["qkv"][0] == none - selective
+
+
 def test_whole_model_saved_tensors_of_the_tiny_preset():
     cfg = replace(sm.load_preset("tiny"), retention_backend="torch")
     T = 512
@@ -226,6 +246,16 @@ def test_both_retention_backends_keep_q_k_v_only():
     assert sum(n for n, _ in fla.values()) == 18 * d  # 4d norms + 2d q,k + 2d v + 6d gated-norm region + 4d mlp
     assert sm.activation_bytes_per_token_per_layer(cfg, "fla") == pytest.approx(36 * d, rel=0.01)  # bf16
     assert sm.activation_elements_per_token_per_layer(cfg, "torch") == fla
+    # selective keeps all but q, k, v (4d): 14d elements = 28d bytes, on either backend
+    for backend in ("fla", "torch"):
+        assert sm.activation_bytes_per_token_per_layer(cfg, backend, checkpointing="selective") == pytest.approx(
+            28 * d, rel=0.01
+        )
+    # the Transformer has no selective region
+    tf = sm.load_preset("transformer_1.3b")
+    assert sm.activation_bytes_per_token_per_layer(tf, checkpointing="selective") == (
+        sm.activation_bytes_per_token_per_layer(tf)
+    )
 
 
 def test_cli_json_and_tables(capsys):

@@ -17,6 +17,7 @@ from .memory import (
     grads_held_bytes_per_param,
     meta_param_count,
     param_counts,
+    qkv_proj_params,
     step_transient_bytes,
     zero_bytes_per_param,
 )
@@ -48,6 +49,7 @@ __all__ = [
     "measured_run_predictions",
     "meta_param_count",
     "param_counts",
+    "qkv_proj_params",
     "step_transient_bytes",
     "zero_bytes_per_param",
 ]

@@ -167,7 +167,7 @@ def add_step_args(p: argparse.ArgumentParser) -> None:
         const="full",
         default="none",
         choices=CHECKPOINTING,
-        help="none | selective (RetNet's retention core) | full (every block); bare flag: full",
+        help="none | selective (RetNet's q, k, v projections and retention core) | full (every block); bare flag: full",
     )
     p.add_argument("--context-parallel", type=count(1), default=1, metavar="P")
     p.add_argument("--global-batch-tokens", type=count(1), default=GLOBAL_BATCH_TOKENS)

@@ -20,6 +20,7 @@ from .memory import (
     grads_held_bytes_per_param,
     loss_forward_transient_bytes,
     param_counts,
+    qkv_proj_params,
     step_transient_bytes,
     zero3_working_set_bytes,
     zero_bytes_per_param,
@@ -154,20 +155,26 @@ def _memory(cfg, shape: _StepShape, zero_stage: int, ds: DeepSpeedSettings, back
 
 
 def _executed_flops_per_token(cfg, seq_len: int, checkpointing: str) -> tuple:
-    """(model FLOPs, FLOPs executed with the recomputation activation checkpointing adds) per token."""
+    """(model FLOPs, FLOPs executed with the recomputation activation checkpointing adds) per token.
+    "full" runs every block's forward once more; "selective" (RetNet) its mixing region's
+    (MultiScaleRetention.mix): the retention matmuls' forward (model FLOPs - six_n, a third of it)
+    and the q, k, v projection GEMMs' forward, 2 FLOPs per weight (six_n counts 6: 2 forward, 4 backward)."""
     six_n, flops = _model_flops_per_token(json.dumps(cfg.to_dict(), sort_keys=True), seq_len)
     if checkpointing == "full":
-        return flops, flops * 4 / 3  # one more forward
+        return flops, flops * 4 / 3
     if checkpointing == "selective" and _is_retnet(cfg):
-        return flops, flops + (flops - six_n) / 3  # the retention matmuls' forward once more
+        return flops, flops + (flops - six_n) / 3 + cfg.n_layers * 2 * qkv_proj_params(cfg)
     return flops, flops
 
 
 def _compute(cfg, shape: _StepShape, checkpointing: str, hw: Hardware) -> dict:
     """Compute time per optimizer step, and per micro-batch split into forward and backward."""
     flops, executed = _executed_flops_per_token(cfg, shape.seq_len, checkpointing)
-    t_micro = shape.tokens * executed / (hw.peak_flops * hw.utilization)
-    t_fwd = t_micro / (4 if checkpointing == "full" else 3)  # backward = 2 forwards (+1 recomputed under AC)
+    rate = hw.peak_flops * hw.utilization
+    t_micro = shape.tokens * executed / rate
+    # forward = a third of the model FLOPs (backward = 2 forwards); the backward also runs what
+    # checkpointing recomputes
+    t_fwd = shape.tokens * flops / 3 / rate
     return {
         "flops_per_token": flops,
         "utilization": hw.utilization,

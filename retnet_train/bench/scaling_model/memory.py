@@ -18,12 +18,18 @@ def ffn_params(cfg) -> int:
     return (3 if cfg.ffn_type == "glu" else 2) * cfg.d_model * cfg.ffn_dim
 
 
+def qkv_proj_params(cfg) -> int:
+    """RetNet's stacked q, k and v projection (MultiScaleRetention.qkv_proj): d x (2 d + d_v), no bias."""
+    return cfg.d_model * (2 * cfg.d_model + cfg.value_dim)
+
+
 def param_counts(cfg) -> dict:
     """Parameters by place, from the layer structure (model/retnet.py, transformer.py, layers.py)."""
     d, V = cfg.d_model, cfg.vocab_size
     if _is_retnet(cfg):
         vd = cfg.value_dim
-        mixer = 2 * d * d + 3 * d * vd + (vd if cfg.head_norm_affine else 0)  # q, k; v, g, out; head norm
+        # q, k, v; g, out; head norm
+        mixer = qkv_proj_params(cfg) + 2 * d * vd + (vd if cfg.head_norm_affine else 0)
     else:
         mixer = 4 * d * d  # qkv, out
     layer = mixer + ffn_params(cfg) + 2 * norm_params(cfg, d)
@@ -136,11 +142,12 @@ def activation_elements_per_token_per_layer(cfg, backend: str = "fla") -> dict:
     model), the normalized y for the weight multiply and the output: 2 d + d fp32 each.
     RoPE/xPos rotation saves only the shared sin/cos tables (x * cos: cos needs no gradient).
 
-    RetNet MSR: rotated q and k (2 d) and v (d_v), the retention op's inputs and all it keeps: either
-    backend (fla's chunk kernel, the torch path's ChunkRetention) recomputes its scores and chunk
-    states in backward. The normalization, per-head norm and gate are one region recomputed in
-    backward (MultiScaleRetention.gated_norm): it keeps its inputs, the retention output o and g
-    (2 d_v), and out_proj keeps the region's output (d_v). The row sums have no gradient.
+    RetNet MSR ("qkv"): rotated q and k (2 d) and v (d_v), the retention op's inputs and all it keeps:
+    either backend (fla's chunk kernel, the torch path's ChunkRetention) recomputes its scores and chunk
+    states in backward; "selective" checkpointing recomputes these three as well. The normalization,
+    per-head norm and gate are one region recomputed in backward (MultiScaleRetention.gated_norm): it
+    keeps its inputs, the retention output o and g (2 d_v), and out_proj keeps the region's output
+    (d_v). The row sums have no gradient.
 
     Transformer (SDPA flash): rotated q, k and the output o (3 d; o doubles as out_proj's input),
     the fused qkv output (3 d: v is a view into it and keeps it alive).
@@ -174,18 +181,25 @@ def activation_small_bytes_per_token_per_layer(cfg) -> float:
 
 
 CHECKPOINTING = CHECKPOINTING_MODES
+# the part of activation_elements_per_token_per_layer that "selective" recomputes instead of keeping
+SELECTIVE_RECOMPUTED = "qkv"
 
 
 def activation_bytes_per_token_per_layer(
     cfg, backend: str = "fla", dtype_bytes: int = BF16, checkpointing="none"
 ) -> float:
     """Bytes kept per token per block until its backward. "full" checkpointing (torch.utils.checkpoint
-    per block) keeps only the block's input; "selective" (RetNet's retention core recomputed) keeps
-    what "none" does: the core keeps only q, k, v, which the block keeps anyway, and its output is
-    the gated-norm region's input either way."""
-    if checkpointing_mode(checkpointing) == "full":
+    per block) keeps only the block's input. "selective" (RetNet: MultiScaleRetention.mix, the q, k, v
+    projections and the retention core, recomputed) keeps what "none" keeps but the mixer inputs
+    (rotated q, k and v): the region's input is the normed block input, which g_proj keeps anyway,
+    and its output o is the gated-norm region's input either way. The Transformer has no selective
+    region: "selective" keeps what "none" keeps."""
+    mode = checkpointing_mode(checkpointing)
+    if mode == "full":
         return cfg.d_model * dtype_bytes
     parts = activation_elements_per_token_per_layer(cfg, backend)
+    if mode == "selective" and _is_retnet(cfg):
+        del parts[SELECTIVE_RECOMPUTED]
     return sum(
         n * (FP32 if kind == "fp32" else dtype_bytes) for n, kind in parts.values()
     ) + activation_small_bytes_per_token_per_layer(cfg)
@@ -215,10 +229,12 @@ def backward_working_bytes(
     cfg, tokens: int, backend: str = "fla", dtype_bytes: int = BF16, checkpointing="none"
 ) -> float:
     """Extra memory while one block runs its backward: its gradients and temporaries (taken as
-    one block's activations again), the block recomputed under checkpointing (one more), and fla's
-    chunk states h and dh recomputed in fp32 ([H, K, V] per chunk of C tokens, twice)."""
-    layer = tokens * activation_bytes_per_token_per_layer(cfg, backend, dtype_bytes, checkpointing=False)
-    extra = layer * (2 if checkpointing_mode(checkpointing) == "full" else 1)
+    one block's activations again), what checkpointing recomputes for it (full: the whole block, one
+    more; selective: the mixer inputs q, k, v), and fla's chunk states h and dh recomputed in fp32
+    ([H, K, V] per chunk of C tokens, twice)."""
+    layer = tokens * activation_bytes_per_token_per_layer(cfg, backend, dtype_bytes, checkpointing="none")
+    kept = tokens * activation_bytes_per_token_per_layer(cfg, backend, dtype_bytes, checkpointing)
+    extra = layer + (layer if checkpointing_mode(checkpointing) == "full" else layer - kept)
     if _is_retnet(cfg) and backend == "fla":
         extra += 2 * FP32 * tokens * cfg.n_heads * cfg.key_head_dim * cfg.value_head_dim / cfg.chunk_size
     return extra
