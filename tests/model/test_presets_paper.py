@@ -13,7 +13,12 @@ from retnet_train.model.retnet import decay_log_gammas
 
 CONFIGS = Path(__file__).resolve().parents[2] / "configs"
 MODEL_PRESETS = sorted((CONFIGS / "model").glob("*.yaml"))
-EXPERIMENTS_8K = sorted(p.stem for p in (CONFIGS / "experiment").glob("*_8k.yaml"))
+# the paper's recipe at a sequence length: {name: seq_len} of the *_8k and *_32k experiments
+RECIPE_EXPERIMENTS = {
+    p.stem: int(p.stem.rsplit("_", 1)[1][:-1]) * 1024
+    for pattern in ("*_8k.yaml", "*_32k.yaml")
+    for p in (CONFIGS / "experiment").glob(pattern)
+}
 
 # The paper's sizes (d_model, layers, heads at key head dim 256; value dim and FFN 2 d_model): 1.3B-6.7B from its
 # language-modeling runs, 13B from its training-cost table; and the learning rate of each language-modeling run.
@@ -41,23 +46,43 @@ def test_each_head_decays_at_one_minus_two_to_the_minus_five_minus_h():
     torch.testing.assert_close(decay_log_gammas(20).double(), torch.log(1 - 2 ** (-5 - h)), rtol=1e-6, atol=0)
 
 
-@pytest.mark.parametrize("name", EXPERIMENTS_8K)
-def test_8k_experiments_follow_the_paper_recipe(name):
-    """What docs/training.md says the *_8k experiments are: the paper's batch, steps, schedule, optimizer and
-    learning rate per size, at sequence length 8192 in bf16, on the model of their name."""
-    from omegaconf import OmegaConf
-
-    from retnet_train.preflight import compose_trainer_config
-
-    cfg = OmegaConf.to_object(compose_trainer_config([f"experiment={name}"]))
-    arch, size = re.fullmatch(r"(retnet|transformer)_(.+)_8k", name).groups()
+@pytest.mark.parametrize("name", sorted(RECIPE_EXPERIMENTS))
+def test_recipe_experiments_follow_the_paper_recipe(name):
+    """What docs/training.md says the *_8k and *_32k experiments are: the paper's batch, steps, schedule,
+    optimizer and learning rate per size, at the sequence length of their name in bf16, on the model of
+    their name."""
+    cfg = compose(name)
+    arch, size = re.fullmatch(r"(retnet|transformer)_(.+)_\d+k", name).groups()
     assert cfg.optim.lr == PAPER_LR[size]
     assert (cfg.train.global_batch_tokens, cfg.train.max_steps) == (4 * 2**20, 25_000)
     assert (cfg.optim.warmup_steps, cfg.optim.decay, cfg.optim.min_lr_ratio) == (375, "linear", 0.0)
     assert (cfg.optim.betas, cfg.optim.weight_decay) == ([0.9, 0.98], 0.05)
-    assert (cfg.data.seq_len, cfg.deepspeed.precision) == (8192, "bf16")
+    assert (cfg.data.seq_len, cfg.deepspeed.precision) == (RECIPE_EXPERIMENTS[name], "bf16")
     model = model_config_from_dict(cfg.model)
     assert (model.arch, model.d_model, model.n_layers) == (arch, *PAPER[size][:2])
+
+
+@pytest.mark.parametrize(
+    "name", sorted(n for n in RECIPE_EXPERIMENTS if f"transformer_{n[len('retnet_') :]}" in RECIPE_EXPERIMENTS)
+)
+def test_transformer_twins_differ_in_the_model_only(name):
+    """transformer_X runs what retnet_X runs (data, batch, optimizer, budget) on the Transformer: besides the
+    model and the run's name only RetNet's selective recomputation, which the Transformer has no core for."""
+    from dataclasses import asdict
+
+    retnet, twin = asdict(compose(name)), asdict(compose(f"transformer_{name[len('retnet_') :]}"))
+    for cfg in (retnet, twin):
+        del cfg["model"], cfg["run"]["name"], cfg["run"]["dir"], cfg["wandb"]["tags"]
+        cfg["train"].pop("activation_checkpointing")
+    assert retnet == twin
+
+
+def compose(name):
+    from omegaconf import OmegaConf
+
+    from retnet_train.preflight import compose_trainer_config
+
+    return OmegaConf.to_object(compose_trainer_config([f"experiment={name}"]))
 
 
 def header(path):
