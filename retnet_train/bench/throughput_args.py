@@ -8,6 +8,7 @@ import json
 
 import yaml
 
+from ..components.config import CHECKPOINTING_MODES
 from ..model import build_model
 from ..model.config import RETENTION_BACKENDS
 from ..parallel.parallelize import COMPILE_MODES
@@ -31,6 +32,26 @@ def int_list(text: str) -> list:
         raise argparse.ArgumentTypeError(f"not a comma list of integers: {text!r}") from None
     if not values or min(values) < 1:
         raise argparse.ArgumentTypeError(f"needs integers >= 1: {text!r}")
+    return values
+
+
+def budget_list(text: str) -> list:
+    """An argparse type: a comma list of activation memory budgets, each in (0, 1]."""
+    try:
+        values = [float(v) for v in text.split(",")]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a comma list of numbers: {text!r}") from None
+    if not all(0 < v <= 1 for v in values):
+        raise argparse.ArgumentTypeError(f"needs budgets in (0, 1]: {text!r}")
+    return values
+
+
+def mode_list(text: str) -> list:
+    """An argparse type: a comma list of activation checkpointing modes."""
+    values = text.split(",")
+    bad = [v for v in values if v not in CHECKPOINTING_MODES]
+    if bad:
+        raise argparse.ArgumentTypeError(f"{bad[0]!r} is not one of {', '.join(CHECKPOINTING_MODES)}: {text!r}")
     return values
 
 
@@ -111,9 +132,10 @@ def add_training_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--zero-stage", type=int, default=0, choices=[0, 1, 2, 3])
     p.add_argument(
         "--activation-checkpointing",
+        type=mode_list,
         default="none",
-        choices=["none", "selective", "full"],
-        help="what the backward recomputes (selective: RetNet's q/k/v projections + retention core)",
+        help="what the backward recomputes: none, selective (RetNet's q/k/v projections + retention core) "
+        "or full; a comma list measures each in one process",
     )
     p.add_argument("--compile", action="store_true", help="torch.compile the non-kernel parts of each block")
     p.add_argument(
@@ -124,9 +146,10 @@ def add_training_args(p: argparse.ArgumentParser) -> None:
     )
     p.add_argument(
         "--activation-memory-budget",
-        type=float,
-        default=1.0,
-        help="< 1 (with --compile): the compiled backward recomputes elementwise work, then GEMMs",
+        type=budget_list,
+        default="1.0",
+        help="< 1 (with --compile): the compiled backward recomputes elementwise work, then GEMMs; a comma "
+        "list measures each in one process (the rows draw with bench.tradeoff)",
     )
     p.add_argument("--doc-len", type=int, default=0, help="mean document length for doc_starts (0: none)")
     p.add_argument("--backend", default="auto", choices=RETENTION_BACKENDS, help="RetNet retention backend")

@@ -11,6 +11,7 @@ final loss; --plot draws tokens/s and peak memory against sequence length, one l
 from __future__ import annotations
 
 import argparse
+import itertools
 import json
 import sys
 
@@ -29,8 +30,13 @@ def parse_args(argv=None) -> argparse.Namespace:
     add_training_args(p)
     add_run_args(p)
     args = p.parse_args(argv)
-    if args.activation_memory_budget != 1.0 and not args.compile:
+    if any(b != 1.0 for b in args.activation_memory_budget) and not args.compile:
         p.error("--activation-memory-budget needs --compile")
+    if args.plot and len(args.activation_memory_budget) * len(args.activation_checkpointing) > 1:
+        p.error(
+            "--plot draws tokens/s against sequence length at one budget and one checkpointing mode; "
+            "draw several with python -m retnet_train.bench.tradeoff on the printed rows"
+        )
     if args.compile_mode is not None and not args.compile:
         p.error("--compile-mode needs --compile")
     if args.profile_trace is not None and not args.profile:
@@ -49,15 +55,19 @@ def bench_device(cpu: bool) -> torch.device:
     return device
 
 
-def args_at_length(args, seq_len: int, base_accum: int) -> argparse.Namespace:
-    """args for one point of the sweep: its length, and the batch that keeps the first length's tokens."""
+def point_args(args, seq_len: int, base_accum: int, budget: float, mode: str) -> argparse.Namespace:
+    """args for one point of the sweep: its length, the batch that keeps the first length's tokens,
+    its activation memory budget and checkpointing mode."""
     mb, steps_accum = batch_for_length(seq_len, args.seq_len[0], args.micro_batch, base_accum)
-    return argparse.Namespace(**{**vars(args), "seq_len": seq_len, "micro_batch": mb, "grad_accum": steps_accum})
+    point = {"seq_len": seq_len, "micro_batch": mb, "grad_accum": steps_accum}
+    return argparse.Namespace(
+        **{**vars(args), **point, "activation_memory_budget": budget, "activation_checkpointing": mode}
+    )
 
 
-def fla_skip(args):
-    """Why fla's model cannot run with these arguments, or None."""
-    if args.activation_checkpointing == "selective":
+def fla_skip(mode: str):
+    """Why fla's model cannot run with this checkpointing mode, or None."""
+    if mode == "selective":
         return "fla's model has no selective activation checkpointing"
     try:
         import fla.models  # noqa: F401
@@ -72,16 +82,18 @@ def emit(row: dict) -> dict:
 
 
 def run_sweep(args, device) -> list:
-    """Every model at every base accumulation and length, each row printed as it is measured."""
+    """Every model at every budget, checkpointing mode, base accumulation and length, each row printed as
+    it is measured."""
     results = []
     for name, overrides, cfg, build in model_specs(args.models, args.preset, args.backend):
-        skip = fla_skip(args) if name == "fla" else None
-        if skip:
-            results.append(emit({"model": name, "skipped": skip}))
-            continue
-        for accum in args.grad_accum:
-            for seq_len in args.seq_len:
-                result = measure_or_oom(name, build, cfg, args_at_length(args, seq_len, accum), device)
+        for budget, mode in itertools.product(args.activation_memory_budget, args.activation_checkpointing):
+            skip = fla_skip(mode) if name == "fla" else None
+            if skip:
+                results.append(emit({"model": name, "activation_checkpointing": mode, "skipped": skip}))
+                continue
+            for accum, seq_len in itertools.product(args.grad_accum, args.seq_len):
+                point = point_args(args, seq_len, accum, budget, mode)
+                result = measure_or_oom(name, build, cfg, point, device)
                 tokens = args.micro_batch * accum * args.seq_len[0]  # the sweep's tokens per step: its plot line
                 results.append(emit({**result, "overrides": overrides, "sweep_tokens_per_step": tokens}))
     return results

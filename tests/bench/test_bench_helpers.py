@@ -292,7 +292,7 @@ def test_a_measured_models_engine_is_gone_when_measure_returns(monkeypatch):
         ["--cpu", "--preset", "tiny", "--seq-len", "64", "--steps", "1", "--warmup", "1", "--models", "retnet"]
     )
     name, _, cfg, build = train_throughput.model_specs(args.models, args.preset, args.backend)[0]
-    at_64 = train_throughput.args_at_length(args, 64, 1)
+    at_64 = train_throughput.point_args(args, 64, 1, 1.0, "none")
     row = throughput_measure.measure(name, build, cfg, at_64, train_throughput.bench_device(True))
     assert row["tokens_per_s"] > 0 and len(engines) == 1
     assert engines[0]() is None

@@ -170,6 +170,12 @@ def test_cpu_sweep_of_two_lengths_writes_json_lines_and_the_plot(tmp_path):
         (["--steps", "0"], "argument --steps: needs an integer >= 1: '0'"),
         (["--warmup", "-1"], "argument --warmup: needs an integer >= 0: '-1'"),
         (["--profile-trace", "traces"], "--profile-trace needs --profile"),
+        (["--compile", "--activation-memory-budget", "0.5,x"], "not a comma list of numbers: '0.5,x'"),
+        (["--compile", "--activation-memory-budget", "0.5,1.5"], "needs budgets in (0, 1]: '0.5,1.5'"),
+        (["--activation-memory-budget", "1,0.5"], "--activation-memory-budget needs --compile"),
+        (["--activation-checkpointing", "none,some"], "'some' is not one of none, selective, full: 'none,some'"),
+        (["--compile", "--activation-memory-budget", "0.5,0.6", "--plot", "p.png"], "draw several with"),
+        (["--activation-checkpointing", "none,full", "--plot", "p.png"], "bench.tradeoff on the printed rows"),
     ],
 )
 def test_bad_arguments_are_named_before_any_model_is_built(capsys, args, needle):
@@ -185,7 +191,42 @@ def test_bad_arguments_are_named_before_any_model_is_built(capsys, args, needle)
 def test_grad_accum_list_and_warmup_zero_parse():
     args = parse_args(["--grad-accum", "1,4", "--warmup", "0"])
     assert args.grad_accum == [1, 4] and args.warmup == 0
-    assert parse_args([]).grad_accum == [1]
+    default = parse_args([])
+    assert (default.grad_accum, default.activation_memory_budget, default.activation_checkpointing) == (
+        [1],
+        [1.0],
+        ["none"],
+    )
+
+
+def test_every_budget_and_checkpointing_mode_is_measured_in_one_run(monkeypatch, capsys):
+    """--activation-memory-budget 0.5,0.8 --activation-checkpointing none,selective: each model at each
+    budget and mode (fla's selective points skipped, its others measured), one printed row each."""
+    from retnet_train.bench import train_throughput
+
+    measured = []
+
+    def fake_measure(name, build, cfg, args, device):
+        measured.append((name, args.activation_memory_budget, args.activation_checkpointing, args.seq_len))
+        return {"model": name, "activation_memory_budget": args.activation_memory_budget}
+
+    monkeypatch.setattr(train_throughput, "measure_or_oom", fake_measure)
+    monkeypatch.setattr(train_throughput, "fla_skip", lambda mode: "no selective" if mode == "selective" else None)
+    args = parse_args(
+        ["--compile", "--models", "retnet,fla", "--seq-len", "64", "--activation-memory-budget", "0.5,0.8"]
+        + ["--activation-checkpointing", "none,selective"]
+    )
+    rows = train_throughput.run_sweep(args, device=None)
+    assert measured == [
+        ("retnet", 0.5, "none", 64),
+        ("retnet", 0.5, "selective", 64),
+        ("retnet", 0.8, "none", 64),
+        ("retnet", 0.8, "selective", 64),
+        ("fla", 0.5, "none", 64),
+        ("fla", 0.8, "none", 64),
+    ]
+    assert [r.get("skipped") for r in rows if r["model"] == "fla"] == [None, "no selective", None, "no selective"]
+    assert len(capsys.readouterr().out.splitlines()) == 8
 
 
 def test_a_model_override_without_a_value_is_named():
