@@ -253,6 +253,9 @@ def result_row(name: str, args, flops: dict, n_params: int, timing: Timing, mem:
 
 def measure(name, build, cfg, args, device):
     """One model at one sequence length and batch: warm-up, then args.steps timed optimizer steps."""
+    # the budget is read when the blocks compile, and torch.compile would serve this model from an
+    # earlier point's graphs (another budget) where that point ended without its release (out of memory)
+    torch._dynamo.reset()
     reset_peak(device)
     mem_before = memory(device, "now")  # should be ~0: what a previous model left behind
     model, n_params = build_on_device(build, device)

@@ -296,3 +296,30 @@ def test_a_measured_models_engine_is_gone_when_measure_returns(monkeypatch):
     row = throughput_measure.measure(name, build, cfg, at_64, train_throughput.bench_device(True))
     assert row["tokens_per_s"] > 0 and len(engines) == 1
     assert engines[0]() is None
+
+
+def test_each_point_compiles_its_own_graphs_after_an_out_of_memory_point(monkeypatch):
+    """The activation memory budget is read when a block compiles, and torch.compile would serve a later
+    model of the same class from the graphs already compiled: a point after one that ran out of memory
+    (which skips the engine's release) must compile again under its own budget, not reuse the earlier's."""
+    import torch
+    from torch._dynamo.utils import counters
+
+    from retnet_train.bench import throughput_measure, train_throughput
+
+    timed_steps, calls = throughput_measure.timed_steps, []
+
+    def out_of_memory_first(*a, **kw):
+        calls.append(counters["stats"]["unique_graphs"])
+        if len(calls) == 1:
+            raise torch.cuda.OutOfMemoryError("CUDA out of memory (test)")
+        return timed_steps(*a, **kw)
+
+    monkeypatch.setattr(throughput_measure, "timed_steps", out_of_memory_first)
+    args = train_throughput.parse_args(
+        ["--cpu", "--preset", "tiny", "--seq-len", "64", "--steps", "1", "--warmup", "1", "--models", "retnet"]
+        + ["--compile", "--backend", "torch", "--activation-memory-budget", "0.5,1.0"]
+    )
+    rows = train_throughput.run_sweep(args, train_throughput.bench_device(True))
+    assert "oom" in rows[0] and rows[1]["tokens_per_s"] > 0
+    assert calls[1] > calls[0]  # the second point's warm-up compiled its blocks anew

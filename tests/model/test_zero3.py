@@ -94,8 +94,9 @@ def test_zero3_partitioned_compiled_blocks_train_like_zero0():
 
 @pytest.mark.parametrize("mode", ["full", "selective"])
 def test_zero3_partitioned_recomputed_blocks_train_like_zero0(mode, monkeypatch):
-    """The backward pass runs a block's (or a retention core's) forward again, so the weights it reads
-    must be gathered then too: parallelize wraps the forward, inside ZeRO-3's hooks on the block."""
+    """The backward pass runs a block's (or a retention's mix: projections + core) forward again, so the
+    weights it reads must be gathered then too: parallelize wraps the forward, inside ZeRO-3's hooks on
+    the block."""
     from retnet_train.model.retnet import MultiScaleRetention
 
     ref = losses(0, compile_blocks=False, n_layers=2)
