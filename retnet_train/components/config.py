@@ -3,6 +3,7 @@ a wrong type fails at start naming the key; below the entry point only plain val
 
 from __future__ import annotations
 
+import math
 import os
 from dataclasses import dataclass, field
 from typing import Any, Dict, List, Optional
@@ -211,6 +212,11 @@ def _check_data(data: DataConfig) -> None:
 
 
 def _check_optim(optim: OptimConfig) -> None:
+    # inf passes the range checks below and trains silently to NaN weights (lr, weight_decay) or
+    # to no update at all (eps)
+    for key in ("lr", "eps", "weight_decay"):
+        value = getattr(optim, key)
+        _need(not math.isinf(value), f"optim.{key}", f"{value} is not a finite number")
     _need(optim.lr > 0, "optim.lr", "must be > 0")
     _need(len(optim.betas) == 2 and all(0 <= b < 1 for b in optim.betas), "optim.betas", "two values in [0, 1)")
     _need(optim.decay in DECAYS, "optim.decay", f"{optim.decay!r} is not {'|'.join(DECAYS)}")
@@ -249,7 +255,9 @@ def _check_train(train: TrainSection) -> None:
         f"{budget} needs train.compile=true: torch.compile's partitioner does the recomputing",
     )
     _need(train.device in ("auto", "cpu", "cuda"), "train.device", f"{train.device!r} is not auto|cpu|cuda")
-    _need(train.peak_flops is None or train.peak_flops > 0, "train.peak_flops", "must be > 0 (or null)")
+    peak = train.peak_flops
+    _need(peak is None or not math.isinf(peak), "train.peak_flops", f"{peak} is not a finite number")
+    _need(peak is None or peak > 0, "train.peak_flops", "must be > 0 (or null)")
 
 
 def _check_parallel(size: int, model: dict, seq_len: int) -> None:

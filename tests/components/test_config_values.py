@@ -43,6 +43,10 @@ def with_values(**values) -> TrainConfig:
         (dict(optim__weight_decay=-0.1), "optim.weight_decay: must be >= 0"),
         (dict(optim__grad_clip=-1.0), "optim.grad_clip: must be >= 0 (0: no clipping)"),
         (dict(optim__min_lr_ratio=1.5), "optim.min_lr_ratio: must be in [0, 1]"),
+        # inf passes a range check: NaN weights (lr, weight_decay) or no update (eps), silently
+        (dict(optim__lr=float("inf")), "optim.lr: inf is not a finite number"),
+        (dict(optim__eps=float("inf")), "optim.eps: inf is not a finite number"),
+        (dict(optim__weight_decay=float("inf")), "optim.weight_decay: inf is not a finite number"),
         (dict(deepspeed__zero_stage=4), "deepspeed.zero_stage: 4 is not 0-3"),
         (dict(deepspeed__precision="int8"), "deepspeed.precision: 'int8' is not bf16|bf16-mixed|fp16|fp32"),
         (dict(deepspeed__offload_param=True), "deepspeed.offload_param: needs zero_stage=3"),
@@ -72,6 +76,7 @@ def with_values(**values) -> TrainConfig:
         ),
         (dict(train__device="tpu"), "train.device: 'tpu' is not auto|cpu|cuda"),
         (dict(train__peak_flops=0.0), "train.peak_flops: must be > 0 (or null)"),
+        (dict(train__peak_flops=float("inf")), "train.peak_flops: inf is not a finite number"),  # MFU 0
         (
             dict(parallel__context_parallel_size=3),
             "parallel.context_parallel_size=3 does not divide data.seq_len=2048: each rank holds seq_len / 3 tokens",
