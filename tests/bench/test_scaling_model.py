@@ -278,6 +278,18 @@ def test_cli_json_and_tables(capsys):
         (["--grad-accum", "0"], "argument --grad-accum: needs an integer >= 1"),
         (["--context-parallel", "3"], "--context-parallel 3 must divide --gpus (64) and --seq-len (8192)"),
         (["--preset", "transformer_1.3b", "--context-parallel", "2"], "--context-parallel 2: modeled for RetNet only"),
+        # a batch the GPUs' micro-batches do not divide: the trainer refuses it, the model must not floor it
+        (
+            ["--gpus", "3"],
+            "--global-batch-tokens 4194304 is not a multiple of --micro-batch x --seq-len x data-parallel",
+        ),
+        (["--global-batch-tokens", "1000"], "give --global-batch-tokens 524288, or --grad-accum N"),
+        # rates of 0 divided by zero (a traceback), negative ones gave negative times
+        (["--utilization", "0"], "argument --utilization: needs a number in (0, 1]: '0'"),
+        (["--efficiency", "1.5"], "argument --efficiency: needs a number in (0, 1]: '1.5'"),
+        (["--ib-gbit", "0"], "argument --ib-gbit: needs a number > 0: '0'"),
+        (["--nvlink-gbyte", "-450"], "argument --nvlink-gbyte: needs a number > 0: '-450'"),
+        (["--gpu-memory-gib", "nan"], "argument --gpu-memory-gib: needs a number > 0: 'nan'"),
     ],
 )
 def test_cli_bad_arguments_are_named_errors_not_tracebacks(capsys, args, needle):
@@ -285,6 +297,27 @@ def test_cli_bad_arguments_are_named_errors_not_tracebacks(capsys, args, needle)
         sm.main(args + ["--json"])
     assert e.value.code == 2
     assert needle in capsys.readouterr().err
+
+
+def test_cli_accepts_a_batch_that_divides_or_an_explicit_accumulation(capsys):
+    sm.main(["--preset", "1.3b", "--gpus", "3", "--grad-accum", "4", "--zero-stage", "1", "--json"])
+    assert json.loads(capsys.readouterr().out)["tokens_per_step"] == 3 * 4 * 8192
+    sm.main(
+        ["--preset", "1.3b", "--gpus", "3", "--global-batch-tokens", str(3 * 8192 * 170), "--zero-stage", "1", "--json"]
+    )
+    assert json.loads(capsys.readouterr().out)["grad_accum"] == 170
+
+
+def test_json_memory_in_gib_has_every_count_of_memory(capsys):
+    # the ints among the counts (params, activations, buckets, loss) were left out of memory_gib
+    sm.main(["--preset", "6.7b", "--gpus", "128", "--zero-stage", "2", "--json"])
+    r = json.loads(capsys.readouterr().out)
+    counts = {k: v for k, v in r["memory"].items() if isinstance(v, (int, float))}
+    assert set(counts) < set(r["memory_gib"])
+    for key, value in counts.items():
+        assert r["memory_gib"][key] == pytest.approx(value / 2**30)
+    assert r["memory_gib"]["peaks"] == pytest.approx({k: v / 2**30 for k, v in r["memory"]["peaks"].items()})
+    assert r["memory_gib"]["activations"] == pytest.approx(36.4, abs=0.05)  # the 6.7b row of docs/scaling.md
 
 
 def test_measured_runs_named_after_an_experiment_run_as_it_does():

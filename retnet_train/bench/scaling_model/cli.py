@@ -188,12 +188,30 @@ def add_step_args(p: argparse.ArgumentParser) -> None:
     )
 
 
+def positive(maximum: float | None = None):
+    """An argparse type: a finite number > 0 (and <= maximum); 0 would divide by zero, a negative time mislead."""
+
+    def parse(text: str) -> float:
+        try:
+            value = float(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"not a number: {text!r}") from None
+        if not (0 < value < float("inf")) or (maximum is not None and value > maximum):
+            bound = f"in (0, {maximum:g}]" if maximum is not None else "> 0"
+            raise argparse.ArgumentTypeError(f"needs a number {bound}: {text!r}")
+        return value
+
+    return parse
+
+
 def add_hardware_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--gpu-memory-gib", type=float, default=Hardware.memory_gib)
-    p.add_argument("--ib-gbit", type=float, default=Hardware.ib_gbit_per_gpu, help="inter-node Gb/s per GPU")
-    p.add_argument("--nvlink-gbyte", type=float, default=Hardware.nvlink_gbyte_per_gpu, help="intra-node GB/s per GPU")
-    p.add_argument("--efficiency", type=float, default=Hardware.efficiency, help="bus bandwidth / line rate")
-    p.add_argument("--utilization", type=float, default=Hardware.utilization, help="executed FLOPs / peak")
+    p.add_argument("--gpu-memory-gib", type=positive(), default=Hardware.memory_gib)
+    p.add_argument("--ib-gbit", type=positive(), default=Hardware.ib_gbit_per_gpu, help="inter-node Gb/s per GPU")
+    p.add_argument(
+        "--nvlink-gbyte", type=positive(), default=Hardware.nvlink_gbyte_per_gpu, help="intra-node GB/s per GPU"
+    )
+    p.add_argument("--efficiency", type=positive(1), default=Hardware.efficiency, help="bus bandwidth / line rate")
+    p.add_argument("--utilization", type=positive(1), default=Hardware.utilization, help="executed FLOPs / peak")
 
 
 def add_output_args(p: argparse.ArgumentParser) -> None:
@@ -225,7 +243,25 @@ def parse_args(argv=None) -> argparse.Namespace:
         p.error(f"--context-parallel {P} must divide --gpus ({args.gpus}) and --seq-len ({args.seq_len})")
     if P > 1 and not _is_retnet(load_preset(args.preset)):
         p.error(f"--context-parallel {P}: modeled for RetNet only (its state is what is passed), not {args.preset}")
+    estimates = not (args.markdown or args.measured_runs or args.measure)  # the others fix their own layouts
+    problem = batch_problem(args) if estimates and args.grad_accum is None else None
+    if problem:
+        p.error(problem)
     return args
+
+
+def batch_problem(args) -> str | None:
+    """What the trainer would say of this batch (train.global_batch_tokens must divide); None: it divides."""
+    dp = args.gpus // args.context_parallel
+    per_step = args.micro_batch * args.seq_len * dp
+    if args.global_batch_tokens % per_step == 0:
+        return None
+    fits = -(-args.global_batch_tokens // per_step) * per_step
+    return (
+        f"--global-batch-tokens {args.global_batch_tokens} is not a multiple of --micro-batch x --seq-len x "
+        f"data-parallel GPUs = {args.micro_batch} x {args.seq_len} x {dp} = {per_step} (the trainer refuses such "
+        f"a train.global_batch_tokens): give --global-batch-tokens {fits}, or --grad-accum N"
+    )
 
 
 def hardware_from_args(args) -> Hardware:

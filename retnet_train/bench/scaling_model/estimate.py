@@ -86,6 +86,13 @@ def _check_context_parallel(cfg, n_gpus: int, seq_len: int, P_cp: int) -> None:
         raise ValueError("context parallelism is modeled for RetNet only (its state is what is passed)")
 
 
+def memory_in_gib(memory: dict) -> dict:
+    """Every byte count of `memory` in GiB, the per-phase peaks included (its counts are ints or floats)."""
+    gib = {k: v / GiB for k, v in memory.items() if isinstance(v, (int, float))}
+    gib["peaks"] = {phase: v / GiB for phase, v in memory["peaks"].items()}
+    return gib
+
+
 def _step_shape(
     cfg, n_gpus, seq_len, micro_batch, context_parallel, global_batch_tokens, grad_accum, n_params
 ) -> _StepShape:
@@ -283,7 +290,7 @@ def estimate(
         "tokens_per_step": micro_batch * seq_len * shape.data_parallel * shape.grad_accum,
         "backend": backend,
         "memory": memory,
-        "memory_gib": {k: v / GiB for k, v in memory.items() if isinstance(v, float)},
+        "memory_gib": memory_in_gib(memory),
         "comm": comm,
         "compute": compute,
         "step_seconds": step_s,
