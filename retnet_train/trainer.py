@@ -15,12 +15,11 @@ from typing import Optional
 
 import torch
 import torch.distributed as dist
-from omegaconf import OmegaConf
 
 from .components.banner import start_banner
 from .components.checkpoint import CheckpointManager, client_state, load_initial_weights, resolve_resume
 from .components.checkpoint_discovery import tag_step
-from .components.config import TrainConfig, check_values, checkpoint_dir, grad_accumulation
+from .components.config import TrainConfig, check_values, checkpoint_dir, grad_accumulation, resolved_config
 from .components.distributed import all_reduce_step, any_rank, init_distributed, pick_device, raise_first_problem
 from .components.faults import OOM_HINT, NonFiniteTracker, TrainingError, inject, io_failure
 from .components.loaders import build_loaders
@@ -87,7 +86,9 @@ class Trainer:
         # model's own check would cost a device-to-host sync at the start of every micro-batch
         self.model.check_inputs = False
 
-        self.source = resolve_resume(cfg.train.resume, self.ckpt)  # before anything is written: refuses to clobber
+        self.resolved = resolved_config(cfg)
+        # before anything is written: refuses to clobber
+        self.source = resolve_resume(cfg.train.resume, self.ckpt, self.resolved)
         self.layout = run_layout(cfg, self.world)
         # another world size / ZeRO stage: converted; other model settings: refused
         self.plan = prepare_resume(self.source, self.layout, self.rank, dict(cfg.model))
@@ -97,7 +98,6 @@ class Trainer:
             cfg.train.max_consecutive_nonfinite, scaler_skips_are_normal=cfg.deepspeed.precision == "fp16"
         )
         self.state = TrainState(faults=faults)
-        self.resolved = OmegaConf.to_container(OmegaConf.structured(cfg), resolve=True)
 
     def _claim_dirs(self) -> None:
         """Before anything is built: every directory this rank will write must be writable, and rank 0

@@ -61,7 +61,7 @@ def load_parts(client: Mapping, parts: Mapping[str, Stateful], origin: str) -> N
             raise ValueError(f"train.resume: {origin}: {name}: {e}") from None
 
 
-def resolve_resume(resume: str, manager: "CheckpointManager"):
+def resolve_resume(resume: str, manager: "CheckpointManager", config: Optional[dict] = None):
     """(directory, tag) to load, or None to start fresh, for train.resume = auto | never | a path.
 
     A path may name one checkpoint (<dir>/step_N) or a directory holding them (its newest valid
@@ -70,7 +70,9 @@ def resolve_resume(resume: str, manager: "CheckpointManager"):
     or a foreign checkpoint while our own checkpoint dir already holds checkpoints, an older checkpoint
     of our own while newer valid ones are there, and a fresh start where every complete checkpoint is
     damaged. A run started with a path that has saved checkpoints of its own continues from its newest
-    one when the same command runs again (a requeue after preemption).
+    one when the same command runs again (a requeue after preemption); so does a train.resume=never run
+    whose newest checkpoint holds this very config (`config`: this run's resolved config; None: never
+    continues).
     """
     ours = manager.existing()
     if resume == "auto":
@@ -82,6 +84,13 @@ def resolve_resume(resume: str, manager: "CheckpointManager"):
             )
         return _chosen(choice, manager.rank)
     if resume == "never":
+        own = discovery.choose(manager.dir) if ours else None
+        if own is not None and own.tag is not None and config is not None and _saved_config(own.path) == config:
+            # saved by this same command (a requeue after preemption, a restart after a crash), which exited
+            # 75 saying the same command resumes: the run goes on; any other config is refused below
+            if manager.rank == 0:
+                print(f"train.resume=never: {own.path} was saved by this same run: continuing from it", flush=True)
+            return _chosen(own, manager.rank)
         if ours:
             raise ValueError(
                 f"train.resume=never but {manager.dir} already holds checkpoints ({', '.join(ours[-3:])}); "
@@ -120,13 +129,19 @@ def resolve_resume(resume: str, manager: "CheckpointManager"):
     return _chosen(choice, manager.rank)
 
 
-def _saved_resume(tag_dir: str) -> Optional[str]:
-    """The train.resume of the run that saved checkpoint `tag_dir` (None where it does not say)."""
+def _saved_config(tag_dir: str) -> Optional[dict]:
+    """The resolved config of the run that saved checkpoint `tag_dir` (None where it does not say)."""
     try:
         state = torch.load(discovery.model_states_file(tag_dir), map_location="cpu", weights_only=False, mmap=True)
     except (OSError, RuntimeError, ValueError):
         return None
-    train = (state.get("config") or {}).get("train") if isinstance(state, dict) else None
+    config = state.get("config") if isinstance(state, dict) else None
+    return config if isinstance(config, dict) else None
+
+
+def _saved_resume(tag_dir: str) -> Optional[str]:
+    """The train.resume of the run that saved checkpoint `tag_dir` (None where it does not say)."""
+    train = (_saved_config(tag_dir) or {}).get("train")
     return train.get("resume") if isinstance(train, dict) else None
 
 

@@ -157,6 +157,13 @@ def checkpoint_dir(cfg: TrainConfig) -> str:
     return cfg.checkpoint.dir or os.path.join(cfg.run.dir, "checkpoints")
 
 
+def resolved_config(cfg: TrainConfig) -> dict:
+    """The config as plain nested dicts, interpolations resolved: what config.yaml and each checkpoint hold."""
+    from omegaconf import OmegaConf
+
+    return OmegaConf.to_container(OmegaConf.structured(cfg), resolve=True)
+
+
 def register() -> None:
     ConfigStore.instance().store(name="train_schema", node=TrainConfig)
 

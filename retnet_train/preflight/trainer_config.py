@@ -209,7 +209,7 @@ def _start_problems(cfg, node_rank: int, world_size: int | None = None) -> list[
     resume=never over checkpoints) and a resume of it under this layout and model (_resume_problems), a
     train.init_weights that is not there."""
     from retnet_train.components.checkpoint import CheckpointManager, resolve_resume
-    from retnet_train.components.config import checkpoint_dir
+    from retnet_train.components.config import checkpoint_dir, resolved_config
     from retnet_train.components.distributed import precision_problem
     from retnet_train.components.run_dir import DirLock, write_problem
 
@@ -220,7 +220,7 @@ def _start_problems(cfg, node_rank: int, world_size: int | None = None) -> list[
         problems += [p for p in dict.fromkeys(lock.probe() for lock in locks) if p]
     manager = CheckpointManager(checkpoint_dir(cfg), cfg.checkpoint.keep_last, None)  # None: prints nothing
     try:
-        source = resolve_resume(cfg.train.resume, manager)
+        source = resolve_resume(cfg.train.resume, manager, resolved_config(cfg))
     except ValueError as exc:
         problems.append(str(exc))
     else:

@@ -12,8 +12,8 @@ from trainer_helpers import shards, typed  # noqa: F401  (shards: a fixture)
 from retnet_train.trainer import Trainer
 
 
-def run_with_signal_during(step: int, data, run_dir, sig=signal.SIGUSR1) -> dict:
-    trainer = Trainer(typed(data, run_dir, **{"train.max_steps": 3, "checkpoint.interval": 1000}))
+def run_with_signal_during(step: int, data, run_dir, sig=signal.SIGUSR1, **extra) -> dict:
+    trainer = Trainer(typed(data, run_dir, **{"train.max_steps": 3, "checkpoint.interval": 1000, **extra}))
     train_step = trainer.train_step
 
     def signalled_step():
@@ -63,3 +63,20 @@ def test_a_signal_before_a_finished_run_starts_is_not_a_preemption(shards, tmp_p
     assert summary["checkpoint"] == str(run_dir / "checkpoints" / "step_00000002")
     out = capsys.readouterr().out
     assert "done at step 2" in out
+
+
+def test_a_resume_never_run_stopped_by_a_signal_goes_on_with_the_same_command(shards, tmp_path, process_group, capsys):  # noqa: F811
+    """Exit 75 says the same command resumes (the SLURM scripts requeue it): a train.resume=never run goes on
+    from the checkpoint it saved; another config with resume=never is still refused."""
+    run_dir = tmp_path / "run"
+    never = {"train.resume": "never"}
+    assert run_with_signal_during(2, shards, run_dir, **never)["preempted"]
+    capsys.readouterr()
+    summary = Trainer(typed(shards, run_dir, **{"train.max_steps": 3, "checkpoint.interval": 1000, **never})).train()
+    assert (summary["step"], summary["preempted"]) == (3, False)
+    out = capsys.readouterr().out
+    assert f"train.resume=never: {run_dir / 'checkpoints' / 'step_00000002'} was saved by this same run" in out
+    assert f"resumed from {run_dir / 'checkpoints' / 'step_00000002'} at step 2" in out
+    other = typed(shards, run_dir, **{"train.max_steps": 4, "checkpoint.interval": 1000, **never})
+    with pytest.raises(ValueError, match="train.resume=never but .* already holds checkpoints"):
+        Trainer(other).train()
