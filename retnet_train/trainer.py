@@ -187,8 +187,9 @@ class Trainer:
 
     def _banner(self) -> str:
         params = self.model.num_params()
+        done = (self.state.step, self.state.tokens_seen)
         return start_banner(
-            self.cfg, self.world, self.dp_world, self.accum, self.tokens_per_step, params, self.device.type
+            self.cfg, self.world, self.dp_world, self.accum, self.tokens_per_step, params, self.device.type, done
         )
 
     # ------------------------------------------------------------------ the loop

@@ -7,10 +7,20 @@ from .config import TrainConfig
 
 
 def start_banner(
-    cfg: TrainConfig, world: int, dp_world: int, accum: int, tokens_per_step: int, params: int, device_type: str
+    cfg: TrainConfig,
+    world: int,
+    dp_world: int,
+    accum: int,
+    tokens_per_step: int,
+    params: int,
+    device_type: str,
+    resumed_at: tuple[int, int] = (0, 0),
 ) -> str:
     """dp_world: the data-parallel ranks (fewer than `world` under context parallel); accum: micro-batches
-    per optimizer step; params: the model's parameter count."""
+    per optimizer step; params: the model's parameter count; resumed_at: (step, tokens seen) of the
+    checkpoint resumed, whose steps may have had another batch size."""
+    step, tokens_seen = resumed_at
+    total = tokens_seen + tokens_per_step * max(0, cfg.train.max_steps - step)
     ranks = (
         f"world {world} ({dp_world} data x {world // dp_world} context parallel)"
         if dp_world != world
@@ -18,7 +28,7 @@ def start_banner(
     )
     banner = (
         f"{ranks} | micro-batch {cfg.train.micro_batch_size} x seq {cfg.data.seq_len} | accumulation "
-        f"{accum} | {tokens_per_step:,} tokens/step | {tokens_per_step * cfg.train.max_steps:,} "
+        f"{accum} | {tokens_per_step:,} tokens/step | {total:,} "
         f"tokens total | {params:,} parameters | ZeRO {cfg.deepspeed.zero_stage} "
         f"{cfg.deepspeed.precision} | device {device_type}"
     )

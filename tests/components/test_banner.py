@@ -35,3 +35,13 @@ def test_a_gpu_sized_batch_on_cpu_is_one_warning_naming_the_key():
     ]
     assert len(start_banner(cfg, 1, 1, 16_384, 4 * 2**20, 1000, "cuda").splitlines()) == 1
     assert len(start_banner(cfg, 1, 1, 1, 2048, 1000, "cpu").splitlines()) == 1
+
+
+def test_tokens_total_counts_the_resumed_steps_at_their_own_batch_size():
+    """Resumed at step 12 after 3,072 tokens (256 per step), on at 512 per step to step 14: 4,096 in all,
+    not 14 x 512."""
+    cfg = TrainConfig()
+    cfg.train.max_steps = 14
+    assert "| 7,168 tokens total |" in start_banner(cfg, 1, 1, 4, 512, 1000, "cpu")
+    assert "| 4,096 tokens total |" in start_banner(cfg, 1, 1, 4, 512, 1000, "cpu", resumed_at=(12, 3072))
+    assert "| 3,072 tokens total |" in start_banner(cfg, 1, 1, 4, 512, 1000, "cpu", resumed_at=(20, 3072))
