@@ -84,8 +84,9 @@ def tokenizer_from_client_state(state: Mapping, save_dir: str) -> Optional[str]:
 
 def _resolve_relative(tok: Optional[str], cfg: Any, save_dir: str) -> Optional[str]:
     """A relative tokenizer path is relative to the training launch dir. The trainer's default
-    save dir is <launch>/<run.dir>/checkpoints, so that dir is recovered from the save dir."""
-    if tok is None or os.path.isabs(tok) or os.path.exists(tok):
+    save dir is <launch>/<run.dir>/checkpoints, so that dir is recovered from the save dir; it comes
+    before the current dir, which may hold another tokenizer under the same path."""
+    if tok is None or os.path.isabs(tok):
         return tok
     run_dir = cfg.get("run", {}).get("dir") if isinstance(cfg, Mapping) else None
     suffix = os.path.normpath(os.path.join(run_dir, "checkpoints")) if isinstance(run_dir, str) else None

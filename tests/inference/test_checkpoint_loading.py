@@ -316,3 +316,22 @@ def test_a_tag_given_with_one_checkpoint_says_to_name_the_directory_of_them(tmp_
         f"--tag 300: {tag_dir} is one checkpoint; with --tag, name the directory that holds the checkpoints "
         f"({tag_dir.parent}) or the run"
     )
+
+
+def test_relative_tokenizer_of_the_launch_dir_wins_over_one_in_the_current_dir(tmp_path, tokenizer, monkeypatch):
+    """A relative data.tokenizer is the launch dir's (recovered from run.dir), even where the current
+    directory holds another tokenizer of the same size under that path: token ids must keep their pieces."""
+    import shutil
+
+    launch, elsewhere = tmp_path / "launch", tmp_path / "elsewhere"
+    (launch / "data").mkdir(parents=True)
+    (elsewhere / "data").mkdir(parents=True)
+    shutil.copy(tokenizer, launch / "data" / "tok.model")
+    other = train_tokenizer(tmp_path, model_type="bpe")  # same size, other pieces
+    shutil.copy(other, elsewhere / "data" / "tok.model")
+    cfg = tiny_config()
+    resolved = {"model": cfg, "data": {"tokenizer": "data/tok.model"}, "run": {"dir": "runs/r1"}}
+    write_deepspeed_checkpoint(launch / "runs" / "r1" / "checkpoints", cfg, 0, {"config": resolved}, steps=1)
+    monkeypatch.chdir(elsewhere)
+    loaded = load_model(str(launch / "runs" / "r1"))
+    assert os.path.samefile(loaded.tokenizer_path, launch / "data" / "tok.model")
