@@ -109,10 +109,11 @@ def _tokenizer(given: Optional[str], stored: Optional[str], path: str, vocab_siz
         return None
     if not os.path.isfile(tok):
         which = "--tokenizer" if given else f"the tokenizer named by {path}"
-        raise CheckpointError(
-            f"{which}: {tok} "
-            + ("is a directory, not a sentencepiece model" if os.path.isdir(tok) else "does not exist")
-        )
+        problem = "is a directory, not a sentencepiece model" if os.path.isdir(tok) else "does not exist"
+        if not given:  # the stored path: where it was looked for, and how to go on
+            where = "relative to the directory training was launched from: " if not os.path.isabs(tok) else ""
+            problem += f" ({where}run from there or pass --tokenizer)"
+        raise CheckpointError(f"{which}: {tok} {problem}")
     check_tokenizer(tok, vocab_size)
     if given and stored and os.path.isfile(stored) and not same_file(given, stored):
         raise CheckpointError(

@@ -335,3 +335,15 @@ def test_relative_tokenizer_of_the_launch_dir_wins_over_one_in_the_current_dir(t
     monkeypatch.chdir(elsewhere)
     loaded = load_model(str(launch / "runs" / "r1"))
     assert os.path.samefile(loaded.tokenizer_path, launch / "data" / "tok.model")
+
+
+def test_stored_tokenizer_not_found_says_how_to_go_on(tmp_path, monkeypatch):
+    """A relative data.tokenizer that cannot be found from here (run.dir absolute: no launch dir to recover)
+    is an error naming the path and the ways on: the launch dir, or --tokenizer."""
+    cfg = tiny_config()
+    run = tmp_path / "run"
+    resolved = {"model": cfg, "data": {"tokenizer": "data/tok.model"}, "run": {"dir": str(run)}}
+    write_deepspeed_checkpoint(run / "checkpoints", cfg, 0, {"config": resolved}, steps=1)
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(CheckpointError, match=r"data/tok.model does not exist \(relative to .*launched.*--tokenizer"):
+        load_model(str(run))
