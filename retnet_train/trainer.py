@@ -27,6 +27,7 @@ from .components.metrics import MetricsLogger, Throughput, device_peak_flops, mf
 from .components.optim import build_engine, global_grad_norm
 from .components.preemption import PreemptionHandler
 from .components.profiling import Profiler, profile_dir
+from .components.rank_errors import SameOnEveryRank
 from .components.reshard import prepare_resume, run_layout
 from .components.resume import done_line, fresh_start_line, load_checkpoint, nothing_to_train_line, resumed_lines
 from .components.rng import seed_everything
@@ -72,11 +73,7 @@ class Trainer:
         self.is_main = self.rank == 0
         self.ckpt = CheckpointManager(checkpoint_dir(cfg), cfg.checkpoint.keep_last, self.rank)
         self._claim_dirs()
-        # context parallel: P consecutive ranks share each sequence; the data comes per data-parallel rank
-        self.cp, dp_rank, self.dp_world = build_context_parallel(
-            cfg.parallel.context_parallel_size, self.rank, self.world, cfg.data.seq_len
-        )
-        self.accum = grad_accumulation(cfg, self.world)
+        dp_rank = self._lay_out_batch()
         self.tokens_per_step = self.accum * cfg.train.micro_batch_size * cfg.data.seq_len * self.dp_world
         seed_everything(cfg.train.seed + self.rank)
         self.model_cfg = model_config_from_dict(cfg.model)
@@ -98,6 +95,20 @@ class Trainer:
             cfg.train.max_consecutive_nonfinite, scaler_skips_are_normal=cfg.deepspeed.precision == "fp16"
         )
         self.state = TrainState(faults=faults)
+
+    def _lay_out_batch(self) -> int:
+        """Context-parallel groups and micro-batches per step for this world size; returns this rank's
+        data-parallel rank. What does not divide is the config's fault, the same on every rank."""
+        cfg = self.cfg
+        try:
+            # context parallel: P consecutive ranks share each sequence; the data comes per data-parallel rank
+            self.cp, dp_rank, self.dp_world = build_context_parallel(
+                cfg.parallel.context_parallel_size, self.rank, self.world, cfg.data.seq_len
+            )
+            self.accum = grad_accumulation(cfg, self.world)
+        except ValueError as e:
+            raise SameOnEveryRank(str(e)) from None
+        return dp_rank
 
     def _claim_dirs(self) -> None:
         """Before anything is built: every directory this rank will write must be writable, and rank 0

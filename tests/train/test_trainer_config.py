@@ -69,6 +69,8 @@ def test_unknown_plus_key_is_refused_like_a_misspelled_one(tmp_path, override, k
     [
         ("train.max_step=3", "Could not override 'train.max_step'.", 1),  # Hydra's, composing the config
         ("+train.max_step=3", "error: train.max_step: not a key of the trainer config", 1),
+        # the batch does not divide over this world size: the config's fault, the same on every rank
+        ("train.global_batch_tokens=384", "error: train.global_batch_tokens=384 is not a multiple", 1),
         (None, "error: data.paths[0]=", 2),  # each rank's own data: every rank says what it found
     ],
 )
