@@ -119,7 +119,7 @@ def build_parser() -> argparse.ArgumentParser:
         choices=("none", "selective"),
         help="with --compile: selective recomputes RetNet's projections + retention core (in the compiled block)",
     )
-    p.add_argument("--doc-len", type=int, default=0, help="mean document length for doc_starts (0: none)")
+    p.add_argument("--doc-len", type=count(0), default=0, help="mean document length for doc_starts (0: none)")
     p.add_argument("--cpu", action="store_true", help="run on CPU (bf16 as on GPU)")
     return p
 
@@ -127,8 +127,12 @@ def build_parser() -> argparse.ArgumentParser:
 def parse_args(argv=None) -> argparse.Namespace:
     p = build_parser()
     args = p.parse_args(argv)
+    if not 0 < args.activation_memory_budget <= 1:
+        p.error(f"--activation-memory-budget {args.activation_memory_budget} is not in (0, 1]")
     if args.activation_memory_budget != 1.0 and not args.compile:
         p.error("--activation-memory-budget needs --compile")
+    if args.cpu and args.backend in ("fla", "triton"):
+        p.error(f"--backend {args.backend} needs a GPU: on --cpu, auto or torch")
     if args.activation_checkpointing != "none" and not args.compile:
         p.error("--activation-checkpointing needs --compile: eager recomputation keeps its inputs outside the hooks")
     return args

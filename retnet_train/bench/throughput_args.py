@@ -82,12 +82,17 @@ def model_specs(models: str, preset: str, backend: str) -> list:
         overrides = {k: yaml.safe_load(v) for k, v in (item.split("=", 1) for item in sets)}
         if name not in ("retnet", "transformer", "fla"):
             raise SystemExit(f"--models: unknown model {name!r} (retnet, transformer, fla)")
-        if name == "transformer":
-            cfg = load_preset(f"transformer_{preset}", **overrides)
-            build = lambda cfg=cfg: build_model(cfg)  # noqa: E731
+        try:  # an override the model config refuses (an unknown key, a bad value): named, not a traceback
+            if name == "transformer":
+                cfg = load_preset(f"transformer_{preset}", **overrides)
+            else:
+                cfg = load_preset(preset, **{"retention_backend": backend, **overrides})
+        except (ValueError, TypeError) as exc:
+            raise SystemExit(f"--models: {spec!r}: {exc}") from None
+        if name == "fla":
+            build = lambda cfg=cfg: fla_reference(cfg)  # noqa: E731
         else:
-            cfg = load_preset(preset, **{"retention_backend": backend, **overrides})
-            build = (lambda cfg=cfg: build_model(cfg)) if name == "retnet" else (lambda cfg=cfg: fla_reference(cfg))
+            build = lambda cfg=cfg: build_model(cfg)  # noqa: E731
         specs.append((name, overrides, cfg, build))
     return specs
 

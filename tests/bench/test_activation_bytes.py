@@ -98,6 +98,13 @@ def test_cli_refusals(capsys, monkeypatch):
         (["--micro-batch", "0"], "argument --micro-batch: needs an integer >= 1: '0'"),
         (["--seq-len", "0"], "argument --seq-len: needs an integer >= 1: '0'"),
         (["--backend", "nope"], "argument --backend: invalid choice: 'nope'"),
+        # a budget out of range, a GPU backend on --cpu and a negative document length raised tracebacks or
+        # ran a meaningless measurement
+        (["--compile", "--activation-memory-budget", "1.5"], "error: --activation-memory-budget 1.5 is not in (0, 1]"),
+        (["--compile", "--activation-memory-budget", "0"], "error: --activation-memory-budget 0.0 is not in (0, 1]"),
+        (["--backend", "fla"], "error: --backend fla needs a GPU: on --cpu, auto or torch"),
+        (["--backend", "triton"], "error: --backend triton needs a GPU: on --cpu, auto or torch"),
+        (["--doc-len", "-1"], "argument --doc-len: needs an integer >= 0: '-1'"),
     ],
 )
 def test_bad_arguments_are_named_before_the_forward(capsys, args, needle):
@@ -106,3 +113,17 @@ def test_bad_arguments_are_named_before_the_forward(capsys, args, needle):
     with pytest.raises(SystemExit) as e:
         main(["--cpu", "--preset", "tiny", *args])
     assert e.value.code == 2 and needle in capsys.readouterr().err
+
+
+@pytest.mark.parametrize(
+    "models, needle",
+    [
+        ("retnet@bogus=1", "--models: 'retnet@bogus=1': model.bogus: unknown key for arch=retnet"),
+        ("transformer@n_heads=3", "--models: 'transformer@n_heads=3': TransformerConfig.n_heads: 3 does not divide"),
+    ],
+)
+def test_a_preset_override_the_model_refuses_is_named_not_a_traceback(capsys, models, needle):
+    with pytest.raises(SystemExit) as e:
+        main(["--cpu", "--preset", "tiny", "--models", models])
+    assert str(e.value.code).startswith(needle)
+    assert capsys.readouterr().out == ""
