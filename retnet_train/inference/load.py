@@ -11,6 +11,7 @@ inference/client_state.py), or from a preset given by the caller.
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import sys
 from dataclasses import dataclass
@@ -20,6 +21,7 @@ import torch
 
 from ..components.checkpoint_discovery import model_states_file
 from ..interop.legacy import current_keys
+from ..kernels import resolve_backend
 from ..model import build_model, model_config_from_dict
 from .client_state import framing_from_client_state, model_config_from_client_state, tokenizer_from_client_state
 from .deepspeed_checkpoint import consolidated_state_dict, read_model_states, resolve_deepspeed_dir
@@ -102,6 +104,21 @@ def _from_deepspeed(path: str, tag: Optional[str], model_config: Optional[Mappin
     return config, consolidated_state_dict(save_dir, tag), stored_tok, "deepspeed", meta, framing
 
 
+def runnable_here(config, device: str | torch.device):
+    """The config with a retention_backend that runs on `device`: the backend is how training ran, not
+    what the weights compute, so one that cannot run here (triton or fla on CPU) gives way to auto."""
+    backend = getattr(config, "retention_backend", "auto")
+    if backend in ("auto", "torch"):
+        return config
+    try:
+        resolve_backend(backend, torch.device(device), config.key_head_dim)
+    except ValueError:
+        here = resolve_backend("auto", torch.device(device), config.key_head_dim)
+        print(f"model.retention_backend={backend} cannot run on {device}: using {here}", file=sys.stderr, flush=True)
+        return dataclasses.replace(config, retention_backend="auto")
+    return config
+
+
 def _tokenizer(given: Optional[str], stored: Optional[str], path: str, vocab_size: int) -> Optional[str]:
     """The tokenizer to use: the one given (it must be the one trained with) else the stored one."""
     tok = given or stored
@@ -160,6 +177,7 @@ def load_model(
     checkpoints whose client state carries no config.
     """
     config, state_dict, stored_tok, source, meta, framing = _read(path, tag, model_config)
+    config = runnable_here(config, device)
     model = build_model(config)
     load_weights(model, state_dict, path)
     model.eval().to(device=device, dtype=dtype)
