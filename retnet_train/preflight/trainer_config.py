@@ -143,7 +143,9 @@ def trainer_view(cfg, world_size: int | None, node_rank: int = 0) -> TrainerView
     missing = missing_data_paths(cfg.data.paths)  # as the trainer names them
     values = _values_problem(schema, cfg)
     problems = [values] if values else []
-    problems += _world_problems(schema, cfg, world_size) + missing + _start_problems(cfg, node_rank, world_size)
+    # the layout check runs in both: a value problem is not named twice
+    world = [w for w in _world_problems(schema, cfg, world_size) if not (values and w.startswith(values))]
+    problems += world + missing + _start_problems(cfg, node_rank, world_size)
     # a bad data.* / train.* value or a missing path: the data checks would repeat that problem
     if not missing and not (values or "").startswith(("data.", "train.")):
         problems += _data_problems(cfg, world_size)
@@ -168,13 +170,16 @@ def _values_problem(schema, cfg) -> str | None:
 
 
 def _world_problems(schema, cfg, world_size: int | None) -> list[str]:
-    """What the batch arithmetic and the profiled ranks would reject for this world size."""
+    """What the batch arithmetic and the profiled ranks would reject for this world size. Without one (no
+    --nproc-per-node), the batch is checked for one data-parallel rank: what fails there fails at every size."""
     problems: list[str] = []
-    if world_size is not None and hasattr(schema, "grad_accumulation"):
+    if hasattr(schema, "grad_accumulation"):
+        world = world_size or cfg.parallel.context_parallel_size
         try:
-            schema.grad_accumulation(cfg, world_size)
+            schema.grad_accumulation(cfg, world)
         except ValueError as exc:
-            problems.append(f"{exc} (world size {world_size})")
+            where = f"world size {world_size}" if world_size else "at any world size; --nproc-per-node checks this one"
+            problems.append(f"{exc} ({where})")
     if world_size is not None and cfg.profile.enabled:
         from retnet_train.components.profiling import check_profile_ranks
 

@@ -165,6 +165,31 @@ def test_run_dir_is_checked_on_the_node_of_rank_0_alone(tmp_path):
     assert pf.trainer_view(cfg, world_size=None, node_rank=1).problems == []
 
 
+def test_a_batch_no_world_size_divides_fails_without_nproc_per_node(tmp_path):
+    """Without --nproc-per-node the world size is unknown, but a batch that one data-parallel rank's
+    micro-batches do not divide fails at every size: the trainer refuses it at start."""
+    run = ["experiment=tiny_cpu", f"run.dir={tmp_path / 'run'}"]
+    cfg = pf.compose_trainer_config([*run, "train.global_batch_tokens=1000"])
+    assert pf.trainer_view(cfg, world_size=None).problems == [
+        "train.global_batch_tokens=1000 is not a multiple of micro_batch_size x seq_len x data-parallel world = "
+        "8 x 256 x 1 = 2048: train.global_batch_tokens=2048 would be (at any world size; --nproc-per-node checks "
+        "this one)"
+    ]
+    assert pf.trainer_view(pf.compose_trainer_config(run), world_size=None).problems == []
+
+
+def test_a_layout_problem_is_named_once(tmp_path):
+    """The trainer's value checks and the batch arithmetic both check the context-parallel layout."""
+    cfg = pf.compose_trainer_config(
+        ["experiment=tiny_cpu", f"run.dir={tmp_path / 'run'}", "parallel.context_parallel_size=3"]
+    )
+    for world in (None, 3):
+        problems = pf.trainer_view(cfg, world_size=world).problems
+        assert [p for p in problems if "context_parallel_size=3" in p] == [
+            "parallel.context_parallel_size=3 does not divide data.seq_len=256: each rank holds seq_len / 3 tokens"
+        ], world
+
+
 def _zero0_checkpoint(tmp_path):
     """A complete checkpoint of the tiny model written at ZeRO 0 by one rank; its tag dir and model."""
     import torch
