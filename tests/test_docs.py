@@ -268,3 +268,23 @@ def test_options_of_the_commands_in_the_docs_exist():
                     if opt != "--help" and not re.search(re.escape(opt) + r"(?![\w-])", text):
                         bad.append(f"{where}: {m.group(1)} has no option {opt}")
     assert not bad, "\n".join(bad)
+
+
+def test_the_model_call_in_model_md_is_the_models_forward():
+    """docs/model.md shows RetNet's forward call, with its defaults, and names the Transformer's arguments."""
+    import inspect
+
+    from retnet_train.model import RetNetForCausalLM, TransformerForCausalLM
+
+    def params(cls):
+        return [n for n in inspect.signature(cls.forward).parameters if n != "self"]
+
+    text = (ROOT / "docs" / "model.md").read_text(encoding="utf-8")
+    call = ast.parse(re.search(r"```python\n(out = model\(.*?)```", text, re.DOTALL).group(1)).body[0].value
+    assert [a.id for a in call.args] + [k.arg for k in call.keywords] == params(RetNetForCausalLM)
+    signature = inspect.signature(RetNetForCausalLM.forward).parameters
+    assert {k.arg: ast.literal_eval(k.value) for k in call.keywords} == {
+        k.arg: signature[k.arg].default for k in call.keywords
+    }
+    transformer = re.search(r"the Transformer's takes (.*?) \(", text, re.DOTALL).group(1)
+    assert re.findall(r"`(\w+)`", transformer) == params(TransformerForCausalLM)
