@@ -288,3 +288,21 @@ def test_the_model_call_in_model_md_is_the_models_forward():
     }
     transformer = re.search(r"the Transformer's takes (.*?) \(", text, re.DOTALL).group(1)
     assert re.findall(r"`(\w+)`", transformer) == params(TransformerForCausalLM)
+
+
+TEST_ONLY_KEYS = {"train.inject_nonfinite_at", "train.inject_nonfinite_grad_at"}  # fault injection for the tests
+
+
+def test_the_config_table_of_training_md_lists_every_key_of_its_section():
+    """docs/training.md's table of sections names each section's keys bare (`lr`): every one must be a key of
+    that section, and every key of the schema (but the tests' fault injection) must be there."""
+    from retnet_train.components.config import TrainConfig
+
+    text = (ROOT / "docs" / "training.md").read_text(encoding="utf-8")
+    rows = dict(re.findall(r"^\| `(\w+)` \| (.*) \|$", text, re.MULTILINE))
+    sections = {s: t for s, t in typing.get_type_hints(TrainConfig).items() if dataclasses.is_dataclass(t)}
+    assert set(rows) == set(sections)
+    for section, typ in sections.items():
+        listed = {f"{section}.{k}" for k in re.findall(r"`(\w+)`", rows[section])}
+        schema = {f"{section}.{f.name}" for f in dataclasses.fields(typ)} - TEST_ONLY_KEYS
+        assert listed == schema, f"docs/training.md, `{section}` row: {sorted(listed ^ schema)}"
