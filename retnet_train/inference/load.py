@@ -23,6 +23,7 @@ from ..components.checkpoint_discovery import model_states_file
 from ..interop.legacy import current_keys
 from ..kernels import resolve_backend
 from ..model import build_model, model_config_from_dict
+from ..model.config import function_changes
 from .client_state import framing_from_client_state, model_config_from_client_state, tokenizer_from_client_state
 from .deepspeed_checkpoint import consolidated_state_dict, read_model_states, resolve_deepspeed_dir
 from .errors import CheckpointError
@@ -77,6 +78,25 @@ def _from_export(path: str):
     return config, state_dict, (stored_tok if os.path.isfile(stored_tok) else None), "export", {"export": meta}, framing
 
 
+def _given_or_stored_config(model_config: Optional[Mapping], state: Mapping, origin: str):
+    """--model-config where the checkpoint stores no model config; where it stores one, --model-config may
+    change how the weights are computed (mode, chunk_size, backend), not what: that would be other logits
+    from the same weights, without a word."""
+    if model_config is None:
+        return model_config_from_client_state(state, origin)
+    try:
+        stored = model_config_from_client_state(state, origin)
+    except CheckpointError:  # none stored (or not readable): the given one is the only one
+        return model_config_from_dict(model_config)
+    changes = function_changes(stored.to_dict(), model_config)
+    if changes:
+        raise CheckpointError(
+            f"--model-config: {origin} stores the model config it was trained with, and this one changes what "
+            f"its weights compute ({'; '.join(changes)}); drop --model-config (it is for checkpoints that store none)"
+        )
+    return model_config_from_dict(model_config)
+
+
 def _from_deepspeed(path: str, tag: Optional[str], model_config: Optional[Mapping]):
     choice = resolve_deepspeed_dir(path, tag)
     # which checkpoint was read, whether chosen in a directory or named; stdout stays for results. Once per
@@ -86,11 +106,7 @@ def _from_deepspeed(path: str, tag: Optional[str], model_config: Optional[Mappin
     save_dir, tag = choice.directory, choice.tag
     origin = model_states_file(os.path.join(save_dir, tag))
     state = read_model_states(os.path.join(save_dir, tag))
-    config = (
-        model_config_from_dict(model_config)
-        if model_config is not None
-        else model_config_from_client_state(state, origin)
-    )
+    config = _given_or_stored_config(model_config, state, origin)
     stored_tok = tokenizer_from_client_state(state, save_dir)
     framing = framing_from_client_state(state, origin)
     meta = {
