@@ -22,6 +22,7 @@ import math
 import os
 import sys
 import time
+import warnings
 from typing import Mapping, Optional
 
 import torch
@@ -113,17 +114,32 @@ def trained_seq_len(loaded) -> Optional[int]:
     return seq_len if isinstance(seq_len, int) else None
 
 
+def check_every_source_measured(sources: dict, batch_sources, notes) -> None:
+    """Each --data source has batches: one the loader leaves out (its warning in `notes` says why) would
+    leave the results another source's alone, their `data` naming both."""
+    measured = set(batch_sources)
+    for name, (path, _) in sources.items():
+        if name not in measured:
+            why = next((note for note in notes if f"'{name}'" in note), "no validation window of it")
+            raise ValueError(f"--data {name}={path}: not measured: {why}")
+
+
 def run_perplexity(loaded, sources: dict, args) -> Mapping:
     sha = sha256_file(loaded.tokenizer_path) if loaded.tokenizer_path else None
     seq_len = args.seq_len or trained_seq_len(loaded) or DEFAULT_SEQ_LEN
-    loader = build_validation_loader(
-        sources,
-        seq_len,
-        args.batch_size,
-        tokenizer_sha256=sha,
-        vocab_size=loaded.config.vocab_size,
-        max_sequences=args.max_sequences,
-    )
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        loader = build_validation_loader(
+            sources,
+            seq_len,
+            args.batch_size,
+            tokenizer_sha256=sha,
+            vocab_size=loaded.config.vocab_size,
+            max_sequences=args.max_sequences,
+        )
+    check_every_source_measured(sources, loader.batch_sources, [str(w.message) for w in caught])
+    for w in caught:
+        warnings.warn_explicit(w.message, w.category, w.filename, w.lineno)
     measured = perplexity(loaded.model, loader, args.device, sources=loader.batch_sources)
     settings = {"seq_len": seq_len, "batch_size": args.batch_size, "max_sequences": args.max_sequences}
     return {**measured, **settings, "data": {name: path for name, (path, _) in sources.items()}}

@@ -244,3 +244,15 @@ def test_output_never_replaces_a_file_without_overwrite(setup, tmp_path, capsys)
     assert main([*flags, "--overwrite"]) == 0
     printed = capsys.readouterr().out
     assert out.read_text() == printed and json.loads(printed)["validation"]["seq_len"] == 16
+
+
+def test_a_named_source_that_cannot_be_measured_is_an_error(setup, tmp_path):
+    """Every --data source is measured, or the command fails naming it: a source left out (a validation
+    split shorter than a window) would leave the overall loss another source's alone, the JSON's data
+    naming both."""
+    d, tok, _, exp, _ = setup
+    short = tmp_path / "short"
+    write_shards(short, tok, ["a b"])
+    args = ["--checkpoint", exp, "--seq-len", "16", "--data", f"web={d / 'shards'}", "--data", f"short={short}"]
+    with pytest.raises(SystemExit, match=f"error: --data short={short}: not measured: .*validation split"):
+        main(args)
