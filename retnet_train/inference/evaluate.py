@@ -212,6 +212,8 @@ def check_lm_eval_flags(args) -> None:
     for flag in ("limit", "num_fewshot", "include_path"):
         if getattr(args, flag) is not None and not args.tasks:
             raise SystemExit(f"error: --{flag.replace('_', '-')}: only with --tasks (lm-eval)")
+    if args.prompt_prefix != "auto" and not args.tasks:
+        raise SystemExit("error: --prompt-prefix: only with --tasks (perplexity reads the shards as they were written)")
     if args.tasks is not None:
         try:  # before the model loads and the perplexity runs, whose results an error would lose
             importlib.import_module(f"{__package__}.lm_eval_adapter")

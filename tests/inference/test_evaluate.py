@@ -197,6 +197,10 @@ def test_lm_eval_local_tasks(setup, tmp_path, capsys, monkeypatch):
         (["--tasks", "a", "--include-path", "/no/such/dir"], "error: --include-path: /no/such/dir is not a directory"),
         (["--data", "DATA", "--limit", "5"], "error: --limit: only with --tasks (lm-eval)"),
         (["--data", "DATA", "--num-fewshot", "1"], "error: --num-fewshot: only with --tasks (lm-eval)"),
+        (
+            ["--data", "DATA", "--prompt-prefix", "bos"],
+            "error: --prompt-prefix: only with --tasks (perplexity reads the shards as they were written)",
+        ),
         (["--data", "=DATA"], "error: --data =DATA: an empty name before '='"),
         (
             ["--tasks", "a", "--bootstrap-iters", "-1"],
