@@ -143,9 +143,7 @@ def trainer_view(cfg, world_size: int | None, node_rank: int = 0) -> TrainerView
     missing = missing_data_paths(cfg.data.paths)  # as the trainer names them
     values = _values_problem(schema, cfg)
     problems = [values] if values else []
-    # the layout check runs in both: a value problem is not named twice
-    world = [w for w in _world_problems(schema, cfg, world_size) if not (values and w.startswith(values))]
-    problems += world + missing + _start_problems(cfg, node_rank, world_size)
+    problems += _world_problems(schema, cfg, world_size, values) + missing + _start_problems(cfg, node_rank, world_size)
     # a bad data.* / train.* value or a missing path: the data checks would repeat that problem
     if not missing and not (values or "").startswith(("data.", "train.")):
         problems += _data_problems(cfg, world_size)
@@ -169,11 +167,14 @@ def _values_problem(schema, cfg) -> str | None:
     return None
 
 
-def _world_problems(schema, cfg, world_size: int | None) -> list[str]:
+def _world_problems(schema, cfg, world_size: int | None, values: str | None = None) -> list[str]:
     """What the batch arithmetic and the profiled ranks would reject for this world size. Without one (no
-    --nproc-per-node), the batch is checked for one data-parallel rank: what fails there fails at every size."""
+    --nproc-per-node), the batch is checked for one data-parallel rank: what fails there fails at every size.
+    After a refused data.*, train.* or parallel.* value (`values`) the batch is not: that value is named
+    already, and a seq_len or micro-batch of 0 would divide by zero."""
     problems: list[str] = []
-    if hasattr(schema, "grad_accumulation"):
+    batch_values_ok = not (values or "").startswith(("data.", "train.", "parallel."))
+    if batch_values_ok and hasattr(schema, "grad_accumulation"):
         world = world_size or cfg.parallel.context_parallel_size
         try:
             schema.grad_accumulation(cfg, world)

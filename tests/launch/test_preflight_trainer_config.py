@@ -3,6 +3,7 @@ launch, the checkpoint dir and size it gives, and the options the checks fall ba
 
 from __future__ import annotations
 
+import pytest
 from preflight_helpers import tiny_params
 
 from retnet_train import preflight as pf
@@ -178,16 +179,23 @@ def test_a_batch_no_world_size_divides_fails_without_nproc_per_node(tmp_path):
     assert pf.trainer_view(pf.compose_trainer_config(run), world_size=None).problems == []
 
 
-def test_a_layout_problem_is_named_once(tmp_path):
-    """The trainer's value checks and the batch arithmetic both check the context-parallel layout."""
-    cfg = pf.compose_trainer_config(
-        ["experiment=tiny_cpu", f"run.dir={tmp_path / 'run'}", "parallel.context_parallel_size=3"]
-    )
+@pytest.mark.parametrize(
+    "override, problem",
+    [
+        # the value checks and the batch arithmetic both check the context-parallel layout
+        (
+            "parallel.context_parallel_size=3",
+            "parallel.context_parallel_size=3 does not divide data.seq_len=256: each rank holds seq_len / 3 tokens",
+        ),
+        # the batch arithmetic divided by zero (a traceback, with --nproc-per-node as the launch scripts pass it)
+        ("data.seq_len=0", "data.seq_len: must be > 0"),
+        ("train.micro_batch_size=0", "train.micro_batch_size: must be > 0"),
+    ],
+)
+def test_a_value_the_batch_reads_is_named_once_by_the_value_checks(tmp_path, override, problem):
+    cfg = pf.compose_trainer_config(["experiment=tiny_cpu", f"run.dir={tmp_path / 'run'}", override])
     for world in (None, 3):
-        problems = pf.trainer_view(cfg, world_size=world).problems
-        assert [p for p in problems if "context_parallel_size=3" in p] == [
-            "parallel.context_parallel_size=3 does not divide data.seq_len=256: each rank holds seq_len / 3 tokens"
-        ], world
+        assert pf.trainer_view(cfg, world_size=world).problems == [problem], world
 
 
 def _zero0_checkpoint(tmp_path):
