@@ -3,7 +3,9 @@
 Each command's arguments go through that module's own argument parser (its `parse_args`, else its
 `build_parser`, else its `main` stopped as soon as it has parsed), so a renamed option, a value the
 parser refuses or a check between options fails here; nothing is run. `retnet_train.train` takes Hydra
-overrides, not options: test_docs.py checks their config keys.
+overrides, not options: test_docs.py checks their config keys. Every `launch/` script command (also
+under `sbatch`) runs with `--dry-run`, in a fake SLURM allocation for the sbatch scripts, and must pass
+its overrides through.
 """
 
 from __future__ import annotations
@@ -12,8 +14,10 @@ import argparse
 import contextlib
 import importlib
 import io
+import os
 import re
 import shlex
+import subprocess
 import sys
 from pathlib import Path
 
@@ -177,3 +181,87 @@ def test_a_wrong_option_fails():
         parse("retnet_train.bench.sweep", ["a.jsonl", "--plots", "x.png"])
     with pytest.raises(SystemExit), contextlib.redirect_stderr(io.StringIO()):
         parse("retnet_train.bench.activation_bytes", ["--activation-memory-budget", "0.5"])  # needs --compile
+
+
+# ---- launch scripts -------------------------------------------------------------------------
+
+LAUNCH_SCRIPT = re.compile(r"^launch/(?:slurm/)?\w+\.(?:sh|sbatch)$")
+ENV_ASSIGNMENT = re.compile(r"^[A-Z_][A-Z0-9_]*=")
+
+
+def doc_launch_commands() -> list:
+    """(where, tokens before the script, script, its arguments) of each launch script command in the docs'
+    bash blocks: run as is, after environment assignments, or by sbatch."""
+    found = []
+    for path in doc_files():
+        text = path.read_text(encoding="utf-8")
+        for block in BASH_BLOCK.finditer(text):
+            start = text[: block.start()].count("\n") + 2
+            for offset, line in shell_lines(block.group(1)):
+                tokens = shlex.split(line, comments=True)
+                at = next((i for i, t in enumerate(tokens) if LAUNCH_SCRIPT.match(t)), None)
+                before = tokens[:at] if at is not None else []
+                if at is not None and (before[:1] == ["sbatch"] or all(ENV_ASSIGNMENT.match(t) for t in before)):
+                    found.append((f"{path.relative_to(ROOT)}:{start + offset}", before, tokens[at], tokens[at + 1 :]))
+    return found
+
+
+def sbatch_nodes(options: list) -> int:
+    """--nodes=N / --nodes N / -N N of an sbatch command line; 1 without."""
+    for i, opt in enumerate(options):
+        if opt.startswith("--nodes="):
+            return int(opt.split("=", 1)[1])
+        if opt in ("--nodes", "-N"):
+            return int(options[i + 1])
+    return 1
+
+
+def launch_env(before: list) -> dict:
+    """The script's environment: the line's own assignments, or under sbatch a fake allocation of its nodes."""
+    env = {"PATH": os.environ["PATH"], "HOME": os.environ.get("HOME", "/root"), "USER": "alice"}
+    env["PYTHON"] = sys.executable
+    if before[:1] == ["sbatch"]:
+        n = sbatch_nodes(before[1:])
+        nodes = f"node[{1:03d}-{n:03d}]" if n > 1 else "node001"
+        env.update(SLURM_JOB_NODELIST=nodes, SLURM_JOB_NUM_NODES=str(n), SLURM_NODEID="0", SLURM_JOB_ID="42")
+        env.update(SLURM_GPUS_ON_NODE="8", SLURM_SUBMIT_DIR=str(ROOT))
+    else:
+        env.update(t.split("=", 1) for t in before)
+    return env
+
+
+LAUNCHES = doc_launch_commands()
+
+
+def test_the_docs_have_launch_commands_to_check():
+    scripts = {script for _, _, script, _ in LAUNCHES}
+    assert {
+        "launch/torchrun.sh",
+        "launch/deepspeed.sh",
+        "launch/slurm/nvidia.sbatch",
+        "launch/slurm/rocm.sbatch",
+    } <= scripts
+
+
+@pytest.mark.parametrize("where,before,script,args", LAUNCHES, ids=[f"{w} {s}" for w, _, s, _ in LAUNCHES])
+def test_each_launch_command_in_the_docs_dry_runs(where, before, script, args, tmp_path):
+    args = ["--dry-run", *[a for a in args if a != "--dry-run"]]
+    if "--hostfile" in args:  # the docs' hostfile is one they write first: two hosts
+        hostfile = tmp_path / "hostfile"
+        hostfile.write_text("worker-0 slots=8\nworker-1 slots=8\n")
+        args[args.index("--hostfile") + 1] = str(hostfile)
+    done = subprocess.run(
+        ["bash", str(ROOT / script), *args],
+        cwd=ROOT,
+        env=launch_env(before),
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    shown = f"{where}: {script} {shlex.join(args)}\n{done.stdout[-2000:]}{done.stderr}"
+    assert done.returncode == 0, shown
+    lines = done.stdout.splitlines()
+    command = shlex.split(lines[len(lines) - 1 - lines[::-1].index("# command:") + 1])
+    passed = command + [w for t in command for w in shlex.split(t)]  # the deepspeed runner's: quoted once more
+    for override in (a for a in args if "=" in a and not a.startswith("-")):
+        assert override in passed, f"{override!r} not passed through verbatim\n{shown}"
