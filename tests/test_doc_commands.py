@@ -155,6 +155,36 @@ def test_each_command_in_the_docs_parses(where, module, argv):
             pytest.fail(f"{where}: python -m {module} {shlex.join(variant)}\n{err.getvalue() or e}")
 
 
+class ProgFound(Exception):
+    pass
+
+
+def parser_prog(module: str, argv: list) -> str:
+    """The name the module's argument parser gives itself in its usage line and its errors."""
+    real = argparse.ArgumentParser.parse_args
+
+    def stop_before_parsing(self, args=None, namespace=None):
+        raise ProgFound(self.prog)
+
+    argparse.ArgumentParser.parse_args = stop_before_parsing
+    try:
+        parse(module, argv)
+    except ProgFound as found:
+        return found.args[0]
+    finally:
+        argparse.ArgumentParser.parse_args = real
+    raise AssertionError(f"{module} parsed no arguments")
+
+
+OUR_CLIS = sorted({m: tuple(a) for _, m, a in COMMANDS if m.startswith("retnet_train.")}.items())
+
+
+@pytest.mark.parametrize("module,argv", OUR_CLIS, ids=[m for m, _ in OUR_CLIS])
+def test_each_command_names_itself_as_the_docs_run_it(module, argv):
+    """`usage: python -m retnet_train.bench.x ...`, not the file name argparse takes from sys.argv[0]."""
+    assert parser_prog(module, alternatives(list(argv))[0]) == f"python -m {module}"
+
+
 @pytest.mark.parametrize(
     "line,command",
     [

@@ -83,7 +83,11 @@ def measure(engine, args, vocab, T, dp_rank, cp, device):
 
 
 def parse_args(argv=None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(
+        prog="python -m retnet_train.bench.context_parallel",
+        description=__doc__,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
     p.add_argument("--preset", default="1.3b", help="configs/model/<preset>.yaml")
     p.add_argument("--seq-lens", default="8192,16384,32768,65536,131072", help="comma list, tried in ascending order")
     p.add_argument("--context-parallel", type=int, default=1, help="ranks per sequence (P); 1: off")

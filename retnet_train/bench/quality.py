@@ -264,7 +264,11 @@ def parse_args(argv: Sequence[str] | None) -> tuple[Settings, argparse.Namespace
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(
+        prog="python -m retnet_train.bench.quality",
+        description=__doc__,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
     _add_inputs(p)
     _add_schedule(p)
     _add_numerics(p)

@@ -195,7 +195,11 @@ def parse_backends(text):
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(
+        prog="python -m retnet_train.bench.retention_kernels",
+        description=__doc__,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
     p.add_argument("--dims", type=parse_dims, default="256x512,128x256", help="comma list of KxV head dims")
     p.add_argument("--heads", type=count(1), default=8)
     p.add_argument("--preset", default=None, help="take heads and head dims from configs/model/<preset>.yaml")

@@ -128,7 +128,10 @@ def check_shared_settings(rows_by_file: dict, settings=sweep_settings, what: str
 
 
 def main(argv=None) -> None:
-    p = argparse.ArgumentParser(description="Draw the sweep plot from the JSON lines of bench.train_throughput runs.")
+    p = argparse.ArgumentParser(
+        prog="python -m retnet_train.bench.sweep",
+        description="Draw the sweep plot from the JSON lines of bench.train_throughput runs.",
+    )
     p.add_argument("rows", nargs="+", metavar="JSONL", help="a run's output (its stdout, saved)")
     p.add_argument("--plot", required=True, metavar="PATH", help="the PNG to write")
     args = p.parse_args(argv)

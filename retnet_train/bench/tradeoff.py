@@ -94,7 +94,10 @@ def plot_tradeoff(rows: list, path: str) -> None:
 
 
 def main(argv=None) -> None:
-    p = argparse.ArgumentParser(description="Draw tokens/s against peak memory across activation memory budgets.")
+    p = argparse.ArgumentParser(
+        prog="python -m retnet_train.bench.tradeoff",
+        description="Draw tokens/s against peak memory across activation memory budgets.",
+    )
     p.add_argument("rows", nargs="+", metavar="JSONL", help="a bench.train_throughput run's output (its stdout, saved)")
     p.add_argument("--seq-len", type=int, required=True, help="the sequence length whose rows are drawn")
     p.add_argument("--plot", required=True, metavar="PATH", help="the PNG to write")

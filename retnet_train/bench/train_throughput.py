@@ -25,7 +25,11 @@ from .throughput_measure import measure_or_oom
 
 
 def parse_args(argv=None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(
+        prog="python -m retnet_train.bench.train_throughput",
+        description=__doc__,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
     add_sweep_args(p)
     add_training_args(p)
     add_run_args(p)
