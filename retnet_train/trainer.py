@@ -22,7 +22,7 @@ from .components.checkpoint_discovery import tag_step
 from .components.config import TrainConfig, check_values, checkpoint_dir, grad_accumulation, resolved_config
 from .components.distributed import all_reduce_step, any_rank, init_distributed, pick_device, raise_first_problem
 from .components.faults import OOM_HINT, NonFiniteTracker, TrainingError, inject, io_failure
-from .components.loaders import build_loaders
+from .components.loaders import build_loaders, tokenizer_record
 from .components.metrics import MetricsLogger, Throughput, device_peak_flops, mfu, peak_memory_gib, progress_bar
 from .components.optim import build_engine, global_grad_norm
 from .components.preemption import PreemptionHandler
@@ -82,6 +82,9 @@ class Trainer:
         # the loaders check every id against the vocabulary on the host (TokenStream.gather); the
         # model's own check would cost a device-to-host sync at the start of every micro-batch
         self.model.check_inputs = False
+        # which tokenizer the token ids mean, for inference to check against; hashed at launch, where a
+        # relative data.tokenizer is the file the loaders checked the shards with
+        self.tokenizer = tokenizer_record(cfg.data.tokenizer)
 
         self.resolved = resolved_config(cfg)
         # before anything is written: refuses to clobber
@@ -370,6 +373,7 @@ class Trainer:
             layout=self.layout,
             # how prompts must start at inference to look like a training document's start
             documents_start_with_bos=self.loader.documents_start_with_bos,
+            tokenizer=self.tokenizer,
         )
         self.last_checkpoint = self.ckpt.save(self.engine, self.state.step, client)
         return self.last_checkpoint

@@ -6,7 +6,8 @@ rng_rank<r>.pt and, written by rank 0 only after every rank finished, COMPLETE. 
 
 Client state (stored by DeepSpeed beside the weights): one entry per stateful part of the trainer
 (`train_state`, `data_loader`: each part's state_dict) plus facts that are read back but restore
-nothing (`config`: the resolved config; `layout`: world size, ZeRO stage, precision).
+nothing (`config`: the resolved config; `layout`: world size, ZeRO stage, precision; `tokenizer`: the
+identity of data.tokenizer, loaders.tokenizer_record).
 """
 
 from __future__ import annotations

@@ -75,6 +75,15 @@ def _loader_inputs(cfg: TrainConfig) -> tuple[dict, str | None]:
     return data_sources(cfg), tokenizer_sha
 
 
+def tokenizer_record(path: str | None) -> dict | None:
+    """data.tokenizer as a checkpoint records it (None: none named): its sha256, against which inference
+    checks the tokenizer it is given, and its absolute path here, where inference finds it when the path in
+    the config is relative to a directory it does not run from."""
+    if not path:
+        return None
+    return {"sha256": sha256_file(path), "path": os.path.realpath(path)}
+
+
 def missing_data_paths(paths: list) -> list[str]:
     """The data.paths entries not there as seen from here, each named by its key (the preflight lists them
     all): neither a file or directory nor a Megatron prefix (one half of a PREFIX.bin / PREFIX.idx pair

@@ -162,7 +162,7 @@ def validation_sources(specs: Mapping[str, tuple[Path, float]], seq_len: int) ->
         raise ManifestError(
             f"no data source has a validation split of more than {seq_len} tokens (sources: {sorted(specs)}; "
             f"the longest: {longest}); the validation loss needs one: {shorter}a larger --validation-fraction "
-            "(python -m data_prep.tokenize), or no validation (train.eval_interval=0)"
+            "(python -m data_prep.tokenize), or no validation (train.eval_interval=0; evaluate: --tasks without --data)"
         )
     return usable
 

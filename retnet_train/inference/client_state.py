@@ -1,6 +1,7 @@
 """What the trainer stored beside the weights (DeepSpeed's client state): the model config and the
-tokenizer path, both inside the resolved config under client_state["config"], and how the training
-documents started (client_state["documents_start_with_bos"], inference/framing.py)."""
+tokenizer path, both inside the resolved config under client_state["config"], the tokenizer's sha256 and
+absolute path at launch (client_state["tokenizer"]; not in checkpoints of older trainers), and how the
+training documents started (client_state["documents_start_with_bos"], inference/framing.py)."""
 
 from __future__ import annotations
 
@@ -10,6 +11,9 @@ from typing import Any, Mapping, Optional
 from ..model import model_config_from_dict
 from .errors import CheckpointError
 from .framing import FRAMING_KEY, read_framing
+from .tokenizer import TrainedTokenizer
+
+TOKENIZER_KEY = "tokenizer"  # components/loaders.py tokenizer_record: {"sha256": ..., "path": ...}
 
 
 def _find_model_config(obj: Any, depth: int = 0) -> Optional[Mapping]:
@@ -63,6 +67,21 @@ def model_config_from_client_state(state: Mapping, origin: str):
 def framing_from_client_state(state: Mapping, origin: str) -> Optional[bool]:
     """Whether every training document started with BOS; None for checkpoints that do not record it."""
     return read_framing(state.get(FRAMING_KEY), f"{origin}: client state")
+
+
+def trained_tokenizer_from_client_state(state: Mapping, save_dir: str, origin: str) -> TrainedTokenizer:
+    """The tokenizer the config names, with its recorded sha256 and launch path where the trainer stored them."""
+    named = tokenizer_from_client_state(state, save_dir)
+    record = state.get(TOKENIZER_KEY)
+    if record is None:  # an older trainer's checkpoint, or one trained with data.tokenizer=null
+        return TrainedTokenizer(named)
+    sha, path = (record.get("sha256"), record.get("path")) if isinstance(record, Mapping) else (None, None)
+    if not (isinstance(sha, str) and len(sha) == 64 and isinstance(path, str)):
+        raise CheckpointError(
+            f"{origin}: client state {TOKENIZER_KEY!r} is {record!r}, expected {{'sha256': <64 hex digits>, "
+            "'path': <the tokenizer's path>}"
+        )
+    return TrainedTokenizer(named, sha, path)
 
 
 def tokenizer_from_client_state(state: Mapping, save_dir: str) -> Optional[str]:

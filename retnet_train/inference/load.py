@@ -24,12 +24,12 @@ from ..interop.legacy import current_keys
 from ..kernels import resolve_backend
 from ..model import build_model, model_config_from_dict
 from ..model.config import function_changes
-from .client_state import framing_from_client_state, model_config_from_client_state, tokenizer_from_client_state
+from .client_state import framing_from_client_state, model_config_from_client_state, trained_tokenizer_from_client_state
 from .deepspeed_checkpoint import consolidated_state_dict, read_model_states, resolve_deepspeed_dir
 from .errors import CheckpointError
 from .framing import FRAMING_KEY, read_framing
 from .native import EXPORT_TOKENIZER, is_export_dir, load_export
-from .tokenizer import check_tokenizer, same_file
+from .tokenizer import TrainedTokenizer, choose_tokenizer
 
 
 @dataclass
@@ -75,7 +75,8 @@ def _from_export(path: str):
     config, state_dict, meta = load_export(path)
     stored_tok = os.path.join(path, EXPORT_TOKENIZER)
     framing = read_framing(meta.get(FRAMING_KEY), os.path.join(path, "config.json"))
-    return config, state_dict, (stored_tok if os.path.isfile(stored_tok) else None), "export", {"export": meta}, framing
+    trained = TrainedTokenizer(stored_tok if os.path.isfile(stored_tok) else None)
+    return config, state_dict, trained, "export", {"export": meta}, framing
 
 
 def _given_or_stored_config(model_config: Optional[Mapping], state: Mapping, origin: str):
@@ -107,7 +108,7 @@ def _from_deepspeed(path: str, tag: Optional[str], model_config: Optional[Mappin
     origin = model_states_file(os.path.join(save_dir, tag))
     state = read_model_states(os.path.join(save_dir, tag))
     config = _given_or_stored_config(model_config, state, origin)
-    stored_tok = tokenizer_from_client_state(state, save_dir)
+    trained = trained_tokenizer_from_client_state(state, save_dir, origin)
     framing = framing_from_client_state(state, origin)
     meta = {
         "tag": tag,
@@ -117,7 +118,7 @@ def _from_deepspeed(path: str, tag: Optional[str], model_config: Optional[Mappin
         "seq_len": ((state.get("config") or {}).get("data") or {}).get("seq_len"),  # the trainer's data.seq_len
     }
     del state
-    return config, consolidated_state_dict(save_dir, tag), stored_tok, "deepspeed", meta, framing
+    return config, consolidated_state_dict(save_dir, tag), trained, "deepspeed", meta, framing
 
 
 def runnable_here(config, device: str | torch.device):
@@ -135,29 +136,8 @@ def runnable_here(config, device: str | torch.device):
     return config
 
 
-def _tokenizer(given: Optional[str], stored: Optional[str], path: str, vocab_size: int) -> Optional[str]:
-    """The tokenizer to use: the one given (it must be the one trained with) else the stored one."""
-    tok = given or stored
-    if tok is None:
-        return None
-    if not os.path.isfile(tok):
-        which = "--tokenizer" if given else f"the tokenizer named by {path}"
-        problem = "is a directory, not a sentencepiece model" if os.path.isdir(tok) else "does not exist"
-        if not given:  # the stored path: where it was looked for, and how to go on
-            where = "relative to the directory training was launched from: " if not os.path.isabs(tok) else ""
-            problem += f" ({where}run from there or pass --tokenizer)"
-        raise CheckpointError(f"{which}: {tok} {problem}")
-    check_tokenizer(tok, vocab_size)
-    if given and stored and os.path.isfile(stored) and not same_file(given, stored):
-        raise CheckpointError(
-            f"--tokenizer: {given} differs from the tokenizer the model was trained with "
-            f"({stored}); token ids would not mean the same pieces"
-        )
-    return tok
-
-
 def _read(path: str, tag: Optional[str], model_config: Optional[Mapping]):
-    """(config, state dict, stored tokenizer, source, meta, documents_start_with_bos) of an export dir or a
+    """(config, state dict, TrainedTokenizer, source, meta, documents_start_with_bos) of an export dir or a
     DeepSpeed checkpoint."""
     if not os.path.exists(path):
         raise CheckpointError(f"{path}: no such checkpoint or export directory")
@@ -192,10 +172,10 @@ def load_model(
     tokenizer overrides the one stored with the checkpoint; model_config (a preset dict) is for
     checkpoints whose client state carries no config.
     """
-    config, state_dict, stored_tok, source, meta, framing = _read(path, tag, model_config)
+    config, state_dict, trained, source, meta, framing = _read(path, tag, model_config)
     config = runnable_here(config, device)
     model = build_model(config)
     load_weights(model, state_dict, path)
     model.eval().to(device=device, dtype=dtype)
-    tok = _tokenizer(tokenizer, stored_tok, path, config.vocab_size)
+    tok = choose_tokenizer(tokenizer, trained, path, config.vocab_size)
     return LoadedModel(model, config, tok, source, meta, framing)

@@ -78,7 +78,7 @@ def test_sources_without_validation_are_skipped_with_a_warning(sources, tmp_path
     expected = (
         rf"no data source has a validation split of more than {SEQ} tokens \(sources: \['c'\]; the longest: 0\); "
         r"the validation loss needs one: a larger --validation-fraction \(python -m data_prep.tokenize\), or no "
-        r"validation \(train.eval_interval=0\)"
+        r"validation \(train.eval_interval=0; evaluate: --tasks without --data\)"
     )
     with pytest.warns(UserWarning), pytest.raises(ManifestError, match=expected):
         build_validation_loader({"c": (str(tmp_path / "c"), 1.0)}, SEQ, 4)

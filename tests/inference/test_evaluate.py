@@ -260,3 +260,14 @@ def test_a_named_source_that_cannot_be_measured_is_an_error(setup, tmp_path):
     args = ["--checkpoint", exp, "--seq-len", "16", "--data", f"web={d / 'shards'}", "--data", f"short={short}"]
     with pytest.raises(SystemExit, match=f"error: --data short={short}: not measured: .*validation split"):
         main(args)
+
+
+def test_no_validation_split_says_what_evaluate_can_do_instead(setup, tmp_path):
+    """Perplexity needs a validation split longer than a window; the hint names evaluate's way round
+    (lm-eval tasks alone), not only the trainer's."""
+    _, tok, _, exp, _ = setup
+    write_shards(tmp_path / "short", tok, ["a b"])
+    with pytest.raises(SystemExit) as e:
+        main(["--checkpoint", exp, "--seq-len", "16", "--data", str(tmp_path / "short")])
+    assert str(e.value).startswith("error: no data source has a validation split of more than 16 tokens")
+    assert str(e.value).endswith("or no validation (train.eval_interval=0; evaluate: --tasks without --data)")

@@ -116,7 +116,7 @@ def test_missing_validation_split_fails(corpus, capsys):
     assert message == (
         "no data source has a validation split of more than 256 tokens (sources: ['web']; the longest: 0); the "
         "validation loss needs one: a larger --validation-fraction (python -m data_prep.tokenize), or no "
-        "validation (train.eval_interval=0)"
+        "validation (train.eval_interval=0; evaluate: --tasks without --data)"
     )
 
 
