@@ -34,6 +34,7 @@ from ..model import build_model
 from ..parallel import build_context_parallel, check_layout, parallelize
 from .engine import make_engine
 from .presets import load_preset
+from .throughput_args import count, int_list
 from .throughput_measure import reset_peak
 
 
@@ -89,27 +90,40 @@ def parse_args(argv=None) -> argparse.Namespace:
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     p.add_argument("--preset", default="1.3b", help="configs/model/<preset>.yaml")
-    p.add_argument("--seq-lens", default="8192,16384,32768,65536,131072", help="comma list, tried in ascending order")
-    p.add_argument("--context-parallel", type=int, default=1, help="ranks per sequence (P); 1: off")
+    p.add_argument(
+        "--seq-lens",
+        type=int_list,
+        default="8192,16384,32768,65536,131072",
+        help="comma list, tried in ascending order",
+    )
+    p.add_argument("--context-parallel", type=count(1), default=1, help="ranks per sequence (P); 1: off")
     p.add_argument("--zero-stage", type=int, default=1, choices=[0, 1, 2, 3])
     p.add_argument("--activation-checkpointing", default="none", choices=["none", "selective", "full"])
-    p.add_argument("--micro-batch", type=int, default=1)
-    p.add_argument("--steps", type=int, default=3, help="timed steps per length")
-    p.add_argument("--warmup", type=int, default=1, help="untimed steps per length first")
-    p.add_argument("--doc-len", type=int, default=0, help="mean document length for doc_starts (0: none)")
+    p.add_argument("--micro-batch", type=count(1), default=1)
+    p.add_argument("--steps", type=count(1), default=3, help="timed steps per length")
+    p.add_argument("--warmup", type=count(0), default=1, help="untimed steps per length first")
+    p.add_argument("--doc-len", type=count(0), default=0, help="mean document length for doc_starts (0: none)")
     p.add_argument("--backend", default="auto", choices=["auto", "torch", "fla"], help="retention backend")
     p.add_argument(
         "--set", action="append", default=[], metavar="KEY=VALUE", help="model preset override, e.g. n_layers=2"
     )
     p.add_argument("--cpu", action="store_true", help="run on CPU (gloo, fp32) even where a GPU is visible")
     p.add_argument("--timeout-s", type=int, default=600, help="collective timeout (a rank stuck after another's OOM)")
-    return p.parse_args(argv)
+    args = p.parse_args(argv)
+    try:  # before torch.distributed starts: every rank would raise the same traceback
+        load_preset(args.preset, **preset_overrides(args.set))
+    except ValueError as exc:
+        p.error(f"--set: {exc}")
+    return args
 
 
 def preset_overrides(pairs) -> dict:
     """--set KEY=VALUE pairs, each value read as YAML."""
     import yaml
 
+    bad = next((pair for pair in pairs if "=" not in pair), None)
+    if bad is not None:
+        raise ValueError(f"{bad!r} is not KEY=VALUE (a model preset override)")
     return {k: yaml.safe_load(v) for k, v in (s.split("=", 1) for s in pairs)}
 
 
@@ -183,7 +197,7 @@ def length_line(base, args, T, dp_world, fits, verdicts, elapsed) -> dict:
 
 def main(argv=None):
     args = parse_args(argv)
-    seq_lens = sorted(int(s) for s in args.seq_lens.split(","))
+    seq_lens = sorted(args.seq_lens)
     overrides = preset_overrides(args.set)
     device = init(args)
     rank, world = dist.get_rank(), dist.get_world_size()

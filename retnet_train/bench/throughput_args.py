@@ -156,7 +156,7 @@ def add_training_args(p: argparse.ArgumentParser) -> None:
         help="< 1 (with --compile): the compiled backward recomputes elementwise work, then GEMMs; a comma "
         "list measures each in one process (the rows draw with bench.tradeoff)",
     )
-    p.add_argument("--doc-len", type=int, default=0, help="mean document length for doc_starts (0: none)")
+    p.add_argument("--doc-len", type=count(0), default=0, help="mean document length for doc_starts (0: none)")
     p.add_argument("--backend", default="auto", choices=RETENTION_BACKENDS, help="RetNet retention backend")
 
 

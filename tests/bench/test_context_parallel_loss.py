@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from retnet_train.bench.context_parallel import full_loss, make_batch
+from retnet_train.bench.context_parallel import full_loss, make_batch, parse_args
 from retnet_train.bench.presets import load_preset
 from retnet_train.model import build_model
 
@@ -45,3 +45,29 @@ def test_context_parallel_loss_matches_one_rank():
     line = json.loads(next(line for line in proc.stdout.splitlines() if line.startswith("{")))
     assert line["seq_len"] == 256 and line["fits"]
     assert line["loss"] == pytest.approx(one_rank_loss(256, 50), abs=2e-4)
+
+
+@pytest.mark.parametrize(
+    "args, needle",
+    [
+        (["--seq-lens", "256,abc"], "argument --seq-lens: not a comma list of integers: '256,abc'"),
+        (["--context-parallel", "0"], "argument --context-parallel: needs an integer >= 1: '0'"),
+        (["--micro-batch", "0"], "argument --micro-batch: needs an integer >= 1: '0'"),
+        (["--steps", "0"], "argument --steps: needs an integer >= 1: '0'"),
+        (["--doc-len", "-1"], "argument --doc-len: needs an integer >= 0: '-1'"),
+        (["--set", "n_layers"], "--set: 'n_layers' is not KEY=VALUE (a model preset override)"),
+        (["--set", "bogus=1"], "--set: model.bogus: unknown key for arch=retnet"),
+    ],
+)
+def test_bad_arguments_are_named_before_torch_distributed_starts(capsys, args, needle):
+    """Each of these passed the parser and failed on every rank after the process group started (a
+    traceback, or a division by zero steps or ranks)."""
+    with pytest.raises(SystemExit) as e:
+        parse_args(["--preset", "tiny", *args])
+    assert e.value.code == 2
+    assert needle in capsys.readouterr().err
+
+
+def test_seq_lens_parse_to_integers():
+    assert parse_args(["--preset", "tiny", "--seq-lens", "256,128"]).seq_lens == [256, 128]
+    assert parse_args([]).seq_lens == [8192, 16384, 32768, 65536, 131072]

@@ -169,6 +169,7 @@ def test_cpu_sweep_of_two_lengths_writes_json_lines_and_the_plot(tmp_path):
         (["--micro-batch", "0"], "argument --micro-batch: needs an integer >= 1: '0'"),
         (["--steps", "0"], "argument --steps: needs an integer >= 1: '0'"),
         (["--warmup", "-1"], "argument --warmup: needs an integer >= 0: '-1'"),
+        (["--doc-len", "-1"], "argument --doc-len: needs an integer >= 0: '-1'"),
         (["--profile-trace", "traces"], "--profile-trace needs --profile"),
         (["--compile", "--activation-memory-budget", "0.5,x"], "not a comma list of numbers: '0.5,x'"),
         (["--compile", "--activation-memory-budget", "0.5,1.5"], "needs budgets in (0, 1]: '0.5,1.5'"),
