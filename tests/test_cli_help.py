@@ -1,5 +1,7 @@
 """Module docstrings are the --help text of the commands: one that shows a shell example with a line
-continuation must be a raw string, or Python joins the example's lines (backslash-newline is an escape)."""
+continuation must be a raw string, or Python joins the example's lines (backslash-newline is an escape),
+and must hold one backslash there, not two (a raw string keeps both: the pasted example ends its command
+at the first line)."""
 
 import ast
 from pathlib import Path
@@ -31,3 +33,9 @@ def test_the_check_sees_an_eaten_continuation(tmp_path):
     bad.write_text('"""Run:\n    python -m x --a 1 \\\n        --b 2\n"""\n')
     assert "\\\n" in docstring_source(bad) and docstring_source(bad)[0] == '"'
     assert ast.parse(bad.read_text()).body[0].value.value == "Run:\n    python -m x --a 1         --b 2\n"
+
+
+@pytest.mark.parametrize("path", MODULES, ids=lambda p: str(p.relative_to(ROOT)))
+def test_docstring_line_continuation_is_one_backslash(path):
+    doc = ast.get_docstring(ast.parse(path.read_text()), clean=False)
+    assert not (doc and "\\\\\n" in doc), f"{path.relative_to(ROOT)}: its --help shows '\\\\' before a line end"

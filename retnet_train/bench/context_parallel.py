@@ -1,7 +1,7 @@
 r"""Longest trainable sequence with and without context parallelism (parallel/context.py).
 
-    torchrun --standalone --nproc_per_node=2 -m retnet_train.bench.context_parallel \\
-        --preset 1.3b --seq-lens 8192,16384,32768,65536,131072 --context-parallel 2 \\
+    torchrun --standalone --nproc_per_node=2 -m retnet_train.bench.context_parallel \
+        --preset 1.3b --seq-lens 8192,16384,32768,65536,131072 --context-parallel 2 \
         --zero-stage 1 --activation-checkpointing full
 
 For each sequence length, in ascending order: a few real DeepSpeed train steps (bf16 on GPU, fp32 on

@@ -1,6 +1,6 @@
 r"""Retention alone (one layer), forward and forward + backward, per backend and head dims.
 
-    python -m retnet_train.bench.retention_kernels --dims 256x512,128x256 --heads 8 --seq-len 8192 \\
+    python -m retnet_train.bench.retention_kernels --dims 256x512,128x256 --heads 8 --seq-len 8192 \
         --backends compiled@256,triton@128,triton@256 --profile
 
 Backends: `fla` (fla-core's chunk kernel, fixed chunk 64), `torch@C` (our chunkwise form with chunk
