@@ -5,7 +5,8 @@ Each command's arguments go through that module's own argument parser (its `pars
 parser refuses or a check between options fails here; nothing is run. `retnet_train.train` takes Hydra
 overrides, not options: test_docs.py checks their config keys. Every `launch/` script command (also
 under `sbatch`) runs with `--dry-run`, in a fake SLURM allocation for the sbatch scripts, and must pass
-its overrides through.
+its overrides through. The Hydra overrides of every trainer command (`python -m retnet_train.train`, or a
+launch script that runs it) compose into the trainer's typed config, with its value checks.
 """
 
 from __future__ import annotations
@@ -295,3 +296,45 @@ def test_each_launch_command_in_the_docs_dry_runs(where, before, script, args, t
     passed = command + [w for t in command for w in shlex.split(t)]  # the deepspeed runner's: quoted once more
     for override in (a for a in args if "=" in a and not a.startswith("-")):
         assert override in passed, f"{override!r} not passed through verbatim\n{shown}"
+
+
+# ---- the trainer's overrides ----------------------------------------------------------------
+
+
+def trainer_overrides() -> list:
+    """(where, Hydra overrides) of each command in the docs' bash blocks that runs the trainer."""
+    found = []
+    for where, _, _, args in LAUNCHES:
+        module = args[args.index("--module") + 1] if "--module" in args else "retnet_train.train"
+        if module == "retnet_train.train":
+            found.append((where, [a for a in args if "=" in a and not a.startswith("-")]))
+    for path in doc_files():
+        text = path.read_text(encoding="utf-8")
+        for block in BASH_BLOCK.finditer(text):
+            start = text[: block.start()].count("\n") + 2
+            for offset, line in shell_lines(block.group(1)):
+                command = command_in(line)
+                if command and command[0] == "retnet_train.train":
+                    overrides = [a for a in command[1] if not a.startswith("-") and a != "job"]  # --cfg job
+                    found.append((f"{path.relative_to(ROOT)}:{start + offset}", overrides))
+    return found
+
+
+TRAINER_OVERRIDES = trainer_overrides()
+
+
+def test_the_docs_have_trainer_commands_to_check():
+    assert len(TRAINER_OVERRIDES) >= 10 and all(overrides for _, overrides in TRAINER_OVERRIDES)
+
+
+@pytest.mark.parametrize("where,overrides", TRAINER_OVERRIDES, ids=[w for w, _ in TRAINER_OVERRIDES])
+def test_each_trainer_command_in_the_docs_composes(where, overrides):
+    """A preset that does not exist (experiment=, model=), a key the schema lacks or a value its checks refuse."""
+    from retnet_train.components.config import check_values
+    from retnet_train.components.typed_config import typed_config
+    from retnet_train.preflight import PreflightError, compose_trainer_config
+
+    try:
+        check_values(typed_config(compose_trainer_config(overrides)))
+    except (PreflightError, ValueError) as exc:
+        pytest.fail(f"{where}: {shlex.join(overrides)}\n{exc}")
