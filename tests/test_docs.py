@@ -306,3 +306,33 @@ def test_the_config_table_of_training_md_lists_every_key_of_its_section():
         listed = {f"{section}.{k}" for k in re.findall(r"`(\w+)`", rows[section])}
         schema = {f"{section}.{f.name}" for f in dataclasses.fields(typ)} - TEST_ONLY_KEYS
         assert listed == schema, f"docs/training.md, `{section}` row: {sorted(listed ^ schema)}"
+
+
+def option_rows(text: str) -> list:
+    """(keys, values column) of the table under docs/model.md's `## Options`."""
+    section = text.split("## Options", 1)[1].split("\n## ", 1)[0]
+    rows = re.findall(r"^\| (`\w+`(?:, `\w+`)*) \| (.*) \|$", section, re.MULTILINE)
+    return [(re.findall(r"`(\w+)`", keys), values) for keys, values in rows]
+
+
+def first_value(text: str) -> str:
+    return re.search(r"`([^`]+)`|\b(\d+)\b", text).group(0).strip("`")
+
+
+def test_the_model_options_table_gives_the_config_defaults():
+    """docs/model.md lists each option's default first: `a`, b for two keys, `a`; `b` per key, or one value for all."""
+    from retnet_train.model.config import RetNetConfig
+
+    defaults = {f.name: f.default for f in dataclasses.fields(RetNetConfig)}
+    rows = option_rows((ROOT / "docs" / "model.md").read_text(encoding="utf-8"))
+    assert len(rows) >= 8
+    for keys, values in rows:
+        groups = re.split(r";\s*|,\s*(?=\d|`)", values)
+        if len(keys) == 1 or len(groups) < len(keys):  # one value for every key of the row
+            shown = [first_value(values)] * len(keys)
+        else:
+            shown = [first_value(group) for group in groups[: len(keys)]]
+        for key, value in zip(keys, shown):
+            default = defaults[key]
+            expected = str(default).lower() if isinstance(default, bool) else str(default)
+            assert value == expected, f"docs/model.md options: {key} shows {value!r}, its default is {expected!r}"
