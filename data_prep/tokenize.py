@@ -14,6 +14,7 @@ data_prep.output_dir).
 from __future__ import annotations
 
 import argparse
+import contextlib
 import os
 import sys
 from dataclasses import dataclass
@@ -46,10 +47,11 @@ from data_prep.sources import (
     sources_from_args,
 )
 from data_prep.tokenizer_card import Tokenizer, TokenizerError, load_tokenizer
-from data_prep.workers import die_with_parent
+from data_prep.workers import die_with_parent, interrupts_deferred
 from retnet_train.data.manifest import DTYPES, Manifest, token_dtype_for
 
 DEFAULT_SHARD_TOKENS = 1 << 27  # 256 MiB of uint16: few files, still cheap to re-verify one
+INTERRUPT_NOTICE = "interrupt: stopping when the workers finish this chunk of documents (Ctrl-C again: now)"
 
 
 class _Encoder:
@@ -278,12 +280,15 @@ def _encode(
     corpus: datasets.Dataset, doc_ids: np.ndarray, encoder: _Encoder, batch_size: int, num_proc: int
 ) -> tuple[np.ndarray, np.ndarray]:
     """The documents' token ids, concatenated, and each one's length."""
-    with die_with_parent():  # a killed tokenize must not leave map's worker processes behind
+    workers = min(num_proc, doc_ids.size)
+    # a Ctrl-C amid map's process pool leaves it hung or its workers running: it waits for the chunk
+    waits = interrupts_deferred(INTERRUPT_NOTICE) if workers > 1 else contextlib.nullcontext()
+    with die_with_parent(), waits:  # a killed tokenize must not leave map's worker processes behind
         encoded = corpus.select(doc_ids).map(
             encoder,
             batched=True,
             batch_size=batch_size,
-            num_proc=workers if (workers := min(num_proc, doc_ids.size)) > 1 else None,  # None: in-process
+            num_proc=workers if workers > 1 else None,  # None: in-process
             remove_columns=["text"],
             keep_in_memory=True,
             desc=None,

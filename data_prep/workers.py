@@ -1,9 +1,14 @@
-"""Worker processes that die with the process that forked them.
+"""Worker processes that die with the process that forked them, and a Ctrl-C that waits for them.
 
 datasets' `map(num_proc=N)` forks a pool of workers and a manager process. When the parent is
 killed with SIGKILL nothing tells them: they wait on their queues forever. Inside
 `die_with_parent()`, every process forked from this one asks the kernel (prctl PR_SET_PDEATHSIG)
 for SIGKILL when its parent goes away. Linux only; elsewhere a no-op.
+
+A KeyboardInterrupt raised in the parent in the middle of such a map ends in a TimeoutError
+traceback, in workers left running, or in a hang in the pool's shutdown; a Ctrl-C in a terminal
+also interrupts the workers themselves. Inside `interrupts_deferred()` a Ctrl-C is raised when the
+block ends, and forked workers ignore it.
 """
 
 from __future__ import annotations
@@ -13,6 +18,7 @@ import ctypes
 import os
 import signal
 import sys
+import threading
 from typing import Iterator
 
 _PR_SET_PDEATHSIG = 1
@@ -46,3 +52,30 @@ def die_with_parent() -> Iterator[None]:
         yield
     finally:
         _enabled = previous
+
+
+@contextlib.contextmanager
+def interrupts_deferred(notice: str) -> Iterator[None]:
+    """A SIGINT inside this block prints `notice` and is raised as KeyboardInterrupt when the block
+    ends; a second one is raised at once. Processes forked inside the block ignore SIGINT."""
+    if threading.current_thread() is not threading.main_thread():  # only it may set signal handlers
+        yield
+        return
+    owner, received = os.getpid(), False
+
+    def on_sigint(signum, frame) -> None:
+        nonlocal received
+        if os.getpid() != owner:
+            return  # a forked worker inherited this handler: its parent stops it
+        if received:
+            raise KeyboardInterrupt
+        received = True
+        print(notice, file=sys.stderr, flush=True)
+
+    previous = signal.signal(signal.SIGINT, on_sigint)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGINT, previous)
+    if received:
+        raise KeyboardInterrupt
