@@ -31,6 +31,7 @@ from pathlib import Path, PurePosixPath
 from typing import Iterator, Sequence
 
 from data_prep.atomic import write_bytes_atomic, write_json_atomic
+from data_prep.cli import interrupt_exits
 from data_prep.deb_archive import CorpusError, deb_files, package_name
 from retnet_train.data.manifest import sha256_file
 
@@ -333,10 +334,11 @@ def main(argv: Sequence[str] | None = None) -> None:
     p.add_argument("--overwrite", action="store_true", help="rebuild an existing output directory")
     p.add_argument("--num-proc", type=int, default=os.cpu_count() or 1, help="packages read in parallel")
     a = p.parse_args(argv)
-    try:
-        summary = build_corpus(a.debs, a.out, a.overwrite, a.num_proc)
-    except (CorpusError, OSError) as e:  # OSError: names its file
-        raise SystemExit(f"error: {e}") from None
+    with interrupt_exits(f"{a.out} is unfinished (no corpus.json); run the same command with --overwrite"):
+        try:
+            summary = build_corpus(a.debs, a.out, a.overwrite, a.num_proc)
+        except (CorpusError, OSError) as e:  # OSError: names its file
+            raise SystemExit(f"error: {e}") from None
     print(
         f"wrote {a.out}: {len(summary['packages'])} packages ({summary['deb_bytes'] / 1e6:.1f} MB of .deb), "
         f"{summary['documents']:,} documents, {summary['chars'] / 1e6:.1f}M characters"

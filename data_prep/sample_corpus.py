@@ -18,6 +18,7 @@ import time
 from pathlib import Path
 from typing import Sequence
 
+from data_prep.cli import interrupt_exits
 from data_prep.output_dir import OutputDirError
 from data_prep.sources import Source, SourceError, check_text_file
 from data_prep.tokenize import tokenize_source
@@ -115,10 +116,11 @@ def main(argv: Sequence[str] | None = None) -> None:
     p.add_argument("--num-proc", type=int, default=None)
     p.add_argument("--overwrite", action="store_true")
     a = p.parse_args(argv)
-    try:
-        out = build_sample(a.out, a.max_bytes, a.num_proc, a.overwrite)
-    except (SourceError, TokenizerError, ManifestError, OutputDirError, OSError) as e:  # OSError: names its file
-        raise SystemExit(f"error: {e}") from None
+    with interrupt_exits("run the same command again to resume"):
+        try:
+            out = build_sample(a.out, a.max_bytes, a.num_proc, a.overwrite)
+        except (SourceError, TokenizerError, ManifestError, OutputDirError, OSError) as e:  # OSError: names its file
+            raise SystemExit(f"error: {e}") from None
     print(
         f"sample data ready in {out} (tokenizer {out / 'tokenizer.model'}, "
         f"card {card_path_for(out / 'tokenizer.model')})"

@@ -23,6 +23,7 @@ import numpy as np
 import sentencepiece as spm
 
 from data_prep.atomic import write_bytes_atomic, write_json_atomic
+from data_prep.cli import interrupt_exits
 from data_prep.output_dir import OutputDirError, check_writable_dir, removed_if_empty_on_failure
 from data_prep.sources import (
     Source,
@@ -215,24 +216,25 @@ def main(argv: Sequence[str] | None = None) -> None:
     p.add_argument("--cache-dir", default=None, help="datasets cache directory")
     p.add_argument("--overwrite", action="store_true")
     a = p.parse_args(argv)
-    try:
-        sources = sources_from_args(a)
-        tok = train_tokenizer(
-            sources,
-            a.out,
-            a.vocab_size,
-            a.model_type,
-            a.num_docs,
-            a.seed,
-            a.character_coverage,
-            not a.no_byte_fallback,
-            a.max_sentences,
-            (a.unk_id, a.bos_id, a.eos_id, a.pad_id),
-            overwrite=a.overwrite,
-            cache_dir=a.cache_dir,
-        )
-    except (SourceError, TokenizerError, OutputDirError, OSError) as e:  # OSError: names its file
-        raise SystemExit(f"error: {e}") from None
+    with interrupt_exits("run the same command again"):
+        try:
+            sources = sources_from_args(a)
+            tok = train_tokenizer(
+                sources,
+                a.out,
+                a.vocab_size,
+                a.model_type,
+                a.num_docs,
+                a.seed,
+                a.character_coverage,
+                not a.no_byte_fallback,
+                a.max_sentences,
+                (a.unk_id, a.bos_id, a.eos_id, a.pad_id),
+                overwrite=a.overwrite,
+                cache_dir=a.cache_dir,
+            )
+        except (SourceError, TokenizerError, OutputDirError, OSError) as e:  # OSError: names its file
+            raise SystemExit(f"error: {e}") from None
 
     print(f"wrote {tok.path} (vocab {tok.vocab_size}, sha256 {tok.sha256[:12]}...) and {card_path_for(tok.path)}")
 
