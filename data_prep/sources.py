@@ -89,11 +89,24 @@ def resolve_files(spec: str) -> list[Path]:
             raise SourceError(f"{spec}: directory contains no files (hidden ones, named '.*', are left out)")
         return files
     if glob.has_magic(spec):
-        files = sorted(Path(p) for p in glob.glob(spec, recursive=True) if os.path.isfile(p))
-        if not files:
-            raise SourceError(f"{spec}: glob matches no files")
-        return files
+        return _glob_files(spec)
     raise SourceError(f"{spec}: no such file or directory")
+
+
+def _glob_files(spec: str) -> list[Path]:
+    """The files a glob matches, sorted. The directories it matches are read only where the glob also
+    matches files below them (`DIR/**`); the others are named, never dropped without a word."""
+    matches = [Path(p) for p in glob.glob(spec, recursive=True)]
+    files = sorted(p for p in matches if p.is_file())
+    holding_files = {parent for f in files for parent in f.parents}
+    skipped = [p for p in matches if p.is_dir() and p not in holding_files]
+    hint = f"a glob reads files; {spec.rstrip('/')}/** reads the files below them"
+    if not files:
+        dirs = f"{len(skipped)} directories and " if skipped else ""
+        raise SourceError(f"{spec}: glob matches {dirs}no files" + (f" ({hint})" if skipped else ""))
+    if skipped:
+        print(f"warning: {spec}: glob also matches {len(skipped)} directories, whose files are left out ({hint})")
+    return files
 
 
 def _visible_files(directory: Path) -> list[Path]:

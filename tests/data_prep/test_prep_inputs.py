@@ -88,6 +88,23 @@ def test_datasets_sources(tmp_path):
     assert texts_of(src, tmp_path) == ["one", "two", "three"]
 
 
+def test_a_glob_names_the_directories_it_leaves_out(tmp_path, capsys):
+    """A glob reads the files it matches; the directories it matches are said, never silently dropped."""
+    (tmp_path / "corpus" / "sub").mkdir(parents=True)
+    (tmp_path / "corpus" / "sub" / "b.txt").write_text("below\n")
+    with pytest.raises(
+        SourceError,
+        match=r"corpus/\*: glob matches 1 directories and no files \(.*corpus/\*/\*\* reads the files below them",
+    ):
+        parse_source(str(tmp_path / "corpus" / "*"))
+    (tmp_path / "corpus" / "a.txt").write_text("top\n")
+    assert parse_source(str(tmp_path / "corpus" / "*")).files == [tmp_path / "corpus" / "a.txt"]
+    assert f"warning: {tmp_path}/corpus/*: glob also matches 1 directories, whose files are left out" in (
+        capsys.readouterr().out
+    )
+    assert len(parse_source(str(tmp_path / "corpus" / "**")).files) == 2
+
+
 def test_missing_inputs_name_the_path(tmp_path):
     with pytest.raises(SourceError, match=rf"{tmp_path}/nope.jsonl: no such file or directory"):
         parse_source(str(tmp_path / "nope.jsonl"))
