@@ -139,8 +139,11 @@ class MultiScaleRetention(nn.Module):
 
     def retain(self, q, k, v, ctx: SequenceContext, state=None, state_grad: bool = False):
         """The retention kernel: unnormalized o [B, T, H, V], its score row sums [B, T, H] (None
-        without the normalization) and the final state; state_grad: the final state is differentiated."""
+        without the normalization) and the final state; state_grad: the final state is differentiated.
+        A state returned with grad enabled may be (a later forward continues it): Triton's carries no
+        gradient, so that forward asks for one too."""
         backend = resolve_backend(self.backend, q.device, q.shape[-1])
+        state_grad = state_grad or (ctx.keep_state and torch.is_grad_enabled())
         return retention_op(
             backend,
             q,

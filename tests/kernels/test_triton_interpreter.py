@@ -73,3 +73,8 @@ def test_triton_interpreter_budget_recomputes_retention(interpreter_results):
 def test_triton_interpreter_normalized_retention(interpreter_results):
     """The paper's normalization on the kernels' output and row sums equals its formula."""
     in_subprocess(interpreter_results, "check_normalized_retention")
+
+
+def test_triton_interpreter_gradient_through_a_returned_state(interpreter_results):
+    """A forward continuing a returned state backpropagates into the forward that returned it, as on torch."""
+    in_subprocess(interpreter_results, "check_gradient_through_a_returned_state")

@@ -49,6 +49,7 @@ CPU_CASES = [
     ("check_compiled_in_graph",),
     ("check_budget_recomputes_retention",),
     ("check_normalized_retention",),
+    ("check_gradient_through_a_returned_state",),
 ]
 
 
@@ -273,6 +274,26 @@ def check_normalized_retention():
     finally:
         mod.triton_retention, retnet.resolve_backend = real, resolve
     assert calls == [64, 64, 16, 16, 16], calls  # each forward on the kernels (parallel: one chunk of 64)
+
+
+def check_gradient_through_a_returned_state():
+    """A model on the kernels whose returned state feeds a second forward (truncated backpropagation
+    through time) gets the torch backend's gradients: the kernels' final state carries none, so such a
+    forward runs on the torch path."""
+    interpreted()
+    from retnet_train.model import RetNetConfig, RetNetForCausalLM, retnet
+
+    retnet.resolve_backend = lambda backend, device, key_dim=0: backend  # (its CPU refusal: test_dispatch)
+    cfg = dict(vocab_size=50, d_model=32, n_layers=2, n_heads=2, ffn_dim=32, chunk_size=16)
+    models = [RetNetForCausalLM(RetNetConfig(**cfg, retention_backend=b)) for b in ("triton", "torch")]
+    models[1].load_state_dict(models[0].state_dict())
+    ids = torch.randint(0, 50, (2, 64))
+    grads = []
+    for model in models:
+        state = model(ids[:, :32], return_state=True).state
+        model(ids[:, 32:], labels=ids[:, 32:], state=state).loss.backward()
+        grads.append([p.grad for p in model.parameters()])
+    assert_close(grads[0], grads[1], FP32_TOL, names=[n for n, _ in models[0].named_parameters()])
 
 
 # ---- the interpreter subprocess -------------------------------------------------------------------
