@@ -11,6 +11,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import string
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -160,14 +161,19 @@ def _require(cond: bool, path: Path, msg: str) -> None:
         raise ManifestError(f"{path}: {msg}")
 
 
-def _int(d: dict, key: str, path: Path, minimum: int = 0) -> int:
+def _int(d: dict, key: str, path: Path, minimum: int = 0, within: str = "", note: str = "") -> int:
+    """d[key], an integer >= minimum; an error names the key by its full path (`within` + key) and `note`."""
     value = d.get(key)
     _require(
         isinstance(value, int) and not isinstance(value, bool) and value >= minimum,
         path,
-        f"key {key!r} must be an integer >= {minimum}, got {value!r}",
+        f"key {within + key!r} must be an integer >= {minimum}, got {value!r}{note}",
     )
     return value
+
+
+def _is_sha256(value: Any) -> bool:
+    return isinstance(value, str) and len(value) == 64 and all(c in string.hexdigits for c in value)
 
 
 def parse_manifest(data: Any, directory: Path) -> Manifest:
@@ -210,7 +216,7 @@ def _parse_tokenizer(tok: Any, path: Path) -> tuple[str, int, dict[str, Any]]:
     _require(isinstance(tok, dict), path, "key 'tokenizer' missing or not an object")
     sha = tok.get("sha256")
     _require(isinstance(sha, str) and len(sha) == 64, path, "key 'tokenizer.sha256' is not a sha256 hex digest")
-    vocab_size = _int(tok, "vocab_size", path, 1)
+    vocab_size = _int(tok, "vocab_size", path, 1, within="tokenizer.")
     ids = {k: tok.get(k, -1) for k in ("eos_id", "bos_id", "pad_id", "unk_id")}
     _require(
         isinstance(ids["eos_id"], int) and 0 <= ids["eos_id"] < vocab_size,
@@ -227,11 +233,15 @@ def _parse_splits(splits_raw: Any, path: Path) -> dict[str, SplitInfo]:
 
 
 def _parse_split(name: str, raw: Any, path: Path, listed: dict[str, str]) -> SplitInfo:
-    _require(name in SPLITS and isinstance(raw, dict), path, f"split {name!r} is not one of {SPLITS}")
-    shards = tuple(
-        _parse_shard(s, f"splits.{name}.shards[{i}]", path, listed) for i, s in enumerate(raw.get("shards", []))
+    _require(name in SPLITS, path, f"split {name!r} is not one of {SPLITS}")
+    _require(isinstance(raw, dict), path, f"key 'splits.{name}' must be an object, got {raw!r}")
+    entries = raw.get("shards", [])
+    _require(
+        isinstance(entries, list), path, f"key 'splits.{name}.shards' must be a list of shard entries, got {entries!r}"
     )
-    split = SplitInfo(_int(raw, "tokens", path), _int(raw, "documents", path), shards)
+    shards = tuple(_parse_shard(s, f"splits.{name}.shards[{i}]", path, listed) for i, s in enumerate(entries))
+    within = f"splits.{name}."
+    split = SplitInfo(_int(raw, "tokens", path, within=within), _int(raw, "documents", path, within=within), shards)
     _require(split.tokens == sum(s.tokens for s in shards), path, f"splits.{name}.tokens != sum of its shards")
     return split
 
@@ -240,10 +250,12 @@ def _parse_shard(s: Any, where: str, path: Path, listed: dict[str, str]) -> Shar
     """One shard entry; `listed` (file -> where) gains it, and refuses a file listed before."""
     _require(isinstance(s, dict) and isinstance(s.get("file"), str), path, f"{where}.file missing")
     _require(os.sep not in s["file"] and "/" not in s["file"], path, f"{where}.file must be a plain file name")
-    _require(isinstance(s.get("sha256"), str) and len(s["sha256"]) == 64, path, f"{where}.sha256 missing")
     _require(s["file"] not in listed, path, f"{where}.file {s['file']!r} is also {listed.get(s['file'])}")
     listed[s["file"]] = where
-    return ShardInfo(s["file"], _int(s, "tokens", path, 1), _int(s, "documents", path), s["sha256"])
+    within, note = f"{where}.", f" (shard {s['file']!r})"  # a manifest lists many shards: name this one
+    _require(_is_sha256(s.get("sha256")), path, f"key '{where}.sha256' is not a sha256 hex digest{note}")
+    tokens = _int(s, "tokens", path, 1, within, note)
+    return ShardInfo(s["file"], tokens, _int(s, "documents", path, 0, within, note), s["sha256"])
 
 
 def _shard_dirs_below(directory: Path) -> str:
@@ -274,18 +286,22 @@ def read_manifest(directory: str | os.PathLike) -> Manifest:
 def verify_shards(manifest: Manifest, checksums: bool = True, splits: tuple[str, ...] | None = None) -> list[str]:
     """Return one message per bad shard (missing, wrong size, wrong sha256); empty when all is well."""
     problems = []
-    itemsize = manifest.np_dtype.itemsize
     for name in splits or tuple(manifest.splits):
-        for shard in manifest.split(name).shards:
-            path = manifest.directory / shard.file
-            if not path.is_file():
-                problems.append(f"{path}: missing")
-                continue
-            size, expected = path.stat().st_size, shard.tokens * itemsize
-            if size != expected:
-                problems.append(
-                    f"{path}: size {size} bytes, manifest says {expected} ({shard.tokens} {manifest.dtype} tokens)"
-                )
-            elif checksums and (digest := sha256_file(path)) != shard.sha256:
-                problems.append(f"{path}: sha256 {digest[:12]}... does not match manifest {shard.sha256[:12]}...")
+        for i, shard in enumerate(manifest.split(name).shards):
+            # the shard file, and the manifest entry that describes it (its index, to find it in a long list)
+            problem = _shard_problem(manifest, shard, f"{manifest.path} splits.{name}.shards[{i}]", checksums)
+            if problem:
+                problems.append(problem)
     return problems
+
+
+def _shard_problem(manifest: Manifest, shard: ShardInfo, entry: str, checksums: bool) -> str | None:
+    path = manifest.directory / shard.file
+    if not path.is_file():
+        return f"{path}: missing (listed in {entry})"
+    size, expected = path.stat().st_size, shard.tokens * manifest.np_dtype.itemsize
+    if size != expected:
+        return f"{path}: size {size} bytes, but {entry} says {shard.tokens} {manifest.dtype} tokens ({expected} bytes)"
+    if checksums and (digest := sha256_file(path)) != shard.sha256:
+        return f"{path}: sha256 {digest[:12]}... does not match {shard.sha256[:12]}... in {entry}"
+    return None

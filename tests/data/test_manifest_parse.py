@@ -47,6 +47,7 @@ def set_at(data: dict, keys: tuple, value) -> None:
 
 DELETE = object()
 SHARD0 = ("splits", "train", "shards", 0)
+SHARD0_FILE = "'train_00000.bin'"
 
 CASES = [
     ((), "top level is not a JSON object"),  # the whole document replaced by a list
@@ -54,16 +55,23 @@ CASES = [
     (("format_version",), "format_version 'other' is not supported (this reader knows 1)"),
     (("tokenizer",), "key 'tokenizer' missing or not an object"),
     (("tokenizer", "sha256"), "key 'tokenizer.sha256' is not a sha256 hex digest"),
-    (("tokenizer", "vocab_size"), "key 'vocab_size' must be an integer >= 1, got 'other'"),
+    (("tokenizer", "vocab_size"), "key 'tokenizer.vocab_size' must be an integer >= 1, got 'other'"),
     (("tokenizer", "eos_id"), "key 'tokenizer.eos_id' must be an id below vocab_size 1000, got 'other'"),
     (("dtype",), "key 'dtype' is 'other', expected one of ['uint16', 'uint32']"),
     (("splits",), "key 'splits' missing or has no 'train'"),
     (("splits", "test"), "split 'test' is not one of ('train', 'validation')"),
     ((*SHARD0, "file"), "splits.train.shards[0].file must be a plain file name"),
-    ((*SHARD0, "sha256"), "splits.train.shards[0].sha256 missing"),
-    ((*SHARD0, "tokens"), "key 'tokens' must be an integer >= 1, got 'other'"),
-    ((*SHARD0, "documents"), "key 'documents' must be an integer >= 0, got 'other'"),
-    (("splits", "train", "tokens"), "key 'tokens' must be an integer >= 0, got 'other'"),
+    ((*SHARD0, "sha256"), f"key 'splits.train.shards[0].sha256' is not a sha256 hex digest (shard {SHARD0_FILE})"),
+    (
+        (*SHARD0, "tokens"),
+        f"key 'splits.train.shards[0].tokens' must be an integer >= 1, got 'other' (shard {SHARD0_FILE})",
+    ),
+    (
+        (*SHARD0, "documents"),
+        f"key 'splits.train.shards[0].documents' must be an integer >= 0, got 'other' (shard {SHARD0_FILE})",
+    ),
+    (("splits", "train", "tokens"), "key 'splits.train.tokens' must be an integer >= 0, got 'other'"),
+    (("splits", "train", "shards"), "key 'splits.train.shards' must be a list of shard entries, got 'other'"),
     (("shard_tokens",), "key 'shard_tokens' must be an integer >= 1, got 'other'"),
 ]
 
@@ -100,3 +108,34 @@ def test_split_and_shard_consistency():
     data = good()
     data["splits"]["validation"]["shards"][0]["file"] = "train_00001.bin"
     assert refused(data) == "splits.validation.shards[0].file 'train_00001.bin' is also splits.train.shards[1]"
+
+
+@pytest.mark.parametrize(
+    "key, value, problem",
+    [
+        ("tokens", "10", "must be an integer >= 1, got '10'"),
+        ("tokens", 10.0, "must be an integer >= 1, got 10.0"),
+        ("tokens", -10, "must be an integer >= 1, got -10"),
+        ("tokens", True, "must be an integer >= 1, got True"),
+        ("documents", -1, "must be an integer >= 0, got -1"),
+        ("documents", None, "must be an integer >= 0, got None"),
+        ("sha256", "zz" * 32, "is not a sha256 hex digest"),
+        ("sha256", SHA[:-1], "is not a sha256 hex digest"),
+    ],
+)
+def test_a_bad_shard_value_names_the_shard(key, value, problem):
+    """Which of a manifest's many shards is wrong: its index and its file name, besides the manifest's path."""
+    data = good()
+    data["splits"]["train"]["shards"][1][key] = value
+    with pytest.raises(ManifestError) as e:
+        parse_manifest(data, DIR)
+    expected = f"key 'splits.train.shards[1].{key}' {problem} (shard 'train_00001.bin')"
+    assert str(e.value) == f"{DIR / 'manifest.json'}: {expected}"
+
+
+def test_a_split_that_is_not_an_object_is_named():
+    data = good()
+    data["splits"]["validation"] = []
+    with pytest.raises(ManifestError) as e:
+        parse_manifest(data, DIR)
+    assert str(e.value) == f"{DIR / 'manifest.json'}: key 'splits.validation' must be an object, got []"

@@ -1,3 +1,4 @@
+import json
 import subprocess
 import sys
 from pathlib import Path
@@ -19,8 +20,6 @@ def shards(tmp_path):
         (d / f"train_{i:05d}.bin").write_bytes(bytes(range(i, i + 200)))
         infos.append(ShardInfo(f"train_{i:05d}.bin", 100, 0, sha256_file(d / f"train_{i:05d}.bin")))
     m = Manifest(d, 8192, 2, 1, 3, 0, "ab" * 32, "uint16", 100, {"train": SplitInfo(300, 0, tuple(infos))})
-    import json
-
     (d / "manifest.json").write_text(json.dumps(m.to_json()))
     return d
 
@@ -46,14 +45,25 @@ def test_names_every_bad_file(shards):
     assert result.returncode == 1
     bad = [line for line in result.stdout.splitlines() if line.startswith("BAD")]
     assert len(bad) == 2
-    assert "train_00000.bin: size 199 bytes, manifest says 200" in bad[0]
-    assert "train_00002.bin: sha256" in bad[1] and "does not match" in bad[1]
+    manifest = shards / "manifest.json"  # each line names the shard file, the manifest and the shard's entry
+    assert bad[0] == (
+        f"BAD {shards}/train_00000.bin: size 199 bytes, but {manifest} splits.train.shards[0] "
+        "says 100 uint16 tokens (200 bytes)"
+    )
+    found, listed = sha256_file(shards / "train_00002.bin")[:12], json.loads(manifest.read_text())
+    recorded = listed["splits"]["train"]["shards"][2]["sha256"][:12]
+    assert bad[1] == (
+        f"BAD {shards}/train_00002.bin: sha256 {found}... does not match {recorded}... "
+        f"in {manifest} splits.train.shards[2]"
+    )
     assert len(verify_directory(shards, checksums=False)) == 1  # --sizes-only misses the bit flip
 
 
 def test_missing_shard_and_missing_manifest(shards, tmp_path):
     (shards / "train_00001.bin").unlink()
-    assert verify_directory(shards) == [f"{shards}/train_00001.bin: missing"]
+    assert verify_directory(shards) == [
+        f"{shards}/train_00001.bin: missing (listed in {shards / 'manifest.json'} splits.train.shards[1])"
+    ]
     result = run_verify(tmp_path / "nowhere")
     assert result.returncode == 1 and "no manifest.json" in result.stdout
 
