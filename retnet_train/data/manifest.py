@@ -186,6 +186,7 @@ def parse_manifest(data: Any, directory: Path) -> Manifest:
     splits = _parse_splits(data.get("splits"), path)
     add_bos = data.get("add_bos", False)
     _require(isinstance(add_bos, bool), path, f"key 'add_bos' must be true or false, got {add_bos!r}")
+    _require(not add_bos or ids["bos_id"] >= 0, path, "key 'add_bos' is true, but key 'tokenizer.bos_id' is -1 (none)")
     known = {"format", "format_version", "tokenizer", "dtype", "shard_tokens", "splits"}
     return Manifest(
         directory=directory,
@@ -217,13 +218,21 @@ def _parse_tokenizer(tok: Any, path: Path) -> tuple[str, int, dict[str, Any]]:
     sha = tok.get("sha256")
     _require(isinstance(sha, str) and len(sha) == 64, path, "key 'tokenizer.sha256' is not a sha256 hex digest")
     vocab_size = _int(tok, "vocab_size", path, 1, within="tokenizer.")
-    ids = {k: tok.get(k, -1) for k in ("eos_id", "bos_id", "pad_id", "unk_id")}
-    _require(
-        isinstance(ids["eos_id"], int) and 0 <= ids["eos_id"] < vocab_size,
-        path,
-        f"key 'tokenizer.eos_id' must be an id below vocab_size {vocab_size}, got {ids['eos_id']!r}",
-    )
+    ids = {k: _special_id(tok, k, vocab_size, path) for k in ("eos_id", "bos_id", "pad_id", "unk_id")}
     return sha, vocab_size, ids
+
+
+def _special_id(tok: dict, key: str, vocab_size: int, path: Path) -> int:
+    """A special token's id: below vocab_size, or -1 (sentencepiece's "none", also when absent) but for EOS,
+    which separates documents. Framing and prompts use it as a token: a string, float or bool is refused."""
+    value, lowest = tok.get(key, -1), 0 if key == "eos_id" else -1
+    allowed = f"an id below vocab_size {vocab_size}" + (" or -1 (none)" if lowest < 0 else "")
+    _require(
+        isinstance(value, int) and not isinstance(value, bool) and lowest <= value < vocab_size,
+        path,
+        f"key 'tokenizer.{key}' must be {allowed}, got {value!r}",
+    )
+    return value
 
 
 def _parse_splits(splits_raw: Any, path: Path) -> dict[str, SplitInfo]:

@@ -139,3 +139,39 @@ def test_a_split_that_is_not_an_object_is_named():
     with pytest.raises(ManifestError) as e:
         parse_manifest(data, DIR)
     assert str(e.value) == f"{DIR / 'manifest.json'}: key 'splits.validation' must be an object, got []"
+
+
+OPTIONAL_IDS = ("bos_id", "pad_id", "unk_id")
+
+
+@pytest.mark.parametrize("key", ("eos_id", *OPTIONAL_IDS))
+@pytest.mark.parametrize("value", ["1", 1.0, True, False, None, [1], 1000, -2])
+def test_a_special_id_that_is_not_an_id_is_named(key, value):
+    """bos_id "1" or 1.0 would reach the loader's framing and the inference prompt as a non-int or a wrong id."""
+    data = good()
+    data["tokenizer"][key] = value
+    with pytest.raises(ManifestError) as e:
+        parse_manifest(data, DIR)
+    allowed = "an id below vocab_size 1000" + ("" if key == "eos_id" else " or -1 (none)")
+    assert str(e.value) == f"{DIR / 'manifest.json'}: key 'tokenizer.{key}' must be {allowed}, got {value!r}"
+
+
+def test_minus_one_is_no_special_id_except_eos():
+    data = good()
+    for key in OPTIONAL_IDS:
+        data["tokenizer"][key] = -1
+    m = parse_manifest(data, DIR)
+    assert (m.eos_id, m.bos_id, m.pad_id, m.unk_id) == (2, -1, -1, -1)
+    data["tokenizer"]["eos_id"] = -1
+    with pytest.raises(ManifestError, match=r"key 'tokenizer.eos_id' must be an id below vocab_size 1000, got -1$"):
+        parse_manifest(data, DIR)
+
+
+def test_add_bos_needs_a_bos_id():
+    data = good()
+    data["add_bos"] = True
+    assert parse_manifest(data, DIR).add_bos
+    data["tokenizer"]["bos_id"] = -1
+    with pytest.raises(ManifestError) as e:
+        parse_manifest(data, DIR)
+    assert str(e.value) == f"{DIR / 'manifest.json'}: key 'add_bos' is true, but key 'tokenizer.bos_id' is -1 (none)"
