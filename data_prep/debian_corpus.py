@@ -12,6 +12,9 @@ copies of the same docs), translations, Sphinx's `_sources` copies of its HTML p
 and text too short or too unlike prose/code to help. OUT/corpus.json records each .deb's sha256,
 size and the documents and characters taken from it. Then train the tokenizer and tokenize as for
 any corpus: `--source debian='OUT/*.jsonl'`.
+
+The output is built in a hidden directory and moved into OUT when every package is read, corpus.json
+last: a run that fails or is interrupted leaves OUT as it was.
 """
 
 from __future__ import annotations
@@ -33,6 +36,7 @@ from typing import Iterator, Sequence
 from data_prep.atomic import write_bytes_atomic, write_json_atomic
 from data_prep.cli import interrupt_exits
 from data_prep.deb_archive import CorpusError, deb_files, package_name
+from data_prep.output_dir import OutputDirError, check_writable_dir, publish_staged, staged
 from retnet_train.data.manifest import sha256_file
 
 TEXT_SUFFIXES = {".txt", ".rst", ".md", ".pod", ".texi", ".tex"}
@@ -303,13 +307,18 @@ def build_corpus(
         raise CorpusError(f"--out {out}: is not a directory")
     if out.exists() and any(out.iterdir()) and not overwrite:
         raise CorpusError(f"--out {out}: exists and is not empty; pass --overwrite to rebuild it")
-    out.mkdir(parents=True, exist_ok=True)
-    if overwrite:
-        # only files this tool writes: the new packages' and those the old corpus.json lists (a package
-        # left out this time would otherwise stay in `OUT/*.jsonl`, unlisted)
-        for name in {f"{package_name(deb)}.jsonl" for deb in debs} | _listed_files(summary_path):
-            (out / name).unlink(missing_ok=True)
-        summary_path.unlink(missing_ok=True)
+    check_writable_dir(out)
+    with staged(out) as staging:
+        summary = _write_packages(debs, staging, num_proc, progress)
+        write_json_atomic(staging / "corpus.json", summary)
+        # with --overwrite, the packages the old corpus.json lists go too (one left out this time would
+        # otherwise stay in `OUT/*.jsonl`, unlisted); nothing else in OUT is touched
+        publish_staged(staging, out, last=summary_path.name, replaced=_listed_files(summary_path) if overwrite else ())
+    return summary
+
+
+def _write_packages(debs: list[Path], out: Path, num_proc: int, progress: bool) -> dict:
+    """OUT/<package>.jsonl for each .deb; the summary for corpus.json."""
     packages = []
     # one process per package: the packages are independent and each output file is its own
     with multiprocessing.get_context("spawn").Pool(max(1, min(num_proc, len(debs)))) as pool:
@@ -317,14 +326,12 @@ def build_corpus(
             packages.append(p)
             if progress:
                 print(f"{p['deb']}: {p['documents']:,} documents, {p['chars'] / 1e6:.1f}M characters", flush=True)
-    summary = {
+    return {
         "packages": packages,
         "documents": sum(p["documents"] for p in packages),
         "chars": sum(p["chars"] for p in packages),
         "deb_bytes": sum(p["bytes"] for p in packages),
     }
-    write_json_atomic(summary_path, summary)  # last: a directory with corpus.json is complete
-    return summary
 
 
 def main(argv: Sequence[str] | None = None) -> None:
@@ -334,10 +341,10 @@ def main(argv: Sequence[str] | None = None) -> None:
     p.add_argument("--overwrite", action="store_true", help="rebuild an existing output directory")
     p.add_argument("--num-proc", type=int, default=os.cpu_count() or 1, help="packages read in parallel")
     a = p.parse_args(argv)
-    with interrupt_exits(f"{a.out} is unfinished (no corpus.json); run the same command with --overwrite"):
+    with interrupt_exits(f"{a.out} is unchanged; run the same command again"):
         try:
             summary = build_corpus(a.debs, a.out, a.overwrite, a.num_proc)
-        except (CorpusError, OSError) as e:  # OSError: names its file
+        except (CorpusError, OutputDirError, OSError) as e:  # OSError: names its file
             raise SystemExit(f"error: {e}") from None
     print(
         f"wrote {a.out}: {len(summary['packages'])} packages ({summary['deb_bytes'] / 1e6:.1f} MB of .deb), "

@@ -5,6 +5,10 @@ In a shard directory, data_prep.tokenize owns the manifest, the journal of an un
 shard files one of those two records, and the temporary files of its own writes. A shard-named
 file that no record lists belongs to someone else: the run stops and names it rather than delete
 or overwrite it, with or without --overwrite.
+
+A tool whose output is many files and no journal (data_prep.debian_corpus) builds it in a staging
+directory (`staged`) and moves it into place when it is finished (`publish_staged`): a failed or
+interrupted run leaves the output directory as it was.
 """
 
 from __future__ import annotations
@@ -14,10 +18,11 @@ import fcntl
 import json
 import os
 import re
+import shutil
 from pathlib import Path
-from typing import Iterator
+from typing import Iterable, Iterator
 
-from data_prep.atomic import remove_stale_tmp_files
+from data_prep.atomic import fsync_dir, remove_stale_tmp_files, tmp_path_for
 from data_prep.shard_writer import JOURNAL_NAME, Journal
 from retnet_train.data.manifest import MANIFEST_NAME
 
@@ -132,3 +137,37 @@ def prepare_shard_dir(directory: Path, overwrite: bool) -> None:
         (directory / MANIFEST_NAME).unlink(missing_ok=True)
         (directory / JOURNAL_NAME).unlink(missing_ok=True)
     remove_stale_tmp_files(directory, owned_name)
+
+
+@contextlib.contextmanager
+def staged(out: Path) -> Iterator[Path]:
+    """A new hidden directory on `out`'s filesystem to build the whole output in: beside `out` when it
+    does not exist yet, else inside it (writing there needs no more access than writing `out`). It is
+    removed with whatever is left in it however the block ends, and so are the parents created for it."""
+    staging = tmp_path_for(out / "staging") if out.exists() else tmp_path_for(out)
+    with removed_if_empty_on_failure(staging.parent):
+        staging.parent.mkdir(parents=True, exist_ok=True)
+        staging.mkdir()
+        try:
+            yield staging
+        finally:
+            shutil.rmtree(staging, ignore_errors=True)
+
+
+def publish_staged(staging: Path, out: Path, last: str, replaced: Iterable[str] = ()) -> None:
+    """Move a finished `staged` output into `out`. A new `out` appears whole in one rename; into an
+    existing one the files move one by one, `last` (the file that marks a finished output) removed
+    first and moved in last, after the previous output's `replaced` files are removed; nothing else
+    in `out` is touched."""
+    if staging.parent != out:
+        os.replace(staging, out)
+        fsync_dir(out.parent)
+        return
+    (out / last).unlink(missing_ok=True)  # until the new one is in, the output reads as unfinished
+    for name in replaced:
+        (out / name).unlink(missing_ok=True)
+    for path in sorted(staging.iterdir()):
+        if path.name != last:
+            os.replace(path, out / path.name)
+    os.replace(staging / last, out / last)
+    fsync_dir(out)

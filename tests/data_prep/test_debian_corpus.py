@@ -8,6 +8,7 @@ from pathlib import Path
 
 import pytest
 
+import data_prep.debian_corpus as debian_corpus
 from data_prep.debian_corpus import CorpusError, build_corpus, html_to_text, main
 from data_prep.sources import load_source, parse_source
 
@@ -220,3 +221,67 @@ def test_overwrite_removes_the_packages_of_the_previous_build(debs, tmp_path):
     # else `--source debian='OUT/*.jsonl'` would still read a package the new corpus.json does not list
     assert sorted(p.name for p in out.glob("*.jsonl")) == ["mine.jsonl", "retdoc.jsonl"]
     assert [p["file"] for p in json.loads((out / "corpus.json").read_text())["packages"]] == ["retdoc.jsonl"]
+
+
+def good_and_damaged_debs(tmp_path: Path) -> Path:
+    """A good .deb, read and written first, then one that fails: the run stops partway."""
+    debs = tmp_path / "debs"
+    debs.mkdir()
+    make_deb(debs / "aaa_1_all.deb", {DOC + "a.txt": PROSE.encode()})
+    damaged_deb(debs / "zzz_1_all.deb", cut=True)
+    return debs
+
+
+def test_a_failed_run_leaves_no_output(tmp_path):
+    """Else OUT/aaa.jsonl, without corpus.json, would read as a corpus through `--source debian='OUT/*.jsonl'`."""
+    debs = good_and_damaged_debs(tmp_path)
+    out = tmp_path / "data" / "corpus"  # its parent is created too, and removed again
+    with pytest.raises(SystemExit, match="zzz_1_all.deb"):
+        main(["--debs", str(debs), "--out", str(out), "--num-proc", "1"])
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["debs"]  # no OUT, no temporary directory
+    out.mkdir(parents=True)  # an empty OUT stays empty
+    with pytest.raises(SystemExit, match="zzz_1_all.deb"):
+        main(["--debs", str(debs), "--out", str(out), "--num-proc", "1"])
+    assert list(out.iterdir()) == [] and sorted(p.name for p in out.parent.iterdir()) == ["corpus"]
+
+
+def test_a_failed_overwrite_keeps_the_previous_corpus(debs, tmp_path):
+    out = tmp_path / "out"
+    build_corpus(debs, out, progress=False)
+    (out / "mine.txt").write_text("user data")
+    before = {p.name: p.read_bytes() for p in out.iterdir()}
+    damaged_deb(debs / "zzz_1_all.deb", cut=True)
+    with pytest.raises(SystemExit, match="zzz_1_all.deb"):
+        main(["--debs", str(debs), "--out", str(out), "--overwrite", "--num-proc", "1"])
+    assert {p.name: p.read_bytes() for p in out.iterdir()} == before
+
+
+def test_an_interrupted_run_leaves_no_output(debs, tmp_path, monkeypatch, capsys):
+    """Interrupted once every package is written, before corpus.json."""
+
+    def interrupted(*args):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(debian_corpus, "write_json_atomic", interrupted)
+    out = tmp_path / "out"
+    with pytest.raises(SystemExit) as exit_info:
+        main(["--debs", str(debs), "--out", str(out), "--num-proc", "1"])
+    assert exit_info.value.code == 130
+    assert capsys.readouterr().err.splitlines()[-1] == f"interrupted: {out} is unchanged; run the same command again"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["debs"]
+    out.mkdir()
+    (out / "mine.txt").write_text("user data")
+    with pytest.raises(SystemExit):
+        main(["--debs", str(debs), "--out", str(out), "--overwrite", "--num-proc", "1"])
+    assert [p.name for p in out.iterdir()] == ["mine.txt"]
+
+
+def test_out_may_be_an_empty_directory_or_a_link_to_one(debs, tmp_path):
+    (tmp_path / "empty").mkdir()
+    (tmp_path / "target").mkdir()
+    (tmp_path / "link").symlink_to(tmp_path / "target")
+    for out in (tmp_path / "empty", tmp_path / "link"):
+        build_corpus(debs, out, progress=False)
+        assert sorted(p.name for p in out.iterdir()) == ["corpus.json", "other-src.jsonl", "retdoc.jsonl"]
+    assert (tmp_path / "link").is_symlink()
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["debs", "empty", "link", "target"]

@@ -30,7 +30,7 @@ def _interrupt(*args, **kwargs):
             debian_corpus,
             "build_corpus",
             ["--debs", "{tmp}", "--out", "{tmp}/deb"],
-            "interrupted: {tmp}/deb is unfinished (no corpus.json); run the same command with --overwrite",
+            "interrupted: {tmp}/deb is unchanged; run the same command again",
         ),
     ],
 )
