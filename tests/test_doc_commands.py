@@ -79,18 +79,23 @@ def command_in(line: str):
     return tokens[at + 1], [unbracket(t) for t in tokens[at + 2 :]]
 
 
-def doc_commands() -> list:
-    """(where, module, arguments) of each of our modules' commands in the docs' bash blocks."""
-    found = []
+def doc_bash_lines():
+    """(where: "file:line", line) of each shell line in the docs' bash blocks."""
     for path in doc_files():
         text = path.read_text(encoding="utf-8")
         for block in BASH_BLOCK.finditer(text):
             start = text[: block.start()].count("\n") + 2
             for offset, line in shell_lines(block.group(1)):
-                command = command_in(line)
-                if command and command[0].split(".")[0] in ("retnet_train", "data_prep"):
-                    if command[0] not in NOT_ARGPARSE:
-                        found.append((f"{path.relative_to(ROOT)}:{start + offset}", *command))
+                yield f"{path.relative_to(ROOT)}:{start + offset}", line
+
+
+def doc_commands() -> list:
+    """(where, module, arguments) of each of our modules' commands in the docs' bash blocks."""
+    found = []
+    for where, line in doc_bash_lines():
+        command = command_in(line)
+        if command and command[0].split(".")[0] in ("retnet_train", "data_prep") and command[0] not in NOT_ARGPARSE:
+            found.append((where, *command))
     return found
 
 
@@ -224,16 +229,12 @@ def doc_launch_commands() -> list:
     """(where, tokens before the script, script, its arguments) of each launch script command in the docs'
     bash blocks: run as is, after environment assignments, or by sbatch."""
     found = []
-    for path in doc_files():
-        text = path.read_text(encoding="utf-8")
-        for block in BASH_BLOCK.finditer(text):
-            start = text[: block.start()].count("\n") + 2
-            for offset, line in shell_lines(block.group(1)):
-                tokens = shlex.split(line, comments=True)
-                at = next((i for i, t in enumerate(tokens) if LAUNCH_SCRIPT.match(t)), None)
-                before = tokens[:at] if at is not None else []
-                if at is not None and (before[:1] == ["sbatch"] or all(ENV_ASSIGNMENT.match(t) for t in before)):
-                    found.append((f"{path.relative_to(ROOT)}:{start + offset}", before, tokens[at], tokens[at + 1 :]))
+    for where, line in doc_bash_lines():
+        tokens = shlex.split(line, comments=True)
+        at = next((i for i, t in enumerate(tokens) if LAUNCH_SCRIPT.match(t)), None)
+        before = tokens[:at] if at is not None else []
+        if at is not None and (before[:1] == ["sbatch"] or all(ENV_ASSIGNMENT.match(t) for t in before)):
+            found.append((where, before, tokens[at], tokens[at + 1 :]))
     return found
 
 
@@ -308,15 +309,10 @@ def trainer_overrides() -> list:
         module = args[args.index("--module") + 1] if "--module" in args else "retnet_train.train"
         if module == "retnet_train.train":
             found.append((where, [a for a in args if "=" in a and not a.startswith("-")]))
-    for path in doc_files():
-        text = path.read_text(encoding="utf-8")
-        for block in BASH_BLOCK.finditer(text):
-            start = text[: block.start()].count("\n") + 2
-            for offset, line in shell_lines(block.group(1)):
-                command = command_in(line)
-                if command and command[0] == "retnet_train.train":
-                    overrides = [a for a in command[1] if not a.startswith("-") and a != "job"]  # --cfg job
-                    found.append((f"{path.relative_to(ROOT)}:{start + offset}", overrides))
+    for where, line in doc_bash_lines():
+        command = command_in(line)
+        if command and command[0] == "retnet_train.train":
+            found.append((where, [a for a in command[1] if not a.startswith("-") and a != "job"]))  # --cfg job
     return found
 
 

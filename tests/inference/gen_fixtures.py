@@ -15,6 +15,16 @@ from retnet_train.data.manifest import MANIFEST_NAME, Manifest, ShardInfo, Split
 from retnet_train.model import build_model, model_config_from_dict
 
 VOCAB = 256
+# the model overrides of the end-to-end trainer runs: a 2-layer, 32-wide RetNet over VOCAB ids
+TINY_TRAINER_MODEL = {
+    "model": "tiny",
+    "model.vocab_size": VOCAB,
+    "model.d_model": 32,
+    "model.n_layers": 2,
+    "model.n_heads": 2,
+    "model.ffn_dim": 64,
+    "model.chunk_size": 8,
+}
 TEXT = (
     "The quick brown fox jumps over the lazy dog. A retentive network keeps a state. "
     "def add(a, b):\n    return a + b\n"

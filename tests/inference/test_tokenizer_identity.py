@@ -9,7 +9,15 @@ import shutil
 
 import pytest
 import torch
-from gen_fixtures import TEXTS, VOCAB, init_dist, tiny_config, train_tokenizer, write_deepspeed_checkpoint, write_shards
+from gen_fixtures import (
+    TEXTS,
+    TINY_TRAINER_MODEL,
+    init_dist,
+    tiny_config,
+    train_tokenizer,
+    write_deepspeed_checkpoint,
+    write_shards,
+)
 
 from retnet_train.inference.deepspeed_checkpoint import read_model_states
 from retnet_train.inference.errors import CheckpointError
@@ -27,13 +35,7 @@ def train_tiny_run(launch, run_dir, shards) -> None:
     from retnet_train.trainer import Trainer
 
     settings = {
-        "model": "tiny",
-        "model.vocab_size": VOCAB,
-        "model.d_model": 32,
-        "model.n_layers": 2,
-        "model.n_heads": 2,
-        "model.ffn_dim": 64,
-        "model.chunk_size": 8,
+        **TINY_TRAINER_MODEL,
         "data.paths": f"[{shards}]",
         "data.tokenizer": "data/tok.model",
         "data.seq_len": 16,

@@ -9,7 +9,7 @@ import sys
 from pathlib import Path
 
 import pytest
-from gen_fixtures import TEXTS, VOCAB, train_tokenizer, write_shards
+from gen_fixtures import TEXTS, TINY_TRAINER_MODEL, train_tokenizer, write_shards
 
 from retnet_train.inference.evaluate import main as evaluate_main
 from retnet_train.inference.export import main as export_main
@@ -25,13 +25,7 @@ def test_trainer_checkpoint_to_eval_generate_export(tmp_path, capsys):
     write_shards(tmp_path / "shards", tok, TEXTS * 40)
     run_dir = tmp_path / "run"
     args = {
-        "model": "tiny",
-        "model.vocab_size": VOCAB,
-        "model.d_model": 32,
-        "model.n_layers": 2,
-        "model.n_heads": 2,
-        "model.ffn_dim": 64,
-        "model.chunk_size": 8,
+        **TINY_TRAINER_MODEL,
         "data.paths": "[%s]" % (tmp_path / "shards"),
         "data.tokenizer": str(tok),
         "data.seq_len": 32,
