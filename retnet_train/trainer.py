@@ -174,7 +174,7 @@ class Trainer:
         problem = None
         try:  # rank 0's files and W&B; the profiler checks profile.ranks on every rank
             if self.is_main:
-                open_run_dir(run_dir, self.ckpt.dir, resumed_from, self.resolved)
+                open_run_dir(run_dir, self.ckpt.dir, resumed_from, self.resolved, self.state.step)
                 print(self._banner(), flush=True)
             # every rank has a logger; only rank 0's writes metrics.jsonl and W&B
             # a run started from another run's checkpoint is a W&B run of its own, as it has its own metrics

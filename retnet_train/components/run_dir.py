@@ -9,7 +9,9 @@ metrics kept apart from this run's.
 * A run that does not continue this directory's own checkpoints (a fresh start, or a resume from
   another run's checkpoint) finding metrics.jsonl there renames it to metrics.<n>.jsonl (n = 1, 2, ...
   in the order they were set aside) instead of appending to it, and that run's config.yaml to config.<n>.yaml.
-* Rank 0 writes the resolved config to <run.dir>/config.yaml at start.
+* Rank 0 writes the resolved config to <run.dir>/config.yaml at start. A run that continues its own
+  checkpoints with another config (a raised train.max_steps, another lr) first renames the config.yaml
+  it replaces to config.until_step_<N>.yaml (N: the step resumed from).
 """
 
 from __future__ import annotations
@@ -174,16 +176,34 @@ def continues_run(checkpoint_dir: str, resumed_from: Optional[str]) -> bool:
     return same_path(resumed_from, checkpoint_dir)
 
 
-def open_run_dir(run_dir: str, checkpoint_dir: str, resumed_from: Optional[str], resolved: dict) -> None:
+def open_run_dir(run_dir: str, checkpoint_dir: str, resumed_from: Optional[str], resolved: dict, step: int = 0) -> None:
     """Rank 0 at start: create run.dir, set an earlier run's metrics aside unless this run continues the
-    checkpoints of checkpoint_dir (resumed_from: the directory of the checkpoint resumed, or None), and
-    write config.yaml."""
+    checkpoints of checkpoint_dir (resumed_from: the directory of the checkpoint resumed, or None; step:
+    the step it resumed at), and write config.yaml."""
     os.makedirs(run_dir, exist_ok=True)
-    moved = None if continues_run(checkpoint_dir, resumed_from) else set_aside_metrics(run_dir)
-    if moved:
-        print(
-            f"{run_dir} holds metrics of an earlier run without its checkpoints: kept as {moved} (its "
-            f"config.yaml beside them, numbered alike); this run logs to a new metrics.jsonl",
-            flush=True,
-        )
+    if continues_run(checkpoint_dir, resumed_from):
+        kept = set_aside_changed_config(run_dir, resolved, step)
+        if kept:
+            print(f"the config differs from the one this run started with: that one is kept as {kept}", flush=True)
+    else:
+        moved = set_aside_metrics(run_dir)
+        if moved:
+            print(
+                f"{run_dir} holds metrics of an earlier run without its checkpoints: kept as {moved} (its "
+                f"config.yaml beside them, numbered alike); this run logs to a new metrics.jsonl",
+                flush=True,
+            )
     OmegaConf.save(OmegaConf.create(resolved), os.path.join(run_dir, CONFIG))
+
+
+def set_aside_changed_config(run_dir: str, resolved: dict, step: int) -> Optional[str]:
+    """Rename config.yaml to the first free config.until_step_<step>[.<n>].yaml when it differs from
+    `resolved` (the metrics up to `step` were logged under it); returns the new path, or None."""
+    path = os.path.join(run_dir, CONFIG)
+    if not os.path.isfile(path) or OmegaConf.to_container(OmegaConf.load(path)) == resolved:
+        return None
+    target, n = os.path.join(run_dir, f"config.until_step_{step}.yaml"), 1
+    while os.path.exists(target):
+        target, n = os.path.join(run_dir, f"config.until_step_{step}.{n}.yaml"), n + 1
+    os.rename(path, target)
+    return target

@@ -9,7 +9,13 @@ import sys
 import pytest
 from trainer_helpers import REPO, records, shards, typed  # noqa: F401 (shards: a fixture)
 
-from retnet_train.components.run_dir import LOCK_NAME, DirLock, set_aside_metrics, write_problem
+from retnet_train.components.run_dir import (
+    LOCK_NAME,
+    DirLock,
+    set_aside_changed_config,
+    set_aside_metrics,
+    write_problem,
+)
 from retnet_train.trainer import Trainer
 
 HOLD_LOCK = """
@@ -167,3 +173,28 @@ def test_the_preflight_refuses_a_run_dir_a_live_trainer_holds(tmp_path, capsys):
         holder.kill()
         holder.wait()
     assert pf.main(["--", "experiment=tiny_cpu", f"run.dir={run_dir}"]) == 0
+
+
+def test_set_aside_changed_config_keeps_the_replaced_one_under_the_step(tmp_path):
+    (tmp_path / "config.yaml").write_text("optim:\n  lr: 0.1\n")
+    keep = lambda lr: set_aside_changed_config(str(tmp_path), {"optim": {"lr": lr}}, 7)  # noqa: E731
+    assert keep(0.1) is None  # unchanged: kept in place
+    assert keep(0.2) == str(tmp_path / "config.until_step_7.yaml")
+    assert (tmp_path / "config.until_step_7.yaml").read_text() == "optim:\n  lr: 0.1\n"
+    (tmp_path / "config.yaml").write_text("optim:\n  lr: 0.2\n")
+    assert keep(0.3) == str(tmp_path / "config.until_step_7.1.yaml")
+    assert (tmp_path / "config.until_step_7.yaml").read_text() == "optim:\n  lr: 0.1\n"
+
+
+def test_a_resume_with_another_config_keeps_the_one_it_replaces(shards, tmp_path, process_group, capsys):
+    run_dir = tmp_path / "run"
+    first = Trainer(typed(shards, run_dir, **{"train.max_steps": 1}))
+    first.train()
+    # the config as written and read back equals the resolved one: an unchanged resume renames nothing
+    assert set_aside_changed_config(str(run_dir), first.resolved, 1) is None
+    written = (run_dir / "config.yaml").read_text()
+    Trainer(typed(shards, run_dir, **{"train.max_steps": 2})).train()
+    assert f"kept as {run_dir / 'config.until_step_1.yaml'}" in capsys.readouterr().out
+    assert (run_dir / "config.until_step_1.yaml").read_text() == written and "max_steps: 1" in written
+    assert "max_steps: 2" in (run_dir / "config.yaml").read_text()
+    assert sorted(p.name for p in run_dir.glob("config*.yaml")) == ["config.until_step_1.yaml", "config.yaml"]
