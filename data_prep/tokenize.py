@@ -16,7 +16,6 @@ from __future__ import annotations
 import argparse
 import contextlib
 import os
-import sys
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Sequence
@@ -28,6 +27,7 @@ import pyarrow.compute as pc
 from tqdm import tqdm
 
 from data_prep.atomic import write_json_atomic
+from data_prep.cli import interrupt_exits
 from data_prep.doc_split import validation_mask
 from data_prep.output_dir import (
     OutputDirError,
@@ -324,41 +324,44 @@ def main(argv: Sequence[str] | None = None) -> None:
         _check_settings(a.shard_tokens, a.validation_fraction, a.seed, a.chunk_docs, 1, a.num_proc)
     except SettingError as e:
         raise SystemExit(f"error: {FLAGS[e.name]} {e.requirement}") from None
-    try:
-        tok = load_tokenizer(a.tokenizer)
-        sources = sources_from_args(a)
-        names = [s.name for s in sources]
-        if len(set(names)) != len(names):
-            raise SourceError(f"source names must be unique, got {names}")
-        layout = Layout(a.validation_fraction, a.seed, a.shard_tokens, a.bos, token_dtype_for(tok.vocab_size))
-        finished = {}
-        for source in sources:  # every output checked before hours go into the first one
-            out = Path(a.out) / source.name
-            if not a.overwrite and (m := finished_output(source, tok, out, layout, a.cache_dir)) is not None:
-                finished[source.name] = m  # this same command finished it before being stopped
-            else:
-                check_shard_dir(out, a.overwrite)
-        for source in sources:
-            m = finished.get(source.name) or tokenize_source(
-                source,
-                tok,
-                Path(a.out) / source.name,
-                a.validation_fraction,
-                a.seed,
-                a.shard_tokens,
-                a.bos,
-                a.num_proc,
-                a.chunk_docs,
-                overwrite=a.overwrite,
-                cache_dir=a.cache_dir,
-            )
-            counts = ", ".join(f"{k} {v.tokens:,} tokens / {v.documents:,} docs" for k, v in m.splits.items())
-            print(f"{m.path}: {counts}")
-    except (SourceError, TokenizerError, OutputDirError, ValueError, OSError) as e:  # OSError: names its file
-        raise SystemExit(f"error: {e}") from None
-    except KeyboardInterrupt:
-        print("interrupted: run the same command again to resume", file=sys.stderr)
-        raise SystemExit(130) from None  # the shell's code for SIGINT
+    with interrupt_exits("run the same command again to resume"):
+        try:
+            _tokenize_sources(a)
+        except (SourceError, TokenizerError, OutputDirError, ValueError, OSError) as e:  # OSError: names its file
+            raise SystemExit(f"error: {e}") from None
+
+
+def _tokenize_sources(a: argparse.Namespace) -> None:
+    """Every source of the command line into its shard directory (a finished one is kept as it is)."""
+    tok = load_tokenizer(a.tokenizer)
+    sources = sources_from_args(a)
+    names = [s.name for s in sources]
+    if len(set(names)) != len(names):
+        raise SourceError(f"source names must be unique, got {names}")
+    layout = Layout(a.validation_fraction, a.seed, a.shard_tokens, a.bos, token_dtype_for(tok.vocab_size))
+    finished = {}
+    for source in sources:  # every output checked before hours go into the first one
+        out = Path(a.out) / source.name
+        if not a.overwrite and (m := finished_output(source, tok, out, layout, a.cache_dir)) is not None:
+            finished[source.name] = m  # this same command finished it before being stopped
+        else:
+            check_shard_dir(out, a.overwrite)
+    for source in sources:
+        m = finished.get(source.name) or tokenize_source(
+            source,
+            tok,
+            Path(a.out) / source.name,
+            a.validation_fraction,
+            a.seed,
+            a.shard_tokens,
+            a.bos,
+            a.num_proc,
+            a.chunk_docs,
+            overwrite=a.overwrite,
+            cache_dir=a.cache_dir,
+        )
+        counts = ", ".join(f"{k} {v.tokens:,} tokens / {v.documents:,} docs" for k, v in m.splits.items())
+        print(f"{m.path}: {counts}")
 
 
 if __name__ == "__main__":
