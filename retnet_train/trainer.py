@@ -17,7 +17,7 @@ import torch
 import torch.distributed as dist
 
 from .components.banner import start_banner
-from .components.checkpoint import CheckpointManager, client_state, load_initial_weights, resolve_resume
+from .components.checkpoint import CheckpointManager, check_parts, client_state, load_initial_weights, resolve_resume
 from .components.checkpoint_discovery import tag_step
 from .components.config import TrainConfig, check_values, checkpoint_dir, grad_accumulation, resolved_config
 from .components.distributed import all_reduce_step, any_rank, init_distributed, pick_device, raise_first_problem
@@ -85,19 +85,20 @@ class Trainer:
         # which tokenizer the token ids mean, for inference to check against; hashed at launch, where a
         # relative data.tokenizer is the file the loaders checked the shards with
         self.tokenizer = tokenizer_record(cfg.data.tokenizer)
+        faults = NonFiniteTracker(
+            cfg.train.max_consecutive_nonfinite, scaler_skips_are_normal=cfg.deepspeed.precision == "fp16"
+        )
+        self.state = TrainState(faults=faults)
 
         self.resolved = resolved_config(cfg)
         # before anything is written: refuses to clobber
         self.source = resolve_resume(cfg.train.resume, self.ckpt, self.resolved)
+        check_parts(self.source, self.stateful)  # another data stream: refused before a conversion writes
         self.layout = run_layout(cfg, self.world)
         # another world size / ZeRO stage: converted; other model settings: refused
         self.plan = prepare_resume(self.source, self.layout, self.rank, dict(cfg.model))
         universal = bool(self.plan and self.plan.universal)
         self.engine, self.scheduler = build_engine(self.model, cfg, self.accum, self.world, self.device, universal)
-        faults = NonFiniteTracker(
-            cfg.train.max_consecutive_nonfinite, scaler_skips_are_normal=cfg.deepspeed.precision == "fp16"
-        )
-        self.state = TrainState(faults=faults)
 
     def _lay_out_batch(self) -> int:
         """Context-parallel groups and micro-batches per step for this world size; returns this rank's

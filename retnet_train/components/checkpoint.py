@@ -49,17 +49,38 @@ def upgrade_client_state(client: dict) -> dict:
 
 def load_parts(client: Mapping, parts: Mapping[str, Stateful], origin: str) -> None:
     """Restore each part from its entry of a checkpoint's client state."""
+    _refuse_missing_parts(client, parts, origin)
+    for name, part in parts.items():
+        try:
+            part.load_state_dict(client[name])
+        except ValueError as e:
+            raise ValueError(f"train.resume: {origin}: {name}: {e}") from None
+
+
+def check_parts(source: Optional[tuple], parts: Mapping[str, Stateful]) -> None:
+    """What load_parts would refuse of checkpoint `source` ((directory, tag); None: no resume), raised before
+    the resume converts the checkpoint for another layout or writes anything. A part checks its entry only
+    where it has a check_state (the data loader: another data stream)."""
+    if source is None:
+        return
+    path = os.path.join(*source)
+    state = torch.load(discovery.model_states_file(path), map_location="cpu", weights_only=False, mmap=True)
+    client = upgrade_client_state(state)  # DeepSpeed keeps the client state's keys beside its own
+    _refuse_missing_parts(client, parts, path)
+    for name, part in parts.items():
+        try:
+            getattr(part, "check_state", lambda _: None)(client[name])
+        except ValueError as e:
+            raise ValueError(f"train.resume: {path}: {name}: {e}") from None
+
+
+def _refuse_missing_parts(client: Mapping, parts: Mapping[str, Stateful], origin: str) -> None:
     missing = [name for name in parts if name not in client]
     if missing:
         raise ValueError(
             f"train.resume: {origin} holds no {' / '.join(missing)} state (client state keys: "
             f"{sorted(k for k in client if isinstance(k, str))[:20]}): not a checkpoint of this trainer"
         )
-    for name, part in parts.items():
-        try:
-            part.load_state_dict(client[name])
-        except ValueError as e:
-            raise ValueError(f"train.resume: {origin}: {name}: {e}") from None
 
 
 def resolve_resume(resume: str, manager: "CheckpointManager", config: Optional[dict] = None):

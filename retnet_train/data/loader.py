@@ -157,6 +157,19 @@ class TokenLoader:
         """Continue after `state["consumed_sequences"]`. Everything that defines the stream must be
         unchanged (else the run would silently repeat or skip data); B and W may differ. With
         switch_on_change a changed stream is started instead (class docstring)."""
+        changes = self.check_state(state)
+        if changes:
+            mine = self.state_dict()  # this stream, its offsets not yet set
+            self.offsets = continued_offsets(state, mine)
+            self.consumed, self.switched = 0, switch_note(state, mine, self.offsets)
+            return
+        offsets = state.get("offsets") or {}
+        self.offsets = {name: int(offsets.get(name, 0)) for name in self.streams}
+        self.consumed = state["consumed_sequences"]
+
+    def check_state(self, state: Mapping[str, Any]) -> list[str]:
+        """Raise what load_state_dict refuses of `state`, changing nothing (a resume checks it before it
+        converts a checkpoint); returns the stream changes that switch_on_change lets through."""
         if state.get("version") not in READ_VERSIONS:
             raise ValueError(f"loader state version {state.get('version')!r} is not one of {READ_VERSIONS}")
         consumed = state.get("consumed_sequences")
@@ -165,14 +178,7 @@ class TokenLoader:
         changes = self._stream_changes(state)
         if changes and not self.switch_on_change:
             raise ValueError(changes[0] + self.change_hint)
-        if changes:
-            mine = self.state_dict()  # this stream, its offsets not yet set
-            self.offsets = continued_offsets(state, mine)
-            self.consumed, self.switched = 0, switch_note(state, mine, self.offsets)
-            return
-        offsets = state.get("offsets") or {}
-        self.offsets = {name: int(offsets.get(name, 0)) for name in self.streams}
-        self.consumed = consumed
+        return changes
 
     def _stream_changes(self, state: Mapping[str, Any]) -> list[str]:
         """What differs between the stream `state` was saved from and this one; empty when it is the same."""

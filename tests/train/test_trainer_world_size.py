@@ -266,3 +266,24 @@ def test_layout_of_a_checkpoint_without_ours_comes_from_deepspeed(tmp_path):
         tag / "mp_rank_00_model_states.pt",
     )
     assert checkpoint_layout(str(tag)) == L(4, 2, "bf16")
+
+
+def tree_bytes(directory):
+    """Relative path -> bytes of every file below `directory` (what a refused resume must leave as it was)."""
+    return {str(p.relative_to(directory)): p.read_bytes() for p in sorted(directory.rglob("*")) if p.is_file()}
+
+
+@pytest.mark.slow
+def test_a_refused_data_change_leaves_the_checkpoint_unconverted(shards, tmp_path):
+    """A ZeRO-1 checkpoint of 2 ranks resumed on 1 rank with another data.seq_len: the loader refuses the
+    data change before the checkpoint is converted for the new world size, so its directory stays as it was."""
+    saved = tmp_path / "saved"
+    run_scenarios([("saved", run_args(shards, saved, 1, **{"train.max_steps": AT}))], nproc=2, workdir=tmp_path / "l1")
+    source = tag_dir(saved, AT)
+    before = tree_bytes(saved)
+    resume = run_args(shards, tmp_path / "resumed", 1, **{"train.resume": str(source), "data.seq_len": 32})
+    refused = run_scenarios([("refused", resume, "ValueError")], nproc=1, workdir=tmp_path / "l2")["refused"]
+    assert str(source) in refused.message and "'seq_len' is 64 but this loader has 32" in refused.message
+    assert "converting" not in refused.stdout
+    assert not (source / UNIVERSAL).exists()
+    assert tree_bytes(saved) == before
