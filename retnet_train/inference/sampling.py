@@ -9,6 +9,8 @@ import torch
 
 from .errors import SettingError
 
+SEED_RANGE = 2**64  # torch.Generator.manual_seed's seeds
+
 
 @dataclass
 class SamplingParams:
@@ -59,5 +61,9 @@ def sample(logits: torch.Tensor, params: SamplingParams, generator=None) -> torc
 
 def prompt_generators(seed: int, first: int, count: int, device: torch.device) -> list:
     """One generator per prompt, seeded from (seed, prompt index): what a prompt samples does not depend on
-    which prompts share its batch."""
-    return [torch.Generator(device=device).manual_seed(seed * 1_000_003 + i) for i in range(first, first + count)]
+    which prompts share its batch. Any integer seed: torch takes seeds of 64 bits and a negative one as its
+    two's complement, so the seed modulo 2^64 is the same seed where torch takes it, and a valid one where not."""
+    return [
+        torch.Generator(device=device).manual_seed((seed * 1_000_003 + i) % SEED_RANGE)
+        for i in range(first, first + count)
+    ]

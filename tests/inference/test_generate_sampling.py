@@ -7,7 +7,7 @@ from gen_fixtures import VOCAB, tiny_model, train_tokenizer
 
 from retnet_train.inference.generate import generate, main
 from retnet_train.inference.native import save_native
-from retnet_train.inference.sampling import SamplingParams, sample
+from retnet_train.inference.sampling import SamplingParams, prompt_generators, sample
 from retnet_train.inference.streaming import TextStreamer
 
 
@@ -245,3 +245,17 @@ def test_cli_generates_a_prompts_file_in_batches_of_batch_size(tmp_path, capsys,
     with pytest.raises(SystemExit, match=f"error: {label}: .* exceeds --max-length="):
         main([*argv_of(exp, prompts_file), "--max-new-tokens", "1", "--max-length", str(lengths[0] + 1)])
     assert capsys.readouterr().out == ""  # checked before anything is generated
+
+
+@pytest.mark.parametrize("seed", [2**63, 99999999999999999999, -(2**70)])
+def test_any_integer_seed_samples_repeatably(seed):
+    """--seed takes any integer (argparse's int is unbounded): each prompt's generator seed is taken modulo
+    2^64, as torch takes a negative one, so a large seed samples repeatably instead of failing in
+    torch.Generator.manual_seed ("Overflow when unpacking long long"), and small seeds keep their samples."""
+    model = tiny_model()
+    params = SamplingParams(max_new_tokens=4, seed=seed)
+    first = generate(model, [[1, 2], [3]], params).tokens
+    assert generate(model, [[1, 2], [3]], params).tokens == first
+    assert generate(model, [[3]], params, generator=prompt_generators(seed, 1, 1, "cpu")).tokens == first[1:]
+    g = prompt_generators(-5, 0, 2, "cpu")
+    assert [x.initial_seed() for x in g] == [(-5 * 1_000_003) % 2**64, (-5 * 1_000_003 + 1) % 2**64]
