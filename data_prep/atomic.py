@@ -60,13 +60,13 @@ def write_json_atomic(path: str | os.PathLike, obj: Any) -> None:
     write_bytes_atomic(path, (json.dumps(obj, indent=2, sort_keys=False) + "\n").encode("utf-8"))
 
 
-_TMP_NAME = re.compile(rf"\.(?P<name>.+)\.\d+{re.escape(TMP_SUFFIX)}")
+TMP_NAME = re.compile(rf"\.(?P<name>.+)\.(?P<pid>\d+){re.escape(TMP_SUFFIX)}")  # tmp_path_for's names
 
 
 def remove_stale_tmp_files(directory: Path, owned: Callable[[str], bool]) -> None:
     """Temporary files of a killed writer are garbage by construction (never renamed); only those
     of files the caller owns (`owned(final name)`) are removed, never someone else's `.x.tmp`."""
     for stale in directory.glob(f".*{TMP_SUFFIX}"):
-        match = _TMP_NAME.fullmatch(stale.name)
+        match = TMP_NAME.fullmatch(stale.name)
         if match and owned(match["name"]) and stale.is_file():
             stale.unlink()

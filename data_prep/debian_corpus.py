@@ -14,7 +14,8 @@ size and the documents and characters taken from it. Then train the tokenizer an
 any corpus: `--source debian='OUT/*.jsonl'`.
 
 The output is built in a hidden directory and moved into OUT when every package is read, corpus.json
-last: a run that fails or is interrupted leaves OUT as it was.
+last: a run that fails or is interrupted leaves OUT as it was. One killed outright (SIGKILL) leaves that
+hidden directory behind; the next run removes it and says so.
 """
 
 from __future__ import annotations
@@ -26,6 +27,7 @@ import json
 import multiprocessing
 import os
 import re
+import sys
 import zlib
 from dataclasses import dataclass
 from functools import partial
@@ -36,7 +38,7 @@ from typing import Iterator, Sequence
 from data_prep.atomic import write_bytes_atomic, write_json_atomic
 from data_prep.cli import interrupt_exits
 from data_prep.deb_archive import CorpusError, deb_files, package_name
-from data_prep.output_dir import OutputDirError, check_writable_dir, publish_staged, staged
+from data_prep.output_dir import OutputDirError, check_writable_dir, publish_staged, remove_stale_staging, staged
 from retnet_train.data.manifest import sha256_file
 
 TEXT_SUFFIXES = {".txt", ".rst", ".md", ".pod", ".texi", ".tex"}
@@ -298,6 +300,11 @@ def _listed_files(summary_path: Path) -> set[str]:
     return {n for n in names if isinstance(n, str) and n.endswith(".jsonl") and n == Path(n).name}
 
 
+def _own_file(name: str) -> bool:
+    """What a run writes into its output: <package>.jsonl and corpus.json."""
+    return name.endswith(".jsonl") or name == "corpus.json"
+
+
 def build_corpus(
     debs_dir: str | Path, out: str | Path, overwrite: bool = False, num_proc: int = 1, progress: bool = True
 ) -> dict:
@@ -305,6 +312,8 @@ def build_corpus(
     summary_path = out / "corpus.json"
     if out.exists() and not out.is_dir():
         raise CorpusError(f"--out {out}: is not a directory")
+    for stale in remove_stale_staging(out, _own_file):  # a killed run's; an interrupted one removes its own
+        print(f"removed {stale}: the staging directory of an earlier run that was killed", file=sys.stderr)
     if out.exists() and any(out.iterdir()) and not overwrite:
         raise CorpusError(f"--out {out}: exists and is not empty; pass --overwrite to rebuild it")
     check_writable_dir(out)

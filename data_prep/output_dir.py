@@ -8,7 +8,9 @@ or overwrite it, with or without --overwrite.
 
 A tool whose output is many files and no journal (data_prep.debian_corpus) builds it in a staging
 directory (`staged`) and moves it into place when it is finished (`publish_staged`): a failed or
-interrupted run leaves the output directory as it was.
+interrupted run leaves the output directory as it was. A run killed outright (SIGKILL, a node lost)
+leaves the staging directory itself; the next run removes it (`remove_stale_staging`) when it holds only
+the tool's own files and no live run holds its lock.
 """
 
 from __future__ import annotations
@@ -20,9 +22,9 @@ import os
 import re
 import shutil
 from pathlib import Path
-from typing import Iterable, Iterator
+from typing import Callable, Iterable, Iterator
 
-from data_prep.atomic import fsync_dir, remove_stale_tmp_files, tmp_path_for
+from data_prep.atomic import TMP_NAME, TMP_SUFFIX, fsync_dir, remove_stale_tmp_files, tmp_path_for
 from data_prep.shard_writer import JOURNAL_NAME, Journal
 from retnet_train.data.manifest import MANIFEST_NAME
 
@@ -144,14 +146,74 @@ def staged(out: Path) -> Iterator[Path]:
     """A new hidden directory on `out`'s filesystem to build the whole output in: beside `out` when it
     does not exist yet, else inside it (writing there needs no more access than writing `out`). It is
     removed with whatever is left in it however the block ends, and so are the parents created for it."""
-    staging = tmp_path_for(out / "staging") if out.exists() else tmp_path_for(out)
+    staging = _staging_path(out)
     with removed_if_empty_on_failure(staging.parent):
         staging.parent.mkdir(parents=True, exist_ok=True)
         staging.mkdir()
+        fd = os.open(staging, os.O_RDONLY)
         try:
+            _try_lock(fd)  # held while this run lives: what tells a later run it is not a killed run's
             yield staging
         finally:
             shutil.rmtree(staging, ignore_errors=True)
+            os.close(fd)
+
+
+def _staging_path(out: Path) -> Path:
+    return tmp_path_for(out / "staging") if out.exists() else tmp_path_for(out)
+
+
+def _try_lock(fd: int) -> bool | None:
+    """flock(fd) without waiting: False when another open of the directory holds it, None on a filesystem
+    without flock (some NFS / Lustre mounts)."""
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        return False
+    except OSError:
+        return None
+    return True
+
+
+def remove_stale_staging(out: Path, owned: Callable[[str], bool]) -> list[Path]:
+    """Remove the staging directories that killed runs of `staged(out)` left (beside `out`, or inside it when
+    it existed); returns them. One is removed only when it is a directory named as `staged` names it for
+    `out`, everything in it is a file the tool writes (`owned(name)`, or a temporary file of one) and no live
+    run holds its lock; anything else is left as it is."""
+    places = [(out.parent, out.name)] + ([(out, "staging")] if out.is_dir() else [])
+    stale = []
+    for directory, name in places:
+        for candidate in sorted(directory.glob(f".{name}.*{TMP_SUFFIX}")):
+            match = TMP_NAME.fullmatch(candidate.name)
+            if not match or match["name"] != name or candidate.is_symlink() or not candidate.is_dir():
+                continue
+            if all(_owned_file(p, owned) for p in candidate.iterdir()) and not _in_use(candidate, match["pid"]):
+                shutil.rmtree(candidate)
+                stale.append(candidate)
+    return stale
+
+
+def _owned_file(path: Path, owned: Callable[[str], bool]) -> bool:
+    match = TMP_NAME.fullmatch(path.name)
+    return path.is_file() and not path.is_symlink() and owned(match["name"] if match else path.name)
+
+
+def _in_use(directory: Path, pid: str) -> bool:
+    """Whether a live run writes `directory`: its lock, else (no flock here) a process `pid` on this host."""
+    fd = os.open(directory, os.O_RDONLY)
+    try:
+        locked = _try_lock(fd)
+    finally:
+        os.close(fd)  # releases the lock taken
+    if locked is not None:
+        return not locked
+    try:
+        os.kill(int(pid), 0)
+    except ProcessLookupError:
+        return False
+    except OSError:
+        pass  # another user's process
+    return True
 
 
 def publish_staged(staging: Path, out: Path, last: str, replaced: Iterable[str] = ()) -> None:

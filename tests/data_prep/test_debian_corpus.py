@@ -1,8 +1,13 @@
 """data_prep.debian_corpus: .deb packages -> JSON-lines documents of their docs and source."""
 
+import fcntl
 import gzip
 import io
 import json
+import os
+import signal
+import subprocess
+import sys
 import tarfile
 from pathlib import Path
 
@@ -285,3 +290,52 @@ def test_out_may_be_an_empty_directory_or_a_link_to_one(debs, tmp_path):
         assert sorted(p.name for p in out.iterdir()) == ["corpus.json", "other-src.jsonl", "retdoc.jsonl"]
     assert (tmp_path / "link").is_symlink()
     assert sorted(p.name for p in tmp_path.iterdir()) == ["debs", "empty", "link", "target"]
+
+
+REPO = Path(__file__).resolve().parents[2]
+# data_prep.debian_corpus SIGKILLed once every package is written, before corpus.json
+KILLED_BEFORE_SUMMARY = """import os, signal, sys
+from data_prep import debian_corpus
+debian_corpus.write_json_atomic = lambda *args: os.kill(os.getpid(), signal.SIGKILL)
+debian_corpus.main(sys.argv[1:])
+"""
+
+
+def hidden_entries(*directories: Path) -> list[Path]:
+    return sorted(p for d in directories if d.is_dir() for p in d.iterdir() if p.name.startswith("."))
+
+
+@pytest.mark.parametrize("existing", [False, True], ids=["new-out", "empty-out"])
+def test_the_staging_directory_of_a_killed_run_is_removed_by_the_next(debs, tmp_path, capsys, existing):
+    """A killed run leaves its staging directory (beside a new OUT, inside an existing one); the same
+    command run again removes it, says so, and builds OUT."""
+    out = tmp_path / "out"
+    if existing:
+        out.mkdir()
+    argv = ["--debs", str(debs), "--out", str(out), "--num-proc", "1"]
+    killed = subprocess.run([sys.executable, "-c", KILLED_BEFORE_SUMMARY, *argv], cwd=REPO, capture_output=True)
+    assert killed.returncode == -signal.SIGKILL, killed.stderr
+    [leftover] = hidden_entries(tmp_path, out)
+    assert sorted(p.name for p in leftover.iterdir()) == ["other-src.jsonl", "retdoc.jsonl"]
+    main(argv)
+    assert f"removed {leftover}" in capsys.readouterr().err
+    assert sorted(p.name for p in out.iterdir()) == ["corpus.json", "other-src.jsonl", "retdoc.jsonl"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["debs", "out"]
+
+
+def test_a_staging_directory_in_use_or_holding_other_files_is_left_alone(debs, tmp_path):
+    out = tmp_path / "out"
+    foreign = tmp_path / ".out.123.tmp"  # named like a staging directory, holding a file no run writes
+    foreign.mkdir()
+    (foreign / "notes.txt").write_text("mine")
+    live = tmp_path / ".out.456.tmp"  # a run still writing it holds its lock
+    live.mkdir()
+    (live / "retdoc.jsonl").write_text("{}\n")
+    fd = os.open(live, os.O_RDONLY)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX)
+        build_corpus(debs, out, progress=False)
+    finally:
+        os.close(fd)
+    assert (foreign / "notes.txt").read_text() == "mine" and (live / "retdoc.jsonl").read_text() == "{}\n"
+    assert sorted(p.name for p in out.iterdir()) == ["corpus.json", "other-src.jsonl", "retdoc.jsonl"]
