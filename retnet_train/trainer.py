@@ -78,13 +78,14 @@ class Trainer:
         seed_everything(cfg.train.seed + self.rank)
         self.model_cfg = model_config_from_dict(cfg.model)
         self.model = self._build_model()
-        self.loader, self.val_loader = build_loaders(cfg, self.model_cfg.vocab_size, dp_rank, self.dp_world)
+        # which tokenizer the token ids mean, for inference to check against; hashed once at launch, for the
+        # loaders' check of the shards too (a relative data.tokenizer is the same file for both)
+        self.tokenizer = tokenizer_record(cfg.data.tokenizer)
+        sha = self.tokenizer["sha256"] if self.tokenizer else None
+        self.loader, self.val_loader = build_loaders(cfg, self.model_cfg.vocab_size, dp_rank, self.dp_world, sha)
         # the loaders check every id against the vocabulary on the host (TokenStream.gather); the
         # model's own check would cost a device-to-host sync at the start of every micro-batch
         self.model.check_inputs = False
-        # which tokenizer the token ids mean, for inference to check against; hashed at launch, where a
-        # relative data.tokenizer is the file the loaders checked the shards with
-        self.tokenizer = tokenizer_record(cfg.data.tokenizer)
         faults = NonFiniteTracker(
             cfg.train.max_consecutive_nonfinite, scaler_skips_are_normal=cfg.deepspeed.precision == "fp16"
         )

@@ -11,11 +11,12 @@ from ..data.megatron import megatron_missing_half, megatron_prefix
 from .config import TrainConfig, data_sources
 
 
-def build_loaders(cfg: TrainConfig, vocab_size: int, dp_rank: int, dp_world: int):
+def build_loaders(cfg: TrainConfig, vocab_size: int, dp_rank: int, dp_world: int, tokenizer_sha256: str | None = None):
     """(training loader, validation loader) of data-parallel rank `dp_rank` of `dp_world`; shards whose
     manifest disagrees with data.tokenizer (when set) or the model's vocab_size are refused. No validation
-    loader (None) under train.eval_interval=0: the shards need no validation split then."""
-    sources, tokenizer_sha = _loader_inputs(cfg)
+    loader (None) under train.eval_interval=0: the shards need no validation split then.
+    tokenizer_sha256: data.tokenizer's sha256 where the caller has it (tokenizer_record), else hashed here."""
+    sources, tokenizer_sha = _loader_inputs(cfg, tokenizer_sha256)
     with _naming_data_tokenizer(cfg, tokenizer_sha):
         loader = TokenLoader(
             sources,
@@ -60,14 +61,14 @@ def check_data(cfg: TrainConfig, vocab_size: int, dp_world: int) -> None:
         )
 
 
-def _loader_inputs(cfg: TrainConfig) -> tuple[dict, str | None]:
-    """(the loader's sources, the sha256 of data.tokenizer or None when unset)."""
-    if cfg.data.tokenizer and not os.path.isfile(cfg.data.tokenizer):
-        raise ValueError(
-            f"data.tokenizer={cfg.data.tokenizer}: no such file (from {os.getcwd()}); "
-            "data.tokenizer=null skips the check that the shards were tokenized with it"
-        )
-    tokenizer_sha = sha256_file(cfg.data.tokenizer) if cfg.data.tokenizer else None
+def _loader_inputs(cfg: TrainConfig, tokenizer_sha: str | None = None) -> tuple[dict, str | None]:
+    """(the loader's sources, the sha256 of data.tokenizer or None when unset); tokenizer_sha: that sha256,
+    where the caller has it."""
+    _check_tokenizer_file(cfg.data.tokenizer)
+    if not cfg.data.tokenizer:
+        tokenizer_sha = None
+    elif tokenizer_sha is None:
+        tokenizer_sha = sha256_file(cfg.data.tokenizer)
     missing = missing_data_paths(cfg.data.paths)
     if missing:
         raise ValueError(missing[0])
@@ -81,7 +82,16 @@ def tokenizer_record(path: str | None) -> dict | None:
     the config is relative to a directory it does not run from."""
     if not path:
         return None
+    _check_tokenizer_file(path)
     return {"sha256": sha256_file(path), "path": os.path.realpath(path)}
+
+
+def _check_tokenizer_file(path: str | None) -> None:
+    if path and not os.path.isfile(path):
+        raise ValueError(
+            f"data.tokenizer={path}: no such file (from {os.getcwd()}); "
+            "data.tokenizer=null skips the check that the shards were tokenized with it"
+        )
 
 
 def missing_data_paths(paths: list) -> list[str]:

@@ -137,3 +137,24 @@ def test_the_loaders_check_token_ids_so_the_model_does_not(shards, tmp_path, pro
         assert streams and all(s.vocab_size == vocab for s in streams)
     finally:
         trainer.close()
+
+
+def test_the_tokenizer_is_hashed_once_for_the_record_and_the_shard_check(shards, tmp_path, process_group, monkeypatch):
+    import retnet_train.components.loaders as loaders
+
+    tokenizer = tmp_path / "tok.model"
+    tokenizer.write_bytes(b"a tokenizer")
+    hashed = []
+
+    def sha256_file(path):  # the digest the fixture's shards were made with (shard_fixtures.TOKENIZER_SHA)
+        hashed.append(str(path))
+        return "ab" * 32
+
+    monkeypatch.setattr(loaders, "sha256_file", sha256_file)
+    trainer = Trainer(typed(shards, tmp_path / "run", **{"data.tokenizer": str(tokenizer)}))
+    try:
+        trainer.build()
+        assert trainer.tokenizer == {"sha256": "ab" * 32, "path": str(tokenizer.resolve())}
+        assert hashed == [str(tokenizer)]
+    finally:
+        trainer.close()
