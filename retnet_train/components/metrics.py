@@ -118,8 +118,21 @@ class MetricsLogger:
             f.write(json.dumps(record) + "\n")
         parts = [f"{k} {v:.4g}" if isinstance(v, float) else f"{k} {v}" for k, v in record.items() if v is not None]
         self.write(" | ".join(parts))
-        if self._wandb is not None:
+        self._log_to_wandb(record)
+
+    def _log_to_wandb(self, record: dict) -> None:
+        """W&B holds a copy of metrics.jsonl: its failure (the service gone, a full disk) must not stop a
+        run, whose steps since the last checkpoint would be lost, so it is said once and W&B left alone."""
+        if self._wandb is None:
+            return
+        try:
             self._wandb.log({k: v for k, v in record.items() if v is not None})
+        except Exception as e:
+            self._wandb = None
+            _teardown_wandb()
+            self._warn(
+                f"W&B logging failed at step {record.get('step')} ({_brief(e)}): W&B is off for the rest of this run"
+            )
 
     @staticmethod
     def write(line: str) -> None:
@@ -127,6 +140,30 @@ class MetricsLogger:
         tqdm.write(line, file=sys.stdout)
         sys.stdout.flush()
 
+    def _warn(self, what: str) -> None:
+        tqdm.write(f"warning: {what}; metrics.jsonl keeps every record ({self.path})", file=sys.stderr)
+        sys.stderr.flush()
+
     def close(self) -> None:
-        if self._wandb is not None:
-            self._wandb.finish()
+        run, self._wandb = self._wandb, None
+        if run is None:
+            return
+        try:
+            run.finish()
+        except Exception as e:  # the run's checkpoints and metrics.jsonl are written already
+            _teardown_wandb()
+            self._warn(f"W&B could not finish its run ({_brief(e)})")
+
+
+def _teardown_wandb() -> None:
+    """Let go of a failed W&B service now, so that its own exit hook does not print a second traceback."""
+    try:
+        sys.modules["wandb"].teardown()
+    except Exception:
+        pass  # a service already gone fails to answer the teardown; the hook is unregistered first
+
+
+def _brief(error: Exception) -> str:
+    """'Type: first line of the message', for a one-line warning."""
+    lines = str(error).strip().splitlines()
+    return f"{type(error).__name__}: {lines[0]}" if lines else type(error).__name__

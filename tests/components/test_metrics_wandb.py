@@ -57,3 +57,59 @@ def test_a_value_not_known_is_null_in_the_file_and_left_out_of_the_console_and_w
     assert capsys.readouterr().out == "step 3 | loss 0.5\n"
     lines = (tmp_path / "metrics.jsonl").read_text().splitlines()
     assert [json.loads(line) for line in lines] == [{"step": 3, "loss": 0.5, "grad_norm": None, "mfu": None}]
+
+
+class DyingRun(FakeRun):
+    """W&B's service gone after the first record (its process killed, a full disk under wandb/): every
+    later call raises, as wandb 0.31 raises ConnectionResetError('Connection lost')."""
+
+    def log(self, data, step=None):
+        if self.kept:
+            raise ConnectionResetError("Connection lost")
+        super().log(data, step)
+
+    def finish(self):
+        raise ConnectionResetError("Connection lost")
+
+
+def test_a_wandb_failure_mid_run_is_one_warning_and_metrics_go_on(tmp_path, monkeypatch, capsys):
+    """W&B failing at step 20 neither stops the run (its steps since the last checkpoint would be lost)
+    nor goes unsaid: one warning on stderr names the step and the error, W&B is left alone from there,
+    and metrics.jsonl gets every record; closing the logger does not raise either."""
+    import json
+
+    run, teardowns = DyingRun(), []
+    fake = SimpleNamespace(
+        init=lambda **kw: run, errors=SimpleNamespace(Error=RuntimeError), teardown=lambda: teardowns.append(1)
+    )
+    monkeypatch.setitem(sys.modules, "wandb", fake)
+    cfg = SimpleNamespace(mode="online", project="p", entity=None, name=None, tags=[])
+    logger = MetricsLogger(str(tmp_path), True, cfg, {}, None)
+    for step in (10, 20, 30):
+        logger.log({"step": step, "loss": 1.0})
+    logger.close()
+    assert run.kept == [{"step": 10, "loss": 1.0}]
+    assert teardowns == [1]  # the service let go at once: its exit hook prints no second traceback
+    err = capsys.readouterr().err.splitlines()
+    assert err == [
+        "warning: W&B logging failed at step 20 (ConnectionResetError: Connection lost): W&B is off for the "
+        f"rest of this run; metrics.jsonl keeps every record ({tmp_path / 'metrics.jsonl'})"
+    ]
+    lines = (tmp_path / "metrics.jsonl").read_text().splitlines()
+    assert [json.loads(line)["step"] for line in lines] == [10, 20, 30]
+
+
+def test_a_failing_wandb_finish_is_a_warning(tmp_path, monkeypatch, capsys):
+    """finish() failing at the end (the upload cut off) must not turn a finished run into a traceback."""
+    run = FakeRun()
+    run.finish = DyingRun.finish.__get__(run)
+    fake = SimpleNamespace(init=lambda **kw: run, errors=SimpleNamespace(Error=RuntimeError))
+    monkeypatch.setitem(sys.modules, "wandb", fake)
+    cfg = SimpleNamespace(mode="offline", project="p", entity=None, name=None, tags=[])
+    logger = MetricsLogger(str(tmp_path), True, cfg, {}, None)
+    logger.log({"step": 1, "loss": 1.0})
+    logger.close()
+    assert capsys.readouterr().err.splitlines() == [
+        "warning: W&B could not finish its run (ConnectionResetError: Connection lost); metrics.jsonl keeps "
+        f"every record ({tmp_path / 'metrics.jsonl'})"
+    ]
