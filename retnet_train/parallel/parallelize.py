@@ -48,7 +48,28 @@ def parallelize(
     if compile:
         apply_compile(model, activation_memory_budget, compile_mode)
     apply_activation_checkpointing(model, mode)
+    refuse_deepcopy(model)
     return model
+
+
+def refuse_deepcopy(model: nn.Module) -> None:
+    """A replaced forward, mix or retention core calls the module it was made for: a deepcopy would keep
+    calling the original's (weights included). copy.deepcopy finds __deepcopy__ on the instance."""
+    for module in model.modules():
+        replaced = sorted(vars(module).keys() & REPLACED_METHODS)
+        if replaced:
+            module.__deepcopy__ = deepcopy_refused(type(module).__name__, replaced)
+
+
+def deepcopy_refused(name: str, replaced: list):
+    def refuse(memo):
+        raise TypeError(
+            f"copy.deepcopy: parallelize() replaced this {name}'s {' and '.join(replaced)} with calls into the "
+            "original module, so a copy would run the original's weights; copy the model before parallelize() "
+            "and parallelize the copy"
+        )
+
+    return refuse
 
 
 def apply_context_parallel(model: nn.Module, cp: ContextParallel) -> None:

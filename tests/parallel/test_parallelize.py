@@ -136,3 +136,19 @@ def test_checkpointing_reruns_what_it_recomputes_in_the_backward(monkeypatch, mo
     model = parallelize(build("retnet").train(), activation_checkpointing=mode)
     loss_and_grads(model, torch.randint(0, VOCAB, (2, 9)))
     assert (counts["projections"], counts["retain"], counts["ffn"]) == runs
+
+
+@pytest.mark.parametrize(
+    "options",
+    [dict(activation_checkpointing="full"), dict(activation_checkpointing="selective"), dict(compile=True)],
+    ids=["full", "selective", "compile"],
+)
+def test_a_deepcopy_of_a_parallelized_model_is_refused(options, budget_restored):
+    """Its replaced forward / mix are bound to the original modules: a copy would run the original's weights."""
+    model = parallelize(build("retnet"), **options)
+    for part in (model, model.layers[0]):
+        with pytest.raises(
+            TypeError, match=r"^copy.deepcopy: parallelize\(\) replaced this .* copy the model before parallelize\(\)"
+        ):
+            copy.deepcopy(part)
+    assert copy.deepcopy(build("retnet")) is not None  # a model parallelize() has not changed copies as always
