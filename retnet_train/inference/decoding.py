@@ -42,7 +42,7 @@ def left_pad(
 class CudaGraphStep:
     """`decoder.step` captured once in a CUDA graph and replayed: no per-kernel launch cost.
     The decoder's state and position buffers are the graph's static inputs and are updated in
-    place by every replay, so nothing is copied but the B token ids."""
+    place by every replay, so nothing is copied but the B token ids and document starts."""
 
     def __init__(self, decoder, warmup: int = 2, compile: bool = False):
         if decoder.device.type != "cuda":
@@ -52,20 +52,26 @@ class CudaGraphStep:
         # decay factors) before capture; the graph then replays the fused kernels.
         step = torch.compile(decoder.step, dynamic=False) if compile else decoder.step
         self.tokens = torch.zeros(decoder.batch_size, dtype=torch.long, device=decoder.device)
+        self.starts = torch.zeros(decoder.batch_size, dtype=torch.bool, device=decoder.device)
         snapshot = decoder.snapshot()  # warm-up and capture run the step: undo their effect
         stream = torch.cuda.Stream()
         stream.wait_stream(torch.cuda.current_stream())
         with torch.cuda.stream(stream), torch.no_grad():
             for _ in range(warmup + (2 if compile else 0)):
-                step(self.tokens)
+                step(self.tokens, self.starts)
         torch.cuda.current_stream().wait_stream(stream)
         self.graph = torch.cuda.CUDAGraph()
         with torch.cuda.graph(self.graph), torch.no_grad():
-            self.logits = step(self.tokens)
+            self.logits = step(self.tokens, self.starts)
         decoder.restore(snapshot)
 
-    def __call__(self, tokens: torch.Tensor) -> torch.Tensor:
+    def __call__(self, tokens: torch.Tensor, starts: Optional[torch.Tensor] = None) -> torch.Tensor:
+        """decoder.step(tokens, starts), replayed."""
         self.tokens.copy_(tokens)
+        if starts is None:
+            self.starts.fill_(False)
+        else:
+            self.starts.copy_(starts)
         self.graph.replay()
         return self.logits
 

@@ -84,8 +84,8 @@ def generate(
     on_step(tokens [B], finished [B]) is called after each new token (for streaming). Samples are
     drawn from generator: one for all rows or one per row (default: per row, seeded from params.seed and
     the row's index; without a seed, torch's global one).
-    document_end_id: a prompt token after it starts a document, as in training (with the config's
-    document_masking)."""
+    document_end_id: the token after it, in a prompt or generated, starts a document, as in training (with
+    the config's document_masking): the generate command's EOS."""
     cfg = model.config
     params.validate(cfg.vocab_size)
     check_prompts(prompts, cfg.vocab_size, params.max_new_tokens, max_length)
@@ -95,7 +95,8 @@ def generate(
         generator = prompt_generators(params.seed, 0, len(prompts), device)
     B = len(prompts)
     decoder = make_decoder(model, B, longest + params.max_new_tokens)
-    ids, starts, _ = left_pad(prompts, pad_id, device, document_end_id if cfg.document_masking else None)
+    document_end_id = document_end_id if cfg.document_masking else None
+    ids, starts, _ = left_pad(prompts, pad_id, device, document_end_id)
     # captured before the prefill, which then overwrites every buffer the graph reads
     step = CudaGraphStep(decoder) if cuda_graph else decoder.step
     resets = any(len(p) < longest for p in prompts) or bool(starts[:, 1:].any())
@@ -103,6 +104,7 @@ def generate(
     finished = torch.zeros(B, dtype=torch.bool, device=device)
     eos_hit = torch.zeros(B, dtype=torch.bool, device=device)
     out = []
+    starting = _document_starts(ids[:, -1], document_end_id)
     check_inputs, model.check_inputs = model.check_inputs, False
     try:
         for n in range(params.max_new_tokens):
@@ -117,11 +119,17 @@ def generate(
                 on_step(tokens, finished)
             if bool(finished.all()) or n == params.max_new_tokens - 1:
                 break
-            logits = step(tokens)
+            logits = step(tokens, starting)
+            starting = _document_starts(tokens, document_end_id)
     finally:
         model.check_inputs = check_inputs
     table = torch.stack(out, dim=1).cpu().tolist()
     return GenerationResult([[t for t in row if t >= 0] for row in table], eos_hit.cpu().tolist(), len(out))
+
+
+def _document_starts(tokens: torch.Tensor, document_end_id: Optional[int]) -> Optional[torch.Tensor]:
+    """Which rows' next token starts a document: those whose token [B] ends one (None: no document ends)."""
+    return None if document_end_id is None else tokens == document_end_id
 
 
 def generate_in_batches(model, prompts, params: SamplingParams, batch_size: int, streamer: TextStreamer, **kw) -> None:
@@ -254,6 +262,7 @@ def main(argv=None) -> int:
             max_length=max_length,
             cuda_graph=args.cuda_graph,
             prefill_piece=args.prefill_piece,
+            document_end_id=sp.eos_id() if sp.eos_id() >= 0 else None,  # training starts a document after each
         )
     except SettingError as e:
         raise flag_error(e) from None

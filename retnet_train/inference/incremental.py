@@ -39,12 +39,14 @@ class IncrementalDecoder(ABC):
         x = self._prefill_hidden(input_ids, doc_starts, chunk_size, piece)
         return self._logits(x[:, -1:])
 
-    def step(self, tokens: torch.Tensor) -> torch.Tensor:
-        """One token per row [B] -> logits [B, V]; updates the state in place. Capturable."""
+    def step(self, tokens: torch.Tensor, starts: Optional[torch.Tensor] = None) -> torch.Tensor:
+        """One token per row [B] -> logits [B, V]; updates the state in place. starts [B] bool: the rows whose
+        token starts a document (the one before ended one), which sees nothing before it, as in training.
+        Capturable."""
         x = self.model.embed_tokens(tokens.view(-1, 1))  # not model.embed: its range check syncs with the host
         if self.cfg.embed_scale:
             x = x * self.cfg.d_model**0.5
-        return self._logits(self._step_hidden(x))
+        return self._logits(self._step_hidden(x, starts))
 
     def _logits(self, x: torch.Tensor) -> torch.Tensor:
         """[B, 1, D] -> [B, V]: only the last position goes through the LM head (a [B, T, vocab]
@@ -56,5 +58,6 @@ class IncrementalDecoder(ABC):
         """The prompt through the blocks into the state -> hidden states [B, t, D] ending at its last token."""
 
     @abstractmethod
-    def _step_hidden(self, x: torch.Tensor) -> torch.Tensor:
-        """Embedded tokens [B, 1, D] through the blocks, updating the state -> [B, 1, D]."""
+    def _step_hidden(self, x: torch.Tensor, starts: Optional[torch.Tensor]) -> torch.Tensor:
+        """Embedded tokens [B, 1, D] through the blocks, updating the state -> [B, 1, D]; the rows where
+        starts [B] (None: none) forget the state first."""

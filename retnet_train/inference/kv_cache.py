@@ -8,7 +8,7 @@ out as keys; a pad query attends to itself only (no empty softmax rows).
 
 from __future__ import annotations
 
-from typing import List
+from typing import List, Optional
 
 import torch
 
@@ -37,13 +37,14 @@ class KVCacheDecoder(IncrementalDecoder):
         return [*self.k_cache, *self.v_cache, self.key_valid, self.position]
 
     def snapshot(self) -> List[torch.Tensor]:
-        # Only the position: a step writes slot `position` before reading slots <= position, so
-        # slots written by a discarded step are overwritten before use (cloning the cache would
-        # double its memory: 34 GB at 6.7B, 8k, batch 8).
-        return [self.position.clone()]
+        # The position and the valid keys, not the cache: a step writes slot `position` before reading
+        # slots <= position, so slots written by a discarded step are overwritten before use (cloning
+        # the cache would double its memory: 34 GB at 6.7B, 8k, batch 8).
+        return [self.position.clone(), self.key_valid.clone()]
 
     def restore(self, snap: List[torch.Tensor]) -> None:
         self.position.copy_(snap[0])
+        self.key_valid.copy_(snap[1])
 
     def state_bytes(self) -> int:
         return sum(t.numel() * t.element_size() for t in (*self.k_cache, *self.v_cache))
@@ -80,10 +81,12 @@ class KVCacheDecoder(IncrementalDecoder):
         own = self.slots[None, :] == positions[:, None]
         return ((seen[None] & self.key_valid[:, None, :]) | own[None])[:, None]
 
-    def _step_hidden(self, x: torch.Tensor) -> torch.Tensor:
+    def _step_hidden(self, x: torch.Tensor, starts: Optional[torch.Tensor]) -> torch.Tensor:
         """Writes the token's K/V at `position` (runs past max_length would index out of the cache:
-        generate checks lengths first)."""
+        generate checks lengths first); a starting row's earlier slots are masked from then on."""
         model = self.model
+        if starts is not None:
+            self.key_valid.logical_and_(~(starts[:, None] & (self.slots[None, :] < self.position)))
         sin, cos = rotary_at(model.inv_freq, self.position, 1, x.dtype)
         slot = self.position.view(1)
         mask = self._mask(slot)

@@ -13,7 +13,7 @@ relative, decay normalization uses the position inside the document).
 
 from __future__ import annotations
 
-from typing import List
+from typing import List, Optional
 
 import torch
 
@@ -76,12 +76,17 @@ class RetNetDecoder(IncrementalDecoder):
         self.doc_position.copy_(state.doc_position)
         return x
 
-    def _step_hidden(self, x: torch.Tensor) -> torch.Tensor:
+    def _step_hidden(self, x: torch.Tensor, starts: Optional[torch.Tensor]) -> torch.Tensor:
         model, cfg = self.model, self.cfg
         sin, cos = (t.unsqueeze(1) for t in rotary_at(model.inv_freq, self.position, 1, x.dtype))  # [1, 1, K]
+        decay = self.gamma
+        if starts is not None:
+            # a decay of 0 clears a starting row's state in the step's own decay pass (no pass of its own)
+            decay = self.gamma * (~starts).to(self.gamma.dtype).view(-1, 1, 1, 1)
+            self.doc_position.masked_fill_(starts, 0)
         c = decay_normalizer(model.log_gamma, self.doc_position[:, None]) if cfg.normalize_retention else None
         for block, state in zip(model.layers, self.states):
-            x = block.step(x, sin, cos, state, self.gamma, c)
+            x = block.step(x, sin, cos, state, decay, c)
         self.position.add_(1)
         self.doc_position.add_(1)
         return x

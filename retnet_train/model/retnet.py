@@ -186,8 +186,9 @@ class MultiScaleRetention(nn.Module):
     def step(self, x, sin, cos, state, decay, normalizer=None):
         """The recurrent form for a few tokens x [B, T, d] (one per decode step) continuing `state`
         [B, H, K, V(+1)], which is updated in place, so that a step captured in a CUDA graph replays it.
-        decay: gamma [1, H, 1, 1] in the state's dtype; normalizer: decay_normalizer at each token's
-        document position [B, T, H] (needed with the normalization). The state's extra column, fed a
+        decay: gamma [1, H, 1, 1] in the state's dtype, or [B, H, 1, 1] (0: the row's state is cleared, a
+        document starts); normalizer: decay_normalizer at each token's document position [B, T, H] (needed
+        with the normalization). The state's extra column, fed a
         column of ones, carries the score row sums."""
         q, k, v = self.projections(x, sin, cos)
         if self.normalize:

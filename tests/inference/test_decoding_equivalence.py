@@ -132,7 +132,7 @@ def test_snapshot_restore_undoes_steps(arch):
     a.prefill(ids), b.prefill(ids)
     snap = b.snapshot()
     for t in (5, 6, 7):
-        b.step(torch.tensor([t, t + 1]))
+        b.step(torch.tensor([t, t + 1]), starts=torch.tensor([t == 6, False]))  # a document start too
     b.restore(snap)
     for t in (11, 12, 13):
         torch.testing.assert_close(b.step(torch.tensor([t, 3])), a.step(torch.tensor([t, 3])), rtol=0, atol=0)

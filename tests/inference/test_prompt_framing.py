@@ -136,6 +136,48 @@ def test_a_document_start_after_eos_hides_what_came_before(arch):
     assert generate(model, with_eos, GREEDY, document_end_id=EOS).tokens == generate(model, with_eos, GREEDY).tokens
 
 
+def greedy_with_resets(model, prompt, n, document_end):
+    """n greedy tokens by full forwards, each token after document_end a document start (the training
+    loader's doc_starts)."""
+    ids = list(prompt)
+    for _ in range(n):
+        starts = [[False] + [t == document_end for t in ids[:-1]]]
+        ids.append(int(model(torch.tensor([ids]), doc_starts=torch.tensor(starts)).logits[0, -1].argmax()))
+    return ids[len(prompt) :]
+
+
+@pytest.mark.parametrize("arch", ["retnet", "transformer"])
+@torch.no_grad()
+def test_the_token_after_a_prompts_last_or_a_generated_eos_starts_a_document(arch):
+    """A document end as a prompt's last token (the empty prompt's [EOS]) or generated (no stop at it): the
+    next token starts a document as in training, in the decode step as in the prefill."""
+    torch.manual_seed(1)  # weights whose greedy tokens change with the reset (checked last)
+    model = tiny_model(arch, document_masking=True).double()
+    params = SamplingParams(max_new_tokens=6, temperature=0)
+    prompts = [[EOS], [5, 9, EOS], [3, 17, 99, 4]]
+    expected = [greedy_with_resets(model, p, 6, EOS) for p in prompts]
+    assert generate(model, prompts, params, document_end_id=EOS).tokens == expected
+    end = generate(model, [prompts[2]], params).tokens[0][1]  # row 2's second token, as a document end
+    expected = [greedy_with_resets(model, p, 6, end) for p in prompts]
+    assert generate(model, prompts, params, document_end_id=end).tokens == expected
+    assert expected[2] != generate(model, [prompts[2]], params).tokens[0]  # the reset changes what follows
+
+
+def test_generate_starts_a_document_after_the_empty_prompts_eos(setup, tmp_path, capsys):
+    """The generate command: the token after an EOS starts a document, so what follows the empty prompt's
+    [EOS] (`doc EOS` framing) is generated as the first tokens of a training document."""
+    tok, _, _, sp = setup
+    torch.manual_seed(1)  # weights whose greedy tokens change with the reset (checked last)
+    model = tiny_model("retnet")
+    exp = save_native(model, str(tmp_path / "exp"), tok, extra={FRAMING_KEY: False})
+    assert generate_main(["--checkpoint", exp, "--prompt", "", "--max-new-tokens", "6", "--greedy", "--jsonl"]) == 0
+    completion = json.loads(capsys.readouterr().out)["completion"]
+    params = SamplingParams(max_new_tokens=6, temperature=0)
+    expected = generate(model, [[EOS]], params, eos_id=EOS, document_end_id=EOS).tokens[0]
+    assert completion == sp.decode(expected)
+    assert expected != generate(model, [[EOS]], params, eos_id=EOS).tokens[0]
+
+
 def adapter(setup, framing, max_length=64):
     from retnet_train.inference.lm_eval_adapter import RetNetTrainLM
 
