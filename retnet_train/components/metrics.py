@@ -14,7 +14,7 @@ from typing import Callable, Optional
 import torch
 from tqdm import tqdm
 
-# Dense bf16 peak FLOP/s per device, by the first key in its name; override with train.peak_flops.
+# Dense bf16 peak FLOP/s per torch device, by the first key in its name; override with train.peak_flops.
 # The PCIe and NVL boards come first: they run the same chip at lower clocks than the SXM one.
 PEAK_FLOPS = {
     "H100 PCIe": 756e12,
@@ -23,7 +23,7 @@ PEAK_FLOPS = {
     "H100": 989e12,
     "H200": 989e12,
     "A100": 312e12,
-    "MI250X": 383e12,
+    "MI250X": 191.5e12,  # one GCD, which torch sees as a device: half the package's 383e12
     "MI300X": 1307e12,
 }
 
