@@ -85,7 +85,8 @@ def _has_zero_optimizer_shards(tag_dir: str) -> bool:
 
 def consolidated_state_dict(save_dir: str, tag: str) -> dict:
     """Full fp32 weights of a DeepSpeed checkpoint, any ZeRO stage and world size: DeepSpeed's own
-    zero_to_fp32 for ZeRO shards; a stage-0 checkpoint's `module` entry holds the full weights."""
+    zero_to_fp32 for ZeRO shards; a stage-0 checkpoint's `module` entry holds the full weights, in bf16 / fp16
+    the rounding of the fp32 masters in its optimizer state, which are taken instead (zero0_fp32_masters)."""
     from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
 
     tag_dir = os.path.join(save_dir, tag)
@@ -98,7 +99,90 @@ def consolidated_state_dict(save_dir: str, tag: str) -> dict:
             raise CheckpointError(
                 f"{tag_dir}: DeepSpeed cannot consolidate its ZeRO shards ({type(e).__name__}: {e})"
             ) from None
-    module = read_model_states(tag_dir).get("module")
+    state = read_model_states(tag_dir)
+    module = state.get("module")
     if not module:
         raise CheckpointError(f"{tag_dir}: no ZeRO optimizer shards and no 'module' weights in the model states")
-    return {k: v.float() if v.is_floating_point() else v for k, v in module.items()}
+    masters = zero0_fp32_masters(state, discovery.model_states_file(tag_dir))
+    return {k: masters[k] if k in masters else v.float() if v.is_floating_point() else v for k, v in module.items()}
+
+
+class _NamedParameters:
+    """What optim.param_groups reads of a model (named_parameters), for the parameters a checkpoint names."""
+
+    def __init__(self, named: list):
+        self.named = named
+
+    def named_parameters(self):
+        return iter(self.named)
+
+
+def _master_orders(module: dict, state: dict) -> tuple:
+    """(parameter names with the names tied to each, candidate orders of the optimizer's fp32 masters):
+    the trainer's weight-decay groups (optim.param_groups), else one group of every parameter."""
+    from ..components.optim import param_groups
+
+    buffers, first_at, aliases = set(state.get("buffer_names") or ()), {}, {}
+    for name, tensor in module.items():
+        if name in buffers or not tensor.is_floating_point():
+            continue
+        key = (tensor.data_ptr(), tuple(tensor.shape))  # a tied weight is stored once, under each name
+        aliases.setdefault(first_at.setdefault(key, name), []).append(name)
+    named = [(n, torch.nn.Parameter(torch.empty(module[n].shape, device="meta"))) for n in aliases]
+    by_id = {id(p): n for n, p in named}
+    orders = [[n for n, _ in named]]
+    for no_decay_embeddings in (True, False):
+        groups = param_groups(_NamedParameters(named), 0.0, no_decay_embeddings)
+        orders.insert(0, [by_id[id(p)] for g in groups for p in g["params"]])
+    return aliases, orders
+
+
+def _flat_masters(optimizer: dict) -> Optional[list]:
+    """The fp32 master tensors of DeepSpeed's FP16 optimizers (bf16 or fp16 at ZeRO 0), in their order."""
+    if optimizer.get("fp32_groups"):  # FP16_UnfusedOptimizer: one tensor per parameter
+        return [t for group in optimizer["fp32_groups"] for t in group]
+    if optimizer.get("fp32_groups_flat"):  # FP16_Optimizer: one flat tensor per group, split below
+        return [t.flatten() for t in optimizer["fp32_groups_flat"]]
+    return None
+
+
+def zero0_fp32_masters(state: dict, origin: str) -> dict:
+    """{name: fp32 master} of a ZeRO-0 checkpoint trained in bf16 / fp16, whose module holds their rounding;
+    empty where the module is the fp32 weights. Masters that do not round to the module are not used."""
+    module, optimizer = state["module"], state.get("optimizer")
+    low = [v.dtype for v in module.values() if v.dtype in (torch.bfloat16, torch.float16)]
+    masters = _flat_masters(optimizer) if low and isinstance(optimizer, dict) else None
+    if not masters:
+        return {}
+    aliases, orders = _master_orders(module, state)
+    for order in orders:
+        matched = _match(order, masters, module)
+        if matched is not None:
+            return {alias: matched[n] for n in order for alias in aliases[n]}
+    print(
+        f"{origin}: the fp32 master weights in its optimizer state do not line up with its parameters: "
+        f"using the module's {low[0]} weights",
+        file=sys.stderr,
+        flush=True,
+    )
+    return {}
+
+
+def _match(order: list, masters: list, module: dict) -> Optional[dict]:
+    """{name: master} where the masters, taken in `order`, have the parameters' shapes and round to them."""
+    if len(masters) != len(order):  # a flat group per parameter group: split it by the parameters' sizes
+        sizes = [module[n].numel() for n in order]
+        flat = torch.cat(masters) if masters else torch.empty(0)
+        if flat.numel() != sum(sizes):
+            return None
+        masters = list(flat.split(sizes))
+    out = {}
+    for name, master in zip(order, masters):
+        weight = module[name]
+        if master.numel() != weight.numel():
+            return None
+        master = master.float().reshape(weight.shape)
+        if not torch.equal(master.to(weight.dtype), weight):
+            return None
+        out[name] = master.clone()
+    return out
