@@ -213,18 +213,20 @@ class Trainer:
     def train(self) -> dict:
         """Train to train.max_steps (or a stop signal); returns a summary of the run."""
         self.preempt = PreemptionHandler()  # takes over a signal the entry point's handler recorded
+        failed = True  # until the steps are done: an error (or Ctrl-C) ends the run as failed
         try:
             preempted = self._start()
             if not preempted:
                 stats = self._run_steps()
                 preempted = bool(stats) and self._preempted(stats)
+            failed = False
         except torch.cuda.OutOfMemoryError as e:
             raise TrainingError(f"{OOM_HINT}\n{e}") from e
         except OSError as e:  # a file the run reads or writes: disk full, permissions, a mount gone
             last = self.last_checkpoint or self.resume_path  # (the one loading, if any)
             raise io_failure(e, self.state.step if self.started else None, last) from e
         finally:
-            self.close()
+            self.close(failed)
         if self.is_main and not preempted:
             print(done_line(self.state.step, self.logger.path, self.last_checkpoint), flush=True)
         return {
@@ -380,8 +382,9 @@ class Trainer:
         self.last_checkpoint = self.ckpt.save(self.engine, self.state.step, client)
         return self.last_checkpoint
 
-    def close(self) -> None:
-        """Write what is open (a profiled window cut short, metrics) and give back the signal handlers."""
+    def close(self, failed: bool = False) -> None:
+        """Write what is open (a profiled window cut short, metrics; failed: W&B's run ends as failed) and
+        give back the signal handlers."""
         if self.profiler is not None:
             self.profiler.close()
         if self.bar is not None:
@@ -389,7 +392,7 @@ class Trainer:
         if self.preempt is not None:
             self.preempt.restore()
         if self.logger is not None:
-            self.logger.close()
+            self.logger.close(failed)
         for lock in reversed(self.locks):
             lock.release()
         self.locks = []

@@ -144,12 +144,13 @@ class MetricsLogger:
         tqdm.write(f"warning: {what}; metrics.jsonl keeps every record ({self.path})", file=sys.stderr)
         sys.stderr.flush()
 
-    def close(self) -> None:
+    def close(self, failed: bool = False) -> None:
+        """failed: the run stops with an error; W&B shows its run as failed rather than finished."""
         run, self._wandb = self._wandb, None
         if run is None:
             return
         try:
-            run.finish()
+            run.finish(exit_code=1 if failed else 0)
         except Exception as e:  # the run's checkpoints and metrics.jsonl are written already
             _teardown_wandb()
             self._warn(f"W&B could not finish its run ({_brief(e)})")

@@ -22,7 +22,7 @@ class FakeRun:
         self.counter = self.counter + 1 if step is None else step
         self.kept.append(data)
 
-    def finish(self):
+    def finish(self, exit_code=None):
         pass
 
 
@@ -68,7 +68,7 @@ class DyingRun(FakeRun):
             raise ConnectionResetError("Connection lost")
         super().log(data, step)
 
-    def finish(self):
+    def finish(self, exit_code=None):
         raise ConnectionResetError("Connection lost")
 
 
