@@ -21,6 +21,15 @@ from .native import is_export_dir
 DTYPES = ("float32", "bfloat16", "float16")
 
 
+class CommandParser(argparse.ArgumentParser):
+    """argparse's parser whose errors (a mistyped, unknown or missing flag) are one line naming the flag,
+    as the commands' own errors are; argparse printed its whole usage first (19 lines for generate).
+    The status stays argparse's 2; --help shows the usage."""
+
+    def error(self, message: str):
+        self.exit(2, f"error: {message.removeprefix('argument ')} (--help lists the options)\n")
+
+
 def add_checkpoint_args(p: argparse.ArgumentParser) -> None:
     p.add_argument(
         "--checkpoint",

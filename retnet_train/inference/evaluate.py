@@ -15,7 +15,6 @@ line: all of stdout.
 
 from __future__ import annotations
 
-import argparse
 import importlib
 import json
 import math
@@ -30,7 +29,14 @@ import torch
 from ..components.checkpoint_discovery import tag_step
 from ..components.validation import mean_loss
 from ..data import ManifestError, build_validation_loader, sha256_file
-from .cli import add_checkpoint_args, add_device_args, add_prompt_prefix_arg, compute_dtype, load_from_args
+from .cli import (
+    CommandParser,
+    add_checkpoint_args,
+    add_device_args,
+    add_prompt_prefix_arg,
+    compute_dtype,
+    load_from_args,
+)
 from .errors import CheckpointError
 from .framing import chosen_framing
 
@@ -80,7 +86,7 @@ def parse_data(specs) -> dict:
 
 
 def parse_args(argv=None):
-    p = argparse.ArgumentParser(prog="python -m retnet_train.inference.evaluate", description=__doc__.split("\n")[0])
+    p = CommandParser(prog="python -m retnet_train.inference.evaluate", description=__doc__.split("\n")[0])
     add_checkpoint_args(p)
     p.add_argument(
         "--data", action="append", default=[], help="shard dir (or NAME=DIR), repeatable: validation perplexity"

@@ -12,7 +12,6 @@ fla:    config.json (model_type "retnet") + model.safetensors for fla's RetNetFo
 
 from __future__ import annotations
 
-import argparse
 import os
 import shutil
 import sys
@@ -20,14 +19,14 @@ import sys
 import torch
 
 from ..interop.fla import ExportError, save_fla
-from .cli import DTYPES, add_checkpoint_args, load_from_args
+from .cli import DTYPES, CommandParser, add_checkpoint_args, load_from_args
 from .errors import CheckpointError
 from .framing import FRAMING_KEY
 from .native import EXPORT_FILES, save_native
 
 
 def parse_args(argv=None):
-    p = argparse.ArgumentParser(prog="python -m retnet_train.inference.export", description=__doc__.split("\n")[0])
+    p = CommandParser(prog="python -m retnet_train.inference.export", description=__doc__.split("\n")[0])
     add_checkpoint_args(p)
     p.add_argument("--out", required=True, help="output directory")
     p.add_argument("--format", choices=["native", "fla"], default="native")

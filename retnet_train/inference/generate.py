@@ -16,7 +16,6 @@ as the model's training documents started (--prompt-prefix, inference/framing.py
 
 from __future__ import annotations
 
-import argparse
 import sys
 from dataclasses import dataclass
 from functools import partial
@@ -24,7 +23,15 @@ from typing import Callable, List, Optional, Sequence, Tuple
 
 import torch
 
-from .cli import add_checkpoint_args, add_device_args, add_prompt_prefix_arg, compute_dtype, flag_error, load_from_args
+from .cli import (
+    CommandParser,
+    add_checkpoint_args,
+    add_device_args,
+    add_prompt_prefix_arg,
+    compute_dtype,
+    flag_error,
+    load_from_args,
+)
 from .decoding import CudaGraphStep, left_pad, make_decoder
 from .errors import CheckpointError, SettingError
 from .framing import chosen_framing, prompt_tokens
@@ -144,7 +151,7 @@ def generate_in_batches(model, prompts, params: SamplingParams, batch_size: int,
 
 
 def parse_args(argv=None):
-    p = argparse.ArgumentParser(prog="python -m retnet_train.inference.generate", description=__doc__.split("\n")[0])
+    p = CommandParser(prog="python -m retnet_train.inference.generate", description=__doc__.split("\n")[0])
     add_checkpoint_args(p)
     src = p.add_mutually_exclusive_group(required=True)
     src.add_argument("--prompt", action="append", help="a prompt (repeat for a batch)")

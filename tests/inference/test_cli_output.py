@@ -144,3 +144,27 @@ def test_generate_refuses_bad_prompt_input_before_loading_the_model(run, tmp_pat
         generate_main(["--checkpoint", str(run[0] / "run"), "--prompts-file", str(tmp_path / "empty.txt")])
     with pytest.raises(SystemExit, match="^error: --prefill-piece: must be >= 0"):
         generate_main(["--checkpoint", str(run[0] / "run"), "--prompt", "one", "--prefill-piece", "-1"])
+
+
+@pytest.mark.parametrize(
+    "main,argv,line",
+    [
+        (
+            generate_main,
+            ["--prompt", "x", "--max-new-tokens", "abc"],
+            "error: --max-new-tokens: invalid int value: 'abc'",
+        ),
+        (generate_main, ["--prompt", "x", "--prompt-prefix", "eos"], "error: --prompt-prefix: invalid choice: 'eos'"),
+        (generate_main, [], "error: one of the arguments --prompt --prompts-file is required"),
+        (evaluate_main, ["--data", "d", "--seq-len", "1.5"], "error: --seq-len: invalid int value: '1.5'"),
+        (export_main, ["--out", "o", "--dtype", "fp8"], "error: --dtype: invalid choice: 'fp8'"),
+        (export_main, ["--out", "o", "--bogus"], "error: unrecognized arguments: --bogus"),
+    ],
+)
+def test_a_flag_argparse_refuses_is_one_line_naming_it(main, argv, line, capsys):
+    """A mistyped, unknown or missing flag: one line on stderr naming the flag, as the commands' own errors
+    (argparse put its whole usage first: 19 lines for generate), and argparse's status 2."""
+    with pytest.raises(SystemExit) as e:
+        main(["--checkpoint", "c", *argv])
+    err = capsys.readouterr().err
+    assert e.value.code == 2 and err.startswith(line) and err.count("\n") == 1, err
