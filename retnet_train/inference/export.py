@@ -22,7 +22,7 @@ from ..interop.fla import ExportError, save_fla
 from .cli import DTYPES, CommandParser, add_checkpoint_args, load_from_args
 from .errors import CheckpointError
 from .framing import FRAMING_KEY
-from .native import EXPORT_FILES, save_native
+from .native import EXPORT_CONFIG, EXPORT_FILES, save_native, written_by_an_export
 
 
 def parse_args(argv=None):
@@ -70,6 +70,11 @@ def check_out(out: str, overwrite: bool) -> None:
     if others:
         raise CheckpointError(
             f"--out: {out} holds files an export does not write ({', '.join(others[:3])}); "
+            "--overwrite replaces a previous export only"
+        )
+    if present and not written_by_an_export(out):  # export file names, but not an export's config.json
+        raise CheckpointError(
+            f"--out: {out} is not a previous export (its {EXPORT_CONFIG} is not one an export wrote); "
             "--overwrite replaces a previous export only"
         )
 

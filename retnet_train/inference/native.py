@@ -27,6 +27,17 @@ def is_export_dir(path: str) -> bool:
     return os.path.isfile(os.path.join(path, EXPORT_CONFIG)) and os.path.isfile(os.path.join(path, EXPORT_WEIGHTS))
 
 
+def written_by_an_export(path: str) -> bool:
+    """Whether path's config.json is one that an export wrote: ours (format retnet-train) or fla's (with its
+    retnet_train record); --overwrite replaces such a directory only."""
+    try:
+        with open(os.path.join(path, EXPORT_CONFIG)) as f:
+            meta = json.load(f)
+    except (OSError, ValueError):
+        return False
+    return isinstance(meta, dict) and (meta.get("format") == FORMAT or isinstance(meta.get("retnet_train"), dict))
+
+
 def load_export(path: str):
     """(config, state_dict, meta) of a directory written by `save_native`."""
     from safetensors.torch import load_file

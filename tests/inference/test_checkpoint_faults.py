@@ -17,6 +17,7 @@ from retnet_train.inference.export import main as export_main
 from retnet_train.inference.generate import main as generate_main
 from retnet_train.inference.load import load_model
 from retnet_train.inference.native import save_native
+from retnet_train.interop.fla import save_fla
 
 STEP1, STEP2 = "step_00000001", "step_00000002"
 MODEL_STATES = "mp_rank_00_model_states.pt"
@@ -203,3 +204,27 @@ def test_damaged_export_dirs_are_named(tmp_path):
     (out / "config.json").write_bytes(b"\xff\xfe{")
     with pytest.raises(CheckpointError, match=f"{out / 'config.json'}: cannot read"):
         load_model(str(out))
+
+
+def test_overwrite_replaces_only_a_previous_export(run, tmp_path):
+    """--overwrite on files of an export's names that no export wrote (a Hugging Face model's config.json,
+    model.safetensors and tokenizer.model; a lone tokenizer) is refused and leaves them as they were; a
+    previous fla export is replaced."""
+    files = {"config.json": '{"model_type": "llama"}', "model.safetensors": "weights", "tokenizer.model": "pieces"}
+    for name, present in (("hf", files), ("tok", {"tokenizer.model": "pieces"})):
+        theirs = tmp_path / name
+        theirs.mkdir()
+        for file, text in present.items():
+            (theirs / file).write_text(text)
+        with pytest.raises(SystemExit, match=f"error: --out: {theirs} is not a previous export"):
+            export_main(["--checkpoint", str(run), "--out", str(theirs), "--overwrite"])
+        assert {file: (theirs / file).read_text() for file in present} == present
+    fla = tmp_path / "fla"
+    save_fla(
+        tiny_model(
+            norm="rmsnorm", ffn_type="glu", activation="silu", normalize_retention=False, rotary_base=10000 ** (7 / 8)
+        ),
+        fla,
+    )
+    assert export_main(["--checkpoint", str(run), "--out", str(fla), "--overwrite"]) == 0
+    assert json.loads((fla / "config.json").read_text())["format"] == "retnet-train"
