@@ -81,6 +81,18 @@ def write_tokenizer(out_dir: str, tokenizer_path: Optional[str], vocab_size: int
     }
 
 
+def check_in_range(name: str, tensor: torch.Tensor, dtype: torch.dtype) -> None:
+    """A finite weight that `dtype` cannot hold (float16 above 65504) would be stored as inf: refused."""
+    biggest = torch.finfo(dtype).max
+    finite = tensor[torch.isfinite(tensor)]
+    if finite.numel() and finite.abs().max() > biggest:
+        worst = finite[finite.abs().argmax()].item()
+        raise ValueError(
+            f"{name}: {worst:g} is beyond {str(dtype).replace('torch.', '')}'s range (+-{biggest:g}) and would be "
+            "stored as inf; export in bfloat16 or float32"
+        )
+
+
 def write_safetensors(tensors: Dict[str, torch.Tensor], path: str, dtype: Optional[torch.dtype]) -> None:
     """Tensors on the host, floating ones cast to dtype (None: as they are)."""
     from safetensors.torch import save_file
@@ -88,7 +100,10 @@ def write_safetensors(tensors: Dict[str, torch.Tensor], path: str, dtype: Option
     out = {}
     for k, v in tensors.items():
         v = v.detach().to("cpu")
-        out[k] = (v.to(dtype) if dtype is not None and v.is_floating_point() else v).contiguous()
+        if dtype is not None and v.is_floating_point():
+            check_in_range(k, v, dtype)
+            v = v.to(dtype)
+        out[k] = v.contiguous()
     save_file(out, path, metadata={"format": "pt"})
     # safetensors writes through a private temporary file (mode 0600): give the weights the mode any
     # new file gets here, as config.json and tokenizer.model have, so that others can read an export

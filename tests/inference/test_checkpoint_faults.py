@@ -228,3 +228,18 @@ def test_overwrite_replaces_only_a_previous_export(run, tmp_path):
     )
     assert export_main(["--checkpoint", str(run), "--out", str(fla), "--overwrite"]) == 0
     assert json.loads((fla / "config.json").read_text())["format"] == "retnet-train"
+
+
+def test_a_float16_export_of_weights_beyond_its_range_is_refused(tmp_path):
+    """--dtype float16 would store a weight above 65504 as inf: refused naming the weight, nothing written;
+    bfloat16 holds it."""
+    model = tiny_model()
+    with torch.no_grad():
+        model.norm.weight[3] = -1e5
+    save_native(model, str(tmp_path / "src"))
+    out = tmp_path / "fp16"
+    with pytest.raises(SystemExit, match=r"error: norm.weight: -100000 is beyond float16's range \(\+-65504\)"):
+        export_main(["--checkpoint", str(tmp_path / "src"), "--out", str(out), "--dtype", "float16"])
+    assert sorted(os.listdir(tmp_path)) == ["src"]
+    assert export_main(["--checkpoint", str(tmp_path / "src"), "--out", str(out), "--dtype", "bfloat16"]) == 0
+    assert load_model(str(out)).model.norm.weight[3] == -99840  # bfloat16's nearest
