@@ -7,28 +7,20 @@ from typing import Optional
 
 import torch
 
-# HBM bandwidth (bytes/s) for the weight-read bound of one decode step: the first key the device name
-# contains (the PCIe, NVL and 40GB boards before the other boards of the same name).
-HBM_BANDWIDTH = {
-    "H100 PCIe": 2.0e12,
-    "H100 NVL": 3.9e12,
-    "H100": 3.35e12,
-    "H200": 4.8e12,
-    "A100-SXM4-40GB": 1.555e12,
-    "A100-PCIE-40GB": 1.555e12,
-    "A100": 2.0e12,
-    "MI300X": 5.3e12,
-    "MI250X": 3.2e12,
-}
+from ..components.metrics import device_figures
+
 GIB = 1024**3
 # (arch of a baseline's rows, its name in the speedup row)
 BASELINES = (("transformer", "transformer"), ("llama_hf_generate", "hf_llama"), ("fla_retnet_hf_generate", "fla_hf"))
 
 
 def hbm_bandwidth(name: Optional[str] = None) -> Optional[float]:
+    """HBM bytes/s of one torch device (components/metrics.py DEVICE_FIGURES), for the weight-read bound
+    of a decode step; `name` defaults to the current device's."""
     if name is None:
         name = torch.cuda.get_device_name() if torch.cuda.is_available() else ""
-    return next((v for k, v in HBM_BANDWIDTH.items() if k in name), None)
+    figures = device_figures(name)
+    return figures.hbm_bandwidth if figures else None
 
 
 def weight_bytes(model) -> int:

@@ -9,34 +9,50 @@ import sys
 import time
 import uuid
 from contextlib import contextmanager
-from typing import Callable, Optional
+from typing import Callable, NamedTuple, Optional
 
 import torch
 from tqdm import tqdm
 
-# Dense bf16 peak FLOP/s per torch device, by the first key in its name; override with train.peak_flops.
-# The PCIe and NVL boards come first: they run the same chip at lower clocks than the SXM one.
-PEAK_FLOPS = {
-    "H100 PCIe": 756e12,
-    "H100 NVL": 835e12,
-    "H200 NVL": 835e12,
-    "H100": 989e12,
-    "H200": 989e12,
-    "A100": 312e12,
-    "MI250X": 191.5e12,  # one GCD, which torch sees as a device: half the package's 383e12
-    "MI300X": 1307e12,
+
+class DeviceFigures(NamedTuple):
+    peak_flops: float  # dense bf16 FLOP/s
+    hbm_bandwidth: float  # bytes/s
+
+
+# Per torch device, by the first key in its name: the PCIe, NVL and 40GB boards come before the others of
+# the same name (lower clocks and power, or less and slower HBM). An MI250X package is two GCDs, each of
+# which torch sees as a device (launch/README.md): one GCD has half the package's 383e12 and 3.2e12.
+DEVICE_FIGURES = {
+    "H100 PCIe": DeviceFigures(756e12, 2.0e12),
+    "H100 NVL": DeviceFigures(835e12, 3.9e12),
+    "H200 NVL": DeviceFigures(835e12, 4.8e12),
+    "H100": DeviceFigures(989e12, 3.35e12),
+    "H200": DeviceFigures(989e12, 4.8e12),
+    "A100-SXM4-40GB": DeviceFigures(312e12, 1.555e12),
+    "A100-PCIE-40GB": DeviceFigures(312e12, 1.555e12),
+    "A100": DeviceFigures(312e12, 2.0e12),
+    "MI250X": DeviceFigures(191.5e12, 1.6e12),
+    "MI300X": DeviceFigures(1307e12, 5.3e12),
 }
 
 
+def device_figures(name: str) -> Optional[DeviceFigures]:
+    """The figures of the torch device named `name`; None for a device not in the table, and for a MIG
+    slice ("... MIG 3g.40gb"), whose share of the board's figures the name does not tell."""
+    if "MIG" in name:
+        return None
+    return next((v for k, v in DEVICE_FIGURES.items() if k in name), None)
+
+
 def device_peak_flops(device: torch.device, override: Optional[float]) -> Optional[float]:
+    """train.peak_flops if set, else the device's dense bf16 peak (None where not known)."""
     if override:
         return override
     if device.type != "cuda":
         return None
-    name = torch.cuda.get_device_name(device)
-    if "MIG" in name:  # a slice of the GPU ("... MIG 3g.40gb"): the board's peak would understate MFU
-        return None
-    return next((v for k, v in PEAK_FLOPS.items() if k in name), None)
+    figures = device_figures(torch.cuda.get_device_name(device))
+    return figures.peak_flops if figures else None
 
 
 def mfu(tokens_per_s: float, flops_per_token: float, peak_flops: Optional[float], world: int) -> Optional[float]:

@@ -55,7 +55,7 @@ class Hardware:
     ib_gbit_per_gpu: float = 400.0
     nvlink_gbyte_per_gpu: float = 450.0
     efficiency: float = 0.8
-    peak_flops: float = 989e12  # H100/H200 dense bf16 (components/metrics.py PEAK_FLOPS)
+    peak_flops: float = 989e12  # H100/H200 dense bf16 (components/metrics.py DEVICE_FIGURES)
     utilization: float = 0.25  # executed FLOPs / peak: conservative next to the measured mfu_model (docs/benchmarks.md)
     memory_gib: float = 79.2  # H100 80GB as torch reports it; H200: 139.8
 
