@@ -10,7 +10,8 @@ or after an EOS with a document start right after it, as the training loader mar
 loglikelihood: context + continuation in one causal pass (right-padded batches: padding after
 a row cannot change its logits); the context is cut from the left to fit max_length.
 loglikelihood_rolling: lm-eval's disjoint rolling windows of max_length tokens.
-generate_until: our generate() (greedy unless do_sample), cut at the first stop string.
+generate_until: our generate() (greedy unless do_sample), cut at the first stop string; its settings are
+checked as the generate command's flags are (top_p 0 is refused, not read as off).
 """
 
 from __future__ import annotations
@@ -23,6 +24,7 @@ from lm_eval.api.model import LM
 from lm_eval.api.registry import register_model
 
 from ..data.loader import document_starts
+from .errors import SettingError
 from .framing import context_prefix, read_framing
 from .generate import generate
 from .sampling import SamplingParams
@@ -174,9 +176,13 @@ class RetNetTrainLM(LM):
             max_new_tokens=int(kw.pop("max_gen_toks", self.max_gen_toks)),
             temperature=temperature if do_sample else 0.0,
             top_k=int(kw.pop("top_k", 0) or 0),
-            top_p=float(kw.pop("top_p", 1.0) or 1.0),
+            top_p=_number_or(kw.pop("top_p", None), 1.0),  # 0 is refused, as generate's --top-p 0: not off
             seed=kw.pop("seed", None),
         )
+        try:  # as the generate command checks its flags, also those greedy decoding does not use
+            params.validate(self.model.config.vocab_size)
+        except SettingError as e:
+            raise ValueError(f"generate_until: generation_kwargs {e.name}: {e.problem}") from None
         return params, until
 
     def generate_until(self, requests) -> List[str]:
@@ -231,6 +237,11 @@ def simple_evaluate(
     if res is None:
         raise ValueError(f"lm-eval returned nothing for tasks {tasks}")
     return res["results"]
+
+
+def _number_or(value, default: float) -> float:
+    """A generation setting as a float; None (not set) is the default."""
+    return default if value is None else float(value)
 
 
 def _usable_device(device: Optional[str]) -> str:

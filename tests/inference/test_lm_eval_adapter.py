@@ -165,3 +165,19 @@ def test_adapter_refuses_a_continuation_longer_than_max_length(setup):
     long_answer = Instance("loglikelihood", {}, ("one", " two three four five six seven"), 0)
     with pytest.raises(ValueError, match=r"^max_length=4 \(--max-length\): a continuation of \d+ tokens"):
         lm.loglikelihood([long_answer])
+
+
+@pytest.mark.parametrize("do_sample", [True, False])
+def test_adapter_refuses_top_p_0_as_the_generate_command_does(setup, do_sample):
+    """top_p 0 is refused, naming the key, as generate's --top-p 0 is (with or without --greedy); it was read
+    as 1, nucleus filtering off: the opposite of a near-greedy setting."""
+    require_lm_eval()
+    from lm_eval.api.instance import Instance
+
+    from retnet_train.inference.lm_eval_adapter import RetNetTrainLM
+
+    d, tok, model, exp, _ = setup
+    lm = RetNetTrainLM(model, str(tok), max_length=32)
+    kwargs = {"until": ["\n"], "do_sample": do_sample, "temperature": 0.7, "top_p": 0, "max_gen_toks": 2}
+    with pytest.raises(ValueError, match=r"^generate_until: generation_kwargs top_p: must be in \(0, 1\], got 0"):
+        lm.generate_until([Instance("generate_until", {}, ("one two", kwargs), 0)])
