@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 import os
 import resource
 import sys
@@ -130,11 +131,13 @@ class MetricsLogger:
     def log(self, record: dict) -> None:
         if not self.is_main:
             return
+        stored = {k: _finite_or_none(v) for k, v in record.items()}
         with open(self.path, "a") as f:
-            f.write(json.dumps(record) + "\n")
+            f.write(json.dumps(stored) + "\n")
+        # the console shows a non-finite value as it is (inf, nan); None is left out
         parts = [f"{k} {v:.4g}" if isinstance(v, float) else f"{k} {v}" for k, v in record.items() if v is not None]
         self.write(" | ".join(parts))
-        self._log_to_wandb(record)
+        self._log_to_wandb(stored)
 
     def _log_to_wandb(self, record: dict) -> None:
         """W&B holds a copy of metrics.jsonl: its failure (the service gone, a full disk) must not stop a
@@ -170,6 +173,12 @@ class MetricsLogger:
         except Exception as e:  # the run's checkpoints and metrics.jsonl are written already
             _teardown_wandb()
             self._warn(f"W&B could not finish its run ({_brief(e)})")
+
+
+def _finite_or_none(value):
+    """JSON has no inf or nan (json.dumps would write Infinity / NaN, which strict readers refuse): a
+    non-finite float is null, as a skipped step's non-finite loss is."""
+    return None if isinstance(value, float) and not math.isfinite(value) else value
 
 
 def _teardown_wandb() -> None:

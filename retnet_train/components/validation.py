@@ -77,10 +77,18 @@ def _mean(loss_sum: float, tokens: float, batches: int) -> MeanLoss:
     return MeanLoss(loss_sum / tokens if tokens else float("nan"), int(round(tokens)), batches)
 
 
+def perplexity(loss: float) -> float:
+    """exp(loss): inf where that is past the largest float (a loss of inf, or above ~709.8), nan for nan."""
+    try:
+        return math.exp(loss)
+    except OverflowError:
+        return math.inf
+
+
 def validation_metrics(step: int, result: MeanLoss) -> dict:
     """The evaluation's record: val_loss, val_ppl and, with more than one source, val_loss/<source>
     (with one, val_loss is that source's)."""
-    record = {"step": step, "val_loss": result.loss, "val_ppl": math.exp(min(result.loss, 50.0))}
+    record = {"step": step, "val_loss": result.loss, "val_ppl": perplexity(result.loss)}
     if len(result.by_source) > 1:
         record.update({f"val_loss/{name}": r.loss for name, r in result.by_source.items()})
     return record
