@@ -29,6 +29,8 @@ from .framing import context_prefix, read_framing
 from .generate import generate
 from .sampling import SamplingParams
 
+GEN_KWARGS_OF_SETTINGS = {"max_new_tokens": "max_gen_toks"}  # lm-eval's names of SamplingParams' settings
+
 
 @register_model("retnet-train")
 class RetNetTrainLM(LM):
@@ -70,6 +72,8 @@ class RetNetTrainLM(LM):
                 f"tokenizer {tokenizer}: {self.sp.get_piece_size()} pieces, model vocab_size={model.config.vocab_size}"
             )
         self.max_length, self.max_gen_toks = int(max_length), int(max_gen_toks)
+        if self.max_gen_toks < 1:  # the tokens generated where a request gives no max_gen_toks
+            raise ValueError(f"retnet-train: max_gen_toks={max_gen_toks}: must be >= 1")
         self.batch_size = _batch_size(batch_size)
         self._device = next(model.parameters()).device  # (LM.device is a read-only property)
         # token that stands before the first real token (lm-eval's prefix_token_id), and whether the
@@ -182,7 +186,8 @@ class RetNetTrainLM(LM):
         try:  # as the generate command checks its flags, also those greedy decoding does not use
             params.validate(self.model.config.vocab_size)
         except SettingError as e:
-            raise ValueError(f"generate_until: generation_kwargs {e.name}: {e.problem}") from None
+            key = GEN_KWARGS_OF_SETTINGS.get(e.name, e.name)
+            raise ValueError(f"generate_until: generation_kwargs {key}: {e.problem}") from None
         return params, until
 
     def generate_until(self, requests) -> List[str]:

@@ -181,3 +181,21 @@ def test_adapter_refuses_top_p_0_as_the_generate_command_does(setup, do_sample):
     kwargs = {"until": ["\n"], "do_sample": do_sample, "temperature": 0.7, "top_p": 0, "max_gen_toks": 2}
     with pytest.raises(ValueError, match=r"^generate_until: generation_kwargs top_p: must be in \(0, 1\], got 0"):
         lm.generate_until([Instance("generate_until", {}, ("one two", kwargs), 0)])
+
+
+def test_adapter_refuses_max_gen_toks_0_naming_the_key(setup):
+    """max_gen_toks 0 (a request's, or the model's default from --model_args) is an error naming max_gen_toks,
+    as lm-eval's HF backend refuses it too (transformers: max_length = context length); it failed inside
+    generate, naming its max_new_tokens."""
+    require_lm_eval()
+    from lm_eval.api.instance import Instance
+
+    from retnet_train.inference.lm_eval_adapter import RetNetTrainLM
+
+    d, tok, model, exp, _ = setup
+    lm = RetNetTrainLM(model, str(tok), max_length=32)
+    request = Instance("generate_until", {}, ("one two", {"until": ["\n"], "max_gen_toks": 0}), 0)
+    with pytest.raises(ValueError, match=r"^generate_until: generation_kwargs max_gen_toks: must be an integer >= 1"):
+        lm.generate_until([request])
+    with pytest.raises(ValueError, match=r"^retnet-train: max_gen_toks=0: must be >= 1"):
+        RetNetTrainLM(model, str(tok), max_length=32, max_gen_toks=0)
