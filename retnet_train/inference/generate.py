@@ -210,9 +210,11 @@ def _framed_prompts(sp, texts: Sequence[str], prompt_prefix: str, recorded: Opti
 
 
 def _sampling_params(args) -> SamplingParams:
-    """The sampling flags, checked before the model is loaded (--top-k against the vocabulary: after)."""
-    if args.batch_size < 1:
-        raise SystemExit(f"error: --batch-size: must be >= 1, got {args.batch_size}")
+    """The sampling flags and the bounds, checked before the model is loaded (--top-k against the vocabulary
+    and --max-length against the prompts: after)."""
+    for flag, value in (("--batch-size", args.batch_size), ("--max-length", args.max_length)):
+        if value is not None and value < 1:
+            raise SystemExit(f"error: {flag}: must be >= 1, got {value}")
     if args.prefill_piece < 0:
         raise SystemExit(
             f"error: --prefill-piece: must be >= 0 (0: the whole prompt at once), got {args.prefill_piece}"

@@ -146,6 +146,20 @@ def test_generate_refuses_bad_prompt_input_before_loading_the_model(run, tmp_pat
         generate_main(["--checkpoint", str(run[0] / "run"), "--prompt", "one", "--prefill-piece", "-1"])
 
 
+@pytest.mark.parametrize("main,argv", [(generate_main, ["--prompt", "one"]), (evaluate_main, ["--tasks", "t"])])
+@pytest.mark.parametrize("value", ["0", "-3"])
+def test_a_max_length_below_1_is_refused_before_the_model_loads(run, monkeypatch, main, argv, value):
+    """--max-length 0 or negative: the one-line error of the other bad values, status 1, before the checkpoint is
+    read (generate read the whole checkpoint first)."""
+    from retnet_train.inference import evaluate, generate
+
+    monkeypatch.setattr(generate, "_load", lambda args: pytest.fail("the model was loaded"))
+    monkeypatch.setattr(evaluate, "load_from_args", lambda *a: pytest.fail("the model was loaded"))
+    with pytest.raises(SystemExit) as e:
+        main(["--checkpoint", str(run[0] / "run"), *argv, "--max-length", value])
+    assert e.value.code == f"error: --max-length: must be >= 1, got {value}"
+
+
 @pytest.mark.parametrize(
     "main,argv,line",
     [
