@@ -196,7 +196,7 @@ class Trainer:
         except (ValueError, OSError) as e:
             problem = str(e)
         raise_first_problem(problem, self.world)
-        self.flops = flops_per_token(self.model_cfg, cfg.data.seq_len)["model"]
+        self.flops = flops_per_token(self.model_cfg, cfg.data.seq_len, self.device)["model"]
         self.peak = device_peak_flops(self.device, cfg.train.peak_flops)
         self.throughput = Throughput(self.state.tokens_seen)
         self.bar = progress_bar(cfg.train.max_steps, self.state.step, self.is_main)

@@ -6,11 +6,11 @@ import os
 
 import yaml
 
+from ..kernels import FLA_CHUNK
 from ..model import model_config_from_dict
 from ..model.flops import retention_flops, training_flops
 
 CONFIG_DIR = os.path.join(os.path.dirname(__file__), "..", "..", "configs", "model")
-FLA_CHUNK = 64  # fla's chunk_retention runs chunk_simple_gla at its default chunk size
 
 
 def load_preset(name: str, **overrides):

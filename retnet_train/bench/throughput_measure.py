@@ -198,12 +198,12 @@ def memory_fields(mem: MemoryUse, on_gpu: bool, warmed_up: bool = True) -> dict:
     }
 
 
-def model_flops(name: str, model, cfg, n_params: int, seq_len: int) -> dict:
+def model_flops(name: str, model, cfg, n_params: int, seq_len: int, device: torch.device) -> dict:
     """FLOPs per token of the model measured: fla's from its own config (another FFN and widths than
-    the preset's), ours from the preset."""
+    the preset's), ours from the preset, with the retention backend it resolves to on `device`."""
     if name == "fla":
         return fla_flops_per_token(model.config, n_params, seq_len)
-    return flops_per_token(cfg, seq_len)
+    return flops_per_token(cfg, seq_len, device)
 
 
 def mfu_fields(tokens_per_s: float, flops: dict, device: torch.device) -> dict:
@@ -259,7 +259,7 @@ def measure(name, build, cfg, args, device):
     reset_peak(device)
     mem_before = memory(device, "now")  # should be ~0: what a previous model left behind
     model, n_params = build_on_device(build, device)
-    flops = model_flops(name, model, cfg, n_params, args.seq_len)
+    flops = model_flops(name, model, cfg, n_params, args.seq_len, device)
     ours = name != "fla"
     prepare_model(model, ours, args)
     engine = make_engine(

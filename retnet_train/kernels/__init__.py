@@ -67,6 +67,21 @@ def resolve_backend(backend: str, device: torch.device, key_dim: int = 0) -> str
     return "fla" if on_gpu and fla_available() else "torch"
 
 
+FLA_CHUNK = 64  # fla's chunk_retention runs chunk_simple_gla at its own chunk size, whatever is asked
+
+
+def chunk_that_runs(backend: str, mode: str, chunk_size: int, seq_len: int) -> int:
+    """The chunk of the chunkwise form that computes a forward of `seq_len` tokens in `mode` (parallel or
+    chunkwise) on `backend` (resolved: torch, triton or fla), as retention_op dispatches it. The parallel
+    form is one chunk of the whole sequence: on the triton backend rounded up to a multiple of 64 but at
+    most 256, the same retention in the chunkwise form; fla runs its own chunk in both modes."""
+    if backend == "fla":
+        return FLA_CHUNK
+    if mode == "parallel":
+        return min(-(-seq_len // 64) * 64, 256) if backend == "triton" else seq_len
+    return chunk_size
+
+
 def retention_op(
     backend,
     q,
@@ -94,10 +109,9 @@ def retention_op(
     if backend == "triton" and mode != "recurrent" and not state_grad:
         from .triton_retention import supported, triton_retention
 
-        # parallel = one chunk of the whole sequence (rounded up to a multiple of 64) but at most 256:
-        # the same retention in the chunkwise form. Decoding (recurrent, one token at a time) and chunk
-        # sizes that are not a multiple of 16 run on the torch path.
-        C = min(-(-q.shape[1] // 64) * 64, 256) if mode == "parallel" else chunk_size
+        # Decoding (recurrent, one token at a time) and chunk sizes that are not a multiple of 16 run on
+        # the torch path.
+        C = chunk_that_runs("triton", mode, chunk_size, q.shape[1])
         if q.is_cuda and q.shape[-1] > GPU_CHECKED_TRITON_KEY_DIM:
             raise ValueError(
                 f"model.retention_backend=triton: key head dim {q.shape[-1]} is wider than the GPU tests "
