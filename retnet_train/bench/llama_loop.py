@@ -12,6 +12,8 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
+from ..components.validation import perplexity
+
 
 def build_llama(cfg, device):
     """LlamaForCausalLM of the config's (Transformer++) model shape, with transformers' own init."""
@@ -90,7 +92,7 @@ def train_llama(cfg) -> int:
         if evaluation_due(step, cfg.train.eval_interval, cfg.train.max_steps):
             with throughput.paused():
                 val = validation_loss(model, loss_of, val_loader)
-            logger.log({"step": step, "val_loss": val, "val_ppl": math.exp(min(val, 50.0))})
+            logger.log({"step": step, "val_loss": val, "val_ppl": perplexity(val)})
     logger.close()
     return sum(p.numel() for p in model.parameters())
 

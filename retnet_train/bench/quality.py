@@ -26,7 +26,6 @@ from __future__ import annotations
 import argparse
 import gc
 import json
-import math
 import os
 import re
 import shutil
@@ -36,6 +35,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Sequence
 
+from ..components.validation import perplexity
 from .quality_report import (
     PLOT_FILE,
     ROWS_FILE,
@@ -219,7 +219,7 @@ def run_model(s: Settings, model: ModelSpec, out: Path, overwrite: bool) -> dict
         "tokens": int(curves.tokens[-1]),
         "steps": s.steps,
         "val_loss": val,
-        "val_ppl": math.exp(val) if val is not None else None,
+        "val_ppl": perplexity(val) if val is not None else None,
         "tokens_per_s": tps,
         "peak_mem_gib": curves.peak_mem_gib,
         "wall_s": round(wall, 1),

@@ -28,6 +28,7 @@ import torch
 
 from ..components.checkpoint_discovery import tag_step
 from ..components.validation import mean_loss
+from ..components.validation import perplexity as loss_perplexity
 from ..data import ManifestError, build_validation_loader, sha256_file
 from .cli import (
     CommandParser,
@@ -62,7 +63,7 @@ def perplexity(
 def _scores(result) -> dict:
     return {
         "loss": result.loss,
-        "perplexity": math.exp(result.loss),
+        "perplexity": loss_perplexity(result.loss),
         "bits_per_token": result.loss / math.log(2),
         "tokens": result.tokens,
     }

@@ -271,3 +271,12 @@ def test_no_validation_split_says_what_evaluate_can_do_instead(setup, tmp_path):
         main(["--checkpoint", exp, "--seq-len", "16", "--data", str(tmp_path / "short")])
     assert str(e.value).startswith("error: no data source has a validation split of more than 16 tokens")
     assert str(e.value).endswith("or no validation (train.eval_interval=0; evaluate: --tasks without --data)")
+
+
+def test_a_loss_past_the_largest_float_has_an_infinite_perplexity(monkeypatch):
+    from retnet_train.components.validation import MeanLoss
+    from retnet_train.inference import evaluate
+
+    monkeypatch.setattr(evaluate, "mean_loss", lambda *a, **k: MeanLoss(800.0, 5, 1))
+    out = perplexity(None, [])
+    assert (out["loss"], out["perplexity"], out["tokens"]) == (800.0, math.inf, 5)
