@@ -10,8 +10,9 @@ or after an EOS with a document start right after it, as the training loader mar
 loglikelihood: context + continuation in one causal pass (right-padded batches: padding after
 a row cannot change its logits); the context is cut from the left to fit max_length.
 loglikelihood_rolling: lm-eval's disjoint rolling windows of max_length tokens.
-generate_until: our generate() (greedy unless do_sample), cut at the first stop string; its settings are
-checked as the generate command's flags are (top_p 0 is refused, not read as off).
+generate_until: our generate() (greedy unless do_sample), cut at the first stop string; its settings
+(inference/lm_eval_gen_kwargs.py) are checked as the generate command's flags are (top_p 0 is refused, not
+read as off), and a key our generate() cannot follow is refused, naming it.
 """
 
 from __future__ import annotations
@@ -24,12 +25,10 @@ from lm_eval.api.model import LM
 from lm_eval.api.registry import register_model
 
 from ..data.loader import document_starts
-from .errors import SettingError
 from .framing import context_prefix, read_framing
 from .generate import generate
+from .lm_eval_gen_kwargs import read_generation_kwargs
 from .sampling import SamplingParams
-
-GEN_KWARGS_OF_SETTINGS = {"max_new_tokens": "max_gen_toks"}  # lm-eval's names of SamplingParams' settings
 
 
 @register_model("retnet-train")
@@ -171,24 +170,7 @@ class RetNetTrainLM(LM):
         return out
 
     def _gen_params(self, gen_kwargs) -> Tuple[SamplingParams, List[str]]:
-        kw = dict(gen_kwargs or {})
-        until = kw.pop("until", None) or []
-        until = [until] if isinstance(until, str) else list(until)
-        do_sample = bool(kw.pop("do_sample", False))
-        temperature = float(kw.pop("temperature", 1.0 if do_sample else 0.0))
-        params = SamplingParams(
-            max_new_tokens=int(kw.pop("max_gen_toks", self.max_gen_toks)),
-            temperature=temperature if do_sample else 0.0,
-            top_k=int(kw.pop("top_k", 0) or 0),
-            top_p=_number_or(kw.pop("top_p", None), 1.0),  # 0 is refused, as generate's --top-p 0: not off
-            seed=kw.pop("seed", None),
-        )
-        try:  # as the generate command checks its flags, also those greedy decoding does not use
-            params.validate(self.model.config.vocab_size)
-        except SettingError as e:
-            key = GEN_KWARGS_OF_SETTINGS.get(e.name, e.name)
-            raise ValueError(f"generate_until: generation_kwargs {key}: {e.problem}") from None
-        return params, until
+        return read_generation_kwargs(gen_kwargs, self.max_gen_toks, self.model.config.vocab_size)
 
     def generate_until(self, requests) -> List[str]:
         """Requests with equal generation arguments run as one left-padded batch of batch_size."""
@@ -242,11 +224,6 @@ def simple_evaluate(
     if res is None:
         raise ValueError(f"lm-eval returned nothing for tasks {tasks}")
     return res["results"]
-
-
-def _number_or(value, default: float) -> float:
-    """A generation setting as a float; None (not set) is the default."""
-    return default if value is None else float(value)
 
 
 def _usable_device(device: Optional[str]) -> str:

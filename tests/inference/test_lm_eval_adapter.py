@@ -199,3 +199,70 @@ def test_adapter_refuses_max_gen_toks_0_naming_the_key(setup):
         lm.generate_until([request])
     with pytest.raises(ValueError, match=r"^retnet-train: max_gen_toks=0: must be >= 1"):
         RetNetTrainLM(model, str(tok), max_length=32, max_gen_toks=0)
+
+
+def _recorded_generation(lm, adapter, monkeypatch):
+    """Replace generate() by a stub that records each call's SamplingParams (the completion: one token)."""
+    from retnet_train.inference.generate import GenerationResult
+
+    calls = []
+
+    def fake_generate(model, prompts, params, **kw):
+        calls.append(params)
+        return GenerationResult([[lm.eos_id]] * len(prompts), [True] * len(prompts), 1)
+
+    monkeypatch.setattr(adapter, "generate", fake_generate)
+    return calls
+
+
+def test_adapter_reads_lm_evals_max_token_aliases(setup, monkeypatch):
+    """max_new_tokens, max_tokens and max_completion_tokens set the tokens generated as max_gen_toks does,
+    in lm-eval's order where several are given (normalize_gen_kwargs, which its HF backend uses); they
+    were ignored, and the default 256 generated."""
+    require_lm_eval()
+    from lm_eval.api.instance import Instance
+
+    import retnet_train.inference.lm_eval_adapter as adapter
+
+    d, tok, model, exp, _ = setup
+    lm = adapter.RetNetTrainLM(model, str(tok), max_length=32)
+    calls = _recorded_generation(lm, adapter, monkeypatch)
+    for kwargs in (
+        {"max_new_tokens": 4},
+        {"max_tokens": 2},
+        {"max_completion_tokens": 3},
+        {"max_tokens": 6, "max_new_tokens": 5},
+        {"max_new_tokens": 9, "max_gen_toks": 7},
+    ):
+        lm.generate_until([Instance("generate_until", {}, ("one two", {"until": ["\n"], **kwargs}), 0)])
+    assert [params.max_new_tokens for params in calls] == [4, 2, 3, 5, 7]
+    request = Instance("generate_until", {}, ("one two", {"until": ["\n"], "max_tokens": 0}), 0)
+    with pytest.raises(ValueError, match=r"^generate_until: generation_kwargs max_tokens: must be an integer >= 1"):
+        lm.generate_until([request])
+
+
+@pytest.mark.parametrize(
+    "key, value, problem",
+    [
+        ("repetition_penalty", 1.3, "not supported"),
+        ("num_beams", 4, "only 1 is supported"),
+        ("max_length", 20, "not supported .*use max_gen_toks"),
+    ],
+)
+def test_adapter_refuses_generation_kwargs_it_cannot_follow_naming_the_key(setup, monkeypatch, key, value, problem):
+    """A setting our generate() has no counterpart for is an error naming it (it was dropped without a word;
+    lm-eval's HF backend hands it to transformers' generate, which follows it); num_beams 1 is our search."""
+    require_lm_eval()
+    from lm_eval.api.instance import Instance
+
+    import retnet_train.inference.lm_eval_adapter as adapter
+
+    d, tok, model, exp, _ = setup
+    lm = adapter.RetNetTrainLM(model, str(tok), max_length=32, max_gen_toks=3)
+    calls = _recorded_generation(lm, adapter, monkeypatch)
+    request = Instance("generate_until", {}, ("one two", {"until": ["\n"], "max_gen_toks": 2, key: value}), 0)
+    with pytest.raises(ValueError, match=rf"^generate_until: generation_kwargs {key}: {problem}"):
+        lm.generate_until([request])
+    assert calls == []
+    lm.generate_until([Instance("generate_until", {}, ("one", {"until": ["\n"], "num_beams": 1}), 0)])
+    assert [params.max_new_tokens for params in calls] == [3]

@@ -1,0 +1,80 @@
+"""The generation_kwargs of lm-eval's generate_until requests, read as the settings of our generate().
+
+lm-eval's HF backend reads the tokens to generate from max_gen_toks or its aliases (lm_eval.models.utils.
+normalize_gen_kwargs) and hands every other key to transformers' generate, which follows it. Our generate()
+follows until, do_sample, temperature, top_k, top_p and seed; any other key is an error naming it, so that
+no setting a task asks for is dropped without a word.
+"""
+
+from __future__ import annotations
+
+import sys
+from typing import List, Optional, Tuple
+
+from .errors import SettingError
+from .sampling import SamplingParams
+
+# lm-eval's names of the tokens to generate, in its order where several are given
+MAX_TOKEN_KEYS = ("max_gen_toks", "max_new_tokens", "max_tokens", "max_completion_tokens")
+SEARCH_KEYS = ("until", "do_sample", "temperature", "top_k", "top_p", "seed")
+BEAMS = "num_beams"  # our search is one beam: num_beams 1 asks for what we do
+
+
+def read_generation_kwargs(
+    gen_kwargs: Optional[dict], default_max_gen_toks: int, vocab_size: int
+) -> Tuple[SamplingParams, List[str]]:
+    """(sampling settings, stop strings) of one request's generation_kwargs; a bad or unknown key is a
+    ValueError naming it ('generate_until: generation_kwargs top_p: must be in (0, 1], got 0')."""
+    kw = dict(gen_kwargs or {})
+    _refuse_what_we_cannot_follow(kw)
+    max_key = _max_tokens_key(kw)
+    until = kw.get("until") or []
+    until = [until] if isinstance(until, str) else list(until)
+    do_sample = bool(kw.get("do_sample", False))
+    temperature = float(kw.get("temperature", 1.0 if do_sample else 0.0))
+    params = SamplingParams(
+        max_new_tokens=int(kw[max_key]) if max_key else default_max_gen_toks,
+        temperature=temperature if do_sample else 0.0,
+        top_k=int(kw.get("top_k", 0) or 0),
+        top_p=_number_or(kw.get("top_p"), 1.0),  # 0 is refused, as generate's --top-p 0: not off
+        seed=kw.get("seed"),
+    )
+    try:  # as the generate command checks its flags, also those greedy decoding does not use
+        params.validate(vocab_size)
+    except SettingError as e:
+        key = (max_key or "max_gen_toks") if e.name == "max_new_tokens" else e.name
+        raise ValueError(f"generate_until: generation_kwargs {key}: {e.problem}") from None
+    return params, until
+
+
+def _refuse_what_we_cannot_follow(kw: dict) -> None:
+    for key, value in kw.items():
+        if key in SEARCH_KEYS or key in MAX_TOKEN_KEYS:
+            continue
+        if key == BEAMS:
+            if value not in (None, 1):
+                raise ValueError(f"generate_until: generation_kwargs {key}: only 1 is supported, got {value!r}")
+        elif key == "max_length":  # transformers' sense hangs on the batch's padded prompt length
+            raise ValueError(
+                f"generate_until: generation_kwargs {key}: not supported (prompt + generated tokens, "
+                "in transformers); use max_gen_toks"
+            )
+        else:
+            raise ValueError(
+                f"generate_until: generation_kwargs {key}: not supported (retnet-train follows "
+                f"{', '.join(SEARCH_KEYS)}, {BEAMS}=1 and the tokens to generate: {', '.join(MAX_TOKEN_KEYS)})"
+            )
+
+
+def _max_tokens_key(kw: dict) -> Optional[str]:
+    """The key that gives the tokens to generate (None: none does); lm-eval's order where several do."""
+    given = [key for key in MAX_TOKEN_KEYS if kw.get(key) is not None]
+    if len({str(kw[key]) for key in given}) > 1:
+        chosen = ", ".join(f"{key}={kw[key]!r}" for key in given)
+        print(f"generate_until: generation_kwargs {chosen}: using {given[0]} (lm-eval's order)", file=sys.stderr)
+    return given[0] if given else None
+
+
+def _number_or(value, default: float) -> float:
+    """A generation setting as a float; None (not set) is the default."""
+    return default if value is None else float(value)
