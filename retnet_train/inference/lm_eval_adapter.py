@@ -170,7 +170,7 @@ class RetNetTrainLM(LM):
         return out
 
     def _gen_params(self, gen_kwargs) -> Tuple[SamplingParams, List[str]]:
-        return read_generation_kwargs(gen_kwargs, self.max_gen_toks, self.model.config.vocab_size)
+        return read_generation_kwargs(gen_kwargs, self.max_gen_toks, self.max_length, self.model.config.vocab_size)
 
     def generate_until(self, requests) -> List[str]:
         """Requests with equal generation arguments run as one left-padded batch of batch_size."""
@@ -180,7 +180,7 @@ class RetNetTrainLM(LM):
         out: List[Optional[str]] = [None] * len(requests)
         for idx in groups.values():
             params, until = self._gen_params(requests[idx[0]].args[1])
-            keep = max(self.max_length - params.max_new_tokens, 1)
+            keep = self.max_length - params.max_new_tokens  # >= 1: read_generation_kwargs checks
             for lo in range(0, len(idx), self.batch_size):
                 part = idx[lo : lo + self.batch_size]
                 prompts = [([self.prefix_id] + self.tok_encode(requests[i].args[0]))[-keep:] for i in part]

@@ -21,10 +21,11 @@ BEAMS = "num_beams"  # our search is one beam: num_beams 1 asks for what we do
 
 
 def read_generation_kwargs(
-    gen_kwargs: Optional[dict], default_max_gen_toks: int, vocab_size: int
+    gen_kwargs: Optional[dict], default_max_gen_toks: int, max_length: int, vocab_size: int
 ) -> Tuple[SamplingParams, List[str]]:
     """(sampling settings, stop strings) of one request's generation_kwargs; a bad or unknown key is a
-    ValueError naming it ('generate_until: generation_kwargs top_p: must be in (0, 1], got 0')."""
+    ValueError naming it ('generate_until: generation_kwargs top_p: must be in (0, 1], got 0').
+    max_length: the window that holds the prompt and the tokens generated."""
     kw = dict(gen_kwargs or {})
     _refuse_what_we_cannot_follow(kw)
     max_key = _max_tokens_key(kw)
@@ -44,7 +45,21 @@ def read_generation_kwargs(
     except SettingError as e:
         key = (max_key or "max_gen_toks") if e.name == "max_new_tokens" else e.name
         raise ValueError(f"generate_until: generation_kwargs {key}: {e.problem}") from None
+    _refuse_no_room_for_the_prompt(params.max_new_tokens, max_key, max_length)
     return params, until
+
+
+def _refuse_no_room_for_the_prompt(max_new_tokens: int, max_key: Optional[str], max_length: int) -> None:
+    """The prompt keeps max_length - max_new_tokens tokens: none left is refused, as lm-eval's HF backend
+    does, rather than a prompt cut to its first token."""
+    if max_new_tokens < max_length:
+        return
+    given = f"generation_kwargs {max_key}" if max_key else "max_gen_toks"
+    source = "" if max_key else " (--model_args)"
+    raise ValueError(
+        f"generate_until: {given}={max_new_tokens}{source}: must be less than max_length={max_length} "
+        "(--max-length), the window that holds the prompt and the tokens generated"
+    )
 
 
 def _refuse_what_we_cannot_follow(kw: dict) -> None:

@@ -266,3 +266,27 @@ def test_adapter_refuses_generation_kwargs_it_cannot_follow_naming_the_key(setup
     assert calls == []
     lm.generate_until([Instance("generate_until", {}, ("one", {"until": ["\n"], "num_beams": 1}), 0)])
     assert [params.max_new_tokens for params in calls] == [3]
+
+
+def test_adapter_refuses_max_gen_toks_that_leave_no_room_for_the_prompt(setup, monkeypatch):
+    """max_gen_toks >= max_length is an error naming both keys, as lm-eval's HF backend refuses it; the
+    prompt was cut to its first token without a word."""
+    require_lm_eval()
+    from lm_eval.api.instance import Instance
+
+    import retnet_train.inference.lm_eval_adapter as adapter
+
+    d, tok, model, exp, _ = setup
+    lm = adapter.RetNetTrainLM(model, str(tok), max_length=8)  # max_gen_toks: 256 by default
+    calls = _recorded_generation(lm, adapter, monkeypatch)
+    for kwargs, key in (
+        ({"max_gen_toks": 8}, "generation_kwargs max_gen_toks=8"),
+        ({"max_new_tokens": 9}, "generation_kwargs max_new_tokens=9"),
+        ({}, r"max_gen_toks=256 \(--model_args\)"),
+    ):
+        request = Instance("generate_until", {}, ("one two three", {"until": ["\n"], **kwargs}), 0)
+        with pytest.raises(ValueError, match=rf"^generate_until: {key}: must be less than max_length=8 "):
+            lm.generate_until([request])
+    assert calls == []
+    lm.generate_until([Instance("generate_until", {}, ("one two three", {"until": ["\n"], "max_gen_toks": 7}), 0)])
+    assert [params.max_new_tokens for params in calls] == [7]
