@@ -48,6 +48,10 @@ class RetNetTrainLM(LM):
         """documents_start_with_bos: how the model's training documents started (None: not known; a
         checkpoint's own record when built from checkpoint=...)."""
         super().__init__()
+        # --model_args are checked before a checkpoint is read
+        self.max_length = _model_arg_count("max_length", max_length)
+        self.max_gen_toks = _model_arg_count("max_gen_toks", max_gen_toks)  # where a request gives none
+        self.batch_size = _batch_size(batch_size)
         if model is None:  # built by lm-eval from --model_args
             if checkpoint is None:
                 raise ValueError("retnet-train: pass checkpoint=<DeepSpeed dir or export dir> in --model_args")
@@ -70,10 +74,6 @@ class RetNetTrainLM(LM):
             raise ValueError(
                 f"tokenizer {tokenizer}: {self.sp.get_piece_size()} pieces, model vocab_size={model.config.vocab_size}"
             )
-        self.max_length, self.max_gen_toks = int(max_length), int(max_gen_toks)
-        if self.max_gen_toks < 1:  # the tokens generated where a request gives no max_gen_toks
-            raise ValueError(f"retnet-train: max_gen_toks={max_gen_toks}: must be >= 1")
-        self.batch_size = _batch_size(batch_size)
         self._device = next(model.parameters()).device  # (LM.device is a read-only property)
         # token that stands before the first real token (lm-eval's prefix_token_id), and whether the
         # token after it starts a document (it is an EOS)
@@ -237,6 +237,19 @@ def _usable_device(device: Optional[str]) -> str:
     if kind == "cuda" and not torch.cuda.is_available():
         raise ValueError(f"retnet-train: --device {device}, but no CUDA device is visible; pass --device cpu")
     return device
+
+
+def _model_arg_count(key: str, value) -> int:
+    """A count of tokens from --model_args (lm-eval parses the string: an int, a float or a str)."""
+    try:
+        number = float(value)
+    except (TypeError, ValueError):
+        number = float("nan")
+    if not number.is_integer():
+        raise ValueError(f"retnet-train: {key}={value!r}: must be an integer")
+    if number < 1:
+        raise ValueError(f"retnet-train: {key}={value!r}: must be >= 1")
+    return int(number)
 
 
 def _batch_size(value) -> int:

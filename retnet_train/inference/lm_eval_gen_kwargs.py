@@ -32,13 +32,13 @@ def read_generation_kwargs(
     until = kw.get("until") or []
     until = [until] if isinstance(until, str) else list(until)
     do_sample = bool(kw.get("do_sample", False))
-    temperature = float(kw.get("temperature", 1.0 if do_sample else 0.0))
+    temperature = _number(kw, "temperature", 1.0 if do_sample else 0.0)
     params = SamplingParams(
-        max_new_tokens=int(kw[max_key]) if max_key else default_max_gen_toks,
+        max_new_tokens=_integer(kw, max_key, default_max_gen_toks) if max_key else default_max_gen_toks,
         temperature=temperature if do_sample else 0.0,
-        top_k=int(kw.get("top_k", 0) or 0),
-        top_p=_number_or(kw.get("top_p"), 1.0),  # 0 is refused, as generate's --top-p 0: not off
-        seed=kw.get("seed"),
+        top_k=_integer(kw, "top_k", 0),
+        top_p=_number(kw, "top_p", 1.0),  # 0 is refused, as generate's --top-p 0: not off
+        seed=_integer(kw, "seed", None),
     )
     try:  # as the generate command checks its flags, also those greedy decoding does not use
         params.validate(vocab_size)
@@ -90,6 +90,30 @@ def _max_tokens_key(kw: dict) -> Optional[str]:
     return given[0] if given else None
 
 
-def _number_or(value, default: float) -> float:
-    """A generation setting as a float; None (not set) is the default."""
-    return default if value is None else float(value)
+def _number(kw: dict, key: str, default: float) -> float:
+    """kw[key] as a float (a number, or a string of one); not set or None: the default."""
+    value = kw.get(key)
+    if value is None:
+        return default
+    try:
+        return float(value)
+    except (TypeError, ValueError):
+        raise ValueError(f"generate_until: generation_kwargs {key}: must be a number, got {value!r}") from None
+
+
+def _integer(kw: dict, key: str, default: Optional[int]) -> Optional[int]:
+    """kw[key] as an int (an int, a string of one, or a float that holds one); not set or None: the default.
+    int() alone would cut 2.5 to 2."""
+    value = kw.get(key)
+    if value is None:
+        return default
+    try:
+        return int(value) if isinstance(value, (int, str)) else _whole(float(value))
+    except (TypeError, ValueError, OverflowError):
+        raise ValueError(f"generate_until: generation_kwargs {key}: must be an integer, got {value!r}") from None
+
+
+def _whole(number: float) -> int:
+    if not number.is_integer():
+        raise ValueError(number)
+    return int(number)

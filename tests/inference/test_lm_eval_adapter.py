@@ -290,3 +290,48 @@ def test_adapter_refuses_max_gen_toks_that_leave_no_room_for_the_prompt(setup, m
     assert calls == []
     lm.generate_until([Instance("generate_until", {}, ("one two three", {"until": ["\n"], "max_gen_toks": 7}), 0)])
     assert [params.max_new_tokens for params in calls] == [7]
+
+
+def test_adapter_refuses_a_bad_max_length_or_max_gen_toks_before_loading(setup, tmp_path):
+    """max_length of 0 or below, or a count that is not an integer, in --model_args is a one-line error
+    naming the key, raised before the checkpoint is read; max_length 0 was taken, and 'abc' failed in int()."""
+    require_lm_eval()
+    from retnet_train.inference.lm_eval_adapter import RetNetTrainLM
+
+    d, tok, model, exp, _ = setup
+    for args, error in (
+        ("max_length=0", r"max_length=0: must be >= 1"),
+        ("max_length=-5", r"max_length=-5: must be >= 1"),
+        ("max_length=abc", r"max_length='abc': must be an integer"),
+        ("max_length=8.5", r"max_length=8.5: must be an integer"),
+        ("max_gen_toks=many", r"max_gen_toks='many': must be an integer"),
+    ):
+        with pytest.raises(ValueError, match=rf"^retnet-train: {error}$"):
+            RetNetTrainLM.create_from_arg_string(f"checkpoint={tmp_path / 'missing'},{args}")
+    with pytest.raises(ValueError, match=r"^retnet-train: max_length=0: must be >= 1$"):
+        RetNetTrainLM(model, str(tok), max_length=0)
+
+
+@pytest.mark.parametrize(
+    "key, value, kind",
+    [
+        ("top_p", "high", "a number"),
+        ("temperature", "hot", "a number"),
+        ("top_k", "five", "an integer"),
+        ("top_k", 2.5, "an integer"),
+        ("seed", "abc", "an integer"),
+    ],
+)
+def test_adapter_refuses_a_generation_setting_that_is_not_a_number_naming_the_key(setup, key, value, kind):
+    """A sampling setting that is not a number is a one-line error naming the key; it was float()'s or
+    int()'s error, which names no key (a seed failed deep inside generation)."""
+    require_lm_eval()
+    from lm_eval.api.instance import Instance
+
+    from retnet_train.inference.lm_eval_adapter import RetNetTrainLM
+
+    d, tok, model, exp, _ = setup
+    lm = RetNetTrainLM(model, str(tok), max_length=32)
+    kwargs = {"until": ["\n"], "do_sample": True, "max_gen_toks": 2, key: value}
+    with pytest.raises(ValueError, match=rf"^generate_until: generation_kwargs {key}: must be {kind}, got {value!r}$"):
+        lm.generate_until([Instance("generate_until", {}, ("one two", kwargs), 0)])
