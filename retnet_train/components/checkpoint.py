@@ -184,6 +184,18 @@ def _chosen(choice: "discovery.Choice", rank: int):
     return choice.directory, choice.tag
 
 
+def write_failure(tag_dir: str, error: RuntimeError) -> OSError:
+    """torch.save reports a write that failed (a full disk, a quota, a file it cannot create) as a
+    RuntimeError of its zip writer ('unexpected pos 64 vs 0'), without the OS's reason: an OSError naming
+    the checkpoint and the space left there, which the trainer reports as the I/O error it is."""
+    detail = (str(error).strip().splitlines() or [type(error).__name__])[0]
+    try:
+        free = f"{shutil.disk_usage(os.path.dirname(tag_dir)).free / 2**30:.2f} GiB free on its filesystem"
+    except OSError:
+        free = "free space unknown"
+    return OSError(None, f"saving the checkpoint failed ({detail}; {free})", tag_dir)
+
+
 def _barrier():
     if dist.is_initialized():
         dist.barrier()
@@ -213,8 +225,11 @@ class CheckpointManager:
             print(f"{tag_dir}: replacing an earlier save of step {step}", flush=True)
             shutil.rmtree(tag_dir)
         _barrier()
-        engine.save_checkpoint(self.dir, tag=tag, client_state=client_state, save_latest=False)
-        torch.save(rng_state(), os.path.join(tag_dir, f"rng_rank{self.rank}.pt"))
+        try:
+            engine.save_checkpoint(self.dir, tag=tag, client_state=client_state, save_latest=False)
+            torch.save(rng_state(), os.path.join(tag_dir, f"rng_rank{self.rank}.pt"))
+        except RuntimeError as e:
+            raise write_failure(tag_dir, e) from e
         # every rank's shards and RNG are on disk; each rank names what it sees (its own files at least:
         # a shared filesystem may show the others' late), and COMPLETE lists them all
         seen = [name for name in os.listdir(tag_dir) if os.path.isfile(os.path.join(tag_dir, name))]
