@@ -242,7 +242,21 @@ def _check_deepspeed(ds: DeepSpeedConfig) -> None:
     _need(ds.precision in PRECISIONS, "deepspeed.precision", f"{ds.precision!r} is not {'|'.join(PRECISIONS)}")
     _need(not ds.offload_param or ds.zero_stage == 3, "deepspeed.offload_param", "needs zero_stage=3")
     _need(not ds.offload_optimizer or ds.zero_stage >= 1, "deepspeed.offload_optimizer", "needs zero_stage>=1")
+    _check_buckets(ds)
     check_grad_accum_dtype(ds)
+
+
+def _check_buckets(ds: DeepSpeedConfig) -> None:
+    """What DeepSpeed refuses only when the engine is built, after the model and the data: naming its own
+    field (a pydantic error) or with an assert's traceback."""
+    _need(ds.reduce_bucket_size > 0, "deepspeed.reduce_bucket_size", "must be > 0")
+    size = ds.allgather_bucket_size
+    _need(size >= 0, "deepspeed.allgather_bucket_size", "must be >= 0")
+    _need(
+        size % 2 == 0 or ds.zero_stage not in (1, 2),  # ZeRO-3 reads it as its prefetch size, ZeRO-0 not at all
+        "deepspeed.allgather_bucket_size",
+        f"{size} is odd; ZeRO 1 and 2 need a multiple of 2 (DeepSpeed aligns its all-gather buffers to 4 bytes)",
+    )
 
 
 _POSITIVE_TRAIN_KEYS = "micro_batch_size global_batch_tokens max_steps log_interval eval_batches".split()
@@ -253,6 +267,8 @@ def _check_train(train: TrainSection) -> None:
     for key in _POSITIVE_TRAIN_KEYS:
         _need(getattr(train, key) > 0, f"train.{key}", "must be > 0")
     _need(train.eval_interval >= 0, "train.eval_interval", "must be >= 0 (0: no validation)")
+    # torch.manual_seed takes [-2^63, 2^64); each rank seeds with train.seed + its rank
+    _need(-(2**63) <= train.seed < 2**63, "train.seed", f"{train.seed} is not in [-2^63, 2^63)")
     checkpointing_mode(train.activation_checkpointing, "train.activation_checkpointing")
     budget = train.activation_memory_budget
     _need(0 < budget <= 1, "train.activation_memory_budget", f"{budget} is not in (0, 1]")

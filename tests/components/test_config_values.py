@@ -58,7 +58,18 @@ def with_values(**values) -> TrainConfig:
             dict(deepspeed__grad_accum_dtype="fp16"),
             "deepspeed.grad_accum_dtype: 'fp16' is not fp32 (or null: the dtype of deepspeed.precision)",
         ),
+        # DeepSpeed refused these only once the model was built: pydantic's or an assert's lines, naming its own field
+        (dict(deepspeed__reduce_bucket_size=0), "deepspeed.reduce_bucket_size: must be > 0"),
+        (dict(deepspeed__allgather_bucket_size=-1), "deepspeed.allgather_bucket_size: must be >= 0"),
+        (
+            dict(deepspeed__allgather_bucket_size=123_456_789),
+            "deepspeed.allgather_bucket_size: 123456789 is odd; ZeRO 1 and 2 need a multiple of 2 (DeepSpeed "
+            "aligns its all-gather buffers to 4 bytes)",
+        ),
         (dict(train__micro_batch_size=0), "train.micro_batch_size: must be > 0"),
+        # torch.manual_seed's range: beyond it the run stopped with 'Overflow when unpacking long long'
+        (dict(train__seed=2**70), f"train.seed: {2**70} is not in [-2^63, 2^63)"),
+        (dict(train__seed=-(2**63) - 1), f"train.seed: {-(2**63) - 1} is not in [-2^63, 2^63)"),
         (dict(train__max_consecutive_nonfinite=0), "train.max_consecutive_nonfinite: must be > 0"),
         (dict(train__eval_interval=-1), "train.eval_interval: must be >= 0 (0: no validation)"),
         (
@@ -115,6 +126,12 @@ def test_bad_value_fails_naming_its_key(values, message):
         dict(train__activation_memory_budget=1.0),
         dict(deepspeed__offload_param=True, deepspeed__zero_stage=3),
         dict(deepspeed__offload_optimizer=True, deepspeed__zero_stage=1),
+        dict(deepspeed__allgather_bucket_size=0),
+        dict(deepspeed__allgather_bucket_size=123_456_789, deepspeed__zero_stage=3),  # ZeRO-3's prefetch size
+        dict(deepspeed__allgather_bucket_size=123_456_789, deepspeed__zero_stage=0),  # unused
+        dict(deepspeed__reduce_bucket_size=1),
+        dict(train__seed=-(2**63)),
+        dict(train__seed=2**63 - 1),
     ],
 )
 def test_values_at_the_edge_of_their_range_are_accepted(values):
