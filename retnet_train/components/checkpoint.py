@@ -13,6 +13,7 @@ identity of data.tokenizer, loaders.tokenizer_record).
 from __future__ import annotations
 
 import os
+import re
 import shutil
 from typing import Mapping, Optional, Protocol
 
@@ -96,6 +97,7 @@ def resolve_resume(resume: str, manager: "CheckpointManager", config: Optional[d
     whose newest checkpoint holds this very config (`config`: this run's resolved config; None: never
     continues).
     """
+    refuse_foreign_tags(manager.dir)
     ours = manager.existing()
     if resume == "auto":
         choice = discovery.choose(manager.dir)
@@ -149,6 +151,39 @@ def resolve_resume(resume: str, manager: "CheckpointManager", config: Optional[d
             f"run's saves. Move them out of {manager.dir}, or resume into a new run.dir (or checkpoint.dir)"
         )
     return _chosen(choice, manager.rank)
+
+
+# what a save writes into <dir>/step_<N>/ before its COMPLETE marker: DeepSpeed's shards, our RNG states
+SAVE_FILE_RE = re.compile(r"^(rng_rank\d+\.pt|.*mp_rank_\d+_(model|optim)_states\.pt|COMPLETE\.tmp)$")
+
+
+def not_ours(directory: str, tag: str) -> Optional[str]:
+    """Why <directory>/<tag> is not this trainer's to delete (None: a checkpoint, or a save of it that never
+    completed). Without a COMPLETE marker, a directory holding anything a save does not write is another
+    program's (another trainer's step_1000/, a user's outputs)."""
+    tag_dir = os.path.join(directory, tag)
+    if discovery.is_complete(directory, tag):
+        return None
+    if not os.path.isdir(tag_dir):
+        return "it is not a directory"
+    for name in sorted(os.listdir(tag_dir)):
+        if not (SAVE_FILE_RE.match(name) and os.path.isfile(os.path.join(tag_dir, name))):
+            return f"{name} in it is no file a save writes"
+    return None
+
+
+def refuse_foreign_tags(directory: str, tags: Optional[list] = None) -> None:
+    """Refuse `tags` of `directory` (default: every step_<N> there) that this trainer did not write: at
+    start, before anything is written, and before a save replaces an earlier one of its step."""
+    tags = discovery.checkpoint_tags(directory) if tags is None else tags
+    foreign = [(tag, why) for tag in tags if (why := not_ours(directory, tag))]
+    if foreign:
+        raise ValueError(
+            f"checkpoint.dir={directory} holds {', '.join(t for t, _ in foreign[:3])}, which this trainer did "
+            f"not write ({foreign[0][1]}; no {discovery.COMPLETE} marker): its saves would prune or replace them. "
+            f"Give this run a checkpoint.dir of its own, or move them away (a checkpoint written elsewhere that "
+            f"you know is whole: `touch {discovery.COMPLETE}` in it)"
+        )
 
 
 def _saved_config(tag_dir: str) -> Optional[dict]:
@@ -219,9 +254,10 @@ class CheckpointManager:
     def save(self, engine, step: int, client_state: dict) -> str:
         tag = self.tag_for(step)
         tag_dir = os.path.join(self.dir, tag)
-        if self.rank == 0 and os.path.isdir(tag_dir):
+        if self.rank == 0 and os.path.lexists(tag_dir):
             # an earlier save of this step (damaged or interrupted, and passed over when this run resumed
             # from an older one): its marker and files must not mix with this save's
+            refuse_foreign_tags(self.dir, [tag])
             print(f"{tag_dir}: replacing an earlier save of step {step}", flush=True)
             shutil.rmtree(tag_dir)
         _barrier()
@@ -263,8 +299,8 @@ class CheckpointManager:
                 kept.add(tag)
         oldest_kept = min(tag_step(t) for t in kept)
         for tag in os.listdir(self.dir):
-            if not TAG_RE.match(tag) or tag in kept:
-                continue
+            if not TAG_RE.match(tag) or tag in kept or not_ours(self.dir, tag):
+                continue  # (another program's step_<N> appeared while this run trained: not ours to delete)
             if not self.is_complete(tag) or tag_step(tag) < oldest_kept:  # never completed, or out of the window
                 shutil.rmtree(os.path.join(self.dir, tag), ignore_errors=True)
 

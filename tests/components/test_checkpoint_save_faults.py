@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from retnet_train.components import checkpoint_discovery as discovery
-from retnet_train.components.checkpoint import CheckpointManager
+from retnet_train.components.checkpoint import CheckpointManager, resolve_resume
 from retnet_train.components.faults import io_failure
 
 MODEL_STATES = "mp_rank_00_model_states.pt"
@@ -68,3 +68,54 @@ def test_a_disk_filling_up_during_a_save_is_an_io_error_naming_the_checkpoint(tm
     assert discovery.damage(str(tmp_path), "step_00000002") is None
     assert not discovery.is_complete(str(tmp_path), "step_00000004")
     assert discovery.read_latest(str(tmp_path)) == "step_00000002"
+
+
+def foreign_dir(directory, tag, files=("config.json", "model.pt")):
+    """A step_<N> directory another program wrote (another trainer's checkpoint, a user's outputs)."""
+    tag_dir = directory / tag
+    tag_dir.mkdir(parents=True)
+    for name in files:
+        (tag_dir / name).write_text(name)
+    return tag_dir
+
+
+def test_a_checkpoint_dir_holding_step_dirs_of_another_program_is_refused_at_start(tmp_path):
+    """Another program's step_1000/ has no COMPLETE marker: a fresh start there would prune it as an
+    interrupted save at its first checkpoint. It is refused, naming it and a file in it, and kept."""
+    foreign = foreign_dir(tmp_path, "step_1000")
+    manager = CheckpointManager(str(tmp_path), keep_last=1, rank=0)
+    with pytest.raises(ValueError) as raised:
+        resolve_resume("auto", manager)
+    assert str(raised.value).startswith(
+        f"checkpoint.dir={tmp_path} holds step_1000, which this trainer did not write (config.json in it is no "
+        "file a save writes; no COMPLETE marker): its saves would prune or replace them"
+    )
+    assert sorted(os.listdir(foreign)) == ["config.json", "model.pt"]
+
+
+def test_pruning_and_replacing_leave_directories_of_another_program_alone(tmp_path):
+    """Appeared while the run trained (so after the check at start): pruning passes over it, and a save of
+    its step is refused rather than deleting it."""
+    manager = CheckpointManager(str(tmp_path), keep_last=1, rank=0)
+    manager.save(SavingEngine(), 10, {"step": 10})
+    foreign_dir(tmp_path, "step_15")
+    foreign_dir(tmp_path, "step_00000030")
+    manager.save(SavingEngine(), 20, {"step": 20})
+    assert sorted(t for t in os.listdir(tmp_path) if t.startswith("step_")) == [
+        "step_00000020",
+        "step_00000030",
+        "step_15",
+    ]
+    with pytest.raises(ValueError, match="step_00000030, which this trainer did not write"):
+        manager.save(SavingEngine(), 30, {"step": 30})
+    assert sorted(os.listdir(tmp_path / "step_00000030")) == ["config.json", "model.pt"]
+
+
+def test_an_interrupted_save_of_this_trainer_is_still_pruned(tmp_path):
+    """What a save killed midway leaves (DeepSpeed's shards, an RNG state, COMPLETE.tmp) is this trainer's."""
+    manager = CheckpointManager(str(tmp_path), keep_last=1, rank=0)
+    files = ("zero_pp_rank_0_mp_rank_00_model_states.pt", "bf16_zero_pp_rank_1_mp_rank_00_optim_states.pt")
+    foreign_dir(tmp_path, "step_00000015", files + ("rng_rank0.pt", "COMPLETE.tmp"))
+    assert resolve_resume("auto", manager) is None
+    manager.save(SavingEngine(), 20, {"step": 20})
+    assert sorted(t for t in os.listdir(tmp_path) if t.startswith("step_")) == ["step_00000020"]
