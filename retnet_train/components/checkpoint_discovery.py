@@ -104,6 +104,22 @@ def torch_file_damage(path: str) -> Optional[str]:
     return None
 
 
+def unreadable_torch_file(path: str) -> Optional[str]:
+    """Why torch.load failed on `path`, where the file itself shows it (None: it looks whole, and torch's
+    error is the one to show). torch's error for a file that is not its zip archive asks to save it with
+    _use_new_zipfile_serialization=True for mmap, which misleads where the file is damaged."""
+    why = torch_file_damage(path)
+    if why:
+        return why
+    with open(path, "rb") as f:
+        start = f.read(2)
+    if start == b"PK":
+        return None
+    if start[:1] == b"\x80":  # a pickle: torch's legacy format, which cannot be memory-mapped
+        return "in torch's legacy (non-zip) format, which cannot be memory-mapped; torch.save it again"
+    return "truncated or damaged (it does not start as a torch.save zip archive)"
+
+
 def damage(directory: str, tag: str) -> Optional[str]:
     """Why <directory>/<tag> cannot be used as a checkpoint, None when it can."""
     tag_dir = os.path.join(directory, tag)

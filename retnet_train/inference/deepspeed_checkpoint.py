@@ -75,7 +75,25 @@ def read_model_states(tag_dir: str) -> dict:
     try:
         return torch.load(path, map_location="cpu", weights_only=False, mmap=True)
     except Exception as e:  # torch raises several types for a damaged file; the one-line error names it
-        raise CheckpointError(f"{path}: cannot be read ({type(e).__name__}: {e})") from None
+        raise CheckpointError(f"{path}: {_why_unreadable(path, e)}") from e
+
+
+def _why_unreadable(path: str, error: Exception) -> str:
+    """What the file shows (damaged, truncated), else torch's error."""
+    try:
+        why = discovery.unreadable_torch_file(path)
+    except OSError:  # gone or unreadable since: torch's error says which
+        why = None
+    return why or f"cannot be read ({type(error).__name__}: {error})"
+
+
+def _first_damaged_file(tag_dir: str) -> Optional[str]:
+    """'<file>: why' of the first torch file in tag_dir that shows damage (None: none does)."""
+    for path in sorted(glob.glob(os.path.join(tag_dir, "*.pt"))):
+        why = discovery.unreadable_torch_file(path)
+        if why:
+            return f"{path}: {why}"
+    return None
 
 
 def _has_zero_optimizer_shards(tag_dir: str) -> bool:
@@ -96,9 +114,10 @@ def consolidated_state_dict(save_dir: str, tag: str) -> dict:
             with contextlib.redirect_stdout(sys.stderr):
                 return get_fp32_state_dict_from_zero_checkpoint(save_dir, tag=tag)
         except Exception as e:  # a damaged shard the cheap checks let through
+            damaged = _first_damaged_file(tag_dir)
             raise CheckpointError(
-                f"{tag_dir}: DeepSpeed cannot consolidate its ZeRO shards ({type(e).__name__}: {e})"
-            ) from None
+                damaged or f"{tag_dir}: DeepSpeed cannot consolidate its ZeRO shards ({type(e).__name__}: {e})"
+            ) from e
     state = read_model_states(tag_dir)
     module = state.get("module")
     if not module:

@@ -82,6 +82,36 @@ def test_a_named_checkpoint_with_a_truncated_file_is_a_one_line_error(run, tmp_p
             generate_main(["--checkpoint", str(tag_dir), "--prompt", "one"])
 
 
+def overwrite_start(path):
+    """Damage a file where torch's zip archive starts, as a disk fault or a bad copy can."""
+    data = path.read_bytes()
+    path.write_bytes(b"\0" * 64 + data[64:])
+
+
+@pytest.mark.parametrize("name", [MODEL_STATES, OPTIM_STATES])
+def test_a_checkpoint_file_damaged_at_its_start_is_named_as_damaged(run, tmp_path, name):
+    """A file the cheap checks let through (not a zip archive at all) is named truncated or damaged, with
+    torch's error chained; torch's own text asks to save with _use_new_zipfile_serialization=True for mmap,
+    which misleads."""
+    tag_dir = run / "checkpoints" / STEP2
+    overwrite_start(tag_dir / name)
+    with pytest.raises(CheckpointError, match=f"^{tag_dir / name}: truncated or damaged") as error:
+        load_model(str(tag_dir))
+    assert "mmap" not in str(error.value) and "_use_new_zipfile_serialization" not in str(error.value)
+    assert error.value.__cause__ is not None
+    with pytest.raises(SystemExit, match=f"^error: {tag_dir / name}: truncated or damaged") as error:
+        generate_main(["--checkpoint", str(tag_dir), "--prompt", "one"])
+    assert "\n" not in str(error.value) and "mmap" not in str(error.value)
+
+
+def test_a_model_states_file_in_torchs_legacy_format_is_not_called_damaged(run):
+    """torch's legacy (non-zip) format cannot be memory-mapped: the error says so, not that it is damaged."""
+    path = run / "checkpoints" / STEP2 / MODEL_STATES
+    torch.save(torch.load(path, weights_only=False), path, _use_new_zipfile_serialization=False)
+    with pytest.raises(CheckpointError, match=f"^{path}: in torch's legacy \\(non-zip\\) format, which cannot be"):
+        load_model(str(run / "checkpoints" / STEP2))
+
+
 def test_an_unknown_tag_names_the_checkpoint_directory_and_the_tags_it_holds(run, tmp_path):
     # a run dir's tags are under checkpoints/: the error names that directory, not the run dir
     expected = rf"error: --tag step_3: no checkpoint step_3 in {run / 'checkpoints'} \(it holds {STEP1}, {STEP2}\)"
