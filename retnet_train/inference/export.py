@@ -102,6 +102,15 @@ def write_export(out: str, write) -> None:
             shutil.rmtree(staging)
 
 
+def parameter_count(n: int) -> str:
+    """n for the result line: exact under a million (a tiny model's 41,280 is not 0.0M), else M or B."""
+    if n < 1_000_000:
+        return f"{n:,}"
+    if round(n / 1e6, 1) < 1000:
+        return f"{n / 1e6:.1f}M"
+    return f"{n / 1e9:.2f}B"
+
+
 def main(argv=None) -> int:
     args = parse_args(argv)
     try:
@@ -121,7 +130,7 @@ def main(argv=None) -> int:
         raise SystemExit(f"error: {e}") from None
     if loaded.tokenizer_path is None:
         print(f"warning: no tokenizer written ({args.checkpoint} names none; pass --tokenizer)", file=sys.stderr)
-    print(f"exported {args.format} model ({loaded.model.num_params() / 1e6:.1f}M parameters) to {args.out}")
+    print(f"exported {args.format} model ({parameter_count(loaded.model.num_params())} parameters) to {args.out}")
     return 0
 
 

@@ -182,3 +182,27 @@ def test_a_flag_argparse_refuses_is_one_line_naming_it(main, argv, line, capsys)
         main(["--checkpoint", "c", *argv])
     err = capsys.readouterr().err
     assert e.value.code == 2 and err.startswith(line) and err.count("\n") == 1, err
+
+
+def test_exports_result_line_gives_a_tiny_models_parameter_count(tmp_path, capsys):
+    """A model under a million parameters is counted exactly (it printed 0.0M), larger ones in M with one
+    decimal or in B with two."""
+    from gen_fixtures import tiny_model
+
+    from retnet_train.inference.native import save_native
+
+    model = tiny_model()
+    save_native(model, str(tmp_path / "src"))
+    assert export_main(["--checkpoint", str(tmp_path / "src"), "--out", str(tmp_path / "exp")]) == 0
+    n = model.num_params()
+    assert n < 100_000
+    assert capsys.readouterr().out == f"exported native model ({n:,} parameters) to {tmp_path / 'exp'}\n"
+    from retnet_train.inference.export import parameter_count
+
+    assert [parameter_count(n) for n in (999_999, 1_000_000, 12_345_678, 999_960_000, 1_346_678_784)] == [
+        "999,999",
+        "1.0M",
+        "12.3M",
+        "1.00B",
+        "1.35B",
+    ]
