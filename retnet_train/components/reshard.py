@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import contextlib
 import datetime
+import fcntl
 import os
 import shutil
 import socket
@@ -45,6 +46,7 @@ from .rank_errors import SameOnEveryRank
 
 UNIVERSAL = "universal"  # <dir>/<tag>/universal: the converted copy
 TMP_PREFIX = ".universal.tmp-"
+LOCK = ".universal.lock"  # held while converting: one conversion of a checkpoint at a time
 
 
 def run_layout(cfg, world: int) -> dict:
@@ -193,15 +195,42 @@ def convert_to_universal(tag_dir: str) -> str:
     """<tag_dir>/universal from DeepSpeed's shards in tag_dir (ZeRO 1-3), once; returns its path.
 
     Written into a temporary directory and renamed into place, so a crash leaves no `universal`
-    directory (the next resume converts again) and never touches the original files.
+    directory (the next resume converts again, removing what the crashed one left) and never touches
+    the original files.
     """
-    from deepspeed.checkpoint import ds_to_universal
-
     final = os.path.join(tag_dir, UNIVERSAL)
     if os.path.isdir(final):
         return final
     if not os.access(tag_dir, os.W_OK):
         raise ValueError(not_writable(tag_dir))
+    with _conversion_lock(tag_dir) as locked:
+        if os.path.isdir(final):  # another job converted it while this one waited for the lock
+            return final
+        if locked:  # no conversion runs: what one left is a killed one's half-written output
+            for name in os.listdir(tag_dir):
+                if name.startswith(TMP_PREFIX):
+                    shutil.rmtree(os.path.join(tag_dir, name), ignore_errors=True)
+        _convert(tag_dir, final)
+    return final
+
+
+@contextlib.contextmanager
+def _conversion_lock(tag_dir: str):
+    """An exclusive flock on <tag_dir>/.universal.lock (another job converting the same checkpoint waits);
+    yields whether it is held: False on a filesystem without file locks. The kernel drops it with its holder."""
+    with open(os.path.join(tag_dir, LOCK), "a") as f:
+        try:
+            fcntl.flock(f.fileno(), fcntl.LOCK_EX)
+            locked = True
+        except OSError:
+            locked = False
+        yield locked
+
+
+def _convert(tag_dir: str, final: str) -> None:
+    """ds_to_universal into a temporary directory of this process, renamed to `final` once whole."""
+    from deepspeed.checkpoint import ds_to_universal
+
     tmp = os.path.join(tag_dir, f"{TMP_PREFIX}{socket.gethostname()}-{os.getpid()}")
     shutil.rmtree(tmp, ignore_errors=True)
     # ds_to_universal writes <output>/.. /latest_universal: keep it inside tmp as well
@@ -225,7 +254,6 @@ def convert_to_universal(tag_dir: str) -> str:
                 raise
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
-    return final
 
 
 def prepare_resume(
