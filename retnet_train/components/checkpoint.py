@@ -213,6 +213,8 @@ def _newer_valid(directory: str, tag: str) -> list:
 
 def _chosen(choice: "discovery.Choice", rank: int):
     if choice.tag is None:
+        if rank == 0 and choice.skipped:  # (saves that never completed: a fresh start)
+            print(f"no whole checkpoint in {choice.directory}; passed over: {choice.reasons()}", flush=True)
         return None
     if rank == 0 and choice.note():
         print(choice.note(), flush=True)

@@ -103,7 +103,7 @@ def config_diff(old: dict, new: dict, prefix: str = "", defaults: Optional[dict]
 
 
 def fresh_start_line(resume: str, checkpoint_dir: str) -> str:
-    return f"no checkpoint in {checkpoint_dir}: starting fresh" if resume == "auto" else "starting fresh"
+    return f"no whole checkpoint in {checkpoint_dir}: starting fresh" if resume == "auto" else "starting fresh"
 
 
 def nothing_to_train_line(step: int, max_steps: int) -> str:

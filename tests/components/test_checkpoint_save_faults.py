@@ -119,3 +119,15 @@ def test_an_interrupted_save_of_this_trainer_is_still_pruned(tmp_path):
     assert resolve_resume("auto", manager) is None
     manager.save(SavingEngine(), 20, {"step": 20})
     assert sorted(t for t in os.listdir(tmp_path) if t.startswith("step_")) == ["step_00000020"]
+
+
+def test_a_fresh_start_past_an_interrupted_first_save_says_what_it_passed_over(tmp_path, capsys):
+    """Killed during its first save, the run has no whole checkpoint: the same command starts fresh and
+    says which one it passed over and why, as a resume past a newer broken one does."""
+    foreign_dir(tmp_path, "step_00000002", ("mp_rank_00_model_states.pt",))  # no COMPLETE: killed midway
+    assert resolve_resume("auto", CheckpointManager(str(tmp_path), keep_last=1, rank=0)) is None
+    assert capsys.readouterr().out == (
+        f"no whole checkpoint in {tmp_path}; passed over: step_00000002: {discovery.NOT_COMPLETE}\n"
+    )
+    assert resolve_resume("auto", CheckpointManager(str(tmp_path), keep_last=1, rank=1)) is None
+    assert capsys.readouterr().out == ""  # rank 0 says it
