@@ -78,9 +78,12 @@ def main(cfg: DictConfig) -> None:
 def checked_config(cfg: DictConfig) -> TrainConfig:
     """The typed config with its values checked. It comes from the command line alone, the same on every
     rank, and so does any problem with it."""
+    from .model import model_config_from_dict
+
     try:
         typed = typed_config(cfg)
         check_values(typed)  # (the Trainer checks again: run() takes configs built elsewhere)
+        model_config_from_dict(typed.model)  # its keys, types and values, before any rank starts building
     except ValueError as e:
         raise SameOnEveryRank(str(e)) from None
     return typed

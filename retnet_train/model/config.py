@@ -52,8 +52,9 @@ class DecoderConfig:
     # Reset the sequence mixer at document starts inside packed sequences (doc_starts input).
     document_masking: bool = True
 
-    def validate(self) -> None:
-        cls = type(self).__name__
+    def validate(self, section: str | None = None) -> None:
+        """Raises ValueError naming `<section>.<field>` (default: the class, e.g. RetNetConfig.n_heads)."""
+        cls = section or type(self).__name__
         for name in ("vocab_size", "d_model", "n_layers", "n_heads", "ffn_dim"):
             value = getattr(self, name)
             _check(isinstance(value, int) and value > 0, cls, name, f"must be a positive integer, got {value!r}")
@@ -104,9 +105,9 @@ class RetNetConfig(DecoderConfig):
     def value_head_dim(self) -> int:
         return self.value_dim // self.n_heads
 
-    def validate(self) -> None:
-        super().validate()
-        cls = type(self).__name__
+    def validate(self, section: str | None = None) -> None:
+        super().validate(section)
+        cls = section or type(self).__name__
         _check(self.value_factor > 0, cls, "value_factor", f"must be > 0, got {self.value_factor}")
         exact = self.d_model * self.value_factor
         _check(
@@ -160,11 +161,11 @@ class TransformerConfig(DecoderConfig):
     def head_dim(self) -> int:
         return self.d_model // self.n_heads
 
-    def validate(self) -> None:
-        super().validate()
+    def validate(self, section: str | None = None) -> None:
+        super().validate(section)
         _check(
             self.head_dim % 2 == 0,
-            type(self).__name__,
+            section or type(self).__name__,
             "n_heads",
             f"head dim {self.head_dim} must be even (RoPE pairs)",
         )
@@ -198,7 +199,7 @@ def model_config_from_dict(d: Mapping[str, Any]) -> RetNetConfig | TransformerCo
         elif not isinstance(value, expected) or (expected is int and isinstance(value, bool)):
             raise ValueError(f"model.{key}: expected {expected.__name__}, got {type(value).__name__} ({value!r})")
     config = cls(**d)
-    config.validate()
+    config.validate("model")  # the dict's keys are the model section's: errors name model.<key>
     return config
 
 

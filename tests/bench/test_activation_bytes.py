@@ -119,7 +119,7 @@ def test_bad_arguments_are_named_before_the_forward(capsys, args, needle):
     "models, needle",
     [
         ("retnet@bogus=1", "--models: 'retnet@bogus=1': model.bogus: unknown key for arch=retnet"),
-        ("transformer@n_heads=3", "--models: 'transformer@n_heads=3': TransformerConfig.n_heads: 3 does not divide"),
+        ("transformer@n_heads=3", "--models: 'transformer@n_heads=3': model.n_heads: 3 does not divide"),
     ],
 )
 def test_a_preset_override_the_model_refuses_is_named_not_a_traceback(capsys, models, needle):

@@ -18,6 +18,11 @@ from retnet_train.train import checked_config
     [
         ("+train.max_step=2", "train.max_step: not a key of the trainer config"),  # typed_config
         ("deepspeed.zero_stage=7", "deepspeed.zero_stage: 7 is not 0-3"),  # check_values
+        # the model section: every rank printed these in full, after the process group and the run dir,
+        # the values' naming the config class (RetNetConfig.n_heads) instead of the key
+        ("+model.d_modle=64", "^model.d_modle: unknown key for arch=retnet"),
+        ("model.n_heads=3", "^model.n_heads: 3 does not divide d_model=128$"),
+        ("model.chunk_size=0", "^model.chunk_size: must be an integer >= 1, got 0$"),
     ],
 )
 def test_a_config_problem_is_the_same_on_every_rank(tmp_path, override, message):
