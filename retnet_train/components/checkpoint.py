@@ -98,6 +98,7 @@ def resolve_resume(resume: str, manager: "CheckpointManager", config: Optional[d
     continues).
     """
     refuse_foreign_tags(manager.dir)
+    refuse_a_run_dir(manager.dir)
     ours = manager.existing()
     if resume == "auto":
         choice = discovery.choose(manager.dir)
@@ -183,6 +184,18 @@ def refuse_foreign_tags(directory: str, tags: Optional[list] = None) -> None:
             f"not write ({foreign[0][1]}; no {discovery.COMPLETE} marker): its saves would prune or replace them. "
             f"Give this run a checkpoint.dir of its own, or move them away (a checkpoint written elsewhere that "
             f"you know is whole: `touch {discovery.COMPLETE}` in it)"
+        )
+
+
+def refuse_a_run_dir(directory: str) -> None:
+    """checkpoint.dir naming a run dir, whose checkpoints are in its checkpoints/: the run would start fresh
+    beside them (train.resume=<run dir> finds them there; checkpoint.dir is where this run saves)."""
+    nested = os.path.join(directory, "checkpoints")
+    if not discovery.checkpoint_tags(directory) and discovery.checkpoint_tags(nested):
+        raise ValueError(
+            f"checkpoint.dir={directory} is a run directory: its checkpoints are in {nested}. "
+            f"checkpoint.dir={nested} continues that run; train.resume={directory} starts from its newest "
+            "checkpoint in a run.dir of your own"
         )
 
 

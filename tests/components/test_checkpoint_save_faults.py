@@ -131,3 +131,18 @@ def test_a_fresh_start_past_an_interrupted_first_save_says_what_it_passed_over(t
     )
     assert resolve_resume("auto", CheckpointManager(str(tmp_path), keep_last=1, rank=1)) is None
     assert capsys.readouterr().out == ""  # rank 0 says it
+
+
+def test_a_checkpoint_dir_naming_another_runs_run_dir_is_refused(tmp_path):
+    """checkpoint.dir=<a run dir> (its checkpoints under checkpoints/): the run would start fresh beside
+    them instead of continuing them, and write its checkpoints into that run's directory."""
+    other = CheckpointManager(str(tmp_path / "a" / "checkpoints"), keep_last=1, rank=0)
+    other.save(SavingEngine(), 2, {"step": 2})
+    with pytest.raises(ValueError) as raised:
+        resolve_resume("auto", CheckpointManager(str(tmp_path / "a"), keep_last=1, rank=0))
+    assert str(raised.value) == (
+        f"checkpoint.dir={tmp_path / 'a'} is a run directory: its checkpoints are in {tmp_path / 'a' / 'checkpoints'}. "
+        f"checkpoint.dir={tmp_path / 'a' / 'checkpoints'} continues that run; train.resume={tmp_path / 'a'} starts "
+        "from its newest checkpoint in a run.dir of your own"
+    )
+    assert sorted(os.listdir(tmp_path / "a")) == ["checkpoints"]
