@@ -9,13 +9,13 @@ should reach: tokenization 1M tokens/s on 2 cores; the loader 100x what one GPU 
 
 from __future__ import annotations
 
-import argparse
 import os
 import tempfile
 import time
 from pathlib import Path
 from typing import Sequence
 
+from data_prep.cli import command_parser
 from data_prep.sample_corpus import build_sample, stdlib_source_files
 from data_prep.sources import Source
 from data_prep.tokenize import tokenize_source
@@ -60,7 +60,7 @@ def bench_loader(shards: Path, seq_len: int, batch: int, seconds: float = 3.0) -
 
 
 def main(argv: Sequence[str] | None = None) -> None:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = command_parser("bench", __doc__)
     p.add_argument("--data", default="data/sample", type=Path)
     p.add_argument("--num-proc", type=int, default=os.cpu_count())
     p.add_argument("--max-bytes", type=int, default=16_000_000)

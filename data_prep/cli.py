@@ -1,13 +1,22 @@
-"""What a data_prep command does on Ctrl-C: one line on stderr, not a traceback, and the shell's status
-for SIGINT (130)."""
+"""What every data_prep command shares: its parser (usage names it as it is run, its docstring is the
+help) and what it does on Ctrl-C (one line on stderr, not a traceback, and the shell's status for
+SIGINT, 130)."""
 
 from __future__ import annotations
 
+import argparse
 import contextlib
 import sys
 from typing import Iterator
 
 EXIT_INTERRUPTED = 130  # 128 + SIGINT
+
+
+def command_parser(name: str, doc: str | None) -> argparse.ArgumentParser:
+    """The parser of `python -m data_prep.<name>`, its docstring shown as written."""
+    return argparse.ArgumentParser(
+        prog=f"python -m data_prep.{name}", description=doc, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
 
 
 @contextlib.contextmanager

@@ -20,7 +20,6 @@ hidden directory behind; the next run removes it and says so.
 
 from __future__ import annotations
 
-import argparse
 import gzip
 import io
 import json
@@ -36,7 +35,7 @@ from pathlib import Path, PurePosixPath
 from typing import Iterator, Sequence
 
 from data_prep.atomic import write_bytes_atomic, write_json_atomic
-from data_prep.cli import interrupt_exits
+from data_prep.cli import command_parser, interrupt_exits
 from data_prep.deb_archive import CorpusError, deb_files, package_name
 from data_prep.output_dir import OutputDirError, check_writable_dir, publish_staged, remove_stale_staging, staged
 from retnet_train.data.manifest import sha256_file
@@ -344,7 +343,7 @@ def _write_packages(debs: list[Path], out: Path, num_proc: int, progress: bool) 
 
 
 def main(argv: Sequence[str] | None = None) -> None:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = command_parser("debian_corpus", __doc__)
     p.add_argument("--debs", required=True, help="directory of .deb files (apt-get download ...)")
     p.add_argument("--out", required=True, help="output directory: <package>.jsonl per .deb and corpus.json")
     p.add_argument("--overwrite", action="store_true", help="rebuild an existing output directory")

@@ -12,13 +12,12 @@ existing outputs unless --overwrite is given.
 
 from __future__ import annotations
 
-import argparse
 import sysconfig
 import time
 from pathlib import Path
 from typing import Sequence
 
-from data_prep.cli import interrupt_exits
+from data_prep.cli import command_parser, interrupt_exits
 from data_prep.output_dir import OutputDirError
 from data_prep.sources import Source, SourceError, check_text_file
 from data_prep.tokenize import tokenize_source
@@ -110,7 +109,7 @@ def build_sample(
 
 
 def main(argv: Sequence[str] | None = None) -> None:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = command_parser("sample_corpus", __doc__)
     p.add_argument("--out", default="data/sample")
     p.add_argument("--max-bytes", type=int, default=DEFAULT_MAX_BYTES)
     p.add_argument("--num-proc", type=int, default=None)

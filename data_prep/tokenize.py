@@ -27,7 +27,7 @@ import pyarrow.compute as pc
 from tqdm import tqdm
 
 from data_prep.atomic import write_json_atomic
-from data_prep.cli import interrupt_exits
+from data_prep.cli import command_parser, interrupt_exits
 from data_prep.doc_split import validation_mask
 from data_prep.output_dir import (
     OutputDirError,
@@ -297,7 +297,7 @@ def _encode(
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = command_parser("tokenize", __doc__)
     p.add_argument("--source", action="append", required=True, help="NAME=SPEC, repeatable (see data_prep.sources)")
     p.add_argument("--tokenizer", required=True, help="sentencepiece .model")
     p.add_argument("--out", required=True, help="output root; each source goes to OUT/NAME")

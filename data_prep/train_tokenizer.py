@@ -11,7 +11,6 @@ normalization, whitespace kept as is, byte fallback for characters outside the v
 
 from __future__ import annotations
 
-import argparse
 import io
 import itertools
 import os
@@ -23,7 +22,7 @@ import numpy as np
 import sentencepiece as spm
 
 from data_prep.atomic import write_bytes_atomic, write_json_atomic
-from data_prep.cli import interrupt_exits
+from data_prep.cli import command_parser, interrupt_exits
 from data_prep.output_dir import OutputDirError, check_writable_dir, removed_if_empty_on_failure
 from data_prep.sources import (
     Source,
@@ -198,7 +197,7 @@ def _write_model(out: Path, model: bytes, card_path: Path) -> None:
 
 
 def main(argv: Sequence[str] | None = None) -> None:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = command_parser("train_tokenizer", __doc__)
     p.add_argument("--source", action="append", required=True, help="[NAME=]SPEC, repeatable (see data_prep.sources)")
     p.add_argument("--out", required=True, help="path of the .model file to write")
     add_reading_args(p, "card")

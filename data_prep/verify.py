@@ -9,10 +9,10 @@ and exits 1 if there is any.
 
 from __future__ import annotations
 
-import argparse
 from pathlib import Path
 from typing import Sequence
 
+from data_prep.cli import command_parser
 from data_prep.shard_writer import JOURNAL_NAME
 from retnet_train.data.manifest import MANIFEST_NAME, ManifestError, read_manifest, verify_shards
 
@@ -56,7 +56,7 @@ def verify_directory(directory: str | Path, checksums: bool = True) -> list[str]
 
 
 def main(argv: Sequence[str] | None = None) -> None:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = command_parser("verify", __doc__)
     p.add_argument("dirs", nargs="+", type=Path)
     p.add_argument("--sizes-only", action="store_true", help="skip the sha256 pass (fast)")
     a = p.parse_args(argv)

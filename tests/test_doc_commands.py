@@ -182,12 +182,12 @@ def parser_prog(module: str, argv: list) -> str:
     raise AssertionError(f"{module} parsed no arguments")
 
 
-OUR_CLIS = sorted({m: tuple(a) for _, m, a in COMMANDS if m.startswith("retnet_train.")}.items())
+OUR_CLIS = sorted({m: tuple(a) for _, m, a in COMMANDS if m.startswith(("retnet_train.", "data_prep."))}.items())
 
 
 @pytest.mark.parametrize("module,argv", OUR_CLIS, ids=[m for m, _ in OUR_CLIS])
 def test_each_command_names_itself_as_the_docs_run_it(module, argv):
-    """`usage: python -m retnet_train.bench.x ...`, not the file name argparse takes from sys.argv[0]."""
+    """`usage: python -m retnet_train.bench.x ...` (data_prep.x), not the file name argparse takes from sys.argv[0]."""
     assert parser_prog(module, alternatives(list(argv))[0]) == f"python -m {module}"
 
 
