@@ -60,6 +60,7 @@ def main(cfg: DictConfig) -> None:
 
     typed = None
     try:
+        refuse_multirun()
         typed = checked_config(cfg)
         summary = run(typed)
     except (ValueError, TrainingError) as e:
@@ -73,6 +74,32 @@ def main(cfg: DictConfig) -> None:
         if dist.is_initialized():
             dist.destroy_process_group()
     finish(EXIT_PREEMPTED if summary["preempted"] else EXIT_FINISHED)
+
+
+MULTIRUN = (
+    "Hydra multirun (-m, --multirun, hydra.mode=MULTIRUN) is not supported: the trainer runs one config per "
+    "process and exits with its status; start one command per config, each with its own run.dir"
+)
+
+
+def asks_for_multirun(argv: list) -> bool:
+    """-m, --multirun (or an abbreviation argparse takes for it) or a hydra.mode=MULTIRUN override."""
+    for arg in argv:
+        if arg == "-m" or (len(arg) > 3 and "--multirun".startswith(arg)):
+            return True
+        if arg.lstrip("+").lower() == "hydra.mode=multirun":
+            return True
+    return False
+
+
+def refuse_multirun() -> None:
+    """Inside a job: a multirun that the command line did not show (hydra.mode in a config file). Each job
+    would end the process with its run's status, so the sweep's later jobs would never run."""
+    from hydra.core.hydra_config import HydraConfig
+    from hydra.types import RunMode
+
+    if HydraConfig.initialized() and HydraConfig.get().mode == RunMode.MULTIRUN:
+        raise SameOnEveryRank(MULTIRUN)
 
 
 def checked_config(cfg: DictConfig) -> TrainConfig:
@@ -94,6 +121,9 @@ def main_once_per_error() -> None:
     config lacks, say), the same on every rank: ranks other than 0 have it raised (HYDRA_FULL_ERROR)
     and only point at rank 0's."""
     rank = process_rank()
+    if asks_for_multirun(sys.argv[1:]):  # before Hydra writes its multirun/ directory and starts a job
+        print_error(SameOnEveryRank(MULTIRUN), rank)
+        finish(EXIT_ERROR)
     if rank != 0:
         os.environ.setdefault("HYDRA_FULL_ERROR", "1")
     try:

@@ -36,6 +36,29 @@ def test_bad_override_names_the_key(tmp_path, override, needle):
     assert needle in proc.stderr + proc.stdout
 
 
+@pytest.mark.parametrize("flag", ["-m", "--multirun", "--multi", "hydra.mode=MULTIRUN", "+hydra.mode=multirun"])
+def test_hydra_multirun_is_refused_before_anything_is_written(tmp_path, flag):
+    """A sweep (-m optim.lr=a,b) ran its first job only, with status 0: the trainer ends the process with
+    the run's exit status, so the other jobs never ran; and Hydra wrote multirun/<date>/<time>/."""
+    workdir = tmp_path / "cwd"
+    workdir.mkdir()
+    args = [flag, *overrides(tmp_path / "nodata", tmp_path / "run", **{"optim.lr": "1e-3,3e-3"})]
+    proc = subprocess.run(
+        [sys.executable, "-m", "retnet_train.train", *args],
+        cwd=workdir,
+        env={**env(), "PYTHONPATH": str(REPO)},
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert proc.returncode == 1
+    assert proc.stderr.splitlines()[-1] == (
+        "error: Hydra multirun (-m, --multirun, hydra.mode=MULTIRUN) is not supported: the trainer runs one "
+        "config per process and exits with its status; start one command per config, each with its own run.dir"
+    )
+    assert list(workdir.iterdir()) == [] and not (tmp_path / "run").exists()
+
+
 @pytest.mark.parametrize(
     "override,key,hint",
     [
