@@ -13,7 +13,6 @@ identity of data.tokenizer, loaders.tokenizer_record).
 from __future__ import annotations
 
 import os
-import re
 import shutil
 from typing import Mapping, Optional, Protocol
 
@@ -22,6 +21,7 @@ import torch.distributed as dist
 
 from . import checkpoint_discovery as discovery
 from .checkpoint_discovery import TAG_RE, tag_step
+from .checkpoint_guard import not_ours, refuse_foreign, refuse_foreign_tags
 from .rng import load_rng_state, rng_state, seed_everything
 from .run_dir import continues_run, same_path
 
@@ -97,8 +97,7 @@ def resolve_resume(resume: str, manager: "CheckpointManager", config: Optional[d
     whose newest checkpoint holds this very config (`config`: this run's resolved config; None: never
     continues).
     """
-    refuse_foreign_tags(manager.dir)
-    refuse_a_run_dir(manager.dir)
+    refuse_foreign(manager.dir)  # before anything is written: what its saves would prune or replace
     ours = manager.existing()
     if resume == "auto":
         choice = discovery.choose(manager.dir)
@@ -152,51 +151,6 @@ def resolve_resume(resume: str, manager: "CheckpointManager", config: Optional[d
             f"run's saves. Move them out of {manager.dir}, or resume into a new run.dir (or checkpoint.dir)"
         )
     return _chosen(choice, manager.rank)
-
-
-# what a save writes into <dir>/step_<N>/ before its COMPLETE marker: DeepSpeed's shards, our RNG states
-SAVE_FILE_RE = re.compile(r"^(rng_rank\d+\.pt|.*mp_rank_\d+_(model|optim)_states\.pt|COMPLETE\.tmp)$")
-
-
-def not_ours(directory: str, tag: str) -> Optional[str]:
-    """Why <directory>/<tag> is not this trainer's to delete (None: a checkpoint, or a save of it that never
-    completed). Without a COMPLETE marker, a directory holding anything a save does not write is another
-    program's (another trainer's step_1000/, a user's outputs)."""
-    tag_dir = os.path.join(directory, tag)
-    if discovery.is_complete(directory, tag):
-        return None
-    if not os.path.isdir(tag_dir):
-        return "it is not a directory"
-    for name in sorted(os.listdir(tag_dir)):
-        if not (SAVE_FILE_RE.match(name) and os.path.isfile(os.path.join(tag_dir, name))):
-            return f"{name} in it is no file a save writes"
-    return None
-
-
-def refuse_foreign_tags(directory: str, tags: Optional[list] = None) -> None:
-    """Refuse `tags` of `directory` (default: every step_<N> there) that this trainer did not write: at
-    start, before anything is written, and before a save replaces an earlier one of its step."""
-    tags = discovery.checkpoint_tags(directory) if tags is None else tags
-    foreign = [(tag, why) for tag in tags if (why := not_ours(directory, tag))]
-    if foreign:
-        raise ValueError(
-            f"checkpoint.dir={directory} holds {', '.join(t for t, _ in foreign[:3])}, which this trainer did "
-            f"not write ({foreign[0][1]}; no {discovery.COMPLETE} marker): its saves would prune or replace them. "
-            f"Give this run a checkpoint.dir of its own, or move them away (a checkpoint written elsewhere that "
-            f"you know is whole: `touch {discovery.COMPLETE}` in it)"
-        )
-
-
-def refuse_a_run_dir(directory: str) -> None:
-    """checkpoint.dir naming a run dir, whose checkpoints are in its checkpoints/: the run would start fresh
-    beside them (train.resume=<run dir> finds them there; checkpoint.dir is where this run saves)."""
-    nested = os.path.join(directory, "checkpoints")
-    if not discovery.checkpoint_tags(directory) and discovery.checkpoint_tags(nested):
-        raise ValueError(
-            f"checkpoint.dir={directory} is a run directory: its checkpoints are in {nested}. "
-            f"checkpoint.dir={nested} continues that run; train.resume={directory} starts from its newest "
-            "checkpoint in a run.dir of your own"
-        )
 
 
 def _saved_config(tag_dir: str) -> Optional[dict]:

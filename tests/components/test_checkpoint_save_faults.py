@@ -146,3 +146,25 @@ def test_a_checkpoint_dir_naming_another_runs_run_dir_is_refused(tmp_path):
         "from its newest checkpoint in a run.dir of your own"
     )
     assert sorted(os.listdir(tmp_path / "a")) == ["checkpoints"]
+
+
+@pytest.mark.parametrize("kind", ["another program's pointer", "a symlink"])
+def test_a_latest_this_trainer_did_not_write_is_refused_rather_than_replaced(tmp_path, kind):
+    """Every save replaces <checkpoint.dir>/latest: one that names no checkpoint this trainer can use (another
+    DeepSpeed program's global_step100/ without a COMPLETE marker, a user's symlink to a run) is refused at
+    start instead of being overwritten by the first save."""
+    if kind == "a symlink":
+        (tmp_path / "run_17").mkdir()
+        (tmp_path / "latest").symlink_to(tmp_path / "run_17")
+        why = "a symlink"
+    else:
+        foreign_dir(tmp_path, "global_step100", ("mp_rank_00_model_states.pt",))
+        (tmp_path / "latest").write_text("global_step100")
+        why = f"it names global_step100: {discovery.NOT_COMPLETE}"
+    with pytest.raises(ValueError) as raised:
+        resolve_resume("auto", CheckpointManager(str(tmp_path), keep_last=1, rank=0))
+    assert str(raised.value).startswith(
+        f"checkpoint.dir={tmp_path} holds a `latest` that this trainer did not write ({why}): its saves would "
+        "replace it"
+    )
+    assert os.path.lexists(tmp_path / "latest")
