@@ -85,7 +85,7 @@ MULTIRUN = (
 def asks_for_multirun(argv: list) -> bool:
     """-m, --multirun (or an abbreviation argparse takes for it) or a hydra.mode=MULTIRUN override."""
     for arg in argv:
-        if arg == "-m" or (len(arg) > 3 and "--multirun".startswith(arg)):
+        if arg == "-m" or (len(arg) >= 3 and "--multirun".startswith(arg)):
             return True
         if arg.lstrip("+").lower() == "hydra.mode=multirun":
             return True

@@ -36,7 +36,7 @@ def test_bad_override_names_the_key(tmp_path, override, needle):
     assert needle in proc.stderr + proc.stdout
 
 
-@pytest.mark.parametrize("flag", ["-m", "--multirun", "--multi", "hydra.mode=MULTIRUN", "+hydra.mode=multirun"])
+@pytest.mark.parametrize("flag", ["-m", "--multirun", "--multi", "--m", "hydra.mode=MULTIRUN", "+hydra.mode=multirun"])
 def test_hydra_multirun_is_refused_before_anything_is_written(tmp_path, flag):
     """A sweep (-m optim.lr=a,b) ran its first job only, with status 0: the trainer ends the process with
     the run's exit status, so the other jobs never ran; and Hydra wrote multirun/<date>/<time>/."""
