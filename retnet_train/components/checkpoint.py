@@ -65,7 +65,10 @@ def check_parts(source: Optional[tuple], parts: Mapping[str, Stateful]) -> None:
     if source is None:
         return
     path = os.path.join(*source)
-    state = torch.load(discovery.model_states_file(path), map_location="cpu", weights_only=False, mmap=True)
+    try:
+        state = discovery.read_model_states(path)
+    except ValueError as e:  # a file damaged where the checks before choosing it do not look: named
+        raise ValueError(f"train.resume: {e}") from e
     client = upgrade_client_state(state)  # DeepSpeed keeps the client state's keys beside its own
     _refuse_missing_parts(client, parts, path)
     for name, part in parts.items():
@@ -156,8 +159,8 @@ def resolve_resume(resume: str, manager: "CheckpointManager", config: Optional[d
 def _saved_config(tag_dir: str) -> Optional[dict]:
     """The resolved config of the run that saved checkpoint `tag_dir` (None where it does not say)."""
     try:
-        state = torch.load(discovery.model_states_file(tag_dir), map_location="cpu", weights_only=False, mmap=True)
-    except (OSError, RuntimeError, ValueError):
+        state = discovery.read_model_states(tag_dir)
+    except (OSError, ValueError):
         return None
     config = state.get("config") if isinstance(state, dict) else None
     return config if isinstance(config, dict) else None

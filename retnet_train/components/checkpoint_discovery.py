@@ -1,10 +1,11 @@
-"""Which checkpoint is the newest valid one: the one answer used by resuming (components/checkpoint.py)
-and by the inference loaders (inference/deepspeed_checkpoint.py).
+"""Which checkpoint is the newest valid one, and its model states read with a clear error for a damaged
+file: the one answer used by resuming (components/checkpoint.py) and by the inference loaders
+(inference/deepspeed_checkpoint.py).
 
 The trainer writes <dir>/step_<N>/ (every rank's DeepSpeed files and RNG states), then
 <dir>/step_<N>/COMPLETE once all ranks finished (listing those files, one name a line), then
 <dir>/latest (the tag). A checkpoint is valid when it has COMPLETE, every file COMPLETE lists, a
-model-states file, and no torch file in it cut short. The newest valid one is
+model-states file, and no torch file in it cut short or damaged at its start. The newest valid one is
 used (by step: `latest`, DeepSpeed's pointer, is written last and may lag); every newer checkpoint
 passed over is named with the reason (`Choice.note`).
 """
@@ -21,6 +22,8 @@ from typing import List, Optional
 COMPLETE = "COMPLETE"
 LATEST = "latest"
 TAG_RE = re.compile(r"^step_(\d+)$")
+ZIP_START = b"PK"  # how torch.save's zip archive starts
+PICKLE_START = b"\x80"  # how a pickle starts: torch's legacy format
 NOT_COMPLETE = (
     f"no {COMPLETE} marker: the save was interrupted (a checkpoint written outside the trainer "
     f"needs `touch {COMPLETE}` in it once you know it is whole)"
@@ -91,12 +94,16 @@ def model_states_file(tag_dir: str) -> str:
 
 def torch_file_damage(path: str) -> Optional[str]:
     """Why a torch.save file cannot be read (None: it looks whole). torch writes a zip archive whose
-    index is at its end, so a file cut short has none; reading the index costs no tensor data."""
+    index is at its end, so a file cut short has none; reading the index costs no tensor data. A file
+    that starts as neither that archive nor a pickle (torch's legacy format) is damaged at its start."""
     if os.path.getsize(path) == 0:
         return "empty file"
     with open(path, "rb") as f:
-        if f.read(2) != b"PK":
-            return None  # torch's legacy (non-zip) format: nothing cheap to check
+        start = f.read(2)
+    if start[:1] == PICKLE_START:
+        return None  # torch's legacy (non-zip) format: nothing cheap to check
+    if start != ZIP_START:
+        return "truncated or damaged (it does not start as a torch.save zip archive)"
     try:
         zipfile.ZipFile(path).close()
     except (zipfile.BadZipFile, OSError) as e:
@@ -106,18 +113,49 @@ def torch_file_damage(path: str) -> Optional[str]:
 
 def unreadable_torch_file(path: str) -> Optional[str]:
     """Why torch.load failed on `path`, where the file itself shows it (None: it looks whole, and torch's
-    error is the one to show). torch's error for a file that is not its zip archive asks to save it with
-    _use_new_zipfile_serialization=True for mmap, which misleads where the file is damaged."""
+    error is the one to show). torch's errors for a damaged file mislead: one not starting as its zip
+    archive gets a request to save with _use_new_zipfile_serialization=True for mmap, one with a corrupt
+    member an 'internal miniz error'. Reads the whole file: for an error path only."""
     why = torch_file_damage(path)
     if why:
         return why
     with open(path, "rb") as f:
         start = f.read(2)
-    if start == b"PK":
-        return None
-    if start[:1] == b"\x80":  # a pickle: torch's legacy format, which cannot be memory-mapped
+    if start[:1] == PICKLE_START:  # torch's legacy format, which cannot be memory-mapped
         return "in torch's legacy (non-zip) format, which cannot be memory-mapped; torch.save it again"
-    return "truncated or damaged (it does not start as a torch.save zip archive)"
+    try:
+        with zipfile.ZipFile(path) as archive:
+            corrupt = archive.testzip()  # the first member whose header or CRC does not check out
+    except (zipfile.BadZipFile, OSError) as e:
+        return f"truncated or damaged ({e})"
+    return f"damaged (its member {corrupt} is corrupt)" if corrupt else None
+
+
+def read_model_states(tag_dir: str) -> dict:
+    """Rank 0's model-states dict of a checkpoint (client state, DeepSpeed's counters; weights memory-mapped),
+    for resuming and for inference. A file torch cannot read is a CheckpointError naming it and what the
+    file shows (unreadable_torch_file), torch's error chained; an OSError of a file that looks whole (no
+    permission, a mount gone) stays the I/O error it is."""
+    import torch
+
+    from ..inference.errors import CheckpointError
+
+    path = model_states_file(tag_dir)
+    try:
+        return torch.load(path, map_location="cpu", weights_only=False, mmap=True)
+    except Exception as e:  # torch raises several types for a damaged file; the one-line error names it
+        why = _damage_shown(path)
+        if why is None and isinstance(e, OSError):
+            raise
+        raise CheckpointError(f"{path}: {why or f'cannot be read ({type(e).__name__}: {e})'}") from e
+
+
+def _damage_shown(path: str) -> Optional[str]:
+    """unreadable_torch_file, None where the file cannot be opened (torch's error says why)."""
+    try:
+        return unreadable_torch_file(path)
+    except OSError:
+        return None
 
 
 def damage(directory: str, tag: str) -> Optional[str]:

@@ -40,7 +40,7 @@ import torch
 import torch.distributed as dist
 
 from ..interop.legacy import has_separate_projections
-from .checkpoint_discovery import model_states_file
+from .checkpoint_discovery import read_model_states
 from .config import FP32_WEIGHTS
 from .rank_errors import SameOnEveryRank
 
@@ -61,7 +61,7 @@ def stored_precision(precision: str) -> str:
 
 def model_states(tag_dir: str) -> dict:
     """Rank 0's model-states file of a checkpoint (client state, layout; tensors memory-mapped)."""
-    return torch.load(model_states_file(tag_dir), map_location="cpu", weights_only=False, mmap=True)
+    return read_model_states(tag_dir)
 
 
 def checkpoint_layout(tag_dir: str, state: Optional[dict] = None) -> dict:

@@ -7,11 +7,10 @@ from __future__ import annotations
 import os
 from typing import Mapping, Optional, Tuple
 
-import torch
 from omegaconf import OmegaConf
 
 from .checkpoint import CheckpointManager, Stateful, load_parts
-from .checkpoint_discovery import model_states_file, tag_for
+from .checkpoint_discovery import read_model_states, tag_for
 from .config import TrainConfig
 from .train_state import TrainState
 
@@ -77,7 +76,7 @@ def misfit(path: str, error: RuntimeError, model_config: dict) -> str:
     settings that differ from the checkpoint's."""
     lines = [line.strip() for line in str(error).splitlines() if line.strip()]
     detail = (lines[1] if len(lines) > 1 else lines[0] if lines else type(error).__name__)[:300]
-    saved = torch.load(model_states_file(path), map_location="cpu", weights_only=False, mmap=True)
+    saved = read_model_states(path)
     changed = config_diff((saved.get("config") or {}).get("model") or {}, model_config, "model.")
     return f"train.resume: {path} does not load into this model ({detail})" + (
         f"; model settings differ from the checkpoint's: {'; '.join(changed)}" if changed else ""

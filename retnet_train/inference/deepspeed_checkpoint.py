@@ -15,6 +15,8 @@ import torch
 from ..components import checkpoint_discovery as discovery
 from .errors import CheckpointError
 
+read_model_states = discovery.read_model_states  # shared with resuming: one wording for a damaged file
+
 
 def resolve_deepspeed_dir(path: str, tag: Optional[str] = None) -> discovery.Choice:
     """The checkpoint to read for a run dir (holding checkpoints/), a save dir, a tag dir, or a save or
@@ -67,24 +69,6 @@ def _tag_dir(path: str, tag: str) -> str:
     latest = discovery.read_latest(holder)  # DeepSpeed's own tags (global_stepN) are named there
     held += [latest] if latest and latest not in held else []
     raise CheckpointError(f"--tag {tag}: no checkpoint {tag} in {holder} (it holds {', '.join(held) or 'nothing'})")
-
-
-def read_model_states(tag_dir: str) -> dict:
-    """Rank 0's model-states dict (client state, DeepSpeed's counters; weights memory-mapped)."""
-    path = discovery.model_states_file(tag_dir)
-    try:
-        return torch.load(path, map_location="cpu", weights_only=False, mmap=True)
-    except Exception as e:  # torch raises several types for a damaged file; the one-line error names it
-        raise CheckpointError(f"{path}: {_why_unreadable(path, e)}") from e
-
-
-def _why_unreadable(path: str, error: Exception) -> str:
-    """What the file shows (damaged, truncated), else torch's error."""
-    try:
-        why = discovery.unreadable_torch_file(path)
-    except OSError:  # gone or unreadable since: torch's error says which
-        why = None
-    return why or f"cannot be read ({type(error).__name__}: {error})"
 
 
 def _first_damaged_file(tag_dir: str) -> Optional[str]:
