@@ -4,11 +4,14 @@ A source is first read as its header (its manifest, or its Megatron index: no to
 Shard directories (manifest.json) and Megatron indexed datasets look the same to the loader:
 `num_tokens` and `gather(starts, length)`, which copies windows out of the page cache without
 any per-token Python work, and checks that every id it returns lies in the vocabulary (so the model
-need not check its input ids on the device, which costs a host sync per micro-batch).
+need not check its input ids on the device, which costs a host sync per micro-batch). A memory map holds
+its file open, so a stream maps at most MAX_OPEN_PARTS of its files at a time (the ones read last): a
+source of thousands of shards stays below `ulimit -n`.
 """
 
 from __future__ import annotations
 
+from collections import OrderedDict
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -30,6 +33,8 @@ from retnet_train.data.megatron import (
     read_megatron_index,
 )
 
+MAX_OPEN_PARTS = 16  # memory-mapped files per stream; a window spans one or two of them
+
 
 @dataclass(frozen=True)
 class SourceHeader:
@@ -46,15 +51,27 @@ class SourceHeader:
 
 
 class TokenStream:
-    def __init__(self, header: SourceHeader, parts: list[np.ndarray], vocab_size: int | None, part_paths: list[Path]):
-        """parts: the token arrays read in order (part_paths: their files, for errors); vocab_size: ids
-        must lie below it (None: unchecked)."""
+    def __init__(
+        self, header: SourceHeader, part_paths: list[Path], lengths: list[int], dtype: np.dtype, vocab_size: int | None
+    ):
+        """part_paths: the token files read in order, of `lengths` tokens of `dtype` each (checked against
+        their sizes before); vocab_size: ids must lie below it (None: unchecked)."""
         self.header, self.vocab_size = header, vocab_size
         self.name, self.origin, self.eos_id, self.manifest = header.name, header.origin, header.eos_id, header.manifest
-        self._parts, self._part_paths = parts, part_paths
-        lengths = np.array([len(p) for p in parts], dtype=np.int64)
-        self._starts = np.concatenate([[0], np.cumsum(lengths)])  # part i covers [starts[i], starts[i+1])
+        self._part_paths, self._dtype = part_paths, dtype
+        self._mapped: OrderedDict[int, np.memmap] = OrderedDict()  # part -> its map, the last read last
+        self._starts = np.concatenate([[0], np.cumsum(np.asarray(lengths, dtype=np.int64))])  # part i: [s[i], s[i+1])
         self.num_tokens = int(self._starts[-1])
+
+    def _part(self, part: int) -> np.memmap:
+        """Part `part`'s tokens, memory-mapped; the map read longest ago is closed past MAX_OPEN_PARTS."""
+        if part in self._mapped:
+            self._mapped.move_to_end(part)
+        else:
+            self._mapped[part] = np.memmap(self._part_paths[part], dtype=self._dtype, mode="r")
+            if len(self._mapped) > MAX_OPEN_PARTS:
+                self._mapped.popitem(last=False)  # its file closes with its last reference
+        return self._mapped[part]
 
     @property
     def documents_start_with_bos(self) -> bool:
@@ -72,8 +89,9 @@ class TokenStream:
             filled = 0
             while filled < length:  # a window spans at most a few parts (usually one)
                 lo = start + filled - self._starts[part]
-                take = min(length - filled, len(self._parts[part]) - lo)
-                out[row, filled : filled + take] = self._parts[part][lo : lo + take]
+                tokens = self._part(part)
+                take = min(length - filled, len(tokens) - lo)
+                out[row, filled : filled + take] = tokens[lo : lo + take]
                 if self.vocab_size is not None:
                     check_token_ids(out[row, filled : filled + take], self.vocab_size, self._part_paths[part], lo)
                 filled += take
@@ -131,9 +149,9 @@ def open_header(header: SourceHeader, verify_checksums: bool = False, vocab_size
     always (cheap, catches truncation), sha256 on request (reads everything); a Megatron .bin's size, EOS
     ends and a spread of its ids."""
     if header.manifest is None:
-        tokens, _ = open_megatron_tokens(header.path, header.eos_id, vocab_size)
+        tokens, _ = open_megatron_tokens(header.path, header.eos_id, vocab_size)  # checks it, then unmapped
         bin_path = header.path.with_name(header.path.name + ".bin")
-        return TokenStream(header, [tokens], vocab_size, [bin_path])
+        return TokenStream(header, [bin_path], [tokens.size], tokens.dtype, vocab_size)
     manifest = header.manifest
     problems = verify_shards(manifest, checksums=verify_checksums, splits=(header.split,))
     if problems:
@@ -141,9 +159,8 @@ def open_header(header: SourceHeader, verify_checksums: bool = False, vocab_size
             f"source {header.name!r}: damaged shards (run `python -m data_prep.verify {manifest.directory}`):\n  "
             + "\n  ".join(problems)
         )
-    paths = manifest.shard_paths(header.split)
-    parts = [np.memmap(p, dtype=manifest.np_dtype, mode="r") for p in paths]
-    return TokenStream(header, parts, manifest.vocab_size, paths)
+    lengths = [shard.tokens for shard in manifest.split(header.split).shards]
+    return TokenStream(header, manifest.shard_paths(header.split), lengths, manifest.np_dtype, manifest.vocab_size)
 
 
 def open_stream(
