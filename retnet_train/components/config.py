@@ -195,6 +195,7 @@ def check_values(cfg: TrainConfig) -> None:
     _check_deepspeed(cfg.deepspeed)
     _check_train(cfg.train)
     _check_parallel(cfg.parallel.context_parallel_size, cfg.model, cfg.data.seq_len)
+    _check_retention_backend(cfg.model, cfg.parallel.context_parallel_size)
     _need(cfg.run.dir.strip(), "run.dir", "must name a directory (empty: the run would write into the current one)")
     _check_checkpoint(cfg.checkpoint)
     _check_profile(cfg.profile, cfg.train.max_steps)
@@ -290,6 +291,22 @@ def _check_parallel(size: int, model: dict, seq_len: int) -> None:
             f"{CP_KEY}={size} needs model.arch=retnet, got {model.get('arch')}: only the retention state "
             "passes between the ranks of a sequence"
         )
+
+
+def _check_retention_backend(model: dict, cp_size: int) -> None:
+    """An explicit triton backend at a key head dim its kernels refuse failed only at the first GPU forward."""
+    if model.get("retention_backend") != "triton":
+        return
+    from ..kernels import triton_refusal
+    from ..model.config import model_config_from_dict
+
+    try:
+        config = model_config_from_dict(model)
+    except ValueError:
+        return  # the model section's own checks name the key
+    problem = triton_refusal(config, cp_size > 1)
+    if problem:
+        raise ValueError(problem)
 
 
 def _check_checkpoint(checkpoint: CheckpointConfig) -> None:

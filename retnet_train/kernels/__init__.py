@@ -11,6 +11,7 @@ for bf16/fp16 inputs in every backend and form.
 from __future__ import annotations
 
 import functools
+from typing import Optional
 
 import torch
 
@@ -65,6 +66,23 @@ def resolve_backend(backend: str, device: torch.device, key_dim: int = 0) -> str
     if on_nvidia and key_dim <= GPU_CHECKED_TRITON_KEY_DIM and triton_available():
         return "triton"
     return "fla" if on_gpu and fla_available() else "torch"
+
+
+def triton_refusal(config, context_parallel: bool) -> Optional[str]:
+    """Why model.retention_backend=triton cannot train `config` (a RetNetConfig; None: it can), for the config
+    checks at start. retention_op refuses key head dims above GPU_CHECKED_TRITON_KEY_DIM on a GPU where it
+    sends a forward to the Triton kernels; the recurrent form and context parallelism (a state with a
+    gradient) go to the torch form there, and run."""
+    K = config.key_head_dim
+    if config.retention_backend != "triton" or config.mode == "recurrent" or context_parallel:
+        return None
+    if K <= GPU_CHECKED_TRITON_KEY_DIM:
+        return None
+    return (
+        f"model.retention_backend=triton: key head dim {K} (model.d_model={config.d_model} / "
+        f"model.n_heads={config.n_heads}) is wider than the Triton kernels run (their GPU tests cover up to "
+        f"{GPU_CHECKED_TRITON_KEY_DIM}); model.retention_backend=auto or torch run it"
+    )
 
 
 FLA_CHUNK = 64  # fla's chunk_retention runs chunk_simple_gla at its own chunk size, whatever is asked

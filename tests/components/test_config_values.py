@@ -194,3 +194,36 @@ def test_context_parallel_needs_a_retnet():
     )
     cfg.model = {"arch": "retnet"}
     check_values(cfg)
+
+
+def retnet(**model) -> dict:
+    return {"arch": "retnet", "d_model": 512, "n_layers": 2, "ffn_dim": 1024, **model}
+
+
+def test_triton_at_a_key_head_dim_its_kernels_refuse_is_refused_at_start():
+    """It passed the checks and failed at the first forward on the GPU (retention_op refuses key dims above 256)."""
+    cfg = valid()
+    cfg.model = retnet(n_heads=1, retention_backend="triton")
+    with pytest.raises(ValueError) as exc:
+        check_values(cfg)
+    assert str(exc.value) == (
+        "model.retention_backend=triton: key head dim 512 (model.d_model=512 / model.n_heads=1) is wider than the "
+        "Triton kernels run (their GPU tests cover up to 256); model.retention_backend=auto or torch run it"
+    )
+
+
+@pytest.mark.parametrize(
+    "model, context_parallel_size",
+    [
+        (retnet(n_heads=2, retention_backend="triton"), 1),  # key head dim 256: what the kernels run
+        (retnet(n_heads=1, retention_backend="auto"), 1),  # auto takes fla or torch there
+        (retnet(n_heads=1, retention_backend="torch"), 1),
+        (retnet(n_heads=1, retention_backend="triton", mode="recurrent"), 1),  # retention_op runs torch for these
+        (retnet(n_heads=1, retention_backend="triton"), 2),  # context parallel: a state with a gradient
+        (retnet(n_heads=3, retention_backend="triton"), 1),  # the model's own check names n_heads
+    ],
+)
+def test_backends_that_run_a_wide_key_head_pass(model, context_parallel_size):
+    cfg = with_values(parallel__context_parallel_size=context_parallel_size)
+    cfg.model = model
+    check_values(cfg)
