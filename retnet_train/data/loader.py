@@ -20,6 +20,7 @@ from typing import Any, Iterator, Mapping
 import numpy as np
 import torch
 
+from retnet_train.data.mixing import mix_of
 from retnet_train.data.permutation import derive_key, permute
 from retnet_train.data.sources import (
     SourceSpec,
@@ -185,10 +186,10 @@ class TokenLoader:
         mine, changes = self.state_dict(), []
         for key in ("seed", "seq_len", "split", "weights", "sources", "windows"):
             theirs = state.get(key)
-            if key == "weights" and isinstance(theirs, Mapping):
-                theirs = {k: float(v) for k, v in theirs.items()}
             if key == "sources":
                 changes += self._source_changes(theirs)
+            elif key == "weights" and mix_of(theirs) is not None and mix_of(theirs) == mix_of(mine[key]):
+                continue  # the same mix in weights of another scale: the same stream
             elif theirs != mine[key]:
                 changes.append(
                     f"loader state key {key!r} is {theirs!r} but this loader has {mine[key]!r}: "

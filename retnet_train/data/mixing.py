@@ -8,7 +8,7 @@ no replay from 0 is needed on resume or for rank striding.
 
 from __future__ import annotations
 
-from typing import Mapping
+from typing import Any, Mapping
 
 import numpy as np
 
@@ -56,3 +56,13 @@ class MixingSchedule:
         cycle, pos = np.divmod(g, self.period)
         source = self.block[pos]
         return source, cycle * self.counts[source] + self.rank_in_block[pos]
+
+
+def mix_of(weights: Any) -> dict[str, int] | None:
+    """name -> sequences per period of the schedule `weights` give: what defines the mix, so that weights
+    of another scale ([0.6, 0.4], [3, 2]) are the same one; None for weights no schedule takes."""
+    try:
+        schedule = MixingSchedule({str(name): float(w) for name, w in weights.items()})
+    except (AttributeError, TypeError, ValueError):
+        return None
+    return dict(zip(schedule.names, schedule.counts.tolist()))

@@ -13,7 +13,7 @@ from typing import Any, Mapping
 
 import numpy as np
 
-from retnet_train.data.mixing import MixingSchedule
+from retnet_train.data.mixing import MixingSchedule, mix_of
 
 
 def windows_read(weights: Mapping[str, float], consumed: int) -> dict[str, int]:
@@ -64,7 +64,7 @@ def stream_changes(saved: Mapping[str, Any], mine: Mapping[str, Any]) -> list[st
         f"source {name!r} holds other data" for name in ours if name in theirs and _other_data(theirs[name], ours[name])
     ]
     old_weights = {name: float(w) for name, w in (saved.get("weights") or {}).items()}
-    if old_weights != mine["weights"]:
+    if mix_of(old_weights) != mix_of(mine["weights"]):
         changes.append(f"weights {_shares(old_weights)} -> {_shares(mine['weights'])}")
     changes += [
         f"data.{key} {saved.get(key)} -> {mine[key]}" for key in ("seq_len", "seed") if saved.get(key) != mine[key]

@@ -114,3 +114,17 @@ def test_invalid_rank_arguments(sources):
         TokenLoader(sources, SEQ, 2, dp_rank=2, dp_world_size=2)
     with pytest.raises(ValueError, match="micro_batch_size"):
         TokenLoader(sources, SEQ, 0)
+
+
+@pytest.mark.parametrize("switch_on_change", [False, True])
+def test_the_same_mix_in_other_weights_resumes_exactly(sources, switch_on_change):
+    """data.weights [0.6, 0.4] and [3, 2] are one mix and one stream (weights need not sum to 1): a
+    resume with the other spelling continues it exactly. It was refused as another stream, or with
+    data.on_change=switch restarted the mix as 'weights a 0.6, b 0.4 -> a 0.6, b 0.4'."""
+    reference = global_stream(sources, 12 + 8)
+    state = roundtrip(rank_batches(sources, world=1, micro=4, steps=3)[1])  # 12 sequences
+    scaled = {name: (path, weight * 5) for name, (path, weight) in sources.items()}
+    resumed = TokenLoader(scaled, SEQ, 4, seed=5, switch_on_change=switch_on_change)
+    resumed.load_state_dict(state)
+    assert resumed.switched is None and resumed.consumed == 12
+    np.testing.assert_array_equal(np.concatenate([next(resumed)["input_ids"] for _ in range(2)]), reference[12:])
