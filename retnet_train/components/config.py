@@ -214,6 +214,8 @@ def _check_data(data: DataConfig) -> None:
         "data.weights",
         f"{len(data.weights)} weights for {len(data.paths)} paths",
     )
+    for weight in data.weights:  # inf passes `> 0` (the loader refused it without naming data.weights)
+        _need(math.isfinite(weight), "data.weights", f"{weight} is not a finite number")
     _need(all(w > 0 for w in data.weights), "data.weights", "must all be > 0")
     _need(data.seq_len > 0, "data.seq_len", "must be > 0")
     _need(data.on_change in ("refuse", "switch"), "data.on_change", f"{data.on_change!r} is not refuse|switch")

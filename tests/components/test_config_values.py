@@ -27,6 +27,13 @@ def with_values(**values) -> TrainConfig:
         (dict(data__paths=[]), "data.paths: no data configured"),
         (dict(data__weights=[0.5, 0.5]), "data.weights: 2 weights for 1 paths"),
         (dict(data__weights=[0.0]), "data.weights: must all be > 0"),
+        (dict(data__weights=[-1.0]), "data.weights: must all be > 0"),
+        # inf: the loader refused it once the model was built, naming the source but not data.weights
+        (dict(data__weights=[float("inf")]), "data.weights: inf is not a finite number"),
+        (
+            dict(data__weights=[1.0, float("nan")], data__paths=["/d/a", "/d/b"]),
+            "data.weights: nan is not a finite number",
+        ),
         (dict(data__seq_len=0), "data.seq_len: must be > 0"),
         (dict(data__on_change="continue"), "data.on_change: 'continue' is not refuse|switch"),
         (dict(optim__lr=0.0), "optim.lr: must be > 0"),
