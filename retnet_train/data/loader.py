@@ -32,7 +32,7 @@ from retnet_train.data.sources import (
     window_counts,
 )
 from retnet_train.data.stream_switch import continued_offsets, switch_note
-from retnet_train.data.token_stream import SourceHeader, TokenStream, open_header
+from retnet_train.data.token_stream import SourceHeader, TokenStream, check_id_spread, open_header
 
 STATE_VERSION = 2  # 2: + offsets (1 is read as none)
 READ_VERSIONS = (1, 2)
@@ -45,7 +45,13 @@ def _check_rank(dp_rank: int, dp_world_size: int) -> None:
 
 
 def open_streams(plan: StreamPlan, verify_checksums: bool, vocab_size: int | None) -> dict[str, TokenStream]:
-    return {name: open_header(header, verify_checksums, vocab_size) for name, header in plan.headers.items()}
+    """The plan's sources, opened; a shard directory's token ids checked against the vocabulary at a spread of
+    places (a Megatron dataset's were, as it opened)."""
+    streams = {name: open_header(header, verify_checksums, vocab_size) for name, header in plan.headers.items()}
+    for stream in streams.values():
+        if stream.manifest is not None:
+            check_id_spread(stream)
+    return streams
 
 
 def document_starts(inputs: np.ndarray, eos_id: int) -> np.ndarray:

@@ -26,6 +26,8 @@ from retnet_train.data.manifest import (
     verify_shards,
 )
 from retnet_train.data.megatron import (
+    RANGE_CHECK_BLOCK_TOKENS,
+    RANGE_CHECK_BLOCKS,
     index_digest,
     megatron_missing_half,
     megatron_prefix,
@@ -97,6 +99,21 @@ class TokenStream:
                 filled += take
                 part += 1
         return out
+
+
+def check_id_spread(stream: TokenStream) -> None:
+    """Token ids of an even spread of RANGE_CHECK_BLOCKS blocks of the stream (all of it when it is no longer)
+    against its vocabulary, naming the file of the first one outside: shards written for another vocabulary
+    fail at start, not when a window first reaches them. gather() still checks every id it reads."""
+    length, n = min(RANGE_CHECK_BLOCK_TOKENS, stream.num_tokens), stream.num_tokens
+    if stream.vocab_size is None:
+        return
+    if n <= RANGE_CHECK_BLOCKS * length:
+        starts = range(0, n, length)  # every token once, in order
+    else:
+        starts = np.linspace(0, n - length, RANGE_CHECK_BLOCKS).astype(np.int64)
+    for start in starts:
+        stream.gather([int(start)], min(length, n - int(start)))
 
 
 def read_header(name: str, path: str | Path, split: str, eos_id: int | None = None) -> SourceHeader:

@@ -5,7 +5,7 @@ import json
 import pytest
 from shard_fixtures import TOKENIZER_SHA, VOCAB, position_tokens, write_shard_dir
 
-from retnet_train.data import ManifestError, TokenLoader, read_manifest
+from retnet_train.data import ManifestError, TokenLoader, build_validation_loader, read_manifest
 
 SEQ = 8
 
@@ -128,6 +128,20 @@ def test_a_token_id_outside_the_vocabulary_names_the_shard(tmp_path):
         stream.gather([485], SEQ + 1)
     with pytest.raises(ManifestError, match=r"train_00001.bin: token id 500 at position 190 "):
         next(iter(loader(tmp_path / "src", seq_len=600)))
+
+
+def test_token_ids_outside_the_vocabulary_are_refused_before_the_first_batch(tmp_path):
+    """Shards with ids past the model's vocabulary (written for another vocabulary under this manifest)
+    are refused when the loaders open, naming the shard; they failed only when a window reached one,
+    which in a long run is hours or days after the start."""
+    tokens = position_tokens(3000) % 400  # ids inside a vocabulary of 500 (EOS 2 stays 2)
+    tokens[2150:2160] = 600  # in train_00007.bin: nowhere near the first windows
+    write_shard_dir(tmp_path / "src", tokens, validation=tokens, vocab_size=500, shard_tokens=300)
+    outside = r"train_00007.bin: token id 600 at position 50 is outside the model's vocabulary \[0, 500\)"
+    with pytest.raises(ManifestError, match=outside):
+        loader(tmp_path / "src", vocab_size=500)
+    with pytest.raises(ManifestError, match=outside.replace("train", "validation")):
+        build_validation_loader({"src": (str(tmp_path / "src"), 1.0)}, SEQ, 2, vocab_size=500)
 
 
 def test_the_root_of_data_prep_tokenize_output_names_its_shard_directories(tmp_path):
