@@ -240,11 +240,18 @@ def _start_problems(cfg, node_rank: int, world_size: int | None = None) -> list[
 def _resume_problems(cfg, source: tuple, world_size: int | None) -> list[str]:
     """What the trainer's resume plan refuses for the checkpoint it will resume (reshard.plan): another ZeRO
     stage or precision it cannot convert, model settings that change what the weights compute, a conversion
-    into a directory it cannot write. Without a world size, the checkpoint's own is assumed."""
-    from retnet_train.components.reshard import checkpoint_layout, model_states, plan, run_layout
+    into a directory it cannot write, a model-states file torch cannot read (named as the trainer names it).
+    Without a world size, the checkpoint's own is assumed."""
+    from retnet_train.components.checkpoint_discovery import read_model_states
+    from retnet_train.components.reshard import checkpoint_layout, plan, run_layout
 
     path = os.path.join(*source)
-    state = model_states(path)  # read once: the layout and the plan both need it
+    try:
+        state = read_model_states(path)  # read once: the layout and the plan both need it
+    except ValueError as exc:  # damaged where the checks that chose it do not look: the file and what it shows
+        return [f"train.resume: {exc}"]
+    except OSError as exc:  # a file that looks whole but cannot be opened (permissions, a mount gone)
+        return [f"train.resume: {path}: cannot be read ({exc})"]
     world = world_size or checkpoint_layout(path, state)["world_size"]
     try:
         plan(source[0], source[1], run_layout(cfg, world), dict(cfg.model), state=state)

@@ -237,3 +237,58 @@ def test_the_resume_check_reads_the_model_states_once(tmp_path, monkeypatch, cap
     monkeypatch.setattr(torch, "load", lambda f, *a, **kw: reads.append(str(f)) or load(f, *a, **kw))
     assert pf.main(["--", "experiment=tiny_cpu", f"run.dir={tmp_path / 'run'}"]) == 0, capsys.readouterr().err
     assert reads.count(str(tag / "mp_rank_00_model_states.pt")) == 1
+
+
+def _corrupt_member(path, suffix):
+    """Overwrite bytes inside one member of a torch.save archive, its index at the end left whole: damage
+    the checks that choose a checkpoint do not see (they read the index alone)."""
+    import struct
+    import zipfile
+
+    with zipfile.ZipFile(path) as archive:
+        info = next(i for i in archive.infolist() if i.filename.endswith(suffix))
+    data = bytearray(path.read_bytes())
+    name_len, extra_len = struct.unpack("<HH", data[info.header_offset + 26 : info.header_offset + 30])
+    start = info.header_offset + 30 + name_len + extra_len  # the member's data, past its local header
+    data[start : start + 8] = b"\xff" * 8
+    path.write_bytes(bytes(data))
+
+
+def _save_legacy(path):
+    import torch
+
+    torch.save(torch.load(path, weights_only=False), path, _use_new_zipfile_serialization=False)
+
+
+@pytest.mark.parametrize(
+    "damage, shown",
+    [
+        (lambda path: _corrupt_member(path, "data.pkl"), "damaged (its member mp_rank_00_model_states/data.pkl is"),
+        (_save_legacy, "in torch's legacy (non-zip) format, which cannot be memory-mapped; torch.save it again"),
+    ],
+)
+def test_a_model_states_file_torch_cannot_read_fails_the_check_naming_it(tmp_path, capsys, damage, shown):
+    """The checkpoint the run would resume, its model-states file damaged inside (or in a format torch cannot
+    memory-map): a failed check naming the file in the trainer's words, not a traceback."""
+    tag, _ = _zero0_checkpoint(tmp_path)
+    damage(tag / "mp_rank_00_model_states.pt")
+    assert pf.main(["--nproc-per-node", "1", "--", "experiment=tiny_cpu", f"run.dir={tmp_path / 'run'}"]) == 1
+    err = capsys.readouterr().err
+    assert f"trainer config: train.resume: {tag / 'mp_rank_00_model_states.pt'}: {shown}" in err
+    assert "Traceback" not in err
+
+
+def test_a_model_states_file_that_cannot_be_opened_fails_the_check_naming_it(tmp_path, monkeypatch, capsys):
+    """A whole file the node cannot open (no permission, a mount gone): torch's I/O error, named."""
+    import torch
+
+    tag, _ = _zero0_checkpoint(tmp_path)
+    path = str(tag / "mp_rank_00_model_states.pt")
+
+    def refuse(f, *args, **kwargs):
+        raise PermissionError(13, "Permission denied", str(f))
+
+    monkeypatch.setattr(torch, "load", refuse)
+    assert pf.main(["--nproc-per-node", "1", "--", "experiment=tiny_cpu", f"run.dir={tmp_path / 'run'}"]) == 1
+    err = capsys.readouterr().err
+    assert f"trainer config: train.resume: {tag}: cannot be read ([Errno 13] Permission denied: '{path}')" in err
