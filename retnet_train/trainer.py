@@ -67,7 +67,7 @@ class Trainer:
     def build(self) -> None:
         """Process group, model, data, DeepSpeed engine and the checkpoint to resume from (if any)."""
         cfg = self.cfg
-        self.device = pick_device(cfg.train.device, cfg.deepspeed.precision)
+        self.device = pick_device(cfg.train.device, cfg.deepspeed.precision, cfg.model.get("retention_backend"))
         init_distributed(self.device)
         self.rank, self.world = dist.get_rank(), dist.get_world_size()
         self.is_main = self.rank == 0
@@ -312,7 +312,7 @@ class Trainer:
     # ------------------------------------------------------------------ policies
 
     def maybe_log(self, stats: StepStats) -> None:
-        """Every train.log_interval steps, at the last step, and at every skipped step."""
+        """Every train.log_interval steps, the last step and every skipped step; notes: a skip, sources read through."""
         train = self.cfg.train
         if not (stats.step % train.log_interval == 0 or stats.step == train.max_steps or stats.skipped):
             return
@@ -330,8 +330,9 @@ class Trainer:
                 "skipped_steps": self.state.faults.total,
             }
         )
-        if stats.skipped and self.is_main:
-            self.logger.write(self.state.faults.skip_note(stats.step, stats.loss_nonfinite))
+        notes = [self.state.faults.skip_note(stats.step, stats.loss_nonfinite)] if stats.skipped else []
+        for note in notes + [f"step {stats.step} | {n}" for n in self.loader.epoch_notes()] if self.is_main else []:
+            self.logger.write(note)
 
     def stop_on_faults(self) -> None:
         """Too many non-finite steps in a row: save the last good weights and stop with an error."""

@@ -111,6 +111,7 @@ class TokenLoader:
         self.eos_id = next(iter(self.streams.values())).eos_id
         self.consumed = 0  # global sequences consumed by all ranks together
         self.offsets = {name: 0 for name in self.streams}  # windows of each source read before this stream
+        self._epochs_noted = self.epochs_read()  # what epoch_notes said last
 
     @property
     def documents_start_with_bos(self) -> bool:
@@ -147,6 +148,25 @@ class TokenLoader:
             window[sel] = permute(i[sel], n, derive_key(self.seed, name, int(e)))
         return window
 
+    def epochs_read(self) -> dict[str, int]:
+        """name -> how many times the sequences consumed (and the offsets) read all of that source's windows."""
+        taken = self.schedule.taken(self.consumed)
+        return {name: (self.offsets[name] + taken[name]) // self.windows[name] for name in self.streams}
+
+    def epoch_notes(self) -> list[str]:
+        """A line for each source read through since the last call (or the start, or the resume): it repeats
+        from here, its windows in a new order."""
+        notes, now = [], self.epochs_read()
+        for name, epochs in now.items():
+            if epochs > self._epochs_noted[name]:
+                notes.append(
+                    f"data source {name!r} ({self.streams[name].header.path}): all {self.windows[name]:,} of its "
+                    f"sequences of {self.seq_len} tokens read; epoch {epochs + 1} of it begins, the same sequences "
+                    "in a new order"
+                )
+        self._epochs_noted = now
+        return notes
+
     def state_dict(self) -> dict[str, Any]:
         return {
             "version": STATE_VERSION,
@@ -169,10 +189,11 @@ class TokenLoader:
             mine = self.state_dict()  # this stream, its offsets not yet set
             self.offsets = continued_offsets(state, mine)
             self.consumed, self.switched = 0, switch_note(state, mine, self.offsets)
-            return
-        offsets = state.get("offsets") or {}
-        self.offsets = {name: int(offsets.get(name, 0)) for name in self.streams}
-        self.consumed = state["consumed_sequences"]
+        else:
+            offsets = state.get("offsets") or {}
+            self.offsets = {name: int(offsets.get(name, 0)) for name in self.streams}
+            self.consumed = state["consumed_sequences"]
+        self._epochs_noted = self.epochs_read()  # epochs begun before the checkpoint were said then
 
     def check_state(self, state: Mapping[str, Any]) -> list[str]:
         """Raise what load_state_dict refuses of `state`, changing nothing (a resume checks it before it

@@ -50,6 +50,12 @@ class MixingSchedule:
             seen[best] += 1
         return block, rank
 
+    def taken(self, consumed: int) -> dict[str, int]:
+        """name -> sequences of that source among global sequences 0 .. consumed - 1."""
+        cycles, rest = divmod(int(consumed), self.period)
+        counts = cycles * self.counts + np.bincount(self.block[:rest], minlength=len(self.names))
+        return dict(zip(self.names, counts.tolist()))
+
     def assign(self, g: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         """For global sequence indices g: (source position in self.names, index within source)."""
         g = np.asarray(g, dtype=np.int64)

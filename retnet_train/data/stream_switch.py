@@ -11,17 +11,12 @@ from __future__ import annotations
 
 from typing import Any, Mapping
 
-import numpy as np
-
 from retnet_train.data.mixing import MixingSchedule, mix_of
 
 
 def windows_read(weights: Mapping[str, float], consumed: int) -> dict[str, int]:
     """Windows of each source that global sequences 0 .. consumed - 1 of a stream mixed by `weights` read."""
-    schedule = MixingSchedule(weights)
-    cycles, rest = divmod(int(consumed), schedule.period)
-    counts = cycles * schedule.counts + np.bincount(schedule.block[:rest], minlength=len(schedule.names))
-    return dict(zip(schedule.names, counts.tolist()))
+    return MixingSchedule(weights).taken(consumed)
 
 
 def continued_offsets(saved: Mapping[str, Any], mine: Mapping[str, Any]) -> dict[str, int]:

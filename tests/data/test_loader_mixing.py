@@ -83,3 +83,33 @@ def test_schedule_counts_and_bijection():
 def test_bad_weights(weights, msg):
     with pytest.raises(ValueError, match=msg):
         MixingSchedule(weights)
+
+
+def test_a_source_read_through_is_said_once_as_its_next_epoch_begins(sources):
+    """A source far smaller than its share repeats (its windows again, in a new order): the loader says so
+    once per epoch, for the trainer's log, and a resumed loader does not say it again for an epoch its
+    checkpoint had begun. Nothing said so: the loss fell on repeated data without a word."""
+    spec = sources({"web": 0.5, "code": 0.5})
+    loader = TokenLoader(spec, SEQ, 10, seed=2)
+    code = loader.schedule.names.index("code")
+
+    def code_read(batches: int) -> int:
+        return int(np.count_nonzero(loader.schedule.assign(np.arange(10 * batches))[0] == code))
+
+    notes = {}
+    for batch in range(1, 31):  # 150 windows of code
+        next(loader)
+        notes[batch] = loader.epoch_notes()
+    ends = [min(b for b in notes if code_read(b) >= epochs * 49) for epochs in (1, 2, 3)]  # 49 windows of code
+    assert [b for b, said in notes.items() if said] == ends
+    assert notes[ends[0]] == [
+        f"data source 'code' ({spec['code'][0]}): all 49 of its sequences of {SEQ} tokens read; "
+        "epoch 2 of it begins, the same sequences in a new order"
+    ]
+    assert "epoch 4 of it begins" in notes[ends[2]][0]
+    resumed = TokenLoader(spec, SEQ, 10, seed=2)
+    resumed.load_state_dict({**loader.state_dict(), "consumed_sequences": 10 * ends[0]})
+    assert resumed.epoch_notes() == []
+    for _ in range(ends[1] - ends[0]):
+        next(resumed)
+    assert "epoch 3 of it begins" in resumed.epoch_notes()[0]
