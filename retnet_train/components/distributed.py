@@ -11,12 +11,13 @@ import torch.distributed as dist
 from .rank_errors import SameOnEveryRank
 
 
-def pick_device(choice: str, precision: str) -> torch.device:
-    """train.device (auto | cpu | cuda) -> this rank's device, which must train in deepspeed.precision."""
-    problem = precision_problem(choice, precision)
+def pick_device(choice: str, precision: str, retention_backend: Optional[str] = None) -> torch.device:
+    """train.device (auto | cpu | cuda) -> this rank's device, which must train in deepspeed.precision and run
+    model.retention_backend."""
+    problem = precision_problem(choice, precision) or backend_problem(choice, retention_backend)
     if problem:
         raise ValueError(problem)
-    if choice == "cuda" or (choice == "auto" and torch.cuda.is_available()):
+    if _on_gpu(choice):
         if not torch.cuda.is_available():
             raise ValueError("train.device=cuda but no CUDA/ROCm device is visible")
         local = int(os.environ.get("LOCAL_RANK", 0))
@@ -25,12 +26,33 @@ def pick_device(choice: str, precision: str) -> torch.device:
     return torch.device("cpu")
 
 
+def _on_gpu(choice: str) -> bool:
+    """Whether train.device (auto: resolved on this machine) is a GPU."""
+    return choice == "cuda" or (choice == "auto" and torch.cuda.is_available())
+
+
+def _why_cpu(choice: str) -> str:
+    return "train.device=cpu" if choice == "cpu" else "none is visible (train.device=auto)"
+
+
 def precision_problem(choice: str, precision: str) -> Optional[str]:
     """fp16 where train.device (auto: resolved on this machine) is the CPU, on which DeepSpeed has no fp16."""
-    if precision != "fp16" or choice == "cuda" or (choice == "auto" and torch.cuda.is_available()):
+    if precision != "fp16" or _on_gpu(choice):
         return None
-    why = "train.device=cpu" if choice == "cpu" else "none is visible (train.device=auto)"
-    return f"deepspeed.precision=fp16 needs a GPU, and {why}: bf16, bf16-mixed and fp32 run on CPU"
+    return f"deepspeed.precision=fp16 needs a GPU, and {_why_cpu(choice)}: bf16, bf16-mixed and fp32 run on CPU"
+
+
+def backend_problem(choice: str, retention_backend: Optional[str]) -> Optional[str]:
+    """A GPU retention backend (triton, fla) where train.device is the CPU: the model would refuse it only at
+    its first forward, after the engine is built and the run directory written."""
+    from ..kernels import GPU_BACKENDS
+
+    if retention_backend not in GPU_BACKENDS or _on_gpu(choice):
+        return None
+    return (
+        f"model.retention_backend={retention_backend} needs a CUDA or ROCm device, and {_why_cpu(choice)}: "
+        "model.retention_backend=auto or torch run on CPU"
+    )
 
 
 def init_distributed(device: torch.device, timeout=None) -> None:

@@ -210,17 +210,21 @@ def _data_problems(cfg, world_size: int | None) -> list[str]:
 
 
 def _start_problems(cfg, node_rank: int, world_size: int | None = None) -> list[str]:
-    """What the trainer refuses at start besides the config values and the data (_data_problems): fp16 on
-    CPU, a run.dir it cannot write (on node 0: rank 0 alone writes there), the checkpoint that train.resume names (or a
-    resume=never over checkpoints) and a resume of it under this layout and model (_resume_problems), a
-    train.init_weights that is not there."""
+    """What the trainer refuses at start besides the config values and the data (_data_problems): fp16 or a
+    GPU retention backend on CPU, a run.dir it cannot write (on node 0: rank 0 alone writes there), the
+    checkpoint that train.resume names (or a resume=never over checkpoints) and a resume of it under this
+    layout and model (_resume_problems), a train.init_weights that is not there."""
     from retnet_train.components.checkpoint import CheckpointManager, resolve_resume
     from retnet_train.components.config import checkpoint_dir, resolved_config
-    from retnet_train.components.distributed import precision_problem
+    from retnet_train.components.distributed import backend_problem, precision_problem
     from retnet_train.components.run_dir import DirLock, write_problem
 
     problem = write_problem("run.dir", cfg.run.dir) if node_rank == 0 else None
-    problems = [p for p in (problem, precision_problem(cfg.train.device, cfg.deepspeed.precision)) if p]
+    device_problems = (
+        precision_problem(cfg.train.device, cfg.deepspeed.precision),
+        backend_problem(cfg.train.device, cfg.model.get("retention_backend")),
+    )
+    problems = [p for p in (problem, *device_problems) if p]
     if node_rank == 0:  # a live trainer's lock (rank 0 takes it on node 0)
         locks = (DirLock(cfg.run.dir, "run.dir"), DirLock(checkpoint_dir(cfg), "checkpoint.dir"))
         problems += [p for p in dict.fromkeys(lock.probe() for lock in locks) if p]

@@ -22,6 +22,27 @@ def test_fp16_without_a_gpu_is_refused_naming_deepspeed_precision(monkeypatch):
         assert pick_device("cpu", precision) == pick_device("auto", precision) == torch.device("cpu")
 
 
+@pytest.mark.parametrize("backend", ["triton", "fla"])
+def test_a_gpu_retention_backend_without_a_gpu_is_refused_naming_the_key(monkeypatch, backend):
+    """The model refused it only at its first forward, after the engine was built and the run dir written."""
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    remedy = "model.retention_backend=auto or torch run on CPU"
+    with pytest.raises(ValueError) as exc:
+        pick_device("cpu", "fp32", backend)
+    assert (
+        str(exc.value)
+        == f"model.retention_backend={backend} needs a CUDA or ROCm device, and train.device=cpu: {remedy}"
+    )
+    with pytest.raises(ValueError) as exc:
+        pick_device("auto", "bf16", backend)
+    assert str(exc.value) == (
+        f"model.retention_backend={backend} needs a CUDA or ROCm device, and none is visible (train.device=auto): "
+        f"{remedy}"
+    )
+    for other in ("auto", "torch", None):  # None: a model without retention (the Transformer)
+        assert pick_device("cpu", "fp32", other) == pick_device("auto", "fp32", other) == torch.device("cpu")
+
+
 def test_cpu_init_builds_no_deepspeed_shm_op(tmp_path):
     """DeepSpeed's CPU shared-memory all-reduce (its inference path) is not compiled at a CPU start: it
     cost ~20 s on a fresh machine and printed compiler lines. Collectives still run, through gloo."""

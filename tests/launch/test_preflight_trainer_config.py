@@ -123,6 +123,22 @@ def test_fp16_on_cpu_fails_the_preflight(tmp_path, monkeypatch, capsys):
     assert pf.main(["--", *run, "deepspeed.precision=bf16"]) == 0
 
 
+def test_a_gpu_retention_backend_on_cpu_fails_the_preflight(tmp_path, monkeypatch, capsys):
+    """model.retention_backend=triton where the run trains on the CPU: the trainer refuses it at start."""
+    import torch
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    run = ["experiment=tiny_cpu", f"run.dir={tmp_path / 'run'}", "model.retention_backend=triton"]
+    assert pf.main(["--", *run]) == 1
+    assert (
+        "trainer config: model.retention_backend=triton needs a CUDA or ROCm device, and train.device=cpu: "
+        "model.retention_backend=auto or torch run on CPU"
+    ) in capsys.readouterr().err
+    assert pf.main(["--", *run, "train.device=auto"]) == 1
+    assert "triton needs a CUDA or ROCm device, and none is visible (train.device=auto)" in capsys.readouterr().err
+    assert pf.main(["--", *run[:-1], "model.retention_backend=torch"]) == 0
+
+
 def test_megatron_datasets_alone_fail_the_preflight(tmp_path, capsys):
     for suffix in (".bin", ".idx"):
         (tmp_path / f"pile{suffix}").write_bytes(b"")

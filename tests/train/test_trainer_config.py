@@ -129,6 +129,24 @@ def test_a_rank_0_that_starts_late_still_prints_the_shared_error(tmp_path):
     assert full >= 1 and full + pointer == 2, output
 
 
+def test_a_gpu_retention_backend_on_cpu_is_refused_before_anything_is_built(tmp_path, monkeypatch):
+    """model.retention_backend=triton on a CPU run was refused only at the first forward, after the engine
+    was built and the run directory written."""
+    from trainer_helpers import typed
+
+    from retnet_train.trainer import Trainer
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    cfg = typed(tmp_path / "nodata", tmp_path / "run", **{"model.retention_backend": "triton"})
+    with pytest.raises(ValueError) as exc:
+        Trainer(cfg).build()
+    assert str(exc.value) == (
+        "model.retention_backend=triton needs a CUDA or ROCm device, and train.device=cpu: "
+        "model.retention_backend=auto or torch run on CPU"
+    )
+    assert not (tmp_path / "run").exists()
+
+
 def test_missing_data_names_the_path(tmp_path):
     proc = train(overrides(tmp_path / "nodata", tmp_path / "run"), nproc=1, check=False, timeout=120)
     assert proc.returncode != 0
