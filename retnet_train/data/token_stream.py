@@ -11,6 +11,7 @@ source of thousands of shards stays below `ulimit -n`.
 
 from __future__ import annotations
 
+import os
 from collections import OrderedDict
 from dataclasses import dataclass
 from pathlib import Path
@@ -62,6 +63,7 @@ class TokenStream:
         self.name, self.origin, self.eos_id, self.manifest = header.name, header.origin, header.eos_id, header.manifest
         self._part_paths, self._dtype = part_paths, dtype
         self._mapped: OrderedDict[int, np.memmap] = OrderedDict()  # part -> its map, the last read last
+        self._identities = [file_identity(os.stat(path)) for path in part_paths]  # the files as they are now
         self._starts = np.concatenate([[0], np.cumsum(np.asarray(lengths, dtype=np.int64))])  # part i: [s[i], s[i+1])
         self.num_tokens = int(self._starts[-1])
 
@@ -70,10 +72,22 @@ class TokenStream:
         if part in self._mapped:
             self._mapped.move_to_end(part)
         else:
-            self._mapped[part] = np.memmap(self._part_paths[part], dtype=self._dtype, mode="r")
+            self._mapped[part] = self._map(part)
             if len(self._mapped) > MAX_OPEN_PARTS:
                 self._mapped.popitem(last=False)  # its file closes with its last reference
         return self._mapped[part]
+
+    def _map(self, part: int) -> np.memmap:
+        """Part `part` memory-mapped, if it is the file the stream opened: one replaced or rewritten since holds
+        other data than the run's checkpoints claim (their digest is of the data at start)."""
+        path = self._part_paths[part]
+        with open(path, "rb") as f:  # the map keeps its own descriptor
+            if file_identity(os.fstat(f.fileno())) != self._identities[part]:
+                raise ManifestError(
+                    f"{path}: changed since the loader opened it (replaced or rewritten while the run reads it); "
+                    "run the same command again to check it against its manifest and the checkpoint's data"
+                )
+            return np.memmap(f, dtype=self._dtype, mode="r")
 
     @property
     def documents_start_with_bos(self) -> bool:
@@ -99,6 +113,11 @@ class TokenStream:
                 filled += take
                 part += 1
         return out
+
+
+def file_identity(stat: os.stat_result) -> tuple[int, int, int, int]:
+    """What tells a file apart from one replaced (device, inode) or rewritten (size, mtime) under its name."""
+    return stat.st_dev, stat.st_ino, stat.st_size, stat.st_mtime_ns
 
 
 def check_id_spread(stream: TokenStream) -> None:

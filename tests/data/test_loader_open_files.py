@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 from shard_fixtures import EOS, FIRST_ID, position_tokens, write_shard_dir
 
-from retnet_train.data import TokenLoader, build_validation_loader
+from retnet_train.data import ManifestError, TokenLoader, build_validation_loader
 
 SEQ = 16
 FD_DIR = "/proc/self/fd"
@@ -38,3 +38,20 @@ def test_a_source_of_many_shards_keeps_few_files_open(tmp_path):
     assert open_files() - before < 64
     rows = np.concatenate([batch["input_ids"].numpy() for batch in batches])
     assert {window_start(row) for row in rows} == set(range(0, 3000 - SEQ, SEQ))  # every window, as written
+
+
+def test_a_shard_replaced_while_the_run_reads_is_an_error_naming_it(tmp_path):
+    """Shards are mapped as they are read, so a shard that data_prep --overwrite (or anyone) replaced or
+    rewrote after the loader opened would be read as it is now: other data than the run's checkpoints
+    claim (their digest is of the data at start). It is refused, naming the file, when it is next mapped."""
+    tokens = position_tokens(3000)
+    write_shard_dir(tmp_path / "src", tokens, shard_tokens=10)  # 300 shards: more than stay mapped
+    loader = TokenLoader({"src": (tmp_path / "src", 1.0)}, SEQ, 8, seed=3)
+    next(loader)
+    replaced = tmp_path / "src" / "train_00150.bin"
+    other = tmp_path / "src" / "new.tmp"
+    (np.arange(10, dtype="<u4") + 500_000).tofile(other)  # another shard of the same size, renamed over it
+    os.replace(other, replaced)
+    with pytest.raises(ManifestError, match=rf"{replaced}: changed since the loader opened it"):
+        for _ in range(loader.windows["src"] // 8):
+            next(loader)
