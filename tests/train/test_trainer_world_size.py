@@ -9,7 +9,7 @@ import torch
 from trainer_helpers import losses, overrides, records, run_scenarios, shards  # noqa: F401 (shards: a fixture)
 
 from retnet_train.components.checkpoint_discovery import model_states_file
-from retnet_train.components.reshard import UNIVERSAL, checkpoint_layout, convert_to_universal, plan
+from retnet_train.components.reshard import LOCK, UNIVERSAL, checkpoint_layout, convert_to_universal, plan
 
 STEPS, AT = 4, 2  # train 4 steps, checkpoint at 2, resume and compare steps 3..4
 LOSS_RTOL = 1e-5  # fp32; measured differences are ~1e-7 relative (reduction order of 1 vs 2 ranks)
@@ -43,8 +43,11 @@ def tag_dir(run_dir, step):
 
 
 def file_stamps(directory):
-    """Name -> (size, mtime) of the files DeepSpeed and we wrote (what a conversion must not touch)."""
-    return {p.name: (p.stat().st_size, p.stat().st_mtime_ns) for p in directory.iterdir() if p.is_file()}
+    """Name -> (size, mtime) of the files DeepSpeed and we wrote (what a conversion must not touch; its
+    lock file is its own)."""
+    return {
+        p.name: (p.stat().st_size, p.stat().st_mtime_ns) for p in directory.iterdir() if p.is_file() and p.name != LOCK
+    }
 
 
 def prepare_source(source):
