@@ -22,6 +22,7 @@ import torch.distributed as dist
 from . import checkpoint_discovery as discovery
 from .checkpoint_discovery import TAG_RE, tag_step
 from .checkpoint_guard import not_ours, refuse_foreign, refuse_foreign_tags
+from .distributed import agreed_on_every_rank
 from .rng import load_rng_state, rng_state, seed_everything
 from .run_dir import continues_run, same_path
 
@@ -154,6 +155,19 @@ def resolve_resume(resume: str, manager: "CheckpointManager", config: Optional[d
             f"run's saves. Move them out of {manager.dir}, or resume into a new run.dir (or checkpoint.dir)"
         )
     return _chosen(choice, manager.rank)
+
+
+def agreed_resume(resume: str, manager: "CheckpointManager", config: dict, parts: Mapping[str, Stateful], world: int):
+    """resolve_resume, then check_parts, on every rank (a collective). What they refuse (the checkpoint dir, the
+    checkpoint, the data stream) comes from files every rank reads alike: with several ranks, every rank raises
+    the first rank's refusal, which rank 0 alone prints (distributed.agreed_on_every_rank)."""
+
+    def checked():
+        source = resolve_resume(resume, manager, config)
+        check_parts(source, parts)
+        return source
+
+    return agreed_on_every_rank(checked, world)
 
 
 def _saved_config(tag_dir: str) -> Optional[dict]:

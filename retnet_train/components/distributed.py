@@ -3,12 +3,14 @@
 from __future__ import annotations
 
 import os
-from typing import Optional, Tuple
+from typing import Callable, Optional, Tuple, TypeVar
 
 import torch
 import torch.distributed as dist
 
 from .rank_errors import SameOnEveryRank
+
+T = TypeVar("T")
 
 
 def pick_device(choice: str, precision: str, retention_backend: Optional[str] = None) -> torch.device:
@@ -91,6 +93,21 @@ def raise_first_problem(problem: Optional[str], world: int) -> None:
     first = next(filter(None, problems), None)
     if first:
         raise SameOnEveryRank(first)
+
+
+def agreed_on_every_rank(compute: Callable[[], T], world: int) -> T:
+    """compute() on every rank of a world of `world` ranks (a collective where world > 1), for a check of what
+    every rank reads alike (the config, shared files): its ValueError is raised on every rank as the first
+    rank's (raise_first_problem: printed by rank 0 alone). Alone, it is raised as it is."""
+    if world == 1:
+        return compute()
+    result, problem = None, None
+    try:
+        result = compute()
+    except ValueError as e:
+        problem = str(e)
+    raise_first_problem(problem, world)
+    return result
 
 
 def all_reduce_step(

@@ -42,6 +42,7 @@ import torch.distributed as dist
 from ..interop.legacy import has_separate_projections
 from .checkpoint_discovery import read_model_states
 from .config import FP32_WEIGHTS
+from .distributed import agreed_on_every_rank
 from .rank_errors import SameOnEveryRank
 
 UNIVERSAL = "universal"  # <dir>/<tag>/universal: the converted copy
@@ -267,7 +268,9 @@ def prepare_resume(
     """
     if source is None:
         return None
-    p = plan(source[0], source[1], current, model)
+    # what plan() refuses (the checkpoint against this run's config) is the same on every rank: rank 0 prints it
+    world = dist.get_world_size() if dist.is_initialized() else 1
+    p = agreed_on_every_rank(lambda: plan(source[0], source[1], current, model), world)
     if not p.universal:
         return p
     error = None
