@@ -2,11 +2,9 @@
 torch's own errors for such a file mislead (save with _use_new_zipfile_serialization=True for mmap; an
 'internal miniz error')."""
 
-import struct
-import zipfile
-
 import pytest
 import torch
+from file_damage import corrupt_member, overwrite_start
 from test_checkpoint_discovery import save
 
 from retnet_train.components import checkpoint_discovery as discovery
@@ -14,23 +12,6 @@ from retnet_train.components.checkpoint import CheckpointManager, check_parts, r
 
 MODEL_STATES = "mp_rank_00_model_states.pt"
 NOT_A_ZIP = "truncated or damaged (it does not start as a torch.save zip archive)"
-
-
-def overwrite_start(path):
-    """Damage a file where torch's zip archive starts, as a disk fault or a bad copy can."""
-    data = path.read_bytes()
-    path.write_bytes(b"\0" * 64 + data[64:])
-
-
-def corrupt_member(path, member_suffix):
-    """Overwrite bytes inside one member of the archive; its index at the end stays whole."""
-    with zipfile.ZipFile(path) as archive:
-        info = next(i for i in archive.infolist() if i.filename.endswith(member_suffix))
-    data = bytearray(path.read_bytes())
-    name_len, extra_len = struct.unpack("<HH", data[info.header_offset + 26 : info.header_offset + 30])
-    start = info.header_offset + 30 + name_len + extra_len  # the member's data, past its local header
-    data[start : start + 8] = b"\xff" * 8
-    path.write_bytes(bytes(data))
 
 
 def test_a_newest_checkpoint_damaged_at_its_start_is_skipped_naming_the_file(tmp_path, capsys):

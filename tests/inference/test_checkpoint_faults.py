@@ -6,11 +6,10 @@ user's is overwritten."""
 import json
 import os
 import shutil
-import struct
-import zipfile
 
 import pytest
 import torch
+from file_damage import corrupt_member, overwrite_start
 from gen_fixtures import tiny_model, two_checkpoint_run
 
 from retnet_train.inference.errors import CheckpointError
@@ -84,12 +83,6 @@ def test_a_named_checkpoint_with_a_truncated_file_is_a_one_line_error(run, tmp_p
             generate_main(["--checkpoint", str(tag_dir), "--prompt", "one"])
 
 
-def overwrite_start(path):
-    """Damage a file where torch's zip archive starts, as a disk fault or a bad copy can."""
-    data = path.read_bytes()
-    path.write_bytes(b"\0" * 64 + data[64:])
-
-
 @pytest.mark.parametrize("name", [MODEL_STATES, OPTIM_STATES])
 def test_a_checkpoint_file_damaged_at_its_start_is_named_as_damaged(run, tmp_path, name):
     """A file that is not a zip archive at all is named truncated or damaged before torch reads it; torch's
@@ -102,17 +95,6 @@ def test_a_checkpoint_file_damaged_at_its_start_is_named_as_damaged(run, tmp_pat
     with pytest.raises(SystemExit, match=f"^error: {expected}") as error:
         generate_main(["--checkpoint", str(tag_dir), "--prompt", "one"])
     assert "\n" not in str(error.value) and "mmap" not in str(error.value)
-
-
-def corrupt_member(path, member_suffix):
-    """Overwrite bytes inside one member of the archive; its index at the end stays whole."""
-    with zipfile.ZipFile(path) as archive:
-        info = next(i for i in archive.infolist() if i.filename.endswith(member_suffix))
-    data = bytearray(path.read_bytes())
-    name_len, extra_len = struct.unpack("<HH", data[info.header_offset + 26 : info.header_offset + 30])
-    start = info.header_offset + 30 + name_len + extra_len  # the member's data, past its local header
-    data[start : start + 8] = b"\xff" * 8
-    path.write_bytes(bytes(data))
 
 
 @pytest.mark.parametrize("name", [MODEL_STATES, OPTIM_STATES])

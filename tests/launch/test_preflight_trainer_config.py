@@ -4,6 +4,7 @@ launch, the checkpoint dir and size it gives, and the options the checks fall ba
 from __future__ import annotations
 
 import pytest
+from file_damage import corrupt_member
 from preflight_helpers import tiny_params
 
 from retnet_train import preflight as pf
@@ -255,21 +256,6 @@ def test_the_resume_check_reads_the_model_states_once(tmp_path, monkeypatch, cap
     assert reads.count(str(tag / "mp_rank_00_model_states.pt")) == 1
 
 
-def _corrupt_member(path, suffix):
-    """Overwrite bytes inside one member of a torch.save archive, its index at the end left whole: damage
-    the checks that choose a checkpoint do not see (they read the index alone)."""
-    import struct
-    import zipfile
-
-    with zipfile.ZipFile(path) as archive:
-        info = next(i for i in archive.infolist() if i.filename.endswith(suffix))
-    data = bytearray(path.read_bytes())
-    name_len, extra_len = struct.unpack("<HH", data[info.header_offset + 26 : info.header_offset + 30])
-    start = info.header_offset + 30 + name_len + extra_len  # the member's data, past its local header
-    data[start : start + 8] = b"\xff" * 8
-    path.write_bytes(bytes(data))
-
-
 def _save_legacy(path):
     import torch
 
@@ -279,7 +265,7 @@ def _save_legacy(path):
 @pytest.mark.parametrize(
     "damage, shown",
     [
-        (lambda path: _corrupt_member(path, "data.pkl"), "damaged (its member mp_rank_00_model_states/data.pkl is"),
+        (lambda path: corrupt_member(path, "data.pkl"), "damaged (its member mp_rank_00_model_states/data.pkl is"),
         (_save_legacy, "in torch's legacy (non-zip) format, which cannot be memory-mapped; torch.save it again"),
     ],
 )
