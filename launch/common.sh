@@ -17,11 +17,14 @@ launch_script="${BASH_SOURCE[1]}"
 
 die() { echo "launch/${0##*/}: error: $*" >&2; exit 2; }
 need_value() { [[ $# -ge 2 && -n "$2" ]] || die "$1 needs a value"; }
-# check_int WHAT VALUE MIN MAX: VALUE is an integer in [MIN, MAX] or the script stops naming WHAT.
+# check_int WHAT VAR MIN MAX: the variable VAR holds an integer in [MIN, MAX], else the script stops
+# naming WHAT; VAR is rewritten in base 10 ('08' -> 8): bash arithmetic reads a leading 0 as octal.
 check_int() {
-  if ! [[ "$2" =~ ^[0-9]+$ ]] || (( 10#$2 < $3 || 10#$2 > $4 )); then
-    die "$1 must be an integer in [$3, $4], got '$2'"
+  local value="${!2}"
+  if ! [[ "$value" =~ ^[0-9]+$ ]] || (( 10#$value < $3 || 10#$value > $4 )); then
+    die "$1 must be an integer in [$3, $4], got '$value'"
   fi
+  printf -v "$2" '%d' "$((10#$value))"
 }
 quote() { local out="" a; for a in "$@"; do out+="$(printf '%q' "$a") "; done; echo "${out% }"; }
 

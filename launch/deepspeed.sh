@@ -83,9 +83,9 @@ pdsh_quote() {
   done
 }
 
-check_int "--master-port/MASTER_PORT" "$master_port" 1 65535
-[[ -z "$num_gpus" ]] || check_int "--num-gpus" "$num_gpus" 1 1024
-[[ -z "$num_nodes" ]] || check_int "--num-nodes" "$num_nodes" 1 100000
+check_int "--master-port/MASTER_PORT" master_port 1 65535
+[[ -z "$num_gpus" ]] || check_int "--num-gpus" num_gpus 1 1024
+[[ -z "$num_nodes" ]] || check_int "--num-nodes" num_nodes 1 100000
 case "$launcher" in pdsh|openmpi|mvapich|mpich|impi|slurm) ;; *) die "--launcher must be pdsh, openmpi, mvapich, mpich, impi or slurm, got '$launcher'" ;; esac
 [[ "$module" =~ ^[A-Za-z_][A-Za-z0-9_.]*$ ]] || die "--module must be a python module name, got '$module'"
 if [[ -n "$params" && ! "$params" =~ ^[0-9.]+([eE][0-9]+)?$ ]]; then die "--params must be a number like 1.3e9, got '$params'"; fi

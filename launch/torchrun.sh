@@ -74,10 +74,10 @@ if [[ -z "$nproc" ]]; then
   nproc="$(shielded "$PYTHON" -c 'import torch; print(torch.cuda.device_count() or 1)')" \
     || die "cannot count GPUs with $PYTHON (torch import failed); pass --nproc-per-node"
 fi
-check_int "--nproc-per-node/NPROC_PER_NODE" "$nproc" 1 1024
-check_int "--nnodes/NNODES" "$nnodes" 1 100000
-check_int "--node-rank/NODE_RANK" "$node_rank" 0 $((10#$nnodes - 1))
-check_int "--master-port/MASTER_PORT" "$master_port" 1 65535
+check_int "--nproc-per-node/NPROC_PER_NODE" nproc 1 1024
+check_int "--nnodes/NNODES" nnodes 1 100000
+check_int "--node-rank/NODE_RANK" node_rank 0 $((nnodes - 1))
+check_int "--master-port/MASTER_PORT" master_port 1 65535
 if [[ -z "$master_addr" ]]; then
   # 127.0.0.1 on every node would give each node a rendezvous of its own: give it, even if all nodes are here
   (( 10#$nnodes == 1 )) || die "--nnodes $nnodes needs --master-addr (or MASTER_ADDR): node 0's address, the same on every node"

@@ -134,3 +134,39 @@ def test_a_python_without_the_trainers_packages_is_named(tmp_path):
     r = run("launch/torchrun.sh", "--nproc-per-node", "1", "experiment=tiny_cpu", env={"PYTHON": str(bare)})
     assert r.returncode != 0
     assert f"{bare} cannot import torch and hydra" in r.stderr and "set PYTHON" in r.stderr
+
+
+def recording_python(tmp_path):
+    """A PYTHON that records that it ran and exits 0: a dry run must never start it."""
+    log = tmp_path / "python-ran"
+    stub = tmp_path / "python"
+    stub.write_text(f'#!/bin/sh\necho "$@" >> {log}\n')
+    stub.chmod(0o755)
+    return stub, log
+
+
+@pytest.mark.parametrize(
+    "args, env",
+    [
+        (["--nproc-per-node", "08"], {}),
+        (["--nproc-per-node", "4", "--nnodes", "09", "--node-rank", "08", "--master-addr", "gpu001"], {}),
+        ([], {"NPROC_PER_NODE": "08", "NNODES": "2", "NODE_RANK": "01", "MASTER_ADDR": "gpu001"}),
+    ],
+)
+def test_a_number_with_a_leading_zero_is_read_in_base_10_and_a_dry_run_starts_nothing(tmp_path, args, env):
+    """'08' is 8, as check_int reads it: bash arithmetic would take it for a bad octal number, abort the
+    dry run's printing and go on to run the preflight and torchrun."""
+    stub, log = recording_python(tmp_path)
+    r = run("launch/torchrun.sh", "--dry-run", *args, "experiment=tiny_cpu", env={**env, "PYTHON": str(stub)})
+    assert r.returncode == 0, r.stderr
+    assert not log.exists(), log.read_text()
+    assert "value too great for base" not in r.stderr
+    cmd = command_after(r.stdout, "# command:")
+    environment = env_block(r.stdout)
+    nproc = int(environment["NPROC_PER_NODE"])
+    assert f"--nproc_per_node={nproc}" in cmd and environment["NPROC_PER_NODE"] in ("8", "4")
+    assert int(environment["WORLD_SIZE"]) == nproc * int(environment["NNODES"])
+    if environment["NNODES"] != "1":
+        assert f"--nnodes={environment['NNODES']}" in cmd
+        rank = environment["NODE_RANK"]
+        assert rank in ("8", "1") and f"--rdzv_conf=is_host={int(rank == '0')}" in cmd
