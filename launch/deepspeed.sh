@@ -17,7 +17,7 @@
 #   --num-nodes N       use the first N hosts of the hostfile
 #   --include SPEC      deepspeed --include, e.g. "worker-0@worker-1:0,2"
 #   --master-addr A     node 0's address [MASTER_ADDR]; default: the first host that runs (--include)
-#   --master-port P     [MASTER_PORT]; default 29500
+#   --master-port P     [MASTER_PORT]; default 29500; with --slurm the job's (10000 + SLURM_JOB_ID % 50000)
 #   --launcher L        pdsh (default), openmpi, mvapich, mpich, impi or slurm
 #   --module M          python module to run; default retnet_train.train
 #   --checkpoint-dir D  for the preflight; normally it comes from the trainer config
@@ -39,7 +39,7 @@ num_gpus=""
 num_nodes=""
 include=""
 master_addr="${MASTER_ADDR:-}"
-master_port="${MASTER_PORT:-29500}"
+master_port="${MASTER_PORT:-}"
 launcher="pdsh"
 
 while [[ $# -gt 0 ]]; do
@@ -83,7 +83,6 @@ pdsh_quote() {
   done
 }
 
-check_int "--master-port/MASTER_PORT" master_port 1 65535
 [[ -z "$num_gpus" ]] || check_int "--num-gpus" num_gpus 1 1024
 [[ -z "$num_nodes" ]] || check_int "--num-nodes" num_nodes 1 100000
 case "$launcher" in pdsh|openmpi|mvapich|mpich|impi|slurm) ;; *) die "--launcher must be pdsh, openmpi, mvapich, mpich, impi or slurm, got '$launcher'" ;; esac
@@ -92,12 +91,14 @@ if [[ -n "$params" && ! "$params" =~ ^[0-9.]+([eE][0-9]+)?$ ]]; then die "--para
 
 if [[ "$use_slurm" == 1 ]]; then
   [[ -z "$hostfile" ]] || die "--slurm and --hostfile exclude each other"
-  slots="$num_gpus"
-  if [[ -z "$slots" ]]; then
-    slots="$(shielded "$PYTHON" -m retnet_train.preflight.launch_env env --format json --node-rank 0 \
-      | shielded "$PYTHON" -c 'import json, sys; print(json.load(sys.stdin)["nproc_per_node"])')" \
-      || die "cannot tell GPUs per node from SLURM: pass --num-gpus"
-  fi
+  # slots: GPUs per node; the port is the job's, as torchrun.sh --slurm takes it (two jobs sharing a node)
+  slurm_args=(env --format json --node-rank 0)
+  [[ -z "$num_gpus" ]] || slurm_args+=(--nproc-per-node "$num_gpus")
+  slurm_view="$(shielded "$PYTHON" -m retnet_train.preflight.launch_env "${slurm_args[@]}" \
+    | shielded "$PYTHON" -c 'import json, sys; e = json.load(sys.stdin); print(e["nproc_per_node"], e["master_port"])')" \
+    || die "cannot derive GPUs per node and the port from SLURM (see above; --num-gpus N gives the GPUs)"
+  read -r slots slurm_port <<<"$slurm_view"
+  master_port="${master_port:-$slurm_port}"
   hostfile="${TMPDIR:-/tmp}/retnet-hostfile-${SLURM_JOB_ID:-$$}"
   hostfile_text="$(shielded "$PYTHON" -m retnet_train.preflight.launch_env hostfile --slots "$slots")" || die "cannot build a hostfile from SLURM"
   if [[ "$dry_run" != 1 ]]; then printf '%s\n' "$hostfile_text" > "$hostfile"; fi
@@ -107,6 +108,8 @@ elif [[ -n "$hostfile" ]]; then
 else
   hosts_text=""
 fi
+master_port="${master_port:-29500}"
+check_int "--master-port/MASTER_PORT" master_port 1 65535
 
 # first_running_host: the hostfile's first host that --include keeps (DeepSpeed runs the hosts in the
 # hostfile's order), where the rendezvous must be

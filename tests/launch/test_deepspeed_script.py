@@ -150,3 +150,28 @@ def test_deepspeed_master_is_the_first_host_include_keeps(tmp_path, include, fir
     assert r.returncode == 0, r.stderr
     cmd = command_after(r.stdout, "# command:")
     assert cmd[cmd.index("--master_addr") + 1] == first
+
+
+def test_deepspeed_from_slurm_takes_the_jobs_port_so_two_jobs_on_one_node_do_not_collide(tmp_path):
+    """Inside SLURM the rendezvous port is the job's (10000 + SLURM_JOB_ID % 50000, as torchrun.sh --slurm
+    takes it): two jobs sharing a node would both bind 29500 there. --master-port and MASTER_PORT win."""
+
+    def master_port(*args, **env):
+        r = run(
+            "launch/deepspeed.sh",
+            "--dry-run",
+            "--slurm",
+            *args,
+            "model=tiny",
+            env={**fake_slurm("gpu[01-02]", 2), **env},
+        )
+        assert r.returncode == 0, r.stderr
+        cmd = command_after(r.stdout, "# command:")
+        assert f"MASTER_PORT={cmd[cmd.index('--master_port') + 1]}" in r.stdout
+        return cmd[cmd.index("--master_port") + 1]
+
+    assert master_port() == "14242"
+    assert master_port(SLURM_JOB_ID="4243") == "14243"
+    assert master_port("--num-gpus", "4", SLURM_GPUS_ON_NODE="") == "14242"
+    assert master_port("--master-port", "31000") == "31000"
+    assert master_port(MASTER_PORT="2222") == "2222"
