@@ -68,9 +68,10 @@ add_preflight_program_args() {
 }
 
 # print_env_and_preflight: for --dry-run, the variables of this environment that the training
-# processes act on (collectives, devices, allocators, compilers), then the preflight command.
+# processes act on (collectives, devices, allocators, compilers) as export lines (pasted into a new
+# shell they reach the commands), then the preflight command.
 print_env_and_preflight() {
   env | LC_ALL=C sort | grep -E '^(NCCL|RCCL|TORCH_NCCL|CUDA|HIP|ROCR|HSA|MIOPEN|PYTORCH|TRITON|FI|OMP)_[A-Z0-9_]*=|^PYTHON(PATH|UNBUFFERED)=' \
-    | while IFS='=' read -r k v; do echo "$k=$(printf '%q' "$v")"; done || true
+    | while IFS='=' read -r k v; do echo "export $k=$(printf '%q' "$v")"; done || true
   if [[ "$preflight" == 1 ]]; then echo "# preflight:"; quote "${check[@]}"; fi
 }

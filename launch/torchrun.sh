@@ -114,12 +114,12 @@ add_preflight_program_args
 if [[ "$dry_run" == 1 ]]; then
   echo "# node $node_rank of $nnodes: $nproc process(es), world size $((nnodes * nproc)), rendezvous $master_addr:$master_port id=$rdzv_id"
   echo "# environment:"
-  echo "MASTER_ADDR=$(printf '%q' "$master_addr")"
-  echo "MASTER_PORT=$master_port"
-  echo "NNODES=$nnodes"
-  echo "NODE_RANK=$node_rank"
-  echo "NPROC_PER_NODE=$nproc"
-  echo "WORLD_SIZE=$((nnodes * nproc))"
+  echo "export MASTER_ADDR=$(printf '%q' "$master_addr")"
+  echo "export MASTER_PORT=$master_port"
+  echo "export NNODES=$nnodes"
+  echo "export NODE_RANK=$node_rank"
+  echo "export NPROC_PER_NODE=$nproc"
+  echo "export WORLD_SIZE=$((nnodes * nproc))"
   print_env_and_preflight
   echo "# (started with SIGUSR1 ignored: the trainer's workers handle it, torchrun's agent must not die of it)"
   echo "# command:"

@@ -87,7 +87,7 @@ def env_block(section: str) -> dict[str, str]:
     )
     out = {}
     for line in lines[start:end]:
-        k, v = line.split("=", 1)
+        k, v = line.removeprefix("export ").split("=", 1)
         (out[k],) = shlex.split(v) or [""]
     return out
 

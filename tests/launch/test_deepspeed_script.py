@@ -82,7 +82,7 @@ def test_deepspeed_hostfile_dry_run(tmp_path):
         assert pre_args[:2] == ["--from-launcher-env", "--shared-id"]
         assert pre_args[pre_args.index("--checkpoint-dir") + 1] == "/shared/ck"
         assert pre_args[pre_args.index("--") + 1 :] == REMOTE_OVERRIDES
-    assert "HSA_FORCE_FINE_GRAIN_PCIE=1" in r.stdout.splitlines()
+    assert "export HSA_FORCE_FINE_GRAIN_PCIE=1" in r.stdout.splitlines()
 
 
 def test_deepspeed_from_slurm_and_single_node(tmp_path):

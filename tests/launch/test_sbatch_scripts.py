@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import os
 import shutil
+import subprocess
 
 import pytest
 from launch_helpers import OVERRIDES, ROOT, command_after, env_block, fake_slurm, node_sections, run
@@ -182,3 +183,27 @@ def test_sbatch_requeues_the_job_only_when_the_trainer_stopped_on_a_signal(tmp_p
     else:
         assert not log.exists()
     assert sorted(p.name for p in tmp_path.iterdir() if p != log) == ["bin"]  # the status file is removed
+
+
+@pytest.mark.parametrize("vendor", ["nvidia", "rocm"])
+def test_a_nodes_dry_run_environment_pasted_into_a_shell_reaches_its_commands(vendor):
+    """The sbatch script sets these for the srun step; a node's lines, pasted into a new shell before its
+    preflight and torchrun commands, must hand them to those programs (exported, not shell variables)."""
+    r = run(f"launch/slurm/{vendor}.sbatch", "--dry-run", "--allow-cpu", "model=tiny", env=fake_slurm("n[1-2]", 2))
+    assert r.returncode == 0, r.stderr
+    section = node_sections(r.stdout)[1]
+    lines = section.splitlines()
+    pasted = lines[lines.index("# environment:") + 1 : lines.index("# preflight:")]
+    names = ["NODE_RANK", "NCCL_DEBUG", "TRITON_CACHE_DIR", "OMP_NUM_THREADS", "PYTHONPATH"]
+    script = "\n".join([*pasted, f"env | grep -E '^({'|'.join(names)})=' | sort"])
+    seen = subprocess.run(["bash", "-c", script], env={"PATH": os.environ["PATH"]}, capture_output=True, text=True)
+    assert seen.returncode == 0, seen.stderr
+    assert seen.stdout.split() == sorted(
+        [
+            "NODE_RANK=1",
+            "NCCL_DEBUG=WARN",
+            "TRITON_CACHE_DIR=/tmp/triton-cache-alice-4242",
+            "OMP_NUM_THREADS=8",
+            f"PYTHONPATH={ROOT}",
+        ]
+    )
