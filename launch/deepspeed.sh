@@ -176,6 +176,12 @@ if [[ "$dry_run" == 1 ]]; then
     echo "# every node: deepspeed.launcher.launch --node_rank=<node> starts one process per slot with"
     echo "#   RANK, LOCAL_RANK, WORLD_SIZE, MASTER_ADDR=$master_addr, MASTER_PORT=$master_port"
     if [[ "$launcher" == pdsh ]]; then echo "# (program arguments quoted once more: pdsh runs them in a remote shell)"; fi
+    if [[ "$use_slurm" == 1 ]]; then
+      # the commands read it; DeepSpeed without its hostfile would train on this node alone
+      echo "# the hostfile, written as the run writes it:"
+      mapfile -t hostfile_lines <<<"$hostfile_text"
+      echo "$(quote printf '%s\n' "${hostfile_lines[@]}") > $(printf '%q' "$hostfile")"
+    fi
   else
     echo "# this node only (no hostfile): one process per visible GPU${num_gpus:+ (--num-gpus $num_gpus)}"
     echo "# (started with SIGUSR1 ignored: the trainer's workers handle it, the runner and launch.py must not die of it)"

@@ -175,3 +175,24 @@ def test_deepspeed_from_slurm_takes_the_jobs_port_so_two_jobs_on_one_node_do_not
     assert master_port("--num-gpus", "4", SLURM_GPUS_ON_NODE="") == "14242"
     assert master_port("--master-port", "31000") == "31000"
     assert master_port(MASTER_PORT="2222") == "2222"
+
+
+def test_deepspeed_from_slurm_dry_run_prints_the_hostfile_its_command_reads(tmp_path):
+    """A dry run writes no hostfile, but its command reads one: pasted without it, DeepSpeed would train
+    on this node alone. The dry run prints the line that writes it, before the commands."""
+    r = run(
+        "launch/deepspeed.sh",
+        "--dry-run",
+        "--slurm",
+        "model=tiny",
+        env={**fake_slurm("gpu[01-02]", 2), "TMPDIR": str(tmp_path)},
+    )
+    assert r.returncode == 0, r.stderr
+    assert not list(tmp_path.iterdir())
+    lines = r.stdout.splitlines()
+    before_commands = [line for line in lines[: lines.index("# preflight:")] if not line.startswith("#")]
+    pasted = subprocess.run(["bash", "-c", "\n".join(before_commands)], capture_output=True, text=True)
+    assert pasted.returncode == 0, pasted.stderr
+    cmd = command_after(r.stdout, "# command:")
+    hostfile = cmd[cmd.index("--hostfile") + 1]
+    assert open(hostfile).read() == "gpu01 slots=8\ngpu02 slots=8\n"
