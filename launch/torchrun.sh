@@ -17,7 +17,8 @@
 #   --master-port P     rendezvous port [MASTER_PORT]; default 29500
 #   --rdzv-id ID        rendezvous id, equal on all nodes [RDZV_ID]; default retnet
 #   --slurm             take nnodes, node rank, master addr/port and GPUs per node from SLURM
-#                       (python -m retnet_train.preflight.launch_env); used by launch/slurm/*.sbatch via srun
+#                       (python -m retnet_train.preflight.launch_env); used by launch/slurm/*.sbatch via srun;
+#                       --nproc-per-node, --master-addr, --master-port, --rdzv-id still win
 #   --module M          python module to run; default retnet_train.train
 #   --checkpoint-dir D  for the preflight; normally it comes from the trainer config
 #                       (checkpoint.dir / run.dir overrides) and must agree with it
@@ -41,17 +42,19 @@ master_port="${MASTER_PORT:-29500}"
 rdzv_id="${RDZV_ID:-retnet}"
 vendor=""
 use_slurm=0
+given=()  # the rendezvous options given, as the variables that --slurm's helper reads (they win there too)
+nodes_option=""  # --nnodes or --node-rank, refused with --slurm
 
 while [[ $# -gt 0 ]]; do
   shared_option "$@"
   if (( taken )); then shift "$taken"; continue; fi
   case "$1" in
     --nproc-per-node) need_value "$@"; nproc="$2"; shift 2 ;;
-    --nnodes) need_value "$@"; nnodes="$2"; shift 2 ;;
-    --node-rank) need_value "$@"; node_rank="$2"; shift 2 ;;
-    --master-addr) need_value "$@"; master_addr="$2"; shift 2 ;;
-    --master-port) need_value "$@"; master_port="$2"; shift 2 ;;
-    --rdzv-id) need_value "$@"; rdzv_id="$2"; shift 2 ;;
+    --nnodes) need_value "$@"; nnodes="$2"; nodes_option="$1"; shift 2 ;;
+    --node-rank) need_value "$@"; node_rank="$2"; nodes_option="$1"; shift 2 ;;
+    --master-addr) need_value "$@"; master_addr="$2"; given+=("MASTER_ADDR=$2"); shift 2 ;;
+    --master-port) need_value "$@"; master_port="$2"; given+=("MASTER_PORT=$2"); shift 2 ;;
+    --rdzv-id) need_value "$@"; rdzv_id="$2"; given+=("RDZV_ID=$2"); shift 2 ;;
     --slurm) use_slurm=1; shift ;;
     --vendor) need_value "$@"; vendor="$2"; shift 2 ;;
     --) shift; break ;;
@@ -62,9 +65,11 @@ done
 prog_args=("$@")
 
 if [[ "$use_slurm" == 1 ]]; then
+  [[ -z "$nodes_option" ]] || die "$nodes_option cannot be given with --slurm: SLURM's node count and SLURM_NODEID set it"
   slurm_args=(env --format shell)
   [[ -n "$nproc" ]] && slurm_args+=(--nproc-per-node "$nproc")
-  exports="$(shielded "$PYTHON" -m retnet_train.preflight.launch_env "${slurm_args[@]}")" || die "cannot derive the launch environment from SLURM (see above)"
+  exports="$(shielded env "${given[@]}" "$PYTHON" -m retnet_train.preflight.launch_env "${slurm_args[@]}")" \
+    || die "cannot derive the launch environment from SLURM (see above)"
   eval "$exports"
   nproc="$NPROC_PER_NODE"; nnodes="$NNODES"; node_rank="$NODE_RANK"
   master_addr="$MASTER_ADDR"; master_port="$MASTER_PORT"; rdzv_id="$RDZV_ID"

@@ -170,3 +170,34 @@ def test_a_number_with_a_leading_zero_is_read_in_base_10_and_a_dry_run_starts_no
         assert f"--nnodes={environment['NNODES']}" in cmd
         rank = environment["NODE_RANK"]
         assert rank in ("8", "1") and f"--rdzv_conf=is_host={int(rank == '0')}" in cmd
+
+
+def test_options_win_over_slurm_under_slurm():
+    """--master-addr, --master-port and --rdzv-id win over what --slurm derives, as they win over the
+    variables (a port picked to avoid another job's); --nnodes and --node-rank are SLURM's: refused."""
+    slurm = {
+        "SLURM_JOB_NODELIST": "gpu[01-02]",
+        "SLURM_JOB_NUM_NODES": "2",
+        "SLURM_NODEID": "1",
+        "SLURMD_NODENAME": "gpu02",
+        "SLURM_JOB_ID": "77",
+        "SLURM_GPUS_ON_NODE": "4",
+    }
+    r = run("launch/torchrun.sh", "--dry-run", "--slurm", "x=1", env=slurm)
+    assert r.returncode == 0, r.stderr
+    assert "--rdzv_endpoint=gpu01:10077" in command_after(r.stdout, "# command:")
+    options = ["--master-addr", "10.0.0.9", "--master-port", "31000", "--rdzv-id", "run-a"]
+    r = run("launch/torchrun.sh", "--dry-run", "--slurm", *options, "x=1", env=slurm)
+    assert r.returncode == 0, r.stderr
+    cmd = command_after(r.stdout, "# command:")
+    assert "--rdzv_endpoint=10.0.0.9:31000" in cmd and "--rdzv_id=run-a" in cmd
+    environment = env_block(r.stdout)
+    assert (environment["MASTER_ADDR"], environment["MASTER_PORT"], environment["NODE_RANK"]) == (
+        "10.0.0.9",
+        "31000",
+        "1",
+    )
+    for option in (["--nnodes", "2"], ["--node-rank", "0"]):
+        r = run("launch/torchrun.sh", "--dry-run", "--slurm", *option, "x=1", env=slurm)
+        assert r.returncode == 2 and "# command:" not in r.stdout
+        assert f"{option[0]} cannot be given with --slurm" in r.stderr, r.stderr
