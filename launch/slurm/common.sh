@@ -175,7 +175,10 @@ run_and_requeue() {
     rm -f "$status_file"
     echo "launch/slurm/${VENDOR}.sbatch: the trainer saved a checkpoint and stopped on a signal (exit 75):" \
       "requeueing job ${SLURM_JOB_ID:-?} to resume" >&2
-    scontrol requeue "${SLURM_JOB_ID:?}" || die "scontrol requeue ${SLURM_JOB_ID} failed: submit the same command again to resume"
+    # the checkpoint is saved either way: the job ends with the trainer's 75, not the script's 2
+    if ! scontrol requeue "${SLURM_JOB_ID:?}"; then
+      echo "launch/slurm/${VENDOR}.sbatch: error: scontrol requeue ${SLURM_JOB_ID} failed: submit the same command again to resume" >&2
+    fi
     exit 75
   fi
   rm -f "$status_file"

@@ -207,3 +207,27 @@ def test_a_nodes_dry_run_environment_pasted_into_a_shell_reaches_its_commands(ve
             f"PYTHONPATH={ROOT}",
         ]
     )
+
+
+def test_a_failed_requeue_still_ends_the_job_with_75(tmp_path):
+    """The checkpoint is saved whether or not `scontrol requeue` works: the job ends with the trainer's
+    75 ('run the same command to resume'), not 2 ('bad options or preflight failed, nothing started')."""
+    bindir = tmp_path / "bin"
+    bindir.mkdir()
+    (bindir / "srun").write_text(REQUEUE_SRUN)
+    (bindir / "scontrol").write_text(
+        '#!/usr/bin/env bash\necho "scontrol: error: Access/permission denied" >&2\nexit 1\n'
+    )
+    for tool in ("srun", "scontrol"):
+        (bindir / tool).chmod(0o755)
+    env = {
+        **fake_slurm("n1", 1),
+        "PATH": f"{bindir}:{os.environ['PATH']}",
+        "TMPDIR": str(tmp_path),
+        "FAKE_STATUS": "75",
+        "FAKE_SRUN_RC": "1",
+    }
+    r = run("launch/slurm/nvidia.sbatch", "model=tiny", env=env)
+    assert r.returncode == 75, r.stderr
+    assert "scontrol requeue 4242 failed: submit the same command again to resume" in r.stderr
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["bin"]
