@@ -17,7 +17,7 @@ import torch
 import torch.distributed as dist
 
 from .components.banner import start_banner
-from .components.checkpoint import CheckpointManager, agreed_resume, client_state, load_initial_weights
+from .components.checkpoint import CheckpointManager, agreed_parts, agreed_resume, client_state, load_initial_weights
 from .components.checkpoint_discovery import tag_step
 from .components.config import TrainConfig, check_values, checkpoint_dir, grad_accumulation, resolved_config
 from .components.distributed import all_reduce_step, any_rank, init_distributed, pick_device, raise_first_problem
@@ -93,7 +93,8 @@ class Trainer:
 
         self.resolved = resolved_config(cfg)
         # before anything is written: refuses to clobber, or another data stream (before a conversion writes)
-        self.source = agreed_resume(cfg.train.resume, self.ckpt, self.resolved, self.stateful, self.world)
+        self.source = agreed_resume(cfg.train.resume, self.ckpt, self.resolved, self.world)
+        agreed_parts(self.source, self.stateful, self.world)  # (a file it cannot read names self.source)
         self.layout = run_layout(cfg, self.world)
         # another world size / ZeRO stage: converted; other model settings: refused
         self.plan = prepare_resume(self.source, self.layout, self.rank, dict(cfg.model))

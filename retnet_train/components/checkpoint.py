@@ -157,17 +157,16 @@ def resolve_resume(resume: str, manager: "CheckpointManager", config: Optional[d
     return _chosen(choice, manager.rank)
 
 
-def agreed_resume(resume: str, manager: "CheckpointManager", config: dict, parts: Mapping[str, Stateful], world: int):
-    """resolve_resume, then check_parts, on every rank (a collective). What they refuse (the checkpoint dir, the
-    checkpoint, the data stream) comes from files every rank reads alike: with several ranks, every rank raises
-    the first rank's refusal, which rank 0 alone prints (distributed.agreed_on_every_rank)."""
+def agreed_resume(resume: str, manager: "CheckpointManager", config: dict, world: int):
+    """resolve_resume on every rank (a collective): what it refuses (the checkpoint dir, the checkpoint) comes
+    from files every rank reads alike, so with several ranks every rank raises the first rank's refusal, which
+    rank 0 alone prints (distributed.agreed_on_every_rank)."""
+    return agreed_on_every_rank(lambda: resolve_resume(resume, manager, config), world)
 
-    def checked():
-        source = resolve_resume(resume, manager, config)
-        check_parts(source, parts)
-        return source
 
-    return agreed_on_every_rank(checked, world)
+def agreed_parts(source: Optional[tuple], parts: Mapping[str, Stateful], world: int) -> None:
+    """check_parts on every rank (a collective), its refusal (another data stream) printed once as above."""
+    agreed_on_every_rank(lambda: check_parts(source, parts), world)
 
 
 def _saved_config(tag_dir: str) -> Optional[dict]:
