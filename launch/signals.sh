@@ -123,12 +123,29 @@ forward_stop_signal() {
   if [[ -n "$workers_parent" && -z "$parent_pid" ]]; then find_workers_parent; fi
   workers="$(trainer_workers)"
   if [[ -n "$workers" ]]; then
-    # shellcheck disable=SC2086  # a list of pids
-    kill -s "$1" $workers 2>/dev/null || true
+    local pid
+    for pid in $workers; do
+      # a worker inherits SIGUSR1 ignored from its launcher until the trainer's handler is in place: it
+      # would lose the warning and train on to the time limit. SIGTERM ends it before anything was
+      # trained (or, handled by then, stops the trainer alike).
+      if [[ "$1" == USR1 ]] && ignores_usr1 "$pid"; then
+        kill -TERM "$pid" 2>/dev/null || true
+      else
+        kill -s "$1" "$pid" 2>/dev/null || true
+      fi
+    done
   else
     # shellcheck disable=SC2086  # one or two pids
     kill -TERM $child_pid $parent_pid 2>/dev/null || true
   fi
+}
+
+# ignores_usr1 PID: PID ignores SIGUSR1 (signal 10: bit 9 of SigIgn in /proc/PID/status); false
+# where that cannot be read.
+ignores_usr1() {
+  local mask
+  mask="$(sed -n 's/^SigIgn:[[:space:]]*//p' "/proc/$1/status" 2>/dev/null)" || return 1
+  [[ "$mask" =~ ^[0-9a-fA-F]+$ ]] && (( (16#${mask: -4} >> 9) & 1 ))
 }
 
 # trainer_workers: the pids of the trainer's ranks on this node: torchrun's children, or launch.py's.

@@ -8,7 +8,8 @@ to $FAKE_LOG, one line each.
                                               for them, and a second SIGTERM aborts it (exit 99), as the
                                               real agent's shutdown is aborted
     fake_launcher.py --worker                 a trainer rank: $FAKE_WORKER_START_SECONDS with the signals
-                                              at their defaults, then SIGTERM/SIGUSR1 "save" and exit 75,
+                                              as the agent left them (SIGUSR1 ignored, as real workers
+                                              inherit it), then SIGTERM/SIGUSR1 "save" and exit 75,
                                               Ctrl-C exits 130; the status goes to $RETNET_EXIT_STATUS_FILE
     fake_launcher.py --preflight              the preflight: sleeps
 """
@@ -40,7 +41,7 @@ def write_status(status: int) -> None:
 
 
 def worker() -> None:
-    log(f"worker {os.getpid()} starting")
+    log(f"worker {os.getpid()} starting: SIGUSR1 {disposition(signal.SIGUSR1)}")  # as the agent left it
     time.sleep(float(os.environ.get("FAKE_WORKER_START_SECONDS", "0")))  # the interpreter, before any handler
     received: list[str] = []
     for sig in (signal.SIGTERM, signal.SIGUSR1):

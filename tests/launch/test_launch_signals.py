@@ -283,6 +283,23 @@ def test_sigterm_to_workers_still_starting_ends_the_script_with_75(tmp_path):
     assert not any("ready" in line or "agent got" in line for line in launch.lines())
 
 
+@pytest.mark.parametrize("target", ["script", "every process"])
+def test_sigusr1_to_workers_still_starting_ends_the_script_with_75(tmp_path, target):
+    """Workers inherit SIGUSR1 ignored from the agent until the trainer's handler is in place: a SIGUSR1
+    (sbatch --signal=USR1@600) then would be lost and the run go on to the time limit. Such workers get
+    a SIGTERM instead, which ends them as before any worker ran: nothing was trained, 75."""
+    launch = Launch(tmp_path, FAKE_WORKER_START_SECONDS="60")
+    launch.start("launch/torchrun.sh", "--nproc-per-node", "2", "--no-preflight", "model=tiny")
+    launch.wait_for("starting", count=2)
+    assert all(line.endswith("SIGUSR1 ignored") for line in launch.lines() if "starting" in line), launch.lines()
+    launch.signal(signal.SIGUSR1, target)
+    rc, err = launch.finish()
+    assert rc == 75, (err, launch.lines())
+    assert "SIGUSR1 before training started: stopping with exit status 75" in err
+    assert launch.status.read_text() == "75\n"
+    assert not any("ready" in line or "agent got" in line for line in launch.lines())
+
+
 @pytest.mark.parametrize("phase", ["preflight", "training"])
 def test_sbatch_requeues_after_usr1_to_every_process_of_the_step(tmp_path, phase):
     # sbatch --signal=USR1@600: SIGUSR1 to every process of the srun step, not to the batch script
