@@ -315,7 +315,7 @@ def read_hostfile(path: str) -> list[tuple[str, int]]:
         line = raw.split("#", 1)[0].strip()
         if not line:
             continue
-        m = re.fullmatch(r"(\S+)\s+slots=(\d+)", line)
+        m = re.fullmatch(r"(\S+)\s+slots=(\d+)(?:\s.*)?", line)  # further fields: DeepSpeed ignores them
         if not m or int(m.group(2)) < 1:
             raise LaunchEnvError(
                 f"--hostfile {path}:{lineno}: expected 'HOST slots=N' with N >= 1, got {raw.strip()!r}"

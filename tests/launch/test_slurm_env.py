@@ -189,6 +189,16 @@ def test_hostfiles(tmp_path, capsys):
         read_hostfile(str(tmp_path / "missing"))
 
 
+def test_a_hostfile_lines_further_fields_are_left_to_deepspeed_as_its_runner_does(tmp_path):
+    """DeepSpeed's runner reads 'HOST slots=N' at a line's start and ignores what follows (MPI's max_slots=)."""
+    hosts = tmp_path / "hosts"
+    hosts.write_text("worker-0 slots=8 max_slots=8\nworker-1\tslots=4\tmax_slots=4\n")
+    assert read_hostfile(str(hosts)) == [("worker-0", 8), ("worker-1", 4)]
+    hosts.write_text("worker-0 slots=8x\n")
+    with pytest.raises(LaunchEnvError, match=":1: expected 'HOST slots=N'"):
+        read_hostfile(str(hosts))
+
+
 def test_module_does_not_import_torch():
     # It runs on every node before anything else; it must stay light and torch-free.
     code = "import sys, retnet_train.preflight.launch_env; print('torch' in sys.modules)"
