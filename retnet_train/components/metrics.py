@@ -102,6 +102,8 @@ class MetricsLogger:
         self.is_main = is_main
         self.wandb_id = wandb_id or uuid.uuid4().hex[:12]
         self.path = os.path.join(run_dir, "metrics.jsonl")
+        # a run killed while writing a record leaves it without its newline: the next starts a line
+        self._line_break = "\n" if is_main and _ends_mid_line(self.path) else ""
         self._wandb = None
         if is_main and wandb_cfg.mode != "disabled":
             import wandb  # imported only when used
@@ -133,7 +135,8 @@ class MetricsLogger:
             return
         stored = {k: _finite_or_none(v) for k, v in record.items()}
         with open(self.path, "a") as f:
-            f.write(json.dumps(stored) + "\n")
+            f.write(self._line_break + json.dumps(stored) + "\n")
+        self._line_break = ""
         # the console shows a non-finite value as it is (inf, nan); None is left out
         parts = [f"{k} {v:.4g}" if isinstance(v, float) else f"{k} {v}" for k, v in record.items() if v is not None]
         self.write(" | ".join(parts))
@@ -173,6 +176,18 @@ class MetricsLogger:
         except Exception as e:  # the run's checkpoints and metrics.jsonl are written already
             _teardown_wandb()
             self._warn(f"W&B could not finish its run ({_brief(e)})")
+
+
+def _ends_mid_line(path: str) -> bool:
+    try:
+        with open(path, "rb") as f:
+            f.seek(0, os.SEEK_END)
+            if f.tell() == 0:
+                return False
+            f.seek(-1, os.SEEK_END)
+            return f.read(1) != b"\n"
+    except FileNotFoundError:
+        return False
 
 
 def _finite_or_none(value):
