@@ -33,6 +33,7 @@ class RunCurves:
     val_tokens: list[float] = field(default_factory=list)
     val_loss: list[float] = field(default_factory=list)
     peak_mem_gib: float | None = None  # the largest logged
+    cut_lines: list[int] = field(default_factory=list)  # records cut short by a killed run, left out
 
     @property
     def final_val_loss(self) -> float | None:
@@ -46,10 +47,18 @@ class RunCurves:
         return sum(rates) / len(rates) if rates else None
 
 
-def _records(path: Path) -> list[dict]:
+def _cut_short(line: str) -> bool:
+    """A record whose writer was killed partway: an opened object never closed (any other line that is not
+    JSON is damage of another kind)."""
+    line = line.strip()
+    return line.startswith("{") and not line.endswith("}")
+
+
+def _records(path: Path) -> tuple[list[dict], list[int]]:
+    """The file's records, and the numbers of the lines cut short (left out)."""
     if not path.is_file():
         raise MetricsError(f"{path}: no such file (not a run directory, or the run has not logged a step yet)")
-    records = []
+    records, cut = [], []
     with open(path) as f:
         for n, line in enumerate(f, 1):
             if not line.strip():
@@ -57,13 +66,16 @@ def _records(path: Path) -> list[dict]:
             try:
                 record = json.loads(line)
             except json.JSONDecodeError:
+                if _cut_short(line):
+                    cut.append(n)
+                    continue
                 raise MetricsError(f"{path}:{n}: not a JSON line") from None
             if not isinstance(record, dict) or not isinstance(record.get("step"), int):
                 raise MetricsError(f"{path}:{n}: a record needs an integer 'step'")
             records.append(record)
     if not records:
         raise MetricsError(f"{path}: empty (the run has not logged a step yet)")
-    return records
+    return records, cut
 
 
 def _last_per_step(records: list[dict], key: str) -> list[dict]:
@@ -85,11 +97,11 @@ def _interpolate(x: float, xs: list[float], ys: list[float]) -> float:
 def read_metrics(run_dir: str | Path, name: str | None = None) -> RunCurves:
     run_dir = Path(run_dir)
     path = run_dir / METRICS_FILE
-    records = _records(path)
+    records, cut = _records(path)
     train = _last_per_step(records, "tokens_seen")
     if not train:
         raise MetricsError(f"{path}: no training records (with tokens_seen)")
-    curves = RunCurves(name or run_dir.name)
+    curves = RunCurves(name or run_dir.name, cut_lines=cut)
     for r in train:
         curves.tokens.append(float(r["tokens_seen"]))
         curves.loss.append(r.get("loss"))
@@ -166,6 +178,12 @@ def main(argv: Sequence[str] | None = None) -> None:
     except MetricsError as e:
         print(f"error: {e}", file=sys.stderr)
         sys.exit(1)
+    for run_dir, run in zip(a.runs, runs):
+        for n in run.cut_lines:
+            print(
+                f"warning: {Path(run_dir) / METRICS_FILE}:{n}: a record cut short (a killed run); left out",
+                file=sys.stderr,
+            )
     print(f"wrote {plot_curves(runs, a.out, a.title)}")
 
 

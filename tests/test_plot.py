@@ -67,7 +67,8 @@ def test_cli_writes_the_plot_and_names_each_run(tmp_path, capsys):
     [
         (None, "no such file"),
         ("", "empty"),
-        ('{"step": 1, "loss": 2.0}\n{"step": 2', ":2: not a JSON line"),
+        ('{"step": 1, "loss": 2.0}\nstep 2 | loss 1.9\n', ":2: not a JSON line"),
+        ('{"step": 1, "loss": 2.0}\n{"step": 2, "loss": 1.9}}\n', ":2: not a JSON line"),
         ('{"step": 1, "val_loss": 2.0}\n', "no training records"),
         ('{"loss": 2.0}\n', ":1: a record needs an integer 'step'"),
     ],
@@ -90,3 +91,27 @@ def test_bad_metrics_fail_naming_the_file(tmp_path, capsys, content, needle):
 def test_labels_must_match_the_runs(tmp_path):
     with pytest.raises(SystemExit):
         main([str(write_run(tmp_path / "a")), "--out", str(tmp_path / "x.png"), "--labels", "a,b"])
+
+
+CUT_SHORT = '{"step": 50, "loss": 2.5, "tokens_per_s"'  # what a run killed while writing a record leaves
+
+
+def test_a_record_cut_short_by_a_killed_run_is_left_out_with_a_warning(tmp_path, capsys):
+    """The run's other records are plotted (the whole file was refused); the cut line is named."""
+    run = write_run(tmp_path / "killed")
+    metrics = run / "metrics.jsonl"
+    metrics.write_text(metrics.read_text() + CUT_SHORT)
+    assert read_metrics(run).tokens == [10 * 4096, 20 * 4096, 30 * 4096, 40 * 4096]
+    main([str(run), "--out", str(tmp_path / "c.png")])
+    assert (tmp_path / "c.png").stat().st_size > 10_000
+    assert capsys.readouterr().err == f"warning: {metrics}:7: a record cut short (a killed run); left out\n"
+
+
+def test_a_run_resumed_after_a_cut_record_is_plotted_to_its_end(tmp_path, capsys):
+    run = write_run(tmp_path / "resumed")
+    metrics = run / "metrics.jsonl"
+    again = {"step": 50, "loss": 2.0, "tokens_per_s": 9.0, "tokens_seen": 50 * TOKENS_PER_STEP}
+    metrics.write_text(metrics.read_text() + CUT_SHORT + "\n" + json.dumps(again) + "\n")
+    curves = read_metrics(run)
+    assert curves.tokens[-1] == 50 * TOKENS_PER_STEP and curves.loss[-1] == 2.0
+    assert curves.cut_lines == [7]
