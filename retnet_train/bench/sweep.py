@@ -89,8 +89,8 @@ def sweep_title(results: list) -> str:
 
 
 def read_rows(path: str) -> list:
-    """The result rows of one run's output: lines that start with '{' (other lines, such as warnings
-    that went to the same file, are skipped)."""
+    """The result rows of one run's output: lines that start with '{' and name a model (other lines, such
+    as warnings that went to the same file or another benchmark's rows, are skipped)."""
     try:
         lines = open(path).read().splitlines()
     except FileNotFoundError:
@@ -106,7 +106,8 @@ def read_rows(path: str) -> list:
             missing = [key for key in ROW_KEYS if measured and key not in rows[-1]]
             if missing:
                 raise SystemExit(f"{path}:{number}: not a train_throughput row (no {', '.join(missing)})")
-    if not any("model" in r for r in rows):
+    rows = [r for r in rows if "model" in r]  # retention_kernels and context_parallel rows name none
+    if not rows:
         raise SystemExit(f"{path}: no result rows (the JSON lines that bench.train_throughput prints)")
     return rows
 
