@@ -116,6 +116,24 @@ def read_metrics(run_dir: str | Path, name: str | None = None) -> RunCurves:
     return curves
 
 
+def check_image_path(path: str | Path) -> Path:
+    """The image file a CLI is to write, refused (ValueError naming it) unless its extension names a format
+    matplotlib writes: matplotlib adds .png to a name without one, so the file written would not be
+    the one named, and it refuses another extension only once the figure is drawn."""
+    from matplotlib.backend_bases import FigureCanvasBase
+
+    path = Path(path)
+    suffix = path.suffix.lower()
+    formats = "(.png, .pdf, .svg, ...)"
+    if not suffix:
+        raise ValueError(f"{path}: no file extension {formats}")
+    if suffix[1:] not in FigureCanvasBase.get_supported_filetypes():
+        raise ValueError(f"{path}: {suffix} is not an image format matplotlib writes {formats}")
+    if path.is_dir():
+        raise ValueError(f"{path}: is a directory")
+    return path
+
+
 def _xy(xs: list, ys: list) -> tuple[list, list]:
     pairs = [(x, y) for x, y in zip(xs, ys) if y is not None]
     return [p[0] for p in pairs], [p[1] for p in pairs]
@@ -164,7 +182,7 @@ def main(argv: Sequence[str] | None = None) -> None:
         prog="python -m retnet_train.plot", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
     p.add_argument("runs", nargs="+", help="run directories (each with a metrics.jsonl)")
-    p.add_argument("--out", required=True, help="PNG to write")
+    p.add_argument("--out", required=True, help="the image to write: .png (or .pdf, .svg, ...)")
     p.add_argument(
         "--labels", default=None, help="comma-separated legend names, one per run (default: directory names)"
     )
@@ -173,6 +191,10 @@ def main(argv: Sequence[str] | None = None) -> None:
     labels = a.labels.split(",") if a.labels else [None] * len(a.runs)
     if len(labels) != len(a.runs):
         p.error(f"--labels has {len(labels)} names for {len(a.runs)} runs")
+    try:
+        check_image_path(a.out)
+    except ValueError as e:
+        p.error(f"--out {e}")
     try:
         runs = [read_metrics(run, label) for run, label in zip(a.runs, labels)]
     except MetricsError as e:

@@ -115,3 +115,31 @@ def test_a_run_resumed_after_a_cut_record_is_plotted_to_its_end(tmp_path, capsys
     curves = read_metrics(run)
     assert curves.tokens[-1] == 50 * TOKENS_PER_STEP and curves.loss[-1] == 2.0
     assert curves.cut_lines == [7]
+
+
+@pytest.mark.parametrize(
+    "name, needle",
+    [
+        ("curves", "curves: no file extension (.png, .pdf, .svg, ...)"),
+        ("curves.txt", "curves.txt: .txt is not an image format matplotlib writes"),
+        ("a/metrics.jsonl", "metrics.jsonl: .jsonl is not an image format"),
+    ],
+)
+def test_an_out_path_that_is_no_image_file_is_refused_and_nothing_written(tmp_path, capsys, name, needle):
+    """matplotlib wrote curves.png for --out curves (and the CLI said 'wrote curves'), and refused .txt
+    in a traceback after reading the runs."""
+    run = write_run(tmp_path / "a")
+    before = (run / "metrics.jsonl").read_text()
+    with pytest.raises(SystemExit) as exit_info:
+        main([str(run), "--out", str(tmp_path / name)])
+    assert exit_info.value.code == 2
+    assert needle in capsys.readouterr().err
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["a"]
+    assert (run / "metrics.jsonl").read_text() == before
+
+
+def test_out_may_name_a_pdf_in_a_directory_made_for_it(tmp_path, capsys):
+    out = tmp_path / "new" / "curves.pdf"
+    main([str(write_run(tmp_path / "a")), "--out", str(out)])
+    assert out.read_bytes()[:4] == b"%PDF"
+    assert capsys.readouterr().out == f"wrote {out}\n"

@@ -9,6 +9,9 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+from pathlib import Path
+
+from ..plot import check_image_path
 
 # what every point of one plot shares, besides the model's own settings
 SHARED_SETTINGS = ("preset", "device", "zero_stage", "compile", "activation_memory_budget")
@@ -74,6 +77,7 @@ def plot_sweep(results: list, path: str, title: str) -> None:
         ax.grid(True, alpha=0.3)
         ax.legend(fontsize=8)
     fig.suptitle(title, fontsize=10)
+    Path(path).parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(path, dpi=120)
     plt.close(fig)
 
@@ -128,14 +132,23 @@ def check_shared_settings(rows_by_file: dict, settings=sweep_settings, what: str
                     raise SystemExit(f"{key} differs: {first} in {where}, {r[key]} in {path}: not one {what}")
 
 
+def image_path_or_error(parser: argparse.ArgumentParser, path: str) -> None:
+    """--plot checked before any row is read (or any model measured): the parser's error otherwise."""
+    try:
+        check_image_path(path)
+    except ValueError as e:
+        parser.error(f"--plot {e}")
+
+
 def main(argv=None) -> None:
     p = argparse.ArgumentParser(
         prog="python -m retnet_train.bench.sweep",
         description="Draw the sweep plot from the JSON lines of bench.train_throughput runs.",
     )
     p.add_argument("rows", nargs="+", metavar="JSONL", help="a run's output (its stdout, saved)")
-    p.add_argument("--plot", required=True, metavar="PATH", help="the PNG to write")
+    p.add_argument("--plot", required=True, metavar="PATH", help="the image to write: .png (or .pdf, .svg, ...)")
     args = p.parse_args(argv)
+    image_path_or_error(p, args.plot)
     rows_by_file = {path: read_rows(path) for path in args.rows}
     check_shared_settings(rows_by_file)
     results = [r for rows in rows_by_file.values() for r in rows]

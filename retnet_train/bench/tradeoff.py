@@ -9,8 +9,9 @@ from __future__ import annotations
 
 import argparse
 import sys
+from pathlib import Path
 
-from .sweep import check_shared_settings, model_label, read_rows
+from .sweep import check_shared_settings, image_path_or_error, model_label, read_rows
 
 # what every point of one plot shares; the budget and the checkpointing are what the plot varies
 SHARED = ("preset", "device", "zero_stage", "compile", "seq_len", "micro_batch", "grad_accum")
@@ -89,6 +90,7 @@ def plot_tradeoff(rows: list, path: str) -> None:
     ax.margins(x=0.1)  # room for the labels of the outermost points
     ax.grid(True, alpha=0.3)
     ax.legend(fontsize=8)
+    Path(path).parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(path, dpi=120)
     plt.close(fig)
 
@@ -100,8 +102,9 @@ def main(argv=None) -> None:
     )
     p.add_argument("rows", nargs="+", metavar="JSONL", help="a bench.train_throughput run's output (its stdout, saved)")
     p.add_argument("--seq-len", type=int, required=True, help="the sequence length whose rows are drawn")
-    p.add_argument("--plot", required=True, metavar="PATH", help="the PNG to write")
+    p.add_argument("--plot", required=True, metavar="PATH", help="the image to write: .png (or .pdf, .svg, ...)")
     args = p.parse_args(argv)
+    image_path_or_error(p, args.plot)
     rows = measured_at({path: read_rows(path) for path in args.rows}, args.seq_len)
     plot_tradeoff(rows, args.plot)
     print(f"wrote {args.plot}", file=sys.stderr)

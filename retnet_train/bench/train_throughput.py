@@ -19,7 +19,7 @@ import torch
 
 from ..components.distributed import init_distributed
 from ..components.process_exit import end_before_teardown, exit_with
-from .sweep import batch_for_length, plot_sweep, sweep_title
+from .sweep import batch_for_length, image_path_or_error, plot_sweep, sweep_title
 from .throughput_args import add_run_args, add_sweep_args, add_training_args, model_specs
 from .throughput_measure import measure_or_oom
 
@@ -41,6 +41,8 @@ def parse_args(argv=None) -> argparse.Namespace:
             "--plot draws tokens/s against sequence length at one budget and one checkpointing mode; "
             "draw several with python -m retnet_train.bench.tradeoff on the printed rows"
         )
+    if args.plot:
+        image_path_or_error(p, args.plot)
     if args.compile_mode is not None and not args.compile:
         p.error("--compile-mode needs --compile")
     if args.profile_trace is not None and not args.profile:

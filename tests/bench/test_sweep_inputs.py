@@ -1,9 +1,12 @@
 """bench.sweep and bench.tradeoff on what users hand them: a rows file that also holds another
-benchmark's lines."""
+benchmark's lines, and the image path of --plot."""
 
 import json
 
+import pytest
+
 from retnet_train.bench import sweep, tradeoff
+from retnet_train.bench.train_throughput import parse_args
 
 
 def train_row(model, seq_len, micro_batch, grad_accum, **fields):
@@ -39,3 +42,44 @@ def test_rows_of_another_benchmark_at_the_length_are_left_out_of_the_tradeoff(tm
     path = write_rows(tmp_path / "rows.jsonl", rows)
     tradeoff.main([path, "--seq-len", "32768", "--plot", str(tmp_path / "t.png")])
     assert [r["peak_gib"] for r in drawn["rows"]] == [10.0, 9.0]
+
+
+@pytest.mark.parametrize(
+    "name, needle",
+    [
+        ("sweep", "sweep: no file extension (.png, .pdf, .svg, ...)"),
+        ("sweep.txt", "sweep.txt: .txt is not an image format matplotlib writes (.png, .pdf, .svg, ...)"),
+        ("rows.jsonl", "rows.jsonl: .jsonl is not an image format"),
+    ],
+)
+def test_a_plot_path_that_is_no_image_file_is_refused_before_anything_is_read_or_written(
+    tmp_path, capsys, name, needle
+):
+    """matplotlib adds .png to a name without an extension (and the CLIs reported the name given) and
+    refuses any other extension in a traceback once the figure is drawn; train_throughput found out only
+    after measuring every model."""
+    rows_file = write_rows(tmp_path / "rows.jsonl", [train_row("retnet", 32768, 1, 2)])
+    before = (tmp_path / "rows.jsonl").read_text()
+    target = str(tmp_path / name)
+    for run in (
+        lambda: sweep.main([rows_file, "--plot", target]),
+        lambda: tradeoff.main([rows_file, "--seq-len", "32768", "--plot", target]),
+        lambda: parse_args(["--plot", target]),
+    ):
+        with pytest.raises(SystemExit) as exit_info:
+            run()
+        assert exit_info.value.code == 2
+        assert needle in capsys.readouterr().err
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["rows.jsonl"]
+    assert (tmp_path / "rows.jsonl").read_text() == before
+
+
+def test_the_plot_goes_into_a_directory_made_for_it(tmp_path, capsys):
+    rows_file = write_rows(tmp_path / "rows.jsonl", [train_row("retnet", 2048, 8, 4), train_row("retnet", 8192, 2, 4)])
+    for run, png in (
+        (lambda png: sweep.main([rows_file, "--plot", png]), tmp_path / "new" / "sweep.png"),
+        (lambda png: tradeoff.main([rows_file, "--seq-len", "8192", "--plot", png]), tmp_path / "new" / "t.pdf"),
+    ):
+        run(str(png))
+        assert png.read_bytes()[:4] in (b"\x89PNG", b"%PDF")
+        assert capsys.readouterr().err == f"wrote {png}\n"
