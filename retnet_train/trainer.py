@@ -196,7 +196,8 @@ class Trainer:
         except (ValueError, OSError) as e:
             problem = str(e)
         raise_first_problem(problem, self.world)
-        self.flops = flops_per_token(self.model_cfg, cfg.data.seq_len, self.device)["model"]
+        cp = self.world // self.dp_world  # context parallel: retention counted in the form each rank runs
+        self.flops = flops_per_token(self.model_cfg, cfg.data.seq_len, self.device, cp)["model"]
         self.peak = device_peak_flops(self.device, cfg.train.peak_flops)
         self.throughput = Throughput(self.state.tokens_seen)
         self.bar = progress_bar(cfg.train.max_steps, self.state.step, self.is_main)
@@ -288,8 +289,7 @@ class Trainer:
         losses = []
         for _ in range(self.accum):
             batch = {k: v.to(self.device, non_blocking=True) for k, v in next(self.loader).items()}
-            if self.cp is not None:
-                batch = self.cp.shard_batch(batch)  # this rank's seq_len / P tokens of each sequence
+            batch = self.cp.shard_batch(batch) if self.cp else batch  # this rank's seq_len / P tokens of each row
             loss = engine(**batch, return_logits=False).loss
             loss = inject(loss, self.state.step + 1, cfg.inject_nonfinite_at, cfg.inject_nonfinite_grad_at)
             # A non-finite loss gives non-finite gradients on every rank (they are all-reduced), and

@@ -9,6 +9,8 @@ model: six_n plus the sequence mixer's own matmuls in the form that runs, counti
   that runs (kernels.chunk_that_runs): model.chunk_size; mode=parallel one chunk of the whole
   sequence (on the triton backend at most 256); fla's own chunk on the fla backend.
   RetNet, mode=recurrent (token by token): the state's read and update alone, 4 d_k d_v / H.
+  RetNet under context parallelism (P ranks per sequence): the form each rank runs on its T / P tokens,
+  on the torch path where the backend is triton (its kernels give the state passed on no gradient).
 """
 
 from __future__ import annotations
@@ -43,9 +45,12 @@ def training_flops(linear_params: int, n_layers: int, mixer: float) -> dict:
     return {"six_n": float(six_n), "model": float(six_n + 3 * n_layers * mixer)}
 
 
-def retnet_mixer_flops(config: RetNetConfig, seq_len: int, backend: str) -> float:
-    """Forward FLOPs per token of one retention layer in the form config.mode runs on `backend`."""
+def retnet_mixer_flops(config: RetNetConfig, seq_len: int, backend: str, context_parallel: int = 1) -> float:
+    """Forward FLOPs per token of one retention layer in the form config.mode runs on `backend`, on
+    seq_len / context_parallel tokens per rank."""
     d, value_dim, heads = config.d_model, config.value_dim, config.n_heads
+    if context_parallel > 1:  # retention_op sends a state that needs a gradient to the torch path
+        seq_len, backend = seq_len // context_parallel, "torch" if backend == "triton" else backend
     if config.mode == "recurrent":
         return 4 * d * value_dim / heads
     chunk = chunk_that_runs(backend, config.mode, config.chunk_size, seq_len)
@@ -60,12 +65,14 @@ def retention_backend_that_runs(config: RetNetConfig, device: Optional[torch.dev
     return "torch" if config.retention_backend == "auto" else config.retention_backend
 
 
-def flops_per_token(config, seq_len: int, device: Optional[torch.device] = None) -> dict:
+def flops_per_token(config, seq_len: int, device: Optional[torch.device] = None, context_parallel: int = 1) -> dict:
     """six_n and model FLOPs per token of training on sequences of seq_len tokens; `device`: where the
-    model runs, which picks RetNet's retention backend (and so its chunk) for `auto`."""
+    model runs, which picks RetNet's retention backend (and so its chunk) for `auto`; context_parallel:
+    the ranks that share each sequence (parallel.context_parallel_size)."""
     d = config.d_model
     if isinstance(config, RetNetConfig):
-        mixer = retnet_mixer_flops(config, seq_len, retention_backend_that_runs(config, device))
+        backend = retention_backend_that_runs(config, device)
+        mixer = retnet_mixer_flops(config, seq_len, backend, context_parallel)
     elif isinstance(config, TransformerConfig):
         mixer = 4 * d * (seq_len + 1) / 2
     else:

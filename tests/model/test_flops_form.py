@@ -53,3 +53,20 @@ def test_auto_counts_the_backend_it_resolves_to_on_the_device():
     config = RetNetConfig(**SIZE, mode="parallel")
     f = flops_per_token(config, 1024, torch.device("cpu"))
     assert (f["model"] - f["six_n"]) / 6 == 1025 * 192 + STATE
+
+
+@pytest.mark.parametrize(
+    "backend, mode, chunk_size, chunk",
+    [
+        ("torch", "parallel", 16, 512),  # each rank's 512 tokens are one chunk, not the sequence's 1024
+        ("triton", "parallel", 16, 512),  # a state with a gradient runs on the torch path, not triton's 256
+        ("triton", "chunkwise", 16, 16),
+        ("torch", "chunkwise", 1024, 512),  # a chunk longer than a rank's tokens: one chunk of them
+        ("fla", "chunkwise", 16, 64),  # fla runs under context parallel, at its own chunk
+    ],
+)
+def test_context_parallel_counts_the_form_each_rank_runs(backend, mode, chunk_size, chunk):
+    """Two ranks per sequence of 1024 tokens: each runs retention on its 512 (parallel/context.py)."""
+    config = RetNetConfig(**{**SIZE, "chunk_size": chunk_size}, mode=mode, retention_backend=backend)
+    f = flops_per_token(config, 1024, context_parallel=2)
+    assert (f["model"] - f["six_n"]) / (3 * config.n_layers) == pytest.approx((chunk + 1) * (64 + 128) + STATE)
