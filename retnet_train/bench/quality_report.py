@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import os
+import sys
 from pathlib import Path
 from typing import Sequence
 
@@ -71,11 +72,27 @@ def _write(path: Path, text: str) -> None:
     os.replace(tmp, path)  # a reader sees the old table or the new one
 
 
+def readable_curves(out: Path, rows: list[dict]) -> list:
+    """The curves of each row's run; a run that cannot be read (an earlier row's run directory removed) is
+    left out of the plot, named on stderr: the rows and the table keep it."""
+    from ..plot import MetricsError, read_metrics
+
+    curves = []
+    for r in rows:
+        try:
+            curves.append(read_metrics(out / r["run_dir"], r["model"]))
+        except MetricsError as e:
+            print(f"warning: {PLOT_FILE} leaves out {r['model']}: {e}", file=sys.stderr)
+    return curves
+
+
 def write_outputs(out: Path, rows: list[dict]) -> None:
-    from ..plot import plot_curves, read_metrics
+    from ..plot import plot_curves
 
     _write(out / ROWS_FILE, "".join(json.dumps(r) + "\n" for r in rows))
     _write(out / TABLE_FILE, markdown_table(rows))
     first = rows[0]
     title = f"{_count(first['tokens'])} tokens, seq {first['seq_len']}, {first['batch_tokens']:,} tokens/step"
-    plot_curves([read_metrics(out / r["run_dir"], r["model"]) for r in rows], out / PLOT_FILE, title)
+    curves = readable_curves(out, rows)
+    if curves:
+        plot_curves(curves, out / PLOT_FILE, title)
