@@ -18,7 +18,9 @@ def pick_device(choice: str, precision: str, retention_backend: Optional[str] = 
     model.retention_backend."""
     problem = precision_problem(choice, precision) or backend_problem(choice, retention_backend)
     if problem:
-        raise ValueError(problem)
+        # train.device=cpu makes it the config's problem, every rank's alike (printed once, by rank 0); with
+        # auto it is this machine's, which another node may not share
+        raise (SameOnEveryRank if choice == "cpu" else ValueError)(problem)
     if _on_gpu(choice):
         if not torch.cuda.is_available():
             raise ValueError("train.device=cuda but no CUDA/ROCm device is visible")

@@ -58,3 +58,25 @@ def test_a_checkpoint_dir_refusal_is_printed_once(shards, tmp_path):  # noqa: F8
     assert proc.returncode != 0
     assert output.count("which this trainer did not write") == 1, output
     assert output.count(POINTER) == 1, output
+
+
+@pytest.mark.slow
+def test_a_gpu_only_setting_with_train_device_cpu_is_refused_as_rank_0s(shards, tmp_path):  # noqa: F811
+    """A GPU retention backend or fp16 with train.device=cpu is the config's error, the same on every rank:
+    printed by rank 0 alone (each rank printed it in full). 2 context-parallel ranks, as a long-context run."""
+    cpu = {"train.device": "cpu", "parallel.context_parallel_size": 2}
+    refused = {
+        "triton": {"model.retention_backend": "triton"},
+        "fla": {"model.retention_backend": "fla"},
+        "fp16": {"deepspeed.precision": "fp16"},
+    }
+    scenarios = [
+        (name, overrides(shards, tmp_path / name, **cpu, **extra), SameOnEveryRank.__name__)
+        for name, extra in refused.items()
+    ]
+    outcomes = run_scenarios(scenarios, nproc=2, workdir=tmp_path / "launch")
+    for name, needle in (("triton", "triton needs a CUDA"), ("fla", "fla needs a CUDA"), ("fp16", "fp16 needs a GPU")):
+        assert needle in outcomes[name].message and "train.device=cpu" in outcomes[name].message, outcomes[name]
+        rank_1 = json.loads((tmp_path / "launch" / "scenarios" / name / "rank1.json").read_text())
+        assert rank_1 == {"error": SameOnEveryRank.__name__, "message": outcomes[name].message}
+        assert not (tmp_path / name).exists(), name  # refused before anything is written
