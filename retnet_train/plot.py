@@ -78,6 +78,20 @@ def _records(path: Path) -> tuple[list[dict], list[int]]:
     return records, cut
 
 
+def _latest_attempt(records: list[dict]) -> list[dict]:
+    """The records of the run as it went on: a training record at a step the file has reached already
+    starts a resumed attempt, which supersedes every record of an earlier one from that step on (also
+    those of steps the resumed run has not logged yet: they belong to an attempt that died)."""
+    kept, last_train_step = [], None
+    for r in records:
+        if "tokens_seen" in r:
+            if last_train_step is not None and r["step"] <= last_train_step:
+                kept = [k for k in kept if k["step"] < r["step"]]
+            last_train_step = r["step"]
+        kept.append(r)
+    return kept
+
+
 def _last_per_step(records: list[dict], key: str) -> list[dict]:
     """Records holding `key`, one per step (the last: a resumed run logs its steps again), by step."""
     by_step = {r["step"]: r for r in records if r.get(key) is not None}
@@ -98,6 +112,7 @@ def read_metrics(run_dir: str | Path, name: str | None = None) -> RunCurves:
     run_dir = Path(run_dir)
     path = run_dir / METRICS_FILE
     records, cut = _records(path)
+    records = _latest_attempt(records)
     train = _last_per_step(records, "tokens_seen")
     if not train:
         raise MetricsError(f"{path}: no training records (with tokens_seen)")

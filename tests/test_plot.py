@@ -9,12 +9,11 @@ from retnet_train.plot import MetricsError, main, plot_curves, read_metrics
 TOKENS_PER_STEP = 4096
 
 
-def write_run(path, steps=40, log_every=10, eval_every=15, loss0=8.0, resumed_at=None):
-    """metrics.jsonl as the trainer writes it: training records with tokens_seen, evaluation
-    records with step and val_loss only."""
-    path.mkdir(parents=True)
+def logged(first, last, log_every, eval_every, loss0):
+    """The records the trainer writes for steps first..last: training records with tokens_seen,
+    evaluation records with step and val_loss only."""
     lines = []
-    for step in range(1, steps + 1):
+    for step in range(first, last + 1):
         if step % log_every == 0:
             lines.append(
                 {
@@ -27,10 +26,18 @@ def write_run(path, steps=40, log_every=10, eval_every=15, loss0=8.0, resumed_at
             )
         if step % eval_every == 0:
             lines.append({"step": step, "val_loss": loss0 / step**0.3 + 0.1, "val_ppl": 1.0})
-    if resumed_at is not None:  # a resumed run logs the steps after its checkpoint again
-        lines.append(
-            {"step": resumed_at, "loss": 1.0, "tokens_per_s": 5.0, "tokens_seen": resumed_at * TOKENS_PER_STEP}
-        )
+    return lines
+
+
+def write_run(path, steps=40, log_every=10, eval_every=15, loss0=8.0, resumed_at=None):
+    """metrics.jsonl of a run; resumed_at: the run was resumed after a crash and logged the steps from
+    resumed_at to the end again (its first record different from the first attempt's)."""
+    path.mkdir(parents=True)
+    lines = logged(1, steps, log_every, eval_every, loss0)
+    if resumed_at is not None:
+        again = logged(resumed_at, steps, log_every, eval_every, loss0)
+        again[0] |= {"loss": 1.0, "tokens_per_s": 5.0}
+        lines += again
     (path / "metrics.jsonl").write_text("\n".join(json.dumps(r) for r in lines) + "\n")
     return path
 
@@ -143,3 +150,18 @@ def test_out_may_name_a_pdf_in_a_directory_made_for_it(tmp_path, capsys):
     main([str(write_run(tmp_path / "a")), "--out", str(out)])
     assert out.read_bytes()[:4] == b"%PDF"
     assert capsys.readouterr().out == f"wrote {out}\n"
+
+
+def test_a_resumed_run_still_short_of_where_the_first_attempt_died_shows_its_own_records(tmp_path):
+    """The first attempt (checkpoint at 20) logged to step 40 and evaluated at 40; the resumed run has
+    logged step 30 so far. Steps 40's loss and validation loss were the dead attempt's, drawn as the run's."""
+    run = tmp_path / "resumed"
+    run.mkdir()
+    records = [{"step": s, "loss": 9.0 - s / 10, "tokens_per_s": 1.0, "tokens_seen": s * 100} for s in (10, 20, 30, 40)]
+    records[2:2] = [{"step": 20, "val_loss": 7.0}]
+    records += [{"step": 40, "val_loss": 5.0}]
+    records += [{"step": 30, "loss": 6.5, "tokens_per_s": 2.0, "tokens_seen": 3000}]  # the resumed run
+    (run / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in records))
+    curves = read_metrics(run)
+    assert (curves.tokens, curves.loss) == ([1000, 2000, 3000], [8.0, 7.0, 6.5])
+    assert (curves.val_tokens, curves.val_loss) == ([2000], [7.0])
