@@ -96,8 +96,8 @@ class Trainer:
         self.source = agreed_resume(cfg.train.resume, self.ckpt, self.resolved, self.world)
         agreed_parts(self.source, self.stateful, self.world)  # (a file it cannot read names self.source)
         self.layout = run_layout(cfg, self.world)
-        # another world size / ZeRO stage: converted; other model settings: refused
-        self.plan = prepare_resume(self.source, self.layout, self.rank, dict(cfg.model))
+        # another world size / ZeRO stage: converted; other model settings or weight-decay groups: refused
+        self.plan = prepare_resume(self.source, self.layout, self.rank, dict(cfg.model), cfg.optim.no_decay_embeddings)
         universal = bool(self.plan and self.plan.universal)
         self.engine, self.scheduler = build_engine(self.model, cfg, self.accum, self.world, self.device, universal)
 

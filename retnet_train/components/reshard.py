@@ -130,6 +130,20 @@ def refuse_model_change(path: str, state: dict, model: dict) -> None:
         )
 
 
+def refuse_decay_group_change(path: str, state: dict, no_decay_embeddings: bool) -> None:
+    """optim.no_decay_embeddings moves the embedding between the optimizer's two param groups, whose saved
+    moments would not fit them (torch and DeepSpeed refuse that without naming the key)."""
+    saved = ((state.get("config") or {}).get("optim") or {}).get("no_decay_embeddings")
+    if saved is None or bool(saved) == no_decay_embeddings:
+        return  # not written by this trainer, or unchanged
+    raise ValueError(
+        f"train.resume: {path} was trained with optim.no_decay_embeddings={bool(saved)}, this run has "
+        f"{no_decay_embeddings}: the optimizer state is saved per weight-decay group and does not fit other groups. "
+        f"Resume with optim.no_decay_embeddings={bool(saved)}; to start a new run from these weights (fresh "
+        f"optimizer state): a new run.dir with train.init_weights={path}"
+    )
+
+
 def not_writable(tag_dir: str) -> str:
     return (
         f"train.resume: {tag_dir} must be converted for this world size / ZeRO stage but is not "
@@ -138,15 +152,23 @@ def not_writable(tag_dir: str) -> str:
 
 
 def plan(
-    directory: str, tag: str, current: dict, model: Optional[dict] = None, state: Optional[dict] = None
+    directory: str,
+    tag: str,
+    current: dict,
+    model: Optional[dict] = None,
+    state: Optional[dict] = None,
+    no_decay_embeddings: Optional[bool] = None,
 ) -> ResumePlan:
     """Decide how to load <directory>/<tag> into a run of layout `current` (and model settings `model`,
-    when given); raise ValueError if it cannot be. `state`: its model_states, when the caller has read them."""
+    optim.no_decay_embeddings, when given); raise ValueError if it cannot be. `state`: its model_states,
+    when the caller has read them."""
     path = os.path.join(directory, tag)
     state = model_states(path) if state is None else state
     refuse_separate_projections(path, state)
     if model is not None:
         refuse_model_change(path, state, model)
+    if no_decay_embeddings is not None:
+        refuse_decay_group_change(path, state, no_decay_embeddings)
     saved = checkpoint_layout(path, state)
     p = ResumePlan(directory, tag, saved, current)
     old_ws, new_ws = saved["world_size"], current["world_size"]
@@ -258,7 +280,11 @@ def _convert(tag_dir: str, final: str) -> None:
 
 
 def prepare_resume(
-    source: Optional[tuple], current: dict, rank: int, model: Optional[dict] = None
+    source: Optional[tuple],
+    current: dict,
+    rank: int,
+    model: Optional[dict] = None,
+    no_decay_embeddings: Optional[bool] = None,
 ) -> Optional[ResumePlan]:
     """The ResumePlan for resolve_resume's (directory, tag), converting on rank 0 where needed.
 
@@ -270,7 +296,9 @@ def prepare_resume(
         return None
     # what plan() refuses (the checkpoint against this run's config) is the same on every rank: rank 0 prints it
     world = dist.get_world_size() if dist.is_initialized() else 1
-    p = agreed_on_every_rank(lambda: plan(source[0], source[1], current, model), world)
+    p = agreed_on_every_rank(
+        lambda: plan(source[0], source[1], current, model, no_decay_embeddings=no_decay_embeddings), world
+    )
     if not p.universal:
         return p
     error = None

@@ -258,7 +258,8 @@ def _resume_problems(cfg, source: tuple, world_size: int | None) -> list[str]:
         return [f"train.resume: {path}: cannot be read ({exc})"]
     world = world_size or checkpoint_layout(path, state)["world_size"]
     try:
-        plan(source[0], source[1], run_layout(cfg, world), dict(cfg.model), state=state)
+        groups = cfg.optim.no_decay_embeddings
+        plan(source[0], source[1], run_layout(cfg, world), dict(cfg.model), state=state, no_decay_embeddings=groups)
     except ValueError as exc:
         return [str(exc)]
     return []

@@ -57,3 +57,20 @@ def test_a_checkpoint_that_needs_converting_where_it_cannot_be_written_is_refuse
         plan(str(tmp_path), tag.name, LAYOUT, TINY)
     (tag / UNIVERSAL).mkdir()
     assert plan(str(tmp_path), tag.name, LAYOUT, TINY).universal  # converted before: read-only is fine
+
+
+def test_a_change_of_which_parameters_decay_is_refused(tmp_path):
+    """optim.no_decay_embeddings moves the embedding between the optimizer's two groups, whose saved
+    moments then do not fit (ZeRO 0: torch's 'parameter group that doesn't match the size'; ZeRO 1-2:
+    DeepSpeed's 'parameter-alignment layout'; ZeRO 3: a tensor size mismatch, none naming the key)."""
+    tag = tmp_path / "step_00000002"
+    tag.mkdir()
+    state = {"module": {}, "layout": LAYOUT, "config": {"model": TINY, "optim": {"no_decay_embeddings": True}}}
+    torch.save(state, tag / "mp_rank_00_model_states.pt")
+    with pytest.raises(ValueError) as e:
+        plan(str(tmp_path), tag.name, LAYOUT, TINY, no_decay_embeddings=False)
+    assert str(e.value).startswith(
+        f"train.resume: {tag} was trained with optim.no_decay_embeddings=True, this run has False"
+    )
+    plan(str(tmp_path), tag.name, LAYOUT, TINY, no_decay_embeddings=True)  # unchanged: resumes
+    plan(str(tmp_path), tag.name, LAYOUT, TINY)  # not given: not checked

@@ -294,3 +294,18 @@ def test_a_model_states_file_that_cannot_be_opened_fails_the_check_naming_it(tmp
     assert pf.main(["--nproc-per-node", "1", "--", "experiment=tiny_cpu", f"run.dir={tmp_path / 'run'}"]) == 1
     err = capsys.readouterr().err
     assert f"trainer config: train.resume: {tag}: cannot be read ([Errno 13] Permission denied: '{path}')" in err
+
+
+def test_a_resume_with_other_weight_decay_groups_fails_the_preflight(tmp_path, capsys):
+    """optim.no_decay_embeddings changed since the checkpoint: refused here as the trainer refuses it."""
+    import torch
+
+    tag, model = _zero0_checkpoint(tmp_path)
+    state = torch.load(tag / "mp_rank_00_model_states.pt", weights_only=False)
+    state["config"]["optim"] = {"no_decay_embeddings": True}
+    torch.save(state, tag / "mp_rank_00_model_states.pt")
+    run = ["--nproc-per-node", "1", "--", "experiment=tiny_cpu", f"run.dir={tmp_path / 'run'}"]
+    assert pf.main(run) == 0, capsys.readouterr().err
+    capsys.readouterr()
+    assert pf.main([*run, "optim.no_decay_embeddings=false"]) == 1
+    assert f"{tag} was trained with optim.no_decay_embeddings=True, this run has False" in capsys.readouterr().err
