@@ -151,6 +151,26 @@ def test_cuda_graph_step_equals_eager(arch, compile):
 
 
 @pytest.mark.gpu
+@pytest.mark.parametrize("arch", ["retnet", "transformer"])
+@torch.no_grad()
+def test_cuda_graph_step_with_document_starts_equals_eager(arch):
+    """The captured step takes each row's document start as an input: a row that starts a document
+    forgets what came before, replayed as in the eager step."""
+    model = tiny_model(arch, retention_backend="auto") if arch == "retnet" else tiny_model(arch)
+    model = model.cuda()
+    ids = torch.randint(0, VOCAB, (3, 40), device="cuda")
+    eager, graphed = make_decoder(model, 3, 60), make_decoder(model, 3, 60)
+    a, b = eager.prefill(ids), graphed.prefill(ids)
+    step = CudaGraphStep(graphed)
+    tok = a.argmax(-1)
+    for t in range(8):
+        starts = torch.tensor([t % 3 == 0, False, t == 5], device="cuda")
+        a, b = eager.step(tok, starts), step(tok, starts)
+        torch.testing.assert_close(b, a, rtol=1e-4, atol=1e-4)
+        tok = a.argmax(-1)
+
+
+@pytest.mark.gpu
 @pytest.mark.parametrize("backend", ["triton", "fla"])
 @torch.no_grad()
 def test_gpu_padded_batch_prefill_and_graph_matches_full_forward(backend):
