@@ -163,8 +163,12 @@ def plot_curves(runs: Sequence[RunCurves], out: str | Path, title: str | None = 
     from matplotlib.ticker import EngFormatter
 
     fig, axes = plt.subplots(1, 3, figsize=(16, 4.6), constrained_layout=True)
-    panels = [("training loss", "loss"), ("validation loss", "val_loss"), ("tokens/s", "tokens_per_s")]
-    for ax, (label, key) in zip(axes, panels):
+    panels = [
+        ("training loss", "loss", "nats per token"),
+        ("validation loss", "val_loss", "nats per token"),
+        ("tokens/s", "tokens_per_s", "tokens per second"),
+    ]
+    for ax, (label, key, unit) in zip(axes, panels):
         tails = []
         for run in runs:
             xs = run.val_tokens if key == "val_loss" else run.tokens
@@ -178,6 +182,7 @@ def plot_curves(runs: Sequence[RunCurves], out: str | Path, title: str | None = 
             ax.set_ylim(low - 0.05 * (high - low + 1e-3), high + 0.05 * (high - low + 1e-3))
         ax.set_title(label)
         ax.set_xlabel("tokens")
+        ax.set_ylabel(unit)
         ax.xaxis.set_major_formatter(EngFormatter())
         if key == "tokens_per_s":
             ax.yaxis.set_major_formatter(EngFormatter())

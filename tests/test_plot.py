@@ -165,3 +165,16 @@ def test_a_resumed_run_still_short_of_where_the_first_attempt_died_shows_its_own
     curves = read_metrics(run)
     assert (curves.tokens, curves.loss) == ([1000, 2000, 3000], [8.0, 7.0, 6.5])
     assert (curves.val_tokens, curves.val_loss) == ([2000], [7.0])
+
+
+def test_each_panel_names_what_its_axes_measure(tmp_path, monkeypatch):
+    import matplotlib.pyplot as plt
+
+    figures = []
+    monkeypatch.setattr(plt, "close", figures.append)
+    plot_curves([read_metrics(write_run(tmp_path / "a", loss0=8.0), "a")], tmp_path / "curves.png")
+    axes = figures[0].axes
+    assert [ax.get_xlabel() for ax in axes] == ["tokens"] * 3
+    assert [ax.get_ylabel() for ax in axes] == ["nats per token", "nats per token", "tokens per second"]
+    monkeypatch.undo()
+    plt.close(figures[0])
