@@ -94,10 +94,10 @@ class Trainer:
         self.resolved = resolved_config(cfg)
         # before anything is written: refuses to clobber, or another data stream (before a conversion writes)
         self.source = agreed_resume(cfg.train.resume, self.ckpt, self.resolved, self.world)
-        agreed_parts(self.source, self.stateful, self.world)  # (a file it cannot read names self.source)
+        saved = agreed_parts(self.source, self.stateful, self.world)  # (a file it cannot read names self.source)
         self.layout = run_layout(cfg, self.world)
-        # another world size / ZeRO stage: converted; other model settings or weight-decay groups: refused
-        self.plan = prepare_resume(self.source, self.layout, self.rank, dict(cfg.model), cfg.optim.no_decay_embeddings)
+        groups = cfg.optim.no_decay_embeddings  # another world size / ZeRO: converted; other model or groups: refused
+        self.plan = prepare_resume(self.source, self.layout, self.rank, dict(cfg.model), groups, saved)
         universal = bool(self.plan and self.plan.universal)
         self.engine, self.scheduler = build_engine(self.model, cfg, self.accum, self.world, self.device, universal)
 
@@ -330,9 +330,10 @@ class Trainer:
                 "skipped_steps": self.state.faults.total,
             }
         )
-        notes = [self.state.faults.skip_note(stats.step, stats.loss_nonfinite)] if stats.skipped else []
-        for note in notes + [f"step {stats.step} | {n}" for n in self.loader.epoch_notes()] if self.is_main else []:
-            self.logger.write(note)
+        if self.is_main:
+            notes = [self.state.faults.skip_note(stats.step, stats.loss_nonfinite)] if stats.skipped else []
+            for note in notes + [f"step {stats.step} | {n}" for n in self.loader.epoch_notes()]:
+                self.logger.write(note)
 
     def stop_on_faults(self) -> None:
         """Too many non-finite steps in a row: save the last good weights and stop with an error."""

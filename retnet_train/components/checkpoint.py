@@ -59,12 +59,13 @@ def load_parts(client: Mapping, parts: Mapping[str, Stateful], origin: str) -> N
             raise ValueError(f"train.resume: {origin}: {name}: {e}") from None
 
 
-def check_parts(source: Optional[tuple], parts: Mapping[str, Stateful]) -> None:
+def check_parts(source: Optional[tuple], parts: Mapping[str, Stateful]) -> Optional[dict]:
     """What load_parts would refuse of checkpoint `source` ((directory, tag); None: no resume), raised before
     the resume converts the checkpoint for another layout or writes anything. A part checks its entry only
-    where it has a check_state (the data loader: another data stream)."""
+    where it has a check_state (the data loader: another data stream). Returns the model states read (for
+    the resume plan), None without a checkpoint."""
     if source is None:
-        return
+        return None
     path = os.path.join(*source)
     try:
         state = discovery.read_model_states(path)
@@ -77,6 +78,7 @@ def check_parts(source: Optional[tuple], parts: Mapping[str, Stateful]) -> None:
             getattr(part, "check_state", lambda _: None)(client[name])
         except ValueError as e:
             raise ValueError(f"train.resume: {path}: {name}: {e}") from None
+    return state
 
 
 def _refuse_missing_parts(client: Mapping, parts: Mapping[str, Stateful], origin: str) -> None:
@@ -164,9 +166,9 @@ def agreed_resume(resume: str, manager: "CheckpointManager", config: dict, world
     return agreed_on_every_rank(lambda: resolve_resume(resume, manager, config), world)
 
 
-def agreed_parts(source: Optional[tuple], parts: Mapping[str, Stateful], world: int) -> None:
+def agreed_parts(source: Optional[tuple], parts: Mapping[str, Stateful], world: int) -> Optional[dict]:
     """check_parts on every rank (a collective), its refusal (another data stream) printed once as above."""
-    agreed_on_every_rank(lambda: check_parts(source, parts), world)
+    return agreed_on_every_rank(lambda: check_parts(source, parts), world)
 
 
 def _saved_config(tag_dir: str) -> Optional[dict]:

@@ -60,14 +60,9 @@ def stored_precision(precision: str) -> str:
     return "fp32" if precision in FP32_WEIGHTS else precision
 
 
-def model_states(tag_dir: str) -> dict:
-    """Rank 0's model-states file of a checkpoint (client state, layout; tensors memory-mapped)."""
-    return read_model_states(tag_dir)
-
-
 def checkpoint_layout(tag_dir: str, state: Optional[dict] = None) -> dict:
     """The layout a checkpoint was written with: our client state's `layout`, else DeepSpeed's keys."""
-    state = model_states(tag_dir) if state is None else state
+    state = read_model_states(tag_dir) if state is None else state
     if isinstance(state.get("layout"), dict):
         return dict(state["layout"])
     ds = state.get("ds_config") or {}
@@ -163,7 +158,7 @@ def plan(
     optim.no_decay_embeddings, when given); raise ValueError if it cannot be. `state`: its model_states,
     when the caller has read them."""
     path = os.path.join(directory, tag)
-    state = model_states(path) if state is None else state
+    state = read_model_states(path) if state is None else state
     refuse_separate_projections(path, state)
     if model is not None:
         refuse_model_change(path, state, model)
@@ -285,8 +280,10 @@ def prepare_resume(
     rank: int,
     model: Optional[dict] = None,
     no_decay_embeddings: Optional[bool] = None,
+    state: Optional[dict] = None,
 ) -> Optional[ResumePlan]:
-    """The ResumePlan for resolve_resume's (directory, tag), converting on rank 0 where needed.
+    """The ResumePlan for resolve_resume's (directory, tag), converting on rank 0 where needed; `state`: its
+    model states, when the caller has read them.
 
     Collective: every rank calls it (before deepspeed.initialize). The wait for rank 0's
     conversion uses a gloo group with a long timeout, so a slow conversion of a large
@@ -296,9 +293,7 @@ def prepare_resume(
         return None
     # what plan() refuses (the checkpoint against this run's config) is the same on every rank: rank 0 prints it
     world = dist.get_world_size() if dist.is_initialized() else 1
-    p = agreed_on_every_rank(
-        lambda: plan(source[0], source[1], current, model, no_decay_embeddings=no_decay_embeddings), world
-    )
+    p = agreed_on_every_rank(lambda: plan(source[0], source[1], current, model, state, no_decay_embeddings), world)
     if not p.universal:
         return p
     error = None
