@@ -157,8 +157,12 @@ def open_megatron_tokens(
     return tokens, idx
 
 
+def spread_starts(n: int) -> np.ndarray:
+    """Starts of the RANGE_CHECK_BLOCKS blocks of RANGE_CHECK_BLOCK_TOKENS tokens whose ids are checked, spread
+    evenly over n tokens (overlapping, and so covering them all, where n is shorter than the blocks)."""
+    return np.unique(np.linspace(0, max(n - RANGE_CHECK_BLOCK_TOKENS, 0), RANGE_CHECK_BLOCKS).astype(np.int64))
+
+
 def _check_token_range(tokens: np.ndarray, vocab_size: int, bin_path: Path) -> None:
-    n = tokens.size
-    starts = np.unique(np.linspace(0, max(n - RANGE_CHECK_BLOCK_TOKENS, 0), RANGE_CHECK_BLOCKS).astype(np.int64))
-    for start in starts:
+    for start in spread_starts(tokens.size):
         check_token_ids(np.asarray(tokens[start : start + RANGE_CHECK_BLOCK_TOKENS]), vocab_size, bin_path, int(start))

@@ -28,12 +28,12 @@ from retnet_train.data.manifest import (
 )
 from retnet_train.data.megatron import (
     RANGE_CHECK_BLOCK_TOKENS,
-    RANGE_CHECK_BLOCKS,
     index_digest,
     megatron_missing_half,
     megatron_prefix,
     open_megatron_tokens,
     read_megatron_index,
+    spread_starts,
 )
 
 MAX_OPEN_PARTS = 16  # memory-mapped files per stream; a window spans one or two of them
@@ -121,18 +121,16 @@ def file_identity(stat: os.stat_result) -> tuple[int, int, int, int]:
 
 
 def check_id_spread(stream: TokenStream) -> None:
-    """Token ids of an even spread of RANGE_CHECK_BLOCKS blocks of the stream (all of it when it is no longer)
-    against its vocabulary, naming the file of the first one outside: shards written for another vocabulary
-    fail at start, not when a window first reaches them. gather() still checks every id it reads."""
-    length, n = min(RANGE_CHECK_BLOCK_TOKENS, stream.num_tokens), stream.num_tokens
+    """Token ids of the blocks a Megatron source's are checked at (megatron.spread_starts) against the stream's
+    vocabulary, naming the file of the first one outside: shards written for another vocabulary fail at
+    start, not when a window first reaches them. gather() still checks every id it reads."""
     if stream.vocab_size is None:
         return
-    if n <= RANGE_CHECK_BLOCKS * length:
-        starts = range(0, n, length)  # every token once, in order
-    else:
-        starts = np.linspace(0, n - length, RANGE_CHECK_BLOCKS).astype(np.int64)
-    for start in starts:
-        stream.gather([int(start)], min(length, n - int(start)))
+    n = stream.num_tokens
+    for start in spread_starts(n):
+        length = min(RANGE_CHECK_BLOCK_TOKENS, n - int(start))
+        if length > 0:
+            stream.gather([int(start)], length)
 
 
 def read_header(name: str, path: str | Path, split: str, eos_id: int | None = None) -> SourceHeader:
