@@ -33,10 +33,12 @@ def make_engine(model, micro_batch: int, zero_stage: int, grad_accum: int = 1, b
     return engine
 
 
-def train_step(engine, batch, ours: bool, accum: int = 1, marks=None, timer=None):
+def train_step(engine, batch, ours: bool, accum: int = 1, marks=None, timer=None, peaks=None):
     """One optimizer step over `accum` micro-batches; `timer` appends 4 marks to `marks` around the
     phases of the last micro-batch: forward | backward | optimizer step (DeepSpeed's, incl. its
-    gradient copies and clipping), on a GPU timed without a host sync."""
+    gradient copies and clipping), on a GPU timed without a host sync; `peaks` (PhasePeaks) takes the
+    allocator's peak at the end of each phase of every micro-batch."""
+    phase_ended = peaks.end if peaks is not None else lambda phase: None
     for i in range(accum):
         mark = marks is not None and i == accum - 1
         if mark:
@@ -50,12 +52,15 @@ def train_step(engine, batch, ours: bool, accum: int = 1, marks=None, timer=None
             ).loss
         else:  # HF convention: labels are shifted inside
             loss = engine(input_ids=batch["input_ids"], labels=batch["input_ids"]).loss
+        phase_ended("forward")
         if mark:
             marks.append(timer.mark())
         engine.backward(loss)
+        phase_ended("backward")
         if mark:
             marks.append(timer.mark())
         engine.step()  # a no-op until the accumulation boundary
+        phase_ended("step")
     if marks is not None:
         marks.append(timer.mark())
     return loss

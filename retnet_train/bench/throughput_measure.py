@@ -67,13 +67,41 @@ def reset_peak(device: torch.device, release_cache: bool = True) -> None:
         torch.cuda.reset_peak_memory_stats(device)
 
 
+class PhasePeaks:
+    """Where a step's memory peaks: the allocator's peak (allocated and reserved) in each phase of every
+    micro-batch, the forward, the backward and the optimizer step, each the most over the timed steps.
+    Each phase's end reads the peak and starts a new count (host-side allocator figures: no sync)."""
+
+    PHASES = ("forward", "backward", "step")
+
+    def __init__(self, device: torch.device):
+        self.cuda = device.type == "cuda"
+        self.allocated = dict.fromkeys(self.PHASES, 0)
+        self.reserved = dict.fromkeys(self.PHASES, 0)
+
+    def end(self, phase: str) -> None:
+        if not self.cuda:
+            return
+        self.allocated[phase] = max(self.allocated[phase], torch.cuda.max_memory_allocated())
+        self.reserved[phase] = max(self.reserved[phase], torch.cuda.max_memory_reserved())
+        torch.cuda.reset_peak_memory_stats()
+
+    def gib_above(self, before: int) -> dict | None:
+        """Each phase's peak in GiB above `before` (what an earlier model left allocated); None on CPU."""
+        if not self.cuda:
+            return None
+        return {phase: round((self.allocated[phase] - before) / 2**30, 2) for phase in self.PHASES}
+
+
 @dataclass
 class Timing:
-    """The timed steps: the last loss, their wall time and the mean ms per phase (forward, backward, step)."""
+    """The timed steps: the last loss, their wall time, the mean ms per phase (forward, backward, step)
+    and each phase's memory peak."""
 
     loss: torch.Tensor
     seconds: float
     phase_ms: list
+    peaks: PhasePeaks
 
 
 @dataclass
@@ -170,16 +198,25 @@ def profile_fields(prof, args, name: str) -> dict:
     return fields
 
 
-def timed_steps(engine, batch, ours: bool, steps: int, accum: int, timer: Timer) -> Timing:
-    marks = []
+def timed_steps(engine, batch, ours: bool, steps: int, accum: int, timer: Timer, device: torch.device) -> Timing:
+    marks, peaks = [], PhasePeaks(device)
     start = time.perf_counter()
     for _ in range(steps):
         marks.append([])
-        loss = train_step(engine, batch, ours, accum, marks[-1], timer)
+        loss = train_step(engine, batch, ours, accum, marks[-1], timer, peaks)
     timer.sync()
     elapsed = time.perf_counter() - start
     phases = [sum(timer.ms(m[i], m[i + 1]) for m in marks) / steps for i in range(3)]
-    return Timing(loss.detach(), elapsed, phases)  # detached: the graph would keep the engine (its hooks) alive
+    # detached: the graph would keep the engine (its hooks) alive
+    return Timing(loss.detach(), elapsed, phases, peaks)
+
+
+def step_peaks(device: torch.device, peaks: PhasePeaks) -> tuple[int, int]:
+    """(allocated, reserved) at the timed steps' peak: the most of any phase on a GPU (each phase's end
+    restarted the allocator's count); on CPU the process's peak resident memory."""
+    if peaks.cuda:
+        return max(peaks.allocated.values()), max(peaks.reserved.values())
+    return memory(device, "peak"), memory(device, "reserved")
 
 
 def memory_fields(mem: MemoryUse, on_gpu: bool, warmed_up: bool = True) -> dict:
@@ -243,6 +280,8 @@ def result_row(name: str, args, flops: dict, n_params: int, timing: Timing, mem:
         "grad_accum": args.grad_accum,
         **memory_fields(mem, on_gpu, warmed_up=args.warmup > 0),
         "ms_forward_backward_step": [round(x, 1) for x in timing.phase_ms],
+        # which phase sets peak_gib: the most allocated in each (above memory_before_gib)
+        "peak_gib_by_phase": timing.peaks.gib_above(mem.before),
         **mfu_fields(tokens_per_s, flops, device),
         "loss": round(float(timing.loss.detach()), 4),
         "device": torch.cuda.get_device_name() if on_gpu else "cpu",
@@ -272,10 +311,10 @@ def measure(name, build, cfg, args, device):
     resident = memory(device, "now")  # weights, gradients, optimizer states: all but activations
     reset_peak(device, release_cache=False)
     with PowerSampler(device) as power:
-        timing = timed_steps(engine, batch, ours, args.steps, args.grad_accum, timer)
+        timing = timed_steps(engine, batch, ours, args.steps, args.grad_accum, timer, device)
     if prof is not None:
         prof.__exit__(None, None, None)
-    mem = MemoryUse(mem_before, resident, memory(device, "peak"), memory(device, "reserved"))
+    mem = MemoryUse(mem_before, resident, *step_peaks(device, timing.peaks))
     result = result_row(name, args, flops, n_params, timing, mem, device)
     result["gpu_power"] = summarize(power.samples, result["tokens_per_s"])
     if prof is not None:

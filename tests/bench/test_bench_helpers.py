@@ -323,3 +323,56 @@ def test_each_point_compiles_its_own_graphs_after_an_out_of_memory_point(monkeyp
     rows = train_throughput.run_sweep(args, train_throughput.bench_device(True))
     assert "oom" in rows[0] and rows[1]["tokens_per_s"] > 0
     assert calls[1] > calls[0]  # the second point's warm-up compiled its blocks anew
+
+
+class FakeAllocator:
+    """torch.cuda's peak counts as the allocator keeps them: a peak since the last reset."""
+
+    def __init__(self):
+        self.now = self.peak = 0
+
+    def use(self, n_bytes: int) -> None:
+        self.now += n_bytes
+        self.peak = max(self.peak, self.now)
+
+    def reset(self) -> None:
+        self.peak = self.now
+
+
+def test_each_phase_of_every_micro_batch_has_its_own_peak(monkeypatch):
+    """The row's peak_gib_by_phase says which phase sets the step's peak; the step's peak stays the
+    most of any phase, although each phase's end restarts the allocator's count."""
+    import torch
+
+    from retnet_train.bench import engine as bench_engine
+    from retnet_train.bench.throughput_measure import PhasePeaks, step_peaks
+
+    alloc, gib = FakeAllocator(), 2**30
+    monkeypatch.setattr(torch.cuda, "max_memory_allocated", lambda: alloc.peak)
+    monkeypatch.setattr(torch.cuda, "max_memory_reserved", lambda: alloc.peak + gib)
+    monkeypatch.setattr(torch.cuda, "reset_peak_memory_stats", alloc.reset)
+    monkeypatch.setattr(torch.compiler, "cudagraph_mark_step_begin", lambda: None)
+
+    class Engine:  # forward keeps 3 GiB of activations, backward frees them and makes 1 GiB of gradients
+        micro_batches = 0
+
+        def __call__(self, ids, **_):
+            alloc.use(3 * gib)
+            return SimpleNamespace(loss=torch.zeros(()))
+
+        def backward(self, loss):
+            alloc.use(2 * gib)  # a temporary at the backward's start
+            alloc.use(-5 * gib + (gib if self.micro_batches == 0 else 0))
+            self.micro_batches += 1
+
+        def step(self):
+            if self.micro_batches == 2:  # the boundary: 4 GiB of fp32 copies for a moment, then the gradients go
+                alloc.use(4 * gib)
+                alloc.use(-5 * gib)
+
+    alloc.use(10 * gib)  # resident
+    peaks = PhasePeaks(torch.device("cuda"))
+    bench_engine.train_step(Engine(), {"input_ids": None, "labels": None}, ours=True, accum=2, peaks=peaks)
+    assert peaks.gib_above(gib) == {"forward": 13.0, "backward": 15.0, "step": 14.0}  # micro-batch 2: 10+1+3
+    assert step_peaks(torch.device("cuda"), peaks) == (16 * gib, 17 * gib)
+    assert PhasePeaks(torch.device("cpu")).gib_above(0) is None
