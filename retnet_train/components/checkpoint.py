@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import os
 import shutil
+import sys
 from typing import Mapping, Optional, Protocol
 
 import torch
@@ -261,16 +262,35 @@ class CheckpointManager:
             everyone = [None] * dist.get_world_size()
             dist.all_gather_object(everyone, seen)
         if self.rank == 0:
-            discovery.mark_complete(tag_dir, {name for names in everyone for name in names})
+            self._commit(tag, {name for names in everyone for name in names})
+        _barrier()
+        return os.path.join(self.dir, tag)
+
+    def _commit(self, tag: str, files: set) -> None:
+        """COMPLETE, then `latest`, then pruning, each only once what came before is checked: the save read
+        back as a resume would choose it (checkpoint_discovery.damage) and `latest` naming it. A save that
+        fails the check deletes nothing: the checkpoints before it may be the last whole ones."""
+        tag_dir = os.path.join(self.dir, tag)
+        discovery.mark_complete(tag_dir, files)
+        why = discovery.damage(self.dir, tag)
+        if why is None:
             tmp = os.path.join(self.dir, "latest.tmp")
             with open(tmp, "w") as f:
                 f.write(tag)
                 f.flush()
                 os.fsync(f.fileno())
             os.replace(tmp, os.path.join(self.dir, discovery.LATEST))
-            self._prune(keep=tag)
-        _barrier()
-        return os.path.join(self.dir, tag)
+            if discovery.read_latest(self.dir) != tag:
+                why = f"{discovery.LATEST} names {discovery.read_latest(self.dir)}, not {tag}"
+        if why is not None:
+            print(
+                f"warning: {tag_dir} fails its check after saving ({why}): nothing is pruned, the "
+                "checkpoints older than it are kept",
+                file=sys.stderr,
+                flush=True,
+            )
+            return
+        self._prune(keep=tag)
 
     def _prune(self, keep: str) -> None:
         # keep_last counts the usable checkpoints up to this save. Complete ones of later steps are damaged

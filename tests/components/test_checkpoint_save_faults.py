@@ -168,3 +168,57 @@ def test_a_latest_this_trainer_did_not_write_is_refused_rather_than_replaced(tmp
         "replace it"
     )
     assert os.path.lexists(tmp_path / "latest")
+
+
+class CutShortEngine:
+    """A save whose model-states file ends up cut short without any error on the way (a network filesystem
+    losing the end of a file, a node dying as its cache is written back)."""
+
+    def save_checkpoint(self, directory, tag, client_state, save_latest):
+        SavingEngine().save_checkpoint(directory, tag, client_state, save_latest)
+        path = os.path.join(directory, tag, MODEL_STATES)
+        with open(path, "r+b") as f:
+            f.truncate(os.path.getsize(path) // 2)
+
+
+class VanishingEngine:
+    """A save one of whose files is gone by the time COMPLETE has listed it (a shared filesystem showing a
+    file to the ranks that wrote it, not yet to rank 0's later look)."""
+
+    def save_checkpoint(self, directory, tag, client_state, save_latest):
+        SavingEngine().save_checkpoint(directory, tag, client_state, save_latest)
+        torch.save({}, os.path.join(directory, tag, "zero_pp_rank_1_mp_rank_00_optim_states.pt"))
+
+
+@pytest.mark.parametrize("damage", ["a file cut short", "a file gone", "latest not written"])
+def test_a_save_that_ends_up_damaged_prunes_no_older_checkpoint(tmp_path, monkeypatch, capsys, damage):
+    """Pruning deletes older checkpoints only once the new save is checked whole (checkpoint_discovery.damage,
+    the check a resume chooses by, and `latest` naming it): keeping the last 1 after a damaged save deleted the
+    last good one and left only the damaged one."""
+    manager = CheckpointManager(str(tmp_path), keep_last=1, rank=0)
+    manager.save(SavingEngine(), 2, {"step": 2})
+    engine = SavingEngine()
+    if damage == "a file cut short":
+        engine = CutShortEngine()
+    elif damage == "a file gone":
+        engine = VanishingEngine()
+        mark_complete = discovery.mark_complete
+
+        def mark_then_lose(tag_dir, files):
+            mark_complete(tag_dir, files)
+            os.remove(os.path.join(tag_dir, "zero_pp_rank_1_mp_rank_00_optim_states.pt"))
+
+        monkeypatch.setattr(discovery, "mark_complete", mark_then_lose)
+    else:
+        replace = os.replace  # the pointer's rename reported done, but `latest` still names step 2
+        lost = lambda src, dst: os.remove(src) if dst.endswith("latest") else replace(src, dst)  # noqa: E731
+        monkeypatch.setattr(os, "replace", lost)
+    capsys.readouterr()
+    manager.save(engine, 4, {"step": 4})
+    assert discovery.damage(str(tmp_path), "step_00000002") is None  # kept, whole
+    whole = "step_00000004" if damage == "latest not written" else "step_00000002"
+    assert discovery.choose(str(tmp_path)).tag == whole  # what a resume takes
+    assert discovery.read_latest(str(tmp_path)) == "step_00000002"
+    err = capsys.readouterr().err
+    assert f"warning: {tmp_path / 'step_00000004'} fails its check after saving (" in err, err
+    assert err.rstrip().endswith("checkpoints older than it are kept"), err
