@@ -12,7 +12,8 @@
 # Options (environment variable in brackets):
 #   --hostfile F        hostfile [HOSTFILE]; checked before launching (DeepSpeed itself silently
 #                       falls back to this node when the file is missing)
-#   --slurm             write the hostfile from SLURM_JOB_NODELIST, slots = GPUs per node
+#   --slurm             write the hostfile from SLURM_JOB_NODELIST, slots = GPUs per node (equal on
+#                       every node: a job whose nodes hold different counts needs --hostfile or --num-gpus)
 #   --num-gpus N        GPUs to use per node (deepspeed --num_gpus)
 #   --num-nodes N       use the first N hosts of the hostfile
 #   --include SPEC      deepspeed --include, e.g. "worker-0@worker-1:0,2"
@@ -95,9 +96,12 @@ if [[ "$use_slurm" == 1 ]]; then
   slurm_args=(env --format json --node-rank 0)
   [[ -z "$num_gpus" ]] || slurm_args+=(--nproc-per-node "$num_gpus")
   slurm_view="$(shielded "$PYTHON" -m retnet_train.preflight.launch_env "${slurm_args[@]}" \
-    | shielded "$PYTHON" -c 'import json, sys; e = json.load(sys.stdin); print(e["nproc_per_node"], e["master_port"])')" \
+    | shielded "$PYTHON" -c 'import json, sys; e = json.load(sys.stdin); print(e["nproc_per_node"], e["master_port"], e["nnodes"], e["world_size"])')" \
     || die "cannot derive GPUs per node and the port from SLURM (see above; --num-gpus N gives the GPUs)"
-  read -r slots slurm_port <<<"$slurm_view"
+  read -r slots slurm_port slurm_nodes slurm_world <<<"$slurm_view"
+  # one slots= for every host: nodes with different GPU counts (--gpus=12: 8 + 4) need a hostfile of their own
+  (( slurm_world == slots * slurm_nodes )) || die "SLURM_GPUS=$slurm_world over $slurm_nodes nodes is not $slots on each:" \
+    "write a hostfile with each node's GPUs (--hostfile), pass --num-gpus N (N on every node) or use launch/slurm/*.sbatch"
   master_port="${master_port:-$slurm_port}"
   hostfile="${TMPDIR:-/tmp}/retnet-hostfile-${SLURM_JOB_ID:-$$}"
   hostfile_text="$(shielded "$PYTHON" -m retnet_train.preflight.launch_env hostfile --slots "$slots")" || die "cannot build a hostfile from SLURM"

@@ -16,9 +16,10 @@
 #                       (127.0.0.1 where all nodes run on this machine); one node: 127.0.0.1
 #   --master-port P     rendezvous port [MASTER_PORT]; default 29500
 #   --rdzv-id ID        rendezvous id, equal on all nodes [RDZV_ID]; default retnet
-#   --slurm             take nnodes, node rank, master addr/port and GPUs per node from SLURM
-#                       (python -m retnet_train.preflight.launch_env); used by launch/slurm/*.sbatch via srun;
-#                       --nproc-per-node, --master-addr, --master-port, --rdzv-id still win
+#   --slurm             take nnodes, node rank, master addr/port, GPUs on this node and the job's world
+#                       size from SLURM (python -m retnet_train.preflight.launch_env); used by
+#                       launch/slurm/*.sbatch via srun; --nproc-per-node, --master-addr, --master-port,
+#                       --rdzv-id still win. Nodes may have different GPU counts (--gpus=12: 8 + 4)
 #   --module M          python module to run; default retnet_train.train
 #   --checkpoint-dir D  for the preflight; normally it comes from the trainer config
 #                       (checkpoint.dir / run.dir overrides) and must agree with it
@@ -42,6 +43,7 @@ master_port="${MASTER_PORT:-29500}"
 rdzv_id="${RDZV_ID:-retnet}"
 vendor=""
 use_slurm=0
+world_size=""  # --slurm: the job's; else nnodes x nproc
 given=()  # the rendezvous options given, as the variables that --slurm's helper reads (they win there too)
 nodes_option=""  # --nnodes or --node-rank, refused with --slurm
 
@@ -72,6 +74,7 @@ if [[ "$use_slurm" == 1 ]]; then
     || die "cannot derive the launch environment from SLURM (see above)"
   eval "$exports"
   nproc="$NPROC_PER_NODE"; nnodes="$NNODES"; node_rank="$NODE_RANK"
+  world_size="${WORLD_SIZE:?}"  # set by the eval above
   master_addr="$MASTER_ADDR"; master_port="$MASTER_PORT"; rdzv_id="$RDZV_ID"
 fi
 
@@ -83,6 +86,8 @@ check_int "--nproc-per-node/NPROC_PER_NODE" nproc 1 1024
 check_int "--nnodes/NNODES" nnodes 1 100000
 check_int "--node-rank/NODE_RANK" node_rank 0 $((nnodes - 1))
 check_int "--master-port/MASTER_PORT" master_port 1 65535
+# every node's processes; under SLURM the job's GPUs, which nodes may hold in different numbers
+world_size="${world_size:-$((nnodes * nproc))}"
 if [[ -z "$master_addr" ]]; then
   # 127.0.0.1 on every node would give each node a rendezvous of its own: give it, even if all nodes are here
   (( 10#$nnodes == 1 )) || die "--nnodes $nnodes needs --master-addr (or MASTER_ADDR): node 0's address, the same on every node"
@@ -110,21 +115,24 @@ fi
 run+=(-m "$module" "${prog_args[@]}")
 
 check=("$PYTHON" -m retnet_train.preflight --nproc-per-node "$nproc" --nnodes "$nnodes" --node-rank "$node_rank"
-       --shared-id "$rdzv_id")
+       --world-size "$world_size" --shared-id "$rdzv_id")
 add_preflight_options
 [[ -n "$vendor" ]] && check+=(--vendor "$vendor")
 add_preflight_program_args
 
 
 if [[ "$dry_run" == 1 ]]; then
-  echo "# node $node_rank of $nnodes: $nproc process(es), world size $((nnodes * nproc)), rendezvous $master_addr:$master_port id=$rdzv_id"
+  echo "# node $node_rank of $nnodes: $nproc process(es), world size $world_size, rendezvous $master_addr:$master_port id=$rdzv_id"
+  if (( world_size != nnodes * nproc )); then
+    echo "# (the nodes hold different numbers of GPUs: each starts one process per GPU it has, SLURM_GPUS_ON_NODE there)"
+  fi
   echo "# environment:"
   echo "export MASTER_ADDR=$(printf '%q' "$master_addr")"
   echo "export MASTER_PORT=$master_port"
   echo "export NNODES=$nnodes"
   echo "export NODE_RANK=$node_rank"
   echo "export NPROC_PER_NODE=$nproc"
-  echo "export WORLD_SIZE=$((nnodes * nproc))"
+  echo "export WORLD_SIZE=$world_size"
   print_env_and_preflight
   echo "# (started with SIGUSR1 ignored: the trainer's workers handle it, torchrun's agent must not die of it)"
   echo "# command:"

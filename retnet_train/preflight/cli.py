@@ -53,6 +53,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--nproc-per-node", type=int, help="processes this node will start (one per GPU)")
     p.add_argument("--nnodes", type=int, default=1)
     p.add_argument("--node-rank", type=int, default=0)
+    p.add_argument(
+        "--world-size",
+        type=int,
+        help="processes of all nodes (default: --nnodes x --nproc-per-node); for nodes with different GPU counts",
+    )
     p.add_argument("--shared-id", default="preflight", help="same on all nodes of one launch (e.g. the job id)")
     p.add_argument(
         "--shared-timeout",
@@ -90,6 +95,12 @@ def _validate(args: argparse.Namespace) -> None:
         raise PreflightError(f"--node-rank={args.node_rank} must be in [0, {args.nnodes - 1}]")
     if args.nproc_per_node is not None and args.nproc_per_node < 1:
         raise PreflightError(f"--nproc-per-node={args.nproc_per_node} must be >= 1")
+    if args.world_size is not None:
+        if args.world_size < 1:
+            raise PreflightError(f"--world-size={args.world_size} must be >= 1")
+        if args.world_size < max(args.nnodes, args.nproc_per_node or 1):
+            least = f"--nproc-per-node={args.nproc_per_node}" if args.nproc_per_node else f"--nnodes={args.nnodes}"
+            raise PreflightError(f"--world-size={args.world_size} is less than {least}")
     if args.keep_checkpoints is not None and args.keep_checkpoints < 1:
         raise PreflightError(f"--keep-checkpoints={args.keep_checkpoints} must be >= 1")
     if args.shared_timeout is None:
@@ -164,7 +175,7 @@ def _trainer_view(args: argparse.Namespace, overrides: list[str]) -> TrainerView
     cfg = compose_trainer_config(overrides)
     if cfg is None:
         return None
-    world = args.nnodes * args.nproc_per_node if args.nproc_per_node else None
+    world = args.world_size or (args.nnodes * args.nproc_per_node if args.nproc_per_node else None)
     try:
         return trainer_view(cfg, world, args.node_rank)
     except AttributeError as exc:  # the trainer's schema moved under us: fall back to options

@@ -16,6 +16,9 @@ Variables read (explicit settings win over SLURM's):
   NNODES           else SLURM_JOB_NUM_NODES / SLURM_NNODES, checked against the node list
   NODE_RANK        SLURM_NODEID only (an exported NODE_RANK would leak from the batch host to all tasks)
   NPROC_PER_NODE   else SLURM_GPUS_ON_NODE, else SLURM_GPUS_PER_NODE ("8" or "a100:8")
+  WORLD_SIZE       (printed, not read) NNODES x NPROC_PER_NODE where that is set; else the job's
+                   SLURM_GPUS (--gpus=12 over 2 nodes may give 8 + 4: each node starts its own count,
+                   torchrun's rendezvous adds them up); else NNODES x the GPUs per node
   RDZV_ID          else SLURM_JOB_ID, else "retnet"
 This module must stay importable without torch: it runs on every node before anything else.
 """
@@ -127,10 +130,7 @@ class LaunchEnv:
     master_port: int
     rdzv_id: str
     hosts: tuple[str, ...]
-
-    @property
-    def world_size(self) -> int:
-        return self.nnodes * self.nproc_per_node
+    world_size: int  # every node's processes: nnodes x nproc_per_node unless nodes have different GPU counts
 
     def exports(self) -> dict[str, str]:
         return {
@@ -163,19 +163,22 @@ def _first(env: Mapping[str, str], *names: str) -> str | None:
     return None
 
 
+def _gpu_count(env: Mapping[str, str], name: str) -> int | None:
+    """A GPU request's count: '8', 'a100:8', 'gpu:mi250x:8' (None when unset)."""
+    raw = env.get(name, "").strip()
+    if not raw:
+        return None
+    count = raw.split(",")[0].split(":")[-1].split("(")[0]
+    if not count.isdigit() or int(count) < 1:
+        raise LaunchEnvError(f"{name}={raw!r}: cannot read a GPU count (expected e.g. '8' or 'a100:8')")
+    return int(count)
+
+
 def _gpus_per_node(env: Mapping[str, str]) -> int | None:
     """SLURM_GPUS_ON_NODE ('8') or SLURM_GPUS_PER_NODE ('8', 'a100:8', 'gpu:mi250x:8')."""
     if env.get("SLURM_GPUS_ON_NODE", "").strip():
         return _int_var(env, "SLURM_GPUS_ON_NODE", minimum=1)
-    raw = env.get("SLURM_GPUS_PER_NODE", "").strip()
-    if raw:
-        count = raw.split(",")[0].split(":")[-1].split("(")[0]
-        if not count.isdigit() or int(count) < 1:
-            raise LaunchEnvError(
-                f"SLURM_GPUS_PER_NODE={raw!r}: cannot read a GPU count (expected e.g. '8' or 'a100:8')"
-            )
-        return int(count)
-    return None
+    return _gpu_count(env, "SLURM_GPUS_PER_NODE")
 
 
 def launch_env_from(
@@ -189,7 +192,9 @@ def launch_env_from(
     list_var, hosts = _allocation(env)
     nnodes = _node_count(env, list_var, hosts)
     rank_var, node_rank = _node_rank(env, node_rank, nnodes)
+    explicit = nproc_per_node is not None or bool(env.get("NPROC_PER_NODE", "").strip())
     nproc_per_node = _procs_per_node(env, nproc_per_node)
+    world_size = nnodes * nproc_per_node if explicit else _job_gpus(env, nnodes, nproc_per_node)
     master_addr = _master_addr(env, hosts, list_var, node_rank, rank_from_slurm=rank_var == "SLURM_NODEID")
     job_id = env.get("SLURM_JOB_ID", "").strip()
     return LaunchEnv(
@@ -200,6 +205,7 @@ def launch_env_from(
         master_port=_master_port(env, job_id),
         rdzv_id=_rdzv_id(env, job_id),
         hosts=tuple(hosts),
+        world_size=world_size,
     )
 
 
@@ -252,6 +258,18 @@ def _procs_per_node(env: Mapping[str, str], nproc_per_node: int | None) -> int:
             "GPU count: request GPUs (--gpus-per-node=8) or set NPROC_PER_NODE"
         )
     return gpus
+
+
+def _job_gpus(env: Mapping[str, str], nnodes: int, on_this_node: int) -> int:
+    """The job's GPUs: SLURM_GPUS (--gpus=N, which SLURM may spread unevenly), else nodes x this node's."""
+    total = _gpu_count(env, "SLURM_GPUS")
+    if total is None or env.get("SLURM_GPUS_PER_NODE", "").strip():
+        return nnodes * on_this_node
+    if total < nnodes:
+        raise LaunchEnvError(f"SLURM_GPUS={total} GPUs cannot give each of the {nnodes} nodes one")
+    if on_this_node > total:
+        raise LaunchEnvError(f"SLURM_GPUS_ON_NODE={on_this_node} but the job has SLURM_GPUS={total}")
+    return total
 
 
 def _master_addr(
@@ -360,7 +378,7 @@ def main(argv: Sequence[str] | None = None, environ: Mapping[str, str] | None = 
         else:
             le = launch_env_from(environ, nproc_per_node=args.nproc_per_node, node_rank=args.node_rank)
             if args.format == "json":
-                print(json.dumps({**asdict(le), "world_size": le.world_size}))
+                print(json.dumps(asdict(le)))
             else:
                 for k, v in le.exports().items():
                     print(f"export {k}={shlex.quote(v)}")

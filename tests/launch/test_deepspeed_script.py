@@ -196,3 +196,16 @@ def test_deepspeed_from_slurm_dry_run_prints_the_hostfile_its_command_reads(tmp_
     cmd = command_after(r.stdout, "# command:")
     hostfile = cmd[cmd.index("--hostfile") + 1]
     assert open(hostfile).read() == "gpu01 slots=8\ngpu02 slots=8\n"
+
+
+def test_deepspeed_from_slurm_refuses_a_hostfile_of_equal_slots_where_nodes_have_different_gpus(tmp_path):
+    """`--gpus=12` over 2 nodes (8 + 4): a hostfile of slots=8 on both would start 8 processes on the
+    4-GPU node. The GPUs per node are not known from the batch host: the script stops, naming a way out;
+    --num-gpus (the same count on every node, chosen) is taken as it is."""
+    env = {**fake_slurm("gpu[01-02]", 2), "SLURM_GPUS": "12", "TMPDIR": str(tmp_path)}
+    r = run("launch/deepspeed.sh", "--dry-run", "--slurm", "model=tiny", env=env)
+    assert r.returncode == 2 and "# command:" not in r.stdout
+    assert "SLURM_GPUS=12 over 2 nodes is not 8 on each" in r.stderr and "--hostfile" in r.stderr, r.stderr
+    r = run("launch/deepspeed.sh", "--dry-run", "--slurm", "--num-gpus", "4", "model=tiny", env=env)
+    assert r.returncode == 0, r.stderr
+    assert "#   node 1: gpu02 slots=4 ranks 4-7" in r.stdout

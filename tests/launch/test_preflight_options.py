@@ -33,13 +33,16 @@ def test_bad_arguments(args, fragment, capsys):
 def test_launcher_environments():
     p = pf.build_parser()
     args = p.parse_args([])
-    assert pf.apply_launcher_env(args, {"LOCAL_RANK": "0", "CROSS_RANK": "2", "CROSS_SIZE": "4", "LOCAL_SIZE": "8"})
-    assert (args.node_rank, args.nnodes, args.nproc_per_node) == (2, 4, 8)
+    assert pf.apply_launcher_env(
+        args, {"LOCAL_RANK": "0", "CROSS_RANK": "2", "CROSS_SIZE": "4", "LOCAL_SIZE": "8", "WORLD_SIZE": "32"}
+    )
+    assert (args.node_rank, args.nnodes, args.nproc_per_node, args.world_size) == (2, 4, 8, 32)
     args = p.parse_args([])
     assert pf.apply_launcher_env(
-        args, {"LOCAL_RANK": "0", "GROUP_RANK": "1", "WORLD_SIZE": "16", "LOCAL_WORLD_SIZE": "8"}
+        args,
+        {"LOCAL_RANK": "0", "GROUP_RANK": "1", "GROUP_WORLD_SIZE": "2", "WORLD_SIZE": "16", "LOCAL_WORLD_SIZE": "8"},
     )
-    assert (args.node_rank, args.nnodes, args.nproc_per_node) == (1, 2, 8)
+    assert (args.node_rank, args.nnodes, args.nproc_per_node, args.world_size) == (1, 2, 8, 16)
     assert not pf.apply_launcher_env(p.parse_args([]), {"LOCAL_RANK": "3", "CROSS_RANK": "0"})
     with pytest.raises(pf.PreflightError, match="LOCAL_RANK is unset"):
         pf.apply_launcher_env(p.parse_args([]), {})
@@ -68,3 +71,26 @@ def test_shared_timeout_from_the_environment(monkeypatch, capsys):
     args = pf.build_parser().parse_args([])
     pf._validate(args)
     assert args.shared_timeout == 7.5
+
+
+def test_under_torchrun_the_world_size_and_node_count_are_torchruns_with_uneven_nodes():
+    """8 + 4 GPUs: torchrun's WORLD_SIZE (12) is the world size and GROUP_WORLD_SIZE (2) the node count;
+    WORLD_SIZE // LOCAL_WORLD_SIZE would give 1 node on the first and 3 on the second."""
+    p = pf.build_parser()
+    views = []
+    for rank, local in ((0, "8"), (1, "4")):
+        args = p.parse_args([])
+        env = {"LOCAL_RANK": "0", "GROUP_RANK": str(rank), "GROUP_WORLD_SIZE": "2", "WORLD_SIZE": "12"}
+        assert pf.apply_launcher_env(args, {**env, "LOCAL_WORLD_SIZE": local})
+        views.append((args.node_rank, args.nnodes, args.nproc_per_node, args.world_size))
+    assert views == [(0, 2, 8, 12), (1, 2, 4, 12)]
+
+
+def test_world_size_option_is_checked():
+    for argv, fragment in [
+        (["--world-size", "0"], "--world-size=0 must be >= 1"),
+        (["--nnodes", "2", "--checkpoint-dir", "/x", "--world-size", "1"], "--world-size=1 is less than --nnodes=2"),
+        (["--nproc-per-node", "8", "--world-size", "4"], "--world-size=4 is less than --nproc-per-node=8"),
+    ]:
+        with pytest.raises(pf.PreflightError, match=fragment.replace("-", "\\-")):
+            pf._validate(pf.build_parser().parse_args(argv))

@@ -309,3 +309,15 @@ def test_a_resume_with_other_weight_decay_groups_fails_the_preflight(tmp_path, c
     capsys.readouterr()
     assert pf.main([*run, "optim.no_decay_embeddings=false"]) == 1
     assert f"{tag} was trained with optim.no_decay_embeddings=True, this run has False" in capsys.readouterr().err
+
+
+def test_the_world_size_checked_is_the_jobs_total_where_nodes_differ(monkeypatch):
+    """--world-size (the launch's total, e.g. 8 + 4 GPUs) is the world the batch is checked for, not
+    nnodes x this node's processes."""
+    seen = []
+    monkeypatch.setattr(preflight_cli, "compose_trainer_config", lambda overrides: "cfg")
+    monkeypatch.setattr(preflight_cli, "trainer_view", lambda cfg, world, rank: seen.append((world, rank)))
+    parse = pf.build_parser().parse_args
+    args = parse(["--nnodes", "2", "--node-rank", "1", "--nproc-per-node", "4", "--world-size", "12"])
+    preflight_cli._trainer_view(args, [])
+    assert seen == [(12, 1)]

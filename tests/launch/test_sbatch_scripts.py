@@ -70,7 +70,7 @@ def test_sbatch_dry_run(vendor, nodes, hosts):
         pre = command_after(sec, "# preflight:")
         stack = "rocm" if vendor == "rocm" else "cuda"
         assert " ".join(pre[3 : pre.index("--")]) == (
-            f"--nproc-per-node 8 --nnodes {n} --node-rank {i} --shared-id 4242 "
+            f"--nproc-per-node 8 --nnodes {n} --node-rank {i} --world-size {8 * n} --shared-id 4242 "
             f"--checkpoint-dir /lustre/ck --require-gpu --vendor {stack}"
         )
         assert pre[pre.index("--") + 1 :] == OVERRIDES
@@ -231,3 +231,15 @@ def test_a_failed_requeue_still_ends_the_job_with_75(tmp_path):
     assert r.returncode == 75, r.stderr
     assert "scontrol requeue 4242 failed: submit the same command again to resume" in r.stderr
     assert sorted(p.name for p in tmp_path.iterdir()) == ["bin"]
+
+
+def test_sbatch_dry_run_with_uneven_gpus_gives_every_node_the_jobs_world_size():
+    """`--gpus=12` over 2 nodes: every node's preflight checks the batch for 12 ranks, and the dry run
+    says that the nodes' process counts are their own (it renders them with the batch host's)."""
+    env = {**fake_slurm("gpu[01-02]", 2), "SLURM_GPUS": "12"}
+    r = run("launch/slurm/nvidia.sbatch", "--dry-run", "--checkpoint-dir", "/lustre/ck", "model=tiny", env=env)
+    assert r.returncode == 0, r.stderr
+    for sec in node_sections(r.stdout):
+        assert env_block(sec)["WORLD_SIZE"] == "12"
+        assert "--world-size 12" in " ".join(command_after(sec, "# preflight:"))
+        assert "each starts one process per GPU it has" in sec

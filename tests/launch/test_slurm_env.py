@@ -228,3 +228,33 @@ def test_fallback_variables_and_a_rendered_rank_skip_the_nodename_check():
     env = slurm(SLURM_JOB_NODELIST=None, SLURM_NODELIST="n[1-2]", SLURM_JOB_NUM_NODES=None, SLURM_NNODES=None)
     e = launch_env_from({**env, "SLURMD_NODENAME": "elsewhere"}, node_rank=1, nproc_per_node=2)
     assert (e.hosts, e.nnodes, e.node_rank, e.nproc_per_node, e.master_addr) == (("n1", "n2"), 2, 1, 2, "n1")
+
+
+def test_uneven_gpus_per_node_give_the_jobs_total_as_world_size():
+    """`--gpus=12` over 2 nodes may give 8 + 4: each node starts one process per GPU it has
+    (SLURM_GPUS_ON_NODE; torchrun's c10d rendezvous sums them), and the world size is the job's 12
+    (SLURM_GPUS), not nodes x this node's count (16 on one node, 8 on the other)."""
+    envs = [
+        launch_env_from(slurm(nodes="gpu[001-002]", nnodes=2, nodeid=i, SLURM_GPUS_ON_NODE=n, SLURM_GPUS=total))
+        for i, n, total in [(0, "8", "12"), (1, "4", "a100:12")]
+    ]
+    assert [(e.nproc_per_node, e.world_size) for e in envs] == [(8, 12), (4, 12)]
+    assert envs[1].exports()["WORLD_SIZE"] == "12"
+    # an explicit count per node is the same on every node: nodes x that count
+    assert launch_env_from(slurm(nnodes=4, SLURM_GPUS="12", NPROC_PER_NODE="2")).world_size == 8
+    # --gpus-per-node (SLURM_GPUS_PER_NODE) and --gres=gpu:N (SLURM_GPUS_ON_NODE alone) are the same on every node
+    assert launch_env_from(slurm(SLURM_GPUS_PER_NODE="a100:8")).world_size == 32
+
+
+@pytest.mark.parametrize(
+    "extra, fragment",
+    [
+        ({"SLURM_GPUS": "3"}, "SLURM_GPUS=3 GPUs cannot give each of the 4 nodes one"),
+        ({"SLURM_GPUS": "12", "SLURM_GPUS_ON_NODE": "16"}, "SLURM_GPUS_ON_NODE=16 but the job has SLURM_GPUS=12"),
+        ({"SLURM_GPUS": "a100:x"}, "SLURM_GPUS='a100:x': cannot read a GPU count"),
+    ],
+)
+def test_a_job_gpu_total_that_does_not_fit_is_named(extra, fragment):
+    with pytest.raises(LaunchEnvError) as exc:
+        launch_env_from(slurm(**extra))
+    assert fragment in str(exc.value)

@@ -70,7 +70,8 @@ def test_torchrun_multi_node_uses_c10d_and_node0_hosts_the_store():
         ]
         pre = command_after(r.stdout, "# preflight:")
         joined = " ".join(pre)
-        assert f"--nnodes 3 --node-rank {rank} --shared-id job7 --checkpoint-dir /shared/ck --params 1.3e9" in joined
+        expected = f"--nnodes 3 --node-rank {rank} --world-size 12 --shared-id job7 --checkpoint-dir /shared/ck"
+        assert f"{expected} --params 1.3e9" in joined
         env = env_block(r.stdout)
         assert (env["NODE_RANK"], env["NNODES"], env["WORLD_SIZE"], env["MASTER_ADDR"]) == (
             str(rank),
@@ -201,3 +202,25 @@ def test_options_win_over_slurm_under_slurm():
         r = run("launch/torchrun.sh", "--dry-run", "--slurm", *option, "x=1", env=slurm)
         assert r.returncode == 2 and "# command:" not in r.stdout
         assert f"{option[0]} cannot be given with --slurm" in r.stderr, r.stderr
+
+
+def test_under_slurm_with_uneven_gpus_the_preflight_checks_the_jobs_world_size():
+    """`--gpus=12` over 2 nodes, 4 of them on this one: torchrun starts 4 processes here, and the world
+    size printed and handed to the preflight (its batch check) is the job's 12, not 2 x 4."""
+    slurm = {
+        "SLURM_JOB_NODELIST": "gpu[01-02]",
+        "SLURM_JOB_NUM_NODES": "2",
+        "SLURM_NODEID": "1",
+        "SLURMD_NODENAME": "gpu02",
+        "SLURM_JOB_ID": "77",
+        "SLURM_GPUS": "12",
+        "SLURM_GPUS_ON_NODE": "4",
+    }
+    r = run("launch/torchrun.sh", "--dry-run", "--slurm", "--checkpoint-dir", "/shared/ck", "x=1", env=slurm)
+    assert r.returncode == 0, r.stderr
+    assert "--nproc_per_node=4" in command_after(r.stdout, "# command:")
+    assert "world size 12" in r.stdout.splitlines()[0]
+    environment = env_block(r.stdout)
+    assert (environment["NPROC_PER_NODE"], environment["WORLD_SIZE"]) == ("4", "12")
+    pre = command_after(r.stdout, "# preflight:")
+    assert " ".join(pre[3 : pre.index("--")]).startswith("--nproc-per-node 4 --nnodes 2 --node-rank 1 --world-size 12 ")
