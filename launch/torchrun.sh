@@ -26,6 +26,9 @@
 #   --params N          parameter count for the free-space check (else from the trainer config)
 #   --require-gpu       preflight fails without a GPU
 #   --vendor V          cuda | rocm: preflight fails when torch is another build
+#   --rocr-devices-only where ROCR_VISIBLE_DEVICES is set, unset HIP_VISIBLE_DEVICES, CUDA_VISIBLE_DEVICES
+#                       and GPU_DEVICE_ORDINAL: they index into what ROCR leaves visible, and SLURM sets
+#                       them with the same global ids in every task (launch/slurm/rocm.sbatch passes it)
 #   --no-preflight      skip the preflight
 #   --dry-run           print this node's environment and exact commands; start nothing
 # Everything from the first argument that is not an option (or after --) goes to the program
@@ -43,6 +46,7 @@ master_port="${MASTER_PORT:-29500}"
 rdzv_id="${RDZV_ID:-retnet}"
 vendor=""
 use_slurm=0
+rocr_only=0
 world_size=""  # --slurm: the job's; else nnodes x nproc
 given=()  # the rendezvous options given, as the variables that --slurm's helper reads (they win there too)
 nodes_option=""  # --nnodes or --node-rank, refused with --slurm
@@ -59,12 +63,18 @@ while [[ $# -gt 0 ]]; do
     --rdzv-id) need_value "$@"; rdzv_id="$2"; given+=("RDZV_ID=$2"); shift 2 ;;
     --slurm) use_slurm=1; shift ;;
     --vendor) need_value "$@"; vendor="$2"; shift 2 ;;
+    --rocr-devices-only) rocr_only=1; shift ;;
     --) shift; break ;;
     -*) die "unknown option $1 (program arguments that start with - go after --)" ;;
     *) break ;;
   esac
 done
 prog_args=("$@")
+
+# Here, in the task srun started on this node, not on the batch host: srun sets the masks again.
+if [[ "$rocr_only" == 1 && -n "${ROCR_VISIBLE_DEVICES:-}" ]]; then
+  unset HIP_VISIBLE_DEVICES CUDA_VISIBLE_DEVICES GPU_DEVICE_ORDINAL
+fi
 
 if [[ "$use_slurm" == 1 ]]; then
   [[ -z "$nodes_option" ]] || die "$nodes_option cannot be given with --slurm: SLURM's node count and SLURM_NODEID set it"

@@ -58,10 +58,9 @@ rocm_env() {
   local job="${SLURM_JOB_ID:-nojob}" user="${USER:-$(id -un)}"
   # Device visibility: SLURM sets ROCR_VISIBLE_DEVICES on AMD nodes. HIP_VISIBLE_DEVICES and
   # CUDA_VISIBLE_DEVICES (both honoured by PyTorch on ROCm) index into what ROCR leaves visible,
-  # so a second mask with the same global ids hides GPUs or picks the wrong ones. Keep ROCR only.
-  if [[ -n "${ROCR_VISIBLE_DEVICES:-}" ]]; then
-    unset HIP_VISIBLE_DEVICES CUDA_VISIBLE_DEVICES GPU_DEVICE_ORDINAL
-  fi
+  # so a second mask with the same global ids hides GPUs or picks the wrong ones: ROCR only. srun
+  # sets the masks again in every task, so each node's task clears them (torchrun.sh
+  # --rocr-devices-only, in slurm_main), not this batch host.
   # RCCL reads the NCCL_* variables (same names as NVIDIA's NCCL).
   set_default HSA_FORCE_FINE_GRAIN_PCIE 1     # fine-grained PCIe memory for RCCL peer transfers
   # MIOpen keeps a sqlite database under $HOME; many ranks on a shared home lock it. Node-local:
@@ -127,6 +126,7 @@ slurm_main() {
   fi
   [[ "$preflight" == 1 ]] || node_args+=(--no-preflight)
   [[ -n "$module" ]] && node_args+=(--module "$module")
+  [[ "$VENDOR" == rocm ]] && node_args+=(--rocr-devices-only)
 
   # One task per node; torchrun starts the per-GPU workers.
   local -a step=(srun --ntasks-per-node=1 --kill-on-bad-exit=1)

@@ -243,3 +243,24 @@ def test_sbatch_dry_run_with_uneven_gpus_gives_every_node_the_jobs_world_size():
         assert env_block(sec)["WORLD_SIZE"] == "12"
         assert "--world-size 12" in " ".join(command_after(sec, "# preflight:"))
         assert "each starts one process per GPU it has" in sec
+
+
+def test_rocm_device_masks_are_cleared_where_each_nodes_task_starts():
+    """srun sets the device masks again in every task it starts (SLURM's gres plugin: ROCR_VISIBLE_DEVICES,
+    and CUDA_VISIBLE_DEVICES with the same global ids); clearing them on the batch host alone leaves them
+    on the nodes. The per-node command of rocm.sbatch's srun step, run in such a task's environment,
+    keeps ROCR_VISIBLE_DEVICES only; without ROCR it leaves CUDA_VISIBLE_DEVICES alone."""
+    r = run("launch/slurm/rocm.sbatch", "--dry-run", "--allow-cpu", "model=tiny", env=fake_slurm("n[1-2]", 2))
+    assert r.returncode == 0, r.stderr
+    step = command_after(r.stdout, "# srun step (run once from the batch host):")
+    per_node = step[step.index("bash") + 1 :]  # what srun runs on every node
+    masks = {"ROCR_VISIBLE_DEVICES": "0,1,2,3", "HIP_VISIBLE_DEVICES": "0,1,2,3", "CUDA_VISIBLE_DEVICES": "0,1,2,3"}
+    task = {**fake_slurm("n[1-2]", 2), "SLURM_NODEID": "1", "SLURMD_NODENAME": "n2", **masks}
+    r = run(per_node[0], "--dry-run", *per_node[1:], env=task)
+    assert r.returncode == 0, r.stderr
+    env = env_block(r.stdout)
+    assert env["ROCR_VISIBLE_DEVICES"] == "0,1,2,3"
+    assert "HIP_VISIBLE_DEVICES" not in env and "CUDA_VISIBLE_DEVICES" not in env
+    r = run(per_node[0], "--dry-run", *per_node[1:], env={**task, "ROCR_VISIBLE_DEVICES": ""})
+    assert r.returncode == 0, r.stderr
+    assert env_block(r.stdout)["CUDA_VISIBLE_DEVICES"] == "0,1,2,3"
