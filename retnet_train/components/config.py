@@ -119,6 +119,7 @@ class WandbConfig:
     entity: Optional[str] = None
     name: Optional[str] = None
     tags: List[str] = field(default_factory=list)
+    required: bool = False  # W&B failing at start stops the run (false: one warning, it trains without W&B)
 
 
 @dataclass

@@ -106,29 +106,44 @@ class MetricsLogger:
         self._line_break = "\n" if is_main and _ends_mid_line(self.path) else ""
         self._wandb = None
         if is_main and wandb_cfg.mode != "disabled":
-            import wandb  # imported only when used
+            self._wandb = self._start_wandb(run_dir, wandb_cfg, resolved_config)
 
-            try:
-                self._wandb = wandb.init(
-                    project=wandb_cfg.project,
-                    entity=wandb_cfg.entity,
-                    name=wandb_cfg.name,
-                    tags=list(wandb_cfg.tags),
-                    mode=wandb_cfg.mode,
-                    id=self.wandb_id,
-                    resume="allow",
-                    dir=run_dir,
-                    config=resolved_config,
-                )
-            except wandb.errors.Error as e:  # no API key, no network, unknown entity or project
-                raise ValueError(
-                    f"wandb.mode={wandb_cfg.mode}: {str(e).strip().splitlines()[0]} (wandb.mode=offline "
-                    f"logs under {run_dir}/wandb for a later `wandb sync`)"
-                ) from None
+    def _start_wandb(self, run_dir: str, wandb_cfg, resolved_config: dict):
+        """W&B's run, or None when it cannot start (no API key, no network, unknown entity or project):
+        as a failure later, one warning and the run trains without W&B (a requeued job whose start finds
+        W&B unreachable trains on rather than ending with an error); wandb.required=true stops it instead."""
+        import wandb  # imported only when used
+
+        try:
+            run = wandb.init(
+                project=wandb_cfg.project,
+                entity=wandb_cfg.entity,
+                name=wandb_cfg.name,
+                tags=list(wandb_cfg.tags),
+                mode=wandb_cfg.mode,
+                id=self.wandb_id,
+                resume="allow",
+                dir=run_dir,
+                config=resolved_config,
+            )
             # charts against the trainer's step, not W&B's own counter: W&B drops a record logged at a
             # step below its counter, and a run resumed after a crash logs again the steps after its checkpoint
-            self._wandb.define_metric("step")
-            self._wandb.define_metric("*", step_metric="step")
+            run.define_metric("step")
+            run.define_metric("*", step_metric="step")
+            return run
+        except Exception as e:
+            if wandb_cfg.required:
+                raise ValueError(
+                    f"wandb.mode={wandb_cfg.mode}: {(str(e).strip() or type(e).__name__).splitlines()[0]} "
+                    f"(wandb.mode=offline logs under {run_dir}/wandb for a later `wandb sync`; "
+                    f"wandb.required=false trains without W&B)"
+                ) from None
+            _teardown_wandb()
+            self._warn(
+                f"W&B could not start (wandb.mode={wandb_cfg.mode}: {_brief(e)}): this run trains without W&B "
+                f"(wandb.required=true stops it instead)"
+            )
+            return None
 
     def log(self, record: dict) -> None:
         if not self.is_main:

@@ -113,3 +113,46 @@ def test_a_failing_wandb_finish_is_a_warning(tmp_path, monkeypatch, capsys):
         "warning: W&B could not finish its run (ConnectionResetError: Connection lost); metrics.jsonl keeps "
         f"every record ({tmp_path / 'metrics.jsonl'})"
     ]
+
+
+def unreachable_wandb(monkeypatch, error: Exception) -> list:
+    """A wandb module whose init raises `error` (W&B unreachable at start); teardown calls are counted."""
+    teardowns = []
+
+    def init(**kwargs):
+        raise error
+
+    fake = SimpleNamespace(init=init, errors=SimpleNamespace(Error=RuntimeError), teardown=lambda: teardowns.append(1))
+    monkeypatch.setitem(sys.modules, "wandb", fake)
+    return teardowns
+
+
+def test_wandb_that_cannot_start_is_one_warning_and_metrics_go_on(tmp_path, monkeypatch, capsys):
+    """W&B unreachable at start (a requeued job's start, the network down) does what a failure mid-run does:
+    one warning, W&B left alone, every record in metrics.jsonl; the run is not stopped, so a requeued job
+    trains (and stops with 75 on the next signal) instead of ending with 1, which SLURM does not requeue."""
+    import json
+
+    for error in (RuntimeError("Network error (ConnectError), entering retry loop"), ConnectionRefusedError(111)):
+        teardowns = unreachable_wandb(monkeypatch, error)
+        cfg = SimpleNamespace(mode="online", project="p", entity=None, name=None, tags=[], required=False)
+        logger = MetricsLogger(str(tmp_path), True, cfg, {}, "abc123")
+        logger.log({"step": 1, "loss": 1.0})
+        logger.close()
+        assert logger.wandb_id == "abc123" and teardowns == [1]  # the id a later start continues
+        err = capsys.readouterr().err.splitlines()
+        assert len(err) == 1 and err[0].startswith(
+            f"warning: W&B could not start (wandb.mode=online: {type(error).__name__}: "
+        ), err
+        assert "this run trains without W&B (wandb.required=true stops it instead)" in err[0]
+    lines = (tmp_path / "metrics.jsonl").read_text().splitlines()
+    assert [json.loads(line)["step"] for line in lines] == [1, 1]
+
+
+def test_wandb_that_cannot_start_stops_the_run_when_required(tmp_path, monkeypatch):
+    import pytest
+
+    unreachable_wandb(monkeypatch, RuntimeError("No API key configured. Use `wandb login` to log in."))
+    cfg = SimpleNamespace(mode="online", project="p", entity=None, name=None, tags=[], required=True)
+    with pytest.raises(ValueError, match="^wandb.mode=online: No API key configured.*wandb.required=false"):
+        MetricsLogger(str(tmp_path), True, cfg, {}, None)

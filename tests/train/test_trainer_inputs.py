@@ -58,15 +58,31 @@ def test_missing_tokenizer_names_the_key(shards, tmp_path, process_group):
         Trainer(typed(shards, tmp_path / "run", **{"data.tokenizer": str(tmp_path / "nope.model")})).train()
 
 
-def test_wandb_that_cannot_start_names_the_key(shards, tmp_path, process_group, monkeypatch):
+def test_wandb_that_cannot_start_names_the_key_when_required(shards, tmp_path, process_group, monkeypatch):
     import wandb
 
     def no_key(**kwargs):
         raise wandb.errors.UsageError("No API key configured. Use `wandb login` to log in.")
 
     monkeypatch.setattr(wandb, "init", no_key)
+    extra = {"wandb.mode": "online", "wandb.required": True, "train.max_steps": 1}
     with pytest.raises(ValueError, match="^wandb.mode=online: No API key configured.*wandb.mode=offline"):
-        Trainer(typed(shards, tmp_path / "run", **{"wandb.mode": "online", "train.max_steps": 1})).train()
+        Trainer(typed(shards, tmp_path / "run", **extra)).train()
+
+
+def test_wandb_that_cannot_start_leaves_the_run_training(shards, tmp_path, process_group, monkeypatch, capsys):
+    """Unreachable at start, W&B is a warning (as mid-run): the run trains and saves, and a resumed run
+    (a requeued job) keeps the W&B run id for a later start that reaches W&B."""
+    import wandb
+
+    def unreachable(**kwargs):
+        raise wandb.errors.CommError("Network error (ConnectError), entering retry loop.")
+
+    monkeypatch.setattr(wandb, "init", unreachable)
+    summary = Trainer(typed(shards, tmp_path / "run", **{"wandb.mode": "online", "train.max_steps": 2})).train()
+    assert summary["step"] == 2
+    assert "warning: W&B could not start (wandb.mode=online: CommError: Network error" in capsys.readouterr().err
+    assert len((tmp_path / "run" / "metrics.jsonl").read_text().splitlines()) >= 1
 
 
 def test_resume_into_another_model_or_data_stream_names_the_checkpoint(shards, tmp_path, process_group):
