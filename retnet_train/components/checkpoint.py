@@ -15,7 +15,7 @@ from __future__ import annotations
 import os
 import shutil
 import sys
-from typing import Mapping, Optional, Protocol
+from typing import Callable, List, Mapping, Optional, Protocol, TypeVar
 
 import torch
 import torch.distributed as dist
@@ -23,9 +23,11 @@ import torch.distributed as dist
 from . import checkpoint_discovery as discovery
 from .checkpoint_discovery import TAG_RE, tag_step
 from .checkpoint_guard import not_ours, refuse_foreign, refuse_foreign_tags
-from .distributed import agreed_on_every_rank
+from .distributed import agreed_on_every_rank, on_every_rank
 from .rng import load_rng_state, rng_state, seed_everything
 from .run_dir import continues_run, same_path
+
+T = TypeVar("T")
 
 
 class Stateful(Protocol):
@@ -207,16 +209,38 @@ def _chosen(choice: "discovery.Choice", rank: int):
     return choice.directory, choice.tag
 
 
-def write_failure(tag_dir: str, error: RuntimeError) -> OSError:
-    """torch.save reports a write that failed (a full disk, a quota, a file it cannot create) as a
-    RuntimeError of its zip writer ('unexpected pos 64 vs 0'), without the OS's reason: an OSError naming
-    the checkpoint and the space left there, which the trainer reports as the I/O error it is."""
-    detail = (str(error).strip().splitlines() or [type(error).__name__])[0]
-    try:
-        free = f"{shutil.disk_usage(os.path.dirname(tag_dir)).free / 2**30:.2f} GiB free on its filesystem"
-    except OSError:
-        free = "free space unknown"
-    return OSError(None, f"saving the checkpoint failed ({detail}; {free})", tag_dir)
+def _failure_detail(tag_dir: str, error: Exception) -> str:
+    """What went wrong in a save, in one line: the OS's reason with its file, or the exception. torch.save
+    reports a write that failed (a full disk, a quota) as a RuntimeError of its zip writer ('unexpected pos 64
+    vs 0') without the OS's reason: its first line, with the space left on the filesystem."""
+    if isinstance(error, RuntimeError):
+        try:
+            free = f"{shutil.disk_usage(os.path.dirname(tag_dir)).free / 2**30:.2f} GiB free on its filesystem"
+        except OSError:
+            free = "free space unknown"
+        return f"{(str(error).strip().splitlines() or [type(error).__name__])[0]}; {free}"
+    if isinstance(error, OSError) and error.strerror:
+        return f"{error.strerror}: {error.filename}" if error.filename else error.strerror
+    return f"{type(error).__name__}: {error}"
+
+
+def _on_every_rank(tag_dir: str, work: Callable[[], T]) -> List[T]:
+    """work(), a part of saving checkpoint `tag_dir`, on every rank (distributed.on_every_rank): what fails on
+    some ranks stops every rank with one OSError naming the checkpoint, those ranks and why, which the trainer
+    reports as the I/O error it is (faults.io_failure). Alone, a rank raises as it is, torch's write failure
+    as such an OSError."""
+    world = dist.get_world_size() if dist.is_initialized() else 1
+    if world == 1:
+        try:
+            return [work()]
+        except RuntimeError as e:
+            raise OSError(None, f"saving the checkpoint failed ({_failure_detail(tag_dir, e)})", tag_dir) from e
+    return on_every_rank(
+        work,
+        world,
+        lambda e: _failure_detail(tag_dir, e),
+        lambda failed: OSError(None, f"saving the checkpoint failed on {failed}", tag_dir),
+    )
 
 
 def _barrier():
@@ -240,57 +264,56 @@ class CheckpointManager:
         return discovery.latest_valid(self.dir)
 
     def save(self, engine, step: int, client_state: dict) -> str:
+        """Every rank's files, then (rank 0) COMPLETE, `latest` and pruning, each part a collective step: what
+        fails on any rank stops every rank with the same error (_on_every_rank)."""
         tag = self.tag_for(step)
         tag_dir = os.path.join(self.dir, tag)
+        _on_every_rank(tag_dir, lambda: self._clear(tag_dir, step))
+        # every rank's shards and RNG are on disk; each rank names what it sees (its own files at least:
+        # a shared filesystem may show the others' late), and COMPLETE lists them all
+        everyone = _on_every_rank(tag_dir, lambda: self._write(engine, tag, client_state))
+        _on_every_rank(tag_dir, lambda: self._commit(tag, {n for names in everyone for n in names}))
+        return tag_dir
+
+    def _clear(self, tag_dir: str, step: int) -> None:
         if self.rank == 0 and os.path.lexists(tag_dir):
             # an earlier save of this step (damaged or interrupted, and passed over when this run resumed
             # from an older one): its marker and files must not mix with this save's
-            refuse_foreign_tags(self.dir, [tag])
+            refuse_foreign_tags(self.dir, [os.path.basename(tag_dir)])
             print(f"{tag_dir}: replacing an earlier save of step {step}", flush=True)
             shutil.rmtree(tag_dir)
-        _barrier()
+
+    def _write(self, engine, tag: str, client_state: dict) -> list:
+        """This rank's files of checkpoint `tag`; returns the files it sees there."""
+        tag_dir = os.path.join(self.dir, tag)
         try:
             engine.save_checkpoint(self.dir, tag=tag, client_state=client_state, save_latest=False)
-            torch.save(rng_state(), os.path.join(tag_dir, f"rng_rank{self.rank}.pt"))
-        except RuntimeError as e:
-            raise write_failure(tag_dir, e) from e
-        # every rank's shards and RNG are on disk; each rank names what it sees (its own files at least:
-        # a shared filesystem may show the others' late), and COMPLETE lists them all
-        seen = [name for name in os.listdir(tag_dir) if os.path.isfile(os.path.join(tag_dir, name))]
-        everyone = [seen]
-        if dist.is_initialized() and dist.get_world_size() > 1:
-            everyone = [None] * dist.get_world_size()
-            dist.all_gather_object(everyone, seen)
-        if self.rank == 0:
-            self._commit(tag, {name for names in everyone for name in names})
-        _barrier()
-        return os.path.join(self.dir, tag)
+        except Exception:
+            # DeepSpeed's save ends in a barrier, after its files (no collective among them): the ranks whose
+            # writes went through wait there for this one before every rank learns what failed
+            _barrier()
+            raise
+        torch.save(rng_state(), os.path.join(tag_dir, f"rng_rank{self.rank}.pt"))
+        return [name for name in os.listdir(tag_dir) if os.path.isfile(os.path.join(tag_dir, name))]
 
     def _commit(self, tag: str, files: set) -> None:
-        """COMPLETE, then `latest`, then pruning, each only once what came before is checked: the save read
+        """Rank 0: COMPLETE, then `latest`, then pruning, each only once what came before is checked: the save read
         back as a resume would choose it (checkpoint_discovery.damage) and `latest` naming it. A save that
         fails the check deletes nothing: the checkpoints before it may be the last whole ones."""
+        if self.rank != 0:
+            return
         tag_dir = os.path.join(self.dir, tag)
         discovery.mark_complete(tag_dir, files)
         why = discovery.damage(self.dir, tag)
         if why is None:
-            tmp = os.path.join(self.dir, "latest.tmp")
-            with open(tmp, "w") as f:
-                f.write(tag)
-                f.flush()
-                os.fsync(f.fileno())
-            os.replace(tmp, os.path.join(self.dir, discovery.LATEST))
+            discovery.write_latest(self.dir, tag)
             if discovery.read_latest(self.dir) != tag:
                 why = f"{discovery.LATEST} names {discovery.read_latest(self.dir)}, not {tag}"
-        if why is not None:
-            print(
-                f"warning: {tag_dir} fails its check after saving ({why}): nothing is pruned, the "
-                "checkpoints older than it are kept",
-                file=sys.stderr,
-                flush=True,
-            )
-            return
-        self._prune(keep=tag)
+        if why is None:
+            self._prune(keep=tag)
+        else:
+            kept = "nothing is pruned, the checkpoints older than it are kept"
+            print(f"warning: {tag_dir} fails its check after saving ({why}): {kept}", file=sys.stderr, flush=True)
 
     def _prune(self, keep: str) -> None:
         # keep_last counts the usable checkpoints up to this save. Complete ones of later steps are damaged

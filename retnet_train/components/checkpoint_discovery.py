@@ -55,6 +55,16 @@ def mark_complete(tag_dir: str, files) -> None:
     os.replace(tmp, os.path.join(tag_dir, COMPLETE))
 
 
+def write_latest(directory: str, tag: str) -> None:
+    """Replace <directory>/latest (DeepSpeed's pointer: the tag) atomically."""
+    tmp = os.path.join(directory, LATEST + ".tmp")
+    with open(tmp, "w") as f:
+        f.write(tag)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, os.path.join(directory, LATEST))
+
+
 def recorded_files(tag_dir: str) -> list:
     """The files COMPLETE lists; none for an empty marker (older saves, or one touched by hand)."""
     with open(os.path.join(tag_dir, COMPLETE), errors="replace") as f:

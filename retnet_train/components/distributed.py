@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import os
-from typing import Callable, Optional, Tuple, TypeVar
+from typing import Callable, List, Optional, Tuple, TypeVar
 
 import torch
 import torch.distributed as dist
@@ -110,6 +110,42 @@ def agreed_on_every_rank(compute: Callable[[], T], world: int) -> T:
         problem = str(e)
     raise_first_problem(problem, world)
     return result
+
+
+def on_every_rank(
+    compute: Callable[[], T], world: int, describe: Callable[[Exception], str], failure: Callable[[str], Exception]
+) -> List[T]:
+    """compute() on every rank of a world of `world` ranks, then every rank's result, in rank order, on every rank
+    (one collective). What compute raised on some ranks is raised on every rank alike, where a rank raising alone
+    would leave the others waiting for it in their next collective until the launcher kills them: a ValueError
+    (a refusal) as the first one's, a SameOnEveryRank (printed by rank 0 alone); any other exception as
+    failure('rank 1 (why)' or 'ranks 0, 1 (rank 0: why; rank 1: why)', each why from describe(exception)),
+    chained from this rank's own."""
+    result, refusal, why, error = None, None, None, None
+    try:
+        result = compute()
+    except ValueError as e:
+        refusal, error = str(e), e
+    except Exception as e:  # noqa: BLE001 (every rank raises it below)
+        why, error = describe(e), e
+    everyone = [None] * world
+    dist.all_gather_object(everyone, (result, refusal, why))
+    refusals = [refusal for _, refusal, _ in everyone if refusal]
+    if refusals:
+        raise SameOnEveryRank(refusals[0]) from error
+    failed = [(rank, why) for rank, (_, _, why) in enumerate(everyone) if why]
+    if failed:
+        raise failure(_ranks_and_why(failed)) from error
+    return [result for result, _, _ in everyone]
+
+
+def _ranks_and_why(failed: List[Tuple[int, str]]) -> str:
+    """'rank 1 (why)', or 'ranks 0, 1 (rank 0: why; rank 1: why)': the first 16 ranks, the first 3 reasons."""
+    if len(failed) == 1:
+        return f"rank {failed[0][0]} ({failed[0][1]})"
+    ranks = ", ".join(str(rank) for rank, _ in failed[:16]) + (f" and {len(failed) - 16} more" * (len(failed) > 16))
+    reasons = "; ".join(f"rank {rank}: {why}" for rank, why in failed[:3]) + "; ..." * (len(failed) > 3)
+    return f"ranks {ranks} ({reasons})"
 
 
 def all_reduce_step(

@@ -1,10 +1,12 @@
 """pick_device: train.device resolved on this machine, and a precision that device cannot train in
-refused naming the key."""
+refused naming the key; on_every_rank: what failed on some ranks raised on every rank alike."""
 
 import pytest
 import torch
 
+from retnet_train.components import distributed
 from retnet_train.components.distributed import pick_device
+from retnet_train.components.rank_errors import SameOnEveryRank
 
 
 def test_fp16_without_a_gpu_is_refused_naming_deepspeed_precision(monkeypatch):
@@ -65,3 +67,32 @@ print(ds_comm.cdb.shm_comm_op, t.tolist())
     assert out.returncode == 0, out.stderr[-2000:]
     assert out.stdout.strip().splitlines()[-1] == "None [1.0, 1.0]"
     assert not (tmp_path / "ext").exists() and "gcc" not in out.stdout + out.stderr
+
+
+def test_what_failed_on_several_ranks_is_raised_on_every_rank_naming_them(monkeypatch):
+    """on_every_rank: every rank raises the same error, naming each rank that failed and why."""
+    from retnet_train.components.distributed import on_every_rank
+
+    others = {1: (None, None, None), 2: (None, None, "Disk quota exceeded: /c/rng_rank2.pt"), 3: (None, None, None)}
+
+    def all_gather_object(out, mine):  # rank 0 of 4, ranks 1-3 as given
+        out[:] = [mine, *others.values()]
+
+    monkeypatch.setattr(distributed.dist, "all_gather_object", all_gather_object)
+
+    def fails():
+        raise OSError(28, "No space left on device", "/c/rng_rank0.pt")
+
+    describe = lambda e: f"{e.strerror}: {e.filename}"  # noqa: E731
+    with pytest.raises(OSError) as raised:
+        on_every_rank(fails, 4, describe, lambda failed: OSError(None, f"saving failed on {failed}", "/c"))
+    assert raised.value.strerror == (
+        "saving failed on ranks 0, 2 (rank 0: No space left on device: /c/rng_rank0.pt; "
+        "rank 2: Disk quota exceeded: /c/rng_rank2.pt)"
+    )
+    assert isinstance(raised.value.__cause__, OSError)  # this rank's own, chained
+    others[2] = (None, "checkpoint.dir=/c holds step_3, which this trainer did not write", None)
+    with pytest.raises(SameOnEveryRank, match="^checkpoint.dir=/c holds step_3"):  # a refusal: printed once
+        on_every_rank(lambda: 5, 4, describe, OSError)
+    others[2] = (7, None, None)
+    assert on_every_rank(lambda: 5, 4, describe, OSError) == [5, None, 7, None]

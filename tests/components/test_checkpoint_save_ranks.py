@@ -1,0 +1,75 @@
+"""A save that fails on one rank alone, for real: 2 CPU ranks (gloo) under torchrun, the trainer's command line
+with one write of rank 1 failing (failing_save.py). Every rank stops with the same error naming the checkpoint
+and rank 1, and the launch ends at once: rank 0 waited in the save's next collective until torchrun killed it,
+printing nothing."""
+
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "train"))
+from trainer_helpers import REPO, env, make_shards, overrides  # noqa: E402
+
+from retnet_train.components import checkpoint_discovery as discovery  # noqa: E402
+
+WRAPPER = Path(__file__).resolve().parent / "failing_save.py"
+
+
+@pytest.fixture(scope="module")
+def shards(tmp_path_factory):
+    return make_shards(tmp_path_factory.mktemp("shards"))
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize(
+    "fault, zero_stage, why",
+    [
+        # after DeepSpeed's save: the trainer's own RNG state file cannot be created
+        ("rng_rank1.pt:OSError", 0, "Disk quota exceeded: {tag_dir}/rng_rank1.pt"),
+        # inside DeepSpeed's save: rank 1's optimizer shard, cut short by a full disk
+        (
+            "*rank_1_mp_rank_00_optim_states.pt:RuntimeError",
+            1,
+            "[enforce fail at inline_container.cc:664] . unexpected pos 64 vs 0; ",
+        ),
+    ],
+)
+def test_a_save_failing_on_rank_1_alone_stops_every_rank_with_the_same_error(shards, tmp_path, fault, zero_stage, why):
+    run = tmp_path / "run"
+    args = overrides(
+        shards, run, **{"train.max_steps": 2, "checkpoint.interval": 1, "deepspeed.zero_stage": zero_stage}
+    )
+    torchrun = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2"]
+    began = time.monotonic()
+    proc = subprocess.run(
+        [*torchrun, str(WRAPPER), *args],
+        cwd=REPO,
+        # (the wrapper's own directory comes first on its sys.path: this checkout's package next)
+        env={
+            **env(),
+            "FAILING_SAVE": f"1:step_00000002/{fault}",
+            "FAILING_SAVE_LOGS": str(tmp_path),
+            "PYTHONPATH": str(REPO),
+        },
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    took = time.monotonic() - began
+    ranks = [(tmp_path / f"rank{rank}.stderr").read_text() for rank in (0, 1)]
+    output = "".join(f"--- rank {rank}:\n{text}" for rank, text in enumerate(ranks)) + proc.stdout + proc.stderr
+    ckpts = run / "checkpoints"
+    tag_dir = ckpts / "step_00000002"
+    line = f"error: {tag_dir}: saving the checkpoint failed on rank 1 ({why.format(tag_dir=tag_dir)}"
+    errors = [[text for text in rank.splitlines() if text.startswith("error: ")] for rank in ranks]
+    assert len(errors[0]) == 1 and errors[1] == errors[0], output  # rank 0's and rank 1's, the same
+    (error,) = errors[0]
+    assert error.startswith(line), output
+    assert error.endswith(f" at step 2; the last checkpoint is {ckpts / 'step_00000001'}"), output
+    assert proc.returncode != 0
+    assert took < 120, output  # no rank waited for the collectives' timeout (30 min) or torchrun's kill
+    assert discovery.choose(str(ckpts)).tag == "step_00000001"  # what the same command resumes from
+    assert not discovery.is_complete(str(ckpts), "step_00000002")
