@@ -23,7 +23,7 @@ from omegaconf.errors import OmegaConfBaseException
 from .components.config import TrainConfig, check_values, register
 from .components.preemption import PreemptionHandler
 from .components.process_exit import end_before_teardown, exit_with
-from .components.rank_errors import SameOnEveryRank, print_error, process_rank
+from .components.rank_errors import SameOnEveryRank, SharedError, print_error, process_rank
 from .components.typed_config import typed_config
 
 EXIT_FINISHED, EXIT_ERROR = 0, 1
@@ -63,7 +63,7 @@ def main(cfg: DictConfig) -> None:
         refuse_multirun()
         typed = checked_config(cfg)
         summary = run(typed)
-    except (ValueError, TrainingError) as e:
+    except (ValueError, TrainingError, SharedError) as e:
         print_error(e, process_rank())  # once for all ranks where it is the same on every rank
         finish(EXIT_ERROR)
     except KeyboardInterrupt:

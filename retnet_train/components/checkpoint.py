@@ -165,13 +165,15 @@ def resolve_resume(resume: str, manager: "CheckpointManager", config: Optional[d
 def agreed_resume(resume: str, manager: "CheckpointManager", config: dict, world: int):
     """resolve_resume on every rank (a collective): what it refuses (the checkpoint dir, the checkpoint) comes
     from files every rank reads alike, so with several ranks every rank raises the first rank's refusal, which
-    rank 0 alone prints (distributed.agreed_on_every_rank)."""
-    return agreed_on_every_rank(lambda: resolve_resume(resume, manager, config), world)
+    rank 0 alone prints (distributed.agreed_on_every_rank), and any other failure names the ranks it met."""
+    what = f"checking checkpoint.dir={manager.dir} and train.resume={resume}"
+    return agreed_on_every_rank(lambda: resolve_resume(resume, manager, config), world, what)
 
 
 def agreed_parts(source: Optional[tuple], parts: Mapping[str, Stateful], world: int) -> Optional[dict]:
     """check_parts on every rank (a collective), its refusal (another data stream) printed once as above."""
-    return agreed_on_every_rank(lambda: check_parts(source, parts), world)
+    what = f"reading the checkpoint {os.path.join(*source) if source else None} to resume"
+    return agreed_on_every_rank(lambda: check_parts(source, parts), world, what)
 
 
 def _saved_config(tag_dir: str) -> Optional[dict]:

@@ -8,7 +8,7 @@ from typing import Callable, List, Optional, Tuple, TypeVar
 import torch
 import torch.distributed as dist
 
-from .rank_errors import SameOnEveryRank
+from .rank_errors import FailedOnRanks, SameOnEveryRank
 
 T = TypeVar("T")
 
@@ -97,30 +97,22 @@ def raise_first_problem(problem: Optional[str], world: int) -> None:
         raise SameOnEveryRank(first)
 
 
-def agreed_on_every_rank(compute: Callable[[], T], world: int) -> T:
-    """compute() on every rank of a world of `world` ranks (a collective where world > 1), for a check of what
-    every rank reads alike (the config, shared files): its ValueError is raised on every rank as the first
-    rank's (raise_first_problem: printed by rank 0 alone). Alone, it is raised as it is."""
-    if world == 1:
-        return compute()
-    result, problem = None, None
-    try:
-        result = compute()
-    except ValueError as e:
-        problem = str(e)
-    raise_first_problem(problem, world)
-    return result
-
-
 def on_every_rank(
-    compute: Callable[[], T], world: int, describe: Callable[[Exception], str], failure: Callable[[str], Exception]
+    compute: Callable[[], T],
+    world: int,
+    describe: Callable[[Exception], str] = lambda e: f"{type(e).__name__}: {e}",
+    failure: Callable[[str], Exception] = FailedOnRanks,
 ) -> List[T]:
     """compute() on every rank of a world of `world` ranks, then every rank's result, in rank order, on every rank
     (one collective). What compute raised on some ranks is raised on every rank alike, where a rank raising alone
-    would leave the others waiting for it in their next collective until the launcher kills them: a ValueError
-    (a refusal) as the first one's, a SameOnEveryRank (printed by rank 0 alone); any other exception as
-    failure('rank 1 (why)' or 'ranks 0, 1 (rank 0: why; rank 1: why)', each why from describe(exception)),
-    chained from this rank's own."""
+    would leave the others waiting for it in their next collective until the launcher kills them; rank 0 alone
+    prints it (rank_errors.SharedError): a ValueError (a refusal) as the first one's SameOnEveryRank; any other
+    Exception as failure('rank 1 (why)' or 'ranks 0, 1 (rank 0: why; rank 1: why)', each why from
+    describe(exception): its type and message unless given), chained from this rank's own. KeyboardInterrupt and
+    SystemExit pass through at once: Ctrl-C reaches every rank, and a rank that exits ends the launch. Alone
+    (world 1), what compute raises is raised as it is."""
+    if world == 1:
+        return [compute()]
     result, refusal, why, error = None, None, None, None
     try:
         result = compute()
@@ -139,11 +131,19 @@ def on_every_rank(
     return [result for result, _, _ in everyone]
 
 
+def agreed_on_every_rank(compute: Callable[[], T], world: int, what: str) -> T:
+    """on_every_rank for a check at start of what every rank reads alike (the config, shared files): this rank's
+    result. Any other failure is raised on every rank as '<what> failed on rank 1 (<type>: <message>)'."""
+    results = on_every_rank(compute, world, failure=lambda failed: FailedOnRanks(f"{what} failed on {failed}"))
+    return results[dist.get_rank() if world > 1 else 0]
+
+
 def _ranks_and_why(failed: List[Tuple[int, str]]) -> str:
-    """'rank 1 (why)', or 'ranks 0, 1 (rank 0: why; rank 1: why)': the first 16 ranks, the first 3 reasons."""
-    if len(failed) == 1:
-        return f"rank {failed[0][0]} ({failed[0][1]})"
+    """'rank 1 (why)', or 'ranks 0, 1 (rank 0: why; rank 1: why)' (the first 3 reasons), 'ranks 0, 1 (why)' where
+    every rank's is the same; the first 16 ranks."""
     ranks = ", ".join(str(rank) for rank, _ in failed[:16]) + (f" and {len(failed) - 16} more" * (len(failed) > 16))
+    if len({why for _, why in failed}) == 1:
+        return f"rank{'s' * (len(failed) > 1)} {ranks} ({failed[0][1]})"
     reasons = "; ".join(f"rank {rank}: {why}" for rank, why in failed[:3]) + "; ..." * (len(failed) > 3)
     return f"ranks {ranks} ({reasons})"
 

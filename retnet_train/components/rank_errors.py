@@ -2,8 +2,8 @@
 
 A launch of N ranks that fails at start would otherwise print the same error N times. What every rank
 is known to share: a problem with the config (a function of the command line, the same on every rank),
-and what a collective handed every rank (raise_first_problem). Anything else (a rank's own files, its
-device) is printed in full by the rank that met it.
+and what a collective handed every rank (raise_first_problem, distributed.on_every_rank: a SharedError).
+Anything else (a rank's own files, its device) is printed in full by the rank that met it.
 """
 
 from __future__ import annotations
@@ -15,8 +15,16 @@ import time
 RANK_0_GRACE_S = 5.0  # longest a rank waits for rank 0 to fail first (torchrun then stops it at once)
 
 
-class SameOnEveryRank(ValueError):
-    """An error every rank of the run raises with this same message."""
+class SharedError(Exception):
+    """An error every rank of the run raises with this same message: rank 0 alone prints it."""
+
+
+class SameOnEveryRank(SharedError, ValueError):
+    """A refusal every rank of the run raises with this same message."""
+
+
+class FailedOnRanks(SharedError, RuntimeError):
+    """What failed on some ranks (not a refusal), handed to every rank by a collective (distributed.on_every_rank)."""
 
 
 def process_rank() -> int:
@@ -25,8 +33,8 @@ def process_rank() -> int:
 
 
 def print_error(error: Exception, rank: int) -> None:
-    """`error: ...` on stderr; a SameOnEveryRank on a rank other than 0 only points at rank 0's."""
-    if rank == 0 or not isinstance(error, SameOnEveryRank) or not wait_for_rank_0():
+    """`error: ...` on stderr; a SharedError on a rank other than 0 only points at rank 0's."""
+    if rank == 0 or not isinstance(error, SharedError) or not wait_for_rank_0():
         # (no stop signal in time: rank 0 may be slow or gone; printing it again loses nothing)
         print(f"error: {error}", file=sys.stderr, flush=True)
         return

@@ -293,7 +293,8 @@ def prepare_resume(
         return None
     # what plan() refuses (the checkpoint against this run's config) is the same on every rank: rank 0 prints it
     world = dist.get_world_size() if dist.is_initialized() else 1
-    p = agreed_on_every_rank(lambda: plan(source[0], source[1], current, model, state, no_decay_embeddings), world)
+    what = f"reading the checkpoint {os.path.join(*source)} to resume"
+    p = agreed_on_every_rank(lambda: plan(*source, current, model, state, no_decay_embeddings), world, what)
     if not p.universal:
         return p
     error = None

@@ -96,3 +96,54 @@ def test_what_failed_on_several_ranks_is_raised_on_every_rank_naming_them(monkey
         on_every_rank(lambda: 5, 4, describe, OSError)
     others[2] = (7, None, None)
     assert on_every_rank(lambda: 5, 4, describe, OSError) == [5, None, 7, None]
+
+
+def test_any_failure_of_a_check_at_start_on_one_rank_is_raised_on_every_rank(monkeypatch):
+    """agreed_on_every_rank: not only a refusal (a ValueError) but any Exception of one rank (an OSError, a
+    RuntimeError) is raised on every rank as one error naming that rank, its type and message, printed by rank 0
+    alone; the other ranks waited in their next collective for it until the launcher killed them."""
+    from retnet_train.components.distributed import agreed_on_every_rank
+    from retnet_train.components.rank_errors import FailedOnRanks, SharedError
+
+    others = {1: (None, None, "PermissionError: [Errno 13] Permission denied: '/c'")}
+
+    def all_gather_object(out, mine):  # rank 0 of 2, rank 1 as given
+        out[:] = [mine, *others.values()]
+
+    monkeypatch.setattr(distributed.dist, "all_gather_object", all_gather_object)
+    monkeypatch.setattr(distributed.dist, "get_rank", lambda: 0)
+    with pytest.raises(FailedOnRanks) as raised:  # rank 0 itself read it fine
+        agreed_on_every_rank(lambda: 5, 2, "checking checkpoint.dir=/c")
+    assert str(raised.value) == (
+        "checking checkpoint.dir=/c failed on rank 1 (PermissionError: [Errno 13] Permission denied: '/c')"
+    )
+    assert isinstance(raised.value, SharedError)  # printed once, by rank 0
+
+    def broken():
+        raise RuntimeError("no such attribute")
+
+    others[1] = (None, None, "RuntimeError: no such attribute")
+    with pytest.raises(FailedOnRanks, match=r"^check failed on ranks 0, 1 \(RuntimeError: no such attribute\)$"):
+        agreed_on_every_rank(broken, 2, "check")
+    others[1] = (7, None, None)
+    assert agreed_on_every_rank(lambda: 5, 2, "check") == 5  # this rank's result
+
+
+def test_ctrl_c_and_exit_in_a_check_at_start_pass_through_at_once(monkeypatch):
+    """KeyboardInterrupt (Ctrl-C reaches every rank) and SystemExit are no failure to share: raised as they are,
+    without the collective. Alone (world 1) any error is raised as it is."""
+    from retnet_train.components.distributed import agreed_on_every_rank
+
+    def no_collective(out, mine):
+        raise AssertionError("no collective expected")
+
+    monkeypatch.setattr(distributed.dist, "all_gather_object", no_collective)
+    for error in (KeyboardInterrupt(), SystemExit(3)):
+
+        def interrupted(error=error):
+            raise error
+
+        with pytest.raises(type(error)):
+            agreed_on_every_rank(interrupted, 2, "check")
+    with pytest.raises(OSError, match="gone"):
+        agreed_on_every_rank(lambda: (_ for _ in ()).throw(OSError("gone")), 1, "check")
