@@ -24,6 +24,7 @@ from . import checkpoint_discovery as discovery
 from .checkpoint_discovery import TAG_RE, tag_step
 from .checkpoint_guard import not_ours, refuse_foreign, refuse_foreign_tags
 from .distributed import agreed_on_every_rank, on_every_rank
+from .rank_errors import SharedError
 from .rng import load_rng_state, rng_state, seed_everything
 from .run_dir import continues_run, same_path
 
@@ -228,9 +229,9 @@ def _failure_detail(tag_dir: str, error: Exception) -> str:
 
 def _on_every_rank(tag_dir: str, work: Callable[[], T]) -> List[T]:
     """work(), a part of saving checkpoint `tag_dir`, on every rank (distributed.on_every_rank): what fails on
-    some ranks stops every rank with one OSError naming the checkpoint, those ranks and why, which the trainer
-    reports as the I/O error it is (faults.io_failure). Alone, a rank raises as it is, torch's write failure
-    as such an OSError."""
+    some ranks stops every rank with one OSError naming the checkpoint, those ranks and why (SaveFailed), which
+    the trainer reports as the I/O error it is (faults.io_failure), printed once. Alone, a rank raises as it is,
+    torch's write failure as such an OSError."""
     world = dist.get_world_size() if dist.is_initialized() else 1
     if world == 1:
         try:
@@ -241,8 +242,12 @@ def _on_every_rank(tag_dir: str, work: Callable[[], T]) -> List[T]:
         work,
         world,
         lambda e: _failure_detail(tag_dir, e),
-        lambda failed: OSError(None, f"saving the checkpoint failed on {failed}", tag_dir),
+        lambda failed: SaveFailed(None, f"saving the checkpoint failed on {failed}", tag_dir),
     )
+
+
+class SaveFailed(SharedError, OSError):
+    """A save that failed on some ranks, raised on every rank alike: rank 0 alone prints it."""
 
 
 def _barrier():

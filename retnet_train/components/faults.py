@@ -7,6 +7,8 @@ from typing import Optional
 
 import torch
 
+from .rank_errors import SharedError
+
 OOM_HINT = (
     "out of GPU memory: lower train.micro_batch_size (raising accumulation), set "
     "train.activation_checkpointing=full, raise deepspeed.zero_stage, or enable "
@@ -18,11 +20,16 @@ class TrainingError(RuntimeError):
     """The run cannot go on; the message says why and what was saved."""
 
 
+class SharedTrainingError(SharedError, TrainingError):
+    """A TrainingError every rank raises with the same message (printed once, by rank 0)."""
+
+
 def io_failure(error: OSError, step: Optional[int], last_checkpoint: Optional[str]) -> TrainingError:
     """A file the run reads or writes failed (disk full, permissions, a mount gone) at `step` (None:
-    while the run was built or its checkpoint loaded): what and where, and the checkpoint to resume from."""
+    while the run was built or its checkpoint loaded): what and where, and the checkpoint to resume from.
+    Shared by every rank where the error is (a save that failed on some ranks: checkpoint.SaveFailed)."""
     where = f" at step {step}" if step is not None else " at start"
-    return TrainingError(
+    return (SharedTrainingError if isinstance(error, SharedError) else TrainingError)(
         f"{error.filename or 'I/O'}: {error.strerror or error}{where}; the last checkpoint is "
         f"{last_checkpoint or 'none'}"
     )

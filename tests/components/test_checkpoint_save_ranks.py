@@ -1,7 +1,7 @@
 """A save that fails on one rank alone, for real: 2 CPU ranks (gloo) under torchrun, the trainer's command line
 with one write of rank 1 failing (failing_save.py). Every rank stops with the same error naming the checkpoint
-and rank 1, and the launch ends at once: rank 0 waited in the save's next collective until torchrun killed it,
-printing nothing."""
+and rank 1, printed by rank 0 alone (rank 1 points at it), and the launch ends at once: rank 0 waited in the
+save's next collective until torchrun killed it, printing nothing."""
 
 import subprocess
 import sys
@@ -16,6 +16,7 @@ from trainer_helpers import REPO, env, make_shards, overrides  # noqa: E402
 from retnet_train.components import checkpoint_discovery as discovery  # noqa: E402
 
 WRAPPER = Path(__file__).resolve().parent / "failing_save.py"
+POINTER = "error: rank 1: the same error as rank 0, which prints it"
 
 
 @pytest.fixture(scope="module")
@@ -65,7 +66,7 @@ def test_a_save_failing_on_rank_1_alone_stops_every_rank_with_the_same_error(sha
     tag_dir = ckpts / "step_00000002"
     line = f"error: {tag_dir}: saving the checkpoint failed on rank 1 ({why.format(tag_dir=tag_dir)}"
     errors = [[text for text in rank.splitlines() if text.startswith("error: ")] for rank in ranks]
-    assert len(errors[0]) == 1 and errors[1] == errors[0], output  # rank 0's and rank 1's, the same
+    assert len(errors[0]) == 1 and errors[1] == [POINTER], output  # the same on every rank: printed by rank 0
     (error,) = errors[0]
     assert error.startswith(line), output
     assert error.endswith(f" at step 2; the last checkpoint is {ckpts / 'step_00000001'}"), output
