@@ -19,7 +19,9 @@
 #   --slurm             take nnodes, node rank, master addr/port, GPUs on this node and the job's world
 #                       size from SLURM (python -m retnet_train.preflight.launch_env); used by
 #                       launch/slurm/*.sbatch via srun; --nproc-per-node, --master-addr, --master-port,
-#                       --rdzv-id still win. Nodes may have different GPU counts (--gpus=12: 8 + 4)
+#                       --rdzv-id still win. Nodes may have different GPU counts (--gpus=12: 8 + 4).
+#                       OMP_NUM_THREADS, unless set: this task's CPUs (SLURM_CPUS_PER_TASK, else
+#                       SLURM_CPUS_ON_NODE) / the processes on this node, at least 1
 #   --module M          python module to run; default retnet_train.train
 #   --checkpoint-dir D  for the preflight; normally it comes from the trainer config
 #                       (checkpoint.dir / run.dir overrides) and must agree with it
@@ -96,6 +98,12 @@ check_int "--nproc-per-node/NPROC_PER_NODE" nproc 1 1024
 check_int "--nnodes/NNODES" nnodes 1 100000
 check_int "--node-rank/NODE_RANK" node_rank 0 $((nnodes - 1))
 check_int "--master-port/MASTER_PORT" master_port 1 65535
+# Here, in each node's task: its CPUs (the step's --cpus-per-task, else all the job has on this node) over the
+# processes this node starts, at least 1; unless set already (by you, a site module)
+task_cpus="${SLURM_CPUS_PER_TASK:-${SLURM_CPUS_ON_NODE:-}}"
+if [[ "$use_slurm" == 1 && -z "${OMP_NUM_THREADS:-}" && "$task_cpus" =~ ^[0-9]+$ ]]; then
+  export OMP_NUM_THREADS="$(( 10#$task_cpus / nproc > 0 ? 10#$task_cpus / nproc : 1 ))"
+fi
 # every node's processes; under SLURM the job's GPUs, which nodes may hold in different numbers
 world_size="${world_size:-$((nnodes * nproc))}"
 if [[ -z "$master_addr" ]]; then

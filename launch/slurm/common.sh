@@ -44,9 +44,8 @@ common_env() {
   # fla compiles Triton kernels on first use; a cache on a shared home directory, written by
   # every rank of every node at once, is slow and can corrupt. /tmp is node-local.
   set_default TRITON_CACHE_DIR "/tmp/triton-cache-${user}-${job}"
-  if [[ "$task_cpus" =~ ^[0-9]+$ && "${SLURM_GPUS_ON_NODE:-}" =~ ^[0-9]+$ ]] && (( SLURM_GPUS_ON_NODE > 0 )); then
-    set_default OMP_NUM_THREADS "$(( task_cpus / SLURM_GPUS_ON_NODE > 0 ? task_cpus / SLURM_GPUS_ON_NODE : 1 ))"
-  fi
+  # OMP_NUM_THREADS: each node's task works it out from its own CPUs and GPUs (launch/torchrun.sh --slurm);
+  # set here, this host's count would reach every node through srun
 }
 
 nvidia_env() {

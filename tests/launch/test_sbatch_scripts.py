@@ -264,3 +264,37 @@ def test_rocm_device_masks_are_cleared_where_each_nodes_task_starts():
     r = run(per_node[0], "--dry-run", *per_node[1:], env={**task, "ROCR_VISIBLE_DEVICES": ""})
     assert r.returncode == 0, r.stderr
     assert env_block(r.stdout)["CUDA_VISIBLE_DEVICES"] == "0,1,2,3"
+
+
+PER_NODE_SRUN = """#!/usr/bin/env bash
+# stand-in srun: the step's per-node command, as node 1's task runs it (4 GPUs there, 8 on the batch host), in
+# the environment the sbatch script hands srun; --dry-run prints what that node would start
+while [[ "$1" == -* ]]; do shift; done
+exec env SLURM_NODEID=1 SLURMD_NODENAME=gpu02 SLURM_GPUS_ON_NODE=4 "$1" "$2" --dry-run "${@:3}"
+"""
+
+
+@pytest.mark.parametrize("vendor", ["nvidia", "rocm"])
+def test_each_node_works_out_omp_threads_from_its_own_cpus_and_gpus(tmp_path, vendor):
+    """OMP_NUM_THREADS = the task's CPUs / this node's GPUs, worked out in each node's task (torchrun.sh
+    --slurm): the batch host worked it out from its own 8 GPUs, and srun handed that to every node, so a node
+    with 4 GPUs (--gpus=12 over 2 nodes) ran 8 threads per process on 64 CPUs, half of them idle."""
+    bindir = tmp_path / "bin"
+    bindir.mkdir()
+    (bindir / "srun").write_text(PER_NODE_SRUN)
+    (bindir / "srun").chmod(0o755)
+    env = {**fake_slurm("gpu[01-02]", 2), "SLURM_GPUS": "12", "PATH": f"{bindir}:{os.environ['PATH']}"}
+    env["TMPDIR"] = str(tmp_path)
+    r = run(f"launch/slurm/{vendor}.sbatch", "--allow-cpu", "model=tiny", env=env)
+    assert r.returncode == 0, r.stderr
+    assert (env_block(r.stdout)["NPROC_PER_NODE"], env_block(r.stdout)["OMP_NUM_THREADS"]) == ("4", "16")
+    r = run(f"launch/slurm/{vendor}.sbatch", "--allow-cpu", "model=tiny", env={**env, "SLURM_CPUS_PER_TASK": "6"})
+    assert r.returncode == 0, r.stderr
+    assert env_block(r.stdout)["OMP_NUM_THREADS"] == "1"  # at least one thread per process
+    r = run(f"launch/slurm/{vendor}.sbatch", "--allow-cpu", "model=tiny", env={**env, "OMP_NUM_THREADS": "3"})
+    assert r.returncode == 0, r.stderr
+    assert env_block(r.stdout)["OMP_NUM_THREADS"] == "3"  # what the user set wins
+    # the dry run renders every node with the batch host's 8 GPUs: 64 / 8
+    r = run(f"launch/slurm/{vendor}.sbatch", "--dry-run", "--allow-cpu", "model=tiny", env=env)
+    assert r.returncode == 0, r.stderr
+    assert [env_block(sec)["OMP_NUM_THREADS"] for sec in node_sections(r.stdout)] == ["8", "8"]
