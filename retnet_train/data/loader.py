@@ -31,7 +31,7 @@ from retnet_train.data.sources import (
     validation_share,
     window_counts,
 )
-from retnet_train.data.stream_switch import continued_offsets, switch_note
+from retnet_train.data.stream_switch import continued_offsets, shares, switch_note
 from retnet_train.data.token_stream import SourceHeader, TokenStream, check_id_spread, open_header
 
 STATE_VERSION = 2  # 2: + offsets (1 is read as none)
@@ -205,23 +205,30 @@ class TokenLoader:
             raise ValueError(f"loader state key 'consumed_sequences' must be an integer >= 0, got {consumed!r}")
         changes = self._stream_changes(state)
         if changes and not self.switch_on_change:
-            raise ValueError(changes[0] + self.change_hint)
+            raise ValueError(f"the data stream is not the checkpoint's: {'; '.join(changes)}{self.change_hint}")
         return changes
 
     def _stream_changes(self, state: Mapping[str, Any]) -> list[str]:
-        """What differs between the stream `state` was saved from and this one; empty when it is the same."""
+        """What differs between the stream `state` was saved from and this one, in the config's terms (the
+        data.* key); empty when it is the same."""
         mine, changes = self.state_dict(), []
-        for key in ("seed", "seq_len", "split", "weights", "sources", "windows"):
-            theirs = state.get(key)
-            if key == "sources":
-                changes += self._source_changes(theirs)
-            elif key == "weights" and mix_of(theirs) is not None and mix_of(theirs) == mix_of(mine[key]):
-                continue  # the same mix in weights of another scale: the same stream
-            elif theirs != mine[key]:
-                changes.append(
-                    f"loader state key {key!r} is {theirs!r} but this loader has {mine[key]!r}: "
-                    "the data stream changed since the checkpoint (different data, seed, seq_len or mix)"
-                )
+        theirs = state.get("weights")
+        names = list(theirs) if isinstance(theirs, Mapping) else []
+        moved = [f"source {n!r} added" for n in mine["weights"] if n not in names]
+        moved += [f"source {n!r} dropped" for n in names if n not in mine["weights"]]
+        if moved:  # a source is named after its directory
+            changes.append(f"data.paths: {', '.join(moved)}")
+        elif mix_of(theirs) is None or mix_of(theirs) != mix_of(mine["weights"]):  # another scale: the same mix
+            old = shares(theirs) if isinstance(theirs, Mapping) and theirs else repr(theirs)
+            changes.append(f"data.weights: {old} -> {shares(mine['weights'])}")
+        changes += self._source_changes(state.get("sources"))
+        changes += [
+            f"data.{key}: {state.get(key)} -> {mine[key]}" for key in ("seq_len", "seed") if state.get(key) != mine[key]
+        ]
+        if state.get("split") != mine["split"]:
+            changes.append(f"split {state.get('split')!r} -> {mine['split']!r}")
+        if not changes and state.get("windows") != mine["windows"]:
+            changes.append(f"the sources' windows {state.get('windows')} -> {mine['windows']} (other data)")
         return changes
 
     def _source_changes(self, theirs: Any) -> list[str]:

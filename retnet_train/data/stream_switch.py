@@ -60,7 +60,7 @@ def stream_changes(saved: Mapping[str, Any], mine: Mapping[str, Any]) -> list[st
     ]
     old_weights = {name: float(w) for name, w in (saved.get("weights") or {}).items()}
     if mix_of(old_weights) != mix_of(mine["weights"]):
-        changes.append(f"weights {_shares(old_weights)} -> {_shares(mine['weights'])}")
+        changes.append(f"weights {shares(old_weights)} -> {shares(mine['weights'])}")
     changes += [
         f"data.{key} {saved.get(key)} -> {mine[key]}" for key in ("seq_len", "seed") if saved.get(key) != mine[key]
     ]
@@ -71,7 +71,8 @@ def _other_data(theirs: Any, ours: Mapping[str, str]) -> bool:
     return not isinstance(theirs, Mapping) or theirs.get("digest") != ours["digest"]
 
 
-def _shares(weights: Mapping[str, float]) -> str:
+def shares(weights: Mapping[str, float]) -> str:
+    """A mix as each source's share: "a 0.6, b 0.4"."""
     total = sum(weights.values()) or 1.0
     return ", ".join(f"{name} {w / total:.3g}" for name, w in sorted(weights.items()))
 

@@ -35,6 +35,7 @@ def test_same_name_other_data_is_refused(tmp_path):
         after.load_state_dict(state)
     message = str(exc.value)
     assert message.startswith(
+        "the data stream is not the checkpoint's: "
         f"data source 'web' at {tmp_path / 'v2' / 'web'} holds other data than the checkpoint's source 'web' "
         f"(at {tmp_path / 'v1' / 'web'} when it was saved): digest "
     )

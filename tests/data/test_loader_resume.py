@@ -128,3 +128,28 @@ def test_the_same_mix_in_other_weights_resumes_exactly(sources, switch_on_change
     resumed.load_state_dict(state)
     assert resumed.switched is None and resumed.consumed == 12
     np.testing.assert_array_equal(np.concatenate([next(resumed)["input_ids"] for _ in range(2)]), reference[12:])
+
+
+def test_a_refused_stream_change_names_the_config_key_that_changed(sources, tmp_path):
+    """The trainer's resume refusal: the data.* key in the config's terms, every change at once. It named the
+    loader's own state keys, the first alone ('loader state key 'weights' is {'a': 0.6, 'b': 0.4} but this
+    loader has {...}' for a source added to data.paths)."""
+    write_shard_dir(tmp_path / "c", position_tokens(900, offset=200_000), shard_tokens=300)
+    state = TokenLoader(sources, SEQ, 2, seed=5).state_dict()
+    added = {**sources, "c": (str(tmp_path / "c"), 0.5)}
+    cases = [
+        (TokenLoader(sources, 2 * SEQ, 2, seed=5), "data.seq_len: 8 -> 16"),
+        (TokenLoader(sources, SEQ, 2, seed=6), "data.seed: 5 -> 6"),
+        (TokenLoader(sources, 2 * SEQ, 2, seed=6), "data.seq_len: 8 -> 16; data.seed: 5 -> 6"),
+        (TokenLoader(added, SEQ, 2, seed=5), "data.paths: source 'c' added"),
+        (TokenLoader({"a": sources["a"]}, SEQ, 2, seed=5), "data.paths: source 'b' dropped"),
+        (
+            TokenLoader({"a": (sources["a"][0], 1), "b": (sources["b"][0], 1)}, SEQ, 2, seed=5),
+            "data.weights: a 0.6, b 0.4 -> a 0.5, b 0.5",
+        ),
+    ]
+    for loader, named in cases:
+        with pytest.raises(ValueError) as refused:
+            loader.load_state_dict(state)
+        assert str(refused.value).startswith(f"the data stream is not the checkpoint's: {named}"), str(refused.value)
+        assert "loader state key" not in str(refused.value)

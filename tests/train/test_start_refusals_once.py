@@ -40,7 +40,7 @@ def test_every_rank_raises_rank_0s_refusal_of_the_checkpoint(shards, tmp_path): 
         "foreign_tag": f"checkpoint.dir={tmp_path / 'foreign'} holds step_00000003, which this trainer did not write",
         "run_dir": f"checkpoint.dir={trained} is a run directory: its checkpoints are in {trained / 'checkpoints'}",
         "nowhere": f"train.resume={tmp_path / 'nothing'}: no complete checkpoint there",
-        "data_stream": "data_loader: loader state key 'seed' is 1234 but this loader has 7",
+        "data_stream": "data_loader: the data stream is not the checkpoint's: data.seed: 1234 -> 7;",
         "model": "was trained with other model settings (model.n_heads:",
     }
     for name, needle in expected.items():

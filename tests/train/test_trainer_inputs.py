@@ -94,7 +94,8 @@ def test_resume_into_another_model_or_data_stream_names_the_checkpoint(shards, t
     ):
         Trainer(typed(shards, tmp_path / "a", **{"train.resume": str(source), "model.d_model": 96})).train()
     with pytest.raises(
-        ValueError, match=f"^train.resume: {ckpt}: data_loader: loader state key 'seq_len' is 64 but this loader has 32"
+        ValueError,
+        match=f"^train.resume: {ckpt}: data_loader: the data stream is not the checkpoint's: data.seq_len: 64 -> 32;",
     ):
         Trainer(typed(shards, tmp_path / "b", **{"train.resume": str(source), "data.seq_len": 32})).train()
 

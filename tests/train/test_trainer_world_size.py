@@ -286,7 +286,7 @@ def test_a_refused_data_change_leaves_the_checkpoint_unconverted(shards, tmp_pat
     before = tree_bytes(saved)
     resume = run_args(shards, tmp_path / "resumed", 1, **{"train.resume": str(source), "data.seq_len": 32})
     refused = run_scenarios([("refused", resume, "ValueError")], nproc=1, workdir=tmp_path / "l2")["refused"]
-    assert str(source) in refused.message and "'seq_len' is 64 but this loader has 32" in refused.message
+    assert str(source) in refused.message and "data.seq_len: 64 -> 32" in refused.message
     assert "converting" not in refused.stdout
     assert not (source / UNIVERSAL).exists()
     assert tree_bytes(saved) == before
