@@ -150,7 +150,23 @@ class RetNetTrainLM(LM):
         return torch.from_numpy(document_starts(ids.numpy(), self.prefix_id)).to(self._device)
 
     def loglikelihood(self, requests) -> List[Tuple[float, bool]]:
-        return self._score([self._encode_pair(*req.args) for req in requests])
+        pairs = []
+        for req in requests:
+            context, continuation = req.args
+            pairs.append(self._encode_pair(context, continuation))
+            if not pairs[-1][1]:
+                shown = context if len(context) <= 40 else "..." + context[-40:]
+                why = (
+                    "it is empty"
+                    if not continuation
+                    else f"{context + continuation!r} has no more tokens than the context (the tokenizer joins the "
+                    "continuation to the context's last token)"
+                )
+                raise ValueError(
+                    f"loglikelihood: the continuation {continuation!r} of the context {shown!r} has no token of its "
+                    f"own: {why}"
+                )
+        return self._score(pairs)
 
     def loglikelihood_rolling(self, requests) -> List[float]:
         from lm_eval.utils import get_rolling_token_windows, make_disjoint_window

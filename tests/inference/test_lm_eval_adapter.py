@@ -167,6 +167,34 @@ def test_adapter_refuses_a_continuation_longer_than_max_length(setup):
         lm.loglikelihood([long_answer])
 
 
+def test_adapter_names_a_continuation_that_gives_no_token_of_its_own(setup, monkeypatch):
+    """A continuation the tokenizer joins to the context's last token ('def main(' + '):' is 'def', ' main',
+    '():' with the sample tokenizer), or an empty one, has nothing to score: the error names the request.
+    It said 'loglikelihood: empty continuation', naming neither the context nor the continuation."""
+    require_lm_eval()
+    from lm_eval.api.instance import Instance
+
+    from retnet_train.inference.lm_eval_adapter import RetNetTrainLM
+
+    d, tok, model, exp, _ = setup
+    lm = RetNetTrainLM(model, str(tok), max_length=16)
+    merged = {"def main(": [5, 6, 7], "def main():": [5, 6, 8]}  # a BPE merge across the boundary
+    monkeypatch.setattr(lm, "tok_encode", lambda text: merged[text])
+    with pytest.raises(ValueError) as refused:
+        lm.loglikelihood([Instance("loglikelihood", {}, ("def main(", "):"), 0)])
+    assert str(refused.value) == (
+        "loglikelihood: the continuation '):' of the context 'def main(' has no token of its own: 'def main():' "
+        "has no more tokens than the context (the tokenizer joins the continuation to the context's last token)"
+    )
+    monkeypatch.undo()
+    context = "a b c d e f g h " * 9 + "the end"
+    with pytest.raises(ValueError) as refused:
+        lm.loglikelihood([Instance("loglikelihood", {}, (context, ""), 0)])
+    assert str(refused.value) == (
+        f"loglikelihood: the continuation '' of the context '...{context[-40:]}' has no token of its own: it is empty"
+    )
+
+
 @pytest.mark.parametrize("do_sample", [True, False])
 def test_adapter_refuses_top_p_0_as_the_generate_command_does(setup, do_sample):
     """top_p 0 is refused, naming the key, as generate's --top-p 0 is (with or without --greedy); it was read
