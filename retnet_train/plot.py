@@ -206,7 +206,7 @@ def main(argv: Sequence[str] | None = None) -> None:
     p.add_argument(
         "--labels", default=None, help="comma-separated legend names, one per run (default: directory names)"
     )
-    p.add_argument("--title", default=None)
+    p.add_argument("--title", default=None, help="the figure's title (default: none)")
     a = p.parse_args(argv)
     labels = a.labels.split(",") if a.labels else [None] * len(a.runs)
     if len(labels) != len(a.runs):

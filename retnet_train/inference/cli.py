@@ -36,7 +36,11 @@ def add_checkpoint_args(p: argparse.ArgumentParser) -> None:
         required=True,
         help="a run dir, a DeepSpeed save dir (with 'latest'), a checkpoint tag dir, or an export dir",
     )
-    p.add_argument("--tag", help="DeepSpeed checkpoint tag (default: the newest complete one); not for an export")
+    p.add_argument(
+        "--tag",
+        help="which checkpoint: step_N or N (the trainer's step_0000000N), or a directory name such as "
+        "global_step200 (default: the newest complete one); not for an export",
+    )
     p.add_argument("--tokenizer", help="sentencepiece model (default: the one stored with the checkpoint)")
     p.add_argument(
         "--model-config", help="model preset YAML, for DeepSpeed checkpoints that carry no config; not for an export"
@@ -44,7 +48,11 @@ def add_checkpoint_args(p: argparse.ArgumentParser) -> None:
 
 
 def add_device_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    p.add_argument(
+        "--device",
+        default="cuda" if torch.cuda.is_available() else "cpu",
+        help="cuda, cuda:N or cpu (default: cuda when a GPU is visible, else cpu)",
+    )
     p.add_argument("--dtype", choices=DTYPES, default=None, help="default: bfloat16 on GPU, float32 on CPU")
 
 

@@ -95,18 +95,26 @@ def parse_args(argv=None):
     p.add_argument(
         "--seq-len", type=int, default=None, help=f"default: the checkpoint's data.seq_len (else {DEFAULT_SEQ_LEN})"
     )
-    p.add_argument("--batch-size", type=int, default=8)
-    p.add_argument("--max-sequences", type=int, default=None)
+    p.add_argument(
+        "--batch-size", type=int, default=8, help="sequences (lm-eval: requests) per forward (default: %(default)s)"
+    )
+    p.add_argument(
+        "--max-sequences", type=int, default=None, help="perplexity over about this many windows (default: all)"
+    )
     p.add_argument("--tasks", help="comma-separated lm-eval task names")
     p.add_argument("--include-path", help="directory of extra lm-eval task YAMLs")
     p.add_argument("--limit", type=float, default=None, help="lm-eval: examples per task (or fraction)")
-    p.add_argument("--num-fewshot", type=int, default=None)
-    p.add_argument("--max-length", type=int, default=2048, help="lm-eval: context window in tokens")
+    p.add_argument(
+        "--num-fewshot", type=int, default=None, help="lm-eval: examples in each prompt (default: the task's)"
+    )
+    p.add_argument(
+        "--max-length", type=int, default=2048, help="lm-eval: context window in tokens (default: %(default)s)"
+    )
     p.add_argument(
         "--bootstrap-iters",
         type=int,
         default=100_000,
-        help="lm-eval: resamples for the standard errors (default: lm-eval's; 0: none)",
+        help="lm-eval: resamples for the standard errors (default: lm-eval's, %(default)s; 0: none)",
     )
     add_prompt_prefix_arg(p)
     add_device_args(p)

@@ -29,10 +29,15 @@ def parse_args(argv=None):
     p = CommandParser(prog="python -m retnet_train.inference.export", description=__doc__.split("\n")[0])
     add_checkpoint_args(p)
     p.add_argument("--out", required=True, help="output directory")
-    p.add_argument("--format", choices=["native", "fla"], default="native")
+    p.add_argument(
+        "--format",
+        choices=["native", "fla"],
+        default="native",
+        help="native (default): this repository's, for generate and evaluate; fla: fla's Hugging Face RetNet",
+    )
     p.add_argument("--dtype", choices=DTYPES, default=None, help="weights on disk (default: float32)")
     p.add_argument("--allow-inexact", action="store_true", help="fla: export a normalize_retention model anyway")
-    p.add_argument("--overwrite", action="store_true")
+    p.add_argument("--overwrite", action="store_true", help="replace a previous export in --out (never other files)")
     return p.parse_args(argv)
 
 

@@ -171,7 +171,9 @@ def parse_args(argv=None):
         default=None,
         help="bound on prompt + new tokens (default: none for RetNet, 32768 for the Transformer)",
     )
-    p.add_argument("--no-stop-at-eos", action="store_true")
+    p.add_argument(
+        "--no-stop-at-eos", action="store_true", help="go on past the EOS token to --max-new-tokens (a new document)"
+    )
     p.add_argument(
         "--jsonl", action="store_true", help="one JSON line per prompt (index, prompt, completion) instead of text"
     )
