@@ -70,16 +70,20 @@ def _scores(result) -> dict:
 
 
 def parse_data(specs) -> dict:
-    """--data DIR or NAME=DIR (repeatable) -> {name: (dir, 1.0)} for the validation loader."""
+    """--data DIR or NAME=DIR (repeatable) -> {name: (dir, 1.0)} for the validation loader. A DIR is named as
+    the trainer names a source (components/config.data_sources): after its directory, '_' added while taken."""
     sources = {}
-    for i, spec in enumerate(specs):
+    for spec in specs:
         # a directory as given is a path even with '=' in it (lang=en/); else NAME is up to the first '='
         name, eq, path = ("", "", spec) if os.path.isdir(spec) or "=" not in spec else spec.partition("=")
         if eq and not name:
             raise ValueError(f"--data {spec}: an empty name before '='")
         if not os.path.isdir(path):
             raise ValueError(f"--data {spec}: {path} is not a directory (a shard dir written by data_prep.tokenize)")
-        name = name or f"source{i}"
+        if not name:
+            name = os.path.basename(os.path.normpath(path)) or "data"
+            while name in sources:
+                name += "_"
         if name in sources:  # a dict keeps only the last: one source would silently go unevaluated
             raise ValueError(f"--data {spec}: the name {name!r} is given twice")
         sources[name] = (path, 1.0)

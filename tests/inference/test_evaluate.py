@@ -85,10 +85,26 @@ def test_perplexity_refuses_other_tokenizer_and_bad_args(setup, tmp_path):
 def test_data_dirs_with_equals_signs_and_repeated_names(tmp_path):
     hive = tmp_path / "lang=en" / "v=2"  # '=' in a directory name (partitioned datasets)
     hive.mkdir(parents=True)
-    assert parse_data([str(hive)]) == {"source0": (str(hive), 1.0)}
-    assert parse_data([f"en={hive}", str(tmp_path)]) == {"en": (str(hive), 1.0), "source1": (str(tmp_path), 1.0)}
+    assert parse_data([str(hive)]) == {"v=2": (str(hive), 1.0)}
+    assert parse_data([f"en={hive}", str(tmp_path)]) == {"en": (str(hive), 1.0), tmp_path.name: (str(tmp_path), 1.0)}
     with pytest.raises(ValueError, match="the name 'val' is given twice"):
         parse_data([f"val={hive}", f"val={tmp_path}"])
+
+
+def test_a_data_dir_without_a_name_is_named_as_the_trainer_names_it(tmp_path):
+    """--data DIR is named after its directory, as the trainer's val_loss/<source> is (two of the same name: '_'
+    added), so evaluate's "sources" and the run's metrics name a source alike. They were source0, source1, ..."""
+    from retnet_train.components.config import TrainConfig, data_sources
+
+    dirs = [tmp_path / "web" / "shards", tmp_path / "code", tmp_path / "old" / "shards", tmp_path / "code2/"]
+    for d in dirs:
+        d.mkdir(parents=True)
+    paths = [str(d) for d in dirs[:3]] + [f"{dirs[3]}/"]
+    cfg = TrainConfig()
+    cfg.data.paths = paths
+    trainer = data_sources(cfg)
+    assert list(trainer) == ["shards", "code", "shards_", "code2"]
+    assert parse_data(paths) == {name: (path, 1.0) for name, (path, _) in trainer.items()}
 
 
 def test_unknown_lm_eval_task_is_a_one_line_error(setup, monkeypatch):

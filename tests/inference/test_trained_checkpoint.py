@@ -81,7 +81,7 @@ def test_trainer_checkpoint_to_eval_generate_export(tmp_path, capsys):
     assert ours["loss"] == pytest.approx(val_loss, rel=1e-5)
     # without --seq-len: the checkpoint's data.seq_len, and the JSON says what was measured
     assert (ours["seq_len"], ours["batch_size"], ours["max_sequences"]) == (32, 2, 8)
-    assert ours["data"] == {"source0": str(tmp_path / "shards")}
+    assert ours["data"] == {"shards": str(tmp_path / "shards")}
     assert (
         generate_main(["--checkpoint", str(run_dir), "--prompt", "one two", "--max-new-tokens", "4", "--greedy"]) == 0
     )
