@@ -71,7 +71,9 @@ def test_resume_with_same_basename_paths_swapped_is_refused(tmp_path):
     assert resumed.windows == loader.windows
     with pytest.raises(ValueError) as exc:
         resumed.load_state_dict(loader.state_dict())
-    assert str(exc.value).startswith(f"data source 'web' at {paths[1]} holds other data than the checkpoint's ")
+    assert str(exc.value).startswith(
+        f"the data stream is not the checkpoint's: data source 'web' at {paths[1]} holds other data than the "
+    )
     assert str(exc.value).endswith(
         f"; data.paths={swapped.data.paths} (with data.weights, data.seed, data.seq_len) must give the checkpoint's "
         "data stream. To go on with this data from the checkpoint (weights, optimizer, schedule and step kept; each "
