@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import os
+import sys
+import warnings
 from contextlib import contextmanager
 
 from ..data import TokenLoader, build_validation_loader, plan_stream, plan_validation, sha256_file
@@ -34,18 +36,35 @@ def build_loaders(cfg: TrainConfig, vocab_size: int, dp_rank: int, dp_world: int
         )
         if not cfg.train.validates:
             return loader, None
-        val_loader = build_validation_loader(
-            sources,
-            cfg.data.seq_len,
-            cfg.train.micro_batch_size,
-            dp_rank,
-            dp_world,
-            tokenizer_sha256=tokenizer_sha,
-            vocab_size=vocab_size,
-            max_sequences=_validation_sequences(cfg, dp_world),
-            verify_checksums=cfg.data.verify_checksums,
-        )
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            val_loader = build_validation_loader(
+                sources,
+                cfg.data.seq_len,
+                cfg.train.micro_batch_size,
+                dp_rank,
+                dp_world,
+                tokenizer_sha256=tokenizer_sha,
+                vocab_size=vocab_size,
+                max_sequences=_validation_sequences(cfg, dp_world),
+                verify_checksums=cfg.data.verify_checksums,
+            )
+    _warn_once(caught)
     return loader, val_loader
+
+
+def _warn_once(caught: list) -> None:
+    """The validation loader's warnings (a source left out of validation) as the trainer's other warnings: a
+    'warning: ...' line on stderr, from rank 0 alone (they follow from the manifests and the world size, the
+    same on every rank). Warnings of other kinds go on to Python's."""
+    import torch.distributed as dist
+
+    main = not (dist.is_available() and dist.is_initialized()) or dist.get_rank() == 0
+    for w in caught:
+        if w.category is not UserWarning:
+            warnings.warn_explicit(w.message, w.category, w.filename, w.lineno)
+        elif main:
+            print(f"warning: {w.message}", file=sys.stderr, flush=True)
 
 
 def check_data(cfg: TrainConfig, vocab_size: int, dp_world: int) -> None:

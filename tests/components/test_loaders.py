@@ -162,3 +162,27 @@ def test_a_megatron_prefix_missing_its_bin_names_the_missing_file(tmp_path):
         with pytest.raises(ManifestError) as exc:
             check()
         assert str(exc.value).endswith(expected)
+
+
+def test_a_source_left_out_of_validation_is_one_warning_line_from_rank_0(tmp_path, capsys, monkeypatch):
+    """The trainer's warning that a source is left out of validation is one 'warning: ...' line on stderr, as
+    its other warnings are, printed by rank 0 alone (it follows from the manifests and the world size). Every
+    rank printed Python's two-line form, '.../components/loaders.py:37: UserWarning: ...' and the source line."""
+    import warnings
+
+    import torch.distributed as dist
+
+    write_shard_dir(tmp_path / "web", position_tokens(1000), position_tokens(200), shard_tokens=300)
+    write_shard_dir(tmp_path / "code", position_tokens(1000), shard_tokens=300)  # no validation split
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # none is left to Python's warnings
+        _, val_loader = build_loaders(config(tmp_path / "web", tmp_path / "code"), VOCAB, 0, 1)
+    assert list(val_loader.streams) == ["web"]
+    assert capsys.readouterr().err == (
+        f"warning: data source 'code' ({tmp_path / 'code'}) has no validation split with more than 8 tokens; "
+        "it is left out of validation\n"
+    )
+    monkeypatch.setattr(dist, "is_initialized", lambda: True)
+    monkeypatch.setattr(dist, "get_rank", lambda: 1)
+    build_loaders(config(tmp_path / "web", tmp_path / "code"), VOCAB, 0, 1)
+    assert capsys.readouterr().err == ""
