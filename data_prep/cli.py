@@ -12,9 +12,18 @@ from typing import Iterator
 EXIT_INTERRUPTED = 130  # 128 + SIGINT
 
 
+class CommandParser(argparse.ArgumentParser):
+    """argparse's parser whose errors (a mistyped, unknown or missing flag) are one line naming the flag, as
+    the inference commands' are (retnet_train/inference/cli.py); argparse printed its whole usage first. The
+    status stays argparse's 2; --help shows the usage."""
+
+    def error(self, message: str):
+        self.exit(2, f"error: {message.removeprefix('argument ')} (--help lists the options)\n")
+
+
 def command_parser(name: str, doc: str | None) -> argparse.ArgumentParser:
     """The parser of `python -m data_prep.<name>`, its docstring shown as written."""
-    return argparse.ArgumentParser(
+    return CommandParser(
         prog=f"python -m data_prep.{name}", description=doc, formatter_class=argparse.RawDescriptionHelpFormatter
     )
 

@@ -22,3 +22,24 @@ def test_train_tokenizer_help_shows_its_example_and_the_newline_piece(capsys):
 def test_tokenize_help_shows_its_example_with_the_continuation(capsys):
     text = help_text(tokenize.main, capsys)
     assert "--out data/shards \\\n        --source web=corpus/web/*.jsonl" in text
+
+
+@pytest.mark.parametrize(
+    "module_name,argv,named",
+    [
+        ("tokenize", ["--tokenizer", "t.model", "--out", "o"], "the following arguments are required: --source"),
+        ("train_tokenizer", ["--vocab-size", "abc"], "--vocab-size: invalid int value: 'abc'"),
+        ("verify", ["d", "--sizes-onyl"], "unrecognized arguments: --sizes-onyl"),
+        ("sample_corpus", ["--max-bytes", "x"], "--max-bytes: invalid int value: 'x'"),
+    ],
+)
+def test_a_flag_the_parser_refuses_is_one_line_naming_it(module_name, argv, named, capsys):
+    """As the README's exit codes say of the data_prep and inference CLIs: status 2 and one line naming the
+    flag, as the inference commands print it. argparse printed the whole usage first (11 lines for tokenize)."""
+    import importlib
+
+    module = importlib.import_module(f"data_prep.{module_name}")
+    with pytest.raises(SystemExit) as stop:
+        module.main(argv)
+    assert stop.value.code == 2
+    assert capsys.readouterr().err == f"error: {named} (--help lists the options)\n"
