@@ -61,11 +61,15 @@ def bench_loader(shards: Path, seq_len: int, batch: int, seconds: float = 3.0) -
 
 def main(argv: Sequence[str] | None = None) -> None:
     p = command_parser("bench", __doc__)
-    p.add_argument("--data", default="data/sample", type=Path)
-    p.add_argument("--num-proc", type=int, default=os.cpu_count())
-    p.add_argument("--max-bytes", type=int, default=16_000_000)
-    p.add_argument("--seq-len", type=int, default=2048)
-    p.add_argument("--batch", type=int, default=8)
+    p.add_argument(
+        "--data", default="data/sample", type=Path, help="the sample corpus, built if missing (default: %(default)s)"
+    )
+    p.add_argument(
+        "--num-proc", type=int, default=os.cpu_count(), help="tokenize workers (default: one per CPU, %(default)s here)"
+    )
+    p.add_argument("--max-bytes", type=int, default=16_000_000, help="bytes of source tokenized (default: %(default)s)")
+    p.add_argument("--seq-len", type=int, default=2048, help="the loader's sequence length (default: %(default)s)")
+    p.add_argument("--batch", type=int, default=8, help="the loader's micro-batch (default: %(default)s)")
     a = p.parse_args(argv)
     build_sample(a.data, progress=False)
     bench_tokenize(a.data / "tokenizer.model", a.num_proc, a.max_bytes)

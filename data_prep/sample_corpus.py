@@ -110,10 +110,12 @@ def build_sample(
 
 def main(argv: Sequence[str] | None = None) -> None:
     p = command_parser("sample_corpus", __doc__)
-    p.add_argument("--out", default="data/sample")
-    p.add_argument("--max-bytes", type=int, default=DEFAULT_MAX_BYTES)
-    p.add_argument("--num-proc", type=int, default=None)
-    p.add_argument("--overwrite", action="store_true")
+    p.add_argument("--out", default="data/sample", help="directory of the tokenizer and shards/ (default: %(default)s)")
+    p.add_argument(
+        "--max-bytes", type=int, default=DEFAULT_MAX_BYTES, help="bytes of source files taken (default: %(default)s)"
+    )
+    p.add_argument("--num-proc", type=int, default=None, help="tokenize worker processes (default: one per CPU)")
+    p.add_argument("--overwrite", action="store_true", help="build the tokenizer and shards again where they exist")
     a = p.parse_args(argv)
     with interrupt_exits("run the same command again to resume"):
         try:

@@ -372,13 +372,21 @@ def _unreadable_parquet(files: list[Path]) -> str | None:
 
 def add_reading_args(parser, skipped_listed_in: str) -> None:
     """The options that say how the --source files are read (both data_prep commands)."""
-    parser.add_argument("--text-field", default="text")
-    parser.add_argument("--text-unit", default="document", choices=TEXT_UNITS)
+    parser.add_argument(
+        "--text-field", default="text", help="the text's key in .jsonl/.json, its column in .parquet (default: text)"
+    )
+    parser.add_argument(
+        "--text-unit",
+        default="document",
+        choices=TEXT_UNITS,
+        help="a plain-text file's documents: the whole file, each line or each paragraph (default: document)",
+    )
     parser.add_argument(
         "--on-decode-error",
         default="error",
         choices=DECODE_ERROR_ACTIONS,
-        help=f"a file that is not valid UTF-8 text: stop naming it, or skip it (listed in the {skipped_listed_in})",
+        help=f"a file that is not valid UTF-8 text: stop naming it, or skip it (listed in the {skipped_listed_in}; "
+        "default: error)",
     )
 
 

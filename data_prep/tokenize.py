@@ -302,19 +302,31 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--tokenizer", required=True, help="sentencepiece .model")
     p.add_argument("--out", required=True, help="output root; each source goes to OUT/NAME")
     add_reading_args(p, "manifest")
-    p.add_argument("--validation-fraction", type=float, default=0.005)
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--shard-tokens", type=int, default=DEFAULT_SHARD_TOKENS)
+    p.add_argument(
+        "--validation-fraction",
+        type=float,
+        default=0.005,
+        help="share of the documents in the validation split, picked by a hash of (seed, index) (default: %(default)s)",
+    )
+    p.add_argument("--seed", type=int, default=0, help="the seed of that hash (default: %(default)s)")
+    p.add_argument(
+        "--shard-tokens", type=int, default=DEFAULT_SHARD_TOKENS, help="tokens per shard file (default: %(default)s)"
+    )
     p.add_argument("--bos", action="store_true", help="also put BOS before every document")
-    p.add_argument("--num-proc", type=int, default=os.cpu_count())
+    p.add_argument(
+        "--num-proc", type=int, default=os.cpu_count(), help="worker processes (default: one per CPU, %(default)s here)"
+    )
     p.add_argument(
         "--chunk-docs",
         type=int,
         default=20_000,
-        help="documents per map call: resume granularity and peak memory (lower it for very long documents)",
+        help="documents per map call: resume granularity and peak memory (lower it for very long documents; "
+        "default: %(default)s)",
     )
     p.add_argument("--cache-dir", default=None, help="datasets cache directory")
-    p.add_argument("--overwrite", action="store_true")
+    p.add_argument(
+        "--overwrite", action="store_true", help="replace a source's earlier output (only the files it recorded)"
+    )
     return p
 
 

@@ -201,19 +201,32 @@ def main(argv: Sequence[str] | None = None) -> None:
     p.add_argument("--source", action="append", required=True, help="[NAME=]SPEC, repeatable (see data_prep.sources)")
     p.add_argument("--out", required=True, help="path of the .model file to write")
     add_reading_args(p, "card")
-    p.add_argument("--vocab-size", type=int, default=8192)
-    p.add_argument("--model-type", default="bpe", choices=MODEL_TYPES)
-    p.add_argument("--num-docs", type=int, default=100_000, help="documents sampled for training")
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--character-coverage", type=float, default=0.9995)
-    p.add_argument("--no-byte-fallback", action="store_true")
-    p.add_argument("--max-sentences", type=int, default=2_000_000, help="lines sentencepiece keeps")
-    p.add_argument("--unk-id", type=int, default=0)
-    p.add_argument("--bos-id", type=int, default=1)
-    p.add_argument("--eos-id", type=int, default=2)
-    p.add_argument("--pad-id", type=int, default=3)
+    p.add_argument("--vocab-size", type=int, default=8192, help="pieces in the vocabulary (default: %(default)s)")
+    p.add_argument(
+        "--model-type", default="bpe", choices=MODEL_TYPES, help="sentencepiece's model type (default: %(default)s)"
+    )
+    p.add_argument(
+        "--num-docs", type=int, default=100_000, help="documents sampled for training (default: %(default)s)"
+    )
+    p.add_argument("--seed", type=int, default=0, help="the seed of that sample (default: %(default)s)")
+    p.add_argument(
+        "--character-coverage",
+        type=float,
+        default=0.9995,
+        help="share of the characters the vocabulary covers; the rarest others fall back (default: %(default)s)",
+    )
+    p.add_argument(
+        "--no-byte-fallback", action="store_true", help="characters outside the vocabulary become <unk>, not bytes"
+    )
+    p.add_argument(
+        "--max-sentences", type=int, default=2_000_000, help="lines sentencepiece keeps (default: %(default)s)"
+    )
+    for piece, default in (("unk", 0), ("bos", 1), ("eos", 2), ("pad", 3)):
+        p.add_argument(
+            f"--{piece}-id", type=int, default=default, help=f"the id of {piece.upper()} (default: %(default)s)"
+        )
     p.add_argument("--cache-dir", default=None, help="datasets cache directory")
-    p.add_argument("--overwrite", action="store_true")
+    p.add_argument("--overwrite", action="store_true", help="replace an existing --out and its card")
     a = p.parse_args(argv)
     with interrupt_exits("run the same command again"):
         try:

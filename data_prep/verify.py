@@ -57,7 +57,7 @@ def verify_directory(directory: str | Path, checksums: bool = True) -> list[str]
 
 def main(argv: Sequence[str] | None = None) -> None:
     p = command_parser("verify", __doc__)
-    p.add_argument("dirs", nargs="+", type=Path)
+    p.add_argument("dirs", nargs="+", type=Path, help="a shard directory, or a root whose subdirectories are")
     p.add_argument("--sizes-only", action="store_true", help="skip the sha256 pass (fast)")
     a = p.parse_args(argv)
     bad = 0
