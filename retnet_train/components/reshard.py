@@ -190,12 +190,12 @@ def plan(
         raise ValueError(
             f"train.resume: {path} was written with deepspeed.precision={saved['precision']}, this run "
             f"has deepspeed.precision={current['precision']}: not supported "
-            + (
-                "together with a world-size or ZeRO-stage change"
-                if reshard
-                else "at ZeRO 0 (the optimizer state formats differ)"
+            + (  # the reason that holds at any world size first: the saved one would be refused again
+                "at ZeRO 0 (the optimizer state formats differ)"
                 if old_z == 0
                 else "between bf16 and another precision (DeepSpeed keeps bf16's optimizer state in other files)"
+                if shard_names
+                else "together with a world-size or ZeRO-stage change"
             )
             + f". Resume with deepspeed.precision={saved['precision']}"
         )

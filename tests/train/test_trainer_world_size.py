@@ -256,6 +256,26 @@ def test_plan_refuses(tmp_path, saved, current, key):
     assert str(tag) in str(e.value) and key in str(e.value)
 
 
+@pytest.mark.parametrize(
+    "saved,current,reason",
+    [
+        # bf16 <-> fp32 is refused at any world size: the world-size change is not what stops it
+        (L(1, 1, "bf16"), L(2, 1, "fp32"), "between bf16 and another precision"),
+        (L(2, 3, "fp32"), L(1, 3, "bf16"), "between bf16 and another precision"),
+        (L(2, 0, "bf16"), L(1, 0, "fp32"), "at ZeRO 0"),
+        # fp16 -> fp32 at the same layout loads (the same files): here the world-size change is the obstacle
+        (L(2, 2, "fp16"), L(1, 2, "fp32"), "together with a world-size or ZeRO-stage change"),
+    ],
+)
+def test_a_refused_precision_change_gives_the_reason_that_holds_at_any_world_size(tmp_path, saved, current, reason):
+    """A reason that names the world-size change would send the user to retry on the saved world size, where
+    the same precision change is refused again for another reason."""
+    tag = fake_checkpoint(tmp_path, **saved)
+    with pytest.raises(ValueError) as e:
+        plan(str(tmp_path), tag.name, current)
+    assert reason in str(e.value), str(e.value)
+
+
 def test_layout_of_a_checkpoint_without_ours_comes_from_deepspeed(tmp_path):
     tag = tmp_path / "step_00000001"
     tag.mkdir()
