@@ -36,6 +36,25 @@ def test_bad_override_names_the_key(tmp_path, override, needle):
     assert needle in proc.stderr + proc.stdout
 
 
+def test_help_says_how_to_run_and_lists_every_experiment(tmp_path):
+    """--help gave Hydra's generic text ('Powered by Hydra', the compose flags): nothing on what the
+    trainer takes, where its keys are documented or which experiments exist."""
+    proc = subprocess.run(
+        [sys.executable, "-m", "retnet_train.train", "--help"],
+        cwd=tmp_path,
+        env={**env(), "PYTHONPATH": str(REPO)},
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert proc.returncode == 0 and list(tmp_path.iterdir()) == []
+    assert proc.stdout.startswith("python -m retnet_train.train [experiment=NAME]")
+    assert "docs/training.md" in proc.stdout and "Powered by Hydra" not in proc.stdout
+    listed = next(line for line in proc.stdout.splitlines() if line.startswith("experiment: "))
+    experiments = sorted(p.stem for p in (REPO / "configs" / "experiment").glob("*.yaml"))
+    assert listed == "experiment: " + ", ".join(experiments)
+
+
 @pytest.mark.parametrize("flag", ["-m", "--multirun", "--multi", "--m", "hydra.mode=MULTIRUN", "+hydra.mode=multirun"])
 def test_hydra_multirun_is_refused_before_anything_is_written(tmp_path, flag):
     """A sweep (-m optim.lr=a,b) ran its first job only, with status 0: the trainer ends the process with
