@@ -168,36 +168,18 @@ def plan(
     p = ResumePlan(directory, tag, saved, current)
     old_ws, new_ws = saved["world_size"], current["world_size"]
     old_z, new_z = saved["zero_stage"], current["zero_stage"]
-    if old_z != new_z and {old_z, new_z} != {1, 2}:
-        why = (
-            "ZeRO 0 keeps its optimizer state unpartitioned, in another format"
-            if 0 in (old_z, new_z)
-            else "DeepSpeed 0.19.8's universal checkpoints of ZeRO 1/2 and of ZeRO 3 differ in file names, step and "
-            "optimizer-state layout, so neither loads into the other"
-        )
+    stage = _stage_refusal(old_z, new_z)
+    # the precision is judged at the stage the run can resume with: every key to set is named in one error
+    reshard = (old_z != new_z and not stage) or (old_z >= 1 and old_ws != new_ws)
+    precision = _precision_refusal(saved["precision"], current["precision"], old_z, reshard)
+    refused = [(key, why) for key, why in (("zero_stage", stage), ("precision", precision)) if why]
+    if refused:
         raise ValueError(
-            f"train.resume: {path} was written with deepspeed.zero_stage={old_z}, this run has "
-            f"deepspeed.zero_stage={new_z}: this change cannot be resumed ({why}). Resume with "
-            f"deepspeed.zero_stage={old_z} (any world size works); only 1 <-> 2 can change on resume"
-        )
-    reshard = old_z != new_z or (old_z >= 1 and old_ws != new_ws)
-    # DeepSpeed names a bf16 run's ZeRO 1-3 optimizer shards bf16_zero_pp_rank_*: another precision looks for
-    # zero_pp_rank_* (and the other way round), which are not there
-    shard_names = (saved["precision"] == "bf16") != (current["precision"] == "bf16")
-    if stored_precision(saved["precision"]) != stored_precision(current["precision"]) and (
-        reshard or old_z == 0 or shard_names
-    ):
-        raise ValueError(
-            f"train.resume: {path} was written with deepspeed.precision={saved['precision']}, this run "
-            f"has deepspeed.precision={current['precision']}: not supported "
-            + (  # the reason that holds at any world size first: the saved one would be refused again
-                "at ZeRO 0 (the optimizer state formats differ)"
-                if old_z == 0
-                else "between bf16 and another precision (DeepSpeed keeps bf16's optimizer state in other files)"
-                if shard_names
-                else "together with a world-size or ZeRO-stage change"
-            )
-            + f". Resume with deepspeed.precision={saved['precision']}"
+            f"train.resume: {path} was written with "
+            + "; and with ".join(why for _, why in refused)
+            + ". Resume with "
+            + " and ".join(f"deepspeed.{key}={saved[key]}" for key, _ in refused)
+            + ("; any world size works at the saved ZeRO stage, and only 1 <-> 2 can change on resume" if stage else "")
         )
     if old_ws != new_ws:
         p.notes.append(f"world size {old_ws} -> {new_ws}")
@@ -207,6 +189,40 @@ def plan(
     if reshard and not os.path.isdir(os.path.join(path, UNIVERSAL)) and not os.access(path, os.W_OK):
         raise ValueError(not_writable(path))
     return p
+
+
+def _stage_refusal(old_z: int, new_z: int) -> Optional[str]:
+    """Why a ZeRO stage change cannot be resumed (None: it can): any change but 1 <-> 2."""
+    if old_z == new_z or {old_z, new_z} == {1, 2}:
+        return None
+    why = (
+        "ZeRO 0 keeps its optimizer state unpartitioned, in another format"
+        if 0 in (old_z, new_z)
+        else "DeepSpeed 0.19.8's universal checkpoints of ZeRO 1/2 and of ZeRO 3 differ in file names, step and "
+        "optimizer-state layout, so neither loads into the other"
+    )
+    return (
+        f"deepspeed.zero_stage={old_z}, this run has deepspeed.zero_stage={new_z}: this change cannot be resumed "
+        + f"({why})"
+    )
+
+
+def _precision_refusal(old: str, new: str, old_z: int, reshard: bool) -> Optional[str]:
+    """Why a precision change cannot be resumed at ZeRO stage old_z (reshard: converted for another world size
+    or stage); None: it can."""
+    # DeepSpeed names a bf16 run's ZeRO 1-3 optimizer shards bf16_zero_pp_rank_*: another precision looks for
+    # zero_pp_rank_* (and the other way round), which are not there
+    shard_names = (old == "bf16") != (new == "bf16")
+    if stored_precision(old) == stored_precision(new) or not (reshard or old_z == 0 or shard_names):
+        return None
+    why = (  # the reason that holds at any world size first: the saved one would be refused again
+        "at ZeRO 0 (the optimizer state formats differ)"
+        if old_z == 0
+        else "between bf16 and another precision (DeepSpeed keeps bf16's optimizer state in other files)"
+        if shard_names
+        else "together with a world-size or ZeRO-stage change"
+    )
+    return f"deepspeed.precision={old}, this run has deepspeed.precision={new}: not supported {why}"
 
 
 def convert_to_universal(tag_dir: str) -> str:

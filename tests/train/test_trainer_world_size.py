@@ -276,6 +276,32 @@ def test_a_refused_precision_change_gives_the_reason_that_holds_at_any_world_siz
     assert reason in str(e.value), str(e.value)
 
 
+@pytest.mark.parametrize(
+    "saved,current,keys",
+    [
+        (L(2, 0, "bf16"), L(2, 1, "fp32"), ["deepspeed.zero_stage=0", "deepspeed.precision=bf16"]),
+        (L(2, 1, "bf16"), L(1, 3, "fp32"), ["deepspeed.zero_stage=1", "deepspeed.precision=bf16"]),
+        # at ZeRO 3 on 1 rank fp16 -> fp32 is a precision change with a world-size change: refused as well
+        (L(2, 3, "fp16"), L(1, 1, "fp32"), ["deepspeed.zero_stage=3", "deepspeed.precision=fp16"]),
+        # at ZeRO 3 on 2 ranks it loads: the stage alone is named
+        (L(2, 3, "fp16"), L(2, 1, "fp32"), ["deepspeed.zero_stage=3"]),
+    ],
+)
+def test_a_refused_layout_names_every_key_to_set_at_once(tmp_path, saved, current, keys):
+    """A large job learns in one start what to change: the stage and the precision the checkpoint needs on
+    this world size, not the stage first and the precision at the next start."""
+    tag = fake_checkpoint(tmp_path, **saved)
+    with pytest.raises(ValueError) as e:
+        plan(str(tmp_path), tag.name, current)
+    message = str(e.value)
+    assert str(tag) in message
+    remedy = message.split("Resume with ", 1)[1]  # what to set, after what changed and why
+    assert [k for k in ("deepspeed.zero_stage=", "deepspeed.precision=") if k in remedy] == [
+        k[: k.index("=") + 1] for k in keys
+    ]
+    assert all(key in remedy for key in keys), message
+
+
 def test_layout_of_a_checkpoint_without_ours_comes_from_deepspeed(tmp_path):
     tag = tmp_path / "step_00000001"
     tag.mkdir()
