@@ -37,7 +37,10 @@ def restore(saved):
         os.close(fd)
 
 
-def main() -> None:
+def main(run_one=None) -> None:
+    """run_one(cfg, out): what each scenario does with its TrainConfig and output directory, its return
+    value the scenario's summary; by default retnet_train.train.run(cfg). A worker script of its own
+    (trainer_helpers.run_scenarios' script) passes another."""
     import torch.distributed as dist
 
     from retnet_train.components.process_exit import exit_with
@@ -53,7 +56,8 @@ def main() -> None:
         saved = redirect(out / f"rank{rank}.stdout", out / f"rank{rank}.stderr")
         began = time.time()
         try:
-            result = {"summary": run(typed_config(compose_trainer_config(scenario["args"])))}
+            cfg = typed_config(compose_trainer_config(scenario["args"]))
+            result = {"summary": run(cfg) if run_one is None else run_one(cfg, out)}
         except Exception as e:  # noqa: BLE001 (recorded for the test, or ends the job)
             traceback.print_exc()
             result = {"error": type(e).__name__, "message": str(e)}

@@ -208,13 +208,14 @@ class Outcome:
     summary: Optional[dict]  # retnet_train.train.run's return value
 
 
-def run_scenarios(scenarios: list, nproc: int, workdir: Path, timeout: int = 600) -> dict:
+def run_scenarios(scenarios: list, nproc: int, workdir: Path, timeout: int = 600, script: str = "") -> dict:
     """Several trainer runs in ONE launch (torchrun for nproc > 1), one after another in the same
     processes (run_scenarios.py): torch's, DeepSpeed's and torchrun's start-up (~9 s for one rank,
     ~13 s for two on a 2-core CI box) is paid once instead of once per run. Each run is composed
     from its overrides as the CLI composes them and goes through retnet_train.train.run, which the
     CLI calls. scenarios: [(name, args)] or [(name, args, expected exception type name)]; returns
-    {name: Outcome}. A run that raises what it does not expect fails the launch (AssertionError)."""
+    {name: Outcome}. A run that raises what it does not expect fails the launch (AssertionError).
+    script: another worker here that calls run_scenarios.main with its own run_one."""
     spec = [
         {
             "name": name,
@@ -227,7 +228,7 @@ def run_scenarios(scenarios: list, nproc: int, workdir: Path, timeout: int = 600
     workdir.mkdir(parents=True, exist_ok=True)
     spec_file = workdir / "scenarios.json"
     spec_file.write_text(json.dumps(spec))
-    script = str(Path(__file__).resolve().parent / "run_scenarios.py")
+    script = str(Path(__file__).resolve().parent / (script or "run_scenarios.py"))
     cmd = (
         [sys.executable, script, str(spec_file)]
         if nproc == 1
