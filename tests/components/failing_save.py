@@ -2,15 +2,14 @@
 one rank, for tests under torchrun: $FAILING_SAVE = "RANK:TAG/FILE:KIND" makes rank RANK's torch.save of
 <checkpoint.dir>/TAG/FILE (an fnmatch pattern) fail as a full disk or a quota fails it: KIND OSError (the
 file cannot be created) or RuntimeError (torch's zip writer, which leaves it cut short). Every other write,
-and every other rank, is left alone. Each rank's stderr goes to $FAILING_SAVE_LOGS/rank<R>.stderr: two ranks
-printing at once to one pipe can interleave their lines."""
+and every other rank, is left alone. Each rank's stderr goes to its own file (rank_faults.run_trainer)."""
 
 import errno
 import fnmatch
 import os
-import runpy
 
 import torch
+from rank_faults import run_trainer
 
 
 def install(spec: str) -> None:
@@ -34,11 +33,5 @@ def install(spec: str) -> None:
 
 
 if __name__ == "__main__":
-    log = os.open(
-        os.path.join(os.environ["FAILING_SAVE_LOGS"], f"rank{os.environ.get('RANK', 0)}.stderr"),
-        os.O_WRONLY | os.O_CREAT | os.O_TRUNC,
-        0o644,
-    )
-    os.dup2(log, 2)
     install(os.environ["FAILING_SAVE"])
-    runpy.run_module("retnet_train.train", run_name="__main__", alter_sys=True)
+    run_trainer()

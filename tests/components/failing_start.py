@@ -2,12 +2,12 @@
 rank alone, for tests under torchrun: $FAILING_START = "RANK:KIND" makes rank RANK's look at its checkpoint dir
 (checkpoint.refuse_foreign, the first thing train.resume's check reads) fail with KIND: OSError (the directory
 cannot be read there: a mount gone or without permission on one node) or RuntimeError (a bug of that rank's own).
-Every other rank is left alone. Each rank's stderr goes to $FAILING_START_LOGS/rank<R>.stderr: two ranks printing
-at once to one pipe can interleave their lines."""
+Every other rank is left alone. Each rank's stderr goes to its own file (rank_faults.run_trainer)."""
 
 import errno
 import os
-import runpy
+
+from rank_faults import run_trainer
 
 from retnet_train.components import checkpoint
 
@@ -26,11 +26,5 @@ def install(spec: str) -> None:
 
 
 if __name__ == "__main__":
-    log = os.open(
-        os.path.join(os.environ["FAILING_START_LOGS"], f"rank{os.environ.get('RANK', 0)}.stderr"),
-        os.O_WRONLY | os.O_CREAT | os.O_TRUNC,
-        0o644,
-    )
-    os.dup2(log, 2)
     install(os.environ["FAILING_START"])
-    runpy.run_module("retnet_train.train", run_name="__main__", alter_sys=True)
+    run_trainer()

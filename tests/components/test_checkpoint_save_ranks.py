@@ -3,17 +3,13 @@ with one write of rank 1 failing (failing_save.py). Every rank stops with the sa
 and rank 1, printed by rank 0 alone (rank 1 points at it), and the launch ends at once: rank 0 waited in the
 save's next collective until torchrun killed it, printing nothing."""
 
-import subprocess
-import sys
-import time
 from pathlib import Path
 
 import pytest
+from rank_faults import launch_two_ranks  # (puts tests/train on the path first)
+from trainer_helpers import make_shards, overrides
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "train"))
-from trainer_helpers import REPO, env, make_shards, overrides  # noqa: E402
-
-from retnet_train.components import checkpoint_discovery as discovery  # noqa: E402
+from retnet_train.components import checkpoint_discovery as discovery
 
 WRAPPER = Path(__file__).resolve().parent / "failing_save.py"
 POINTER = "error: rank 1: the same error as rank 0, which prints it"
@@ -43,34 +39,17 @@ def test_a_save_failing_on_rank_1_alone_stops_every_rank_with_the_same_error(sha
     args = overrides(
         shards, run, **{"train.max_steps": 2, "checkpoint.interval": 1, "deepspeed.zero_stage": zero_stage}
     )
-    torchrun = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2"]
-    began = time.monotonic()
-    proc = subprocess.run(
-        [*torchrun, str(WRAPPER), *args],
-        cwd=REPO,
-        # (the wrapper's own directory comes first on its sys.path: this checkout's package next)
-        env={
-            **env(),
-            "FAILING_SAVE": f"1:step_00000002/{fault}",
-            "FAILING_SAVE_LOGS": str(tmp_path),
-            "PYTHONPATH": str(REPO),
-        },
-        capture_output=True,
-        text=True,
-        timeout=300,
-    )
-    took = time.monotonic() - began
-    ranks = [(tmp_path / f"rank{rank}.stderr").read_text() for rank in (0, 1)]
-    output = "".join(f"--- rank {rank}:\n{text}" for rank, text in enumerate(ranks)) + proc.stdout + proc.stderr
+    fault = {"FAILING_SAVE": f"1:step_00000002/{fault}"}
+    done = launch_two_ranks(WRAPPER, args, fault, tmp_path, timeout=300)
+    errors, output = done.errors, done.output
     ckpts = run / "checkpoints"
     tag_dir = ckpts / "step_00000002"
     line = f"error: {tag_dir}: saving the checkpoint failed on rank 1 ({why.format(tag_dir=tag_dir)}"
-    errors = [[text for text in rank.splitlines() if text.startswith("error: ")] for rank in ranks]
     assert len(errors[0]) == 1 and errors[1] == [POINTER], output  # the same on every rank: printed by rank 0
     (error,) = errors[0]
     assert error.startswith(line), output
     assert error.endswith(f" at step 2; the last checkpoint is {ckpts / 'step_00000001'}"), output
-    assert proc.returncode != 0
-    assert took < 120, output  # no rank waited for the collectives' timeout (30 min) or torchrun's kill
+    assert done.proc.returncode != 0
+    assert done.seconds < 120, output  # no rank waited for the collectives' timeout (30 min) or torchrun's kill
     assert discovery.choose(str(ckpts)).tag == "step_00000001"  # what the same command resumes from
     assert not discovery.is_complete(str(ckpts), "step_00000002")
