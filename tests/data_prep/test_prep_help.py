@@ -2,6 +2,7 @@
 line continuation, and the text names the newline piece as "\\n"."""
 
 import pytest
+from cli_help import assert_every_option_documented
 
 from data_prep import tokenize, train_tokenizer
 
@@ -51,29 +52,4 @@ def test_every_option_says_what_it_does_and_its_default(module_name, monkeypatch
     gives it. 27 options had no help (tokenize's --validation-fraction, --seed, --shard-tokens, --num-proc,
     train_tokenizer's --vocab-size, --seed, the special ids, sample_corpus's all four, ...), and --num-docs,
     --max-sentences, --chunk-docs and --on-decode-error did not give their defaults."""
-    import argparse
-    import importlib
-
-    class Parsed(Exception):
-        pass
-
-    caught = {}
-
-    def catch(self, *args, **kwargs):
-        caught["parser"] = self
-        raise Parsed
-
-    monkeypatch.setattr(argparse.ArgumentParser, "parse_args", catch)
-    with pytest.raises(Parsed):
-        importlib.import_module(f"data_prep.{module_name}").main([])
-    for action in caught["parser"]._actions:
-        if isinstance(action, argparse._HelpAction):
-            continue
-        name = "/".join(action.option_strings) or action.dest
-        assert action.help, f"data_prep.{module_name} {name}: no help"
-        if action.default not in (None, False, [], argparse.SUPPRESS):
-            shown = action.help % {"default": action.default} if "%(default)" in action.help else action.help
-            as_int = f"{action.default:,}" if isinstance(action.default, int) else None
-            assert "default" in shown and (str(action.default) in shown or as_int in shown), (
-                f"data_prep.{module_name} {name}: its help does not give its default {action.default!r}: {shown!r}"
-            )
+    assert_every_option_documented(f"data_prep.{module_name}", monkeypatch)
