@@ -13,6 +13,8 @@ from pathlib import Path
 # trainer_helpers (the tests' shards and overrides, the launch's environment) lives in tests/train
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "train"))
 LOGS = "RANK_FAULT_LOGS"  # where each rank's stderr goes: <dir>/rank<R>.stderr
+# what rank 1 prints where rank 0 prints the error they share
+POINTER = "error: rank 1: the same error as rank 0, which prints it"
 
 
 def run_trainer() -> None:

@@ -6,13 +6,12 @@ save's next collective until torchrun killed it, printing nothing."""
 from pathlib import Path
 
 import pytest
-from rank_faults import launch_two_ranks  # (puts tests/train on the path first)
+from rank_faults import POINTER, launch_two_ranks  # (puts tests/train on the path first)
 from trainer_helpers import make_shards, overrides
 
 from retnet_train.components import checkpoint_discovery as discovery
 
 WRAPPER = Path(__file__).resolve().parent / "failing_save.py"
-POINTER = "error: rank 1: the same error as rank 0, which prints it"
 
 
 @pytest.fixture(scope="module")

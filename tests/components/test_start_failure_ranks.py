@@ -6,11 +6,10 @@ rank 0 alone: rank 0 waited in the check's collective until torchrun killed it, 
 from pathlib import Path
 
 import pytest
-from rank_faults import launch_two_ranks  # (puts tests/train on the path first)
+from rank_faults import POINTER, launch_two_ranks  # (puts tests/train on the path first)
 from trainer_helpers import make_shards, overrides
 
 WRAPPER = Path(__file__).resolve().parent / "failing_start.py"
-POINTER = "error: rank 1: the same error as rank 0, which prints it"
 
 
 @pytest.fixture(scope="module")
