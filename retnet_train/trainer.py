@@ -92,12 +92,12 @@ class Trainer:
         self.state = TrainState(faults=faults)
 
         self.resolved = resolved_config(cfg)
-        # before anything is written: refuses to clobber, or another data stream (before a conversion writes)
+        # before anything is written: refuses to clobber; then what it refuses of the checkpoint, all in one error
         self.source = agreed_resume(cfg.train.resume, self.ckpt, self.resolved, self.world)
-        saved = agreed_parts(self.source, self.stateful, self.world)  # (a file it cannot read names self.source)
+        saved, refused = agreed_parts(self.source, self.stateful, self.world)  # (another data stream: refused below)
         self.layout = run_layout(cfg, self.world)
-        groups = cfg.optim.no_decay_embeddings  # another world size / ZeRO: converted; other model or groups: refused
-        self.plan = prepare_resume(self.source, self.layout, self.rank, dict(cfg.model), groups, saved)
+        groups = cfg.optim.no_decay_embeddings  # another world size / ZeRO: converted; other model/groups/data: refused
+        self.plan = prepare_resume(self.source, self.layout, self.rank, dict(cfg.model), groups, saved, refused)
         universal = bool(self.plan and self.plan.universal)
         self.engine, self.scheduler = build_engine(self.model, cfg, self.accum, self.world, self.device, universal)
 

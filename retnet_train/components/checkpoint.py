@@ -63,11 +63,11 @@ def load_parts(client: Mapping, parts: Mapping[str, Stateful], origin: str) -> N
             raise ValueError(f"train.resume: {origin}: {name}: {e}") from None
 
 
-def check_parts(source: Optional[tuple], parts: Mapping[str, Stateful]) -> Optional[dict]:
+def check_parts(source: Optional[tuple], parts: Mapping[str, Stateful], refused: Optional[list] = None):
     """What load_parts would refuse of checkpoint `source` ((directory, tag); None: no resume), raised before
-    the resume converts the checkpoint for another layout or writes anything. A part checks its entry only
-    where it has a check_state (the data loader: another data stream). Returns the model states read (for
-    the resume plan), None without a checkpoint."""
+    the resume converts the checkpoint for another layout or writes anything, or added to `refused` (the resume
+    plan names them with its own in one error). A part checks its entry only where it has a check_state (the
+    data loader: another data stream). Returns the model states read (for the plan), None without a checkpoint."""
     if source is None:
         return None
     path = os.path.join(*source)
@@ -81,7 +81,9 @@ def check_parts(source: Optional[tuple], parts: Mapping[str, Stateful]) -> Optio
         try:
             getattr(part, "check_state", lambda _: None)(client[name])
         except ValueError as e:
-            raise ValueError(f"train.resume: {path}: {name}: {e}") from None
+            if refused is None:
+                raise ValueError(f"train.resume: {path}: {name}: {e}") from None
+            refused.append(f"train.resume: {path}: {name}: {e}")
     return state
 
 
@@ -171,10 +173,10 @@ def agreed_resume(resume: str, manager: "CheckpointManager", config: dict, world
     return agreed_on_every_rank(lambda: resolve_resume(resume, manager, config), world, what)
 
 
-def agreed_parts(source: Optional[tuple], parts: Mapping[str, Stateful], world: int) -> Optional[dict]:
-    """check_parts on every rank (a collective), its refusal (another data stream) printed once as above."""
-    what = f"reading the checkpoint {os.path.join(*source) if source else None} to resume"
-    return agreed_on_every_rank(lambda: check_parts(source, parts), world, what)
+def agreed_parts(source: Optional[tuple], parts: Mapping[str, Stateful], world: int) -> tuple:
+    """check_parts on every rank (a collective): (the model states read, what it refused: the plan raises it)."""
+    what, refused = f"reading the checkpoint {os.path.join(*source) if source else None} to resume", []
+    return agreed_on_every_rank(lambda: check_parts(source, parts, refused), world, what), refused
 
 
 def _saved_config(tag_dir: str) -> Optional[dict]:

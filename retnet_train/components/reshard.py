@@ -34,7 +34,7 @@ import socket
 import sys
 import types
 from dataclasses import dataclass, field
-from typing import Optional
+from typing import Optional, Sequence
 
 import torch
 import torch.distributed as dist
@@ -105,33 +105,35 @@ class ResumePlan:
         return (self.path, UNIVERSAL) if self.universal else (self.directory, self.tag)
 
 
-def refuse_model_change(path: str, state: dict, model: dict) -> None:
+def model_change_refusal(path: str, state: dict, model: dict) -> Optional[str]:
     """A resume under model settings that change what the weights compute (n_heads, norm_eps, ... with
-    shapes that may still fit) would train another model from step N on: refused, naming what changed."""
+    shapes that may still fit) would train another model from step N on: why it is refused, naming what
+    changed (None: no such change)."""
     from ..model.config import function_changes
 
     saved = (state.get("config") or {}).get("model")
     if not isinstance(saved, dict):
-        return  # not written by this trainer: the weights' shapes are all there is to check
+        return None  # not written by this trainer: the weights' shapes are all there is to check
     try:
         changed = function_changes(saved, model)
     except ValueError:
-        return  # settings of another version of this code; the weights' load names any misfit
-    if changed:
-        raise ValueError(
-            f"train.resume: {path} was trained with other model settings ({'; '.join(f'model.{c}' for c in changed)}): "
-            "the weights would compute another function. Resume with the checkpoint's model settings; to start "
-            f"a new run from these weights (where the shapes fit): a new run.dir with train.init_weights={path}"
-        )
+        return None  # settings of another version of this code; the weights' load names any misfit
+    if not changed:
+        return None
+    return (
+        f"train.resume: {path} was trained with other model settings ({'; '.join(f'model.{c}' for c in changed)}): "
+        "the weights would compute another function. Resume with the checkpoint's model settings; to start "
+        f"a new run from these weights (where the shapes fit): a new run.dir with train.init_weights={path}"
+    )
 
 
-def refuse_decay_group_change(path: str, state: dict, no_decay_embeddings: bool) -> None:
+def decay_group_refusal(path: str, state: dict, no_decay_embeddings: bool) -> Optional[str]:
     """optim.no_decay_embeddings moves the embedding between the optimizer's two param groups, whose saved
-    moments would not fit them (torch and DeepSpeed refuse that without naming the key)."""
+    moments would not fit them (torch and DeepSpeed refuse that without naming the key): why it is refused."""
     saved = ((state.get("config") or {}).get("optim") or {}).get("no_decay_embeddings")
     if saved is None or bool(saved) == no_decay_embeddings:
-        return  # not written by this trainer, or unchanged
-    raise ValueError(
+        return None  # not written by this trainer, or unchanged
+    return (
         f"train.resume: {path} was trained with optim.no_decay_embeddings={bool(saved)}, this run has "
         f"{no_decay_embeddings}: the optimizer state is saved per weight-decay group and does not fit other groups. "
         f"Resume with optim.no_decay_embeddings={bool(saved)}; to start a new run from these weights (fresh "
@@ -153,17 +155,20 @@ def plan(
     model: Optional[dict] = None,
     state: Optional[dict] = None,
     no_decay_embeddings: Optional[bool] = None,
+    refused: Sequence[str] = (),
 ) -> ResumePlan:
     """Decide how to load <directory>/<tag> into a run of layout `current` (and model settings `model`,
-    optim.no_decay_embeddings, when given); raise ValueError if it cannot be. `state`: its model_states,
+    optim.no_decay_embeddings, when given); raise ValueError if it cannot be, naming every reason at once
+    with `refused` (what the caller's own checks refused: another data stream). `state`: its model_states,
     when the caller has read them."""
     path = os.path.join(directory, tag)
     state = read_model_states(path) if state is None else state
-    refuse_separate_projections(path, state)
-    if model is not None:
-        refuse_model_change(path, state, model)
-    if no_decay_embeddings is not None:
-        refuse_decay_group_change(path, state, no_decay_embeddings)
+    refuse_separate_projections(path, state)  # not this model's format: nothing else to compare
+    refusals = [
+        model_change_refusal(path, state, model) if model is not None else None,
+        decay_group_refusal(path, state, no_decay_embeddings) if no_decay_embeddings is not None else None,
+        *refused,
+    ]
     saved = checkpoint_layout(path, state)
     p = ResumePlan(directory, tag, saved, current)
     old_ws, new_ws = saved["world_size"], current["world_size"]
@@ -172,13 +177,13 @@ def plan(
     # the precision is judged at the stage the run can resume with: every key to set is named in one error
     reshard = (old_z != new_z and not stage) or (old_z >= 1 and old_ws != new_ws)
     precision = _precision_refusal(saved["precision"], current["precision"], old_z, reshard)
-    refused = [(key, why) for key, why in (("zero_stage", stage), ("precision", precision)) if why]
-    if refused:
-        raise ValueError(
+    layout = [(key, why) for key, why in (("zero_stage", stage), ("precision", precision)) if why]
+    if layout:
+        refusals.append(
             f"train.resume: {path} was written with "
-            + "; and with ".join(why for _, why in refused)
+            + "; and with ".join(why for _, why in layout)
             + ". Resume with "
-            + " and ".join(f"deepspeed.{key}={saved[key]}" for key, _ in refused)
+            + " and ".join(f"deepspeed.{key}={saved[key]}" for key, _ in layout)
             + ("; any world size works at the saved ZeRO stage, and only 1 <-> 2 can change on resume" if stage else "")
         )
     if old_ws != new_ws:
@@ -187,8 +192,25 @@ def plan(
         p.notes.append(f"ZeRO stage {old_z} -> {new_z}")
     p.universal = reshard
     if reshard and not os.path.isdir(os.path.join(path, UNIVERSAL)) and not os.access(path, os.W_OK):
-        raise ValueError(not_writable(path))
+        refusals.append(not_writable(path))
+    refuse_at_once(path, [why for why in refusals if why])
     return p
+
+
+def refuse_at_once(path: str, refusals: list) -> None:
+    """Every refusal of a resume in one error (one alone as it is): a large job learns in one start, before
+    anything is written or converted, every setting to set back, rather than one per queue wait."""
+    if len(refusals) <= 1:
+        if refusals:
+            raise ValueError(refusals[0])
+        return
+    head = f"train.resume: {path}"
+    whys = [why[len(head) :].lstrip(": ") if why.startswith(head) else why for why in refusals]
+    whys = [f"it {why}" if why.startswith(("was ", "must ")) else why for why in whys]
+    raise ValueError(
+        f"{head} cannot be resumed with this config, for {len(whys)} reasons (the checkpoint is left as it is): "
+        + " ".join(f"({n}) {why}." for n, why in enumerate(whys, 1))
+    )
 
 
 def _stage_refusal(old_z: int, new_z: int) -> Optional[str]:
@@ -297,9 +319,11 @@ def prepare_resume(
     model: Optional[dict] = None,
     no_decay_embeddings: Optional[bool] = None,
     state: Optional[dict] = None,
+    refused: Sequence[str] = (),
 ) -> Optional[ResumePlan]:
     """The ResumePlan for resolve_resume's (directory, tag), converting on rank 0 where needed; `state`: its
-    model states, when the caller has read them.
+    model states, when the caller has read them; `refused`: what the checks before it refused, named with
+    the plan's own refusals in one error (plan).
 
     Collective: every rank calls it (before deepspeed.initialize). The wait for rank 0's
     conversion uses a gloo group with a long timeout, so a slow conversion of a large
@@ -310,7 +334,7 @@ def prepare_resume(
     # what plan() refuses (the checkpoint against this run's config) is the same on every rank: rank 0 prints it
     world = dist.get_world_size() if dist.is_initialized() else 1
     what = f"reading the checkpoint {os.path.join(*source)} to resume"
-    p = agreed_on_every_rank(lambda: plan(*source, current, model, state, no_decay_embeddings), world, what)
+    p = agreed_on_every_rank(lambda: plan(*source, current, model, state, no_decay_embeddings, refused), world, what)
     if not p.universal:
         return p
     error = None

@@ -74,3 +74,24 @@ def test_a_change_of_which_parameters_decay_is_refused(tmp_path):
     )
     plan(str(tmp_path), tag.name, LAYOUT, TINY, no_decay_embeddings=True)  # unchanged: resumes
     plan(str(tmp_path), tag.name, LAYOUT, TINY)  # not given: not checked
+
+
+def test_every_refusal_of_the_plan_is_named_at_once(tmp_path):
+    """Model settings, weight-decay groups, what the caller refused (another data stream) and the layout, in one
+    error: each as it would be alone, numbered; one refusal alone is as it was."""
+    tag = checkpoint(tmp_path, model={**TINY, "n_heads": 2}, layout={**LAYOUT, "zero_stage": 0, "precision": "bf16"})
+    data = f"train.resume: {tag}: data_loader: the data stream is not the checkpoint's: data.seed: 1 -> 7"
+    with pytest.raises(ValueError) as e:
+        plan(str(tmp_path), tag.name, {**LAYOUT, "precision": "fp32"}, {**TINY, "n_heads": 4}, refused=[data])
+    message = str(e.value)
+    assert message.startswith(f"train.resume: {tag} cannot be resumed with this config, for 3 reasons"), message
+    assert "(1) it was trained with other model settings (model.n_heads: 2 -> 4)" in message
+    assert "(2) data_loader: the data stream is not the checkpoint's: data.seed: 1 -> 7." in message
+    assert "(3) it was written with deepspeed.zero_stage=0" in message
+    assert message.endswith(
+        "Resume with deepspeed.zero_stage=0 and deepspeed.precision=bf16; any world size works "
+        "at the saved ZeRO stage, and only 1 <-> 2 can change on resume."
+    )
+    with pytest.raises(ValueError) as e:
+        plan(str(tmp_path), tag.name, {**LAYOUT, "zero_stage": 0, "precision": "bf16"}, TINY, refused=[data])
+    assert str(e.value) == data
