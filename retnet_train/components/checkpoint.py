@@ -167,8 +167,8 @@ def resolve_resume(resume: str, manager: "CheckpointManager", config: Optional[d
 
 def agreed_resume(resume: str, manager: "CheckpointManager", config: dict, world: int):
     """resolve_resume on every rank (a collective): what it refuses (the checkpoint dir, the checkpoint) comes
-    from files every rank reads alike, so with several ranks every rank raises the first rank's refusal, which
-    rank 0 alone prints (distributed.agreed_on_every_rank), and any other failure names the ranks it met."""
+    from files every rank reads alike, so with several ranks every rank raises it (naming the ranks where they
+    differ), printed by rank 0 alone (distributed.agreed_on_every_rank); any other failure names the ranks it met."""
     what = f"checking checkpoint.dir={manager.dir} and train.resume={resume}"
     return agreed_on_every_rank(lambda: resolve_resume(resume, manager, config), world, what)
 

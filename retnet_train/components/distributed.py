@@ -106,9 +106,10 @@ def on_every_rank(
     """compute() on every rank of a world of `world` ranks, then every rank's result, in rank order, on every rank
     (one collective). What compute raised on some ranks is raised on every rank alike, where a rank raising alone
     would leave the others waiting for it in their next collective until the launcher kills them; rank 0 alone
-    prints it (rank_errors.SharedError): a ValueError (a refusal) as the first one's SameOnEveryRank; any other
-    Exception as failure('rank 1 (why)' or 'ranks 0, 1 (rank 0: why; rank 1: why)', each why from
-    describe(exception): its type and message unless given), chained from this rank's own. KeyboardInterrupt and
+    prints it (rank_errors.SharedError): a ValueError (a refusal) as a SameOnEveryRank, as it is where every rank
+    raised it alike, else naming which ranks raised which (_refusals); any other Exception as failure('rank 1
+    (why)' or 'ranks 0, 1 (rank 0: why; rank 1: why)', each why from describe(exception): its type and message
+    unless given), chained from this rank's own. KeyboardInterrupt and
     SystemExit pass through at once: Ctrl-C reaches every rank, and a rank that exits ends the launch. Alone
     (world 1), what compute raises is raised as it is."""
     if world == 1:
@@ -122,9 +123,9 @@ def on_every_rank(
         why, error = describe(e), e
     everyone = [None] * world
     dist.all_gather_object(everyone, (result, refusal, why))
-    refusals = [refusal for _, refusal, _ in everyone if refusal]
+    refusals = [(rank, refusal) for rank, (_, refusal, _) in enumerate(everyone) if refusal]
     if refusals:
-        raise SameOnEveryRank(refusals[0]) from error
+        raise SameOnEveryRank(_refusals(refusals, world)) from error
     failed = [(rank, why) for rank, (_, _, why) in enumerate(everyone) if why]
     if failed:
         raise failure(_ranks_and_why(failed)) from error
@@ -141,11 +142,36 @@ def agreed_on_every_rank(compute: Callable[[], T], world: int, what: str) -> T:
 def _ranks_and_why(failed: List[Tuple[int, str]]) -> str:
     """'rank 1 (why)', or 'ranks 0, 1 (rank 0: why; rank 1: why)' (the first 3 reasons), 'ranks 0, 1 (why)' where
     every rank's is the same; the first 16 ranks."""
-    ranks = ", ".join(str(rank) for rank, _ in failed[:16]) + (f" and {len(failed) - 16} more" * (len(failed) > 16))
+    ranks = _rank_list([rank for rank, _ in failed])
     if len({why for _, why in failed}) == 1:
-        return f"rank{'s' * (len(failed) > 1)} {ranks} ({failed[0][1]})"
+        return f"{ranks} ({failed[0][1]})"
     reasons = "; ".join(f"rank {rank}: {why}" for rank, why in failed[:3]) + "; ..." * (len(failed) > 3)
-    return f"ranks {ranks} ({reasons})"
+    return f"{ranks} ({reasons})"
+
+
+def _refusals(refused: List[Tuple[int, str]], world: int) -> str:
+    """The refusal every rank raised alike, as it is. Else which ranks raised which (a file one rank reads damaged
+    is not every rank's refusal): 'rank 1 refused (rank 0 did not): why', or 'ranks 0, 1 refused differently (rank
+    0: why; rank 1: why)', ranks of one message together (the first 3 messages)."""
+    if len(refused) == world and len({why for _, why in refused}) == 1:
+        return refused[0][1]
+    groups: dict = {}  # message -> its ranks, in rank order
+    for rank, why in refused:
+        groups.setdefault(why, []).append(rank)
+    others = sorted(set(range(world)) - {rank for rank, _ in refused})
+    rest = f" ({_rank_list(others)} did not)" if others else ""
+    ranks = _rank_list([rank for rank, _ in refused])
+    if len(groups) == 1:
+        return f"{ranks} refused{rest}: {refused[0][1]}"
+    shown = list(groups.items())[:3]
+    reasons = "; ".join(f"{_rank_list(rs)}: {why}" for why, rs in shown) + "; ..." * (len(groups) > 3)
+    return f"{ranks} refused differently{rest} ({reasons})"
+
+
+def _rank_list(ranks: List[int]) -> str:
+    """'rank 1', 'ranks 0, 1', the first 16 ranks: 'ranks 0, ..., 15 and 3 more'."""
+    more = f" and {len(ranks) - 16} more" * (len(ranks) > 16)
+    return f"rank{'s' * (len(ranks) > 1)} " + ", ".join(str(rank) for rank in ranks[:16]) + more
 
 
 def all_reduce_step(

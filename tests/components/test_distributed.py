@@ -92,10 +92,45 @@ def test_what_failed_on_several_ranks_is_raised_on_every_rank_naming_them(monkey
     )
     assert isinstance(raised.value.__cause__, OSError)  # this rank's own, chained
     others[2] = (None, "checkpoint.dir=/c holds step_3, which this trainer did not write", None)
-    with pytest.raises(SameOnEveryRank, match="^checkpoint.dir=/c holds step_3"):  # a refusal: printed once
+    with pytest.raises(SameOnEveryRank) as raised:  # a refusal: printed once, naming the rank that raised it
         on_every_rank(lambda: 5, 4, describe, OSError)
+    assert str(raised.value) == (
+        "rank 2 refused (ranks 0, 1, 3 did not): checkpoint.dir=/c holds step_3, which this trainer did not write"
+    )
     others[2] = (7, None, None)
     assert on_every_rank(lambda: 5, 4, describe, OSError) == [5, None, 7, None]
+
+
+def test_refusals_that_differ_between_ranks_name_the_ranks_of_each(monkeypatch):
+    """on_every_rank: one refusal every rank raised is raised as it is; refusals that differ name which ranks
+    raised which, the ranks of one message together."""
+    from retnet_train.components.distributed import on_every_rank
+
+    def refuse(why):
+        def refusing():
+            raise ValueError(why)
+
+        return refusing
+
+    others = {}
+
+    def all_gather_object(out, mine):  # rank 0 of 4, ranks 1-3 as given
+        out[:] = [mine, *others.values()]
+
+    monkeypatch.setattr(distributed.dist, "all_gather_object", all_gather_object)
+    others.update({1: (None, "A", None), 2: (None, "A", None), 3: (None, "A", None)})
+    with pytest.raises(SameOnEveryRank, match="^A$"):
+        on_every_rank(refuse("A"), 4)
+    others[2] = (None, "B", None)
+    with pytest.raises(
+        SameOnEveryRank, match=r"^ranks 0, 1, 2, 3 refused differently \(ranks 0, 1, 3: A; rank 2: B\)$"
+    ):
+        on_every_rank(refuse("A"), 4)
+    others[3] = (None, None, "OSError: gone")
+    with pytest.raises(
+        SameOnEveryRank, match=r"^ranks 1, 2 refused differently \(ranks 0, 3 did not\) \(rank 1: A; rank 2: B\)$"
+    ):
+        on_every_rank(lambda: 5, 4)
 
 
 def test_any_failure_of_a_check_at_start_on_one_rank_is_raised_on_every_rank(monkeypatch):
