@@ -14,8 +14,8 @@ it measured); --precision bf16-mixed gives them the plain loop's autocast, and -
 transformer_pp from the llama loop's initial weights. A model can carry preset overrides:
 `retnet:document_masking=false`.
 
-Writes OUT/runs/<model>/ (the trainer's run directory: metrics.jsonl, config.yaml), OUT/quality.jsonl
-(a JSON line per model: validation loss at the end, tokens/s, parameters, ...), OUT/quality.md
+Writes OUT/runs/<model>/ (metrics.jsonl; config.yaml too where the trainer ran it, not for llama),
+OUT/quality.jsonl (a JSON line per model: validation loss at the end, tokens/s, parameters, ...), OUT/quality.md
 (the same as a markdown table) and OUT/curves.png (retnet_train.plot). Each run adds or replaces its
 models' rows and keeps the others', so the models can be trained in separate invocations; the
 table and plot always cover every row. Each row is also printed as a JSON line.
