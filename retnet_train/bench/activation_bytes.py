@@ -105,25 +105,41 @@ def build_parser() -> argparse.ArgumentParser:
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     p.add_argument(
-        "--preset", default="1.3b", help="configs/model/<preset>.yaml; the Transformer uses transformer_<preset>"
+        "--preset",
+        default="1.3b",
+        help="configs/model/<preset>.yaml; the Transformer uses transformer_<preset> (default: %(default)s)",
     )
     p.add_argument(
         "--models",
         default="retnet,transformer",
-        help="comma list of retnet, transformer; each may add preset overrides: retnet@chunk_size=256",
+        help="comma list of retnet, transformer; each may add preset overrides: retnet@chunk_size=256 "
+        "(default: %(default)s)",
     )
-    p.add_argument("--seq-len", type=count(1), default=8192)
-    p.add_argument("--micro-batch", type=count(1), default=1)
+    p.add_argument("--seq-len", type=count(1), default=8192, help="tokens per sequence (default: %(default)s)")
+    p.add_argument("--micro-batch", type=count(1), default=1, help="sequences per forward (default: %(default)s)")
     p.add_argument("--compile", action="store_true", help="torch.compile each block as the trainer does")
-    p.add_argument("--activation-memory-budget", type=float, default=1.0, help="with --compile: torch's budget")
-    p.add_argument("--backend", default="auto", choices=RETENTION_BACKENDS, help="RetNet retention backend")
+    p.add_argument(
+        "--activation-memory-budget",
+        type=float,
+        default=1.0,
+        help="with --compile: torch's budget (default: %(default)s)",
+    )
+    p.add_argument(
+        "--backend", default="auto", choices=RETENTION_BACKENDS, help="RetNet retention backend (default: %(default)s)"
+    )
     p.add_argument(
         "--activation-checkpointing",
         default="none",
         choices=("none", "selective"),
-        help="with --compile: selective recomputes RetNet's projections + retention core (in the compiled block)",
+        help="with --compile: selective recomputes RetNet's projections + retention core (in the compiled block)"
+        " (default: %(default)s)",
     )
-    p.add_argument("--doc-len", type=count(0), default=0, help="mean document length for doc_starts (0: none)")
+    p.add_argument(
+        "--doc-len",
+        type=count(0),
+        default=0,
+        help="mean document length for doc_starts, 0: none (default: %(default)s)",
+    )
     p.add_argument("--cpu", action="store_true", help="run on CPU (bf16 as on GPU)")
     return p
 

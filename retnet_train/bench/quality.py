@@ -36,6 +36,7 @@ from pathlib import Path
 from typing import Sequence
 
 from ..components.validation import perplexity
+from .quality_args import MODELS, build_parser
 from .quality_report import (
     PLOT_FILE,
     ROWS_FILE,
@@ -46,15 +47,6 @@ from .quality_report import (
     merge_rows,
     write_outputs,
 )
-
-MODELS = {  # name: (model preset, with {size}; the table's description)
-    "retnet": ("{size}", "RetNet, the paper's block"),
-    "retnet_fla": ("retnet_fla_{size}", "RetNet, fla-style block (RMSNorm, SwiGLU)"),
-    "transformer": ("transformer_{size}", "Transformer twin (LayerNorm, GELU MLP, torchscale init)"),
-    "transformer_pp": ("transformer_pp_{size}", "Transformer++ (RMSNorm, SwiGLU, RoPE, normal init std 0.02)"),
-    "llama": ("transformer_pp_{size}", "Hugging Face LlamaForCausalLM (init std 0.02), plain torch loop"),
-}
-DEFAULT_MODELS = ("retnet", "transformer", "transformer_pp", "llama")
 
 
 @dataclass
@@ -259,83 +251,8 @@ def bench(s: Settings, models: Sequence[ModelSpec], out: Path, overwrite: bool =
 
 
 def parse_args(argv: Sequence[str] | None) -> tuple[Settings, argparse.Namespace]:
-    a = build_parser().parse_args(argv)
+    a = build_parser(__doc__).parse_args(argv)
     return settings_from(a), a
-
-
-def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(
-        prog="python -m retnet_train.bench.quality",
-        description=__doc__,
-        formatter_class=argparse.RawDescriptionHelpFormatter,
-    )
-    _add_inputs(p)
-    _add_schedule(p)
-    _add_numerics(p)
-    _add_run_options(p)
-    return p
-
-
-def _add_inputs(p: argparse.ArgumentParser) -> None:
-    """Data, output and which models at which size."""
-    p.add_argument("--data", nargs="+", required=True, help="shard directories (data_prep.tokenize's OUT/NAME)")
-    p.add_argument("--tokenizer", default=None, help="the shards' tokenizer.model (checked against their manifest)")
-    p.add_argument("--out", required=True, help="output directory (runs/, quality.jsonl, quality.md, curves.png)")
-    p.add_argument(
-        "--models",
-        nargs="+",
-        default=list(DEFAULT_MODELS),
-        help=f"from {list(MODELS)}, each optionally NAME:key=value,... (model preset overrides)",
-    )
-    p.add_argument("--size", default="125m", help="preset size: tiny, 125m, 1.3b, ...")
-
-
-def _add_schedule(p: argparse.ArgumentParser) -> None:
-    """Tokens, batch, learning rate and evaluation: the same for every model."""
-    p.add_argument("--tokens", type=float, default=50e6, help="training tokens per model (rounded down to steps)")
-    p.add_argument("--seq-len", type=int, default=2048)
-    p.add_argument("--batch-tokens", type=int, default=262_144, help="tokens per optimizer step")
-    p.add_argument("--micro-batch", type=int, default=32, help="sequences per forward")
-    p.add_argument("--lr", type=float, default=1e-3)
-    p.add_argument("--warmup-steps", type=int, default=40)
-    p.add_argument("--min-lr-ratio", type=float, default=0.1, help="cosine decay to this fraction of --lr")
-    p.add_argument("--log-interval", type=int, default=10)
-    p.add_argument("--eval-interval", type=int, default=20)
-    p.add_argument("--eval-batches", type=int, default=8, help="validation micro-batches per evaluation")
-
-
-def _add_numerics(p: argparse.ArgumentParser) -> None:
-    """ZeRO stage, precision, gradient accumulation dtype, compile, device and seed."""
-    p.add_argument("--zero-stage", type=int, default=1)
-    p.add_argument(
-        "--precision",
-        default="bf16",
-        choices=("bf16", "bf16-mixed", "fp32"),
-        help="deepspeed.precision of our models (docs/training.md#precision); the plain loop runs autocast bf16 "
-        "for both bf16 and bf16-mixed",
-    )
-    p.add_argument(
-        "--grad-accum-dtype",
-        default="null",
-        choices=("fp32", "null"),
-        help="our models' deepspeed.grad_accum_dtype: fp32 sums the micro-batches' gradients in fp32, as the "
-        "plain loop does (its autocast keeps fp32 gradients; bf16 needs --zero-stage 1); null: DeepSpeed's "
-        "default, in the weights' dtype (bf16)",
-    )
-    p.add_argument("--compile", action=argparse.BooleanOptionalAction, default=True)
-    p.add_argument("--device", default="auto", choices=("auto", "cuda", "cpu"))
-    p.add_argument("--seed", type=int, default=1234)
-
-
-def _add_run_options(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--override", action="append", default=[], help="a further trainer override for every model")
-    p.add_argument(
-        "--paired-init",
-        action="store_true",
-        help="transformer_pp starts from the llama loop's initial weights (same seed, loaded with interop.llama), "
-        "so the two rows differ in the training code only",
-    )
-    p.add_argument("--overwrite", action="store_true", help="train models whose run directory exists again")
 
 
 def settings_from(a: argparse.Namespace) -> Settings:

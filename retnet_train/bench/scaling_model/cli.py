@@ -156,10 +156,14 @@ def communication_row(size: str, gpus: int, rs: list) -> str:
 
 def add_step_args(p: argparse.ArgumentParser) -> None:
     """The model, the cluster and the training step to estimate."""
-    p.add_argument("--preset", default="1.3b", help="configs/model/<preset>.yaml (transformer_* for the baseline)")
-    p.add_argument("--gpus", type=count(1), default=64)
-    p.add_argument("--seq-len", type=count(1), default=8192)
-    p.add_argument("--micro-batch", type=count(1), default=1)
+    p.add_argument(
+        "--preset",
+        default="1.3b",
+        help="configs/model/<preset>.yaml (transformer_* for the baseline) (default: %(default)s)",
+    )
+    p.add_argument("--gpus", type=count(1), default=64, help="GPUs in the job (default: %(default)s)")
+    p.add_argument("--seq-len", type=count(1), default=8192, help="tokens per sequence (default: %(default)s)")
+    p.add_argument("--micro-batch", type=count(1), default=1, help="sequences per forward (default: %(default)s)")
     p.add_argument("--zero-stage", type=int, choices=[0, 1, 2, 3], default=None, help="default: all four")
     p.add_argument(
         "--activation-checkpointing",
@@ -167,10 +171,22 @@ def add_step_args(p: argparse.ArgumentParser) -> None:
         const="full",
         default="none",
         choices=CHECKPOINTING,
-        help="none | selective (RetNet's q, k, v projections and retention core) | full (every block); bare flag: full",
+        help="none | selective (RetNet's q, k, v projections and retention core) | full (every block); bare flag: full"
+        " (default: %(default)s)",
     )
-    p.add_argument("--context-parallel", type=count(1), default=1, metavar="P")
-    p.add_argument("--global-batch-tokens", type=count(1), default=GLOBAL_BATCH_TOKENS)
+    p.add_argument(
+        "--context-parallel",
+        type=count(1),
+        default=1,
+        metavar="P",
+        help="ranks sharing one sequence (default: %(default)s)",
+    )
+    p.add_argument(
+        "--global-batch-tokens",
+        type=count(1),
+        default=GLOBAL_BATCH_TOKENS,
+        help="tokens per optimizer step, train.global_batch_tokens (default: %(default)s)",
+    )
     p.add_argument(
         "--grad-accum",
         type=count(1),
@@ -178,7 +194,10 @@ def add_step_args(p: argparse.ArgumentParser) -> None:
         help="default: global batch / (micro-batch * seq * data-parallel)",
     )
     p.add_argument(
-        "--backend", choices=["fla", "torch"], default="fla", help="retention path whose saved tensors to count"
+        "--backend",
+        choices=["fla", "torch"],
+        default="fla",
+        help="retention path whose saved tensors to count (default: %(default)s)",
     )
     p.add_argument(
         "--deepspeed-defaults",
@@ -205,18 +224,41 @@ def positive(maximum: float | None = None):
 
 
 def add_hardware_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--gpu-memory-gib", type=positive(), default=Hardware.memory_gib)
-    p.add_argument("--ib-gbit", type=positive(), default=Hardware.ib_gbit_per_gpu, help="inter-node Gb/s per GPU")
     p.add_argument(
-        "--nvlink-gbyte", type=positive(), default=Hardware.nvlink_gbyte_per_gpu, help="intra-node GB/s per GPU"
+        "--gpu-memory-gib",
+        type=positive(),
+        default=Hardware.memory_gib,
+        help="memory per GPU as torch reports it; fits = peak <= 95%% of it (H200: 139.8; default: %(default)s)",
     )
-    p.add_argument("--efficiency", type=positive(1), default=Hardware.efficiency, help="bus bandwidth / line rate")
-    p.add_argument("--utilization", type=positive(1), default=Hardware.utilization, help="executed FLOPs / peak")
+    p.add_argument(
+        "--ib-gbit",
+        type=positive(),
+        default=Hardware.ib_gbit_per_gpu,
+        help="inter-node Gb/s per GPU (default: %(default)s)",
+    )
+    p.add_argument(
+        "--nvlink-gbyte",
+        type=positive(),
+        default=Hardware.nvlink_gbyte_per_gpu,
+        help="intra-node GB/s per GPU (default: %(default)s)",
+    )
+    p.add_argument(
+        "--efficiency",
+        type=positive(1),
+        default=Hardware.efficiency,
+        help="bus bandwidth / line rate (default: %(default)s)",
+    )
+    p.add_argument(
+        "--utilization",
+        type=positive(1),
+        default=Hardware.utilization,
+        help="executed FLOPs / peak (default: %(default)s)",
+    )
 
 
 def add_output_args(p: argparse.ArgumentParser) -> None:
     """What to print instead of the summary: JSON, the docs' tables, or the CPU check of the formula."""
-    p.add_argument("--json", action="store_true")
+    p.add_argument("--json", action="store_true", help="print the estimate as one JSON line per ZeRO stage")
     p.add_argument("--markdown", action="store_true", help="print the tables of docs/scaling.md")
     p.add_argument(
         "--measured-runs", action="store_true", help="predictions for the 1- and 2-GPU runs of docs/scaling.md"
