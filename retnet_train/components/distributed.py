@@ -73,6 +73,7 @@ def init_distributed(device: torch.device, timeout=None) -> None:
         dist.init_process_group(backend, store=dist.HashStore(), rank=0, world_size=1, **kwargs)
     if device.type == "cpu":
         _skip_shm_comm_build()
+        _pin_cpu_local_size()
     deepspeed.init_distributed(dist_backend=backend, **kwargs)  # wraps the group above, or joins torchrun's
 
 
@@ -85,6 +86,14 @@ def _skip_shm_comm_build() -> None:
     ds_comm = importlib.import_module("deepspeed.comm.torch")  # (the package's `torch` attribute is torch)
     if hasattr(ds_comm, "build_shm_op"):
         ds_comm.build_shm_op = lambda: None
+
+
+def _pin_cpu_local_size() -> None:
+    """On CPU, DeepSpeed counts a node's devices from LOCAL_SIZE (its own launcher sets it), else by running
+    `numactl --hardware`, and ZeRO-3 asks for that count at every gradient reduce-scatter: a subprocess per
+    bucket per step, whose start also resets Python's once-only warnings (torch's deprecation warnings of the
+    collectives were printed every step). LOCAL_SIZE, unless set, is torchrun's LOCAL_WORLD_SIZE (1 alone)."""
+    os.environ.setdefault("LOCAL_SIZE", os.environ.get("LOCAL_WORLD_SIZE", "1"))
 
 
 def raise_first_problem(problem: Optional[str], world: int) -> None:

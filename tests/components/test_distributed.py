@@ -47,7 +47,8 @@ def test_a_gpu_retention_backend_without_a_gpu_is_refused_naming_the_key(monkeyp
 
 def test_cpu_init_builds_no_deepspeed_shm_op(tmp_path):
     """DeepSpeed's CPU shared-memory all-reduce (its inference path) is not compiled at a CPU start: it
-    cost ~20 s on a fresh machine and printed compiler lines. Collectives still run, through gloo."""
+    cost ~20 s on a fresh machine and printed compiler lines. Collectives still run, through gloo. DeepSpeed's
+    CPU device count (asked at every ZeRO-3 gradient reduce-scatter) starts no `numactl` subprocess."""
     import subprocess
     import sys
 
@@ -59,13 +60,19 @@ init_distributed(torch.device("cpu"))
 t = torch.ones(2)
 dist.all_reduce(t)
 print(ds_comm.cdb.shm_comm_op, t.tolist())
+import subprocess
+def no_subprocess(*args, **kwargs):
+    raise AssertionError(f"subprocess {args}")
+subprocess.Popen = no_subprocess
+from deepspeed.accelerator import get_accelerator
+print(get_accelerator().device_count())  # ZeRO-3 asks at every gradient reduce-scatter
 """
     env = {**__import__("os").environ, "TORCH_EXTENSIONS_DIR": str(tmp_path / "ext")}
-    for key in ("RANK", "LOCAL_RANK", "WORLD_SIZE"):
+    for key in ("RANK", "LOCAL_RANK", "WORLD_SIZE", "LOCAL_WORLD_SIZE", "LOCAL_SIZE"):
         env.pop(key, None)
     out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=120)
     assert out.returncode == 0, out.stderr[-2000:]
-    assert out.stdout.strip().splitlines()[-1] == "None [1.0, 1.0]"
+    assert out.stdout.strip().splitlines()[-2:] == ["None [1.0, 1.0]", "1"]
     assert not (tmp_path / "ext").exists() and "gcc" not in out.stdout + out.stderr
 
 
