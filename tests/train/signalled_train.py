@@ -1,6 +1,6 @@
 """python signalled_train.py WHERE SIGNAL [hydra overrides ...]: the trainer's command line
 (`python -m retnet_train.train`), with SIGNAL sent to this process when the trainer calls WHERE (a
-function retnet_train.trainer imports: build_model, load_checkpoint), just before it runs: a signal
+function retnet_train.trainer_setup imports: build_model, load_checkpoint), just before it runs: a signal
 that arrives while the run is being built or its checkpoint is being loaded. Under torchrun only the
 rank in $SIGNAL_RANK signals itself, when that is set."""
 
@@ -9,18 +9,18 @@ import runpy
 import signal
 import sys
 
-import retnet_train.trainer as trainer
+import retnet_train.trainer_setup as trainer_setup
 
 
 def signal_before(where: str, sig: signal.Signals) -> None:
-    original = getattr(trainer, where)
+    original = getattr(trainer_setup, where)
 
     def signalled(*args, **kwargs):
         if os.environ.get("SIGNAL_RANK", os.environ.get("RANK", "0")) == os.environ.get("RANK", "0"):
             os.kill(os.getpid(), sig)
         return original(*args, **kwargs)
 
-    setattr(trainer, where, signalled)
+    setattr(trainer_setup, where, signalled)
 
 
 if __name__ == "__main__":
