@@ -14,7 +14,7 @@ from typing import Optional
 import torch.distributed as dist
 
 from .components.banner import start_banner
-from .components.checkpoint import CheckpointManager, agreed_parts, agreed_resume, load_initial_weights
+from .components.checkpoint import CheckpointManager, agreed_parts, load_initial_weights
 from .components.checkpoint_discovery import tag_step
 from .components.config import checkpoint_dir, grad_accumulation, resolved_config
 from .components.distributed import init_distributed, pick_device, raise_first_problem
@@ -26,6 +26,7 @@ from .components.profiling import Profiler, profile_dir
 from .components.rank_errors import SameOnEveryRank
 from .components.reshard import prepare_resume, run_layout
 from .components.resume import fresh_start_line, load_checkpoint, resumed_lines
+from .components.resume_source import agreed_resume
 from .components.rng import seed_everything
 from .components.run_dir import claim_dirs, continues_run, open_run_dir
 from .components.train_state import TrainState

@@ -1,6 +1,6 @@
 """Which checkpoint is the newest valid one, and its model states read with a clear error for a damaged
-file: the one answer used by resuming (components/checkpoint.py) and by the inference loaders
-(inference/deepspeed_checkpoint.py).
+file: the one answer used by resuming (components/resume_source.py, components/checkpoint.py) and by the
+inference loaders (inference/deepspeed_checkpoint.py).
 
 The trainer writes <dir>/step_<N>/ (every rank's DeepSpeed files and RNG states), then
 <dir>/step_<N>/COMPLETE once all ranks finished (listing those files, one name a line), then

@@ -1,4 +1,4 @@
-"""Restoring a run from the checkpoint checkpoint.resolve_resume chose: DeepSpeed's state into the
+"""Restoring a run from the checkpoint resume_source.resolve_resume chose: DeepSpeed's state into the
 engine, each stateful part from the client state, and the console lines that say what was resumed
 (or why its weights do not fit this model) and, at the end, which checkpoint the run leaves."""
 

@@ -214,9 +214,10 @@ def _start_problems(cfg, node_rank: int, world_size: int | None = None) -> list[
     GPU retention backend on CPU, a run.dir it cannot write (on node 0: rank 0 alone writes there), the
     checkpoint that train.resume names (or a resume=never over checkpoints) and a resume of it under this
     layout and model (_resume_problems), a train.init_weights that is not there."""
-    from retnet_train.components.checkpoint import CheckpointManager, resolve_resume
+    from retnet_train.components.checkpoint import CheckpointManager
     from retnet_train.components.config import checkpoint_dir, resolved_config
     from retnet_train.components.distributed import backend_problem, precision_problem
+    from retnet_train.components.resume_source import resolve_resume
     from retnet_train.components.run_dir import DirLock, write_problem
 
     problem = write_problem("run.dir", cfg.run.dir) if node_rank == 0 else None

@@ -8,7 +8,8 @@ from file_damage import corrupt_member, overwrite_start
 from test_checkpoint_discovery import save
 
 from retnet_train.components import checkpoint_discovery as discovery
-from retnet_train.components.checkpoint import CheckpointManager, check_parts, resolve_resume
+from retnet_train.components.checkpoint import CheckpointManager, check_parts
+from retnet_train.components.resume_source import resolve_resume
 
 MODEL_STATES = "mp_rank_00_model_states.pt"
 NOT_A_ZIP = "truncated or damaged (it does not start as a torch.save zip archive)"

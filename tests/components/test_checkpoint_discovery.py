@@ -7,7 +7,8 @@ import pytest
 import torch
 
 from retnet_train.components import checkpoint_discovery as discovery
-from retnet_train.components.checkpoint import CheckpointManager, resolve_resume
+from retnet_train.components.checkpoint import CheckpointManager
+from retnet_train.components.resume_source import resolve_resume
 
 
 def save(directory, step, complete=True, files=("mp_rank_00_model_states.pt", "rng_rank0.pt")):

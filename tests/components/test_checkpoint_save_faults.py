@@ -9,8 +9,9 @@ import pytest
 import torch
 
 from retnet_train.components import checkpoint_discovery as discovery
-from retnet_train.components.checkpoint import CheckpointManager, resolve_resume
+from retnet_train.components.checkpoint import CheckpointManager
 from retnet_train.components.faults import io_failure
+from retnet_train.components.resume_source import resolve_resume
 
 MODEL_STATES = "mp_rank_00_model_states.pt"
 

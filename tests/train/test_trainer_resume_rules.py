@@ -7,11 +7,12 @@ import signal
 import pytest
 import torch
 
-from retnet_train.components.checkpoint import CheckpointManager, resolve_resume
+from retnet_train.components.checkpoint import CheckpointManager
 from retnet_train.components.faults import NonFiniteTracker, inject
 from retnet_train.components.optim import GuardedAdamW
 from retnet_train.components.preemption import PreemptionHandler
 from retnet_train.components.resume import config_diff
+from retnet_train.components.resume_source import resolve_resume
 
 
 class FakeEngine:
