@@ -87,16 +87,33 @@ def compare_cases(rank, world, cases):
     return failures
 
 
-@pytest.mark.parametrize("world", [2, 3])
-def test_context_parallel_equals_one_process(world, tmp_path):
+def cases_for(world):
     chunks = [4, 5] if world == 2 else [3, 8]  # T / P = 12 or 8: divides, does not divide
     cases = [(n, k, c, "chunkwise", "none") for n, k, c in itertools.product([True, False], ["none", "docs"], chunks)]
-    cases += [
+    return cases + [
         (True, "docs", 64, "parallel", "none"),
         (True, "docs", chunks[1], "chunkwise", "full"),
         (False, "docs", chunks[0], "chunkwise", "selective"),
     ]
-    results = run_ranks(compare_cases, world, tmp_path, cases)
+
+
+def compare_and_bf16(rank, world, cases):
+    return compare_cases(rank, world, cases), bf16_errors(rank, world)
+
+
+@pytest.fixture(scope="module")
+def two_ranks(tmp_path_factory):
+    """(compare_cases' failures, bf16_errors' errors) of each of 2 ranks, from one spawn: the fp32 comparison
+    and the bf16 test share its start (~2.5 s)."""
+    return run_ranks(compare_and_bf16, 2, tmp_path_factory.mktemp("two_ranks"), cases_for(2))
+
+
+@pytest.mark.parametrize("world", [2, 3])
+def test_context_parallel_equals_one_process(world, tmp_path, request):
+    if world == 2:
+        results = [failures for failures, _ in request.getfixturevalue("two_ranks")]
+    else:
+        results = run_ranks(compare_cases, world, tmp_path, cases_for(world))
     failures = [f for r in results for f in r]
     assert not failures, "\n".join(failures[:20])
 
@@ -133,11 +150,11 @@ def bf16_errors(rank, world):
     return errors
 
 
-def test_bf16_context_parallel_rounds_as_one_process(tmp_path):
+def test_bf16_context_parallel_rounds_as_one_process(two_ranks):
     """In bf16 the two ranks' logits and gradients differ from one process's (other summation order, the
     exchanged state rounded where it meets q), but lie as close to the exact float64 values: each
     error within 1.25x one process's (measured: 0.42-1.11x, errors 0.4-7% of the norm)."""
-    errors = run_ranks(bf16_errors, 2, tmp_path)[0]
+    errors = two_ranks[0][1]
     worse = {name: (cp, one) for name, (cp, one) in errors.items() if cp > 1.25 * one}
     assert not worse, worse
 
