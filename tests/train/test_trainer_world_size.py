@@ -59,6 +59,11 @@ def prepare_source(source):
     return file_stamps(source)
 
 
+def tree_bytes(directory):
+    """Relative path -> bytes of every file below `directory` (what a refused resume must leave as it was)."""
+    return {str(p.relative_to(directory)): p.read_bytes() for p in sorted(directory.rglob("*")) if p.is_file()}
+
+
 @pytest.fixture(scope="module")
 def runs(shards, tmp_path_factory):
     """Every trainer run of this module, in three launches (run_scenarios: the start-up of torch,
@@ -67,8 +72,10 @@ def runs(shards, tmp_path_factory):
     2. 2 ranks: the same runs, then the resumes of launch 1's step-2 checkpoints;
     3. 1 rank: the resumes of launch 2's step-2 checkpoints, then the ZeRO 1 -> 2 resume (after the
        ZeRO-1 resume converted its checkpoint) and the refused resumes.
+    Launch 2 also saves a 2-step ZeRO-1 run that launch 3 resumes with another data.seq_len (refused).
     ref[stage, world] -> run dir; resumed[stage, saved, resumed] -> (run dir, Outcome, the source's
-    file stamps before); z1_to_z2 -> (run dir, Outcome); refused[key] -> Outcome."""
+    file stamps before); z1_to_z2 -> (run dir, Outcome); refused[key] -> Outcome; data_change -> (the
+    saved run dir, its tree_bytes before launch 3, the refused resume's Outcome)."""
     root = tmp_path_factory.mktemp("world_size")
     ref = {(stage, world): root / f"ref_z{stage}_w{world}" for stage in STAGES for world in (1, 2)}
     before = {}
@@ -83,9 +90,15 @@ def runs(shards, tmp_path_factory):
         return name, run_args(shards, root / name, stage, **{"train.resume": str(source)})
 
     outcomes = run_scenarios([fresh(s, 1) for s in STAGES], nproc=1, workdir=root / "launch1")
+    saved = root / "data_change_saved"
     outcomes |= run_scenarios(
-        [fresh(s, 2) for s in STAGES] + [resume(s, 1, 2) for s in STAGES], nproc=2, workdir=root / "launch2"
+        [fresh(s, 2) for s in STAGES]
+        + [resume(s, 1, 2) for s in STAGES]
+        + [(saved.name, run_args(shards, saved, 1, **{"train.max_steps": AT}))],
+        nproc=2,
+        workdir=root / "launch2",
     )
+    saved_before = tree_bytes(saved)
     z1_source = str(tag_dir(ref[1, 2], AT))
     last = [resume(s, 2, 1) for s in STAGES]
     last.append(("z1_to_z2", run_args(shards, root / "z1_to_z2", 2, **{"train.resume": z1_source})))
@@ -97,6 +110,8 @@ def runs(shards, tmp_path_factory):
         )
         for key, change in REFUSED.items()
     ]
+    data_change = {"train.resume": str(tag_dir(saved, AT)), "data.seq_len": 32}
+    last.append(("refused_data_change", run_args(shards, root / "refused_data_change", 1, **data_change), "ValueError"))
     outcomes |= run_scenarios(last, nproc=1, workdir=root / "launch3")
 
     resumed = {
@@ -108,6 +123,7 @@ def runs(shards, tmp_path_factory):
         resumed=resumed,
         z1_to_z2=(root / "z1_to_z2", outcomes["z1_to_z2"]),
         refused={key: outcomes[f"refused_{key}"] for key in REFUSED},
+        data_change=(saved, saved_before, outcomes["refused_data_change"]),
     )
 
 
@@ -317,21 +333,12 @@ def test_layout_of_a_checkpoint_without_ours_comes_from_deepspeed(tmp_path):
     assert checkpoint_layout(str(tag)) == L(4, 2, "bf16")
 
 
-def tree_bytes(directory):
-    """Relative path -> bytes of every file below `directory` (what a refused resume must leave as it was)."""
-    return {str(p.relative_to(directory)): p.read_bytes() for p in sorted(directory.rglob("*")) if p.is_file()}
-
-
 @pytest.mark.slow
-def test_a_refused_data_change_leaves_the_checkpoint_unconverted(shards, tmp_path):
+def test_a_refused_data_change_leaves_the_checkpoint_unconverted(runs):
     """A ZeRO-1 checkpoint of 2 ranks resumed on 1 rank with another data.seq_len: the loader refuses the
     data change before the checkpoint is converted for the new world size, so its directory stays as it was."""
-    saved = tmp_path / "saved"
-    run_scenarios([("saved", run_args(shards, saved, 1, **{"train.max_steps": AT}))], nproc=2, workdir=tmp_path / "l1")
+    saved, before, refused = runs.data_change
     source = tag_dir(saved, AT)
-    before = tree_bytes(saved)
-    resume = run_args(shards, tmp_path / "resumed", 1, **{"train.resume": str(source), "data.seq_len": 32})
-    refused = run_scenarios([("refused", resume, "ValueError")], nproc=1, workdir=tmp_path / "l2")["refused"]
     assert str(source) in refused.message and "data.seq_len: 64 -> 32" in refused.message
     assert "converting" not in refused.stdout
     assert not (source / UNIVERSAL).exists()
