@@ -11,7 +11,8 @@ first valid config, stay out of the pytest process):
 prints one JSON line {target: {launch: null or the error}}. With --digest first, {target: {launch: a
 digest of the generated code}} instead (PTX or AMDGCN without its debug info and line marks): a
 refactor of the kernels' source that leaves every digest as it was leaves the GPU code unchanged,
-so it needs no new timing run.
+so it needs no new timing run. With --both first, {"compiled": the first, "digest": the second}
+from one compilation of each launch.
 """
 
 import hashlib
@@ -123,26 +124,33 @@ def digest_all(targets):
     }
 
 
-def compile_all(targets):
+def compile_all(targets, digests=False):
+    """{target: {launch: null or the error}}; with digests, {"compiled": that, "digest": {target: {launch: the
+    code's digest, null where it did not compile}}} from the same compilations."""
     launches = retention_launches()
-    results = {}
+    results, codes = {}, {}
     for target in targets:
         gpu = _gpu(target)
         limit = SHARED_MEMORY[gpu.backend]
-        results[target] = {}
+        results[target], codes[target] = {}, {}
         for key, launch in launches.items():
+            codes[target][key] = None
             try:
-                shared = _compile(gpu, *launch).metadata.shared
+                compiled = _compile(gpu, *launch)
+                shared = compiled.metadata.shared
                 too_big = shared > limit  # (a launch would fail: out of resources)
                 results[target][key] = f"shared memory {shared} > {limit} bytes" if too_big else None
+                codes[target][key] = code_digest(compiled) if digests else None
             except Exception as e:  # noqa: BLE001 (reported per launch)
                 results[target][key] = f"{type(e).__name__}: {e}"[-2000:]
-    return results
+    return {"compiled": results, "digest": codes} if digests else results
 
 
 if __name__ == "__main__":
     sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))))
     if sys.argv[1] == "--digest":
         print(json.dumps(digest_all(sys.argv[2:])))
+    elif sys.argv[1] == "--both":
+        print(json.dumps(compile_all(sys.argv[2:], digests=True)))
     else:
         print(json.dumps(compile_all(sys.argv[1:])))
