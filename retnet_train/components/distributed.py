@@ -92,8 +92,12 @@ def _pin_cpu_local_size() -> None:
     """On CPU, DeepSpeed counts a node's devices from LOCAL_SIZE (its own launcher sets it), else by running
     `numactl --hardware`, and ZeRO-3 asks for that count at every gradient reduce-scatter: a subprocess per
     bucket per step, whose start also resets Python's once-only warnings (torch's deprecation warnings of the
-    collectives were printed every step). LOCAL_SIZE, unless set, is torchrun's LOCAL_WORLD_SIZE (1 alone)."""
-    os.environ.setdefault("LOCAL_SIZE", os.environ.get("LOCAL_WORLD_SIZE", "1"))
+    collectives were printed every step). LOCAL_SIZE is the launcher's LOCAL_WORLD_SIZE (the same count; one
+    inherited from another process does not override it), else 1 unless set."""
+    if os.environ.get("LOCAL_WORLD_SIZE"):
+        os.environ["LOCAL_SIZE"] = os.environ["LOCAL_WORLD_SIZE"]
+    else:
+        os.environ.setdefault("LOCAL_SIZE", "1")
 
 
 def raise_first_problem(problem: Optional[str], world: int) -> None:
